@@ -1,0 +1,113 @@
+package config_test
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/vhostdm/vhostdm/config"
+	_ "github.com/vhostdm/vhostdm/targets"
+)
+
+func TestGoodConfig(t *testing.T) {
+	c, err := config.Load("testdata/good.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	abs, _ := filepath.Abs("testdata")
+	if c.Dir != abs || c.Path("vm1.qmp") != filepath.Join(abs, "vm1.qmp") || c.Path("/x") != "/x" {
+		t.Errorf("paths: dir %q", c.Dir)
+	}
+	if len(c.Devices) != 2 || len(c.Exports) != 2 {
+		t.Fatalf("decoded %+v", c)
+	}
+	e := c.Exports[1]
+	if e.NumQueues != 1 || e.LogicalBlockSize != 512 || e.Writable || e.Serial != "ro" {
+		t.Errorf("defaults not applied: %+v", e)
+	}
+	if c.Exports[0].NumQueues != 2 || c.Exports[0].LogicalBlockSize != 4096 || !c.Exports[0].Writable {
+		t.Errorf("export[0] %+v", c.Exports[0])
+	}
+	order, err := c.DeviceOrder()
+	if err != nil || order[0].Name != "root" || order[1].Name != "top" {
+		t.Fatalf("order %v %v", order, err)
+	}
+}
+
+func TestConfigErrors(t *testing.T) {
+	tests := []struct {
+		name, text string
+		want       []string
+	}{
+		{"syntax", "[qmp\nsocket = 1", []string{"vm.toml:2: expected '.' or ']' to end table name"}},
+		{"unknown key", "[qmp]\nsocket = \"q\"\nsockett = \"x\"", []string{"vm.toml:3: qmp.sockett: unknown key"}},
+		{"wrong type", "[[device]]\nname = 5\n", []string{"vm.toml: "}},
+		{"newer version", "version = 2", []string{"vm.toml:1: version: version 2 is newer than this vhostdm understands (1)"}},
+		{"table error on its line", "[[device]]\nname = \"a\"\ntable = \"\"\"\n0 8 zero\n16 8 zero\n\"\"\"\n",
+			[]string{"vm.toml:5: device[0].table: line 2: gap in table: starts at 16, previous target ends at 8"}},
+		{"one-line table", "[[device]]\nname = \"a\"\ntable = \"0 8 nosuch\"\n",
+			[]string{`vm.toml:3: device[0].table: line 1: unknown target type "nosuch"`}},
+		{"missing table", "[[device]]\nname = \"a\"\n", []string{"vm.toml:1: device[0].table: missing table"}},
+		{"bad name", "[[device]]\nname = \"a/b\"\ntable = \"0 8 zero\"", []string{`vm.toml:2: device[0].name: device name "a/b": must not contain '/' or be . or ..`}},
+		{"duplicate device", "[[device]]\nname = \"a\"\ntable = \"0 8 zero\"\n[[device]]\nname = \"a\"\ntable = \"0 8 zero\"",
+			[]string{`vm.toml:5: device[1].name: device "a" already defined as device[0]`}},
+		{"cycle", "[[device]]\nname = \"a\"\ntable = \"0 8 linear /dev/mapper/b 0\"\n[[device]]\nname = \"b\"\ntable = \"0 8 linear /dev/mapper/a 0\"",
+			[]string{"device: dependency cycle: a -> b -> a"}},
+		{"unknown dependency", "[[device]]\nname = \"a\"\ntable = \"0 8 linear /dev/mapper/zz 0\"",
+			[]string{`device: device "a" uses /dev/mapper/zz, which is not a configured device`}},
+		{"export errors", `[[device]]
+name = "a"
+readonly = true
+table = "0 8 zero"
+[[export]]
+id = "e"
+device = "a"
+socket = "s"
+writable = true
+num-queues = 65
+logical-block-size = 1000
+serial = "123456789012345678901"
+[[export]]
+id = "e"
+device = "nope"
+socket = "s"
+[[export]]
+`, []string{
+			`vm.toml:9: export[0].writable: device "a" is read-only`,
+			"vm.toml:10: export[0].num-queues: 65: must be 1 to 64",
+			"vm.toml:11: export[0].logical-block-size: 1000: must be a power of two from 512 to 2097152",
+			`vm.toml:12: export[0].serial: "123456789012345678901": longer than 20 bytes`,
+			`vm.toml:14: export[1].id: export id "e" already used by export[0]`,
+			`vm.toml:15: export[1].device: no device named "nope"`,
+			"vm.toml:16: export[1].socket: socket s already used by export[0]",
+			"vm.toml:17: export[2].id: missing export id",
+			"vm.toml:17: export[2].device: missing device",
+			"vm.toml:17: export[2].socket: missing socket path",
+		}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := config.Parse([]byte(tc.text), "vm.toml", "/etc/vhostdm")
+			if err == nil {
+				t.Fatalf("no error, want %q", tc.want)
+			}
+			got := strings.Split(err.Error(), "\n")
+			if len(got) != len(tc.want) {
+				t.Fatalf("got %d errors, want %d:\n%s", len(got), len(tc.want), err)
+			}
+			for i := range got {
+				if !strings.HasPrefix(got[i], tc.want[i]) && !strings.HasSuffix(got[i], tc.want[i]) {
+					t.Errorf("error %d:\n got: %s\nwant: %s", i, got[i], tc.want[i])
+				}
+			}
+		})
+	}
+}
+
+func TestLoadMissing(t *testing.T) {
+	_, err := config.Load(filepath.Join(t.TempDir(), "none.toml"))
+	if err == nil || !os.IsNotExist(err) && !strings.Contains(err.Error(), "no such file") {
+		t.Fatalf("missing file: %v", err)
+	}
+}

@@ -1,0 +1,261 @@
+package mapper
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+)
+
+// Backend is storage that targets read and write, addressed in bytes.
+// All methods may be called concurrently.
+type Backend interface {
+	// ReadAt fills bufs from byte offset off. Reading past the end of the
+	// storage yields zeros.
+	ReadAt(bufs [][]byte, off int64) error
+	// WriteAt writes bufs at byte offset off.
+	WriteAt(bufs [][]byte, off int64) error
+	// Flush makes every completed write durable.
+	Flush() error
+	// Discard deallocates [off, off+n); later reads return zeros or the
+	// old data, as a block device's discard does.
+	Discard(off, n int64) error
+	// WriteZeroes makes [off, off+n) read as zeros; unmap allows the
+	// storage to deallocate the range while doing so.
+	WriteZeroes(off, n int64, unmap bool) error
+	// Size returns the size in bytes.
+	Size() (int64, error)
+	// Name returns the name the backend was opened by.
+	Name() string
+	// Close releases the backend.
+	Close() error
+}
+
+// maxIOV is the kernel's IOV_MAX: the most vectors one preadv takes.
+const maxIOV = 1024
+
+// fileBackend is a regular file or a block device.
+type fileBackend struct {
+	name  string
+	f     *os.File
+	fd    int
+	block bool // a block device: discard and zeroing by ioctl
+
+	// Flush coalescing: writeGen counts completed writes, flushedGen is
+	// the writeGen value before the last successful fdatasync started.
+	// A Flush with nothing completed since then returns at once, so a
+	// 1000-line table over one file costs one fdatasync per flush.
+	writeGen   atomic.Uint64
+	flushedGen atomic.Uint64
+	flushMu    sync.Mutex
+}
+
+// OpenFile opens a regular file or block device as a Backend.
+func OpenFile(path string, readOnly bool) (Backend, error) {
+	return openFile(path, readOnly)
+}
+
+func openFile(path string, readOnly bool) (*fileBackend, error) {
+	flag := os.O_RDWR
+	if readOnly {
+		flag = os.O_RDONLY
+	}
+	f, err := os.OpenFile(path, flag|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("stat %s: %w", path, err)
+	}
+	b := &fileBackend{name: path, f: f, fd: int(f.Fd())}
+	switch m := st.Mode(); {
+	case m.IsRegular():
+	case m&os.ModeDevice != 0 && m&os.ModeCharDevice == 0:
+		b.block = true
+	default:
+		f.Close()
+		return nil, fmt.Errorf("%s: not a regular file or block device", path)
+	}
+	return b, nil
+}
+
+func (b *fileBackend) Name() string { return b.name }
+
+func (b *fileBackend) ReadAt(bufs [][]byte, off int64) error {
+	for len(bufs) > 0 {
+		n := min(len(bufs), maxIOV)
+		vec := bufs[:n]
+		want := BufsLen(vec)
+		for want > 0 {
+			got, err := unix.Preadv(b.fd, vec, off)
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil {
+				return fmt.Errorf("read %s at %d: %w", b.name, off, err)
+			}
+			if got == 0 { // end of file: the rest reads as zeros
+				ZeroBufs(vec)
+				off += int64(want)
+				break
+			}
+			off += int64(got)
+			want -= got
+			vec = advance(vec, got)
+		}
+		bufs = bufs[n:]
+	}
+	return nil
+}
+
+func (b *fileBackend) WriteAt(bufs [][]byte, off int64) error {
+	for len(bufs) > 0 {
+		n := min(len(bufs), maxIOV)
+		vec := bufs[:n]
+		want := BufsLen(vec)
+		for want > 0 {
+			got, err := unix.Pwritev(b.fd, vec, off)
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil {
+				return fmt.Errorf("write %s at %d: %w", b.name, off, err)
+			}
+			if got == 0 {
+				return fmt.Errorf("write %s at %d: %w", b.name, off, io.ErrShortWrite)
+			}
+			off += int64(got)
+			want -= got
+			vec = advance(vec, got)
+		}
+		bufs = bufs[n:]
+	}
+	b.writeGen.Add(1)
+	return nil
+}
+
+// advance drops the first n bytes of vec. It copies the outer slice only
+// when a vector is cut in the middle, which happens only on short I/O.
+func advance(vec [][]byte, n int) [][]byte {
+	for n > 0 && len(vec) > 0 {
+		if n >= len(vec[0]) {
+			n -= len(vec[0])
+			vec = vec[1:]
+			continue
+		}
+		out := make([][]byte, len(vec))
+		copy(out, vec)
+		out[0] = out[0][n:]
+		return out
+	}
+	return vec
+}
+
+func (b *fileBackend) Flush() error {
+	gen := b.writeGen.Load()
+	if b.flushedGen.Load() >= gen {
+		return nil
+	}
+	b.flushMu.Lock()
+	defer b.flushMu.Unlock()
+	if b.flushedGen.Load() >= gen { // another flush covered us meanwhile
+		return nil
+	}
+	gen = b.writeGen.Load()
+	for {
+		err := unix.Fdatasync(b.fd)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("flush %s: %w", b.name, err)
+		}
+		break
+	}
+	if b.flushedGen.Load() < gen {
+		b.flushedGen.Store(gen)
+	}
+	return nil
+}
+
+func (b *fileBackend) Discard(off, n int64) error {
+	if b.block {
+		return b.blkRange(unix.BLKDISCARD, off, n, "discard")
+	}
+	err := unix.Fallocate(b.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	if err != nil {
+		return fmt.Errorf("discard %s at %d+%d: %w", b.name, off, n, err)
+	}
+	b.writeGen.Add(1)
+	return nil
+}
+
+func (b *fileBackend) WriteZeroes(off, n int64, unmap bool) error {
+	if b.block {
+		return b.blkRange(unix.BLKZEROOUT, off, n, "write-zeroes")
+	}
+	mode := uint32(unix.FALLOC_FL_ZERO_RANGE | unix.FALLOC_FL_KEEP_SIZE)
+	if unmap {
+		mode = unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE
+	}
+	err := unix.Fallocate(b.fd, mode, off, n)
+	if errors.Is(err, unix.EOPNOTSUPP) && !unmap {
+		err = unix.Fallocate(b.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	}
+	if errors.Is(err, unix.EOPNOTSUPP) {
+		err = writeZeroes(b, off, n)
+	}
+	if err != nil {
+		return fmt.Errorf("write-zeroes %s at %d+%d: %w", b.name, off, n, err)
+	}
+	b.writeGen.Add(1)
+	return nil
+}
+
+// zeroPage is a shared source of zeros for writeZeroes.
+var zeroPage [64 << 10]byte
+
+// writeZeroes writes zeros through WriteAt, for storage without a zeroing call.
+func writeZeroes(b Backend, off, n int64) error {
+	for n > 0 {
+		c := min(n, int64(len(zeroPage)))
+		if err := b.WriteAt([][]byte{zeroPage[:c]}, off); err != nil {
+			return err
+		}
+		off += c
+		n -= c
+	}
+	return nil
+}
+
+func (b *fileBackend) blkRange(req uint, off, n int64, what string) error {
+	r := [2]uint64{uint64(off), uint64(n)}
+	if err := ioctlPtr(b.fd, req, &r); err != nil {
+		return fmt.Errorf("%s %s at %d+%d: %w", what, b.name, off, n, err)
+	}
+	b.writeGen.Add(1)
+	return nil
+}
+
+func (b *fileBackend) Size() (int64, error) {
+	if b.block {
+		var sz uint64
+		if err := ioctlPtr(b.fd, unix.BLKGETSIZE64, &sz); err != nil {
+			return 0, fmt.Errorf("size of %s: %w", b.name, err)
+		}
+		return int64(sz), nil
+	}
+	st, err := b.f.Stat()
+	if err != nil {
+		return 0, fmt.Errorf("size of %s: %w", b.name, err)
+	}
+	return st.Size(), nil
+}
+
+func (b *fileBackend) Close() error { return b.f.Close() }

@@ -1,0 +1,296 @@
+package mapper
+
+import (
+	"errors"
+	"fmt"
+	"sort"
+	"strconv"
+	"strings"
+)
+
+// Line is one parsed line of table text.
+type Line struct {
+	Num    int // 1-based line number in the text
+	Start  uint64
+	Length uint64
+	Type   string
+	Args   []string
+}
+
+// Params returns the line's arguments joined by spaces.
+func (l Line) Params() string { return strings.Join(l.Args, " ") }
+
+// String formats the line as dmsetup prints it.
+func (l Line) String() string {
+	return formatLine(l.Start, l.Length, l.Type, l.Params())
+}
+
+func formatLine(start, length uint64, typ, params string) string {
+	return fmt.Sprintf("%d %d %s %s", start, length, typ, params)
+}
+
+// ParseTable parses table text: one target per line, `<start> <length>
+// <type> [args...]`, sectors in decimal. Blank lines and lines whose first
+// non-blank character is '#' are skipped, as dmsetup does. It checks the
+// table-wide rules (first line at 0, no gaps or overlaps, positive lengths,
+// known types, singletons) but does not run constructors; BuildTable does.
+func ParseTable(text string) ([]Line, error) {
+	var lines []Line
+	var end uint64
+	for i, raw := range strings.Split(text, "\n") {
+		num := i + 1
+		f := strings.Fields(raw)
+		if len(f) == 0 || strings.HasPrefix(f[0], "#") {
+			continue
+		}
+		if len(f) < 3 {
+			return nil, lineErr(num, "want <start> <length> <target> [args...], got %d field(s)", len(f))
+		}
+		start, err := strconv.ParseUint(f[0], 10, 64)
+		if err != nil || f[0][0] == '+' {
+			return nil, lineErr(num, "start %q: not a number", f[0])
+		}
+		length, err := strconv.ParseUint(f[1], 10, 64)
+		if err != nil || f[1][0] == '+' {
+			return nil, lineErr(num, "length %q: not a number", f[1])
+		}
+		switch {
+		case length == 0:
+			return nil, lineErr(num, "zero-length target")
+		case start > MaxSector || length > MaxSector || start+length > MaxSector:
+			return nil, lineErr(num, "target %d+%d: beyond the largest device (%d sectors)", start, length, uint64(MaxSector))
+		case len(lines) == 0 && start != 0:
+			return nil, lineErr(num, "first target starts at %d, must start at 0", start)
+		case start > end:
+			return nil, lineErr(num, "gap in table: starts at %d, previous target ends at %d", start, end)
+		case start < end:
+			return nil, lineErr(num, "overlap in table: starts at %d, previous target ends at %d", start, end)
+		}
+		tt, err := LookupTarget(f[2])
+		if err != nil {
+			return nil, fmt.Errorf("line %d: %w", num, err)
+		}
+		lines = append(lines, Line{Num: num, Start: start, Length: length, Type: tt.Name, Args: f[3:]})
+		end = start + length
+	}
+	if len(lines) == 0 {
+		return nil, Errorf(ErrInvalid, "empty table")
+	}
+	for _, l := range lines {
+		tt, _ := LookupTarget(l.Type)
+		if tt.Features&Singleton != 0 && len(lines) > 1 {
+			return nil, lineErr(l.Num, "target type %s must appear alone in table", l.Type)
+		}
+	}
+	return lines, nil
+}
+
+func lineErr(num int, format string, args ...any) error {
+	return Errorf(ErrInvalid, "line %d: %s", num, fmt.Sprintf(format, args...))
+}
+
+// Table is a validated, constructed table: targets tiling [0, Size()).
+// A Table is immutable once built; its targets serve I/O concurrently.
+type Table struct {
+	lines    []Line
+	targets  []Target
+	ends     []uint64 // ends[i] = lines[i].Start + lines[i].Length
+	readOnly bool
+	opened   []Backend
+}
+
+// TableOptions are the settings of BuildTable.
+type TableOptions struct {
+	Device   string      // name of the device, for constructors and events
+	ReadOnly bool        // open backends read-only and refuse writes
+	Opener   Opener      // resolves backend names
+	Event    EventRaiser // receives target events
+}
+
+// BuildTable parses text and constructs every target. Nothing is kept if any
+// line fails: targets already built are closed and their backends released.
+// Errors name the line: "line 2: striped: chunk size "7": must be ...".
+func BuildTable(text string, o TableOptions) (*Table, error) {
+	lines, err := ParseTable(text)
+	if err != nil {
+		return nil, err
+	}
+	t := &Table{lines: lines, readOnly: o.ReadOnly}
+	for _, l := range lines {
+		tt, _ := LookupTarget(l.Type)
+		c := &Ctx{Device: o.Device, Start: l.Start, Length: l.Length, ReadOnly: o.ReadOnly, opener: o.Opener, event: o.Event}
+		tg, err := newTarget(tt, c, l.Args)
+		t.opened = append(t.opened, c.opened...)
+		if err == nil {
+			t.targets = append(t.targets, tg)
+			err = checkAreas(tg)
+		}
+		if err != nil {
+			t.Close()
+			if !errors.Is(err, ErrNotFound) && !errors.Is(err, ErrCorrupt) && !errors.Is(err, ErrBusy) {
+				err = WithClass(err, ErrInvalid)
+			}
+			return nil, fmt.Errorf("line %d: %s: %w", l.Num, l.Type, err)
+		}
+		t.ends = append(t.ends, l.Start+l.Length)
+	}
+	return t, nil
+}
+
+// newTarget runs a constructor, turning a panic into an error: a table is
+// user input and must never take the daemon down.
+func newTarget(tt *TargetType, c *Ctx, args []string) (tg Target, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			tg, err = nil, fmt.Errorf("constructor failed: %v", p)
+		}
+	}()
+	tg, err = tt.New(c, args)
+	if err == nil && tg == nil {
+		err = errors.New("constructor returned no target")
+	}
+	return tg, err
+}
+
+// checkAreas checks that every area a target lists fits its backend.
+func checkAreas(tg Target) error {
+	al, ok := tg.(AreaLister)
+	if !ok {
+		return nil
+	}
+	return al.Areas(func(b Backend, start, length uint64) error {
+		size, err := b.Size()
+		if err != nil {
+			return err
+		}
+		devSectors := uint64(size) >> SectorShift
+		if start+length > devSectors || start+length < start {
+			return fmt.Errorf("%s too small for target: start=%d, len=%d, dev_size=%d",
+				b.Name(), start, length, devSectors)
+		}
+		return nil
+	})
+}
+
+// Size returns the table's size in sectors.
+func (t *Table) Size() uint64 { return t.ends[len(t.ends)-1] }
+
+// Lines returns the parsed lines of the table.
+func (t *Table) Lines() []Line { return t.lines }
+
+// Targets returns the table's targets in order.
+func (t *Table) Targets() []Target { return t.targets }
+
+// ReadOnly reports whether the table was loaded read-only.
+func (t *Table) ReadOnly() bool { return t.readOnly }
+
+// Find returns the index of the target covering sector, which must be
+// below Size. It is a binary search over the targets' ends.
+func (t *Table) Find(sector uint64) int {
+	if len(t.ends) == 1 {
+		return 0
+	}
+	return sort.Search(len(t.ends), func(i int) bool { return t.ends[i] > sector })
+}
+
+// Target returns target i with its start and length.
+func (t *Table) Target(i int) (tg Target, start, length uint64) {
+	return t.targets[i], t.lines[i].Start, t.lines[i].Length
+}
+
+// StatusLine is one line of `dmsetup status` or `dmsetup table`.
+type StatusLine struct {
+	Start  uint64
+	Length uint64
+	Type   string
+	Params string
+}
+
+// String formats the line as dmsetup prints it: "0 2048 linear /a 0".
+func (s StatusLine) String() string { return formatLine(s.Start, s.Length, s.Type, s.Params) }
+
+// Status returns the table's status lines in the given form.
+func (t *Table) Status(kind StatusKind) []StatusLine {
+	out := make([]StatusLine, len(t.lines))
+	for i, l := range t.lines {
+		out[i] = StatusLine{Start: l.Start, Length: l.Length, Type: l.Type, Params: t.targets[i].Status(kind)}
+	}
+	return out
+}
+
+// Close closes every target, then every backend the constructors opened.
+func (t *Table) Close() error {
+	var errs []error
+	for _, tg := range t.targets {
+		errs = append(errs, tg.Close())
+	}
+	for _, b := range t.opened {
+		errs = append(errs, b.Close())
+	}
+	t.targets, t.opened = nil, nil
+	return errors.Join(errs...)
+}
+
+// Map performs r against the table, splitting it where it crosses target
+// boundaries and completing the parts as one. r.Sector is relative to the
+// device; r must lie inside the table and, for reads and writes, its data
+// must be r.Sectors sectors long (Device.Submit checks both).
+func (t *Table) Map(r *Request) error {
+	if r.Op == OpFlush {
+		return t.flush()
+	}
+	if r.Op.IsWrite() && t.readOnly {
+		return ErrReadOnly
+	}
+	i := t.Find(r.Sector)
+	start := t.lines[i].Start
+	if r.Sector+r.Sectors <= t.ends[i] {
+		// The common case: no split, no allocation. Map sees a
+		// target-relative sector for its duration.
+		r.Sector -= start
+		err := t.targets[i].Map(r)
+		r.Sector += start
+		return err
+	}
+	return t.mapSplit(r, i)
+}
+
+// mapSplit serves a request that crosses target boundaries, part by part.
+func (t *Table) mapSplit(r *Request, i int) error {
+	sector, left := r.Sector, r.Sectors
+	off := 0
+	var errs []error
+	for left > 0 {
+		n := min(left, t.ends[i]-sector)
+		part := Request{Op: r.Op, Sector: sector - t.lines[i].Start, Sectors: n, Unmap: r.Unmap, FUA: r.FUA}
+		if r.Data != nil {
+			part.Data = SliceBufs(nil, r.Data, off, int(n<<SectorShift))
+		}
+		if err := t.targets[i].Map(&part); err != nil {
+			errs = append(errs, err)
+		}
+		sector += n
+		left -= n
+		off += int(n << SectorShift)
+		i++
+	}
+	return errors.Join(errs...)
+}
+
+// flush sends a flush to every target: through Flusher when the target has
+// it, else through Map.
+func (t *Table) flush() error {
+	var errs []error
+	for _, tg := range t.targets {
+		var err error
+		if f, ok := tg.(Flusher); ok {
+			err = f.Flush()
+		} else {
+			err = tg.Map(&Request{Op: OpFlush})
+		}
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
