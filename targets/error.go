@@ -17,6 +17,6 @@ type errorTarget struct{}
 
 func newError(*mapper.Ctx, []string) (mapper.Target, error) { return errorTarget{}, nil }
 
-func (errorTarget) Map(*mapper.Request) error        { return mapper.ErrIO }
+func (errorTarget) Map(*mapper.Request) error       { return mapper.ErrIO }
 func (errorTarget) Status(mapper.StatusKind) string { return "" }
 func (errorTarget) Close() error                    { return nil }
