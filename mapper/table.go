@@ -3,7 +3,6 @@ package mapper
 import (
 	"errors"
 	"fmt"
-	"sort"
 	"strconv"
 	"strings"
 )
@@ -187,10 +186,16 @@ func (t *Table) ReadOnly() bool { return t.readOnly }
 // Find returns the index of the target covering sector, which must be
 // below Size. It is a binary search over the targets' ends.
 func (t *Table) Find(sector uint64) int {
-	if len(t.ends) == 1 {
-		return 0
+	lo, hi := 0, len(t.ends)-1
+	for lo < hi {
+		mid := int(uint(lo+hi) >> 1)
+		if t.ends[mid] > sector {
+			hi = mid
+		} else {
+			lo = mid + 1
+		}
 	}
-	return sort.Search(len(t.ends), func(i int) bool { return t.ends[i] > sector })
+	return lo
 }
 
 // Target returns target i with its start and length.

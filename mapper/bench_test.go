@@ -1,0 +1,120 @@
+package mapper_test
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/vhostdm/vhostdm/mapper"
+)
+
+// benchTable builds a device of n linear lines of 8 sectors over one file.
+func benchDevice(b *testing.B, lines int) *mapper.Device {
+	b.Helper()
+	path := filepath.Join(b.TempDir(), "disk.img")
+	f, err := os.Create(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	f.Truncate(int64(lines) * 8 * 512 * 2)
+	f.Close()
+	var t strings.Builder
+	for i := 0; i < lines; i++ {
+		fmt.Fprintf(&t, "%d 8 linear %s %d\n", i*8, path, (lines-1-i)*8)
+	}
+	m := mapper.NewManager(mapper.ManagerOptions{Logger: discard()})
+	b.Cleanup(func() { m.Close() })
+	d, err := m.CreateTable("bench", "", false, t.String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	return d
+}
+
+// BenchmarkTableLookup measures Find on tables of growing size: a binary
+// search, so the cost grows with the logarithm of the line count.
+func BenchmarkTableLookup(b *testing.B) {
+	for _, n := range []int{1, 10, 1000, 100000} {
+		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			var t strings.Builder
+			for i := 0; i < n; i++ {
+				fmt.Fprintf(&t, "%d 8 zero\n", i*8)
+			}
+			tab, err := mapper.BuildTable(t.String(), mapper.TableOptions{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			size := tab.Size()
+			b.ResetTimer()
+			var sink int
+			for i := 0; b.Loop(); i++ {
+				sink += tab.Find(uint64(i*7919) % size)
+			}
+			_ = sink
+		})
+	}
+}
+
+// BenchmarkSubmitRead4k measures a 4 KiB read through the mapper onto a
+// page-cached file: one linear line versus 1000 lines.
+func BenchmarkSubmitRead4k(b *testing.B) {
+	for _, n := range []int{1, 1000} {
+		b.Run(fmt.Sprintf("lines=%d", n), func(b *testing.B) {
+			d := benchDevice(b, max(n, 1))
+			if n == 1 {
+				d = benchDeviceOneLine(b, 8000)
+			}
+			buf := make([]byte, 4096)
+			r := &mapper.Request{Op: mapper.OpRead, Sectors: 8, Data: [][]byte{buf}}
+			size := d.Size()
+			b.SetBytes(4096)
+			b.ReportAllocs()
+			for i := 0; b.Loop(); i++ {
+				r.Sector = uint64(i*8) % size
+				if err := d.Submit(r); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+func benchDeviceOneLine(b *testing.B, sectors int) *mapper.Device {
+	path := filepath.Join(b.TempDir(), "one.img")
+	f, _ := os.Create(path)
+	f.Truncate(int64(sectors) * 512)
+	f.Close()
+	m := mapper.NewManager(mapper.ManagerOptions{Logger: discard()})
+	b.Cleanup(func() { m.Close() })
+	d, err := m.CreateTable("one", "", false, fmt.Sprintf("0 %d linear %s 0", sectors, path))
+	if err != nil {
+		b.Fatal(err)
+	}
+	return d
+}
+
+// BenchmarkSplit measures a 64 KiB write that crosses 16 target lines.
+func BenchmarkSplit(b *testing.B) {
+	var t strings.Builder
+	for i := 0; i < 1024; i++ {
+		fmt.Fprintf(&t, "%d 8 zero\n", i*8)
+	}
+	m := mapper.NewManager(mapper.ManagerOptions{Logger: discard()})
+	b.Cleanup(func() { m.Close() })
+	d, err := m.CreateTable("split", "", false, t.String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	buf := make([]byte, 64<<10)
+	r := &mapper.Request{Op: mapper.OpWrite, Sectors: 128, Data: [][]byte{buf}}
+	b.SetBytes(int64(len(buf)))
+	b.ReportAllocs()
+	for i := 0; b.Loop(); i++ {
+		r.Sector = uint64(i*128) % (8192 - 128)
+		if err := d.Submit(r); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
