@@ -217,10 +217,18 @@ func (d *Device) Resume() error {
 	var oldSize, newSize uint64
 	swapped := false
 	if d.inactive != nil {
-		if err := d.suspendLocked(false); err != nil {
-			return err
-		}
 		old := d.live.Load()
+		if old != nil {
+			if err := d.suspendLocked(false); err != nil {
+				return err
+			}
+		} else {
+			// No table was live: no I/O can be in flight, so the
+			// new table goes live without a suspend.
+			d.gateMu.Lock()
+			d.suspended.Store(true)
+			d.gateMu.Unlock()
+		}
 		if old != nil {
 			oldSize = old.Size()
 		}
@@ -247,7 +255,9 @@ func (d *Device) Resume() error {
 		}
 	}
 	d.resumeGate()
-	d.log.Info("resumed", "new_table", swapped)
+	if oldSize != 0 || !swapped {
+		d.log.Info("resumed", "new_table", swapped)
+	}
 	if swapped && oldSize != newSize && oldSize != 0 {
 		d.eventNr.Add(1)
 		for _, w := range d.watchers {
