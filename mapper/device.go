@@ -375,9 +375,9 @@ func (d *Device) Info() Info {
 }
 
 // targetEvent is the EventRaiser given to the device's targets.
-func (d *Device) targetEvent(kind string, data map[string]any) {
+func (d *Device) targetEvent(target, kind string, data map[string]any) {
 	d.eventNr.Add(1)
-	d.m.emit(Event{Device: d.name, Kind: kind, Data: data})
+	d.m.emit(Event{Device: d.name, Target: target, Kind: kind, Data: data})
 }
 
 // remove tears the device down: tables are closed and held I/O fails.

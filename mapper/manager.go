@@ -18,6 +18,7 @@ const MapperDir = "/dev/mapper/"
 // failed) or the core's (EventResized).
 type Event struct {
 	Device string
+	Target string // the raising target's type; empty for core events
 	Kind   string
 	Data   map[string]any
 }

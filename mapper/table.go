@@ -103,7 +103,7 @@ type TableOptions struct {
 	Device   string      // name of the device, for constructors and events
 	ReadOnly bool        // open backends read-only and refuse writes
 	Opener   Opener      // resolves backend names
-	Event    EventRaiser // receives target events
+	Event    func(target, kind string, data map[string]any) // receives target events
 }
 
 // BuildTable parses text and constructs every target. Nothing is kept if any
@@ -117,7 +117,11 @@ func BuildTable(text string, o TableOptions) (*Table, error) {
 	t := &Table{lines: lines, readOnly: o.ReadOnly}
 	for _, l := range lines {
 		tt, _ := LookupTarget(l.Type)
-		c := &Ctx{Device: o.Device, Start: l.Start, Length: l.Length, ReadOnly: o.ReadOnly, opener: o.Opener, event: o.Event}
+		c := &Ctx{Device: o.Device, Start: l.Start, Length: l.Length, ReadOnly: o.ReadOnly, opener: o.Opener}
+		if o.Event != nil {
+			typ := tt.Name
+			c.event = func(kind string, data map[string]any) { o.Event(typ, kind, data) }
+		}
 		tg, err := newTarget(tt, c, l.Args)
 		t.opened = append(t.opened, c.opened...)
 		if err == nil {
