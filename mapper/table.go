@@ -100,9 +100,9 @@ type Table struct {
 
 // TableOptions are the settings of BuildTable.
 type TableOptions struct {
-	Device   string      // name of the device, for constructors and events
-	ReadOnly bool        // open backends read-only and refuse writes
-	Opener   Opener      // resolves backend names
+	Device   string                                         // name of the device, for constructors and events
+	ReadOnly bool                                           // open backends read-only and refuse writes
+	Opener   Opener                                         // resolves backend names
 	Event    func(target, kind string, data map[string]any) // receives target events
 }
 
