@@ -1,0 +1,325 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+
+	"github.com/vhostdm/vhostdm/config"
+	"github.com/vhostdm/vhostdm/mapper"
+	"github.com/vhostdm/vhostdm/qmp"
+	"github.com/vhostdm/vhostdm/vhost"
+)
+
+func init() {
+	register("serve", "serve the configured devices over vhost-user-blk", runServe)
+}
+
+// demoDir is where `vhostdm serve` without a configuration keeps its demo.
+const demoDir = "vhostdm-demo"
+
+// demoSize is the size of the demo's sparse disk image.
+const demoSize = 1 << 30
+
+func runServe(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	file := fs.String("c", "", "configuration `FILE` (none: a demo under ./"+demoDir+")")
+	fs.StringVar(file, "config", "", "configuration `FILE` (same as -c)")
+	level := fs.String("log-level", "info", "log `LEVEL`: debug, info, warn or error")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if fs.NArg() != 0 {
+		fmt.Fprintln(stderr, "usage: vhostdm serve [-c FILE]")
+		return 2
+	}
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(*level)); err != nil {
+		fmt.Fprintf(stderr, "vhostdm serve: -log-level %q: %v\n", *level, err)
+		return 2
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: lv}))
+
+	var c *config.Config
+	var err error
+	if *file == "" {
+		c, err = demoConfig(demoDir)
+	} else {
+		c, err = config.Load(*file)
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return 1
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	d, err := startDaemon(ctx, c, log)
+	if err != nil {
+		fmt.Fprintf(stderr, "vhostdm serve: %v\n", err)
+		return 1
+	}
+	if *file == "" {
+		fmt.Fprintln(stdout, demoBanner(c))
+	}
+	<-d.ctx.Done()
+	log.Info("shutting down")
+	if err := d.Close(); err != nil {
+		log.Error("shutdown", "err", err)
+		return 1
+	}
+	log.Info("stopped")
+	return 0
+}
+
+// daemon is a running vhostdm: devices, exports and the QMP server.
+type daemon struct {
+	ctx    context.Context
+	cancel context.CancelFunc
+	log    *slog.Logger
+	m      *mapper.Manager
+	qmp    *qmp.Server // nil without a QMP socket
+	events atomic.Pointer[qmp.Server]
+	ex     *exportSet
+	wg     sync.WaitGroup
+}
+
+// startDaemon creates the devices of c in dependency order, opens its
+// exports and its QMP socket, and serves until ctx is done or QMP quit.
+func startDaemon(ctx context.Context, c *config.Config, log *slog.Logger) (*daemon, error) {
+	d := &daemon{log: log}
+	d.ctx, d.cancel = context.WithCancel(ctx)
+	d.m = mapper.NewManager(mapper.ManagerOptions{Logger: log, Dir: c.Dir, Events: func(e mapper.Event) {
+		if s := d.events.Load(); s != nil {
+			s.MapperEvent(e)
+		}
+	}})
+	d.ex = &exportSet{d: d, exports: map[string]*export{}}
+	fail := func(err error) (*daemon, error) {
+		d.Close()
+		return nil, err
+	}
+	order, err := c.DeviceOrder()
+	if err != nil {
+		return fail(err)
+	}
+	for _, dc := range order {
+		if _, err := d.m.CreateTable(dc.Name, dc.UUID, dc.ReadOnly, dc.Table); err != nil {
+			return fail(fmt.Errorf("%s: device %q: %w", c.File, dc.Name, errors.Unwrap(err)))
+		}
+	}
+	if c.QMP.Socket != "" {
+		ln, err := qmp.ListenUnix(c.Path(c.QMP.Socket))
+		if err != nil {
+			return fail(fmt.Errorf("qmp: %w", err))
+		}
+		d.qmp = qmp.NewServer(qmp.Config{Manager: d.m, Exports: d.ex, Logger: log, Version: Version, OnQuit: d.cancel})
+		d.events.Store(d.qmp)
+		d.wg.Add(1)
+		go func() {
+			defer d.wg.Done()
+			if err := d.qmp.Serve(d.ctx, ln); err != nil && !errors.Is(err, qmp.ErrServerClosed) {
+				log.Error("qmp server stopped", "err", err)
+			}
+		}()
+		log.Info("qmp listening", "socket", c.Path(c.QMP.Socket))
+	}
+	for _, e := range c.Exports {
+		o := qmp.ExportOptions{ID: e.ID, NodeName: e.Device, Socket: c.Path(e.Socket), Writable: e.Writable,
+			NumQueues: e.NumQueues, LogicalBlockSize: e.LogicalBlockSize, Serial: e.Serial}
+		if err := d.ex.Add(o); err != nil {
+			return fail(fmt.Errorf("%s: export %q: %w", c.File, e.ID, err))
+		}
+	}
+	log.Info("ready", "devices", len(order), "exports", len(c.Exports))
+	return d, nil
+}
+
+// Close stops accepting front ends, lets in-flight I/O finish, flushes and
+// closes every device.
+func (d *daemon) Close() error {
+	d.cancel()
+	var errs []error
+	if d.qmp != nil {
+		d.qmp.Close()
+	}
+	errs = append(errs, d.ex.closeAll())
+	d.wg.Wait()
+	errs = append(errs, d.m.Close())
+	return errors.Join(errs...)
+}
+
+// exportSet holds the daemon's exports by id; it implements qmp.Exports.
+type exportSet struct {
+	d *daemon
+
+	mu      sync.Mutex
+	exports map[string]*export
+}
+
+type export struct {
+	opts qmp.ExportOptions
+	x    *vhost.Export
+	dev  *mapper.Device
+	done chan struct{} // closed when Serve returns
+}
+
+// Add implements qmp.Exports.
+func (s *exportSet) Add(o qmp.ExportOptions) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, dup := s.exports[o.ID]; dup {
+		return fmt.Errorf("export id %q is already in use", o.ID)
+	}
+	dev, err := s.d.m.Get(o.NodeName)
+	if err != nil {
+		return err
+	}
+	if o.Writable && dev.ReadOnly() {
+		return fmt.Errorf("device %s is read-only", o.NodeName)
+	}
+	emit := func(event string) func() {
+		return func() {
+			if q := s.d.events.Load(); q != nil {
+				q.Emit(event, map[string]any{"id": o.ID})
+			}
+		}
+	}
+	x, err := vhost.NewExport(vhost.ExportConfig{
+		ID: o.ID, Socket: o.Socket, NumQueues: o.NumQueues, Writable: o.Writable,
+		LogicalBlockSize: o.LogicalBlockSize, Serial: o.Serial,
+		Logger:    s.d.log,
+		OnConnect: emit("VHOST_USER_CONNECTED"), OnDisconnect: emit("VHOST_USER_DISCONNECTED"),
+	}, dev)
+	if err != nil {
+		return err
+	}
+	dev.Open()
+	e := &export{opts: o, x: x, dev: dev, done: make(chan struct{})}
+	s.exports[o.ID] = e
+	go func() {
+		defer close(e.done)
+		if err := x.Serve(s.d.ctx); err != nil {
+			s.d.log.Error("export stopped", "export", o.ID, "err", err)
+		}
+	}()
+	return nil
+}
+
+// Del implements qmp.Exports.
+func (s *exportSet) Del(id, mode string) error {
+	s.mu.Lock()
+	e, ok := s.exports[id]
+	if !ok {
+		s.mu.Unlock()
+		return fmt.Errorf("export %q not found", id)
+	}
+	if mode != "hard" && e.x.Connected() {
+		s.mu.Unlock()
+		return fmt.Errorf("export %q is in use by a front end (use mode hard to disconnect it)", id)
+	}
+	delete(s.exports, id)
+	s.mu.Unlock()
+	return e.close()
+}
+
+func (e *export) close() error {
+	err := e.x.Close()
+	<-e.done
+	e.dev.Close()
+	return err
+}
+
+// List implements qmp.Exports.
+func (s *exportSet) List() []qmp.ExportInfo {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []qmp.ExportInfo
+	for id, e := range s.exports {
+		out = append(out, qmp.ExportInfo{Type: "vhost-user-blk", ID: id, NodeName: e.opts.NodeName})
+	}
+	slices.SortFunc(out, func(a, b qmp.ExportInfo) int { return strings.Compare(a.ID, b.ID) })
+	return out
+}
+
+func (s *exportSet) closeAll() error {
+	s.mu.Lock()
+	all := s.exports
+	s.exports = map[string]*export{}
+	s.mu.Unlock()
+	var errs []error
+	for _, e := range all {
+		errs = append(errs, e.close())
+	}
+	return errors.Join(errs...)
+}
+
+// demoConfig makes the demo's directory and sparse 1 GiB image, and returns
+// the configuration that serves it.
+func demoConfig(dir string) (*config.Config, error) {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(abs, 0o755); err != nil {
+		return nil, fmt.Errorf("demo: %w", err)
+	}
+	img := filepath.Join(abs, "disk.img")
+	f, err := os.OpenFile(img, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("demo: %w", err)
+	}
+	defer f.Close()
+	if st, err := f.Stat(); err != nil {
+		return nil, fmt.Errorf("demo: %w", err)
+	} else if st.Size() < demoSize {
+		if err := f.Truncate(demoSize); err != nil {
+			return nil, fmt.Errorf("demo: %w", err)
+		}
+	}
+	text := fmt.Sprintf(`[qmp]
+socket = "qmp.sock"
+
+[[device]]
+name = "demo"
+table = "0 %d linear disk.img 0"
+
+[[export]]
+id = "demo0"
+device = "demo"
+socket = "disk.sock"
+writable = true
+serial = "vhostdm-demo"
+`, demoSize/mapper.SectorSize)
+	return config.Parse([]byte(text), "(demo)", abs)
+}
+
+// demoBanner tells how to attach the demo disk to QEMU.
+func demoBanner(c *config.Config) string {
+	sock := c.Path(c.Exports[0].Socket)
+	return fmt.Sprintf(`vhostdm demo: a 1 GiB sparse disk (%s) is served at %s
+QMP control socket: %s   (try: vhostdm ctl --qmp %s table)
+
+Attach it to a VM with (guest memory must be shared with vhostdm):
+
+  qemu-system-x86_64 -machine q35,accel=kvm:tcg -m 1G \
+    -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \
+    -chardev socket,id=vdisk0,path=%s,reconnect-ms=500 \
+    -device vhost-user-blk-pci,chardev=vdisk0,num-queues=1 \
+    ...your boot disk or -kernel/-initrd...
+
+In the guest the disk is a virtio disk (/dev/vda) with serial "vhostdm-demo".
+Stop with Ctrl-C: in-flight I/O completes and the image is flushed.`,
+		c.Path("disk.img"), sock, c.Path(c.QMP.Socket), c.Path(c.QMP.Socket), sock)
+}

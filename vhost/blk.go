@@ -1,0 +1,826 @@
+package vhost
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/vhostdm/vhostdm/mapper"
+)
+
+// Virtio-blk request types (virtio 1.x, 5.2.6).
+const (
+	BlkTypeIn          = 0
+	BlkTypeOut         = 1
+	BlkTypeFlush       = 4
+	BlkTypeGetID       = 8
+	BlkTypeGetLifetime = 10
+	BlkTypeDiscard     = 11
+	BlkTypeWriteZeroes = 13
+	BlkTypeSecureErase = 14
+)
+
+// Virtio-blk request status values.
+const (
+	BlkStatusOK     = 0
+	BlkStatusIOErr  = 1
+	BlkStatusUnsupp = 2
+)
+
+// Virtio-blk layouts.
+const (
+	blkHeaderSize   = 16 // le32 type, le32 reserved, le64 sector
+	blkDiscardSize  = 16 // le64 sector, le32 num_sectors, le32 flags
+	blkDiscardUnmap = 1  // VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+	// ConfigSpaceSize is the size of struct virtio_blk_config.
+	ConfigSpaceSize = 96
+)
+
+// Limits this device advertises in its config space.
+const (
+	blkSizeMax        = 1 << 20 // size_max: bytes per segment
+	blkSegMax         = 126     // seg_max: data segments per request (QEMU's 128-entry queue minus 2)
+	blkMaxDiscard     = 32768   // max_discard_sectors, as QEMU's VIRTIO_BLK_MAX_DISCARD_SECTORS
+	blkMaxDiscardSeg  = 16      // max_discard_seg
+	blkMaxZeroes      = 32768   // max_write_zeroes_sectors
+	blkMaxZeroesSeg   = 16      // max_write_zeroes_seg
+	maxWorkersPerRing = 256
+)
+
+// blkFeatures returns the virtio and vhost feature bits the export offers.
+func (e *Export) blkFeatures() uint64 {
+	f := uint64(FeatureVersion1 | FeatureEventIdx | FeatureIndirectDesc | FeatureLogAll | FeatureProtocolFeatures |
+		BlkFeatureSizeMax | BlkFeatureSegMax | BlkFeatureBlkSize | BlkFeatureTopology | BlkFeatureFlush |
+		BlkFeatureConfigWCE | BlkFeatureMQ)
+	if e.readOnly {
+		f |= BlkFeatureRO
+	} else {
+		f |= BlkFeatureDiscard | BlkFeatureWriteZeroes
+	}
+	return f
+}
+
+// blkDev is the virtio-blk device of one connection: its queues and its
+// writable config. It never sees the socket.
+type blkDev struct {
+	exp       *Export
+	log       *slog.Logger
+	queues    []*blkQueue
+	writeback atomic.Bool // config writeback (CONFIG_WCE); true: writeback cache
+	features  atomic.Uint64
+}
+
+func newBlkDev(e *Export, log *slog.Logger) *blkDev {
+	d := &blkDev{exp: e, log: log}
+	d.writeback.Store(true)
+	for i := range e.cfg.NumQueues {
+		d.queues = append(d.queues, &blkQueue{dev: d, index: i, log: log.With("queue", i)})
+	}
+	return d
+}
+
+// config returns struct virtio_blk_config (virtio 1.x, 5.2.4).
+func (d *blkDev) config() [ConfigSpaceSize]byte {
+	var c [ConfigSpaceSize]byte
+	lbs := d.exp.cfg.LogicalBlockSize
+	le.PutUint64(c[0:], d.exp.capacity())
+	le.PutUint32(c[8:], blkSizeMax)
+	le.PutUint32(c[12:], blkSegMax)
+	le.PutUint32(c[20:], lbs)
+	c[24] = 0               // physical_block_exp
+	c[25] = 0               // alignment_offset
+	le.PutUint16(c[26:], 1) // min_io_size, in logical blocks
+	le.PutUint32(c[28:], 0) // opt_io_size: not reported
+	// writeback: the cache mode, read before features are negotiated
+	// (QEMU caches the config at realize); without FLUSH the device still
+	// writes through (writebackOn).
+	if d.writeback.Load() {
+		c[32] = 1
+	}
+	le.PutUint16(c[34:], uint16(d.exp.cfg.NumQueues))
+	le.PutUint32(c[36:], blkMaxDiscard)
+	le.PutUint32(c[40:], blkMaxDiscardSeg)
+	le.PutUint32(c[44:], lbs/mapper.SectorSize)
+	le.PutUint32(c[48:], blkMaxZeroes)
+	le.PutUint32(c[52:], blkMaxZeroesSeg)
+	c[56] = 1 // write_zeroes_may_unmap
+	return c
+}
+
+// writebackOn reports whether the device caches writes. Virtio 1.x 5.2.5.1:
+// without VIRTIO_BLK_F_FLUSH the device must be writethrough.
+func (d *blkDev) writebackOn() bool {
+	return d.writeback.Load() && d.features.Load()&BlkFeatureFlush != 0
+}
+
+// blkQueue is one virtqueue of the device and the goroutines that serve it:
+// the ring goroutine pops chains and hands requests to workers, which submit
+// them to the mapper device and complete them out of order, batching
+// used-ring updates and notifications.
+type blkQueue struct {
+	dev   *blkDev
+	index int
+	log   *slog.Logger
+
+	// Set by the connection goroutine while the queue is stopped or paused.
+	num      uint16
+	addr     VringAddr
+	addrSet  bool
+	base     uint16
+	ring     splitRing
+	mem      *Mem
+	dlog     *dirtyLog // non-nil while VHOST_F_LOG_ALL is on
+	logUsed  bool      // VHOST_VRING_F_LOG: log used-ring writes at addr.Log
+	inflight *inflightQueue
+	resubmit []uint16
+	kick     *os.File // nil: poll (SET_VRING_KICK with the no-fd bit)
+	kickSet  bool
+	state    queueState
+	done     chan struct{} // closed when the ring goroutine exits
+	work     chan *blkReq
+	reqs     []blkReq // by head descriptor index
+	heads    []uint16
+	nworkers int
+
+	call    atomic.Pointer[os.File]
+	errf    atomic.Pointer[os.File]
+	enabled atomic.Bool
+	stopReq atomic.Bool
+	broken  atomic.Bool
+	idle    atomic.Int32 // idle workers minus queued requests
+	wake    chan struct{}
+	active  sync.WaitGroup // requests popped and not yet completed
+	workers sync.WaitGroup
+	badLogs atomic.Uint32
+
+	// Used side, guarded by usedMu.
+	usedMu    sync.Mutex
+	finishing atomic.Int32 // completers between their I/O and the used lock
+	batch     []uint16
+	one       [8]byte
+	kbuf      [8]byte
+}
+
+type queueState int
+
+const (
+	queueStopped queueState = iota
+	queueRunning
+	queuePaused
+)
+
+// blkReq is one request in flight, kept per head descriptor index so that
+// the hot path does not allocate.
+type blkReq struct {
+	busy      atomic.Bool
+	chain     chain
+	typ       uint32
+	sector    uint64
+	status    []byte
+	statusGPA uint64
+	data      [][]byte
+	dataLen   uint64
+	ranges    [blkMaxDiscardSeg]blkRange
+	nranges   int
+	mreq      mapper.Request
+}
+
+type blkRange struct {
+	sector  uint64
+	sectors uint32
+	flags   uint32
+}
+
+// configured reports whether the queue has what it needs to start.
+func (q *blkQueue) configured() error {
+	switch {
+	case q.num == 0:
+		return errors.New("no SET_VRING_NUM")
+	case !q.addrSet:
+		return errors.New("no SET_VRING_ADDR")
+	case !q.kickSet:
+		return errors.New("no SET_VRING_KICK")
+	}
+	return nil
+}
+
+// setupRing translates the ring through mem and applies the negotiated
+// features; the queue is stopped or paused.
+func (q *blkQueue) setupRing(mem *Mem, features uint64, dlog *dirtyLog) error {
+	if mem == nil {
+		return errors.New("no guest memory table")
+	}
+	if _, err := q.ring.setup(mem, q.num, q.addr); err != nil {
+		return err
+	}
+	q.mem = mem
+	q.ring.eventIdx = features&FeatureEventIdx != 0
+	q.ring.indirect = features&FeatureIndirectDesc != 0
+	q.dlog = nil
+	if features&FeatureLogAll != 0 {
+		q.dlog = dlog
+	}
+	q.logUsed = q.dlog != nil && q.addr.Flags&VringAddrFlagLog != 0
+	return nil
+}
+
+// start starts a stopped queue: it sets up the ring, recovers in-flight
+// requests from the inflight region if there is one, and starts the ring
+// goroutine.
+func (q *blkQueue) start(mem *Mem, features uint64, dlog *dirtyLog, inf *inflightRegion) error {
+	if err := q.setupRing(mem, features, dlog); err != nil {
+		return err
+	}
+	q.ring.lastAvail = q.base
+	used := q.ring.usedRingIdx()
+	q.ring.usedIdx, q.ring.pubIdx = used, used
+	q.inflight, q.resubmit = nil, nil
+	if inf != nil {
+		iq, err := inf.queue(q.index, q.num)
+		if err != nil {
+			q.log.Warn("inflight tracking off", "err", err)
+		} else {
+			last, resubmit, recovered := iq.start(used, q.base)
+			q.inflight, q.resubmit = iq, resubmit
+			if recovered {
+				q.ring.lastAvail = last
+				q.log.Info("inflight region recovered", "resubmit", len(resubmit), "used_idx", used, "last_avail", last)
+			}
+		}
+	}
+	if len(q.reqs) != int(q.num) {
+		q.reqs = make([]blkReq, q.num)
+		q.heads = make([]uint16, 0, q.num)
+	}
+	q.work = make(chan *blkReq, q.num)
+	q.nworkers = 0
+	q.idle.Store(0)
+	q.broken.Store(false)
+	q.wake = make(chan struct{}, 1)
+	q.state = queueRunning
+	q.runLoop()
+	return nil
+}
+
+// runLoop starts the ring goroutine.
+func (q *blkQueue) runLoop() {
+	q.stopReq.Store(false)
+	q.done = make(chan struct{})
+	go q.run(q.done)
+}
+
+// halt stops the ring goroutine and waits for the requests in flight.
+func (q *blkQueue) halt() {
+	q.stopReq.Store(true)
+	q.nudge()
+	<-q.done
+	if q.kick != nil {
+		q.kick.SetReadDeadline(time.Time{})
+	}
+	q.active.Wait()
+}
+
+// pause stops a running queue and waits for its requests, keeping its
+// workers and indices; resume restarts it, maybe on a new memory table.
+func (q *blkQueue) pause() {
+	if q.state != queueRunning {
+		return
+	}
+	q.halt()
+	q.state = queuePaused
+}
+
+func (q *blkQueue) resume(mem *Mem, features uint64, dlog *dirtyLog) {
+	if q.state != queuePaused {
+		return
+	}
+	if err := q.setupRing(mem, features, dlog); err != nil {
+		q.fail(fmt.Errorf("ring after memory change: %w", err))
+	}
+	q.state = queueRunning
+	q.runLoop()
+}
+
+// stop stops the queue for good (GET_VRING_BASE, reset, disconnect): the
+// ring goroutine and workers exit once every request has completed. It
+// returns the next avail index.
+func (q *blkQueue) stop() uint16 {
+	if q.state == queueStopped {
+		return q.base
+	}
+	if q.state == queueRunning {
+		q.halt()
+	}
+	close(q.work)
+	q.workers.Wait()
+	q.state = queueStopped
+	q.base = q.ring.lastAvail
+	q.inflight, q.resubmit = nil, nil
+	return q.base
+}
+
+// nudge wakes the ring goroutine so that it looks at its flags again.
+func (q *blkQueue) nudge() {
+	select {
+	case q.wake <- struct{}{}:
+	default:
+	}
+	if q.kick != nil {
+		q.kick.SetReadDeadline(time.Now())
+	}
+}
+
+// fail marks the ring broken after a driver error that concerns the whole
+// ring, logs why and signals the error eventfd.
+func (q *blkQueue) fail(err error) {
+	if q.broken.Swap(true) {
+		return
+	}
+	q.log.Error("virtqueue stopped", "err", err)
+	if f := q.errf.Load(); f != nil {
+		f.Write(q.one[:])
+	}
+}
+
+// run is the ring goroutine.
+func (q *blkQueue) run(done chan struct{}) {
+	defer close(done)
+	// Guest memory is a shared mapping the front end could truncate: a
+	// fault becomes a panic this goroutine recovers from.
+	debug.SetPanicOnFault(true)
+	defer func() {
+		if p := recover(); p != nil {
+			q.fail(fmt.Errorf("fault on ring: %v", p))
+			q.waitStop()
+		}
+	}()
+	le.PutUint64(q.one[:], 1)
+	for !q.stopReq.Load() {
+		if q.enabled.Load() && !q.broken.Load() {
+			if len(q.resubmit) > 0 {
+				for _, h := range q.resubmit {
+					q.reqs[h].busy.Store(true)
+					q.active.Add(1)
+					q.dispatch(h)
+				}
+				q.resubmit = nil
+			}
+			if err := q.drain(); err != nil {
+				q.fail(err)
+			}
+		}
+		q.waitKick()
+	}
+}
+
+// waitStop blocks until the connection asks the goroutine to stop.
+func (q *blkQueue) waitStop() {
+	for !q.stopReq.Load() {
+		<-q.wake
+	}
+}
+
+// waitKick waits for a kick, a nudge, or (without a kick fd) a poll tick.
+func (q *blkQueue) waitKick() {
+	if q.broken.Load() {
+		<-q.wake // until the connection stops the queue
+		return
+	}
+	if q.kick == nil {
+		t := time.NewTimer(time.Millisecond)
+		select {
+		case <-q.wake:
+		case <-t.C:
+		}
+		t.Stop()
+		return
+	}
+	_, err := q.kick.Read(q.kbuf[:])
+	if err == nil {
+		return
+	}
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		// A nudge: clear the deadline, then the loop re-reads the flags
+		// that were set before the nudge.
+		q.kick.SetReadDeadline(time.Time{})
+		return
+	}
+	q.fail(fmt.Errorf("kick eventfd: %w", err))
+}
+
+// drain pops every available chain and dispatches it, then re-arms the
+// kick and pops again if the driver added more meanwhile.
+func (q *blkQueue) drain() error {
+	for !q.stopReq.Load() {
+		n, err := q.ring.pending()
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			if !q.ring.armKick() {
+				return nil
+			}
+			continue
+		}
+		heads := q.heads[:0]
+		var bad error
+		for range n {
+			h := q.ring.availHead(q.ring.lastAvail)
+			if h >= q.num {
+				bad = fmt.Errorf("available ring entry %d names descriptor %d of %d", q.ring.lastAvail, h, q.num)
+				break
+			}
+			if q.reqs[h].busy.Load() {
+				bad = fmt.Errorf("available ring entry %d names descriptor %d, which is in flight", q.ring.lastAvail, h)
+				break
+			}
+			q.reqs[h].busy.Store(true)
+			q.ring.lastAvail++
+			heads = append(heads, h)
+		}
+		if q.inflight != nil && len(heads) > 0 {
+			q.usedMu.Lock()
+			for _, h := range heads {
+				q.inflight.popped(h)
+			}
+			q.usedMu.Unlock()
+		}
+		q.active.Add(len(heads))
+		for _, h := range heads {
+			q.dispatch(h)
+		}
+		if bad != nil {
+			return bad
+		}
+	}
+	return nil
+}
+
+// badRequest logs a request failed for what the driver put in it, rate
+// limited so that a hostile guest cannot flood the log.
+func (q *blkQueue) badRequest(head uint16, err error) {
+	if n := q.badLogs.Add(1); n <= 10 || n%1000 == 0 {
+		q.log.Warn("bad virtio-blk request", "head", head, "err", err, "count", n)
+	}
+}
+
+// dispatch parses the chain at head and completes it at once when it is
+// bad, unsupported or needs no I/O; I/O goes to a worker.
+func (q *blkQueue) dispatch(head uint16) {
+	r := &q.reqs[head]
+	err := walkChain(q.mem, q.ring.desc, q.num, head, q.ring.indirect, &r.chain)
+	r.status = nil
+	if err != nil {
+		q.badRequest(head, err)
+		// Find where the status goes: the chain's last descriptor, or for
+		// a chain without one (a loop) the last device-writable byte
+		// walked, which the driver offered for writing anyway.
+		s, gpa, ok := salvageStatus(q.mem, q.ring.desc, q.num, head, q.ring.indirect)
+		if !ok {
+			s, gpa, ok = r.chain.lastWritable()
+		}
+		if ok {
+			r.status, r.statusGPA = s, gpa
+			q.finish(r, BlkStatusIOErr, 1)
+		} else {
+			q.finish(r, 0, 0)
+		}
+		return
+	}
+	if s, gpa, ok := r.chain.lastWritable(); ok {
+		r.status, r.statusGPA = s, gpa
+	}
+	if r.status == nil {
+		// Virtio 1.x 5.2.6: the status byte is the last device-writable
+		// byte; without one the request cannot be answered.
+		q.badRequest(head, errors.New("no device-writable status byte"))
+		q.finish(r, 0, 0)
+		return
+	}
+	status, usedLen, async := q.prepare(r)
+	if !async {
+		q.finish(r, status, usedLen)
+		return
+	}
+	q.submitWork(r)
+}
+
+// submitWork hands r to an idle worker, or starts one, or queues r.
+func (q *blkQueue) submitWork(r *blkReq) {
+	if q.idle.Add(-1) >= 0 {
+		q.work <- r
+		return
+	}
+	if q.nworkers < maxWorkersPerRing {
+		q.idle.Add(1)
+		q.nworkers++
+		q.workers.Add(1)
+		go q.worker(r, q.work)
+		return
+	}
+	q.work <- r
+}
+
+// worker runs requests until the queue stops.
+func (q *blkQueue) worker(r *blkReq, work chan *blkReq) {
+	defer q.workers.Done()
+	debug.SetPanicOnFault(true)
+	for {
+		q.execute(r)
+		q.idle.Add(1)
+		var ok bool
+		if r, ok = <-work; !ok {
+			return
+		}
+	}
+}
+
+// execute performs r's I/O and completes it. A fault on guest memory or a
+// panic in a target fails the request alone.
+func (q *blkQueue) execute(r *blkReq) {
+	defer func() {
+		if p := recover(); p != nil {
+			q.log.Error("request panicked", "head", r.chain.head, "panic", p)
+			q.finish(r, BlkStatusIOErr, 1)
+		}
+	}()
+	status, usedLen := q.io(r)
+	q.finish(r, status, usedLen)
+}
+
+// finish writes the status, puts the used element and, for the last of a
+// burst of completers, publishes the used index and notifies the driver
+// once for the whole batch.
+func (q *blkQueue) finish(r *blkReq, status byte, usedLen uint32) {
+	if r.status != nil {
+		r.status[0] = status
+		q.dlog.mark(r.statusGPA, 1)
+	}
+	head := r.chain.head
+	q.finishing.Add(1)
+	q.usedMu.Lock()
+	off := q.ring.putUsed(head, usedLen)
+	if q.logUsed {
+		q.dlog.mark(q.addr.Log+uint64(off), 8)
+	}
+	if q.inflight != nil {
+		q.inflight.link(head)
+		q.batch = append(q.batch, head)
+	}
+	r.busy.Store(false)
+	notify := false
+	if q.finishing.Add(-1) == 0 {
+		notify = q.ring.publish()
+		if q.logUsed {
+			q.dlog.mark(q.addr.Log+2, 2)
+		}
+		if q.inflight != nil {
+			q.inflight.pushed(q.batch, q.ring.usedIdx)
+			q.batch = q.batch[:0]
+		}
+	}
+	q.usedMu.Unlock()
+	if notify {
+		if f := q.call.Load(); f != nil {
+			f.Write(q.one[:])
+		}
+	}
+	q.active.Done()
+}
+
+// prepare parses and checks the request header and layout. It returns
+// async=true when the request needs I/O, else the status to complete with.
+func (q *blkQueue) prepare(r *blkReq) (status byte, usedLen uint32, async bool) {
+	c := &r.chain
+	// Virtio 1.x 5.2.6: the driver-readable header is 16 bytes; it may
+	// span descriptors.
+	var hdr [blkHeaderSize]byte
+	if c.rBytes < blkHeaderSize {
+		q.badRequest(c.head, fmt.Errorf("request header of %d bytes, want %d", c.rBytes, blkHeaderSize))
+		return BlkStatusIOErr, 1, false
+	}
+	copyFromSegs(hdr[:], c.segs[:c.nRead], 0)
+	r.typ = le.Uint32(hdr[0:])
+	r.sector = le.Uint64(hdr[8:])
+	e := q.dev.exp
+	ro := e.readOnly
+	switch r.typ {
+	case BlkTypeIn:
+		r.dataLen = c.wBytes - 1
+		r.data = appendBufs(r.data[:0], c.segs[c.nRead:], 0, r.dataLen)
+		if err := q.checkRange(r.sector, r.dataLen); err != nil {
+			q.badRequest(c.head, err)
+			return BlkStatusIOErr, 1, false
+		}
+		if r.dataLen == 0 {
+			return BlkStatusOK, 1, false
+		}
+		r.mreq = mapper.Request{Op: mapper.OpRead, Sector: r.sector, Sectors: r.dataLen >> mapper.SectorShift, Data: r.data}
+		return 0, 0, true
+	case BlkTypeOut:
+		if ro {
+			return BlkStatusIOErr, 1, false
+		}
+		r.dataLen = c.rBytes - blkHeaderSize
+		r.data = appendBufs(r.data[:0], c.segs[:c.nRead], blkHeaderSize, r.dataLen)
+		if err := q.checkRange(r.sector, r.dataLen); err != nil {
+			q.badRequest(c.head, err)
+			return BlkStatusIOErr, 1, false
+		}
+		if r.dataLen == 0 {
+			return BlkStatusOK, 1, false
+		}
+		r.mreq = mapper.Request{Op: mapper.OpWrite, Sector: r.sector, Sectors: r.dataLen >> mapper.SectorShift, Data: r.data}
+		return 0, 0, true
+	case BlkTypeFlush:
+		r.mreq = mapper.Request{Op: mapper.OpFlush}
+		return 0, 0, true
+	case BlkTypeGetID:
+		// 5.2.6.1: "the device MUST write ... the device ID string
+		// (up to 20 bytes, NUL-padded if shorter)".
+		var id [MaxSerialLen]byte
+		copy(id[:], e.cfg.Serial)
+		n := min(c.wBytes-1, MaxSerialLen)
+		bufs := appendBufs(r.data[:0], c.segs[c.nRead:], 0, n)
+		off := 0
+		for _, b := range bufs {
+			off += copy(b, id[off:])
+		}
+		r.data = bufs
+		for _, s := range c.segs[c.nRead:] {
+			q.dlog.mark(s.gpa, uint64(len(s.b)))
+		}
+		return BlkStatusOK, uint32(n) + 1, false
+	case BlkTypeDiscard, BlkTypeWriteZeroes:
+		if ro {
+			return BlkStatusIOErr, 1, false
+		}
+		st, err := q.parseRanges(r)
+		if err != nil {
+			q.badRequest(c.head, err)
+			return st, 1, false
+		}
+		return 0, 0, true
+	}
+	return BlkStatusUnsupp, 1, false
+}
+
+// checkRange checks a read or write of n bytes at sector: aligned to the
+// logical block size and inside the capacity (QEMU's
+// virtio_blk_sect_range_ok does the same checks).
+func (q *blkQueue) checkRange(sector, n uint64) error {
+	lbs := uint64(q.dev.exp.cfg.LogicalBlockSize)
+	per := lbs / mapper.SectorSize
+	if n%lbs != 0 {
+		return fmt.Errorf("data of %d bytes is not a multiple of the block size %d", n, lbs)
+	}
+	if sector%per != 0 {
+		return fmt.Errorf("sector %d is not aligned to the block size %d", sector, lbs)
+	}
+	cap := q.dev.exp.capacity()
+	sectors := n >> mapper.SectorShift
+	if sector > cap || sectors > cap-sector {
+		return fmt.Errorf("%d sectors at %d beyond capacity %d", sectors, sector, cap)
+	}
+	return nil
+}
+
+// parseRanges reads the discard or write-zeroes segments after the header
+// (virtio 1.x 5.2.6: struct virtio_blk_discard_write_zeroes).
+func (q *blkQueue) parseRanges(r *blkReq) (byte, error) {
+	c := &r.chain
+	n := c.rBytes - blkHeaderSize
+	maxSeg, maxSectors := uint64(blkMaxDiscardSeg), uint64(blkMaxDiscard)
+	if r.typ == BlkTypeWriteZeroes {
+		maxSeg, maxSectors = blkMaxZeroesSeg, blkMaxZeroes
+	}
+	if n == 0 || n%blkDiscardSize != 0 || n/blkDiscardSize > maxSeg {
+		return BlkStatusIOErr, fmt.Errorf("%d bytes of segments, want 1 to %d segments of %d", n, maxSeg, blkDiscardSize)
+	}
+	r.nranges = int(n / blkDiscardSize)
+	lbs := uint64(q.dev.exp.cfg.LogicalBlockSize)
+	per := lbs / mapper.SectorSize
+	cap := q.dev.exp.capacity()
+	var b [blkDiscardSize]byte
+	for i := 0; i < r.nranges; i++ {
+		copyFromSegs(b[:], c.segs[:c.nRead], blkHeaderSize+uint64(i)*blkDiscardSize)
+		rg := blkRange{sector: le.Uint64(b[0:]), sectors: le.Uint32(b[8:]), flags: le.Uint32(b[12:])}
+		// 5.2.6.2: "the device MUST set the status byte to
+		// VIRTIO_BLK_S_UNSUPP for discard commands if the unmap flag is
+		// set" and for unknown flags.
+		if rg.flags&^blkDiscardUnmap != 0 || (r.typ == BlkTypeDiscard && rg.flags != 0) {
+			return BlkStatusUnsupp, fmt.Errorf("segment %d: unsupported flags %#x", i, rg.flags)
+		}
+		if rg.sectors == 0 || uint64(rg.sectors) > maxSectors {
+			return BlkStatusIOErr, fmt.Errorf("segment %d: %d sectors, want 1 to %d", i, rg.sectors, maxSectors)
+		}
+		if rg.sector%per != 0 || uint64(rg.sectors)%per != 0 {
+			return BlkStatusIOErr, fmt.Errorf("segment %d: %d sectors at %d not aligned to the block size %d", i, rg.sectors, rg.sector, lbs)
+		}
+		if rg.sector > cap || uint64(rg.sectors) > cap-rg.sector {
+			return BlkStatusIOErr, fmt.Errorf("segment %d: %d sectors at %d beyond capacity %d", i, rg.sectors, rg.sector, cap)
+		}
+		r.ranges[i] = rg
+	}
+	return BlkStatusOK, nil
+}
+
+// io performs the I/O of a prepared request on a worker goroutine.
+func (q *blkQueue) io(r *blkReq) (status byte, usedLen uint32) {
+	d := q.dev
+	dev := d.exp.dev
+	var err error
+	switch r.typ {
+	case BlkTypeIn:
+		err = dev.Submit(&r.mreq)
+		if err == nil && q.dlog != nil {
+			for _, s := range r.chain.segs[r.chain.nRead:] {
+				q.dlog.mark(s.gpa, uint64(len(s.b)))
+			}
+		}
+		usedLen = uint32(min(r.dataLen+1, uint64(^uint32(0))))
+	case BlkTypeOut:
+		err = dev.Submit(&r.mreq)
+		if err == nil && !d.writebackOn() {
+			// Writethrough: the write is durable before completion.
+			r.mreq = mapper.Request{Op: mapper.OpFlush}
+			err = dev.Submit(&r.mreq)
+		}
+		usedLen = 1
+	case BlkTypeFlush:
+		err = dev.Submit(&r.mreq)
+		usedLen = 1
+	case BlkTypeDiscard, BlkTypeWriteZeroes:
+		usedLen = 1
+		for i := 0; i < r.nranges && err == nil; i++ {
+			rg := r.ranges[i]
+			r.mreq = mapper.Request{Op: mapper.OpDiscard, Sector: rg.sector, Sectors: uint64(rg.sectors)}
+			if r.typ == BlkTypeWriteZeroes {
+				r.mreq.Op = mapper.OpWriteZeroes
+				r.mreq.Unmap = rg.flags&blkDiscardUnmap != 0
+			}
+			err = dev.Submit(&r.mreq)
+		}
+		if err == nil && r.typ == BlkTypeWriteZeroes && !d.writebackOn() {
+			r.mreq = mapper.Request{Op: mapper.OpFlush}
+			err = dev.Submit(&r.mreq)
+		}
+	default:
+		return BlkStatusUnsupp, 1
+	}
+	r.mreq.Data = nil
+	if err != nil {
+		if errors.Is(err, mapper.ErrUnsupported) {
+			return BlkStatusUnsupp, usedLen
+		}
+		if n := q.badLogs.Add(1); n <= 10 || n%1000 == 0 {
+			q.log.Warn("virtio-blk request failed", "head", r.chain.head, "type", r.typ, "sector", r.sector, "err", err)
+		}
+		return BlkStatusIOErr, usedLen
+	}
+	return BlkStatusOK, usedLen
+}
+
+// copyFromSegs copies bytes starting at offset off of the concatenated
+// segments into dst; the caller checked that they are long enough.
+func copyFromSegs(dst []byte, segs []seg, off uint64) {
+	for _, s := range segs {
+		if len(dst) == 0 {
+			return
+		}
+		if off >= uint64(len(s.b)) {
+			off -= uint64(len(s.b))
+			continue
+		}
+		n := copy(dst, s.b[off:])
+		dst = dst[n:]
+		off = 0
+	}
+}
+
+// appendBufs appends to dst the n bytes at offset off of the concatenated
+// segments, as slices of guest memory (no copy).
+func appendBufs(dst [][]byte, segs []seg, off, n uint64) [][]byte {
+	for _, s := range segs {
+		if n == 0 {
+			break
+		}
+		if off >= uint64(len(s.b)) {
+			off -= uint64(len(s.b))
+			continue
+		}
+		b := s.b[off:]
+		off = 0
+		if uint64(len(b)) > n {
+			b = b[:n]
+		}
+		dst = append(dst, b)
+		n -= uint64(len(b))
+	}
+	return dst
+}

@@ -1,0 +1,799 @@
+package vhost
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// protocolFeatures are the protocol features the back end offers.
+const protocolFeatures = ProtocolMQ | ProtocolLogSHMFD | ProtocolReplyAck | ProtocolConfig | ProtocolBackendReq |
+	ProtocolConfigureMemSlots | ProtocolInflightSHMFD | ProtocolResetDevice | ProtocolStatus
+
+// connError is a protocol violation: the connection is closed.
+type connError struct{ err error }
+
+func (e connError) Error() string { return e.err.Error() }
+func (e connError) Unwrap() error { return e.err }
+
+func fatalf(format string, args ...any) error { return connError{fmt.Errorf(format, args...)} }
+
+// conn is one front-end connection. Its goroutine (serve) owns the
+// negotiated features, the memory table, the log, the inflight region and
+// the queues' configuration; the queues' own goroutines serve the rings.
+type conn struct {
+	e   *Export
+	uc  *net.UnixConn
+	log *slog.Logger
+	dev *blkDev
+
+	// Owned by the connection goroutine.
+	features    uint64
+	featuresSet bool
+	status      uint64
+	mem         *Mem
+	regions     []*memRegion
+	dlog        *dirtyLog
+	inflight    *inflightRegion
+	hbuf        [HeaderSize]byte
+	pbuf        [MaxPayload]byte
+	oob         []byte
+	wbuf        []byte
+
+	protocol atomic.Uint64 // acked protocol features; read by configChanged
+
+	mu      sync.Mutex // guards backend
+	backend *backendChan
+}
+
+func newConn(e *Export, uc *net.UnixConn) *conn {
+	n := e.connSeq.Add(1)
+	log := e.log.With("conn", n)
+	return &conn{e: e, uc: uc, log: log, dev: newBlkDev(e, log), oob: make([]byte, unix.CmsgSpace(MaxFDs*4)), wbuf: make([]byte, HeaderSize, HeaderSize+MaxPayload)}
+}
+
+// close makes the connection goroutine's read fail; it then tears down.
+func (c *conn) close() { c.uc.Close() }
+
+// serve reads and handles messages until the front end goes away or breaks
+// the protocol, then stops every queue (waiting for their requests) and
+// releases guest memory.
+func (c *conn) serve() {
+	c.log.Info("front end connected")
+	defer c.teardown()
+	for {
+		h, p, fds, err := c.readMsg()
+		if err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
+				c.log.Info("front end disconnected")
+			} else {
+				c.log.Warn("closing connection", "reason", err)
+			}
+			return
+		}
+		err = c.handle(h, p, fds)
+		closeFDs(fds)
+		if err == nil {
+			continue
+		}
+		var ce connError
+		if errors.As(err, &ce) {
+			c.log.Warn("closing connection", "request", h.Code.String(), "reason", err)
+			return
+		}
+		unknown := errors.Is(err, errUnknownRequest)
+		if !unknown {
+			c.log.Warn("request failed", "request", h.Code.String(), "err", err)
+		}
+		if h.NeedReply() && c.protocol.Load()&ProtocolReplyAck != 0 {
+			if err := c.reply(h.Code, U64(1), -1); err != nil {
+				c.log.Warn("closing connection", "reason", err)
+				return
+			}
+			continue
+		}
+		if unknown {
+			continue
+		}
+		c.log.Warn("closing connection", "request", h.Code.String(), "reason", "request failed and the front end asked for no reply")
+		return
+	}
+}
+
+func closeFDs(fds []int) {
+	for i, fd := range fds {
+		if fd >= 0 {
+			unix.Close(fd)
+			fds[i] = -1
+		}
+	}
+}
+
+// take removes fd i from fds so that serve does not close it.
+func take(fds []int, i int) int {
+	fd := fds[i]
+	fds[i] = -1
+	return fd
+}
+
+// readMsg reads one message: the header with any fds, then the payload.
+func (c *conn) readMsg() (Header, []byte, []int, error) {
+	n, oobn, flags, _, err := c.uc.ReadMsgUnix(c.hbuf[:], c.oob)
+	var fds []int
+	if oobn > 0 {
+		msgs, perr := unix.ParseSocketControlMessage(c.oob[:oobn])
+		if perr == nil {
+			for _, m := range msgs {
+				if f, err := unix.ParseUnixRights(&m); err == nil {
+					fds = append(fds, f...)
+				}
+			}
+		}
+	}
+	if err != nil {
+		closeFDs(fds)
+		return Header{}, nil, nil, err
+	}
+	if n == 0 {
+		closeFDs(fds)
+		return Header{}, nil, nil, io.EOF
+	}
+	if flags&unix.MSG_CTRUNC != 0 {
+		closeFDs(fds)
+		return Header{}, nil, nil, fmt.Errorf("message carries more than %d file descriptors", MaxFDs)
+	}
+	if n < HeaderSize {
+		if _, err := io.ReadFull(c.uc, c.hbuf[n:]); err != nil {
+			closeFDs(fds)
+			return Header{}, nil, nil, fmt.Errorf("short header: %w", err)
+		}
+	}
+	h, err := DecodeHeader(c.hbuf[:])
+	if err != nil {
+		closeFDs(fds)
+		return Header{}, nil, nil, err
+	}
+	p := c.pbuf[:h.Size]
+	if _, err := io.ReadFull(c.uc, p); err != nil {
+		closeFDs(fds)
+		return Header{}, nil, nil, fmt.Errorf("%s: short payload: %w", h.Code, err)
+	}
+	return h, p, fds, nil
+}
+
+// reply sends a reply to code with payload pl and, if fd >= 0, one fd.
+func (c *conn) reply(code ReqCode, pl Payload, fd int) error {
+	c.wbuf = pl.AppendTo(c.wbuf[:HeaderSize])
+	Header{Code: code, Flags: FlagVersion | FlagReply, Size: uint32(len(c.wbuf) - HeaderSize)}.AppendTo(c.wbuf[:0])
+	var oob []byte
+	if fd >= 0 {
+		oob = unix.UnixRights(fd)
+	}
+	c.uc.SetWriteDeadline(time.Now().Add(10 * time.Second))
+	_, _, err := c.uc.WriteMsgUnix(c.wbuf, oob, nil)
+	if err != nil {
+		return connError{fmt.Errorf("send %s reply: %w", code, err)}
+	}
+	return nil
+}
+
+// rawPayload is a payload of raw bytes (GET_CONFIG's error reply is empty).
+type rawPayload []byte
+
+func (r rawPayload) AppendTo(b []byte) []byte { return append(b, r...) }
+
+// queue returns queue i, or an error naming the request.
+func (c *conn) queue(i uint32) (*blkQueue, error) {
+	if i >= uint32(len(c.dev.queues)) {
+		return nil, fmt.Errorf("queue %d: the device has %d queues", i, len(c.dev.queues))
+	}
+	return c.dev.queues[i], nil
+}
+
+// handle decodes and performs one request. Syntax errors (size, fds) are
+// connection errors; semantic errors fail the request.
+func (c *conn) handle(h Header, p []byte, fds []int) error {
+	if h.IsReply() {
+		return fatalf("%s: request carries the reply flag", h.Code)
+	}
+	pl, err := DecodePayload(h.Code, p)
+	if errors.Is(err, errUnknownRequest) {
+		c.log.Warn("unsupported request", "request", h.Code.String(), "size", h.Size, "fds", len(fds))
+		return err
+	}
+	if err != nil {
+		return connError{err}
+	}
+	if err := checkFDs(h.Code, pl, len(fds)); err != nil {
+		return connError{err}
+	}
+	explicit, err := c.exec(h, pl, fds)
+	if err != nil {
+		return err
+	}
+	// REPLY_ACK: "the back-end MUST respond with a Payload VhostUserMsg
+	// indicating success or failure ... unless the message already has an
+	// explicit reply body".
+	if !explicit && h.NeedReply() && c.protocol.Load()&ProtocolReplyAck != 0 {
+		return c.reply(h.Code, U64(0), -1)
+	}
+	return nil
+}
+
+// exec performs a decoded request and sends its explicit reply, if it has
+// one (then explicit is true).
+func (c *conn) exec(h Header, pl Payload, fds []int) (explicit bool, err error) {
+	e := c.e
+	switch h.Code {
+	case ReqGetFeatures:
+		return true, c.reply(h.Code, U64(e.blkFeatures()), -1)
+
+	case ReqSetFeatures:
+		v := uint64(pl.(U64))
+		if v&^e.blkFeatures() != 0 {
+			return false, fmt.Errorf("features %#x not offered (offered %#x)", v, e.blkFeatures())
+		}
+		c.quiesce(func() {
+			c.features, c.featuresSet = v, true
+			c.dev.features.Store(v)
+		})
+		// vhost-user.rst, "Ring states": "If VHOST_USER_F_PROTOCOL_FEATURES
+		// has not been negotiated, the ring starts directly in the enabled
+		// state."
+		if v&FeatureProtocolFeatures == 0 {
+			for _, q := range c.dev.queues {
+				q.enabled.Store(true)
+				if q.state == queueRunning {
+					q.nudge()
+				}
+			}
+		}
+		return false, nil
+
+	case ReqGetProtocolFeatures:
+		return true, c.reply(h.Code, U64(protocolFeatures), -1)
+
+	case ReqSetProtocolFeatures:
+		v := uint64(pl.(U64))
+		if v&^uint64(protocolFeatures) != 0 {
+			return false, fmt.Errorf("protocol features %#x not offered (offered %#x)", v, uint64(protocolFeatures))
+		}
+		c.protocol.Store(v)
+		return false, nil
+
+	case ReqSetOwner:
+		return false, nil
+
+	case ReqResetOwner:
+		// "It is recommended that back-ends either ignore this message, or
+		// use it to disable all rings."
+		for _, q := range c.dev.queues {
+			q.stop()
+			q.enabled.Store(false)
+		}
+		return false, nil
+
+	case ReqGetQueueNum:
+		return true, c.reply(h.Code, U64(len(c.dev.queues)), -1)
+
+	case ReqGetMaxMemSlots:
+		return true, c.reply(h.Code, U64(maxMemSlots), -1)
+
+	case ReqSetMemTable:
+		t := pl.(MemTable)
+		var regs []*memRegion
+		for i, r := range t.Regions {
+			mr, err := mapRegion(r, fds[i])
+			if err != nil {
+				unmapAll(regs)
+				return false, err
+			}
+			regs = append(regs, mr)
+		}
+		return false, c.setMem(regs, c.regions)
+
+	case ReqAddMemReg:
+		if c.protocol.Load()&ProtocolConfigureMemSlots == 0 {
+			return false, errors.New("CONFIGURE_MEM_SLOTS not negotiated")
+		}
+		if len(c.regions) >= maxMemSlots {
+			return false, fmt.Errorf("all %d memory slots in use", maxMemSlots)
+		}
+		mr, err := mapRegion(pl.(SingleMemRegion).Region, fds[0])
+		if err != nil {
+			return false, err
+		}
+		regs := append(append([]*memRegion(nil), c.regions...), mr)
+		if err := c.setMem(regs, nil); err != nil {
+			mr.unmap()
+			return false, err
+		}
+		return false, nil
+
+	case ReqRemMemReg:
+		if c.protocol.Load()&ProtocolConfigureMemSlots == 0 {
+			return false, errors.New("CONFIGURE_MEM_SLOTS not negotiated")
+		}
+		// "The memory region to be removed is identified by its guest
+		// address, user address and size. The mmap offset is ignored."
+		r := pl.(SingleMemRegion).Region
+		var keep, gone []*memRegion
+		for _, mr := range c.regions {
+			if mr.GPA == r.GPA && mr.UserAddr == r.UserAddr && mr.Size == r.Size && gone == nil {
+				gone = append(gone, mr)
+			} else {
+				keep = append(keep, mr)
+			}
+		}
+		if gone == nil {
+			return false, fmt.Errorf("no memory region at %#x size %#x user address %#x", r.GPA, r.Size, r.UserAddr)
+		}
+		return false, c.setMem(keep, gone)
+
+	case ReqSetLogBase:
+		if c.protocol.Load()&ProtocolLogSHMFD == 0 {
+			return false, errors.New("LOG_SHMFD not negotiated")
+		}
+		l, err := mapLog(fds[0], pl.(LogDesc))
+		if err != nil {
+			return false, err
+		}
+		old := c.dlog
+		c.quiesce(func() { c.dlog = l })
+		old.unmap()
+		// vhost-user.rst, "Communication": SET_LOG_BASE needs a reply when
+		// LOG_SHMFD is negotiated.
+		return true, c.reply(h.Code, U64(0), -1)
+
+	case ReqSetLogFD:
+		// The log eventfd is optional; this back end does not signal it.
+		return false, nil
+
+	case ReqSetVringNum:
+		s := pl.(VringState)
+		q, err := c.queue(s.Index)
+		if err != nil {
+			return false, err
+		}
+		if q.state != queueStopped {
+			return false, fmt.Errorf("queue %d is running", s.Index)
+		}
+		// Virtio 1.x 2.7: split queue sizes are powers of 2 up to 32768.
+		if s.Num == 0 || s.Num > MaxQueueSize || s.Num&(s.Num-1) != 0 {
+			return false, fmt.Errorf("queue %d: size %d: must be a power of 2 from 1 to %d", s.Index, s.Num, MaxQueueSize)
+		}
+		q.num = uint16(s.Num)
+		return false, nil
+
+	case ReqSetVringAddr:
+		a := pl.(VringAddr)
+		q, err := c.queue(a.Index)
+		if err != nil {
+			return false, err
+		}
+		if q.state == queueStopped {
+			q.addr, q.addrSet = a, true
+			return false, nil
+		}
+		// A running ring: the front end toggles VHOST_VRING_F_LOG during
+		// migration.
+		q.pause()
+		old := q.addr
+		q.addr = a
+		if err := q.setupRing(c.mem, c.features, c.dlog); err != nil {
+			q.addr = old
+			q.setupRing(c.mem, c.features, c.dlog)
+			q.resume(c.mem, c.features, c.dlog)
+			return false, fmt.Errorf("queue %d: %w", a.Index, err)
+		}
+		q.resume(c.mem, c.features, c.dlog)
+		return false, nil
+
+	case ReqSetVringBase:
+		s := pl.(VringState)
+		q, err := c.queue(s.Index)
+		if err != nil {
+			return false, err
+		}
+		if q.state != queueStopped {
+			return false, fmt.Errorf("queue %d is running", s.Index)
+		}
+		if s.Num > 0xffff {
+			return false, fmt.Errorf("queue %d: base %d beyond 16 bits (packed rings are not supported)", s.Index, s.Num)
+		}
+		q.base = uint16(s.Num)
+		return false, nil
+
+	case ReqGetVringBase:
+		s := pl.(VringState)
+		q, err := c.queue(s.Index)
+		if err != nil {
+			return false, connError{err}
+		}
+		// "stop ring upon receiving VHOST_USER_GET_VRING_BASE": wait for
+		// the requests in flight so that none completes after the reply.
+		base := q.stop()
+		if q.kick != nil {
+			q.kick.Close()
+			q.kick = nil
+		}
+		q.kickSet = false
+		return true, c.reply(h.Code, VringState{Index: s.Index, Num: uint32(base)}, -1)
+
+	case ReqSetVringKick:
+		v := pl.(VringFD)
+		q, err := c.queue(uint32(v.Index))
+		if err != nil {
+			return false, err
+		}
+		var f *os.File
+		if !v.NoFD {
+			fd := take(fds, 0)
+			unix.SetNonblock(fd, true)
+			f = os.NewFile(uintptr(fd), fmt.Sprintf("kick%d", v.Index))
+		}
+		wasRunning := q.state == queueRunning
+		q.pause()
+		if q.kick != nil {
+			q.kick.Close()
+		}
+		q.kick, q.kickSet = f, true
+		if wasRunning {
+			q.resume(c.mem, c.features, c.dlog)
+			return false, nil
+		}
+		// "The back-end must start ring upon receiving a kick": the ring
+		// goroutine starts now and pops once the ring is enabled.
+		if err := q.configured(); err != nil {
+			return false, fmt.Errorf("queue %d: cannot start: %w", v.Index, err)
+		}
+		if err := q.start(c.mem, c.features, c.dlog, c.inflight); err != nil {
+			return false, fmt.Errorf("queue %d: %w", v.Index, err)
+		}
+		return false, nil
+
+	case ReqSetVringCall, ReqSetVringErr:
+		v := pl.(VringFD)
+		q, err := c.queue(uint32(v.Index))
+		if err != nil {
+			return false, err
+		}
+		var f *os.File
+		if !v.NoFD {
+			fd := take(fds, 0)
+			unix.SetNonblock(fd, true)
+			f = os.NewFile(uintptr(fd), fmt.Sprintf("call%d", v.Index))
+		}
+		var old *os.File
+		if h.Code == ReqSetVringCall {
+			old = q.call.Swap(f)
+		} else {
+			old = q.errf.Swap(f)
+		}
+		if old != nil {
+			old.Close() // completers holding it see os.ErrClosed at worst
+		}
+		return false, nil
+
+	case ReqSetVringEnable:
+		s := pl.(VringState)
+		q, err := c.queue(s.Index)
+		if err != nil {
+			return false, err
+		}
+		if s.Num > 1 {
+			return false, fmt.Errorf("queue %d: enable %d, want 0 or 1", s.Index, s.Num)
+		}
+		q.enabled.Store(s.Num == 1)
+		if q.state == queueRunning {
+			q.nudge()
+		}
+		return false, nil
+
+	case ReqGetConfig:
+		cm := pl.(ConfigMsg)
+		if c.protocol.Load()&ProtocolConfig == 0 {
+			return true, c.reply(h.Code, rawPayload(nil), -1)
+		}
+		// "vhost-user back-end uses zero length of payload to indicate an
+		// error"; any range within the 96-byte config space is served.
+		if uint64(cm.Offset)+uint64(cm.Size) > ConfigSpaceSize {
+			c.log.Warn("GET_CONFIG beyond config space", "offset", cm.Offset, "size", cm.Size)
+			return true, c.reply(h.Code, rawPayload(nil), -1)
+		}
+		cfg := c.dev.config()
+		cm.Data = cfg[cm.Offset : cm.Offset+cm.Size]
+		return true, c.reply(h.Code, cm, -1)
+
+	case ReqSetConfig:
+		cm := pl.(ConfigMsg)
+		if c.protocol.Load()&ProtocolConfig == 0 {
+			return false, errors.New("CONFIG not negotiated")
+		}
+		// "back-ends MUST NOT accept SET_CONFIG for read-only configuration
+		// space fields unless the live migration bit is set". The only
+		// writable field is writeback (offset 32), with CONFIG_WCE.
+		const wceOff = 32
+		covers := cm.Offset <= wceOff && cm.Offset+cm.Size > wceOff
+		if cm.Flags == ConfigFlagWritable && (cm.Offset != wceOff || cm.Size != 1) {
+			return false, fmt.Errorf("SET_CONFIG of read-only bytes %d+%d", cm.Offset, cm.Size)
+		}
+		if uint64(cm.Offset)+uint64(cm.Size) > ConfigSpaceSize {
+			return false, fmt.Errorf("SET_CONFIG %d+%d beyond config space", cm.Offset, cm.Size)
+		}
+		if covers {
+			if c.features&BlkFeatureConfigWCE == 0 {
+				return false, errors.New("writeback written without CONFIG_WCE")
+			}
+			wb := cm.Data[wceOff-cm.Offset]
+			if wb > 1 {
+				return false, fmt.Errorf("writeback %d, want 0 or 1", wb)
+			}
+			c.dev.writeback.Store(wb == 1)
+			c.log.Info("cache mode set", "writeback", wb == 1)
+		}
+		return false, nil
+
+	case ReqSetBackendReqFD:
+		if c.protocol.Load()&ProtocolBackendReq == 0 {
+			return false, errors.New("BACKEND_REQ not negotiated")
+		}
+		f := os.NewFile(uintptr(take(fds, 0)), "backend-req")
+		nc, err := net.FileConn(f)
+		f.Close()
+		if err != nil {
+			return false, fmt.Errorf("back-end channel: %w", err)
+		}
+		uc, ok := nc.(*net.UnixConn)
+		if !ok {
+			nc.Close()
+			return false, errors.New("back-end channel is not a unix socket")
+		}
+		c.mu.Lock()
+		old := c.backend
+		c.backend = &backendChan{uc: uc}
+		c.mu.Unlock()
+		if old != nil {
+			old.close()
+		}
+		return false, nil
+
+	case ReqGetInflightFD:
+		if c.protocol.Load()&ProtocolInflightSHMFD == 0 {
+			return false, connError{errors.New("GET_INFLIGHT_FD: INFLIGHT_SHMFD not negotiated")}
+		}
+		if c.anyRunning() {
+			return false, connError{errors.New("GET_INFLIGHT_FD while queues run")}
+		}
+		d := pl.(InflightDesc)
+		r, fd, rd, err := createInflight(d.NumQueues, d.QueueSize)
+		if err != nil {
+			return false, connError{err}
+		}
+		defer unix.Close(fd)
+		c.inflight.unmap()
+		c.inflight = r
+		return true, c.reply(h.Code, rd, fd)
+
+	case ReqSetInflightFD:
+		if c.protocol.Load()&ProtocolInflightSHMFD == 0 {
+			return false, errors.New("INFLIGHT_SHMFD not negotiated")
+		}
+		if c.anyRunning() {
+			return false, errors.New("SET_INFLIGHT_FD while queues run")
+		}
+		r, err := mapInflight(fds[0], pl.(InflightDesc))
+		if err != nil {
+			return false, err
+		}
+		c.inflight.unmap()
+		c.inflight = r
+		return false, nil
+
+	case ReqResetDevice:
+		if c.protocol.Load()&ProtocolResetDevice == 0 {
+			return false, errors.New("RESET_DEVICE not negotiated")
+		}
+		c.resetDevice()
+		return false, nil
+
+	case ReqSetStatus:
+		if c.protocol.Load()&ProtocolStatus == 0 {
+			return false, errors.New("STATUS not negotiated")
+		}
+		v := uint64(pl.(U64))
+		if v > 0xff {
+			return false, fmt.Errorf("device status %#x beyond 8 bits", v)
+		}
+		c.status = v
+		if v == 0 {
+			c.resetDevice() // virtio 1.x 2.1: writing 0 resets the device
+		}
+		return false, nil
+
+	case ReqGetStatus:
+		if c.protocol.Load()&ProtocolStatus == 0 {
+			return false, connError{errors.New("GET_STATUS: STATUS not negotiated")}
+		}
+		return true, c.reply(h.Code, U64(c.status), -1)
+	}
+	return false, fmt.Errorf("%s: %w", h.Code, errUnknownRequest)
+}
+
+// anyRunning reports whether a queue is running or paused.
+func (c *conn) anyRunning() bool {
+	for _, q := range c.dev.queues {
+		if q.state != queueStopped {
+			return true
+		}
+	}
+	return false
+}
+
+// quiesce pauses the running queues (waiting for their requests), runs fn,
+// and resumes them with the connection's current memory, features and log.
+func (c *conn) quiesce(fn func()) {
+	var paused []*blkQueue
+	for _, q := range c.dev.queues {
+		if q.state == queueRunning {
+			q.pause()
+			paused = append(paused, q)
+		}
+	}
+	fn()
+	for _, q := range paused {
+		q.resume(c.mem, c.features, c.dlog)
+	}
+}
+
+// setMem replaces the memory table with regs, then unmaps gone once no
+// queue can touch them.
+func (c *conn) setMem(regs, gone []*memRegion) error {
+	m, err := newMem(regs)
+	if err != nil {
+		// Unmap what is new in regs (not in the current table).
+		cur := map[*memRegion]bool{}
+		for _, r := range c.regions {
+			cur[r] = true
+		}
+		for _, r := range regs {
+			if !cur[r] {
+				r.unmap()
+			}
+		}
+		return err
+	}
+	c.quiesce(func() {
+		c.mem, c.regions = m, regs
+	})
+	unmapAll(gone)
+	return nil
+}
+
+func unmapAll(regs []*memRegion) {
+	for _, r := range regs {
+		r.unmap()
+	}
+}
+
+// resetDevice stops every queue and forgets their configuration and the
+// negotiated virtio features (RESET_DEVICE, SET_STATUS 0).
+func (c *conn) resetDevice() {
+	for _, q := range c.dev.queues {
+		q.stop()
+		if q.kick != nil {
+			q.kick.Close()
+			q.kick = nil
+		}
+		q.kickSet, q.addrSet = false, false
+		q.num, q.base = 0, 0
+		q.enabled.Store(false)
+	}
+	c.features, c.featuresSet = 0, false
+	c.dev.features.Store(0)
+	c.dev.writeback.Store(true)
+}
+
+// teardown stops the queues, waiting for every request in flight, then
+// releases guest memory and the fds.
+func (c *conn) teardown() {
+	c.uc.Close()
+	for _, q := range c.dev.queues {
+		q.stop()
+		if q.kick != nil {
+			q.kick.Close()
+			q.kick = nil
+		}
+		if f := q.call.Swap(nil); f != nil {
+			f.Close()
+		}
+		if f := q.errf.Swap(nil); f != nil {
+			f.Close()
+		}
+	}
+	unmapAll(c.regions)
+	c.regions, c.mem = nil, nil
+	c.dlog.unmap()
+	c.dlog = nil
+	c.inflight.unmap()
+	c.inflight = nil
+	c.mu.Lock()
+	b := c.backend
+	c.backend = nil
+	c.mu.Unlock()
+	if b != nil {
+		b.close()
+	}
+}
+
+// configChanged tells the front end that the config space changed
+// (BACKEND_CONFIG_CHANGE_MSG), from any goroutine; it does not wait.
+func (c *conn) configChanged() {
+	if c.protocol.Load()&ProtocolConfig == 0 {
+		return
+	}
+	c.mu.Lock()
+	b := c.backend
+	c.mu.Unlock()
+	if b == nil {
+		c.log.Info("config changed, but the front end has no back-end channel")
+		return
+	}
+	ack := c.protocol.Load()&ProtocolReplyAck != 0
+	go func() {
+		if err := b.send(BackendConfigChangeMsg, ack); err != nil {
+			c.log.Warn("config change notification failed", "err", err)
+		}
+	}()
+}
+
+// backendChan is the back-end request channel (SET_BACKEND_REQ_FD).
+type backendChan struct {
+	mu sync.Mutex
+	uc *net.UnixConn
+}
+
+// send sends a payload-less request and, with ack, waits for the
+// front end's REPLY_ACK.
+func (b *backendChan) send(code BackendReqCode, ack bool) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	flags := FlagVersion
+	if ack {
+		flags |= FlagNeedReply
+	}
+	msg := Header{Code: ReqCode(code), Flags: flags}.AppendTo(nil)
+	b.uc.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := b.uc.Write(msg); err != nil {
+		return fmt.Errorf("send %s: %w", code, err)
+	}
+	if !ack {
+		return nil
+	}
+	var hb [HeaderSize]byte
+	if _, err := io.ReadFull(b.uc, hb[:]); err != nil {
+		return fmt.Errorf("%s reply: %w", code, err)
+	}
+	h := Header{Code: ReqCode(le.Uint32(hb[:])), Flags: le.Uint32(hb[4:]), Size: le.Uint32(hb[8:])}
+	if h.Size > MaxPayload || h.Flags&FlagReply == 0 || h.Code != ReqCode(code) {
+		return fmt.Errorf("%s: bad reply header %+v", code, h)
+	}
+	p := make([]byte, h.Size)
+	if _, err := io.ReadFull(b.uc, p); err != nil {
+		return fmt.Errorf("%s reply: %w", code, err)
+	}
+	if len(p) == 8 && le.Uint64(p) != 0 {
+		return fmt.Errorf("%s: front end answered %d", code, le.Uint64(p))
+	}
+	return nil
+}
+
+func (b *backendChan) close() { b.uc.Close() }

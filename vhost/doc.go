@@ -1,0 +1,52 @@
+// Package vhost serves mapper devices to QEMU over vhost-user-blk: the
+// back-end side of the vhost-user protocol (QEMU docs/interop/vhost-user.rst),
+// guest memory, split virtqueues, the virtio-blk device (virtio 1.x, block
+// device section), and a front-end client that drives any vhost-user-blk
+// back end (this one or qemu-storage-daemon) for tests and `vhostdm bench`.
+//
+// # Central types
+//
+//   - [Export] is one unix socket serving one [Device] (a *mapper.Device) to
+//     one front end at a time; [NewExport], [Export.Serve], [Export.Close].
+//   - [Client] is the front end: memfd guest memory, negotiation, rings with
+//     eventfds, and asynchronous virtio-blk requests on any queue
+//     ([Client.Submit], [Client.ReadAt], ...). [RawConn] and
+//     [Client.SubmitChain] send hostile messages and descriptor chains.
+//   - [Mem] is a guest memory table; [Header], [ReqCode] and the payload
+//     types ([VringAddr], [MemTable], [InflightDesc], ...) are the wire layer,
+//     decoded by [DecodeHeader] and [DecodePayload].
+//
+// # Layers
+//
+// msg.go decodes messages (exact sizes first, then syntax); conn.go owns a
+// connection's negotiated state and checks semantics; blk.go is the device,
+// which sees only validated values and reaches guest memory only through
+// [Mem]; vring.go walks descriptor chains and moves ring indices; inflight.go
+// keeps the shared inflight region that lets a restarted back end resubmit
+// what was in flight.
+//
+// # Concurrency
+//
+// Each connection has one goroutine that reads messages and owns the
+// connection's state. Each started queue has a ring goroutine that pops
+// descriptor chains and hands requests to worker goroutines; requests run
+// concurrently on the mapper device and complete out of order, and the
+// last of a burst of completers publishes the used index and signals the
+// call eventfd once for the batch. A change of memory table, log or ring
+// address pauses the queues and waits for their requests first, so that
+// guest memory is never touched after it is unmapped.
+//
+// # Errors
+//
+// Errors have a blast radius. A bad descriptor chain or request fails that
+// request alone (status IOERR or UNSUPP); a ring whose indices are
+// nonsense is stopped and its error eventfd signalled; a malformed message
+// closes the connection with a logged reason, and the export accepts the
+// next front end. Nothing a front end sends ends the process.
+//
+// # Units
+//
+// Virtio-blk sectors are 512 bytes whatever the logical block size; sizes
+// named ...Size or n are bytes; guest addresses (GPA) and front-end user
+// addresses are bytes.
+package vhost
