@@ -17,6 +17,7 @@ import (
 	"syscall"
 
 	"github.com/vhostdm/vhostdm/config"
+	"github.com/vhostdm/vhostdm/internal/sdnotify"
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/qmp"
 	"github.com/vhostdm/vhostdm/vhost"
@@ -38,6 +39,7 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	file := fs.String("c", "", "configuration `FILE` (none: a demo under ./"+demoDir+")")
 	fs.StringVar(file, "config", "", "configuration `FILE` (same as -c)")
 	level := fs.String("log-level", "info", "log `LEVEL`: debug, info, warn or error")
+	format := fs.String("log-format", "text", "log `FORMAT`: text or json")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -50,7 +52,16 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "vhostdm serve: -log-level %q: %v\n", *level, err)
 		return 2
 	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: lv}))
+	var log *slog.Logger
+	switch *format {
+	case "text":
+		log = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: lv}))
+	case "json":
+		log = slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: lv}))
+	default:
+		fmt.Fprintf(stderr, "vhostdm serve: -log-format %q: want text or json\n", *format)
+		return 2
+	}
 
 	var c *config.Config
 	var err error
@@ -73,7 +84,29 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	if *file == "" {
 		fmt.Fprintln(stdout, demoBanner(c))
 	}
-	<-d.ctx.Done()
+	if err := sdnotify.Notify(sdnotify.Ready, sdnotify.Status(d.summary())); err != nil {
+		log.Warn("readiness notification", "err", err)
+	}
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	for done := false; !done; {
+		select {
+		case <-d.ctx.Done():
+			done = true
+		case <-hup:
+			if *file == "" {
+				log.Warn("SIGHUP ignored: the demo has no configuration file")
+				continue
+			}
+			sdnotify.Notify(sdnotify.Reloading)
+			if err := d.reloadConfig(*file); err != nil {
+				log.Error("configuration reload failed; nothing changed unless logged above", "err", err)
+			}
+			sdnotify.Notify(sdnotify.Ready, sdnotify.Status(d.summary()))
+		}
+	}
+	sdnotify.Notify(sdnotify.Stopping)
 	log.Info("shutting down")
 	if err := d.Close(); err != nil {
 		log.Error("shutdown", "err", err)
@@ -93,12 +126,15 @@ type daemon struct {
 	events atomic.Pointer[qmp.Server]
 	ex     *exportSet
 	wg     sync.WaitGroup
+
+	reloadMu sync.Mutex     // one configuration reload at a time
+	cfg      *config.Config // the configuration last applied
 }
 
 // startDaemon creates the devices of c in dependency order, opens its
 // exports and its QMP socket, and serves until ctx is done or QMP quit.
 func startDaemon(ctx context.Context, c *config.Config, log *slog.Logger) (*daemon, error) {
-	d := &daemon{log: log}
+	d := &daemon{log: log, cfg: c}
 	d.ctx, d.cancel = context.WithCancel(ctx)
 	d.m = mapper.NewManager(mapper.ManagerOptions{Logger: log, Dir: c.Dir, Events: func(e mapper.Event) {
 		if s := d.events.Load(); s != nil {

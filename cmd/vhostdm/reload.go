@@ -1,0 +1,132 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/vhostdm/vhostdm/config"
+	"github.com/vhostdm/vhostdm/qmp"
+)
+
+// summary is the one-line state reported to systemd.
+func (d *daemon) summary() string {
+	return fmt.Sprintf("serving %d device(s), %d export(s)", len(d.m.Devices()), len(d.ex.List()))
+}
+
+// reloadConfig re-reads the configuration file and applies what changed:
+// new devices are created, changed tables reloaded (suspend, load, resume:
+// the guest's I/O waits, it does not fail), removed devices and exports
+// deleted, new or changed exports added. The whole file is validated first
+// — schema, every table line and every backing file — so an invalid file
+// changes nothing.
+func (d *daemon) reloadConfig(path string) error {
+	d.reloadMu.Lock()
+	defer d.reloadMu.Unlock()
+	c, err := config.Load(path)
+	if err != nil {
+		return err
+	}
+	if _, err := checkDevices(c); err != nil {
+		return err
+	}
+	old := d.cfg
+	if c.QMP.Socket != old.QMP.Socket {
+		d.log.Warn("the QMP socket cannot change while running; restart to move it", "socket", c.QMP.Socket)
+	}
+	oldDev := map[string]config.Device{}
+	for _, dc := range old.Devices {
+		oldDev[dc.Name] = dc
+	}
+	newDev := map[string]config.Device{}
+	for _, dc := range c.Devices {
+		newDev[dc.Name] = dc
+		if o, ok := oldDev[dc.Name]; ok && (o.ReadOnly != dc.ReadOnly || o.UUID != dc.UUID) {
+			return fmt.Errorf("device %q: readonly and uuid cannot change while running; remove the device first", dc.Name)
+		}
+	}
+	oldExp := map[string]config.Export{}
+	for _, e := range old.Exports {
+		oldExp[e.ID] = e
+	}
+	newExp := map[string]config.Export{}
+	for _, e := range c.Exports {
+		newExp[e.ID] = e
+	}
+	var errs []error
+	// Exports that went away or changed settings go first.
+	for id, e := range oldExp {
+		if n, ok := newExp[id]; !ok || n != e || old.Path(e.Socket) != c.Path(n.Socket) {
+			if err := d.ex.Del(id, "hard"); err != nil {
+				errs = append(errs, fmt.Errorf("export %q: %w", id, err))
+			} else {
+				d.log.Info("export removed by reload", "export", id)
+			}
+		}
+	}
+	order, _ := c.DeviceOrder()
+	for _, dc := range order {
+		o, existed := oldDev[dc.Name]
+		switch {
+		case !existed:
+			if _, err := d.m.CreateTable(dc.Name, dc.UUID, dc.ReadOnly, dc.Table); err != nil {
+				errs = append(errs, fmt.Errorf("device %q: %w", dc.Name, err))
+				continue
+			}
+			d.log.Info("device created by reload", "device", dc.Name)
+		case normalizeTable(o.Table) != normalizeTable(dc.Table):
+			dev, err := d.m.Get(dc.Name)
+			if err == nil {
+				err = dev.Reload(dc.Table)
+			}
+			if err != nil {
+				errs = append(errs, fmt.Errorf("device %q: %w", dc.Name, err))
+				continue
+			}
+			d.log.Info("table reloaded", "device", dc.Name)
+		}
+	}
+	// Devices that went away, users before what they use.
+	oldOrder, _ := old.DeviceOrder()
+	for _, dc := range slices.Backward(oldOrder) {
+		if _, keep := newDev[dc.Name]; keep {
+			continue
+		}
+		if err := d.m.Remove(dc.Name, false); err != nil {
+			errs = append(errs, fmt.Errorf("device %q: %w", dc.Name, err))
+			continue
+		}
+		d.log.Info("device removed by reload", "device", dc.Name)
+	}
+	for _, e := range c.Exports {
+		if o, ok := oldExp[e.ID]; ok && o == e && old.Path(o.Socket) == c.Path(e.Socket) {
+			continue
+		}
+		err := d.ex.Add(qmp.ExportOptions{ID: e.ID, NodeName: e.Device, Socket: c.Path(e.Socket), Writable: e.Writable,
+			NumQueues: e.NumQueues, LogicalBlockSize: e.LogicalBlockSize, Serial: e.Serial})
+		if err != nil {
+			errs = append(errs, fmt.Errorf("export %q: %w", e.ID, err))
+		}
+	}
+	d.cfg = c
+	if len(errs) > 0 {
+		return errors.Join(errs...)
+	}
+	d.log.Info("configuration reloaded", "file", path)
+	return nil
+}
+
+// normalizeTable folds white space and drops blank and comment lines so
+// that only real changes of a table count.
+func normalizeTable(t string) string {
+	var out []string
+	for _, l := range strings.Split(t, "\n") {
+		f := strings.Fields(l)
+		if len(f) == 0 || strings.HasPrefix(f[0], "#") {
+			continue
+		}
+		out = append(out, strings.Join(f, " "))
+	}
+	return strings.Join(out, "\n")
+}

@@ -1,0 +1,215 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vhostdm/vhostdm/config"
+	"github.com/vhostdm/vhostdm/mapper"
+	"github.com/vhostdm/vhostdm/vhost"
+)
+
+// writeConfig writes text to dir/vm.toml and returns its path.
+func writeConfig(t *testing.T, dir, text string) string {
+	t.Helper()
+	p := filepath.Join(dir, "vm.toml")
+	if err := os.WriteFile(p, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func sparse(t *testing.T, path string, size int64) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Truncate(size)
+	f.Close()
+}
+
+const serveConfig = `
+[qmp]
+socket = "qmp.sock"
+
+[[device]]
+name = "root"
+table = "0 8192 linear disk.img 0"
+
+[[export]]
+id = "root0"
+device = "root"
+socket = "root.sock"
+writable = true
+num-queues = 2
+serial = "vm-root"
+`
+
+// TestServeAndReloadConfig runs the daemon in-process on a configuration,
+// drives its export with the vhost client, then changes the file and
+// reloads it: the table changes under live I/O, a new device and export
+// appear, and an invalid file changes nothing.
+func TestServeAndReloadConfig(t *testing.T) {
+	dir := t.TempDir()
+	sparse(t, filepath.Join(dir, "disk.img"), 8<<20)
+	sparse(t, filepath.Join(dir, "second.img"), 1<<20)
+	path := writeConfig(t, dir, serveConfig)
+	c, err := config.Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	d, err := startDaemon(ctx, c, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+
+	cl, err := vhost.Dial(ctx, vhost.ClientConfig{Socket: filepath.Join(dir, "root.sock"), NumQueues: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	if id, err := cl.GetID(ctx, 0); err != nil || id != "vm-root" {
+		t.Fatalf("serial %q %v", id, err)
+	}
+	data, _ := cl.Buf(64 << 10)
+	for i := range data {
+		data[i] = byte(i*7 + i>>9)
+	}
+	if err := cl.WriteAt(ctx, 1, data, 1000); err != nil {
+		t.Fatal(err)
+	}
+	if err := cl.Flush(ctx, 0); err != nil {
+		t.Fatal(err)
+	}
+
+	// The same data mapped through three lines, plus a new device and export.
+	writeConfig(t, dir, strings.Replace(serveConfig, `table = "0 8192 linear disk.img 0"`, `table = """
+0 1000 linear disk.img 0
+1000 100 linear disk.img 1000
+1100 7092 linear disk.img 1100
+"""`, 1)+`
+[[device]]
+name = "second"
+table = "0 2048 linear second.img 0"
+
+[[export]]
+id = "second0"
+device = "second"
+socket = "second.sock"
+`)
+	if err := d.reloadConfig(path); err != nil {
+		t.Fatal(err)
+	}
+	root, _ := d.m.Get("root")
+	if n := len(root.Status(mapper.StatusTable, false)); n != 3 {
+		t.Fatalf("root has %d lines after reload, want 3", n)
+	}
+	back, _ := cl.Buf(len(data))
+	if err := cl.ReadAt(ctx, 0, back, 1000); err != nil {
+		t.Fatalf("read after reload: %v", err)
+	}
+	if !bytes.Equal(back, data) {
+		t.Fatal("data differs after the table was reloaded")
+	}
+	cl2, err := vhost.Dial(ctx, vhost.ClientConfig{Socket: filepath.Join(dir, "second.sock")})
+	if err != nil {
+		t.Fatalf("new export: %v", err)
+	}
+	if err := cl2.WriteAt(ctx, 0, data[:4096], 0); err == nil {
+		t.Fatal("the new export is read-only by default, but a write succeeded")
+	}
+	cl2.Close()
+
+	// An invalid file changes nothing.
+	writeConfig(t, dir, strings.Replace(serveConfig, "0 8192 linear disk.img 0", "0 8192 linear missing.img 0", 1))
+	err = d.reloadConfig(path)
+	if err == nil || !strings.Contains(err.Error(), "missing.img") {
+		t.Fatalf("invalid reload: %v", err)
+	}
+	if _, err := d.m.Get("second"); err != nil {
+		t.Fatalf("invalid reload removed a device: %v", err)
+	}
+	if n := len(root.Status(mapper.StatusTable, false)); n != 3 {
+		t.Fatal("invalid reload changed the table")
+	}
+
+	// Removing the second device and export from the file removes them.
+	writeConfig(t, dir, serveConfig)
+	if err := d.reloadConfig(path); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.m.Get("second"); err == nil {
+		t.Fatal("device second still there")
+	}
+	if len(d.ex.List()) != 1 {
+		t.Fatalf("exports %v", d.ex.List())
+	}
+}
+
+// TestServeNotifyAndQuit runs `vhostdm serve` as systemd would, with a
+// NOTIFY_SOCKET: READY=1 arrives once the exports listen, and QMP quit
+// stops the daemon with exit status 0 after STOPPING=1.
+func TestServeNotifyAndQuit(t *testing.T) {
+	dir := t.TempDir()
+	sparse(t, filepath.Join(dir, "disk.img"), 8<<20)
+	path := writeConfig(t, dir, serveConfig)
+	notify := filepath.Join(dir, "notify")
+	ns, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notify, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	t.Setenv("NOTIFY_SOCKET", notify)
+	exit := make(chan int, 1)
+	go func() { exit <- run([]string{"serve", "-c", path, "-log-format", "json"}, io.Discard, io.Discard) }()
+
+	read := func() string {
+		ns.SetReadDeadline(time.Now().Add(20 * time.Second))
+		buf := make([]byte, 512)
+		n, err := ns.Read(buf)
+		if err != nil {
+			t.Fatalf("no notification: %v", err)
+		}
+		return string(buf[:n])
+	}
+	if got := read(); !strings.HasPrefix(got, "READY=1\nSTATUS=serving 1 device(s), 1 export(s)") {
+		t.Fatalf("first notification %q", got)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "root.sock")); err != nil {
+		t.Fatalf("READY before the export listens: %v", err)
+	}
+	conn, err := net.Dial("unix", filepath.Join(dir, "qmp.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	dec := json.NewDecoder(conn)
+	var greeting map[string]any
+	dec.Decode(&greeting)
+	fmt.Fprint(conn, `{"execute":"qmp_capabilities"}{"execute":"quit"}`)
+	if got := read(); got != "STOPPING=1\n" {
+		t.Fatalf("notification at quit %q", got)
+	}
+	select {
+	case code := <-exit:
+		if code != 0 {
+			t.Fatalf("exit status %d", code)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("serve did not stop after quit")
+	}
+}
