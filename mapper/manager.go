@@ -224,12 +224,29 @@ func (m *Manager) openBackend(user *Device, name string, readOnly bool) (Backend
 	}
 	path := name
 	if isMajorMinor(name) {
-		path = "/dev/block/" + name
-		if _, err := os.Stat(path); err != nil {
-			return nil, Errorf(ErrNotFound, "%s: no such block device", name)
+		p, err := blockDevPath(name)
+		if err != nil {
+			return nil, err
 		}
+		path = p
 	}
 	return m.openShared(name, path, readOnly)
+}
+
+// blockDevPath finds the device node of a block device given as
+// major:minor, through sysfs's uevent (DEVNAME), else /dev/block.
+func blockDevPath(mm string) (string, error) {
+	if data, err := os.ReadFile("/sys/dev/block/" + mm + "/uevent"); err == nil {
+		for _, l := range strings.Split(string(data), "\n") {
+			if dev, ok := strings.CutPrefix(l, "DEVNAME="); ok && dev != "" && !strings.Contains(dev, "..") {
+				return "/dev/" + dev, nil
+			}
+		}
+	}
+	if _, err := os.Stat("/dev/block/" + mm); err == nil {
+		return "/dev/block/" + mm, nil
+	}
+	return "", Errorf(ErrNotFound, "%s: no such block device", mm)
 }
 
 func isMajorMinor(s string) bool {
