@@ -35,6 +35,22 @@ type Backend interface {
 	Close() error
 }
 
+// Identifier is a Backend that can say which storage it reaches: two
+// backends with equal identities are the same storage (the same open file
+// or the same mapper device), whatever names they were opened by. Targets
+// that share state per storage (snapshot origins) key it by identity.
+type Identifier interface {
+	Identity() any
+}
+
+// Identity returns b's identity if it has one, else b itself.
+func Identity(b Backend) any {
+	if id, ok := b.(Identifier); ok {
+		return id.Identity()
+	}
+	return b
+}
+
 // maxIOV is the kernel's IOV_MAX: the most vectors one preadv takes.
 const maxIOV = 1024
 

@@ -130,7 +130,8 @@ func (d *Device) Load(text string) error {
 	if d.removed {
 		return fmt.Errorf("%s: %w", d.name, ErrNotFound)
 	}
-	t, err := BuildTable(text, TableOptions{Device: d.name, ReadOnly: d.readOnly, Opener: deviceOpener{d}, Event: d.targetEvent})
+	t, err := BuildTable(text, TableOptions{Device: d.name, ReadOnly: d.readOnly, Opener: deviceOpener{d}, Event: d.targetEvent,
+		Logger: d.log, Shared: d.m.Shared})
 	if err != nil {
 		return err
 	}

@@ -52,6 +52,24 @@ type Manager struct {
 	mu      sync.Mutex
 	devices map[string]*Device
 	files   map[fileKey]*sharedFile
+	shared  map[any]any
+}
+
+// Shared returns the value stored under key for this manager, storing
+// mk() first if there is none. Targets use it, through Ctx.Shared, for
+// state shared between tables (the snapshots of an origin).
+func (m *Manager) Shared(key any, mk func() any) any {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.shared == nil {
+		m.shared = map[any]any{}
+	}
+	v, ok := m.shared[key]
+	if !ok {
+		v = mk()
+		m.shared[key] = v
+	}
+	return v
 }
 
 // NewManager returns a Manager with no devices.
@@ -321,6 +339,9 @@ type fileHandle struct {
 
 func (h *fileHandle) Name() string { return h.name }
 
+// Identity implements Identifier: the shared open file.
+func (h *fileHandle) Identity() any { return h.fileBackend }
+
 func (h *fileHandle) Close() error {
 	var err error
 	h.once.Do(func() { err = h.m.releaseShared(h.key) })
@@ -375,6 +396,9 @@ type deviceBackend struct {
 }
 
 func (b *deviceBackend) Name() string { return b.name }
+
+// Identity implements Identifier: the device.
+func (b *deviceBackend) Identity() any { return b.d }
 
 func (b *deviceBackend) submit(op Op, bufs [][]byte, off, n int64, unmap bool) error {
 	if off%SectorSize != 0 || n%SectorSize != 0 {

@@ -3,6 +3,7 @@ package mapper
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"strconv"
 	"strings"
 )
@@ -104,6 +105,9 @@ type TableOptions struct {
 	ReadOnly bool                                           // open backends read-only and refuse writes
 	Opener   Opener                                         // resolves backend names
 	Event    func(target, kind string, data map[string]any) // receives target events
+	Logger   *slog.Logger                                   // for targets' own warnings
+	// Shared holds state shared between tables (Manager.Shared).
+	Shared func(key any, mk func() any) any
 }
 
 // BuildTable parses text and constructs every target. Nothing is kept if any
@@ -117,7 +121,8 @@ func BuildTable(text string, o TableOptions) (*Table, error) {
 	t := &Table{lines: lines, readOnly: o.ReadOnly}
 	for _, l := range lines {
 		tt, _ := LookupTarget(l.Type)
-		c := &Ctx{Device: o.Device, Start: l.Start, Length: l.Length, ReadOnly: o.ReadOnly, opener: o.Opener}
+		c := &Ctx{Device: o.Device, Start: l.Start, Length: l.Length, ReadOnly: o.ReadOnly, opener: o.Opener,
+			log: o.Logger, shared: o.Shared}
 		if o.Event != nil {
 			typ := tt.Name
 			c.event = func(kind string, data map[string]any) { o.Event(typ, kind, data) }
@@ -252,7 +257,12 @@ func (t *Table) Map(r *Request) error {
 		return ErrReadOnly
 	}
 	i := t.Find(r.Sector)
-	start := t.lines[i].Start
+	// The start is the previous line's end: it shares a cache line with
+	// ends[i], where t.lines[i] would be one more miss in a big table.
+	var start uint64
+	if i > 0 {
+		start = t.ends[i-1]
+	}
 	if r.Sector+r.Sectors <= t.ends[i] {
 		// The common case: no split, no allocation. Map sees a
 		// target-relative sector for its duration.

@@ -2,6 +2,7 @@ package mapper
 
 import (
 	"fmt"
+	"log/slog"
 	"strconv"
 	"strings"
 )
@@ -124,6 +125,27 @@ type Ctx struct {
 	opener Opener
 	opened []Backend
 	event  EventRaiser
+	log    *slog.Logger
+	shared func(key any, mk func() any) any
+}
+
+// Logger returns the logger of the device being loaded, for warnings a
+// target logs on its own (a snapshot marked invalid).
+func (c *Ctx) Logger() *slog.Logger {
+	if c.log == nil {
+		return slog.Default()
+	}
+	return c.log
+}
+
+// Shared returns state shared by every table of the same Manager under
+// key, made by mk the first time. Without a Manager (BuildTable called
+// directly) it is shared by the tables built with the same TableOptions.
+func (c *Ctx) Shared(key any, mk func() any) any {
+	if c.shared == nil {
+		return mk()
+	}
+	return c.shared(key, mk)
 }
 
 // Open opens a backend by the name a table uses. The table closes it when

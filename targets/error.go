@@ -2,8 +2,10 @@ package targets
 
 import "github.com/vhostdm/vhostdm/mapper"
 
-// errorTarget fails every I/O, flushes and discards included, as the
-// kernel's dm-error.
+// errorTarget fails every read, write, discard and write-zeroes, as the
+// kernel's dm-error. Flushes succeed: the kernel sends none to dm-error
+// (it has no flush bios), so a table with an error line still flushes the
+// rest of the device.
 //
 //	error
 //
@@ -17,6 +19,11 @@ type errorTarget struct{}
 
 func newError(*mapper.Ctx, []string) (mapper.Target, error) { return errorTarget{}, nil }
 
-func (errorTarget) Map(*mapper.Request) error       { return mapper.ErrIO }
+func (errorTarget) Map(r *mapper.Request) error {
+	if r.Op == mapper.OpFlush {
+		return nil
+	}
+	return mapper.ErrIO
+}
 func (errorTarget) Status(mapper.StatusKind) string { return "" }
 func (errorTarget) Close() error                    { return nil }

@@ -130,6 +130,9 @@ func (m *Mem) Size() (int64, error) {
 	return int64(len(m.data)), nil
 }
 
+// Identity implements mapper.Identifier.
+func (m *Mem) Identity() any { return m }
+
 // Name implements mapper.Backend.
 func (m *Mem) Name() string { return m.name }
 
