@@ -31,10 +31,13 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
+	"time"
 
 	"github.com/BurntSushi/toml"
 
@@ -46,10 +49,11 @@ const Version = 1
 
 // Config is a whole configuration file.
 type Config struct {
-	Version int      `toml:"version"`
-	QMP     QMP      `toml:"qmp"`
-	Devices []Device `toml:"device"`
-	Exports []Export `toml:"export"`
+	Version  int      `toml:"version"`
+	QMP      QMP      `toml:"qmp"`
+	Devices  []Device `toml:"device"`
+	Exports  []Export `toml:"export"`
+	RepAgent RepAgent `toml:"repagent"`
 
 	// Dir is the directory relative paths are resolved against.
 	Dir string `toml:"-"`
@@ -79,6 +83,105 @@ type Export struct {
 	Writable         bool   `toml:"writable"`
 	LogicalBlockSize uint32 `toml:"logical-block-size"`
 	Serial           string `toml:"serial"`
+	// Replication (see RepAgent): protect mirrors the export's writes to
+	// the hub; fall-behind is the threshold past which mirroring becomes
+	// synchronous ("ios N", "size N[s|k|m|g|t|p|e]", "timeout N[s|m|h|d]",
+	// as dm-replicator's site links); allow-remote-write lets the hub
+	// write the volume (recovery-side VMs only).
+	Protect          bool   `toml:"protect"`
+	FallBehind       string `toml:"fall-behind"`
+	AllowRemoteWrite bool   `toml:"allow-remote-write"`
+}
+
+// RepAgent configures the replication agent. Without a hub there is none.
+//
+//	[repagent]
+//	hub = "127.0.0.1:7070"
+//	vm = "vm1"
+//	tls-cert = "vm1.crt"
+//	tls-key = "vm1.key"
+//	tls-ca = "ca.crt"
+//	queue-size = "64m"
+type RepAgent struct {
+	Hub       string `toml:"hub"`        // host:port
+	VM        string `toml:"vm"`         // the VM's name at the hub
+	UUID      string `toml:"uuid"`       // 8-4-4-4-12 hex digits; optional
+	TLSCert   string `toml:"tls-cert"`   // PEM files; all three or none
+	TLSKey    string `toml:"tls-key"`    //
+	TLSCA     string `toml:"tls-ca"`     //
+	Insecure  bool   `toml:"insecure"`   // plain TCP to a non-loopback hub
+	QueueSize string `toml:"queue-size"` // mirror queue bound, default 64m
+
+	// QueueBytes is QueueSize parsed.
+	QueueBytes int64 `toml:"-"`
+}
+
+// FallBehind is a parsed fall-behind threshold; zero fields are unset.
+type FallBehind struct {
+	IOs     uint64
+	Bytes   uint64
+	Timeout time.Duration
+}
+
+// DefaultQueueSize is the mirror queue's bound when queue-size is unset.
+const DefaultQueueSize = 64 << 20
+
+// ParseFallBehind parses dm-replicator's fall-behind forms: "ios N",
+// "size N<unit>" with unit s (sectors), k, m, g, t, p or e (bytes
+// without), and "timeout N<unit>" with unit s, m, h or d. "" is no
+// threshold.
+func ParseFallBehind(s string) (FallBehind, error) {
+	f := strings.Fields(s)
+	if len(f) == 0 {
+		return FallBehind{}, nil
+	}
+	if len(f) != 2 {
+		return FallBehind{}, fmt.Errorf("%q: want \"ios N\", \"size N<unit>\" or \"timeout N<unit>\"", s)
+	}
+	switch f[0] {
+	case "ios":
+		n, err := strconv.ParseUint(f[1], 10, 64)
+		if err != nil || n == 0 {
+			return FallBehind{}, fmt.Errorf("%q: ios must be a positive integer", s)
+		}
+		return FallBehind{IOs: n}, nil
+	case "size":
+		n, err := ParseSize(f[1])
+		if err != nil {
+			return FallBehind{}, fmt.Errorf("%q: %w", s, err)
+		}
+		return FallBehind{Bytes: n}, nil
+	case "timeout":
+		num, unit := splitUnit(f[1])
+		n, err := strconv.ParseUint(num, 10, 32)
+		mult := map[string]time.Duration{"": time.Second, "s": time.Second, "m": time.Minute, "h": time.Hour, "d": 24 * time.Hour}[unit]
+		if err != nil || n == 0 || mult == 0 {
+			return FallBehind{}, fmt.Errorf("%q: timeout must be a positive integer with unit s, m, h or d", s)
+		}
+		return FallBehind{Timeout: time.Duration(n) * mult}, nil
+	}
+	return FallBehind{}, fmt.Errorf("%q: unknown threshold %q (ios, size or timeout)", s, f[0])
+}
+
+// ParseSize parses a size with dm-replicator's labels: s (512-byte
+// sectors), k, m, g, t, p, e (binary multiples); no label is bytes.
+func ParseSize(s string) (uint64, error) {
+	num, unit := splitUnit(s)
+	shift, ok := map[string]uint{"": 0, "s": 9, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}[strings.ToLower(unit)]
+	n, err := strconv.ParseUint(num, 10, 64)
+	if !ok || err != nil || n == 0 || n > (^uint64(0))>>shift {
+		return 0, fmt.Errorf("size %q: want a positive integer with unit s, k, m, g, t, p or e", s)
+	}
+	return n << shift, nil
+}
+
+// splitUnit splits "256m" into "256" and "m".
+func splitUnit(s string) (string, string) {
+	i := len(s)
+	for i > 0 && (s[i-1] < '0' || s[i-1] > '9') {
+		i--
+	}
+	return s[:i], s[i:]
 }
 
 // Export defaults, as qemu-storage-daemon's: one queue, 512-byte blocks.
@@ -256,6 +359,46 @@ func (c *Config) validate(v *validator) {
 		}
 		if len(e.Serial) > MaxSerialLen {
 			v.errAt(key+".serial", "%q: longer than %d bytes", e.Serial, MaxSerialLen)
+		}
+		if _, err := ParseFallBehind(e.FallBehind); err != nil {
+			v.errAt(key+".fall-behind", "%v", err)
+		}
+		if (e.Protect || e.FallBehind != "" || e.AllowRemoteWrite) && c.RepAgent.Hub == "" {
+			v.errAt(key+".protect", "replication settings need a [repagent] hub")
+		}
+	}
+	c.RepAgent.validate(v)
+}
+
+func (r *RepAgent) validate(v *validator) {
+	if r.Hub == "" {
+		if r.VM != "" || r.TLSCert != "" || r.TLSKey != "" || r.TLSCA != "" || r.QueueSize != "" || r.UUID != "" || r.Insecure {
+			v.errAt("repagent.hub", "missing hub address")
+		}
+		return
+	}
+	if _, _, err := net.SplitHostPort(r.Hub); err != nil {
+		v.errAt("repagent.hub", "%q: want host:port", r.Hub)
+	}
+	if r.VM == "" {
+		v.errAt("repagent.vm", "missing vm name")
+	}
+	n := 0
+	for _, f := range []string{r.TLSCert, r.TLSKey, r.TLSCA} {
+		if f != "" {
+			n++
+		}
+	}
+	if n != 0 && n != 3 {
+		v.errAt("repagent.tls-cert", "tls-cert, tls-key and tls-ca must all be set, or none")
+	}
+	r.QueueBytes = DefaultQueueSize
+	if r.QueueSize != "" {
+		q, err := ParseSize(r.QueueSize)
+		if err != nil || q > 1<<40 {
+			v.errAt("repagent.queue-size", "%q: want a size such as 64m, at most 1t", r.QueueSize)
+		} else {
+			r.QueueBytes = int64(q)
 		}
 	}
 }

@@ -56,6 +56,7 @@ func (s *Server) commands() map[string]*command {
 	for _, c := range list {
 		m[c.name] = c
 	}
+	s.addExtra(m)
 	return m
 }
 

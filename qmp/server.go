@@ -73,6 +73,8 @@ type Config struct {
 	// discarded with a GenericError and the connection is kept. Defaults
 	// to DefaultMaxMessageBytes.
 	MaxMessageBytes int
+	// Extra adds commands to the built-in set (see ExtraCommand).
+	Extra []ExtraCommand
 }
 
 // Server is a QMP server. Its methods may be called concurrently. Each

@@ -20,6 +20,7 @@ import (
 	"github.com/vhostdm/vhostdm/internal/sdnotify"
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/qmp"
+	"github.com/vhostdm/vhostdm/repagent"
 	"github.com/vhostdm/vhostdm/vhost"
 )
 
@@ -129,6 +130,9 @@ type daemon struct {
 
 	reloadMu sync.Mutex     // one configuration reload at a time
 	cfg      *config.Config // the configuration last applied
+
+	agent   *repagent.Agent                   // nil without [repagent]
+	repOpts map[string]repagent.VolumeOptions // by export id, from the configuration
 }
 
 // startDaemon creates the devices of c in dependency order, opens its
@@ -154,6 +158,12 @@ func startDaemon(ctx context.Context, c *config.Config, log *slog.Logger) (*daem
 		if _, err := d.m.CreateTable(dc.Name, dc.UUID, dc.ReadOnly, dc.Table); err != nil {
 			return fail(fmt.Errorf("%s: device %q: %w", c.File, dc.Name, errors.Unwrap(err)))
 		}
+	}
+	if c.RepAgent.Hub != "" {
+		if d.agent, d.repOpts, err = newAgent(c, log); err != nil {
+			return fail(err)
+		}
+		go d.agent.Run(context.Background()) // Close stops it after draining
 	}
 	if c.QMP.Socket != "" {
 		ln, err := qmp.ListenUnix(c.Path(c.QMP.Socket))
@@ -191,9 +201,40 @@ func (d *daemon) Close() error {
 		d.qmp.Close()
 	}
 	errs = append(errs, d.ex.closeAll())
+	if d.agent != nil {
+		// Drains the mirror queue and tells the hub (AGENT_SHUTDOWN), so
+		// that the next start resumes replication without a resync.
+		if err := d.agent.Close(); err != nil {
+			d.log.Warn("replication agent", "err", err)
+		}
+	}
 	d.wg.Wait()
 	errs = append(errs, d.m.Close())
 	return errors.Join(errs...)
+}
+
+// newAgent makes the replication agent of c's [repagent] table and the
+// replication options of its exports.
+func newAgent(c *config.Config, log *slog.Logger) (*repagent.Agent, map[string]repagent.VolumeOptions, error) {
+	r := c.RepAgent
+	cfg := repagent.AgentConfig{Hub: r.Hub, VM: r.VM, UUID: r.UUID, Insecure: r.Insecure, QueueBytes: r.QueueBytes, Logger: log}
+	if r.TLSCert != "" {
+		tc, err := repagent.TLSFiles{Cert: c.Path(r.TLSCert), Key: c.Path(r.TLSKey), CA: c.Path(r.TLSCA)}.TLSConfig(false)
+		if err != nil {
+			return nil, nil, fmt.Errorf("%s: repagent: %w", c.File, err)
+		}
+		cfg.TLS = tc
+	}
+	a, err := repagent.NewAgent(cfg)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: %w", c.File, err)
+	}
+	opts := map[string]repagent.VolumeOptions{}
+	for _, e := range c.Exports {
+		fb, _ := config.ParseFallBehind(e.FallBehind) // validated by config
+		opts[e.ID] = repagent.VolumeOptions{Protect: e.Protect, AllowRemoteWrite: e.AllowRemoteWrite, FallBehind: repagent.FallBehind(fb)}
+	}
+	return a, opts, nil
 }
 
 // exportSet holds the daemon's exports by id; it implements qmp.Exports.
@@ -232,13 +273,23 @@ func (s *exportSet) Add(o qmp.ExportOptions) error {
 			}
 		}
 	}
+	var vdev vhost.Device = dev
+	if s.d.agent != nil {
+		// Reported to the hub; protected exports mirror their writes.
+		if vdev, err = s.d.agent.Attach(o.ID, dev, s.d.repOpts[o.ID]); err != nil {
+			return err
+		}
+	}
 	x, err := vhost.NewExport(vhost.ExportConfig{
 		ID: o.ID, Socket: o.Socket, NumQueues: o.NumQueues, Writable: o.Writable,
 		LogicalBlockSize: o.LogicalBlockSize, Serial: o.Serial,
 		Logger:    s.d.log,
 		OnConnect: emit("VHOST_USER_CONNECTED"), OnDisconnect: emit("VHOST_USER_DISCONNECTED"),
-	}, dev)
+	}, vdev)
 	if err != nil {
+		if s.d.agent != nil {
+			s.d.agent.Detach(o.ID)
+		}
 		return err
 	}
 	dev.Open()
@@ -267,7 +318,11 @@ func (s *exportSet) Del(id, mode string) error {
 	}
 	delete(s.exports, id)
 	s.mu.Unlock()
-	return e.close()
+	err := e.close()
+	if s.d.agent != nil {
+		s.d.agent.Detach(id)
+	}
+	return err
 }
 
 func (e *export) close() error {

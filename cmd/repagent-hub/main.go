@@ -1,0 +1,269 @@
+// Command repagent-hub is the replication hub: it accepts vhostdm agents,
+// keeps one recovery volume per protected volume and serves QMP.
+//
+//	repagent-hub serve --listen ADDR --store DIR [--qmp SOCK] [--tls-cert F --tls-key F --tls-ca F] [--insecure]
+//	repagent-hub status --qmp SOCK [--watch]
+//
+// QMP commands (besides vhostdm's query-version, query-commands, quit):
+//
+//	query-repagent                           → [{"vm", "uuid", "connected", "peer", "volumes": [VolumeStatus]}]
+//	repagent-failover-test {vm, dir}         → [{"volume", "device", "socket", "sectors"}]
+//	repagent-failover-test-stop {vm}         → {}
+//
+// Event REPAGENT_VOLUME_STATE {vm, volume, state, previous, reason} is sent
+// when a volume changes state (syncing, protecting, disconnected,
+// failover-test).
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	qmpclient "github.com/digitalocean/go-qemu/qmp"
+
+	"github.com/vhostdm/vhostdm/mapper"
+	"github.com/vhostdm/vhostdm/qmp"
+	"github.com/vhostdm/vhostdm/repagent"
+)
+
+// Version is the hub's version, reported by QMP's query-version.
+const Version = "0.1.0"
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprintln(stderr, "usage: repagent-hub serve|status [flags]")
+		return 2
+	}
+	switch args[0] {
+	case "serve":
+		return runServe(args[1:], stderr)
+	case "status":
+		return runStatus(args[1:], stdout, stderr)
+	case "-h", "--help", "help":
+		fmt.Fprintln(stdout, "usage: repagent-hub serve|status [flags]")
+		return 0
+	}
+	fmt.Fprintf(stderr, "repagent-hub: unknown command %q\n", args[0])
+	return 2
+}
+
+// EventVolumeState is the QMP event of a volume state change.
+const EventVolumeState = "REPAGENT_VOLUME_STATE"
+
+func runServe(args []string, stderr io.Writer) int {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	listen := fs.String("listen", "127.0.0.1:7070", "listen `ADDR` for agents")
+	store := fs.String("store", "", "store `DIR` of recovery volumes and state (required)")
+	qmpSock := fs.String("qmp", "", "QMP unix socket `PATH`")
+	var tf repagent.TLSFiles
+	fs.StringVar(&tf.Cert, "tls-cert", "", "TLS certificate `FILE` (PEM)")
+	fs.StringVar(&tf.Key, "tls-key", "", "TLS key `FILE` (PEM)")
+	fs.StringVar(&tf.CA, "tls-ca", "", "CA `FILE` that signs agent certificates (PEM)")
+	insecure := fs.Bool("insecure", false, "allow plain TCP on a non-loopback address")
+	name := fs.String("name", "", "hub name sent to agents (default: host name)")
+	level := fs.String("log-level", "info", "log `LEVEL`: debug, info, warn or error")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if *store == "" || fs.NArg() != 0 {
+		fmt.Fprintln(stderr, "usage: repagent-hub serve --listen ADDR --store DIR [--qmp SOCK] [--tls-cert F --tls-key F --tls-ca F] [--insecure]")
+		return 2
+	}
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(*level)); err != nil {
+		fmt.Fprintf(stderr, "repagent-hub: -log-level %q: %v\n", *level, err)
+		return 2
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: lv}))
+	cfg := repagent.HubConfig{Store: *store, Name: *name, Logger: log}
+	if tf.Set() {
+		tc, err := tf.TLSConfig(true)
+		if err != nil {
+			fmt.Fprintf(stderr, "repagent-hub: %v\n", err)
+			return 1
+		}
+		cfg.TLS = tc
+	}
+	var srv atomic.Pointer[qmp.Server]
+	cfg.OnEvent = func(e repagent.Event) {
+		if s := srv.Load(); s != nil {
+			s.Emit(EventVolumeState, map[string]string{"vm": e.VM, "volume": e.Volume, "state": e.State,
+				"previous": e.Previous, "reason": e.Reason})
+		}
+	}
+	hub, err := repagent.NewHub(cfg)
+	if err != nil {
+		fmt.Fprintf(stderr, "repagent-hub: %v\n", err)
+		return 1
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	ln, err := hub.Listen(*listen, *insecure)
+	if err != nil {
+		hub.Close()
+		fmt.Fprintf(stderr, "repagent-hub: %v\n", err)
+		return 1
+	}
+	log.Info("listening for agents", "addr", ln.Addr().String(), "tls", cfg.TLS != nil, "store", *store)
+	var m *mapper.Manager
+	if *qmpSock != "" {
+		ql, err := qmp.ListenUnix(*qmpSock)
+		if err != nil {
+			ln.Close()
+			hub.Close()
+			fmt.Fprintf(stderr, "repagent-hub: qmp: %v\n", err)
+			return 1
+		}
+		m = mapper.NewManager(mapper.ManagerOptions{Logger: log})
+		s := qmp.NewServer(qmp.Config{Manager: m, Logger: log, Version: Version, OnQuit: cancel, Extra: Commands(hub)})
+		srv.Store(s)
+		go func() {
+			if err := s.Serve(ctx, ql); err != nil && !errors.Is(err, qmp.ErrServerClosed) {
+				log.Error("qmp server stopped", "err", err)
+			}
+		}()
+		log.Info("qmp listening", "socket", *qmpSock)
+	}
+	err = hub.Serve(ctx, ln)
+	if s := srv.Load(); s != nil {
+		s.Close()
+	}
+	hub.Close()
+	if m != nil {
+		m.Close()
+	}
+	if err != nil {
+		log.Error("stopped", "err", err)
+		return 1
+	}
+	log.Info("stopped")
+	return 0
+}
+
+// Commands returns the hub's QMP commands.
+func Commands(hub *repagent.Hub) []qmp.ExtraCommand {
+	return []qmp.ExtraCommand{
+		{Name: "query-repagent", Run: func(map[string]string) (any, error) { return hub.Status(), nil }},
+		{Name: "repagent-failover-test", Required: []string{"vm", "dir"}, Mutates: true,
+			Run: func(a map[string]string) (any, error) { return hub.FailoverTest(a["vm"], a["dir"]) }},
+		{Name: "repagent-failover-test-stop", Required: []string{"vm"}, Mutates: true,
+			Run: func(a map[string]string) (any, error) { return struct{}{}, hub.FailoverTestStop(a["vm"]) }},
+	}
+}
+
+func runStatus(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("status", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	sock := fs.String("qmp", "", "the hub's QMP socket `PATH` (required)")
+	watch := fs.Bool("watch", false, "redraw every interval, with a progress bar per syncing volume")
+	interval := fs.Duration("interval", time.Second, "redraw `INTERVAL` with --watch")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if *sock == "" || fs.NArg() != 0 {
+		fmt.Fprintln(stderr, "usage: repagent-hub status --qmp SOCK [--watch]")
+		return 2
+	}
+	mon, err := qmpclient.NewSocketMonitor("unix", *sock, 5*time.Second)
+	if err != nil {
+		fmt.Fprintf(stderr, "repagent-hub: %v\n", err)
+		return 1
+	}
+	if err := mon.Connect(); err != nil {
+		fmt.Fprintf(stderr, "repagent-hub: %v\n", err)
+		return 1
+	}
+	defer mon.Disconnect()
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	for {
+		st, err := queryRepagent(mon)
+		if err != nil {
+			fmt.Fprintf(stderr, "repagent-hub: %v\n", err)
+			return 1
+		}
+		if *watch {
+			fmt.Fprint(stdout, "\033[H\033[2J")
+		}
+		fmt.Fprint(stdout, FormatStatus(st, *watch))
+		if !*watch {
+			return 0
+		}
+		select {
+		case <-ctx.Done():
+			return 0
+		case <-time.After(*interval):
+		}
+	}
+}
+
+func queryRepagent(mon *qmpclient.SocketMonitor) ([]repagent.VMStatus, error) {
+	raw, err := mon.Run([]byte(`{"execute":"query-repagent"}`))
+	if err != nil {
+		return nil, fmt.Errorf("query-repagent: %w", err)
+	}
+	var r struct {
+		Return []repagent.VMStatus `json:"return"`
+	}
+	if err := json.Unmarshal(raw, &r); err != nil {
+		return nil, fmt.Errorf("query-repagent: %w", err)
+	}
+	return r.Return, nil
+}
+
+// FormatStatus prints the hub's status as a table; with bars, syncing
+// volumes get a progress bar.
+func FormatStatus(st []repagent.VMStatus, bars bool) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%-12s %-12s %-13s %7s %10s %16s %8s %12s\n", "VM", "VOLUME", "STATE", "SYNC", "RESYNC", "BACKLOG", "AGE", "APPLIED-SEQ")
+	for _, vm := range st {
+		for _, v := range vm.Volumes {
+			fmt.Fprintf(&b, "%-12s %-12s %-13s %6.1f%% %10s %16s %7.1fs %12d\n", vm.VM, v.Volume, v.State,
+				100*v.SyncProgress, size(v.ResyncBytes), fmt.Sprintf("%d/%s", v.BacklogIOs, size(v.BacklogBytes)),
+				v.BacklogSeconds, v.AppliedSeq)
+			if bars && v.State == repagent.StateSyncing {
+				const width = 40
+				n := int(v.SyncProgress * width)
+				fmt.Fprintf(&b, "    [%s%s] %s of %s\n", strings.Repeat("#", n), strings.Repeat("-", width-n),
+					size(v.SyncDoneBytes), size(v.SyncTotalBytes))
+			}
+		}
+		if len(vm.Volumes) == 0 {
+			fmt.Fprintf(&b, "%-12s %-12s %-13s\n", vm.VM, "-", "no volumes")
+		}
+	}
+	return b.String()
+}
+
+// size formats bytes with a binary unit.
+func size(n uint64) string {
+	const units = "KMGTPE"
+	if n < 1024 {
+		return fmt.Sprintf("%dB", n)
+	}
+	f := float64(n)
+	i := -1
+	for f >= 1024 && i < len(units)-1 {
+		f /= 1024
+		i++
+	}
+	return fmt.Sprintf("%.1f%ciB", f, units[i])
+}

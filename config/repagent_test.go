@@ -1,0 +1,102 @@
+package config_test
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vhostdm/vhostdm/config"
+)
+
+const repagentBase = `
+[[device]]
+name = "root"
+table = "0 8 zero"
+`
+
+func TestRepAgentConfig(t *testing.T) {
+	text := repagentBase + `
+[repagent]
+hub = "127.0.0.1:7070"
+vm = "vm1"
+queue-size = "8m"
+
+[[export]]
+id = "root0"
+device = "root"
+socket = "root.sock"
+protect = true
+fall-behind = "size 256m"
+allow-remote-write = true
+`
+	c, err := config.Parse([]byte(text), "vm.toml", "/tmp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.RepAgent.Hub != "127.0.0.1:7070" || c.RepAgent.VM != "vm1" || c.RepAgent.QueueBytes != 8<<20 {
+		t.Errorf("repagent %+v", c.RepAgent)
+	}
+	e := c.Exports[0]
+	if !e.Protect || !e.AllowRemoteWrite || e.FallBehind != "size 256m" {
+		t.Errorf("export %+v", e)
+	}
+	c, err = config.Parse([]byte(repagentBase+"[repagent]\nhub = \"[::1]:7\"\nvm = \"v\"\n"), "vm.toml", "/tmp")
+	if err != nil || c.RepAgent.QueueBytes != config.DefaultQueueSize {
+		t.Errorf("default queue size: %v %+v", err, c.RepAgent)
+	}
+}
+
+func TestRepAgentConfigErrors(t *testing.T) {
+	exp := func(extra string) string {
+		return "\n[[export]]\nid = \"e\"\ndevice = \"root\"\nsocket = \"e.sock\"\n" + extra
+	}
+	hub := "\n[repagent]\nhub = \"127.0.0.1:7070\"\nvm = \"vm1\"\n"
+	tests := []struct{ name, text, want string }{
+		{"protect without hub", exp("protect = true\n"), "export[0].protect: replication settings need a [repagent] hub"},
+		{"no hub", "\n[repagent]\nvm = \"vm1\"\n", "repagent.hub: missing hub address"},
+		{"bad hub", "\n[repagent]\nhub = \"nohost\"\nvm = \"vm1\"\n", `"nohost": want host:port`},
+		{"no vm", "\n[repagent]\nhub = \"127.0.0.1:1\"\n", "repagent.vm: missing vm name"},
+		{"partial tls", hub + "tls-cert = \"a.crt\"\n", "must all be set, or none"},
+		{"queue size", hub + "queue-size = \"lots\"\n", `queue-size: "lots"`},
+		{"fall-behind kind", hub + exp("protect = true\nfall-behind = \"bytes 5\"\n"), `unknown threshold "bytes"`},
+		{"fall-behind form", hub + exp("fall-behind = \"ios\"\n"), `want "ios N"`},
+		{"fall-behind ios", hub + exp("fall-behind = \"ios 0\"\n"), "ios must be a positive integer"},
+		{"fall-behind size", hub + exp("fall-behind = \"size 5q\"\n"), `size "5q"`},
+		{"fall-behind timeout", hub + exp("fall-behind = \"timeout 5y\"\n"), "timeout must be a positive integer"},
+		{"unknown key", hub + "queue = 1\n", "repagent.queue: unknown key"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := config.Parse([]byte(repagentBase+tc.text), "vm.toml", "/tmp")
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("error %v, want %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestParseFallBehind(t *testing.T) {
+	tests := []struct {
+		in   string
+		want config.FallBehind
+	}{
+		{"", config.FallBehind{}},
+		{"ios 10000", config.FallBehind{IOs: 10000}},
+		{"size 256m", config.FallBehind{Bytes: 256 << 20}},
+		{"size 200", config.FallBehind{Bytes: 200}},
+		{"size 8s", config.FallBehind{Bytes: 4096}},
+		{"size 1g", config.FallBehind{Bytes: 1 << 30}},
+		{"timeout 5s", config.FallBehind{Timeout: 5 * time.Second}},
+		{"timeout 2m", config.FallBehind{Timeout: 2 * time.Minute}},
+		{"timeout 1d", config.FallBehind{Timeout: 24 * time.Hour}},
+	}
+	for _, tc := range tests {
+		got, err := config.ParseFallBehind(tc.in)
+		if err != nil || got != tc.want {
+			t.Errorf("ParseFallBehind(%q) = %+v, %v; want %+v", tc.in, got, err, tc.want)
+		}
+	}
+	if _, err := config.ParseSize("99999999999e"); err == nil {
+		t.Errorf("overflowing size accepted")
+	}
+}

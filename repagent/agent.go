@@ -1,0 +1,1111 @@
+package repagent
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/RoaringBitmap/roaring/v2"
+
+	"github.com/vhostdm/vhostdm/mapper"
+)
+
+// Device is what the agent wraps: vhost.Device, implemented by
+// *mapper.Device. The wrapper Attach returns implements it too.
+type Device interface {
+	Submit(r *mapper.Request) error
+	Size() uint64 // sectors
+	ReadOnly() bool
+	OnResize(fn func(oldSize, newSize uint64)) (cancel func())
+}
+
+// AgentConfig configures an Agent.
+type AgentConfig struct {
+	Hub  string // host:port of the hub
+	VM   string // the VM's name (CheckName)
+	UUID string // the VM's UUID, 8-4-4-4-12 hex digits; empty: all zero
+	// TLS, when set, is used to dial (see TLSFiles.TLSConfig). Without it
+	// the hub must be on a loopback address or Insecure set.
+	TLS      *tls.Config
+	Insecure bool
+	// QueueBytes bounds the mirrored data not yet acknowledged by the hub;
+	// past it writes are recorded in the dirty bitmap. Default 64 MiB.
+	QueueBytes int64
+	// RegionSectors is the dirty bitmap's granularity, a power of two from
+	// 8 to 1<<21. Default DefaultRegionSectors.
+	RegionSectors uint32
+	// Heartbeat is the interval of heartbeats; a hub silent for four of
+	// them is taken as gone. Default 2 s.
+	Heartbeat time.Duration
+	// MinBackoff and MaxBackoff bound the delay between connection
+	// attempts, doubling from one to the other. Defaults 100 ms and 10 s.
+	MinBackoff, MaxBackoff time.Duration
+	// DrainTimeout bounds how long Close waits for the hub to acknowledge
+	// the queue before AGENT_SHUTDOWN. Default 30 s.
+	DrainTimeout time.Duration
+	// MaxPayload bounds received frames. Default DefaultMaxPayload.
+	MaxPayload uint32
+	Logger     *slog.Logger
+
+	dial func(ctx context.Context, addr string) (net.Conn, error) // tests
+}
+
+// FallBehind is a volume's fall-behind threshold, as dm-replicator's site
+// links have: past any non-zero limit the volume mirrors synchronously
+// until its backlog is back under all of them.
+type FallBehind struct {
+	IOs     uint64        // unacknowledged mirrored writes
+	Bytes   uint64        // their bytes
+	Timeout time.Duration // age of the oldest
+}
+
+// IsZero reports whether no threshold is set: mirroring stays asynchronous.
+func (f FallBehind) IsZero() bool { return f.IOs == 0 && f.Bytes == 0 && f.Timeout == 0 }
+
+// VolumeOptions are a volume's replication settings.
+type VolumeOptions struct {
+	Protect          bool // mirror writes to the hub
+	FallBehind       FallBehind
+	AllowRemoteWrite bool // the hub may write with REMOTE_IO_REQ
+}
+
+// Agent runs inside vhostdm: it reports volumes to the hub, mirrors the
+// writes of protected ones, and serves the hub's remote IO.
+//
+// A volume is wrapped with Attach before it is exported; the wrapper's
+// Submit performs the local I/O, then queues a copy of written data
+// (asynchronous mirroring: the guest's write completes with the local
+// one). When the queue is full or the hub away, the written regions go
+// into the volume's dirty bitmap instead and reach the hub as DIRTY_MAP.
+// Past the volume's fall-behind threshold, writes complete only once the
+// hub has acknowledged them.
+//
+// Its methods may be called from any goroutine.
+type Agent struct {
+	// Immutable.
+	cfg     AgentConfig
+	log     *slog.Logger
+	session uint64
+	uuid    [16]byte
+
+	mu         sync.Mutex
+	cond       *sync.Cond // queue, acknowledgements, connection state
+	vols       map[string]*agentVolume
+	order      []string                // attach order, for reports
+	byID       map[uint64]*agentVolume // ids of the current connection
+	conn       *agentConn              // nil while disconnected
+	queue      []*qitem                // to send, in sequence order
+	queueBytes int64                   // data of unacknowledged writes
+	nextSeq    uint64
+	acked      uint64
+	reported   bool // the current connection has the current volume list
+	connects   int
+
+	runMu   sync.Mutex
+	cancel  context.CancelFunc
+	runDone chan struct{}
+}
+
+// qitem is a queued frame: a mirrored write or a dirty map.
+type qitem struct {
+	seq   uint64
+	vol   *agentVolume
+	msg   Message
+	bytes int64     // mirrored data bytes
+	write bool      // a ProtectedWrite (counts in the backlog)
+	t     time.Time // when queued
+	// What the hub lacks if this is not acknowledged.
+	sector, sectors uint64
+	extents         []Extent
+	done            chan struct{} // closed on ack or disconnect; sync mode only
+}
+
+// agentVolume is an attached volume; it implements Device.
+type agentVolume struct {
+	// Immutable.
+	a    *Agent
+	name string
+	dev  Device
+	opts VolumeOptions
+	log  *slog.Logger
+	rl   rangeLock
+
+	// Guarded by a.mu.
+	id       uint64 // assigned by START_PROTECT on the current connection
+	mirror   bool   // the hub asked for mirroring on this connection
+	detached bool
+	dirty    *roaring.Bitmap
+	pending  []*qitem // unacknowledged, in sequence order
+	pendIOs  int
+	pendB    int64
+	sync     bool
+	stats    VolumeStats
+	cancel   func()
+}
+
+// VolumeStats counts what the agent did for a volume.
+type VolumeStats struct {
+	Mirrored        uint64 // writes queued to the hub
+	Dirtied         uint64 // writes recorded in the dirty bitmap instead
+	DirtyMapRegions uint64 // regions sent in DIRTY_MAP frames
+	SyncWrites      uint64 // writes that waited for the hub (fall-behind)
+	SyncEntered     uint64 // times the volume switched to synchronous mirroring
+	RemoteReads     uint64 // REMOTE_IO_REQ reads served
+	RemoteBytes     uint64 // bytes they returned
+}
+
+// AgentVolumeStatus is one volume in AgentStatus.
+type AgentVolumeStatus struct {
+	Name         string
+	ID           uint64
+	Protect      bool
+	Mirroring    bool // the hub has started protection on this connection
+	Sync         bool // mirroring synchronously (past fall-behind)
+	BacklogIOs   int
+	BacklogBytes int64
+	DirtyRegions uint64
+	Stats        VolumeStats
+}
+
+// AgentStatus is a snapshot of the agent.
+type AgentStatus struct {
+	Connected bool
+	Connects  int    // connections made so far
+	Acked     uint64 // highest sequence number the hub acknowledged
+	Volumes   []AgentVolumeStatus
+}
+
+// NewAgent checks cfg and returns an agent; Run connects it.
+func NewAgent(cfg AgentConfig) (*Agent, error) {
+	if err := CheckName(cfg.VM); err != nil {
+		return nil, fmt.Errorf("repagent: vm name %q: %w", cfg.VM, err)
+	}
+	if cfg.Hub == "" {
+		return nil, errors.New("repagent: no hub address")
+	}
+	if cfg.TLS == nil {
+		if err := checkPlain(cfg.Hub, cfg.Insecure); err != nil {
+			return nil, fmt.Errorf("repagent: hub %w", err)
+		}
+	}
+	uuid, err := parseUUID(cfg.UUID)
+	if err != nil {
+		return nil, fmt.Errorf("repagent: uuid %q: %w", cfg.UUID, err)
+	}
+	if cfg.QueueBytes <= 0 {
+		cfg.QueueBytes = 64 << 20
+	}
+	if cfg.RegionSectors == 0 {
+		cfg.RegionSectors = DefaultRegionSectors
+	}
+	if rs := cfg.RegionSectors; rs < 8 || rs > 1<<21 || rs&(rs-1) != 0 {
+		return nil, fmt.Errorf("repagent: region size %d sectors: must be a power of two from 8 to %d", rs, 1<<21)
+	}
+	if cfg.Heartbeat <= 0 {
+		cfg.Heartbeat = 2 * time.Second
+	}
+	if cfg.MinBackoff <= 0 {
+		cfg.MinBackoff = 100 * time.Millisecond
+	}
+	if cfg.MaxBackoff < cfg.MinBackoff {
+		cfg.MaxBackoff = max(10*time.Second, cfg.MinBackoff)
+	}
+	if cfg.DrainTimeout <= 0 {
+		cfg.DrainTimeout = 30 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	var sb [8]byte
+	rand.Read(sb[:])
+	a := &Agent{cfg: cfg, uuid: uuid, session: binary.LittleEndian.Uint64(sb[:]) | 1,
+		log:  cfg.Logger.With("component", "repagent", "vm", cfg.VM, "peer", cfg.Hub),
+		vols: map[string]*agentVolume{}, byID: map[uint64]*agentVolume{}, nextSeq: 1}
+	a.cond = sync.NewCond(&a.mu)
+	return a, nil
+}
+
+// parseUUID parses 8-4-4-4-12 hex digits; "" is the zero UUID.
+func parseUUID(s string) ([16]byte, error) {
+	var u [16]byte
+	if s == "" {
+		return u, nil
+	}
+	h := strings.ReplaceAll(s, "-", "")
+	if len(s) != 36 || len(h) != 32 || s[8] != '-' || s[13] != '-' || s[18] != '-' || s[23] != '-' {
+		return u, errors.New("want 8-4-4-4-12 hex digits")
+	}
+	if _, err := hex.Decode(u[:], []byte(h)); err != nil {
+		return u, errors.New("want 8-4-4-4-12 hex digits")
+	}
+	return u, nil
+}
+
+// Attach reports dev to the hub as volume name and returns the device to
+// export in its place. With o.Protect its writes are mirrored. Attach may
+// be called before or after Run.
+func (a *Agent) Attach(name string, dev Device, o VolumeOptions) (Device, error) {
+	if err := CheckName(name); err != nil {
+		return nil, fmt.Errorf("repagent: volume name %q: %w", name, err)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if _, dup := a.vols[name]; dup {
+		return nil, fmt.Errorf("repagent: volume %q already attached", name)
+	}
+	if regionCount(dev.Size(), a.cfg.RegionSectors) > maxTrackedRegions {
+		return nil, fmt.Errorf("repagent: volume %q: %d sectors is too large to track", name, dev.Size())
+	}
+	v := &agentVolume{a: a, name: name, dev: dev, opts: o, dirty: roaring.New(),
+		log: a.log.With("volume", name)}
+	v.rl.init()
+	v.cancel = dev.OnResize(func(_, _ uint64) {
+		a.mu.Lock()
+		a.reported = false
+		a.cond.Broadcast()
+		a.mu.Unlock()
+	})
+	a.vols[name] = v
+	a.order = append(a.order, name)
+	a.reported = false
+	a.cond.Broadcast()
+	return v, nil
+}
+
+// Detach forgets volume name (its export is gone); the hub hears of it
+// with the next report.
+func (a *Agent) Detach(name string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	v, ok := a.vols[name]
+	if !ok {
+		return
+	}
+	v.detached = true
+	v.mirror = false
+	if v.id != 0 {
+		delete(a.byID, v.id)
+	}
+	delete(a.vols, name)
+	for i, n := range a.order {
+		if n == name {
+			a.order = append(a.order[:i], a.order[i+1:]...)
+			break
+		}
+	}
+	if v.cancel != nil {
+		v.cancel()
+	}
+	a.reported = false
+	a.cond.Broadcast()
+}
+
+// Status returns a snapshot of the agent and its volumes.
+func (a *Agent) Status() AgentStatus {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	s := AgentStatus{Connected: a.conn != nil, Connects: a.connects, Acked: a.acked}
+	for _, n := range a.order {
+		v := a.vols[n]
+		s.Volumes = append(s.Volumes, AgentVolumeStatus{Name: n, ID: v.id, Protect: v.opts.Protect,
+			Mirroring: v.mirror, Sync: v.sync, BacklogIOs: v.pendIOs, BacklogBytes: v.pendB,
+			DirtyRegions: v.dirty.GetCardinality(), Stats: v.stats})
+	}
+	return s
+}
+
+// Submit implements Device: the local I/O, then for protected volumes the
+// mirror of what it changed.
+func (v *agentVolume) Submit(r *mapper.Request) error {
+	if !r.Op.IsWrite() || !v.opts.Protect {
+		return v.dev.Submit(r)
+	}
+	// Overlapping writes are ordered: the local order is the mirror order.
+	v.rl.lock(r.Sector, r.Sectors)
+	err := v.dev.Submit(r)
+	done := v.a.mirror(v, r, err)
+	v.rl.unlock(r.Sector, r.Sectors)
+	if done != nil {
+		<-done
+	}
+	return err
+}
+
+// Size implements Device.
+func (v *agentVolume) Size() uint64 { return v.dev.Size() }
+
+// ReadOnly implements Device.
+func (v *agentVolume) ReadOnly() bool { return v.dev.ReadOnly() }
+
+// OnResize implements Device.
+func (v *agentVolume) OnResize(fn func(oldSize, newSize uint64)) func() { return v.dev.OnResize(fn) }
+
+// mirror queues the copy of a completed write, or records it as dirty. It
+// returns a channel to wait on when the volume mirrors synchronously.
+func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) chan struct{} {
+	var data []byte
+	if ioErr == nil && r.Op == mapper.OpWrite {
+		data = make([]byte, 0, r.Bytes())
+		for _, b := range r.Data {
+			data = append(data, b...)
+		}
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if !a.canMirror(v) {
+		v.markDirty(r.Sector, r.Sectors)
+		return nil
+	}
+	bytes := int64(len(data))
+	for a.queueBytes > 0 && a.queueBytes+bytes > a.cfg.QueueBytes {
+		if !v.sync {
+			v.markDirty(r.Sector, r.Sectors)
+			return nil
+		}
+		a.cond.Wait() // synchronous: wait for room
+		if !a.canMirror(v) {
+			v.markDirty(r.Sector, r.Sectors)
+			return nil
+		}
+	}
+	now := time.Now()
+	var last *qitem
+	// Split into frames of at most MaxIOSectors (discards and zeroes of
+	// up to 2^32-1 sectors go in one frame).
+	for sec, left, off := r.Sector, r.Sectors, 0; left > 0; {
+		n := min(left, uint64(^uint32(0)))
+		pw := &ProtectedWrite{Volume: v.id, Sector: sec, Status: StatusOK}
+		switch {
+		case ioErr != nil:
+			pw.Status = StatusIOError
+		case r.Op == mapper.OpDiscard:
+			pw.Discard = true
+		case r.Op == mapper.OpWriteZeroes:
+			pw.Zeroes = true
+		default:
+			n = min(left, MaxIOSectors)
+			pw.Data = [][]byte{data[off : off+int(n)*SectorSize]}
+			off += int(n) * SectorSize
+		}
+		pw.Sectors = uint32(n)
+		it := &qitem{seq: a.nextSeq, vol: v, msg: pw, write: true, t: now, sector: sec, sectors: n}
+		if pw.Data != nil {
+			it.bytes = int64(n) * SectorSize
+		}
+		pw.Seq = it.seq
+		a.nextSeq++
+		a.queue = append(a.queue, it)
+		v.pending = append(v.pending, it)
+		v.pendIOs++
+		v.pendB += it.bytes
+		a.queueBytes += it.bytes
+		sec += n
+		left -= n
+		last = it
+	}
+	v.stats.Mirrored++
+	if !v.sync && v.behind(now) {
+		v.sync = true
+		v.stats.SyncEntered++
+		v.log.Info("fall-behind threshold exceeded: mirroring synchronously",
+			"backlog_ios", v.pendIOs, "backlog_bytes", v.pendB)
+	}
+	a.cond.Broadcast()
+	if v.sync {
+		v.stats.SyncWrites++
+		last.done = make(chan struct{})
+		return last.done
+	}
+	return nil
+}
+
+// canMirror reports whether v's writes can be queued now; a.mu held.
+func (a *Agent) canMirror(v *agentVolume) bool {
+	return a.conn != nil && v.mirror && v.id != 0 && !v.detached
+}
+
+// markDirty records a sector range in the dirty bitmap; a.mu held.
+func (v *agentVolume) markDirty(sector, sectors uint64) {
+	addSectors(v.dirty, sector, sectors, v.a.cfg.RegionSectors)
+	v.stats.Dirtied++
+}
+
+// behind reports whether the backlog is past the fall-behind threshold;
+// a.mu held.
+func (v *agentVolume) behind(now time.Time) bool {
+	fb := v.opts.FallBehind
+	switch {
+	case fb.IOs > 0 && uint64(v.pendIOs) > fb.IOs:
+		return true
+	case fb.Bytes > 0 && uint64(v.pendB) > fb.Bytes:
+		return true
+	case fb.Timeout > 0 && v.pendIOs > 0 && now.Sub(v.oldest()) > fb.Timeout:
+		return true
+	}
+	return false
+}
+
+// oldest returns when the oldest unacknowledged write was queued; a.mu
+// held.
+func (v *agentVolume) oldest() time.Time {
+	for _, it := range v.pending {
+		if it.write {
+			return it.t
+		}
+	}
+	return time.Time{}
+}
+
+// ack releases everything up to seq; a.mu held.
+func (a *Agent) ack(seq uint64) {
+	if seq <= a.acked {
+		return
+	}
+	a.acked = seq
+	now := time.Now()
+	for _, v := range a.vols {
+		k := 0
+		for k < len(v.pending) && v.pending[k].seq <= seq {
+			it := v.pending[k]
+			a.release(v, it)
+			k++
+		}
+		if k > 0 {
+			clear(v.pending[:k])
+			v.pending = v.pending[k:]
+		}
+		if v.sync && !v.behind(now) {
+			v.sync = false
+			v.log.Info("backlog under the fall-behind threshold: mirroring asynchronously")
+		}
+	}
+	a.cond.Broadcast()
+}
+
+// release accounts for an item leaving the pending list; a.mu held.
+func (a *Agent) release(v *agentVolume, it *qitem) {
+	if it.write {
+		v.pendIOs--
+		v.pendB -= it.bytes
+		a.queueBytes -= it.bytes
+	}
+	if it.done != nil {
+		close(it.done)
+	}
+}
+
+// disconnected puts everything the hub may lack back into the dirty
+// bitmaps and forgets the connection's volume ids; a.mu held.
+func (a *Agent) disconnected() {
+	a.conn = nil
+	a.queue = nil
+	for _, v := range a.vols {
+		for _, it := range v.pending {
+			if it.write {
+				addSectors(v.dirty, it.sector, it.sectors, a.cfg.RegionSectors)
+			} else {
+				addExtents(v.dirty, it.extents, a.cfg.RegionSectors, a.cfg.RegionSectors, maxTrackedRegions)
+			}
+			a.release(v, it)
+		}
+		v.pending = nil
+		v.id = 0
+		v.mirror = false
+		v.sync = false
+	}
+	a.queueBytes = 0
+	a.byID = map[uint64]*agentVolume{}
+	a.reported = false
+	a.cond.Broadcast()
+}
+
+// queueDirtyMap moves v's dirty bitmap into a DIRTY_MAP frame; a.mu held.
+func (a *Agent) queueDirtyMap(v *agentVolume, initial bool) {
+	exts := extentsOf(v.dirty)
+	v.stats.DirtyMapRegions += v.dirty.GetCardinality()
+	v.dirty.Clear()
+	// Keep frames well under the payload limit.
+	const per = 256 << 10
+	for first := true; first || len(exts) > 0; first = false {
+		chunk := exts[:min(len(exts), per)]
+		exts = exts[len(chunk):]
+		it := &qitem{seq: a.nextSeq, vol: v, t: time.Now(), extents: chunk}
+		it.msg = &DirtyMap{Seq: it.seq, Volume: v.id, Initial: initial && first, RegionSectors: a.cfg.RegionSectors, Extents: chunk}
+		a.nextSeq++
+		a.queue = append(a.queue, it)
+		v.pending = append(v.pending, it)
+	}
+	a.cond.Broadcast()
+}
+
+// Run connects to the hub and keeps reconnecting with backoff until ctx is
+// done or Close is called.
+func (a *Agent) Run(ctx context.Context) error {
+	a.runMu.Lock()
+	if a.runDone != nil {
+		a.runMu.Unlock()
+		return errors.New("repagent: already running")
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	a.cancel = cancel
+	done := make(chan struct{})
+	a.runDone = done
+	a.runMu.Unlock()
+	defer close(done)
+	defer cancel()
+	backoff := a.cfg.MinBackoff
+	for {
+		start := time.Now()
+		err := a.runConn(ctx)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if time.Since(start) > 5*time.Second {
+			backoff = a.cfg.MinBackoff
+		}
+		a.log.Warn("hub connection ended", "err", err, "retry_in", backoff)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, a.cfg.MaxBackoff)
+	}
+}
+
+// agentConn is one connection to the hub.
+type agentConn struct {
+	a     *Agent
+	nc    net.Conn
+	log   *slog.Logger
+	wmu   sync.Mutex // guards w
+	w     *Writer
+	r     *Reader
+	sem   chan struct{} // bounds concurrent remote IO
+	wg    sync.WaitGroup
+	bye   chan struct{} // closed when AGENT_SHUTDOWN is answered
+	done  chan struct{} // closed when the connection ends
+	close sync.Once
+}
+
+func (c *agentConn) shut() {
+	c.close.Do(func() {
+		close(c.done)
+		c.nc.Close()
+		c.a.mu.Lock()
+		c.a.cond.Broadcast()
+		c.a.mu.Unlock()
+	})
+}
+
+// send writes and flushes one message.
+func (c *agentConn) send(m Message) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.nc.SetWriteDeadline(time.Now().Add(peerTimeout(c.a.cfg.Heartbeat)))
+	if err := c.w.WriteMessage(m); err != nil {
+		return err
+	}
+	return c.w.Flush()
+}
+
+// dial connects to the hub, with TLS when configured (the handshake is
+// left to runConn).
+func (a *Agent) dial(ctx context.Context) (net.Conn, error) {
+	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	var nc net.Conn
+	var err error
+	if a.cfg.dial != nil {
+		nc, err = a.cfg.dial(dctx, a.cfg.Hub)
+	} else {
+		var d net.Dialer
+		nc, err = d.DialContext(dctx, "tcp", a.cfg.Hub)
+	}
+	if err != nil || a.cfg.TLS == nil {
+		return nc, err
+	}
+	tc := a.cfg.TLS.Clone()
+	if tc.ServerName == "" {
+		if host, _, err := net.SplitHostPort(a.cfg.Hub); err == nil {
+			tc.ServerName = host
+		}
+	}
+	return tls.Client(nc, tc), nil
+}
+
+// runConn runs one connection from dial to disconnect.
+func (a *Agent) runConn(ctx context.Context) error {
+	nc, err := a.dial(ctx)
+	if err != nil {
+		return fmt.Errorf("dial: %w", err)
+	}
+	if tc, ok := nc.(*tls.Conn); ok {
+		hctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err := tc.HandshakeContext(hctx)
+		cancel()
+		if err != nil {
+			nc.Close()
+			return fmt.Errorf("tls handshake: %w", err)
+		}
+	}
+	c := &agentConn{a: a, nc: nc, log: a.log, w: NewWriter(nc), r: NewReader(nc, a.cfg.MaxPayload),
+		sem: make(chan struct{}, 32), bye: make(chan struct{}), done: make(chan struct{})}
+	stop := context.AfterFunc(ctx, c.shut)
+	defer stop()
+	defer c.shut()
+
+	// Handshake: HELLO both ways, then the volume report.
+	if err := c.send(&Hello{MaxVersion: uint16(Version), Session: a.session, UUID: a.uuid, Name: a.cfg.VM}); err != nil {
+		return fmt.Errorf("hello: %w", err)
+	}
+	nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	f, err := c.r.ReadFrame()
+	if err != nil {
+		return fmt.Errorf("hello: %w", err)
+	}
+	m, err := Decode(f)
+	if err != nil {
+		return fmt.Errorf("hello: %w", err)
+	}
+	h, ok := m.(*Hello)
+	if !ok || !h.Reply {
+		return fmt.Errorf("hello: hub answered %s: %w", f.Cmd, ErrMalformed)
+	}
+	c.log = a.log.With("hub", h.Name)
+	a.mu.Lock()
+	a.conn = c
+	a.connects++
+	a.reported = false
+	a.mu.Unlock()
+	c.log.Info("connected to hub", "hub_version", h.MaxVersion)
+	defer func() {
+		c.shut()
+		c.wg.Wait()
+		a.mu.Lock()
+		a.disconnected()
+		a.mu.Unlock()
+	}()
+
+	c.wg.Add(2)
+	go c.sendLoop()
+	go c.heartbeatLoop()
+	return c.readLoop()
+}
+
+// readLoop handles the hub's frames until the connection fails.
+func (c *agentConn) readLoop() error {
+	a := c.a
+	for {
+		c.nc.SetReadDeadline(time.Now().Add(peerTimeout(a.cfg.Heartbeat)))
+		f, err := c.r.ReadFrame()
+		if err != nil {
+			return c.fail(err)
+		}
+		m, err := Decode(f)
+		if err != nil {
+			return c.fail(err)
+		}
+		switch m := m.(type) {
+		case *StartProtect:
+			if err := c.startProtect(m); err != nil {
+				return c.fail(err)
+			}
+		case *StopProtect:
+			a.mu.Lock()
+			v := a.byID[m.Volume]
+			if v != nil {
+				v.mirror = false
+				v.sync = false
+			}
+			a.mu.Unlock()
+			if v == nil {
+				return c.fail(malformed("%s: unknown volume id %d", m.Cmd(), m.Volume))
+			}
+			v.log.Info("hub stopped protection")
+		case *RemoteIOReq:
+			if err := c.remoteIO(m); err != nil {
+				return c.fail(err)
+			}
+		case *WriteAck:
+			a.mu.Lock()
+			ok := m.Seq < a.nextSeq
+			if ok {
+				a.ack(m.Seq)
+			}
+			a.mu.Unlock()
+			if !ok {
+				return c.fail(malformed("%s: sequence %d was never sent", m.Cmd(), m.Seq))
+			}
+		case *Heartbeat:
+		case *AgentShutdown:
+			if !m.Reply {
+				return c.fail(malformed("%s from the hub without the reply flag", m.Cmd()))
+			}
+			select {
+			case <-c.bye:
+			default:
+				close(c.bye)
+			}
+		default:
+			return c.fail(malformed("%s is not sent by a hub", m.Cmd()))
+		}
+	}
+}
+
+// fail logs why the connection ends and returns err.
+func (c *agentConn) fail(err error) error {
+	select {
+	case <-c.done:
+		return err // closed on purpose
+	default:
+	}
+	if errors.Is(err, ErrMalformed) {
+		c.log.Error("closing hub connection: bad frame", "reason", err)
+	}
+	return err
+}
+
+// startProtect assigns a volume id and, when asked, starts mirroring: the
+// volume's dirty bitmap so far goes first, as the initial DIRTY_MAP.
+func (c *agentConn) startProtect(m *StartProtect) error {
+	a := c.a
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	v := a.vols[m.Name]
+	if v == nil {
+		return malformed("%s: volume %q was not reported", m.Cmd(), m.Name)
+	}
+	if o, used := a.byID[m.Volume]; used && o != v {
+		return malformed("%s: volume id %d already names %q", m.Cmd(), m.Volume, o.name)
+	}
+	if v.id != 0 && v.id != m.Volume {
+		return malformed("%s: volume %q already has id %d", m.Cmd(), m.Name, v.id)
+	}
+	if m.Mirror && !v.opts.Protect {
+		return malformed("%s: volume %q is not protected here", m.Cmd(), m.Name)
+	}
+	v.id = m.Volume
+	a.byID[v.id] = v
+	if m.Mirror && !v.mirror {
+		v.mirror = true
+		a.queueDirtyMap(v, true)
+		v.log.Info("protection started", "id", v.id)
+	}
+	return nil
+}
+
+// remoteIO validates a REMOTE_IO_REQ and serves it in the background.
+func (c *agentConn) remoteIO(m *RemoteIOReq) error {
+	a := c.a
+	a.mu.Lock()
+	v := a.byID[m.Volume]
+	a.mu.Unlock()
+	if v == nil {
+		return malformed("%s: unknown volume id %d", m.Cmd(), m.Volume)
+	}
+	size := v.dev.Size()
+	if m.Sector >= size || uint64(m.Sectors) > size-m.Sector {
+		return malformed("%s: %d sectors at %d outside volume %q of %d sectors", m.Cmd(), m.Sectors, m.Sector, v.name, size)
+	}
+	res := &RemoteIORes{ID: m.ID, Volume: m.Volume, Sectors: m.Sectors, Written: m.Write}
+	var data []byte
+	if m.Write {
+		if !v.opts.AllowRemoteWrite || v.dev.ReadOnly() {
+			v.log.Warn("remote write refused: allow-remote-write is off", "sector", m.Sector, "sectors", m.Sectors)
+			res.Status = StatusDenied
+			return c.send(res)
+		}
+		data = append([]byte(nil), m.Data[0]...) // the payload buffer is reused
+	}
+	c.sem <- struct{}{}
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		defer func() { <-c.sem }()
+		var err error
+		if m.Write {
+			// Through the wrapper: a remote write to a protected
+			// volume is mirrored like any other.
+			err = v.Submit(&mapper.Request{Op: mapper.OpWrite, Sector: m.Sector, Sectors: uint64(m.Sectors), Data: [][]byte{data}})
+		} else {
+			data = make([]byte, int(m.Sectors)*SectorSize)
+			err = v.dev.Submit(&mapper.Request{Op: mapper.OpRead, Sector: m.Sector, Sectors: uint64(m.Sectors), Data: [][]byte{data}})
+			if err == nil {
+				if allZero(data) {
+					res.Zero = true
+				} else {
+					res.Data = [][]byte{data}
+				}
+				a.mu.Lock()
+				v.stats.RemoteReads++
+				v.stats.RemoteBytes += uint64(len(data))
+				a.mu.Unlock()
+			}
+		}
+		if err != nil {
+			v.log.Warn("remote io failed", "write", m.Write, "sector", m.Sector, "sectors", m.Sectors, "err", err)
+			res.Status = StatusIOError
+			res.Data = nil
+		}
+		if err := c.send(res); err != nil {
+			c.shut()
+		}
+	}()
+	return nil
+}
+
+// allZero reports whether b holds only zero bytes.
+func allZero(b []byte) bool {
+	for len(b) >= 8 {
+		if binary.LittleEndian.Uint64(b) != 0 {
+			return false
+		}
+		b = b[8:]
+	}
+	for _, x := range b {
+		if x != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// sendLoop writes the volume report when it is stale and the queue in
+// order, until the connection ends.
+func (c *agentConn) sendLoop() {
+	defer c.wg.Done()
+	defer c.shut()
+	a := c.a
+	for {
+		a.mu.Lock()
+		for len(a.queue) == 0 && a.reported && a.conn == c {
+			select {
+			case <-c.done:
+				a.mu.Unlock()
+				return
+			default:
+			}
+			a.cond.Wait()
+		}
+		if a.conn != c {
+			a.mu.Unlock()
+			return
+		}
+		var report *ReportVolumes
+		if !a.reported {
+			report = a.reportLocked()
+			a.reported = true
+		}
+		items := a.queue
+		a.queue = nil
+		a.mu.Unlock()
+
+		c.wmu.Lock()
+		c.nc.SetWriteDeadline(time.Now().Add(peerTimeout(a.cfg.Heartbeat)))
+		var err error
+		if report != nil {
+			err = c.w.WriteMessage(report)
+		}
+		for _, it := range items {
+			if err != nil {
+				break
+			}
+			err = c.w.WriteMessage(it.msg)
+			if pw, ok := it.msg.(*ProtectedWrite); ok {
+				pw.Data = nil // sent: the hub has it or it will be dirty again
+			}
+		}
+		if err == nil {
+			err = c.w.Flush()
+		}
+		c.wmu.Unlock()
+		if err != nil {
+			c.log.Warn("send failed", "err", err)
+			return
+		}
+	}
+}
+
+// reportLocked builds REPORT_VM_VOLUMES; a.mu held.
+func (a *Agent) reportLocked() *ReportVolumes {
+	r := &ReportVolumes{}
+	for _, n := range a.order {
+		v := a.vols[n]
+		r.Volumes = append(r.Volumes, VolumeInfo{Name: n, Sectors: v.dev.Size(), ReadOnly: v.dev.ReadOnly(),
+			Protect: v.opts.Protect, RemoteWrite: v.opts.AllowRemoteWrite})
+	}
+	return r
+}
+
+// heartbeatLoop sends the backlog every heartbeat interval, and queues
+// dirty maps for regions that overflowed the queue while connected.
+func (c *agentConn) heartbeatLoop() {
+	defer c.wg.Done()
+	a := c.a
+	t := time.NewTicker(a.cfg.Heartbeat)
+	defer t.Stop()
+	for {
+		select {
+		case <-c.done:
+			return
+		case <-t.C:
+		}
+		hb := &Heartbeat{}
+		now := time.Now()
+		a.mu.Lock()
+		for _, n := range a.order {
+			v := a.vols[n]
+			if v.mirror && !v.dirty.IsEmpty() {
+				a.queueDirtyMap(v, false)
+			}
+			if v.id == 0 {
+				continue
+			}
+			b := Backlog{Volume: v.id, IOs: uint64(v.pendIOs), Bytes: uint64(v.pendB), Sync: v.sync}
+			if v.pendIOs > 0 {
+				b.AgeMillis = uint32(min(now.Sub(v.oldest()).Milliseconds(), 1<<31))
+			}
+			hb.Backlog = append(hb.Backlog, b)
+		}
+		a.mu.Unlock()
+		if err := c.send(hb); err != nil {
+			c.shut()
+			return
+		}
+	}
+}
+
+// Close stops the agent cleanly: it waits (up to DrainTimeout) for the hub
+// to acknowledge every queued write and dirty map, sends AGENT_SHUTDOWN
+// and waits for its answer, then disconnects. When the hub is away or
+// the drain times out, the shutdown is unclean and the hub resyncs what
+// may differ when the VM comes back.
+func (a *Agent) Close() error {
+	deadline := time.Now().Add(a.cfg.DrainTimeout)
+	timer := time.AfterFunc(a.cfg.DrainTimeout, func() {
+		a.mu.Lock()
+		a.cond.Broadcast()
+		a.mu.Unlock()
+	})
+	defer timer.Stop()
+	a.mu.Lock()
+	c := a.conn
+	clean := false
+	if c != nil {
+		for _, n := range a.order {
+			if v := a.vols[n]; v.mirror && !v.dirty.IsEmpty() {
+				a.queueDirtyMap(v, false)
+			}
+		}
+		for a.conn == c && time.Now().Before(deadline) && !a.drainedLocked() {
+			a.cond.Wait()
+		}
+		clean = a.conn == c && a.drainedLocked()
+	}
+	a.mu.Unlock()
+	var err error
+	if clean {
+		if err = c.send(&AgentShutdown{}); err == nil {
+			select {
+			case <-c.bye:
+				a.log.Info("clean shutdown acknowledged by the hub")
+			case <-c.done:
+				err = errors.New("repagent: hub closed the connection before acknowledging shutdown")
+			case <-time.After(time.Until(deadline) + 5*time.Second):
+				err = errors.New("repagent: hub did not acknowledge shutdown")
+			}
+		}
+	} else if c != nil {
+		err = errors.New("repagent: queue not drained: unclean shutdown")
+	}
+	a.abort()
+	return err
+}
+
+// drainedLocked reports whether nothing waits for the hub: no queued or
+// unacknowledged frame, no dirty region of a mirrored volume, and every
+// protected volume mirrored; a.mu held.
+func (a *Agent) drainedLocked() bool {
+	if len(a.queue) > 0 {
+		return false
+	}
+	for _, v := range a.vols {
+		if len(v.pending) > 0 || (v.opts.Protect && (!v.mirror || !v.dirty.IsEmpty())) {
+			return false
+		}
+	}
+	return true
+}
+
+// abort stops the agent without a clean shutdown, as a crash would.
+func (a *Agent) abort() {
+	a.runMu.Lock()
+	cancel, done := a.cancel, a.runDone
+	a.runMu.Unlock()
+	if cancel != nil {
+		cancel()
+		<-done
+	}
+}
+
+// rangeLock serialises overlapping sector ranges.
+type rangeLock struct {
+	mu      sync.Mutex
+	cond    *sync.Cond
+	held    []span
+	waiters int
+}
+
+type span struct{ start, end uint64 }
+
+func (l *rangeLock) init() { l.cond = sync.NewCond(&l.mu) }
+
+func (l *rangeLock) overlaps(s span) bool {
+	for _, h := range l.held {
+		if s.start < h.end && h.start < s.end {
+			return true
+		}
+	}
+	return false
+}
+
+func (l *rangeLock) lock(sector, sectors uint64) {
+	s := span{sector, sector + max(sectors, 1)}
+	l.mu.Lock()
+	for l.overlaps(s) {
+		l.waiters++
+		l.cond.Wait()
+		l.waiters--
+	}
+	l.held = append(l.held, s)
+	l.mu.Unlock()
+}
+
+func (l *rangeLock) unlock(sector, sectors uint64) {
+	s := span{sector, sector + max(sectors, 1)}
+	l.mu.Lock()
+	for i, h := range l.held {
+		if h == s {
+			l.held[i] = l.held[len(l.held)-1]
+			l.held = l.held[:len(l.held)-1]
+			break
+		}
+	}
+	if l.waiters > 0 {
+		l.cond.Broadcast()
+	}
+	l.mu.Unlock()
+}
+
+var _ io.Closer = (*Agent)(nil)

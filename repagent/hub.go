@@ -1,0 +1,1322 @@
+package repagent
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/RoaringBitmap/roaring/v2"
+	"golang.org/x/sys/unix"
+)
+
+// Volume states reported by the hub.
+const (
+	StateSyncing      = "syncing"       // reading the source into the recovery volume
+	StateProtecting   = "protecting"    // in sync; mirrored writes are applied in order
+	StateDisconnected = "disconnected"  // no agent connection
+	StateFailoverTest = "failover-test" // served to a test VM; mirrored writes are deferred
+)
+
+// HubConfig configures a Hub.
+type HubConfig struct {
+	Store string // directory of recovery volumes and state
+	Name  string // the hub's name in HELLO; default the host name
+	// TLS, when set, wraps every accepted connection (see
+	// TLSFiles.TLSConfig with server true).
+	TLS    *tls.Config
+	Logger *slog.Logger
+	// SyncChunkSectors is the size of remote reads during sync. Default
+	// 2048 (1 MiB); at most MaxIOSectors.
+	SyncChunkSectors uint32
+	// SyncWindow is the number of remote reads outstanding per volume.
+	// Default 4; the connection's total is capped at 16.
+	SyncWindow int
+	// RegionSectors is the granularity of the hub's sync bitmaps. Default
+	// DefaultRegionSectors.
+	RegionSectors uint32
+	// Heartbeat is the interval of heartbeats; an agent silent for four
+	// of them is taken as gone. Default 2 s.
+	Heartbeat time.Duration
+	// CheckpointInterval bounds how long applied writes wait for fsync
+	// and acknowledgement while frames keep arriving. Default 50 ms.
+	CheckpointInterval time.Duration
+	// MaxPayload bounds received frames. Default DefaultMaxPayload.
+	MaxPayload uint32
+	// OnEvent is called, in order and from one goroutine, when a volume
+	// changes state. May be nil.
+	OnEvent func(Event)
+
+	applyDelay time.Duration // tests: a slow hub
+}
+
+// Event is a volume state change.
+type Event struct {
+	VM, Volume string
+	State      string
+	Previous   string
+	Reason     string
+}
+
+// Hub is the replication hub engine: it accepts agents, keeps one recovery
+// volume per protected volume in the store, synchronises it with remote
+// reads and then applies mirrored writes in order. Its state survives a
+// restart. Its methods may be called from any goroutine.
+type Hub struct {
+	// Immutable.
+	cfg     HubConfig
+	log     *slog.Logger
+	session uint64
+
+	mu     sync.Mutex
+	vms    map[string]*hubVM
+	conns  map[*hubConn]struct{}
+	lns    map[net.Listener]struct{}
+	closed bool
+	wg     sync.WaitGroup
+
+	events chan Event
+	evDone chan struct{}
+}
+
+// hubVM is one VM in the store. Fields guarded by Hub.mu.
+type hubVM struct {
+	name     string
+	uuid     string
+	dir      string
+	conn     *hubConn
+	vols     map[string]*hubVolume
+	failover *failoverTest
+}
+
+// hubVolume is one recovery volume. Fields guarded by Hub.mu unless noted.
+type hubVolume struct {
+	// Immutable.
+	vm        *hubVM
+	name      string
+	statePath string
+	imgPath   string
+	log       *slog.Logger
+
+	file *os.File // owned by the connection's engine while connected
+	st   volState // durable state as last saved, updated at checkpoints
+	// Runtime.
+	state          string
+	reason         string
+	conn           *hubConn
+	id             uint64
+	mirror         bool
+	sectors        uint64
+	need           *roaring.Bitmap // regions to read from the source
+	inRead         *roaring.Bitmap // regions of outstanding remote reads
+	stale          *roaring.Bitmap // regions of inRead written meanwhile
+	reads          int             // outstanding remote reads
+	cursor         uint64          // where the next read starts
+	waitingInitial bool            // START_PROTECT sent, initial DIRTY_MAP not yet in
+	readErrors     int
+	syncTotal      uint64 // regions queued for reading in this sync
+	syncDone       uint64 // regions read in this sync
+	remoteBytes    uint64 // bytes read with remote IO since the hub started
+	appliedBytes   uint64 // mirrored bytes applied since the hub started
+	applied        uint64 // last applied sequence
+	backlog        Backlog
+	changed        bool // state to save at the next checkpoint
+	wrote          bool // data to fsync at the next checkpoint
+	testDirty      *roaring.Bitmap
+}
+
+// NewHub opens (creating if needed) the store and loads its state.
+func NewHub(cfg HubConfig) (*Hub, error) {
+	if cfg.Store == "" {
+		return nil, errors.New("repagent hub: no store directory")
+	}
+	if cfg.Name == "" {
+		cfg.Name, _ = os.Hostname()
+		if CheckName(cfg.Name) != nil {
+			cfg.Name = "repagent-hub"
+		}
+	}
+	if cfg.SyncChunkSectors == 0 {
+		cfg.SyncChunkSectors = 2048
+	}
+	cfg.SyncChunkSectors = min(cfg.SyncChunkSectors, MaxIOSectors)
+	if cfg.SyncWindow <= 0 {
+		cfg.SyncWindow = 4
+	}
+	if cfg.RegionSectors == 0 {
+		cfg.RegionSectors = DefaultRegionSectors
+	}
+	if rs := cfg.RegionSectors; rs < 8 || rs > 1<<21 || rs&(rs-1) != 0 {
+		return nil, fmt.Errorf("repagent hub: region size %d sectors: must be a power of two from 8 to %d", rs, 1<<21)
+	}
+	if cfg.SyncChunkSectors < cfg.RegionSectors {
+		cfg.SyncChunkSectors = cfg.RegionSectors
+	}
+	if cfg.Heartbeat <= 0 {
+		cfg.Heartbeat = 2 * time.Second
+	}
+	if cfg.CheckpointInterval <= 0 {
+		cfg.CheckpointInterval = 50 * time.Millisecond
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if err := os.MkdirAll(cfg.Store, 0o700); err != nil {
+		return nil, fmt.Errorf("repagent hub: %w", err)
+	}
+	var sb [8]byte
+	rand.Read(sb[:])
+	h := &Hub{cfg: cfg, log: cfg.Logger.With("component", "repagent-hub"), session: binary.LittleEndian.Uint64(sb[:]),
+		vms: map[string]*hubVM{}, conns: map[*hubConn]struct{}{}, lns: map[net.Listener]struct{}{},
+		events: make(chan Event, 1024), evDone: make(chan struct{})}
+	go h.deliverEvents()
+	listing, err := listStore(cfg.Store)
+	if err != nil {
+		h.Close()
+		return nil, fmt.Errorf("repagent hub: %w", err)
+	}
+	for name, vols := range listing {
+		vm := h.vmLocked(name)
+		if b, err := os.ReadFile(filepath.Join(vm.dir, "vm.json")); err == nil {
+			var meta vmMeta
+			if json.Unmarshal(b, &meta) == nil {
+				vm.uuid = meta.UUID
+			}
+		}
+		for _, vn := range vols {
+			v := h.newVolume(vm, vn)
+			st, err := loadState(v.statePath)
+			if err != nil {
+				h.Close()
+				return nil, fmt.Errorf("repagent hub: %w", err)
+			}
+			if st.FailoverTest {
+				// The hub stopped during a failover test: what the test
+				// VM wrote is unknown, so everything is read again.
+				st.Need = []Extent{{0, regionCount(st.Sectors, st.RegionSectors)}}
+				st.FailoverTest = false
+				st.Synced = false
+			}
+			v.st = *st
+			addExtents(v.need, st.Need, st.RegionSectors, cfg.RegionSectors, regionCount(st.Sectors, cfg.RegionSectors))
+			v.sectors = st.Sectors
+			v.applied = st.AppliedSeq
+			vm.vols[vn] = v
+		}
+	}
+	h.log.Info("store opened", "store", cfg.Store, "vms", len(h.vms))
+	return h, nil
+}
+
+// vmLocked returns the VM named name, creating its record.
+func (h *Hub) vmLocked(name string) *hubVM {
+	vm := h.vms[name]
+	if vm == nil {
+		vm = &hubVM{name: name, dir: filepath.Join(h.cfg.Store, name), vols: map[string]*hubVolume{}}
+		h.vms[name] = vm
+	}
+	return vm
+}
+
+func (h *Hub) newVolume(vm *hubVM, name string) *hubVolume {
+	return &hubVolume{vm: vm, name: name, state: StateDisconnected,
+		statePath: filepath.Join(vm.dir, name+".state.json"), imgPath: filepath.Join(vm.dir, name+".img"),
+		log:  h.log.With("vm", vm.name, "volume", name),
+		need: roaring.New(), inRead: roaring.New(), stale: roaring.New(), testDirty: roaring.New()}
+}
+
+// deliverEvents calls OnEvent in order.
+func (h *Hub) deliverEvents() {
+	defer close(h.evDone)
+	for e := range h.events {
+		if h.cfg.OnEvent != nil {
+			h.cfg.OnEvent(e)
+		}
+	}
+}
+
+// setState changes a volume's state and queues the event; h.mu held.
+func (h *Hub) setState(v *hubVolume, state, reason string) {
+	if v.state == state {
+		return
+	}
+	prev := v.state
+	v.state, v.reason = state, reason
+	v.log.Info("volume state", "state", state, "previous", prev, "reason", reason)
+	select {
+	case h.events <- Event{VM: v.vm.name, Volume: v.name, State: state, Previous: prev, Reason: reason}:
+	default:
+		v.log.Warn("event dropped: queue full", "state", state)
+	}
+}
+
+// Listen listens on addr ("host:port") for agents. Plain TCP (no TLS
+// configured) is refused on a non-loopback address unless insecure.
+func (h *Hub) Listen(addr string, insecure bool) (net.Listener, error) {
+	if h.cfg.TLS == nil {
+		if err := checkPlain(addr, insecure); err != nil {
+			return nil, fmt.Errorf("repagent hub: listen %w", err)
+		}
+	}
+	return net.Listen("tcp", addr)
+}
+
+// Serve accepts agents on ln until ctx is done or Close is called.
+func (h *Hub) Serve(ctx context.Context, ln net.Listener) error {
+	h.mu.Lock()
+	if h.closed {
+		h.mu.Unlock()
+		ln.Close()
+		return errors.New("repagent hub: closed")
+	}
+	h.lns[ln] = struct{}{}
+	h.mu.Unlock()
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	for {
+		nc, err := ln.Accept()
+		if err != nil {
+			h.mu.Lock()
+			closed := h.closed
+			delete(h.lns, ln)
+			h.mu.Unlock()
+			if closed || ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			return fmt.Errorf("repagent hub: accept: %w", err)
+		}
+		h.mu.Lock()
+		if h.closed {
+			h.mu.Unlock()
+			nc.Close()
+			return nil
+		}
+		c := newHubConn(h, nc)
+		h.conns[c] = struct{}{}
+		h.wg.Add(1)
+		h.mu.Unlock()
+		go func() {
+			defer h.wg.Done()
+			c.serve()
+			h.mu.Lock()
+			delete(h.conns, c)
+			h.mu.Unlock()
+		}()
+	}
+}
+
+// Close disconnects every agent after a last checkpoint, stops
+// listening, stops failover tests and closes the store.
+func (h *Hub) Close() error { return h.stop(true) }
+
+// abort stops like a killed process: no last checkpoint.
+func (h *Hub) abort() { h.stop(false) }
+
+func (h *Hub) stop(graceful bool) error {
+	h.mu.Lock()
+	if h.closed {
+		h.mu.Unlock()
+		return nil
+	}
+	h.closed = true
+	for ln := range h.lns {
+		ln.Close()
+	}
+	var tests []*failoverTest
+	for _, vm := range h.vms {
+		if vm.failover != nil {
+			tests = append(tests, vm.failover)
+		}
+	}
+	for c := range h.conns {
+		c.graceful = graceful
+		c.shut()
+	}
+	h.mu.Unlock()
+	h.wg.Wait()
+	for _, t := range tests {
+		t.close()
+	}
+	h.mu.Lock()
+	for _, vm := range h.vms {
+		for _, v := range vm.vols {
+			if v.file != nil {
+				v.file.Close()
+				v.file = nil
+			}
+		}
+	}
+	h.mu.Unlock()
+	close(h.events)
+	<-h.evDone
+	return nil
+}
+
+// hubConn is one agent connection. Its engine goroutine owns the writer,
+// the volumes' files and the outstanding requests.
+type hubConn struct {
+	h        *Hub
+	nc       net.Conn
+	log      *slog.Logger
+	w        *Writer
+	frames   chan Frame
+	readErr  chan error
+	kick     chan struct{}
+	done     chan struct{}
+	once     sync.Once
+	graceful bool // guarded by h.mu: checkpoint on shutdown
+
+	// Owned by the engine goroutine.
+	vm       *hubVM
+	session  uint64
+	byID     map[uint64]*hubVolume
+	nextID   uint64
+	reqs     map[uint64]*readReq
+	nextReq  uint64
+	lastSeq  uint64 // last sequence received
+	ackedSeq uint64
+	lastCkpt time.Time
+	pending  bool // applied or changed since the last checkpoint
+	shutdown bool // AGENT_SHUTDOWN received
+}
+
+// readReq is an outstanding remote read.
+type readReq struct {
+	v            *hubVolume
+	first, count uint64 // regions
+	sector       uint64
+	sectors      uint32
+}
+
+func newHubConn(h *Hub, nc net.Conn) *hubConn {
+	return &hubConn{h: h, nc: nc, log: h.log.With("peer", nc.RemoteAddr().String()),
+		frames: make(chan Frame, 64), readErr: make(chan error, 1), kick: make(chan struct{}, 1),
+		done: make(chan struct{}), byID: map[uint64]*hubVolume{}, reqs: map[uint64]*readReq{}, graceful: true}
+}
+
+func (c *hubConn) shut() {
+	c.once.Do(func() {
+		close(c.done)
+		c.nc.Close()
+	})
+}
+
+// poke wakes the engine (state changed from outside).
+func (c *hubConn) poke() {
+	select {
+	case c.kick <- struct{}{}:
+	default:
+	}
+}
+
+// protoErr ends the connection with a logged reason.
+type protoErr struct{ err error }
+
+func (e protoErr) Error() string { return e.err.Error() }
+func (e protoErr) Unwrap() error { return e.err }
+
+func (c *hubConn) bad(format string, args ...any) error {
+	return protoErr{malformed(format, args...)}
+}
+
+// serve runs the connection: TLS, HELLO, then the engine.
+func (c *hubConn) serve() {
+	defer c.shut()
+	h := c.h
+	if h.cfg.TLS != nil {
+		tc := tls.Server(c.nc, h.cfg.TLS)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		err := tc.HandshakeContext(ctx)
+		cancel()
+		if err != nil {
+			c.log.Warn("tls handshake failed: connection refused", "err", err)
+			return
+		}
+		cn := "(none)"
+		if pc := tc.ConnectionState().PeerCertificates; len(pc) > 0 {
+			cn = pc[0].Subject.CommonName
+		}
+		c.log = c.log.With("client_cert", cn)
+		c.nc = tc
+	}
+	r := NewReader(c.nc, h.cfg.MaxPayload)
+	r.noReuse = true
+	c.w = NewWriter(c.nc)
+	c.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	f, err := r.ReadFrame()
+	if err != nil {
+		c.log.Warn("no hello", "err", err)
+		return
+	}
+	m, err := Decode(f)
+	hello, ok := m.(*Hello)
+	if err == nil && (!ok || hello.Reply) {
+		err = malformed("%s where HELLO was expected", f.Cmd)
+	}
+	if err != nil {
+		c.log.Error("closing connection: bad frame", "reason", err)
+		return
+	}
+	if err := c.attach(hello); err != nil {
+		c.log.Error("closing connection", "reason", err)
+		return
+	}
+	c.log.Info("agent connected", "session", fmt.Sprintf("%016x", hello.Session))
+	if err := c.send(&Hello{Reply: true, MaxVersion: uint16(Version), Session: h.session, Name: h.cfg.Name}); err != nil {
+		c.detach(err)
+		return
+	}
+	go c.readLoop(r)
+	err = c.engine()
+	c.detach(err)
+}
+
+// attach binds the connection to its VM, replacing an older connection of
+// the same VM (an agent that reconnects before the hub saw the old link
+// die).
+func (c *hubConn) attach(hello *Hello) error {
+	h := c.h
+	uuid := hex.EncodeToString(hello.UUID[:])
+	for {
+		h.mu.Lock()
+		if h.closed {
+			h.mu.Unlock()
+			return errors.New("hub closing")
+		}
+		vm := h.vmLocked(hello.Name)
+		if vm.uuid != "" && vm.uuid != uuid {
+			h.mu.Unlock()
+			return fmt.Errorf("vm %q is registered with uuid %s, agent says %s", hello.Name, vm.uuid, uuid)
+		}
+		if old := vm.conn; old != nil && old != c {
+			h.mu.Unlock()
+			c.log.Info("replacing the VM's previous connection")
+			old.shut()
+			select {
+			case <-old.done:
+			case <-time.After(10 * time.Second):
+				return errors.New("previous connection did not go away")
+			}
+			// detach clears vm.conn; wait for it.
+			for i := 0; i < 1000; i++ {
+				h.mu.Lock()
+				gone := vm.conn != old
+				h.mu.Unlock()
+				if gone {
+					break
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			continue
+		}
+		if vm.uuid == "" {
+			if err := os.MkdirAll(vm.dir, 0o700); err != nil {
+				h.mu.Unlock()
+				return err
+			}
+			b, _ := json.Marshal(vmMeta{Name: vm.name, UUID: uuid})
+			if err := writeFileSync(filepath.Join(vm.dir, "vm.json"), b); err != nil {
+				h.mu.Unlock()
+				return err
+			}
+			vm.uuid = uuid
+		}
+		vm.conn = c
+		c.vm = vm
+		c.session = hello.Session
+		c.log = c.log.With("vm", vm.name)
+		h.mu.Unlock()
+		return nil
+	}
+}
+
+// detach ends the connection: outstanding reads go back to need, the
+// state is checkpointed (unless the hub is being killed) and the volumes
+// are disconnected.
+func (c *hubConn) detach(err error) {
+	c.shut()
+	h := c.h
+	var pe protoErr
+	switch {
+	case errors.As(err, &pe):
+		c.log.Error("closing connection: bad frame", "reason", pe.err)
+	case err != nil && !c.shutdown:
+		c.log.Warn("agent connection lost", "err", err)
+	default:
+		c.log.Info("agent disconnected")
+	}
+	h.mu.Lock()
+	graceful := c.graceful
+	for _, v := range c.byID {
+		v.need.Or(v.inRead)
+		v.inRead.Clear()
+		v.stale.Clear()
+		v.reads = 0
+		v.changed = true
+	}
+	h.mu.Unlock()
+	if graceful {
+		c.checkpoint(false)
+	}
+	h.mu.Lock()
+	for _, v := range c.byID {
+		v.conn = nil
+		v.id = 0
+		v.mirror = false
+		v.backlog = Backlog{}
+		if v.state != StateFailoverTest {
+			reason := "agent disconnected"
+			if c.shutdown {
+				reason = "agent shut down cleanly"
+			}
+			h.setState(v, StateDisconnected, reason)
+		}
+	}
+	if c.vm != nil && c.vm.conn == c {
+		c.vm.conn = nil
+	}
+	h.mu.Unlock()
+}
+
+// readLoop feeds frames to the engine.
+func (c *hubConn) readLoop(r *Reader) {
+	for {
+		c.nc.SetReadDeadline(time.Now().Add(peerTimeout(c.h.cfg.Heartbeat)))
+		f, err := r.ReadFrame()
+		if err != nil {
+			c.readErr <- err
+			return
+		}
+		select {
+		case c.frames <- f:
+		case <-c.done:
+			return
+		}
+	}
+}
+
+// send writes one message and flushes.
+func (c *hubConn) send(m Message) error {
+	if err := c.write(m); err != nil {
+		return err
+	}
+	return c.w.Flush()
+}
+
+func (c *hubConn) write(m Message) error {
+	c.nc.SetWriteDeadline(time.Now().Add(peerTimeout(c.h.cfg.Heartbeat)))
+	return c.w.WriteMessage(m)
+}
+
+// engine handles frames in order, issues remote reads, checkpoints and
+// acknowledges, until the connection ends.
+func (c *hubConn) engine() error {
+	h := c.h
+	hb := time.NewTicker(h.cfg.Heartbeat)
+	defer hb.Stop()
+	ckpt := time.NewTimer(time.Hour)
+	ckpt.Stop()
+	armed := false
+	c.lastCkpt = time.Now()
+	for {
+		select {
+		case <-c.done:
+			return errors.New("connection closed")
+		case err := <-c.readErr:
+			if errors.Is(err, io.EOF) && c.shutdown {
+				return nil
+			}
+			if errors.Is(err, ErrMalformed) {
+				return protoErr{err}
+			}
+			return err
+		case f := <-c.frames:
+			if err := c.handle(f); err != nil {
+				return err
+			}
+			// Handle what is already here before deciding to
+			// checkpoint, within the interval.
+		batch:
+			for time.Since(c.lastCkpt) < h.cfg.CheckpointInterval {
+				select {
+				case f := <-c.frames:
+					if err := c.handle(f); err != nil {
+						return err
+					}
+				default:
+					break batch
+				}
+			}
+		case <-c.kick:
+			c.pending = true // state changed from outside: save it
+		case <-ckpt.C:
+			armed = false
+		case <-hb.C:
+			if err := c.write(&Heartbeat{}); err != nil {
+				return err
+			}
+		}
+		if err := c.pump(); err != nil {
+			return err
+		}
+		if c.pending {
+			if wait := minCheckpointGap - time.Since(c.lastCkpt); wait > 0 && len(c.frames) == 0 {
+				if !armed {
+					ckpt.Reset(wait)
+					armed = true
+				}
+			} else if err := c.checkpoint(true); err != nil {
+				return err
+			}
+		}
+		if err := c.w.Flush(); err != nil {
+			return err
+		}
+	}
+}
+
+// minCheckpointGap is the least time between two checkpoints: writes
+// arriving one by one are fsynced and acknowledged in small batches.
+const minCheckpointGap = 5 * time.Millisecond
+
+// handle processes one frame.
+func (c *hubConn) handle(f Frame) error {
+	m, err := Decode(f)
+	if err != nil {
+		return protoErr{err}
+	}
+	if c.shutdown {
+		return c.bad("%s after AGENT_SHUTDOWN", f.Cmd)
+	}
+	switch m := m.(type) {
+	case *ReportVolumes:
+		return c.report(m)
+	case *DirtyMap:
+		return c.dirtyMap(m)
+	case *ProtectedWrite:
+		return c.protectedWrite(m)
+	case *RemoteIORes:
+		return c.remoteIORes(m)
+	case *Heartbeat:
+		h := c.h
+		h.mu.Lock()
+		for _, b := range m.Backlog {
+			if v := c.byID[b.Volume]; v != nil {
+				v.backlog = b
+			}
+		}
+		h.mu.Unlock()
+		return nil
+	case *AgentShutdown:
+		if m.Reply {
+			return c.bad("%s with the reply flag from an agent", f.Cmd)
+		}
+		return c.agentShutdown()
+	}
+	return c.bad("%s is not sent by an agent", f.Cmd)
+}
+
+// report handles REPORT_VM_VOLUMES: new volumes get an id and, when the
+// agent asks for protection, the decision of what to resync.
+func (c *hubConn) report(m *ReportVolumes) error {
+	h := c.h
+	type start struct {
+		msg *StartProtect
+	}
+	var starts []start
+	h.mu.Lock()
+	reported := map[string]bool{}
+	for _, vi := range m.Volumes {
+		reported[vi.Name] = true
+		if regionCount(vi.Sectors, h.cfg.RegionSectors) > maxTrackedRegions {
+			h.mu.Unlock()
+			return c.bad("%s: volume %q of %d sectors is too large", m.Cmd(), vi.Name, vi.Sectors)
+		}
+		v := c.vm.vols[vi.Name]
+		if v != nil && v.conn == c {
+			if v.sectors == vi.Sectors && v.mirror == vi.Protect {
+				continue
+			}
+			if v.mirror && v.sectors != vi.Sectors {
+				// Resized: resync all of it.
+				if err := c.resize(v, vi.Sectors); err != nil {
+					h.mu.Unlock()
+					return err
+				}
+				continue
+			}
+		}
+		if v == nil {
+			v = h.newVolume(c.vm, vi.Name)
+			c.vm.vols[vi.Name] = v
+		}
+		if v.conn != c {
+			c.nextID++
+			v.id = c.nextID
+			v.conn = c
+			c.byID[v.id] = v
+		}
+		v.mirror = vi.Protect
+		if !vi.Protect {
+			v.sectors = vi.Sectors
+			starts = append(starts, start{&StartProtect{Volume: v.id, Name: v.name}})
+			continue
+		}
+		if err := c.protect(v, vi.Sectors); err != nil {
+			h.mu.Unlock()
+			return fmt.Errorf("volume %s: %w", v.name, err)
+		}
+		starts = append(starts, start{&StartProtect{Volume: v.id, Name: v.name, Mirror: true}})
+	}
+	for id, v := range c.byID {
+		if !reported[v.name] {
+			delete(c.byID, id)
+			v.conn, v.id, v.mirror = nil, 0, false
+			v.need.Or(v.inRead)
+			v.inRead.Clear()
+			if v.state != StateFailoverTest {
+				h.setState(v, StateDisconnected, "no longer reported")
+			}
+		}
+	}
+	h.mu.Unlock()
+	for _, s := range starts {
+		if err := c.write(s.msg); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// protect opens a volume's recovery file and decides what to resync;
+// h.mu held.
+func (c *hubConn) protect(v *hubVolume, sectors uint64) error {
+	h := c.h
+	fresh := v.st.Version == 0
+	if err := os.MkdirAll(v.vm.dir, 0o700); err != nil {
+		return err
+	}
+	if v.file == nil {
+		f, err := os.OpenFile(v.imgPath, os.O_RDWR|os.O_CREATE, 0o600)
+		if err != nil {
+			return err
+		}
+		v.file = f
+	}
+	if err := v.file.Truncate(int64(sectors) * SectorSize); err != nil {
+		return err
+	}
+	regions := regionCount(sectors, h.cfg.RegionSectors)
+	v.need.Clear()
+	v.inRead.Clear()
+	v.stale.Clear()
+	v.cursor = 0
+	v.readErrors = 0
+	var reason string
+	full := false
+	switch {
+	case fresh:
+		full, reason = true, "initial sync"
+	case v.st.Sectors != sectors || v.st.RegionSectors != h.cfg.RegionSectors:
+		full, reason = true, fmt.Sprintf("full resync: size changed from %d to %d sectors", v.st.Sectors, sectors)
+	case !v.st.Synced:
+		addExtents(v.need, v.st.Need, v.st.RegionSectors, h.cfg.RegionSectors, regions)
+		reason = "resuming the initial sync"
+	case v.st.Clean:
+		addExtents(v.need, v.st.Need, v.st.RegionSectors, h.cfg.RegionSectors, regions)
+		reason = "resume after clean agent shutdown: no resync"
+	case v.st.Session == c.session:
+		addExtents(v.need, v.st.Need, v.st.RegionSectors, h.cfg.RegionSectors, regions)
+		reason = "resync after unclean disconnect: the agent's dirty map and what was in flight"
+	default:
+		full, reason = true, "full resync: the agent restarted after an unclean disconnect, neither side can tell what changed"
+	}
+	if full {
+		v.need.AddRange(0, regions)
+	}
+	v.sectors = sectors
+	v.syncTotal, v.syncDone = v.need.GetCardinality(), 0
+	v.waitingInitial = true
+	v.st.Sectors = sectors
+	v.st.RegionSectors = h.cfg.RegionSectors
+	v.st.Session = c.session
+	v.st.Clean = false
+	v.st.Need = extentsOf(v.need)
+	v.st.Protecting = false
+	if full {
+		v.st.Synced = false
+	}
+	// Recorded before anything else happens, so that a crash from now on
+	// is an unclean disconnect of this session.
+	if err := saveState(v.statePath, &v.st); err != nil {
+		return err
+	}
+	v.log.Info("protection starting", "reason", reason, "resync_regions", v.need.GetCardinality(), "id", v.id)
+	if v.state != StateFailoverTest {
+		h.setState(v, StateSyncing, reason)
+	} else {
+		v.reason = reason
+	}
+	return nil
+}
+
+// resize handles a protected volume reported with a new size; h.mu held.
+func (c *hubConn) resize(v *hubVolume, sectors uint64) error {
+	v.log.Info("volume resized", "old_sectors", v.sectors, "new_sectors", sectors)
+	if err := v.file.Truncate(int64(sectors) * SectorSize); err != nil {
+		return err
+	}
+	regions := regionCount(sectors, c.h.cfg.RegionSectors)
+	v.sectors = sectors
+	v.need.Or(v.inRead)
+	v.need.RemoveRange(regions, maxTrackedRegions)
+	v.need.AddRange(0, regions)
+	v.syncTotal, v.syncDone = regions, 0
+	v.st.Sectors = sectors
+	v.changed = true
+	c.pending = true
+	if v.state != StateFailoverTest {
+		c.h.setState(v, StateSyncing, "full resync: size changed")
+	}
+	return nil
+}
+
+// mirrored returns the mirrored volume of id or a protocol error.
+func (c *hubConn) mirrored(cmd Cmd, id uint64) (*hubVolume, error) {
+	v := c.byID[id]
+	if v == nil {
+		return nil, c.bad("%s: unknown volume id %d", cmd, id)
+	}
+	if !v.mirror {
+		return nil, c.bad("%s: volume %q is not protected", cmd, v.name)
+	}
+	return v, nil
+}
+
+// nextSeq checks that sequence numbers increase.
+func (c *hubConn) nextSeqOK(cmd Cmd, seq uint64) error {
+	if seq <= c.lastSeq {
+		return c.bad("%s: sequence %d after %d", cmd, seq, c.lastSeq)
+	}
+	c.lastSeq = seq
+	return nil
+}
+
+// dirtyMap adds the agent's dirty regions to what must be read.
+func (c *hubConn) dirtyMap(m *DirtyMap) error {
+	h := c.h
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	v, err := c.mirrored(m.Cmd(), m.Volume)
+	if err != nil {
+		return err
+	}
+	if err := c.nextSeqOK(m.Cmd(), m.Seq); err != nil {
+		return err
+	}
+	if m.Initial != v.waitingInitial {
+		return c.bad("%s: initial flag %v when %v was expected", m.Cmd(), m.Initial, v.waitingInitial)
+	}
+	limit := regionCount(v.sectors, m.RegionSectors)
+	if n := len(m.Extents); n > 0 && m.Extents[n-1].Start+m.Extents[n-1].Count > limit {
+		return c.bad("%s: extents beyond the %d regions of volume %q", m.Cmd(), limit, v.name)
+	}
+	add := roaring.New()
+	addExtents(add, m.Extents, m.RegionSectors, h.cfg.RegionSectors, regionCount(v.sectors, h.cfg.RegionSectors))
+	c.markNeed(v, add)
+	v.waitingInitial = false
+	if n := add.GetCardinality(); n > 0 {
+		v.log.Info("dirty map received", "regions", n, "initial", m.Initial)
+	}
+	v.changed = true
+	c.pending = true
+	return nil
+}
+
+// markNeed adds regions to be read; regions being read are marked stale so
+// they are read again. h.mu held.
+func (c *hubConn) markNeed(v *hubVolume, add *roaring.Bitmap) {
+	if add.IsEmpty() {
+		return
+	}
+	inFlight := roaring.And(add, v.inRead)
+	v.stale.Or(inFlight)
+	add.AndNot(v.inRead)
+	before := v.need.GetCardinality()
+	v.need.Or(add)
+	v.syncTotal += v.need.GetCardinality() - before + inFlight.GetCardinality()
+	if v.state == StateProtecting {
+		c.h.setState(v, StateSyncing, "resync of regions the agent could not mirror")
+	}
+}
+
+// protectedWrite applies a mirrored write to the recovery volume.
+func (c *hubConn) protectedWrite(m *ProtectedWrite) error {
+	h := c.h
+	h.mu.Lock()
+	v, err := c.mirrored(m.Cmd(), m.Volume)
+	if err == nil {
+		err = c.nextSeqOK(m.Cmd(), m.Seq)
+	}
+	if err == nil && v.waitingInitial {
+		err = c.bad("%s: write before the initial DIRTY_MAP of volume %q", m.Cmd(), v.name)
+	}
+	if err == nil && (m.Sector >= v.sectors || uint64(m.Sectors) > v.sectors-m.Sector) {
+		err = c.bad("%s: %d sectors at %d outside volume %q of %d sectors", m.Cmd(), m.Sectors, m.Sector, v.name, v.sectors)
+	}
+	if err != nil {
+		h.mu.Unlock()
+		return err
+	}
+	regions := roaring.New()
+	addSectors(regions, m.Sector, uint64(m.Sectors), h.cfg.RegionSectors)
+	apply := true
+	switch {
+	case v.state == StateFailoverTest:
+		// The replica is frozen for the test: read it all later.
+		c.markNeed(v, regions)
+		apply = false
+	case m.Status != StatusOK || m.Discard:
+		// The source's content is unknown (failed write) or whatever
+		// the target makes of a discard: read it back.
+		c.markNeed(v, regions)
+		apply = false
+	default:
+		// Regions being read now may or may not include this write:
+		// read them again.
+		v.stale.Or(roaring.And(regions, v.inRead))
+	}
+	v.applied = m.Seq
+	v.changed = true
+	c.pending = true
+	f := v.file
+	h.mu.Unlock()
+	if !apply {
+		return nil
+	}
+	if d := h.cfg.applyDelay; d > 0 {
+		time.Sleep(d)
+	}
+	off := int64(m.Sector) * SectorSize
+	n := int64(m.Sectors) * SectorSize
+	if m.Zeroes {
+		err = zeroRange(f, off, n)
+	} else {
+		_, err = f.WriteAt(m.Data[0], off)
+	}
+	if err != nil {
+		return fmt.Errorf("volume %s: apply write: %w", v.name, err)
+	}
+	h.mu.Lock()
+	v.wrote = true
+	if !m.Zeroes {
+		v.appliedBytes += uint64(n)
+	}
+	h.mu.Unlock()
+	return nil
+}
+
+// zeroRange zeroes n bytes at off, punching a hole where the file system
+// can.
+func zeroRange(f *os.File, off, n int64) error {
+	err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	if err == nil {
+		return nil
+	}
+	zero := make([]byte, min(n, 1<<20))
+	for n > 0 {
+		k := min(n, int64(len(zero)))
+		if _, err := f.WriteAt(zero[:k], off); err != nil {
+			return err
+		}
+		off += k
+		n -= k
+	}
+	return nil
+}
+
+// remoteIORes writes a remote read's data into the recovery volume.
+func (c *hubConn) remoteIORes(m *RemoteIORes) error {
+	h := c.h
+	rq := c.reqs[m.ID]
+	if rq == nil {
+		return c.bad("%s: unknown request id %d", m.Cmd(), m.ID)
+	}
+	if rq.v.id != m.Volume || rq.sectors != m.Sectors || m.Written {
+		return c.bad("%s: request %d was %d sectors of volume id %d, answer is %d sectors of %d",
+			m.Cmd(), m.ID, rq.sectors, rq.v.id, m.Sectors, m.Volume)
+	}
+	delete(c.reqs, m.ID)
+	v := rq.v
+	var err error
+	if m.Status == StatusOK {
+		off := int64(rq.sector) * SectorSize
+		if m.Zero {
+			err = zeroRange(v.file, off, int64(m.Sectors)*SectorSize)
+		} else {
+			_, err = v.file.WriteAt(m.Data[0], off)
+		}
+		if err != nil {
+			return fmt.Errorf("volume %s: write recovery volume: %w", v.name, err)
+		}
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	v.reads--
+	v.inRead.RemoveRange(rq.first, rq.first+rq.count)
+	if m.Status != StatusOK {
+		v.readErrors++
+		v.log.Warn("remote read failed", "sector", rq.sector, "sectors", rq.sectors, "status", m.Status)
+		v.need.AddRange(rq.first, rq.first+rq.count)
+		return nil
+	}
+	v.readErrors = 0
+	v.wrote = true
+	v.changed = true
+	c.pending = true
+	v.remoteBytes += uint64(m.Sectors) * SectorSize
+	v.syncDone += rq.count
+	// Regions written while this read was out: read them again.
+	again := roaring.New()
+	again.AddRange(rq.first, rq.first+rq.count)
+	again.And(v.stale)
+	v.stale.AndNot(again)
+	v.need.Or(again)
+	return nil
+}
+
+// maxReadsPerConn caps a connection's outstanding remote reads below the
+// agent's concurrency, so that the agent never stops reading.
+const maxReadsPerConn = 16
+
+// pump issues remote reads for syncing volumes and declares those that
+// converged protected.
+func (c *hubConn) pump() error {
+	h := c.h
+	h.mu.Lock()
+	var reqs []*RemoteIOReq
+	vols := make([]*hubVolume, 0, len(c.byID))
+	for _, v := range c.byID {
+		vols = append(vols, v)
+	}
+	slices.SortFunc(vols, func(a, b *hubVolume) int { return int(a.id) - int(b.id) })
+	for _, v := range vols {
+		if !v.mirror || v.waitingInitial || v.state == StateFailoverTest {
+			continue
+		}
+		chunk := uint64(h.cfg.SyncChunkSectors / h.cfg.RegionSectors)
+		for v.reads < h.cfg.SyncWindow && len(c.reqs) < maxReadsPerConn && !v.need.IsEmpty() && v.readErrors < 5 {
+			first, count := nextRun(v.need, v.cursor, chunk)
+			v.need.RemoveRange(first, first+count)
+			v.inRead.AddRange(first, first+count)
+			v.cursor = first + count
+			v.reads++
+			sector := first * uint64(h.cfg.RegionSectors)
+			sectors := min(count*uint64(h.cfg.RegionSectors), v.sectors-sector)
+			c.nextReq++
+			rq := &readReq{v: v, first: first, count: count, sector: sector, sectors: uint32(sectors)}
+			c.reqs[c.nextReq] = rq
+			reqs = append(reqs, &RemoteIOReq{ID: c.nextReq, Volume: v.id, Sector: sector, Sectors: uint32(sectors)})
+		}
+		if v.readErrors >= 5 && v.state == StateSyncing && v.reads == 0 {
+			if v.reason != "remote reads failing" {
+				v.reason = "remote reads failing"
+				v.log.Error("sync stalled: remote reads keep failing; retrying after the next reconnect")
+			}
+		}
+		if v.state == StateSyncing && v.need.IsEmpty() && v.inRead.IsEmpty() {
+			v.syncTotal, v.syncDone = 0, 0
+			v.st.Synced = true
+			v.changed = true
+			c.pending = true
+			h.setState(v, StateProtecting, "in sync")
+		}
+	}
+	h.mu.Unlock()
+	for _, r := range reqs {
+		if err := c.write(r); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// nextRun returns the first run of set bits at or after cursor (wrapping
+// to 0), at most max long; bm is not empty.
+func nextRun(bm *roaring.Bitmap, cursor, maxLen uint64) (first, count uint64) {
+	it := bm.Iterator()
+	it.AdvanceIfNeeded(uint32(min(cursor, maxTrackedRegions-1)))
+	if !it.HasNext() {
+		it = bm.Iterator()
+	}
+	first = uint64(it.Next())
+	count = 1
+	for count < maxLen && it.HasNext() && uint64(it.PeekNext()) == first+count {
+		it.Next()
+		count++
+	}
+	return first, count
+}
+
+// checkpoint makes applied data durable, saves changed volume states and
+// acknowledges what they cover.
+func (c *hubConn) checkpoint(ack bool) error {
+	h := c.h
+	type save struct {
+		v  *hubVolume
+		st volState
+		f  *os.File
+		fs bool
+	}
+	var saves []save
+	h.mu.Lock()
+	for _, v := range c.byID {
+		if !v.changed && !v.wrote {
+			continue
+		}
+		if v.mirror {
+			need := v.need.Clone()
+			need.Or(v.inRead)
+			v.st.Need = extentsOf(need)
+			v.st.AppliedSeq = v.applied
+			v.st.Protecting = v.state == StateProtecting
+			v.st.FailoverTest = v.state == StateFailoverTest
+		}
+		saves = append(saves, save{v: v, st: v.st, f: v.file, fs: v.wrote})
+		v.changed, v.wrote = false, false
+	}
+	h.mu.Unlock()
+	for _, s := range saves {
+		if s.fs && s.f != nil {
+			if err := unix.Fdatasync(int(s.f.Fd())); err != nil {
+				return fmt.Errorf("volume %s: fsync: %w", s.v.name, err)
+			}
+		}
+		if s.v.mirror && s.v.st.Version != 0 {
+			if err := saveState(s.v.statePath, &s.st); err != nil {
+				return fmt.Errorf("volume %s: save state: %w", s.v.name, err)
+			}
+		}
+	}
+	c.pending = false
+	c.lastCkpt = time.Now()
+	if ack && c.lastSeq > c.ackedSeq {
+		c.ackedSeq = c.lastSeq
+		return c.write(&WriteAck{Seq: c.lastSeq})
+	}
+	return nil
+}
+
+// agentShutdown records a clean stop: every volume resumes without resync
+// next time.
+func (c *hubConn) agentShutdown() error {
+	h := c.h
+	h.mu.Lock()
+	for _, v := range c.byID {
+		if v.mirror && !v.waitingInitial {
+			v.st.Clean = true
+			v.changed = true
+		}
+	}
+	h.mu.Unlock()
+	c.pending = true
+	if err := c.checkpoint(true); err != nil {
+		return err
+	}
+	c.shutdown = true
+	c.log.Info("agent shut down cleanly")
+	return c.send(&AgentShutdown{Reply: true})
+}
+
+// VolumeStatus is one recovery volume in the hub's status.
+type VolumeStatus struct {
+	Volume          string  `json:"volume"`
+	State           string  `json:"state"`
+	Reason          string  `json:"reason"`
+	Sectors         uint64  `json:"sectors"`
+	SyncTotalBytes  uint64  `json:"sync-total-bytes"` // of this sync pass
+	SyncDoneBytes   uint64  `json:"sync-done-bytes"`
+	SyncProgress    float64 `json:"sync-progress"`   // 0 to 1; 1 when protecting
+	ResyncBytes     uint64  `json:"resync-bytes"`    // still to read from the source
+	BacklogIOs      uint64  `json:"backlog-ios"`     // agent's unacknowledged writes
+	BacklogBytes    uint64  `json:"backlog-bytes"`   // their bytes
+	BacklogSeconds  float64 `json:"backlog-seconds"` // age of the oldest
+	SyncMirroring   bool    `json:"sync-mirroring"`  // past fall-behind
+	AppliedSeq      uint64  `json:"applied-sequence"`
+	AppliedBytes    uint64  `json:"applied-bytes"`     // since the hub started
+	RemoteReadBytes uint64  `json:"remote-read-bytes"` // since the hub started
+	Replica         string  `json:"replica"`
+}
+
+// VMStatus is one VM in the hub's status.
+type VMStatus struct {
+	VM        string         `json:"vm"`
+	UUID      string         `json:"uuid"`
+	Connected bool           `json:"connected"`
+	Peer      string         `json:"peer,omitempty"`
+	Volumes   []VolumeStatus `json:"volumes"`
+}
+
+// Status returns every VM and volume, sorted by name.
+func (h *Hub) Status() []VMStatus {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	out := []VMStatus{}
+	for _, vm := range h.vms {
+		s := VMStatus{VM: vm.name, UUID: formatUUID(vm.uuid), Connected: vm.conn != nil, Volumes: []VolumeStatus{}}
+		if vm.conn != nil {
+			s.Peer = vm.conn.nc.RemoteAddr().String()
+		}
+		for _, v := range vm.vols {
+			if !v.mirror && v.st.Version == 0 {
+				continue // reported, never protected
+			}
+			rs := uint64(h.cfg.RegionSectors) * SectorSize
+			vs := VolumeStatus{Volume: v.name, State: v.state, Reason: v.reason, Sectors: v.sectors,
+				SyncTotalBytes: v.syncTotal * rs, SyncDoneBytes: v.syncDone * rs,
+				ResyncBytes: (v.need.GetCardinality() + v.inRead.GetCardinality()) * rs,
+				BacklogIOs:  v.backlog.IOs, BacklogBytes: v.backlog.Bytes, BacklogSeconds: float64(v.backlog.AgeMillis) / 1000,
+				SyncMirroring: v.backlog.Sync, AppliedSeq: v.applied, AppliedBytes: v.appliedBytes,
+				RemoteReadBytes: v.remoteBytes, Replica: v.imgPath}
+			if v.state == StateDisconnected && v.st.Version != 0 {
+				need := uint64(0)
+				for _, e := range v.st.Need {
+					need += e.Count
+				}
+				vs.ResyncBytes = max(vs.ResyncBytes, need*rs)
+			}
+			switch {
+			case v.state == StateProtecting:
+				vs.SyncProgress = 1
+			case v.syncTotal > 0:
+				vs.SyncProgress = min(1, float64(v.syncDone)/float64(v.syncTotal))
+			}
+			s.Volumes = append(s.Volumes, vs)
+		}
+		slices.SortFunc(s.Volumes, func(a, b VolumeStatus) int { return strings.Compare(a.Volume, b.Volume) })
+		out = append(out, s)
+	}
+	slices.SortFunc(out, func(a, b VMStatus) int { return strings.Compare(a.VM, b.VM) })
+	return out
+}
+
+// formatUUID formats 32 hex digits as 8-4-4-4-12.
+func formatUUID(h string) string {
+	if len(h) != 32 {
+		return h
+	}
+	return h[:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
+}

@@ -1,0 +1,135 @@
+package repagent
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// The hub's store: one directory per VM under the store root, holding
+//
+//	vm.json            {"name", "uuid"}
+//	VOLUME.img         the recovery volume, a sparse file of the source's size
+//	VOLUME.state.json  the volume's durable state (volState)
+//
+// State files are replaced atomically (write, fsync, rename, fsync dir).
+
+// stateVersion is the version of volState files.
+const stateVersion = 1
+
+// volState is a recovery volume's durable state.
+type volState struct {
+	Version       int      `json:"version"`
+	Sectors       uint64   `json:"sectors"`
+	RegionSectors uint32   `json:"region-sectors"`
+	Session       uint64   `json:"session"`       // agent session of the last connection
+	Clean         bool     `json:"clean"`         // the last connection ended with AGENT_SHUTDOWN
+	Synced        bool     `json:"synced"`        // the initial sync completed once
+	AppliedSeq    uint64   `json:"applied-seq"`   // last mirrored sequence applied
+	Need          []Extent `json:"need"`          // regions still to read from the source
+	Protecting    bool     `json:"protecting"`    // in protection when last written
+	FailoverTest  bool     `json:"failover-test"` // a failover test was running
+}
+
+// vmMeta is a VM's identity in the store.
+type vmMeta struct {
+	Name string `json:"name"`
+	UUID string `json:"uuid"`
+}
+
+// writeFileSync replaces path with data durably.
+func writeFileSync(path string, data []byte) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return err
+	}
+	d, err := os.Open(filepath.Dir(path))
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// saveState writes a volume's state durably.
+func saveState(path string, st *volState) error {
+	st.Version = stateVersion
+	b, err := json.MarshalIndent(st, "", "  ")
+	if err != nil {
+		return err
+	}
+	return writeFileSync(path, b)
+}
+
+// loadState reads a volume's state; a missing file is (nil, nil).
+func loadState(path string) (*volState, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	st := &volState{}
+	if err := json.Unmarshal(b, st); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if st.Version != stateVersion {
+		return nil, fmt.Errorf("%s: state version %d, want %d", path, st.Version, stateVersion)
+	}
+	if rs := st.RegionSectors; rs < 8 || rs > 1<<21 || rs&(rs-1) != 0 {
+		return nil, fmt.Errorf("%s: bad region size %d", path, rs)
+	}
+	limit := regionCount(st.Sectors, st.RegionSectors)
+	for _, e := range st.Need {
+		if e.Count == 0 || e.Start+e.Count < e.Start || e.Start+e.Count > limit {
+			return nil, fmt.Errorf("%s: need extent %d+%d outside %d regions", path, e.Start, e.Count, limit)
+		}
+	}
+	return st, nil
+}
+
+// listStore returns the VM directories and their volume names.
+func listStore(root string) (map[string][]string, error) {
+	out := map[string][]string{}
+	ents, err := os.ReadDir(root)
+	if err != nil {
+		return nil, err
+	}
+	for _, e := range ents {
+		if !e.IsDir() || CheckName(e.Name()) != nil {
+			continue
+		}
+		files, err := os.ReadDir(filepath.Join(root, e.Name()))
+		if err != nil {
+			return nil, err
+		}
+		vols := []string{}
+		for _, f := range files {
+			if n, ok := strings.CutSuffix(f.Name(), ".state.json"); ok && CheckName(n) == nil {
+				vols = append(vols, n)
+			}
+		}
+		out[e.Name()] = vols
+	}
+	return out, nil
+}
