@@ -1,0 +1,23 @@
+// Package e2e holds vhostdm's end-to-end tests: each boots a real QEMU
+// (TCG) guest running Debian's kernel, whose virtio disks are
+// vhost-user-blk exports of `vhostdm serve` (or, for the harness self-test
+// and the fio comparison, qemu-storage-daemon), runs a workload in the
+// guest (test/e2e/guestinit) and checks the backing files on the host
+// after the guest powers off.
+//
+// Run with `go test ./test/e2e/` (add -v for timings and fio figures).
+// QEMU, qemu-storage-daemon, the kernel, busybox-static and fio come from
+// scripts/setup.sh; a missing one fails the suite with that advice.
+//
+// Environment:
+//   - VHOSTDM_E2E_FIO_JSON=path: where to write the fio figures as JSON
+//     (default $TMPDIR/vhostdm-e2e-fio.json).
+//   - VHOSTDM_E2E_BACKEND=qsd: serve the vhostdm tests' configs with
+//     qemu-storage-daemon instead (single-line linear tables only), to tell
+//     a test's mistake from the daemon's: what fails there too is the
+//     test's, or a feature QSD lacks (configurable serial, write-back cache).
+//   - VHOSTDM_E2E_KERNEL=/boot/vmlinuz-...: the guest kernel (default: the
+//     newest with modules installed).
+//   - VHOSTDM_E2E_LOGDIR: where failed tests save the guest console
+//     (default $TMPDIR).
+package e2e

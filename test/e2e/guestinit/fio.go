@@ -1,0 +1,142 @@
+//go:build linux
+
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/vhostdm/vhostdm/test/e2e/internal/proto"
+)
+
+// fioPath is where the harness puts fio; fioLibPath lists, one per line,
+// the directories of the shared libraries it copied along.
+const (
+	fioPath    = "/usr/bin/fio"
+	fioLibPath = "/etc/vhostdm/fio-ld-path"
+)
+
+// stepFio runs the fio jobs named by the fiojobs parameter (default all of
+// proto.FioJobs) on the disk, one result per job.
+func stepFio(disk string, p params, start time.Time) []proto.Result {
+	fail := func(err error) []proto.Result {
+		return []proto.Result{{Step: proto.StepFio, Disk: disk, Error: err.Error(), MS: since(start)}}
+	}
+	if _, err := os.Stat(fioPath); err != nil {
+		return fail(fmt.Errorf("fio is not in the initramfs (the harness adds it for the fio step): %w", err))
+	}
+	env := append(os.Environ(), "LD_LIBRARY_PATH="+strings.Join(readLines(fioLibPath), ":"))
+	engine := "psync"
+	if out, err := runCmd(env, fioPath, "--enghelp"); err == nil && strings.Contains(out, "libaio") {
+		engine = "libaio"
+	}
+	runtime := p.int(proto.ParamFioRuntime, 5)
+	wanted := splitList(p.str(proto.ParamFioJobs, ""))
+	var rs []proto.Result
+	for _, spec := range proto.FioJobs {
+		if len(wanted) > 0 && !contains(wanted, spec.Name) {
+			continue
+		}
+		t := time.Now()
+		job, err := runFio(env, disk, engine, spec, runtime)
+		r := proto.Result{Step: proto.StepFio, Disk: disk, Fio: job, MS: since(t), OK: err == nil}
+		if err != nil {
+			r.Error = err.Error()
+		}
+		rs = append(rs, r)
+	}
+	if len(rs) == 0 {
+		return fail(fmt.Errorf("no fio job among %v", wanted))
+	}
+	return rs
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+func runCmd(env []string, name string, args ...string) (string, error) {
+	cmd := exec.Command(name, args...)
+	cmd.Env = env
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	if err != nil {
+		return out.String(), fmt.Errorf("%s %s: %v: %s", name, strings.Join(args, " "), err, strings.TrimSpace(errb.String()))
+	}
+	return out.String(), nil
+}
+
+// fioOutput is the part of fio's JSON output the step reads.
+type fioOutput struct {
+	Jobs []struct {
+		Error      int     `json:"error"`
+		JobRuntime float64 `json:"job_runtime"` // ms
+		Read       fioDir  `json:"read"`
+		Write      fioDir  `json:"write"`
+	} `json:"jobs"`
+}
+
+type fioDir struct {
+	IOPS  float64 `json:"iops"`
+	BW    int64   `json:"bw"` // KiB/s
+	LatNS struct {
+		Mean float64 `json:"mean"`
+	} `json:"lat_ns"`
+	ClatNS struct {
+		Percentile map[string]float64 `json:"percentile"`
+	} `json:"clat_ns"`
+	TotalIOs int64 `json:"total_ios"`
+}
+
+func runFio(env []string, disk, engine string, s proto.FioSpec, runtime int64) (*proto.FioJob, error) {
+	job := &proto.FioJob{Name: s.Name, Engine: engine, RW: s.RW, BS: s.BS, IODepth: s.IODepth}
+	out, err := runCmd(env, fioPath,
+		"--name="+s.Name, "--filename=/dev/"+disk, "--direct=1", "--thread",
+		"--ioengine="+engine, "--rw="+s.RW, "--bs="+s.BS, "--iodepth="+strconv.Itoa(s.IODepth),
+		"--runtime="+strconv.FormatInt(runtime, 10), "--time_based", "--ramp_time=1",
+		"--randrepeat=0", "--norandommap", "--output-format=json")
+	if err != nil {
+		return job, err
+	}
+	// fio may print notes before the JSON document.
+	if i := strings.Index(out, "{"); i > 0 {
+		out = out[i:]
+	}
+	var o fioOutput
+	if err := json.Unmarshal([]byte(out), &o); err != nil {
+		return job, fmt.Errorf("fio output: %w", err)
+	}
+	if len(o.Jobs) == 0 {
+		return job, fmt.Errorf("fio output has no jobs")
+	}
+	j := o.Jobs[0]
+	d := j.Read
+	if strings.Contains(s.RW, "write") {
+		d = j.Write
+	}
+	job.IOPS = d.IOPS
+	job.BWKiBps = d.BW
+	job.LatMeanU = d.LatNS.Mean / 1000
+	job.LatP99U = d.ClatNS.Percentile["99.000000"] / 1000
+	job.Errors = j.Error
+	job.RuntimeS = j.JobRuntime / 1000
+	if j.Error != 0 {
+		return job, fmt.Errorf("fio job %s: error %d", s.Name, j.Error)
+	}
+	if d.TotalIOs == 0 {
+		return job, fmt.Errorf("fio job %s completed no I/O", s.Name)
+	}
+	return job, nil
+}
