@@ -54,6 +54,7 @@ type Config struct {
 	Devices  []Device `toml:"device"`
 	Exports  []Export `toml:"export"`
 	RepAgent RepAgent `toml:"repagent"`
+	Metrics  Metrics  `toml:"metrics"`
 
 	// Dir is the directory relative paths are resolved against.
 	Dir string `toml:"-"`
@@ -91,6 +92,11 @@ type Export struct {
 	Protect          bool   `toml:"protect"`
 	FallBehind       string `toml:"fall-behind"`
 	AllowRemoteWrite bool   `toml:"allow-remote-write"`
+}
+
+// Metrics configures the Prometheus endpoint.
+type Metrics struct {
+	Listen string `toml:"listen"` // host:port of /metrics; empty: none
 }
 
 // RepAgent configures the replication agent. Without a hub there is none.
@@ -282,6 +288,11 @@ func (c *Config) validate(v *validator) {
 	}
 	if c.Version < 0 {
 		v.errAt("version", "version %d: must be 1 or absent", c.Version)
+	}
+	if c.Metrics.Listen != "" {
+		if _, _, err := net.SplitHostPort(c.Metrics.Listen); err != nil {
+			v.errAt("metrics.listen", "%q: want host:port (%v)", c.Metrics.Listen, err)
+		}
 	}
 	names := map[string]int{}
 	for i := range c.Devices {

@@ -32,6 +32,7 @@ type Device struct {
 	gateCond  *sync.Cond
 	eventNr   atomic.Uint32
 	openCount atomic.Int32
+	swaps     atomic.Uint64 // tables made live
 
 	// Guarded by mu: life-cycle operations run one at a time.
 	mu       sync.Mutex
@@ -236,6 +237,7 @@ func (d *Device) Resume() error {
 		newSize = d.inactive.Size()
 		d.live.Store(d.inactive)
 		d.inactive = nil
+		d.swaps.Add(1)
 		swapped = true
 		if old != nil {
 			if err := old.Close(); err != nil {
@@ -354,6 +356,7 @@ type Info struct {
 	OpenCount     int
 	EventNr       uint32
 	Size          uint64 // sectors
+	Swaps         uint64 // tables made live by resume since creation
 }
 
 // State returns "SUSPENDED" or "ACTIVE" as dmsetup prints it.
@@ -371,7 +374,7 @@ func (d *Device) Info() Info {
 	return Info{
 		Name: d.name, UUID: d.uuid, Suspended: d.suspended.Load(), ReadOnly: d.readOnly,
 		LiveTable: d.live.Load() != nil, InactiveTable: d.inactive != nil,
-		OpenCount: int(d.openCount.Load()), EventNr: d.eventNr.Load(), Size: d.Size(),
+		OpenCount: int(d.openCount.Load()), EventNr: d.eventNr.Load(), Size: d.Size(), Swaps: d.swaps.Load(),
 	}
 }
 

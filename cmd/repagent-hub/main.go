@@ -32,7 +32,9 @@ import (
 
 	qmpclient "github.com/digitalocean/go-qemu/qmp"
 
+	"github.com/vhostdm/vhostdm/internal/sdnotify"
 	"github.com/vhostdm/vhostdm/mapper"
+	"github.com/vhostdm/vhostdm/metrics"
 	"github.com/vhostdm/vhostdm/qmp"
 	"github.com/vhostdm/vhostdm/repagent"
 )
@@ -78,6 +80,8 @@ func runServe(args []string, stderr io.Writer) int {
 	insecure := fs.Bool("insecure", false, "allow plain TCP on a non-loopback address")
 	name := fs.String("name", "", "hub name sent to agents (default: host name)")
 	level := fs.String("log-level", "info", "log `LEVEL`: debug, info, warn or error")
+	format := fs.String("log-format", "text", "log `FORMAT`: text or json")
+	metricsAddr := fs.String("metrics", "", "serve Prometheus metrics on `ADDR` (host:port)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -90,7 +94,16 @@ func runServe(args []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "repagent-hub: -log-level %q: %v\n", *level, err)
 		return 2
 	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: lv}))
+	var log *slog.Logger
+	switch *format {
+	case "text":
+		log = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: lv}))
+	case "json":
+		log = slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: lv}))
+	default:
+		fmt.Fprintf(stderr, "repagent-hub: -log-format %q: want text or json\n", *format)
+		return 2
+	}
 	cfg := repagent.HubConfig{Store: *store, Name: *name, Logger: log}
 	if tf.Set() {
 		tc, err := tf.TLSConfig(true)
@@ -142,7 +155,24 @@ func runServe(args []string, stderr io.Writer) int {
 		}()
 		log.Info("qmp listening", "socket", *qmpSock)
 	}
+	if *metricsAddr != "" {
+		ml, err := metrics.Listen(*metricsAddr)
+		if err != nil {
+			ln.Close()
+			hub.Close()
+			fmt.Fprintf(stderr, "repagent-hub: %v\n", err)
+			return 1
+		}
+		go func() {
+			if err := metrics.Serve(ctx, ml, metrics.Hub(hub), log); err != nil {
+				log.Error("metrics endpoint stopped", "err", err)
+			}
+		}()
+		log.Info("metrics listening", "addr", ml.Addr().String())
+	}
+	sdnotify.Notify(sdnotify.Ready, sdnotify.Status("listening on "+ln.Addr().String()))
 	err = hub.Serve(ctx, ln)
+	sdnotify.Notify(sdnotify.Stopping)
 	if s := srv.Load(); s != nil {
 		s.Close()
 	}

@@ -19,6 +19,7 @@ import (
 	"github.com/vhostdm/vhostdm/config"
 	"github.com/vhostdm/vhostdm/internal/sdnotify"
 	"github.com/vhostdm/vhostdm/mapper"
+	"github.com/vhostdm/vhostdm/metrics"
 	"github.com/vhostdm/vhostdm/qmp"
 	"github.com/vhostdm/vhostdm/repagent"
 	"github.com/vhostdm/vhostdm/vhost"
@@ -128,8 +129,10 @@ type daemon struct {
 	ex     *exportSet
 	wg     sync.WaitGroup
 
-	reloadMu sync.Mutex     // one configuration reload at a time
-	cfg      *config.Config // the configuration last applied
+	metrics     *metrics.Metrics // nil without [metrics] listen
+	metricsAddr string           // where /metrics is served
+	reloadMu    sync.Mutex       // one configuration reload at a time
+	cfg         *config.Config   // the configuration last applied
 
 	agent   *repagent.Agent                   // nil without [repagent]
 	repOpts map[string]repagent.VolumeOptions // by export id, from the configuration
@@ -164,6 +167,26 @@ func startDaemon(ctx context.Context, c *config.Config, log *slog.Logger) (*daem
 			return fail(err)
 		}
 		go d.agent.Run(context.Background()) // Close stops it after draining
+	}
+	if c.Metrics.Listen != "" {
+		ln, err := metrics.Listen(c.Metrics.Listen)
+		if err != nil {
+			return fail(err)
+		}
+		d.metrics = metrics.New()
+		d.metrics.Devices(d.m)
+		if d.agent != nil {
+			d.metrics.Agent(d.agent)
+		}
+		d.wg.Add(1)
+		go func() {
+			defer d.wg.Done()
+			if err := metrics.Serve(d.ctx, ln, d.metrics.Registry(), log); err != nil {
+				log.Error("metrics endpoint stopped", "err", err)
+			}
+		}()
+		d.metricsAddr = ln.Addr().String()
+		log.Info("metrics listening", "addr", d.metricsAddr)
 	}
 	if c.QMP.Socket != "" {
 		ln, err := qmp.ListenUnix(c.Path(c.QMP.Socket))
@@ -274,9 +297,19 @@ func (s *exportSet) Add(o qmp.ExportOptions) error {
 		}
 	}
 	var vdev vhost.Device = dev
+	if s.d.metrics != nil {
+		vdev = s.d.metrics.Wrap(o.ID, o.NodeName, vdev)
+		on, off := emit("VHOST_USER_CONNECTED"), emit("VHOST_USER_DISCONNECTED")
+		emit = func(event string) func() {
+			if event == "VHOST_USER_CONNECTED" {
+				return func() { s.d.metrics.Connected(o.ID); on() }
+			}
+			return func() { s.d.metrics.Disconnected(o.ID); off() }
+		}
+	}
 	if s.d.agent != nil {
 		// Reported to the hub; protected exports mirror their writes.
-		if vdev, err = s.d.agent.Attach(o.ID, dev, s.d.repOpts[o.ID]); err != nil {
+		if vdev, err = s.d.agent.Attach(o.ID, vdev, s.d.repOpts[o.ID]); err != nil {
 			return err
 		}
 	}

@@ -1,0 +1,86 @@
+package metrics
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/vhostdm/vhostdm/repagent"
+)
+
+var (
+	agConnected = prometheus.NewDesc("vhostdm_repagent_connected", "1 while the replication agent is connected to its hub.", nil, nil)
+	agConnects  = prometheus.NewDesc("vhostdm_repagent_connects_total", "Connections the agent made to its hub.", nil, nil)
+	agBacklog   = prometheus.NewDesc("vhostdm_repagent_mirror_queue_bytes", "Bytes of mirrored writes not yet acknowledged by the hub.", []string{"volume"}, nil)
+	agBacklogIO = prometheus.NewDesc("vhostdm_repagent_mirror_queue_ios", "Mirrored writes not yet acknowledged by the hub.", []string{"volume"}, nil)
+	agDirty     = prometheus.NewDesc("vhostdm_repagent_dirty_regions", "Regions in the dirty map, to be resynchronised.", []string{"volume"}, nil)
+	agSync      = prometheus.NewDesc("vhostdm_repagent_sync_mirroring", "1 while the volume mirrors synchronously (past its fall-behind threshold).", []string{"volume"}, nil)
+	agProtected = prometheus.NewDesc("vhostdm_repagent_protected", "1 while the hub protects the volume on this connection.", []string{"volume"}, nil)
+)
+
+// Agent registers a collector of the replication agent's state.
+func (m *Metrics) Agent(a *repagent.Agent) {
+	m.reg.MustRegister(&agentCollector{a: a})
+}
+
+type agentCollector struct{ a *repagent.Agent }
+
+func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{agConnected, agConnects, agBacklog, agBacklogIO, agDirty, agSync, agProtected} {
+		ch <- d
+	}
+}
+
+func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
+	s := c.a.Status()
+	ch <- prometheus.MustNewConstMetric(agConnected, prometheus.GaugeValue, b2f(s.Connected))
+	ch <- prometheus.MustNewConstMetric(agConnects, prometheus.CounterValue, float64(s.Connects))
+	for _, v := range s.Volumes {
+		ch <- prometheus.MustNewConstMetric(agBacklog, prometheus.GaugeValue, float64(v.BacklogBytes), v.Name)
+		ch <- prometheus.MustNewConstMetric(agBacklogIO, prometheus.GaugeValue, float64(v.BacklogIOs), v.Name)
+		ch <- prometheus.MustNewConstMetric(agDirty, prometheus.GaugeValue, float64(v.DirtyRegions), v.Name)
+		ch <- prometheus.MustNewConstMetric(agSync, prometheus.GaugeValue, b2f(v.Sync), v.Name)
+		ch <- prometheus.MustNewConstMetric(agProtected, prometheus.GaugeValue, b2f(v.Mirroring), v.Name)
+	}
+}
+
+var (
+	hubSync     = prometheus.NewDesc("repagent_hub_sync_progress_ratio", "Progress of the volume's current sync pass, 0 to 1 (1 when protecting).", []string{"vm", "volume", "state"}, nil)
+	hubResync   = prometheus.NewDesc("repagent_hub_resync_bytes", "Bytes still to read from the source volume.", []string{"vm", "volume"}, nil)
+	hubBacklog  = prometheus.NewDesc("repagent_hub_backlog_bytes", "Bytes the agent has mirrored that the hub has not applied.", []string{"vm", "volume"}, nil)
+	hubBackIOs  = prometheus.NewDesc("repagent_hub_backlog_ios", "Writes the agent has mirrored that the hub has not applied.", []string{"vm", "volume"}, nil)
+	hubLag      = prometheus.NewDesc("repagent_hub_apply_lag_seconds", "Age of the oldest write not yet applied.", []string{"vm", "volume"}, nil)
+	hubApplied  = prometheus.NewDesc("repagent_hub_applied_bytes_total", "Bytes applied to the recovery volume since the hub started.", []string{"vm", "volume"}, nil)
+	hubRemote   = prometheus.NewDesc("repagent_hub_remote_read_bytes_total", "Bytes read from the source by remote IO since the hub started.", []string{"vm", "volume"}, nil)
+	hubVMConn   = prometheus.NewDesc("repagent_hub_vm_connected", "1 while the VM's agent is connected.", []string{"vm"}, nil)
+	hubAppliedN = prometheus.NewDesc("repagent_hub_applied_sequence", "Sequence number applied up to.", []string{"vm", "volume"}, nil)
+)
+
+// Hub returns a registry with the hub's collectors and the process ones.
+func Hub(h *repagent.Hub) *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(&hubCollector{h: h})
+	return reg
+}
+
+type hubCollector struct{ h *repagent.Hub }
+
+func (c *hubCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{hubSync, hubResync, hubBacklog, hubBackIOs, hubLag, hubApplied, hubRemote, hubVMConn, hubAppliedN} {
+		ch <- d
+	}
+}
+
+func (c *hubCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, vm := range c.h.Status() {
+		ch <- prometheus.MustNewConstMetric(hubVMConn, prometheus.GaugeValue, b2f(vm.Connected), vm.VM)
+		for _, v := range vm.Volumes {
+			ch <- prometheus.MustNewConstMetric(hubSync, prometheus.GaugeValue, v.SyncProgress, vm.VM, v.Volume, v.State)
+			ch <- prometheus.MustNewConstMetric(hubResync, prometheus.GaugeValue, float64(v.ResyncBytes), vm.VM, v.Volume)
+			ch <- prometheus.MustNewConstMetric(hubBacklog, prometheus.GaugeValue, float64(v.BacklogBytes), vm.VM, v.Volume)
+			ch <- prometheus.MustNewConstMetric(hubBackIOs, prometheus.GaugeValue, float64(v.BacklogIOs), vm.VM, v.Volume)
+			ch <- prometheus.MustNewConstMetric(hubLag, prometheus.GaugeValue, v.BacklogSeconds, vm.VM, v.Volume)
+			ch <- prometheus.MustNewConstMetric(hubApplied, prometheus.CounterValue, float64(v.AppliedBytes), vm.VM, v.Volume)
+			ch <- prometheus.MustNewConstMetric(hubRemote, prometheus.CounterValue, float64(v.RemoteReadBytes), vm.VM, v.Volume)
+			ch <- prometheus.MustNewConstMetric(hubAppliedN, prometheus.GaugeValue, float64(v.AppliedSeq), vm.VM, v.Volume)
+		}
+	}
+}
