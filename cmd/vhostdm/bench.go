@@ -11,6 +11,8 @@ import (
 	"math"
 	"math/bits"
 	"math/rand/v2"
+	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -57,9 +59,12 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 	size := fs.Uint64("size", 0, "bytes of the device to use, from offset 0 (default: the whole device)")
 	verify := fs.Bool("verify", false, "write self-identifying blocks (after a prefill pass) and check every read")
 	jsonOut := fs.Bool("json", false, "print one JSON object")
+	report := fs.String("report", "", "print the comparison table of a `FILE` of tagged results (scripts/bench-vs-qsd.sh)")
+	note := fs.String("note", "", "with --report: a line describing the machine and run")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: vhostdm bench --socket PATH [--rw read|write|randread|randwrite|randrw] [--bs BYTES]\n"+
-			"       [--iodepth N] [--queues N] [--duration D] [--size BYTES] [--verify] [--json]")
+			"       [--iodepth N] [--queues N] [--duration D] [--size BYTES] [--verify] [--json]\n"+
+			"       vhostdm bench --report FILE [--note TEXT] [--json]")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -68,6 +73,12 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 	fail := func(format string, a ...any) int {
 		fmt.Fprintf(stderr, "vhostdm bench: "+format+"\n", a...)
 		return 1
+	}
+	if *report != "" {
+		if err := benchReport(*report, *note, *jsonOut, stdout); err != nil {
+			return fail("%v", err)
+		}
+		return 0
 	}
 	switch {
 	case *socket == "":
@@ -429,4 +440,190 @@ func (h *latHist) quantileUS(q float64) float64 {
 		}
 	}
 	return round3(float64(h.max) / 1e3)
+}
+
+// taggedResult is one line of the results file of scripts/bench-vs-qsd.sh:
+// a vhostdm bench --json result tagged with its row, server and run.
+type taggedResult struct {
+	Row    string      `json:"row"`
+	Server string      `json:"server"`
+	Run    int         `json:"run"`
+	Result benchResult `json:"result"`
+}
+
+// reportServer is the medians of one server's runs of one row.
+type reportServer struct {
+	Server      string     `json:"server"`
+	Runs        int        `json:"runs"`
+	IOPS        float64    `json:"iops"`
+	BytesPerSec float64    `json:"bytes_per_sec"`
+	LatUS       benchLatUS `json:"lat_us"`
+	// Ratio is this server's median IOPS (and latencies) over QSD's.
+	Ratio *reportRatio `json:"ratio_vs_qsd,omitempty"`
+}
+
+type reportRatio struct {
+	IOPS float64 `json:"iops"`
+	// IOPSPaired is the median over the runs of the IOPS ratio within
+	// each run (the two servers measured back to back), which drift in
+	// the machine's load disturbs less than the ratio of medians.
+	IOPSPaired float64 `json:"iops_paired"`
+	P50        float64 `json:"p50"`
+	P99        float64 `json:"p99"`
+	P999       float64 `json:"p999"`
+}
+
+type reportRow struct {
+	Row      string         `json:"row"`
+	Workload string         `json:"workload"`
+	Servers  []reportServer `json:"servers"`
+}
+
+type benchReportOut struct {
+	Note string      `json:"note,omitempty"`
+	Rows []reportRow `json:"rows"`
+	// Table1000 is row 5's 1000-line table IOPS over the one-line table's.
+	Table1000 float64 `json:"table1000_vs_1line,omitempty"`
+}
+
+// benchReport reads a results file and prints, per row and server, the
+// median of every figure over the runs, and the ratios to QSD.
+func benchReport(path, note string, jsonOut bool, w io.Writer) error {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	type key struct{ row, server string }
+	var rows []string
+	workload := map[string]string{}
+	servers := map[string][]string{}
+	byKey := map[key][]benchResult{}
+	runIOPS := map[key]map[int]float64{}
+	for i, line := range bytes.Split(data, []byte("\n")) {
+		if len(bytes.TrimSpace(line)) == 0 {
+			continue
+		}
+		var t taggedResult
+		if err := json.Unmarshal(line, &t); err != nil {
+			return fmt.Errorf("%s:%d: %v", path, i+1, err)
+		}
+		if _, ok := workload[t.Row]; !ok {
+			rows = append(rows, t.Row)
+			r := t.Result
+			workload[t.Row] = fmt.Sprintf("%s bs=%s QD%d %dq", r.RW, sizeName(r.BS), r.IODepth, r.Queues)
+		}
+		k := key{t.Row, t.Server}
+		if _, ok := byKey[k]; !ok {
+			servers[t.Row] = append(servers[t.Row], t.Server)
+		}
+		byKey[k] = append(byKey[k], t.Result)
+		if runIOPS[k] == nil {
+			runIOPS[k] = map[int]float64{}
+		}
+		runIOPS[k][t.Run] = t.Result.IOPS
+	}
+	out := benchReportOut{Note: note}
+	var one, thousand float64
+	for _, row := range rows {
+		rr := reportRow{Row: row, Workload: workload[row]}
+		var qsd *reportServer
+		for _, s := range servers[row] {
+			rs := byKey[key{row, s}]
+			med := func(f func(benchResult) float64) float64 {
+				v := make([]float64, len(rs))
+				for i, r := range rs {
+					v[i] = f(r)
+				}
+				return round3(median(v))
+			}
+			rr.Servers = append(rr.Servers, reportServer{Server: s, Runs: len(rs),
+				IOPS:        med(func(r benchResult) float64 { return r.IOPS }),
+				BytesPerSec: med(func(r benchResult) float64 { return r.BytesPerSec }),
+				LatUS: benchLatUS{P50: med(func(r benchResult) float64 { return r.LatUS.P50 }),
+					P99:  med(func(r benchResult) float64 { return r.LatUS.P99 }),
+					P999: med(func(r benchResult) float64 { return r.LatUS.P999 }),
+					Max:  med(func(r benchResult) float64 { return r.LatUS.Max })}})
+		}
+		for i := range rr.Servers {
+			if rr.Servers[i].Server == "qsd" {
+				qsd = &rr.Servers[i]
+			}
+		}
+		for i := range rr.Servers {
+			s := &rr.Servers[i]
+			if qsd != nil && s != qsd {
+				var paired []float64
+				for run, v := range runIOPS[key{row, s.Server}] {
+					if q, ok := runIOPS[key{row, "qsd"}][run]; ok && q > 0 {
+						paired = append(paired, v/q)
+					}
+				}
+				s.Ratio = &reportRatio{IOPS: ratio(s.IOPS, qsd.IOPS), IOPSPaired: round3(median(paired)),
+					P50: ratio(s.LatUS.P50, qsd.LatUS.P50), P99: ratio(s.LatUS.P99, qsd.LatUS.P99), P999: ratio(s.LatUS.P999, qsd.LatUS.P999)}
+			}
+			if row == "5" && s.Server == "vhostdm" {
+				one = s.IOPS
+			}
+			if row == "5" && s.Server == "vhostdm-1000" {
+				thousand = s.IOPS
+			}
+		}
+		out.Rows = append(out.Rows, rr)
+	}
+	if one > 0 && thousand > 0 {
+		out.Table1000 = ratio(thousand, one)
+	}
+	if jsonOut {
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		return enc.Encode(out)
+	}
+	if note != "" {
+		fmt.Fprintf(w, "%s\n\n", note)
+	}
+	fmt.Fprintln(w, "| row | workload | server | runs | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | IOPS ×QSD | paired | p99 ×QSD |")
+	fmt.Fprintln(w, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+	for _, rr := range out.Rows {
+		for _, s := range rr.Servers {
+			ir, pair, pr := "", "", ""
+			if s.Ratio != nil {
+				ir, pair, pr = fmt.Sprintf("**%.2f**", s.Ratio.IOPS), fmt.Sprintf("%.2f", s.Ratio.IOPSPaired), fmt.Sprintf("%.2f", s.Ratio.P99)
+			}
+			fmt.Fprintf(w, "| %s | %s | %s | %d | %.0f | %.1f | %.1f | %.1f | %.1f | %s | %s | %s |\n", rr.Row, rr.Workload, s.Server, s.Runs,
+				s.IOPS, s.BytesPerSec/(1<<20), s.LatUS.P50, s.LatUS.P99, s.LatUS.P999, ir, pair, pr)
+		}
+	}
+	if out.Table1000 > 0 {
+		fmt.Fprintf(w, "\nrow 5: 1000-line table / one-line table IOPS = %.3f\n", out.Table1000)
+	}
+	return nil
+}
+
+func sizeName(n int) string {
+	switch {
+	case n%(1<<20) == 0:
+		return fmt.Sprintf("%dM", n>>20)
+	case n%(1<<10) == 0:
+		return fmt.Sprintf("%dk", n>>10)
+	}
+	return fmt.Sprint(n)
+}
+
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := slices.Clone(v)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+func ratio(a, b float64) float64 {
+	if b == 0 {
+		return 0
+	}
+	return math.Round(a/b*1000) / 1000
 }

@@ -90,6 +90,8 @@ var ctlVerbs = map[string]*ctlVerb{
 	"exports": {help: "list exports", run: ctlExports},
 	"events":  {help: "print events as JSON lines until interrupted", run: ctlEvents},
 	"version": {help: "print client and server versions", run: ctlVersion},
+	"reload-config": {help: "re-read the daemon's configuration file and apply what changed (as SIGHUP)",
+		run: func(c *ctlConn, a *ctlArgs) error { return c.run("reload-config", nil, nil) }},
 }
 
 func runCtl(args []string, stdout, stderr io.Writer) int {

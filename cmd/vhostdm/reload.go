@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/vhostdm/vhostdm/config"
+	"github.com/vhostdm/vhostdm/internal/sdnotify"
 	"github.com/vhostdm/vhostdm/qmp"
 )
 
@@ -115,6 +116,23 @@ func (d *daemon) reloadConfig(path string) error {
 	}
 	d.log.Info("configuration reloaded", "file", path)
 	return nil
+}
+
+// qmpReloadConfig is the QMP command reload-config: SIGHUP's reload,
+// answering with the error text when the file is invalid.
+func (d *daemon) qmpReloadConfig(map[string]string) (any, error) {
+	d.reloadMu.Lock()
+	file := d.cfg.File
+	d.reloadMu.Unlock()
+	if file == demoFile {
+		return nil, errors.New("the demo has no configuration file to reload")
+	}
+	sdnotify.Notify(sdnotify.Reloading)
+	defer sdnotify.Notify(sdnotify.Ready, sdnotify.Status(d.summary()))
+	if err := d.reloadConfig(file); err != nil {
+		return nil, err
+	}
+	return struct{}{}, nil
 }
 
 // normalizeTable folds white space and drops blank and comment lines so

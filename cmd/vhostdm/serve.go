@@ -32,6 +32,9 @@ func init() {
 // demoDir is where `vhostdm serve` without a configuration keeps its demo.
 const demoDir = "vhostdm-demo"
 
+// demoFile names the demo's built-in configuration in messages.
+const demoFile = "(demo)"
+
 // demoSize is the size of the demo's sparse disk image.
 const demoSize = 1 << 30
 
@@ -193,7 +196,8 @@ func startDaemon(ctx context.Context, c *config.Config, log *slog.Logger) (*daem
 		if err != nil {
 			return fail(fmt.Errorf("qmp: %w", err))
 		}
-		d.qmp = qmp.NewServer(qmp.Config{Manager: d.m, Exports: d.ex, Logger: log, Version: Version, OnQuit: d.cancel})
+		d.qmp = qmp.NewServer(qmp.Config{Manager: d.m, Exports: d.ex, Logger: log, Version: Version, OnQuit: d.cancel,
+			Extra: []qmp.ExtraCommand{{Name: "reload-config", Mutates: true, Run: d.qmpReloadConfig}}})
 		d.events.Store(d.qmp)
 		d.wg.Add(1)
 		go func() {
@@ -426,7 +430,7 @@ socket = "disk.sock"
 writable = true
 serial = "vhostdm-demo"
 `, demoSize/mapper.SectorSize)
-	return config.Parse([]byte(text), "(demo)", abs)
+	return config.Parse([]byte(text), demoFile, abs)
 }
 
 // demoBanner tells how to attach the demo disk to QEMU.

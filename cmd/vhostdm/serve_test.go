@@ -200,7 +200,26 @@ func TestServeNotifyAndQuit(t *testing.T) {
 	dec := json.NewDecoder(conn)
 	var greeting map[string]any
 	dec.Decode(&greeting)
-	fmt.Fprint(conn, `{"execute":"qmp_capabilities"}{"execute":"quit"}`)
+	fmt.Fprint(conn, `{"execute":"qmp_capabilities"}{"execute":"reload-config","id":"r"}`)
+	if got := read(); got != "RELOADING=1\n" {
+		t.Fatalf("notification at reload-config %q", got)
+	}
+	if got := read(); !strings.HasPrefix(got, "READY=1\n") {
+		t.Fatalf("notification after reload-config %q", got)
+	}
+	for {
+		var reply map[string]any
+		if err := dec.Decode(&reply); err != nil {
+			t.Fatal(err)
+		}
+		if reply["id"] == "r" {
+			if _, ok := reply["return"]; !ok {
+				t.Fatalf("reload-config answered %v", reply)
+			}
+			break
+		}
+	}
+	fmt.Fprint(conn, `{"execute":"quit"}`)
 	if got := read(); got != "STOPPING=1\n" {
 		t.Fatalf("notification at quit %q", got)
 	}
