@@ -158,9 +158,23 @@ type blkQueue struct {
 	workers sync.WaitGroup
 	badLogs atomic.Uint32
 
+	// Owned by the ring goroutine.
+	held bool // the ring goroutine holds finishing for a batch
+	// Inline dispatch: reads and writes run on the ring goroutine until
+	// slowScore, raised by inline requests slower than cfg.Inline and
+	// lowered by fast ones, passes slowLimit; then they go to workers
+	// until slowUntil (mono), and the back-off doubles each time the
+	// first request after it is slow too.
+	slowScore   int
+	slowUntil   int64
+	slowBackoff int64
+
 	// Used side, guarded by usedMu.
-	usedMu    sync.Mutex
-	finishing atomic.Int32 // completers between their I/O and the used lock
+	usedMu sync.Mutex
+	// finishing counts completers between their I/O and the used lock,
+	// plus one while the ring goroutine runs a batch: whoever brings it to
+	// zero publishes the used index and notifies for everyone.
+	finishing atomic.Int32
 	batch     []uint16
 	one       [8]byte
 	kbuf      [8]byte
@@ -259,6 +273,9 @@ func (q *blkQueue) start(mem *Mem, features uint64, dlog *dirtyLog, inf *infligh
 	}
 	q.work = make(chan *blkReq, q.num)
 	q.nworkers = 0
+	q.finishing.Store(0)
+	q.held = false
+	q.slowScore, q.slowUntil, q.slowBackoff = 0, 0, minSlowBackoff
 	q.idle.Store(0)
 	q.broken.Store(false)
 	q.wake = make(chan struct{}, 1)
@@ -356,6 +373,7 @@ func (q *blkQueue) run(done chan struct{}) {
 	defer func() {
 		if p := recover(); p != nil {
 			q.fail(fmt.Errorf("fault on ring: %v", p))
+			q.release()
 			q.waitStop()
 		}
 	}()
@@ -416,17 +434,28 @@ func (q *blkQueue) waitKick() {
 // drain pops every available chain and dispatches it, then re-arms the
 // kick and pops again if the driver added more meanwhile.
 func (q *blkQueue) drain() error {
+	poll := q.dev.exp.cfg.Poll
+	polled := false
 	for !q.stopReq.Load() {
 		n, err := q.ring.pending()
 		if err != nil {
 			return err
 		}
 		if n == 0 {
+			// Busy-poll before arming the kick: while avail_event lags,
+			// the driver does not kick (virtio 1.x 2.7.10).
+			if poll > 0 && !polled {
+				polled = true
+				if q.pollAvail(poll) {
+					continue
+				}
+			}
 			if !q.ring.armKick() {
 				return nil
 			}
 			continue
 		}
+		polled = false
 		heads := q.heads[:0]
 		var bad error
 		for range n {
@@ -451,14 +480,81 @@ func (q *blkQueue) drain() error {
 			q.usedMu.Unlock()
 		}
 		q.active.Add(len(heads))
-		for _, h := range heads {
+		// Hold the used index while the batch is dispatched, so that
+		// requests completed inline are published (and notified) together,
+		// every publishBatch requests and at the end.
+		q.hold()
+		for i, h := range heads {
 			q.dispatch(h)
+			if i%publishBatch == publishBatch-1 && i != len(heads)-1 {
+				q.release()
+				q.hold()
+			}
 		}
+		q.release()
 		if bad != nil {
 			return bad
 		}
 	}
 	return nil
+}
+
+// publishBatch is how many requests a batch completes inline before their
+// used elements are published.
+const publishBatch = 16
+
+// Inline dispatch limits. A thread descheduled by a busy host makes one
+// request slow; a disk makes them all slow: slowLimit tells them apart.
+const (
+	inlineMaxBytes = 64 << 10 // larger requests always go to workers
+	slowLimit      = 8
+	minSlowBackoff = int64(time.Millisecond)
+	maxSlowBackoff = int64(time.Second)
+)
+
+// monoBase is the origin of mono.
+var monoBase = time.Now()
+
+// mono returns monotonic nanoseconds.
+func mono() int64 { return int64(time.Since(monoBase)) }
+
+// pollAvail spins for up to d waiting for the driver to make a chain
+// available; it reports whether one is.
+func (q *blkQueue) pollAvail(d time.Duration) bool {
+	end := mono() + int64(d)
+	for i := 0; ; i++ {
+		if q.ring.availIdx() != q.ring.lastAvail {
+			return true
+		}
+		if i%64 == 63 && (mono() > end || q.stopReq.Load()) {
+			return false
+		}
+	}
+}
+
+// hold keeps finishing above zero: completers put used elements but
+// leave publishing to release.
+func (q *blkQueue) hold() {
+	q.finishing.Add(1)
+	q.held = true
+}
+
+// release ends a hold; if no completer is between its I/O and the used
+// lock, it publishes the used index and notifies the driver.
+func (q *blkQueue) release() {
+	if !q.held {
+		return
+	}
+	q.held = false
+	q.usedMu.Lock()
+	notify := false
+	if q.finishing.Add(-1) == 0 {
+		notify = q.publishLocked()
+	}
+	q.usedMu.Unlock()
+	if notify {
+		q.notify()
+	}
 }
 
 // badRequest logs a request failed for what the driver put in it, rate
@@ -507,7 +603,47 @@ func (q *blkQueue) dispatch(head uint16) {
 		q.finish(r, status, usedLen)
 		return
 	}
+	if q.inline(r) {
+		return
+	}
 	q.submitWork(r)
+}
+
+// inline runs a read or write on the ring goroutine when the recent ones
+// were fast, and reports whether it did.
+func (q *blkQueue) inline(r *blkReq) bool {
+	lim := int64(q.dev.exp.cfg.Inline)
+	if lim <= 0 || (r.typ != BlkTypeIn && r.typ != BlkTypeOut) || r.dataLen > inlineMaxBytes {
+		return false
+	}
+	t := mono()
+	probe := false
+	if q.slowUntil != 0 {
+		if t < q.slowUntil {
+			return false
+		}
+		q.slowUntil, probe = 0, true
+	}
+	q.execute(r)
+	d := mono() - t
+	switch {
+	case d <= lim:
+		q.slowScore = max(q.slowScore-1, 0)
+		if probe {
+			q.slowBackoff = minSlowBackoff
+		}
+	case probe:
+		// Still slow after a back-off: back off longer.
+		q.slowBackoff = min(2*q.slowBackoff, maxSlowBackoff)
+		q.slowUntil = t + d + q.slowBackoff
+	default:
+		q.slowScore += 2
+		if q.slowScore > slowLimit {
+			q.slowScore = 0
+			q.slowUntil = t + d + q.slowBackoff
+		}
+	}
+	return true
 }
 
 // submitWork hands r to an idle worker, or starts one, or queues r.
@@ -575,22 +711,34 @@ func (q *blkQueue) finish(r *blkReq, status byte, usedLen uint32) {
 	r.busy.Store(false)
 	notify := false
 	if q.finishing.Add(-1) == 0 {
-		notify = q.ring.publish()
-		if q.logUsed {
-			q.dlog.mark(q.addr.Log+2, 2)
-		}
-		if q.inflight != nil {
-			q.inflight.pushed(q.batch, q.ring.usedIdx)
-			q.batch = q.batch[:0]
-		}
+		notify = q.publishLocked()
 	}
 	q.usedMu.Unlock()
 	if notify {
-		if f := q.call.Load(); f != nil {
-			f.Write(q.one[:])
-		}
+		q.notify()
 	}
 	q.active.Done()
+}
+
+// publishLocked publishes the used elements put so far and reports
+// whether the driver wants a notification; usedMu is held.
+func (q *blkQueue) publishLocked() bool {
+	notify := q.ring.publish()
+	if q.logUsed {
+		q.dlog.mark(q.addr.Log+2, 2)
+	}
+	if q.inflight != nil {
+		q.inflight.pushed(q.batch, q.ring.usedIdx)
+		q.batch = q.batch[:0]
+	}
+	return notify
+}
+
+// notify signals the call eventfd.
+func (q *blkQueue) notify() {
+	if f := q.call.Load(); f != nil {
+		f.Write(q.one[:])
+	}
 }
 
 // prepare parses and checks the request header and layout. It returns

@@ -1,0 +1,113 @@
+package vhost
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+)
+
+// TestExportTunables runs a deep mixed workload (writes, flushes, reads
+// checked against what was written) with the performance tunables on:
+// inline dispatch, polling, and both. Results must not depend on them.
+func TestExportTunables(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		cfg  ExportConfig
+	}{
+		{"inline", ExportConfig{Inline: 50 * time.Microsecond}},
+		{"poll", ExportConfig{Poll: 20 * time.Microsecond}},
+		{"inline+poll", ExportConfig{Inline: time.Millisecond, Poll: 5 * time.Microsecond}},
+		{"inline-always-slow", ExportConfig{Inline: time.Nanosecond}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := tc.cfg
+			cfg.Writable, cfg.NumQueues = true, 2
+			env := newTestEnv(t, 16<<20, cfg)
+			c := env.dial(t, ClientConfig{NumQueues: 2, QueueSize: 128, Indirect: true})
+			ctx := testCtx(t)
+			const perQueue = 300
+			var wg sync.WaitGroup
+			var mu sync.Mutex
+			var failures []string
+			submit := func(q int, r *BlkRequest, buf []byte) {
+				wg.Add(1)
+				for {
+					err := c.Submit(q, r, func(res Result) {
+						if res.Status != BlkStatusOK || res.Err != nil {
+							mu.Lock()
+							failures = append(failures, fmt.Sprintf("type %d sector %d: %+v", r.Type, r.Sector, res))
+							mu.Unlock()
+						}
+						if buf != nil {
+							c.FreeBuf(buf)
+						}
+						wg.Done()
+					})
+					if !errors.Is(err, ErrRingFull) {
+						if err != nil {
+							t.Fatal(err)
+						}
+						return
+					}
+					time.Sleep(50 * time.Microsecond)
+				}
+			}
+			for k := range perQueue {
+				for q := range 2 {
+					sector := uint64((q*perQueue + k) * 32)
+					n := 4096 << (k % 3) // 4, 8 and 16 KiB
+					buf, err := c.Buf(n)
+					if err != nil {
+						t.Fatal(err)
+					}
+					copy(buf, pattern(sector, n))
+					submit(q, &BlkRequest{Type: BlkTypeOut, Sector: sector, Data: [][]byte{buf}}, buf)
+					if k%50 == 49 {
+						submit(q, &BlkRequest{Type: BlkTypeFlush}, nil)
+					}
+				}
+			}
+			wg.Wait()
+			if len(failures) > 0 {
+				t.Fatal(failures)
+			}
+			for k := range perQueue {
+				q := k % 2
+				sector := uint64((q*perQueue + k) * 32)
+				n := 4096 << (k % 3)
+				got := make([]byte, n)
+				if err := c.ReadAt(ctx, q, got, sector); err != nil {
+					t.Fatal(err)
+				}
+				if !bytes.Equal(got, pattern(sector, n)) {
+					t.Fatalf("sector %d differs", sector)
+				}
+			}
+			if c.Strays() != 0 {
+				t.Fatalf("%d stray used elements", c.Strays())
+			}
+		})
+	}
+}
+
+func TestTunable(t *testing.T) {
+	t.Setenv("VHOSTDM_TEST_TUNABLE", "7us")
+	for _, tc := range []struct {
+		v, def, want time.Duration
+		env          string
+	}{
+		{0, time.Second, time.Second, "VHOSTDM_TEST_UNSET"},
+		{0, time.Second, 7 * time.Microsecond, "VHOSTDM_TEST_TUNABLE"},
+		{3, time.Second, 3, "VHOSTDM_TEST_TUNABLE"},
+		{-5, time.Second, -1, "VHOSTDM_TEST_TUNABLE"},
+		{0, -1, 7 * time.Microsecond, "VHOSTDM_TEST_TUNABLE"},
+		{0, -1, -1, "VHOSTDM_TEST_UNSET"},
+	} {
+		if got := tunable(tc.v, tc.env, tc.def); got != tc.want {
+			t.Errorf("tunable(%v, %s, %v) = %v, want %v", tc.v, tc.env, tc.def, got, tc.want)
+		}
+	}
+}
