@@ -394,6 +394,17 @@ func (d *Device) remove(force bool) error {
 	if n := d.openCount.Load(); n > 0 && !force {
 		return Errorf(ErrBusy, "%s: device is open (%d users)", d.name, n)
 	}
+	if t := d.live.Load(); t != nil && !d.suspended.Load() {
+		// As the kernel does on destroy: presuspend first, so that a
+		// target holding I/O (multipath queueing with no path) lets go.
+		for _, tg := range t.targets {
+			if s, ok := tg.(Suspender); ok {
+				if err := s.Presuspend(false); err != nil {
+					d.log.Warn("presuspend on remove", "err", err)
+				}
+			}
+		}
+	}
 	if !d.suspended.Load() {
 		// Wait for in-flight I/O before closing the table under it.
 		d.gateMu.Lock()

@@ -227,7 +227,13 @@ func (s StatusLine) String() string { return formatLine(s.Start, s.Length, s.Typ
 func (t *Table) Status(kind StatusKind) []StatusLine {
 	out := make([]StatusLine, len(t.lines))
 	for i, l := range t.lines {
-		out[i] = StatusLine{Start: l.Start, Length: l.Length, Type: l.Type, Params: t.targets[i].Status(kind)}
+		k := kind
+		if k == StatusShowKeys {
+			if _, ok := t.targets[i].(KeyHider); !ok {
+				k = StatusTable
+			}
+		}
+		out[i] = StatusLine{Start: l.Start, Length: l.Length, Type: l.Type, Params: t.targets[i].Status(k)}
 	}
 	return out
 }

@@ -12,9 +12,17 @@ type StatusKind int
 
 // The two forms of dmsetup: status (INFO) and table (TABLE).
 const (
-	StatusInfo  StatusKind = iota // dmsetup status
-	StatusTable                   // dmsetup table: re-emits the constructor's arguments
+	StatusInfo     StatusKind = iota // dmsetup status
+	StatusTable                      // dmsetup table: re-emits the constructor's arguments, keys hidden
+	StatusShowKeys                   // dmsetup table --showkeys: TABLE with key material shown
 )
+
+// KeyHider is a target whose TABLE form hides key material, as dmsetup
+// does unless --showkeys, and whose Status(StatusShowKeys) shows it. Other
+// targets are asked for StatusTable when StatusShowKeys is wanted.
+type KeyHider interface {
+	HidesKeys()
+}
 
 // Target maps I/O for one line of a table. Map may be called concurrently
 // from many goroutines. Status must produce exactly what dmsetup prints after

@@ -302,6 +302,9 @@ func (c *client) lines(a args, kind mapper.StatusKind) (any, error) {
 		devs = c.s.cfg.Manager.Devices()
 	}
 	hide := kind == mapper.StatusTable && !a.flag("showkeys")
+	if kind == mapper.StatusTable && a.flag("showkeys") {
+		kind = mapper.StatusShowKeys
+	}
 	out := make([]deviceLines, 0, len(devs))
 	for _, d := range devs {
 		dl := deviceLines{Name: d.Name(), Lines: []tableLine{}}

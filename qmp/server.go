@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -167,6 +168,17 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 			c.serve(ctx)
 		}()
 	}
+}
+
+// CommandNames returns the names of every command the server answers,
+// extra ones included, sorted (what query-commands lists).
+func (s *Server) CommandNames() []string {
+	names := make([]string, 0, len(s.cmds))
+	for n := range s.cmds {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	return names
 }
 
 // Close stops every Serve, disconnects every client and waits for their

@@ -13,7 +13,10 @@ import (
 	"os"
 	"slices"
 
-	_ "github.com/vhostdm/vhostdm/targets" // every target type
+	_ "github.com/vhostdm/vhostdm/targets" // linear, striped, zero, error, delay, flakey, crypt
+	_ "github.com/vhostdm/vhostdm/targets/mirror"
+	_ "github.com/vhostdm/vhostdm/targets/multipath"
+	_ "github.com/vhostdm/vhostdm/targets/snapshot"
 )
 
 // command is one subcommand. run returns the process exit status.
