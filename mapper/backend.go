@@ -51,6 +51,12 @@ func Identity(b Backend) any {
 	return b
 }
 
+// Truncater is a Backend whose size can be cut or extended (regular
+// files): image-format targets (ploop) repair files with it.
+type Truncater interface {
+	Truncate(size int64) error
+}
+
 // maxIOV is the kernel's IOV_MAX: the most vectors one preadv takes.
 const maxIOV = 1024
 
@@ -275,3 +281,17 @@ func (b *fileBackend) Size() (int64, error) {
 }
 
 func (b *fileBackend) Close() error { return b.f.Close() }
+
+// Truncate implements Truncater for regular files and syncs the new size.
+func (b *fileBackend) Truncate(size int64) error {
+	if b.block {
+		return Errorf(ErrUnsupported, "truncate %s: a block device", b.name)
+	}
+	if err := b.f.Truncate(size); err != nil {
+		return fmt.Errorf("truncate %s to %d: %w", b.name, size, err)
+	}
+	if err := unix.Fsync(b.fd); err != nil {
+		return fmt.Errorf("truncate %s: sync: %w", b.name, err)
+	}
+	return nil
+}

@@ -171,6 +171,21 @@ func (c *Ctx) Open(name string) (Backend, error) {
 	return b, nil
 }
 
+// OpenReadOnly opens a backend read-only whatever the table's mode: for
+// storage a target only reads (a ploop image under the top delta). Like
+// Open, the table closes it.
+func (c *Ctx) OpenReadOnly(name string) (Backend, error) {
+	if c.opener == nil {
+		return nil, fmt.Errorf("device %q: no backend opener", name)
+	}
+	b, err := c.opener.OpenBackend(name, true)
+	if err != nil {
+		return nil, err
+	}
+	c.opened = append(c.opened, b)
+	return b, nil
+}
+
 // Event returns a function the target calls to raise a device event (the
 // kernel's dm_table_event and uevents): it bumps the device's event counter
 // and is delivered to QMP clients as DM_EVENT. It is safe to call from any

@@ -16,6 +16,7 @@ import (
 	_ "github.com/vhostdm/vhostdm/targets" // linear, striped, zero, error, delay, flakey, crypt
 	_ "github.com/vhostdm/vhostdm/targets/mirror"
 	_ "github.com/vhostdm/vhostdm/targets/multipath"
+	_ "github.com/vhostdm/vhostdm/targets/ploop"
 	_ "github.com/vhostdm/vhostdm/targets/snapshot"
 )
 
