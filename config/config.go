@@ -60,6 +60,30 @@ type Config struct {
 	Dir string `toml:"-"`
 	// File is the file the configuration was read from, for messages.
 	File string `toml:"-"`
+
+	loc *locator // where keys are in File
+}
+
+// DeviceIndex returns the index of the device called name, or -1.
+func (c *Config) DeviceIndex(name string) int {
+	for i := range c.Devices {
+		if c.Devices[i].Name == name {
+			return i
+		}
+	}
+	return -1
+}
+
+// TableError returns err, an error from building device i's table (which
+// names "line N" of the table), as a configuration error located at that
+// table line in the file: "vm.toml:5: device[0].table: line 1: ...".
+func (c *Config) TableError(i int, err error) error {
+	if c.loc == nil || i < 0 || i >= len(c.Devices) {
+		return &Error{File: c.File, Key: fmt.Sprintf("device[%d].table", i), Msg: err.Error()}
+	}
+	v := &validator{file: c.File, loc: c.loc}
+	v.tableErr(fmt.Sprintf("device[%d].table", i), c.Devices[i].Table, err)
+	return v.errs[0]
 }
 
 // QMP configures the control socket.
@@ -260,6 +284,7 @@ func Parse(data []byte, file, dir string) (*Config, error) {
 		return nil, Errors{{File: file, Msg: msg}}
 	}
 	v := &validator{file: file, loc: locate(data)}
+	c.loc = v.loc
 	for _, k := range md.Undecoded() {
 		v.errAt(k.String(), "unknown key")
 	}

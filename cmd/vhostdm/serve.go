@@ -162,7 +162,7 @@ func startDaemon(ctx context.Context, c *config.Config, log *slog.Logger) (*daem
 	}
 	for _, dc := range order {
 		if _, err := d.m.CreateTable(dc.Name, dc.UUID, dc.ReadOnly, dc.Table); err != nil {
-			return fail(fmt.Errorf("%s: device %q: %w", c.File, dc.Name, errors.Unwrap(err)))
+			return fail(c.TableError(c.DeviceIndex(dc.Name), errors.Unwrap(err)))
 		}
 	}
 	if c.RepAgent.Hub != "" {

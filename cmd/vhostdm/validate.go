@@ -58,10 +58,20 @@ func checkDevices(c *config.Config) ([]string, error) {
 	}
 	var errs []error
 	summary := map[string]string{}
+	failed := map[string]bool{}
+outer:
 	for _, d := range order {
+		for _, u := range d.Uses() {
+			if failed[u] {
+				failed[d.Name] = true
+				errs = append(errs, fmt.Errorf("%s: device %q not checked: it uses /dev/mapper/%s, which has errors", c.File, d.Name, u))
+				continue outer
+			}
+		}
 		dev, err := m.CreateTable(d.Name, d.UUID, true, d.Table)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: device %q: %w", c.File, d.Name, errors.Unwrap(err)))
+			failed[d.Name] = true
+			errs = append(errs, c.TableError(c.DeviceIndex(d.Name), errors.Unwrap(err)))
 			continue
 		}
 		var types []string

@@ -1,0 +1,53 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestValidate(t *testing.T) {
+	dir := t.TempDir()
+	sparse(t, filepath.Join(dir, "root.img"), 2<<20)
+	good := `[[device]]
+name = "root"
+table = """
+0 2048 linear root.img 0
+2048 2048 zero
+"""
+[[device]]
+name = "top"
+table = "0 4096 linear /dev/mapper/root 0"
+[[export]]
+id = "r"
+device = "top"
+socket = "r.sock"
+writable = true
+`
+	path := writeConfig(t, dir, good)
+	var out, errb bytes.Buffer
+	if code := run([]string{"validate", "-c", path}, &out, &errb); code != 0 {
+		t.Fatalf("exit %d: %s", code, errb.String())
+	}
+	want := "root: 4096 sectors (2.0 MiB), 2 target(s): linear, zero\ntop: 4096 sectors (2.0 MiB), 1 target(s): linear; exported as r at " +
+		filepath.Join(dir, "r.sock") + " (rw, 1 queue(s))\n"
+	if out.String() != want {
+		t.Fatalf("summary:\n%s\nwant:\n%s", out.String(), want)
+	}
+	os.WriteFile(path, []byte(strings.Replace(good, "0 2048 linear root.img 0", "0 2048 linear root.img 4000", 1)), 0o644)
+	out.Reset()
+	errb.Reset()
+	if code := run([]string{"validate", "-c", path}, &out, &errb); code != 1 {
+		t.Fatalf("exit %d for a bad file", code)
+	}
+	wantErr := path + ":4: device[0].table: line 1: linear: root.img too small for target: start=4000, len=2048, dev_size=4096\n" +
+		path + ": device \"top\" not checked: it uses /dev/mapper/root, which has errors\n"
+	if errb.String() != wantErr || out.Len() != 0 {
+		t.Fatalf("errors:\n%s\nwant:\n%s", errb.String(), wantErr)
+	}
+	if code := run([]string{"validate"}, &out, &errb); code != 2 {
+		t.Fatalf("validate without -c: exit %d", code)
+	}
+}
