@@ -17,6 +17,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -129,6 +130,27 @@ func (w *instrumented) Submit(r *mapper.Request) error {
 
 // Unwrap returns the device Wrap was given.
 func (w *instrumented) Unwrap() BlockDevice { return w.BlockDevice }
+
+var queueDepth = prometheus.NewDesc("vhostdm_export_queue_depth",
+	"Requests popped from a virtqueue and not yet completed.", []string{"export", "queue"}, nil)
+
+// Queues registers a collector of per-virtqueue depths; depths returns
+// them by export id.
+func (m *Metrics) Queues(depths func() map[string][]int) {
+	m.reg.MustRegister(&queueCollector{depths: depths})
+}
+
+type queueCollector struct{ depths func() map[string][]int }
+
+func (c *queueCollector) Describe(ch chan<- *prometheus.Desc) { ch <- queueDepth }
+
+func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
+	for id, qs := range c.depths() {
+		for i, n := range qs {
+			ch <- prometheus.MustNewConstMetric(queueDepth, prometheus.GaugeValue, float64(n), id, strconv.Itoa(i))
+		}
+	}
+}
 
 // Devices registers a collector of every device of mgr: suspended state,
 // size, open count, event counter and table swaps.

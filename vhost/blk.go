@@ -155,6 +155,7 @@ type blkQueue struct {
 	idle    atomic.Int32 // idle workers minus queued requests
 	wake    chan struct{}
 	active  sync.WaitGroup // requests popped and not yet completed
+	depth   atomic.Int32   // the same count, for metrics
 	workers sync.WaitGroup
 	badLogs atomic.Uint32
 
@@ -384,6 +385,7 @@ func (q *blkQueue) run(done chan struct{}) {
 				for _, h := range q.resubmit {
 					q.reqs[h].busy.Store(true)
 					q.active.Add(1)
+					q.depth.Add(1)
 					q.dispatch(h)
 				}
 				q.resubmit = nil
@@ -480,6 +482,7 @@ func (q *blkQueue) drain() error {
 			q.usedMu.Unlock()
 		}
 		q.active.Add(len(heads))
+		q.depth.Add(int32(len(heads)))
 		// Hold the used index while the batch is dispatched, so that
 		// requests completed inline are published (and notified) together,
 		// every publishBatch requests and at the end.
@@ -717,6 +720,7 @@ func (q *blkQueue) finish(r *blkReq, status byte, usedLen uint32) {
 	if notify {
 		q.notify()
 	}
+	q.depth.Add(-1)
 	q.active.Done()
 }
 

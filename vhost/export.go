@@ -267,6 +267,22 @@ func (e *Export) serveConn(uc *net.UnixConn) {
 	}
 }
 
+// QueueDepths returns, per virtqueue, the requests popped from the ring
+// and not yet completed; nil while no front end is connected.
+func (e *Export) QueueDepths() []int {
+	e.mu.Lock()
+	c := e.conn
+	e.mu.Unlock()
+	if c == nil {
+		return nil
+	}
+	out := make([]int, len(c.dev.queues))
+	for i, q := range c.dev.queues {
+		out[i] = int(q.depth.Load())
+	}
+	return out
+}
+
 // shutdown stops accepting and closes the connection's socket; the
 // connection then finishes its in-flight requests and tears down.
 func (e *Export) shutdown() {

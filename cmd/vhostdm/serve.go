@@ -178,6 +178,7 @@ func startDaemon(ctx context.Context, c *config.Config, log *slog.Logger) (*daem
 		}
 		d.metrics = metrics.New()
 		d.metrics.Devices(d.m)
+		d.metrics.Queues(d.ex.queueDepths)
 		if d.agent != nil {
 			d.metrics.Agent(d.agent)
 		}
@@ -378,6 +379,19 @@ func (s *exportSet) List() []qmp.ExportInfo {
 		out = append(out, qmp.ExportInfo{Type: "vhost-user-blk", ID: id, NodeName: e.opts.NodeName})
 	}
 	slices.SortFunc(out, func(a, b qmp.ExportInfo) int { return strings.Compare(a.ID, b.ID) })
+	return out
+}
+
+// queueDepths returns every connected export's virtqueue depths.
+func (s *exportSet) queueDepths() map[string][]int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := map[string][]int{}
+	for id, e := range s.exports {
+		if q := e.x.QueueDepths(); q != nil {
+			out[id] = q
+		}
+	}
 	return out
 }
 

@@ -1,0 +1,79 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestServeNotifyMetricsQuit runs `repagent-hub serve` as systemd would:
+// READY=1 arrives on NOTIFY_SOCKET once it listens, /metrics answers, and
+// QMP quit stops it with exit status 0 after STOPPING=1.
+func TestServeNotifyMetricsQuit(t *testing.T) {
+	dir := t.TempDir()
+	notify := filepath.Join(dir, "notify")
+	ns, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notify, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	t.Setenv("NOTIFY_SOCKET", notify)
+	// A free port for the metrics endpoint.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	maddr := l.Addr().String()
+	l.Close()
+	sock := filepath.Join(dir, "hub.qmp")
+	exit := make(chan int, 1)
+	go func() {
+		exit <- run([]string{"serve", "--listen", "127.0.0.1:0", "--store", filepath.Join(dir, "store"),
+			"--qmp", sock, "--metrics", maddr, "--log-format", "json"}, io.Discard, io.Discard)
+	}()
+	read := func() string {
+		ns.SetReadDeadline(time.Now().Add(20 * time.Second))
+		buf := make([]byte, 512)
+		n, err := ns.Read(buf)
+		if err != nil {
+			t.Fatalf("no notification: %v", err)
+		}
+		return string(buf[:n])
+	}
+	if got := read(); !strings.HasPrefix(got, "READY=1\nSTATUS=listening on 127.0.0.1:") {
+		t.Fatalf("first notification %q", got)
+	}
+	resp, err := http.Get("http://" + maddr + "/metrics")
+	if err != nil {
+		t.Fatalf("metrics: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("metrics: %s", resp.Status)
+	}
+	conn, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	var greeting map[string]any
+	json.NewDecoder(conn).Decode(&greeting)
+	fmt.Fprint(conn, `{"execute":"qmp_capabilities"}{"execute":"quit"}`)
+	if got := read(); got != "STOPPING=1\n" {
+		t.Fatalf("notification at quit %q", got)
+	}
+	select {
+	case code := <-exit:
+		if code != 0 {
+			t.Fatalf("exit status %d", code)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the hub did not stop after quit")
+	}
+}
