@@ -73,7 +73,7 @@ func TestHubRestart(t *testing.T) {
 	}
 }
 
-// TestLinkCut: the link is cut during writes; the guest sees no error, the
+// TestLinkCut: the link is cut for 10 s during writes; the guest sees no error, the
 // agent records a dirty map, only changed regions are read again.
 func TestLinkCut(t *testing.T) {
 	r := newRig(t)
@@ -84,9 +84,11 @@ func TestLinkCut(t *testing.T) {
 	r.waitProtected(20*time.Second, a, b)
 	before := r.remoteBytes(a) + r.remoteBytes(b)
 	stop := make(chan struct{})
-	wait := r.runWritersPaced(stop, 20*time.Millisecond, a, b)
+	// Paced so that the 10 s cut dirties a small part of the volumes (about
+	// 200 writes in all), or "no full resync" could not be told apart.
+	wait := r.runWritersPaced(stop, 200*time.Millisecond, a, b)
 	time.Sleep(300 * time.Millisecond)
-	r.cutLink(time.Second)
+	r.cutLink(10 * time.Second)
 	time.Sleep(300 * time.Millisecond)
 	close(stop)
 	n := wait()
