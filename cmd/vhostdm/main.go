@@ -17,6 +17,7 @@ import (
 	_ "github.com/vhostdm/vhostdm/targets/mirror"
 	_ "github.com/vhostdm/vhostdm/targets/multipath"
 	_ "github.com/vhostdm/vhostdm/targets/ploop"
+	_ "github.com/vhostdm/vhostdm/targets/raid"
 	_ "github.com/vhostdm/vhostdm/targets/snapshot"
 )
 

@@ -1,0 +1,317 @@
+package raid
+
+import (
+	"bytes"
+	"math"
+	"time"
+
+	"github.com/vhostdm/vhostdm/mapper"
+)
+
+// The sync actions run in one background goroutine, a unit (raid4/5/6: a
+// stripe; raid1: raid1Unit sectors) at a time under the unit's lock:
+//
+//   - resync recomputes parity from data (raid1: copies the first leg to
+//     the others) from resyncCP on, or only the regions the write-intent
+//     bitmap marks dirty;
+//   - recover rebuilds devices not in sync from the others, from
+//     recoveryCP on, then marks them in sync;
+//   - check counts mismatches (in sectors, by 4 KiB rows as md does) and
+//     repair also rewrites the parity (raid1: the other legs).
+
+// needsRecovery reports whether a device in service is not in sync.
+func (r *raid) needsRecovery() bool {
+	for _, m := range r.devs {
+		if m.dev != nil && !m.faulty.Load() && !m.inSync.Load() {
+			return true
+		}
+	}
+	return false
+}
+
+// startNeeded starts a pending recovery or resync unless an action runs,
+// the array is frozen or suspended.
+func (r *raid) startNeeded() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.suspended || r.action != "idle" {
+		return
+	}
+	switch {
+	case r.needsRecovery():
+		r.startLocked("recover", r.recoveryCP.Load())
+	case r.resyncCP < r.devSectors:
+		r.startLocked("resync", r.resyncCP)
+	case r.bm != nil && r.bm.needsResync():
+		r.startLocked("resync", 0)
+	}
+}
+
+// startLocked starts action from device sector from; r.mu is held.
+func (r *raid) startLocked(action string, from uint64) {
+	stop, done := make(chan struct{}), make(chan struct{})
+	r.action, r.progress, r.stop, r.done = action, from, stop, done
+	bitmapResync := action == "resync" && r.resyncCP >= r.devSectors && r.bm != nil
+	go r.run(action, from, bitmapResync, stop, done)
+}
+
+// stopWorker stops the running action, if any, and waits for it.
+func (r *raid) stopWorker() {
+	r.mu.Lock()
+	stop, done := r.stop, r.done
+	r.stop, r.done = nil, nil
+	if stop != nil {
+		r.action = "idle"
+	}
+	r.mu.Unlock()
+	if stop != nil {
+		close(stop)
+		<-done
+	}
+}
+
+func (r *raid) run(action string, from uint64, bitmapResync bool, stop, done chan struct{}) {
+	defer close(done)
+	unit := r.chunk
+	var perUnit time.Duration
+	if r.p.maxRate > 0 {
+		perUnit = time.Duration(float64(unit*mapper.SectorSize) / float64(r.p.maxRate*1024) * float64(time.Second))
+	}
+	next := time.Now()
+	for pos := from; pos < r.devSectors; pos += unit {
+		select {
+		case <-stop:
+			return
+		default:
+		}
+		if bitmapResync && !r.bm.resyncWanted(pos) {
+			r.mu.Lock()
+			r.progress = pos + unit
+			r.mu.Unlock()
+			continue
+		}
+		var mism uint64
+		var err error
+		if r.geo == nil {
+			mism, err = r.syncMirrorUnit(action, pos/unit)
+		} else {
+			mism, err = r.syncStripe(action, pos/unit)
+		}
+		if err != nil {
+			r.log.Warn("raid sync step failed", "action", action, "sector", pos, "err", err)
+		}
+		if r.survives() != nil {
+			r.mu.Lock()
+			if r.stop == stop {
+				r.stop, r.done, r.action = nil, nil, "idle"
+			}
+			r.mu.Unlock()
+			return
+		}
+		r.mu.Lock()
+		r.progress = pos + unit
+		switch {
+		case action == "resync" && !bitmapResync:
+			r.resyncCP = pos + unit
+		case action == "recover":
+			r.recoveryCP.Store(pos + unit)
+		case action == "check" || action == "repair":
+			r.mismatches += mism
+		}
+		r.mu.Unlock()
+		if perUnit > 0 {
+			next = next.Add(perUnit)
+			if d := time.Until(next); d > 0 {
+				select {
+				case <-stop:
+					return
+				case <-time.After(d):
+				}
+			}
+		}
+	}
+	switch action {
+	case "recover":
+		for _, m := range r.devs {
+			if m.dev != nil && !m.faulty.Load() {
+				m.inSync.Store(true)
+			}
+		}
+		r.recoveryCP.Store(0)
+	case "resync":
+		r.mu.Lock()
+		r.resyncCP = math.MaxUint64
+		r.mu.Unlock()
+		if bitmapResync {
+			r.bm.resyncDone(r)
+		}
+	}
+	r.mu.Lock()
+	mine := r.stop == stop
+	if mine {
+		r.stop, r.done, r.action = nil, nil, "idle"
+	}
+	r.mu.Unlock()
+	if action == "resync" || action == "recover" {
+		r.event("in-sync", nil)
+	}
+	if mine {
+		go r.startNeeded()
+	}
+}
+
+// syncStripe runs one step of action on stripe s and returns the
+// mismatched sectors found.
+func (r *raid) syncStripe(action string, s uint64) (uint64, error) {
+	g := r.geo
+	m := g.stripe(s)
+	l := r.lock(s)
+	l.Lock()
+	defer l.Unlock()
+	end := (s + 1) * r.chunk
+	size := int(r.chunk << mapper.SectorShift)
+	need := make([]bool, g.n)
+	switch action {
+	case "resync":
+		for _, dev := range m.data {
+			need[dev] = true
+		}
+		rows, err := r.loadRows(s, m, 0, r.chunk, need)
+		if err != nil {
+			return 0, err
+		}
+		rows[m.pd] = make([]byte, size)
+		if m.qd >= 0 {
+			rows[m.qd] = make([]byte, size)
+		}
+		g.parity(m, rows)
+		r.writeRows(s, rows, []int{m.pd, m.qd})
+		return 0, nil
+	case "recover":
+		var targets []int
+		for i, d := range r.devs {
+			if d.dev != nil && !d.faulty.Load() && !r.readable(i, end) {
+				need[i] = true
+				targets = append(targets, i)
+			}
+		}
+		if len(targets) == 0 {
+			return 0, nil
+		}
+		rows, err := r.loadRows(s, m, 0, r.chunk, need)
+		if err != nil {
+			return 0, err
+		}
+		r.writeRows(s, rows, targets)
+		return 0, nil
+	}
+	// check and repair
+	for i := range need {
+		if !r.readable(i, end) {
+			return 0, nil // degraded stripe: nothing to compare
+		}
+		need[i] = true
+	}
+	rows, err := r.loadRows(s, m, 0, r.chunk, need)
+	if err != nil {
+		return 0, err
+	}
+	want := make([][]byte, g.n)
+	copy(want, rows)
+	want[m.pd] = make([]byte, size)
+	if m.qd >= 0 {
+		want[m.qd] = make([]byte, size)
+	}
+	g.parity(m, want)
+	var mism uint64
+	const row = mismatchUnit << mapper.SectorShift
+	for off := 0; off < size; off += row {
+		bad := !bytes.Equal(want[m.pd][off:off+row], rows[m.pd][off:off+row])
+		if m.qd >= 0 && !bytes.Equal(want[m.qd][off:off+row], rows[m.qd][off:off+row]) {
+			bad = true
+		}
+		if bad {
+			mism += mismatchUnit
+		}
+	}
+	if action == "repair" && mism > 0 {
+		r.writeRows(s, want, []int{m.pd, m.qd})
+	}
+	return mism, nil
+}
+
+// writeRows writes whole-chunk rows of stripe s to the devices in which
+// (entries below 0 are skipped); failing devices leave service.
+func (r *raid) writeRows(s uint64, rows [][]byte, which []int) {
+	for _, i := range which {
+		if i < 0 || r.devs[i].faulty.Load() {
+			continue
+		}
+		if err := r.devs[i].dev.WriteAt([][]byte{rows[i]}, r.devOffset(s, 0)); err != nil {
+			r.fail(i, err)
+		}
+	}
+}
+
+// syncMirrorUnit runs one step of action on raid1 unit u.
+func (r *raid) syncMirrorUnit(action string, u uint64) (uint64, error) {
+	l := r.lock(u)
+	l.Lock()
+	defer l.Unlock()
+	start := u * raid1Unit
+	n := min(raid1Unit, r.devSectors-start)
+	end := start + raid1Unit
+	off := int64(start << mapper.SectorShift)
+	size := int(n << mapper.SectorShift)
+	src := -1
+	for i, m := range r.devs {
+		if m.inSync.Load() && r.readable(i, end) {
+			src = i
+			break
+		}
+	}
+	if src < 0 {
+		return 0, mapper.Errorf(mapper.ErrIO, "unit %d: no leg in sync", u)
+	}
+	data := make([]byte, size)
+	if err := r.devs[src].dev.ReadAt([][]byte{data}, off); err != nil {
+		r.fail(src, err)
+		return 0, err
+	}
+	var mism uint64
+	for i, m := range r.devs {
+		if i == src || m.faulty.Load() {
+			continue
+		}
+		write := false
+		switch action {
+		case "resync":
+			write = true
+		case "recover":
+			write = !r.readable(i, end)
+		case "check", "repair":
+			if !r.readable(i, end) {
+				continue
+			}
+			other := make([]byte, size)
+			if err := m.dev.ReadAt([][]byte{other}, off); err != nil {
+				r.fail(i, err)
+				continue
+			}
+			const row = mismatchUnit << mapper.SectorShift
+			for o := 0; o < size; o += row {
+				e := min(o+row, size)
+				if !bytes.Equal(data[o:e], other[o:e]) {
+					mism += mismatchUnit
+					write = action == "repair"
+				}
+			}
+		}
+		if write {
+			if err := m.dev.WriteAt([][]byte{data}, off); err != nil {
+				r.fail(i, err)
+			}
+		}
+	}
+	return mism, nil
+}
