@@ -19,6 +19,7 @@ import (
 	_ "github.com/vhostdm/vhostdm/targets/ploop"
 	_ "github.com/vhostdm/vhostdm/targets/raid"
 	_ "github.com/vhostdm/vhostdm/targets/snapshot"
+	_ "github.com/vhostdm/vhostdm/targets/thin" // thin-pool, thin
 )
 
 // command is one subcommand. run returns the process exit status.

@@ -1,0 +1,164 @@
+// Package pdata is the kernel's persistent-data library (drivers/md/
+// persistent-data) in Go, on-disk compatible with it: a block manager over
+// a metadata Backend (4096-byte blocks with crc32c checksums salted per
+// block type), a transaction manager that shadows (copies on write) every
+// block it changes and reuses no block freed in the running transaction,
+// in-memory space maps with the kernel's on-disk form (2-bit counts in
+// bitmap blocks, an index, a ref-count btree for counts of 3 and more), and
+// a copy-on-write btree with arbitrary value sizes.
+//
+// The central type is [TM]. Nothing written since the last commit is
+// reachable from the last superblock, so a crash at any point leaves the
+// previous committed state intact; the caller writes its superblock after
+// [TM.Flush] and flushes again. A TM and everything built on it is not safe
+// for concurrent use: the caller serialises (thin's pool holds one mutex).
+//
+// Layout facts come from ../shared/reference/dm-formats.md §4; the kernel's
+// persistent-data/*.c were read for semantics only.
+package pdata
+
+import (
+	"encoding/binary"
+	"fmt"
+	"hash/crc32"
+
+	"github.com/vhostdm/vhostdm/mapper"
+)
+
+// BlockSize is the size of every metadata block in bytes.
+const BlockSize = 4096
+
+// Checksum salts, XORed into the crc32c of each block type: part of the
+// on-disk format.
+const (
+	SuperblockSalt = 160774
+	NodeSalt       = 121107
+	IndexSalt      = 160478
+	BitmapSalt     = 240779
+)
+
+// Kind is what a metadata block holds; it selects the checksum salt.
+type Kind uint8
+
+// Block kinds.
+const (
+	KindSuper Kind = iota
+	KindNode
+	KindIndex
+	KindBitmap
+)
+
+var salts = [...]uint32{KindSuper: SuperblockSalt, KindNode: NodeSalt, KindIndex: IndexSalt, KindBitmap: BitmapSalt}
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+var le = binary.LittleEndian
+
+// Checksum returns the checksum of a block as the kernel computes it:
+// crc32c with seed ~0 and no final inversion over b[4:], XOR salt.
+func Checksum(b []byte, salt uint32) uint32 {
+	return ^crc32.Checksum(b[4:], castagnoli) ^ salt
+}
+
+// blocknrOffset is where every block kind but the superblock keeps its own
+// location (the superblock's is at 8 too).
+const blocknrOffset = 8
+
+// BM is a block manager: a cache of metadata blocks over a backend.
+// Blocks read are checked (checksum, location) once; blocks changed are
+// kept dirty until WriteDirty stamps and writes them.
+type BM struct {
+	dev      mapper.Backend
+	nrBlocks uint64
+
+	cache map[uint64][]byte
+	dirty map[uint64]Kind
+}
+
+// NewBM returns a block manager over dev holding nrBlocks blocks.
+func NewBM(dev mapper.Backend, nrBlocks uint64) *BM {
+	return &BM{dev: dev, nrBlocks: nrBlocks, cache: map[uint64][]byte{}, dirty: map[uint64]Kind{}}
+}
+
+// NrBlocks returns the number of blocks of the metadata device.
+func (bm *BM) NrBlocks() uint64 { return bm.nrBlocks }
+
+// Read returns block b, checked as kind. The slice is the cached block:
+// callers must not change it unless they own the block in the running
+// transaction (see TM.Shadow).
+func (bm *BM) Read(b uint64, kind Kind) ([]byte, error) {
+	if buf, ok := bm.cache[b]; ok {
+		return buf, nil
+	}
+	if b >= bm.nrBlocks {
+		return nil, mapper.Errorf(mapper.ErrCorrupt, "metadata block %d beyond the device's %d blocks", b, bm.nrBlocks)
+	}
+	buf := make([]byte, BlockSize)
+	if err := bm.dev.ReadAt([][]byte{buf}, int64(b)*BlockSize); err != nil {
+		return nil, err
+	}
+	if got, want := le.Uint32(buf), Checksum(buf, salts[kind]); got != want {
+		return nil, mapper.Errorf(mapper.ErrCorrupt, "metadata block %d: checksum %#x, want %#x", b, got, want)
+	}
+	if got := le.Uint64(buf[blocknrOffset:]); got != b {
+		return nil, mapper.Errorf(mapper.ErrCorrupt, "metadata block %d: says it is block %d", b, got)
+	}
+	bm.cache[b] = buf
+	return buf, nil
+}
+
+// New returns a zeroed buffer for block b, marked dirty as kind.
+func (bm *BM) New(b uint64, kind Kind) []byte {
+	buf := make([]byte, BlockSize)
+	bm.cache[b] = buf
+	bm.dirty[b] = kind
+	return buf
+}
+
+// Dirty marks block b (already cached) as changed.
+func (bm *BM) Dirty(b uint64, kind Kind) { bm.dirty[b] = kind }
+
+// WriteDirty stamps every dirty block with its location and checksum and
+// writes it; the caller flushes the backend.
+func (bm *BM) WriteDirty() error {
+	for b, kind := range bm.dirty {
+		buf := bm.cache[b]
+		le.PutUint64(buf[blocknrOffset:], b)
+		le.PutUint32(buf, Checksum(buf, salts[kind]))
+		if err := bm.dev.WriteAt([][]byte{buf}, int64(b)*BlockSize); err != nil {
+			return fmt.Errorf("write metadata block %d: %w", b, err)
+		}
+		delete(bm.dirty, b)
+	}
+	return nil
+}
+
+// Forget drops every cached block, so that the next reads see the device
+// (after a failed commit the cache may hold changes that never landed).
+func (bm *BM) Forget() {
+	bm.cache = map[uint64][]byte{}
+	bm.dirty = map[uint64]Kind{}
+}
+
+// Flush flushes the metadata backend.
+func (bm *BM) Flush() error { return bm.dev.Flush() }
+
+// ReadRaw reads block b without checks (the superblock, which the caller
+// checks, and a fresh device's first block).
+func (bm *BM) ReadRaw(b uint64) ([]byte, error) {
+	buf := make([]byte, BlockSize)
+	if err := bm.dev.ReadAt([][]byte{buf}, int64(b)*BlockSize); err != nil {
+		return nil, err
+	}
+	return buf, nil
+}
+
+// WriteRaw stamps buf's checksum as kind (its location is the caller's)
+// and writes it at block b, bypassing the cache.
+func (bm *BM) WriteRaw(b uint64, kind Kind, buf []byte) error {
+	le.PutUint32(buf, Checksum(buf, salts[kind]))
+	if err := bm.dev.WriteAt([][]byte{buf}, int64(b)*BlockSize); err != nil {
+		return fmt.Errorf("write metadata block %d: %w", b, err)
+	}
+	return nil
+}

@@ -1,0 +1,109 @@
+package pdata
+
+// TM is the transaction manager: it hands out metadata blocks from the
+// metadata space map, shadows (copies on write) blocks of the last
+// committed state before they change, and commits.
+type TM struct {
+	BM *BM
+	SM *SpaceMap // the metadata space map
+
+	shadows map[uint64]struct{} // blocks allocated in this transaction
+}
+
+// NewTM returns a transaction manager over bm and the metadata space map.
+func NewTM(bm *BM, sm *SpaceMap) *TM {
+	return &TM{BM: bm, SM: sm, shadows: map[uint64]struct{}{}}
+}
+
+// IsShadow reports whether b was allocated in the running transaction.
+func (tm *TM) IsShadow(b uint64) bool {
+	_, ok := tm.shadows[b]
+	return ok
+}
+
+// NewBlock allocates a metadata block, returning a zeroed buffer for it.
+func (tm *TM) NewBlock(kind Kind) (uint64, []byte, error) {
+	b, err := tm.SM.Alloc()
+	if err != nil {
+		return 0, nil, err
+	}
+	tm.shadows[b] = struct{}{}
+	return b, tm.BM.New(b, kind), nil
+}
+
+// Shadow returns a writable copy of block b: b itself when this
+// transaction made it and nothing else refers to it, else a new block
+// with b's content (and b loses a reference). incChildren tells the caller
+// that b was shared, so the copy's children gained a referrer.
+func (tm *TM) Shadow(b uint64, kind Kind) (nb uint64, buf []byte, incChildren bool, err error) {
+	c, err := tm.SM.Count(b)
+	if err != nil {
+		return 0, nil, false, err
+	}
+	incChildren = c > 1
+	old, err := tm.BM.Read(b, kind)
+	if err != nil {
+		return 0, nil, false, err
+	}
+	if tm.IsShadow(b) && !incChildren {
+		tm.BM.Dirty(b, kind)
+		return b, old, false, nil
+	}
+	nb, buf, err = tm.NewBlock(kind)
+	if err != nil {
+		return 0, nil, false, err
+	}
+	copy(buf, old)
+	if err := tm.SM.Dec(b); err != nil {
+		return 0, nil, false, err
+	}
+	return nb, buf, incChildren, nil
+}
+
+// Inc adds a reference to metadata block b.
+func (tm *TM) Inc(b uint64) error { return tm.SM.Inc(b) }
+
+// Dec drops a reference to metadata block b.
+func (tm *TM) Dec(b uint64) error { return tm.SM.Dec(b) }
+
+// Commit writes the space maps' on-disk forms (the data space map's and
+// the metadata space map's, which records its own blocks), writes every
+// dirty block and flushes the metadata device. It returns the roots the
+// new superblock must hold; once the caller has written and flushed it,
+// the transaction is committed. Blocks freed before Commit become
+// reusable.
+func (tm *TM) Commit(data *SpaceMap) (metaRoot, dataRoot Root, err error) {
+	if data != nil {
+		if _, err := data.stage(tm); err != nil {
+			return Root{}, Root{}, err
+		}
+		if err := data.writeBitmaps(tm); err != nil {
+			return Root{}, Root{}, err
+		}
+	}
+	for {
+		progress, err := tm.SM.stage(tm)
+		if err != nil {
+			return Root{}, Root{}, err
+		}
+		if !progress {
+			break
+		}
+	}
+	if err := tm.SM.writeBitmaps(tm); err != nil {
+		return Root{}, Root{}, err
+	}
+	if err := tm.BM.WriteDirty(); err != nil {
+		return Root{}, Root{}, err
+	}
+	if err := tm.BM.Flush(); err != nil {
+		return Root{}, Root{}, err
+	}
+	clear(tm.shadows)
+	clear(tm.SM.freed)
+	if data != nil {
+		clear(data.freed)
+		dataRoot = data.Root()
+	}
+	return tm.SM.Root(), dataRoot, nil
+}
