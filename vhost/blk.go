@@ -701,6 +701,7 @@ func (q *blkQueue) finish(r *blkReq, status byte, usedLen uint32) {
 		q.dlog.mark(r.statusGPA, 1)
 	}
 	head := r.chain.head
+	q.depth.Add(-1) // before the driver can see the completion
 	q.finishing.Add(1)
 	q.usedMu.Lock()
 	off := q.ring.putUsed(head, usedLen)
@@ -720,7 +721,6 @@ func (q *blkQueue) finish(r *blkReq, status byte, usedLen uint32) {
 	if notify {
 		q.notify()
 	}
-	q.depth.Add(-1)
 	q.active.Done()
 }
 
