@@ -18,6 +18,7 @@ import (
 	_ "github.com/vhostdm/vhostdm/targets/multipath"
 	_ "github.com/vhostdm/vhostdm/targets/ploop"
 	_ "github.com/vhostdm/vhostdm/targets/raid"
+	_ "github.com/vhostdm/vhostdm/targets/replicator"
 	_ "github.com/vhostdm/vhostdm/targets/snapshot"
 	_ "github.com/vhostdm/vhostdm/targets/thin" // thin-pool, thin
 )
