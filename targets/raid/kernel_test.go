@@ -287,6 +287,9 @@ func TestKernelCompat(t *testing.T) {
 		if h := md5Of(t, d); h != ourMD5["d_"+l.name] {
 			t.Errorf("D %s missing %v: vhostdm reads md5 %s degraded, wrote %s", l.name, l.missing, h, ourMD5["d_"+l.name])
 		}
+		// The kernel printed its status once its own initial resync was
+		// over; compare ours at the same point.
+		waitIdleDev(t, d)
 		want := fmt.Sprintf("0 %d raid %s", arrayLength(l.name, l.n), d.Status(mapper.StatusInfo, false)[0].Params)
 		if k := got["DSTATUS "+l.name]; k+" -" != want && k != want {
 			t.Errorf("D %s: kernel status %q, vhostdm's %q", l.name, k, want)
@@ -402,13 +405,13 @@ func md5Of(t *testing.T, d *mapper.Device) string {
 func waitIdleDev(t *testing.T, d *mapper.Device) string {
 	t.Helper()
 	var st string
-	for i := 0; i < 2000; i++ {
+	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); {
 		st = d.Status(mapper.StatusInfo, false)[0].Params
 		if strings.Fields(st)[4] == "idle" {
 			return st
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	t.Fatalf("%s: status %q never idle", d.Name(), st)
+	t.Fatalf("%s: status %q not idle after 60 s", d.Name(), st)
 	return ""
 }
