@@ -12,7 +12,8 @@
 // Concurrency: Map runs concurrently. Writes and every read that must
 // reconstruct take the stripe's lock (one of a fixed set of mutexes, by
 // stripe number), so parity is updated atomically with the data of a
-// stripe; plain reads of healthy chunks take no lock. One background
+// stripe, and the stripe cache's entries of a stripe are used only under
+// its lock; plain reads of healthy chunks take no lock. One background
 // goroutine at a time runs the sync action (resync, recover, check,
 // repair), taking the same stripe locks.
 package raid
@@ -49,11 +50,14 @@ import (
 // resynchronised in the background (parity recomputed, raid1 legs copied
 // from the first); "rebuild <idx>" recovers device idx from the others.
 // max_recovery_rate throttles the background work (kB/s per device);
-// min_recovery_rate, stripe_cache and max_write_behind are checked and
-// echoed but change nothing (there is no stripe cache between requests:
-// a write reads what read-modify-write or reconstruct-write needs under
-// the stripe lock); write_mostly legs of raid1 are read last; daemon_sleep
-// is the bitmap daemon's period.
+// min_recovery_rate and max_write_behind are checked and echoed but change
+// nothing; write_mostly legs of raid1 are read last; daemon_sleep is the
+// bitmap daemon's period. stripe_cache is the number of entries of the
+// raid4/5/6 stripe cache (cache.go: 4 KiB rows across every member, as
+// md's stripe_heads), set up as dm-raid does: 256 when not given, raised
+// to chunk_size/2 when smaller, and refused outside md's 17..32768 unless
+// it is 256; TABLE echoes it only when given, as the count set up (as the
+// kernel prints max_nr_stripes), and INFO does not show it.
 //
 // Metadata devices: when given, they hold vhostdm's own write-intent bitmap
 // (see bitmap.go; region_size sectors per bit, default 8192 sectors), not
@@ -129,7 +133,9 @@ type raid struct {
 	length     uint64
 	event      mapper.EventRaiser
 	log        *slog.Logger
-	bm         *bitmap // nil without metadata devices
+	bm         *bitmap      // nil without metadata devices
+	cacheSize  int          // stripe cache entries (raid4/5/6), as TABLE reports them
+	cache      *stripeCache // nil for raid1 (and in tests without a cache)
 
 	locks [lockCount]sync.Mutex
 
@@ -198,6 +204,16 @@ func newRaid(c *mapper.Ctx, args []string) (mapper.Target, error) {
 			return nil, fmt.Errorf("device size %d (target length %d / %d data devices) not divisible by chunk size %d", r.devSectors, c.Length, data, r.chunk)
 		}
 		r.geo = newGeometry(typ, int(n), r.chunk)
+		if r.cacheSize, err = stripeCacheEntries(p.stripeCache, r.chunk); err != nil {
+			return nil, err
+		}
+		entries := r.cacheSize
+		if testCacheEntries > 0 {
+			entries = testCacheEntries
+		}
+		if !testNoCache {
+			r.cache = newStripeCache(entries, int(n))
+		}
 	}
 	if r.devSectors > mapper.MaxSector {
 		return nil, fmt.Errorf("target length %d: devices beyond the largest device", c.Length)
@@ -418,6 +434,7 @@ func (r *raid) writeZeroes(sector, n uint64) error {
 func (r *raid) fail(i int, err error) {
 	m := r.devs[i]
 	if m.faulty.CompareAndSwap(false, true) {
+		r.invalidate()
 		r.log.Warn("raid device failed", "index", i, "device", m.name, "err", err)
 		r.event("device-failed", map[string]any{"index": i, "device": m.name, "error": err.Error()})
 	}
@@ -488,7 +505,9 @@ func (r *raid) Status(kind mapper.StatusKind) string {
 		fmt.Fprintf(&b, " write_mostly %d", i)
 	}
 	opt("max_write_behind", p.maxWriteBehind)
-	opt("stripe_cache", p.stripeCache)
+	if p.stripeCache >= 0 {
+		opt("stripe_cache", int64(r.cacheSize))
+	}
 	opt("region_size", p.regionSize)
 	fmt.Fprintf(&b, " %d", len(r.devs))
 	for _, m := range r.devs {
@@ -578,6 +597,7 @@ func (r *raid) Presuspend(noflush bool) error {
 	r.mu.Lock()
 	r.suspended = true
 	r.mu.Unlock()
+	r.invalidate()
 	if r.bm != nil {
 		return r.bm.sync(r)
 	}
@@ -589,6 +609,7 @@ func (r *raid) Resume() error {
 	r.mu.Lock()
 	r.suspended = false
 	r.mu.Unlock()
+	r.invalidate()
 	if r.bm != nil {
 		r.bm.start(r)
 	}

@@ -172,6 +172,12 @@ func TestConstructorErrors(t *testing.T) {
 		{"0 3072 raid raid5_ls 3 64 rebuild 9 " + devs(4), "device index 9: must be below raid device count 4"},
 		{"0 3072 raid raid5_ls 3 64 write_mostly 1 " + devs(4), "write_mostly 1: only raid1"},
 		{"0 1024 raid raid1 3 0 stripe_cache 1 " + devs(2), "stripe_cache 1: raid1 has no stripe cache"},
+		{"0 3072 raid raid5_ls 3 64 stripe_cache 1 " + devs(4), ""}, // raised to 32, as md does
+		{"0 3072 raid raid5_ls 3 16 stripe_cache 17 " + devs(4), ""},
+		{"0 3072 raid raid5_ls 3 16 stripe_cache 16 " + devs(4), "stripe_cache 16: outside 17..32768"},
+		{"0 3072 raid raid5_ls 3 16 stripe_cache 0 " + devs(4), "stripe_cache 0: raised to 8 for chunk size 16, outside 17..32768"},
+		{"0 3072 raid raid5_ls 3 64 stripe_cache 32769 " + devs(4), "stripe_cache 32769: outside 17..32768"},
+		{"0 3072 raid raid5_ls 5 64 stripe_cache 100 stripe_cache 100 " + devs(4), `raid parameter "stripe_cache": duplicated`},
 		{"0 3072 raid raid5_ls 5 64 min_recovery_rate 10 max_recovery_rate 5 " + devs(4), "min_recovery_rate 10: greater than max_recovery_rate 5"},
 		{"0 3072 raid raid5_ls 5 64 daemon_sleep 5 daemon_sleep 6 " + devs(4), `raid parameter "daemon_sleep": duplicated`},
 		{"0 3072 raid raid5_ls 3 64 region_size 12 " + devs(4), "region_size 12: must be a power of two"},
@@ -297,7 +303,21 @@ func names(n int) []string {
 // TestDegradedModel writes random I/O to healthy, degraded (missing at
 // load) and failing (I/O error mid-run) arrays and checks reads against
 // a byte-slice model; afterwards, every surviving member's layout holds.
+//
+// It runs with every stripe cache setting (see cacheModes): none, md's
+// default 256 entries, stripe_cache 17 from the table, and 1 and 4
+// entries (below md's minimum, set by the test hook) so that entries are
+// evicted while writes hold them.
 func TestDegradedModel(t *testing.T) {
+	for _, mode := range cacheModes {
+		t.Run(mode.name, func(t *testing.T) {
+			mode.set(t)
+			testDegradedModel(t, mode.params)
+		})
+	}
+}
+
+func testDegradedModel(t *testing.T, cacheParams string) {
 	const member = 256 << 10
 	for _, c := range []struct {
 		typ     string
@@ -337,7 +357,11 @@ func TestDegradedModel(t *testing.T) {
 			m := mapper.NewManager(mapper.ManagerOptions{Open: set.Open, Logger: slog.New(slog.DiscardHandler),
 				Events: func(e mapper.Event) { mu.Lock(); events = append(events, e); mu.Unlock() }})
 			defer m.Close()
-			d, err := m.CreateTable("r", "", false, table(c.typ, c.n, length, 16, "nosync", legs(c.n, c.missing...)))
+			params := "nosync"
+			if c.typ != "raid1" {
+				params += cacheParams
+			}
+			d, err := m.CreateTable("r", "", false, table(c.typ, c.n, length, 16, params, legs(c.n, c.missing...)))
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -154,6 +154,9 @@ func (r *raid) writeStripe(s uint64, segs []seg) error {
 		}
 		defer r.bm.endWrite(s * r.chunk)
 	}
+	if r.cache != nil {
+		return r.writeStripeCached(s, m, segs)
+	}
 	lo, hi := segs[0].lo, segs[0].hi
 	for _, sg := range segs {
 		lo, hi = min(lo, sg.lo), max(hi, sg.hi)

@@ -52,6 +52,7 @@ func (r *raid) startLocked(action string, from uint64) {
 	stop, done := make(chan struct{}), make(chan struct{})
 	r.action, r.progress, r.stop, r.done = action, from, stop, done
 	bitmapResync := action == "resync" && r.resyncCP >= r.devSectors && r.bm != nil
+	r.invalidate()
 	go r.run(action, from, bitmapResync, stop, done)
 }
 
@@ -72,6 +73,7 @@ func (r *raid) stopWorker() {
 
 func (r *raid) run(action string, from uint64, bitmapResync bool, stop, done chan struct{}) {
 	defer close(done)
+	defer r.invalidate()
 	unit := r.chunk
 	var perUnit time.Duration
 	if r.p.maxRate > 0 {
@@ -168,6 +170,7 @@ func (r *raid) syncStripe(action string, s uint64) (uint64, error) {
 	l := r.lock(s)
 	l.Lock()
 	defer l.Unlock()
+	r.invalidateStripe(s)
 	end := (s + 1) * r.chunk
 	size := int(r.chunk << mapper.SectorShift)
 	need := make([]bool, g.n)
