@@ -1,6 +1,7 @@
 package repagent
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
@@ -56,6 +57,14 @@ type AgentConfig struct {
 	// MaxPayload bounds received frames. Default DefaultMaxPayload.
 	MaxPayload uint32
 	Logger     *slog.Logger
+	// Group makes the protected volumes one consistency group fed by
+	// MirrorWrite in the source's write order (a replication log's site
+	// link): the hub applies them in that order and reads nothing; the
+	// source resynchronises and reports the group's state with
+	// SetConsistent. Writes the hub did not acknowledge before a
+	// disconnect are not put into the dirty bitmaps: MirrorWrite and Sync
+	// fail until Sync has reported the loss.
+	Group bool
 
 	dial func(ctx context.Context, addr string) (net.Conn, error) // tests
 }
@@ -110,6 +119,8 @@ type Agent struct {
 	acked      uint64
 	reported   bool // the current connection has the current volume list
 	connects   int
+	consistent bool // Group: the source's last SetConsistent
+	lost       bool // Group: unacknowledged writes died with a connection
 
 	runMu   sync.Mutex
 	cancel  context.CancelFunc
@@ -278,6 +289,11 @@ func (a *Agent) Attach(name string, dev Device, o VolumeOptions) (Device, error)
 	a.vols[name] = v
 	a.order = append(a.order, name)
 	a.reported = false
+	if a.cfg.Group {
+		// Not in the group's consistent state until the source says
+		// so (after it has copied the volume).
+		a.consistent = false
+	}
 	a.cond.Broadcast()
 	return v, nil
 }
@@ -379,18 +395,38 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) chan stru
 		}
 	}
 	now := time.Now()
+	last := a.queueWrite(v, r.Op, r.Sector, r.Sectors, data, ioErr, now)
+	v.stats.Mirrored++
+	if !v.sync && v.behind(now) {
+		v.sync = true
+		v.stats.SyncEntered++
+		v.log.Info("fall-behind threshold exceeded: mirroring synchronously",
+			"backlog_ios", v.pendIOs, "backlog_bytes", v.pendB)
+	}
+	a.cond.Broadcast()
+	if v.sync {
+		v.stats.SyncWrites++
+		last.done = make(chan struct{})
+		return last.done
+	}
+	return nil
+}
+
+// queueWrite queues the PROTECTED_WRITE frames of one write and returns
+// the last; a.mu held.
+func (a *Agent) queueWrite(v *agentVolume, op mapper.Op, sector, sectors uint64, data []byte, ioErr error, now time.Time) *qitem {
 	var last *qitem
 	// Split into frames of at most MaxIOSectors (discards and zeroes of
 	// up to 2^32-1 sectors go in one frame).
-	for sec, left, off := r.Sector, r.Sectors, 0; left > 0; {
+	for sec, left, off := sector, sectors, 0; left > 0; {
 		n := min(left, uint64(^uint32(0)))
 		pw := &ProtectedWrite{Volume: v.id, Sector: sec, Status: StatusOK}
 		switch {
 		case ioErr != nil:
 			pw.Status = StatusIOError
-		case r.Op == mapper.OpDiscard:
+		case op == mapper.OpDiscard:
 			pw.Discard = true
-		case r.Op == mapper.OpWriteZeroes:
+		case op == mapper.OpWriteZeroes:
 			pw.Zeroes = true
 		default:
 			n = min(left, MaxIOSectors)
@@ -413,20 +449,7 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) chan stru
 		left -= n
 		last = it
 	}
-	v.stats.Mirrored++
-	if !v.sync && v.behind(now) {
-		v.sync = true
-		v.stats.SyncEntered++
-		v.log.Info("fall-behind threshold exceeded: mirroring synchronously",
-			"backlog_ios", v.pendIOs, "backlog_bytes", v.pendB)
-	}
-	a.cond.Broadcast()
-	if v.sync {
-		v.stats.SyncWrites++
-		last.done = make(chan struct{})
-		return last.done
-	}
-	return nil
+	return last
 }
 
 // canMirror reports whether v's writes can be queued now; a.mu held.
@@ -511,7 +534,11 @@ func (a *Agent) disconnected() {
 	a.queue = nil
 	for _, v := range a.vols {
 		for _, it := range v.pending {
-			if it.write {
+			if a.cfg.Group {
+				// The source's log still has them: Sync reports
+				// the loss and the source resynchronises.
+				a.lost = a.lost || it.write
+			} else if it.write {
 				addSectors(v.dirty, it.sector, it.sectors, a.cfg.RegionSectors)
 			} else {
 				addExtents(v.dirty, it.extents, a.cfg.RegionSectors, a.cfg.RegionSectors, maxTrackedRegions)
@@ -545,6 +572,102 @@ func (a *Agent) queueDirtyMap(v *agentVolume, initial bool) {
 		a.queue = append(a.queue, it)
 		v.pending = append(v.pending, it)
 	}
+	a.cond.Broadcast()
+}
+
+// ErrNotMirrored is returned by MirrorWrite and Sync when the hub does not
+// have (or may have lost) a consistency group's writes: the caller keeps
+// them in its own log or dirty log and resynchronises later.
+var ErrNotMirrored = errors.New("repagent: write not mirrored to the hub")
+
+// MirrorWrite queues a write of a consistency group's volume (an agent
+// with AgentConfig.Group) for the hub, in call order across the group's
+// volumes; the data was already written at the source and is copied. It
+// waits while the queue is full, and fails with ErrNotMirrored while the
+// hub is away, the volume is not being protected, or writes were lost
+// and Sync has not reported it yet.
+func (a *Agent) MirrorWrite(name string, op mapper.Op, sector, sectors uint64, data []byte) error {
+	if !a.cfg.Group {
+		return errors.New("repagent: MirrorWrite needs a group agent")
+	}
+	if op == mapper.OpWrite {
+		if uint64(len(data)) != sectors*SectorSize {
+			return fmt.Errorf("repagent: %d bytes of data for %d sectors", len(data), sectors)
+		}
+		data = bytes.Clone(data)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	v := a.vols[name]
+	if v == nil {
+		return fmt.Errorf("repagent: volume %q is not attached", name)
+	}
+	if sector >= v.dev.Size() || sectors > v.dev.Size()-sector || sectors == 0 {
+		return fmt.Errorf("repagent: %d sectors at %d outside volume %q", sectors, sector, name)
+	}
+	for {
+		if a.lost || !a.canMirror(v) {
+			return fmt.Errorf("volume %q: %w", name, ErrNotMirrored)
+		}
+		if a.queueBytes == 0 || a.queueBytes+int64(len(data)) <= a.cfg.QueueBytes {
+			break
+		}
+		a.cond.Wait()
+	}
+	a.queueWrite(v, op, sector, sectors, data, nil, time.Now())
+	v.stats.Mirrored++
+	a.cond.Broadcast()
+	return nil
+}
+
+// Sync waits until the hub has acknowledged every write MirrorWrite
+// queued (group agents): they are then durable on the hub. It fails with
+// ErrNotMirrored once, and only once, for each loss of unacknowledged
+// writes (a disconnect), after which the group counts as inconsistent
+// until the next SetConsistent(true), and while the hub is away with
+// writes pending.
+func (a *Agent) Sync() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	target, conn := a.nextSeq-1, a.conn
+	for !a.lost && a.acked < target && a.conn == conn && conn != nil {
+		a.cond.Wait()
+	}
+	if a.lost {
+		// The hub has a gap until the source resynchronises and says
+		// so again.
+		a.lost = false
+		a.consistent = false
+		return fmt.Errorf("writes unacknowledged when the hub connection ended: %w", ErrNotMirrored)
+	}
+	if a.acked < target {
+		return fmt.Errorf("hub away with writes pending: %w", ErrNotMirrored)
+	}
+	return nil
+}
+
+// SetConsistent tells the hub, in order with the writes queued so far,
+// whether the group's replicas hold a prefix of the source's write order
+// once those writes are applied (group agents). The state is sent again
+// on every connection; it starts false.
+func (a *Agent) SetConsistent(consistent bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.consistent == consistent {
+		return
+	}
+	a.consistent = consistent
+	if a.conn != nil {
+		a.queueGroupState()
+	}
+}
+
+// queueGroupState queues a GROUP_STATE frame; a.mu held.
+func (a *Agent) queueGroupState() {
+	it := &qitem{seq: a.nextSeq, t: time.Now()}
+	it.msg = &GroupState{Seq: it.seq, Consistent: a.consistent && !a.lost}
+	a.nextSeq++
+	a.queue = append(a.queue, it)
 	a.cond.Broadcast()
 }
 
@@ -666,7 +789,7 @@ func (a *Agent) runConn(ctx context.Context) error {
 	defer c.shut()
 
 	// Handshake: HELLO both ways, then the volume report.
-	if err := c.send(&Hello{MaxVersion: uint16(Version), Session: a.session, UUID: a.uuid, Name: a.cfg.VM}); err != nil {
+	if err := c.send(&Hello{MaxVersion: uint16(Version), Session: a.session, UUID: a.uuid, Name: a.cfg.VM, Group: a.cfg.Group}); err != nil {
 		return fmt.Errorf("hello: %w", err)
 	}
 	nc.SetReadDeadline(time.Now().Add(10 * time.Second))
@@ -687,6 +810,11 @@ func (a *Agent) runConn(ctx context.Context) error {
 	a.conn = c
 	a.connects++
 	a.reported = false
+	if a.cfg.Group {
+		// First after the report: the hub knows the group's state
+		// before any write of this connection.
+		a.queueGroupState()
+	}
 	a.mu.Unlock()
 	c.log.Info("connected to hub", "hub_version", h.MaxVersion)
 	defer func() {

@@ -43,6 +43,17 @@
 // same agent session the hub reads the agent's DIRTY_MAP and what was in
 // flight; a new agent session after an unclean end is a full resync.
 //
+// # Consistency groups
+//
+// An agent with AgentConfig.Group (the replicator's repagent site link)
+// makes its protected volumes one consistency group: the source calls
+// [Agent.MirrorWrite] in its write order across the volumes, [Agent.Sync]
+// for durability, and [Agent.SetConsistent] to tell the hub (GROUP_STATE)
+// whether the replicas are a prefix of that order. The hub applies the
+// group's writes in sequence order, issues no remote reads for it (the
+// source resynchronises), and runs failover tests on copies taken between
+// two applied writes, only while the group is consistent.
+//
 // # Units and concurrency
 //
 // Sectors are 512 bytes; sizes on the wire are in sectors, dirty maps in

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"sync"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/vhostdm/vhostdm/mapper"
 	_ "github.com/vhostdm/vhostdm/targets" // linear, for the test devices
 	"github.com/vhostdm/vhostdm/vhost"
@@ -25,6 +27,7 @@ type FailoverExport struct {
 
 // failoverTest is a running failover test of one VM.
 type failoverTest struct {
+	copies  []string // a consistency group's test copies, removed at the end
 	m       *mapper.Manager
 	exports []*vhost.Export
 	cancel  context.CancelFunc
@@ -39,7 +42,12 @@ func (t *failoverTest) close() {
 			x.Close()
 		}
 		t.wg.Wait()
-		t.m.Close()
+		if t.m != nil {
+			t.m.Close()
+		}
+		for _, p := range t.copies {
+			os.Remove(p)
+		}
 	})
 }
 
@@ -67,16 +75,30 @@ func (d *testDevice) Submit(r *mapper.Request) error {
 // disconnected with nothing left to resync. Mirrored writes that arrive
 // meanwhile are not applied: their regions are read from the source when
 // the test stops, together with whatever the test VM wrote.
+//
+// A consistency group (see PROTOCOL.md) must also be consistent by its
+// source's word; its test runs on copies of the recovery volumes
+// (dir/VOLUME.img) taken between two applied writes, and mirroring goes
+// on.
 func (h *Hub) FailoverTest(vmName, dir string) ([]FailoverExport, error) {
 	h.mu.Lock()
 	vm := h.vms[vmName]
+	h.mu.Unlock()
 	if vm == nil {
-		h.mu.Unlock()
 		return nil, fmt.Errorf("vm %q not found", vmName)
 	}
+	// Between two applied writes: the replicas are a prefix of the
+	// write order across the VM's volumes.
+	vm.apply.Lock()
+	defer vm.apply.Unlock()
+	h.mu.Lock()
 	if vm.failover != nil {
 		h.mu.Unlock()
 		return nil, fmt.Errorf("vm %q: a failover test is already running", vmName)
+	}
+	if vm.groupInconsistent() {
+		h.mu.Unlock()
+		return nil, fmt.Errorf("vm %q: its consistency group is being resynchronised by the source, not consistent", vmName)
 	}
 	var vols []*hubVolume
 	for _, v := range vm.vols {
@@ -98,6 +120,30 @@ func (h *Hub) FailoverTest(vmName, dir string) ([]FailoverExport, error) {
 	slices.SortFunc(vols, func(a, b *hubVolume) int { return strings.Compare(a.name, b.name) })
 	t := &failoverTest{}
 	vm.failover = t
+	sizes := make([]uint64, len(vols))
+	for i, v := range vols {
+		sizes[i] = v.sectors
+	}
+	if vm.isGroup() {
+		// A consistency group is resynchronised by its source, which
+		// cannot be asked to copy what the test VM changes: the test
+		// runs on copies taken between two applied writes, and
+		// mirroring goes on.
+		h.mu.Unlock()
+		imgs, err := copyReplicas(t, vols, dir)
+		var out []FailoverExport
+		if err == nil {
+			out, err = h.startTest(t, vm, vols, sizes, imgs, dir)
+		}
+		if err != nil {
+			t.close()
+			h.mu.Lock()
+			vm.failover = nil
+			h.mu.Unlock()
+			return nil, err
+		}
+		return out, nil
+	}
 	prev := map[*hubVolume]string{}
 	for _, v := range vols {
 		prev[v] = v.state
@@ -107,7 +153,11 @@ func (h *Hub) FailoverTest(vmName, dir string) ([]FailoverExport, error) {
 	}
 	h.mu.Unlock()
 
-	out, err := h.startTest(t, vm, vols, dir)
+	imgs := make([]string, len(vols))
+	for i, v := range vols {
+		imgs[i] = v.imgPath
+	}
+	out, err := h.startTest(t, vm, vols, sizes, imgs, dir)
 	if err != nil {
 		t.close()
 		h.mu.Lock()
@@ -125,7 +175,7 @@ func (h *Hub) FailoverTest(vmName, dir string) ([]FailoverExport, error) {
 }
 
 // startTest creates the test devices and exports.
-func (h *Hub) startTest(t *failoverTest, vm *hubVM, vols []*hubVolume, dir string) ([]FailoverExport, error) {
+func (h *Hub) startTest(t *failoverTest, vm *hubVM, vols []*hubVolume, sizes []uint64, imgs []string, dir string) ([]FailoverExport, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("failover test: %w", err)
 	}
@@ -134,18 +184,22 @@ func (h *Hub) startTest(t *failoverTest, vm *hubVM, vols []*hubVolume, dir strin
 	var ctx context.Context
 	ctx, t.cancel = context.WithCancel(context.Background())
 	var out []FailoverExport
-	for _, v := range vols {
+	for i, v := range vols {
 		name := vm.name + "-" + v.name
 		if mapper.ValidateName(name) != nil {
 			name = fmt.Sprintf("failover-%d", len(out))
 		}
-		dev, err := t.m.CreateTable(name, "", false, fmt.Sprintf("0 %d linear %s 0", v.sectors, v.imgPath))
+		dev, err := t.m.CreateTable(name, "", false, fmt.Sprintf("0 %d linear %s 0", sizes[i], imgs[i]))
 		if err != nil {
 			return nil, fmt.Errorf("failover test: volume %s: %w", v.name, err)
 		}
 		sock := filepath.Join(dir, v.name+".sock")
+		var xd vhost.Device = &testDevice{Device: dev, h: h, v: v}
+		if len(t.copies) > 0 {
+			xd = dev // a copy: nothing to read again afterwards
+		}
 		x, err := vhost.NewExport(vhost.ExportConfig{ID: v.name, Socket: sock, Writable: true, Logger: log,
-			Serial: serial(v.name)}, &testDevice{Device: dev, h: h, v: v})
+			Serial: serial(v.name)}, xd)
 		if err != nil {
 			return nil, fmt.Errorf("failover test: volume %s: %w", v.name, err)
 		}
@@ -157,9 +211,84 @@ func (h *Hub) startTest(t *failoverTest, vm *hubVM, vols []*hubVolume, dir strin
 				log.Error("failover export stopped", "volume", v.name, "err", err)
 			}
 		}()
-		out = append(out, FailoverExport{Volume: v.name, Device: name, Socket: sock, Sectors: v.sectors})
+		out = append(out, FailoverExport{Volume: v.name, Device: name, Socket: sock, Sectors: sizes[i]})
 	}
 	return out, nil
+}
+
+// copyReplicas copies the recovery volumes of a consistency group into dir
+// (VOLUME.img), as reflinks where the file system can; the caller holds
+// the VM's apply lock, so the copies are one point of the group's write
+// order.
+func copyReplicas(t *failoverTest, vols []*hubVolume, dir string) ([]string, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("failover test: %w", err)
+	}
+	var out []string
+	for _, v := range vols {
+		dst := filepath.Join(dir, v.name+".img")
+		t.copies = append(t.copies, dst)
+		if err := copyFile(v.imgPath, dst); err != nil {
+			return nil, fmt.Errorf("failover test: copy of volume %s: %w", v.name, err)
+		}
+		out = append(out, dst)
+	}
+	return out, nil
+}
+
+// copyFile copies src to a new file dst, sharing extents (FICLONE) where
+// the file system can, skipping holes otherwise.
+func copyFile(src, dst string) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	err = copyData(in, out)
+	return errors.Join(err, out.Close())
+}
+
+func copyData(in, out *os.File) error {
+	if unix.IoctlFileClone(int(out.Fd()), int(in.Fd())) == nil {
+		return nil
+	}
+	fi, err := in.Stat()
+	if err != nil {
+		return err
+	}
+	size := fi.Size()
+	if err := out.Truncate(size); err != nil {
+		return err
+	}
+	buf := make([]byte, 1<<20)
+	for off := int64(0); off < size; {
+		data, err := unix.Seek(int(in.Fd()), off, unix.SEEK_DATA)
+		if err != nil {
+			break // ENXIO: only a hole is left
+		}
+		hole, err := unix.Seek(int(in.Fd()), data, unix.SEEK_HOLE)
+		if err != nil {
+			hole = size
+		}
+		for p := data; p < hole; {
+			n, err := in.ReadAt(buf[:min(int64(len(buf)), hole-p)], p)
+			if n > 0 {
+				if _, werr := out.WriteAt(buf[:n], p); werr != nil {
+					return werr
+				}
+				p += int64(n)
+			}
+			if err != nil {
+				return err
+			}
+		}
+		off = hole
+	}
+	return out.Sync()
 }
 
 // serial fits a volume name into a virtio-blk serial.

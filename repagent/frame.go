@@ -47,11 +47,13 @@ const (
 	CmdWriteAck       Cmd = 9  // hub → agent: mirrored writes applied up to Seq
 	CmdDirtyMap       Cmd = 10 // regions changed and not mirrored
 	CmdHeartbeat      Cmd = 11 // both ways: liveness; the agent's carries its backlog
-	maxCmd                = CmdHeartbeat
+	CmdGroupState     Cmd = 12 // agent → hub: whether a consistency group's replicas are a prefix of its write order
+	maxCmd                = CmdGroupState
 )
 
 var cmdNames = [...]string{"", "HELLO", "PROTECTED_WRITE", "REPORT_VM_VOLUMES", "START_PROTECT",
-	"REMOTE_IO_REQ", "REMOTE_IO_RES", "AGENT_SHUTDOWN", "STOP_PROTECT", "WRITE_ACK", "DIRTY_MAP", "HEARTBEAT"}
+	"REMOTE_IO_REQ", "REMOTE_IO_RES", "AGENT_SHUTDOWN", "STOP_PROTECT", "WRITE_ACK", "DIRTY_MAP", "HEARTBEAT",
+	"GROUP_STATE"}
 
 // String returns the command's protocol name.
 func (c Cmd) String() string {
@@ -79,6 +81,12 @@ const (
 	FlagWritten uint16 = 0x0002
 	// FlagInitial marks the DIRTY_MAP that answers START_PROTECT.
 	FlagInitial uint16 = 0x0001
+	// FlagGroup marks an agent's HELLO: its protected volumes are one
+	// consistency group whose source resynchronises them itself (the hub
+	// reads nothing) and reports the group's state with GROUP_STATE.
+	FlagGroup uint16 = 0x0001
+	// FlagConsistent marks a GROUP_STATE whose group is consistent.
+	FlagConsistent uint16 = 0x0001
 )
 
 // I/O status values of PROTECTED_WRITE and REMOTE_IO_RES.
@@ -220,6 +228,7 @@ type Message interface {
 // Reply set).
 type Hello struct {
 	Reply      bool
+	Group      bool     // agent only: a consistency group (FlagGroup)
 	MaxVersion uint16   // the highest protocol version the sender speaks
 	Session    uint64   // agent: random per agent process; hub: per hub process
 	UUID       [16]byte // the VM's UUID; zero in the hub's answer
@@ -336,6 +345,24 @@ type Heartbeat struct {
 	Backlog []Backlog
 }
 
+// GroupState tells the hub whether, once every frame before it is
+// applied, the recovery volumes of a consistency group (a FlagGroup
+// agent's protected volumes) hold a prefix of the group's write order
+// (Consistent) or not (the source is resynchronising them). It takes a
+// sequence number from the PROTECTED_WRITE series, so that it is ordered
+// with the writes and WRITE_ACK covers it.
+type GroupState struct {
+	Seq        uint64
+	Consistent bool
+}
+
+// Cmd implements Message.
+func (*GroupState) Cmd() Cmd { return CmdGroupState }
+
+func (m *GroupState) encode(b []byte) ([]byte, uint16, uint64, [][]byte) {
+	return b, flagIf(m.Consistent, FlagConsistent), m.Seq, nil
+}
+
 // Cmd implements Message.
 func (*Hello) Cmd() Cmd { return CmdHello }
 
@@ -385,7 +412,7 @@ func (m *Hello) encode(b []byte) ([]byte, uint16, uint64, [][]byte) {
 	b = le.AppendUint64(b, m.Session)
 	b = append(b, m.UUID[:]...)
 	b = le.AppendUint16(b, m.MaxVersion)
-	return appendName(b, m.Name), flagIf(m.Reply, FlagReply), 0, nil
+	return appendName(b, m.Name), flagIf(m.Reply, FlagReply) | flagIf(m.Group, FlagGroup), 0, nil
 }
 
 func (m *ProtectedWrite) encode(b []byte) ([]byte, uint16, uint64, [][]byte) {
@@ -621,7 +648,7 @@ func CheckName(s string) error {
 
 // allowedFlags holds the flags each command accepts.
 var allowedFlags = [maxCmd + 1]uint16{
-	CmdHello: FlagReply, CmdProtectedWrite: FlagZeroes | FlagDiscard, CmdStartProtect: FlagMirror,
+	CmdHello: FlagReply | FlagGroup, CmdGroupState: FlagConsistent, CmdProtectedWrite: FlagZeroes | FlagDiscard, CmdStartProtect: FlagMirror,
 	CmdRemoteIORes: FlagZero | FlagWritten, CmdAgentShutdown: FlagReply, CmdDirtyMap: FlagInitial,
 }
 
@@ -637,7 +664,7 @@ func Decode(f Frame) (Message, error) {
 		return nil, malformed("%s: unknown flags %#x", f.Cmd, bad)
 	}
 	switch f.Cmd {
-	case CmdProtectedWrite, CmdRemoteIOReq, CmdRemoteIORes, CmdDirtyMap:
+	case CmdProtectedWrite, CmdRemoteIOReq, CmdRemoteIORes, CmdDirtyMap, CmdGroupState:
 		if f.Seq == 0 {
 			return nil, malformed("%s: sequence number 0", f.Cmd)
 		}
@@ -650,7 +677,10 @@ func Decode(f Frame) (Message, error) {
 	d := &dec{p: f.Payload, cmd: f.Cmd}
 	switch f.Cmd {
 	case CmdHello:
-		m := &Hello{Reply: f.Flags&FlagReply != 0, Session: d.u64("session")}
+		m := &Hello{Reply: f.Flags&FlagReply != 0, Group: f.Flags&FlagGroup != 0, Session: d.u64("session")}
+		if m.Reply && m.Group {
+			return nil, malformed("%s: group flag on a reply", f.Cmd)
+		}
 		copy(m.UUID[:], d.bytes(16, "uuid"))
 		m.MaxVersion = d.u16("version")
 		m.Name = d.name("name")
@@ -806,6 +836,8 @@ func Decode(f Frame) (Message, error) {
 			m.Backlog = append(m.Backlog, b)
 		}
 		return m, d.end()
+	case CmdGroupState:
+		return &GroupState{Seq: f.Seq, Consistent: f.Flags&FlagConsistent != 0}, d.end()
 	}
 	return nil, malformed("unknown command %d", uint8(f.Cmd))
 }

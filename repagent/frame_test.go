@@ -38,6 +38,9 @@ func sampleMessages() []Message {
 		&DirtyMap{Seq: 12, Volume: 3, RegionSectors: 8},
 		&Heartbeat{},
 		&Heartbeat{Backlog: []Backlog{{Volume: 1, IOs: 2, Bytes: 1024, AgeMillis: 30, Sync: true}, {Volume: 2}}},
+		&Hello{MaxVersion: 1, Session: 7, Name: "vm", Group: true},
+		&GroupState{Seq: 13, Consistent: true},
+		&GroupState{Seq: 14},
 	}
 }
 
@@ -170,6 +173,10 @@ func TestFrameValidation(t *testing.T) {
 		{"hello bad name", frame(CmdHello, 0, 0, payload(uint64(1), uuid, uint16(1), uint16(3), "a/b")), "contains '/'"},
 		{"hello dotdot", frame(CmdHello, 0, 0, payload(uint64(1), uuid, uint16(1), uint16(2), "..")), "not a valid name"},
 		{"hello name overrun", frame(CmdHello, 0, 0, payload(uint64(1), uuid, uint16(1), uint16(9), "vm")), "payload ends in name"},
+		{"hello group reply", frame(CmdHello, FlagReply|FlagGroup, 0, payload(uint64(1), uuid, uint16(1), uint16(2), "vm")), "group flag on a reply"},
+		{"group state seq 0", frame(CmdGroupState, FlagConsistent, 0, nil), "sequence number 0"},
+		{"group state flag", frame(CmdGroupState, 2, 1, nil), "unknown flags 0x2"},
+		{"group state payload", frame(CmdGroupState, 0, 1, payload(uint32(0))), "4 trailing payload bytes"},
 		{"hello version 0", frame(CmdHello, 0, 0, payload(uint64(1), uuid, uint16(0), uint16(2), "vm")), "version 0 below 1"},
 		{"hello trailing", frame(CmdHello, 0, 0, payload(uint64(1), uuid, uint16(1), uint16(2), "vm", byte(0))), "1 trailing payload bytes"},
 		{"write volume 0", frame(CmdProtectedWrite, 0, 1, payload(uint64(0), uint64(0), uint32(1), uint32(0), sec)), "volume id 0"},

@@ -100,6 +100,33 @@ type hubVM struct {
 	conn     *hubConn
 	vols     map[string]*hubVolume
 	failover *failoverTest
+	// apply is held while a mirrored write is decided and applied, so
+	// that a failover test freezes the replicas between two writes.
+	// Taken before Hub.mu.
+	apply sync.Mutex
+}
+
+// isGroup reports whether vm's volumes were last protected as a
+// consistency group; Hub.mu held.
+func (vm *hubVM) isGroup() bool {
+	for _, v := range vm.vols {
+		if v.st.Group {
+			return true
+		}
+	}
+	return false
+}
+
+// groupInconsistent reports whether vm's volumes are a consistency group
+// whose source said they are not a prefix of its write order (it is
+// resynchronising them), now or when last connected; Hub.mu held.
+func (vm *hubVM) groupInconsistent() bool {
+	for _, v := range vm.vols {
+		if v.st.GroupInconsistent {
+			return true
+		}
+	}
+	return false
 }
 
 // hubVolume is one recovery volume. Fields guarded by Hub.mu unless noted.
@@ -380,17 +407,20 @@ type hubConn struct {
 	graceful bool // guarded by h.mu: checkpoint on shutdown
 
 	// Owned by the engine goroutine.
-	vm       *hubVM
-	session  uint64
-	byID     map[uint64]*hubVolume
-	nextID   uint64
-	reqs     map[uint64]*readReq
-	nextReq  uint64
-	lastSeq  uint64 // last sequence received
-	ackedSeq uint64
-	lastCkpt time.Time
-	pending  bool // applied or changed since the last checkpoint
-	shutdown bool // AGENT_SHUTDOWN received
+	vm      *hubVM
+	session uint64
+	group   bool // the agent's volumes are a consistency group (FlagGroup)
+	// groupConsistent is the last GROUP_STATE's (false before the first).
+	groupConsistent bool
+	byID            map[uint64]*hubVolume
+	nextID          uint64
+	reqs            map[uint64]*readReq
+	nextReq         uint64
+	lastSeq         uint64 // last sequence received
+	ackedSeq        uint64
+	lastCkpt        time.Time
+	pending         bool // applied or changed since the last checkpoint
+	shutdown        bool // AGENT_SHUTDOWN received
 }
 
 // readReq is an outstanding remote read.
@@ -537,6 +567,7 @@ func (c *hubConn) attach(hello *Hello) error {
 		vm.conn = c
 		c.vm = vm
 		c.session = hello.Session
+		c.group = hello.Group
 		c.log = c.log.With("vm", vm.name)
 		h.mu.Unlock()
 		return nil
@@ -720,6 +751,8 @@ func (c *hubConn) handle(f Frame) error {
 		}
 		h.mu.Unlock()
 		return nil
+	case *GroupState:
+		return c.groupState(m)
 	case *AgentShutdown:
 		if m.Reply {
 			return c.bad("%s with the reply flag from an agent", f.Cmd)
@@ -844,6 +877,17 @@ func (c *hubConn) protect(v *hubVolume, sectors uint64) error {
 	default:
 		full, reason = true, "full resync: the agent restarted after an unclean disconnect, neither side can tell what changed"
 	}
+	if c.group {
+		// A consistency group's source resynchronises it in its write
+		// order and says when it is consistent (GROUP_STATE): reading
+		// it here would put newer data beside older.
+		v.need.Clear()
+		full, reason = false, "consistency group: the source resynchronises"
+		v.st.Synced = true
+		// A new volume holds nothing until the source has copied it.
+		v.st.GroupInconsistent = !c.groupConsistent || fresh
+	}
+	v.st.Group = c.group
 	if full {
 		v.need.AddRange(0, regions)
 	}
@@ -930,6 +974,9 @@ func (c *hubConn) dirtyMap(m *DirtyMap) error {
 	if m.Initial != v.waitingInitial {
 		return c.bad("%s: initial flag %v when %v was expected", m.Cmd(), m.Initial, v.waitingInitial)
 	}
+	if c.group && len(m.Extents) > 0 {
+		return c.bad("%s: dirty regions from a consistency group, whose source resynchronises itself", m.Cmd())
+	}
 	limit := regionCount(v.sectors, m.RegionSectors)
 	if n := len(m.Extents); n > 0 && m.Extents[n-1].Start+m.Extents[n-1].Count > limit {
 		return c.bad("%s: extents beyond the %d regions of volume %q", m.Cmd(), limit, v.name)
@@ -966,6 +1013,10 @@ func (c *hubConn) markNeed(v *hubVolume, add *roaring.Bitmap) {
 // protectedWrite applies a mirrored write to the recovery volume.
 func (c *hubConn) protectedWrite(m *ProtectedWrite) error {
 	h := c.h
+	// Frames are applied one by one in sequence order, across the VM's
+	// volumes; a failover test waits for the one being applied.
+	c.vm.apply.Lock()
+	defer c.vm.apply.Unlock()
 	h.mu.Lock()
 	v, err := c.mirrored(m.Cmd(), m.Volume)
 	if err == nil {
@@ -1026,6 +1077,40 @@ func (c *hubConn) protectedWrite(m *ProtectedWrite) error {
 		v.appliedBytes += uint64(n)
 	}
 	h.mu.Unlock()
+	return nil
+}
+
+// groupState records whether the consistency group's replicas are a
+// prefix of its write order now that every frame before this one is
+// applied.
+func (c *hubConn) groupState(m *GroupState) error {
+	h := c.h
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if !c.group {
+		return c.bad("%s from an agent without the group flag", m.Cmd())
+	}
+	if err := c.nextSeqOK(m.Cmd(), m.Seq); err != nil {
+		return err
+	}
+	c.groupConsistent = m.Consistent
+	for _, v := range c.byID {
+		if v.mirror && v.st.GroupInconsistent == m.Consistent {
+			v.st.GroupInconsistent = !m.Consistent
+			v.changed = true
+		}
+	}
+	if !m.Consistent {
+		// Volumes that are not reported (yet) belong to the group too.
+		for _, v := range c.vm.vols {
+			if v.st.Version != 0 && !v.st.GroupInconsistent {
+				v.st.GroupInconsistent = true
+				v.changed = true
+			}
+		}
+	}
+	c.log.Info("consistency group state", "consistent", m.Consistent, "seq", m.Seq)
+	c.pending = true
 	return nil
 }
 
@@ -1268,6 +1353,10 @@ type VMStatus struct {
 	Connected bool           `json:"connected"`
 	Peer      string         `json:"peer,omitempty"`
 	Volumes   []VolumeStatus `json:"volumes"`
+	// Group: the volumes are a consistency group (a group agent);
+	// GroupConsistent: their replicas hold a prefix of its write order.
+	Group           bool `json:"group,omitempty"`
+	GroupConsistent bool `json:"group-consistent,omitempty"`
 }
 
 // Status returns every VM and volume, sorted by name.
@@ -1277,6 +1366,9 @@ func (h *Hub) Status() []VMStatus {
 	out := []VMStatus{}
 	for _, vm := range h.vms {
 		s := VMStatus{VM: vm.name, UUID: formatUUID(vm.uuid), Connected: vm.conn != nil, Volumes: []VolumeStatus{}}
+		if s.Group = vm.isGroup(); s.Group {
+			s.GroupConsistent = !vm.groupInconsistent()
+		}
 		if vm.conn != nil {
 			s.Peer = vm.conn.nc.RemoteAddr().String()
 		}

@@ -33,6 +33,13 @@ type volState struct {
 	Need          []Extent `json:"need"`          // regions still to read from the source
 	Protecting    bool     `json:"protecting"`    // in protection when last written
 	FailoverTest  bool     `json:"failover-test"` // a failover test was running
+	// GroupInconsistent: the volume belongs to a consistency group whose
+	// source is resynchronising it (GROUP_STATE), so the group's replicas
+	// are not a prefix of its write order.
+	GroupInconsistent bool `json:"group-inconsistent,omitempty"`
+	// Group: the volume was last protected as part of a consistency
+	// group (an agent with the group flag).
+	Group bool `json:"group,omitempty"`
 }
 
 // vmMeta is a VM's identity in the store.

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -22,6 +23,7 @@ import (
 	"github.com/vhostdm/vhostdm/metrics"
 	"github.com/vhostdm/vhostdm/qmp"
 	"github.com/vhostdm/vhostdm/repagent"
+	"github.com/vhostdm/vhostdm/targets/replicator"
 	"github.com/vhostdm/vhostdm/vhost"
 )
 
@@ -160,6 +162,14 @@ func startDaemon(ctx context.Context, c *config.Config, log *slog.Logger) (*daem
 	if err != nil {
 		return fail(err)
 	}
+	// replicator's repagent site links reach the hub as this VM, with
+	// the [repagent] table's identity and TLS.
+	tc, err := repagentTLS(c)
+	if err != nil {
+		return fail(err)
+	}
+	replicator.SetRepagentSettings(d.m, replicator.RepagentSettings{VM: c.RepAgent.VM, UUID: c.RepAgent.UUID,
+		TLS: tc, Insecure: c.RepAgent.Insecure, Logger: log})
 	for _, dc := range order {
 		if _, err := d.m.CreateTable(dc.Name, dc.UUID, dc.ReadOnly, dc.Table); err != nil {
 			return fail(c.TableError(c.DeviceIndex(dc.Name), errors.Unwrap(err)))
@@ -241,18 +251,30 @@ func (d *daemon) Close() error {
 	return errors.Join(errs...)
 }
 
+// repagentTLS returns the TLS configuration of c's [repagent] table, or
+// nil without one.
+func repagentTLS(c *config.Config) (*tls.Config, error) {
+	r := c.RepAgent
+	if r.TLSCert == "" {
+		return nil, nil
+	}
+	tc, err := repagent.TLSFiles{Cert: c.Path(r.TLSCert), Key: c.Path(r.TLSKey), CA: c.Path(r.TLSCA)}.TLSConfig(false)
+	if err != nil {
+		return nil, fmt.Errorf("%s: repagent: %w", c.File, err)
+	}
+	return tc, nil
+}
+
 // newAgent makes the replication agent of c's [repagent] table and the
 // replication options of its exports.
 func newAgent(c *config.Config, log *slog.Logger) (*repagent.Agent, map[string]repagent.VolumeOptions, error) {
 	r := c.RepAgent
 	cfg := repagent.AgentConfig{Hub: r.Hub, VM: r.VM, UUID: r.UUID, Insecure: r.Insecure, QueueBytes: r.QueueBytes, Logger: log}
-	if r.TLSCert != "" {
-		tc, err := repagent.TLSFiles{Cert: c.Path(r.TLSCert), Key: c.Path(r.TLSKey), CA: c.Path(r.TLSCA)}.TLSConfig(false)
-		if err != nil {
-			return nil, nil, fmt.Errorf("%s: repagent: %w", c.File, err)
-		}
-		cfg.TLS = tc
+	tc, err := repagentTLS(c)
+	if err != nil {
+		return nil, nil, err
 	}
+	cfg.TLS = tc
 	a, err := repagent.NewAgent(cfg)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s: %w", c.File, err)

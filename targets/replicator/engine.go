@@ -105,7 +105,9 @@ type site struct {
 	dirty          bool   // may have out-of-sync regions
 	consistentFrom uint64 // the site holds a prefix of the log once applied reaches this
 	removed        bool
-	waiting        bool // waiting for a replicator-dev that is not loaded
+	waiting        bool   // waiting for a replicator-dev that is not loaded
+	stop           func() // from SiteStarter, nil without
+	reported       int8   // consistency last told a ConsistencyReporter: 0 never, 1 no, 2 yes
 }
 
 // devReg is a registered replicator-dev: its devices at each site.
@@ -154,6 +156,7 @@ func newEngine(key any, lg Log, links map[uint32]SiteLink, logger *slog.Logger) 
 			continue
 		}
 		e.sites[nr] = &site{nr: nr, policy: l.Policy(), applied: max(tail-1, min(pos[nr], next-1)), consistentFrom: 0}
+		e.sites[nr].stop = startLink(l)
 	}
 	e.wg.Add(3)
 	go e.runFlusher()
@@ -163,6 +166,14 @@ func newEngine(key any, lg Log, links map[uint32]SiteLink, logger *slog.Logger) 
 		e.startSite(s)
 	}
 	return e, nil
+}
+
+// startLink starts a SiteStarter link's state.
+func startLink(l SiteLink) func() {
+	if st, ok := l.(SiteStarter); ok {
+		return st.StartSite()
+	}
+	return nil
 }
 
 func (e *engine) startSite(s *site) {
@@ -187,6 +198,7 @@ func (e *engine) configure(links map[uint32]SiteLink, ev mapper.EventRaiser) {
 			continue
 		}
 		s := &site{nr: nr, policy: l.Policy(), applied: e.nextSeq - 1, dirty: true, consistentFrom: e.nextSeq - 1}
+		s.stop = startLink(l)
 		e.sites[nr] = s
 		e.startSite(s)
 	}
@@ -194,6 +206,9 @@ func (e *engine) configure(links map[uint32]SiteLink, ev mapper.EventRaiser) {
 		if _, ok := links[nr]; !ok {
 			s.removed = true
 			delete(e.sites, nr)
+			if s.stop != nil {
+				go s.stop() // may wait for a hub: not under mu
+			}
 		}
 	}
 	e.cond.Broadcast()
@@ -209,6 +224,11 @@ func (e *engine) close() error {
 	e.mu.Unlock()
 	e.wg.Wait()
 	err := e.checkpoint()
+	for _, s := range e.sites {
+		if s.stop != nil {
+			s.stop()
+		}
+	}
 	return errors.Join(err, e.log.Close())
 }
 
@@ -448,6 +468,9 @@ func (e *engine) runSite(s *site) {
 	defer e.mu.Unlock()
 	batch := 0
 	for !e.closed && !s.removed {
+		if e.reportConsistency(s) {
+			continue // mu was released: look again
+		}
 		if s.state == siteFailed && time.Since(s.failedAt) >= retryInterval {
 			s.state, s.dirty = siteActive, true
 			e.slog.Info("retrying site", "slink", s.nr)
@@ -492,6 +515,29 @@ func (e *engine) runSite(s *site) {
 		}
 		e.cond.Wait()
 	}
+}
+
+// reportConsistency tells a ConsistencyReporter link whether site s
+// holds a prefix of the log, when that changed, and reports whether it
+// did (releasing mu meanwhile); mu is held on entry and exit.
+func (e *engine) reportConsistency(s *site) bool {
+	r, ok := e.links[s.nr].(ConsistencyReporter)
+	if !ok {
+		return false
+	}
+	c := e.consistent(s) && s.state == siteActive && !s.overflow
+	want := int8(1)
+	if c {
+		want = 2
+	}
+	if s.reported == want {
+		return false
+	}
+	s.reported = want
+	e.mu.Unlock()
+	r.SetConsistent(c)
+	e.mu.Lock()
+	return true
 }
 
 func (e *engine) consistent(s *site) bool {

@@ -114,6 +114,28 @@ type SiteLink interface {
 	Table() string
 }
 
+// SiteStarter is implemented by site links with state that lives as long
+// as their site runs in an engine (a connection to a hub). StartSite is
+// called when the site starts (the log is opened, or a reload adds the
+// site); the function it returns when the site stops (a reload drops it,
+// or the log closes, after its last checkpoint). A reload that keeps the
+// site does not call it again: the new table's link finds the state by
+// its own configuration.
+type SiteStarter interface {
+	StartSite() (stop func())
+}
+
+// ConsistencyReporter is implemented by site links that tell their site
+// whether it holds a prefix of the log order across all devices of the
+// log. SetConsistent is called by the site's worker, in order with Apply,
+// when the worker starts and whenever that changes: false when the site
+// falls back to its dirty logs (failure, pause, log full) or a resync
+// starts; true once it is in sync and has applied every entry the local
+// devices held when the last region was copied.
+type ConsistencyReporter interface {
+	SetConsistent(consistent bool)
+}
+
 // SiteDevice is one device at a site: where the entries of one
 // replicator-dev are applied. Apply and Flush run on the site's worker;
 // ReadAt (local site only) runs concurrently with them.
