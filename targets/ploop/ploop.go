@@ -85,13 +85,19 @@ const (
 	maxDeltas     = 255
 )
 
-// stacks holds the stack of every top image served, by the top's identity,
-// so that a table loaded over a live one (a reload) shares its state: the
-// in-memory BAT is ahead of the disk until a flush.
-var stacks = struct {
+// stackRegistry holds the stack of every top image one Manager's tables
+// serve, by the top's identity, so that a table loaded over a live one (a
+// reload) shares its state: the in-memory BAT is ahead of the disk until a
+// flush. There is one per Manager, reached through Ctx.Shared.
+type stackRegistry struct {
 	mu sync.Mutex
 	m  map[any]*stack
-}{m: map[any]*stack{}}
+}
+
+// stacksKey is the Ctx.Shared key of a Manager's stackRegistry.
+type stacksKey struct{}
+
+func newStackRegistry() any { return &stackRegistry{m: map[any]*stack{}} }
 
 // stack is the state of one stack of images.
 type stack struct {
@@ -102,8 +108,9 @@ type stack struct {
 	open       func(name string) (mapper.Backend, error) // for messages
 	event      mapper.EventRaiser
 
-	key  any // guarded by stacks.mu
-	refs int // guarded by stacks.mu
+	stacks *stackRegistry // the registry s is in
+	key    any            // guarded by stacks.mu
+	refs   int            // guarded by stacks.mu
 
 	// io is held shared by I/O and exclusively by messages that change
 	// the stack, so that they see no I/O in flight.
@@ -169,6 +176,7 @@ func newPloop(c *mapper.Ctx, args []string) (mapper.Target, error) {
 	t := &target{length: c.Length, backs: backs, clog: clog}
 	top := backs[len(backs)-1]
 	key := mapper.Identity(top)
+	stacks := c.Shared(stacksKey{}, newStackRegistry).(*stackRegistry)
 
 	stacks.mu.Lock()
 	defer stacks.mu.Unlock()
@@ -183,7 +191,7 @@ func newPloop(c *mapper.Ctx, args []string) (mapper.Target, error) {
 		t.s = s
 		return t, nil
 	}
-	s := &stack{cluSectors: cluSectors, clu: cluSectors * mapper.SectorSize, readOnly: c.ReadOnly,
+	s := &stack{stacks: stacks, cluSectors: cluSectors, clu: cluSectors * mapper.SectorSize, readOnly: c.ReadOnly,
 		event: c.Event(), pending: map[uint64]chan struct{}{}, dirty: map[uint64]struct{}{}}
 	s.open = func(name string) (mapper.Backend, error) { return c.Open(name) }
 	for i, b := range backs {
@@ -534,13 +542,13 @@ func (t *target) Close() error {
 	var err error
 	t.once.Do(func() {
 		s := t.s
-		stacks.mu.Lock()
+		s.stacks.mu.Lock()
 		s.refs--
 		last := s.refs == 0
-		if last && stacks.m[s.key] == s {
-			delete(stacks.m, s.key)
+		if last && s.stacks.m[s.key] == s {
+			delete(s.stacks.m, s.key)
 		}
-		stacks.mu.Unlock()
+		s.stacks.mu.Unlock()
 		if !last {
 			return
 		}
@@ -568,13 +576,13 @@ func (s *stack) rekey() {
 	s.mu.Lock()
 	key := mapper.Identity(s.top().b)
 	s.mu.Unlock()
-	stacks.mu.Lock()
-	defer stacks.mu.Unlock()
-	if stacks.m[s.key] == s {
-		delete(stacks.m, s.key)
+	s.stacks.mu.Lock()
+	defer s.stacks.mu.Unlock()
+	if s.stacks.m[s.key] == s {
+		delete(s.stacks.m, s.key)
 	}
 	s.key = key
-	stacks.m[key] = s
+	s.stacks.m[key] = s
 }
 
 // track marks physical cluster p of the top image written; s.mu held.

@@ -59,16 +59,30 @@ func init() {
 	mapper.RegisterTarget(&mapper.TargetType{Name: "snapshot-origin", Version: [3]int{1, 9, 0}, New: newOrigin})
 }
 
-// kcopyd is the copier all snapshots share: its buffer pool bounds the
-// memory of every copy-out and merge in the process.
-var kcopyd = copier.New(copier.Options{MemoryBytes: 8 << 20, PieceBytes: 128 << 10})
+// snapRegistry maps storage identities to the origins and COW devices in
+// use by one Manager's tables (the kernel's _origins hash), and holds the
+// copier they share: its buffer pool bounds the memory of every copy-out
+// and merge. There is one per Manager, reached through Ctx.Shared.
+type snapRegistry struct {
+	kcopyd *copier.Copier
 
-// registry maps storage identities to origins and COW devices in use.
-var registry = struct {
 	mu      sync.Mutex
 	origins map[any]*origin
 	cows    map[any]*cowState
-}{origins: map[any]*origin{}, cows: map[any]*cowState{}}
+}
+
+// registryKey is the Ctx.Shared key of a Manager's snapRegistry.
+type registryKey struct{}
+
+func newRegistry() any {
+	return &snapRegistry{kcopyd: copier.New(copier.Options{MemoryBytes: 8 << 20, PieceBytes: 128 << 10}),
+		origins: map[any]*origin{}, cows: map[any]*cowState{}}
+}
+
+// sharedRegistry returns the registry of the Manager loading c's table.
+func sharedRegistry(c *mapper.Ctx) *snapRegistry {
+	return c.Shared(registryKey{}, newRegistry).(*snapRegistry)
+}
 
 // identityKey names the storage behind a backend. It holds the pointer
 // itself, not its address as a number, so that the storage cannot be freed
@@ -99,33 +113,34 @@ func identity(b mapper.Backend) any {
 // origin is the state shared by every target that uses one origin device.
 type origin struct {
 	key   any
+	reg   *snapRegistry
 	locks rangeLock
 
 	// Guarded by mu.
 	mu    sync.Mutex
 	snaps []*cowState // registered snapshots
-	refs  int         // guarded by registry.mu
+	refs  int         // guarded by reg.mu
 }
 
-func getOrigin(dev mapper.Backend) *origin {
+func getOrigin(reg *snapRegistry, dev mapper.Backend) *origin {
 	key := identity(dev)
-	registry.mu.Lock()
-	defer registry.mu.Unlock()
-	o := registry.origins[key]
+	reg.mu.Lock()
+	defer reg.mu.Unlock()
+	o := reg.origins[key]
 	if o == nil {
-		o = &origin{key: key}
-		registry.origins[key] = o
+		o = &origin{key: key, reg: reg}
+		reg.origins[key] = o
 	}
 	o.refs++
 	return o
 }
 
 func (o *origin) put() {
-	registry.mu.Lock()
-	defer registry.mu.Unlock()
+	o.reg.mu.Lock()
+	defer o.reg.mu.Unlock()
 	o.refs--
 	if o.refs == 0 {
-		delete(registry.origins, o.key)
+		delete(o.reg.origins, o.key)
 	}
 }
 
@@ -193,10 +208,13 @@ func (o *origin) write(sector, n uint64, exclude *cowState, do func() error) err
 func copyOut(snaps []*cowState, sector, n uint64) {
 	var wg sync.WaitGroup
 	for _, cs := range snaps {
-		if sector >= cs.length {
+		cs.mu.Lock() // a resume handing the store over may change length
+		length := cs.length
+		cs.mu.Unlock()
+		if sector >= length {
 			continue
 		}
-		end := min(sector+n, cs.length)
+		end := min(sector+n, length)
 		for chunk := sector >> cs.shift; chunk<<cs.shift < end; chunk++ {
 			p, newChunk, err := cs.begin(chunk)
 			if err != nil {
@@ -235,7 +253,7 @@ func newOrigin(c *mapper.Ctx, args []string) (mapper.Target, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &originTarget{dev: dev, o: getOrigin(dev), length: c.Length}, nil
+	return &originTarget{dev: dev, o: getOrigin(sharedRegistry(c), dev), length: c.Length}, nil
 }
 
 func (t *originTarget) Map(r *mapper.Request) error {

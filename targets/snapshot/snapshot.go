@@ -81,7 +81,7 @@ type cowState struct {
 	event       mapper.EventRaiser
 	owner       *snapTarget
 
-	// Guarded by registry.mu.
+	// Guarded by o.reg.mu.
 	users []*snapTarget
 }
 
@@ -181,7 +181,7 @@ func (cs *cowState) copyChunk(chunk, nc uint64) error {
 	if n == 0 {
 		return nil
 	}
-	res := kcopyd.CopySync(copier.Region{Dev: cs.originDev, Sector: start, Sectors: n},
+	res := cs.o.reg.kcopyd.CopySync(copier.Region{Dev: cs.originDev, Sector: start, Sectors: n},
 		[]copier.Region{{Dev: cs.cowDev, Sector: nc << cs.shift, Sectors: n}})
 	return res.Err()
 }
@@ -259,7 +259,7 @@ func build(c *mapper.Ctx, args []string, merge bool) (mapper.Target, error) {
 	}
 	t := &snapTarget{originDev: originDev, cowDev: cowDev, merge: merge, length: c.Length, event: c.Event(),
 		log: slog.Default().With("device", c.Device)}
-	t.o = getOrigin(originDev)
+	t.o = getOrigin(sharedRegistry(c), originDev)
 	cs, err := t.attach(chunk, persistentStore, overflowOK)
 	if err != nil {
 		t.o.put()
@@ -273,9 +273,9 @@ func build(c *mapper.Ctx, args []string, merge bool) (mapper.Target, error) {
 // store is taken over at resume) or reads the COW device's metadata.
 func (t *snapTarget) attach(chunk uint64, persistentStore, overflowOK bool) (*cowState, error) {
 	key := identity(t.cowDev)
-	registry.mu.Lock()
-	if cs := registry.cows[key]; cs != nil {
-		defer registry.mu.Unlock()
+	t.o.reg.mu.Lock()
+	if cs := t.o.reg.cows[key]; cs != nil {
+		defer t.o.reg.mu.Unlock()
 		if cs.o != t.o {
 			return nil, fmt.Errorf("COW device %s: in use by a snapshot of another origin", t.cowDev.Name())
 		}
@@ -285,7 +285,7 @@ func (t *snapTarget) attach(chunk uint64, persistentStore, overflowOK bool) (*co
 		cs.users = append(cs.users, t)
 		return cs, nil
 	}
-	registry.mu.Unlock()
+	t.o.reg.mu.Unlock()
 
 	cs := &cowState{key: key, o: t.o, persistent: persistentStore, exc: map[uint64]uint64{}, pending: map[uint64]*pendingEx{},
 		originDev: newHandle(t.originDev), cowDev: newHandle(t.cowDev), length: t.length, event: t.event, owner: t}
@@ -307,12 +307,12 @@ func (t *snapTarget) attach(chunk uint64, persistentStore, overflowOK bool) (*co
 		cs.shift++
 	}
 
-	registry.mu.Lock()
-	defer registry.mu.Unlock()
-	if registry.cows[key] != nil {
+	t.o.reg.mu.Lock()
+	defer t.o.reg.mu.Unlock()
+	if t.o.reg.cows[key] != nil {
 		return nil, mapper.Errorf(mapper.ErrBusy, "COW device %s: being loaded by another table", t.cowDev.Name())
 	}
-	registry.cows[key] = cs
+	t.o.reg.cows[key] = cs
 	cs.users = []*snapTarget{t}
 	t.o.register(cs)
 	return cs, nil
@@ -517,7 +517,7 @@ func (t *snapTarget) Presuspend(noflush bool) error {
 // starts or restarts a merge.
 func (t *snapTarget) Resume() error {
 	cs := t.cs
-	registry.mu.Lock()
+	t.o.reg.mu.Lock()
 	cs.mu.Lock()
 	if cs.owner != t {
 		cs.owner = t
@@ -531,7 +531,7 @@ func (t *snapTarget) Resume() error {
 		cs.merging, cs.overflowed = true, false
 	}
 	cs.mu.Unlock()
-	registry.mu.Unlock()
+	t.o.reg.mu.Unlock()
 	t.o.register(cs)
 	if t.merge {
 		t.startMerge()
@@ -550,7 +550,7 @@ func (t *snapTarget) Close() error {
 	// No origin write may be copying out to us while we leave.
 	unlock := t.o.locks.lock(0, ^uint64(0), true)
 	defer unlock()
-	registry.mu.Lock()
+	t.o.reg.mu.Lock()
 	for i, u := range cs.users {
 		if u == t {
 			cs.users = append(cs.users[:i], cs.users[i+1:]...)
@@ -574,10 +574,10 @@ func (t *snapTarget) Close() error {
 	}
 	cs.mu.Unlock()
 	if len(cs.users) == 0 {
-		delete(registry.cows, cs.key)
+		delete(t.o.reg.cows, cs.key)
 		t.o.unregister(cs)
 	}
-	registry.mu.Unlock()
+	t.o.reg.mu.Unlock()
 	t.o.put()
 	return nil
 }
@@ -679,7 +679,7 @@ func (t *snapTarget) mergeStep(old, nw, m uint64) error {
 	osz := uint64(size) >> mapper.SectorShift
 	if start < osz {
 		n := min(count, osz-start)
-		res := kcopyd.CopySync(copier.Region{Dev: t.cowDev, Sector: nw << cs.shift, Sectors: n},
+		res := t.o.reg.kcopyd.CopySync(copier.Region{Dev: t.cowDev, Sector: nw << cs.shift, Sectors: n},
 			[]copier.Region{{Dev: t.originDev, Sector: start, Sectors: n}})
 		if err := res.Err(); err != nil {
 			return err
