@@ -57,6 +57,32 @@ type Truncater interface {
 	Truncate(size int64) error
 }
 
+// MapBackend performs r at sector of backend b: the last step of every
+// target that passes I/O through unchanged (linear, striped, the paths of
+// multipath, snapshot origins). A FUA write is followed by a flush.
+func MapBackend(b Backend, sector uint64, r *Request) error {
+	off := int64(sector << SectorShift)
+	switch r.Op {
+	case OpRead:
+		return b.ReadAt(r.Data, off)
+	case OpWrite:
+		if err := b.WriteAt(r.Data, off); err != nil {
+			return err
+		}
+		if r.FUA {
+			return b.Flush()
+		}
+		return nil
+	case OpFlush:
+		return b.Flush()
+	case OpDiscard:
+		return b.Discard(off, int64(r.Bytes()))
+	case OpWriteZeroes:
+		return b.WriteZeroes(off, int64(r.Bytes()), r.Unmap)
+	}
+	return ErrUnsupported
+}
+
 // maxIOV is the kernel's IOV_MAX: the most vectors one preadv takes.
 const maxIOV = 1024
 

@@ -115,7 +115,7 @@ func (t *delayTarget) Map(r *mapper.Request) error {
 	if dc.delay > 0 {
 		t.wait(dc.delay, i)
 	}
-	return mapBackend(dc.dev, dc.offset+r.Sector, r)
+	return mapper.MapBackend(dc.dev, dc.offset+r.Sector, r)
 }
 
 // wait sleeps for d unless delaying is off or until Presuspend releases

@@ -215,13 +215,13 @@ func (t *flakey) corrupts(r *mapper.Request, write bool) bool {
 func (t *flakey) Map(r *mapper.Request) error {
 	sector := t.offset + r.Sector
 	if !t.isDown() {
-		return mapBackend(t.dev, sector, r)
+		return mapper.MapBackend(t.dev, sector, r)
 	}
 	if r.Op == mapper.OpRead {
 		if t.corruptByte == 0 && !t.dropWrites && !t.errorWrites {
 			return mapper.Errorf(mapper.ErrIO, "flakey device is down")
 		}
-		if err := mapBackend(t.dev, sector, r); err != nil {
+		if err := mapper.MapBackend(t.dev, sector, r); err != nil {
 			return err
 		}
 		if t.corrupts(r, false) {
@@ -245,9 +245,9 @@ func (t *flakey) Map(r *mapper.Request) error {
 			t.corrupt([][]byte{buf})
 			c := *r
 			c.Data = [][]byte{buf}
-			return mapBackend(t.dev, sector, &c)
+			return mapper.MapBackend(t.dev, sector, &c)
 		}
-		return mapBackend(t.dev, sector, r)
+		return mapper.MapBackend(t.dev, sector, r)
 	}
 	return mapper.Errorf(mapper.ErrIO, "flakey device is down")
 }

@@ -43,7 +43,7 @@ func newLinear(c *mapper.Ctx, args []string) (mapper.Target, error) {
 }
 
 func (t *linear) Map(r *mapper.Request) error {
-	return mapBackend(t.dev, t.offset+r.Sector, r)
+	return mapper.MapBackend(t.dev, t.offset+r.Sector, r)
 }
 
 func (t *linear) Status(kind mapper.StatusKind) string {

@@ -106,7 +106,7 @@ func (t *striped) Map(r *mapper.Request) error {
 	sector, left, off := r.Sector, r.Sectors, 0
 	if left <= t.chunk-sector&(t.chunk-1) { // one chunk: no split
 		i, dsec := t.locate(sector)
-		return t.note(i, mapBackend(t.stripes[i].dev, t.stripes[i].offset+dsec, r))
+		return t.note(i, mapper.MapBackend(t.stripes[i].dev, t.stripes[i].offset+dsec, r))
 	}
 	var vec [8][]byte
 	var errs []error
@@ -115,7 +115,7 @@ func (t *striped) Map(r *mapper.Request) error {
 		i, dsec := t.locate(sector)
 		part := mapper.Request{Op: r.Op, Sector: sector, Sectors: n, FUA: r.FUA,
 			Data: mapper.SliceBufs(vec[:0], r.Data, off, int(n<<mapper.SectorShift))}
-		if err := t.note(i, mapBackend(t.stripes[i].dev, t.stripes[i].offset+dsec, &part)); err != nil {
+		if err := t.note(i, mapper.MapBackend(t.stripes[i].dev, t.stripes[i].offset+dsec, &part)); err != nil {
 			errs = append(errs, err)
 		}
 		sector += n
@@ -136,7 +136,7 @@ func (t *striped) mapRange(r *mapper.Request) error {
 			continue
 		}
 		part := mapper.Request{Op: r.Op, Sector: begin, Sectors: end - begin, Unmap: r.Unmap}
-		if err := t.note(i, mapBackend(t.stripes[i].dev, t.stripes[i].offset+begin, &part)); err != nil {
+		if err := t.note(i, mapper.MapBackend(t.stripes[i].dev, t.stripes[i].offset+begin, &part)); err != nil {
 			errs = append(errs, err)
 		}
 	}

@@ -22,7 +22,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
 	"os/signal"
 	"strings"
@@ -32,6 +31,7 @@ import (
 
 	qmpclient "github.com/digitalocean/go-qemu/qmp"
 
+	"github.com/vhostdm/vhostdm/internal/logging"
 	"github.com/vhostdm/vhostdm/internal/sdnotify"
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/metrics"
@@ -89,19 +89,9 @@ func runServe(args []string, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "usage: repagent-hub serve --listen ADDR --store DIR [--qmp SOCK] [--tls-cert F --tls-key F --tls-ca F] [--insecure]")
 		return 2
 	}
-	var lv slog.Level
-	if err := lv.UnmarshalText([]byte(*level)); err != nil {
-		fmt.Fprintf(stderr, "repagent-hub: -log-level %q: %v\n", *level, err)
-		return 2
-	}
-	var log *slog.Logger
-	switch *format {
-	case "text":
-		log = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: lv}))
-	case "json":
-		log = slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: lv}))
-	default:
-		fmt.Fprintf(stderr, "repagent-hub: -log-format %q: want text or json\n", *format)
+	log, err := logging.New(stderr, *level, *format)
+	if err != nil {
+		fmt.Fprintf(stderr, "repagent-hub: %v\n", err)
 		return 2
 	}
 	cfg := repagent.HubConfig{Store: *store, Name: *name, Logger: log}

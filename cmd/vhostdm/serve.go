@@ -18,6 +18,7 @@ import (
 	"syscall"
 
 	"github.com/vhostdm/vhostdm/config"
+	"github.com/vhostdm/vhostdm/internal/logging"
 	"github.com/vhostdm/vhostdm/internal/sdnotify"
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/metrics"
@@ -54,24 +55,13 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "usage: vhostdm serve [-c FILE]")
 		return 2
 	}
-	var lv slog.Level
-	if err := lv.UnmarshalText([]byte(*level)); err != nil {
-		fmt.Fprintf(stderr, "vhostdm serve: -log-level %q: %v\n", *level, err)
-		return 2
-	}
-	var log *slog.Logger
-	switch *format {
-	case "text":
-		log = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: lv}))
-	case "json":
-		log = slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: lv}))
-	default:
-		fmt.Fprintf(stderr, "vhostdm serve: -log-format %q: want text or json\n", *format)
+	log, err := logging.New(stderr, *level, *format)
+	if err != nil {
+		fmt.Fprintf(stderr, "vhostdm serve: %v\n", err)
 		return 2
 	}
 
 	var c *config.Config
-	var err error
 	if *file == "" {
 		c, err = demoConfig(demoDir)
 	} else {

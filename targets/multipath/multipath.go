@@ -342,37 +342,13 @@ func (t *multipathTarget) Map(r *mapper.Request) error {
 		}
 		sel := p.pg.sel
 		sel.StartIO(&p.path, n)
-		err := mapPath(p.dev, r)
+		err := mapper.MapBackend(p.dev, r.Sector, r) // a path is the same sectors of another whole device
 		sel.EndIO(&p.path, n)
 		if err == nil || noRetry(err) {
 			return err
 		}
 		t.failPath(p)
 	}
-}
-
-// mapPath performs r on a path: the same sectors of another whole device.
-func mapPath(b mapper.Backend, r *mapper.Request) error {
-	off := int64(r.Sector << mapper.SectorShift)
-	switch r.Op {
-	case mapper.OpRead:
-		return b.ReadAt(r.Data, off)
-	case mapper.OpWrite:
-		if err := b.WriteAt(r.Data, off); err != nil {
-			return err
-		}
-		if r.FUA {
-			return b.Flush()
-		}
-		return nil
-	case mapper.OpFlush:
-		return b.Flush()
-	case mapper.OpDiscard:
-		return b.Discard(off, int64(r.Bytes()))
-	case mapper.OpWriteZeroes:
-		return b.WriteZeroes(off, int64(r.Bytes()), r.Unmap)
-	}
-	return mapper.ErrUnsupported
 }
 
 // failPath takes p out of use and raises PATH_FAILED; failing a failed

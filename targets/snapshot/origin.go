@@ -263,7 +263,7 @@ func (t *originTarget) Map(r *mapper.Request) error {
 	case mapper.OpFlush:
 		return t.dev.Flush()
 	}
-	return t.o.write(r.Sector, r.Sectors, nil, func() error { return mapBackend(t.dev, r.Sector, r) })
+	return t.o.write(r.Sector, r.Sectors, nil, func() error { return mapper.MapBackend(t.dev, r.Sector, r) })
 }
 
 func (t *originTarget) Status(kind mapper.StatusKind) string {
@@ -281,28 +281,4 @@ func (t *originTarget) Close() error {
 // Areas lists the origin area the target maps.
 func (t *originTarget) Areas(fn func(b mapper.Backend, start, length uint64) error) error {
 	return fn(t.dev, 0, t.length)
-}
-
-// mapBackend performs a data request r at sector of b.
-func mapBackend(b mapper.Backend, sector uint64, r *mapper.Request) error {
-	off := int64(sector) << mapper.SectorShift
-	switch r.Op {
-	case mapper.OpRead:
-		return b.ReadAt(r.Data, off)
-	case mapper.OpWrite:
-		if err := b.WriteAt(r.Data, off); err != nil {
-			return err
-		}
-		if r.FUA {
-			return b.Flush()
-		}
-		return nil
-	case mapper.OpDiscard:
-		return b.Discard(off, int64(r.Bytes()))
-	case mapper.OpWriteZeroes:
-		return b.WriteZeroes(off, int64(r.Bytes()), r.Unmap)
-	case mapper.OpFlush:
-		return b.Flush()
-	}
-	return mapper.ErrUnsupported
 }

@@ -483,7 +483,7 @@ func (t *snapTarget) mergeWrite(op mapper.Op, chunk, s, n uint64, data [][]byte)
 		return t.cowIO(op, nc, s, n, data)
 	}
 	copyOut(snaps, s, n)
-	return mapBackend(t.originDev, s, &mapper.Request{Op: op, Sector: s, Sectors: n, Data: data})
+	return mapper.MapBackend(t.originDev, s, &mapper.Request{Op: op, Sector: s, Sectors: n, Data: data})
 }
 
 // Status returns the usage or state (INFO) or the arguments (TABLE).
