@@ -133,6 +133,9 @@ func TestReplicationMetrics(t *testing.T) {
 		return value(t, hubReg, "repagent_hub_applied_bytes_total", map[string]string{"volume": "v0"}) >= 8*64<<10 &&
 			value(t, met.Registry(), "vhostdm_repagent_mirror_queue_bytes", map[string]string{"volume": "v0"}) == 0
 	})
+	if v := value(t, met.Registry(), "vhostdm_repagent_mirror_queue_age_seconds", map[string]string{"volume": "v0"}); v != 0 {
+		t.Errorf("mirror queue age with nothing queued = %v", v)
+	}
 	if v := value(t, met.Registry(), "vhostdm_export_bytes_total", map[string]string{"export": "v0", "op": "write"}); v != 8*64<<10 {
 		t.Errorf("export write bytes = %v", v)
 	}

@@ -11,6 +11,7 @@ var (
 	agConnects  = prometheus.NewDesc("vhostdm_repagent_connects_total", "Connections the agent made to its hub.", nil, nil)
 	agBacklog   = prometheus.NewDesc("vhostdm_repagent_mirror_queue_bytes", "Bytes of mirrored writes not yet acknowledged by the hub.", []string{"volume"}, nil)
 	agBacklogIO = prometheus.NewDesc("vhostdm_repagent_mirror_queue_ios", "Mirrored writes not yet acknowledged by the hub.", []string{"volume"}, nil)
+	agAge       = prometheus.NewDesc("vhostdm_repagent_mirror_queue_age_seconds", "Age of the oldest mirrored write not yet acknowledged by the hub.", []string{"volume"}, nil)
 	agDirty     = prometheus.NewDesc("vhostdm_repagent_dirty_regions", "Regions in the dirty map, to be resynchronised.", []string{"volume"}, nil)
 	agSync      = prometheus.NewDesc("vhostdm_repagent_sync_mirroring", "1 while the volume mirrors synchronously (past its fall-behind threshold).", []string{"volume"}, nil)
 	agProtected = prometheus.NewDesc("vhostdm_repagent_protected", "1 while the hub protects the volume on this connection.", []string{"volume"}, nil)
@@ -24,7 +25,7 @@ func (m *Metrics) Agent(a *repagent.Agent) {
 type agentCollector struct{ a *repagent.Agent }
 
 func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{agConnected, agConnects, agBacklog, agBacklogIO, agDirty, agSync, agProtected} {
+	for _, d := range []*prometheus.Desc{agConnected, agConnects, agBacklog, agBacklogIO, agAge, agDirty, agSync, agProtected} {
 		ch <- d
 	}
 }
@@ -36,6 +37,7 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, v := range s.Volumes {
 		ch <- prometheus.MustNewConstMetric(agBacklog, prometheus.GaugeValue, float64(v.BacklogBytes), v.Name)
 		ch <- prometheus.MustNewConstMetric(agBacklogIO, prometheus.GaugeValue, float64(v.BacklogIOs), v.Name)
+		ch <- prometheus.MustNewConstMetric(agAge, prometheus.GaugeValue, v.BacklogAge.Seconds(), v.Name)
 		ch <- prometheus.MustNewConstMetric(agDirty, prometheus.GaugeValue, float64(v.DirtyRegions), v.Name)
 		ch <- prometheus.MustNewConstMetric(agSync, prometheus.GaugeValue, b2f(v.Sync), v.Name)
 		ch <- prometheus.MustNewConstMetric(agProtected, prometheus.GaugeValue, b2f(v.Mirroring), v.Name)

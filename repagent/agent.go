@@ -184,6 +184,7 @@ type AgentVolumeStatus struct {
 	Sync         bool // mirroring synchronously (past fall-behind)
 	BacklogIOs   int
 	BacklogBytes int64
+	BacklogAge   time.Duration // age of the oldest unacknowledged write; 0 without one
 	DirtyRegions uint64
 	Stats        VolumeStats
 }
@@ -331,10 +332,15 @@ func (a *Agent) Status() AgentStatus {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	s := AgentStatus{Connected: a.conn != nil, Connects: a.connects, Acked: a.acked}
+	now := time.Now()
 	for _, n := range a.order {
 		v := a.vols[n]
+		var age time.Duration
+		if t := v.oldest(); !t.IsZero() {
+			age = now.Sub(t)
+		}
 		s.Volumes = append(s.Volumes, AgentVolumeStatus{Name: n, ID: v.id, Protect: v.opts.Protect,
-			Mirroring: v.mirror, Sync: v.sync, BacklogIOs: v.pendIOs, BacklogBytes: v.pendB,
+			Mirroring: v.mirror, Sync: v.sync, BacklogIOs: v.pendIOs, BacklogBytes: v.pendB, BacklogAge: age,
 			DirtyRegions: v.dirty.GetCardinality(), Stats: v.stats})
 	}
 	return s
