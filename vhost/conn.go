@@ -191,6 +191,19 @@ type rawPayload []byte
 func (r rawPayload) AppendTo(b []byte) []byte { return append(b, r...) }
 
 // queue returns queue i, or an error naming the request.
+// stoppedQueue returns queue i if it exists and is stopped, as the
+// messages that set up a ring require.
+func (c *conn) stoppedQueue(i uint32) (*blkQueue, error) {
+	q, err := c.queue(i)
+	if err != nil {
+		return nil, err
+	}
+	if q.state != queueStopped {
+		return nil, fmt.Errorf("queue %d is running", i)
+	}
+	return q, nil
+}
+
 func (c *conn) queue(i uint32) (*blkQueue, error) {
 	if i >= uint32(len(c.dev.queues)) {
 		return nil, fmt.Errorf("queue %d: the device has %d queues", i, len(c.dev.queues))
@@ -359,12 +372,9 @@ func (c *conn) exec(h Header, pl Payload, fds []int) (explicit bool, err error) 
 
 	case ReqSetVringNum:
 		s := pl.(VringState)
-		q, err := c.queue(s.Index)
+		q, err := c.stoppedQueue(s.Index)
 		if err != nil {
 			return false, err
-		}
-		if q.state != queueStopped {
-			return false, fmt.Errorf("queue %d is running", s.Index)
 		}
 		// Virtio 1.x 2.7: split queue sizes are powers of 2 up to 32768.
 		if s.Num == 0 || s.Num > MaxQueueSize || s.Num&(s.Num-1) != 0 {
@@ -399,12 +409,9 @@ func (c *conn) exec(h Header, pl Payload, fds []int) (explicit bool, err error) 
 
 	case ReqSetVringBase:
 		s := pl.(VringState)
-		q, err := c.queue(s.Index)
+		q, err := c.stoppedQueue(s.Index)
 		if err != nil {
 			return false, err
-		}
-		if q.state != queueStopped {
-			return false, fmt.Errorf("queue %d is running", s.Index)
 		}
 		if s.Num > 0xffff {
 			return false, fmt.Errorf("queue %d: base %d beyond 16 bits (packed rings are not supported)", s.Index, s.Num)
