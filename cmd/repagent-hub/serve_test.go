@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/vhostdm/vhostdm/internal/sdnotify/sdnotifytest"
 )
 
 // TestServeNotifyMetricsQuit runs `repagent-hub serve` as systemd would:
@@ -17,13 +19,7 @@ import (
 // QMP quit stops it with exit status 0 after STOPPING=1.
 func TestServeNotifyMetricsQuit(t *testing.T) {
 	dir := t.TempDir()
-	notify := filepath.Join(dir, "notify")
-	ns, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notify, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
-	t.Setenv("NOTIFY_SOCKET", notify)
+	ns := sdnotifytest.Listen(t)
 	// A free port for the metrics endpoint.
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -37,16 +33,7 @@ func TestServeNotifyMetricsQuit(t *testing.T) {
 		exit <- run([]string{"serve", "--listen", "127.0.0.1:0", "--store", filepath.Join(dir, "store"),
 			"--qmp", sock, "--metrics", maddr, "--log-format", "json"}, io.Discard, io.Discard)
 	}()
-	read := func() string {
-		ns.SetReadDeadline(time.Now().Add(20 * time.Second))
-		buf := make([]byte, 512)
-		n, err := ns.Read(buf)
-		if err != nil {
-			t.Fatalf("no notification: %v", err)
-		}
-		return string(buf[:n])
-	}
-	if got := read(); !strings.HasPrefix(got, "READY=1\nSTATUS=listening on 127.0.0.1:") {
+	if got := ns.Next(); !strings.HasPrefix(got, "READY=1\nSTATUS=listening on 127.0.0.1:") {
 		t.Fatalf("first notification %q", got)
 	}
 	resp, err := http.Get("http://" + maddr + "/metrics")
@@ -65,7 +52,7 @@ func TestServeNotifyMetricsQuit(t *testing.T) {
 	var greeting map[string]any
 	json.NewDecoder(conn).Decode(&greeting)
 	fmt.Fprint(conn, `{"execute":"qmp_capabilities"}{"execute":"quit"}`)
-	if got := read(); got != "STOPPING=1\n" {
+	if got := ns.Next(); got != "STOPPING=1\n" {
 		t.Fatalf("notification at quit %q", got)
 	}
 	select {

@@ -306,8 +306,21 @@ func (s *exportSet) Add(o qmp.ExportOptions) error {
 	if o.Writable && dev.ReadOnly() {
 		return fmt.Errorf("device %s is read-only", o.NodeName)
 	}
-	emit := func(event string) func() {
+	// connection reports a front end arriving (up) or leaving: a QMP
+	// event and, with metrics, a counter.
+	connection := func(up bool) func() {
+		event := qmp.EventVhostUserDisconnected
+		if up {
+			event = qmp.EventVhostUserConnected
+		}
 		return func() {
+			if m := s.d.metrics; m != nil {
+				if up {
+					m.Connected(o.ID)
+				} else {
+					m.Disconnected(o.ID)
+				}
+			}
 			if q := s.d.events.Load(); q != nil {
 				q.Emit(event, map[string]any{"id": o.ID})
 			}
@@ -316,13 +329,6 @@ func (s *exportSet) Add(o qmp.ExportOptions) error {
 	var vdev vhost.Device = dev
 	if s.d.metrics != nil {
 		vdev = s.d.metrics.Wrap(o.ID, o.NodeName, vdev)
-		on, off := emit("VHOST_USER_CONNECTED"), emit("VHOST_USER_DISCONNECTED")
-		emit = func(event string) func() {
-			if event == "VHOST_USER_CONNECTED" {
-				return func() { s.d.metrics.Connected(o.ID); on() }
-			}
-			return func() { s.d.metrics.Disconnected(o.ID); off() }
-		}
 	}
 	if s.d.agent != nil {
 		// Reported to the hub; protected exports mirror their writes.
@@ -334,7 +340,7 @@ func (s *exportSet) Add(o qmp.ExportOptions) error {
 		ID: o.ID, Socket: o.Socket, NumQueues: o.NumQueues, Writable: o.Writable,
 		LogicalBlockSize: o.LogicalBlockSize, Serial: o.Serial,
 		Logger:    s.d.log,
-		OnConnect: emit("VHOST_USER_CONNECTED"), OnDisconnect: emit("VHOST_USER_DISCONNECTED"),
+		OnConnect: connection(true), OnDisconnect: connection(false),
 	}, vdev)
 	if err != nil {
 		if s.d.agent != nil {

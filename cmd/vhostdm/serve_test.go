@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/vhostdm/vhostdm/config"
+	"github.com/vhostdm/vhostdm/internal/sdnotify/sdnotifytest"
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/vhost"
 )
@@ -167,26 +168,11 @@ func TestServeNotifyAndQuit(t *testing.T) {
 	dir := t.TempDir()
 	sparse(t, filepath.Join(dir, "disk.img"), 8<<20)
 	path := writeConfig(t, dir, serveConfig)
-	notify := filepath.Join(dir, "notify")
-	ns, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notify, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
-	t.Setenv("NOTIFY_SOCKET", notify)
+	ns := sdnotifytest.Listen(t)
 	exit := make(chan int, 1)
 	go func() { exit <- run([]string{"serve", "-c", path, "-log-format", "json"}, io.Discard, io.Discard) }()
 
-	read := func() string {
-		ns.SetReadDeadline(time.Now().Add(20 * time.Second))
-		buf := make([]byte, 512)
-		n, err := ns.Read(buf)
-		if err != nil {
-			t.Fatalf("no notification: %v", err)
-		}
-		return string(buf[:n])
-	}
-	if got := read(); !strings.HasPrefix(got, "READY=1\nSTATUS=serving 1 device(s), 1 export(s)") {
+	if got := ns.Next(); !strings.HasPrefix(got, "READY=1\nSTATUS=serving 1 device(s), 1 export(s)") {
 		t.Fatalf("first notification %q", got)
 	}
 	if _, err := os.Stat(filepath.Join(dir, "root.sock")); err != nil {
@@ -201,10 +187,10 @@ func TestServeNotifyAndQuit(t *testing.T) {
 	var greeting map[string]any
 	dec.Decode(&greeting)
 	fmt.Fprint(conn, `{"execute":"qmp_capabilities"}{"execute":"reload-config","id":"r"}`)
-	if got := read(); got != "RELOADING=1\n" {
+	if got := ns.Next(); got != "RELOADING=1\n" {
 		t.Fatalf("notification at reload-config %q", got)
 	}
-	if got := read(); !strings.HasPrefix(got, "READY=1\n") {
+	if got := ns.Next(); !strings.HasPrefix(got, "READY=1\n") {
 		t.Fatalf("notification after reload-config %q", got)
 	}
 	for {
@@ -220,7 +206,7 @@ func TestServeNotifyAndQuit(t *testing.T) {
 		}
 	}
 	fmt.Fprint(conn, `{"execute":"quit"}`)
-	if got := read(); got != "STOPPING=1\n" {
+	if got := ns.Next(); got != "STOPPING=1\n" {
 		t.Fatalf("notification at quit %q", got)
 	}
 	select {
