@@ -486,7 +486,16 @@ func (c *conn) exec(h Header, pl Payload, fds []int) (explicit bool, err error) 
 			old = q.errf.Swap(f)
 		}
 		if old != nil {
-			old.Close() // completers holding it see os.ErrClosed at worst
+			old.Close()
+			if h.Code == ReqSetVringCall && f != nil {
+				// A completer that loaded the old fd may have
+				// written it after the close: signal the new one so
+				// that no completion waits for an interrupt that was
+				// lost (QEMU swaps call fds when the guest masks and
+				// unmasks MSI-X vectors). A spurious interrupt costs
+				// the driver one look at the used ring.
+				f.Write([]byte{1, 0, 0, 0, 0, 0, 0, 0}) // eventfd: add 1
+			}
 		}
 		return false, nil
 
