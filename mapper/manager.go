@@ -138,9 +138,11 @@ func (m *Manager) CreateTable(name, uuid string, readOnly bool, table string) (*
 	if err != nil {
 		return nil, err
 	}
-	if err := d.Load(table); err == nil {
+	err = d.Load(table)
+	if err == nil {
 		err = d.Resume()
-	} else {
+	}
+	if err != nil {
 		m.Remove(name, true)
 		return nil, fmt.Errorf("create %s: %w", name, err)
 	}

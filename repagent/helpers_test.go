@@ -176,10 +176,10 @@ func (r *rig) startAgent(vols map[*rigVol]VolumeOptions) {
 	r.mu.Lock()
 	cfg.Hub = r.addr
 	r.mu.Unlock()
-	cfg.dial = func(ctx context.Context, addr string) (net.Conn, error) {
+	cfg.dial = func(ctx context.Context, _ string) (net.Conn, error) {
 		r.mu.Lock()
 		block := r.block
-		addr = r.addr
+		addr := r.addr
 		r.mu.Unlock()
 		if block {
 			return nil, fmt.Errorf("link down (test)")

@@ -17,5 +17,8 @@ fi
 echo "== go vet"
 go vet ./...
 
+echo "== staticcheck"
+go tool staticcheck ./...
+
 echo "== go test -race"
 go test -race -timeout 20m ./... "$@"

@@ -124,7 +124,6 @@ func needEvent(event, new, old uint16) bool {
 // Chain errors that concern one request.
 var (
 	errChainLoop     = errors.New("descriptor chain loops or exceeds the queue size")
-	errChainTooLong  = errors.New("descriptor chain has too many segments")
 	errChainIndirect = errors.New("bad indirect descriptor")
 )
 

@@ -16,14 +16,13 @@ import (
 type Mem struct {
 	name string
 
-	mu       sync.Mutex
-	data     []byte // what reads see
-	durable  []byte // what survives Crash
-	failOp   map[mapper.Op]int
-	counts   map[mapper.Op]int
-	flushes  int
-	closed   bool
-	readOnly bool
+	mu      sync.Mutex
+	data    []byte // what reads see
+	durable []byte // what survives Crash
+	failOp  map[mapper.Op]int
+	counts  map[mapper.Op]int
+	flushes int
+	closed  bool
 }
 
 // NewMem returns a zero-filled memory backend of size bytes.

@@ -519,7 +519,8 @@ func (r *raid) Status(kind mapper.StatusKind) string {
 // info is the INFO status line.
 func (r *raid) info() string {
 	r.mu.Lock()
-	action, done, mism := r.action, r.devSectors, r.mismatches
+	action, mism := r.action, r.mismatches
+	var done uint64
 	switch action {
 	case "resync", "recover", "check", "repair":
 		done = r.progress

@@ -200,7 +200,10 @@ func (t *thinTarget) write(vb, in, n uint64, bufs [][]byte, unmap bool) error {
 	if err != nil {
 		return err
 	}
-	if err := t.fill(data, vb, pb, ok, nb, in, n, zero); err == nil {
+	// The new block's mapping goes in only once its data has landed: a
+	// failed fill or write releases the block and fails the request.
+	err = t.fill(data, vb, pb, ok, nb, in, n, zero)
+	if err == nil {
 		err = t.put(data, t.dataOff(nb, in), n, bufs)
 	}
 	p.mu.Lock()

@@ -71,7 +71,7 @@ func ParseVectors(path string) (header []string, vs []Vector, err error) {
 			v.Digest, f = d, f[:len(f)-1]
 		}
 		if len(f) < 4 {
-			return nil, nil, fmt.Errorf("%s:%d: want <sectors> <cipher> <key> <iv_offset> ...", path, num)
+			return nil, nil, fmt.Errorf("%s:%d: want <sectors> <cipher> <key> <iv_offset> and options", path, num)
 		}
 		if v.Sectors, err = strconv.ParseUint(f[0], 10, 64); err != nil || v.Sectors == 0 || v.Sectors > VectorArea {
 			return nil, nil, fmt.Errorf("%s:%d: sectors %q: must be 1 to %d", path, num, f[0], VectorArea)
