@@ -12,7 +12,8 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/vhostdm/vhostdm/mapper"
-	"github.com/vhostdm/vhostdm/repagent"
+	"github.com/vhostdm/vhostdm/repagent/agent"
+	"github.com/vhostdm/vhostdm/repagent/hub"
 	_ "github.com/vhostdm/vhostdm/targets"
 )
 
@@ -65,18 +66,18 @@ func TestReplicationMetrics(t *testing.T) {
 	if err := os.WriteFile(img, make([]byte, 4<<20), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	hub, err := repagent.NewHub(repagent.HubConfig{Store: filepath.Join(dir, "store"), Logger: log, Name: "hub"})
+	h, err := hub.New(hub.Config{Store: filepath.Join(dir, "store"), Logger: log, Name: "hub"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer hub.Close()
-	ln, err := hub.Listen("127.0.0.1:0", false)
+	defer h.Close()
+	ln, err := h.Listen("127.0.0.1:0", false)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go hub.Serve(ctx, ln)
+	go h.Serve(ctx, ln)
 
 	m := mapper.NewManager(mapper.ManagerOptions{Logger: log})
 	defer m.Close()
@@ -84,21 +85,21 @@ func TestReplicationMetrics(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	agent, err := repagent.NewAgent(repagent.AgentConfig{Hub: ln.Addr().String(), VM: "vm1", Logger: log,
+	a, err := agent.New(agent.Config{Hub: ln.Addr().String(), VM: "vm1", Logger: log,
 		Heartbeat: 50 * time.Millisecond, MinBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
 	met := New()
 	met.Devices(m)
-	met.Agent(agent)
-	wrapped, err := agent.Attach("v0", met.Wrap("v0", "v", dev), repagent.VolumeOptions{Protect: true})
+	met.Agent(a)
+	wrapped, err := a.Attach("v0", met.Wrap("v0", "v", dev), agent.VolumeOptions{Protect: true})
 	if err != nil {
 		t.Fatal(err)
 	}
-	go agent.Run(ctx)
-	defer agent.Close()
-	hubReg := Hub(hub)
+	go a.Run(ctx)
+	defer a.Close()
+	hubReg := Hub(h)
 
 	waitFor := func(what string, cond func() bool) {
 		t.Helper()

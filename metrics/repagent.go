@@ -3,7 +3,8 @@ package metrics
 import (
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/vhostdm/vhostdm/repagent"
+	"github.com/vhostdm/vhostdm/repagent/agent"
+	"github.com/vhostdm/vhostdm/repagent/hub"
 )
 
 var (
@@ -18,11 +19,11 @@ var (
 )
 
 // Agent registers a collector of the replication agent's state.
-func (m *Metrics) Agent(a *repagent.Agent) {
+func (m *Metrics) Agent(a *agent.Agent) {
 	m.reg.MustRegister(&agentCollector{a: a})
 }
 
-type agentCollector struct{ a *repagent.Agent }
+type agentCollector struct{ a *agent.Agent }
 
 func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{agConnected, agConnects, agBacklog, agBacklogIO, agAge, agDirty, agSync, agProtected} {
@@ -57,13 +58,13 @@ var (
 )
 
 // Hub returns a registry with the hub's collectors and the process ones.
-func Hub(h *repagent.Hub) *prometheus.Registry {
+func Hub(h *hub.Hub) *prometheus.Registry {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(&hubCollector{h: h})
 	return reg
 }
 
-type hubCollector struct{ h *repagent.Hub }
+type hubCollector struct{ h *hub.Hub }
 
 func (c *hubCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{hubSync, hubResync, hubBacklog, hubBackIOs, hubLag, hubApplied, hubRemote, hubVMConn, hubAppliedN} {

@@ -22,8 +22,11 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
+	"maps"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -31,12 +34,14 @@ import (
 
 	qmpclient "github.com/digitalocean/go-qemu/qmp"
 
+	"github.com/vhostdm/vhostdm/cmd/repagent-hub/internal/failover"
 	"github.com/vhostdm/vhostdm/internal/logging"
 	"github.com/vhostdm/vhostdm/internal/sdnotify"
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/metrics"
 	"github.com/vhostdm/vhostdm/qmp"
-	"github.com/vhostdm/vhostdm/repagent"
+	"github.com/vhostdm/vhostdm/repagent/hub"
+	"github.com/vhostdm/vhostdm/repagent/wire"
 )
 
 // Version is the hub's version, reported by QMP's query-version.
@@ -46,22 +51,41 @@ func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
+// command is a subcommand of repagent-hub.
+type command struct {
+	summary string
+	run     func(args []string, stdout, stderr io.Writer) int
+}
+
+// commands holds the subcommands by name.
+var commands = map[string]command{
+	"serve":  {"run the hub", func(args []string, _, stderr io.Writer) int { return runServe(args, stderr) }},
+	"status": {"print the hub's volumes over QMP", runStatus},
+}
+
 func run(args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
-		fmt.Fprintln(stderr, "usage: repagent-hub serve|status [flags]")
+		usage(stderr)
 		return 2
 	}
 	switch args[0] {
-	case "serve":
-		return runServe(args[1:], stderr)
-	case "status":
-		return runStatus(args[1:], stdout, stderr)
 	case "-h", "--help", "help":
-		fmt.Fprintln(stdout, "usage: repagent-hub serve|status [flags]")
+		usage(stdout)
 		return 0
 	}
-	fmt.Fprintf(stderr, "repagent-hub: unknown command %q\n", args[0])
-	return 2
+	c, ok := commands[args[0]]
+	if !ok {
+		fmt.Fprintf(stderr, "repagent-hub: unknown command %q\n", args[0])
+		return 2
+	}
+	return c.run(args[1:], stdout, stderr)
+}
+
+func usage(w io.Writer) {
+	fmt.Fprintln(w, "usage: repagent-hub COMMAND [flags]\n\ncommands:")
+	for _, n := range slices.Sorted(maps.Keys(commands)) {
+		fmt.Fprintf(w, "  %-7s %s\n", n, commands[n].summary)
+	}
 }
 
 // EventVolumeState is the QMP event of a volume state change.
@@ -73,7 +97,7 @@ func runServe(args []string, stderr io.Writer) int {
 	listen := fs.String("listen", "127.0.0.1:7070", "listen `ADDR` for agents")
 	store := fs.String("store", "", "store `DIR` of recovery volumes and state (required)")
 	qmpSock := fs.String("qmp", "", "QMP unix socket `PATH`")
-	var tf repagent.TLSFiles
+	var tf wire.TLSFiles
 	fs.StringVar(&tf.Cert, "tls-cert", "", "TLS certificate `FILE` (PEM)")
 	fs.StringVar(&tf.Key, "tls-key", "", "TLS key `FILE` (PEM)")
 	fs.StringVar(&tf.CA, "tls-ca", "", "CA `FILE` that signs agent certificates (PEM)")
@@ -94,7 +118,7 @@ func runServe(args []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "repagent-hub: %v\n", err)
 		return 2
 	}
-	cfg := repagent.HubConfig{Store: *store, Name: *name, Logger: log}
+	cfg := hub.Config{Store: *store, Name: *name, Logger: log}
 	if tf.Set() {
 		tc, err := tf.TLSConfig(true)
 		if err != nil {
@@ -104,13 +128,13 @@ func runServe(args []string, stderr io.Writer) int {
 		cfg.TLS = tc
 	}
 	var srv atomic.Pointer[qmp.Server]
-	cfg.OnEvent = func(e repagent.Event) {
+	cfg.OnEvent = func(e hub.Event) {
 		if s := srv.Load(); s != nil {
 			s.Emit(EventVolumeState, map[string]string{"vm": e.VM, "volume": e.Volume, "state": e.State,
 				"previous": e.Previous, "reason": e.Reason})
 		}
 	}
-	hub, err := repagent.NewHub(cfg)
+	h, err := hub.New(cfg)
 	if err != nil {
 		fmt.Fprintf(stderr, "repagent-hub: %v\n", err)
 		return 1
@@ -119,9 +143,9 @@ func runServe(args []string, stderr io.Writer) int {
 	defer stop()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	ln, err := hub.Listen(*listen, *insecure)
+	ln, err := h.Listen(*listen, *insecure)
 	if err != nil {
-		hub.Close()
+		h.Close()
 		fmt.Fprintf(stderr, "repagent-hub: %v\n", err)
 		return 1
 	}
@@ -131,12 +155,12 @@ func runServe(args []string, stderr io.Writer) int {
 		ql, err := qmp.ListenUnix(*qmpSock)
 		if err != nil {
 			ln.Close()
-			hub.Close()
+			h.Close()
 			fmt.Fprintf(stderr, "repagent-hub: qmp: %v\n", err)
 			return 1
 		}
 		m = mapper.NewManager(mapper.ManagerOptions{Logger: log})
-		s := qmp.NewServer(qmp.Config{Manager: m, Logger: log, Version: Version, OnQuit: cancel, Extra: Commands(hub)})
+		s := qmp.NewServer(qmp.Config{Manager: m, Logger: log, Version: Version, OnQuit: cancel, Extra: Commands(h, log)})
 		srv.Store(s)
 		go func() {
 			if err := s.Serve(ctx, ql); err != nil && !errors.Is(err, qmp.ErrServerClosed) {
@@ -149,24 +173,24 @@ func runServe(args []string, stderr io.Writer) int {
 		ml, err := metrics.Listen(*metricsAddr)
 		if err != nil {
 			ln.Close()
-			hub.Close()
+			h.Close()
 			fmt.Fprintf(stderr, "repagent-hub: %v\n", err)
 			return 1
 		}
 		go func() {
-			if err := metrics.Serve(ctx, ml, metrics.Hub(hub), log); err != nil {
+			if err := metrics.Serve(ctx, ml, metrics.Hub(h), log); err != nil {
 				log.Error("metrics endpoint stopped", "err", err)
 			}
 		}()
 		log.Info("metrics listening", "addr", ml.Addr().String())
 	}
 	sdnotify.Notify(sdnotify.Ready, sdnotify.Status("listening on "+ln.Addr().String()))
-	err = hub.Serve(ctx, ln)
+	err = h.Serve(ctx, ln)
 	sdnotify.Notify(sdnotify.Stopping)
 	if s := srv.Load(); s != nil {
 		s.Close()
 	}
-	hub.Close()
+	h.Close()
 	if m != nil {
 		m.Close()
 	}
@@ -179,13 +203,13 @@ func runServe(args []string, stderr io.Writer) int {
 }
 
 // Commands returns the hub's QMP commands.
-func Commands(hub *repagent.Hub) []qmp.ExtraCommand {
+func Commands(h *hub.Hub, log *slog.Logger) []qmp.ExtraCommand {
 	return []qmp.ExtraCommand{
-		{Name: "query-repagent", Run: func(map[string]string) (any, error) { return hub.Status(), nil }},
+		{Name: "query-repagent", Run: func(map[string]string) (any, error) { return h.Status(), nil }},
 		{Name: "repagent-failover-test", Required: []string{"vm", "dir"}, Mutates: true,
-			Run: func(a map[string]string) (any, error) { return hub.FailoverTest(a["vm"], a["dir"]) }},
+			Run: func(a map[string]string) (any, error) { return failover.Start(h, a["vm"], a["dir"], log) }},
 		{Name: "repagent-failover-test-stop", Required: []string{"vm"}, Mutates: true,
-			Run: func(a map[string]string) (any, error) { return struct{}{}, hub.FailoverTestStop(a["vm"]) }},
+			Run: func(a map[string]string) (any, error) { return struct{}{}, failover.Stop(h, a["vm"]) }},
 	}
 }
 
@@ -235,13 +259,13 @@ func runStatus(args []string, stdout, stderr io.Writer) int {
 	}
 }
 
-func queryRepagent(mon *qmpclient.SocketMonitor) ([]repagent.VMStatus, error) {
+func queryRepagent(mon *qmpclient.SocketMonitor) ([]hub.VMStatus, error) {
 	raw, err := mon.Run([]byte(`{"execute":"query-repagent"}`))
 	if err != nil {
 		return nil, fmt.Errorf("query-repagent: %w", err)
 	}
 	var r struct {
-		Return []repagent.VMStatus `json:"return"`
+		Return []hub.VMStatus `json:"return"`
 	}
 	if err := json.Unmarshal(raw, &r); err != nil {
 		return nil, fmt.Errorf("query-repagent: %w", err)
@@ -251,7 +275,7 @@ func queryRepagent(mon *qmpclient.SocketMonitor) ([]repagent.VMStatus, error) {
 
 // FormatStatus prints the hub's status as a table; with bars, syncing
 // volumes get a progress bar.
-func FormatStatus(st []repagent.VMStatus, bars bool) string {
+func FormatStatus(st []hub.VMStatus, bars bool) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "%-12s %-12s %-13s %7s %10s %16s %8s %12s\n", "VM", "VOLUME", "STATE", "SYNC", "RESYNC", "BACKLOG", "AGE", "APPLIED-SEQ")
 	for _, vm := range st {
@@ -259,7 +283,7 @@ func FormatStatus(st []repagent.VMStatus, bars bool) string {
 			fmt.Fprintf(&b, "%-12s %-12s %-13s %6.1f%% %10s %16s %7.1fs %12d\n", vm.VM, v.Volume, v.State,
 				100*v.SyncProgress, size(v.ResyncBytes), fmt.Sprintf("%d/%s", v.BacklogIOs, size(v.BacklogBytes)),
 				v.BacklogSeconds, v.AppliedSeq)
-			if bars && v.State == repagent.StateSyncing {
+			if bars && v.State == hub.StateSyncing {
 				const width = 40
 				n := int(v.SyncProgress * width)
 				fmt.Fprintf(&b, "    [%s%s] %s of %s\n", strings.Repeat("#", n), strings.Repeat("-", width-n),

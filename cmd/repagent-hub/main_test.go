@@ -14,7 +14,7 @@ import (
 
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/qmp"
-	"github.com/vhostdm/vhostdm/repagent"
+	"github.com/vhostdm/vhostdm/repagent/hub"
 )
 
 // TestStatusOverQMP: query-repagent and the failover commands are served,
@@ -22,11 +22,11 @@ import (
 func TestStatusOverQMP(t *testing.T) {
 	dir := t.TempDir()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	hub, err := repagent.NewHub(repagent.HubConfig{Store: filepath.Join(dir, "store"), Logger: log})
+	h, err := hub.New(hub.Config{Store: filepath.Join(dir, "store"), Logger: log})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer hub.Close()
+	defer h.Close()
 	sock := filepath.Join(dir, "hub.qmp")
 	ln, err := qmp.ListenUnix(sock)
 	if err != nil {
@@ -34,7 +34,7 @@ func TestStatusOverQMP(t *testing.T) {
 	}
 	m := mapper.NewManager(mapper.ManagerOptions{Logger: log})
 	defer m.Close()
-	srv := qmp.NewServer(qmp.Config{Manager: m, Logger: log, Version: Version, Extra: Commands(hub)})
+	srv := qmp.NewServer(qmp.Config{Manager: m, Logger: log, Version: Version, Extra: Commands(h, log)})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go srv.Serve(ctx, ln)
@@ -68,9 +68,9 @@ func TestStatusOverQMP(t *testing.T) {
 }
 
 func TestFormatStatus(t *testing.T) {
-	s := FormatStatus([]repagent.VMStatus{{VM: "vm1", Volumes: []repagent.VolumeStatus{
-		{Volume: "root", State: repagent.StateSyncing, SyncProgress: 0.5, SyncDoneBytes: 1 << 20, SyncTotalBytes: 2 << 20},
-		{Volume: "data", State: repagent.StateProtecting, SyncProgress: 1, AppliedSeq: 42},
+	s := FormatStatus([]hub.VMStatus{{VM: "vm1", Volumes: []hub.VolumeStatus{
+		{Volume: "root", State: hub.StateSyncing, SyncProgress: 0.5, SyncDoneBytes: 1 << 20, SyncTotalBytes: 2 << 20},
+		{Volume: "data", State: hub.StateProtecting, SyncProgress: 1, AppliedSeq: 42},
 	}}}, true)
 	for _, want := range []string{"vm1", "syncing", " 50.0%", "[####################--------------------] 1.0MiB of 2.0MiB", "protecting", "42"} {
 		if !strings.Contains(s, want) {

@@ -23,7 +23,8 @@ import (
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/metrics"
 	"github.com/vhostdm/vhostdm/qmp"
-	"github.com/vhostdm/vhostdm/repagent"
+	"github.com/vhostdm/vhostdm/repagent/agent"
+	"github.com/vhostdm/vhostdm/repagent/wire"
 	"github.com/vhostdm/vhostdm/targets/replicator"
 	"github.com/vhostdm/vhostdm/vhost"
 )
@@ -129,8 +130,8 @@ type daemon struct {
 	reloadMu    sync.Mutex       // one configuration reload at a time
 	cfg         *config.Config   // the configuration last applied
 
-	agent   *repagent.Agent                   // nil without [repagent]
-	repOpts map[string]repagent.VolumeOptions // by export id, from the configuration
+	agent   *agent.Agent                   // nil without [repagent]
+	repOpts map[string]agent.VolumeOptions // by export id, from the configuration
 }
 
 // startDaemon creates the devices of c in dependency order, opens its
@@ -248,7 +249,7 @@ func repagentTLS(c *config.Config) (*tls.Config, error) {
 	if r.TLSCert == "" {
 		return nil, nil
 	}
-	tc, err := repagent.TLSFiles{Cert: c.Path(r.TLSCert), Key: c.Path(r.TLSKey), CA: c.Path(r.TLSCA)}.TLSConfig(false)
+	tc, err := wire.TLSFiles{Cert: c.Path(r.TLSCert), Key: c.Path(r.TLSKey), CA: c.Path(r.TLSCA)}.TLSConfig(false)
 	if err != nil {
 		return nil, fmt.Errorf("%s: repagent: %w", c.File, err)
 	}
@@ -257,22 +258,22 @@ func repagentTLS(c *config.Config) (*tls.Config, error) {
 
 // newAgent makes the replication agent of c's [repagent] table and the
 // replication options of its exports.
-func newAgent(c *config.Config, log *slog.Logger) (*repagent.Agent, map[string]repagent.VolumeOptions, error) {
+func newAgent(c *config.Config, log *slog.Logger) (*agent.Agent, map[string]agent.VolumeOptions, error) {
 	r := c.RepAgent
-	cfg := repagent.AgentConfig{Hub: r.Hub, VM: r.VM, UUID: r.UUID, Insecure: r.Insecure, QueueBytes: r.QueueBytes, Logger: log}
+	cfg := agent.Config{Hub: r.Hub, VM: r.VM, UUID: r.UUID, Insecure: r.Insecure, QueueBytes: r.QueueBytes, Logger: log}
 	tc, err := repagentTLS(c)
 	if err != nil {
 		return nil, nil, err
 	}
 	cfg.TLS = tc
-	a, err := repagent.NewAgent(cfg)
+	a, err := agent.New(cfg)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s: %w", c.File, err)
 	}
-	opts := map[string]repagent.VolumeOptions{}
+	opts := map[string]agent.VolumeOptions{}
 	for _, e := range c.Exports {
 		fb, _ := config.ParseFallBehind(e.FallBehind) // validated by config
-		opts[e.ID] = repagent.VolumeOptions{Protect: e.Protect, AllowRemoteWrite: e.AllowRemoteWrite, FallBehind: repagent.FallBehind(fb)}
+		opts[e.ID] = agent.VolumeOptions{Protect: e.Protect, AllowRemoteWrite: e.AllowRemoteWrite, FallBehind: agent.FallBehind(fb)}
 	}
 	return a, opts, nil
 }

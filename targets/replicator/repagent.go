@@ -11,7 +11,8 @@ import (
 	"time"
 
 	"github.com/vhostdm/vhostdm/mapper"
-	"github.com/vhostdm/vhostdm/repagent"
+	"github.com/vhostdm/vhostdm/repagent/agent"
+	"github.com/vhostdm/vhostdm/repagent/wire"
 )
 
 // The repagent site link: a site that is a repagent hub. Parameters:
@@ -46,7 +47,7 @@ type RepagentSettings struct {
 	Logger *slog.Logger
 	// Tune, when set, adjusts each agent's configuration (heartbeats and
 	// back-off in tests).
-	Tune func(*repagent.AgentConfig)
+	Tune func(*agent.Config)
 }
 
 // settingsKey is the key of a Manager's repagent settings (Manager.Shared):
@@ -78,7 +79,7 @@ type groupKey struct {
 
 // groupAgent is a running agent shared by the tables of one site.
 type groupAgent struct {
-	agent  *repagent.Agent
+	agent  *agent.Agent
 	cancel context.CancelFunc
 	done   chan struct{}
 	refs   int
@@ -97,7 +98,7 @@ type repagentLink struct {
 	blockdevLink // number and policy
 	hub, vm      string
 	reg          *groupRegistry
-	cfg          repagent.AgentConfig
+	cfg          agent.Config
 	args         []string // as given, for TABLE
 }
 
@@ -124,14 +125,14 @@ func newRepagentLink(c *mapper.Ctx, args []string) (SiteLink, error) {
 	if logger == nil {
 		logger = c.Logger()
 	}
-	cfg := repagent.AgentConfig{Hub: args[1], VM: vm, UUID: set.UUID, TLS: set.TLS, Insecure: set.Insecure,
+	cfg := agent.Config{Hub: args[1], VM: vm, UUID: set.UUID, TLS: set.TLS, Insecure: set.Insecure,
 		Group: true, DrainTimeout: 5 * time.Second, Logger: logger}
 	if set.Tune != nil {
 		set.Tune(&cfg)
 	}
 	// Checks the address, name and TLS rules now, not when the site
 	// starts.
-	if _, err := repagent.NewAgent(cfg); err != nil {
+	if _, err := agent.New(cfg); err != nil {
 		return nil, fmt.Errorf("slink %d: %w", bl.Nr(), err)
 	}
 	reg := c.Shared(groupRegistryKey{}, func() any {
@@ -154,7 +155,7 @@ func (l *repagentLink) StartSite() func() {
 	k := l.key()
 	g := l.reg.agents[k]
 	if g == nil {
-		a, err := repagent.NewAgent(l.cfg)
+		a, err := agent.New(l.cfg)
 		if err != nil { // checked by the constructor
 			panic(err)
 		}
@@ -214,7 +215,7 @@ func (l *repagentLink) OpenDevice(c *mapper.Ctx, params []string) (SiteDevice, e
 		return nil, fmt.Errorf("slink %d: repagent devices take 1 parameter (volume name), got %d", l.nr, len(params))
 	}
 	name := params[0]
-	if err := repagent.CheckName(name); err != nil {
+	if err := wire.CheckName(name); err != nil {
 		return nil, fmt.Errorf("slink %d: volume name %q: %w", l.nr, name, err)
 	}
 	g, err := l.group()
@@ -229,7 +230,7 @@ func (l *repagentLink) OpenDevice(c *mapper.Ctx, params []string) (SiteDevice, e
 			return nil, fmt.Errorf("slink %d: volume %q is attached with %d sectors, the table has %d", l.nr, name, size, c.Length)
 		}
 	} else {
-		if _, err := g.agent.Attach(name, hubVolume{sectors: c.Length}, repagent.VolumeOptions{Protect: true}); err != nil {
+		if _, err := g.agent.Attach(name, hubVolume{sectors: c.Length}, agent.VolumeOptions{Protect: true}); err != nil {
 			return nil, fmt.Errorf("slink %d: %w", l.nr, err)
 		}
 		g.vols[name] = c.Length
@@ -250,7 +251,7 @@ func (v hubVolume) OnResize(func(oldSize, newSize uint64)) func() { return func(
 
 // repagentDevice is a replicator-dev's volume at the hub.
 type repagentDevice struct {
-	agent   *repagent.Agent
+	agent   *agent.Agent
 	name    string
 	sectors uint64
 	sync    bool

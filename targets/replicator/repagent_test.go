@@ -17,8 +17,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vhostdm/vhostdm/internal/reptest"
 	"github.com/vhostdm/vhostdm/mapper"
-	"github.com/vhostdm/vhostdm/repagent"
+	"github.com/vhostdm/vhostdm/repagent/agent"
+	"github.com/vhostdm/vhostdm/repagent/hub"
 )
 
 // cutProxy forwards TCP connections to a hub; cut closes them all and
@@ -174,23 +176,23 @@ func writeOrder(a, b []byte) (uint64, error) {
 // at the end the hub's replicas are identical to the primaries.
 func TestRepagentSiteLink(t *testing.T) {
 	quiet := slog.New(slog.DiscardHandler)
-	hub, err := repagent.NewHub(repagent.HubConfig{Store: t.TempDir(), Name: "hub", Logger: quiet,
+	h, err := hub.New(hub.Config{Store: t.TempDir(), Name: "hub", Logger: quiet,
 		Heartbeat: 200 * time.Millisecond, CheckpointInterval: 10 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := hub.Listen("127.0.0.1:0", false)
+	ln, err := h.Listen("127.0.0.1:0", false)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	served := make(chan struct{})
-	go func() { defer close(served); hub.Serve(ctx, ln) }()
-	t.Cleanup(func() { cancel(); hub.Close(); <-served })
+	go func() { defer close(served); h.Serve(ctx, ln) }()
+	t.Cleanup(func() { cancel(); h.Close(); <-served })
 	px := newCutProxy(t, ln.Addr().String())
 
 	w := newWorld(t)
-	SetRepagentSettings(w.m, RepagentSettings{VM: "vm1", Logger: quiet, Tune: func(c *repagent.AgentConfig) {
+	SetRepagentSettings(w.m, RepagentSettings{VM: "vm1", Logger: quiet, Tune: func(c *agent.Config) {
 		c.Heartbeat, c.MinBackoff, c.MaxBackoff = 200*time.Millisecond, 20*time.Millisecond, 200*time.Millisecond
 	}})
 	rep := w.create("rep", "0 8 replicator ringbuffer 4 log 0 create 2048 blockdev 1 0 repagent 3 1 "+px.addr()+" async")
@@ -233,13 +235,13 @@ func TestRepagentSiteLink(t *testing.T) {
 		}
 	}
 
-	vmStatus := func() repagent.VMStatus {
-		for _, s := range hub.Status() {
+	vmStatus := func() hub.VMStatus {
+		for _, s := range h.Status() {
 			if s.VM == "vm1" {
 				return s
 			}
 		}
-		return repagent.VMStatus{}
+		return hub.VMStatus{}
 	}
 	waitConsistent := func(what string, connected bool) {
 		t.Helper()
@@ -248,7 +250,7 @@ func TestRepagentSiteLink(t *testing.T) {
 			s := vmStatus()
 			ok := s.Group && s.GroupConsistent && s.Connected == connected && len(s.Volumes) == 2
 			for _, v := range s.Volumes {
-				ok = ok && (v.State == repagent.StateProtecting || !connected && v.State == repagent.StateDisconnected)
+				ok = ok && (v.State == hub.StateProtecting || !connected && v.State == hub.StateDisconnected)
 			}
 			if ok {
 				return
@@ -266,13 +268,14 @@ func TestRepagentSiteLink(t *testing.T) {
 		if err != nil {
 			return 0, nil, err
 		}
-		xs, ferr := hub.FailoverTest("vm1", dir)
+		var xs []hub.TestVolume
+		ferr := h.FailoverTest("vm1", dir, reptest.Runner(&xs))
 		if ferr != nil {
 			return 0, ferr, nil
 		}
 		a, aerr := os.ReadFile(filepath.Join(dir, "vda.img"))
 		b, berr := os.ReadFile(filepath.Join(dir, "vdb.img"))
-		if err := errors.Join(aerr, berr, hub.FailoverTestStop("vm1")); err != nil {
+		if err := errors.Join(aerr, berr, h.FailoverTestStop("vm1")); err != nil {
 			return 0, nil, err
 		}
 		if len(xs) != 2 {
@@ -378,7 +381,7 @@ func TestRepagentSiteLink(t *testing.T) {
 	waitDrained(t, w.engine("rep"))
 	// Drained at the source: the hub acknowledged the last checkpoint's
 	// entries; wait for its replicas to equal the primaries.
-	var st repagent.VMStatus
+	var st hub.VMStatus
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		st = vmStatus()

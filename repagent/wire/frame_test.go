@@ -1,4 +1,4 @@
-package repagent
+package wire
 
 import (
 	"bufio"
@@ -268,12 +268,12 @@ func TestCheckNameAndUUID(t *testing.T) {
 			t.Errorf("CheckName(%q) accepted", bad)
 		}
 	}
-	if _, err := parseUUID("6c1d7d0e-3b1f-4d2a-9a51-0c5f2d1e7a10"); err != nil {
+	if _, err := ParseUUID("6c1d7d0e-3b1f-4d2a-9a51-0c5f2d1e7a10"); err != nil {
 		t.Error(err)
 	}
 	for _, bad := range []string{"6c1d7d0e3b1f4d2a9a510c5f2d1e7a10", "6c1d7d0e-3b1f-4d2a-9a51-0c5f2d1e7a1g", "x"} {
-		if _, err := parseUUID(bad); err == nil {
-			t.Errorf("parseUUID(%q) accepted", bad)
+		if _, err := ParseUUID(bad); err == nil {
+			t.Errorf("ParseUUID(%q) accepted", bad)
 		}
 	}
 }
@@ -341,4 +341,17 @@ func BenchmarkFrameDecode(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// pattern returns n bytes that depend on seed.
+func pattern(seed uint64, n int) []byte {
+	b := make([]byte, n)
+	x := seed*0x9e3779b97f4a7c15 + 1
+	for i := 0; i+8 <= n; i += 8 {
+		x ^= x << 13
+		x ^= x >> 7
+		x ^= x << 17
+		le.PutUint64(b[i:], x)
+	}
+	return b
 }

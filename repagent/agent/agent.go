@@ -1,4 +1,4 @@
-package repagent
+package agent
 
 import (
 	"bytes"
@@ -6,19 +6,18 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"encoding/binary"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/RoaringBitmap/roaring/v2"
 
 	"github.com/vhostdm/vhostdm/mapper"
+	"github.com/vhostdm/vhostdm/repagent/wire"
 )
 
 // Device is what the agent wraps: vhost.Device, implemented by
@@ -30,8 +29,8 @@ type Device interface {
 	OnResize(fn func(oldSize, newSize uint64)) (cancel func())
 }
 
-// AgentConfig configures an Agent.
-type AgentConfig struct {
+// Config configures an Agent.
+type Config struct {
 	Hub  string // host:port of the hub
 	VM   string // the VM's name (CheckName)
 	UUID string // the VM's UUID, 8-4-4-4-12 hex digits; empty: all zero
@@ -66,7 +65,9 @@ type AgentConfig struct {
 	// fail until Sync has reported the loss.
 	Group bool
 
-	dial func(ctx context.Context, addr string) (net.Conn, error) // tests
+	// Dial, when set, replaces the TCP dialer (TLS is still layered on
+	// top); tests use it to cut and restore the link.
+	Dial func(ctx context.Context, addr string) (net.Conn, error)
 }
 
 // FallBehind is a volume's fall-behind threshold, as dm-replicator's site
@@ -102,7 +103,7 @@ type VolumeOptions struct {
 // Its methods may be called from any goroutine.
 type Agent struct {
 	// Immutable.
-	cfg     AgentConfig
+	cfg     Config
 	log     *slog.Logger
 	session uint64
 	uuid    [16]byte
@@ -131,13 +132,13 @@ type Agent struct {
 type qitem struct {
 	seq   uint64
 	vol   *agentVolume
-	msg   Message
+	msg   wire.Message
 	bytes int64     // mirrored data bytes
 	write bool      // a ProtectedWrite (counts in the backlog)
 	t     time.Time // when queued
 	// What the hub lacks if this is not acknowledged.
 	sector, sectors uint64
-	extents         []Extent
+	extents         []wire.Extent
 	done            chan struct{} // closed on ack or disconnect; sync mode only
 }
 
@@ -175,8 +176,8 @@ type VolumeStats struct {
 	RemoteBytes     uint64 // bytes they returned
 }
 
-// AgentVolumeStatus is one volume in AgentStatus.
-type AgentVolumeStatus struct {
+// VolumeStatus is one volume in Status.
+type VolumeStatus struct {
 	Name         string
 	ID           uint64
 	Protect      bool
@@ -189,28 +190,28 @@ type AgentVolumeStatus struct {
 	Stats        VolumeStats
 }
 
-// AgentStatus is a snapshot of the agent.
-type AgentStatus struct {
+// Status is a snapshot of the agent.
+type Status struct {
 	Connected bool
 	Connects  int    // connections made so far
 	Acked     uint64 // highest sequence number the hub acknowledged
-	Volumes   []AgentVolumeStatus
+	Volumes   []VolumeStatus
 }
 
-// NewAgent checks cfg and returns an agent; Run connects it.
-func NewAgent(cfg AgentConfig) (*Agent, error) {
-	if err := CheckName(cfg.VM); err != nil {
+// New checks cfg and returns an agent; Run connects it.
+func New(cfg Config) (*Agent, error) {
+	if err := wire.CheckName(cfg.VM); err != nil {
 		return nil, fmt.Errorf("repagent: vm name %q: %w", cfg.VM, err)
 	}
 	if cfg.Hub == "" {
 		return nil, errors.New("repagent: no hub address")
 	}
 	if cfg.TLS == nil {
-		if err := checkPlain(cfg.Hub, cfg.Insecure); err != nil {
+		if err := wire.CheckPlain(cfg.Hub, cfg.Insecure); err != nil {
 			return nil, fmt.Errorf("repagent: hub %w", err)
 		}
 	}
-	uuid, err := parseUUID(cfg.UUID)
+	uuid, err := wire.ParseUUID(cfg.UUID)
 	if err != nil {
 		return nil, fmt.Errorf("repagent: uuid %q: %w", cfg.UUID, err)
 	}
@@ -218,7 +219,7 @@ func NewAgent(cfg AgentConfig) (*Agent, error) {
 		cfg.QueueBytes = 64 << 20
 	}
 	if cfg.RegionSectors == 0 {
-		cfg.RegionSectors = DefaultRegionSectors
+		cfg.RegionSectors = wire.DefaultRegionSectors
 	}
 	if rs := cfg.RegionSectors; rs < 8 || rs > 1<<21 || rs&(rs-1) != 0 {
 		return nil, fmt.Errorf("repagent: region size %d sectors: must be a power of two from 8 to %d", rs, 1<<21)
@@ -247,27 +248,11 @@ func NewAgent(cfg AgentConfig) (*Agent, error) {
 	return a, nil
 }
 
-// parseUUID parses 8-4-4-4-12 hex digits; "" is the zero UUID.
-func parseUUID(s string) ([16]byte, error) {
-	var u [16]byte
-	if s == "" {
-		return u, nil
-	}
-	h := strings.ReplaceAll(s, "-", "")
-	if len(s) != 36 || len(h) != 32 || s[8] != '-' || s[13] != '-' || s[18] != '-' || s[23] != '-' {
-		return u, errors.New("want 8-4-4-4-12 hex digits")
-	}
-	if _, err := hex.Decode(u[:], []byte(h)); err != nil {
-		return u, errors.New("want 8-4-4-4-12 hex digits")
-	}
-	return u, nil
-}
-
 // Attach reports dev to the hub as volume name and returns the device to
 // export in its place. With o.Protect its writes are mirrored. Attach may
 // be called before or after Run.
 func (a *Agent) Attach(name string, dev Device, o VolumeOptions) (Device, error) {
-	if err := CheckName(name); err != nil {
+	if err := wire.CheckName(name); err != nil {
 		return nil, fmt.Errorf("repagent: volume name %q: %w", name, err)
 	}
 	a.mu.Lock()
@@ -275,7 +260,7 @@ func (a *Agent) Attach(name string, dev Device, o VolumeOptions) (Device, error)
 	if _, dup := a.vols[name]; dup {
 		return nil, fmt.Errorf("repagent: volume %q already attached", name)
 	}
-	if regionCount(dev.Size(), a.cfg.RegionSectors) > maxTrackedRegions {
+	if wire.RegionCount(dev.Size(), a.cfg.RegionSectors) > wire.MaxTrackedRegions {
 		return nil, fmt.Errorf("repagent: volume %q: %d sectors is too large to track", name, dev.Size())
 	}
 	v := &agentVolume{a: a, name: name, dev: dev, opts: o, dirty: roaring.New(),
@@ -328,10 +313,10 @@ func (a *Agent) Detach(name string) {
 }
 
 // Status returns a snapshot of the agent and its volumes.
-func (a *Agent) Status() AgentStatus {
+func (a *Agent) Status() Status {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	s := AgentStatus{Connected: a.conn != nil, Connects: a.connects, Acked: a.acked}
+	s := Status{Connected: a.conn != nil, Connects: a.connects, Acked: a.acked}
 	now := time.Now()
 	for _, n := range a.order {
 		v := a.vols[n]
@@ -339,7 +324,7 @@ func (a *Agent) Status() AgentStatus {
 		if t := v.oldest(); !t.IsZero() {
 			age = now.Sub(t)
 		}
-		s.Volumes = append(s.Volumes, AgentVolumeStatus{Name: n, ID: v.id, Protect: v.opts.Protect,
+		s.Volumes = append(s.Volumes, VolumeStatus{Name: n, ID: v.id, Protect: v.opts.Protect,
 			Mirroring: v.mirror, Sync: v.sync, BacklogIOs: v.pendIOs, BacklogBytes: v.pendB, BacklogAge: age,
 			DirtyRegions: v.dirty.GetCardinality(), Stats: v.stats})
 	}
@@ -426,23 +411,23 @@ func (a *Agent) queueWrite(v *agentVolume, op mapper.Op, sector, sectors uint64,
 	// up to 2^32-1 sectors go in one frame).
 	for sec, left, off := sector, sectors, 0; left > 0; {
 		n := min(left, uint64(^uint32(0)))
-		pw := &ProtectedWrite{Volume: v.id, Sector: sec, Status: StatusOK}
+		pw := &wire.ProtectedWrite{Volume: v.id, Sector: sec, Status: wire.StatusOK}
 		switch {
 		case ioErr != nil:
-			pw.Status = StatusIOError
+			pw.Status = wire.StatusIOError
 		case op == mapper.OpDiscard:
 			pw.Discard = true
 		case op == mapper.OpWriteZeroes:
 			pw.Zeroes = true
 		default:
-			n = min(left, MaxIOSectors)
-			pw.Data = [][]byte{data[off : off+int(n)*SectorSize]}
-			off += int(n) * SectorSize
+			n = min(left, wire.MaxIOSectors)
+			pw.Data = [][]byte{data[off : off+int(n)*wire.SectorSize]}
+			off += int(n) * wire.SectorSize
 		}
 		pw.Sectors = uint32(n)
 		it := &qitem{seq: a.nextSeq, vol: v, msg: pw, write: true, t: now, sector: sec, sectors: n}
 		if pw.Data != nil {
-			it.bytes = int64(n) * SectorSize
+			it.bytes = int64(n) * wire.SectorSize
 		}
 		pw.Seq = it.seq
 		a.nextSeq++
@@ -465,7 +450,7 @@ func (a *Agent) canMirror(v *agentVolume) bool {
 
 // markDirty records a sector range in the dirty bitmap; a.mu held.
 func (v *agentVolume) markDirty(sector, sectors uint64) {
-	addSectors(v.dirty, sector, sectors, v.a.cfg.RegionSectors)
+	wire.AddSectors(v.dirty, sector, sectors, v.a.cfg.RegionSectors)
 	v.stats.Dirtied++
 }
 
@@ -545,9 +530,9 @@ func (a *Agent) disconnected() {
 				// the loss and the source resynchronises.
 				a.lost = a.lost || it.write
 			} else if it.write {
-				addSectors(v.dirty, it.sector, it.sectors, a.cfg.RegionSectors)
+				wire.AddSectors(v.dirty, it.sector, it.sectors, a.cfg.RegionSectors)
 			} else {
-				addExtents(v.dirty, it.extents, a.cfg.RegionSectors, a.cfg.RegionSectors, maxTrackedRegions)
+				wire.AddExtents(v.dirty, it.extents, a.cfg.RegionSectors, a.cfg.RegionSectors, wire.MaxTrackedRegions)
 			}
 			a.release(v, it)
 		}
@@ -564,7 +549,7 @@ func (a *Agent) disconnected() {
 
 // queueDirtyMap moves v's dirty bitmap into a DIRTY_MAP frame; a.mu held.
 func (a *Agent) queueDirtyMap(v *agentVolume, initial bool) {
-	exts := extentsOf(v.dirty)
+	exts := wire.ExtentsOf(v.dirty)
 	v.stats.DirtyMapRegions += v.dirty.GetCardinality()
 	v.dirty.Clear()
 	// Keep frames well under the payload limit.
@@ -573,7 +558,7 @@ func (a *Agent) queueDirtyMap(v *agentVolume, initial bool) {
 		chunk := exts[:min(len(exts), per)]
 		exts = exts[len(chunk):]
 		it := &qitem{seq: a.nextSeq, vol: v, t: time.Now(), extents: chunk}
-		it.msg = &DirtyMap{Seq: it.seq, Volume: v.id, Initial: initial && first, RegionSectors: a.cfg.RegionSectors, Extents: chunk}
+		it.msg = &wire.DirtyMap{Seq: it.seq, Volume: v.id, Initial: initial && first, RegionSectors: a.cfg.RegionSectors, Extents: chunk}
 		a.nextSeq++
 		a.queue = append(a.queue, it)
 		v.pending = append(v.pending, it)
@@ -587,7 +572,7 @@ func (a *Agent) queueDirtyMap(v *agentVolume, initial bool) {
 var ErrNotMirrored = errors.New("repagent: write not mirrored to the hub")
 
 // MirrorWrite queues a write of a consistency group's volume (an agent
-// with AgentConfig.Group) for the hub, in call order across the group's
+// with Config.Group) for the hub, in call order across the group's
 // volumes; the data was already written at the source and is copied. It
 // waits while the queue is full, and fails with ErrNotMirrored while the
 // hub is away, the volume is not being protected, or writes were lost
@@ -597,7 +582,7 @@ func (a *Agent) MirrorWrite(name string, op mapper.Op, sector, sectors uint64, d
 		return errors.New("repagent: MirrorWrite needs a group agent")
 	}
 	if op == mapper.OpWrite {
-		if uint64(len(data)) != sectors*SectorSize {
+		if uint64(len(data)) != sectors*wire.SectorSize {
 			return fmt.Errorf("repagent: %d bytes of data for %d sectors", len(data), sectors)
 		}
 		data = bytes.Clone(data)
@@ -671,7 +656,7 @@ func (a *Agent) SetConsistent(consistent bool) {
 // queueGroupState queues a GROUP_STATE frame; a.mu held.
 func (a *Agent) queueGroupState() {
 	it := &qitem{seq: a.nextSeq, t: time.Now()}
-	it.msg = &GroupState{Seq: it.seq, Consistent: a.consistent && !a.lost}
+	it.msg = &wire.GroupState{Seq: it.seq, Consistent: a.consistent && !a.lost}
 	a.nextSeq++
 	a.queue = append(a.queue, it)
 	a.cond.Broadcast()
@@ -718,8 +703,8 @@ type agentConn struct {
 	nc    net.Conn
 	log   *slog.Logger
 	wmu   sync.Mutex // guards w
-	w     *Writer
-	r     *Reader
+	w     *wire.Writer
+	r     *wire.Reader
 	sem   chan struct{} // bounds concurrent remote IO
 	wg    sync.WaitGroup
 	bye   chan struct{} // closed when AGENT_SHUTDOWN is answered
@@ -738,10 +723,10 @@ func (c *agentConn) shut() {
 }
 
 // send writes and flushes one message.
-func (c *agentConn) send(m Message) error {
+func (c *agentConn) send(m wire.Message) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	c.nc.SetWriteDeadline(time.Now().Add(peerTimeout(c.a.cfg.Heartbeat)))
+	c.nc.SetWriteDeadline(time.Now().Add(wire.PeerTimeout(c.a.cfg.Heartbeat)))
 	if err := c.w.WriteMessage(m); err != nil {
 		return err
 	}
@@ -755,8 +740,8 @@ func (a *Agent) dial(ctx context.Context) (net.Conn, error) {
 	defer cancel()
 	var nc net.Conn
 	var err error
-	if a.cfg.dial != nil {
-		nc, err = a.cfg.dial(dctx, a.cfg.Hub)
+	if a.cfg.Dial != nil {
+		nc, err = a.cfg.Dial(dctx, a.cfg.Hub)
 	} else {
 		var d net.Dialer
 		nc, err = d.DialContext(dctx, "tcp", a.cfg.Hub)
@@ -788,14 +773,14 @@ func (a *Agent) runConn(ctx context.Context) error {
 			return fmt.Errorf("tls handshake: %w", err)
 		}
 	}
-	c := &agentConn{a: a, nc: nc, log: a.log, w: NewWriter(nc), r: NewReader(nc, a.cfg.MaxPayload),
+	c := &agentConn{a: a, nc: nc, log: a.log, w: wire.NewWriter(nc), r: wire.NewReader(nc, a.cfg.MaxPayload),
 		sem: make(chan struct{}, 32), bye: make(chan struct{}), done: make(chan struct{})}
 	stop := context.AfterFunc(ctx, c.shut)
 	defer stop()
 	defer c.shut()
 
 	// Handshake: HELLO both ways, then the volume report.
-	if err := c.send(&Hello{MaxVersion: uint16(Version), Session: a.session, UUID: a.uuid, Name: a.cfg.VM, Group: a.cfg.Group}); err != nil {
+	if err := c.send(&wire.Hello{MaxVersion: uint16(wire.Version), Session: a.session, UUID: a.uuid, Name: a.cfg.VM, Group: a.cfg.Group}); err != nil {
 		return fmt.Errorf("hello: %w", err)
 	}
 	nc.SetReadDeadline(time.Now().Add(10 * time.Second))
@@ -803,13 +788,13 @@ func (a *Agent) runConn(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("hello: %w", err)
 	}
-	m, err := Decode(f)
+	m, err := wire.Decode(f)
 	if err != nil {
 		return fmt.Errorf("hello: %w", err)
 	}
-	h, ok := m.(*Hello)
+	h, ok := m.(*wire.Hello)
 	if !ok || !h.Reply {
-		return fmt.Errorf("hello: hub answered %s: %w", f.Cmd, ErrMalformed)
+		return fmt.Errorf("hello: hub answered %s: %w", f.Cmd, wire.ErrMalformed)
 	}
 	c.log = a.log.With("hub", h.Name)
 	a.mu.Lock()
@@ -841,21 +826,21 @@ func (a *Agent) runConn(ctx context.Context) error {
 func (c *agentConn) readLoop() error {
 	a := c.a
 	for {
-		c.nc.SetReadDeadline(time.Now().Add(peerTimeout(a.cfg.Heartbeat)))
+		c.nc.SetReadDeadline(time.Now().Add(wire.PeerTimeout(a.cfg.Heartbeat)))
 		f, err := c.r.ReadFrame()
 		if err != nil {
 			return c.fail(err)
 		}
-		m, err := Decode(f)
+		m, err := wire.Decode(f)
 		if err != nil {
 			return c.fail(err)
 		}
 		switch m := m.(type) {
-		case *StartProtect:
+		case *wire.StartProtect:
 			if err := c.startProtect(m); err != nil {
 				return c.fail(err)
 			}
-		case *StopProtect:
+		case *wire.StopProtect:
 			a.mu.Lock()
 			v := a.byID[m.Volume]
 			if v != nil {
@@ -864,14 +849,14 @@ func (c *agentConn) readLoop() error {
 			}
 			a.mu.Unlock()
 			if v == nil {
-				return c.fail(malformed("%s: unknown volume id %d", m.Cmd(), m.Volume))
+				return c.fail(wire.Malformed("%s: unknown volume id %d", m.Cmd(), m.Volume))
 			}
 			v.log.Info("hub stopped protection")
-		case *RemoteIOReq:
+		case *wire.RemoteIOReq:
 			if err := c.remoteIO(m); err != nil {
 				return c.fail(err)
 			}
-		case *WriteAck:
+		case *wire.WriteAck:
 			a.mu.Lock()
 			ok := m.Seq < a.nextSeq
 			if ok {
@@ -879,12 +864,12 @@ func (c *agentConn) readLoop() error {
 			}
 			a.mu.Unlock()
 			if !ok {
-				return c.fail(malformed("%s: sequence %d was never sent", m.Cmd(), m.Seq))
+				return c.fail(wire.Malformed("%s: sequence %d was never sent", m.Cmd(), m.Seq))
 			}
-		case *Heartbeat:
-		case *AgentShutdown:
+		case *wire.Heartbeat:
+		case *wire.AgentShutdown:
 			if !m.Reply {
-				return c.fail(malformed("%s from the hub without the reply flag", m.Cmd()))
+				return c.fail(wire.Malformed("%s from the hub without the reply flag", m.Cmd()))
 			}
 			select {
 			case <-c.bye:
@@ -892,7 +877,7 @@ func (c *agentConn) readLoop() error {
 				close(c.bye)
 			}
 		default:
-			return c.fail(malformed("%s is not sent by a hub", m.Cmd()))
+			return c.fail(wire.Malformed("%s is not sent by a hub", m.Cmd()))
 		}
 	}
 }
@@ -904,7 +889,7 @@ func (c *agentConn) fail(err error) error {
 		return err // closed on purpose
 	default:
 	}
-	if errors.Is(err, ErrMalformed) {
+	if errors.Is(err, wire.ErrMalformed) {
 		c.log.Error("closing hub connection: bad frame", "reason", err)
 	}
 	return err
@@ -912,22 +897,22 @@ func (c *agentConn) fail(err error) error {
 
 // startProtect assigns a volume id and, when asked, starts mirroring: the
 // volume's dirty bitmap so far goes first, as the initial DIRTY_MAP.
-func (c *agentConn) startProtect(m *StartProtect) error {
+func (c *agentConn) startProtect(m *wire.StartProtect) error {
 	a := c.a
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	v := a.vols[m.Name]
 	if v == nil {
-		return malformed("%s: volume %q was not reported", m.Cmd(), m.Name)
+		return wire.Malformed("%s: volume %q was not reported", m.Cmd(), m.Name)
 	}
 	if o, used := a.byID[m.Volume]; used && o != v {
-		return malformed("%s: volume id %d already names %q", m.Cmd(), m.Volume, o.name)
+		return wire.Malformed("%s: volume id %d already names %q", m.Cmd(), m.Volume, o.name)
 	}
 	if v.id != 0 && v.id != m.Volume {
-		return malformed("%s: volume %q already has id %d", m.Cmd(), m.Name, v.id)
+		return wire.Malformed("%s: volume %q already has id %d", m.Cmd(), m.Name, v.id)
 	}
 	if m.Mirror && !v.opts.Protect {
-		return malformed("%s: volume %q is not protected here", m.Cmd(), m.Name)
+		return wire.Malformed("%s: volume %q is not protected here", m.Cmd(), m.Name)
 	}
 	v.id = m.Volume
 	a.byID[v.id] = v
@@ -940,24 +925,24 @@ func (c *agentConn) startProtect(m *StartProtect) error {
 }
 
 // remoteIO validates a REMOTE_IO_REQ and serves it in the background.
-func (c *agentConn) remoteIO(m *RemoteIOReq) error {
+func (c *agentConn) remoteIO(m *wire.RemoteIOReq) error {
 	a := c.a
 	a.mu.Lock()
 	v := a.byID[m.Volume]
 	a.mu.Unlock()
 	if v == nil {
-		return malformed("%s: unknown volume id %d", m.Cmd(), m.Volume)
+		return wire.Malformed("%s: unknown volume id %d", m.Cmd(), m.Volume)
 	}
 	size := v.dev.Size()
 	if m.Sector >= size || uint64(m.Sectors) > size-m.Sector {
-		return malformed("%s: %d sectors at %d outside volume %q of %d sectors", m.Cmd(), m.Sectors, m.Sector, v.name, size)
+		return wire.Malformed("%s: %d sectors at %d outside volume %q of %d sectors", m.Cmd(), m.Sectors, m.Sector, v.name, size)
 	}
-	res := &RemoteIORes{ID: m.ID, Volume: m.Volume, Sectors: m.Sectors, Written: m.Write}
+	res := &wire.RemoteIORes{ID: m.ID, Volume: m.Volume, Sectors: m.Sectors, Written: m.Write}
 	var data []byte
 	if m.Write {
 		if !v.opts.AllowRemoteWrite || v.dev.ReadOnly() {
 			v.log.Warn("remote write refused: allow-remote-write is off", "sector", m.Sector, "sectors", m.Sectors)
-			res.Status = StatusDenied
+			res.Status = wire.StatusDenied
 			return c.send(res)
 		}
 		data = append([]byte(nil), m.Data[0]...) // the payload buffer is reused
@@ -973,7 +958,7 @@ func (c *agentConn) remoteIO(m *RemoteIOReq) error {
 			// volume is mirrored like any other.
 			err = v.Submit(&mapper.Request{Op: mapper.OpWrite, Sector: m.Sector, Sectors: uint64(m.Sectors), Data: [][]byte{data}})
 		} else {
-			data = make([]byte, int(m.Sectors)*SectorSize)
+			data = make([]byte, int(m.Sectors)*wire.SectorSize)
 			err = v.dev.Submit(&mapper.Request{Op: mapper.OpRead, Sector: m.Sector, Sectors: uint64(m.Sectors), Data: [][]byte{data}})
 			if err == nil {
 				if allZero(data) {
@@ -989,7 +974,7 @@ func (c *agentConn) remoteIO(m *RemoteIOReq) error {
 		}
 		if err != nil {
 			v.log.Warn("remote io failed", "write", m.Write, "sector", m.Sector, "sectors", m.Sectors, "err", err)
-			res.Status = StatusIOError
+			res.Status = wire.StatusIOError
 			res.Data = nil
 		}
 		if err := c.send(res); err != nil {
@@ -1036,7 +1021,7 @@ func (c *agentConn) sendLoop() {
 			a.mu.Unlock()
 			return
 		}
-		var report *ReportVolumes
+		var report *wire.ReportVolumes
 		if !a.reported {
 			report = a.reportLocked()
 			a.reported = true
@@ -1046,7 +1031,7 @@ func (c *agentConn) sendLoop() {
 		a.mu.Unlock()
 
 		c.wmu.Lock()
-		c.nc.SetWriteDeadline(time.Now().Add(peerTimeout(a.cfg.Heartbeat)))
+		c.nc.SetWriteDeadline(time.Now().Add(wire.PeerTimeout(a.cfg.Heartbeat)))
 		var err error
 		if report != nil {
 			err = c.w.WriteMessage(report)
@@ -1056,7 +1041,7 @@ func (c *agentConn) sendLoop() {
 				break
 			}
 			err = c.w.WriteMessage(it.msg)
-			if pw, ok := it.msg.(*ProtectedWrite); ok {
+			if pw, ok := it.msg.(*wire.ProtectedWrite); ok {
 				pw.Data = nil // sent: the hub has it or it will be dirty again
 			}
 		}
@@ -1072,11 +1057,11 @@ func (c *agentConn) sendLoop() {
 }
 
 // reportLocked builds REPORT_VM_VOLUMES; a.mu held.
-func (a *Agent) reportLocked() *ReportVolumes {
-	r := &ReportVolumes{}
+func (a *Agent) reportLocked() *wire.ReportVolumes {
+	r := &wire.ReportVolumes{}
 	for _, n := range a.order {
 		v := a.vols[n]
-		r.Volumes = append(r.Volumes, VolumeInfo{Name: n, Sectors: v.dev.Size(), ReadOnly: v.dev.ReadOnly(),
+		r.Volumes = append(r.Volumes, wire.VolumeInfo{Name: n, Sectors: v.dev.Size(), ReadOnly: v.dev.ReadOnly(),
 			Protect: v.opts.Protect, RemoteWrite: v.opts.AllowRemoteWrite})
 	}
 	return r
@@ -1095,7 +1080,7 @@ func (c *agentConn) heartbeatLoop() {
 			return
 		case <-t.C:
 		}
-		hb := &Heartbeat{}
+		hb := &wire.Heartbeat{}
 		now := time.Now()
 		a.mu.Lock()
 		for _, n := range a.order {
@@ -1106,7 +1091,7 @@ func (c *agentConn) heartbeatLoop() {
 			if v.id == 0 {
 				continue
 			}
-			b := Backlog{Volume: v.id, IOs: uint64(v.pendIOs), Bytes: uint64(v.pendB), Sync: v.sync}
+			b := wire.Backlog{Volume: v.id, IOs: uint64(v.pendIOs), Bytes: uint64(v.pendB), Sync: v.sync}
 			if v.pendIOs > 0 {
 				b.AgeMillis = uint32(min(now.Sub(v.oldest()).Milliseconds(), 1<<31))
 			}
@@ -1150,7 +1135,7 @@ func (a *Agent) Close() error {
 	a.mu.Unlock()
 	var err error
 	if clean {
-		if err = c.send(&AgentShutdown{}); err == nil {
+		if err = c.send(&wire.AgentShutdown{}); err == nil {
 			select {
 			case <-c.bye:
 				a.log.Info("clean shutdown acknowledged by the hub")
@@ -1163,7 +1148,7 @@ func (a *Agent) Close() error {
 	} else if c != nil {
 		err = errors.New("repagent: queue not drained: unclean shutdown")
 	}
-	a.abort()
+	a.Abort()
 	return err
 }
 
@@ -1182,8 +1167,9 @@ func (a *Agent) drainedLocked() bool {
 	return true
 }
 
-// abort stops the agent without a clean shutdown, as a crash would.
-func (a *Agent) abort() {
+// Abort stops the agent without a clean shutdown, as a crash would:
+// queued writes are lost and no AGENT_SHUTDOWN is sent. Tests use it.
+func (a *Agent) Abort() {
 	a.runMu.Lock()
 	cancel, done := a.cancel, a.runDone
 	a.runMu.Unlock()

@@ -1,4 +1,4 @@
-package repagent
+package wire
 
 import (
 	"time"
@@ -10,18 +10,18 @@ import (
 // 128 sectors, 64 KiB.
 const DefaultRegionSectors = 128
 
-// maxTrackedRegions bounds a volume's region count so that region indexes
+// MaxTrackedRegions bounds a volume's region count so that region indexes
 // fit the 32-bit bitmaps (with 64 KiB regions: 256 TiB).
-const maxTrackedRegions = 1 << 32
+const MaxTrackedRegions = 1 << 32
 
-// regionCount returns the number of regions of a volume of sectors.
-func regionCount(sectors uint64, regionSectors uint32) uint64 {
+// RegionCount returns the number of regions of a volume of sectors.
+func RegionCount(sectors uint64, regionSectors uint32) uint64 {
 	rs := uint64(regionSectors)
 	return (sectors + rs - 1) / rs
 }
 
-// addSectors marks the regions that the sector range touches.
-func addSectors(bm *roaring.Bitmap, sector, sectors uint64, regionSectors uint32) {
+// AddSectors marks the regions that the sector range touches.
+func AddSectors(bm *roaring.Bitmap, sector, sectors uint64, regionSectors uint32) {
 	if sectors == 0 {
 		return
 	}
@@ -31,8 +31,8 @@ func addSectors(bm *roaring.Bitmap, sector, sectors uint64, regionSectors uint32
 	bm.AddRange(first, last+1)
 }
 
-// extentsOf returns the runs of set bits in bm, in order.
-func extentsOf(bm *roaring.Bitmap) []Extent {
+// ExtentsOf returns the runs of set bits in bm, in order.
+func ExtentsOf(bm *roaring.Bitmap) []Extent {
 	var out []Extent
 	it := bm.ManyIterator()
 	buf := make([]uint32, 1024)
@@ -52,10 +52,10 @@ func extentsOf(bm *roaring.Bitmap) []Extent {
 	}
 }
 
-// addExtents marks the regions of exts, given in units of fromSectors
+// AddExtents marks the regions of exts, given in units of fromSectors
 // regions, in bm whose regions are toSectors; regions at or past limit
 // (in bm's units) are ignored.
-func addExtents(bm *roaring.Bitmap, exts []Extent, fromSectors, toSectors uint32, limit uint64) {
+func AddExtents(bm *roaring.Bitmap, exts []Extent, fromSectors, toSectors uint32, limit uint64) {
 	for _, e := range exts {
 		s := e.Start * uint64(fromSectors)
 		n := e.Count * uint64(fromSectors)
@@ -68,9 +68,9 @@ func addExtents(bm *roaring.Bitmap, exts []Extent, fromSectors, toSectors uint32
 	}
 }
 
-// peerTimeout is how long a connection may stay silent, or a write
+// PeerTimeout is how long a connection may stay silent, or a write
 // blocked, before the peer is taken as gone: four heartbeats, at least
 // 2 s.
-func peerTimeout(heartbeat time.Duration) time.Duration {
+func PeerTimeout(heartbeat time.Duration) time.Duration {
 	return max(4*heartbeat, 2*time.Second)
 }

@@ -1,4 +1,4 @@
-package repagent
+package hub
 
 import (
 	"encoding/json"
@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/vhostdm/vhostdm/repagent/wire"
 )
 
 // The hub's store: one directory per VM under the store root, holding
@@ -23,16 +25,16 @@ const stateVersion = 1
 
 // volState is a recovery volume's durable state.
 type volState struct {
-	Version       int      `json:"version"`
-	Sectors       uint64   `json:"sectors"`
-	RegionSectors uint32   `json:"region-sectors"`
-	Session       uint64   `json:"session"`       // agent session of the last connection
-	Clean         bool     `json:"clean"`         // the last connection ended with AGENT_SHUTDOWN
-	Synced        bool     `json:"synced"`        // the initial sync completed once
-	AppliedSeq    uint64   `json:"applied-seq"`   // last mirrored sequence applied
-	Need          []Extent `json:"need"`          // regions still to read from the source
-	Protecting    bool     `json:"protecting"`    // in protection when last written
-	FailoverTest  bool     `json:"failover-test"` // a failover test was running
+	Version       int           `json:"version"`
+	Sectors       uint64        `json:"sectors"`
+	RegionSectors uint32        `json:"region-sectors"`
+	Session       uint64        `json:"session"`       // agent session of the last connection
+	Clean         bool          `json:"clean"`         // the last connection ended with AGENT_SHUTDOWN
+	Synced        bool          `json:"synced"`        // the initial sync completed once
+	AppliedSeq    uint64        `json:"applied-seq"`   // last mirrored sequence applied
+	Need          []wire.Extent `json:"need"`          // regions still to read from the source
+	Protecting    bool          `json:"protecting"`    // in protection when last written
+	FailoverTest  bool          `json:"failover-test"` // a failover test was running
 	// GroupInconsistent: the volume belongs to a consistency group whose
 	// source is resynchronising it (GROUP_STATE), so the group's replicas
 	// are not a prefix of its write order.
@@ -106,7 +108,7 @@ func loadState(path string) (*volState, error) {
 	if rs := st.RegionSectors; rs < 8 || rs > 1<<21 || rs&(rs-1) != 0 {
 		return nil, fmt.Errorf("%s: bad region size %d", path, rs)
 	}
-	limit := regionCount(st.Sectors, st.RegionSectors)
+	limit := wire.RegionCount(st.Sectors, st.RegionSectors)
 	for _, e := range st.Need {
 		if e.Count == 0 || e.Start+e.Count < e.Start || e.Start+e.Count > limit {
 			return nil, fmt.Errorf("%s: need extent %d+%d outside %d regions", path, e.Start, e.Count, limit)
@@ -123,7 +125,7 @@ func listStore(root string) (map[string][]string, error) {
 		return nil, err
 	}
 	for _, e := range ents {
-		if !e.IsDir() || CheckName(e.Name()) != nil {
+		if !e.IsDir() || wire.CheckName(e.Name()) != nil {
 			continue
 		}
 		files, err := os.ReadDir(filepath.Join(root, e.Name()))
@@ -132,7 +134,7 @@ func listStore(root string) (map[string][]string, error) {
 		}
 		vols := []string{}
 		for _, f := range files {
-			if n, ok := strings.CutSuffix(f.Name(), ".state.json"); ok && CheckName(n) == nil {
+			if n, ok := strings.CutSuffix(f.Name(), ".state.json"); ok && wire.CheckName(n) == nil {
 				vols = append(vols, n)
 			}
 		}

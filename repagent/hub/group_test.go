@@ -1,4 +1,4 @@
-package repagent
+package hub_test
 
 import (
 	"bytes"
@@ -13,6 +13,11 @@ import (
 	"time"
 
 	"github.com/vhostdm/vhostdm/mapper"
+
+	"github.com/vhostdm/vhostdm/internal/reptest"
+	"github.com/vhostdm/vhostdm/repagent/agent"
+	"github.com/vhostdm/vhostdm/repagent/hub"
+	"github.com/vhostdm/vhostdm/repagent/wire"
 )
 
 // groupVol is a consistency group's volume as the agent wraps it: its
@@ -30,26 +35,26 @@ func (v groupVol) OnResize(func(oldSize, newSize uint64)) (cancel func()) { retu
 // connection are reported once by Sync and make the group inconsistent
 // again.
 func TestGroupAgent(t *testing.T) {
-	hub, err := NewHub(HubConfig{Store: t.TempDir(), Name: "hub", Logger: testLogger(),
+	h, err := hub.New(hub.Config{Store: t.TempDir(), Name: "hub", Logger: reptest.Logger(),
 		Heartbeat: 100 * time.Millisecond, CheckpointInterval: 5 * time.Millisecond,
-		applyDelay: 100 * time.Millisecond}) // a slow hub: writes can die unacknowledged
+		ApplyDelay: 100 * time.Millisecond}) // a slow hub: writes can die unacknowledged
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := hub.Listen("127.0.0.1:0", false)
+	ln, err := h.Listen("127.0.0.1:0", false)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	served := make(chan struct{})
-	go func() { defer close(served); hub.Serve(ctx, ln) }()
-	t.Cleanup(func() { cancel(); hub.Close(); <-served })
+	go func() { defer close(served); h.Serve(ctx, ln) }()
+	t.Cleanup(func() { cancel(); h.Close(); <-served })
 
 	var mu sync.Mutex
 	var conns []net.Conn
-	a, err := NewAgent(AgentConfig{Hub: ln.Addr().String(), VM: "g", Group: true, Logger: testLogger(),
+	a, err := agent.New(agent.Config{Hub: ln.Addr().String(), VM: "g", Group: true, Logger: reptest.Logger(),
 		Heartbeat: 100 * time.Millisecond, MinBackoff: 10 * time.Millisecond, MaxBackoff: 50 * time.Millisecond,
-		dial: func(ctx context.Context, addr string) (net.Conn, error) {
+		Dial: func(ctx context.Context, addr string) (net.Conn, error) {
 			var d net.Dialer
 			c, err := d.DialContext(ctx, "tcp", addr)
 			if err == nil {
@@ -63,7 +68,7 @@ func TestGroupAgent(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, n := range []string{"a", "b"} {
-		if _, err := a.Attach(n, groupVol{64}, VolumeOptions{Protect: true}); err != nil {
+		if _, err := a.Attach(n, groupVol{64}, agent.VolumeOptions{Protect: true}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -71,7 +76,7 @@ func TestGroupAgent(t *testing.T) {
 	go func() { defer close(runDone); a.Run(ctx) }()
 	t.Cleanup(func() { a.Close(); cancel(); <-runDone })
 
-	data := func(b byte) []byte { return bytes.Repeat([]byte{b}, 8*SectorSize) }
+	data := func(b byte) []byte { return bytes.Repeat([]byte{b}, 8*wire.SectorSize) }
 	mirror := func(vol string, b byte) {
 		t.Helper()
 		deadline := time.Now().Add(10 * time.Second)
@@ -80,19 +85,19 @@ func TestGroupAgent(t *testing.T) {
 			if err == nil {
 				return
 			}
-			if !errors.Is(err, ErrNotMirrored) || time.Now().After(deadline) {
+			if !errors.Is(err, agent.ErrNotMirrored) || time.Now().After(deadline) {
 				t.Fatalf("mirror to %s: %v", vol, err)
 			}
 			time.Sleep(5 * time.Millisecond)
 		}
 	}
-	status := func() VMStatus {
-		for _, s := range hub.Status() {
+	status := func() hub.VMStatus {
+		for _, s := range h.Status() {
 			if s.VM == "g" {
 				return s
 			}
 		}
-		return VMStatus{}
+		return hub.VMStatus{}
 	}
 	waitState := func(consistent bool) {
 		t.Helper()
@@ -115,7 +120,7 @@ func TestGroupAgent(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitState(false) // new volumes: not yet copied by the source
-	if _, err := hub.FailoverTest("g", t.TempDir()); err == nil || !strings.Contains(err.Error(), "not consistent") {
+	if err := h.FailoverTest("g", t.TempDir(), reptest.Runner(new([]hub.TestVolume))); err == nil || !strings.Contains(err.Error(), "not consistent") {
 		t.Fatalf("failover test of an inconsistent group: %v", err)
 	}
 	a.SetConsistent(true)
@@ -131,7 +136,7 @@ func TestGroupAgent(t *testing.T) {
 	}
 
 	dir := t.TempDir()
-	if _, err := hub.FailoverTest("g", dir); err != nil {
+	if err := h.FailoverTest("g", dir, reptest.Runner(new([]hub.TestVolume))); err != nil {
 		t.Fatal(err)
 	}
 	mirror("a", 3) // mirroring goes on during the test
@@ -140,11 +145,11 @@ func TestGroupAgent(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if want := data(byte(i + 1)); len(img) != 64*SectorSize || !bytes.Equal(img[8*SectorSize:16*SectorSize], want) {
+		if want := data(byte(i + 1)); len(img) != 64*wire.SectorSize || !bytes.Equal(img[8*wire.SectorSize:16*wire.SectorSize], want) {
 			t.Errorf("failover copy of %s does not hold the write before the test point", n)
 		}
 	}
-	if err := hub.FailoverTestStop("g"); err != nil {
+	if err := h.FailoverTestStop("g"); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(filepath.Join(dir, "a.img")); !os.IsNotExist(err) {
@@ -156,7 +161,7 @@ func TestGroupAgent(t *testing.T) {
 	for _, v := range status().Volumes {
 		img, _ := os.ReadFile(v.Replica)
 		want := map[string]byte{"a": 3, "b": 2}[v.Volume]
-		if !bytes.Equal(img[8*SectorSize:16*SectorSize], data(want)) {
+		if !bytes.Equal(img[8*wire.SectorSize:16*wire.SectorSize], data(want)) {
 			t.Errorf("replica of %s does not hold its last write", v.Volume)
 		}
 	}
@@ -169,7 +174,7 @@ func TestGroupAgent(t *testing.T) {
 		c.Close()
 	}
 	mu.Unlock()
-	if err := a.Sync(); !errors.Is(err, ErrNotMirrored) {
+	if err := a.Sync(); !errors.Is(err, agent.ErrNotMirrored) {
 		t.Fatalf("Sync after losing a write: %v, want ErrNotMirrored", err)
 	}
 	waitState(false)

@@ -1,9 +1,9 @@
-package repagent
+package hub
 
 import (
-	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -12,38 +12,38 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/vhostdm/vhostdm/mapper"
-	_ "github.com/vhostdm/vhostdm/targets" // linear, for the test devices
-	"github.com/vhostdm/vhostdm/vhost"
+	"github.com/vhostdm/vhostdm/repagent/wire"
 )
 
-// FailoverExport is one recovery volume served by a failover test.
-type FailoverExport struct {
-	Volume  string `json:"volume"`
-	Device  string `json:"device"` // the mapper device's name
-	Socket  string `json:"socket"` // vhost-user-blk socket
-	Sectors uint64 `json:"sectors"`
+// TestVolume is a recovery volume handed to a failover test's
+// [TestRunner].
+type TestVolume struct {
+	Name    string // the volume's name
+	Path    string // the image to serve: the recovery volume, or a consistency group's copy of it
+	Sectors uint64
+	// Written, when not nil, takes the ranges that the test VM writes:
+	// they are read from the source again when the test stops. It is nil
+	// for a copy.
+	Written func(sector, sectors uint64)
 }
+
+// TestRunner serves a failover test's volumes, in name order, to a test
+// VM (the hub's command builds mapper devices and vhost-user exports of
+// them). The hub calls it between two applied writes; closing what it
+// returns stops serving.
+type TestRunner func(vm string, vols []TestVolume) (io.Closer, error)
 
 // failoverTest is a running failover test of one VM.
 type failoverTest struct {
-	copies  []string // a consistency group's test copies, removed at the end
-	m       *mapper.Manager
-	exports []*vhost.Export
-	cancel  context.CancelFunc
-	wg      sync.WaitGroup
-	once    sync.Once
+	copies []string  // a consistency group's test copies, removed at the end
+	served io.Closer // the runner's exports
+	once   sync.Once
 }
 
 func (t *failoverTest) close() {
 	t.once.Do(func() {
-		t.cancel()
-		for _, x := range t.exports {
-			x.Close()
-		}
-		t.wg.Wait()
-		if t.m != nil {
-			t.m.Close()
+		if t.served != nil {
+			t.served.Close()
 		}
 		for _, p := range t.copies {
 			os.Remove(p)
@@ -51,41 +51,22 @@ func (t *failoverTest) close() {
 	})
 }
 
-// testDevice marks what the test VM writes, so that it is read from the
-// source again when the test ends.
-type testDevice struct {
-	*mapper.Device
-	h *Hub
-	v *hubVolume
-}
-
-// Submit implements vhost.Device.
-func (d *testDevice) Submit(r *mapper.Request) error {
-	if r.Op.IsWrite() {
-		d.h.mu.Lock()
-		addSectors(d.v.testDirty, r.Sector, r.Sectors, d.h.cfg.RegionSectors)
-		d.h.mu.Unlock()
-	}
-	return d.Device.Submit(r)
-}
-
-// FailoverTest serves the recovery volumes of vm as writable
-// vhost-user-blk exports with sockets in dir (VOLUME.sock), so that a test
-// VM can boot on them. Every volume must be consistent: protecting, or
+// FailoverTest hands the recovery volumes of vm to run, which serves them
+// writable to a test VM. Every volume must be consistent: protecting, or
 // disconnected with nothing left to resync. Mirrored writes that arrive
 // meanwhile are not applied: their regions are read from the source when
 // the test stops, together with whatever the test VM wrote.
 //
-// A consistency group (see PROTOCOL.md) must also be consistent by its
+// A consistency group (see repagent/wire/PROTOCOL.md) must also be consistent by its
 // source's word; its test runs on copies of the recovery volumes
 // (dir/VOLUME.img) taken between two applied writes, and mirroring goes
 // on.
-func (h *Hub) FailoverTest(vmName, dir string) ([]FailoverExport, error) {
+func (h *Hub) FailoverTest(vmName, dir string, run TestRunner) error {
 	h.mu.Lock()
 	vm := h.vms[vmName]
 	h.mu.Unlock()
 	if vm == nil {
-		return nil, fmt.Errorf("vm %q not found", vmName)
+		return fmt.Errorf("vm %q not found", vmName)
 	}
 	// Between two applied writes: the replicas are a prefix of the
 	// write order across the VM's volumes.
@@ -94,11 +75,11 @@ func (h *Hub) FailoverTest(vmName, dir string) ([]FailoverExport, error) {
 	h.mu.Lock()
 	if vm.failover != nil {
 		h.mu.Unlock()
-		return nil, fmt.Errorf("vm %q: a failover test is already running", vmName)
+		return fmt.Errorf("vm %q: a failover test is already running", vmName)
 	}
 	if vm.groupInconsistent() {
 		h.mu.Unlock()
-		return nil, fmt.Errorf("vm %q: its consistency group is being resynchronised by the source, not consistent", vmName)
+		return fmt.Errorf("vm %q: its consistency group is being resynchronised by the source, not consistent", vmName)
 	}
 	var vols []*hubVolume
 	for _, v := range vm.vols {
@@ -109,20 +90,20 @@ func (h *Hub) FailoverTest(vmName, dir string) ([]FailoverExport, error) {
 			(v.state == StateDisconnected && v.st.Synced && len(v.st.Need) == 0 && v.need.IsEmpty() && v.inRead.IsEmpty())
 		if !consistent {
 			h.mu.Unlock()
-			return nil, fmt.Errorf("vm %q: volume %q is %s, not consistent", vmName, v.name, v.state)
+			return fmt.Errorf("vm %q: volume %q is %s, not consistent", vmName, v.name, v.state)
 		}
 		vols = append(vols, v)
 	}
 	if len(vols) == 0 {
 		h.mu.Unlock()
-		return nil, fmt.Errorf("vm %q has no recovery volumes", vmName)
+		return fmt.Errorf("vm %q has no recovery volumes", vmName)
 	}
 	slices.SortFunc(vols, func(a, b *hubVolume) int { return strings.Compare(a.name, b.name) })
 	t := &failoverTest{}
 	vm.failover = t
-	sizes := make([]uint64, len(vols))
+	tv := make([]TestVolume, len(vols))
 	for i, v := range vols {
-		sizes[i] = v.sectors
+		tv[i] = TestVolume{Name: v.name, Path: v.imgPath, Sectors: v.sectors}
 	}
 	if vm.isGroup() {
 		// A consistency group is resynchronised by its source, which
@@ -130,34 +111,35 @@ func (h *Hub) FailoverTest(vmName, dir string) ([]FailoverExport, error) {
 		// runs on copies taken between two applied writes, and
 		// mirroring goes on.
 		h.mu.Unlock()
-		imgs, err := copyReplicas(t, vols, dir)
-		var out []FailoverExport
+		err := copyReplicas(t, tv, dir)
 		if err == nil {
-			out, err = h.startTest(t, vm, vols, sizes, imgs, dir)
+			t.served, err = run(vm.name, tv)
 		}
 		if err != nil {
 			t.close()
 			h.mu.Lock()
 			vm.failover = nil
 			h.mu.Unlock()
-			return nil, err
+			return fmt.Errorf("failover test: %w", err)
 		}
-		return out, nil
+		return nil
 	}
 	prev := map[*hubVolume]string{}
-	for _, v := range vols {
+	for i, v := range vols {
 		prev[v] = v.state
 		v.testDirty.Clear()
 		h.setState(v, StateFailoverTest, "failover test started")
 		v.changed = true
+		tv[i].Written = func(sector, sectors uint64) {
+			h.mu.Lock()
+			wire.AddSectors(v.testDirty, sector, sectors, h.cfg.RegionSectors)
+			h.mu.Unlock()
+		}
 	}
 	h.mu.Unlock()
 
-	imgs := make([]string, len(vols))
-	for i, v := range vols {
-		imgs[i] = v.imgPath
-	}
-	out, err := h.startTest(t, vm, vols, sizes, imgs, dir)
+	var err error
+	t.served, err = run(vm.name, tv)
 	if err != nil {
 		t.close()
 		h.mu.Lock()
@@ -166,74 +148,31 @@ func (h *Hub) FailoverTest(vmName, dir string) ([]FailoverExport, error) {
 			h.setState(v, prev[v], "failover test failed to start")
 		}
 		h.mu.Unlock()
-		return nil, err
+		return fmt.Errorf("failover test: %w", err)
 	}
 	for _, v := range vols {
 		h.saveOffline(v)
 	}
-	return out, nil
-}
-
-// startTest creates the test devices and exports.
-func (h *Hub) startTest(t *failoverTest, vm *hubVM, vols []*hubVolume, sizes []uint64, imgs []string, dir string) ([]FailoverExport, error) {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("failover test: %w", err)
-	}
-	log := h.log.With("vm", vm.name, "failover_test", dir)
-	t.m = mapper.NewManager(mapper.ManagerOptions{Logger: log})
-	var ctx context.Context
-	ctx, t.cancel = context.WithCancel(context.Background())
-	var out []FailoverExport
-	for i, v := range vols {
-		name := vm.name + "-" + v.name
-		if mapper.ValidateName(name) != nil {
-			name = fmt.Sprintf("failover-%d", len(out))
-		}
-		dev, err := t.m.CreateTable(name, "", false, fmt.Sprintf("0 %d linear %s 0", sizes[i], imgs[i]))
-		if err != nil {
-			return nil, fmt.Errorf("failover test: volume %s: %w", v.name, err)
-		}
-		sock := filepath.Join(dir, v.name+".sock")
-		var xd vhost.Device = &testDevice{Device: dev, h: h, v: v}
-		if len(t.copies) > 0 {
-			xd = dev // a copy: nothing to read again afterwards
-		}
-		x, err := vhost.NewExport(vhost.ExportConfig{ID: v.name, Socket: sock, Writable: true, Logger: log,
-			Serial: serial(v.name)}, xd)
-		if err != nil {
-			return nil, fmt.Errorf("failover test: volume %s: %w", v.name, err)
-		}
-		t.exports = append(t.exports, x)
-		t.wg.Add(1)
-		go func() {
-			defer t.wg.Done()
-			if err := x.Serve(ctx); err != nil {
-				log.Error("failover export stopped", "volume", v.name, "err", err)
-			}
-		}()
-		out = append(out, FailoverExport{Volume: v.name, Device: name, Socket: sock, Sectors: sizes[i]})
-	}
-	return out, nil
+	return nil
 }
 
 // copyReplicas copies the recovery volumes of a consistency group into dir
-// (VOLUME.img), as reflinks where the file system can; the caller holds
-// the VM's apply lock, so the copies are one point of the group's write
-// order.
-func copyReplicas(t *failoverTest, vols []*hubVolume, dir string) ([]string, error) {
+// (VOLUME.img), as reflinks where the file system can, and points vols at
+// the copies; the caller holds the VM's apply lock, so the copies are one
+// point of the group's write order.
+func copyReplicas(t *failoverTest, vols []TestVolume, dir string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("failover test: %w", err)
+		return err
 	}
-	var out []string
-	for _, v := range vols {
-		dst := filepath.Join(dir, v.name+".img")
+	for i, v := range vols {
+		dst := filepath.Join(dir, v.Name+".img")
 		t.copies = append(t.copies, dst)
-		if err := copyFile(v.imgPath, dst); err != nil {
-			return nil, fmt.Errorf("failover test: copy of volume %s: %w", v.name, err)
+		if err := copyFile(v.Path, dst); err != nil {
+			return fmt.Errorf("copy of volume %s: %w", v.Name, err)
 		}
-		out = append(out, dst)
+		vols[i].Path = dst
 	}
-	return out, nil
+	return nil
 }
 
 // copyFile copies src to a new file dst, sharing extents (FICLONE) where
@@ -291,15 +230,7 @@ func copyData(in, out *os.File) error {
 	return out.Sync()
 }
 
-// serial fits a volume name into a virtio-blk serial.
-func serial(name string) string {
-	if len(name) > vhost.MaxSerialLen {
-		return name[:vhost.MaxSerialLen]
-	}
-	return name
-}
-
-// FailoverTestStop ends vm's failover test: the exports go away, and the
+// FailoverTestStop ends vm's failover test: the runner stops serving, and the
 // regions that the test VM wrote or that were mirrored meanwhile are read
 // from the source again.
 func (h *Hub) FailoverTestStop(vmName string) error {
@@ -332,7 +263,7 @@ func (h *Hub) FailoverTestStop(vmName string) error {
 			c.poke()
 			continue
 		}
-		addExtents(add, v.st.Need, v.st.RegionSectors, h.cfg.RegionSectors, regionCount(v.sectors, h.cfg.RegionSectors))
+		wire.AddExtents(add, v.st.Need, v.st.RegionSectors, h.cfg.RegionSectors, wire.RegionCount(v.sectors, h.cfg.RegionSectors))
 		add.Or(v.need)
 		v.need = add
 		h.setState(v, StateDisconnected, "failover test stopped")
@@ -356,7 +287,7 @@ func (h *Hub) saveOffline(v *hubVolume) error {
 		c.poke()
 		return nil
 	}
-	v.st.Need = extentsOf(v.need)
+	v.st.Need = wire.ExtentsOf(v.need)
 	v.st.RegionSectors = h.cfg.RegionSectors
 	v.st.FailoverTest = v.state == StateFailoverTest
 	st := v.st

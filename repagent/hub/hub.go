@@ -1,4 +1,4 @@
-package repagent
+package hub
 
 import (
 	"context"
@@ -21,6 +21,8 @@ import (
 
 	"github.com/RoaringBitmap/roaring/v2"
 	"golang.org/x/sys/unix"
+
+	"github.com/vhostdm/vhostdm/repagent/wire"
 )
 
 // Volume states reported by the hub.
@@ -31,8 +33,8 @@ const (
 	StateFailoverTest = "failover-test" // served to a test VM; mirrored writes are deferred
 )
 
-// HubConfig configures a Hub.
-type HubConfig struct {
+// Config configures a Hub.
+type Config struct {
 	Store string // directory of recovery volumes and state
 	Name  string // the hub's name in HELLO; default the host name
 	// TLS, when set, wraps every accepted connection (see
@@ -60,7 +62,9 @@ type HubConfig struct {
 	// changes state. May be nil.
 	OnEvent func(Event)
 
-	applyDelay time.Duration // tests: a slow hub
+	// ApplyDelay pauses before each applied mirrored write: tests use it
+	// to model a slow store. Zero in production.
+	ApplyDelay time.Duration
 }
 
 // Event is a volume state change.
@@ -77,7 +81,7 @@ type Event struct {
 // restart. Its methods may be called from any goroutine.
 type Hub struct {
 	// Immutable.
-	cfg     HubConfig
+	cfg     Config
 	log     *slog.Logger
 	session uint64
 
@@ -159,32 +163,32 @@ type hubVolume struct {
 	remoteBytes    uint64 // bytes read with remote IO since the hub started
 	appliedBytes   uint64 // mirrored bytes applied since the hub started
 	applied        uint64 // last applied sequence
-	backlog        Backlog
+	backlog        wire.Backlog
 	changed        bool // state to save at the next checkpoint
 	wrote          bool // data to fsync at the next checkpoint
 	testDirty      *roaring.Bitmap
 }
 
-// NewHub opens (creating if needed) the store and loads its state.
-func NewHub(cfg HubConfig) (*Hub, error) {
+// New opens (creating if needed) the store and loads its state.
+func New(cfg Config) (*Hub, error) {
 	if cfg.Store == "" {
 		return nil, errors.New("repagent hub: no store directory")
 	}
 	if cfg.Name == "" {
 		cfg.Name, _ = os.Hostname()
-		if CheckName(cfg.Name) != nil {
+		if wire.CheckName(cfg.Name) != nil {
 			cfg.Name = "repagent-hub"
 		}
 	}
 	if cfg.SyncChunkSectors == 0 {
 		cfg.SyncChunkSectors = 2048
 	}
-	cfg.SyncChunkSectors = min(cfg.SyncChunkSectors, MaxIOSectors)
+	cfg.SyncChunkSectors = min(cfg.SyncChunkSectors, wire.MaxIOSectors)
 	if cfg.SyncWindow <= 0 {
 		cfg.SyncWindow = 4
 	}
 	if cfg.RegionSectors == 0 {
-		cfg.RegionSectors = DefaultRegionSectors
+		cfg.RegionSectors = wire.DefaultRegionSectors
 	}
 	if rs := cfg.RegionSectors; rs < 8 || rs > 1<<21 || rs&(rs-1) != 0 {
 		return nil, fmt.Errorf("repagent hub: region size %d sectors: must be a power of two from 8 to %d", rs, 1<<21)
@@ -233,12 +237,12 @@ func NewHub(cfg HubConfig) (*Hub, error) {
 			if st.FailoverTest {
 				// The hub stopped during a failover test: what the test
 				// VM wrote is unknown, so everything is read again.
-				st.Need = []Extent{{0, regionCount(st.Sectors, st.RegionSectors)}}
+				st.Need = []wire.Extent{{Start: 0, Count: wire.RegionCount(st.Sectors, st.RegionSectors)}}
 				st.FailoverTest = false
 				st.Synced = false
 			}
 			v.st = *st
-			addExtents(v.need, st.Need, st.RegionSectors, cfg.RegionSectors, regionCount(st.Sectors, cfg.RegionSectors))
+			wire.AddExtents(v.need, st.Need, st.RegionSectors, cfg.RegionSectors, wire.RegionCount(st.Sectors, cfg.RegionSectors))
 			v.sectors = st.Sectors
 			v.applied = st.AppliedSeq
 			vm.vols[vn] = v
@@ -294,7 +298,7 @@ func (h *Hub) setState(v *hubVolume, state, reason string) {
 // configured) is refused on a non-loopback address unless insecure.
 func (h *Hub) Listen(addr string, insecure bool) (net.Listener, error) {
 	if h.cfg.TLS == nil {
-		if err := checkPlain(addr, insecure); err != nil {
+		if err := wire.CheckPlain(addr, insecure); err != nil {
 			return nil, fmt.Errorf("repagent hub: listen %w", err)
 		}
 	}
@@ -349,8 +353,9 @@ func (h *Hub) Serve(ctx context.Context, ln net.Listener) error {
 // listening, stops failover tests and closes the store.
 func (h *Hub) Close() error { return h.stop(true) }
 
-// abort stops like a killed process: no last checkpoint.
-func (h *Hub) abort() { h.stop(false) }
+// Abort stops the hub as a killed process stops: connections are cut
+// without a last checkpoint. Tests use it to model a crash.
+func (h *Hub) Abort() { h.stop(false) }
 
 func (h *Hub) stop(graceful bool) error {
 	h.mu.Lock()
@@ -398,8 +403,8 @@ type hubConn struct {
 	h        *Hub
 	nc       net.Conn
 	log      *slog.Logger
-	w        *Writer
-	frames   chan Frame
+	w        *wire.Writer
+	frames   chan wire.Frame
 	readErr  chan error
 	kick     chan struct{}
 	done     chan struct{}
@@ -433,7 +438,7 @@ type readReq struct {
 
 func newHubConn(h *Hub, nc net.Conn) *hubConn {
 	return &hubConn{h: h, nc: nc, log: h.log.With("peer", nc.RemoteAddr().String()),
-		frames: make(chan Frame, 64), readErr: make(chan error, 1), kick: make(chan struct{}, 1),
+		frames: make(chan wire.Frame, 64), readErr: make(chan error, 1), kick: make(chan struct{}, 1),
 		done: make(chan struct{}), byID: map[uint64]*hubVolume{}, reqs: map[uint64]*readReq{}, graceful: true}
 }
 
@@ -459,7 +464,7 @@ func (e protoErr) Error() string { return e.err.Error() }
 func (e protoErr) Unwrap() error { return e.err }
 
 func (c *hubConn) bad(format string, args ...any) error {
-	return protoErr{malformed(format, args...)}
+	return protoErr{wire.Malformed(format, args...)}
 }
 
 // serve runs the connection: TLS, HELLO, then the engine.
@@ -482,19 +487,19 @@ func (c *hubConn) serve() {
 		c.log = c.log.With("client_cert", cn)
 		c.nc = tc
 	}
-	r := NewReader(c.nc, h.cfg.MaxPayload)
-	r.noReuse = true
-	c.w = NewWriter(c.nc)
+	r := wire.NewReader(c.nc, h.cfg.MaxPayload)
+	r.KeepPayloads()
+	c.w = wire.NewWriter(c.nc)
 	c.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
 	f, err := r.ReadFrame()
 	if err != nil {
 		c.log.Warn("no hello", "err", err)
 		return
 	}
-	m, err := Decode(f)
-	hello, ok := m.(*Hello)
+	m, err := wire.Decode(f)
+	hello, ok := m.(*wire.Hello)
 	if err == nil && (!ok || hello.Reply) {
-		err = malformed("%s where HELLO was expected", f.Cmd)
+		err = wire.Malformed("%s where HELLO was expected", f.Cmd)
 	}
 	if err != nil {
 		c.log.Error("closing connection: bad frame", "reason", err)
@@ -505,7 +510,7 @@ func (c *hubConn) serve() {
 		return
 	}
 	c.log.Info("agent connected", "session", fmt.Sprintf("%016x", hello.Session))
-	if err := c.send(&Hello{Reply: true, MaxVersion: uint16(Version), Session: h.session, Name: h.cfg.Name}); err != nil {
+	if err := c.send(&wire.Hello{Reply: true, MaxVersion: uint16(wire.Version), Session: h.session, Name: h.cfg.Name}); err != nil {
 		c.detach(err)
 		return
 	}
@@ -517,7 +522,7 @@ func (c *hubConn) serve() {
 // attach binds the connection to its VM, replacing an older connection of
 // the same VM (an agent that reconnects before the hub saw the old link
 // die).
-func (c *hubConn) attach(hello *Hello) error {
+func (c *hubConn) attach(hello *wire.Hello) error {
 	h := c.h
 	uuid := hex.EncodeToString(hello.UUID[:])
 	for {
@@ -607,7 +612,7 @@ func (c *hubConn) detach(err error) {
 		v.conn = nil
 		v.id = 0
 		v.mirror = false
-		v.backlog = Backlog{}
+		v.backlog = wire.Backlog{}
 		if v.state != StateFailoverTest {
 			reason := "agent disconnected"
 			if c.shutdown {
@@ -623,9 +628,9 @@ func (c *hubConn) detach(err error) {
 }
 
 // readLoop feeds frames to the engine.
-func (c *hubConn) readLoop(r *Reader) {
+func (c *hubConn) readLoop(r *wire.Reader) {
 	for {
-		c.nc.SetReadDeadline(time.Now().Add(peerTimeout(c.h.cfg.Heartbeat)))
+		c.nc.SetReadDeadline(time.Now().Add(wire.PeerTimeout(c.h.cfg.Heartbeat)))
 		f, err := r.ReadFrame()
 		if err != nil {
 			c.readErr <- err
@@ -640,15 +645,15 @@ func (c *hubConn) readLoop(r *Reader) {
 }
 
 // send writes one message and flushes.
-func (c *hubConn) send(m Message) error {
+func (c *hubConn) send(m wire.Message) error {
 	if err := c.write(m); err != nil {
 		return err
 	}
 	return c.w.Flush()
 }
 
-func (c *hubConn) write(m Message) error {
-	c.nc.SetWriteDeadline(time.Now().Add(peerTimeout(c.h.cfg.Heartbeat)))
+func (c *hubConn) write(m wire.Message) error {
+	c.nc.SetWriteDeadline(time.Now().Add(wire.PeerTimeout(c.h.cfg.Heartbeat)))
 	return c.w.WriteMessage(m)
 }
 
@@ -670,7 +675,7 @@ func (c *hubConn) engine() error {
 			if errors.Is(err, io.EOF) && c.shutdown {
 				return nil
 			}
-			if errors.Is(err, ErrMalformed) {
+			if errors.Is(err, wire.ErrMalformed) {
 				return protoErr{err}
 			}
 			return err
@@ -696,7 +701,7 @@ func (c *hubConn) engine() error {
 		case <-ckpt.C:
 			armed = false
 		case <-hb.C:
-			if err := c.write(&Heartbeat{}); err != nil {
+			if err := c.write(&wire.Heartbeat{}); err != nil {
 				return err
 			}
 		}
@@ -724,8 +729,8 @@ func (c *hubConn) engine() error {
 const minCheckpointGap = 5 * time.Millisecond
 
 // handle processes one frame.
-func (c *hubConn) handle(f Frame) error {
-	m, err := Decode(f)
+func (c *hubConn) handle(f wire.Frame) error {
+	m, err := wire.Decode(f)
 	if err != nil {
 		return protoErr{err}
 	}
@@ -733,15 +738,15 @@ func (c *hubConn) handle(f Frame) error {
 		return c.bad("%s after AGENT_SHUTDOWN", f.Cmd)
 	}
 	switch m := m.(type) {
-	case *ReportVolumes:
+	case *wire.ReportVolumes:
 		return c.report(m)
-	case *DirtyMap:
+	case *wire.DirtyMap:
 		return c.dirtyMap(m)
-	case *ProtectedWrite:
+	case *wire.ProtectedWrite:
 		return c.protectedWrite(m)
-	case *RemoteIORes:
+	case *wire.RemoteIORes:
 		return c.remoteIORes(m)
-	case *Heartbeat:
+	case *wire.Heartbeat:
 		h := c.h
 		h.mu.Lock()
 		for _, b := range m.Backlog {
@@ -751,9 +756,9 @@ func (c *hubConn) handle(f Frame) error {
 		}
 		h.mu.Unlock()
 		return nil
-	case *GroupState:
+	case *wire.GroupState:
 		return c.groupState(m)
-	case *AgentShutdown:
+	case *wire.AgentShutdown:
 		if m.Reply {
 			return c.bad("%s with the reply flag from an agent", f.Cmd)
 		}
@@ -764,17 +769,17 @@ func (c *hubConn) handle(f Frame) error {
 
 // report handles REPORT_VM_VOLUMES: new volumes get an id and, when the
 // agent asks for protection, the decision of what to resync.
-func (c *hubConn) report(m *ReportVolumes) error {
+func (c *hubConn) report(m *wire.ReportVolumes) error {
 	h := c.h
 	type start struct {
-		msg *StartProtect
+		msg *wire.StartProtect
 	}
 	var starts []start
 	h.mu.Lock()
 	reported := map[string]bool{}
 	for _, vi := range m.Volumes {
 		reported[vi.Name] = true
-		if regionCount(vi.Sectors, h.cfg.RegionSectors) > maxTrackedRegions {
+		if wire.RegionCount(vi.Sectors, h.cfg.RegionSectors) > wire.MaxTrackedRegions {
 			h.mu.Unlock()
 			return c.bad("%s: volume %q of %d sectors is too large", m.Cmd(), vi.Name, vi.Sectors)
 		}
@@ -805,14 +810,14 @@ func (c *hubConn) report(m *ReportVolumes) error {
 		v.mirror = vi.Protect
 		if !vi.Protect {
 			v.sectors = vi.Sectors
-			starts = append(starts, start{&StartProtect{Volume: v.id, Name: v.name}})
+			starts = append(starts, start{&wire.StartProtect{Volume: v.id, Name: v.name}})
 			continue
 		}
 		if err := c.protect(v, vi.Sectors); err != nil {
 			h.mu.Unlock()
 			return fmt.Errorf("volume %s: %w", v.name, err)
 		}
-		starts = append(starts, start{&StartProtect{Volume: v.id, Name: v.name, Mirror: true}})
+		starts = append(starts, start{&wire.StartProtect{Volume: v.id, Name: v.name, Mirror: true}})
 	}
 	for id, v := range c.byID {
 		if !reported[v.name] {
@@ -849,10 +854,10 @@ func (c *hubConn) protect(v *hubVolume, sectors uint64) error {
 		}
 		v.file = f
 	}
-	if err := v.file.Truncate(int64(sectors) * SectorSize); err != nil {
+	if err := v.file.Truncate(int64(sectors) * wire.SectorSize); err != nil {
 		return err
 	}
-	regions := regionCount(sectors, h.cfg.RegionSectors)
+	regions := wire.RegionCount(sectors, h.cfg.RegionSectors)
 	v.need.Clear()
 	v.inRead.Clear()
 	v.stale.Clear()
@@ -866,13 +871,13 @@ func (c *hubConn) protect(v *hubVolume, sectors uint64) error {
 	case v.st.Sectors != sectors || v.st.RegionSectors != h.cfg.RegionSectors:
 		full, reason = true, fmt.Sprintf("full resync: size changed from %d to %d sectors", v.st.Sectors, sectors)
 	case !v.st.Synced:
-		addExtents(v.need, v.st.Need, v.st.RegionSectors, h.cfg.RegionSectors, regions)
+		wire.AddExtents(v.need, v.st.Need, v.st.RegionSectors, h.cfg.RegionSectors, regions)
 		reason = "resuming the initial sync"
 	case v.st.Clean:
-		addExtents(v.need, v.st.Need, v.st.RegionSectors, h.cfg.RegionSectors, regions)
+		wire.AddExtents(v.need, v.st.Need, v.st.RegionSectors, h.cfg.RegionSectors, regions)
 		reason = "resume after clean agent shutdown: no resync"
 	case v.st.Session == c.session:
-		addExtents(v.need, v.st.Need, v.st.RegionSectors, h.cfg.RegionSectors, regions)
+		wire.AddExtents(v.need, v.st.Need, v.st.RegionSectors, h.cfg.RegionSectors, regions)
 		reason = "resync after unclean disconnect: the agent's dirty map and what was in flight"
 	default:
 		full, reason = true, "full resync: the agent restarted after an unclean disconnect, neither side can tell what changed"
@@ -898,7 +903,7 @@ func (c *hubConn) protect(v *hubVolume, sectors uint64) error {
 	v.st.RegionSectors = h.cfg.RegionSectors
 	v.st.Session = c.session
 	v.st.Clean = false
-	v.st.Need = extentsOf(v.need)
+	v.st.Need = wire.ExtentsOf(v.need)
 	v.st.Protecting = false
 	if full {
 		v.st.Synced = false
@@ -920,13 +925,13 @@ func (c *hubConn) protect(v *hubVolume, sectors uint64) error {
 // resize handles a protected volume reported with a new size; h.mu held.
 func (c *hubConn) resize(v *hubVolume, sectors uint64) error {
 	v.log.Info("volume resized", "old_sectors", v.sectors, "new_sectors", sectors)
-	if err := v.file.Truncate(int64(sectors) * SectorSize); err != nil {
+	if err := v.file.Truncate(int64(sectors) * wire.SectorSize); err != nil {
 		return err
 	}
-	regions := regionCount(sectors, c.h.cfg.RegionSectors)
+	regions := wire.RegionCount(sectors, c.h.cfg.RegionSectors)
 	v.sectors = sectors
 	v.need.Or(v.inRead)
-	v.need.RemoveRange(regions, maxTrackedRegions)
+	v.need.RemoveRange(regions, wire.MaxTrackedRegions)
 	v.need.AddRange(0, regions)
 	v.syncTotal, v.syncDone = regions, 0
 	v.st.Sectors = sectors
@@ -939,7 +944,7 @@ func (c *hubConn) resize(v *hubVolume, sectors uint64) error {
 }
 
 // mirrored returns the mirrored volume of id or a protocol error.
-func (c *hubConn) mirrored(cmd Cmd, id uint64) (*hubVolume, error) {
+func (c *hubConn) mirrored(cmd wire.Cmd, id uint64) (*hubVolume, error) {
 	v := c.byID[id]
 	if v == nil {
 		return nil, c.bad("%s: unknown volume id %d", cmd, id)
@@ -951,7 +956,7 @@ func (c *hubConn) mirrored(cmd Cmd, id uint64) (*hubVolume, error) {
 }
 
 // nextSeq checks that sequence numbers increase.
-func (c *hubConn) nextSeqOK(cmd Cmd, seq uint64) error {
+func (c *hubConn) nextSeqOK(cmd wire.Cmd, seq uint64) error {
 	if seq <= c.lastSeq {
 		return c.bad("%s: sequence %d after %d", cmd, seq, c.lastSeq)
 	}
@@ -960,7 +965,7 @@ func (c *hubConn) nextSeqOK(cmd Cmd, seq uint64) error {
 }
 
 // dirtyMap adds the agent's dirty regions to what must be read.
-func (c *hubConn) dirtyMap(m *DirtyMap) error {
+func (c *hubConn) dirtyMap(m *wire.DirtyMap) error {
 	h := c.h
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -977,12 +982,12 @@ func (c *hubConn) dirtyMap(m *DirtyMap) error {
 	if c.group && len(m.Extents) > 0 {
 		return c.bad("%s: dirty regions from a consistency group, whose source resynchronises itself", m.Cmd())
 	}
-	limit := regionCount(v.sectors, m.RegionSectors)
+	limit := wire.RegionCount(v.sectors, m.RegionSectors)
 	if n := len(m.Extents); n > 0 && m.Extents[n-1].Start+m.Extents[n-1].Count > limit {
 		return c.bad("%s: extents beyond the %d regions of volume %q", m.Cmd(), limit, v.name)
 	}
 	add := roaring.New()
-	addExtents(add, m.Extents, m.RegionSectors, h.cfg.RegionSectors, regionCount(v.sectors, h.cfg.RegionSectors))
+	wire.AddExtents(add, m.Extents, m.RegionSectors, h.cfg.RegionSectors, wire.RegionCount(v.sectors, h.cfg.RegionSectors))
 	c.markNeed(v, add)
 	v.waitingInitial = false
 	if n := add.GetCardinality(); n > 0 {
@@ -1011,7 +1016,7 @@ func (c *hubConn) markNeed(v *hubVolume, add *roaring.Bitmap) {
 }
 
 // protectedWrite applies a mirrored write to the recovery volume.
-func (c *hubConn) protectedWrite(m *ProtectedWrite) error {
+func (c *hubConn) protectedWrite(m *wire.ProtectedWrite) error {
 	h := c.h
 	// Frames are applied one by one in sequence order, across the VM's
 	// volumes; a failover test waits for the one being applied.
@@ -1033,14 +1038,14 @@ func (c *hubConn) protectedWrite(m *ProtectedWrite) error {
 		return err
 	}
 	regions := roaring.New()
-	addSectors(regions, m.Sector, uint64(m.Sectors), h.cfg.RegionSectors)
+	wire.AddSectors(regions, m.Sector, uint64(m.Sectors), h.cfg.RegionSectors)
 	apply := true
 	switch {
 	case v.state == StateFailoverTest:
 		// The replica is frozen for the test: read it all later.
 		c.markNeed(v, regions)
 		apply = false
-	case m.Status != StatusOK || m.Discard:
+	case m.Status != wire.StatusOK || m.Discard:
 		// The source's content is unknown (failed write) or whatever
 		// the target makes of a discard: read it back.
 		c.markNeed(v, regions)
@@ -1058,11 +1063,11 @@ func (c *hubConn) protectedWrite(m *ProtectedWrite) error {
 	if !apply {
 		return nil
 	}
-	if d := h.cfg.applyDelay; d > 0 {
+	if d := h.cfg.ApplyDelay; d > 0 {
 		time.Sleep(d)
 	}
-	off := int64(m.Sector) * SectorSize
-	n := int64(m.Sectors) * SectorSize
+	off := int64(m.Sector) * wire.SectorSize
+	n := int64(m.Sectors) * wire.SectorSize
 	if m.Zeroes {
 		err = zeroRange(f, off, n)
 	} else {
@@ -1083,7 +1088,7 @@ func (c *hubConn) protectedWrite(m *ProtectedWrite) error {
 // groupState records whether the consistency group's replicas are a
 // prefix of its write order now that every frame before this one is
 // applied.
-func (c *hubConn) groupState(m *GroupState) error {
+func (c *hubConn) groupState(m *wire.GroupState) error {
 	h := c.h
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -1134,7 +1139,7 @@ func zeroRange(f *os.File, off, n int64) error {
 }
 
 // remoteIORes writes a remote read's data into the recovery volume.
-func (c *hubConn) remoteIORes(m *RemoteIORes) error {
+func (c *hubConn) remoteIORes(m *wire.RemoteIORes) error {
 	h := c.h
 	rq := c.reqs[m.ID]
 	if rq == nil {
@@ -1147,10 +1152,10 @@ func (c *hubConn) remoteIORes(m *RemoteIORes) error {
 	delete(c.reqs, m.ID)
 	v := rq.v
 	var err error
-	if m.Status == StatusOK {
-		off := int64(rq.sector) * SectorSize
+	if m.Status == wire.StatusOK {
+		off := int64(rq.sector) * wire.SectorSize
 		if m.Zero {
-			err = zeroRange(v.file, off, int64(m.Sectors)*SectorSize)
+			err = zeroRange(v.file, off, int64(m.Sectors)*wire.SectorSize)
 		} else {
 			_, err = v.file.WriteAt(m.Data[0], off)
 		}
@@ -1162,7 +1167,7 @@ func (c *hubConn) remoteIORes(m *RemoteIORes) error {
 	defer h.mu.Unlock()
 	v.reads--
 	v.inRead.RemoveRange(rq.first, rq.first+rq.count)
-	if m.Status != StatusOK {
+	if m.Status != wire.StatusOK {
 		v.readErrors++
 		v.log.Warn("remote read failed", "sector", rq.sector, "sectors", rq.sectors, "status", m.Status)
 		v.need.AddRange(rq.first, rq.first+rq.count)
@@ -1172,7 +1177,7 @@ func (c *hubConn) remoteIORes(m *RemoteIORes) error {
 	v.wrote = true
 	v.changed = true
 	c.pending = true
-	v.remoteBytes += uint64(m.Sectors) * SectorSize
+	v.remoteBytes += uint64(m.Sectors) * wire.SectorSize
 	v.syncDone += rq.count
 	// Regions written while this read was out: read them again.
 	again := roaring.New()
@@ -1192,7 +1197,7 @@ const maxReadsPerConn = 16
 func (c *hubConn) pump() error {
 	h := c.h
 	h.mu.Lock()
-	var reqs []*RemoteIOReq
+	var reqs []*wire.RemoteIOReq
 	vols := make([]*hubVolume, 0, len(c.byID))
 	for _, v := range c.byID {
 		vols = append(vols, v)
@@ -1214,7 +1219,7 @@ func (c *hubConn) pump() error {
 			c.nextReq++
 			rq := &readReq{v: v, first: first, count: count, sector: sector, sectors: uint32(sectors)}
 			c.reqs[c.nextReq] = rq
-			reqs = append(reqs, &RemoteIOReq{ID: c.nextReq, Volume: v.id, Sector: sector, Sectors: uint32(sectors)})
+			reqs = append(reqs, &wire.RemoteIOReq{ID: c.nextReq, Volume: v.id, Sector: sector, Sectors: uint32(sectors)})
 		}
 		if v.readErrors >= 5 && v.state == StateSyncing && v.reads == 0 {
 			if v.reason != "remote reads failing" {
@@ -1243,7 +1248,7 @@ func (c *hubConn) pump() error {
 // to 0), at most max long; bm is not empty.
 func nextRun(bm *roaring.Bitmap, cursor, maxLen uint64) (first, count uint64) {
 	it := bm.Iterator()
-	it.AdvanceIfNeeded(uint32(min(cursor, maxTrackedRegions-1)))
+	it.AdvanceIfNeeded(uint32(min(cursor, wire.MaxTrackedRegions-1)))
 	if !it.HasNext() {
 		it = bm.Iterator()
 	}
@@ -1275,7 +1280,7 @@ func (c *hubConn) checkpoint(ack bool) error {
 		if v.mirror {
 			need := v.need.Clone()
 			need.Or(v.inRead)
-			v.st.Need = extentsOf(need)
+			v.st.Need = wire.ExtentsOf(need)
 			v.st.AppliedSeq = v.applied
 			v.st.Protecting = v.state == StateProtecting
 			v.st.FailoverTest = v.state == StateFailoverTest
@@ -1300,7 +1305,7 @@ func (c *hubConn) checkpoint(ack bool) error {
 	c.lastCkpt = time.Now()
 	if ack && c.lastSeq > c.ackedSeq {
 		c.ackedSeq = c.lastSeq
-		return c.write(&WriteAck{Seq: c.lastSeq})
+		return c.write(&wire.WriteAck{Seq: c.lastSeq})
 	}
 	return nil
 }
@@ -1323,7 +1328,7 @@ func (c *hubConn) agentShutdown() error {
 	}
 	c.shutdown = true
 	c.log.Info("agent shut down cleanly")
-	return c.send(&AgentShutdown{Reply: true})
+	return c.send(&wire.AgentShutdown{Reply: true})
 }
 
 // VolumeStatus is one recovery volume in the hub's status.
@@ -1376,7 +1381,7 @@ func (h *Hub) Status() []VMStatus {
 			if !v.mirror && v.st.Version == 0 {
 				continue // reported, never protected
 			}
-			rs := uint64(h.cfg.RegionSectors) * SectorSize
+			rs := uint64(h.cfg.RegionSectors) * wire.SectorSize
 			vs := VolumeStatus{Volume: v.name, State: v.state, Reason: v.reason, Sectors: v.sectors,
 				SyncTotalBytes: v.syncTotal * rs, SyncDoneBytes: v.syncDone * rs,
 				ResyncBytes: (v.need.GetCardinality() + v.inRead.GetCardinality()) * rs,

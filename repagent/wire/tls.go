@@ -1,4 +1,4 @@
-package repagent
+package wire
 
 import (
 	"crypto/tls"
@@ -68,9 +68,9 @@ func IsLoopback(addr string) bool {
 	return ip != nil && ip.IsLoopback()
 }
 
-// checkPlain refuses plain TCP to or on a non-loopback address unless
+// CheckPlain refuses plain TCP to or on a non-loopback address unless
 // insecure is set.
-func checkPlain(addr string, insecure bool) error {
+func CheckPlain(addr string, insecure bool) error {
 	if insecure || IsLoopback(addr) {
 		return nil
 	}

@@ -1,4 +1,4 @@
-package repagent
+package hub_test
 
 import (
 	"fmt"
@@ -7,6 +7,9 @@ import (
 	"time"
 
 	"github.com/vhostdm/vhostdm/mapper"
+
+	"github.com/vhostdm/vhostdm/internal/reptest"
+	"github.com/vhostdm/vhostdm/repagent/agent"
 )
 
 // BenchmarkMirror measures 64 KiB writes through an attached volume,
@@ -15,33 +18,33 @@ import (
 func BenchmarkMirror(b *testing.B) {
 	for _, protect := range []bool{false, true} {
 		b.Run(fmt.Sprintf("protect=%v", protect), func(b *testing.B) {
-			r := newRig(b)
-			r.startHub()
-			v := r.addVolume("root", 64<<20)
-			r.startAgent(map[*rigVol]VolumeOptions{v: {Protect: protect}})
+			r := reptest.New(b)
+			r.StartHub()
+			v := r.AddVolume("root", 64<<20)
+			r.StartAgent(map[*reptest.Vol]agent.VolumeOptions{v: {Protect: protect}})
 			if protect {
-				r.waitProtected(60*time.Second, v)
+				r.WaitProtected(60*time.Second, v)
 			}
-			data := pattern(1, 64<<10)
+			data := reptest.Pattern(1, 64<<10)
 			b.SetBytes(int64(len(data)))
 			i := uint64(0)
 			for b.Loop() {
-				sector := (i * 128) % uint64(v.size/512)
+				sector := (i * 128) % uint64(v.Size/512)
 				i++
-				if err := v.wrapped.Submit(&mapper.Request{Op: mapper.OpWrite, Sector: sector, Sectors: 128, Data: [][]byte{data}}); err != nil {
+				if err := v.Wrapped.Submit(&mapper.Request{Op: mapper.OpWrite, Sector: sector, Sectors: 128, Data: [][]byte{data}}); err != nil {
 					b.Fatal(err)
 				}
 				if protect && i%256 == 0 {
 					// Keep the queue from overflowing into the dirty
 					// map: measure the mirror, not the bitmap.
-					for r.agent.Status().Volumes[0].BacklogBytes > 32<<20 {
+					for r.Agent.Status().Volumes[0].BacklogBytes > 32<<20 {
 						time.Sleep(time.Millisecond)
 					}
 				}
 			}
 			if protect {
-				r.waitProtected(60*time.Second, v)
-				b.ReportMetric(float64(r.agent.Status().Volumes[0].Stats.Dirtied), "dirtied")
+				r.WaitProtected(60*time.Second, v)
+				b.ReportMetric(float64(r.Agent.Status().Volumes[0].Stats.Dirtied), "dirtied")
 			}
 		})
 	}
@@ -52,13 +55,13 @@ func BenchmarkMirror(b *testing.B) {
 func BenchmarkInitialSync(b *testing.B) {
 	for b.Loop() {
 		b.StopTimer()
-		r := newRig(b)
-		r.startHub()
-		v := r.addVolume("root", 64<<20)
-		os.WriteFile(v.backing, pattern(3, int(v.size)), 0o600)
-		b.SetBytes(v.size)
+		r := reptest.New(b)
+		r.StartHub()
+		v := r.AddVolume("root", 64<<20)
+		os.WriteFile(v.Backing, reptest.Pattern(3, int(v.Size)), 0o600)
+		b.SetBytes(v.Size)
 		b.StartTimer()
-		r.startAgent(map[*rigVol]VolumeOptions{v: {Protect: true}})
-		r.waitProtected(120*time.Second, v)
+		r.StartAgent(map[*reptest.Vol]agent.VolumeOptions{v: {Protect: true}})
+		r.WaitProtected(120*time.Second, v)
 	}
 }

@@ -1,11 +1,13 @@
-package repagent
+package wire
 
 import (
 	"bufio"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"unicode/utf8"
 )
 
@@ -100,7 +102,9 @@ const (
 // protocol's syntax; such a frame closes the connection.
 var ErrMalformed = errors.New("malformed frame")
 
-func malformed(format string, args ...any) error {
+// Malformed returns an error about a frame that breaks the protocol; it
+// wraps ErrMalformed.
+func Malformed(format string, args ...any) error {
 	return fmt.Errorf("%s: %w", fmt.Sprintf(format, args...), ErrMalformed)
 }
 
@@ -134,23 +138,23 @@ func (h Header) put(b []byte) {
 // reserved bytes and the payload length against maxPayload.
 func ParseHeader(b []byte, maxPayload uint32) (Header, error) {
 	if len(b) != HeaderSize {
-		return Header{}, malformed("header of %d bytes, want %d", len(b), HeaderSize)
+		return Header{}, Malformed("header of %d bytes, want %d", len(b), HeaderSize)
 	}
 	if m := le.Uint32(b); m != Magic {
-		return Header{}, malformed("bad magic %#08x", m)
+		return Header{}, Malformed("bad magic %#08x", m)
 	}
 	h := Header{Version: b[4], Cmd: Cmd(b[5]), Flags: le.Uint16(b[6:]), Seq: le.Uint64(b[8:]), Len: le.Uint32(b[16:])}
 	if h.Version != Version {
-		return h, malformed("unsupported protocol version %d (want %d)", h.Version, Version)
+		return h, Malformed("unsupported protocol version %d (want %d)", h.Version, Version)
 	}
 	if h.Cmd < 1 || h.Cmd > maxCmd {
-		return h, malformed("unknown command %d", uint8(h.Cmd))
+		return h, Malformed("unknown command %d", uint8(h.Cmd))
 	}
 	if r := le.Uint32(b[20:]); r != 0 {
-		return h, malformed("%s: reserved header bytes %#x not zero", h.Cmd, r)
+		return h, Malformed("%s: reserved header bytes %#x not zero", h.Cmd, r)
 	}
 	if h.Len > maxPayload {
-		return h, malformed("%s: payload of %d bytes exceeds the maximum of %d", h.Cmd, h.Len, maxPayload)
+		return h, Malformed("%s: payload of %d bytes exceeds the maximum of %d", h.Cmd, h.Len, maxPayload)
 	}
 	return h, nil
 }
@@ -185,6 +189,11 @@ func NewReader(r io.Reader, maxPayload uint32) *Reader {
 // Buffered returns the number of bytes already read from the stream and
 // not yet returned in a frame.
 func (r *Reader) Buffered() int { return r.br.Buffered() }
+
+// KeepPayloads makes every later payload its own buffer, so that a frame
+// stays valid after the next ReadFrame (the hub hands payloads to other
+// goroutines).
+func (r *Reader) KeepPayloads() { r.noReuse = true }
 
 // ReadFrame reads the next frame. The payload is valid until the next call.
 // Errors about the frame itself wrap ErrMalformed; a stream that ends
@@ -564,7 +573,7 @@ func (d *dec) need(n int, what string) bool {
 		return false
 	}
 	if len(d.p) < n {
-		d.err = malformed("%s: payload ends in %s", d.cmd, what)
+		d.err = Malformed("%s: payload ends in %s", d.cmd, what)
 		return false
 	}
 	return true
@@ -615,7 +624,7 @@ func (d *dec) name(what string) string {
 	}
 	s := string(b)
 	if err := CheckName(s); err != nil {
-		d.err = malformed("%s: %s %q: %v", d.cmd, what, s, err)
+		d.err = Malformed("%s: %s %q: %v", d.cmd, what, s, err)
 	}
 	return s
 }
@@ -623,9 +632,26 @@ func (d *dec) name(what string) string {
 // end checks that the payload was consumed exactly.
 func (d *dec) end() error {
 	if d.err == nil && len(d.p) != 0 {
-		d.err = malformed("%s: %d trailing payload bytes", d.cmd, len(d.p))
+		d.err = Malformed("%s: %d trailing payload bytes", d.cmd, len(d.p))
 	}
 	return d.err
+}
+
+// ParseUUID parses a HELLO's UUID from 8-4-4-4-12 hex digits; "" is the
+// zero UUID.
+func ParseUUID(s string) ([16]byte, error) {
+	var u [16]byte
+	if s == "" {
+		return u, nil
+	}
+	h := strings.ReplaceAll(s, "-", "")
+	if len(s) != 36 || len(h) != 32 || s[8] != '-' || s[13] != '-' || s[18] != '-' || s[23] != '-' {
+		return u, errors.New("want 8-4-4-4-12 hex digits")
+	}
+	if _, err := hex.Decode(u[:], []byte(h)); err != nil {
+		return u, errors.New("want 8-4-4-4-12 hex digits")
+	}
+	return u, nil
 }
 
 // CheckName checks a VM or volume name: 1 to MaxNameLen bytes of UTF-8
@@ -658,20 +684,20 @@ var allowedFlags = [maxCmd + 1]uint16{
 // receiver's check. Data slices of the result alias f.Payload.
 func Decode(f Frame) (Message, error) {
 	if f.Cmd < 1 || f.Cmd > maxCmd {
-		return nil, malformed("unknown command %d", uint8(f.Cmd))
+		return nil, Malformed("unknown command %d", uint8(f.Cmd))
 	}
 	if bad := f.Flags &^ allowedFlags[f.Cmd]; bad != 0 {
-		return nil, malformed("%s: unknown flags %#x", f.Cmd, bad)
+		return nil, Malformed("%s: unknown flags %#x", f.Cmd, bad)
 	}
 	switch f.Cmd {
 	case CmdProtectedWrite, CmdRemoteIOReq, CmdRemoteIORes, CmdDirtyMap, CmdGroupState:
 		if f.Seq == 0 {
-			return nil, malformed("%s: sequence number 0", f.Cmd)
+			return nil, Malformed("%s: sequence number 0", f.Cmd)
 		}
 	case CmdWriteAck:
 	default:
 		if f.Seq != 0 {
-			return nil, malformed("%s: sequence number %d, want 0", f.Cmd, f.Seq)
+			return nil, Malformed("%s: sequence number %d, want 0", f.Cmd, f.Seq)
 		}
 	}
 	d := &dec{p: f.Payload, cmd: f.Cmd}
@@ -679,13 +705,13 @@ func Decode(f Frame) (Message, error) {
 	case CmdHello:
 		m := &Hello{Reply: f.Flags&FlagReply != 0, Group: f.Flags&FlagGroup != 0, Session: d.u64("session")}
 		if m.Reply && m.Group {
-			return nil, malformed("%s: group flag on a reply", f.Cmd)
+			return nil, Malformed("%s: group flag on a reply", f.Cmd)
 		}
 		copy(m.UUID[:], d.bytes(16, "uuid"))
 		m.MaxVersion = d.u16("version")
 		m.Name = d.name("name")
 		if d.err == nil && m.MaxVersion < uint16(Version) {
-			d.err = malformed("%s: version %d below %d", f.Cmd, m.MaxVersion, Version)
+			d.err = Malformed("%s: version %d below %d", f.Cmd, m.MaxVersion, Version)
 		}
 		return m, d.end()
 	case CmdProtectedWrite:
@@ -695,14 +721,14 @@ func Decode(f Frame) (Message, error) {
 			return nil, d.err
 		}
 		if m.Zeroes && m.Discard {
-			return nil, malformed("%s: both zeroes and discard", f.Cmd)
+			return nil, Malformed("%s: both zeroes and discard", f.Cmd)
 		}
 		if err := checkRange(f.Cmd, m.Volume, m.Sector, uint64(m.Sectors)); err != nil {
 			return nil, err
 		}
 		if m.Status == StatusOK && !m.Zeroes && !m.Discard {
 			if m.Sectors > MaxIOSectors {
-				return nil, malformed("%s: %d sectors of data, more than %d", f.Cmd, m.Sectors, MaxIOSectors)
+				return nil, Malformed("%s: %d sectors of data, more than %d", f.Cmd, m.Sectors, MaxIOSectors)
 			}
 			m.Data = [][]byte{d.bytes(int(m.Sectors)*SectorSize, "data")}
 		}
@@ -710,7 +736,7 @@ func Decode(f Frame) (Message, error) {
 	case CmdReportVolumes:
 		n := d.u32("count")
 		if d.err == nil && n > MaxVolumes {
-			return nil, malformed("%s: %d volumes, more than %d", f.Cmd, n, MaxVolumes)
+			return nil, Malformed("%s: %d volumes, more than %d", f.Cmd, n, MaxVolumes)
 		}
 		m := &ReportVolumes{}
 		seen := map[string]bool{}
@@ -722,13 +748,13 @@ func Decode(f Frame) (Message, error) {
 				break
 			}
 			if fl&^volFlags != 0 {
-				return nil, malformed("%s: volume %q: unknown flags %#x", f.Cmd, v.Name, fl&^volFlags)
+				return nil, Malformed("%s: volume %q: unknown flags %#x", f.Cmd, v.Name, fl&^volFlags)
 			}
 			if v.Sectors == 0 || v.Sectors > maxVolumeSectors {
-				return nil, malformed("%s: volume %q: size %d sectors out of range", f.Cmd, v.Name, v.Sectors)
+				return nil, Malformed("%s: volume %q: size %d sectors out of range", f.Cmd, v.Name, v.Sectors)
 			}
 			if seen[v.Name] {
-				return nil, malformed("%s: volume %q reported twice", f.Cmd, v.Name)
+				return nil, Malformed("%s: volume %q reported twice", f.Cmd, v.Name)
 			}
 			seen[v.Name] = true
 			v.ReadOnly, v.Protect, v.RemoteWrite = fl&volReadOnly != 0, fl&volProtect != 0, fl&volRemoteWrite != 0
@@ -739,7 +765,7 @@ func Decode(f Frame) (Message, error) {
 		m := &StartProtect{Volume: d.u64("volume"), Mirror: f.Flags&FlagMirror != 0}
 		m.Name = d.name("volume name")
 		if d.err == nil && m.Volume == 0 {
-			return nil, malformed("%s: volume id 0", f.Cmd)
+			return nil, Malformed("%s: volume id 0", f.Cmd)
 		}
 		return m, d.end()
 	case CmdRemoteIOReq:
@@ -749,14 +775,14 @@ func Decode(f Frame) (Message, error) {
 			return nil, d.err
 		}
 		if op[0] > 1 || op[1]|op[2]|op[3] != 0 {
-			return nil, malformed("%s: bad op bytes % x", f.Cmd, op)
+			return nil, Malformed("%s: bad op bytes % x", f.Cmd, op)
 		}
 		m.Write = op[0] == 1
 		if err := checkRange(f.Cmd, m.Volume, m.Sector, uint64(m.Sectors)); err != nil {
 			return nil, err
 		}
 		if m.Sectors > MaxIOSectors {
-			return nil, malformed("%s: %d sectors, more than %d", f.Cmd, m.Sectors, MaxIOSectors)
+			return nil, Malformed("%s: %d sectors, more than %d", f.Cmd, m.Sectors, MaxIOSectors)
 		}
 		if m.Write {
 			m.Data = [][]byte{d.bytes(int(m.Sectors)*SectorSize, "data")}
@@ -769,13 +795,13 @@ func Decode(f Frame) (Message, error) {
 			return nil, d.err
 		}
 		if m.Volume == 0 {
-			return nil, malformed("%s: volume id 0", f.Cmd)
+			return nil, Malformed("%s: volume id 0", f.Cmd)
 		}
 		if m.Sectors == 0 || m.Sectors > MaxIOSectors {
-			return nil, malformed("%s: %d sectors, want 1 to %d", f.Cmd, m.Sectors, MaxIOSectors)
+			return nil, Malformed("%s: %d sectors, want 1 to %d", f.Cmd, m.Sectors, MaxIOSectors)
 		}
 		if m.Zero && (m.Status != StatusOK || m.Written) {
-			return nil, malformed("%s: zero flag on a failed request or a write", f.Cmd)
+			return nil, Malformed("%s: zero flag on a failed request or a write", f.Cmd)
 		}
 		if m.Status == StatusOK && !m.Zero && !m.Written {
 			m.Data = [][]byte{d.bytes(int(m.Sectors)*SectorSize, "data")}
@@ -786,7 +812,7 @@ func Decode(f Frame) (Message, error) {
 	case CmdStopProtect:
 		m := &StopProtect{Volume: d.u64("volume")}
 		if d.err == nil && m.Volume == 0 {
-			return nil, malformed("%s: volume id 0", f.Cmd)
+			return nil, Malformed("%s: volume id 0", f.Cmd)
 		}
 		return m, d.end()
 	case CmdWriteAck:
@@ -798,23 +824,23 @@ func Decode(f Frame) (Message, error) {
 			return nil, d.err
 		}
 		if m.Volume == 0 {
-			return nil, malformed("%s: volume id 0", f.Cmd)
+			return nil, Malformed("%s: volume id 0", f.Cmd)
 		}
 		if rs := m.RegionSectors; rs < 8 || rs > 1<<21 || rs&(rs-1) != 0 {
-			return nil, malformed("%s: region size %d sectors: must be a power of two from 8 to %d", f.Cmd, rs, 1<<21)
+			return nil, Malformed("%s: region size %d sectors: must be a power of two from 8 to %d", f.Cmd, rs, 1<<21)
 		}
 		if uint64(n)*16 != uint64(len(d.p)) {
-			return nil, malformed("%s: %d extents in %d bytes", f.Cmd, n, len(d.p))
+			return nil, Malformed("%s: %d extents in %d bytes", f.Cmd, n, len(d.p))
 		}
 		m.Extents = make([]Extent, n)
 		var next uint64
 		for i := range m.Extents {
 			e := Extent{Start: d.u64("start"), Count: d.u64("count")}
 			if e.Count == 0 || e.Start+e.Count < e.Start || e.Start+e.Count > maxRegions {
-				return nil, malformed("%s: extent %d (%d+%d) empty or out of range", f.Cmd, i, e.Start, e.Count)
+				return nil, Malformed("%s: extent %d (%d+%d) empty or out of range", f.Cmd, i, e.Start, e.Count)
 			}
 			if i > 0 && e.Start < next {
-				return nil, malformed("%s: extent %d at %d overlaps or precedes the previous one", f.Cmd, i, e.Start)
+				return nil, Malformed("%s: extent %d at %d overlaps or precedes the previous one", f.Cmd, i, e.Start)
 			}
 			next = e.Start + e.Count
 			m.Extents[i] = e
@@ -823,14 +849,14 @@ func Decode(f Frame) (Message, error) {
 	case CmdHeartbeat:
 		n := d.u32("count")
 		if d.err == nil && uint64(n)*32 != uint64(len(d.p)) {
-			return nil, malformed("%s: %d entries in %d bytes", f.Cmd, n, len(d.p))
+			return nil, Malformed("%s: %d entries in %d bytes", f.Cmd, n, len(d.p))
 		}
 		m := &Heartbeat{}
 		for i := uint32(0); i < n && d.err == nil; i++ {
 			b := Backlog{Volume: d.u64("volume"), IOs: d.u64("ios"), Bytes: d.u64("bytes"), AgeMillis: d.u32("age")}
 			fl := d.u32("flags")
 			if fl&^1 != 0 {
-				return nil, malformed("%s: entry %d: unknown flags %#x", f.Cmd, i, fl)
+				return nil, Malformed("%s: entry %d: unknown flags %#x", f.Cmd, i, fl)
 			}
 			b.Sync = fl&1 != 0
 			m.Backlog = append(m.Backlog, b)
@@ -839,7 +865,7 @@ func Decode(f Frame) (Message, error) {
 	case CmdGroupState:
 		return &GroupState{Seq: f.Seq, Consistent: f.Flags&FlagConsistent != 0}, d.end()
 	}
-	return nil, malformed("unknown command %d", uint8(f.Cmd))
+	return nil, Malformed("unknown command %d", uint8(f.Cmd))
 }
 
 // Volume size bounds: 2^48 sectors (128 PiB) keeps every sector and byte
@@ -853,13 +879,13 @@ const (
 // length, and no overflow.
 func checkRange(cmd Cmd, vol, sector, sectors uint64) error {
 	if vol == 0 {
-		return malformed("%s: volume id 0", cmd)
+		return Malformed("%s: volume id 0", cmd)
 	}
 	if sectors == 0 {
-		return malformed("%s: zero sectors", cmd)
+		return Malformed("%s: zero sectors", cmd)
 	}
 	if sector >= maxVolumeSectors || sectors > maxVolumeSectors-sector {
-		return malformed("%s: %d sectors at %d out of range", cmd, sectors, sector)
+		return Malformed("%s: %d sectors at %d out of range", cmd, sectors, sector)
 	}
 	return nil
 }

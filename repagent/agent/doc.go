@@ -1,0 +1,30 @@
+// Package agent is the replication agent that runs inside vhostdm: it
+// wraps the devices of protected volumes, mirrors their writes to a hub
+// over the repagent protocol (repagent/wire), and answers the hub's
+// remote reads and writes.
+//
+// [Agent.Attach] wraps a volume's device. Writes to a protected volume
+// complete locally, then a copy is queued (bounded by Config.QueueBytes)
+// toward the hub; when the queue is full or the hub away, the written
+// regions go into the volume's dirty bitmap (64 KiB regions by default)
+// and reach the hub as DIRTY_MAP. Past the volume's [FallBehind]
+// threshold writes wait for the hub's WRITE_ACK. Overlapping writes are
+// ordered so that the mirror order is the local order. The hub's
+// REMOTE_IO_REQ reads any reported volume and writes only where
+// VolumeOptions.AllowRemoteWrite is set. [Agent.Close] drains the queue
+// and sends AGENT_SHUTDOWN.
+//
+// # Consistency groups
+//
+// An agent with Config.Group (the replicator target's repagent site link)
+// makes its protected volumes one consistency group: the source calls
+// [Agent.MirrorWrite] in its write order across the volumes, [Agent.Sync]
+// for durability, and [Agent.SetConsistent] to tell the hub (GROUP_STATE)
+// whether the replicas are a prefix of that order.
+//
+// # Concurrency
+//
+// Agent methods may be called from any goroutine. The wrapped devices may
+// be submitted to concurrently, as mapper devices are; request data is
+// copied before Submit returns and never retained.
+package agent
