@@ -399,6 +399,9 @@ func (c *Config) validate(v *validator) {
 		if _, err := ParseFallBehind(e.FallBehind); err != nil {
 			v.errAt(key+".fall-behind", "%v", err)
 		}
+		if e.Protect && e.AllowRemoteWrite {
+			v.errAt(key+".allow-remote-write", "not with protect = true: the hub could overwrite the disk it protects (allow-remote-write is for recovery-side VMs)")
+		}
 		if (e.Protect || e.FallBehind != "" || e.AllowRemoteWrite) && c.RepAgent.Hub == "" {
 			v.errAt(key+".protect", "replication settings need a [repagent] hub")
 		}

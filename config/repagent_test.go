@@ -27,6 +27,11 @@ device = "root"
 socket = "root.sock"
 protect = true
 fall-behind = "size 256m"
+
+[[export]]
+id = "rec0"
+device = "root"
+socket = "rec.sock"
 allow-remote-write = true
 `
 	c, err := config.Parse([]byte(text), "vm.toml", "/tmp")
@@ -37,7 +42,7 @@ allow-remote-write = true
 		t.Errorf("repagent %+v", c.RepAgent)
 	}
 	e := c.Exports[0]
-	if !e.Protect || !e.AllowRemoteWrite || e.FallBehind != "size 256m" {
+	if !e.Protect || e.AllowRemoteWrite || e.FallBehind != "size 256m" || !c.Exports[1].AllowRemoteWrite || c.Exports[1].Protect {
 		t.Errorf("export %+v", e)
 	}
 	c, err = config.Parse([]byte(repagentBase+"[repagent]\nhub = \"[::1]:7\"\nvm = \"v\"\n"), "vm.toml", "/tmp")
@@ -64,6 +69,7 @@ func TestRepAgentConfigErrors(t *testing.T) {
 		{"fall-behind size", hub + exp("fall-behind = \"size 5q\"\n"), `size "5q"`},
 		{"fall-behind timeout", hub + exp("fall-behind = \"timeout 5y\"\n"), "timeout must be a positive integer"},
 		{"unknown key", hub + "queue = 1\n", "repagent.queue: unknown key"},
+		{"protect and remote write", hub + exp("protect = true\nallow-remote-write = true\n"), "vm.toml:15: export[0].allow-remote-write: not with protect = true"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

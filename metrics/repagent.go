@@ -55,6 +55,8 @@ var (
 	hubRemote   = prometheus.NewDesc("repagent_hub_remote_read_bytes_total", "Bytes read from the source by remote IO since the hub started.", []string{"vm", "volume"}, nil)
 	hubVMConn   = prometheus.NewDesc("repagent_hub_vm_connected", "1 while the VM's agent is connected.", []string{"vm"}, nil)
 	hubAppliedN = prometheus.NewDesc("repagent_hub_applied_sequence", "Sequence number applied up to.", []string{"vm", "volume"}, nil)
+	hubStoreErr = prometheus.NewDesc("repagent_hub_store_error", "1 while the volume is in store-error: its store failed (fsync error, no space) and nothing more is marked synced.", []string{"vm", "volume"}, nil)
+	hubStoreErs = prometheus.NewDesc("repagent_hub_store_errors_total", "Store failures of the volume (fsync, write, preallocation, state save) since the hub started.", []string{"vm", "volume"}, nil)
 )
 
 // Hub returns a registry with the hub's collectors and the process ones.
@@ -67,7 +69,7 @@ func Hub(h *hub.Hub) *prometheus.Registry {
 type hubCollector struct{ h *hub.Hub }
 
 func (c *hubCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{hubSync, hubResync, hubBacklog, hubBackIOs, hubLag, hubApplied, hubRemote, hubVMConn, hubAppliedN} {
+	for _, d := range []*prometheus.Desc{hubSync, hubResync, hubBacklog, hubBackIOs, hubLag, hubApplied, hubRemote, hubVMConn, hubAppliedN, hubStoreErr, hubStoreErs} {
 		ch <- d
 	}
 }
@@ -84,6 +86,8 @@ func (c *hubCollector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(hubApplied, prometheus.CounterValue, float64(v.AppliedBytes), vm.VM, v.Volume)
 			ch <- prometheus.MustNewConstMetric(hubRemote, prometheus.CounterValue, float64(v.RemoteReadBytes), vm.VM, v.Volume)
 			ch <- prometheus.MustNewConstMetric(hubAppliedN, prometheus.GaugeValue, float64(v.AppliedSeq), vm.VM, v.Volume)
+			ch <- prometheus.MustNewConstMetric(hubStoreErr, prometheus.GaugeValue, b2f(v.State == hub.StateStoreError), vm.VM, v.Volume)
+			ch <- prometheus.MustNewConstMetric(hubStoreErs, prometheus.CounterValue, float64(v.StoreErrors), vm.VM, v.Volume)
 		}
 	}
 }

@@ -1,7 +1,7 @@
 // Command repagent-hub is the replication hub: it accepts vhostdm agents,
 // keeps one recovery volume per protected volume and serves QMP.
 //
-//	repagent-hub serve --listen ADDR --store DIR [--qmp SOCK] [--tls-cert F --tls-key F --tls-ca F] [--insecure]
+//	repagent-hub serve --listen ADDR --store DIR [--qmp SOCK] [--tls-cert F --tls-key F --tls-ca F (--authorize FILE | --allow-any-identity)] [--insecure]
 //	repagent-hub status --qmp SOCK [--watch]
 //
 // QMP commands (besides vhostdm's query-version, query-commands, quit):
@@ -102,6 +102,10 @@ func runServe(args []string, stderr io.Writer) int {
 	fs.StringVar(&tf.Key, "tls-key", "", "TLS key `FILE` (PEM)")
 	fs.StringVar(&tf.CA, "tls-ca", "", "CA `FILE` that signs agent certificates (PEM)")
 	insecure := fs.Bool("insecure", false, "allow plain TCP on a non-loopback address")
+	authorize := fs.String("authorize", "", "`FILE` naming the VMs each agent certificate may claim (lines: IDENTITY VM...)")
+	anyIdentity := fs.Bool("allow-any-identity", false, "with TLS and no --authorize: let any certificate the CA signed claim any VM")
+	maxConns := fs.Int("max-conns", hub.DefaultMaxConns, "most agent connections open at once (`N`)")
+	maxPerPeer := fs.Int("max-conns-per-peer", hub.DefaultMaxConnsPerPeer, "most connections open at once from one IP address (`N`)")
 	name := fs.String("name", "", "hub name sent to agents (default: host name)")
 	level := fs.String("log-level", "info", "log `LEVEL`: debug, info, warn or error")
 	format := fs.String("log-format", "text", "log `FORMAT`: text or json")
@@ -110,7 +114,7 @@ func runServe(args []string, stderr io.Writer) int {
 		return 2
 	}
 	if *store == "" || fs.NArg() != 0 {
-		fmt.Fprintln(stderr, "usage: repagent-hub serve --listen ADDR --store DIR [--qmp SOCK] [--tls-cert F --tls-key F --tls-ca F] [--insecure]")
+		fmt.Fprintln(stderr, "usage: repagent-hub serve --listen ADDR --store DIR [--qmp SOCK] [--tls-cert F --tls-key F --tls-ca F (--authorize FILE | --allow-any-identity)] [--insecure]")
 		return 2
 	}
 	log, err := logging.New(stderr, *level, *format)
@@ -118,7 +122,12 @@ func runServe(args []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "repagent-hub: %v\n", err)
 		return 2
 	}
-	cfg := hub.Config{Store: *store, Name: *name, Logger: log}
+	if *maxConns < 1 || *maxPerPeer < 1 {
+		fmt.Fprintln(stderr, "repagent-hub: --max-conns and --max-conns-per-peer must be at least 1")
+		return 2
+	}
+	cfg := hub.Config{Store: *store, Name: *name, Logger: log, AllowAnyIdentity: *anyIdentity,
+		MaxConns: *maxConns, MaxConnsPerPeer: *maxPerPeer}
 	if tf.Set() {
 		tc, err := tf.TLSConfig(true)
 		if err != nil {
@@ -126,6 +135,25 @@ func runServe(args []string, stderr io.Writer) int {
 			return 1
 		}
 		cfg.TLS = tc
+	}
+	switch {
+	case (*authorize != "" || *anyIdentity) && cfg.TLS == nil:
+		fmt.Fprintln(stderr, "repagent-hub: --authorize and --allow-any-identity need TLS (--tls-cert, --tls-key, --tls-ca)")
+		return 2
+	case *authorize != "" && *anyIdentity:
+		fmt.Fprintln(stderr, "repagent-hub: --authorize and --allow-any-identity exclude each other")
+		return 2
+	case cfg.TLS != nil && *authorize == "" && !*anyIdentity:
+		fmt.Fprintln(stderr, "repagent-hub: with TLS, give --authorize FILE (which VMs each certificate may claim) or --allow-any-identity")
+		return 2
+	}
+	if *authorize != "" {
+		a, err := hub.LoadAuthorizations(*authorize)
+		if err != nil {
+			fmt.Fprintf(stderr, "repagent-hub: %v\n", err)
+			return 1
+		}
+		cfg.Authorize = a
 	}
 	var srv atomic.Pointer[qmp.Server]
 	cfg.OnEvent = func(e hub.Event) {
@@ -283,6 +311,9 @@ func FormatStatus(st []hub.VMStatus, bars bool) string {
 			fmt.Fprintf(&b, "%-12s %-12s %-13s %6.1f%% %10s %16s %7.1fs %12d\n", vm.VM, v.Volume, v.State,
 				100*v.SyncProgress, size(v.ResyncBytes), fmt.Sprintf("%d/%s", v.BacklogIOs, size(v.BacklogBytes)),
 				v.BacklogSeconds, v.AppliedSeq)
+			if v.StoreError != "" {
+				fmt.Fprintf(&b, "    store error: %s\n", v.StoreError)
+			}
 			if bars && v.State == hub.StateSyncing {
 				const width = 40
 				n := int(v.SyncProgress * width)

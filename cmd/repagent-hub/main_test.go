@@ -71,8 +71,9 @@ func TestFormatStatus(t *testing.T) {
 	s := FormatStatus([]hub.VMStatus{{VM: "vm1", Volumes: []hub.VolumeStatus{
 		{Volume: "root", State: hub.StateSyncing, SyncProgress: 0.5, SyncDoneBytes: 1 << 20, SyncTotalBytes: 2 << 20},
 		{Volume: "data", State: hub.StateProtecting, SyncProgress: 1, AppliedSeq: 42},
+		{Volume: "logs", State: hub.StateStoreError, StoreError: "fsync: input/output error", StoreErrors: 1},
 	}}}, true)
-	for _, want := range []string{"vm1", "syncing", " 50.0%", "[####################--------------------] 1.0MiB of 2.0MiB", "protecting", "42"} {
+	for _, want := range []string{"store-error", "    store error: fsync: input/output error\n", "vm1", "syncing", " 50.0%", "[####################--------------------] 1.0MiB of 2.0MiB", "protecting", "42"} {
 		if !strings.Contains(s, want) {
 			t.Errorf("missing %q in\n%s", want, s)
 		}

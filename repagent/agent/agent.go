@@ -939,6 +939,11 @@ func (c *agentConn) remoteIO(m *wire.RemoteIOReq) error {
 	}
 	res := &wire.RemoteIORes{ID: m.ID, Volume: m.Volume, Sectors: m.Sectors, Written: m.Write}
 	var data []byte
+	if !m.Write && !v.opts.Protect && !v.opts.AllowRemoteWrite {
+		v.log.Warn("remote read refused: the volume is not protected", "sector", m.Sector, "sectors", m.Sectors)
+		res.Status = wire.StatusDenied
+		return c.send(res)
+	}
 	if m.Write {
 		if !v.opts.AllowRemoteWrite || v.dev.ReadOnly() {
 			v.log.Warn("remote write refused: allow-remote-write is off", "sector", m.Sector, "sectors", m.Sectors)

@@ -10,8 +10,9 @@
 // and reach the hub as DIRTY_MAP. Past the volume's [FallBehind]
 // threshold writes wait for the hub's WRITE_ACK. Overlapping writes are
 // ordered so that the mirror order is the local order. The hub's
-// REMOTE_IO_REQ reads any reported volume and writes only where
-// VolumeOptions.AllowRemoteWrite is set. [Agent.Close] drains the queue
+// REMOTE_IO_REQ reads only protected volumes (and those it may write) and
+// writes only where VolumeOptions.AllowRemoteWrite is set; anything else
+// is answered "denied". [Agent.Close] drains the queue
 // and sends AGENT_SHUTDOWN.
 //
 // # Consistency groups

@@ -58,27 +58,36 @@ func next(t *testing.T, r *wire.Reader) wire.Message {
 	}
 }
 
-// TestRemoteIO: reads on any reported volume, writes only where allowed,
-// and a bad request closes the connection.
+// TestRemoteIO: reads only on protected volumes (or those the hub may
+// write), writes only where allowed, and a bad request closes the
+// connection.
 func TestRemoteIO(t *testing.T) {
 	r := reptest.New(t)
-	ro := r.AddVolume("plain", 1<<20)
+	ro := r.AddVolume("prot", 1<<20)
 	rw := r.AddVolume("recovery", 1<<20)
+	un := r.AddVolume("plain", 1<<20)
 	os.WriteFile(ro.Backing, reptest.Pattern(5, 1<<20), 0o600)
+	os.WriteFile(un.Backing, reptest.Pattern(7, 1<<20), 0o600)
 	ln, accept := fakeHub(t)
 	r.Addr = ln.Addr().String()
-	r.StartAgent(map[*reptest.Vol]agent.VolumeOptions{ro: {}, rw: {AllowRemoteWrite: true}})
+	r.StartAgent(map[*reptest.Vol]agent.VolumeOptions{ro: {Protect: true}, rw: {AllowRemoteWrite: true}, un: {}})
 	nc, rd, rep := accept()
-	if len(rep.Volumes) != 2 || rep.Volumes[0].Protect || !rep.Volumes[1].RemoteWrite || rep.Volumes[0].Sectors != 2048 {
+	if len(rep.Volumes) != 3 || !rep.Volumes[0].Protect || !rep.Volumes[1].RemoteWrite || rep.Volumes[2].Protect || rep.Volumes[0].Sectors != 2048 {
 		t.Fatalf("report %+v", rep.Volumes)
 	}
 	send := func(m wire.Message) { nc.Write(wire.AppendFrame(nil, m)) }
-	send(&wire.StartProtect{Volume: 1, Name: "plain"})
+	send(&wire.StartProtect{Volume: 1, Name: "prot"})
 	send(&wire.StartProtect{Volume: 2, Name: "recovery"})
+	send(&wire.StartProtect{Volume: 3, Name: "plain"})
 	send(&wire.RemoteIOReq{ID: 1, Volume: 1, Sector: 8, Sectors: 16})
 	res := next(t, rd).(*wire.RemoteIORes)
 	if res.ID != 1 || res.Status != wire.StatusOK || !bytes.Equal(res.Data[0], reptest.Pattern(5, 1<<20)[8*512:24*512]) {
 		t.Errorf("remote read: id %d status %d", res.ID, res.Status)
+	}
+	// A volume deliberately left unprotected is not the hub's to read.
+	send(&wire.RemoteIOReq{ID: 9, Volume: 3, Sector: 8, Sectors: 16})
+	if res := next(t, rd).(*wire.RemoteIORes); res.ID != 9 || res.Status != wire.StatusDenied || len(res.Data) != 0 {
+		t.Errorf("remote read of an unprotected volume: id %d status %d, %d data buffers", res.ID, res.Status, len(res.Data))
 	}
 	send(&wire.RemoteIOReq{ID: 2, Volume: 2, Sector: 0, Sectors: 8})
 	if res := next(t, rd).(*wire.RemoteIORes); !res.Zero || res.Status != wire.StatusOK {

@@ -4,13 +4,18 @@
 // reports their state. cmd/repagent-hub serves it, with QMP and the
 // failover tooling.
 //
-// The [Hub] keeps, per VM directory of its store, one sparse recovery
-// volume and one durable state file per protected volume. A volume is
+// The [Hub] keeps, per VM directory of its store, one recovery volume
+// (preallocated when created: a store without room refuses it) and one
+// durable state file per protected volume. A volume is
 // synchronised by remote reads (SyncWindow outstanding, SyncChunkSectors
 // each) while mirrored writes are applied; regions written during their
 // own read are read again, until nothing is left ([StateProtecting]).
 // Applied data is fsynced and the state saved before WRITE_ACK, so an
-// acknowledged write survives a hub crash. After AGENT_SHUTDOWN the next
+// acknowledged write survives a hub crash. A volume whose store fails
+// (an fsync error, no space) goes to [StateStoreError]: its durable state
+// stays as last saved, nothing more is acknowledged or marked synced, and
+// the hub tries its store again after Config.StoreRetry and at the next
+// connection, resuming from that state. After AGENT_SHUTDOWN the next
 // connection resumes without resync; after an unclean disconnect of the
 // same agent session the hub reads the agent's DIRTY_MAP and what was in
 // flight; a new agent session after an unclean end is a full resync.

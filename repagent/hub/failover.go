@@ -287,6 +287,10 @@ func (h *Hub) saveOffline(v *hubVolume) error {
 		c.poke()
 		return nil
 	}
+	if v.storeErr != nil {
+		h.mu.Unlock()
+		return nil // its durable state stays as it was before the failure
+	}
 	v.st.Need = wire.ExtentsOf(v.need)
 	v.st.RegionSectors = h.cfg.RegionSectors
 	v.st.FailoverTest = v.state == StateFailoverTest

@@ -20,7 +20,6 @@ import (
 	"time"
 
 	"github.com/RoaringBitmap/roaring/v2"
-	"golang.org/x/sys/unix"
 
 	"github.com/vhostdm/vhostdm/repagent/wire"
 )
@@ -31,6 +30,24 @@ const (
 	StateProtecting   = "protecting"    // in sync; mirrored writes are applied in order
 	StateDisconnected = "disconnected"  // no agent connection
 	StateFailoverTest = "failover-test" // served to a test VM; mirrored writes are deferred
+	// StateStoreError: writing, preallocating or syncing the volume's
+	// store failed (an fsync error, ENOSPC). Its durable state stays as
+	// last saved before the failure: nothing more is marked synced. The
+	// agent keeps its changes as dirty regions; the hub tries again when
+	// the agent next connects.
+	StateStoreError = "store-error"
+)
+
+// Connection limits.
+const (
+	// DefaultMaxConns is Config.MaxConns's default.
+	DefaultMaxConns = 1024
+	// DefaultMaxConnsPerPeer is Config.MaxConnsPerPeer's default: one
+	// host's vhostdm processes (one agent connection each) share it.
+	DefaultMaxConnsPerPeer = 64
+	// MaxHelloPayload bounds the payload of frames before HELLO: nothing
+	// larger is allocated for a peer that has not said who it is.
+	MaxHelloPayload = 4 << 10
 )
 
 // Config configures a Hub.
@@ -38,9 +55,23 @@ type Config struct {
 	Store string // directory of recovery volumes and state
 	Name  string // the hub's name in HELLO; default the host name
 	// TLS, when set, wraps every accepted connection (see
-	// TLSFiles.TLSConfig with server true).
-	TLS    *tls.Config
-	Logger *slog.Logger
+	// wire.TLSFiles.TLSConfig with server true).
+	TLS *tls.Config
+	// Authorize, with TLS, names the VMs each certificate identity may
+	// claim in HELLO; a HELLO for any other VM is refused. With TLS,
+	// either Authorize or AllowAnyIdentity must be set; without TLS
+	// neither may be.
+	Authorize *Authorizations
+	// AllowAnyIdentity lets any certificate that the CA signed claim any
+	// VM name.
+	AllowAnyIdentity bool
+	// MaxConns bounds the agent connections open at once, counting those
+	// that have not sent HELLO yet. Default DefaultMaxConns.
+	MaxConns int
+	// MaxConnsPerPeer bounds the connections open at once from one peer
+	// IP address. Default DefaultMaxConnsPerPeer.
+	MaxConnsPerPeer int
+	Logger          *slog.Logger
 	// SyncChunkSectors is the size of remote reads during sync. Default
 	// 2048 (1 MiB); at most MaxIOSectors.
 	SyncChunkSectors uint32
@@ -62,9 +93,17 @@ type Config struct {
 	// changes state. May be nil.
 	OnEvent func(Event)
 
+	// StoreRetry is how long a volume stays in StateStoreError before
+	// the hub tries its store again on a live connection (it also tries
+	// when the agent reconnects). Default 30 s.
+	StoreRetry time.Duration
+
 	// ApplyDelay pauses before each applied mirrored write: tests use it
 	// to model a slow store. Zero in production.
 	ApplyDelay time.Duration
+
+	// openReplica opens a recovery volume's image (tests inject faults).
+	openReplica func(path string) (replicaFile, error)
 }
 
 // Event is a volume state change.
@@ -85,12 +124,16 @@ type Hub struct {
 	log     *slog.Logger
 	session uint64
 
-	mu     sync.Mutex
-	vms    map[string]*hubVM
-	conns  map[*hubConn]struct{}
-	lns    map[net.Listener]struct{}
-	closed bool
-	wg     sync.WaitGroup
+	mu    sync.Mutex
+	vms   map[string]*hubVM
+	conns map[*hubConn]struct{}
+	peers map[string]int // open connections by peer IP address
+	// refusedAt and refused rate-limit the log of refused connections.
+	refusedAt time.Time
+	refused   int
+	lns       map[net.Listener]struct{}
+	closed    bool
+	wg        sync.WaitGroup
 
 	events chan Event
 	evDone chan struct{}
@@ -142,8 +185,8 @@ type hubVolume struct {
 	imgPath   string
 	log       *slog.Logger
 
-	file *os.File // owned by the connection's engine while connected
-	st   volState // durable state as last saved, updated at checkpoints
+	file replicaFile // owned by the connection's engine while connected
+	st   volState    // durable state as last saved, updated at checkpoints
 	// Runtime.
 	state          string
 	reason         string
@@ -166,7 +209,13 @@ type hubVolume struct {
 	backlog        wire.Backlog
 	changed        bool // state to save at the next checkpoint
 	wrote          bool // data to fsync at the next checkpoint
-	testDirty      *roaring.Bitmap
+	// storeErr is the store failure that put the volume in
+	// StateStoreError; while set, nothing of the volume is saved.
+	storeErr    error
+	storeErrAt  time.Time // when storeErr was last set
+	wantMirror  bool      // the connection's agent reported it protected
+	storeErrors uint64    // store failures since the hub started
+	testDirty   *roaring.Bitmap
 }
 
 // New opens (creating if needed) the store and loads its state.
@@ -205,13 +254,33 @@ func New(cfg Config) (*Hub, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
+	switch {
+	case cfg.TLS == nil && (cfg.Authorize != nil || cfg.AllowAnyIdentity):
+		return nil, errors.New("repagent hub: identities are checked only with TLS: set the TLS files too")
+	case cfg.TLS != nil && cfg.Authorize != nil && cfg.AllowAnyIdentity:
+		return nil, errors.New("repagent hub: an authorization file and allowing any identity exclude each other")
+	case cfg.TLS != nil && cfg.Authorize == nil && !cfg.AllowAnyIdentity:
+		return nil, errors.New("repagent hub: with TLS, name the VMs each certificate may claim (an authorization file), or allow any identity explicitly")
+	}
+	if cfg.StoreRetry <= 0 {
+		cfg.StoreRetry = 30 * time.Second
+	}
+	if cfg.openReplica == nil {
+		cfg.openReplica = openReplica
+	}
+	if cfg.MaxConns <= 0 {
+		cfg.MaxConns = DefaultMaxConns
+	}
+	if cfg.MaxConnsPerPeer <= 0 {
+		cfg.MaxConnsPerPeer = DefaultMaxConnsPerPeer
+	}
 	if err := os.MkdirAll(cfg.Store, 0o700); err != nil {
 		return nil, fmt.Errorf("repagent hub: %w", err)
 	}
 	var sb [8]byte
 	rand.Read(sb[:])
 	h := &Hub{cfg: cfg, log: cfg.Logger.With("component", "repagent-hub"), session: binary.LittleEndian.Uint64(sb[:]),
-		vms: map[string]*hubVM{}, conns: map[*hubConn]struct{}{}, lns: map[net.Listener]struct{}{},
+		vms: map[string]*hubVM{}, conns: map[*hubConn]struct{}{}, peers: map[string]int{}, lns: map[net.Listener]struct{}{},
 		events: make(chan Event, 1024), evDone: make(chan struct{})}
 	go h.deliverEvents()
 	listing, err := listStore(cfg.Store)
@@ -294,6 +363,20 @@ func (h *Hub) setState(v *hubVolume, state, reason string) {
 	}
 }
 
+// storeFailed puts v into StateStoreError for err; h.mu held. Its
+// durable state is not written again until protection restarts from it.
+func (h *Hub) storeFailed(v *hubVolume, err error) {
+	v.storeErrors++
+	if v.storeErr == nil {
+		v.log.Error("store error: the recovery volume is not protected until the agent reconnects and the store works", "err", err)
+	}
+	v.storeErr = err
+	v.storeErrAt = time.Now()
+	v.mirror = false
+	v.wrote, v.changed = false, false
+	h.setState(v, StateStoreError, err.Error())
+}
+
 // Listen listens on addr ("host:port") for agents. Plain TCP (no TLS
 // configured) is refused on a non-loopback address unless insecure.
 func (h *Hub) Listen(addr string, insecure bool) (net.Listener, error) {
@@ -335,8 +418,17 @@ func (h *Hub) Serve(ctx context.Context, ln net.Listener) error {
 			nc.Close()
 			return nil
 		}
+		peer := peerIP(nc.RemoteAddr())
+		if why := h.overLimitLocked(peer); why != "" {
+			h.refusedLocked(peer, why)
+			h.mu.Unlock()
+			nc.Close()
+			continue
+		}
 		c := newHubConn(h, nc)
+		c.peer = peer
 		h.conns[c] = struct{}{}
+		h.peers[peer]++
 		h.wg.Add(1)
 		h.mu.Unlock()
 		go func() {
@@ -344,8 +436,45 @@ func (h *Hub) Serve(ctx context.Context, ln net.Listener) error {
 			c.serve()
 			h.mu.Lock()
 			delete(h.conns, c)
+			if h.peers[peer]--; h.peers[peer] <= 0 {
+				delete(h.peers, peer)
+			}
 			h.mu.Unlock()
 		}()
+	}
+}
+
+// peerIP returns the IP address of a connection's peer.
+func peerIP(a net.Addr) string {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		return ta.IP.String()
+	}
+	host, _, err := net.SplitHostPort(a.String())
+	if err != nil {
+		return a.String()
+	}
+	return host
+}
+
+// overLimitLocked says why a new connection from peer would exceed a
+// connection cap, or "".
+func (h *Hub) overLimitLocked(peer string) string {
+	if len(h.conns) >= h.cfg.MaxConns {
+		return fmt.Sprintf("%d connections open, the maximum", len(h.conns))
+	}
+	if n := h.peers[peer]; n >= h.cfg.MaxConnsPerPeer {
+		return fmt.Sprintf("%d connections open from this address, the maximum per peer", n)
+	}
+	return ""
+}
+
+// refusedLocked logs a connection refused by a cap, at most once a second
+// (a flood must not flood the log too).
+func (h *Hub) refusedLocked(peer, why string) {
+	h.refused++
+	if now := time.Now(); now.Sub(h.refusedAt) >= time.Second {
+		h.log.Warn("connection refused", "peer", peer, "reason", why, "refused_since_last_log", h.refused)
+		h.refusedAt, h.refused = now, 0
 	}
 }
 
@@ -409,7 +538,9 @@ type hubConn struct {
 	kick     chan struct{}
 	done     chan struct{}
 	once     sync.Once
-	graceful bool // guarded by h.mu: checkpoint on shutdown
+	graceful bool     // guarded by h.mu: checkpoint on shutdown
+	peer     string   // the peer's IP address, for the per-peer cap
+	ids      []string // the peer certificate's identities (TLS)
 
 	// Owned by the engine goroutine.
 	vm      *hubVM
@@ -483,11 +614,13 @@ func (c *hubConn) serve() {
 		cn := "(none)"
 		if pc := tc.ConnectionState().PeerCertificates; len(pc) > 0 {
 			cn = pc[0].Subject.CommonName
+			c.ids = Identities(pc[0])
 		}
 		c.log = c.log.With("client_cert", cn)
 		c.nc = tc
 	}
-	r := wire.NewReader(c.nc, h.cfg.MaxPayload)
+	// Nothing larger than a HELLO is read before the peer said who it is.
+	r := wire.NewReader(c.nc, MaxHelloPayload)
 	r.KeepPayloads()
 	c.w = wire.NewWriter(c.nc)
 	c.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
@@ -505,6 +638,16 @@ func (c *hubConn) serve() {
 		c.log.Error("closing connection: bad frame", "reason", err)
 		return
 	}
+	if a := h.cfg.Authorize; a != nil {
+		id, ok := a.Allows(c.ids, hello.Name)
+		if !ok {
+			c.log.Warn("hello refused: the certificate is not authorised for this vm", "vm", hello.Name,
+				"identities", strings.Join(c.ids, ","))
+			return
+		}
+		c.log = c.log.With("identity", id)
+	}
+	r.SetMaxPayload(h.cfg.MaxPayload)
 	if err := c.attach(hello); err != nil {
 		c.log.Error("closing connection", "reason", err)
 		return
@@ -613,7 +756,7 @@ func (c *hubConn) detach(err error) {
 		v.id = 0
 		v.mirror = false
 		v.backlog = wire.Backlog{}
-		if v.state != StateFailoverTest {
+		if v.state != StateFailoverTest && v.storeErr == nil {
 			reason := "agent disconnected"
 			if c.shutdown {
 				reason = "agent shut down cleanly"
@@ -704,6 +847,9 @@ func (c *hubConn) engine() error {
 			if err := c.write(&wire.Heartbeat{}); err != nil {
 				return err
 			}
+			if err := c.retryStore(); err != nil {
+				return err
+			}
 		}
 		if err := c.pump(); err != nil {
 			return err
@@ -722,6 +868,32 @@ func (c *hubConn) engine() error {
 			return err
 		}
 	}
+}
+
+// retryStore starts protecting again the volumes of this connection whose
+// store failed at least StoreRetry ago, if their store works now.
+func (c *hubConn) retryStore() error {
+	h := c.h
+	var starts []*wire.StartProtect
+	h.mu.Lock()
+	for _, v := range c.byID {
+		if v.storeErr == nil || !v.wantMirror || time.Since(v.storeErrAt) < h.cfg.StoreRetry {
+			continue
+		}
+		if err := c.protect(v, v.sectors); err != nil {
+			h.storeFailed(v, fmt.Errorf("protect: %w", err))
+			continue
+		}
+		v.mirror = true
+		starts = append(starts, &wire.StartProtect{Volume: v.id, Name: v.name, Mirror: true})
+	}
+	h.mu.Unlock()
+	for _, m := range starts {
+		if err := c.write(m); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // minCheckpointGap is the least time between two checkpoints: writes
@@ -808,14 +980,18 @@ func (c *hubConn) report(m *wire.ReportVolumes) error {
 			c.byID[v.id] = v
 		}
 		v.mirror = vi.Protect
+		v.wantMirror = vi.Protect
 		if !vi.Protect {
 			v.sectors = vi.Sectors
 			starts = append(starts, start{&wire.StartProtect{Volume: v.id, Name: v.name}})
 			continue
 		}
 		if err := c.protect(v, vi.Sectors); err != nil {
-			h.mu.Unlock()
-			return fmt.Errorf("volume %s: %w", v.name, err)
+			// Not protected for now (retried after StoreRetry); the
+			// others go on.
+			v.sectors = vi.Sectors
+			h.storeFailed(v, fmt.Errorf("protect: %w", err))
+			continue
 		}
 		starts = append(starts, start{&wire.StartProtect{Volume: v.id, Name: v.name, Mirror: true}})
 	}
@@ -843,12 +1019,28 @@ func (c *hubConn) report(m *wire.ReportVolumes) error {
 // h.mu held.
 func (c *hubConn) protect(v *hubVolume, sectors uint64) error {
 	h := c.h
+	if v.storeErr != nil {
+		// Start again from what the store last made durable: the
+		// in-memory state may have moved past it.
+		st, err := loadState(v.statePath)
+		if err != nil {
+			return err
+		}
+		v.st = volState{}
+		if st != nil {
+			v.st = *st
+		}
+		if v.file != nil {
+			v.file.Close()
+			v.file = nil
+		}
+	}
 	fresh := v.st.Version == 0
 	if err := os.MkdirAll(v.vm.dir, 0o700); err != nil {
 		return err
 	}
 	if v.file == nil {
-		f, err := os.OpenFile(v.imgPath, os.O_RDWR|os.O_CREATE, 0o600)
+		f, err := h.cfg.openReplica(v.imgPath)
 		if err != nil {
 			return err
 		}
@@ -856,6 +1048,16 @@ func (c *hubConn) protect(v *hubVolume, sectors uint64) error {
 	}
 	if err := v.file.Truncate(int64(sectors) * wire.SectorSize); err != nil {
 		return err
+	}
+	if err := preallocate(v.file, int64(sectors)*wire.SectorSize, v.log); err != nil {
+		return err
+	}
+	if v.storeErr != nil {
+		// The store failed before: it must sync again before anything
+		// is built on it.
+		if err := v.file.Datasync(); err != nil {
+			return fmt.Errorf("fsync: %w", err)
+		}
 	}
 	regions := wire.RegionCount(sectors, h.cfg.RegionSectors)
 	v.need.Clear()
@@ -913,6 +1115,10 @@ func (c *hubConn) protect(v *hubVolume, sectors uint64) error {
 	if err := saveState(v.statePath, &v.st); err != nil {
 		return err
 	}
+	if v.storeErr != nil {
+		v.log.Info("store error cleared", "was", v.storeErr)
+		v.storeErr = nil
+	}
 	v.log.Info("protection starting", "reason", reason, "resync_regions", v.need.GetCardinality(), "id", v.id)
 	if v.state != StateFailoverTest {
 		h.setState(v, StateSyncing, reason)
@@ -926,7 +1132,12 @@ func (c *hubConn) protect(v *hubVolume, sectors uint64) error {
 func (c *hubConn) resize(v *hubVolume, sectors uint64) error {
 	v.log.Info("volume resized", "old_sectors", v.sectors, "new_sectors", sectors)
 	if err := v.file.Truncate(int64(sectors) * wire.SectorSize); err != nil {
-		return err
+		c.h.storeFailed(v, fmt.Errorf("resize: %w", err))
+		return fmt.Errorf("volume %s: resize: %w", v.name, err)
+	}
+	if err := preallocate(v.file, int64(sectors)*wire.SectorSize, v.log); err != nil {
+		c.h.storeFailed(v, fmt.Errorf("resize: %w", err))
+		return fmt.Errorf("volume %s: resize: %w", v.name, err)
 	}
 	regions := wire.RegionCount(sectors, c.h.cfg.RegionSectors)
 	v.sectors = sectors
@@ -1069,11 +1280,14 @@ func (c *hubConn) protectedWrite(m *wire.ProtectedWrite) error {
 	off := int64(m.Sector) * wire.SectorSize
 	n := int64(m.Sectors) * wire.SectorSize
 	if m.Zeroes {
-		err = zeroRange(f, off, n)
+		err = f.ZeroRange(off, n)
 	} else {
 		_, err = f.WriteAt(m.Data[0], off)
 	}
 	if err != nil {
+		h.mu.Lock()
+		h.storeFailed(v, fmt.Errorf("apply write: %w", err))
+		h.mu.Unlock()
 		return fmt.Errorf("volume %s: apply write: %w", v.name, err)
 	}
 	h.mu.Lock()
@@ -1119,25 +1333,6 @@ func (c *hubConn) groupState(m *wire.GroupState) error {
 	return nil
 }
 
-// zeroRange zeroes n bytes at off, punching a hole where the file system
-// can.
-func zeroRange(f *os.File, off, n int64) error {
-	err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
-	if err == nil {
-		return nil
-	}
-	zero := make([]byte, min(n, 1<<20))
-	for n > 0 {
-		k := min(n, int64(len(zero)))
-		if _, err := f.WriteAt(zero[:k], off); err != nil {
-			return err
-		}
-		off += k
-		n -= k
-	}
-	return nil
-}
-
 // remoteIORes writes a remote read's data into the recovery volume.
 func (c *hubConn) remoteIORes(m *wire.RemoteIORes) error {
 	h := c.h
@@ -1155,11 +1350,14 @@ func (c *hubConn) remoteIORes(m *wire.RemoteIORes) error {
 	if m.Status == wire.StatusOK {
 		off := int64(rq.sector) * wire.SectorSize
 		if m.Zero {
-			err = zeroRange(v.file, off, int64(m.Sectors)*wire.SectorSize)
+			err = v.file.ZeroRange(off, int64(m.Sectors)*wire.SectorSize)
 		} else {
 			_, err = v.file.WriteAt(m.Data[0], off)
 		}
 		if err != nil {
+			h.mu.Lock()
+			h.storeFailed(v, fmt.Errorf("write remote read: %w", err))
+			h.mu.Unlock()
 			return fmt.Errorf("volume %s: write recovery volume: %w", v.name, err)
 		}
 	}
@@ -1268,13 +1466,13 @@ func (c *hubConn) checkpoint(ack bool) error {
 	type save struct {
 		v  *hubVolume
 		st volState
-		f  *os.File
+		f  replicaFile
 		fs bool
 	}
 	var saves []save
 	h.mu.Lock()
 	for _, v := range c.byID {
-		if !v.changed && !v.wrote {
+		if v.storeErr != nil || !v.changed && !v.wrote {
 			continue
 		}
 		if v.mirror {
@@ -1289,17 +1487,31 @@ func (c *hubConn) checkpoint(ack bool) error {
 		v.changed, v.wrote = false, false
 	}
 	h.mu.Unlock()
+	// The data first, then the state that says it is there: a volume
+	// whose fsync fails keeps its last durable state (storeFailed), and
+	// nothing is acknowledged.
+	var errs []error
 	for _, s := range saves {
+		var err error
 		if s.fs && s.f != nil {
-			if err := unix.Fdatasync(int(s.f.Fd())); err != nil {
-				return fmt.Errorf("volume %s: fsync: %w", s.v.name, err)
+			if err = s.f.Datasync(); err != nil {
+				err = fmt.Errorf("fsync: %w", err)
 			}
 		}
-		if s.v.mirror && s.v.st.Version != 0 {
-			if err := saveState(s.v.statePath, &s.st); err != nil {
-				return fmt.Errorf("volume %s: save state: %w", s.v.name, err)
+		if err == nil && s.v.mirror && s.v.st.Version != 0 {
+			if err = saveState(s.v.statePath, &s.st); err != nil {
+				err = fmt.Errorf("save state: %w", err)
 			}
 		}
+		if err != nil {
+			h.mu.Lock()
+			h.storeFailed(s.v, err)
+			h.mu.Unlock()
+			errs = append(errs, fmt.Errorf("volume %s: %w", s.v.name, err))
+		}
+	}
+	if len(errs) > 0 {
+		return errors.Join(errs...)
 	}
 	c.pending = false
 	c.lastCkpt = time.Now()
@@ -1349,6 +1561,8 @@ type VolumeStatus struct {
 	AppliedBytes    uint64  `json:"applied-bytes"`     // since the hub started
 	RemoteReadBytes uint64  `json:"remote-read-bytes"` // since the hub started
 	Replica         string  `json:"replica"`
+	StoreError      string  `json:"store-error,omitempty"` // why the volume is in store-error
+	StoreErrors     uint64  `json:"store-errors"`          // store failures since the hub started
 }
 
 // VMStatus is one VM in the hub's status.
@@ -1378,7 +1592,7 @@ func (h *Hub) Status() []VMStatus {
 			s.Peer = vm.conn.nc.RemoteAddr().String()
 		}
 		for _, v := range vm.vols {
-			if !v.mirror && v.st.Version == 0 {
+			if !v.mirror && v.st.Version == 0 && v.storeErr == nil {
 				continue // reported, never protected
 			}
 			rs := uint64(h.cfg.RegionSectors) * wire.SectorSize
@@ -1387,7 +1601,11 @@ func (h *Hub) Status() []VMStatus {
 				ResyncBytes: (v.need.GetCardinality() + v.inRead.GetCardinality()) * rs,
 				BacklogIOs:  v.backlog.IOs, BacklogBytes: v.backlog.Bytes, BacklogSeconds: float64(v.backlog.AgeMillis) / 1000,
 				SyncMirroring: v.backlog.Sync, AppliedSeq: v.applied, AppliedBytes: v.appliedBytes,
+				StoreErrors:     v.storeErrors,
 				RemoteReadBytes: v.remoteBytes, Replica: v.imgPath}
+			if v.storeErr != nil {
+				vs.StoreError = v.storeErr.Error()
+			}
 			if v.state == StateDisconnected && v.st.Version != 0 {
 				need := uint64(0)
 				for _, e := range v.st.Need {

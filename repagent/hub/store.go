@@ -5,9 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/vhostdm/vhostdm/repagent/wire"
 )
@@ -15,7 +18,7 @@ import (
 // The hub's store: one directory per VM under the store root, holding
 //
 //	vm.json            {"name", "uuid"}
-//	VOLUME.img         the recovery volume, a sparse file of the source's size
+//	VOLUME.img         the recovery volume, a file of the source's size, preallocated
 //	VOLUME.state.json  the volume's durable state (volState)
 //
 // State files are replaced atomically (write, fsync, rename, fsync dir).
@@ -141,4 +144,73 @@ func listStore(root string) (map[string][]string, error) {
 		out[e.Name()] = vols
 	}
 	return out, nil
+}
+
+// replicaFile is a recovery volume's image as the hub writes it. The
+// hub opens it with Config.openReplica (tests inject faults there).
+type replicaFile interface {
+	WriteAt(p []byte, off int64) (int, error)
+	// Truncate sets the file's size.
+	Truncate(size int64) error
+	// Allocate reserves the blocks of [off, off+n) (fallocate mode 0), so
+	// that later writes cannot run out of space.
+	Allocate(off, n int64) error
+	// ZeroRange zeroes [off, off+n), keeping the blocks allocated.
+	ZeroRange(off, n int64) error
+	// Datasync makes written data durable (fdatasync).
+	Datasync() error
+	Close() error
+}
+
+// osReplica is a replicaFile on the local file system.
+type osReplica struct{ *os.File }
+
+func openReplica(path string) (replicaFile, error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	return osReplica{f}, nil
+}
+
+func (f osReplica) Datasync() error { return unix.Fdatasync(int(f.Fd())) }
+
+func (f osReplica) Allocate(off, n int64) error {
+	if n <= 0 {
+		return nil
+	}
+	return unix.Fallocate(int(f.Fd()), 0, off, n)
+}
+
+func (f osReplica) ZeroRange(off, n int64) error {
+	if unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, n) == nil {
+		return nil
+	}
+	zero := make([]byte, min(n, 1<<20))
+	for n > 0 {
+		k := min(n, int64(len(zero)))
+		if _, err := f.WriteAt(zero[:k], off); err != nil {
+			return err
+		}
+		off += k
+		n -= k
+	}
+	return nil
+}
+
+// preallocate reserves the whole image of size bytes. A file system
+// without fallocate is let through (its writes may still find no room);
+// one without room for the image is an error that says so.
+func preallocate(f replicaFile, size int64, log *slog.Logger) error {
+	err := f.Allocate(0, size)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS):
+		log.Warn("the store's file system cannot preallocate: the recovery volume stays sparse", "err", err)
+		return nil
+	case errors.Is(err, unix.ENOSPC) || errors.Is(err, unix.EDQUOT):
+		return fmt.Errorf("no room in the store for the recovery volume of %d bytes: %w", size, err)
+	}
+	return fmt.Errorf("preallocate %d bytes: %w", size, err)
 }

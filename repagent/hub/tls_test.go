@@ -35,6 +35,7 @@ func TestTLSMutualAuth(t *testing.T) {
 
 	r := reptest.New(t)
 	r.HubCfg.TLS = hubTLS
+	r.HubCfg.AllowAnyIdentity = true
 	r.StartHub()
 	r.AgentCfg.TLS = agentTLS
 	a := r.AddVolume("root", 4<<20)

@@ -95,7 +95,7 @@ const (
 const (
 	StatusOK      int32 = 0
 	StatusIOError int32 = 1 // the local I/O failed
-	StatusDenied  int32 = 2 // remote write on a volume that does not allow it
+	StatusDenied  int32 = 2 // remote IO the volume does not allow (see PROTOCOL.md)
 )
 
 // ErrMalformed is wrapped by every error about a frame that breaks the
@@ -189,6 +189,15 @@ func NewReader(r io.Reader, maxPayload uint32) *Reader {
 // Buffered returns the number of bytes already read from the stream and
 // not yet returned in a frame.
 func (r *Reader) Buffered() int { return r.br.Buffered() }
+
+// SetMaxPayload changes the payload bound for later frames
+// (DefaultMaxPayload when 0).
+func (r *Reader) SetMaxPayload(maxPayload uint32) {
+	if maxPayload == 0 {
+		maxPayload = DefaultMaxPayload
+	}
+	r.max = maxPayload
+}
 
 // KeepPayloads makes every later payload its own buffer, so that a frame
 // stays valid after the next ReadFrame (the hub hands payloads to other
