@@ -805,7 +805,7 @@ func (a *Agent) runConn(ctx context.Context) error {
 			return fmt.Errorf("tls handshake: %w", err)
 		}
 	}
-	c := &agentConn{a: a, nc: nc, log: a.log, w: wire.NewWriter(nc), r: wire.NewReader(nc, a.cfg.MaxPayload),
+	c := &agentConn{a: a, nc: nc, log: a.log, w: wire.NewWriter(nc), r: wire.NewReader(nc, wire.MaxHelloPayload),
 		sem: make(chan struct{}, 32), bye: make(chan struct{}), done: make(chan struct{})}
 	stop := context.AfterFunc(ctx, c.shut)
 	defer stop()
@@ -828,6 +828,7 @@ func (a *Agent) runConn(ctx context.Context) error {
 	if !ok || !h.Reply {
 		return fmt.Errorf("hello: hub answered %s: %w", f.Cmd, wire.ErrMalformed)
 	}
+	c.r.SetMaxPayload(a.cfg.MaxPayload)
 	c.log = a.log.With("hub", h.Name)
 	a.mu.Lock()
 	a.conn = c
