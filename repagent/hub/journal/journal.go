@@ -482,6 +482,7 @@ func (j *Journal) Submit(recs ...Record) (*Pending, error) {
 		if r.Time.IsZero() {
 			r.Time = now
 		}
+		r.Time = r.Time.Round(0).UTC() // as it reads back: no monotonic clock, UTC
 		if r.Time.Before(j.pTime) {
 			r.Time = j.pTime
 		}

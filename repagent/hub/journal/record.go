@@ -168,7 +168,7 @@ func decodeRecord(b []byte) (Record, error) {
 		Kind:   Kind(b[8]),
 		HasSeq: b[9]&flagHasSeq != 0,
 		Seq:    le.Uint64(b[16:]),
-		Time:   time.Unix(0, int64(le.Uint64(b[24:]))),
+		Time:   time.Unix(0, int64(le.Uint64(b[24:]))).UTC(),
 	}
 	if b[9]&^flagHasSeq != 0 || le.Uint32(b[12:]) != 0 {
 		return Record{}, fmt.Errorf("record has unknown flags")
