@@ -212,6 +212,9 @@ func (j *Journal) ApplyNow() error {
 func (a *applier) once() error {
 	a.run.Lock()
 	defer a.run.Unlock()
+	if a.imgs.closed {
+		return ErrClosed
+	}
 	a.mu.Lock()
 	err, base := a.err, a.st.Base
 	a.mu.Unlock()
@@ -384,6 +387,7 @@ type imageSet struct {
 	sizes    map[string]int64
 	files    map[string]*os.File
 	created  bool
+	closed   bool
 	bytes    int64
 	run      struct {
 		vol string
@@ -542,6 +546,7 @@ func (s *imageSet) close() {
 		f.Close()
 	}
 	s.files = nil
+	s.closed = true
 }
 
 var zeroes = make([]byte, 1<<20)

@@ -37,6 +37,9 @@ var (
 	// ErrNoPoint: no consistent point matches the selector (in the future,
 	// not yet covered by a consistent point, or not a consistent position).
 	ErrNoPoint = errors.New("journal: no such consistent point")
+	// ErrInUse: another Journal (in this or another process) has the
+	// directory open.
+	ErrInUse = errors.New("journal: directory in use")
 	// ErrUnknownCheckpoint: no checkpoint of that name was ever journaled
 	// (within what the journal remembers).
 	ErrUnknownCheckpoint = errors.New("journal: unknown checkpoint")
@@ -142,6 +145,7 @@ type Journal struct {
 
 	applier applier
 
+	lock     *os.File // dir/lock, flocked while open
 	stop     chan struct{}
 	writerWG sync.WaitGroup
 	applyWG  sync.WaitGroup
@@ -204,7 +208,17 @@ func Open(dir string, opts Options) (*Journal, error) {
 	if err := syncDir(dir); err != nil {
 		return nil, fmt.Errorf("open journal: %w", err)
 	}
+	lock, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open journal: %w", err)
+	}
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("open journal %s: %w: %w", dir, ErrInUse, err)
+	}
+	j.lock = lock
 	if err := j.recover(); err != nil {
+		lock.Close()
 		j.applier.closeImages()
 		if j.wf != nil {
 			j.wf.Close()
@@ -476,6 +490,11 @@ func (j *Journal) Submit(recs ...Record) (*Pending, error) {
 	if err := j.validate(recs); err != nil {
 		return nil, err
 	}
+	if len(recs) == 0 {
+		b := &batch{done: make(chan struct{})}
+		close(b.done)
+		return &Pending{b: b, point: Point{Pos: j.pEnd, Seq: j.pSeq, Time: j.pTime}}, nil
+	}
 	b := j.cur
 	for i := range recs {
 		r := recs[i] // a copy: the stamped time stays ours
@@ -702,7 +721,10 @@ func (j *Journal) Close() error {
 			errs = append(errs, err)
 		}
 	}
+	j.applier.run.Lock() // an ApplyNow in flight
 	j.applier.closeImages()
+	j.applier.run.Unlock()
+	j.lock.Close()
 	errs = append(errs, j.Err(), j.ApplyErr())
 	return errors.Join(errs...)
 }

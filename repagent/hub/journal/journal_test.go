@@ -610,6 +610,12 @@ func TestGroupCommit(t *testing.T) {
 		t.Fatalf("appends %d, batches %d, fsyncs %d: no group commit", st.Appends, st.Batches, st.Fsyncs)
 	}
 	t.Logf("%d appends in %d group commits", st.Appends, st.Batches)
+	if _, err := j.Append(context.Background()); err != nil {
+		t.Fatalf("empty append: %v", err)
+	}
+	if _, err := Open(dir, Options{}); !errors.Is(err, ErrInUse) {
+		t.Fatalf("second open of the directory: %v, want ErrInUse", err)
+	}
 	j.Close()
 	j = mustOpen(t, dir, Options{NoApplier: true})
 	if st2 := j.Stats(); st2.Durable != st.Durable {
