@@ -345,10 +345,18 @@ func (j *Journal) scan(segs []segment, base int64) (int64, []segment, error) {
 		return 0, nil, err
 	}
 	s := segs[last]
-	if te.pos == s.start && last > 0 {
-		// A segment whose header or first record never became durable:
-		// nothing in it was acknowledged.
-		j.log.Warn("journal: removing a torn last segment", "segment", s.path, "reason", te.reason)
+	if te.header {
+		// A header is synced before any record is written behind it: a bad
+		// one is torn only when nothing but zeroes follows (the segment's
+		// creation was cut short), and then nothing in it was acknowledged.
+		b, rerr := os.ReadFile(s.path)
+		if rerr != nil {
+			return 0, nil, rerr
+		}
+		if len(b) > segHeaderLen && !allZero(b[segHeaderLen:]) || base > s.start {
+			return 0, nil, err
+		}
+		j.log.Warn("journal: removing a last segment whose creation was cut short", "segment", s.path, "reason", te.reason)
 		if err := os.Remove(s.path); err != nil {
 			return 0, nil, err
 		}
@@ -356,14 +364,6 @@ func (j *Journal) scan(segs []segment, base int64) (int64, []segment, error) {
 			return 0, nil, err
 		}
 		return end, segs[:last], nil
-	}
-	if te.pos == s.start {
-		// The only segment: rewrite its header, drop everything after.
-		j.log.Warn("journal: resetting a torn only segment", "segment", s.path, "reason", te.reason)
-		if err := os.Remove(s.path); err != nil {
-			return 0, nil, err
-		}
-		return end, nil, nil
 	}
 	fi, err := os.Stat(s.path)
 	if err != nil {
@@ -842,4 +842,13 @@ func syncDir(dir string) error {
 	}
 	defer d.Close()
 	return d.Sync()
+}
+
+func allZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }

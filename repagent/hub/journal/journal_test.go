@@ -379,6 +379,22 @@ func TestTornTail(t *testing.T) {
 		}
 		j.Close()
 	})
+	t.Run("zeroed new segment", func(t *testing.T) {
+		dir, w, pts := setup(t)
+		end := pts[len(pts)-1].Pos
+		os.WriteFile(filepath.Join(dir, segDirName, segName(end)), make([]byte, 4096), 0o600)
+		reopen(t, dir, w.seq).Close()
+	})
+	t.Run("corrupt header of the last segment", func(t *testing.T) {
+		dir, _, _ := setup(t)
+		seg := lastSeg(t, dir)
+		f, _ := os.OpenFile(seg.path, os.O_RDWR, 0)
+		f.WriteAt([]byte{'X'}, 0)
+		f.Close()
+		if _, err := Open(dir, Options{NoApplier: true}); !errors.Is(err, ErrCorrupt) {
+			t.Fatalf("open with a corrupt header before records: %v, want ErrCorrupt", err)
+		}
+	})
 	t.Run("corrupt before the tail", func(t *testing.T) {
 		dir, _, _ := setup(t)
 		segs, _ := listSegments(filepath.Join(dir, segDirName))

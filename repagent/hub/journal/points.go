@@ -205,7 +205,7 @@ func (j *Journal) Points(ctx context.Context, fn func(Point) bool) error {
 	})
 }
 
-// Scan calls fn with every durable record from the applied position on, in
+// Scan calls fn with every durable record from the oldest recoverable point on, in
 // journal order, with the positions of its start and end, until fn returns
 // an error (which Scan returns). rec.Data is valid only during the call.
 func (j *Journal) Scan(ctx context.Context, fn func(rec Record, start, end int64) error) error {

@@ -85,6 +85,7 @@ func listSegments(dir string) ([]segment, error) {
 // tornError reports a record that cannot be read at pos: torn, corrupt or
 // cut short.
 type tornError struct {
+	header bool // the segment header is bad
 	pos    int64
 	seg    int // index of the segment in the reader's list
 	reason error
@@ -147,11 +148,11 @@ func (r *reader) open() error {
 	var h [segHeaderLen]byte
 	if _, err := io.ReadFull(f, h[:]); err != nil {
 		f.Close()
-		return &tornError{pos: s.start, seg: r.idx, reason: fmt.Errorf("segment %s: short header", s.path)}
+		return &tornError{header: true, pos: s.start, seg: r.idx, reason: fmt.Errorf("segment %s: short header", s.path)}
 	}
 	if err := checkSegHeader(h[:], s.start); err != nil {
 		f.Close()
-		return &tornError{pos: s.start, seg: r.idx, reason: fmt.Errorf("segment %s: %w", s.path, err)}
+		return &tornError{header: true, pos: s.start, seg: r.idx, reason: fmt.Errorf("segment %s: %w", s.path, err)}
 	}
 	if _, err := f.Seek(segHeaderLen+r.pos-s.start, io.SeekStart); err != nil {
 		f.Close()
