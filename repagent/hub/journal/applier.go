@@ -110,6 +110,7 @@ type applier struct {
 	pins         map[int]int64
 	nextPin      int
 	appliedBytes int64
+	applyWrites  int64
 	passes       uint64
 
 	// run is held for writing by an apply pass and for reading while the
@@ -295,7 +296,7 @@ func (a *applier) pass(target Point) error {
 		return err
 	}
 	imgs := a.imgs
-	before := imgs.bytes
+	before, beforeW := imgs.bytes, imgs.writes
 	for {
 		rec, _, _, err := r.next()
 		if errors.Is(err, io.EOF) {
@@ -345,6 +346,7 @@ func (a *applier) pass(target Point) error {
 	a.st = nst
 	a.passes++
 	a.appliedBytes += imgs.bytes - before
+	a.applyWrites += imgs.writes - beforeW
 	keep := target.Pos
 	for _, p := range a.pins {
 		keep = min(keep, p)
@@ -388,6 +390,7 @@ type imageSet struct {
 	files    map[string]*os.File
 	created  bool
 	closed   bool
+	writes   int64 // write calls made (after merging)
 	bytes    int64
 	run      struct {
 		vol string
@@ -512,6 +515,7 @@ func (s *imageSet) flush() error {
 		return fmt.Errorf("%w: write %s: %w", ErrStore, f.Name(), err)
 	}
 	s.bytes += int64(len(s.run.buf))
+	s.writes++
 	s.run.buf = s.run.buf[:0]
 	s.run.vol = ""
 	return nil

@@ -254,6 +254,9 @@ func (j *Journal) recover() error {
 		}
 		segs = segs[1:]
 	}
+	if len(segs) == 0 && base > 0 {
+		return fmt.Errorf("%w: no segment files, applied state is at %d", ErrCorrupt, base)
+	}
 	if len(segs) > 0 && segs[0].start > base {
 		return fmt.Errorf("%w: journal starts at %d, applied state is at %d", ErrCorrupt, segs[0].start, base)
 	}
@@ -769,6 +772,9 @@ type Stats struct {
 	Appends, Batches, Fsyncs uint64
 	// AppliedBytes counts bytes applied to the base images since Open.
 	AppliedBytes int64
+	// ApplyWrites counts the write calls to the base images (adjacent
+	// writes are merged into one, up to 1 MiB).
+	ApplyWrites int64
 	// ApplyPasses counts apply passes that advanced the base images.
 	ApplyPasses uint64
 	// Err and ApplyErr are the sticky errors (nil when healthy).
@@ -798,6 +804,7 @@ func (j *Journal) Stats() Stats {
 	s.Applied = a.st.Base
 	s.AppliedBytes = a.appliedBytes
 	s.ApplyPasses = a.passes
+	s.ApplyWrites = a.applyWrites
 	s.ApplyErr = a.err
 	a.mu.Unlock()
 	s.Bytes = s.Durable - s.Applied.Pos

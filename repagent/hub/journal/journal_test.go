@@ -638,3 +638,23 @@ func TestGroupCommit(t *testing.T) {
 		t.Fatalf("after reopen durable %d, want %d", st2.Durable, st.Durable)
 	}
 }
+
+// TestApplyMerges: adjacent writes reach the base image as one write.
+func TestApplyMerges(t *testing.T) {
+	dir := t.TempDir()
+	j := mustOpen(t, dir, Options{NoApplier: true})
+	w := newWriter(t, j, map[string]int64{"a": 1 << 20, "b": 1 << 20})
+	for i := range 64 {
+		data := make([]byte, 4096)
+		data[0] = byte(i + 1)
+		w.append(Record{Kind: KindWrite, Volume: "a", Offset: int64(i) * 4096, Data: data})
+	}
+	w.append(Record{Kind: KindWrite, Volume: "b", Offset: 8192, Data: []byte("elsewhere")})
+	if err := j.ApplyNow(); err != nil {
+		t.Fatal(err)
+	}
+	if st := j.Stats(); st.ApplyWrites != 2 || st.AppliedBytes != 64*4096+9 {
+		t.Fatalf("65 writes (64 adjacent) applied with %d write calls, %d bytes; want 2 calls", st.ApplyWrites, st.AppliedBytes)
+	}
+	checkBase(t, dir, w.m)
+}
