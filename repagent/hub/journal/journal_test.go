@@ -201,6 +201,7 @@ func TestRetention(t *testing.T) {
 		if !errors.Is(err, ErrBeforeWindow) {
 			t.Fatalf("materialize %s before the window: %v, want ErrBeforeWindow", sel, err)
 		}
+		t.Log(err)
 	}
 	checkRecovered(t, "oldest", materialize(t, j, AtSeq(old.Seq)), oldModel)
 

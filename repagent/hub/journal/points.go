@@ -71,7 +71,11 @@ func (s Selector) String() string {
 func (j *Journal) Resolve(ctx context.Context, sel Selector) (Point, error) {
 	id := j.applier.pin(0)
 	defer j.applier.unpin(id)
-	return j.resolve(ctx, sel, j.Oldest())
+	p, err := j.resolve(ctx, sel, j.Oldest())
+	if err != nil {
+		return Point{}, fmt.Errorf("%s: %w", sel, err)
+	}
+	return p, nil
 }
 
 func (j *Journal) resolve(ctx context.Context, sel Selector, floor Point) (Point, error) {
@@ -86,34 +90,34 @@ func (j *Journal) resolve(ctx context.Context, sel Selector, floor Point) (Point
 	case selCheckpoint:
 		if !cpOK {
 			if expired {
-				return Point{}, fmt.Errorf("checkpoint %q: %w (oldest point is at %s)", sel.name, ErrBeforeWindow, fmtTime(floor.Time))
+				return Point{}, fmt.Errorf("%w (oldest point is at %s)", ErrBeforeWindow, fmtTime(floor.Time))
 			}
-			return Point{}, fmt.Errorf("checkpoint %q: %w", sel.name, ErrUnknownCheckpoint)
+			return Point{}, ErrUnknownCheckpoint
 		}
 		if cp.Pos < floor.Pos {
-			return Point{}, fmt.Errorf("checkpoint %q: %w (oldest point is at %s)", sel.name, ErrBeforeWindow, fmtTime(floor.Time))
+			return Point{}, fmt.Errorf("%w (oldest point is at %s)", ErrBeforeWindow, fmtTime(floor.Time))
 		}
 		return cp, nil
 	case selTime:
 		if sel.time.Before(floor.Time) {
-			return Point{}, fmt.Errorf("time %s: %w (oldest point is at %s)", fmtTime(sel.time), ErrBeforeWindow, fmtTime(floor.Time))
+			return Point{}, fmt.Errorf("%w (oldest point is at %s)", ErrBeforeWindow, fmtTime(floor.Time))
 		}
 		if !sel.time.Before(newest.Time) {
 			return newest, nil
 		}
 	case selSeq:
 		if sel.seq < floor.Seq {
-			return Point{}, fmt.Errorf("seq %d: %w (oldest point has seq %d)", sel.seq, ErrBeforeWindow, floor.Seq)
+			return Point{}, fmt.Errorf("%w (oldest point has seq %d)", ErrBeforeWindow, floor.Seq)
 		}
 		if sel.seq > newest.Seq {
-			return Point{}, fmt.Errorf("seq %d: %w: the newest consistent point has seq %d", sel.seq, ErrNoPoint, newest.Seq)
+			return Point{}, fmt.Errorf("%w: the newest consistent point has seq %d", ErrNoPoint, newest.Seq)
 		}
 	case selPos:
 		if sel.pos < floor.Pos {
-			return Point{}, fmt.Errorf("position %d: %w (oldest point is at %d)", sel.pos, ErrBeforeWindow, floor.Pos)
+			return Point{}, fmt.Errorf("%w (oldest point is at position %d)", ErrBeforeWindow, floor.Pos)
 		}
 		if sel.pos > newest.Pos {
-			return Point{}, fmt.Errorf("position %d: %w: the newest consistent point is at %d", sel.pos, ErrNoPoint, newest.Pos)
+			return Point{}, fmt.Errorf("%w: the newest consistent point is at position %d", ErrNoPoint, newest.Pos)
 		}
 	}
 	found := floor
@@ -141,7 +145,7 @@ func (j *Journal) resolve(ctx context.Context, sel Selector, floor Point) (Point
 		return Point{}, err
 	}
 	if sel.kind == selPos && found.Pos != sel.pos {
-		return Point{}, fmt.Errorf("position %d: %w: not a consistent point", sel.pos, ErrNoPoint)
+		return Point{}, fmt.Errorf("%w: not a consistent point", ErrNoPoint)
 	}
 	return found, nil
 }
