@@ -64,6 +64,7 @@
 //	                     volumes at the base, checkpoints at the base, names of
 //	                     recently expired checkpoints
 //	NAME.img             base image of volume NAME, preallocated
+//	lock                 empty; flock(LOCK_EX) while a Journal has it open
 //	journal/%016x.seg    segment files, named by their start position (hex)
 //
 // A segment file is a 32-byte header then records, back to back; a record
@@ -92,6 +93,28 @@
 // truncated there (nothing after it was acknowledged: group commits are
 // sequential and each is synced before it completes); damage anywhere else
 // is ErrCorrupt. FORMAT.md in this directory repeats the format.
+//
+// # Use by the hub
+//
+// One Journal per VM, opened when the VM first attaches and kept open:
+//
+//	j, err := journal.Open(filepath.Join(store, vm), journal.Options{Retain: 24 * time.Hour})
+//	// REPORT_VOLUMES: a KindVolume record per new or resized volume.
+//	// PROTECTED_WRITE: in frame order, from the connection's reader:
+//	p, err := j.Submit(journal.Record{Kind: journal.KindWrite, Volume: name,
+//		Offset: sector * 512, Data: data, Seq: seq, HasSeq: true})
+//	// ... and from an ack goroutine, in the same order:
+//	if _, err := p.Wait(ctx); err == nil { /* send WRITE_ACK for seq */ }
+//	// A resync: KindResyncBegin, the re-read regions as KindWrite records
+//	// without a sequence number (mirrored writes keep theirs, interleaved),
+//	// KindResyncEnd once every region is in.
+//	// repagent-checkpoint: KindCheckpoint with the operator's name.
+//	// Status: j.Newest() (its Time gives the age), j.Stats() for metrics,
+//	// j.Err() / j.ApplyErr() for the store-error state.
+//	// recover / failover test: j.Materialize(ctx, journal.AtTime(t), dir).
+//
+// Sequence numbers must strictly increase over the journal's life: a hub
+// whose agent restarts its numbering maps them to a continuing sequence.
 //
 // # Concurrency
 //
