@@ -12,7 +12,7 @@ import (
 // BenchmarkAppend measures group commit: many goroutines append one write
 // record each and wait until it is durable (fdatasync), as the hub does
 // before WRITE_ACK; "pipelined" submits from one goroutine in order with
-// up to 64 submissions in flight, as a connection reader would. Reported:
+// up to 64 or 1024 submissions in flight, as a connection reader would. Reported:
 // MB/s of record data, appends/s, appends per group commit.
 func BenchmarkAppend(b *testing.B) {
 	for _, size := range []int{4 << 10, 64 << 10} {
@@ -36,35 +36,37 @@ func BenchmarkAppend(b *testing.B) {
 			})
 			reportAppends(b, j, start)
 		})
-		b.Run(fmt.Sprintf("pipelined/%dKiB", size>>10), func(b *testing.B) {
-			j, vol := benchJournal(b)
-			data := make([]byte, size)
-			b.SetBytes(int64(size))
-			b.ResetTimer()
-			start := time.Now()
-			window := make(chan *Pending, 64)
-			done := make(chan struct{})
-			go func() {
-				defer close(done)
-				for p := range window {
-					if _, err := p.Wait(context.Background()); err != nil {
-						b.Error(err)
+		for _, inflight := range []int{64, 1024} {
+			b.Run(fmt.Sprintf("pipelined%d/%dKiB", inflight, size>>10), func(b *testing.B) {
+				j, vol := benchJournal(b)
+				data := make([]byte, size)
+				b.SetBytes(int64(size))
+				b.ResetTimer()
+				start := time.Now()
+				window := make(chan *Pending, inflight)
+				done := make(chan struct{})
+				go func() {
+					defer close(done)
+					for p := range window {
+						if _, err := p.Wait(context.Background()); err != nil {
+							b.Error(err)
+						}
 					}
+				}()
+				for i := range b.N {
+					o := int64(i*size) % (vol - int64(size))
+					o -= o % 512
+					p, err := j.Submit(Record{Kind: KindWrite, Volume: "a", Offset: o, Data: data, Seq: uint64(i + 1), HasSeq: true})
+					if err != nil {
+						b.Fatal(err)
+					}
+					window <- p
 				}
-			}()
-			for i := range b.N {
-				o := int64(i*size) % (vol - int64(size))
-				o -= o % 512
-				p, err := j.Submit(Record{Kind: KindWrite, Volume: "a", Offset: o, Data: data, Seq: uint64(i + 1), HasSeq: true})
-				if err != nil {
-					b.Fatal(err)
-				}
-				window <- p
-			}
-			close(window)
-			<-done
-			reportAppends(b, j, start)
-		})
+				close(window)
+				<-done
+				reportAppends(b, j, start)
+			})
+		}
 	}
 }
 

@@ -134,7 +134,8 @@ type Journal struct {
 	appends     uint64
 	batches     uint64
 	fsyncs      uint64
-	spare       []byte
+	full        []*batch // closed batches waiting for the writer, oldest first
+	spare       [][]byte // written batches' buffers, for reuse
 
 	segMu sync.Mutex // guards segs
 	segs  []segment
@@ -498,6 +499,11 @@ func (j *Journal) Submit(recs ...Record) (*Pending, error) {
 		close(b.done)
 		return &Pending{b: b, point: Point{Pos: j.pEnd, Seq: j.pSeq, Time: j.pTime}}, nil
 	}
+	if len(j.cur.buf) >= maxBatchBytes {
+		// Close the batch: one write stays bounded, its buffer reusable.
+		j.full = append(j.full, j.cur)
+		j.cur = newBatch(j.cur.end, j.takeSpare())
+	}
 	b := j.cur
 	for i := range recs {
 		r := recs[i] // a copy: the stamped time stays ours
@@ -616,22 +622,41 @@ func (j *Journal) Append(ctx context.Context, recs ...Record) (Point, error) {
 	return p.Wait(ctx)
 }
 
+// maxBatchBytes closes a batch: a group commit writes about this much at
+// most (plus one record).
+const maxBatchBytes = 4 << 20
+
+// takeSpare returns a reusable buffer, or nil; under mu.
+func (j *Journal) takeSpare() []byte {
+	if n := len(j.spare); n > 0 {
+		b := j.spare[n-1]
+		j.spare = j.spare[:n-1]
+		return b
+	}
+	return nil
+}
+
 // writer is the group-commit goroutine: it takes the open batch, writes it
 // with one write and one fdatasync, and publishes it.
 func (j *Journal) writer() {
 	defer j.writerWG.Done()
 	for {
 		j.mu.Lock()
-		for j.cur.recs == 0 && !j.closed {
+		for len(j.full) == 0 && j.cur.recs == 0 && !j.closed {
 			j.work.Wait()
 		}
-		if j.cur.recs == 0 {
+		var b *batch
+		switch {
+		case len(j.full) > 0:
+			b = j.full[0]
+			j.full = j.full[1:]
+		case j.cur.recs > 0:
+			b = j.cur
+			j.cur = newBatch(b.end, j.takeSpare())
+		default:
 			j.mu.Unlock()
 			return
 		}
-		b := j.cur
-		j.cur = newBatch(b.end, j.spare)
-		j.spare = nil
 		err := j.err
 		j.mu.Unlock()
 
@@ -657,8 +682,8 @@ func (j *Journal) writer() {
 			}
 			j.appends += uint64(b.recs)
 		}
-		if cap(b.buf) <= 8<<20 {
-			j.spare = b.buf[:0]
+		if cap(b.buf) <= 2*maxBatchBytes && len(j.spare) < 4 {
+			j.spare = append(j.spare, b.buf[:0])
 		}
 		close(b.done)
 		j.mu.Unlock()
