@@ -659,3 +659,39 @@ func TestApplyMerges(t *testing.T) {
 	}
 	checkBase(t, dir, w.m)
 }
+
+// TestLargeBatches: a burst of submissions larger than one group commit
+// (4 MiB) is written as several, in order.
+func TestLargeBatches(t *testing.T) {
+	j := mustOpen(t, t.TempDir(), Options{NoApplier: true})
+	w := newWriter(t, j, map[string]int64{"a": 4 << 20})
+	var ps []*Pending
+	for i := range 200 {
+		data := make([]byte, 64<<10)
+		for k := range data {
+			data[k] = byte(i + k)
+		}
+		rec := Record{Kind: KindWrite, Volume: "a", Offset: int64(i%48) * (64 << 10), Data: data}
+		p, err := j.Submit(rec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		w.m.apply(&rec)
+		ps = append(ps, p)
+	}
+	var last Point
+	for _, p := range ps {
+		pt, err := p.Wait(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if pt.Pos <= last.Pos {
+			t.Fatalf("submission ends at %d, after one ending at %d", pt.Pos, last.Pos)
+		}
+		last = pt
+	}
+	if st := j.Stats(); st.Batches < 3 {
+		t.Fatalf("12.5 MiB in %d group commits", st.Batches)
+	}
+	checkRecovered(t, "newest", materialize(t, j, Newest()), w.m)
+}
