@@ -1,6 +1,7 @@
 package journal
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -694,4 +695,58 @@ func TestLargeBatches(t *testing.T) {
 		t.Fatalf("12.5 MiB in %d group commits", st.Batches)
 	}
 	checkRecovered(t, "newest", materialize(t, j, Newest()), w.m)
+}
+
+// TestCopyImage: the copy of a base image equals it and keeps its holes; on
+// another file system (tmpfs /dev/shm, where present) copy_file_range fails
+// and the plain copy takes over.
+func TestCopyImage(t *testing.T) {
+	src := filepath.Join(t.TempDir(), "src.img")
+	const size = 8 << 20
+	f, err := os.Create(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := make([]byte, size)
+	for _, off := range []int64{0, 3 << 20, size - 4096} {
+		for i := range 4096 {
+			want[off+int64(i)] = byte(i*7 + int(off>>20) + 1)
+		}
+		if _, err := f.WriteAt(want[off:off+4096], off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.Close()
+	dsts := []string{t.TempDir()}
+	if fi, err := os.Stat("/dev/shm"); err == nil && fi.IsDir() {
+		d, err := os.MkdirTemp("/dev/shm", "journal-test")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(d) })
+		dsts = append(dsts, d)
+	}
+	for _, d := range dsts {
+		dst := filepath.Join(d, "dst.img")
+		out, err := copyImage(src, dst, size)
+		if err != nil {
+			t.Fatalf("copy to %s: %v", d, err)
+		}
+		out.Close()
+		got, err := os.ReadFile(dst)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want) {
+			t.Fatalf("copy to %s differs", d)
+		}
+		var st syscall.Stat_t
+		syscall.Stat(dst, &st)
+		if st.Blocks*512 >= size {
+			t.Fatalf("copy to %s allocates %d bytes of %d: holes filled", d, st.Blocks*512, size)
+		}
+		if _, err := copyImage(src, dst, size); !errors.Is(err, os.ErrExist) {
+			t.Fatalf("copy over an existing file: %v", err)
+		}
+	}
 }

@@ -358,7 +358,9 @@ func (s *imageSet) createExcl(vol string) error {
 }
 
 // copyImage copies src (size bytes) to a new file dst and returns dst open
-// for writing: FICLONE, else copy_file_range, else read and write.
+// for writing: FICLONE (a reflink) where the file system can, else the data
+// extents only (SEEK_DATA/SEEK_HOLE; holes stay holes), each with
+// copy_file_range, else read and write.
 func copyImage(src, dst string, size int64) (*os.File, error) {
 	in, err := os.Open(src)
 	if err != nil {
@@ -380,29 +382,63 @@ func copyImage(src, dst string, size int64) (*os.File, error) {
 		}
 		return out, nil
 	}
-	var done int64
-	for done < size {
-		n, err := unix.CopyFileRange(int(in.Fd()), nil, int(out.Fd()), nil, int(min(size-done, 1<<30)), 0)
-		if err != nil || n == 0 {
-			break
-		}
-		done += int64(n)
-	}
-	if done < size {
-		if _, err := in.Seek(done, io.SeekStart); err != nil {
-			return fail(err)
-		}
-		if _, err := out.Seek(done, io.SeekStart); err != nil {
-			return fail(err)
-		}
-		if _, err := io.Copy(out, io.LimitReader(in, size-done)); err != nil {
-			return fail(err)
-		}
-	}
 	if err := out.Truncate(size); err != nil {
 		return fail(err)
 	}
+	ifd := int(in.Fd())
+	for pos := int64(0); pos < size; {
+		data, err := unix.Seek(ifd, pos, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			break // only a hole up to the end
+		}
+		hole := size
+		if err == nil {
+			if hole, err = unix.Seek(ifd, data, unix.SEEK_HOLE); err != nil {
+				return fail(err)
+			}
+		} else {
+			data = pos // no SEEK_DATA: copy everything
+		}
+		hole = min(hole, size)
+		if data >= size {
+			break
+		}
+		if err := copyRange(in, out, data, hole-data); err != nil {
+			return fail(err)
+		}
+		pos = hole
+	}
 	return out, nil
+}
+
+// copyRange copies n bytes at off from in to out: copy_file_range, else
+// read and write.
+func copyRange(in, out *os.File, off, n int64) error {
+	roff, woff := off, off
+	for n > 0 {
+		c, err := unix.CopyFileRange(int(in.Fd()), &roff, int(out.Fd()), &woff, int(min(n, 1<<30)), 0)
+		if err != nil || c == 0 {
+			break
+		}
+		n -= int64(c)
+	}
+	if n == 0 {
+		return nil
+	}
+	buf := make([]byte, 1<<20)
+	for n > 0 {
+		c := min(n, int64(len(buf)))
+		if _, err := in.ReadAt(buf[:c], roff); err != nil {
+			return err
+		}
+		if _, err := out.WriteAt(buf[:c], woff); err != nil {
+			return err
+		}
+		roff += c
+		woff += c
+		n -= c
+	}
+	return nil
 }
 
 func fmtTime(t time.Time) string {
