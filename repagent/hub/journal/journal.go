@@ -71,6 +71,8 @@ type Options struct {
 	// its error is returned instead of doing it. ops: "segment-write",
 	// "segment-sync", "image-write", "image-sync", "state-write".
 	inject func(op, path string) error
+	// passBytes, when set (tests), replaces maxPassBytes.
+	passBytes int64
 }
 
 // Point is a position in a VM's journal: the state of all its volumes after

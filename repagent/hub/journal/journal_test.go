@@ -248,7 +248,20 @@ func TestMaxBytes(t *testing.T) {
 	}
 	checkRecovered(t, "newest", materialize(t, j, Newest()), w.m)
 
+	// One ApplyNow applies everything in passes of bounded size.
 	dir := t.TempDir()
+	j = mustOpen(t, dir, Options{NoApplier: true, passBytes: 64 << 10})
+	w = newWriter(t, j, map[string]int64{"a": 1 << 20})
+	w.writes(100)
+	if err := j.ApplyNow(); err != nil {
+		t.Fatal(err)
+	}
+	if st := j.Stats(); st.Applied != st.Newest || st.ApplyPasses < 5 {
+		t.Fatalf("after ApplyNow with 64 KiB passes: applied %+v, newest %+v, %d passes", st.Applied, st.Newest, st.ApplyPasses)
+	}
+	checkBase(t, dir, w.m)
+
+	dir = t.TempDir()
 	j = mustOpen(t, dir, Options{ApplyInterval: 5 * time.Millisecond})
 	w = newWriter(t, j, map[string]int64{"a": 1 << 20})
 	w.writes(50)
