@@ -215,9 +215,11 @@ func (j *Journal) applyLoop() {
 	}
 }
 
-// ApplyNow runs one apply pass now: it applies the records that left the
-// retention window (or exceed MaxBytes), up to the newest consistent point
-// among them, and deletes segments wholly behind the applied position.
+// ApplyNow applies now, in passes of at most 256 MiB (a larger resync set
+// is one pass), the records that left the retention window (or exceed
+// MaxBytes), up to the newest consistent point among them, and deletes the
+// segments wholly behind the applied position. It returns the applier's
+// sticky error, if any.
 func (j *Journal) ApplyNow() error {
 	j.mu.Lock()
 	closed := j.closed
