@@ -763,3 +763,58 @@ func TestCopyImage(t *testing.T) {
 		}
 	}
 }
+
+// TestMaterializeWhileApplying: materializing while appends go on and the
+// applier advances the base images and deletes segments (Retain 0) gives
+// exactly the model's state at the point it reports.
+func TestMaterializeWhileApplying(t *testing.T) {
+	dir := t.TempDir()
+	j := mustOpen(t, dir, Options{ApplyInterval: time.Millisecond, SegmentBytes: 16 << 10})
+	vols := []string{"a", "b", "c"}
+	const seed = 7
+	g := newGen(seed, vols...)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if _, err := j.Append(context.Background(), g.op()); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	})
+	var pts []Recovered
+	deadline := time.Now().Add(time.Second)
+	for time.Now().Before(deadline) || len(pts) < 5 {
+		if j.Newest().Seq < 3 {
+			time.Sleep(time.Millisecond)
+			continue
+		}
+		rv, err := j.Materialize(context.Background(), Newest(), filepath.Join(t.TempDir(), "out"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		pts = append(pts, rv)
+	}
+	close(stop)
+	wg.Wait()
+	st := j.Stats()
+	if st.ApplyPasses == 0 || st.Applied.Pos == 0 {
+		t.Fatalf("the applier did not run: %+v", st)
+	}
+	ops := history(seed, st.LastSeq, vols...)
+	var seqs []uint64
+	for _, rv := range pts {
+		seqs = append(seqs, rv.Point.Seq)
+	}
+	models := modelsAt(ops, seqs)
+	for _, rv := range pts {
+		checkRecovered(t, fmt.Sprintf("point seq %d", rv.Point.Seq), rv, models[rv.Point.Seq])
+	}
+	t.Logf("%d points materialized while %d passes applied %d bytes", len(pts), st.ApplyPasses, st.AppliedBytes)
+}
