@@ -50,6 +50,7 @@ func AtCheckpoint(name string) Selector { return Selector{kind: selCheckpoint, n
 // AtPos selects the consistent point at journal position pos exactly.
 func AtPos(pos int64) Selector { return Selector{kind: selPos, pos: pos} }
 
+// String describes the selector ("seq 42", "checkpoint \"nightly\"").
 func (s Selector) String() string {
 	switch s.kind {
 	case selTime:
