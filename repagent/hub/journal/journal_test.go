@@ -675,7 +675,7 @@ func TestApplyMerges(t *testing.T) {
 }
 
 // TestLargeBatches: a burst of submissions larger than one group commit
-// (4 MiB) is written as several, in order.
+// (2 MiB) is written as several, in order.
 func TestLargeBatches(t *testing.T) {
 	j := mustOpen(t, t.TempDir(), Options{NoApplier: true})
 	w := newWriter(t, j, map[string]int64{"a": 4 << 20})
