@@ -31,18 +31,18 @@ type Device interface {
 
 // ExportConfig configures an export.
 type ExportConfig struct {
-	ID               string // export id; default Serial
-	Socket           string // unix socket path (see NewExport)
+	ID     string // export id; default Serial
+	Socket string // unix socket path (see NewExport)
 	// SocketOwner and SocketGroup (names or numeric ids; "" keeps the
 	// daemon's) and SocketMode (0: 0600) are the socket file's, from the
 	// first instant it exists.
 	SocketOwner, SocketGroup string
 	SocketMode               fs.FileMode
-	NumQueues        int    // 1 to MaxQueues; default 1
-	Writable         bool
-	LogicalBlockSize uint32 // power of two, 512 to 2 MiB; default 512
-	Serial           string // answered to GET_ID; default ID; at most 20 bytes
-	Logger           *slog.Logger
+	NumQueues                int // 1 to MaxQueues; default 1
+	Writable                 bool
+	LogicalBlockSize         uint32 // power of two, 512 to 2 MiB; default 512
+	Serial                   string // answered to GET_ID; default ID; at most 20 bytes
+	Logger                   *slog.Logger
 	// OnConnect and OnDisconnect are called when a front end connects or
 	// goes away (for QMP events). They may be nil and must not block.
 	OnConnect, OnDisconnect func()

@@ -102,4 +102,3 @@ socket-mode = "`+mode+`"`).Replace(serveConfig)
 	defer d.Close()
 	check("after restart", 0o600)
 }
-
