@@ -13,12 +13,12 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 # Packages from the main suite.
 MAIN_PKGS=(linux-image-amd64 busybox-static cpio fio cryptsetup-bin
-	thin-provisioning-tools ploop python3-cryptography dmsetup kmod systemd util-linux)
+	thin-provisioning-tools ploop python3-cryptography dmsetup kmod systemd util-linux adduser)
 # libvirt for the libvirt e2e test (it runs a private libvirtd; the
-# package's own services are kept from starting, see below) and the tools
-# that build and check the Debian package.
+# package's own services are kept from starting, see below). The Debian
+# package test needs adduser (the package's dependency), dpkg-deb (dpkg)
+# and systemd-analyze (systemd).
 LIBVIRT_PKGS=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients)
-DEB_PKGS=(dpkg-dev fakeroot)
 # Packages that must come from bookworm-backports (QEMU 10).
 BPO_PKGS=(qemu-system-x86 qemu-utils qemu-system-common)
 
@@ -105,7 +105,7 @@ fi
 # their sockets; on a CI machine those are not wanted (the test runs its
 # own private daemons). A policy-rc.d that answers 101 keeps invoke-rc.d
 # and deb-systemd-invoke from starting anything during the install.
-need_libvirt=$(missing "${LIBVIRT_PKGS[@]}" "${DEB_PKGS[@]}")
+need_libvirt=$(missing "${LIBVIRT_PKGS[@]}")
 if [ -n "$need_libvirt" ]; then
 	apt_update
 	log "installing $(echo $need_libvirt) (services not started)"

@@ -165,10 +165,12 @@ func runLibvirtHook(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	domain, op, sub := fs.Arg(0), fs.Arg(1), fs.Arg(2)
+	// libvirt writes the XML for every operation: read it all.
+	data, err := io.ReadAll(io.LimitReader(os.Stdin, 64<<20))
+	io.Copy(io.Discard, os.Stdin)
 	if op != "prepare" || sub != "begin" {
 		return 0
 	}
-	data, err := io.ReadAll(io.LimitReader(os.Stdin, 64<<20))
 	if err != nil {
 		fmt.Fprintf(stderr, "vhostdm: domain %s: read domain XML: %v\n", domain, err)
 		return 1
