@@ -185,7 +185,10 @@ func (lv *libvirt) virsh(timeout time.Duration, args ...string) (string, error) 
 // guide's domain XML on the guide's vhostdm configuration (socket-owner
 // libvirt-qemu), runs the verify pattern in the guest and checks the image
 // on the host. Then, with the socket left root's (no socket-owner), `virsh
-// start` must fail within libvirtStartBound and say why.
+// start` must fail within libvirtStartBound and say why (the vhostdm libvirt
+// hook); and without the hook it must behave as the guide says: QEMU logs
+// the permission error and `virsh start` waits until the domain is
+// destroyed.
 func TestLibvirt(t *testing.T) {
 	e := needEnv(t)
 	if os.Getuid() != 0 {
@@ -383,6 +386,61 @@ func TestLibvirt(t *testing.T) {
 		}
 		if st, _ := lv.virsh(30*time.Second, "domstate", "vm1"); strings.TrimSpace(st) != "shut off" {
 			t.Errorf("domain state after the refused start: %q", strings.TrimSpace(st))
+		}
+	})
+
+	// What the guide says happens without the hook: QEMU with <reconnect>
+	// waits for the socket, `virsh start` does not return, and the
+	// domain's QEMU log names the socket and the permission error.
+	t.Run("unreachable-socket-without-hook", func(t *testing.T) {
+		hook := filepath.Join(lv.root, "etc", "hooks", "qemu.d", "vhostdm")
+		orig, err := os.ReadFile(hook)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(hook, []byte("#!/bin/sh\ncat >/dev/null\nexit 0\n"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		defer os.WriteFile(hook, orig, 0o755)
+		bad := strings.ReplaceAll(toml, `socket-owner = "libvirt-qemu"`, "")
+		badPath := filepath.Join(root, "vm1-bad.toml")
+		if err := os.WriteFile(badPath, []byte(bad), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		startVhostdm(t, e, badPath)
+		os.Remove(filepath.Join(lv.root, "log", "qemu", "vm1.log"))
+		type result struct {
+			out string
+			err error
+		}
+		done := make(chan result, 1)
+		go func() {
+			out, err := lv.virsh(3*time.Minute, "start", "vm1")
+			done <- result{out, err}
+		}()
+		want := "Failed to connect to '" + filepath.Join(sockDir, "vm1-root.sock") + "': Permission denied"
+		deadline := time.Now().Add(libvirtStartBound)
+		for !strings.Contains(lv.qemuLog(), want) {
+			select {
+			case r := <-done:
+				t.Fatalf("virsh start returned (%v) before QEMU logged %q:\n%s\nQEMU log:\n%s", r.err, want, r.out, lv.qemuLog())
+			default:
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("QEMU log lacks %q after %v:\n%s", want, libvirtStartBound, lv.qemuLog())
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		select {
+		case r := <-done:
+			t.Fatalf("virsh start returned (%v) although QEMU cannot reach the socket: %s", r.err, r.out)
+		case <-time.After(5 * time.Second):
+		}
+		if out, err := lv.virsh(time.Minute, "destroy", "vm1"); err != nil {
+			t.Fatalf("virsh destroy: %v\n%s", err, out)
+		}
+		if r := <-done; r.err == nil {
+			t.Fatalf("virsh start succeeded: %s", r.out)
 		}
 	})
 	t.Logf("libvirt e2e took %v", time.Since(started).Round(time.Millisecond))
