@@ -295,6 +295,19 @@ func TestHostileSocketPaths(t *testing.T) {
 		after("block-export-add on " + target.name)
 	}
 
+	// A file that is not a socket (the configuration) is not replaced.
+	cfgA := filepath.Join(dirA, "vm.toml")
+	before, _ := os.ReadFile(cfgA)
+	_, err := q.exec("block-export-add", map[string]any{"type": "vhost-user-blk", "id": "evil0", "node-name": "evil",
+		"addr": map[string]any{"type": "unix", "path": cfgA}})
+	if err == nil || !strings.Contains(err.Error(), "exists and is not a socket") {
+		t.Fatalf("block-export-add on a regular file: %v", err)
+	}
+	if now, _ := os.ReadFile(cfgA); !bytes.Equal(now, before) {
+		t.Fatal("block-export-add changed a regular file at addr.path")
+	}
+	after("block-export-add on a regular file")
+
 	// A second daemon on the first one's paths fails and steals nothing;
 	// so does one whose export socket is the first one's QMP socket.
 	dirC := t.TempDir()
