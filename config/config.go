@@ -21,6 +21,9 @@
 //	writable = true
 //	logical-block-size = 512
 //	serial = "vm1-root"
+//	socket-owner = "libvirt-qemu"   # or a uid; default: the daemon's user
+//	socket-group = "kvm"            # or a gid; default: the daemon's group
+//	socket-mode = "0660"            # default "0600"
 //
 // Relative paths (sockets, and backend paths inside tables) are relative to
 // the directory of the configuration file. Every error names the file, the
@@ -41,6 +44,7 @@ import (
 
 	"github.com/BurntSushi/toml"
 
+	"github.com/vhostdm/vhostdm/internal/unixsock"
 	"github.com/vhostdm/vhostdm/mapper"
 )
 
@@ -89,6 +93,39 @@ func (c *Config) TableError(i int, err error) error {
 // QMP configures the control socket.
 type QMP struct {
 	Socket string `toml:"socket"` // unix socket path; empty: no QMP
+	SocketPerm
+}
+
+// SocketPerm is the ownership and mode of a socket file, applied before
+// the socket accepts its first connection and whenever it is recreated.
+type SocketPerm struct {
+	SocketOwner string `toml:"socket-owner"` // user name or uid; "": the daemon's
+	SocketGroup string `toml:"socket-group"` // group name or gid; "": the daemon's
+	SocketMode  string `toml:"socket-mode"`  // octal, e.g. "0660"; "": 0600
+}
+
+// Perm returns p for unixsock.Listen; p has been validated.
+func (p SocketPerm) Perm() unixsock.Perm {
+	m, _ := unixsock.ParseMode(p.SocketMode)
+	return unixsock.Perm{Owner: p.SocketOwner, Group: p.SocketGroup, Mode: m}
+}
+
+// validate checks the mode and looks the user and group up on this
+// machine.
+func (p SocketPerm) validate(v *validator, key string) {
+	if _, err := unixsock.ParseMode(p.SocketMode); err != nil {
+		v.errAt(key+".socket-mode", "%v", err)
+	}
+	if p.SocketOwner != "" {
+		if _, err := unixsock.LookupUser(p.SocketOwner); err != nil {
+			v.errAt(key+".socket-owner", "%v", err)
+		}
+	}
+	if p.SocketGroup != "" {
+		if _, err := unixsock.LookupGroup(p.SocketGroup); err != nil {
+			v.errAt(key+".socket-group", "%v", err)
+		}
+	}
 }
 
 // Device is one mapper device and its table.
@@ -108,6 +145,7 @@ type Export struct {
 	Writable         bool   `toml:"writable"`
 	LogicalBlockSize uint32 `toml:"logical-block-size"`
 	Serial           string `toml:"serial"`
+	SocketPerm
 	// Replication (see RepAgent): protect mirrors the export's writes to
 	// the hub; fall-behind is the threshold past which mirroring becomes
 	// synchronous ("ios N", "size N[s|k|m|g|t|p|e]", "timeout N[s|m|h|d]",
@@ -346,6 +384,7 @@ func (c *Config) validate(v *validator) {
 	}
 	ids := map[string]int{}
 	sockets := map[string]int{}
+	c.QMP.SocketPerm.validate(v, "qmp")
 	if c.QMP.Socket != "" {
 		sockets[c.Path(c.QMP.Socket)] = -1
 	}
@@ -378,6 +417,7 @@ func (c *Config) validate(v *validator) {
 		} else {
 			sockets[c.Path(e.Socket)] = i
 		}
+		e.SocketPerm.validate(v, key)
 		if e.NumQueues == 0 {
 			e.NumQueues = DefaultNumQueues
 		}

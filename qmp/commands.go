@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/vhostdm/vhostdm/internal/unixsock"
 	"github.com/vhostdm/vhostdm/mapper"
 )
 
@@ -48,6 +49,7 @@ func (s *Server) commands() map[string]*command {
 				req("path", kString),
 			}},
 			opt("writable", kBool), opt("num-queues", kUint16), opt("logical-block-size", kUint64), opt("serial", kString),
+			opt("socket-owner", kString), opt("socket-group", kString), opt("socket-mode", kString),
 		}, run: cmdExportAdd},
 		{name: "block-export-del", mutates: true, params: []param{req("id", kString), {name: "mode", kind: kString, opt: true, enum: []string{"safe", "hard"}}}, run: cmdExportDel},
 		{name: "query-block-exports", run: cmdQueryExports},
@@ -442,6 +444,17 @@ func cmdExportAdd(c *client, a args) (any, error) {
 	o := ExportOptions{
 		ID: a.str("id"), NodeName: a.str("node-name"), Socket: a.obj("addr").str("path"),
 		Writable: a.flag("writable"), NumQueues: 1, LogicalBlockSize: 512, Serial: a.str("serial"),
+		SocketOwner: a.str("socket-owner"), SocketGroup: a.str("socket-group"),
+	}
+	if a.has("socket-mode") {
+		mode, err := unixsock.ParseMode(a.str("socket-mode"))
+		if err != nil {
+			return nil, genericf("%v", err)
+		}
+		o.SocketMode = mode
+	}
+	if err := (unixsock.Perm{Owner: o.SocketOwner, Group: o.SocketGroup, Mode: o.SocketMode}).Check(); err != nil {
+		return nil, genericf("%v", err)
 	}
 	if !idWellFormed(o.ID) {
 		return nil, genericf("Invalid block export id")

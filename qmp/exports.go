@@ -1,5 +1,7 @@
 package qmp
 
+import "io/fs"
+
 // ExportOptions are the settings of block-export-add for a vhost-user-blk
 // export, checked for syntax by the server before Exports.Add sees them.
 type ExportOptions struct {
@@ -13,6 +15,11 @@ type ExportOptions struct {
 	// of two from 512 to 2 MiB (default 512).
 	LogicalBlockSize uint32
 	Serial           string // the virtio-blk serial (GET_ID), "" for none
+	// SocketOwner and SocketGroup (names or numeric ids, "" for the
+	// daemon's own) and SocketMode (default 0600) are the socket file's
+	// ownership and mode, checked by the server.
+	SocketOwner, SocketGroup string
+	SocketMode               fs.FileMode
 }
 
 // ExportInfo is one entry of query-block-exports.

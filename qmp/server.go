@@ -7,15 +7,12 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"os"
-	"path/filepath"
 	"slices"
-	"strconv"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
+	"github.com/vhostdm/vhostdm/internal/unixsock"
 	"github.com/vhostdm/vhostdm/mapper"
 )
 
@@ -255,55 +252,13 @@ func (s *Server) MapperEvent(e mapper.Event) {
 	s.Emit(EventDM, map[string]any{"name": e.Device, "target": target, "event": e.Kind, "data": data})
 }
 
-// ListenUnix listens on a unix socket at path that only the owner may use
-// (mode 0600). The socket is made under a temporary name and renamed into
-// place after its mode is set, so nobody else can connect in between. A
-// stale socket at path (one nobody listens on) is replaced; a live one, or
-// another kind of file, is an error. Closing the listener removes path.
+// ListenUnix listens on the unix socket path for Serve, mode 0600 from
+// the first instant. A stale socket file is replaced; a socket a server
+// answers on is not (the error wraps syscall.EADDRINUSE), nor is any other
+// kind of file. Closing the listener removes the socket file while it is
+// still this listener's. See internal/unixsock for owner, group and mode.
 func ListenUnix(path string) (net.Listener, error) {
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode().Type() != os.ModeSocket {
-			return nil, fmt.Errorf("listen %s: exists and is not a socket", path)
-		}
-		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("listen %s: %w", path, syscall.EADDRINUSE)
-		}
-	}
-	tmp := filepath.Join(filepath.Dir(path), ".qmp"+strconv.Itoa(os.Getpid())+"-"+strconv.FormatUint(uint64(time.Now().UnixNano()%1e6), 10))
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: tmp, Net: "unix"})
-	if err != nil {
-		return nil, fmt.Errorf("listen %s: %w", path, err)
-	}
-	l.SetUnlinkOnClose(false)
-	if err := os.Chmod(tmp, 0o600); err != nil {
-		l.Close()
-		os.Remove(tmp)
-		return nil, fmt.Errorf("listen %s: %w", path, err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		l.Close()
-		os.Remove(tmp)
-		return nil, fmt.Errorf("listen %s: %w", path, err)
-	}
-	return &unixListener{UnixListener: l, path: path}, nil
-}
-
-// unixListener removes its socket file on Close.
-type unixListener struct {
-	*net.UnixListener
-	path string
-	once sync.Once
-}
-
-// Addr returns the socket's final path, not the temporary name it was
-// bound under.
-func (l *unixListener) Addr() net.Addr { return &net.UnixAddr{Name: l.path, Net: "unix"} }
-
-func (l *unixListener) Close() error {
-	err := l.UnixListener.Close()
-	l.once.Do(func() { os.Remove(l.path) })
-	return err
+	return unixsock.Listen(path, unixsock.Perm{})
 }
 
 // outMsg is one encoded message for a client; after, if set, runs once

@@ -182,12 +182,27 @@ func TestExportOptionsPassed(t *testing.T) {
 	c.ok("dm-create", map[string]any{"name": "vm0", "table": "0 8 qmptest a"})
 	c.ok("block-export-add", map[string]any{"type": "vhost-user-blk", "id": "d0", "node-name": "vm0",
 		"addr": map[string]any{"type": "unix", "path": "/run/d0.sock"}, "writable": true, "num-queues": 4,
-		"logical-block-size": 4096, "serial": "S0"})
+		"logical-block-size": 4096, "serial": "S0", "socket-owner": "root", "socket-group": "0", "socket-mode": "0660"})
 	c.ok("block-export-add", map[string]any{"type": "vhost-user-blk", "id": "d1", "node-name": "vm0",
 		"addr": map[string]any{"type": "unix", "path": "/run/d1.sock"}})
+	for _, bad := range []struct{ key, val, want string }{
+		{"socket-owner", "no-such-user-vhostdm", `socket-owner "no-such-user-vhostdm": no such user`},
+		{"socket-group", "no-such-group-vhostdm", `socket-group "no-such-group-vhostdm": no such group`},
+		{"socket-mode", "0999", `socket-mode "0999": want an octal mode`},
+	} {
+		class, desc := c.fails("block-export-add", map[string]any{"type": "vhost-user-blk", "id": "d2", "node-name": "vm0",
+			"addr": map[string]any{"type": "unix", "path": "/run/d2.sock"}, bad.key: bad.val})
+		if class != ClassGenericError || !strings.Contains(desc, bad.want) {
+			t.Errorf("%s %q: %s %q, want %q", bad.key, bad.val, class, desc, bad.want)
+		}
+	}
 	want := map[string]ExportOptions{
-		"d0": {ID: "d0", NodeName: "vm0", Socket: "/run/d0.sock", Writable: true, NumQueues: 4, LogicalBlockSize: 4096, Serial: "S0"},
+		"d0": {ID: "d0", NodeName: "vm0", Socket: "/run/d0.sock", Writable: true, NumQueues: 4, LogicalBlockSize: 4096, Serial: "S0",
+			SocketOwner: "root", SocketGroup: "0", SocketMode: 0o660},
 		"d1": {ID: "d1", NodeName: "vm0", Socket: "/run/d1.sock", NumQueues: 1, LogicalBlockSize: 512},
+	}
+	if _, ok := e.exports.get("d2"); ok {
+		t.Error("an export with bad socket keys was added")
 	}
 	for id, w := range want {
 		if got, _ := e.exports.get(id); got != w {

@@ -13,7 +13,12 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 # Packages from the main suite.
 MAIN_PKGS=(linux-image-amd64 busybox-static cpio fio cryptsetup-bin
-	thin-provisioning-tools ploop python3-cryptography dmsetup kmod systemd util-linux)
+	thin-provisioning-tools ploop python3-cryptography dmsetup kmod systemd util-linux adduser)
+# libvirt for the libvirt e2e test (it runs a private libvirtd; the
+# package's own services are kept from starting, see below). The Debian
+# package test needs adduser (the package's dependency), dpkg-deb (dpkg)
+# and systemd-analyze (systemd).
+LIBVIRT_PKGS=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients)
 # Packages that must come from bookworm-backports (QEMU 10).
 BPO_PKGS=(qemu-system-x86 qemu-utils qemu-system-common)
 
@@ -94,6 +99,27 @@ if [ -n "$need_main" ]; then
 	apt_update
 	log "installing $(echo $need_main)"
 	$SUDO apt-get install -y -qq --no-install-recommends $need_main >/dev/null
+fi
+
+# libvirt-daemon-system's maintainer scripts start libvirtd, virtlogd and
+# their sockets; on a CI machine those are not wanted (the test runs its
+# own private daemons). A policy-rc.d that answers 101 keeps invoke-rc.d
+# and deb-systemd-invoke from starting anything during the install.
+need_libvirt=$(missing "${LIBVIRT_PKGS[@]}")
+if [ -n "$need_libvirt" ]; then
+	apt_update
+	log "installing $(echo $need_libvirt) (services not started)"
+	policy=/usr/sbin/policy-rc.d
+	own_policy=""
+	if [ ! -e "$policy" ]; then
+		printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+		$SUDO chmod 0755 "$policy"
+		own_policy=1
+	fi
+	rc=0
+	$SUDO apt-get install -y -qq --no-install-recommends $need_libvirt >/dev/null || rc=$?
+	[ -n "$own_policy" ] && $SUDO rm -f "$policy"
+	[ "$rc" -eq 0 ] || exit "$rc"
 fi
 
 major=$(qemu_major || true)

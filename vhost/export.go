@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/vhostdm/vhostdm/internal/unixsock"
 	"github.com/vhostdm/vhostdm/mapper"
 )
 
@@ -30,13 +31,18 @@ type Device interface {
 
 // ExportConfig configures an export.
 type ExportConfig struct {
-	ID               string // export id; default Serial
-	Socket           string // unix socket path, created mode 0600
-	NumQueues        int    // 1 to MaxQueues; default 1
-	Writable         bool
-	LogicalBlockSize uint32 // power of two, 512 to 2 MiB; default 512
-	Serial           string // answered to GET_ID; default ID; at most 20 bytes
-	Logger           *slog.Logger
+	ID     string // export id; default Serial
+	Socket string // unix socket path (see NewExport)
+	// SocketOwner and SocketGroup (names or numeric ids; "" keeps the
+	// daemon's) and SocketMode (0: 0600) are the socket file's, from the
+	// first instant it exists.
+	SocketOwner, SocketGroup string
+	SocketMode               fs.FileMode
+	NumQueues                int // 1 to MaxQueues; default 1
+	Writable                 bool
+	LogicalBlockSize         uint32 // power of two, 512 to 2 MiB; default 512
+	Serial                   string // answered to GET_ID; default ID; at most 20 bytes
+	Logger                   *slog.Logger
 	// OnConnect and OnDisconnect are called when a front end connects or
 	// goes away (for QMP events). They may be nil and must not block.
 	OnConnect, OnDisconnect func()
@@ -79,7 +85,7 @@ type Export struct {
 	cfg      ExportConfig
 	dev      Device
 	log      *slog.Logger
-	ln       *net.UnixListener
+	ln       *unixsock.Listener
 	readOnly bool
 
 	connected atomic.Bool
@@ -92,8 +98,10 @@ type Export struct {
 	cancel  func()        // unregisters the resize watcher
 }
 
-// NewExport validates cfg and listens on cfg.Socket, replacing a stale
-// socket file. Serve accepts front ends.
+// NewExport validates cfg and listens on cfg.Socket with the configured
+// owner, group and mode. A stale socket file is replaced; a socket that a
+// server answers on (another export, a QMP socket, another daemon) is not,
+// and neither is any other kind of file. Serve accepts front ends.
 func NewExport(cfg ExportConfig, dev Device) (*Export, error) {
 	if dev == nil {
 		return nil, errors.New("export: no device")
@@ -131,15 +139,8 @@ func NewExport(cfg ExportConfig, dev Device) (*Export, error) {
 	}
 	cfg.Poll = tunable(cfg.Poll, "VHOSTDM_POLL", defaultPoll())
 	cfg.Inline = tunable(cfg.Inline, "VHOSTDM_INLINE", defaultInline)
-	if err := removeStaleSocket(cfg.Socket); err != nil {
-		return nil, fmt.Errorf("export %s: %w", cfg.ID, err)
-	}
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: cfg.Socket, Net: "unix"})
+	ln, err := unixsock.Listen(cfg.Socket, unixsock.Perm{Owner: cfg.SocketOwner, Group: cfg.SocketGroup, Mode: cfg.SocketMode})
 	if err != nil {
-		return nil, fmt.Errorf("export %s: %w", cfg.ID, err)
-	}
-	if err := os.Chmod(cfg.Socket, 0o600); err != nil {
-		ln.Close()
 		return nil, fmt.Errorf("export %s: %w", cfg.ID, err)
 	}
 	e := &Export{cfg: cfg, dev: dev, ln: ln, readOnly: !cfg.Writable || dev.ReadOnly(),
@@ -179,22 +180,6 @@ func tunable(v time.Duration, env string, def time.Duration) time.Duration {
 		return -1
 	}
 	return v
-}
-
-// removeStaleSocket removes a socket file left at path; any other kind of
-// file is an error.
-func removeStaleSocket(path string) error {
-	st, err := os.Lstat(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	if st.Mode().Type() != fs.ModeSocket {
-		return fmt.Errorf("%s exists and is not a socket", path)
-	}
-	return os.Remove(path)
 }
 
 // Config returns the export's configuration with defaults filled in.

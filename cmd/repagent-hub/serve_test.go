@@ -1,11 +1,13 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -35,6 +37,15 @@ func TestServeNotifyMetricsQuit(t *testing.T) {
 	}()
 	if got := ns.Next(); !strings.HasPrefix(got, "READY=1\nSTATUS=listening on 127.0.0.1:") {
 		t.Fatalf("first notification %q", got)
+	}
+	// The QMP socket is the owner's only, and a second hub cannot take it.
+	if fi, err := os.Stat(sock); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("QMP socket: %v %v, want mode 0600", fi.Mode(), err)
+	}
+	var second bytes.Buffer
+	if code := run([]string{"serve", "--listen", "127.0.0.1:0", "--store", filepath.Join(dir, "store2"),
+		"--qmp", sock}, io.Discard, &second); code != 1 || !strings.Contains(second.String(), "a running server answers on this socket") {
+		t.Fatalf("a second hub on the same QMP socket: exit %d: %s", code, second.String())
 	}
 	resp, err := http.Get("http://" + maddr + "/metrics")
 	if err != nil {

@@ -82,9 +82,10 @@ var ctlVerbs = map[string]*ctlVerb{
 	"info": {args: "[NAME]", help: "print device information as dmsetup info does",
 		max: 1, run: ctlInfo},
 	"ls": {help: "list devices and their sizes", run: ctlLs},
-	"export-add": {args: "ID NODE-NAME SOCKET [--writable] [--num-queues N] [--logical-block-size BYTES] [--serial SERIAL]",
+	"export-add": {args: "ID NODE-NAME SOCKET [--writable] [--num-queues N] [--logical-block-size BYTES] [--serial SERIAL] [--socket-owner USER] [--socket-group GROUP] [--socket-mode MODE]",
 		help: "export a device over vhost-user-blk on SOCKET",
-		min:  3, max: 3, flags: map[string]bool{"writable": false, "num-queues": true, "logical-block-size": true, "serial": true}, run: ctlExportAdd},
+		min:  3, max: 3, flags: map[string]bool{"writable": false, "num-queues": true, "logical-block-size": true, "serial": true,
+			"socket-owner": true, "socket-group": true, "socket-mode": true}, run: ctlExportAdd},
 	"export-del": {args: "ID [--mode safe|hard]", help: "remove an export",
 		min: 1, max: 1, flags: map[string]bool{"mode": true}, run: ctlExportDel},
 	"exports": {help: "list exports", run: ctlExports},
@@ -523,8 +524,10 @@ func ctlExportAdd(c *ctlConn, a *ctlArgs) error {
 			args[f] = n
 		}
 	}
-	if s, ok := a.flags["serial"]; ok {
-		args["serial"] = s
+	for _, f := range []string{"serial", "socket-owner", "socket-group", "socket-mode"} {
+		if s, ok := a.flags[f]; ok {
+			args[f] = s
+		}
 	}
 	return c.run("block-export-add", args, nil)
 }

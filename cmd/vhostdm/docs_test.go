@@ -71,6 +71,10 @@ func TestReferenceDocumentsConfigKeys(t *testing.T) {
 		for i := 0; i < typ.NumField(); i++ {
 			f := typ.Field(i)
 			tag := f.Tag.Get("toml")
+			if f.Anonymous && tag == "" {
+				walk(prefix, f.Type) // embedded keys, e.g. config.SocketPerm
+				continue
+			}
 			if tag == "" || tag == "-" {
 				continue
 			}

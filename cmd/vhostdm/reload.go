@@ -8,7 +8,6 @@ import (
 
 	"github.com/vhostdm/vhostdm/config"
 	"github.com/vhostdm/vhostdm/internal/sdnotify"
-	"github.com/vhostdm/vhostdm/qmp"
 )
 
 // summary is the one-line state reported to systemd.
@@ -33,8 +32,8 @@ func (d *daemon) reloadConfig(path string) error {
 		return err
 	}
 	old := d.cfg
-	if c.QMP.Socket != old.QMP.Socket {
-		d.log.Warn("the QMP socket cannot change while running; restart to move it", "socket", c.QMP.Socket)
+	if c.QMP != old.QMP {
+		d.log.Warn("the QMP socket, its owner, group and mode cannot change while running; restart to apply", "socket", c.QMP.Socket)
 	}
 	oldDev := map[string]config.Device{}
 	for _, dc := range old.Devices {
@@ -109,9 +108,7 @@ func (d *daemon) reloadConfig(path string) error {
 		if o, ok := oldExp[e.ID]; ok && o == e && old.Path(o.Socket) == c.Path(e.Socket) {
 			continue
 		}
-		err := d.ex.Add(qmp.ExportOptions{ID: e.ID, NodeName: e.Device, Socket: c.Path(e.Socket), Writable: e.Writable,
-			NumQueues: e.NumQueues, LogicalBlockSize: e.LogicalBlockSize, Serial: e.Serial})
-		if err != nil {
+		if err := d.ex.Add(exportOptions(c, e)); err != nil {
 			errs = append(errs, fmt.Errorf("export %q: %w", e.ID, err))
 		}
 	}

@@ -20,6 +20,7 @@ import (
 	"github.com/vhostdm/vhostdm/config"
 	"github.com/vhostdm/vhostdm/internal/logging"
 	"github.com/vhostdm/vhostdm/internal/sdnotify"
+	"github.com/vhostdm/vhostdm/internal/unixsock"
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/metrics"
 	"github.com/vhostdm/vhostdm/qmp"
@@ -198,7 +199,7 @@ func startDaemon(ctx context.Context, c *config.Config, log *slog.Logger) (*daem
 		log.Info("metrics listening", "addr", d.metricsAddr)
 	}
 	if c.QMP.Socket != "" {
-		ln, err := qmp.ListenUnix(c.Path(c.QMP.Socket))
+		ln, err := unixsock.Listen(c.Path(c.QMP.Socket), c.QMP.Perm())
 		if err != nil {
 			return fail(fmt.Errorf("qmp: %w", err))
 		}
@@ -215,14 +216,20 @@ func startDaemon(ctx context.Context, c *config.Config, log *slog.Logger) (*daem
 		log.Info("qmp listening", "socket", c.Path(c.QMP.Socket))
 	}
 	for _, e := range c.Exports {
-		o := qmp.ExportOptions{ID: e.ID, NodeName: e.Device, Socket: c.Path(e.Socket), Writable: e.Writable,
-			NumQueues: e.NumQueues, LogicalBlockSize: e.LogicalBlockSize, Serial: e.Serial}
-		if err := d.ex.Add(o); err != nil {
+		if err := d.ex.Add(exportOptions(c, e)); err != nil {
 			return fail(fmt.Errorf("%s: export %q: %w", c.File, e.ID, err))
 		}
 	}
 	log.Info("ready", "devices", len(order), "exports", len(c.Exports))
 	return d, nil
+}
+
+// exportOptions returns the settings of a configured export.
+func exportOptions(c *config.Config, e config.Export) qmp.ExportOptions {
+	p := e.Perm()
+	return qmp.ExportOptions{ID: e.ID, NodeName: e.Device, Socket: c.Path(e.Socket), Writable: e.Writable,
+		NumQueues: e.NumQueues, LogicalBlockSize: e.LogicalBlockSize, Serial: e.Serial,
+		SocketOwner: p.Owner, SocketGroup: p.Group, SocketMode: p.Mode}
 }
 
 // Close stops accepting front ends, lets in-flight I/O finish, flushes and
@@ -339,6 +346,7 @@ func (s *exportSet) Add(o qmp.ExportOptions) error {
 	x, err := vhost.NewExport(vhost.ExportConfig{
 		ID: o.ID, Socket: o.Socket, NumQueues: o.NumQueues, Writable: o.Writable,
 		LogicalBlockSize: o.LogicalBlockSize, Serial: o.Serial,
+		SocketOwner: o.SocketOwner, SocketGroup: o.SocketGroup, SocketMode: o.SocketMode,
 		Logger:    s.d.log,
 		OnConnect: connection(true), OnDisconnect: connection(false),
 	}, vdev)

@@ -51,3 +51,43 @@ writable = true
 		t.Fatalf("validate without -c: exit %d", code)
 	}
 }
+
+// TestValidateSocketKeys: unknown users and groups and bad modes of the
+// socket keys are configuration errors with file:line:key.
+func TestValidateSocketKeys(t *testing.T) {
+	dir := t.TempDir()
+	path := writeConfig(t, dir, `[qmp]
+socket = "q.sock"
+socket-owner = "no-such-user-vhostdm"
+socket-mode = "0999"
+
+[[device]]
+name = "d"
+table = "0 8 zero"
+
+[[export]]
+id = "e"
+device = "d"
+socket = "e.sock"
+socket-owner = "root"
+socket-group = "no-such-group-vhostdm"
+socket-mode = "rw"
+`)
+	var out, errb bytes.Buffer
+	if code := run([]string{"validate", "-c", path}, &out, &errb); code != 1 {
+		t.Fatalf("exit %d: %s", code, errb.String())
+	}
+	for _, want := range []string{
+		path + `:3: qmp.socket-owner: socket-owner "no-such-user-vhostdm": no such user`,
+		path + `:4: qmp.socket-mode: socket-mode "0999": want an octal mode`,
+		path + `:15: export[0].socket-group: socket-group "no-such-group-vhostdm": no such group`,
+		path + `:16: export[0].socket-mode: socket-mode "rw": want an octal mode`,
+	} {
+		if !strings.Contains(errb.String(), want) {
+			t.Errorf("missing %q in:\n%s", want, errb.String())
+		}
+	}
+	if strings.Contains(errb.String(), "socket-owner \"root\"") {
+		t.Errorf("user root refused:\n%s", errb.String())
+	}
+}

@@ -9,6 +9,11 @@
 // QEMU, qemu-storage-daemon, the kernel, busybox-static and fio come from
 // scripts/setup.sh; a missing one fails the suite with that advice.
 //
+// TestLibvirt runs a private libvirtd (system mode, in a private mount
+// namespace; it needs root and the packages libvirt-daemon-system,
+// libvirt-daemon-driver-qemu and libvirt-clients from scripts/setup.sh) and
+// boots the guide's domain XML from docs/OPERATIONS.md.
+//
 // Environment:
 //   - VHOSTDM_E2E_FIO_JSON=path: where to write the fio figures as JSON
 //     (default $TMPDIR/vhostdm-e2e-fio.json).
