@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -186,11 +187,11 @@ func TestExportOptionsPassed(t *testing.T) {
 	c.ok("block-export-add", map[string]any{"type": "vhost-user-blk", "id": "d1", "node-name": "vm0",
 		"addr": map[string]any{"type": "unix", "path": "/run/d1.sock"}})
 	want := map[string]ExportOptions{
-		"d0": {ID: "d0", NodeName: "vm0", Socket: "/run/d0.sock", Writable: true, NumQueues: 4, LogicalBlockSize: 4096, Serial: "S0"},
-		"d1": {ID: "d1", NodeName: "vm0", Socket: "/run/d1.sock", NumQueues: 1, LogicalBlockSize: 512},
+		"d0": {Type: "vhost-user-blk", ID: "d0", NodeName: "vm0", Socket: "/run/d0.sock", Writable: true, NumQueues: 4, LogicalBlockSize: 4096, Serial: "S0"},
+		"d1": {Type: "vhost-user-blk", ID: "d1", NodeName: "vm0", Socket: "/run/d1.sock", NumQueues: 1, LogicalBlockSize: 512},
 	}
 	for id, w := range want {
-		if got, _ := e.exports.get(id); got != w {
+		if got, _ := e.exports.get(id); !reflect.DeepEqual(got, w) {
 			t.Errorf("export %s: %+v, want %+v", id, got, w)
 		}
 	}

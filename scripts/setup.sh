@@ -12,7 +12,7 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 # Packages from the main suite.
-MAIN_PKGS=(linux-image-amd64 busybox-static cpio fio cryptsetup-bin
+MAIN_PKGS=(linux-image-amd64 busybox-static cpio fio cryptsetup-bin libnbd-bin
 	thin-provisioning-tools ploop python3-cryptography dmsetup kmod systemd util-linux)
 # Packages that must come from bookworm-backports (QEMU 10).
 BPO_PKGS=(qemu-system-x86 qemu-utils qemu-system-common)

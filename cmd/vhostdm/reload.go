@@ -3,12 +3,12 @@ package main
 import (
 	"errors"
 	"fmt"
+	"reflect"
 	"slices"
 	"strings"
 
 	"github.com/vhostdm/vhostdm/config"
 	"github.com/vhostdm/vhostdm/internal/sdnotify"
-	"github.com/vhostdm/vhostdm/qmp"
 )
 
 // summary is the one-line state reported to systemd.
@@ -58,7 +58,7 @@ func (d *daemon) reloadConfig(path string) error {
 	var errs []error
 	// Exports that went away or changed settings go first.
 	for id, e := range oldExp {
-		if n, ok := newExp[id]; !ok || n != e || old.Path(e.Socket) != c.Path(n.Socket) {
+		if n, ok := newExp[id]; !ok || !reflect.DeepEqual(n, e) || old.Path(e.Socket) != c.Path(n.Socket) {
 			if err := d.ex.Del(id, "hard"); err != nil {
 				errs = append(errs, fmt.Errorf("export %q: %w", id, err))
 			} else {
@@ -101,11 +101,10 @@ func (d *daemon) reloadConfig(path string) error {
 		d.log.Info("device removed by reload", "device", dc.Name)
 	}
 	for _, e := range c.Exports {
-		if o, ok := oldExp[e.ID]; ok && o == e && old.Path(o.Socket) == c.Path(e.Socket) {
+		if o, ok := oldExp[e.ID]; ok && reflect.DeepEqual(o, e) && old.Path(o.Socket) == c.Path(e.Socket) {
 			continue
 		}
-		err := d.ex.Add(qmp.ExportOptions{ID: e.ID, NodeName: e.Device, Socket: c.Path(e.Socket), Writable: e.Writable,
-			NumQueues: e.NumQueues, LogicalBlockSize: e.LogicalBlockSize, Serial: e.Serial})
+		err := d.ex.Add(exportOptions(c, e))
 		if err != nil {
 			errs = append(errs, fmt.Errorf("export %q: %w", e.ID, err))
 		}

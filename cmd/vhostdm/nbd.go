@@ -1,0 +1,224 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"syscall"
+
+	"github.com/vhostdm/vhostdm/config"
+	"github.com/vhostdm/vhostdm/mapper"
+	"github.com/vhostdm/vhostdm/nbd"
+	"github.com/vhostdm/vhostdm/qmp"
+)
+
+// exportOptions turns a configured export into block-export-add's options.
+func exportOptions(c *config.Config, e config.Export) qmp.ExportOptions {
+	o := qmp.ExportOptions{Type: e.Type, ID: e.ID, NodeName: e.Device, Socket: c.Path(e.Socket), Writable: e.Writable,
+		NumQueues: e.NumQueues, LogicalBlockSize: e.LogicalBlockSize, Serial: e.Serial}
+	if e.Type == config.TypeNBD {
+		o.Listen, o.Name, o.Description, o.Bitmaps = e.Listen, e.Name, e.Description, e.Bitmaps
+		o.TLSCreds, o.TLSNoVerifyPeer = c.Path(e.TLSCreds), !e.VerifyPeer()
+		if e.Listen != "" {
+			o.Socket = ""
+		}
+	}
+	return o
+}
+
+// nbdServer is one NBD listening address and the exports served there.
+type nbdServer struct {
+	srv   *nbd.Server
+	tls   string // TLSCreds + verify flag, which every export of the address shares
+	refs  int
+	done  chan struct{}
+	unix  string // socket path to remove on close
+	close func()
+}
+
+// nbdExport is one NBD export on a shared server.
+type nbdExport struct {
+	s       *exportSet
+	key     string
+	srv     *nbdServer
+	name    string
+	bitmaps []*mapper.DirtyBitmap
+}
+
+func nbdAddrKey(o qmp.ExportOptions) string {
+	if o.Listen != "" {
+		return "tcp:" + o.Listen
+	}
+	return "unix:" + o.Socket
+}
+
+// exportBitmaps finds, checks and acquires the bitmaps an NBD export
+// names, with QEMU's refusals (nbd/server.c and bdrv_dirty_bitmap_check).
+func exportBitmaps(dev *mapper.Device, names []string, writable bool) ([]*mapper.DirtyBitmap, error) {
+	var out []*mapper.DirtyBitmap
+	release := func() {
+		for _, b := range out {
+			b.Release()
+		}
+	}
+	for _, n := range names {
+		b, err := dev.Bitmap(n)
+		if err != nil {
+			release()
+			return nil, mapper.Errorf(mapper.ErrNotFound, "Bitmap '%s' is not found", n)
+		}
+		if err := b.CheckUsable(); err != nil {
+			release()
+			return nil, err
+		}
+		if !writable && b.Enabled() {
+			release()
+			return nil, mapper.Errorf(mapper.ErrInvalid, "Enabled bitmap '%s' incompatible with readonly export", n)
+		}
+		b.Acquire()
+		out = append(out, b)
+	}
+	return out, nil
+}
+
+// addNBD adds an NBD export; s.mu is held.
+func (s *exportSet) addNBD(o qmp.ExportOptions, dev *mapper.Device) error {
+	if o.Writable {
+		// Replication mirrors at the vhost export: a writable NBD export
+		// of a protected device would bypass it.
+		for id, e := range s.exports {
+			if e.x != nil && e.opts.NodeName == o.NodeName && s.d.repOpts[id].Protect {
+				return fmt.Errorf("device %s is replicated through export %q: a writable NBD export would bypass the mirror", o.NodeName, id)
+			}
+		}
+	}
+	bms, err := exportBitmaps(dev, o.Bitmaps, o.Writable)
+	if err != nil {
+		return err
+	}
+	key := nbdAddrKey(o)
+	tlsKey := fmt.Sprintf("%s|%t", o.TLSCreds, o.TLSNoVerifyPeer)
+	srv := s.nbdServers[key]
+	if srv != nil && srv.tls != tlsKey {
+		release(bms)
+		return fmt.Errorf("NBD address %s is served with other TLS settings", key)
+	}
+	if srv == nil {
+		if srv, err = s.startNBD(o, key, tlsKey); err != nil {
+			release(bms)
+			return err
+		}
+	}
+	var bitmaps []nbd.Bitmap
+	for _, b := range bms {
+		bitmaps = append(bitmaps, b)
+	}
+	if err := srv.srv.Add(&nbd.Export{Name: o.Name, Description: o.Description, Device: dev, Writable: o.Writable, Bitmaps: bitmaps}); err != nil {
+		release(bms)
+		if srv.refs == 0 {
+			srv.close()
+		}
+		return err
+	}
+	srv.refs++
+	s.nbdServers[key] = srv
+	dev.Open()
+	done := make(chan struct{})
+	close(done)
+	s.exports[o.ID] = &export{opts: o, dev: dev, done: done, nbd: &nbdExport{s: s, key: key, srv: srv, name: o.Name, bitmaps: bms}}
+	s.d.log.Info("nbd export added", "export", o.ID, "device", o.NodeName, "name", o.Name, "addr", key, "writable", o.Writable, "bitmaps", o.Bitmaps)
+	return nil
+}
+
+func release(bms []*mapper.DirtyBitmap) {
+	for _, b := range bms {
+		b.Release()
+	}
+}
+
+// startNBD listens on o's address and serves it until the last export
+// there is removed or the daemon stops.
+func (s *exportSet) startNBD(o qmp.ExportOptions, key, tlsKey string) (*nbdServer, error) {
+	cfg := nbd.Config{Logger: s.d.log.With("nbd", key)}
+	if o.TLSCreds != "" {
+		tc, err := nbd.TLSFromDir(o.TLSCreds, !o.TLSNoVerifyPeer)
+		if err != nil {
+			return nil, err
+		}
+		cfg.TLS = tc
+	}
+	var ln net.Listener
+	var err error
+	if o.Listen != "" {
+		ln, err = net.Listen("tcp", o.Listen)
+	} else {
+		ln, err = listenUnix(o.Socket)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("nbd: %w", err)
+	}
+	ns := &nbdServer{srv: nbd.NewServer(cfg), tls: tlsKey, done: make(chan struct{})}
+	if o.Listen == "" {
+		ns.unix = o.Socket
+	}
+	ns.close = func() {
+		ns.srv.Close()
+		<-ns.done
+		if ns.unix != "" {
+			os.Remove(ns.unix)
+		}
+	}
+	go func() {
+		defer close(ns.done)
+		if err := ns.srv.Serve(s.d.ctx, ln); err != nil && !errors.Is(err, nbd.ErrServerClosed) {
+			s.d.log.Error("nbd server stopped", "addr", key, "err", err)
+		}
+	}()
+	s.d.log.Info("nbd listening", "addr", ln.Addr().String(), "tls", o.TLSCreds != "")
+	return ns, nil
+}
+
+// listenUnix listens on a unix socket with mode 0600, replacing a stale
+// socket file that nobody listens on.
+func listenUnix(path string) (net.Listener, error) {
+	ln, err := net.Listen("unix", path)
+	if errors.Is(err, syscall.EADDRINUSE) {
+		if c, derr := net.Dial("unix", path); derr == nil {
+			c.Close()
+			return nil, fmt.Errorf("%s: another process listens there", path)
+		}
+		if st, serr := os.Lstat(path); serr == nil && st.Mode()&os.ModeSocket != 0 {
+			os.Remove(path)
+		}
+		ln, err = net.Listen("unix", path)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	return ln, nil
+}
+
+func (e *nbdExport) connected() bool { return e.srv.srv.Clients(e.name) > 0 }
+
+// close removes the export from its server (disconnecting its clients)
+// and stops the server with its last export.
+func (e *nbdExport) close() error {
+	err := e.srv.srv.Remove(e.name, true)
+	release(e.bitmaps)
+	e.s.mu.Lock()
+	e.srv.refs--
+	last := e.srv.refs == 0
+	if last && e.s.nbdServers[e.key] == e.srv {
+		delete(e.s.nbdServers, e.key)
+	}
+	e.s.mu.Unlock()
+	if last {
+		e.srv.close()
+	}
+	return err
+}
