@@ -213,12 +213,29 @@ description = "the striped disk"
 	if covered != 16384*512 {
 		t.Errorf("map covers %d bytes, want %d", covered, 16384*512)
 	}
+	// A sparse file's holes and a zero target are holes too.
+	sp := filepath.Join(dir, "sparse.img")
+	sparse(t, sp, 1<<20)
+	f, _ := os.OpenFile(sp, os.O_WRONLY, 0)
+	f.WriteAt(bytes.Repeat([]byte{7}, 64<<10), 256<<10)
+	f.Close()
+	if _, err := d.m.CreateTable("holes", "", false, "0 2048 linear "+sp+" 0\n2048 2048 zero"); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.ex.Add(qmp.ExportOptions{Type: "nbd", ID: "h0", NodeName: "holes", Socket: sock, Name: "holes"}); err != nil {
+		t.Fatal(err)
+	}
+	hm := nbdinfoMap(t, "", nbdURI(sock, "holes"))
+	want := []mapEntry{{0, 256 << 10, 3}, {256 << 10, 64 << 10, 0}, {320 << 10, 2<<20 - 320<<10, 3}}
+	if fmt.Sprint(hm) != fmt.Sprint(want) {
+		t.Errorf("sparse file + zero target map %v, want %v", hm, want)
+	}
 	// LIST shows both exports with the description.
 	list := tool(t, "nbdinfo", "--list", "nbd+unix://?socket="+sock)
 	if !strings.Contains(list, "export=\"striped\"") || !strings.Contains(list, "the striped disk") || !strings.Contains(list, "export=\"thin\"") {
 		t.Errorf("nbdinfo --list:\n%s", list)
 	}
-	if got := fmt.Sprint(len(d.ex.List())); got != "2" {
+	if got := fmt.Sprint(len(d.ex.List())); got != "3" {
 		t.Errorf("exports listed: %v", d.ex.List())
 	}
 }
