@@ -236,7 +236,7 @@ func (c *conn) startTLS(n uint32) error {
 func (c *conn) transmissionFlags(e *Export) uint16 {
 	f := uint16(tfHasFlags | tfSendFlush | tfSendFUA | tfCanMultiConn | tfSendCache)
 	if e.Writable {
-		f |= tfSendTrim | tfSendWriteZeroes
+		f |= tfSendTrim | tfSendWriteZeroes | tfSendFastZero
 	} else {
 		f |= tfReadOnly
 	}

@@ -160,6 +160,7 @@ func FuzzRequests(f *testing.F) {
 	f.Add(request(nil, 0, cmdBlockStatus, 0, 1<<20))
 	f.Add(request(nil, cmdFlagReqOne, cmdBlockStatus, 100, 7000))
 	f.Add(request(nil, cmdFlagNoHole, cmdWriteZeroes, 4096, 8192))
+	f.Add(request(nil, cmdFlagFastZero, cmdWriteZeroes, 0, 1<<20))
 	f.Add(request(nil, 0, cmdTrim, 0, 1<<20))
 	f.Add(request(nil, 0, cmdFlush, 0, 0))
 	f.Add(request(nil, 0, cmdCache, 3, 5))

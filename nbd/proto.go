@@ -28,6 +28,7 @@ const (
 	tfSendDF          = 1 << 7
 	tfCanMultiConn    = 1 << 8
 	tfSendCache       = 1 << 10
+	tfSendFastZero    = 1 << 11
 
 	// Options.
 	optExportName       = 1
@@ -60,18 +61,19 @@ const (
 	maxStringLen        = 4096     // the spec's limit on names and queries
 
 	// Commands and their flags.
-	cmdRead        = 0
-	cmdWrite       = 1
-	cmdDisc        = 2
-	cmdFlush       = 3
-	cmdTrim        = 4
-	cmdCache       = 5
-	cmdWriteZeroes = 6
-	cmdBlockStatus = 7
-	cmdFlagFUA     = 1 << 0
-	cmdFlagNoHole  = 1 << 1
-	cmdFlagDF      = 1 << 2
-	cmdFlagReqOne  = 1 << 3
+	cmdRead         = 0
+	cmdWrite        = 1
+	cmdDisc         = 2
+	cmdFlush        = 3
+	cmdTrim         = 4
+	cmdCache        = 5
+	cmdWriteZeroes  = 6
+	cmdBlockStatus  = 7
+	cmdFlagFUA      = 1 << 0
+	cmdFlagNoHole   = 1 << 1
+	cmdFlagDF       = 1 << 2
+	cmdFlagReqOne   = 1 << 3
+	cmdFlagFastZero = 1 << 4
 
 	// Structured reply chunks.
 	replyFlagDone        = 1 << 0

@@ -24,9 +24,10 @@
 //     any, and a flush on one flushes the device's table, which makes
 //     every completed write durable whichever connection (or vhost export)
 //     sent it.
-//   - FAST_ZERO is not advertised: the mapper cannot tell in advance
-//     whether a target zeroes faster than it writes, and a client that asks
-//     for a fast zero must get ENOTSUP quickly rather than a slow one.
+//   - FAST_ZERO is honest: a fast write-zeroes succeeds at once where the
+//     table says the range already reads as zeros (base:allocation's ZERO
+//     flag), and fails with ENOTSUP elsewhere, since the mapper cannot
+//     promise that zeroing data is faster than writing it.
 //   - CACHE is advisory (the spec allows a no-op): it is checked and
 //     acknowledged; the page cache of the backing files does the rest.
 //   - Reads are answered as one OFFSET_DATA chunk, so DF always holds.

@@ -102,7 +102,7 @@ var allowedFlags = map[uint16]uint16{
 	cmdFlush:       0,
 	cmdTrim:        cmdFlagFUA,
 	cmdCache:       0,
-	cmdWriteZeroes: cmdFlagFUA | cmdFlagNoHole,
+	cmdWriteZeroes: cmdFlagFUA | cmdFlagNoHole | cmdFlagFastZero,
 	cmdBlockStatus: cmdFlagReqOne,
 }
 
@@ -189,6 +189,10 @@ func (c *conn) handle(e *Export, req Request, payload []byte) {
 			re = flushIfFUA()
 		}
 	case cmdWriteZeroes:
+		if req.Flags&cmdFlagFastZero != 0 {
+			re = c.fastZero(e, sector, sectors)
+			break
+		}
 		if re = submit(&mapper.Request{Op: mapper.OpWriteZeroes, Sector: sector, Sectors: sectors, Unmap: req.Flags&cmdFlagNoHole == 0}); re == nil {
 			re = flushIfFUA()
 		}
@@ -200,6 +204,23 @@ func (c *conn) handle(e *Export, req Request, payload []byte) {
 		return
 	}
 	c.send(simpleReply(make([]byte, 0, 16), 0, req.Cookie))
+}
+
+// fastZero answers a WRITE_ZEROES with FAST_ZERO: it succeeds at once
+// when the table says the whole range already reads as zeros (holes of
+// thin, ploop, sparse files, zero targets), and fails with ENOTSUP
+// otherwise, since the mapper cannot promise that zeroing data is faster
+// than writing it. The client then writes zeros itself or skips the
+// pre-zeroing, as the spec intends.
+func (c *conn) fastZero(e *Export, sector, sectors uint64) *reqError {
+	for end := sector + sectors; sector < end; {
+		n, st, err := e.Device.Allocation(sector, end-sector)
+		if err != nil || n == 0 || st&mapper.AllocZero == 0 {
+			return fail(errNotSup, "fast zero not possible")
+		}
+		sector += n
+	}
+	return nil
 }
 
 // send writes one whole reply; a failure closes the connection.

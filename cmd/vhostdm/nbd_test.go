@@ -552,6 +552,15 @@ func TestNBDWritableSeenByVhost(t *testing.T) {
 	if bi, _ := q.bitmapInfo("disk", "b0"); bi.Count != 3*65536 {
 		t.Errorf("bitmap counts %d dirty bytes after NBD writes, want %d", bi.Count, 3*65536)
 	}
+	// qemu-img convert onto the export pre-zeroes with FAST_ZERO (refused
+	// here: the disk holds data) and still lands the image exactly.
+	src := filepath.Join(dir, "src.img")
+	sparse(t, src, 8<<20)
+	f, _ := os.OpenFile(src, os.O_WRONLY, 0)
+	f.WriteAt(bytes.Repeat([]byte{0x3c}, 300<<10), 5<<20)
+	f.Close()
+	tool(t, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", src, nbdURI(nsock, "w"))
+	tool(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, nbdURI(nsock, "w"))
 	// Read-only exports refuse writes.
 	q.must("block-export-add", nbdExportArgs("ro", "disk", nsock, false))
 	cmd := exec.Command("qemu-io", "-f", "raw", "-c", "write -P 1 0 512", nbdURI(nsock, "ro"))
