@@ -19,6 +19,14 @@ func bitmapCommands() []*command {
 		{name: "block-dirty-bitmap-enable", mutates: true, params: []param{node, name}, run: bitmapOp((*mapper.Device).EnableBitmap)},
 		{name: "block-dirty-bitmap-disable", mutates: true, params: []param{node, name}, run: bitmapOp((*mapper.Device).DisableBitmap)},
 		{name: "block-dirty-bitmap-merge", mutates: true, params: []param{node, req("target", kString), req("bitmaps", kStrings)}, run: cmdBitmapMerge},
+		{name: "nbd-server-start", mutates: true, params: []param{
+			{name: "addr", kind: kObject, sub: []param{
+				{name: "type", kind: kString, enum: []string{"unix", "inet"}},
+				opt("path", kString), opt("host", kString), opt("port", kString),
+			}},
+			opt("tls-creds", kString), opt("tls-verify-peer", kBool),
+		}, run: cmdNBDServerStart},
+		{name: "nbd-server-stop", mutates: true, run: cmdNBDServerStop},
 		{name: "query-block", run: cmdQueryBlock},
 		{name: "query-named-block-nodes", params: []param{opt("flat", kBool)}, run: cmdQueryNodes},
 	}
@@ -141,16 +149,18 @@ func exportAddNBD(c *client, ex Exports, a args, o ExportOptions) (any, error) {
 		}
 	}
 	ad := a.obj("addr")
-	switch ad.str("type") {
-	case "unix":
-		if ad.has("host") || ad.has("port") || o.Socket == "" {
-			return nil, genericf("addr of type unix takes a non-empty path only")
+	if !a.has("addr") {
+		// QSD's form: the export joins the server of nbd-server-start.
+		if _, ok := ex.(NBDServer); !ok {
+			return nil, genericf("NBD server not running")
 		}
-	case "inet":
-		if ad.has("path") || ad.str("host") == "" || ad.str("port") == "" {
-			return nil, genericf("addr of type inet takes host and port")
+	}
+	if a.has("addr") {
+		if err := addrOf(ad, &o); err != nil {
+			return nil, err
 		}
-		o.Listen = net.JoinHostPort(ad.str("host"), ad.str("port"))
+	} else if a.has("tls-creds") || a.has("tls-verify-peer") {
+		return nil, genericf("tls-creds belongs to nbd-server-start for exports without addr")
 	}
 	o.Name, o.Description, o.Bitmaps, o.TLSCreds = a.str("name"), a.str("description"), a.list("bitmaps"), a.str("tls-creds")
 	o.TLSNoVerifyPeer = a.has("tls-verify-peer") && !a.flag("tls-verify-peer")
@@ -172,6 +182,76 @@ func exportAddNBD(c *client, ex Exports, a args, o ExportOptions) (any, error) {
 	}
 	if err := ex.Add(o); err != nil {
 		return nil, fmt.Errorf("block-export-add %s: %w", o.ID, err)
+	}
+	return empty, nil
+}
+
+// NBDServer is implemented by an Exports that can run QSD's default NBD
+// server: nbd-server-start listens, and block-export-add of type nbd
+// without addr adds exports to it; nbd-server-stop removes them and stops
+// listening.
+type NBDServer interface {
+	// NBDServerStart listens on o.Socket or o.Listen with o's TLS
+	// settings (the other fields are unused).
+	NBDServerStart(o ExportOptions) error
+	// NBDServerStop removes the exports of the default server and stops
+	// it; it returns their ids.
+	NBDServerStop() ([]string, error)
+}
+
+// addrOf fills o's address from an addr argument.
+func addrOf(ad args, o *ExportOptions) error {
+	switch ad.str("type") {
+	case "unix":
+		if ad.has("host") || ad.has("port") || ad.str("path") == "" {
+			return genericf("addr of type unix takes a non-empty path only")
+		}
+		o.Socket = ad.str("path")
+	case "inet":
+		if ad.has("path") || ad.str("host") == "" || ad.str("port") == "" {
+			return genericf("addr of type inet takes host and port")
+		}
+		o.Listen = net.JoinHostPort(ad.str("host"), ad.str("port"))
+	}
+	return nil
+}
+
+func cmdNBDServerStart(c *client, a args) (any, error) {
+	ex, err := c.exports()
+	if err != nil {
+		return nil, err
+	}
+	ns, ok := ex.(NBDServer)
+	if !ok {
+		return nil, genericf("NBD exports are not available in this daemon")
+	}
+	var o ExportOptions
+	if err := addrOf(a.obj("addr"), &o); err != nil {
+		return nil, err
+	}
+	o.TLSCreds = a.str("tls-creds")
+	o.TLSNoVerifyPeer = a.has("tls-verify-peer") && !a.flag("tls-verify-peer")
+	if err := ns.NBDServerStart(o); err != nil {
+		return nil, genericf("%s", err.Error())
+	}
+	return empty, nil
+}
+
+func cmdNBDServerStop(c *client, a args) (any, error) {
+	ex, err := c.exports()
+	if err != nil {
+		return nil, err
+	}
+	ns, ok := ex.(NBDServer)
+	if !ok {
+		return nil, genericf("NBD server not running")
+	}
+	ids, err := ns.NBDServerStop()
+	if err != nil {
+		return nil, genericf("%s", err.Error())
+	}
+	for _, id := range ids {
+		c.s.Emit(EventBlockExportDeleted, map[string]string{"id": id})
 	}
 	return empty, nil
 }

@@ -43,7 +43,7 @@ func (s *Server) commands() map[string]*command {
 		{name: "block-export-add", mutates: true, params: []param{
 			{name: "type", kind: kString, enum: []string{"vhost-user-blk", "nbd"}},
 			req("id", kString), req("node-name", kString),
-			{name: "addr", kind: kObject, sub: []param{
+			{name: "addr", kind: kObject, opt: true, sub: []param{
 				{name: "type", kind: kString, enum: []string{"unix", "inet"}},
 				opt("path", kString), opt("host", kString), opt("port", kString),
 			}},
@@ -461,6 +461,9 @@ func cmdExportAdd(c *client, a args) (any, error) {
 		if a.has(k) {
 			return nil, genericf("Parameter '%s' is unexpected", k)
 		}
+	}
+	if !a.has("addr") {
+		return nil, genericf("Parameter 'addr' is missing")
 	}
 	if ad := a.obj("addr"); ad.str("type") == "unix" && !ad.has("path") {
 		return nil, genericf("Parameter 'addr.path' is missing")

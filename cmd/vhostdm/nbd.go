@@ -99,6 +99,14 @@ func (s *exportSet) addNBD(o qmp.ExportOptions, dev *mapper.Device) error {
 	}
 	key := nbdAddrKey(o)
 	tlsKey := fmt.Sprintf("%s|%t", o.TLSCreds, o.TLSNoVerifyPeer)
+	if o.Socket == "" && o.Listen == "" { // QSD's form: nbd-server-start's server
+		if s.nbdDefault == "" {
+			release(bms)
+			return errors.New("NBD server not running")
+		}
+		key = s.nbdDefault
+		tlsKey = s.nbdServers[key].tls
+	}
 	srv := s.nbdServers[key]
 	if srv != nil && srv.tls != tlsKey {
 		release(bms)
@@ -221,4 +229,79 @@ func (e *nbdExport) close() error {
 		e.srv.close()
 	}
 	return err
+}
+
+// NBDServerStart implements qmp.NBDServer: QSD's nbd-server-start.
+func (s *exportSet) NBDServerStart(o qmp.ExportOptions) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.nbdDefault != "" {
+		return errors.New("NBD server already running")
+	}
+	key := nbdAddrKey(o)
+	tlsKey := fmt.Sprintf("%s|%t", o.TLSCreds, o.TLSNoVerifyPeer)
+	srv := s.nbdServers[key]
+	if srv != nil && srv.tls != tlsKey {
+		return fmt.Errorf("NBD address %s is served with other TLS settings", key)
+	}
+	if srv == nil {
+		var err error
+		if srv, err = s.startNBD(o, key, tlsKey); err != nil {
+			return err
+		}
+		s.nbdServers[key] = srv
+	}
+	srv.refs++ // held until nbd-server-stop
+	s.nbdDefault = key
+	return nil
+}
+
+// NBDServerStop implements qmp.NBDServer: QSD's nbd-server-stop removes
+// the exports added without addr and stops listening.
+func (s *exportSet) NBDServerStop() ([]string, error) {
+	s.mu.Lock()
+	key := s.nbdDefault
+	if key == "" {
+		s.mu.Unlock()
+		return nil, errors.New("NBD server not running")
+	}
+	s.nbdDefault = ""
+	var ids []string
+	var gone []*export
+	for id, e := range s.exports {
+		if e.nbd != nil && e.nbd.key == key && e.opts.Socket == "" && e.opts.Listen == "" {
+			ids = append(ids, id)
+			gone = append(gone, e)
+			delete(s.exports, id)
+		}
+	}
+	srv := s.nbdServers[key]
+	s.mu.Unlock()
+	var errs []error
+	for _, e := range gone {
+		errs = append(errs, e.close())
+	}
+	s.mu.Lock()
+	srv.refs--
+	last := srv.refs == 0
+	if last {
+		delete(s.nbdServers, key)
+	}
+	s.mu.Unlock()
+	if last {
+		srv.close()
+	}
+	return ids, errors.Join(errs...)
+}
+
+// closeNBDServers stops the servers left once every export is closed
+// (nbd-server-start's); the daemon is stopping.
+func (s *exportSet) closeNBDServers() {
+	s.mu.Lock()
+	srvs := s.nbdServers
+	s.nbdServers, s.nbdDefault = map[string]*nbdServer{}, ""
+	s.mu.Unlock()
+	for _, srv := range srvs {
+		srv.close()
+	}
 }

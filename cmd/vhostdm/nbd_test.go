@@ -568,3 +568,42 @@ func TestNBDWritableSeenByVhost(t *testing.T) {
 		t.Errorf("qemu-io write to a read-only export: %s", out)
 	}
 }
+
+// TestNBDServerStartStop: QSD's form — nbd-server-start, then
+// block-export-add of type nbd without addr; nbd-server-stop removes the
+// export and stops listening.
+func TestNBDServerStartStop(t *testing.T) {
+	needTool(t, "nbdinfo", "libnbd-bin")
+	dir := t.TempDir()
+	randomFile(t, filepath.Join(dir, "disk.img"), 8<<20, 8)
+	startTestDaemon(t, dir, vhostNBDConfig)
+	q := dialQMP(t, filepath.Join(dir, "qmp.sock"))
+	exp := map[string]any{"type": "nbd", "id": "n0", "node-name": "disk", "description": "backup view"}
+	if _, e := q.call("block-export-add", exp); !strings.Contains(e, "NBD server not running") {
+		t.Errorf("export without a server: %q", e)
+	}
+	sock := filepath.Join(dir, "srv.sock")
+	q.must("nbd-server-start", map[string]any{"addr": map[string]any{"type": "unix", "path": sock}})
+	if _, e := q.call("nbd-server-start", map[string]any{"addr": map[string]any{"type": "unix", "path": sock}}); e != "NBD server already running" {
+		t.Errorf("second nbd-server-start: %q", e)
+	}
+	q.must("block-export-add", exp)
+	var list []qmp.ExportInfo
+	json.Unmarshal(q.must("query-block-exports", nil), &list)
+	if len(list) != 2 || list[0].ID != "n0" || list[0].Type != "nbd" {
+		t.Errorf("query-block-exports %+v", list)
+	}
+	out := tool(t, "nbdinfo", nbdURI(sock, "disk"))
+	if !strings.Contains(out, "export-size: 8388608") || !strings.Contains(out, "backup view") || !strings.Contains(out, "base:allocation") {
+		t.Errorf("nbdinfo:\n%s", out)
+	}
+	q.must("nbd-server-stop", nil)
+	json.Unmarshal(q.must("query-block-exports", nil), &list)
+	if len(list) != 1 {
+		t.Errorf("exports after nbd-server-stop: %+v", list)
+	}
+	if c, err := net.Dial("unix", sock); err == nil {
+		c.Close()
+		t.Error("the server still listens after nbd-server-stop")
+	}
+}

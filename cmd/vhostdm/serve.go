@@ -282,6 +282,7 @@ type exportSet struct {
 	mu         sync.Mutex
 	exports    map[string]*export
 	nbdServers map[string]*nbdServer // by address, see nbd.go
+	nbdDefault string                // address of nbd-server-start's server, "" if none
 }
 
 type export struct {
@@ -444,6 +445,7 @@ func (s *exportSet) closeAll() error {
 	for _, e := range all {
 		errs = append(errs, e.close())
 	}
+	s.closeNBDServers()
 	return errors.Join(errs...)
 }
 
