@@ -205,15 +205,16 @@ type bitmapSet struct {
 	list atomic.Pointer[[]*DirtyBitmap]
 }
 
-// recordWrite sets the bits of r in every recording bitmap.
-func (d *Device) recordWrite(r *Request) {
+// recordWrite sets the bits of sectors [sector, sector+n) in every
+// recording bitmap.
+func (d *Device) recordWrite(sector, n uint64) {
 	lp := d.bitmaps.list.Load()
 	if lp == nil {
 		return
 	}
 	for _, b := range *lp {
 		if b.Recording() {
-			b.set(r.Sector, r.Sectors)
+			b.set(sector, n)
 		}
 	}
 }

@@ -124,17 +124,24 @@ func TestBitmapHotPathAllocatesNothing(t *testing.T) {
 	}
 }
 
-// BenchmarkSubmitWithBitmaps measures the recording cost on a zero target.
+// BenchmarkSubmitWithBitmaps measures the recording cost on a zero
+// target: 4 KiB write-zeroes with 0, 1 and 4 recording bitmaps.
 func BenchmarkSubmitWithBitmaps(b *testing.B) {
-	m := mapper.NewManager(mapper.ManagerOptions{Logger: discard()})
-	defer m.Close()
-	d, _ := m.CreateTable("d", "", false, "0 2097152 zero")
-	d.AddBitmap(mapper.BitmapOptions{Name: "a"})
-	r := &mapper.Request{Op: mapper.OpWriteZeroes, Sector: 100, Sectors: 8}
-	b.ReportAllocs()
-	b.RunParallel(func(pb *testing.PB) {
-		for pb.Next() {
-			d.Submit(r)
-		}
-	})
+	for _, n := range []int{0, 1, 4} {
+		b.Run(fmt.Sprintf("bitmaps=%d", n), func(b *testing.B) {
+			m := mapper.NewManager(mapper.ManagerOptions{Logger: discard()})
+			defer m.Close()
+			d, _ := m.CreateTable("d", "", false, "0 2097152 zero")
+			for i := range n {
+				d.AddBitmap(mapper.BitmapOptions{Name: fmt.Sprint(i)})
+			}
+			r := &mapper.Request{Op: mapper.OpWriteZeroes, Sector: 100, Sectors: 8}
+			b.ReportAllocs()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					d.Submit(r)
+				}
+			})
+		})
+	}
 }

@@ -122,8 +122,12 @@ func (d *Device) Submit(r *Request) error {
 			return fmt.Errorf("%s: %w", d.name, ErrReadOnly)
 		}
 		// Recorded even when Map fails: part of the range may have
-		// changed.
-		defer d.recordWrite(r)
+		// changed. The range is taken before Map, which targets may
+		// not change it.
+		sector, sectors := r.Sector, r.Sectors
+		err := t.Map(r)
+		d.recordWrite(sector, sectors)
+		return err
 	}
 	return t.Map(r)
 }
