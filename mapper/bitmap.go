@@ -152,8 +152,19 @@ func (b *DirtyBitmap) Extents(off, n uint64, fn func(e Extent) bool) {
 			return
 		}
 		d := b.get(w, i)
+		var same uint64 // a word of bits all equal to d
+		if d {
+			same = ^uint64(0)
+		}
 		j := i + 1
-		for j < nb && j*b.gran < end && b.get(w, j) == d {
+		for j < nb && j*b.gran < end {
+			if j%64 == 0 && j+64 <= nb && w[j/64].Load() == same {
+				j += 64 // a whole word of the same state
+				continue
+			}
+			if b.get(w, j) != d {
+				break
+			}
 			j++
 		}
 		runEnd := min(j*b.gran, end)

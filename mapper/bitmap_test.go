@@ -2,6 +2,7 @@ package mapper_test
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"strings"
 	"testing"
 
@@ -143,5 +144,44 @@ func BenchmarkSubmitWithBitmaps(b *testing.B) {
 				}
 			})
 		})
+	}
+}
+
+// TestBitmapExtentsModel compares Extents, at random offsets and lengths,
+// with a model of which chunks random writes touched.
+func TestBitmapExtentsModel(t *testing.T) {
+	m, _ := newManager(t)
+	const sectors = 2048 // 1 MiB, 2048 bits at 512 bytes
+	d, _ := m.CreateTable("d", "", false, fmt.Sprintf("0 %d zero", sectors))
+	b, _ := d.AddBitmap(mapper.BitmapOptions{Name: "b", Granularity: 512})
+	rng := rand.New(rand.NewPCG(1, 2))
+	model := make([]bool, sectors)
+	for i := 0; i < 40; i++ {
+		s := rng.Uint64N(sectors)
+		n := 1 + rng.Uint64N(min(300, sectors-s))
+		if i%7 == 0 {
+			n = min(sectors-s, 64*uint64(1+rng.IntN(4))) // whole words
+		}
+		d.Submit(&mapper.Request{Op: mapper.OpWriteZeroes, Sector: s, Sectors: n})
+		for k := s; k < s+n; k++ {
+			model[k] = true
+		}
+	}
+	for i := 0; i < 200; i++ {
+		off := rng.Uint64N(sectors * 512)
+		n := 1 + rng.Uint64N(sectors*512-off)
+		pos := off
+		b.Extents(off, n, func(e mapper.Extent) bool {
+			for p := pos; p < pos+e.Length; p = (p/512 + 1) * 512 {
+				if model[p/512] != e.Dirty {
+					t.Fatalf("extents of %d+%d: byte %d dirty=%v, model %v", off, n, p, e.Dirty, model[p/512])
+				}
+			}
+			pos += e.Length
+			return true
+		})
+		if pos != off+n {
+			t.Fatalf("extents of %d+%d cover up to %d", off, n, pos)
+		}
 	}
 }

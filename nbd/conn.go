@@ -254,6 +254,9 @@ func (c *conn) exportName(name string) (*Export, error) {
 	if c.ctxExport != e.Name {
 		c.contexts = nil
 	}
+	if !c.s.attach(c, e) {
+		return nil, fmt.Errorf("EXPORT_NAME %q: export removed", name)
+	}
 	b := appendU64(nil, e.Device.Size()<<mapper.SectorShift)
 	b = appendU16(b, c.transmissionFlags(e))
 	if !c.noZeroes {
@@ -262,7 +265,6 @@ func (c *conn) exportName(name string) (*Export, error) {
 	if err := c.write(b); err != nil {
 		return nil, err
 	}
-	c.exp.Store(e)
 	return e, nil
 }
 
@@ -310,6 +312,9 @@ func (c *conn) info(opt uint32, data []byte) (*Export, error) {
 	if err := send(infoExport, ex); err != nil {
 		return nil, err
 	}
+	if opt == optGo && !c.s.attach(c, e) {
+		return nil, c.reply(opt, repErrUnknown, fmt.Sprintf("export '%s' removed", name))
+	}
 	if err := c.write(optReply(opt, repAck, nil)); err != nil {
 		return nil, err
 	}
@@ -319,7 +324,6 @@ func (c *conn) info(opt uint32, data []byte) (*Export, error) {
 	if c.ctxExport != e.Name {
 		c.contexts = nil
 	}
-	c.exp.Store(e)
 	return e, nil
 }
 

@@ -209,6 +209,18 @@ func (s *Server) lookup(name string) *Export {
 	return nil
 }
 
+// attach makes e the export of c if e is still served: the check and the
+// store are atomic with Remove's scan of connections.
+func (s *Server) attach(c *conn, e *Export) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.exports[e.Name] != e {
+		return false
+	}
+	c.exp.Store(e)
+	return true
+}
+
 func (s *Server) list() []*Export {
 	s.mu.Lock()
 	defer s.mu.Unlock()
