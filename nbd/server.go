@@ -41,12 +41,13 @@
 //
 // Libraries read before writing this: github.com/pojntfx/go-nbd (baseline
 // protocol only: no structured replies, meta contexts, block status or
-// TLS) and andrewchambers/gonbdserver (no dirty-bitmap contexts, exports
-// bound to files); rclone's serve nbd builds on libnbd's nbdkit plumbing.
-// None serves meta contexts over an arbitrary device with QEMU's
-// semantics, so this package is written from the spec, with QEMU's
-// nbd/server.c read for the behaviour clients expect (context naming,
-// default export, error texts).
+// TLS); andrewchambers/gonbdserver, a fork of abligh/gonbdserver (its
+// protocol table stops at NBD_OPT_STRUCTURED_REPLY: no SET_META_CONTEXT,
+// BLOCK_STATUS or CACHE; backends are files); rclone's serve nbd (no
+// authentication, by its own documentation). None offers meta contexts
+// over an arbitrary device with QEMU's semantics, so this package is
+// written from the spec, with QEMU's nbd/server.c read for the behaviour
+// clients expect (context naming, the default export, error texts).
 package nbd
 
 import (
