@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"syscall"
+	"time"
 
 	"github.com/vhostdm/vhostdm/config"
 	"github.com/vhostdm/vhostdm/mapper"
@@ -211,7 +212,21 @@ func listenUnix(path string) (net.Listener, error) {
 	return ln, nil
 }
 
-func (e *nbdExport) connected() bool { return e.srv.srv.Clients(e.name) > 0 }
+// connected reports whether clients use the export. A client that has
+// just sent NBD_CMD_DISC (nbdcopy exits before the server has processed
+// it) is given half a second to be gone, so that a script's
+// block-export-del right after its backup tool is not refused.
+func (e *nbdExport) connected() bool {
+	for deadline := time.Now().Add(500 * time.Millisecond); ; {
+		if e.srv.srv.Clients(e.name) == 0 {
+			return false
+		}
+		if time.Now().After(deadline) {
+			return true
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
 
 // close removes the export from its server (disconnecting its clients)
 // and stops the server with its last export.
