@@ -185,6 +185,9 @@ func (s *exportSet) startNBD(o qmp.ExportOptions, key, tlsKey string) (*nbdServe
 		}
 	}()
 	s.d.log.Info("nbd listening", "addr", ln.Addr().String(), "tls", o.TLSCreds != "")
+	if ta, ok := ln.Addr().(*net.TCPAddr); ok && o.TLSCreds == "" && !ta.IP.IsLoopback() {
+		s.d.log.Warn("nbd export reachable from the network without TLS: anyone who can connect can read the disk; set tls-creds", "addr", ln.Addr().String())
+	}
 	return ns, nil
 }
 
