@@ -288,6 +288,10 @@ func (d *Device) AddBitmap(o BitmapOptions) (*DirtyBitmap, error) {
 	return b, nil
 }
 
+// CanPersistBitmaps reports whether persistent bitmaps can be added (the
+// manager has a state directory).
+func (d *Device) CanPersistBitmaps() bool { return d.m.stateDir != "" }
+
 // insertBitmap adds b to the list; bitmaps.mu is held.
 func (d *Device) insertBitmap(b *DirtyBitmap) {
 	l := d.Bitmaps()

@@ -58,7 +58,7 @@ func (s *Server) commands() map[string]*command {
 	for _, c := range list {
 		m[c.name] = c
 	}
-	for _, c := range bitmapCommands() {
+	for _, c := range append(bitmapCommands(), transactionCommand()) {
 		m[c.name] = c
 	}
 	s.addExtra(m)

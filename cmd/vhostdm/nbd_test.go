@@ -607,3 +607,52 @@ func TestNBDServerStartStop(t *testing.T) {
 		t.Error("the server still listens after nbd-server-stop")
 	}
 }
+
+// TestBitmapTransaction: QEMU's transaction with bitmap actions (libvirt's
+// backup start) applies all actions or none, and leaves the device
+// running.
+func TestBitmapTransaction(t *testing.T) {
+	dir := t.TempDir()
+	sparse(t, filepath.Join(dir, "disk.img"), 8<<20)
+	d := startTestDaemon(t, dir, vhostNBDConfig)
+	q := dialQMP(t, filepath.Join(dir, "qmp.sock"))
+	act := func(typ string, data map[string]any) map[string]any {
+		data["node"] = "disk"
+		return map[string]any{"type": typ, "data": data}
+	}
+	q.must("block-dirty-bitmap-add", map[string]any{"node": "disk", "name": "b0"})
+	q.must("transaction", map[string]any{"actions": []any{
+		act("block-dirty-bitmap-add", map[string]any{"name": "b1", "granularity": 4096}),
+		act("block-dirty-bitmap-disable", map[string]any{"name": "b0"}),
+	}})
+	if b0, _ := q.bitmapInfo("disk", "b0"); b0.Recording {
+		t.Error("b0 still records after the transaction")
+	}
+	if b1, ok := q.bitmapInfo("disk", "b1"); !ok || !b1.Recording || b1.Granularity != 4096 {
+		t.Errorf("b1 after the transaction: %+v %v", b1, ok)
+	}
+	_, e := q.call("transaction", map[string]any{"actions": []any{
+		act("block-dirty-bitmap-add", map[string]any{"name": "b2"}),
+		act("block-dirty-bitmap-clear", map[string]any{"name": "nosuch"}),
+	}})
+	if e != "Dirty bitmap 'nosuch' not found" {
+		t.Errorf("failing transaction: %q", e)
+	}
+	if _, ok := q.bitmapInfo("disk", "b2"); ok {
+		t.Error("a failed transaction applied its first action")
+	}
+	q.must("transaction", map[string]any{"actions": []any{
+		act("block-dirty-bitmap-add", map[string]any{"name": "b3"}),
+		act("block-dirty-bitmap-disable", map[string]any{"name": "b3"}),
+		act("block-dirty-bitmap-merge", map[string]any{"target": "b3", "bitmaps": []string{"b0", "b1"}}),
+	}})
+	if b3, ok := q.bitmapInfo("disk", "b3"); !ok || b3.Recording {
+		t.Errorf("b3: %+v %v", b3, ok)
+	}
+	if _, e := q.call("transaction", map[string]any{"actions": []any{map[string]any{"type": "drive-backup", "data": map[string]any{}}}}); !strings.Contains(e, "does not accept value 'drive-backup'") {
+		t.Errorf("unknown action: %q", e)
+	}
+	if dev, _ := d.m.Get("disk"); dev.Suspended() {
+		t.Error("device left suspended by the transaction")
+	}
+}
