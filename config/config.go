@@ -59,6 +59,9 @@ type Config struct {
 	Exports  []Export `toml:"export"`
 	RepAgent RepAgent `toml:"repagent"`
 	Metrics  Metrics  `toml:"metrics"`
+	// StateDir holds the devices' persistent dirty bitmaps (NAME.bitmaps);
+	// default: the configuration file's directory.
+	StateDir string `toml:"state-dir"`
 
 	// Dir is the directory relative paths are resolved against.
 	Dir string `toml:"-"`
@@ -66,6 +69,15 @@ type Config struct {
 	File string `toml:"-"`
 
 	loc *locator // where keys are in File
+}
+
+// StatePath returns the state directory: state-dir resolved against the
+// file's directory, or that directory itself.
+func (c *Config) StatePath() string {
+	if c.StateDir == "" {
+		return c.Dir
+	}
+	return c.Path(c.StateDir)
 }
 
 // DeviceIndex returns the index of the device called name, or -1.
@@ -136,9 +148,11 @@ type Device struct {
 	ReadOnly bool   `toml:"readonly"`
 }
 
-// Export is one vhost-user-blk export of a device.
+// Export is one export of a device: vhost-user-blk (the default type) or
+// NBD.
 type Export struct {
 	ID               string `toml:"id"`
+	Type             string `toml:"type"` // "vhost-user-blk" (default) or "nbd"
 	Device           string `toml:"device"`
 	Socket           string `toml:"socket"`
 	NumQueues        int    `toml:"num-queues"`
@@ -154,6 +168,33 @@ type Export struct {
 	Protect          bool   `toml:"protect"`
 	FallBehind       string `toml:"fall-behind"`
 	AllowRemoteWrite bool   `toml:"allow-remote-write"`
+	// NBD exports (type = "nbd") listen on socket (a unix socket path) or
+	// listen (host:port); exports of one address share its server.
+	Listen        string   `toml:"listen"`
+	Name          string   `toml:"name"` // the NBD export name; default the device name
+	Description   string   `toml:"description"`
+	Bitmaps       []string `toml:"bitmaps"`         // dirty bitmaps offered as qemu:dirty-bitmap:NAME
+	TLSCreds      string   `toml:"tls-creds"`       // directory with ca-cert.pem, server-cert.pem, server-key.pem
+	TLSVerifyPeer *bool    `toml:"tls-verify-peer"` // default true, as QEMU's tls-creds-x509
+}
+
+// Export types.
+const (
+	TypeVhostUserBlk = "vhost-user-blk"
+	TypeNBD          = "nbd"
+)
+
+// VerifyPeer reports whether an NBD export's TLS clients must present a
+// certificate (tls-verify-peer, default true).
+func (e *Export) VerifyPeer() bool { return e.TLSVerifyPeer == nil || *e.TLSVerifyPeer }
+
+// exportAddr returns the key under which an export's listening address is
+// shared: "unix:PATH" or "tcp:HOST:PORT".
+func (c *Config) exportAddr(e *Export) string {
+	if e.Listen != "" {
+		return "tcp:" + e.Listen
+	}
+	return "unix:" + c.Path(e.Socket)
 }
 
 // Metrics configures the Prometheus endpoint.
@@ -388,9 +429,42 @@ func (c *Config) validate(v *validator) {
 	if c.QMP.Socket != "" {
 		sockets[c.Path(c.QMP.Socket)] = -1
 	}
+	nbdAddrs := map[string]int{}  // shared NBD addresses: first export
+	nbdNames := map[string]bool{} // address + "\x00" + export name
 	for i := range c.Exports {
 		e := &c.Exports[i]
 		key := fmt.Sprintf("export[%d]", i)
+		if e.Type == "" {
+			e.Type = TypeVhostUserBlk
+		}
+		switch e.Type {
+		case TypeVhostUserBlk:
+			for k, set := range map[string]bool{"listen": e.Listen != "", "name": e.Name != "", "description": e.Description != "",
+				"bitmaps": e.Bitmaps != nil, "tls-creds": e.TLSCreds != "", "tls-verify-peer": e.TLSVerifyPeer != nil} {
+				if set {
+					v.errAt(key+"."+k, "only nbd exports take %s", k)
+				}
+			}
+		case TypeNBD:
+			c.validateNBD(v, key, e, i, nbdAddrs, nbdNames, sockets)
+			if e.Device != "" {
+				if _, ok := names[e.Device]; !ok {
+					v.errAt(key+".device", "no device named %q", e.Device)
+				}
+			}
+			switch j, dup := ids[e.ID]; {
+			case e.ID == "":
+				v.errAt(key+".id", "missing export id")
+			case dup:
+				v.errAt(key+".id", "export id %q already used by export[%d]", e.ID, j)
+			default:
+				ids[e.ID] = i
+			}
+			continue
+		default:
+			v.errAt(key+".type", "%q: want vhost-user-blk or nbd", e.Type)
+			continue
+		}
 		switch j, dup := ids[e.ID]; {
 		case e.ID == "":
 			v.errAt(key+".id", "missing export id")
@@ -447,6 +521,56 @@ func (c *Config) validate(v *validator) {
 		}
 	}
 	c.RepAgent.validate(v)
+}
+
+// validateNBD checks an NBD export's keys.
+func (c *Config) validateNBD(v *validator, key string, e *Export, i int, addrs map[string]int, names map[string]bool, sockets map[string]int) {
+	if e.Device == "" {
+		v.errAt(key+".device", "missing device")
+	}
+	if e.NumQueues != 0 || e.LogicalBlockSize != 0 || e.Serial != "" || e.Protect || e.FallBehind != "" || e.AllowRemoteWrite {
+		v.errAt(key+".type", "nbd exports take none of num-queues, logical-block-size, serial, protect, fall-behind, allow-remote-write")
+	}
+	switch {
+	case (e.Socket == "") == (e.Listen == ""):
+		v.errAt(key+".socket", "an nbd export needs exactly one of socket (unix path) and listen (host:port)")
+		return
+	case e.Listen != "":
+		if _, _, err := net.SplitHostPort(e.Listen); err != nil {
+			v.errAt(key+".listen", "%q: want host:port (%v)", e.Listen, err)
+			return
+		}
+	default:
+		if j, dup := sockets[c.Path(e.Socket)]; dup && (j < 0 || c.Exports[j].Type != TypeNBD) {
+			v.errAt(key+".socket", "socket %s already used by another export or the QMP socket", e.Socket)
+			return
+		}
+		sockets[c.Path(e.Socket)] = i
+	}
+	if e.Name == "" {
+		e.Name = e.Device
+	}
+	if len(e.Name) > 4096 || len(e.Description) > 4096 {
+		v.errAt(key+".name", "name and description are at most 4096 bytes")
+	}
+	addr := c.exportAddr(e)
+	if names[addr+"\x00"+e.Name] {
+		v.errAt(key+".name", "nbd export name %q already used at %s", e.Name, strings.TrimPrefix(strings.TrimPrefix(addr, "tcp:"), "unix:"))
+	}
+	names[addr+"\x00"+e.Name] = true
+	if j, shared := addrs[addr]; shared {
+		o := &c.Exports[j]
+		if o.TLSCreds != e.TLSCreds || o.VerifyPeer() != e.VerifyPeer() {
+			v.errAt(key+".tls-creds", "exports sharing an address need the same TLS settings as export[%d]", j)
+		}
+	} else {
+		addrs[addr] = i
+	}
+	for k, b := range e.Bitmaps {
+		if b == "" {
+			v.errAt(fmt.Sprintf("%s.bitmaps[%d]", key, k), "empty bitmap name")
+		}
+	}
 }
 
 func (r *RepAgent) validate(v *validator) {

@@ -111,3 +111,100 @@ func TestLoadMissing(t *testing.T) {
 		t.Fatalf("missing file: %v", err)
 	}
 }
+
+// TestNBDExportConfig: NBD exports take socket or listen, share an address
+// only with the same TLS settings and distinct names, and refuse the
+// vhost-only keys (and vhost exports the NBD-only ones).
+func TestNBDExportConfig(t *testing.T) {
+	dev := "[[device]]\nname = \"a\"\ntable = \"0 8 zero\"\n"
+	good := dev + `
+[[export]]
+id = "n0"
+type = "nbd"
+device = "a"
+socket = "n.sock"
+bitmaps = ["b0"]
+
+[[export]]
+id = "n1"
+type = "nbd"
+device = "a"
+socket = "n.sock"
+name = "second"
+`
+	c, err := config.Parse([]byte(good), "vm.toml", "/etc/vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Exports[0].Name != "a" || c.Exports[1].Name != "second" || c.Exports[0].NumQueues != 0 || !c.Exports[0].VerifyPeer() {
+		t.Errorf("nbd defaults: %+v", c.Exports)
+	}
+	if c.StatePath() != "/etc/vm" {
+		t.Errorf("state path %q", c.StatePath())
+	}
+	for _, tc := range []struct{ name, text, want string }{
+		{"both addresses", `[[export]]
+id = "n"
+type = "nbd"
+device = "a"
+socket = "s"
+listen = "127.0.0.1:10809"`, "export[0].socket: an nbd export needs exactly one of socket"},
+		{"bad listen", `[[export]]
+id = "n"
+type = "nbd"
+device = "a"
+listen = "nope"`, `export[0].listen: "nope": want host:port`},
+		{"vhost key on nbd", `[[export]]
+id = "n"
+type = "nbd"
+device = "a"
+socket = "s"
+num-queues = 2`, "export[0].type: nbd exports take none of"},
+		{"nbd key on vhost", `[[export]]
+id = "v"
+device = "a"
+socket = "s"
+bitmaps = ["x"]`, "export[0].bitmaps: only nbd exports take bitmaps"},
+		{"unknown type", `[[export]]
+id = "v"
+type = "iscsi"
+device = "a"
+socket = "s"`, `export[0].type: "iscsi": want vhost-user-blk or nbd`},
+		{"same name twice", `[[export]]
+id = "n"
+type = "nbd"
+device = "a"
+socket = "s"
+[[export]]
+id = "m"
+type = "nbd"
+device = "a"
+socket = "s"`, `export[1].name: nbd export name "a" already used`},
+		{"shared with vhost", `[[export]]
+id = "v"
+device = "a"
+socket = "s"
+[[export]]
+id = "m"
+type = "nbd"
+device = "a"
+socket = "s"`, "export[1].socket: socket s already used"},
+		{"TLS differs", `[[export]]
+id = "n"
+type = "nbd"
+device = "a"
+listen = "127.0.0.1:1"
+tls-creds = "x"
+[[export]]
+id = "m"
+type = "nbd"
+device = "a"
+name = "m"
+listen = "127.0.0.1:1"`, "export[1].tls-creds: exports sharing an address need the same TLS settings"},
+	} {
+		_, err := config.Parse([]byte(dev+tc.text), "vm.toml", "/etc/vm")
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v, want %q", tc.name, err, tc.want)
+		}
+	}
+}

@@ -33,6 +33,7 @@ type Device struct {
 	eventNr   atomic.Uint32
 	openCount atomic.Int32
 	swaps     atomic.Uint64 // tables made live
+	bitmaps   bitmapSet     // dirty bitmaps, read lock-free by Submit
 
 	// Guarded by mu: life-cycle operations run one at a time.
 	mu       sync.Mutex
@@ -116,8 +117,17 @@ func (d *Device) Submit(r *Request) error {
 			return Errorf(ErrInvalid, "%s: %s of %d sectors with %d bytes of data", d.name, r.Op, r.Sectors, BufsLen(r.Data))
 		}
 	}
-	if r.Op.IsWrite() && d.readOnly {
-		return fmt.Errorf("%s: %w", d.name, ErrReadOnly)
+	if r.Op.IsWrite() {
+		if d.readOnly {
+			return fmt.Errorf("%s: %w", d.name, ErrReadOnly)
+		}
+		// Recorded even when Map fails: part of the range may have
+		// changed. The range is taken before Map, which targets may
+		// not change it.
+		sector, sectors := r.Sector, r.Sectors
+		err := t.Map(r)
+		d.recordWrite(sector, sectors)
+		return err
 	}
 	return t.Map(r)
 }
@@ -237,6 +247,11 @@ func (d *Device) Resume() error {
 		newSize = d.inactive.Size()
 		d.live.Store(d.inactive)
 		d.inactive = nil
+		if old == nil {
+			d.m.loadBitmaps(d)
+		} else if oldSize != newSize {
+			d.resizeBitmaps(newSize)
+		}
 		d.swaps.Add(1)
 		swapped = true
 		if old != nil {
@@ -415,6 +430,7 @@ func (d *Device) remove(force bool) error {
 		d.gateMu.Unlock()
 	}
 	d.removed = true
+	d.m.saveBitmaps(d)
 	var errs []error
 	if t := d.live.Swap(nil); t != nil {
 		errs = append(errs, t.Map(&Request{Op: OpFlush}), t.Close())

@@ -39,15 +39,19 @@ type ManagerOptions struct {
 	// Dir resolves relative backend paths; empty means the working
 	// directory. TABLE output keeps the names as the table wrote them.
 	Dir string
+	// StateDir holds the devices' persistent dirty bitmaps
+	// (NAME.bitmaps); empty: persistent bitmaps are not saved.
+	StateDir string
 }
 
 // Manager holds one daemon's devices by name and resolves the backend names
 // tables use. Its methods may be called concurrently.
 type Manager struct {
-	log    *slog.Logger
-	events func(Event)
-	open   func(name string, readOnly bool) (Backend, error)
-	dir    string
+	log      *slog.Logger
+	events   func(Event)
+	open     func(name string, readOnly bool) (Backend, error)
+	dir      string
+	stateDir string
 
 	mu      sync.Mutex
 	devices map[string]*Device
@@ -77,7 +81,7 @@ func NewManager(o ManagerOptions) *Manager {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
-	return &Manager{log: o.Logger, events: o.Events, open: o.Open, dir: o.Dir, devices: map[string]*Device{}, files: map[fileKey]*sharedFile{}}
+	return &Manager{log: o.Logger, events: o.Events, open: o.Open, dir: o.Dir, stateDir: o.StateDir, devices: map[string]*Device{}, files: map[fileKey]*sharedFile{}}
 }
 
 func (m *Manager) emit(e Event) {

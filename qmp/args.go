@@ -18,6 +18,7 @@ const (
 	kUint16
 	kObject  // nested parameters in sub
 	kStrings // an array of strings
+	kObjects // an array of objects, kept raw for the command to parse
 )
 
 // expected is the type name QEMU's errors use.
@@ -29,7 +30,7 @@ func (k kind) expected() string {
 		return "boolean"
 	case kObject:
 		return "object"
-	case kStrings:
+	case kStrings, kObjects:
 		return "array"
 	default:
 		return "integer"
@@ -60,6 +61,10 @@ func (a args) flag(name string) bool     { b, _ := a[name].(bool); return b }
 func (a args) uint(name string) uint64   { n, _ := a[name].(uint64); return n }
 func (a args) obj(name string) args      { o, _ := a[name].(args); return o }
 func (a args) list(name string) []string { l, _ := a[name].([]string); return l }
+func (a args) objects(name string) []json.RawMessage {
+	l, _ := a[name].([]json.RawMessage)
+	return l
+}
 
 // parseArgs checks raw (a JSON object, or empty for no arguments) against
 // params as QEMU's input visitor does, before anything runs: unknown
@@ -146,6 +151,17 @@ func (p param) parse(v json.RawMessage, prefix string) (any, error) {
 			return nil, bad
 		}
 		return parseArgs(v, p.sub, full+".")
+	case kObjects:
+		var raw []json.RawMessage
+		if v[0] != '[' || json.Unmarshal(v, &raw) != nil {
+			return nil, bad
+		}
+		for i, e := range raw {
+			if e = bytes.TrimSpace(e); len(e) == 0 || e[0] != '{' {
+				return nil, genericf("Invalid parameter type for '%s[%d]', expected: object", full, i)
+			}
+		}
+		return raw, nil
 	case kStrings:
 		var raw []json.RawMessage
 		if v[0] != '[' || json.Unmarshal(v, &raw) != nil {

@@ -42,20 +42,25 @@ func (s *Server) commands() map[string]*command {
 		{name: "dm-info", params: []param{req("name", kString)}, run: cmdInfo},
 		{name: "dm-list", run: cmdList},
 		{name: "block-export-add", mutates: true, params: []param{
-			{name: "type", kind: kString, enum: []string{"vhost-user-blk"}},
+			{name: "type", kind: kString, enum: []string{"vhost-user-blk", "nbd"}},
 			req("id", kString), req("node-name", kString),
-			{name: "addr", kind: kObject, sub: []param{
-				{name: "type", kind: kString, enum: []string{"unix"}},
-				req("path", kString),
+			{name: "addr", kind: kObject, opt: true, sub: []param{
+				{name: "type", kind: kString, enum: []string{"unix", "inet"}},
+				opt("path", kString), opt("host", kString), opt("port", kString),
 			}},
 			opt("writable", kBool), opt("num-queues", kUint16), opt("logical-block-size", kUint64), opt("serial", kString),
 			opt("socket-owner", kString), opt("socket-group", kString), opt("socket-mode", kString),
+			opt("name", kString), opt("description", kString), opt("bitmaps", kStrings), opt("tls-creds", kString),
+			opt("tls-verify-peer", kBool),
 		}, run: cmdExportAdd},
 		{name: "block-export-del", mutates: true, params: []param{req("id", kString), {name: "mode", kind: kString, opt: true, enum: []string{"safe", "hard"}}}, run: cmdExportDel},
 		{name: "query-block-exports", run: cmdQueryExports},
 	}
 	m := make(map[string]*command, len(list))
 	for _, c := range list {
+		m[c.name] = c
+	}
+	for _, c := range append(bitmapCommands(), transactionCommand()) {
 		m[c.name] = c
 	}
 	s.addExtra(m)
@@ -442,7 +447,7 @@ func cmdExportAdd(c *client, a args) (any, error) {
 		return nil, err
 	}
 	o := ExportOptions{
-		ID: a.str("id"), NodeName: a.str("node-name"), Socket: a.obj("addr").str("path"),
+		Type: a.str("type"), ID: a.str("id"), NodeName: a.str("node-name"), Socket: a.obj("addr").str("path"),
 		Writable: a.flag("writable"), NumQueues: 1, LogicalBlockSize: 512, Serial: a.str("serial"),
 		SocketOwner: a.str("socket-owner"), SocketGroup: a.str("socket-group"),
 	}
@@ -461,6 +466,22 @@ func cmdExportAdd(c *client, a args) (any, error) {
 	}
 	if _, dup := findExport(ex, o.ID); dup {
 		return nil, genericf("Block export id '%s' is already in use", o.ID)
+	}
+	if o.Type == "nbd" {
+		return exportAddNBD(c, ex, a, o)
+	}
+	for _, k := range []string{"name", "description", "bitmaps", "tls-creds", "tls-verify-peer"} {
+		if a.has(k) {
+			return nil, genericf("Parameter '%s' is unexpected", k)
+		}
+	}
+	if !a.has("addr") {
+		return nil, genericf("Parameter 'addr' is missing")
+	}
+	if ad := a.obj("addr"); ad.str("type") == "unix" && !ad.has("path") {
+		return nil, genericf("Parameter 'addr.path' is missing")
+	} else if ad.str("type") != "unix" || ad.has("host") || ad.has("port") {
+		return nil, genericf("vhost-user-blk exports listen on a unix socket: addr.type must be unix")
 	}
 	if a.has("num-queues") {
 		if a.uint("num-queues") == 0 {

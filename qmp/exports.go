@@ -3,12 +3,26 @@ package qmp
 import "io/fs"
 
 // ExportOptions are the settings of block-export-add for a vhost-user-blk
-// export, checked for syntax by the server before Exports.Add sees them.
+// or NBD export, checked for syntax by the server before Exports.Add sees
+// them.
 type ExportOptions struct {
+	Type     string // "vhost-user-blk" or "nbd"; "" is vhost-user-blk
 	ID       string // the export's id, unique among exports, well formed as QEMU's ids
 	NodeName string // the mapper device to export; it exists when Add is called
 	Socket   string // path of the unix socket to listen on (addr.path)
-	Writable bool   // false: the export is read-only
+	// Listen is host:port of an inet NBD export (addr.host, addr.port);
+	// then Socket is empty.
+	Listen   string
+	Writable bool // false: the export is read-only
+	// NBD only: the export name (default the node name), its description,
+	// the dirty bitmaps offered as qemu:dirty-bitmap:NAME, and the TLS
+	// credentials directory (ca-cert.pem, server-cert.pem, server-key.pem;
+	// clients must present certificates unless TLSNoVerifyPeer).
+	Name            string
+	Description     string
+	Bitmaps         []string
+	TLSCreds        string
+	TLSNoVerifyPeer bool
 	// NumQueues is the number of virtqueues, at least 1 (default 1).
 	NumQueues int
 	// LogicalBlockSize is the block size the guest sees, in bytes: a power
@@ -24,7 +38,7 @@ type ExportOptions struct {
 
 // ExportInfo is one entry of query-block-exports.
 type ExportInfo struct {
-	Type         string `json:"type"` // always "vhost-user-blk"
+	Type         string `json:"type"` // "vhost-user-blk" or "nbd"
 	ID           string `json:"id"`
 	NodeName     string `json:"node-name"`
 	ShuttingDown bool   `json:"shutting-down"`

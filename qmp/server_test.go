@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -197,15 +198,15 @@ func TestExportOptionsPassed(t *testing.T) {
 		}
 	}
 	want := map[string]ExportOptions{
-		"d0": {ID: "d0", NodeName: "vm0", Socket: "/run/d0.sock", Writable: true, NumQueues: 4, LogicalBlockSize: 4096, Serial: "S0",
+		"d0": {Type: "vhost-user-blk", ID: "d0", NodeName: "vm0", Socket: "/run/d0.sock", Writable: true, NumQueues: 4, LogicalBlockSize: 4096, Serial: "S0",
 			SocketOwner: "root", SocketGroup: "0", SocketMode: 0o660},
-		"d1": {ID: "d1", NodeName: "vm0", Socket: "/run/d1.sock", NumQueues: 1, LogicalBlockSize: 512},
+		"d1": {Type: "vhost-user-blk", ID: "d1", NodeName: "vm0", Socket: "/run/d1.sock", NumQueues: 1, LogicalBlockSize: 512},
 	}
 	if _, ok := e.exports.get("d2"); ok {
 		t.Error("an export with bad socket keys was added")
 	}
 	for id, w := range want {
-		if got, _ := e.exports.get(id); got != w {
+		if got, _ := e.exports.get(id); !reflect.DeepEqual(got, w) {
 			t.Errorf("export %s: %+v, want %+v", id, got, w)
 		}
 	}

@@ -12,7 +12,7 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 # Packages from the main suite.
-MAIN_PKGS=(linux-image-amd64 busybox-static cpio fio cryptsetup-bin
+MAIN_PKGS=(linux-image-amd64 busybox-static cpio fio cryptsetup-bin libnbd-bin
 	thin-provisioning-tools ploop python3-cryptography dmsetup kmod systemd util-linux adduser)
 # libvirt for the libvirt e2e test (it runs a private libvirtd; the
 # package's own services are kept from starting, see below). The Debian

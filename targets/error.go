@@ -27,3 +27,8 @@ func (errorTarget) Map(r *mapper.Request) error {
 }
 func (errorTarget) Status(mapper.StatusKind) string { return "" }
 func (errorTarget) Close() error                    { return nil }
+
+// Allocation reports a hole: nothing is stored (reads fail, so not zero).
+func (errorTarget) Allocation(_, sectors uint64) (uint64, mapper.AllocState, error) {
+	return sectors, mapper.AllocHole, nil
+}

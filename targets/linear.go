@@ -59,3 +59,8 @@ func (t *linear) Close() error { return nil }
 func (t *linear) Areas(fn func(b mapper.Backend, start, length uint64) error) error {
 	return fn(t.dev, t.offset, t.length)
 }
+
+// Allocation asks the backend (a sparse file's holes, a device's table).
+func (t *linear) Allocation(sector, sectors uint64) (uint64, mapper.AllocState, error) {
+	return mapper.BackendAllocation(t.dev, t.offset+sector, sectors)
+}

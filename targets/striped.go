@@ -216,3 +216,10 @@ func (t *striped) Areas(fn func(b mapper.Backend, start, length uint64) error) e
 	}
 	return nil
 }
+
+// Allocation asks the backend of the chunk holding sector.
+func (t *striped) Allocation(sector, sectors uint64) (uint64, mapper.AllocState, error) {
+	n := min(sectors, t.chunk-sector&(t.chunk-1))
+	i, dsec := t.locate(sector)
+	return mapper.BackendAllocation(t.stripes[i].dev, t.stripes[i].offset+dsec, n)
+}

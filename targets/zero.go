@@ -33,3 +33,8 @@ func (zero) Map(r *mapper.Request) error {
 
 func (zero) Status(mapper.StatusKind) string { return "" }
 func (zero) Close() error                    { return nil }
+
+// Allocation reports a hole that reads as zeros.
+func (zero) Allocation(_, sectors uint64) (uint64, mapper.AllocState, error) {
+	return sectors, mapper.AllocHole | mapper.AllocZero, nil
+}

@@ -1,18 +1,12 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
-	"encoding/json"
-	"fmt"
 	"math/rand/v2"
-	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -20,156 +14,6 @@ import (
 
 	"github.com/vhostdm/vhostdm/vhost"
 )
-
-// daemonEnv makes the test binary run `vhostdm ARGS` (TestHelperDaemon).
-const daemonEnv = "VHOSTDM_TEST_DAEMON"
-
-// TestHelperDaemon is not a test: with VHOSTDM_TEST_DAEMON=1 it is the
-// daemon process of the tests that need a real `vhostdm serve` child,
-// running the arguments after "--".
-func TestHelperDaemon(t *testing.T) {
-	if os.Getenv(daemonEnv) != "1" {
-		return
-	}
-	args := os.Args
-	for i, a := range args {
-		if a == "--" {
-			args = args[i+1:]
-			break
-		}
-	}
-	os.Exit(run(args, os.Stdout, os.Stderr))
-}
-
-// child is `vhostdm serve` running as a child process.
-type child struct {
-	cmd  *exec.Cmd
-	out  *bytes.Buffer
-	done chan error
-}
-
-// startChild starts `vhostdm serve -c config` as a child process.
-func startChild(t *testing.T, config string) *child {
-	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperDaemon$", "--", "serve", "-c", config)
-	cmd.Env = append(os.Environ(), daemonEnv+"=1")
-	c := &child{cmd: cmd, out: &bytes.Buffer{}, done: make(chan error, 1)}
-	cmd.Stdout, cmd.Stderr = c.out, c.out
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { c.done <- cmd.Wait() }()
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		if t.Failed() {
-			t.Logf("daemon %s output:\n%s", config, c.out.String())
-		}
-	})
-	return c
-}
-
-// waitSockets waits until every socket answers a connect.
-func (c *child) waitSockets(t *testing.T, socks ...string) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for _, s := range socks {
-		for {
-			conn, err := net.Dial("unix", s)
-			if err == nil {
-				conn.Close()
-				break
-			}
-			select {
-			case err := <-c.done:
-				t.Fatalf("daemon exited (%v) before %s answered:\n%s", err, s, c.out.String())
-			default:
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s does not answer: %v", s, err)
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-	}
-}
-
-// stop sends SIGTERM and requires exit status 0 within 5 s.
-func (c *child) stop(t *testing.T) {
-	t.Helper()
-	start := time.Now()
-	c.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case err := <-c.done:
-		if err != nil {
-			t.Errorf("daemon exit after SIGTERM: %v", err)
-		}
-		t.Logf("daemon stopped %v after SIGTERM", time.Since(start).Round(time.Millisecond))
-	case <-time.After(5 * time.Second):
-		t.Errorf("daemon still running 5 s after SIGTERM")
-	}
-}
-
-// qmpConn is a minimal QMP client.
-type qmpConn struct {
-	c net.Conn
-	r *bufio.Reader
-}
-
-func dialQMP(t *testing.T, path string) *qmpConn {
-	t.Helper()
-	c, err := net.DialTimeout("unix", path, 5*time.Second)
-	if err != nil {
-		t.Fatalf("QMP %s: %v", path, err)
-	}
-	t.Cleanup(func() { c.Close() })
-	q := &qmpConn{c: c, r: bufio.NewReader(c)}
-	q.c.SetDeadline(time.Now().Add(20 * time.Second))
-	if _, err := q.r.ReadBytes('\n'); err != nil {
-		t.Fatalf("QMP greeting on %s: %v", path, err)
-	}
-	if _, err := q.exec("qmp_capabilities", nil); err != nil {
-		t.Fatal(err)
-	}
-	return q
-}
-
-// exec runs a command and returns its return value or its error text
-// ("Class: desc").
-func (q *qmpConn) exec(cmd string, args any) (json.RawMessage, error) {
-	q.c.SetDeadline(time.Now().Add(20 * time.Second))
-	msg := map[string]any{"execute": cmd}
-	if args != nil {
-		msg["arguments"] = args
-	}
-	b, _ := json.Marshal(msg)
-	if _, err := q.c.Write(b); err != nil {
-		return nil, err
-	}
-	for {
-		line, err := q.r.ReadBytes('\n')
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", cmd, err)
-		}
-		var r struct {
-			Return json.RawMessage `json:"return"`
-			Error  *struct {
-				Class string `json:"class"`
-				Desc  string `json:"desc"`
-			} `json:"error"`
-			Event string `json:"event"`
-		}
-		if err := json.Unmarshal(line, &r); err != nil {
-			return nil, fmt.Errorf("%s: %q: %w", cmd, line, err)
-		}
-		switch {
-		case r.Event != "":
-			continue
-		case r.Error != nil:
-			return nil, fmt.Errorf("%s: %s", r.Error.Class, r.Error.Desc)
-		}
-		return r.Return, nil
-	}
-}
 
 // healthy checks that a fresh QMP client is answered and that the export
 // at sock passes a verified write, flush and read.
@@ -216,7 +60,7 @@ func inode(t *testing.T, path string) uint64 {
 	return st.Ino
 }
 
-const hostileConfig = `
+const socketsConfig = `
 [qmp]
 socket = "qmp.sock"
 
@@ -244,7 +88,7 @@ func TestHostileSocketPaths(t *testing.T) {
 	dirA, dirB := t.TempDir(), t.TempDir()
 	for _, d := range []string{dirA, dirB} {
 		sparse(t, filepath.Join(d, "disk.img"), 8<<20)
-		writeConfig(t, d, hostileConfig)
+		writeConfig(t, d, socketsConfig)
 	}
 	qA, xA := filepath.Join(dirA, "qmp.sock"), filepath.Join(dirA, "root.sock")
 	qB, xB := filepath.Join(dirB, "qmp.sock"), filepath.Join(dirB, "root.sock")
@@ -313,19 +157,20 @@ func TestHostileSocketPaths(t *testing.T) {
 	dirC := t.TempDir()
 	sparse(t, filepath.Join(dirC, "disk.img"), 8<<20)
 	for _, tc := range []struct{ name, config string }{
-		{"the same paths", strings.NewReplacer(`"qmp.sock"`, `"`+qA+`"`, `"root.sock"`, `"`+xA+`"`).Replace(hostileConfig)},
-		{"an export on the other's QMP socket", strings.NewReplacer(`"qmp.sock"`, `"c-qmp.sock"`, `"root.sock"`, `"`+qA+`"`).Replace(hostileConfig)},
+		{"the same paths", strings.NewReplacer(`"qmp.sock"`, `"`+qA+`"`, `"root.sock"`, `"`+xA+`"`).Replace(socketsConfig)},
+		{"an export on the other's QMP socket", strings.NewReplacer(`"qmp.sock"`, `"c-qmp.sock"`, `"root.sock"`, `"`+qA+`"`).Replace(socketsConfig)},
 	} {
 		c := startChild(t, writeConfig(t, dirC, tc.config))
 		select {
-		case err := <-c.done:
+		case <-c.done:
+			err := c.err
 			if err == nil {
 				t.Fatalf("a daemon on %s started", tc.name)
 			}
-			if !strings.Contains(c.out.String(), "a running server answers on this socket") {
-				t.Fatalf("a daemon on %s failed without saying why:\n%s", tc.name, c.out.String())
+			if !strings.Contains(c.log.String(), "a running server answers on this socket") {
+				t.Fatalf("a daemon on %s failed without saying why:\n%s", tc.name, c.log.String())
 			}
-			t.Logf("second daemon on %s: %v: %s", tc.name, err, strings.TrimSpace(c.out.String()))
+			t.Logf("second daemon on %s: %v: %s", tc.name, err, strings.TrimSpace(c.log.String()))
 		case <-time.After(20 * time.Second):
 			t.Fatalf("a daemon on %s is still running", tc.name)
 		}

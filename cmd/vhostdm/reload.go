@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"reflect"
 	"slices"
 	"strings"
 
@@ -62,7 +63,7 @@ func (d *daemon) reloadConfig(path string) error {
 	var errs []error
 	// Exports that went away or changed settings go first.
 	for id, e := range oldExp {
-		if n, ok := newExp[id]; !ok || n != e || old.Path(e.Socket) != c.Path(n.Socket) {
+		if n, ok := newExp[id]; !ok || !reflect.DeepEqual(n, e) || old.Path(e.Socket) != c.Path(n.Socket) {
 			if err := d.ex.Del(id, "hard"); err != nil {
 				errs = append(errs, fmt.Errorf("export %q: %w", id, err))
 			} else {
@@ -105,7 +106,7 @@ func (d *daemon) reloadConfig(path string) error {
 		d.log.Info("device removed by reload", "device", dc.Name)
 	}
 	for _, e := range c.Exports {
-		if o, ok := oldExp[e.ID]; ok && o == e && old.Path(o.Socket) == c.Path(e.Socket) {
+		if o, ok := oldExp[e.ID]; ok && reflect.DeepEqual(o, e) && old.Path(o.Socket) == c.Path(e.Socket) {
 			continue
 		}
 		if err := d.ex.Add(exportOptions(c, e)); err != nil {

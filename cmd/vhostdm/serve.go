@@ -141,12 +141,12 @@ type daemon struct {
 func startDaemon(ctx context.Context, c *config.Config, log *slog.Logger) (*daemon, error) {
 	d := &daemon{log: log, cfg: c}
 	d.ctx, d.cancel = context.WithCancel(ctx)
-	d.m = mapper.NewManager(mapper.ManagerOptions{Logger: log, Dir: c.Dir, Events: func(e mapper.Event) {
+	d.m = mapper.NewManager(mapper.ManagerOptions{Logger: log, Dir: c.Dir, StateDir: c.StatePath(), Events: func(e mapper.Event) {
 		if s := d.events.Load(); s != nil {
 			s.MapperEvent(e)
 		}
 	}})
-	d.ex = &exportSet{d: d, exports: map[string]*export{}}
+	d.ex = &exportSet{d: d, exports: map[string]*export{}, nbdServers: map[string]*nbdServer{}}
 	fail := func(err error) (*daemon, error) {
 		d.Close()
 		return nil, err
@@ -224,14 +224,6 @@ func startDaemon(ctx context.Context, c *config.Config, log *slog.Logger) (*daem
 	return d, nil
 }
 
-// exportOptions returns the settings of a configured export.
-func exportOptions(c *config.Config, e config.Export) qmp.ExportOptions {
-	p := e.Perm()
-	return qmp.ExportOptions{ID: e.ID, NodeName: e.Device, Socket: c.Path(e.Socket), Writable: e.Writable,
-		NumQueues: e.NumQueues, LogicalBlockSize: e.LogicalBlockSize, Serial: e.Serial,
-		SocketOwner: p.Owner, SocketGroup: p.Group, SocketMode: p.Mode}
-}
-
 // Close stops accepting front ends, lets in-flight I/O finish, flushes and
 // closes every device.
 func (d *daemon) Close() error {
@@ -288,13 +280,16 @@ func newAgent(c *config.Config, log *slog.Logger) (*agent.Agent, map[string]agen
 type exportSet struct {
 	d *daemon
 
-	mu      sync.Mutex
-	exports map[string]*export
+	mu         sync.Mutex
+	exports    map[string]*export
+	nbdServers map[string]*nbdServer // by address, see nbd.go
+	nbdDefault string                // address of nbd-server-start's server, "" if none
 }
 
 type export struct {
 	opts qmp.ExportOptions
-	x    *vhost.Export
+	x    *vhost.Export // nil for an NBD export
+	nbd  *nbdExport    // nil for a vhost-user-blk export
 	dev  *mapper.Device
 	done chan struct{} // closed when Serve returns
 }
@@ -312,6 +307,9 @@ func (s *exportSet) Add(o qmp.ExportOptions) error {
 	}
 	if o.Writable && dev.ReadOnly() {
 		return fmt.Errorf("device %s is read-only", o.NodeName)
+	}
+	if o.Type == config.TypeNBD {
+		return s.addNBD(o, dev)
 	}
 	// connection reports a front end arriving (up) or leaving: a QMP
 	// event and, with metrics, a counter.
@@ -376,7 +374,7 @@ func (s *exportSet) Del(id, mode string) error {
 		s.mu.Unlock()
 		return fmt.Errorf("export %q not found", id)
 	}
-	if mode != "hard" && e.x.Connected() {
+	if mode != "hard" && e.connected() {
 		s.mu.Unlock()
 		return fmt.Errorf("export %q is in use by a front end (use mode hard to disconnect it)", id)
 	}
@@ -390,10 +388,22 @@ func (s *exportSet) Del(id, mode string) error {
 }
 
 func (e *export) close() error {
+	if e.nbd != nil {
+		err := e.nbd.close()
+		e.dev.Close()
+		return err
+	}
 	err := e.x.Close()
 	<-e.done
 	e.dev.Close()
 	return err
+}
+
+func (e *export) connected() bool {
+	if e.nbd != nil {
+		return e.nbd.connected()
+	}
+	return e.x.Connected()
 }
 
 // List implements qmp.Exports.
@@ -402,7 +412,11 @@ func (s *exportSet) List() []qmp.ExportInfo {
 	defer s.mu.Unlock()
 	var out []qmp.ExportInfo
 	for id, e := range s.exports {
-		out = append(out, qmp.ExportInfo{Type: "vhost-user-blk", ID: id, NodeName: e.opts.NodeName})
+		typ := config.TypeVhostUserBlk
+		if e.nbd != nil {
+			typ = config.TypeNBD
+		}
+		out = append(out, qmp.ExportInfo{Type: typ, ID: id, NodeName: e.opts.NodeName})
 	}
 	slices.SortFunc(out, func(a, b qmp.ExportInfo) int { return strings.Compare(a.ID, b.ID) })
 	return out
@@ -414,6 +428,9 @@ func (s *exportSet) queueDepths() map[string][]int {
 	defer s.mu.Unlock()
 	out := map[string][]int{}
 	for id, e := range s.exports {
+		if e.x == nil {
+			continue
+		}
 		if q := e.x.QueueDepths(); q != nil {
 			out[id] = q
 		}
@@ -430,6 +447,7 @@ func (s *exportSet) closeAll() error {
 	for _, e := range all {
 		errs = append(errs, e.close())
 	}
+	s.closeNBDServers()
 	return errors.Join(errs...)
 }
 

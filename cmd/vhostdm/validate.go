@@ -100,6 +100,14 @@ func exportsOf(c *config.Config, device string) string {
 			if e.Writable {
 				mode = "rw"
 			}
+			if e.Type == config.TypeNBD {
+				at := e.Listen
+				if at == "" {
+					at = c.Path(e.Socket)
+				}
+				s = append(s, fmt.Sprintf("%s over NBD as %q at %s (%s)", e.ID, e.Name, at, mode))
+				continue
+			}
 			s = append(s, fmt.Sprintf("%s at %s (%s, %d queue(s))", e.ID, c.Path(e.Socket), mode, e.NumQueues))
 		}
 	}

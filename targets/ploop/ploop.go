@@ -625,3 +625,24 @@ func (b *bitmap) next(i uint64) (uint64, bool) {
 	}
 	return 0, false
 }
+
+// Allocation reports clusters allocated in no delta of the stack as holes
+// that read as zeros; a run extends over clusters of the same state.
+func (t *target) Allocation(sector, sectors uint64) (uint64, mapper.AllocState, error) {
+	s := t.s
+	cs := s.cluSectors
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	state := func(c uint64) mapper.AllocState {
+		if _, _, ok := s.find(c); ok {
+			return 0
+		}
+		return mapper.AllocHole | mapper.AllocZero
+	}
+	first := state(sector / cs)
+	n := min(sectors, cs-sector%cs)
+	for k := 0; n < sectors && k < 1024 && state((sector+n)/cs) == first; k++ {
+		n = min(sectors, n+cs)
+	}
+	return n, first, nil
+}

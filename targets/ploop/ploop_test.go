@@ -297,3 +297,25 @@ func TestTracking(t *testing.T) {
 		t.Errorf("get_next after stop: %v", err)
 	}
 }
+
+// TestAllocation: clusters allocated in no delta are holes that read as
+// zeros; a cluster qemu-io wrote is data.
+func TestAllocation(t *testing.T) {
+	qimg, qio := tool(t, "qemu-img", "qemu-utils"), tool(t, "qemu-io", "qemu-utils")
+	img := filepath.Join(t.TempDir(), "top.hds")
+	mustRun(t, qimg, "create", "-q", "-f", "parallels", img, "8M")
+	mustRun(t, qio, "-f", "parallels", "-c", "write -P 1 2M 4096", img)
+	d := create(t, newManager(t), "p", "0 16384 ploop 11 "+img)
+	var got []string
+	for s := uint64(0); s < 16384; {
+		n, st, err := d.Allocation(s, 16384-s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, fmt.Sprintf("%d+%d:%d", s, n, st))
+		s += n
+	}
+	if want := "[0+4096:3 4096+2048:0 6144+10240:3]"; fmt.Sprint(got) != want {
+		t.Errorf("allocation %v, want %s", got, want)
+	}
+}

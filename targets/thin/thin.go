@@ -327,3 +327,39 @@ func (t *thinTarget) Close() error {
 	t.p.mu.Unlock()
 	return t.p.release()
 }
+
+// Allocation reports unmapped blocks as holes, zero unless an external
+// origin backs them; a run extends over blocks of the same state.
+func (t *thinTarget) Allocation(sector, sectors uint64) (uint64, mapper.AllocState, error) {
+	p := t.p
+	bs := p.blockSize
+	state := func(vb uint64) (mapper.AllocState, error) {
+		p.mu.Lock()
+		_, ok, _, err := t.lookup(vb)
+		p.mu.Unlock()
+		switch {
+		case err != nil:
+			return 0, err
+		case ok:
+			return 0, nil
+		case t.origin != nil && vb*bs < t.originSz:
+			return mapper.AllocHole, nil
+		}
+		return mapper.AllocHole | mapper.AllocZero, nil
+	}
+	first, err := state(sector / bs)
+	if err != nil {
+		return 0, 0, err
+	}
+	n := min(sectors, bs-sector%bs)
+	// Bounded: at most 1024 blocks per answer keeps the pool lock free
+	// for I/O between lookups and a reply small.
+	for k := 0; n < sectors && k < 1024; k++ {
+		st, err := state((sector + n) / bs)
+		if err != nil || st != first {
+			break
+		}
+		n = min(sectors, n+bs)
+	}
+	return n, first, nil
+}
