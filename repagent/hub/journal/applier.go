@@ -1,0 +1,602 @@
+package journal
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// stateFile is the applied state, replaced atomically.
+const (
+	stateFile    = "state.json"
+	stateVersion = 1
+	maxExpired   = 256
+	imageSuffix  = ".img"
+	maxRun       = 1 << 20 // largest merged write
+)
+
+// state is the applier's durable state. Base: the base images hold exactly
+// the records before Base.Pos. Target > Base: an apply pass toward Target was
+// started (the images may hold part of it); it is redone at open, and no
+// point before Target is recoverable.
+type state struct {
+	Version int      `json:"version"`
+	Base    Point    `json:"base"`
+	Target  Point    `json:"target"`
+	Volumes []Volume `json:"volumes"`
+	// Checkpoints at Base.Pos exactly (their records are applied).
+	Checkpoints []Checkpoint `json:"checkpoints,omitempty"`
+	// Expired: names of recent checkpoints that left the window.
+	Expired []string `json:"expired,omitempty"`
+}
+
+func loadState(dir string) (state, error) {
+	path := filepath.Join(dir, stateFile)
+	_ = os.Remove(path + ".tmp")
+	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return state{Version: stateVersion}, nil
+	}
+	if err != nil {
+		return state{}, err
+	}
+	var st state
+	if err := json.Unmarshal(b, &st); err != nil {
+		return state{}, fmt.Errorf("%w: %s: %w", ErrCorrupt, path, err)
+	}
+	if st.Version != stateVersion {
+		return state{}, fmt.Errorf("%w: %s: version %d, want %d", ErrCorrupt, path, st.Version, stateVersion)
+	}
+	if st.Base.Pos < 0 || st.Target.Pos < st.Base.Pos {
+		return state{}, fmt.Errorf("%w: %s: base %d, target %d", ErrCorrupt, path, st.Base.Pos, st.Target.Pos)
+	}
+	for _, v := range st.Volumes {
+		if !ValidName(v.Name) || v.Size <= 0 || v.Size > MaxVolumeSize {
+			return state{}, fmt.Errorf("%w: %s: bad volume %q size %d", ErrCorrupt, path, v.Name, v.Size)
+		}
+	}
+	return st, nil
+}
+
+// saveState replaces the state file durably: write a temporary file, fsync,
+// rename, fsync the directory.
+func (a *applier) saveState(st state) error {
+	path := filepath.Join(a.j.dir, stateFile)
+	b, err := json.MarshalIndent(st, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := a.j.inject("state-write", path); err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(append(b, '\n')); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return err
+	}
+	return syncDir(a.j.dir)
+}
+
+// applier advances the base images from the journal.
+type applier struct {
+	j *Journal
+
+	mu           sync.Mutex // guards the fields below
+	st           state
+	err          error // sticky
+	pins         map[int]int64
+	nextPin      int
+	appliedBytes int64
+	applyWrites  int64
+	passes       uint64
+
+	// run is held for writing by an apply pass and for reading while the
+	// base images are copied.
+	run sync.RWMutex
+	// owned by the holder of run for writing
+	cursor struct {
+		pos   int64
+		depth int
+		seq   uint64
+		last  Point
+	}
+	imgs *imageSet
+}
+
+func (a *applier) init(j *Journal, st state) {
+	a.j = j
+	a.st = st
+	a.pins = map[int]int64{}
+	a.cursor.pos = st.Target.Pos
+	a.cursor.seq = st.Target.Seq
+	a.cursor.last = st.Target
+	vols := map[string]int64{}
+	for _, v := range st.Volumes {
+		vols[v.Name] = v.Size
+	}
+	a.imgs = &imageSet{dir: j.dir, prealloc: true, inject: j.inject, sizes: vols}
+}
+
+func (a *applier) closeImages() {
+	if a.imgs != nil {
+		a.imgs.close()
+	}
+}
+
+// ApplyErr returns the applier's sticky store error, or nil. Once set the
+// applied position never advances again in this process, and Materialize
+// refuses when the base images may be mid-pass.
+func (j *Journal) ApplyErr() error {
+	a := &j.applier
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.err
+}
+
+func (a *applier) fail(err error) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.err == nil {
+		if !errors.Is(err, ErrStore) {
+			err = fmt.Errorf("%w: apply: %w", ErrStore, err)
+		}
+		a.err = err
+		a.j.log.Error("journal: applier failed; applied position frozen", "err", err)
+	}
+	return a.err
+}
+
+func (a *applier) pin(pos int64) int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.nextPin++
+	a.pins[a.nextPin] = pos
+	return a.nextPin
+}
+
+func (a *applier) unpin(id int) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	delete(a.pins, id)
+}
+
+func (j *Journal) applyLoop() {
+	defer j.applyWG.Done()
+	t := time.NewTicker(j.opts.ApplyInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-j.stop:
+			return
+		case <-t.C:
+		}
+		_ = j.applier.once()
+	}
+}
+
+// ApplyNow runs one apply pass now: it applies the records that left the
+// retention window (or exceed MaxBytes), up to the newest consistent point
+// among them, and deletes segments wholly behind the applied position.
+func (j *Journal) ApplyNow() error {
+	j.mu.Lock()
+	closed := j.closed
+	j.mu.Unlock()
+	if closed {
+		return ErrClosed
+	}
+	return j.applier.once()
+}
+
+func (a *applier) once() error {
+	a.run.Lock()
+	defer a.run.Unlock()
+	if a.imgs.closed {
+		return ErrClosed
+	}
+	a.mu.Lock()
+	err, base := a.err, a.st.Base
+	a.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	j := a.j
+	cutoff := time.Now().Add(-j.opts.Retain)
+	j.mu.Lock()
+	durable := j.durable
+	j.mu.Unlock()
+	need := int64(-1)
+	if j.opts.MaxBytes > 0 {
+		need = durable - j.opts.MaxBytes
+	}
+	c := &a.cursor
+	if c.pos < durable {
+		r, err := newReader(j.segments(), c.pos, durable)
+		if err != nil {
+			return a.fail(err)
+		}
+		for {
+			rec, _, end, err := r.next()
+			if errors.Is(err, io.EOF) {
+				break
+			}
+			if err != nil {
+				r.close()
+				return a.fail(err)
+			}
+			if rec.Time.After(cutoff) && c.pos >= need {
+				break
+			}
+			switch rec.Kind {
+			case KindResyncBegin:
+				c.depth = 1
+			case KindResyncEnd:
+				c.depth = 0
+			}
+			if rec.HasSeq {
+				c.seq = rec.Seq
+			}
+			c.pos = end
+			if c.depth == 0 {
+				c.last = Point{Pos: end, Seq: c.seq, Time: rec.Time}
+			}
+		}
+		r.close()
+	}
+	if c.last.Pos <= base.Pos {
+		return nil
+	}
+	if err := a.pass(c.last); err != nil {
+		return a.fail(err)
+	}
+	return nil
+}
+
+// pass moves the base images from the applied position to target, a
+// consistent point: record the intent, apply, fsync the images, record the
+// new applied position, delete segments behind it.
+func (a *applier) pass(target Point) error {
+	j := a.j
+	a.mu.Lock()
+	st := a.st
+	a.mu.Unlock()
+	if st.Target != target {
+		st.Target = target
+		if err := a.saveState(st); err != nil {
+			return fmt.Errorf("%w: save state: %w", ErrStore, err)
+		}
+		a.mu.Lock()
+		a.st.Target = target
+		a.mu.Unlock()
+	}
+	r, err := newReader(j.segments(), st.Base.Pos, target.Pos)
+	if err != nil {
+		return err
+	}
+	imgs := a.imgs
+	before, beforeW := imgs.bytes, imgs.writes
+	for {
+		rec, _, _, err := r.next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			r.close()
+			return err
+		}
+		if err := imgs.apply(&rec); err != nil {
+			r.close()
+			return err
+		}
+	}
+	r.close()
+	if err := imgs.sync(); err != nil {
+		return err
+	}
+
+	// Checkpoints before the new base leave the window.
+	var atBase []Checkpoint
+	j.mu.Lock()
+	expired := j.expired
+	for n, p := range j.checkpoints {
+		switch {
+		case p.Pos < target.Pos:
+			delete(j.checkpoints, n)
+			delete(j.pCPNames, n)
+			expired = append(expired, n)
+		case p.Pos == target.Pos:
+			atBase = append(atBase, Checkpoint{Name: n, Point: p})
+		}
+	}
+	if len(expired) > maxExpired {
+		expired = expired[len(expired)-maxExpired:]
+	}
+	j.expired = expired
+	j.mu.Unlock()
+	sortCheckpoints(atBase)
+
+	nst := state{Version: stateVersion, Base: target, Target: target, Volumes: sortedVolumes(imgs.sizes),
+		Checkpoints: atBase, Expired: append([]string(nil), expired...)}
+	if err := a.saveState(nst); err != nil {
+		return fmt.Errorf("%w: save state: %w", ErrStore, err)
+	}
+	a.mu.Lock()
+	a.st = nst
+	a.passes++
+	a.appliedBytes += imgs.bytes - before
+	a.applyWrites += imgs.writes - beforeW
+	keep := target.Pos
+	for _, p := range a.pins {
+		keep = min(keep, p)
+	}
+	a.mu.Unlock()
+	return j.dropSegments(keep)
+}
+
+// segments returns a snapshot of the segment list.
+func (j *Journal) segments() []segment {
+	j.segMu.Lock()
+	defer j.segMu.Unlock()
+	return append([]segment(nil), j.segs...)
+}
+
+// dropSegments deletes the segments wholly before pos (never the last).
+func (j *Journal) dropSegments(pos int64) error {
+	j.segMu.Lock()
+	defer j.segMu.Unlock()
+	n := 0
+	for len(j.segs) > 1 && j.segs[1].start <= pos {
+		if err := os.Remove(j.segs[0].path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("remove segment: %w", err)
+		}
+		j.segs = j.segs[1:]
+		n++
+	}
+	if n > 0 {
+		return syncDir(j.segDir)
+	}
+	return nil
+}
+
+// imageSet applies records to one file per volume, dir/NAME.img, merging
+// adjacent writes.
+type imageSet struct {
+	dir      string
+	prealloc bool
+	inject   func(op, path string) error
+	sizes    map[string]int64
+	files    map[string]*os.File
+	created  bool
+	closed   bool
+	writes   int64 // write calls made (after merging)
+	bytes    int64
+	run      struct {
+		vol string
+		off int64
+		buf []byte
+	}
+}
+
+func (s *imageSet) path(vol string) string { return filepath.Join(s.dir, vol+imageSuffix) }
+
+func (s *imageSet) file(vol string) (*os.File, error) {
+	if f := s.files[vol]; f != nil {
+		return f, nil
+	}
+	if s.files == nil {
+		s.files = map[string]*os.File{}
+	}
+	f, err := os.OpenFile(s.path(vol), os.O_RDWR, 0)
+	if err != nil {
+		return nil, err
+	}
+	s.files[vol] = f
+	return f, nil
+}
+
+func (s *imageSet) do(op, path string) error {
+	if s.inject != nil {
+		return s.inject(op, path)
+	}
+	return nil
+}
+
+func (s *imageSet) apply(r *Record) error {
+	if r.Kind == KindWrite {
+		if s.run.vol == r.Volume && s.run.off+int64(len(s.run.buf)) == r.Offset && len(s.run.buf)+len(r.Data) <= maxRun {
+			s.run.buf = append(s.run.buf, r.Data...)
+			return nil
+		}
+		if err := s.flush(); err != nil {
+			return err
+		}
+		s.run.vol, s.run.off = r.Volume, r.Offset
+		s.run.buf = append(s.run.buf[:0], r.Data...)
+		return nil
+	}
+	if err := s.flush(); err != nil {
+		return err
+	}
+	switch r.Kind {
+	case KindZero, KindDiscard:
+		f, err := s.file(r.Volume)
+		if err != nil {
+			return err
+		}
+		if err := s.do("image-write", f.Name()); err != nil {
+			return fmt.Errorf("%w: zero %s: %w", ErrStore, f.Name(), err)
+		}
+		if err := zeroRange(f, r.Offset, r.Length, s.prealloc); err != nil {
+			return fmt.Errorf("%w: zero %s: %w", ErrStore, f.Name(), err)
+		}
+		s.bytes += r.Length
+	case KindVolume:
+		return s.resize(r.Volume, r.Size)
+	}
+	return nil
+}
+
+// resize creates a volume's image or changes its size.
+func (s *imageSet) resize(vol string, size int64) error {
+	path := s.path(vol)
+	if err := s.do("image-write", path); err != nil {
+		return fmt.Errorf("%w: size %s: %w", ErrStore, path, err)
+	}
+	f := s.files[vol]
+	if f == nil {
+		var err error
+		f, err = os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+		if err != nil {
+			return fmt.Errorf("%w: %w", ErrStore, err)
+		}
+		if s.files == nil {
+			s.files = map[string]*os.File{}
+		}
+		s.files[vol] = f
+		s.created = true
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	cur := fi.Size()
+	switch {
+	case size > cur && s.prealloc:
+		err = unix.Fallocate(int(f.Fd()), 0, cur, size-cur)
+		if errors.Is(err, unix.EOPNOTSUPP) {
+			err = f.Truncate(size)
+		}
+	case size != cur:
+		err = f.Truncate(size)
+	}
+	if err != nil {
+		return fmt.Errorf("%w: size %s to %d: %w", ErrStore, path, size, err)
+	}
+	s.sizes[vol] = size
+	return nil
+}
+
+// flush writes the merged run of writes.
+func (s *imageSet) flush() error {
+	if len(s.run.buf) == 0 {
+		return nil
+	}
+	f, err := s.file(s.run.vol)
+	if err != nil {
+		return err
+	}
+	err = s.do("image-write", f.Name())
+	if err == nil {
+		_, err = f.WriteAt(s.run.buf, s.run.off)
+	}
+	if err != nil {
+		return fmt.Errorf("%w: write %s: %w", ErrStore, f.Name(), err)
+	}
+	s.bytes += int64(len(s.run.buf))
+	s.writes++
+	s.run.buf = s.run.buf[:0]
+	s.run.vol = ""
+	return nil
+}
+
+// sync flushes the run and fsyncs every image (and the directory when an
+// image was created). A failed fsync is never retried.
+func (s *imageSet) sync() error {
+	if err := s.flush(); err != nil {
+		return err
+	}
+	for _, f := range s.files {
+		err := s.do("image-sync", f.Name())
+		if err == nil {
+			err = f.Sync()
+		}
+		if err != nil {
+			return fmt.Errorf("%w: fsync %s: %w", ErrStore, f.Name(), err)
+		}
+	}
+	if s.created {
+		if err := syncDir(s.dir); err != nil {
+			return fmt.Errorf("%w: fsync %s: %w", ErrStore, s.dir, err)
+		}
+		s.created = false
+	}
+	return nil
+}
+
+func (s *imageSet) close() {
+	for _, f := range s.files {
+		f.Close()
+	}
+	s.files = nil
+	s.closed = true
+}
+
+var zeroes = make([]byte, 1<<20)
+
+// zeroRange makes n bytes at off read as zeroes: fallocate ZERO_RANGE
+// (keeps the allocation), else (when keeping the allocation does not
+// matter) PUNCH_HOLE, else writing zeroes.
+func zeroRange(f *os.File, off, n int64, keepAlloc bool) error {
+	fd := int(f.Fd())
+	err := unix.Fallocate(fd, unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	if err == nil {
+		return nil
+	}
+	if !keepAlloc {
+		if err = unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n); err == nil {
+			return nil
+		}
+	}
+	if !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOSYS) {
+		return err
+	}
+	for n > 0 {
+		c := min(n, int64(len(zeroes)))
+		if _, err := f.WriteAt(zeroes[:c], off); err != nil {
+			return err
+		}
+		off += c
+		n -= c
+	}
+	return nil
+}
+
+func sortedVolumes(m map[string]int64) []Volume {
+	vs := make([]Volume, 0, len(m))
+	for n, s := range m {
+		vs = append(vs, Volume{Name: n, Size: s})
+	}
+	sort.Slice(vs, func(a, b int) bool { return vs[a].Name < vs[b].Name })
+	return vs
+}
+
+func sortCheckpoints(cps []Checkpoint) {
+	sort.Slice(cps, func(a, b int) bool {
+		if cps[a].Point.Pos != cps[b].Point.Pos {
+			return cps[a].Point.Pos < cps[b].Point.Pos
+		}
+		return cps[a].Name < cps[b].Name
+	})
+}

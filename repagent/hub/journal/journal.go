@@ -1,0 +1,886 @@
+package journal
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Errors returned by the journal. Errors are wrapped with context; test
+// them with errors.Is.
+var (
+	// ErrClosed: the journal was closed.
+	ErrClosed = errors.New("journal: closed")
+	// ErrInvalid: a submitted record is malformed or does not fit the
+	// journal's state (unknown volume, range beyond the volume, sequence
+	// number not increasing, resync-end without a resync set, checkpoint
+	// inside a resync set or under a name already used). Nothing of that
+	// submission was journaled.
+	ErrInvalid = errors.New("journal: invalid record")
+	// ErrStore: writing or syncing the journal, a base image or the applied
+	// state failed. The error is sticky: see Journal.Err and ApplyErr.
+	ErrStore = errors.New("journal: store error")
+	// ErrCorrupt: the journal or its state cannot be read back (a bad
+	// record before the tail, a missing segment, a bad state file).
+	ErrCorrupt = errors.New("journal: corrupt")
+	// ErrBeforeWindow: the requested point is older than the retention
+	// window: its records were applied to the base images.
+	ErrBeforeWindow = errors.New("journal: point is older than the retention window")
+	// ErrNoPoint: no consistent point matches the selector (in the future,
+	// not yet covered by a consistent point, or not a consistent position).
+	ErrNoPoint = errors.New("journal: no such consistent point")
+	// ErrInUse: another Journal (in this or another process) has the
+	// directory open.
+	ErrInUse = errors.New("journal: directory in use")
+	// ErrUnknownCheckpoint: no checkpoint of that name was ever journaled
+	// (within what the journal remembers).
+	ErrUnknownCheckpoint = errors.New("journal: unknown checkpoint")
+)
+
+// Options configure a journal. The zero value is usable.
+type Options struct {
+	// Retain keeps records in the journal for this long after their time;
+	// older records are applied to the base images (up to a consistent
+	// point). 0 applies every record at the applier's next pass.
+	Retain time.Duration
+	// MaxBytes caps the journal's unapplied bytes: the applier applies the
+	// oldest records, even younger than Retain, until the journal holds no
+	// more (as far as consistent points allow: an open resync set is never
+	// applied). 0: no cap.
+	MaxBytes int64
+	// SegmentBytes is the size at which a segment file is closed and a new
+	// one started. Default 64 MiB.
+	SegmentBytes int64
+	// ApplyInterval is the period of the background applier. Default 100ms.
+	ApplyInterval time.Duration
+	// NoApplier disables the background applier; ApplyNow still applies.
+	NoApplier bool
+	// Logger receives warnings (truncated tails, store errors). Default
+	// slog.Default().
+	Logger *slog.Logger
+
+	// inject, when set (tests), is called before each store operation and
+	// its error is returned instead of doing it. ops: "segment-write",
+	// "segment-sync", "image-write", "image-sync", "state-write".
+	inject func(op, path string) error
+}
+
+// Point is a position in a VM's journal: the state of all its volumes after
+// every record before Pos. Consistent points are record ends outside any
+// resync set.
+type Point struct {
+	// Pos is the journal's logical byte position (segment headers not
+	// counted), 0 at the start of the journal.
+	Pos int64 `json:"pos"`
+	// Seq is the sequence number of the last record before Pos that had
+	// one (0 if none).
+	Seq uint64 `json:"seq"`
+	// Time is the time of the record ending at Pos (zero at position 0).
+	Time time.Time `json:"time"`
+}
+
+// Volume is a volume of the VM and its size in bytes.
+type Volume struct {
+	Name string `json:"name"`
+	Size int64  `json:"size"`
+}
+
+// Checkpoint is a named consistent point.
+type Checkpoint struct {
+	Name  string `json:"name"`
+	Point Point  `json:"point"`
+}
+
+// Journal is the write journal of one VM: its volumes share one write order,
+// one set of consistent points and one applier. All methods are safe for
+// concurrent use.
+type Journal struct {
+	dir    string
+	segDir string
+	opts   Options
+	log    *slog.Logger
+
+	mu   sync.Mutex // guards the fields below
+	work *sync.Cond // the writer waits for a batch (on mu)
+	// closed: Close was called; Submit refuses.
+	closed bool
+	// err is the sticky journal error.
+	err error
+	cur *batch
+	// pending state: after every submitted record, durable or not.
+	pEnd     int64
+	pDepth   int
+	pSeq     uint64
+	pHasSeq  bool
+	pTime    time.Time
+	pVols    map[string]int64
+	pCPNames map[string]bool
+	// durable state: after every record whose batch was synced.
+	durable     int64
+	dSeq        uint64
+	dTime       time.Time
+	dDepth      int
+	newest      Point
+	checkpoints map[string]Point
+	expired     []string
+	appends     uint64
+	batches     uint64
+	fsyncs      uint64
+	full        []*batch // closed batches waiting for the writer, oldest first
+	spare       [][]byte // written batches' buffers, for reuse
+
+	segMu sync.Mutex // guards segs
+	segs  []segment
+
+	// owned by the writer goroutine
+	wf     *os.File
+	wfSize int64
+
+	applier applier
+
+	lock     *os.File // dir/lock, flocked while open
+	stop     chan struct{}
+	writerWG sync.WaitGroup
+	applyWG  sync.WaitGroup
+}
+
+// batch is a group of submissions written with one write and one fsync.
+type batch struct {
+	buf   []byte
+	recs  int
+	start int64
+	end   int64
+	// state to publish once durable
+	seq       uint64
+	time      time.Time
+	depth     int
+	newest    Point
+	hasNewest bool
+	cps       []Checkpoint
+	done      chan struct{}
+	err       error
+}
+
+func newBatch(start int64, buf []byte) *batch {
+	return &batch{buf: buf[:0], start: start, end: start, done: make(chan struct{})}
+}
+
+// Open opens (creating if needed) the journal of one VM in dir: segment
+// files under dir/journal, base images dir/VOLUME.img, applied state
+// dir/state.json. A torn or corrupt tail of the last segment is truncated
+// (logged); an interrupted apply pass is redone before Open returns. Other
+// damage fails with ErrCorrupt. One process at a time may open a directory.
+func Open(dir string, opts Options) (*Journal, error) {
+	if opts.SegmentBytes <= 0 {
+		opts.SegmentBytes = 64 << 20
+	}
+	if opts.ApplyInterval <= 0 {
+		opts.ApplyInterval = 100 * time.Millisecond
+	}
+	if opts.Retain < 0 || opts.MaxBytes < 0 {
+		return nil, fmt.Errorf("journal options: negative retain %v or max bytes %d", opts.Retain, opts.MaxBytes)
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	j := &Journal{
+		dir:         dir,
+		segDir:      filepath.Join(dir, segDirName),
+		opts:        opts,
+		log:         log.With("journal", dir),
+		pVols:       map[string]int64{},
+		pCPNames:    map[string]bool{},
+		checkpoints: map[string]Point{},
+		stop:        make(chan struct{}),
+	}
+	j.work = sync.NewCond(&j.mu)
+	if err := os.MkdirAll(j.segDir, 0o700); err != nil {
+		return nil, fmt.Errorf("open journal: %w", err)
+	}
+	if err := syncDir(dir); err != nil {
+		return nil, fmt.Errorf("open journal: %w", err)
+	}
+	lock, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open journal: %w", err)
+	}
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("open journal %s: %w: %w", dir, ErrInUse, err)
+	}
+	j.lock = lock
+	if err := j.recover(); err != nil {
+		lock.Close()
+		j.applier.closeImages()
+		if j.wf != nil {
+			j.wf.Close()
+		}
+		return nil, fmt.Errorf("open journal %s: %w", dir, err)
+	}
+	j.writerWG.Add(1)
+	go j.writer()
+	if !opts.NoApplier {
+		j.applyWG.Add(1)
+		go j.applyLoop()
+	}
+	return j, nil
+}
+
+// recover loads the state, scans and repairs the journal, and redoes an
+// interrupted apply pass.
+func (j *Journal) recover() error {
+	st, err := loadState(j.dir)
+	if err != nil {
+		return err
+	}
+	j.applier.init(j, st)
+	segs, err := listSegments(j.segDir)
+	if err != nil {
+		return err
+	}
+	base := st.Base.Pos
+	// Segments wholly behind the base may remain from a crash.
+	for len(segs) > 1 && segs[1].start <= base {
+		if err := os.Remove(segs[0].path); err != nil {
+			return err
+		}
+		segs = segs[1:]
+	}
+	if len(segs) == 0 && base > 0 {
+		return fmt.Errorf("%w: no segment files, applied state is at %d", ErrCorrupt, base)
+	}
+	if len(segs) > 0 && segs[0].start > base {
+		return fmt.Errorf("%w: journal starts at %d, applied state is at %d", ErrCorrupt, segs[0].start, base)
+	}
+	for _, v := range st.Volumes {
+		j.pVols[v.Name] = v.Size
+	}
+	for _, c := range st.Checkpoints {
+		j.checkpoints[c.Name] = c.Point
+		j.pCPNames[c.Name] = true
+	}
+	j.expired = append(j.expired, st.Expired...)
+	end := base
+	j.pSeq, j.pHasSeq, j.pTime = st.Base.Seq, st.Base.Seq != 0, st.Base.Time
+	j.newest = st.Base
+	if len(segs) > 0 {
+		end, segs, err = j.scan(segs, base)
+		if err != nil {
+			return err
+		}
+	}
+	if st.Target.Pos > end {
+		return fmt.Errorf("%w: applied state target %d beyond journal end %d", ErrCorrupt, st.Target.Pos, end)
+	}
+	j.pEnd, j.durable = end, end
+	j.dSeq, j.dTime, j.dDepth = j.pSeq, j.pTime, j.pDepth
+	j.segs = segs
+	if len(segs) == 0 {
+		if err := j.rotate(base); err != nil {
+			return err
+		}
+	} else {
+		last := segs[len(segs)-1]
+		f, err := os.OpenFile(last.path, os.O_WRONLY|os.O_APPEND, 0)
+		if err != nil {
+			return err
+		}
+		fi, err := f.Stat()
+		if err != nil {
+			f.Close()
+			return err
+		}
+		j.wf, j.wfSize = f, fi.Size()
+	}
+	j.cur = newBatch(end, nil)
+	if st.Target.Pos > st.Base.Pos {
+		j.log.Warn("journal: redoing an interrupted apply pass", "from", st.Base.Pos, "to", st.Target.Pos)
+		if err := j.applier.pass(st.Target); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// scan reads the journal from base to its end, rebuilding the in-memory
+// state, and truncates a torn tail of the last segment. It returns the end
+// position and the (possibly shortened) segment list.
+func (j *Journal) scan(segs []segment, base int64) (int64, []segment, error) {
+	r, err := newReader(segs, base, -1)
+	end := base
+	for err == nil {
+		var rec Record
+		var e int64
+		rec, _, e, err = r.next()
+		if err != nil {
+			break
+		}
+		j.track(&rec)
+		if j.pDepth == 0 {
+			p := Point{Pos: e, Seq: j.pSeq, Time: rec.Time}
+			j.newest = p
+			if rec.Kind == KindCheckpoint {
+				j.checkpoints[rec.Checkpoint] = p
+			}
+		}
+		end = e
+	}
+	if r != nil {
+		r.close()
+	}
+	if errors.Is(err, io.EOF) {
+		return end, segs, nil
+	}
+	var te *tornError
+	if !errors.As(err, &te) {
+		return 0, nil, err
+	}
+	last := len(segs) - 1
+	if te.seg != last {
+		return 0, nil, err
+	}
+	s := segs[last]
+	if te.header {
+		// A header is synced before any record is written behind it: a bad
+		// one is torn only when nothing but zeroes follows (the segment's
+		// creation was cut short), and then nothing in it was acknowledged.
+		b, rerr := os.ReadFile(s.path)
+		if rerr != nil {
+			return 0, nil, rerr
+		}
+		if len(b) > segHeaderLen && !allZero(b[segHeaderLen:]) || base > s.start {
+			return 0, nil, err
+		}
+		j.log.Warn("journal: removing a last segment whose creation was cut short", "segment", s.path, "reason", te.reason)
+		if err := os.Remove(s.path); err != nil {
+			return 0, nil, err
+		}
+		if err := syncDir(j.segDir); err != nil {
+			return 0, nil, err
+		}
+		return end, segs[:last], nil
+	}
+	fi, err := os.Stat(s.path)
+	if err != nil {
+		return 0, nil, err
+	}
+	keep := segHeaderLen + te.pos - s.start
+	j.log.Warn("journal: truncating a torn or corrupt tail", "segment", s.path, "position", te.pos,
+		"dropped-bytes", fi.Size()-keep, "reason", te.reason)
+	f, err := os.OpenFile(s.path, os.O_WRONLY, 0)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer f.Close()
+	if err := f.Truncate(keep); err != nil {
+		return 0, nil, err
+	}
+	if err := f.Sync(); err != nil {
+		return 0, nil, err
+	}
+	return end, segs, nil
+}
+
+// track advances the pending state over one valid record.
+func (j *Journal) track(r *Record) {
+	switch r.Kind {
+	case KindVolume:
+		j.pVols[r.Volume] = r.Size
+	case KindResyncBegin:
+		j.pDepth = 1
+	case KindResyncEnd:
+		j.pDepth = 0
+	case KindCheckpoint:
+		j.pCPNames[r.Checkpoint] = true
+	}
+	if r.HasSeq {
+		j.pSeq, j.pHasSeq = r.Seq, true
+	}
+	j.pTime = r.Time
+}
+
+// rotate starts a new segment at logical position start; writer only (or
+// recover).
+func (j *Journal) rotate(start int64) error {
+	path := filepath.Join(j.segDir, segName(start))
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL|os.O_APPEND, 0o600)
+	if err != nil {
+		return fmt.Errorf("%w: create segment: %w", ErrStore, err)
+	}
+	if err := j.inject("segment-write", path); err == nil {
+		_, err = f.Write(encodeSegHeader(start))
+		if err == nil {
+			err = j.inject("segment-sync", path)
+		}
+		if err == nil {
+			err = f.Sync()
+		}
+		if err == nil {
+			err = syncDir(j.segDir)
+		}
+		if err != nil {
+			f.Close()
+			return fmt.Errorf("%w: new segment %s: %w", ErrStore, path, err)
+		}
+	} else {
+		f.Close()
+		return fmt.Errorf("%w: new segment %s: %w", ErrStore, path, err)
+	}
+	if j.wf != nil {
+		j.wf.Close()
+	}
+	j.wf, j.wfSize = f, segHeaderLen
+	j.segMu.Lock()
+	j.segs = append(j.segs, segment{start: start, path: path})
+	j.segMu.Unlock()
+	return nil
+}
+
+func (j *Journal) inject(op, path string) error {
+	if j.opts.inject != nil {
+		return j.opts.inject(op, path)
+	}
+	return nil
+}
+
+// Pending is a submission on its way to disk.
+type Pending struct {
+	b     *batch
+	point Point
+}
+
+// Done is closed when the submission is durable or failed.
+func (p *Pending) Done() <-chan struct{} { return p.b.done }
+
+// Wait waits until the submission is durable (fsynced) and returns the
+// position after its last record (a consistent point only if it is not in
+// a resync set). When ctx ends first it returns ctx.Err(); the records may
+// still become durable.
+func (p *Pending) Wait(ctx context.Context) (Point, error) {
+	select {
+	case <-p.b.done:
+	case <-ctx.Done():
+		return Point{}, ctx.Err()
+	}
+	if p.b.err != nil {
+		return Point{}, p.b.err
+	}
+	return p.point, nil
+}
+
+// Submit validates recs and queues them, in call order, for the next group
+// commit, and returns without waiting for the disk. Either all of recs are
+// journaled, in order and contiguous, or (on error) none. Use Wait on the
+// result before acknowledging the records to anyone.
+func (j *Journal) Submit(recs ...Record) (*Pending, error) {
+	now := time.Now()
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.closed {
+		return nil, ErrClosed
+	}
+	if j.err != nil {
+		return nil, j.err
+	}
+	if err := j.validate(recs); err != nil {
+		return nil, err
+	}
+	if len(recs) == 0 {
+		b := &batch{done: make(chan struct{})}
+		close(b.done)
+		return &Pending{b: b, point: Point{Pos: j.pEnd, Seq: j.pSeq, Time: j.pTime}}, nil
+	}
+	if len(j.cur.buf) >= maxBatchBytes {
+		// Close the batch: one write stays bounded, its buffer reusable.
+		j.full = append(j.full, j.cur)
+		j.cur = newBatch(j.cur.end, j.takeSpare())
+	}
+	b := j.cur
+	for i := range recs {
+		r := recs[i] // a copy: the stamped time stays ours
+		if r.Time.IsZero() {
+			r.Time = now
+		}
+		r.Time = r.Time.Round(0).UTC() // as it reads back: no monotonic clock, UTC
+		if r.Time.Before(j.pTime) {
+			r.Time = j.pTime
+		}
+		if !r.HasSeq {
+			r.Seq = 0
+		}
+		b.buf = appendRecord(b.buf, &r)
+		j.track(&r)
+		j.pEnd += int64(r.encodedLen())
+		b.recs++
+		if j.pDepth == 0 {
+			b.newest = Point{Pos: j.pEnd, Seq: j.pSeq, Time: r.Time}
+			b.hasNewest = true
+			if r.Kind == KindCheckpoint {
+				b.cps = append(b.cps, Checkpoint{Name: r.Checkpoint, Point: b.newest})
+			}
+		}
+	}
+	b.end, b.seq, b.time, b.depth = j.pEnd, j.pSeq, j.pTime, j.pDepth
+	j.work.Signal()
+	return &Pending{b: b, point: Point{Pos: j.pEnd, Seq: j.pSeq, Time: j.pTime}}, nil
+}
+
+// validate checks recs against the pending state, without changing it.
+func (j *Journal) validate(recs []Record) error {
+	depth, seq, hasSeq := j.pDepth, j.pSeq, j.pHasSeq
+	var vols map[string]int64 // changes made by recs
+	var names map[string]bool
+	size := func(v string) (int64, bool) {
+		if s, ok := vols[v]; ok {
+			return s, true
+		}
+		s, ok := j.pVols[v]
+		return s, ok
+	}
+	for i := range recs {
+		r := &recs[i]
+		bad := func(format string, a ...any) error {
+			return fmt.Errorf("%w: record %d (%s): %s", ErrInvalid, i, r.Kind, fmt.Sprintf(format, a...))
+		}
+		if r.HasSeq {
+			if hasSeq && r.Seq <= seq {
+				return bad("sequence number %d not above %d", r.Seq, seq)
+			}
+			seq, hasSeq = r.Seq, true
+		}
+		switch r.Kind {
+		case KindWrite, KindZero, KindDiscard:
+			sz, ok := size(r.Volume)
+			if !ok {
+				return bad("unknown volume %q", r.Volume)
+			}
+			n := r.Length
+			if r.Kind == KindWrite {
+				n = int64(len(r.Data))
+				if n > MaxWriteBytes {
+					return bad("%d bytes of data, at most %d", n, MaxWriteBytes)
+				}
+			}
+			if r.Offset < 0 || n <= 0 || n > sz || r.Offset > sz-n {
+				return bad("range %d+%d outside volume %q of %d bytes", r.Offset, n, r.Volume, sz)
+			}
+		case KindVolume:
+			if !ValidName(r.Volume) {
+				return bad("bad volume name %q", r.Volume)
+			}
+			if r.Size <= 0 || r.Size > MaxVolumeSize {
+				return bad("volume size %d out of range", r.Size)
+			}
+			if vols == nil {
+				vols = map[string]int64{}
+			}
+			vols[r.Volume] = r.Size
+		case KindResyncBegin:
+			depth = 1
+		case KindResyncEnd:
+			if depth == 0 {
+				return bad("no resync set is open")
+			}
+			depth = 0
+		case KindCheckpoint:
+			if !ValidName(r.Checkpoint) {
+				return bad("bad checkpoint name %q", r.Checkpoint)
+			}
+			if depth != 0 {
+				return bad("checkpoint %q inside an open resync set is not a consistent point", r.Checkpoint)
+			}
+			if j.pCPNames[r.Checkpoint] || names[r.Checkpoint] {
+				return bad("checkpoint name %q already used", r.Checkpoint)
+			}
+			if names == nil {
+				names = map[string]bool{}
+			}
+			names[r.Checkpoint] = true
+		default:
+			return bad("unknown kind")
+		}
+	}
+	return nil
+}
+
+// Append submits recs and waits until they are durable; see Submit and
+// Pending.Wait.
+func (j *Journal) Append(ctx context.Context, recs ...Record) (Point, error) {
+	p, err := j.Submit(recs...)
+	if err != nil {
+		return Point{}, err
+	}
+	return p.Wait(ctx)
+}
+
+// maxBatchBytes closes a batch: a group commit writes about this much at
+// most (plus one record).
+const maxBatchBytes = 4 << 20
+
+// takeSpare returns a reusable buffer, or nil; under mu.
+func (j *Journal) takeSpare() []byte {
+	if n := len(j.spare); n > 0 {
+		b := j.spare[n-1]
+		j.spare = j.spare[:n-1]
+		return b
+	}
+	return nil
+}
+
+// writer is the group-commit goroutine: it takes the open batch, writes it
+// with one write and one fdatasync, and publishes it.
+func (j *Journal) writer() {
+	defer j.writerWG.Done()
+	for {
+		j.mu.Lock()
+		for len(j.full) == 0 && j.cur.recs == 0 && !j.closed {
+			j.work.Wait()
+		}
+		var b *batch
+		switch {
+		case len(j.full) > 0:
+			b = j.full[0]
+			j.full = j.full[1:]
+		case j.cur.recs > 0:
+			b = j.cur
+			j.cur = newBatch(b.end, j.takeSpare())
+		default:
+			j.mu.Unlock()
+			return
+		}
+		err := j.err
+		j.mu.Unlock()
+
+		if err == nil {
+			err = j.writeBatch(b)
+		}
+
+		j.mu.Lock()
+		if err != nil {
+			if j.err == nil {
+				j.err = err
+				j.log.Error("journal: store failed; refusing further appends", "err", err)
+			}
+			b.err = j.err
+		} else {
+			j.durable = b.end
+			j.dSeq, j.dTime, j.dDepth = b.seq, b.time, b.depth
+			if b.hasNewest {
+				j.newest = b.newest
+			}
+			for _, c := range b.cps {
+				j.checkpoints[c.Name] = c.Point
+			}
+			j.appends += uint64(b.recs)
+		}
+		if cap(b.buf) <= 2*maxBatchBytes && len(j.spare) < 4 {
+			j.spare = append(j.spare, b.buf[:0])
+		}
+		close(b.done)
+		j.mu.Unlock()
+	}
+}
+
+func (j *Journal) writeBatch(b *batch) error {
+	if j.wfSize-segHeaderLen >= j.opts.SegmentBytes {
+		if err := j.rotate(b.start); err != nil {
+			return err
+		}
+	}
+	path := j.wf.Name()
+	err := j.inject("segment-write", path)
+	if err == nil {
+		_, err = j.wf.Write(b.buf)
+	}
+	if err != nil {
+		return fmt.Errorf("%w: write %s: %w", ErrStore, path, err)
+	}
+	j.wfSize += int64(len(b.buf))
+	err = j.inject("segment-sync", path)
+	if err == nil {
+		err = unix.Fdatasync(int(j.wf.Fd()))
+	}
+	j.mu.Lock()
+	j.batches++
+	j.fsyncs++
+	j.mu.Unlock()
+	if err != nil {
+		// Never retried: after a failed fsync the page cache may have
+		// dropped the data (fsyncgate).
+		return fmt.Errorf("%w: fdatasync %s: %w", ErrStore, path, err)
+	}
+	return nil
+}
+
+// Err returns the journal's sticky store error, or nil. Once set, every
+// Submit and Append fails with it.
+func (j *Journal) Err() error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.err
+}
+
+// Close waits for submitted records to be written, stops the applier and
+// closes the files. It returns the sticky errors, if any.
+func (j *Journal) Close() error {
+	j.mu.Lock()
+	if j.closed {
+		j.mu.Unlock()
+		return ErrClosed
+	}
+	j.closed = true
+	j.work.Broadcast()
+	j.mu.Unlock()
+	close(j.stop)
+	j.applyWG.Wait()
+	j.writerWG.Wait()
+	var errs []error
+	if j.wf != nil {
+		if err := j.wf.Close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	j.applier.run.Lock() // an ApplyNow in flight
+	j.applier.closeImages()
+	j.applier.run.Unlock()
+	j.lock.Close()
+	errs = append(errs, j.Err(), j.ApplyErr())
+	return errors.Join(errs...)
+}
+
+// Volumes returns the VM's volumes as of the end of the journal (including
+// records not yet durable), sorted by name.
+func (j *Journal) Volumes() []Volume {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return sortedVolumes(j.pVols)
+}
+
+// InResync reports whether a resync set is open at the durable end of the
+// journal.
+func (j *Journal) InResync() bool {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.dDepth != 0
+}
+
+// Stats are a journal's counters and positions, for metrics.
+type Stats struct {
+	// Bytes is the journal's size not yet applied (durable end minus
+	// applied position), in bytes.
+	Bytes int64
+	// Segments is the number of segment files.
+	Segments int
+	// Durable is the position up to which records are durable.
+	Durable int64
+	// LastSeq is the sequence number of the last durable record with one.
+	LastSeq uint64
+	// Oldest is the oldest recoverable point (the applied position).
+	Oldest Point
+	// Newest is the newest durable consistent point.
+	Newest Point
+	// Applied is the position the base images hold.
+	Applied Point
+	// InResync: a resync set is open at the durable end.
+	InResync bool
+	// Appends counts durable records; Batches counts group commits
+	// (one write each); Fsyncs counts journal fdatasync calls.
+	Appends, Batches, Fsyncs uint64
+	// AppliedBytes counts bytes applied to the base images since Open.
+	AppliedBytes int64
+	// ApplyWrites counts the write calls to the base images (adjacent
+	// writes are merged into one, up to 1 MiB).
+	ApplyWrites int64
+	// ApplyPasses counts apply passes that advanced the base images.
+	ApplyPasses uint64
+	// Err and ApplyErr are the sticky errors (nil when healthy).
+	Err, ApplyErr error
+}
+
+// Stats returns the current counters.
+func (j *Journal) Stats() Stats {
+	j.mu.Lock()
+	s := Stats{
+		Durable:  j.durable,
+		LastSeq:  j.dSeq,
+		Newest:   j.newest,
+		InResync: j.dDepth != 0,
+		Appends:  j.appends,
+		Batches:  j.batches,
+		Fsyncs:   j.fsyncs,
+		Err:      j.err,
+	}
+	j.mu.Unlock()
+	j.segMu.Lock()
+	s.Segments = len(j.segs)
+	j.segMu.Unlock()
+	a := &j.applier
+	a.mu.Lock()
+	s.Oldest = a.st.Target
+	s.Applied = a.st.Base
+	s.AppliedBytes = a.appliedBytes
+	s.ApplyPasses = a.passes
+	s.ApplyWrites = a.applyWrites
+	s.ApplyErr = a.err
+	a.mu.Unlock()
+	s.Bytes = s.Durable - s.Applied.Pos
+	return s
+}
+
+// Newest returns the newest durable consistent point.
+func (j *Journal) Newest() Point {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.newest
+}
+
+// Oldest returns the oldest recoverable point: the applied position.
+func (j *Journal) Oldest() Point {
+	a := &j.applier
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.st.Target
+}
+
+// Checkpoints returns the named checkpoints still in the retention window,
+// oldest first.
+func (j *Journal) Checkpoints() []Checkpoint {
+	floor := j.Oldest()
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	var cps []Checkpoint
+	for n, p := range j.checkpoints {
+		if p.Pos >= floor.Pos {
+			cps = append(cps, Checkpoint{Name: n, Point: p})
+		}
+	}
+	sortCheckpoints(cps)
+	return cps
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+func allZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
