@@ -32,7 +32,7 @@ type TestRunner func(vm string, vols []TestVolume) (io.Closer, error)
 
 // failoverTest is a running failover test of one VM.
 type failoverTest struct {
-	dir    string    // the materialised images, removed at the end
+	dir    string // the materialised images, removed at the end
 	point  journal.Point
 	served io.Closer // the runner's exports
 	once   sync.Once
