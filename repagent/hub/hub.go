@@ -616,6 +616,9 @@ type hubConn struct {
 	ackQueued uint64
 	// endPending is the submission of the last resync end until durable.
 	endPending *journal.Pending
+	// ckpts are checkpoints that arrived during a resync set, journaled
+	// after its end (h.mu).
+	ckpts []string
 
 	wmu     sync.Mutex // serialises the writer between engine and acker
 	acks    chan ackItem
@@ -1164,6 +1167,8 @@ func (c *hubConn) handle(f wire.Frame) error {
 		return nil
 	case *wire.GroupState:
 		return c.groupState(m)
+	case *wire.Checkpoint:
+		return c.checkpointFrame(m)
 	case *wire.AgentShutdown:
 		if m.Reply {
 			return c.bad("%s with the reply flag from an agent", f.Cmd)
@@ -1551,6 +1556,39 @@ func (c *hubConn) releaseDeferred() []journal.Record {
 	return recs
 }
 
+// checkpointFrame journals a named checkpoint at this point of the write
+// stream; inside an open resync set it waits for the set's end.
+func (c *hubConn) checkpointFrame(m *wire.Checkpoint) error {
+	if err := c.nextSeqOK(m.Cmd(), m.Seq); err != nil {
+		return err
+	}
+	c.h.mu.Lock()
+	open := c.vm.resync || len(c.deferred) > 0 || len(c.ckpts) > 0
+	if open {
+		c.ckpts = append(c.ckpts, m.Name)
+		c.log.Warn("checkpoint during a resync: journaled when the resync set completes", "checkpoint", m.Name, "seq", m.Seq)
+	}
+	c.h.mu.Unlock()
+	if open {
+		return nil
+	}
+	return c.journalCheckpoint(m.Name)
+}
+
+// journalCheckpoint submits a checkpoint record; a name already used is
+// logged and dropped.
+func (c *hubConn) journalCheckpoint(name string) error {
+	err := c.submit(journal.Record{Kind: journal.KindCheckpoint, Checkpoint: name})
+	if errors.Is(err, journal.ErrInvalid) {
+		c.log.Warn("checkpoint refused", "checkpoint", name, "err", err)
+		return nil
+	}
+	if err == nil {
+		c.log.Info("checkpoint journaled", "checkpoint", name, "seq", c.lastSeq)
+	}
+	return err
+}
+
 // groupState records whether the consistency group's replicas are a
 // prefix of its write order now that every frame before this one is
 // applied.
@@ -1693,6 +1731,18 @@ func (c *hubConn) pump() error {
 		if err := c.submit(*mark); err != nil {
 			h.mu.Unlock()
 			return fmt.Errorf("journal resync mark: %w", err)
+		}
+		if mark.Kind == journal.KindResyncEnd && len(c.ckpts) > 0 {
+			for _, n := range c.ckpts {
+				err := c.submit(journal.Record{Kind: journal.KindCheckpoint, Checkpoint: n})
+				if errors.Is(err, journal.ErrInvalid) {
+					c.log.Warn("checkpoint refused", "checkpoint", n, "err", err)
+				} else if err != nil {
+					h.mu.Unlock()
+					return fmt.Errorf("journal checkpoint: %w", err)
+				}
+			}
+			c.ckpts = nil
 		}
 		if mark.Kind == journal.KindResyncEnd {
 			// Protecting only once the set's end is durable: wake the
