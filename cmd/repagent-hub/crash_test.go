@@ -43,7 +43,7 @@ type hubProc struct {
 	log   *os.File
 }
 
-func startHubProc(t *testing.T, dir, addr string, n int) *hubProc {
+func startHubProc(t *testing.T, dir, addr string, n int, extra ...string) *hubProc {
 	t.Helper()
 	p := &hubProc{t: t, store: filepath.Join(dir, "store"), qmp: filepath.Join(dir, fmt.Sprintf("hub%d.qmp", n)), addr: addr}
 	lf, err := os.Create(filepath.Join(dir, fmt.Sprintf("hub%d.log", n)))
@@ -51,7 +51,8 @@ func startHubProc(t *testing.T, dir, addr string, n int) *hubProc {
 		t.Fatal(err)
 	}
 	p.log = lf
-	p.cmd = exec.Command(os.Args[0], "serve", "--listen", addr, "--store", p.store, "--qmp", p.qmp, "--retain", "0")
+	args := append([]string{"serve", "--listen", addr, "--store", p.store, "--qmp", p.qmp, "--retain", "0"}, extra...)
+	p.cmd = exec.Command(os.Args[0], args...)
 	p.cmd.Env = append(os.Environ(), "REPAGENT_HUB_CHILD=1")
 	p.cmd.Stdout, p.cmd.Stderr = lf, lf
 	if err := p.cmd.Start(); err != nil {
@@ -178,6 +179,7 @@ func (p *proxy) setDown(down bool) {
 // sector written holds (write index, volume, sector) in its first bytes,
 // so an image tells which write last wrote each sector.
 type history struct {
+	gate   sync.Mutex // held around each write; a test holds it to pause the writer
 	mu     sync.Mutex
 	writes []histWrite // index i+1 is writes[i]
 }
@@ -246,6 +248,7 @@ func (h *history) writer(ctx context.Context, t *testing.T, vols []*reptest.Vol,
 	rng := rand.New(rand.NewPCG(1, 2))
 	for ctx.Err() == nil {
 		time.Sleep(pause)
+		h.gate.Lock() // held around the write: a test takes it to freeze the history
 		vi := rng.IntN(len(vols))
 		v := vols[vi]
 		sectors := uint64(v.Size / 512)
@@ -263,12 +266,14 @@ func (h *history) writer(ctx context.Context, t *testing.T, vols []*reptest.Vol,
 		err := v.Client.WriteAt(wctx, 0, data, s)
 		cancel()
 		if err != nil {
+			h.gate.Unlock()
 			t.Errorf("%s: guest write: %v", v.Name, err)
 			return
 		}
 		h.mu.Lock()
 		h.writes = append(h.writes, histWrite{vol: vi, sector: s, count: n})
 		h.mu.Unlock()
+		h.gate.Unlock()
 	}
 }
 
