@@ -168,10 +168,6 @@ type hubVM struct {
 	// currentAt is the last instant the journal was known to hold every
 	// write of the source (connected, no resync outstanding).
 	currentAt time.Time
-	// apply is held while a mirrored write is decided and applied, so
-	// that a failover test freezes the replicas between two writes.
-	// Taken before Hub.mu.
-	apply sync.Mutex
 }
 
 // isGroup reports whether vm's volumes were last protected as a
@@ -600,7 +596,6 @@ type hubConn struct {
 	reqs            map[uint64]*readReq
 	nextReq         uint64
 	lastSeq         uint64 // last sequence received
-	ackedSeq        uint64
 	lastCkpt        time.Time
 	pending         bool // applied or changed since the last checkpoint
 	shutdown        bool // AGENT_SHUTDOWN received
