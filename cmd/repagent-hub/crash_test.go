@@ -198,6 +198,13 @@ func sectorData(idx uint64, vol int, sector uint64) []byte {
 	return b
 }
 
+// len returns the number of writes so far.
+func (h *history) len() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.writes)
+}
+
 // prefixOf returns k when imgs (one per volume) are the state after the
 // first k writes of h, or an error naming the first sector that no
 // prefix explains.
@@ -374,7 +381,7 @@ func TestHubKillAndLinkCut(t *testing.T) {
 		before := agentRemote()
 		hp = startHubProc(t, dir, hubAddr, i)
 		waitProtected(fmt.Sprintf("after hub kill %d", i))
-		t.Logf("hub kill -9 #%d: resync moved %d bytes; %d writes so far", i, agentRemote()-before, len(h.writes))
+		t.Logf("hub kill -9 #%d: resync moved %d bytes; %d writes so far", i, agentRemote()-before, h.len())
 	}
 
 	// A 10 s link cut; the resync after it is slowed to 2 MiB/s so that
@@ -414,7 +421,7 @@ func TestHubKillAndLinkCut(t *testing.T) {
 	if err != nil {
 		t.Fatalf("the point recovered mid-resync is not a prefix of the write order: %v", err)
 	}
-	t.Logf("recovered mid-resync (seq %d): the first %d of %d writes", rec.Seq, k, len(h.writes))
+	t.Logf("recovered mid-resync (seq %d): the first %d of %d writes", rec.Seq, k, h.len())
 	if _, err := os.Stat(rec.Config); err != nil {
 		t.Errorf("no vhostdm configuration: %v", err)
 	}
@@ -423,7 +430,7 @@ func TestHubKillAndLinkCut(t *testing.T) {
 	stop()
 	wg.Wait()
 	waitProtected("after the link cut")
-	t.Logf("link cut of 10 s: resync moved %d bytes; %d writes in all", agentRemote()-before, len(h.writes))
+	t.Logf("link cut of 10 s: resync moved %d bytes; %d writes in all", agentRemote()-before, h.len())
 	// Quiesced: the applier brings the replicas to the sources.
 	deadline = time.Now().Add(30 * time.Second)
 	for {
@@ -445,7 +452,7 @@ func TestHubKillAndLinkCut(t *testing.T) {
 	for _, v := range vols {
 		src = append(src, v.Backing)
 	}
-	if k, err := h.prefixOf(readImages(t, src)); err != nil || k != len(h.writes) {
-		t.Errorf("the sources are not the whole history: %d of %d, %v", k, len(h.writes), err)
+	if k, err := h.prefixOf(readImages(t, src)); err != nil || k != h.len() {
+		t.Errorf("the sources are not the whole history: %d of %d, %v", k, h.len(), err)
 	}
 }

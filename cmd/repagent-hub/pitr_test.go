@@ -130,9 +130,9 @@ func TestPointInTimeRecovery(t *testing.T) {
 	wg.Wait()
 	acked()
 	t.Logf("points: seq %d after %d writes, time %s after %d, checkpoint after %d; %d writes in all",
-		seq, kSeq, at.Format(time.RFC3339Nano), kTime, kCkpt, len(h.writes))
-	if !(0 < kSeq && kSeq < kTime && kTime < kCkpt && kCkpt < len(h.writes)) {
-		t.Fatalf("the points are not distinct: %d %d %d of %d", kSeq, kTime, kCkpt, len(h.writes))
+		seq, kSeq, at.Format(time.RFC3339Nano), kTime, kCkpt, h.len())
+	if !(0 < kSeq && kSeq < kTime && kTime < kCkpt && kCkpt < h.len()) {
+		t.Fatalf("the points are not distinct: %d %d %d of %d", kSeq, kTime, kCkpt, h.len())
 	}
 
 	sum := func() [2][32]byte {
@@ -168,7 +168,7 @@ func TestPointInTimeRecovery(t *testing.T) {
 	check("at-seq", kSeq, "--qmp", hp.qmp, "--seq", fmt.Sprint(seq))
 	check("at-time", kTime, "--qmp", hp.qmp, "--at", at.UTC().Format(time.RFC3339Nano))
 	check("at-checkpoint", kCkpt, "--qmp", hp.qmp, "--checkpoint", "before-upgrade")
-	check("newest", len(h.writes), "--qmp", hp.qmp)
+	check("newest", h.len(), "--qmp", hp.qmp)
 	if liveBefore != sum() {
 		t.Errorf("recovery changed the live replica images")
 	}

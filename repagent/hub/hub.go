@@ -1989,6 +1989,10 @@ type JournalStatus struct {
 	AppliedSeq  uint64   `json:"applied-seq"`
 	Checkpoints []string `json:"checkpoints"`
 	StoreError  string   `json:"store-error,omitempty"`
+	// Records and Commits count the records made durable and the group
+	// commits (one write and one fdatasync each) since the hub started.
+	Records uint64 `json:"records"`
+	Commits uint64 `json:"commits"`
 }
 
 // journalStatus reports vm's journal; h.mu held.
@@ -1998,7 +2002,8 @@ func journalStatus(vm *hubVM, now time.Time) *JournalStatus {
 	}
 	st := vm.j.Stats()
 	js := &JournalStatus{ConsistentSeq: st.Newest.Seq, ConsistentTime: st.Newest.Time, Resyncing: vm.resync || st.InResync,
-		OldestSeq: st.Oldest.Seq, OldestTime: st.Oldest.Time, Bytes: st.Bytes, AppliedSeq: st.Applied.Seq, Checkpoints: []string{}}
+		OldestSeq: st.Oldest.Seq, OldestTime: st.Oldest.Time, Bytes: st.Bytes, AppliedSeq: st.Applied.Seq, Checkpoints: []string{},
+		Records: st.Appends, Commits: st.Batches}
 	for _, cp := range vm.j.Checkpoints() {
 		js.Checkpoints = append(js.Checkpoints, cp.Name)
 	}
