@@ -121,6 +121,12 @@ func TestReplicationMetrics(t *testing.T) {
 	if v := value(t, hubReg, "repagent_hub_vm_connected", map[string]string{"vm": "vm1"}); v != 1 {
 		t.Errorf("hub vm connected = %v", v)
 	}
+	if v := value(t, hubReg, "repagent_hub_store_error", map[string]string{"volume": "v0"}); v != 0 {
+		t.Errorf("hub store error = %v on a healthy store", v)
+	}
+	if v := value(t, hubReg, "repagent_hub_store_errors_total", map[string]string{"volume": "v0"}); v != 0 {
+		t.Errorf("hub store errors total = %v on a healthy store", v)
+	}
 	buf := make([]byte, 64<<10)
 	for i := range buf {
 		buf[i] = byte(i)

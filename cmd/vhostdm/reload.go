@@ -55,6 +55,11 @@ func (d *daemon) reloadConfig(path string) error {
 	for _, e := range c.Exports {
 		newExp[e.ID] = e
 	}
+	applyRepagent, err := d.prepareRepagent(old, c)
+	if err != nil {
+		return err
+	}
+	applyRepagent()
 	var errs []error
 	// Exports that went away or changed settings go first.
 	for id, e := range oldExp {

@@ -130,8 +130,9 @@ type daemon struct {
 	reloadMu    sync.Mutex       // one configuration reload at a time
 	cfg         *config.Config   // the configuration last applied
 
-	agent   *agent.Agent                   // nil without [repagent]
-	repOpts map[string]agent.VolumeOptions // by export id, from the configuration
+	agent     *agent.Agent                   // nil without [repagent]
+	repOpts   map[string]agent.VolumeOptions // by export id, from the configuration; guarded by ex.mu
+	repTLSSum [32]byte                       // of the [repagent] TLS files in use (reloadMu)
 }
 
 // startDaemon creates the devices of c in dependency order, opens its
@@ -168,6 +169,9 @@ func startDaemon(ctx context.Context, c *config.Config, log *slog.Logger) (*daem
 	}
 	if c.RepAgent.Hub != "" {
 		if d.agent, d.repOpts, err = newAgent(c, log); err != nil {
+			return fail(err)
+		}
+		if d.repTLSSum, err = tlsSum(c); err != nil {
 			return fail(err)
 		}
 		go d.agent.Run(context.Background()) // Close stops it after draining
@@ -271,12 +275,7 @@ func newAgent(c *config.Config, log *slog.Logger) (*agent.Agent, map[string]agen
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s: %w", c.File, err)
 	}
-	opts := map[string]agent.VolumeOptions{}
-	for _, e := range c.Exports {
-		fb, _ := config.ParseFallBehind(e.FallBehind) // validated by config
-		opts[e.ID] = agent.VolumeOptions{Protect: e.Protect, AllowRemoteWrite: e.AllowRemoteWrite, FallBehind: agent.FallBehind(fb)}
-	}
-	return a, opts, nil
+	return a, repOptions(c), nil
 }
 
 // exportSet holds the daemon's exports by id; it implements qmp.Exports.

@@ -114,6 +114,8 @@ type Agent struct {
 	order      []string                // attach order, for reports
 	byID       map[uint64]*agentVolume // ids of the current connection
 	conn       *agentConn              // nil while disconnected
+	hub        string                  // the hub's address (Reconnect changes it)
+	tls        *tls.Config             // and its TLS configuration
 	queue      []*qitem                // to send, in sequence order
 	queueBytes int64                   // data of unacknowledged writes
 	nextSeq    uint64
@@ -243,9 +245,36 @@ func New(cfg Config) (*Agent, error) {
 	rand.Read(sb[:])
 	a := &Agent{cfg: cfg, uuid: uuid, session: binary.LittleEndian.Uint64(sb[:]) | 1,
 		log:  cfg.Logger.With("component", "repagent", "vm", cfg.VM, "peer", cfg.Hub),
-		vols: map[string]*agentVolume{}, byID: map[uint64]*agentVolume{}, nextSeq: 1}
+		vols: map[string]*agentVolume{}, byID: map[uint64]*agentVolume{}, nextSeq: 1,
+		hub: cfg.Hub, tls: cfg.TLS}
 	a.cond = sync.NewCond(&a.mu)
 	return a, nil
+}
+
+// Reconnect makes the agent reach its hub at hub, with tlsConf (nil:
+// plain TCP, allowed off loopback only with insecure), from now on: the
+// current connection, if any, is closed, and the next one uses the new
+// settings (a rotated certificate, a moved hub). Mirrored writes that
+// were not acknowledged are resynchronised as after a link cut. The VM's
+// identity and the queue stay as configured.
+func (a *Agent) Reconnect(hub string, tlsConf *tls.Config, insecure bool) error {
+	if hub == "" {
+		return errors.New("repagent: no hub address")
+	}
+	if tlsConf == nil {
+		if err := wire.CheckPlain(hub, insecure); err != nil {
+			return fmt.Errorf("repagent: hub %w", err)
+		}
+	}
+	a.mu.Lock()
+	a.hub, a.tls = hub, tlsConf
+	c := a.conn
+	a.mu.Unlock()
+	a.log.Info("hub settings changed: reconnecting", "hub", hub, "tls", tlsConf != nil)
+	if c != nil {
+		c.shut()
+	}
+	return nil
 }
 
 // Attach reports dev to the hub as volume name and returns the device to
@@ -779,20 +808,23 @@ func (c *agentConn) send(m wire.Message) error {
 func (a *Agent) dial(ctx context.Context) (net.Conn, error) {
 	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
+	a.mu.Lock()
+	hub, tlsConf := a.hub, a.tls
+	a.mu.Unlock()
 	var nc net.Conn
 	var err error
 	if a.cfg.Dial != nil {
-		nc, err = a.cfg.Dial(dctx, a.cfg.Hub)
+		nc, err = a.cfg.Dial(dctx, hub)
 	} else {
 		var d net.Dialer
-		nc, err = d.DialContext(dctx, "tcp", a.cfg.Hub)
+		nc, err = d.DialContext(dctx, "tcp", hub)
 	}
-	if err != nil || a.cfg.TLS == nil {
+	if err != nil || tlsConf == nil {
 		return nc, err
 	}
-	tc := a.cfg.TLS.Clone()
+	tc := tlsConf.Clone()
 	if tc.ServerName == "" {
-		if host, _, err := net.SplitHostPort(a.cfg.Hub); err == nil {
+		if host, _, err := net.SplitHostPort(hub); err == nil {
 			tc.ServerName = host
 		}
 	}
@@ -814,7 +846,7 @@ func (a *Agent) runConn(ctx context.Context) error {
 			return fmt.Errorf("tls handshake: %w", err)
 		}
 	}
-	c := &agentConn{a: a, nc: nc, log: a.log, w: wire.NewWriter(nc), r: wire.NewReader(nc, a.cfg.MaxPayload),
+	c := &agentConn{a: a, nc: nc, log: a.log, w: wire.NewWriter(nc), r: wire.NewReader(nc, wire.MaxHelloPayload),
 		sem: make(chan struct{}, 32), bye: make(chan struct{}), done: make(chan struct{})}
 	stop := context.AfterFunc(ctx, c.shut)
 	defer stop()
@@ -837,6 +869,7 @@ func (a *Agent) runConn(ctx context.Context) error {
 	if !ok || !h.Reply {
 		return fmt.Errorf("hello: hub answered %s: %w", f.Cmd, wire.ErrMalformed)
 	}
+	c.r.SetMaxPayload(a.cfg.MaxPayload)
 	c.log = a.log.With("hub", h.Name)
 	a.mu.Lock()
 	a.conn = c

@@ -46,9 +46,6 @@ const (
 	// DefaultMaxConnsPerPeer is Config.MaxConnsPerPeer's default: one
 	// host's vhostdm processes (one agent connection each) share it.
 	DefaultMaxConnsPerPeer = 64
-	// MaxHelloPayload bounds the payload of frames before HELLO: nothing
-	// larger is allocated for a peer that has not said who it is.
-	MaxHelloPayload = 4 << 10
 )
 
 // Config configures a Hub.
@@ -697,7 +694,7 @@ func (c *hubConn) serve() {
 		c.nc = tc
 	}
 	// Nothing larger than a HELLO is read before the peer said who it is.
-	r := wire.NewReader(c.nc, MaxHelloPayload)
+	r := wire.NewReader(c.nc, wire.MaxHelloPayload)
 	r.KeepPayloads()
 	c.w = wire.NewWriter(c.nc)
 	c.nc.SetReadDeadline(time.Now().Add(10 * time.Second))

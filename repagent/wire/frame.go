@@ -22,6 +22,10 @@ const (
 	HeaderSize = 24
 	// DefaultMaxPayload bounds a frame's payload unless configured otherwise.
 	DefaultMaxPayload = 16 << 20
+	// MaxHelloPayload bounds every frame a peer reads before the other
+	// side's HELLO: nothing larger is allocated for a peer that has not
+	// said who it is.
+	MaxHelloPayload = 4 << 10
 	// MaxNameLen bounds VM and volume names in bytes.
 	MaxNameLen = 128
 	// MaxVolumes bounds the volumes of one REPORT_VM_VOLUMES.
