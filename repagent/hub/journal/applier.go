@@ -22,6 +22,9 @@ const (
 	maxExpired   = 256
 	imageSuffix  = ".img"
 	maxRun       = 1 << 20 // largest merged write
+	// maxPassBytes bounds one apply pass (unless a resync set is larger), so
+	// that Materialize does not wait long for the base images.
+	maxPassBytes = 256 << 20
 )
 
 // state is the applier's durable state. Base: the base images hold exactly
@@ -111,6 +114,7 @@ type applier struct {
 	nextPin      int
 	appliedBytes int64
 	applyWrites  int64
+	passBytes    int64 // immutable: maxPassBytes or Options.passBytes
 	passes       uint64
 
 	// run is held for writing by an apply pass and for reading while the
@@ -130,6 +134,10 @@ func (a *applier) init(j *Journal, st state) {
 	a.j = j
 	a.st = st
 	a.pins = map[int]int64{}
+	a.passBytes = maxPassBytes
+	if j.opts.passBytes > 0 {
+		a.passBytes = j.opts.passBytes
+	}
 	a.cursor.pos = st.Target.Pos
 	a.cursor.seq = st.Target.Seq
 	a.cursor.last = st.Target
@@ -193,13 +201,25 @@ func (j *Journal) applyLoop() {
 			return
 		case <-t.C:
 		}
-		_ = j.applier.once()
+		for {
+			more, err := j.applier.once()
+			if err != nil || !more {
+				break
+			}
+			select {
+			case <-j.stop:
+				return
+			default:
+			}
+		}
 	}
 }
 
-// ApplyNow runs one apply pass now: it applies the records that left the
-// retention window (or exceed MaxBytes), up to the newest consistent point
-// among them, and deletes segments wholly behind the applied position.
+// ApplyNow applies now, in passes of at most 256 MiB (a larger resync set
+// is one pass), the records that left the retention window (or exceed
+// MaxBytes), up to the newest consistent point among them, and deletes the
+// segments wholly behind the applied position. It returns the applier's
+// sticky error, if any.
 func (j *Journal) ApplyNow() error {
 	j.mu.Lock()
 	closed := j.closed
@@ -207,20 +227,27 @@ func (j *Journal) ApplyNow() error {
 	if closed {
 		return ErrClosed
 	}
-	return j.applier.once()
+	for {
+		more, err := j.applier.once()
+		if err != nil || !more {
+			return err
+		}
+	}
 }
 
-func (a *applier) once() error {
+// once runs one apply pass; more reports that it stopped at the pass size
+// limit with more to apply.
+func (a *applier) once() (more bool, err error) {
 	a.run.Lock()
 	defer a.run.Unlock()
 	if a.imgs.closed {
-		return ErrClosed
+		return false, ErrClosed
 	}
 	a.mu.Lock()
 	err, base := a.err, a.st.Base
 	a.mu.Unlock()
 	if err != nil {
-		return err
+		return false, err
 	}
 	j := a.j
 	cutoff := time.Now().Add(-j.opts.Retain)
@@ -235,7 +262,7 @@ func (a *applier) once() error {
 	if c.pos < durable {
 		r, err := newReader(j.segments(), c.pos, durable)
 		if err != nil {
-			return a.fail(err)
+			return false, a.fail(err)
 		}
 		for {
 			rec, _, end, err := r.next()
@@ -244,9 +271,13 @@ func (a *applier) once() error {
 			}
 			if err != nil {
 				r.close()
-				return a.fail(err)
+				return false, a.fail(err)
 			}
 			if rec.Time.After(cutoff) && c.pos >= need {
+				break
+			}
+			if c.last.Pos > base.Pos && c.pos-base.Pos >= a.passBytes {
+				more = true
 				break
 			}
 			switch rec.Kind {
@@ -266,12 +297,12 @@ func (a *applier) once() error {
 		r.close()
 	}
 	if c.last.Pos <= base.Pos {
-		return nil
+		return false, nil
 	}
 	if err := a.pass(c.last); err != nil {
-		return a.fail(err)
+		return false, a.fail(err)
 	}
-	return nil
+	return more, nil
 }
 
 // pass moves the base images from the applied position to target, a

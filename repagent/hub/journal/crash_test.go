@@ -106,6 +106,10 @@ func crashChild(dir string) {
 // that the newest, oldest and sampled consistent points (by position, seq,
 // time and checkpoint) materialize to the model's state of all 3 volumes,
 // and that materializing changes no file of the journal or base images.
+// The seed is logged (VHOSTDM_JOURNAL_CRASH_SEED=N reuses one; the kill
+// instants still vary). 8 rounds by default (about 10 s); for a long run:
+//
+//	VHOSTDM_JOURNAL_CRASH_ROUNDS=200 go test -run TestCrashModel -timeout 1h ./repagent/hub/journal/
 func TestCrashModel(t *testing.T) {
 	rounds := 8
 	if s := os.Getenv(crashRoundsEnv); s != "" {
@@ -116,6 +120,13 @@ func TestCrashModel(t *testing.T) {
 		rounds = n
 	}
 	seed := uint64(time.Now().UnixNano())
+	if s := os.Getenv(crashSeedEnv); s != "" {
+		n, err := strconv.ParseUint(s, 10, 64)
+		if err != nil {
+			t.Fatalf("%s=%q: %v", crashSeedEnv, s, err)
+		}
+		seed = n
+	}
 	t.Logf("seed %d (rounds %d)", seed, rounds)
 	rng := rand.New(rand.NewPCG(seed, 0))
 	dir := t.TempDir()

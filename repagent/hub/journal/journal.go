@@ -77,6 +77,8 @@ type Options struct {
 	// its error is returned instead of doing it. ops: "segment-write",
 	// "segment-sync", "image-write", "image-sync", "state-write".
 	inject func(op, path string) error
+	// passBytes, when set (tests), replaces maxPassBytes.
+	passBytes int64
 }
 
 // Point is a position in a VM's journal: the state of all its volumes after
@@ -511,7 +513,11 @@ func (j *Journal) Submit(recs ...Record) (*Pending, error) {
 	if len(j.cur.buf) >= maxBatchBytes {
 		// Close the batch: one write stays bounded, its buffer reusable.
 		j.full = append(j.full, j.cur)
-		j.cur = newBatch(j.cur.end, j.takeSpare())
+		buf := j.takeSpare()
+		if buf == nil {
+			buf = make([]byte, 0, maxBatchBytes+1<<20)
+		}
+		j.cur = newBatch(j.cur.end, buf)
 	}
 	b := j.cur
 	for i := range recs {
@@ -633,7 +639,7 @@ func (j *Journal) Append(ctx context.Context, recs ...Record) (Point, error) {
 
 // maxBatchBytes closes a batch: a group commit writes about this much at
 // most (plus one record).
-const maxBatchBytes = 4 << 20
+const maxBatchBytes = 2 << 20
 
 // takeSpare returns a reusable buffer, or nil; under mu.
 func (j *Journal) takeSpare() []byte {
@@ -691,7 +697,7 @@ func (j *Journal) writer() {
 			}
 			j.appends += uint64(b.recs)
 		}
-		if cap(b.buf) <= 2*maxBatchBytes && len(j.spare) < 4 {
+		if cap(b.buf) <= 2*maxBatchBytes && len(j.spare) < 8 {
 			j.spare = append(j.spare, b.buf[:0])
 		}
 		close(b.done)

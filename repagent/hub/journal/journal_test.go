@@ -248,7 +248,20 @@ func TestMaxBytes(t *testing.T) {
 	}
 	checkRecovered(t, "newest", materialize(t, j, Newest()), w.m)
 
+	// One ApplyNow applies everything in passes of bounded size.
 	dir := t.TempDir()
+	j = mustOpen(t, dir, Options{NoApplier: true, passBytes: 64 << 10})
+	w = newWriter(t, j, map[string]int64{"a": 1 << 20})
+	w.writes(100)
+	if err := j.ApplyNow(); err != nil {
+		t.Fatal(err)
+	}
+	if st := j.Stats(); st.Applied != st.Newest || st.ApplyPasses < 5 {
+		t.Fatalf("after ApplyNow with 64 KiB passes: applied %+v, newest %+v, %d passes", st.Applied, st.Newest, st.ApplyPasses)
+	}
+	checkBase(t, dir, w.m)
+
+	dir = t.TempDir()
 	j = mustOpen(t, dir, Options{ApplyInterval: 5 * time.Millisecond})
 	w = newWriter(t, j, map[string]int64{"a": 1 << 20})
 	w.writes(50)
@@ -662,7 +675,7 @@ func TestApplyMerges(t *testing.T) {
 }
 
 // TestLargeBatches: a burst of submissions larger than one group commit
-// (4 MiB) is written as several, in order.
+// (2 MiB) is written as several, in order.
 func TestLargeBatches(t *testing.T) {
 	j := mustOpen(t, t.TempDir(), Options{NoApplier: true})
 	w := newWriter(t, j, map[string]int64{"a": 4 << 20})
@@ -749,4 +762,59 @@ func TestCopyImage(t *testing.T) {
 			t.Fatalf("copy over an existing file: %v", err)
 		}
 	}
+}
+
+// TestMaterializeWhileApplying: materializing while appends go on and the
+// applier advances the base images and deletes segments (Retain 0) gives
+// exactly the model's state at the point it reports.
+func TestMaterializeWhileApplying(t *testing.T) {
+	dir := t.TempDir()
+	j := mustOpen(t, dir, Options{ApplyInterval: time.Millisecond, SegmentBytes: 16 << 10})
+	vols := []string{"a", "b", "c"}
+	const seed = 7
+	g := newGen(seed, vols...)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if _, err := j.Append(context.Background(), g.op()); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	})
+	var pts []Recovered
+	deadline := time.Now().Add(time.Second)
+	for time.Now().Before(deadline) || len(pts) < 5 {
+		if j.Newest().Seq < 3 {
+			time.Sleep(time.Millisecond)
+			continue
+		}
+		rv, err := j.Materialize(context.Background(), Newest(), filepath.Join(t.TempDir(), "out"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		pts = append(pts, rv)
+	}
+	close(stop)
+	wg.Wait()
+	st := j.Stats()
+	if st.ApplyPasses == 0 || st.Applied.Pos == 0 {
+		t.Fatalf("the applier did not run: %+v", st)
+	}
+	ops := history(seed, st.LastSeq, vols...)
+	var seqs []uint64
+	for _, rv := range pts {
+		seqs = append(seqs, rv.Point.Seq)
+	}
+	models := modelsAt(ops, seqs)
+	for _, rv := range pts {
+		checkRecovered(t, fmt.Sprintf("point seq %d", rv.Point.Seq), rv, models[rv.Point.Seq])
+	}
+	t.Logf("%d points materialized while %d passes applied %d bytes", len(pts), st.ApplyPasses, st.AppliedBytes)
 }

@@ -50,6 +50,7 @@ func AtCheckpoint(name string) Selector { return Selector{kind: selCheckpoint, n
 // AtPos selects the consistent point at journal position pos exactly.
 func AtPos(pos int64) Selector { return Selector{kind: selPos, pos: pos} }
 
+// String describes the selector ("seq 42", "checkpoint \"nightly\"").
 func (s Selector) String() string {
 	switch s.kind {
 	case selTime:
@@ -265,7 +266,8 @@ type RecoveredVolume struct {
 // image (a reflink where the file system can, else copy_file_range, else a
 // plain copy) with the journal replayed up to the point. The images and
 // outDir are fsynced before it returns. It never writes the base images or
-// the journal; the applier waits while the base images are copied.
+// the journal; the applier waits while the base images are copied. On error
+// (ctx ended, ENOSPC in outDir) the images written so far stay in outDir.
 func (j *Journal) Materialize(ctx context.Context, sel Selector, outDir string) (Recovered, error) {
 	a := &j.applier
 	a.run.RLock()

@@ -40,6 +40,7 @@ var kindNames = [...]string{
 	KindVolume:      "volume",
 }
 
+// String returns the kind's name as FORMAT.md spells it.
 func (k Kind) String() string {
 	if int(k) < len(kindNames) && kindNames[k] != "" {
 		return kindNames[k]
