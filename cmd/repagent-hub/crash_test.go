@@ -455,4 +455,23 @@ func TestHubKillAndLinkCut(t *testing.T) {
 	if k, err := h.prefixOf(readImages(t, src)); err != nil || k != h.len() {
 		t.Errorf("the sources are not the whole history: %d of %d, %v", k, h.len(), err)
 	}
+
+	// Promote: the newest point becomes the sources; the agent is
+	// refused from then on.
+	pout := filepath.Join(dir, "promoted")
+	var pstdout, pstderr bytes.Buffer
+	if code := run([]string{"promote", "--qmp", hp.qmp, "--vm", "vm1", "--out", pout}, &pstdout, &pstderr); code != 0 {
+		t.Fatalf("promote: %s", pstderr.String())
+	}
+	var ppaths []string
+	for _, v := range vols {
+		ppaths = append(ppaths, filepath.Join(pout, v.Name+".img"))
+	}
+	if k, err := h.prefixOf(readImages(t, ppaths)); err != nil || k != h.len() {
+		t.Errorf("promoted volumes hold %d of %d writes: %v", k, h.len(), err)
+	}
+	time.Sleep(500 * time.Millisecond) // the agent retries meanwhile
+	if st, err := hp.status(); err != nil || len(st) != 1 || !st[0].Promoted || st[0].Connected {
+		t.Errorf("after promote: %+v %v", st, err)
+	}
 }

@@ -4,6 +4,7 @@
 //	repagent-hub serve --listen ADDR --store DIR [--qmp SOCK] [--retain 24h] [--retain-bytes SIZE] [--tls-cert F --tls-key F --tls-ca F (--authorize FILE | --allow-any-identity)] [--insecure]
 //	repagent-hub status --qmp SOCK [--watch]
 //	repagent-hub recover --vm NAME --out DIR (--qmp SOCK | --store DIR) [--at TIME | --seq N | --checkpoint NAME]
+//	repagent-hub promote --vm NAME --out DIR --qmp SOCK [--at TIME | --seq N | --checkpoint NAME]
 //
 // QMP commands (besides vhostdm's query-version, query-commands, quit):
 //
@@ -11,6 +12,7 @@
 //	repagent-failover-test {vm, dir, [at|seq|checkpoint]} → [{"volume", "device", "socket", "sectors"}]
 //	repagent-failover-test-stop {vm}                → {}
 //	repagent-recover {vm, out, [at|seq|checkpoint]} → {"vm", "seq", "time", "pos", "volumes"}
+//	repagent-promote {vm, out, [at|seq|checkpoint]} → as repagent-recover; the VM's replication stops
 //
 // Event REPAGENT_VOLUME_STATE {vm, volume, state, previous, reason} is sent
 // when a volume changes state (syncing, protecting, disconnected,
@@ -66,6 +68,7 @@ var commands = map[string]command{
 	"serve":   {"run the hub", func(args []string, _, stderr io.Writer) int { return runServe(args, stderr) }},
 	"status":  {"print the hub's volumes over QMP", runStatus},
 	"recover": {"materialise a VM's volumes at a consistent point, with a vhostdm TOML", runRecover},
+	"promote": {"make a VM's volumes at a consistent point the new sources (stops its replication), with a vhostdm TOML", runPromote},
 }
 
 func run(args []string, stdout, stderr io.Writer) int {
@@ -257,6 +260,21 @@ func Commands(h *hub.Hub, log *slog.Logger) []qmp.ExtraCommand {
 					return nil, err
 				}
 				return failover.Start(h, a["vm"], a["dir"], sel, log)
+			}},
+		{Name: "repagent-promote", Required: []string{"vm", "out"}, Optional: []string{"at", "seq", "checkpoint"}, Mutates: true,
+			Run: func(a map[string]string) (any, error) {
+				sel, err := parsePoint(a["at"], a["seq"], a["checkpoint"])
+				if err != nil {
+					return nil, err
+				}
+				if !filepath.IsAbs(a["out"]) {
+					return nil, fmt.Errorf("out %q: give an absolute path", a["out"])
+				}
+				r, err := h.Promote(context.Background(), a["vm"], sel, a["out"])
+				if err != nil {
+					return nil, err
+				}
+				return toRecovered(a["vm"], r), nil
 			}},
 		{Name: "repagent-recover", Required: []string{"vm", "out"}, Optional: []string{"at", "seq", "checkpoint"}, Mutates: true,
 			Run: func(a map[string]string) (any, error) {

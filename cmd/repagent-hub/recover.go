@@ -82,12 +82,25 @@ func toRecovered(vm string, r journal.Recovered) Recovered {
 }
 
 func runRecover(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("recover", flag.ContinueOnError)
+	return recoverOrPromote("recover", args, stdout, stderr)
+}
+
+// runPromote is recover through the running hub's repagent-promote: the
+// VM's agent is refused from then on and its replicas stay as they are.
+func runPromote(args []string, stdout, stderr io.Writer) int {
+	return recoverOrPromote("promote", args, stdout, stderr)
+}
+
+func recoverOrPromote(verb string, args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet(verb, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	vm := fs.String("vm", "", "the VM's `NAME` (required)")
 	out := fs.String("out", "", "`DIR` for the recovered images and vm.toml (required; must not hold images)")
 	sock := fs.String("qmp", "", "the running hub's QMP socket `PATH`")
-	store := fs.String("store", "", "the hub's store `DIR`, opened directly when no hub runs on it")
+	store := new(string)
+	if verb == "recover" {
+		store = fs.String("store", "", "the hub's store `DIR`, opened directly when no hub runs on it")
+	}
 	at := fs.String("at", "", "the newest consistent point at or before `TIME` (RFC 3339)")
 	seq := fs.String("seq", "", "the consistent point that ends with sequence number `N`")
 	cp := fs.String("checkpoint", "", "the named checkpoint `NAME`")
@@ -95,7 +108,11 @@ func runRecover(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	if *vm == "" || *out == "" || (*sock == "") == (*store == "") || fs.NArg() != 0 {
-		fmt.Fprintln(stderr, "usage: repagent-hub recover --vm NAME --out DIR (--qmp SOCK | --store DIR) [--at TIME | --seq N | --checkpoint NAME]")
+		if verb == "recover" {
+			fmt.Fprintln(stderr, "usage: repagent-hub recover --vm NAME --out DIR (--qmp SOCK | --store DIR) [--at TIME | --seq N | --checkpoint NAME]")
+		} else {
+			fmt.Fprintln(stderr, "usage: repagent-hub promote --vm NAME --out DIR --qmp SOCK [--at TIME | --seq N | --checkpoint NAME]")
+		}
 		return 2
 	}
 	sel, err := parsePoint(*at, *seq, *cp)
@@ -110,7 +127,7 @@ func runRecover(args []string, stdout, stderr io.Writer) int {
 	}
 	var rec Recovered
 	if *sock != "" {
-		rec, err = recoverQMP(*sock, *vm, dir, *at, *seq, *cp)
+		rec, err = recoverQMP(*sock, "repagent-"+verb, *vm, dir, *at, *seq, *cp)
 		rec.Mode = "qmp"
 	} else {
 		rec, err = recoverOffline(*store, *vm, dir, sel)
@@ -120,7 +137,7 @@ func runRecover(args []string, stdout, stderr io.Writer) int {
 		rec.Config, err = writeRecoveredConfig(dir, rec)
 	}
 	if err != nil {
-		fmt.Fprintf(stderr, "repagent-hub: recover: %v\n", err)
+		fmt.Fprintf(stderr, "repagent-hub: %s: %v\n", verb, err)
 		return 1
 	}
 	b, _ := json.MarshalIndent(rec, "", "  ")
@@ -129,7 +146,7 @@ func runRecover(args []string, stdout, stderr io.Writer) int {
 }
 
 // recoverQMP asks the running hub to materialise the point.
-func recoverQMP(sock, vm, dir, at, seq, cp string) (Recovered, error) {
+func recoverQMP(sock, command, vm, dir, at, seq, cp string) (Recovered, error) {
 	mon, err := qmpclient.NewSocketMonitor("unix", sock, 5*time.Second)
 	if err != nil {
 		return Recovered{}, err
@@ -144,16 +161,16 @@ func recoverQMP(sock, vm, dir, at, seq, cp string) (Recovered, error) {
 			a[k] = v
 		}
 	}
-	cmd, _ := json.Marshal(map[string]any{"execute": "repagent-recover", "arguments": a})
+	cmd, _ := json.Marshal(map[string]any{"execute": command, "arguments": a})
 	raw, err := mon.Run(cmd)
 	if err != nil {
-		return Recovered{}, fmt.Errorf("repagent-recover: %w", err)
+		return Recovered{}, fmt.Errorf("%s: %w", command, err)
 	}
 	var r struct {
 		Return Recovered `json:"return"`
 	}
 	if err := json.Unmarshal(raw, &r); err != nil {
-		return Recovered{}, fmt.Errorf("repagent-recover: %w", err)
+		return Recovered{}, fmt.Errorf("%s: %w", command, err)
 	}
 	return r.Return, nil
 }

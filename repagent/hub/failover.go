@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/vhostdm/vhostdm/repagent/hub/journal"
 	"github.com/vhostdm/vhostdm/repagent/wire"
@@ -176,4 +177,57 @@ func (h *Hub) ApplyNow(vmName string) error {
 		return fmt.Errorf("vm %q not found", vmName)
 	}
 	return j.ApplyNow()
+}
+
+// Promote makes vm's recovery volumes at the consistent point sel selects
+// the VM's new sources: the VM's agent is disconnected and refused from
+// now on, the volumes are materialised into outDir, and the VM's journal
+// is closed, so nothing more is applied to its replica images (they and
+// the journal stay in the store as they are). Restarting the hub serves
+// the VM again.
+func (h *Hub) Promote(ctx context.Context, vmName string, sel journal.Selector, outDir string) (journal.Recovered, error) {
+	h.mu.Lock()
+	vm := h.vms[vmName]
+	if vm == nil || vm.j == nil {
+		h.mu.Unlock()
+		return journal.Recovered{}, fmt.Errorf("vm %q not found", vmName)
+	}
+	if vm.promoted {
+		h.mu.Unlock()
+		return journal.Recovered{}, fmt.Errorf("vm %q is already promoted", vmName)
+	}
+	vm.promoted = true
+	conn := vm.conn
+	j := vm.j
+	h.mu.Unlock()
+	if conn != nil {
+		conn.shut()
+		for i := 0; i < 1000; i++ {
+			h.mu.Lock()
+			gone := vm.conn != conn
+			h.mu.Unlock()
+			if gone {
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	h.log.Warn("promoting: the VM's agent is refused and its replicas are no longer advanced", "vm", vmName)
+	rec, err := j.Materialize(ctx, sel, outDir)
+	if err != nil {
+		h.mu.Lock()
+		vm.promoted = false
+		h.mu.Unlock()
+		return journal.Recovered{}, fmt.Errorf("promote: %w", err)
+	}
+	h.mu.Lock()
+	if vm.j == j {
+		vm.j = nil
+	}
+	h.mu.Unlock()
+	if err := j.Close(); err != nil {
+		h.log.Warn("promote: closing the journal", "vm", vmName, "err", err)
+	}
+	h.log.Warn("promoted", "vm", vmName, "seq", rec.Point.Seq, "time", rec.Point.Time, "dir", outDir)
+	return rec, nil
 }

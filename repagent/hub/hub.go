@@ -162,6 +162,9 @@ type hubVM struct {
 	// resync: a resync set is open in j (owned by the connection's
 	// engine while connected).
 	resync bool
+	// promoted: Promote made the recovery volumes the new sources; the
+	// VM's agent is refused and its journal closed.
+	promoted bool
 	// currentAt is the last instant the journal was known to hold every
 	// write of the source (connected, no resync outstanding).
 	currentAt time.Time
@@ -871,6 +874,10 @@ func (c *hubConn) attach(hello *wire.Hello) error {
 			return errors.New("hub closing")
 		}
 		vm := h.vmLocked(hello.Name)
+		if vm.promoted {
+			h.mu.Unlock()
+			return fmt.Errorf("vm %q was promoted on this hub: its recovery volumes are the sources now", hello.Name)
+		}
 		if vm.uuid != "" && vm.uuid != uuid {
 			h.mu.Unlock()
 			return fmt.Errorf("vm %q is registered with uuid %s, agent says %s", hello.Name, vm.uuid, uuid)
@@ -1959,6 +1966,9 @@ type VMStatus struct {
 	// Journal is the VM's write journal: its newest consistent point
 	// and the recovery window (nil before the VM's first connection).
 	Journal *JournalStatus `json:"journal,omitempty"`
+	// Promoted: repagent-hub promote made the recovery volumes the
+	// sources; the agent is refused and nothing more is applied.
+	Promoted bool `json:"promoted,omitempty"`
 }
 
 // JournalStatus is a VM's journal in the hub's status.
@@ -2042,6 +2052,7 @@ func (h *Hub) Status() []VMStatus {
 			s.Peer = vm.conn.nc.RemoteAddr().String()
 		}
 		s.Journal = journalStatus(vm, time.Now())
+		s.Promoted = vm.promoted
 		for _, v := range vm.vols {
 			if !v.mirror && v.st.Version == 0 && v.storeErr == nil {
 				continue // reported, never protected
