@@ -28,9 +28,9 @@ import (
 // Volume states reported by the hub.
 const (
 	StateSyncing      = "syncing"       // reading the source into the recovery volume
-	StateProtecting   = "protecting"    // in sync; mirrored writes are applied in order
+	StateProtecting   = "protecting"    // in sync; mirrored writes are journaled in order
 	StateDisconnected = "disconnected"  // no agent connection
-	StateFailoverTest = "failover-test" // served to a test VM; mirrored writes are deferred
+	StateFailoverTest = "failover-test" // no longer entered: failover tests run on materialised copies (kept for clients that match it)
 	// StateStoreError: writing, preallocating or syncing the volume's
 	// store failed (an fsync error, ENOSPC). Its durable state stays as
 	// last saved before the failure: nothing more is marked synced. The
