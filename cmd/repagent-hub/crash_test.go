@@ -399,6 +399,13 @@ func TestHubKillAndLinkCut(t *testing.T) {
 	pointBefore := st[0].Journal.ConsistentSeq
 	px.setDown(true)
 	time.Sleep(10 * time.Second)
+	// The age of the consistent point kept growing while the link was
+	// down: it does not reset on disconnect.
+	if st, err := hp.status(); err != nil || len(st) != 1 || st[0].Connected || st[0].Journal == nil || st[0].Journal.ConsistentAge < 9 {
+		t.Errorf("after a 10 s link cut: %+v %v, want disconnected with a consistent point at least 9 s old", st, err)
+	} else {
+		t.Logf("after a 10 s link cut the consistent point is %.1f s old", st[0].Journal.ConsistentAge)
+	}
 	px.rate.Store(2 << 20)
 	before, dirtyBefore := agentRemote(), dirtyMapped()
 	px.setDown(false)
