@@ -152,6 +152,10 @@ func TestStoreNoSpace(t *testing.T) {
 	if got := r.HubVolumes()["root"]; got.State != hub.StateStoreError {
 		t.Errorf("root: %s while the store is full", got.State)
 	}
+	// Nothing is acknowledged while the journal cannot write.
+	if now := r.Agent.Status().Acked; now != acked.Acked {
+		t.Errorf("the hub acknowledged up to %d after the store error (was %d)", now, acked.Acked)
+	}
 	hub.Fail(&store.AllocateErr, nil)
 	close(stop)
 	wait()
