@@ -46,17 +46,21 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 }
 
 var (
-	hubSync     = prometheus.NewDesc("repagent_hub_sync_progress_ratio", "Progress of the volume's current sync pass, 0 to 1 (1 when protecting).", []string{"vm", "volume", "state"}, nil)
-	hubResync   = prometheus.NewDesc("repagent_hub_resync_bytes", "Bytes still to read from the source volume.", []string{"vm", "volume"}, nil)
-	hubBacklog  = prometheus.NewDesc("repagent_hub_backlog_bytes", "Bytes the agent has mirrored that the hub has not applied.", []string{"vm", "volume"}, nil)
-	hubBackIOs  = prometheus.NewDesc("repagent_hub_backlog_ios", "Writes the agent has mirrored that the hub has not applied.", []string{"vm", "volume"}, nil)
-	hubLag      = prometheus.NewDesc("repagent_hub_apply_lag_seconds", "Age of the oldest write not yet applied.", []string{"vm", "volume"}, nil)
-	hubApplied  = prometheus.NewDesc("repagent_hub_applied_bytes_total", "Bytes applied to the recovery volume since the hub started.", []string{"vm", "volume"}, nil)
-	hubRemote   = prometheus.NewDesc("repagent_hub_remote_read_bytes_total", "Bytes read from the source by remote IO since the hub started.", []string{"vm", "volume"}, nil)
-	hubVMConn   = prometheus.NewDesc("repagent_hub_vm_connected", "1 while the VM's agent is connected.", []string{"vm"}, nil)
-	hubAppliedN = prometheus.NewDesc("repagent_hub_applied_sequence", "Sequence number applied up to.", []string{"vm", "volume"}, nil)
-	hubStoreErr = prometheus.NewDesc("repagent_hub_store_error", "1 while the volume is in store-error: its store failed (fsync error, no space) and nothing more is marked synced.", []string{"vm", "volume"}, nil)
-	hubStoreErs = prometheus.NewDesc("repagent_hub_store_errors_total", "Store failures of the volume (fsync, write, preallocation, state save) since the hub started.", []string{"vm", "volume"}, nil)
+	hubSync      = prometheus.NewDesc("repagent_hub_sync_progress_ratio", "Progress of the volume's current sync pass, 0 to 1 (1 when protecting).", []string{"vm", "volume", "state"}, nil)
+	hubResync    = prometheus.NewDesc("repagent_hub_resync_bytes", "Bytes still to read from the source volume.", []string{"vm", "volume"}, nil)
+	hubBacklog   = prometheus.NewDesc("repagent_hub_backlog_bytes", "Bytes the agent has mirrored that the hub has not applied.", []string{"vm", "volume"}, nil)
+	hubBackIOs   = prometheus.NewDesc("repagent_hub_backlog_ios", "Writes the agent has mirrored that the hub has not applied.", []string{"vm", "volume"}, nil)
+	hubLag       = prometheus.NewDesc("repagent_hub_apply_lag_seconds", "Age of the oldest write not yet applied.", []string{"vm", "volume"}, nil)
+	hubApplied   = prometheus.NewDesc("repagent_hub_applied_bytes_total", "Bytes applied to the recovery volume since the hub started.", []string{"vm", "volume"}, nil)
+	hubRemote    = prometheus.NewDesc("repagent_hub_remote_read_bytes_total", "Bytes read from the source by remote IO since the hub started.", []string{"vm", "volume"}, nil)
+	hubVMConn    = prometheus.NewDesc("repagent_hub_vm_connected", "1 while the VM's agent is connected.", []string{"vm"}, nil)
+	hubAppliedN  = prometheus.NewDesc("repagent_hub_applied_sequence", "Sequence number applied up to.", []string{"vm", "volume"}, nil)
+	hubStoreErr  = prometheus.NewDesc("repagent_hub_store_error", "1 while the volume is in store-error: its store failed (fsync error, no space) and nothing more is marked synced.", []string{"vm", "volume"}, nil)
+	hubCPAge     = prometheus.NewDesc("repagent_hub_consistent_point_age_seconds", "How far behind the source the VM's newest consistent point may be: 0 while the journal holds every write of a connected agent, else the time since that point's write or since the journal was last known current; keeps growing while disconnected or resyncing.", []string{"vm"}, nil)
+	hubCPSeq     = prometheus.NewDesc("repagent_hub_consistent_point_sequence", "Sequence number of the VM's newest consistent point.", []string{"vm"}, nil)
+	hubResyncing = prometheus.NewDesc("repagent_hub_resync_open", "1 while a resync set is open in the VM's journal (the consistent point stays the one before it).", []string{"vm"}, nil)
+	hubJBytes    = prometheus.NewDesc("repagent_hub_journal_bytes", "The VM's journaled bytes not yet applied to the replica images.", []string{"vm"}, nil)
+	hubStoreErs  = prometheus.NewDesc("repagent_hub_store_errors_total", "Store failures of the volume (fsync, write, preallocation, state save) since the hub started.", []string{"vm", "volume"}, nil)
 )
 
 // Hub returns a registry with the hub's collectors and the process ones.
@@ -69,7 +73,7 @@ func Hub(h *hub.Hub) *prometheus.Registry {
 type hubCollector struct{ h *hub.Hub }
 
 func (c *hubCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{hubSync, hubResync, hubBacklog, hubBackIOs, hubLag, hubApplied, hubRemote, hubVMConn, hubAppliedN, hubStoreErr, hubStoreErs} {
+	for _, d := range []*prometheus.Desc{hubSync, hubResync, hubBacklog, hubBackIOs, hubLag, hubApplied, hubRemote, hubVMConn, hubAppliedN, hubStoreErr, hubStoreErs, hubCPAge, hubCPSeq, hubResyncing, hubJBytes} {
 		ch <- d
 	}
 }
@@ -77,6 +81,12 @@ func (c *hubCollector) Describe(ch chan<- *prometheus.Desc) {
 func (c *hubCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, vm := range c.h.Status() {
 		ch <- prometheus.MustNewConstMetric(hubVMConn, prometheus.GaugeValue, b2f(vm.Connected), vm.VM)
+		if j := vm.Journal; j != nil {
+			ch <- prometheus.MustNewConstMetric(hubCPAge, prometheus.GaugeValue, j.ConsistentAge, vm.VM)
+			ch <- prometheus.MustNewConstMetric(hubCPSeq, prometheus.GaugeValue, float64(j.ConsistentSeq), vm.VM)
+			ch <- prometheus.MustNewConstMetric(hubResyncing, prometheus.GaugeValue, b2f(j.Resyncing), vm.VM)
+			ch <- prometheus.MustNewConstMetric(hubJBytes, prometheus.GaugeValue, float64(j.Bytes), vm.VM)
+		}
 		for _, v := range vm.Volumes {
 			ch <- prometheus.MustNewConstMetric(hubSync, prometheus.GaugeValue, v.SyncProgress, vm.VM, v.Volume, v.State)
 			ch <- prometheus.MustNewConstMetric(hubResync, prometheus.GaugeValue, float64(v.ResyncBytes), vm.VM, v.Volume)

@@ -1,14 +1,18 @@
 // Command repagent-hub is the replication hub: it accepts vhostdm agents,
 // keeps one recovery volume per protected volume and serves QMP.
 //
-//	repagent-hub serve --listen ADDR --store DIR [--qmp SOCK] [--tls-cert F --tls-key F --tls-ca F (--authorize FILE | --allow-any-identity)] [--insecure]
+//	repagent-hub serve --listen ADDR --store DIR [--qmp SOCK] [--retain 24h] [--retain-bytes SIZE] [--tls-cert F --tls-key F --tls-ca F (--authorize FILE | --allow-any-identity)] [--insecure]
 //	repagent-hub status --qmp SOCK [--watch]
+//	repagent-hub recover --vm NAME --out DIR (--qmp SOCK | --store DIR) [--at TIME | --seq N | --checkpoint NAME]
+//	repagent-hub promote --vm NAME --out DIR --qmp SOCK [--at TIME | --seq N | --checkpoint NAME]
 //
 // QMP commands (besides vhostdm's query-version, query-commands, quit):
 //
-//	query-repagent                           → [{"vm", "uuid", "connected", "peer", "volumes": [VolumeStatus]}]
-//	repagent-failover-test {vm, dir}         → [{"volume", "device", "socket", "sectors"}]
-//	repagent-failover-test-stop {vm}         → {}
+//	query-repagent                                  → [{"vm", "uuid", "connected", "peer", "volumes": [VolumeStatus], "journal"}]
+//	repagent-failover-test {vm, dir, [at|seq|checkpoint]} → [{"volume", "device", "socket", "sectors"}]
+//	repagent-failover-test-stop {vm}                → {}
+//	repagent-recover {vm, out, [at|seq|checkpoint]} → {"vm", "seq", "time", "pos", "volumes"}
+//	repagent-promote {vm, out, [at|seq|checkpoint]} → as repagent-recover; the VM's replication stops
 //
 // Event REPAGENT_VOLUME_STATE {vm, volume, state, previous, reason} is sent
 // when a volume changes state (syncing, protecting, disconnected,
@@ -26,6 +30,7 @@ import (
 	"maps"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -35,6 +40,7 @@ import (
 	qmpclient "github.com/digitalocean/go-qemu/qmp"
 
 	"github.com/vhostdm/vhostdm/cmd/repagent-hub/internal/failover"
+	"github.com/vhostdm/vhostdm/config"
 	"github.com/vhostdm/vhostdm/internal/logging"
 	"github.com/vhostdm/vhostdm/internal/sdnotify"
 	"github.com/vhostdm/vhostdm/mapper"
@@ -59,8 +65,10 @@ type command struct {
 
 // commands holds the subcommands by name.
 var commands = map[string]command{
-	"serve":  {"run the hub", func(args []string, _, stderr io.Writer) int { return runServe(args, stderr) }},
-	"status": {"print the hub's volumes over QMP", runStatus},
+	"serve":   {"run the hub", func(args []string, _, stderr io.Writer) int { return runServe(args, stderr) }},
+	"status":  {"print the hub's volumes over QMP", runStatus},
+	"recover": {"materialise a VM's volumes at a consistent point, with a vhostdm TOML", runRecover},
+	"promote": {"make a VM's volumes at a consistent point the new sources (stops its replication), with a vhostdm TOML", runPromote},
 }
 
 func run(args []string, stdout, stderr io.Writer) int {
@@ -110,7 +118,18 @@ func runServe(args []string, stderr io.Writer) int {
 	level := fs.String("log-level", "info", "log `LEVEL`: debug, info, warn or error")
 	format := fs.String("log-format", "text", "log `FORMAT`: text or json")
 	metricsAddr := fs.String("metrics", "", "serve Prometheus metrics on `ADDR` (host:port)")
+	retain := fs.Duration("retain", 24*time.Hour, "keep journaled writes `DURATION` before applying them to the replicas (the point-in-time window; 0: apply promptly)")
+	retainBytes := fs.String("retain-bytes", "0", "cap each VM's unapplied journal at `SIZE` (e.g. 10g; 0: no cap)")
 	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	var rb uint64
+	var err error
+	if *retainBytes != "0" {
+		rb, err = config.ParseSize(*retainBytes)
+	}
+	if err != nil || *retain < 0 {
+		fmt.Fprintf(stderr, "repagent-hub: --retain %v / --retain-bytes %q: %v\n", *retain, *retainBytes, err)
 		return 2
 	}
 	if *store == "" || fs.NArg() != 0 {
@@ -127,7 +146,7 @@ func runServe(args []string, stderr io.Writer) int {
 		return 2
 	}
 	cfg := hub.Config{Store: *store, Name: *name, Logger: log, AllowAnyIdentity: *anyIdentity,
-		MaxConns: *maxConns, MaxConnsPerPeer: *maxPerPeer}
+		MaxConns: *maxConns, MaxConnsPerPeer: *maxPerPeer, Retain: *retain, RetainBytes: int64(rb)}
 	if tf.Set() {
 		tc, err := tf.TLSConfig(true)
 		if err != nil {
@@ -234,8 +253,44 @@ func runServe(args []string, stderr io.Writer) int {
 func Commands(h *hub.Hub, log *slog.Logger) []qmp.ExtraCommand {
 	return []qmp.ExtraCommand{
 		{Name: "query-repagent", Run: func(map[string]string) (any, error) { return h.Status(), nil }},
-		{Name: "repagent-failover-test", Required: []string{"vm", "dir"}, Mutates: true,
-			Run: func(a map[string]string) (any, error) { return failover.Start(h, a["vm"], a["dir"], log) }},
+		{Name: "repagent-failover-test", Required: []string{"vm", "dir"}, Optional: []string{"at", "seq", "checkpoint"}, Mutates: true,
+			Run: func(a map[string]string) (any, error) {
+				sel, err := parsePoint(a["at"], a["seq"], a["checkpoint"])
+				if err != nil {
+					return nil, err
+				}
+				return failover.Start(h, a["vm"], a["dir"], sel, log)
+			}},
+		{Name: "repagent-promote", Required: []string{"vm", "out"}, Optional: []string{"at", "seq", "checkpoint"}, Mutates: true,
+			Run: func(a map[string]string) (any, error) {
+				sel, err := parsePoint(a["at"], a["seq"], a["checkpoint"])
+				if err != nil {
+					return nil, err
+				}
+				if !filepath.IsAbs(a["out"]) {
+					return nil, fmt.Errorf("out %q: give an absolute path", a["out"])
+				}
+				r, err := h.Promote(context.Background(), a["vm"], sel, a["out"])
+				if err != nil {
+					return nil, err
+				}
+				return toRecovered(a["vm"], r), nil
+			}},
+		{Name: "repagent-recover", Required: []string{"vm", "out"}, Optional: []string{"at", "seq", "checkpoint"}, Mutates: true,
+			Run: func(a map[string]string) (any, error) {
+				sel, err := parsePoint(a["at"], a["seq"], a["checkpoint"])
+				if err != nil {
+					return nil, err
+				}
+				if !filepath.IsAbs(a["out"]) {
+					return nil, fmt.Errorf("out %q: give an absolute path", a["out"])
+				}
+				r, err := h.Recover(context.Background(), a["vm"], sel, a["out"])
+				if err != nil {
+					return nil, err
+				}
+				return toRecovered(a["vm"], r), nil
+			}},
 		{Name: "repagent-failover-test-stop", Required: []string{"vm"}, Mutates: true,
 			Run: func(a map[string]string) (any, error) { return struct{}{}, failover.Stop(h, a["vm"]) }},
 	}
@@ -323,6 +378,21 @@ func FormatStatus(st []hub.VMStatus, bars bool) string {
 		}
 		if len(vm.Volumes) == 0 {
 			fmt.Fprintf(&b, "%-12s %-12s %-13s\n", vm.VM, "-", "no volumes")
+		}
+		if j := vm.Journal; j != nil {
+			state := "current"
+			if j.Resyncing {
+				state = "resync set open"
+			}
+			fmt.Fprintf(&b, "    consistent point: seq %d at %s, age %.1fs (%s); journal %s unapplied, window from seq %d",
+				j.ConsistentSeq, j.ConsistentTime.Format(time.RFC3339Nano), j.ConsistentAge, state, size(uint64(max(j.Bytes, 0))), j.OldestSeq)
+			if len(j.Checkpoints) > 0 {
+				fmt.Fprintf(&b, "; checkpoints %s", strings.Join(j.Checkpoints, ","))
+			}
+			if j.StoreError != "" {
+				fmt.Fprintf(&b, "; store error: %s", j.StoreError)
+			}
+			b.WriteString("\n")
 		}
 	}
 	return b.String()

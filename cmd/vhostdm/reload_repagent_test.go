@@ -67,6 +67,10 @@ func waitReplicated(t *testing.T, d *daemon, h *hub.Hub, store string, images ma
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	// The replicas are the hub journal's base images: apply the journal.
+	if err := h.ApplyNow("vm1"); err != nil {
+		t.Fatal(err)
+	}
 	for vol, img := range images {
 		fi, err := os.Stat(img)
 		if err != nil {

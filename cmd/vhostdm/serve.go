@@ -204,7 +204,8 @@ func startDaemon(ctx context.Context, c *config.Config, log *slog.Logger) (*daem
 			return fail(fmt.Errorf("qmp: %w", err))
 		}
 		d.qmp = qmp.NewServer(qmp.Config{Manager: d.m, Exports: d.ex, Logger: log, Version: Version, OnQuit: d.cancel,
-			Extra: []qmp.ExtraCommand{{Name: "reload-config", Mutates: true, Run: d.qmpReloadConfig}}})
+			Extra: []qmp.ExtraCommand{{Name: "reload-config", Mutates: true, Run: d.qmpReloadConfig},
+				{Name: "repagent-checkpoint", Required: []string{"vm", "name"}, Mutates: true, Run: d.qmpCheckpoint}}})
 		d.events.Store(d.qmp)
 		d.wg.Add(1)
 		go func() {

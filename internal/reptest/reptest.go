@@ -376,6 +376,11 @@ func (r *Rig) HubVolumes() map[string]hub.VolumeStatus {
 // guest's model.
 func (r *Rig) CheckIdentical(vols ...*Vol) {
 	r.T.Helper()
+	// The replica images are the journal's base images: apply what is
+	// journaled before comparing.
+	if err := r.Hub.ApplyNow("vm1"); err != nil {
+		r.T.Errorf("apply the journal: %v", err)
+	}
 	for _, v := range vols {
 		if err := SameFiles(v.Backing, filepath.Join(r.HubCfg.Store, "vm1", v.Name+".img"), v.Size); err != nil {
 			r.T.Errorf("%s: replica differs from source: %v", v.Name, err)

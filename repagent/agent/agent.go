@@ -682,6 +682,47 @@ func (a *Agent) SetConsistent(consistent bool) {
 	}
 }
 
+// Checkpoint puts a CHECKPOINT frame named name into the write stream,
+// after every write queued so far, and waits until the hub acknowledged
+// it (it is then durable in the hub's journal). It fails when the hub is
+// not connected or the connection ends first (ask again), or when ctx is
+// done.
+func (a *Agent) Checkpoint(ctx context.Context, name string) error {
+	if err := wire.CheckCheckpointName(name); err != nil {
+		return fmt.Errorf("checkpoint name %q: %w", name, err)
+	}
+	a.mu.Lock()
+	conn := a.conn
+	if conn == nil {
+		a.mu.Unlock()
+		return errors.New("checkpoint: the hub is not connected")
+	}
+	it := &qitem{seq: a.nextSeq, t: time.Now()}
+	it.msg = &wire.Checkpoint{Seq: it.seq, Name: name}
+	a.nextSeq++
+	a.queue = append(a.queue, it)
+	a.cond.Broadcast()
+	stop := context.AfterFunc(ctx, func() {
+		a.mu.Lock()
+		a.cond.Broadcast()
+		a.mu.Unlock()
+	})
+	defer stop()
+	for a.acked < it.seq && a.conn == conn && ctx.Err() == nil {
+		a.cond.Wait()
+	}
+	acked := a.acked >= it.seq
+	a.mu.Unlock()
+	switch {
+	case acked:
+		a.log.Info("checkpoint recorded by the hub", "checkpoint", name, "seq", it.seq)
+		return nil
+	case ctx.Err() != nil:
+		return fmt.Errorf("checkpoint %q: %w", name, ctx.Err())
+	}
+	return fmt.Errorf("checkpoint %q: the hub connection ended before the hub recorded it", name)
+}
+
 // queueGroupState queues a GROUP_STATE frame; a.mu held.
 func (a *Agent) queueGroupState() {
 	it := &qitem{seq: a.nextSeq, t: time.Now()}

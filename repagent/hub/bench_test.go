@@ -16,8 +16,16 @@ import (
 // unprotected and protected (asynchronous mirroring to a loopback hub,
 // drained before the timer stops).
 func BenchmarkMirror(b *testing.B) {
-	for _, protect := range []bool{false, true} {
-		b.Run(fmt.Sprintf("protect=%v", protect), func(b *testing.B) {
+	for _, bs := range []int{4 << 10, 64 << 10} {
+		for _, protect := range []bool{false, true} {
+			benchMirror(b, bs, protect)
+		}
+	}
+}
+
+func benchMirror(b *testing.B, bs int, protect bool) {
+	{
+		b.Run(fmt.Sprintf("bs=%dk/protect=%v", bs>>10, protect), func(b *testing.B) {
 			r := reptest.New(b)
 			r.StartHub()
 			v := r.AddVolume("root", 64<<20)
@@ -25,13 +33,14 @@ func BenchmarkMirror(b *testing.B) {
 			if protect {
 				r.WaitProtected(60*time.Second, v)
 			}
-			data := reptest.Pattern(1, 64<<10)
+			data := reptest.Pattern(1, bs)
+			n := uint64(bs / 512)
 			b.SetBytes(int64(len(data)))
 			i := uint64(0)
 			for b.Loop() {
-				sector := (i * 128) % uint64(v.Size/512)
+				sector := (i * n) % uint64(v.Size/512)
 				i++
-				if err := v.Wrapped.Submit(&mapper.Request{Op: mapper.OpWrite, Sector: sector, Sectors: 128, Data: [][]byte{data}}); err != nil {
+				if err := v.Wrapped.Submit(&mapper.Request{Op: mapper.OpWrite, Sector: sector, Sectors: n, Data: [][]byte{data}}); err != nil {
 					b.Fatal(err)
 				}
 				if protect && i%256 == 0 {
@@ -45,6 +54,10 @@ func BenchmarkMirror(b *testing.B) {
 			if protect {
 				r.WaitProtected(60*time.Second, v)
 				b.ReportMetric(float64(r.Agent.Status().Volumes[0].Stats.Dirtied), "dirtied")
+				b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "writes/s")
+				if j := r.Hub.Status()[0].Journal; j != nil && j.Commits > 0 {
+					b.ReportMetric(float64(j.Records)/float64(j.Commits), "records/commit")
+				}
 			}
 		})
 	}

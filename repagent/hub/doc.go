@@ -4,37 +4,47 @@
 // reports their state. cmd/repagent-hub serves it, with QMP and the
 // failover tooling.
 //
-// The [Hub] keeps, per VM directory of its store, one recovery volume
-// (preallocated when created: a store without room refuses it) and one
-// durable state file per protected volume. A volume is
-// synchronised by remote reads (SyncWindow outstanding, SyncChunkSectors
-// each) while mirrored writes are applied; regions written during their
-// own read are read again, until nothing is left ([StateProtecting]).
-// Applied data is fsynced and the state saved before WRITE_ACK, so an
-// acknowledged write survives a hub crash. A volume whose store fails
-// (an fsync error, no space) goes to [StateStoreError]: its durable state
-// stays as last saved, nothing more is acknowledged or marked synced, and
-// the hub tries its store again after Config.StoreRetry and at the next
-// connection, resuming from that state. After AGENT_SHUTDOWN the next
-// connection resumes without resync; after an unclean disconnect of the
-// same agent session the hub reads the agent's DIRTY_MAP and what was in
-// flight; a new agent session after an unclean end is a full resync.
+// The [Hub] keeps, per VM directory of its store, a write journal
+// (repagent/hub/journal) and one durable state file per protected volume.
+// The network path never writes a replica image: a mirrored write is
+// submitted to the VM's journal in the agent's write order and WRITE_ACK
+// is sent once its group commit is durable (one acknowledgement per
+// commit). The replica images are the journal's base images, advanced by
+// its applier once records leave Config.Retain / Config.RetainBytes.
+//
+// A resync (remote reads: the initial sync, the agent's DIRTY_MAP, failed
+// or discarded writes, a resize) is one resync set in the journal: opened
+// when planned, the reads' data as it arrives, mirrored writes meanwhile
+// in order — a write into a region whose read is outstanding is held and
+// journaled right after that read, so no region is read twice in a pass —
+// and closed when nothing is outstanding. The VM's newest consistent
+// point stays the one before the set until it is closed; a volume is
+// [StateProtecting] only once the close is durable. A region leaves the
+// saved list of regions to read only once its data is durable. A journal
+// or applier store error (fsync, ENOSPC) puts the VM's volumes in
+// [StateStoreError]: nothing more is acknowledged, the connection ends, and
+// the journal is reopened when the agent reconnects. After AGENT_SHUTDOWN
+// the next connection resumes without resync; after an unclean disconnect
+// of the same agent session the hub reads the agent's DIRTY_MAP and what
+// was in flight; a new agent session after an unclean end is a full
+// resync.
+//
+// [Hub.Recover] materialises a VM at any consistent point of the journal;
+// [Hub.Promote] does so and stops the VM's replication.
 //
 // # Consistency groups
 //
 // An agent that says so in its HELLO makes its protected volumes one
-// consistency group: the hub applies the group's writes in sequence
-// order, issues no remote reads for it (the source resynchronises), and
-// grants failover tests on copies taken between two applied writes, only
-// while the group is consistent by the source's word (GROUP_STATE).
+// consistency group: the hub issues no remote reads for it (the source
+// resynchronises), and the source's GROUP_STATE not consistent opens a
+// resync set that its GROUP_STATE consistent closes.
 //
 // # Failover tests
 //
-// [Hub.FailoverTest] decides which recovery volumes are consistent and
-// hands them to a [TestRunner] that serves them to a test VM (the hub's
-// command builds mapper devices and vhost-user exports); what the test VM
-// writes, and what is mirrored meanwhile, is read from the source again
-// after [Hub.FailoverTestStop].
+// [Hub.FailoverTestAt] materialises the VM at a consistent point into a
+// directory and hands the copies to a [TestRunner] that serves them to a
+// test VM (the hub's command builds mapper devices and vhost-user
+// exports); the live replicas are never served and protection goes on.
 //
 // # Concurrency
 //

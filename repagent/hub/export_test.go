@@ -36,23 +36,30 @@ func (s *FaultyStore) FailedSyncs() int {
 	return s.syncs
 }
 
-// Install makes cfg's hub open its recovery volumes through s.
+// Install makes cfg's hub journal through s: SyncErr fails the journal's
+// and the replica images' fdatasync, WriteErr and AllocateErr (ENOSPC)
+// their writes and preallocation.
 func (s *FaultyStore) Install(cfg *Config) {
-	cfg.openReplica = func(path string) (replicaFile, error) {
-		f, err := openReplica(path)
-		if err != nil {
-			return nil, err
-		}
+	cfg.faultHook = func(op, path string) error {
 		if s.Match != "" && !strings.Contains(path, s.Match) {
-			return f, nil
+			return nil
 		}
-		return &faultyFile{replicaFile: f, s: s}, nil
+		switch op {
+		case "segment-sync", "image-sync":
+			if err := load(&s.SyncErr); err != nil {
+				s.mu.Lock()
+				s.syncs++
+				s.mu.Unlock()
+				return err
+			}
+		case "segment-write", "image-write":
+			if err := load(&s.WriteErr); err != nil {
+				return err
+			}
+			return load(&s.AllocateErr)
+		}
+		return nil
 	}
-}
-
-type faultyFile struct {
-	replicaFile
-	s *FaultyStore
 }
 
 func load(p *atomic.Pointer[error]) error {
@@ -60,28 +67,4 @@ func load(p *atomic.Pointer[error]) error {
 		return *e
 	}
 	return nil
-}
-
-func (f *faultyFile) Datasync() error {
-	if err := load(&f.s.SyncErr); err != nil {
-		f.s.mu.Lock()
-		f.s.syncs++
-		f.s.mu.Unlock()
-		return err
-	}
-	return f.replicaFile.Datasync()
-}
-
-func (f *faultyFile) Allocate(off, n int64) error {
-	if err := load(&f.s.AllocateErr); err != nil {
-		return err
-	}
-	return f.replicaFile.Allocate(off, n)
-}
-
-func (f *faultyFile) WriteAt(p []byte, off int64) (int, error) {
-	if err := load(&f.s.WriteErr); err != nil {
-		return 0, err
-	}
-	return f.replicaFile.WriteAt(p, off)
 }

@@ -1,17 +1,16 @@
 package hub
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
-	"slices"
-	"strings"
 	"sync"
+	"time"
 
-	"golang.org/x/sys/unix"
-
+	"github.com/vhostdm/vhostdm/repagent/hub/journal"
 	"github.com/vhostdm/vhostdm/repagent/wire"
 )
 
@@ -19,23 +18,23 @@ import (
 // [TestRunner].
 type TestVolume struct {
 	Name    string // the volume's name
-	Path    string // the image to serve: the recovery volume, or a consistency group's copy of it
+	Path    string // the image to serve: a copy materialised at the test's point
 	Sectors uint64
-	// Written, when not nil, takes the ranges that the test VM writes:
-	// they are read from the source again when the test stops. It is nil
-	// for a copy.
+	// Written is nil: the test VM writes a copy, never the replica, so
+	// nothing it writes needs reading again. (Kept for runners that
+	// track writes.)
 	Written func(sector, sectors uint64)
 }
 
 // TestRunner serves a failover test's volumes, in name order, to a test
 // VM (the hub's command builds mapper devices and vhost-user exports of
-// them). The hub calls it between two applied writes; closing what it
-// returns stops serving.
+// them); closing what it returns stops serving.
 type TestRunner func(vm string, vols []TestVolume) (io.Closer, error)
 
 // failoverTest is a running failover test of one VM.
 type failoverTest struct {
-	copies []string  // a consistency group's test copies, removed at the end
+	dir    string // the materialised images, removed at the end
+	point  journal.Point
 	served io.Closer // the runner's exports
 	once   sync.Once
 }
@@ -45,194 +44,107 @@ func (t *failoverTest) close() {
 		if t.served != nil {
 			t.served.Close()
 		}
-		for _, p := range t.copies {
-			os.Remove(p)
+		if t.dir != "" {
+			os.RemoveAll(t.dir)
 		}
 	})
 }
 
-// FailoverTest hands the recovery volumes of vm to run, which serves them
-// writable to a test VM. Every volume must be consistent: protecting, or
-// disconnected with nothing left to resync. Mirrored writes that arrive
-// meanwhile are not applied: their regions are read from the source when
-// the test stops, together with whatever the test VM wrote.
-//
-// A consistency group (see repagent/wire/PROTOCOL.md) must also be consistent by its
-// source's word; its test runs on copies of the recovery volumes
-// (dir/VOLUME.img) taken between two applied writes, and mirroring goes
-// on.
-func (h *Hub) FailoverTest(vmName, dir string, run TestRunner) error {
+// Recover materialises every volume of vm at the consistent point sel
+// selects into outDir (outDir/VOLUME.img; see journal.Journal.Materialize).
+// It never writes the replica images or the journal, and mirroring goes
+// on meanwhile.
+func (h *Hub) Recover(ctx context.Context, vmName string, sel journal.Selector, outDir string) (journal.Recovered, error) {
 	h.mu.Lock()
 	vm := h.vms[vmName]
+	var j *journal.Journal
+	if vm != nil {
+		j = vm.j
+	}
 	h.mu.Unlock()
+	if vm == nil || j == nil {
+		return journal.Recovered{}, fmt.Errorf("vm %q not found", vmName)
+	}
+	return j.Materialize(ctx, sel, outDir)
+}
+
+// Points returns vm's recoverable window: the oldest and newest consistent
+// points and the named checkpoints in it.
+func (h *Hub) Points(vmName string) (oldest, newest journal.Point, cps []journal.Checkpoint, err error) {
+	h.mu.Lock()
+	vm := h.vms[vmName]
+	var j *journal.Journal
+	if vm != nil {
+		j = vm.j
+	}
+	h.mu.Unlock()
+	if j == nil {
+		return oldest, newest, nil, fmt.Errorf("vm %q not found", vmName)
+	}
+	return j.Oldest(), j.Newest(), j.Checkpoints(), nil
+}
+
+// FailoverTest is FailoverTestAt the newest consistent point.
+func (h *Hub) FailoverTest(vmName, dir string, run TestRunner) error {
+	return h.FailoverTestAt(vmName, dir, journal.Newest(), run)
+}
+
+// FailoverTestAt materialises every volume of vm at the consistent point
+// sel selects into dir/point (a copy: the live replica images are never
+// served nor written) and hands the copies to run, which serves them
+// writable to a test VM. Mirroring and journaling go on meanwhile.
+func (h *Hub) FailoverTestAt(vmName, dir string, sel journal.Selector, run TestRunner) error {
+	h.mu.Lock()
+	vm := h.vms[vmName]
 	if vm == nil {
+		h.mu.Unlock()
 		return fmt.Errorf("vm %q not found", vmName)
 	}
-	// Between two applied writes: the replicas are a prefix of the
-	// write order across the VM's volumes.
-	vm.apply.Lock()
-	defer vm.apply.Unlock()
-	h.mu.Lock()
 	if vm.failover != nil {
 		h.mu.Unlock()
 		return fmt.Errorf("vm %q: a failover test is already running", vmName)
 	}
-	if vm.groupInconsistent() {
-		h.mu.Unlock()
-		return fmt.Errorf("vm %q: its consistency group is being resynchronised by the source, not consistent", vmName)
-	}
-	var vols []*hubVolume
-	for _, v := range vm.vols {
-		if v.st.Version == 0 {
-			continue
-		}
-		consistent := v.state == StateProtecting ||
-			(v.state == StateDisconnected && v.st.Synced && len(v.st.Need) == 0 && v.need.IsEmpty() && v.inRead.IsEmpty())
-		if !consistent {
-			h.mu.Unlock()
-			return fmt.Errorf("vm %q: volume %q is %s, not consistent", vmName, v.name, v.state)
-		}
-		vols = append(vols, v)
-	}
-	if len(vols) == 0 {
-		h.mu.Unlock()
-		return fmt.Errorf("vm %q has no recovery volumes", vmName)
-	}
-	slices.SortFunc(vols, func(a, b *hubVolume) int { return strings.Compare(a.name, b.name) })
-	t := &failoverTest{}
+	t := &failoverTest{dir: filepath.Join(dir, "point")}
 	vm.failover = t
-	tv := make([]TestVolume, len(vols))
-	for i, v := range vols {
-		tv[i] = TestVolume{Name: v.name, Path: v.imgPath, Sectors: v.sectors}
-	}
-	if vm.isGroup() {
-		// A consistency group is resynchronised by its source, which
-		// cannot be asked to copy what the test VM changes: the test
-		// runs on copies taken between two applied writes, and
-		// mirroring goes on.
-		h.mu.Unlock()
-		err := copyReplicas(t, tv, dir)
-		if err == nil {
-			t.served, err = run(vm.name, tv)
-		}
-		if err != nil {
-			t.close()
-			h.mu.Lock()
-			vm.failover = nil
-			h.mu.Unlock()
-			return fmt.Errorf("failover test: %w", err)
-		}
-		return nil
-	}
-	prev := map[*hubVolume]string{}
-	for i, v := range vols {
-		prev[v] = v.state
-		v.testDirty.Clear()
-		h.setState(v, StateFailoverTest, "failover test started")
-		v.changed = true
-		tv[i].Written = func(sector, sectors uint64) {
-			h.mu.Lock()
-			wire.AddSectors(v.testDirty, sector, sectors, h.cfg.RegionSectors)
-			h.mu.Unlock()
-		}
-	}
+	j := vm.j
 	h.mu.Unlock()
-
-	var err error
-	t.served, err = run(vm.name, tv)
-	if err != nil {
+	fail := func(err error) error {
 		t.close()
 		h.mu.Lock()
 		vm.failover = nil
-		for _, v := range vols {
-			h.setState(v, prev[v], "failover test failed to start")
-		}
 		h.mu.Unlock()
 		return fmt.Errorf("failover test: %w", err)
 	}
-	for _, v := range vols {
-		h.saveOffline(v)
+	if j == nil {
+		return fail(errors.New("no journal"))
 	}
+	if _, err := os.Stat(t.dir); err == nil {
+		t.dir = "" // not ours: never removed
+		return fail(fmt.Errorf("%s exists", filepath.Join(dir, "point")))
+	}
+	rec, err := j.Materialize(context.Background(), sel, t.dir)
+	if err != nil {
+		return fail(err)
+	}
+	if len(rec.Volumes) == 0 {
+		return fail(fmt.Errorf("vm %q has no recovery volumes at %s", vmName, sel))
+	}
+	t.point = rec.Point
+	tv := make([]TestVolume, len(rec.Volumes))
+	for i, v := range rec.Volumes {
+		tv[i] = TestVolume{Name: v.Name, Path: v.Path, Sectors: uint64(v.Size) / wire.SectorSize}
+	}
+	served, err := run(vm.name, tv)
+	if err != nil {
+		return fail(err)
+	}
+	t.served = served
+	h.log.Info("failover test started", "vm", vmName, "seq", rec.Point.Seq, "time", rec.Point.Time, "dir", t.dir)
 	return nil
 }
 
-// copyReplicas copies the recovery volumes of a consistency group into dir
-// (VOLUME.img), as reflinks where the file system can, and points vols at
-// the copies; the caller holds the VM's apply lock, so the copies are one
-// point of the group's write order.
-func copyReplicas(t *failoverTest, vols []TestVolume, dir string) error {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return err
-	}
-	for i, v := range vols {
-		dst := filepath.Join(dir, v.Name+".img")
-		t.copies = append(t.copies, dst)
-		if err := copyFile(v.Path, dst); err != nil {
-			return fmt.Errorf("copy of volume %s: %w", v.Name, err)
-		}
-		vols[i].Path = dst
-	}
-	return nil
-}
-
-// copyFile copies src to a new file dst, sharing extents (FICLONE) where
-// the file system can, skipping holes otherwise.
-func copyFile(src, dst string) error {
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return err
-	}
-	err = copyData(in, out)
-	return errors.Join(err, out.Close())
-}
-
-func copyData(in, out *os.File) error {
-	if unix.IoctlFileClone(int(out.Fd()), int(in.Fd())) == nil {
-		return nil
-	}
-	fi, err := in.Stat()
-	if err != nil {
-		return err
-	}
-	size := fi.Size()
-	if err := out.Truncate(size); err != nil {
-		return err
-	}
-	buf := make([]byte, 1<<20)
-	for off := int64(0); off < size; {
-		data, err := unix.Seek(int(in.Fd()), off, unix.SEEK_DATA)
-		if err != nil {
-			break // ENXIO: only a hole is left
-		}
-		hole, err := unix.Seek(int(in.Fd()), data, unix.SEEK_HOLE)
-		if err != nil {
-			hole = size
-		}
-		for p := data; p < hole; {
-			n, err := in.ReadAt(buf[:min(int64(len(buf)), hole-p)], p)
-			if n > 0 {
-				if _, werr := out.WriteAt(buf[:n], p); werr != nil {
-					return werr
-				}
-				p += int64(n)
-			}
-			if err != nil {
-				return err
-			}
-		}
-		off = hole
-	}
-	return out.Sync()
-}
-
-// FailoverTestStop ends vm's failover test: the runner stops serving, and the
-// regions that the test VM wrote or that were mirrored meanwhile are read
-// from the source again.
+// FailoverTestStop ends vm's failover test: the runner stops serving and
+// the materialised copies are removed.
 func (h *Hub) FailoverTestStop(vmName string) error {
 	h.mu.Lock()
 	vm := h.vms[vmName]
@@ -241,60 +153,81 @@ func (h *Hub) FailoverTestStop(vmName string) error {
 		return fmt.Errorf("vm %q not found", vmName)
 	}
 	t := vm.failover
+	vm.failover = nil
+	h.mu.Unlock()
 	if t == nil {
-		h.mu.Unlock()
 		return fmt.Errorf("vm %q: no failover test is running", vmName)
 	}
-	h.mu.Unlock()
 	t.close()
-	h.mu.Lock()
-	vm.failover = nil
-	var offline []*hubVolume
-	for _, v := range vm.vols {
-		if v.state != StateFailoverTest {
-			continue
-		}
-		add := v.testDirty.Clone()
-		v.testDirty.Clear()
-		if c := v.conn; c != nil && v.mirror {
-			h.setState(v, StateSyncing, "failover test stopped")
-			c.markNeed(v, add)
-			v.changed = true
-			c.poke()
-			continue
-		}
-		wire.AddExtents(add, v.st.Need, v.st.RegionSectors, h.cfg.RegionSectors, wire.RegionCount(v.sectors, h.cfg.RegionSectors))
-		add.Or(v.need)
-		v.need = add
-		h.setState(v, StateDisconnected, "failover test stopped")
-		offline = append(offline, v)
-	}
-	h.mu.Unlock()
-	var errs []error
-	for _, v := range offline {
-		errs = append(errs, h.saveOffline(v))
-	}
-	return errors.Join(errs...)
+	return nil
 }
 
-// saveOffline saves the state of a volume that no connection checkpoints.
-func (h *Hub) saveOffline(v *hubVolume) error {
+// ApplyNow has the applier write every journaled record that left the
+// retention window into vm's replica images now, up to the newest
+// consistent point among them (with Retain 0: everything consistent).
+func (h *Hub) ApplyNow(vmName string) error {
 	h.mu.Lock()
-	if v.conn != nil {
-		c := v.conn
-		v.changed = true
-		h.mu.Unlock()
-		c.poke()
-		return nil
+	vm := h.vms[vmName]
+	var j *journal.Journal
+	if vm != nil {
+		j = vm.j
 	}
-	if v.storeErr != nil {
-		h.mu.Unlock()
-		return nil // its durable state stays as it was before the failure
-	}
-	v.st.Need = wire.ExtentsOf(v.need)
-	v.st.RegionSectors = h.cfg.RegionSectors
-	v.st.FailoverTest = v.state == StateFailoverTest
-	st := v.st
 	h.mu.Unlock()
-	return saveState(v.statePath, &st)
+	if j == nil {
+		return fmt.Errorf("vm %q not found", vmName)
+	}
+	return j.ApplyNow()
+}
+
+// Promote makes vm's recovery volumes at the consistent point sel selects
+// the VM's new sources: the VM's agent is disconnected and refused from
+// now on, the volumes are materialised into outDir, and the VM's journal
+// is closed, so nothing more is applied to its replica images (they and
+// the journal stay in the store as they are). Restarting the hub serves
+// the VM again.
+func (h *Hub) Promote(ctx context.Context, vmName string, sel journal.Selector, outDir string) (journal.Recovered, error) {
+	h.mu.Lock()
+	vm := h.vms[vmName]
+	if vm == nil || vm.j == nil {
+		h.mu.Unlock()
+		return journal.Recovered{}, fmt.Errorf("vm %q not found", vmName)
+	}
+	if vm.promoted {
+		h.mu.Unlock()
+		return journal.Recovered{}, fmt.Errorf("vm %q is already promoted", vmName)
+	}
+	vm.promoted = true
+	conn := vm.conn
+	j := vm.j
+	h.mu.Unlock()
+	if conn != nil {
+		conn.shut()
+		for i := 0; i < 1000; i++ {
+			h.mu.Lock()
+			gone := vm.conn != conn
+			h.mu.Unlock()
+			if gone {
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	h.log.Warn("promoting: the VM's agent is refused and its replicas are no longer advanced", "vm", vmName)
+	rec, err := j.Materialize(ctx, sel, outDir)
+	if err != nil {
+		h.mu.Lock()
+		vm.promoted = false
+		h.mu.Unlock()
+		return journal.Recovered{}, fmt.Errorf("promote: %w", err)
+	}
+	h.mu.Lock()
+	if vm.j == j {
+		vm.j = nil
+	}
+	h.mu.Unlock()
+	if err := j.Close(); err != nil {
+		h.log.Warn("promote: closing the journal", "vm", vmName, "err", err)
+	}
+	h.log.Warn("promoted", "vm", vmName, "seq", rec.Point.Seq, "time", rec.Point.Time, "dir", outDir)
+	return rec, nil
 }

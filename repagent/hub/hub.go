@@ -21,15 +21,16 @@ import (
 
 	"github.com/RoaringBitmap/roaring/v2"
 
+	"github.com/vhostdm/vhostdm/repagent/hub/journal"
 	"github.com/vhostdm/vhostdm/repagent/wire"
 )
 
 // Volume states reported by the hub.
 const (
 	StateSyncing      = "syncing"       // reading the source into the recovery volume
-	StateProtecting   = "protecting"    // in sync; mirrored writes are applied in order
+	StateProtecting   = "protecting"    // in sync; mirrored writes are journaled in order
 	StateDisconnected = "disconnected"  // no agent connection
-	StateFailoverTest = "failover-test" // served to a test VM; mirrored writes are deferred
+	StateFailoverTest = "failover-test" // no longer entered: failover tests run on materialised copies (kept for clients that match it)
 	// StateStoreError: writing, preallocating or syncing the volume's
 	// store failed (an fsync error, ENOSPC). Its durable state stays as
 	// last saved before the failure: nothing more is marked synced. The
@@ -95,12 +96,23 @@ type Config struct {
 	// when the agent reconnects). Default 30 s.
 	StoreRetry time.Duration
 
-	// ApplyDelay pauses before each applied mirrored write: tests use it
-	// to model a slow store. Zero in production.
+	// ApplyDelay pauses before each journaled mirrored write: tests use
+	// it to model a slow store. Zero in production.
 	ApplyDelay time.Duration
+
+	// Retain keeps each VM's journaled writes this long before the
+	// applier writes them into the replica images (the point-in-time
+	// recovery window). 0 applies them promptly.
+	Retain time.Duration
+	// RetainBytes caps each VM's unapplied journal; 0: no cap.
+	RetainBytes int64
+	// ApplyInterval is the applier's period (default 100 ms).
+	ApplyInterval time.Duration
 
 	// openReplica opens a recovery volume's image (tests inject faults).
 	openReplica func(path string) (replicaFile, error)
+	// faultHook is the journal's fault hook (tests inject faults).
+	faultHook func(op, path string) error
 }
 
 // Event is a volume state change.
@@ -144,10 +156,18 @@ type hubVM struct {
 	conn     *hubConn
 	vols     map[string]*hubVolume
 	failover *failoverTest
-	// apply is held while a mirrored write is decided and applied, so
-	// that a failover test freezes the replicas between two writes.
-	// Taken before Hub.mu.
-	apply sync.Mutex
+	// j is the VM's write journal (opened when the hub starts or the VM
+	// first attaches); the replica images are its base images.
+	j *journal.Journal
+	// resync: a resync set is open in j (owned by the connection's
+	// engine while connected).
+	resync bool
+	// promoted: Promote made the recovery volumes the new sources; the
+	// VM's agent is refused and its journal closed.
+	promoted bool
+	// currentAt is the last instant the journal was known to hold every
+	// write of the source (connected, no resync outstanding).
+	currentAt time.Time
 }
 
 // isGroup reports whether vm's volumes were last protected as a
@@ -193,7 +213,8 @@ type hubVolume struct {
 	sectors        uint64
 	need           *roaring.Bitmap // regions to read from the source
 	inRead         *roaring.Bitmap // regions of outstanding remote reads
-	stale          *roaring.Bitmap // regions of inRead written meanwhile
+	stale          *roaring.Bitmap // regions of inRead discarded or failed meanwhile: read again
+	held           *roaring.Bitmap // regions of deferred writes (engine-owned)
 	reads          int             // outstanding remote reads
 	cursor         uint64          // where the next read starts
 	waitingInitial bool            // START_PROTECT sent, initial DIRTY_MAP not yet in
@@ -293,6 +314,10 @@ func New(cfg Config) (*Hub, error) {
 				vm.uuid = meta.UUID
 			}
 		}
+		if err := h.openJournal(vm); err != nil {
+			h.Close()
+			return nil, fmt.Errorf("repagent hub: vm %s: %w", name, err)
+		}
 		for _, vn := range vols {
 			v := h.newVolume(vm, vn)
 			st, err := loadState(v.statePath)
@@ -318,6 +343,29 @@ func New(cfg Config) (*Hub, error) {
 	return h, nil
 }
 
+// openJournal opens vm's journal, or reopens it after a sticky store
+// error (the store is tried again); h.mu held or the hub not yet shared.
+func (h *Hub) openJournal(vm *hubVM) error {
+	if vm.j != nil {
+		if vm.j.Err() == nil && vm.j.ApplyErr() == nil {
+			return nil
+		}
+		vm.j.Close()
+		vm.j = nil
+	}
+	if err := os.MkdirAll(vm.dir, 0o700); err != nil {
+		return err
+	}
+	j, err := journal.Open(vm.dir, journal.Options{Retain: h.cfg.Retain, MaxBytes: h.cfg.RetainBytes,
+		ApplyInterval: h.cfg.ApplyInterval, Logger: h.log.With("vm", vm.name), FaultHook: h.cfg.faultHook})
+	if err != nil {
+		return err
+	}
+	vm.j = j
+	vm.resync = j.InResync()
+	return nil
+}
+
 // vmLocked returns the VM named name, creating its record.
 func (h *Hub) vmLocked(name string) *hubVM {
 	vm := h.vms[name]
@@ -332,7 +380,7 @@ func (h *Hub) newVolume(vm *hubVM, name string) *hubVolume {
 	return &hubVolume{vm: vm, name: name, state: StateDisconnected,
 		statePath: filepath.Join(vm.dir, name+".state.json"), imgPath: filepath.Join(vm.dir, name+".img"),
 		log:  h.log.With("vm", vm.name, "volume", name),
-		need: roaring.New(), inRead: roaring.New(), stale: roaring.New(), testDirty: roaring.New()}
+		need: roaring.New(), inRead: roaring.New(), stale: roaring.New(), held: roaring.New(), testDirty: roaring.New()}
 }
 
 // deliverEvents calls OnEvent in order.
@@ -510,11 +558,9 @@ func (h *Hub) stop(graceful bool) error {
 	}
 	h.mu.Lock()
 	for _, vm := range h.vms {
-		for _, v := range vm.vols {
-			if v.file != nil {
-				v.file.Close()
-				v.file = nil
-			}
+		if vm.j != nil {
+			vm.j.Close()
+			vm.j = nil
 		}
 	}
 	h.mu.Unlock()
@@ -550,10 +596,43 @@ type hubConn struct {
 	reqs            map[uint64]*readReq
 	nextReq         uint64
 	lastSeq         uint64 // last sequence received
-	ackedSeq        uint64
 	lastCkpt        time.Time
 	pending         bool // applied or changed since the last checkpoint
 	shutdown        bool // AGENT_SHUTDOWN received
+	// mustSave: the regions to read grew because of a frame with a
+	// sequence number; it is acknowledged only after the state is saved.
+	mustSave bool
+	// lastPending is the journal submission of the last records.
+	lastPending *journal.Pending
+	// deferred are mirrored writes into regions being read, journaled
+	// after the read's data, in arrival order.
+	deferred []deferredWrite
+	// ackQueued is the highest sequence handed to the acker.
+	ackQueued uint64
+	// endPending is the submission of the last resync end until durable.
+	endPending *journal.Pending
+	// ckpts are checkpoints that arrived during a resync set, journaled
+	// after its end (h.mu).
+	ckpts []string
+
+	wmu     sync.Mutex // serialises the writer between engine and acker
+	acks    chan ackItem
+	ackDone chan struct{}
+}
+
+// deferredWrite is a mirrored write held until the remote reads of its
+// regions are journaled.
+type deferredWrite struct {
+	v       *hubVolume
+	regions *roaring.Bitmap
+	rec     journal.Record
+	seq     uint64
+}
+
+// ackItem asks the acker to acknowledge seq once p is durable.
+type ackItem struct {
+	p   *journal.Pending
+	seq uint64
 }
 
 // readReq is an outstanding remote read.
@@ -567,7 +646,8 @@ type readReq struct {
 func newHubConn(h *Hub, nc net.Conn) *hubConn {
 	return &hubConn{h: h, nc: nc, log: h.log.With("peer", nc.RemoteAddr().String()),
 		frames: make(chan wire.Frame, 64), readErr: make(chan error, 1), kick: make(chan struct{}, 1),
-		done: make(chan struct{}), byID: map[uint64]*hubVolume{}, reqs: map[uint64]*readReq{}, graceful: true}
+		done: make(chan struct{}), byID: map[uint64]*hubVolume{}, reqs: map[uint64]*readReq{}, graceful: true,
+		acks: make(chan ackItem, 4096), ackDone: make(chan struct{})}
 }
 
 func (c *hubConn) shut() {
@@ -655,8 +735,130 @@ func (c *hubConn) serve() {
 		return
 	}
 	go c.readLoop(r)
+	go c.acker()
 	err = c.engine()
 	c.detach(err)
+	<-c.ackDone
+}
+
+// acker sends WRITE_ACK for what the engine queued, once the journal
+// made it durable: one acknowledgement per group commit, however many
+// writes it held. A journal error ends the connection unacknowledged.
+func (c *hubConn) acker() {
+	defer close(c.ackDone)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		select {
+		case <-c.done:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	var next *ackItem
+	var acked uint64
+	for {
+		it := next
+		next = nil
+		if it == nil {
+			select {
+			case x := <-c.acks:
+				it = &x
+			case <-c.done:
+				return
+			}
+		}
+		if it.p != nil {
+			if _, err := it.p.Wait(ctx); err != nil {
+				if ctx.Err() == nil {
+					c.failStore(err)
+					c.shut()
+				}
+				return
+			}
+		}
+		seq := it.seq
+	coalesce:
+		for next == nil {
+			select {
+			case x := <-c.acks:
+				if x.p != nil {
+					select {
+					case <-x.p.Done():
+					default:
+						next = &x
+						continue
+					}
+					if _, err := x.p.Wait(ctx); err != nil {
+						if ctx.Err() == nil {
+							c.failStore(err)
+							c.shut()
+						}
+						return
+					}
+				}
+				seq = max(seq, x.seq)
+			default:
+				break coalesce
+			}
+		}
+		if seq > acked {
+			acked = seq
+			if err := c.send(&wire.WriteAck{Seq: seq}); err != nil {
+				c.shut()
+				return
+			}
+		}
+	}
+}
+
+// failStore puts the connection's protected volumes into StateStoreError
+// for a journal error.
+func (c *hubConn) failStore(err error) {
+	h := c.h
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, v := range c.byID {
+		if v.mirror || v.wantMirror {
+			h.storeFailed(v, fmt.Errorf("journal: %w", err))
+		}
+	}
+}
+
+// submit journals recs in order after everything submitted before.
+func (c *hubConn) submit(recs ...journal.Record) error {
+	p, err := c.vm.j.Submit(recs...)
+	if err != nil {
+		if !errors.Is(err, journal.ErrInvalid) {
+			c.failStore(err)
+		}
+		return err
+	}
+	c.lastPending = p
+	return nil
+}
+
+// queueAck hands the acker the highest sequence that may be acknowledged
+// once the journal's last submission is durable: everything up to the
+// first deferred write, unless a state must be saved first.
+func (c *hubConn) queueAck() error {
+	if c.mustSave {
+		return nil
+	}
+	ackable := c.lastSeq
+	if len(c.deferred) > 0 {
+		ackable = c.deferred[0].seq - 1
+	}
+	if ackable <= c.ackQueued {
+		return nil
+	}
+	c.ackQueued = ackable
+	select {
+	case c.acks <- ackItem{p: c.lastPending, seq: ackable}:
+		return nil
+	case <-c.done:
+		return errors.New("connection closed")
+	}
 }
 
 // attach binds the connection to its VM, replacing an older connection of
@@ -672,6 +874,10 @@ func (c *hubConn) attach(hello *wire.Hello) error {
 			return errors.New("hub closing")
 		}
 		vm := h.vmLocked(hello.Name)
+		if vm.promoted {
+			h.mu.Unlock()
+			return fmt.Errorf("vm %q was promoted on this hub: its recovery volumes are the sources now", hello.Name)
+		}
 		if vm.uuid != "" && vm.uuid != uuid {
 			h.mu.Unlock()
 			return fmt.Errorf("vm %q is registered with uuid %s, agent says %s", hello.Name, vm.uuid, uuid)
@@ -709,6 +915,10 @@ func (c *hubConn) attach(hello *wire.Hello) error {
 			}
 			vm.uuid = uuid
 		}
+		if err := h.openJournal(vm); err != nil {
+			h.mu.Unlock()
+			return fmt.Errorf("open journal: %w", err)
+		}
 		vm.conn = c
 		c.vm = vm
 		c.session = hello.Session
@@ -740,9 +950,13 @@ func (c *hubConn) detach(err error) {
 		v.need.Or(v.inRead)
 		v.inRead.Clear()
 		v.stale.Clear()
+		v.held.Clear()
 		v.reads = 0
 		v.changed = true
 	}
+	// Deferred writes were never acknowledged: the agent sends their
+	// regions again.
+	c.deferred = nil
 	h.mu.Unlock()
 	if graceful {
 		c.checkpoint(false)
@@ -786,15 +1000,26 @@ func (c *hubConn) readLoop(r *wire.Reader) {
 
 // send writes one message and flushes.
 func (c *hubConn) send(m wire.Message) error {
-	if err := c.write(m); err != nil {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.nc.SetWriteDeadline(time.Now().Add(wire.PeerTimeout(c.h.cfg.Heartbeat)))
+	if err := c.w.WriteMessage(m); err != nil {
 		return err
 	}
 	return c.w.Flush()
 }
 
 func (c *hubConn) write(m wire.Message) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
 	c.nc.SetWriteDeadline(time.Now().Add(wire.PeerTimeout(c.h.cfg.Heartbeat)))
 	return c.w.WriteMessage(m)
+}
+
+func (c *hubConn) flush() error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	return c.w.Flush()
 }
 
 // engine handles frames in order, issues remote reads, checkpoints and
@@ -844,11 +1069,25 @@ func (c *hubConn) engine() error {
 			if err := c.write(&wire.Heartbeat{}); err != nil {
 				return err
 			}
+			if err := c.vm.j.ApplyErr(); err != nil {
+				// The applier could not advance the replica images: the
+				// store is failing; nothing more is acknowledged.
+				c.failStore(err)
+				return fmt.Errorf("applier: %w", err)
+			}
 			if err := c.retryStore(); err != nil {
 				return err
 			}
 		}
 		if err := c.pump(); err != nil {
+			return err
+		}
+		if c.mustSave {
+			if err := c.checkpoint(true); err != nil {
+				return err
+			}
+		}
+		if err := c.queueAck(); err != nil {
 			return err
 		}
 		if c.pending {
@@ -861,7 +1100,7 @@ func (c *hubConn) engine() error {
 				return err
 			}
 		}
-		if err := c.w.Flush(); err != nil {
+		if err := c.flush(); err != nil {
 			return err
 		}
 	}
@@ -927,6 +1166,8 @@ func (c *hubConn) handle(f wire.Frame) error {
 		return nil
 	case *wire.GroupState:
 		return c.groupState(m)
+	case *wire.Checkpoint:
+		return c.checkpointFrame(m)
 	case *wire.AgentShutdown:
 		if m.Reply {
 			return c.bad("%s with the reply flag from an agent", f.Cmd)
@@ -1033,33 +1274,33 @@ func (c *hubConn) protect(v *hubVolume, sectors uint64) error {
 		}
 	}
 	fresh := v.st.Version == 0
-	if err := os.MkdirAll(v.vm.dir, 0o700); err != nil {
-		return err
+	if !journal.ValidName(v.name) {
+		return fmt.Errorf("volume name %q cannot be journaled (letters, digits, '.', '_', '-')", v.name)
 	}
-	if v.file == nil {
-		f, err := h.cfg.openReplica(v.imgPath)
-		if err != nil {
-			return err
+	size := int64(sectors) * wire.SectorSize
+	known := false
+	for _, jv := range v.vm.j.Volumes() {
+		if jv.Name == v.name {
+			known = true
+			if jv.Size == size {
+				size = 0
+			}
 		}
-		v.file = f
 	}
-	if err := v.file.Truncate(int64(sectors) * wire.SectorSize); err != nil {
-		return err
+	if !known {
+		fresh = true
 	}
-	if err := preallocate(v.file, int64(sectors)*wire.SectorSize, v.log); err != nil {
-		return err
-	}
-	if v.storeErr != nil {
-		// The store failed before: it must sync again before anything
-		// is built on it.
-		if err := v.file.Datasync(); err != nil {
-			return fmt.Errorf("fsync: %w", err)
+	if size != 0 {
+		// The applier creates (preallocated) or resizes the base image.
+		if err := c.submit(journal.Record{Kind: journal.KindVolume, Volume: v.name, Size: size}); err != nil {
+			return err
 		}
 	}
 	regions := wire.RegionCount(sectors, h.cfg.RegionSectors)
 	v.need.Clear()
 	v.inRead.Clear()
 	v.stale.Clear()
+	v.held.Clear()
 	v.cursor = 0
 	v.readErrors = 0
 	var reason string
@@ -1127,12 +1368,9 @@ func (c *hubConn) protect(v *hubVolume, sectors uint64) error {
 
 // resize handles a protected volume reported with a new size; h.mu held.
 func (c *hubConn) resize(v *hubVolume, sectors uint64) error {
-	v.log.Info("volume resized", "old_sectors", v.sectors, "new_sectors", sectors)
-	if err := v.file.Truncate(int64(sectors) * wire.SectorSize); err != nil {
-		c.h.storeFailed(v, fmt.Errorf("resize: %w", err))
-		return fmt.Errorf("volume %s: resize: %w", v.name, err)
-	}
-	if err := preallocate(v.file, int64(sectors)*wire.SectorSize, v.log); err != nil {
+	v.log.Warn("volume resized: full resync", "old_sectors", v.sectors, "new_sectors", sectors,
+		"resync_bytes", sectors*wire.SectorSize)
+	if err := c.submit(journal.Record{Kind: journal.KindVolume, Volume: v.name, Size: int64(sectors) * wire.SectorSize}); err != nil {
 		c.h.storeFailed(v, fmt.Errorf("resize: %w", err))
 		return fmt.Errorf("volume %s: resize: %w", v.name, err)
 	}
@@ -1145,6 +1383,7 @@ func (c *hubConn) resize(v *hubVolume, sectors uint64) error {
 	v.st.Sectors = sectors
 	v.changed = true
 	c.pending = true
+	c.mustSave = true
 	if v.state != StateFailoverTest {
 		c.h.setState(v, StateSyncing, "full resync: size changed")
 	}
@@ -1218,18 +1457,18 @@ func (c *hubConn) markNeed(v *hubVolume, add *roaring.Bitmap) {
 	before := v.need.GetCardinality()
 	v.need.Or(add)
 	v.syncTotal += v.need.GetCardinality() - before + inFlight.GetCardinality()
+	v.changed = true
+	c.mustSave = true
 	if v.state == StateProtecting {
 		c.h.setState(v, StateSyncing, "resync of regions the agent could not mirror")
 	}
 }
 
-// protectedWrite applies a mirrored write to the recovery volume.
+// protectedWrite journals a mirrored write. A write into regions whose
+// remote read is outstanding waits until the read's data is journaled and
+// follows it, so the read never needs repeating.
 func (c *hubConn) protectedWrite(m *wire.ProtectedWrite) error {
 	h := c.h
-	// Frames are applied one by one in sequence order, across the VM's
-	// volumes; a failover test waits for the one being applied.
-	c.vm.apply.Lock()
-	defer c.vm.apply.Unlock()
 	h.mu.Lock()
 	v, err := c.mirrored(m.Cmd(), m.Volume)
 	if err == nil {
@@ -1247,53 +1486,106 @@ func (c *hubConn) protectedWrite(m *wire.ProtectedWrite) error {
 	}
 	regions := roaring.New()
 	wire.AddSectors(regions, m.Sector, uint64(m.Sectors), h.cfg.RegionSectors)
-	apply := true
-	switch {
-	case v.state == StateFailoverTest:
-		// The replica is frozen for the test: read it all later.
-		c.markNeed(v, regions)
-		apply = false
-	case m.Status != wire.StatusOK || m.Discard:
+	v.applied = m.Seq
+	if m.Status != wire.StatusOK || m.Discard {
 		// The source's content is unknown (failed write) or whatever
 		// the target makes of a discard: read it back.
 		c.markNeed(v, regions)
-		apply = false
-	default:
-		// Regions being read now may or may not include this write:
-		// read them again.
-		v.stale.Or(roaring.And(regions, v.inRead))
-	}
-	v.applied = m.Seq
-	v.changed = true
-	c.pending = true
-	f := v.file
-	h.mu.Unlock()
-	if !apply {
+		h.mu.Unlock()
 		return nil
 	}
+	n := int64(m.Sectors) * wire.SectorSize
+	rec := journal.Record{Volume: v.name, Offset: int64(m.Sector) * wire.SectorSize, Seq: m.Seq, HasSeq: true}
+	if m.Zeroes {
+		rec.Kind, rec.Length = journal.KindZero, n
+	} else {
+		rec.Kind, rec.Data = journal.KindWrite, joinData(m.Data)
+		v.appliedBytes += uint64(n)
+	}
+	if regions.Intersects(v.inRead) || regions.Intersects(v.held) {
+		// Journaled after the read, without its sequence number (the
+		// journal's sequence numbers increase; it lies inside the
+		// resync set, where no consistent point is).
+		rec.HasSeq = false
+		c.deferred = append(c.deferred, deferredWrite{v: v, regions: regions, rec: rec, seq: m.Seq})
+		v.held.Or(regions)
+		h.mu.Unlock()
+		return nil
+	}
+	h.mu.Unlock()
 	if d := h.cfg.ApplyDelay; d > 0 {
 		time.Sleep(d)
 	}
-	off := int64(m.Sector) * wire.SectorSize
-	n := int64(m.Sectors) * wire.SectorSize
-	if m.Zeroes {
-		err = f.ZeroRange(off, n)
-	} else {
-		_, err = f.WriteAt(m.Data[0], off)
+	return c.submit(rec)
+}
+
+// joinData returns a frame's data as one slice.
+func joinData(d [][]byte) []byte {
+	if len(d) == 1 {
+		return d[0]
 	}
-	if err != nil {
-		h.mu.Lock()
-		h.storeFailed(v, fmt.Errorf("apply write: %w", err))
-		h.mu.Unlock()
-		return fmt.Errorf("volume %s: apply write: %w", v.name, err)
+	var out []byte
+	for _, b := range d {
+		out = append(out, b...)
 	}
-	h.mu.Lock()
-	v.wrote = true
-	if !m.Zeroes {
-		v.appliedBytes += uint64(n)
+	return out
+}
+
+// releaseDeferred journals the deferred writes, oldest first, whose
+// regions are no longer being read; h.mu held. It returns them.
+func (c *hubConn) releaseDeferred() []journal.Record {
+	n := 0
+	for n < len(c.deferred) && !c.deferred[n].regions.Intersects(c.deferred[n].v.inRead) {
+		n++
 	}
-	h.mu.Unlock()
-	return nil
+	if n == 0 {
+		return nil
+	}
+	recs := make([]journal.Record, n)
+	for i := range n {
+		recs[i] = c.deferred[i].rec
+	}
+	c.deferred = c.deferred[n:]
+	for _, v := range c.byID {
+		v.held.Clear()
+	}
+	for _, d := range c.deferred {
+		d.v.held.Or(d.regions)
+	}
+	return recs
+}
+
+// checkpointFrame journals a named checkpoint at this point of the write
+// stream; inside an open resync set it waits for the set's end.
+func (c *hubConn) checkpointFrame(m *wire.Checkpoint) error {
+	if err := c.nextSeqOK(m.Cmd(), m.Seq); err != nil {
+		return err
+	}
+	c.h.mu.Lock()
+	open := c.vm.resync || len(c.deferred) > 0 || len(c.ckpts) > 0
+	if open {
+		c.ckpts = append(c.ckpts, m.Name)
+		c.log.Warn("checkpoint during a resync: journaled when the resync set completes", "checkpoint", m.Name, "seq", m.Seq)
+	}
+	c.h.mu.Unlock()
+	if open {
+		return nil
+	}
+	return c.journalCheckpoint(m.Name)
+}
+
+// journalCheckpoint submits a checkpoint record; a name already used is
+// logged and dropped.
+func (c *hubConn) journalCheckpoint(name string) error {
+	err := c.submit(journal.Record{Kind: journal.KindCheckpoint, Checkpoint: name})
+	if errors.Is(err, journal.ErrInvalid) {
+		c.log.Warn("checkpoint refused", "checkpoint", name, "err", err)
+		return nil
+	}
+	if err == nil {
+		c.log.Info("checkpoint journaled", "checkpoint", name, "seq", c.lastSeq)
+	}
+	return err
 }
 
 // groupState records whether the consistency group's replicas are a
@@ -1330,7 +1622,8 @@ func (c *hubConn) groupState(m *wire.GroupState) error {
 	return nil
 }
 
-// remoteIORes writes a remote read's data into the recovery volume.
+// remoteIORes journals a remote read's data inside the VM's resync set,
+// then the mirrored writes that waited for it.
 func (c *hubConn) remoteIORes(m *wire.RemoteIORes) error {
 	h := c.h
 	rq := c.reqs[m.ID]
@@ -1343,43 +1636,45 @@ func (c *hubConn) remoteIORes(m *wire.RemoteIORes) error {
 	}
 	delete(c.reqs, m.ID)
 	v := rq.v
-	var err error
+	var recs []journal.Record
 	if m.Status == wire.StatusOK {
-		off := int64(rq.sector) * wire.SectorSize
+		rec := journal.Record{Kind: journal.KindWrite, Volume: v.name, Offset: int64(rq.sector) * wire.SectorSize}
 		if m.Zero {
-			err = v.file.ZeroRange(off, int64(m.Sectors)*wire.SectorSize)
+			rec.Kind, rec.Length = journal.KindZero, int64(m.Sectors)*wire.SectorSize
 		} else {
-			_, err = v.file.WriteAt(m.Data[0], off)
+			rec.Data = joinData(m.Data)
 		}
-		if err != nil {
-			h.mu.Lock()
-			h.storeFailed(v, fmt.Errorf("write remote read: %w", err))
-			h.mu.Unlock()
-			return fmt.Errorf("volume %s: write recovery volume: %w", v.name, err)
-		}
+		recs = append(recs, rec)
 	}
 	h.mu.Lock()
-	defer h.mu.Unlock()
 	v.reads--
 	v.inRead.RemoveRange(rq.first, rq.first+rq.count)
+	recs = append(recs, c.releaseDeferred()...)
 	if m.Status != wire.StatusOK {
 		v.readErrors++
 		v.log.Warn("remote read failed", "sector", rq.sector, "sectors", rq.sectors, "status", m.Status)
 		v.need.AddRange(rq.first, rq.first+rq.count)
+	} else {
+		v.readErrors = 0
+		v.changed = true
+		c.pending = true
+		v.remoteBytes += uint64(m.Sectors) * wire.SectorSize
+		v.syncDone += rq.count
+		// Regions discarded or failed while this read was out: read
+		// them again.
+		again := roaring.New()
+		again.AddRange(rq.first, rq.first+rq.count)
+		again.And(v.stale)
+		v.stale.AndNot(again)
+		v.need.Or(again)
+	}
+	h.mu.Unlock()
+	if len(recs) == 0 {
 		return nil
 	}
-	v.readErrors = 0
-	v.wrote = true
-	v.changed = true
-	c.pending = true
-	v.remoteBytes += uint64(m.Sectors) * wire.SectorSize
-	v.syncDone += rq.count
-	// Regions written while this read was out: read them again.
-	again := roaring.New()
-	again.AddRange(rq.first, rq.first+rq.count)
-	again.And(v.stale)
-	v.stale.AndNot(again)
-	v.need.Or(again)
+	if err := c.submit(recs...); err != nil {
+		return fmt.Errorf("volume %s: journal remote read: %w", v.name, err)
+	}
 	return nil
 }
 
@@ -1398,13 +1693,96 @@ func (c *hubConn) pump() error {
 		vols = append(vols, v)
 	}
 	slices.SortFunc(vols, func(a, b *hubVolume) int { return int(a.id) - int(b.id) })
+	// The VM's resync set: opened when a resync is planned, closed when
+	// every region is journaled; until then the newest consistent point
+	// stays the one before it.
+	work, waiting, mirrored := len(c.deferred) > 0, false, false
+	for _, v := range vols {
+		if !v.mirror {
+			continue
+		}
+		mirrored = true
+		work = work || !v.need.IsEmpty() || !v.inRead.IsEmpty()
+		waiting = waiting || v.waitingInitial
+	}
+	if c.group && mirrored && !c.groupConsistent {
+		work = true
+	}
+	var mark *journal.Record
+	switch {
+	case work && !c.vm.resync:
+		mark = &journal.Record{Kind: journal.KindResyncBegin}
+		c.vm.resync = true
+		var bytes uint64
+		for _, v := range vols {
+			bytes += (v.need.GetCardinality() + v.inRead.GetCardinality()) * uint64(h.cfg.RegionSectors) * wire.SectorSize
+		}
+		c.log.Warn("resync set opened: the newest consistent point stays the one before it until it completes",
+			"resync_bytes", bytes, "consistent_point", c.vm.j.Newest().Seq)
+	case !work && !waiting && c.vm.resync:
+		mark = &journal.Record{Kind: journal.KindResyncEnd}
+		c.vm.resync = false
+		c.log.Info("resync set complete: a new consistent point")
+	}
+	if mark != nil {
+		// Submitted under h.mu: nothing may slip between the decision
+		// and the record. Submit does not block on the store.
+		if err := c.submit(*mark); err != nil {
+			h.mu.Unlock()
+			return fmt.Errorf("journal resync mark: %w", err)
+		}
+		if mark.Kind == journal.KindResyncEnd && len(c.ckpts) > 0 {
+			for _, n := range c.ckpts {
+				err := c.submit(journal.Record{Kind: journal.KindCheckpoint, Checkpoint: n})
+				if errors.Is(err, journal.ErrInvalid) {
+					c.log.Warn("checkpoint refused", "checkpoint", n, "err", err)
+				} else if err != nil {
+					h.mu.Unlock()
+					return fmt.Errorf("journal checkpoint: %w", err)
+				}
+			}
+			c.ckpts = nil
+		}
+		if mark.Kind == journal.KindResyncEnd {
+			// Protecting only once the set's end is durable: wake the
+			// engine then.
+			p := c.lastPending
+			c.endPending = p
+			go func() {
+				select {
+				case <-p.Done():
+					c.poke()
+				case <-c.done:
+				}
+			}()
+		}
+	}
+	if c.endPending != nil {
+		select {
+		case <-c.endPending.Done():
+			c.endPending = nil
+		default:
+		}
+	}
+	if !c.vm.resync && !waiting && mirrored && c.endPending == nil {
+		c.vm.currentAt = time.Now()
+	}
 	for _, v := range vols {
 		if !v.mirror || v.waitingInitial || v.state == StateFailoverTest {
 			continue
 		}
 		chunk := uint64(h.cfg.SyncChunkSectors / h.cfg.RegionSectors)
-		for v.reads < h.cfg.SyncWindow && len(c.reqs) < maxReadsPerConn && !v.need.IsEmpty() && v.readErrors < 5 {
-			first, count := nextRun(v.need, v.cursor, chunk)
+		cand := v.need
+		if !v.held.IsEmpty() && !v.need.IsEmpty() {
+			// A region a deferred write waits on is read only after
+			// that write is journaled.
+			cand = roaring.AndNot(v.need, v.held)
+		}
+		for v.reads < h.cfg.SyncWindow && len(c.reqs) < maxReadsPerConn && !cand.IsEmpty() && v.readErrors < 5 {
+			first, count := nextRun(cand, v.cursor, chunk)
+			if cand != v.need {
+				cand.RemoveRange(first, first+count)
+			}
 			v.need.RemoveRange(first, first+count)
 			v.inRead.AddRange(first, first+count)
 			v.cursor = first + count
@@ -1422,7 +1800,7 @@ func (c *hubConn) pump() error {
 				v.log.Error("sync stalled: remote reads keep failing; retrying after the next reconnect")
 			}
 		}
-		if v.state == StateSyncing && v.need.IsEmpty() && v.inRead.IsEmpty() {
+		if v.state == StateSyncing && v.need.IsEmpty() && v.inRead.IsEmpty() && !c.vm.resync && c.endPending == nil {
 			v.syncTotal, v.syncDone = 0, 0
 			v.st.Synced = true
 			v.changed = true
@@ -1456,20 +1834,20 @@ func nextRun(bm *roaring.Bitmap, cursor, maxLen uint64) (first, count uint64) {
 	return first, count
 }
 
-// checkpoint makes applied data durable, saves changed volume states and
-// acknowledges what they cover.
+// checkpoint saves changed volume states once the journal holds
+// everything submitted before (a region leaves the saved list of regions
+// to read only when its data is durable), then queues the acknowledgement.
 func (c *hubConn) checkpoint(ack bool) error {
 	h := c.h
 	type save struct {
-		v  *hubVolume
-		st volState
-		f  replicaFile
-		fs bool
+		v      *hubVolume
+		st     volState
+		mirror bool
 	}
 	var saves []save
 	h.mu.Lock()
 	for _, v := range c.byID {
-		if v.storeErr != nil || !v.changed && !v.wrote {
+		if v.storeErr != nil || !v.changed {
 			continue
 		}
 		if v.mirror {
@@ -1478,43 +1856,38 @@ func (c *hubConn) checkpoint(ack bool) error {
 			v.st.Need = wire.ExtentsOf(need)
 			v.st.AppliedSeq = v.applied
 			v.st.Protecting = v.state == StateProtecting
-			v.st.FailoverTest = v.state == StateFailoverTest
+			v.st.FailoverTest = false
 		}
-		saves = append(saves, save{v: v, st: v.st, f: v.file, fs: v.wrote})
+		saves = append(saves, save{v: v, st: v.st, mirror: v.mirror})
 		v.changed, v.wrote = false, false
 	}
 	h.mu.Unlock()
-	// The data first, then the state that says it is there: a volume
-	// whose fsync fails keeps its last durable state (storeFailed), and
-	// nothing is acknowledged.
+	if len(saves) > 0 && c.lastPending != nil {
+		if _, err := c.lastPending.Wait(context.Background()); err != nil {
+			c.failStore(err)
+			return fmt.Errorf("journal: %w", err)
+		}
+	}
 	var errs []error
 	for _, s := range saves {
-		var err error
-		if s.fs && s.f != nil {
-			if err = s.f.Datasync(); err != nil {
-				err = fmt.Errorf("fsync: %w", err)
-			}
+		if !s.mirror || s.st.Version == 0 {
+			continue
 		}
-		if err == nil && s.v.mirror && s.v.st.Version != 0 {
-			if err = saveState(s.v.statePath, &s.st); err != nil {
-				err = fmt.Errorf("save state: %w", err)
-			}
-		}
-		if err != nil {
+		if err := saveState(s.v.statePath, &s.st); err != nil {
 			h.mu.Lock()
-			h.storeFailed(s.v, err)
+			h.storeFailed(s.v, fmt.Errorf("save state: %w", err))
 			h.mu.Unlock()
-			errs = append(errs, fmt.Errorf("volume %s: %w", s.v.name, err))
+			errs = append(errs, fmt.Errorf("volume %s: save state: %w", s.v.name, err))
 		}
 	}
 	if len(errs) > 0 {
 		return errors.Join(errs...)
 	}
 	c.pending = false
+	c.mustSave = false
 	c.lastCkpt = time.Now()
-	if ack && c.lastSeq > c.ackedSeq {
-		c.ackedSeq = c.lastSeq
-		return c.write(&wire.WriteAck{Seq: c.lastSeq})
+	if ack {
+		return c.queueAck()
 	}
 	return nil
 }
@@ -1524,7 +1897,13 @@ func (c *hubConn) checkpoint(ack bool) error {
 func (c *hubConn) agentShutdown() error {
 	h := c.h
 	h.mu.Lock()
+	// Writes still waiting for a remote read are read again next time.
+	for _, d := range c.deferred {
+		d.v.need.Or(d.regions)
+	}
+	c.deferred = nil
 	for _, v := range c.byID {
+		v.held.Clear()
 		if v.mirror && !v.waitingInitial {
 			v.st.Clean = true
 			v.changed = true
@@ -1532,8 +1911,19 @@ func (c *hubConn) agentShutdown() error {
 	}
 	h.mu.Unlock()
 	c.pending = true
-	if err := c.checkpoint(true); err != nil {
+	if err := c.checkpoint(false); err != nil {
 		return err
+	}
+	if c.lastPending != nil {
+		if _, err := c.lastPending.Wait(context.Background()); err != nil {
+			c.failStore(err)
+			return fmt.Errorf("journal: %w", err)
+		}
+	}
+	if c.lastSeq > 0 {
+		if err := c.send(&wire.WriteAck{Seq: c.lastSeq}); err != nil {
+			return err
+		}
 	}
 	c.shutdown = true
 	c.log.Info("agent shut down cleanly")
@@ -1573,6 +1963,79 @@ type VMStatus struct {
 	// GroupConsistent: their replicas hold a prefix of its write order.
 	Group           bool `json:"group,omitempty"`
 	GroupConsistent bool `json:"group-consistent,omitempty"`
+	// Journal is the VM's write journal: its newest consistent point
+	// and the recovery window (nil before the VM's first connection).
+	Journal *JournalStatus `json:"journal,omitempty"`
+	// Promoted: repagent-hub promote made the recovery volumes the
+	// sources; the agent is refused and nothing more is applied.
+	Promoted bool `json:"promoted,omitempty"`
+}
+
+// JournalStatus is a VM's journal in the hub's status.
+type JournalStatus struct {
+	// ConsistentSeq and ConsistentTime name the newest consistent point:
+	// all the VM's volumes after one prefix of the agent's write order.
+	ConsistentSeq  uint64    `json:"consistent-seq"`
+	ConsistentTime time.Time `json:"consistent-time"`
+	// ConsistentAge is how far behind the source the newest consistent
+	// point may be, in seconds: 0 while the journal is known to hold
+	// every write of a connected agent; otherwise the time since the
+	// point's write, or since the hub last knew the journal current,
+	// whichever is later. It keeps growing while disconnected or
+	// resyncing.
+	ConsistentAge float64 `json:"consistent-age-seconds"`
+	// Resyncing: a resync set is open; the consistent point stays the
+	// one before it until every region is journaled.
+	Resyncing bool `json:"resyncing"`
+	// OldestSeq and OldestTime: the oldest recoverable point.
+	OldestSeq  uint64    `json:"oldest-seq"`
+	OldestTime time.Time `json:"oldest-time"`
+	// Bytes is the journal's unapplied size; AppliedSeq the point the
+	// replica images hold.
+	Bytes       int64    `json:"bytes"`
+	AppliedSeq  uint64   `json:"applied-seq"`
+	Checkpoints []string `json:"checkpoints"`
+	StoreError  string   `json:"store-error,omitempty"`
+	// Records and Commits count the records made durable and the group
+	// commits (one write and one fdatasync each) since the hub started.
+	Records uint64 `json:"records"`
+	Commits uint64 `json:"commits"`
+}
+
+// journalStatus reports vm's journal; h.mu held.
+func journalStatus(vm *hubVM, now time.Time) *JournalStatus {
+	if vm.j == nil {
+		return nil
+	}
+	st := vm.j.Stats()
+	js := &JournalStatus{ConsistentSeq: st.Newest.Seq, ConsistentTime: st.Newest.Time, Resyncing: vm.resync || st.InResync,
+		OldestSeq: st.Oldest.Seq, OldestTime: st.Oldest.Time, Bytes: st.Bytes, AppliedSeq: st.Applied.Seq, Checkpoints: []string{},
+		Records: st.Appends, Commits: st.Batches}
+	for _, cp := range vm.j.Checkpoints() {
+		js.Checkpoints = append(js.Checkpoints, cp.Name)
+	}
+	if err := errors.Join(st.Err, st.ApplyErr); err != nil {
+		js.StoreError = err.Error()
+	}
+	current := vm.conn != nil && !js.Resyncing && js.StoreError == ""
+	if current {
+		for _, v := range vm.vols {
+			if v.conn == vm.conn && v.mirror && (v.state != StateProtecting || len(v.conn.deferred) > 0) {
+				current = false
+			}
+		}
+	}
+	if current && !vm.currentAt.IsZero() {
+		vm.currentAt = now
+	}
+	since := st.Newest.Time
+	if vm.currentAt.After(since) {
+		since = vm.currentAt
+	}
+	if !since.IsZero() && !current {
+		js.ConsistentAge = max(0, now.Sub(since).Seconds())
+	}
+	return js
 }
 
 // Status returns every VM and volume, sorted by name.
@@ -1588,6 +2051,8 @@ func (h *Hub) Status() []VMStatus {
 		if vm.conn != nil {
 			s.Peer = vm.conn.nc.RemoteAddr().String()
 		}
+		s.Journal = journalStatus(vm, time.Now())
+		s.Promoted = vm.promoted
 		for _, v := range vm.vols {
 			if !v.mirror && v.st.Version == 0 && v.storeErr == nil {
 				continue // reported, never protected

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -196,21 +195,4 @@ func (f osReplica) ZeroRange(off, n int64) error {
 		n -= k
 	}
 	return nil
-}
-
-// preallocate reserves the whole image of size bytes. A file system
-// without fallocate is let through (its writes may still find no room);
-// one without room for the image is an error that says so.
-func preallocate(f replicaFile, size int64, log *slog.Logger) error {
-	err := f.Allocate(0, size)
-	switch {
-	case err == nil:
-		return nil
-	case errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS):
-		log.Warn("the store's file system cannot preallocate: the recovery volume stays sparse", "err", err)
-		return nil
-	case errors.Is(err, unix.ENOSPC) || errors.Is(err, unix.EDQUOT):
-		return fmt.Errorf("no room in the store for the recovery volume of %d bytes: %w", size, err)
-	}
-	return fmt.Errorf("preallocate %d bytes: %w", size, err)
 }

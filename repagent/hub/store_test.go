@@ -78,7 +78,7 @@ func TestStoreFsyncError(t *testing.T) {
 	stop := make(chan struct{})
 	wait := r.RunWritersPaced(stop, 2*time.Millisecond, a)
 	st := waitState(t, r, "root", hub.StateStoreError)
-	if !strings.Contains(st.StoreError, "fsync") || st.StoreErrors == 0 {
+	if !strings.Contains(st.StoreError, "sync") || st.StoreErrors == 0 {
 		t.Errorf("store error %q, %d errors", st.StoreError, st.StoreErrors)
 	}
 	if e, ok := events.find("root", hub.StateStoreError); !ok || !strings.Contains(e.Reason, "input/output error") {
@@ -110,28 +110,27 @@ func TestStoreFsyncError(t *testing.T) {
 	r.CheckIdentical(a)
 }
 
-// TestStorePreallocates: a new recovery volume is allocated in full; a
-// store without room for it puts that volume (only) in store-error with
-// a clear reason, without dropping the agent's connection, until there is
-// room.
-func TestStorePreallocates(t *testing.T) {
+// TestStoreNoSpace: the replica images are preallocated; a journal
+// write that fails with ENOSPC puts the VM's volumes (one journal holds
+// them all) in store-error with the reason, nothing more is acknowledged,
+// and once there is room again protection resumes and the replicas end
+// identical. (Before the journal, only the volume whose image could not
+// be allocated was affected and the link stayed up; the journal is per
+// VM, so now the VM's connection ends and the agent reconnects.)
+func TestStoreNoSpace(t *testing.T) {
 	var store hub.FaultyStore
-	store.Match = "data.img"
 	r := reptest.New(t)
 	store.Install(&r.HubCfg)
-	r.HubCfg.StoreRetry = 200 * time.Millisecond
-	hub.Fail(&store.AllocateErr, syscall.ENOSPC)
 	r.StartHub()
 	a := r.AddVolume("root", 8<<20)
 	b := r.AddVolume("data", 4<<20)
 	b.Model = reptest.Pattern(9, 4<<20)
 	os.WriteFile(b.Backing, b.Model, 0o600)
 	r.StartAgent(reptest.ProtectAll(a, b))
-	st := waitState(t, r, "data", hub.StateStoreError)
-	if !strings.Contains(st.StoreError, "no room in the store for the recovery volume of 4194304 bytes") {
-		t.Errorf("store error %q", st.StoreError)
+	r.WaitProtected(20*time.Second, a, b)
+	if err := r.Hub.ApplyNow("vm1"); err != nil {
+		t.Fatal(err)
 	}
-	waitState(t, r, "root", hub.StateProtecting)
 	fi, err := os.Stat(filepath.Join(r.HubCfg.Store, "vm1", "root.img"))
 	if err != nil {
 		t.Fatal(err)
@@ -139,14 +138,28 @@ func TestStorePreallocates(t *testing.T) {
 	if alloc := fi.Sys().(*syscall.Stat_t).Blocks * 512; alloc < a.Size {
 		t.Errorf("replica of %d bytes has %d bytes allocated, want it preallocated", a.Size, alloc)
 	}
-	time.Sleep(time.Second) // a few retries
-	if got := r.HubVolumes()["data"]; got.State != hub.StateStoreError || got.StoreErrors < 2 {
-		t.Errorf("data: %s after %d store errors, want store-error retried", got.State, got.StoreErrors)
+	hub.Fail(&store.AllocateErr, syscall.ENOSPC)
+	stop := make(chan struct{})
+	wait := r.RunWritersPaced(stop, 2*time.Millisecond, a, b)
+	for _, v := range []string{"root", "data"} {
+		st := waitState(t, r, v, hub.StateStoreError)
+		if !strings.Contains(st.StoreError, "no space left on device") {
+			t.Errorf("%s: store error %q", v, st.StoreError)
+		}
 	}
-	if c := r.Agent.Status().Connects; c != 1 {
-		t.Errorf("the agent connected %d times: a full store must not cut the link", c)
+	acked := r.Agent.Status()
+	time.Sleep(300 * time.Millisecond)
+	if got := r.HubVolumes()["root"]; got.State != hub.StateStoreError {
+		t.Errorf("root: %s while the store is full", got.State)
+	}
+	// Nothing is acknowledged while the journal cannot write.
+	if now := r.Agent.Status().Acked; now != acked.Acked {
+		t.Errorf("the hub acknowledged up to %d after the store error (was %d)", now, acked.Acked)
 	}
 	hub.Fail(&store.AllocateErr, nil)
-	r.WaitProtected(20*time.Second, a, b)
+	close(stop)
+	wait()
+	r.WaitProtected(30*time.Second, a, b)
 	r.CheckIdentical(a, b)
+	t.Logf("agent before healing: %+v", acked.Volumes)
 }

@@ -54,12 +54,13 @@ const (
 	CmdDirtyMap       Cmd = 10 // regions changed and not mirrored
 	CmdHeartbeat      Cmd = 11 // both ways: liveness; the agent's carries its backlog
 	CmdGroupState     Cmd = 12 // agent → hub: whether a consistency group's replicas are a prefix of its write order
-	maxCmd                = CmdGroupState
+	CmdCheckpoint     Cmd = 13 // agent → hub: a named point in the write stream of all the VM's volumes
+	maxCmd                = CmdCheckpoint
 )
 
 var cmdNames = [...]string{"", "HELLO", "PROTECTED_WRITE", "REPORT_VM_VOLUMES", "START_PROTECT",
 	"REMOTE_IO_REQ", "REMOTE_IO_RES", "AGENT_SHUTDOWN", "STOP_PROTECT", "WRITE_ACK", "DIRTY_MAP", "HEARTBEAT",
-	"GROUP_STATE"}
+	"GROUP_STATE", "CHECKPOINT"}
 
 // String returns the command's protocol name.
 func (c Cmd) String() string {
@@ -385,6 +386,43 @@ func (m *GroupState) encode(b []byte) ([]byte, uint16, uint64, [][]byte) {
 	return b, flagIf(m.Consistent, FlagConsistent), m.Seq, nil
 }
 
+// MaxCheckpointName is the longest checkpoint name, in bytes.
+const MaxCheckpointName = 64
+
+// Checkpoint names a point in the agent's write stream (the state of all
+// its volumes after every frame before it). It takes a sequence number
+// from the PROTECTED_WRITE series, so it is ordered with the writes and
+// WRITE_ACK covers it. The name is 1 to MaxCheckpointName bytes of ASCII
+// letters, digits, '.', '_' and '-'.
+type Checkpoint struct {
+	Seq  uint64
+	Name string
+}
+
+// Cmd implements Message.
+func (*Checkpoint) Cmd() Cmd { return CmdCheckpoint }
+
+func (m *Checkpoint) encode(b []byte) ([]byte, uint16, uint64, [][]byte) {
+	return appendName(b, m.Name), 0, m.Seq, nil
+}
+
+// CheckCheckpointName checks a checkpoint name.
+func CheckCheckpointName(s string) error {
+	if s == "" || len(s) > MaxCheckpointName {
+		return fmt.Errorf("must be 1 to %d bytes", MaxCheckpointName)
+	}
+	if s == "." || s == ".." {
+		return errors.New("not a valid name")
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return fmt.Errorf("contains %q: only letters, digits, '.', '_' and '-'", c)
+		}
+	}
+	return nil
+}
+
 // Cmd implements Message.
 func (*Hello) Cmd() Cmd { return CmdHello }
 
@@ -703,7 +741,7 @@ func Decode(f Frame) (Message, error) {
 		return nil, Malformed("%s: unknown flags %#x", f.Cmd, bad)
 	}
 	switch f.Cmd {
-	case CmdProtectedWrite, CmdRemoteIOReq, CmdRemoteIORes, CmdDirtyMap, CmdGroupState:
+	case CmdProtectedWrite, CmdRemoteIOReq, CmdRemoteIORes, CmdDirtyMap, CmdGroupState, CmdCheckpoint:
 		if f.Seq == 0 {
 			return nil, Malformed("%s: sequence number 0", f.Cmd)
 		}
@@ -877,6 +915,20 @@ func Decode(f Frame) (Message, error) {
 		return m, d.end()
 	case CmdGroupState:
 		return &GroupState{Seq: f.Seq, Consistent: f.Flags&FlagConsistent != 0}, d.end()
+	case CmdCheckpoint:
+		n := int(d.u16("checkpoint name length"))
+		if d.err == nil && n > MaxCheckpointName {
+			return nil, Malformed("%s: checkpoint name of %d bytes, at most %d", f.Cmd, n, MaxCheckpointName)
+		}
+		b := d.bytes(n, "checkpoint name")
+		if d.err != nil {
+			return nil, d.err
+		}
+		m := &Checkpoint{Seq: f.Seq, Name: string(b)}
+		if err := CheckCheckpointName(m.Name); err != nil {
+			return nil, Malformed("%s: checkpoint name %q: %v", f.Cmd, m.Name, err)
+		}
+		return m, d.end()
 	}
 	return nil, Malformed("unknown command %d", uint8(f.Cmd))
 }

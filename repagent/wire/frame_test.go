@@ -41,6 +41,7 @@ func sampleMessages() []Message {
 		&Hello{MaxVersion: 1, Session: 7, Name: "vm", Group: true},
 		&GroupState{Seq: 13, Consistent: true},
 		&GroupState{Seq: 14},
+		&Checkpoint{Seq: 15, Name: "before-upgrade.1"},
 	}
 }
 
@@ -210,6 +211,12 @@ func TestFrameValidation(t *testing.T) {
 		{"res short data", frame(CmdRemoteIORes, 0, 1, payload(uint64(1), uint32(0), uint32(2), sec)), "payload ends in data"},
 		{"res data on zero", frame(CmdRemoteIORes, FlagZero, 1, payload(uint64(1), uint32(0), uint32(1), sec)), "trailing"},
 		{"shutdown payload", frame(CmdAgentShutdown, 0, 0, []byte{1}), "trailing"},
+		{"checkpoint seq 0", frame(CmdCheckpoint, 0, 0, payload(uint16(1), "a")), "sequence number 0"},
+		{"checkpoint empty", frame(CmdCheckpoint, 0, 1, payload(uint16(0))), "must be 1 to 64"},
+		{"checkpoint long", frame(CmdCheckpoint, 0, 1, payload(uint16(65), strings.Repeat("a", 65))), "at most 64"},
+		{"checkpoint slash", frame(CmdCheckpoint, 0, 1, payload(uint16(3), "a/b")), "only letters"},
+		{"checkpoint short", frame(CmdCheckpoint, 0, 1, payload(uint16(5), "ab")), "payload ends in checkpoint name"},
+		{"checkpoint flags", frame(CmdCheckpoint, 1, 1, payload(uint16(1), "a")), "unknown flags"},
 		{"stop volume 0", frame(CmdStopProtect, 0, 0, payload(uint64(0))), "volume id 0"},
 		{"ack payload", frame(CmdWriteAck, 0, 1, []byte{1}), "trailing"},
 		{"dirty region size", frame(CmdDirtyMap, 0, 1, payload(uint64(1), uint32(100), uint32(0))), "power of two"},

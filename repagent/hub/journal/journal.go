@@ -67,6 +67,12 @@ type Options struct {
 	// slog.Default().
 	Logger *slog.Logger
 
+	// FaultHook, when set (tests of the journal's users), is called
+	// before each store operation as inject is; its error is returned
+	// instead of doing the operation. ops: "segment-write",
+	// "segment-sync", "image-write", "image-sync", "state-write".
+	FaultHook func(op, path string) error
+
 	// inject, when set (tests), is called before each store operation and
 	// its error is returned instead of doing it. ops: "segment-write",
 	// "segment-sync", "image-write", "image-sync", "state-write".
@@ -186,6 +192,9 @@ func Open(dir string, opts Options) (*Journal, error) {
 	}
 	if opts.ApplyInterval <= 0 {
 		opts.ApplyInterval = 100 * time.Millisecond
+	}
+	if opts.inject == nil {
+		opts.inject = opts.FaultHook
 	}
 	if opts.Retain < 0 || opts.MaxBytes < 0 {
 		return nil, fmt.Errorf("journal options: negative retain %v or max bytes %d", opts.Retain, opts.MaxBytes)

@@ -18,6 +18,7 @@ import (
 
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/repagent/hub"
+	"github.com/vhostdm/vhostdm/repagent/hub/journal"
 	_ "github.com/vhostdm/vhostdm/targets" // linear, for the test devices
 	"github.com/vhostdm/vhostdm/vhost"
 )
@@ -30,12 +31,13 @@ type Export struct {
 	Sectors uint64 `json:"sectors"`
 }
 
-// Start serves the recovery volumes of vm as writable vhost-user-blk
-// exports with sockets in dir (VOLUME.sock); see [hub.Hub.FailoverTest]
-// for which volumes qualify and what happens to the replicas meanwhile.
-func Start(h *hub.Hub, vm, dir string, log *slog.Logger) ([]Export, error) {
+// Start serves the recovery volumes of vm, materialised at the consistent
+// point sel selects (copies in dir/point; the live replicas are never
+// served), as writable vhost-user-blk exports with sockets in dir
+// (VOLUME.sock); see [hub.Hub.FailoverTestAt].
+func Start(h *hub.Hub, vm, dir string, sel journal.Selector, log *slog.Logger) ([]Export, error) {
 	var out []Export
-	err := h.FailoverTest(vm, dir, func(vm string, vols []hub.TestVolume) (io.Closer, error) {
+	err := h.FailoverTestAt(vm, dir, sel, func(vm string, vols []hub.TestVolume) (io.Closer, error) {
 		s, exps, err := serve(vm, vols, dir, log)
 		out = exps
 		return s, err

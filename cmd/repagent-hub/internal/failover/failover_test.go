@@ -2,6 +2,8 @@ package failover_test
 
 import (
 	"bytes"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -10,6 +12,7 @@ import (
 	"github.com/vhostdm/vhostdm/cmd/repagent-hub/internal/failover"
 	"github.com/vhostdm/vhostdm/internal/reptest"
 	"github.com/vhostdm/vhostdm/repagent/hub"
+	"github.com/vhostdm/vhostdm/repagent/hub/journal"
 )
 
 // TestFailoverTest: the hub serves the replica to a test VM (a vhost
@@ -27,17 +30,22 @@ func TestFailoverTest(t *testing.T) {
 	wait()
 	r.WaitProtected(20*time.Second, a)
 	dir := t.TempDir()
-	exps, err := failover.Start(r.Hub, "vm1", dir, reptest.Logger())
+	if err := r.Hub.ApplyNow("vm1"); err != nil {
+		t.Fatal(err)
+	}
+	live := filepath.Join(r.HubCfg.Store, "vm1", "root.img")
+	exps, err := failover.Start(r.Hub, "vm1", dir, journal.Newest(), reptest.Logger())
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(exps) != 1 || exps[0].Volume != "root" || exps[0].Sectors != uint64(a.Size/512) {
 		t.Fatalf("exports %+v", exps)
 	}
-	if st := r.HubVolumes()["root"]; st.State != hub.StateFailoverTest {
+	// The test runs on a materialised copy: protection goes on.
+	if st := r.HubVolumes()["root"]; st.State != hub.StateProtecting {
 		t.Errorf("state %s during the test", st.State)
 	}
-	if _, err := failover.Start(r.Hub, "vm1", dir, reptest.Logger()); err == nil {
+	if _, err := failover.Start(r.Hub, "vm1", dir, journal.Newest(), reptest.Logger()); err == nil {
 		t.Errorf("a second failover test started")
 	}
 	// The source moves on; the test VM sees the replica as it was.
@@ -64,6 +72,10 @@ func TestFailoverTest(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.Close()
+	// The test VM's write reached its copy, never the live replica.
+	if now, err := os.ReadFile(live); err != nil || bytes.Equal(now[:64<<10], reptest.Pattern(99, 64<<10)) {
+		t.Errorf("the test VM's write reached the live replica (%v)", err)
+	}
 	close(stop)
 	wait()
 	if err := failover.Stop(r.Hub, "vm1"); err != nil {
