@@ -60,7 +60,16 @@ type ExportConfig struct {
 	// are known to be fast (zero, page-cached files). Flushes, discards
 	// and write-zeroes always go to workers.
 	Inline time.Duration
+
+	// NegotiationTimeout is how long a new front end has to complete
+	// negotiation (send SET_OWNER, as QEMU does right after connecting)
+	// before the connection is closed, and how long the rest of a message
+	// may take once its first byte arrived. Zero: 10 s; negative: none.
+	NegotiationTimeout time.Duration
 }
+
+// DefaultNegotiationTimeout is ExportConfig.NegotiationTimeout's default.
+const DefaultNegotiationTimeout = 10 * time.Second
 
 // Limits of ExportConfig.
 const (
@@ -88,6 +97,7 @@ type Export struct {
 
 	mu      sync.Mutex
 	conn    *conn         // the connection being served, or nil
+	busy    chan struct{} // closed when conn's goroutine ends; nil if none
 	serving chan struct{} // closed when Serve returns; nil if not serving
 	cancel  func()        // unregisters the resize watcher
 }
@@ -131,6 +141,9 @@ func NewExport(cfg ExportConfig, dev Device) (*Export, error) {
 	}
 	cfg.Poll = tunable(cfg.Poll, "VHOSTDM_POLL", defaultPoll())
 	cfg.Inline = tunable(cfg.Inline, "VHOSTDM_INLINE", defaultInline)
+	if cfg.NegotiationTimeout == 0 {
+		cfg.NegotiationTimeout = DefaultNegotiationTimeout
+	}
 	if err := removeStaleSocket(cfg.Socket); err != nil {
 		return nil, fmt.Errorf("export %s: %w", cfg.ID, err)
 	}
@@ -219,6 +232,8 @@ func (e *Export) Serve(ctx context.Context) error {
 	e.serving = done
 	e.mu.Unlock()
 	defer close(done)
+	var conns sync.WaitGroup
+	defer conns.Wait()
 	stop := context.AfterFunc(ctx, func() { e.shutdown() })
 	defer stop()
 	for {
@@ -238,21 +253,13 @@ func (e *Export) Serve(ctx context.Context) error {
 			time.Sleep(10 * time.Millisecond)
 			continue
 		}
-		e.serveConn(uc)
+		e.admit(uc, &conns)
 	}
 }
 
-// serveConn serves one front end until it disconnects.
-func (e *Export) serveConn(uc *net.UnixConn) {
-	c := newConn(e, uc)
-	e.mu.Lock()
-	if e.closed.Load() {
-		e.mu.Unlock()
-		uc.Close()
-		return
-	}
-	e.conn = c
-	e.mu.Unlock()
+// serveConn serves one front end until it disconnects; admit made it the
+// export's connection.
+func (e *Export) serveConn(c *conn) {
 	e.connected.Store(true)
 	if e.cfg.OnConnect != nil {
 		e.cfg.OnConnect()
