@@ -1,5 +1,7 @@
 package qmp
 
+import "time"
+
 // ExportOptions are the settings of block-export-add for a vhost-user-blk
 // export, checked for syntax by the server before Exports.Add sees them.
 type ExportOptions struct {
@@ -13,6 +15,9 @@ type ExportOptions struct {
 	// of two from 512 to 2 MiB (default 512).
 	LogicalBlockSize uint32
 	Serial           string // the virtio-blk serial (GET_ID), "" for none
+	// NegotiationTimeout is vhost.ExportConfig's (zero: the default); set
+	// from the configuration file only.
+	NegotiationTimeout time.Duration
 }
 
 // ExportInfo is one entry of query-block-exports.

@@ -235,7 +235,6 @@ type blkReq struct {
 	statusGPA uint64
 	data      [][]byte
 	dataLen   uint64
-	ranges    [blkMaxDiscardSeg]blkRange
 	nranges   int
 	mreq      mapper.Request
 }
@@ -243,8 +242,9 @@ type blkReq struct {
 // chainBuf is the reusable memory of one request in flight: its chain's
 // translated segments and the data slices handed to the mapper.
 type chainBuf struct {
-	segs []seg
-	data [][]byte
+	segs   []seg
+	data   [][]byte
+	ranges [blkMaxDiscardSeg]blkRange
 }
 
 // maxChainBufs bounds the requests a queue has popped and not completed:
@@ -253,11 +253,6 @@ type chainBuf struct {
 // maxChainBufs * 64 KiB (16 MiB) whatever the chains look like
 // (docs/REFERENCE.md, "Limits"). It matches the worker pool.
 const maxChainBufs = maxWorkersPerRing
-
-// smallChainBuf is the capacity a buffer keeps when it goes back to the
-// pool: one grown by a long chain is trimmed so that the pool's memory
-// follows the usual chains, not the largest one seen.
-const smallChainBuf = blkSegMax + 4
 
 type blkRange struct {
 	sector  uint64
@@ -534,8 +529,7 @@ func (q *blkQueue) getBuf() *chainBuf {
 	}
 }
 
-// putBuf returns r's chain buffer to the pool, trimmed if a long chain
-// grew it.
+// putBuf returns r's chain buffer to the pool.
 func (q *blkQueue) putBuf(r *blkReq) {
 	b := r.buf
 	if b == nil {
@@ -543,12 +537,6 @@ func (q *blkQueue) putBuf(r *blkReq) {
 	}
 	r.buf = nil
 	b.segs, b.data = r.chain.segs[:0], r.data[:0]
-	if cap(b.segs) > smallChainBuf {
-		b.segs = nil
-	}
-	if cap(b.data) > smallChainBuf {
-		b.data = nil
-	}
 	r.chain.segs, r.data = nil, nil
 	r.mreq.Data = nil
 	q.pool <- b // never blocks: at most maxChainBufs exist
@@ -1077,7 +1065,7 @@ func (q *blkQueue) parseRanges(r *blkReq) (byte, error) {
 		if rg.sector > cap || uint64(rg.sectors) > cap-rg.sector {
 			return BlkStatusIOErr, fmt.Errorf("segment %d: %d sectors at %d beyond capacity %d", i, rg.sectors, rg.sector, cap)
 		}
-		r.ranges[i] = rg
+		r.buf.ranges[i] = rg
 	}
 	return BlkStatusOK, nil
 }
@@ -1110,7 +1098,7 @@ func (q *blkQueue) io(r *blkReq) (status byte, usedLen uint32) {
 	case BlkTypeDiscard, BlkTypeWriteZeroes:
 		usedLen = 1
 		for i := 0; i < r.nranges && err == nil; i++ {
-			rg := r.ranges[i]
+			rg := r.buf.ranges[i]
 			r.mreq = mapper.Request{Op: mapper.OpDiscard, Sector: rg.sector, Sectors: uint64(rg.sectors)}
 			if r.typ == BlkTypeWriteZeroes {
 				r.mreq.Op = mapper.OpWriteZeroes

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -849,6 +850,30 @@ func (c *conn) teardown() {
 	c.mu.Unlock()
 	if b != nil {
 		b.close()
+	}
+	c.releaseMemory()
+}
+
+// releaseMemory hands the memory of large rings back to the system once
+// the connection is gone: without it the Go runtime keeps the freed heap
+// until its next collection, which an idle daemon may not run for
+// minutes. It runs at most every 10 s per export, so that a front end
+// reconnecting in a loop cannot make the daemon collect all the time.
+func (c *conn) releaseMemory() {
+	var n uintptr
+	for _, q := range c.dev.queues {
+		n += uintptr(len(q.reqs)) * unsafe.Sizeof(blkReq{})
+		q.reqs = nil
+	}
+	if n < 4<<20 {
+		return
+	}
+	now, last := mono(), c.e.freedAt.Load()
+	if last != 0 && now-last < int64(10*time.Second) {
+		return
+	}
+	if c.e.freedAt.CompareAndSwap(last, now) {
+		debug.FreeOSMemory()
 	}
 }
 

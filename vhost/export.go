@@ -94,6 +94,7 @@ type Export struct {
 	connected atomic.Bool
 	closed    atomic.Bool
 	connSeq   atomic.Uint64
+	freedAt   atomic.Int64 // mono time of the last releaseMemory
 
 	mu      sync.Mutex
 	conn    *conn         // the connection being served, or nil

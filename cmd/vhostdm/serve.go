@@ -211,7 +211,8 @@ func startDaemon(ctx context.Context, c *config.Config, log *slog.Logger) (*daem
 	}
 	for _, e := range c.Exports {
 		o := qmp.ExportOptions{ID: e.ID, NodeName: e.Device, Socket: c.Path(e.Socket), Writable: e.Writable,
-			NumQueues: e.NumQueues, LogicalBlockSize: e.LogicalBlockSize, Serial: e.Serial}
+			NumQueues: e.NumQueues, LogicalBlockSize: e.LogicalBlockSize, Serial: e.Serial,
+			NegotiationTimeout: e.NegotiationWait}
 		if err := d.ex.Add(o); err != nil {
 			return fail(fmt.Errorf("%s: export %q: %w", c.File, e.ID, err))
 		}
@@ -339,8 +340,9 @@ func (s *exportSet) Add(o qmp.ExportOptions) error {
 	x, err := vhost.NewExport(vhost.ExportConfig{
 		ID: o.ID, Socket: o.Socket, NumQueues: o.NumQueues, Writable: o.Writable,
 		LogicalBlockSize: o.LogicalBlockSize, Serial: o.Serial,
-		Logger:    s.d.log,
-		OnConnect: connection(true), OnDisconnect: connection(false),
+		NegotiationTimeout: o.NegotiationTimeout,
+		Logger:             s.d.log,
+		OnConnect:          connection(true), OnDisconnect: connection(false),
 	}, vdev)
 	if err != nil {
 		if s.d.agent != nil {
