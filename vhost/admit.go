@@ -100,3 +100,40 @@ func (c *conn) goingAway() bool {
 	})
 	return hup || cerr != nil
 }
+
+// watchCaps reads what the table serves and follows reloads: a change is
+// logged and announced to the front end with a config change
+// (BACKEND_CONFIG_CHANGE_MSG), as a resize is. Virtio feature bits are
+// fixed for a connection, so the guest sees new bits when QEMU next
+// connects (it negotiates again); until then the operation the table no
+// longer serves completes with VIRTIO_BLK_S_UNSUPP.
+func (e *Export) watchCaps() {
+	tc := e.cfg.Table
+	if tc == nil {
+		e.discard.Store(true)
+		e.zeroes.Store(true)
+		return
+	}
+	d, z := tc.Discards()
+	e.discard.Store(d)
+	e.zeroes.Store(z)
+	cancelResize := e.cancel
+	cancelReload := tc.OnReload(func() {
+		d, z := tc.Discards()
+		od, oz := e.discard.Swap(d), e.zeroes.Swap(z)
+		if od == d && oz == z {
+			return
+		}
+		e.log.Info("table reloaded: discard support changed", "discard", d, "write_zeroes", z)
+		e.mu.Lock()
+		c := e.conn
+		e.mu.Unlock()
+		if c != nil {
+			c.configChanged()
+		}
+	})
+	e.cancel = func() {
+		cancelResize()
+		cancelReload()
+	}
+}

@@ -60,7 +60,12 @@ func (e *Export) blkFeatures() uint64 {
 	if e.readOnly {
 		f |= BlkFeatureRO
 	} else {
-		f |= BlkFeatureDiscard | BlkFeatureWriteZeroes
+		if e.discard.Load() {
+			f |= BlkFeatureDiscard
+		}
+		if e.zeroes.Load() {
+			f |= BlkFeatureWriteZeroes
+		}
 	}
 	return f
 }
@@ -999,6 +1004,11 @@ func (q *blkQueue) prepare(r *blkReq) (status byte, usedLen uint32, async bool) 
 	case BlkTypeDiscard, BlkTypeWriteZeroes:
 		if ro {
 			return BlkStatusIOErr, 1, false
+		}
+		// 5.2.6.2: an operation the device does not serve (any more:
+		// the table was reloaded) is UNSUPP, not IOERR.
+		if (r.typ == BlkTypeDiscard && !e.discard.Load()) || (r.typ == BlkTypeWriteZeroes && !e.zeroes.Load()) {
+			return BlkStatusUnsupp, 1, false
 		}
 		st, err := q.parseRanges(r)
 		if err != nil {

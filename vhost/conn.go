@@ -305,7 +305,15 @@ func (c *conn) exec(h Header, pl Payload, fds []int) (explicit bool, err error) 
 
 	case ReqSetFeatures:
 		v := uint64(pl.(U64))
-		if v&^e.blkFeatures() != 0 {
+		// A front end that negotiated discard or write-zeroes before a
+		// reload took them away (QEMU keeps the guest's features when it
+		// reconnects) may ask for them again: such requests then get
+		// UNSUPP.
+		acceptable := e.blkFeatures()
+		if !e.readOnly {
+			acceptable |= BlkFeatureDiscard | BlkFeatureWriteZeroes
+		}
+		if v&^acceptable != 0 {
 			return false, fmt.Errorf("features %#x not offered (offered %#x)", v, e.blkFeatures())
 		}
 		c.quiesce(func() {

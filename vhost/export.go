@@ -61,6 +61,13 @@ type ExportConfig struct {
 	// and write-zeroes always go to workers.
 	Inline time.Duration
 
+	// Table, when set, tells which of discard and write-zeroes the
+	// device's table serves, and when a reload may have changed that;
+	// *mapper.Device implements it. Writable exports offer
+	// VIRTIO_BLK_F_DISCARD and VIRTIO_BLK_F_WRITE_ZEROES only when the
+	// table serves them. Nil: both are offered.
+	Table TableCaps
+
 	// NegotiationTimeout is how long a new front end has to complete
 	// negotiation (send SET_OWNER, as QEMU does right after connecting)
 	// before the connection is closed, and how long the rest of a message
@@ -70,6 +77,15 @@ type ExportConfig struct {
 
 // DefaultNegotiationTimeout is ExportConfig.NegotiationTimeout's default.
 const DefaultNegotiationTimeout = 10 * time.Second
+
+// TableCaps is what an export asks of the table behind its device.
+type TableCaps interface {
+	// Discards reports whether the live table serves discards and
+	// write-zeroes.
+	Discards() (discard, writeZeroes bool)
+	// OnReload registers fn, called after a new table went live.
+	OnReload(fn func()) (cancel func())
+}
 
 // Limits of ExportConfig.
 const (
@@ -94,6 +110,8 @@ type Export struct {
 	connected atomic.Bool
 	closed    atomic.Bool
 	connSeq   atomic.Uint64
+	discard   atomic.Bool  // the table serves discards (see TableCaps)
+	zeroes    atomic.Bool  // the table serves write-zeroes
 	freedAt   atomic.Int64 // mono time of the last releaseMemory
 
 	mu      sync.Mutex
@@ -159,6 +177,7 @@ func NewExport(cfg ExportConfig, dev Device) (*Export, error) {
 	e := &Export{cfg: cfg, dev: dev, ln: ln, readOnly: !cfg.Writable || dev.ReadOnly(),
 		log: cfg.Logger.With("export", cfg.ID)}
 	e.cancel = dev.OnResize(e.resized)
+	e.watchCaps()
 	e.log.Info("export listening", "socket", cfg.Socket, "queues", cfg.NumQueues,
 		"logical_block_size", cfg.LogicalBlockSize, "readonly", e.readOnly)
 	return e, nil

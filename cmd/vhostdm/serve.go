@@ -341,6 +341,7 @@ func (s *exportSet) Add(o qmp.ExportOptions) error {
 		ID: o.ID, Socket: o.Socket, NumQueues: o.NumQueues, Writable: o.Writable,
 		LogicalBlockSize: o.LogicalBlockSize, Serial: o.Serial,
 		NegotiationTimeout: o.NegotiationTimeout,
+		Table:              dev,
 		Logger:             s.d.log,
 		OnConnect:          connection(true), OnDisconnect: connection(false),
 	}, vdev)
