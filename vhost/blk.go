@@ -99,6 +99,15 @@ func (d *blkDev) fault(err error) {
 	}
 }
 
+// describePanic names a recovered panic for the log: the address of a
+// memory fault, or the value and stack of anything else (a bug).
+func describePanic(p any) string {
+	if f, ok := p.(interface{ Addr() uintptr }); ok {
+		return fmt.Sprintf("memory fault at %#x", f.Addr())
+	}
+	return fmt.Sprintf("panic: %v\n%s", p, debug.Stack())
+}
+
 // isFault reports whether a recovered panic value is a memory fault that
 // debug.SetPanicOnFault turned into a panic (runtime errors that carry the
 // faulting address), as opposed to a bug such as a nil dereference.
@@ -465,7 +474,7 @@ func (q *blkQueue) run(done chan struct{}) {
 // panic left it unaccounted, is accounted. Nothing here touches shared
 // memory.
 func (q *blkQueue) ringPanicked(p any) {
-	q.dev.fault(fmt.Errorf("queue %d: ring goroutine: %v", q.index, p))
+	q.dev.fault(fmt.Errorf("queue %d: ring goroutine: %s", q.index, describePanic(p)))
 	if q.curSet {
 		q.account(&q.reqs[q.cur])
 		q.curSet = false
@@ -846,7 +855,7 @@ func (q *blkQueue) execute(r *blkReq) {
 	defer func() {
 		if p := recover(); p != nil {
 			if isFault(p) {
-				q.dev.fault(fmt.Errorf("queue %d: request %d: %v", q.index, r.chain.head, p))
+				q.dev.fault(fmt.Errorf("queue %d: request %d: %s", q.index, r.chain.head, describePanic(p)))
 				q.account(r)
 				return
 			}
@@ -863,7 +872,7 @@ func (q *blkQueue) execute(r *blkReq) {
 func (q *blkQueue) finishSafe(r *blkReq, status byte, usedLen uint32) {
 	defer func() {
 		if p := recover(); p != nil {
-			q.dev.fault(fmt.Errorf("queue %d: completing request %d: %v", q.index, r.chain.head, p))
+			q.dev.fault(fmt.Errorf("queue %d: completing request %d: %s", q.index, r.chain.head, describePanic(p)))
 			q.account(r)
 		}
 	}()

@@ -166,7 +166,7 @@ func (c *conn) handleSafe(h Header, p []byte, fds []int) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			c.dev.dead.Store(true)
-			err = connError{fmt.Errorf("%s: fault on memory the front end shares: %v", h.Code, r)}
+			err = connError{fmt.Errorf("%s: fault on memory the front end shares: %s", h.Code, describePanic(r))}
 		}
 	}()
 	return c.handle(h, p, fds)
