@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/vhostdm/vhostdm/mapper"
+	"golang.org/x/sys/unix"
 )
 
 // Virtio-blk request types (virtio 1.x, 5.2.6).
@@ -226,6 +227,7 @@ type blkQueue struct {
 	batch     []uint16
 	one       [8]byte
 	kbuf      [8]byte
+	kiov      [1][]byte // kbuf, for preadv2
 }
 
 type queueState int
@@ -448,6 +450,7 @@ func (q *blkQueue) run(done chan struct{}) {
 		}
 	}()
 	le.PutUint64(q.one[:], 1)
+	q.kiov[0] = q.kbuf[:]
 	for !q.stopReq.Load() && !q.dev.dead.Load() {
 		if q.enabled.Load() && !q.broken.Load() {
 			for len(q.resubmit) > 0 && !q.stopReq.Load() && !q.dev.dead.Load() {
@@ -578,7 +581,7 @@ func (q *blkQueue) waitKick() {
 		t.Stop()
 		return
 	}
-	_, err := q.kick.Read(q.kbuf[:])
+	err := q.readKick()
 	if err == nil {
 		return
 	}
@@ -589,6 +592,30 @@ func (q *blkQueue) waitKick() {
 		return
 	}
 	q.fail(fmt.Errorf("kick eventfd: %w", err))
+}
+
+// readKick reads the kick eventfd's counter, waiting in the poller until
+// it is non-zero or the read deadline (a nudge) passes. The read asks for
+// RWF_NOWAIT itself instead of relying on O_NONBLOCK, a flag of the file
+// description the front end shares and could clear to make the read block
+// in the kernel, where no nudge reaches it.
+func (q *blkQueue) readKick() error {
+	rc, err := q.kick.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var rerr error
+	err = rc.Read(func(fd uintptr) bool {
+		_, rerr = unix.Preadv2(int(fd), q.kiov[:], -1, unix.RWF_NOWAIT)
+		if rerr == unix.EOPNOTSUPP { // kernels before 5.12: eventfd without RWF_NOWAIT
+			_, rerr = unix.Read(int(fd), q.kbuf[:])
+		}
+		return rerr != unix.EAGAIN && rerr != unix.EINTR
+	})
+	if err != nil {
+		return err
+	}
+	return rerr
 }
 
 // drain pops every available chain and dispatches it, then re-arms the

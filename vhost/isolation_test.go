@@ -690,6 +690,33 @@ func TestIsolationNotEventfd(t *testing.T) {
 			d.checkHealthy()
 		})
 	}
+	t.Run("kick fd made blocking", func(t *testing.T) {
+		// O_NONBLOCK belongs to the file description the front end
+		// shares: cleared, a plain read of the kick fd would block in
+		// the kernel where no stop request reaches it.
+		h := dialHostile(t, d.hostile)
+		h.negotiate(0, 0)
+		a := newHRegion(t, 0, 1<<20)
+		h.memTable(a)
+		ring := newRing(t, 16, a, 0, a, ringEnd(16, 0))
+		h.setup(ring, true)
+		if err := unix.SetNonblock(ring.kick, false); err != nil {
+			t.Fatal(err)
+		}
+		ring.doKick()
+		time.Sleep(200 * time.Millisecond)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			h.must(ReqGetVringBase, VringState{Index: 0}, nil)
+		}()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatal("GET_VRING_BASE not answered: the queue is stuck reading its kick fd")
+		}
+		d.checkHealthy()
+	})
 	t.Run("full eventfd", func(t *testing.T) {
 		h := dialHostile(t, d.hostile)
 		h.negotiate(0, 0)

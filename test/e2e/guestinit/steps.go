@@ -3,6 +3,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -55,6 +56,8 @@ func runStep(name, diskArg string, p params) (rs []proto.Result) {
 		r = stepWriterCheck(disk, p)
 	case proto.StepResize:
 		r = stepResize(disk, p)
+	case proto.StepDiscardWatch:
+		r = stepDiscardWatch(disk, p)
 	case proto.StepFio:
 		return stepFio(disk, p, start)
 	default:
@@ -485,6 +488,36 @@ func stepWriterCheck(disk string, p params) proto.Result {
 // stepResize announces "ready", waits until the capacity changes, then
 // writes and verifies the pattern at the first, middle and last block of
 // the new space.
+func stepDiscardWatch(disk string, p params) proto.Result {
+	start := time.Now()
+	fd, err := openDisk(disk, unix.O_RDWR)
+	if err != nil {
+		return errResult(err)
+	}
+	defer unix.Close(fd)
+	const off, n = 1 << 20, 64 << 10
+	if err := blkRange(fd, blkDiscard, off, n); err != nil {
+		return proto.Result{Error: fmt.Sprintf("BLKDISCARD before the reload: %v", err)}
+	}
+	printLine(proto.ResultMarker, proto.Result{Step: proto.StepDiscardWatch, Disk: disk, Event: "ready", OK: true})
+	timeout := time.Duration(p.int(proto.ParamResizeTimeout, 60)) * time.Second
+	tries := int64(1)
+	for {
+		err := blkRange(fd, blkDiscard, off, n)
+		tries++
+		if errors.Is(err, unix.EOPNOTSUPP) {
+			return proto.Result{OK: true, Values: map[string]int64{"tries": tries, "wait_ms": since(start)}}
+		}
+		if err != nil {
+			return proto.Result{Error: fmt.Sprintf("BLKDISCARD: %v (%s), want success or EOPNOTSUPP", err, errnoName(err))}
+		}
+		if time.Since(start) > timeout {
+			return proto.Result{Error: fmt.Sprintf("discards still succeed after %v", timeout)}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
 func stepResize(disk string, p params) proto.Result {
 	start := time.Now()
 	old, err := sysInt(disk, "size")

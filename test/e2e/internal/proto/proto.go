@@ -75,6 +75,11 @@ const (
 	StepFio         = "fio"         // fio jobs, one result each
 	StepShell       = "shell"       // exec /bin/sh (busybox) on the console
 	StepSleep       = "sleep"       // sleep for the duration parameter
+	// StepDiscardWatch discards a range, reports event "ready", then
+	// discards it every 100 ms until the device answers "not supported"
+	// (the host reloaded the table onto targets that do not discard); any
+	// other error fails it.
+	StepDiscardWatch = "discardwatch"
 )
 
 // Fixed extents of the flush, discard and zeroes steps, relative to the
