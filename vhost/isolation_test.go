@@ -421,7 +421,6 @@ type hring struct {
 	uGPA         uint64
 	call, kick   int
 	availIdx     uint16
-	descAddr     func(gpa uint64) uint64
 	usedInRegion *hregion
 }
 

@@ -76,9 +76,9 @@ const (
 	StepShell       = "shell"       // exec /bin/sh (busybox) on the console
 	StepSleep       = "sleep"       // sleep for the duration parameter
 	// StepDiscardWatch discards a range, reports event "ready", then
-	// discards it every 100 ms until the device answers "not supported"
-	// (the host reloaded the table onto targets that do not discard); any
-	// other error fails it.
+	// discards it every 100 ms until the kernel logs that the device
+	// answered "operation not supported" (the host reloaded the table onto
+	// targets that do not discard); an I/O error fails it.
 	StepDiscardWatch = "discardwatch"
 )
 
