@@ -58,6 +58,11 @@ const (
 	// ParamModules lists the modules to load with their dependencies
 	// (virtio_pci,virtio_blk).
 	ParamModules = "modules"
+	// ParamWatchdog is how many seconds without a result line make the
+	// guest dump its blocked tasks (sysrq-w) and block queues to the
+	// console, to see where a hung request is; 0 turns it off (default
+	// 120).
+	ParamWatchdog = "watchdog"
 )
 
 // Steps the guest knows.
