@@ -606,11 +606,15 @@ func (q *blkQueue) readKick() error {
 	}
 	var rerr error
 	err = rc.Read(func(fd uintptr) bool {
-		_, rerr = unix.Preadv2(int(fd), q.kiov[:], -1, unix.RWF_NOWAIT)
-		if rerr == unix.EOPNOTSUPP { // kernels before 5.12: eventfd without RWF_NOWAIT
-			_, rerr = unix.Read(int(fd), q.kbuf[:])
+		for {
+			_, rerr = unix.Preadv2(int(fd), q.kiov[:], -1, unix.RWF_NOWAIT)
+			if rerr == unix.EOPNOTSUPP { // kernels before 5.12: eventfd without RWF_NOWAIT
+				_, rerr = unix.Read(int(fd), q.kbuf[:])
+			}
+			if rerr != unix.EINTR {
+				return rerr != unix.EAGAIN
+			}
 		}
-		return rerr != unix.EAGAIN && rerr != unix.EINTR
 	})
 	if err != nil {
 		return err

@@ -50,11 +50,8 @@ func TestDiscardCapability(t *testing.T) {
 	}
 	vm := startVM(t, e, harness.VMConfig{
 		Disks:  disksOf(cfg),
-		// The sleep lets the guest's watchdog (5 s without a result
-		// line) dump its block queues and blocked tasks once.
-		Steps: []string{proto.StepInfo, proto.StepSleep, proto.StepDiscardWatch + "@vda"},
-		Params: map[string]string{proto.ParamDisks: "2", proto.ParamResizeTimeout: "120",
-			proto.ParamDuration: "8", proto.ParamWatchdog: "5"},
+		Steps:  []string{proto.StepInfo, proto.StepDiscardWatch + "@vda"},
+		Params: map[string]string{proto.ParamDisks: "2", proto.ParamResizeTimeout: "120"},
 	})
 	// The info results come before the watch is ready.
 	infos := map[string]*proto.DiskInfo{}
@@ -65,16 +62,6 @@ func TestDiscardCapability(t *testing.T) {
 		return ev.Kind == harness.EventResult && ev.Result.Event == "ready"
 	}); err != nil {
 		t.Fatal(err)
-	}
-	// The hang diagnostics (issue 21, item 8) work on this guest: QEMU's
-	// view of the virtqueues, and the guest's watchdog dump.
-	if st := vm.VirtioState(); !strings.Contains(st, "virtio-blk") || !strings.Contains(st, "queue 0 vhost-queue-status") {
-		t.Errorf("QEMU's virtio state lacks the disks' queues:\n%s", st)
-	} else {
-		t.Logf("QEMU's virtio state:\n%s", st)
-	}
-	if c := vm.ConsoleTail(400); !strings.Contains(c, "watchdog: no result") || !strings.Contains(c, "watchdog: kernel:") {
-		t.Errorf("the guest's watchdog did not dump during the sleep step; console:\n%s", c)
 	}
 	out, err := exec.Command(bin, "ctl", "--qmp", cfg.QMP.Socket, "reload", "d0", "--table", raid5("b")).CombinedOutput()
 	if err != nil {
