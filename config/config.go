@@ -160,6 +160,12 @@ type Export struct {
 	LogicalBlockSize uint32 `toml:"logical-block-size"`
 	Serial           string `toml:"serial"`
 	SocketPerm
+	// NegotiationTimeout is how long a connecting front end has to
+	// complete negotiation before it is disconnected: a Go duration
+	// ("10s", the default; "0s" for none).
+	NegotiationTimeout string `toml:"negotiation-timeout"`
+	// NegotiationWait is NegotiationTimeout parsed; negative for none.
+	NegotiationWait time.Duration `toml:"-"`
 	// Replication (see RepAgent): protect mirrors the export's writes to
 	// the hub; fall-behind is the threshold past which mirroring becomes
 	// synchronous ("ios N", "size N[s|k|m|g|t|p|e]", "timeout N[s|m|h|d]",
@@ -509,6 +515,18 @@ func (c *Config) validate(v *validator) {
 		}
 		if len(e.Serial) > MaxSerialLen {
 			v.errAt(key+".serial", "%q: longer than %d bytes", e.Serial, MaxSerialLen)
+		}
+		e.NegotiationWait = 0
+		if e.NegotiationTimeout != "" {
+			d, err := time.ParseDuration(e.NegotiationTimeout)
+			switch {
+			case err != nil || d < 0:
+				v.errAt(key+".negotiation-timeout", "%q: want a duration such as \"10s\", or \"0s\" for none", e.NegotiationTimeout)
+			case d == 0:
+				e.NegotiationWait = -1
+			default:
+				e.NegotiationWait = d
+			}
 		}
 		if _, err := ParseFallBehind(e.FallBehind); err != nil {
 			v.errAt(key+".fall-behind", "%v", err)

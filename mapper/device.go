@@ -40,12 +40,13 @@ type Device struct {
 	inactive *Table
 	removed  bool
 	watchers map[int]func(oldSize, newSize uint64)
+	reloads  map[int]func()
 	nextW    int
 }
 
 func newDevice(m *Manager, name, uuid string, readOnly bool) *Device {
 	d := &Device{name: name, uuid: uuid, readOnly: readOnly, m: m,
-		log: m.log.With("device", name), watchers: map[int]func(uint64, uint64){}}
+		log: m.log.With("device", name), watchers: map[int]func(uint64, uint64){}, reloads: map[int]func(){}}
 	d.gateCond = sync.NewCond(&d.gateMu)
 	return d
 }
@@ -283,6 +284,11 @@ func (d *Device) Resume() error {
 		}
 		d.m.emit(Event{Device: d.name, Kind: EventResized, Data: map[string]any{"old-size": oldSize, "new-size": newSize}})
 	}
+	if swapped {
+		for _, w := range d.reloads {
+			w()
+		}
+	}
 	return nil
 }
 
@@ -307,6 +313,32 @@ func (d *Device) OnResize(fn func(oldSize, newSize uint64)) (cancel func()) {
 	return func() {
 		d.mu.Lock()
 		delete(d.watchers, id)
+		d.mu.Unlock()
+	}
+}
+
+// Discards reports whether the live table serves discards and
+// write-zeroes (Table.Discards); without a live table, neither.
+func (d *Device) Discards() (discard, writeZeroes bool) {
+	if t := d.live.Load(); t != nil {
+		return t.Discards()
+	}
+	return false, false
+}
+
+// OnReload registers fn to be called after a resume made a new table live
+// (what the table serves may have changed); the returned function
+// unregisters it. fn runs with the device's life-cycle lock held and must
+// not call back into the device's life cycle.
+func (d *Device) OnReload(fn func()) (cancel func()) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	id := d.nextW
+	d.nextW++
+	d.reloads[id] = fn
+	return func() {
+		d.mu.Lock()
+		delete(d.reloads, id)
 		d.mu.Unlock()
 	}
 }

@@ -183,6 +183,19 @@ func checkAreas(tg Target) error {
 // Size returns the table's size in sectors.
 func (t *Table) Size() uint64 { return t.ends[len(t.ends)-1] }
 
+// Discards reports whether every target of the table serves OpDiscard and
+// whether every one serves OpWriteZeroes (see Discarder).
+func (t *Table) Discards() (discard, writeZeroes bool) {
+	discard, writeZeroes = true, true
+	for _, tg := range t.targets {
+		if d, ok := tg.(Discarder); ok {
+			discard = discard && d.Discards()
+			writeZeroes = writeZeroes && d.WritesZeroes()
+		}
+	}
+	return discard, writeZeroes
+}
+
 // Lines returns the parsed lines of the table.
 func (t *Table) Lines() []Line { return t.lines }
 

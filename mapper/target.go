@@ -61,6 +61,19 @@ type Flusher interface {
 	Flush() error
 }
 
+// Discarder is a target that declares which of discard and write-zeroes
+// its Map serves, as the kernel's targets do with discards_supported,
+// num_discard_bios and num_write_zeroes_bios. A table serves an operation
+// only if every target does (Table.Discards), and an export offers it to
+// the guest only then. Targets without Discarder serve both, passing them
+// to their backends.
+type Discarder interface {
+	// Discards reports whether Map serves OpDiscard.
+	Discards() bool
+	// WritesZeroes reports whether Map serves OpWriteZeroes.
+	WritesZeroes() bool
+}
+
 // AreaLister is a target that lists the backend areas it uses so that the
 // table can check each area fits its backend ("too small for target").
 type AreaLister interface {

@@ -1,6 +1,9 @@
 package qmp
 
-import "io/fs"
+import (
+	"io/fs"
+	"time"
+)
 
 // ExportOptions are the settings of block-export-add for a vhost-user-blk
 // or NBD export, checked for syntax by the server before Exports.Add sees
@@ -34,6 +37,9 @@ type ExportOptions struct {
 	// ownership and mode, checked by the server.
 	SocketOwner, SocketGroup string
 	SocketMode               fs.FileMode
+	// NegotiationTimeout is vhost.ExportConfig's (zero: the default); set
+	// from the configuration file only.
+	NegotiationTimeout time.Duration
 }
 
 // ExportInfo is one entry of query-block-exports.

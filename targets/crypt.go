@@ -220,6 +220,12 @@ func (t *cryptTarget) setKey(key []byte) error {
 	return nil
 }
 
+// Discards implements mapper.Discarder: only with allow_discards, as dm-crypt.
+func (t *cryptTarget) Discards() bool { return t.discards }
+
+// WritesZeroes implements mapper.Discarder.
+func (t *cryptTarget) WritesZeroes() bool { return true }
+
 func (t *cryptTarget) Map(r *mapper.Request) error {
 	sector := t.offset + r.Sector
 	switch r.Op {

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/vhostdm/vhostdm/mapper"
+	"golang.org/x/sys/unix"
 )
 
 // Virtio-blk request types (virtio 1.x, 5.2.6).
@@ -60,7 +61,12 @@ func (e *Export) blkFeatures() uint64 {
 	if e.readOnly {
 		f |= BlkFeatureRO
 	} else {
-		f |= BlkFeatureDiscard | BlkFeatureWriteZeroes
+		if e.discard.Load() {
+			f |= BlkFeatureDiscard
+		}
+		if e.zeroes.Load() {
+			f |= BlkFeatureWriteZeroes
+		}
 	}
 	return f
 }
@@ -73,6 +79,42 @@ type blkDev struct {
 	queues    []*blkQueue
 	writeback atomic.Bool // config writeback (CONFIG_WCE); true: writeback cache
 	features  atomic.Uint64
+
+	// dead is set when a goroutine faulted on memory the front end shares
+	// (guest memory, the dirty log): from then on nothing touches that
+	// memory again, requests still in flight complete without a used
+	// element (dropped counts them), and onFault disconnects the front end.
+	dead    atomic.Bool
+	dropped atomic.Uint64
+	onFault func(err error)
+}
+
+// fault makes the device dead after a fault on shared memory (or a panic
+// on a goroutine that walks the rings) and disconnects the front end.
+func (d *blkDev) fault(err error) {
+	if d.dead.Swap(true) {
+		return
+	}
+	if d.onFault != nil {
+		d.onFault(err)
+	}
+}
+
+// describePanic names a recovered panic for the log: the address of a
+// memory fault, or the value and stack of anything else (a bug).
+func describePanic(p any) string {
+	if f, ok := p.(interface{ Addr() uintptr }); ok {
+		return fmt.Sprintf("memory fault at %#x", f.Addr())
+	}
+	return fmt.Sprintf("panic: %v\n%s", p, debug.Stack())
+}
+
+// isFault reports whether a recovered panic value is a memory fault that
+// debug.SetPanicOnFault turned into a panic (runtime errors that carry the
+// faulting address), as opposed to a bug such as a nil dereference.
+func isFault(p any) bool {
+	_, ok := p.(interface{ Addr() uintptr })
+	return ok
 }
 
 func newBlkDev(e *Export, log *slog.Logger) *blkDev {
@@ -144,8 +186,14 @@ type blkQueue struct {
 	done     chan struct{} // closed when the ring goroutine exits
 	work     chan *blkReq
 	reqs     []blkReq // by head descriptor index
-	heads    []uint16
 	nworkers int
+	// pool holds the chain buffers (translated segments, data slices) of
+	// the requests in flight: at most maxChainBufs per queue, reused, so
+	// that the queue's memory does not depend on the chains' shape.
+	pool   chan *chainBuf
+	nbufs  int
+	cur    uint16 // head being dispatched by the ring goroutine, if curSet
+	curSet bool
 
 	call    atomic.Pointer[os.File]
 	errf    atomic.Pointer[os.File]
@@ -179,6 +227,7 @@ type blkQueue struct {
 	batch     []uint16
 	one       [8]byte
 	kbuf      [8]byte
+	kiov      [1][]byte // kbuf, for preadv2
 }
 
 type queueState int
@@ -192,7 +241,9 @@ const (
 // blkReq is one request in flight, kept per head descriptor index so that
 // the hot path does not allocate.
 type blkReq struct {
-	busy      atomic.Bool
+	busy      atomic.Bool // popped and not yet in the used ring
+	owed      atomic.Bool // counted in active and depth
+	buf       *chainBuf   // from the queue's pool while in flight
 	chain     chain
 	typ       uint32
 	sector    uint64
@@ -200,10 +251,24 @@ type blkReq struct {
 	statusGPA uint64
 	data      [][]byte
 	dataLen   uint64
-	ranges    [blkMaxDiscardSeg]blkRange
 	nranges   int
 	mreq      mapper.Request
 }
+
+// chainBuf is the reusable memory of one request in flight: its chain's
+// translated segments and the data slices handed to the mapper.
+type chainBuf struct {
+	segs   []seg
+	data   [][]byte
+	ranges [blkMaxDiscardSeg]blkRange
+}
+
+// maxChainBufs bounds the requests a queue has popped and not completed:
+// each holds a chainBuf of up to maxSegments segments (40 B) and data
+// slices (24 B), 64 KiB at most, so a queue's chain memory stays under
+// maxChainBufs * 64 KiB (16 MiB) whatever the chains look like
+// (docs/REFERENCE.md, "Limits"). It matches the worker pool.
+const maxChainBufs = maxWorkersPerRing
 
 type blkRange struct {
 	sector  uint64
@@ -270,8 +335,14 @@ func (q *blkQueue) start(mem *Mem, features uint64, dlog *dirtyLog, inf *infligh
 	}
 	if len(q.reqs) != int(q.num) {
 		q.reqs = make([]blkReq, q.num)
-		q.heads = make([]uint16, 0, q.num)
 	}
+	for i := range q.reqs {
+		q.reqs[i].busy.Store(false)
+		q.reqs[i].owed.Store(false)
+	}
+	q.pool = make(chan *chainBuf, maxChainBufs)
+	q.nbufs = 0
+	q.curSet = false
 	q.work = make(chan *blkReq, q.num)
 	q.nworkers = 0
 	q.finishing.Store(0)
@@ -339,6 +410,8 @@ func (q *blkQueue) stop() uint16 {
 	q.state = queueStopped
 	q.base = q.ring.lastAvail
 	q.inflight, q.resubmit = nil, nil
+	// Every request has completed: drop the chain buffers.
+	q.pool, q.nbufs = nil, 0
 	return q.base
 }
 
@@ -360,35 +433,36 @@ func (q *blkQueue) fail(err error) {
 		return
 	}
 	q.log.Error("virtqueue stopped", "err", err)
-	if f := q.errf.Load(); f != nil {
-		f.Write(q.one[:])
-	}
+	signalEventfd(q.errf.Load())
 }
 
 // run is the ring goroutine.
 func (q *blkQueue) run(done chan struct{}) {
 	defer close(done)
 	// Guest memory is a shared mapping the front end could truncate: a
-	// fault becomes a panic this goroutine recovers from.
+	// fault becomes a panic this goroutine recovers from, and a
+	// connection error. The recovery touches no shared memory.
 	debug.SetPanicOnFault(true)
 	defer func() {
 		if p := recover(); p != nil {
-			q.fail(fmt.Errorf("fault on ring: %v", p))
-			q.release()
+			q.ringPanicked(p)
 			q.waitStop()
 		}
 	}()
 	le.PutUint64(q.one[:], 1)
-	for !q.stopReq.Load() {
+	q.kiov[0] = q.kbuf[:]
+	for !q.stopReq.Load() && !q.dev.dead.Load() {
 		if q.enabled.Load() && !q.broken.Load() {
-			if len(q.resubmit) > 0 {
-				for _, h := range q.resubmit {
-					q.reqs[h].busy.Store(true)
-					q.active.Add(1)
-					q.depth.Add(1)
-					q.dispatch(h)
+			for len(q.resubmit) > 0 && !q.stopReq.Load() && !q.dev.dead.Load() {
+				b := q.getBuf()
+				if b == nil {
+					break
 				}
-				q.resubmit = nil
+				h := q.resubmit[0]
+				q.resubmit = q.resubmit[1:]
+				q.admit(h, b)
+				q.dispatch(h)
+				q.curSet = false
 			}
 			if err := q.drain(); err != nil {
 				q.fail(err)
@@ -396,6 +470,93 @@ func (q *blkQueue) run(done chan struct{}) {
 		}
 		q.waitKick()
 	}
+}
+
+// ringPanicked handles a panic of the ring goroutine: the device is dead
+// and the front end disconnected; the request being dispatched, if the
+// panic left it unaccounted, is accounted. Nothing here touches shared
+// memory.
+func (q *blkQueue) ringPanicked(p any) {
+	q.dev.fault(fmt.Errorf("queue %d: ring goroutine: %s", q.index, describePanic(p)))
+	if q.curSet {
+		q.account(&q.reqs[q.cur])
+		q.curSet = false
+	}
+	if q.held {
+		q.held = false
+		q.finishing.Add(-1)
+	}
+}
+
+// admit takes head h, just popped, into flight with chain buffer b.
+func (q *blkQueue) admit(h uint16, b *chainBuf) {
+	r := &q.reqs[h]
+	r.buf = b
+	r.chain.segs = b.segs[:0]
+	r.data = b.data[:0]
+	r.busy.Store(true)
+	r.owed.Store(true)
+	q.active.Add(1)
+	q.depth.Add(1)
+	q.cur, q.curSet = h, true
+}
+
+// account ends the accounting of a request that will not complete
+// normally (a fault): idempotent with finish.
+func (q *blkQueue) account(r *blkReq) {
+	if r.owed.Swap(false) {
+		q.dev.dropped.Add(1)
+		q.putBuf(r)
+		q.depth.Add(-1)
+		q.active.Done()
+	}
+}
+
+// getBuf returns a chain buffer from the pool, allocating one while fewer
+// than maxChainBufs exist, else waiting for a request to complete. It
+// returns nil when the queue is asked to stop (or the device died) first.
+// The ring goroutine calls it.
+func (q *blkQueue) getBuf() *chainBuf {
+	select {
+	case b := <-q.pool:
+		return b
+	default:
+	}
+	if q.nbufs < maxChainBufs {
+		q.nbufs++
+		return &chainBuf{}
+	}
+	// Publish what completed so far before waiting.
+	held := q.held
+	q.release()
+	defer func() {
+		if held {
+			q.hold()
+		}
+	}()
+	for {
+		select {
+		case b := <-q.pool:
+			return b
+		case <-q.wake:
+		}
+		if q.stopReq.Load() || q.dev.dead.Load() {
+			return nil
+		}
+	}
+}
+
+// putBuf returns r's chain buffer to the pool.
+func (q *blkQueue) putBuf(r *blkReq) {
+	b := r.buf
+	if b == nil {
+		return
+	}
+	r.buf = nil
+	b.segs, b.data = r.chain.segs[:0], r.data[:0]
+	r.chain.segs, r.data = nil, nil
+	r.mreq.Data = nil
+	q.pool <- b // never blocks: at most maxChainBufs exist
 }
 
 // waitStop blocks until the connection asks the goroutine to stop.
@@ -420,7 +581,7 @@ func (q *blkQueue) waitKick() {
 		t.Stop()
 		return
 	}
-	_, err := q.kick.Read(q.kbuf[:])
+	err := q.readKick()
 	if err == nil {
 		return
 	}
@@ -433,12 +594,41 @@ func (q *blkQueue) waitKick() {
 	q.fail(fmt.Errorf("kick eventfd: %w", err))
 }
 
+// readKick reads the kick eventfd's counter, waiting in the poller until
+// it is non-zero or the read deadline (a nudge) passes. The read asks for
+// RWF_NOWAIT itself instead of relying on O_NONBLOCK, a flag of the file
+// description the front end shares and could clear to make the read block
+// in the kernel, where no nudge reaches it.
+func (q *blkQueue) readKick() error {
+	rc, err := q.kick.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var rerr error
+	err = rc.Read(func(fd uintptr) bool {
+		for {
+			_, rerr = unix.Preadv2(int(fd), q.kiov[:], -1, unix.RWF_NOWAIT)
+			if rerr == unix.EOPNOTSUPP { // kernels before 5.12: eventfd without RWF_NOWAIT
+				_, rerr = unix.Read(int(fd), q.kbuf[:])
+			}
+			if rerr != unix.EINTR {
+				return rerr != unix.EAGAIN
+			}
+		}
+	})
+	if err != nil {
+		return err
+	}
+	return rerr
+}
+
 // drain pops every available chain and dispatches it, then re-arms the
-// kick and pops again if the driver added more meanwhile.
+// kick and pops again if the driver added more meanwhile. It looks at the
+// stop request between requests.
 func (q *blkQueue) drain() error {
 	poll := q.dev.exp.cfg.Poll
 	polled := false
-	for !q.stopReq.Load() {
+	for !q.stopReq.Load() && !q.dev.dead.Load() {
 		n, err := q.ring.pending()
 		if err != nil {
 			return err
@@ -458,38 +648,37 @@ func (q *blkQueue) drain() error {
 			continue
 		}
 		polled = false
-		heads := q.heads[:0]
-		var bad error
-		for range n {
-			h := q.ring.availHead(q.ring.lastAvail)
-			if h >= q.num {
-				bad = fmt.Errorf("available ring entry %d names descriptor %d of %d", q.ring.lastAvail, h, q.num)
-				break
-			}
-			if q.reqs[h].busy.Load() {
-				bad = fmt.Errorf("available ring entry %d names descriptor %d, which is in flight", q.ring.lastAvail, h)
-				break
-			}
-			q.reqs[h].busy.Store(true)
-			q.ring.lastAvail++
-			heads = append(heads, h)
-		}
-		if q.inflight != nil && len(heads) > 0 {
-			q.usedMu.Lock()
-			for _, h := range heads {
-				q.inflight.popped(h)
-			}
-			q.usedMu.Unlock()
-		}
-		q.active.Add(len(heads))
-		q.depth.Add(int32(len(heads)))
 		// Hold the used index while the batch is dispatched, so that
 		// requests completed inline are published (and notified) together,
 		// every publishBatch requests and at the end.
 		q.hold()
-		for i, h := range heads {
+		var bad error
+		for i := 0; i < int(n); i++ {
+			if q.stopReq.Load() || q.dev.dead.Load() {
+				break
+			}
+			b := q.getBuf()
+			if b == nil {
+				break
+			}
+			h := q.ring.availHead(q.ring.lastAvail)
+			if h >= q.num {
+				bad = fmt.Errorf("available ring entry %d names descriptor %d of %d", q.ring.lastAvail, h, q.num)
+			} else if q.reqs[h].busy.Load() {
+				bad = fmt.Errorf("available ring entry %d names descriptor %d, which is in flight", q.ring.lastAvail, h)
+			}
+			if bad != nil {
+				q.pool <- b
+				break
+			}
+			q.ring.lastAvail++
+			q.admit(h, b)
+			if q.inflight != nil {
+				q.markPopped(h)
+			}
 			q.dispatch(h)
-			if i%publishBatch == publishBatch-1 && i != len(heads)-1 {
+			q.curSet = false
+			if i%publishBatch == publishBatch-1 && i != int(n)-1 {
 				q.release()
 				q.hold()
 			}
@@ -535,6 +724,13 @@ func (q *blkQueue) pollAvail(d time.Duration) bool {
 	}
 }
 
+// markPopped records h as in flight in the inflight region.
+func (q *blkQueue) markPopped(h uint16) {
+	q.usedMu.Lock()
+	defer q.usedMu.Unlock()
+	q.inflight.popped(h)
+}
+
 // hold keeps finishing above zero: completers put used elements but
 // leave publishing to release.
 func (q *blkQueue) hold() {
@@ -549,15 +745,19 @@ func (q *blkQueue) release() {
 		return
 	}
 	q.held = false
-	q.usedMu.Lock()
-	notify := false
-	if q.finishing.Add(-1) == 0 {
-		notify = q.publishLocked()
+	if q.finishing.Add(-1) != 0 || q.dev.dead.Load() {
+		return
 	}
-	q.usedMu.Unlock()
-	if notify {
+	if q.publish() {
 		q.notify()
 	}
+}
+
+// publish takes the used lock and publishes; it reports whether to notify.
+func (q *blkQueue) publish() bool {
+	q.usedMu.Lock()
+	defer q.usedMu.Unlock()
+	return q.publishLocked()
 }
 
 // badRequest logs a request failed for what the driver put in it, rate
@@ -679,31 +879,71 @@ func (q *blkQueue) worker(r *blkReq, work chan *blkReq) {
 	}
 }
 
-// execute performs r's I/O and completes it. A fault on guest memory or a
-// panic in a target fails the request alone.
+// execute performs r's I/O and completes it. A panic in a target fails the
+// request alone; a fault on shared memory is a connection error, and the
+// request is accounted without touching that memory again.
 func (q *blkQueue) execute(r *blkReq) {
 	defer func() {
 		if p := recover(); p != nil {
+			if isFault(p) {
+				q.dev.fault(fmt.Errorf("queue %d: request %d: %s", q.index, r.chain.head, describePanic(p)))
+				q.account(r)
+				return
+			}
 			q.log.Error("request panicked", "head", r.chain.head, "panic", p)
-			q.finish(r, BlkStatusIOErr, 1)
+			q.finishSafe(r, BlkStatusIOErr, 1)
 		}
 	}()
 	status, usedLen := q.io(r)
 	q.finish(r, status, usedLen)
 }
 
+// finishSafe is finish for recovery paths: a fault while completing
+// makes the device dead instead of escaping.
+func (q *blkQueue) finishSafe(r *blkReq, status byte, usedLen uint32) {
+	defer func() {
+		if p := recover(); p != nil {
+			q.dev.fault(fmt.Errorf("queue %d: completing request %d: %s", q.index, r.chain.head, describePanic(p)))
+			q.account(r)
+		}
+	}()
+	q.finish(r, status, usedLen)
+}
+
 // finish writes the status, puts the used element and, for the last of a
 // burst of completers, publishes the used index and notifies the driver
-// once for the whole batch.
+// once for the whole batch. Once the device is dead it only accounts r.
+// A fault on shared memory escapes as a panic after r is accounted; no
+// lock stays held.
 func (q *blkQueue) finish(r *blkReq, status byte, usedLen uint32) {
+	if !r.owed.Swap(false) {
+		return // accounted already after a fault
+	}
+	q.depth.Add(-1) // before the driver can see the completion
+	defer q.active.Done()
+	// The buffer goes back before the head can be popped again.
+	q.putBuf(r)
+	if q.dev.dead.Load() {
+		q.dev.dropped.Add(1)
+		r.busy.Store(false)
+		return
+	}
 	if r.status != nil {
 		r.status[0] = status
 		q.dlog.mark(r.statusGPA, 1)
 	}
-	head := r.chain.head
-	q.depth.Add(-1) // before the driver can see the completion
 	q.finishing.Add(1)
+	if q.putUsed(r, usedLen) {
+		q.notify()
+	}
+}
+
+// putUsed puts r's used element under the used lock and, if no other
+// completer is on its way, publishes; it reports whether to notify.
+func (q *blkQueue) putUsed(r *blkReq, usedLen uint32) bool {
+	head := r.chain.head
 	q.usedMu.Lock()
+	defer q.usedMu.Unlock()
 	off := q.ring.putUsed(head, usedLen)
 	if q.logUsed {
 		q.dlog.mark(q.addr.Log+uint64(off), 8)
@@ -713,15 +953,10 @@ func (q *blkQueue) finish(r *blkReq, status byte, usedLen uint32) {
 		q.batch = append(q.batch, head)
 	}
 	r.busy.Store(false)
-	notify := false
 	if q.finishing.Add(-1) == 0 {
-		notify = q.publishLocked()
+		return q.publishLocked()
 	}
-	q.usedMu.Unlock()
-	if notify {
-		q.notify()
-	}
-	q.active.Done()
+	return false
 }
 
 // publishLocked publishes the used elements put so far and reports
@@ -740,9 +975,7 @@ func (q *blkQueue) publishLocked() bool {
 
 // notify signals the call eventfd.
 func (q *blkQueue) notify() {
-	if f := q.call.Load(); f != nil {
-		f.Write(q.one[:])
-	}
+	signalEventfd(q.call.Load())
 }
 
 // prepare parses and checks the request header and layout. It returns
@@ -812,6 +1045,11 @@ func (q *blkQueue) prepare(r *blkReq) (status byte, usedLen uint32, async bool) 
 		if ro {
 			return BlkStatusIOErr, 1, false
 		}
+		// 5.2.6.2: an operation the device does not serve (any more:
+		// the table was reloaded) is UNSUPP, not IOERR.
+		if (r.typ == BlkTypeDiscard && !e.discard.Load()) || (r.typ == BlkTypeWriteZeroes && !e.zeroes.Load()) {
+			return BlkStatusUnsupp, 1, false
+		}
 		st, err := q.parseRanges(r)
 		if err != nil {
 			q.badRequest(c.head, err)
@@ -877,7 +1115,7 @@ func (q *blkQueue) parseRanges(r *blkReq) (byte, error) {
 		if rg.sector > cap || uint64(rg.sectors) > cap-rg.sector {
 			return BlkStatusIOErr, fmt.Errorf("segment %d: %d sectors at %d beyond capacity %d", i, rg.sectors, rg.sector, cap)
 		}
-		r.ranges[i] = rg
+		r.buf.ranges[i] = rg
 	}
 	return BlkStatusOK, nil
 }
@@ -910,7 +1148,7 @@ func (q *blkQueue) io(r *blkReq) (status byte, usedLen uint32) {
 	case BlkTypeDiscard, BlkTypeWriteZeroes:
 		usedLen = 1
 		for i := 0; i < r.nranges && err == nil; i++ {
-			rg := r.ranges[i]
+			rg := r.buf.ranges[i]
 			r.mreq = mapper.Request{Op: mapper.OpDiscard, Sector: rg.sector, Sectors: uint64(rg.sectors)}
 			if r.typ == BlkTypeWriteZeroes {
 				r.mreq.Op = mapper.OpWriteZeroes

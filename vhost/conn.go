@@ -7,9 +7,11 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -31,9 +33,13 @@ func fatalf(format string, args ...any) error { return connError{fmt.Errorf(form
 // the queues' configuration; the queues' own goroutines serve the rings.
 type conn struct {
 	e   *Export
+	id  uint64
 	uc  *net.UnixConn
 	log *slog.Logger
 	dev *blkDev
+
+	closing    atomic.Bool // teardown started or close called
+	negotiated bool        // SET_OWNER seen; owned by the connection goroutine
 
 	// Owned by the connection goroutine.
 	features    uint64
@@ -57,29 +63,47 @@ type conn struct {
 func newConn(e *Export, uc *net.UnixConn) *conn {
 	n := e.connSeq.Add(1)
 	log := e.log.With("conn", n)
-	return &conn{e: e, uc: uc, log: log, dev: newBlkDev(e, log), oob: make([]byte, unix.CmsgSpace(MaxFDs*4)), wbuf: make([]byte, HeaderSize, HeaderSize+MaxPayload)}
+	c := &conn{e: e, id: n, uc: uc, log: log, dev: newBlkDev(e, log), oob: make([]byte, unix.CmsgSpace(MaxFDs*4)), wbuf: make([]byte, HeaderSize, HeaderSize+MaxPayload)}
+	c.dev.onFault = func(err error) {
+		c.log.Error("closing connection: fault on memory the front end shares", "err", err)
+		c.close()
+	}
+	return c
 }
 
 // close makes the connection goroutine's read fail; it then tears down.
-func (c *conn) close() { c.uc.Close() }
+func (c *conn) close() {
+	c.closing.Store(true)
+	c.uc.Close()
+}
 
 // serve reads and handles messages until the front end goes away or breaks
 // the protocol, then stops every queue (waiting for their requests) and
 // releases guest memory.
 func (c *conn) serve() {
 	c.log.Info("front end connected")
+	// The goroutine reads guest memory (the used index at queue start):
+	// a fault there is a connection error too.
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer c.teardown()
+	c.setIdleDeadline()
 	for {
 		h, p, fds, err := c.readMsg()
 		if err != nil {
-			if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
+			var ne net.Error
+			switch {
+			case c.dev.dead.Load():
+				// onFault logged why.
+			case errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed):
 				c.log.Info("front end disconnected")
-			} else {
+			case errors.As(err, &ne) && ne.Timeout() && !c.negotiated:
+				c.log.Warn("closing connection: negotiation not completed", "timeout", c.e.cfg.NegotiationTimeout)
+			default:
 				c.log.Warn("closing connection", "reason", err)
 			}
 			return
 		}
-		err = c.handle(h, p, fds)
+		err = c.handleSafe(h, p, fds)
 		closeFDs(fds)
 		if err == nil {
 			continue
@@ -124,9 +148,39 @@ func take(fds []int, i int) int {
 	return fd
 }
 
+// setIdleDeadline sets the read deadline between messages: the
+// negotiation deadline until SET_OWNER, none after.
+func (c *conn) setIdleDeadline() {
+	t := c.e.cfg.NegotiationTimeout
+	if c.negotiated || t <= 0 {
+		c.uc.SetReadDeadline(time.Time{})
+		return
+	}
+	c.uc.SetReadDeadline(time.Now().Add(t))
+}
+
+// handleSafe is handle with the faults of the connection goroutine on
+// shared memory turned into a connection error; a fault leaves the device
+// dead, so that nothing touches that memory again.
+func (c *conn) handleSafe(h Header, p []byte, fds []int) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			c.dev.dead.Store(true)
+			err = connError{fmt.Errorf("%s: fault on memory the front end shares: %s", h.Code, describePanic(r))}
+		}
+	}()
+	return c.handle(h, p, fds)
+}
+
 // readMsg reads one message: the header with any fds, then the payload.
+// Once the first bytes arrived, the rest must follow within the
+// negotiation timeout.
 func (c *conn) readMsg() (Header, []byte, []int, error) {
 	n, oobn, flags, _, err := c.uc.ReadMsgUnix(c.hbuf[:], c.oob)
+	if err == nil && n > 0 && c.e.cfg.NegotiationTimeout > 0 {
+		c.uc.SetReadDeadline(time.Now().Add(c.e.cfg.NegotiationTimeout))
+		defer c.setIdleDeadline()
+	}
 	var fds []int
 	if oobn > 0 {
 		msgs, perr := unix.ParseSocketControlMessage(c.oob[:oobn])
@@ -251,7 +305,15 @@ func (c *conn) exec(h Header, pl Payload, fds []int) (explicit bool, err error) 
 
 	case ReqSetFeatures:
 		v := uint64(pl.(U64))
-		if v&^e.blkFeatures() != 0 {
+		// A front end that negotiated discard or write-zeroes before a
+		// reload took them away (QEMU keeps the guest's features when it
+		// reconnects) may ask for them again: such requests then get
+		// UNSUPP.
+		acceptable := e.blkFeatures()
+		if !e.readOnly {
+			acceptable |= BlkFeatureDiscard | BlkFeatureWriteZeroes
+		}
+		if v&^acceptable != 0 {
 			return false, fmt.Errorf("features %#x not offered (offered %#x)", v, e.blkFeatures())
 		}
 		c.quiesce(func() {
@@ -283,6 +345,10 @@ func (c *conn) exec(h Header, pl Payload, fds []int) (explicit bool, err error) 
 		return false, nil
 
 	case ReqSetOwner:
+		if !c.negotiated {
+			c.negotiated = true
+			c.setIdleDeadline()
+		}
 		return false, nil
 
 	case ReqResetOwner:
@@ -443,6 +509,9 @@ func (c *conn) exec(h Header, pl Payload, fds []int) (explicit bool, err error) 
 		}
 		var f *os.File
 		if !v.NoFD {
+			if err := checkEventfd(fds[0]); err != nil {
+				return false, fmt.Errorf("queue %d: kick: %w", v.Index, err)
+			}
 			fd := take(fds, 0)
 			unix.SetNonblock(fd, true)
 			f = os.NewFile(uintptr(fd), fmt.Sprintf("kick%d", v.Index))
@@ -475,6 +544,9 @@ func (c *conn) exec(h Header, pl Payload, fds []int) (explicit bool, err error) 
 		}
 		var f *os.File
 		if !v.NoFD {
+			if err := checkEventfd(fds[0]); err != nil {
+				return false, fmt.Errorf("queue %d: %s: %w", v.Index, h.Code, err)
+			}
 			fd := take(fds, 0)
 			unix.SetNonblock(fd, true)
 			f = os.NewFile(uintptr(fd), fmt.Sprintf("call%d", v.Index))
@@ -494,7 +566,7 @@ func (c *conn) exec(h Header, pl Payload, fds []int) (explicit bool, err error) 
 				// lost (QEMU swaps call fds when the guest masks and
 				// unmasks MSI-X vectors). A spurious interrupt costs
 				// the driver one look at the used ring.
-				f.Write([]byte{1, 0, 0, 0, 0, 0, 0, 0}) // eventfd: add 1
+				signalEventfd(f)
 			}
 		}
 		return false, nil
@@ -644,6 +716,42 @@ func (c *conn) exec(h Header, pl Payload, fds []int) (explicit bool, err error) 
 	return false, fmt.Errorf("%s: %w", h.Code, errUnknownRequest)
 }
 
+// checkEventfd refuses an fd that is not an eventfd: a pipe or socket
+// passed as a call or error fd could be kept full by the front end, and
+// the kick fd is read as an 8-byte counter.
+func checkEventfd(fd int) error {
+	link, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd))
+	if err != nil {
+		return fmt.Errorf("fd %d: %w", fd, err)
+	}
+	if link != "anon_inode:[eventfd]" {
+		return fmt.Errorf("fd is %s, not an eventfd", link)
+	}
+	return nil
+}
+
+// eventfdOne is the 8-byte counter increment written to an eventfd.
+var eventfdOne = [8]byte{1}
+
+// signalEventfd adds 1 to the eventfd f (call or error fd) with one
+// non-blocking write that never waits: EAGAIN means the counter is
+// already far from zero, so the other side will wake anyway. The write
+// goes through f's raw conn, which keeps the fd from being closed and
+// reused under it.
+func signalEventfd(f *os.File) {
+	if f == nil {
+		return
+	}
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return
+	}
+	rc.Write(func(fd uintptr) bool {
+		unix.Write(int(fd), eventfdOne[:])
+		return true
+	})
+}
+
 // anyRunning reports whether a queue is running or paused.
 func (c *conn) anyRunning() bool {
 	for _, q := range c.dev.queues {
@@ -721,7 +829,7 @@ func (c *conn) resetDevice() {
 // teardown stops the queues, waiting for every request in flight, then
 // releases guest memory and the fds.
 func (c *conn) teardown() {
-	c.uc.Close()
+	c.close()
 	for _, q := range c.dev.queues {
 		q.stop()
 		if q.kick != nil {
@@ -735,6 +843,9 @@ func (c *conn) teardown() {
 			f.Close()
 		}
 	}
+	if n := c.dev.dropped.Load(); n > 0 {
+		c.log.Warn("requests dropped without completion after a fault", "requests", n)
+	}
 	unmapAll(c.regions)
 	c.regions, c.mem = nil, nil
 	c.dlog.unmap()
@@ -747,6 +858,30 @@ func (c *conn) teardown() {
 	c.mu.Unlock()
 	if b != nil {
 		b.close()
+	}
+	c.releaseMemory()
+}
+
+// releaseMemory hands the memory of large rings back to the system once
+// the connection is gone: without it the Go runtime keeps the freed heap
+// until its next collection, which an idle daemon may not run for
+// minutes. It runs at most every 10 s per export, so that a front end
+// reconnecting in a loop cannot make the daemon collect all the time.
+func (c *conn) releaseMemory() {
+	var n uintptr
+	for _, q := range c.dev.queues {
+		n += uintptr(len(q.reqs)) * unsafe.Sizeof(blkReq{})
+		q.reqs = nil
+	}
+	if n < 4<<20 {
+		return
+	}
+	now, last := mono(), c.e.freedAt.Load()
+	if last != 0 && now-last < int64(10*time.Second) {
+		return
+	}
+	if c.e.freedAt.CompareAndSwap(last, now) {
+		debug.FreeOSMemory()
 	}
 }
 

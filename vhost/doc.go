@@ -8,6 +8,9 @@
 //
 //   - [Export] is one unix socket serving one [Device] (a *mapper.Device) to
 //     one front end at a time; [NewExport], [Export.Serve], [Export.Close].
+//     A second front end is refused while one is served, queued while the
+//     previous one goes away (admit.go); one that does not send SET_OWNER
+//     within the negotiation timeout is disconnected.
 //   - [Client] is the front end: memfd guest memory, negotiation, rings with
 //     eventfds, and asynchronous virtio-blk requests on any queue
 //     ([Client.Submit], [Client.ReadAt], ...). [RawConn] and
@@ -29,7 +32,9 @@
 //
 // Each connection has one goroutine that reads messages and owns the
 // connection's state. Each started queue has a ring goroutine that pops
-// descriptor chains and hands requests to worker goroutines; requests run
+// descriptor chains one at a time (it looks at a stop request between
+// requests), each with a chain buffer from the queue's bounded pool
+// (maxChainBufs), and hands requests to worker goroutines; requests run
 // concurrently on the mapper device and complete out of order, and the
 // last of a burst of completers publishes the used index and signals the
 // call eventfd once for the batch. A change of memory table, log or ring
@@ -43,6 +48,19 @@
 // nonsense is stopped and its error eventfd signalled; a malformed message
 // closes the connection with a logged reason, and the export accepts the
 // next front end. Nothing a front end sends ends the process.
+//
+// Memory the front end shares (guest memory, the dirty log) may shrink
+// under the back end. Every goroutine that touches it runs with
+// debug.SetPanicOnFault, so a fault is a panic: the goroutine recovers, the
+// device is marked dead (blkDev.fault) and the front end disconnected. From
+// then on nothing touches that memory again: requests still in flight
+// complete without a used element and are only accounted, so that the
+// queues stop and the export serves the next front end. Locks around
+// shared-memory accesses are released by defer. The inflight region must
+// be a sealed memfd, so it cannot shrink. Call and error eventfds are
+// signalled with one write that never waits, the kick eventfd is read with
+// RWF_NOWAIT: nothing the front end does to its fds parks a goroutine the
+// connection waits for.
 //
 // # Units
 //

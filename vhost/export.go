@@ -66,6 +66,31 @@ type ExportConfig struct {
 	// are known to be fast (zero, page-cached files). Flushes, discards
 	// and write-zeroes always go to workers.
 	Inline time.Duration
+
+	// Table, when set, tells which of discard and write-zeroes the
+	// device's table serves, and when a reload may have changed that;
+	// *mapper.Device implements it. Writable exports offer
+	// VIRTIO_BLK_F_DISCARD and VIRTIO_BLK_F_WRITE_ZEROES only when the
+	// table serves them. Nil: both are offered.
+	Table TableCaps
+
+	// NegotiationTimeout is how long a new front end has to complete
+	// negotiation (send SET_OWNER, as QEMU does right after connecting)
+	// before the connection is closed, and how long the rest of a message
+	// may take once its first byte arrived. Zero: 10 s; negative: none.
+	NegotiationTimeout time.Duration
+}
+
+// DefaultNegotiationTimeout is ExportConfig.NegotiationTimeout's default.
+const DefaultNegotiationTimeout = 10 * time.Second
+
+// TableCaps is what an export asks of the table behind its device.
+type TableCaps interface {
+	// Discards reports whether the live table serves discards and
+	// write-zeroes.
+	Discards() (discard, writeZeroes bool)
+	// OnReload registers fn, called after a new table went live.
+	OnReload(fn func()) (cancel func())
 }
 
 // Limits of ExportConfig.
@@ -91,9 +116,13 @@ type Export struct {
 	connected atomic.Bool
 	closed    atomic.Bool
 	connSeq   atomic.Uint64
+	discard   atomic.Bool  // the table serves discards (see TableCaps)
+	zeroes    atomic.Bool  // the table serves write-zeroes
+	freedAt   atomic.Int64 // mono time of the last releaseMemory
 
 	mu      sync.Mutex
 	conn    *conn         // the connection being served, or nil
+	busy    chan struct{} // closed when conn's goroutine ends; nil if none
 	serving chan struct{} // closed when Serve returns; nil if not serving
 	cancel  func()        // unregisters the resize watcher
 }
@@ -139,6 +168,9 @@ func NewExport(cfg ExportConfig, dev Device) (*Export, error) {
 	}
 	cfg.Poll = tunable(cfg.Poll, "VHOSTDM_POLL", defaultPoll())
 	cfg.Inline = tunable(cfg.Inline, "VHOSTDM_INLINE", defaultInline)
+	if cfg.NegotiationTimeout == 0 {
+		cfg.NegotiationTimeout = DefaultNegotiationTimeout
+	}
 	ln, err := unixsock.Listen(cfg.Socket, unixsock.Perm{Owner: cfg.SocketOwner, Group: cfg.SocketGroup, Mode: cfg.SocketMode})
 	if err != nil {
 		return nil, fmt.Errorf("export %s: %w", cfg.ID, err)
@@ -146,6 +178,7 @@ func NewExport(cfg ExportConfig, dev Device) (*Export, error) {
 	e := &Export{cfg: cfg, dev: dev, ln: ln, readOnly: !cfg.Writable || dev.ReadOnly(),
 		log: cfg.Logger.With("export", cfg.ID)}
 	e.cancel = dev.OnResize(e.resized)
+	e.watchCaps()
 	e.log.Info("export listening", "socket", cfg.Socket, "queues", cfg.NumQueues,
 		"logical_block_size", cfg.LogicalBlockSize, "readonly", e.readOnly)
 	return e, nil
@@ -204,6 +237,8 @@ func (e *Export) Serve(ctx context.Context) error {
 	e.serving = done
 	e.mu.Unlock()
 	defer close(done)
+	var conns sync.WaitGroup
+	defer conns.Wait()
 	stop := context.AfterFunc(ctx, func() { e.shutdown() })
 	defer stop()
 	for {
@@ -223,21 +258,13 @@ func (e *Export) Serve(ctx context.Context) error {
 			time.Sleep(10 * time.Millisecond)
 			continue
 		}
-		e.serveConn(uc)
+		e.admit(uc, &conns)
 	}
 }
 
-// serveConn serves one front end until it disconnects.
-func (e *Export) serveConn(uc *net.UnixConn) {
-	c := newConn(e, uc)
-	e.mu.Lock()
-	if e.closed.Load() {
-		e.mu.Unlock()
-		uc.Close()
-		return
-	}
-	e.conn = c
-	e.mu.Unlock()
+// serveConn serves one front end until it disconnects; admit made it the
+// export's connection.
+func (e *Export) serveConn(c *conn) {
 	e.connected.Store(true)
 	if e.cfg.OnConnect != nil {
 		e.cfg.OnConnect()

@@ -83,12 +83,22 @@ func mapInflight(fd int, d InflightDesc) (*inflightRegion, error) {
 	if d.MmapSize < need {
 		return nil, fmt.Errorf("inflight region of %d bytes, %d queues of %d need %d", d.MmapSize, d.NumQueues, d.QueueSize, need)
 	}
-	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
-		return nil, fmt.Errorf("inflight region: %w", err)
+	// The back end reads the region at queue start on the connection
+	// goroutine: a region the front end could shrink afterwards would
+	// fault there. Every back end creates it sealed (this one,
+	// libvhost-user), so an unsealed fd is refused.
+	seals, err := unix.FcntlInt(uintptr(fd), unix.F_GET_SEALS, 0)
+	if err != nil {
+		return nil, fmt.Errorf("inflight region: not a sealed memfd: %w", err)
 	}
-	if uint64(st.Size) < d.MmapOffset+need {
-		return nil, fmt.Errorf("inflight region: file of %d bytes too small for %d at %d", st.Size, need, d.MmapOffset)
+	if seals&unix.F_SEAL_SHRINK == 0 {
+		return nil, fmt.Errorf("inflight region: memfd not sealed against shrinking (seals %#x)", seals)
+	}
+	if d.MmapOffset > 1<<40 {
+		return nil, fmt.Errorf("inflight region: offset %d too large", d.MmapOffset)
+	}
+	if err := checkFileSize(fd, d.MmapOffset, need); err != nil {
+		return nil, fmt.Errorf("inflight region: %w", err)
 	}
 	page := uint64(os.Getpagesize())
 	start := d.MmapOffset &^ (page - 1)

@@ -41,11 +41,33 @@ func mapRegion(r MemRegion, fd int) (*memRegion, error) {
 	if length < r.Size || length > 1<<47 || start > 1<<62 {
 		return nil, fmt.Errorf("memory region at %#x size %#x offset %#x: too large", r.GPA, r.Size, r.Offset)
 	}
+	if err := checkFileSize(fd, r.Offset, r.Size); err != nil {
+		return nil, fmt.Errorf("memory region at %#x size %#x offset %#x: %w", r.GPA, r.Size, r.Offset, err)
+	}
 	m, err := unix.Mmap(fd, int64(start), int(length), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_NORESERVE)
 	if err != nil {
 		return nil, fmt.Errorf("map memory region at %#x size %#x: %w", r.GPA, r.Size, err)
 	}
 	return &memRegion{MemRegion: r, data: m[delta : delta+r.Size : delta+r.Size], mapping: m}, nil
+}
+
+// checkFileSize checks that fd is a regular file (memfd, tmpfs, hugetlbfs)
+// holding offset+size bytes: mapping beyond the end of a file would make the
+// first access fault. The front end can still shrink the file later; that
+// fault is a connection error (see blkQueue.faulted).
+func checkFileSize(fd int, offset, size uint64) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("fstat: %w", err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return fmt.Errorf("fd is not a regular file or memfd (mode %#o)", st.Mode&unix.S_IFMT)
+	}
+	end := offset + size
+	if end < offset || st.Size < 0 || uint64(st.Size) < end {
+		return fmt.Errorf("file of %d bytes is shorter than offset %d + size %d", st.Size, offset, size)
+	}
+	return nil
 }
 
 // unmap releases the region's mapping. The caller guarantees that nothing
@@ -192,6 +214,9 @@ func mapLog(fd int, d LogDesc) (*dirtyLog, error) {
 	length := delta + d.Size
 	if length < d.Size || length > 1<<40 {
 		return nil, fmt.Errorf("log of %d bytes at %d: too large", d.Size, d.Offset)
+	}
+	if err := checkFileSize(fd, d.Offset, d.Size); err != nil {
+		return nil, fmt.Errorf("log of %d bytes at %d: %w", d.Size, d.Offset, err)
 	}
 	m, err := unix.Mmap(fd, int64(start), int(length), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_NORESERVE)
 	if err != nil {

@@ -346,8 +346,10 @@ func (s *exportSet) Add(o qmp.ExportOptions) error {
 		ID: o.ID, Socket: o.Socket, NumQueues: o.NumQueues, Writable: o.Writable,
 		LogicalBlockSize: o.LogicalBlockSize, Serial: o.Serial,
 		SocketOwner: o.SocketOwner, SocketGroup: o.SocketGroup, SocketMode: o.SocketMode,
-		Logger:    s.d.log,
-		OnConnect: connection(true), OnDisconnect: connection(false),
+		NegotiationTimeout: o.NegotiationTimeout,
+		Table:              dev,
+		Logger:             s.d.log,
+		OnConnect:          connection(true), OnDisconnect: connection(false),
 	}, vdev)
 	if err != nil {
 		if s.d.agent != nil {

@@ -254,6 +254,12 @@ func (m *mirror) fail(i int, kind uint32, err error) {
 func (m *mirror) healthy(i int) bool { return m.legs[i].count.Load() == 0 }
 
 // Map serves I/O region by region.
+// Discards implements mapper.Discarder: the mirror does not pass discards to its legs.
+func (*mirror) Discards() bool { return false }
+
+// WritesZeroes implements mapper.Discarder.
+func (*mirror) WritesZeroes() bool { return true }
+
 func (m *mirror) Map(r *mapper.Request) error {
 	switch r.Op {
 	case mapper.OpFlush:

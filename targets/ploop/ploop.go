@@ -258,6 +258,12 @@ func (s *stack) top() *delta { return s.deltas[len(s.deltas)-1] }
 func (s *stack) size() uint64 { return s.top().h.sectors }
 
 // Map serves reads and writes cluster by cluster.
+// Discards implements mapper.Discarder: ploop images do not free clusters.
+func (*target) Discards() bool { return false }
+
+// WritesZeroes implements mapper.Discarder.
+func (*target) WritesZeroes() bool { return true }
+
 func (t *target) Map(r *mapper.Request) error {
 	s := t.s
 	switch r.Op {

@@ -360,6 +360,12 @@ func parseParams(typ *raidType, args []string) (params, error) {
 }
 
 // Map implements mapper.Target.
+// Discards implements mapper.Discarder: raid1 and raid10 pass discards to their legs; parity levels (raid4/5/6), whose parity a discard would leave stale, do not, as the kernel without devices_handle_discard_safely.
+func (r *raid) Discards() bool { return r.geo == nil }
+
+// WritesZeroes implements mapper.Discarder.
+func (r *raid) WritesZeroes() bool { return true }
+
 func (r *raid) Map(req *mapper.Request) error {
 	var err error
 	switch req.Op {

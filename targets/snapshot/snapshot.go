@@ -327,6 +327,12 @@ func (t *snapTarget) active() bool {
 }
 
 // Map serves I/O chunk by chunk.
+// Discards implements mapper.Discarder: a snapshot cannot discard what the origin still holds.
+func (*snapTarget) Discards() bool { return false }
+
+// WritesZeroes implements mapper.Discarder.
+func (*snapTarget) WritesZeroes() bool { return true }
+
 func (t *snapTarget) Map(r *mapper.Request) error {
 	if !t.active() {
 		return mapper.ErrIO

@@ -69,6 +69,17 @@ func newThin(c *mapper.Ctx, args []string) (mapper.Target, error) {
 // Map serves I/O block by block: reads of unmapped blocks return zeros
 // (or the external origin), the first write to a block provisions it,
 // a write to a shared block copies it, and discards unmap whole blocks.
+// Discards implements mapper.Discarder: not with the pool's
+// ignore_discard feature.
+func (t *thinTarget) Discards() bool {
+	t.p.mu.Lock()
+	defer t.p.mu.Unlock()
+	return !t.p.feat.ignoreDiscard
+}
+
+// WritesZeroes implements mapper.Discarder.
+func (t *thinTarget) WritesZeroes() bool { return true }
+
 func (t *thinTarget) Map(r *mapper.Request) error {
 	switch r.Op {
 	case mapper.OpFlush:

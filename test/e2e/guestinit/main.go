@@ -48,6 +48,7 @@ func printLine(marker string, v any) {
 	console.mu.Lock()
 	defer console.mu.Unlock()
 	console.f.Write(line)
+	progress.Store(time.Now().UnixNano())
 }
 
 // logf prints a human-readable progress line (not parsed by the host).
@@ -96,6 +97,9 @@ func main() {
 	printLine(proto.BeginMarker, proto.Begin{
 		Kernel: kernelRelease(), UptimeMS: uptimeMS(), Disks: disks, Steps: steps, CPUs: runtime.NumCPU(),
 	})
+	if wd := p.int(proto.ParamWatchdog, 120); wd > 0 {
+		go watchdog(time.Duration(wd)*time.Second, disks)
+	}
 	for _, s := range steps {
 		name, disk, _ := strings.Cut(s, "@")
 		if disk == "" {

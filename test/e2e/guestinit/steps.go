@@ -3,6 +3,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -55,6 +56,8 @@ func runStep(name, diskArg string, p params) (rs []proto.Result) {
 		r = stepWriterCheck(disk, p)
 	case proto.StepResize:
 		r = stepResize(disk, p)
+	case proto.StepDiscardWatch:
+		r = stepDiscardWatch(disk, p)
 	case proto.StepFio:
 		return stepFio(disk, p, start)
 	default:
@@ -485,6 +488,77 @@ func stepWriterCheck(disk string, p params) proto.Result {
 // stepResize announces "ready", waits until the capacity changes, then
 // writes and verifies the pattern at the first, middle and last block of
 // the new space.
+func stepDiscardWatch(disk string, p params) proto.Result {
+	start := time.Now()
+	fd, err := openDisk(disk, unix.O_RDWR)
+	if err != nil {
+		return errResult(err)
+	}
+	defer unix.Close(fd)
+	// The kernel logs a failed request: "I/O error, dev vda, ..." for
+	// VIRTIO_BLK_S_IOERR, "operation not supported error, dev vda, ..."
+	// for VIRTIO_BLK_S_UNSUPP; BLKDISCARD itself returns 0 for the latter
+	// (a discard is a hint: blkdev_issue_discard drops EOPNOTSUPP).
+	kmsg, err := unix.Open("/dev/kmsg", unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return errResult(fmt.Errorf("open /dev/kmsg: %w", err))
+	}
+	defer unix.Close(kmsg)
+	if _, err := unix.Seek(kmsg, 0, 2); err != nil { // SEEK_END: new messages only
+		return errResult(fmt.Errorf("seek /dev/kmsg: %w", err))
+	}
+	rec := make([]byte, 8192)
+	kernelSaid := func() (unsupp, ioerr string) {
+		for {
+			n, err := unix.Read(kmsg, rec)
+			if err == unix.EPIPE { // records overwritten: skip them
+				continue
+			}
+			if err != nil || n <= 0 {
+				return "", ""
+			}
+			line := string(rec[:n])
+			if !strings.Contains(line, "dev "+disk+",") {
+				continue
+			}
+			if strings.Contains(line, "operation not supported error") {
+				return line, ""
+			}
+			if strings.Contains(line, "error") {
+				return "", line
+			}
+		}
+	}
+	const off, n = 1 << 20, 64 << 10
+	if err := blkRange(fd, blkDiscard, off, n); err != nil {
+		return proto.Result{Error: fmt.Sprintf("BLKDISCARD before the reload: %v", err)}
+	}
+	if u, e := kernelSaid(); u != "" || e != "" {
+		return proto.Result{Error: fmt.Sprintf("discard failed before the reload: %s%s", u, e)}
+	}
+	printLine(proto.ResultMarker, proto.Result{Step: proto.StepDiscardWatch, Disk: disk, Event: "ready", OK: true})
+	timeout := time.Duration(p.int(proto.ParamResizeTimeout, 60)) * time.Second
+	tries := int64(1)
+	for {
+		err := blkRange(fd, blkDiscard, off, n)
+		tries++
+		u, e := kernelSaid()
+		switch {
+		case e != "":
+			return proto.Result{Error: "a discard failed with an I/O error, want \"operation not supported\": " + strings.TrimSpace(e)}
+		case err != nil && !errors.Is(err, unix.EOPNOTSUPP):
+			return proto.Result{Error: fmt.Sprintf("BLKDISCARD: %v (%s), want success or EOPNOTSUPP", err, errnoName(err))}
+		case u != "":
+			logf("kernel: %s", strings.TrimSpace(u))
+			return proto.Result{OK: true, Values: map[string]int64{"tries": tries, "wait_ms": since(start)}}
+		}
+		if time.Since(start) > timeout {
+			return proto.Result{Error: fmt.Sprintf("discards still served after %v", timeout)}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
 func stepResize(disk string, p params) proto.Result {
 	start := time.Now()
 	old, err := sysInt(disk, "size")

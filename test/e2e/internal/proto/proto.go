@@ -58,6 +58,11 @@ const (
 	// ParamModules lists the modules to load with their dependencies
 	// (virtio_pci,virtio_blk).
 	ParamModules = "modules"
+	// ParamWatchdog is how many seconds without a result line make the
+	// guest dump its blocked tasks (sysrq-w) and block queues to the
+	// console, to see where a hung request is; 0 turns it off (default
+	// 120).
+	ParamWatchdog = "watchdog"
 )
 
 // Steps the guest knows.
@@ -75,6 +80,11 @@ const (
 	StepFio         = "fio"         // fio jobs, one result each
 	StepShell       = "shell"       // exec /bin/sh (busybox) on the console
 	StepSleep       = "sleep"       // sleep for the duration parameter
+	// StepDiscardWatch discards a range, reports event "ready", then
+	// discards it every 100 ms until the kernel logs that the device
+	// answered "operation not supported" (the host reloaded the table onto
+	// targets that do not discard); an I/O error fails it.
+	StepDiscardWatch = "discardwatch"
 )
 
 // Fixed extents of the flush, discard and zeroes steps, relative to the

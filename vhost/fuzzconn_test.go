@@ -1,0 +1,369 @@
+package vhost
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/vhostdm/vhostdm/mapper"
+	"golang.org/x/sys/unix"
+)
+
+// fuzzExport is the export FuzzConnSequence attacks, one per process (the
+// fuzzing engine runs many inputs in each worker process).
+var fuzzExport struct {
+	once   sync.Once
+	socket string
+	err    error
+}
+
+func fuzzTarget(f *testing.F) string {
+	fuzzExport.once.Do(func() {
+		dir, err := os.MkdirTemp("", "vfz")
+		if err != nil {
+			fuzzExport.err = err
+			return
+		}
+		img := filepath.Join(dir, "d.img")
+		if err := os.WriteFile(img, make([]byte, 1<<20), 0o600); err != nil {
+			fuzzExport.err = err
+			return
+		}
+		m := mapper.NewManager(mapper.ManagerOptions{Logger: testLogger()})
+		dev, err := m.CreateTable("fz", "", false, fmt.Sprintf("0 2048 linear %s 0", img))
+		if err != nil {
+			fuzzExport.err = err
+			return
+		}
+		fuzzExport.socket = filepath.Join(dir, "s")
+		e, err := NewExport(ExportConfig{ID: "fz", Socket: fuzzExport.socket, Writable: true, NumQueues: 2,
+			Logger: testLogger(), Table: dev, NegotiationTimeout: 2 * time.Second}, dev)
+		if err != nil {
+			fuzzExport.err = err
+			return
+		}
+		go e.Serve(context.Background())
+	})
+	if fuzzExport.err != nil {
+		f.Fatal(fuzzExport.err)
+	}
+	return fuzzExport.socket
+}
+
+// fuzzOps is what one op byte of FuzzConnSequence selects.
+var fuzzOps = []ReqCode{
+	ReqGetFeatures, ReqSetFeatures, ReqSetProtocolFeatures, ReqSetOwner, ReqSetMemTable, ReqAddMemReg,
+	ReqRemMemReg, ReqSetVringNum, ReqSetVringAddr, ReqSetVringBase, ReqGetVringBase, ReqSetVringKick,
+	ReqSetVringCall, ReqSetVringErr, ReqSetVringEnable, ReqSetLogBase, ReqGetInflightFD, ReqSetInflightFD,
+	ReqResetDevice, ReqSetStatus, ReqGetConfig, ReqSetConfig, ReqResetOwner, ReqSetBackendReqFD,
+	// Pseudo-ops: write guest memory and kick, shrink guest memory,
+	// send raw bytes.
+	0xfd, 0xfe, 0xff,
+}
+
+// fuzzReader hands out the fuzz input; reads past its end give zeros.
+type fuzzReader struct{ b []byte }
+
+func (r *fuzzReader) u8() uint8 {
+	if len(r.b) == 0 {
+		return 0
+	}
+	v := r.b[0]
+	r.b = r.b[1:]
+	return v
+}
+
+func (r *fuzzReader) u16() uint16 { return uint16(r.u8()) | uint16(r.u8())<<8 }
+func (r *fuzzReader) u32() uint32 { return uint32(r.u16()) | uint32(r.u16())<<16 }
+func (r *fuzzReader) u64() uint64 { return uint64(r.u32()) | uint64(r.u32())<<32 }
+
+// fuzzMemSize is the front end's guest memory; user address = fuzzUser+gpa.
+const (
+	fuzzMemSize = 256 << 10
+	fuzzUser    = 0x7f0000000000
+)
+
+// FuzzConnSequence drives one connection with a sequence of messages, each
+// with fds of every kind (memfds of honest and lying sizes, eventfds,
+// pipes, sockets, the inflight fd the back end handed out), interleaved
+// with writes of garbage into the rings, kicks, and truncation of guest
+// memory. Whatever the sequence, the daemon must not crash, and once the
+// connection closes the export must serve the next front end within 10 s:
+// nothing wedges.
+func FuzzConnSequence(f *testing.F) {
+	socket := fuzzTarget(f)
+	op := func(c ReqCode) byte {
+		for i, o := range fuzzOps {
+			if o == c {
+				return byte(i)
+			}
+		}
+		panic(c)
+	}
+	le64 := func(v uint64) []byte { return le.AppendUint64(nil, v) }
+	// A valid setup of queue 0, then a request written into the ring.
+	var setup []byte
+	setup = append(setup, op(ReqGetFeatures), op(ReqSetProtocolFeatures))
+	setup = append(setup, le64(ProtocolReplyAck|ProtocolConfig|ProtocolLogSHMFD|ProtocolInflightSHMFD)...)
+	setup = append(setup, op(ReqSetOwner), op(ReqSetFeatures))
+	setup = append(setup, le64(FeatureVersion1|FeatureProtocolFeatures|FeatureIndirectDesc|FeatureLogAll)...)
+	setup = append(setup, op(ReqSetMemTable), 0)
+	setup = append(setup, op(ReqSetVringCall), 0, 1, op(ReqSetVringNum), 0, 4) // 16 entries
+	setup = append(setup, op(ReqSetVringBase), 0, 0)
+	setup = append(setup, op(ReqSetVringAddr), 0, 0, 0, 0, 1, 0, 2, 0) // pages 0, 1, 2
+	setup = append(setup, op(ReqSetVringKick), 0, 1, op(ReqSetVringEnable), 0, 1)
+	garbage, shrink, raw := byte(len(fuzzOps)-3), byte(len(fuzzOps)-2), byte(len(fuzzOps)-1)
+	with := func(b ...byte) []byte { return append(append([]byte{}, setup...), b...) }
+	// Garbage in the available ring (page 1): index 0x00ff, heads 0xffff.
+	f.Add(with(garbage, 0x10, 0, 8, 0, 0, 0xff, 0, 0xff, 0xff, 0xff, 0xff))
+	// A 3-descriptor chain (header at 0x3000, data 0x4000, status
+	// 0x3010) in page 0, made available: a read; then guest memory
+	// shrinks under the running ring and the front end kicks again.
+	chain := []byte{garbage, 0, 0, 48,
+		0, 0x30, 0, 0, 0, 0, 0, 0, 16, 0, 0, 0, 1, 0, 1, 0,
+		0, 0x40, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 3, 0, 2, 0,
+		0x10, 0x30, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0,
+		garbage, 0x10, 0, 6, 0, 0, 1, 0, 0, 0}
+	f.Add(with(append(append([]byte{}, chain...), shrink, 0x80, 0, garbage, 0, 0, 0)...))
+	f.Add(with(append(append([]byte{}, chain...), op(ReqGetVringBase), 0, 0)...))
+	f.Add(with(op(ReqGetInflightFD), 0, 4, op(ReqSetInflightFD), 3, 0, 1, 0, 4, op(ReqGetVringBase), 0, 0))
+	f.Add(with(op(ReqSetLogBase), 1<<2|1, op(ReqSetVringAddr), 0, 1, 0, 0, 1, 0, 2, 0, op(ReqResetDevice)))
+	f.Add([]byte{op(ReqSetVringCall), 0, 2, op(ReqSetVringKick), 0, 3, raw, 12, 1, 0, 0, 0})
+	f.Add(with(op(ReqAddMemReg), 1, op(ReqRemMemReg), 0, op(ReqSetVringCall), 0, 4, op(ReqSetMemTable), 2<<1))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		fuzzConn(t, socket, data)
+	})
+}
+
+func fuzzConn(t *testing.T, socket string, data []byte) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	rc, err := DialRaw(ctx, socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Replies are read and dropped, their fds closed.
+	drained := make(chan struct{})
+	synced := make(chan struct{}, 1) // a GET_FEATURES reply came
+	var gfSent, gfGot atomic.Int64
+	var inflightFD int = -1
+	var ifMu sync.Mutex
+	go func() {
+		defer close(drained)
+		for {
+			h, _, fds, err := readMsg(rc.uc)
+			if err != nil {
+				return
+			}
+			if h.Code == ReqGetFeatures {
+				gfGot.Add(1)
+				select {
+				case synced <- struct{}{}:
+				default:
+				}
+			}
+			ifMu.Lock()
+			for _, fd := range fds {
+				if inflightFD < 0 {
+					inflightFD = fd
+				} else {
+					unix.Close(fd)
+				}
+			}
+			ifMu.Unlock()
+		}
+	}()
+	var cleanup []int
+	defer func() {
+		rc.Close()
+		<-drained
+		for _, fd := range cleanup {
+			unix.Close(fd)
+		}
+		if inflightFD >= 0 {
+			unix.Close(inflightFD)
+		}
+	}()
+	newFD := func(fd int, err error) int {
+		if err != nil {
+			t.Fatal(err)
+		}
+		cleanup = append(cleanup, fd)
+		return fd
+	}
+	memfd := newFD(unix.MemfdCreate("fz", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING))
+	if err := unix.Ftruncate(memfd, fuzzMemSize); err != nil {
+		t.Fatal(err)
+	}
+	mem, err := unix.Mmap(memfd, 0, fuzzMemSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(mem)
+	truncated := false
+	small := newFD(unix.MemfdCreate("fz-small", unix.MFD_CLOEXEC))
+	unix.Ftruncate(small, 4096)
+	efd := newFD(unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK))
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+		t.Fatal(err)
+	}
+	cleanup = append(cleanup, p[0], p[1])
+	sp, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cleanup = append(cleanup, sp[0], sp[1])
+	// fd picks one of the fds by a fuzz byte.
+	fd := func(k uint8) []int {
+		switch k % 7 {
+		case 0:
+			return []int{memfd}
+		case 1:
+			return []int{efd}
+		case 2:
+			return []int{p[1]}
+		case 3:
+			ifMu.Lock()
+			defer ifMu.Unlock()
+			if inflightFD >= 0 {
+				return []int{inflightFD}
+			}
+			return []int{memfd}
+		case 4:
+			return []int{small}
+		case 5:
+			return []int{sp[1]}
+		}
+		return nil
+	}
+	r := &fuzzReader{b: data}
+	send := func(code ReqCode, pl Payload, fds []int) {
+		b := pl.AppendTo(nil)
+		msg := append(Header{Code: code, Flags: FlagVersion | FlagNeedReply, Size: uint32(len(b))}.AppendTo(nil), b...)
+		rc.Send(msg, fds)
+	}
+	// sync waits until the back end has handled every message sent so
+	// far: it answers GET_FEATURES in order.
+	sync := func() bool {
+		want := gfSent.Add(1)
+		rc.Send(Header{Code: ReqGetFeatures, Flags: FlagVersion}.AppendTo(nil), nil)
+		deadline := time.After(2 * time.Second)
+		for gfGot.Load() < want {
+			select {
+			case <-synced:
+			case <-drained:
+				return false
+			case <-deadline:
+				return false
+			}
+		}
+		return true
+	}
+	for n := 0; n < 64 && len(r.b) > 0; n++ {
+		code := fuzzOps[int(r.u8())%len(fuzzOps)]
+		if code == ReqGetFeatures {
+			gfSent.Add(1)
+		}
+		if os.Getenv("VHOST_FUZZ_TRACE") != "" {
+			t.Logf("op %v, %d bytes left", code, len(r.b))
+		}
+		switch code {
+		case ReqGetFeatures, ReqSetOwner, ReqResetDevice, ReqResetOwner:
+			send(code, NoPayload{}, nil)
+		case ReqSetFeatures, ReqSetProtocolFeatures, ReqSetStatus:
+			send(code, U64(r.u64()), nil)
+		case ReqSetMemTable, ReqAddMemReg, ReqRemMemReg:
+			k := r.u8()
+			reg := MemRegion{GPA: 0, Size: fuzzMemSize, UserAddr: fuzzUser}
+			if k&1 != 0 {
+				reg = MemRegion{GPA: uint64(r.u32()), Size: uint64(r.u32()), UserAddr: fuzzUser + uint64(r.u32()), Offset: uint64(r.u16())}
+			}
+			fds := fd(k >> 1)
+			if code == ReqSetMemTable {
+				send(code, MemTable{Regions: []MemRegion{reg}}, fds)
+			} else {
+				send(code, SingleMemRegion{Region: reg}, fds)
+			}
+		case ReqSetVringNum, ReqSetVringBase, ReqGetVringBase, ReqSetVringEnable:
+			q := uint32(r.u8() % 3)
+			v := uint32(r.u8())
+			if code == ReqSetVringNum {
+				v = 1 << (v % 16)
+			}
+			send(code, VringState{Index: q, Num: v}, nil)
+		case ReqSetVringAddr:
+			q := uint32(r.u8() % 3)
+			// Offsets in pages of the guest memory.
+			a := VringAddr{Index: q, Flags: uint32(r.u8() & 1), Desc: fuzzUser + uint64(r.u16())<<12,
+				Avail: fuzzUser + uint64(r.u16())<<12, Used: fuzzUser + uint64(r.u16())<<12}
+			a.Log = a.Used - fuzzUser
+			send(code, a, nil)
+		case ReqSetVringKick, ReqSetVringCall, ReqSetVringErr:
+			q := r.u8() % 3
+			fds := fd(r.u8())
+			send(code, VringFD{Index: q, NoFD: fds == nil}, fds)
+		case ReqSetLogBase:
+			k := r.u8()
+			send(code, LogDesc{Size: 4096 << (k % 4), Offset: 0}, fd(k>>2))
+		case ReqGetInflightFD:
+			send(code, InflightDesc{NumQueues: uint16(r.u8()%3 + 1), QueueSize: 1 << (r.u8() % 9)}, nil)
+		case ReqSetInflightFD:
+			k := r.u8()
+			send(code, InflightDesc{MmapSize: uint64(r.u16()) << 6, NumQueues: uint16(r.u8()%3 + 1), QueueSize: 1 << (r.u8() % 9)}, fd(k))
+		case ReqGetConfig, ReqSetConfig:
+			off, size := uint32(r.u8()%100), uint32(r.u8()%100)
+			send(code, ConfigMsg{Offset: off, Size: size, Flags: uint32(r.u8() & 1), Data: make([]byte, size)}, nil)
+		case ReqSetBackendReqFD:
+			send(code, NoPayload{}, fd(r.u8()))
+		case 0xfd: // garbage into guest memory (rings, descriptors), then kick
+			if !sync() {
+				return
+			}
+			off := int(r.u16()) << 4 % fuzzMemSize
+			n := int(r.u8())
+			if !truncated {
+				for i := 0; i < n && off+i < fuzzMemSize; i++ {
+					mem[off+i] = r.u8()
+				}
+			}
+			unix.Write(efd, le.AppendUint64(nil, 1))
+		case 0xfe: // shrink guest memory under the back end
+			if !sync() {
+				return
+			}
+			unix.Ftruncate(memfd, int64(r.u16())<<4)
+			truncated = true
+			unix.Write(efd, le.AppendUint64(nil, 1))
+		case 0xff: // raw bytes
+			n := int(r.u8() % 32)
+			b := make([]byte, 0, n)
+			for range n {
+				b = append(b, r.u8())
+			}
+			rc.Send(b, fd(r.u8()))
+		}
+	}
+	sync()
+	rc.Close()
+	<-drained
+	// The export serves the next front end: it answers GET_FEATURES.
+	next, err := DialRaw(ctx, socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer next.Close()
+	if err := next.Send(Header{Code: ReqGetFeatures, Flags: FlagVersion}.AppendTo(nil), nil); err != nil {
+		t.Fatal(err)
+	}
+	h, _, fds, err := next.Recv(10 * time.Second)
+	closeFDs(fds)
+	if err != nil || h.Code != ReqGetFeatures {
+		t.Fatalf("the export does not serve the next front end: %v", err)
+	}
+}
