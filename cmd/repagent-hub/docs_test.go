@@ -3,11 +3,10 @@ package main
 import (
 	"bytes"
 	"log/slog"
-	"os"
 	"regexp"
-	"strings"
 	"testing"
 
+	"github.com/vhostdm/vhostdm/internal/doccheck"
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/qmp"
 	"github.com/vhostdm/vhostdm/repagent/hub"
@@ -17,26 +16,8 @@ import (
 // repagent-hub: docs/REFERENCE.md must name every subcommand, flag, QMP
 // command and event of the hub.
 
-func reference(t *testing.T) string {
-	t.Helper()
-	b, err := os.ReadFile("../../docs/REFERENCE.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(b)
-}
-
-func mustMention(t *testing.T, doc, what string, names []string) {
-	t.Helper()
-	for _, n := range names {
-		if !strings.Contains(doc, "`"+n+"`") {
-			t.Errorf("docs/REFERENCE.md does not document %s `%s`", what, n)
-		}
-	}
-}
-
 func TestReferenceDocumentsHubCommandsAndFlags(t *testing.T) {
-	doc := reference(t)
+	doc := doccheck.Reference(t)
 	var names []string
 	for n, c := range commands {
 		names = append(names, "repagent-hub "+n)
@@ -53,11 +34,11 @@ func TestReferenceDocumentsHubCommandsAndFlags(t *testing.T) {
 	if len(names) < 10 {
 		t.Fatalf("found only %v", names)
 	}
-	mustMention(t, doc, "repagent-hub command or flag", names)
+	doccheck.MustMention(t, doc, "repagent-hub command or flag", names)
 }
 
 func TestReferenceDocumentsHubQMP(t *testing.T) {
-	doc := reference(t)
+	doc := doccheck.Reference(t)
 	h, err := hub.New(hub.Config{Store: t.TempDir(), Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
@@ -66,6 +47,6 @@ func TestReferenceDocumentsHubQMP(t *testing.T) {
 	m := mapper.NewManager(mapper.ManagerOptions{})
 	defer m.Close()
 	s := qmp.NewServer(qmp.Config{Manager: m, Extra: Commands(h, slog.New(slog.DiscardHandler))})
-	mustMention(t, doc, "repagent-hub QMP command", s.CommandNames())
-	mustMention(t, doc, "repagent-hub QMP event", []string{EventVolumeState})
+	doccheck.MustMention(t, doc, "repagent-hub QMP command", s.CommandNames())
+	doccheck.MustMention(t, doc, "repagent-hub QMP event", []string{EventVolumeState})
 }

@@ -10,34 +10,18 @@ import (
 	"testing"
 
 	"github.com/vhostdm/vhostdm/config"
+	"github.com/vhostdm/vhostdm/internal/doccheck"
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/metrics"
 	"github.com/vhostdm/vhostdm/qmp"
 )
 
-// reference is docs/REFERENCE.md, which must document every command, flag,
-// configuration key, QMP command, event, target and metric: these tests
-// fail when the code grows something the reference does not name.
-func reference(t *testing.T) string {
-	t.Helper()
-	b, err := os.ReadFile("../../docs/REFERENCE.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(b)
-}
-
-func mustMention(t *testing.T, doc, what string, names []string) {
-	t.Helper()
-	for _, n := range names {
-		if !strings.Contains(doc, "`"+n+"`") {
-			t.Errorf("docs/REFERENCE.md does not document %s `%s`", what, n)
-		}
-	}
-}
+// docs/REFERENCE.md must document every command, flag, configuration key,
+// QMP command, event, target and metric: these tests fail when the code
+// grows something the reference does not name.
 
 func TestReferenceDocumentsCommandsAndFlags(t *testing.T) {
-	doc := reference(t)
+	doc := doccheck.Reference(t)
 	var cmds []string
 	for n := range commands {
 		cmds = append(cmds, "vhostdm "+n)
@@ -52,16 +36,16 @@ func TestReferenceDocumentsCommandsAndFlags(t *testing.T) {
 			}
 		}
 	}
-	mustMention(t, doc, "command or flag", cmds)
+	doccheck.MustMention(t, doc, "command or flag", cmds)
 	var verbs []string
 	for v := range ctlVerbs {
 		verbs = append(verbs, "vhostdm ctl "+v)
 	}
-	mustMention(t, doc, "ctl verb", verbs)
+	doccheck.MustMention(t, doc, "ctl verb", verbs)
 }
 
 func TestReferenceDocumentsConfigKeys(t *testing.T) {
-	doc := reference(t)
+	doc := doccheck.Reference(t)
 	var keys []string
 	var walk func(prefix string, typ reflect.Type)
 	walk = func(prefix string, typ reflect.Type) {
@@ -91,27 +75,27 @@ func TestReferenceDocumentsConfigKeys(t *testing.T) {
 	if len(keys) < 15 {
 		t.Fatalf("found only %d configuration keys: %v", len(keys), keys)
 	}
-	mustMention(t, doc, "configuration key", keys)
+	doccheck.MustMention(t, doc, "configuration key", keys)
 }
 
 func TestReferenceDocumentsQMP(t *testing.T) {
-	doc := reference(t)
+	doc := doccheck.Reference(t)
 	s := qmp.NewServer(qmp.Config{Manager: mapper.NewManager(mapper.ManagerOptions{}),
 		Extra: []qmp.ExtraCommand{{Name: "reload-config", Run: func(map[string]string) (any, error) { return nil, nil }}}})
-	mustMention(t, doc, "QMP command", s.CommandNames())
-	mustMention(t, doc, "QMP event", []string{qmp.EventDM, qmp.EventDeviceResized, qmp.EventBlockExportDeleted,
+	doccheck.MustMention(t, doc, "QMP command", s.CommandNames())
+	doccheck.MustMention(t, doc, "QMP event", []string{qmp.EventDM, qmp.EventDeviceResized, qmp.EventBlockExportDeleted,
 		qmp.EventVhostUserConnected, qmp.EventVhostUserDisconnected})
 }
 
 func TestReferenceDocumentsTargetsAndMetrics(t *testing.T) {
-	doc := reference(t)
+	doc := doccheck.Reference(t)
 	var names []string
 	for _, tt := range mapper.TargetTypes() {
 		if !strings.Contains(tt.Name, "test") { // registered by tests
 			names = append(names, tt.Name)
 		}
 	}
-	mustMention(t, doc, "target", names)
+	doccheck.MustMention(t, doc, "target", names)
 	mfs, err := metrics.New().Registry().Gather()
 	if err != nil {
 		t.Fatal(err)
@@ -132,5 +116,5 @@ func TestReferenceDocumentsTargetsAndMetrics(t *testing.T) {
 			}
 		}
 	}
-	mustMention(t, doc, "metric", ms)
+	doccheck.MustMention(t, doc, "metric", ms)
 }

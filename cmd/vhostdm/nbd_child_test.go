@@ -13,22 +13,8 @@ import (
 	"github.com/vhostdm/vhostdm/vhost"
 )
 
-const persistConfig = `
-state-dir = "state"
-
-[qmp]
-socket = "qmp.sock"
-
-[[device]]
-name = "disk"
-table = "0 16384 linear disk.img 0"
-
-[[export]]
-id = "v0"
-device = "disk"
-socket = "v.sock"
-writable = true
-`
+// persistConfig is vhostNBDConfig with persistent bitmaps kept in state/.
+const persistConfig = "state-dir = \"state\"\n" + vhostNBDConfig
 
 // TestPersistentBitmapRestartAndCrash runs the real daemon: a persistent
 // bitmap keeps its bits across a clean stop (SIGTERM, exit 0) while a

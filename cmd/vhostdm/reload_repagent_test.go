@@ -1,14 +1,12 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -208,7 +206,7 @@ func TestReloadRotatesCertificate(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var logs syncLog
+	var logs syncBuffer
 	store := filepath.Join(dir, "store")
 	h, err := hub.New(hub.Config{Store: store, Name: "hub", TLS: hubTLS, Authorize: auth,
 		Logger: slog.New(slog.NewTextHandler(&logs, nil))})
@@ -281,26 +279,8 @@ func TestReloadRotatesCertificate(t *testing.T) {
 	}
 }
 
-// syncLog collects log lines from several goroutines.
-type syncLog struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *syncLog) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *syncLog) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
-
 // has reports whether one line holds every one of want.
-func (l *syncLog) has(want ...string) bool {
+func (l *syncBuffer) has(want ...string) bool {
 	for _, line := range strings.Split(l.String(), "\n") {
 		ok := true
 		for _, w := range want {
