@@ -132,6 +132,9 @@ type Metrics struct {
 //	tls-key = "vm1.key"
 //	tls-ca = "ca.crt"
 //	queue-size = "64m"
+//	activity-log = "vm1.actlog"
+//	al-extents = 1237
+//	al-extent-size = "4m"
 type RepAgent struct {
 	Hub       string `toml:"hub"`        // host:port
 	VM        string `toml:"vm"`         // the VM's name at the hub
@@ -141,9 +144,20 @@ type RepAgent struct {
 	TLSCA     string `toml:"tls-ca"`     //
 	Insecure  bool   `toml:"insecure"`   // plain TCP to a non-loopback hub
 	QueueSize string `toml:"queue-size"` // mirror queue bound, default 64m
+	// ActivityLog is the file of the agent's activity log of hot
+	// extents, resolved against the file's directory; default
+	// "VM.actlog" beside the file; "none" turns it off (a crash then
+	// resyncs every protected volume in full).
+	ActivityLog  string `toml:"activity-log"`
+	ALExtents    int    `toml:"al-extents"`     // hot extents at most, default 1237
+	ALExtentSize string `toml:"al-extent-size"` // extent size, a power of two, default 4m
 
 	// QueueBytes is QueueSize parsed.
 	QueueBytes int64 `toml:"-"`
+	// ALPath is ActivityLog resolved ("" when off); ALExtentBytes is
+	// ALExtentSize parsed (0: the default).
+	ALPath        string `toml:"-"`
+	ALExtentBytes uint64 `toml:"-"`
 }
 
 // FallBehind is a parsed fall-behind threshold; zero fields are unset.
@@ -406,12 +420,13 @@ func (c *Config) validate(v *validator) {
 			v.errAt(key+".protect", "replication settings need a [repagent] hub")
 		}
 	}
-	c.RepAgent.validate(v)
+	c.RepAgent.validate(c, v)
 }
 
-func (r *RepAgent) validate(v *validator) {
+func (r *RepAgent) validate(c *Config, v *validator) {
 	if r.Hub == "" {
-		if r.VM != "" || r.TLSCert != "" || r.TLSKey != "" || r.TLSCA != "" || r.QueueSize != "" || r.UUID != "" || r.Insecure {
+		if r.VM != "" || r.TLSCert != "" || r.TLSKey != "" || r.TLSCA != "" || r.QueueSize != "" || r.UUID != "" || r.Insecure ||
+			r.ActivityLog != "" || r.ALExtents != 0 || r.ALExtentSize != "" {
 			v.errAt("repagent.hub", "missing hub address")
 		}
 		return
@@ -438,6 +453,27 @@ func (r *RepAgent) validate(v *validator) {
 			v.errAt("repagent.queue-size", "%q: want a size such as 64m, at most 1t", r.QueueSize)
 		} else {
 			r.QueueBytes = int64(q)
+		}
+	}
+	switch r.ActivityLog {
+	case "none":
+		r.ALPath = ""
+	case "":
+		if r.VM != "" {
+			r.ALPath = c.Path(r.VM + ".actlog")
+		}
+	default:
+		r.ALPath = c.Path(r.ActivityLog)
+	}
+	if r.ALExtents < 0 || r.ALExtents > 65534 {
+		v.errAt("repagent.al-extents", "%d: want 1 to 65534", r.ALExtents)
+	}
+	if r.ALExtentSize != "" {
+		q, err := ParseSize(r.ALExtentSize)
+		if err != nil || q < 4096 || q > 1<<30 || q&(q-1) != 0 {
+			v.errAt("repagent.al-extent-size", "%q: want a power of two from 4k to 1g", r.ALExtentSize)
+		} else {
+			r.ALExtentBytes = q
 		}
 	}
 }

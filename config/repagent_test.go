@@ -49,6 +49,17 @@ allow-remote-write = true
 	if err != nil || c.RepAgent.QueueBytes != config.DefaultQueueSize {
 		t.Errorf("default queue size: %v %+v", err, c.RepAgent)
 	}
+	if c.RepAgent.ALPath != "/tmp/v.actlog" || c.RepAgent.ALExtents != 0 || c.RepAgent.ALExtentBytes != 0 {
+		t.Errorf("default activity log: %+v", c.RepAgent)
+	}
+	c, err = config.Parse([]byte(repagentBase+"[repagent]\nhub = \"[::1]:7\"\nvm = \"v\"\nactivity-log = \"state/al\"\nal-extents = 64\nal-extent-size = \"1m\"\n"), "vm.toml", "/tmp")
+	if err != nil || c.RepAgent.ALPath != "/tmp/state/al" || c.RepAgent.ALExtents != 64 || c.RepAgent.ALExtentBytes != 1<<20 {
+		t.Errorf("activity log: %v %+v", err, c.RepAgent)
+	}
+	c, err = config.Parse([]byte(repagentBase+"[repagent]\nhub = \"[::1]:7\"\nvm = \"v\"\nactivity-log = \"none\"\n"), "vm.toml", "/tmp")
+	if err != nil || c.RepAgent.ALPath != "" {
+		t.Errorf("activity log off: %v %+v", err, c.RepAgent)
+	}
 }
 
 func TestRepAgentConfigErrors(t *testing.T) {
@@ -69,6 +80,9 @@ func TestRepAgentConfigErrors(t *testing.T) {
 		{"fall-behind size", hub + exp("fall-behind = \"size 5q\"\n"), `size "5q"`},
 		{"fall-behind timeout", hub + exp("fall-behind = \"timeout 5y\"\n"), "timeout must be a positive integer"},
 		{"unknown key", hub + "queue = 1\n", "repagent.queue: unknown key"},
+		{"al-extents", hub + "al-extents = 70000\n", "vm.toml:9: repagent.al-extents: 70000: want 1 to 65534"},
+		{"al-extent-size", hub + "al-extent-size = \"3m\"\n", `repagent.al-extent-size: "3m": want a power of two from 4k to 1g`},
+		{"activity log without hub", "\n[repagent]\nactivity-log = \"x\"\n", "repagent.hub: missing hub address"},
 		{"protect and remote write", hub + exp("protect = true\nallow-remote-write = true\n"), "vm.toml:15: export[0].allow-remote-write: not with protect = true"},
 	}
 	for _, tc := range tests {

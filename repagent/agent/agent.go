@@ -12,11 +12,13 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/RoaringBitmap/roaring/v2"
 
 	"github.com/vhostdm/vhostdm/mapper"
+	"github.com/vhostdm/vhostdm/repagent/agent/actlog"
 	"github.com/vhostdm/vhostdm/repagent/wire"
 )
 
@@ -64,6 +66,10 @@ type Config struct {
 	// disconnect are not put into the dirty bitmaps: MirrorWrite and Sync
 	// fail until Sync has reported the loss.
 	Group bool
+	// ActivityLog, when its Path is set, keeps the hot extents of the
+	// protected volumes on disk (not for a Group), so that after a crash
+	// only those are resynchronised.
+	ActivityLog ActivityLog
 
 	// Dial, when set, replaces the TCP dialer (TLS is still layered on
 	// top); tests use it to cut and restore the link.
@@ -128,6 +134,15 @@ type Agent struct {
 	runMu   sync.Mutex
 	cancel  context.CancelFunc
 	runDone chan struct{}
+
+	// The activity log; nil without one. Immutable after New but for
+	// alRec (a.mu) and alLost.
+	al      *actlog.Log
+	alPath  string
+	alVols  map[string]int // log volume index by name
+	alSizes []uint64
+	alRec   map[string]actlog.VolumeRecovery // not yet given to an Attach
+	alLost  atomic.Bool
 }
 
 // qitem is a queued frame: a mirrored write or a dirty map.
@@ -142,6 +157,7 @@ type qitem struct {
 	sector, sectors uint64
 	extents         []wire.Extent
 	done            chan struct{} // closed on ack or disconnect; sync mode only
+	alFull          bool          // the DIRTY_MAP that ends a full resync the activity log asked for
 }
 
 // agentVolume is an attached volume; it implements Device.
@@ -165,6 +181,9 @@ type agentVolume struct {
 	sync     bool
 	stats    VolumeStats
 	cancel   func()
+	alVol    int        // index in the activity log; -1: not logged
+	alFull   bool       // the activity log asks for a full resync, not yet sent
+	resync   ResyncInfo // why the agent last asked for a resync
 }
 
 // VolumeStats counts what the agent did for a volume.
@@ -189,7 +208,11 @@ type VolumeStatus struct {
 	BacklogBytes int64
 	BacklogAge   time.Duration // age of the oldest unacknowledged write; 0 without one
 	DirtyRegions uint64
-	Stats        VolumeStats
+	// Resync says why the agent last asked the hub for a resync of the
+	// volume (after a crash, an overflow, a disconnect) and how many
+	// bytes it covered; Stats.RemoteBytes counts what the hub read.
+	Resync ResyncInfo
+	Stats  VolumeStats
 }
 
 // Status is a snapshot of the agent.
@@ -197,7 +220,18 @@ type Status struct {
 	Connected bool
 	Connects  int    // connections made so far
 	Acked     uint64 // highest sequence number the hub acknowledged
-	Volumes   []VolumeStatus
+	Session   uint64 // the session number in HELLO
+	// ActivityLog is the activity log's state; nil without one.
+	ActivityLog *ActivityLogStatus
+	Volumes     []VolumeStatus
+}
+
+// ActivityLogStatus is the activity log in Status.
+type ActivityLogStatus struct {
+	Path string
+	// Lost is true after the log failed: a crash resyncs in full.
+	Lost bool
+	actlog.Stats
 }
 
 // New checks cfg and returns an agent; Run connects it.
@@ -248,6 +282,14 @@ func New(cfg Config) (*Agent, error) {
 		vols: map[string]*agentVolume{}, byID: map[uint64]*agentVolume{}, nextSeq: 1,
 		hub: cfg.Hub, tls: cfg.TLS}
 	a.cond = sync.NewCond(&a.mu)
+	if cfg.ActivityLog.Path != "" && !cfg.Group {
+		if err := a.openActivityLog(cfg.ActivityLog); err != nil {
+			return nil, fmt.Errorf("repagent: %w", err)
+		}
+		for _, v := range cfg.ActivityLog.Volumes {
+			a.alSizes = append(a.alSizes, v.Size)
+		}
+	}
 	return a, nil
 }
 
@@ -295,6 +337,7 @@ func (a *Agent) Attach(name string, dev Device, o VolumeOptions) (Device, error)
 	v := &agentVolume{a: a, name: name, dev: dev, opts: o, dirty: roaring.New(),
 		log: a.log.With("volume", name)}
 	v.rl.init()
+	a.attachActivity(v)
 	v.cancel = dev.OnResize(func(_, _ uint64) {
 		a.mu.Lock()
 		a.reported = false
@@ -345,7 +388,10 @@ func (a *Agent) Detach(name string) {
 func (a *Agent) Status() Status {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	s := Status{Connected: a.conn != nil, Connects: a.connects, Acked: a.acked}
+	s := Status{Connected: a.conn != nil, Connects: a.connects, Acked: a.acked, Session: a.session}
+	if a.al != nil {
+		s.ActivityLog = &ActivityLogStatus{Path: a.alPath, Lost: a.alLost.Load(), Stats: a.al.Stats()}
+	}
 	now := time.Now()
 	for _, n := range a.order {
 		v := a.vols[n]
@@ -355,7 +401,7 @@ func (a *Agent) Status() Status {
 		}
 		s.Volumes = append(s.Volumes, VolumeStatus{Name: n, ID: v.id, Protect: v.opts.Protect,
 			Mirroring: v.mirror, Sync: v.sync, BacklogIOs: v.pendIOs, BacklogBytes: v.pendB, BacklogAge: age,
-			DirtyRegions: v.dirty.GetCardinality(), Stats: v.stats})
+			DirtyRegions: v.dirty.GetCardinality(), Resync: v.resync, Stats: v.stats})
 	}
 	return s
 }
@@ -366,11 +412,19 @@ func (v *agentVolume) Submit(r *mapper.Request) error {
 	if !r.Op.IsWrite() || !v.opts.Protect {
 		return v.dev.Submit(r)
 	}
+	// Recorded in the activity log before the write may change anything.
+	tok, logged := v.a.alBegin(v, r.Sector, r.Sectors)
 	// Overlapping writes are ordered: the local order is the mirror order.
 	v.rl.lock(r.Sector, r.Sectors)
 	err := v.dev.Submit(r)
-	done := v.a.mirror(v, r, err)
+	seq, dirty, done := v.a.mirror(v, r, err)
 	v.rl.unlock(r.Sector, r.Sectors)
+	if logged {
+		if dirty {
+			v.a.alHold(v, r.Sector, r.Sectors)
+		}
+		v.a.al.End(tok, seq)
+	}
 	if done != nil {
 		<-done
 	}
@@ -387,8 +441,10 @@ func (v *agentVolume) ReadOnly() bool { return v.dev.ReadOnly() }
 func (v *agentVolume) OnResize(fn func(oldSize, newSize uint64)) func() { return v.dev.OnResize(fn) }
 
 // mirror queues the copy of a completed write, or records it as dirty. It
-// returns a channel to wait on when the volume mirrors synchronously.
-func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) chan struct{} {
+// returns the sequence number of its last frame, whether it went to the
+// dirty bitmap instead, and a channel to wait on when the volume mirrors
+// synchronously.
+func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, bool, chan struct{}) {
 	var data []byte
 	if ioErr == nil && r.Op == mapper.OpWrite {
 		data = make([]byte, 0, r.Bytes())
@@ -400,18 +456,18 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) chan stru
 	defer a.mu.Unlock()
 	if !a.canMirror(v) {
 		v.markDirty(r.Sector, r.Sectors)
-		return nil
+		return 0, true, nil
 	}
 	bytes := int64(len(data))
 	for a.queueBytes > 0 && a.queueBytes+bytes > a.cfg.QueueBytes {
 		if !v.sync {
 			v.markDirty(r.Sector, r.Sectors)
-			return nil
+			return 0, true, nil
 		}
 		a.cond.Wait() // synchronous: wait for room
 		if !a.canMirror(v) {
 			v.markDirty(r.Sector, r.Sectors)
-			return nil
+			return 0, true, nil
 		}
 	}
 	now := time.Now()
@@ -427,9 +483,9 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) chan stru
 	if v.sync {
 		v.stats.SyncWrites++
 		last.done = make(chan struct{})
-		return last.done
+		return last.seq, false, last.done
 	}
-	return nil
+	return last.seq, false, nil
 }
 
 // queueWrite queues the PROTECTED_WRITE frames of one write and returns
@@ -515,11 +571,17 @@ func (a *Agent) ack(seq uint64) {
 		return
 	}
 	a.acked = seq
+	if a.al != nil {
+		a.al.Ack(seq)
+	}
 	now := time.Now()
 	for _, v := range a.vols {
 		k := 0
 		for k < len(v.pending) && v.pending[k].seq <= seq {
 			it := v.pending[k]
+			if !it.write && it.msg != nil && a.al != nil {
+				a.alDirtyMapAcked(v, it)
+			}
 			a.release(v, it)
 			k++
 		}
@@ -560,8 +622,10 @@ func (a *Agent) disconnected() {
 				a.lost = a.lost || it.write
 			} else if it.write {
 				wire.AddSectors(v.dirty, it.sector, it.sectors, a.cfg.RegionSectors)
+				a.alHold(v, it.sector, it.sectors)
 			} else {
 				wire.AddExtents(v.dirty, it.extents, a.cfg.RegionSectors, a.cfg.RegionSectors, wire.MaxTrackedRegions)
+				v.alFull = v.alFull || it.alFull
 			}
 			a.release(v, it)
 		}
@@ -591,6 +655,9 @@ func (a *Agent) queueDirtyMap(v *agentVolume, initial bool) {
 		a.nextSeq++
 		a.queue = append(a.queue, it)
 		v.pending = append(v.pending, it)
+		if len(exts) == 0 {
+			it.alFull, v.alFull = v.alFull, false
+		}
 	}
 	a.cond.Broadcast()
 }
@@ -1187,6 +1254,19 @@ func (a *Agent) Close() error {
 		err = errors.New("repagent: queue not drained: unclean shutdown")
 	}
 	a.Abort()
+	if a.al != nil {
+		// Clean only when the hub has everything: the next start then
+		// resyncs nothing.
+		clean, cerr := a.al.Close()
+		switch {
+		case cerr != nil && !errors.Is(cerr, actlog.ErrClosed):
+			a.log.Warn("activity log", "err", cerr)
+		case clean:
+			a.log.Info("activity log closed clean", "path", a.alPath)
+		case !a.alLost.Load():
+			a.log.Warn("activity log left dirty: the next start resyncs its hot extents", "path", a.alPath)
+		}
+	}
 	return err
 }
 
