@@ -1,12 +1,14 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -183,4 +185,126 @@ func TestReloadKeepsProtection(t *testing.T) {
 	if n := len(d.ex.List()); n != 2 {
 		t.Errorf("%d exports after the hub moved", n)
 	}
+}
+
+// TestReloadRotatesCertificate: new contents of the same [repagent] TLS
+// files (a renewed certificate) make the agent reconnect with them on
+// reload; the hub sees the new identity and protection goes on.
+func TestReloadRotatesCertificate(t *testing.T) {
+	dir := t.TempDir()
+	ca := reptest.NewCA(t, "ca")
+	_, hubFiles := ca.Issue(t, dir, "hub", true)
+	_, old := ca.Issue(t, dir, "host1", false)
+	_, renewed := ca.Issue(t, dir, "host2", false)
+	hubTLS, err := hubFiles.TLSConfig(true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	auth, err := hub.ParseAuthorizations(strings.NewReader("host1 vm1\nhost2 vm1\n"), "authorize")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs syncLog
+	store := filepath.Join(dir, "store")
+	h, err := hub.New(hub.Config{Store: store, Name: "hub", TLS: hubTLS, Authorize: auth,
+		Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := h.Listen("127.0.0.1:0", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hctx, hcancel := context.WithCancel(context.Background())
+	served := make(chan struct{})
+	go func() { defer close(served); h.Serve(hctx, ln) }()
+	t.Cleanup(func() { hcancel(); h.Close(); <-served })
+
+	// The agent's files: copies it will find replaced.
+	cp := func(src, dst string) {
+		b, err := os.ReadFile(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, dst), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cp(old.Cert, "agent.crt")
+	cp(old.Key, "agent.key")
+	cp(old.CA, "ca.crt")
+	os.WriteFile(filepath.Join(dir, "root.img"), reptest.Pattern(4, 4<<20), 0o600)
+	text := fmt.Sprintf(reloadRepConfig, ln.Addr().String(), "protect = true\n")
+	text = strings.Replace(text, `vm = "vm1"`, "vm = \"vm1\"\ntls-cert = \"agent.crt\"\ntls-key = \"agent.key\"\ntls-ca = \"ca.crt\"", 1)
+	path := writeConfig(t, dir, text)
+	c, err := config.Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	d, err := startDaemon(ctx, c, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	images := map[string]string{"root0": filepath.Join(dir, "root.img")}
+	waitReplicated(t, d, h, store, images)
+	if !logs.has("agent connected", "identity=host1") {
+		t.Fatalf("the hub did not see host1:\n%s", logs.String())
+	}
+
+	// An unchanged file: no reconnect.
+	if err := d.reloadConfig(path); err != nil {
+		t.Fatal(err)
+	}
+	// The certificate is renewed in place.
+	cp(renewed.Cert, "agent.crt")
+	cp(renewed.Key, "agent.key")
+	if err := d.reloadConfig(path); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for !logs.has("agent connected", "identity=host2") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the agent did not reconnect with the renewed certificate:\n%s", logs.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	waitReplicated(t, d, h, store, images)
+	if n := d.agent.Status().Connects; n != 2 {
+		t.Errorf("the agent connected %d times, want 2", n)
+	}
+}
+
+// syncLog collects log lines from several goroutines.
+type syncLog struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (l *syncLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(p)
+}
+
+func (l *syncLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
+}
+
+// has reports whether one line holds every one of want.
+func (l *syncLog) has(want ...string) bool {
+	for _, line := range strings.Split(l.String(), "\n") {
+		ok := true
+		for _, w := range want {
+			ok = ok && strings.Contains(line, w)
+		}
+		if ok {
+			return true
+		}
+	}
+	return false
 }

@@ -284,7 +284,7 @@ func TestConnectionCaps(t *testing.T) {
 	if !held(a1) || !held(a2) {
 		t.Fatal("connections under the caps were closed")
 	}
-	if a3 := dialFrom("127.0.0.1"); held(a3) {
+	if a3 := dialFrom("127.0.0.1"); !closedWithin(a3, 5*time.Second) {
 		t.Errorf("a third connection from one address was kept with a per-peer cap of 2")
 	}
 	waitLog(t, &logs, "connection refused", "peer=127.0.0.1", "maximum per peer")
@@ -292,7 +292,7 @@ func TestConnectionCaps(t *testing.T) {
 	if !held(b1) || !held(b2) {
 		t.Fatal("connections from another address were closed under the total cap")
 	}
-	if c1 := dialFrom("127.0.0.3"); held(c1) {
+	if c1 := dialFrom("127.0.0.3"); !closedWithin(c1, 5*time.Second) {
 		t.Errorf("a fifth connection was kept with a total cap of 4")
 	}
 	// Room again once one goes.

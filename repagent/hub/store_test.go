@@ -139,7 +139,7 @@ func TestStorePreallocates(t *testing.T) {
 	if alloc := fi.Sys().(*syscall.Stat_t).Blocks * 512; alloc < a.Size {
 		t.Errorf("replica of %d bytes has %d bytes allocated, want it preallocated", a.Size, alloc)
 	}
-	time.Sleep(500 * time.Millisecond) // a few retries
+	time.Sleep(time.Second) // a few retries
 	if got := r.HubVolumes()["data"]; got.State != hub.StateStoreError || got.StoreErrors < 2 {
 		t.Errorf("data: %s after %d store errors, want store-error retried", got.State, got.StoreErrors)
 	}
