@@ -115,6 +115,10 @@ type Export struct {
 	// write the volume (recovery-side VMs only).
 	Protect          bool   `toml:"protect"`
 	FallBehind       string `toml:"fall-behind"`
+	// OnHubLoss is what happens to writes past the fall-behind threshold
+	// while the hub is away: "continue" (default: the dirty map) or
+	// "suspend" (held until the hub is back).
+	OnHubLoss        string `toml:"on-hub-loss"`
 	AllowRemoteWrite bool   `toml:"allow-remote-write"`
 }
 
@@ -421,6 +425,42 @@ func (c *Config) validate(v *validator) {
 		}
 	}
 	c.RepAgent.validate(c, v)
+	c.validateFallBehind(v)
+}
+
+// validateFallBehind refuses thresholds that can never trigger: a
+// protected volume's backlog never exceeds its share of the mirror queue
+// (queue-size divided among the protected exports).
+func (c *Config) validateFallBehind(v *validator) {
+	n := 0
+	for _, e := range c.Exports {
+		if e.Protect {
+			n++
+		}
+	}
+	for i, e := range c.Exports {
+		key := fmt.Sprintf("export[%d]", i)
+		switch e.OnHubLoss {
+		case "", "continue", "suspend":
+		default:
+			v.errAt(key+".on-hub-loss", "%q: want \"continue\" or \"suspend\"", e.OnHubLoss)
+		}
+		fb, err := ParseFallBehind(e.FallBehind)
+		if err != nil || c.RepAgent.Hub == "" {
+			continue
+		}
+		if e.OnHubLoss == "suspend" && fb == (FallBehind{}) {
+			v.errAt(key+".on-hub-loss", "\"suspend\" needs a fall-behind threshold: without one it never applies")
+		}
+		if !e.Protect || n == 0 || c.RepAgent.QueueBytes <= 0 {
+			continue
+		}
+		share := uint64(c.RepAgent.QueueBytes) / uint64(n)
+		if fb.Bytes >= share {
+			v.errAt(key+".fall-behind", "%q (%d bytes) can never trigger: the volume's backlog is bounded by its share of the mirror queue, %d bytes (queue-size %d bytes / %d protected exports); use a smaller size or a larger queue-size",
+				e.FallBehind, fb.Bytes, share, c.RepAgent.QueueBytes, n)
+		}
+	}
 }
 
 func (r *RepAgent) validate(c *Config, v *validator) {

@@ -93,7 +93,8 @@ func repOptions(c *config.Config) map[string]agent.VolumeOptions {
 	opts := map[string]agent.VolumeOptions{}
 	for _, e := range c.Exports {
 		fb, _ := config.ParseFallBehind(e.FallBehind) // validated by config
-		opts[e.ID] = agent.VolumeOptions{Protect: e.Protect, AllowRemoteWrite: e.AllowRemoteWrite, FallBehind: agent.FallBehind(fb)}
+		opts[e.ID] = agent.VolumeOptions{Protect: e.Protect, AllowRemoteWrite: e.AllowRemoteWrite, FallBehind: agent.FallBehind(fb),
+			OnHubLoss: agent.OnHubLoss(e.OnHubLoss)}
 	}
 	return opts
 }

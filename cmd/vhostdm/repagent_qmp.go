@@ -13,6 +13,7 @@ type agentStatus struct {
 	Connects    int                 `json:"connects"`
 	Acked       uint64              `json:"acked-seq"`
 	Session     string              `json:"session"`
+	RPO         float64             `json:"rpo"`
 	ActivityLog *activityLogStatus  `json:"activity-log,omitempty"`
 	Volumes     []agentVolumeStatus `json:"volumes"`
 }
@@ -42,6 +43,11 @@ type agentVolumeStatus struct {
 	RemoteBytes  uint64  `json:"remote-read-bytes"`
 	Mirrored     uint64  `json:"mirrored-writes"`
 	Dirtied      uint64  `json:"dirtied-writes"`
+	RPO          float64 `json:"rpo"`
+	Overflows    uint64  `json:"overflows"`
+	Suspended    uint64  `json:"suspended-writes"`
+	ResyncReqs   uint64  `json:"resync-requests"`
+	ResyncTotal  uint64  `json:"resync-requested-bytes"`
 }
 
 // qmpQueryRepagent answers query-repagent.
@@ -51,7 +57,7 @@ func (d *daemon) qmpQueryRepagent(map[string]string) (any, error) {
 	}
 	s := d.agent.Status()
 	out := agentStatus{VM: d.repVM, Connected: s.Connected, Connects: s.Connects, Acked: s.Acked,
-		Session: fmt.Sprintf("%016x", s.Session), Volumes: []agentVolumeStatus{}}
+		Session: fmt.Sprintf("%016x", s.Session), RPO: s.RPO.Seconds(), Volumes: []agentVolumeStatus{}}
 	if al := s.ActivityLog; al != nil {
 		out.ActivityLog = &activityLogStatus{Path: al.Path, Lost: al.Lost, Hot: al.Hot, Capacity: al.Capacity,
 			Transactions: al.Transactions, Evictions: al.Evictions, Waits: al.Waits}
@@ -60,7 +66,9 @@ func (d *daemon) qmpQueryRepagent(map[string]string) (any, error) {
 		out.Volumes = append(out.Volumes, agentVolumeStatus{Volume: v.Name, Protect: v.Protect, Mirroring: v.Mirroring,
 			Sync: v.Sync, BacklogIOs: v.BacklogIOs, BacklogBytes: v.BacklogBytes, BacklogAge: v.BacklogAge.Seconds(),
 			DirtyRegions: v.DirtyRegions, ResyncReason: v.Resync.Reason, ResyncBytes: v.Resync.Bytes,
-			RemoteReads: v.Stats.RemoteReads, RemoteBytes: v.Stats.RemoteBytes, Mirrored: v.Stats.Mirrored, Dirtied: v.Stats.Dirtied})
+			RemoteReads: v.Stats.RemoteReads, RemoteBytes: v.Stats.RemoteBytes, Mirrored: v.Stats.Mirrored, Dirtied: v.Stats.Dirtied,
+			RPO: v.RPO.Seconds(), Overflows: v.Stats.Overflows, Suspended: v.Stats.Suspended,
+			ResyncReqs: v.Stats.ResyncRequests, ResyncTotal: v.Stats.ResyncBytes})
 	}
 	return out, nil
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/vhostdm/vhostdm/repagent/agent/actlog"
 	"github.com/vhostdm/vhostdm/repagent/wire"
@@ -157,6 +158,7 @@ func (a *Agent) attachActivity(v *agentVolume) {
 	default:
 		return
 	}
+	v.noteDirty(time.Now(), v.resync.Reason)
 	v.log.Warn("resync after restart", "reason", v.resync.Reason, "bytes", v.resync.Bytes)
 }
 

@@ -93,7 +93,23 @@ type VolumeOptions struct {
 	Protect          bool // mirror writes to the hub
 	FallBehind       FallBehind
 	AllowRemoteWrite bool // the hub may write with REMOTE_IO_REQ
+	// OnHubLoss is what happens to the guest's writes while the hub is
+	// away and the volume is past its fall-behind threshold (counting
+	// its dirty map): OnHubLossContinue (the default) records them in
+	// the dirty map, OnHubLossSuspend holds their completion until the
+	// hub is back and has acknowledged them. Either is logged at WARN.
+	OnHubLoss OnHubLoss
 }
+
+// OnHubLoss is a volume's policy for writes past its fall-behind
+// threshold while the hub is away (dm-replicator's and DRBD's fencing).
+type OnHubLoss string
+
+// The OnHubLoss policies.
+const (
+	OnHubLossContinue OnHubLoss = "continue"
+	OnHubLossSuspend  OnHubLoss = "suspend"
+)
 
 // Agent runs inside vhostdm: it reports volumes to the hub, mirrors the
 // writes of protected ones, and serves the hub's remote IO.
@@ -130,6 +146,8 @@ type Agent struct {
 	connects   int
 	consistent bool // Group: the source's last SetConsistent
 	lost       bool // Group: unacknowledged writes died with a connection
+	dmWanted   bool // a mirrored volume overflowed: send its dirty map now
+	stopped    bool // Abort: held writes stop waiting
 
 	runMu   sync.Mutex
 	cancel  context.CancelFunc
@@ -184,6 +202,15 @@ type agentVolume struct {
 	alVol    int        // index in the activity log; -1: not logged
 	alFull   bool       // the activity log asks for a full resync, not yet sent
 	resync   ResyncInfo // why the agent last asked for a resync
+	// dirtySince is when the oldest region of the dirty bitmap became
+	// dirty (zero when empty), dirtyReason why the first one did.
+	dirtySince  time.Time
+	dirtyReason string
+	overflowing bool   // writes overflow the queue (logged once per episode)
+	ovWrites    uint64 // written to the dirty bitmap in this episode
+	ovBytes     uint64
+	awayIOs     uint64 // writes dirtied since mirroring last stopped
+	awayWarned  bool   // the on-hub-loss policy was logged for this outage
 }
 
 // VolumeStats counts what the agent did for a volume.
@@ -195,6 +222,10 @@ type VolumeStats struct {
 	SyncEntered     uint64 // times the volume switched to synchronous mirroring
 	RemoteReads     uint64 // REMOTE_IO_REQ reads served
 	RemoteBytes     uint64 // bytes they returned
+	Overflows       uint64 // times the queue (or the volume's share) overflowed
+	Suspended       uint64 // writes held while the hub was away (on-hub-loss = suspend)
+	ResyncRequests  uint64 // non-empty DIRTY_MAPs sent
+	ResyncBytes     uint64 // the bytes of their regions
 }
 
 // VolumeStatus is one volume in Status.
@@ -212,6 +243,10 @@ type VolumeStatus struct {
 	// volume (after a crash, an overflow, a disconnect) and how many
 	// bytes it covered; Stats.RemoteBytes counts what the hub read.
 	Resync ResyncInfo
+	// RPO is the age of the oldest write acknowledged to the guest that
+	// the hub has not acknowledged (mirrored, or in the dirty map,
+	// whether or not the hub is connected); 0 when it has all of them.
+	RPO time.Duration
 	Stats  VolumeStats
 }
 
@@ -221,6 +256,9 @@ type Status struct {
 	Connects  int    // connections made so far
 	Acked     uint64 // highest sequence number the hub acknowledged
 	Session   uint64 // the session number in HELLO
+	// RPO is the largest of the volumes' RPO: the age of the oldest
+	// write acknowledged to the guest that the hub has not acknowledged.
+	RPO time.Duration
 	// ActivityLog is the activity log's state; nil without one.
 	ActivityLog *ActivityLogStatus
 	Volumes     []VolumeStatus
@@ -395,13 +433,17 @@ func (a *Agent) Status() Status {
 	now := time.Now()
 	for _, n := range a.order {
 		v := a.vols[n]
-		var age time.Duration
+		var age, rpo time.Duration
 		if t := v.oldest(); !t.IsZero() {
 			age = now.Sub(t)
 		}
+		if t := v.rpoSince(); !t.IsZero() {
+			rpo = now.Sub(t)
+		}
 		s.Volumes = append(s.Volumes, VolumeStatus{Name: n, ID: v.id, Protect: v.opts.Protect,
 			Mirroring: v.mirror, Sync: v.sync, BacklogIOs: v.pendIOs, BacklogBytes: v.pendB, BacklogAge: age,
-			DirtyRegions: v.dirty.GetCardinality(), Resync: v.resync, Stats: v.stats})
+			DirtyRegions: v.dirty.GetCardinality(), Resync: v.resync, RPO: rpo, Stats: v.stats})
+		s.RPO = max(s.RPO, rpo)
 	}
 	return s
 }
@@ -454,21 +496,45 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if !a.canMirror(v) {
-		v.markDirty(r.Sector, r.Sectors)
-		return 0, true, nil
-	}
 	bytes := int64(len(data))
-	for a.queueBytes > 0 && a.queueBytes+bytes > a.cfg.QueueBytes {
+	for !a.canMirror(v) {
+		now := time.Now()
+		if v.opts.OnHubLoss != OnHubLossSuspend || a.stopped || v.detached || !v.behindAway(now) {
+			if !v.awayWarned && v.opts.OnHubLoss == OnHubLossContinue && !v.opts.FallBehind.IsZero() && v.behindAway(now) {
+				v.awayWarned = true
+				v.log.Warn("hub away and past the fall-behind threshold: writes go to the dirty map (on-hub-loss = continue)",
+					"dirty_bytes", v.dirtyBytes(), "dirty_age", v.dirtyAge(now))
+			}
+			v.awayIOs++
+			v.markDirty(r.Sector, r.Sectors, "writes while the hub was away")
+			return 0, true, nil
+		}
+		if !v.awayWarned {
+			v.awayWarned = true
+			v.log.Warn("hub away and past the fall-behind threshold: holding guest writes until it returns (on-hub-loss = suspend)",
+				"dirty_bytes", v.dirtyBytes(), "dirty_age", v.dirtyAge(now))
+		}
+		v.stats.Suspended++
+		a.cond.Wait()
+		if a.canMirror(v) {
+			v.sync = true // past the threshold: the held write waits for the hub's ack
+		}
+	}
+	share := a.share()
+	for a.queueBytes > 0 && (a.queueBytes+bytes > a.cfg.QueueBytes || v.pendB+bytes > share) {
 		if !v.sync {
-			v.markDirty(r.Sector, r.Sectors)
+			a.overflow(v, r.Sector, r.Sectors, bytes, share)
 			return 0, true, nil
 		}
 		a.cond.Wait() // synchronous: wait for room
 		if !a.canMirror(v) {
-			v.markDirty(r.Sector, r.Sectors)
+			v.markDirty(r.Sector, r.Sectors, "writes while the hub was away")
 			return 0, true, nil
 		}
+	}
+	if v.overflowing {
+		v.overflowing = false
+		v.log.Warn("mirror queue has room again: writes are mirrored", "dirtied_writes", v.ovWrites, "dirtied_bytes", v.ovBytes)
 	}
 	now := time.Now()
 	last := a.queueWrite(v, r.Op, r.Sector, r.Sectors, data, ioErr, now)
@@ -476,7 +542,7 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 	if !v.sync && v.behind(now) {
 		v.sync = true
 		v.stats.SyncEntered++
-		v.log.Info("fall-behind threshold exceeded: mirroring synchronously",
+		v.log.Warn("fall-behind threshold exceeded: mirroring synchronously",
 			"backlog_ios", v.pendIOs, "backlog_bytes", v.pendB)
 	}
 	a.cond.Broadcast()
@@ -486,6 +552,87 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 		return last.seq, false, last.done
 	}
 	return last.seq, false, nil
+}
+
+// share is the part of the mirror queue one protected volume may fill, so
+// that one busy disk cannot starve the others; a.mu held.
+func (a *Agent) share() int64 {
+	n := int64(0)
+	for _, v := range a.vols {
+		if v.opts.Protect {
+			n++
+		}
+	}
+	return a.cfg.QueueBytes / max(n, 1)
+}
+
+// overflow records a write that found the queue (or the volume's share)
+// full in the dirty bitmap, and has a DIRTY_MAP sent at once, so that the
+// hub knows before it could call the volume protected; a.mu held.
+func (a *Agent) overflow(v *agentVolume, sector, sectors uint64, bytes, share int64) {
+	if !v.overflowing {
+		v.overflowing = true
+		v.ovWrites, v.ovBytes = 0, 0
+		v.stats.Overflows++
+		v.log.Warn("mirror queue full: writes go to the dirty map and the hub resyncs them",
+			"queue_bytes", a.queueBytes, "queue_size", a.cfg.QueueBytes, "volume_backlog_bytes", v.pendB, "volume_share", share)
+	}
+	v.ovWrites++
+	v.ovBytes += uint64(sectors) * wire.SectorSize
+	v.markDirty(sector, sectors, "mirror queue overflow")
+	a.dmWanted = true
+	a.cond.Broadcast()
+}
+
+// behindAway reports whether a volume whose hub is away is past its
+// fall-behind threshold, counting what went to its dirty bitmap; a.mu held.
+func (v *agentVolume) behindAway(now time.Time) bool {
+	fb := v.opts.FallBehind
+	switch {
+	case fb.IsZero():
+		return false
+	case v.sync:
+		return true
+	case fb.IOs > 0 && v.awayIOs+uint64(v.pendIOs) > fb.IOs:
+		return true
+	case fb.Bytes > 0 && v.dirtyBytes() > fb.Bytes:
+		return true
+	case fb.Timeout > 0 && v.dirtyAge(now) > fb.Timeout:
+		return true
+	}
+	return false
+}
+
+// dirtyBytes is the size of the regions in v's dirty bitmap; a.mu held.
+func (v *agentVolume) dirtyBytes() uint64 {
+	return v.dirty.GetCardinality() * uint64(v.a.cfg.RegionSectors) * wire.SectorSize
+}
+
+// dirtyAge is how long v's dirty bitmap has held a region; a.mu held.
+func (v *agentVolume) dirtyAge(now time.Time) time.Duration {
+	if v.dirtySince.IsZero() {
+		return 0
+	}
+	return now.Sub(v.dirtySince)
+}
+
+// rpoSince returns since when v has held a write acknowledged to the guest
+// that the hub has not acknowledged: the oldest unacknowledged mirrored
+// write or DIRTY_MAP (which carries the age of its regions), or the oldest
+// region in the dirty bitmap; zero when the hub has everything; a.mu held.
+func (v *agentVolume) rpoSince() time.Time {
+	t := v.dirtySince
+	sawWrite := false
+	for _, it := range v.pending {
+		if it.write && sawWrite {
+			continue // writes are queued in time order: the first is the oldest
+		}
+		sawWrite = sawWrite || it.write
+		if !it.t.IsZero() && (t.IsZero() || it.t.Before(t)) {
+			t = it.t
+		}
+	}
+	return t
 }
 
 // queueWrite queues the PROTECTED_WRITE frames of one write and returns
@@ -533,10 +680,23 @@ func (a *Agent) canMirror(v *agentVolume) bool {
 	return a.conn != nil && v.mirror && v.id != 0 && !v.detached
 }
 
-// markDirty records a sector range in the dirty bitmap; a.mu held.
-func (v *agentVolume) markDirty(sector, sectors uint64) {
+// markDirty records a sector range in the dirty bitmap, and why; a.mu
+// held.
+func (v *agentVolume) markDirty(sector, sectors uint64, reason string) {
+	v.noteDirty(time.Now(), reason)
 	wire.AddSectors(v.dirty, sector, sectors, v.a.cfg.RegionSectors)
 	v.stats.Dirtied++
+}
+
+// noteDirty records that regions dirty since t are going into the bitmap:
+// the RPO counts from the oldest; a.mu held.
+func (v *agentVolume) noteDirty(t time.Time, reason string) {
+	if v.dirtySince.IsZero() || t.Before(v.dirtySince) {
+		v.dirtySince = t
+	}
+	if v.dirtyReason == "" {
+		v.dirtyReason = reason
+	}
 }
 
 // behind reports whether the backlog is past the fall-behind threshold;
@@ -621,10 +781,14 @@ func (a *Agent) disconnected() {
 				// the loss and the source resynchronises.
 				a.lost = a.lost || it.write
 			} else if it.write {
+				v.noteDirty(it.t, "writes unacknowledged when the hub connection ended")
 				wire.AddSectors(v.dirty, it.sector, it.sectors, a.cfg.RegionSectors)
 				a.alHold(v, it.sector, it.sectors)
-			} else {
+			} else if len(it.extents) > 0 {
+				v.noteDirty(it.t, "a dirty map unacknowledged when the hub connection ended")
 				wire.AddExtents(v.dirty, it.extents, a.cfg.RegionSectors, a.cfg.RegionSectors, wire.MaxTrackedRegions)
+				v.alFull = v.alFull || it.alFull
+			} else {
 				v.alFull = v.alFull || it.alFull
 			}
 			a.release(v, it)
@@ -633,6 +797,7 @@ func (a *Agent) disconnected() {
 		v.id = 0
 		v.mirror = false
 		v.sync = false
+		v.overflowing = false
 	}
 	a.queueBytes = 0
 	a.byID = map[uint64]*agentVolume{}
@@ -643,14 +808,32 @@ func (a *Agent) disconnected() {
 // queueDirtyMap moves v's dirty bitmap into a DIRTY_MAP frame; a.mu held.
 func (a *Agent) queueDirtyMap(v *agentVolume, initial bool) {
 	exts := wire.ExtentsOf(v.dirty)
-	v.stats.DirtyMapRegions += v.dirty.GetCardinality()
+	regions := v.dirty.GetCardinality()
+	since, reason := v.dirtySince, v.dirtyReason
+	if since.IsZero() {
+		since = time.Now()
+	}
+	if reason == "" {
+		reason = "writes before protection started"
+	}
+	if regions > 0 {
+		b := v.dirtyBytes()
+		v.resync = ResyncInfo{Reason: reason, Bytes: b}
+		v.stats.ResyncRequests++
+		v.stats.ResyncBytes += b
+		if reason != "mirror queue overflow" || !v.overflowing {
+			v.log.Warn("resync requested: dirty map sent to the hub", "reason", reason, "regions", regions, "bytes", b)
+		}
+	}
+	v.stats.DirtyMapRegions += regions
 	v.dirty.Clear()
+	v.dirtySince, v.dirtyReason = time.Time{}, ""
 	// Keep frames well under the payload limit.
 	const per = 256 << 10
 	for first := true; first || len(exts) > 0; first = false {
 		chunk := exts[:min(len(exts), per)]
 		exts = exts[len(chunk):]
-		it := &qitem{seq: a.nextSeq, vol: v, t: time.Now(), extents: chunk}
+		it := &qitem{seq: a.nextSeq, vol: v, t: since, extents: chunk}
 		it.msg = &wire.DirtyMap{Seq: it.seq, Volume: v.id, Initial: initial && first, RegionSectors: a.cfg.RegionSectors, Extents: chunk}
 		a.nextSeq++
 		a.queue = append(a.queue, it)
@@ -1018,6 +1201,7 @@ func (c *agentConn) startProtect(m *wire.StartProtect) error {
 	a.byID[v.id] = v
 	if m.Mirror && !v.mirror {
 		v.mirror = true
+		v.awayIOs, v.awayWarned = 0, false
 		a.queueDirtyMap(v, true)
 		v.log.Info("protection started", "id", v.id)
 	}
@@ -1113,7 +1297,7 @@ func (c *agentConn) sendLoop() {
 	a := c.a
 	for {
 		a.mu.Lock()
-		for len(a.queue) == 0 && a.reported && a.conn == c {
+		for len(a.queue) == 0 && a.reported && !a.dmWanted && a.conn == c {
 			select {
 			case <-c.done:
 				a.mu.Unlock()
@@ -1130,6 +1314,16 @@ func (c *agentConn) sendLoop() {
 		if !a.reported {
 			report = a.reportLocked()
 			a.reported = true
+		}
+		if a.dmWanted {
+			// Overflowed regions go out with this batch, not at the
+			// next heartbeat.
+			a.dmWanted = false
+			for _, n := range a.order {
+				if v := a.vols[n]; v.mirror && !v.dirty.IsEmpty() {
+					a.queueDirtyMap(v, false)
+				}
+			}
 		}
 		items := a.queue
 		a.queue = nil
@@ -1288,6 +1482,10 @@ func (a *Agent) drainedLocked() bool {
 // Abort stops the agent without a clean shutdown, as a crash would:
 // queued writes are lost and no AGENT_SHUTDOWN is sent. Tests use it.
 func (a *Agent) Abort() {
+	a.mu.Lock()
+	a.stopped = true
+	a.cond.Broadcast()
+	a.mu.Unlock()
 	a.runMu.Lock()
 	cancel, done := a.cancel, a.runDone
 	a.runMu.Unlock()
