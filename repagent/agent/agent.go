@@ -247,7 +247,10 @@ type VolumeStatus struct {
 	// the hub has not acknowledged (mirrored, or in the dirty map,
 	// whether or not the hub is connected); 0 when it has all of them.
 	RPO time.Duration
-	Stats  VolumeStats
+	// DirtyAge is the age of the oldest region in the dirty bitmap: a
+	// region the hub has not been told about yet; 0 when empty.
+	DirtyAge time.Duration
+	Stats    VolumeStats
 }
 
 // Status is a snapshot of the agent.
@@ -442,7 +445,7 @@ func (a *Agent) Status() Status {
 		}
 		s.Volumes = append(s.Volumes, VolumeStatus{Name: n, ID: v.id, Protect: v.opts.Protect,
 			Mirroring: v.mirror, Sync: v.sync, BacklogIOs: v.pendIOs, BacklogBytes: v.pendB, BacklogAge: age,
-			DirtyRegions: v.dirty.GetCardinality(), Resync: v.resync, RPO: rpo, Stats: v.stats})
+			DirtyRegions: v.dirty.GetCardinality(), Resync: v.resync, RPO: rpo, DirtyAge: v.dirtyAge(now), Stats: v.stats})
 		s.RPO = max(s.RPO, rpo)
 	}
 	return s
