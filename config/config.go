@@ -113,8 +113,8 @@ type Export struct {
 	// synchronous ("ios N", "size N[s|k|m|g|t|p|e]", "timeout N[s|m|h|d]",
 	// as dm-replicator's site links); allow-remote-write lets the hub
 	// write the volume (recovery-side VMs only).
-	Protect          bool   `toml:"protect"`
-	FallBehind       string `toml:"fall-behind"`
+	Protect    bool   `toml:"protect"`
+	FallBehind string `toml:"fall-behind"`
 	// OnHubLoss is what happens to writes past the fall-behind threshold
 	// while the hub is away: "continue" (default: the dirty map) or
 	// "suspend" (held until the hub is back).
