@@ -209,8 +209,11 @@ type agentVolume struct {
 	overflowing bool   // writes overflow the queue (logged once per episode)
 	ovWrites    uint64 // written to the dirty bitmap in this episode
 	ovBytes     uint64
-	awayIOs     uint64 // writes dirtied since mirroring last stopped
-	awayWarned  bool   // the on-hub-loss policy was logged for this outage
+	awayIOs     uint64     // writes dirtied since mirroring last stopped
+	awayWarned  bool       // the on-hub-loss policy was logged for this outage
+	room        *sync.Cond // on a.mu: paced writers wait here
+	paced       int        // writers waiting on room
+	hw          int64      // the high-water mark they wait to go under
 }
 
 // VolumeStats counts what the agent did for a volume.
@@ -224,6 +227,7 @@ type VolumeStats struct {
 	RemoteBytes     uint64 // bytes they returned
 	Overflows       uint64 // times the queue (or the volume's share) overflowed
 	Suspended       uint64 // writes held while the hub was away (on-hub-loss = suspend)
+	Paced           uint64 // writes whose completion waited under the high-water mark
 	ResyncRequests  uint64 // non-empty DIRTY_MAPs sent
 	ResyncBytes     uint64 // the bytes of their regions
 }
@@ -378,6 +382,7 @@ func (a *Agent) Attach(name string, dev Device, o VolumeOptions) (Device, error)
 	v := &agentVolume{a: a, name: name, dev: dev, opts: o, dirty: roaring.New(),
 		log: a.log.With("volume", name)}
 	v.rl.init()
+	v.room = sync.NewCond(&a.mu)
 	a.attachActivity(v)
 	v.cancel = dev.OnResize(func(_, _ uint64) {
 		a.mu.Lock()
@@ -408,6 +413,7 @@ func (a *Agent) Detach(name string) {
 	}
 	v.detached = true
 	v.mirror = false
+	v.room.Broadcast()
 	if v.id != 0 {
 		delete(a.byID, v.id)
 	}
@@ -553,6 +559,19 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 		v.stats.SyncWrites++
 		last.done = make(chan struct{})
 		return last.seq, false, last.done
+	}
+	// Above the high-water mark (three quarters of the volume's share of
+	// the queue) the guest's completion waits for the hub to catch up:
+	// the guest runs at the hub's pace instead of overflowing into the
+	// dirty map and having the hub re-read what it wrote.
+	if hw := share / 4 * 3; v.pendB > hw {
+		v.stats.Paced++
+		v.hw = hw
+		v.paced++
+		for v.pendB > hw && a.canMirror(v) && !a.stopped {
+			v.room.Wait()
+		}
+		v.paced--
 	}
 	return last.seq, false, nil
 }
@@ -752,6 +771,9 @@ func (a *Agent) ack(seq uint64) {
 			clear(v.pending[:k])
 			v.pending = v.pending[k:]
 		}
+		if v.paced > 0 && v.pendB <= v.hw {
+			v.room.Broadcast()
+		}
 		if v.sync && !v.behind(now) {
 			v.sync = false
 			v.log.Info("backlog under the fall-behind threshold: mirroring asynchronously")
@@ -801,6 +823,7 @@ func (a *Agent) disconnected() {
 		v.mirror = false
 		v.sync = false
 		v.overflowing = false
+		v.room.Broadcast()
 	}
 	a.queueBytes = 0
 	a.byID = map[uint64]*agentVolume{}
@@ -1132,6 +1155,7 @@ func (c *agentConn) readLoop() error {
 			if v != nil {
 				v.mirror = false
 				v.sync = false
+				v.room.Broadcast()
 			}
 			a.mu.Unlock()
 			if v == nil {
@@ -1488,6 +1512,9 @@ func (a *Agent) Abort() {
 	a.mu.Lock()
 	a.stopped = true
 	a.cond.Broadcast()
+	for _, v := range a.vols {
+		v.room.Broadcast()
+	}
 	a.mu.Unlock()
 	a.runMu.Lock()
 	cancel, done := a.cancel, a.runDone

@@ -20,7 +20,7 @@ import (
 func TestOverflowHonesty(t *testing.T) {
 	r := reptest.New(t)
 	r.HubCfg.ApplyDelay = 2 * time.Millisecond
-	r.AgentCfg.QueueBytes = 512 << 10
+	r.AgentCfg.QueueBytes = 96 << 10 // two writers of up to 64 KiB overflow it, pacing or not
 	r.StartHub()
 	v := r.AddVolume("d0", 16<<20)
 	r.StartAgent(reptest.ProtectAll(v))
@@ -185,5 +185,43 @@ func TestOnHubLossSuspend(t *testing.T) {
 	}
 	t.Logf("%d of 10 writes completed while the hub was away; the rest were held and completed after it returned", held)
 	r.WaitProtected(30*time.Second, v)
+	r.CheckIdentical(v)
+}
+
+// TestPacingBoundsLag: a hub slower than the guest, no fall-behind
+// threshold. Above the high-water mark the guest's completions wait for the
+// hub, so the backlog stays under the queue and nothing overflows into the
+// dirty map (no re-reads), and the replica ends identical.
+func TestPacingBoundsLag(t *testing.T) {
+	r := reptest.New(t)
+	r.HubCfg.ApplyDelay = time.Millisecond
+	r.AgentCfg.QueueBytes = 4 << 20
+	r.StartHub()
+	v := r.AddVolume("d0", 16<<20)
+	r.StartAgent(reptest.ProtectAll(v))
+	r.WaitProtected(30*time.Second, v)
+	stop := make(chan struct{})
+	wait := r.RunWriters(stop, v)
+	var maxB int64
+	var maxRPO time.Duration
+	for end := time.Now().Add(2 * time.Second); time.Now().Before(end); time.Sleep(5 * time.Millisecond) {
+		av := r.Agent.Status().Volumes[0]
+		maxB = max(maxB, av.BacklogBytes)
+		maxRPO = max(maxRPO, av.RPO)
+	}
+	close(stop)
+	n := wait()
+	st := r.Agent.Status().Volumes[0].Stats
+	t.Logf("%d writes, %d paced, max backlog %d bytes, max RPO %v", n, st.Paced, maxB, maxRPO)
+	if st.Paced == 0 {
+		t.Errorf("no write was paced: the hub kept up, the test did not test anything")
+	}
+	if st.Overflows != 0 || st.Dirtied != 0 {
+		t.Errorf("%d overflows, %d writes dirtied: pacing should have kept the queue from overflowing", st.Overflows, st.Dirtied)
+	}
+	if maxB > r.AgentCfg.QueueBytes {
+		t.Errorf("backlog %d bytes beyond the queue's %d", maxB, r.AgentCfg.QueueBytes)
+	}
+	r.WaitProtected(60*time.Second, v)
 	r.CheckIdentical(v)
 }
