@@ -161,6 +161,7 @@ type Agent struct {
 	alSizes []uint64
 	alRec   map[string]actlog.VolumeRecovery // not yet given to an Attach
 	alLost  atomic.Bool
+	alSpan  uint64 // the most bytes one write may span in the log (half of al-extents)
 }
 
 // qitem is a queued frame: a mirrored write or a dirty map.
@@ -334,6 +335,7 @@ func New(cfg Config) (*Agent, error) {
 		for _, v := range cfg.ActivityLog.Volumes {
 			a.alSizes = append(a.alSizes, v.Size)
 		}
+		a.alSpan = uint64(max(a.al.Stats().Capacity/2, 1)) * a.al.ExtentSize()
 	}
 	return a, nil
 }
@@ -463,6 +465,34 @@ func (v *agentVolume) Submit(r *mapper.Request) error {
 	if !r.Op.IsWrite() || !v.opts.Protect {
 		return v.dev.Submit(r)
 	}
+	if span := v.a.alSpan; v.alVol >= 0 && span > 0 && r.Bytes() > span {
+		return v.submitSplit(r, span)
+	}
+	return v.submitOne(r)
+}
+
+// submitSplit submits a write larger than the activity log can admit at
+// once (a long discard, or a large write with a small log) as pieces
+// aligned to span bytes, one after the other; it stops at the first error.
+func (v *agentVolume) submitSplit(r *mapper.Request, span uint64) error {
+	spanSec := span / wire.SectorSize
+	for off := uint64(0); off < r.Sectors; {
+		sec := r.Sector + off
+		n := min(r.Sectors-off, (sec/spanSec+1)*spanSec-sec)
+		p := &mapper.Request{Op: r.Op, Sector: sec, Sectors: n, Unmap: r.Unmap, FUA: r.FUA}
+		if r.Data != nil {
+			p.Data = mapper.SliceBufs(nil, r.Data, int(off*wire.SectorSize), int(n*wire.SectorSize))
+		}
+		if err := v.submitOne(p); err != nil {
+			return err
+		}
+		off += n
+	}
+	return nil
+}
+
+// submitOne performs a protected write and mirrors it.
+func (v *agentVolume) submitOne(r *mapper.Request) error {
 	// Recorded in the activity log before the write may change anything.
 	tok, logged := v.a.alBegin(v, r.Sector, r.Sectors)
 	// Overlapping writes are ordered: the local order is the mirror order.

@@ -2,12 +2,15 @@ package agent_test
 
 import (
 	"context"
+	"path/filepath"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/vhostdm/vhostdm/internal/reptest"
+	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/repagent/agent"
+	"github.com/vhostdm/vhostdm/repagent/agent/actlog"
 	"github.com/vhostdm/vhostdm/repagent/hub"
 )
 
@@ -223,5 +226,37 @@ func TestPacingBoundsLag(t *testing.T) {
 		t.Errorf("backlog %d bytes beyond the queue's %d", maxB, r.AgentCfg.QueueBytes)
 	}
 	r.WaitProtected(60*time.Second, v)
+	r.CheckIdentical(v)
+}
+
+// TestActivityLogLongRequests: a discard and a write spanning more extents
+// than the activity log holds are split, not a reason to abandon the log;
+// the replica ends identical.
+func TestActivityLogLongRequests(t *testing.T) {
+	r := reptest.New(t)
+	r.StartHub()
+	v := r.AddVolume("d0", 8<<20)
+	r.AgentCfg.ActivityLog = agent.ActivityLog{Path: filepath.Join(r.Dir, "vm1.actlog"), Extents: 4, ExtentSize: 64 << 10,
+		Volumes: []actlog.Volume{{Name: "d0", Size: 8 << 20}}}
+	r.StartAgent(reptest.ProtectAll(v))
+	r.WaitProtected(30*time.Second, v)
+	data := reptest.Pattern(9, 1<<20)
+	if err := v.Wrapped.Submit(&mapper.Request{Op: mapper.OpWrite, Sector: 100, Sectors: 2048, Data: [][]byte{data[:300<<10], data[300<<10:]}}); err != nil {
+		t.Fatal(err)
+	}
+	v.Mu.Lock()
+	copy(v.Model[100*512:], data)
+	v.Mu.Unlock()
+	if err := v.Wrapped.Submit(&mapper.Request{Op: mapper.OpDiscard, Sector: 8192, Sectors: 4096}); err != nil {
+		t.Fatal(err)
+	}
+	st := r.Agent.Status()
+	if st.ActivityLog == nil || st.ActivityLog.Lost {
+		t.Fatalf("activity log lost after long requests: %+v", st.ActivityLog)
+	}
+	if st.ActivityLog.Transactions == 0 {
+		t.Errorf("no activity log transaction for writes into cold extents")
+	}
+	r.WaitProtected(30*time.Second, v)
 	r.CheckIdentical(v)
 }
