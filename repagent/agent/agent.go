@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/bits"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -162,6 +163,33 @@ type Agent struct {
 	alRec   map[string]actlog.VolumeRecovery // not yet given to an Attach
 	alLost  atomic.Bool
 	alSpan  uint64 // the most bytes one write may span in the log (half of al-extents)
+
+	bufs [maxPoolClass + 1]sync.Pool // mirrored data buffers by power-of-two size
+}
+
+// maxPoolClass is the largest pooled buffer, 2^maxPoolClass bytes.
+const maxPoolClass = 22
+
+// getBuf returns a buffer of n bytes, pooled for sizes up to 4 MiB.
+func (a *Agent) getBuf(n int) []byte {
+	c := bits.Len(uint(max(n, 1) - 1))
+	if c > maxPoolClass {
+		return make([]byte, n)
+	}
+	if b, ok := a.bufs[c].Get().(*[]byte); ok {
+		return (*b)[:n]
+	}
+	return make([]byte, n, 1<<c)
+}
+
+// putBuf gives a buffer from getBuf back to the pool.
+func (a *Agent) putBuf(b []byte) {
+	c := bits.Len(uint(max(cap(b), 1) - 1))
+	if c > maxPoolClass || cap(b) != 1<<c {
+		return
+	}
+	b = b[:0]
+	a.bufs[c].Put(&b)
 }
 
 // qitem is a queued frame: a mirrored write or a dirty map.
@@ -177,6 +205,11 @@ type qitem struct {
 	extents         []wire.Extent
 	done            chan struct{} // closed on ack or disconnect; sync mode only
 	alFull          bool          // the DIRTY_MAP that ends a full resync the activity log asked for
+	// A PROTECTED_WRITE's frame lives in its item (msg points at pw):
+	// one allocation per write besides the pooled data buffer.
+	pw  wire.ProtectedWrite
+	one [1][]byte
+	buf []byte // the pooled data buffer, on the write's last frame
 }
 
 // agentVolume is an attached volume; it implements Device.
@@ -528,7 +561,9 @@ func (v *agentVolume) OnResize(fn func(oldSize, newSize uint64)) func() { return
 func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, bool, chan struct{}) {
 	var data []byte
 	if ioErr == nil && r.Op == mapper.OpWrite {
-		data = make([]byte, 0, r.Bytes())
+		// The one copy of the write: guest memory into a pooled buffer,
+		// back to the pool once the frame is on the socket.
+		data = a.getBuf(int(r.Bytes()))[:0]
 		for _, b := range r.Data {
 			data = append(data, b...)
 		}
@@ -576,7 +611,7 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 		v.log.Warn("mirror queue has room again: writes are mirrored", "dirtied_writes", v.ovWrites, "dirtied_bytes", v.ovBytes)
 	}
 	now := time.Now()
-	last := a.queueWrite(v, r.Op, r.Sector, r.Sectors, data, ioErr, now)
+	last := a.queueWrite(v, r.Op, r.Sector, r.Sectors, data, true, ioErr, now)
 	v.stats.Mirrored++
 	if !v.sync && v.behind(now) {
 		v.sync = true
@@ -689,13 +724,15 @@ func (v *agentVolume) rpoSince() time.Time {
 
 // queueWrite queues the PROTECTED_WRITE frames of one write and returns
 // the last; a.mu held.
-func (a *Agent) queueWrite(v *agentVolume, op mapper.Op, sector, sectors uint64, data []byte, ioErr error, now time.Time) *qitem {
+func (a *Agent) queueWrite(v *agentVolume, op mapper.Op, sector, sectors uint64, data []byte, pooled bool, ioErr error, now time.Time) *qitem {
 	var last *qitem
 	// Split into frames of at most MaxIOSectors (discards and zeroes of
 	// up to 2^32-1 sectors go in one frame).
 	for sec, left, off := sector, sectors, 0; left > 0; {
 		n := min(left, uint64(^uint32(0)))
-		pw := &wire.ProtectedWrite{Volume: v.id, Sector: sec, Status: wire.StatusOK}
+		it := &qitem{vol: v, write: true, t: now, sector: sec}
+		pw := &it.pw
+		*pw = wire.ProtectedWrite{Volume: v.id, Sector: sec, Status: wire.StatusOK}
 		switch {
 		case ioErr != nil:
 			pw.Status = wire.StatusIOError
@@ -705,11 +742,15 @@ func (a *Agent) queueWrite(v *agentVolume, op mapper.Op, sector, sectors uint64,
 			pw.Zeroes = true
 		default:
 			n = min(left, wire.MaxIOSectors)
-			pw.Data = [][]byte{data[off : off+int(n)*wire.SectorSize]}
+			it.one[0] = data[off : off+int(n)*wire.SectorSize]
+			pw.Data = it.one[:]
 			off += int(n) * wire.SectorSize
+			if off == len(data) && pooled {
+				it.buf = data // the last frame gives the buffer back
+			}
 		}
 		pw.Sectors = uint32(n)
-		it := &qitem{seq: a.nextSeq, vol: v, msg: pw, write: true, t: now, sector: sec, sectors: n}
+		it.seq, it.msg, it.sectors = a.nextSeq, pw, n
 		if pw.Data != nil {
 			it.bytes = int64(n) * wire.SectorSize
 		}
@@ -940,7 +981,7 @@ func (a *Agent) MirrorWrite(name string, op mapper.Op, sector, sectors uint64, d
 		}
 		a.cond.Wait()
 	}
-	a.queueWrite(v, op, sector, sectors, data, nil, time.Now())
+	a.queueWrite(v, op, sector, sectors, data, false, nil, time.Now())
 	v.stats.Mirrored++
 	a.cond.Broadcast()
 	return nil
@@ -1399,6 +1440,12 @@ func (c *agentConn) sendLoop() {
 			err = c.w.WriteMessage(it.msg)
 			if pw, ok := it.msg.(*wire.ProtectedWrite); ok {
 				pw.Data = nil // sent: the hub has it or it will be dirty again
+				it.one[0] = nil
+				if it.buf != nil {
+					// WriteMessage copied or wrote the data.
+					a.putBuf(it.buf)
+					it.buf = nil
+				}
 			}
 		}
 		if err == nil {
