@@ -22,7 +22,10 @@
 # write <= 1.3x, RPO < 1 s, 1 MiB >= 0.8x). The load average is printed: on a
 # shared machine the figures are only comparable within one run.
 #
-# Environment: GO (default go), SIZE (image bytes, default 256m).
+# Environment: GO (default go), SIZE (image bytes, default 256m), STORE (the
+# hub's store directory, default inside the temporary directory: the same file
+# system as the source images, so the hub's fsyncs also flush the sources'
+# ordered data; STORE=/dev/shm/x separates them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,11 +57,18 @@ trap cleanup EXIT
 log "building"
 "$GO" build -o "$dir/vhostdm" ./cmd/vhostdm
 "$GO" build -o "$dir/repagent-hub" ./cmd/repagent-hub
-truncate -s "$SIZE" "$dir/p.img" "$dir/u.img"
+# Equal images of random data, both read once: the hub's initial sync reads
+# the protected one, and ext4 writes into cached pages over holes (a sparse
+# image read once) several times slower than into allocated blocks, which
+# would be counted against replication.
+bytes=$(numfmt --from=iec "${SIZE^^}")
+head -c "$bytes" /dev/urandom >"$dir/p.img"
+cp "$dir/p.img" "$dir/u.img"
+cat "$dir/p.img" "$dir/u.img" >/dev/null
 sectors=$(( $(stat -c %s "$dir/p.img") / 512 ))
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 
-"$dir/repagent-hub" serve --listen "127.0.0.1:$port" --store "$dir/store" --qmp "$dir/hub.sock" --name hub \
+"$dir/repagent-hub" serve --listen "127.0.0.1:$port" --store "${STORE:-$dir/store}" --qmp "$dir/hub.sock" --name hub \
 	--log-level warn 2>"$dir/hub.log" &
 pids+=($!)
 cat >"$dir/vm.toml" <<TOML

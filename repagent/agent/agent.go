@@ -53,6 +53,10 @@ type Config struct {
 	// MinBackoff and MaxBackoff bound the delay between connection
 	// attempts, doubling from one to the other. Defaults 100 ms and 10 s.
 	MinBackoff, MaxBackoff time.Duration
+	// PaceAge is the backlog age past which the completions of a
+	// volume's writes wait for the hub (pacing), as past three quarters
+	// of its share of the queue. Default 500 ms.
+	PaceAge time.Duration
 	// DrainTimeout bounds how long Close waits for the hub to acknowledge
 	// the queue before AGENT_SHUTDOWN. Default 30 s.
 	DrainTimeout time.Duration
@@ -348,6 +352,9 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.MaxBackoff < cfg.MinBackoff {
 		cfg.MaxBackoff = max(10*time.Second, cfg.MinBackoff)
 	}
+	if cfg.PaceAge <= 0 {
+		cfg.PaceAge = 500 * time.Millisecond
+	}
 	if cfg.DrainTimeout <= 0 {
 		cfg.DrainTimeout = 30 * time.Second
 	}
@@ -629,16 +636,25 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 	// the queue) the guest's completion waits for the hub to catch up:
 	// the guest runs at the hub's pace instead of overflowing into the
 	// dirty map and having the hub re-read what it wrote.
-	if hw := share / 4 * 3; v.pendB > hw {
+	// So does a backlog older than PaceAge: the RPO stays bounded when
+	// the hub acknowledges slowly.
+	if hw := share / 4 * 3; v.pendB > hw || v.tooOld(now) {
 		v.stats.Paced++
 		v.hw = hw
 		v.paced++
-		for v.pendB > hw && a.canMirror(v) && !a.stopped {
+		for (v.pendB > hw || v.tooOld(time.Now())) && a.canMirror(v) && !a.stopped {
 			v.room.Wait()
 		}
 		v.paced--
 	}
 	return last.seq, false, nil
+}
+
+// tooOld reports whether v's oldest unacknowledged write is older than
+// the pacing age; a.mu held.
+func (v *agentVolume) tooOld(now time.Time) bool {
+	t := v.oldest()
+	return !t.IsZero() && now.Sub(t) > v.a.cfg.PaceAge
 }
 
 // share is the part of the mirror queue one protected volume may fill, so
@@ -842,7 +858,7 @@ func (a *Agent) ack(seq uint64) {
 			clear(v.pending[:k])
 			v.pending = v.pending[k:]
 		}
-		if v.paced > 0 && v.pendB <= v.hw {
+		if v.paced > 0 && v.pendB <= v.hw && !v.tooOld(now) {
 			v.room.Broadcast()
 		}
 		if v.sync && !v.behind(now) {

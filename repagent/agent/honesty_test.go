@@ -86,7 +86,9 @@ func TestFallBehindBounds(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			r := reptest.New(t)
 			r.HubCfg.ApplyDelay = time.Millisecond
-			r.AgentCfg.QueueBytes = 8 << 20
+			// The threshold, not pacing, bounds the backlog here.
+			r.AgentCfg.QueueBytes = 64 << 20
+			r.AgentCfg.PaceAge = time.Minute
 			r.StartHub()
 			v := r.AddVolume("d0", 16<<20)
 			r.StartAgent(map[*reptest.Vol]agent.VolumeOptions{v: {Protect: true, FallBehind: tc.fb}})
@@ -192,13 +194,15 @@ func TestOnHubLossSuspend(t *testing.T) {
 }
 
 // TestPacingBoundsLag: a hub slower than the guest, no fall-behind
-// threshold. Above the high-water mark the guest's completions wait for the
-// hub, so the backlog stays under the queue and nothing overflows into the
-// dirty map (no re-reads), and the replica ends identical.
+// threshold. Above the high-water mark, or with a backlog older than the
+// pacing age, the guest's completions wait for the hub, so the backlog stays
+// under the queue, nothing overflows into the dirty map (no re-reads), the
+// RPO stays under a second, and the replica ends identical.
 func TestPacingBoundsLag(t *testing.T) {
 	r := reptest.New(t)
 	r.HubCfg.ApplyDelay = time.Millisecond
 	r.AgentCfg.QueueBytes = 4 << 20
+	r.AgentCfg.PaceAge = 200 * time.Millisecond
 	r.StartHub()
 	v := r.AddVolume("d0", 16<<20)
 	r.StartAgent(reptest.ProtectAll(v))
@@ -221,6 +225,11 @@ func TestPacingBoundsLag(t *testing.T) {
 	}
 	if st.Overflows != 0 || st.Dirtied != 0 {
 		t.Errorf("%d overflows, %d writes dirtied: pacing should have kept the queue from overflowing", st.Overflows, st.Dirtied)
+	}
+	// The pacing age bounds the RPO: the oldest write waits at most
+	// for the hub to apply what was queued before it.
+	if maxRPO > time.Second {
+		t.Errorf("RPO reached %v with a pacing age of %v", maxRPO, r.AgentCfg.PaceAge)
 	}
 	if maxB > r.AgentCfg.QueueBytes {
 		t.Errorf("backlog %d bytes beyond the queue's %d", maxB, r.AgentCfg.QueueBytes)
