@@ -171,8 +171,12 @@ type Export struct {
 	// synchronous ("ios N", "size N[s|k|m|g|t|p|e]", "timeout N[s|m|h|d]",
 	// as dm-replicator's site links); allow-remote-write lets the hub
 	// write the volume (recovery-side VMs only).
-	Protect          bool   `toml:"protect"`
-	FallBehind       string `toml:"fall-behind"`
+	Protect    bool   `toml:"protect"`
+	FallBehind string `toml:"fall-behind"`
+	// OnHubLoss is what happens to writes past the fall-behind threshold
+	// while the hub is away: "continue" (default: the dirty map) or
+	// "suspend" (held until the hub is back).
+	OnHubLoss        string `toml:"on-hub-loss"`
 	AllowRemoteWrite bool   `toml:"allow-remote-write"`
 	// NBD exports (type = "nbd") listen on socket (a unix socket path) or
 	// listen (host:port); exports of one address share its server.
@@ -217,6 +221,9 @@ type Metrics struct {
 //	tls-key = "vm1.key"
 //	tls-ca = "ca.crt"
 //	queue-size = "64m"
+//	activity-log = "vm1.actlog"
+//	al-extents = 1237
+//	al-extent-size = "4m"
 type RepAgent struct {
 	Hub       string `toml:"hub"`        // host:port
 	VM        string `toml:"vm"`         // the VM's name at the hub
@@ -226,9 +233,20 @@ type RepAgent struct {
 	TLSCA     string `toml:"tls-ca"`     //
 	Insecure  bool   `toml:"insecure"`   // plain TCP to a non-loopback hub
 	QueueSize string `toml:"queue-size"` // mirror queue bound, default 64m
+	// ActivityLog is the file of the agent's activity log of hot
+	// extents, resolved against the file's directory; default
+	// "VM.actlog" beside the file; "none" turns it off (a crash then
+	// resyncs every protected volume in full).
+	ActivityLog  string `toml:"activity-log"`
+	ALExtents    int    `toml:"al-extents"`     // hot extents at most, default 1237
+	ALExtentSize string `toml:"al-extent-size"` // extent size, a power of two, default 4m
 
 	// QueueBytes is QueueSize parsed.
 	QueueBytes int64 `toml:"-"`
+	// ALPath is ActivityLog resolved ("" when off); ALExtentBytes is
+	// ALExtentSize parsed (0: the default).
+	ALPath        string `toml:"-"`
+	ALExtentBytes uint64 `toml:"-"`
 }
 
 // FallBehind is a parsed fall-behind threshold; zero fields are unset.
@@ -538,7 +556,8 @@ func (c *Config) validate(v *validator) {
 			v.errAt(key+".protect", "replication settings need a [repagent] hub")
 		}
 	}
-	c.RepAgent.validate(v)
+	c.RepAgent.validate(c, v)
+	c.validateFallBehind(v)
 }
 
 // validateNBD checks an NBD export's keys.
@@ -591,9 +610,45 @@ func (c *Config) validateNBD(v *validator, key string, e *Export, i int, addrs m
 	}
 }
 
-func (r *RepAgent) validate(v *validator) {
+// validateFallBehind refuses thresholds that can never trigger: a
+// protected volume's backlog never exceeds its share of the mirror queue
+// (queue-size divided among the protected exports).
+func (c *Config) validateFallBehind(v *validator) {
+	n := 0
+	for _, e := range c.Exports {
+		if e.Protect {
+			n++
+		}
+	}
+	for i, e := range c.Exports {
+		key := fmt.Sprintf("export[%d]", i)
+		switch e.OnHubLoss {
+		case "", "continue", "suspend":
+		default:
+			v.errAt(key+".on-hub-loss", "%q: want \"continue\" or \"suspend\"", e.OnHubLoss)
+		}
+		fb, err := ParseFallBehind(e.FallBehind)
+		if err != nil || c.RepAgent.Hub == "" {
+			continue
+		}
+		if e.OnHubLoss == "suspend" && fb == (FallBehind{}) {
+			v.errAt(key+".on-hub-loss", "\"suspend\" needs a fall-behind threshold: without one it never applies")
+		}
+		if !e.Protect || n == 0 || c.RepAgent.QueueBytes <= 0 {
+			continue
+		}
+		share := uint64(c.RepAgent.QueueBytes) / uint64(n)
+		if fb.Bytes >= share {
+			v.errAt(key+".fall-behind", "%q (%d bytes) can never trigger: the volume's backlog is bounded by its share of the mirror queue, %d bytes (queue-size %d bytes / %d protected exports); use a smaller size or a larger queue-size",
+				e.FallBehind, fb.Bytes, share, c.RepAgent.QueueBytes, n)
+		}
+	}
+}
+
+func (r *RepAgent) validate(c *Config, v *validator) {
 	if r.Hub == "" {
-		if r.VM != "" || r.TLSCert != "" || r.TLSKey != "" || r.TLSCA != "" || r.QueueSize != "" || r.UUID != "" || r.Insecure {
+		if r.VM != "" || r.TLSCert != "" || r.TLSKey != "" || r.TLSCA != "" || r.QueueSize != "" || r.UUID != "" || r.Insecure ||
+			r.ActivityLog != "" || r.ALExtents != 0 || r.ALExtentSize != "" {
 			v.errAt("repagent.hub", "missing hub address")
 		}
 		return
@@ -620,6 +675,27 @@ func (r *RepAgent) validate(v *validator) {
 			v.errAt("repagent.queue-size", "%q: want a size such as 64m, at most 1t", r.QueueSize)
 		} else {
 			r.QueueBytes = int64(q)
+		}
+	}
+	switch r.ActivityLog {
+	case "none":
+		r.ALPath = ""
+	case "":
+		if r.VM != "" {
+			r.ALPath = c.Path(r.VM + ".actlog")
+		}
+	default:
+		r.ALPath = c.Path(r.ActivityLog)
+	}
+	if r.ALExtents < 0 || r.ALExtents > 65534 {
+		v.errAt("repagent.al-extents", "%d: want 1 to 65534", r.ALExtents)
+	}
+	if r.ALExtentSize != "" {
+		q, err := ParseSize(r.ALExtentSize)
+		if err != nil || q < 4096 || q > 1<<30 || q&(q-1) != 0 {
+			v.errAt("repagent.al-extent-size", "%q: want a power of two from 4k to 1g", r.ALExtentSize)
+		} else {
+			r.ALExtentBytes = q
 		}
 	}
 }

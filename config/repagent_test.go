@@ -26,7 +26,8 @@ id = "root0"
 device = "root"
 socket = "root.sock"
 protect = true
-fall-behind = "size 256m"
+fall-behind = "size 4m"
+on-hub-loss = "suspend"
 
 [[export]]
 id = "rec0"
@@ -42,12 +43,23 @@ allow-remote-write = true
 		t.Errorf("repagent %+v", c.RepAgent)
 	}
 	e := c.Exports[0]
-	if !e.Protect || e.AllowRemoteWrite || e.FallBehind != "size 256m" || !c.Exports[1].AllowRemoteWrite || c.Exports[1].Protect {
+	if !e.Protect || e.AllowRemoteWrite || e.FallBehind != "size 4m" || e.OnHubLoss != "suspend" || !c.Exports[1].AllowRemoteWrite || c.Exports[1].Protect {
 		t.Errorf("export %+v", e)
 	}
 	c, err = config.Parse([]byte(repagentBase+"[repagent]\nhub = \"[::1]:7\"\nvm = \"v\"\n"), "vm.toml", "/tmp")
 	if err != nil || c.RepAgent.QueueBytes != config.DefaultQueueSize {
 		t.Errorf("default queue size: %v %+v", err, c.RepAgent)
+	}
+	if c.RepAgent.ALPath != "/tmp/v.actlog" || c.RepAgent.ALExtents != 0 || c.RepAgent.ALExtentBytes != 0 {
+		t.Errorf("default activity log: %+v", c.RepAgent)
+	}
+	c, err = config.Parse([]byte(repagentBase+"[repagent]\nhub = \"[::1]:7\"\nvm = \"v\"\nactivity-log = \"state/al\"\nal-extents = 64\nal-extent-size = \"1m\"\n"), "vm.toml", "/tmp")
+	if err != nil || c.RepAgent.ALPath != "/tmp/state/al" || c.RepAgent.ALExtents != 64 || c.RepAgent.ALExtentBytes != 1<<20 {
+		t.Errorf("activity log: %v %+v", err, c.RepAgent)
+	}
+	c, err = config.Parse([]byte(repagentBase+"[repagent]\nhub = \"[::1]:7\"\nvm = \"v\"\nactivity-log = \"none\"\n"), "vm.toml", "/tmp")
+	if err != nil || c.RepAgent.ALPath != "" {
+		t.Errorf("activity log off: %v %+v", err, c.RepAgent)
 	}
 }
 
@@ -69,6 +81,13 @@ func TestRepAgentConfigErrors(t *testing.T) {
 		{"fall-behind size", hub + exp("fall-behind = \"size 5q\"\n"), `size "5q"`},
 		{"fall-behind timeout", hub + exp("fall-behind = \"timeout 5y\"\n"), "timeout must be a positive integer"},
 		{"unknown key", hub + "queue = 1\n", "repagent.queue: unknown key"},
+		{"impossible fall-behind", hub + exp("protect = true\nfall-behind = \"size 64m\"\n"), `vm.toml:15: export[0].fall-behind: "size 64m" (67108864 bytes) can never trigger: the volume's backlog is bounded by its share of the mirror queue, 67108864 bytes (queue-size 67108864 bytes / 1 protected exports)`},
+		{"impossible fall-behind share", hub + "queue-size = \"8m\"\n" + exp("protect = true\nfall-behind = \"size 5m\"\n") + "\n[[export]]\nid = \"f\"\ndevice = \"root\"\nsocket = \"f.sock\"\nprotect = true\n", `5242880 bytes) can never trigger: the volume's backlog is bounded by its share of the mirror queue, 4194304 bytes (queue-size 8388608 bytes / 2 protected exports)`},
+		{"on-hub-loss value", hub + exp("protect = true\non-hub-loss = \"pause\"\n"), `export[0].on-hub-loss: "pause": want "continue" or "suspend"`},
+		{"suspend without threshold", hub + exp("protect = true\non-hub-loss = \"suspend\"\n"), `"suspend" needs a fall-behind threshold`},
+		{"al-extents", hub + "al-extents = 70000\n", "vm.toml:9: repagent.al-extents: 70000: want 1 to 65534"},
+		{"al-extent-size", hub + "al-extent-size = \"3m\"\n", `repagent.al-extent-size: "3m": want a power of two from 4k to 1g`},
+		{"activity log without hub", "\n[repagent]\nactivity-log = \"x\"\n", "repagent.hub: missing hub address"},
 		{"protect and remote write", hub + exp("protect = true\nallow-remote-write = true\n"), "vm.toml:15: export[0].allow-remote-write: not with protect = true"},
 	}
 	for _, tc := range tests {

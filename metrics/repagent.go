@@ -16,6 +16,9 @@ var (
 	agDirty     = prometheus.NewDesc("vhostdm_repagent_dirty_regions", "Regions in the dirty map, to be resynchronised.", []string{"volume"}, nil)
 	agSync      = prometheus.NewDesc("vhostdm_repagent_sync_mirroring", "1 while the volume mirrors synchronously (past its fall-behind threshold).", []string{"volume"}, nil)
 	agProtected = prometheus.NewDesc("vhostdm_repagent_protected", "1 while the hub protects the volume on this connection.", []string{"volume"}, nil)
+	agRPO       = prometheus.NewDesc("vhostdm_repagent_rpo_seconds", "Age of the oldest write acknowledged to the guest that the hub has not acknowledged (mirror queue and dirty map; it keeps growing while the hub is away).", []string{"volume"}, nil)
+	agOverflows = prometheus.NewDesc("vhostdm_repagent_overflows_total", "Times the volume's writes overflowed the mirror queue (or its share of it) into the dirty map.", []string{"volume"}, nil)
+	agResyncB   = prometheus.NewDesc("vhostdm_repagent_resync_requested_bytes_total", "Bytes of the regions the agent asked the hub to resync (DIRTY_MAP).", []string{"volume"}, nil)
 )
 
 // Agent registers a collector of the replication agent's state.
@@ -26,7 +29,7 @@ func (m *Metrics) Agent(a *agent.Agent) {
 type agentCollector struct{ a *agent.Agent }
 
 func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{agConnected, agConnects, agBacklog, agBacklogIO, agAge, agDirty, agSync, agProtected} {
+	for _, d := range []*prometheus.Desc{agConnected, agConnects, agBacklog, agBacklogIO, agAge, agDirty, agSync, agProtected, agRPO, agOverflows, agResyncB} {
 		ch <- d
 	}
 }
@@ -42,6 +45,9 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(agDirty, prometheus.GaugeValue, float64(v.DirtyRegions), v.Name)
 		ch <- prometheus.MustNewConstMetric(agSync, prometheus.GaugeValue, b2f(v.Sync), v.Name)
 		ch <- prometheus.MustNewConstMetric(agProtected, prometheus.GaugeValue, b2f(v.Mirroring), v.Name)
+		ch <- prometheus.MustNewConstMetric(agRPO, prometheus.GaugeValue, v.RPO.Seconds(), v.Name)
+		ch <- prometheus.MustNewConstMetric(agOverflows, prometheus.CounterValue, float64(v.Stats.Overflows), v.Name)
+		ch <- prometheus.MustNewConstMetric(agResyncB, prometheus.CounterValue, float64(v.Stats.ResyncBytes), v.Name)
 	}
 }
 

@@ -113,6 +113,13 @@ func (c *child) signal(t *testing.T, sig syscall.Signal) (int, time.Duration) {
 	return c.cmd.ProcessState.ExitCode(), time.Since(start)
 }
 
+// kill kills the daemon with SIGKILL (kill -9) and waits for it to be gone.
+func (c *child) kill(t *testing.T) {
+	t.Helper()
+	c.cmd.Process.Signal(syscall.SIGKILL)
+	<-c.done
+}
+
 // stop sends SIGTERM and requires exit status 0 within 5 s.
 func (c *child) stop(t *testing.T) {
 	t.Helper()

@@ -18,8 +18,8 @@ import (
 // from c; a new hub address or new TLS files (or new contents of the same
 // files: a rotated certificate) make the agent reconnect with them. What
 // cannot change while running is refused, so that no protected export is
-// ever served unprotected: adding or removing [repagent], and its vm, uuid
-// and queue-size.
+// ever served unprotected: adding or removing [repagent], and its vm, uuid,
+// queue-size and activity log settings.
 func (d *daemon) prepareRepagent(old, c *config.Config) (apply func(), err error) {
 	o, n := old.RepAgent, c.RepAgent
 	switch {
@@ -31,6 +31,8 @@ func (d *daemon) prepareRepagent(old, c *config.Config) (apply func(), err error
 		return func() {}, nil
 	case o.VM != n.VM || o.UUID != n.UUID || o.QueueBytes != n.QueueBytes:
 		return nil, errors.New("repagent: vm, uuid and queue-size cannot change while running; restart to change them")
+	case o.ALPath != n.ALPath || o.ALExtents != n.ALExtents || o.ALExtentBytes != n.ALExtentBytes:
+		return nil, errors.New("repagent: activity-log, al-extents and al-extent-size cannot change while running; restart to change them")
 	}
 	opts := repOptions(c)
 	sum, err := tlsSum(c)
@@ -91,7 +93,8 @@ func repOptions(c *config.Config) map[string]agent.VolumeOptions {
 	opts := map[string]agent.VolumeOptions{}
 	for _, e := range c.Exports {
 		fb, _ := config.ParseFallBehind(e.FallBehind) // validated by config
-		opts[e.ID] = agent.VolumeOptions{Protect: e.Protect, AllowRemoteWrite: e.AllowRemoteWrite, FallBehind: agent.FallBehind(fb)}
+		opts[e.ID] = agent.VolumeOptions{Protect: e.Protect, AllowRemoteWrite: e.AllowRemoteWrite, FallBehind: agent.FallBehind(fb),
+			OnHubLoss: agent.OnHubLoss(e.OnHubLoss)}
 	}
 	return opts
 }

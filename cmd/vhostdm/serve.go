@@ -25,6 +25,7 @@ import (
 	"github.com/vhostdm/vhostdm/metrics"
 	"github.com/vhostdm/vhostdm/qmp"
 	"github.com/vhostdm/vhostdm/repagent/agent"
+	"github.com/vhostdm/vhostdm/repagent/agent/actlog"
 	"github.com/vhostdm/vhostdm/repagent/wire"
 	"github.com/vhostdm/vhostdm/targets/replicator"
 	"github.com/vhostdm/vhostdm/vhost"
@@ -132,6 +133,7 @@ type daemon struct {
 	cfg         *config.Config   // the configuration last applied
 
 	agent     *agent.Agent                   // nil without [repagent]
+	repVM     string                         // [repagent] vm
 	repOpts   map[string]agent.VolumeOptions // by export id, from the configuration; guarded by ex.mu
 	repTLSSum [32]byte                       // of the [repagent] TLS files in use (reloadMu)
 }
@@ -169,9 +171,10 @@ func startDaemon(ctx context.Context, c *config.Config, log *slog.Logger) (*daem
 		}
 	}
 	if c.RepAgent.Hub != "" {
-		if d.agent, d.repOpts, err = newAgent(c, log); err != nil {
+		if d.agent, d.repOpts, err = newAgent(c, d.m, log); err != nil {
 			return fail(err)
 		}
+		d.repVM = c.RepAgent.VM
 		if d.repTLSSum, err = tlsSum(c); err != nil {
 			return fail(err)
 		}
@@ -205,7 +208,9 @@ func startDaemon(ctx context.Context, c *config.Config, log *slog.Logger) (*daem
 		}
 		d.qmp = qmp.NewServer(qmp.Config{Manager: d.m, Exports: d.ex, Logger: log, Version: Version, OnQuit: d.cancel,
 			Extra: []qmp.ExtraCommand{{Name: "reload-config", Mutates: true, Run: d.qmpReloadConfig},
-				{Name: "repagent-checkpoint", Required: []string{"vm", "name"}, Mutates: true, Run: d.qmpCheckpoint}}})
+				{Name: "repagent-checkpoint", Required: []string{"vm", "name"}, Mutates: true, Run: d.qmpCheckpoint},
+
+				{Name: "query-repagent", Run: d.qmpQueryRepagent}}})
 		d.events.Store(d.qmp)
 		d.wg.Add(1)
 		go func() {
@@ -262,9 +267,25 @@ func repagentTLS(c *config.Config) (*tls.Config, error) {
 
 // newAgent makes the replication agent of c's [repagent] table and the
 // replication options of its exports.
-func newAgent(c *config.Config, log *slog.Logger) (*agent.Agent, map[string]agent.VolumeOptions, error) {
+func newAgent(c *config.Config, m *mapper.Manager, log *slog.Logger) (*agent.Agent, map[string]agent.VolumeOptions, error) {
 	r := c.RepAgent
 	cfg := agent.Config{Hub: r.Hub, VM: r.VM, UUID: r.UUID, Insecure: r.Insecure, QueueBytes: r.QueueBytes, Logger: log}
+	if r.ALPath != "" {
+		// The log covers the exports protected at start, at their
+		// devices' sizes now; exports added by a reload are resynced in
+		// full after a crash.
+		cfg.ActivityLog = agent.ActivityLog{Path: r.ALPath, Extents: r.ALExtents, ExtentSize: r.ALExtentBytes}
+		for _, e := range c.Exports {
+			if !e.Protect {
+				continue
+			}
+			dev, err := m.Get(e.Device)
+			if err != nil {
+				return nil, nil, fmt.Errorf("%s: export %q: %w", c.File, e.ID, err)
+			}
+			cfg.ActivityLog.Volumes = append(cfg.ActivityLog.Volumes, actlog.Volume{Name: e.ID, Size: dev.Size() * mapper.SectorSize})
+		}
+	}
 	tc, err := repagentTLS(c)
 	if err != nil {
 		return nil, nil, err

@@ -10,13 +10,16 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/bits"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/RoaringBitmap/roaring/v2"
 
 	"github.com/vhostdm/vhostdm/mapper"
+	"github.com/vhostdm/vhostdm/repagent/agent/actlog"
 	"github.com/vhostdm/vhostdm/repagent/wire"
 )
 
@@ -50,6 +53,10 @@ type Config struct {
 	// MinBackoff and MaxBackoff bound the delay between connection
 	// attempts, doubling from one to the other. Defaults 100 ms and 10 s.
 	MinBackoff, MaxBackoff time.Duration
+	// PaceAge is the backlog age past which the completions of a
+	// volume's writes wait for the hub (pacing), as past three quarters
+	// of its share of the queue. Default 500 ms.
+	PaceAge time.Duration
 	// DrainTimeout bounds how long Close waits for the hub to acknowledge
 	// the queue before AGENT_SHUTDOWN. Default 30 s.
 	DrainTimeout time.Duration
@@ -64,6 +71,10 @@ type Config struct {
 	// disconnect are not put into the dirty bitmaps: MirrorWrite and Sync
 	// fail until Sync has reported the loss.
 	Group bool
+	// ActivityLog, when its Path is set, keeps the hot extents of the
+	// protected volumes on disk (not for a Group), so that after a crash
+	// only those are resynchronised.
+	ActivityLog ActivityLog
 
 	// Dial, when set, replaces the TCP dialer (TLS is still layered on
 	// top); tests use it to cut and restore the link.
@@ -87,7 +98,23 @@ type VolumeOptions struct {
 	Protect          bool // mirror writes to the hub
 	FallBehind       FallBehind
 	AllowRemoteWrite bool // the hub may write with REMOTE_IO_REQ
+	// OnHubLoss is what happens to the guest's writes while the hub is
+	// away and the volume is past its fall-behind threshold (counting
+	// its dirty map): OnHubLossContinue (the default) records them in
+	// the dirty map, OnHubLossSuspend holds their completion until the
+	// hub is back and has acknowledged them. Either is logged at WARN.
+	OnHubLoss OnHubLoss
 }
+
+// OnHubLoss is a volume's policy for writes past its fall-behind
+// threshold while the hub is away (dm-replicator's and DRBD's fencing).
+type OnHubLoss string
+
+// The OnHubLoss policies.
+const (
+	OnHubLossContinue OnHubLoss = "continue"
+	OnHubLossSuspend  OnHubLoss = "suspend"
+)
 
 // Agent runs inside vhostdm: it reports volumes to the hub, mirrors the
 // writes of protected ones, and serves the hub's remote IO.
@@ -124,10 +151,49 @@ type Agent struct {
 	connects   int
 	consistent bool // Group: the source's last SetConsistent
 	lost       bool // Group: unacknowledged writes died with a connection
+	dmWanted   bool // a mirrored volume overflowed: send its dirty map now
+	stopped    bool // Abort: held writes stop waiting
 
 	runMu   sync.Mutex
 	cancel  context.CancelFunc
 	runDone chan struct{}
+
+	// The activity log; nil without one. Immutable after New but for
+	// alRec (a.mu) and alLost.
+	al      *actlog.Log
+	alPath  string
+	alVols  map[string]int // log volume index by name
+	alSizes []uint64
+	alRec   map[string]actlog.VolumeRecovery // not yet given to an Attach
+	alLost  atomic.Bool
+	alSpan  uint64 // the most bytes one write may span in the log (half of al-extents)
+
+	bufs [maxPoolClass + 1]sync.Pool // mirrored data buffers by power-of-two size
+}
+
+// maxPoolClass is the largest pooled buffer, 2^maxPoolClass bytes.
+const maxPoolClass = 22
+
+// getBuf returns a buffer of n bytes, pooled for sizes up to 4 MiB.
+func (a *Agent) getBuf(n int) []byte {
+	c := bits.Len(uint(max(n, 1) - 1))
+	if c > maxPoolClass {
+		return make([]byte, n)
+	}
+	if b, ok := a.bufs[c].Get().(*[]byte); ok {
+		return (*b)[:n]
+	}
+	return make([]byte, n, 1<<c)
+}
+
+// putBuf gives a buffer from getBuf back to the pool.
+func (a *Agent) putBuf(b []byte) {
+	c := bits.Len(uint(max(cap(b), 1) - 1))
+	if c > maxPoolClass || cap(b) != 1<<c {
+		return
+	}
+	b = b[:0]
+	a.bufs[c].Put(&b)
 }
 
 // qitem is a queued frame: a mirrored write or a dirty map.
@@ -142,6 +208,12 @@ type qitem struct {
 	sector, sectors uint64
 	extents         []wire.Extent
 	done            chan struct{} // closed on ack or disconnect; sync mode only
+	alFull          bool          // the DIRTY_MAP that ends a full resync the activity log asked for
+	// A PROTECTED_WRITE's frame lives in its item (msg points at pw):
+	// one allocation per write besides the pooled data buffer.
+	pw  wire.ProtectedWrite
+	one [1][]byte
+	buf []byte // the pooled data buffer, on the write's last frame
 }
 
 // agentVolume is an attached volume; it implements Device.
@@ -165,6 +237,21 @@ type agentVolume struct {
 	sync     bool
 	stats    VolumeStats
 	cancel   func()
+	alVol    int        // index in the activity log; -1: not logged
+	alFull   bool       // the activity log asks for a full resync, not yet sent
+	resync   ResyncInfo // why the agent last asked for a resync
+	// dirtySince is when the oldest region of the dirty bitmap became
+	// dirty (zero when empty), dirtyReason why the first one did.
+	dirtySince  time.Time
+	dirtyReason string
+	overflowing bool   // writes overflow the queue (logged once per episode)
+	ovWrites    uint64 // written to the dirty bitmap in this episode
+	ovBytes     uint64
+	awayIOs     uint64     // writes dirtied since mirroring last stopped
+	awayWarned  bool       // the on-hub-loss policy was logged for this outage
+	room        *sync.Cond // on a.mu: paced writers wait here
+	paced       int        // writers waiting on room
+	hw          int64      // the high-water mark they wait to go under
 }
 
 // VolumeStats counts what the agent did for a volume.
@@ -176,6 +263,11 @@ type VolumeStats struct {
 	SyncEntered     uint64 // times the volume switched to synchronous mirroring
 	RemoteReads     uint64 // REMOTE_IO_REQ reads served
 	RemoteBytes     uint64 // bytes they returned
+	Overflows       uint64 // times the queue (or the volume's share) overflowed
+	Suspended       uint64 // writes held while the hub was away (on-hub-loss = suspend)
+	Paced           uint64 // writes whose completion waited under the high-water mark
+	ResyncRequests  uint64 // non-empty DIRTY_MAPs sent
+	ResyncBytes     uint64 // the bytes of their regions
 }
 
 // VolumeStatus is one volume in Status.
@@ -189,7 +281,18 @@ type VolumeStatus struct {
 	BacklogBytes int64
 	BacklogAge   time.Duration // age of the oldest unacknowledged write; 0 without one
 	DirtyRegions uint64
-	Stats        VolumeStats
+	// Resync says why the agent last asked the hub for a resync of the
+	// volume (after a crash, an overflow, a disconnect) and how many
+	// bytes it covered; Stats.RemoteBytes counts what the hub read.
+	Resync ResyncInfo
+	// RPO is the age of the oldest write acknowledged to the guest that
+	// the hub has not acknowledged (mirrored, or in the dirty map,
+	// whether or not the hub is connected); 0 when it has all of them.
+	RPO time.Duration
+	// DirtyAge is the age of the oldest region in the dirty bitmap: a
+	// region the hub has not been told about yet; 0 when empty.
+	DirtyAge time.Duration
+	Stats    VolumeStats
 }
 
 // Status is a snapshot of the agent.
@@ -197,7 +300,21 @@ type Status struct {
 	Connected bool
 	Connects  int    // connections made so far
 	Acked     uint64 // highest sequence number the hub acknowledged
-	Volumes   []VolumeStatus
+	Session   uint64 // the session number in HELLO
+	// RPO is the largest of the volumes' RPO: the age of the oldest
+	// write acknowledged to the guest that the hub has not acknowledged.
+	RPO time.Duration
+	// ActivityLog is the activity log's state; nil without one.
+	ActivityLog *ActivityLogStatus
+	Volumes     []VolumeStatus
+}
+
+// ActivityLogStatus is the activity log in Status.
+type ActivityLogStatus struct {
+	Path string
+	// Lost is true after the log failed: a crash resyncs in full.
+	Lost bool
+	actlog.Stats
 }
 
 // New checks cfg and returns an agent; Run connects it.
@@ -235,6 +352,9 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.MaxBackoff < cfg.MinBackoff {
 		cfg.MaxBackoff = max(10*time.Second, cfg.MinBackoff)
 	}
+	if cfg.PaceAge <= 0 {
+		cfg.PaceAge = 500 * time.Millisecond
+	}
 	if cfg.DrainTimeout <= 0 {
 		cfg.DrainTimeout = 30 * time.Second
 	}
@@ -248,6 +368,15 @@ func New(cfg Config) (*Agent, error) {
 		vols: map[string]*agentVolume{}, byID: map[uint64]*agentVolume{}, nextSeq: 1,
 		hub: cfg.Hub, tls: cfg.TLS}
 	a.cond = sync.NewCond(&a.mu)
+	if cfg.ActivityLog.Path != "" && !cfg.Group {
+		if err := a.openActivityLog(cfg.ActivityLog); err != nil {
+			return nil, fmt.Errorf("repagent: %w", err)
+		}
+		for _, v := range cfg.ActivityLog.Volumes {
+			a.alSizes = append(a.alSizes, v.Size)
+		}
+		a.alSpan = uint64(max(a.al.Stats().Capacity/2, 1)) * a.al.ExtentSize()
+	}
 	return a, nil
 }
 
@@ -295,6 +424,8 @@ func (a *Agent) Attach(name string, dev Device, o VolumeOptions) (Device, error)
 	v := &agentVolume{a: a, name: name, dev: dev, opts: o, dirty: roaring.New(),
 		log: a.log.With("volume", name)}
 	v.rl.init()
+	v.room = sync.NewCond(&a.mu)
+	a.attachActivity(v)
 	v.cancel = dev.OnResize(func(_, _ uint64) {
 		a.mu.Lock()
 		a.reported = false
@@ -324,6 +455,7 @@ func (a *Agent) Detach(name string) {
 	}
 	v.detached = true
 	v.mirror = false
+	v.room.Broadcast()
 	if v.id != 0 {
 		delete(a.byID, v.id)
 	}
@@ -345,17 +477,24 @@ func (a *Agent) Detach(name string) {
 func (a *Agent) Status() Status {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	s := Status{Connected: a.conn != nil, Connects: a.connects, Acked: a.acked}
+	s := Status{Connected: a.conn != nil, Connects: a.connects, Acked: a.acked, Session: a.session}
+	if a.al != nil {
+		s.ActivityLog = &ActivityLogStatus{Path: a.alPath, Lost: a.alLost.Load(), Stats: a.al.Stats()}
+	}
 	now := time.Now()
 	for _, n := range a.order {
 		v := a.vols[n]
-		var age time.Duration
+		var age, rpo time.Duration
 		if t := v.oldest(); !t.IsZero() {
 			age = now.Sub(t)
 		}
+		if t := v.rpoSince(); !t.IsZero() {
+			rpo = now.Sub(t)
+		}
 		s.Volumes = append(s.Volumes, VolumeStatus{Name: n, ID: v.id, Protect: v.opts.Protect,
 			Mirroring: v.mirror, Sync: v.sync, BacklogIOs: v.pendIOs, BacklogBytes: v.pendB, BacklogAge: age,
-			DirtyRegions: v.dirty.GetCardinality(), Stats: v.stats})
+			DirtyRegions: v.dirty.GetCardinality(), Resync: v.resync, RPO: rpo, DirtyAge: v.dirtyAge(now), Stats: v.stats})
+		s.RPO = max(s.RPO, rpo)
 	}
 	return s
 }
@@ -366,11 +505,47 @@ func (v *agentVolume) Submit(r *mapper.Request) error {
 	if !r.Op.IsWrite() || !v.opts.Protect {
 		return v.dev.Submit(r)
 	}
+	if span := v.a.alSpan; v.alVol >= 0 && span > 0 && r.Bytes() > span {
+		return v.submitSplit(r, span)
+	}
+	return v.submitOne(r)
+}
+
+// submitSplit submits a write larger than the activity log can admit at
+// once (a long discard, or a large write with a small log) as pieces
+// aligned to span bytes, one after the other; it stops at the first error.
+func (v *agentVolume) submitSplit(r *mapper.Request, span uint64) error {
+	spanSec := span / wire.SectorSize
+	for off := uint64(0); off < r.Sectors; {
+		sec := r.Sector + off
+		n := min(r.Sectors-off, (sec/spanSec+1)*spanSec-sec)
+		p := &mapper.Request{Op: r.Op, Sector: sec, Sectors: n, Unmap: r.Unmap, FUA: r.FUA}
+		if r.Data != nil {
+			p.Data = mapper.SliceBufs(nil, r.Data, int(off*wire.SectorSize), int(n*wire.SectorSize))
+		}
+		if err := v.submitOne(p); err != nil {
+			return err
+		}
+		off += n
+	}
+	return nil
+}
+
+// submitOne performs a protected write and mirrors it.
+func (v *agentVolume) submitOne(r *mapper.Request) error {
+	// Recorded in the activity log before the write may change anything.
+	tok, logged := v.a.alBegin(v, r.Sector, r.Sectors)
 	// Overlapping writes are ordered: the local order is the mirror order.
 	v.rl.lock(r.Sector, r.Sectors)
 	err := v.dev.Submit(r)
-	done := v.a.mirror(v, r, err)
+	seq, dirty, done := v.a.mirror(v, r, err)
 	v.rl.unlock(r.Sector, r.Sectors)
+	if logged {
+		if dirty {
+			v.a.alHold(v, r.Sector, r.Sectors)
+		}
+		v.a.al.End(tok, seq)
+	}
 	if done != nil {
 		<-done
 	}
@@ -387,60 +562,193 @@ func (v *agentVolume) ReadOnly() bool { return v.dev.ReadOnly() }
 func (v *agentVolume) OnResize(fn func(oldSize, newSize uint64)) func() { return v.dev.OnResize(fn) }
 
 // mirror queues the copy of a completed write, or records it as dirty. It
-// returns a channel to wait on when the volume mirrors synchronously.
-func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) chan struct{} {
+// returns the sequence number of its last frame, whether it went to the
+// dirty bitmap instead, and a channel to wait on when the volume mirrors
+// synchronously.
+func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, bool, chan struct{}) {
 	var data []byte
 	if ioErr == nil && r.Op == mapper.OpWrite {
-		data = make([]byte, 0, r.Bytes())
+		// The one copy of the write: guest memory into a pooled buffer,
+		// back to the pool once the frame is on the socket.
+		data = a.getBuf(int(r.Bytes()))[:0]
 		for _, b := range r.Data {
 			data = append(data, b...)
 		}
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if !a.canMirror(v) {
-		v.markDirty(r.Sector, r.Sectors)
-		return nil
-	}
 	bytes := int64(len(data))
-	for a.queueBytes > 0 && a.queueBytes+bytes > a.cfg.QueueBytes {
+	for !a.canMirror(v) {
+		now := time.Now()
+		if v.opts.OnHubLoss != OnHubLossSuspend || a.stopped || v.detached || !v.behindAway(now) {
+			if !v.awayWarned && v.opts.OnHubLoss == OnHubLossContinue && !v.opts.FallBehind.IsZero() && v.behindAway(now) {
+				v.awayWarned = true
+				v.log.Warn("hub away and past the fall-behind threshold: writes go to the dirty map (on-hub-loss = continue)",
+					"dirty_bytes", v.dirtyBytes(), "dirty_age", v.dirtyAge(now))
+			}
+			v.awayIOs++
+			v.markDirty(r.Sector, r.Sectors, "writes while the hub was away")
+			return 0, true, nil
+		}
+		if !v.awayWarned {
+			v.awayWarned = true
+			v.log.Warn("hub away and past the fall-behind threshold: holding guest writes until it returns (on-hub-loss = suspend)",
+				"dirty_bytes", v.dirtyBytes(), "dirty_age", v.dirtyAge(now))
+		}
+		v.stats.Suspended++
+		a.cond.Wait()
+		if a.canMirror(v) {
+			v.sync = true // past the threshold: the held write waits for the hub's ack
+		}
+	}
+	share := a.share()
+	for a.queueBytes > 0 && (a.queueBytes+bytes > a.cfg.QueueBytes || v.pendB+bytes > share) {
 		if !v.sync {
-			v.markDirty(r.Sector, r.Sectors)
-			return nil
+			a.overflow(v, r.Sector, r.Sectors, bytes, share)
+			return 0, true, nil
 		}
 		a.cond.Wait() // synchronous: wait for room
 		if !a.canMirror(v) {
-			v.markDirty(r.Sector, r.Sectors)
-			return nil
+			v.markDirty(r.Sector, r.Sectors, "writes while the hub was away")
+			return 0, true, nil
 		}
 	}
+	if v.overflowing {
+		v.overflowing = false
+		v.log.Warn("mirror queue has room again: writes are mirrored", "dirtied_writes", v.ovWrites, "dirtied_bytes", v.ovBytes)
+	}
 	now := time.Now()
-	last := a.queueWrite(v, r.Op, r.Sector, r.Sectors, data, ioErr, now)
+	last := a.queueWrite(v, r.Op, r.Sector, r.Sectors, data, true, ioErr, now)
 	v.stats.Mirrored++
 	if !v.sync && v.behind(now) {
 		v.sync = true
 		v.stats.SyncEntered++
-		v.log.Info("fall-behind threshold exceeded: mirroring synchronously",
+		v.log.Warn("fall-behind threshold exceeded: mirroring synchronously",
 			"backlog_ios", v.pendIOs, "backlog_bytes", v.pendB)
 	}
 	a.cond.Broadcast()
 	if v.sync {
 		v.stats.SyncWrites++
 		last.done = make(chan struct{})
-		return last.done
+		return last.seq, false, last.done
 	}
-	return nil
+	// Above the high-water mark (three quarters of the volume's share of
+	// the queue) the guest's completion waits for the hub to catch up:
+	// the guest runs at the hub's pace instead of overflowing into the
+	// dirty map and having the hub re-read what it wrote.
+	// So does a backlog older than PaceAge: the RPO stays bounded when
+	// the hub acknowledges slowly.
+	if hw := share / 4 * 3; v.pendB > hw || v.tooOld(now) {
+		v.stats.Paced++
+		v.hw = hw
+		v.paced++
+		for (v.pendB > hw || v.tooOld(time.Now())) && a.canMirror(v) && !a.stopped {
+			v.room.Wait()
+		}
+		v.paced--
+	}
+	return last.seq, false, nil
+}
+
+// tooOld reports whether v's oldest unacknowledged write is older than
+// the pacing age; a.mu held.
+func (v *agentVolume) tooOld(now time.Time) bool {
+	t := v.oldest()
+	return !t.IsZero() && now.Sub(t) > v.a.cfg.PaceAge
+}
+
+// share is the part of the mirror queue one protected volume may fill, so
+// that one busy disk cannot starve the others; a.mu held.
+func (a *Agent) share() int64 {
+	n := int64(0)
+	for _, v := range a.vols {
+		if v.opts.Protect {
+			n++
+		}
+	}
+	return a.cfg.QueueBytes / max(n, 1)
+}
+
+// overflow records a write that found the queue (or the volume's share)
+// full in the dirty bitmap, and has a DIRTY_MAP sent at once, so that the
+// hub knows before it could call the volume protected; a.mu held.
+func (a *Agent) overflow(v *agentVolume, sector, sectors uint64, bytes, share int64) {
+	if !v.overflowing {
+		v.overflowing = true
+		v.ovWrites, v.ovBytes = 0, 0
+		v.stats.Overflows++
+		v.log.Warn("mirror queue full: writes go to the dirty map and the hub resyncs them",
+			"queue_bytes", a.queueBytes, "queue_size", a.cfg.QueueBytes, "volume_backlog_bytes", v.pendB, "volume_share", share)
+	}
+	v.ovWrites++
+	v.ovBytes += uint64(sectors) * wire.SectorSize
+	v.markDirty(sector, sectors, "mirror queue overflow")
+	a.dmWanted = true
+	a.cond.Broadcast()
+}
+
+// behindAway reports whether a volume whose hub is away is past its
+// fall-behind threshold, counting what went to its dirty bitmap; a.mu held.
+func (v *agentVolume) behindAway(now time.Time) bool {
+	fb := v.opts.FallBehind
+	switch {
+	case fb.IsZero():
+		return false
+	case v.sync:
+		return true
+	case fb.IOs > 0 && v.awayIOs+uint64(v.pendIOs) > fb.IOs:
+		return true
+	case fb.Bytes > 0 && v.dirtyBytes() > fb.Bytes:
+		return true
+	case fb.Timeout > 0 && v.dirtyAge(now) > fb.Timeout:
+		return true
+	}
+	return false
+}
+
+// dirtyBytes is the size of the regions in v's dirty bitmap; a.mu held.
+func (v *agentVolume) dirtyBytes() uint64 {
+	return v.dirty.GetCardinality() * uint64(v.a.cfg.RegionSectors) * wire.SectorSize
+}
+
+// dirtyAge is how long v's dirty bitmap has held a region; a.mu held.
+func (v *agentVolume) dirtyAge(now time.Time) time.Duration {
+	if v.dirtySince.IsZero() {
+		return 0
+	}
+	return now.Sub(v.dirtySince)
+}
+
+// rpoSince returns since when v has held a write acknowledged to the guest
+// that the hub has not acknowledged: the oldest unacknowledged mirrored
+// write or DIRTY_MAP (which carries the age of its regions), or the oldest
+// region in the dirty bitmap; zero when the hub has everything; a.mu held.
+func (v *agentVolume) rpoSince() time.Time {
+	t := v.dirtySince
+	sawWrite := false
+	for _, it := range v.pending {
+		if it.write && sawWrite {
+			continue // writes are queued in time order: the first is the oldest
+		}
+		sawWrite = sawWrite || it.write
+		if !it.t.IsZero() && (t.IsZero() || it.t.Before(t)) {
+			t = it.t
+		}
+	}
+	return t
 }
 
 // queueWrite queues the PROTECTED_WRITE frames of one write and returns
 // the last; a.mu held.
-func (a *Agent) queueWrite(v *agentVolume, op mapper.Op, sector, sectors uint64, data []byte, ioErr error, now time.Time) *qitem {
+func (a *Agent) queueWrite(v *agentVolume, op mapper.Op, sector, sectors uint64, data []byte, pooled bool, ioErr error, now time.Time) *qitem {
 	var last *qitem
 	// Split into frames of at most MaxIOSectors (discards and zeroes of
 	// up to 2^32-1 sectors go in one frame).
 	for sec, left, off := sector, sectors, 0; left > 0; {
 		n := min(left, uint64(^uint32(0)))
-		pw := &wire.ProtectedWrite{Volume: v.id, Sector: sec, Status: wire.StatusOK}
+		it := &qitem{vol: v, write: true, t: now, sector: sec}
+		pw := &it.pw
+		*pw = wire.ProtectedWrite{Volume: v.id, Sector: sec, Status: wire.StatusOK}
 		switch {
 		case ioErr != nil:
 			pw.Status = wire.StatusIOError
@@ -450,11 +758,15 @@ func (a *Agent) queueWrite(v *agentVolume, op mapper.Op, sector, sectors uint64,
 			pw.Zeroes = true
 		default:
 			n = min(left, wire.MaxIOSectors)
-			pw.Data = [][]byte{data[off : off+int(n)*wire.SectorSize]}
+			it.one[0] = data[off : off+int(n)*wire.SectorSize]
+			pw.Data = it.one[:]
 			off += int(n) * wire.SectorSize
+			if off == len(data) && pooled {
+				it.buf = data // the last frame gives the buffer back
+			}
 		}
 		pw.Sectors = uint32(n)
-		it := &qitem{seq: a.nextSeq, vol: v, msg: pw, write: true, t: now, sector: sec, sectors: n}
+		it.seq, it.msg, it.sectors = a.nextSeq, pw, n
 		if pw.Data != nil {
 			it.bytes = int64(n) * wire.SectorSize
 		}
@@ -477,10 +789,23 @@ func (a *Agent) canMirror(v *agentVolume) bool {
 	return a.conn != nil && v.mirror && v.id != 0 && !v.detached
 }
 
-// markDirty records a sector range in the dirty bitmap; a.mu held.
-func (v *agentVolume) markDirty(sector, sectors uint64) {
+// markDirty records a sector range in the dirty bitmap, and why; a.mu
+// held.
+func (v *agentVolume) markDirty(sector, sectors uint64, reason string) {
+	v.noteDirty(time.Now(), reason)
 	wire.AddSectors(v.dirty, sector, sectors, v.a.cfg.RegionSectors)
 	v.stats.Dirtied++
+}
+
+// noteDirty records that regions dirty since t are going into the bitmap:
+// the RPO counts from the oldest; a.mu held.
+func (v *agentVolume) noteDirty(t time.Time, reason string) {
+	if v.dirtySince.IsZero() || t.Before(v.dirtySince) {
+		v.dirtySince = t
+	}
+	if v.dirtyReason == "" {
+		v.dirtyReason = reason
+	}
 }
 
 // behind reports whether the backlog is past the fall-behind threshold;
@@ -515,17 +840,26 @@ func (a *Agent) ack(seq uint64) {
 		return
 	}
 	a.acked = seq
+	if a.al != nil {
+		a.al.Ack(seq)
+	}
 	now := time.Now()
 	for _, v := range a.vols {
 		k := 0
 		for k < len(v.pending) && v.pending[k].seq <= seq {
 			it := v.pending[k]
+			if !it.write && it.msg != nil && a.al != nil {
+				a.alDirtyMapAcked(v, it)
+			}
 			a.release(v, it)
 			k++
 		}
 		if k > 0 {
 			clear(v.pending[:k])
 			v.pending = v.pending[k:]
+		}
+		if v.paced > 0 && v.pendB <= v.hw && !v.tooOld(now) {
+			v.room.Broadcast()
 		}
 		if v.sync && !v.behind(now) {
 			v.sync = false
@@ -559,9 +893,15 @@ func (a *Agent) disconnected() {
 				// the loss and the source resynchronises.
 				a.lost = a.lost || it.write
 			} else if it.write {
+				v.noteDirty(it.t, "writes unacknowledged when the hub connection ended")
 				wire.AddSectors(v.dirty, it.sector, it.sectors, a.cfg.RegionSectors)
-			} else {
+				a.alHold(v, it.sector, it.sectors)
+			} else if len(it.extents) > 0 {
+				v.noteDirty(it.t, "a dirty map unacknowledged when the hub connection ended")
 				wire.AddExtents(v.dirty, it.extents, a.cfg.RegionSectors, a.cfg.RegionSectors, wire.MaxTrackedRegions)
+				v.alFull = v.alFull || it.alFull
+			} else {
+				v.alFull = v.alFull || it.alFull
 			}
 			a.release(v, it)
 		}
@@ -569,6 +909,8 @@ func (a *Agent) disconnected() {
 		v.id = 0
 		v.mirror = false
 		v.sync = false
+		v.overflowing = false
+		v.room.Broadcast()
 	}
 	a.queueBytes = 0
 	a.byID = map[uint64]*agentVolume{}
@@ -579,18 +921,39 @@ func (a *Agent) disconnected() {
 // queueDirtyMap moves v's dirty bitmap into a DIRTY_MAP frame; a.mu held.
 func (a *Agent) queueDirtyMap(v *agentVolume, initial bool) {
 	exts := wire.ExtentsOf(v.dirty)
-	v.stats.DirtyMapRegions += v.dirty.GetCardinality()
+	regions := v.dirty.GetCardinality()
+	since, reason := v.dirtySince, v.dirtyReason
+	if since.IsZero() {
+		since = time.Now()
+	}
+	if reason == "" {
+		reason = "writes before protection started"
+	}
+	if regions > 0 {
+		b := v.dirtyBytes()
+		v.resync = ResyncInfo{Reason: reason, Bytes: b}
+		v.stats.ResyncRequests++
+		v.stats.ResyncBytes += b
+		if reason != "mirror queue overflow" || !v.overflowing {
+			v.log.Warn("resync requested: dirty map sent to the hub", "reason", reason, "regions", regions, "bytes", b)
+		}
+	}
+	v.stats.DirtyMapRegions += regions
 	v.dirty.Clear()
+	v.dirtySince, v.dirtyReason = time.Time{}, ""
 	// Keep frames well under the payload limit.
 	const per = 256 << 10
 	for first := true; first || len(exts) > 0; first = false {
 		chunk := exts[:min(len(exts), per)]
 		exts = exts[len(chunk):]
-		it := &qitem{seq: a.nextSeq, vol: v, t: time.Now(), extents: chunk}
+		it := &qitem{seq: a.nextSeq, vol: v, t: since, extents: chunk}
 		it.msg = &wire.DirtyMap{Seq: it.seq, Volume: v.id, Initial: initial && first, RegionSectors: a.cfg.RegionSectors, Extents: chunk}
 		a.nextSeq++
 		a.queue = append(a.queue, it)
 		v.pending = append(v.pending, it)
+		if len(exts) == 0 {
+			it.alFull, v.alFull = v.alFull, false
+		}
 	}
 	a.cond.Broadcast()
 }
@@ -634,7 +997,7 @@ func (a *Agent) MirrorWrite(name string, op mapper.Op, sector, sectors uint64, d
 		}
 		a.cond.Wait()
 	}
-	a.queueWrite(v, op, sector, sectors, data, nil, time.Now())
+	a.queueWrite(v, op, sector, sectors, data, false, nil, time.Now())
 	v.stats.Mirrored++
 	a.cond.Broadcast()
 	return nil
@@ -920,6 +1283,7 @@ func (c *agentConn) readLoop() error {
 			if v != nil {
 				v.mirror = false
 				v.sync = false
+				v.room.Broadcast()
 			}
 			a.mu.Unlock()
 			if v == nil {
@@ -992,6 +1356,7 @@ func (c *agentConn) startProtect(m *wire.StartProtect) error {
 	a.byID[v.id] = v
 	if m.Mirror && !v.mirror {
 		v.mirror = true
+		v.awayIOs, v.awayWarned = 0, false
 		a.queueDirtyMap(v, true)
 		v.log.Info("protection started", "id", v.id)
 	}
@@ -1087,7 +1452,7 @@ func (c *agentConn) sendLoop() {
 	a := c.a
 	for {
 		a.mu.Lock()
-		for len(a.queue) == 0 && a.reported && a.conn == c {
+		for len(a.queue) == 0 && a.reported && !a.dmWanted && a.conn == c {
 			select {
 			case <-c.done:
 				a.mu.Unlock()
@@ -1104,6 +1469,16 @@ func (c *agentConn) sendLoop() {
 		if !a.reported {
 			report = a.reportLocked()
 			a.reported = true
+		}
+		if a.dmWanted {
+			// Overflowed regions go out with this batch, not at the
+			// next heartbeat.
+			a.dmWanted = false
+			for _, n := range a.order {
+				if v := a.vols[n]; v.mirror && !v.dirty.IsEmpty() {
+					a.queueDirtyMap(v, false)
+				}
+			}
 		}
 		items := a.queue
 		a.queue = nil
@@ -1122,6 +1497,12 @@ func (c *agentConn) sendLoop() {
 			err = c.w.WriteMessage(it.msg)
 			if pw, ok := it.msg.(*wire.ProtectedWrite); ok {
 				pw.Data = nil // sent: the hub has it or it will be dirty again
+				it.one[0] = nil
+				if it.buf != nil {
+					// WriteMessage copied or wrote the data.
+					a.putBuf(it.buf)
+					it.buf = nil
+				}
 			}
 		}
 		if err == nil {
@@ -1228,6 +1609,19 @@ func (a *Agent) Close() error {
 		err = errors.New("repagent: queue not drained: unclean shutdown")
 	}
 	a.Abort()
+	if a.al != nil {
+		// Clean only when the hub has everything: the next start then
+		// resyncs nothing.
+		clean, cerr := a.al.Close()
+		switch {
+		case cerr != nil && !errors.Is(cerr, actlog.ErrClosed):
+			a.log.Warn("activity log", "err", cerr)
+		case clean:
+			a.log.Info("activity log closed clean", "path", a.alPath)
+		case !a.alLost.Load():
+			a.log.Warn("activity log left dirty: the next start resyncs its hot extents", "path", a.alPath)
+		}
+	}
 	return err
 }
 
@@ -1249,6 +1643,13 @@ func (a *Agent) drainedLocked() bool {
 // Abort stops the agent without a clean shutdown, as a crash would:
 // queued writes are lost and no AGENT_SHUTDOWN is sent. Tests use it.
 func (a *Agent) Abort() {
+	a.mu.Lock()
+	a.stopped = true
+	a.cond.Broadcast()
+	for _, v := range a.vols {
+		v.room.Broadcast()
+	}
+	a.mu.Unlock()
 	a.runMu.Lock()
 	cancel, done := a.cancel, a.runDone
 	a.runMu.Unlock()
