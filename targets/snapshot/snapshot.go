@@ -282,6 +282,15 @@ func (t *snapTarget) attach(chunk uint64, persistentStore, overflowOK bool) (*co
 		if cs.persistent != persistentStore {
 			return nil, fmt.Errorf("COW device %s: in use with a different store type", t.cowDev.Name())
 		}
+		// The kernel's __validate_exception_handover: a snapshot-merge
+		// handover is refused while another snapshot of the origin
+		// merges. (The kernel refuses a reload of the merging table
+		// itself too; vhostdm takes that one, a handover of the merge
+		// to its own COW, so that the live TABLE reloads.)
+		if t.merge && t.o.merging(cs) {
+			//lint:ignore ST1005 the kernel's message, verbatim (dmsetup users match it)
+			return nil, errors.New("A snapshot is already merging.")
+		}
 		cs.users = append(cs.users, t)
 		return cs, nil
 	}

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"testing"
 
@@ -284,4 +285,71 @@ func read0(t *testing.T, m *mappertest.Mem) []byte { return m.Bytes()[:8192*512]
 func waitMerged(t *testing.T, d *mapper.Device) {
 	t.Helper()
 	waitStatus(t, d, regexpMust(`^16/\d+ 16$`))
+}
+
+// TestOneMergePerOrigin: while one snapshot of an origin merges, a handover
+// of another of its snapshots to snapshot-merge is refused with the
+// kernel's error (dm-snap.c __validate_exception_handover); once the merge
+// is gone, it is accepted.
+func TestOneMergePerOrigin(t *testing.T) {
+	set := mappertest.NewSet(4<<20, "o", "c1", "c2")
+	m := newManager(t, set, nil)
+	base, err := m.CreateTable("base", "", false, "0 8192 snapshot-origin o")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s1, err := m.CreateTable("s1", "", false, "0 8192 snapshot o c1 P 8")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2, err := m.CreateTable("s2", "", false, "0 8192 snapshot o c2 P 8")
+	if err != nil {
+		t.Fatal(err)
+	}
+	submit(t, base, mapper.OpWrite, 0, pattern(1, 64*4096)) // both snapshots copy out
+	submit(t, s1, mapper.OpWrite, 100, pattern(2, 4096))
+	submit(t, s2, mapper.OpWrite, 200, pattern(3, 4096))
+	want2 := read(t, s2, 0, 8192)
+
+	// s1 merges: the origin device takes its COW over.
+	if err := base.Suspend(false); err != nil {
+		t.Fatal(err)
+	}
+	if err := base.Load("0 8192 snapshot-merge o c1 P 8"); err != nil {
+		t.Fatal(err)
+	}
+	if err := base.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Remove("s1", false); err != nil {
+		t.Fatal(err)
+	}
+	err = s2.Load("0 8192 snapshot-merge o c2 P 8")
+	if want := "snapshot-merge: A snapshot is already merging."; err == nil || !strings.HasSuffix(err.Error(), want) {
+		t.Fatalf("second merge of one origin: %v, want the kernel's %q", err, want)
+	}
+	// s2 is untouched and keeps serving its snapshot.
+	if !bytes.Equal(read(t, s2, 0, 8192), want2) {
+		t.Fatal("the refused merge changed the second snapshot")
+	}
+	// A plain snapshot reload of s2 (no merge) is still a handover it may do.
+	if err := s2.Load("0 8192 snapshot o c2 P 8"); err != nil {
+		t.Fatalf("snapshot reload while another merges: %v", err)
+	}
+	s2.ClearInactive()
+
+	// Once the first merge is done and its table gone, s2 may merge.
+	waitMerged(t, base)
+	if err := base.Suspend(false); err != nil {
+		t.Fatal(err)
+	}
+	if err := base.Load("0 8192 snapshot-origin o"); err != nil {
+		t.Fatal(err)
+	}
+	if err := base.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s2.Load("0 8192 snapshot-merge o c2 P 8"); err != nil {
+		t.Fatalf("merge after the first one ended: %v", err)
+	}
 }
