@@ -2,8 +2,8 @@ package snapshot_test
 
 import (
 	"bytes"
-	"errors"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
