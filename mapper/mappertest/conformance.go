@@ -26,6 +26,20 @@ type TargetCase struct {
 	Stores bool
 	// ZeroesOnDiscard is true when discarded ranges read back as zeros.
 	ZeroesOnDiscard bool
+	// Align is the alignment in sectors of the I/O the target accepts
+	// (8 for a crypt sector_size of 4096); 0 means 1.
+	Align uint64
+	// InitialUnknown is true when a fresh device over zeroed backends
+	// need not read as zeros (crypt reads them as decrypted garbage).
+	InitialUnknown bool
+	// RecoversOnRestart is true when the target keeps flushed data in a
+	// journal that a restarted process replays (replicator): durability
+	// is checked after a Kill and a new manager, not on the live device.
+	RecoversOnRestart bool
+	// Setup, when set, runs before the device is created, for what the
+	// table stands on: lower mapper devices (/dev/mapper/NAME), a pool
+	// and its messages.
+	Setup func(t *testing.T, m *mapper.Manager, backends []string)
 }
 
 // RunTarget runs the behaviour every target must have: read-after-write,
@@ -38,14 +52,22 @@ func RunTarget(t *testing.T, name string, c TargetCase) {
 	for i := range names {
 		names[i] = fmt.Sprintf("m%d", i)
 	}
-	setup := func(t *testing.T) (*mapper.Manager, *Set, *mapper.Device) {
-		set := NewSet(c.BackendBytes, names...)
+	align := max(c.Align, 1)
+	start := func(t *testing.T, set *Set) (*mapper.Manager, *mapper.Device) {
 		m := mapper.NewManager(mapper.ManagerOptions{Open: set.Open, Logger: slog.New(slog.DiscardHandler)})
 		t.Cleanup(func() { m.Close() })
+		if c.Setup != nil {
+			c.Setup(t, m, names)
+		}
 		d, err := m.CreateTable(name, "", false, c.Table(names))
 		if err != nil {
 			t.Fatalf("%s: create: %v", name, err)
 		}
+		return m, d
+	}
+	setup := func(t *testing.T) (*mapper.Manager, *Set, *mapper.Device) {
+		set := NewSet(c.BackendBytes, names...)
+		m, d := start(t, set)
 		return m, set, d
 	}
 	t.Run(name+"/read-after-write", func(t *testing.T) {
@@ -53,9 +75,14 @@ func RunTarget(t *testing.T, name string, c TargetCase) {
 		rng := rand.New(rand.NewPCG(1, 1))
 		size := d.Size()
 		model := make([]byte, size*mapper.SectorSize)
+		if c.InitialUnknown {
+			if err := d.Submit(&mapper.Request{Op: mapper.OpRead, Sector: 0, Sectors: size, Data: [][]byte{model}}); err != nil {
+				t.Fatalf("read whole device: %v", err)
+			}
+		}
 		for i := 0; i < 64; i++ {
-			s := rng.Uint64N(size)
-			n := 1 + rng.Uint64N(min(size-s, 256))
+			s := rng.Uint64N(size/align) * align
+			n := (1 + rng.Uint64N(min(size-s, 256)/align)) * align
 			buf := randBytes(rng, int(n*mapper.SectorSize))
 			if err := d.Submit(&mapper.Request{Op: mapper.OpWrite, Sector: s, Sectors: n, Data: splitRandom(rng, buf)}); err != nil {
 				t.Fatalf("write %d+%d: %v", s, n, err)
@@ -84,8 +111,13 @@ func RunTarget(t *testing.T, name string, c TargetCase) {
 		if err := d.Submit(&mapper.Request{Op: mapper.OpFlush}); err != nil {
 			t.Fatalf("flush: %v", err)
 		}
-		for _, n := range names {
-			set.Get(n).Crash()
+		if c.RecoversOnRestart {
+			set.Kill()
+			_, d = start(t, set)
+		} else {
+			for _, n := range names {
+				set.Get(n).Crash()
+			}
 		}
 		back := make([]byte, len(data))
 		if err := d.Submit(&mapper.Request{Op: mapper.OpRead, Sector: 0, Sectors: d.Size(), Data: [][]byte{back}}); err != nil {

@@ -6,6 +6,7 @@ package mappertest
 import (
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"github.com/vhostdm/vhostdm/mapper"
 )
@@ -164,11 +165,12 @@ func (m *Mem) Flushes() int {
 type Set struct {
 	mu   sync.Mutex
 	mems map[string]*Mem
+	dead *atomic.Bool // of the handles opened since the last Kill
 }
 
 // NewSet returns a set with a backend of size bytes for each name.
 func NewSet(size int, names ...string) *Set {
-	s := &Set{mems: map[string]*Mem{}}
+	s := &Set{mems: map[string]*Mem{}, dead: new(atomic.Bool)}
 	for _, n := range names {
 		s.mems[n] = NewMem(n, size)
 	}
@@ -184,8 +186,77 @@ func (s *Set) Get(name string) *Mem {
 
 // Open opens the backend called name.
 func (s *Set) Open(name string, readOnly bool) (mapper.Backend, error) {
-	if m := s.Get(name); m != nil {
-		return m, nil
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if m := s.mems[name]; m != nil {
+		return handle{m, s.dead}, nil
 	}
 	return nil, mapper.Errorf(mapper.ErrNotFound, "open %s: no such memory backend", name)
+}
+
+// Kill ends the "process" that opened the backends so far, as kill -9 or a
+// power cut would: every backend opened before fails all I/O from now on,
+// and every backend drops what was not flushed. Backends opened after Kill
+// (by a new manager: the restarted process) work on what survived.
+func (s *Set) Kill() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.dead.Store(true)
+	s.dead = new(atomic.Bool)
+	for _, m := range s.mems {
+		m.Crash()
+	}
+}
+
+// handle is a backend as one process opened it.
+type handle struct {
+	*Mem
+	dead *atomic.Bool
+}
+
+func (h handle) alive() error {
+	if h.dead.Load() {
+		return mapper.Errorf(mapper.ErrIO, "%s: the process that opened it was killed", h.name)
+	}
+	return nil
+}
+
+// ReadAt implements mapper.Backend.
+func (h handle) ReadAt(bufs [][]byte, off int64) error {
+	if err := h.alive(); err != nil {
+		return err
+	}
+	return h.Mem.ReadAt(bufs, off)
+}
+
+// WriteAt implements mapper.Backend.
+func (h handle) WriteAt(bufs [][]byte, off int64) error {
+	if err := h.alive(); err != nil {
+		return err
+	}
+	return h.Mem.WriteAt(bufs, off)
+}
+
+// Flush implements mapper.Backend.
+func (h handle) Flush() error {
+	if err := h.alive(); err != nil {
+		return err
+	}
+	return h.Mem.Flush()
+}
+
+// Discard implements mapper.Backend.
+func (h handle) Discard(off, n int64) error {
+	if err := h.alive(); err != nil {
+		return err
+	}
+	return h.Mem.Discard(off, n)
+}
+
+// WriteZeroes implements mapper.Backend.
+func (h handle) WriteZeroes(off, n int64, unmap bool) error {
+	if err := h.alive(); err != nil {
+		return err
+	}
+	return h.Mem.WriteZeroes(off, n, unmap)
 }

@@ -8,6 +8,7 @@ package mirror
 import (
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -21,13 +22,17 @@ import (
 // to one in-sync leg, and regions that may differ are recovered in the
 // background by copying them from the default (first healthy) leg.
 //
-//	mirror <log_type> <#log_args> <log_args>... <#legs> [<dev> <offset>]{#legs} [<#features> [handle_errors] [keep_log]]
+//	mirror <log_type> <#log_args> <log_args>... <#legs> [<dev> <offset>]{#legs} [<#features> [handle_errors] [keep_log] [max_recovery_rate:<kB/s>]]
 //
 // log_type is a registered dirty log ("core", "disk"; package dirtylog).
 // handle_errors makes a failed leg leave service: it is marked D, an
 // event is raised, the default leg moves to a healthy one, and the regions
 // written while it failed go out of sync. keep_log (which needs
 // handle_errors) fails writes when the log device has failed.
+// max_recovery_rate:<kB/s> (a vhostdm feature; the kernel refuses it)
+// throttles the resync's reads to that many KiB per second, leaving the
+// legs' bandwidth to guest I/O; without it the resync copies as fast as
+// the copier goes.
 //
 // INFO:  "2 /img/a /img/b 8/8 1 AA 3 disk /img/log A" (#legs, legs, regions
 // in sync/regions, 1, one health character per leg: A alive, D write
@@ -50,6 +55,15 @@ func init() {
 
 // maxLegs is the kernel's MAX_NR_MIRRORS (DM_KCOPYD_MAX_REGIONS + 1).
 const maxLegs = 9
+
+// rateFeature is vhostdm's resync throttle feature,
+// max_recovery_rate:<kB/s>, named and counted as dm-raid's
+// max_recovery_rate; the kernel's mirror has none (its kcopyd throttle is
+// the raid1_resync_throttle module parameter).
+const rateFeature = "max_recovery_rate:"
+
+// maxRate is the largest max_recovery_rate, in kB/s (as dm-raid: INT_MAX).
+const maxRate = 1<<31 - 1
 
 // Leg error kinds, in the order of their status priority.
 const (
@@ -107,6 +121,7 @@ type mirror struct {
 	length       uint64
 	handleErrors bool
 	keepLog      bool
+	rate         uint64 // resync throttle in kB/s (KiB/s, as dm-raid counts), 0: none
 	event        mapper.EventRaiser
 	kcopyd       *copier.Copier
 
@@ -165,11 +180,10 @@ func newMirror(c *mapper.Ctx, args []string) (mapper.Target, error) {
 		}
 		legArgs = append(legArgs, legArg{name, off})
 	}
-	m := &mirror{length: c.Length, event: c.Event(), regions: map[uint64]*region{},
-		kcopyd: copier.New(copier.Options{MemoryBytes: 2 << 20})}
+	m := &mirror{length: c.Length, event: c.Event(), regions: map[uint64]*region{}}
 	m.cond = sync.NewCond(&m.mu)
 	if a.Len() > 0 {
-		nf, err := a.Uint("feature count", 0, 2)
+		nf, err := a.Uint("feature count", 0, 3)
 		if err != nil {
 			return nil, err
 		}
@@ -183,7 +197,13 @@ func newMirror(c *mapper.Ctx, args []string) (mapper.Target, error) {
 				m.handleErrors = true
 			case f == "keep_log" && !m.keepLog:
 				m.keepLog = true
-			case f == "handle_errors" || f == "keep_log":
+			case strings.HasPrefix(f, rateFeature) && m.rate == 0:
+				v, err := strconv.ParseUint(f[len(rateFeature):], 10, 32)
+				if err != nil || v == 0 || v > maxRate {
+					return nil, fmt.Errorf("feature %q: rate must be 1 to %d kB/s", f, maxRate)
+				}
+				m.rate = v
+			case f == "handle_errors" || f == "keep_log" || strings.HasPrefix(f, rateFeature):
 				return nil, fmt.Errorf("feature %q: duplicated", f)
 			default:
 				return nil, fmt.Errorf("feature %q: unrecognised", f)
@@ -196,6 +216,15 @@ func newMirror(c *mapper.Ctx, args []string) (mapper.Target, error) {
 			return nil, errors.New("feature keep_log: requires the handle_errors feature")
 		}
 	}
+	opts := copier.Options{MemoryBytes: 2 << 20}
+	if m.rate > 0 {
+		// Pieces of about 1/8 s at the rate, so that the throttle's
+		// sleeps stay short (suspend waits for the piece in flight).
+		bps := int64(m.rate) * 1024
+		opts.BytesPerSecond = bps
+		opts.PieceBytes = int(max(4096, min(copier.DefaultPieceBytes, bps/8)) &^ 4095)
+	}
+	m.kcopyd = copier.New(opts)
 	log, err := dirtylog.New(c, logType, logArgs, m.flushLegs)
 	if err != nil {
 		return nil, fmt.Errorf("dirty log %s: %w", logType, err)
@@ -480,6 +509,9 @@ func (m *mirror) Status(kind mapper.StatusKind) string {
 		}
 		if m.keepLog {
 			feats = append(feats, "keep_log")
+		}
+		if m.rate > 0 {
+			feats = append(feats, fmt.Sprintf("%s%d", rateFeature, m.rate))
 		}
 		if len(feats) > 0 {
 			fmt.Fprintf(&b, " %d %s", len(feats), strings.Join(feats, " "))

@@ -48,7 +48,7 @@ func TestConstructorErrors(t *testing.T) {
 		{"mirror core 1 1024 2 a 0 b 0 1 keep_log", "feature keep_log: requires the handle_errors feature"},
 		{"mirror core 1 1024 2 a 0 b 0 1 fast", `feature "fast": unrecognised`},
 		{"mirror core 1 1024 2 a 0 b 0 2 handle_errors handle_errors", `feature "handle_errors": duplicated`},
-		{"mirror core 1 1024 2 a 0 b 0 3 handle_errors", `feature count "3": must be 0 to 2`},
+		{"mirror core 1 1024 2 a 0 b 0 4 handle_errors", `feature count "4": must be 0 to 3`},
 		{"mirror core 1 1024 2 a 0 b 0 1 handle_errors x", `too many arguments: unexpected "x"`},
 		{"mirror disk 1 1024 2 a 0 b 0", "dirty log disk: want <log_device> <region_size> [sync|nosync], got 1 arguments"},
 		{"mirror core 1 1024 2 a 0 b 1000", "b too small for target: start=1000, len=2048, dev_size=2048"},
@@ -238,5 +238,72 @@ func TestStatusLines(t *testing.T) {
 			t.Errorf("%s: table %q", tc.table, tb)
 		}
 		m.Remove("s", false)
+	}
+}
+
+// TestResyncRate: max_recovery_rate holds the resync's copy rate within
+// bounds (never faster; not stalled), and the legs end identical.
+func TestResyncRate(t *testing.T) {
+	const legBytes = 6 << 20
+	syncTime := func(t *testing.T, feats string) (time.Duration, *mappertest.Set) {
+		set := mappertest.NewSet(legBytes, "a", "b")
+		a := fill(7, legBytes)
+		if err := set.Get("a").WriteAt([][]byte{a}, 0); err != nil {
+			t.Fatal(err)
+		}
+		m := newManager(t, set, nil)
+		start := time.Now()
+		d, err := m.CreateTable("m", "", false, fmt.Sprintf("0 %d mirror core 2 512 sync 2 a 0 b 0%s", legBytes/512, feats))
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := regexp.MustCompile(`^2 a b 24/24 1 AA `)
+		for !r.MatchString(status(d)) {
+			if time.Since(start) > time.Minute {
+				t.Fatalf("not in sync after a minute: %s", status(d))
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		took := time.Since(start)
+		if !bytes.Equal(set.Get("b").Bytes(), a) {
+			t.Fatal("legs differ after the resync")
+		}
+		return took, set
+	}
+	free, _ := syncTime(t, "")
+	const rate = 2048 // kB/s: 6 MiB in 3 s
+	want := time.Duration(legBytes / 1024 * int64(time.Second) / rate)
+	got, _ := syncTime(t, fmt.Sprintf(" 1 max_recovery_rate:%d", rate))
+	t.Logf("6 MiB resync: %v unthrottled, %v at %d kB/s (%.0f kB/s, want %d)", free, got, rate, float64(legBytes/1024)/got.Seconds(), rate)
+	// The throttle admits the first piece at once: allow one piece early.
+	piece := time.Duration(int64(rate*1024/8) * int64(time.Second) / (rate * 1024))
+	if got < want-piece {
+		t.Errorf("resync took %v, faster than %d kB/s allows (%v)", got, rate, want)
+	}
+	if got > 2*want+2*time.Second {
+		t.Errorf("resync took %v at %d kB/s, want about %v", got, rate, want)
+	}
+}
+
+func TestResyncRateTable(t *testing.T) {
+	set := mappertest.NewSet(1<<20, "a", "b")
+	m := newManager(t, set, nil)
+	d, err := m.CreateTable("m", "", false, "0 2048 mirror core 1 256 2 a 0 b 0 2 max_recovery_rate:512 handle_errors")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := d.Status(mapper.StatusTable, false)[0].Params; got != "core 1 256 2 a 0 b 0 2 handle_errors max_recovery_rate:512" {
+		t.Fatalf("TABLE %q", got)
+	}
+	for _, tc := range []struct{ feats, err string }{
+		{"1 max_recovery_rate:0", `feature "max_recovery_rate:0": rate must be 1 to 2147483647 kB/s`},
+		{"1 max_recovery_rate:x", `feature "max_recovery_rate:x": rate must be 1 to 2147483647 kB/s`},
+		{"1 max_recovery_rate:2147483648", `feature "max_recovery_rate:2147483648": rate must be 1 to 2147483647 kB/s`},
+		{"2 max_recovery_rate:1 max_recovery_rate:2", `feature "max_recovery_rate:2": duplicated`},
+	} {
+		_, err := m.CreateTable("x", "", false, "0 2048 mirror core 1 256 2 a 0 b 0 "+tc.feats)
+		if want := "create x: line 1: mirror: " + tc.err; err == nil || err.Error() != want {
+			t.Errorf("%s:\n got  %v\n want %s", tc.feats, err, want)
+		}
 	}
 }

@@ -513,6 +513,12 @@ func (e *engine) runSite(s *site) {
 		if next != nil {
 			continue
 		}
+		// resyncOne may have released mu (a copy that found its device
+		// detached returns false): a close meanwhile broadcast before
+		// this wait and must not be slept through.
+		if e.closed || s.removed {
+			break
+		}
 		e.cond.Wait()
 	}
 }

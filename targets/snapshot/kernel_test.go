@@ -334,3 +334,129 @@ func waitStatus(t *testing.T, d *mapper.Device, re *regexp.Regexp) {
 	}
 	t.Fatalf("%s: status %q never matched %s", d.Name(), st, re)
 }
+
+// TestKernelDiscardAndMerge runs the same steps under the kernel (in the
+// TCG guest) and under vhostdm: a snapshot with discard_zeroes_cow, a
+// write through it, an origin write, whole-chunk discards of chunks with
+// and without exceptions — the TABLE line, the status and the content of
+// the snapshot, the origin and a second snapshot must match — then a
+// second merge of the same origin, which both refuse with the kernel's
+// error. (discard_passdown_origin is not compared: the guest's virtio
+// disks ignore discards, vhostdm's files punch holes.)
+func TestKernelDiscardAndMerge(t *testing.T) {
+	oracle.Modules = append(oracle.Modules, "dm-snapshot")
+	const size = 4 << 20
+	const sectors = size / 512
+	names := []string{"o", "c", "c2", "src"}
+	kdir, vdir := t.TempDir(), t.TempDir()
+	kdisk, vdisk := map[string]string{}, map[string]string{}
+	var disks []string
+	for _, n := range names {
+		for _, d := range []struct {
+			dir string
+			m   map[string]string
+		}{{kdir, kdisk}, {vdir, vdisk}} {
+			p := filepath.Join(d.dir, n+".img")
+			if err := os.WriteFile(p, nil, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Truncate(p, size); err != nil {
+				t.Fatal(err)
+			}
+			d.m[n] = p
+		}
+		disks = append(disks, kdisk[n])
+	}
+	for _, m := range []map[string]string{kdisk, vdisk} {
+		writeFile(t, m["o"], 0, pattern(30, size))
+		writeFile(t, m["src"], 0, pattern(31, size))
+	}
+	dev := func(n string) string { return "/dev/vd" + string(rune('b'+indexOf(names, n))) }
+	script := fmt.Sprintf(`
+mk() { dmsetup create "$@" && dmsetup mknodes; }
+mk o --table "0 %[1]d snapshot-origin %[2]s"
+mk s --table "0 %[1]d snapshot %[2]s %[3]s P 8 1 discard_zeroes_cow"
+mk s2 --table "0 %[1]d snapshot %[2]s %[4]s P 8"
+dd if=%[5]s of=/dev/mapper/s bs=4096 skip=0 seek=2 count=1 2>/dev/null
+dd if=%[5]s of=/dev/mapper/o bs=4096 skip=1 seek=5 count=1 2>/dev/null
+for c in 2 5 7; do busybox blkdiscard -o $((c*4096)) -l 4096 /dev/mapper/s; done
+sync
+echo "STABLE $(dmsetup table s)"
+echo "SSTATUS $(dmsetup status s)"
+echo "SMD5 $(md5sum < /dev/mapper/s)"
+echo "OMD5 $(md5sum < /dev/mapper/o)"
+echo "S2MD5 $(md5sum < /dev/mapper/s2)"
+dmsetup suspend o
+dmsetup reload o --table "0 %[1]d snapshot-merge %[2]s %[3]s P 8"
+dmsetup suspend s
+dmsetup resume o
+echo "MERGE1 $?"
+dmsetup remove s
+dmsetup reload s2 --table "0 %[1]d snapshot-merge %[2]s %[4]s P 8" 2>/dev/null
+echo "MERGE2 $?"
+echo "KMSG $(dmesg | grep -o 'snapshot-merge: A snapshot is already merging.' | tail -n 1)"
+`, sectors, dev("o"), dev("c"), dev("c2"), dev("src"))
+	ctx, cancel := context.WithTimeout(context.Background(), 150*time.Second)
+	defer cancel()
+	g, err := oracle.NewGuest(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := g.Run(ctx, script, disks)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("kernel %s:\n%s", g.Release, out)
+	got := map[string]string{}
+	for _, l := range strings.Split(out, "\n") {
+		if k, v, ok := strings.Cut(l, " "); ok {
+			got[k] = strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "-"))
+		}
+	}
+
+	m := mapper.NewManager(mapper.ManagerOptions{Logger: slog.New(slog.DiscardHandler)})
+	defer m.Close()
+	o := create(t, m, "o", fmt.Sprintf("0 %d snapshot-origin %s", sectors, vdisk["o"]))
+	s := create(t, m, "s", fmt.Sprintf("0 %d snapshot %s %s P 8 1 discard_zeroes_cow", sectors, vdisk["o"], vdisk["c"]))
+	s2 := create(t, m, "s2", fmt.Sprintf("0 %d snapshot %s %s P 8", sectors, vdisk["o"], vdisk["c2"]))
+	src := pattern(31, size)
+	submit(t, s, mapper.OpWrite, 2*8, src[:4096])
+	submit(t, o, mapper.OpWrite, 5*8, src[4096:8192])
+	for _, c := range []uint64{2, 5, 7} {
+		if err := s.Submit(&mapper.Request{Op: mapper.OpDiscard, Sector: c * 8, Sectors: 8}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The kernel prints devices as major:minor; compare the rest.
+	if tab := regexp.MustCompile(`^0 8192 snapshot \S+ \S+ (.*)$`).FindStringSubmatch(got["STABLE"]); tab == nil || !strings.HasSuffix(s.Status(mapper.StatusTable, false)[0].Params, " "+tab[1]) {
+		t.Errorf("TABLE: kernel %q, vhostdm %q", got["STABLE"], s.Status(mapper.StatusTable, false)[0].Params)
+	}
+	if st := "0 8192 snapshot " + s.Status(mapper.StatusInfo, false)[0].Params; st != got["SSTATUS"] {
+		t.Errorf("status: vhostdm %q, kernel %q", st, got["SSTATUS"])
+	}
+	for _, c := range []struct {
+		key string
+		d   *mapper.Device
+	}{{"SMD5", s}, {"OMD5", o}, {"S2MD5", s2}} {
+		if h := md5Of(t, c.d, sectors); h != got[c.key] {
+			t.Errorf("%s: vhostdm md5 %s, kernel %s", c.key, h, got[c.key])
+		}
+	}
+	if got["MERGE1"] != "0" || got["MERGE2"] == "0" || got["KMSG"] != "snapshot-merge: A snapshot is already merging." {
+		t.Fatalf("kernel: first merge exit %q, second %q, message %q", got["MERGE1"], got["MERGE2"], got["KMSG"])
+	}
+	if err := o.Suspend(false); err != nil {
+		t.Fatal(err)
+	}
+	if err := o.Load(fmt.Sprintf("0 %d snapshot-merge %s %s P 8", sectors, vdisk["o"], vdisk["c"])); err != nil {
+		t.Fatal(err)
+	}
+	if err := o.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	removeAll(t, m, "s")
+	err = s2.Load(fmt.Sprintf("0 %d snapshot-merge %s %s P 8", sectors, vdisk["o"], vdisk["c2"]))
+	if err == nil || !strings.HasSuffix(err.Error(), got["KMSG"]) {
+		t.Fatalf("vhostdm: second merge: %v, kernel: %q", err, got["KMSG"])
+	}
+}

@@ -155,6 +155,26 @@ func (o *origin) register(cs *cowState) {
 	o.snaps = append(o.snaps, cs)
 }
 
+// merging reports whether a snapshot-merge table serves one of the
+// origin's snapshots other than except.
+func (o *origin) merging(except *cowState) bool {
+	o.mu.Lock()
+	snaps := append([]*cowState(nil), o.snaps...)
+	o.mu.Unlock()
+	for _, cs := range snaps {
+		if cs == except {
+			continue
+		}
+		cs.mu.Lock()
+		m := cs.owner != nil && cs.owner.merge
+		cs.mu.Unlock()
+		if m {
+			return true
+		}
+	}
+	return false
+}
+
 func (o *origin) unregister(cs *cowState) {
 	o.mu.Lock()
 	defer o.mu.Unlock()

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -16,7 +17,7 @@ import (
 // chunks written since (through snapshot-origin, or to the snapshot
 // itself) come from the COW device, the rest from the origin.
 //
-//	snapshot <origin> <COW device> <P|PO|N> <chunk_size>
+//	snapshot <origin> <COW device> <P|PO|N> <chunk_size> [<#features> [discard_zeroes_cow] [discard_passdown_origin]]
 //
 // P keeps the exceptions on the COW device in the kernel's format (the
 // device survives restarts and moves to and from Linux); PO is P where a
@@ -31,10 +32,16 @@ import (
 //
 // Events: "invalidated" and "overflow" (data: reason).
 //
-// Unlike kernel 6.1, vhostdm does not yet take the optional feature
-// arguments (discard_zeroes_cow, discard_passdown_origin) and refuses
-// discards to a snapshot as the kernel does without them; a persistent
-// store needs a COW device of at least two chunks at load time.
+// Discards to a snapshot are refused unless discard_zeroes_cow is given;
+// then, as kernel 6.1 does, each chunk a discard touches is handled alone:
+// a chunk with an exception has its exception zeroed when the discard
+// covers the whole chunk, or the covered part discarded on the COW device
+// otherwise; a chunk without one is left as it is (the discard does not
+// copy out). discard_passdown_origin (which needs discard_zeroes_cow) also
+// discards the origin device beneath, bypassing snapshot-origin: nothing
+// is copied out, so every snapshot of the origin sees the discard where it
+// has no exception. TABLE echoes the features. A persistent store needs a
+// COW device of at least two chunks at load time.
 //
 // snapshot-merge merges a persistent snapshot back into its origin in the
 // background; it is loaded in place of the origin's snapshot-origin and
@@ -197,6 +204,10 @@ type snapTarget struct {
 	length    uint64
 	event     mapper.EventRaiser
 	log       *slog.Logger
+	// The kernel's discard features: discardZeroes zeroes the exception
+	// of a chunk a discard covers; discardPassdown also discards the
+	// origin device beneath, without copying out.
+	discardZeroes, discardPassdown bool
 
 	// Merge control, guarded by mmu.
 	mmu     sync.Mutex
@@ -217,8 +228,9 @@ func build(c *mapper.Ctx, args []string, merge bool) (mapper.Target, error) {
 	if len(args) < 4 {
 		return nil, fmt.Errorf("want at least 4 arguments <origin> <COW device> <P|PO|N> <chunk_size>, got %d", len(args))
 	}
-	if len(args) > 4 {
-		return nil, fmt.Errorf("feature arguments %q: not supported", strings.Join(args[4:], " "))
+	zeroes, passdown, err := parseFeatures(args[4:])
+	if err != nil {
+		return nil, err
 	}
 	kind := strings.ToUpper(args[2])
 	var persistentStore, overflowOK bool
@@ -258,7 +270,7 @@ func build(c *mapper.Ctx, args []string, merge bool) (mapper.Target, error) {
 		return nil, fmt.Errorf("COW device %s: same as the origin device", args[1])
 	}
 	t := &snapTarget{originDev: originDev, cowDev: cowDev, merge: merge, length: c.Length, event: c.Event(),
-		log: slog.Default().With("device", c.Device)}
+		log: slog.Default().With("device", c.Device), discardZeroes: zeroes, discardPassdown: passdown}
 	t.o = getOrigin(sharedRegistry(c), originDev)
 	cs, err := t.attach(chunk, persistentStore, overflowOK)
 	if err != nil {
@@ -281,6 +293,15 @@ func (t *snapTarget) attach(chunk uint64, persistentStore, overflowOK bool) (*co
 		}
 		if cs.persistent != persistentStore {
 			return nil, fmt.Errorf("COW device %s: in use with a different store type", t.cowDev.Name())
+		}
+		// The kernel's __validate_exception_handover: a snapshot-merge
+		// handover is refused while another snapshot of the origin
+		// merges. (The kernel refuses a reload of the merging table
+		// itself too; vhostdm takes that one, a handover of the merge
+		// to its own COW, so that the live TABLE reloads.)
+		if t.merge && t.o.merging(cs) {
+			//lint:ignore ST1005 the kernel's message, verbatim (dmsetup users match it)
+			return nil, errors.New("A snapshot is already merging.")
 		}
 		cs.users = append(cs.users, t)
 		return cs, nil
@@ -345,7 +366,18 @@ func (t *snapTarget) Map(r *mapper.Request) error {
 		}
 		return t.cowDev.Flush()
 	case mapper.OpDiscard:
-		return mapper.ErrUnsupported
+		if !t.discardZeroes || t.merge {
+			return mapper.ErrUnsupported
+		}
+		// The kernel splits discards at chunk boundaries.
+		for s := r.Sector; s < r.Sector+r.Sectors; {
+			e := min((s>>cs.shift+1)<<cs.shift, r.Sector+r.Sectors)
+			if err := t.discard(s>>cs.shift, s, e-s); err != nil {
+				return err
+			}
+			s = e
+		}
+		return nil
 	}
 	bufOff := 0
 	end := r.Sector + r.Sectors
@@ -381,6 +413,80 @@ func (t *snapTarget) Map(r *mapper.Request) error {
 		}
 	}
 	return nil
+}
+
+// parseFeatures reads the kernel's optional feature group:
+// [<#features> [discard_zeroes_cow] [discard_passdown_origin]].
+func parseFeatures(args []string) (zeroes, passdown bool, err error) {
+	if len(args) == 0 {
+		return false, false, nil
+	}
+	n, perr := strconv.ParseUint(args[0], 10, 32)
+	if perr != nil || n > 2 || int(n) > len(args)-1 {
+		//lint:ignore ST1005 the kernel's message, verbatim
+		return false, false, errors.New("Invalid number of feature arguments")
+	}
+	if int(n) < len(args)-1 {
+		return false, false, fmt.Errorf("too many arguments: unexpected %q", args[1+n])
+	}
+	for _, f := range args[1 : 1+n] {
+		switch strings.ToLower(f) {
+		case "discard_zeroes_cow":
+			zeroes = true
+		case "discard_passdown_origin":
+			passdown = true
+		default:
+			//lint:ignore ST1005 the kernel's message, verbatim
+			return false, false, errors.New("Unrecognised feature requested")
+		}
+	}
+	if passdown && !zeroes {
+		return false, false, errors.New("discard_passdown_origin feature depends on discard_zeroes_cow")
+	}
+	return zeroes, passdown, nil
+}
+
+// discard is the kernel's snapshot_map for a discard of [s, s+n) within
+// one chunk: with discard_passdown_origin the origin device is discarded
+// (bypassing the origin target: no copy-out, other snapshots of the origin
+// see it too, as the kernel documents); then a chunk with an exception has
+// it zeroed when the discard covers the chunk, or the covered part of it
+// discarded on the COW device otherwise; a chunk without one is left alone.
+func (t *snapTarget) discard(chunk, s, n uint64) error {
+	cs := t.cs
+	if t.discardPassdown {
+		unlock := t.o.locks.lock(chunk<<cs.shift, (chunk+1)<<cs.shift, true)
+		err := t.originDev.Discard(int64(s)<<mapper.SectorShift, int64(n)<<mapper.SectorShift)
+		unlock()
+		if err != nil && !errors.Is(err, mapper.ErrUnsupported) {
+			return err
+		}
+	}
+	for {
+		cs.mu.Lock()
+		if !cs.valid {
+			cs.mu.Unlock()
+			return mapper.ErrIO
+		}
+		nc, ok := cs.exc[chunk]
+		p := cs.pending[chunk]
+		cs.mu.Unlock()
+		if p != nil && !ok {
+			<-p.done // the exception being made; then decide
+			continue
+		}
+		if !ok {
+			return nil
+		}
+		off := int64(nc<<cs.shift+s&(cs.chunk-1)) << mapper.SectorShift
+		if n == cs.chunk {
+			return t.cowDev.WriteZeroes(off, int64(n)<<mapper.SectorShift, false)
+		}
+		if err := t.cowDev.Discard(off, int64(n)<<mapper.SectorShift); err != nil && !errors.Is(err, mapper.ErrUnsupported) {
+			return err
+		}
+		return nil
+	}
 }
 
 // cowIO reads or writes sectors [s, s+n) of chunk at COW chunk nc.
@@ -496,6 +602,16 @@ func (t *snapTarget) mergeWrite(op mapper.Op, chunk, s, n uint64, data [][]byte)
 func (t *snapTarget) Status(kind mapper.StatusKind) string {
 	cs := t.cs
 	if kind == mapper.StatusTable {
+		var feats []string
+		if t.discardZeroes {
+			feats = append(feats, "discard_zeroes_cow")
+		}
+		if t.discardPassdown {
+			feats = append(feats, "discard_passdown_origin")
+		}
+		if len(feats) > 0 {
+			return fmt.Sprintf("%s %s %s %d %s", t.originDev.Name(), t.cowDev.Name(), cs.st.table(), len(feats), strings.Join(feats, " "))
+		}
 		return fmt.Sprintf("%s %s %s", t.originDev.Name(), t.cowDev.Name(), cs.st.table())
 	}
 	cs.mu.Lock()

@@ -3,8 +3,10 @@ package snapshot_test
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"testing"
 
@@ -25,6 +27,12 @@ func TestConformance(t *testing.T) {
 	mappertest.RunTarget(t, "snapshot-N", mappertest.TargetCase{
 		Backends: 2, BackendBytes: 2 << 20, Stores: true,
 		Table: func(b []string) string { return fmt.Sprintf("0 2048 snapshot %s %s N 16", b[0], b[1]) },
+	})
+	mappertest.RunTarget(t, "snapshot-discard", mappertest.TargetCase{
+		Backends: 2, BackendBytes: 2 << 20, Stores: true,
+		Table: func(b []string) string {
+			return fmt.Sprintf("0 2048 snapshot %s %s P 8 2 discard_zeroes_cow discard_passdown_origin", b[0], b[1])
+		},
 	})
 	mappertest.RunTarget(t, "snapshot-merge", mappertest.TargetCase{
 		Backends: 2, BackendBytes: 2 << 20, Stores: true,
@@ -52,7 +60,11 @@ func TestConstructorErrors(t *testing.T) {
 		{"snapshot o c P 12", "snapshot: chunk size 12: not a power of 2"},
 		{"snapshot o c P x", `snapshot: chunk size "x": not a number`},
 		{"snapshot o c N 0", "snapshot: chunk size 0: a transient store needs a chunk size"},
-		{"snapshot o c P 8 1 discard_zeroes_cow", `snapshot: feature arguments "1 discard_zeroes_cow": not supported`},
+		{"snapshot o c P 8 1 discard_passdown_origin", "snapshot: discard_passdown_origin feature depends on discard_zeroes_cow"},
+		{"snapshot o c P 8 3 discard_zeroes_cow discard_passdown_origin x", "snapshot: Invalid number of feature arguments"},
+		{"snapshot o c P 8 2 discard_zeroes_cow", "snapshot: Invalid number of feature arguments"},
+		{"snapshot o c P 8 1 discard_zeroes", "snapshot: Unrecognised feature requested"},
+		{"snapshot o c P 8 1 discard_zeroes_cow x", `snapshot: too many arguments: unexpected "x"`},
 		{"snapshot o o P 8", "snapshot: COW device o: same as the origin device"},
 		{"snapshot o tiny P 8", "snapshot: COW device tiny: invalid or corrupt snapshot (magic 0x6b6e756a)"},
 		{"snapshot-merge o c N 8", `snapshot-merge: exception store type "N": snapshot-merge needs a persistent store`},
@@ -284,4 +296,174 @@ func read0(t *testing.T, m *mappertest.Mem) []byte { return m.Bytes()[:8192*512]
 func waitMerged(t *testing.T, d *mapper.Device) {
 	t.Helper()
 	waitStatus(t, d, regexpMust(`^16/\d+ 16$`))
+}
+
+// TestOneMergePerOrigin: while one snapshot of an origin merges, a handover
+// of another of its snapshots to snapshot-merge is refused with the
+// kernel's error (dm-snap.c __validate_exception_handover); once the merge
+// is gone, it is accepted.
+func TestOneMergePerOrigin(t *testing.T) {
+	set := mappertest.NewSet(4<<20, "o", "c1", "c2")
+	m := newManager(t, set, nil)
+	base, err := m.CreateTable("base", "", false, "0 8192 snapshot-origin o")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s1, err := m.CreateTable("s1", "", false, "0 8192 snapshot o c1 P 8")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2, err := m.CreateTable("s2", "", false, "0 8192 snapshot o c2 P 8")
+	if err != nil {
+		t.Fatal(err)
+	}
+	submit(t, base, mapper.OpWrite, 0, pattern(1, 64*4096)) // both snapshots copy out
+	submit(t, s1, mapper.OpWrite, 100, pattern(2, 4096))
+	submit(t, s2, mapper.OpWrite, 200, pattern(3, 4096))
+	want2 := read(t, s2, 0, 8192)
+
+	// s1 merges: the origin device takes its COW over.
+	if err := base.Suspend(false); err != nil {
+		t.Fatal(err)
+	}
+	if err := base.Load("0 8192 snapshot-merge o c1 P 8"); err != nil {
+		t.Fatal(err)
+	}
+	if err := base.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Remove("s1", false); err != nil {
+		t.Fatal(err)
+	}
+	err = s2.Load("0 8192 snapshot-merge o c2 P 8")
+	if want := "snapshot-merge: A snapshot is already merging."; err == nil || !strings.HasSuffix(err.Error(), want) {
+		t.Fatalf("second merge of one origin: %v, want the kernel's %q", err, want)
+	}
+	// s2 is untouched and keeps serving its snapshot.
+	if !bytes.Equal(read(t, s2, 0, 8192), want2) {
+		t.Fatal("the refused merge changed the second snapshot")
+	}
+	// A plain snapshot reload of s2 (no merge) is still a handover it may do.
+	if err := s2.Load("0 8192 snapshot o c2 P 8"); err != nil {
+		t.Fatalf("snapshot reload while another merges: %v", err)
+	}
+	s2.ClearInactive()
+
+	// Once the first merge is done and its table gone, s2 may merge.
+	waitMerged(t, base)
+	if err := base.Suspend(false); err != nil {
+		t.Fatal(err)
+	}
+	if err := base.Load("0 8192 snapshot-origin o"); err != nil {
+		t.Fatal(err)
+	}
+	if err := base.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s2.Load("0 8192 snapshot-merge o c2 P 8"); err != nil {
+		t.Fatalf("merge after the first one ended: %v", err)
+	}
+}
+
+// TestDiscardFeatures: discard_zeroes_cow and discard_passdown_origin as
+// kernel 6.1's snapshot_map treats a discard, chunk by chunk.
+func TestDiscardFeatures(t *testing.T) {
+	const chunk = 8 // sectors
+	for _, passdown := range []bool{false, true} {
+		set := mappertest.NewSet(1<<20, "o", "c", "c2", "c3")
+		m := newManager(t, set, nil)
+		orig := pattern(1, 1<<20)
+		if err := set.Get("o").WriteAt([][]byte{orig}, 0); err != nil {
+			t.Fatal(err)
+		}
+		base, err := m.CreateTable("base", "", false, "0 2048 snapshot-origin o")
+		if err != nil {
+			t.Fatal(err)
+		}
+		feats := "1 discard_zeroes_cow"
+		if passdown {
+			feats = "2 discard_zeroes_cow discard_passdown_origin"
+		}
+		snap, err := m.CreateTable("snap", "", false, "0 2048 snapshot o c P 8 "+feats)
+		if err != nil {
+			t.Fatal(err)
+		}
+		other, err := m.CreateTable("other", "", false, "0 2048 snapshot o c2 P 8")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := snap.Status(mapper.StatusTable, false)[0].Params; got != "o c P 8 "+feats {
+			t.Fatalf("TABLE %q", got)
+		}
+		// Chunk 2: written through the snapshot. Chunk 5: copied out by
+		// an origin write. Chunk 7: no exception.
+		snapData := pattern(2, chunk*512)
+		submit(t, snap, mapper.OpWrite, 2*chunk, snapData)
+		originNew := pattern(3, chunk*512)
+		submit(t, base, mapper.OpWrite, 5*chunk, originNew)
+		// Discard chunks 2, 5 and 7 whole, and the second half of chunk 9
+		// after giving it an exception.
+		submit(t, snap, mapper.OpWrite, 9*chunk, pattern(4, chunk*512))
+		for _, c := range []uint64{2, 5, 7} {
+			if err := snap.Submit(&mapper.Request{Op: mapper.OpDiscard, Sector: c * chunk, Sectors: chunk}); err != nil {
+				t.Fatalf("discard chunk %d: %v", c, err)
+			}
+		}
+		if err := snap.Submit(&mapper.Request{Op: mapper.OpDiscard, Sector: 9*chunk + 4, Sectors: 4}); err != nil {
+			t.Fatal(err)
+		}
+		zero := make([]byte, chunk*512)
+		sec := func(c uint64) []byte { return orig[c*chunk*512 : (c+1)*chunk*512] }
+		for _, c := range []uint64{2, 5} {
+			if !bytes.Equal(read(t, snap, c*chunk, chunk), zero) {
+				t.Errorf("passdown=%v: chunk %d with an exception not zeroed by a whole-chunk discard", passdown, c)
+			}
+		}
+		if !bytes.Equal(read(t, snap, 9*chunk, 4), pattern(4, chunk*512)[:4*512]) || !bytes.Equal(read(t, snap, 9*chunk+4, 4), zero[:4*512]) {
+			t.Errorf("passdown=%v: a partial discard of chunk 9 did not discard exactly its COW part", passdown)
+		}
+		// The origin's view: with passdown every discarded chunk is
+		// discarded underneath too (chunk 5's new data included: the
+		// kernel passes the discard down whatever the snapshot holds);
+		// without it the origin is untouched.
+		want5 := originNew
+		if passdown {
+			want5 = zero
+		}
+		if !bytes.Equal(read(t, base, 5*chunk, chunk), want5) {
+			t.Errorf("passdown=%v: origin chunk 5 wrong", passdown)
+		}
+		// The other snapshot copied chunk 5 out before: it keeps it.
+		if !bytes.Equal(read(t, other, 5*chunk, chunk), sec(5)) {
+			t.Errorf("passdown=%v: other snapshot lost its copy of chunk 5", passdown)
+		}
+		for _, c := range []uint64{2, 7} {
+			want := sec(c)
+			if passdown {
+				want = zero
+			}
+			if !bytes.Equal(read(t, base, c*chunk, chunk), want) {
+				t.Errorf("passdown=%v: origin chunk %d: discarded=%v, want %v", passdown, c, bytes.Equal(read(t, base, c*chunk, chunk), zero), passdown)
+			}
+			// Chunk 7 has no exception in snap: it shows the origin.
+			if c == 7 && !bytes.Equal(read(t, snap, c*chunk, chunk), want) {
+				t.Errorf("passdown=%v: snapshot chunk 7 without exception does not show the origin", passdown)
+			}
+			// Passdown bypasses the origin target: the other snapshot was
+			// not copied out to and sees the discard (the kernel's
+			// documented effect).
+			if !bytes.Equal(read(t, other, c*chunk, chunk), want) {
+				t.Errorf("passdown=%v: other snapshot chunk %d differs", passdown, c)
+			}
+		}
+		// Without the feature a discard is refused, as by the kernel.
+		plain, err := m.CreateTable("plain", "", false, "0 2048 snapshot o c3 P 8")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := plain.Submit(&mapper.Request{Op: mapper.OpDiscard, Sector: 0, Sectors: chunk}); !errors.Is(err, mapper.ErrUnsupported) {
+			t.Errorf("discard without discard_zeroes_cow: %v", err)
+		}
+		m.Close()
+	}
 }

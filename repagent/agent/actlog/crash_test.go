@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -143,6 +144,7 @@ func TestKill9RecoveryCoversBegunWrites(t *testing.T) {
 		}
 		pw.Close()
 		var (
+			nbegun atomic.Int64
 			begun  []begunWrite
 			acked  uint64
 			ready  = make(chan struct{})
@@ -175,6 +177,7 @@ func TestKill9RecoveryCoversBegunWrites(t *testing.T) {
 						return
 					}
 					begun = append(begun, w)
+					nbegun.Add(1)
 				case len(f) == 2 && f[0] == "A":
 					a, err := strconv.ParseUint(f[1], 10, 64)
 					if err != nil {
@@ -197,7 +200,13 @@ func TestKill9RecoveryCoversBegunWrites(t *testing.T) {
 			cmd.Process.Kill()
 			t.Fatal("child not ready after 30 s")
 		}
-		time.Sleep(time.Duration(100+rand.IntN(400)) * time.Millisecond)
+		// Kill at a random point after a random number of writes (not
+		// a fixed time: the machine may be loaded).
+		target := int64(100 + rand.IntN(400))
+		for deadline := time.Now().Add(60 * time.Second); nbegun.Load() < target && time.Now().Before(deadline); {
+			time.Sleep(time.Millisecond)
+		}
+		time.Sleep(time.Duration(rand.IntN(5000)) * time.Microsecond)
 		if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
 			t.Fatal(err)
 		}
