@@ -347,13 +347,15 @@ func (t *snapTarget) active() bool {
 	return t.cs.owner == t
 }
 
-// Map serves I/O chunk by chunk.
-// Discards implements mapper.Discarder: a snapshot cannot discard what the origin still holds.
-func (*snapTarget) Discards() bool { return false }
+// Discards implements mapper.Discarder: a snapshot serves discards only
+// with discard_zeroes_cow (as the kernel's num_discard_bios), and a
+// merging snapshot never.
+func (t *snapTarget) Discards() bool { return t.discardZeroes && !t.merge }
 
 // WritesZeroes implements mapper.Discarder.
 func (*snapTarget) WritesZeroes() bool { return true }
 
+// Map serves I/O chunk by chunk.
 func (t *snapTarget) Map(r *mapper.Request) error {
 	if !t.active() {
 		return mapper.ErrIO

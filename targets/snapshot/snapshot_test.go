@@ -395,6 +395,14 @@ func TestDiscardFeatures(t *testing.T) {
 		if got := snap.Status(mapper.StatusTable, false)[0].Params; got != "o c P 8 "+feats {
 			t.Fatalf("TABLE %q", got)
 		}
+		// What an export offers the guest: discards with
+		// discard_zeroes_cow only.
+		if d, _ := snap.Discards(); !d {
+			t.Error("a snapshot with discard_zeroes_cow does not offer discards")
+		}
+		if d, _ := other.Discards(); d {
+			t.Error("a snapshot without discard_zeroes_cow offers discards")
+		}
 		// Chunk 2: written through the snapshot. Chunk 5: copied out by
 		// an origin write. Chunk 7: no exception.
 		snapData := pattern(2, chunk*512)
