@@ -207,8 +207,11 @@ type blkQueue struct {
 	workers sync.WaitGroup
 	badLogs atomic.Uint32
 
+	renotifies atomic.Uint64 // call eventfd signalled again by renotify
+
 	// Owned by the ring goroutine.
-	held bool // the ring goroutine holds finishing for a batch
+	held       bool // the ring goroutine holds finishing for a batch
+	renotified bool // renotify has warned for the current stall
 	// Inline dispatch: reads and writes run on the ring goroutine until
 	// slowScore, raised by inline requests slower than cfg.Inline and
 	// lowered by fast ones, passes slowLimit; then they go to workers
@@ -581,17 +584,64 @@ func (q *blkQueue) waitKick() {
 		t.Stop()
 		return
 	}
+	watch := q.ring.eventIdx
+	if watch {
+		// Wake after lostInterruptAfter without a kick to look for
+		// completions the driver was never told of. A nudge sends on
+		// wake before it moves the deadline: one that came before this
+		// deadline was set is seen here, a later one moves it again.
+		q.kick.SetReadDeadline(time.Now().Add(lostInterruptAfter))
+		select {
+		case <-q.wake:
+			q.kick.SetReadDeadline(time.Time{})
+			return
+		default:
+		}
+	}
 	err := q.readKick()
 	if err == nil {
 		return
 	}
 	if errors.Is(err, os.ErrDeadlineExceeded) {
-		// A nudge: clear the deadline, then the loop re-reads the flags
-		// that were set before the nudge.
+		// A nudge or the lost-interrupt timer: clear the deadline, then
+		// the loop re-reads the flags that were set before the nudge.
 		q.kick.SetReadDeadline(time.Time{})
+		if watch {
+			q.renotify()
+		}
 		return
 	}
 	q.fail(fmt.Errorf("kick eventfd: %w", err))
+}
+
+// lostInterruptAfter is how long a queue waits without a kick before it
+// checks whether the driver has consumed every completion it published.
+const lostInterruptAfter = time.Second
+
+// renotify signals the call eventfd again when the driver, a second after
+// the last kick, still has not consumed every published completion: with
+// event idx the driver's used_event is the index of the next completion it
+// expects to be told about, so used_event != used idx means it was owed an
+// interrupt it did not act on. A guest has been seen waiting forever on
+// completions this back end had published and signalled (issue 21; the
+// same hang happens with qemu-storage-daemon), so an interrupt can be lost
+// between the back end and the guest driver; an extra interrupt is
+// harmless (the driver finds nothing new and returns).
+func (q *blkQueue) renotify() {
+	q.usedMu.Lock()
+	pub, event := q.ring.pubIdx, q.ring.usedEvent()
+	q.usedMu.Unlock()
+	if pub == event || q.broken.Load() {
+		q.renotified = false
+		return
+	}
+	if !q.renotified {
+		q.log.Warn("driver has not consumed published completions for a second: signalling the queue again",
+			"queue", q.index, "used_idx", pub, "used_event", event)
+		q.renotified = true
+	}
+	q.renotifies.Add(1)
+	q.notify()
 }
 
 // readKick reads the kick eventfd's counter, waiting in the poller until

@@ -618,12 +618,19 @@ func (m *mirror) recover(stop, stopped chan struct{}) {
 
 func (m *mirror) recoverRegion(reg uint64) {
 	m.mu.Lock()
-	rg := m.regions[reg]
-	if rg == nil {
-		rg = &region{state: stateNoSync}
-		m.regions[reg] = rg
-	}
-	for rg.state == stateRecovering || rg.pending > 0 {
+	// Look the region up again after every wait: the last write's dec
+	// may have dropped it from the map meanwhile, and a region recovered
+	// outside the map would let the next writer in beside the copy.
+	var rg *region
+	for {
+		rg = m.regions[reg]
+		if rg == nil {
+			rg = &region{state: stateNoSync}
+			m.regions[reg] = rg
+		}
+		if rg.state != stateRecovering && rg.pending == 0 {
+			break
+		}
 		m.cond.Wait()
 	}
 	rg.state = stateRecovering
