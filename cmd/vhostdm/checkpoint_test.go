@@ -1,15 +1,12 @@
 package main
 
 import (
-	"context"
 	"fmt"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
 	"testing"
 
-	"github.com/vhostdm/vhostdm/config"
 	"github.com/vhostdm/vhostdm/internal/reptest"
 	"github.com/vhostdm/vhostdm/repagent/hub"
 )
@@ -23,17 +20,7 @@ func TestRepagentCheckpoint(t *testing.T) {
 	h, addr := startTestHub(t, store)
 	os.WriteFile(filepath.Join(dir, "root.img"), reptest.Pattern(1, 4<<20), 0o600)
 	path := writeConfig(t, dir, fmt.Sprintf(reloadRepConfig, addr, "protect = true\n"))
-	c, err := config.Load(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	d, err := startDaemon(ctx, c, slog.New(slog.DiscardHandler))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	d, _ := serveInProcess(t, path)
 	waitReplicated(t, d, h, store, map[string]string{"root0": filepath.Join(dir, "root.img")})
 	if _, err := d.qmpCheckpoint(map[string]string{"vm": "vm1", "name": "nightly-1"}); err != nil {
 		t.Fatalf("repagent-checkpoint: %v", err)

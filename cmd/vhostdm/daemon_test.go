@@ -3,8 +3,10 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
@@ -12,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/vhostdm/vhostdm/config"
 )
 
 // childEnv makes the test binary run `vhostdm` with its arguments instead
@@ -226,4 +230,23 @@ func (q *qmpConn) must(cmd string, args any) json.RawMessage {
 		q.t.Fatalf("%s %v: %s", cmd, args, e)
 	}
 	return r
+}
+
+// serveInProcess loads the configuration at path and starts the daemon in
+// this process; the daemon is closed and the context cancelled when the
+// test ends.
+func serveInProcess(t *testing.T, path string) (*daemon, context.Context) {
+	t.Helper()
+	c, err := config.Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	d, err := startDaemon(ctx, c, slog.New(slog.DiscardHandler))
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close(); cancel() })
+	return d, ctx
 }

@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vhostdm/vhostdm/config"
 	"github.com/vhostdm/vhostdm/internal/reptest"
 	"github.com/vhostdm/vhostdm/repagent/hub"
 	"github.com/vhostdm/vhostdm/vhost"
@@ -123,17 +122,7 @@ func TestReloadKeepsProtection(t *testing.T) {
 	os.WriteFile(filepath.Join(dir, "root.img"), reptest.Pattern(1, 4<<20), 0o600)
 	os.WriteFile(filepath.Join(dir, "data.img"), reptest.Pattern(2, 2<<20), 0o600)
 	path := writeConfig(t, dir, fmt.Sprintf(reloadRepConfig, addr, ""))
-	c, err := config.Load(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	d, err := startDaemon(ctx, c, slog.New(slog.DiscardHandler))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	d, ctx := serveInProcess(t, path)
 
 	// root0 becomes protected and data0 appears, protected.
 	writeConfig(t, dir, fmt.Sprintf(reloadRepConfig, addr, "protect = true\n")+reloadRepData)
@@ -239,17 +228,7 @@ func TestReloadRotatesCertificate(t *testing.T) {
 	text := fmt.Sprintf(reloadRepConfig, ln.Addr().String(), "protect = true\n")
 	text = strings.Replace(text, `vm = "vm1"`, "vm = \"vm1\"\ntls-cert = \"agent.crt\"\ntls-key = \"agent.key\"\ntls-ca = \"ca.crt\"", 1)
 	path := writeConfig(t, dir, text)
-	c, err := config.Load(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	d, err := startDaemon(ctx, c, slog.New(slog.DiscardHandler))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	d, _ := serveInProcess(t, path)
 	images := map[string]string{"root0": filepath.Join(dir, "root.img")}
 	waitReplicated(t, d, h, store, images)
 	if !logs.has("agent connected", "identity=host1") {

@@ -2,11 +2,9 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -14,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vhostdm/vhostdm/config"
 	"github.com/vhostdm/vhostdm/internal/sdnotify/sdnotifytest"
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/vhost"
@@ -66,17 +63,7 @@ func TestServeAndReloadConfig(t *testing.T) {
 	sparse(t, filepath.Join(dir, "disk.img"), 8<<20)
 	sparse(t, filepath.Join(dir, "second.img"), 1<<20)
 	path := writeConfig(t, dir, serveConfig)
-	c, err := config.Load(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	d, err := startDaemon(ctx, c, slog.New(slog.DiscardHandler))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	d, ctx := serveInProcess(t, path)
 
 	cl, err := vhost.Dial(ctx, vhost.ClientConfig{Socket: filepath.Join(dir, "root.sock"), NumQueues: 2})
 	if err != nil {
