@@ -683,6 +683,16 @@ func (a *Agent) overflow(v *agentVolume, sector, sectors uint64, bytes, share in
 	v.ovWrites++
 	v.ovBytes += uint64(sectors) * wire.SectorSize
 	v.markDirty(sector, sectors, "mirror queue overflow")
+	if v.mirror && v.id != 0 {
+		// The DIRTY_MAP takes the next sequence number, ahead of every
+		// later write: the hub opens its resync set there, so no
+		// consistent point it names holds a later write without this
+		// one (a map sent with the next batch could follow later writes,
+		// and the point before it would not be a prefix of the guest's
+		// write order).
+		a.queueDirtyMap(v, false)
+		return
+	}
 	a.dmWanted = true
 	a.cond.Broadcast()
 }

@@ -26,15 +26,23 @@ func (l *eventLog) add(e hub.Event) {
 	l.mu.Unlock()
 }
 
+// find returns the first event of volume into state, waiting up to 5 s
+// for it: events are delivered by their own goroutine, after the state
+// change is visible in the hub's status.
 func (l *eventLog) find(volume, state string) (hub.Event, bool) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	for _, e := range l.evs {
-		if e.Volume == volume && e.State == state {
-			return e, true
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		l.mu.Lock()
+		for _, e := range l.evs {
+			if e.Volume == volume && e.State == state {
+				l.mu.Unlock()
+				return e, true
+			}
+		}
+		l.mu.Unlock()
+		if time.Now().After(deadline) {
+			return hub.Event{}, false
 		}
 	}
-	return hub.Event{}, false
 }
 
 // waitState waits until the hub reports volume in state.
