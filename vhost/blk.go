@@ -585,12 +585,14 @@ func (q *blkQueue) waitKick() {
 		return
 	}
 	watch := q.ring.eventIdx
+	var armed time.Time
 	if watch {
+		armed = time.Now()
 		// Wake after lostInterruptAfter without a kick to look for
 		// completions the driver was never told of. A nudge sends on
 		// wake before it moves the deadline: one that came before this
 		// deadline was set is seen here, a later one moves it again.
-		q.kick.SetReadDeadline(time.Now().Add(lostInterruptAfter))
+		q.kick.SetReadDeadline(armed.Add(lostInterruptAfter))
 		select {
 		case <-q.wake:
 			q.kick.SetReadDeadline(time.Time{})
@@ -606,7 +608,7 @@ func (q *blkQueue) waitKick() {
 		// A nudge or the lost-interrupt timer: clear the deadline, then
 		// the loop re-reads the flags that were set before the nudge.
 		q.kick.SetReadDeadline(time.Time{})
-		if watch {
+		if watch && time.Since(armed) >= lostInterruptAfter { // not a nudge
 			q.renotify()
 		}
 		return

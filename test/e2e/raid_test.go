@@ -208,7 +208,14 @@ func TestRaid6FlakeyLeg(t *testing.T) {
 		t.Fatalf("after member %d went down the raid status is %q: want health %s (only that leg failed)", failed, ri.line, wantDown)
 	}
 	t.Logf("raid noticed the failure after %v: %s", time.Since(failedAt).Round(time.Millisecond), ri.line)
+	// The event is sent to QMP clients asynchronously; the harness
+	// collects events while it reads replies, so ask until it is in.
 	evs := dmEvents(t, q, raidDev, "device-failed")
+	for deadline := time.Now().Add(10 * time.Second); len(evs) == 0 && time.Now().Before(deadline); {
+		time.Sleep(20 * time.Millisecond)
+		qmpDo(t, q, "query-version", nil)
+		evs = dmEvents(t, q, raidDev, "device-failed")
+	}
 	if len(evs) != 1 {
 		t.Fatalf("want exactly one DM_EVENT device-failed from %s, got %d: %v", raidDev, len(evs), evs)
 	}
