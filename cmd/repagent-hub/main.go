@@ -47,6 +47,7 @@ import (
 	"github.com/vhostdm/vhostdm/metrics"
 	"github.com/vhostdm/vhostdm/qmp"
 	"github.com/vhostdm/vhostdm/repagent/hub"
+	"github.com/vhostdm/vhostdm/repagent/hub/journal"
 	"github.com/vhostdm/vhostdm/repagent/wire"
 )
 
@@ -262,35 +263,9 @@ func Commands(h *hub.Hub, log *slog.Logger) []qmp.ExtraCommand {
 				return failover.Start(h, a["vm"], a["dir"], sel, log)
 			}},
 		{Name: "repagent-promote", Required: []string{"vm", "out"}, Optional: []string{"at", "seq", "checkpoint"}, Mutates: true,
-			Run: func(a map[string]string) (any, error) {
-				sel, err := parsePoint(a["at"], a["seq"], a["checkpoint"])
-				if err != nil {
-					return nil, err
-				}
-				if !filepath.IsAbs(a["out"]) {
-					return nil, fmt.Errorf("out %q: give an absolute path", a["out"])
-				}
-				r, err := h.Promote(context.Background(), a["vm"], sel, a["out"])
-				if err != nil {
-					return nil, err
-				}
-				return toRecovered(a["vm"], r), nil
-			}},
+			Run: materializeCommand(h.Promote)},
 		{Name: "repagent-recover", Required: []string{"vm", "out"}, Optional: []string{"at", "seq", "checkpoint"}, Mutates: true,
-			Run: func(a map[string]string) (any, error) {
-				sel, err := parsePoint(a["at"], a["seq"], a["checkpoint"])
-				if err != nil {
-					return nil, err
-				}
-				if !filepath.IsAbs(a["out"]) {
-					return nil, fmt.Errorf("out %q: give an absolute path", a["out"])
-				}
-				r, err := h.Recover(context.Background(), a["vm"], sel, a["out"])
-				if err != nil {
-					return nil, err
-				}
-				return toRecovered(a["vm"], r), nil
-			}},
+			Run: materializeCommand(h.Recover)},
 		{Name: "repagent-failover-test-stop", Required: []string{"vm"}, Mutates: true,
 			Run: func(a map[string]string) (any, error) { return struct{}{}, failover.Stop(h, a["vm"]) }},
 	}
@@ -411,4 +386,24 @@ func size(n uint64) string {
 		i++
 	}
 	return fmt.Sprintf("%.1f%ciB", f, units[i])
+}
+
+// materializeCommand is the QMP handler of repagent-recover and
+// repagent-promote: it parses the point and the output directory and
+// calls materialize (Hub.Recover or Hub.Promote) with them.
+func materializeCommand(materialize func(ctx context.Context, vm string, sel journal.Selector, out string) (journal.Recovered, error)) func(map[string]string) (any, error) {
+	return func(a map[string]string) (any, error) {
+		sel, err := parsePoint(a["at"], a["seq"], a["checkpoint"])
+		if err != nil {
+			return nil, err
+		}
+		if !filepath.IsAbs(a["out"]) {
+			return nil, fmt.Errorf("out %q: give an absolute path", a["out"])
+		}
+		r, err := materialize(context.Background(), a["vm"], sel, a["out"])
+		if err != nil {
+			return nil, err
+		}
+		return toRecovered(a["vm"], r), nil
+	}
 }
