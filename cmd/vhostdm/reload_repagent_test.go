@@ -18,19 +18,7 @@ import (
 // startTestHub runs a hub on loopback with its store in dir.
 func startTestHub(t *testing.T, dir string) (*hub.Hub, string) {
 	t.Helper()
-	h, err := hub.New(hub.Config{Store: dir, Name: "hub", Logger: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := h.Listen("127.0.0.1:0", false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); h.Serve(ctx, ln) }()
-	t.Cleanup(func() { cancel(); h.Close(); <-done })
-	return h, ln.Addr().String()
+	return reptest.ServeHub(t, hub.Config{Store: dir, Name: "hub", Logger: slog.New(slog.DiscardHandler)})
 }
 
 // waitReplicated waits until the hub protects every one of vols of vm1

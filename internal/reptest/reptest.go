@@ -474,3 +474,22 @@ func Runner(got *[]hub.TestVolume) hub.TestRunner {
 		return io.NopCloser(nil), nil
 	}
 }
+
+// ServeHub runs a hub with cfg on a loopback port until the test ends and
+// returns it with its address.
+func ServeHub(t testing.TB, cfg hub.Config) (*hub.Hub, string) {
+	t.Helper()
+	h, err := hub.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := h.Listen("127.0.0.1:0", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan struct{})
+	go func() { defer close(served); h.Serve(ctx, ln) }()
+	t.Cleanup(func() { cancel(); h.Close(); <-served })
+	return h, ln.Addr().String()
+}

@@ -2,7 +2,6 @@ package replicator
 
 import (
 	"bytes"
-	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -176,20 +175,9 @@ func writeOrder(a, b []byte) (uint64, error) {
 // at the end the hub's replicas are identical to the primaries.
 func TestRepagentSiteLink(t *testing.T) {
 	quiet := slog.New(slog.DiscardHandler)
-	h, err := hub.New(hub.Config{Store: t.TempDir(), Name: "hub", Logger: quiet,
+	h, addr := reptest.ServeHub(t, hub.Config{Store: t.TempDir(), Name: "hub", Logger: quiet,
 		Heartbeat: 200 * time.Millisecond, CheckpointInterval: 10 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := h.Listen("127.0.0.1:0", false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan struct{})
-	go func() { defer close(served); h.Serve(ctx, ln) }()
-	t.Cleanup(func() { cancel(); h.Close(); <-served })
-	px := newCutProxy(t, ln.Addr().String())
+	px := newCutProxy(t, addr)
 
 	w := newWorld(t)
 	SetRepagentSettings(w.m, RepagentSettings{VM: "vm1", Logger: quiet, Tune: func(c *agent.Config) {
