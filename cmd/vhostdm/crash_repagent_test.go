@@ -181,7 +181,7 @@ func TestCrashResyncsActivityLogOnly(t *testing.T) {
 		t.Errorf("resync moved %d bytes, more than the %d the activity log named", moved, planned)
 	}
 	t.Logf("%d writes before kill -9; resync moved %d of %d bytes (volumes: %d)", n, moved, planned, 2*volBytes)
-	checkReplicas(t, store, images, volBytes)
+	checkReplicas(t, h, store, images, volBytes)
 
 	// A clean stop marks the log clean: the next start resyncs nothing.
 	child.cmd.Process.Signal(syscall.SIGTERM)
@@ -200,7 +200,7 @@ func TestCrashResyncsActivityLogOnly(t *testing.T) {
 			t.Errorf("%s: after a clean stop the restart resynced %d bytes (planned %d, %q)", v.Volume, v.RemoteBytes, v.ResyncBytes, v.ResyncReason)
 		}
 	}
-	checkReplicas(t, store, images, volBytes)
+	checkReplicas(t, h, store, images, volBytes)
 
 	// A log that cannot be trusted means a full resync, with the reason.
 	child.kill(t)
@@ -220,7 +220,7 @@ func TestCrashResyncsActivityLogOnly(t *testing.T) {
 	if !strings.Contains(child.log.String(), "activity log not trusted") {
 		t.Errorf("no WARN about the untrusted activity log in:\n%s", child.log)
 	}
-	checkReplicas(t, store, images, volBytes)
+	checkReplicas(t, h, store, images, volBytes)
 }
 
 // waitHubProtecting waits until the hub protects every volume of images
@@ -264,8 +264,14 @@ func waitHubProtecting(t *testing.T, h *hub.Hub, images map[string]string, child
 	}
 }
 
-func checkReplicas(t *testing.T, store string, images map[string]string, size int64) {
+// checkReplicas compares each replica with its source once the hub's
+// journal is applied: the replica files are the journal's base images,
+// which the applier advances in the background.
+func checkReplicas(t *testing.T, h *hub.Hub, store string, images map[string]string, size int64) {
 	t.Helper()
+	if err := h.ApplyNow("vm1"); err != nil {
+		t.Fatal(err)
+	}
 	for vol, img := range images {
 		if err := reptest.SameFiles(img, filepath.Join(store, "vm1", vol+".img"), size); err != nil {
 			t.Errorf("%s: replica differs from the source: %v", vol, err)
