@@ -346,12 +346,14 @@ func New(cfg Config) (*Hub, error) {
 // openJournal opens vm's journal, or reopens it after a sticky store
 // error (the store is tried again); h.mu held or the hub not yet shared.
 func (h *Hub) openJournal(vm *hubVM) error {
+	reopen := false
 	if vm.j != nil {
 		if vm.j.Err() == nil && vm.j.ApplyErr() == nil {
 			return nil
 		}
 		vm.j.Close()
 		vm.j = nil
+		reopen = true
 	}
 	if err := os.MkdirAll(vm.dir, 0o700); err != nil {
 		return err
@@ -360,6 +362,15 @@ func (h *Hub) openJournal(vm *hubVM) error {
 		ApplyInterval: h.cfg.ApplyInterval, Logger: h.log.With("vm", vm.name), FaultHook: h.cfg.faultHook})
 	if err != nil {
 		return err
+	}
+	if reopen {
+		// Opening only read the journal: try a write before the volumes
+		// leave store-error, so that a store that is still full is
+		// reported as such and not as syncing.
+		if err := j.Probe(); err != nil {
+			j.Close()
+			return err
+		}
 	}
 	vm.j = j
 	vm.resync = j.InResync()

@@ -744,6 +744,39 @@ func (j *Journal) Err() error {
 	return j.err
 }
 
+// probeName is the file Probe writes in the segment directory; it does
+// not end in the segment suffix, so recovery never reads it.
+const probeName = "probe.tmp"
+
+// Probe tries the store the way the writer uses it: it writes and
+// fdatasyncs a block in the segment directory and removes it again. The
+// hub calls it before it trusts a journal reopened after a store error
+// (ENOSPC, EIO): the reopened journal's recovery only reads, so without a
+// probe a store that still fails would look healthy until the next write.
+func (j *Journal) Probe() error {
+	path := filepath.Join(j.segDir, probeName)
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("%w: probe: %w", ErrStore, err)
+	}
+	defer os.Remove(path)
+	defer f.Close()
+	err = j.inject("segment-write", path)
+	if err == nil {
+		_, err = f.Write(make([]byte, 4096))
+	}
+	if err == nil {
+		err = j.inject("segment-sync", path)
+	}
+	if err == nil {
+		err = unix.Fdatasync(int(f.Fd()))
+	}
+	if err != nil {
+		return fmt.Errorf("%w: probe %s: %w", ErrStore, path, err)
+	}
+	return nil
+}
+
 // Close waits for submitted records to be written, stops the applier and
 // closes the files. It returns the sticky errors, if any.
 func (j *Journal) Close() error {

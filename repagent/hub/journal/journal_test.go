@@ -818,3 +818,35 @@ func TestMaterializeWhileApplying(t *testing.T) {
 	}
 	t.Logf("%d points materialized while %d passes applied %d bytes", len(pts), st.ApplyPasses, st.AppliedBytes)
 }
+
+// TestProbe: Probe fails while the store refuses writes (ENOSPC through
+// the fault hook), succeeds once it heals, and leaves nothing in the
+// segment directory that recovery would read.
+func TestProbe(t *testing.T) {
+	var full atomic.Bool
+	full.Store(true)
+	dir := t.TempDir()
+	j, err := Open(dir, Options{FaultHook: func(op, path string) error {
+		if op == "segment-write" && filepath.Base(path) == probeName && full.Load() {
+			return syscall.ENOSPC
+		}
+		return nil
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	if err := j.Probe(); !errors.Is(err, ErrStore) || !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("probe of a full store: %v, want ErrStore wrapping ENOSPC", err)
+	}
+	full.Store(false)
+	if err := j.Probe(); err != nil {
+		t.Fatalf("probe of a healed store: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(j.segDir, probeName)); !os.IsNotExist(err) {
+		t.Errorf("probe file left behind: %v", err)
+	}
+	if _, err := listSegments(j.segDir); err != nil {
+		t.Errorf("segment directory after probes: %v", err)
+	}
+}
