@@ -134,7 +134,7 @@ echo "M2TABLE $(dmsetup table m2)"
 dmsetup remove m2
 dmsetup remove l2b
 `, sectors, d("o1"), d("c1"), d("o2"), d("c2"), d("g1"), d("l1a"), d("l1b"), d("l2b"), d("g2"), d("l2a"))
-	ctx, cancel := context.WithTimeout(context.Background(), 150*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	t0 := time.Now()
 	g, err := oracle.NewGuest(t.TempDir())
@@ -396,7 +396,7 @@ dmsetup reload s2 --table "0 %[1]d snapshot-merge %[2]s %[4]s P 8" 2>/dev/null
 echo "MERGE2 $?"
 echo "KMSG $(dmesg | grep -o 'snapshot-merge: A snapshot is already merging.' | tail -n 1)"
 `, sectors, dev("o"), dev("c"), dev("c2"), dev("src"))
-	ctx, cancel := context.WithTimeout(context.Background(), 150*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	g, err := oracle.NewGuest(t.TempDir())
 	if err != nil {

@@ -113,7 +113,7 @@ dmsetup remove u1
 dmsetup remove u2
 dmsetup remove pool2
 `, bs*nrBlocks, bs, virt)
-	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	t0 := time.Now()
 	g, err := oracle.NewGuest(t.TempDir())

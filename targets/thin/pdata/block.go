@@ -22,6 +22,8 @@ import (
 	"fmt"
 	"hash/crc32"
 
+	"github.com/hashicorp/golang-lru/v2/simplelru"
+
 	"github.com/vhostdm/vhostdm/mapper"
 )
 
@@ -64,20 +66,56 @@ func Checksum(b []byte, salt uint32) uint32 {
 // location (the superblock's is at 8 too).
 const blocknrOffset = 8
 
+// DefaultCacheBlocks bounds the clean blocks a BM keeps: 4096 blocks,
+// 16 MiB. The kernel's dm-bufio cache is bounded too (a share of memory);
+// a thin pool's metadata can be 16 GiB, so an unbounded cache grows with
+// every block the pool ever reads.
+const DefaultCacheBlocks = 4096
+
 // BM is a block manager: a cache of metadata blocks over a backend.
 // Blocks read are checked (checksum, location) once; blocks changed are
-// kept dirty until WriteDirty stamps and writes them.
+// kept dirty until WriteDirty stamps and writes them. Dirty blocks stay in
+// memory until written (they are bounded by the running transaction);
+// clean blocks are kept in a least-recently-used cache of at most
+// [DefaultCacheBlocks] (or [BM.SetCacheBlocks]) blocks and read again
+// from the device after eviction.
 type BM struct {
 	dev      mapper.Backend
 	nrBlocks uint64
 
-	cache map[uint64][]byte
-	dirty map[uint64]Kind
+	clean *simplelru.LRU[uint64, []byte]
+	dirty map[uint64]dirtyBlock
+	reads uint64 // blocks read from the device
+}
+
+// dirtyBlock is a block changed in the running transaction.
+type dirtyBlock struct {
+	buf  []byte
+	kind Kind
 }
 
 // NewBM returns a block manager over dev holding nrBlocks blocks.
 func NewBM(dev mapper.Backend, nrBlocks uint64) *BM {
-	return &BM{dev: dev, nrBlocks: nrBlocks, cache: map[uint64][]byte{}, dirty: map[uint64]Kind{}}
+	bm := &BM{dev: dev, nrBlocks: nrBlocks, dirty: map[uint64]dirtyBlock{}}
+	bm.SetCacheBlocks(DefaultCacheBlocks)
+	return bm
+}
+
+// SetCacheBlocks bounds the clean blocks kept in memory to n (at least 1),
+// dropping the least recently used ones beyond it.
+func (bm *BM) SetCacheBlocks(n int) {
+	n = max(n, 1)
+	if bm.clean == nil {
+		bm.clean, _ = simplelru.NewLRU[uint64, []byte](n, nil)
+		return
+	}
+	bm.clean.Resize(n)
+}
+
+// CacheStats reports the clean blocks cached, the dirty blocks held and
+// the blocks read from the device since the BM was made.
+func (bm *BM) CacheStats() (clean, dirty int, reads uint64) {
+	return bm.clean.Len(), len(bm.dirty), bm.reads
 }
 
 // NrBlocks returns the number of blocks of the metadata device.
@@ -87,7 +125,10 @@ func (bm *BM) NrBlocks() uint64 { return bm.nrBlocks }
 // callers must not change it unless they own the block in the running
 // transaction (see TM.Shadow).
 func (bm *BM) Read(b uint64, kind Kind) ([]byte, error) {
-	if buf, ok := bm.cache[b]; ok {
+	if d, ok := bm.dirty[b]; ok {
+		return d.buf, nil
+	}
+	if buf, ok := bm.clean.Get(b); ok {
 		return buf, nil
 	}
 	if b >= bm.nrBlocks {
@@ -103,32 +144,48 @@ func (bm *BM) Read(b uint64, kind Kind) ([]byte, error) {
 	if got := le.Uint64(buf[blocknrOffset:]); got != b {
 		return nil, mapper.Errorf(mapper.ErrCorrupt, "metadata block %d: says it is block %d", b, got)
 	}
-	bm.cache[b] = buf
+	bm.reads++
+	bm.clean.Add(b, buf)
 	return buf, nil
 }
 
 // New returns a zeroed buffer for block b, marked dirty as kind.
 func (bm *BM) New(b uint64, kind Kind) []byte {
 	buf := make([]byte, BlockSize)
-	bm.cache[b] = buf
-	bm.dirty[b] = kind
+	bm.clean.Remove(b)
+	bm.dirty[b] = dirtyBlock{buf: buf, kind: kind}
 	return buf
 }
 
-// Dirty marks block b (already cached) as changed.
-func (bm *BM) Dirty(b uint64, kind Kind) { bm.dirty[b] = kind }
+// Dirty marks block b as changed; buf must be the slice Read returned for
+// it and nothing may have been read or made since (a clean block can be
+// evicted by the next Read or New).
+func (bm *BM) Dirty(b uint64, kind Kind) {
+	if d, ok := bm.dirty[b]; ok {
+		d.kind = kind
+		bm.dirty[b] = d
+		return
+	}
+	buf, ok := bm.clean.Peek(b)
+	if !ok {
+		panic(fmt.Sprintf("pdata: Dirty of block %d that is not cached", b))
+	}
+	bm.clean.Remove(b)
+	bm.dirty[b] = dirtyBlock{buf: buf, kind: kind}
+}
 
 // WriteDirty stamps every dirty block with its location and checksum and
 // writes it; the caller flushes the backend.
 func (bm *BM) WriteDirty() error {
-	for b, kind := range bm.dirty {
-		buf := bm.cache[b]
+	for b, d := range bm.dirty {
+		buf := d.buf
 		le.PutUint64(buf[blocknrOffset:], b)
-		le.PutUint32(buf, Checksum(buf, salts[kind]))
+		le.PutUint32(buf, Checksum(buf, salts[d.kind]))
 		if err := bm.dev.WriteAt([][]byte{buf}, int64(b)*BlockSize); err != nil {
 			return fmt.Errorf("write metadata block %d: %w", b, err)
 		}
 		delete(bm.dirty, b)
+		bm.clean.Add(b, buf)
 	}
 	return nil
 }
@@ -136,8 +193,8 @@ func (bm *BM) WriteDirty() error {
 // Forget drops every cached block, so that the next reads see the device
 // (after a failed commit the cache may hold changes that never landed).
 func (bm *BM) Forget() {
-	bm.cache = map[uint64][]byte{}
-	bm.dirty = map[uint64]Kind{}
+	bm.clean.Purge()
+	clear(bm.dirty)
 }
 
 // Flush flushes the metadata backend.

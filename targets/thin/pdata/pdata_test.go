@@ -79,83 +79,97 @@ func newTestTM(t *testing.T, blocks int) (*TM, *mappertest.Mem) {
 // committing now and then, and checks lookups, order, node occupancy and
 // reference counts; then it crashes after uncommitted changes and checks
 // that the last commit is what a reload sees.
+//
+// It runs with the default block cache and with a cache of 4 clean blocks,
+// where nearly every read evicts: eviction must never lose a change or
+// return a stale block.
 func TestBtreeModel(t *testing.T) {
-	for seed := uint64(1); seed <= 3; seed++ {
-		t.Run(fmt.Sprint(seed), func(t *testing.T) {
-			rng := rand.New(rand.NewPCG(seed, 7))
-			tm, mem := newTestTM(t, 4096)
-			data := NewSpaceMap(100000, false)
-			tree := &Tree{TM: tm, VT: ValueType{Size: 8,
-				Inc: func(v []byte) error { return data.Inc(le.Uint64(v)) },
-				Dec: func(v []byte) error { return data.Dec(le.Uint64(v)) }}}
-			root, err := tree.Empty()
+	for _, cache := range []int{DefaultCacheBlocks, 4} {
+		for seed := uint64(1); seed <= 3; seed++ {
+			t.Run(fmt.Sprintf("cache%d/seed%d", cache, seed), func(t *testing.T) { btreeModel(t, seed, cache) })
+		}
+	}
+}
+
+// btreeModel is one run of TestBtreeModel.
+func btreeModel(t *testing.T, seed uint64, cache int) {
+	rng := rand.New(rand.NewPCG(seed, 7))
+	tm, mem := newTestTM(t, 4096)
+	tm.BM.SetCacheBlocks(cache)
+	data := NewSpaceMap(100000, false)
+	tree := &Tree{TM: tm, VT: ValueType{Size: 8,
+		Inc: func(v []byte) error { return data.Inc(le.Uint64(v)) },
+		Dec: func(v []byte) error { return data.Dec(le.Uint64(v)) }}}
+	root, err := tree.Empty()
+	if err != nil {
+		t.Fatal(err)
+	}
+	model := map[uint64]uint64{}
+	var committed map[uint64]uint64
+	var cRoot uint64
+	var cMeta, cData Root
+	for step := 0; step < 12000; step++ {
+		k := rng.Uint64N(3000)
+		if rng.IntN(3) > 0 {
+			v, err := data.Alloc()
 			if err != nil {
 				t.Fatal(err)
 			}
-			model := map[uint64]uint64{}
-			var committed map[uint64]uint64
-			var cRoot uint64
-			var cMeta, cData Root
-			for step := 0; step < 12000; step++ {
-				k := rng.Uint64N(3000)
-				if rng.IntN(3) > 0 {
-					v, err := data.Alloc()
-					if err != nil {
-						t.Fatal(err)
-					}
-					if root, err = tree.Insert(root, k, u64(v)); err != nil {
-						t.Fatal(err)
-					}
-					data.Dec(v) // Alloc counted it; the tree holds the reference now
-					data.Inc(v)
-					model[k] = v
-				} else {
-					var ok bool
-					if root, ok, err = tree.Remove(root, k); err != nil {
-						t.Fatal(err)
-					}
-					if _, had := model[k]; had != ok {
-						t.Fatalf("step %d: remove %d found %v, model %v", step, k, ok, had)
-					}
-					delete(model, k)
-				}
-				if step%1500 == 1499 {
-					checkTree(t, tree, root, model)
-					if cMeta, cData, err = tm.Commit(data); err != nil {
-						t.Fatal(err)
-					}
-					checkCounts(t, tm, data, root)
-					committed, cRoot = maps.Clone(model), root
-				}
-			}
-			// Uncommitted changes, then a crash.
-			for i := 0; i < 500; i++ {
-				root, _, _ = tree.Remove(root, rng.Uint64N(3000))
-			}
-			tm.BM.WriteDirty()
-			mem.Crash()
-			bm := NewBM(mem, 4096)
-			tm2 := NewTM(bm, nil)
-			if tm2.SM, err = LoadSpaceMap(tm2, cMeta, true); err != nil {
+			if root, err = tree.Insert(root, k, u64(v)); err != nil {
 				t.Fatal(err)
 			}
-			data2, err := LoadSpaceMap(tm2, cData, false)
-			if err != nil {
+			data.Dec(v) // Alloc counted it; the tree holds the reference now
+			data.Inc(v)
+			model[k] = v
+		} else {
+			var ok bool
+			if root, ok, err = tree.Remove(root, k); err != nil {
 				t.Fatal(err)
 			}
-			tree2 := &Tree{TM: tm2, VT: ValueType{Size: 8}}
-			checkTree(t, tree2, cRoot, committed)
-			checkCounts(t, tm2, data2, cRoot)
-			refs := map[uint64]uint32{}
-			for _, v := range committed {
-				refs[v]++
+			if _, had := model[k]; had != ok {
+				t.Fatalf("step %d: remove %d found %v, model %v", step, k, ok, had)
 			}
-			for b := range data2.counts {
-				if want := refs[uint64(b)]; data2.counts[b] != want {
-					t.Fatalf("data block %d: count %d after reload, want %d", b, data2.counts[b], refs[uint64(b)])
-				}
+			delete(model, k)
+		}
+		if step%1500 == 1499 {
+			checkTree(t, tree, root, model)
+			if cMeta, cData, err = tm.Commit(data); err != nil {
+				t.Fatal(err)
 			}
-		})
+			checkCounts(t, tm, data, root)
+			committed, cRoot = maps.Clone(model), root
+		}
+	}
+	// Uncommitted changes, then a crash.
+	for i := 0; i < 500; i++ {
+		root, _, _ = tree.Remove(root, rng.Uint64N(3000))
+	}
+	tm.BM.WriteDirty()
+	if clean, _, _ := tm.BM.CacheStats(); clean > cache {
+		t.Fatalf("%d clean blocks cached, bound %d", clean, cache)
+	}
+	mem.Crash()
+	bm := NewBM(mem, 4096)
+	bm.SetCacheBlocks(cache)
+	tm2 := NewTM(bm, nil)
+	if tm2.SM, err = LoadSpaceMap(tm2, cMeta, true); err != nil {
+		t.Fatal(err)
+	}
+	data2, err := LoadSpaceMap(tm2, cData, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tree2 := &Tree{TM: tm2, VT: ValueType{Size: 8}}
+	checkTree(t, tree2, cRoot, committed)
+	checkCounts(t, tm2, data2, cRoot)
+	refs := map[uint64]uint32{}
+	for _, v := range committed {
+		refs[v]++
+	}
+	for b := range data2.counts {
+		if want := refs[uint64(b)]; data2.counts[b] != want {
+			t.Fatalf("data block %d: count %d after reload, want %d", b, data2.counts[b], refs[uint64(b)])
+		}
 	}
 }
 
