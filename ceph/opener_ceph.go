@@ -89,14 +89,28 @@ func (o *Opener) connect() (*rados.Conn, error) {
 	if o.conn != nil {
 		return o.conn, nil
 	}
-	id := o.cfg.id()
-	where := fmt.Sprintf("client.%s, conf %s", id, orDefault(o.cfg.Conf))
+	conn, err := Connect(o.cfg)
+	if err != nil {
+		return nil, err
+	}
+	o.log.Info("connected to the Ceph cluster", "client", "client."+o.cfg.id(), "conf", orDefault(o.cfg.Conf))
+	o.conn = conn
+	return conn, nil
+}
+
+// Connect connects to the cluster c describes, as client.ID with its
+// keyring, giving up after 15 s without the monitors. The caller shuts
+// the connection down. Errors say which client and conf, and what a
+// permission error means.
+func Connect(c Config) (*rados.Conn, error) {
+	id := c.id()
+	where := fmt.Sprintf("client.%s, conf %s", id, orDefault(c.Conf))
 	conn, err := rados.NewConnWithUser(id)
 	if err != nil {
 		return nil, fmt.Errorf("ceph connection (%s): %w", where, err)
 	}
-	if o.cfg.Conf != "" {
-		err = conn.ReadConfigFile(o.cfg.Conf)
+	if c.Conf != "" {
+		err = conn.ReadConfigFile(c.Conf)
 	} else {
 		err = conn.ReadDefaultConfigFile()
 	}
@@ -104,10 +118,10 @@ func (o *Opener) connect() (*rados.Conn, error) {
 		conn.Shutdown()
 		return nil, fmt.Errorf("ceph connection (%s): read conf: %w", where, err)
 	}
-	if o.cfg.Keyring != "" {
-		if err := conn.SetConfigOption("keyring", o.cfg.Keyring); err != nil {
+	if c.Keyring != "" {
+		if err := conn.SetConfigOption("keyring", c.Keyring); err != nil {
 			conn.Shutdown()
-			return nil, fmt.Errorf("ceph connection (%s): keyring %s: %w", where, o.cfg.Keyring, err)
+			return nil, fmt.Errorf("ceph connection (%s): keyring %s: %w", where, c.Keyring, err)
 		}
 	}
 	if err := conn.SetConfigOption("client_mount_timeout", mountTimeout); err != nil {
@@ -118,8 +132,6 @@ func (o *Opener) connect() (*rados.Conn, error) {
 		conn.Shutdown()
 		return nil, mapper.WithClass(fmt.Errorf("ceph connection (%s): connect: %w", where, explain(err)), mapper.ErrIO)
 	}
-	o.log.Info("connected to the Ceph cluster", "client", "client."+id, "conf", orDefault(o.cfg.Conf))
-	o.conn = conn
 	return conn, nil
 }
 

@@ -205,16 +205,30 @@ func (c *Cluster) Name(prefix string) string {
 	return fmt.Sprintf("%s-%d-%d", prefix, os.Getpid(), c.seq.Add(1))
 }
 
+// CreatePool creates a replicated pool of one copy for application app
+// ("rbd": initialised for RBD images; "rados" for plain objects) and
+// returns its name; the pool is deleted when t ends.
+func (c *Cluster) CreatePool(t testing.TB, app string) string {
+	t.Helper()
+	name := c.Name("pool")
+	c.Must(t, "ceph", "osd", "pool", "create", name, "8", "8")
+	t.Cleanup(func() { c.Run("ceph", "osd", "pool", "delete", name, name, "--yes-i-really-really-mean-it") })
+	c.Must(t, "ceph", "osd", "pool", "set", name, "size", "1", "--yes-i-really-mean-it")
+	if app == "rbd" {
+		c.Must(t, "rbd", "pool", "init", name)
+	} else {
+		c.Must(t, "ceph", "osd", "pool", "application", "enable", name, app)
+	}
+	return name
+}
+
 // CreateImage creates an image of size bytes in pool (with rbd create,
 // the default features) and returns its rbd:POOL/IMAGE name; the image
 // is removed when t ends.
 func (c *Cluster) CreateImage(t testing.TB, pool string, size int64) string {
 	t.Helper()
 	name := c.Name("img")
-	c.Must(t, "rbd", "create", "--size", strconv.FormatInt(size>>20, 10)+"M", pool+"/"+name)
-	if size%(1<<20) != 0 {
-		c.Must(t, "rbd", "resize", "--allow-shrink", "--size", strconv.FormatInt(size, 10)+"B", pool+"/"+name)
-	}
+	c.Must(t, "rbd", "create", "--size", strconv.FormatInt(size, 10)+"B", pool+"/"+name)
 	t.Cleanup(func() {
 		// Snapshots first; the image may be gone already.
 		c.Run("rbd", "snap", "purge", pool+"/"+name)

@@ -33,12 +33,16 @@ func TestMain(m *testing.M) {
 	os.Exit(Main(m, &cluster))
 }
 
-// TestClusterServesRBD: the shared cluster stores an image and rbd export
-// reads it back.
+// TestClusterServesRBD: the shared cluster stores images, in its rbd pool
+// and in a new pool, and rbd export reads them back; health is OK.
 func TestClusterServesRBD(t *testing.T) {
 	name := cluster.CreateImage(t, Pool, 1<<20+4096)
 	if got := cluster.Export(t, name); len(got) != 1<<20+4096 {
 		t.Fatalf("exported %d bytes, want %d", len(got), 1<<20+4096)
+	}
+	pool := cluster.CreatePool(t, "rbd")
+	if got := cluster.Export(t, cluster.CreateImage(t, pool, 4096)); len(got) != 4096 {
+		t.Fatalf("exported %d bytes from an image in a new pool, want 4096", len(got))
 	}
 	if out := cluster.Must(t, "ceph", "health"); !strings.HasPrefix(out, "HEALTH_OK") {
 		t.Errorf("ceph health: %s", out)

@@ -178,7 +178,7 @@ stop)
 watchdog)
 	DIR=$(cd "$DIR" && pwd)
 	# Wait for end of file on standard input: the owner has gone.
-	cat >/dev/null || true
+	while IFS= read -r _; do :; done
 	stop "$DIR"
 	rm -rf -- "$DIR"
 	;;
