@@ -25,6 +25,11 @@
 //	socket-group = "kvm"            # or a gid; default: the daemon's group
 //	socket-mode = "0660"            # default "0600"
 //
+//	[ceph]                          # for rbd:POOL/IMAGE[@SNAP] backends
+//	conf = "/etc/ceph/ceph.conf"    # default: librados's search
+//	id = "vhostdm"                  # client.vhostdm; default "admin"
+//	keyring = "/etc/ceph/ceph.client.vhostdm.keyring"
+//
 // Relative paths (sockets, and backend paths inside tables) are relative to
 // the directory of the configuration file. Every error names the file, the
 // line and the key; all errors are reported at once.
@@ -34,6 +39,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"path/filepath"
@@ -44,6 +50,7 @@ import (
 
 	"github.com/BurntSushi/toml"
 
+	"github.com/vhostdm/vhostdm/ceph"
 	"github.com/vhostdm/vhostdm/internal/unixsock"
 	"github.com/vhostdm/vhostdm/mapper"
 )
@@ -59,6 +66,8 @@ type Config struct {
 	Exports  []Export `toml:"export"`
 	RepAgent RepAgent `toml:"repagent"`
 	Metrics  Metrics  `toml:"metrics"`
+	// Ceph says how rbd: backends reach the cluster.
+	Ceph ceph.Config `toml:"ceph"`
 	// StateDir holds the devices' persistent dirty bitmaps (NAME.bitmaps);
 	// default: the configuration file's directory.
 	StateDir string `toml:"state-dir"`
@@ -557,6 +566,10 @@ func (c *Config) validate(v *validator) {
 		}
 	}
 	c.RepAgent.validate(c, v)
+	cephErrs := c.CephConfig().Validate()
+	for _, key := range slices.Sorted(maps.Keys(cephErrs)) {
+		v.errAt("ceph."+key, "%v", cephErrs[key])
+	}
 	c.validateFallBehind(v)
 }
 
@@ -710,6 +723,15 @@ func (v *validator) tableErr(key, table string, err error) {
 		return
 	}
 	v.errs = append(v.errs, &Error{File: v.file, Line: line, Key: key, Msg: err.Error()})
+}
+
+// CephConfig returns the [ceph] section with its files resolved against
+// the file's directory.
+func (c *Config) CephConfig() ceph.Config {
+	cc := c.Ceph
+	cc.Conf = c.Path(cc.Conf)
+	cc.Keyring = c.Path(cc.Keyring)
+	return cc
 }
 
 // Path resolves a path from the file against the file's directory.

@@ -42,7 +42,14 @@ type ManagerOptions struct {
 	// StateDir holds the devices' persistent dirty bitmaps
 	// (NAME.bitmaps); empty: persistent bitmaps are not saved.
 	StateDir string
+	// Schemes open backends named SCHEME:REST (rbd:POOL/IMAGE) by the
+	// scheme before the colon, with the whole name. A name whose prefix
+	// is not a scheme here is a path.
+	Schemes map[string]OpenFunc
 }
+
+// OpenFunc opens a backend by name.
+type OpenFunc func(name string, readOnly bool) (Backend, error)
 
 // Manager holds one daemon's devices by name and resolves the backend names
 // tables use. Its methods may be called concurrently.
@@ -50,6 +57,7 @@ type Manager struct {
 	log      *slog.Logger
 	events   func(Event)
 	open     func(name string, readOnly bool) (Backend, error)
+	schemes  map[string]OpenFunc
 	dir      string
 	stateDir string
 
@@ -81,7 +89,7 @@ func NewManager(o ManagerOptions) *Manager {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
-	return &Manager{log: o.Logger, events: o.Events, open: o.Open, dir: o.Dir, stateDir: o.StateDir, devices: map[string]*Device{}, files: map[fileKey]*sharedFile{}}
+	return &Manager{log: o.Logger, events: o.Events, open: o.Open, schemes: o.Schemes, dir: o.Dir, stateDir: o.StateDir, devices: map[string]*Device{}, files: map[fileKey]*sharedFile{}}
 }
 
 func (m *Manager) emit(e Event) {
@@ -242,6 +250,9 @@ func (m *Manager) openBackend(user *Device, name string, readOnly bool) (Backend
 		}
 		d.Open()
 		return &deviceBackend{d: d, name: name}, nil
+	}
+	if scheme, _, ok := strings.Cut(name, ":"); ok && m.schemes[scheme] != nil {
+		return m.schemes[scheme](name, readOnly)
 	}
 	if m.open != nil {
 		return m.open(name, readOnly)

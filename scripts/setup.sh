@@ -19,6 +19,11 @@ MAIN_PKGS=(linux-image-amd64 busybox-static cpio fio cryptsetup-bin libnbd-bin
 # package test needs adduser (the package's dependency), dpkg-deb (dpkg)
 # and systemd-analyze (systemd).
 LIBVIRT_PKGS=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients)
+# Ceph (Debian 12's Pacific) for the rbd: backend, built with -tags ceph:
+# the libraries it links, and the daemons and tools of the throwaway
+# cluster its tests run (internal/cephtest/cluster.sh). No daemon starts on
+# install.
+CEPH_PKGS=(ceph-mon ceph-mgr ceph-osd ceph-common librados-dev librbd-dev uuid-runtime)
 # Packages that must come from bookworm-backports (QEMU 10).
 BPO_PKGS=(qemu-system-x86 qemu-utils qemu-system-common)
 
@@ -99,6 +104,13 @@ if [ -n "$need_main" ]; then
 	apt_update
 	log "installing $(echo $need_main)"
 	$SUDO apt-get install -y -qq --no-install-recommends $need_main >/dev/null
+fi
+
+need_ceph=$(missing "${CEPH_PKGS[@]}")
+if [ -n "$need_ceph" ]; then
+	apt_update
+	log "installing $(echo $need_ceph)"
+	$SUDO apt-get install -y -qq --no-install-recommends $need_ceph >/dev/null
 fi
 
 # libvirt-daemon-system's maintainer scripts start libvirtd, virtlogd and

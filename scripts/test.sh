@@ -2,9 +2,17 @@
 # test.sh runs every check and test of vhostdm: formatting, vet, and the
 # whole test suite with the race detector, including the end-to-end tests
 # that boot a real QEMU guest on vhostdm disks (scripts/setup.sh installs
-# what they need).
+# what they need). Then the Ceph build (-tags ceph, cgo, librbd): vet and
+# staticcheck of the packages with files behind the tag, and the tests of
+# the Ceph packages against a throwaway single-node cluster each test
+# package bootstraps (internal/cephtest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Packages with files behind the ceph build tag (or that link the rbd:
+# backend), and the packages whose tests need the Ceph build.
+CEPH_CHECK=(./ceph/... ./internal/cephtest/... ./cmd/vhostdm/ ./test/e2e/...)
+CEPH_TEST=(./ceph/... ./internal/cephtest/...)
 
 echo "== gofmt"
 unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
@@ -16,9 +24,16 @@ fi
 
 echo "== go vet"
 go vet ./...
+go vet -tags ceph "${CEPH_CHECK[@]}"
 
 echo "== staticcheck"
 go tool staticcheck ./...
+go tool staticcheck -tags ceph "${CEPH_CHECK[@]}"
 
 echo "== go test -race"
 go test -race -timeout 20m ./... "$@"
+
+echo "== go test -race -tags ceph (the Ceph build, on throwaway clusters)"
+CGO_ENABLED=1 go test -race -timeout 20m -tags ceph "${CEPH_TEST[@]}" "$@"
+# The guest test of the rbd: backend: vhostdm built with -tags ceph.
+CGO_ENABLED=1 go test -race -timeout 20m -tags ceph -run '^TestRBD' ./test/e2e/

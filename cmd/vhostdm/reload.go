@@ -33,6 +33,9 @@ func (d *daemon) reloadConfig(path string) error {
 		return err
 	}
 	old := d.cfg
+	if c.CephConfig() != old.CephConfig() {
+		d.log.Warn("the [ceph] section cannot change while running; restart to apply (rbd: backends keep the connection they have)")
+	}
 	if c.QMP != old.QMP {
 		d.log.Warn("the QMP socket, its owner, group and mode cannot change while running; restart to apply", "socket", c.QMP.Socket)
 	}

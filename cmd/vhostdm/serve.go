@@ -17,6 +17,7 @@ import (
 	"sync/atomic"
 	"syscall"
 
+	"github.com/vhostdm/vhostdm/ceph"
 	"github.com/vhostdm/vhostdm/config"
 	"github.com/vhostdm/vhostdm/internal/logging"
 	"github.com/vhostdm/vhostdm/internal/sdnotify"
@@ -122,7 +123,8 @@ type daemon struct {
 	cancel context.CancelFunc
 	log    *slog.Logger
 	m      *mapper.Manager
-	qmp    *qmp.Server // nil without a QMP socket
+	ceph   *ceph.Opener // opens the rbd: backends of d.m
+	qmp    *qmp.Server  // nil without a QMP socket
 	events atomic.Pointer[qmp.Server]
 	ex     *exportSet
 	wg     sync.WaitGroup
@@ -143,7 +145,8 @@ type daemon struct {
 func startDaemon(ctx context.Context, c *config.Config, log *slog.Logger) (*daemon, error) {
 	d := &daemon{log: log, cfg: c}
 	d.ctx, d.cancel = context.WithCancel(ctx)
-	d.m = mapper.NewManager(mapper.ManagerOptions{Logger: log, Dir: c.Dir, StateDir: c.StatePath(), Events: func(e mapper.Event) {
+	d.ceph = ceph.NewOpener(c.CephConfig(), log)
+	d.m = mapper.NewManager(mapper.ManagerOptions{Logger: log, Dir: c.Dir, StateDir: c.StatePath(), Schemes: map[string]mapper.OpenFunc{ceph.Scheme: d.ceph.Open}, Events: func(e mapper.Event) {
 		if s := d.events.Load(); s != nil {
 			s.MapperEvent(e)
 		}
@@ -248,6 +251,7 @@ func (d *daemon) Close() error {
 	}
 	d.wg.Wait()
 	errs = append(errs, d.m.Close())
+	errs = append(errs, d.ceph.Close()) // after the devices: they flushed through it
 	return errors.Join(errs...)
 }
 

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"strings"
 
+	"github.com/vhostdm/vhostdm/ceph"
 	"github.com/vhostdm/vhostdm/config"
 	"github.com/vhostdm/vhostdm/mapper"
 )
@@ -50,7 +51,10 @@ func runValidate(args []string, stdout, stderr io.Writer) int {
 // checkDevices builds every device of c, read-only, in a scratch manager
 // and returns a summary line for each, or every error found.
 func checkDevices(c *config.Config) ([]string, error) {
-	m := mapper.NewManager(mapper.ManagerOptions{Logger: slog.New(slog.DiscardHandler), Dir: c.Dir})
+	log := slog.New(slog.DiscardHandler)
+	rbd := ceph.NewOpener(c.CephConfig(), log)
+	defer rbd.Close()
+	m := mapper.NewManager(mapper.ManagerOptions{Logger: log, Dir: c.Dir, Schemes: map[string]mapper.OpenFunc{ceph.Scheme: rbd.Open}})
 	defer m.Close()
 	order, err := c.DeviceOrder()
 	if err != nil {

@@ -91,3 +91,20 @@ socket-mode = "rw"
 		t.Errorf("user root refused:\n%s", errb.String())
 	}
 }
+
+// TestValidateCephSection: bad [ceph] keys are configuration errors with
+// file:line:key.
+func TestValidateCephSection(t *testing.T) {
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "vm.toml")
+	os.WriteFile(conf, []byte("[ceph]\nconf = \"nowhere.conf\"\nid = \"client.x\"\n\n[[device]]\nname = \"z\"\ntable = \"0 8 zero\"\n"), 0o644)
+	var out, errb bytes.Buffer
+	if code := runValidate([]string{"-c", conf}, &out, &errb); code != 1 {
+		t.Fatalf("validate exit %d, want 1", code)
+	}
+	for _, want := range []string{"vm.toml:2: ceph.conf: open " + filepath.Join(dir, "nowhere.conf") + ": no such file", `vm.toml:3: ceph.id: "client.x": give the id without "client." ("x")`} {
+		if !strings.Contains(errb.String(), want) {
+			t.Errorf("validate said %q; want %q", errb.String(), want)
+		}
+	}
+}

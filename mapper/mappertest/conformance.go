@@ -40,6 +40,21 @@ type TargetCase struct {
 	// table stands on: lower mapper devices (/dev/mapper/NAME), a pool
 	// and its messages.
 	Setup func(t *testing.T, m *mapper.Manager, backends []string)
+	// Storage, when set, provides real backends (RBD images) instead of
+	// memory ones. Durability is then checked by a second manager with
+	// its own connections, reading read-only what the first flushed: a
+	// restarted process sees what the storage holds, not a cache.
+	Storage Storage
+}
+
+// Storage is real storage for RunTarget.
+type Storage interface {
+	// Create makes n zeroed backends of size bytes and returns the names
+	// tables use for them; they are removed when t ends.
+	Create(t *testing.T, n, size int) []string
+	// Schemes returns the opener of those names for one manager, with
+	// connections of its own, closed when t ends.
+	Schemes(t *testing.T) map[string]mapper.OpenFunc
 }
 
 // RunTarget runs the behaviour every target must have: read-after-write,
@@ -53,19 +68,34 @@ func RunTarget(t *testing.T, name string, c TargetCase) {
 		names[i] = fmt.Sprintf("m%d", i)
 	}
 	align := max(c.Align, 1)
-	start := func(t *testing.T, set *Set) (*mapper.Manager, *mapper.Device) {
-		m := mapper.NewManager(mapper.ManagerOptions{Open: set.Open, Logger: slog.New(slog.DiscardHandler)})
+	startMode := func(t *testing.T, set *Set, names []string, readOnly bool) (*mapper.Manager, *mapper.Device) {
+		o := mapper.ManagerOptions{Logger: slog.New(slog.DiscardHandler)}
+		if c.Storage != nil {
+			o.Schemes = c.Storage.Schemes(t)
+		} else {
+			o.Open = set.Open
+		}
+		m := mapper.NewManager(o)
 		t.Cleanup(func() { m.Close() })
 		if c.Setup != nil {
 			c.Setup(t, m, names)
 		}
-		d, err := m.CreateTable(name, "", false, c.Table(names))
+		d, err := m.CreateTable(name, "", readOnly, c.Table(names))
 		if err != nil {
 			t.Fatalf("%s: create: %v", name, err)
 		}
 		return m, d
 	}
+	start := func(t *testing.T, set *Set) (*mapper.Manager, *mapper.Device) {
+		return startMode(t, set, names, false)
+	}
+	var storageNames []string // of the running subtest, with Storage
 	setup := func(t *testing.T) (*mapper.Manager, *Set, *mapper.Device) {
+		if c.Storage != nil {
+			storageNames = c.Storage.Create(t, c.Backends, c.BackendBytes)
+			m, d := startMode(t, nil, storageNames, false)
+			return m, nil, d
+		}
 		set := NewSet(c.BackendBytes, names...)
 		m, d := start(t, set)
 		return m, set, d
@@ -111,10 +141,13 @@ func RunTarget(t *testing.T, name string, c TargetCase) {
 		if err := d.Submit(&mapper.Request{Op: mapper.OpFlush}); err != nil {
 			t.Fatalf("flush: %v", err)
 		}
-		if c.RecoversOnRestart {
+		switch {
+		case c.Storage != nil:
+			_, d = startMode(t, nil, storageNames, true)
+		case c.RecoversOnRestart:
 			set.Kill()
 			_, d = start(t, set)
-		} else {
+		default:
 			for _, n := range names {
 				set.Get(n).Crash()
 			}

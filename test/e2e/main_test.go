@@ -14,6 +14,7 @@ import (
 
 func TestMain(m *testing.M) {
 	code := m.Run()
+	stopCeph()
 	harness.Cleanup()
 	os.Exit(code)
 }

@@ -16,6 +16,9 @@ type Config struct {
 	QMP     QMPConfig      `toml:"qmp"`
 	Devices []DeviceConfig `toml:"device"`
 	Exports []ExportConfig `toml:"export"`
+	// Extra is TOML text written after the rest as it is, for tables
+	// the harness does not model ([ceph]).
+	Extra string `toml:"-"`
 
 	// Dir is the directory of the file it was loaded from; relative image
 	// paths in tables are relative to it.
@@ -77,6 +80,9 @@ func (c *Config) TOML() string {
 		if x.Serial != "" {
 			fmt.Fprintf(&b, "serial = %s\n", strconv.Quote(x.Serial))
 		}
+	}
+	if c.Extra != "" {
+		b.WriteString("\n" + strings.TrimSpace(c.Extra) + "\n")
 	}
 	return b.String()
 }

@@ -227,7 +227,11 @@ func (e *Env) GoBuild(pkg, name string, static bool) (string, error) {
 		return "", err
 	}
 	out := filepath.Join(dir, name)
-	cmd := exec.Command("go", "build", "-o", out, pkg)
+	args := []string{"build", "-o", out}
+	if buildTags != "" && !static {
+		args = append(args, "-tags", buildTags)
+	}
+	cmd := exec.Command("go", append(args, pkg)...)
 	cmd.Dir = e.RepoRoot
 	cmd.Env = os.Environ()
 	if static {

@@ -1,0 +1,1 @@
+../internal/cephtest/cluster.sh

@@ -1,0 +1,6 @@
+//go:build !ceph
+
+package harness
+
+// buildTags are the tags the binaries the harness builds get.
+const buildTags = ""
