@@ -5,6 +5,7 @@
 //	repagent-hub status --qmp SOCK [--watch]
 //	repagent-hub recover --vm NAME --out DIR (--qmp SOCK | --store DIR) [--at TIME | --seq N | --checkpoint NAME]
 //	repagent-hub promote --vm NAME --out DIR --qmp SOCK [--at TIME | --seq N | --checkpoint NAME]
+//	repagent-hub verify --vm NAME --qmp SOCK [--volume V] [--rate SIZE]
 //
 // QMP commands (besides vhostdm's query-version, query-commands, quit):
 //
@@ -13,6 +14,7 @@
 //	repagent-failover-test-stop {vm}                → {}
 //	repagent-recover {vm, out, [at|seq|checkpoint]} → {"vm", "seq", "time", "pos", "volumes"}
 //	repagent-promote {vm, out, [at|seq|checkpoint]} → as repagent-recover; the VM's replication stops
+//	repagent-verify {vm, [volume], [rate]}          → {"vm", "volumes": [VolumeVerify]}
 //
 // Event REPAGENT_VOLUME_STATE {vm, volume, state, previous, reason} is sent
 // when a volume changes state (syncing, protecting, disconnected,
@@ -70,6 +72,7 @@ var commands = map[string]command{
 	"status":  {"print the hub's volumes over QMP", runStatus},
 	"recover": {"materialise a VM's volumes at a consistent point, with a vhostdm TOML", runRecover},
 	"promote": {"make a VM's volumes at a consistent point the new sources (stops its replication), with a vhostdm TOML", runPromote},
+	"verify":  {"compare a VM's sources with their replicas by per-region checksums (online verify)", runVerify},
 }
 
 func run(args []string, stdout, stderr io.Writer) int {
@@ -266,6 +269,18 @@ func Commands(h *hub.Hub, log *slog.Logger) []qmp.ExtraCommand {
 			Run: materializeCommand(h.Promote)},
 		{Name: "repagent-recover", Required: []string{"vm", "out"}, Optional: []string{"at", "seq", "checkpoint"}, Mutates: true,
 			Run: materializeCommand(h.Recover)},
+		{Name: "repagent-verify", Required: []string{"vm"}, Optional: []string{"volume", "rate"}, Mutates: true,
+			Run: func(a map[string]string) (any, error) {
+				o := hub.VerifyOptions{VM: a["vm"], Volume: a["volume"]}
+				if r := a["rate"]; r != "" {
+					n, err := config.ParseSize(r)
+					if err != nil {
+						return nil, fmt.Errorf("rate %q: want bytes per second (e.g. 100m): %w", r, err)
+					}
+					o.Rate = n
+				}
+				return h.Verify(context.Background(), o)
+			}},
 		{Name: "repagent-failover-test-stop", Required: []string{"vm"}, Mutates: true,
 			Run: func(a map[string]string) (any, error) { return struct{}{}, failover.Stop(h, a["vm"]) }},
 	}
