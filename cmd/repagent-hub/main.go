@@ -6,6 +6,7 @@
 //	repagent-hub recover --vm NAME --out DIR (--qmp SOCK | --store DIR) [--at TIME | --seq N | --checkpoint NAME]
 //	repagent-hub promote --vm NAME --out DIR --qmp SOCK [--at TIME | --seq N | --checkpoint NAME]
 //	repagent-hub verify --vm NAME --qmp SOCK [--volume V] [--rate SIZE]
+//	repagent-hub seed --store DIR --vm NAME [--uuid U] --volume NAME=PATH...
 //
 // QMP commands (besides vhostdm's query-version, query-commands, quit):
 //
@@ -73,6 +74,7 @@ var commands = map[string]command{
 	"recover": {"materialise a VM's volumes at a consistent point, with a vhostdm TOML", runRecover},
 	"promote": {"make a VM's volumes at a consistent point the new sources (stops its replication), with a vhostdm TOML", runPromote},
 	"verify":  {"compare a VM's sources with their replicas by per-region checksums (online verify)", runVerify},
+	"seed":    {"create a VM in a store from existing images, resynchronised by checksums when its agent connects (failback)", runSeed},
 }
 
 func run(args []string, stdout, stderr io.Writer) int {
@@ -124,6 +126,7 @@ func runServe(args []string, stderr io.Writer) int {
 	metricsAddr := fs.String("metrics", "", "serve Prometheus metrics on `ADDR` (host:port)")
 	retain := fs.Duration("retain", 24*time.Hour, "keep journaled writes `DURATION` before applying them to the replicas (the point-in-time window; 0: apply promptly)")
 	retainBytes := fs.String("retain-bytes", "0", "cap each VM's unapplied journal at `SIZE` (e.g. 10g; 0: no cap)")
+	csumResync := fs.Bool("csum-resync", false, "resync by checksums where a full resync of a replica that holds data would read everything (an agent restarted without its activity log)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -150,7 +153,7 @@ func runServe(args []string, stderr io.Writer) int {
 		return 2
 	}
 	cfg := hub.Config{Store: *store, Name: *name, Logger: log, AllowAnyIdentity: *anyIdentity,
-		MaxConns: *maxConns, MaxConnsPerPeer: *maxPerPeer, Retain: *retain, RetainBytes: int64(rb)}
+		MaxConns: *maxConns, MaxConnsPerPeer: *maxPerPeer, Retain: *retain, RetainBytes: int64(rb), CsumResync: *csumResync}
 	if tf.Set() {
 		tc, err := tf.TLSConfig(true)
 		if err != nil {
@@ -266,9 +269,9 @@ func Commands(h *hub.Hub, log *slog.Logger) []qmp.ExtraCommand {
 				return failover.Start(h, a["vm"], a["dir"], sel, log)
 			}},
 		{Name: "repagent-promote", Required: []string{"vm", "out"}, Optional: []string{"at", "seq", "checkpoint"}, Mutates: true,
-			Run: materializeCommand(h.Promote)},
+			Run: materializeCommand(h, h.Promote)},
 		{Name: "repagent-recover", Required: []string{"vm", "out"}, Optional: []string{"at", "seq", "checkpoint"}, Mutates: true,
-			Run: materializeCommand(h.Recover)},
+			Run: materializeCommand(h, h.Recover)},
 		{Name: "repagent-verify", Required: []string{"vm"}, Optional: []string{"volume", "rate"}, Mutates: true,
 			Run: func(a map[string]string) (any, error) {
 				o := hub.VerifyOptions{VM: a["vm"], Volume: a["volume"]}
@@ -406,8 +409,14 @@ func size(n uint64) string {
 // materializeCommand is the QMP handler of repagent-recover and
 // repagent-promote: it parses the point and the output directory and
 // calls materialize (Hub.Recover or Hub.Promote) with them.
-func materializeCommand(materialize func(ctx context.Context, vm string, sel journal.Selector, out string) (journal.Recovered, error)) func(map[string]string) (any, error) {
+func materializeCommand(h *hub.Hub, materialize func(ctx context.Context, vm string, sel journal.Selector, out string) (journal.Recovered, error)) func(map[string]string) (any, error) {
 	return func(a map[string]string) (any, error) {
+		var uuid string
+		for _, st := range h.Status() {
+			if st.VM == a["vm"] {
+				uuid = st.UUID
+			}
+		}
 		sel, err := parsePoint(a["at"], a["seq"], a["checkpoint"])
 		if err != nil {
 			return nil, err
@@ -419,6 +428,8 @@ func materializeCommand(materialize func(ctx context.Context, vm string, sel jou
 		if err != nil {
 			return nil, err
 		}
-		return toRecovered(a["vm"], r), nil
+		rec := toRecovered(a["vm"], r)
+		rec.UUID = uuid
+		return rec, nil
 	}
 }

@@ -60,8 +60,12 @@ type csumReq struct {
 	first, count uint64 // regions, in the hub's region size
 	verify       bool
 	epoch        uint64 // the VM's resync epoch when sent (verify)
-	release      func() // the verify's hold on the applier; nil otherwise
-	done         func(csumResult)
+	// sure is the journal's end when the request was sent: every record
+	// before it is before the agent's point. The applier is held there
+	// until release.
+	sure    int64
+	release func()
+	done    func(csumResult)
 }
 
 // csumResult is what one CSUM_RES says, compared with the replica.
@@ -130,8 +134,14 @@ func (cc *csumConn) failAll(err error) {
 	}
 }
 
-// sendCsum registers rq and sends its CSUM_REQ.
+// sendCsum registers rq and sends its CSUM_REQ; the applier is held at
+// the journal's end until the answer is compared.
 func (c *hubConn) sendCsum(rq *csumReq) error {
+	c.h.mu.Lock()
+	j := c.vm.j
+	c.h.mu.Unlock()
+	rq.sure = j.End()
+	rq.release = j.HoldApply(rq.sure)
 	c.csum.add(rq)
 	if err := c.send(&rq.msg); err != nil {
 		if c.csum.take(rq.msg.ID) != nil {
@@ -209,7 +219,7 @@ func (c *hubConn) compare(rq *csumReq, m *wire.CsumRes, j *journal.Journal, at i
 		}
 	}
 	buf := make([]byte, int(rq.msg.Sectors)*wire.SectorSize)
-	err := j.ReadVolume(ctx, rq.v.name, []journal.Range{{Off: int64(rq.msg.Sector) * wire.SectorSize, Buf: buf}}, m.Point, at)
+	err := j.ReadVolume(ctx, rq.v.name, []journal.Range{{Off: int64(rq.msg.Sector) * wire.SectorSize, Buf: buf}}, rq.sure, m.Point, at)
 	if errors.Is(err, journal.ErrBeforeWindow) {
 		res.again.AddRange(rq.first, rq.first+rq.count)
 		return

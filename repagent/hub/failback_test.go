@@ -110,3 +110,41 @@ func TestFailbackByChecksums(t *testing.T) {
 		t.Errorf("verify after failback: %+v, %v", vr, err)
 	}
 }
+
+// TestCsumResyncAfterAgentCrash: with Config.CsumResync (serve
+// --csum-resync), the full resync that an agent restarted without an
+// activity log would need reads only the regions whose checksums differ.
+func TestCsumResyncAfterAgentCrash(t *testing.T) {
+	const rb = 64 << 10
+	r := reptest.New(t)
+	r.HubCfg.CsumResync = true
+	r.StartHub()
+	v := r.AddVolume("root", 16<<20)
+	r.StartAgent(reptest.ProtectAll(v))
+	stop := make(chan struct{})
+	wait := r.RunWriters(stop, v)
+	time.Sleep(time.Second)
+	close(stop)
+	wait()
+	r.WaitProtected(20*time.Second, v)
+	r.CheckIdentical(v)
+	before := r.RemoteBytes(v)
+	r.Agent.Abort() // a crash: a new session next, nothing tells what changed
+	f, err := os.OpenFile(v.Backing, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, off := range []int64{3 * rb, 77*rb + 1024, 200 * rb} {
+		b := reptest.Pattern(uint64(500+i), 4096)
+		f.WriteAt(b, off)
+		copy(v.Model[off:], b)
+	}
+	f.Close()
+	r.StartAgent(reptest.ProtectAll(v))
+	r.WaitProtected(30*time.Second, v)
+	st := r.HubVolumes()["root"]
+	if moved := st.RemoteReadBytes - before; moved != 3*rb {
+		t.Errorf("the resync after the agent's crash read %d bytes, want the 3 changed regions (%d bytes)", moved, 3*rb)
+	}
+	r.CheckIdentical(v)
+}

@@ -135,7 +135,6 @@ func (h *Hub) verifyVolume(ctx context.Context, c *hubConn, name string, o Verif
 			gone := v.conn != c || !v.mirror
 			ready := v.state == StateProtecting && !c.vm.resync && len(c.deferred) == 0
 			epoch := c.vm.resyncEpoch
-			j := c.vm.j
 			h.mu.Unlock()
 			if gone {
 				return vr, errors.New("the agent connection ended")
@@ -170,9 +169,6 @@ func (h *Hub) verifyVolume(ctx context.Context, c *hubConn, name string, o Verif
 			rq := &csumReq{v: v, first: first, count: count, verify: true, epoch: epoch,
 				msg:  wire.CsumReq{Volume: v.id, Sector: sector, Sectors: uint32(n), RegionSectors: uint32(rs), Alg: wire.AlgSHA256},
 				done: func(r csumResult) { results <- r }}
-			// The base images stay at or before every frame the hub has
-			// now, all numbered below the agent's point.
-			rq.release = j.HoldApply(j.End())
 			out++
 			if err := c.sendCsum(rq); err != nil {
 				// done was called (or will be, by the connection's end).

@@ -59,14 +59,17 @@ func (a *applier) holdLimit() int64 {
 }
 
 // ReadVolume fills each range's buffer with volume vol's bytes after the
-// durable records from the start of the journal up to the first record
-// whose sequence number is beforeSeq or above, and not past position end:
-// the state of the volume at the point of the agent's write order where
-// every write numbered below beforeSeq is applied and none above.
-// Bytes beyond the volume read as zero. It fails with ErrBeforeWindow
-// when the base images already hold a record numbered beforeSeq or above
-// (HoldApply prevents it), and when end is not durable yet.
-func (j *Journal) ReadVolume(ctx context.Context, vol string, ranges []Range, beforeSeq uint64, end int64) error {
+// durable records before position sure, and after it those up to the
+// first record whose sequence number is beforeSeq or above, and not past
+// position end: the state of the volume at the point of the agent's
+// write order where every write numbered below beforeSeq is applied and
+// none above, given that every record before sure is before that point
+// (sequence numbers are compared only from sure on: an agent that
+// restarted numbers its writes from 1 again). Bytes beyond the volume
+// read as zero. It fails with ErrBeforeWindow when the base images are
+// past sure (HoldApply(sure) prevents it), and with ErrNoPoint when end
+// is not durable yet.
+func (j *Journal) ReadVolume(ctx context.Context, vol string, ranges []Range, sure int64, beforeSeq uint64, end int64) error {
 	a := &j.applier
 	a.run.RLock()
 	a.mu.Lock()
@@ -76,9 +79,9 @@ func (j *Journal) ReadVolume(ctx context.Context, vol string, ranges []Range, be
 		a.run.RUnlock()
 		return fmt.Errorf("read %s: base images may be mid-apply: %w", vol, aerr)
 	}
-	if st.Base.Seq >= beforeSeq || st.Base.Pos > end {
+	if st.Base.Pos > sure || sure > end {
 		a.run.RUnlock()
-		return fmt.Errorf("read %s before sequence %d: the base images hold sequence %d: %w", vol, beforeSeq, st.Base.Seq, ErrBeforeWindow)
+		return fmt.Errorf("read %s: the base images are at %d, past %d: %w", vol, st.Base.Pos, sure, ErrBeforeWindow)
 	}
 	j.mu.Lock()
 	durable := j.durable
@@ -106,14 +109,14 @@ func (j *Journal) ReadVolume(ctx context.Context, vol string, ranges []Range, be
 		if n%1024 == 0 && ctx.Err() != nil {
 			return ctx.Err()
 		}
-		rec, _, _, err := r.next()
+		rec, start, _, err := r.next()
 		if errors.Is(err, io.EOF) {
 			return nil
 		}
 		if err != nil {
 			return fmt.Errorf("read %s: %w", vol, err)
 		}
-		if rec.HasSeq && rec.Seq >= beforeSeq {
+		if start >= sure && rec.HasSeq && rec.Seq >= beforeSeq {
 			return nil
 		}
 		if rec.Volume != vol {
