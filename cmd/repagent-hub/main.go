@@ -362,6 +362,14 @@ func FormatStatus(st []hub.VMStatus, bars bool) string {
 			if v.StoreError != "" {
 				fmt.Fprintf(&b, "    store error: %s\n", v.StoreError)
 			}
+			if v.CsumPendingBytes > 0 || v.CsumMatchedBytes > 0 || v.CsumDifferBytes > 0 {
+				fmt.Fprintf(&b, "    checksum resync: %s to compare, %s equal (not read), %s different (read)\n",
+					size(v.CsumPendingBytes), size(v.CsumMatchedBytes), size(v.CsumDifferBytes))
+			}
+			if lv := v.LastVerify; lv != nil {
+				fmt.Fprintf(&b, "    last verify %s: %d mismatching regions of %s compared\n",
+					lv.Start.UTC().Format(time.RFC3339), lv.Mismatches, size(lv.VerifiedBytes))
+			}
 			if bars && v.State == hub.StateSyncing {
 				const width = 40
 				n := int(v.SyncProgress * width)

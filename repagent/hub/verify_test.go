@@ -129,3 +129,71 @@ func TestVerifyRefusesAndHostileAnswers(t *testing.T) {
 	r.StartAgent(reptest.ProtectAll(v))
 	r.WaitProtected(20*time.Second, v)
 }
+
+// TestHubRefusesBadCsumAnswers: a level-2 agent whose CSUM_RES does not
+// fit the request (checksum count, volume, a point past the frames it
+// sent) loses its connection; the verify fails with an error, the hub
+// goes on.
+func TestHubRefusesBadCsumAnswers(t *testing.T) {
+	r := reptest.New(t)
+	r.StartHub()
+	ctx := reptest.Context(t)
+	for name, bad := range map[string]func(q *wire.CsumReq) *wire.CsumRes{
+		"count": func(q *wire.CsumReq) *wire.CsumRes {
+			return &wire.CsumRes{ID: q.ID, Volume: q.Volume, Alg: q.Alg, Point: 2, Sums: make([][wire.CsumSize]byte, 2), Dirty: make([]bool, 2)}
+		},
+		"volume": func(q *wire.CsumReq) *wire.CsumRes {
+			return &wire.CsumRes{ID: q.ID, Volume: q.Volume + 1, Alg: q.Alg, Point: 2, Sums: make([][wire.CsumSize]byte, 1), Dirty: make([]bool, 1)}
+		},
+		"point": func(q *wire.CsumReq) *wire.CsumRes {
+			return &wire.CsumRes{ID: q.ID, Volume: q.Volume, Alg: q.Alg, Point: 1000, Sums: make([][wire.CsumSize]byte, 1), Dirty: make([]bool, 1)}
+		},
+	} {
+		nc, err := net.Dial("tcp", r.Addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		nc.SetDeadline(time.Now().Add(20 * time.Second))
+		rd := wire.NewReader(nc, 0)
+		send := func(m wire.Message) { nc.Write(wire.AppendFrame(nil, m)) }
+		send(&wire.Hello{MaxVersion: 2, Session: 1, Name: "vm3"})
+		send(&wire.ReportVolumes{Volumes: []wire.VolumeInfo{{Name: "disk", Sectors: 64, Protect: true}}})
+		errc := make(chan error, 1)
+		started := false
+		for {
+			f, err := rd.ReadFrame()
+			if err != nil {
+				break
+			}
+			m, err := wire.Decode(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			switch m := m.(type) {
+			case *wire.StartProtect:
+				send(&wire.DirtyMap{Seq: 1, Volume: m.Volume, Initial: true, RegionSectors: 8})
+			case *wire.RemoteIOReq:
+				send(&wire.RemoteIORes{ID: m.ID, Volume: m.Volume, Sectors: m.Sectors, Zero: true})
+			case *wire.CsumReq:
+				send(bad(m))
+			}
+			if !started && r.HubVolumes()["disk"].State == hub.StateProtecting {
+				started = true
+				go func() {
+					_, err := r.Hub.Verify(ctx, hub.VerifyOptions{VM: "vm3"})
+					errc <- err
+				}()
+			}
+		}
+		nc.Close()
+		if !started {
+			t.Fatalf("%s: the fake agent never got protected", name)
+		}
+		if err := <-errc; err == nil {
+			t.Errorf("%s: verify succeeded on a bad answer", name)
+		}
+	}
+	v := r.AddVolume("root", 1<<20)
+	r.StartAgent(reptest.ProtectAll(v))
+	r.WaitProtected(20*time.Second, v)
+}
