@@ -185,7 +185,10 @@ func (c *hubConn) csumRes(m *wire.CsumRes) error {
 	}
 	h := c.h
 	h.mu.Lock()
-	stale := rq.verify && (c.vm.resync || c.vm.resyncEpoch != rq.epoch || len(c.deferred) > 0)
+	// A frame before this one may have asked for a resync that pump has
+	// not opened yet: the volume is then no longer protecting.
+	stale := rq.verify && (c.vm.resync || c.vm.resyncEpoch != rq.epoch || len(c.deferred) > 0 ||
+		rq.v.state != StateProtecting || rq.v.need.IntersectsWithInterval(rq.first, rq.first+rq.count))
 	j := c.vm.j
 	h.mu.Unlock()
 	at := j.End()
