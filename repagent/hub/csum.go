@@ -213,8 +213,13 @@ func (c *hubConn) compare(rq *csumReq, m *wire.CsumRes, j *journal.Journal, at i
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	stop := context.AfterFunc(ctxDone(c.done), cancel)
-	defer stop()
+	go func() {
+		select {
+		case <-c.done:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	if p != nil {
 		if _, err := p.Wait(ctx); err != nil {
 			res.err = fmt.Errorf("journal: %w", err)
@@ -245,19 +250,6 @@ func (c *hubConn) compare(rq *csumReq, m *wire.CsumRes, j *journal.Journal, at i
 			res.differ.Add(uint32(r))
 		}
 	}
-}
-
-// ctxDone returns a context that ends when done is closed.
-func ctxDone(done <-chan struct{}) context.Context {
-	ctx, cancel := context.WithCancel(context.Background())
-	go func() {
-		select {
-		case <-done:
-		case <-ctx.Done():
-		}
-		cancel()
-	}()
-	return ctx
 }
 
 // csumPlan decides whether a resync that protect planned is done by

@@ -132,17 +132,21 @@ func (h *Hub) verifyVolume(ctx context.Context, c *hubConn, name string, o Verif
 	for !todo.IsEmpty() || out > 0 {
 		for out < csumWindow && !todo.IsEmpty() {
 			h.mu.Lock()
-			gone := v.conn != c || !v.mirror
-			ready := v.state == StateProtecting && !c.vm.resync && len(c.deferred) == 0
-			epoch := c.vm.resyncEpoch
-			h.mu.Unlock()
-			if gone {
-				return vr, errors.New("the agent connection ended")
+			if v.conn != c && v.conn != nil && v.conn.peerVersion >= 2 {
+				// The agent reconnected: go on with the regions left.
+				c = v.conn
 			}
+			gone := v.conn != c || !v.mirror
+			ready := !gone && v.state == StateProtecting && !c.vm.resync && len(c.deferred) == 0
+			epoch, id := c.vm.resyncEpoch, v.id
+			h.mu.Unlock()
 			if !ready {
 				if waitSince.IsZero() {
 					waitSince = time.Now()
 				} else if time.Since(waitSince) > o.Wait {
+					if gone {
+						return vr, fmt.Errorf("the agent connection ended and did not come back within %v", o.Wait)
+					}
 					return vr, fmt.Errorf("the volume was not in sync for %v", o.Wait)
 				}
 				break
@@ -167,11 +171,11 @@ func (h *Hub) verifyVolume(ctx context.Context, c *hubConn, name string, o Verif
 				next = next.Add(time.Duration(float64(n*wire.SectorSize) / float64(o.Rate) * float64(time.Second)))
 			}
 			rq := &csumReq{v: v, first: first, count: count, verify: true, epoch: epoch,
-				msg:  wire.CsumReq{Volume: v.id, Sector: sector, Sectors: uint32(n), RegionSectors: uint32(rs), Alg: wire.AlgSHA256},
+				msg:  wire.CsumReq{Volume: id, Sector: sector, Sectors: uint32(n), RegionSectors: uint32(rs), Alg: wire.AlgSHA256},
 				done: func(r csumResult) { results <- r }}
 			out++
 			if err := c.sendCsum(rq); err != nil {
-				// done was called (or will be, by the connection's end).
+				// done was called: the regions are asked for again.
 				break
 			}
 		}
@@ -189,6 +193,11 @@ func (h *Hub) verifyVolume(ctx context.Context, c *hubConn, name string, o Verif
 			out--
 		case <-ctx.Done():
 			return vr, ctx.Err()
+		}
+		if errors.Is(r.err, errConnEnded) {
+			// Asked again once the agent is back.
+			todo.AddRange(r.rq.first, r.rq.first+r.rq.count)
+			continue
 		}
 		if r.err != nil {
 			return vr, r.err

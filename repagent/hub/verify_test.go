@@ -16,8 +16,8 @@ import (
 )
 
 // TestOnlineVerify: a converged pair verifies with 0 mismatches, also
-// while the guest keeps writing (racing writes are compared at the same
-// point of the write order on both sides); after regions of the replica
+// while the guest keeps writing and the link is cut once (racing writes
+// are compared at the same point of the write order on both sides); after regions of the replica
 // are corrupted behind the hub's back, verify reports exactly those
 // regions as byte ranges, and nothing was moved.
 func TestOnlineVerify(t *testing.T) {
@@ -28,9 +28,15 @@ func TestOnlineVerify(t *testing.T) {
 	stop := make(chan struct{})
 	wait := r.RunWriters(stop, v)
 	time.Sleep(time.Second)
-	// Verify while the guest writes.
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	// Verify while the guest writes, across a link cut (the verify waits
+	// for the agent to come back and the resync to finish, then asks for
+	// the regions left).
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
+	go func() {
+		time.Sleep(300 * time.Millisecond)
+		r.CutLink(500 * time.Millisecond)
+	}()
 	rep, err := r.Hub.Verify(ctx, hub.VerifyOptions{VM: "vm1"})
 	close(stop)
 	n := wait()
