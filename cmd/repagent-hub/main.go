@@ -5,6 +5,8 @@
 //	repagent-hub status --qmp SOCK [--watch]
 //	repagent-hub recover --vm NAME --out DIR (--qmp SOCK | --store DIR) [--at TIME | --seq N | --checkpoint NAME]
 //	repagent-hub promote --vm NAME --out DIR --qmp SOCK [--at TIME | --seq N | --checkpoint NAME]
+//	repagent-hub verify --vm NAME --qmp SOCK [--volume V] [--rate SIZE]
+//	repagent-hub seed --store DIR --vm NAME [--uuid U] --volume NAME=PATH...
 //
 // QMP commands (besides vhostdm's query-version, query-commands, quit):
 //
@@ -13,6 +15,7 @@
 //	repagent-failover-test-stop {vm}                → {}
 //	repagent-recover {vm, out, [at|seq|checkpoint]} → {"vm", "seq", "time", "pos", "volumes"}
 //	repagent-promote {vm, out, [at|seq|checkpoint]} → as repagent-recover; the VM's replication stops
+//	repagent-verify {vm, [volume], [rate]}          → {"vm", "volumes": [VolumeVerify]}
 //
 // Event REPAGENT_VOLUME_STATE {vm, volume, state, previous, reason} is sent
 // when a volume changes state (syncing, protecting, disconnected,
@@ -70,6 +73,8 @@ var commands = map[string]command{
 	"status":  {"print the hub's volumes over QMP", runStatus},
 	"recover": {"materialise a VM's volumes at a consistent point, with a vhostdm TOML", runRecover},
 	"promote": {"make a VM's volumes at a consistent point the new sources (stops its replication), with a vhostdm TOML", runPromote},
+	"verify":  {"compare a VM's sources with their replicas by per-region checksums (online verify)", runVerify},
+	"seed":    {"create a VM in a store from existing images, resynchronised by checksums when its agent connects (failback)", runSeed},
 }
 
 func run(args []string, stdout, stderr io.Writer) int {
@@ -121,6 +126,7 @@ func runServe(args []string, stderr io.Writer) int {
 	metricsAddr := fs.String("metrics", "", "serve Prometheus metrics on `ADDR` (host:port)")
 	retain := fs.Duration("retain", 24*time.Hour, "keep journaled writes `DURATION` before applying them to the replicas (the point-in-time window; 0: apply promptly)")
 	retainBytes := fs.String("retain-bytes", "0", "cap each VM's unapplied journal at `SIZE` (e.g. 10g; 0: no cap)")
+	csumResync := fs.Bool("csum-resync", false, "resync by checksums where a full resync of a replica that holds data would read everything (an agent restarted without its activity log)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -147,7 +153,7 @@ func runServe(args []string, stderr io.Writer) int {
 		return 2
 	}
 	cfg := hub.Config{Store: *store, Name: *name, Logger: log, AllowAnyIdentity: *anyIdentity,
-		MaxConns: *maxConns, MaxConnsPerPeer: *maxPerPeer, Retain: *retain, RetainBytes: int64(rb)}
+		MaxConns: *maxConns, MaxConnsPerPeer: *maxPerPeer, Retain: *retain, RetainBytes: int64(rb), CsumResync: *csumResync}
 	if tf.Set() {
 		tc, err := tf.TLSConfig(true)
 		if err != nil {
@@ -263,9 +269,21 @@ func Commands(h *hub.Hub, log *slog.Logger) []qmp.ExtraCommand {
 				return failover.Start(h, a["vm"], a["dir"], sel, log)
 			}},
 		{Name: "repagent-promote", Required: []string{"vm", "out"}, Optional: []string{"at", "seq", "checkpoint"}, Mutates: true,
-			Run: materializeCommand(h.Promote)},
+			Run: materializeCommand(h, h.Promote)},
 		{Name: "repagent-recover", Required: []string{"vm", "out"}, Optional: []string{"at", "seq", "checkpoint"}, Mutates: true,
-			Run: materializeCommand(h.Recover)},
+			Run: materializeCommand(h, h.Recover)},
+		{Name: "repagent-verify", Required: []string{"vm"}, Optional: []string{"volume", "rate"}, Mutates: true,
+			Run: func(a map[string]string) (any, error) {
+				o := hub.VerifyOptions{VM: a["vm"], Volume: a["volume"]}
+				if r := a["rate"]; r != "" {
+					n, err := config.ParseSize(r)
+					if err != nil {
+						return nil, fmt.Errorf("rate %q: want bytes per second (e.g. 100m): %w", r, err)
+					}
+					o.Rate = n
+				}
+				return h.Verify(context.Background(), o)
+			}},
 		{Name: "repagent-failover-test-stop", Required: []string{"vm"}, Mutates: true,
 			Run: func(a map[string]string) (any, error) { return struct{}{}, failover.Stop(h, a["vm"]) }},
 	}
@@ -344,6 +362,14 @@ func FormatStatus(st []hub.VMStatus, bars bool) string {
 			if v.StoreError != "" {
 				fmt.Fprintf(&b, "    store error: %s\n", v.StoreError)
 			}
+			if v.CsumPendingBytes > 0 || v.CsumMatchedBytes > 0 || v.CsumDifferBytes > 0 {
+				fmt.Fprintf(&b, "    checksum resync: %s to compare, %s equal (not read), %s different (read)\n",
+					size(v.CsumPendingBytes), size(v.CsumMatchedBytes), size(v.CsumDifferBytes))
+			}
+			if lv := v.LastVerify; lv != nil {
+				fmt.Fprintf(&b, "    last verify %s: %d mismatching regions of %s compared\n",
+					lv.Start.UTC().Format(time.RFC3339), lv.Mismatches, size(lv.VerifiedBytes))
+			}
 			if bars && v.State == hub.StateSyncing {
 				const width = 40
 				n := int(v.SyncProgress * width)
@@ -391,8 +417,14 @@ func size(n uint64) string {
 // materializeCommand is the QMP handler of repagent-recover and
 // repagent-promote: it parses the point and the output directory and
 // calls materialize (Hub.Recover or Hub.Promote) with them.
-func materializeCommand(materialize func(ctx context.Context, vm string, sel journal.Selector, out string) (journal.Recovered, error)) func(map[string]string) (any, error) {
+func materializeCommand(h *hub.Hub, materialize func(ctx context.Context, vm string, sel journal.Selector, out string) (journal.Recovered, error)) func(map[string]string) (any, error) {
 	return func(a map[string]string) (any, error) {
+		var uuid string
+		for _, st := range h.Status() {
+			if st.VM == a["vm"] {
+				uuid = st.UUID
+			}
+		}
 		sel, err := parsePoint(a["at"], a["seq"], a["checkpoint"])
 		if err != nil {
 			return nil, err
@@ -404,6 +436,8 @@ func materializeCommand(materialize func(ctx context.Context, vm string, sel jou
 		if err != nil {
 			return nil, err
 		}
-		return toRecovered(a["vm"], r), nil
+		rec := toRecovered(a["vm"], r)
+		rec.UUID = uuid
+		return rec, nil
 	}
 }

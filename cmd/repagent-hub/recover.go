@@ -62,6 +62,7 @@ type Recovered struct {
 	Time    time.Time         `json:"time"`
 	Pos     int64             `json:"pos"`
 	Volumes []RecoveredVolume `json:"volumes"`
+	UUID    string            `json:"uuid,omitempty"`   // the VM's UUID at the hub
 	Config  string            `json:"config,omitempty"` // the vhostdm TOML written
 	Mode    string            `json:"mode,omitempty"`   // "qmp" (a running hub) or "offline" (the store)
 }
@@ -104,6 +105,7 @@ func recoverOrPromote(verb string, args []string, stdout, stderr io.Writer) int 
 	at := fs.String("at", "", "the newest consistent point at or before `TIME` (RFC 3339)")
 	seq := fs.String("seq", "", "the consistent point that ends with sequence number `N`")
 	cp := fs.String("checkpoint", "", "the named checkpoint `NAME`")
+	protectTo := fs.String("protect-to", "", "make vm.toml protect every volume to the hub at `ADDR` (host:port; failback to the old source site)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -134,7 +136,7 @@ func recoverOrPromote(verb string, args []string, stdout, stderr io.Writer) int 
 		rec.Mode = "offline"
 	}
 	if err == nil {
-		rec.Config, err = writeRecoveredConfig(dir, rec)
+		rec.Config, err = writeRecoveredConfig(dir, rec, *protectTo)
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "repagent-hub: %s: %v\n", verb, err)
@@ -197,22 +199,46 @@ func recoverOffline(store, vm, dir string, sel journal.Selector) (Recovered, err
 	if err != nil {
 		return Recovered{}, err
 	}
-	return toRecovered(vm, r), nil
+	rec := toRecovered(vm, r)
+	if b, err := os.ReadFile(filepath.Join(vmDir, "vm.json")); err == nil {
+		var meta struct {
+			UUID string `json:"uuid"`
+		}
+		if json.Unmarshal(b, &meta) == nil && len(meta.UUID) == 32 {
+			u := meta.UUID
+			rec.UUID = u[:8] + "-" + u[8:12] + "-" + u[12:16] + "-" + u[16:20] + "-" + u[20:]
+		}
+	}
+	return rec, nil
 }
 
 // writeRecoveredConfig writes DIR/vm.toml: one linear device and one
 // writable vhost-user-blk export per recovered volume, and a QMP socket,
 // checked with the config package before it is kept.
-func writeRecoveredConfig(dir string, rec Recovered) (string, error) {
+// With protectTo, the exports are protected to that hub ([repagent] with
+// the VM's name and UUID): the failback to the old source site.
+func writeRecoveredConfig(dir string, rec Recovered, protectTo string) (string, error) {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# vhostdm configuration of vm %q recovered at sequence %d (%s)\n", rec.VM, rec.Seq, rec.Time.Format(time.RFC3339Nano))
 	fmt.Fprintf(&b, "# written by repagent-hub recover; serve with: vhostdm serve -c %s\n\n", filepath.Join(dir, "vm.toml"))
 	fmt.Fprintf(&b, "[qmp]\nsocket = %q\n", filepath.Join(dir, "vhostdm.qmp"))
+	if protectTo != "" {
+		fmt.Fprintf(&b, "\n# failback: the volumes replicate to the old source site's hub, which\n# resynchronises them by checksums (repagent-hub seed there first)\n")
+		fmt.Fprintf(&b, "[repagent]\nhub = %q\nvm = %q\n", protectTo, rec.VM)
+		if rec.UUID != "" && rec.UUID != "00000000-0000-0000-0000-000000000000" {
+			fmt.Fprintf(&b, "uuid = %q\n", rec.UUID)
+		}
+	}
 	for i, v := range rec.Volumes {
-		name := fmt.Sprintf("recovered-%d", i)
+		// The export id is the volume's name: protected, it reports
+		// the same volume to a hub.
+		name := v.Name
 		fmt.Fprintf(&b, "\n# volume %s\n[[device]]\nname = %q\ntable = \"\"\"\n0 %d linear %s 0\n\"\"\"\n", v.Name, name, v.Size/wire.SectorSize, v.Path)
 		fmt.Fprintf(&b, "\n[[export]]\nid = %q\ndevice = %q\nsocket = %q\nnum-queues = 1\nwritable = true\nlogical-block-size = 512\nserial = %q\n",
 			name, name, filepath.Join(dir, fmt.Sprintf("volume-%d.sock", i)), serialOf(v.Name))
+		if protectTo != "" {
+			b.WriteString("protect = true\n")
+		}
 	}
 	path := filepath.Join(dir, "vm.toml")
 	if _, err := config.Parse([]byte(b.String()), path, dir); err != nil {

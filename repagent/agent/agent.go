@@ -268,6 +268,8 @@ type VolumeStats struct {
 	Paced           uint64 // writes whose completion waited under the high-water mark
 	ResyncRequests  uint64 // non-empty DIRTY_MAPs sent
 	ResyncBytes     uint64 // the bytes of their regions
+	CsumRegions     uint64 // regions hashed for the hub's verify or checksum resync (CSUM_REQ)
+	CsumBytes       uint64 // bytes read to hash them
 }
 
 // VolumeStatus is one volume in Status.
@@ -1226,7 +1228,7 @@ func (a *Agent) runConn(ctx context.Context) error {
 	defer c.shut()
 
 	// Handshake: HELLO both ways, then the volume report.
-	if err := c.send(&wire.Hello{MaxVersion: uint16(wire.Version), Session: a.session, UUID: a.uuid, Name: a.cfg.VM, Group: a.cfg.Group}); err != nil {
+	if err := c.send(&wire.Hello{MaxVersion: wire.MaxVersion, Session: a.session, UUID: a.uuid, Name: a.cfg.VM, Group: a.cfg.Group}); err != nil {
 		return fmt.Errorf("hello: %w", err)
 	}
 	nc.SetReadDeadline(time.Now().Add(10 * time.Second))
@@ -1302,6 +1304,10 @@ func (c *agentConn) readLoop() error {
 			v.log.Info("hub stopped protection")
 		case *wire.RemoteIOReq:
 			if err := c.remoteIO(m); err != nil {
+				return c.fail(err)
+			}
+		case *wire.CsumReq:
+			if err := c.csumReq(m); err != nil {
 				return c.fail(err)
 			}
 		case *wire.WriteAck:

@@ -12,7 +12,10 @@
 // ordered so that the mirror order is the local order. The hub's
 // REMOTE_IO_REQ reads only protected volumes (and those it may write) and
 // writes only where VolumeOptions.AllowRemoteWrite is set; anything else
-// is answered "denied". [Agent.Close] drains the queue
+// is answered "denied". CSUM_REQ (the hub's online verify and checksum
+// resync) is answered with per-region checksums read under the same
+// range lock as protected writes, at a named point of the write order,
+// queued behind every frame before that point (csum.go). [Agent.Close] drains the queue
 // and sends AGENT_SHUTDOWN.
 //
 // # Consistency groups

@@ -32,6 +32,20 @@
 // [Hub.Recover] materialises a VM at any consistent point of the journal;
 // [Hub.Promote] does so and stops the VM's replication.
 //
+// # Checksums: online verify and checksum resync
+//
+// [Hub.Verify] compares a connected VM's volumes with their replicas by
+// per-region SHA-256 checksums without moving data (DRBD's online
+// verify): CSUM_REQ asks the agent, which hashes under the range lock of
+// its protected writes and names the point of its write order; the hub
+// hashes the replica at the same point (journal.ReadVolume), so racing
+// writes are on both sides or neither. A replica seeded from existing
+// images ([Seed]: the old source's disks at a failback), and with
+// Config.CsumResync any replica that would be read in full although it
+// holds data, is resynchronised by checksums inside the resync set: only
+// regions whose checksums differ are read (DRBD's csums-alg). See
+// csum.go.
+//
 // # Consistency groups
 //
 // An agent that says so in its HELLO makes its protected volumes one

@@ -108,6 +108,12 @@ type Config struct {
 	RetainBytes int64
 	// ApplyInterval is the applier's period (default 100 ms).
 	ApplyInterval time.Duration
+	// CsumResync makes a full resync of a replica that holds data (the
+	// agent restarted after an unclean end without a trusted activity
+	// log) a checksum resync: regions are compared by checksum and only
+	// those that differ are read (DRBD's csums-alg). A seeded replica is
+	// always resynchronised by checksums.
+	CsumResync bool
 
 	// openReplica opens a recovery volume's image (tests inject faults).
 	openReplica func(path string) (replicaFile, error)
@@ -165,6 +171,9 @@ type hubVM struct {
 	// promoted: Promote made the recovery volumes the new sources; the
 	// VM's agent is refused and its journal closed.
 	promoted bool
+	// resyncEpoch counts the resync sets opened (an online verify's
+	// answer is compared only if none opened while it was out).
+	resyncEpoch uint64
 	// currentAt is the last instant the journal was known to hold every
 	// write of the source (connected, no resync outstanding).
 	currentAt time.Time
@@ -234,6 +243,12 @@ type hubVolume struct {
 	wantMirror  bool      // the connection's agent reported it protected
 	storeErrors uint64    // store failures since the hub started
 	testDirty   *roaring.Bitmap
+	csum        csumVolume // checksum resync (csum.go)
+	// lastVerify is the last online verify's result; verifyRuns and
+	// verifyMismatches count verifies and mismatching regions found.
+	lastVerify       *VolumeVerify
+	verifyRuns       uint64
+	verifyMismatches uint64
 }
 
 // New opens (creating if needed) the store and loads its state.
@@ -626,6 +641,11 @@ type hubConn struct {
 	// after its end (h.mu).
 	ckpts []string
 
+	// peerVersion is the protocol level of the agent's HELLO.
+	peerVersion uint16
+	// csum holds outstanding CSUM_REQs (csum.go).
+	csum csumConn
+
 	wmu     sync.Mutex // serialises the writer between engine and acker
 	acks    chan ackItem
 	ackDone chan struct{}
@@ -741,7 +761,7 @@ func (c *hubConn) serve() {
 		return
 	}
 	c.log.Info("agent connected", "session", fmt.Sprintf("%016x", hello.Session))
-	if err := c.send(&wire.Hello{Reply: true, MaxVersion: uint16(wire.Version), Session: h.session, Name: h.cfg.Name}); err != nil {
+	if err := c.send(&wire.Hello{Reply: true, MaxVersion: wire.MaxVersion, Session: h.session, Name: h.cfg.Name}); err != nil {
 		c.detach(err)
 		return
 	}
@@ -933,6 +953,7 @@ func (c *hubConn) attach(hello *wire.Hello) error {
 		vm.conn = c
 		c.vm = vm
 		c.session = hello.Session
+		c.peerVersion = hello.MaxVersion
 		c.group = hello.Group
 		c.log = c.log.With("vm", vm.name)
 		h.mu.Unlock()
@@ -945,6 +966,7 @@ func (c *hubConn) attach(hello *wire.Hello) error {
 // are disconnected.
 func (c *hubConn) detach(err error) {
 	c.shut()
+	c.csumDetach()
 	h := c.h
 	var pe protoErr
 	switch {
@@ -1179,6 +1201,8 @@ func (c *hubConn) handle(f wire.Frame) error {
 		return c.groupState(m)
 	case *wire.Checkpoint:
 		return c.checkpointFrame(m)
+	case *wire.CsumRes:
+		return c.csumRes(m)
 	case *wire.AgentShutdown:
 		if m.Reply {
 			return c.bad("%s with the reply flag from an agent", f.Cmd)
@@ -1344,11 +1368,12 @@ func (c *hubConn) protect(v *hubVolume, sectors uint64) error {
 		v.st.GroupInconsistent = !c.groupConsistent || fresh
 	}
 	v.st.Group = c.group
+	full, reason = c.csumPlan(v, full, fresh, reason, sectors, regions)
 	if full {
 		v.need.AddRange(0, regions)
 	}
 	v.sectors = sectors
-	v.syncTotal, v.syncDone = v.need.GetCardinality(), 0
+	v.syncTotal, v.syncDone = v.need.GetCardinality()+v.csum.need.GetCardinality(), 0
 	v.waitingInitial = true
 	v.st.Sectors = sectors
 	v.st.RegionSectors = h.cfg.RegionSectors
@@ -1713,7 +1738,7 @@ func (c *hubConn) pump() error {
 			continue
 		}
 		mirrored = true
-		work = work || !v.need.IsEmpty() || !v.inRead.IsEmpty()
+		work = work || !v.need.IsEmpty() || !v.inRead.IsEmpty() || v.csum.busy()
 		waiting = waiting || v.waitingInitial
 	}
 	if c.group && mirrored && !c.groupConsistent {
@@ -1724,6 +1749,7 @@ func (c *hubConn) pump() error {
 	case work && !c.vm.resync:
 		mark = &journal.Record{Kind: journal.KindResyncBegin}
 		c.vm.resync = true
+		c.vm.resyncEpoch++
 		var bytes uint64
 		for _, v := range vols {
 			bytes += (v.need.GetCardinality() + v.inRead.GetCardinality()) * uint64(h.cfg.RegionSectors) * wire.SectorSize
@@ -1778,9 +1804,13 @@ func (c *hubConn) pump() error {
 	if !c.vm.resync && !waiting && mirrored && c.endPending == nil {
 		c.vm.currentAt = time.Now()
 	}
+	var csumReqs []*csumReq
 	for _, v := range vols {
 		if !v.mirror || v.waitingInitial || v.state == StateFailoverTest {
 			continue
+		}
+		if c.vm.resync {
+			csumReqs = append(csumReqs, c.csumPump(v)...)
 		}
 		chunk := uint64(h.cfg.SyncChunkSectors / h.cfg.RegionSectors)
 		cand := v.need
@@ -1811,7 +1841,7 @@ func (c *hubConn) pump() error {
 				v.log.Error("sync stalled: remote reads keep failing; retrying after the next reconnect")
 			}
 		}
-		if v.state == StateSyncing && v.need.IsEmpty() && v.inRead.IsEmpty() && !c.vm.resync && c.endPending == nil {
+		if v.state == StateSyncing && v.need.IsEmpty() && v.inRead.IsEmpty() && !v.csum.busy() && !c.vm.resync && c.endPending == nil {
 			v.syncTotal, v.syncDone = 0, 0
 			v.st.Synced = true
 			v.changed = true
@@ -1822,6 +1852,11 @@ func (c *hubConn) pump() error {
 	h.mu.Unlock()
 	for _, r := range reqs {
 		if err := c.write(r); err != nil {
+			return err
+		}
+	}
+	for _, rq := range csumReqs {
+		if err := c.sendCsum(rq); err != nil {
 			return err
 		}
 	}
@@ -1865,6 +1900,10 @@ func (c *hubConn) checkpoint(ack bool) error {
 			need := v.need.Clone()
 			need.Or(v.inRead)
 			v.st.Need = wire.ExtentsOf(need)
+			v.st.CsumNeed = nil
+			if v.st.Seeded && v.csum.busy() {
+				v.st.CsumNeed = wire.ExtentsOf(roaring.Or(v.csum.need, v.csum.in))
+			}
 			v.st.AppliedSeq = v.applied
 			v.st.Protecting = v.state == StateProtecting
 			v.st.FailoverTest = false
@@ -1961,6 +2000,16 @@ type VolumeStatus struct {
 	Replica         string  `json:"replica"`
 	StoreError      string  `json:"store-error,omitempty"` // why the volume is in store-error
 	StoreErrors     uint64  `json:"store-errors"`          // store failures since the hub started
+	// Checksum resync: bytes still to compare, and regions found equal
+	// (not read) and different (read) since the hub started.
+	CsumPendingBytes uint64 `json:"csum-pending-bytes"`
+	CsumMatchedBytes uint64 `json:"csum-matched-bytes"`
+	CsumDifferBytes  uint64 `json:"csum-differ-bytes"`
+	// Online verify: runs and mismatching regions found since the hub
+	// started, and the last run's result.
+	VerifyRuns       uint64        `json:"verify-runs"`
+	VerifyMismatches uint64        `json:"verify-mismatches"`
+	LastVerify       *VolumeVerify `json:"last-verify,omitempty"`
 }
 
 // VMStatus is one VM in the hub's status.
@@ -2079,6 +2128,11 @@ func (h *Hub) Status() []VMStatus {
 			if v.storeErr != nil {
 				vs.StoreError = v.storeErr.Error()
 			}
+			if v.csum.need != nil {
+				vs.CsumPendingBytes = (v.csum.need.GetCardinality() + v.csum.in.GetCardinality()) * rs
+			}
+			vs.CsumMatchedBytes, vs.CsumDifferBytes = v.csum.matched*rs, v.csum.differ*rs
+			vs.VerifyRuns, vs.VerifyMismatches, vs.LastVerify = v.verifyRuns, v.verifyMismatches, v.lastVerify
 			if v.state == StateDisconnected && v.st.Version != 0 {
 				need := uint64(0)
 				for _, e := range v.st.Need {

@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -44,6 +45,12 @@ type volState struct {
 	// Group: the volume was last protected as part of a consistency
 	// group (an agent with the group flag).
 	Group bool `json:"group,omitempty"`
+	// Seeded: the replica holds data of its own (seeded from a copy of
+	// the source, or the base of a checksum resync) and CsumNeed lists
+	// the regions still to compare by checksum before they count as in
+	// sync; cleared when the checksum resync has compared them all.
+	Seeded   bool          `json:"seeded,omitempty"`
+	CsumNeed []wire.Extent `json:"csum-need,omitempty"`
 }
 
 // vmMeta is a VM's identity in the store.
@@ -111,7 +118,7 @@ func loadState(path string) (*volState, error) {
 		return nil, fmt.Errorf("%s: bad region size %d", path, rs)
 	}
 	limit := wire.RegionCount(st.Sectors, st.RegionSectors)
-	for _, e := range st.Need {
+	for _, e := range append(slices.Clone(st.Need), st.CsumNeed...) {
 		if e.Count == 0 || e.Start+e.Count < e.Start || e.Start+e.Count > limit {
 			return nil, fmt.Errorf("%s: need extent %d+%d outside %d regions", path, e.Start, e.Count, limit)
 		}

@@ -16,8 +16,16 @@ import (
 const (
 	// Magic is the first four bytes of every frame: "RPAG".
 	Magic uint32 = 'R' | 'P'<<8 | 'A'<<16 | 'G'<<24
-	// Version is the protocol version this package speaks.
+	// Version is the frame format's version, in every frame header. It
+	// stays 1: newer commands are announced by a HELLO's max-version
+	// (MaxVersion), never by the header, so that an older peer reads
+	// every frame it can understand.
 	Version uint8 = 1
+	// MaxVersion is the protocol level this package speaks, sent in
+	// HELLO: 1 is commands 1 to 13; 2 adds CSUM_REQ and CSUM_RES (online
+	// verify and checksum resync). A side sends a level-2 command only to
+	// a peer whose HELLO said 2 or more.
+	MaxVersion uint16 = 2
 	// HeaderSize is the size of the fixed frame header in bytes.
 	HeaderSize = 24
 	// DefaultMaxPayload bounds a frame's payload unless configured otherwise.
@@ -55,12 +63,14 @@ const (
 	CmdHeartbeat      Cmd = 11 // both ways: liveness; the agent's carries its backlog
 	CmdGroupState     Cmd = 12 // agent → hub: whether a consistency group's replicas are a prefix of its write order
 	CmdCheckpoint     Cmd = 13 // agent → hub: a named point in the write stream of all the VM's volumes
-	maxCmd                = CmdCheckpoint
+	CmdCsumReq        Cmd = 14 // hub → agent: checksums of a run of regions (protocol level 2)
+	CmdCsumRes        Cmd = 15 // answer to CmdCsumReq, ordered after every frame before its point
+	maxCmd                = CmdCsumRes
 )
 
 var cmdNames = [...]string{"", "HELLO", "PROTECTED_WRITE", "REPORT_VM_VOLUMES", "START_PROTECT",
 	"REMOTE_IO_REQ", "REMOTE_IO_RES", "AGENT_SHUTDOWN", "STOP_PROTECT", "WRITE_ACK", "DIRTY_MAP", "HEARTBEAT",
-	"GROUP_STATE", "CHECKPOINT"}
+	"GROUP_STATE", "CHECKPOINT", "CSUM_REQ", "CSUM_RES"}
 
 // String returns the command's protocol name.
 func (c Cmd) String() string {
@@ -741,7 +751,7 @@ func Decode(f Frame) (Message, error) {
 		return nil, Malformed("%s: unknown flags %#x", f.Cmd, bad)
 	}
 	switch f.Cmd {
-	case CmdProtectedWrite, CmdRemoteIOReq, CmdRemoteIORes, CmdDirtyMap, CmdGroupState, CmdCheckpoint:
+	case CmdProtectedWrite, CmdRemoteIOReq, CmdRemoteIORes, CmdDirtyMap, CmdGroupState, CmdCheckpoint, CmdCsumReq, CmdCsumRes:
 		if f.Seq == 0 {
 			return nil, Malformed("%s: sequence number 0", f.Cmd)
 		}
@@ -929,6 +939,10 @@ func Decode(f Frame) (Message, error) {
 			return nil, Malformed("%s: checkpoint name %q: %v", f.Cmd, m.Name, err)
 		}
 		return m, d.end()
+	case CmdCsumReq:
+		return decodeCsumReq(f, d)
+	case CmdCsumRes:
+		return decodeCsumRes(f, d)
 	}
 	return nil, Malformed("unknown command %d", uint8(f.Cmd))
 }

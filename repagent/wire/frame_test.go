@@ -42,6 +42,9 @@ func sampleMessages() []Message {
 		&GroupState{Seq: 13, Consistent: true},
 		&GroupState{Seq: 14},
 		&Checkpoint{Seq: 15, Name: "before-upgrade.1"},
+		&CsumReq{ID: 16, Volume: 3, Sector: 256, Sectors: 300, RegionSectors: 128, Alg: AlgSHA256},
+		&CsumRes{ID: 16, Volume: 3, Alg: AlgSHA256, Point: 99, Sums: [][CsumSize]byte{{1}, {2}, {3}}, Dirty: []bool{false, true, false}},
+		&CsumRes{ID: 17, Volume: 3, Alg: AlgSHA256, Status: StatusDenied, Sums: [][CsumSize]byte{}, Dirty: []bool{}},
 	}
 }
 

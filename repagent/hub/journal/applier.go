@@ -111,6 +111,7 @@ type applier struct {
 	st           state
 	err          error // sticky
 	pins         map[int]int64
+	holds        map[int]int64 // HoldApply: apply nothing ending past these
 	nextPin      int
 	appliedBytes int64
 	applyWrites  int64
@@ -244,7 +245,7 @@ func (a *applier) once() (more bool, err error) {
 		return false, ErrClosed
 	}
 	a.mu.Lock()
-	err, base := a.err, a.st.Base
+	err, base, hold := a.err, a.st.Base, a.holdLimit()
 	a.mu.Unlock()
 	if err != nil {
 		return false, err
@@ -273,7 +274,7 @@ func (a *applier) once() (more bool, err error) {
 				r.close()
 				return false, a.fail(err)
 			}
-			if rec.Time.After(cutoff) && c.pos >= need {
+			if rec.Time.After(cutoff) && c.pos >= need || hold >= 0 && end > hold {
 				break
 			}
 			if c.last.Pos > base.Pos && c.pos-base.Pos >= a.passBytes {

@@ -51,6 +51,12 @@
 // after it. An open resync set is never applied, so while one stays open the
 // journal grows past Retain and MaxBytes.
 //
+// ReadVolume reads a volume's bytes at a point of the agent's write order
+// (the base image overlaid with the records up to it) without
+// materialising anything, for the hub's checksums; HoldApply keeps the
+// applier from passing a position meanwhile. Seed creates a journal whose
+// base images are copies of existing images.
+//
 // The oldest recoverable point is the applied position; Materialize copies
 // the base images (reflink where the file system can) and replays the
 // journal up to the selected point into a new directory, never writing the
