@@ -695,8 +695,11 @@ func (q *blkQueue) drain() error {
 		}
 		polled = false
 		// Hold the used index while the batch is dispatched, so that
-		// requests completed inline are published (and notified) together,
-		// every publishBatch requests and at the end.
+		// requests completed on the ring goroutine, and workers'
+		// completions meanwhile, are published together: one used-index
+		// store and at most one call-eventfd write (when event-idx says
+		// the driver wants one) per batch, every publishBatch requests
+		// and at the end.
 		q.hold()
 		var bad error
 		for i := 0; i < int(n); i++ {
@@ -737,9 +740,13 @@ func (q *blkQueue) drain() error {
 	return nil
 }
 
-// publishBatch is how many requests a batch completes inline before their
-// used elements are published.
-const publishBatch = 16
+// publishBatch is how many requests a batch dispatches before their used
+// elements are published and the driver is notified. 64 covers a whole
+// queue depth of 32 or 64 in one notification (16, before, cost two
+// eventfd writes per 32 requests and about 10% more CPU per request); a
+// deeper batch still publishes every 64 so that its first completions are
+// not held back long (64 page-cache reads take about 100 µs).
+const publishBatch = 64
 
 // monoBase is the origin of mono.
 var monoBase = time.Now()
