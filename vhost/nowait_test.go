@@ -100,3 +100,62 @@ func TestSlowRequestDoesNotStallQueue(t *testing.T) {
 		})
 	}
 }
+
+// TestOneNotificationPerBatch: a burst of 32 requests made available with
+// one kick completes on the ring goroutine (a zero table) with one
+// used-index publication and one call-eventfd write, as event-idx asks:
+// the driver's used_event names the first completion it waits for.
+func TestOneNotificationPerBatch(t *testing.T) {
+	env := newTestEnv(t, 16<<20, ExportConfig{Poll: -1})
+	if err := env.dev.Reload(fmt.Sprintf("0 %d zero", (16<<20)/512)); err != nil {
+		t.Fatal(err)
+	}
+	c := env.dial(t, ClientConfig{NumQueues: 1, QueueSize: 128, Indirect: true})
+	if c.Features()&FeatureEventIdx == 0 {
+		t.Fatal("event-idx not negotiated")
+	}
+	ctx := testCtx(t)
+	env.exp.mu.Lock()
+	bq := env.exp.conn.dev.queues[0]
+	env.exp.mu.Unlock()
+	cq := c.queues[0]
+	for round := range 3 {
+		// The ring goroutine is asleep on the kick eventfd.
+		if err := c.ReadAt(ctx, 0, make([]byte, 4096), 0); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(50 * time.Millisecond)
+		before := bq.notified.Load()
+		// Publish 32 requests, then kick once.
+		cq.mu.Lock()
+		cq.deferKick = true
+		cq.mu.Unlock()
+		done := make(chan Result, 32)
+		for i := range 32 {
+			buf, err := c.Buf(4096)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := c.Submit(0, &BlkRequest{Type: BlkTypeIn, Sector: uint64(8 * i), Data: [][]byte{buf}}, func(r Result) { done <- r }); err != nil {
+				t.Fatal(err)
+			}
+		}
+		cq.mu.Lock()
+		cq.deferKick = false
+		k := cq.kickPending && cq.needKickLocked()
+		cq.kickPending = false
+		cq.mu.Unlock()
+		if !k {
+			t.Fatal("the device did not ask for a kick")
+		}
+		cq.kick()
+		for range 32 {
+			if r := <-done; r.Err != nil || r.Status != BlkStatusOK {
+				t.Fatalf("round %d: %+v", round, r)
+			}
+		}
+		if n := bq.notified.Load() - before; n != 1 {
+			t.Errorf("round %d: %d call-eventfd writes for a batch of 32, want 1", round, n)
+		}
+	}
+}
