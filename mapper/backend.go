@@ -100,6 +100,12 @@ type fileBackend struct {
 	writeGen   atomic.Uint64
 	flushedGen atomic.Uint64
 	flushMu    sync.Mutex
+
+	// Set when the kernel or the file system refused RWF_NOWAIT for
+	// reads or writes (EOPNOTSUPP, or EINVAL from kernels that take
+	// non-blocking buffered writes only on some file systems): the Try
+	// methods then return ErrWouldBlock at once.
+	noNowaitRead, noNowaitWrite atomic.Bool
 }
 
 // OpenFile opens a regular file or block device as a Backend.
@@ -319,5 +325,81 @@ func (b *fileBackend) Truncate(size int64) error {
 	if err := unix.Fsync(b.fd); err != nil {
 		return fmt.Errorf("truncate %s: sync: %w", b.name, err)
 	}
+	return nil
+}
+
+// TryReadAt implements NowaitBackend with preadv2(RWF_NOWAIT): the page
+// cache serves the read or it returns ErrWouldBlock.
+func (b *fileBackend) TryReadAt(bufs [][]byte, off int64) error {
+	if b.noNowaitRead.Load() {
+		return ErrWouldBlock
+	}
+	for len(bufs) > 0 {
+		n := min(len(bufs), maxIOV)
+		vec := bufs[:n]
+		want := BufsLen(vec)
+		for want > 0 {
+			got, err := unix.Preadv2(b.fd, vec, off, unix.RWF_NOWAIT)
+			switch {
+			case err == unix.EINTR:
+				continue
+			case err == unix.EAGAIN:
+				return ErrWouldBlock
+			case err == unix.EOPNOTSUPP || err == unix.EINVAL:
+				b.noNowaitRead.Store(true)
+				return ErrWouldBlock
+			case err != nil:
+				return fmt.Errorf("read %s at %d: %w", b.name, off, err)
+			}
+			if got == 0 { // end of file: the rest reads as zeros
+				ZeroBufs(vec)
+				off += int64(want)
+				break
+			}
+			// A short read means part of the range is not cached:
+			// the next call returns EAGAIN or reads more.
+			off += int64(got)
+			want -= got
+			vec = advance(vec, got)
+		}
+		bufs = bufs[n:]
+	}
+	return nil
+}
+
+// TryWriteAt implements NowaitBackend with pwritev2(RWF_NOWAIT). Where the
+// file system has no non-blocking buffered writes (ext4 before 6.x) every
+// write returns ErrWouldBlock after the first.
+func (b *fileBackend) TryWriteAt(bufs [][]byte, off int64) error {
+	if b.noNowaitWrite.Load() {
+		return ErrWouldBlock
+	}
+	for len(bufs) > 0 {
+		n := min(len(bufs), maxIOV)
+		vec := bufs[:n]
+		want := BufsLen(vec)
+		for want > 0 {
+			got, err := unix.Pwritev2(b.fd, vec, off, unix.RWF_NOWAIT)
+			switch {
+			case err == unix.EINTR:
+				continue
+			case err == unix.EAGAIN:
+				return ErrWouldBlock
+			case err == unix.EOPNOTSUPP || err == unix.EINVAL:
+				b.noNowaitWrite.Store(true)
+				return ErrWouldBlock
+			case err != nil:
+				return fmt.Errorf("write %s at %d: %w", b.name, off, err)
+			}
+			if got == 0 {
+				return ErrWouldBlock
+			}
+			off += int64(got)
+			want -= got
+			vec = advance(vec, got)
+		}
+		bufs = bufs[n:]
+	}
+	b.writeGen.Add(1)
 	return nil
 }

@@ -106,6 +106,25 @@ func (d *Device) Submit(r *Request) error {
 	if r.Op == OpFlush {
 		return t.Map(r)
 	}
+	if err := d.check(t, r); err != nil {
+		return err
+	}
+	if r.Op.IsWrite() {
+		// Recorded even when Map fails: part of the range may have
+		// changed. The range is taken before Map, which targets may
+		// not change it.
+		sector, sectors := r.Sector, r.Sectors
+		err := t.Map(r)
+		d.recordWrite(sector, sectors)
+		return err
+	}
+	return t.Map(r)
+}
+
+// check validates a request other than a flush against table t: its
+// operation, its range, its data length, and that a write goes to a
+// writable device.
+func (d *Device) check(t *Table, r *Request) error {
 	if r.Op > OpWriteZeroes {
 		return Errorf(ErrInvalid, "%s: unknown operation %d", d.name, r.Op)
 	}
@@ -118,19 +137,10 @@ func (d *Device) Submit(r *Request) error {
 			return Errorf(ErrInvalid, "%s: %s of %d sectors with %d bytes of data", d.name, r.Op, r.Sectors, BufsLen(r.Data))
 		}
 	}
-	if r.Op.IsWrite() {
-		if d.readOnly {
-			return fmt.Errorf("%s: %w", d.name, ErrReadOnly)
-		}
-		// Recorded even when Map fails: part of the range may have
-		// changed. The range is taken before Map, which targets may
-		// not change it.
-		sector, sectors := r.Sector, r.Sectors
-		err := t.Map(r)
-		d.recordWrite(sector, sectors)
-		return err
+	if r.Op.IsWrite() && d.readOnly {
+		return fmt.Errorf("%s: %w", d.name, ErrReadOnly)
 	}
-	return t.Map(r)
+	return nil
 }
 
 // Load builds table text into the inactive slot, replacing any inactive

@@ -432,6 +432,24 @@ func (b *deviceBackend) WriteAt(bufs [][]byte, off int64) error {
 	return b.submit(OpWrite, bufs, off, int64(BufsLen(bufs)), false)
 }
 
+// TryReadAt implements NowaitBackend: the device's TrySubmit.
+func (b *deviceBackend) TryReadAt(bufs [][]byte, off int64) error {
+	return b.trySubmit(OpRead, bufs, off)
+}
+
+// TryWriteAt implements NowaitBackend: the device's TrySubmit.
+func (b *deviceBackend) TryWriteAt(bufs [][]byte, off int64) error {
+	return b.trySubmit(OpWrite, bufs, off)
+}
+
+func (b *deviceBackend) trySubmit(op Op, bufs [][]byte, off int64) error {
+	n := int64(BufsLen(bufs))
+	if off%SectorSize != 0 || n%SectorSize != 0 {
+		return Errorf(ErrInvalid, "%s: %s at byte %d+%d: not sector aligned", b.name, op, off, n)
+	}
+	return b.d.TrySubmit(&Request{Op: op, Sector: uint64(off) >> SectorShift, Sectors: uint64(n) >> SectorShift, Data: bufs})
+}
+
 func (b *deviceBackend) Flush() error { return b.d.Submit(&Request{Op: OpFlush}) }
 
 func (b *deviceBackend) Discard(off, n int64) error { return b.submit(OpDiscard, nil, off, n, false) }

@@ -3,11 +3,15 @@
 # machine, in one run, with the same client (`vhostdm bench`, the vhost
 # front-end client in package vhost) and the same workloads.
 #
-#   scripts/bench-vs-qsd.sh [--json] [--runs N] [--duration D] [--env K=V]... [--keep]
+#   scripts/bench-vs-qsd.sh [--json] [--runs N] [--duration D] [--rows "1 2 3 4 5"]
+#                           [--env K=V]... [--serve-bin PATH] [--keep]
 #
 # --env sets an environment variable of `vhostdm serve`, e.g.
-# --env VHOSTDM_INLINE=50us to measure the inline dispatch tunable
-# (docs/PERFORMANCE.md); --keep keeps the temporary directory.
+# --env VHOSTDM_POLL=20us to measure busy-polling (docs/PERFORMANCE.md);
+# --rows picks the rows to run (default all); --serve-bin serves with another
+# vhostdm binary (an older build, for before/after comparisons in one run)
+# while the tree's build drives and reports; --keep keeps the temporary
+# directory.
 #
 # It builds vhostdm, makes a temporary directory with a 500 MiB image of
 # random data and a copy of it, starts `vhostdm serve` and
@@ -17,7 +21,7 @@
 #
 #   1   4k randread QD32, 2 queues: vhostdm zero       vs QSD null-co (read-zeroes=on)
 #   2   4k randread QD32, 1 queue:  same back ends
-#   3   4k randwrite QD32, 1 queue: vhostdm linear     vs QSD file on a copy of the image
+#   3   4k randwrite QD32, 1 queue: vhostdm linear     vs QSD file on copies of the image
 #   4r  1M sequential read QD8:     same files
 #   4w  1M sequential write QD8:    same files
 #   5   4k randread QD32, 1 queue:  vhostdm linear (1 line) and a 1000-line
@@ -25,8 +29,18 @@
 #
 # Both servers use the page cache in writeback mode: vhostdm's file backend
 # does buffered preadv/pwritev and the export offers a writeback cache; QSD
-# runs the file driver with cache.direct=off, aio=threads, writethrough=off
-# (its defaults), on one IOThread as recommended for performance.
+# runs the file driver with cache.direct=off and writethrough=off (its
+# defaults), on one IOThread as recommended for performance, in both of its
+# asynchronous modes: aio=threads (server "qsd", its default) and
+# aio=io_uring ("qsd-uring", each on its own copy of the image). Ratios are
+# against the faster of the two in each row. (There are no O_DIRECT rows:
+# vhostdm has no cache=none mode yet.)
+#
+# For every measurement it records the server process's CPU time (user +
+# system, from /proc/PID/stat) and the load average; the report gives each
+# server's CPU-seconds per million requests, and the machine's CPU model and
+# load. It warns when the load average exceeds the CPU count: the figures of
+# such a run are those of a loaded machine and are labelled so.
 #
 # Environment: QSD (default /usr/bin/qemu-storage-daemon), GO (default go).
 set -euo pipefail
@@ -37,6 +51,8 @@ duration=5s
 json=0
 keep=0
 venv=()
+rows="1 2 3 4 5"
+serve_bin=
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--runs) runs=$2; shift 2 ;;
@@ -45,9 +61,13 @@ while [ $# -gt 0 ]; do
 	--duration=*) duration=${1#*=}; shift ;;
 	--json) json=1; shift ;;
 	--keep) keep=1; shift ;;
+	--rows) rows=$2; shift 2 ;;
+	--rows=*) rows=${1#*=}; shift ;;
+	--serve-bin) serve_bin=$2; shift 2 ;;
+	--serve-bin=*) serve_bin=${1#*=}; shift ;;
 	--env) venv+=("$2"); shift 2 ;;
 	--env=*) venv+=("${1#*=}"); shift ;;
-	-h|--help) sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	-h|--help) sed -n '2,48p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "bench-vs-qsd.sh: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
@@ -81,6 +101,24 @@ trap cleanup EXIT
 log "building vhostdm"
 "$GO" build -o "$dir/vhostdm" ./cmd/vhostdm
 bin=$dir/vhostdm
+sbin=${serve_bin:-$bin}
+[ -x "$sbin" ] || { echo "bench-vs-qsd.sh: --serve-bin $sbin: not an executable" >&2; exit 2; }
+
+ncpu=$(nproc)
+cpu_model=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
+clk_tck=$(getconf CLK_TCK)
+load1() { cut -d' ' -f1 /proc/loadavg; }
+# loaded prints a warning when the load average exceeds the CPU count.
+loaded() {
+	local l
+	l=$(load1)
+	if awk -v l="$l" -v n="$ncpu" 'BEGIN { exit !(l > n) }'; then
+		log "WARNING: load average $l exceeds the $ncpu CPUs: this is a loaded machine, label the figures so"
+	fi
+}
+# cpu_ticks PID prints the process's user + system time in clock ticks
+# (fields 14 and 15 of /proc/PID/stat, counted after the command name).
+cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
 
 # The image: 1000 segments of 512 KiB (1024 sectors) of random data, and a
 # copy for QSD. Both are written through the page cache and synced, so that
@@ -92,6 +130,7 @@ log "making a $((img_sectors / 2048)) MiB image"
 head -c $((seg_sectors * 512)) /dev/urandom >"$dir/seg"
 for _ in $(seq "$nseg"); do cat "$dir/seg"; done >"$dir/vm.img"
 cp "$dir/vm.img" "$dir/qsd.img"
+cp "$dir/vm.img" "$dir/qsdu.img"
 sync
 
 # The 1000-line table maps segment i to segment (i*389)%1000 of the image
@@ -151,19 +190,23 @@ wait_socket() {
 	exit 1
 }
 
-log "starting vhostdm serve"
-env "${venv[@]}" "$bin" serve -c "$dir/vhostdm.toml" -log-level warn >"$dir/vhostdm.log" 2>&1 &
-pids+=($!)
+log "starting vhostdm serve ($sbin)"
+env "${venv[@]}" "$sbin" serve -c "$dir/vhostdm.toml" -log-level warn >"$dir/vhostdm.log" 2>&1 &
+vpid=$!
+pids+=($vpid)
 log "starting qemu-storage-daemon"
 "$QSD" \
 	--object iothread,id=io0 \
 	--blockdev driver=null-co,node-name=null0,size=$((2097152 * 512)),read-zeroes=on \
 	--blockdev driver=file,node-name=file0,filename="$dir/qsd.img",cache.direct=off,aio=threads \
+	--blockdev driver=file,node-name=file1,filename="$dir/qsdu.img",cache.direct=off,aio=io_uring \
 	--export type=vhost-user-blk,id=null,node-name=null0,addr.type=unix,addr.path="$dir/q-null.sock",num-queues=2,iothread=io0 \
 	--export type=vhost-user-blk,id=file,node-name=file0,addr.type=unix,addr.path="$dir/q-file.sock",num-queues=1,writable=on,iothread=io0 \
+	--export type=vhost-user-blk,id=fileu,node-name=file1,addr.type=unix,addr.path="$dir/q-fileu.sock",num-queues=1,writable=on,iothread=io0 \
 	>"$dir/qsd.log" 2>&1 &
-pids+=($!)
-for s in v-zero v-lin1 v-lin1000 q-null q-file; do
+qpid=$!
+pids+=($qpid)
+for s in v-zero v-lin1 v-lin1000 q-null q-file q-fileu; do
 	wait_socket "$dir/$s.sock"
 done
 
@@ -171,56 +214,70 @@ results=$dir/results.jsonl
 : >"$results"
 
 # measure ROW SERVER SOCKET BENCH-ARGS... runs one vhostdm bench and
-# appends its result, tagged, to the results file.
+# appends its result, tagged with the server's CPU time over the run and
+# the load average at its end, to the results file.
 measure() {
 	local row=$1 server=$2 sock=$3
 	shift 3
-	local out
+	local out pid t0 t1 cpu l
+	pid=$vpid
+	case "$server" in qsd*) pid=$qpid ;; esac
+	t0=$(cpu_ticks "$pid")
 	if ! out=$("$bin" bench --socket "$dir/$sock.sock" --duration "$duration" --json "$@" 2>"$dir/bench.err"); then
 		log "row $row $server failed: $(cat "$dir/bench.err")"
 		exit 1
 	fi
-	echo "{\"row\":\"$row\",\"server\":\"$server\",\"run\":$run,\"result\":$out}" >>"$results"
-	log "run $run row $row $server: $(echo "$out" | sed -E 's/.*"iops":([0-9.]+).*/\1/') IOPS"
+	t1=$(cpu_ticks "$pid")
+	cpu=$(awk -v a="$t0" -v b="$t1" -v hz="$clk_tck" 'BEGIN { printf "%.3f", (b - a) / hz }')
+	l=$(load1)
+	echo "{\"row\":\"$row\",\"server\":\"$server\",\"run\":$run,\"cpu_s\":$cpu,\"load1\":$l,\"result\":$out}" >>"$results"
+	log "run $run row $row $server: $(echo "$out" | sed -E 's/.*"iops":([0-9.]+).*/\1/') IOPS, ${cpu} CPU-s, load $l"
+	loaded
 }
 
-# row ROW VHOSTDM-SOCKET QSD-SOCKET BENCH-ARGS... measures both servers,
-# vhostdm first in odd runs and QSD first in even runs.
+# row ROW SERVER:SOCKET... -- BENCH-ARGS... measures each server in turn:
+# in the order given in odd runs, in the reverse order in even runs.
 row() {
-	local r=$1 vs=$2 qs=$3
-	shift 3
-	if [ $((run % 2)) = 1 ]; then
-		measure "$r" vhostdm "$vs" "$@"
-		measure "$r" qsd "$qs" "$@"
+	local r=$1 i
+	shift
+	local pairs=()
+	while [ "$1" != "--" ]; do
+		pairs+=("$1")
+		shift
+	done
+	shift
+	case " $rows " in *" ${r%[rw]} "*) ;; *) return 0 ;; esac
+	if [ $((run % 2)) = 0 ]; then
+		for ((i = ${#pairs[@]} - 1; i >= 0; i--)); do
+			measure "$r" "${pairs[i]%%:*}" "${pairs[i]#*:}" "$@"
+		done
 	else
-		measure "$r" qsd "$qs" "$@"
-		measure "$r" vhostdm "$vs" "$@"
+		for ((i = 0; i < ${#pairs[@]}; i++)); do
+			measure "$r" "${pairs[i]%%:*}" "${pairs[i]#*:}" "$@"
+		done
 	fi
 }
 
-log "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+log "$ncpu CPUs, $cpu_model; load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+loaded
 for ((run = 1; run <= runs; run++)); do
-	row 1 v-zero q-null --rw randread --bs 4096 --iodepth 32 --queues 2
-	row 2 v-zero q-null --rw randread --bs 4096 --iodepth 32 --queues 1
-	row 3 v-lin1 q-file --rw randwrite --bs 4096 --iodepth 32 --queues 1
-	row 4r v-lin1 q-file --rw read --bs 1048576 --iodepth 8 --queues 1
-	row 4w v-lin1 q-file --rw write --bs 1048576 --iodepth 8 --queues 1
+	row 1 vhostdm:v-zero qsd:q-null -- --rw randread --bs 4096 --iodepth 32 --queues 2
+	row 2 vhostdm:v-zero qsd:q-null -- --rw randread --bs 4096 --iodepth 32 --queues 1
+	row 3 vhostdm:v-lin1 qsd:q-file qsd-uring:q-fileu -- --rw randwrite --bs 4096 --iodepth 32 --queues 1
+	row 4r vhostdm:v-lin1 qsd:q-file qsd-uring:q-fileu -- --rw read --bs 1048576 --iodepth 8 --queues 1
+	row 4w vhostdm:v-lin1 qsd:q-file qsd-uring:q-fileu -- --rw write --bs 1048576 --iodepth 8 --queues 1
 	# Row 5: the one-line and the 1000-line tables and QSD, in turn.
-	r5=(--rw randread --bs 4096 --iodepth 32 --queues 1)
-	if [ $((run % 2)) = 1 ]; then
-		measure 5 vhostdm v-lin1 "${r5[@]}"
-		measure 5 vhostdm-1000 v-lin1000 "${r5[@]}"
-		measure 5 qsd q-file "${r5[@]}"
-	else
-		measure 5 qsd q-file "${r5[@]}"
-		measure 5 vhostdm-1000 v-lin1000 "${r5[@]}"
-		measure 5 vhostdm v-lin1 "${r5[@]}"
-	fi
+	row 5 vhostdm:v-lin1 vhostdm-1000:v-lin1000 qsd:q-file qsd-uring:q-fileu -- --rw randread --bs 4096 --iodepth 32 --queues 1
 done
 load=$(cut -d' ' -f1-3 /proc/loadavg)
 log "load average after: $load"
+loaded
 
-report_args=(--report "$results" --note "$(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), load average $load, runs $runs x $duration${venv[*]:+, vhostdm env ${venv[*]}}")
+served=""
+if [ -n "$serve_bin" ]; then
+	served=", vhostdm served by $serve_bin"
+fi
+report_args=(--report "$results" --note "$ncpu CPUs, $cpu_model, load average $load at the end, runs $runs x $duration$served${venv[*]:+, vhostdm env ${venv[*]}}")
 if [ "$json" = 1 ]; then
 	report_args+=(--json)
 fi

@@ -25,6 +25,10 @@ func (errorTarget) Map(r *mapper.Request) error {
 	}
 	return mapper.ErrIO
 }
+
+// TryMap implements mapper.TryMapper: error never blocks.
+func (e errorTarget) TryMap(r *mapper.Request) error { return e.Map(r) }
+
 func (errorTarget) Status(mapper.StatusKind) string { return "" }
 func (errorTarget) Close() error                    { return nil }
 

@@ -46,6 +46,11 @@ func (t *linear) Map(r *mapper.Request) error {
 	return mapper.MapBackend(t.dev, t.offset+r.Sector, r)
 }
 
+// TryMap implements mapper.TryMapper: linear only remaps.
+func (t *linear) TryMap(r *mapper.Request) error {
+	return mapper.TryMapBackend(t.dev, t.offset+r.Sector, r)
+}
+
 func (t *linear) Status(kind mapper.StatusKind) string {
 	if kind == mapper.StatusTable {
 		return fmt.Sprintf("%s %d", t.dev.Name(), t.offset)

@@ -125,6 +125,46 @@ func (t *striped) Map(r *mapper.Request) error {
 	return errors.Join(errs...)
 }
 
+// TryMap implements mapper.TryMapper for reads and writes: striped only
+// remaps. A part that would block makes the whole request would-block
+// (Map then redoes it); other errors count against their stripe as in Map.
+func (t *striped) TryMap(r *mapper.Request) error {
+	if r.Op != mapper.OpRead && r.Op != mapper.OpWrite {
+		return mapper.ErrWouldBlock
+	}
+	sector, left, off := r.Sector, r.Sectors, 0
+	if left <= t.chunk-sector&(t.chunk-1) {
+		i, dsec := t.locate(sector)
+		return t.noteTry(i, mapper.TryMapBackend(t.stripes[i].dev, t.stripes[i].offset+dsec, r))
+	}
+	var vec [8][]byte
+	var errs []error
+	for left > 0 {
+		n := min(left, t.chunk-sector&(t.chunk-1))
+		i, dsec := t.locate(sector)
+		part := mapper.Request{Op: r.Op, Sector: sector, Sectors: n, FUA: r.FUA,
+			Data: mapper.SliceBufs(vec[:0], r.Data, off, int(n<<mapper.SectorShift))}
+		if err := t.noteTry(i, mapper.TryMapBackend(t.stripes[i].dev, t.stripes[i].offset+dsec, &part)); err != nil {
+			if errors.Is(err, mapper.ErrWouldBlock) {
+				return err
+			}
+			errs = append(errs, err)
+		}
+		sector += n
+		left -= n
+		off += int(n << mapper.SectorShift)
+	}
+	return errors.Join(errs...)
+}
+
+// noteTry is note for TryMap: would-block is not a stripe failure.
+func (t *striped) noteTry(i int, err error) error {
+	if errors.Is(err, mapper.ErrWouldBlock) {
+		return err
+	}
+	return t.note(i, err)
+}
+
 // mapRange sends a discard or write-zeroes as one contiguous range per
 // stripe, the kernel's stripe_map_range.
 func (t *striped) mapRange(r *mapper.Request) error {

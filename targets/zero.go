@@ -31,6 +31,9 @@ func (zero) Map(r *mapper.Request) error {
 	return nil
 }
 
+// TryMap implements mapper.TryMapper: zero never blocks.
+func (z zero) TryMap(r *mapper.Request) error { return z.Map(r) }
+
 func (zero) Status(mapper.StatusKind) string { return "" }
 func (zero) Close() error                    { return nil }
 

@@ -87,6 +87,8 @@ type blkDev struct {
 	dead    atomic.Bool
 	dropped atomic.Uint64
 	onFault func(err error)
+
+	nowait NowaitDevice // the device's non-blocking submit, if it has one
 }
 
 // fault makes the device dead after a fault on shared memory (or a panic
@@ -119,6 +121,7 @@ func isFault(p any) bool {
 
 func newBlkDev(e *Export, log *slog.Logger) *blkDev {
 	d := &blkDev{exp: e, log: log}
+	d.nowait, _ = e.dev.(NowaitDevice)
 	d.writeback.Store(true)
 	for i := range e.cfg.NumQueues {
 		d.queues = append(d.queues, &blkQueue{dev: d, index: i, log: log.With("queue", i)})
@@ -208,18 +211,11 @@ type blkQueue struct {
 	badLogs atomic.Uint32
 
 	renotifies atomic.Uint64 // call eventfd signalled again by renotify
+	notified   atomic.Uint64 // call eventfd writes
 
 	// Owned by the ring goroutine.
 	held       bool // the ring goroutine holds finishing for a batch
 	renotified bool // renotify has warned for the current stall
-	// Inline dispatch: reads and writes run on the ring goroutine until
-	// slowScore, raised by inline requests slower than cfg.Inline and
-	// lowered by fast ones, passes slowLimit; then they go to workers
-	// until slowUntil (mono), and the back-off doubles each time the
-	// first request after it is slow too.
-	slowScore   int
-	slowUntil   int64
-	slowBackoff int64
 
 	// Used side, guarded by usedMu.
 	usedMu sync.Mutex
@@ -350,7 +346,6 @@ func (q *blkQueue) start(mem *Mem, features uint64, dlog *dirtyLog, inf *infligh
 	q.nworkers = 0
 	q.finishing.Store(0)
 	q.held = false
-	q.slowScore, q.slowUntil, q.slowBackoff = 0, 0, minSlowBackoff
 	q.idle.Store(0)
 	q.broken.Store(false)
 	q.wake = make(chan struct{}, 1)
@@ -701,8 +696,11 @@ func (q *blkQueue) drain() error {
 		}
 		polled = false
 		// Hold the used index while the batch is dispatched, so that
-		// requests completed inline are published (and notified) together,
-		// every publishBatch requests and at the end.
+		// requests completed on the ring goroutine, and workers'
+		// completions meanwhile, are published together: one used-index
+		// store and at most one call-eventfd write (when event-idx says
+		// the driver wants one) per batch, every publishBatch requests
+		// and at the end.
 		q.hold()
 		var bad error
 		for i := 0; i < int(n); i++ {
@@ -743,18 +741,14 @@ func (q *blkQueue) drain() error {
 	return nil
 }
 
-// publishBatch is how many requests a batch completes inline before their
-// used elements are published.
-const publishBatch = 16
-
-// Inline dispatch limits. A thread descheduled by a busy host makes one
-// request slow; a disk makes them all slow: slowLimit tells them apart.
-const (
-	inlineMaxBytes = 64 << 10 // larger requests always go to workers
-	slowLimit      = 8
-	minSlowBackoff = int64(time.Millisecond)
-	maxSlowBackoff = int64(time.Second)
-)
+// publishBatch is how many requests a batch dispatches before their used
+// elements are published and the driver is notified. 64 covers a whole
+// queue depth of 32 or 64 in one publication (16, before, published twice
+// per 32 requests, with a second eventfd write whenever the driver had
+// caught up meanwhile, and cost about 10% more CPU per request); a
+// deeper batch still publishes every 64 so that its first completions are
+// not held back long (64 page-cache reads take about 100 µs).
+const publishBatch = 64
 
 // monoBase is the origin of mono.
 var monoBase = time.Now()
@@ -821,7 +815,8 @@ func (q *blkQueue) badRequest(head uint16, err error) {
 }
 
 // dispatch parses the chain at head and completes it at once when it is
-// bad, unsupported or needs no I/O; I/O goes to a worker.
+// bad, unsupported or needs no I/O, or when its I/O completes without
+// blocking (try); other I/O goes to a worker.
 func (q *blkQueue) dispatch(head uint16) {
 	r := &q.reqs[head]
 	err := walkChain(q.mem, q.ring.desc, q.num, head, q.ring.indirect, &r.chain)
@@ -858,47 +853,10 @@ func (q *blkQueue) dispatch(head uint16) {
 		q.finish(r, status, usedLen)
 		return
 	}
-	if q.inline(r) {
+	if q.try(r) {
 		return
 	}
 	q.submitWork(r)
-}
-
-// inline runs a read or write on the ring goroutine when the recent ones
-// were fast, and reports whether it did.
-func (q *blkQueue) inline(r *blkReq) bool {
-	lim := int64(q.dev.exp.cfg.Inline)
-	if lim <= 0 || (r.typ != BlkTypeIn && r.typ != BlkTypeOut) || r.dataLen > inlineMaxBytes {
-		return false
-	}
-	t := mono()
-	probe := false
-	if q.slowUntil != 0 {
-		if t < q.slowUntil {
-			return false
-		}
-		q.slowUntil, probe = 0, true
-	}
-	q.execute(r)
-	d := mono() - t
-	switch {
-	case d <= lim:
-		q.slowScore = max(q.slowScore-1, 0)
-		if probe {
-			q.slowBackoff = minSlowBackoff
-		}
-	case probe:
-		// Still slow after a back-off: back off longer.
-		q.slowBackoff = min(2*q.slowBackoff, maxSlowBackoff)
-		q.slowUntil = t + d + q.slowBackoff
-	default:
-		q.slowScore += 2
-		if q.slowScore > slowLimit {
-			q.slowScore = 0
-			q.slowUntil = t + d + q.slowBackoff
-		}
-	}
-	return true
 }
 
 // submitWork hands r to an idle worker, or starts one, or queues r.
@@ -937,17 +895,25 @@ func (q *blkQueue) worker(r *blkReq, work chan *blkReq) {
 func (q *blkQueue) execute(r *blkReq) {
 	defer func() {
 		if p := recover(); p != nil {
-			if isFault(p) {
-				q.dev.fault(fmt.Errorf("queue %d: request %d: %s", q.index, r.chain.head, describePanic(p)))
-				q.account(r)
-				return
-			}
-			q.log.Error("request panicked", "head", r.chain.head, "panic", p)
-			q.finishSafe(r, BlkStatusIOErr, 1)
+			q.requestPanicked(r, p)
 		}
 	}()
 	status, usedLen := q.io(r)
 	q.finish(r, status, usedLen)
+}
+
+// requestPanicked handles a panic while r was performed or completed: a
+// fault on shared memory makes the device dead and r is accounted without
+// touching that memory again; any other panic (a target's bug) fails r
+// alone.
+func (q *blkQueue) requestPanicked(r *blkReq, p any) {
+	if isFault(p) {
+		q.dev.fault(fmt.Errorf("queue %d: request %d: %s", q.index, r.chain.head, describePanic(p)))
+		q.account(r)
+		return
+	}
+	q.log.Error("request panicked", "head", r.chain.head, "panic", p)
+	q.finishSafe(r, BlkStatusIOErr, 1)
 }
 
 // finishSafe is finish for recovery paths: a fault while completing
@@ -1027,6 +993,7 @@ func (q *blkQueue) publishLocked() bool {
 
 // notify signals the call eventfd.
 func (q *blkQueue) notify() {
+	q.notified.Add(1)
 	signalEventfd(q.call.Load())
 }
 
@@ -1180,12 +1147,6 @@ func (q *blkQueue) io(r *blkReq) (status byte, usedLen uint32) {
 	switch r.typ {
 	case BlkTypeIn:
 		err = dev.Submit(&r.mreq)
-		if err == nil && q.dlog != nil {
-			for _, s := range r.chain.segs[r.chain.nRead:] {
-				q.dlog.mark(s.gpa, uint64(len(s.b)))
-			}
-		}
-		usedLen = uint32(min(r.dataLen+1, uint64(^uint32(0))))
 	case BlkTypeOut:
 		err = dev.Submit(&r.mreq)
 		if err == nil && !d.writebackOn() {
@@ -1193,12 +1154,9 @@ func (q *blkQueue) io(r *blkReq) (status byte, usedLen uint32) {
 			r.mreq = mapper.Request{Op: mapper.OpFlush}
 			err = dev.Submit(&r.mreq)
 		}
-		usedLen = 1
 	case BlkTypeFlush:
 		err = dev.Submit(&r.mreq)
-		usedLen = 1
 	case BlkTypeDiscard, BlkTypeWriteZeroes:
-		usedLen = 1
 		for i := 0; i < r.nranges && err == nil; i++ {
 			rg := r.buf.ranges[i]
 			r.mreq = mapper.Request{Op: mapper.OpDiscard, Sector: rg.sector, Sectors: uint64(rg.sectors)}
@@ -1214,6 +1172,21 @@ func (q *blkQueue) io(r *blkReq) (status byte, usedLen uint32) {
 		}
 	default:
 		return BlkStatusUnsupp, 1
+	}
+	return q.result(r, err)
+}
+
+// result turns the outcome of r's I/O into its status and used length;
+// a read's data is marked in the dirty log.
+func (q *blkQueue) result(r *blkReq, err error) (status byte, usedLen uint32) {
+	usedLen = 1
+	if r.typ == BlkTypeIn {
+		if err == nil && q.dlog != nil {
+			for _, s := range r.chain.segs[r.chain.nRead:] {
+				q.dlog.mark(s.gpa, uint64(len(s.b)))
+			}
+		}
+		usedLen = uint32(min(r.dataLen+1, uint64(^uint32(0))))
 	}
 	r.mreq.Data = nil
 	if err != nil {

@@ -34,10 +34,12 @@
 // connection's state. Each started queue has a ring goroutine that pops
 // descriptor chains one at a time (it looks at a stop request between
 // requests), each with a chain buffer from the queue's bounded pool
-// (maxChainBufs), and hands requests to worker goroutines; requests run
-// concurrently on the mapper device and complete out of order, and the
-// last of a burst of completers publishes the used index and signals the
-// call eventfd once for the batch. A change of memory table, log or ring
+// (maxChainBufs). It runs reads and writes to completion itself when the
+// device can serve them without blocking (NowaitDevice: remapping targets,
+// the page cache) and hands every other request to worker goroutines, so
+// that a slow request never stalls its queue; requests run concurrently on
+// the mapper device and complete out of order, and the used index is
+// published, and the call eventfd signalled, once per batch. A change of memory table, log or ring
 // address pauses the queues and waits for their requests first, so that
 // guest memory is never touched after it is unmapped.
 //

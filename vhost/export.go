@@ -47,25 +47,19 @@ type ExportConfig struct {
 	// goes away (for QMP events). They may be nil and must not block.
 	OnConnect, OnDisconnect func()
 
-	// Performance tunables (docs/PERFORMANCE.md). Zero takes the default,
-	// which the environment variables VHOSTDM_POLL and VHOSTDM_INLINE
-	// (Go durations) override; a negative value turns the feature off.
+	// Performance tunable (docs/PERFORMANCE.md). Zero takes the default,
+	// which the environment variable VHOSTDM_POLL (a Go duration)
+	// overrides; a negative value turns the feature off.
+	//
+	// Reads and writes that the device can serve without blocking
+	// (NowaitDevice) run on the queue's ring goroutine; there is no
+	// setting for it.
 	//
 	// Poll is how long a queue busy-polls its available ring after it
 	// runs dry before it sleeps on the kick eventfd. Default: off with
 	// fewer than 4 CPUs, where a spinning queue takes the CPU the guest
 	// (or the other queue) needs; 20µs otherwise.
 	Poll time.Duration
-	// Inline is the latency below which a queue runs reads and writes of
-	// up to 64 KiB itself instead of handing them to worker goroutines:
-	// page-cache and in-memory I/O then completes without a goroutine
-	// switch (about 30% less CPU per request). When several take longer,
-	// reads and writes go to workers again for a growing back-off. The
-	// price is head-of-line blocking: a slow request stalls its queue
-	// until then, so it is off by default and suits exports whose tables
-	// are known to be fast (zero, page-cached files). Flushes, discards
-	// and write-zeroes always go to workers.
-	Inline time.Duration
 
 	// Table, when set, tells which of discard and write-zeroes the
 	// device's table serves, and when a reload may have changed that;
@@ -167,7 +161,6 @@ func NewExport(cfg ExportConfig, dev Device) (*Export, error) {
 		cfg.Logger = slog.Default()
 	}
 	cfg.Poll = tunable(cfg.Poll, "VHOSTDM_POLL", defaultPoll())
-	cfg.Inline = tunable(cfg.Inline, "VHOSTDM_INLINE", defaultInline)
 	if cfg.NegotiationTimeout == 0 {
 		cfg.NegotiationTimeout = DefaultNegotiationTimeout
 	}
@@ -183,11 +176,6 @@ func NewExport(cfg ExportConfig, dev Device) (*Export, error) {
 		"logical_block_size", cfg.LogicalBlockSize, "readonly", e.readOnly)
 	return e, nil
 }
-
-// defaultInline is ExportConfig.Inline's default: off. 50µs is a good
-// value to turn it on with: well above a 4 KiB page-cache copy (a few µs),
-// well below a disk access.
-const defaultInline = -1
 
 // defaultPoll is ExportConfig.Poll's default.
 func defaultPoll() time.Duration {

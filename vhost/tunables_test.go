@@ -10,17 +10,17 @@ import (
 )
 
 // TestExportTunables runs a deep mixed workload (writes, flushes, reads
-// checked against what was written) with the performance tunables on:
-// inline dispatch, polling, and both. Results must not depend on them.
+// checked against what was written) by default (reads and writes run on
+// the ring goroutine when they do not block) and with polling. Results
+// must not depend on them.
 func TestExportTunables(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		cfg  ExportConfig
 	}{
-		{"inline", ExportConfig{Inline: 50 * time.Microsecond}},
+		{"default", ExportConfig{}},
 		{"poll", ExportConfig{Poll: 20 * time.Microsecond}},
-		{"inline+poll", ExportConfig{Inline: time.Millisecond, Poll: 5 * time.Microsecond}},
-		{"inline-always-slow", ExportConfig{Inline: time.Nanosecond}},
+		{"poll-short", ExportConfig{Poll: 5 * time.Microsecond}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := tc.cfg

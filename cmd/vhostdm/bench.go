@@ -12,7 +12,9 @@ import (
 	"math/bits"
 	"math/rand/v2"
 	"os"
+	"runtime"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -182,6 +184,25 @@ func (b *bench) run(socket string, d time.Duration, size uint64, stderr io.Write
 	if (b.rw != "read" && b.rw != "randread" || b.verify) && c.Features()&vhost.BlkFeatureRO != 0 {
 		return nil, errors.New("the device is read-only")
 	}
+	// A back end that dies or drops the connection mid-run fails the run
+	// at once: its requests in flight would never complete.
+	wctx, wcancel := context.WithCancel(context.Background())
+	defer wcancel()
+	gone := make(chan error, 1)
+	go func() { gone <- c.WaitPeerGone(wctx) }()
+	runStart := time.Now()
+	wait := func(limit time.Duration, what string) error {
+		done := make(chan struct{})
+		go func() { b.wg.Wait(); close(done) }()
+		select {
+		case <-done:
+			return nil
+		case err := <-gone:
+			return fmt.Errorf("%s: after %.1fs: %w", what, time.Since(runStart).Seconds(), err)
+		case <-time.After(limit):
+			return fmt.Errorf("%s: requests did not complete within 30s of the end of the run", what)
+		}
+	}
 	slots := make([][]*slot, b.queues)
 	for q := range b.queues {
 		for i := range b.iodepth {
@@ -202,7 +223,9 @@ func (b *bench) run(socket string, d time.Duration, size uint64, stderr io.Write
 		fmt.Fprintf(stderr, "vhostdm bench: prefilling %d blocks for --verify\n", b.blocks)
 		b.prefilling.Store(true)
 		b.start(slots)
-		b.wg.Wait()
+		if err := wait(24*time.Hour, "prefill"); err != nil {
+			return nil, err
+		}
 		b.prefilling.Store(false)
 		if b.errors.Load() > 0 {
 			return nil, fmt.Errorf("prefill failed: %s", *b.firstErr.Load())
@@ -216,12 +239,8 @@ func (b *bench) run(socket string, d time.Duration, size uint64, stderr io.Write
 	start := time.Now()
 	b.stopAt = start.Add(d)
 	b.start(slots)
-	done := make(chan struct{})
-	go func() { b.wg.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(d + 30*time.Second):
-		return nil, errors.New("requests did not complete within 30s of the end of the run")
+	if err := wait(d+30*time.Second, "run"); err != nil {
+		return nil, err
 	}
 	elapsed := time.Since(start).Seconds()
 	var all latHist
@@ -449,6 +468,11 @@ type taggedResult struct {
 	Server string      `json:"server"`
 	Run    int         `json:"run"`
 	Result benchResult `json:"result"`
+	// CPUS is the CPU time (user and system) the server process used
+	// during the measurement, from /proc/PID/stat; 0 if not measured.
+	CPUS float64 `json:"cpu_s,omitempty"`
+	// Load1 is the machine's one-minute load average at its end.
+	Load1 float64 `json:"load1,omitempty"`
 }
 
 // reportServer is the medians of one server's runs of one row.
@@ -458,12 +482,21 @@ type reportServer struct {
 	IOPS        float64    `json:"iops"`
 	BytesPerSec float64    `json:"bytes_per_sec"`
 	LatUS       benchLatUS `json:"lat_us"`
-	// Ratio is this server's median IOPS (and latencies) over QSD's.
+	// CPUPerMReq is the median over the runs of the server's CPU
+	// seconds per million requests; 0 if not measured.
+	CPUPerMReq float64 `json:"cpu_s_per_m_req,omitempty"`
+	// Load1 is the highest one-minute load average seen at the end of
+	// this server's runs.
+	Load1 float64 `json:"load1,omitempty"`
+	// Ratio is this server's median IOPS (and latencies, and CPU per
+	// request) over the reference QSD's: the QSD configuration of the
+	// row with the highest median IOPS (named in Ratio.Versus).
 	Ratio *reportRatio `json:"ratio_vs_qsd,omitempty"`
 }
 
 type reportRatio struct {
-	IOPS float64 `json:"iops"`
+	Versus string  `json:"versus"`
+	IOPS   float64 `json:"iops"`
 	// IOPSPaired is the median over the runs of the IOPS ratio within
 	// each run (the two servers measured back to back), which drift in
 	// the machine's load disturbs less than the ratio of medians.
@@ -471,6 +504,7 @@ type reportRatio struct {
 	P50        float64 `json:"p50"`
 	P99        float64 `json:"p99"`
 	P999       float64 `json:"p999"`
+	CPU        float64 `json:"cpu_per_req,omitempty"`
 }
 
 type reportRow struct {
@@ -480,8 +514,12 @@ type reportRow struct {
 }
 
 type benchReportOut struct {
-	Note string      `json:"note,omitempty"`
-	Rows []reportRow `json:"rows"`
+	Note string `json:"note,omitempty"`
+	// CPUs is the machine's CPU count; Loaded is set when a measurement
+	// ended with the load average above it.
+	CPUs   int         `json:"cpus"`
+	Loaded bool        `json:"loaded"`
+	Rows   []reportRow `json:"rows"`
 	// Table1000 is row 5's 1000-line table IOPS over the one-line table's.
 	Table1000 float64 `json:"table1000_vs_1line,omitempty"`
 }
@@ -499,6 +537,8 @@ func benchReport(path, note string, jsonOut bool, w io.Writer) error {
 	servers := map[string][]string{}
 	byKey := map[key][]benchResult{}
 	runIOPS := map[key]map[int]float64{}
+	cpuPerM := map[key][]float64{}
+	load := map[key]float64{}
 	for i, line := range bytes.Split(data, []byte("\n")) {
 		if len(bytes.TrimSpace(line)) == 0 {
 			continue
@@ -521,8 +561,12 @@ func benchReport(path, note string, jsonOut bool, w io.Writer) error {
 			runIOPS[k] = map[int]float64{}
 		}
 		runIOPS[k][t.Run] = t.Result.IOPS
+		if t.CPUS > 0 && t.Result.Ops > 0 {
+			cpuPerM[k] = append(cpuPerM[k], t.CPUS/float64(t.Result.Ops)*1e6)
+		}
+		load[k] = max(load[k], t.Load1)
 	}
-	out := benchReportOut{Note: note}
+	out := benchReportOut{Note: note, CPUs: runtime.NumCPU()}
 	var one, thousand float64
 	for _, row := range rows {
 		rr := reportRow{Row: row, Workload: workload[row]}
@@ -542,24 +586,32 @@ func benchReport(path, note string, jsonOut bool, w io.Writer) error {
 				LatUS: benchLatUS{P50: med(func(r benchResult) float64 { return r.LatUS.P50 }),
 					P99:  med(func(r benchResult) float64 { return r.LatUS.P99 }),
 					P999: med(func(r benchResult) float64 { return r.LatUS.P999 }),
-					Max:  med(func(r benchResult) float64 { return r.LatUS.Max })}})
+					Max:  med(func(r benchResult) float64 { return r.LatUS.Max })},
+				CPUPerMReq: round3(median(cpuPerM[key{row, s}])), Load1: load[key{row, s}]})
+			if load[key{row, s}] > float64(out.CPUs) {
+				out.Loaded = true
+			}
 		}
+		// The reference is QSD's best configuration of the row.
 		for i := range rr.Servers {
-			if rr.Servers[i].Server == "qsd" {
+			if isQSD(rr.Servers[i].Server) && (qsd == nil || rr.Servers[i].IOPS > qsd.IOPS) {
 				qsd = &rr.Servers[i]
 			}
 		}
 		for i := range rr.Servers {
 			s := &rr.Servers[i]
-			if qsd != nil && s != qsd {
+			if qsd != nil && !isQSD(s.Server) {
 				var paired []float64
 				for run, v := range runIOPS[key{row, s.Server}] {
-					if q, ok := runIOPS[key{row, "qsd"}][run]; ok && q > 0 {
+					if q, ok := runIOPS[key{row, qsd.Server}][run]; ok && q > 0 {
 						paired = append(paired, v/q)
 					}
 				}
-				s.Ratio = &reportRatio{IOPS: ratio(s.IOPS, qsd.IOPS), IOPSPaired: round3(median(paired)),
+				s.Ratio = &reportRatio{Versus: qsd.Server, IOPS: ratio(s.IOPS, qsd.IOPS), IOPSPaired: round3(median(paired)),
 					P50: ratio(s.LatUS.P50, qsd.LatUS.P50), P99: ratio(s.LatUS.P99, qsd.LatUS.P99), P999: ratio(s.LatUS.P999, qsd.LatUS.P999)}
+				if s.CPUPerMReq > 0 && qsd.CPUPerMReq > 0 {
+					s.Ratio.CPU = ratio(s.CPUPerMReq, qsd.CPUPerMReq)
+				}
 			}
 			if row == "5" && s.Server == "vhostdm" {
 				one = s.IOPS
@@ -581,16 +633,26 @@ func benchReport(path, note string, jsonOut bool, w io.Writer) error {
 	if note != "" {
 		fmt.Fprintf(w, "%s\n\n", note)
 	}
-	fmt.Fprintln(w, "| row | workload | server | runs | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | IOPS ×QSD | paired | p99 ×QSD |")
-	fmt.Fprintln(w, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+	if out.Loaded {
+		fmt.Fprintf(w, "LOADED: the load average exceeded the %d CPUs during the run; absolute figures are depressed, compare ratios and CPU per request.\n\n", out.CPUs)
+	}
+	fmt.Fprintln(w, "| row | workload | server | runs | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | CPU-s/M req | load | vs | IOPS ×QSD | paired | p99 ×QSD | CPU ×QSD |")
+	fmt.Fprintln(w, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
 	for _, rr := range out.Rows {
 		for _, s := range rr.Servers {
-			ir, pair, pr := "", "", ""
+			vs, ir, pair, pr, cr := "", "", "", "", ""
 			if s.Ratio != nil {
-				ir, pair, pr = fmt.Sprintf("**%.2f**", s.Ratio.IOPS), fmt.Sprintf("%.2f", s.Ratio.IOPSPaired), fmt.Sprintf("%.2f", s.Ratio.P99)
+				vs, ir, pair, pr = s.Ratio.Versus, fmt.Sprintf("**%.2f**", s.Ratio.IOPS), fmt.Sprintf("%.2f", s.Ratio.IOPSPaired), fmt.Sprintf("%.2f", s.Ratio.P99)
+				if s.Ratio.CPU > 0 {
+					cr = fmt.Sprintf("**%.2f**", s.Ratio.CPU)
+				}
 			}
-			fmt.Fprintf(w, "| %s | %s | %s | %d | %.0f | %.1f | %.1f | %.1f | %.1f | %s | %s | %s |\n", rr.Row, rr.Workload, s.Server, s.Runs,
-				s.IOPS, s.BytesPerSec/(1<<20), s.LatUS.P50, s.LatUS.P99, s.LatUS.P999, ir, pair, pr)
+			cpu := ""
+			if s.CPUPerMReq > 0 {
+				cpu = fmt.Sprintf("%.2f", s.CPUPerMReq)
+			}
+			fmt.Fprintf(w, "| %s | %s | %s | %d | %.0f | %.1f | %.1f | %.1f | %.1f | %s | %.1f | %s | %s | %s | %s | %s |\n", rr.Row, rr.Workload, s.Server, s.Runs,
+				s.IOPS, s.BytesPerSec/(1<<20), s.LatUS.P50, s.LatUS.P99, s.LatUS.P999, cpu, s.Load1, vs, ir, pair, pr, cr)
 		}
 	}
 	if out.Table1000 > 0 {
@@ -598,6 +660,10 @@ func benchReport(path, note string, jsonOut bool, w io.Writer) error {
 	}
 	return nil
 }
+
+// isQSD reports whether a server tag of the results file names a
+// qemu-storage-daemon configuration ("qsd", "qsd-uring", ...).
+func isQSD(server string) bool { return strings.HasPrefix(server, "qsd") }
 
 func sizeName(n int) string {
 	switch {
