@@ -56,10 +56,10 @@ func (r *raid) mirrorWrite(sector, n uint64, data [][]byte) error {
 		l.Lock()
 		defer l.Unlock()
 		if r.bm != nil {
-			if err := r.bm.startWrite(r, sector); err != nil {
+			if err := r.bm.startWrite(r, sector, sector+n); err != nil {
 				return err
 			}
-			defer r.bm.endWrite(sector)
+			defer r.bm.endWrite(sector, sector+n)
 		}
 		r.eachLeg(func(i int, m *member) error {
 			return m.dev.WriteAt(bufs, int64(sector<<mapper.SectorShift))

@@ -141,6 +141,7 @@ type raid struct {
 
 	rr         atomic.Uint32 // raid1 read balancing
 	recoveryCP atomic.Uint64 // device sectors below which recovering members are valid
+	resyncMark atomic.Uint64 // resyncCP, for the superblocks (read without mu)
 
 	// Sync state, guarded by mu.
 	mu         sync.Mutex
@@ -266,6 +267,7 @@ func newRaid(c *mapper.Ctx, args []string) (mapper.Target, error) {
 			return nil, err
 		}
 	}
+	r.resyncMark.Store(r.resyncCP)
 	return r, nil
 }
 
@@ -436,14 +438,33 @@ func (r *raid) writeZeroes(sector, n uint64) error {
 	return nil
 }
 
-// fail takes device i out of service after err, once.
+// fail takes device i out of service after err, once, and records it in
+// the superblocks (failed_devices) before returning.
 func (r *raid) fail(i int, err error) {
-	m := r.devs[i]
-	if m.faulty.CompareAndSwap(false, true) {
-		r.invalidate()
-		r.log.Warn("raid device failed", "index", i, "device", m.name, "err", err)
-		r.event("device-failed", map[string]any{"index": i, "device": m.name, "error": err.Error()})
+	if r.markFailed(i, err) && r.bm != nil {
+		if err := r.bm.writeSuper(r); err != nil {
+			r.log.Warn("raid metadata write failed", "err", err)
+		}
 	}
+}
+
+// markFailed takes device i out of service after err; it reports whether
+// the device was in service.
+func (r *raid) markFailed(i int, err error) bool {
+	m := r.devs[i]
+	if !m.faulty.CompareAndSwap(false, true) {
+		return false
+	}
+	r.invalidate()
+	r.log.Warn("raid device failed", "index", i, "device", m.name, "err", err)
+	r.event("device-failed", map[string]any{"index": i, "device": m.name, "error": err.Error()})
+	return true
+}
+
+// setResyncCP sets resyncCP; r.mu is held.
+func (r *raid) setResyncCP(v uint64) {
+	r.resyncCP = v
+	r.resyncMark.Store(v)
 }
 
 // failed returns how many devices are out of service.
@@ -579,7 +600,7 @@ func (r *raid) Message(args []string) (string, error) {
 		}
 		switch a {
 		case "resync":
-			r.resyncCP = 0
+			r.setResyncCP(0)
 		case "recover":
 			if !r.needsRecovery() {
 				r.action = "idle"
@@ -606,7 +627,10 @@ func (r *raid) Presuspend(noflush bool) error {
 	r.mu.Unlock()
 	r.invalidate()
 	if r.bm != nil {
-		return r.bm.sync(r)
+		if err := r.bm.sync(r); err != nil {
+			return err
+		}
+		return r.bm.writeSuper(r)
 	}
 	return nil
 }
@@ -628,7 +652,7 @@ func (r *raid) Resume() error {
 func (r *raid) Close() error {
 	r.stopWorker()
 	if r.bm != nil {
-		r.bm.close(r)
+		r.bm.close()
 	}
 	return nil
 }

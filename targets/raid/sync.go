@@ -51,9 +51,10 @@ func (r *raid) startNeeded() {
 func (r *raid) startLocked(action string, from uint64) {
 	stop, done := make(chan struct{}), make(chan struct{})
 	r.action, r.progress, r.stop, r.done = action, from, stop, done
-	bitmapResync := action == "resync" && r.resyncCP >= r.devSectors && r.bm != nil
+	bitmapOnly := r.bm != nil && (action == "resync" && r.resyncCP >= r.devSectors ||
+		action == "recover" && r.bm.partialRecovery())
 	r.invalidate()
-	go r.run(action, from, bitmapResync, stop, done)
+	go r.run(action, from, bitmapOnly, stop, done)
 }
 
 // stopWorker stops the running action, if any, and waits for it.
@@ -71,7 +72,9 @@ func (r *raid) stopWorker() {
 	}
 }
 
-func (r *raid) run(action string, from uint64, bitmapResync bool, stop, done chan struct{}) {
+// run runs action from device sector from; with bitmapOnly, only over the
+// regions the bitmap marked at load.
+func (r *raid) run(action string, from uint64, bitmapOnly bool, stop, done chan struct{}) {
 	defer close(done)
 	defer r.invalidate()
 	unit := r.chunk
@@ -86,9 +89,12 @@ func (r *raid) run(action string, from uint64, bitmapResync bool, stop, done cha
 			return
 		default:
 		}
-		if bitmapResync && !r.bm.resyncWanted(pos) {
+		if bitmapOnly && !r.bm.resyncWanted(pos, pos+unit) {
 			r.mu.Lock()
 			r.progress = pos + unit
+			if action == "recover" {
+				r.recoveryCP.Store(pos + unit)
+			}
 			r.mu.Unlock()
 			continue
 		}
@@ -113,8 +119,8 @@ func (r *raid) run(action string, from uint64, bitmapResync bool, stop, done cha
 		r.mu.Lock()
 		r.progress = pos + unit
 		switch {
-		case action == "resync" && !bitmapResync:
-			r.resyncCP = pos + unit
+		case action == "resync" && !bitmapOnly:
+			r.setResyncCP(pos + unit)
 		case action == "recover":
 			r.recoveryCP.Store(pos + unit)
 		case action == "check" || action == "repair":
@@ -140,12 +146,20 @@ func (r *raid) run(action string, from uint64, bitmapResync bool, stop, done cha
 			}
 		}
 		r.recoveryCP.Store(0)
+		if r.bm != nil {
+			r.bm.recoveryDone()
+		}
 	case "resync":
 		r.mu.Lock()
-		r.resyncCP = math.MaxUint64
+		r.setResyncCP(math.MaxUint64)
 		r.mu.Unlock()
-		if bitmapResync {
-			r.bm.resyncDone(r)
+		if bitmapOnly {
+			r.bm.resyncDone()
+		}
+	}
+	if r.bm != nil && (action == "resync" || action == "recover") {
+		if err := r.bm.writeSuper(r); err != nil {
+			r.log.Warn("raid metadata write failed", "err", err)
 		}
 	}
 	r.mu.Lock()
