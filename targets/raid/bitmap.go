@@ -70,6 +70,11 @@ type bitmap struct {
 // bitsOffset is where the bitmap's bits start on a metadata device.
 const bitsOffset = bitmapSBOffset + bitmapSBSize
 
+// roundSector rounds n bytes up to whole sectors.
+func roundSector(n int) int {
+	return (n + mapper.SectorSize - 1) / mapper.SectorSize * mapper.SectorSize
+}
+
 func (b *bitmap) sectors() uint64 {
 	return (bitsOffset + (b.count+7)/8 + mapper.SectorSize - 1) / mapper.SectorSize
 }
@@ -122,7 +127,7 @@ func openBitmap(r *raid) (*bitmap, error) {
 		if size, err := m.meta.Size(); err == nil && size < bitsOffset+512 {
 			return nil, fmt.Errorf("metadata device %d: %d bytes, too small for the superblock and bitmap (at least %d)", i, size, bitsOffset+512)
 		}
-		buf := make([]byte, bitsOffset)
+		buf := make([]byte, bitmapSBOffset+mapper.SectorSize)
 		if err := m.meta.ReadAt([][]byte{buf}, 0); err != nil {
 			return nil, fmt.Errorf("metadata device %d: %w", i, err)
 		}
@@ -203,9 +208,11 @@ func openBitmap(r *raid) (*bitmap, error) {
 	if r.p.daemonSleep <= 0 && bs.daemonSleep > 0 {
 		b.sleep = time.Duration(bs.daemonSleep) * time.Second
 	}
-	if err := r.devs[freshest].meta.ReadAt([][]byte{b.bits}, bitsOffset); err != nil {
+	area := make([]byte, roundSector(bitmapSBSize+len(b.bits)))
+	if err := r.devs[freshest].meta.ReadAt([][]byte{area}, bitmapSBOffset); err != nil {
 		return nil, fmt.Errorf("metadata device %d: bitmap: %w", freshest, err)
 	}
+	copy(b.bits, area[bitmapSBSize:])
 	if tail := b.count % 8; tail != 0 { // bits past the last region are not ours
 		b.bits[len(b.bits)-1] &= 1<<tail - 1
 	}
@@ -328,7 +335,7 @@ func (r *raid) checkMetaSize(b *bitmap) error {
 // the array starts.
 func openLegacy(r *raid, b *bitmap, i int) error {
 	m := r.devs[i]
-	hdr := make([]byte, 40)
+	hdr := make([]byte, mapper.SectorSize)
 	if err := m.meta.ReadAt([][]byte{hdr}, 0); err != nil {
 		return fmt.Errorf("metadata device %d: %w", i, err)
 	}
@@ -348,7 +355,7 @@ func openLegacy(r *raid, b *bitmap, i int) error {
 	if err := r.checkMetaSize(b); err != nil {
 		return err
 	}
-	old := make([]byte, (ocount+7)/8)
+	old := make([]byte, roundSector(int((ocount+7)/8)))
 	if err := m.meta.ReadAt([][]byte{old}, legacyBitmapOffset); err != nil {
 		return fmt.Errorf("metadata device %d: %w", i, err)
 	}
@@ -451,8 +458,7 @@ func (r *raid) superblockTemplate(events uint64) superblock {
 // encodeBitmapLocked is the bitmap superblock and bits as written at byte
 // 4096, padded to a sector; b.mu is held.
 func (b *bitmap) encodeBitmapLocked(r *raid) []byte {
-	n := (bitmapSBSize + len(b.bits) + mapper.SectorSize - 1) / mapper.SectorSize * mapper.SectorSize
-	buf := make([]byte, n)
+	buf := make([]byte, roundSector(bitmapSBSize+len(b.bits)))
 	s := bitmapSuper{
 		version: bitmapVersion, events: b.events, eventsCleared: b.eventsCleared,
 		syncSz: r.devSectors, chunkBytes: uint32(b.region * mapper.SectorSize),
