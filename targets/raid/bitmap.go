@@ -92,18 +92,22 @@ func (b *bitmap) alloc(region, devSectors uint64) error {
 }
 
 // tableRegion is the region size the table asks for, or vhostdm's (and
-// dm-raid's) default, raised to the chunk size and to at most 2^21
-// regions.
+// dm-raid's) default, raised to the chunk size (raid4/5/6) and to at
+// most 2^21 regions.
 func tableRegion(r *raid) (uint64, error) {
 	region := uint64(defaultRegionSize)
 	if r.p.regionSize > 0 {
 		region = uint64(r.p.regionSize)
 	}
-	for region < r.chunk || (r.devSectors+region-1)/region > 1<<21 {
+	chunk := r.chunk
+	if r.geo == nil {
+		chunk = 1 // raid1 has no chunk: any region size
+	}
+	for region < chunk || (r.devSectors+region-1)/region > 1<<21 {
 		region *= 2
 	}
 	if r.p.regionSize > 0 && region != uint64(r.p.regionSize) {
-		return 0, fmt.Errorf("region_size %d: smaller than chunk size %d or more than 2^21 regions", r.p.regionSize, r.chunk)
+		return 0, fmt.Errorf("region_size %d: smaller than chunk size %d or more than 2^21 regions", r.p.regionSize, chunk)
 	}
 	return region, nil
 }

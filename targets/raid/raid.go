@@ -59,11 +59,19 @@ import (
 // it is 256; TABLE echoes it only when given, as the count set up (as the
 // kernel prints max_nr_stripes), and INFO does not show it.
 //
-// Metadata devices: when given, they hold vhostdm's own write-intent bitmap
-// (see bitmap.go; region_size sectors per bit, default 8192 sectors), not
-// dm-raid's superblock: a crash then resyncs only the regions that were
-// being written. Arrays meant to move to the kernel use "-" metadata
-// devices, as dm-raid-without-metadata does, with nosync.
+// Metadata devices: when given, they hold the kernel's formats (see
+// superblock.go and bitmap.go): dm-raid's superblock in the first 4 KiB
+// and md's write-intent bitmap (version 4, region_size sectors per bit,
+// default 8192) from byte 4096, so that arrays with metadata devices move
+// between vhostdm and the kernel both ways. A crash resyncs only the
+// regions being written; a failed device is recorded in the superblocks
+// (failed_devices) before the write that found it failed completes, and
+// when it is back in the table it is recovered only in the regions
+// written meanwhile. An existing array's superblock must match the table
+// (type, chunk, device count, positions, size: takeover, reshape and
+// resize are refused with the kernel's reasons); a device with a blank
+// metadata device joins only with "rebuild". Metadata in vhostdm's former
+// format ("VDMRAIDB") is migrated on activation.
 //
 // INFO:  "raid5_ls 4 AAAA 8192/8192 idle 0 0 -" (type, #devices, one
 // health character per device: A alive and in sync, a alive but not in
