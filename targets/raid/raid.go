@@ -27,6 +27,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/vhostdm/vhostdm/mapper"
 )
@@ -49,10 +50,14 @@ import (
 // degraded and reads reconstruct its chunks. Without nosync a new array is
 // resynchronised in the background (parity recomputed, raid1 legs copied
 // from the first); "rebuild <idx>" recovers device idx from the others.
-// max_recovery_rate throttles the background work (kB/s per device);
-// min_recovery_rate and max_write_behind are checked and echoed but change
-// nothing; write_mostly legs of raid1 are read last; daemon_sleep is the
-// bitmap daemon's period. stripe_cache is the number of entries of the
+// The sync actions run between min_recovery_rate and max_recovery_rate
+// (kB/s per device, as md's sync_speed_min and sync_speed_max): never
+// faster than the maximum, and above the minimum only while the guest
+// sends no request (guest I/O has priority); without min_recovery_rate
+// they do not give way. max_write_behind is checked and echoed (and
+// written in the bitmap superblock) but changes nothing; write_mostly
+// legs of raid1 are read last; daemon_sleep is the bitmap daemon's
+// period. stripe_cache is the number of entries of the
 // raid4/5/6 stripe cache (cache.go: 4 KiB rows across every member, as
 // md's stripe_heads), set up as dm-raid does: 256 when not given, raised
 // to chunk_size/2 when smaller, and refused outside md's 17..32768 unless
@@ -150,6 +155,7 @@ type raid struct {
 	rr         atomic.Uint32 // raid1 read balancing
 	recoveryCP atomic.Uint64 // device sectors below which recovering members are valid
 	resyncMark atomic.Uint64 // resyncCP, for the superblocks (read without mu)
+	guestAt    atomic.Int64  // when the last request was mapped (UnixNano), for the sync throttle
 
 	// Sync state, guarded by mu.
 	mu         sync.Mutex
@@ -377,6 +383,7 @@ func (r *raid) Discards() bool { return r.geo == nil }
 func (r *raid) WritesZeroes() bool { return true }
 
 func (r *raid) Map(req *mapper.Request) error {
+	r.guestAt.Store(time.Now().UnixNano())
 	var err error
 	switch req.Op {
 	case mapper.OpFlush:
