@@ -469,7 +469,7 @@ func (b *bitmap) encodeBitmapLocked(r *raid) []byte {
 		daemonSleep: uint32(max(1, b.sleep/time.Second)),
 	}
 	if r.p.maxWriteBehind > 0 {
-		s.writeBehind = uint32(min(r.p.maxWriteBehind, bitmapCounterMax))
+		s.writeBehind = uint32(min(r.p.maxWriteBehind/2, bitmapCounterMax)) // as md records it
 	}
 	s.encode(buf)
 	copy(buf[bitmapSBSize:], b.bits)
@@ -508,6 +508,17 @@ func (b *bitmap) startWrite(r *raid, lo, hi uint64) error {
 		return err
 	}
 	return nil
+}
+
+// hold keeps the regions of device sectors [lo, hi), marked by a
+// startWrite not yet ended, dirty until a matching endWrite (a write
+// behind).
+func (b *bitmap) hold(lo, hi uint64) {
+	b.mu.Lock()
+	for i := lo / b.region; i <= (hi-1)/b.region; i++ {
+		b.pending[i]++
+	}
+	b.mu.Unlock()
 }
 
 // endWrite ends a write started by startWrite.

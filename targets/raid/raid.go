@@ -54,10 +54,12 @@ import (
 // (kB/s per device, as md's sync_speed_min and sync_speed_max): never
 // faster than the maximum, and above the minimum only while the guest
 // sends no request (guest I/O has priority); without min_recovery_rate
-// they do not give way. max_write_behind is checked and echoed (and
-// written in the bitmap superblock) but changes nothing; write_mostly
-// legs of raid1 are read last; daemon_sleep is the bitmap daemon's
-// period. stripe_cache is the number of entries of the
+// they do not give way. write_mostly legs of raid1 are read last; with
+// metadata devices (a bitmap) and max_write_behind <sectors>, writes to
+// them complete in the background, up to max_write_behind/2 writes behind
+// per leg, as md counts the value dm-raid passes it (behind.go); without
+// a bitmap max_write_behind is checked and echoed only. daemon_sleep is
+// the bitmap daemon's period. stripe_cache is the number of entries of the
 // raid4/5/6 stripe cache (cache.go: 4 KiB rows across every member, as
 // md's stripe_heads), set up as dm-raid does: 256 when not given, raised
 // to chunk_size/2 when smaller, and refused outside md's 17..32768 unless
@@ -146,9 +148,10 @@ type raid struct {
 	length     uint64
 	event      mapper.EventRaiser
 	log        *slog.Logger
-	bm         *bitmap      // nil without metadata devices
-	cacheSize  int          // stripe cache entries (raid4/5/6), as TABLE reports them
-	cache      *stripeCache // nil for raid1 (and in tests without a cache)
+	bm         *bitmap        // nil without metadata devices
+	cacheSize  int            // stripe cache entries (raid4/5/6), as TABLE reports them
+	cache      *stripeCache   // nil for raid1 (and in tests without a cache)
+	behind     []*behindQueue // write-behind queues by member, nil without write-behind
 
 	locks [lockCount]sync.Mutex
 
@@ -282,6 +285,7 @@ func newRaid(c *mapper.Ctx, args []string) (mapper.Target, error) {
 		}
 	}
 	r.resyncMark.Store(r.resyncCP)
+	r.startBehind()
 	return r, nil
 }
 
@@ -637,6 +641,7 @@ func (r *raid) Message(args []string) (string, error) {
 // resumes from its checkpoint on Resume).
 func (r *raid) Presuspend(noflush bool) error {
 	r.stopWorker()
+	r.drainBehind(-1)
 	r.mu.Lock()
 	r.suspended = true
 	r.mu.Unlock()
@@ -666,6 +671,7 @@ func (r *raid) Resume() error {
 // Close implements mapper.Target.
 func (r *raid) Close() error {
 	r.stopWorker()
+	r.stopBehind()
 	if r.bm != nil {
 		r.bm.close()
 	}

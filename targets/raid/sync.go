@@ -264,6 +264,7 @@ func (r *raid) syncMirrorUnit(action string, u uint64) (uint64, error) {
 	l := r.lock(u)
 	l.Lock()
 	defer l.Unlock()
+	r.drainBehind(-1)
 	start := u * raid1Unit
 	n := min(raid1Unit, r.devSectors-start)
 	end := start + raid1Unit
