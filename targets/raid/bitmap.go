@@ -32,10 +32,13 @@ import (
 //     own superblock is no older than events_cleared; otherwise, or when
 //     the bitmap is stale (events behind the superblock's), in full.
 //   - After a crash, regions whose bit is set are resynced (raid1: copied
-//     from the first leg in sync; raid4/5/6: parity recomputed). The
+//     from the first leg in sync, write-mostly legs last, since they may
+//     have been behind; raid4/5/6: parity recomputed). The
 //     kernel's dm-raid keeps array_resync_offset at MaxSector and ignores
 //     such bits on an array that is not degraded; resyncing them is safe
-//     and closes the window of a torn write.
+//     and closes the window of a torn write. "nosync" skips the full
+//     resync of a new array and a recorded resync offset, never these
+//     regions.
 //
 // Arrays from older vhostdm, with its own "VDMRAIDB" bitmap, are migrated
 // on activation: their dirty regions are resynced and the metadata is
@@ -264,9 +267,8 @@ func openBitmap(r *raid) (*bitmap, error) {
 		b.partial = partial
 	}
 	switch {
-	case r.p.nosync:
+	case r.p.nosync: // the recorded resync offset, not the dirty regions
 		r.resyncCP = math.MaxUint64
-		clear(b.resync)
 	case stale:
 		r.resyncCP = 0
 	case fs.arrayResync >= r.devSectors:
@@ -374,9 +376,6 @@ func openLegacy(r *raid, b *bitmap, i int) error {
 	}
 	copy(b.bits, b.resync)
 	r.resyncCP = math.MaxUint64 // the bitmap says what to resync
-	if r.p.nosync {
-		clear(b.resync)
-	}
 	r.log.Info("raid: migrating vhostdm's VDMRAIDB bitmap to dm-raid's superblock and md bitmap", "metadata_device", i)
 	return nil
 }

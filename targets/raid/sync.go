@@ -270,11 +270,10 @@ func (r *raid) syncMirrorUnit(action string, u uint64) (uint64, error) {
 	end := start + raid1Unit
 	off := int64(start << mapper.SectorShift)
 	size := int(n << mapper.SectorShift)
-	src := -1
+	src := -1 // the first leg in sync, write-mostly legs last (as md)
 	for i, m := range r.devs {
-		if m.inSync.Load() && r.readable(i, end) {
+		if m.inSync.Load() && r.readable(i, end) && (src < 0 || r.devs[src].writeMostly && !m.writeMostly) {
 			src = i
-			break
 		}
 	}
 	if src < 0 {
