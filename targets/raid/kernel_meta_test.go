@@ -29,7 +29,8 @@ const (
 	regionsPerDev = dataSectors / metaRegion
 )
 
-// metaArrays are the arrays of the interop test.
+// metaArrays are the arrays of the interop test; the raid1 has a
+// write-mostly leg with write-behind (the leg that fails).
 var metaArrays = []struct {
 	name string
 	n    int
@@ -57,7 +58,11 @@ func metaTable(name string, n int, dir, prefix string, first int) string {
 	if name == "raid1" {
 		chunk = 0
 	}
-	fmt.Fprintf(&b, "0 %d raid %s 3 %d region_size %d %d", metaData(name, n)*dataSectors, name, chunk, metaRegion, n)
+	extra := ""
+	if name == "raid1" { // write-mostly with write-behind moves too
+		extra = fmt.Sprintf(" write_mostly %d max_write_behind 256", failedLeg)
+	}
+	fmt.Fprintf(&b, "0 %d raid %s %d %d region_size %d%s %d", metaData(name, n)*dataSectors, name, 3+len(strings.Fields(extra)), chunk, metaRegion, extra, n)
 	for j := first; j < first+n; j++ {
 		fmt.Fprintf(&b, " %s%sm%d %s%sd%d", dir, prefix, j, dir, prefix, j)
 	}
@@ -330,7 +335,7 @@ func waitSettled(t *testing.T, d *mapper.Device) string {
 
 func runGuest(t *testing.T, script string, disks []string) string {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 240*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 420*time.Second)
 	defer cancel()
 	t0 := time.Now()
 	g, err := oracle.NewGuest(t.TempDir())

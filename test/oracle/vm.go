@@ -142,7 +142,7 @@ func (g *Guest) Run(ctx context.Context, script string, disks []string) (string,
 	}
 	args := []string{"-accel", "tcg", "-cpu", "max", "-m", "512", "-smp", "1", "-nographic", "-no-reboot",
 		"-kernel", g.Kernel, "-initrd", filepath.Join(t, "initrd.gz"),
-		"-append", "console=ttyS0 quiet panic=-1 loglevel=4",
+		"-append", "console=ttyS0 quiet panic=-1 loglevel=4 no_timer_check",
 		"-drive", "file=" + blank + ",format=raw,if=virtio,cache=unsafe"}
 	for _, d := range disks {
 		args = append(args, "-drive", "file="+d+",format=raw,if=virtio,cache=unsafe")
