@@ -36,6 +36,13 @@ var metaArrays = []struct {
 	n    int
 }{{"raid1", 2}, {"raid5_ls", 3}, {"raid6_zr", 5}}
 
+// vDegraded is the array vhostdm runs degraded before the kernel loads it:
+// leg failedLeg fails and region vDirty is written without it.
+const (
+	vDegraded = "raid5_ls"
+	vDirty    = 3
+)
+
 // degradedRegions are the device regions the kernel writes while leg
 // failedLeg is failed.
 var degradedRegions = []int{2, 5}
@@ -77,7 +84,10 @@ func metaTable(name string, n int, dir, prefix string, first int) string {
 //     them. The kernel accepts the superblocks and bitmaps and reports the
 //     arrays in sync at once (every device 'A', the sync ratio complete,
 //     idle: no resync), reads the same bytes, and its check finds no
-//     mismatch.
+//     mismatch. One of them (raid5_ls) ran degraded first: a leg failed
+//     and a region was written without it; vhostdm's superblocks record
+//     the failed leg and its bitmap the region, and the kernel recovers
+//     the leg (its check then finds no mismatch though the leg was stale).
 //   - K (kernel to vhostdm): the kernel creates the same array types with
 //     metadata devices, writes them, lets the bitmap clean, then one leg
 //     fails (its device becomes dm-error) and the kernel writes two
@@ -127,6 +137,36 @@ func TestKernelMetadata(t *testing.T) {
 		d := create(t, m, "rv_"+a.name, metaTable(a.name, a.n, "/dev/mapper/", "v", first))
 		waitIdle(t, d) // new metadata: a full resync
 		vMD5[a.name] = fillArray(t, rng, d)
+		degraded := a.name == vDegraded
+		if degraded {
+			// Leg failedLeg fails; a full stripe of region vDirty is
+			// written without it; the leg comes back, stale there.
+			if err := d.Suspend(false); err != nil { // the bitmap cleans
+				t.Fatal(err)
+			}
+			if err := d.Resume(); err != nil {
+				t.Fatal(err)
+			}
+			leg, err := m.Get(fmt.Sprintf("vd%d", first+failedLeg))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := leg.Reload(fmt.Sprintf("0 %d error", dataSectors)); err != nil {
+				t.Fatal(err)
+			}
+			buf := make([]byte, 2*kchunk*512*metaData(a.name, a.n))
+			for i := range buf {
+				buf[i] = byte(rng.Uint32())
+			}
+			submit(t, d, mapper.OpWrite, uint64(vDirty*metaRegion*metaData(a.name, a.n)), buf)
+			if f := strings.Fields(d.Status(mapper.StatusInfo, false)[0].Params); f[2][failedLeg] != 'D' {
+				t.Fatalf("V %s: status %v after leg %d failed", a.name, f, failedLeg)
+			}
+			vMD5[a.name] = md5Of(t, d)
+			if err := leg.Reload(fmt.Sprintf("0 %d linear %s %d", dataSectors, disk["v"], (first+failedLeg)*memberStride+metaSectors)); err != nil {
+				t.Fatal(err)
+			}
+		}
 		if err := m.Remove(d.Name(), false); err != nil {
 			t.Fatal(err)
 		}
@@ -135,7 +175,13 @@ func TestKernelMetadata(t *testing.T) {
 			if sb == nil || bs == nil {
 				t.Fatalf("V %s member %d: no dm-raid superblock or md bitmap written", a.name, j-first)
 			}
-			if bits != 0 || sb.arrayResync != maxSector || sb.diskRecovery != maxSector {
+			switch {
+			case degraded && j == first+failedLeg:
+			case degraded:
+				if !sb.isFailed(failedLeg) || bits != 1<<vDirty {
+					t.Errorf("V %s member %d: after the failure: failed devices %x, bitmap %08b; want leg %d failed, region %d dirty", a.name, j-first, sb.failed, bits, failedLeg, vDirty)
+				}
+			case bits != 0 || sb.arrayResync != maxSector || sb.diskRecovery != maxSector:
 				t.Errorf("V %s member %d: after a clean remove: bitmap %08b, resync offset %#x, recovery offset %#x", a.name, j-first, bits, sb.arrayResync, sb.diskRecovery)
 			}
 		}
@@ -165,8 +211,11 @@ func TestKernelMetadata(t *testing.T) {
 	sc.WriteString("dmsetup mknodes\n")
 	for _, a := range metaArrays {
 		fmt.Fprintf(&sc, "echo \"VMD5 %s $(md5sum < /dev/mapper/rv_%s)\"\n", a.name, a.name)
-		fmt.Fprintf(&sc, "dmsetup message rv_%s 0 check\n", a.name)
 		fmt.Fprintf(&sc, "dd if=/dev/urandom of=/dev/mapper/rk_%s bs=65536 count=%d conv=fsync 2>/dev/null\n", a.name, metaData(a.name, a.n)*dataSectors/128)
+	}
+	sc.WriteString("waitidle\n")
+	for _, a := range metaArrays {
+		fmt.Fprintf(&sc, "dmsetup message rv_%s 0 check\n", a.name)
 	}
 	sc.WriteString("waitidle\n")
 	// Let the kernel's bitmaps clean (its daemon clears a bit in two
@@ -200,14 +249,17 @@ func TestKernelMetadata(t *testing.T) {
 	for _, a := range metaArrays {
 		health := strings.Repeat("A", a.n)
 		want := fmt.Sprintf("0 %d raid %s %d %s %d/%d idle 0 0 -", metaData(a.name, a.n)*dataSectors, a.name, a.n, health, dataSectors, dataSectors)
-		if k := got["VSTATUS "+a.name]; k != want && k+" -" != want {
+		if k := got["VSTATUS "+a.name]; a.name != vDegraded && k != want && k+" -" != want {
 			t.Errorf("V %s: kernel status at load %q, want %q (in sync, no resync)", a.name, k, want)
 		}
 		if got["VMD5 "+a.name] != vMD5[a.name] {
 			t.Errorf("V %s: kernel reads md5 %q, vhostdm wrote %s", a.name, got["VMD5 "+a.name], vMD5[a.name])
 		}
-		if f := strings.Fields(got["VCHECK "+a.name]); len(f) < 9 || f[7] != "idle" || f[8] != "0" {
-			t.Errorf("V %s: kernel check: %q, want idle with 0 mismatches", a.name, got["VCHECK "+a.name])
+		// For the degraded array, 0 mismatches with the leg in sync means
+		// the kernel honoured vhostdm's record of the failed leg: the leg
+		// is stale in region vDirty.
+		if f := strings.Fields(got["VCHECK "+a.name]); len(f) < 9 || f[5] != health || f[7] != "idle" || f[8] != "0" {
+			t.Errorf("V %s: kernel check: %q, want every device in sync, idle with 0 mismatches", a.name, got["VCHECK "+a.name])
 		}
 	}
 
