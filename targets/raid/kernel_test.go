@@ -223,7 +223,7 @@ func TestKernelCompat(t *testing.T) {
 	}
 	sc.WriteString("sync\ndmesg | grep -i 'raid\\|md/' | grep -iv 'raid6: \\|xor\\|avx\\|sse' | tail -20 | sed 's/^/DMESG /'\n")
 
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 420*time.Second)
 	defer cancel()
 	t0 := time.Now()
 	g, err := oracle.NewGuest(t.TempDir())

@@ -39,6 +39,9 @@ func (r *raid) mirrorRead(sector, n uint64, data [][]byte) error {
 			if m.writeMostly != (pass == 1) || !r.readable(i, end) {
 				continue
 			}
+			if r.behindLeg(i) {
+				r.drainBehind(i)
+			}
 			err := m.dev.ReadAt(data, int64(sector<<mapper.SectorShift))
 			if err == nil {
 				return nil
@@ -56,14 +59,21 @@ func (r *raid) mirrorWrite(sector, n uint64, data [][]byte) error {
 		l.Lock()
 		defer l.Unlock()
 		if r.bm != nil {
-			if err := r.bm.startWrite(r, sector); err != nil {
+			if err := r.bm.startWrite(r, sector, sector+n); err != nil {
 				return err
 			}
-			defer r.bm.endWrite(sector)
+			defer r.bm.endWrite(sector, sector+n)
 		}
 		r.eachLeg(func(i int, m *member) error {
+			if r.behindLeg(i) {
+				r.queueBehind(i, sector, n, bufs)
+				return nil
+			}
 			return m.dev.WriteAt(bufs, int64(sector<<mapper.SectorShift))
 		})
+		if r.behind != nil && !r.primaryInService() {
+			r.drainBehind(-1) // no other leg holds it: not behind
+		}
 		return r.survives()
 	})
 }
@@ -74,6 +84,7 @@ func (r *raid) mirrorDiscard(sector, n uint64) error {
 		l := r.lock(unit)
 		l.Lock()
 		defer l.Unlock()
+		r.drainBehind(-1)
 		r.eachLeg(func(i int, m *member) error {
 			return m.dev.Discard(int64(sector<<mapper.SectorShift), int64(n<<mapper.SectorShift))
 		})

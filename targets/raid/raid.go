@@ -27,6 +27,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/vhostdm/vhostdm/mapper"
 )
@@ -49,21 +50,35 @@ import (
 // degraded and reads reconstruct its chunks. Without nosync a new array is
 // resynchronised in the background (parity recomputed, raid1 legs copied
 // from the first); "rebuild <idx>" recovers device idx from the others.
-// max_recovery_rate throttles the background work (kB/s per device);
-// min_recovery_rate and max_write_behind are checked and echoed but change
-// nothing; write_mostly legs of raid1 are read last; daemon_sleep is the
-// bitmap daemon's period. stripe_cache is the number of entries of the
+// The sync actions run between min_recovery_rate and max_recovery_rate
+// (kB/s per device, as md's sync_speed_min and sync_speed_max): never
+// faster than the maximum, and above the minimum only while the guest
+// sends no request (guest I/O has priority); without min_recovery_rate
+// they do not give way. write_mostly legs of raid1 are read last; with
+// metadata devices (a bitmap) and max_write_behind <sectors>, writes to
+// them complete in the background, up to max_write_behind/2 writes behind
+// per leg, as md counts the value dm-raid passes it (behind.go); without
+// a bitmap max_write_behind is checked and echoed only. daemon_sleep is
+// the bitmap daemon's period. stripe_cache is the number of entries of the
 // raid4/5/6 stripe cache (cache.go: 4 KiB rows across every member, as
 // md's stripe_heads), set up as dm-raid does: 256 when not given, raised
 // to chunk_size/2 when smaller, and refused outside md's 17..32768 unless
 // it is 256; TABLE echoes it only when given, as the count set up (as the
 // kernel prints max_nr_stripes), and INFO does not show it.
 //
-// Metadata devices: when given, they hold vhostdm's own write-intent bitmap
-// (see bitmap.go; region_size sectors per bit, default 8192 sectors), not
-// dm-raid's superblock: a crash then resyncs only the regions that were
-// being written. Arrays meant to move to the kernel use "-" metadata
-// devices, as dm-raid-without-metadata does, with nosync.
+// Metadata devices: when given, they hold the kernel's formats (see
+// superblock.go and bitmap.go): dm-raid's superblock in the first 4 KiB
+// and md's write-intent bitmap (version 4, region_size sectors per bit,
+// default 8192) from byte 4096, so that arrays with metadata devices move
+// between vhostdm and the kernel both ways. A crash resyncs only the
+// regions being written; a failed device is recorded in the superblocks
+// (failed_devices) before the write that found it failed completes, and
+// when it is back in the table it is recovered only in the regions
+// written meanwhile. An existing array's superblock must match the table
+// (type, chunk, device count, positions, size: takeover, reshape and
+// resize are refused with the kernel's reasons); a device with a blank
+// metadata device joins only with "rebuild". Metadata in vhostdm's former
+// format ("VDMRAIDB") is migrated on activation.
 //
 // INFO:  "raid5_ls 4 AAAA 8192/8192 idle 0 0 -" (type, #devices, one
 // health character per device: A alive and in sync, a alive but not in
@@ -133,14 +148,17 @@ type raid struct {
 	length     uint64
 	event      mapper.EventRaiser
 	log        *slog.Logger
-	bm         *bitmap      // nil without metadata devices
-	cacheSize  int          // stripe cache entries (raid4/5/6), as TABLE reports them
-	cache      *stripeCache // nil for raid1 (and in tests without a cache)
+	bm         *bitmap        // nil without metadata devices
+	cacheSize  int            // stripe cache entries (raid4/5/6), as TABLE reports them
+	cache      *stripeCache   // nil for raid1 (and in tests without a cache)
+	behind     []*behindQueue // write-behind queues by member, nil without write-behind
 
 	locks [lockCount]sync.Mutex
 
 	rr         atomic.Uint32 // raid1 read balancing
 	recoveryCP atomic.Uint64 // device sectors below which recovering members are valid
+	resyncMark atomic.Uint64 // resyncCP, for the superblocks (read without mu)
+	guestAt    atomic.Int64  // when the last request was mapped (UnixNano), for the sync throttle
 
 	// Sync state, guarded by mu.
 	mu         sync.Mutex
@@ -266,6 +284,8 @@ func newRaid(c *mapper.Ctx, args []string) (mapper.Target, error) {
 			return nil, err
 		}
 	}
+	r.resyncMark.Store(r.resyncCP)
+	r.startBehind()
 	return r, nil
 }
 
@@ -367,6 +387,7 @@ func (r *raid) Discards() bool { return r.geo == nil }
 func (r *raid) WritesZeroes() bool { return true }
 
 func (r *raid) Map(req *mapper.Request) error {
+	r.guestAt.Store(time.Now().UnixNano())
 	var err error
 	switch req.Op {
 	case mapper.OpFlush:
@@ -436,14 +457,33 @@ func (r *raid) writeZeroes(sector, n uint64) error {
 	return nil
 }
 
-// fail takes device i out of service after err, once.
+// fail takes device i out of service after err, once, and records it in
+// the superblocks (failed_devices) before returning.
 func (r *raid) fail(i int, err error) {
-	m := r.devs[i]
-	if m.faulty.CompareAndSwap(false, true) {
-		r.invalidate()
-		r.log.Warn("raid device failed", "index", i, "device", m.name, "err", err)
-		r.event("device-failed", map[string]any{"index": i, "device": m.name, "error": err.Error()})
+	if r.markFailed(i, err) && r.bm != nil {
+		if err := r.bm.writeSuper(r); err != nil {
+			r.log.Warn("raid metadata write failed", "err", err)
+		}
 	}
+}
+
+// markFailed takes device i out of service after err; it reports whether
+// the device was in service.
+func (r *raid) markFailed(i int, err error) bool {
+	m := r.devs[i]
+	if !m.faulty.CompareAndSwap(false, true) {
+		return false
+	}
+	r.invalidate()
+	r.log.Warn("raid device failed", "index", i, "device", m.name, "err", err)
+	r.event("device-failed", map[string]any{"index": i, "device": m.name, "error": err.Error()})
+	return true
+}
+
+// setResyncCP sets resyncCP; r.mu is held.
+func (r *raid) setResyncCP(v uint64) {
+	r.resyncCP = v
+	r.resyncMark.Store(v)
 }
 
 // failed returns how many devices are out of service.
@@ -579,7 +619,7 @@ func (r *raid) Message(args []string) (string, error) {
 		}
 		switch a {
 		case "resync":
-			r.resyncCP = 0
+			r.setResyncCP(0)
 		case "recover":
 			if !r.needsRecovery() {
 				r.action = "idle"
@@ -601,12 +641,16 @@ func (r *raid) Message(args []string) (string, error) {
 // resumes from its checkpoint on Resume).
 func (r *raid) Presuspend(noflush bool) error {
 	r.stopWorker()
+	r.drainBehind(-1)
 	r.mu.Lock()
 	r.suspended = true
 	r.mu.Unlock()
 	r.invalidate()
 	if r.bm != nil {
-		return r.bm.sync(r)
+		if err := r.bm.sync(r); err != nil {
+			return err
+		}
+		return r.bm.writeSuper(r)
 	}
 	return nil
 }
@@ -627,8 +671,9 @@ func (r *raid) Resume() error {
 // Close implements mapper.Target.
 func (r *raid) Close() error {
 	r.stopWorker()
+	r.stopBehind()
 	if r.bm != nil {
-		r.bm.close(r)
+		r.bm.close()
 	}
 	return nil
 }

@@ -582,7 +582,7 @@ func TestCrashBitmap(t *testing.T) {
 	for i := 0; i < n; i++ {
 		set.Get(fmt.Sprintf("m%d", i)).Flush()
 	}
-	bits := func() byte { return set.Get("g0").Bytes()[bitmapOffset] }
+	bits := func() byte { return set.Get("g0").Bytes()[bitsOffset] }
 	if b := bits(); b != 0 {
 		t.Fatalf("bitmap %08b after a clean suspend, want 0", b)
 	}

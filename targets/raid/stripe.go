@@ -149,10 +149,10 @@ func (r *raid) writeStripe(s uint64, segs []seg) error {
 	l.Lock()
 	defer l.Unlock()
 	if r.bm != nil {
-		if err := r.bm.startWrite(r, s*r.chunk); err != nil {
+		if err := r.bm.startWrite(r, s*r.chunk, (s+1)*r.chunk); err != nil {
 			return err
 		}
-		defer r.bm.endWrite(s * r.chunk)
+		defer r.bm.endWrite(s*r.chunk, (s+1)*r.chunk)
 	}
 	if r.cache != nil {
 		return r.writeStripeCached(s, m, segs)

@@ -51,9 +51,10 @@ func (r *raid) startNeeded() {
 func (r *raid) startLocked(action string, from uint64) {
 	stop, done := make(chan struct{}), make(chan struct{})
 	r.action, r.progress, r.stop, r.done = action, from, stop, done
-	bitmapResync := action == "resync" && r.resyncCP >= r.devSectors && r.bm != nil
+	bitmapOnly := r.bm != nil && (action == "resync" && r.resyncCP >= r.devSectors ||
+		action == "recover" && r.bm.partialRecovery())
 	r.invalidate()
-	go r.run(action, from, bitmapResync, stop, done)
+	go r.run(action, from, bitmapOnly, stop, done)
 }
 
 // stopWorker stops the running action, if any, and waits for it.
@@ -71,24 +72,25 @@ func (r *raid) stopWorker() {
 	}
 }
 
-func (r *raid) run(action string, from uint64, bitmapResync bool, stop, done chan struct{}) {
+// run runs action from device sector from; with bitmapOnly, only over the
+// regions the bitmap marked at load.
+func (r *raid) run(action string, from uint64, bitmapOnly bool, stop, done chan struct{}) {
 	defer close(done)
 	defer r.invalidate()
 	unit := r.chunk
-	var perUnit time.Duration
-	if r.p.maxRate > 0 {
-		perUnit = time.Duration(float64(unit*mapper.SectorSize) / float64(r.p.maxRate*1024) * float64(time.Second))
-	}
-	next := time.Now()
+	th := r.newThrottle()
 	for pos := from; pos < r.devSectors; pos += unit {
 		select {
 		case <-stop:
 			return
 		default:
 		}
-		if bitmapResync && !r.bm.resyncWanted(pos) {
+		if bitmapOnly && !r.bm.resyncWanted(pos, pos+unit) {
 			r.mu.Lock()
 			r.progress = pos + unit
+			if action == "recover" {
+				r.recoveryCP.Store(pos + unit)
+			}
 			r.mu.Unlock()
 			continue
 		}
@@ -113,23 +115,16 @@ func (r *raid) run(action string, from uint64, bitmapResync bool, stop, done cha
 		r.mu.Lock()
 		r.progress = pos + unit
 		switch {
-		case action == "resync" && !bitmapResync:
-			r.resyncCP = pos + unit
+		case action == "resync" && !bitmapOnly:
+			r.setResyncCP(pos + unit)
 		case action == "recover":
 			r.recoveryCP.Store(pos + unit)
 		case action == "check" || action == "repair":
 			r.mismatches += mism
 		}
 		r.mu.Unlock()
-		if perUnit > 0 {
-			next = next.Add(perUnit)
-			if d := time.Until(next); d > 0 {
-				select {
-				case <-stop:
-					return
-				case <-time.After(d):
-				}
-			}
+		if !th.wait(unit, stop) {
+			return
 		}
 	}
 	switch action {
@@ -140,12 +135,20 @@ func (r *raid) run(action string, from uint64, bitmapResync bool, stop, done cha
 			}
 		}
 		r.recoveryCP.Store(0)
+		if r.bm != nil {
+			r.bm.recoveryDone()
+		}
 	case "resync":
 		r.mu.Lock()
-		r.resyncCP = math.MaxUint64
+		r.setResyncCP(math.MaxUint64)
 		r.mu.Unlock()
-		if bitmapResync {
-			r.bm.resyncDone(r)
+		if bitmapOnly {
+			r.bm.resyncDone()
+		}
+	}
+	if r.bm != nil && (action == "resync" || action == "recover") {
+		if err := r.bm.writeSuper(r); err != nil {
+			r.log.Warn("raid metadata write failed", "err", err)
 		}
 	}
 	r.mu.Lock()
@@ -261,16 +264,16 @@ func (r *raid) syncMirrorUnit(action string, u uint64) (uint64, error) {
 	l := r.lock(u)
 	l.Lock()
 	defer l.Unlock()
+	r.drainBehind(-1)
 	start := u * raid1Unit
 	n := min(raid1Unit, r.devSectors-start)
 	end := start + raid1Unit
 	off := int64(start << mapper.SectorShift)
 	size := int(n << mapper.SectorShift)
-	src := -1
+	src := -1 // the first leg in sync, write-mostly legs last (as md)
 	for i, m := range r.devs {
-		if m.inSync.Load() && r.readable(i, end) {
+		if m.inSync.Load() && r.readable(i, end) && (src < 0 || r.devs[src].writeMostly && !m.writeMostly) {
 			src = i
-			break
 		}
 	}
 	if src < 0 {
@@ -317,4 +320,62 @@ func (r *raid) syncMirrorUnit(action string, u uint64) (uint64, error) {
 		}
 	}
 	return mism, nil
+}
+
+// throttle paces a sync action between min_recovery_rate and
+// max_recovery_rate, as md paces its sync thread between sync_speed_min
+// and sync_speed_max: above the maximum it sleeps; above the minimum it
+// gives way to guest I/O, waiting while requests keep arriving; at or
+// below the minimum it runs whatever the guest does. Speeds are per
+// device, in kB/s, measured over a window restarted every syncWindow.
+type throttle struct {
+	r        *raid
+	min, max float64 // kB/s; <0 when not given
+	start    time.Time
+	done     uint64 // sectors since start
+}
+
+// syncWindow is how long a throttle measures speed before restarting.
+const syncWindow = 3 * time.Second
+
+// guestPause is how long the guest must have sent no request for a sync
+// action above its minimum speed to go on (a busy guest's requests come
+// far closer; a descheduled one can pause for milliseconds).
+const guestPause = 100 * time.Millisecond
+
+func (r *raid) newThrottle() *throttle {
+	return &throttle{r: r, min: float64(r.p.minRate), max: float64(r.p.maxRate), start: time.Now()}
+}
+
+// wait accounts for n sectors done and sleeps as the rates ask; it returns
+// false when stop closed meanwhile.
+func (th *throttle) wait(n uint64, stop chan struct{}) bool {
+	th.done += n
+	for {
+		el := time.Since(th.start)
+		if el > syncWindow {
+			th.start, th.done = time.Now(), 0
+			return true
+		}
+		kb := float64(th.done*mapper.SectorSize) / 1024
+		speed := kb / max(el.Seconds(), 1e-6)
+		var d time.Duration
+		switch {
+		case th.max > 0 && speed > th.max:
+			d = time.Duration((kb/th.max - el.Seconds()) * float64(time.Second))
+		case th.min >= 0 && speed > th.min:
+			idle := time.Duration(time.Now().UnixNano() - th.r.guestAt.Load())
+			if idle >= guestPause {
+				return true // the guest paused
+			}
+			d = min(guestPause-idle, 10*time.Millisecond)
+		default:
+			return true
+		}
+		select {
+		case <-stop:
+			return false
+		case <-time.After(max(d, time.Millisecond)):
+		}
+	}
 }
