@@ -195,8 +195,8 @@ type blkQueue struct {
 	cur    uint16 // head being dispatched by the ring goroutine, if curSet
 	curSet bool
 
-	call    atomic.Pointer[os.File]
-	errf    atomic.Pointer[os.File]
+	call    atomic.Pointer[notifier]
+	errf    atomic.Pointer[notifier]
 	enabled atomic.Bool
 	stopReq atomic.Bool
 	broken  atomic.Bool
@@ -321,7 +321,7 @@ func (q *blkQueue) start(mem *Mem, features uint64, dlog *dirtyLog, inf *infligh
 	}
 	q.ring.lastAvail = q.base
 	used := q.ring.usedRingIdx()
-	q.ring.usedIdx, q.ring.pubIdx = used, used
+	q.ring.restart(used)
 	q.inflight, q.resubmit = nil, nil
 	if inf != nil {
 		iq, err := inf.queue(q.index, q.num)
@@ -436,7 +436,7 @@ func (q *blkQueue) fail(err error) {
 		return
 	}
 	q.log.Error("virtqueue stopped", "err", err)
-	signalEventfd(q.errf.Load())
+	q.errf.Load().signal()
 }
 
 // run is the ring goroutine.
@@ -643,6 +643,7 @@ func (q *blkQueue) renotify() {
 		q.renotified = true
 	}
 	q.renotifies.Add(1)
+	q.dev.exp.renotifies.Add(1)
 	q.notify()
 }
 
@@ -1027,7 +1028,7 @@ func (q *blkQueue) publishLocked() bool {
 
 // notify signals the call eventfd.
 func (q *blkQueue) notify() {
-	signalEventfd(q.call.Load())
+	q.call.Load().signal()
 }
 
 // prepare parses and checks the request header and layout. It returns
