@@ -39,10 +39,6 @@ type notifier struct {
 	done    chan struct{} // closed when the goroutine has closed the fd
 }
 
-// notifierCount counts the notifier goroutines and reapers running, for
-// tests (no goroutine outlives its front end by much).
-var notifierCount atomic.Int64
-
 // eventfdOne is the 8-byte counter increment written to an eventfd.
 var eventfdOne = [8]byte{1}
 
@@ -59,7 +55,6 @@ func newNotifier(fd int, what string, log *slog.Logger) *notifier {
 		return n
 	}
 	n.rc = rc
-	notifierCount.Add(1)
 	go n.run()
 	return n
 }
@@ -77,7 +72,6 @@ func (n *notifier) signal() {
 }
 
 func (n *notifier) run() {
-	defer notifierCount.Add(-1)
 	defer close(n.done)
 	defer n.f.Close()
 	for {
@@ -117,7 +111,6 @@ func (n *notifier) close() {
 		return
 	default:
 	}
-	notifierCount.Add(1)
 	go n.reap()
 }
 
@@ -129,7 +122,6 @@ const reapFirst = 20 * time.Millisecond
 // completes. It gives up only when the goroutine has exited: a front end
 // that keeps refilling the counter keeps one thread of ours, no more.
 func (n *notifier) reap() {
-	defer notifierCount.Add(-1)
 	delay := reapFirst
 	t := time.NewTimer(delay)
 	defer t.Stop()
