@@ -152,6 +152,26 @@ func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
+var renotifies = prometheus.NewDesc("vhostdm_export_lost_interrupts_total",
+	"Times a virtqueue's driver, a second after the last kick, had not consumed completions it was told of, and the call eventfd was signalled again.",
+	[]string{"export"}, nil)
+
+// Renotifies registers a collector of the exports' lost-interrupt
+// counters; counts returns them by export id.
+func (m *Metrics) Renotifies(counts func() map[string]uint64) {
+	m.reg.MustRegister(&renotifyCollector{counts: counts})
+}
+
+type renotifyCollector struct{ counts func() map[string]uint64 }
+
+func (c *renotifyCollector) Describe(ch chan<- *prometheus.Desc) { ch <- renotifies }
+
+func (c *renotifyCollector) Collect(ch chan<- prometheus.Metric) {
+	for id, n := range c.counts() {
+		ch <- prometheus.MustNewConstMetric(renotifies, prometheus.CounterValue, float64(n), id)
+	}
+}
+
 // Devices registers a collector of every device of mgr: suspended state,
 // size, open count, event counter and table swaps.
 func (m *Metrics) Devices(mgr *mapper.Manager) {

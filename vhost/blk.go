@@ -198,8 +198,8 @@ type blkQueue struct {
 	cur    uint16 // head being dispatched by the ring goroutine, if curSet
 	curSet bool
 
-	call    atomic.Pointer[os.File]
-	errf    atomic.Pointer[os.File]
+	call    atomic.Pointer[notifier]
+	errf    atomic.Pointer[notifier]
 	enabled atomic.Bool
 	stopReq atomic.Bool
 	broken  atomic.Bool
@@ -317,7 +317,7 @@ func (q *blkQueue) start(mem *Mem, features uint64, dlog *dirtyLog, inf *infligh
 	}
 	q.ring.lastAvail = q.base
 	used := q.ring.usedRingIdx()
-	q.ring.usedIdx, q.ring.pubIdx = used, used
+	q.ring.restart(used)
 	q.inflight, q.resubmit = nil, nil
 	if inf != nil {
 		iq, err := inf.queue(q.index, q.num)
@@ -431,7 +431,7 @@ func (q *blkQueue) fail(err error) {
 		return
 	}
 	q.log.Error("virtqueue stopped", "err", err)
-	signalEventfd(q.errf.Load())
+	q.errf.Load().signal()
 }
 
 // run is the ring goroutine.
@@ -638,6 +638,7 @@ func (q *blkQueue) renotify() {
 		q.renotified = true
 	}
 	q.renotifies.Add(1)
+	q.dev.exp.renotifies.Add(1)
 	q.notify()
 }
 
@@ -994,7 +995,7 @@ func (q *blkQueue) publishLocked() bool {
 // notify signals the call eventfd.
 func (q *blkQueue) notify() {
 	q.notified.Add(1)
-	signalEventfd(q.call.Load())
+	q.call.Load().signal()
 }
 
 // prepare parses and checks the request header and layout. It returns

@@ -542,31 +542,37 @@ func (c *conn) exec(h Header, pl Payload, fds []int) (explicit bool, err error) 
 		if err != nil {
 			return false, err
 		}
-		var f *os.File
+		var n *notifier
 		if !v.NoFD {
 			if err := checkEventfd(fds[0]); err != nil {
 				return false, fmt.Errorf("queue %d: %s: %w", v.Index, h.Code, err)
 			}
-			fd := take(fds, 0)
-			unix.SetNonblock(fd, true)
-			f = os.NewFile(uintptr(fd), fmt.Sprintf("call%d", v.Index))
+			what := fmt.Sprintf("call%d", v.Index)
+			if h.Code == ReqSetVringErr {
+				what = fmt.Sprintf("err%d", v.Index)
+			}
+			n = newNotifier(take(fds, 0), what, c.log)
 		}
-		var old *os.File
+		var old *notifier
 		if h.Code == ReqSetVringCall {
-			old = q.call.Swap(f)
+			old = q.call.Swap(n)
 		} else {
-			old = q.errf.Swap(f)
+			old = q.errf.Swap(n)
 		}
 		if old != nil {
-			old.Close()
-			if h.Code == ReqSetVringCall && f != nil {
+			old.close()
+			if h.Code == ReqSetVringCall && n != nil {
 				// A completer that loaded the old fd may have
-				// written it after the close: signal the new one so
-				// that no completion waits for an interrupt that was
-				// lost (QEMU swaps call fds when the guest masks and
-				// unmasks MSI-X vectors). A spurious interrupt costs
-				// the driver one look at the used ring.
-				signalEventfd(f)
+				// signalled it after QEMU stopped looking at it:
+				// QEMU sends SET_VRING_CALL without waiting for a
+				// reply when the guest masks or unmasks an MSI-X
+				// vector, and tests the fd it replaces before this
+				// back end has read the message
+				// (virtio_pci_one_vector_unmask). Signal the new
+				// one so that no completion waits for an interrupt
+				// that was lost; a spurious interrupt costs the
+				// driver one look at the used ring.
+				n.signal()
 			}
 		}
 		return false, nil
@@ -730,28 +736,6 @@ func checkEventfd(fd int) error {
 	return nil
 }
 
-// eventfdOne is the 8-byte counter increment written to an eventfd.
-var eventfdOne = [8]byte{1}
-
-// signalEventfd adds 1 to the eventfd f (call or error fd) with one
-// non-blocking write that never waits: EAGAIN means the counter is
-// already far from zero, so the other side will wake anyway. The write
-// goes through f's raw conn, which keeps the fd from being closed and
-// reused under it.
-func signalEventfd(f *os.File) {
-	if f == nil {
-		return
-	}
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return
-	}
-	rc.Write(func(fd uintptr) bool {
-		unix.Write(int(fd), eventfdOne[:])
-		return true
-	})
-}
-
 // anyRunning reports whether a queue is running or paused.
 func (c *conn) anyRunning() bool {
 	for _, q := range c.dev.queues {
@@ -836,12 +820,8 @@ func (c *conn) teardown() {
 			q.kick.Close()
 			q.kick = nil
 		}
-		if f := q.call.Swap(nil); f != nil {
-			f.Close()
-		}
-		if f := q.errf.Swap(nil); f != nil {
-			f.Close()
-		}
+		q.call.Swap(nil).close()
+		q.errf.Swap(nil).close()
 	}
 	if n := c.dev.dropped.Load(); n > 0 {
 		c.log.Warn("requests dropped without completion after a fault", "requests", n)

@@ -60,9 +60,10 @@
 // queues stop and the export serves the next front end. Locks around
 // shared-memory accesses are released by defer. The inflight region must
 // be a sealed memfd, so it cannot shrink. Call and error eventfds are
-// signalled with one write that never waits, the kick eventfd is read with
-// RWF_NOWAIT: nothing the front end does to its fds parks a goroutine the
-// connection waits for.
+// written by a goroutine of their own (a front end can clear O_NONBLOCK on
+// the file description it shares and keep the counter full, and no write
+// is safe from that), the kick eventfd is read with RWF_NOWAIT: nothing the
+// front end does to its fds parks a goroutine the connection waits for.
 //
 // # Units
 //

@@ -113,6 +113,9 @@ type Export struct {
 	discard   atomic.Bool  // the table serves discards (see TableCaps)
 	zeroes    atomic.Bool  // the table serves write-zeroes
 	freedAt   atomic.Int64 // mono time of the last releaseMemory
+	// renotifies counts the queues' second looks that found a driver
+	// owed an interrupt and signalled it again (blkQueue.renotify).
+	renotifies atomic.Uint64
 
 	mu      sync.Mutex
 	conn    *conn         // the connection being served, or nil
@@ -282,6 +285,12 @@ func (e *Export) QueueDepths() []int {
 	}
 	return out
 }
+
+// Renotifies returns how many times a queue of this export found, a second
+// after the last kick, that the driver had not consumed completions it was
+// told of, and signalled its call eventfd again: an interrupt lost between
+// the back end and the guest. It stays 0 on a healthy host.
+func (e *Export) Renotifies() uint64 { return e.renotifies.Load() }
 
 // shutdown stops accepting and closes the connection's socket; the
 // connection then finishes its in-flight requests and tears down.

@@ -135,6 +135,9 @@ func FuzzConnSequence(f *testing.F) {
 	f.Add(with(op(ReqSetLogBase), 1<<2|1, op(ReqSetVringAddr), 0, 1, 0, 0, 1, 0, 2, 0, op(ReqResetDevice)))
 	f.Add([]byte{op(ReqSetVringCall), 0, 2, op(ReqSetVringKick), 0, 3, raw, 12, 1, 0, 0, 0})
 	f.Add(with(op(ReqAddMemReg), 1, op(ReqRemMemReg), 0, op(ReqSetVringCall), 0, 4, op(ReqSetMemTable), 2<<1))
+	// Call and error fds blocked and full, then a request completes and
+	// the queue is stopped.
+	f.Add(with(append(append([]byte{op(ReqSetVringCall), 0, 6, op(ReqSetVringErr), 0, 6}, chain...), op(ReqGetVringBase), 0, 0)...))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		fuzzConn(t, socket, data)
 	})
@@ -219,9 +222,15 @@ func fuzzConn(t *testing.T, socket string, data []byte) {
 		t.Fatal(err)
 	}
 	cleanup = append(cleanup, sp[0], sp[1])
+	// blocked is an eventfd made blocking after it was filled: every
+	// write the back end makes to it would block (O_NONBLOCK belongs to
+	// the file description both sides share).
+	blocked := newFD(unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK))
+	unix.Write(blocked, le.AppendUint64(nil, 0xfffffffffffffffe))
+	unix.SetNonblock(blocked, false)
 	// fd picks one of the fds by a fuzz byte.
 	fd := func(k uint8) []int {
-		switch k % 7 {
+		switch k % 8 {
 		case 0:
 			return []int{memfd}
 		case 1:
@@ -239,6 +248,8 @@ func fuzzConn(t *testing.T, socket string, data []byte) {
 			return []int{small}
 		case 5:
 			return []int{sp[1]}
+		case 6:
+			return []int{blocked}
 		}
 		return nil
 	}

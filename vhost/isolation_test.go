@@ -73,7 +73,11 @@ type daemon struct {
 
 const isolationDiskSectors = 16384 // 8 MiB
 
-func startDaemon(t *testing.T) *daemon {
+func startDaemon(t *testing.T) *daemon { t.Helper(); return startDaemonWith(t, "") }
+
+// startDaemonWith starts the daemon with extra TOML appended to its
+// configuration.
+func startDaemonWith(t *testing.T, extra string) *daemon {
 	t.Helper()
 	bin := buildDaemon(t)
 	// Socket paths must fit in sun_path: a short directory of our own.
@@ -112,7 +116,7 @@ device = "healthy"
 socket = "healthy.sock"
 writable = true
 num-queues = 2
-`, isolationDiskSectors)
+`, isolationDiskSectors) + extra
 	cfgPath := filepath.Join(dir, "vm.toml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)

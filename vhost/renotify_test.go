@@ -2,8 +2,12 @@ package vhost
 
 import (
 	"bytes"
+	"sync/atomic"
 	"testing"
 	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestRenotifyLostInterrupt: a driver that was owed an interrupt and never
@@ -61,4 +65,51 @@ func TestRenotifyLostInterrupt(t *testing.T) {
 	if n2 != n {
 		t.Fatalf("an idle, up-to-date queue was signalled %d more times", n2-n)
 	}
+}
+
+// TestRestartSignalsFirstCompletion: a queue (re)started on a ring whose
+// used index is ahead of the driver's used_event (an earlier back end
+// published completions 3 and 4 and went away before it signalled them)
+// signals the first completion it publishes, although the event-idx test
+// alone would say the driver needs no interrupt for it: the driver would
+// otherwise wait until the second look, a second later.
+func TestRestartSignalsFirstCompletion(t *testing.T) {
+	env := newTestEnv(t, 1<<20, ExportConfig{Writable: true})
+	h := dialHostile(t, env.socket)
+	h.negotiate(FeatureEventIdx, 0)
+	a := newHRegion(t, 0, 1<<20)
+	h.memTable(a)
+	const num = 16
+	ring := newRing(t, num, a, 0, a, ringEnd(num, 0))
+	ring.availIdx = 5
+	atomic.StoreUint32((*uint32)(unsafe.Pointer(&ring.avail[0])), 5<<16)
+	atomic.StoreUint32((*uint32)(unsafe.Pointer(&ring.used[0])), 5<<16)
+	le.PutUint16(ring.avail[4+2*num:], 3) // used_event: told up to 3
+	h.must(ReqSetVringCall, VringFD{Index: 0}, []int{ring.call})
+	h.must(ReqSetVringNum, VringState{Index: 0, Num: num}, nil)
+	h.must(ReqSetVringBase, VringState{Index: 0, Num: 5}, nil)
+	h.must(ReqSetVringAddr, VringAddr{Index: 0, Desc: hostileUser + ring.dGPA, Avail: hostileUser + ring.aGPA, Used: hostileUser + ring.uGPA}, nil)
+	h.must(ReqSetVringKick, VringFD{Index: 0}, []int{ring.kick})
+	h.must(ReqSetVringEnable, VringState{Index: 0, Num: 1}, nil)
+
+	hdr := ringEnd(num, 0) + 4096
+	putHeader(a.mem[hdr:], BlkTypeIn, 0)
+	ring.request(0, hdr, hdr+4096, 4096, hdr+64, true)
+	ring.push(0)
+	start := time.Now()
+	ring.doKick()
+	var b [8]byte
+	for {
+		if _, err := unix.Read(ring.call, b[:]); err == nil {
+			break
+		}
+		if time.Since(start) > lostInterruptAfter/2 {
+			t.Fatalf("first completion after the start not signalled within %v (used idx %d)", lostInterruptAfter/2, ring.usedIdx())
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if ring.usedIdx() != 6 {
+		t.Fatalf("used idx %d, want 6", ring.usedIdx())
+	}
+	t.Logf("signalled %v after the kick", time.Since(start).Round(time.Millisecond))
 }

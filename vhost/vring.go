@@ -275,7 +275,14 @@ type splitRing struct {
 	lastAvail uint16 // next avail entry to pop
 	usedIdx   uint16 // next used entry to write
 	pubIdx    uint16 // used idx last published
-	fence     uint32
+	// told is false from a (re)start until the first publish, which
+	// notifies whatever the driver's used_event says (libvhost-user's
+	// signalled_used_valid, QEMU's virtio too): completions published
+	// before the restart, by an earlier connection or back-end process,
+	// may never have been signalled, and used_event then lies behind the
+	// used index where the event-idx test never fires again.
+	told  bool
+	fence uint32
 }
 
 // setup checks and translates the ring addresses (front-end user addresses)
@@ -369,6 +376,12 @@ func (r *splitRing) putUsed(id uint16, n uint32) int {
 	return off
 }
 
+// restart takes the used index the ring has in guest memory as the
+// starting point of a queue (re)start.
+func (r *splitRing) restart(used uint16) {
+	r.usedIdx, r.pubIdx, r.told = used, used, false
+}
+
 // publish makes the used elements written since the last publish visible
 // (a release store of used->idx) and reports whether the driver wants a
 // notification (virtio 1.x 2.7.7.2, 2.7.10).
@@ -381,6 +394,10 @@ func (r *splitRing) publish() (notify bool) {
 	r.pubIdx = new
 	// storeWord is a full barrier: the reads below are ordered after it.
 	if r.eventIdx {
+		if !r.told {
+			r.told = true
+			return true
+		}
 		return needEvent(r.usedEvent(), new, old)
 	}
 	return r.availFlags()&availFlagNoInterrupt == 0

@@ -141,6 +141,13 @@ func TestCrashResyncsActivityLogOnly(t *testing.T) {
 			}(uint64(i*10 + g))
 		}
 	}
+	// Runs before the clients' deferred Close: a writer still copying
+	// into a client's buffer after Close unmapped it would fault (seen
+	// when the test failed early on a busy host).
+	defer func() {
+		cancel()
+		wg.Wait()
+	}()
 	time.Sleep(1500 * time.Millisecond)
 	mu.Lock()
 	n := written

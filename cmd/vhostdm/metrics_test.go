@@ -81,6 +81,7 @@ func TestMetricsMoveWithIO(t *testing.T) {
 		`vhostdm_vhost_user_connects_total\{export="root0"\}`:                       1,
 		`vhostdm_device_suspended\{device="root"\}`:                                 0,
 		`vhostdm_export_queue_depth\{export="root0",queue="0"\}`:                    0,
+		`vhostdm_export_lost_interrupts_total\{export="root0"\}`:                    0,
 		`vhostdm_device_size_bytes\{device="root"\}`:                                8192 * 512,
 		`vhostdm_device_table_swaps_total\{device="root"\}`:                         1,
 	} {

@@ -191,6 +191,7 @@ func startDaemon(ctx context.Context, c *config.Config, log *slog.Logger) (*daem
 		d.metrics = metrics.New()
 		d.metrics.Devices(d.m)
 		d.metrics.Queues(d.ex.queueDepths)
+		d.metrics.Renotifies(d.ex.renotifies)
 		if d.agent != nil {
 			d.metrics.Agent(d.agent)
 		}
@@ -461,6 +462,19 @@ func (s *exportSet) queueDepths() map[string][]int {
 		}
 		if q := e.x.QueueDepths(); q != nil {
 			out[id] = q
+		}
+	}
+	return out
+}
+
+// renotifies returns every vhost-user export's lost-interrupt counter.
+func (s *exportSet) renotifies() map[string]uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := map[string]uint64{}
+	for id, e := range s.exports {
+		if e.x != nil {
+			out[id] = e.x.Renotifies()
 		}
 	}
 	return out

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"runtime"
 	"strconv"
 	"strings"
 	"time"
@@ -39,6 +40,18 @@ func stepFio(disk string, p params, start time.Time) []proto.Result {
 	runtime := p.int(proto.ParamFioRuntime, 5)
 	wanted := splitList(p.str(proto.ParamFioJobs, ""))
 	var rs []proto.Result
+	if ms := p.int(proto.ParamIRQChurn, 0); ms > 0 {
+		stop := make(chan struct{})
+		done := make(chan map[string]int64, 1)
+		go func() { done <- churnIRQs(time.Duration(ms)*time.Millisecond, stop) }()
+		defer func() {
+			close(stop)
+			v := <-done
+			if len(rs) > 0 {
+				rs[len(rs)-1].Values = v
+			}
+		}()
+	}
 	for _, spec := range proto.FioJobs {
 		if len(wanted) > 0 && !contains(wanted, spec.Name) {
 			continue
@@ -139,4 +152,60 @@ func runFio(env []string, disk, engine string, s proto.FioSpec, runtime int64) (
 		return job, fmt.Errorf("fio job %s completed no I/O", s.Name)
 	}
 	return job, nil
+}
+
+// churnIRQs moves the virtio interrupts between CPUs every period until
+// stop is closed (proto.ParamIRQChurn) and returns its counts. CPU 1 is
+// online again when it returns.
+func churnIRQs(period time.Duration, stop <-chan struct{}) map[string]int64 {
+	v := map[string]int64{"irq_moves": 0, "irq_move_errors": 0, "cpu_toggles": 0, "cpu_toggle_errors": 0}
+	ncpu := runtime.NumCPU()
+	const cpu1 = "/sys/devices/system/cpu/cpu1/online"
+	defer os.WriteFile(cpu1, []byte("1"), 0)
+	t := time.NewTicker(period)
+	defer t.Stop()
+	for i := 0; ; i++ {
+		select {
+		case <-stop:
+			return v
+		case <-t.C:
+		}
+		mask := strconv.FormatInt(1<<(i%max(ncpu, 1)), 16)
+		for _, irq := range virtioIRQs() {
+			if err := os.WriteFile("/proc/irq/"+irq+"/smp_affinity", []byte(mask), 0); err != nil {
+				v["irq_move_errors"]++
+			} else {
+				v["irq_moves"]++
+			}
+		}
+		if ncpu >= 2 {
+			if err := os.WriteFile(cpu1, []byte(strconv.Itoa((i+1)%2)), 0); err != nil {
+				v["cpu_toggle_errors"]++
+			} else {
+				v["cpu_toggles"]++
+			}
+		}
+	}
+}
+
+// virtioIRQs returns the numbers of the virtio interrupts in
+// /proc/interrupts.
+func virtioIRQs() []string {
+	b, err := os.ReadFile("/proc/interrupts")
+	if err != nil {
+		return nil
+	}
+	var irqs []string
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) < 2 || !strings.Contains(l, "virtio") {
+			continue
+		}
+		if n := strings.TrimSuffix(f[0], ":"); n != f[0] {
+			if _, err := strconv.Atoi(n); err == nil {
+				irqs = append(irqs, n)
+			}
+		}
+	}
+	return irqs
 }

@@ -63,6 +63,16 @@ const (
 	// console, to see where a hung request is; 0 turns it off (default
 	// 120).
 	ParamWatchdog = "watchdog"
+	// ParamIRQChurn is, for fio, the period in milliseconds of the
+	// interrupt churn that runs during the jobs (0, off): every period
+	// the affinity of each virtio interrupt moves to the next CPU, and
+	// CPU 1 goes offline or online (which shuts down and starts again
+	// the managed queue interrupts affine to it). Both mask and unmask
+	// MSI-X vectors, and QEMU answers each with SET_VRING_CALL. The
+	// last fio result carries the counts in Values: irq_moves,
+	// irq_move_errors (managed interrupts refuse affinity changes),
+	// cpu_toggles and cpu_toggle_errors.
+	ParamIRQChurn = "irqchurn"
 )
 
 // Steps the guest knows.
