@@ -618,6 +618,13 @@ type hubConn struct {
 	wmu     sync.Mutex // serialises the writer between engine and acker
 	acks    chan ackItem
 	ackDone chan struct{}
+
+	// seqBase is added to the agent's sequence numbers in journal
+	// records: an agent that restarted (kill -9, a clean stop) numbers
+	// its writes from 1 again, while the VM's journal takes only
+	// increasing numbers. Chosen at the connection's first write.
+	seqBase    uint64
+	seqBaseSet bool
 }
 
 // deferredWrite is a mirrored write held until the remote reads of its
@@ -1495,7 +1502,15 @@ func (c *hubConn) protectedWrite(m *wire.ProtectedWrite) error {
 		return nil
 	}
 	n := int64(m.Sectors) * wire.SectorSize
-	rec := journal.Record{Volume: v.name, Offset: int64(m.Sector) * wire.SectorSize, Seq: m.Seq, HasSeq: true}
+	if !c.seqBaseSet {
+		c.seqBaseSet = true
+		if last := c.vm.j.LastSeq(); m.Seq <= last {
+			c.seqBase = last
+			c.log.Info("the agent numbers its writes from the start again (it restarted): the journal continues above its last sequence number",
+				"agent_seq", m.Seq, "journal_seq", last+m.Seq)
+		}
+	}
+	rec := journal.Record{Volume: v.name, Offset: int64(m.Sector) * wire.SectorSize, Seq: c.seqBase + m.Seq, HasSeq: true}
 	if m.Zeroes {
 		rec.Kind, rec.Length = journal.KindZero, n
 	} else {
