@@ -153,6 +153,9 @@ type Agent struct {
 	lost       bool // Group: unacknowledged writes died with a connection
 	dmWanted   bool // a mirrored volume overflowed: send its dirty map now
 	stopped    bool // Abort: held writes stop waiting
+	// ckpts: the sequence numbers of checkpoints whose Checkpoint call
+	// waits, true once the hub refused it.
+	ckpts map[uint64]bool
 
 	runMu   sync.Mutex
 	cancel  context.CancelFunc
@@ -973,6 +976,10 @@ func (a *Agent) queueDirtyMap(v *agentVolume, initial bool) {
 // them in its own log or dirty log and resynchronises later.
 var ErrNotMirrored = errors.New("repagent: write not mirrored to the hub")
 
+// ErrCheckpointRefused is wrapped by Checkpoint's error when the hub
+// refused the checkpoint (its name is already used in the VM's journal).
+var ErrCheckpointRefused = errors.New("repagent: checkpoint refused by the hub")
+
 // MirrorWrite queues a write of a consistency group's volume (an agent
 // with Config.Group) for the hub, in call order across the group's
 // volumes; the data was already written at the source and is copied. It
@@ -1074,6 +1081,10 @@ func (a *Agent) Checkpoint(ctx context.Context, name string) error {
 	it.msg = &wire.Checkpoint{Seq: it.seq, Name: name}
 	a.nextSeq++
 	a.queue = append(a.queue, it)
+	if a.ckpts == nil {
+		a.ckpts = map[uint64]bool{}
+	}
+	a.ckpts[it.seq] = false
 	a.cond.Broadcast()
 	stop := context.AfterFunc(ctx, func() {
 		a.mu.Lock()
@@ -1081,12 +1092,17 @@ func (a *Agent) Checkpoint(ctx context.Context, name string) error {
 		a.mu.Unlock()
 	})
 	defer stop()
-	for a.acked < it.seq && a.conn == conn && ctx.Err() == nil {
+	for a.acked < it.seq && a.conn == conn && ctx.Err() == nil && !a.ckpts[it.seq] {
 		a.cond.Wait()
 	}
 	acked := a.acked >= it.seq
+	refused := a.ckpts[it.seq]
+	delete(a.ckpts, it.seq)
 	a.mu.Unlock()
 	switch {
+	case refused:
+		a.log.Warn("checkpoint refused by the hub: the name is already used", "checkpoint", name, "seq", it.seq)
+		return fmt.Errorf("checkpoint %q: %w: the name is already used in the VM's journal (retention window); nothing was recorded", name, ErrCheckpointRefused)
 	case acked:
 		a.log.Info("checkpoint recorded by the hub", "checkpoint", name, "seq", it.seq)
 		return nil
@@ -1315,6 +1331,22 @@ func (c *agentConn) readLoop() error {
 				return c.fail(wire.Malformed("%s: sequence %d was never sent", m.Cmd(), m.Seq))
 			}
 		case *wire.Heartbeat:
+		case *wire.Checkpoint:
+			// The hub refused a checkpoint: its caller learns why.
+			a.mu.Lock()
+			ok := m.Refused && m.Seq < a.nextSeq
+			_, waiting := a.ckpts[m.Seq]
+			if ok && waiting {
+				a.ckpts[m.Seq] = true
+				a.cond.Broadcast()
+			}
+			a.mu.Unlock()
+			if !ok {
+				return c.fail(wire.Malformed("%s from the hub for sequence %d (refused %v): only refusals of sent checkpoints", m.Cmd(), m.Seq, m.Refused))
+			}
+			if !waiting {
+				a.log.Warn("the hub refused a checkpoint nobody waits for", "checkpoint", m.Name, "seq", m.Seq)
+			}
 		case *wire.AgentShutdown:
 			if !m.Reply {
 				return c.fail(wire.Malformed("%s from the hub without the reply flag", m.Cmd()))

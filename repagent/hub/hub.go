@@ -1576,7 +1576,14 @@ func (c *hubConn) checkpointFrame(m *wire.Checkpoint) error {
 	if err := c.nextSeqOK(m.Cmd(), m.Seq); err != nil {
 		return err
 	}
+	if m.Refused {
+		return c.bad("%s with the refused flag from an agent", m.Cmd())
+	}
 	c.h.mu.Lock()
+	if c.vm.j.HasCheckpoint(m.Name) || slices.Contains(c.ckpts, m.Name) {
+		c.h.mu.Unlock()
+		return c.refuseCheckpoint(m, "the name is already used in the VM's journal")
+	}
 	open := c.vm.resync || len(c.deferred) > 0 || len(c.ckpts) > 0
 	if open {
 		c.ckpts = append(c.ckpts, m.Name)
@@ -1586,21 +1593,23 @@ func (c *hubConn) checkpointFrame(m *wire.Checkpoint) error {
 	if open {
 		return nil
 	}
-	return c.journalCheckpoint(m.Name)
-}
-
-// journalCheckpoint submits a checkpoint record; a name already used is
-// logged and dropped.
-func (c *hubConn) journalCheckpoint(name string) error {
-	err := c.submit(journal.Record{Kind: journal.KindCheckpoint, Checkpoint: name})
+	err := c.submit(journal.Record{Kind: journal.KindCheckpoint, Checkpoint: m.Name})
 	if errors.Is(err, journal.ErrInvalid) {
-		c.log.Warn("checkpoint refused", "checkpoint", name, "err", err)
-		return nil
+		return c.refuseCheckpoint(m, err.Error())
 	}
 	if err == nil {
-		c.log.Info("checkpoint journaled", "checkpoint", name, "seq", c.lastSeq)
+		c.log.Info("checkpoint journaled", "checkpoint", m.Name, "seq", m.Seq)
 	}
 	return err
+}
+
+// refuseCheckpoint tells the agent that its checkpoint m is refused and
+// journals nothing for it. The refusal is sent before any WRITE_ACK that
+// covers m (acks are queued only after this frame is handled), so the
+// agent's caller learns of it; the connection stays up.
+func (c *hubConn) refuseCheckpoint(m *wire.Checkpoint, why string) error {
+	c.log.Warn("checkpoint refused", "checkpoint", m.Name, "seq", m.Seq, "reason", why)
+	return c.send(&wire.Checkpoint{Seq: m.Seq, Name: m.Name, Refused: true})
 }
 
 // groupState records whether the consistency group's replicas are a

@@ -94,6 +94,10 @@ const (
 	FlagGroup uint16 = 0x0001
 	// FlagConsistent marks a GROUP_STATE whose group is consistent.
 	FlagConsistent uint16 = 0x0001
+	// FlagRefused marks the hub's CHECKPOINT that refuses the agent's
+	// checkpoint of the same sequence number: its name is already used
+	// in the VM's journal.
+	FlagRefused uint16 = 0x0001
 )
 
 // I/O status values of PROTECTED_WRITE and REMOTE_IO_RES.
@@ -393,17 +397,21 @@ const MaxCheckpointName = 64
 // its volumes after every frame before it). It takes a sequence number
 // from the PROTECTED_WRITE series, so it is ordered with the writes and
 // WRITE_ACK covers it. The name is 1 to MaxCheckpointName bytes of ASCII
-// letters, digits, '.', '_' and '-'.
+// letters, digits, '.', '_' and '-'. From the hub, with Refused, it
+// refuses the agent's checkpoint of that sequence number and name (the
+// name is already used in the VM's journal); WRITE_ACK still covers the
+// sequence number.
 type Checkpoint struct {
-	Seq  uint64
-	Name string
+	Seq     uint64
+	Name    string
+	Refused bool
 }
 
 // Cmd implements Message.
 func (*Checkpoint) Cmd() Cmd { return CmdCheckpoint }
 
 func (m *Checkpoint) encode(b []byte) ([]byte, uint16, uint64, [][]byte) {
-	return appendName(b, m.Name), 0, m.Seq, nil
+	return appendName(b, m.Name), flagIf(m.Refused, FlagRefused), m.Seq, nil
 }
 
 // CheckCheckpointName checks a checkpoint name.
@@ -726,7 +734,7 @@ func CheckName(s string) error {
 // allowedFlags holds the flags each command accepts.
 var allowedFlags = [maxCmd + 1]uint16{
 	CmdHello: FlagReply | FlagGroup, CmdGroupState: FlagConsistent, CmdProtectedWrite: FlagZeroes | FlagDiscard, CmdStartProtect: FlagMirror,
-	CmdRemoteIORes: FlagZero | FlagWritten, CmdAgentShutdown: FlagReply, CmdDirtyMap: FlagInitial,
+	CmdRemoteIORes: FlagZero | FlagWritten, CmdAgentShutdown: FlagReply, CmdDirtyMap: FlagInitial, CmdCheckpoint: FlagRefused,
 }
 
 // Decode decodes and checks a frame's payload by its command: lengths,
@@ -924,7 +932,7 @@ func Decode(f Frame) (Message, error) {
 		if d.err != nil {
 			return nil, d.err
 		}
-		m := &Checkpoint{Seq: f.Seq, Name: string(b)}
+		m := &Checkpoint{Seq: f.Seq, Name: string(b), Refused: f.Flags&FlagRefused != 0}
 		if err := CheckCheckpointName(m.Name); err != nil {
 			return nil, Malformed("%s: checkpoint name %q: %v", f.Cmd, m.Name, err)
 		}

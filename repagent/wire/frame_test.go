@@ -42,6 +42,7 @@ func sampleMessages() []Message {
 		&GroupState{Seq: 13, Consistent: true},
 		&GroupState{Seq: 14},
 		&Checkpoint{Seq: 15, Name: "before-upgrade.1"},
+		&Checkpoint{Seq: 16, Name: "nightly", Refused: true},
 	}
 }
 
@@ -216,7 +217,7 @@ func TestFrameValidation(t *testing.T) {
 		{"checkpoint long", frame(CmdCheckpoint, 0, 1, payload(uint16(65), strings.Repeat("a", 65))), "at most 64"},
 		{"checkpoint slash", frame(CmdCheckpoint, 0, 1, payload(uint16(3), "a/b")), "only letters"},
 		{"checkpoint short", frame(CmdCheckpoint, 0, 1, payload(uint16(5), "ab")), "payload ends in checkpoint name"},
-		{"checkpoint flags", frame(CmdCheckpoint, 1, 1, payload(uint16(1), "a")), "unknown flags"},
+		{"checkpoint flags", frame(CmdCheckpoint, 2, 1, payload(uint16(1), "a")), "unknown flags"},
 		{"stop volume 0", frame(CmdStopProtect, 0, 0, payload(uint64(0))), "volume id 0"},
 		{"ack payload", frame(CmdWriteAck, 0, 1, []byte{1}), "trailing"},
 		{"dirty region size", frame(CmdDirtyMap, 0, 1, payload(uint64(1), uint32(100), uint32(0))), "power of two"},
