@@ -156,6 +156,9 @@ type Agent struct {
 	// ckpts: the sequence numbers of checkpoints whose Checkpoint call
 	// waits, true once the hub refused it.
 	ckpts map[uint64]bool
+	// refusal: why the hub refused the last HELLO (REFUSED), "" once
+	// connected.
+	refusal string
 
 	runMu   sync.Mutex
 	cancel  context.CancelFunc
@@ -310,6 +313,9 @@ type Status struct {
 	// ActivityLog is the activity log's state; nil without one.
 	ActivityLog *ActivityLogStatus
 	Volumes     []VolumeStatus
+	// Refused says why the hub refused the last connection attempt
+	// (REFUSED), "" once connected.
+	Refused string
 }
 
 // ActivityLogStatus is the activity log in Status.
@@ -480,7 +486,7 @@ func (a *Agent) Detach(name string) {
 func (a *Agent) Status() Status {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	s := Status{Connected: a.conn != nil, Connects: a.connects, Acked: a.acked, Session: a.session}
+	s := Status{Connected: a.conn != nil, Connects: a.connects, Acked: a.acked, Session: a.session, Refused: a.refusal}
 	if a.al != nil {
 		s.ActivityLog = &ActivityLogStatus{Path: a.alPath, Lost: a.alLost.Load(), Stats: a.al.Stats()}
 	}
@@ -976,6 +982,11 @@ func (a *Agent) queueDirtyMap(v *agentVolume, initial bool) {
 // them in its own log or dirty log and resynchronises later.
 var ErrNotMirrored = errors.New("repagent: write not mirrored to the hub")
 
+// ErrRefused is wrapped by the error of a connection whose HELLO the hub
+// refused (REFUSED: the VM was promoted there, another UUID, an identity
+// not authorised for the VM); the agent keeps retrying with backoff.
+var ErrRefused = errors.New("repagent: the hub refused this agent")
+
 // ErrCheckpointRefused is wrapped by Checkpoint's error when the hub
 // refused the checkpoint (its name is already used in the VM's journal).
 var ErrCheckpointRefused = errors.New("repagent: checkpoint refused by the hub")
@@ -1146,7 +1157,11 @@ func (a *Agent) Run(ctx context.Context) error {
 		if time.Since(start) > 5*time.Second {
 			backoff = a.cfg.MinBackoff
 		}
-		a.log.Warn("hub connection ended", "err", err, "retry_in", backoff)
+		if errors.Is(err, ErrRefused) {
+			a.log.Error("the hub refused this agent; nothing is replicated until that changes", "err", err, "retry_in", backoff)
+		} else {
+			a.log.Warn("hub connection ended", "err", err, "retry_in", backoff)
+		}
 		select {
 		case <-ctx.Done():
 			return nil
@@ -1254,6 +1269,12 @@ func (a *Agent) runConn(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("hello: %w", err)
 	}
+	if r, ok := m.(*wire.Refused); ok {
+		a.mu.Lock()
+		a.refusal = r.Reason
+		a.mu.Unlock()
+		return fmt.Errorf("%w: %s", ErrRefused, r.Reason)
+	}
 	h, ok := m.(*wire.Hello)
 	if !ok || !h.Reply {
 		return fmt.Errorf("hello: hub answered %s: %w", f.Cmd, wire.ErrMalformed)
@@ -1264,6 +1285,7 @@ func (a *Agent) runConn(ctx context.Context) error {
 	a.conn = c
 	a.connects++
 	a.reported = false
+	a.refusal = ""
 	if a.cfg.Group {
 		// First after the report: the hub knows the group's state
 		// before any write of this connection.

@@ -727,6 +727,7 @@ func (c *hubConn) serve() {
 		if !ok {
 			c.log.Warn("hello refused: the certificate is not authorised for this vm", "vm", hello.Name,
 				"identities", strings.Join(c.ids, ","))
+			c.refuse(fmt.Sprintf("the certificate is not authorised for vm %q", hello.Name))
 			return
 		}
 		c.log = c.log.With("identity", id)
@@ -734,6 +735,7 @@ func (c *hubConn) serve() {
 	r.SetMaxPayload(h.cfg.MaxPayload)
 	if err := c.attach(hello); err != nil {
 		c.log.Error("closing connection", "reason", err)
+		c.refuse(err.Error())
 		return
 	}
 	c.log.Info("agent connected", "session", fmt.Sprintf("%016x", hello.Session))
@@ -1601,6 +1603,14 @@ func (c *hubConn) checkpointFrame(m *wire.Checkpoint) error {
 		c.log.Info("checkpoint journaled", "checkpoint", m.Name, "seq", m.Seq)
 	}
 	return err
+}
+
+// refuse tells the agent why its HELLO is not accepted (REFUSED); the
+// caller closes the connection.
+func (c *hubConn) refuse(reason string) {
+	if err := c.send(&wire.Refused{Reason: wire.Reason(reason)}); err != nil {
+		c.log.Debug("refusal not sent", "err", err)
+	}
 }
 
 // refuseCheckpoint tells the agent that its checkpoint m is refused and

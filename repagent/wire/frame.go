@@ -55,12 +55,13 @@ const (
 	CmdHeartbeat      Cmd = 11 // both ways: liveness; the agent's carries its backlog
 	CmdGroupState     Cmd = 12 // agent → hub: whether a consistency group's replicas are a prefix of its write order
 	CmdCheckpoint     Cmd = 13 // agent → hub: a named point in the write stream of all the VM's volumes
-	maxCmd                = CmdCheckpoint
+	CmdRefused        Cmd = 14 // hub → agent: the HELLO is not accepted, and why; the hub closes the connection
+	maxCmd                = CmdRefused
 )
 
 var cmdNames = [...]string{"", "HELLO", "PROTECTED_WRITE", "REPORT_VM_VOLUMES", "START_PROTECT",
 	"REMOTE_IO_REQ", "REMOTE_IO_RES", "AGENT_SHUTDOWN", "STOP_PROTECT", "WRITE_ACK", "DIRTY_MAP", "HEARTBEAT",
-	"GROUP_STATE", "CHECKPOINT"}
+	"GROUP_STATE", "CHECKPOINT", "REFUSED"}
 
 // String returns the command's protocol name.
 func (c Cmd) String() string {
@@ -412,6 +413,42 @@ func (*Checkpoint) Cmd() Cmd { return CmdCheckpoint }
 
 func (m *Checkpoint) encode(b []byte) ([]byte, uint16, uint64, [][]byte) {
 	return appendName(b, m.Name), flagIf(m.Refused, FlagRefused), m.Seq, nil
+}
+
+// MaxReasonLen is the longest REFUSED reason, in bytes.
+const MaxReasonLen = 512
+
+// Refused is the hub's answer to a HELLO it does not accept (the VM was
+// promoted on the hub, its UUID differs, the certificate is not
+// authorised for it): Reason says why, in 1 to MaxReasonLen bytes of
+// printable ASCII. The hub closes the connection after it.
+type Refused struct {
+	Reason string
+}
+
+// Cmd implements Message.
+func (*Refused) Cmd() Cmd { return CmdRefused }
+
+func (m *Refused) encode(b []byte) ([]byte, uint16, uint64, [][]byte) {
+	return appendName(b, m.Reason), 0, 0, nil
+}
+
+// Reason fits s into a REFUSED reason: bytes that are not printable
+// ASCII become '?', and it is cut at MaxReasonLen bytes.
+func Reason(s string) string {
+	b := []byte(s)
+	if len(b) > MaxReasonLen {
+		b = b[:MaxReasonLen]
+	}
+	for i, c := range b {
+		if c < 0x20 || c > 0x7e {
+			b[i] = '?'
+		}
+	}
+	if len(b) == 0 {
+		return "refused"
+	}
+	return string(b)
 }
 
 // CheckCheckpointName checks a checkpoint name.
@@ -937,6 +974,19 @@ func Decode(f Frame) (Message, error) {
 			return nil, Malformed("%s: checkpoint name %q: %v", f.Cmd, m.Name, err)
 		}
 		return m, d.end()
+	case CmdRefused:
+		n := int(d.u16("reason length"))
+		if d.err == nil && (n == 0 || n > MaxReasonLen) {
+			return nil, Malformed("%s: reason of %d bytes, want 1 to %d", f.Cmd, n, MaxReasonLen)
+		}
+		b := d.bytes(n, "reason")
+		if d.err != nil {
+			return nil, d.err
+		}
+		if Reason(string(b)) != string(b) {
+			return nil, Malformed("%s: reason %q is not printable ASCII", f.Cmd, b)
+		}
+		return &Refused{Reason: string(b)}, d.end()
 	}
 	return nil, Malformed("unknown command %d", uint8(f.Cmd))
 }
