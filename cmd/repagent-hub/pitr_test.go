@@ -4,16 +4,19 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/vhostdm/vhostdm/config"
 	"github.com/vhostdm/vhostdm/internal/reptest"
+	"github.com/vhostdm/vhostdm/repagent/agent"
 	"github.com/vhostdm/vhostdm/repagent/hub"
 )
 
@@ -120,11 +123,16 @@ func TestPointInTimeRecovery(t *testing.T) {
 	if err != nil {
 		t.Fatalf("checkpoint: %v", err)
 	}
+	// The same name again, later in the stream: the hub refuses it and
+	// the name keeps selecting the first point (checked below).
+	time.Sleep(100 * time.Millisecond)
 	cctx, cancel = context.WithTimeout(context.Background(), 20*time.Second)
-	if err := r.Agent.Checkpoint(cctx, "before-upgrade"); err != nil {
-		t.Logf("a second checkpoint of the same name: %v", err)
-	}
+	err = r.Agent.Checkpoint(cctx, "before-upgrade")
 	cancel()
+	if !errors.Is(err, agent.ErrCheckpointRefused) || !strings.Contains(err.Error(), `"before-upgrade"`) {
+		t.Fatalf("a second checkpoint of the same name: %v, want refused, naming it", err)
+	}
+	t.Logf("a second checkpoint of the same name: %v", err)
 	time.Sleep(300 * time.Millisecond)
 	stop()
 	wg.Wait()
@@ -171,6 +179,23 @@ func TestPointInTimeRecovery(t *testing.T) {
 	check("newest", h.len(), "--qmp", hp.qmp)
 	if liveBefore != sum() {
 		t.Errorf("recovery changed the live replica images")
+	}
+	for _, bad := range []struct {
+		name string
+		code int
+		says string
+	}{
+		{"no-such-checkpoint", 1, "unknown checkpoint"},
+		{"a/b", 2, "not a valid name"},
+		{"..", 2, "not a valid name"},
+		{strings.Repeat("x", 200), 2, "not a valid name"},
+		{"x\x1b[2J", 2, "not a valid name"},
+	} {
+		var errOut, stdout bytes.Buffer
+		code := run([]string{"recover", "--vm", "vm1", "--out", filepath.Join(dir, "bad-checkpoint"), "--qmp", hp.qmp, "--checkpoint", bad.name}, &stdout, &errOut)
+		if code != bad.code || !strings.Contains(errOut.String(), bad.says) || strings.Contains(errOut.String(), "\x1b") {
+			t.Errorf("recover --checkpoint %q: exit %d, %q; want exit %d saying %q", bad.name, code, errOut.String(), bad.code, bad.says)
+		}
 	}
 	var errOut, stdout bytes.Buffer
 	if code := run([]string{"recover", "--vm", "vm1", "--out", filepath.Join(dir, "offline-refused"), "--store", hp.store}, &stdout, &errOut); code == 0 {

@@ -107,60 +107,42 @@ func TestCrashResyncsActivityLogOnly(t *testing.T) {
 
 	// Writers: random 4..64 KiB writes over the whole of both volumes
 	// from 4 goroutines each, until the child dies.
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	written := 0
-	for i, id := range []string{"a", "b"} {
-		cl, err := vhost.Dial(ctx, vhost.ClientConfig{Socket: filepath.Join(dir, id+".sock")})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer cl.Close()
-		for g := range 4 {
-			buf, err := cl.Buf(64 << 10)
-			if err != nil {
-				t.Fatal(err)
-			}
-			wg.Add(1)
-			go func(seed uint64) {
-				defer wg.Done()
-				rng := rand.New(rand.NewPCG(seed, 1))
-				for ctx.Err() == nil {
-					n := 4096 * (1 + rng.IntN(16))
-					off := uint64(rng.IntN(volBytes/4096-16)) * 4096
-					copy(buf[:n], reptest.Pattern(rng.Uint64(), n))
-					if cl.WriteAt(ctx, 0, buf[:n], off/512) != nil {
-						return
-					}
-					mu.Lock()
-					written++
-					mu.Unlock()
-				}
-			}(uint64(i*10 + g))
-		}
-	}
-	// Runs before the clients' deferred Close: a writer still copying
-	// into a client's buffer after Close unmapped it would fault (seen
-	// when the test failed early on a busy host).
-	defer func() {
-		cancel()
-		wg.Wait()
-	}()
+	stop, count := startCrashWriters(t, dir, volBytes, 0)
 	time.Sleep(1500 * time.Millisecond)
-	mu.Lock()
-	n := written
-	mu.Unlock()
+	n := count()
 	if n < 50 {
 		t.Fatalf("only %d writes before the kill", n)
 	}
 	child.kill(t)
-	cancel()
-	wg.Wait()
+	stop()
 
-	// Restart: only the activity log's extents are read back.
+	// Restart under new writes (once the agent mirrors again, so that
+	// they are not dirty-map regions beside the activity log's): the
+	// agent numbers its writes from 1 again, and the hub's journal goes
+	// on taking them.
 	child = startChild(t, cfg)
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		st, err := queryAgent(qmpSock)
+		ok := err == nil && st.Connected && len(st.Volumes) == 2
+		for _, v := range st.Volumes {
+			ok = ok && v.Mirroring
+		}
+		if ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the restarted agent does not mirror: %+v %v\n%s", st, err, child.log)
+		}
+	}
+	stop, count = startCrashWriters(t, dir, volBytes, 100)
+	for deadline := time.Now().Add(15 * time.Second); count() < 20 && time.Now().Before(deadline); {
+		time.Sleep(50 * time.Millisecond)
+	}
+	stop()
+	if after := count(); after == 0 {
+		t.Fatalf("no write after the restart:\n%s", child.log)
+	}
+	// Only the activity log's extents are read back.
 	waitHubProtecting(t, h, images, child)
 	st, err := queryAgent(qmpSock)
 	if err != nil {
@@ -228,6 +210,62 @@ func TestCrashResyncsActivityLogOnly(t *testing.T) {
 		t.Errorf("no WARN about the untrusted activity log in:\n%s", child.log)
 	}
 	checkReplicas(t, h, store, images, volBytes)
+}
+
+// startCrashWriters writes random 4..64 KiB blocks over the whole of the
+// volumes a and b in dir from 4 goroutines each until stop is called or
+// the daemon goes away; count returns the writes completed.
+func startCrashWriters(t *testing.T, dir string, volBytes int, seed uint64) (stop func(), count func() int) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	written := 0
+	var clients []*vhost.Client
+	for i, id := range []string{"a", "b"} {
+		cl, err := vhost.Dial(ctx, vhost.ClientConfig{Socket: filepath.Join(dir, id+".sock")})
+		if err != nil {
+			cancel()
+			t.Fatal(err)
+		}
+		clients = append(clients, cl)
+		for g := range 4 {
+			buf, err := cl.Buf(64 << 10)
+			if err != nil {
+				cancel()
+				t.Fatal(err)
+			}
+			wg.Add(1)
+			go func(seed uint64) {
+				defer wg.Done()
+				rng := rand.New(rand.NewPCG(seed, 1))
+				for ctx.Err() == nil {
+					n := 4096 * (1 + rng.IntN(16))
+					off := uint64(rng.IntN(volBytes/4096-16)) * 4096
+					copy(buf[:n], reptest.Pattern(rng.Uint64(), n))
+					if cl.WriteAt(ctx, 0, buf[:n], off/512) != nil {
+						return
+					}
+					mu.Lock()
+					written++
+					mu.Unlock()
+				}
+			}(seed + uint64(i*10+g))
+		}
+	}
+	stop = func() {
+		cancel()
+		wg.Wait()
+		for _, cl := range clients {
+			cl.Close()
+		}
+	}
+	count = func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		return written
+	}
+	return stop, count
 }
 
 // waitHubProtecting waits until the hub protects every volume of images

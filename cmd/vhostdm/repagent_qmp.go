@@ -13,6 +13,7 @@ type agentStatus struct {
 	Connects    int                 `json:"connects"`
 	Acked       uint64              `json:"acked-seq"`
 	Session     string              `json:"session"`
+	Refused     string              `json:"refused,omitempty"`
 	RPO         float64             `json:"rpo"`
 	ActivityLog *activityLogStatus  `json:"activity-log,omitempty"`
 	Volumes     []agentVolumeStatus `json:"volumes"`
@@ -57,7 +58,7 @@ func (d *daemon) qmpQueryRepagent(map[string]string) (any, error) {
 	}
 	s := d.agent.Status()
 	out := agentStatus{VM: d.repVM, Connected: s.Connected, Connects: s.Connects, Acked: s.Acked,
-		Session: fmt.Sprintf("%016x", s.Session), RPO: s.RPO.Seconds(), Volumes: []agentVolumeStatus{}}
+		Session: fmt.Sprintf("%016x", s.Session), Refused: s.Refused, RPO: s.RPO.Seconds(), Volumes: []agentVolumeStatus{}}
 	if al := s.ActivityLog; al != nil {
 		out.ActivityLog = &activityLogStatus{Path: al.Path, Lost: al.Lost, Hot: al.Hot, Capacity: al.Capacity,
 			Transactions: al.Transactions, Evictions: al.Evictions, Waits: al.Waits}

@@ -153,6 +153,12 @@ type Agent struct {
 	lost       bool // Group: unacknowledged writes died with a connection
 	dmWanted   bool // a mirrored volume overflowed: send its dirty map now
 	stopped    bool // Abort: held writes stop waiting
+	// ckpts: the sequence numbers of checkpoints whose Checkpoint call
+	// waits, true once the hub refused it.
+	ckpts map[uint64]bool
+	// refusal: why the hub refused the last HELLO (REFUSED), "" once
+	// connected.
+	refusal string
 
 	runMu   sync.Mutex
 	cancel  context.CancelFunc
@@ -309,6 +315,9 @@ type Status struct {
 	// ActivityLog is the activity log's state; nil without one.
 	ActivityLog *ActivityLogStatus
 	Volumes     []VolumeStatus
+	// Refused says why the hub refused the last connection attempt
+	// (REFUSED), "" once connected.
+	Refused string
 }
 
 // ActivityLogStatus is the activity log in Status.
@@ -479,7 +488,7 @@ func (a *Agent) Detach(name string) {
 func (a *Agent) Status() Status {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	s := Status{Connected: a.conn != nil, Connects: a.connects, Acked: a.acked, Session: a.session}
+	s := Status{Connected: a.conn != nil, Connects: a.connects, Acked: a.acked, Session: a.session, Refused: a.refusal}
 	if a.al != nil {
 		s.ActivityLog = &ActivityLogStatus{Path: a.alPath, Lost: a.alLost.Load(), Stats: a.al.Stats()}
 	}
@@ -975,6 +984,15 @@ func (a *Agent) queueDirtyMap(v *agentVolume, initial bool) {
 // them in its own log or dirty log and resynchronises later.
 var ErrNotMirrored = errors.New("repagent: write not mirrored to the hub")
 
+// ErrRefused is wrapped by the error of a connection whose HELLO the hub
+// refused (REFUSED: the VM was promoted there, another UUID, an identity
+// not authorised for the VM); the agent keeps retrying with backoff.
+var ErrRefused = errors.New("repagent: the hub refused this agent")
+
+// ErrCheckpointRefused is wrapped by Checkpoint's error when the hub
+// refused the checkpoint (its name is already used in the VM's journal).
+var ErrCheckpointRefused = errors.New("repagent: checkpoint refused by the hub")
+
 // MirrorWrite queues a write of a consistency group's volume (an agent
 // with Config.Group) for the hub, in call order across the group's
 // volumes; the data was already written at the source and is copied. It
@@ -1076,6 +1094,10 @@ func (a *Agent) Checkpoint(ctx context.Context, name string) error {
 	it.msg = &wire.Checkpoint{Seq: it.seq, Name: name}
 	a.nextSeq++
 	a.queue = append(a.queue, it)
+	if a.ckpts == nil {
+		a.ckpts = map[uint64]bool{}
+	}
+	a.ckpts[it.seq] = false
 	a.cond.Broadcast()
 	stop := context.AfterFunc(ctx, func() {
 		a.mu.Lock()
@@ -1083,12 +1105,17 @@ func (a *Agent) Checkpoint(ctx context.Context, name string) error {
 		a.mu.Unlock()
 	})
 	defer stop()
-	for a.acked < it.seq && a.conn == conn && ctx.Err() == nil {
+	for a.acked < it.seq && a.conn == conn && ctx.Err() == nil && !a.ckpts[it.seq] {
 		a.cond.Wait()
 	}
 	acked := a.acked >= it.seq
+	refused := a.ckpts[it.seq]
+	delete(a.ckpts, it.seq)
 	a.mu.Unlock()
 	switch {
+	case refused:
+		a.log.Warn("checkpoint refused by the hub: the name is already used", "checkpoint", name, "seq", it.seq)
+		return fmt.Errorf("checkpoint %q: %w: the name is already used in the VM's journal (retention window); nothing was recorded", name, ErrCheckpointRefused)
 	case acked:
 		a.log.Info("checkpoint recorded by the hub", "checkpoint", name, "seq", it.seq)
 		return nil
@@ -1132,7 +1159,11 @@ func (a *Agent) Run(ctx context.Context) error {
 		if time.Since(start) > 5*time.Second {
 			backoff = a.cfg.MinBackoff
 		}
-		a.log.Warn("hub connection ended", "err", err, "retry_in", backoff)
+		if errors.Is(err, ErrRefused) {
+			a.log.Error("the hub refused this agent; nothing is replicated until that changes", "err", err, "retry_in", backoff)
+		} else {
+			a.log.Warn("hub connection ended", "err", err, "retry_in", backoff)
+		}
 		select {
 		case <-ctx.Done():
 			return nil
@@ -1240,6 +1271,12 @@ func (a *Agent) runConn(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("hello: %w", err)
 	}
+	if r, ok := m.(*wire.Refused); ok {
+		a.mu.Lock()
+		a.refusal = r.Reason
+		a.mu.Unlock()
+		return fmt.Errorf("%w: %s", ErrRefused, r.Reason)
+	}
 	h, ok := m.(*wire.Hello)
 	if !ok || !h.Reply {
 		return fmt.Errorf("hello: hub answered %s: %w", f.Cmd, wire.ErrMalformed)
@@ -1250,6 +1287,7 @@ func (a *Agent) runConn(ctx context.Context) error {
 	a.conn = c
 	a.connects++
 	a.reported = false
+	a.refusal = ""
 	if a.cfg.Group {
 		// First after the report: the hub knows the group's state
 		// before any write of this connection.
@@ -1321,6 +1359,22 @@ func (c *agentConn) readLoop() error {
 				return c.fail(wire.Malformed("%s: sequence %d was never sent", m.Cmd(), m.Seq))
 			}
 		case *wire.Heartbeat:
+		case *wire.Checkpoint:
+			// The hub refused a checkpoint: its caller learns why.
+			a.mu.Lock()
+			ok := m.Refused && m.Seq < a.nextSeq
+			_, waiting := a.ckpts[m.Seq]
+			if ok && waiting {
+				a.ckpts[m.Seq] = true
+				a.cond.Broadcast()
+			}
+			a.mu.Unlock()
+			if !ok {
+				return c.fail(wire.Malformed("%s from the hub for sequence %d (refused %v): only refusals of sent checkpoints", m.Cmd(), m.Seq, m.Refused))
+			}
+			if !waiting {
+				a.log.Warn("the hub refused a checkpoint nobody waits for", "checkpoint", m.Name, "seq", m.Seq)
+			}
 		case *wire.AgentShutdown:
 			if !m.Reply {
 				return c.fail(wire.Malformed("%s from the hub without the reply flag", m.Cmd()))

@@ -188,13 +188,13 @@ func (h *Hub) ApplyNow(vmName string) error {
 func (h *Hub) Promote(ctx context.Context, vmName string, sel journal.Selector, outDir string) (journal.Recovered, error) {
 	h.mu.Lock()
 	vm := h.vms[vmName]
+	if vm != nil && vm.promoted {
+		h.mu.Unlock()
+		return journal.Recovered{}, fmt.Errorf("vm %q is already promoted", vmName)
+	}
 	if vm == nil || vm.j == nil {
 		h.mu.Unlock()
 		return journal.Recovered{}, fmt.Errorf("vm %q not found", vmName)
-	}
-	if vm.promoted {
-		h.mu.Unlock()
-		return journal.Recovered{}, fmt.Errorf("vm %q is already promoted", vmName)
 	}
 	vm.promoted = true
 	conn := vm.conn

@@ -649,6 +649,13 @@ type hubConn struct {
 	wmu     sync.Mutex // serialises the writer between engine and acker
 	acks    chan ackItem
 	ackDone chan struct{}
+
+	// seqBase is added to the agent's sequence numbers in journal
+	// records: an agent that restarted (kill -9, a clean stop) numbers
+	// its writes from 1 again, while the VM's journal takes only
+	// increasing numbers. Chosen at the connection's first write.
+	seqBase    uint64
+	seqBaseSet bool
 }
 
 // deferredWrite is a mirrored write held until the remote reads of its
@@ -751,6 +758,7 @@ func (c *hubConn) serve() {
 		if !ok {
 			c.log.Warn("hello refused: the certificate is not authorised for this vm", "vm", hello.Name,
 				"identities", strings.Join(c.ids, ","))
+			c.refuse(fmt.Sprintf("the certificate is not authorised for vm %q", hello.Name))
 			return
 		}
 		c.log = c.log.With("identity", id)
@@ -758,6 +766,7 @@ func (c *hubConn) serve() {
 	r.SetMaxPayload(h.cfg.MaxPayload)
 	if err := c.attach(hello); err != nil {
 		c.log.Error("closing connection", "reason", err)
+		c.refuse(err.Error())
 		return
 	}
 	c.log.Info("agent connected", "session", fmt.Sprintf("%016x", hello.Session))
@@ -1531,7 +1540,15 @@ func (c *hubConn) protectedWrite(m *wire.ProtectedWrite) error {
 		return nil
 	}
 	n := int64(m.Sectors) * wire.SectorSize
-	rec := journal.Record{Volume: v.name, Offset: int64(m.Sector) * wire.SectorSize, Seq: m.Seq, HasSeq: true}
+	if !c.seqBaseSet {
+		c.seqBaseSet = true
+		if last := c.vm.j.LastSeq(); m.Seq <= last {
+			c.seqBase = last
+			c.log.Info("the agent numbers its writes from the start again (it restarted): the journal continues above its last sequence number",
+				"agent_seq", m.Seq, "journal_seq", last+m.Seq)
+		}
+	}
+	rec := journal.Record{Volume: v.name, Offset: int64(m.Sector) * wire.SectorSize, Seq: c.seqBase + m.Seq, HasSeq: true}
 	if m.Zeroes {
 		rec.Kind, rec.Length = journal.KindZero, n
 	} else {
@@ -1597,7 +1614,14 @@ func (c *hubConn) checkpointFrame(m *wire.Checkpoint) error {
 	if err := c.nextSeqOK(m.Cmd(), m.Seq); err != nil {
 		return err
 	}
+	if m.Refused {
+		return c.bad("%s with the refused flag from an agent", m.Cmd())
+	}
 	c.h.mu.Lock()
+	if c.vm.j.HasCheckpoint(m.Name) || slices.Contains(c.ckpts, m.Name) {
+		c.h.mu.Unlock()
+		return c.refuseCheckpoint(m, "the name is already used in the VM's journal")
+	}
 	open := c.vm.resync || len(c.deferred) > 0 || len(c.ckpts) > 0
 	if open {
 		c.ckpts = append(c.ckpts, m.Name)
@@ -1607,21 +1631,31 @@ func (c *hubConn) checkpointFrame(m *wire.Checkpoint) error {
 	if open {
 		return nil
 	}
-	return c.journalCheckpoint(m.Name)
-}
-
-// journalCheckpoint submits a checkpoint record; a name already used is
-// logged and dropped.
-func (c *hubConn) journalCheckpoint(name string) error {
-	err := c.submit(journal.Record{Kind: journal.KindCheckpoint, Checkpoint: name})
+	err := c.submit(journal.Record{Kind: journal.KindCheckpoint, Checkpoint: m.Name})
 	if errors.Is(err, journal.ErrInvalid) {
-		c.log.Warn("checkpoint refused", "checkpoint", name, "err", err)
-		return nil
+		return c.refuseCheckpoint(m, err.Error())
 	}
 	if err == nil {
-		c.log.Info("checkpoint journaled", "checkpoint", name, "seq", c.lastSeq)
+		c.log.Info("checkpoint journaled", "checkpoint", m.Name, "seq", m.Seq)
 	}
 	return err
+}
+
+// refuse tells the agent why its HELLO is not accepted (REFUSED); the
+// caller closes the connection.
+func (c *hubConn) refuse(reason string) {
+	if err := c.send(&wire.Refused{Reason: wire.Reason(reason)}); err != nil {
+		c.log.Debug("refusal not sent", "err", err)
+	}
+}
+
+// refuseCheckpoint tells the agent that its checkpoint m is refused and
+// journals nothing for it. The refusal is sent before any WRITE_ACK that
+// covers m (acks are queued only after this frame is handled), so the
+// agent's caller learns of it; the connection stays up.
+func (c *hubConn) refuseCheckpoint(m *wire.Checkpoint, why string) error {
+	c.log.Warn("checkpoint refused", "checkpoint", m.Name, "seq", m.Seq, "reason", why)
+	return c.send(&wire.Checkpoint{Seq: m.Seq, Name: m.Name, Refused: true})
 }
 
 // groupState records whether the consistency group's replicas are a

@@ -115,8 +115,17 @@ func TestAuthorizeIdentity(t *testing.T) {
 	if _, err := nc.Write(wire.AppendFrame(nil, &wire.Hello{MaxVersion: 1, Session: 1, Name: "vm2"})); err != nil {
 		t.Fatal(err)
 	}
-	if f, err := wire.NewReader(nc, 0).ReadFrame(); err == nil {
-		t.Fatalf("the hub answered a HELLO for vm2 from host1 with %s", f.Cmd)
+	// The answer is REFUSED with the reason, then the connection ends.
+	rd := wire.NewReader(nc, 0)
+	f, err := rd.ReadFrame()
+	if err != nil {
+		t.Fatalf("no answer to a refused HELLO: %v", err)
+	}
+	if m, err := wire.Decode(f); err != nil || m.Cmd() != wire.CmdRefused || !strings.Contains(m.(*wire.Refused).Reason, `not authorised for vm "vm2"`) {
+		t.Fatalf("the hub answered a HELLO for vm2 from host1 with %s (%v), want REFUSED saying why", f.Cmd, err)
+	}
+	if f, err := rd.ReadFrame(); err == nil {
+		t.Fatalf("the hub sent %s after REFUSED", f.Cmd)
 	}
 	line := waitLog(t, &logs, "hello refused", "vm=vm2", "host1")
 	t.Logf("refusal: %s", line)

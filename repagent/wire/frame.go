@@ -65,12 +65,13 @@ const (
 	CmdCheckpoint     Cmd = 13 // agent → hub: a named point in the write stream of all the VM's volumes
 	CmdCsumReq        Cmd = 14 // hub → agent: checksums of a run of regions (protocol level 2)
 	CmdCsumRes        Cmd = 15 // answer to CmdCsumReq, ordered after every frame before its point
-	maxCmd                = CmdCsumRes
+	CmdRefused        Cmd = 16 // hub → agent: the HELLO is not accepted, and why; the hub closes the connection
+	maxCmd                = CmdRefused
 )
 
 var cmdNames = [...]string{"", "HELLO", "PROTECTED_WRITE", "REPORT_VM_VOLUMES", "START_PROTECT",
 	"REMOTE_IO_REQ", "REMOTE_IO_RES", "AGENT_SHUTDOWN", "STOP_PROTECT", "WRITE_ACK", "DIRTY_MAP", "HEARTBEAT",
-	"GROUP_STATE", "CHECKPOINT", "CSUM_REQ", "CSUM_RES"}
+	"GROUP_STATE", "CHECKPOINT", "CSUM_REQ", "CSUM_RES", "REFUSED"}
 
 // String returns the command's protocol name.
 func (c Cmd) String() string {
@@ -104,6 +105,10 @@ const (
 	FlagGroup uint16 = 0x0001
 	// FlagConsistent marks a GROUP_STATE whose group is consistent.
 	FlagConsistent uint16 = 0x0001
+	// FlagRefused marks the hub's CHECKPOINT that refuses the agent's
+	// checkpoint of the same sequence number: its name is already used
+	// in the VM's journal.
+	FlagRefused uint16 = 0x0001
 )
 
 // I/O status values of PROTECTED_WRITE and REMOTE_IO_RES.
@@ -403,17 +408,57 @@ const MaxCheckpointName = 64
 // its volumes after every frame before it). It takes a sequence number
 // from the PROTECTED_WRITE series, so it is ordered with the writes and
 // WRITE_ACK covers it. The name is 1 to MaxCheckpointName bytes of ASCII
-// letters, digits, '.', '_' and '-'.
+// letters, digits, '.', '_' and '-'. From the hub, with Refused, it
+// refuses the agent's checkpoint of that sequence number and name (the
+// name is already used in the VM's journal); WRITE_ACK still covers the
+// sequence number.
 type Checkpoint struct {
-	Seq  uint64
-	Name string
+	Seq     uint64
+	Name    string
+	Refused bool
 }
 
 // Cmd implements Message.
 func (*Checkpoint) Cmd() Cmd { return CmdCheckpoint }
 
 func (m *Checkpoint) encode(b []byte) ([]byte, uint16, uint64, [][]byte) {
-	return appendName(b, m.Name), 0, m.Seq, nil
+	return appendName(b, m.Name), flagIf(m.Refused, FlagRefused), m.Seq, nil
+}
+
+// MaxReasonLen is the longest REFUSED reason, in bytes.
+const MaxReasonLen = 512
+
+// Refused is the hub's answer to a HELLO it does not accept (the VM was
+// promoted on the hub, its UUID differs, the certificate is not
+// authorised for it): Reason says why, in 1 to MaxReasonLen bytes of
+// printable ASCII. The hub closes the connection after it.
+type Refused struct {
+	Reason string
+}
+
+// Cmd implements Message.
+func (*Refused) Cmd() Cmd { return CmdRefused }
+
+func (m *Refused) encode(b []byte) ([]byte, uint16, uint64, [][]byte) {
+	return appendName(b, m.Reason), 0, 0, nil
+}
+
+// Reason fits s into a REFUSED reason: bytes that are not printable
+// ASCII become '?', and it is cut at MaxReasonLen bytes.
+func Reason(s string) string {
+	b := []byte(s)
+	if len(b) > MaxReasonLen {
+		b = b[:MaxReasonLen]
+	}
+	for i, c := range b {
+		if c < 0x20 || c > 0x7e {
+			b[i] = '?'
+		}
+	}
+	if len(b) == 0 {
+		return "refused"
+	}
+	return string(b)
 }
 
 // CheckCheckpointName checks a checkpoint name.
@@ -736,7 +781,7 @@ func CheckName(s string) error {
 // allowedFlags holds the flags each command accepts.
 var allowedFlags = [maxCmd + 1]uint16{
 	CmdHello: FlagReply | FlagGroup, CmdGroupState: FlagConsistent, CmdProtectedWrite: FlagZeroes | FlagDiscard, CmdStartProtect: FlagMirror,
-	CmdRemoteIORes: FlagZero | FlagWritten, CmdAgentShutdown: FlagReply, CmdDirtyMap: FlagInitial,
+	CmdRemoteIORes: FlagZero | FlagWritten, CmdAgentShutdown: FlagReply, CmdDirtyMap: FlagInitial, CmdCheckpoint: FlagRefused,
 }
 
 // Decode decodes and checks a frame's payload by its command: lengths,
@@ -934,7 +979,7 @@ func Decode(f Frame) (Message, error) {
 		if d.err != nil {
 			return nil, d.err
 		}
-		m := &Checkpoint{Seq: f.Seq, Name: string(b)}
+		m := &Checkpoint{Seq: f.Seq, Name: string(b), Refused: f.Flags&FlagRefused != 0}
 		if err := CheckCheckpointName(m.Name); err != nil {
 			return nil, Malformed("%s: checkpoint name %q: %v", f.Cmd, m.Name, err)
 		}
@@ -943,6 +988,19 @@ func Decode(f Frame) (Message, error) {
 		return decodeCsumReq(f, d)
 	case CmdCsumRes:
 		return decodeCsumRes(f, d)
+	case CmdRefused:
+		n := int(d.u16("reason length"))
+		if d.err == nil && (n == 0 || n > MaxReasonLen) {
+			return nil, Malformed("%s: reason of %d bytes, want 1 to %d", f.Cmd, n, MaxReasonLen)
+		}
+		b := d.bytes(n, "reason")
+		if d.err != nil {
+			return nil, d.err
+		}
+		if Reason(string(b)) != string(b) {
+			return nil, Malformed("%s: reason %q is not printable ASCII", f.Cmd, b)
+		}
+		return &Refused{Reason: string(b)}, d.end()
 	}
 	return nil, Malformed("unknown command %d", uint8(f.Cmd))
 }

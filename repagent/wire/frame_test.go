@@ -45,6 +45,8 @@ func sampleMessages() []Message {
 		&CsumReq{ID: 16, Volume: 3, Sector: 256, Sectors: 300, RegionSectors: 128, Alg: AlgSHA256},
 		&CsumRes{ID: 16, Volume: 3, Alg: AlgSHA256, Point: 99, Sums: [][CsumSize]byte{{1}, {2}, {3}}, Dirty: []bool{false, true, false}},
 		&CsumRes{ID: 17, Volume: 3, Alg: AlgSHA256, Status: StatusDenied, Sums: [][CsumSize]byte{}, Dirty: []bool{}},
+		&Checkpoint{Seq: 16, Name: "nightly", Refused: true},
+		&Refused{Reason: `vm "vm1" was promoted on this hub`},
 	}
 }
 
@@ -219,7 +221,12 @@ func TestFrameValidation(t *testing.T) {
 		{"checkpoint long", frame(CmdCheckpoint, 0, 1, payload(uint16(65), strings.Repeat("a", 65))), "at most 64"},
 		{"checkpoint slash", frame(CmdCheckpoint, 0, 1, payload(uint16(3), "a/b")), "only letters"},
 		{"checkpoint short", frame(CmdCheckpoint, 0, 1, payload(uint16(5), "ab")), "payload ends in checkpoint name"},
-		{"checkpoint flags", frame(CmdCheckpoint, 1, 1, payload(uint16(1), "a")), "unknown flags"},
+		{"checkpoint flags", frame(CmdCheckpoint, 2, 1, payload(uint16(1), "a")), "unknown flags"},
+		{"refused empty", frame(CmdRefused, 0, 0, payload(uint16(0))), "want 1 to 512"},
+		{"refused long", frame(CmdRefused, 0, 0, payload(uint16(513), strings.Repeat("a", 513))), "want 1 to 512"},
+		{"refused escape", frame(CmdRefused, 0, 0, payload(uint16(5), "a\x1b[2J")), "not printable"},
+		{"refused seq", frame(CmdRefused, 0, 3, payload(uint16(1), "a")), "sequence number 3"},
+		{"refused flags", frame(CmdRefused, 1, 0, payload(uint16(1), "a")), "unknown flags"},
 		{"stop volume 0", frame(CmdStopProtect, 0, 0, payload(uint64(0))), "volume id 0"},
 		{"ack payload", frame(CmdWriteAck, 0, 1, []byte{1}), "trailing"},
 		{"dirty region size", frame(CmdDirtyMap, 0, 1, payload(uint64(1), uint32(100), uint32(0))), "power of two"},
@@ -364,4 +371,27 @@ func pattern(seed uint64, n int) []byte {
 		le.PutUint64(b[i:], x)
 	}
 	return b
+}
+
+// TestReason: a REFUSED reason is printable ASCII of bounded length
+// whatever the hub's error text holds.
+func TestReason(t *testing.T) {
+	for in, want := range map[string]string{
+		"":                       "refused",
+		`vm "a" was promoted`:    `vm "a" was promoted`,
+		"x\n\x1b[2J\x00é":        "x??[2J???",
+		strings.Repeat("a", 600): strings.Repeat("a", MaxReasonLen),
+	} {
+		got := Reason(in)
+		if got != want {
+			t.Errorf("Reason(%q) = %q, want %q", in, got, want)
+		}
+		f, err := NewReader(bytes.NewReader(AppendFrame(nil, &Refused{Reason: got})), 0).ReadFrame()
+		if err == nil {
+			_, err = Decode(f)
+		}
+		if err != nil {
+			t.Errorf("REFUSED %q does not decode: %v", got, err)
+		}
+	}
 }

@@ -34,6 +34,9 @@ type hubVM struct {
 	VM        string      `json:"vm"`
 	Connected bool        `json:"connected"`
 	Volumes   []hubVolume `json:"volumes"`
+	Journal   *struct {
+		Resyncing bool `json:"resyncing"`
+	} `json:"journal"`
 }
 
 // queryRepagent returns the hub's view of vm, or nil if it has none.

@@ -899,6 +899,23 @@ func (j *Journal) Oldest() Point {
 	return a.st.Target
 }
 
+// LastSeq returns the highest sequence number submitted so far, durable
+// or not (0 if none): a record's sequence number must be above it.
+func (j *Journal) LastSeq() uint64 {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.pSeq
+}
+
+// HasCheckpoint reports whether a checkpoint named name is in the
+// retention window, submitted records included: Submit refuses a second
+// checkpoint of that name.
+func (j *Journal) HasCheckpoint(name string) bool {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.pCPNames[name]
+}
+
 // Checkpoints returns the named checkpoints still in the retention window,
 // oldest first.
 func (j *Journal) Checkpoints() []Checkpoint {

@@ -105,14 +105,39 @@ func main() {
 		if disk == "" {
 			disk = p.str(proto.ParamDisk, "vda")
 		}
-		for _, r := range runStep(name, disk, p) {
-			printLine(proto.ResultMarker, r)
+		for _, r := range runOnDisks(name, disk, p) {
 			if !r.OK {
 				failed++
 			}
 		}
 	}
 	printLine(proto.EndMarker, proto.End{OK: failed == 0, Failed: failed})
+}
+
+// runOnDisks runs step name on disk, or on every disk of a list joined by
+// "+" (writer@vda+vdb) at once, prints each result line as it comes and
+// returns them all.
+func runOnDisks(name, disk string, p params) []proto.Result {
+	disks := strings.Split(disk, "+")
+	var (
+		mu  sync.Mutex
+		all []proto.Result
+		wg  sync.WaitGroup
+	)
+	for _, d := range disks {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for _, r := range runStep(name, d, p) {
+				printLine(proto.ResultMarker, r)
+				mu.Lock()
+				all = append(all, r)
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	return all
 }
 
 // fail reports a failure before any step could run.

@@ -28,6 +28,8 @@ const ParamPrefix = "vhostdm."
 const (
 	// ParamTest lists the steps, comma-separated, each optionally "@disk"
 	// (a /sys/block name such as vdb, or a serial): "info,verify@vda".
+	// Disks joined by "+" run the step on each of them at once
+	// ("writer@vda+vdb"); the next step starts when all are done.
 	ParamTest = "test"
 	// ParamDisk is the default disk of steps without "@disk" (vda).
 	ParamDisk = "disk"
