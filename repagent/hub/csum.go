@@ -193,13 +193,16 @@ func (c *hubConn) csumRes(m *wire.CsumRes) error {
 	h.mu.Unlock()
 	at := j.End()
 	p := c.lastPending
-	go c.compare(rq, m, j, at, p, stale)
+	// The journal numbers this connection's writes c.seqBase above the
+	// agent's own numbers (an agent that restarted counts from 1 again):
+	// the agent's point is compared in the journal's numbering.
+	go c.compare(rq, m, c.seqBase+m.Point, j, at, p, stale)
 	return nil
 }
 
 // compare hashes the replica at the answer's point and reports the
 // result to the request's owner.
-func (c *hubConn) compare(rq *csumReq, m *wire.CsumRes, j *journal.Journal, at int64, p *journal.Pending, stale bool) {
+func (c *hubConn) compare(rq *csumReq, m *wire.CsumRes, before uint64, j *journal.Journal, at int64, p *journal.Pending, stale bool) {
 	res := csumResult{rq: rq, matched: roaring.New(), differ: roaring.New(), again: roaring.New(), hashedAt: m.Point}
 	defer func() {
 		if rq.release != nil {
@@ -227,7 +230,7 @@ func (c *hubConn) compare(rq *csumReq, m *wire.CsumRes, j *journal.Journal, at i
 		}
 	}
 	buf := make([]byte, int(rq.msg.Sectors)*wire.SectorSize)
-	err := j.ReadVolume(ctx, rq.v.name, []journal.Range{{Off: int64(rq.msg.Sector) * wire.SectorSize, Buf: buf}}, rq.sure, m.Point, at)
+	err := j.ReadVolume(ctx, rq.v.name, []journal.Range{{Off: int64(rq.msg.Sector) * wire.SectorSize, Buf: buf}}, rq.sure, before, at)
 	if errors.Is(err, journal.ErrBeforeWindow) {
 		res.again.AddRange(rq.first, rq.first+rq.count)
 		return
