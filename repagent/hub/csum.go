@@ -226,6 +226,9 @@ func (c *hubConn) compare(rq *csumReq, m *wire.CsumRes, before uint64, j *journa
 	if p != nil {
 		if _, err := p.Wait(ctx); err != nil {
 			res.err = fmt.Errorf("journal: %w", err)
+			if ctx.Err() != nil {
+				res.err = errConnEnded // asked again once the agent is back
+			}
 			return
 		}
 	}
@@ -237,6 +240,9 @@ func (c *hubConn) compare(rq *csumReq, m *wire.CsumRes, before uint64, j *journa
 	}
 	if err != nil {
 		res.err = err
+		if ctx.Err() != nil {
+			res.err = errConnEnded // asked again once the agent is back
+		}
 		return
 	}
 	rb := int(rq.msg.RegionSectors) * wire.SectorSize
