@@ -17,8 +17,6 @@ import (
 	"testing"
 	"time"
 
-	qmpclient "github.com/digitalocean/go-qemu/qmp"
-
 	"github.com/vhostdm/vhostdm/internal/reptest"
 	"github.com/vhostdm/vhostdm/repagent/hub"
 	"github.com/vhostdm/vhostdm/repagent/wire"
@@ -81,14 +79,11 @@ func (p *hubProc) kill() {
 }
 
 func (p *hubProc) status() ([]hub.VMStatus, error) {
-	mon, err := qmpclient.NewSocketMonitor("unix", p.qmp, 5*time.Second)
+	mon, err := dialQMP(p.qmp)
 	if err != nil {
 		return nil, err
 	}
-	if err := mon.Connect(); err != nil {
-		return nil, err
-	}
-	defer mon.Disconnect()
+	defer mon.Close()
 	return queryRepagent(mon)
 }
 

@@ -40,7 +40,7 @@ import (
 	"syscall"
 	"time"
 
-	qmpclient "github.com/digitalocean/go-qemu/qmp"
+	"github.com/vhostdm/vhostdm/internal/qmpclient"
 
 	"github.com/vhostdm/vhostdm/cmd/repagent-hub/internal/failover"
 	"github.com/vhostdm/vhostdm/config"
@@ -302,16 +302,12 @@ func runStatus(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "usage: repagent-hub status --qmp SOCK [--watch]")
 		return 2
 	}
-	mon, err := qmpclient.NewSocketMonitor("unix", *sock, 5*time.Second)
+	mon, err := dialQMP(*sock)
 	if err != nil {
 		fmt.Fprintf(stderr, "repagent-hub: %v\n", err)
 		return 1
 	}
-	if err := mon.Connect(); err != nil {
-		fmt.Fprintf(stderr, "repagent-hub: %v\n", err)
-		return 1
-	}
-	defer mon.Disconnect()
+	defer mon.Close()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	for {
@@ -335,7 +331,14 @@ func runStatus(args []string, stdout, stderr io.Writer) int {
 	}
 }
 
-func queryRepagent(mon *qmpclient.SocketMonitor) ([]hub.VMStatus, error) {
+// dialQMP connects to the hub's QMP socket.
+func dialQMP(sock string) (*qmpclient.Client, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return qmpclient.Dial(ctx, "unix", sock)
+}
+
+func queryRepagent(mon *qmpclient.Client) ([]hub.VMStatus, error) {
 	raw, err := mon.Run([]byte(`{"execute":"query-repagent"}`))
 	if err != nil {
 		return nil, fmt.Errorf("query-repagent: %w", err)

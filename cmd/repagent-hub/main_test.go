@@ -8,9 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
-	qmpclient "github.com/digitalocean/go-qemu/qmp"
 
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/qmp"
@@ -47,14 +45,11 @@ func TestStatusOverQMP(t *testing.T) {
 	if !strings.HasPrefix(out.String(), "VM ") || !strings.Contains(out.String(), "APPLIED-SEQ") {
 		t.Errorf("status output:\n%s", out.String())
 	}
-	mon, err := qmpclient.NewSocketMonitor("unix", sock, 5*time.Second)
+	mon, err := dialQMP(sock)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := mon.Connect(); err != nil {
-		t.Fatal(err)
-	}
-	defer mon.Disconnect()
+	defer mon.Close()
 	raw, err := mon.Run([]byte(`{"execute":"repagent-failover-test","arguments":{"vm":"nope","dir":"/tmp/x"}}`))
 	if err == nil || !strings.Contains(err.Error(), `vm "nope" not found`) {
 		t.Errorf("failover test of an unknown vm: %s %v", raw, err)

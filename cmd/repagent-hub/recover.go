@@ -13,8 +13,6 @@ import (
 	"strings"
 	"time"
 
-	qmpclient "github.com/digitalocean/go-qemu/qmp"
-
 	"github.com/vhostdm/vhostdm/config"
 	"github.com/vhostdm/vhostdm/repagent/hub/journal"
 	"github.com/vhostdm/vhostdm/repagent/wire"
@@ -149,14 +147,11 @@ func recoverOrPromote(verb string, args []string, stdout, stderr io.Writer) int 
 
 // recoverQMP asks the running hub to materialise the point.
 func recoverQMP(sock, command, vm, dir, at, seq, cp string) (Recovered, error) {
-	mon, err := qmpclient.NewSocketMonitor("unix", sock, 5*time.Second)
+	mon, err := dialQMP(sock)
 	if err != nil {
 		return Recovered{}, err
 	}
-	if err := mon.Connect(); err != nil {
-		return Recovered{}, err
-	}
-	defer mon.Disconnect()
+	defer mon.Close()
 	a := map[string]string{"vm": vm, "out": dir}
 	for k, v := range map[string]string{"at": at, "seq": seq, "checkpoint": cp} {
 		if v != "" {

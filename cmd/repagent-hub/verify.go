@@ -5,9 +5,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"time"
-
-	qmpclient "github.com/digitalocean/go-qemu/qmp"
 
 	"github.com/vhostdm/vhostdm/repagent/hub"
 )
@@ -30,15 +27,12 @@ func runVerify(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "usage: repagent-hub verify --vm NAME --qmp SOCK [--volume V] [--rate SIZE] [--json]")
 		return 2
 	}
-	mon, err := qmpclient.NewSocketMonitor("unix", *sock, 5*time.Second)
-	if err == nil {
-		err = mon.Connect()
-	}
+	mon, err := dialQMP(*sock)
 	if err != nil {
 		fmt.Fprintf(stderr, "repagent-hub: %v\n", err)
 		return 1
 	}
-	defer mon.Disconnect()
+	defer mon.Close()
 	a := map[string]string{"vm": *vm}
 	if *volume != "" {
 		a["volume"] = *volume

@@ -14,8 +14,7 @@ import (
 	"testing"
 	"time"
 
-	goqmp "github.com/digitalocean/go-qemu/qmp"
-
+	"github.com/vhostdm/vhostdm/internal/qmpclient"
 	"github.com/vhostdm/vhostdm/internal/reptest"
 	"github.com/vhostdm/vhostdm/repagent/hub"
 	"github.com/vhostdm/vhostdm/vhost"
@@ -24,14 +23,13 @@ import (
 // queryAgent runs query-repagent on the child's QMP socket.
 func queryAgent(sock string) (agentStatus, error) {
 	var s agentStatus
-	mon, err := goqmp.NewSocketMonitor("unix", sock, 2*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	mon, err := qmpclient.Dial(ctx, "unix", sock)
 	if err != nil {
 		return s, err
 	}
-	if err := mon.Connect(); err != nil {
-		return s, err
-	}
-	defer mon.Disconnect()
+	defer mon.Close()
 	raw, err := mon.Run([]byte(`{"execute":"query-repagent"}`))
 	if err != nil {
 		return s, err

@@ -14,7 +14,7 @@ import (
 	"syscall"
 	"time"
 
-	goqmp "github.com/digitalocean/go-qemu/qmp"
+	"github.com/vhostdm/vhostdm/internal/qmpclient"
 )
 
 // vhostdm ctl is dmsetup over QMP: the same verbs and, where dmsetup has
@@ -235,30 +235,28 @@ func ctlParse(args []string) (sock, name string, a *ctlArgs, err error) {
 
 // ctlConn is a negotiated QMP connection.
 type ctlConn struct {
-	mon *goqmp.SocketMonitor
+	mon *qmpclient.Client
 }
 
 func ctlConnect(sock string) (*ctlConn, error) {
-	mon, err := goqmp.NewSocketMonitor("unix", sock, ctlDialTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), ctlDialTimeout)
+	defer cancel()
+	mon, err := qmpclient.Dial(ctx, "unix", sock)
 	if err != nil {
-		return nil, fmt.Errorf("connect: %w", err)
-	}
-	if err := mon.Connect(); err != nil {
-		mon.Disconnect()
 		return nil, fmt.Errorf("connect %s: %w", sock, err)
 	}
 	return &ctlConn{mon: mon}, nil
 }
 
-func (c *ctlConn) close() { c.mon.Disconnect() }
+func (c *ctlConn) close() { c.mon.Close() }
 
 // run executes a command and decodes its return into out (if not nil).
 // The error is the server's desc.
 func (c *ctlConn) run(cmd string, args map[string]any, out any) error {
-	req := goqmp.Command{Execute: cmd}
-	if len(args) > 0 {
-		req.Args = args
-	}
+	req := struct {
+		Execute string         `json:"execute"`
+		Args    map[string]any `json:"arguments,omitempty"`
+	}{Execute: cmd, Args: args}
 	b, err := json.Marshal(req)
 	if err != nil {
 		return err
@@ -583,18 +581,7 @@ type ctlEvent struct {
 func ctlEvents(c *ctlConn, a *ctlArgs) error {
 	ctx, cancel := context.WithCancel(a.ctx)
 	defer cancel()
-	events, err := c.mon.Events(ctx)
-	if err != nil {
-		return err
-	}
-	// go-qemu hands events over unbuffered and its Disconnect waits for
-	// its reader, so whatever is still in flight is drained on the way out.
-	defer func() {
-		go func() {
-			for range events {
-			}
-		}()
-	}()
+	events := c.mon.Events()
 	for {
 		select {
 		case <-ctx.Done():
@@ -617,7 +604,9 @@ func ctlEvents(c *ctlConn, a *ctlArgs) error {
 }
 
 func ctlVersion(c *ctlConn, a *ctlArgs) error {
-	var v goqmp.Version
+	var v struct {
+		Package string `json:"package"`
+	}
 	if err := c.run("query-version", nil, &v); err != nil {
 		return err
 	}
