@@ -4,6 +4,7 @@
 package mappertest
 
 import (
+	"bytes"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -24,6 +25,9 @@ type Mem struct {
 	counts  map[mapper.Op]int
 	flushes int
 	closed  bool
+	// lost counts the crashes that dropped unflushed writes: a handle
+	// opened before such a crash fails its next flush (see Crash).
+	lost uint64
 }
 
 // NewMem returns a zero-filled memory backend of size bytes.
@@ -91,11 +95,19 @@ func (m *Mem) WriteAt(bufs [][]byte, off int64) error {
 }
 
 // Flush implements mapper.Backend: everything written so far survives Crash.
-func (m *Mem) Flush() error {
+func (m *Mem) Flush() error { return m.flush(nil) }
+
+// flush flushes for a handle that has seen *seen lossy crashes (nil: the
+// Mem itself, which reports none): one it has not seen fails the flush.
+func (m *Mem) flush(seen *uint64) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err := m.check(mapper.OpFlush); err != nil {
 		return err
+	}
+	if seen != nil && *seen != m.lost {
+		*seen = m.lost
+		return fmt.Errorf("%s: flush: writes were lost in a crash: %w", m.name, mapper.ErrIO)
 	}
 	copy(m.durable, m.data)
 	m.flushes++
@@ -140,10 +152,22 @@ func (m *Mem) Name() string { return m.name }
 // (tests reuse it across tables), so Close only records the call.
 func (m *Mem) Close() error { return nil }
 
-// Crash drops every write not yet flushed.
+// Crash drops every write not yet flushed, as a power cut of the device
+// would. A process that goes on using the device through a handle opened
+// before the crash (Set.Open) learns of the loss: that handle's next Flush
+// fails, once, as a device reports a write-back it lost. Without that, a
+// write completed before the crash and flushed after it would be lost
+// although its flush succeeded, which no device may do and no target can
+// guard against (a mirror's resync copy would be marked in sync on a leg
+// that dropped it). Set.Kill, the power cut that ends the process too,
+// leaves nothing to report: the handles it kills fail all I/O and those
+// opened after it start from what survived.
 func (m *Mem) Crash() {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if !bytes.Equal(m.data, m.durable) {
+		m.lost++
+	}
 	copy(m.data, m.durable)
 }
 
@@ -189,7 +213,10 @@ func (s *Set) Open(name string, readOnly bool) (mapper.Backend, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if m := s.mems[name]; m != nil {
-		return handle{m, s.dead}, nil
+		m.mu.Lock()
+		seen := m.lost
+		m.mu.Unlock()
+		return handle{m, s.dead, &seen}, nil
 	}
 	return nil, mapper.Errorf(mapper.ErrNotFound, "open %s: no such memory backend", name)
 }
@@ -212,6 +239,7 @@ func (s *Set) Kill() {
 type handle struct {
 	*Mem
 	dead *atomic.Bool
+	seen *uint64 // Mem.lost reported to this handle so far, guarded by Mem.mu
 }
 
 func (h handle) alive() error {
@@ -242,7 +270,7 @@ func (h handle) Flush() error {
 	if err := h.alive(); err != nil {
 		return err
 	}
-	return h.Mem.Flush()
+	return h.Mem.flush(h.seen)
 }
 
 // Discard implements mapper.Backend.

@@ -649,17 +649,22 @@ func (m *mirror) recoverRegion(reg uint64) {
 		}
 	}
 	res := m.kcopyd.CopySync(copier.Region{Dev: src.dev, Sector: src.offset + start, Sectors: n}, dsts)
-	// The copies should be durable before reads rely on them. A flush
-	// failure marks the leg (F) but does not undo the copy: the clean
-	// mark reaches the log only after a successful flush of the legs.
+	success := res.Err() == nil
+	// The copies must be durable before the region counts as in sync:
+	// reads then go to every leg, and the clean mark the log writes later
+	// (after flushing the legs again) would outlive a crash. A flush that
+	// fails may have lost the copy, and a later flush of the same leg can
+	// succeed without bringing it back (a device reports a lost write-back
+	// once), so the recovery of the region has failed: it stays out of
+	// sync, read from the default leg, and dirty in the log.
 	for k, i := range idx {
 		if res.WriteErrs[k] == nil && res.ReadErr == nil {
 			if err := m.legs[i].dev.Flush(); err != nil {
 				m.fail(i, errFlush, err)
+				success = false
 			}
 		}
 	}
-	success := res.Err() == nil
 	if res.ReadErr != nil {
 		m.fail(def, errRead, res.ReadErr)
 	}
