@@ -243,7 +243,7 @@ func ctlConnect(sock string) (*ctlConn, error) {
 	defer cancel()
 	mon, err := qmpclient.Dial(ctx, "unix", sock)
 	if err != nil {
-		return nil, fmt.Errorf("connect %s: %w", sock, err)
+		return nil, fmt.Errorf("connect: %w", err)
 	}
 	return &ctlConn{mon: mon}, nil
 }
