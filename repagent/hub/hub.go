@@ -1565,6 +1565,18 @@ func (c *hubConn) protectedWrite(m *wire.ProtectedWrite) error {
 		h.mu.Unlock()
 		return nil
 	}
+	if !c.vm.resync {
+		// A resync planned since the last pump (a DIRTY_MAP handled in
+		// the same batch of frames) opens its set before this write is
+		// journaled: the write is newer than the regions' lost data, so
+		// no point after it is consistent until they are read.
+		if work, _ := c.resyncWork(); work {
+			if err := c.openResyncSet(); err != nil {
+				h.mu.Unlock()
+				return err
+			}
+		}
+	}
 	h.mu.Unlock()
 	if d := h.cfg.ApplyDelay; d > 0 {
 		time.Sleep(d)
@@ -1752,22 +1764,24 @@ func (c *hubConn) remoteIORes(m *wire.RemoteIORes) error {
 // agent's concurrency, so that the agent never stops reading.
 const maxReadsPerConn = 16
 
-// pump issues remote reads for syncing volumes and declares those that
-// converged protected.
-func (c *hubConn) pump() error {
-	h := c.h
-	h.mu.Lock()
-	var reqs []*wire.RemoteIOReq
+// sortedVolumes returns the connection's volumes by id; h.mu held.
+func (c *hubConn) sortedVolumes() []*hubVolume {
 	vols := make([]*hubVolume, 0, len(c.byID))
 	for _, v := range c.byID {
 		vols = append(vols, v)
 	}
 	slices.SortFunc(vols, func(a, b *hubVolume) int { return int(a.id) - int(b.id) })
-	// The VM's resync set: opened when a resync is planned, closed when
-	// every region is journaled; until then the newest consistent point
-	// stays the one before it.
-	work, waiting, mirrored := len(c.deferred) > 0, false, false
-	for _, v := range vols {
+	return vols
+}
+
+// resyncWork reports whether the VM has resync work outstanding (regions
+// to read or being read, writes deferred behind reads, a checksum
+// comparison, a consistency group not yet consistent) and whether a volume
+// still waits for its initial DIRTY_MAP; h.mu held.
+func (c *hubConn) resyncWork() (work, waiting bool) {
+	work = len(c.deferred) > 0
+	mirrored := false
+	for _, v := range c.byID {
 		if !v.mirror {
 			continue
 		}
@@ -1778,18 +1792,47 @@ func (c *hubConn) pump() error {
 	if c.group && mirrored && !c.groupConsistent {
 		work = true
 	}
+	return work, waiting
+}
+
+// openResyncSet journals the start of the VM's resync set; h.mu held, so
+// that nothing is journaled between the decision and the record (Submit
+// does not block on the store).
+func (c *hubConn) openResyncSet() error {
+	if err := c.submit(journal.Record{Kind: journal.KindResyncBegin}); err != nil {
+		return fmt.Errorf("journal resync mark: %w", err)
+	}
+	c.vm.resync = true
+	c.vm.resyncEpoch++
+	var bytes uint64
+	for _, v := range c.byID {
+		bytes += (v.need.GetCardinality() + v.inRead.GetCardinality()) * uint64(c.h.cfg.RegionSectors) * wire.SectorSize
+	}
+	c.log.Warn("resync set opened: the newest consistent point stays the one before it until it completes",
+		"resync_bytes", bytes, "consistent_point", c.vm.j.Newest().Seq)
+	return nil
+}
+
+// pump issues remote reads for syncing volumes and declares those that
+// converged protected.
+func (c *hubConn) pump() error {
+	h := c.h
+	h.mu.Lock()
+	var reqs []*wire.RemoteIOReq
+	vols := c.sortedVolumes()
+	// The VM's resync set: opened when a resync is planned (here, or by
+	// the first write journaled after it was planned), closed when every
+	// region is journaled; until then the newest consistent point stays
+	// the one before it.
+	work, waiting := c.resyncWork()
+	mirrored := slices.ContainsFunc(vols, func(v *hubVolume) bool { return v.mirror })
 	var mark *journal.Record
 	switch {
 	case work && !c.vm.resync:
-		mark = &journal.Record{Kind: journal.KindResyncBegin}
-		c.vm.resync = true
-		c.vm.resyncEpoch++
-		var bytes uint64
-		for _, v := range vols {
-			bytes += (v.need.GetCardinality() + v.inRead.GetCardinality()) * uint64(h.cfg.RegionSectors) * wire.SectorSize
+		if err := c.openResyncSet(); err != nil {
+			h.mu.Unlock()
+			return err
 		}
-		c.log.Warn("resync set opened: the newest consistent point stays the one before it until it completes",
-			"resync_bytes", bytes, "consistent_point", c.vm.j.Newest().Seq)
 	case !work && !waiting && c.vm.resync:
 		mark = &journal.Record{Kind: journal.KindResyncEnd}
 		c.vm.resync = false
