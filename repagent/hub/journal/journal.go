@@ -851,6 +851,14 @@ func (j *Journal) Stats() Stats {
 	return s
 }
 
+// LastSeq returns the sequence number of the last record submitted with
+// one (durable or not); a later record's must be above it.
+func (j *Journal) LastSeq() uint64 {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.pSeq
+}
+
 // Newest returns the newest durable consistent point.
 func (j *Journal) Newest() Point {
 	j.mu.Lock()
