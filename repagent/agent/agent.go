@@ -160,6 +160,16 @@ type Agent struct {
 	// connected.
 	refusal string
 
+	// The sender's batching (see sendReady): the queue's data bytes, whether
+	// it holds a frame that must go out at once, the last sequence number
+	// handed to the socket, and the timer that bounds how long a small
+	// batch is held.
+	queuedB   int64
+	urgent    bool
+	sentSeq   uint64
+	holdTimer *time.Timer
+	holdArmed bool
+
 	runMu   sync.Mutex
 	cancel  context.CancelFunc
 	runDone chan struct{}
@@ -174,7 +184,19 @@ type Agent struct {
 	alLost  atomic.Bool
 	alSpan  uint64 // the most bytes one write may span in the log (half of al-extents)
 
-	bufs [maxPoolClass + 1]sync.Pool // mirrored data buffers by power-of-two size
+	bufs bufPool // mirrored data buffers
+}
+
+// bufPool keeps the buffers of mirrored data by power-of-two size class
+// for reuse, up to limit bytes of free buffers: unlike a sync.Pool it is
+// not emptied by the garbage collector, so the steady state allocates
+// nothing and the buffers' memory stays mapped (on some hypervisors the
+// first touch of fresh memory costs more than the copy itself).
+type bufPool struct {
+	mu    sync.Mutex
+	free  [maxPoolClass + 1][][]byte
+	bytes int64
+	limit int64
 }
 
 // maxPoolClass is the largest pooled buffer, 2^maxPoolClass bytes.
@@ -186,9 +208,17 @@ func (a *Agent) getBuf(n int) []byte {
 	if c > maxPoolClass {
 		return make([]byte, n)
 	}
-	if b, ok := a.bufs[c].Get().(*[]byte); ok {
-		return (*b)[:n]
+	p := &a.bufs
+	p.mu.Lock()
+	if k := len(p.free[c]); k > 0 {
+		b := p.free[c][k-1]
+		p.free[c][k-1] = nil
+		p.free[c] = p.free[c][:k-1]
+		p.bytes -= int64(cap(b))
+		p.mu.Unlock()
+		return b[:n]
 	}
+	p.mu.Unlock()
 	return make([]byte, n, 1<<c)
 }
 
@@ -198,8 +228,13 @@ func (a *Agent) putBuf(b []byte) {
 	if c > maxPoolClass || cap(b) != 1<<c {
 		return
 	}
-	b = b[:0]
-	a.bufs[c].Put(&b)
+	p := &a.bufs
+	p.mu.Lock()
+	if p.bytes+int64(cap(b)) <= max(p.limit, 1<<c) {
+		p.free[c] = append(p.free[c], b[:0])
+		p.bytes += int64(cap(b))
+	}
+	p.mu.Unlock()
 }
 
 // qitem is a queued frame: a mirrored write or a dirty map.
@@ -379,6 +414,9 @@ func New(cfg Config) (*Agent, error) {
 		vols: map[string]*agentVolume{}, byID: map[uint64]*agentVolume{}, nextSeq: 1,
 		hub: cfg.Hub, tls: cfg.TLS}
 	a.cond = sync.NewCond(&a.mu)
+	a.holdTimer = time.AfterFunc(time.Hour, a.holdExpired)
+	a.holdTimer.Stop()
+	a.bufs.limit = cfg.QueueBytes
 	if cfg.ActivityLog.Path != "" && !cfg.Group {
 		if err := a.openActivityLog(cfg.ActivityLog); err != nil {
 			return nil, fmt.Errorf("repagent: %w", err)
@@ -637,7 +675,10 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 		v.log.Warn("fall-behind threshold exceeded: mirroring synchronously",
 			"backlog_ios", v.pendIOs, "backlog_bytes", v.pendB)
 	}
-	a.cond.Broadcast()
+	if v.sync {
+		a.urgent = true // the guest waits for its acknowledgement
+	}
+	a.kickSender(now)
 	if v.sync {
 		v.stats.SyncWrites++
 		last.done = make(chan struct{})
@@ -650,6 +691,11 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 	// So does a backlog older than PaceAge: the RPO stays bounded when
 	// the hub acknowledges slowly.
 	if hw := share / 4 * 3; v.pendB > hw || v.tooOld(now) {
+		if !a.urgent {
+			// The guest waits for the hub: what is queued goes now.
+			a.urgent = true
+			a.cond.Broadcast()
+		}
 		v.stats.Paced++
 		v.hw = hw
 		v.paced++
@@ -793,7 +839,7 @@ func (a *Agent) queueWrite(v *agentVolume, op mapper.Op, sector, sectors uint64,
 		}
 		pw.Seq = it.seq
 		a.nextSeq++
-		a.queue = append(a.queue, it)
+		a.enqueue(it, false)
 		v.pending = append(v.pending, it)
 		v.pendIOs++
 		v.pendB += it.bytes
@@ -803,6 +849,60 @@ func (a *Agent) queueWrite(v *agentVolume, op mapper.Op, sector, sectors uint64,
 		last = it
 	}
 	return last
+}
+
+// sendBatchBytes and maxHold bound how the sender batches mirrored writes:
+// while frames it sent are unacknowledged, it waits for more writes until
+// the queue holds sendBatchBytes of data or its oldest frame is maxHold
+// old (Nagle's algorithm with the hub's acknowledgements as the clock).
+// One write and one hub commit then carry many guest writes; frames that
+// something waits for (a synchronous write, a paced guest, a dirty map, a
+// checkpoint, Sync, Close, a write waiting for room in the activity log)
+// go at once.
+const (
+	sendBatchBytes = 256 << 10
+	maxHold        = time.Millisecond
+)
+
+// enqueue appends a frame to the send queue; urgent frames are sent
+// without waiting for a batch to fill. a.mu held.
+func (a *Agent) enqueue(it *qitem, urgent bool) {
+	a.queue = append(a.queue, it)
+	a.queuedB += it.bytes
+	a.urgent = a.urgent || urgent
+}
+
+// sendReady reports whether the sender should write the queue now; a.mu
+// held.
+func (a *Agent) sendReady(now time.Time) bool {
+	if len(a.queue) == 0 {
+		return false
+	}
+	return a.urgent || a.queuedB >= sendBatchBytes || a.sentSeq <= a.acked || now.Sub(a.queue[0].t) >= maxHold ||
+		(a.al != nil && a.al.Waiting())
+}
+
+// kickSender wakes the sender when the queue is ready to go, or makes
+// sure it wakes when the queue's oldest frame has been held for maxHold;
+// it reports whether the queue is ready. a.mu held.
+func (a *Agent) kickSender(now time.Time) bool {
+	if a.sendReady(now) {
+		a.cond.Broadcast()
+		return true
+	}
+	if len(a.queue) > 0 && !a.holdArmed {
+		a.holdArmed = true
+		a.holdTimer.Reset(max(maxHold-now.Sub(a.queue[0].t), time.Microsecond))
+	}
+	return false
+}
+
+// holdExpired wakes the sender when a held batch is maxHold old.
+func (a *Agent) holdExpired() {
+	a.mu.Lock()
+	a.holdArmed = false
+	a.cond.Broadcast()
+	a.mu.Unlock()
 }
 
 // canMirror reports whether v's writes can be queued now; a.mu held.
@@ -907,6 +1007,7 @@ func (a *Agent) release(v *agentVolume, it *qitem) {
 func (a *Agent) disconnected() {
 	a.conn = nil
 	a.queue = nil
+	a.queuedB, a.urgent, a.sentSeq = 0, false, a.acked
 	for _, v := range a.vols {
 		for _, it := range v.pending {
 			if a.cfg.Group {
@@ -970,7 +1071,7 @@ func (a *Agent) queueDirtyMap(v *agentVolume, initial bool) {
 		it := &qitem{seq: a.nextSeq, vol: v, t: since, extents: chunk}
 		it.msg = &wire.DirtyMap{Seq: it.seq, Volume: v.id, Initial: initial && first, RegionSectors: a.cfg.RegionSectors, Extents: chunk}
 		a.nextSeq++
-		a.queue = append(a.queue, it)
+		a.enqueue(it, true)
 		v.pending = append(v.pending, it)
 		if len(exts) == 0 {
 			it.alFull, v.alFull = v.alFull, false
@@ -1043,6 +1144,10 @@ func (a *Agent) Sync() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	target, conn := a.nextSeq-1, a.conn
+	if len(a.queue) > 0 && !a.urgent {
+		a.urgent = true // waited for: no batching delay
+		a.cond.Broadcast()
+	}
 	for !a.lost && a.acked < target && a.conn == conn && conn != nil {
 		a.cond.Wait()
 	}
@@ -1093,7 +1198,7 @@ func (a *Agent) Checkpoint(ctx context.Context, name string) error {
 	it := &qitem{seq: a.nextSeq, t: time.Now()}
 	it.msg = &wire.Checkpoint{Seq: it.seq, Name: name}
 	a.nextSeq++
-	a.queue = append(a.queue, it)
+	a.enqueue(it, true)
 	if a.ckpts == nil {
 		a.ckpts = map[uint64]bool{}
 	}
@@ -1130,7 +1235,7 @@ func (a *Agent) queueGroupState() {
 	it := &qitem{seq: a.nextSeq, t: time.Now()}
 	it.msg = &wire.GroupState{Seq: it.seq, Consistent: a.consistent && !a.lost}
 	a.nextSeq++
-	a.queue = append(a.queue, it)
+	a.enqueue(it, true)
 	a.cond.Broadcast()
 }
 
@@ -1522,12 +1627,15 @@ func (c *agentConn) sendLoop() {
 	a := c.a
 	for {
 		a.mu.Lock()
-		for len(a.queue) == 0 && a.reported && !a.dmWanted && a.conn == c {
+		for a.reported && !a.dmWanted && a.conn == c {
 			select {
 			case <-c.done:
 				a.mu.Unlock()
 				return
 			default:
+			}
+			if a.kickSender(time.Now()) {
+				break
 			}
 			a.cond.Wait()
 		}
@@ -1552,6 +1660,10 @@ func (c *agentConn) sendLoop() {
 		}
 		items := a.queue
 		a.queue = nil
+		a.queuedB, a.urgent = 0, false
+		if len(items) > 0 {
+			a.sentSeq = items[len(items)-1].seq
+		}
 		a.mu.Unlock()
 
 		c.wmu.Lock()
@@ -1656,6 +1768,10 @@ func (a *Agent) Close() error {
 			if v := a.vols[n]; v.mirror && !v.dirty.IsEmpty() {
 				a.queueDirtyMap(v, false)
 			}
+		}
+		if len(a.queue) > 0 {
+			a.urgent = true // draining: no batching delay
+			a.cond.Broadcast()
 		}
 		for a.conn == c && time.Now().Before(deadline) && !a.drainedLocked() {
 			a.cond.Wait()

@@ -95,7 +95,7 @@ func (c *agentConn) serveCsum(v *agentVolume, m *wire.CsumReq, res *wire.CsumRes
 	v.stats.CsumBytes += uint64(len(data))
 	if a.conn == c {
 		// Behind every frame numbered below the point.
-		a.queue = append(a.queue, &qitem{msg: res, t: time.Now()})
+		a.enqueue(&qitem{msg: res, t: time.Now()}, true)
 		a.cond.Broadcast()
 	}
 	a.mu.Unlock()

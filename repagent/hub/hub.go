@@ -602,7 +602,7 @@ type hubConn struct {
 	nc       net.Conn
 	log      *slog.Logger
 	w        *wire.Writer
-	frames   chan wire.Frame
+	frames   chan []wire.Frame // batches of frames, in order
 	readErr  chan error
 	kick     chan struct{}
 	done     chan struct{}
@@ -622,9 +622,15 @@ type hubConn struct {
 	reqs            map[uint64]*readReq
 	nextReq         uint64
 	lastSeq         uint64 // last sequence received
-	lastCkpt        time.Time
-	pending         bool // applied or changed since the last checkpoint
-	shutdown        bool // AGENT_SHUTDOWN received
+	// seqBase is added to the agent's sequence numbers in the journal,
+	// whose numbers increase over its life: an agent process that
+	// restarted numbers from 1 again (seqMapped: chosen at the first
+	// journaled write of the connection).
+	seqBase   uint64
+	seqMapped bool
+	lastCkpt  time.Time
+	pending   bool // applied or changed since the last checkpoint
+	shutdown  bool // AGENT_SHUTDOWN received
 	// mustSave: the regions to read grew because of a frame with a
 	// sequence number; it is acknowledged only after the state is saved.
 	mustSave bool
@@ -649,13 +655,6 @@ type hubConn struct {
 	wmu     sync.Mutex // serialises the writer between engine and acker
 	acks    chan ackItem
 	ackDone chan struct{}
-
-	// seqBase is added to the agent's sequence numbers in journal
-	// records: an agent that restarted (kill -9, a clean stop) numbers
-	// its writes from 1 again, while the VM's journal takes only
-	// increasing numbers. Chosen at the connection's first write.
-	seqBase    uint64
-	seqBaseSet bool
 }
 
 // deferredWrite is a mirrored write held until the remote reads of its
@@ -683,7 +682,7 @@ type readReq struct {
 
 func newHubConn(h *Hub, nc net.Conn) *hubConn {
 	return &hubConn{h: h, nc: nc, log: h.log.With("peer", nc.RemoteAddr().String()),
-		frames: make(chan wire.Frame, 64), readErr: make(chan error, 1), kick: make(chan struct{}, 1),
+		frames: make(chan []wire.Frame, 64), readErr: make(chan error, 1), kick: make(chan struct{}, 1),
 		done: make(chan struct{}), byID: map[uint64]*hubVolume{}, reqs: map[uint64]*readReq{}, graceful: true,
 		acks: make(chan ackItem, 4096), ackDone: make(chan struct{})}
 }
@@ -1023,7 +1022,8 @@ func (c *hubConn) detach(err error) {
 	h.mu.Unlock()
 }
 
-// readLoop feeds frames to the engine.
+// readLoop feeds frames to the engine, in batches of what one read of
+// the socket brought: one hand-off per batch, not per frame.
 func (c *hubConn) readLoop(r *wire.Reader) {
 	for {
 		c.nc.SetReadDeadline(time.Now().Add(wire.PeerTimeout(c.h.cfg.Heartbeat)))
@@ -1032,13 +1032,27 @@ func (c *hubConn) readLoop(r *wire.Reader) {
 			c.readErr <- err
 			return
 		}
+		batch := []wire.Frame{f}
+		for len(batch) < maxFrameBatch && r.Buffered() > 0 {
+			if f, err = r.ReadFrame(); err != nil {
+				break
+			}
+			batch = append(batch, f)
+		}
 		select {
-		case c.frames <- f:
+		case c.frames <- batch:
 		case <-c.done:
+			return
+		}
+		if err != nil {
+			c.readErr <- err
 			return
 		}
 	}
 }
+
+// maxFrameBatch bounds the frames readLoop hands over at once.
+const maxFrameBatch = 256
 
 // send writes one message and flushes.
 func (c *hubConn) send(m wire.Message) error {
@@ -1086,8 +1100,8 @@ func (c *hubConn) engine() error {
 				return protoErr{err}
 			}
 			return err
-		case f := <-c.frames:
-			if err := c.handle(f); err != nil {
+		case fs := <-c.frames:
+			if err := c.handleAll(fs); err != nil {
 				return err
 			}
 			// Handle what is already here before deciding to
@@ -1095,8 +1109,8 @@ func (c *hubConn) engine() error {
 		batch:
 			for time.Since(c.lastCkpt) < h.cfg.CheckpointInterval {
 				select {
-				case f := <-c.frames:
-					if err := c.handle(f); err != nil {
+				case fs := <-c.frames:
+					if err := c.handleAll(fs); err != nil {
 						return err
 					}
 				default:
@@ -1177,6 +1191,16 @@ func (c *hubConn) retryStore() error {
 // minCheckpointGap is the least time between two checkpoints: writes
 // arriving one by one are fsynced and acknowledged in small batches.
 const minCheckpointGap = 5 * time.Millisecond
+
+// handleAll processes a batch of frames in order.
+func (c *hubConn) handleAll(fs []wire.Frame) error {
+	for _, f := range fs {
+		if err := c.handle(f); err != nil {
+			return err
+		}
+	}
+	return nil
+}
 
 // handle processes one frame.
 func (c *hubConn) handle(f wire.Frame) error {
@@ -1529,9 +1553,13 @@ func (c *hubConn) protectedWrite(m *wire.ProtectedWrite) error {
 		h.mu.Unlock()
 		return err
 	}
-	regions := roaring.New()
-	wire.AddSectors(regions, m.Sector, uint64(m.Sectors), h.cfg.RegionSectors)
 	v.applied = m.Seq
+	var regions *roaring.Bitmap
+	if m.Status != wire.StatusOK || m.Discard || !v.inRead.IsEmpty() || !v.held.IsEmpty() {
+		// The common case, nothing being read, needs no bitmap.
+		regions = roaring.New()
+		wire.AddSectors(regions, m.Sector, uint64(m.Sectors), h.cfg.RegionSectors)
+	}
 	if m.Status != wire.StatusOK || m.Discard {
 		// The source's content is unknown (failed write) or whatever
 		// the target makes of a discard: read it back.
@@ -1540,22 +1568,14 @@ func (c *hubConn) protectedWrite(m *wire.ProtectedWrite) error {
 		return nil
 	}
 	n := int64(m.Sectors) * wire.SectorSize
-	if !c.seqBaseSet {
-		c.seqBaseSet = true
-		if last := c.vm.j.LastSeq(); m.Seq <= last {
-			c.seqBase = last
-			c.log.Info("the agent numbers its writes from the start again (it restarted): the journal continues above its last sequence number",
-				"agent_seq", m.Seq, "journal_seq", last+m.Seq)
-		}
-	}
-	rec := journal.Record{Volume: v.name, Offset: int64(m.Sector) * wire.SectorSize, Seq: c.seqBase + m.Seq, HasSeq: true}
+	rec := journal.Record{Volume: v.name, Offset: int64(m.Sector) * wire.SectorSize, Seq: c.journalSeq(m.Seq), HasSeq: true}
 	if m.Zeroes {
 		rec.Kind, rec.Length = journal.KindZero, n
 	} else {
 		rec.Kind, rec.Data = journal.KindWrite, joinData(m.Data)
 		v.appliedBytes += uint64(n)
 	}
-	if regions.Intersects(v.inRead) || regions.Intersects(v.held) {
+	if regions != nil && (regions.Intersects(v.inRead) || regions.Intersects(v.held)) {
 		// Journaled after the read, without its sequence number (the
 		// journal's sequence numbers increase; it lies inside the
 		// resync set, where no consistent point is).
@@ -1582,6 +1602,21 @@ func (c *hubConn) protectedWrite(m *wire.ProtectedWrite) error {
 		time.Sleep(d)
 	}
 	return c.submit(rec)
+}
+
+// journalSeq maps an agent's sequence number to the journal's. The same
+// agent process continues its numbering across connections; a restarted
+// one starts again from 1, below the journal's last number, and its
+// numbers are then shifted past it for the whole connection.
+func (c *hubConn) journalSeq(seq uint64) uint64 {
+	if !c.seqMapped {
+		c.seqMapped = true
+		if last := c.vm.j.LastSeq(); seq <= last {
+			c.seqBase = last
+			c.log.Info("agent sequence numbers restarted: journaled after the journal's", "agent_seq", seq, "journal_seq", last)
+		}
+	}
+	return c.seqBase + seq
 }
 
 // joinData returns a frame's data as one slice.

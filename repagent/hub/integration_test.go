@@ -201,3 +201,39 @@ func TestFallBehindSync(t *testing.T) {
 	}
 	r.CheckIdentical(a)
 }
+
+// TestAgentRestartNumbering: an agent process that restarts numbers its
+// writes from 1 again, below what the hub's journal already holds; the
+// hub keeps accepting and acknowledging them (it used to close every
+// connection of the new agent: "sequence number not above").
+func TestAgentRestartNumbering(t *testing.T) {
+	r := reptest.New(t)
+	r.StartHub()
+	a := r.AddVolume("root", 8<<20)
+	r.StartAgent(reptest.ProtectAll(a))
+	r.WaitProtected(20*time.Second, a)
+	stop := make(chan struct{})
+	wait := r.RunWriters(stop, a)
+	time.Sleep(300 * time.Millisecond)
+	close(stop)
+	wait()
+	r.WaitProtected(20*time.Second, a)
+	if s := r.Agent.Status(); s.Acked < 10 {
+		t.Fatalf("the first agent's writes were not acknowledged: acked %d", s.Acked)
+	}
+	r.Agent.Abort()
+	r.StartAgent(reptest.ProtectAll(a))
+	r.WaitProtected(20*time.Second, a)
+	stop = make(chan struct{})
+	wait = r.RunWriters(stop, a)
+	time.Sleep(300 * time.Millisecond)
+	close(stop)
+	n := wait()
+	r.WaitProtected(20*time.Second, a)
+	s := r.Agent.Status()
+	if s.Connects != 1 || s.Volumes[0].Stats.Mirrored == 0 {
+		t.Errorf("restarted agent: %d connections, %d mirrored writes (want 1 connection, mirrored writes)", s.Connects, s.Volumes[0].Stats.Mirrored)
+	}
+	r.CheckIdentical(a)
+	t.Logf("%d guest writes after the restart, acked %d", n, s.Acked)
+}

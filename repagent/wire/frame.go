@@ -191,8 +191,16 @@ type Reader struct {
 	max     uint32
 	hdr     [HeaderSize]byte
 	buf     []byte
-	noReuse bool // every payload gets its own buffer
+	noReuse bool   // every payload gets its own buffer
+	slab    []byte // noReuse: small payloads are cut from it
 }
+
+// slabSize is the chunk KeepPayloads cuts payloads of up to slabMax bytes
+// from: one allocation for many small frames.
+const (
+	slabSize = 1 << 20
+	slabMax  = 64 << 10
+)
 
 // reuseLimit is the largest payload buffer a Reader keeps between frames.
 const reuseLimit = 4 << 20
@@ -237,13 +245,20 @@ func (r *Reader) ReadFrame() (Frame, error) {
 		return Frame{}, err
 	}
 	var p []byte
-	if h.Len <= reuseLimit && !r.noReuse {
-		if cap(r.buf) < int(h.Len) {
-			r.buf = make([]byte, h.Len, max(h.Len, 64<<10))
+	switch n := int(h.Len); {
+	case n <= reuseLimit && !r.noReuse:
+		if cap(r.buf) < n {
+			r.buf = make([]byte, n, max(n, 64<<10))
 		}
-		p = r.buf[:h.Len]
-	} else {
-		p = make([]byte, h.Len)
+		p = r.buf[:n]
+	case n <= slabMax && r.max > MaxHelloPayload: // not before HELLO
+		if len(r.slab) < n {
+			r.slab = make([]byte, slabSize)
+		}
+		p = r.slab[:n:n]
+		r.slab = r.slab[n:]
+	default:
+		p = make([]byte, n)
 	}
 	if _, err := io.ReadFull(r.br, p); err != nil {
 		if err == io.EOF {

@@ -488,6 +488,15 @@ func (l *Log) End(tok Token, seq uint64) {
 	l.mu.Unlock()
 }
 
+// Waiting reports whether a [Log.Begin] waits for an extent to become
+// evictable: for the hub's acknowledgement of earlier writes, which the
+// caller should then send without delay.
+func (l *Log) Waiting() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.waiters > 0
+}
+
 // Ack records that the hub has acknowledged every write with a sequence
 // number up to seq: extents whose writes are all acknowledged may cool.
 // Sequence numbers only grow; a smaller seq is ignored.

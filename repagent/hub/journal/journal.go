@@ -884,6 +884,14 @@ func (j *Journal) Stats() Stats {
 	return s
 }
 
+// LastSeq returns the sequence number of the last record submitted with
+// one (durable or not); a later record's must be above it.
+func (j *Journal) LastSeq() uint64 {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.pSeq
+}
+
 // Newest returns the newest durable consistent point.
 func (j *Journal) Newest() Point {
 	j.mu.Lock()
@@ -897,14 +905,6 @@ func (j *Journal) Oldest() Point {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.st.Target
-}
-
-// LastSeq returns the highest sequence number submitted so far, durable
-// or not (0 if none): a record's sequence number must be above it.
-func (j *Journal) LastSeq() uint64 {
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	return j.pSeq
 }
 
 // HasCheckpoint reports whether a checkpoint named name is in the
