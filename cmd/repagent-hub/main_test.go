@@ -9,7 +9,6 @@ import (
 	"strings"
 	"testing"
 
-
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/qmp"
 	"github.com/vhostdm/vhostdm/repagent/hub"
