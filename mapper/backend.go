@@ -141,17 +141,31 @@ func openFile(path string, readOnly bool) (*fileBackend, error) {
 
 func (b *fileBackend) Name() string { return b.name }
 
-func (b *fileBackend) ReadAt(bufs [][]byte, off int64) error {
+func (b *fileBackend) ReadAt(bufs [][]byte, off int64) error { return b.readv(bufs, off, false) }
+
+func (b *fileBackend) WriteAt(bufs [][]byte, off int64) error { return b.writev(bufs, off, false) }
+
+// readv reads bufs at off. With nowait the read is preadv2(RWF_NOWAIT):
+// what the page cache cannot serve at once ends it with ErrWouldBlock
+// (and a file system that refuses RWF_NOWAIT is remembered).
+func (b *fileBackend) readv(bufs [][]byte, off int64, nowait bool) error {
+	flags := 0
+	if nowait {
+		flags = unix.RWF_NOWAIT
+	}
 	for len(bufs) > 0 {
 		n := min(len(bufs), maxIOV)
 		vec := bufs[:n]
 		want := BufsLen(vec)
 		for want > 0 {
-			got, err := unix.Preadv(b.fd, vec, off)
+			got, err := unix.Preadv2(b.fd, vec, off, flags)
 			if err == unix.EINTR {
 				continue
 			}
 			if err != nil {
+				if nowait && wouldBlock(err, &b.noNowaitRead) {
+					return ErrWouldBlock
+				}
 				return fmt.Errorf("read %s at %d: %w", b.name, off, err)
 			}
 			if got == 0 { // end of file: the rest reads as zeros
@@ -159,6 +173,8 @@ func (b *fileBackend) ReadAt(bufs [][]byte, off int64) error {
 				off += int64(want)
 				break
 			}
+			// A short non-blocking read means part of the range is not
+			// cached: the next call returns EAGAIN or reads more.
 			off += int64(got)
 			want -= got
 			vec = advance(vec, got)
@@ -168,20 +184,32 @@ func (b *fileBackend) ReadAt(bufs [][]byte, off int64) error {
 	return nil
 }
 
-func (b *fileBackend) WriteAt(bufs [][]byte, off int64) error {
+// writev writes bufs at off; with nowait as pwritev2(RWF_NOWAIT), see
+// readv.
+func (b *fileBackend) writev(bufs [][]byte, off int64, nowait bool) error {
+	flags := 0
+	if nowait {
+		flags = unix.RWF_NOWAIT
+	}
 	for len(bufs) > 0 {
 		n := min(len(bufs), maxIOV)
 		vec := bufs[:n]
 		want := BufsLen(vec)
 		for want > 0 {
-			got, err := unix.Pwritev(b.fd, vec, off)
+			got, err := unix.Pwritev2(b.fd, vec, off, flags)
 			if err == unix.EINTR {
 				continue
 			}
 			if err != nil {
+				if nowait && wouldBlock(err, &b.noNowaitWrite) {
+					return ErrWouldBlock
+				}
 				return fmt.Errorf("write %s at %d: %w", b.name, off, err)
 			}
 			if got == 0 {
+				if nowait {
+					return ErrWouldBlock
+				}
 				return fmt.Errorf("write %s at %d: %w", b.name, off, io.ErrShortWrite)
 			}
 			off += int64(got)
@@ -192,6 +220,20 @@ func (b *fileBackend) WriteAt(bufs [][]byte, off int64) error {
 	}
 	b.writeGen.Add(1)
 	return nil
+}
+
+// wouldBlock reports whether err from a RWF_NOWAIT call means "try
+// blocking": EAGAIN, or a file system without non-blocking I/O of that
+// kind (EOPNOTSUPP, EINVAL), which unsupported records for next time.
+func wouldBlock(err error, unsupported *atomic.Bool) bool {
+	switch err {
+	case unix.EAGAIN:
+		return true
+	case unix.EOPNOTSUPP, unix.EINVAL:
+		unsupported.Store(true)
+		return true
+	}
+	return false
 }
 
 // advance drops the first n bytes of vec. It copies the outer slice only
@@ -334,37 +376,7 @@ func (b *fileBackend) TryReadAt(bufs [][]byte, off int64) error {
 	if b.noNowaitRead.Load() {
 		return ErrWouldBlock
 	}
-	for len(bufs) > 0 {
-		n := min(len(bufs), maxIOV)
-		vec := bufs[:n]
-		want := BufsLen(vec)
-		for want > 0 {
-			got, err := unix.Preadv2(b.fd, vec, off, unix.RWF_NOWAIT)
-			switch {
-			case err == unix.EINTR:
-				continue
-			case err == unix.EAGAIN:
-				return ErrWouldBlock
-			case err == unix.EOPNOTSUPP || err == unix.EINVAL:
-				b.noNowaitRead.Store(true)
-				return ErrWouldBlock
-			case err != nil:
-				return fmt.Errorf("read %s at %d: %w", b.name, off, err)
-			}
-			if got == 0 { // end of file: the rest reads as zeros
-				ZeroBufs(vec)
-				off += int64(want)
-				break
-			}
-			// A short read means part of the range is not cached:
-			// the next call returns EAGAIN or reads more.
-			off += int64(got)
-			want -= got
-			vec = advance(vec, got)
-		}
-		bufs = bufs[n:]
-	}
-	return nil
+	return b.readv(bufs, off, true)
 }
 
 // TryWriteAt implements NowaitBackend with pwritev2(RWF_NOWAIT). Where the
@@ -374,32 +386,5 @@ func (b *fileBackend) TryWriteAt(bufs [][]byte, off int64) error {
 	if b.noNowaitWrite.Load() {
 		return ErrWouldBlock
 	}
-	for len(bufs) > 0 {
-		n := min(len(bufs), maxIOV)
-		vec := bufs[:n]
-		want := BufsLen(vec)
-		for want > 0 {
-			got, err := unix.Pwritev2(b.fd, vec, off, unix.RWF_NOWAIT)
-			switch {
-			case err == unix.EINTR:
-				continue
-			case err == unix.EAGAIN:
-				return ErrWouldBlock
-			case err == unix.EOPNOTSUPP || err == unix.EINVAL:
-				b.noNowaitWrite.Store(true)
-				return ErrWouldBlock
-			case err != nil:
-				return fmt.Errorf("write %s at %d: %w", b.name, off, err)
-			}
-			if got == 0 {
-				return ErrWouldBlock
-			}
-			off += int64(got)
-			want -= got
-			vec = advance(vec, got)
-		}
-		bufs = bufs[n:]
-	}
-	b.writeGen.Add(1)
-	return nil
+	return b.writev(bufs, off, true)
 }
