@@ -81,15 +81,19 @@ func TestOverflowHonesty(t *testing.T) {
 // bound the backlog (the largest seen), and the volumes end identical.
 func TestFallBehindBounds(t *testing.T) {
 	for _, tc := range []struct {
-		name string
-		fb   agent.FallBehind
+		name  string
+		fb    agent.FallBehind
+		delay time.Duration // the hub's time per write
 	}{
-		{"size", agent.FallBehind{Bytes: 256 << 10}},
-		{"timeout", agent.FallBehind{Timeout: 300 * time.Millisecond}},
+		{"size", agent.FallBehind{Bytes: 256 << 10}, time.Millisecond},
+		// Slow enough that the backlog ages past the threshold however
+		// the sender batches (at 1 ms per write it peaked at 296 ms on
+		// a quiet host).
+		{"timeout", agent.FallBehind{Timeout: 300 * time.Millisecond}, 2 * time.Millisecond},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := reptest.New(t)
-			r.HubCfg.ApplyDelay = time.Millisecond
+			r.HubCfg.ApplyDelay = tc.delay
 			// The threshold, not pacing, bounds the backlog here.
 			r.AgentCfg.QueueBytes = 64 << 20
 			r.AgentCfg.PaceAge = time.Minute

@@ -289,8 +289,11 @@ func TestKernelMetadata(t *testing.T) {
 	for _, a := range metaArrays {
 		tbl := metaTable(a.name, a.n, "/dev/mapper/", "k", firsts[a.name])
 		d := create(t, m, "rk_"+a.name, tbl)
-		if f := strings.Fields(d.Status(mapper.StatusInfo, false)[0].Params); f[2][failedLeg] != 'a' {
-			t.Errorf("K %s: vhostdm status at load %v: want leg %d recovering ('a')", a.name, f, failedLeg)
+		// Recovering at load: leg 'a', or (the two regions' recovery is
+		// quick on a quiet host) already done, with recover as the
+		// action that ran.
+		if f := strings.Fields(d.Status(mapper.StatusInfo, false)[0].Params); f[2][failedLeg] != 'a' && f[4] != "recover" {
+			t.Errorf("K %s: vhostdm status at load %v: want leg %d recovering ('a', action recover)", a.name, f, failedLeg)
 		}
 		st := waitSettled(t, d)
 		if f := strings.Fields(st); f[2] != strings.Repeat("A", a.n) || f[3] != fmt.Sprintf("%d/%d", dataSectors, dataSectors) {
