@@ -1538,18 +1538,30 @@ func (c *agentConn) startProtect(m *wire.StartProtect) error {
 	return nil
 }
 
+// requestVolume returns the volume a hub request names, checking that the
+// request's sectors lie inside it: an unknown volume or a range outside it
+// breaks the protocol.
+func (c *agentConn) requestVolume(cmd wire.Cmd, id, sector, sectors uint64) (*agentVolume, error) {
+	a := c.a
+	a.mu.Lock()
+	v := a.byID[id]
+	a.mu.Unlock()
+	if v == nil {
+		return nil, wire.Malformed("%s: unknown volume id %d", cmd, id)
+	}
+	size := v.dev.Size()
+	if sector >= size || sectors > size-sector {
+		return nil, wire.Malformed("%s: %d sectors at %d outside volume %q of %d sectors", cmd, sectors, sector, v.name, size)
+	}
+	return v, nil
+}
+
 // remoteIO validates a REMOTE_IO_REQ and serves it in the background.
 func (c *agentConn) remoteIO(m *wire.RemoteIOReq) error {
 	a := c.a
-	a.mu.Lock()
-	v := a.byID[m.Volume]
-	a.mu.Unlock()
-	if v == nil {
-		return wire.Malformed("%s: unknown volume id %d", m.Cmd(), m.Volume)
-	}
-	size := v.dev.Size()
-	if m.Sector >= size || uint64(m.Sectors) > size-m.Sector {
-		return wire.Malformed("%s: %d sectors at %d outside volume %q of %d sectors", m.Cmd(), m.Sectors, m.Sector, v.name, size)
+	v, err := c.requestVolume(m.Cmd(), m.Volume, m.Sector, uint64(m.Sectors))
+	if err != nil {
+		return err
 	}
 	res := &wire.RemoteIORes{ID: m.ID, Volume: m.Volume, Sectors: m.Sectors, Written: m.Write}
 	var data []byte

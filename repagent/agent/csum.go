@@ -28,16 +28,9 @@ import (
 // ends the connection; one for an unprotected volume is answered
 // "denied".
 func (c *agentConn) csumReq(m *wire.CsumReq) error {
-	a := c.a
-	a.mu.Lock()
-	v := a.byID[m.Volume]
-	a.mu.Unlock()
-	if v == nil {
-		return wire.Malformed("%s: unknown volume id %d", m.Cmd(), m.Volume)
-	}
-	size := v.dev.Size()
-	if m.Sector >= size || uint64(m.Sectors) > size-m.Sector {
-		return wire.Malformed("%s: %d sectors at %d outside volume %q of %d sectors", m.Cmd(), m.Sectors, m.Sector, v.name, size)
+	v, err := c.requestVolume(m.Cmd(), m.Volume, m.Sector, uint64(m.Sectors))
+	if err != nil {
+		return err
 	}
 	res := &wire.CsumRes{ID: m.ID, Volume: m.Volume, Alg: m.Alg, Sums: [][wire.CsumSize]byte{}, Dirty: []bool{}}
 	if !v.opts.Protect {
