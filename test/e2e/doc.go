@@ -25,4 +25,11 @@
 //     newest with modules installed).
 //   - VHOSTDM_E2E_LOGDIR: where failed tests save the guest console
 //     (default $TMPDIR).
+//   - VHOSTDM_E2E_SOAK_RUNS, VHOSTDM_E2E_SOAK_RUNTIME,
+//     VHOSTDM_E2E_SOAK_MAXCPUS: the long version of TestFioSoak (guest
+//     boots per back end, seconds per fio job, QEMU's -smp maxcpus).
+//
+// Every guest is started with -smp maxcpus of at least 2, even with one
+// vCPU: with maxcpus 1 QEMU's TCG drops the guest's memory barriers
+// against the back-end process and virtqueues hang (harness.Env.QEMUArgs).
 package e2e

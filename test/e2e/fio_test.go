@@ -76,8 +76,9 @@ func TestFioVhostdmVsQSD(t *testing.T) {
 			Exports: []harness.ExportConfig{{ID: "fio0", Device: "fio", Socket: filepath.Join(sd, "vdm.sock"),
 				NumQueues: 1, Writable: true, LogicalBlockSize: 512, Serial: "fio"}},
 		}
-		startVhostdm(t, e, writeConfig(t, dir, cfg))
+		p := startVhostdm(t, e, writeConfig(t, dir, cfg))
 		runs = append(runs, runFio(t, e, "vhostdm", harness.Disk{Socket: cfg.Exports[0].Socket, NumQueues: 1}))
+		checkNoRenotify(t, p)
 	})
 	var b strings.Builder
 	fmt.Fprintf(&b, "fio in a TCG guest (1 vCPU, direct=1, 5 s per job), same pre-filled image, same run; the CPUs are shared, so compare within one run only:\n")

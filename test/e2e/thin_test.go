@@ -394,7 +394,7 @@ func TestThinVsLinearFio(t *testing.T) {
 		Exports: []harness.ExportConfig{{ID: "lin", Device: "lin", Socket: linSock,
 			NumQueues: 1, Writable: true, LogicalBlockSize: 512, Serial: "fio-linear"}},
 	}
-	startVhostdm(t, e, writeConfig(t, dir, cfg))
+	p := startVhostdm(t, e, writeConfig(t, dir, cfg))
 	q := dialQMP(t, cfg.QMP.Socket, "vhostdm")
 	thinCreate(t, q, "pool", "thin", 0, secs)
 	thinExport(t, q, "thin", "thin", thinSock, true)
@@ -444,4 +444,5 @@ func TestThinVsLinearFio(t *testing.T) {
 	if st := dmStatus(t, q, "pool"); !thinPoolStatusRE.MatchString(st) || !strings.Contains(st, " rw ") {
 		t.Errorf("pool status after fio %q, want a healthy rw pool", st)
 	}
+	checkNoRenotify(t, p)
 }

@@ -36,8 +36,12 @@ type VMConfig struct {
 	// Params are further vhostdm.* kernel parameters, without the prefix.
 	Params map[string]string
 	CPUs   int // default 1
-	MemMB  int // default 512
-	Fio    bool
+	// MaxCPUs is QEMU's -smp maxcpus: default max(CPUs, 2), never 1
+	// unless a test asks, because a TCG guest with max_cpus 1 loses
+	// virtqueue kicks and interrupts (see QEMUArgs).
+	MaxCPUs int
+	MemMB   int // default 512
+	Fio     bool
 	// Interactive connects the console to this process's terminal and adds
 	// busybox to the initramfs.
 	Interactive bool
@@ -89,12 +93,42 @@ type VM struct {
 // QEMUArgs returns QEMU's arguments for cfg with the given initrd.
 func (e *Env) QEMUArgs(cfg VMConfig, initrd string) []string {
 	cpus := max(cfg.CPUs, 1)
+	maxCPUs := cfg.MaxCPUs
+	if maxCPUs == 0 {
+		maxCPUs = max(cpus, 2)
+	}
+	// maxcpus >= 2 even for one vCPU: with max_cpus 1, QEMU's multi-
+	// threaded TCG translates the guest without CF_PARALLEL
+	// (accel/tcg/tcg-accel-ops-mttcg.c, mttcg_start_vcpu_thread:
+	// tcg_cpu_init_cflags(cpu, current_machine->smp.max_cpus > 1); the
+	// single-threaded -accel tcg,thread=single never sets it), and then
+	// a LOCK-prefixed guest instruction becomes a plain load, op and store
+	// with no barrier (tcg/tcg-op-ldst.c, GEN_ATOMIC_HELPER:
+	// do_nonatomic_op_i32/_i64). QEMU commit c914d46d0a64 ("tcg: Do not
+	// elide memory barriers for !CF_PARALLEL in system mode", 8.1) kept
+	// explicit fences for the I/O threads' sake, but not these. Linux's
+	// x86-64 smp_mb() is "lock; addl $0,-4(%rsp)"
+	// (arch/x86/include/asm/barrier.h, __smp_mb), and virtio_ring's
+	// virtio_mb() for PCI devices (weak barriers) is that smp_mb(): the
+	// store-to-load barrier between publishing avail->idx and reading
+	// avail_event (virtqueue_kick_prepare), and between writing
+	// used_event and re-reading used->idx (virtqueue_poll), vanishes. A
+	// vhost-user back end runs in another host process concurrently, so
+	// the host CPU's store buffer reorders the two like Dekker's
+	// algorithm without a fence: the guest skips a kick the device asked
+	// for, or sleeps on a completion whose interrupt the device (reading
+	// the old used_event) skipped. That was the e2e fio hang of issue 21
+	// item 8 with qemu-storage-daemon (and vhostdm, before its one-second
+	// lost-interrupt second look): 16 requests in flight, forever. With
+	// max_cpus 2, CF_PARALLEL makes the LOCK ADD a host atomic, a full
+	// barrier on the host.
+	maxCPUs = max(maxCPUs, cpus)
 	mem := cfg.MemMB
 	if mem == 0 {
 		mem = 512
 	}
 	args := []string{
-		"-accel", "tcg", "-machine", "q35", "-smp", strconv.Itoa(cpus), "-m", strconv.Itoa(mem),
+		"-accel", "tcg", "-machine", "q35", "-smp", fmt.Sprintf("cpus=%d,maxcpus=%d", cpus, maxCPUs), "-m", strconv.Itoa(mem),
 		"-object", fmt.Sprintf("memory-backend-memfd,id=mem,size=%dM,share=on", mem),
 		"-numa", "node,memdev=mem",
 		"-kernel", e.Kernel, "-initrd", initrd,
@@ -514,13 +548,82 @@ func (vm *VM) VirtioState() string {
 			// against used.idx tells a request the back end never
 			// completed from a completion the guest was not told of.
 			for _, cmd := range cmds {
-				if r, err := q.Execute(cmd, map[string]any{"path": d.Path, "queue": i}, 5*time.Second); err == nil {
-					fmt.Fprintf(&b, "  queue %d %s: %s\n", i, strings.TrimPrefix(cmd, "x-query-virtio-"), compactJSON(r))
+				r, err := q.Execute(cmd, map[string]any{"path": d.Path, "queue": i}, 5*time.Second)
+				if err != nil {
+					continue
+				}
+				fmt.Fprintf(&b, "  queue %d %s: %s\n", i, strings.TrimPrefix(cmd, "x-query-virtio-"), compactJSON(r))
+				if cmd == "x-query-virtio-vhost-queue-status" {
+					fmt.Fprintf(&b, "  queue %d ring: %s\n", i, ringState(q, r))
 				}
 			}
 		}
 	}
 	return b.String()
+}
+
+// ringState reads the four indexes of a split virtqueue from guest memory
+// with the human monitor's xp (which reads guest physical memory and
+// involves neither the device nor the back end) and says what they mean
+// for a stalled queue (virtio 1.x 2.7.7, 2.7.10, event idx):
+//
+//   - avail.idx != used.idx with avail_event == used.idx: the device
+//     consumed everything up to avail_event and asked to be kicked beyond
+//     it; the driver made more available but the device never saw a kick
+//     (a lost kick);
+//   - used.idx != used_event with avail.idx == used.idx: the device
+//     completed everything, but the driver's used_event lies behind
+//     used.idx, so the driver was owed an interrupt it never acted on (a
+//     lost interrupt).
+//
+// status is the device's x-query-virtio-vhost-queue-status answer, which
+// gives the rings' guest physical addresses.
+func ringState(q *QMP, status json.RawMessage) string {
+	var st struct {
+		Num       uint64 `json:"num"`
+		AvailPhys uint64 `json:"avail-phys"`
+		UsedPhys  uint64 `json:"used-phys"`
+	}
+	if err := json.Unmarshal(status, &st); err != nil || st.Num == 0 || st.AvailPhys == 0 || st.UsedPhys == 0 {
+		return "(no ring addresses)"
+	}
+	read := func(addr uint64) (uint16, error) {
+		out, err := q.Execute("human-monitor-command", map[string]any{"command-line": fmt.Sprintf("xp /1hx %#x", addr)}, 5*time.Second)
+		if err != nil {
+			return 0, err
+		}
+		var text string
+		json.Unmarshal(out, &text)
+		_, val, ok := strings.Cut(text, ": ")
+		if !ok {
+			return 0, fmt.Errorf("xp: %q", text)
+		}
+		v, err := strconv.ParseUint(strings.TrimPrefix(strings.TrimSpace(val), "0x"), 16, 16)
+		return uint16(v), err
+	}
+	var vals [6]uint16
+	for i, addr := range []uint64{
+		st.AvailPhys, st.AvailPhys + 2, st.AvailPhys + 4 + 2*st.Num, // flags, idx, used_event
+		st.UsedPhys, st.UsedPhys + 2, st.UsedPhys + 4 + 8*st.Num, // flags, idx, avail_event
+	} {
+		v, err := read(addr)
+		if err != nil {
+			return fmt.Sprintf("(xp %#x: %v)", addr, err)
+		}
+		vals[i] = v
+	}
+	availIdx, usedEvent, usedIdx, availEvent := vals[1], vals[2], vals[4], vals[5]
+	verdict := "no request outstanding"
+	switch {
+	case availIdx != usedIdx && availEvent == usedIdx:
+		verdict = fmt.Sprintf("LOST KICK: %d requests available past avail_event, none consumed", availIdx-availEvent)
+	case availIdx != usedIdx:
+		verdict = fmt.Sprintf("%d requests at the device", availIdx-usedIdx)
+	case usedIdx != usedEvent:
+		verdict = fmt.Sprintf("LOST INTERRUPT: used.idx passed used_event by %d", usedIdx-usedEvent)
+	}
+	return fmt.Sprintf("avail.flags=%#x avail.idx=%d used_event=%d used.flags=%#x used.idx=%d avail_event=%d: %s",
+		vals[0], availIdx, usedEvent, vals[3], usedIdx, availEvent, verdict)
 }
 
 func compactJSON(raw json.RawMessage) string {
