@@ -637,7 +637,7 @@ func TestGroupCommit(t *testing.T) {
 	}
 	wg.Wait()
 	st := j.Stats()
-	if st.Appends != 1+32*50 || st.Batches >= st.Appends || st.Fsyncs != st.Batches {
+	if st.Appends != 1+32*50 || st.Batches >= st.Appends || st.Fsyncs == 0 || st.Fsyncs > st.Batches {
 		t.Fatalf("appends %d, batches %d, fsyncs %d: no group commit", st.Appends, st.Batches, st.Fsyncs)
 	}
 	t.Logf("%d appends in %d group commits", st.Appends, st.Batches)
