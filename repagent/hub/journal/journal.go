@@ -652,29 +652,27 @@ func (j *Journal) takeSpare() []byte {
 	return nil
 }
 
-// writer is the group-commit goroutine: it takes the oldest closed batch,
-// or the open one, writes it with one write and one fdatasync, and
-// publishes it. (Taking every closed batch for one fdatasync made a
-// point recovered mid-resync in TestHubKillAndLinkCut not a prefix of the
-// write order, for a reason not found yet: one batch per commit.)
+// writer is the group-commit goroutine: it takes every closed batch and
+// the open one, writes them in order (one write each) and makes them
+// durable with one fdatasync, then publishes them. While one fdatasync
+// runs, the next commit gathers everything that arrives.
 func (j *Journal) writer() {
 	defer j.writerWG.Done()
 	var bs []*batch
 	for {
+		bs = bs[:0]
 		j.mu.Lock()
 		for len(j.full) == 0 && j.cur.recs == 0 && !j.closed {
 			j.work.Wait()
 		}
-		switch {
-		case len(j.full) > 0:
-			bs = append(bs[:0], j.full[0])
-			j.full[0] = nil
-			j.full = j.full[1:]
-		case j.cur.recs > 0:
-			bs = append(bs[:0], j.cur)
+		bs = append(bs, j.full...)
+		clear(j.full)
+		j.full = j.full[:0]
+		if j.cur.recs > 0 {
+			bs = append(bs, j.cur)
 			j.cur = newBatch(j.cur.end, j.takeSpare())
 		}
-		if len(bs) == 0 {
+		if len(bs) == 0 { // closed, nothing left
 			j.mu.Unlock()
 			return
 		}
