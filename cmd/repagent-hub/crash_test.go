@@ -50,6 +50,14 @@ func startHubProc(t *testing.T, dir, addr string, n int, extra ...string) *hubPr
 		t.Fatal(err)
 	}
 	p.log = lf
+	t.Cleanup(func() {
+		// A failed test shows what the hub said (a panic, a store error).
+		if t.Failed() {
+			if b, err := os.ReadFile(lf.Name()); err == nil {
+				t.Logf("%s:\n%s", filepath.Base(lf.Name()), tail(b, 8<<10))
+			}
+		}
+	})
 	args := append([]string{"serve", "--listen", addr, "--store", p.store, "--qmp", p.qmp, "--retain", "0"}, extra...)
 	p.cmd = exec.Command(os.Args[0], args...)
 	p.cmd.Env = append(os.Environ(), "REPAGENT_HUB_CHILD=1")
@@ -69,6 +77,14 @@ func startHubProc(t *testing.T, dir, addr string, n int, extra ...string) *hubPr
 		time.Sleep(20 * time.Millisecond)
 	}
 	return p
+}
+
+// tail is the last n bytes of b.
+func tail(b []byte, n int) []byte {
+	if len(b) > n {
+		return b[len(b)-n:]
+	}
+	return b
 }
 
 // kill sends SIGKILL and reaps the process.

@@ -1,6 +1,7 @@
 package hub
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
@@ -598,11 +599,14 @@ func (h *Hub) stop(graceful bool) error {
 // hubConn is one agent connection. Its engine goroutine owns the writer,
 // the volumes' files and the outstanding requests.
 type hubConn struct {
-	h        *Hub
-	nc       net.Conn
-	log      *slog.Logger
-	w        *wire.Writer
-	frames   chan []wire.Frame // batches of frames, in order
+	h      *Hub
+	nc     net.Conn
+	log    *slog.Logger
+	w      *wire.Writer
+	frames chan []wire.Frame // batches of frames, in order
+	// payloads are large PROTECTED_WRITE payloads given back to the
+	// reader once journaled (the journal copies them).
+	payloads chan []byte
 	readErr  chan error
 	kick     chan struct{}
 	done     chan struct{}
@@ -684,7 +688,8 @@ func newHubConn(h *Hub, nc net.Conn) *hubConn {
 	return &hubConn{h: h, nc: nc, log: h.log.With("peer", nc.RemoteAddr().String()),
 		frames: make(chan []wire.Frame, 64), readErr: make(chan error, 1), kick: make(chan struct{}, 1),
 		done: make(chan struct{}), byID: map[uint64]*hubVolume{}, reqs: map[uint64]*readReq{}, graceful: true,
-		acks: make(chan ackItem, 4096), ackDone: make(chan struct{})}
+		acks: make(chan ackItem, 4096), ackDone: make(chan struct{}),
+		payloads: make(chan []byte, 16)}
 }
 
 func (c *hubConn) shut() {
@@ -736,6 +741,7 @@ func (c *hubConn) serve() {
 	// Nothing larger than a HELLO is read before the peer said who it is.
 	r := wire.NewReader(c.nc, wire.MaxHelloPayload)
 	r.KeepPayloads()
+	r.RecyclePayloads(c.payloads)
 	c.w = wire.NewWriter(c.nc)
 	c.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
 	f, err := r.ReadFrame()
@@ -1198,6 +1204,13 @@ func (c *hubConn) handleAll(fs []wire.Frame) error {
 		if err := c.handle(f); err != nil {
 			return err
 		}
+		if f.Cmd == wire.CmdProtectedWrite && len(f.Payload) > 64<<10 {
+			// Journaled (copied) or deferred (cloned): free.
+			select {
+			case c.payloads <- f.Payload[:0]:
+			default:
+			}
+		}
 	}
 	return nil
 }
@@ -1580,6 +1593,7 @@ func (c *hubConn) protectedWrite(m *wire.ProtectedWrite) error {
 		// journal's sequence numbers increase; it lies inside the
 		// resync set, where no consistent point is).
 		rec.HasSeq = false
+		rec.Data = bytes.Clone(rec.Data) // the frame's payload is reused
 		c.deferred = append(c.deferred, deferredWrite{v: v, regions: regions, rec: rec, seq: m.Seq})
 		v.held.Or(regions)
 		h.mu.Unlock()
@@ -2169,7 +2183,7 @@ type JournalStatus struct {
 	Checkpoints []string `json:"checkpoints"`
 	StoreError  string   `json:"store-error,omitempty"`
 	// Records and Commits count the records made durable and the group
-	// commits (one write and one fdatasync each) since the hub started.
+	// commits (one fdatasync each) since the hub started.
 	Records uint64 `json:"records"`
 	Commits uint64 `json:"commits"`
 }
@@ -2182,7 +2196,7 @@ func journalStatus(vm *hubVM, now time.Time) *JournalStatus {
 	st := vm.j.Stats()
 	js := &JournalStatus{ConsistentSeq: st.Newest.Seq, ConsistentTime: st.Newest.Time, Resyncing: vm.resync || st.InResync,
 		OldestSeq: st.Oldest.Seq, OldestTime: st.Oldest.Time, Bytes: st.Bytes, AppliedSeq: st.Applied.Seq, Checkpoints: []string{},
-		Records: st.Appends, Commits: st.Batches}
+		Records: st.Appends, Commits: st.Fsyncs}
 	for _, cp := range vm.j.Checkpoints() {
 		js.Checkpoints = append(js.Checkpoints, cp.Name)
 	}

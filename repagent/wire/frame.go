@@ -193,6 +193,7 @@ type Reader struct {
 	buf     []byte
 	noReuse bool   // every payload gets its own buffer
 	slab    []byte // noReuse: small payloads are cut from it
+	pool    chan []byte
 }
 
 // slabSize is the chunk KeepPayloads cuts payloads of up to slabMax bytes
@@ -232,6 +233,13 @@ func (r *Reader) SetMaxPayload(maxPayload uint32) {
 // goroutines).
 func (r *Reader) KeepPayloads() { r.noReuse = true }
 
+// RecyclePayloads makes a Reader that keeps payloads take the buffers of
+// large ones (over 64 KiB) from pool when it holds one big enough; the
+// consumer puts a payload back into pool (without blocking) once nothing
+// refers to it. Reused buffers spare the allocation and, more costly on
+// some hypervisors, the page faults of fresh memory for every frame.
+func (r *Reader) RecyclePayloads(pool chan []byte) { r.pool = pool }
+
 // ReadFrame reads the next frame. The payload is valid until the next call.
 // Errors about the frame itself wrap ErrMalformed; a stream that ends
 // between frames returns io.EOF, one that ends inside a frame
@@ -258,7 +266,18 @@ func (r *Reader) ReadFrame() (Frame, error) {
 		p = r.slab[:n:n]
 		r.slab = r.slab[n:]
 	default:
-		p = make([]byte, n)
+		if r.pool != nil && n > slabMax {
+			select {
+			case b := <-r.pool:
+				if cap(b) >= n {
+					p = b[:n]
+				}
+			default:
+			}
+		}
+		if p == nil {
+			p = make([]byte, n)
+		}
 	}
 	if _, err := io.ReadFull(r.br, p); err != nil {
 		if err == io.EOF {

@@ -27,8 +27,11 @@
 // # Group commit
 //
 // Submit validates and encodes records in call order into the open batch
-// and returns a Pending; one writer goroutine writes each batch with one
-// write and one fdatasync, then completes every Pending of it. Pending.Wait
+// and returns a Pending; one writer goroutine writes the batches closed
+// since its last commit (one write each, a batch closes at 2 MiB) and makes
+// them durable with one fdatasync, then completes every Pending of them:
+// while one fdatasync runs, the next commit gathers everything that
+// arrives. Pending.Wait
 // returns once the records are durable; the hub sends WRITE_ACK only then.
 // Append is Submit plus Wait. A failed write or fdatasync (ENOSPC, EIO) is
 // sticky: Err reports it, every later Submit fails with it, and the fsync is

@@ -151,6 +151,7 @@ type Journal struct {
 	// owned by the writer goroutine
 	wf     *os.File
 	wfSize int64
+	wfDrop int64 // synced and dropped from the page cache up to here
 
 	applier applier
 
@@ -310,7 +311,7 @@ func (j *Journal) recover() error {
 			f.Close()
 			return err
 		}
-		j.wf, j.wfSize = f, fi.Size()
+		j.wf, j.wfSize, j.wfDrop = f, fi.Size(), fi.Size()
 	}
 	j.cur = newBatch(end, nil)
 	if st.Target.Pos > st.Base.Pos {
@@ -449,7 +450,7 @@ func (j *Journal) rotate(start int64) error {
 	if j.wf != nil {
 		j.wf.Close()
 	}
-	j.wf, j.wfSize = f, segHeaderLen
+	j.wf, j.wfSize, j.wfDrop = f, segHeaderLen, segHeaderLen
 	j.segMu.Lock()
 	j.segs = append(j.segs, segment{start: start, path: path})
 	j.segMu.Unlock()
@@ -651,24 +652,27 @@ func (j *Journal) takeSpare() []byte {
 	return nil
 }
 
-// writer is the group-commit goroutine: it takes the open batch, writes it
-// with one write and one fdatasync, and publishes it.
+// writer is the group-commit goroutine: it takes every closed batch and
+// the open one, writes them in order (one write each) and makes them
+// durable with one fdatasync, then publishes them. While one fdatasync
+// runs, the next commit gathers everything that arrives.
 func (j *Journal) writer() {
 	defer j.writerWG.Done()
+	var bs []*batch
 	for {
+		bs = bs[:0]
 		j.mu.Lock()
 		for len(j.full) == 0 && j.cur.recs == 0 && !j.closed {
 			j.work.Wait()
 		}
-		var b *batch
-		switch {
-		case len(j.full) > 0:
-			b = j.full[0]
-			j.full = j.full[1:]
-		case j.cur.recs > 0:
-			b = j.cur
-			j.cur = newBatch(b.end, j.takeSpare())
-		default:
+		bs = append(bs, j.full...)
+		clear(j.full)
+		j.full = j.full[:0]
+		if j.cur.recs > 0 {
+			bs = append(bs, j.cur)
+			j.cur = newBatch(j.cur.end, j.takeSpare())
+		}
+		if len(bs) == 0 { // closed, nothing left
 			j.mu.Unlock()
 			return
 		}
@@ -676,56 +680,89 @@ func (j *Journal) writer() {
 		j.mu.Unlock()
 
 		if err == nil {
-			err = j.writeBatch(b)
+			err = j.writeBatches(bs)
 		}
 
 		j.mu.Lock()
-		if err != nil {
-			if j.err == nil {
-				j.err = err
-				j.log.Error("journal: store failed; refusing further appends", "err", err)
-			}
-			b.err = j.err
-		} else {
-			j.durable = b.end
-			j.dSeq, j.dTime, j.dDepth = b.seq, b.time, b.depth
-			if b.hasNewest {
-				j.newest = b.newest
-			}
-			for _, c := range b.cps {
-				j.checkpoints[c.Name] = c.Point
-			}
-			j.appends += uint64(b.recs)
+		for _, b := range bs {
+			j.publish(b, err)
 		}
-		if cap(b.buf) <= 2*maxBatchBytes && len(j.spare) < 8 {
-			j.spare = append(j.spare, b.buf[:0])
-		}
-		close(b.done)
 		j.mu.Unlock()
+		clear(bs)
 	}
 }
 
-func (j *Journal) writeBatch(b *batch) error {
-	if j.wfSize-segHeaderLen >= j.opts.SegmentBytes {
-		if err := j.rotate(b.start); err != nil {
-			return err
-		}
-	}
-	path := j.wf.Name()
-	err := j.inject("segment-write", path)
-	if err == nil {
-		_, err = j.wf.Write(b.buf)
-	}
+// publish completes a written batch: its records are durable (err nil)
+// or failed; j.mu held.
+func (j *Journal) publish(b *batch, err error) {
 	if err != nil {
-		return fmt.Errorf("%w: write %s: %w", ErrStore, path, err)
+		if j.err == nil {
+			j.err = err
+			j.log.Error("journal: store failed; refusing further appends", "err", err)
+		}
+		b.err = j.err
+	} else {
+		j.durable = b.end
+		j.dSeq, j.dTime, j.dDepth = b.seq, b.time, b.depth
+		if b.hasNewest {
+			j.newest = b.newest
+		}
+		for _, c := range b.cps {
+			j.checkpoints[c.Name] = c.Point
+		}
+		j.appends += uint64(b.recs)
 	}
-	j.wfSize += int64(len(b.buf))
-	err = j.inject("segment-sync", path)
+	if cap(b.buf) <= 2*maxBatchBytes && len(j.spare) < 8 {
+		j.spare = append(j.spare, b.buf[:0])
+	}
+	b.buf = nil
+	close(b.done)
+}
+
+// writeBatches writes batches in order and makes them durable: one
+// fdatasync of the segment file at the end, and one of a segment before
+// the next is started. A batch that fills many group commits' worth of
+// records while a slow fdatasync runs is so written with one, not one per
+// batch.
+func (j *Journal) writeBatches(bs []*batch) error {
+	unsynced := false
+	for _, b := range bs {
+		if j.wfSize-segHeaderLen >= j.opts.SegmentBytes {
+			if unsynced {
+				if err := j.syncSegment(); err != nil {
+					return err
+				}
+				unsynced = false
+			}
+			if err := j.rotate(b.start); err != nil {
+				return err
+			}
+		}
+		path := j.wf.Name()
+		err := j.inject("segment-write", path)
+		if err == nil {
+			_, err = j.wf.Write(b.buf)
+		}
+		if err != nil {
+			return fmt.Errorf("%w: write %s: %w", ErrStore, path, err)
+		}
+		j.wfSize += int64(len(b.buf))
+		unsynced = true
+		j.mu.Lock()
+		j.batches++
+		j.mu.Unlock()
+	}
+	return j.syncSegment()
+}
+
+// syncSegment fdatasyncs the segment file being written; writer only.
+func (j *Journal) syncSegment() error {
+	path := j.wf.Name()
+	err := j.inject("segment-sync", path)
 	if err == nil {
 		err = unix.Fdatasync(int(j.wf.Fd()))
 	}
 	j.mu.Lock()
-	j.batches++
 	j.fsyncs++
 	j.mu.Unlock()
 	if err != nil {
@@ -733,8 +770,21 @@ func (j *Journal) writeBatch(b *batch) error {
 		// dropped the data (fsyncgate).
 		return fmt.Errorf("%w: fdatasync %s: %w", ErrStore, path, err)
 	}
+	if j.opts.Retain >= dropCacheRetain && j.wfSize > j.wfDrop {
+		// Nothing reads these records before the retention window
+		// ends: their pages go back to the kernel now, warm for the
+		// next writes, instead of filling the page cache with a day
+		// of journal. Advice only: an error changes nothing.
+		unix.Fadvise(int(j.wf.Fd()), j.wfDrop, j.wfSize-j.wfDrop, unix.FADV_DONTNEED)
+		j.wfDrop = j.wfSize
+	}
 	return nil
 }
+
+// dropCacheRetain is the retention window from which synced journal
+// records are dropped from the page cache: with a shorter one the applier
+// reads them soon.
+const dropCacheRetain = time.Minute
 
 // Err returns the journal's sticky store error, or nil. Once set, every
 // Submit and Append fails with it.

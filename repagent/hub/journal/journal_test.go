@@ -637,7 +637,7 @@ func TestGroupCommit(t *testing.T) {
 	}
 	wg.Wait()
 	st := j.Stats()
-	if st.Appends != 1+32*50 || st.Batches >= st.Appends || st.Fsyncs != st.Batches {
+	if st.Appends != 1+32*50 || st.Batches >= st.Appends || st.Fsyncs == 0 || st.Fsyncs > st.Batches {
 		t.Fatalf("appends %d, batches %d, fsyncs %d: no group commit", st.Appends, st.Batches, st.Fsyncs)
 	}
 	t.Logf("%d appends in %d group commits", st.Appends, st.Batches)
@@ -708,6 +708,128 @@ func TestLargeBatches(t *testing.T) {
 		t.Fatalf("12.5 MiB in %d group commits", st.Batches)
 	}
 	checkRecovered(t, "newest", materialize(t, j, Newest()), w.m)
+}
+
+// TestCommitGathersBatches: while one fdatasync runs, submissions pile up
+// in several closed batches; the next commit writes all of them and makes
+// them durable with one fdatasync (rotating segments inside it). No Pending
+// completes before the fdatasync of its records; a failed fdatasync fails
+// every submission of the commit and is sticky; what was acknowledged
+// survives a reopen.
+func TestCommitGathersBatches(t *testing.T) {
+	for _, fail := range []bool{false, true} {
+		t.Run(fmt.Sprintf("fail=%v", fail), func(t *testing.T) {
+			dir := t.TempDir()
+			var mu sync.Mutex
+			var entered, release chan struct{} // set: the next segment-sync blocks
+			var syncErr error                  // every segment-sync after the blocked one
+			hook := func(op, _ string) error {
+				if op != "segment-sync" {
+					return nil
+				}
+				mu.Lock()
+				in, rel := entered, release
+				entered, release = nil, nil
+				err := syncErr
+				mu.Unlock()
+				if in != nil {
+					close(in)
+					<-rel
+					return nil
+				}
+				return err
+			}
+			o := Options{NoApplier: true, Retain: time.Hour, SegmentBytes: 4 << 20, inject: hook}
+			j := mustOpen(t, dir, o)
+			w := newWriter(t, j, map[string]int64{"a": 4 << 20})
+			in, rel := make(chan struct{}), make(chan struct{})
+			mu.Lock()
+			entered, release = in, rel
+			mu.Unlock()
+			before := j.Stats()
+
+			rec := func(i int) Record {
+				data := make([]byte, 64<<10)
+				for k := range data {
+					data[k] = byte(i*7 + k)
+				}
+				w.seq++
+				return Record{Kind: KindWrite, Volume: "a", Offset: int64(i%60) * (64 << 10), Data: data, Seq: w.seq, HasSeq: true}
+			}
+			first := rec(0)
+			p0, err := j.Submit(first)
+			if err != nil {
+				t.Fatal(err)
+			}
+			<-in // the writer is inside the fdatasync of the first record
+			var ps []*Pending
+			var recs []Record
+			for i := 1; i <= 100; i++ { // 6.25 MiB: 3 closed batches and an open one
+				r := rec(i)
+				p, err := j.Submit(r)
+				if err != nil {
+					t.Fatal(err)
+				}
+				ps, recs = append(ps, p), append(recs, r)
+			}
+			time.Sleep(20 * time.Millisecond)
+			for i, p := range append([]*Pending{p0}, ps...) {
+				select {
+				case <-p.Done():
+					t.Fatalf("submission %d completed before its fdatasync", i)
+				default:
+				}
+			}
+			if fail {
+				mu.Lock()
+				syncErr = syscall.EIO
+				mu.Unlock()
+			}
+			close(rel)
+			if _, err := p0.Wait(context.Background()); err != nil {
+				t.Fatalf("first submission: %v", err)
+			}
+			w.m.apply(&first)
+			for i, p := range ps {
+				_, err := p.Wait(context.Background())
+				if fail {
+					if !errors.Is(err, syscall.EIO) {
+						t.Fatalf("submission %d of a commit whose fdatasync failed: %v, want EIO", i+1, err)
+					}
+					continue
+				}
+				if err != nil {
+					t.Fatalf("submission %d: %v", i+1, err)
+				}
+				w.m.apply(&recs[i])
+			}
+			st := j.Stats()
+			if fail {
+				if _, err := j.Submit(rec(101)); !errors.Is(err, syscall.EIO) {
+					t.Fatalf("submit after the failed commit: %v, want the sticky EIO", err)
+				}
+			} else {
+				batches, fsyncs := st.Batches-before.Batches, st.Fsyncs-before.Fsyncs
+				// The first commit: 1 batch, 1 fdatasync. The gathered one:
+				// at least 4 batches (2 MiB each), one fdatasync for each
+				// of the (4 MiB) segments it wrote into: 2.
+				if batches < 5 || fsyncs >= batches {
+					t.Fatalf("%d batches with %d fdatasyncs: not gathered", batches, fsyncs)
+				}
+				t.Logf("101 submissions: %d batches, %d fdatasyncs", batches, fsyncs)
+			}
+			j.Close()
+			j2 := mustOpen(t, dir, Options{NoApplier: true, Retain: time.Hour})
+			want := first.Seq
+			if !fail {
+				want = recs[len(recs)-1].Seq
+			}
+			if got := j2.Stats().LastSeq; got < want {
+				t.Fatalf("after reopen last seq %d, want at least %d", got, want)
+			}
+			checkRecovered(t, "acknowledged", materialize(t, j2, AtSeq(want)), w.m)
+		})
+	}
 }
 
 // TestCopyImage: the copy of a base image equals it and keeps its holes; on
