@@ -36,7 +36,8 @@ type conn struct {
 	id  uint64
 	uc  *net.UnixConn
 	log *slog.Logger
-	dev *blkDev
+	dev *queueRuntime // the queues
+	blk *blkDev       // the virtio-blk semantics they serve
 
 	closing    atomic.Bool // teardown started or close called
 	negotiated bool        // SET_OWNER seen; owned by the connection goroutine
@@ -63,7 +64,8 @@ type conn struct {
 func newConn(e *Export, uc *net.UnixConn) *conn {
 	n := e.connSeq.Add(1)
 	log := e.log.With("conn", n)
-	c := &conn{e: e, id: n, uc: uc, log: log, dev: newBlkDev(e, log), oob: make([]byte, unix.CmsgSpace(MaxFDs*4)), wbuf: make([]byte, HeaderSize, HeaderSize+MaxPayload)}
+	blk := newBlkDev(e)
+	c := &conn{e: e, id: n, uc: uc, log: log, dev: newQueueRuntime(e, log, blk), blk: blk, oob: make([]byte, unix.CmsgSpace(MaxFDs*4)), wbuf: make([]byte, HeaderSize, HeaderSize+MaxPayload)}
 	c.dev.onFault = func(err error) {
 		c.log.Error("closing connection: fault on memory the front end shares", "err", err)
 		c.close()
@@ -247,7 +249,7 @@ func (r rawPayload) AppendTo(b []byte) []byte { return append(b, r...) }
 // queue returns queue i, or an error naming the request.
 // stoppedQueue returns queue i if it exists and is stopped, as the
 // messages that set up a ring require.
-func (c *conn) stoppedQueue(i uint32) (*blkQueue, error) {
+func (c *conn) stoppedQueue(i uint32) (*queue, error) {
 	q, err := c.queue(i)
 	if err != nil {
 		return nil, err
@@ -258,7 +260,7 @@ func (c *conn) stoppedQueue(i uint32) (*blkQueue, error) {
 	return q, nil
 }
 
-func (c *conn) queue(i uint32) (*blkQueue, error) {
+func (c *conn) queue(i uint32) (*queue, error) {
 	if i >= uint32(len(c.dev.queues)) {
 		return nil, fmt.Errorf("queue %d: the device has %d queues", i, len(c.dev.queues))
 	}
@@ -318,7 +320,7 @@ func (c *conn) exec(h Header, pl Payload, fds []int) (explicit bool, err error) 
 		}
 		c.quiesce(func() {
 			c.features, c.featuresSet = v, true
-			c.dev.features.Store(v)
+			c.blk.features.Store(v)
 		})
 		// vhost-user.rst, "Ring states": "If VHOST_USER_F_PROTOCOL_FEATURES
 		// has not been negotiated, the ring starts directly in the enabled
@@ -603,7 +605,7 @@ func (c *conn) exec(h Header, pl Payload, fds []int) (explicit bool, err error) 
 			c.log.Warn("GET_CONFIG beyond config space", "offset", cm.Offset, "size", cm.Size)
 			return true, c.reply(h.Code, rawPayload(nil), -1)
 		}
-		cfg := c.dev.config()
+		cfg := c.blk.config()
 		cm.Data = cfg[cm.Offset : cm.Offset+cm.Size]
 		return true, c.reply(h.Code, cm, -1)
 
@@ -631,7 +633,7 @@ func (c *conn) exec(h Header, pl Payload, fds []int) (explicit bool, err error) 
 			if wb > 1 {
 				return false, fmt.Errorf("writeback %d, want 0 or 1", wb)
 			}
-			c.dev.writeback.Store(wb == 1)
+			c.blk.writeback.Store(wb == 1)
 			c.log.Info("cache mode set", "writeback", wb == 1)
 		}
 		return false, nil
@@ -749,7 +751,7 @@ func (c *conn) anyRunning() bool {
 // quiesce pauses the running queues (waiting for their requests), runs fn,
 // and resumes them with the connection's current memory, features and log.
 func (c *conn) quiesce(fn func()) {
-	var paused []*blkQueue
+	var paused []*queue
 	for _, q := range c.dev.queues {
 		if q.state == queueRunning {
 			q.pause()
@@ -806,8 +808,8 @@ func (c *conn) resetDevice() {
 		q.enabled.Store(false)
 	}
 	c.features, c.featuresSet = 0, false
-	c.dev.features.Store(0)
-	c.dev.writeback.Store(true)
+	c.blk.features.Store(0)
+	c.blk.writeback.Store(true)
 }
 
 // teardown stops the queues, waiting for every request in flight, then
@@ -850,7 +852,7 @@ func (c *conn) teardown() {
 func (c *conn) releaseMemory() {
 	var n uintptr
 	for _, q := range c.dev.queues {
-		n += uintptr(len(q.reqs)) * unsafe.Sizeof(blkReq{})
+		n += uintptr(len(q.reqs)) * unsafe.Sizeof(request{})
 		q.reqs = nil
 	}
 	if n < 4<<20 {

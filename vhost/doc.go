@@ -22,11 +22,13 @@
 // # Layers
 //
 // msg.go decodes messages (exact sizes first, then syntax); conn.go owns a
-// connection's negotiated state and checks semantics; blk.go is the device,
-// which sees only validated values and reaches guest memory only through
-// [Mem]; vring.go walks descriptor chains and moves ring indices; inflight.go
-// keeps the shared inflight region that lets a restarted back end resubmit
-// what was in flight.
+// connection's negotiated state and checks semantics; queue.go is the queue
+// runtime (ring goroutine, worker hand-off, batched completion), which
+// walks chains and hands each request to a requestHandler; blk.go is that
+// handler, the virtio-blk device, which sees only validated values and
+// reaches guest memory only through [Mem]; vring.go walks descriptor chains
+// and moves ring indices; inflight.go keeps the shared inflight region that
+// lets a restarted back end resubmit what was in flight.
 //
 // # Concurrency
 //
@@ -54,7 +56,7 @@
 // Memory the front end shares (guest memory, the dirty log) may shrink
 // under the back end. Every goroutine that touches it runs with
 // debug.SetPanicOnFault, so a fault is a panic: the goroutine recovers, the
-// device is marked dead (blkDev.fault) and the front end disconnected. From
+// device is marked dead (queueRuntime.fault) and the front end disconnected. From
 // then on nothing touches that memory again: requests still in flight
 // complete without a used element and are only accounted, so that the
 // queues stop and the export serves the next front end. Locks around

@@ -54,7 +54,7 @@ func mapRegion(r MemRegion, fd int) (*memRegion, error) {
 // checkFileSize checks that fd is a regular file (memfd, tmpfs, hugetlbfs)
 // holding offset+size bytes: mapping beyond the end of a file would make the
 // first access fault. The front end can still shrink the file later; that
-// fault is a connection error (see blkQueue.faulted).
+// fault is a connection error (see queue.run).
 func checkFileSize(fd int, offset, size uint64) error {
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
