@@ -717,13 +717,8 @@ func (c *Client) request(code ReqCode, pl Payload, fds []int, reply bool) (Heade
 		return Header{}, nil, nil, ErrClientClosed
 	}
 	flags := FlagVersion
-	if reply && code != ReqGetFeatures && code != ReqGetProtocolFeatures && code != ReqGetVringBase &&
-		code != ReqGetQueueNum && code != ReqGetConfig && code != ReqGetInflightFD && code != ReqGetMaxMemSlots &&
-		code != ReqGetStatus {
+	if reply && !HasReply(code) {
 		flags |= FlagNeedReply
-	}
-	if code == ReqSetLogBase {
-		flags &^= FlagNeedReply
 	}
 	body := pl.AppendTo(make([]byte, HeaderSize, 64))
 	Header{Code: code, Flags: flags, Size: uint32(len(body) - HeaderSize)}.AppendTo(body[:0])

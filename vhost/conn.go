@@ -246,20 +246,7 @@ type rawPayload []byte
 
 func (r rawPayload) AppendTo(b []byte) []byte { return append(b, r...) }
 
-// queue returns queue i, or an error naming the request.
-// stoppedQueue returns queue i if it exists and is stopped, as the
-// messages that set up a ring require.
-func (c *conn) stoppedQueue(i uint32) (*queue, error) {
-	q, err := c.queue(i)
-	if err != nil {
-		return nil, err
-	}
-	if q.state != queueStopped {
-		return nil, fmt.Errorf("queue %d is running", i)
-	}
-	return q, nil
-}
-
+// queue returns queue i, or an error naming it.
 func (c *conn) queue(i uint32) (*queue, error) {
 	if i >= uint32(len(c.dev.queues)) {
 		return nil, fmt.Errorf("queue %d: the device has %d queues", i, len(c.dev.queues))
@@ -267,8 +254,66 @@ func (c *conn) queue(i uint32) (*queue, error) {
 	return c.dev.queues[i], nil
 }
 
-// handle decodes and performs one request. Syntax errors (size, fds) are
-// connection errors; semantic errors fail the request.
+// env is what the connection's rings are set up with.
+func (c *conn) env() ringEnv {
+	return ringEnv{mem: c.mem, features: c.features, dlog: c.dlog, inflight: c.inflight}
+}
+
+// message is one decoded front-end request as a handler sees it. A
+// handler that keeps an fd takes it (take) so that serve does not close
+// it; one that replies with an fd sets replyFD, which is closed once sent.
+type message struct {
+	h       Header
+	pl      Payload
+	fds     []int
+	replyFD int
+}
+
+// msgHandler performs one decoded request. It returns the payload of the
+// request's explicit reply, for the requests that have one
+// (HasReply); the others return nil and get a REPLY_ACK reply if asked.
+type msgHandler func(c *conn, m *message) (reply Payload, err error)
+
+// handlers maps each request this back end serves to its method. Which
+// requests carry fds and which have a reply of their own is the wire
+// layer's (msgSpecs, msg.go): the payload is decoded and its fds counted
+// before the method runs.
+var handlers = [...]msgHandler{
+	ReqGetFeatures:         (*conn).getFeatures,
+	ReqSetFeatures:         (*conn).setFeatures,
+	ReqGetProtocolFeatures: (*conn).getProtocolFeatures,
+	ReqSetProtocolFeatures: (*conn).setProtocolFeatures,
+	ReqSetOwner:            (*conn).setOwner,
+	ReqResetOwner:          (*conn).resetOwner,
+	ReqGetQueueNum:         (*conn).getQueueNum,
+	ReqGetMaxMemSlots:      (*conn).getMaxMemSlots,
+	ReqSetMemTable:         (*conn).setMemTable,
+	ReqAddMemReg:           (*conn).addMemReg,
+	ReqRemMemReg:           (*conn).remMemReg,
+	ReqSetLogBase:          (*conn).setLogBase,
+	ReqSetLogFD:            (*conn).setLogFD,
+	ReqSetVringNum:         (*conn).setVringNum,
+	ReqSetVringAddr:        (*conn).setVringAddr,
+	ReqSetVringBase:        (*conn).setVringBase,
+	ReqGetVringBase:        (*conn).getVringBase,
+	ReqSetVringKick:        (*conn).setVringKick,
+	ReqSetVringCall:        (*conn).setVringCall,
+	ReqSetVringErr:         (*conn).setVringErr,
+	ReqSetVringEnable:      (*conn).setVringEnable,
+	ReqGetConfig:           (*conn).getConfig,
+	ReqSetConfig:           (*conn).setConfig,
+	ReqSetBackendReqFD:     (*conn).setBackendReqFD,
+	ReqGetInflightFD:       (*conn).getInflightFD,
+	ReqSetInflightFD:       (*conn).setInflightFD,
+	ReqResetDevice:         (*conn).resetDeviceMsg,
+	ReqSetStatus:           (*conn).setStatus,
+	ReqGetStatus:           (*conn).getStatus,
+}
+
+// handle decodes and performs one request and sends its reply: the
+// explicit reply of the requests that have one, else a REPLY_ACK success
+// when asked for. Syntax errors (size, fds) are connection errors;
+// semantic errors fail the request (serve answers them).
 func (c *conn) handle(h Header, p []byte, fds []int) error {
 	if h.IsReply() {
 		return fatalf("%s: request carries the reply flag", h.Code)
@@ -284,444 +329,405 @@ func (c *conn) handle(h Header, p []byte, fds []int) error {
 	if err := checkFDs(h.Code, pl, len(fds)); err != nil {
 		return connError{err}
 	}
-	explicit, err := c.exec(h, pl, fds)
+	var fn msgHandler
+	if int(h.Code) < len(handlers) {
+		fn = handlers[h.Code]
+	}
+	if fn == nil {
+		return fmt.Errorf("%s: %w", h.Code, errUnknownRequest)
+	}
+	m := message{h: h, pl: pl, fds: fds, replyFD: -1}
+	reply, err := fn(c, &m)
+	if m.replyFD >= 0 {
+		defer unix.Close(m.replyFD)
+	}
 	if err != nil {
 		return err
+	}
+	if HasReply(h.Code) {
+		return c.reply(h.Code, reply, m.replyFD)
 	}
 	// REPLY_ACK: "the back-end MUST respond with a Payload VhostUserMsg
 	// indicating success or failure ... unless the message already has an
 	// explicit reply body".
-	if !explicit && h.NeedReply() && c.protocol.Load()&ProtocolReplyAck != 0 {
+	if h.NeedReply() && c.protocol.Load()&ProtocolReplyAck != 0 {
 		return c.reply(h.Code, U64(0), -1)
 	}
 	return nil
 }
 
-// exec performs a decoded request and sends its explicit reply, if it has
-// one (then explicit is true).
-func (c *conn) exec(h Header, pl Payload, fds []int) (explicit bool, err error) {
+func (c *conn) getFeatures(*message) (Payload, error) { return U64(c.e.blkFeatures()), nil }
+
+func (c *conn) setFeatures(m *message) (Payload, error) {
 	e := c.e
-	switch h.Code {
-	case ReqGetFeatures:
-		return true, c.reply(h.Code, U64(e.blkFeatures()), -1)
-
-	case ReqSetFeatures:
-		v := uint64(pl.(U64))
-		// A front end that negotiated discard or write-zeroes before a
-		// reload took them away (QEMU keeps the guest's features when it
-		// reconnects) may ask for them again: such requests then get
-		// UNSUPP.
-		acceptable := e.blkFeatures()
-		if !e.readOnly {
-			acceptable |= BlkFeatureDiscard | BlkFeatureWriteZeroes
-		}
-		if v&^acceptable != 0 {
-			return false, fmt.Errorf("features %#x not offered (offered %#x)", v, e.blkFeatures())
-		}
-		c.quiesce(func() {
-			c.features, c.featuresSet = v, true
-			c.blk.features.Store(v)
-		})
-		// vhost-user.rst, "Ring states": "If VHOST_USER_F_PROTOCOL_FEATURES
-		// has not been negotiated, the ring starts directly in the enabled
-		// state."
-		if v&FeatureProtocolFeatures == 0 {
-			for _, q := range c.dev.queues {
-				q.enabled.Store(true)
-				if q.state == queueRunning {
-					q.nudge()
-				}
-			}
-		}
-		return false, nil
-
-	case ReqGetProtocolFeatures:
-		return true, c.reply(h.Code, U64(protocolFeatures), -1)
-
-	case ReqSetProtocolFeatures:
-		v := uint64(pl.(U64))
-		if v&^uint64(protocolFeatures) != 0 {
-			return false, fmt.Errorf("protocol features %#x not offered (offered %#x)", v, uint64(protocolFeatures))
-		}
-		c.protocol.Store(v)
-		return false, nil
-
-	case ReqSetOwner:
-		if !c.negotiated {
-			c.negotiated = true
-			c.setIdleDeadline()
-		}
-		return false, nil
-
-	case ReqResetOwner:
-		// "It is recommended that back-ends either ignore this message, or
-		// use it to disable all rings."
-		for _, q := range c.dev.queues {
-			q.stop()
-			q.enabled.Store(false)
-		}
-		return false, nil
-
-	case ReqGetQueueNum:
-		return true, c.reply(h.Code, U64(len(c.dev.queues)), -1)
-
-	case ReqGetMaxMemSlots:
-		return true, c.reply(h.Code, U64(maxMemSlots), -1)
-
-	case ReqSetMemTable:
-		t := pl.(MemTable)
-		var regs []*memRegion
-		for i, r := range t.Regions {
-			mr, err := mapRegion(r, fds[i])
-			if err != nil {
-				unmapAll(regs)
-				return false, err
-			}
-			regs = append(regs, mr)
-		}
-		return false, c.setMem(regs, c.regions)
-
-	case ReqAddMemReg:
-		if c.protocol.Load()&ProtocolConfigureMemSlots == 0 {
-			return false, errors.New("CONFIGURE_MEM_SLOTS not negotiated")
-		}
-		if len(c.regions) >= maxMemSlots {
-			return false, fmt.Errorf("all %d memory slots in use", maxMemSlots)
-		}
-		mr, err := mapRegion(pl.(SingleMemRegion).Region, fds[0])
-		if err != nil {
-			return false, err
-		}
-		regs := append(append([]*memRegion(nil), c.regions...), mr)
-		if err := c.setMem(regs, nil); err != nil {
-			mr.unmap()
-			return false, err
-		}
-		return false, nil
-
-	case ReqRemMemReg:
-		if c.protocol.Load()&ProtocolConfigureMemSlots == 0 {
-			return false, errors.New("CONFIGURE_MEM_SLOTS not negotiated")
-		}
-		// "The memory region to be removed is identified by its guest
-		// address, user address and size. The mmap offset is ignored."
-		r := pl.(SingleMemRegion).Region
-		var keep, gone []*memRegion
-		for _, mr := range c.regions {
-			if mr.GPA == r.GPA && mr.UserAddr == r.UserAddr && mr.Size == r.Size && gone == nil {
-				gone = append(gone, mr)
-			} else {
-				keep = append(keep, mr)
-			}
-		}
-		if gone == nil {
-			return false, fmt.Errorf("no memory region at %#x size %#x user address %#x", r.GPA, r.Size, r.UserAddr)
-		}
-		return false, c.setMem(keep, gone)
-
-	case ReqSetLogBase:
-		if c.protocol.Load()&ProtocolLogSHMFD == 0 {
-			return false, errors.New("LOG_SHMFD not negotiated")
-		}
-		l, err := mapLog(fds[0], pl.(LogDesc))
-		if err != nil {
-			return false, err
-		}
-		old := c.dlog
-		c.quiesce(func() { c.dlog = l })
-		old.unmap()
-		// vhost-user.rst, "Communication": SET_LOG_BASE needs a reply when
-		// LOG_SHMFD is negotiated.
-		return true, c.reply(h.Code, U64(0), -1)
-
-	case ReqSetLogFD:
-		// The log eventfd is optional; this back end does not signal it.
-		return false, nil
-
-	case ReqSetVringNum:
-		s := pl.(VringState)
-		q, err := c.stoppedQueue(s.Index)
-		if err != nil {
-			return false, err
-		}
-		// Virtio 1.x 2.7: split queue sizes are powers of 2 up to 32768.
-		if s.Num == 0 || s.Num > MaxQueueSize || s.Num&(s.Num-1) != 0 {
-			return false, fmt.Errorf("queue %d: size %d: must be a power of 2 from 1 to %d", s.Index, s.Num, MaxQueueSize)
-		}
-		q.num = uint16(s.Num)
-		return false, nil
-
-	case ReqSetVringAddr:
-		a := pl.(VringAddr)
-		q, err := c.queue(a.Index)
-		if err != nil {
-			return false, err
-		}
-		if q.state == queueStopped {
-			q.addr, q.addrSet = a, true
-			return false, nil
-		}
-		// A running ring: the front end toggles VHOST_VRING_F_LOG during
-		// migration.
-		q.pause()
-		old := q.addr
-		q.addr = a
-		if err := q.setupRing(c.mem, c.features, c.dlog); err != nil {
-			q.addr = old
-			q.setupRing(c.mem, c.features, c.dlog)
-			q.resume(c.mem, c.features, c.dlog)
-			return false, fmt.Errorf("queue %d: %w", a.Index, err)
-		}
-		q.resume(c.mem, c.features, c.dlog)
-		return false, nil
-
-	case ReqSetVringBase:
-		s := pl.(VringState)
-		q, err := c.stoppedQueue(s.Index)
-		if err != nil {
-			return false, err
-		}
-		if s.Num > 0xffff {
-			return false, fmt.Errorf("queue %d: base %d beyond 16 bits (packed rings are not supported)", s.Index, s.Num)
-		}
-		q.base = uint16(s.Num)
-		return false, nil
-
-	case ReqGetVringBase:
-		s := pl.(VringState)
-		q, err := c.queue(s.Index)
-		if err != nil {
-			return false, connError{err}
-		}
-		// "stop ring upon receiving VHOST_USER_GET_VRING_BASE": wait for
-		// the requests in flight so that none completes after the reply.
-		base := q.stop()
-		if q.kick != nil {
-			q.kick.Close()
-			q.kick = nil
-		}
-		q.kickSet = false
-		return true, c.reply(h.Code, VringState{Index: s.Index, Num: uint32(base)}, -1)
-
-	case ReqSetVringKick:
-		v := pl.(VringFD)
-		q, err := c.queue(uint32(v.Index))
-		if err != nil {
-			return false, err
-		}
-		var f *os.File
-		if !v.NoFD {
-			if err := checkEventfd(fds[0]); err != nil {
-				return false, fmt.Errorf("queue %d: kick: %w", v.Index, err)
-			}
-			fd := take(fds, 0)
-			unix.SetNonblock(fd, true)
-			f = os.NewFile(uintptr(fd), fmt.Sprintf("kick%d", v.Index))
-		}
-		wasRunning := q.state == queueRunning
-		q.pause()
-		if q.kick != nil {
-			q.kick.Close()
-		}
-		q.kick, q.kickSet = f, true
-		if wasRunning {
-			q.resume(c.mem, c.features, c.dlog)
-			return false, nil
-		}
-		// "The back-end must start ring upon receiving a kick": the ring
-		// goroutine starts now and pops once the ring is enabled.
-		if err := q.configured(); err != nil {
-			return false, fmt.Errorf("queue %d: cannot start: %w", v.Index, err)
-		}
-		if err := q.start(c.mem, c.features, c.dlog, c.inflight); err != nil {
-			return false, fmt.Errorf("queue %d: %w", v.Index, err)
-		}
-		return false, nil
-
-	case ReqSetVringCall, ReqSetVringErr:
-		v := pl.(VringFD)
-		q, err := c.queue(uint32(v.Index))
-		if err != nil {
-			return false, err
-		}
-		var n *notifier
-		if !v.NoFD {
-			if err := checkEventfd(fds[0]); err != nil {
-				return false, fmt.Errorf("queue %d: %s: %w", v.Index, h.Code, err)
-			}
-			what := fmt.Sprintf("call%d", v.Index)
-			if h.Code == ReqSetVringErr {
-				what = fmt.Sprintf("err%d", v.Index)
-			}
-			n = newNotifier(take(fds, 0), what, c.log)
-		}
-		var old *notifier
-		if h.Code == ReqSetVringCall {
-			old = q.call.Swap(n)
-		} else {
-			old = q.errf.Swap(n)
-		}
-		if old != nil {
-			old.close()
-			if h.Code == ReqSetVringCall && n != nil {
-				// A completer that loaded the old fd may have
-				// signalled it after QEMU stopped looking at it:
-				// QEMU sends SET_VRING_CALL without waiting for a
-				// reply when the guest masks or unmasks an MSI-X
-				// vector, and tests the fd it replaces before this
-				// back end has read the message
-				// (virtio_pci_one_vector_unmask). Signal the new
-				// one so that no completion waits for an interrupt
-				// that was lost; a spurious interrupt costs the
-				// driver one look at the used ring.
-				n.signal()
-			}
-		}
-		return false, nil
-
-	case ReqSetVringEnable:
-		s := pl.(VringState)
-		q, err := c.queue(s.Index)
-		if err != nil {
-			return false, err
-		}
-		if s.Num > 1 {
-			return false, fmt.Errorf("queue %d: enable %d, want 0 or 1", s.Index, s.Num)
-		}
-		q.enabled.Store(s.Num == 1)
-		if q.state == queueRunning {
-			q.nudge()
-		}
-		return false, nil
-
-	case ReqGetConfig:
-		cm := pl.(ConfigMsg)
-		if c.protocol.Load()&ProtocolConfig == 0 {
-			return true, c.reply(h.Code, rawPayload(nil), -1)
-		}
-		// "vhost-user back-end uses zero length of payload to indicate an
-		// error"; any range within the 96-byte config space is served.
-		if uint64(cm.Offset)+uint64(cm.Size) > ConfigSpaceSize {
-			c.log.Warn("GET_CONFIG beyond config space", "offset", cm.Offset, "size", cm.Size)
-			return true, c.reply(h.Code, rawPayload(nil), -1)
-		}
-		cfg := c.blk.config()
-		cm.Data = cfg[cm.Offset : cm.Offset+cm.Size]
-		return true, c.reply(h.Code, cm, -1)
-
-	case ReqSetConfig:
-		cm := pl.(ConfigMsg)
-		if c.protocol.Load()&ProtocolConfig == 0 {
-			return false, errors.New("CONFIG not negotiated")
-		}
-		// "back-ends MUST NOT accept SET_CONFIG for read-only configuration
-		// space fields unless the live migration bit is set". The only
-		// writable field is writeback (offset 32), with CONFIG_WCE.
-		const wceOff = 32
-		covers := cm.Offset <= wceOff && cm.Offset+cm.Size > wceOff
-		if cm.Flags == ConfigFlagWritable && (cm.Offset != wceOff || cm.Size != 1) {
-			return false, fmt.Errorf("SET_CONFIG of read-only bytes %d+%d", cm.Offset, cm.Size)
-		}
-		if uint64(cm.Offset)+uint64(cm.Size) > ConfigSpaceSize {
-			return false, fmt.Errorf("SET_CONFIG %d+%d beyond config space", cm.Offset, cm.Size)
-		}
-		if covers {
-			if c.features&BlkFeatureConfigWCE == 0 {
-				return false, errors.New("writeback written without CONFIG_WCE")
-			}
-			wb := cm.Data[wceOff-cm.Offset]
-			if wb > 1 {
-				return false, fmt.Errorf("writeback %d, want 0 or 1", wb)
-			}
-			c.blk.writeback.Store(wb == 1)
-			c.log.Info("cache mode set", "writeback", wb == 1)
-		}
-		return false, nil
-
-	case ReqSetBackendReqFD:
-		if c.protocol.Load()&ProtocolBackendReq == 0 {
-			return false, errors.New("BACKEND_REQ not negotiated")
-		}
-		f := os.NewFile(uintptr(take(fds, 0)), "backend-req")
-		nc, err := net.FileConn(f)
-		f.Close()
-		if err != nil {
-			return false, fmt.Errorf("back-end channel: %w", err)
-		}
-		uc, ok := nc.(*net.UnixConn)
-		if !ok {
-			nc.Close()
-			return false, errors.New("back-end channel is not a unix socket")
-		}
-		c.mu.Lock()
-		old := c.backend
-		c.backend = &backendChan{uc: uc}
-		c.mu.Unlock()
-		if old != nil {
-			old.close()
-		}
-		return false, nil
-
-	case ReqGetInflightFD:
-		if c.protocol.Load()&ProtocolInflightSHMFD == 0 {
-			return false, connError{errors.New("GET_INFLIGHT_FD: INFLIGHT_SHMFD not negotiated")}
-		}
-		if c.anyRunning() {
-			return false, connError{errors.New("GET_INFLIGHT_FD while queues run")}
-		}
-		d := pl.(InflightDesc)
-		r, fd, rd, err := createInflight(d.NumQueues, d.QueueSize)
-		if err != nil {
-			return false, connError{err}
-		}
-		defer unix.Close(fd)
-		c.inflight.unmap()
-		c.inflight = r
-		return true, c.reply(h.Code, rd, fd)
-
-	case ReqSetInflightFD:
-		if c.protocol.Load()&ProtocolInflightSHMFD == 0 {
-			return false, errors.New("INFLIGHT_SHMFD not negotiated")
-		}
-		if c.anyRunning() {
-			return false, errors.New("SET_INFLIGHT_FD while queues run")
-		}
-		r, err := mapInflight(fds[0], pl.(InflightDesc))
-		if err != nil {
-			return false, err
-		}
-		c.inflight.unmap()
-		c.inflight = r
-		return false, nil
-
-	case ReqResetDevice:
-		if c.protocol.Load()&ProtocolResetDevice == 0 {
-			return false, errors.New("RESET_DEVICE not negotiated")
-		}
-		c.resetDevice()
-		return false, nil
-
-	case ReqSetStatus:
-		if c.protocol.Load()&ProtocolStatus == 0 {
-			return false, errors.New("STATUS not negotiated")
-		}
-		v := uint64(pl.(U64))
-		if v > 0xff {
-			return false, fmt.Errorf("device status %#x beyond 8 bits", v)
-		}
-		c.status = v
-		if v == 0 {
-			c.resetDevice() // virtio 1.x 2.1: writing 0 resets the device
-		}
-		return false, nil
-
-	case ReqGetStatus:
-		if c.protocol.Load()&ProtocolStatus == 0 {
-			return false, connError{errors.New("GET_STATUS: STATUS not negotiated")}
-		}
-		return true, c.reply(h.Code, U64(c.status), -1)
+	v := uint64(m.pl.(U64))
+	// A front end that negotiated discard or write-zeroes before a
+	// reload took them away (QEMU keeps the guest's features when it
+	// reconnects) may ask for them again: such requests then get
+	// UNSUPP.
+	acceptable := e.blkFeatures()
+	if !e.readOnly {
+		acceptable |= BlkFeatureDiscard | BlkFeatureWriteZeroes
 	}
-	return false, fmt.Errorf("%s: %w", h.Code, errUnknownRequest)
+	if v&^acceptable != 0 {
+		return nil, fmt.Errorf("features %#x not offered (offered %#x)", v, e.blkFeatures())
+	}
+	c.quiesce(func() {
+		c.features, c.featuresSet = v, true
+		c.blk.features.Store(v)
+	})
+	// vhost-user.rst, "Ring states": "If VHOST_USER_F_PROTOCOL_FEATURES
+	// has not been negotiated, the ring starts directly in the enabled
+	// state."
+	if v&FeatureProtocolFeatures == 0 {
+		for _, q := range c.dev.queues {
+			q.enable(true)
+		}
+	}
+	return nil, nil
+}
+
+func (c *conn) getProtocolFeatures(*message) (Payload, error) { return U64(protocolFeatures), nil }
+
+func (c *conn) setProtocolFeatures(m *message) (Payload, error) {
+	v := uint64(m.pl.(U64))
+	if v&^uint64(protocolFeatures) != 0 {
+		return nil, fmt.Errorf("protocol features %#x not offered (offered %#x)", v, uint64(protocolFeatures))
+	}
+	c.protocol.Store(v)
+	return nil, nil
+}
+
+func (c *conn) setOwner(*message) (Payload, error) {
+	if !c.negotiated {
+		c.negotiated = true
+		c.setIdleDeadline()
+	}
+	return nil, nil
+}
+
+func (c *conn) resetOwner(*message) (Payload, error) {
+	// "It is recommended that back-ends either ignore this message, or
+	// use it to disable all rings."
+	for _, q := range c.dev.queues {
+		q.disable()
+	}
+	return nil, nil
+}
+
+func (c *conn) getQueueNum(*message) (Payload, error) { return U64(len(c.dev.queues)), nil }
+
+func (c *conn) getMaxMemSlots(*message) (Payload, error) { return U64(maxMemSlots), nil }
+
+func (c *conn) setMemTable(m *message) (Payload, error) {
+	t := m.pl.(MemTable)
+	var regs []*memRegion
+	for i, r := range t.Regions {
+		mr, err := mapRegion(r, m.fds[i])
+		if err != nil {
+			unmapAll(regs)
+			return nil, err
+		}
+		regs = append(regs, mr)
+	}
+	return nil, c.setMem(regs, c.regions)
+}
+
+func (c *conn) addMemReg(m *message) (Payload, error) {
+	if c.protocol.Load()&ProtocolConfigureMemSlots == 0 {
+		return nil, errors.New("CONFIGURE_MEM_SLOTS not negotiated")
+	}
+	if len(c.regions) >= maxMemSlots {
+		return nil, fmt.Errorf("all %d memory slots in use", maxMemSlots)
+	}
+	mr, err := mapRegion(m.pl.(SingleMemRegion).Region, m.fds[0])
+	if err != nil {
+		return nil, err
+	}
+	regs := append(append([]*memRegion(nil), c.regions...), mr)
+	if err := c.setMem(regs, nil); err != nil {
+		mr.unmap()
+		return nil, err
+	}
+	return nil, nil
+}
+
+func (c *conn) remMemReg(m *message) (Payload, error) {
+	if c.protocol.Load()&ProtocolConfigureMemSlots == 0 {
+		return nil, errors.New("CONFIGURE_MEM_SLOTS not negotiated")
+	}
+	// "The memory region to be removed is identified by its guest
+	// address, user address and size. The mmap offset is ignored."
+	r := m.pl.(SingleMemRegion).Region
+	var keep, gone []*memRegion
+	for _, mr := range c.regions {
+		if mr.GPA == r.GPA && mr.UserAddr == r.UserAddr && mr.Size == r.Size && gone == nil {
+			gone = append(gone, mr)
+		} else {
+			keep = append(keep, mr)
+		}
+	}
+	if gone == nil {
+		return nil, fmt.Errorf("no memory region at %#x size %#x user address %#x", r.GPA, r.Size, r.UserAddr)
+	}
+	return nil, c.setMem(keep, gone)
+}
+
+// setLogBase maps the dirty log. vhost-user.rst, "Communication":
+// SET_LOG_BASE has a reply when LOG_SHMFD is negotiated.
+func (c *conn) setLogBase(m *message) (Payload, error) {
+	if c.protocol.Load()&ProtocolLogSHMFD == 0 {
+		return nil, errors.New("LOG_SHMFD not negotiated")
+	}
+	l, err := mapLog(m.fds[0], m.pl.(LogDesc))
+	if err != nil {
+		return nil, err
+	}
+	old := c.dlog
+	c.quiesce(func() { c.dlog = l })
+	old.unmap()
+	return U64(0), nil
+}
+
+// setLogFD takes the optional log eventfd; this back end does not signal
+// it.
+func (c *conn) setLogFD(*message) (Payload, error) { return nil, nil }
+
+func (c *conn) setVringNum(m *message) (Payload, error) {
+	s := m.pl.(VringState)
+	q, err := c.queue(s.Index)
+	if err != nil {
+		return nil, err
+	}
+	return nil, q.setNum(s.Num)
+}
+
+func (c *conn) setVringAddr(m *message) (Payload, error) {
+	a := m.pl.(VringAddr)
+	q, err := c.queue(a.Index)
+	if err != nil {
+		return nil, err
+	}
+	return nil, q.setAddr(a, c.env())
+}
+
+func (c *conn) setVringBase(m *message) (Payload, error) {
+	s := m.pl.(VringState)
+	q, err := c.queue(s.Index)
+	if err != nil {
+		return nil, err
+	}
+	return nil, q.setBase(s.Num)
+}
+
+func (c *conn) getVringBase(m *message) (Payload, error) {
+	s := m.pl.(VringState)
+	q, err := c.queue(s.Index)
+	if err != nil {
+		return nil, connError{err}
+	}
+	return VringState{Index: s.Index, Num: uint32(q.takeBase())}, nil
+}
+
+func (c *conn) setVringKick(m *message) (Payload, error) {
+	v := m.pl.(VringFD)
+	q, err := c.queue(uint32(v.Index))
+	if err != nil {
+		return nil, err
+	}
+	var f *os.File
+	if !v.NoFD {
+		if err := checkEventfd(m.fds[0]); err != nil {
+			return nil, fmt.Errorf("queue %d: kick: %w", v.Index, err)
+		}
+		fd := take(m.fds, 0)
+		unix.SetNonblock(fd, true)
+		f = os.NewFile(uintptr(fd), fmt.Sprintf("kick%d", v.Index))
+	}
+	return nil, q.setKick(f, c.env())
+}
+
+// notifierOf checks and takes the eventfd of SET_VRING_CALL or
+// SET_VRING_ERR; nil with the no-fd bit.
+func (c *conn) notifierOf(m *message, what string) (*queue, *notifier, error) {
+	v := m.pl.(VringFD)
+	q, err := c.queue(uint32(v.Index))
+	if err != nil {
+		return nil, nil, err
+	}
+	if v.NoFD {
+		return q, nil, nil
+	}
+	if err := checkEventfd(m.fds[0]); err != nil {
+		return nil, nil, fmt.Errorf("queue %d: %s: %w", v.Index, m.h.Code, err)
+	}
+	return q, newNotifier(take(m.fds, 0), fmt.Sprintf("%s%d", what, v.Index), c.log), nil
+}
+
+func (c *conn) setVringCall(m *message) (Payload, error) {
+	q, n, err := c.notifierOf(m, "call")
+	if err != nil {
+		return nil, err
+	}
+	q.setCall(n)
+	return nil, nil
+}
+
+func (c *conn) setVringErr(m *message) (Payload, error) {
+	q, n, err := c.notifierOf(m, "err")
+	if err != nil {
+		return nil, err
+	}
+	q.setErr(n)
+	return nil, nil
+}
+
+func (c *conn) setVringEnable(m *message) (Payload, error) {
+	s := m.pl.(VringState)
+	q, err := c.queue(s.Index)
+	if err != nil {
+		return nil, err
+	}
+	if s.Num > 1 {
+		return nil, fmt.Errorf("queue %d: enable %d, want 0 or 1", s.Index, s.Num)
+	}
+	q.enable(s.Num == 1)
+	return nil, nil
+}
+
+func (c *conn) getConfig(m *message) (Payload, error) {
+	cm := m.pl.(ConfigMsg)
+	if c.protocol.Load()&ProtocolConfig == 0 {
+		return rawPayload(nil), nil
+	}
+	// "vhost-user back-end uses zero length of payload to indicate an
+	// error"; any range within the 96-byte config space is served.
+	if uint64(cm.Offset)+uint64(cm.Size) > ConfigSpaceSize {
+		c.log.Warn("GET_CONFIG beyond config space", "offset", cm.Offset, "size", cm.Size)
+		return rawPayload(nil), nil
+	}
+	cfg := c.blk.config()
+	cm.Data = cfg[cm.Offset : cm.Offset+cm.Size]
+	return cm, nil
+}
+
+func (c *conn) setConfig(m *message) (Payload, error) {
+	cm := m.pl.(ConfigMsg)
+	if c.protocol.Load()&ProtocolConfig == 0 {
+		return nil, errors.New("CONFIG not negotiated")
+	}
+	// "back-ends MUST NOT accept SET_CONFIG for read-only configuration
+	// space fields unless the live migration bit is set". The only
+	// writable field is writeback (offset 32), with CONFIG_WCE.
+	const wceOff = 32
+	covers := cm.Offset <= wceOff && cm.Offset+cm.Size > wceOff
+	if cm.Flags == ConfigFlagWritable && (cm.Offset != wceOff || cm.Size != 1) {
+		return nil, fmt.Errorf("SET_CONFIG of read-only bytes %d+%d", cm.Offset, cm.Size)
+	}
+	if uint64(cm.Offset)+uint64(cm.Size) > ConfigSpaceSize {
+		return nil, fmt.Errorf("SET_CONFIG %d+%d beyond config space", cm.Offset, cm.Size)
+	}
+	if covers {
+		if c.features&BlkFeatureConfigWCE == 0 {
+			return nil, errors.New("writeback written without CONFIG_WCE")
+		}
+		wb := cm.Data[wceOff-cm.Offset]
+		if wb > 1 {
+			return nil, fmt.Errorf("writeback %d, want 0 or 1", wb)
+		}
+		c.blk.writeback.Store(wb == 1)
+		c.log.Info("cache mode set", "writeback", wb == 1)
+	}
+	return nil, nil
+}
+
+func (c *conn) setBackendReqFD(m *message) (Payload, error) {
+	if c.protocol.Load()&ProtocolBackendReq == 0 {
+		return nil, errors.New("BACKEND_REQ not negotiated")
+	}
+	f := os.NewFile(uintptr(take(m.fds, 0)), "backend-req")
+	nc, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		return nil, fmt.Errorf("back-end channel: %w", err)
+	}
+	uc, ok := nc.(*net.UnixConn)
+	if !ok {
+		nc.Close()
+		return nil, errors.New("back-end channel is not a unix socket")
+	}
+	c.mu.Lock()
+	old := c.backend
+	c.backend = &backendChan{uc: uc}
+	c.mu.Unlock()
+	if old != nil {
+		old.close()
+	}
+	return nil, nil
+}
+
+func (c *conn) getInflightFD(m *message) (Payload, error) {
+	if c.protocol.Load()&ProtocolInflightSHMFD == 0 {
+		return nil, connError{errors.New("GET_INFLIGHT_FD: INFLIGHT_SHMFD not negotiated")}
+	}
+	if c.anyRunning() {
+		return nil, connError{errors.New("GET_INFLIGHT_FD while queues run")}
+	}
+	d := m.pl.(InflightDesc)
+	r, fd, rd, err := createInflight(d.NumQueues, d.QueueSize)
+	if err != nil {
+		return nil, connError{err}
+	}
+	m.replyFD = fd
+	c.inflight.unmap()
+	c.inflight = r
+	return rd, nil
+}
+
+func (c *conn) setInflightFD(m *message) (Payload, error) {
+	if c.protocol.Load()&ProtocolInflightSHMFD == 0 {
+		return nil, errors.New("INFLIGHT_SHMFD not negotiated")
+	}
+	if c.anyRunning() {
+		return nil, errors.New("SET_INFLIGHT_FD while queues run")
+	}
+	r, err := mapInflight(m.fds[0], m.pl.(InflightDesc))
+	if err != nil {
+		return nil, err
+	}
+	c.inflight.unmap()
+	c.inflight = r
+	return nil, nil
+}
+
+func (c *conn) resetDeviceMsg(*message) (Payload, error) {
+	if c.protocol.Load()&ProtocolResetDevice == 0 {
+		return nil, errors.New("RESET_DEVICE not negotiated")
+	}
+	c.resetDevice()
+	return nil, nil
+}
+
+func (c *conn) setStatus(m *message) (Payload, error) {
+	if c.protocol.Load()&ProtocolStatus == 0 {
+		return nil, errors.New("STATUS not negotiated")
+	}
+	v := uint64(m.pl.(U64))
+	if v > 0xff {
+		return nil, fmt.Errorf("device status %#x beyond 8 bits", v)
+	}
+	c.status = v
+	if v == 0 {
+		c.resetDevice() // virtio 1.x 2.1: writing 0 resets the device
+	}
+	return nil, nil
+}
+
+func (c *conn) getStatus(*message) (Payload, error) {
+	if c.protocol.Load()&ProtocolStatus == 0 {
+		return nil, connError{errors.New("GET_STATUS: STATUS not negotiated")}
+	}
+	return U64(c.status), nil
 }
 
 // checkEventfd refuses an fd that is not an eventfd: a pipe or socket
@@ -741,7 +747,7 @@ func checkEventfd(fd int) error {
 // anyRunning reports whether a queue is running or paused.
 func (c *conn) anyRunning() bool {
 	for _, q := range c.dev.queues {
-		if q.state != queueStopped {
+		if !q.isStopped() {
 			return true
 		}
 	}
@@ -753,14 +759,14 @@ func (c *conn) anyRunning() bool {
 func (c *conn) quiesce(fn func()) {
 	var paused []*queue
 	for _, q := range c.dev.queues {
-		if q.state == queueRunning {
-			q.pause()
+		if q.pause() {
 			paused = append(paused, q)
 		}
 	}
 	fn()
+	env := c.env()
 	for _, q := range paused {
-		q.resume(c.mem, c.features, c.dlog)
+		q.resume(env)
 	}
 }
 
@@ -798,14 +804,7 @@ func unmapAll(regs []*memRegion) {
 // negotiated virtio features (RESET_DEVICE, SET_STATUS 0).
 func (c *conn) resetDevice() {
 	for _, q := range c.dev.queues {
-		q.stop()
-		if q.kick != nil {
-			q.kick.Close()
-			q.kick = nil
-		}
-		q.kickSet, q.addrSet = false, false
-		q.num, q.base = 0, 0
-		q.enabled.Store(false)
+		q.reset()
 	}
 	c.features, c.featuresSet = 0, false
 	c.blk.features.Store(0)
@@ -817,13 +816,7 @@ func (c *conn) resetDevice() {
 func (c *conn) teardown() {
 	c.close()
 	for _, q := range c.dev.queues {
-		q.stop()
-		if q.kick != nil {
-			q.kick.Close()
-			q.kick = nil
-		}
-		q.call.Swap(nil).close()
-		q.errf.Swap(nil).close()
+		q.close()
 	}
 	if n := c.dev.dropped.Load(); n > 0 {
 		c.log.Warn("requests dropped without completion after a fault", "requests", n)

@@ -558,21 +558,74 @@ func DecodePayload(code ReqCode, p []byte) (Payload, error) {
 	return nil, fmt.Errorf("%s: %w", code, errUnknownRequest)
 }
 
-// wantFDs returns how many file descriptors a decoded request must carry
-// (vhost-user.rst, "Communication": the messages that pass fds). REM_MEM_REG
-// may carry one, which is closed unused ("MAY accept ... MUST close it").
+// fdRule says how many file descriptors a request carries (vhost-user.rst,
+// "Communication": the messages that pass fds).
+type fdRule uint8
+
+const (
+	fdsNone      fdRule = iota // none
+	fdsOne                     // exactly one
+	fdsOptional                // zero or one
+	fdsPerRegion               // one per memory region (MemTable)
+	fdsVring                   // one, or none with the VringFD no-fd bit
+)
+
+// msgSpec is what the protocol says of one front-end request beyond its
+// payload: the fds it carries, and whether it has a reply body of its own
+// (then REPLY_ACK does not apply: "unless the message already has an
+// explicit reply body", and a front end does not set NEED_REPLY on it).
+type msgSpec struct {
+	fds   fdRule
+	reply bool
+}
+
+// msgSpecs is indexed by request code; codes missing here carry no fds and
+// have no reply. REM_MEM_REG may carry an fd, which is closed unused ("MAY
+// accept ... MUST close it"); SET_LOG_BASE has a reply when LOG_SHMFD is
+// negotiated, which it must be for the message to be accepted.
+var msgSpecs = [...]msgSpec{
+	ReqGetFeatures:         {reply: true},
+	ReqGetProtocolFeatures: {reply: true},
+	ReqGetQueueNum:         {reply: true},
+	ReqGetMaxMemSlots:      {reply: true},
+	ReqGetVringBase:        {reply: true},
+	ReqGetConfig:           {reply: true},
+	ReqGetInflightFD:       {reply: true},
+	ReqGetStatus:           {reply: true},
+	ReqSetLogBase:          {fds: fdsOne, reply: true},
+	ReqSetMemTable:         {fds: fdsPerRegion},
+	ReqAddMemReg:           {fds: fdsOne},
+	ReqRemMemReg:           {fds: fdsOptional},
+	ReqSetBackendReqFD:     {fds: fdsOne},
+	ReqSetInflightFD:       {fds: fdsOne},
+	ReqSetLogFD:            {fds: fdsOptional},
+	ReqSetVringKick:        {fds: fdsVring},
+	ReqSetVringCall:        {fds: fdsVring},
+	ReqSetVringErr:         {fds: fdsVring},
+}
+
+func specOf(code ReqCode) msgSpec {
+	if int(code) < len(msgSpecs) {
+		return msgSpecs[code]
+	}
+	return msgSpec{}
+}
+
+// HasReply reports whether a front-end request has a reply body of its
+// own, which the back end sends whether or not NEED_REPLY is set.
+func HasReply(code ReqCode) bool { return specOf(code).reply }
+
+// wantFDs returns how many file descriptors a decoded request must carry.
 func wantFDs(code ReqCode, pl Payload) (min, max int) {
-	switch code {
-	case ReqSetMemTable:
+	switch specOf(code).fds {
+	case fdsOne:
+		return 1, 1
+	case fdsOptional:
+		return 0, 1
+	case fdsPerRegion:
 		n := len(pl.(MemTable).Regions)
 		return n, n
-	case ReqAddMemReg, ReqSetLogBase, ReqSetBackendReqFD, ReqSetInflightFD:
-		return 1, 1
-	case ReqSetLogFD:
-		return 0, 1
-	case ReqRemMemReg:
-		return 0, 1
-	case ReqSetVringKick, ReqSetVringCall, ReqSetVringErr:
+	case fdsVring:
 		if pl.(VringFD).NoFD {
 			return 0, 0
 		}

@@ -200,22 +200,10 @@ type chainBuf struct {
 // (docs/REFERENCE.md, "Limits"). It matches the worker pool.
 const maxChainBufs = maxWorkersPerRing
 
-// configured reports whether the queue has what it needs to start.
-func (q *queue) configured() error {
-	switch {
-	case q.num == 0:
-		return errors.New("no SET_VRING_NUM")
-	case !q.addrSet:
-		return errors.New("no SET_VRING_ADDR")
-	case !q.kickSet:
-		return errors.New("no SET_VRING_KICK")
-	}
-	return nil
-}
-
 // setupRing translates the ring through mem and applies the negotiated
 // features; the queue is stopped or paused.
-func (q *queue) setupRing(mem *Mem, features uint64, dlog *dirtyLog) error {
+func (q *queue) setupRing(env ringEnv) error {
+	mem, features, dlog := env.mem, env.features, env.dlog
 	if mem == nil {
 		return errors.New("no guest memory table")
 	}
@@ -236,8 +224,9 @@ func (q *queue) setupRing(mem *Mem, features uint64, dlog *dirtyLog) error {
 // start starts a stopped queue: it sets up the ring, recovers in-flight
 // requests from the inflight region if there is one, and starts the ring
 // goroutine.
-func (q *queue) start(mem *Mem, features uint64, dlog *dirtyLog, inf *inflightRegion) error {
-	if err := q.setupRing(mem, features, dlog); err != nil {
+func (q *queue) start(env ringEnv) error {
+	inf := env.inflight
+	if err := q.setupRing(env); err != nil {
 		return err
 	}
 	q.ring.lastAvail = q.base
@@ -299,19 +288,21 @@ func (q *queue) halt() {
 
 // pause stops a running queue and waits for its requests, keeping its
 // workers and indices; resume restarts it, maybe on a new memory table.
-func (q *queue) pause() {
+// It reports whether it paused the queue.
+func (q *queue) pause() bool {
 	if q.state != queueRunning {
-		return
+		return false
 	}
 	q.halt()
 	q.state = queuePaused
+	return true
 }
 
-func (q *queue) resume(mem *Mem, features uint64, dlog *dirtyLog) {
+func (q *queue) resume(env ringEnv) {
 	if q.state != queuePaused {
 		return
 	}
-	if err := q.setupRing(mem, features, dlog); err != nil {
+	if err := q.setupRing(env); err != nil {
 		q.fail(fmt.Errorf("ring after memory change: %w", err))
 	}
 	q.state = queueRunning
