@@ -6,6 +6,8 @@ import (
 	"sync/atomic"
 
 	"github.com/vhostdm/vhostdm/mapper"
+
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
 )
 
 // This file is the virtio-blk device (virtio 1.x, 5.2): its features and
@@ -13,34 +15,6 @@ import (
 // a request's header and layout checked (prepare), discard and
 // write-zeroes ranges, and the mapping of each request to mapper requests
 // (tryIO, io).
-
-// Virtio-blk request types (virtio 1.x, 5.2.6).
-const (
-	BlkTypeIn          = 0
-	BlkTypeOut         = 1
-	BlkTypeFlush       = 4
-	BlkTypeGetID       = 8
-	BlkTypeGetLifetime = 10
-	BlkTypeDiscard     = 11
-	BlkTypeWriteZeroes = 13
-	BlkTypeSecureErase = 14
-)
-
-// Virtio-blk request status values.
-const (
-	BlkStatusOK     = 0
-	BlkStatusIOErr  = 1
-	BlkStatusUnsupp = 2
-)
-
-// Virtio-blk layouts.
-const (
-	blkHeaderSize   = 16 // le32 type, le32 reserved, le64 sector
-	blkDiscardSize  = 16 // le64 sector, le32 num_sectors, le32 flags
-	blkDiscardUnmap = 1  // VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
-	// ConfigSpaceSize is the size of struct virtio_blk_config.
-	ConfigSpaceSize = 96
-)
 
 // Limits this device advertises in its config space.
 const (
@@ -54,17 +28,17 @@ const (
 
 // blkFeatures returns the virtio and vhost feature bits the export offers.
 func (e *Export) blkFeatures() uint64 {
-	f := uint64(FeatureVersion1 | FeatureEventIdx | FeatureIndirectDesc | FeatureLogAll | FeatureProtocolFeatures |
-		BlkFeatureSizeMax | BlkFeatureSegMax | BlkFeatureBlkSize | BlkFeatureTopology | BlkFeatureFlush |
-		BlkFeatureConfigWCE | BlkFeatureMQ)
+	f := uint64(virtio.FeatureVersion1 | virtio.FeatureEventIdx | virtio.FeatureIndirectDesc | virtio.FeatureLogAll | virtio.FeatureProtocolFeatures |
+		virtio.BlkFeatureSizeMax | virtio.BlkFeatureSegMax | virtio.BlkFeatureBlkSize | virtio.BlkFeatureTopology | virtio.BlkFeatureFlush |
+		virtio.BlkFeatureConfigWCE | virtio.BlkFeatureMQ)
 	if e.readOnly {
-		f |= BlkFeatureRO
+		f |= virtio.BlkFeatureRO
 	} else {
 		if e.discard.Load() {
-			f |= BlkFeatureDiscard
+			f |= virtio.BlkFeatureDiscard
 		}
 		if e.zeroes.Load() {
-			f |= BlkFeatureWriteZeroes
+			f |= virtio.BlkFeatureWriteZeroes
 		}
 	}
 	return f
@@ -121,8 +95,8 @@ func (r *blkReq) release(b *blkBuf) {
 }
 
 // config returns struct virtio_blk_config (virtio 1.x, 5.2.4).
-func (d *blkDev) config() [ConfigSpaceSize]byte {
-	var c [ConfigSpaceSize]byte
+func (d *blkDev) config() [virtio.ConfigSpaceSize]byte {
+	var c [virtio.ConfigSpaceSize]byte
 	lbs := d.exp.cfg.LogicalBlockSize
 	le.PutUint64(c[0:], d.exp.capacity())
 	le.PutUint32(c[8:], blkSizeMax)
@@ -151,7 +125,7 @@ func (d *blkDev) config() [ConfigSpaceSize]byte {
 // writebackOn reports whether the device caches writes. Virtio 1.x 5.2.5.1:
 // without VIRTIO_BLK_F_FLUSH the device must be writethrough.
 func (d *blkDev) writebackOn() bool {
-	return d.writeback.Load() && d.features.Load()&BlkFeatureFlush != 0
+	return d.writeback.Load() && d.features.Load()&virtio.BlkFeatureFlush != 0
 }
 
 // blkRange is one discard or write-zeroes segment.
@@ -168,10 +142,10 @@ func (d *blkDev) prepare(q *queue, rq *request) (status byte, usedLen uint32, as
 	r := &rq.blk
 	// Virtio 1.x 5.2.6: the driver-readable header is 16 bytes; it may
 	// span descriptors.
-	var hdr [blkHeaderSize]byte
-	if c.rBytes < blkHeaderSize {
-		q.badRequest(c.head, fmt.Errorf("request header of %d bytes, want %d", c.rBytes, blkHeaderSize))
-		return BlkStatusIOErr, 1, false
+	var hdr [virtio.BlkHeaderSize]byte
+	if c.rBytes < virtio.BlkHeaderSize {
+		q.badRequest(c.head, fmt.Errorf("request header of %d bytes, want %d", c.rBytes, virtio.BlkHeaderSize))
+		return virtio.BlkStatusIOErr, 1, false
 	}
 	copyFromSegs(hdr[:], c.segs[:c.nRead], 0)
 	r.typ = le.Uint32(hdr[0:])
@@ -179,37 +153,37 @@ func (d *blkDev) prepare(q *queue, rq *request) (status byte, usedLen uint32, as
 	e := d.exp
 	ro := e.readOnly
 	switch r.typ {
-	case BlkTypeIn:
+	case virtio.BlkTypeIn:
 		r.dataLen = c.wBytes - 1
 		r.data = appendBufs(r.data[:0], c.segs[c.nRead:], 0, r.dataLen)
 		if err := d.checkRange(r.sector, r.dataLen); err != nil {
 			q.badRequest(c.head, err)
-			return BlkStatusIOErr, 1, false
+			return virtio.BlkStatusIOErr, 1, false
 		}
 		if r.dataLen == 0 {
-			return BlkStatusOK, 1, false
+			return virtio.BlkStatusOK, 1, false
 		}
 		r.mreq = mapper.Request{Op: mapper.OpRead, Sector: r.sector, Sectors: r.dataLen >> mapper.SectorShift, Data: r.data}
 		return 0, 0, true
-	case BlkTypeOut:
+	case virtio.BlkTypeOut:
 		if ro {
-			return BlkStatusIOErr, 1, false
+			return virtio.BlkStatusIOErr, 1, false
 		}
-		r.dataLen = c.rBytes - blkHeaderSize
-		r.data = appendBufs(r.data[:0], c.segs[:c.nRead], blkHeaderSize, r.dataLen)
+		r.dataLen = c.rBytes - virtio.BlkHeaderSize
+		r.data = appendBufs(r.data[:0], c.segs[:c.nRead], virtio.BlkHeaderSize, r.dataLen)
 		if err := d.checkRange(r.sector, r.dataLen); err != nil {
 			q.badRequest(c.head, err)
-			return BlkStatusIOErr, 1, false
+			return virtio.BlkStatusIOErr, 1, false
 		}
 		if r.dataLen == 0 {
-			return BlkStatusOK, 1, false
+			return virtio.BlkStatusOK, 1, false
 		}
 		r.mreq = mapper.Request{Op: mapper.OpWrite, Sector: r.sector, Sectors: r.dataLen >> mapper.SectorShift, Data: r.data}
 		return 0, 0, true
-	case BlkTypeFlush:
+	case virtio.BlkTypeFlush:
 		r.mreq = mapper.Request{Op: mapper.OpFlush}
 		return 0, 0, true
-	case BlkTypeGetID:
+	case virtio.BlkTypeGetID:
 		// 5.2.6.1: "the device MUST write ... the device ID string
 		// (up to 20 bytes, NUL-padded if shorter)".
 		var id [MaxSerialLen]byte
@@ -224,15 +198,15 @@ func (d *blkDev) prepare(q *queue, rq *request) (status byte, usedLen uint32, as
 		for _, s := range c.segs[c.nRead:] {
 			q.dlog.mark(s.gpa, uint64(len(s.b)))
 		}
-		return BlkStatusOK, uint32(n) + 1, false
-	case BlkTypeDiscard, BlkTypeWriteZeroes:
+		return virtio.BlkStatusOK, uint32(n) + 1, false
+	case virtio.BlkTypeDiscard, virtio.BlkTypeWriteZeroes:
 		if ro {
-			return BlkStatusIOErr, 1, false
+			return virtio.BlkStatusIOErr, 1, false
 		}
 		// 5.2.6.2: an operation the device does not serve (any more:
 		// the table was reloaded) is UNSUPP, not IOERR.
-		if (r.typ == BlkTypeDiscard && !e.discard.Load()) || (r.typ == BlkTypeWriteZeroes && !e.zeroes.Load()) {
-			return BlkStatusUnsupp, 1, false
+		if (r.typ == virtio.BlkTypeDiscard && !e.discard.Load()) || (r.typ == virtio.BlkTypeWriteZeroes && !e.zeroes.Load()) {
+			return virtio.BlkStatusUnsupp, 1, false
 		}
 		st, err := d.parseRanges(c, r)
 		if err != nil {
@@ -241,7 +215,7 @@ func (d *blkDev) prepare(q *queue, rq *request) (status byte, usedLen uint32, as
 		}
 		return 0, 0, true
 	}
-	return BlkStatusUnsupp, 1, false
+	return virtio.BlkStatusUnsupp, 1, false
 }
 
 // checkRange checks a read or write of n bytes at sector: aligned to the
@@ -267,40 +241,40 @@ func (d *blkDev) checkRange(sector, n uint64) error {
 // parseRanges reads the discard or write-zeroes segments after the header
 // (virtio 1.x 5.2.6: struct virtio_blk_discard_write_zeroes).
 func (d *blkDev) parseRanges(c *chain, r *blkReq) (byte, error) {
-	n := c.rBytes - blkHeaderSize
+	n := c.rBytes - virtio.BlkHeaderSize
 	maxSeg, maxSectors := uint64(blkMaxDiscardSeg), uint64(blkMaxDiscard)
-	if r.typ == BlkTypeWriteZeroes {
+	if r.typ == virtio.BlkTypeWriteZeroes {
 		maxSeg, maxSectors = blkMaxZeroesSeg, blkMaxZeroes
 	}
-	if n == 0 || n%blkDiscardSize != 0 || n/blkDiscardSize > maxSeg {
-		return BlkStatusIOErr, fmt.Errorf("%d bytes of segments, want 1 to %d segments of %d", n, maxSeg, blkDiscardSize)
+	if n == 0 || n%virtio.BlkDiscardSize != 0 || n/virtio.BlkDiscardSize > maxSeg {
+		return virtio.BlkStatusIOErr, fmt.Errorf("%d bytes of segments, want 1 to %d segments of %d", n, maxSeg, virtio.BlkDiscardSize)
 	}
-	r.nranges = int(n / blkDiscardSize)
+	r.nranges = int(n / virtio.BlkDiscardSize)
 	lbs := uint64(d.exp.cfg.LogicalBlockSize)
 	per := lbs / mapper.SectorSize
 	cap := d.exp.capacity()
-	var b [blkDiscardSize]byte
+	var b [virtio.BlkDiscardSize]byte
 	for i := 0; i < r.nranges; i++ {
-		copyFromSegs(b[:], c.segs[:c.nRead], blkHeaderSize+uint64(i)*blkDiscardSize)
+		copyFromSegs(b[:], c.segs[:c.nRead], virtio.BlkHeaderSize+uint64(i)*virtio.BlkDiscardSize)
 		rg := blkRange{sector: le.Uint64(b[0:]), sectors: le.Uint32(b[8:]), flags: le.Uint32(b[12:])}
 		// 5.2.6.2: "the device MUST set the status byte to
 		// VIRTIO_BLK_S_UNSUPP for discard commands if the unmap flag is
 		// set" and for unknown flags.
-		if rg.flags&^blkDiscardUnmap != 0 || (r.typ == BlkTypeDiscard && rg.flags != 0) {
-			return BlkStatusUnsupp, fmt.Errorf("segment %d: unsupported flags %#x", i, rg.flags)
+		if rg.flags&^virtio.BlkDiscardUnmap != 0 || (r.typ == virtio.BlkTypeDiscard && rg.flags != 0) {
+			return virtio.BlkStatusUnsupp, fmt.Errorf("segment %d: unsupported flags %#x", i, rg.flags)
 		}
 		if rg.sectors == 0 || uint64(rg.sectors) > maxSectors {
-			return BlkStatusIOErr, fmt.Errorf("segment %d: %d sectors, want 1 to %d", i, rg.sectors, maxSectors)
+			return virtio.BlkStatusIOErr, fmt.Errorf("segment %d: %d sectors, want 1 to %d", i, rg.sectors, maxSectors)
 		}
 		if rg.sector%per != 0 || uint64(rg.sectors)%per != 0 {
-			return BlkStatusIOErr, fmt.Errorf("segment %d: %d sectors at %d not aligned to the block size %d", i, rg.sectors, rg.sector, lbs)
+			return virtio.BlkStatusIOErr, fmt.Errorf("segment %d: %d sectors at %d not aligned to the block size %d", i, rg.sectors, rg.sector, lbs)
 		}
 		if rg.sector > cap || uint64(rg.sectors) > cap-rg.sector {
-			return BlkStatusIOErr, fmt.Errorf("segment %d: %d sectors at %d beyond capacity %d", i, rg.sectors, rg.sector, cap)
+			return virtio.BlkStatusIOErr, fmt.Errorf("segment %d: %d sectors at %d beyond capacity %d", i, rg.sectors, rg.sector, cap)
 		}
 		r.buf.ranges[i] = rg
 	}
-	return BlkStatusOK, nil
+	return virtio.BlkStatusOK, nil
 }
 
 // io performs the I/O of a prepared request on a worker goroutine.
@@ -309,33 +283,33 @@ func (d *blkDev) io(q *queue, rq *request) (status byte, usedLen uint32) {
 	dev := d.exp.dev
 	var err error
 	switch r.typ {
-	case BlkTypeIn:
+	case virtio.BlkTypeIn:
 		err = dev.Submit(&r.mreq)
-	case BlkTypeOut:
+	case virtio.BlkTypeOut:
 		err = dev.Submit(&r.mreq)
 		if err == nil && !d.writebackOn() {
 			// Writethrough: the write is durable before completion.
 			r.mreq = mapper.Request{Op: mapper.OpFlush}
 			err = dev.Submit(&r.mreq)
 		}
-	case BlkTypeFlush:
+	case virtio.BlkTypeFlush:
 		err = dev.Submit(&r.mreq)
-	case BlkTypeDiscard, BlkTypeWriteZeroes:
+	case virtio.BlkTypeDiscard, virtio.BlkTypeWriteZeroes:
 		for i := 0; i < r.nranges && err == nil; i++ {
 			rg := r.buf.ranges[i]
 			r.mreq = mapper.Request{Op: mapper.OpDiscard, Sector: rg.sector, Sectors: uint64(rg.sectors)}
-			if r.typ == BlkTypeWriteZeroes {
+			if r.typ == virtio.BlkTypeWriteZeroes {
 				r.mreq.Op = mapper.OpWriteZeroes
-				r.mreq.Unmap = rg.flags&blkDiscardUnmap != 0
+				r.mreq.Unmap = rg.flags&virtio.BlkDiscardUnmap != 0
 			}
 			err = dev.Submit(&r.mreq)
 		}
-		if err == nil && r.typ == BlkTypeWriteZeroes && !d.writebackOn() {
+		if err == nil && r.typ == virtio.BlkTypeWriteZeroes && !d.writebackOn() {
 			r.mreq = mapper.Request{Op: mapper.OpFlush}
 			err = dev.Submit(&r.mreq)
 		}
 	default:
-		return BlkStatusUnsupp, 1
+		return virtio.BlkStatusUnsupp, 1
 	}
 	return d.result(q, rq, err)
 }
@@ -345,7 +319,7 @@ func (d *blkDev) io(q *queue, rq *request) (status byte, usedLen uint32) {
 func (d *blkDev) result(q *queue, rq *request, err error) (status byte, usedLen uint32) {
 	r := &rq.blk
 	usedLen = 1
-	if r.typ == BlkTypeIn {
+	if r.typ == virtio.BlkTypeIn {
 		if err == nil && q.dlog != nil {
 			for _, s := range rq.chain.segs[rq.chain.nRead:] {
 				q.dlog.mark(s.gpa, uint64(len(s.b)))
@@ -356,14 +330,14 @@ func (d *blkDev) result(q *queue, rq *request, err error) (status byte, usedLen 
 	r.mreq.Data = nil
 	if err != nil {
 		if errors.Is(err, mapper.ErrUnsupported) {
-			return BlkStatusUnsupp, usedLen
+			return virtio.BlkStatusUnsupp, usedLen
 		}
 		if n := q.badLogs.Add(1); n <= 10 || n%1000 == 0 {
 			q.log.Warn("virtio-blk request failed", "head", rq.chain.head, "type", r.typ, "sector", r.sector, "err", err)
 		}
-		return BlkStatusIOErr, usedLen
+		return virtio.BlkStatusIOErr, usedLen
 	}
-	return BlkStatusOK, usedLen
+	return virtio.BlkStatusOK, usedLen
 }
 
 // copyFromSegs copies bytes starting at offset off of the concatenated

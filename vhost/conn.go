@@ -14,11 +14,14 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
+	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
 
 // protocolFeatures are the protocol features the back end offers.
-const protocolFeatures = ProtocolMQ | ProtocolLogSHMFD | ProtocolReplyAck | ProtocolConfig | ProtocolBackendReq |
-	ProtocolConfigureMemSlots | ProtocolInflightSHMFD | ProtocolResetDevice | ProtocolStatus
+const protocolFeatures = wire.ProtocolMQ | wire.ProtocolLogSHMFD | wire.ProtocolReplyAck | wire.ProtocolConfig | wire.ProtocolBackendReq |
+	wire.ProtocolConfigureMemSlots | wire.ProtocolInflightSHMFD | wire.ProtocolResetDevice | wire.ProtocolStatus
 
 // connError is a protocol violation: the connection is closed.
 type connError struct{ err error }
@@ -50,10 +53,8 @@ type conn struct {
 	regions     []*memRegion
 	dlog        *dirtyLog
 	inflight    *inflightRegion
-	hbuf        [HeaderSize]byte
-	pbuf        [MaxPayload]byte
-	oob         []byte
-	wbuf        []byte
+	wc          *wire.Conn // the socket's framing
+	midMsg      bool       // readMsg set the deadline for the rest of a message
 
 	protocol atomic.Uint64 // acked protocol features; read by configChanged
 
@@ -65,7 +66,8 @@ func newConn(e *Export, uc *net.UnixConn) *conn {
 	n := e.connSeq.Add(1)
 	log := e.log.With("conn", n)
 	blk := newBlkDev(e)
-	c := &conn{e: e, id: n, uc: uc, log: log, dev: newQueueRuntime(e, log, blk), blk: blk, oob: make([]byte, unix.CmsgSpace(MaxFDs*4)), wbuf: make([]byte, HeaderSize, HeaderSize+MaxPayload)}
+	c := &conn{e: e, id: n, uc: uc, log: log, dev: newQueueRuntime(e, log, blk), blk: blk}
+	c.wc = wire.NewConn(uc, wire.Strict(), wire.OnStart(c.startMsg))
 	c.dev.onFault = func(err error) {
 		c.log.Error("closing connection: fault on memory the front end shares", "err", err)
 		c.close()
@@ -106,7 +108,7 @@ func (c *conn) serve() {
 			return
 		}
 		err = c.handleSafe(h, p, fds)
-		closeFDs(fds)
+		wire.CloseFDs(fds)
 		if err == nil {
 			continue
 		}
@@ -115,12 +117,12 @@ func (c *conn) serve() {
 			c.log.Warn("closing connection", "request", h.Code.String(), "reason", err)
 			return
 		}
-		unknown := errors.Is(err, errUnknownRequest)
+		unknown := errors.Is(err, wire.ErrUnknownRequest)
 		if !unknown {
 			c.log.Warn("request failed", "request", h.Code.String(), "err", err)
 		}
-		if h.NeedReply() && c.protocol.Load()&ProtocolReplyAck != 0 {
-			if err := c.reply(h.Code, U64(1), -1); err != nil {
+		if h.NeedReply() && c.protocol.Load()&wire.ProtocolReplyAck != 0 {
+			if err := c.reply(h.Code, wire.U64(1), -1); err != nil {
 				c.log.Warn("closing connection", "reason", err)
 				return
 			}
@@ -131,15 +133,6 @@ func (c *conn) serve() {
 		}
 		c.log.Warn("closing connection", "request", h.Code.String(), "reason", "request failed and the front end asked for no reply")
 		return
-	}
-}
-
-func closeFDs(fds []int) {
-	for i, fd := range fds {
-		if fd >= 0 {
-			unix.Close(fd)
-			fds[i] = -1
-		}
 	}
 }
 
@@ -164,7 +157,7 @@ func (c *conn) setIdleDeadline() {
 // handleSafe is handle with the faults of the connection goroutine on
 // shared memory turned into a connection error; a fault leaves the device
 // dead, so that nothing touches that memory again.
-func (c *conn) handleSafe(h Header, p []byte, fds []int) (err error) {
+func (c *conn) handleSafe(h wire.Header, p []byte, fds []int) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			c.dev.dead.Store(true)
@@ -174,68 +167,33 @@ func (c *conn) handleSafe(h Header, p []byte, fds []int) (err error) {
 	return c.handle(h, p, fds)
 }
 
-// readMsg reads one message: the header with any fds, then the payload.
-// Once the first bytes arrived, the rest must follow within the
-// negotiation timeout.
-func (c *conn) readMsg() (Header, []byte, []int, error) {
-	n, oobn, flags, _, err := c.uc.ReadMsgUnix(c.hbuf[:], c.oob)
-	if err == nil && n > 0 && c.e.cfg.NegotiationTimeout > 0 {
-		c.uc.SetReadDeadline(time.Now().Add(c.e.cfg.NegotiationTimeout))
-		defer c.setIdleDeadline()
+// readMsg reads one message. Once its first bytes arrived, the rest must
+// follow within the negotiation timeout.
+func (c *conn) readMsg() (wire.Header, []byte, []int, error) {
+	h, p, fds, err := c.wc.ReadMsg()
+	if c.midMsg {
+		c.midMsg = false
+		c.setIdleDeadline()
 	}
-	var fds []int
-	if oobn > 0 {
-		msgs, perr := unix.ParseSocketControlMessage(c.oob[:oobn])
-		if perr == nil {
-			for _, m := range msgs {
-				if f, err := unix.ParseUnixRights(&m); err == nil {
-					fds = append(fds, f...)
-				}
-			}
-		}
+	return h, p, fds, err
+}
+
+// startMsg bounds the time the rest of a message may take once its first
+// bytes arrived (wire.OnStart).
+func (c *conn) startMsg() {
+	if t := c.e.cfg.NegotiationTimeout; t > 0 {
+		c.uc.SetReadDeadline(time.Now().Add(t))
+		c.midMsg = true
 	}
-	if err != nil {
-		closeFDs(fds)
-		return Header{}, nil, nil, err
-	}
-	if n == 0 {
-		closeFDs(fds)
-		return Header{}, nil, nil, io.EOF
-	}
-	if flags&unix.MSG_CTRUNC != 0 {
-		closeFDs(fds)
-		return Header{}, nil, nil, fmt.Errorf("message carries more than %d file descriptors", MaxFDs)
-	}
-	if n < HeaderSize {
-		if _, err := io.ReadFull(c.uc, c.hbuf[n:]); err != nil {
-			closeFDs(fds)
-			return Header{}, nil, nil, fmt.Errorf("short header: %w", err)
-		}
-	}
-	h, err := DecodeHeader(c.hbuf[:])
-	if err != nil {
-		closeFDs(fds)
-		return Header{}, nil, nil, err
-	}
-	p := c.pbuf[:h.Size]
-	if _, err := io.ReadFull(c.uc, p); err != nil {
-		closeFDs(fds)
-		return Header{}, nil, nil, fmt.Errorf("%s: short payload: %w", h.Code, err)
-	}
-	return h, p, fds, nil
 }
 
 // reply sends a reply to code with payload pl and, if fd >= 0, one fd.
-func (c *conn) reply(code ReqCode, pl Payload, fd int) error {
-	c.wbuf = pl.AppendTo(c.wbuf[:HeaderSize])
-	Header{Code: code, Flags: FlagVersion | FlagReply, Size: uint32(len(c.wbuf) - HeaderSize)}.AppendTo(c.wbuf[:0])
-	var oob []byte
+func (c *conn) reply(code wire.ReqCode, pl wire.Payload, fd int) error {
+	var fds []int
 	if fd >= 0 {
-		oob = unix.UnixRights(fd)
+		fds = []int{fd}
 	}
-	c.uc.SetWriteDeadline(time.Now().Add(10 * time.Second))
-	_, _, err := c.uc.WriteMsgUnix(c.wbuf, oob, nil)
-	if err != nil {
+	if err := c.wc.WriteMsg(code, wire.FlagVersion|wire.FlagReply, pl, fds, 10*time.Second); err != nil {
 		return connError{fmt.Errorf("send %s reply: %w", code, err)}
 	}
 	return nil
@@ -263,8 +221,8 @@ func (c *conn) env() ringEnv {
 // handler that keeps an fd takes it (take) so that serve does not close
 // it; one that replies with an fd sets replyFD, which is closed once sent.
 type message struct {
-	h       Header
-	pl      Payload
+	h       wire.Header
+	pl      wire.Payload
 	fds     []int
 	replyFD int
 }
@@ -272,61 +230,61 @@ type message struct {
 // msgHandler performs one decoded request. It returns the payload of the
 // request's explicit reply, for the requests that have one
 // (HasReply); the others return nil and get a REPLY_ACK reply if asked.
-type msgHandler func(c *conn, m *message) (reply Payload, err error)
+type msgHandler func(c *conn, m *message) (reply wire.Payload, err error)
 
 // handlers maps each request this back end serves to its method. Which
 // requests carry fds and which have a reply of their own is the wire
 // layer's (msgSpecs, msg.go): the payload is decoded and its fds counted
 // before the method runs.
 var handlers = [...]msgHandler{
-	ReqGetFeatures:         (*conn).getFeatures,
-	ReqSetFeatures:         (*conn).setFeatures,
-	ReqGetProtocolFeatures: (*conn).getProtocolFeatures,
-	ReqSetProtocolFeatures: (*conn).setProtocolFeatures,
-	ReqSetOwner:            (*conn).setOwner,
-	ReqResetOwner:          (*conn).resetOwner,
-	ReqGetQueueNum:         (*conn).getQueueNum,
-	ReqGetMaxMemSlots:      (*conn).getMaxMemSlots,
-	ReqSetMemTable:         (*conn).setMemTable,
-	ReqAddMemReg:           (*conn).addMemReg,
-	ReqRemMemReg:           (*conn).remMemReg,
-	ReqSetLogBase:          (*conn).setLogBase,
-	ReqSetLogFD:            (*conn).setLogFD,
-	ReqSetVringNum:         (*conn).setVringNum,
-	ReqSetVringAddr:        (*conn).setVringAddr,
-	ReqSetVringBase:        (*conn).setVringBase,
-	ReqGetVringBase:        (*conn).getVringBase,
-	ReqSetVringKick:        (*conn).setVringKick,
-	ReqSetVringCall:        (*conn).setVringCall,
-	ReqSetVringErr:         (*conn).setVringErr,
-	ReqSetVringEnable:      (*conn).setVringEnable,
-	ReqGetConfig:           (*conn).getConfig,
-	ReqSetConfig:           (*conn).setConfig,
-	ReqSetBackendReqFD:     (*conn).setBackendReqFD,
-	ReqGetInflightFD:       (*conn).getInflightFD,
-	ReqSetInflightFD:       (*conn).setInflightFD,
-	ReqResetDevice:         (*conn).resetDeviceMsg,
-	ReqSetStatus:           (*conn).setStatus,
-	ReqGetStatus:           (*conn).getStatus,
+	wire.ReqGetFeatures:         (*conn).getFeatures,
+	wire.ReqSetFeatures:         (*conn).setFeatures,
+	wire.ReqGetProtocolFeatures: (*conn).getProtocolFeatures,
+	wire.ReqSetProtocolFeatures: (*conn).setProtocolFeatures,
+	wire.ReqSetOwner:            (*conn).setOwner,
+	wire.ReqResetOwner:          (*conn).resetOwner,
+	wire.ReqGetQueueNum:         (*conn).getQueueNum,
+	wire.ReqGetMaxMemSlots:      (*conn).getMaxMemSlots,
+	wire.ReqSetMemTable:         (*conn).setMemTable,
+	wire.ReqAddMemReg:           (*conn).addMemReg,
+	wire.ReqRemMemReg:           (*conn).remMemReg,
+	wire.ReqSetLogBase:          (*conn).setLogBase,
+	wire.ReqSetLogFD:            (*conn).setLogFD,
+	wire.ReqSetVringNum:         (*conn).setVringNum,
+	wire.ReqSetVringAddr:        (*conn).setVringAddr,
+	wire.ReqSetVringBase:        (*conn).setVringBase,
+	wire.ReqGetVringBase:        (*conn).getVringBase,
+	wire.ReqSetVringKick:        (*conn).setVringKick,
+	wire.ReqSetVringCall:        (*conn).setVringCall,
+	wire.ReqSetVringErr:         (*conn).setVringErr,
+	wire.ReqSetVringEnable:      (*conn).setVringEnable,
+	wire.ReqGetConfig:           (*conn).getConfig,
+	wire.ReqSetConfig:           (*conn).setConfig,
+	wire.ReqSetBackendReqFD:     (*conn).setBackendReqFD,
+	wire.ReqGetInflightFD:       (*conn).getInflightFD,
+	wire.ReqSetInflightFD:       (*conn).setInflightFD,
+	wire.ReqResetDevice:         (*conn).resetDeviceMsg,
+	wire.ReqSetStatus:           (*conn).setStatus,
+	wire.ReqGetStatus:           (*conn).getStatus,
 }
 
 // handle decodes and performs one request and sends its reply: the
 // explicit reply of the requests that have one, else a REPLY_ACK success
 // when asked for. Syntax errors (size, fds) are connection errors;
 // semantic errors fail the request (serve answers them).
-func (c *conn) handle(h Header, p []byte, fds []int) error {
+func (c *conn) handle(h wire.Header, p []byte, fds []int) error {
 	if h.IsReply() {
 		return fatalf("%s: request carries the reply flag", h.Code)
 	}
-	pl, err := DecodePayload(h.Code, p)
-	if errors.Is(err, errUnknownRequest) {
+	pl, err := wire.DecodePayload(h.Code, p)
+	if errors.Is(err, wire.ErrUnknownRequest) {
 		c.log.Warn("unsupported request", "request", h.Code.String(), "size", h.Size, "fds", len(fds))
 		return err
 	}
 	if err != nil {
 		return connError{err}
 	}
-	if err := checkFDs(h.Code, pl, len(fds)); err != nil {
+	if err := wire.CheckFDs(h.Code, pl, len(fds)); err != nil {
 		return connError{err}
 	}
 	var fn msgHandler
@@ -334,7 +292,7 @@ func (c *conn) handle(h Header, p []byte, fds []int) error {
 		fn = handlers[h.Code]
 	}
 	if fn == nil {
-		return fmt.Errorf("%s: %w", h.Code, errUnknownRequest)
+		return fmt.Errorf("%s: %w", h.Code, wire.ErrUnknownRequest)
 	}
 	m := message{h: h, pl: pl, fds: fds, replyFD: -1}
 	reply, err := fn(c, &m)
@@ -344,30 +302,30 @@ func (c *conn) handle(h Header, p []byte, fds []int) error {
 	if err != nil {
 		return err
 	}
-	if HasReply(h.Code) {
+	if wire.HasReply(h.Code) {
 		return c.reply(h.Code, reply, m.replyFD)
 	}
 	// REPLY_ACK: "the back-end MUST respond with a Payload VhostUserMsg
 	// indicating success or failure ... unless the message already has an
 	// explicit reply body".
-	if h.NeedReply() && c.protocol.Load()&ProtocolReplyAck != 0 {
-		return c.reply(h.Code, U64(0), -1)
+	if h.NeedReply() && c.protocol.Load()&wire.ProtocolReplyAck != 0 {
+		return c.reply(h.Code, wire.U64(0), -1)
 	}
 	return nil
 }
 
-func (c *conn) getFeatures(*message) (Payload, error) { return U64(c.e.blkFeatures()), nil }
+func (c *conn) getFeatures(*message) (wire.Payload, error) { return wire.U64(c.e.blkFeatures()), nil }
 
-func (c *conn) setFeatures(m *message) (Payload, error) {
+func (c *conn) setFeatures(m *message) (wire.Payload, error) {
 	e := c.e
-	v := uint64(m.pl.(U64))
+	v := uint64(m.pl.(wire.U64))
 	// A front end that negotiated discard or write-zeroes before a
 	// reload took them away (QEMU keeps the guest's features when it
 	// reconnects) may ask for them again: such requests then get
 	// UNSUPP.
 	acceptable := e.blkFeatures()
 	if !e.readOnly {
-		acceptable |= BlkFeatureDiscard | BlkFeatureWriteZeroes
+		acceptable |= virtio.BlkFeatureDiscard | virtio.BlkFeatureWriteZeroes
 	}
 	if v&^acceptable != 0 {
 		return nil, fmt.Errorf("features %#x not offered (offered %#x)", v, e.blkFeatures())
@@ -379,7 +337,7 @@ func (c *conn) setFeatures(m *message) (Payload, error) {
 	// vhost-user.rst, "Ring states": "If VHOST_USER_F_PROTOCOL_FEATURES
 	// has not been negotiated, the ring starts directly in the enabled
 	// state."
-	if v&FeatureProtocolFeatures == 0 {
+	if v&virtio.FeatureProtocolFeatures == 0 {
 		for _, q := range c.dev.queues {
 			q.enable(true)
 		}
@@ -387,10 +345,12 @@ func (c *conn) setFeatures(m *message) (Payload, error) {
 	return nil, nil
 }
 
-func (c *conn) getProtocolFeatures(*message) (Payload, error) { return U64(protocolFeatures), nil }
+func (c *conn) getProtocolFeatures(*message) (wire.Payload, error) {
+	return wire.U64(protocolFeatures), nil
+}
 
-func (c *conn) setProtocolFeatures(m *message) (Payload, error) {
-	v := uint64(m.pl.(U64))
+func (c *conn) setProtocolFeatures(m *message) (wire.Payload, error) {
+	v := uint64(m.pl.(wire.U64))
 	if v&^uint64(protocolFeatures) != 0 {
 		return nil, fmt.Errorf("protocol features %#x not offered (offered %#x)", v, uint64(protocolFeatures))
 	}
@@ -398,7 +358,7 @@ func (c *conn) setProtocolFeatures(m *message) (Payload, error) {
 	return nil, nil
 }
 
-func (c *conn) setOwner(*message) (Payload, error) {
+func (c *conn) setOwner(*message) (wire.Payload, error) {
 	if !c.negotiated {
 		c.negotiated = true
 		c.setIdleDeadline()
@@ -406,7 +366,7 @@ func (c *conn) setOwner(*message) (Payload, error) {
 	return nil, nil
 }
 
-func (c *conn) resetOwner(*message) (Payload, error) {
+func (c *conn) resetOwner(*message) (wire.Payload, error) {
 	// "It is recommended that back-ends either ignore this message, or
 	// use it to disable all rings."
 	for _, q := range c.dev.queues {
@@ -415,12 +375,12 @@ func (c *conn) resetOwner(*message) (Payload, error) {
 	return nil, nil
 }
 
-func (c *conn) getQueueNum(*message) (Payload, error) { return U64(len(c.dev.queues)), nil }
+func (c *conn) getQueueNum(*message) (wire.Payload, error) { return wire.U64(len(c.dev.queues)), nil }
 
-func (c *conn) getMaxMemSlots(*message) (Payload, error) { return U64(maxMemSlots), nil }
+func (c *conn) getMaxMemSlots(*message) (wire.Payload, error) { return wire.U64(maxMemSlots), nil }
 
-func (c *conn) setMemTable(m *message) (Payload, error) {
-	t := m.pl.(MemTable)
+func (c *conn) setMemTable(m *message) (wire.Payload, error) {
+	t := m.pl.(wire.MemTable)
 	var regs []*memRegion
 	for i, r := range t.Regions {
 		mr, err := mapRegion(r, m.fds[i])
@@ -433,14 +393,14 @@ func (c *conn) setMemTable(m *message) (Payload, error) {
 	return nil, c.setMem(regs, c.regions)
 }
 
-func (c *conn) addMemReg(m *message) (Payload, error) {
-	if c.protocol.Load()&ProtocolConfigureMemSlots == 0 {
+func (c *conn) addMemReg(m *message) (wire.Payload, error) {
+	if c.protocol.Load()&wire.ProtocolConfigureMemSlots == 0 {
 		return nil, errors.New("CONFIGURE_MEM_SLOTS not negotiated")
 	}
 	if len(c.regions) >= maxMemSlots {
 		return nil, fmt.Errorf("all %d memory slots in use", maxMemSlots)
 	}
-	mr, err := mapRegion(m.pl.(SingleMemRegion).Region, m.fds[0])
+	mr, err := mapRegion(m.pl.(wire.SingleMemRegion).Region, m.fds[0])
 	if err != nil {
 		return nil, err
 	}
@@ -452,13 +412,13 @@ func (c *conn) addMemReg(m *message) (Payload, error) {
 	return nil, nil
 }
 
-func (c *conn) remMemReg(m *message) (Payload, error) {
-	if c.protocol.Load()&ProtocolConfigureMemSlots == 0 {
+func (c *conn) remMemReg(m *message) (wire.Payload, error) {
+	if c.protocol.Load()&wire.ProtocolConfigureMemSlots == 0 {
 		return nil, errors.New("CONFIGURE_MEM_SLOTS not negotiated")
 	}
 	// "The memory region to be removed is identified by its guest
 	// address, user address and size. The mmap offset is ignored."
-	r := m.pl.(SingleMemRegion).Region
+	r := m.pl.(wire.SingleMemRegion).Region
 	var keep, gone []*memRegion
 	for _, mr := range c.regions {
 		if mr.GPA == r.GPA && mr.UserAddr == r.UserAddr && mr.Size == r.Size && gone == nil {
@@ -475,26 +435,26 @@ func (c *conn) remMemReg(m *message) (Payload, error) {
 
 // setLogBase maps the dirty log. vhost-user.rst, "Communication":
 // SET_LOG_BASE has a reply when LOG_SHMFD is negotiated.
-func (c *conn) setLogBase(m *message) (Payload, error) {
-	if c.protocol.Load()&ProtocolLogSHMFD == 0 {
+func (c *conn) setLogBase(m *message) (wire.Payload, error) {
+	if c.protocol.Load()&wire.ProtocolLogSHMFD == 0 {
 		return nil, errors.New("LOG_SHMFD not negotiated")
 	}
-	l, err := mapLog(m.fds[0], m.pl.(LogDesc))
+	l, err := mapLog(m.fds[0], m.pl.(wire.LogDesc))
 	if err != nil {
 		return nil, err
 	}
 	old := c.dlog
 	c.quiesce(func() { c.dlog = l })
 	old.unmap()
-	return U64(0), nil
+	return wire.U64(0), nil
 }
 
 // setLogFD takes the optional log eventfd; this back end does not signal
 // it.
-func (c *conn) setLogFD(*message) (Payload, error) { return nil, nil }
+func (c *conn) setLogFD(*message) (wire.Payload, error) { return nil, nil }
 
-func (c *conn) setVringNum(m *message) (Payload, error) {
-	s := m.pl.(VringState)
+func (c *conn) setVringNum(m *message) (wire.Payload, error) {
+	s := m.pl.(wire.VringState)
 	q, err := c.queue(s.Index)
 	if err != nil {
 		return nil, err
@@ -502,8 +462,8 @@ func (c *conn) setVringNum(m *message) (Payload, error) {
 	return nil, q.setNum(s.Num)
 }
 
-func (c *conn) setVringAddr(m *message) (Payload, error) {
-	a := m.pl.(VringAddr)
+func (c *conn) setVringAddr(m *message) (wire.Payload, error) {
+	a := m.pl.(wire.VringAddr)
 	q, err := c.queue(a.Index)
 	if err != nil {
 		return nil, err
@@ -511,8 +471,8 @@ func (c *conn) setVringAddr(m *message) (Payload, error) {
 	return nil, q.setAddr(a, c.env())
 }
 
-func (c *conn) setVringBase(m *message) (Payload, error) {
-	s := m.pl.(VringState)
+func (c *conn) setVringBase(m *message) (wire.Payload, error) {
+	s := m.pl.(wire.VringState)
 	q, err := c.queue(s.Index)
 	if err != nil {
 		return nil, err
@@ -520,17 +480,17 @@ func (c *conn) setVringBase(m *message) (Payload, error) {
 	return nil, q.setBase(s.Num)
 }
 
-func (c *conn) getVringBase(m *message) (Payload, error) {
-	s := m.pl.(VringState)
+func (c *conn) getVringBase(m *message) (wire.Payload, error) {
+	s := m.pl.(wire.VringState)
 	q, err := c.queue(s.Index)
 	if err != nil {
 		return nil, connError{err}
 	}
-	return VringState{Index: s.Index, Num: uint32(q.takeBase())}, nil
+	return wire.VringState{Index: s.Index, Num: uint32(q.takeBase())}, nil
 }
 
-func (c *conn) setVringKick(m *message) (Payload, error) {
-	v := m.pl.(VringFD)
+func (c *conn) setVringKick(m *message) (wire.Payload, error) {
+	v := m.pl.(wire.VringFD)
 	q, err := c.queue(uint32(v.Index))
 	if err != nil {
 		return nil, err
@@ -550,7 +510,7 @@ func (c *conn) setVringKick(m *message) (Payload, error) {
 // notifierOf checks and takes the eventfd of SET_VRING_CALL or
 // SET_VRING_ERR; nil with the no-fd bit.
 func (c *conn) notifierOf(m *message, what string) (*queue, *notifier, error) {
-	v := m.pl.(VringFD)
+	v := m.pl.(wire.VringFD)
 	q, err := c.queue(uint32(v.Index))
 	if err != nil {
 		return nil, nil, err
@@ -564,7 +524,7 @@ func (c *conn) notifierOf(m *message, what string) (*queue, *notifier, error) {
 	return q, newNotifier(take(m.fds, 0), fmt.Sprintf("%s%d", what, v.Index), c.log), nil
 }
 
-func (c *conn) setVringCall(m *message) (Payload, error) {
+func (c *conn) setVringCall(m *message) (wire.Payload, error) {
 	q, n, err := c.notifierOf(m, "call")
 	if err != nil {
 		return nil, err
@@ -573,7 +533,7 @@ func (c *conn) setVringCall(m *message) (Payload, error) {
 	return nil, nil
 }
 
-func (c *conn) setVringErr(m *message) (Payload, error) {
+func (c *conn) setVringErr(m *message) (wire.Payload, error) {
 	q, n, err := c.notifierOf(m, "err")
 	if err != nil {
 		return nil, err
@@ -582,8 +542,8 @@ func (c *conn) setVringErr(m *message) (Payload, error) {
 	return nil, nil
 }
 
-func (c *conn) setVringEnable(m *message) (Payload, error) {
-	s := m.pl.(VringState)
+func (c *conn) setVringEnable(m *message) (wire.Payload, error) {
+	s := m.pl.(wire.VringState)
 	q, err := c.queue(s.Index)
 	if err != nil {
 		return nil, err
@@ -595,14 +555,14 @@ func (c *conn) setVringEnable(m *message) (Payload, error) {
 	return nil, nil
 }
 
-func (c *conn) getConfig(m *message) (Payload, error) {
-	cm := m.pl.(ConfigMsg)
-	if c.protocol.Load()&ProtocolConfig == 0 {
+func (c *conn) getConfig(m *message) (wire.Payload, error) {
+	cm := m.pl.(wire.ConfigMsg)
+	if c.protocol.Load()&wire.ProtocolConfig == 0 {
 		return rawPayload(nil), nil
 	}
 	// "vhost-user back-end uses zero length of payload to indicate an
 	// error"; any range within the 96-byte config space is served.
-	if uint64(cm.Offset)+uint64(cm.Size) > ConfigSpaceSize {
+	if uint64(cm.Offset)+uint64(cm.Size) > virtio.ConfigSpaceSize {
 		c.log.Warn("GET_CONFIG beyond config space", "offset", cm.Offset, "size", cm.Size)
 		return rawPayload(nil), nil
 	}
@@ -611,9 +571,9 @@ func (c *conn) getConfig(m *message) (Payload, error) {
 	return cm, nil
 }
 
-func (c *conn) setConfig(m *message) (Payload, error) {
-	cm := m.pl.(ConfigMsg)
-	if c.protocol.Load()&ProtocolConfig == 0 {
+func (c *conn) setConfig(m *message) (wire.Payload, error) {
+	cm := m.pl.(wire.ConfigMsg)
+	if c.protocol.Load()&wire.ProtocolConfig == 0 {
 		return nil, errors.New("CONFIG not negotiated")
 	}
 	// "back-ends MUST NOT accept SET_CONFIG for read-only configuration
@@ -621,14 +581,14 @@ func (c *conn) setConfig(m *message) (Payload, error) {
 	// writable field is writeback (offset 32), with CONFIG_WCE.
 	const wceOff = 32
 	covers := cm.Offset <= wceOff && cm.Offset+cm.Size > wceOff
-	if cm.Flags == ConfigFlagWritable && (cm.Offset != wceOff || cm.Size != 1) {
+	if cm.Flags == wire.ConfigFlagWritable && (cm.Offset != wceOff || cm.Size != 1) {
 		return nil, fmt.Errorf("SET_CONFIG of read-only bytes %d+%d", cm.Offset, cm.Size)
 	}
-	if uint64(cm.Offset)+uint64(cm.Size) > ConfigSpaceSize {
+	if uint64(cm.Offset)+uint64(cm.Size) > virtio.ConfigSpaceSize {
 		return nil, fmt.Errorf("SET_CONFIG %d+%d beyond config space", cm.Offset, cm.Size)
 	}
 	if covers {
-		if c.features&BlkFeatureConfigWCE == 0 {
+		if c.features&virtio.BlkFeatureConfigWCE == 0 {
 			return nil, errors.New("writeback written without CONFIG_WCE")
 		}
 		wb := cm.Data[wceOff-cm.Offset]
@@ -641,8 +601,8 @@ func (c *conn) setConfig(m *message) (Payload, error) {
 	return nil, nil
 }
 
-func (c *conn) setBackendReqFD(m *message) (Payload, error) {
-	if c.protocol.Load()&ProtocolBackendReq == 0 {
+func (c *conn) setBackendReqFD(m *message) (wire.Payload, error) {
+	if c.protocol.Load()&wire.ProtocolBackendReq == 0 {
 		return nil, errors.New("BACKEND_REQ not negotiated")
 	}
 	f := os.NewFile(uintptr(take(m.fds, 0)), "backend-req")
@@ -658,7 +618,7 @@ func (c *conn) setBackendReqFD(m *message) (Payload, error) {
 	}
 	c.mu.Lock()
 	old := c.backend
-	c.backend = &backendChan{uc: uc}
+	c.backend = newBackendChan(uc)
 	c.mu.Unlock()
 	if old != nil {
 		old.close()
@@ -666,14 +626,14 @@ func (c *conn) setBackendReqFD(m *message) (Payload, error) {
 	return nil, nil
 }
 
-func (c *conn) getInflightFD(m *message) (Payload, error) {
-	if c.protocol.Load()&ProtocolInflightSHMFD == 0 {
+func (c *conn) getInflightFD(m *message) (wire.Payload, error) {
+	if c.protocol.Load()&wire.ProtocolInflightSHMFD == 0 {
 		return nil, connError{errors.New("GET_INFLIGHT_FD: INFLIGHT_SHMFD not negotiated")}
 	}
 	if c.anyRunning() {
 		return nil, connError{errors.New("GET_INFLIGHT_FD while queues run")}
 	}
-	d := m.pl.(InflightDesc)
+	d := m.pl.(wire.InflightDesc)
 	r, fd, rd, err := createInflight(d.NumQueues, d.QueueSize)
 	if err != nil {
 		return nil, connError{err}
@@ -684,14 +644,14 @@ func (c *conn) getInflightFD(m *message) (Payload, error) {
 	return rd, nil
 }
 
-func (c *conn) setInflightFD(m *message) (Payload, error) {
-	if c.protocol.Load()&ProtocolInflightSHMFD == 0 {
+func (c *conn) setInflightFD(m *message) (wire.Payload, error) {
+	if c.protocol.Load()&wire.ProtocolInflightSHMFD == 0 {
 		return nil, errors.New("INFLIGHT_SHMFD not negotiated")
 	}
 	if c.anyRunning() {
 		return nil, errors.New("SET_INFLIGHT_FD while queues run")
 	}
-	r, err := mapInflight(m.fds[0], m.pl.(InflightDesc))
+	r, err := mapInflight(m.fds[0], m.pl.(wire.InflightDesc))
 	if err != nil {
 		return nil, err
 	}
@@ -700,19 +660,19 @@ func (c *conn) setInflightFD(m *message) (Payload, error) {
 	return nil, nil
 }
 
-func (c *conn) resetDeviceMsg(*message) (Payload, error) {
-	if c.protocol.Load()&ProtocolResetDevice == 0 {
+func (c *conn) resetDeviceMsg(*message) (wire.Payload, error) {
+	if c.protocol.Load()&wire.ProtocolResetDevice == 0 {
 		return nil, errors.New("RESET_DEVICE not negotiated")
 	}
 	c.resetDevice()
 	return nil, nil
 }
 
-func (c *conn) setStatus(m *message) (Payload, error) {
-	if c.protocol.Load()&ProtocolStatus == 0 {
+func (c *conn) setStatus(m *message) (wire.Payload, error) {
+	if c.protocol.Load()&wire.ProtocolStatus == 0 {
 		return nil, errors.New("STATUS not negotiated")
 	}
-	v := uint64(m.pl.(U64))
+	v := uint64(m.pl.(wire.U64))
 	if v > 0xff {
 		return nil, fmt.Errorf("device status %#x beyond 8 bits", v)
 	}
@@ -723,11 +683,11 @@ func (c *conn) setStatus(m *message) (Payload, error) {
 	return nil, nil
 }
 
-func (c *conn) getStatus(*message) (Payload, error) {
-	if c.protocol.Load()&ProtocolStatus == 0 {
+func (c *conn) getStatus(*message) (wire.Payload, error) {
+	if c.protocol.Load()&wire.ProtocolStatus == 0 {
 		return nil, connError{errors.New("GET_STATUS: STATUS not negotiated")}
 	}
-	return U64(c.status), nil
+	return wire.U64(c.status), nil
 }
 
 // checkEventfd refuses an fd that is not an eventfd: a pipe or socket
@@ -863,7 +823,7 @@ func (c *conn) releaseMemory() {
 // configChanged tells the front end that the config space changed
 // (BACKEND_CONFIG_CHANGE_MSG), from any goroutine; it does not wait.
 func (c *conn) configChanged() {
-	if c.protocol.Load()&ProtocolConfig == 0 {
+	if c.protocol.Load()&wire.ProtocolConfig == 0 {
 		return
 	}
 	c.mu.Lock()
@@ -873,9 +833,9 @@ func (c *conn) configChanged() {
 		c.log.Info("config changed, but the front end has no back-end channel")
 		return
 	}
-	ack := c.protocol.Load()&ProtocolReplyAck != 0
+	ack := c.protocol.Load()&wire.ProtocolReplyAck != 0
 	go func() {
-		if err := b.send(BackendConfigChangeMsg, ack); err != nil {
+		if err := b.send(wire.BackendConfigChangeMsg, ack); err != nil {
 			c.log.Warn("config change notification failed", "err", err)
 		}
 	}()
@@ -884,37 +844,35 @@ func (c *conn) configChanged() {
 // backendChan is the back-end request channel (SET_BACKEND_REQ_FD).
 type backendChan struct {
 	mu sync.Mutex
-	uc *net.UnixConn
+	wc *wire.Conn
 }
+
+func newBackendChan(uc *net.UnixConn) *backendChan { return &backendChan{wc: wire.NewConn(uc)} }
 
 // send sends a payload-less request and, with ack, waits for the
 // front end's REPLY_ACK.
-func (b *backendChan) send(code BackendReqCode, ack bool) error {
+func (b *backendChan) send(code wire.BackendReqCode, ack bool) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	flags := FlagVersion
+	flags := wire.FlagVersion
 	if ack {
-		flags |= FlagNeedReply
+		flags |= wire.FlagNeedReply
 	}
-	msg := Header{Code: ReqCode(code), Flags: flags}.AppendTo(nil)
-	b.uc.SetDeadline(time.Now().Add(5 * time.Second))
-	if _, err := b.uc.Write(msg); err != nil {
+	const timeout = 5 * time.Second
+	b.wc.UnixConn().SetDeadline(time.Now().Add(timeout))
+	if err := b.wc.WriteMsg(wire.ReqCode(code), flags, wire.NoPayload{}, nil, timeout); err != nil {
 		return fmt.Errorf("send %s: %w", code, err)
 	}
 	if !ack {
 		return nil
 	}
-	var hb [HeaderSize]byte
-	if _, err := io.ReadFull(b.uc, hb[:]); err != nil {
+	h, p, fds, err := b.wc.ReadMsg()
+	wire.CloseFDs(fds)
+	if err != nil {
 		return fmt.Errorf("%s reply: %w", code, err)
 	}
-	h := Header{Code: ReqCode(le.Uint32(hb[:])), Flags: le.Uint32(hb[4:]), Size: le.Uint32(hb[8:])}
-	if h.Size > MaxPayload || h.Flags&FlagReply == 0 || h.Code != ReqCode(code) {
+	if !h.IsReply() || h.Code != wire.ReqCode(code) {
 		return fmt.Errorf("%s: bad reply header %+v", code, h)
-	}
-	p := make([]byte, h.Size)
-	if _, err := io.ReadFull(b.uc, p); err != nil {
-		return fmt.Errorf("%s reply: %w", code, err)
 	}
 	if len(p) == 8 && le.Uint64(p) != 0 {
 		return fmt.Errorf("%s: front end answered %d", code, le.Uint64(p))
@@ -922,4 +880,4 @@ func (b *backendChan) send(code BackendReqCode, ack bool) error {
 	return nil
 }
 
-func (b *backendChan) close() { b.uc.Close() }
+func (b *backendChan) close() { b.wc.UnixConn().Close() }

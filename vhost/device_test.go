@@ -7,6 +7,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
 
 // TestResize grows the device: the export sends CONFIG_CHANGE_MSG on the
@@ -19,7 +21,7 @@ func TestResize(t *testing.T) {
 	changed := make(chan struct{}, 4)
 	c := env.dial(t, ClientConfig{OnConfigChange: func() { changed <- struct{}{} }})
 	ctx := testCtx(t)
-	if c.ProtocolFeatures()&ProtocolBackendReq == 0 {
+	if c.ProtocolFeatures()&wire.ProtocolBackendReq == 0 {
 		t.Fatal("BACKEND_REQ not negotiated")
 	}
 	if err := env.dev.Reload(fmt.Sprintf("0 %d linear %s 0", 4<<20/512, env.backing)); err != nil {
@@ -125,7 +127,7 @@ func TestMemoryHotplug(t *testing.T) {
 	env := newTestEnv(t, 1<<20, ExportConfig{Writable: true, NumQueues: 2})
 	c := env.dial(t, ClientConfig{NumQueues: 2})
 	ctx := testCtx(t)
-	if c.ProtocolFeatures()&ProtocolConfigureMemSlots == 0 {
+	if c.ProtocolFeatures()&wire.ProtocolConfigureMemSlots == 0 {
 		t.Fatal("CONFIGURE_MEM_SLOTS not negotiated")
 	}
 	fd, err := unix.MemfdCreate("hotplug", unix.MFD_CLOEXEC)
@@ -136,11 +138,11 @@ func TestMemoryHotplug(t *testing.T) {
 	if err := unix.Ftruncate(fd, 1<<20); err != nil {
 		t.Fatal(err)
 	}
-	region := SingleMemRegion{Region: MemRegion{GPA: 1 << 40, Size: 1 << 20, UserAddr: 1 << 44}}
-	ack := func(code ReqCode, fds []int) uint64 {
+	region := wire.SingleMemRegion{Region: wire.MemRegion{GPA: 1 << 40, Size: 1 << 20, UserAddr: 1 << 44}}
+	ack := func(code wire.ReqCode, fds []int) uint64 {
 		t.Helper()
 		p := region.AppendTo(nil)
-		h, r, err := c.RawRequest(Header{Code: code, Flags: FlagVersion | FlagNeedReply, Size: uint32(len(p))}, p, fds, true)
+		h, r, err := c.RawRequest(wire.Header{Code: code, Flags: wire.FlagVersion | wire.FlagNeedReply, Size: uint32(len(p))}, p, fds, true)
 		if err != nil || h.Code != code || len(r) != 8 {
 			t.Fatalf("%s: %+v %x %v", code, h, r, err)
 		}
@@ -159,19 +161,19 @@ func TestMemoryHotplug(t *testing.T) {
 		}
 	}
 	io(1)
-	if v := ack(ReqAddMemReg, []int{fd}); v != 0 {
+	if v := ack(wire.ReqAddMemReg, []int{fd}); v != 0 {
 		t.Fatalf("ADD_MEM_REG answered %d", v)
 	}
 	io(2)
 	// An overlapping region is refused and changes nothing.
-	if v := ack(ReqAddMemReg, []int{fd}); v == 0 {
+	if v := ack(wire.ReqAddMemReg, []int{fd}); v == 0 {
 		t.Fatal("overlapping ADD_MEM_REG accepted")
 	}
-	if v := ack(ReqRemMemReg, nil); v != 0 {
+	if v := ack(wire.ReqRemMemReg, nil); v != 0 {
 		t.Fatalf("REM_MEM_REG answered %d", v)
 	}
 	io(3)
-	if v := ack(ReqRemMemReg, nil); v == 0 {
+	if v := ack(wire.ReqRemMemReg, nil); v == 0 {
 		t.Fatal("REM_MEM_REG of a region not in the table accepted")
 	}
 }

@@ -9,6 +9,8 @@ import (
 
 	"github.com/vhostdm/vhostdm/mapper"
 	_ "github.com/vhostdm/vhostdm/targets/raid"
+
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
 )
 
 // TestDiscardCapability: a linear export offers DISCARD and WRITE_ZEROES;
@@ -49,7 +51,7 @@ func TestDiscardCapability(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if f := c.Features(); f&BlkFeatureDiscard == 0 || f&BlkFeatureWriteZeroes == 0 {
+	if f := c.Features(); f&virtio.BlkFeatureDiscard == 0 || f&virtio.BlkFeatureWriteZeroes == 0 {
 		t.Fatalf("linear export: features %#x lack DISCARD or WRITE_ZEROES", f)
 	}
 	if err := c.Discard(ctx, 0, 0, 128); err != nil {
@@ -61,7 +63,7 @@ func TestDiscardCapability(t *testing.T) {
 	}
 	waitFor(t, "config change after the reload", func() bool { return c.ConfigChanges() > before })
 	var se *StatusError
-	if err := c.Discard(ctx, 0, 0, 128); !errors.As(err, &se) || se.Status != BlkStatusUnsupp {
+	if err := c.Discard(ctx, 0, 0, 128); !errors.As(err, &se) || se.Status != virtio.BlkStatusUnsupp {
 		t.Fatalf("discard on raid5: %v, want UNSUPP", err)
 	}
 	if err := c.WriteZeroes(ctx, 0, 0, 128, false); err != nil {
@@ -74,7 +76,7 @@ func TestDiscardCapability(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	if f := c.Features(); f&BlkFeatureDiscard != 0 || f&BlkFeatureWriteZeroes == 0 {
+	if f := c.Features(); f&virtio.BlkFeatureDiscard != 0 || f&virtio.BlkFeatureWriteZeroes == 0 {
 		t.Fatalf("raid5 export: features %#x, want WRITE_ZEROES without DISCARD", f)
 	}
 }

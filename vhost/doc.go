@@ -15,9 +15,9 @@
 //     eventfds, and asynchronous virtio-blk requests on any queue
 //     ([Client.Submit], [Client.ReadAt], ...). [RawConn] and
 //     [Client.SubmitChain] send hostile messages and descriptor chains.
-//   - [Mem] is a guest memory table; [Header], [ReqCode] and the payload
-//     types ([VringAddr], [MemTable], [InflightDesc], ...) are the wire layer,
-//     decoded by [DecodeHeader] and [DecodePayload].
+//   - [Mem] is a guest memory table; [wire.Header], [wire.ReqCode] and the payload
+//     types ([wire.VringAddr], [wire.MemTable], [wire.InflightDesc], ...) are the wire layer,
+//     decoded by [wire.DecodeHeader] and [wire.DecodePayload].
 //
 // # Layers
 //

@@ -9,6 +9,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
 )
 
 // TestExportRequests drives every request type through a real socket on 1
@@ -81,8 +83,8 @@ func TestExportRequests(t *testing.T) {
 			b1, _ := c.Buf(4096)
 			b2, _ := c.Buf(512)
 			b3, _ := c.Buf(3584)
-			res, err := c.Do(ctx, 0, &BlkRequest{Type: BlkTypeIn, Sector: 16, Data: [][]byte{b1, b2, b3}})
-			if err != nil || res.Status != BlkStatusOK || res.Len != 8193 {
+			res, err := c.Do(ctx, 0, &BlkRequest{Type: virtio.BlkTypeIn, Sector: 16, Data: [][]byte{b1, b2, b3}})
+			if err != nil || res.Status != virtio.BlkStatusOK || res.Len != 8193 {
 				t.Fatalf("split read: %+v %v", res, err)
 			}
 			if got := append(append(append([]byte{}, b1...), b2...), b3...); !bytes.Equal(got, pattern(16, 8192)) {
@@ -109,8 +111,8 @@ func TestExportRequests(t *testing.T) {
 				}
 			}
 			// Discard with the unmap flag is UNSUPP (virtio 1.x 5.2.6.2).
-			res, err = c.Do(ctx, 0, &BlkRequest{Type: BlkTypeDiscard, Ranges: []Range{{Sector: 0, Sectors: 8, Flags: BlkDiscardUnmap}}})
-			if err != nil || res.Status != BlkStatusUnsupp {
+			res, err = c.Do(ctx, 0, &BlkRequest{Type: virtio.BlkTypeDiscard, Ranges: []Range{{Sector: 0, Sectors: 8, Flags: virtio.BlkDiscardUnmap}}})
+			if err != nil || res.Status != virtio.BlkStatusUnsupp {
 				t.Fatalf("discard with unmap: %+v %v", res, err)
 			}
 			id, err := c.GetID(ctx, c.NumQueues()-1)
@@ -118,16 +120,16 @@ func TestExportRequests(t *testing.T) {
 				t.Fatalf("GET_ID = %q, %v", id, err)
 			}
 			// Unknown request types are UNSUPP.
-			res, err = c.Do(ctx, 0, &BlkRequest{Type: BlkTypeGetLifetime})
-			if err != nil || res.Status != BlkStatusUnsupp {
+			res, err = c.Do(ctx, 0, &BlkRequest{Type: virtio.BlkTypeGetLifetime})
+			if err != nil || res.Status != virtio.BlkStatusUnsupp {
 				t.Fatalf("GET_LIFETIME: %+v %v", res, err)
 			}
 			// Out of range and misaligned requests fail alone.
 			var se *StatusError
-			if err := c.ReadAt(ctx, 0, make([]byte, 4096), size/512-4); !errors.As(err, &se) || se.Status != BlkStatusIOErr {
+			if err := c.ReadAt(ctx, 0, make([]byte, 4096), size/512-4); !errors.As(err, &se) || se.Status != virtio.BlkStatusIOErr {
 				t.Fatalf("read beyond capacity: %v", err)
 			}
-			if err := c.WriteAt(ctx, 0, make([]byte, 100), 0); !errors.As(err, &se) || se.Status != BlkStatusIOErr {
+			if err := c.WriteAt(ctx, 0, make([]byte, 100), 0); !errors.As(err, &se) || se.Status != virtio.BlkStatusIOErr {
 				t.Fatalf("write of 100 bytes: %v", err)
 			}
 			if err := c.ReadAt(ctx, 0, make([]byte, 4096), 0); err != nil {
@@ -157,8 +159,8 @@ func TestExportQueueDepth(t *testing.T) {
 			copy(buf, pattern(sector, 4096))
 			wg.Add(1)
 			for {
-				err = c.Submit(q, &BlkRequest{Type: BlkTypeOut, Sector: sector, Data: [][]byte{buf}}, func(r Result) {
-					if r.Status != BlkStatusOK || r.Err != nil {
+				err = c.Submit(q, &BlkRequest{Type: virtio.BlkTypeOut, Sector: sector, Data: [][]byte{buf}}, func(r Result) {
+					if r.Status != virtio.BlkStatusOK || r.Err != nil {
 						mu.Lock()
 						failures = append(failures, fmt.Sprintf("sector %d: %+v", sector, r))
 						mu.Unlock()
@@ -203,17 +205,17 @@ func TestExportReadOnly(t *testing.T) {
 	env := newTestEnv(t, 1<<20, ExportConfig{Writable: false})
 	c := env.dial(t, ClientConfig{})
 	ctx := testCtx(t)
-	if c.Features()&BlkFeatureRO == 0 {
+	if c.Features()&virtio.BlkFeatureRO == 0 {
 		t.Fatal("read-only export does not offer VIRTIO_BLK_F_RO")
 	}
 	var se *StatusError
-	if err := c.WriteAt(ctx, 0, make([]byte, 512), 0); !errors.As(err, &se) || se.Status != BlkStatusIOErr {
+	if err := c.WriteAt(ctx, 0, make([]byte, 512), 0); !errors.As(err, &se) || se.Status != virtio.BlkStatusIOErr {
 		t.Fatalf("write: %v", err)
 	}
-	if err := c.Discard(ctx, 0, 0, 8); !errors.As(err, &se) || se.Status != BlkStatusIOErr {
+	if err := c.Discard(ctx, 0, 0, 8); !errors.As(err, &se) || se.Status != virtio.BlkStatusIOErr {
 		t.Fatalf("discard: %v", err)
 	}
-	if err := c.WriteZeroes(ctx, 0, 0, 8, false); !errors.As(err, &se) || se.Status != BlkStatusIOErr {
+	if err := c.WriteZeroes(ctx, 0, 0, 8, false); !errors.As(err, &se) || se.Status != virtio.BlkStatusIOErr {
 		t.Fatalf("write-zeroes: %v", err)
 	}
 	if err := c.ReadAt(ctx, 0, make([]byte, 512), 0); err != nil {

@@ -4,6 +4,8 @@ import (
 	"errors"
 
 	"github.com/vhostdm/vhostdm/mapper"
+
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
 )
 
 // NowaitDevice is a Device that can attempt a request without blocking;
@@ -37,8 +39,8 @@ func (d *blkDev) tryIO(q *queue, rq *request) (status byte, usedLen uint32, done
 		return 0, 0, false
 	}
 	switch r.typ {
-	case BlkTypeIn:
-	case BlkTypeOut:
+	case virtio.BlkTypeIn:
+	case virtio.BlkTypeOut:
 		if !d.writebackOn() {
 			return 0, 0, false
 		}

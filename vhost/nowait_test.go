@@ -6,6 +6,8 @@ import (
 	"sort"
 	"testing"
 	"time"
+
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
 )
 
 // TestSlowRequestDoesNotStallQueue: a request held 200 ms by a delay
@@ -40,14 +42,14 @@ func TestSlowRequestDoesNotStallQueue(t *testing.T) {
 	for _, kind := range []struct {
 		name string
 		typ  uint32
-	}{{"read", BlkTypeIn}, {"write", BlkTypeOut}} {
+	}{{"read", virtio.BlkTypeIn}, {"write", virtio.BlkTypeOut}} {
 		t.Run(kind.name, func(t *testing.T) {
 			slowBuf, err := c.Buf(4096)
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer c.FreeBuf(slowBuf)
-			if kind.typ == BlkTypeOut {
+			if kind.typ == virtio.BlkTypeOut {
 				copy(slowBuf, slowData)
 			}
 			slowDone := make(chan Result, 1)
@@ -63,16 +65,16 @@ func TestSlowRequestDoesNotStallQueue(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				if kind.typ == BlkTypeOut {
+				if kind.typ == virtio.BlkTypeOut {
 					copy(buf, fastData)
 				}
 				start := time.Now()
 				res, err := c.Do(ctx, 0, &BlkRequest{Type: kind.typ, Sector: uint64(4096 + 8*i), Data: [][]byte{buf}})
 				lat := time.Since(start)
-				if err != nil || res.Status != BlkStatusOK {
+				if err != nil || res.Status != virtio.BlkStatusOK {
 					t.Fatalf("fast %s %d: %+v %v", kind.name, i, res, err)
 				}
-				if kind.typ == BlkTypeIn && !bytes.Equal(buf, fastData) {
+				if kind.typ == virtio.BlkTypeIn && !bytes.Equal(buf, fastData) {
 					t.Fatalf("fast read %d: wrong data", i)
 				}
 				c.FreeBuf(buf)
@@ -91,10 +93,10 @@ func TestSlowRequestDoesNotStallQueue(t *testing.T) {
 				t.Errorf("fast %ss behind a 200 ms one took median %v, max %v: want a few ms", kind.name, med, mx)
 			}
 			r := <-slowDone
-			if d := time.Since(slowStart); r.Err != nil || r.Status != BlkStatusOK || d < 190*time.Millisecond {
+			if d := time.Since(slowStart); r.Err != nil || r.Status != virtio.BlkStatusOK || d < 190*time.Millisecond {
 				t.Fatalf("slow %s: %+v after %v, want OK after 200 ms", kind.name, r, d)
 			}
-			if kind.typ == BlkTypeIn && !bytes.Equal(slowBuf, slowData) {
+			if kind.typ == virtio.BlkTypeIn && !bytes.Equal(slowBuf, slowData) {
 				t.Fatal("slow read: wrong data")
 			}
 		})
@@ -111,7 +113,7 @@ func TestOneNotificationPerBatch(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := env.dial(t, ClientConfig{NumQueues: 1, QueueSize: 128, Indirect: true})
-	if c.Features()&FeatureEventIdx == 0 {
+	if c.Features()&virtio.FeatureEventIdx == 0 {
 		t.Fatal("event-idx not negotiated")
 	}
 	ctx := testCtx(t)
@@ -136,7 +138,7 @@ func TestOneNotificationPerBatch(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if err := c.Submit(0, &BlkRequest{Type: BlkTypeIn, Sector: uint64(8 * i), Data: [][]byte{buf}}, func(r Result) { done <- r }); err != nil {
+			if err := c.Submit(0, &BlkRequest{Type: virtio.BlkTypeIn, Sector: uint64(8 * i), Data: [][]byte{buf}}, func(r Result) { done <- r }); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -150,7 +152,7 @@ func TestOneNotificationPerBatch(t *testing.T) {
 		}
 		cq.kick()
 		for range 32 {
-			if r := <-done; r.Err != nil || r.Status != BlkStatusOK {
+			if r := <-done; r.Err != nil || r.Status != virtio.BlkStatusOK {
 				t.Fatalf("round %d: %+v", round, r)
 			}
 		}

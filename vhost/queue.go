@@ -11,6 +11,9 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
+	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
 
 // This file is the queue runtime: the ring goroutine that pops descriptor
@@ -109,7 +112,7 @@ type queue struct {
 
 	// Set by the connection goroutine while the queue is stopped or paused.
 	num      uint16
-	addr     VringAddr
+	addr     wire.VringAddr
 	addrSet  bool
 	base     uint16
 	ring     splitRing
@@ -211,13 +214,13 @@ func (q *queue) setupRing(env ringEnv) error {
 		return err
 	}
 	q.mem = mem
-	q.ring.eventIdx = features&FeatureEventIdx != 0
-	q.ring.indirect = features&FeatureIndirectDesc != 0
+	q.ring.eventIdx = features&virtio.FeatureEventIdx != 0
+	q.ring.indirect = features&virtio.FeatureIndirectDesc != 0
 	q.dlog = nil
-	if features&FeatureLogAll != 0 {
+	if features&virtio.FeatureLogAll != 0 {
 		q.dlog = dlog
 	}
-	q.logUsed = q.dlog != nil && q.addr.Flags&VringAddrFlagLog != 0
+	q.logUsed = q.dlog != nil && q.addr.Flags&wire.VringAddrFlagLog != 0
 	return nil
 }
 
@@ -749,7 +752,7 @@ func (q *queue) dispatch(head uint16) {
 		}
 		if ok {
 			r.status, r.statusGPA = s, gpa
-			q.finish(r, BlkStatusIOErr, 1)
+			q.finish(r, virtio.BlkStatusIOErr, 1)
 		} else {
 			q.finish(r, 0, 0)
 		}
@@ -848,7 +851,7 @@ func (q *queue) requestPanicked(r *request, p any) {
 		return
 	}
 	q.log.Error("request panicked", "head", r.chain.head, "panic", p)
-	q.finishSafe(r, BlkStatusIOErr, 1)
+	q.finishSafe(r, virtio.BlkStatusIOErr, 1)
 }
 
 // finishSafe is finish for recovery paths: a fault while completing

@@ -4,6 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
+	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
 
 // This file holds the queue's configuration methods: the connection
@@ -36,8 +39,8 @@ func (q *queue) setNum(n uint32) error {
 		return err
 	}
 	// Virtio 1.x 2.7: split queue sizes are powers of 2 up to 32768.
-	if n == 0 || n > MaxQueueSize || n&(n-1) != 0 {
-		return fmt.Errorf("queue %d: size %d: must be a power of 2 from 1 to %d", q.index, n, MaxQueueSize)
+	if n == 0 || n > virtio.MaxQueueSize || n&(n-1) != 0 {
+		return fmt.Errorf("queue %d: size %d: must be a power of 2 from 1 to %d", q.index, n, virtio.MaxQueueSize)
 	}
 	q.num = uint16(n)
 	return nil
@@ -59,7 +62,7 @@ func (q *queue) setBase(n uint32) error {
 // paused and set up again at once (the front end toggles VHOST_VRING_F_LOG
 // during migration); if the new addresses do not translate, it keeps the
 // old ones.
-func (q *queue) setAddr(a VringAddr, env ringEnv) error {
+func (q *queue) setAddr(a wire.VringAddr, env ringEnv) error {
 	if q.state == queueStopped {
 		q.addr, q.addrSet = a, true
 		return nil

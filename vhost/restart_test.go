@@ -15,6 +15,9 @@ import (
 	"time"
 
 	"github.com/vhostdm/vhostdm/mapper"
+
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
+	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
 
 // The test binary doubles as a back-end process: with VHOST_TEST_CHILD=serve
@@ -135,7 +138,7 @@ func TestRestartNoLoss(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	if c.ProtocolFeatures()&ProtocolInflightSHMFD == 0 {
+	if c.ProtocolFeatures()&wire.ProtocolInflightSHMFD == 0 {
 		t.Fatal("INFLIGHT_SHMFD not negotiated")
 	}
 	const perQueue = 24
@@ -152,10 +155,10 @@ func TestRestartNoLoss(t *testing.T) {
 			}
 			copy(buf, pattern(sector, 8192))
 			wg.Add(1)
-			err = c.Submit(q, &BlkRequest{Type: BlkTypeOut, Sector: sector, Data: [][]byte{buf}}, func(r Result) {
+			err = c.Submit(q, &BlkRequest{Type: virtio.BlkTypeOut, Sector: sector, Data: [][]byte{buf}}, func(r Result) {
 				mu.Lock()
 				completions[sector]++
-				if r.Err != nil || r.Status != BlkStatusOK {
+				if r.Err != nil || r.Status != virtio.BlkStatusOK {
 					failures = append(failures, fmt.Sprintf("sector %d: %+v", sector, r))
 				}
 				mu.Unlock()

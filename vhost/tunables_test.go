@@ -7,6 +7,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
 )
 
 // TestExportTunables runs a deep mixed workload (writes, flushes, reads
@@ -36,7 +38,7 @@ func TestExportTunables(t *testing.T) {
 				wg.Add(1)
 				for {
 					err := c.Submit(q, r, func(res Result) {
-						if res.Status != BlkStatusOK || res.Err != nil {
+						if res.Status != virtio.BlkStatusOK || res.Err != nil {
 							mu.Lock()
 							failures = append(failures, fmt.Sprintf("type %d sector %d: %+v", r.Type, r.Sector, res))
 							mu.Unlock()
@@ -64,9 +66,9 @@ func TestExportTunables(t *testing.T) {
 						t.Fatal(err)
 					}
 					copy(buf, pattern(sector, n))
-					submit(q, &BlkRequest{Type: BlkTypeOut, Sector: sector, Data: [][]byte{buf}}, buf)
+					submit(q, &BlkRequest{Type: virtio.BlkTypeOut, Sector: sector, Data: [][]byte{buf}}, buf)
 					if k%50 == 49 {
-						submit(q, &BlkRequest{Type: BlkTypeFlush}, nil)
+						submit(q, &BlkRequest{Type: virtio.BlkTypeFlush}, nil)
 					}
 				}
 			}
