@@ -7,6 +7,7 @@ import (
 
 	"github.com/vhostdm/vhostdm/mapper"
 
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
 	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
@@ -100,7 +101,7 @@ func BenchmarkExportRead4K(b *testing.B) {
 	}
 	go e.Serve(context.Background())
 	defer e.Close()
-	c, err := Dial(context.Background(), ClientConfig{Socket: dir + "/s", QueueSize: 128, Indirect: true})
+	c, err := frontend.Dial(context.Background(), frontend.Config{Socket: dir + "/s", QueueSize: 128, Indirect: true})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -123,7 +124,7 @@ func BenchmarkExportRead4K(b *testing.B) {
 		}
 		left--
 		mu.Unlock()
-		err := c.Submit(0, &BlkRequest{Type: virtio.BlkTypeIn, Sector: uint64(i * 8), Data: [][]byte{bufs[i]}}, func(r Result) {
+		err := c.Submit(0, &frontend.BlkRequest{Type: virtio.BlkTypeIn, Sector: uint64(i * 8), Data: [][]byte{bufs[i]}}, func(r frontend.Result) {
 			if r.Status != virtio.BlkStatusOK {
 				b.Error("status", r.Status)
 			}

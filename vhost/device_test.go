@@ -8,6 +8,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
 
@@ -19,7 +20,7 @@ func TestResize(t *testing.T) {
 		t.Fatal(err)
 	}
 	changed := make(chan struct{}, 4)
-	c := env.dial(t, ClientConfig{OnConfigChange: func() { changed <- struct{}{} }})
+	c := env.dial(t, frontend.Config{OnConfigChange: func() { changed <- struct{}{} }})
 	ctx := testCtx(t)
 	if c.ProtocolFeatures()&wire.ProtocolBackendReq == 0 {
 		t.Fatal("BACKEND_REQ not negotiated")
@@ -49,7 +50,7 @@ func TestResize(t *testing.T) {
 // that data read into guest memory and the used ring are logged.
 func TestDirtyLog(t *testing.T) {
 	env := newTestEnv(t, 1<<20, ExportConfig{Writable: true, NumQueues: 2})
-	c := env.dial(t, ClientConfig{NumQueues: 2})
+	c := env.dial(t, frontend.Config{NumQueues: 2})
 	ctx := testCtx(t)
 	if err := c.WriteAt(ctx, 1, pattern(1, 8192), 0); err != nil {
 		t.Fatal(err)
@@ -100,7 +101,7 @@ func TestDirtyLog(t *testing.T) {
 // config space reports it.
 func TestWritethrough(t *testing.T) {
 	env := newTestEnv(t, 1<<20, ExportConfig{Writable: true})
-	c := env.dial(t, ClientConfig{})
+	c := env.dial(t, frontend.Config{})
 	ctx := testCtx(t)
 	if c.Config().Writeback != 1 {
 		t.Fatal("writeback cache not on by default")
@@ -125,7 +126,7 @@ func TestWritethrough(t *testing.T) {
 // (ADD_MEM_REG / REM_MEM_REG): the queues pause, switch tables and go on.
 func TestMemoryHotplug(t *testing.T) {
 	env := newTestEnv(t, 1<<20, ExportConfig{Writable: true, NumQueues: 2})
-	c := env.dial(t, ClientConfig{NumQueues: 2})
+	c := env.dial(t, frontend.Config{NumQueues: 2})
 	ctx := testCtx(t)
 	if c.ProtocolFeatures()&wire.ProtocolConfigureMemSlots == 0 {
 		t.Fatal("CONFIGURE_MEM_SLOTS not negotiated")

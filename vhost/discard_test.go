@@ -10,6 +10,7 @@ import (
 	"github.com/vhostdm/vhostdm/mapper"
 	_ "github.com/vhostdm/vhostdm/targets/raid"
 
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
 )
 
@@ -47,7 +48,7 @@ func TestDiscardCapability(t *testing.T) {
 	go e.Serve(testCtx(t))
 	defer e.Close()
 	ctx := testCtx(t)
-	c, err := Dial(ctx, ClientConfig{Socket: sock, MemSize: 4 << 20})
+	c, err := frontend.Dial(ctx, frontend.Config{Socket: sock, MemSize: 4 << 20})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -62,7 +63,7 @@ func TestDiscardCapability(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, "config change after the reload", func() bool { return c.ConfigChanges() > before })
-	var se *StatusError
+	var se *frontend.StatusError
 	if err := c.Discard(ctx, 0, 0, 128); !errors.As(err, &se) || se.Status != virtio.BlkStatusUnsupp {
 		t.Fatalf("discard on raid5: %v, want UNSUPP", err)
 	}
@@ -71,7 +72,7 @@ func TestDiscardCapability(t *testing.T) {
 	}
 	c.Close()
 	waitFor(t, "disconnect", func() bool { return !e.Connected() })
-	c, err = Dial(ctx, ClientConfig{Socket: sock, MemSize: 4 << 20})
+	c, err = frontend.Dial(ctx, frontend.Config{Socket: sock, MemSize: 4 << 20})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,8 +1,11 @@
 // Package vhost serves mapper devices to QEMU over vhost-user-blk: the
 // back-end side of the vhost-user protocol (QEMU docs/interop/vhost-user.rst),
-// guest memory, split virtqueues, the virtio-blk device (virtio 1.x, block
-// device section), and a front-end client that drives any vhost-user-blk
-// back end (this one or qemu-storage-daemon) for tests and `vhostdm bench`.
+// guest memory, split virtqueues, the queue runtime and the virtio-blk
+// device (virtio 1.x, block device section). The front end that drives any
+// vhost-user-blk back end (this one or qemu-storage-daemon) for tests and
+// `vhostdm bench` is package vhost/frontend; both sides share the wire
+// layer in vhost/internal/wire (vhost-user messages and their framing) and
+// vhost/internal/virtio (ring and virtio-blk layouts).
 //
 // # Central types
 //
@@ -11,18 +14,18 @@
 //     A second front end is refused while one is served, queued while the
 //     previous one goes away (admit.go); one that does not send SET_OWNER
 //     within the negotiation timeout is disconnected.
-//   - [Client] is the front end: memfd guest memory, negotiation, rings with
-//     eventfds, and asynchronous virtio-blk requests on any queue
-//     ([Client.Submit], [Client.ReadAt], ...). [RawConn] and
-//     [Client.SubmitChain] send hostile messages and descriptor chains.
-//   - [Mem] is a guest memory table; [wire.Header], [wire.ReqCode] and the payload
-//     types ([wire.VringAddr], [wire.MemTable], [wire.InflightDesc], ...) are the wire layer,
-//     decoded by [wire.DecodeHeader] and [wire.DecodePayload].
+//   - [Mem] is a guest memory table.
+//   - conn is one front end's connection: a table (handlers) maps each
+//     request code to one method; wire.Conn reads and writes the messages.
+//   - queue is one virtqueue's runtime, requestHandler the device it
+//     serves (blkDev, the virtio-blk semantics).
 //
 // # Layers
 //
-// msg.go decodes messages (exact sizes first, then syntax); conn.go owns a
-// connection's negotiated state and checks semantics; queue.go is the queue
+// internal/wire decodes messages (exact sizes first, then syntax) and says
+// which carry fds and which have a reply; conn.go owns a connection's
+// negotiated state and checks semantics, one method per request;
+// queueconf.go is the only way it changes a queue; queue.go is the queue
 // runtime (ring goroutine, worker hand-off, batched completion), which
 // walks chains and hands each request to a requestHandler; blk.go is that
 // handler, the virtio-blk device, which sees only validated values and

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
 )
 
@@ -18,11 +19,11 @@ import (
 func TestExportRequests(t *testing.T) {
 	for _, tc := range []struct {
 		name string
-		cc   ClientConfig
+		cc   frontend.Config
 	}{
-		{"1q", ClientConfig{NumQueues: 1}},
-		{"4q-indirect-2regions", ClientConfig{NumQueues: 4, Indirect: true, Regions: 2}},
-		{"1q-memtable-noeventidx", ClientConfig{NumQueues: 1, MemTable: true, NoEventIdx: true, QueueSize: 64}},
+		{"1q", frontend.Config{NumQueues: 1}},
+		{"4q-indirect-2regions", frontend.Config{NumQueues: 4, Indirect: true, Regions: 2}},
+		{"1q-memtable-noeventidx", frontend.Config{NumQueues: 1, MemTable: true, NoEventIdx: true, QueueSize: 64}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			const size = 16 << 20
@@ -83,7 +84,7 @@ func TestExportRequests(t *testing.T) {
 			b1, _ := c.Buf(4096)
 			b2, _ := c.Buf(512)
 			b3, _ := c.Buf(3584)
-			res, err := c.Do(ctx, 0, &BlkRequest{Type: virtio.BlkTypeIn, Sector: 16, Data: [][]byte{b1, b2, b3}})
+			res, err := c.Do(ctx, 0, &frontend.BlkRequest{Type: virtio.BlkTypeIn, Sector: 16, Data: [][]byte{b1, b2, b3}})
 			if err != nil || res.Status != virtio.BlkStatusOK || res.Len != 8193 {
 				t.Fatalf("split read: %+v %v", res, err)
 			}
@@ -111,7 +112,7 @@ func TestExportRequests(t *testing.T) {
 				}
 			}
 			// Discard with the unmap flag is UNSUPP (virtio 1.x 5.2.6.2).
-			res, err = c.Do(ctx, 0, &BlkRequest{Type: virtio.BlkTypeDiscard, Ranges: []Range{{Sector: 0, Sectors: 8, Flags: virtio.BlkDiscardUnmap}}})
+			res, err = c.Do(ctx, 0, &frontend.BlkRequest{Type: virtio.BlkTypeDiscard, Ranges: []frontend.Range{{Sector: 0, Sectors: 8, Flags: virtio.BlkDiscardUnmap}}})
 			if err != nil || res.Status != virtio.BlkStatusUnsupp {
 				t.Fatalf("discard with unmap: %+v %v", res, err)
 			}
@@ -120,12 +121,12 @@ func TestExportRequests(t *testing.T) {
 				t.Fatalf("GET_ID = %q, %v", id, err)
 			}
 			// Unknown request types are UNSUPP.
-			res, err = c.Do(ctx, 0, &BlkRequest{Type: virtio.BlkTypeGetLifetime})
+			res, err = c.Do(ctx, 0, &frontend.BlkRequest{Type: virtio.BlkTypeGetLifetime})
 			if err != nil || res.Status != virtio.BlkStatusUnsupp {
 				t.Fatalf("GET_LIFETIME: %+v %v", res, err)
 			}
 			// Out of range and misaligned requests fail alone.
-			var se *StatusError
+			var se *frontend.StatusError
 			if err := c.ReadAt(ctx, 0, make([]byte, 4096), size/512-4); !errors.As(err, &se) || se.Status != virtio.BlkStatusIOErr {
 				t.Fatalf("read beyond capacity: %v", err)
 			}
@@ -143,7 +144,7 @@ func TestExportRequests(t *testing.T) {
 // checks that each completes exactly once with the right data.
 func TestExportQueueDepth(t *testing.T) {
 	env := newTestEnv(t, 64<<20, ExportConfig{Writable: true, NumQueues: 4})
-	c := env.dial(t, ClientConfig{NumQueues: 4, QueueSize: 256, Indirect: true})
+	c := env.dial(t, frontend.Config{NumQueues: 4, QueueSize: 256, Indirect: true})
 	ctx := testCtx(t)
 	const perQueue = 200
 	var wg sync.WaitGroup
@@ -159,7 +160,7 @@ func TestExportQueueDepth(t *testing.T) {
 			copy(buf, pattern(sector, 4096))
 			wg.Add(1)
 			for {
-				err = c.Submit(q, &BlkRequest{Type: virtio.BlkTypeOut, Sector: sector, Data: [][]byte{buf}}, func(r Result) {
+				err = c.Submit(q, &frontend.BlkRequest{Type: virtio.BlkTypeOut, Sector: sector, Data: [][]byte{buf}}, func(r frontend.Result) {
 					if r.Status != virtio.BlkStatusOK || r.Err != nil {
 						mu.Lock()
 						failures = append(failures, fmt.Sprintf("sector %d: %+v", sector, r))
@@ -168,7 +169,7 @@ func TestExportQueueDepth(t *testing.T) {
 					c.FreeBuf(buf)
 					wg.Done()
 				})
-				if !errors.Is(err, ErrRingFull) {
+				if !errors.Is(err, frontend.ErrRingFull) {
 					break
 				}
 				time.Sleep(100 * time.Microsecond)
@@ -203,12 +204,12 @@ func TestExportQueueDepth(t *testing.T) {
 // refuses writes, discards and write-zeroes with IOERR.
 func TestExportReadOnly(t *testing.T) {
 	env := newTestEnv(t, 1<<20, ExportConfig{Writable: false})
-	c := env.dial(t, ClientConfig{})
+	c := env.dial(t, frontend.Config{})
 	ctx := testCtx(t)
 	if c.Features()&virtio.BlkFeatureRO == 0 {
 		t.Fatal("read-only export does not offer VIRTIO_BLK_F_RO")
 	}
-	var se *StatusError
+	var se *frontend.StatusError
 	if err := c.WriteAt(ctx, 0, make([]byte, 512), 0); !errors.As(err, &se) || se.Status != virtio.BlkStatusIOErr {
 		t.Fatalf("write: %v", err)
 	}
@@ -230,13 +231,13 @@ func TestExportReadOnly(t *testing.T) {
 // alignment checks.
 func TestExportBlockSize4K(t *testing.T) {
 	env := newTestEnv(t, 1<<20, ExportConfig{Writable: true, LogicalBlockSize: 4096})
-	c := env.dial(t, ClientConfig{})
+	c := env.dial(t, frontend.Config{})
 	ctx := testCtx(t)
 	cfg := c.Config()
 	if cfg.BlkSize != 4096 || cfg.DiscardSectorAlign != 8 {
 		t.Fatalf("config %+v", cfg)
 	}
-	var se *StatusError
+	var se *frontend.StatusError
 	if err := c.WriteAt(ctx, 0, make([]byte, 512), 0); !errors.As(err, &se) {
 		t.Fatalf("512-byte write on a 4K export: %v", err)
 	}
@@ -306,7 +307,7 @@ func TestExportReconnect(t *testing.T) {
 		OnDisconnect: func() { mu.Lock(); events = append(events, "disconnect"); mu.Unlock() },
 	})
 	ctx := testCtx(t)
-	c := env.dial(t, ClientConfig{NumQueues: 2})
+	c := env.dial(t, frontend.Config{NumQueues: 2})
 	if err := c.WriteAt(ctx, 1, pattern(7, 4096), 0); err != nil {
 		t.Fatal(err)
 	}
@@ -324,7 +325,7 @@ func TestExportReconnect(t *testing.T) {
 		t.Fatal("data lost across reconnect")
 	}
 	c.Close()
-	c2 := env.dial(t, ClientConfig{NumQueues: 1})
+	c2 := env.dial(t, frontend.Config{NumQueues: 1})
 	if err := c2.ReadAt(ctx, 0, got, 0); err != nil {
 		t.Fatal(err)
 	}

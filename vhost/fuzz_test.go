@@ -1,74 +1,11 @@
 package vhost
 
 import (
-	"reflect"
 	"testing"
 	"unsafe"
 
 	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
-	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
-
-// FuzzDecodeMessage decodes a header and payload: decoding never panics,
-// and what decodes encodes to something that decodes to the same value.
-func FuzzDecodeMessage(f *testing.F) {
-	msg := func(code wire.ReqCode, pl wire.Payload) []byte {
-		p := pl.AppendTo(nil)
-		return append(wire.Header{Code: code, Flags: wire.FlagVersion | wire.FlagNeedReply, Size: uint32(len(p))}.AppendTo(nil), p...)
-	}
-	f.Add(msg(wire.ReqGetFeatures, wire.NoPayload{}))
-	f.Add(msg(wire.ReqSetFeatures, wire.U64(virtio.FeatureVersion1)))
-	f.Add(msg(wire.ReqSetVringAddr, wire.VringAddr{Index: 1, Flags: 1, Desc: 0x1000, Used: 0x3000, Avail: 0x2000, Log: 0x3000}))
-	f.Add(msg(wire.ReqSetMemTable, wire.MemTable{Regions: []wire.MemRegion{{GPA: 0, Size: 1 << 20, UserAddr: 0x7f0000000000}, {GPA: 1 << 20, Size: 4096, Offset: 4096}}}))
-	f.Add(msg(wire.ReqAddMemReg, wire.SingleMemRegion{Region: wire.MemRegion{GPA: 0, Size: 4096}}))
-	f.Add(msg(wire.ReqGetConfig, wire.ConfigMsg{Size: 8, Data: make([]byte, 8)}))
-	f.Add(msg(wire.ReqSetInflightFD, wire.InflightDesc{MmapSize: 4096, NumQueues: 1, QueueSize: 128}))
-	f.Add(msg(wire.ReqSetVringKick, wire.VringFD{Index: 3, NoFD: true}))
-	f.Add(msg(wire.ReqSetLogBase, wire.LogDesc{Size: 4096}))
-	f.Fuzz(func(t *testing.T, data []byte) {
-		if len(data) < wire.HeaderSize {
-			if _, err := wire.DecodeHeader(data); err == nil {
-				t.Fatal("short header decoded")
-			}
-			return
-		}
-		h, err := wire.DecodeHeader(data[:wire.HeaderSize])
-		if err != nil {
-			return
-		}
-		if h.Size > wire.MaxPayload {
-			t.Fatal("oversized header accepted")
-		}
-		p := data[wire.HeaderSize:]
-		pl, err := wire.DecodePayload(h.Code, p)
-		if err != nil {
-			return
-		}
-		for n := 0; n <= wire.MaxFDs+1; n++ {
-			wire.CheckFDs(h.Code, pl, n)
-		}
-		enc := pl.AppendTo(nil)
-		pl2, err := wire.DecodePayload(h.Code, enc)
-		if err != nil {
-			t.Fatalf("%s: re-decoding %x: %v", h.Code, enc, err)
-		}
-		if !reflect.DeepEqual(normalize(pl), normalize(pl2)) {
-			t.Fatalf("%s: %+v re-decodes as %+v", h.Code, pl, pl2)
-		}
-		if h2, err := wire.DecodeHeader(h.AppendTo(nil)); err != nil || h2 != h {
-			t.Fatalf("header %+v re-decodes as %+v, %v", h, h2, err)
-		}
-	})
-}
-
-// normalize makes empty and nil config data compare equal.
-func normalize(p wire.Payload) wire.Payload {
-	if c, ok := p.(wire.ConfigMsg); ok && len(c.Data) == 0 {
-		c.Data = nil
-		return c
-	}
-	return p
-}
 
 // fuzzMemGPA is where FuzzDescriptorChain's guest memory starts.
 const fuzzMemGPA = 0x1000

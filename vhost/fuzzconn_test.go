@@ -13,6 +13,7 @@ import (
 	"github.com/vhostdm/vhostdm/mapper"
 	"golang.org/x/sys/unix"
 
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
 	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
@@ -149,7 +150,7 @@ func FuzzConnSequence(f *testing.F) {
 func fuzzConn(t *testing.T, socket string, data []byte) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	rc, err := DialRaw(ctx, socket)
+	rc, err := frontend.DialRaw(ctx, socket)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -367,7 +368,7 @@ func fuzzConn(t *testing.T, socket string, data []byte) {
 	rc.Close()
 	<-drained
 	// The export serves the next front end: it answers GET_FEATURES.
-	next, err := DialRaw(ctx, socket)
+	next, err := frontend.DialRaw(ctx, socket)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
 	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
@@ -27,7 +28,7 @@ const (
 // returned with used length 0), and the queue goes on serving.
 func TestHostileChains(t *testing.T) {
 	env := newTestEnv(t, 1<<20, ExportConfig{Writable: true})
-	c := env.dial(t, ClientConfig{Indirect: true, QueueSize: 128})
+	c := env.dial(t, frontend.Config{Indirect: true, QueueSize: 128})
 	ctx := testCtx(t)
 	memSize := uint64(len(c.Memory()))
 	hdr := func(typ uint32, sector uint64) ([]byte, uint64) {
@@ -49,14 +50,14 @@ func TestHostileChains(t *testing.T) {
 		return g
 	}
 	type result struct {
-		res    Result
+		res    frontend.Result
 		status byte
 	}
 	run := func(n int, build func(idx []uint16, st uint64) []virtio.Desc) result {
 		t.Helper()
 		st, sg := status()
-		ch := make(chan Result, 1)
-		if err := c.SubmitChain(0, n, func(idx []uint16) []virtio.Desc { return build(idx, sg) }, func(r Result) { ch <- r }); err != nil {
+		ch := make(chan frontend.Result, 1)
+		if err := c.SubmitChain(0, n, func(idx []uint16) []virtio.Desc { return build(idx, sg) }, func(r frontend.Result) { ch <- r }); err != nil {
 			t.Fatal(err)
 		}
 		select {
@@ -279,7 +280,7 @@ func TestHostileMessages(t *testing.T) {
 		{"GET_CONFIG of bad length", msg(wire.ReqGetConfig, wire.FlagVersion, make([]byte, 13)), nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			rc, err := DialRaw(ctx, env.socket)
+			rc, err := frontend.DialRaw(ctx, env.socket)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -288,7 +289,7 @@ func TestHostileMessages(t *testing.T) {
 				t.Fatal(err)
 			}
 			if tc.name == "short payload then close" || tc.name == "short header then close" {
-				rc.uc.CloseWrite()
+				rc.CloseWrite()
 			}
 			_, _, fds, err := rc.Recv(5 * time.Second)
 			wire.CloseFDs(fds)
@@ -296,7 +297,7 @@ func TestHostileMessages(t *testing.T) {
 				t.Fatalf("connection not closed: %v", err)
 			}
 			// The export serves the next front end.
-			c := env.dial(t, ClientConfig{})
+			c := env.dial(t, frontend.Config{})
 			if err := c.WriteAt(ctx, 0, pattern(3, 512), 0); err != nil {
 				t.Fatal(err)
 			}
@@ -308,7 +309,7 @@ func TestHostileMessages(t *testing.T) {
 	// ask for a reply are answered with a non-zero u64 and the connection
 	// stays up.
 	t.Run("error replies", func(t *testing.T) {
-		rc, err := DialRaw(ctx, env.socket)
+		rc, err := frontend.DialRaw(ctx, env.socket)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -378,7 +379,7 @@ func isReset(err error) bool {
 // the client reconnects to a working export.
 func TestHostileClientMessage(t *testing.T) {
 	env := newTestEnv(t, 1<<20, ExportConfig{Writable: true})
-	c := env.dial(t, ClientConfig{})
+	c := env.dial(t, frontend.Config{})
 	ctx := testCtx(t)
 	if err := c.WriteAt(ctx, 0, pattern(9, 4096), 0); err != nil {
 		t.Fatal(err)

@@ -21,6 +21,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
 	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
@@ -208,7 +209,7 @@ func (d *daemon) checkHealthy() {
 	d.round++
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	c, err := Dial(ctx, ClientConfig{Socket: d.healthy, NumQueues: 2, MemSize: 4 << 20})
+	c, err := frontend.Dial(ctx, frontend.Config{Socket: d.healthy, NumQueues: 2, MemSize: 4 << 20})
 	if err != nil {
 		d.t.Fatalf("healthy export: %v", err)
 	}
@@ -316,7 +317,7 @@ const hostileUser = 0x7f0000000000
 // hostileFE is a hand-driven vhost-user front end.
 type hostileFE struct {
 	t      *testing.T
-	rc     *RawConn
+	rc     *frontend.RawConn
 	closed bool
 }
 
@@ -324,7 +325,7 @@ func dialHostile(t *testing.T, socket string) *hostileFE {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	rc, err := DialRaw(ctx, socket)
+	rc, err := frontend.DialRaw(ctx, socket)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -658,7 +659,7 @@ func TestIsolationFaultUnderUsedLock(t *testing.T) {
 	// The hostile export is free again and serves a well-behaved front end.
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	c, err := Dial(ctx, ClientConfig{Socket: d.hostile, MemSize: 4 << 20})
+	c, err := frontend.Dial(ctx, frontend.Config{Socket: d.hostile, MemSize: 4 << 20})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -864,7 +865,7 @@ func TestIsolationOneFrontEnd(t *testing.T) {
 	t.Run("second front end", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		first, err := Dial(ctx, ClientConfig{Socket: d.hostile, MemSize: 4 << 20})
+		first, err := frontend.Dial(ctx, frontend.Config{Socket: d.hostile, MemSize: 4 << 20})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -876,7 +877,7 @@ func TestIsolationOneFrontEnd(t *testing.T) {
 			t.Fatal(err)
 		}
 		first.Close()
-		third, err := Dial(ctx, ClientConfig{Socket: d.hostile, MemSize: 4 << 20})
+		third, err := frontend.Dial(ctx, frontend.Config{Socket: d.hostile, MemSize: 4 << 20})
 		if err != nil {
 			t.Fatal(err)
 		}

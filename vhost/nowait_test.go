@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
 )
 
@@ -24,7 +25,7 @@ func TestSlowRequestDoesNotStallQueue(t *testing.T) {
 	if err := env.dev.Reload(table); err != nil {
 		t.Fatal(err)
 	}
-	c := env.dial(t, ClientConfig{NumQueues: 1, QueueSize: 128, Indirect: true})
+	c := env.dial(t, frontend.Config{NumQueues: 1, QueueSize: 128, Indirect: true})
 	ctx := testCtx(t)
 
 	// Put known data in both areas and read it once so that it is in the
@@ -52,9 +53,9 @@ func TestSlowRequestDoesNotStallQueue(t *testing.T) {
 			if kind.typ == virtio.BlkTypeOut {
 				copy(slowBuf, slowData)
 			}
-			slowDone := make(chan Result, 1)
+			slowDone := make(chan frontend.Result, 1)
 			slowStart := time.Now()
-			if err := c.Submit(0, &BlkRequest{Type: kind.typ, Sector: 8, Data: [][]byte{slowBuf}}, func(r Result) { slowDone <- r }); err != nil {
+			if err := c.Submit(0, &frontend.BlkRequest{Type: kind.typ, Sector: 8, Data: [][]byte{slowBuf}}, func(r frontend.Result) { slowDone <- r }); err != nil {
 				t.Fatal(err)
 			}
 			// Let the ring goroutine pop the slow request first.
@@ -69,7 +70,7 @@ func TestSlowRequestDoesNotStallQueue(t *testing.T) {
 					copy(buf, fastData)
 				}
 				start := time.Now()
-				res, err := c.Do(ctx, 0, &BlkRequest{Type: kind.typ, Sector: uint64(4096 + 8*i), Data: [][]byte{buf}})
+				res, err := c.Do(ctx, 0, &frontend.BlkRequest{Type: kind.typ, Sector: uint64(4096 + 8*i), Data: [][]byte{buf}})
 				lat := time.Since(start)
 				if err != nil || res.Status != virtio.BlkStatusOK {
 					t.Fatalf("fast %s %d: %+v %v", kind.name, i, res, err)
@@ -112,7 +113,7 @@ func TestOneNotificationPerBatch(t *testing.T) {
 	if err := env.dev.Reload(fmt.Sprintf("0 %d zero", (16<<20)/512)); err != nil {
 		t.Fatal(err)
 	}
-	c := env.dial(t, ClientConfig{NumQueues: 1, QueueSize: 128, Indirect: true})
+	c := env.dial(t, frontend.Config{NumQueues: 1, QueueSize: 128, Indirect: true})
 	if c.Features()&virtio.FeatureEventIdx == 0 {
 		t.Fatal("event-idx not negotiated")
 	}
@@ -120,7 +121,6 @@ func TestOneNotificationPerBatch(t *testing.T) {
 	env.exp.mu.Lock()
 	bq := env.exp.conn.dev.queues[0]
 	env.exp.mu.Unlock()
-	cq := c.queues[0]
 	for round := range 3 {
 		// The ring goroutine is asleep on the kick eventfd.
 		if err := c.ReadAt(ctx, 0, make([]byte, 4096), 0); err != nil {
@@ -129,28 +129,20 @@ func TestOneNotificationPerBatch(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 		before := bq.notified.Load()
 		// Publish 32 requests, then kick once.
-		cq.mu.Lock()
-		cq.deferKick = true
-		cq.mu.Unlock()
-		done := make(chan Result, 32)
+		c.HoldKicks(0)
+		done := make(chan frontend.Result, 32)
 		for i := range 32 {
 			buf, err := c.Buf(4096)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if err := c.Submit(0, &BlkRequest{Type: virtio.BlkTypeIn, Sector: uint64(8 * i), Data: [][]byte{buf}}, func(r Result) { done <- r }); err != nil {
+			if err := c.Submit(0, &frontend.BlkRequest{Type: virtio.BlkTypeIn, Sector: uint64(8 * i), Data: [][]byte{buf}}, func(r frontend.Result) { done <- r }); err != nil {
 				t.Fatal(err)
 			}
 		}
-		cq.mu.Lock()
-		cq.deferKick = false
-		k := cq.kickPending && cq.needKickLocked()
-		cq.kickPending = false
-		cq.mu.Unlock()
-		if !k {
+		if !c.ReleaseKicks(0) {
 			t.Fatal("the device did not ask for a kick")
 		}
-		cq.kick()
 		for range 32 {
 			if r := <-done; r.Err != nil || r.Status != virtio.BlkStatusOK {
 				t.Fatalf("round %d: %+v", round, r)

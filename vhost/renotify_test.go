@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
 	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
@@ -20,21 +21,24 @@ import (
 // the queue's second look a second after the last kick.
 func TestRenotifyLostInterrupt(t *testing.T) {
 	env := newTestEnv(t, 1<<20, ExportConfig{Writable: true})
-	c := env.dial(t, ClientConfig{})
+	const num = 128
+	c := env.dial(t, frontend.Config{QueueSize: num})
 	ctx := testCtx(t)
 	data := pattern(7, 4096)
 	if err := c.WriteAt(ctx, 0, data, 0); err != nil { // settles the rings
 		t.Fatal(err)
 	}
-	q := c.queues[0]
-	if !q.eventIdx {
+	if c.Features()&virtio.FeatureEventIdx == 0 {
 		t.Fatal("the client did not negotiate event idx")
 	}
 	// The completion goroutine is parked on the call eventfd with
-	// used_event == lastUsed; move used_event ahead of the next
-	// completion.
+	// used_event == the used index it consumed; move used_event ahead of
+	// the next completion.
 	time.Sleep(50 * time.Millisecond)
-	virtio.Store16(q.avail, 4+2*int(q.num), q.lastUsed+100, &q.fence)
+	mem := c.Memory()
+	_, usedIdx := virtio.LoadWord(mem[c.UsedRingGPA(0):])
+	var fence uint32
+	virtio.Store16(mem[c.AvailRingGPA(0):], 4+2*num, usedIdx+100, &fence)
 
 	start := time.Now()
 	got := make([]byte, 4096)

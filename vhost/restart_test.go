@@ -16,6 +16,7 @@ import (
 
 	"github.com/vhostdm/vhostdm/mapper"
 
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
 	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
@@ -133,7 +134,7 @@ func TestRestartNoLoss(t *testing.T) {
 	table := fmt.Sprintf("0 %d linear %s 0", size/512, img)
 	child := startChild(t, sock, table, 2, 3000)
 	ctx := testCtx(t)
-	c, err := Dial(ctx, ClientConfig{Socket: sock, NumQueues: 2, QueueSize: 128, Inflight: true})
+	c, err := frontend.Dial(ctx, frontend.Config{Socket: sock, NumQueues: 2, QueueSize: 128, Inflight: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -155,7 +156,7 @@ func TestRestartNoLoss(t *testing.T) {
 			}
 			copy(buf, pattern(sector, 8192))
 			wg.Add(1)
-			err = c.Submit(q, &BlkRequest{Type: virtio.BlkTypeOut, Sector: sector, Data: [][]byte{buf}}, func(r Result) {
+			err = c.Submit(q, &frontend.BlkRequest{Type: virtio.BlkTypeOut, Sector: sector, Data: [][]byte{buf}}, func(r frontend.Result) {
 				mu.Lock()
 				completions[sector]++
 				if r.Err != nil || r.Status != virtio.BlkStatusOK {

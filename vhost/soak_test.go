@@ -17,6 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
 	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
@@ -196,7 +197,7 @@ func (s soakStats) String() string {
 
 func startSoakWorker(t *testing.T, socket string) *soakWorker {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	c, err := Dial(ctx, ClientConfig{Socket: socket, NumQueues: 2, MemSize: 4 << 20})
+	c, err := frontend.Dial(ctx, frontend.Config{Socket: socket, NumQueues: 2, MemSize: 4 << 20})
 	cancel()
 	if err != nil {
 		t.Fatalf("healthy export: %v", err)
@@ -262,7 +263,7 @@ func (w *soakWorker) stop() {
 func soakHealthy(t *testing.T, d *daemon) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	c, err := Dial(ctx, ClientConfig{Socket: d.hostile, MemSize: 1 << 20})
+	c, err := frontend.Dial(ctx, frontend.Config{Socket: d.hostile, MemSize: 1 << 20})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,8 +1,9 @@
-package vhost
+package frontend
 
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -18,8 +19,11 @@ import (
 	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
 
-// ClientConfig configures a Client.
-type ClientConfig struct {
+// le is the byte order of every virtio and vhost-user field.
+var le = binary.LittleEndian
+
+// Config configures a Client.
+type Config struct {
 	Socket    string // the back end's unix socket
 	NumQueues int    // default 1
 	QueueSize int    // power of two, default 128
@@ -52,7 +56,7 @@ type ClientConfig struct {
 // completion callbacks run on the queue's completion goroutine and must not
 // block.
 type Client struct {
-	cfg ClientConfig
+	cfg Config
 
 	// Immutable after Dial.
 	memfd  int
@@ -117,6 +121,19 @@ type Range struct {
 	Sectors uint32
 	Flags   uint32 // BlkDiscardUnmap for write-zeroes
 }
+
+// Header is a vhost-user message header (RawRequest, RawConn).
+type Header = wire.Header
+
+// Desc is a split-ring descriptor (SubmitChain).
+type Desc = virtio.Desc
+
+// Descriptor flags (SubmitChain).
+const (
+	DescFlagNext     = virtio.DescFlagNext
+	DescFlagWrite    = virtio.DescFlagWrite
+	DescFlagIndirect = virtio.DescFlagIndirect
+)
 
 // Virtio-blk values a caller of Submit uses (virtio 1.x, 5.2).
 const (
@@ -226,7 +243,7 @@ type clientPending struct {
 
 // Dial connects to the back end at cfg.Socket, retrying until ctx is done
 // while the socket does not accept, and sets up the device as QEMU does.
-func Dial(ctx context.Context, cfg ClientConfig) (*Client, error) {
+func Dial(ctx context.Context, cfg Config) (*Client, error) {
 	if cfg.NumQueues == 0 {
 		cfg.NumQueues = 1
 	}
@@ -755,7 +772,7 @@ func (c *Client) request(code wire.ReqCode, pl wire.Payload, fds []int, reply bo
 // RawRequest sends any header, payload and fds on the client's connection
 // and, if reply is set, returns the next message read (for tests of hostile
 // front ends). The header's Size is sent as given.
-func (c *Client) RawRequest(h wire.Header, payload []byte, fds []int, reply bool) (wire.Header, []byte, error) {
+func (c *Client) RawRequest(h Header, payload []byte, fds []int, reply bool) (Header, []byte, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.uc == nil {
@@ -795,12 +812,16 @@ func DialRaw(ctx context.Context, socket string) (*RawConn, error) {
 func (r *RawConn) Send(b []byte, fds []int) error { return r.wc.WriteRaw(b, fds, 30*time.Second) }
 
 // Recv reads one message, waiting at most timeout.
-func (r *RawConn) Recv(timeout time.Duration) (wire.Header, []byte, []int, error) {
+func (r *RawConn) Recv(timeout time.Duration) (Header, []byte, []int, error) {
 	r.uc.SetReadDeadline(time.Now().Add(timeout))
 	defer r.uc.SetReadDeadline(time.Time{})
 	h, p, fds, err := r.wc.ReadMsg()
 	return h, bytes.Clone(p), fds, err
 }
+
+// CloseWrite shuts down the sending side, as a peer that stops in the
+// middle of a message.
+func (r *RawConn) CloseWrite() error { return r.uc.CloseWrite() }
 
 // Close closes the connection.
 func (r *RawConn) Close() error { return r.uc.Close() }
@@ -955,7 +976,7 @@ func (c *Client) Submit(q int, r *BlkRequest, done func(Result)) error {
 // hostile drivers): n descriptor indices are reserved, build returns the
 // descriptors to write at them, and idx[0] is made available as the head.
 // The descriptors are freed when the head is used.
-func (c *Client) SubmitChain(q int, n int, build func(idx []uint16) []virtio.Desc, done func(Result)) error {
+func (c *Client) SubmitChain(q int, n int, build func(idx []uint16) []Desc, done func(Result)) error {
 	if q < 0 || q >= len(c.queues) {
 		return fmt.Errorf("vhost client: queue %d of %d", q, len(c.queues))
 	}
@@ -1000,6 +1021,32 @@ func (q *clientQueue) publishLocked(head uint16) {
 	if k {
 		q.kick()
 	}
+}
+
+// HoldKicks defers the kicks of queue q: requests submitted until
+// ReleaseKicks are made available without a kick, as a driver publishes a
+// batch (completions meanwhile may kick).
+func (c *Client) HoldKicks(q int) {
+	cq := c.queues[q]
+	cq.mu.Lock()
+	cq.deferKick = true
+	cq.mu.Unlock()
+}
+
+// ReleaseKicks ends HoldKicks and kicks queue q once if the device asked
+// for a kick for what was published meanwhile; it reports whether it
+// kicked.
+func (c *Client) ReleaseKicks(q int) bool {
+	cq := c.queues[q]
+	cq.mu.Lock()
+	cq.deferKick = false
+	k := cq.kickPending && cq.needKickLocked()
+	cq.kickPending = false
+	cq.mu.Unlock()
+	if k {
+		cq.kick()
+	}
+	return k
 }
 
 // needKickLocked decides whether the device must be kicked for the entries
@@ -1206,7 +1253,7 @@ func (c *Client) WriteZeroes(ctx context.Context, q int, sector uint64, sectors 
 
 // GetID returns the device's serial (GET_ID), without NUL padding.
 func (c *Client) GetID(ctx context.Context, q int) (string, error) {
-	var id [MaxSerialLen]byte
+	var id [virtio.BlkIDBytes]byte
 	if _, err := c.do(ctx, q, virtio.BlkTypeGetID, 0, id[:], nil); err != nil {
 		return "", err
 	}
@@ -1379,6 +1426,10 @@ func (c *Client) ClearDirtyLog() {
 
 // UsedRingGPA returns the guest address of queue q's used ring.
 func (c *Client) UsedRingGPA(q int) uint64 { return c.queues[q].uGPA }
+
+// AvailRingGPA returns the guest address of queue q's available ring (for
+// tests that play a driver misbehaving).
+func (c *Client) AvailRingGPA(q int) uint64 { return c.queues[q].aGPA }
 
 // pageAlloc hands out page runs of the guest memory heap.
 type pageAlloc struct {
