@@ -6,6 +6,10 @@ import (
 	"testing"
 
 	"github.com/vhostdm/vhostdm/mapper"
+
+	"github.com/vhostdm/vhostdm/vhost/frontend"
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
+	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
 
 // benchRing lays out a split ring of num entries in heap guest memory with a
@@ -14,16 +18,16 @@ func benchRing(b *testing.B, num uint16) (*Mem, *splitRing) {
 	gm := make([]byte, 4<<20)
 	m := NewMemFromBytes(0, gm)
 	r := &splitRing{}
-	if _, err := r.setup(m, num, VringAddr{Desc: 0, Avail: 0x40000, Used: 0x50000}); err != nil {
+	if _, err := r.setup(m, num, wire.VringAddr{Desc: 0, Avail: 0x40000, Used: 0x50000}); err != nil {
 		b.Fatal(err)
 	}
 	r.eventIdx = true
 	r.indirect = true
 	for h := 0; h+2 < int(num); h += 3 {
 		data := uint64(0x100000 + h*4096)
-		writeDesc(r.desc[h*16:], Desc{Addr: 0x60000 + uint64(h)*16, Len: 16, Flags: DescFlagNext, Next: uint16(h + 1)})
-		writeDesc(r.desc[(h+1)*16:], Desc{Addr: data, Len: 4096, Flags: DescFlagWrite | DescFlagNext, Next: uint16(h + 2)})
-		writeDesc(r.desc[(h+2)*16:], Desc{Addr: 0x70000 + uint64(h), Len: 1, Flags: DescFlagWrite})
+		virtio.WriteDesc(r.desc[h*16:], virtio.Desc{Addr: 0x60000 + uint64(h)*16, Len: 16, Flags: virtio.DescFlagNext, Next: uint16(h + 1)})
+		virtio.WriteDesc(r.desc[(h+1)*16:], virtio.Desc{Addr: data, Len: 4096, Flags: virtio.DescFlagWrite | virtio.DescFlagNext, Next: uint16(h + 2)})
+		virtio.WriteDesc(r.desc[(h+2)*16:], virtio.Desc{Addr: 0x70000 + uint64(h), Len: 1, Flags: virtio.DescFlagWrite})
 	}
 	return m, r
 }
@@ -56,7 +60,7 @@ func BenchmarkVringPopPush(b *testing.B) {
 		// Driver.
 		le.PutUint16(r.avail[4+2*int(availIdx&(r.num-1)):], head)
 		availIdx++
-		storeWord(r.avail, 0, availIdx)
+		virtio.StoreWord(r.avail, 0, availIdx)
 		// Device.
 		n, err := r.pending()
 		if err != nil || n != 1 {
@@ -97,7 +101,7 @@ func BenchmarkExportRead4K(b *testing.B) {
 	}
 	go e.Serve(context.Background())
 	defer e.Close()
-	c, err := Dial(context.Background(), ClientConfig{Socket: dir + "/s", QueueSize: 128, Indirect: true})
+	c, err := frontend.Dial(context.Background(), frontend.Config{Socket: dir + "/s", QueueSize: 128, Indirect: true})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -120,8 +124,8 @@ func BenchmarkExportRead4K(b *testing.B) {
 		}
 		left--
 		mu.Unlock()
-		err := c.Submit(0, &BlkRequest{Type: BlkTypeIn, Sector: uint64(i * 8), Data: [][]byte{bufs[i]}}, func(r Result) {
-			if r.Status != BlkStatusOK {
+		err := c.Submit(0, &frontend.BlkRequest{Type: virtio.BlkTypeIn, Sector: uint64(i * 8), Data: [][]byte{bufs[i]}}, func(r frontend.Result) {
+			if r.Status != virtio.BlkStatusOK {
 				b.Error("status", r.Status)
 			}
 			submit(i)

@@ -14,11 +14,13 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
 
 // protocolFeatures are the protocol features the back end offers.
-const protocolFeatures = ProtocolMQ | ProtocolLogSHMFD | ProtocolReplyAck | ProtocolConfig | ProtocolBackendReq |
-	ProtocolConfigureMemSlots | ProtocolInflightSHMFD | ProtocolResetDevice | ProtocolStatus
+const protocolFeatures = wire.ProtocolMQ | wire.ProtocolLogSHMFD | wire.ProtocolReplyAck | wire.ProtocolConfig | wire.ProtocolBackendReq |
+	wire.ProtocolConfigureMemSlots | wire.ProtocolInflightSHMFD | wire.ProtocolResetDevice | wire.ProtocolStatus
 
 // connError is a protocol violation: the connection is closed.
 type connError struct{ err error }
@@ -36,7 +38,8 @@ type conn struct {
 	id  uint64
 	uc  *net.UnixConn
 	log *slog.Logger
-	dev *blkDev
+	dev *queueRuntime // the queues
+	blk *blkDev       // the virtio-blk semantics they serve
 
 	closing    atomic.Bool // teardown started or close called
 	negotiated bool        // SET_OWNER seen; owned by the connection goroutine
@@ -49,10 +52,8 @@ type conn struct {
 	regions     []*memRegion
 	dlog        *dirtyLog
 	inflight    *inflightRegion
-	hbuf        [HeaderSize]byte
-	pbuf        [MaxPayload]byte
-	oob         []byte
-	wbuf        []byte
+	wc          *wire.Conn // the socket's framing
+	midMsg      bool       // readMsg set the deadline for the rest of a message
 
 	protocol atomic.Uint64 // acked protocol features; read by configChanged
 
@@ -63,7 +64,9 @@ type conn struct {
 func newConn(e *Export, uc *net.UnixConn) *conn {
 	n := e.connSeq.Add(1)
 	log := e.log.With("conn", n)
-	c := &conn{e: e, id: n, uc: uc, log: log, dev: newBlkDev(e, log), oob: make([]byte, unix.CmsgSpace(MaxFDs*4)), wbuf: make([]byte, HeaderSize, HeaderSize+MaxPayload)}
+	blk := newBlkDev(e)
+	c := &conn{e: e, id: n, uc: uc, log: log, dev: newQueueRuntime(e, log, blk), blk: blk}
+	c.wc = wire.NewConn(uc, wire.Strict(), wire.OnStart(c.startMsg))
 	c.dev.onFault = func(err error) {
 		c.log.Error("closing connection: fault on memory the front end shares", "err", err)
 		c.close()
@@ -104,7 +107,7 @@ func (c *conn) serve() {
 			return
 		}
 		err = c.handleSafe(h, p, fds)
-		closeFDs(fds)
+		wire.CloseFDs(fds)
 		if err == nil {
 			continue
 		}
@@ -113,12 +116,12 @@ func (c *conn) serve() {
 			c.log.Warn("closing connection", "request", h.Code.String(), "reason", err)
 			return
 		}
-		unknown := errors.Is(err, errUnknownRequest)
+		unknown := errors.Is(err, wire.ErrUnknownRequest)
 		if !unknown {
 			c.log.Warn("request failed", "request", h.Code.String(), "err", err)
 		}
-		if h.NeedReply() && c.protocol.Load()&ProtocolReplyAck != 0 {
-			if err := c.reply(h.Code, U64(1), -1); err != nil {
+		if h.NeedReply() && c.protocol.Load()&wire.ProtocolReplyAck != 0 {
+			if err := c.reply(h.Code, wire.U64(1), -1); err != nil {
 				c.log.Warn("closing connection", "reason", err)
 				return
 			}
@@ -129,15 +132,6 @@ func (c *conn) serve() {
 		}
 		c.log.Warn("closing connection", "request", h.Code.String(), "reason", "request failed and the front end asked for no reply")
 		return
-	}
-}
-
-func closeFDs(fds []int) {
-	for i, fd := range fds {
-		if fd >= 0 {
-			unix.Close(fd)
-			fds[i] = -1
-		}
 	}
 }
 
@@ -162,7 +156,7 @@ func (c *conn) setIdleDeadline() {
 // handleSafe is handle with the faults of the connection goroutine on
 // shared memory turned into a connection error; a fault leaves the device
 // dead, so that nothing touches that memory again.
-func (c *conn) handleSafe(h Header, p []byte, fds []int) (err error) {
+func (c *conn) handleSafe(h wire.Header, p []byte, fds []int) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			c.dev.dead.Store(true)
@@ -172,68 +166,33 @@ func (c *conn) handleSafe(h Header, p []byte, fds []int) (err error) {
 	return c.handle(h, p, fds)
 }
 
-// readMsg reads one message: the header with any fds, then the payload.
-// Once the first bytes arrived, the rest must follow within the
-// negotiation timeout.
-func (c *conn) readMsg() (Header, []byte, []int, error) {
-	n, oobn, flags, _, err := c.uc.ReadMsgUnix(c.hbuf[:], c.oob)
-	if err == nil && n > 0 && c.e.cfg.NegotiationTimeout > 0 {
-		c.uc.SetReadDeadline(time.Now().Add(c.e.cfg.NegotiationTimeout))
-		defer c.setIdleDeadline()
+// readMsg reads one message. Once its first bytes arrived, the rest must
+// follow within the negotiation timeout.
+func (c *conn) readMsg() (wire.Header, []byte, []int, error) {
+	h, p, fds, err := c.wc.ReadMsg()
+	if c.midMsg {
+		c.midMsg = false
+		c.setIdleDeadline()
 	}
-	var fds []int
-	if oobn > 0 {
-		msgs, perr := unix.ParseSocketControlMessage(c.oob[:oobn])
-		if perr == nil {
-			for _, m := range msgs {
-				if f, err := unix.ParseUnixRights(&m); err == nil {
-					fds = append(fds, f...)
-				}
-			}
-		}
+	return h, p, fds, err
+}
+
+// startMsg bounds the time the rest of a message may take once its first
+// bytes arrived (wire.OnStart).
+func (c *conn) startMsg() {
+	if t := c.e.cfg.NegotiationTimeout; t > 0 {
+		c.uc.SetReadDeadline(time.Now().Add(t))
+		c.midMsg = true
 	}
-	if err != nil {
-		closeFDs(fds)
-		return Header{}, nil, nil, err
-	}
-	if n == 0 {
-		closeFDs(fds)
-		return Header{}, nil, nil, io.EOF
-	}
-	if flags&unix.MSG_CTRUNC != 0 {
-		closeFDs(fds)
-		return Header{}, nil, nil, fmt.Errorf("message carries more than %d file descriptors", MaxFDs)
-	}
-	if n < HeaderSize {
-		if _, err := io.ReadFull(c.uc, c.hbuf[n:]); err != nil {
-			closeFDs(fds)
-			return Header{}, nil, nil, fmt.Errorf("short header: %w", err)
-		}
-	}
-	h, err := DecodeHeader(c.hbuf[:])
-	if err != nil {
-		closeFDs(fds)
-		return Header{}, nil, nil, err
-	}
-	p := c.pbuf[:h.Size]
-	if _, err := io.ReadFull(c.uc, p); err != nil {
-		closeFDs(fds)
-		return Header{}, nil, nil, fmt.Errorf("%s: short payload: %w", h.Code, err)
-	}
-	return h, p, fds, nil
 }
 
 // reply sends a reply to code with payload pl and, if fd >= 0, one fd.
-func (c *conn) reply(code ReqCode, pl Payload, fd int) error {
-	c.wbuf = pl.AppendTo(c.wbuf[:HeaderSize])
-	Header{Code: code, Flags: FlagVersion | FlagReply, Size: uint32(len(c.wbuf) - HeaderSize)}.AppendTo(c.wbuf[:0])
-	var oob []byte
+func (c *conn) reply(code wire.ReqCode, pl wire.Payload, fd int) error {
+	var fds []int
 	if fd >= 0 {
-		oob = unix.UnixRights(fd)
+		fds = []int{fd}
 	}
-	c.uc.SetWriteDeadline(time.Now().Add(10 * time.Second))
-	_, _, err := c.uc.WriteMsgUnix(c.wbuf, oob, nil)
-	if err != nil {
+	if err := c.wc.WriteMsg(code, wire.FlagVersion|wire.FlagReply, pl, fds, 10*time.Second); err != nil {
 		return connError{fmt.Errorf("send %s reply: %w", code, err)}
 	}
 	return nil
@@ -244,482 +203,63 @@ type rawPayload []byte
 
 func (r rawPayload) AppendTo(b []byte) []byte { return append(b, r...) }
 
-// queue returns queue i, or an error naming the request.
-// stoppedQueue returns queue i if it exists and is stopped, as the
-// messages that set up a ring require.
-func (c *conn) stoppedQueue(i uint32) (*blkQueue, error) {
-	q, err := c.queue(i)
-	if err != nil {
-		return nil, err
-	}
-	if q.state != queueStopped {
-		return nil, fmt.Errorf("queue %d is running", i)
-	}
-	return q, nil
-}
-
-func (c *conn) queue(i uint32) (*blkQueue, error) {
+// queue returns queue i, or an error naming it.
+func (c *conn) queue(i uint32) (*queue, error) {
 	if i >= uint32(len(c.dev.queues)) {
 		return nil, fmt.Errorf("queue %d: the device has %d queues", i, len(c.dev.queues))
 	}
 	return c.dev.queues[i], nil
 }
 
-// handle decodes and performs one request. Syntax errors (size, fds) are
-// connection errors; semantic errors fail the request.
-func (c *conn) handle(h Header, p []byte, fds []int) error {
+// env is what the connection's rings are set up with.
+func (c *conn) env() ringEnv {
+	return ringEnv{mem: c.mem, features: c.features, dlog: c.dlog, inflight: c.inflight}
+}
+
+// handle decodes and performs one request and sends its reply: the
+// explicit reply of the requests that have one, else a REPLY_ACK success
+// when asked for. Syntax errors (size, fds) are connection errors;
+// semantic errors fail the request (serve answers them).
+func (c *conn) handle(h wire.Header, p []byte, fds []int) error {
 	if h.IsReply() {
 		return fatalf("%s: request carries the reply flag", h.Code)
 	}
-	pl, err := DecodePayload(h.Code, p)
-	if errors.Is(err, errUnknownRequest) {
+	pl, err := wire.DecodePayload(h.Code, p)
+	if errors.Is(err, wire.ErrUnknownRequest) {
 		c.log.Warn("unsupported request", "request", h.Code.String(), "size", h.Size, "fds", len(fds))
 		return err
 	}
 	if err != nil {
 		return connError{err}
 	}
-	if err := checkFDs(h.Code, pl, len(fds)); err != nil {
+	if err := wire.CheckFDs(h.Code, pl, len(fds)); err != nil {
 		return connError{err}
 	}
-	explicit, err := c.exec(h, pl, fds)
+	var fn msgHandler
+	if int(h.Code) < len(handlers) {
+		fn = handlers[h.Code]
+	}
+	if fn == nil {
+		return fmt.Errorf("%s: %w", h.Code, wire.ErrUnknownRequest)
+	}
+	m := message{h: h, pl: pl, fds: fds, replyFD: -1}
+	reply, err := fn(c, &m)
+	if m.replyFD >= 0 {
+		defer unix.Close(m.replyFD)
+	}
 	if err != nil {
 		return err
+	}
+	if wire.HasReply(h.Code) {
+		return c.reply(h.Code, reply, m.replyFD)
 	}
 	// REPLY_ACK: "the back-end MUST respond with a Payload VhostUserMsg
 	// indicating success or failure ... unless the message already has an
 	// explicit reply body".
-	if !explicit && h.NeedReply() && c.protocol.Load()&ProtocolReplyAck != 0 {
-		return c.reply(h.Code, U64(0), -1)
+	if h.NeedReply() && c.protocol.Load()&wire.ProtocolReplyAck != 0 {
+		return c.reply(h.Code, wire.U64(0), -1)
 	}
 	return nil
-}
-
-// exec performs a decoded request and sends its explicit reply, if it has
-// one (then explicit is true).
-func (c *conn) exec(h Header, pl Payload, fds []int) (explicit bool, err error) {
-	e := c.e
-	switch h.Code {
-	case ReqGetFeatures:
-		return true, c.reply(h.Code, U64(e.blkFeatures()), -1)
-
-	case ReqSetFeatures:
-		v := uint64(pl.(U64))
-		// A front end that negotiated discard or write-zeroes before a
-		// reload took them away (QEMU keeps the guest's features when it
-		// reconnects) may ask for them again: such requests then get
-		// UNSUPP.
-		acceptable := e.blkFeatures()
-		if !e.readOnly {
-			acceptable |= BlkFeatureDiscard | BlkFeatureWriteZeroes
-		}
-		if v&^acceptable != 0 {
-			return false, fmt.Errorf("features %#x not offered (offered %#x)", v, e.blkFeatures())
-		}
-		c.quiesce(func() {
-			c.features, c.featuresSet = v, true
-			c.dev.features.Store(v)
-		})
-		// vhost-user.rst, "Ring states": "If VHOST_USER_F_PROTOCOL_FEATURES
-		// has not been negotiated, the ring starts directly in the enabled
-		// state."
-		if v&FeatureProtocolFeatures == 0 {
-			for _, q := range c.dev.queues {
-				q.enabled.Store(true)
-				if q.state == queueRunning {
-					q.nudge()
-				}
-			}
-		}
-		return false, nil
-
-	case ReqGetProtocolFeatures:
-		return true, c.reply(h.Code, U64(protocolFeatures), -1)
-
-	case ReqSetProtocolFeatures:
-		v := uint64(pl.(U64))
-		if v&^uint64(protocolFeatures) != 0 {
-			return false, fmt.Errorf("protocol features %#x not offered (offered %#x)", v, uint64(protocolFeatures))
-		}
-		c.protocol.Store(v)
-		return false, nil
-
-	case ReqSetOwner:
-		if !c.negotiated {
-			c.negotiated = true
-			c.setIdleDeadline()
-		}
-		return false, nil
-
-	case ReqResetOwner:
-		// "It is recommended that back-ends either ignore this message, or
-		// use it to disable all rings."
-		for _, q := range c.dev.queues {
-			q.stop()
-			q.enabled.Store(false)
-		}
-		return false, nil
-
-	case ReqGetQueueNum:
-		return true, c.reply(h.Code, U64(len(c.dev.queues)), -1)
-
-	case ReqGetMaxMemSlots:
-		return true, c.reply(h.Code, U64(maxMemSlots), -1)
-
-	case ReqSetMemTable:
-		t := pl.(MemTable)
-		var regs []*memRegion
-		for i, r := range t.Regions {
-			mr, err := mapRegion(r, fds[i])
-			if err != nil {
-				unmapAll(regs)
-				return false, err
-			}
-			regs = append(regs, mr)
-		}
-		return false, c.setMem(regs, c.regions)
-
-	case ReqAddMemReg:
-		if c.protocol.Load()&ProtocolConfigureMemSlots == 0 {
-			return false, errors.New("CONFIGURE_MEM_SLOTS not negotiated")
-		}
-		if len(c.regions) >= maxMemSlots {
-			return false, fmt.Errorf("all %d memory slots in use", maxMemSlots)
-		}
-		mr, err := mapRegion(pl.(SingleMemRegion).Region, fds[0])
-		if err != nil {
-			return false, err
-		}
-		regs := append(append([]*memRegion(nil), c.regions...), mr)
-		if err := c.setMem(regs, nil); err != nil {
-			mr.unmap()
-			return false, err
-		}
-		return false, nil
-
-	case ReqRemMemReg:
-		if c.protocol.Load()&ProtocolConfigureMemSlots == 0 {
-			return false, errors.New("CONFIGURE_MEM_SLOTS not negotiated")
-		}
-		// "The memory region to be removed is identified by its guest
-		// address, user address and size. The mmap offset is ignored."
-		r := pl.(SingleMemRegion).Region
-		var keep, gone []*memRegion
-		for _, mr := range c.regions {
-			if mr.GPA == r.GPA && mr.UserAddr == r.UserAddr && mr.Size == r.Size && gone == nil {
-				gone = append(gone, mr)
-			} else {
-				keep = append(keep, mr)
-			}
-		}
-		if gone == nil {
-			return false, fmt.Errorf("no memory region at %#x size %#x user address %#x", r.GPA, r.Size, r.UserAddr)
-		}
-		return false, c.setMem(keep, gone)
-
-	case ReqSetLogBase:
-		if c.protocol.Load()&ProtocolLogSHMFD == 0 {
-			return false, errors.New("LOG_SHMFD not negotiated")
-		}
-		l, err := mapLog(fds[0], pl.(LogDesc))
-		if err != nil {
-			return false, err
-		}
-		old := c.dlog
-		c.quiesce(func() { c.dlog = l })
-		old.unmap()
-		// vhost-user.rst, "Communication": SET_LOG_BASE needs a reply when
-		// LOG_SHMFD is negotiated.
-		return true, c.reply(h.Code, U64(0), -1)
-
-	case ReqSetLogFD:
-		// The log eventfd is optional; this back end does not signal it.
-		return false, nil
-
-	case ReqSetVringNum:
-		s := pl.(VringState)
-		q, err := c.stoppedQueue(s.Index)
-		if err != nil {
-			return false, err
-		}
-		// Virtio 1.x 2.7: split queue sizes are powers of 2 up to 32768.
-		if s.Num == 0 || s.Num > MaxQueueSize || s.Num&(s.Num-1) != 0 {
-			return false, fmt.Errorf("queue %d: size %d: must be a power of 2 from 1 to %d", s.Index, s.Num, MaxQueueSize)
-		}
-		q.num = uint16(s.Num)
-		return false, nil
-
-	case ReqSetVringAddr:
-		a := pl.(VringAddr)
-		q, err := c.queue(a.Index)
-		if err != nil {
-			return false, err
-		}
-		if q.state == queueStopped {
-			q.addr, q.addrSet = a, true
-			return false, nil
-		}
-		// A running ring: the front end toggles VHOST_VRING_F_LOG during
-		// migration.
-		q.pause()
-		old := q.addr
-		q.addr = a
-		if err := q.setupRing(c.mem, c.features, c.dlog); err != nil {
-			q.addr = old
-			q.setupRing(c.mem, c.features, c.dlog)
-			q.resume(c.mem, c.features, c.dlog)
-			return false, fmt.Errorf("queue %d: %w", a.Index, err)
-		}
-		q.resume(c.mem, c.features, c.dlog)
-		return false, nil
-
-	case ReqSetVringBase:
-		s := pl.(VringState)
-		q, err := c.stoppedQueue(s.Index)
-		if err != nil {
-			return false, err
-		}
-		if s.Num > 0xffff {
-			return false, fmt.Errorf("queue %d: base %d beyond 16 bits (packed rings are not supported)", s.Index, s.Num)
-		}
-		q.base = uint16(s.Num)
-		return false, nil
-
-	case ReqGetVringBase:
-		s := pl.(VringState)
-		q, err := c.queue(s.Index)
-		if err != nil {
-			return false, connError{err}
-		}
-		// "stop ring upon receiving VHOST_USER_GET_VRING_BASE": wait for
-		// the requests in flight so that none completes after the reply.
-		base := q.stop()
-		if q.kick != nil {
-			q.kick.Close()
-			q.kick = nil
-		}
-		q.kickSet = false
-		return true, c.reply(h.Code, VringState{Index: s.Index, Num: uint32(base)}, -1)
-
-	case ReqSetVringKick:
-		v := pl.(VringFD)
-		q, err := c.queue(uint32(v.Index))
-		if err != nil {
-			return false, err
-		}
-		var f *os.File
-		if !v.NoFD {
-			if err := checkEventfd(fds[0]); err != nil {
-				return false, fmt.Errorf("queue %d: kick: %w", v.Index, err)
-			}
-			fd := take(fds, 0)
-			unix.SetNonblock(fd, true)
-			f = os.NewFile(uintptr(fd), fmt.Sprintf("kick%d", v.Index))
-		}
-		wasRunning := q.state == queueRunning
-		q.pause()
-		if q.kick != nil {
-			q.kick.Close()
-		}
-		q.kick, q.kickSet = f, true
-		if wasRunning {
-			q.resume(c.mem, c.features, c.dlog)
-			return false, nil
-		}
-		// "The back-end must start ring upon receiving a kick": the ring
-		// goroutine starts now and pops once the ring is enabled.
-		if err := q.configured(); err != nil {
-			return false, fmt.Errorf("queue %d: cannot start: %w", v.Index, err)
-		}
-		if err := q.start(c.mem, c.features, c.dlog, c.inflight); err != nil {
-			return false, fmt.Errorf("queue %d: %w", v.Index, err)
-		}
-		return false, nil
-
-	case ReqSetVringCall, ReqSetVringErr:
-		v := pl.(VringFD)
-		q, err := c.queue(uint32(v.Index))
-		if err != nil {
-			return false, err
-		}
-		var n *notifier
-		if !v.NoFD {
-			if err := checkEventfd(fds[0]); err != nil {
-				return false, fmt.Errorf("queue %d: %s: %w", v.Index, h.Code, err)
-			}
-			what := fmt.Sprintf("call%d", v.Index)
-			if h.Code == ReqSetVringErr {
-				what = fmt.Sprintf("err%d", v.Index)
-			}
-			n = newNotifier(take(fds, 0), what, c.log)
-		}
-		var old *notifier
-		if h.Code == ReqSetVringCall {
-			old = q.call.Swap(n)
-		} else {
-			old = q.errf.Swap(n)
-		}
-		if old != nil {
-			old.close()
-			if h.Code == ReqSetVringCall && n != nil {
-				// A completer that loaded the old fd may have
-				// signalled it after QEMU stopped looking at it:
-				// QEMU sends SET_VRING_CALL without waiting for a
-				// reply when the guest masks or unmasks an MSI-X
-				// vector, and tests the fd it replaces before this
-				// back end has read the message
-				// (virtio_pci_one_vector_unmask). Signal the new
-				// one so that no completion waits for an interrupt
-				// that was lost; a spurious interrupt costs the
-				// driver one look at the used ring.
-				n.signal()
-			}
-		}
-		return false, nil
-
-	case ReqSetVringEnable:
-		s := pl.(VringState)
-		q, err := c.queue(s.Index)
-		if err != nil {
-			return false, err
-		}
-		if s.Num > 1 {
-			return false, fmt.Errorf("queue %d: enable %d, want 0 or 1", s.Index, s.Num)
-		}
-		q.enabled.Store(s.Num == 1)
-		if q.state == queueRunning {
-			q.nudge()
-		}
-		return false, nil
-
-	case ReqGetConfig:
-		cm := pl.(ConfigMsg)
-		if c.protocol.Load()&ProtocolConfig == 0 {
-			return true, c.reply(h.Code, rawPayload(nil), -1)
-		}
-		// "vhost-user back-end uses zero length of payload to indicate an
-		// error"; any range within the 96-byte config space is served.
-		if uint64(cm.Offset)+uint64(cm.Size) > ConfigSpaceSize {
-			c.log.Warn("GET_CONFIG beyond config space", "offset", cm.Offset, "size", cm.Size)
-			return true, c.reply(h.Code, rawPayload(nil), -1)
-		}
-		cfg := c.dev.config()
-		cm.Data = cfg[cm.Offset : cm.Offset+cm.Size]
-		return true, c.reply(h.Code, cm, -1)
-
-	case ReqSetConfig:
-		cm := pl.(ConfigMsg)
-		if c.protocol.Load()&ProtocolConfig == 0 {
-			return false, errors.New("CONFIG not negotiated")
-		}
-		// "back-ends MUST NOT accept SET_CONFIG for read-only configuration
-		// space fields unless the live migration bit is set". The only
-		// writable field is writeback (offset 32), with CONFIG_WCE.
-		const wceOff = 32
-		covers := cm.Offset <= wceOff && cm.Offset+cm.Size > wceOff
-		if cm.Flags == ConfigFlagWritable && (cm.Offset != wceOff || cm.Size != 1) {
-			return false, fmt.Errorf("SET_CONFIG of read-only bytes %d+%d", cm.Offset, cm.Size)
-		}
-		if uint64(cm.Offset)+uint64(cm.Size) > ConfigSpaceSize {
-			return false, fmt.Errorf("SET_CONFIG %d+%d beyond config space", cm.Offset, cm.Size)
-		}
-		if covers {
-			if c.features&BlkFeatureConfigWCE == 0 {
-				return false, errors.New("writeback written without CONFIG_WCE")
-			}
-			wb := cm.Data[wceOff-cm.Offset]
-			if wb > 1 {
-				return false, fmt.Errorf("writeback %d, want 0 or 1", wb)
-			}
-			c.dev.writeback.Store(wb == 1)
-			c.log.Info("cache mode set", "writeback", wb == 1)
-		}
-		return false, nil
-
-	case ReqSetBackendReqFD:
-		if c.protocol.Load()&ProtocolBackendReq == 0 {
-			return false, errors.New("BACKEND_REQ not negotiated")
-		}
-		f := os.NewFile(uintptr(take(fds, 0)), "backend-req")
-		nc, err := net.FileConn(f)
-		f.Close()
-		if err != nil {
-			return false, fmt.Errorf("back-end channel: %w", err)
-		}
-		uc, ok := nc.(*net.UnixConn)
-		if !ok {
-			nc.Close()
-			return false, errors.New("back-end channel is not a unix socket")
-		}
-		c.mu.Lock()
-		old := c.backend
-		c.backend = &backendChan{uc: uc}
-		c.mu.Unlock()
-		if old != nil {
-			old.close()
-		}
-		return false, nil
-
-	case ReqGetInflightFD:
-		if c.protocol.Load()&ProtocolInflightSHMFD == 0 {
-			return false, connError{errors.New("GET_INFLIGHT_FD: INFLIGHT_SHMFD not negotiated")}
-		}
-		if c.anyRunning() {
-			return false, connError{errors.New("GET_INFLIGHT_FD while queues run")}
-		}
-		d := pl.(InflightDesc)
-		r, fd, rd, err := createInflight(d.NumQueues, d.QueueSize)
-		if err != nil {
-			return false, connError{err}
-		}
-		defer unix.Close(fd)
-		c.inflight.unmap()
-		c.inflight = r
-		return true, c.reply(h.Code, rd, fd)
-
-	case ReqSetInflightFD:
-		if c.protocol.Load()&ProtocolInflightSHMFD == 0 {
-			return false, errors.New("INFLIGHT_SHMFD not negotiated")
-		}
-		if c.anyRunning() {
-			return false, errors.New("SET_INFLIGHT_FD while queues run")
-		}
-		r, err := mapInflight(fds[0], pl.(InflightDesc))
-		if err != nil {
-			return false, err
-		}
-		c.inflight.unmap()
-		c.inflight = r
-		return false, nil
-
-	case ReqResetDevice:
-		if c.protocol.Load()&ProtocolResetDevice == 0 {
-			return false, errors.New("RESET_DEVICE not negotiated")
-		}
-		c.resetDevice()
-		return false, nil
-
-	case ReqSetStatus:
-		if c.protocol.Load()&ProtocolStatus == 0 {
-			return false, errors.New("STATUS not negotiated")
-		}
-		v := uint64(pl.(U64))
-		if v > 0xff {
-			return false, fmt.Errorf("device status %#x beyond 8 bits", v)
-		}
-		c.status = v
-		if v == 0 {
-			c.resetDevice() // virtio 1.x 2.1: writing 0 resets the device
-		}
-		return false, nil
-
-	case ReqGetStatus:
-		if c.protocol.Load()&ProtocolStatus == 0 {
-			return false, connError{errors.New("GET_STATUS: STATUS not negotiated")}
-		}
-		return true, c.reply(h.Code, U64(c.status), -1)
-	}
-	return false, fmt.Errorf("%s: %w", h.Code, errUnknownRequest)
 }
 
 // checkEventfd refuses an fd that is not an eventfd: a pipe or socket
@@ -739,7 +279,7 @@ func checkEventfd(fd int) error {
 // anyRunning reports whether a queue is running or paused.
 func (c *conn) anyRunning() bool {
 	for _, q := range c.dev.queues {
-		if q.state != queueStopped {
+		if !q.isStopped() {
 			return true
 		}
 	}
@@ -749,16 +289,16 @@ func (c *conn) anyRunning() bool {
 // quiesce pauses the running queues (waiting for their requests), runs fn,
 // and resumes them with the connection's current memory, features and log.
 func (c *conn) quiesce(fn func()) {
-	var paused []*blkQueue
+	var paused []*queue
 	for _, q := range c.dev.queues {
-		if q.state == queueRunning {
-			q.pause()
+		if q.pause() {
 			paused = append(paused, q)
 		}
 	}
 	fn()
+	env := c.env()
 	for _, q := range paused {
-		q.resume(c.mem, c.features, c.dlog)
+		q.resume(env)
 	}
 }
 
@@ -796,18 +336,11 @@ func unmapAll(regs []*memRegion) {
 // negotiated virtio features (RESET_DEVICE, SET_STATUS 0).
 func (c *conn) resetDevice() {
 	for _, q := range c.dev.queues {
-		q.stop()
-		if q.kick != nil {
-			q.kick.Close()
-			q.kick = nil
-		}
-		q.kickSet, q.addrSet = false, false
-		q.num, q.base = 0, 0
-		q.enabled.Store(false)
+		q.reset()
 	}
 	c.features, c.featuresSet = 0, false
-	c.dev.features.Store(0)
-	c.dev.writeback.Store(true)
+	c.blk.features.Store(0)
+	c.blk.writeback.Store(true)
 }
 
 // teardown stops the queues, waiting for every request in flight, then
@@ -815,13 +348,7 @@ func (c *conn) resetDevice() {
 func (c *conn) teardown() {
 	c.close()
 	for _, q := range c.dev.queues {
-		q.stop()
-		if q.kick != nil {
-			q.kick.Close()
-			q.kick = nil
-		}
-		q.call.Swap(nil).close()
-		q.errf.Swap(nil).close()
+		q.close()
 	}
 	if n := c.dev.dropped.Load(); n > 0 {
 		c.log.Warn("requests dropped without completion after a fault", "requests", n)
@@ -850,7 +377,7 @@ func (c *conn) teardown() {
 func (c *conn) releaseMemory() {
 	var n uintptr
 	for _, q := range c.dev.queues {
-		n += uintptr(len(q.reqs)) * unsafe.Sizeof(blkReq{})
+		n += uintptr(len(q.reqs)) * unsafe.Sizeof(request{})
 		q.reqs = nil
 	}
 	if n < 4<<20 {
@@ -868,7 +395,7 @@ func (c *conn) releaseMemory() {
 // configChanged tells the front end that the config space changed
 // (BACKEND_CONFIG_CHANGE_MSG), from any goroutine; it does not wait.
 func (c *conn) configChanged() {
-	if c.protocol.Load()&ProtocolConfig == 0 {
+	if c.protocol.Load()&wire.ProtocolConfig == 0 {
 		return
 	}
 	c.mu.Lock()
@@ -878,9 +405,9 @@ func (c *conn) configChanged() {
 		c.log.Info("config changed, but the front end has no back-end channel")
 		return
 	}
-	ack := c.protocol.Load()&ProtocolReplyAck != 0
+	ack := c.protocol.Load()&wire.ProtocolReplyAck != 0
 	go func() {
-		if err := b.send(BackendConfigChangeMsg, ack); err != nil {
+		if err := b.send(wire.BackendConfigChangeMsg, ack); err != nil {
 			c.log.Warn("config change notification failed", "err", err)
 		}
 	}()
@@ -889,37 +416,35 @@ func (c *conn) configChanged() {
 // backendChan is the back-end request channel (SET_BACKEND_REQ_FD).
 type backendChan struct {
 	mu sync.Mutex
-	uc *net.UnixConn
+	wc *wire.Conn
 }
+
+func newBackendChan(uc *net.UnixConn) *backendChan { return &backendChan{wc: wire.NewConn(uc)} }
 
 // send sends a payload-less request and, with ack, waits for the
 // front end's REPLY_ACK.
-func (b *backendChan) send(code BackendReqCode, ack bool) error {
+func (b *backendChan) send(code wire.BackendReqCode, ack bool) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	flags := FlagVersion
+	flags := wire.FlagVersion
 	if ack {
-		flags |= FlagNeedReply
+		flags |= wire.FlagNeedReply
 	}
-	msg := Header{Code: ReqCode(code), Flags: flags}.AppendTo(nil)
-	b.uc.SetDeadline(time.Now().Add(5 * time.Second))
-	if _, err := b.uc.Write(msg); err != nil {
+	const timeout = 5 * time.Second
+	b.wc.UnixConn().SetDeadline(time.Now().Add(timeout))
+	if err := b.wc.WriteMsg(wire.ReqCode(code), flags, wire.NoPayload{}, nil, timeout); err != nil {
 		return fmt.Errorf("send %s: %w", code, err)
 	}
 	if !ack {
 		return nil
 	}
-	var hb [HeaderSize]byte
-	if _, err := io.ReadFull(b.uc, hb[:]); err != nil {
+	h, p, fds, err := b.wc.ReadMsg()
+	wire.CloseFDs(fds)
+	if err != nil {
 		return fmt.Errorf("%s reply: %w", code, err)
 	}
-	h := Header{Code: ReqCode(le.Uint32(hb[:])), Flags: le.Uint32(hb[4:]), Size: le.Uint32(hb[8:])}
-	if h.Size > MaxPayload || h.Flags&FlagReply == 0 || h.Code != ReqCode(code) {
+	if !h.IsReply() || h.Code != wire.ReqCode(code) {
 		return fmt.Errorf("%s: bad reply header %+v", code, h)
-	}
-	p := make([]byte, h.Size)
-	if _, err := io.ReadFull(b.uc, p); err != nil {
-		return fmt.Errorf("%s reply: %w", code, err)
 	}
 	if len(p) == 8 && le.Uint64(p) != 0 {
 		return fmt.Errorf("%s: front end answered %d", code, le.Uint64(p))
@@ -927,4 +452,4 @@ func (b *backendChan) send(code BackendReqCode, ack bool) error {
 	return nil
 }
 
-func (b *backendChan) close() { b.uc.Close() }
+func (b *backendChan) close() { b.wc.UnixConn().Close() }

@@ -7,6 +7,9 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhostdm/vhostdm/vhost/frontend"
+	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
 
 // TestResize grows the device: the export sends CONFIG_CHANGE_MSG on the
@@ -17,9 +20,9 @@ func TestResize(t *testing.T) {
 		t.Fatal(err)
 	}
 	changed := make(chan struct{}, 4)
-	c := env.dial(t, ClientConfig{OnConfigChange: func() { changed <- struct{}{} }})
+	c := env.dial(t, frontend.Config{OnConfigChange: func() { changed <- struct{}{} }})
 	ctx := testCtx(t)
-	if c.ProtocolFeatures()&ProtocolBackendReq == 0 {
+	if c.ProtocolFeatures()&wire.ProtocolBackendReq == 0 {
 		t.Fatal("BACKEND_REQ not negotiated")
 	}
 	if err := env.dev.Reload(fmt.Sprintf("0 %d linear %s 0", 4<<20/512, env.backing)); err != nil {
@@ -47,7 +50,7 @@ func TestResize(t *testing.T) {
 // that data read into guest memory and the used ring are logged.
 func TestDirtyLog(t *testing.T) {
 	env := newTestEnv(t, 1<<20, ExportConfig{Writable: true, NumQueues: 2})
-	c := env.dial(t, ClientConfig{NumQueues: 2})
+	c := env.dial(t, frontend.Config{NumQueues: 2})
 	ctx := testCtx(t)
 	if err := c.WriteAt(ctx, 1, pattern(1, 8192), 0); err != nil {
 		t.Fatal(err)
@@ -98,7 +101,7 @@ func TestDirtyLog(t *testing.T) {
 // config space reports it.
 func TestWritethrough(t *testing.T) {
 	env := newTestEnv(t, 1<<20, ExportConfig{Writable: true})
-	c := env.dial(t, ClientConfig{})
+	c := env.dial(t, frontend.Config{})
 	ctx := testCtx(t)
 	if c.Config().Writeback != 1 {
 		t.Fatal("writeback cache not on by default")
@@ -123,9 +126,9 @@ func TestWritethrough(t *testing.T) {
 // (ADD_MEM_REG / REM_MEM_REG): the queues pause, switch tables and go on.
 func TestMemoryHotplug(t *testing.T) {
 	env := newTestEnv(t, 1<<20, ExportConfig{Writable: true, NumQueues: 2})
-	c := env.dial(t, ClientConfig{NumQueues: 2})
+	c := env.dial(t, frontend.Config{NumQueues: 2})
 	ctx := testCtx(t)
-	if c.ProtocolFeatures()&ProtocolConfigureMemSlots == 0 {
+	if c.ProtocolFeatures()&wire.ProtocolConfigureMemSlots == 0 {
 		t.Fatal("CONFIGURE_MEM_SLOTS not negotiated")
 	}
 	fd, err := unix.MemfdCreate("hotplug", unix.MFD_CLOEXEC)
@@ -136,11 +139,11 @@ func TestMemoryHotplug(t *testing.T) {
 	if err := unix.Ftruncate(fd, 1<<20); err != nil {
 		t.Fatal(err)
 	}
-	region := SingleMemRegion{Region: MemRegion{GPA: 1 << 40, Size: 1 << 20, UserAddr: 1 << 44}}
-	ack := func(code ReqCode, fds []int) uint64 {
+	region := wire.SingleMemRegion{Region: wire.MemRegion{GPA: 1 << 40, Size: 1 << 20, UserAddr: 1 << 44}}
+	ack := func(code wire.ReqCode, fds []int) uint64 {
 		t.Helper()
 		p := region.AppendTo(nil)
-		h, r, err := c.RawRequest(Header{Code: code, Flags: FlagVersion | FlagNeedReply, Size: uint32(len(p))}, p, fds, true)
+		h, r, err := c.RawRequest(wire.Header{Code: code, Flags: wire.FlagVersion | wire.FlagNeedReply, Size: uint32(len(p))}, p, fds, true)
 		if err != nil || h.Code != code || len(r) != 8 {
 			t.Fatalf("%s: %+v %x %v", code, h, r, err)
 		}
@@ -159,19 +162,19 @@ func TestMemoryHotplug(t *testing.T) {
 		}
 	}
 	io(1)
-	if v := ack(ReqAddMemReg, []int{fd}); v != 0 {
+	if v := ack(wire.ReqAddMemReg, []int{fd}); v != 0 {
 		t.Fatalf("ADD_MEM_REG answered %d", v)
 	}
 	io(2)
 	// An overlapping region is refused and changes nothing.
-	if v := ack(ReqAddMemReg, []int{fd}); v == 0 {
+	if v := ack(wire.ReqAddMemReg, []int{fd}); v == 0 {
 		t.Fatal("overlapping ADD_MEM_REG accepted")
 	}
-	if v := ack(ReqRemMemReg, nil); v != 0 {
+	if v := ack(wire.ReqRemMemReg, nil); v != 0 {
 		t.Fatalf("REM_MEM_REG answered %d", v)
 	}
 	io(3)
-	if v := ack(ReqRemMemReg, nil); v == 0 {
+	if v := ack(wire.ReqRemMemReg, nil); v == 0 {
 		t.Fatal("REM_MEM_REG of a region not in the table accepted")
 	}
 }

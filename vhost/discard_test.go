@@ -9,6 +9,9 @@ import (
 
 	"github.com/vhostdm/vhostdm/mapper"
 	_ "github.com/vhostdm/vhostdm/targets/raid"
+
+	"github.com/vhostdm/vhostdm/vhost/frontend"
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
 )
 
 // TestDiscardCapability: a linear export offers DISCARD and WRITE_ZEROES;
@@ -45,11 +48,11 @@ func TestDiscardCapability(t *testing.T) {
 	go e.Serve(testCtx(t))
 	defer e.Close()
 	ctx := testCtx(t)
-	c, err := Dial(ctx, ClientConfig{Socket: sock, MemSize: 4 << 20})
+	c, err := frontend.Dial(ctx, frontend.Config{Socket: sock, MemSize: 4 << 20})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if f := c.Features(); f&BlkFeatureDiscard == 0 || f&BlkFeatureWriteZeroes == 0 {
+	if f := c.Features(); f&virtio.BlkFeatureDiscard == 0 || f&virtio.BlkFeatureWriteZeroes == 0 {
 		t.Fatalf("linear export: features %#x lack DISCARD or WRITE_ZEROES", f)
 	}
 	if err := c.Discard(ctx, 0, 0, 128); err != nil {
@@ -60,8 +63,8 @@ func TestDiscardCapability(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, "config change after the reload", func() bool { return c.ConfigChanges() > before })
-	var se *StatusError
-	if err := c.Discard(ctx, 0, 0, 128); !errors.As(err, &se) || se.Status != BlkStatusUnsupp {
+	var se *frontend.StatusError
+	if err := c.Discard(ctx, 0, 0, 128); !errors.As(err, &se) || se.Status != virtio.BlkStatusUnsupp {
 		t.Fatalf("discard on raid5: %v, want UNSUPP", err)
 	}
 	if err := c.WriteZeroes(ctx, 0, 0, 128, false); err != nil {
@@ -69,12 +72,12 @@ func TestDiscardCapability(t *testing.T) {
 	}
 	c.Close()
 	waitFor(t, "disconnect", func() bool { return !e.Connected() })
-	c, err = Dial(ctx, ClientConfig{Socket: sock, MemSize: 4 << 20})
+	c, err = frontend.Dial(ctx, frontend.Config{Socket: sock, MemSize: 4 << 20})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	if f := c.Features(); f&BlkFeatureDiscard != 0 || f&BlkFeatureWriteZeroes == 0 {
+	if f := c.Features(); f&virtio.BlkFeatureDiscard != 0 || f&virtio.BlkFeatureWriteZeroes == 0 {
 		t.Fatalf("raid5 export: features %#x, want WRITE_ZEROES without DISCARD", f)
 	}
 }

@@ -1,8 +1,11 @@
 // Package vhost serves mapper devices to QEMU over vhost-user-blk: the
 // back-end side of the vhost-user protocol (QEMU docs/interop/vhost-user.rst),
-// guest memory, split virtqueues, the virtio-blk device (virtio 1.x, block
-// device section), and a front-end client that drives any vhost-user-blk
-// back end (this one or qemu-storage-daemon) for tests and `vhostdm bench`.
+// guest memory, split virtqueues, the queue runtime and the virtio-blk
+// device (virtio 1.x, block device section). The front end that drives any
+// vhost-user-blk back end (this one or qemu-storage-daemon) for tests and
+// `vhostdm bench` is package vhost/frontend; both sides share the wire
+// layer in vhost/internal/wire (vhost-user messages and their framing) and
+// vhost/internal/virtio (ring and virtio-blk layouts).
 //
 // # Central types
 //
@@ -11,22 +14,24 @@
 //     A second front end is refused while one is served, queued while the
 //     previous one goes away (admit.go); one that does not send SET_OWNER
 //     within the negotiation timeout is disconnected.
-//   - [Client] is the front end: memfd guest memory, negotiation, rings with
-//     eventfds, and asynchronous virtio-blk requests on any queue
-//     ([Client.Submit], [Client.ReadAt], ...). [RawConn] and
-//     [Client.SubmitChain] send hostile messages and descriptor chains.
-//   - [Mem] is a guest memory table; [Header], [ReqCode] and the payload
-//     types ([VringAddr], [MemTable], [InflightDesc], ...) are the wire layer,
-//     decoded by [DecodeHeader] and [DecodePayload].
+//   - [Mem] is a guest memory table.
+//   - conn is one front end's connection: a table (handlers) maps each
+//     request code to one method; wire.Conn reads and writes the messages.
+//   - queue is one virtqueue's runtime, requestHandler the device it
+//     serves (blkDev, the virtio-blk semantics).
 //
 // # Layers
 //
-// msg.go decodes messages (exact sizes first, then syntax); conn.go owns a
-// connection's negotiated state and checks semantics; blk.go is the device,
-// which sees only validated values and reaches guest memory only through
-// [Mem]; vring.go walks descriptor chains and moves ring indices; inflight.go
-// keeps the shared inflight region that lets a restarted back end resubmit
-// what was in flight.
+// internal/wire decodes messages (exact sizes first, then syntax) and says
+// which carry fds and which have a reply; conn.go owns a connection's
+// negotiated state and checks semantics, one method per request;
+// queueconf.go is the only way it changes a queue; queue.go is the queue
+// runtime (ring goroutine, worker hand-off, batched completion), which
+// walks chains and hands each request to a requestHandler; blk.go is that
+// handler, the virtio-blk device, which sees only validated values and
+// reaches guest memory only through [Mem]; vring.go walks descriptor chains
+// and moves ring indices; inflight.go keeps the shared inflight region that
+// lets a restarted back end resubmit what was in flight.
 //
 // # Concurrency
 //
@@ -54,7 +59,7 @@
 // Memory the front end shares (guest memory, the dirty log) may shrink
 // under the back end. Every goroutine that touches it runs with
 // debug.SetPanicOnFault, so a fault is a panic: the goroutine recovers, the
-// device is marked dead (blkDev.fault) and the front end disconnected. From
+// device is marked dead (queueRuntime.fault) and the front end disconnected. From
 // then on nothing touches that memory again: requests still in flight
 // complete without a used element and are only accounted, so that the
 // queues stop and the export serves the next front end. Locks around

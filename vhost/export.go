@@ -114,7 +114,7 @@ type Export struct {
 	zeroes    atomic.Bool  // the table serves write-zeroes
 	freedAt   atomic.Int64 // mono time of the last releaseMemory
 	// renotifies counts the queues' second looks that found a driver
-	// owed an interrupt and signalled it again (blkQueue.renotify).
+	// owed an interrupt and signalled it again (queue.renotify).
 	renotifies atomic.Uint64
 
 	mu      sync.Mutex

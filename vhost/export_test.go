@@ -9,6 +9,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/vhostdm/vhostdm/vhost/frontend"
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
 )
 
 // TestExportRequests drives every request type through a real socket on 1
@@ -16,11 +19,11 @@ import (
 func TestExportRequests(t *testing.T) {
 	for _, tc := range []struct {
 		name string
-		cc   ClientConfig
+		cc   frontend.Config
 	}{
-		{"1q", ClientConfig{NumQueues: 1}},
-		{"4q-indirect-2regions", ClientConfig{NumQueues: 4, Indirect: true, Regions: 2}},
-		{"1q-memtable-noeventidx", ClientConfig{NumQueues: 1, MemTable: true, NoEventIdx: true, QueueSize: 64}},
+		{"1q", frontend.Config{NumQueues: 1}},
+		{"4q-indirect-2regions", frontend.Config{NumQueues: 4, Indirect: true, Regions: 2}},
+		{"1q-memtable-noeventidx", frontend.Config{NumQueues: 1, MemTable: true, NoEventIdx: true, QueueSize: 64}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			const size = 16 << 20
@@ -81,8 +84,8 @@ func TestExportRequests(t *testing.T) {
 			b1, _ := c.Buf(4096)
 			b2, _ := c.Buf(512)
 			b3, _ := c.Buf(3584)
-			res, err := c.Do(ctx, 0, &BlkRequest{Type: BlkTypeIn, Sector: 16, Data: [][]byte{b1, b2, b3}})
-			if err != nil || res.Status != BlkStatusOK || res.Len != 8193 {
+			res, err := c.Do(ctx, 0, &frontend.BlkRequest{Type: virtio.BlkTypeIn, Sector: 16, Data: [][]byte{b1, b2, b3}})
+			if err != nil || res.Status != virtio.BlkStatusOK || res.Len != 8193 {
 				t.Fatalf("split read: %+v %v", res, err)
 			}
 			if got := append(append(append([]byte{}, b1...), b2...), b3...); !bytes.Equal(got, pattern(16, 8192)) {
@@ -109,8 +112,8 @@ func TestExportRequests(t *testing.T) {
 				}
 			}
 			// Discard with the unmap flag is UNSUPP (virtio 1.x 5.2.6.2).
-			res, err = c.Do(ctx, 0, &BlkRequest{Type: BlkTypeDiscard, Ranges: []Range{{Sector: 0, Sectors: 8, Flags: BlkDiscardUnmap}}})
-			if err != nil || res.Status != BlkStatusUnsupp {
+			res, err = c.Do(ctx, 0, &frontend.BlkRequest{Type: virtio.BlkTypeDiscard, Ranges: []frontend.Range{{Sector: 0, Sectors: 8, Flags: virtio.BlkDiscardUnmap}}})
+			if err != nil || res.Status != virtio.BlkStatusUnsupp {
 				t.Fatalf("discard with unmap: %+v %v", res, err)
 			}
 			id, err := c.GetID(ctx, c.NumQueues()-1)
@@ -118,16 +121,16 @@ func TestExportRequests(t *testing.T) {
 				t.Fatalf("GET_ID = %q, %v", id, err)
 			}
 			// Unknown request types are UNSUPP.
-			res, err = c.Do(ctx, 0, &BlkRequest{Type: BlkTypeGetLifetime})
-			if err != nil || res.Status != BlkStatusUnsupp {
+			res, err = c.Do(ctx, 0, &frontend.BlkRequest{Type: virtio.BlkTypeGetLifetime})
+			if err != nil || res.Status != virtio.BlkStatusUnsupp {
 				t.Fatalf("GET_LIFETIME: %+v %v", res, err)
 			}
 			// Out of range and misaligned requests fail alone.
-			var se *StatusError
-			if err := c.ReadAt(ctx, 0, make([]byte, 4096), size/512-4); !errors.As(err, &se) || se.Status != BlkStatusIOErr {
+			var se *frontend.StatusError
+			if err := c.ReadAt(ctx, 0, make([]byte, 4096), size/512-4); !errors.As(err, &se) || se.Status != virtio.BlkStatusIOErr {
 				t.Fatalf("read beyond capacity: %v", err)
 			}
-			if err := c.WriteAt(ctx, 0, make([]byte, 100), 0); !errors.As(err, &se) || se.Status != BlkStatusIOErr {
+			if err := c.WriteAt(ctx, 0, make([]byte, 100), 0); !errors.As(err, &se) || se.Status != virtio.BlkStatusIOErr {
 				t.Fatalf("write of 100 bytes: %v", err)
 			}
 			if err := c.ReadAt(ctx, 0, make([]byte, 4096), 0); err != nil {
@@ -141,7 +144,7 @@ func TestExportRequests(t *testing.T) {
 // checks that each completes exactly once with the right data.
 func TestExportQueueDepth(t *testing.T) {
 	env := newTestEnv(t, 64<<20, ExportConfig{Writable: true, NumQueues: 4})
-	c := env.dial(t, ClientConfig{NumQueues: 4, QueueSize: 256, Indirect: true})
+	c := env.dial(t, frontend.Config{NumQueues: 4, QueueSize: 256, Indirect: true})
 	ctx := testCtx(t)
 	const perQueue = 200
 	var wg sync.WaitGroup
@@ -157,8 +160,8 @@ func TestExportQueueDepth(t *testing.T) {
 			copy(buf, pattern(sector, 4096))
 			wg.Add(1)
 			for {
-				err = c.Submit(q, &BlkRequest{Type: BlkTypeOut, Sector: sector, Data: [][]byte{buf}}, func(r Result) {
-					if r.Status != BlkStatusOK || r.Err != nil {
+				err = c.Submit(q, &frontend.BlkRequest{Type: virtio.BlkTypeOut, Sector: sector, Data: [][]byte{buf}}, func(r frontend.Result) {
+					if r.Status != virtio.BlkStatusOK || r.Err != nil {
 						mu.Lock()
 						failures = append(failures, fmt.Sprintf("sector %d: %+v", sector, r))
 						mu.Unlock()
@@ -166,7 +169,7 @@ func TestExportQueueDepth(t *testing.T) {
 					c.FreeBuf(buf)
 					wg.Done()
 				})
-				if !errors.Is(err, ErrRingFull) {
+				if !errors.Is(err, frontend.ErrRingFull) {
 					break
 				}
 				time.Sleep(100 * time.Microsecond)
@@ -201,19 +204,19 @@ func TestExportQueueDepth(t *testing.T) {
 // refuses writes, discards and write-zeroes with IOERR.
 func TestExportReadOnly(t *testing.T) {
 	env := newTestEnv(t, 1<<20, ExportConfig{Writable: false})
-	c := env.dial(t, ClientConfig{})
+	c := env.dial(t, frontend.Config{})
 	ctx := testCtx(t)
-	if c.Features()&BlkFeatureRO == 0 {
+	if c.Features()&virtio.BlkFeatureRO == 0 {
 		t.Fatal("read-only export does not offer VIRTIO_BLK_F_RO")
 	}
-	var se *StatusError
-	if err := c.WriteAt(ctx, 0, make([]byte, 512), 0); !errors.As(err, &se) || se.Status != BlkStatusIOErr {
+	var se *frontend.StatusError
+	if err := c.WriteAt(ctx, 0, make([]byte, 512), 0); !errors.As(err, &se) || se.Status != virtio.BlkStatusIOErr {
 		t.Fatalf("write: %v", err)
 	}
-	if err := c.Discard(ctx, 0, 0, 8); !errors.As(err, &se) || se.Status != BlkStatusIOErr {
+	if err := c.Discard(ctx, 0, 0, 8); !errors.As(err, &se) || se.Status != virtio.BlkStatusIOErr {
 		t.Fatalf("discard: %v", err)
 	}
-	if err := c.WriteZeroes(ctx, 0, 0, 8, false); !errors.As(err, &se) || se.Status != BlkStatusIOErr {
+	if err := c.WriteZeroes(ctx, 0, 0, 8, false); !errors.As(err, &se) || se.Status != virtio.BlkStatusIOErr {
 		t.Fatalf("write-zeroes: %v", err)
 	}
 	if err := c.ReadAt(ctx, 0, make([]byte, 512), 0); err != nil {
@@ -228,13 +231,13 @@ func TestExportReadOnly(t *testing.T) {
 // alignment checks.
 func TestExportBlockSize4K(t *testing.T) {
 	env := newTestEnv(t, 1<<20, ExportConfig{Writable: true, LogicalBlockSize: 4096})
-	c := env.dial(t, ClientConfig{})
+	c := env.dial(t, frontend.Config{})
 	ctx := testCtx(t)
 	cfg := c.Config()
 	if cfg.BlkSize != 4096 || cfg.DiscardSectorAlign != 8 {
 		t.Fatalf("config %+v", cfg)
 	}
-	var se *StatusError
+	var se *frontend.StatusError
 	if err := c.WriteAt(ctx, 0, make([]byte, 512), 0); !errors.As(err, &se) {
 		t.Fatalf("512-byte write on a 4K export: %v", err)
 	}
@@ -304,7 +307,7 @@ func TestExportReconnect(t *testing.T) {
 		OnDisconnect: func() { mu.Lock(); events = append(events, "disconnect"); mu.Unlock() },
 	})
 	ctx := testCtx(t)
-	c := env.dial(t, ClientConfig{NumQueues: 2})
+	c := env.dial(t, frontend.Config{NumQueues: 2})
 	if err := c.WriteAt(ctx, 1, pattern(7, 4096), 0); err != nil {
 		t.Fatal(err)
 	}
@@ -322,7 +325,7 @@ func TestExportReconnect(t *testing.T) {
 		t.Fatal("data lost across reconnect")
 	}
 	c.Close()
-	c2 := env.dial(t, ClientConfig{NumQueues: 1})
+	c2 := env.dial(t, frontend.Config{NumQueues: 1})
 	if err := c2.ReadAt(ctx, 0, got, 0); err != nil {
 		t.Fatal(err)
 	}

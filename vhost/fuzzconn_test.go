@@ -12,6 +12,10 @@ import (
 
 	"github.com/vhostdm/vhostdm/mapper"
 	"golang.org/x/sys/unix"
+
+	"github.com/vhostdm/vhostdm/vhost/frontend"
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
+	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
 
 // fuzzExport is the export FuzzConnSequence attacks, one per process (the
@@ -56,11 +60,11 @@ func fuzzTarget(f *testing.F) string {
 }
 
 // fuzzOps is what one op byte of FuzzConnSequence selects.
-var fuzzOps = []ReqCode{
-	ReqGetFeatures, ReqSetFeatures, ReqSetProtocolFeatures, ReqSetOwner, ReqSetMemTable, ReqAddMemReg,
-	ReqRemMemReg, ReqSetVringNum, ReqSetVringAddr, ReqSetVringBase, ReqGetVringBase, ReqSetVringKick,
-	ReqSetVringCall, ReqSetVringErr, ReqSetVringEnable, ReqSetLogBase, ReqGetInflightFD, ReqSetInflightFD,
-	ReqResetDevice, ReqSetStatus, ReqGetConfig, ReqSetConfig, ReqResetOwner, ReqSetBackendReqFD,
+var fuzzOps = []wire.ReqCode{
+	wire.ReqGetFeatures, wire.ReqSetFeatures, wire.ReqSetProtocolFeatures, wire.ReqSetOwner, wire.ReqSetMemTable, wire.ReqAddMemReg,
+	wire.ReqRemMemReg, wire.ReqSetVringNum, wire.ReqSetVringAddr, wire.ReqSetVringBase, wire.ReqGetVringBase, wire.ReqSetVringKick,
+	wire.ReqSetVringCall, wire.ReqSetVringErr, wire.ReqSetVringEnable, wire.ReqSetLogBase, wire.ReqGetInflightFD, wire.ReqSetInflightFD,
+	wire.ReqResetDevice, wire.ReqSetStatus, wire.ReqGetConfig, wire.ReqSetConfig, wire.ReqResetOwner, wire.ReqSetBackendReqFD,
 	// Pseudo-ops: write guest memory and kick, shrink guest memory,
 	// send raw bytes.
 	0xfd, 0xfe, 0xff,
@@ -97,7 +101,7 @@ const (
 // nothing wedges.
 func FuzzConnSequence(f *testing.F) {
 	socket := fuzzTarget(f)
-	op := func(c ReqCode) byte {
+	op := func(c wire.ReqCode) byte {
 		for i, o := range fuzzOps {
 			if o == c {
 				return byte(i)
@@ -108,15 +112,15 @@ func FuzzConnSequence(f *testing.F) {
 	le64 := func(v uint64) []byte { return le.AppendUint64(nil, v) }
 	// A valid setup of queue 0, then a request written into the ring.
 	var setup []byte
-	setup = append(setup, op(ReqGetFeatures), op(ReqSetProtocolFeatures))
-	setup = append(setup, le64(ProtocolReplyAck|ProtocolConfig|ProtocolLogSHMFD|ProtocolInflightSHMFD)...)
-	setup = append(setup, op(ReqSetOwner), op(ReqSetFeatures))
-	setup = append(setup, le64(FeatureVersion1|FeatureProtocolFeatures|FeatureIndirectDesc|FeatureLogAll)...)
-	setup = append(setup, op(ReqSetMemTable), 0)
-	setup = append(setup, op(ReqSetVringCall), 0, 1, op(ReqSetVringNum), 0, 4) // 16 entries
-	setup = append(setup, op(ReqSetVringBase), 0, 0)
-	setup = append(setup, op(ReqSetVringAddr), 0, 0, 0, 0, 1, 0, 2, 0) // pages 0, 1, 2
-	setup = append(setup, op(ReqSetVringKick), 0, 1, op(ReqSetVringEnable), 0, 1)
+	setup = append(setup, op(wire.ReqGetFeatures), op(wire.ReqSetProtocolFeatures))
+	setup = append(setup, le64(wire.ProtocolReplyAck|wire.ProtocolConfig|wire.ProtocolLogSHMFD|wire.ProtocolInflightSHMFD)...)
+	setup = append(setup, op(wire.ReqSetOwner), op(wire.ReqSetFeatures))
+	setup = append(setup, le64(virtio.FeatureVersion1|virtio.FeatureProtocolFeatures|virtio.FeatureIndirectDesc|virtio.FeatureLogAll)...)
+	setup = append(setup, op(wire.ReqSetMemTable), 0)
+	setup = append(setup, op(wire.ReqSetVringCall), 0, 1, op(wire.ReqSetVringNum), 0, 4) // 16 entries
+	setup = append(setup, op(wire.ReqSetVringBase), 0, 0)
+	setup = append(setup, op(wire.ReqSetVringAddr), 0, 0, 0, 0, 1, 0, 2, 0) // pages 0, 1, 2
+	setup = append(setup, op(wire.ReqSetVringKick), 0, 1, op(wire.ReqSetVringEnable), 0, 1)
 	garbage, shrink, raw := byte(len(fuzzOps)-3), byte(len(fuzzOps)-2), byte(len(fuzzOps)-1)
 	with := func(b ...byte) []byte { return append(append([]byte{}, setup...), b...) }
 	// Garbage in the available ring (page 1): index 0x00ff, heads 0xffff.
@@ -130,14 +134,14 @@ func FuzzConnSequence(f *testing.F) {
 		0x10, 0x30, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0,
 		garbage, 0x10, 0, 6, 0, 0, 1, 0, 0, 0}
 	f.Add(with(append(append([]byte{}, chain...), shrink, 0x80, 0, garbage, 0, 0, 0)...))
-	f.Add(with(append(append([]byte{}, chain...), op(ReqGetVringBase), 0, 0)...))
-	f.Add(with(op(ReqGetInflightFD), 0, 4, op(ReqSetInflightFD), 3, 0, 1, 0, 4, op(ReqGetVringBase), 0, 0))
-	f.Add(with(op(ReqSetLogBase), 1<<2|1, op(ReqSetVringAddr), 0, 1, 0, 0, 1, 0, 2, 0, op(ReqResetDevice)))
-	f.Add([]byte{op(ReqSetVringCall), 0, 2, op(ReqSetVringKick), 0, 3, raw, 12, 1, 0, 0, 0})
-	f.Add(with(op(ReqAddMemReg), 1, op(ReqRemMemReg), 0, op(ReqSetVringCall), 0, 4, op(ReqSetMemTable), 2<<1))
+	f.Add(with(append(append([]byte{}, chain...), op(wire.ReqGetVringBase), 0, 0)...))
+	f.Add(with(op(wire.ReqGetInflightFD), 0, 4, op(wire.ReqSetInflightFD), 3, 0, 1, 0, 4, op(wire.ReqGetVringBase), 0, 0))
+	f.Add(with(op(wire.ReqSetLogBase), 1<<2|1, op(wire.ReqSetVringAddr), 0, 1, 0, 0, 1, 0, 2, 0, op(wire.ReqResetDevice)))
+	f.Add([]byte{op(wire.ReqSetVringCall), 0, 2, op(wire.ReqSetVringKick), 0, 3, raw, 12, 1, 0, 0, 0})
+	f.Add(with(op(wire.ReqAddMemReg), 1, op(wire.ReqRemMemReg), 0, op(wire.ReqSetVringCall), 0, 4, op(wire.ReqSetMemTable), 2<<1))
 	// Call and error fds blocked and full, then a request completes and
 	// the queue is stopped.
-	f.Add(with(append(append([]byte{op(ReqSetVringCall), 0, 6, op(ReqSetVringErr), 0, 6}, chain...), op(ReqGetVringBase), 0, 0)...))
+	f.Add(with(append(append([]byte{op(wire.ReqSetVringCall), 0, 6, op(wire.ReqSetVringErr), 0, 6}, chain...), op(wire.ReqGetVringBase), 0, 0)...))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		fuzzConn(t, socket, data)
 	})
@@ -146,7 +150,7 @@ func FuzzConnSequence(f *testing.F) {
 func fuzzConn(t *testing.T, socket string, data []byte) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	rc, err := DialRaw(ctx, socket)
+	rc, err := frontend.DialRaw(ctx, socket)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -159,11 +163,11 @@ func fuzzConn(t *testing.T, socket string, data []byte) {
 	go func() {
 		defer close(drained)
 		for {
-			h, _, fds, err := readMsg(rc.uc)
+			h, _, fds, err := rc.Recv(24 * time.Hour) // until the connection closes
 			if err != nil {
 				return
 			}
-			if h.Code == ReqGetFeatures {
+			if h.Code == wire.ReqGetFeatures {
 				gfGot.Add(1)
 				select {
 				case synced <- struct{}{}:
@@ -254,16 +258,16 @@ func fuzzConn(t *testing.T, socket string, data []byte) {
 		return nil
 	}
 	r := &fuzzReader{b: data}
-	send := func(code ReqCode, pl Payload, fds []int) {
+	send := func(code wire.ReqCode, pl wire.Payload, fds []int) {
 		b := pl.AppendTo(nil)
-		msg := append(Header{Code: code, Flags: FlagVersion | FlagNeedReply, Size: uint32(len(b))}.AppendTo(nil), b...)
+		msg := append(wire.Header{Code: code, Flags: wire.FlagVersion | wire.FlagNeedReply, Size: uint32(len(b))}.AppendTo(nil), b...)
 		rc.Send(msg, fds)
 	}
 	// sync waits until the back end has handled every message sent so
 	// far: it answers GET_FEATURES in order.
 	sync := func() bool {
 		want := gfSent.Add(1)
-		rc.Send(Header{Code: ReqGetFeatures, Flags: FlagVersion}.AppendTo(nil), nil)
+		rc.Send(wire.Header{Code: wire.ReqGetFeatures, Flags: wire.FlagVersion}.AppendTo(nil), nil)
 		deadline := time.After(2 * time.Second)
 		for gfGot.Load() < want {
 			select {
@@ -278,60 +282,60 @@ func fuzzConn(t *testing.T, socket string, data []byte) {
 	}
 	for n := 0; n < 64 && len(r.b) > 0; n++ {
 		code := fuzzOps[int(r.u8())%len(fuzzOps)]
-		if code == ReqGetFeatures {
+		if code == wire.ReqGetFeatures {
 			gfSent.Add(1)
 		}
 		if os.Getenv("VHOST_FUZZ_TRACE") != "" {
 			t.Logf("op %v, %d bytes left", code, len(r.b))
 		}
 		switch code {
-		case ReqGetFeatures, ReqSetOwner, ReqResetDevice, ReqResetOwner:
-			send(code, NoPayload{}, nil)
-		case ReqSetFeatures, ReqSetProtocolFeatures, ReqSetStatus:
-			send(code, U64(r.u64()), nil)
-		case ReqSetMemTable, ReqAddMemReg, ReqRemMemReg:
+		case wire.ReqGetFeatures, wire.ReqSetOwner, wire.ReqResetDevice, wire.ReqResetOwner:
+			send(code, wire.NoPayload{}, nil)
+		case wire.ReqSetFeatures, wire.ReqSetProtocolFeatures, wire.ReqSetStatus:
+			send(code, wire.U64(r.u64()), nil)
+		case wire.ReqSetMemTable, wire.ReqAddMemReg, wire.ReqRemMemReg:
 			k := r.u8()
-			reg := MemRegion{GPA: 0, Size: fuzzMemSize, UserAddr: fuzzUser}
+			reg := wire.MemRegion{GPA: 0, Size: fuzzMemSize, UserAddr: fuzzUser}
 			if k&1 != 0 {
-				reg = MemRegion{GPA: uint64(r.u32()), Size: uint64(r.u32()), UserAddr: fuzzUser + uint64(r.u32()), Offset: uint64(r.u16())}
+				reg = wire.MemRegion{GPA: uint64(r.u32()), Size: uint64(r.u32()), UserAddr: fuzzUser + uint64(r.u32()), Offset: uint64(r.u16())}
 			}
 			fds := fd(k >> 1)
-			if code == ReqSetMemTable {
-				send(code, MemTable{Regions: []MemRegion{reg}}, fds)
+			if code == wire.ReqSetMemTable {
+				send(code, wire.MemTable{Regions: []wire.MemRegion{reg}}, fds)
 			} else {
-				send(code, SingleMemRegion{Region: reg}, fds)
+				send(code, wire.SingleMemRegion{Region: reg}, fds)
 			}
-		case ReqSetVringNum, ReqSetVringBase, ReqGetVringBase, ReqSetVringEnable:
+		case wire.ReqSetVringNum, wire.ReqSetVringBase, wire.ReqGetVringBase, wire.ReqSetVringEnable:
 			q := uint32(r.u8() % 3)
 			v := uint32(r.u8())
-			if code == ReqSetVringNum {
+			if code == wire.ReqSetVringNum {
 				v = 1 << (v % 16)
 			}
-			send(code, VringState{Index: q, Num: v}, nil)
-		case ReqSetVringAddr:
+			send(code, wire.VringState{Index: q, Num: v}, nil)
+		case wire.ReqSetVringAddr:
 			q := uint32(r.u8() % 3)
 			// Offsets in pages of the guest memory.
-			a := VringAddr{Index: q, Flags: uint32(r.u8() & 1), Desc: fuzzUser + uint64(r.u16())<<12,
+			a := wire.VringAddr{Index: q, Flags: uint32(r.u8() & 1), Desc: fuzzUser + uint64(r.u16())<<12,
 				Avail: fuzzUser + uint64(r.u16())<<12, Used: fuzzUser + uint64(r.u16())<<12}
 			a.Log = a.Used - fuzzUser
 			send(code, a, nil)
-		case ReqSetVringKick, ReqSetVringCall, ReqSetVringErr:
+		case wire.ReqSetVringKick, wire.ReqSetVringCall, wire.ReqSetVringErr:
 			q := r.u8() % 3
 			fds := fd(r.u8())
-			send(code, VringFD{Index: q, NoFD: fds == nil}, fds)
-		case ReqSetLogBase:
+			send(code, wire.VringFD{Index: q, NoFD: fds == nil}, fds)
+		case wire.ReqSetLogBase:
 			k := r.u8()
-			send(code, LogDesc{Size: 4096 << (k % 4), Offset: 0}, fd(k>>2))
-		case ReqGetInflightFD:
-			send(code, InflightDesc{NumQueues: uint16(r.u8()%3 + 1), QueueSize: 1 << (r.u8() % 9)}, nil)
-		case ReqSetInflightFD:
+			send(code, wire.LogDesc{Size: 4096 << (k % 4), Offset: 0}, fd(k>>2))
+		case wire.ReqGetInflightFD:
+			send(code, wire.InflightDesc{NumQueues: uint16(r.u8()%3 + 1), QueueSize: 1 << (r.u8() % 9)}, nil)
+		case wire.ReqSetInflightFD:
 			k := r.u8()
-			send(code, InflightDesc{MmapSize: uint64(r.u16()) << 6, NumQueues: uint16(r.u8()%3 + 1), QueueSize: 1 << (r.u8() % 9)}, fd(k))
-		case ReqGetConfig, ReqSetConfig:
+			send(code, wire.InflightDesc{MmapSize: uint64(r.u16()) << 6, NumQueues: uint16(r.u8()%3 + 1), QueueSize: 1 << (r.u8() % 9)}, fd(k))
+		case wire.ReqGetConfig, wire.ReqSetConfig:
 			off, size := uint32(r.u8()%100), uint32(r.u8()%100)
-			send(code, ConfigMsg{Offset: off, Size: size, Flags: uint32(r.u8() & 1), Data: make([]byte, size)}, nil)
-		case ReqSetBackendReqFD:
-			send(code, NoPayload{}, fd(r.u8()))
+			send(code, wire.ConfigMsg{Offset: off, Size: size, Flags: uint32(r.u8() & 1), Data: make([]byte, size)}, nil)
+		case wire.ReqSetBackendReqFD:
+			send(code, wire.NoPayload{}, fd(r.u8()))
 		case 0xfd: // garbage into guest memory (rings, descriptors), then kick
 			if !sync() {
 				return
@@ -364,17 +368,17 @@ func fuzzConn(t *testing.T, socket string, data []byte) {
 	rc.Close()
 	<-drained
 	// The export serves the next front end: it answers GET_FEATURES.
-	next, err := DialRaw(ctx, socket)
+	next, err := frontend.DialRaw(ctx, socket)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer next.Close()
-	if err := next.Send(Header{Code: ReqGetFeatures, Flags: FlagVersion}.AppendTo(nil), nil); err != nil {
+	if err := next.Send(wire.Header{Code: wire.ReqGetFeatures, Flags: wire.FlagVersion}.AppendTo(nil), nil); err != nil {
 		t.Fatal(err)
 	}
 	h, _, fds, err := next.Recv(10 * time.Second)
-	closeFDs(fds)
-	if err != nil || h.Code != ReqGetFeatures {
+	wire.CloseFDs(fds)
+	if err != nil || h.Code != wire.ReqGetFeatures {
 		t.Fatalf("the export does not serve the next front end: %v", err)
 	}
 }

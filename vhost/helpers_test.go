@@ -12,6 +12,7 @@ import (
 
 	"github.com/vhostdm/vhostdm/mapper"
 	_ "github.com/vhostdm/vhostdm/targets"
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 )
 
 // testLogger logs to stderr when VHOST_TEST_LOG is set.
@@ -83,12 +84,12 @@ func newTestEnv(t testing.TB, size int64, cfg ExportConfig) *testEnv {
 }
 
 // dial connects a client to the env's export.
-func (env *testEnv) dial(t testing.TB, cfg ClientConfig) *Client {
+func (env *testEnv) dial(t testing.TB, cfg frontend.Config) *frontend.Client {
 	t.Helper()
 	cfg.Socket = env.socket
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := Dial(ctx, cfg)
+	c, err := frontend.Dial(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -114,3 +115,6 @@ func pattern(seed uint64, n int) []byte {
 	}
 	return b
 }
+
+// alignUp rounds v up to a multiple of a.
+func alignUp(v, a uint64) uint64 { return (v + a - 1) / a * a }

@@ -10,6 +10,10 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhostdm/vhostdm/vhost/frontend"
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
+	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
 
 // Outcomes of a hostile chain.
@@ -24,7 +28,7 @@ const (
 // returned with used length 0), and the queue goes on serving.
 func TestHostileChains(t *testing.T) {
 	env := newTestEnv(t, 1<<20, ExportConfig{Writable: true})
-	c := env.dial(t, ClientConfig{Indirect: true, QueueSize: 128})
+	c := env.dial(t, frontend.Config{Indirect: true, QueueSize: 128})
 	ctx := testCtx(t)
 	memSize := uint64(len(c.Memory()))
 	hdr := func(typ uint32, sector uint64) ([]byte, uint64) {
@@ -46,14 +50,14 @@ func TestHostileChains(t *testing.T) {
 		return g
 	}
 	type result struct {
-		res    Result
+		res    frontend.Result
 		status byte
 	}
-	run := func(n int, build func(idx []uint16, st uint64) []Desc) result {
+	run := func(n int, build func(idx []uint16, st uint64) []virtio.Desc) result {
 		t.Helper()
 		st, sg := status()
-		ch := make(chan Result, 1)
-		if err := c.SubmitChain(0, n, func(idx []uint16) []Desc { return build(idx, sg) }, func(r Result) { ch <- r }); err != nil {
+		ch := make(chan frontend.Result, 1)
+		if err := c.SubmitChain(0, n, func(idx []uint16) []virtio.Desc { return build(idx, sg) }, func(r frontend.Result) { ch <- r }); err != nil {
 			t.Fatal(err)
 		}
 		select {
@@ -64,131 +68,131 @@ func TestHostileChains(t *testing.T) {
 		}
 		return result{}
 	}
-	_, hg := hdr(BlkTypeIn, 0)
-	_, short := hdr(BlkTypeIn, 0)
+	_, hg := hdr(virtio.BlkTypeIn, 0)
+	_, short := hdr(virtio.BlkTypeIn, 0)
 	tableBuf, _ := c.Buf(4096)
 	tableGPA, _ := c.GuestAddr(tableBuf)
 	for _, tc := range []struct {
 		name  string
 		n     int
-		build func(idx []uint16, st uint64) []Desc
+		build func(idx []uint16, st uint64) []virtio.Desc
 		want  int
 	}{
-		{"data address beyond memory", 3, func(idx []uint16, st uint64) []Desc {
-			return []Desc{
-				{Addr: hg, Len: 16, Flags: DescFlagNext, Next: idx[1]},
-				{Addr: memSize - 512, Len: 4096, Flags: DescFlagWrite | DescFlagNext, Next: idx[2]},
-				{Addr: st, Len: 1, Flags: DescFlagWrite},
+		{"data address beyond memory", 3, func(idx []uint16, st uint64) []virtio.Desc {
+			return []virtio.Desc{
+				{Addr: hg, Len: 16, Flags: virtio.DescFlagNext, Next: idx[1]},
+				{Addr: memSize - 512, Len: 4096, Flags: virtio.DescFlagWrite | virtio.DescFlagNext, Next: idx[2]},
+				{Addr: st, Len: 1, Flags: virtio.DescFlagWrite},
 			}
 		}, ioErr},
-		{"data address overflows", 3, func(idx []uint16, st uint64) []Desc {
-			return []Desc{
-				{Addr: hg, Len: 16, Flags: DescFlagNext, Next: idx[1]},
-				{Addr: ^uint64(0) - 100, Len: 4096, Flags: DescFlagWrite | DescFlagNext, Next: idx[2]},
-				{Addr: st, Len: 1, Flags: DescFlagWrite},
+		{"data address overflows", 3, func(idx []uint16, st uint64) []virtio.Desc {
+			return []virtio.Desc{
+				{Addr: hg, Len: 16, Flags: virtio.DescFlagNext, Next: idx[1]},
+				{Addr: ^uint64(0) - 100, Len: 4096, Flags: virtio.DescFlagWrite | virtio.DescFlagNext, Next: idx[2]},
+				{Addr: st, Len: 1, Flags: virtio.DescFlagWrite},
 			}
 		}, ioErr},
-		{"next index out of range", 2, func(idx []uint16, st uint64) []Desc {
-			return []Desc{
-				{Addr: hg, Len: 16, Flags: DescFlagNext, Next: 9999},
-				{Addr: st, Len: 1, Flags: DescFlagWrite},
+		{"next index out of range", 2, func(idx []uint16, st uint64) []virtio.Desc {
+			return []virtio.Desc{
+				{Addr: hg, Len: 16, Flags: virtio.DescFlagNext, Next: 9999},
+				{Addr: st, Len: 1, Flags: virtio.DescFlagWrite},
 			}
 		}, noStatus},
-		{"loop through the status descriptor", 2, func(idx []uint16, st uint64) []Desc {
-			return []Desc{
-				{Addr: hg, Len: 16, Flags: DescFlagNext, Next: idx[1]},
-				{Addr: st, Len: 1, Flags: DescFlagWrite | DescFlagNext, Next: idx[1]},
+		{"loop through the status descriptor", 2, func(idx []uint16, st uint64) []virtio.Desc {
+			return []virtio.Desc{
+				{Addr: hg, Len: 16, Flags: virtio.DescFlagNext, Next: idx[1]},
+				{Addr: st, Len: 1, Flags: virtio.DescFlagWrite | virtio.DescFlagNext, Next: idx[1]},
 			}
 		}, ioErr},
-		{"loop back to the head", 2, func(idx []uint16, st uint64) []Desc {
-			return []Desc{
-				{Addr: hg, Len: 16, Flags: DescFlagNext, Next: idx[1]},
-				{Addr: hg, Len: 16, Flags: DescFlagNext, Next: idx[0]},
+		{"loop back to the head", 2, func(idx []uint16, st uint64) []virtio.Desc {
+			return []virtio.Desc{
+				{Addr: hg, Len: 16, Flags: virtio.DescFlagNext, Next: idx[1]},
+				{Addr: hg, Len: 16, Flags: virtio.DescFlagNext, Next: idx[0]},
 			}
 		}, noStatus},
-		{"short header", 2, func(idx []uint16, st uint64) []Desc {
-			return []Desc{
-				{Addr: short, Len: 8, Flags: DescFlagNext, Next: idx[1]},
-				{Addr: st, Len: 1, Flags: DescFlagWrite},
+		{"short header", 2, func(idx []uint16, st uint64) []virtio.Desc {
+			return []virtio.Desc{
+				{Addr: short, Len: 8, Flags: virtio.DescFlagNext, Next: idx[1]},
+				{Addr: st, Len: 1, Flags: virtio.DescFlagWrite},
 			}
 		}, ioErr},
-		{"no header", 1, func(idx []uint16, st uint64) []Desc {
-			return []Desc{{Addr: st, Len: 1, Flags: DescFlagWrite}}
+		{"no header", 1, func(idx []uint16, st uint64) []virtio.Desc {
+			return []virtio.Desc{{Addr: st, Len: 1, Flags: virtio.DescFlagWrite}}
 		}, ioErr},
-		{"readable after writable", 3, func(idx []uint16, st uint64) []Desc {
-			return []Desc{
-				{Addr: hg, Len: 16, Flags: DescFlagNext, Next: idx[1]},
-				{Addr: data(512), Len: 512, Flags: DescFlagWrite | DescFlagNext, Next: idx[2]},
+		{"readable after writable", 3, func(idx []uint16, st uint64) []virtio.Desc {
+			return []virtio.Desc{
+				{Addr: hg, Len: 16, Flags: virtio.DescFlagNext, Next: idx[1]},
+				{Addr: data(512), Len: 512, Flags: virtio.DescFlagWrite | virtio.DescFlagNext, Next: idx[2]},
 				{Addr: st, Len: 1},
 			}
 		}, answered},
-		{"zero-length descriptor", 3, func(idx []uint16, st uint64) []Desc {
-			return []Desc{
-				{Addr: hg, Len: 16, Flags: DescFlagNext, Next: idx[1]},
-				{Addr: data(512), Len: 0, Flags: DescFlagWrite | DescFlagNext, Next: idx[2]},
-				{Addr: st, Len: 1, Flags: DescFlagWrite},
+		{"zero-length descriptor", 3, func(idx []uint16, st uint64) []virtio.Desc {
+			return []virtio.Desc{
+				{Addr: hg, Len: 16, Flags: virtio.DescFlagNext, Next: idx[1]},
+				{Addr: data(512), Len: 0, Flags: virtio.DescFlagWrite | virtio.DescFlagNext, Next: idx[2]},
+				{Addr: st, Len: 1, Flags: virtio.DescFlagWrite},
 			}
 		}, ioErr},
-		{"indirect table beyond memory", 1, func(idx []uint16, st uint64) []Desc {
-			return []Desc{{Addr: memSize - 16, Len: 64, Flags: DescFlagIndirect}}
+		{"indirect table beyond memory", 1, func(idx []uint16, st uint64) []virtio.Desc {
+			return []virtio.Desc{{Addr: memSize - 16, Len: 64, Flags: virtio.DescFlagIndirect}}
 		}, noStatus},
-		{"indirect table of odd length", 1, func(idx []uint16, st uint64) []Desc {
-			return []Desc{{Addr: tableGPA, Len: 40, Flags: DescFlagIndirect}}
+		{"indirect table of odd length", 1, func(idx []uint16, st uint64) []virtio.Desc {
+			return []virtio.Desc{{Addr: tableGPA, Len: 40, Flags: virtio.DescFlagIndirect}}
 		}, noStatus},
-		{"indirect with next", 2, func(idx []uint16, st uint64) []Desc {
-			writeDesc(tableBuf, Desc{Addr: st, Len: 1, Flags: DescFlagWrite})
-			return []Desc{
-				{Addr: tableGPA, Len: 16, Flags: DescFlagIndirect | DescFlagNext, Next: idx[1]},
-				{Addr: st, Len: 1, Flags: DescFlagWrite},
+		{"indirect with next", 2, func(idx []uint16, st uint64) []virtio.Desc {
+			virtio.WriteDesc(tableBuf, virtio.Desc{Addr: st, Len: 1, Flags: virtio.DescFlagWrite})
+			return []virtio.Desc{
+				{Addr: tableGPA, Len: 16, Flags: virtio.DescFlagIndirect | virtio.DescFlagNext, Next: idx[1]},
+				{Addr: st, Len: 1, Flags: virtio.DescFlagWrite},
 			}
 		}, noStatus},
-		{"nested indirect table", 1, func(idx []uint16, st uint64) []Desc {
-			writeDesc(tableBuf[0:], Desc{Addr: hg, Len: 16, Flags: DescFlagNext, Next: 1})
-			writeDesc(tableBuf[16:], Desc{Addr: st, Len: 1, Flags: DescFlagWrite | DescFlagNext, Next: 2})
-			writeDesc(tableBuf[32:], Desc{Addr: tableGPA, Len: 48, Flags: DescFlagIndirect})
-			return []Desc{{Addr: tableGPA, Len: 48, Flags: DescFlagIndirect}}
+		{"nested indirect table", 1, func(idx []uint16, st uint64) []virtio.Desc {
+			virtio.WriteDesc(tableBuf[0:], virtio.Desc{Addr: hg, Len: 16, Flags: virtio.DescFlagNext, Next: 1})
+			virtio.WriteDesc(tableBuf[16:], virtio.Desc{Addr: st, Len: 1, Flags: virtio.DescFlagWrite | virtio.DescFlagNext, Next: 2})
+			virtio.WriteDesc(tableBuf[32:], virtio.Desc{Addr: tableGPA, Len: 48, Flags: virtio.DescFlagIndirect})
+			return []virtio.Desc{{Addr: tableGPA, Len: 48, Flags: virtio.DescFlagIndirect}}
 		}, ioErr},
-		{"indirect table loop", 1, func(idx []uint16, st uint64) []Desc {
-			writeDesc(tableBuf[0:], Desc{Addr: hg, Len: 16, Flags: DescFlagNext, Next: 1})
-			writeDesc(tableBuf[16:], Desc{Addr: st, Len: 1, Flags: DescFlagWrite | DescFlagNext, Next: 1})
-			return []Desc{{Addr: tableGPA, Len: 32, Flags: DescFlagIndirect}}
+		{"indirect table loop", 1, func(idx []uint16, st uint64) []virtio.Desc {
+			virtio.WriteDesc(tableBuf[0:], virtio.Desc{Addr: hg, Len: 16, Flags: virtio.DescFlagNext, Next: 1})
+			virtio.WriteDesc(tableBuf[16:], virtio.Desc{Addr: st, Len: 1, Flags: virtio.DescFlagWrite | virtio.DescFlagNext, Next: 1})
+			return []virtio.Desc{{Addr: tableGPA, Len: 32, Flags: virtio.DescFlagIndirect}}
 		}, ioErr},
-		{"indirect next out of table", 1, func(idx []uint16, st uint64) []Desc {
-			writeDesc(tableBuf[0:], Desc{Addr: hg, Len: 16, Flags: DescFlagNext, Next: 7})
-			return []Desc{{Addr: tableGPA, Len: 32, Flags: DescFlagIndirect}}
+		{"indirect next out of table", 1, func(idx []uint16, st uint64) []virtio.Desc {
+			virtio.WriteDesc(tableBuf[0:], virtio.Desc{Addr: hg, Len: 16, Flags: virtio.DescFlagNext, Next: 7})
+			return []virtio.Desc{{Addr: tableGPA, Len: 32, Flags: virtio.DescFlagIndirect}}
 		}, noStatus},
-		{"oversized indirect table", 1, func(idx []uint16, st uint64) []Desc {
-			return []Desc{{Addr: data(2048 * 16), Len: 2048 * 16, Flags: DescFlagIndirect}}
+		{"oversized indirect table", 1, func(idx []uint16, st uint64) []virtio.Desc {
+			return []virtio.Desc{{Addr: data(2048 * 16), Len: 2048 * 16, Flags: virtio.DescFlagIndirect}}
 		}, noStatus},
-		{"oversized chain of segments", 1, func(idx []uint16, st uint64) []Desc {
+		{"oversized chain of segments", 1, func(idx []uint16, st uint64) []virtio.Desc {
 			// 1000 entries, each a 4-page buffer spanning... too many
 			// segments once the header and status are added: the table
 			// itself is valid, the request is not (1024 segment cap).
 			big, _ := c.Buf(1100 * 16)
 			bg, _ := c.GuestAddr(big)
 			buf := data(512)
-			writeDesc(big, Desc{Addr: hg, Len: 16, Flags: DescFlagNext, Next: 1})
+			virtio.WriteDesc(big, virtio.Desc{Addr: hg, Len: 16, Flags: virtio.DescFlagNext, Next: 1})
 			for i := 1; i < 1023; i++ {
-				writeDesc(big[i*16:], Desc{Addr: buf, Len: 512, Flags: DescFlagWrite | DescFlagNext, Next: uint16(i + 1)})
+				virtio.WriteDesc(big[i*16:], virtio.Desc{Addr: buf, Len: 512, Flags: virtio.DescFlagWrite | virtio.DescFlagNext, Next: uint16(i + 1)})
 			}
-			writeDesc(big[1023*16:], Desc{Addr: buf, Len: 512, Flags: DescFlagWrite | DescFlagNext, Next: 1024})
-			writeDesc(big[1024*16:], Desc{Addr: st, Len: 1, Flags: DescFlagWrite})
-			return []Desc{{Addr: bg, Len: 1025 * 16, Flags: DescFlagIndirect}}
+			virtio.WriteDesc(big[1023*16:], virtio.Desc{Addr: buf, Len: 512, Flags: virtio.DescFlagWrite | virtio.DescFlagNext, Next: 1024})
+			virtio.WriteDesc(big[1024*16:], virtio.Desc{Addr: st, Len: 1, Flags: virtio.DescFlagWrite})
+			return []virtio.Desc{{Addr: bg, Len: 1025 * 16, Flags: virtio.DescFlagIndirect}}
 		}, noStatus},
-		{"write beyond capacity", 3, func(idx []uint16, st uint64) []Desc {
-			_, h := hdr(BlkTypeOut, 1<<20/512-1)
-			return []Desc{
-				{Addr: h, Len: 16, Flags: DescFlagNext, Next: idx[1]},
-				{Addr: data(4096), Len: 4096, Flags: DescFlagNext, Next: idx[2]},
-				{Addr: st, Len: 1, Flags: DescFlagWrite},
+		{"write beyond capacity", 3, func(idx []uint16, st uint64) []virtio.Desc {
+			_, h := hdr(virtio.BlkTypeOut, 1<<20/512-1)
+			return []virtio.Desc{
+				{Addr: h, Len: 16, Flags: virtio.DescFlagNext, Next: idx[1]},
+				{Addr: data(4096), Len: 4096, Flags: virtio.DescFlagNext, Next: idx[2]},
+				{Addr: st, Len: 1, Flags: virtio.DescFlagWrite},
 			}
 		}, ioErr},
-		{"discard segment of bad size", 3, func(idx []uint16, st uint64) []Desc {
-			_, h := hdr(BlkTypeDiscard, 0)
-			return []Desc{
-				{Addr: h, Len: 16, Flags: DescFlagNext, Next: idx[1]},
-				{Addr: data(512), Len: 24, Flags: DescFlagNext, Next: idx[2]},
-				{Addr: st, Len: 1, Flags: DescFlagWrite},
+		{"discard segment of bad size", 3, func(idx []uint16, st uint64) []virtio.Desc {
+			_, h := hdr(virtio.BlkTypeDiscard, 0)
+			return []virtio.Desc{
+				{Addr: h, Len: 16, Flags: virtio.DescFlagNext, Next: idx[1]},
+				{Addr: data(512), Len: 24, Flags: virtio.DescFlagNext, Next: idx[2]},
+				{Addr: st, Len: 1, Flags: virtio.DescFlagWrite},
 			}
 		}, ioErr},
 	} {
@@ -204,7 +208,7 @@ func TestHostileChains(t *testing.T) {
 					t.Fatalf("used len %d status %d, want IOERR in the last writable byte", r.res.Len, r.status)
 				}
 			default:
-				if r.status != BlkStatusIOErr || r.res.Len != 1 {
+				if r.status != virtio.BlkStatusIOErr || r.res.Len != 1 {
 					t.Fatalf("status %d (used len %d), want IOERR", r.status, r.res.Len)
 				}
 			}
@@ -227,8 +231,8 @@ func TestHostileChains(t *testing.T) {
 func TestHostileMessages(t *testing.T) {
 	env := newTestEnv(t, 1<<20, ExportConfig{Writable: true})
 	ctx := testCtx(t)
-	msg := func(code ReqCode, flags uint32, payload []byte) []byte {
-		return append(Header{Code: code, Flags: flags, Size: uint32(len(payload))}.AppendTo(nil), payload...)
+	msg := func(code wire.ReqCode, flags uint32, payload []byte) []byte {
+		return append(wire.Header{Code: code, Flags: flags, Size: uint32(len(payload))}.AppendTo(nil), payload...)
 	}
 	u64 := func(v uint64) []byte { return le.AppendUint64(nil, v) }
 	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
@@ -242,41 +246,41 @@ func TestHostileMessages(t *testing.T) {
 	}
 	defer unix.Close(memfd)
 	unix.Ftruncate(memfd, 1<<20)
-	twoRegions := MemTable{Regions: []MemRegion{{GPA: 0, Size: 4096, UserAddr: 0x10000}, {GPA: 8192, Size: 4096, UserAddr: 0x20000}}}.AppendTo(nil)
+	twoRegions := wire.MemTable{Regions: []wire.MemRegion{{GPA: 0, Size: 4096, UserAddr: 0x10000}, {GPA: 8192, Size: 4096, UserAddr: 0x20000}}}.AppendTo(nil)
 	for _, tc := range []struct {
 		name string
 		b    []byte
 		fds  []int
 	}{
-		{"bad version", msg(ReqGetFeatures, 2, nil), nil},
-		{"unknown flags", msg(ReqGetFeatures, FlagVersion|0x100, nil), nil},
-		{"reply flag on a request", msg(ReqGetFeatures, FlagVersion|FlagReply, nil), nil},
-		{"payload too large", Header{Code: ReqSetFeatures, Flags: FlagVersion, Size: 0x2000}.AppendTo(nil), nil},
-		{"short payload then close", append(Header{Code: ReqSetFeatures, Flags: FlagVersion, Size: 8}.AppendTo(nil), 1, 2), nil},
+		{"bad version", msg(wire.ReqGetFeatures, 2, nil), nil},
+		{"unknown flags", msg(wire.ReqGetFeatures, wire.FlagVersion|0x100, nil), nil},
+		{"reply flag on a request", msg(wire.ReqGetFeatures, wire.FlagVersion|wire.FlagReply, nil), nil},
+		{"payload too large", wire.Header{Code: wire.ReqSetFeatures, Flags: wire.FlagVersion, Size: 0x2000}.AppendTo(nil), nil},
+		{"short payload then close", append(wire.Header{Code: wire.ReqSetFeatures, Flags: wire.FlagVersion, Size: 8}.AppendTo(nil), 1, 2), nil},
 		{"short header then close", []byte{1, 0, 0}, nil},
-		{"SET_FEATURES of 4 bytes", msg(ReqSetFeatures, FlagVersion, []byte{1, 2, 3, 4}), nil},
-		{"SET_FEATURES not offered", msg(ReqSetFeatures, FlagVersion, u64(1<<63)), nil},
-		{"SET_VRING_KICK without fd", msg(ReqSetVringKick, FlagVersion, u64(0)), nil},
-		{"SET_VRING_CALL with unknown bits", msg(ReqSetVringCall, FlagVersion, u64(1<<20)), []int{efd}},
-		{"SET_VRING_KICK no-fd flag with an fd", msg(ReqSetVringKick, FlagVersion, u64(1<<8)), []int{efd}},
-		{"GET_FEATURES with an fd", msg(ReqGetFeatures, FlagVersion, nil), []int{efd}},
-		{"SET_MEM_TABLE with too few fds", msg(ReqSetMemTable, FlagVersion, twoRegions), []int{memfd}},
-		{"SET_MEM_TABLE of 0 regions", msg(ReqSetMemTable, FlagVersion, make([]byte, 8)), nil},
-		{"SET_MEM_TABLE of bad length", msg(ReqSetMemTable, FlagVersion, twoRegions[:40]), []int{memfd}},
-		{"SET_MEM_TABLE overflowing region", msg(ReqSetMemTable, FlagVersion,
-			MemTable{Regions: []MemRegion{{GPA: ^uint64(0) - 10, Size: 4096}}}.AppendTo(nil)), []int{memfd}},
-		{"SET_MEM_TABLE overlapping regions", msg(ReqSetMemTable, FlagVersion,
-			MemTable{Regions: []MemRegion{{GPA: 0, Size: 8192, UserAddr: 0x10000}, {GPA: 4096, Size: 4096, UserAddr: 0x40000}}}.AppendTo(nil)), []int{memfd, memfd}},
-		{"SET_VRING_ADDR misaligned", msg(ReqSetVringAddr, FlagVersion, VringAddr{Desc: 8}.AppendTo(nil)), nil},
-		{"SET_VRING_NUM bad queue", msg(ReqSetVringNum, FlagVersion, VringState{Index: 7, Num: 128}.AppendTo(nil)), nil},
-		{"SET_VRING_NUM not a power of two", msg(ReqSetVringNum, FlagVersion, VringState{Index: 0, Num: 100}.AppendTo(nil)), nil},
-		{"SET_VRING_KICK before the ring is set up", msg(ReqSetVringKick, FlagVersion, u64(0)), []int{efd}},
-		{"GET_VRING_BASE bad queue", msg(ReqGetVringBase, FlagVersion, VringState{Index: 9}.AppendTo(nil)), nil},
-		{"SET_INFLIGHT_FD not negotiated", msg(ReqSetInflightFD, FlagVersion, InflightDesc{MmapSize: 4096, NumQueues: 1, QueueSize: 128}.AppendTo(nil)), []int{memfd}},
-		{"GET_CONFIG of bad length", msg(ReqGetConfig, FlagVersion, make([]byte, 13)), nil},
+		{"SET_FEATURES of 4 bytes", msg(wire.ReqSetFeatures, wire.FlagVersion, []byte{1, 2, 3, 4}), nil},
+		{"SET_FEATURES not offered", msg(wire.ReqSetFeatures, wire.FlagVersion, u64(1<<63)), nil},
+		{"SET_VRING_KICK without fd", msg(wire.ReqSetVringKick, wire.FlagVersion, u64(0)), nil},
+		{"SET_VRING_CALL with unknown bits", msg(wire.ReqSetVringCall, wire.FlagVersion, u64(1<<20)), []int{efd}},
+		{"SET_VRING_KICK no-fd flag with an fd", msg(wire.ReqSetVringKick, wire.FlagVersion, u64(1<<8)), []int{efd}},
+		{"GET_FEATURES with an fd", msg(wire.ReqGetFeatures, wire.FlagVersion, nil), []int{efd}},
+		{"SET_MEM_TABLE with too few fds", msg(wire.ReqSetMemTable, wire.FlagVersion, twoRegions), []int{memfd}},
+		{"SET_MEM_TABLE of 0 regions", msg(wire.ReqSetMemTable, wire.FlagVersion, make([]byte, 8)), nil},
+		{"SET_MEM_TABLE of bad length", msg(wire.ReqSetMemTable, wire.FlagVersion, twoRegions[:40]), []int{memfd}},
+		{"SET_MEM_TABLE overflowing region", msg(wire.ReqSetMemTable, wire.FlagVersion,
+			wire.MemTable{Regions: []wire.MemRegion{{GPA: ^uint64(0) - 10, Size: 4096}}}.AppendTo(nil)), []int{memfd}},
+		{"SET_MEM_TABLE overlapping regions", msg(wire.ReqSetMemTable, wire.FlagVersion,
+			wire.MemTable{Regions: []wire.MemRegion{{GPA: 0, Size: 8192, UserAddr: 0x10000}, {GPA: 4096, Size: 4096, UserAddr: 0x40000}}}.AppendTo(nil)), []int{memfd, memfd}},
+		{"SET_VRING_ADDR misaligned", msg(wire.ReqSetVringAddr, wire.FlagVersion, wire.VringAddr{Desc: 8}.AppendTo(nil)), nil},
+		{"SET_VRING_NUM bad queue", msg(wire.ReqSetVringNum, wire.FlagVersion, wire.VringState{Index: 7, Num: 128}.AppendTo(nil)), nil},
+		{"SET_VRING_NUM not a power of two", msg(wire.ReqSetVringNum, wire.FlagVersion, wire.VringState{Index: 0, Num: 100}.AppendTo(nil)), nil},
+		{"SET_VRING_KICK before the ring is set up", msg(wire.ReqSetVringKick, wire.FlagVersion, u64(0)), []int{efd}},
+		{"GET_VRING_BASE bad queue", msg(wire.ReqGetVringBase, wire.FlagVersion, wire.VringState{Index: 9}.AppendTo(nil)), nil},
+		{"SET_INFLIGHT_FD not negotiated", msg(wire.ReqSetInflightFD, wire.FlagVersion, wire.InflightDesc{MmapSize: 4096, NumQueues: 1, QueueSize: 128}.AppendTo(nil)), []int{memfd}},
+		{"GET_CONFIG of bad length", msg(wire.ReqGetConfig, wire.FlagVersion, make([]byte, 13)), nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			rc, err := DialRaw(ctx, env.socket)
+			rc, err := frontend.DialRaw(ctx, env.socket)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -285,15 +289,15 @@ func TestHostileMessages(t *testing.T) {
 				t.Fatal(err)
 			}
 			if tc.name == "short payload then close" || tc.name == "short header then close" {
-				rc.uc.CloseWrite()
+				rc.CloseWrite()
 			}
 			_, _, fds, err := rc.Recv(5 * time.Second)
-			closeFDs(fds)
+			wire.CloseFDs(fds)
 			if !errors.Is(err, io.EOF) && !isReset(err) {
 				t.Fatalf("connection not closed: %v", err)
 			}
 			// The export serves the next front end.
-			c := env.dial(t, ClientConfig{})
+			c := env.dial(t, frontend.Config{})
 			if err := c.WriteAt(ctx, 0, pattern(3, 512), 0); err != nil {
 				t.Fatal(err)
 			}
@@ -305,60 +309,60 @@ func TestHostileMessages(t *testing.T) {
 	// ask for a reply are answered with a non-zero u64 and the connection
 	// stays up.
 	t.Run("error replies", func(t *testing.T) {
-		rc, err := DialRaw(ctx, env.socket)
+		rc, err := frontend.DialRaw(ctx, env.socket)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer rc.Close()
-		roundTrip := func(b []byte, fds []int) (Header, []byte) {
+		roundTrip := func(b []byte, fds []int) (wire.Header, []byte) {
 			t.Helper()
 			if err := rc.Send(b, fds); err != nil {
 				t.Fatal(err)
 			}
 			h, p, rfds, err := rc.Recv(5 * time.Second)
-			closeFDs(rfds)
+			wire.CloseFDs(rfds)
 			if err != nil {
 				t.Fatalf("no reply: %v", err)
 			}
 			return h, p
 		}
-		roundTrip(msg(ReqGetFeatures, FlagVersion, nil), nil)
-		if err := rc.Send(msg(ReqSetProtocolFeatures, FlagVersion, u64(ProtocolReplyAck|ProtocolConfig)), nil); err != nil {
+		roundTrip(msg(wire.ReqGetFeatures, wire.FlagVersion, nil), nil)
+		if err := rc.Send(msg(wire.ReqSetProtocolFeatures, wire.FlagVersion, u64(wire.ProtocolReplyAck|wire.ProtocolConfig)), nil); err != nil {
 			t.Fatal(err)
 		}
 		for _, b := range [][]byte{
-			msg(ReqCode(99), FlagVersion|FlagNeedReply, []byte{1, 2, 3}),
-			msg(ReqSendRARP, FlagVersion|FlagNeedReply, u64(0)),
-			msg(ReqSetVringNum, FlagVersion|FlagNeedReply, VringState{Index: 0, Num: 3}.AppendTo(nil)),
-			msg(ReqSetVringEnable, FlagVersion|FlagNeedReply, VringState{Index: 5, Num: 1}.AppendTo(nil)),
-			msg(ReqAddMemReg, FlagVersion|FlagNeedReply, SingleMemRegion{Region: MemRegion{GPA: 0, Size: 4096}}.AppendTo(nil)),
+			msg(wire.ReqCode(99), wire.FlagVersion|wire.FlagNeedReply, []byte{1, 2, 3}),
+			msg(wire.ReqSendRARP, wire.FlagVersion|wire.FlagNeedReply, u64(0)),
+			msg(wire.ReqSetVringNum, wire.FlagVersion|wire.FlagNeedReply, wire.VringState{Index: 0, Num: 3}.AppendTo(nil)),
+			msg(wire.ReqSetVringEnable, wire.FlagVersion|wire.FlagNeedReply, wire.VringState{Index: 5, Num: 1}.AppendTo(nil)),
+			msg(wire.ReqAddMemReg, wire.FlagVersion|wire.FlagNeedReply, wire.SingleMemRegion{Region: wire.MemRegion{GPA: 0, Size: 4096}}.AppendTo(nil)),
 		} {
 			var fds []int
-			if ReqCode(le.Uint32(b)) == ReqAddMemReg {
+			if wire.ReqCode(le.Uint32(b)) == wire.ReqAddMemReg {
 				fds = []int{memfd}
 			}
 			h, p := roundTrip(b, fds)
 			if !h.IsReply() || len(p) != 8 || le.Uint64(p) == 0 {
-				t.Fatalf("request %v: reply %+v %x, want a non-zero u64", ReqCode(le.Uint32(b)), h, p)
+				t.Fatalf("request %v: reply %+v %x, want a non-zero u64", wire.ReqCode(le.Uint32(b)), h, p)
 			}
 		}
 		// An unknown request without NEED_REPLY is logged and ignored.
-		if err := rc.Send(msg(ReqCode(77), FlagVersion, nil), nil); err != nil {
+		if err := rc.Send(msg(wire.ReqCode(77), wire.FlagVersion, nil), nil); err != nil {
 			t.Fatal(err)
 		}
 		// GET_CONFIG beyond the config space: an empty reply.
-		h, p := roundTrip(msg(ReqGetConfig, FlagVersion, ConfigMsg{Offset: 90, Size: 10, Data: make([]byte, 10)}.AppendTo(nil)), nil)
+		h, p := roundTrip(msg(wire.ReqGetConfig, wire.FlagVersion, wire.ConfigMsg{Offset: 90, Size: 10, Data: make([]byte, 10)}.AppendTo(nil)), nil)
 		if h.Size != 0 || len(p) != 0 {
 			t.Fatalf("GET_CONFIG beyond config space: %d bytes", h.Size)
 		}
 		// Any prefix of the config space is served.
 		for _, n := range []uint32{8, 20, 60, 96} {
-			h, p = roundTrip(msg(ReqGetConfig, FlagVersion, ConfigMsg{Size: n, Data: make([]byte, n)}.AppendTo(nil)), nil)
+			h, p = roundTrip(msg(wire.ReqGetConfig, wire.FlagVersion, wire.ConfigMsg{Size: n, Data: make([]byte, n)}.AppendTo(nil)), nil)
 			if h.Size != 12+n || le.Uint64(p[12:]) != 1<<20/512 {
 				t.Fatalf("GET_CONFIG of %d bytes: reply of %d", n, h.Size)
 			}
 		}
-		h, p = roundTrip(msg(ReqGetQueueNum, FlagVersion, nil), nil)
+		h, p = roundTrip(msg(wire.ReqGetQueueNum, wire.FlagVersion, nil), nil)
 		if le.Uint64(p) != 1 {
 			t.Fatalf("GET_QUEUE_NUM = %d", le.Uint64(p))
 		}
@@ -375,12 +379,12 @@ func isReset(err error) bool {
 // the client reconnects to a working export.
 func TestHostileClientMessage(t *testing.T) {
 	env := newTestEnv(t, 1<<20, ExportConfig{Writable: true})
-	c := env.dial(t, ClientConfig{})
+	c := env.dial(t, frontend.Config{})
 	ctx := testCtx(t)
 	if err := c.WriteAt(ctx, 0, pattern(9, 4096), 0); err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := c.RawRequest(Header{Code: ReqSetFeatures, Flags: FlagVersion, Size: 3}, []byte{1, 2, 3}, nil, false); err != nil {
+	if _, _, err := c.RawRequest(wire.Header{Code: wire.ReqSetFeatures, Flags: wire.FlagVersion, Size: 3}, []byte{1, 2, 3}, nil, false); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, "disconnect", func() bool { return !env.exp.Connected() })

@@ -6,6 +6,9 @@ import (
 	"slices"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
+	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
 
 // Inflight I/O tracking (vhost-user.rst, "Inflight I/O tracking", split
@@ -47,8 +50,8 @@ type inflightRegion struct {
 
 // createInflight makes a new, zeroed region in a sealed memfd for
 // GET_INFLIGHT_FD. The caller sends and then closes fd.
-func createInflight(numQueues, queueSize uint16) (r *inflightRegion, fd int, d InflightDesc, err error) {
-	if numQueues == 0 || queueSize == 0 || queueSize > MaxQueueSize || queueSize&(queueSize-1) != 0 {
+func createInflight(numQueues, queueSize uint16) (r *inflightRegion, fd int, d wire.InflightDesc, err error) {
+	if numQueues == 0 || queueSize == 0 || queueSize > virtio.MaxQueueSize || queueSize&(queueSize-1) != 0 {
 		return nil, -1, d, fmt.Errorf("inflight region for %d queues of %d: bad geometry", numQueues, queueSize)
 	}
 	size := uint64(numQueues) * inflightQueueBytes(queueSize)
@@ -65,7 +68,7 @@ func createInflight(numQueues, queueSize uint16) (r *inflightRegion, fd int, d I
 		unix.Close(fd)
 		return nil, -1, d, fmt.Errorf("inflight region: seal: %w", err)
 	}
-	d = InflightDesc{MmapSize: size, MmapOffset: 0, NumQueues: numQueues, QueueSize: queueSize}
+	d = wire.InflightDesc{MmapSize: size, MmapOffset: 0, NumQueues: numQueues, QueueSize: queueSize}
 	r, err = mapInflight(fd, d)
 	if err != nil {
 		unix.Close(fd)
@@ -75,8 +78,8 @@ func createInflight(numQueues, queueSize uint16) (r *inflightRegion, fd int, d I
 }
 
 // mapInflight maps the region d describes from fd (SET_INFLIGHT_FD).
-func mapInflight(fd int, d InflightDesc) (*inflightRegion, error) {
-	if d.NumQueues == 0 || d.QueueSize == 0 || d.QueueSize > MaxQueueSize || d.QueueSize&(d.QueueSize-1) != 0 {
+func mapInflight(fd int, d wire.InflightDesc) (*inflightRegion, error) {
+	if d.NumQueues == 0 || d.QueueSize == 0 || d.QueueSize > virtio.MaxQueueSize || d.QueueSize&(d.QueueSize-1) != 0 {
 		return nil, fmt.Errorf("inflight region for %d queues of %d: bad geometry", d.NumQueues, d.QueueSize)
 	}
 	need := uint64(d.NumQueues) * inflightQueueBytes(d.QueueSize)

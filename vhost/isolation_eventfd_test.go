@@ -8,6 +8,9 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
+	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
 
 // blockingFullEventfd returns an eventfd that the test made blocking after
@@ -82,7 +85,7 @@ func TestIsolationBlockingEventfd(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { unix.Close(errfd) })
-	h.must(ReqSetVringErr, VringFD{Index: 0}, []int{errfd})
+	h.must(wire.ReqSetVringErr, wire.VringFD{Index: 0}, []int{errfd})
 	blockingFullEventfd(t, ring.call, true)
 	blockingFullEventfd(t, errfd, false)
 
@@ -90,7 +93,7 @@ func TestIsolationBlockingEventfd(t *testing.T) {
 	read := func(head uint16, sector uint64) {
 		t.Helper()
 		o := hdr + uint64(head)*8192
-		putHeader(a.mem[o:], BlkTypeIn, sector)
+		putHeader(a.mem[o:], virtio.BlkTypeIn, sector)
 		a.mem[o+64] = 0xff
 		ring.request(head, o, o+4096, 4096, o+64, true)
 		want := ring.usedIdx() + 1
@@ -103,7 +106,7 @@ func TestIsolationBlockingEventfd(t *testing.T) {
 			}
 			time.Sleep(5 * time.Millisecond)
 		}
-		if st := a.mem[o+64]; st != BlkStatusOK {
+		if st := a.mem[o+64]; st != virtio.BlkStatusOK {
 			t.Fatalf("request %d: status %d", head, st)
 		}
 	}
@@ -119,7 +122,7 @@ func TestIsolationBlockingEventfd(t *testing.T) {
 	}
 	t.Cleanup(func() { unix.Close(call2) })
 	start := time.Now()
-	h.must(ReqSetVringCall, VringFD{Index: 0}, []int{call2})
+	h.must(wire.ReqSetVringCall, wire.VringFD{Index: 0}, []int{call2})
 	blockingFullEventfd(t, call2, false)
 	if el := time.Since(start); el > 2*time.Second {
 		t.Fatalf("SET_VRING_CALL answered after %v", el)
@@ -136,7 +139,7 @@ func TestIsolationBlockingEventfd(t *testing.T) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		h.must(ReqGetVringBase, VringState{Index: 0}, nil)
+		h.must(wire.ReqGetVringBase, wire.VringState{Index: 0}, nil)
 	}()
 	select {
 	case <-done:

@@ -20,6 +20,10 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhostdm/vhostdm/vhost/frontend"
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
+	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
 
 // The isolation tests (issue 21) attack one export of a real `vhostdm
@@ -205,7 +209,7 @@ func (d *daemon) checkHealthy() {
 	d.round++
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	c, err := Dial(ctx, ClientConfig{Socket: d.healthy, NumQueues: 2, MemSize: 4 << 20})
+	c, err := frontend.Dial(ctx, frontend.Config{Socket: d.healthy, NumQueues: 2, MemSize: 4 << 20})
 	if err != nil {
 		d.t.Fatalf("healthy export: %v", err)
 	}
@@ -295,8 +299,8 @@ func newHRegion(t *testing.T, gpa, size uint64) *hregion {
 	return r
 }
 
-func (r *hregion) desc() MemRegion {
-	return MemRegion{GPA: r.gpa, Size: r.size, UserAddr: hostileUser + r.gpa}
+func (r *hregion) desc() wire.MemRegion {
+	return wire.MemRegion{GPA: r.gpa, Size: r.size, UserAddr: hostileUser + r.gpa}
 }
 
 // truncate shrinks the memfd to 0; the test must not touch r.mem after.
@@ -313,7 +317,7 @@ const hostileUser = 0x7f0000000000
 // hostileFE is a hand-driven vhost-user front end.
 type hostileFE struct {
 	t      *testing.T
-	rc     *RawConn
+	rc     *frontend.RawConn
 	closed bool
 }
 
@@ -321,7 +325,7 @@ func dialHostile(t *testing.T, socket string) *hostileFE {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	rc, err := DialRaw(ctx, socket)
+	rc, err := frontend.DialRaw(ctx, socket)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -332,16 +336,16 @@ func dialHostile(t *testing.T, socket string) *hostileFE {
 // call sends a request with NEED_REPLY (REPLY_ACK must be negotiated, or
 // the request must have a reply) and returns the reply payload; closed is
 // true if the back end closed the connection instead.
-func (h *hostileFE) call(code ReqCode, pl Payload, fds []int) (reply []byte, closed bool) {
+func (h *hostileFE) call(code wire.ReqCode, pl wire.Payload, fds []int) (reply []byte, closed bool) {
 	h.t.Helper()
 	p := pl.AppendTo(nil)
-	msg := append(Header{Code: code, Flags: FlagVersion | FlagNeedReply, Size: uint32(len(p))}.AppendTo(nil), p...)
+	msg := append(wire.Header{Code: code, Flags: wire.FlagVersion | wire.FlagNeedReply, Size: uint32(len(p))}.AppendTo(nil), p...)
 	if err := h.rc.Send(msg, fds); err != nil {
 		h.closed = true
 		return nil, true
 	}
 	_, rp, rfds, err := h.rc.Recv(10 * time.Second)
-	closeFDs(rfds)
+	wire.CloseFDs(rfds)
 	if errors.Is(err, io.EOF) || isReset(err) {
 		h.closed = true
 		return nil, true
@@ -353,13 +357,13 @@ func (h *hostileFE) call(code ReqCode, pl Payload, fds []int) (reply []byte, clo
 }
 
 // must sends a request that has to succeed.
-func (h *hostileFE) must(code ReqCode, pl Payload, fds []int) []byte {
+func (h *hostileFE) must(code wire.ReqCode, pl wire.Payload, fds []int) []byte {
 	h.t.Helper()
 	rp, closed := h.call(code, pl, fds)
 	if closed {
 		h.t.Fatalf("%s: back end closed the connection", code)
 	}
-	if code != ReqGetFeatures && code != ReqGetProtocolFeatures && code != ReqSetLogBase && code != ReqGetVringBase &&
+	if code != wire.ReqGetFeatures && code != wire.ReqGetProtocolFeatures && code != wire.ReqSetLogBase && code != wire.ReqGetVringBase &&
 		(len(rp) != 8 || le.Uint64(rp) != 0) {
 		h.t.Fatalf("%s: failed (reply %x)", code, rp)
 	}
@@ -368,7 +372,7 @@ func (h *hostileFE) must(code ReqCode, pl Payload, fds []int) []byte {
 
 // refused sends a request that the back end must refuse: with an error
 // reply or by closing the connection.
-func (h *hostileFE) refused(code ReqCode, pl Payload, fds []int) {
+func (h *hostileFE) refused(code wire.ReqCode, pl wire.Payload, fds []int) {
 	h.t.Helper()
 	rp, closed := h.call(code, pl, fds)
 	if !closed && len(rp) == 8 && le.Uint64(rp) == 0 {
@@ -383,7 +387,7 @@ func (h *hostileFE) waitClosed(within time.Duration) {
 		return
 	}
 	_, _, fds, err := h.rc.Recv(within)
-	closeFDs(fds)
+	wire.CloseFDs(fds)
 	if !errors.Is(err, io.EOF) && !isReset(err) {
 		h.t.Fatalf("connection not closed by the back end: %v", err)
 	}
@@ -394,25 +398,25 @@ func (h *hostileFE) waitClosed(within time.Duration) {
 // features (REPLY_ACK is always on).
 func (h *hostileFE) negotiate(features, protocol uint64) {
 	h.t.Helper()
-	h.must(ReqGetFeatures, NoPayload{}, nil)
+	h.must(wire.ReqGetFeatures, wire.NoPayload{}, nil)
 	// SET_PROTOCOL_FEATURES has no reply before REPLY_ACK is on.
-	p := U64(protocol | ProtocolReplyAck).AppendTo(nil)
-	if err := h.rc.Send(append(Header{Code: ReqSetProtocolFeatures, Flags: FlagVersion, Size: 8}.AppendTo(nil), p...), nil); err != nil {
+	p := wire.U64(protocol | wire.ProtocolReplyAck).AppendTo(nil)
+	if err := h.rc.Send(append(wire.Header{Code: wire.ReqSetProtocolFeatures, Flags: wire.FlagVersion, Size: 8}.AppendTo(nil), p...), nil); err != nil {
 		h.t.Fatal(err)
 	}
-	h.must(ReqSetOwner, NoPayload{}, nil)
-	h.must(ReqSetFeatures, U64(FeatureVersion1|FeatureProtocolFeatures|features), nil)
+	h.must(wire.ReqSetOwner, wire.NoPayload{}, nil)
+	h.must(wire.ReqSetFeatures, wire.U64(virtio.FeatureVersion1|virtio.FeatureProtocolFeatures|features), nil)
 }
 
 func (h *hostileFE) memTable(regs ...*hregion) {
 	h.t.Helper()
-	var t MemTable
+	var t wire.MemTable
 	var fds []int
 	for _, r := range regs {
 		t.Regions = append(t.Regions, r.desc())
 		fds = append(fds, r.fd)
 	}
-	h.must(ReqSetMemTable, t, fds)
+	h.must(wire.ReqSetMemTable, t, fds)
 }
 
 // hring is the driver side of one split ring whose parts lie in hostile
@@ -432,7 +436,7 @@ type hring struct {
 // off in region a, the used ring at uoff in region u.
 func newRing(t *testing.T, num uint16, a *hregion, off uint64, u *hregion, uoff uint64) *hring {
 	t.Helper()
-	dn, an, un := RingSizes(int(num))
+	dn, an, un := virtio.RingSizes(int(num))
 	r := &hring{num: num, dGPA: a.gpa + off, aGPA: a.gpa + off + alignUp(uint64(dn), 4096), uGPA: u.gpa + uoff, usedInRegion: u}
 	r.desc = a.mem[off : off+uint64(dn)]
 	ao := off + alignUp(uint64(dn), 4096)
@@ -454,7 +458,7 @@ func newRing(t *testing.T, num uint16, a *hregion, off uint64, u *hregion, uoff 
 
 // ringEnd returns the first offset after a ring laid out at off.
 func ringEnd(num uint16, off uint64) uint64 {
-	dn, an, _ := RingSizes(int(num))
+	dn, an, _ := virtio.RingSizes(int(num))
 	return off + alignUp(uint64(dn), 4096) + alignUp(uint64(an), 4096)
 }
 
@@ -462,13 +466,13 @@ func ringEnd(num uint16, off uint64) uint64 {
 // disabled.
 func (h *hostileFE) setup(r *hring, enable bool) {
 	h.t.Helper()
-	h.must(ReqSetVringCall, VringFD{Index: 0}, []int{r.call})
-	h.must(ReqSetVringNum, VringState{Index: 0, Num: uint32(r.num)}, nil)
-	h.must(ReqSetVringBase, VringState{Index: 0, Num: 0}, nil)
-	h.must(ReqSetVringAddr, VringAddr{Index: 0, Desc: hostileUser + r.dGPA, Avail: hostileUser + r.aGPA, Used: hostileUser + r.uGPA}, nil)
-	h.must(ReqSetVringKick, VringFD{Index: 0}, []int{r.kick})
+	h.must(wire.ReqSetVringCall, wire.VringFD{Index: 0}, []int{r.call})
+	h.must(wire.ReqSetVringNum, wire.VringState{Index: 0, Num: uint32(r.num)}, nil)
+	h.must(wire.ReqSetVringBase, wire.VringState{Index: 0, Num: 0}, nil)
+	h.must(wire.ReqSetVringAddr, wire.VringAddr{Index: 0, Desc: hostileUser + r.dGPA, Avail: hostileUser + r.aGPA, Used: hostileUser + r.uGPA}, nil)
+	h.must(wire.ReqSetVringKick, wire.VringFD{Index: 0}, []int{r.kick})
 	if enable {
-		h.must(ReqSetVringEnable, VringState{Index: 0, Num: 1}, nil)
+		h.must(wire.ReqSetVringEnable, wire.VringState{Index: 0, Num: 1}, nil)
 	}
 }
 
@@ -490,13 +494,13 @@ func (r *hring) usedIdx() uint16 {
 // request writes a 3-descriptor virtio-blk request at head (header at hdr,
 // data of n bytes at data, status at st; all guest addresses).
 func (r *hring) request(head uint16, hdr, data uint64, n uint32, st uint64, dataWritable bool) {
-	f := uint16(DescFlagNext)
+	f := uint16(virtio.DescFlagNext)
 	if dataWritable {
-		f |= DescFlagWrite
+		f |= virtio.DescFlagWrite
 	}
-	writeDesc(r.desc[int(head)*16:], Desc{Addr: hdr, Len: 16, Flags: DescFlagNext, Next: head + 1})
-	writeDesc(r.desc[int(head+1)*16:], Desc{Addr: data, Len: n, Flags: f, Next: head + 2})
-	writeDesc(r.desc[int(head+2)*16:], Desc{Addr: st, Len: 1, Flags: DescFlagWrite})
+	virtio.WriteDesc(r.desc[int(head)*16:], virtio.Desc{Addr: hdr, Len: 16, Flags: virtio.DescFlagNext, Next: head + 1})
+	virtio.WriteDesc(r.desc[int(head+1)*16:], virtio.Desc{Addr: data, Len: n, Flags: f, Next: head + 2})
+	virtio.WriteDesc(r.desc[int(head+2)*16:], virtio.Desc{Addr: st, Len: 1, Flags: virtio.DescFlagWrite})
 }
 
 func putHeader(b []byte, typ uint32, sector uint64) {
@@ -521,14 +525,14 @@ func TestIsolationShortMemory(t *testing.T) {
 		if err := unix.Ftruncate(r.fd, 64<<10); err != nil {
 			t.Fatal(err)
 		}
-		h.refused(ReqSetMemTable, MemTable{Regions: []MemRegion{r.desc()}}, []int{r.fd})
+		h.refused(wire.ReqSetMemTable, wire.MemTable{Regions: []wire.MemRegion{r.desc()}}, []int{r.fd})
 		d.waitLog("shorter than offset")
 		d.checkHealthy()
 	})
 	for _, tc := range []struct {
 		name   string
-		before ReqCode // truncate before this message
-	}{{"truncated before queue start", ReqSetVringKick}, {"truncated before ring enable", ReqSetVringEnable}} {
+		before wire.ReqCode // truncate before this message
+	}{{"truncated before queue start", wire.ReqSetVringKick}, {"truncated before ring enable", wire.ReqSetVringEnable}} {
 		t.Run(tc.name, func(t *testing.T) {
 			off := d.logLen()
 			h := dialHostile(t, d.hostile)
@@ -537,20 +541,20 @@ func TestIsolationShortMemory(t *testing.T) {
 			h.memTable(a)
 			ring := newRing(t, 16, a, 0, a, ringEnd(16, 0))
 			buf := ringEnd(16, 0) + 4096
-			putHeader(a.mem[buf:], BlkTypeIn, 0)
+			putHeader(a.mem[buf:], virtio.BlkTypeIn, 0)
 			ring.request(0, buf, buf+4096, 4096, buf+64, true)
 			ring.push(0)
-			h.must(ReqSetVringCall, VringFD{Index: 0}, []int{ring.call})
-			h.must(ReqSetVringNum, VringState{Index: 0, Num: 16}, nil)
-			h.must(ReqSetVringBase, VringState{Index: 0, Num: 0}, nil)
-			h.must(ReqSetVringAddr, VringAddr{Index: 0, Desc: hostileUser + ring.dGPA, Avail: hostileUser + ring.aGPA, Used: hostileUser + ring.uGPA}, nil)
-			if tc.before == ReqSetVringKick {
+			h.must(wire.ReqSetVringCall, wire.VringFD{Index: 0}, []int{ring.call})
+			h.must(wire.ReqSetVringNum, wire.VringState{Index: 0, Num: 16}, nil)
+			h.must(wire.ReqSetVringBase, wire.VringState{Index: 0, Num: 0}, nil)
+			h.must(wire.ReqSetVringAddr, wire.VringAddr{Index: 0, Desc: hostileUser + ring.dGPA, Avail: hostileUser + ring.aGPA, Used: hostileUser + ring.uGPA}, nil)
+			if tc.before == wire.ReqSetVringKick {
 				a.truncate(t)
-				h.refused(ReqSetVringKick, VringFD{Index: 0}, []int{ring.kick})
+				h.refused(wire.ReqSetVringKick, wire.VringFD{Index: 0}, []int{ring.kick})
 			} else {
-				h.must(ReqSetVringKick, VringFD{Index: 0}, []int{ring.kick})
+				h.must(wire.ReqSetVringKick, wire.VringFD{Index: 0}, []int{ring.kick})
 				a.truncate(t)
-				h.call(ReqSetVringEnable, VringState{Index: 0, Num: 1}, nil)
+				h.call(wire.ReqSetVringEnable, wire.VringState{Index: 0, Num: 1}, nil)
 				ring.doKick()
 			}
 			h.waitClosed(10 * time.Second)
@@ -560,10 +564,10 @@ func TestIsolationShortMemory(t *testing.T) {
 	}
 	t.Run("unsealed inflight fd", func(t *testing.T) {
 		h := dialHostile(t, d.hostile)
-		h.negotiate(0, ProtocolInflightSHMFD)
+		h.negotiate(0, wire.ProtocolInflightSHMFD)
 		a := newHRegion(t, 0, 1<<20)
 		h.memTable(a)
-		h.refused(ReqSetInflightFD, InflightDesc{MmapSize: inflightQueueBytes(16), NumQueues: 1, QueueSize: 16}, []int{a.fd})
+		h.refused(wire.ReqSetInflightFD, wire.InflightDesc{MmapSize: inflightQueueBytes(16), NumQueues: 1, QueueSize: 16}, []int{a.fd})
 		d.waitLog("not sealed against shrinking")
 		d.checkHealthy()
 	})
@@ -586,7 +590,7 @@ func TestIsolationFaultInCompletion(t *testing.T) {
 		ring := newRing(t, 16, a, 0, a, ringEnd(16, 0))
 		h.setup(ring, true)
 		hdr := ringEnd(16, 0) + 4096
-		putHeader(a.mem[hdr:], BlkTypeOut, 0)
+		putHeader(a.mem[hdr:], virtio.BlkTypeOut, 0)
 		ring.request(0, hdr, b.gpa, 4096, b.gpa+8192, false)
 		b.truncate(t)
 		off := d.logLen()
@@ -598,21 +602,21 @@ func TestIsolationFaultInCompletion(t *testing.T) {
 	})
 	t.Run("dirty log truncated", func(t *testing.T) {
 		h := dialHostile(t, d.hostile)
-		h.negotiate(FeatureLogAll, ProtocolLogSHMFD)
+		h.negotiate(virtio.FeatureLogAll, wire.ProtocolLogSHMFD)
 		a := newHRegion(t, 0, 1<<20)
 		h.memTable(a)
 		ring := newRing(t, 16, a, 0, a, ringEnd(16, 0))
 		h.setup(ring, true)
 		lg := newHRegion(t, 0, 4096)
 		short := newHRegion(t, 0, 4096)
-		h.refused(ReqSetLogBase, LogDesc{Size: 8192}, []int{short.fd})
+		h.refused(wire.ReqSetLogBase, wire.LogDesc{Size: 8192}, []int{short.fd})
 		d.waitLog("log of 8192 bytes at 0")
-		if rp := h.must(ReqSetLogBase, LogDesc{Size: 4096}, []int{lg.fd}); len(rp) != 8 || le.Uint64(rp) != 0 {
+		if rp := h.must(wire.ReqSetLogBase, wire.LogDesc{Size: 4096}, []int{lg.fd}); len(rp) != 8 || le.Uint64(rp) != 0 {
 			t.Fatalf("SET_LOG_BASE: %x", rp)
 		}
 		lg.truncate(t)
 		hdr := ringEnd(16, 0) + 4096
-		putHeader(a.mem[hdr:], BlkTypeIn, 0)
+		putHeader(a.mem[hdr:], virtio.BlkTypeIn, 0)
 		ring.request(0, hdr, hdr+4096, 4096, hdr+64, true)
 		off := d.logLen()
 		ring.push(0)
@@ -641,7 +645,7 @@ func TestIsolationFaultUnderUsedLock(t *testing.T) {
 	hdr := ringEnd(16, 0) + 4096
 	for i := uint16(0); i < 5; i++ {
 		o := hdr + uint64(i)*8192
-		putHeader(a.mem[o:], BlkTypeIn, uint64(i)*8)
+		putHeader(a.mem[o:], virtio.BlkTypeIn, uint64(i)*8)
 		ring.request(3*i, o, o+4096, 4096, o+64, true)
 	}
 	u.truncate(t)
@@ -655,7 +659,7 @@ func TestIsolationFaultUnderUsedLock(t *testing.T) {
 	// The hostile export is free again and serves a well-behaved front end.
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	c, err := Dial(ctx, ClientConfig{Socket: d.hostile, MemSize: 4 << 20})
+	c, err := frontend.Dial(ctx, frontend.Config{Socket: d.hostile, MemSize: 4 << 20})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -684,11 +688,11 @@ func TestIsolationNotEventfd(t *testing.T) {
 			break
 		}
 	}
-	for _, code := range []ReqCode{ReqSetVringCall, ReqSetVringErr, ReqSetVringKick} {
+	for _, code := range []wire.ReqCode{wire.ReqSetVringCall, wire.ReqSetVringErr, wire.ReqSetVringKick} {
 		t.Run(code.String(), func(t *testing.T) {
 			h := dialHostile(t, d.hostile)
 			h.negotiate(0, 0)
-			h.refused(code, VringFD{Index: 0}, []int{p[1]})
+			h.refused(code, wire.VringFD{Index: 0}, []int{p[1]})
 			d.waitLog("not an eventfd")
 			d.checkHealthy()
 		})
@@ -711,7 +715,7 @@ func TestIsolationNotEventfd(t *testing.T) {
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
-			h.must(ReqGetVringBase, VringState{Index: 0}, nil)
+			h.must(wire.ReqGetVringBase, wire.VringState{Index: 0}, nil)
 		}()
 		select {
 		case <-done:
@@ -739,9 +743,9 @@ func TestIsolationNotEventfd(t *testing.T) {
 		}
 		ring.call = full()
 		h.setup(ring, true)
-		h.must(ReqSetVringErr, VringFD{Index: 0}, []int{full()})
+		h.must(wire.ReqSetVringErr, wire.VringFD{Index: 0}, []int{full()})
 		hdr := ringEnd(16, 0) + 4096
-		putHeader(a.mem[hdr:], BlkTypeIn, 0)
+		putHeader(a.mem[hdr:], virtio.BlkTypeIn, 0)
 		ring.request(0, hdr, hdr+4096, 4096, hdr+64, true)
 		ring.push(0)
 		ring.doKick()
@@ -753,7 +757,7 @@ func TestIsolationNotEventfd(t *testing.T) {
 			time.Sleep(10 * time.Millisecond)
 		}
 		// Replacing the call fd signals the new one: full too.
-		h.must(ReqSetVringCall, VringFD{Index: 0}, []int{full()})
+		h.must(wire.ReqSetVringCall, wire.VringFD{Index: 0}, []int{full()})
 		d.checkHealthy()
 		// The daemon stops with this front end still connected.
 	})
@@ -768,25 +772,25 @@ func TestIsolationAmplification(t *testing.T) {
 	d := startDaemon(t)
 	d.checkHealthy()
 	base := d.rss()
-	const num = MaxQueueSize
+	const num = virtio.MaxQueueSize
 	h := dialHostile(t, d.hostile)
-	h.negotiate(FeatureIndirectDesc, 0)
+	h.negotiate(virtio.FeatureIndirectDesc, 0)
 	a := newHRegion(t, 0, 2<<20)
 	h.memTable(a)
 	ring := newRing(t, num, a, 0, a, ringEnd(num, 0))
-	_, _, un := RingSizes(num)
+	_, _, un := virtio.RingSizes(num)
 	tab := alignUp(ringEnd(num, 0)+uint64(un), 4096)
 	hdr, data, st := tab+maxSegments*16, tab+maxSegments*16+4096, tab+maxSegments*16+64
 	// A request of an unknown type: the back end walks the whole chain
 	// (1024 segments), then answers UNSUPP without I/O.
 	putHeader(a.mem[hdr:], 99, 0)
-	writeDesc(a.mem[tab:], Desc{Addr: hdr, Len: 16, Flags: DescFlagNext, Next: 1})
+	virtio.WriteDesc(a.mem[tab:], virtio.Desc{Addr: hdr, Len: 16, Flags: virtio.DescFlagNext, Next: 1})
 	for i := 1; i < maxSegments-1; i++ {
-		writeDesc(a.mem[tab+uint64(i)*16:], Desc{Addr: data, Len: 512, Flags: DescFlagWrite | DescFlagNext, Next: uint16(i + 1)})
+		virtio.WriteDesc(a.mem[tab+uint64(i)*16:], virtio.Desc{Addr: data, Len: 512, Flags: virtio.DescFlagWrite | virtio.DescFlagNext, Next: uint16(i + 1)})
 	}
-	writeDesc(a.mem[tab+(maxSegments-1)*16:], Desc{Addr: st, Len: 1, Flags: DescFlagWrite})
+	virtio.WriteDesc(a.mem[tab+(maxSegments-1)*16:], virtio.Desc{Addr: st, Len: 1, Flags: virtio.DescFlagWrite})
 	for i := range num {
-		writeDesc(ring.desc[i*16:], Desc{Addr: tab, Len: maxSegments * 16, Flags: DescFlagIndirect})
+		virtio.WriteDesc(ring.desc[i*16:], virtio.Desc{Addr: tab, Len: maxSegments * 16, Flags: virtio.DescFlagIndirect})
 	}
 	h.setup(ring, true)
 	for i := range num {
@@ -804,7 +808,7 @@ func TestIsolationAmplification(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	peak = max(peak, d.rss())
-	if a.mem[st] != BlkStatusUnsupp {
+	if a.mem[st] != virtio.BlkStatusUnsupp {
 		t.Fatalf("status %d, want UNSUPP", a.mem[st])
 	}
 	// The documented bound: 216 B per ring entry plus 256 chain buffers of
@@ -852,7 +856,7 @@ func TestIsolationOneFrontEnd(t *testing.T) {
 		h := dialHostile(t, d.hostile)
 		h.negotiate(0, 0)
 		// A header announcing 8 payload bytes that never come.
-		if err := h.rc.Send(Header{Code: ReqSetFeatures, Flags: FlagVersion, Size: 8}.AppendTo(nil), nil); err != nil {
+		if err := h.rc.Send(wire.Header{Code: wire.ReqSetFeatures, Flags: wire.FlagVersion, Size: 8}.AppendTo(nil), nil); err != nil {
 			t.Fatal(err)
 		}
 		h.waitClosed(10 * time.Second)
@@ -861,7 +865,7 @@ func TestIsolationOneFrontEnd(t *testing.T) {
 	t.Run("second front end", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		first, err := Dial(ctx, ClientConfig{Socket: d.hostile, MemSize: 4 << 20})
+		first, err := frontend.Dial(ctx, frontend.Config{Socket: d.hostile, MemSize: 4 << 20})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -873,7 +877,7 @@ func TestIsolationOneFrontEnd(t *testing.T) {
 			t.Fatal(err)
 		}
 		first.Close()
-		third, err := Dial(ctx, ClientConfig{Socket: d.hostile, MemSize: 4 << 20})
+		third, err := frontend.Dial(ctx, frontend.Config{Socket: d.hostile, MemSize: 4 << 20})
 		if err != nil {
 			t.Fatal(err)
 		}

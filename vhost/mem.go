@@ -8,6 +8,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
 
 // Mem is a guest memory table: the regions of SET_MEM_TABLE or of
@@ -24,7 +26,7 @@ type Mem struct {
 
 // memRegion is one mapped region.
 type memRegion struct {
-	MemRegion
+	wire.MemRegion
 	data    []byte // Size bytes; data[0] is guest address GPA
 	mapping []byte // what to munmap; nil for memory this package did not map
 }
@@ -33,7 +35,7 @@ type memRegion struct {
 const maxMemSlots = 509
 
 // mapRegion maps r from fd. The fd is not closed.
-func mapRegion(r MemRegion, fd int) (*memRegion, error) {
+func mapRegion(r wire.MemRegion, fd int) (*memRegion, error) {
 	page := uint64(os.Getpagesize())
 	start := r.Offset &^ (page - 1)
 	delta := r.Offset - start
@@ -54,7 +56,7 @@ func mapRegion(r MemRegion, fd int) (*memRegion, error) {
 // checkFileSize checks that fd is a regular file (memfd, tmpfs, hugetlbfs)
 // holding offset+size bytes: mapping beyond the end of a file would make the
 // first access fault. The front end can still shrink the file later; that
-// fault is a connection error (see blkQueue.faulted).
+// fault is a connection error (see queue.run).
 func checkFileSize(fd int, offset, size uint64) error {
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
@@ -112,7 +114,7 @@ func newMem(regs []*memRegion) (*Mem, error) {
 // gpa, with user address equal to gpa. It serves tests, fuzzing and
 // benchmarks of the ring code without a front end.
 func NewMemFromBytes(gpa uint64, b []byte) *Mem {
-	r := &memRegion{MemRegion: MemRegion{GPA: gpa, Size: uint64(len(b)), UserAddr: gpa}, data: b}
+	r := &memRegion{MemRegion: wire.MemRegion{GPA: gpa, Size: uint64(len(b)), UserAddr: gpa}, data: b}
 	return &Mem{regions: []*memRegion{r}}
 }
 
@@ -207,7 +209,7 @@ type dirtyLog struct {
 const logPageShift = 12
 
 // mapLog maps the log of d from fd.
-func mapLog(fd int, d LogDesc) (*dirtyLog, error) {
+func mapLog(fd int, d wire.LogDesc) (*dirtyLog, error) {
 	page := uint64(os.Getpagesize())
 	start := d.Offset &^ (page - 1)
 	delta := d.Offset - start

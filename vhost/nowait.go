@@ -4,6 +4,8 @@ import (
 	"errors"
 
 	"github.com/vhostdm/vhostdm/mapper"
+
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
 )
 
 // NowaitDevice is a Device that can attempt a request without blocking;
@@ -26,35 +28,29 @@ type NowaitDevice interface {
 // pops the next requests.
 const tryMaxBytes = 128 << 10
 
-// try runs a prepared read or write to completion on the ring goroutine
-// when the device can do it without blocking, and reports whether it did;
-// otherwise the caller hands r to a worker. Writes of a writethrough
-// device need a flush and always go to a worker.
-func (q *blkQueue) try(r *blkReq) (done bool) {
-	nd := q.dev.nowait
+// tryIO runs a prepared read or write on the ring goroutine when the
+// device can do it without blocking (done); otherwise the runtime hands r
+// to a worker. Writes of a writethrough device need a flush and always go
+// to a worker.
+func (d *blkDev) tryIO(q *queue, rq *request) (status byte, usedLen uint32, done bool) {
+	r := &rq.blk
+	nd := d.nowait
 	if nd == nil || r.dataLen > tryMaxBytes {
-		return false
+		return 0, 0, false
 	}
 	switch r.typ {
-	case BlkTypeIn:
-	case BlkTypeOut:
-		if !q.dev.writebackOn() {
-			return false
+	case virtio.BlkTypeIn:
+	case virtio.BlkTypeOut:
+		if !d.writebackOn() {
+			return 0, 0, false
 		}
 	default:
-		return false
+		return 0, 0, false
 	}
-	defer func() {
-		if p := recover(); p != nil {
-			done = true
-			q.requestPanicked(r, p)
-		}
-	}()
 	err := nd.TrySubmit(&r.mreq)
 	if errors.Is(err, mapper.ErrWouldBlock) {
-		return false
+		return 0, 0, false
 	}
-	status, usedLen := q.result(r, err)
-	q.finish(r, status, usedLen)
-	return true
+	status, usedLen = d.result(q, rq, err)
+	return status, usedLen, true
 }

@@ -6,6 +6,9 @@ import (
 	"sort"
 	"testing"
 	"time"
+
+	"github.com/vhostdm/vhostdm/vhost/frontend"
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
 )
 
 // TestSlowRequestDoesNotStallQueue: a request held 200 ms by a delay
@@ -22,7 +25,7 @@ func TestSlowRequestDoesNotStallQueue(t *testing.T) {
 	if err := env.dev.Reload(table); err != nil {
 		t.Fatal(err)
 	}
-	c := env.dial(t, ClientConfig{NumQueues: 1, QueueSize: 128, Indirect: true})
+	c := env.dial(t, frontend.Config{NumQueues: 1, QueueSize: 128, Indirect: true})
 	ctx := testCtx(t)
 
 	// Put known data in both areas and read it once so that it is in the
@@ -40,19 +43,19 @@ func TestSlowRequestDoesNotStallQueue(t *testing.T) {
 	for _, kind := range []struct {
 		name string
 		typ  uint32
-	}{{"read", BlkTypeIn}, {"write", BlkTypeOut}} {
+	}{{"read", virtio.BlkTypeIn}, {"write", virtio.BlkTypeOut}} {
 		t.Run(kind.name, func(t *testing.T) {
 			slowBuf, err := c.Buf(4096)
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer c.FreeBuf(slowBuf)
-			if kind.typ == BlkTypeOut {
+			if kind.typ == virtio.BlkTypeOut {
 				copy(slowBuf, slowData)
 			}
-			slowDone := make(chan Result, 1)
+			slowDone := make(chan frontend.Result, 1)
 			slowStart := time.Now()
-			if err := c.Submit(0, &BlkRequest{Type: kind.typ, Sector: 8, Data: [][]byte{slowBuf}}, func(r Result) { slowDone <- r }); err != nil {
+			if err := c.Submit(0, &frontend.BlkRequest{Type: kind.typ, Sector: 8, Data: [][]byte{slowBuf}}, func(r frontend.Result) { slowDone <- r }); err != nil {
 				t.Fatal(err)
 			}
 			// Let the ring goroutine pop the slow request first.
@@ -63,16 +66,16 @@ func TestSlowRequestDoesNotStallQueue(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				if kind.typ == BlkTypeOut {
+				if kind.typ == virtio.BlkTypeOut {
 					copy(buf, fastData)
 				}
 				start := time.Now()
-				res, err := c.Do(ctx, 0, &BlkRequest{Type: kind.typ, Sector: uint64(4096 + 8*i), Data: [][]byte{buf}})
+				res, err := c.Do(ctx, 0, &frontend.BlkRequest{Type: kind.typ, Sector: uint64(4096 + 8*i), Data: [][]byte{buf}})
 				lat := time.Since(start)
-				if err != nil || res.Status != BlkStatusOK {
+				if err != nil || res.Status != virtio.BlkStatusOK {
 					t.Fatalf("fast %s %d: %+v %v", kind.name, i, res, err)
 				}
-				if kind.typ == BlkTypeIn && !bytes.Equal(buf, fastData) {
+				if kind.typ == virtio.BlkTypeIn && !bytes.Equal(buf, fastData) {
 					t.Fatalf("fast read %d: wrong data", i)
 				}
 				c.FreeBuf(buf)
@@ -91,10 +94,10 @@ func TestSlowRequestDoesNotStallQueue(t *testing.T) {
 				t.Errorf("fast %ss behind a 200 ms one took median %v, max %v: want a few ms", kind.name, med, mx)
 			}
 			r := <-slowDone
-			if d := time.Since(slowStart); r.Err != nil || r.Status != BlkStatusOK || d < 190*time.Millisecond {
+			if d := time.Since(slowStart); r.Err != nil || r.Status != virtio.BlkStatusOK || d < 190*time.Millisecond {
 				t.Fatalf("slow %s: %+v after %v, want OK after 200 ms", kind.name, r, d)
 			}
-			if kind.typ == BlkTypeIn && !bytes.Equal(slowBuf, slowData) {
+			if kind.typ == virtio.BlkTypeIn && !bytes.Equal(slowBuf, slowData) {
 				t.Fatal("slow read: wrong data")
 			}
 		})
@@ -110,15 +113,14 @@ func TestOneNotificationPerBatch(t *testing.T) {
 	if err := env.dev.Reload(fmt.Sprintf("0 %d zero", (16<<20)/512)); err != nil {
 		t.Fatal(err)
 	}
-	c := env.dial(t, ClientConfig{NumQueues: 1, QueueSize: 128, Indirect: true})
-	if c.Features()&FeatureEventIdx == 0 {
+	c := env.dial(t, frontend.Config{NumQueues: 1, QueueSize: 128, Indirect: true})
+	if c.Features()&virtio.FeatureEventIdx == 0 {
 		t.Fatal("event-idx not negotiated")
 	}
 	ctx := testCtx(t)
 	env.exp.mu.Lock()
 	bq := env.exp.conn.dev.queues[0]
 	env.exp.mu.Unlock()
-	cq := c.queues[0]
 	for round := range 3 {
 		// The ring goroutine is asleep on the kick eventfd.
 		if err := c.ReadAt(ctx, 0, make([]byte, 4096), 0); err != nil {
@@ -127,30 +129,22 @@ func TestOneNotificationPerBatch(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 		before := bq.notified.Load()
 		// Publish 32 requests, then kick once.
-		cq.mu.Lock()
-		cq.deferKick = true
-		cq.mu.Unlock()
-		done := make(chan Result, 32)
+		c.HoldKicks(0)
+		done := make(chan frontend.Result, 32)
 		for i := range 32 {
 			buf, err := c.Buf(4096)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if err := c.Submit(0, &BlkRequest{Type: BlkTypeIn, Sector: uint64(8 * i), Data: [][]byte{buf}}, func(r Result) { done <- r }); err != nil {
+			if err := c.Submit(0, &frontend.BlkRequest{Type: virtio.BlkTypeIn, Sector: uint64(8 * i), Data: [][]byte{buf}}, func(r frontend.Result) { done <- r }); err != nil {
 				t.Fatal(err)
 			}
 		}
-		cq.mu.Lock()
-		cq.deferKick = false
-		k := cq.kickPending && cq.needKickLocked()
-		cq.kickPending = false
-		cq.mu.Unlock()
-		if !k {
+		if !c.ReleaseKicks(0) {
 			t.Fatal("the device did not ask for a kick")
 		}
-		cq.kick()
 		for range 32 {
-			if r := <-done; r.Err != nil || r.Status != BlkStatusOK {
+			if r := <-done; r.Err != nil || r.Status != virtio.BlkStatusOK {
 				t.Fatalf("round %d: %+v", round, r)
 			}
 		}

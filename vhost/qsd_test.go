@@ -3,6 +3,7 @@ package vhost
 import (
 	"bytes"
 	"context"
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -64,9 +65,9 @@ func TestClientAgainstQSD(t *testing.T) {
 	sock := startQSD(t, "driver=file,node-name=f0,filename="+img, ",writable=on,num-queues=2")
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	for _, cc := range []ClientConfig{{NumQueues: 2}, {NumQueues: 1, Indirect: true, NoEventIdx: true, MemTable: true}} {
+	for _, cc := range []frontend.Config{{NumQueues: 2}, {NumQueues: 1, Indirect: true, NoEventIdx: true, MemTable: true}} {
 		cc.Socket = sock
-		c, err := Dial(ctx, cc)
+		c, err := frontend.Dial(ctx, cc)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -8,6 +8,10 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhostdm/vhostdm/vhost/frontend"
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
+	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
 
 // TestRenotifyLostInterrupt: a driver that was owed an interrupt and never
@@ -17,21 +21,24 @@ import (
 // the queue's second look a second after the last kick.
 func TestRenotifyLostInterrupt(t *testing.T) {
 	env := newTestEnv(t, 1<<20, ExportConfig{Writable: true})
-	c := env.dial(t, ClientConfig{})
+	const num = 128
+	c := env.dial(t, frontend.Config{QueueSize: num})
 	ctx := testCtx(t)
 	data := pattern(7, 4096)
 	if err := c.WriteAt(ctx, 0, data, 0); err != nil { // settles the rings
 		t.Fatal(err)
 	}
-	q := c.queues[0]
-	if !q.eventIdx {
+	if c.Features()&virtio.FeatureEventIdx == 0 {
 		t.Fatal("the client did not negotiate event idx")
 	}
 	// The completion goroutine is parked on the call eventfd with
-	// used_event == lastUsed; move used_event ahead of the next
-	// completion.
+	// used_event == the used index it consumed; move used_event ahead of
+	// the next completion.
 	time.Sleep(50 * time.Millisecond)
-	store16(q.avail, 4+2*int(q.num), q.lastUsed+100, &q.fence)
+	mem := c.Memory()
+	_, usedIdx := virtio.LoadWord(mem[c.UsedRingGPA(0):])
+	var fence uint32
+	virtio.Store16(mem[c.AvailRingGPA(0):], 4+2*num, usedIdx+100, &fence)
 
 	start := time.Now()
 	got := make([]byte, 4096)
@@ -76,7 +83,7 @@ func TestRenotifyLostInterrupt(t *testing.T) {
 func TestRestartSignalsFirstCompletion(t *testing.T) {
 	env := newTestEnv(t, 1<<20, ExportConfig{Writable: true})
 	h := dialHostile(t, env.socket)
-	h.negotiate(FeatureEventIdx, 0)
+	h.negotiate(virtio.FeatureEventIdx, 0)
 	a := newHRegion(t, 0, 1<<20)
 	h.memTable(a)
 	const num = 16
@@ -85,15 +92,15 @@ func TestRestartSignalsFirstCompletion(t *testing.T) {
 	atomic.StoreUint32((*uint32)(unsafe.Pointer(&ring.avail[0])), 5<<16)
 	atomic.StoreUint32((*uint32)(unsafe.Pointer(&ring.used[0])), 5<<16)
 	le.PutUint16(ring.avail[4+2*num:], 3) // used_event: told up to 3
-	h.must(ReqSetVringCall, VringFD{Index: 0}, []int{ring.call})
-	h.must(ReqSetVringNum, VringState{Index: 0, Num: num}, nil)
-	h.must(ReqSetVringBase, VringState{Index: 0, Num: 5}, nil)
-	h.must(ReqSetVringAddr, VringAddr{Index: 0, Desc: hostileUser + ring.dGPA, Avail: hostileUser + ring.aGPA, Used: hostileUser + ring.uGPA}, nil)
-	h.must(ReqSetVringKick, VringFD{Index: 0}, []int{ring.kick})
-	h.must(ReqSetVringEnable, VringState{Index: 0, Num: 1}, nil)
+	h.must(wire.ReqSetVringCall, wire.VringFD{Index: 0}, []int{ring.call})
+	h.must(wire.ReqSetVringNum, wire.VringState{Index: 0, Num: num}, nil)
+	h.must(wire.ReqSetVringBase, wire.VringState{Index: 0, Num: 5}, nil)
+	h.must(wire.ReqSetVringAddr, wire.VringAddr{Index: 0, Desc: hostileUser + ring.dGPA, Avail: hostileUser + ring.aGPA, Used: hostileUser + ring.uGPA}, nil)
+	h.must(wire.ReqSetVringKick, wire.VringFD{Index: 0}, []int{ring.kick})
+	h.must(wire.ReqSetVringEnable, wire.VringState{Index: 0, Num: 1}, nil)
 
 	hdr := ringEnd(num, 0) + 4096
-	putHeader(a.mem[hdr:], BlkTypeIn, 0)
+	putHeader(a.mem[hdr:], virtio.BlkTypeIn, 0)
 	ring.request(0, hdr, hdr+4096, 4096, hdr+64, true)
 	ring.push(0)
 	start := time.Now()

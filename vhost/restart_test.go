@@ -15,6 +15,10 @@ import (
 	"time"
 
 	"github.com/vhostdm/vhostdm/mapper"
+
+	"github.com/vhostdm/vhostdm/vhost/frontend"
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
+	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
 
 // The test binary doubles as a back-end process: with VHOST_TEST_CHILD=serve
@@ -130,12 +134,12 @@ func TestRestartNoLoss(t *testing.T) {
 	table := fmt.Sprintf("0 %d linear %s 0", size/512, img)
 	child := startChild(t, sock, table, 2, 3000)
 	ctx := testCtx(t)
-	c, err := Dial(ctx, ClientConfig{Socket: sock, NumQueues: 2, QueueSize: 128, Inflight: true})
+	c, err := frontend.Dial(ctx, frontend.Config{Socket: sock, NumQueues: 2, QueueSize: 128, Inflight: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	if c.ProtocolFeatures()&ProtocolInflightSHMFD == 0 {
+	if c.ProtocolFeatures()&wire.ProtocolInflightSHMFD == 0 {
 		t.Fatal("INFLIGHT_SHMFD not negotiated")
 	}
 	const perQueue = 24
@@ -152,10 +156,10 @@ func TestRestartNoLoss(t *testing.T) {
 			}
 			copy(buf, pattern(sector, 8192))
 			wg.Add(1)
-			err = c.Submit(q, &BlkRequest{Type: BlkTypeOut, Sector: sector, Data: [][]byte{buf}}, func(r Result) {
+			err = c.Submit(q, &frontend.BlkRequest{Type: virtio.BlkTypeOut, Sector: sector, Data: [][]byte{buf}}, func(r frontend.Result) {
 				mu.Lock()
 				completions[sector]++
-				if r.Err != nil || r.Status != BlkStatusOK {
+				if r.Err != nil || r.Status != virtio.BlkStatusOK {
 					failures = append(failures, fmt.Sprintf("sector %d: %+v", sector, r))
 				}
 				mu.Unlock()

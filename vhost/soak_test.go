@@ -16,6 +16,10 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhostdm/vhostdm/vhost/frontend"
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
+	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
 
 // soakDuration is how long TestIsolationSoak churns: 20 s in the normal
@@ -193,7 +197,7 @@ func (s soakStats) String() string {
 
 func startSoakWorker(t *testing.T, socket string) *soakWorker {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	c, err := Dial(ctx, ClientConfig{Socket: socket, NumQueues: 2, MemSize: 4 << 20})
+	c, err := frontend.Dial(ctx, frontend.Config{Socket: socket, NumQueues: 2, MemSize: 4 << 20})
 	cancel()
 	if err != nil {
 		t.Fatalf("healthy export: %v", err)
@@ -259,7 +263,7 @@ func (w *soakWorker) stop() {
 func soakHealthy(t *testing.T, d *daemon) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	c, err := Dial(ctx, ClientConfig{Socket: d.hostile, MemSize: 1 << 20})
+	c, err := frontend.Dial(ctx, frontend.Config{Socket: d.hostile, MemSize: 1 << 20})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -278,7 +282,7 @@ func soakHealthy(t *testing.T, d *daemon) {
 func soakRead(t *testing.T, a *hregion, ring *hring, head uint16) {
 	t.Helper()
 	o := ringEnd(ring.num, 0) + 4096 + uint64(head)*8192
-	putHeader(a.mem[o:], BlkTypeIn, uint64(head)*8)
+	putHeader(a.mem[o:], virtio.BlkTypeIn, uint64(head)*8)
 	a.mem[o+64] = 0xff
 	ring.request(head, o, o+4096, 4096, o+64, true)
 	want := ring.usedIdx() + 1
@@ -291,7 +295,7 @@ func soakRead(t *testing.T, a *hregion, ring *hring, head uint16) {
 		}
 		time.Sleep(time.Millisecond)
 	}
-	if a.mem[o+64] != BlkStatusOK {
+	if a.mem[o+64] != virtio.BlkStatusOK {
 		t.Fatalf("request at head %d: status %d", head, a.mem[o+64])
 	}
 }
@@ -314,15 +318,15 @@ func soakQueueChurn(t *testing.T, d *daemon) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			h.must(ReqSetVringCall, VringFD{Index: 0}, []int{fd})
+			h.must(wire.ReqSetVringCall, wire.VringFD{Index: 0}, []int{fd})
 			unix.Close(ring.call)
 			ring.call = fd
 		}
 		soakRead(t, a, ring, 3)
-		h.must(ReqSetVringEnable, VringState{Index: 0, Num: 0}, nil)
-		h.must(ReqSetVringEnable, VringState{Index: 0, Num: 1}, nil)
+		h.must(wire.ReqSetVringEnable, wire.VringState{Index: 0, Num: 0}, nil)
+		h.must(wire.ReqSetVringEnable, wire.VringState{Index: 0, Num: 1}, nil)
 		soakRead(t, a, ring, 6)
-		rp := h.must(ReqGetVringBase, VringState{Index: 0}, nil)
+		rp := h.must(wire.ReqGetVringBase, wire.VringState{Index: 0}, nil)
 		st, err := parseVringState(rp)
 		if err != nil {
 			t.Fatal(err)
@@ -330,21 +334,21 @@ func soakQueueChurn(t *testing.T, d *daemon) {
 		if uint16(st.Num) != ring.availIdx {
 			t.Fatalf("round %d: GET_VRING_BASE %d, avail idx %d", j, st.Num, ring.availIdx)
 		}
-		h.must(ReqSetVringNum, VringState{Index: 0, Num: uint32(ring.num)}, nil)
-		h.must(ReqSetVringBase, VringState{Index: 0, Num: st.Num}, nil)
-		h.must(ReqSetVringAddr, VringAddr{Index: 0, Desc: hostileUser + ring.dGPA, Avail: hostileUser + ring.aGPA, Used: hostileUser + ring.uGPA}, nil)
-		h.must(ReqSetVringKick, VringFD{Index: 0}, []int{ring.kick})
-		h.must(ReqSetVringEnable, VringState{Index: 0, Num: 1}, nil)
+		h.must(wire.ReqSetVringNum, wire.VringState{Index: 0, Num: uint32(ring.num)}, nil)
+		h.must(wire.ReqSetVringBase, wire.VringState{Index: 0, Num: st.Num}, nil)
+		h.must(wire.ReqSetVringAddr, wire.VringAddr{Index: 0, Desc: hostileUser + ring.dGPA, Avail: hostileUser + ring.aGPA, Used: hostileUser + ring.uGPA}, nil)
+		h.must(wire.ReqSetVringKick, wire.VringFD{Index: 0}, []int{ring.kick})
+		h.must(wire.ReqSetVringEnable, wire.VringState{Index: 0, Num: 1}, nil)
 	}
 	soakRead(t, a, ring, 9)
 }
 
 // parseVringState decodes the payload of a GET_VRING_BASE reply.
-func parseVringState(p []byte) (VringState, error) {
+func parseVringState(p []byte) (wire.VringState, error) {
 	if len(p) != 8 {
-		return VringState{}, fmt.Errorf("vring state of %d bytes", len(p))
+		return wire.VringState{}, fmt.Errorf("vring state of %d bytes", len(p))
 	}
-	return VringState{Index: le.Uint32(p), Num: le.Uint32(p[4:])}, nil
+	return wire.VringState{Index: le.Uint32(p), Num: le.Uint32(p[4:])}, nil
 }
 
 // soakBlockedCall: the call fd made blocking and kept full while requests
@@ -371,7 +375,7 @@ func soakFault(t *testing.T, d *daemon) {
 	ring := newRing(t, 16, a, 0, a, ringEnd(16, 0))
 	h.setup(ring, true)
 	hdr := ringEnd(16, 0) + 4096
-	putHeader(a.mem[hdr:], BlkTypeOut, 0)
+	putHeader(a.mem[hdr:], virtio.BlkTypeOut, 0)
 	ring.request(0, hdr, b.gpa, 4096, b.gpa+8192, false)
 	b.truncate(t)
 	ring.push(0)
@@ -385,11 +389,11 @@ func soakFault(t *testing.T, d *daemon) {
 func soakGarbage(t *testing.T, d *daemon) {
 	h := dialHostile(t, d.hostile)
 	h.negotiate(0, 0)
-	if err := h.rc.Send(append(Header{Code: 9999, Flags: FlagVersion, Size: 4}.AppendTo(nil), 1, 2, 3, 4), nil); err != nil {
+	if err := h.rc.Send(append(wire.Header{Code: 9999, Flags: wire.FlagVersion, Size: 4}.AppendTo(nil), 1, 2, 3, 4), nil); err != nil {
 		t.Fatal(err)
 	}
-	h.must(ReqGetFeatures, NoPayload{}, nil)
-	if err := h.rc.Send(Header{Code: ReqSetFeatures, Flags: FlagVersion, Size: 1 << 30}.AppendTo(nil), nil); err != nil {
+	h.must(wire.ReqGetFeatures, wire.NoPayload{}, nil)
+	if err := h.rc.Send(wire.Header{Code: wire.ReqSetFeatures, Flags: wire.FlagVersion, Size: 1 << 30}.AppendTo(nil), nil); err != nil {
 		t.Fatal(err)
 	}
 	h.waitClosed(10 * time.Second)

@@ -7,6 +7,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/vhostdm/vhostdm/vhost/frontend"
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
 )
 
 // TestExportTunables runs a deep mixed workload (writes, flushes, reads
@@ -26,17 +29,17 @@ func TestExportTunables(t *testing.T) {
 			cfg := tc.cfg
 			cfg.Writable, cfg.NumQueues = true, 2
 			env := newTestEnv(t, 16<<20, cfg)
-			c := env.dial(t, ClientConfig{NumQueues: 2, QueueSize: 128, Indirect: true})
+			c := env.dial(t, frontend.Config{NumQueues: 2, QueueSize: 128, Indirect: true})
 			ctx := testCtx(t)
 			const perQueue = 300
 			var wg sync.WaitGroup
 			var mu sync.Mutex
 			var failures []string
-			submit := func(q int, r *BlkRequest, buf []byte) {
+			submit := func(q int, r *frontend.BlkRequest, buf []byte) {
 				wg.Add(1)
 				for {
-					err := c.Submit(q, r, func(res Result) {
-						if res.Status != BlkStatusOK || res.Err != nil {
+					err := c.Submit(q, r, func(res frontend.Result) {
+						if res.Status != virtio.BlkStatusOK || res.Err != nil {
 							mu.Lock()
 							failures = append(failures, fmt.Sprintf("type %d sector %d: %+v", r.Type, r.Sector, res))
 							mu.Unlock()
@@ -46,7 +49,7 @@ func TestExportTunables(t *testing.T) {
 						}
 						wg.Done()
 					})
-					if !errors.Is(err, ErrRingFull) {
+					if !errors.Is(err, frontend.ErrRingFull) {
 						if err != nil {
 							t.Fatal(err)
 						}
@@ -64,9 +67,9 @@ func TestExportTunables(t *testing.T) {
 						t.Fatal(err)
 					}
 					copy(buf, pattern(sector, n))
-					submit(q, &BlkRequest{Type: BlkTypeOut, Sector: sector, Data: [][]byte{buf}}, buf)
+					submit(q, &frontend.BlkRequest{Type: virtio.BlkTypeOut, Sector: sector, Data: [][]byte{buf}}, buf)
 					if k%50 == 49 {
-						submit(q, &BlkRequest{Type: BlkTypeFlush}, nil)
+						submit(q, &frontend.BlkRequest{Type: virtio.BlkTypeFlush}, nil)
 					}
 				}
 			}

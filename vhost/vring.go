@@ -6,120 +6,17 @@ import (
 	"fmt"
 	"sync/atomic"
 	"unsafe"
+
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
+	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
 
-// Split virtqueue layout (virtio 1.x, 2.7 "Split Virtqueues"):
-//
-//	desc[i]  16 B: le64 addr, le32 len, le16 flags, le16 next
-//	avail    le16 flags, le16 idx, le16 ring[N], le16 used_event
-//	used     le16 flags, le16 idx, {le32 id, le32 len}[N], le16 avail_event
-//
-// Go has no 16-bit atomics. The {flags, idx} words of both rings are read and
-// written with 32-bit atomics on the aligned word that holds them; other
-// 16-bit fields use single 16-bit loads and stores ordered by a neighbouring
-// atomic operation (a full barrier on amd64 and arm64).
+// le is the byte order of every virtio and vhost-user field.
+var le = binary.LittleEndian
 
-// Descriptor flags.
-const (
-	DescFlagNext     = 1
-	DescFlagWrite    = 2
-	DescFlagIndirect = 4
-)
-
-// Ring flags.
-const (
-	availFlagNoInterrupt = 1
-	usedFlagNoNotify     = 1
-)
-
-const (
-	descSize = 16
-	// MaxQueueSize is the largest split ring (virtio 1.x: Queue Size is at
-	// most 32768).
-	MaxQueueSize = 32768
-	// maxSegments bounds the translated pieces of one chain (the kernel's
-	// IOV_MAX, and QEMU's VIRTQUEUE_MAX_SIZE for indirect tables).
-	maxSegments = 1024
-)
-
-func init() {
-	// The ring accessors below read little-endian fields with native loads.
-	var x uint16 = 1
-	if *(*byte)(unsafe.Pointer(&x)) != 1 {
-		panic("vhost: big-endian hosts are not supported")
-	}
-}
-
-// Desc is one split-ring descriptor.
-type Desc struct {
-	Addr  uint64
-	Len   uint32
-	Flags uint16
-	Next  uint16
-}
-
-func readDesc(b []byte) Desc {
-	_ = b[15]
-	return Desc{Addr: le.Uint64(b), Len: le.Uint32(b[8:]), Flags: le.Uint16(b[12:]), Next: le.Uint16(b[14:])}
-}
-
-func writeDesc(b []byte, d Desc) {
-	_ = b[15]
-	le.PutUint64(b, d.Addr)
-	le.PutUint32(b[8:], d.Len)
-	le.PutUint16(b[12:], d.Flags)
-	le.PutUint16(b[14:], d.Next)
-}
-
-// RingSizes returns the byte sizes of the descriptor table, available ring
-// and used ring of a queue of n entries, with room for event-idx fields.
-func RingSizes(n int) (desc, avail, used int) {
-	return descSize * n, 6 + 2*n, 6 + 8*n
-}
-
-// load16 reads the 16-bit field at b[off] with a 32-bit atomic load of the
-// aligned word holding it when that word lies in b[:cap(b)], else with a
-// plain load after a full barrier.
-func load16(b []byte, off int, fence *uint32) uint16 {
-	_ = b[off+1]
-	p := unsafe.Pointer(&b[off])
-	switch uintptr(p) & 3 {
-	case 0:
-		if off+4 <= cap(b) {
-			return uint16(atomic.LoadUint32((*uint32)(p)))
-		}
-	case 2:
-		if off >= 2 {
-			return uint16(atomic.LoadUint32((*uint32)(unsafe.Add(p, -2))) >> 16)
-		}
-	}
-	atomic.AddUint32(fence, 1)
-	return *(*uint16)(p)
-}
-
-// store16 writes the 16-bit field at b[off] with one 16-bit store and then
-// a full barrier, so that later loads see the store ordered before them.
-func store16(b []byte, off int, v uint16, fence *uint32) {
-	binary.LittleEndian.PutUint16(b[off:], v)
-	atomic.AddUint32(fence, 1)
-}
-
-// loadWord / storeWord access the 4-aligned {flags, idx} word at b[0:4]:
-// flags in the low half, idx in the high half.
-func loadWord(b []byte) (flags, idx uint16) {
-	v := atomic.LoadUint32((*uint32)(unsafe.Pointer(unsafe.SliceData(b[:4]))))
-	return uint16(v), uint16(v >> 16)
-}
-
-func storeWord(b []byte, flags, idx uint16) {
-	atomic.StoreUint32((*uint32)(unsafe.Pointer(unsafe.SliceData(b[:4]))), uint32(flags)|uint32(idx)<<16)
-}
-
-// needEvent is vring_need_event: with event idx, notify when the index
-// moved from old to new past the other side's event index.
-func needEvent(event, new, old uint16) bool {
-	return new-event-1 < new-old
-}
+// maxSegments bounds the translated pieces of one chain (the kernel's
+// IOV_MAX, and QEMU's VIRTQUEUE_MAX_SIZE for indirect tables).
+const maxSegments = 1024
 
 // Chain errors that concern one request.
 var (
@@ -171,8 +68,8 @@ func walkChain(m *Mem, desc []byte, num uint16, head uint16, indirect bool, c *c
 		if n >= int(num) {
 			return errChainLoop
 		}
-		d := readDesc(desc[int(idx)*descSize:])
-		if d.Flags&DescFlagIndirect != 0 {
+		d := virtio.ReadDesc(desc[int(idx)*virtio.DescSize:])
+		if d.Flags&virtio.DescFlagIndirect != 0 {
 			// 2.7.5.3.1: "The driver MUST NOT set the VIRTQ_DESC_F_INDIRECT
 			// flag unless the VIRTIO_F_INDIRECT_DESC feature was negotiated",
 			// and "MUST NOT set both VIRTQ_DESC_F_INDIRECT and
@@ -180,7 +77,7 @@ func walkChain(m *Mem, desc []byte, num uint16, head uint16, indirect bool, c *c
 			if !indirect {
 				return fmt.Errorf("%w: indirect descriptors not negotiated", errChainIndirect)
 			}
-			if d.Flags&DescFlagNext != 0 {
+			if d.Flags&virtio.DescFlagNext != 0 {
 				return fmt.Errorf("%w: both INDIRECT and NEXT set", errChainIndirect)
 			}
 			return walkIndirect(m, d, c)
@@ -188,7 +85,7 @@ func walkChain(m *Mem, desc []byte, num uint16, head uint16, indirect bool, c *c
 		if err := c.add(m, d); err != nil {
 			return err
 		}
-		if d.Flags&DescFlagNext == 0 {
+		if d.Flags&virtio.DescFlagNext == 0 {
 			return nil
 		}
 		idx = d.Next
@@ -196,14 +93,14 @@ func walkChain(m *Mem, desc []byte, num uint16, head uint16, indirect bool, c *c
 }
 
 // walkIndirect walks the indirect table of d.
-func walkIndirect(m *Mem, d Desc, c *chain) error {
+func walkIndirect(m *Mem, d virtio.Desc, c *chain) error {
 	// The table is an array of descriptors: its length must be a non-zero
 	// multiple of 16 (libvhost-user: "Invalid size for indirect buffer
 	// table"); we take at most maxSegments entries.
-	if d.Len == 0 || d.Len%descSize != 0 || d.Len/descSize > maxSegments {
+	if d.Len == 0 || d.Len%virtio.DescSize != 0 || d.Len/virtio.DescSize > maxSegments {
 		return fmt.Errorf("%w: table of %d bytes", errChainIndirect, d.Len)
 	}
-	n := uint16(d.Len / descSize)
+	n := uint16(d.Len / virtio.DescSize)
 	table, err := m.Slice(d.Addr, uint64(d.Len))
 	if err != nil {
 		return fmt.Errorf("%w: table: %v", errChainIndirect, err)
@@ -216,16 +113,16 @@ func walkIndirect(m *Mem, d Desc, c *chain) error {
 		if k >= int(n) {
 			return errChainLoop
 		}
-		dd := readDesc(table[int(idx)*descSize:])
+		dd := virtio.ReadDesc(table[int(idx)*virtio.DescSize:])
 		// 2.7.5.3.1: "The driver MUST NOT set the VIRTQ_DESC_F_INDIRECT flag
 		// within an indirect descriptor (ie. only one table per descriptor)."
-		if dd.Flags&DescFlagIndirect != 0 {
+		if dd.Flags&virtio.DescFlagIndirect != 0 {
 			return fmt.Errorf("%w: nested indirect table", errChainIndirect)
 		}
 		if err := c.add(m, dd); err != nil {
 			return err
 		}
-		if dd.Flags&DescFlagNext == 0 {
+		if dd.Flags&virtio.DescFlagNext == 0 {
 			return nil
 		}
 		idx = dd.Next
@@ -233,12 +130,12 @@ func walkIndirect(m *Mem, d Desc, c *chain) error {
 }
 
 // add translates the buffer of one descriptor.
-func (c *chain) add(m *Mem, d Desc) error {
+func (c *chain) add(m *Mem, d virtio.Desc) error {
 	if d.Len == 0 {
 		// QEMU's virtqueue_map_desc refuses zero-sized buffers too.
 		return errors.New("zero-length descriptor")
 	}
-	write := d.Flags&DescFlagWrite != 0
+	write := d.Flags&virtio.DescFlagWrite != 0
 	// 2.7.4.2: "The driver MUST place any device-writable descriptor
 	// elements after any device-readable descriptor elements."
 	if !write && len(c.segs) > c.nRead {
@@ -287,8 +184,8 @@ type splitRing struct {
 
 // setup checks and translates the ring addresses (front-end user addresses)
 // through m. It returns the guest address of the used ring.
-func (r *splitRing) setup(m *Mem, num uint16, a VringAddr) (usedGPA uint64, err error) {
-	dn, an, un := RingSizes(int(num))
+func (r *splitRing) setup(m *Mem, num uint16, a wire.VringAddr) (usedGPA uint64, err error) {
+	dn, an, un := virtio.RingSizes(int(num))
 	desc, _, err := m.userSlice(a.Desc, uint64(dn))
 	if err != nil {
 		return 0, fmt.Errorf("descriptor table: %w", err)
@@ -311,34 +208,34 @@ func (r *splitRing) setup(m *Mem, num uint16, a VringAddr) (usedGPA uint64, err 
 
 // availIdx reads avail->idx (acquire).
 func (r *splitRing) availIdx() uint16 {
-	return load16(r.avail, 2, &r.fence)
+	return virtio.Load16(r.avail, 2, &r.fence)
 }
 
 // availHead reads avail->ring[i % num].
 func (r *splitRing) availHead(i uint16) uint16 {
-	return load16(r.avail, 4+2*int(i&(r.num-1)), &r.fence)
+	return virtio.Load16(r.avail, 4+2*int(i&(r.num-1)), &r.fence)
 }
 
 // availFlags reads avail->flags.
 func (r *splitRing) availFlags() uint16 {
-	return load16(r.avail, 0, &r.fence)
+	return virtio.Load16(r.avail, 0, &r.fence)
 }
 
 // usedEvent reads used_event, after avail->ring.
 func (r *splitRing) usedEvent() uint16 {
-	return load16(r.avail, 4+2*int(r.num), &r.fence)
+	return virtio.Load16(r.avail, 4+2*int(r.num), &r.fence)
 }
 
 // usedRingIdx reads used->idx as it is in guest memory.
 func (r *splitRing) usedRingIdx() uint16 {
-	_, idx := loadWord(r.used)
+	_, idx := virtio.LoadWord(r.used)
 	return idx
 }
 
 // setAvailEvent writes avail_event, after used->ring, followed by a full
 // barrier so that the caller's next read of avail->idx is ordered after it.
 func (r *splitRing) setAvailEvent(v uint16) {
-	store16(r.used, 4+8*int(r.num), v, &r.fence)
+	virtio.Store16(r.used, 4+8*int(r.num), v, &r.fence)
 }
 
 // pending returns how many entries the driver made available beyond
@@ -390,7 +287,7 @@ func (r *splitRing) publish() (notify bool) {
 	if old == new {
 		return false
 	}
-	storeWord(r.used, 0, new)
+	virtio.StoreWord(r.used, 0, new)
 	r.pubIdx = new
 	// storeWord is a full barrier: the reads below are ordered after it.
 	if r.eventIdx {
@@ -398,9 +295,9 @@ func (r *splitRing) publish() (notify bool) {
 			r.told = true
 			return true
 		}
-		return needEvent(r.usedEvent(), new, old)
+		return virtio.NeedEvent(r.usedEvent(), new, old)
 	}
-	return r.availFlags()&availFlagNoInterrupt == 0
+	return r.availFlags()&virtio.AvailFlagNoInterrupt == 0
 }
 
 // salvageStatus finds the status byte of a chain that failed to walk, so
@@ -416,23 +313,23 @@ func salvageStatus(m *Mem, desc []byte, num uint16, head uint16, indirect bool) 
 		if idx >= n {
 			return nil, 0, false
 		}
-		d := readDesc(table[int(idx)*descSize:])
-		if d.Flags&DescFlagIndirect != 0 {
-			if inTable || !indirect || d.Flags&DescFlagNext != 0 || d.Len == 0 || d.Len%descSize != 0 || d.Len/descSize > maxSegments {
+		d := virtio.ReadDesc(table[int(idx)*virtio.DescSize:])
+		if d.Flags&virtio.DescFlagIndirect != 0 {
+			if inTable || !indirect || d.Flags&virtio.DescFlagNext != 0 || d.Len == 0 || d.Len%virtio.DescSize != 0 || d.Len/virtio.DescSize > maxSegments {
 				return nil, 0, false
 			}
 			t, err := m.Slice(d.Addr, uint64(d.Len))
 			if err != nil {
 				return nil, 0, false
 			}
-			table, n, idx, inTable = t, uint16(d.Len/descSize), 0, true
+			table, n, idx, inTable = t, uint16(d.Len/virtio.DescSize), 0, true
 			continue
 		}
-		if d.Flags&DescFlagNext != 0 {
+		if d.Flags&virtio.DescFlagNext != 0 {
 			idx = d.Next
 			continue
 		}
-		if d.Flags&DescFlagWrite == 0 || d.Len == 0 || d.Addr+uint64(d.Len) < d.Addr {
+		if d.Flags&virtio.DescFlagWrite == 0 || d.Len == 0 || d.Addr+uint64(d.Len) < d.Addr {
 			return nil, 0, false
 		}
 		gpa := d.Addr + uint64(d.Len) - 1

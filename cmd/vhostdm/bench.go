@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/vhostdm/vhostdm/vhost"
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 )
 
 func init() { register("bench", "drive a vhost-user-blk back end", runBench) }
@@ -128,7 +129,7 @@ type bench struct {
 	bs, iodepth int
 	queues      int
 	verify      bool
-	c           *vhost.Client
+	c           *frontend.Client
 	blocks      uint64
 	gens        []uint32      // verify: generation of each block's last completed write
 	busy        []atomic.Bool // verify: one request per block at a time
@@ -163,7 +164,7 @@ func (b *bench) run(socket string, d time.Duration, size uint64, stderr io.Write
 	mem := uint64(b.queues*b.iodepth*b.bs) + 16<<20
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := vhost.Dial(ctx, vhost.ClientConfig{Socket: socket, NumQueues: b.queues, QueueSize: qs, Indirect: true, MemSize: mem})
+	c, err := frontend.Dial(ctx, frontend.Config{Socket: socket, NumQueues: b.queues, QueueSize: qs, Indirect: true, MemSize: mem})
 	if err != nil {
 		return nil, err
 	}
@@ -181,7 +182,7 @@ func (b *bench) run(socket string, d time.Duration, size uint64, stderr io.Write
 	if b.blocks == 0 {
 		return nil, fmt.Errorf("device of %d bytes is smaller than --bs %d", size, b.bs)
 	}
-	if (b.rw != "read" && b.rw != "randread" || b.verify) && c.Features()&vhost.BlkFeatureRO != 0 {
+	if (b.rw != "read" && b.rw != "randread" || b.verify) && c.Features()&frontend.BlkFeatureRO != 0 {
 		return nil, errors.New("the device is read-only")
 	}
 	// A back end that dies or drops the connection mid-run fails the run
@@ -299,9 +300,9 @@ func (b *bench) next(s *slot) {
 		s.write = b.rw == "write" || b.rw == "randwrite" || b.rw == "randrw" && s.rng.IntN(2) == 0
 		s.block = b.pick(s)
 	}
-	typ := uint32(vhost.BlkTypeIn)
+	typ := uint32(frontend.BlkTypeIn)
 	if s.write {
-		typ = vhost.BlkTypeOut
+		typ = frontend.BlkTypeOut
 		if b.verify {
 			if !b.prefilling.Load() {
 				s.gen = b.gens[s.block] + 1
@@ -310,7 +311,7 @@ func (b *bench) next(s *slot) {
 		}
 	}
 	s.start = time.Now()
-	err := b.c.Submit(s.q, &vhost.BlkRequest{Type: typ, Sector: s.block * uint64(b.bs) / 512, Data: [][]byte{s.buf}}, func(r vhost.Result) { b.done(s, r) })
+	err := b.c.Submit(s.q, &frontend.BlkRequest{Type: typ, Sector: s.block * uint64(b.bs) / 512, Data: [][]byte{s.buf}}, func(r frontend.Result) { b.done(s, r) })
 	if err != nil {
 		b.noteErr("submit: %v", err)
 		b.release(s)
@@ -348,9 +349,9 @@ func (b *bench) release(s *slot) {
 }
 
 // done is the completion callback of slot s (on its queue's goroutine).
-func (b *bench) done(s *slot, r vhost.Result) {
+func (b *bench) done(s *slot, r frontend.Result) {
 	lat := time.Since(s.start)
-	ok := r.Err == nil && r.Status == vhost.BlkStatusOK
+	ok := r.Err == nil && r.Status == frontend.BlkStatusOK
 	if !ok {
 		b.noteErr("block %d: status %d err %v", s.block, r.Status, r.Err)
 	} else if b.verify {

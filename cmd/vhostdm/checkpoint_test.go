@@ -15,7 +15,7 @@ import (
 	"github.com/vhostdm/vhostdm/internal/reptest"
 	"github.com/vhostdm/vhostdm/repagent/hub"
 	"github.com/vhostdm/vhostdm/repagent/hub/journal"
-	"github.com/vhostdm/vhostdm/vhost"
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 )
 
 // TestRepagentCheckpoint: the daemon's repagent-checkpoint, over its QMP
@@ -53,7 +53,7 @@ func TestRepagentCheckpoint(t *testing.T) {
 	}
 	q := dialQMP(t, filepath.Join(dir, "qmp.sock"))
 
-	cl, err := vhost.Dial(ctx, vhost.ClientConfig{Socket: filepath.Join(dir, "root.sock")})
+	cl, err := frontend.Dial(ctx, frontend.Config{Socket: filepath.Join(dir, "root.sock")})
 	if err != nil {
 		t.Fatal(err)
 	}

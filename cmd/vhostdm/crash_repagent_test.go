@@ -17,7 +17,7 @@ import (
 	"github.com/vhostdm/vhostdm/internal/qmpclient"
 	"github.com/vhostdm/vhostdm/internal/reptest"
 	"github.com/vhostdm/vhostdm/repagent/hub"
-	"github.com/vhostdm/vhostdm/vhost"
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 )
 
 // queryAgent runs query-repagent on the child's QMP socket.
@@ -219,9 +219,9 @@ func startCrashWriters(t *testing.T, dir string, volBytes int, seed uint64) (sto
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	written := 0
-	var clients []*vhost.Client
+	var clients []*frontend.Client
 	for i, id := range []string{"a", "b"} {
-		cl, err := vhost.Dial(ctx, vhost.ClientConfig{Socket: filepath.Join(dir, id+".sock")})
+		cl, err := frontend.Dial(ctx, frontend.Config{Socket: filepath.Join(dir, id+".sock")})
 		if err != nil {
 			cancel()
 			t.Fatal(err)

@@ -12,7 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/vhostdm/vhostdm/vhost"
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 )
 
 // healthy checks that a fresh QMP client is answered and that the export
@@ -26,7 +26,7 @@ func healthy(t *testing.T, qmpSock, sock string) {
 	q.c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	cl, err := vhost.Dial(ctx, vhost.ClientConfig{Socket: sock})
+	cl, err := frontend.Dial(ctx, frontend.Config{Socket: sock})
 	if err != nil {
 		t.Fatalf("healthy export %s: %v", sock, err)
 	}

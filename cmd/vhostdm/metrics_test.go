@@ -12,7 +12,7 @@ import (
 	"testing"
 
 	"github.com/vhostdm/vhostdm/config"
-	"github.com/vhostdm/vhostdm/vhost"
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 )
 
 // scrape fetches /metrics and returns the value of the first sample whose
@@ -50,7 +50,7 @@ func TestMetricsMoveWithIO(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer d.Close()
-	cl, err := vhost.Dial(ctx, vhost.ClientConfig{Socket: filepath.Join(dir, "root.sock")})
+	cl, err := frontend.Dial(ctx, frontend.Config{Socket: filepath.Join(dir, "root.sock")})
 	if err != nil {
 		t.Fatal(err)
 	}

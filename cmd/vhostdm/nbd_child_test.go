@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vhostdm/vhostdm/vhost"
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 )
 
 // persistConfig is vhostNBDConfig with persistent bitmaps kept in state/.
@@ -32,7 +32,7 @@ func TestPersistentBitmapRestartAndCrash(t *testing.T) {
 		t.Helper()
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		vc, err := vhost.Dial(ctx, vhost.ClientConfig{Socket: vsock})
+		vc, err := frontend.Dial(ctx, frontend.Config{Socket: vsock})
 		if err != nil {
 			t.Fatal(err)
 		}

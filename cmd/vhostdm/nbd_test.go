@@ -20,7 +20,7 @@ import (
 	"github.com/vhostdm/vhostdm/config"
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/qmp"
-	"github.com/vhostdm/vhostdm/vhost"
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 )
 
 // needTool fails the test loudly when an external judge is missing.
@@ -357,7 +357,7 @@ func TestNBDIncrementalBackup(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	vc, err := vhost.Dial(ctx, vhost.ClientConfig{Socket: filepath.Join(dir, "v.sock")})
+	vc, err := frontend.Dial(ctx, frontend.Config{Socket: filepath.Join(dir, "v.sock")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -460,7 +460,7 @@ func TestNBDWritableSeenByVhost(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	vc, err := vhost.Dial(ctx, vhost.ClientConfig{Socket: filepath.Join(dir, "v.sock")})
+	vc, err := frontend.Dial(ctx, frontend.Config{Socket: filepath.Join(dir, "v.sock")})
 	if err != nil {
 		t.Fatal(err)
 	}

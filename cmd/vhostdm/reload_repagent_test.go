@@ -12,7 +12,7 @@ import (
 
 	"github.com/vhostdm/vhostdm/internal/reptest"
 	"github.com/vhostdm/vhostdm/repagent/hub"
-	"github.com/vhostdm/vhostdm/vhost"
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 )
 
 // startTestHub runs a hub on loopback with its store in dir.
@@ -119,7 +119,7 @@ func TestReloadKeepsProtection(t *testing.T) {
 	}
 	images := map[string]string{"root0": filepath.Join(dir, "root.img"), "data0": filepath.Join(dir, "data.img")}
 	for _, id := range []string{"root0", "data0"} {
-		cl, err := vhost.Dial(ctx, vhost.ClientConfig{Socket: filepath.Join(dir, strings.TrimSuffix(id, "0")+".sock")})
+		cl, err := frontend.Dial(ctx, frontend.Config{Socket: filepath.Join(dir, strings.TrimSuffix(id, "0")+".sock")})
 		if err != nil {
 			t.Fatal(err)
 		}

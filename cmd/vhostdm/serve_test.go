@@ -14,7 +14,7 @@ import (
 
 	"github.com/vhostdm/vhostdm/internal/sdnotify/sdnotifytest"
 	"github.com/vhostdm/vhostdm/mapper"
-	"github.com/vhostdm/vhostdm/vhost"
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 )
 
 // writeConfig writes text to dir/vm.toml and returns its path.
@@ -65,7 +65,7 @@ func TestServeAndReloadConfig(t *testing.T) {
 	path := writeConfig(t, dir, serveConfig)
 	d, ctx := serveInProcess(t, path)
 
-	cl, err := vhost.Dial(ctx, vhost.ClientConfig{Socket: filepath.Join(dir, "root.sock"), NumQueues: 2})
+	cl, err := frontend.Dial(ctx, frontend.Config{Socket: filepath.Join(dir, "root.sock"), NumQueues: 2})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -113,7 +113,7 @@ socket = "second.sock"
 	if !bytes.Equal(back, data) {
 		t.Fatal("data differs after the table was reloaded")
 	}
-	cl2, err := vhost.Dial(ctx, vhost.ClientConfig{Socket: filepath.Join(dir, "second.sock")})
+	cl2, err := frontend.Dial(ctx, frontend.Config{Socket: filepath.Join(dir, "second.sock")})
 	if err != nil {
 		t.Fatalf("new export: %v", err)
 	}

@@ -24,6 +24,7 @@ import (
 	"github.com/vhostdm/vhostdm/repagent/hub"
 	_ "github.com/vhostdm/vhostdm/targets" // linear, for the volumes
 	"github.com/vhostdm/vhostdm/vhost"
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 )
 
 // Logger logs to stderr when REPAGENT_TEST_LOG is set, nowhere otherwise.
@@ -61,9 +62,9 @@ type Vol struct {
 	Backing string // the source's backing file
 	Size    int64
 	Dev     *mapper.Device
-	Wrapped agent.Device  // Dev as the agent wraps it
-	Exp     *vhost.Export // the export of Wrapped
-	Client  *vhost.Client // the guest
+	Wrapped agent.Device     // Dev as the agent wraps it
+	Exp     *vhost.Export    // the export of Wrapped
+	Client  *frontend.Client // the guest
 	expDone chan error
 
 	Mu    sync.Mutex // guards Model
@@ -175,7 +176,7 @@ func (r *Rig) Attach(v *Vol, o agent.VolumeOptions) {
 	go func() { v.expDone <- v.Exp.Serve(context.Background()) }()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	v.Client, err = vhost.Dial(ctx, vhost.ClientConfig{Socket: sock, MemSize: 16 << 20})
+	v.Client, err = frontend.Dial(ctx, frontend.Config{Socket: sock, MemSize: 16 << 20})
 	if err != nil {
 		r.T.Fatal(err)
 	}

@@ -14,7 +14,7 @@ import (
 	"github.com/vhostdm/vhostdm/test/e2e/harness"
 	"github.com/vhostdm/vhostdm/test/e2e/internal/pattern"
 	"github.com/vhostdm/vhostdm/test/e2e/internal/proto"
-	"github.com/vhostdm/vhostdm/vhost"
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 )
 
 // dialQMP connects to a QMP socket and closes it at the end of the test.
@@ -61,7 +61,7 @@ func readExport(t *testing.T, sock string, size int64) []byte {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	c, err := vhost.Dial(ctx, vhost.ClientConfig{Socket: sock, MemSize: 16 << 20})
+	c, err := frontend.Dial(ctx, frontend.Config{Socket: sock, MemSize: 16 << 20})
 	if err != nil {
 		t.Fatalf("vhost client on %s: %v", sock, err)
 	}

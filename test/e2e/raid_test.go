@@ -13,7 +13,7 @@ import (
 
 	"github.com/vhostdm/vhostdm/test/e2e/harness"
 	"github.com/vhostdm/vhostdm/test/e2e/internal/proto"
-	"github.com/vhostdm/vhostdm/vhost"
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 )
 
 // raidInfo is a parsed raid INFO status line:
@@ -103,7 +103,7 @@ func writeExport(t *testing.T, sock string, data []byte) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	c, err := vhost.Dial(ctx, vhost.ClientConfig{Socket: sock, MemSize: 16 << 20})
+	c, err := frontend.Dial(ctx, frontend.Config{Socket: sock, MemSize: 16 << 20})
 	if err != nil {
 		t.Fatalf("vhost client on %s: %v", sock, err)
 	}

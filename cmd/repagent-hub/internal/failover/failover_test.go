@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vhostdm/vhostdm/vhost"
+	"github.com/vhostdm/vhostdm/vhost/frontend"
 
 	"github.com/vhostdm/vhostdm/cmd/repagent-hub/internal/failover"
 	"github.com/vhostdm/vhostdm/internal/reptest"
@@ -55,7 +55,7 @@ func TestFailoverTest(t *testing.T) {
 	stop = make(chan struct{})
 	wait = r.RunWriters(stop, a)
 	ctx := reptest.Context(t)
-	c, err := vhost.Dial(ctx, vhost.ClientConfig{Socket: exps[0].Socket, MemSize: 16 << 20})
+	c, err := frontend.Dial(ctx, frontend.Config{Socket: exps[0].Socket, MemSize: 16 << 20})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,9 @@
-package vhost
+// Package wire is the vhost-user wire layer (QEMU
+// docs/interop/vhost-user.rst) that the back end and the front-end client
+// share: request codes, header flags, payload structs and their decoders,
+// which requests carry fds and which have a reply of their own, and the
+// framing of messages with their fds on a unix socket (Conn).
+package wire
 
 import (
 	"encoding/binary"
@@ -6,10 +11,9 @@ import (
 	"fmt"
 )
 
-// This file is the wire layer: request codes, header flags, payload structs
-// and their decoders. Decoders check the exact length first, then syntax only
-// (overflow, alignment, unknown bits); whether a value makes sense for the
-// connection's state is checked by the connection (conn.go).
+// Decoders check the exact length first, then syntax only (overflow,
+// alignment, unknown bits); whether a value makes sense for the
+// connection's state is checked by whoever holds that state.
 
 var le = binary.LittleEndian
 
@@ -144,33 +148,6 @@ const MaxPayload = 0x1000
 // MaxFDs is the most file descriptors one message may carry
 // (VHOST_MEMORY_BASELINE_NREGIONS).
 const MaxFDs = 8
-
-// Virtio and vhost feature bits negotiated with GET/SET_FEATURES.
-const (
-	FeatureNotifyOnEmpty    = 1 << 24
-	FeatureLogAll           = 1 << 26 // VHOST_F_LOG_ALL
-	FeatureIndirectDesc     = 1 << 28 // VIRTIO_F_RING_INDIRECT_DESC
-	FeatureEventIdx         = 1 << 29 // VIRTIO_F_RING_EVENT_IDX
-	FeatureProtocolFeatures = 1 << 30 // VHOST_USER_F_PROTOCOL_FEATURES
-	FeatureVersion1         = 1 << 32
-	FeatureAccessPlatform   = 1 << 33
-	FeatureRingPacked       = 1 << 34
-)
-
-// Virtio-blk feature bits (virtio 1.x, 5.2.3).
-const (
-	BlkFeatureSizeMax     = 1 << 1
-	BlkFeatureSegMax      = 1 << 2
-	BlkFeatureGeometry    = 1 << 4
-	BlkFeatureRO          = 1 << 5
-	BlkFeatureBlkSize     = 1 << 6
-	BlkFeatureFlush       = 1 << 9
-	BlkFeatureTopology    = 1 << 10
-	BlkFeatureConfigWCE   = 1 << 11
-	BlkFeatureMQ          = 1 << 12
-	BlkFeatureDiscard     = 1 << 13
-	BlkFeatureWriteZeroes = 1 << 14
-)
 
 // Protocol feature bits negotiated with GET/SET_PROTOCOL_FEATURES.
 const (
@@ -394,8 +371,8 @@ const (
 	ConfigFlagMigration = 1 // live migration
 )
 
-// configHeaderSize is VHOST_USER_CONFIG_HDR_SIZE.
-const configHeaderSize = 12
+// ConfigHeaderSize is VHOST_USER_CONFIG_HDR_SIZE.
+const ConfigHeaderSize = 12
 
 // MaxConfigSize is the largest config access (QEMU's VHOST_USER_MAX_CONFIG_SIZE).
 const MaxConfigSize = 256
@@ -418,7 +395,8 @@ type InflightDesc struct {
 	QueueSize  uint16
 }
 
-const inflightMsgSize = 24
+// InflightDescSize is the size of the InflightDesc payload QEMU sends.
+const InflightDescSize = 24
 
 // AppendTo appends the 24-byte wire form of d.
 func (d InflightDesc) AppendTo(b []byte) []byte {
@@ -429,12 +407,12 @@ func (d InflightDesc) AppendTo(b []byte) []byte {
 	return le.AppendUint32(b, 0)
 }
 
-// errUnknownRequest marks a request code this package does not implement.
-var errUnknownRequest = errors.New("unknown request")
+// ErrUnknownRequest marks a request code this package does not implement.
+var ErrUnknownRequest = errors.New("unknown request")
 
 // DecodePayload decodes the payload of a front-end request by its code.
 // It checks the exact length first, then syntax only. Requests this package
-// does not know return an error wrapping errUnknownRequest.
+// does not know return an error wrapping ErrUnknownRequest.
 func DecodePayload(code ReqCode, p []byte) (Payload, error) {
 	size := func(want int) error {
 		if len(p) != want {
@@ -526,14 +504,14 @@ func DecodePayload(code ReqCode, p []byte) (Payload, error) {
 		}
 		return l, nil
 	case ReqGetConfig, ReqSetConfig:
-		if len(p) < configHeaderSize {
-			return nil, fmt.Errorf("%s: payload is %d bytes, want at least %d", code, len(p), configHeaderSize)
+		if len(p) < ConfigHeaderSize {
+			return nil, fmt.Errorf("%s: payload is %d bytes, want at least %d", code, len(p), ConfigHeaderSize)
 		}
 		c := ConfigMsg{Offset: le.Uint32(p), Size: le.Uint32(p[4:]), Flags: le.Uint32(p[8:])}
 		if c.Size > MaxConfigSize {
 			return nil, fmt.Errorf("%s: config access of %d bytes exceeds %d", code, c.Size, MaxConfigSize)
 		}
-		if err := size(configHeaderSize + int(c.Size)); err != nil {
+		if err := size(ConfigHeaderSize + int(c.Size)); err != nil {
 			return nil, err
 		}
 		if c.Flags > ConfigFlagMigration {
@@ -542,11 +520,11 @@ func DecodePayload(code ReqCode, p []byte) (Payload, error) {
 		if uint64(c.Offset)+uint64(c.Size) > 0x1000 {
 			return nil, fmt.Errorf("%s: config access %d+%d beyond 4096", code, c.Offset, c.Size)
 		}
-		c.Data = p[configHeaderSize:len(p):len(p)]
+		c.Data = p[ConfigHeaderSize:len(p):len(p)]
 		return c, nil
 	case ReqGetInflightFD, ReqSetInflightFD:
-		if len(p) != inflightMsgSize && len(p) != inflightMsgSize-4 {
-			return nil, fmt.Errorf("%s: payload is %d bytes, want %d", code, len(p), inflightMsgSize)
+		if len(p) != InflightDescSize && len(p) != InflightDescSize-4 {
+			return nil, fmt.Errorf("%s: payload is %d bytes, want %d", code, len(p), InflightDescSize)
 		}
 		d := InflightDesc{MmapSize: le.Uint64(p), MmapOffset: le.Uint64(p[8:]),
 			NumQueues: le.Uint16(p[16:]), QueueSize: le.Uint16(p[18:])}
@@ -555,24 +533,77 @@ func DecodePayload(code ReqCode, p []byte) (Payload, error) {
 		}
 		return d, nil
 	}
-	return nil, fmt.Errorf("%s: %w", code, errUnknownRequest)
+	return nil, fmt.Errorf("%s: %w", code, ErrUnknownRequest)
 }
 
-// wantFDs returns how many file descriptors a decoded request must carry
-// (vhost-user.rst, "Communication": the messages that pass fds). REM_MEM_REG
-// may carry one, which is closed unused ("MAY accept ... MUST close it").
+// fdRule says how many file descriptors a request carries (vhost-user.rst,
+// "Communication": the messages that pass fds).
+type fdRule uint8
+
+const (
+	fdsNone      fdRule = iota // none
+	fdsOne                     // exactly one
+	fdsOptional                // zero or one
+	fdsPerRegion               // one per memory region (MemTable)
+	fdsVring                   // one, or none with the VringFD no-fd bit
+)
+
+// msgSpec is what the protocol says of one front-end request beyond its
+// payload: the fds it carries, and whether it has a reply body of its own
+// (then REPLY_ACK does not apply: "unless the message already has an
+// explicit reply body", and a front end does not set NEED_REPLY on it).
+type msgSpec struct {
+	fds   fdRule
+	reply bool
+}
+
+// msgSpecs is indexed by request code; codes missing here carry no fds and
+// have no reply. REM_MEM_REG may carry an fd, which is closed unused ("MAY
+// accept ... MUST close it"); SET_LOG_BASE has a reply when LOG_SHMFD is
+// negotiated, which it must be for the message to be accepted.
+var msgSpecs = [...]msgSpec{
+	ReqGetFeatures:         {reply: true},
+	ReqGetProtocolFeatures: {reply: true},
+	ReqGetQueueNum:         {reply: true},
+	ReqGetMaxMemSlots:      {reply: true},
+	ReqGetVringBase:        {reply: true},
+	ReqGetConfig:           {reply: true},
+	ReqGetInflightFD:       {reply: true},
+	ReqGetStatus:           {reply: true},
+	ReqSetLogBase:          {fds: fdsOne, reply: true},
+	ReqSetMemTable:         {fds: fdsPerRegion},
+	ReqAddMemReg:           {fds: fdsOne},
+	ReqRemMemReg:           {fds: fdsOptional},
+	ReqSetBackendReqFD:     {fds: fdsOne},
+	ReqSetInflightFD:       {fds: fdsOne},
+	ReqSetLogFD:            {fds: fdsOptional},
+	ReqSetVringKick:        {fds: fdsVring},
+	ReqSetVringCall:        {fds: fdsVring},
+	ReqSetVringErr:         {fds: fdsVring},
+}
+
+func specOf(code ReqCode) msgSpec {
+	if int(code) < len(msgSpecs) {
+		return msgSpecs[code]
+	}
+	return msgSpec{}
+}
+
+// HasReply reports whether a front-end request has a reply body of its
+// own, which the back end sends whether or not NEED_REPLY is set.
+func HasReply(code ReqCode) bool { return specOf(code).reply }
+
+// wantFDs returns how many file descriptors a decoded request must carry.
 func wantFDs(code ReqCode, pl Payload) (min, max int) {
-	switch code {
-	case ReqSetMemTable:
+	switch specOf(code).fds {
+	case fdsOne:
+		return 1, 1
+	case fdsOptional:
+		return 0, 1
+	case fdsPerRegion:
 		n := len(pl.(MemTable).Regions)
 		return n, n
-	case ReqAddMemReg, ReqSetLogBase, ReqSetBackendReqFD, ReqSetInflightFD:
-		return 1, 1
-	case ReqSetLogFD:
-		return 0, 1
-	case ReqRemMemReg:
-		return 0, 1
-	case ReqSetVringKick, ReqSetVringCall, ReqSetVringErr:
+	case fdsVring:
 		if pl.(VringFD).NoFD {
 			return 0, 0
 		}
@@ -581,8 +612,8 @@ func wantFDs(code ReqCode, pl Payload) (min, max int) {
 	return 0, 0
 }
 
-// checkFDs checks the number of fds against the request; syntax only.
-func checkFDs(code ReqCode, pl Payload, nfds int) error {
+// CheckFDs checks the number of fds a decoded request carries; syntax only.
+func CheckFDs(code ReqCode, pl Payload, nfds int) error {
 	lo, hi := wantFDs(code, pl)
 	if nfds < lo || nfds > hi {
 		if lo == hi {

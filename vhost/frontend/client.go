@@ -1,10 +1,11 @@
-package vhost
+package frontend
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"sync"
@@ -13,10 +14,16 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
+	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
 
-// ClientConfig configures a Client.
-type ClientConfig struct {
+// le is the byte order of every virtio and vhost-user field.
+var le = binary.LittleEndian
+
+// Config configures a Client.
+type Config struct {
 	Socket    string // the back end's unix socket
 	NumQueues int    // default 1
 	QueueSize int    // power of two, default 128
@@ -49,7 +56,7 @@ type ClientConfig struct {
 // completion callbacks run on the queue's completion goroutine and must not
 // block.
 type Client struct {
-	cfg ClientConfig
+	cfg Config
 
 	// Immutable after Dial.
 	memfd  int
@@ -60,11 +67,12 @@ type Client struct {
 
 	mu         sync.Mutex // guards the socket and everything below
 	uc         *net.UnixConn
+	wc         *wire.Conn // framing on uc
 	features   uint64
 	protocol   uint64
 	config     BlkConfig
 	inflightFD int
-	inflight   InflightDesc
+	inflight   wire.InflightDesc
 	backend    *net.UnixConn
 	logFD      int
 	logMem     []byte
@@ -95,7 +103,7 @@ type BlkConfig struct {
 
 // ParseBlkConfig decodes a config space prefix; missing fields are zero.
 func ParseBlkConfig(b []byte) BlkConfig {
-	var c [ConfigSpaceSize]byte
+	var c [virtio.ConfigSpaceSize]byte
 	copy(c[:], b)
 	return BlkConfig{
 		Capacity: le.Uint64(c[0:]), SizeMax: le.Uint32(c[8:]), SegMax: le.Uint32(c[12:]),
@@ -114,8 +122,35 @@ type Range struct {
 	Flags   uint32 // BlkDiscardUnmap for write-zeroes
 }
 
-// BlkDiscardUnmap is VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP.
-const BlkDiscardUnmap = blkDiscardUnmap
+// Header is a vhost-user message header (RawRequest, RawConn).
+type Header = wire.Header
+
+// Desc is a split-ring descriptor (SubmitChain).
+type Desc = virtio.Desc
+
+// Descriptor flags (SubmitChain).
+const (
+	DescFlagNext     = virtio.DescFlagNext
+	DescFlagWrite    = virtio.DescFlagWrite
+	DescFlagIndirect = virtio.DescFlagIndirect
+)
+
+// Virtio-blk values a caller of Submit uses (virtio 1.x, 5.2).
+const (
+	BlkTypeIn          = virtio.BlkTypeIn
+	BlkTypeOut         = virtio.BlkTypeOut
+	BlkTypeFlush       = virtio.BlkTypeFlush
+	BlkTypeGetID       = virtio.BlkTypeGetID
+	BlkTypeDiscard     = virtio.BlkTypeDiscard
+	BlkTypeWriteZeroes = virtio.BlkTypeWriteZeroes
+	BlkStatusOK        = virtio.BlkStatusOK
+	BlkStatusIOErr     = virtio.BlkStatusIOErr
+	BlkStatusUnsupp    = virtio.BlkStatusUnsupp
+	// BlkDiscardUnmap is VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP.
+	BlkDiscardUnmap = virtio.BlkDiscardUnmap
+	// BlkFeatureRO is the read-only device feature, in Features.
+	BlkFeatureRO = virtio.BlkFeatureRO
+)
 
 // BlkRequest is one virtio-blk request. Data buffers must be guest memory
 // (from Client.Buf): they are device-writable for IN and GET_ID,
@@ -140,9 +175,9 @@ type StatusError struct{ Status uint8 }
 
 func (e *StatusError) Error() string {
 	switch e.Status {
-	case BlkStatusIOErr:
+	case virtio.BlkStatusIOErr:
 		return "virtio-blk status IOERR"
-	case BlkStatusUnsupp:
+	case virtio.BlkStatusUnsupp:
 		return "virtio-blk status UNSUPP"
 	}
 	return fmt.Sprintf("virtio-blk status %d", e.Status)
@@ -159,7 +194,7 @@ const (
 	slotStatusOff = 16
 	slotRangesOff = 32
 	slotTableOff  = 512
-	maxSlotTable  = (slotSize - slotTableOff) / descSize
+	maxSlotTable  = (slotSize - slotTableOff) / virtio.DescSize
 	pageSize      = 4096
 )
 
@@ -208,7 +243,7 @@ type clientPending struct {
 
 // Dial connects to the back end at cfg.Socket, retrying until ctx is done
 // while the socket does not accept, and sets up the device as QEMU does.
-func Dial(ctx context.Context, cfg ClientConfig) (*Client, error) {
+func Dial(ctx context.Context, cfg Config) (*Client, error) {
 	if cfg.NumQueues == 0 {
 		cfg.NumQueues = 1
 	}
@@ -224,10 +259,10 @@ func Dial(ctx context.Context, cfg ClientConfig) (*Client, error) {
 	if cfg.NumQueues < 1 || cfg.NumQueues > 256 {
 		return nil, fmt.Errorf("vhost client: %d queues", cfg.NumQueues)
 	}
-	if qs := cfg.QueueSize; qs < 2 || qs > MaxQueueSize || qs&(qs-1) != 0 {
-		return nil, fmt.Errorf("vhost client: queue size %d: must be a power of two from 2 to %d", qs, MaxQueueSize)
+	if qs := cfg.QueueSize; qs < 2 || qs > virtio.MaxQueueSize || qs&(qs-1) != 0 {
+		return nil, fmt.Errorf("vhost client: queue size %d: must be a power of two from 2 to %d", qs, virtio.MaxQueueSize)
 	}
-	if cfg.Regions < 1 || cfg.Regions > MaxFDs {
+	if cfg.Regions < 1 || cfg.Regions > wire.MaxFDs {
 		return nil, fmt.Errorf("vhost client: %d regions", cfg.Regions)
 	}
 	c := &Client{cfg: cfg, memfd: -1, inflightFD: -1, logFD: -1}
@@ -253,7 +288,7 @@ func Dial(ctx context.Context, cfg ClientConfig) (*Client, error) {
 // allocMemory creates the guest memory and lays out the rings and slots.
 func (c *Client) allocMemory() error {
 	nq, qs := c.cfg.NumQueues, c.cfg.QueueSize
-	dn, an, un := RingSizes(qs)
+	dn, an, un := virtio.RingSizes(qs)
 	perQueue := alignUp(uint64(dn), pageSize) + alignUp(uint64(an), pageSize) + alignUp(uint64(un), pageSize) + uint64(qs)*slotSize
 	fixed := uint64(nq) * perQueue
 	size := alignUp(c.cfg.MemSize, uint64(pageSize*c.cfg.Regions))
@@ -348,6 +383,7 @@ func (c *Client) connect(ctx context.Context) error {
 		nc, err := d.DialContext(ctx, "unix", c.cfg.Socket)
 		if err == nil {
 			c.uc = nc.(*net.UnixConn)
+			c.wc = wire.NewConn(c.uc)
 			return nil
 		}
 		select {
@@ -359,60 +395,60 @@ func (c *Client) connect(ctx context.Context) error {
 }
 
 // regions returns the memory regions of the guest memory.
-func (c *Client) regions() []MemRegion {
+func (c *Client) regions() []wire.MemRegion {
 	n := uint64(c.cfg.Regions)
 	size := uint64(len(c.mem)) / n
-	var out []MemRegion
+	var out []wire.MemRegion
 	for i := range n {
-		out = append(out, MemRegion{GPA: i * size, Size: size, UserAddr: uint64(c.base) + i*size, Offset: i * size})
+		out = append(out, wire.MemRegion{GPA: i * size, Size: size, UserAddr: uint64(c.base) + i*size, Offset: i * size})
 	}
 	return out
 }
 
 // clientWantFeatures are the virtio features the client accepts.
-const clientWantFeatures = FeatureVersion1 | FeatureProtocolFeatures | BlkFeatureSizeMax | BlkFeatureSegMax |
-	BlkFeatureBlkSize | BlkFeatureTopology | BlkFeatureFlush | BlkFeatureConfigWCE | BlkFeatureMQ |
-	BlkFeatureDiscard | BlkFeatureWriteZeroes | BlkFeatureRO
+const clientWantFeatures = virtio.FeatureVersion1 | virtio.FeatureProtocolFeatures | virtio.BlkFeatureSizeMax | virtio.BlkFeatureSegMax |
+	virtio.BlkFeatureBlkSize | virtio.BlkFeatureTopology | virtio.BlkFeatureFlush | virtio.BlkFeatureConfigWCE | virtio.BlkFeatureMQ |
+	virtio.BlkFeatureDiscard | virtio.BlkFeatureWriteZeroes | virtio.BlkFeatureRO
 
 // setup negotiates and sets up memory and rings, as QEMU's
 // vhost_user_backend_init and vhost_dev_start do. The caller holds c.mu or
 // is Dial.
 func (c *Client) setup() error {
-	f, err := c.getU64(ReqGetFeatures)
+	f, err := c.getU64(wire.ReqGetFeatures)
 	if err != nil {
 		return err
 	}
 	want := uint64(clientWantFeatures)
 	if c.cfg.Indirect {
-		want |= FeatureIndirectDesc
+		want |= virtio.FeatureIndirectDesc
 	}
 	if !c.cfg.NoEventIdx {
-		want |= FeatureEventIdx
+		want |= virtio.FeatureEventIdx
 	}
 	c.features = f & want
 	c.protocol = 0
-	if f&FeatureProtocolFeatures != 0 {
-		pf, err := c.getU64(ReqGetProtocolFeatures)
+	if f&virtio.FeatureProtocolFeatures != 0 {
+		pf, err := c.getU64(wire.ReqGetProtocolFeatures)
 		if err != nil {
 			return err
 		}
-		wantP := uint64(ProtocolMQ | ProtocolConfig | ProtocolBackendReq | ProtocolLogSHMFD | ProtocolResetDevice | ProtocolStatus)
+		wantP := uint64(wire.ProtocolMQ | wire.ProtocolConfig | wire.ProtocolBackendReq | wire.ProtocolLogSHMFD | wire.ProtocolResetDevice | wire.ProtocolStatus)
 		if !c.cfg.NoReplyAck {
-			wantP |= ProtocolReplyAck
+			wantP |= wire.ProtocolReplyAck
 		}
 		if !c.cfg.MemTable {
-			wantP |= ProtocolConfigureMemSlots
+			wantP |= wire.ProtocolConfigureMemSlots
 		}
 		if c.cfg.Inflight {
-			wantP |= ProtocolInflightSHMFD
+			wantP |= wire.ProtocolInflightSHMFD
 		}
 		c.protocol = pf & wantP
-		if err := c.setU64(ReqSetProtocolFeatures, c.protocol); err != nil {
+		if err := c.setU64(wire.ReqSetProtocolFeatures, c.protocol); err != nil {
 			return err
 		}
 	}
-	if c.protocol&ProtocolMQ != 0 {
-		n, err := c.getU64(ReqGetQueueNum)
+	if c.protocol&wire.ProtocolMQ != 0 {
+		n, err := c.getU64(wire.ReqGetQueueNum)
 		if err != nil {
 			return err
 		}
@@ -422,8 +458,8 @@ func (c *Client) setup() error {
 	} else if c.cfg.NumQueues > 1 {
 		return fmt.Errorf("vhost client: back end does not offer MQ, want %d queues", c.cfg.NumQueues)
 	}
-	if c.protocol&ProtocolConfigureMemSlots != 0 {
-		n, err := c.getU64(ReqGetMaxMemSlots)
+	if c.protocol&wire.ProtocolConfigureMemSlots != 0 {
+		n, err := c.getU64(wire.ReqGetMaxMemSlots)
 		if err != nil {
 			return err
 		}
@@ -431,54 +467,54 @@ func (c *Client) setup() error {
 			return fmt.Errorf("vhost client: back end has %d memory slots, want %d", n, c.cfg.Regions)
 		}
 	}
-	if c.protocol&ProtocolBackendReq != 0 {
+	if c.protocol&wire.ProtocolBackendReq != 0 {
 		if err := c.setupBackendChannel(); err != nil {
 			return err
 		}
 	}
-	if err := c.send(ReqSetOwner, NoPayload{}, nil); err != nil {
+	if err := c.send(wire.ReqSetOwner, wire.NoPayload{}, nil); err != nil {
 		return err
 	}
-	if c.protocol&ProtocolConfig != 0 {
+	if c.protocol&wire.ProtocolConfig != 0 {
 		b, err := c.getConfigLocked(0, 60)
 		if err != nil {
 			return err
 		}
 		c.config = ParseBlkConfig(b)
 	}
-	if err := c.setU64(ReqSetFeatures, c.features); err != nil {
+	if err := c.setU64(wire.ReqSetFeatures, c.features); err != nil {
 		return err
 	}
-	if c.protocol&ProtocolConfigureMemSlots != 0 {
+	if c.protocol&wire.ProtocolConfigureMemSlots != 0 {
 		for _, r := range c.regions() {
-			if err := c.send(ReqAddMemReg, SingleMemRegion{Region: r}, []int{c.memfd}); err != nil {
+			if err := c.send(wire.ReqAddMemReg, wire.SingleMemRegion{Region: r}, []int{c.memfd}); err != nil {
 				return err
 			}
 		}
 	} else {
-		if err := c.send(ReqSetMemTable, MemTable{Regions: c.regions()}, repeatFD(c.memfd, c.cfg.Regions)); err != nil {
+		if err := c.send(wire.ReqSetMemTable, wire.MemTable{Regions: c.regions()}, repeatFD(c.memfd, c.cfg.Regions)); err != nil {
 			return err
 		}
 	}
-	if c.protocol&ProtocolInflightSHMFD != 0 {
+	if c.protocol&wire.ProtocolInflightSHMFD != 0 {
 		if c.inflightFD < 0 {
-			d := InflightDesc{NumQueues: uint16(c.cfg.NumQueues), QueueSize: uint16(c.cfg.QueueSize)}
-			h, p, fds, err := c.request(ReqGetInflightFD, d, nil, true)
+			d := wire.InflightDesc{NumQueues: uint16(c.cfg.NumQueues), QueueSize: uint16(c.cfg.QueueSize)}
+			h, p, fds, err := c.request(wire.ReqGetInflightFD, d, nil, true)
 			if err != nil {
 				return err
 			}
-			if len(fds) != 1 || h.Size != inflightMsgSize {
-				closeFDs(fds)
+			if len(fds) != 1 || h.Size != wire.InflightDescSize {
+				wire.CloseFDs(fds)
 				return fmt.Errorf("vhost client: GET_INFLIGHT_FD reply of %d bytes with %d fds", h.Size, len(fds))
 			}
-			pl, err := DecodePayload(ReqGetInflightFD, p)
+			pl, err := wire.DecodePayload(wire.ReqGetInflightFD, p)
 			if err != nil {
-				closeFDs(fds)
+				wire.CloseFDs(fds)
 				return err
 			}
-			c.inflight, c.inflightFD = pl.(InflightDesc), fds[0]
+			c.inflight, c.inflightFD = pl.(wire.InflightDesc), fds[0]
 		}
-		if err := c.send(ReqSetInflightFD, c.inflight, []int{c.inflightFD}); err != nil {
+		if err := c.send(wire.ReqSetInflightFD, c.inflight, []int{c.inflightFD}); err != nil {
 			return err
 		}
 	}
@@ -487,9 +523,9 @@ func (c *Client) setup() error {
 			return err
 		}
 	}
-	if c.protocol&ProtocolStatus != 0 {
+	if c.protocol&wire.ProtocolStatus != 0 {
 		// ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
-		if err := c.setU64(ReqSetStatus, 1|2|8|4); err != nil {
+		if err := c.setU64(wire.ReqSetStatus, 1|2|8|4); err != nil {
 			return err
 		}
 	}
@@ -508,33 +544,33 @@ func repeatFD(fd, n int) []int {
 func (c *Client) setupQueue(q *clientQueue) error {
 	i := uint32(q.idx)
 	q.mu.Lock()
-	q.eventIdx = c.features&FeatureEventIdx != 0
+	q.eventIdx = c.features&virtio.FeatureEventIdx != 0
 	base := q.base
 	if !q.baseSet {
 		// After a back end went away without GET_VRING_BASE, QEMU restarts
 		// from the used index (virtio_queue_restore_last_avail_idx); a back
 		// end with the inflight region knows better.
-		_, base = loadWord(q.used)
+		_, base = virtio.LoadWord(q.used)
 	}
 	q.baseSet = false
 	q.mu.Unlock()
-	if err := c.send(ReqSetVringCall, VringFD{Index: uint8(i)}, []int{q.callFD}); err != nil {
+	if err := c.send(wire.ReqSetVringCall, wire.VringFD{Index: uint8(i)}, []int{q.callFD}); err != nil {
 		return err
 	}
-	if err := c.send(ReqSetVringNum, VringState{Index: i, Num: uint32(q.num)}, nil); err != nil {
+	if err := c.send(wire.ReqSetVringNum, wire.VringState{Index: i, Num: uint32(q.num)}, nil); err != nil {
 		return err
 	}
-	if err := c.send(ReqSetVringBase, VringState{Index: i, Num: uint32(base)}, nil); err != nil {
+	if err := c.send(wire.ReqSetVringBase, wire.VringState{Index: i, Num: uint32(base)}, nil); err != nil {
 		return err
 	}
-	if err := c.send(ReqSetVringAddr, q.addr(0), nil); err != nil {
+	if err := c.send(wire.ReqSetVringAddr, q.addr(0), nil); err != nil {
 		return err
 	}
-	if err := c.send(ReqSetVringKick, VringFD{Index: uint8(i)}, []int{q.kickFD}); err != nil {
+	if err := c.send(wire.ReqSetVringKick, wire.VringFD{Index: uint8(i)}, []int{q.kickFD}); err != nil {
 		return err
 	}
-	if c.features&FeatureProtocolFeatures != 0 {
-		if err := c.send(ReqSetVringEnable, VringState{Index: i, Num: 1}, nil); err != nil {
+	if c.features&virtio.FeatureProtocolFeatures != 0 {
+		if err := c.send(wire.ReqSetVringEnable, wire.VringState{Index: i, Num: 1}, nil); err != nil {
 			return err
 		}
 	}
@@ -547,9 +583,9 @@ func (c *Client) setupQueue(q *clientQueue) error {
 	return nil
 }
 
-func (q *clientQueue) addr(flags uint32) VringAddr {
+func (q *clientQueue) addr(flags uint32) wire.VringAddr {
 	b := uint64(q.c.base)
-	return VringAddr{Index: uint32(q.idx), Flags: flags, Desc: b + q.dGPA, Used: b + q.uGPA, Avail: b + q.aGPA, Log: q.uGPA}
+	return wire.VringAddr{Index: uint32(q.idx), Flags: flags, Desc: b + q.dGPA, Used: b + q.uGPA, Avail: b + q.aGPA, Log: q.uGPA}
 }
 
 // setupBackendChannel creates the back-end request channel.
@@ -565,7 +601,7 @@ func (c *Client) setupBackendChannel() error {
 		unix.Close(fds[1])
 		return fmt.Errorf("back-end channel: %w", err)
 	}
-	err = c.send(ReqSetBackendReqFD, NoPayload{}, []int{fds[1]})
+	err = c.send(wire.ReqSetBackendReqFD, wire.NoPayload{}, []int{fds[1]})
 	unix.Close(fds[1])
 	if err != nil {
 		nc.Close()
@@ -583,20 +619,15 @@ func (c *Client) setupBackendChannel() error {
 // counted and passed to OnConfigChange; others are refused.
 func (c *Client) serveBackend(uc *net.UnixConn) {
 	defer uc.Close()
+	wc := wire.NewConn(uc)
 	for {
-		var hb [HeaderSize]byte
-		if _, err := io.ReadFull(uc, hb[:]); err != nil {
-			return
-		}
-		h := Header{Code: ReqCode(le.Uint32(hb[:])), Flags: le.Uint32(hb[4:]), Size: le.Uint32(hb[8:])}
-		if h.Size > MaxPayload {
-			return
-		}
-		if _, err := io.CopyN(io.Discard, uc, int64(h.Size)); err != nil {
+		h, _, fds, err := wc.ReadMsg()
+		wire.CloseFDs(fds)
+		if err != nil {
 			return
 		}
 		var res uint64
-		if BackendReqCode(h.Code) == BackendConfigChangeMsg {
+		if wire.BackendReqCode(h.Code) == wire.BackendConfigChangeMsg {
 			c.configChanges.Add(1)
 			if c.cfg.OnConfigChange != nil {
 				c.cfg.OnConfigChange()
@@ -605,8 +636,7 @@ func (c *Client) serveBackend(uc *net.UnixConn) {
 			res = 1
 		}
 		if h.NeedReply() {
-			msg := U64(res).AppendTo(Header{Code: h.Code, Flags: FlagVersion | FlagReply, Size: 8}.AppendTo(nil))
-			if _, err := uc.Write(msg); err != nil {
+			if err := wc.WriteMsg(h.Code, wire.FlagVersion|wire.FlagReply, wire.U64(res), nil, 30*time.Second); err != nil {
 				return
 			}
 		}
@@ -658,15 +688,15 @@ func (c *Client) ReadConfig() (BlkConfig, error) {
 }
 
 func (c *Client) getConfigLocked(offset, size uint32) ([]byte, error) {
-	req := ConfigMsg{Offset: offset, Size: size, Data: make([]byte, size)}
-	h, p, _, err := c.request(ReqGetConfig, req, nil, true)
+	req := wire.ConfigMsg{Offset: offset, Size: size, Data: make([]byte, size)}
+	h, p, _, err := c.request(wire.ReqGetConfig, req, nil, true)
 	if err != nil {
 		return nil, err
 	}
-	if h.Size != configHeaderSize+size {
-		return nil, fmt.Errorf("vhost client: GET_CONFIG reply of %d bytes, want %d", h.Size, configHeaderSize+size)
+	if h.Size != wire.ConfigHeaderSize+size {
+		return nil, fmt.Errorf("vhost client: GET_CONFIG reply of %d bytes, want %d", h.Size, wire.ConfigHeaderSize+size)
 	}
-	return p[configHeaderSize:], nil
+	return p[wire.ConfigHeaderSize:], nil
 }
 
 // SetWriteback writes the writeback byte of the config space (CONFIG_WCE).
@@ -677,11 +707,11 @@ func (c *Client) SetWriteback(on bool) error {
 	if on {
 		v = 1
 	}
-	return c.send(ReqSetConfig, ConfigMsg{Offset: 32, Size: 1, Data: []byte{v}}, nil)
+	return c.send(wire.ReqSetConfig, wire.ConfigMsg{Offset: 32, Size: 1, Data: []byte{v}}, nil)
 }
 
-func (c *Client) getU64(code ReqCode) (uint64, error) {
-	h, p, _, err := c.request(code, NoPayload{}, nil, true)
+func (c *Client) getU64(code wire.ReqCode) (uint64, error) {
+	h, p, _, err := c.request(code, wire.NoPayload{}, nil, true)
 	if err != nil {
 		return 0, err
 	}
@@ -691,14 +721,14 @@ func (c *Client) getU64(code ReqCode) (uint64, error) {
 	return le.Uint64(p), nil
 }
 
-func (c *Client) setU64(code ReqCode, v uint64) error { return c.send(code, U64(v), nil) }
+func (c *Client) setU64(code wire.ReqCode, v uint64) error { return c.send(code, wire.U64(v), nil) }
 
 // send sends a request that has no reply of its own; with REPLY_ACK it asks
 // for one and checks it.
-func (c *Client) send(code ReqCode, pl Payload, fds []int) error {
-	ack := c.protocol&ProtocolReplyAck != 0 && code != ReqSetProtocolFeatures
+func (c *Client) send(code wire.ReqCode, pl wire.Payload, fds []int) error {
+	ack := c.protocol&wire.ProtocolReplyAck != 0 && code != wire.ReqSetProtocolFeatures
 	h, p, rfds, err := c.request(code, pl, fds, ack)
-	closeFDs(rfds)
+	wire.CloseFDs(rfds)
 	if err != nil || !ack {
 		return err
 	}
@@ -712,88 +742,31 @@ func (c *Client) send(code ReqCode, pl Payload, fds []int) error {
 }
 
 // request sends one request and, if reply is set, reads its reply.
-func (c *Client) request(code ReqCode, pl Payload, fds []int, reply bool) (Header, []byte, []int, error) {
+func (c *Client) request(code wire.ReqCode, pl wire.Payload, fds []int, reply bool) (wire.Header, []byte, []int, error) {
 	if c.uc == nil {
-		return Header{}, nil, nil, ErrClientClosed
+		return wire.Header{}, nil, nil, ErrClientClosed
 	}
-	flags := FlagVersion
-	if reply && code != ReqGetFeatures && code != ReqGetProtocolFeatures && code != ReqGetVringBase &&
-		code != ReqGetQueueNum && code != ReqGetConfig && code != ReqGetInflightFD && code != ReqGetMaxMemSlots &&
-		code != ReqGetStatus {
-		flags |= FlagNeedReply
+	flags := wire.FlagVersion
+	if reply && !wire.HasReply(code) {
+		flags |= wire.FlagNeedReply
 	}
-	if code == ReqSetLogBase {
-		flags &^= FlagNeedReply
-	}
-	body := pl.AppendTo(make([]byte, HeaderSize, 64))
-	Header{Code: code, Flags: flags, Size: uint32(len(body) - HeaderSize)}.AppendTo(body[:0])
-	if err := writeMsg(c.uc, body, fds); err != nil {
-		return Header{}, nil, nil, fmt.Errorf("vhost client: send %s: %w", code, err)
+	if err := c.wc.WriteMsg(code, flags, pl, fds, 30*time.Second); err != nil {
+		return wire.Header{}, nil, nil, fmt.Errorf("vhost client: send %s: %w", code, err)
 	}
 	if !reply {
-		return Header{}, nil, nil, nil
+		return wire.Header{}, nil, nil, nil
 	}
 	c.uc.SetReadDeadline(time.Now().Add(30 * time.Second))
-	h, p, rfds, err := readMsg(c.uc)
+	h, p, rfds, err := c.wc.ReadMsg()
 	c.uc.SetReadDeadline(time.Time{})
 	if err != nil {
-		return Header{}, nil, nil, fmt.Errorf("vhost client: %s reply: %w", code, err)
+		return wire.Header{}, nil, nil, fmt.Errorf("vhost client: %s reply: %w", code, err)
 	}
 	if h.Code != code || !h.IsReply() {
-		closeFDs(rfds)
-		return Header{}, nil, nil, fmt.Errorf("vhost client: %s answered with %s flags %#x", code, h.Code, h.Flags)
+		wire.CloseFDs(rfds)
+		return wire.Header{}, nil, nil, fmt.Errorf("vhost client: %s answered with %s flags %#x", code, h.Code, h.Flags)
 	}
-	return h, p, rfds, nil
-}
-
-// writeMsg sends one message with its fds.
-func writeMsg(uc *net.UnixConn, b []byte, fds []int) error {
-	var oob []byte
-	if len(fds) > 0 {
-		oob = unix.UnixRights(fds...)
-	}
-	uc.SetWriteDeadline(time.Now().Add(30 * time.Second))
-	_, _, err := uc.WriteMsgUnix(b, oob, nil)
-	return err
-}
-
-// readMsg reads one message with any fds; the header is not checked beyond
-// its size limit.
-func readMsg(uc *net.UnixConn) (Header, []byte, []int, error) {
-	var hb [HeaderSize]byte
-	oob := make([]byte, unix.CmsgSpace(MaxFDs*4))
-	n, oobn, _, _, err := uc.ReadMsgUnix(hb[:], oob)
-	var fds []int
-	if oobn > 0 {
-		if msgs, perr := unix.ParseSocketControlMessage(oob[:oobn]); perr == nil {
-			for _, m := range msgs {
-				if f, err := unix.ParseUnixRights(&m); err == nil {
-					fds = append(fds, f...)
-				}
-			}
-		}
-	}
-	if err == nil && n == 0 {
-		err = io.EOF
-	}
-	if err == nil && n < HeaderSize {
-		_, err = io.ReadFull(uc, hb[n:])
-	}
-	if err != nil {
-		closeFDs(fds)
-		return Header{}, nil, nil, err
-	}
-	h := Header{Code: ReqCode(le.Uint32(hb[:])), Flags: le.Uint32(hb[4:]), Size: le.Uint32(hb[8:])}
-	if h.Size > MaxPayload {
-		closeFDs(fds)
-		return Header{}, nil, nil, fmt.Errorf("reply of %d bytes", h.Size)
-	}
-	p := make([]byte, h.Size)
-	if _, err := io.ReadFull(uc, p); err != nil {
-		closeFDs(fds)
-		return Header{}, nil, nil, err
-	}
-	return h, p, fds, nil
+	return h, bytes.Clone(p), rfds, nil
 }
 
 // RawRequest sends any header, payload and fds on the client's connection
@@ -803,24 +776,25 @@ func (c *Client) RawRequest(h Header, payload []byte, fds []int, reply bool) (He
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.uc == nil {
-		return Header{}, nil, ErrClientClosed
+		return wire.Header{}, nil, ErrClientClosed
 	}
-	if err := writeMsg(c.uc, append(h.AppendTo(nil), payload...), fds); err != nil {
-		return Header{}, nil, err
+	if err := c.wc.WriteRaw(append(h.AppendTo(nil), payload...), fds, 30*time.Second); err != nil {
+		return wire.Header{}, nil, err
 	}
 	if !reply {
-		return Header{}, nil, nil
+		return wire.Header{}, nil, nil
 	}
 	c.uc.SetReadDeadline(time.Now().Add(10 * time.Second))
-	rh, p, rfds, err := readMsg(c.uc)
+	rh, p, rfds, err := c.wc.ReadMsg()
 	c.uc.SetReadDeadline(time.Time{})
-	closeFDs(rfds)
-	return rh, p, err
+	wire.CloseFDs(rfds)
+	return rh, bytes.Clone(p), err
 }
 
 // RawConn is a bare vhost-user connection that sends whatever it is given.
 type RawConn struct {
 	uc *net.UnixConn
+	wc *wire.Conn
 }
 
 // DialRaw connects to socket without any negotiation.
@@ -830,18 +804,24 @@ func DialRaw(ctx context.Context, socket string) (*RawConn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &RawConn{uc: nc.(*net.UnixConn)}, nil
+	uc := nc.(*net.UnixConn)
+	return &RawConn{uc: uc, wc: wire.NewConn(uc)}, nil
 }
 
 // Send writes raw bytes (a header and payload, or any part of one) with fds.
-func (r *RawConn) Send(b []byte, fds []int) error { return writeMsg(r.uc, b, fds) }
+func (r *RawConn) Send(b []byte, fds []int) error { return r.wc.WriteRaw(b, fds, 30*time.Second) }
 
 // Recv reads one message, waiting at most timeout.
 func (r *RawConn) Recv(timeout time.Duration) (Header, []byte, []int, error) {
 	r.uc.SetReadDeadline(time.Now().Add(timeout))
 	defer r.uc.SetReadDeadline(time.Time{})
-	return readMsg(r.uc)
+	h, p, fds, err := r.wc.ReadMsg()
+	return h, bytes.Clone(p), fds, err
 }
+
+// CloseWrite shuts down the sending side, as a peer that stops in the
+// middle of a message.
+func (r *RawConn) CloseWrite() error { return r.uc.CloseWrite() }
 
 // Close closes the connection.
 func (r *RawConn) Close() error { return r.uc.Close() }
@@ -895,12 +875,12 @@ func (c *Client) Submit(q int, r *BlkRequest, done func(Result)) error {
 		return fmt.Errorf("vhost client: queue %d of %d", q, len(c.queues))
 	}
 	cq := c.queues[q]
-	var descs [maxSlotTable]Desc
+	var descs [maxSlotTable]virtio.Desc
 	n := 0
 	// Header, written into the head's slot once the head is known.
-	descs[n] = Desc{Len: blkHeaderSize}
+	descs[n] = virtio.Desc{Len: virtio.BlkHeaderSize}
 	n++
-	dataWrite := r.Type == BlkTypeIn || r.Type == BlkTypeGetID
+	dataWrite := r.Type == virtio.BlkTypeIn || r.Type == virtio.BlkTypeGetID
 	for _, b := range r.Data {
 		g, ok := c.GuestAddr(b)
 		if !ok {
@@ -909,23 +889,23 @@ func (c *Client) Submit(q int, r *BlkRequest, done func(Result)) error {
 		if n >= maxSlotTable-2 {
 			return errors.New("vhost client: too many data buffers")
 		}
-		d := Desc{Addr: g, Len: uint32(len(b))}
+		d := virtio.Desc{Addr: g, Len: uint32(len(b))}
 		if dataWrite {
-			d.Flags = DescFlagWrite
+			d.Flags = virtio.DescFlagWrite
 		}
 		descs[n] = d
 		n++
 	}
 	if len(r.Ranges) > 0 {
-		if len(r.Ranges) > (slotTableOff-slotRangesOff)/blkDiscardSize {
+		if len(r.Ranges) > (slotTableOff-slotRangesOff)/virtio.BlkDiscardSize {
 			return errors.New("vhost client: too many ranges")
 		}
-		descs[n] = Desc{Len: uint32(len(r.Ranges) * blkDiscardSize)}
+		descs[n] = virtio.Desc{Len: uint32(len(r.Ranges) * virtio.BlkDiscardSize)}
 		n++
 	}
-	descs[n] = Desc{Len: 1, Flags: DescFlagWrite}
+	descs[n] = virtio.Desc{Len: 1, Flags: virtio.DescFlagWrite}
 	n++
-	indirect := c.cfg.Indirect && c.features&FeatureIndirectDesc != 0
+	indirect := c.cfg.Indirect && c.features&virtio.FeatureIndirectDesc != 0
 	ring := n
 	if indirect {
 		ring = 1
@@ -952,7 +932,7 @@ func (c *Client) Submit(q int, r *BlkRequest, done func(Result)) error {
 	descs[n-1].Addr = sg + slotStatusOff
 	if len(r.Ranges) > 0 {
 		for i, rg := range r.Ranges {
-			o := slotRangesOff + i*blkDiscardSize
+			o := slotRangesOff + i*virtio.BlkDiscardSize
 			le.PutUint64(slot[o:], rg.Sector)
 			le.PutUint32(slot[o+8:], rg.Sectors)
 			le.PutUint32(slot[o+12:], rg.Flags)
@@ -965,12 +945,12 @@ func (c *Client) Submit(q int, r *BlkRequest, done func(Result)) error {
 		for i := 0; i < n; i++ {
 			d := descs[i]
 			if i < n-1 {
-				d.Flags |= DescFlagNext
+				d.Flags |= virtio.DescFlagNext
 				d.Next = uint16(i + 1)
 			}
-			writeDesc(slot[slotTableOff+i*descSize:], d)
+			virtio.WriteDesc(slot[slotTableOff+i*virtio.DescSize:], d)
 		}
-		writeDesc(cq.desc[int(head)*descSize:], Desc{Addr: sg + slotTableOff, Len: uint32(n * descSize), Flags: DescFlagIndirect})
+		virtio.WriteDesc(cq.desc[int(head)*virtio.DescSize:], virtio.Desc{Addr: sg + slotTableOff, Len: uint32(n * virtio.DescSize), Flags: virtio.DescFlagIndirect})
 	} else {
 		// Chain head first: head, then the other indices in order.
 		order := make([]uint16, 0, n)
@@ -981,10 +961,10 @@ func (c *Client) Submit(q int, r *BlkRequest, done func(Result)) error {
 		for i := 0; i < n; i++ {
 			d := descs[i]
 			if i < n-1 {
-				d.Flags |= DescFlagNext
+				d.Flags |= virtio.DescFlagNext
 				d.Next = order[i+1]
 			}
-			writeDesc(cq.desc[int(order[i])*descSize:], d)
+			virtio.WriteDesc(cq.desc[int(order[i])*virtio.DescSize:], d)
 		}
 	}
 	cq.pend[head] = clientPending{inUse: true, descs: used, done: done}
@@ -1016,7 +996,7 @@ func (c *Client) SubmitChain(q int, n int, build func(idx []uint16) []Desc, done
 	descs := build(idx)
 	for i, d := range descs {
 		if i < n {
-			writeDesc(cq.desc[int(idx[i])*descSize:], d)
+			virtio.WriteDesc(cq.desc[int(idx[i])*virtio.DescSize:], d)
 		}
 	}
 	cq.pend[idx[0]] = clientPending{inUse: true, raw: true, descs: idx, done: done}
@@ -1030,7 +1010,7 @@ func (c *Client) SubmitChain(q int, n int, build func(idx []uint16) []Desc, done
 func (q *clientQueue) publishLocked(head uint16) {
 	le.PutUint16(q.avail[4+2*int(q.availIdx&(q.num-1)):], head)
 	q.availIdx++
-	storeWord(q.avail, 0, q.availIdx) // release: the descriptors first
+	virtio.StoreWord(q.avail, 0, q.availIdx) // release: the descriptors first
 	if q.deferKick {
 		q.kickPending = true
 		q.mu.Unlock()
@@ -1043,6 +1023,32 @@ func (q *clientQueue) publishLocked(head uint16) {
 	}
 }
 
+// HoldKicks defers the kicks of queue q: requests submitted until
+// ReleaseKicks are made available without a kick, as a driver publishes a
+// batch (completions meanwhile may kick).
+func (c *Client) HoldKicks(q int) {
+	cq := c.queues[q]
+	cq.mu.Lock()
+	cq.deferKick = true
+	cq.mu.Unlock()
+}
+
+// ReleaseKicks ends HoldKicks and kicks queue q once if the device asked
+// for a kick for what was published meanwhile; it reports whether it
+// kicked.
+func (c *Client) ReleaseKicks(q int) bool {
+	cq := c.queues[q]
+	cq.mu.Lock()
+	cq.deferKick = false
+	k := cq.kickPending && cq.needKickLocked()
+	cq.kickPending = false
+	cq.mu.Unlock()
+	if k {
+		cq.kick()
+	}
+	return k
+}
+
 // needKickLocked decides whether the device must be kicked for the entries
 // published since the last decision (virtio 1.x 2.7.13.4).
 func (q *clientQueue) needKickLocked() bool {
@@ -1053,10 +1059,10 @@ func (q *clientQueue) needKickLocked() bool {
 	}
 	atomic.AddUint32(&q.fence, 1)
 	if q.eventIdx {
-		return needEvent(load16(q.used, 4+8*int(q.num), &q.fence), new, old)
+		return virtio.NeedEvent(virtio.Load16(q.used, 4+8*int(q.num), &q.fence), new, old)
 	}
-	flags, _ := loadWord(q.used)
-	return flags&usedFlagNoNotify == 0
+	flags, _ := virtio.LoadWord(q.used)
+	return flags&virtio.UsedFlagNoNotify == 0
 }
 
 func (q *clientQueue) kick() {
@@ -1087,7 +1093,7 @@ func (q *clientQueue) drainUsed() {
 	q.deferKick = true
 	q.mu.Unlock()
 	for {
-		_, usedIdx := loadWord(q.used)
+		_, usedIdx := virtio.LoadWord(q.used)
 		if usedIdx-q.lastUsed > q.num {
 			q.strays.Add(1) // a broken device; wait for a sane index
 			break
@@ -1100,11 +1106,11 @@ func (q *clientQueue) drainUsed() {
 			q.finish(id, n)
 		}
 		if q.eventIdx {
-			store16(q.avail, 4+2*int(q.num), q.lastUsed, &q.fence)
+			virtio.Store16(q.avail, 4+2*int(q.num), q.lastUsed, &q.fence)
 		} else {
 			atomic.AddUint32(&q.fence, 1)
 		}
-		if _, again := loadWord(q.used); again == q.lastUsed {
+		if _, again := virtio.LoadWord(q.used); again == q.lastUsed {
 			break
 		}
 	}
@@ -1190,7 +1196,7 @@ func (c *Client) do(ctx context.Context, q int, typ uint32, sector uint64, p []b
 				return Result{}, err
 			}
 			defer c.FreeBuf(b)
-			if typ == BlkTypeOut {
+			if typ == virtio.BlkTypeOut {
 				copy(b, p)
 			}
 			bounce = b
@@ -1201,10 +1207,10 @@ func (c *Client) do(ctx context.Context, q int, typ uint32, sector uint64, p []b
 	if err != nil {
 		return res, err
 	}
-	if bounce != nil && (typ == BlkTypeIn || typ == BlkTypeGetID) {
+	if bounce != nil && (typ == virtio.BlkTypeIn || typ == virtio.BlkTypeGetID) {
 		copy(p, bounce)
 	}
-	if res.Status != BlkStatusOK {
+	if res.Status != virtio.BlkStatusOK {
 		return res, &StatusError{Status: res.Status}
 	}
 	return res, nil
@@ -1212,25 +1218,25 @@ func (c *Client) do(ctx context.Context, q int, typ uint32, sector uint64, p []b
 
 // ReadAt reads len(p) bytes at sector on queue q.
 func (c *Client) ReadAt(ctx context.Context, q int, p []byte, sector uint64) error {
-	_, err := c.do(ctx, q, BlkTypeIn, sector, p, nil)
+	_, err := c.do(ctx, q, virtio.BlkTypeIn, sector, p, nil)
 	return err
 }
 
 // WriteAt writes p at sector on queue q.
 func (c *Client) WriteAt(ctx context.Context, q int, p []byte, sector uint64) error {
-	_, err := c.do(ctx, q, BlkTypeOut, sector, p, nil)
+	_, err := c.do(ctx, q, virtio.BlkTypeOut, sector, p, nil)
 	return err
 }
 
 // Flush sends a flush on queue q.
 func (c *Client) Flush(ctx context.Context, q int) error {
-	_, err := c.do(ctx, q, BlkTypeFlush, 0, nil, nil)
+	_, err := c.do(ctx, q, virtio.BlkTypeFlush, 0, nil, nil)
 	return err
 }
 
 // Discard discards sectors at sector.
 func (c *Client) Discard(ctx context.Context, q int, sector uint64, sectors uint32) error {
-	_, err := c.do(ctx, q, BlkTypeDiscard, 0, nil, []Range{{Sector: sector, Sectors: sectors}})
+	_, err := c.do(ctx, q, virtio.BlkTypeDiscard, 0, nil, []Range{{Sector: sector, Sectors: sectors}})
 	return err
 }
 
@@ -1239,16 +1245,16 @@ func (c *Client) Discard(ctx context.Context, q int, sector uint64, sectors uint
 func (c *Client) WriteZeroes(ctx context.Context, q int, sector uint64, sectors uint32, unmap bool) error {
 	rg := Range{Sector: sector, Sectors: sectors}
 	if unmap {
-		rg.Flags = BlkDiscardUnmap
+		rg.Flags = virtio.BlkDiscardUnmap
 	}
-	_, err := c.do(ctx, q, BlkTypeWriteZeroes, 0, nil, []Range{rg})
+	_, err := c.do(ctx, q, virtio.BlkTypeWriteZeroes, 0, nil, []Range{rg})
 	return err
 }
 
 // GetID returns the device's serial (GET_ID), without NUL padding.
 func (c *Client) GetID(ctx context.Context, q int) (string, error) {
-	var id [MaxSerialLen]byte
-	if _, err := c.do(ctx, q, BlkTypeGetID, 0, id[:], nil); err != nil {
+	var id [virtio.BlkIDBytes]byte
+	if _, err := c.do(ctx, q, virtio.BlkTypeGetID, 0, id[:], nil); err != nil {
 		return "", err
 	}
 	n := 0
@@ -1264,7 +1270,7 @@ func (c *Client) Stop() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, q := range c.queues {
-		h, p, _, err := c.request(ReqGetVringBase, VringState{Index: uint32(q.idx)}, nil, true)
+		h, p, _, err := c.request(wire.ReqGetVringBase, wire.VringState{Index: uint32(q.idx)}, nil, true)
 		if err != nil {
 			return err
 		}
@@ -1361,7 +1367,7 @@ func (c *Client) Close() error {
 func (c *Client) StartDirtyLog() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.protocol&ProtocolLogSHMFD == 0 {
+	if c.protocol&wire.ProtocolLogSHMFD == 0 {
 		return errors.New("vhost client: back end lacks LOG_SHMFD")
 	}
 	size := alignUp(uint64(len(c.mem))/pageSize/8+1, pageSize)
@@ -1379,18 +1385,18 @@ func (c *Client) StartDirtyLog() error {
 		return err
 	}
 	c.logFD, c.logMem = fd, m
-	h, _, rfds, err := c.request(ReqSetLogBase, LogDesc{Size: size}, []int{fd}, true)
-	closeFDs(rfds)
+	h, _, rfds, err := c.request(wire.ReqSetLogBase, wire.LogDesc{Size: size}, []int{fd}, true)
+	wire.CloseFDs(rfds)
 	if err != nil {
 		return err
 	}
 	_ = h
-	c.features |= FeatureLogAll
-	if err := c.setU64(ReqSetFeatures, c.features); err != nil {
+	c.features |= virtio.FeatureLogAll
+	if err := c.setU64(wire.ReqSetFeatures, c.features); err != nil {
 		return err
 	}
 	for _, q := range c.queues {
-		if err := c.send(ReqSetVringAddr, q.addr(VringAddrFlagLog), nil); err != nil {
+		if err := c.send(wire.ReqSetVringAddr, q.addr(wire.VringAddrFlagLog), nil); err != nil {
 			return err
 		}
 	}
@@ -1420,6 +1426,10 @@ func (c *Client) ClearDirtyLog() {
 
 // UsedRingGPA returns the guest address of queue q's used ring.
 func (c *Client) UsedRingGPA(q int) uint64 { return c.queues[q].uGPA }
+
+// AvailRingGPA returns the guest address of queue q's available ring (for
+// tests that play a driver misbehaving).
+func (c *Client) AvailRingGPA(q int) uint64 { return c.queues[q].aGPA }
 
 // pageAlloc hands out page runs of the guest memory heap.
 type pageAlloc struct {
