@@ -171,7 +171,7 @@ func TestConstructorErrors(t *testing.T) {
 		{"0 3072 raid raid5_ls 5 64 rebuild 1 rebuild 2 " + devs(4), "0 missing and 2 rebuilt devices: raid5_ls survives 1"},
 		{"0 3072 raid raid5_ls 3 64 rebuild 9 " + devs(4), "device index 9: must be below raid device count 4"},
 		{"0 3072 raid raid5_ls 3 64 write_mostly 1 " + devs(4), "write_mostly 1: only raid1"},
-		{"0 1024 raid raid1 3 0 stripe_cache 1 " + devs(2), "stripe_cache 1: raid1 has no stripe cache"},
+		{"0 1024 raid raid1 3 0 stripe_cache 1 " + devs(2), "stripe_cache 1: only raid4/5/6 have a stripe cache"},
 		{"0 3072 raid raid5_ls 3 64 stripe_cache 1 " + devs(4), ""}, // raised to 32, as md does
 		{"0 3072 raid raid5_ls 3 16 stripe_cache 17 " + devs(4), ""},
 		{"0 3072 raid raid5_ls 3 16 stripe_cache 16 " + devs(4), "stripe_cache 16: outside 17..32768"},
@@ -188,6 +188,27 @@ func TestConstructorErrors(t *testing.T) {
 		{"0 3072 raid raid5_ls 3 64 rebuild 1 4 - m0 - - - m2 - m3", "rebuild 1: device 1 is missing"},
 		{"0 3072 raid raid5_ls 1 64 4 - m0 - m1 - m2 - nosuch", "data device 3:"},
 		{"0 12288 raid raid5_ls 1 64 " + devs(4), "too small"},
+		{"0 2048 raid raid0 1 64 " + devs(4), ""},
+		{"0 2048 raid raid0 2 64 nosync " + devs(4), `raid parameter "nosync": raid0 takes none`},
+		{"0 2048 raid raid0 1 64 4 - m0 - - - m2 - m3", "device 1: missing, and raid0 has no redundancy"},
+		{"0 2050 raid raid0 1 64 " + devs(4), "target length 2050 not divisible by 4 devices"},
+		{"0 2048 raid raid0 1 64 4 m1 m0 - m1 - m2 - m3", "vhostdm's raid0 takes no metadata devices"},
+		{"0 2048 raid raid10 1 64 " + devs(4), ""},
+		{"0 1536 raid raid10 3 64 raid10_copies 3 " + devs(4), ""},
+		{"0 2048 raid raid10 3 64 raid10_copies 5 " + devs(4), "raid10_copies 5: must be 2..4"},
+		{"0 2048 raid raid10 3 64 raid10_copies 1 " + devs(4), "raid10_copies 1: must be 2..4"},
+		{"0 2048 raid raid10 3 64 raid10_format diagonal " + devs(4), `raid10_format "diagonal": want near, far or offset`},
+		{"0 2048 raid raid5_ls 3 64 raid10_format far " + devs(4), "only raid10 has a format"},
+		{"0 2048 raid raid5_ls 3 64 raid10_copies 2 " + devs(4), "raid10_copies 2: only raid10 has copies"},
+		{"0 2048 raid raid10 3 64 stripe_cache 256 " + devs(4), "only raid4/5/6 have a stripe cache"},
+		{"0 2048 raid raid10 3 64 write_mostly 1 " + devs(4), "write_mostly 1: only raid1"},
+		{"0 2049 raid raid10 1 64 " + devs(4), "target length 2049 times 2 copies not divisible by 4 devices"},
+		{"0 2688 raid raid10_far 3 64 raid10_format far " + devs(4), "must be a multiple of chunk size 64, and the device size of 128"},
+		{"0 2048 raid raid10 1 64 4 - - - - - m2 - m3", "2 missing and 0 rebuilt devices: every copy of some chunks is among them"},
+		{"0 2048 raid raid10 1 64 4 - - - m1 - - - m3", ""}, // one copy of each pair
+		{"0 2048 raid raid10 3 64 raid10_format far 4 - - - - - m2 - m3", "every copy of some chunks"},
+		{"0 2048 raid raid10 3 64 raid10_format offset 4 - m0 - m1 - - - -", "every copy of some chunks"},
+		{"0 2048 raid raid10 3 64 raid10_format far 4 - - - m1 - m2 - -", ""},
 	} {
 		set := mappertest.NewSet(1<<20, "m0", "m1", "m2", "m3")
 		m := mapper.NewManager(mapper.ManagerOptions{Open: set.Open, Logger: slog.New(slog.DiscardHandler)})
@@ -207,12 +228,19 @@ func TestConformance(t *testing.T) {
 		name, typ string
 		n         int
 		data      int
-	}{{"raid1", "raid1", 2, 1}, {"raid5_ls", "raid5_ls", 4, 3}, {"raid6_nc", "raid6_nc", 5, 3}} {
+		params    string
+	}{
+		{"raid1", "raid1", 2, 1, "2 16 nosync"}, {"raid5_ls", "raid5_ls", 4, 3, "2 16 nosync"}, {"raid6_nc", "raid6_nc", 5, 3, "2 16 nosync"},
+		{"raid0", "raid0", 3, 3, "1 16"},
+		{"raid10_near", "raid10", 4, 2, "2 16 nosync"},
+		{"raid10_far", "raid10", 4, 2, "4 16 nosync raid10_format far"},
+		{"raid10_offset", "raid10_offset", 4, 2, "4 16 nosync raid10_format offset"},
+	} {
 		mappertest.RunTarget(t, c.name, mappertest.TargetCase{
 			Backends: c.n, BackendBytes: 256 << 10, Stores: true, ZeroesOnDiscard: c.typ == "raid1",
 			Table: func(b []string) string {
 				var s strings.Builder
-				fmt.Fprintf(&s, "0 %d raid %s 2 16 nosync %d", 512*c.data, c.typ, c.n)
+				fmt.Fprintf(&s, "0 %d raid %s %s %d", 512*c.data, c.typ, c.params, c.n)
 				for _, d := range b {
 					s.WriteString(" - " + d)
 				}

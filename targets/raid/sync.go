@@ -40,7 +40,7 @@ func (r *raid) startNeeded() {
 	switch {
 	case r.needsRecovery():
 		r.startLocked("recover", r.recoveryCP.Load())
-	case r.resyncCP < r.devSectors:
+	case r.resyncCP < r.syncSectors:
 		r.startLocked("resync", r.resyncCP)
 	case r.bm != nil && r.bm.needsResync():
 		r.startLocked("resync", 0)
@@ -51,7 +51,7 @@ func (r *raid) startNeeded() {
 func (r *raid) startLocked(action string, from uint64) {
 	stop, done := make(chan struct{}), make(chan struct{})
 	r.action, r.progress, r.stop, r.done = action, from, stop, done
-	bitmapOnly := r.bm != nil && (action == "resync" && r.resyncCP >= r.devSectors ||
+	bitmapOnly := r.bm != nil && (action == "resync" && r.resyncCP >= r.syncSectors ||
 		action == "recover" && r.bm.partialRecovery())
 	r.invalidate()
 	go r.run(action, from, bitmapOnly, stop, done)
@@ -79,7 +79,7 @@ func (r *raid) run(action string, from uint64, bitmapOnly bool, stop, done chan 
 	defer r.invalidate()
 	unit := r.chunk
 	th := r.newThrottle()
-	for pos := from; pos < r.devSectors; pos += unit {
+	for pos := from; pos < r.syncSectors; pos += unit {
 		select {
 		case <-stop:
 			return
@@ -96,9 +96,12 @@ func (r *raid) run(action string, from uint64, bitmapOnly bool, stop, done chan 
 		}
 		var mism uint64
 		var err error
-		if r.geo == nil {
+		switch {
+		case r.r10 != nil:
+			mism, err = r.syncR10Unit(action, pos/unit)
+		case r.geo == nil:
 			mism, err = r.syncMirrorUnit(action, pos/unit)
-		} else {
+		default:
 			mism, err = r.syncStripe(action, pos/unit)
 		}
 		if err != nil {
