@@ -1,7 +1,8 @@
 // Package raid holds the raid target (the kernel's dm-raid, drivers/md/dm-raid.c
-// 1.15 over md's raid1 and raid456 personalities, kernel 6.1), with md's
-// exact data and parity layouts so that arrays move between vhostdm and the
-// kernel: raid1, raid4, raid5 in all five layouts and raid6 in all eight.
+// 1.15 over md's raid0, raid1, raid10 and raid456 personalities, kernel
+// 6.1), with md's exact data and parity layouts so that arrays move between
+// vhostdm and the kernel: raid0, raid1, raid10 near, far and offset, raid4,
+// raid5 in all five layouts and raid6 in all eight.
 //
 //	import _ "github.com/vhostdm/vhostdm/targets/raid"
 //
@@ -32,17 +33,37 @@ import (
 	"github.com/vhostdm/vhostdm/mapper"
 )
 
-// raid is a RAID-1/4/5/6 array over member devices.
+// raid is a RAID-0/1/10/4/5/6 array over member devices.
 //
 //	raid <raid_type> <#raid_params> <chunk_size> [sync|nosync] [rebuild <idx>]...
 //	     [daemon_sleep <ms>] [min_recovery_rate <kB/s>] [max_recovery_rate <kB/s>]
 //	     [write_mostly <idx>]... [max_write_behind <sectors>] [stripe_cache <stripes>]
-//	     [region_size <sectors>] <#raid_devs> {<meta_dev|-> <data_dev|->}{#raid_devs}
+//	     [region_size <sectors>] [raid10_copies <n>] [raid10_format near|far|offset]
+//	     <#raid_devs> {<meta_dev|-> <data_dev|->}{#raid_devs}
 //
-// raid_type is raid1, raid4 (parity on the first device: md's PARITY_0,
-// as kernel 6.1 maps it, not the "last disk" of older documents),
-// raid5_la, raid5_ra, raid5_ls, raid5_rs, raid5_n, raid6_zr, raid6_nr,
-// raid6_nc, raid6_n_6, raid6_la_6, raid6_ra_6, raid6_ls_6 or raid6_rs_6.
+// raid_type is raid0, raid1, raid10 (or raid10_near, raid10_far,
+// raid10_offset: one type, as in dm-raid), raid4 (parity on the first
+// device: md's PARITY_0, as kernel 6.1 maps it, not the "last disk" of
+// older documents), raid5_la, raid5_ra, raid5_ls, raid5_rs, raid5_n,
+// raid6_zr, raid6_nr, raid6_nc, raid6_n_6, raid6_la_6, raid6_ra_6,
+// raid6_ls_6 or raid6_rs_6.
+//
+// raid0 stripes chunks over its devices (md's raid0 with one strip zone);
+// it takes no optional parameter (dm-raid: "Invalid flags combination"),
+// no metadata device and no missing device, and has no sync action. The
+// target length must divide by the devices, and the per-device size by
+// the chunk size.
+//
+// raid10 keeps raid10_copies copies (2 to #raid_devs, default 2) of every
+// chunk in md's layout of raid10_format (default near, whatever the type
+// name says, as dm-raid): see raid10.go. The target length times the
+// copies must divide by the devices; vhostdm also wants the length and
+// the per-device size in whole chunks (far: whole chunk*copies), so that
+// far copies start on a chunk. A chunk is read from one valid copy and
+// written to every copy; the array runs while every chunk has a copy on
+// a device in service. Its sync actions, bitmap and checkpoints count
+// array sectors, as md's raid10 does; INFO names the type by layout
+// (raid10, raid10_far, raid10_offset) and shows in-sync/array sectors.
 // chunk_size is a power of two of at least 8 sectors (raid1 ignores it and
 // TABLE prints 0, as the kernel does). The target length must divide by
 // the number of data devices, and the per-device size (length / data

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -362,18 +363,21 @@ func testDegradedModel(t *testing.T, cacheParams string) {
 		{"raid6_ls_6", 5, nil, []int{2, 4}},
 		{"raid6_n_6", 5, []int{4}, []int{3}},
 		{"raid1", 3, []int{1}, []int{0}},
+		{"raid0", 3, nil, nil},
+		{"raid10", 4, []int{0}, []int{3}},
+		{"raid10", 3, nil, []int{1}},
+		{"raid10/far", 5, []int{4}, []int{1}},
+		{"raid10/offset", 4, []int{1}, []int{2}},
+		{"raid10/offset", 3, []int{2}, nil},
+		{"raid10/near/3", 6, []int{0}, []int{1}},
 	} {
-		t.Run(fmt.Sprintf("%s-missing%v-fail%v", c.typ, c.missing, c.failAt), func(t *testing.T) {
+		t.Run(strings.ReplaceAll(fmt.Sprintf("%s-%d-missing%v-fail%v", c.typ, c.n, c.missing, c.failAt), "/", "_"), func(t *testing.T) {
 			seed := uint64(len(c.typ)*100 + c.n)
 			rng := rand.New(rand.NewPCG(seed, 7))
 			set := mappertest.NewSet(member, names(c.n)...)
-			data := c.n - (&raidType{level: levelOf(c.typ)}).parity()
-			length := uint64(data * member / 512)
-			if c.typ == "raid1" {
-				length = member / 512
-			}
+			typ, extra, length := modelGeometry(c.typ, c.n, member)
 			// Fill while healthy, so that the model and parity start equal.
-			healthy := newArray(t, set, c.n, table(c.typ, c.n, length, 16, "nosync", legs(c.n)))
+			healthy := newArray(t, set, c.n, table(typ, c.n, length, 16, strings.TrimSpace(sync0(typ)+extra), legs(c.n)))
 			model := make([]byte, length*512)
 			for i := range model {
 				model[i] = byte(rng.Uint32())
@@ -385,11 +389,11 @@ func testDegradedModel(t *testing.T, cacheParams string) {
 			m := mapper.NewManager(mapper.ManagerOptions{Open: set.Open, Logger: slog.New(slog.DiscardHandler),
 				Events: func(e mapper.Event) { mu.Lock(); events = append(events, e); mu.Unlock() }})
 			defer m.Close()
-			params := "nosync"
-			if c.typ != "raid1" {
+			params := sync0(typ) + extra
+			if l := levelOf(typ); l >= 4 && l <= 6 {
 				params += cacheParams
 			}
-			d, err := m.CreateTable("r", "", false, table(c.typ, c.n, length, 16, params, legs(c.n, c.missing...)))
+			d, err := m.CreateTable("r", "", false, table(typ, c.n, length, 16, strings.TrimSpace(params), legs(c.n, c.missing...)))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -445,6 +449,38 @@ func testDegradedModel(t *testing.T, cacheParams string) {
 			}
 		})
 	}
+}
+
+// modelGeometry returns for a model test's type, written name[/format[/copies]]
+// (raid10's format and copies), the table's type, its extra parameters and
+// the array length over n members of member bytes.
+func modelGeometry(spec string, n, member int) (typ, extra string, length uint64) {
+	f := strings.Split(spec, "/")
+	typ = f[0]
+	copies := 2
+	if len(f) > 1 {
+		extra += " raid10_format " + f[1]
+	}
+	if len(f) > 2 {
+		copies, _ = strconv.Atoi(f[2])
+		extra += " raid10_copies " + f[2]
+	}
+	switch l := levelOf(typ); l {
+	case 1:
+		return typ, extra, uint64(member / 512)
+	case 10:
+		return typ, extra, uint64(n * member / 512 / copies)
+	default:
+		return typ, extra, uint64((n - (&raidType{level: l}).parity()) * member / 512)
+	}
+}
+
+// sync0 is "nosync" for the types that take it (not raid0).
+func sync0(typ string) string {
+	if typ == "raid0" {
+		return ""
+	}
+	return "nosync"
 }
 
 func levelOf(typ string) int {
