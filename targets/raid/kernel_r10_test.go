@@ -1,6 +1,7 @@
 package raid
 
 import (
+	"bytes"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -21,20 +22,24 @@ type stripedArray struct {
 	typ     string // raid type of the table
 	n       int
 	params  string // optional parameters after the chunk size
-	missing int    // the leg missing in the degraded runs
+	missing int    // the leg missing in the degraded runs; -1: no degraded run
+	corrupt bool   // V only: a copy is corrupted before the kernel's check
 }
 
 // stripedArrays cover raid0, and raid10 in every format with device
 // counts that are and are not multiples of the copies (near wrapping
 // to the next row; far and offset with a larger last far set).
 var stripedArrays = []stripedArray{
-	{"r0", "raid0", 3, "", 0},
-	{"n4", "raid10", 4, "", 1},
-	{"n3", "raid10", 3, "raid10_copies 2 raid10_format near", 2},
-	{"f4", "raid10", 4, "raid10_copies 2 raid10_format far", 0},
-	{"f5", "raid10_far", 5, "raid10_format far", 4},
-	{"o4", "raid10_offset", 4, "raid10_format offset", 3},
-	{"o3", "raid10", 3, "raid10_copies 2 raid10_format offset", 1},
+	{"r0", "raid0", 3, "", 0, false},
+	{"n4", "raid10", 4, "", 1, false},
+	{"n3", "raid10", 3, "raid10_copies 2 raid10_format near", 2, false},
+	{"f4", "raid10", 4, "raid10_copies 2 raid10_format far", 0, false},
+	{"f5", "raid10_far", 5, "raid10_format far", 4, false},
+	{"o4", "raid10_offset", 4, "raid10_format offset", 3, false},
+	{"o3", "raid10", 3, "raid10_copies 2 raid10_format offset", 1, false},
+	{"c4", "raid10", 4, "", -1, true},
+	{"cf", "raid10", 4, "raid10_format far", -1, true},
+	{"c1", "raid1", 2, "", -1, true},
 }
 
 func (a stripedArray) copies() int {
@@ -51,7 +56,11 @@ func (a stripedArray) length() int { return a.n * dataSectors / a.copies() }
 func (a stripedArray) table(prefix string, first, missing int) string {
 	var b strings.Builder
 	np := 1 + len(strings.Fields(a.params))
-	fmt.Fprintf(&b, "0 %d raid %s %d %d", a.length(), a.typ, np, kchunk*2)
+	chunk := kchunk * 2
+	if a.typ == "raid1" {
+		chunk = 0
+	}
+	fmt.Fprintf(&b, "0 %d raid %s %d %d", a.length(), a.typ, np, chunk)
 	if a.params != "" {
 		b.WriteString(" " + a.params)
 	}
@@ -120,7 +129,7 @@ func TestKernelStriped(t *testing.T) {
 	ourMD5, ourStatus, ourTable := map[string]string{}, map[string]string{}, map[string]string{}
 	for _, side := range []string{"v", "d"} {
 		for _, a := range stripedArrays {
-			if side == "d" && a.typ == "raid0" {
+			if side == "d" && a.missing < 0 || side == "d" && a.typ == "raid0" {
 				continue
 			}
 			d := create(t, m, "z"+side+"_"+a.key, a.table(side, firsts[a.key], -1))
@@ -131,11 +140,17 @@ func TestKernelStriped(t *testing.T) {
 			if err := m.Remove(d.Name(), false); err != nil {
 				t.Fatal(err)
 			}
+			if side == "v" && a.corrupt {
+				// Two 10-byte runs of member 1, 40 KiB apart, go bad.
+				for _, off := range []int64{0, 40 << 10} {
+					writeAt(t, disk["v"], int64(firsts[a.key]+1)*memberStride*512+metaSectors*512+off, bytes.Repeat([]byte{0xA5}, 10))
+				}
+			}
 		}
 	}
 	// vhostdm's superblocks carry md's level and layout word; the
 	// kernel's must be the same (K below).
-	ourLayout, ourSyncSize := map[string]uint32{}, map[string]uint64{}
+	ourLevel, ourLayout, ourSyncSize := map[string]uint32{}, map[string]uint32{}, map[string]uint64{}
 	for _, a := range stripedArrays {
 		if a.typ == "raid0" {
 			continue
@@ -145,7 +160,7 @@ func TestKernelStriped(t *testing.T) {
 			t.Fatalf("V %s: no superblock or bitmap written", a.key)
 		}
 		t.Logf("V %s: vhostdm's superblock level %d layout %#x sectors %d array %d; bitmap sync size %d", a.key, sb.level, sb.layout, sb.sectors, sb.arraySectors, bs.syncSz)
-		ourLayout[a.key], ourSyncSize[a.key] = sb.layout, bs.syncSz
+		ourLevel[a.key], ourLayout[a.key], ourSyncSize[a.key] = sb.level, sb.layout, bs.syncSz
 	}
 
 	// The guest.
@@ -166,7 +181,7 @@ func TestKernelStriped(t *testing.T) {
 		fmt.Fprintf(&sc, "dmsetup create zv_%s --table %q || echo CREATE zv_%s FAILED\n", a.key, a.table("v", firsts[a.key], -1), a.key)
 		fmt.Fprintf(&sc, "echo \"VSTATUS %s $(dmsetup status zv_%s)\"\n", a.key, a.key)
 		fmt.Fprintf(&sc, "dmsetup create zk_%s --table %q || echo CREATE zk_%s FAILED\n", a.key, a.table("k", firsts[a.key], -1), a.key)
-		if a.typ != "raid0" {
+		if a.typ != "raid0" && a.missing >= 0 {
 			fmt.Fprintf(&sc, "dmsetup create zd_%s --table %q || echo CREATE zd_%s FAILED\n", a.key, a.table("d", firsts[a.key], a.missing), a.key)
 		}
 	}
@@ -174,9 +189,11 @@ func TestKernelStriped(t *testing.T) {
 	for _, a := range stripedArrays {
 		fmt.Fprintf(&sc, "echo \"VMD5 %s $(md5sum < /dev/mapper/zv_%s)\"\n", a.key, a.key)
 		fmt.Fprintf(&sc, "echo \"VTABLE %s $(dmsetup table zv_%s)\"\n", a.key, a.key)
-		if a.typ != "raid0" {
+		if a.typ != "raid0" && a.missing >= 0 {
 			fmt.Fprintf(&sc, "echo \"DMD5 %s $(md5sum < /dev/mapper/zd_%s)\"\n", a.key, a.key)
 			fmt.Fprintf(&sc, "echo \"DSTATUS %s $(dmsetup status zd_%s)\"\n", a.key, a.key)
+		}
+		if a.typ != "raid0" {
 			fmt.Fprintf(&sc, "dmsetup message zv_%s 0 check\n", a.key)
 		}
 	}
@@ -200,16 +217,32 @@ func TestKernelStriped(t *testing.T) {
 		if k := got["VSTATUS "+a.key]; k != want && k+" -" != want {
 			t.Errorf("V %s: kernel status at load %q, vhostdm's %q", a.key, k, want)
 		}
-		if got["VMD5 "+a.key] != ourMD5["v"+a.key] {
+		if got["VMD5 "+a.key] != ourMD5["v"+a.key] && !a.corrupt {
 			t.Errorf("V %s: kernel reads md5 %q, vhostdm wrote %s", a.key, got["VMD5 "+a.key], ourMD5["v"+a.key])
 		}
 		if k, ours := tableParams(got["VTABLE "+a.key]), tableParams("0 0 raid "+ourTable["v"+a.key]); k != ours {
 			t.Errorf("V %s: kernel table parameters %q, vhostdm's %q", a.key, k, ours)
 		}
-		if a.typ != "raid0" {
+		if a.corrupt {
+			// Both count the mismatches the same way.
+			d := create(t, m, "zv_"+a.key, a.table("v", firsts[a.key], -1))
+			waitSettled(t, d)
+			if _, err := d.Message(0, []string{"check"}); err != nil {
+				t.Fatal(err)
+			}
+			ours := strings.Fields(waitSettled(t, d))
+			if f := strings.Fields(got["VCHECK "+a.key]); len(f) < 9 || f[7] != "idle" || f[8] == "0" || f[8] != ours[5] {
+				t.Errorf("V %s: kernel check of a corrupted copy: %q; vhostdm's: %v", a.key, got["VCHECK "+a.key], ours)
+			}
+			if err := m.Remove(d.Name(), false); err != nil {
+				t.Fatal(err)
+			}
+		} else if a.typ != "raid0" {
 			if f := strings.Fields(got["VCHECK "+a.key]); len(f) < 9 || f[5] != strings.Repeat("A", a.n) || f[7] != "idle" || f[8] != "0" {
 				t.Errorf("V %s: kernel check of vhostdm's copies: %q, want idle with 0 mismatches", a.key, got["VCHECK "+a.key])
 			}
+		}
+		if a.typ != "raid0" && a.missing >= 0 {
 			// D: the kernel reads vhostdm's copies degraded.
 			if got["DMD5 "+a.key] != ourMD5["d"+a.key] {
 				t.Errorf("D %s leg %d missing: kernel reads md5 %q, vhostdm wrote %s", a.key, a.missing, got["DMD5 "+a.key], ourMD5["d"+a.key])
@@ -234,8 +267,8 @@ func TestKernelStriped(t *testing.T) {
 				t.Fatalf("K %s: no kernel superblock or bitmap", a.key)
 			}
 			t.Logf("K %s: kernel's superblock level %d layout %#x sectors %d array %d resync %#x; bitmap sync size %d", a.key, sb.level, sb.layout, sb.sectors, sb.arraySectors, sb.arrayResync, bs.syncSz)
-			if sb.level != 10 || sb.layout != ourLayout[a.key] || bs.syncSz != ourSyncSize[a.key] {
-				t.Errorf("K %s: kernel's level %d layout %#x bitmap sync size %d; vhostdm writes 10, %#x, %d", a.key, sb.level, sb.layout, bs.syncSz, ourLayout[a.key], ourSyncSize[a.key])
+			if sb.level != ourLevel[a.key] || sb.layout != ourLayout[a.key] || bs.syncSz != ourSyncSize[a.key] {
+				t.Errorf("K %s: kernel's level %d layout %#x bitmap sync size %d; vhostdm writes %d, %#x, %d", a.key, sb.level, sb.layout, bs.syncSz, ourLevel[a.key], ourLayout[a.key], ourSyncSize[a.key])
 			}
 		}
 		d := create(t, m, "zk_"+a.key, a.table("k", firsts[a.key], -1))
@@ -260,7 +293,7 @@ func TestKernelStriped(t *testing.T) {
 		if err := m.Remove(d.Name(), false); err != nil {
 			t.Fatal(err)
 		}
-		if a.typ != "raid0" {
+		if a.typ != "raid0" && a.missing >= 0 {
 			d = create(t, m, "zk_"+a.key, a.table("k", firsts[a.key], a.missing))
 			if h := md5Of(t, d); h != got["KMD5 "+a.key] {
 				t.Errorf("K %s leg %d missing: vhostdm reads md5 %s degraded, the kernel wrote %q", a.key, a.missing, h, got["KMD5 "+a.key])
@@ -269,5 +302,18 @@ func TestKernelStriped(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
+	}
+}
+
+// writeAt writes data at byte off of the file at path.
+func writeAt(t *testing.T, path string, off int64, data []byte) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt(data, off); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -314,7 +314,7 @@ func (r *raid) syncR10Unit(action string, c uint64) (uint64, error) {
 				r.fail(loc.dev, err)
 				continue
 			}
-			if k := countMismatches(data, other); k > 0 {
+			if k := countMismatches(data, other, min(r.chunk, r10SyncSectors)); k > 0 {
 				mism += k
 				write = action == "repair"
 			}
@@ -328,15 +328,20 @@ func (r *raid) syncR10Unit(action string, c uint64) (uint64, error) {
 	return mism, nil
 }
 
-// countMismatches returns the sectors of the 4 KiB rows where a and b
-// differ, as md counts mismatches.
-func countMismatches(a, b []byte) uint64 {
-	const row = mismatchUnit << mapper.SectorShift
+// r10SyncSectors is the most md's raid10 syncs in one request (its
+// RESYNC_PAGES, 64 KiB); a request never crosses a chunk.
+const r10SyncSectors = 128
+
+// countMismatches returns the sectors of the pieces of unit sectors where
+// a and b differ. md's raid10 counts a whole sync request (a chunk, at
+// most r10SyncSectors) for each copy that differs from the first.
+func countMismatches(a, b []byte, unit uint64) uint64 {
+	row := int(unit << mapper.SectorShift)
 	var mism uint64
 	for o := 0; o < len(a); o += row {
 		e := min(o+row, len(a))
 		if !bytes.Equal(a[o:e], b[o:e]) {
-			mism += mismatchUnit
+			mism += uint64(e-o) >> mapper.SectorShift
 		}
 	}
 	return mism

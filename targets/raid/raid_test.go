@@ -498,15 +498,17 @@ func TestRebuild(t *testing.T) {
 		typ     string
 		n       int
 		rebuild []int
-	}{{"raid5_ra", 4, []int{3}}, {"raid6_zr", 5, []int{0, 2}}, {"raid6_rs_6", 5, []int{4}}, {"raid1", 3, []int{2}}, {"raid4", 3, []int{0}}} {
-		t.Run(c.typ, func(t *testing.T) {
+	}{{"raid5_ra", 4, []int{3}}, {"raid6_zr", 5, []int{0, 2}}, {"raid6_rs_6", 5, []int{4}}, {"raid1", 3, []int{2}}, {"raid4", 3, []int{0}},
+		{"raid10", 4, []int{1, 2}}, {"raid10/far", 5, []int{3}}, {"raid10/offset", 3, []int{0}}} {
+		t.Run(strings.ReplaceAll(c.typ, "/", "_"), func(t *testing.T) {
 			rng := rand.New(rand.NewPCG(9, uint64(c.n)))
 			set := mappertest.NewSet(member, names(c.n)...)
-			length := uint64(member / 512)
-			if c.typ != "raid1" {
-				length *= uint64(c.n - (&raidType{level: levelOf(c.typ)}).parity())
+			typ, extra, length := modelGeometry(c.typ, c.n, member)
+			syncSectors := uint64(member / 512)
+			if levelOf(typ) == 10 {
+				syncSectors = length
 			}
-			a := newArray(t, set, c.n, table(c.typ, c.n, length, 16, "nosync", legs(c.n)))
+			a := newArray(t, set, c.n, table(typ, c.n, length, 16, "nosync"+extra, legs(c.n)))
 			data := make([]byte, length*512)
 			for i := range data {
 				data[i] = byte(rng.Uint32())
@@ -518,7 +520,7 @@ func TestRebuild(t *testing.T) {
 				m := set.Get(fmt.Sprintf("m%d", i))
 				m.WriteZeroes(0, member, false)
 			}
-			params := "nosync max_recovery_rate 2048"
+			params := "nosync max_recovery_rate 2048" + extra
 			for _, i := range c.rebuild {
 				params += fmt.Sprintf(" rebuild %d", i)
 			}
@@ -526,7 +528,7 @@ func TestRebuild(t *testing.T) {
 			m := mapper.NewManager(mapper.ManagerOptions{Open: set.Open, Logger: slog.New(slog.DiscardHandler),
 				Events: func(e mapper.Event) { events = append(events, e.Kind) }})
 			defer m.Close()
-			d, err := m.CreateTable("r", "", false, table(c.typ, c.n, length, 16, params, legs(c.n)))
+			d, err := m.CreateTable("r", "", false, table(typ, c.n, length, 16, params, legs(c.n)))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -542,7 +544,11 @@ func TestRebuild(t *testing.T) {
 				t.Fatal("read during rebuild differs")
 			}
 			st = waitIdle(t, d)
-			if want := fmt.Sprintf("%s %d %s %d/%d idle 0 0 -", c.typ, c.n, strings.Repeat("A", c.n), member/512, member/512); st != want {
+			name := typ
+			if f := strings.Split(c.typ, "/"); len(f) > 1 {
+				name = "raid10_" + f[1]
+			}
+			if want := fmt.Sprintf("%s %d %s %d/%d idle 0 0 -", name, c.n, strings.Repeat("A", c.n), syncSectors, syncSectors); st != want {
 				t.Errorf("status after rebuild %q, want %q", st, want)
 			}
 			got := a.members()
@@ -571,28 +577,31 @@ func TestCheckRepair(t *testing.T) {
 	for _, c := range []struct {
 		typ string
 		n   int
-	}{{"raid5_ls", 4}, {"raid6_nc", 5}, {"raid1", 2}} {
-		t.Run(c.typ, func(t *testing.T) {
+		mism string // sectors check finds
+	}{{"raid5_ls", 4, "16"}, {"raid6_nc", 5, "16"}, {"raid1", 2, "16"}, {"raid10/near", 4, "32"}, {"raid10/far", 3, "32"}} {
+		t.Run(strings.ReplaceAll(c.typ, "/", "_"), func(t *testing.T) {
 			const member = 64 << 10
 			set := mappertest.NewSet(member, names(c.n)...)
-			length := uint64(member / 512)
-			if c.typ != "raid1" {
-				length *= uint64(c.n - (&raidType{level: levelOf(c.typ)}).parity())
+			typ, extra, length := modelGeometry(c.typ, c.n, member)
+			syncSectors, name := uint64(member/512), typ
+			if levelOf(typ) == 10 {
+				syncSectors, name = length, strings.TrimSuffix("raid10_"+strings.Split(c.typ, "/")[1], "_near")
 			}
-			a := newArray(t, set, c.n, table(c.typ, c.n, length, 16, "", legs(c.n)))
+			a := newArray(t, set, c.n, table(typ, c.n, length, 16, strings.TrimSpace(extra), legs(c.n)))
 			st := waitIdle(t, a.d) // the initial resync
-			if st != fmt.Sprintf("%s %d %s %d/%d idle 0 0 -", c.typ, c.n, strings.Repeat("A", c.n), member/512, member/512) {
+			if st != fmt.Sprintf("%s %d %s %d/%d idle 0 0 -", name, c.n, strings.Repeat("A", c.n), syncSectors, syncSectors) {
 				t.Errorf("after initial resync: %q", st)
 			}
 			buf := bytes.Repeat([]byte{7}, int(length*512))
 			a.io(mapper.OpWrite, 0, buf)
-			// Corrupt two 4 KiB rows of device 1 (parity or data alike).
+			// Corrupt two 4 KiB rows of device 1 (parity or data alike;
+			// raid10: two chunks of 16 sectors, md's sync request).
 			m1 := set.Get("m1")
 			m1.WriteAt([][]byte{bytes.Repeat([]byte{1}, 10)}, 0)
 			m1.WriteAt([][]byte{bytes.Repeat([]byte{1}, 10)}, 40<<10)
 			a.message("check")
-			if st := waitIdle(t, a.d); strings.Fields(st)[5] != "16" {
-				t.Errorf("check: %q, want 16 mismatched sectors", st)
+			if st := waitIdle(t, a.d); strings.Fields(st)[5] != c.mism {
+				t.Errorf("check: %q, want %s mismatched sectors", st, c.mism)
 			}
 			a.message("repair")
 			waitIdle(t, a.d)
