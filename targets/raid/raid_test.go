@@ -575,10 +575,10 @@ func TestRebuild(t *testing.T) {
 // mismatched sectors in 4 KiB rows and leaves them, repair fixes them.
 func TestCheckRepair(t *testing.T) {
 	for _, c := range []struct {
-		typ string
-		n   int
+		typ  string
+		n    int
 		mism string // sectors check finds
-	}{{"raid5_ls", 4, "16"}, {"raid6_nc", 5, "16"}, {"raid1", 2, "16"}, {"raid10/near", 4, "32"}, {"raid10/far", 3, "32"}} {
+	}{{"raid5_ls", 4, "16"}, {"raid6_nc", 5, "16"}, {"raid1", 2, "128"}, {"raid10/near", 4, "32"}, {"raid10/far", 3, "32"}} {
 		t.Run(strings.ReplaceAll(c.typ, "/", "_"), func(t *testing.T) {
 			const member = 64 << 10
 			set := mappertest.NewSet(member, names(c.n)...)
@@ -595,7 +595,8 @@ func TestCheckRepair(t *testing.T) {
 			buf := bytes.Repeat([]byte{7}, int(length*512))
 			a.io(mapper.OpWrite, 0, buf)
 			// Corrupt two 4 KiB rows of device 1 (parity or data alike;
-			// raid10: two chunks of 16 sectors, md's sync request).
+			// md counts mismatches by 4 KiB row for raid4/5/6, by sync
+			// request for raid1, 64 KiB, and raid10, a 16-sector chunk).
 			m1 := set.Get("m1")
 			m1.WriteAt([][]byte{bytes.Repeat([]byte{1}, 10)}, 0)
 			m1.WriteAt([][]byte{bytes.Repeat([]byte{1}, 10)}, 40<<10)

@@ -16,8 +16,10 @@ import (
 //     bitmap marks dirty;
 //   - recover rebuilds devices not in sync from the others, from
 //     recoveryCP on, then marks them in sync;
-//   - check counts mismatches (in sectors, by 4 KiB rows as md does) and
-//     repair also rewrites the parity (raid1: the other legs).
+//   - check counts mismatches in sectors as md does (raid4/5/6: by 4 KiB
+//     rows; raid1 and raid10: by sync request, 64 KiB or a raid10 chunk,
+//     for each copy that differs) and repair also rewrites the parity
+//     (raid1, raid10: the other copies).
 
 // needsRecovery reports whether a device in service is not in sync.
 func (r *raid) needsRecovery() bool {
@@ -307,13 +309,11 @@ func (r *raid) syncMirrorUnit(action string, u uint64) (uint64, error) {
 				r.fail(i, err)
 				continue
 			}
-			const row = mismatchUnit << mapper.SectorShift
-			for o := 0; o < size; o += row {
-				e := min(o+row, size)
-				if !bytes.Equal(data[o:e], other[o:e]) {
-					mism += mismatchUnit
-					write = action == "repair"
-				}
+			// md's raid1 counts its whole sync request (64 KiB, a unit
+			// here) for each leg that differs.
+			if k := countMismatches(data, other, raid1Unit); k > 0 {
+				mism += k
+				write = action == "repair"
 			}
 		}
 		if write {
