@@ -114,7 +114,7 @@ func metaTable(name string, n int, dir, prefix string, first int) string {
 //     vhostdm's metadata in sync, reads the same bytes and finds no
 //     mismatch.
 func TestKernelMetadata(t *testing.T) {
-	oracle.Modules = append(oracle.Modules, "dm-raid", "raid456", "raid1")
+	oracle.Modules = append(oracle.Modules, "dm-raid", "raid456", "raid1", "raid10")
 	dir := t.TempDir()
 	members := 0
 	for _, a := range metaArrays {
