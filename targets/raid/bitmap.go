@@ -103,10 +103,10 @@ func tableRegion(r *raid) (uint64, error) {
 		region = uint64(r.p.regionSize)
 	}
 	chunk := r.chunk
-	if r.geo == nil {
+	if r.typ.level == 1 {
 		chunk = 1 // raid1 has no chunk: any region size
 	}
-	for region < chunk || (r.devSectors+region-1)/region > 1<<21 {
+	for region < chunk || (r.syncSectors+region-1)/region > 1<<21 {
 		region *= 2
 	}
 	if r.p.regionSize > 0 && region != uint64(r.p.regionSize) {
@@ -164,7 +164,7 @@ func openBitmap(r *raid) (*bitmap, error) {
 			return nil, err
 		}
 		b.fresh = true
-		if err := b.alloc(region, r.devSectors); err != nil {
+		if err := b.alloc(region, r.syncSectors); err != nil {
 			return nil, err
 		}
 		return b, r.checkMetaSize(b)
@@ -206,7 +206,7 @@ func openBitmap(r *raid) (*bitmap, error) {
 	if r.p.regionSize > 0 && uint64(r.p.regionSize) != region {
 		return nil, mapper.Errorf(mapper.ErrInvalid, "region_size %d: the array's bitmap has regions of %d sectors", r.p.regionSize, region)
 	}
-	if err := b.alloc(region, r.devSectors); err != nil {
+	if err := b.alloc(region, r.syncSectors); err != nil {
 		return nil, err
 	}
 	if err := r.checkMetaSize(b); err != nil {
@@ -262,7 +262,10 @@ func openBitmap(r *raid) (*bitmap, error) {
 		if partial {
 			from = 0
 		}
-		from = min(from, r.devSectors) / r.chunk * r.chunk
+		if r.r10 != nil && !partial && from != 0 {
+			from = 0 // a recovery offset in device sectors: recover in full
+		}
+		from = min(from, r.syncSectors) / r.chunk * r.chunk
 		r.recoveryCP.Store(from)
 		b.partial = partial
 	}
@@ -271,7 +274,7 @@ func openBitmap(r *raid) (*bitmap, error) {
 		r.resyncCP = math.MaxUint64
 	case stale:
 		r.resyncCP = 0
-	case fs.arrayResync >= r.devSectors:
+	case fs.arrayResync >= r.syncSectors:
 		r.resyncCP = math.MaxUint64
 	default:
 		r.resyncCP = fs.arrayResync / r.chunk * r.chunk
@@ -282,7 +285,7 @@ func openBitmap(r *raid) (*bitmap, error) {
 // checkSuperblock refuses a superblock that does not describe the array
 // of the table, or that vhostdm cannot take over.
 func (r *raid) checkSuperblock(i int, s *superblock) error {
-	level, layout := mdLevelLayout(r.typ)
+	level, layout := r.mdLevelLayout()
 	stripe := uint32(r.p.chunkGiven)
 	if r.typ.level == 1 {
 		stripe = s.stripe // raid1 has no chunk
@@ -355,7 +358,7 @@ func openLegacy(r *raid, b *bitmap, i int) error {
 	if err != nil {
 		return err
 	}
-	if err := b.alloc(region, r.devSectors); err != nil {
+	if err := b.alloc(region, r.syncSectors); err != nil {
 		return err
 	}
 	if err := r.checkMetaSize(b); err != nil {
@@ -408,6 +411,9 @@ func (b *bitmap) writeLocked(r *raid, sb bool) error {
 				s.position = uint32(i)
 				if !m.inSync.Load() {
 					s.diskRecovery = r.recoveryCP.Load()
+					if r.r10 != nil {
+						s.diskRecovery = 0 // the checkpoint is in array sectors
+					}
 				}
 				s.encode(buf)
 				copy(buf[bitmapSBOffset:], bm)
@@ -438,7 +444,7 @@ func (b *bitmap) writeLocked(r *raid, sb bool) error {
 // superblockTemplate is the superblock of the array's current state, for
 // position 0 and an in-sync device.
 func (r *raid) superblockTemplate(events uint64) superblock {
-	level, layout := mdLevelLayout(r.typ)
+	level, layout := r.mdLevelLayout()
 	s := superblock{
 		numDevices: uint32(len(r.devs)), events: events,
 		diskRecovery: maxSector, arrayResync: maxSector,
@@ -446,7 +452,7 @@ func (r *raid) superblockTemplate(events uint64) superblock {
 		reshapePos:   maxSector,
 		arraySectors: r.length, sectors: r.devSectors,
 	}
-	if cp := r.resyncMark.Load(); cp < r.devSectors {
+	if cp := r.resyncMark.Load(); cp < r.syncSectors {
 		s.arrayResync = cp
 	}
 	s.newLevel, s.newLayout, s.newStripe = s.level, s.layout, s.stripe
@@ -464,7 +470,7 @@ func (b *bitmap) encodeBitmapLocked(r *raid) []byte {
 	buf := make([]byte, roundSector(bitmapSBSize+len(b.bits)))
 	s := bitmapSuper{
 		version: bitmapVersion, events: b.events, eventsCleared: b.eventsCleared,
-		syncSz: r.devSectors, chunkBytes: uint32(b.region * mapper.SectorSize),
+		syncSz: r.syncSectors, chunkBytes: uint32(b.region * mapper.SectorSize),
 		daemonSleep: uint32(max(1, b.sleep/time.Second)),
 	}
 	if r.p.maxWriteBehind > 0 {

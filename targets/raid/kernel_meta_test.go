@@ -3,6 +3,7 @@ package raid
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -20,13 +21,12 @@ import (
 // of metaSectors and a data device of dataSectors, side by side on one
 // disk; region_size 256 gives 8 bitmap regions per device.
 const (
-	metaSectors   = 128
-	dataSectors   = 2048
-	memberStride  = metaSectors + dataSectors
-	metaRegion    = 256
-	failedLeg     = 1
-	untouchedRgn  = 7
-	regionsPerDev = dataSectors / metaRegion
+	metaSectors  = 128
+	dataSectors  = 2048
+	memberStride = metaSectors + dataSectors
+	metaRegion   = 256
+	failedLeg    = 1
+	untouchedRgn = 7
 )
 
 // metaArrays are the arrays of the interop test; the raid1 has a
@@ -34,7 +34,7 @@ const (
 var metaArrays = []struct {
 	name string
 	n    int
-}{{"raid1", 2}, {"raid5_ls", 3}, {"raid6_zr", 5}}
+}{{"raid1", 2}, {"raid5_ls", 3}, {"raid6_zr", 5}, {"raid10", 4}}
 
 // vDegraded is the array vhostdm runs degraded before the kernel loads it:
 // leg failedLeg fails and region vDirty is written without it.
@@ -51,10 +51,22 @@ func metaData(name string, n int) int {
 	switch {
 	case name == "raid1":
 		return 1
+	case name == "raid10":
+		return n / 2 // two copies
 	case strings.HasPrefix(name, "raid6"):
 		return n - 2
 	}
 	return n - 1
+}
+
+// metaSync is the extent of the array's sync actions and bitmap: the
+// device size, or for raid10 the array's length (md's raid10 syncs and
+// marks its bitmap by array sector).
+func metaSync(name string, n int) int {
+	if name == "raid10" {
+		return metaData(name, n) * dataSectors
+	}
+	return dataSectors
 }
 
 // metaTable is the dm-raid table with metadata devices over members
@@ -79,8 +91,9 @@ func metaTable(name string, n int, dir, prefix string, first int) string {
 // TestKernelMetadata proves that arrays with metadata devices move
 // between vhostdm and Linux 6.1's dm-raid both ways, judged by the kernel:
 //
-//   - V (vhostdm to kernel): vhostdm creates raid1, raid5_ls and raid6_zr
-//     arrays with metadata devices, resyncs and writes them, and removes
+//   - V (vhostdm to kernel): vhostdm creates raid1, raid5_ls, raid6_zr and
+//     raid10 (near, whose bitmap counts array sectors) arrays with
+//     metadata devices, resyncs and writes them, and removes
 //     them. The kernel accepts the superblocks and bitmaps and reports the
 //     arrays in sync at once (every device 'A', the sync ratio complete,
 //     idle: no resync), reads the same bytes, and its check finds no
@@ -101,7 +114,7 @@ func metaTable(name string, n int, dir, prefix string, first int) string {
 //     vhostdm's metadata in sync, reads the same bytes and finds no
 //     mismatch.
 func TestKernelMetadata(t *testing.T) {
-	oracle.Modules = append(oracle.Modules, "dm-raid", "raid456", "raid1")
+	oracle.Modules = append(oracle.Modules, "dm-raid", "raid456", "raid1", "raid10")
 	dir := t.TempDir()
 	members := 0
 	for _, a := range metaArrays {
@@ -248,7 +261,7 @@ func TestKernelMetadata(t *testing.T) {
 	// V: the kernel takes vhostdm's arrays as they are.
 	for _, a := range metaArrays {
 		health := strings.Repeat("A", a.n)
-		want := fmt.Sprintf("0 %d raid %s %d %s %d/%d idle 0 0 -", metaData(a.name, a.n)*dataSectors, a.name, a.n, health, dataSectors, dataSectors)
+		want := fmt.Sprintf("0 %d raid %s %d %s %d/%d idle 0 0 -", metaData(a.name, a.n)*dataSectors, a.name, a.n, health, metaSync(a.name, a.n), metaSync(a.name, a.n))
 		if k := got["VSTATUS "+a.name]; a.name != vDegraded && k != want && k+" -" != want {
 			t.Errorf("V %s: kernel status at load %q, want %q (in sync, no resync)", a.name, k, want)
 		}
@@ -264,12 +277,18 @@ func TestKernelMetadata(t *testing.T) {
 	}
 
 	// K: the kernel recorded the failure and the degraded writes.
-	wantBits := byte(0)
-	for _, rg := range degradedRegions {
-		wantBits |= 1 << rg
-	}
 	saved := map[string][]byte{}
 	for _, a := range metaArrays {
+		// The kernel wrote device region rg, array sectors from
+		// rg*metaRegion*data: for raid10 (a bitmap of array sectors)
+		// region rg*data.
+		wantBits := uint64(0)
+		for _, rg := range degradedRegions {
+			if a.name == "raid10" {
+				rg *= metaData(a.name, a.n)
+			}
+			wantBits |= 1 << rg
+		}
 		f := strings.Fields(got["KSTATUS "+a.name])
 		if len(f) < 6 || len(f[5]) <= failedLeg || f[5][failedLeg] != 'D' {
 			t.Fatalf("K %s: kernel status after the leg failed: %q, want leg %d 'D'", a.name, got["KSTATUS "+a.name], failedLeg)
@@ -296,7 +315,7 @@ func TestKernelMetadata(t *testing.T) {
 			t.Errorf("K %s: vhostdm status at load %v: want leg %d recovering ('a', action recover)", a.name, f, failedLeg)
 		}
 		st := waitSettled(t, d)
-		if f := strings.Fields(st); f[2] != strings.Repeat("A", a.n) || f[3] != fmt.Sprintf("%d/%d", dataSectors, dataSectors) {
+		if f := strings.Fields(st); f[2] != strings.Repeat("A", a.n) || f[3] != fmt.Sprintf("%d/%d", metaSync(a.name, a.n), metaSync(a.name, a.n)) {
 			t.Errorf("K %s: vhostdm status after recovery %q", a.name, st)
 		}
 		if !bytes.Equal(regionBytes(t, disk["k"], firsts[a.name]+failedLeg, untouchedRgn), bytes.Repeat([]byte{0xEE}, metaRegion*512)) {
@@ -315,7 +334,7 @@ func TestKernelMetadata(t *testing.T) {
 		// metadata and reads what the kernel read degraded.
 		writeRegion(t, disk["k"], firsts[a.name]+failedLeg, untouchedRgn, saved[a.name])
 		d = create(t, m, "rk_"+a.name, tbl)
-		if st := d.Status(mapper.StatusInfo, false)[0].Params; st != fmt.Sprintf("%s %d %s %d/%d idle 0 0 -", a.name, a.n, strings.Repeat("A", a.n), dataSectors, dataSectors) {
+		if st := d.Status(mapper.StatusInfo, false)[0].Params; st != fmt.Sprintf("%s %d %s %d/%d idle 0 0 -", a.name, a.n, strings.Repeat("A", a.n), metaSync(a.name, a.n), metaSync(a.name, a.n)) {
 			t.Errorf("K %s: vhostdm status at reload %q, want in sync and idle", a.name, st)
 		}
 		if h := md5Of(t, d); h != got["KMD5 "+a.name] {
@@ -355,7 +374,7 @@ func TestKernelMetadata(t *testing.T) {
 	got2 := parseGuest(t, runGuest(t, sc.String(), []string{disk["k"]}))
 	for _, a := range metaArrays {
 		health := strings.Repeat("A", a.n)
-		want := fmt.Sprintf("0 %d raid %s %d %s %d/%d idle 0 0 -", metaData(a.name, a.n)*dataSectors, a.name, a.n, health, dataSectors, dataSectors)
+		want := fmt.Sprintf("0 %d raid %s %d %s %d/%d idle 0 0 -", metaData(a.name, a.n)*dataSectors, a.name, a.n, health, metaSync(a.name, a.n), metaSync(a.name, a.n))
 		if k := got2["KSTATUS2 "+a.name]; k != want && k+" -" != want {
 			t.Errorf("K %s: kernel status at load after vhostdm's recovery %q, want %q", a.name, k, want)
 		}
@@ -372,7 +391,7 @@ func TestKernelMetadata(t *testing.T) {
 // waits until no array resyncs or checks; waitclean waits until the
 // bitmaps of the given metadata devices have no bit set.
 const metaGuestHelpers = `waitidle() { for i in $(seq 1 600); do busy=0; for d in $(dmsetup ls | grep -o '^r[kv]_[a-z0-9_]*'); do case "$(dmsetup status $d)" in *" idle "*) ;; *) busy=1;; esac; done; [ $busy = 0 ] && return; sleep 0.2; done; echo WAITIDLE TIMEOUT; }
-waitclean() { for i in $(seq 1 200); do echo 3 > /proc/sys/vm/drop_caches; dirty=0; for m in "$@"; do b=$(dd if=/dev/mapper/$m bs=1 skip=4352 count=1 2>/dev/null | od -An -tu1 | tr -d ' '); [ "$b" = 0 ] || dirty=1; done; [ $dirty = 0 ] && return; sleep 0.5; done; echo WAITCLEAN TIMEOUT; }
+waitclean() { for i in $(seq 1 200); do echo 3 > /proc/sys/vm/drop_caches; dirty=0; for m in "$@"; do b=$(dd if=/dev/mapper/$m bs=1 skip=4352 count=8 2>/dev/null | od -An -tu1); case "$b" in *[1-9]*) dirty=1;; esac; done; [ $dirty = 0 ] && return; sleep 0.5; done; echo WAITCLEAN TIMEOUT; }
 `
 
 // waitSettled waits until the array is idle twice 50 ms apart (a recovery
@@ -422,15 +441,15 @@ func parseGuest(t *testing.T, out string) map[string]string {
 }
 
 // readMeta decodes the metadata device of member j of the image at path:
-// its superblock, bitmap superblock and first byte of bits.
-func readMeta(t *testing.T, path string, j int) (*superblock, *bitmapSuper, byte) {
+// its superblock, bitmap superblock and first 64 bits.
+func readMeta(t *testing.T, path string, j int) (*superblock, *bitmapSuper, uint64) {
 	t.Helper()
 	f, err := os.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	buf := make([]byte, bitsOffset+1)
+	buf := make([]byte, bitsOffset+8)
 	if _, err := f.ReadAt(buf, int64(j*memberStride*512)); err != nil {
 		t.Fatal(err)
 	}
@@ -442,7 +461,7 @@ func readMeta(t *testing.T, path string, j int) (*superblock, *bitmapSuper, byte
 	if bs, ok := decodeBitmapSuper(buf[bitmapSBOffset:]); ok {
 		bsp = &bs
 	}
-	return sbp, bsp, buf[bitsOffset] & (1<<regionsPerDev - 1)
+	return sbp, bsp, binary.LittleEndian.Uint64(buf[bitsOffset:])
 }
 
 func regionOffset(j, region int) int64 {

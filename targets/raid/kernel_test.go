@@ -37,13 +37,29 @@ var kernelLayouts = []struct {
 }
 
 // degradedArrays are arrays vhostdm writes whole and the kernel reads with
-// the listed devices missing ("- -").
+// the listed devices missing ("- -"): every type, with as many devices
+// missing as it survives, data, P and Q devices among them.
 var degradedArrays = []struct {
 	name    string
 	n       int
 	missing []int
 }{
-	{"raid5_ls", 4, []int{1}}, {"raid6_zr", 5, []int{0, 3}}, {"raid6_la_6", 5, []int{2, 4}}, {"raid1", 2, []int{0}},
+	{"raid1", 2, []int{0}}, {"raid4", 4, []int{0}}, {"raid5_la", 4, []int{0}}, {"raid5_ra", 4, []int{3}},
+	{"raid5_ls", 4, []int{1}}, {"raid5_rs", 4, []int{2}}, {"raid5_n", 4, []int{3}},
+	{"raid6_zr", 5, []int{0, 3}}, {"raid6_nr", 5, []int{1, 2}}, {"raid6_nc", 5, []int{3, 4}},
+	{"raid6_n_6", 5, []int{3, 4}}, {"raid6_la_6", 5, []int{2, 4}}, {"raid6_ra_6", 5, []int{0, 1}},
+	{"raid6_ls_6", 5, []int{1, 4}}, {"raid6_rs_6", 5, []int{2, 3}},
+}
+
+// kernelMissing are the devices the B arrays (written by the kernel) miss
+// when vhostdm reads them degraded.
+func kernelMissing(name string) []int {
+	for _, l := range degradedArrays {
+		if l.name == name {
+			return l.missing
+		}
+	}
+	return nil
 }
 
 func arrayLength(name string, n int) uint64 {
@@ -95,10 +111,12 @@ func contains(s []int, v int) bool {
 //   - B: the kernel writes every array type over zeroed members; vhostdm
 //     reads the same bytes, an independent model finds every P and Q
 //     byte where md's formulas put it, and vhostdm's check finds 0.
-//   - D: arrays vhostdm wrote are read by the kernel with one (raid5) or
-//     two (raid6) devices missing: the kernel reconstructs from our
-//     parity; vhostdm reads the same arrays degraded too. The status lines
-//     of both are compared.
+//   - D: arrays of every type vhostdm wrote are read by the kernel with
+//     one (raid1/4/5) or two (raid6) devices missing: the kernel
+//     reconstructs from our parity; vhostdm reads the same arrays
+//     degraded too. The status lines of both are compared. The other way,
+//     vhostdm reads every array the kernel wrote (B) with the same devices
+//     missing: it reconstructs from the kernel's parity.
 func TestKernelCompat(t *testing.T) {
 	oracle.Modules = append(oracle.Modules, "dm-raid", "raid456", "raid1")
 	dir := t.TempDir()
@@ -309,6 +327,14 @@ func TestKernelCompat(t *testing.T) {
 		st := waitIdle(t, d)
 		if f := strings.Fields(st); f[5] != "0" {
 			t.Errorf("B %s: vhostdm's check of the kernel's parity: %q", l.name, st)
+		}
+		if err := m.Remove(d.Name(), false); err != nil {
+			t.Fatal(err)
+		}
+		miss := kernelMissing(l.name)
+		d = create(t, m, "rb_"+l.name, kernelTable(l.name, l.n, "b", first, miss))
+		if h := md5Of(t, d); h != got["BMD5 "+l.name] {
+			t.Errorf("B %s missing %v: vhostdm reads md5 %s degraded, kernel wrote %q", l.name, miss, h, got["BMD5 "+l.name])
 		}
 		first += l.n
 	}

@@ -25,7 +25,7 @@ const (
 // raidType is one of dm-raid's <raid_type> names.
 type raidType struct {
 	name    string
-	level   int // 1, 4, 5 or 6
+	level   int // 0, 1, 4, 5, 6 or 10
 	alg     algorithm
 	minDevs int
 }
@@ -43,9 +43,16 @@ func (t *raidType) parity() int {
 
 // raidTypes are the types vhostdm implements, with dm-raid 1.15's
 // mapping to md levels and layouts (drivers/md/dm-raid.c raid_types).
-// raid4 is md's PARITY_0: parity on the first device.
+// raid4 is md's PARITY_0: parity on the first device. The four raid10
+// names are one type: as in dm-raid, raid10_format alone chooses the
+// layout (near when not given), whatever the name.
 var raidTypes = []raidType{
+	{"raid0", 0, 0, 2},
 	{"raid1", 1, 0, 2},
+	{"raid10", 10, 0, 2},
+	{"raid10_near", 10, 0, 2},
+	{"raid10_far", 10, 0, 2},
+	{"raid10_offset", 10, 0, 2},
 	{"raid4", 4, algParity0, 2},
 	{"raid5_n", 5, algParityN, 2},
 	{"raid5_la", 5, algLeftAsymmetric, 2},
@@ -68,7 +75,7 @@ func lookupType(name string) (*raidType, error) {
 			return &raidTypes[i], nil
 		}
 	}
-	return nil, fmt.Errorf("raid type %q: unknown (raid1, raid4, raid5_{n,la,ra,ls,rs}, raid6_{zr,nr,nc,n_6,la_6,ra_6,ls_6,rs_6})", name)
+	return nil, fmt.Errorf("raid type %q: unknown (raid0, raid1, raid10, raid10_{near,far,offset}, raid4, raid5_{n,la,ra,ls,rs}, raid6_{zr,nr,nc,n_6,la_6,ra_6,ls_6,rs_6})", name)
 }
 
 // stripeMap says where the chunks of one stripe (one chunk-row across the

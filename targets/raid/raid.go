@@ -1,7 +1,8 @@
 // Package raid holds the raid target (the kernel's dm-raid, drivers/md/dm-raid.c
-// 1.15 over md's raid1 and raid456 personalities, kernel 6.1), with md's
-// exact data and parity layouts so that arrays move between vhostdm and the
-// kernel: raid1, raid4, raid5 in all five layouts and raid6 in all eight.
+// 1.15 over md's raid0, raid1, raid10 and raid456 personalities, kernel
+// 6.1), with md's exact data and parity layouts so that arrays move between
+// vhostdm and the kernel: raid0, raid1, raid10 near, far and offset, raid4,
+// raid5 in all five layouts and raid6 in all eight.
 //
 //	import _ "github.com/vhostdm/vhostdm/targets/raid"
 //
@@ -32,17 +33,37 @@ import (
 	"github.com/vhostdm/vhostdm/mapper"
 )
 
-// raid is a RAID-1/4/5/6 array over member devices.
+// raid is a RAID-0/1/10/4/5/6 array over member devices.
 //
 //	raid <raid_type> <#raid_params> <chunk_size> [sync|nosync] [rebuild <idx>]...
 //	     [daemon_sleep <ms>] [min_recovery_rate <kB/s>] [max_recovery_rate <kB/s>]
 //	     [write_mostly <idx>]... [max_write_behind <sectors>] [stripe_cache <stripes>]
-//	     [region_size <sectors>] <#raid_devs> {<meta_dev|-> <data_dev|->}{#raid_devs}
+//	     [region_size <sectors>] [raid10_copies <n>] [raid10_format near|far|offset]
+//	     <#raid_devs> {<meta_dev|-> <data_dev|->}{#raid_devs}
 //
-// raid_type is raid1, raid4 (parity on the first device: md's PARITY_0,
-// as kernel 6.1 maps it, not the "last disk" of older documents),
-// raid5_la, raid5_ra, raid5_ls, raid5_rs, raid5_n, raid6_zr, raid6_nr,
-// raid6_nc, raid6_n_6, raid6_la_6, raid6_ra_6, raid6_ls_6 or raid6_rs_6.
+// raid_type is raid0, raid1, raid10 (or raid10_near, raid10_far,
+// raid10_offset: one type, as in dm-raid), raid4 (parity on the first
+// device: md's PARITY_0, as kernel 6.1 maps it, not the "last disk" of
+// older documents), raid5_la, raid5_ra, raid5_ls, raid5_rs, raid5_n,
+// raid6_zr, raid6_nr, raid6_nc, raid6_n_6, raid6_la_6, raid6_ra_6,
+// raid6_ls_6 or raid6_rs_6.
+//
+// raid0 stripes chunks over its devices (md's raid0 with one strip zone);
+// it takes no optional parameter (dm-raid: "Invalid flags combination"),
+// no metadata device and no missing device, and has no sync action. The
+// target length must divide by the devices, and the per-device size by
+// the chunk size.
+//
+// raid10 keeps raid10_copies copies (2 to #raid_devs, default 2) of every
+// chunk in md's layout of raid10_format (default near, whatever the type
+// name says, as dm-raid): see raid10.go. The target length times the
+// copies must divide by the devices; vhostdm also wants the length and
+// the per-device size in whole chunks (far: whole chunk*copies), so that
+// far copies start on a chunk. A chunk is read from one valid copy and
+// written to every copy; the array runs while every chunk has a copy on
+// a device in service. Its sync actions, bitmap and checkpoints count
+// array sectors, as md's raid10 does; INFO names the type by layout
+// (raid10, raid10_far, raid10_offset) and shows in-sync/array sectors.
 // chunk_size is a power of two of at least 8 sectors (raid1 ignores it and
 // TABLE prints 0, as the kernel does). The target length must divide by
 // the number of data devices, and the per-device size (length / data
@@ -133,25 +154,32 @@ type params struct {
 	maxWriteBehind   int64 // -1 when not given
 	stripeCache      int64
 	regionSize       int64
-	count            int // #raid_params including chunk_size
+	copies           int64  // raid10_copies, -1 when not given
+	format           string // raid10_format, "" when not given
+	count            int    // #raid_params including chunk_size
 	chunkGiven       uint64
 }
 
 type raid struct {
 	// Immutable after construction.
 	typ        *raidType
-	geo        *geometry // nil for raid1
+	geo        *geometry // raid4/5/6 only
+	r10        *r10geo   // raid10 only
 	devs       []*member
 	p          params
 	chunk      uint64 // sectors; raid1: raid1Unit
 	devSectors uint64 // used sectors of each device
-	length     uint64
-	event      mapper.EventRaiser
-	log        *slog.Logger
-	bm         *bitmap        // nil without metadata devices
-	cacheSize  int            // stripe cache entries (raid4/5/6), as TABLE reports them
-	cache      *stripeCache   // nil for raid1 (and in tests without a cache)
-	behind     []*behindQueue // write-behind queues by member, nil without write-behind
+	// syncSectors is the extent of the sync actions, the bitmap and the
+	// checkpoints: devSectors, or for raid10 the array's length (md's
+	// raid10 resyncs by array address).
+	syncSectors uint64
+	length      uint64
+	event       mapper.EventRaiser
+	log         *slog.Logger
+	bm          *bitmap        // nil without metadata devices
+	cacheSize   int            // stripe cache entries (raid4/5/6), as TABLE reports them
+	cache       *stripeCache   // nil for raid1 (and in tests without a cache)
+	behind      []*behindQueue // write-behind queues by member, nil without write-behind
 
 	locks [lockCount]sync.Mutex
 
@@ -209,10 +237,33 @@ func newRaid(c *mapper.Ctx, args []string) (mapper.Target, error) {
 	}
 	r := &raid{typ: typ, p: p, length: c.Length, event: c.Event(), log: c.Logger(), action: "idle"}
 	data := int(n) - typ.parity()
-	if typ.level == 1 {
+	switch typ.level {
+	case 1:
 		r.chunk = raid1Unit
 		r.devSectors = c.Length
-	} else {
+	case 10:
+		r.chunk = p.chunkGiven
+		copies, format := 2, "near"
+		if p.copies >= 0 {
+			copies = int(p.copies)
+		}
+		if p.format != "" {
+			format = p.format
+		}
+		if r.devSectors, err = r10Check(c.Length, int(n), copies, format, r.chunk); err != nil {
+			return nil, err
+		}
+		r.r10 = newR10(int(n), copies, format, r.chunk, r.devSectors)
+	case 0:
+		r.chunk = p.chunkGiven
+		if c.Length%n != 0 {
+			return nil, fmt.Errorf("target length %d not divisible by %d devices", c.Length, n)
+		}
+		r.devSectors = c.Length / n
+		if r.devSectors%r.chunk != 0 {
+			return nil, fmt.Errorf("device size %d (target length %d / %d devices) not divisible by chunk size %d", r.devSectors, c.Length, n, r.chunk)
+		}
+	default:
 		r.chunk = p.chunkGiven
 		if c.Length%uint64(data) != 0 {
 			return nil, fmt.Errorf("target length %d not divisible by %d data devices", c.Length, data)
@@ -233,6 +284,10 @@ func newRaid(c *mapper.Ctx, args []string) (mapper.Target, error) {
 			r.cache = newStripeCache(entries, int(n))
 		}
 	}
+	r.syncSectors = r.devSectors
+	if r.r10 != nil {
+		r.syncSectors = c.Length
+	}
 	if r.devSectors > mapper.MaxSector {
 		return nil, fmt.Errorf("target length %d: devices beyond the largest device", c.Length)
 	}
@@ -251,13 +306,23 @@ func newRaid(c *mapper.Ctx, args []string) (mapper.Target, error) {
 		if meta != "-" {
 			metas++
 		}
+		if typ.level == 0 && dev == "-" {
+			return nil, fmt.Errorf("device %d: missing, and raid0 has no redundancy", i)
+		}
+		if typ.level == 0 && meta != "-" {
+			return nil, fmt.Errorf("metadata device %d: vhostdm's raid0 takes no metadata devices", i)
+		}
 		pairs = append(pairs, pair{meta, dev})
 	}
 	redundancy := typ.parity()
 	if typ.level == 1 {
 		redundancy = int(n) - 1
 	}
-	if missing+len(p.rebuild) > redundancy {
+	if r.r10 != nil {
+		if r.r10.lost(func(i int) bool { return pairs[i].dev == "-" || slices.Contains(p.rebuild, i) }) {
+			return nil, fmt.Errorf("%d missing and %d rebuilt devices: every copy of some chunks is among them", missing, len(p.rebuild))
+		}
+	} else if missing+len(p.rebuild) > redundancy {
 		return nil, fmt.Errorf("%d missing and %d rebuilt devices: %s survives %d", missing, len(p.rebuild), typ.name, redundancy)
 	}
 	for i, pr := range pairs {
@@ -276,7 +341,7 @@ func newRaid(c *mapper.Ctx, args []string) (mapper.Target, error) {
 		m.inSync.Store(m.dev != nil && !m.rebuild)
 		r.devs = append(r.devs, m)
 	}
-	if p.nosync {
+	if p.nosync || typ.level == 0 {
 		r.resyncCP = math.MaxUint64
 	}
 	if metas > 0 {
@@ -291,7 +356,7 @@ func newRaid(c *mapper.Ctx, args []string) (mapper.Target, error) {
 
 // parseParams reads <chunk_size> and the optional parameters.
 func parseParams(typ *raidType, args []string) (params, error) {
-	p := params{daemonSleep: -1, minRate: -1, maxRate: -1, maxWriteBehind: -1, stripeCache: -1, regionSize: -1, count: len(args)}
+	p := params{daemonSleep: -1, minRate: -1, maxRate: -1, maxWriteBehind: -1, stripeCache: -1, regionSize: -1, copies: -1, count: len(args)}
 	chunk, err := mapper.ParseUint("chunk size", args[0], 0, 1<<30)
 	if err != nil {
 		return p, err
@@ -306,12 +371,33 @@ func parseParams(typ *raidType, args []string) (params, error) {
 	a := mapper.NewArgs(args[1:])
 	for a.Len() > 0 {
 		key, _ := a.Next("raid parameter")
+		if typ.level == 0 {
+			return p, fmt.Errorf("raid parameter %q: raid0 takes none (dm-raid: Invalid flags combination)", key)
+		}
 		switch key {
 		case "sync", "nosync":
 			if p.sync || p.nosync {
 				return p, fmt.Errorf("raid parameter %q: only one of sync and nosync may be given", key)
 			}
 			p.sync, p.nosync = key == "sync", key == "nosync"
+			continue
+		case "raid10_format":
+			if typ.level != 10 {
+				return p, fmt.Errorf("raid parameter %q: only raid10 has a format (dm-raid: 'raid10_format' is an invalid parameter for this RAID type)", key)
+			}
+			if p.format != "" {
+				return p, fmt.Errorf("raid parameter %q: duplicated", key)
+			}
+			v, err := a.Next("raid10_format")
+			if err != nil {
+				return p, fmt.Errorf("raid parameter %q: missing value", key)
+			}
+			switch v {
+			case "near", "far", "offset":
+				p.format = v
+			default:
+				return p, fmt.Errorf("raid10_format %q: want near, far or offset (dm-raid: Invalid 'raid10_format' value given)", v)
+			}
 			continue
 		}
 		v, err := a.Uint(key, 0, math.MaxInt32)
@@ -358,8 +444,8 @@ func parseParams(typ *raidType, args []string) (params, error) {
 			}
 			p.maxWriteBehind = int64(v)
 		case "stripe_cache":
-			if typ.level == 1 {
-				return p, fmt.Errorf("stripe_cache %d: raid1 has no stripe cache", v)
+			if typ.level == 1 || typ.level == 10 {
+				return p, fmt.Errorf("stripe_cache %d: only raid4/5/6 have a stripe cache", v)
 			}
 			p.stripeCache = int64(v)
 		case "region_size":
@@ -367,6 +453,11 @@ func parseParams(typ *raidType, args []string) (params, error) {
 				return p, fmt.Errorf("region_size %d: must be a power of two of at least 8 sectors", v)
 			}
 			p.regionSize = int64(v)
+		case "raid10_copies":
+			if typ.level != 10 {
+				return p, fmt.Errorf("raid10_copies %d: only raid10 has copies (dm-raid: Invalid flags combination)", v)
+			}
+			p.copies = int64(v)
 		default:
 			return p, fmt.Errorf("raid parameter %q: unknown", key)
 		}
@@ -379,13 +470,13 @@ func parseParams(typ *raidType, args []string) (params, error) {
 	return p, nil
 }
 
-// Map implements mapper.Target.
-// Discards implements mapper.Discarder: raid1 and raid10 pass discards to their legs; parity levels (raid4/5/6), whose parity a discard would leave stale, do not, as the kernel without devices_handle_discard_safely.
+// Discards implements mapper.Discarder: raid0, raid1 and raid10 pass discards to their legs; parity levels (raid4/5/6), whose parity a discard would leave stale, do not, as the kernel without devices_handle_discard_safely.
 func (r *raid) Discards() bool { return r.geo == nil }
 
 // WritesZeroes implements mapper.Discarder.
 func (r *raid) WritesZeroes() bool { return true }
 
+// Map implements mapper.Target.
 func (r *raid) Map(req *mapper.Request) error {
 	r.guestAt.Store(time.Now().UnixNano())
 	var err error
@@ -393,23 +484,30 @@ func (r *raid) Map(req *mapper.Request) error {
 	case mapper.OpFlush:
 		return r.Flush()
 	case mapper.OpRead:
-		if r.geo == nil {
+		switch {
+		case r.typ.level == 0:
+			return r.r0IO(mapper.OpRead, req.Sector, req.Sectors, req.Data)
+		case r.r10 != nil:
+			return r.r10Read(req.Sector, req.Sectors, req.Data)
+		case r.geo == nil:
 			return r.mirrorRead(req.Sector, req.Sectors, req.Data)
 		}
 		return r.stripes(req.Sector, req.Sectors, req.Data, false)
 	case mapper.OpWrite:
-		if r.geo == nil {
-			err = r.mirrorWrite(req.Sector, req.Sectors, req.Data)
-		} else {
-			err = r.stripes(req.Sector, req.Sectors, req.Data, true)
-		}
+		err = r.write(req.Sector, req.Sectors, req.Data)
 	case mapper.OpWriteZeroes:
 		err = r.writeZeroes(req.Sector, req.Sectors)
 	case mapper.OpDiscard:
-		if r.geo != nil {
+		switch {
+		case r.typ.level == 0:
+			err = r.r0IO(mapper.OpDiscard, req.Sector, req.Sectors, nil)
+		case r.r10 != nil:
+			err = r.r10Write(mapper.OpDiscard, req.Sector, req.Sectors, nil)
+		case r.geo != nil:
 			return mapper.Errorf(mapper.ErrUnsupported, "discard: not supported by %s", r.typ.name)
+		default:
+			err = r.mirrorDiscard(req.Sector, req.Sectors)
 		}
-		err = r.mirrorDiscard(req.Sector, req.Sectors)
 	default:
 		return mapper.Errorf(mapper.ErrUnsupported, "%s: not supported", req.Op)
 	}
@@ -419,9 +517,24 @@ func (r *raid) Map(req *mapper.Request) error {
 	return err
 }
 
+// write writes data at array sectors [sector, sector+n).
+func (r *raid) write(sector, n uint64, data [][]byte) error {
+	switch {
+	case r.typ.level == 0:
+		return r.r0IO(mapper.OpWrite, sector, n, data)
+	case r.r10 != nil:
+		return r.r10Write(mapper.OpWrite, sector, n, data)
+	case r.geo == nil:
+		return r.mirrorWrite(sector, n, data)
+	}
+	return r.stripes(sector, n, data, true)
+}
+
 // Flush implements mapper.Flusher: every device in service is flushed.
+// raid0 fails the flush when a device fails it.
 func (r *raid) Flush() error {
 	var wg sync.WaitGroup
+	var r0err atomic.Pointer[error]
 	for i, m := range r.devs {
 		if m.faulty.Load() {
 			continue
@@ -430,11 +543,18 @@ func (r *raid) Flush() error {
 		go func() {
 			defer wg.Done()
 			if err := m.dev.Flush(); err != nil {
+				if r.typ.level == 0 {
+					r0err.Store(&err)
+					return
+				}
 				r.fail(i, err)
 			}
 		}()
 	}
 	wg.Wait()
+	if e := r0err.Load(); e != nil {
+		return mapper.Errorf(mapper.ErrIO, "raid0 flush: %v", *e)
+	}
 	return r.survives()
 }
 
@@ -443,13 +563,7 @@ func (r *raid) writeZeroes(sector, n uint64) error {
 	zero := make([]byte, min(n, 1024)<<mapper.SectorShift)
 	for n > 0 {
 		k := min(n, 1024)
-		var err error
-		if r.geo == nil {
-			err = r.mirrorWrite(sector, k, [][]byte{zero[:k<<mapper.SectorShift]})
-		} else {
-			err = r.stripes(sector, k, [][]byte{zero[:k<<mapper.SectorShift]}, true)
-		}
-		if err != nil {
+		if err := r.write(sector, k, [][]byte{zero[:k<<mapper.SectorShift]}); err != nil {
 			return err
 		}
 		sector, n = sector+k, n-k
@@ -499,8 +613,14 @@ func (r *raid) failed() int {
 
 // survives returns an error if more devices failed than the array survives.
 func (r *raid) survives() error {
+	if r.r10 != nil {
+		if r.r10.lost(func(i int) bool { return r.devs[i].faulty.Load() }) {
+			return mapper.Errorf(mapper.ErrIO, "%d of %d devices failed: every copy of some chunks is lost", r.failed(), len(r.devs))
+		}
+		return nil
+	}
 	red := r.typ.parity()
-	if r.geo == nil {
+	if r.typ.level == 1 {
 		red = len(r.devs) - 1
 	}
 	if f := r.failed(); f > red {
@@ -555,6 +675,10 @@ func (r *raid) Status(kind mapper.StatusKind) string {
 		opt("stripe_cache", int64(r.cacheSize))
 	}
 	opt("region_size", p.regionSize)
+	opt("raid10_copies", p.copies)
+	if p.format != "" {
+		fmt.Fprintf(&b, " raid10_format %s", p.format)
+	}
 	fmt.Fprintf(&b, " %d", len(r.devs))
 	for _, m := range r.devs {
 		fmt.Fprintf(&b, " %s %s", m.metaName, m.name)
@@ -571,12 +695,16 @@ func (r *raid) info() string {
 	case "resync", "recover", "check", "repair":
 		done = r.progress
 	default:
-		done = min(r.resyncCP, r.devSectors)
+		done = min(r.resyncCP, r.syncSectors)
 	}
 	resyncing := action == "resync"
 	r.mu.Unlock()
 	var b strings.Builder
-	fmt.Fprintf(&b, "%s %d ", r.typ.name, len(r.devs))
+	name := r.typ.name
+	if r.r10 != nil {
+		name = r.r10.infoName()
+	}
+	fmt.Fprintf(&b, "%s %d ", name, len(r.devs))
 	for _, m := range r.devs {
 		switch {
 		case m.dev == nil:
@@ -589,12 +717,15 @@ func (r *raid) info() string {
 			b.WriteByte('A')
 		}
 	}
-	fmt.Fprintf(&b, " %d/%d %s %d 0 -", done, r.devSectors, action, mism)
+	fmt.Fprintf(&b, " %d/%d %s %d 0 -", done, r.syncSectors, action, mism)
 	return b.String()
 }
 
 // Message implements mapper.Messenger: dm-raid's sync actions.
 func (r *raid) Message(args []string) (string, error) {
+	if r.typ.level == 0 {
+		return "", mapper.Errorf(mapper.ErrInvalid, "message %q: raid0 has no sync actions", strings.Join(args, " "))
+	}
 	if len(args) != 1 {
 		return "", mapper.Errorf(mapper.ErrInvalid, "message %q: want one of idle, frozen, resync, recover, check, repair", strings.Join(args, " "))
 	}

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -171,7 +172,7 @@ func TestConstructorErrors(t *testing.T) {
 		{"0 3072 raid raid5_ls 5 64 rebuild 1 rebuild 2 " + devs(4), "0 missing and 2 rebuilt devices: raid5_ls survives 1"},
 		{"0 3072 raid raid5_ls 3 64 rebuild 9 " + devs(4), "device index 9: must be below raid device count 4"},
 		{"0 3072 raid raid5_ls 3 64 write_mostly 1 " + devs(4), "write_mostly 1: only raid1"},
-		{"0 1024 raid raid1 3 0 stripe_cache 1 " + devs(2), "stripe_cache 1: raid1 has no stripe cache"},
+		{"0 1024 raid raid1 3 0 stripe_cache 1 " + devs(2), "stripe_cache 1: only raid4/5/6 have a stripe cache"},
 		{"0 3072 raid raid5_ls 3 64 stripe_cache 1 " + devs(4), ""}, // raised to 32, as md does
 		{"0 3072 raid raid5_ls 3 16 stripe_cache 17 " + devs(4), ""},
 		{"0 3072 raid raid5_ls 3 16 stripe_cache 16 " + devs(4), "stripe_cache 16: outside 17..32768"},
@@ -188,6 +189,27 @@ func TestConstructorErrors(t *testing.T) {
 		{"0 3072 raid raid5_ls 3 64 rebuild 1 4 - m0 - - - m2 - m3", "rebuild 1: device 1 is missing"},
 		{"0 3072 raid raid5_ls 1 64 4 - m0 - m1 - m2 - nosuch", "data device 3:"},
 		{"0 12288 raid raid5_ls 1 64 " + devs(4), "too small"},
+		{"0 2048 raid raid0 1 64 " + devs(4), ""},
+		{"0 2048 raid raid0 2 64 nosync " + devs(4), `raid parameter "nosync": raid0 takes none`},
+		{"0 2048 raid raid0 1 64 4 - m0 - - - m2 - m3", "device 1: missing, and raid0 has no redundancy"},
+		{"0 2050 raid raid0 1 64 " + devs(4), "target length 2050 not divisible by 4 devices"},
+		{"0 2048 raid raid0 1 64 4 m1 m0 - m1 - m2 - m3", "vhostdm's raid0 takes no metadata devices"},
+		{"0 2048 raid raid10 1 64 " + devs(4), ""},
+		{"0 1536 raid raid10 3 64 raid10_copies 3 " + devs(4), ""},
+		{"0 2048 raid raid10 3 64 raid10_copies 5 " + devs(4), "raid10_copies 5: must be 2..4"},
+		{"0 2048 raid raid10 3 64 raid10_copies 1 " + devs(4), "raid10_copies 1: must be 2..4"},
+		{"0 2048 raid raid10 3 64 raid10_format diagonal " + devs(4), `raid10_format "diagonal": want near, far or offset`},
+		{"0 2048 raid raid5_ls 3 64 raid10_format far " + devs(4), "only raid10 has a format"},
+		{"0 2048 raid raid5_ls 3 64 raid10_copies 2 " + devs(4), "raid10_copies 2: only raid10 has copies"},
+		{"0 2048 raid raid10 3 64 stripe_cache 256 " + devs(4), "only raid4/5/6 have a stripe cache"},
+		{"0 2048 raid raid10 3 64 write_mostly 1 " + devs(4), "write_mostly 1: only raid1"},
+		{"0 2049 raid raid10 1 64 " + devs(4), "target length 2049 times 2 copies not divisible by 4 devices"},
+		{"0 2688 raid raid10_far 3 64 raid10_format far " + devs(4), "must be a multiple of chunk size 64, and the device size of 128"},
+		{"0 2048 raid raid10 1 64 4 - - - - - m2 - m3", "2 missing and 0 rebuilt devices: every copy of some chunks is among them"},
+		{"0 2048 raid raid10 1 64 4 - - - m1 - - - m3", ""}, // one copy of each pair
+		{"0 2048 raid raid10 3 64 raid10_format far 4 - - - - - m2 - m3", "every copy of some chunks"},
+		{"0 2048 raid raid10 3 64 raid10_format offset 4 - m0 - m1 - - - -", "every copy of some chunks"},
+		{"0 2048 raid raid10 3 64 raid10_format far 4 - - - m1 - m2 - -", ""},
 	} {
 		set := mappertest.NewSet(1<<20, "m0", "m1", "m2", "m3")
 		m := mapper.NewManager(mapper.ManagerOptions{Open: set.Open, Logger: slog.New(slog.DiscardHandler)})
@@ -207,12 +229,19 @@ func TestConformance(t *testing.T) {
 		name, typ string
 		n         int
 		data      int
-	}{{"raid1", "raid1", 2, 1}, {"raid5_ls", "raid5_ls", 4, 3}, {"raid6_nc", "raid6_nc", 5, 3}} {
+		params    string
+	}{
+		{"raid1", "raid1", 2, 1, "2 16 nosync"}, {"raid5_ls", "raid5_ls", 4, 3, "2 16 nosync"}, {"raid6_nc", "raid6_nc", 5, 3, "2 16 nosync"},
+		{"raid0", "raid0", 3, 3, "1 16"},
+		{"raid10_near", "raid10", 4, 2, "2 16 nosync"},
+		{"raid10_far", "raid10", 4, 2, "4 16 nosync raid10_format far"},
+		{"raid10_offset", "raid10_offset", 4, 2, "4 16 nosync raid10_format offset"},
+	} {
 		mappertest.RunTarget(t, c.name, mappertest.TargetCase{
 			Backends: c.n, BackendBytes: 256 << 10, Stores: true, ZeroesOnDiscard: c.typ == "raid1",
 			Table: func(b []string) string {
 				var s strings.Builder
-				fmt.Fprintf(&s, "0 %d raid %s 2 16 nosync %d", 512*c.data, c.typ, c.n)
+				fmt.Fprintf(&s, "0 %d raid %s %s %d", 512*c.data, c.typ, c.params, c.n)
 				for _, d := range b {
 					s.WriteString(" - " + d)
 				}
@@ -334,18 +363,21 @@ func testDegradedModel(t *testing.T, cacheParams string) {
 		{"raid6_ls_6", 5, nil, []int{2, 4}},
 		{"raid6_n_6", 5, []int{4}, []int{3}},
 		{"raid1", 3, []int{1}, []int{0}},
+		{"raid0", 3, nil, nil},
+		{"raid10", 4, []int{0}, []int{3}},
+		{"raid10", 3, nil, []int{1}},
+		{"raid10/far", 5, []int{4}, []int{1}},
+		{"raid10/offset", 4, []int{1}, []int{2}},
+		{"raid10/offset", 3, []int{2}, nil},
+		{"raid10/near/3", 6, []int{0}, []int{1}},
 	} {
-		t.Run(fmt.Sprintf("%s-missing%v-fail%v", c.typ, c.missing, c.failAt), func(t *testing.T) {
+		t.Run(strings.ReplaceAll(fmt.Sprintf("%s-%d-missing%v-fail%v", c.typ, c.n, c.missing, c.failAt), "/", "_"), func(t *testing.T) {
 			seed := uint64(len(c.typ)*100 + c.n)
 			rng := rand.New(rand.NewPCG(seed, 7))
 			set := mappertest.NewSet(member, names(c.n)...)
-			data := c.n - (&raidType{level: levelOf(c.typ)}).parity()
-			length := uint64(data * member / 512)
-			if c.typ == "raid1" {
-				length = member / 512
-			}
+			typ, extra, length := modelGeometry(c.typ, c.n, member)
 			// Fill while healthy, so that the model and parity start equal.
-			healthy := newArray(t, set, c.n, table(c.typ, c.n, length, 16, "nosync", legs(c.n)))
+			healthy := newArray(t, set, c.n, table(typ, c.n, length, 16, strings.TrimSpace(sync0(typ)+extra), legs(c.n)))
 			model := make([]byte, length*512)
 			for i := range model {
 				model[i] = byte(rng.Uint32())
@@ -357,11 +389,11 @@ func testDegradedModel(t *testing.T, cacheParams string) {
 			m := mapper.NewManager(mapper.ManagerOptions{Open: set.Open, Logger: slog.New(slog.DiscardHandler),
 				Events: func(e mapper.Event) { mu.Lock(); events = append(events, e); mu.Unlock() }})
 			defer m.Close()
-			params := "nosync"
-			if c.typ != "raid1" {
+			params := sync0(typ) + extra
+			if l := levelOf(typ); l >= 4 && l <= 6 {
 				params += cacheParams
 			}
-			d, err := m.CreateTable("r", "", false, table(c.typ, c.n, length, 16, params, legs(c.n, c.missing...)))
+			d, err := m.CreateTable("r", "", false, table(typ, c.n, length, 16, strings.TrimSpace(params), legs(c.n, c.missing...)))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -419,6 +451,38 @@ func testDegradedModel(t *testing.T, cacheParams string) {
 	}
 }
 
+// modelGeometry returns for a model test's type, written name[/format[/copies]]
+// (raid10's format and copies), the table's type, its extra parameters and
+// the array length over n members of member bytes.
+func modelGeometry(spec string, n, member int) (typ, extra string, length uint64) {
+	f := strings.Split(spec, "/")
+	typ = f[0]
+	copies := 2
+	if len(f) > 1 {
+		extra += " raid10_format " + f[1]
+	}
+	if len(f) > 2 {
+		copies, _ = strconv.Atoi(f[2])
+		extra += " raid10_copies " + f[2]
+	}
+	switch l := levelOf(typ); l {
+	case 1:
+		return typ, extra, uint64(member / 512)
+	case 10:
+		return typ, extra, uint64(n * member / 512 / copies)
+	default:
+		return typ, extra, uint64((n - (&raidType{level: l}).parity()) * member / 512)
+	}
+}
+
+// sync0 is "nosync" for the types that take it (not raid0).
+func sync0(typ string) string {
+	if typ == "raid0" {
+		return ""
+	}
+	return "nosync"
+}
+
 func levelOf(typ string) int {
 	t, _ := lookupType(typ)
 	return t.level
@@ -434,15 +498,17 @@ func TestRebuild(t *testing.T) {
 		typ     string
 		n       int
 		rebuild []int
-	}{{"raid5_ra", 4, []int{3}}, {"raid6_zr", 5, []int{0, 2}}, {"raid6_rs_6", 5, []int{4}}, {"raid1", 3, []int{2}}, {"raid4", 3, []int{0}}} {
-		t.Run(c.typ, func(t *testing.T) {
+	}{{"raid5_ra", 4, []int{3}}, {"raid6_zr", 5, []int{0, 2}}, {"raid6_rs_6", 5, []int{4}}, {"raid1", 3, []int{2}}, {"raid4", 3, []int{0}},
+		{"raid10", 4, []int{1, 2}}, {"raid10/far", 5, []int{3}}, {"raid10/offset", 3, []int{0}}} {
+		t.Run(strings.ReplaceAll(c.typ, "/", "_"), func(t *testing.T) {
 			rng := rand.New(rand.NewPCG(9, uint64(c.n)))
 			set := mappertest.NewSet(member, names(c.n)...)
-			length := uint64(member / 512)
-			if c.typ != "raid1" {
-				length *= uint64(c.n - (&raidType{level: levelOf(c.typ)}).parity())
+			typ, extra, length := modelGeometry(c.typ, c.n, member)
+			syncSectors := uint64(member / 512)
+			if levelOf(typ) == 10 {
+				syncSectors = length
 			}
-			a := newArray(t, set, c.n, table(c.typ, c.n, length, 16, "nosync", legs(c.n)))
+			a := newArray(t, set, c.n, table(typ, c.n, length, 16, "nosync"+extra, legs(c.n)))
 			data := make([]byte, length*512)
 			for i := range data {
 				data[i] = byte(rng.Uint32())
@@ -454,7 +520,7 @@ func TestRebuild(t *testing.T) {
 				m := set.Get(fmt.Sprintf("m%d", i))
 				m.WriteZeroes(0, member, false)
 			}
-			params := "nosync max_recovery_rate 2048"
+			params := "nosync max_recovery_rate 2048" + extra
 			for _, i := range c.rebuild {
 				params += fmt.Sprintf(" rebuild %d", i)
 			}
@@ -462,7 +528,7 @@ func TestRebuild(t *testing.T) {
 			m := mapper.NewManager(mapper.ManagerOptions{Open: set.Open, Logger: slog.New(slog.DiscardHandler),
 				Events: func(e mapper.Event) { events = append(events, e.Kind) }})
 			defer m.Close()
-			d, err := m.CreateTable("r", "", false, table(c.typ, c.n, length, 16, params, legs(c.n)))
+			d, err := m.CreateTable("r", "", false, table(typ, c.n, length, 16, params, legs(c.n)))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -478,7 +544,11 @@ func TestRebuild(t *testing.T) {
 				t.Fatal("read during rebuild differs")
 			}
 			st = waitIdle(t, d)
-			if want := fmt.Sprintf("%s %d %s %d/%d idle 0 0 -", c.typ, c.n, strings.Repeat("A", c.n), member/512, member/512); st != want {
+			name := typ
+			if f := strings.Split(c.typ, "/"); len(f) > 1 {
+				name = "raid10_" + f[1]
+			}
+			if want := fmt.Sprintf("%s %d %s %d/%d idle 0 0 -", name, c.n, strings.Repeat("A", c.n), syncSectors, syncSectors); st != want {
 				t.Errorf("status after rebuild %q, want %q", st, want)
 			}
 			got := a.members()
@@ -505,30 +575,34 @@ func TestRebuild(t *testing.T) {
 // mismatched sectors in 4 KiB rows and leaves them, repair fixes them.
 func TestCheckRepair(t *testing.T) {
 	for _, c := range []struct {
-		typ string
-		n   int
-	}{{"raid5_ls", 4}, {"raid6_nc", 5}, {"raid1", 2}} {
-		t.Run(c.typ, func(t *testing.T) {
+		typ  string
+		n    int
+		mism string // sectors check finds
+	}{{"raid5_ls", 4, "16"}, {"raid6_nc", 5, "16"}, {"raid1", 2, "128"}, {"raid10/near", 4, "32"}, {"raid10/far", 3, "32"}} {
+		t.Run(strings.ReplaceAll(c.typ, "/", "_"), func(t *testing.T) {
 			const member = 64 << 10
 			set := mappertest.NewSet(member, names(c.n)...)
-			length := uint64(member / 512)
-			if c.typ != "raid1" {
-				length *= uint64(c.n - (&raidType{level: levelOf(c.typ)}).parity())
+			typ, extra, length := modelGeometry(c.typ, c.n, member)
+			syncSectors, name := uint64(member/512), typ
+			if levelOf(typ) == 10 {
+				syncSectors, name = length, strings.TrimSuffix("raid10_"+strings.Split(c.typ, "/")[1], "_near")
 			}
-			a := newArray(t, set, c.n, table(c.typ, c.n, length, 16, "", legs(c.n)))
+			a := newArray(t, set, c.n, table(typ, c.n, length, 16, strings.TrimSpace(extra), legs(c.n)))
 			st := waitIdle(t, a.d) // the initial resync
-			if st != fmt.Sprintf("%s %d %s %d/%d idle 0 0 -", c.typ, c.n, strings.Repeat("A", c.n), member/512, member/512) {
+			if st != fmt.Sprintf("%s %d %s %d/%d idle 0 0 -", name, c.n, strings.Repeat("A", c.n), syncSectors, syncSectors) {
 				t.Errorf("after initial resync: %q", st)
 			}
 			buf := bytes.Repeat([]byte{7}, int(length*512))
 			a.io(mapper.OpWrite, 0, buf)
-			// Corrupt two 4 KiB rows of device 1 (parity or data alike).
+			// Corrupt two 4 KiB rows of device 1 (parity or data alike;
+			// md counts mismatches by 4 KiB row for raid4/5/6, by sync
+			// request for raid1, 64 KiB, and raid10, a 16-sector chunk).
 			m1 := set.Get("m1")
 			m1.WriteAt([][]byte{bytes.Repeat([]byte{1}, 10)}, 0)
 			m1.WriteAt([][]byte{bytes.Repeat([]byte{1}, 10)}, 40<<10)
 			a.message("check")
-			if st := waitIdle(t, a.d); strings.Fields(st)[5] != "16" {
-				t.Errorf("check: %q, want 16 mismatched sectors", st)
+			if st := waitIdle(t, a.d); strings.Fields(st)[5] != c.mism {
+				t.Errorf("check: %q, want %s mismatched sectors", st, c.mism)
 			}
 			a.message("repair")
 			waitIdle(t, a.d)

@@ -186,12 +186,21 @@ func (s *bitmapSuper) encode(b []byte) {
 	le.PutUint32(b[68:], s.nodes)
 }
 
+// mdLevelLayout returns md's level and layout for the array: raid10's
+// layout word from its geometry, the others' from the type.
+func (r *raid) mdLevelLayout() (level, layout uint32) {
+	if r.r10 != nil {
+		return 10, r.r10.mdLayout()
+	}
+	return mdLevelLayout(r.typ)
+}
+
 // mdLevelLayout returns md's level and layout for a raid type, as dm-raid
 // records them: raid4 is level 5 with PARITY_0; md's layout numbers skip
 // 6 and 7 and start the raid6 "_6" layouts at 16.
 func mdLevelLayout(t *raidType) (level, layout uint32) {
-	if t.level == 1 {
-		return 1, 0
+	if t.level == 1 || t.level == 0 {
+		return uint32(t.level), 0
 	}
 	level = uint32(t.level)
 	if t.level == 4 {

@@ -16,8 +16,10 @@ import (
 //     bitmap marks dirty;
 //   - recover rebuilds devices not in sync from the others, from
 //     recoveryCP on, then marks them in sync;
-//   - check counts mismatches (in sectors, by 4 KiB rows as md does) and
-//     repair also rewrites the parity (raid1: the other legs).
+//   - check counts mismatches in sectors as md does (raid4/5/6: by 4 KiB
+//     rows; raid1 and raid10: by sync request, 64 KiB or a raid10 chunk,
+//     for each copy that differs) and repair also rewrites the parity
+//     (raid1, raid10: the other copies).
 
 // needsRecovery reports whether a device in service is not in sync.
 func (r *raid) needsRecovery() bool {
@@ -40,7 +42,7 @@ func (r *raid) startNeeded() {
 	switch {
 	case r.needsRecovery():
 		r.startLocked("recover", r.recoveryCP.Load())
-	case r.resyncCP < r.devSectors:
+	case r.resyncCP < r.syncSectors:
 		r.startLocked("resync", r.resyncCP)
 	case r.bm != nil && r.bm.needsResync():
 		r.startLocked("resync", 0)
@@ -51,7 +53,7 @@ func (r *raid) startNeeded() {
 func (r *raid) startLocked(action string, from uint64) {
 	stop, done := make(chan struct{}), make(chan struct{})
 	r.action, r.progress, r.stop, r.done = action, from, stop, done
-	bitmapOnly := r.bm != nil && (action == "resync" && r.resyncCP >= r.devSectors ||
+	bitmapOnly := r.bm != nil && (action == "resync" && r.resyncCP >= r.syncSectors ||
 		action == "recover" && r.bm.partialRecovery())
 	r.invalidate()
 	go r.run(action, from, bitmapOnly, stop, done)
@@ -79,7 +81,7 @@ func (r *raid) run(action string, from uint64, bitmapOnly bool, stop, done chan 
 	defer r.invalidate()
 	unit := r.chunk
 	th := r.newThrottle()
-	for pos := from; pos < r.devSectors; pos += unit {
+	for pos := from; pos < r.syncSectors; pos += unit {
 		select {
 		case <-stop:
 			return
@@ -96,9 +98,12 @@ func (r *raid) run(action string, from uint64, bitmapOnly bool, stop, done chan 
 		}
 		var mism uint64
 		var err error
-		if r.geo == nil {
+		switch {
+		case r.r10 != nil:
+			mism, err = r.syncR10Unit(action, pos/unit)
+		case r.geo == nil:
 			mism, err = r.syncMirrorUnit(action, pos/unit)
-		} else {
+		default:
 			mism, err = r.syncStripe(action, pos/unit)
 		}
 		if err != nil {
@@ -304,13 +309,11 @@ func (r *raid) syncMirrorUnit(action string, u uint64) (uint64, error) {
 				r.fail(i, err)
 				continue
 			}
-			const row = mismatchUnit << mapper.SectorShift
-			for o := 0; o < size; o += row {
-				e := min(o+row, size)
-				if !bytes.Equal(data[o:e], other[o:e]) {
-					mism += mismatchUnit
-					write = action == "repair"
-				}
+			// md's raid1 counts its whole sync request (64 KiB, a unit
+			// here) for each leg that differs.
+			if k := countMismatches(data, other, raid1Unit); k > 0 {
+				mism += k
+				write = action == "repair"
 			}
 		}
 		if write {
