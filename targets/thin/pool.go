@@ -162,17 +162,17 @@ type pool struct {
 	mu         sync.Mutex // guards everything below
 	committing bool       // a commit's I/O is under way
 	md         *metadata
-	data      mapper.Backend // the live pool table's data device
-	feat      features
-	lowWater  uint64
-	event     mapper.EventRaiser
-	log       *slog.Logger
-	failed    error // metadata failure: the pool is down
-	noSpace   bool  // out_of_data_space
-	lowRaised bool
-	grown     *sync.Cond // broadcast when space may have appeared
-	pending   []uint64   // data blocks freed, to pass discards down
-	metaTotal uint64
+	data       mapper.Backend // the live pool table's data device
+	feat       features
+	lowWater   uint64
+	event      mapper.EventRaiser
+	log        *slog.Logger
+	failed     error // metadata failure: the pool is down
+	noSpace    bool  // out_of_data_space
+	lowRaised  bool
+	grown      *sync.Cond // broadcast when space may have appeared
+	pending    []uint64   // data blocks freed, to pass discards down
+	metaTotal  uint64
 
 	locksMu sync.Mutex
 	locks   map[blockKey]*blockLock
