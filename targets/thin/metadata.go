@@ -146,7 +146,7 @@ func openMetadata(dev mapper.Backend, blockSize uint32, dataBlocks uint64) (*met
 	}
 	metaRoot := pdata.DecodeRoot(sb[offMetaSMRoot:])
 	if metaRoot.NrBlocks > nr {
-		return nil, mapper.Errorf(mapper.ErrCorrupt, "metadata space map of %d blocks on a device of %d", metaRoot.NrBlocks, nr)
+		return nil, fmt.Errorf("metadata device (%d blocks) too small: expected %d", nr, metaRoot.NrBlocks)
 	}
 	bm = pdata.NewBM(dev, metaRoot.NrBlocks)
 	md.bm = bm
@@ -211,11 +211,33 @@ func formatMetadata(bm *pdata.BM, blockSize uint32, dataBlocks uint64) (*metadat
 	return md, nil
 }
 
-// commit writes changed details and the space maps, then the superblock.
+// commit writes changed details and the space maps, then the superblock,
+// at once.
 func (md *metadata) commit() error {
 	if !md.changed {
 		return nil
 	}
+	pc, err := md.prepare()
+	if err != nil {
+		return err
+	}
+	if err := pc.write(); err != nil {
+		return err
+	}
+	pc.landed()
+	return nil
+}
+
+// pendingCommit is a transaction that [metadata.prepare] closed: its
+// blocks and superblock, to write without the pool's lock.
+type pendingCommit struct {
+	c  *pdata.Commit
+	bm *pdata.BM
+	sb []byte
+}
+
+// flushDetails writes the changed device details into the details tree.
+func (md *metadata) flushDetails() error {
 	for id, d := range md.devs {
 		if !d.changed {
 			continue
@@ -231,21 +253,48 @@ func (md *metadata) commit() error {
 		}
 		d.changed = false
 	}
-	metaRoot, dataRoot, err := md.tm.Commit(md.data)
-	if err != nil {
-		return err
+	return nil
+}
+
+// prepare ends the running transaction in memory: changed details go
+// into their tree, the space maps into their blocks, and every changed
+// block and the new superblock into the returned commit. The next
+// transaction starts at once; the caller writes the commit (without the
+// pool's lock) and then calls landed.
+func (md *metadata) prepare() (*pendingCommit, error) {
+	if err := md.flushDetails(); err != nil {
+		return nil, err
 	}
-	if err := md.writeSuperblock(metaRoot, dataRoot); err != nil {
-		return err
+	c, err := md.tm.Prepare(md.data)
+	if err != nil {
+		return nil, err
 	}
 	for _, d := range md.devs {
 		d.touched = false
 	}
 	md.changed = false
-	return nil
+	return &pendingCommit{c: c, bm: md.bm, sb: md.superblock(c.MetaRoot, c.DataRoot)}, nil
 }
 
-func (md *metadata) writeSuperblock(metaRoot, dataRoot pdata.Root) error {
+// write writes the commit's blocks, flushes, then writes the superblock
+// and flushes again: the transaction is committed when it returns nil.
+func (pc *pendingCommit) write() error {
+	if err := pc.c.Write(); err != nil {
+		return err
+	}
+	if err := pc.bm.WriteRaw(0, pdata.KindSuper, pc.sb); err != nil {
+		return err
+	}
+	return pc.bm.Flush()
+}
+
+// landed makes the written blocks clean cache entries and the blocks
+// freed in the transaction reusable. Called with the pool's lock.
+func (pc *pendingCommit) landed() { pc.c.Landed() }
+
+// superblock returns the superblock of the state in memory, with the
+// space maps' roots given.
+func (md *metadata) superblock(metaRoot, dataRoot pdata.Root) []byte {
 	sb := make([]byte, pdata.BlockSize)
 	putU32(sb, offFlags, md.flags)
 	putU64(sb, offMagic, sbMagic)
@@ -260,10 +309,7 @@ func (md *metadata) writeSuperblock(metaRoot, dataRoot pdata.Root) error {
 	putU32(sb, offDataBlkSize, md.blockSize)
 	putU32(sb, offMetaBlkSize, metaBlockSecs)
 	putU64(sb, offMetaNrBlocks, md.metaBlocks)
-	if err := md.bm.WriteRaw(0, pdata.KindSuper, sb); err != nil {
-		return err
-	}
-	return md.bm.Flush()
+	return sb
 }
 
 // errExists and errNoDevice are the kernel's -EEXIST and -ENODATA.
@@ -426,8 +472,9 @@ func (md *metadata) reserveSnap() error {
 	if md.heldRoot != 0 {
 		return mapper.Errorf(mapper.ErrBusy, "pool metadata snapshot already exists: release it before taking another")
 	}
-	md.changed = true
-	if err := md.commit(); err != nil {
+	// The copy names the trees as they are now, details included; the
+	// commit that follows the message writes them.
+	if err := md.flushDetails(); err != nil {
 		return err
 	}
 	b, buf, err := md.tm.NewBlock(pdata.KindSuper)

@@ -155,19 +155,24 @@ type pool struct {
 
 	blockSize uint64 // sectors; immutable
 
-	mu        sync.Mutex // guards everything below
-	md        *metadata
-	data      mapper.Backend // the live pool table's data device
-	feat      features
-	lowWater  uint64
-	event     mapper.EventRaiser
-	log       *slog.Logger
-	failed    error // metadata failure: the pool is down
-	noSpace   bool  // out_of_data_space
-	lowRaised bool
-	grown     *sync.Cond // broadcast when space may have appeared
-	pending   []uint64   // data blocks freed, to pass discards down
-	metaTotal uint64
+	// commitMu serialises commits; taken before mu. A commit holds mu
+	// only to close the transaction and, after its I/O, to land it.
+	commitMu sync.Mutex
+
+	mu         sync.Mutex // guards everything below
+	committing bool       // a commit's I/O is under way
+	md         *metadata
+	data       mapper.Backend // the live pool table's data device
+	feat       features
+	lowWater   uint64
+	event      mapper.EventRaiser
+	log        *slog.Logger
+	failed     error // metadata failure: the pool is down
+	noSpace    bool  // out_of_data_space
+	lowRaised  bool
+	grown      *sync.Cond // broadcast when space may have appeared
+	pending    []uint64   // data blocks freed, to pass discards down
+	metaTotal  uint64
 
 	locksMu sync.Mutex
 	locks   map[blockKey]*blockLock
@@ -285,10 +290,15 @@ func newPool(c *mapper.Ctx, args []string) (mapper.Target, error) {
 		return nil, fmt.Errorf("data block size %d: the pool's is %d, and changing it is not supported", bs, p.blockSize)
 	}
 	p.mu.Lock()
-	n := p.md.data.NrBlocks()
+	n, metaN := p.md.data.NrBlocks(), p.md.tm.SM.NrBlocks()
 	p.mu.Unlock()
 	if nrData < n {
 		return nil, fmt.Errorf("pool target (%d blocks) too small: expected %d", nrData, n)
+	}
+	if size, err := meta.Size(); err != nil {
+		return nil, err
+	} else if metaBlocksOf(size) < metaN {
+		return nil, fmt.Errorf("metadata device (%d blocks) too small: expected %d", metaBlocksOf(size), metaN)
 	}
 	p.refs++
 	t.p = p
@@ -306,13 +316,9 @@ func (p *pool) periodicCommit() {
 		case <-p.stop:
 			return
 		case <-tick.C:
-			p.mu.Lock()
-			if p.failed == nil && p.md.changed {
-				if err := p.commitLocked(); err != nil {
-					p.log.Error("periodic metadata commit failed", "err", err)
-				}
+			if err := p.commit(); err != nil {
+				p.log.Error("periodic metadata commit failed", "err", err)
 			}
-			p.mu.Unlock()
 		}
 	}
 }
@@ -346,30 +352,63 @@ func (p *pool) release() error {
 	close(p.stop)
 	<-p.done
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.failed != nil {
+	failed := p.failed
+	p.mu.Unlock()
+	if failed != nil {
 		return nil
 	}
-	return p.commitLocked()
+	return p.commit()
 }
 
-// commitLocked flushes the data device, then commits the metadata. A
-// failure puts the pool in fail mode: nothing more is written.
-func (p *pool) commitLocked() error {
+// commit commits the metadata if it changed.
+func (p *pool) commit() error {
+	p.commitMu.Lock()
+	defer p.commitMu.Unlock()
+	_, err := p.commitHeld()
+	return err
+}
+
+// commitHeld closes the running transaction under the pool's lock, then,
+// without it, flushes the data device (every write whose mapping the
+// transaction holds has completed) and writes the metadata; guest I/O and
+// the next transaction go on meanwhile. It reports whether there was
+// anything to commit. A failure puts the pool in fail mode: nothing more
+// is written. Called with commitMu.
+func (p *pool) commitHeld() (bool, error) {
+	p.mu.Lock()
 	if p.failed != nil {
-		return p.failed
+		defer p.mu.Unlock()
+		return false, p.failed
 	}
 	if !p.md.changed {
-		return nil
+		p.mu.Unlock()
+		return false, nil
 	}
-	if err := p.data.Flush(); err != nil {
-		return err
-	}
-	if err := p.md.commit(); err != nil {
+	pc, err := p.md.prepare()
+	if err != nil {
+		defer p.mu.Unlock()
 		p.fail(err)
-		return p.failed
+		return true, p.failed
 	}
-	return nil
+	data := p.data
+	p.committing = true
+	p.mu.Unlock()
+	err = data.Flush()
+	if err == nil {
+		err = pc.write()
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.committing = false
+	if err != nil {
+		p.fail(err)
+		return true, p.failed
+	}
+	if p.failed == nil {
+		pc.landed()
+	}
+	p.grown.Broadcast() // blocks freed in the transaction are free now
+	return true, p.failed
 }
 
 func (p *pool) fail(err error) {
@@ -384,22 +423,25 @@ func (p *pool) readOnly() bool {
 	return p.feat.readOnly || p.md.flags&flagNeedsCheck != 0
 }
 
-// flush makes every acknowledged write and mapping durable.
+// flush makes every acknowledged write and mapping durable: it waits for
+// a commit under way, then commits, or flushes the data device when the
+// metadata has not changed.
 func (p *pool) flush() error {
+	p.commitMu.Lock()
+	defer p.commitMu.Unlock()
+	committed, err := p.commitHeld()
+	if committed || err != nil {
+		return err
+	}
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.failed != nil {
-		return p.failed
-	}
-	if !p.md.changed {
-		return p.data.Flush()
-	}
-	return p.commitLocked()
+	data := p.data
+	p.mu.Unlock()
+	return data.Flush()
 }
 
 // alloc reserves a free data block, committing to reclaim blocks freed in
 // this transaction and then, when none is left, failing or waiting for the
-// pool to grow. Called with p.mu held.
+// pool to grow. Called with p.mu held, which it may drop while it waits.
 func (p *pool) alloc() (uint64, error) {
 	var deadline time.Time
 	for {
@@ -418,8 +460,11 @@ func (p *pool) alloc() (uint64, error) {
 		if !errors.Is(err, pdata.ErrNoSpace) {
 			return 0, err
 		}
-		if p.md.changed {
-			if err := p.commitLocked(); err != nil {
+		if p.md.changed || p.committing {
+			p.mu.Unlock()
+			err := p.commit()
+			p.mu.Lock()
+			if err != nil {
 				return 0, err
 			}
 			continue // blocks freed in the transaction are free now
@@ -572,17 +617,33 @@ func (t *poolTarget) Message(args []string) (string, error) {
 		}
 		ids = append(ids, v)
 	}
+	if err := p.change(args[0], ids); err != nil {
+		return "", err
+	}
+	if err := p.commit(); err != nil {
+		return "", err
+	}
+	p.mu.Lock()
+	pend := p.takePending()
+	data := p.data
+	p.mu.Unlock()
+	p.passdown(pend, data)
+	return "", nil
+}
+
+// change applies a message to the metadata in memory.
+func (p *pool) change(msg string, ids []uint64) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.failed != nil {
-		return "", p.failed
+		return p.failed
 	}
 	if p.readOnly() {
-		return "", mapper.Errorf(mapper.ErrInvalid, "%s: pool is read-only", args[0])
+		return mapper.Errorf(mapper.ErrInvalid, "%s: pool is read-only", msg)
 	}
 	md := p.md
 	var err error
-	switch args[0] {
+	switch msg {
 	case "create_thin":
 		err = md.createThin(ids[0])
 	case "create_snap":
@@ -604,31 +665,21 @@ func (t *poolTarget) Message(args []string) (string, error) {
 	case "release_metadata_snap":
 		err = md.releaseSnap()
 	}
-	if err != nil {
-		if errors.Is(err, mapper.ErrCorrupt) {
-			p.fail(err)
-		}
-		return "", err
+	if err != nil && errors.Is(err, mapper.ErrCorrupt) {
+		p.fail(err)
 	}
-	if err := p.commitLocked(); err != nil {
-		return "", err
-	}
-	pend := p.takePending()
-	data := p.data
-	p.mu.Unlock()
-	p.passdown(pend, data)
-	p.mu.Lock()
-	return "", nil
+	return err
 }
 
 // Presuspend commits the metadata.
 func (t *poolTarget) Presuspend(noflush bool) error {
 	t.p.mu.Lock()
-	defer t.p.mu.Unlock()
-	if t.p.failed != nil {
+	failed := t.p.failed
+	t.p.mu.Unlock()
+	if failed != nil {
 		return nil
 	}
-	return t.p.commitLocked()
+	return t.p.commit()
 }
 
 // Resume makes this table's devices and settings the pool's, grows the
@@ -638,19 +689,48 @@ func (t *poolTarget) Resume() error {
 	p.reg.mu.Lock()
 	p.reg.byName[t.device] = p
 	p.reg.mu.Unlock()
+	metaSize, err := t.meta.Size()
+	if err != nil {
+		return err
+	}
+	metaBlocks := metaBlocksOf(metaSize)
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	p.data, p.feat, p.lowWater, p.event = t.data, t.feat, t.lowWater, t.event
 	p.lowRaised = false
+	p.metaTotal = metaBlocks
 	if p.failed != nil {
+		p.mu.Unlock()
 		return nil
 	}
-	if n := t.length / p.blockSize; n > p.md.data.NrBlocks() {
-		p.md.data.Extend(n)
-		p.md.changed = true
-		if err := p.commitLocked(); err != nil {
+	md := p.md
+	grow := t.length/p.blockSize > md.data.NrBlocks()
+	growMeta := metaBlocks > md.tm.SM.NrBlocks()
+	if (grow || growMeta) && md.flags&flagNeedsCheck != 0 {
+		p.log.Error("pool metadata needs checking: not growing the pool until it is repaired")
+		grow, growMeta = false, false
+	}
+	if grow {
+		p.log.Info("growing the data device", "from", md.data.NrBlocks(), "to", t.length/p.blockSize)
+		md.data.Extend(t.length / p.blockSize)
+		md.changed = true
+	}
+	if growMeta {
+		// As the kernel: the metadata space map grows; the superblock's
+		// metadata_nr_blocks keeps the size the pool was formatted with.
+		p.log.Info("growing the metadata device", "from", md.tm.SM.NrBlocks(), "to", metaBlocks)
+		md.bm.Extend(metaBlocks)
+		md.tm.SM.Extend(metaBlocks)
+		md.changed = true
+	}
+	p.mu.Unlock()
+	if grow || growMeta {
+		if err := p.commit(); err != nil {
 			return err
 		}
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if grow {
 		p.noSpace = false
 	}
 	p.grown.Broadcast()

@@ -83,9 +83,17 @@ type BM struct {
 	dev      mapper.Backend
 	nrBlocks uint64
 
-	clean *simplelru.LRU[uint64, []byte]
-	dirty map[uint64]dirtyBlock
-	reads uint64 // blocks read from the device
+	clean    *simplelru.LRU[uint64, []byte]
+	dirty    map[uint64]dirtyBlock
+	inflight map[uint64][]byte // stamped by TakeDirty, being written
+	reads    uint64            // blocks read from the device
+}
+
+// BlockWrite is one stamped block of a transaction being committed: its
+// buffer is immutable until [BM.Landed].
+type BlockWrite struct {
+	B   uint64
+	Buf []byte
 }
 
 // dirtyBlock is a block changed in the running transaction.
@@ -96,7 +104,7 @@ type dirtyBlock struct {
 
 // NewBM returns a block manager over dev holding nrBlocks blocks.
 func NewBM(dev mapper.Backend, nrBlocks uint64) *BM {
-	bm := &BM{dev: dev, nrBlocks: nrBlocks, dirty: map[uint64]dirtyBlock{}}
+	bm := &BM{dev: dev, nrBlocks: nrBlocks, dirty: map[uint64]dirtyBlock{}, inflight: map[uint64][]byte{}}
 	bm.SetCacheBlocks(DefaultCacheBlocks)
 	return bm
 }
@@ -121,12 +129,19 @@ func (bm *BM) CacheStats() (clean, dirty int, reads uint64) {
 // NrBlocks returns the number of blocks of the metadata device.
 func (bm *BM) NrBlocks() uint64 { return bm.nrBlocks }
 
+// Extend grows the blocks the BM serves to nr (a metadata device that
+// grew); it never shrinks.
+func (bm *BM) Extend(nr uint64) { bm.nrBlocks = max(bm.nrBlocks, nr) }
+
 // Read returns block b, checked as kind. The slice is the cached block:
 // callers must not change it unless they own the block in the running
 // transaction (see TM.Shadow).
 func (bm *BM) Read(b uint64, kind Kind) ([]byte, error) {
 	if d, ok := bm.dirty[b]; ok {
 		return d.buf, nil
+	}
+	if buf, ok := bm.inflight[b]; ok {
+		return buf, nil
 	}
 	if buf, ok := bm.clean.Get(b); ok {
 		return buf, nil
@@ -174,19 +189,55 @@ func (bm *BM) Dirty(b uint64, kind Kind) {
 	bm.dirty[b] = dirtyBlock{buf: buf, kind: kind}
 }
 
-// WriteDirty stamps every dirty block with its location and checksum and
-// writes it; the caller flushes the backend.
-func (bm *BM) WriteDirty() error {
+// TakeDirty stamps every dirty block with its location and checksum and
+// hands them over for writing: until [BM.Landed] they stay readable
+// (unchanged: the next transaction shadows them) while
+// [BM.WriteBlocks] writes them without the caller's lock.
+func (bm *BM) TakeDirty() []BlockWrite {
+	w := make([]BlockWrite, 0, len(bm.dirty))
 	for b, d := range bm.dirty {
 		buf := d.buf
 		le.PutUint64(buf[blocknrOffset:], b)
 		le.PutUint32(buf, Checksum(buf, salts[d.kind]))
-		if err := bm.dev.WriteAt([][]byte{buf}, int64(b)*BlockSize); err != nil {
-			return fmt.Errorf("write metadata block %d: %w", b, err)
-		}
-		delete(bm.dirty, b)
-		bm.clean.Add(b, buf)
+		bm.inflight[b] = buf
+		w = append(w, BlockWrite{B: b, Buf: buf})
 	}
+	clear(bm.dirty)
+	return w
+}
+
+// WriteBlocks writes blocks taken by TakeDirty. It touches no state of the
+// BM but its backend, so it runs concurrently with reads and changes of
+// the next transaction; the caller flushes the backend.
+func (bm *BM) WriteBlocks(w []BlockWrite) error {
+	for _, x := range w {
+		if err := bm.dev.WriteAt([][]byte{x.Buf}, int64(x.B)*BlockSize); err != nil {
+			return fmt.Errorf("write metadata block %d: %w", x.B, err)
+		}
+	}
+	return nil
+}
+
+// Landed moves blocks written by WriteBlocks to the clean cache.
+func (bm *BM) Landed(w []BlockWrite) {
+	for _, x := range w {
+		if buf, ok := bm.inflight[x.B]; ok && &buf[0] == &x.Buf[0] {
+			delete(bm.inflight, x.B)
+			if _, ok := bm.dirty[x.B]; !ok {
+				bm.clean.Add(x.B, x.Buf)
+			}
+		}
+	}
+}
+
+// WriteDirty writes every dirty block at once (TakeDirty, WriteBlocks,
+// Landed); the caller flushes the backend.
+func (bm *BM) WriteDirty() error {
+	w := bm.TakeDirty()
+	if err := bm.WriteBlocks(w); err != nil {
+		return err
+	}
+	bm.Landed(w)
 	return nil
 }
 
@@ -195,6 +246,7 @@ func (bm *BM) WriteDirty() error {
 func (bm *BM) Forget() {
 	bm.clean.Purge()
 	clear(bm.dirty)
+	clear(bm.inflight)
 }
 
 // Flush flushes the metadata backend.

@@ -26,14 +26,15 @@ const MaxMetadataBlocks = MaxMetadataBitmaps * EntriesPerBitmap
 // btree for the data space map) and a btree of the counts of 3 and more.
 //
 // A block whose count fell to zero in the running transaction is not
-// handed out again before the commit: the last committed state may still
-// use it.
+// handed out again before the commit has landed: the last committed
+// state may still use it.
 type SpaceMap struct {
 	meta bool
 
 	counts   []uint32
 	used     []uint32            // per bitmap: entries with a nonzero count
 	freed    map[uint64]struct{} // count fell to 0 in this transaction
+	freedOld map[uint64]struct{} // freed in the transaction being committed
 	reserved map[uint64]struct{} // handed out by Reserve, not yet counted
 	dirty    map[uint64]struct{} // bitmaps to rewrite at commit
 	rcDirty  map[uint64]struct{} // blocks whose ref-count tree entry may change
@@ -53,7 +54,7 @@ type SpaceMap struct {
 // NewSpaceMap returns a space map of nr blocks, all free, whose on-disk
 // form is made by the first commit. meta selects the metadata variant.
 func NewSpaceMap(nr uint64, meta bool) *SpaceMap {
-	sm := &SpaceMap{meta: meta, freed: map[uint64]struct{}{}, reserved: map[uint64]struct{}{},
+	sm := &SpaceMap{meta: meta, freed: map[uint64]struct{}{}, freedOld: map[uint64]struct{}{}, reserved: map[uint64]struct{}{},
 		dirty: map[uint64]struct{}{}, rcDirty: map[uint64]struct{}{}}
 	sm.Extend(nr)
 	return sm
@@ -164,6 +165,9 @@ func (sm *SpaceMap) Reserve() (uint64, error) {
 			continue
 		}
 		if _, ok := sm.freed[b]; ok {
+			continue
+		}
+		if _, ok := sm.freedOld[b]; ok {
 			continue
 		}
 		if _, ok := sm.reserved[b]; ok {

@@ -66,44 +66,93 @@ func (tm *TM) Inc(b uint64) error { return tm.SM.Inc(b) }
 // Dec drops a reference to metadata block b.
 func (tm *TM) Dec(b uint64) error { return tm.SM.Dec(b) }
 
-// Commit writes the space maps' on-disk forms (the data space map's and
-// the metadata space map's, which records its own blocks), writes every
-// dirty block and flushes the metadata device. It returns the roots the
-// new superblock must hold; once the caller has written and flushed it,
-// the transaction is committed. Blocks freed before Commit become
-// reusable.
-func (tm *TM) Commit(data *SpaceMap) (metaRoot, dataRoot Root, err error) {
+// Commit is a transaction prepared by [TM.Prepare]: its blocks are
+// stamped and held in memory, and the next transaction may already run
+// (it shadows them, and reuses no block freed in this one until
+// [Commit.Landed]).
+type Commit struct {
+	tm     *TM
+	data   *SpaceMap
+	blocks []BlockWrite
+
+	// MetaRoot and DataRoot are the roots the new superblock must hold.
+	MetaRoot, DataRoot Root
+}
+
+// Prepare writes the space maps' on-disk forms (the data space map's and
+// the metadata space map's, which records its own blocks) into their
+// blocks and takes every dirty block for writing. It changes only memory;
+// the running transaction ends and the next begins. The caller then runs
+// [Commit.Write] (which needs no lock), writes and flushes its superblock
+// holding the roots, and calls [Commit.Landed].
+func (tm *TM) Prepare(data *SpaceMap) (*Commit, error) {
 	if data != nil {
 		if _, err := data.stage(tm); err != nil {
-			return Root{}, Root{}, err
+			return nil, err
 		}
 		if err := data.writeBitmaps(tm); err != nil {
-			return Root{}, Root{}, err
+			return nil, err
 		}
 	}
 	for {
 		progress, err := tm.SM.stage(tm)
 		if err != nil {
-			return Root{}, Root{}, err
+			return nil, err
 		}
 		if !progress {
 			break
 		}
 	}
 	if err := tm.SM.writeBitmaps(tm); err != nil {
-		return Root{}, Root{}, err
+		return nil, err
 	}
-	if err := tm.BM.WriteDirty(); err != nil {
-		return Root{}, Root{}, err
-	}
-	if err := tm.BM.Flush(); err != nil {
-		return Root{}, Root{}, err
-	}
+	c := &Commit{tm: tm, data: data, blocks: tm.BM.TakeDirty(), MetaRoot: tm.SM.Root()}
 	clear(tm.shadows)
-	clear(tm.SM.freed)
-	if data != nil {
-		clear(data.freed)
-		dataRoot = data.Root()
+	for _, sm := range []*SpaceMap{tm.SM, data} {
+		if sm != nil {
+			for b := range sm.freed {
+				sm.freedOld[b] = struct{}{}
+			}
+			clear(sm.freed)
+		}
 	}
-	return tm.SM.Root(), dataRoot, nil
+	if data != nil {
+		c.DataRoot = data.Root()
+	}
+	return c, nil
+}
+
+// Write writes the transaction's blocks and flushes the metadata device.
+// It touches no state of the TM, so the caller runs it without its lock.
+func (c *Commit) Write() error {
+	if err := c.tm.BM.WriteBlocks(c.blocks); err != nil {
+		return err
+	}
+	return c.tm.BM.Flush()
+}
+
+// Landed ends the commit once the superblock is durable: the blocks join
+// the clean cache and blocks freed in the transaction become reusable.
+func (c *Commit) Landed() {
+	c.tm.BM.Landed(c.blocks)
+	for _, sm := range []*SpaceMap{c.tm.SM, c.data} {
+		if sm != nil {
+			clear(sm.freedOld)
+		}
+	}
+}
+
+// Commit prepares, writes and lands the transaction at once (see
+// Prepare); the caller writes its superblock afterwards. Blocks freed
+// before Commit become reusable.
+func (tm *TM) Commit(data *SpaceMap) (metaRoot, dataRoot Root, err error) {
+	c, err := tm.Prepare(data)
+	if err != nil {
+		return Root{}, Root{}, err
+	}
+	if err := c.Write(); err != nil {
+		return Root{}, Root{}, err
+	}
+	c.Landed()
+	return c.MetaRoot, c.DataRoot, nil
 }
