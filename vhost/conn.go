@@ -11,7 +11,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -377,8 +376,7 @@ func (c *conn) teardown() {
 func (c *conn) releaseMemory() {
 	var n uintptr
 	for _, q := range c.dev.queues {
-		n += uintptr(len(q.reqs)) * unsafe.Sizeof(request{})
-		q.reqs = nil
+		n += q.dropRequests()
 	}
 	if n < 4<<20 {
 		return

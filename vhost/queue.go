@@ -102,7 +102,7 @@ func newQueueRuntime(e *Export, log *slog.Logger, h requestHandler) *queueRuntim
 // goroutine pops chains and runs the requests that do not block itself, and
 // hands the others to workers; requests complete out of order, and used-ring
 // updates and notifications are batched. The connection goroutine changes
-// its configuration only through its methods (config.go), while the queue
+// its configuration only through its methods (queueconf.go), while the queue
 // is stopped or paused.
 type queue struct {
 	dev   *queueRuntime

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"unsafe"
 
 	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
 	"github.com/vhostdm/vhostdm/vhost/internal/wire"
@@ -180,6 +181,14 @@ func (q *queue) close() {
 	q.closeKick()
 	q.call.Swap(nil).close()
 	q.errf.Swap(nil).close()
+}
+
+// dropRequests frees the per-head request table of a closed queue and
+// returns its size in bytes.
+func (q *queue) dropRequests() uintptr {
+	n := uintptr(len(q.reqs)) * unsafe.Sizeof(request{})
+	q.reqs = nil
+	return n
 }
 
 // configured reports whether the queue has what it needs to start.
