@@ -492,3 +492,62 @@ func TestReplicatedWriteThroughput(t *testing.T) {
 		}
 	}
 }
+
+// TestRecoverWhileApplierRuns: with the applier running (retain 0) and
+// its replica handles open, a recovery at the newest point is an RBD
+// clone that reads back (through the rbd: backend) what was written,
+// before and after more writes are applied.
+func TestRecoverWhileApplierRuns(t *testing.T) {
+	pool := cluster.CreatePool(t, "rbd")
+	b := openBackend(t, pool)
+	defer b.Close()
+	js := b.Journal("vm1")
+	j, err := journal.Open("vm1", journal.Options{Store: js, ApplyInterval: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	o := ceph.NewOpener(ceph.Config{Conf: cluster.Conf}, nil)
+	defer o.Close()
+	const size = 8 << 20
+	want := make([]byte, size)
+	ctx := context.Background()
+	if _, err := j.Append(ctx, journal.Record{Kind: journal.KindVolume, Volume: "d", Size: size}); err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(3, 4))
+	for round := range 3 {
+		for range 200 {
+			off := int64(rng.IntN(size/4096)) * 4096
+			data := bytes.Repeat([]byte{byte(1 + rng.IntN(255))}, 4096)
+			copy(want[off:], data)
+			if _, err := j.Append(ctx, journal.Record{Kind: journal.KindWrite, Volume: "d", Offset: off, Data: data}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		deadline := time.Now().Add(30 * time.Second)
+		for j.Stats().Applied.Pos < j.Stats().Durable {
+			if time.Now().After(deadline) {
+				t.Fatal("not applied")
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		rv, err := j.Materialize(ctx, journal.Newest(), fmt.Sprint(round))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := readRBD(o, rv.Volumes[0].Path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want) {
+			n := 0
+			for i := range got {
+				if got[i] != want[i] {
+					n++
+				}
+			}
+			t.Fatalf("round %d: recovered clone %s differs from what was written in %d bytes (applied %+v)", round, rv.Volumes[0].Path, n, j.Stats().Applied)
+		}
+	}
+}
