@@ -11,8 +11,8 @@ cd "$(dirname "$0")/.."
 
 # Packages with files behind the ceph build tag (or that link the rbd:
 # backend), and the packages whose tests need the Ceph build.
-CEPH_CHECK=(./ceph/... ./internal/cephtest/... ./cmd/vhostdm/ ./test/e2e/...)
-CEPH_TEST=(./ceph/... ./internal/cephtest/...)
+CEPH_CHECK=(./ceph/... ./internal/cephtest/... ./cmd/vhostdm/ ./test/e2e/... ./repagent/hub/cephstore/ ./cmd/repagent-hub/)
+CEPH_TEST=(./ceph/... ./internal/cephtest/... ./repagent/hub/cephstore/)
 
 echo "== gofmt"
 unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
@@ -37,3 +37,6 @@ echo "== go test -race -tags ceph (the Ceph build, on throwaway clusters)"
 CGO_ENABLED=1 go test -race -timeout 20m -tags ceph "${CEPH_TEST[@]}" "$@"
 # The guest test of the rbd: backend: vhostdm built with -tags ceph.
 CGO_ENABLED=1 go test -race -timeout 20m -tags ceph -run '^TestRBD' ./test/e2e/
+# repagent-hub with --store ceph:POOL: a hub process killed and restarted,
+# recovery as RBD clones served through rbd:.
+CGO_ENABLED=1 go test -race -timeout 20m -tags ceph -run '^TestCeph' ./cmd/repagent-hub/

@@ -1,9 +1,9 @@
 // Command repagent-hub is the replication hub: it accepts vhostdm agents,
 // keeps one recovery volume per protected volume and serves QMP.
 //
-//	repagent-hub serve --listen ADDR --store DIR [--qmp SOCK] [--retain 24h] [--retain-bytes SIZE] [--tls-cert F --tls-key F --tls-ca F (--authorize FILE | --allow-any-identity)] [--insecure]
+//	repagent-hub serve --listen ADDR --store DIR|ceph:POOL [--ceph-conf FILE] [--ceph-id NAME] [--qmp SOCK] [--retain 24h] [--retain-bytes SIZE] [--tls-cert F --tls-key F --tls-ca F (--authorize FILE | --allow-any-identity)] [--insecure]
 //	repagent-hub status --qmp SOCK [--watch]
-//	repagent-hub recover --vm NAME --out DIR (--qmp SOCK | --store DIR) [--at TIME | --seq N | --checkpoint NAME]
+//	repagent-hub recover --vm NAME --out DIR (--qmp SOCK | --store DIR|ceph:POOL) [--at TIME | --seq N | --checkpoint NAME]
 //	repagent-hub promote --vm NAME --out DIR --qmp SOCK [--at TIME | --seq N | --checkpoint NAME]
 //	repagent-hub verify --vm NAME --qmp SOCK [--volume V] [--rate SIZE]
 //	repagent-hub seed --store DIR --vm NAME [--uuid U] --volume NAME=PATH...
@@ -50,6 +50,7 @@ import (
 	"github.com/vhostdm/vhostdm/metrics"
 	"github.com/vhostdm/vhostdm/qmp"
 	"github.com/vhostdm/vhostdm/repagent/hub"
+	"github.com/vhostdm/vhostdm/repagent/hub/cephstore"
 	"github.com/vhostdm/vhostdm/repagent/hub/journal"
 	"github.com/vhostdm/vhostdm/repagent/wire"
 )
@@ -109,7 +110,9 @@ func runServe(args []string, stderr io.Writer) int {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	listen := fs.String("listen", "127.0.0.1:7070", "listen `ADDR` for agents")
-	store := fs.String("store", "", "store `DIR` of recovery volumes and state (required)")
+	store := fs.String("store", "", "store `DIR` of recovery volumes and state, or ceph:POOL (RADOS objects and RBD images; the Ceph build) (required)")
+	var cf cephFlags
+	cf.add(fs)
 	qmpSock := fs.String("qmp", "", "QMP unix socket `PATH`")
 	var tf wire.TLSFiles
 	fs.StringVar(&tf.Cert, "tls-cert", "", "TLS certificate `FILE` (PEM)")
@@ -154,6 +157,18 @@ func runServe(args []string, stderr io.Writer) int {
 	}
 	cfg := hub.Config{Store: *store, Name: *name, Logger: log, AllowAnyIdentity: *anyIdentity,
 		MaxConns: *maxConns, MaxConnsPerPeer: *maxPerPeer, Retain: *retain, RetainBytes: int64(rb), CsumResync: *csumResync}
+	if cephstore.IsStore(*store) {
+		// A hub restarted after a crash waits for its old lease to end.
+		be, err := cf.open(*store, log, true)
+		if err != nil {
+			fmt.Fprintf(stderr, "repagent-hub: --store %s: %v\n", *store, err)
+			return 1
+		}
+		cfg.Store, cfg.Backend = "", be
+	} else if err := cf.unused(); err != nil {
+		fmt.Fprintf(stderr, "repagent-hub: %v\n", err)
+		return 2
+	}
 	if tf.Set() {
 		tc, err := tf.TLSConfig(true)
 		if err != nil {

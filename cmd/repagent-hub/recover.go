@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -14,6 +15,8 @@ import (
 	"time"
 
 	"github.com/vhostdm/vhostdm/config"
+	"github.com/vhostdm/vhostdm/repagent/hub"
+	"github.com/vhostdm/vhostdm/repagent/hub/cephstore"
 	"github.com/vhostdm/vhostdm/repagent/hub/journal"
 	"github.com/vhostdm/vhostdm/repagent/wire"
 )
@@ -98,8 +101,10 @@ func recoverOrPromote(verb string, args []string, stdout, stderr io.Writer) int 
 	sock := fs.String("qmp", "", "the running hub's QMP socket `PATH`")
 	store := new(string)
 	if verb == "recover" {
-		store = fs.String("store", "", "the hub's store `DIR`, opened directly when no hub runs on it")
+		store = fs.String("store", "", "the hub's store `DIR` (or ceph:POOL), opened directly when no hub runs on it")
 	}
+	var cf cephFlags
+	cf.add(fs)
 	at := fs.String("at", "", "the newest consistent point at or before `TIME` (RFC 3339)")
 	seq := fs.String("seq", "", "the consistent point that ends with sequence number `N`")
 	cp := fs.String("checkpoint", "", "the named checkpoint `NAME`")
@@ -109,7 +114,7 @@ func recoverOrPromote(verb string, args []string, stdout, stderr io.Writer) int 
 	}
 	if *vm == "" || *out == "" || (*sock == "") == (*store == "") || fs.NArg() != 0 {
 		if verb == "recover" {
-			fmt.Fprintln(stderr, "usage: repagent-hub recover --vm NAME --out DIR (--qmp SOCK | --store DIR) [--at TIME | --seq N | --checkpoint NAME]")
+			fmt.Fprintln(stderr, "usage: repagent-hub recover --vm NAME --out DIR (--qmp SOCK | --store DIR|ceph:POOL) [--ceph-conf FILE] [--ceph-id NAME] [--at TIME | --seq N | --checkpoint NAME]")
 		} else {
 			fmt.Fprintln(stderr, "usage: repagent-hub promote --vm NAME --out DIR --qmp SOCK [--at TIME | --seq N | --checkpoint NAME]")
 		}
@@ -130,11 +135,11 @@ func recoverOrPromote(verb string, args []string, stdout, stderr io.Writer) int 
 		rec, err = recoverQMP(*sock, "repagent-"+verb, *vm, dir, *at, *seq, *cp)
 		rec.Mode = "qmp"
 	} else {
-		rec, err = recoverOffline(*store, *vm, dir, sel)
+		rec, err = recoverOffline(*store, &cf, *vm, dir, sel)
 		rec.Mode = "offline"
 	}
 	if err == nil {
-		rec.Config, err = writeRecoveredConfig(dir, rec, *protectTo)
+		rec.Config, err = writeRecoveredConfig(dir, rec, *protectTo, cf)
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "repagent-hub: %s: %v\n", verb, err)
@@ -173,16 +178,30 @@ func recoverQMP(sock, command, vm, dir, at, seq, cp string) (Recovered, error) {
 }
 
 // recoverOffline opens the VM's journal in the store directly; the
-// journal's lock refuses it while a hub has it open.
-func recoverOffline(store, vm, dir string, sel journal.Selector) (Recovered, error) {
+// journal's lock refuses it while a hub has it open. A Ceph store's
+// recovered volumes are RBD clones in its pool.
+func recoverOffline(store string, cf *cephFlags, vm, dir string, sel journal.Selector) (Recovered, error) {
 	if wire.CheckName(vm) != nil {
 		return Recovered{}, fmt.Errorf("vm %q: not a valid name", vm)
 	}
-	vmDir := filepath.Join(store, vm)
-	if _, err := os.Stat(filepath.Join(vmDir, "state.json")); err != nil {
+	var be hub.Backend = hub.DirBackend(store)
+	if cephstore.IsStore(store) {
+		var err error
+		if be, err = cf.open(store, nil, false); err != nil {
+			return Recovered{}, err
+		}
+	} else if err := cf.unused(); err != nil {
+		return Recovered{}, err
+	}
+	defer be.Close()
+	js := be.Journal(vm)
+	if st, err := js.GetState(); err != nil || st == nil {
+		if err == nil {
+			err = fs.ErrNotExist
+		}
 		return Recovered{}, fmt.Errorf("vm %q has no journal in %s: %w", vm, store, err)
 	}
-	j, err := journal.Open(vmDir, journal.Options{NoApplier: true})
+	j, err := journal.Open(js.String(), journal.Options{NoApplier: true, Store: js})
 	if errors.Is(err, journal.ErrInUse) {
 		return Recovered{}, fmt.Errorf("a hub has vm %q open: recover through its QMP socket (--qmp): %w", vm, err)
 	}
@@ -195,7 +214,7 @@ func recoverOffline(store, vm, dir string, sel journal.Selector) (Recovered, err
 		return Recovered{}, err
 	}
 	rec := toRecovered(vm, r)
-	if b, err := os.ReadFile(filepath.Join(vmDir, "vm.json")); err == nil {
+	if b, err := be.GetVM(vm); err == nil && b != nil {
 		var meta struct {
 			UUID string `json:"uuid"`
 		}
@@ -212,11 +231,30 @@ func recoverOffline(store, vm, dir string, sel journal.Selector) (Recovered, err
 // checked with the config package before it is kept.
 // With protectTo, the exports are protected to that hub ([repagent] with
 // the VM's name and UUID): the failback to the old source site.
-func writeRecoveredConfig(dir string, rec Recovered, protectTo string) (string, error) {
+func writeRecoveredConfig(dir string, rec Recovered, protectTo string, cf cephFlags) (string, error) {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# vhostdm configuration of vm %q recovered at sequence %d (%s)\n", rec.VM, rec.Seq, rec.Time.Format(time.RFC3339Nano))
 	fmt.Fprintf(&b, "# written by repagent-hub recover; serve with: vhostdm serve -c %s\n\n", filepath.Join(dir, "vm.toml"))
 	fmt.Fprintf(&b, "[qmp]\nsocket = %q\n", filepath.Join(dir, "vhostdm.qmp"))
+	rbd := false
+	for _, v := range rec.Volumes {
+		rbd = rbd || strings.HasPrefix(v.Path, "rbd:")
+	}
+	if rbd {
+		// The volumes are RBD clones in the hub's pool: vhostdm built
+		// with -tags ceph serves them through librbd.
+		b.WriteString("\n# the recovered volumes are RBD clones of snapshots of the replicas\n[ceph]\n")
+		if cf.conf != "" {
+			conf, err := filepath.Abs(cf.conf)
+			if err != nil {
+				return "", err
+			}
+			fmt.Fprintf(&b, "conf = %q\n", conf)
+		}
+		if cf.id != "" {
+			fmt.Fprintf(&b, "id = %q\n", cf.id)
+		}
+	}
 	if protectTo != "" {
 		fmt.Fprintf(&b, "\n# failback: the volumes replicate to the old source site's hub, which\n# resynchronises them by checksums (repagent-hub seed there first)\n")
 		fmt.Fprintf(&b, "[repagent]\nhub = %q\nvm = %q\n", protectTo, rec.VM)
@@ -236,6 +274,9 @@ func writeRecoveredConfig(dir string, rec Recovered, protectTo string) (string, 
 		}
 	}
 	path := filepath.Join(dir, "vm.toml")
+	if err := os.MkdirAll(dir, 0o700); err != nil { // a Ceph store's volumes are not in dir
+		return "", err
+	}
 	if _, err := config.Parse([]byte(b.String()), path, dir); err != nil {
 		return "", fmt.Errorf("the recovered configuration does not validate: %w", err)
 	}

@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/vhostdm/vhostdm/repagent/hub"
+	"github.com/vhostdm/vhostdm/repagent/hub/cephstore"
 )
 
 // volumeFlags collects repeated --volume NAME=PATH flags.
@@ -39,6 +40,10 @@ func runSeed(args []string, stdout, stderr io.Writer) int {
 	if *store == "" || *vm == "" || len(vols) == 0 || fs.NArg() != 0 {
 		fmt.Fprintln(stderr, "usage: repagent-hub seed --store DIR --vm NAME [--uuid U] --volume NAME=PATH...")
 		return 2
+	}
+	if cephstore.IsStore(*store) {
+		fmt.Fprintln(stderr, "repagent-hub: seed: a Ceph store cannot be seeded yet (directory stores only)")
+		return 1
 	}
 	if err := hub.Seed(*store, *vm, *uuid, 0, vols); err != nil {
 		fmt.Fprintf(stderr, "repagent-hub: %v\n", err)

@@ -51,8 +51,12 @@ const (
 
 // Config configures a Hub.
 type Config struct {
-	Store string // directory of recovery volumes and state
-	Name  string // the hub's name in HELLO; default the host name
+	Store string // directory of recovery volumes and state (DirBackend)
+	// Backend, when set, keeps the hub's state, journals and replicas
+	// instead of the directory Store (which is then ignored); the hub
+	// closes it. The Ceph build's backend is one.
+	Backend Backend
+	Name    string // the hub's name in HELLO; default the host name
 	// TLS, when set, wraps every accepted connection (see
 	// wire.TLSFiles.TLSConfig with server true).
 	TLS *tls.Config
@@ -166,6 +170,9 @@ type hubVM struct {
 	// j is the VM's write journal (opened when the hub starts or the VM
 	// first attaches); the replica images are its base images.
 	j *journal.Journal
+	// jBroken: j was closed after a store error and no reopen has
+	// passed its probe yet.
+	jBroken bool
 	// resync: a resync set is open in j (owned by the connection's
 	// engine while connected).
 	resync bool
@@ -206,11 +213,9 @@ func (vm *hubVM) groupInconsistent() bool {
 // hubVolume is one recovery volume. Fields guarded by Hub.mu unless noted.
 type hubVolume struct {
 	// Immutable.
-	vm        *hubVM
-	name      string
-	statePath string
-	imgPath   string
-	log       *slog.Logger
+	vm   *hubVM
+	name string
+	log  *slog.Logger
 
 	file replicaFile // owned by the connection's engine while connected
 	st   volState    // durable state as last saved, updated at checkpoints
@@ -254,8 +259,11 @@ type hubVolume struct {
 
 // New opens (creating if needed) the store and loads its state.
 func New(cfg Config) (*Hub, error) {
-	if cfg.Store == "" {
-		return nil, errors.New("repagent hub: no store directory")
+	if cfg.Backend == nil {
+		if cfg.Store == "" {
+			return nil, errors.New("repagent hub: no store directory")
+		}
+		cfg.Backend = DirBackend(cfg.Store)
 	}
 	if cfg.Name == "" {
 		cfg.Name, _ = os.Hostname()
@@ -308,23 +316,20 @@ func New(cfg Config) (*Hub, error) {
 	if cfg.MaxConnsPerPeer <= 0 {
 		cfg.MaxConnsPerPeer = DefaultMaxConnsPerPeer
 	}
-	if err := os.MkdirAll(cfg.Store, 0o700); err != nil {
-		return nil, fmt.Errorf("repagent hub: %w", err)
-	}
 	var sb [8]byte
 	rand.Read(sb[:])
 	h := &Hub{cfg: cfg, log: cfg.Logger.With("component", "repagent-hub"), session: binary.LittleEndian.Uint64(sb[:]),
 		vms: map[string]*hubVM{}, conns: map[*hubConn]struct{}{}, peers: map[string]int{}, lns: map[net.Listener]struct{}{},
 		events: make(chan Event, 1024), evDone: make(chan struct{})}
 	go h.deliverEvents()
-	listing, err := listStore(cfg.Store)
+	listing, err := cfg.Backend.VMs()
 	if err != nil {
 		h.Close()
 		return nil, fmt.Errorf("repagent hub: %w", err)
 	}
 	for name, vols := range listing {
 		vm := h.vmLocked(name)
-		if b, err := os.ReadFile(filepath.Join(vm.dir, "vm.json")); err == nil {
+		if b, err := cfg.Backend.GetVM(name); err == nil && b != nil {
 			var meta vmMeta
 			if json.Unmarshal(b, &meta) == nil {
 				vm.uuid = meta.UUID
@@ -336,7 +341,7 @@ func New(cfg Config) (*Hub, error) {
 		}
 		for _, vn := range vols {
 			v := h.newVolume(vm, vn)
-			st, err := loadState(v.statePath)
+			st, err := loadState(cfg.Backend, name, vn)
 			if err != nil {
 				h.Close()
 				return nil, fmt.Errorf("repagent hub: %w", err)
@@ -355,27 +360,27 @@ func New(cfg Config) (*Hub, error) {
 			vm.vols[vn] = v
 		}
 	}
-	h.log.Info("store opened", "store", cfg.Store, "vms", len(h.vms))
+	h.log.Info("store opened", "store", cfg.Backend.String(), "vms", len(h.vms))
 	return h, nil
 }
 
 // openJournal opens vm's journal, or reopens it after a sticky store
 // error (the store is tried again); h.mu held or the hub not yet shared.
 func (h *Hub) openJournal(vm *hubVM) error {
-	reopen := false
 	if vm.j != nil {
 		if vm.j.Err() == nil && vm.j.ApplyErr() == nil {
 			return nil
 		}
 		vm.j.Close()
 		vm.j = nil
-		reopen = true
+		vm.jBroken = true
 	}
-	if err := os.MkdirAll(vm.dir, 0o700); err != nil {
-		return err
-	}
+	// A journal closed after a store error is probed at every reopen
+	// until one works (a failed reopen leaves vm.j nil).
+	reopen := vm.jBroken
 	j, err := journal.Open(vm.dir, journal.Options{Retain: h.cfg.Retain, MaxBytes: h.cfg.RetainBytes,
-		ApplyInterval: h.cfg.ApplyInterval, Logger: h.log.With("vm", vm.name), FaultHook: h.cfg.faultHook})
+		ApplyInterval: h.cfg.ApplyInterval, Logger: h.log.With("vm", vm.name), FaultHook: h.cfg.faultHook,
+		Store: h.cfg.Backend.Journal(vm.name)})
 	if err != nil {
 		return err
 	}
@@ -388,6 +393,7 @@ func (h *Hub) openJournal(vm *hubVM) error {
 			return err
 		}
 	}
+	vm.jBroken = false
 	vm.j = j
 	vm.resync = j.InResync()
 	return nil
@@ -398,6 +404,9 @@ func (h *Hub) vmLocked(name string) *hubVM {
 	vm := h.vms[name]
 	if vm == nil {
 		vm = &hubVM{name: name, dir: filepath.Join(h.cfg.Store, name), vols: map[string]*hubVolume{}}
+		if h.cfg.Store == "" {
+			vm.dir = h.cfg.Backend.Journal(name).String()
+		}
 		h.vms[name] = vm
 	}
 	return vm
@@ -405,7 +414,6 @@ func (h *Hub) vmLocked(name string) *hubVM {
 
 func (h *Hub) newVolume(vm *hubVM, name string) *hubVolume {
 	return &hubVolume{vm: vm, name: name, state: StateDisconnected,
-		statePath: filepath.Join(vm.dir, name+".state.json"), imgPath: filepath.Join(vm.dir, name+".img"),
 		log:  h.log.With("vm", vm.name, "volume", name),
 		need: roaring.New(), inRead: roaring.New(), stale: roaring.New(), held: roaring.New(), testDirty: roaring.New()}
 }
@@ -593,6 +601,9 @@ func (h *Hub) stop(graceful bool) error {
 	h.mu.Unlock()
 	close(h.events)
 	<-h.evDone
+	if err := h.cfg.Backend.Close(); err != nil {
+		h.log.Warn("closing the store", "store", h.cfg.Backend.String(), "err", err)
+	}
 	return nil
 }
 
@@ -949,12 +960,8 @@ func (c *hubConn) attach(hello *wire.Hello) error {
 			continue
 		}
 		if vm.uuid == "" {
-			if err := os.MkdirAll(vm.dir, 0o700); err != nil {
-				h.mu.Unlock()
-				return err
-			}
 			b, _ := json.Marshal(vmMeta{Name: vm.name, UUID: uuid})
-			if err := writeFileSync(filepath.Join(vm.dir, "vm.json"), b); err != nil {
+			if err := h.cfg.Backend.PutVM(vm.name, b); err != nil {
 				h.mu.Unlock()
 				return err
 			}
@@ -1341,7 +1348,7 @@ func (c *hubConn) protect(v *hubVolume, sectors uint64) error {
 	if v.storeErr != nil {
 		// Start again from what the store last made durable: the
 		// in-memory state may have moved past it.
-		st, err := loadState(v.statePath)
+		st, err := loadState(h.cfg.Backend, v.vm.name, v.name)
 		if err != nil {
 			return err
 		}
@@ -1432,7 +1439,7 @@ func (c *hubConn) protect(v *hubVolume, sectors uint64) error {
 	}
 	// Recorded before anything else happens, so that a crash from now on
 	// is an unclean disconnect of this session.
-	if err := saveState(v.statePath, &v.st); err != nil {
+	if err := saveState(h.cfg.Backend, v.vm.name, v.name, &v.st); err != nil {
 		return err
 	}
 	if v.storeErr != nil {
@@ -2049,7 +2056,7 @@ func (c *hubConn) checkpoint(ack bool) error {
 		if !s.mirror || s.st.Version == 0 {
 			continue
 		}
-		if err := saveState(s.v.statePath, &s.st); err != nil {
+		if err := saveState(h.cfg.Backend, s.v.vm.name, s.v.name, &s.st); err != nil {
 			h.mu.Lock()
 			h.storeFailed(s.v, fmt.Errorf("save state: %w", err))
 			h.mu.Unlock()
@@ -2250,7 +2257,7 @@ func (h *Hub) Status() []VMStatus {
 				BacklogIOs:  v.backlog.IOs, BacklogBytes: v.backlog.Bytes, BacklogSeconds: float64(v.backlog.AgeMillis) / 1000,
 				SyncMirroring: v.backlog.Sync, AppliedSeq: v.applied, AppliedBytes: v.appliedBytes,
 				StoreErrors:     v.storeErrors,
-				RemoteReadBytes: v.remoteBytes, Replica: v.imgPath}
+				RemoteReadBytes: v.remoteBytes, Replica: h.cfg.Backend.Replica(vm.name, v.name)}
 			if v.storeErr != nil {
 				vs.StoreError = v.storeErr.Error()
 			}

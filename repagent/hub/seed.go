@@ -79,7 +79,7 @@ func Seed(store, vm, uuid string, regionSectors uint32, vols []SeedVolume) error
 		sectors := uint64(fi.Size()) / wire.SectorSize
 		st := volState{Sectors: sectors, RegionSectors: regionSectors, Synced: true, Seeded: true,
 			CsumNeed: []wire.Extent{{Start: 0, Count: wire.RegionCount(sectors, regionSectors)}}}
-		if err := saveState(filepath.Join(dir, v.Name+".state.json"), &st); err != nil {
+		if err := saveState(DirBackend(store), vm, v.Name, &st); err != nil {
 			return fmt.Errorf("seed: %w", err)
 		}
 	}

@@ -2,9 +2,7 @@ package hub
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
@@ -15,13 +13,7 @@ import (
 	"github.com/vhostdm/vhostdm/repagent/wire"
 )
 
-// The hub's store: one directory per VM under the store root, holding
-//
-//	vm.json            {"name", "uuid"}
-//	VOLUME.img         the recovery volume, a file of the source's size, preallocated
-//	VOLUME.state.json  the volume's durable state (volState)
-//
-// State files are replaced atomically (write, fsync, rename, fsync dir).
+// The hub's durable state, kept in a Backend (backend.go).
 
 // stateVersion is the version of volState files.
 const stateVersion = 1
@@ -89,23 +81,24 @@ func writeFileSync(path string, data []byte) error {
 }
 
 // saveState writes a volume's state durably.
-func saveState(path string, st *volState) error {
+func saveState(be Backend, vm, vol string, st *volState) error {
 	st.Version = stateVersion
 	b, err := json.MarshalIndent(st, "", "  ")
 	if err != nil {
 		return err
 	}
-	return writeFileSync(path, b)
+	return be.PutVolume(vm, vol, b)
 }
 
-// loadState reads a volume's state; a missing file is (nil, nil).
-func loadState(path string) (*volState, error) {
-	b, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
-	}
+// loadState reads a volume's state; a missing one is (nil, nil).
+func loadState(be Backend, vm, vol string) (*volState, error) {
+	path := vm + "/" + vol
+	b, err := be.GetVolume(vm, vol)
 	if err != nil {
 		return nil, err
+	}
+	if b == nil {
+		return nil, nil
 	}
 	st := &volState{}
 	if err := json.Unmarshal(b, st); err != nil {

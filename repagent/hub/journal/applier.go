@@ -5,9 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
-	"path/filepath"
 	"sort"
 	"sync"
 	"time"
@@ -42,15 +40,14 @@ type state struct {
 	Expired []string `json:"expired,omitempty"`
 }
 
-func loadState(dir string) (state, error) {
-	path := filepath.Join(dir, stateFile)
-	_ = os.Remove(path + ".tmp")
-	b, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return state{Version: stateVersion}, nil
-	}
+func loadState(store Store) (state, error) {
+	path := store.StateName()
+	b, err := store.GetState()
 	if err != nil {
 		return state{}, err
+	}
+	if b == nil {
+		return state{Version: stateVersion}, nil
 	}
 	var st state
 	if err := json.Unmarshal(b, &st); err != nil {
@@ -70,37 +67,16 @@ func loadState(dir string) (state, error) {
 	return st, nil
 }
 
-// saveState replaces the state file durably: write a temporary file, fsync,
-// rename, fsync the directory.
+// saveState replaces the state durably (Store.PutState).
 func (a *applier) saveState(st state) error {
-	path := filepath.Join(a.j.dir, stateFile)
 	b, err := json.MarshalIndent(st, "", "  ")
 	if err != nil {
 		return err
 	}
-	if err := a.j.inject("state-write", path); err != nil {
+	if err := a.j.inject("state-write", a.j.store.StateName()); err != nil {
 		return err
 	}
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(append(b, '\n')); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	return syncDir(a.j.dir)
+	return a.j.store.PutState(append(b, '\n'))
 }
 
 // applier advances the base images from the journal.
@@ -146,7 +122,7 @@ func (a *applier) init(j *Journal, st state) {
 	for _, v := range st.Volumes {
 		vols[v.Name] = v.Size
 	}
-	a.imgs = &imageSet{dir: j.dir, prealloc: true, inject: j.inject, sizes: vols}
+	a.imgs = &imageSet{open: j.store.OpenImage, syncDir: j.store.SyncImages, inject: j.inject, sizes: vols}
 }
 
 func (a *applier) closeImages() {
@@ -400,47 +376,47 @@ func (j *Journal) dropSegments(pos int64) error {
 	defer j.segMu.Unlock()
 	n := 0
 	for len(j.segs) > 1 && j.segs[1].start <= pos {
-		if err := os.Remove(j.segs[0].path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		if err := j.store.RemoveSegment(j.segs[0].start); err != nil {
 			return fmt.Errorf("remove segment: %w", err)
 		}
 		j.segs = j.segs[1:]
 		n++
 	}
 	if n > 0 {
-		return syncDir(j.segDir)
+		return j.store.SyncSegments()
 	}
 	return nil
 }
 
-// imageSet applies records to one file per volume, dir/NAME.img, merging
-// adjacent writes.
+// imageSet applies records to one image per volume, merging adjacent
+// writes: the base images of a Store, or the images Materialize writes.
 type imageSet struct {
-	dir      string
-	prealloc bool
-	inject   func(op, path string) error
-	sizes    map[string]int64
-	files    map[string]*os.File
-	created  bool
-	closed   bool
-	writes   int64 // write calls made (after merging)
-	bytes    int64
-	run      struct {
+	// open opens a volume's image (creating it when create is set).
+	open func(vol string, create bool) (Image, error)
+	// syncDir makes the images' creation durable.
+	syncDir func() error
+	inject  func(op, path string) error
+	sizes   map[string]int64
+	files   map[string]Image
+	created bool
+	closed  bool
+	writes  int64 // write calls made (after merging)
+	bytes   int64
+	run     struct {
 		vol string
 		off int64
 		buf []byte
 	}
 }
 
-func (s *imageSet) path(vol string) string { return filepath.Join(s.dir, vol+imageSuffix) }
-
-func (s *imageSet) file(vol string) (*os.File, error) {
+func (s *imageSet) file(vol string) (Image, error) {
 	if f := s.files[vol]; f != nil {
 		return f, nil
 	}
 	if s.files == nil {
-		s.files = map[string]*os.File{}
+		s.files = map[string]Image{}
 	}
-	f, err := os.OpenFile(s.path(vol), os.O_RDWR, 0)
+	f, err := s.open(vol, false)
 	if err != nil {
 		return nil, err
 	}
@@ -480,7 +456,7 @@ func (s *imageSet) apply(r *Record) error {
 		if err := s.do("image-write", f.Name()); err != nil {
 			return fmt.Errorf("%w: zero %s: %w", ErrStore, f.Name(), err)
 		}
-		if err := zeroRange(f, r.Offset, r.Length, s.prealloc); err != nil {
+		if err := f.Zero(r.Offset, r.Length); err != nil {
 			return fmt.Errorf("%w: zero %s: %w", ErrStore, f.Name(), err)
 		}
 		s.bytes += r.Length
@@ -492,39 +468,24 @@ func (s *imageSet) apply(r *Record) error {
 
 // resize creates a volume's image or changes its size.
 func (s *imageSet) resize(vol string, size int64) error {
-	path := s.path(vol)
-	if err := s.do("image-write", path); err != nil {
-		return fmt.Errorf("%w: size %s: %w", ErrStore, path, err)
-	}
 	f := s.files[vol]
 	if f == nil {
 		var err error
-		f, err = os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+		f, err = s.open(vol, true)
 		if err != nil {
 			return fmt.Errorf("%w: %w", ErrStore, err)
 		}
 		if s.files == nil {
-			s.files = map[string]*os.File{}
+			s.files = map[string]Image{}
 		}
 		s.files[vol] = f
 		s.created = true
 	}
-	fi, err := f.Stat()
-	if err != nil {
-		return err
+	if err := s.do("image-write", f.Name()); err != nil {
+		return fmt.Errorf("%w: size %s: %w", ErrStore, f.Name(), err)
 	}
-	cur := fi.Size()
-	switch {
-	case size > cur && s.prealloc:
-		err = unix.Fallocate(int(f.Fd()), 0, cur, size-cur)
-		if errors.Is(err, unix.EOPNOTSUPP) {
-			err = f.Truncate(size)
-		}
-	case size != cur:
-		err = f.Truncate(size)
-	}
-	if err != nil {
-		return fmt.Errorf("%w: size %s to %d: %w", ErrStore, path, size, err)
+	if err := f.Resize(size); err != nil {
+		return fmt.Errorf("%w: size %s to %d: %w", ErrStore, f.Name(), size, err)
 	}
 	s.sizes[vol] = size
 	return nil
@@ -553,8 +514,8 @@ func (s *imageSet) flush() error {
 	return nil
 }
 
-// sync flushes the run and fsyncs every image (and the directory when an
-// image was created). A failed fsync is never retried.
+// sync flushes the run and syncs every image (and their creation). A
+// failed sync is never retried.
 func (s *imageSet) sync() error {
 	if err := s.flush(); err != nil {
 		return err
@@ -569,8 +530,8 @@ func (s *imageSet) sync() error {
 		}
 	}
 	if s.created {
-		if err := syncDir(s.dir); err != nil {
-			return fmt.Errorf("%w: fsync %s: %w", ErrStore, s.dir, err)
+		if err := s.syncDir(); err != nil {
+			return fmt.Errorf("%w: sync image creation: %w", ErrStore, err)
 		}
 		s.created = false
 	}

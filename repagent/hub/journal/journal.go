@@ -10,8 +10,6 @@ import (
 	"path/filepath"
 	"sync"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // Errors returned by the journal. Errors are wrapped with context; test
@@ -66,6 +64,9 @@ type Options struct {
 	// Logger receives warnings (truncated tails, store errors). Default
 	// slog.Default().
 	Logger *slog.Logger
+	// Store keeps the segments, the applied state and the base images.
+	// Default DirStore(dir).
+	Store Store
 
 	// FaultHook, when set (tests of the journal's users), is called
 	// before each store operation as inject is; its error is returned
@@ -113,6 +114,7 @@ type Checkpoint struct {
 type Journal struct {
 	dir    string
 	segDir string
+	store  Store
 	opts   Options
 	log    *slog.Logger
 
@@ -149,13 +151,14 @@ type Journal struct {
 	segs  []segment
 
 	// owned by the writer goroutine
-	wf     *os.File
+	wf     Segment
+	wfName string
 	wfSize int64
 	wfDrop int64 // synced and dropped from the page cache up to here
 
 	applier applier
 
-	lock     *os.File // dir/lock, flocked while open
+	lock     io.Closer // the store's lock
 	stop     chan struct{}
 	writerWG sync.WaitGroup
 	applyWG  sync.WaitGroup
@@ -204,30 +207,24 @@ func Open(dir string, opts Options) (*Journal, error) {
 	if log == nil {
 		log = slog.Default()
 	}
+	if opts.Store == nil {
+		opts.Store = DirStore(dir)
+	}
 	j := &Journal{
 		dir:         dir,
 		segDir:      filepath.Join(dir, segDirName),
+		store:       opts.Store,
 		opts:        opts,
-		log:         log.With("journal", dir),
+		log:         log.With("journal", opts.Store.String()),
 		pVols:       map[string]int64{},
 		pCPNames:    map[string]bool{},
 		checkpoints: map[string]Point{},
 		stop:        make(chan struct{}),
 	}
 	j.work = sync.NewCond(&j.mu)
-	if err := os.MkdirAll(j.segDir, 0o700); err != nil {
-		return nil, fmt.Errorf("open journal: %w", err)
-	}
-	if err := syncDir(dir); err != nil {
-		return nil, fmt.Errorf("open journal: %w", err)
-	}
-	lock, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	lock, err := j.store.Lock()
 	if err != nil {
-		return nil, fmt.Errorf("open journal: %w", err)
-	}
-	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		lock.Close()
-		return nil, fmt.Errorf("open journal %s: %w: %w", dir, ErrInUse, err)
+		return nil, fmt.Errorf("open journal %s: %w", j.store, err)
 	}
 	j.lock = lock
 	if err := j.recover(); err != nil {
@@ -236,7 +233,7 @@ func Open(dir string, opts Options) (*Journal, error) {
 		if j.wf != nil {
 			j.wf.Close()
 		}
-		return nil, fmt.Errorf("open journal %s: %w", dir, err)
+		return nil, fmt.Errorf("open journal %s: %w", j.store, err)
 	}
 	j.writerWG.Add(1)
 	go j.writer()
@@ -250,19 +247,19 @@ func Open(dir string, opts Options) (*Journal, error) {
 // recover loads the state, scans and repairs the journal, and redoes an
 // interrupted apply pass.
 func (j *Journal) recover() error {
-	st, err := loadState(j.dir)
+	st, err := loadState(j.store)
 	if err != nil {
 		return err
 	}
 	j.applier.init(j, st)
-	segs, err := listSegments(j.segDir)
+	segs, err := j.listSegments()
 	if err != nil {
 		return err
 	}
 	base := st.Base.Pos
 	// Segments wholly behind the base may remain from a crash.
 	for len(segs) > 1 && segs[1].start <= base {
-		if err := os.Remove(segs[0].path); err != nil {
+		if err := j.store.RemoveSegment(segs[0].start); err != nil {
 			return err
 		}
 		segs = segs[1:]
@@ -302,16 +299,16 @@ func (j *Journal) recover() error {
 		}
 	} else {
 		last := segs[len(segs)-1]
-		f, err := os.OpenFile(last.path, os.O_WRONLY|os.O_APPEND, 0)
+		f, err := j.store.OpenSegment(last.start)
 		if err != nil {
 			return err
 		}
-		fi, err := f.Stat()
+		size, err := f.Size()
 		if err != nil {
 			f.Close()
 			return err
 		}
-		j.wf, j.wfSize, j.wfDrop = f, fi.Size(), fi.Size()
+		j.wf, j.wfName, j.wfSize, j.wfDrop = f, last.path, size, size
 	}
 	j.cur = newBatch(end, nil)
 	if st.Target.Pos > st.Base.Pos {
@@ -365,7 +362,7 @@ func (j *Journal) scan(segs []segment, base int64) (int64, []segment, error) {
 		// A header is synced before any record is written behind it: a bad
 		// one is torn only when nothing but zeroes follows (the segment's
 		// creation was cut short), and then nothing in it was acknowledged.
-		b, rerr := os.ReadFile(s.path)
+		b, rerr := readSegment(j.store, s.start)
 		if rerr != nil {
 			return 0, nil, rerr
 		}
@@ -373,30 +370,27 @@ func (j *Journal) scan(segs []segment, base int64) (int64, []segment, error) {
 			return 0, nil, err
 		}
 		j.log.Warn("journal: removing a last segment whose creation was cut short", "segment", s.path, "reason", te.reason)
-		if err := os.Remove(s.path); err != nil {
+		if err := j.store.RemoveSegment(s.start); err != nil {
 			return 0, nil, err
 		}
-		if err := syncDir(j.segDir); err != nil {
+		if err := j.store.SyncSegments(); err != nil {
 			return 0, nil, err
 		}
 		return end, segs[:last], nil
 	}
-	fi, err := os.Stat(s.path)
+	f, err := j.store.OpenSegment(s.start)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer f.Close()
+	size, err := f.Size()
 	if err != nil {
 		return 0, nil, err
 	}
 	keep := segHeaderLen + te.pos - s.start
 	j.log.Warn("journal: truncating a torn or corrupt tail", "segment", s.path, "position", te.pos,
-		"dropped-bytes", fi.Size()-keep, "reason", te.reason)
-	f, err := os.OpenFile(s.path, os.O_WRONLY, 0)
-	if err != nil {
-		return 0, nil, err
-	}
-	defer f.Close()
+		"dropped-bytes", size-keep, "reason", te.reason)
 	if err := f.Truncate(keep); err != nil {
-		return 0, nil, err
-	}
-	if err := f.Sync(); err != nil {
 		return 0, nil, err
 	}
 	return end, segs, nil
@@ -423,13 +417,13 @@ func (j *Journal) track(r *Record) {
 // rotate starts a new segment at logical position start; writer only (or
 // recover).
 func (j *Journal) rotate(start int64) error {
-	path := filepath.Join(j.segDir, segName(start))
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL|os.O_APPEND, 0o600)
+	path := j.store.SegmentName(start)
+	f, err := j.store.CreateSegment(start)
 	if err != nil {
 		return fmt.Errorf("%w: create segment: %w", ErrStore, err)
 	}
 	if err := j.inject("segment-write", path); err == nil {
-		_, err = f.Write(encodeSegHeader(start))
+		err = f.Append(encodeSegHeader(start))
 		if err == nil {
 			err = j.inject("segment-sync", path)
 		}
@@ -437,7 +431,7 @@ func (j *Journal) rotate(start int64) error {
 			err = f.Sync()
 		}
 		if err == nil {
-			err = syncDir(j.segDir)
+			err = j.store.SyncSegments()
 		}
 		if err != nil {
 			f.Close()
@@ -450,9 +444,9 @@ func (j *Journal) rotate(start int64) error {
 	if j.wf != nil {
 		j.wf.Close()
 	}
-	j.wf, j.wfSize, j.wfDrop = f, segHeaderLen, segHeaderLen
+	j.wf, j.wfName, j.wfSize, j.wfDrop = f, path, segHeaderLen, segHeaderLen
 	j.segMu.Lock()
-	j.segs = append(j.segs, segment{start: start, path: path})
+	j.segs = append(j.segs, segment{start: start, path: path, st: j.store})
 	j.segMu.Unlock()
 	return nil
 }
@@ -738,10 +732,10 @@ func (j *Journal) writeBatches(bs []*batch) error {
 				return err
 			}
 		}
-		path := j.wf.Name()
+		path := j.wfName
 		err := j.inject("segment-write", path)
 		if err == nil {
-			_, err = j.wf.Write(b.buf)
+			err = j.wf.Append(b.buf)
 		}
 		if err != nil {
 			return fmt.Errorf("%w: write %s: %w", ErrStore, path, err)
@@ -757,10 +751,10 @@ func (j *Journal) writeBatches(bs []*batch) error {
 
 // syncSegment fdatasyncs the segment file being written; writer only.
 func (j *Journal) syncSegment() error {
-	path := j.wf.Name()
+	path := j.wfName
 	err := j.inject("segment-sync", path)
 	if err == nil {
-		err = unix.Fdatasync(int(j.wf.Fd()))
+		err = j.wf.Sync()
 	}
 	j.mu.Lock()
 	j.fsyncs++
@@ -775,7 +769,9 @@ func (j *Journal) syncSegment() error {
 		// ends: their pages go back to the kernel now, warm for the
 		// next writes, instead of filling the page cache with a day
 		// of journal. Advice only: an error changes nothing.
-		unix.Fadvise(int(j.wf.Fd()), j.wfDrop, j.wfSize-j.wfDrop, unix.FADV_DONTNEED)
+		if d, ok := j.wf.(cacheDropper); ok {
+			d.DropCache(j.wfDrop, j.wfSize-j.wfDrop)
+		}
 		j.wfDrop = j.wfSize
 	}
 	return nil
@@ -804,25 +800,8 @@ const probeName = "probe.tmp"
 // (ENOSPC, EIO): the reopened journal's recovery only reads, so without a
 // probe a store that still fails would look healthy until the next write.
 func (j *Journal) Probe() error {
-	path := filepath.Join(j.segDir, probeName)
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return fmt.Errorf("%w: probe: %w", ErrStore, err)
-	}
-	defer os.Remove(path)
-	defer f.Close()
-	err = j.inject("segment-write", path)
-	if err == nil {
-		_, err = f.Write(make([]byte, 4096))
-	}
-	if err == nil {
-		err = j.inject("segment-sync", path)
-	}
-	if err == nil {
-		err = unix.Fdatasync(int(f.Fd()))
-	}
-	if err != nil {
-		return fmt.Errorf("%w: probe %s: %w", ErrStore, path, err)
+	if err := j.store.Probe(j.inject); err != nil {
+		return fmt.Errorf("%w: probe %s: %w", ErrStore, j.store, err)
 	}
 	return nil
 }

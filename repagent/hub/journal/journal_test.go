@@ -540,12 +540,12 @@ func TestApplyErrorSticky(t *testing.T) {
 			var st state
 			b, _ := os.ReadFile(filepath.Join(dir, stateFile))
 			if op == "state-write" {
-				st, _ = loadState(dir)
+				st, _ = loadState(DirStore(dir))
 				if st.Base != applied {
 					t.Fatalf("persisted base %+v, want %+v", st.Base, applied)
 				}
 			} else if op == "image-write" || op == "image-sync" {
-				st, _ = loadState(dir)
+				st, _ = loadState(DirStore(dir))
 				if st.Base != applied {
 					t.Fatalf("persisted base %+v, want %+v (state %s, before %s)", st.Base, applied, b, stateBefore)
 				}

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"slices"
 	"time"
 
@@ -291,18 +290,22 @@ func (j *Journal) Materialize(ctx context.Context, sel Selector, outDir string) 
 	if err != nil {
 		return Recovered{}, fmt.Errorf("materialize %s: %w", sel, err)
 	}
-	if err := os.MkdirAll(outDir, 0o700); err != nil {
+	tgt, err := j.store.Target(outDir, st.Base)
+	if err != nil {
 		return Recovered{}, fmt.Errorf("materialize: %w", err)
 	}
-	out := &imageSet{dir: outDir, sizes: map[string]int64{}}
+	out := &imageSet{sizes: map[string]int64{}, files: map[string]Image{}, syncDir: tgt.Sync,
+		open: func(vol string, _ bool) (Image, error) { return tgt.CreateImage(vol) }}
 	defer out.close()
 	for _, v := range st.Volumes {
-		f, err := copyImage(filepath.Join(j.dir, v.Name+imageSuffix), out.path(v.Name), v.Size)
+		src, err := j.store.OpenImage(v.Name, false)
 		if err != nil {
 			return Recovered{}, fmt.Errorf("materialize: copy %s: %w", v.Name, err)
 		}
-		if out.files == nil {
-			out.files = map[string]*os.File{}
+		f, err := tgt.CopyImage(ctx, v.Name, src, v.Size)
+		src.Close()
+		if err != nil {
+			return Recovered{}, fmt.Errorf("materialize: copy %s: %w", v.Name, err)
 		}
 		out.files[v.Name] = f
 		out.sizes[v.Name] = v.Size
@@ -325,11 +328,6 @@ func (j *Journal) Materialize(ctx context.Context, sel Selector, outDir string) 
 			if err != nil {
 				return Recovered{}, fmt.Errorf("materialize: %w", err)
 			}
-			if rec.Kind == KindVolume && out.files[rec.Volume] == nil {
-				if err := out.createExcl(rec.Volume); err != nil {
-					return Recovered{}, fmt.Errorf("materialize: %w", err)
-				}
-			}
 			if err := out.apply(&rec); err != nil {
 				return Recovered{}, fmt.Errorf("materialize: %w", err)
 			}
@@ -341,22 +339,9 @@ func (j *Journal) Materialize(ctx context.Context, sel Selector, outDir string) 
 	}
 	rv := Recovered{Point: p}
 	for _, v := range sortedVolumes(out.sizes) {
-		rv.Volumes = append(rv.Volumes, RecoveredVolume{Name: v.Name, Size: v.Size, Path: out.path(v.Name)})
+		rv.Volumes = append(rv.Volumes, RecoveredVolume{Name: v.Name, Size: v.Size, Path: out.files[v.Name].Name()})
 	}
 	return rv, nil
-}
-
-// createExcl creates a new, empty image that must not exist yet.
-func (s *imageSet) createExcl(vol string) error {
-	f, err := os.OpenFile(s.path(vol), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return err
-	}
-	if s.files == nil {
-		s.files = map[string]*os.File{}
-	}
-	s.files[vol] = f
-	return nil
 }
 
 // copyImage copies src (size bytes) to a new file dst and returns dst open

@@ -92,7 +92,7 @@ func (j *Journal) ReadVolume(ctx context.Context, vol string, ranges []Range, su
 	}
 	id := a.pin(st.Base.Pos)
 	defer a.unpin(id)
-	err := readBase(filepath.Join(j.dir, vol+imageSuffix), ranges)
+	err := readBase(j.store, vol, ranges)
 	a.run.RUnlock()
 	if err != nil {
 		return fmt.Errorf("read %s: %w", vol, err)
@@ -158,8 +158,8 @@ func overlay(ranges []Range, off, n int64, data []byte) {
 
 // readBase reads the ranges from a base image; a missing image or bytes
 // past its end read as zero.
-func readBase(path string, ranges []Range) error {
-	f, err := os.Open(path)
+func readBase(store Store, vol string, ranges []Range) error {
+	f, err := store.OpenImage(vol, false)
 	if errors.Is(err, os.ErrNotExist) {
 		for _, rg := range ranges {
 			clear(rg.Buf)
@@ -224,7 +224,7 @@ func Seed(dir string, imgs []SeedImage) error {
 		}
 		st.Volumes = append(st.Volumes, Volume{Name: im.Name, Size: size})
 	}
-	a := &applier{j: &Journal{dir: dir, opts: Options{inject: func(string, string) error { return nil }}}}
+	a := &applier{j: &Journal{dir: dir, store: DirStore(dir)}}
 	if err := a.saveState(st); err != nil {
 		return fmt.Errorf("seed: %w", err)
 	}

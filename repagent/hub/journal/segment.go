@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"math"
 	"os"
 	"path/filepath"
 	"sort"
@@ -24,10 +25,12 @@ const (
 
 var segMagic = [8]byte{'V', 'H', 'D', 'M', 'J', 'N', 'L', 0}
 
-// segment is one segment file: records from logical position start on.
+// segment is one segment: records from logical position start on, in
+// store st under the name path.
 type segment struct {
 	start int64
 	path  string
+	st    Store
 }
 
 func segName(start int64) string { return fmt.Sprintf("%016x%s", start, segSuffix) }
@@ -76,7 +79,7 @@ func listSegments(dir string) ([]segment, error) {
 		if err != nil || start < 0 || segName(start) != name {
 			return nil, fmt.Errorf("%w: unexpected file %s in %s", ErrCorrupt, name, dir)
 		}
-		segs = append(segs, segment{start: start, path: filepath.Join(dir, name)})
+		segs = append(segs, segment{start: start, path: filepath.Join(dir, name), st: DirStore(filepath.Dir(dir))})
 	}
 	sort.Slice(segs, func(a, b int) bool { return segs[a].start < segs[b].start })
 	return segs, nil
@@ -104,7 +107,7 @@ type reader struct {
 	idx  int
 	pos  int64
 	to   int64
-	f    *os.File
+	f    Segment
 	br   *bufio.Reader
 	hdr  [recHeaderLen]byte
 	buf  []byte
@@ -141,28 +144,28 @@ func (r *reader) open() error {
 		r.f = nil
 	}
 	s := r.segs[r.idx]
-	f, err := os.Open(s.path)
+	f, err := s.st.OpenSegment(s.start)
 	if err != nil {
 		return fmt.Errorf("open segment: %w", err)
 	}
 	var h [segHeaderLen]byte
-	if _, err := io.ReadFull(f, h[:]); err != nil {
+	if n, err := f.ReadAt(h[:], 0); n < segHeaderLen {
 		f.Close()
+		if err != nil && !errors.Is(err, io.EOF) {
+			return fmt.Errorf("read segment %s: %w", s.path, err)
+		}
 		return &tornError{header: true, pos: s.start, seg: r.idx, reason: fmt.Errorf("segment %s: short header", s.path)}
 	}
 	if err := checkSegHeader(h[:], s.start); err != nil {
 		f.Close()
 		return &tornError{header: true, pos: s.start, seg: r.idx, reason: fmt.Errorf("segment %s: %w", s.path, err)}
 	}
-	if _, err := f.Seek(segHeaderLen+r.pos-s.start, io.SeekStart); err != nil {
-		f.Close()
-		return fmt.Errorf("seek segment: %w", err)
-	}
 	r.f = f
+	sr := io.NewSectionReader(f, segHeaderLen+r.pos-s.start, math.MaxInt64-segHeaderLen-r.pos)
 	if r.br == nil {
-		r.br = bufio.NewReaderSize(f, 1<<20)
+		r.br = bufio.NewReaderSize(sr, 1<<20)
 	} else {
-		r.br.Reset(f)
+		r.br.Reset(sr)
 	}
 	return nil
 }
