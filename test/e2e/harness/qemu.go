@@ -604,7 +604,7 @@ func (vm *VM) VirtioState() string {
 		if out := hmp(fmt.Sprintf("cpu %d", cpu)); out != "" {
 			break // no such CPU
 		}
-		for _, cmd := range []string{"x/5i $pc", "x/12gx $rsp"} {
+		for _, cmd := range []string{"x/5i $pc", "x/12gx $sp"} {
 			fmt.Fprintf(&b, "cpu %d %s:\n  %s\n", cpu, cmd, strings.ReplaceAll(hmp(cmd), "\n", "\n  "))
 		}
 	}
