@@ -68,6 +68,9 @@ func startQSD(t *testing.T, e *harness.Env, exports []harness.QSDExport, qmp str
 		t.Fatalf("qemu-storage-daemon: %v", err)
 	}
 	t.Cleanup(func() {
+		if t.Failed() && p.Alive() {
+			t.Logf("qemu-storage-daemon threads:\n%s", harness.ThreadStacks(p.Pid()))
+		}
 		p.Stop()
 		if t.Failed() {
 			t.Logf("qemu-storage-daemon log:\n%s", tail(p.Log(), 40))

@@ -282,3 +282,13 @@ func (e *Env) startQSDForConfig(cfg *Config) (*Process, error) {
 	}
 	return StartProcess("qemu-storage-daemon (reference for vhostdm)", e.QSD, args, socks, 15*time.Second)
 }
+
+// Pid returns the process id of the current incarnation, or 0.
+func (p *Process) Pid() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.cmd == nil || p.cmd.Process == nil {
+		return 0
+	}
+	return p.cmd.Process.Pid
+}

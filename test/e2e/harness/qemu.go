@@ -151,7 +151,10 @@ func (e *Env) QEMUArgs(cfg VMConfig, initrd string) []string {
 	// timer check, which then panics ("IO-APIC + timer doesn't work!",
 	// seen with 2 vCPUs at load 30 on 2 cores); the check proves nothing
 	// about a virtual machine's timer.
-	app := []string{"console=ttyS0", "panic=-1", "quiet", "loglevel=4", "no_timer_check"}
+	// nokaslr: the kernel's text at fixed addresses, so that the
+	// instruction pointers a hung guest's VirtioState shows can be looked
+	// up in /proc/kallsyms of any other boot of the same kernel.
+	app := []string{"console=ttyS0", "panic=-1", "quiet", "loglevel=4", "no_timer_check", "nokaslr"}
 	params := map[string]string{}
 	for k, v := range cfg.Params {
 		params[k] = v
@@ -387,19 +390,34 @@ func (r *Run) Result(step, disk string) *proto.Result {
 }
 
 // Wait collects events until QEMU exits, at most timeout (then QEMU is
-// killed). It fails if the guest printed no end line, a line was
+// killed), extended at most maxExtensions times by half of it while a vCPU
+// is busy (Busy): only a guest that waits is hung. It fails if the guest printed no end line, a line was
 // malformed, or QEMU exited with an error; failed steps are in the Run and
 // reported by Run.Failed.
 func (vm *VM) Wait(timeout time.Duration) (*Run, error) {
 	run := &Run{}
 	deadline := time.Now().Add(timeout)
+	extended := 0
 	var malformed []error
 	for {
 		left := time.Until(deadline)
+		if left <= 0 && extended < maxExtensions && vm.Busy() {
+			// A guest that is computing is slow, not hung: on a shared,
+			// loaded host (load 30 on 2 cores) a TCG guest took more
+			// than 3 minutes just to unpack its initramfs (its vCPU in
+			// inflate_fast). A hung guest waits with its vCPUs halted.
+			extended++
+			deadline = time.Now().Add(timeout / 2)
+			vm.mu.Lock()
+			fmt.Fprintf(&vm.console, "=== harness: guest busy (a vCPU running) at the deadline; waiting %v more (%d of %d)\n", timeout/2, extended, maxExtensions)
+			vm.mu.Unlock()
+			continue
+		}
 		if left <= 0 {
 			state := vm.VirtioState()
+			stacks := ThreadStacks(vm.Cmd.Process.Pid)
 			vm.Kill()
-			return run, fmt.Errorf("guest did not finish within %v (QEMU killed); QEMU's virtio state:\n%s\nconsole tail:\n%s", timeout, state, vm.ConsoleTail(60))
+			return run, fmt.Errorf("guest did not finish within %v (QEMU killed); QEMU's virtio state:\n%s\nQEMU's threads:\n%s\nconsole tail:\n%s", timeout, state, stacks, vm.ConsoleTail(60))
 		}
 		ev, err := vm.Next(left)
 		if err != nil {
@@ -433,6 +451,39 @@ func (vm *VM) Wait(timeout time.Duration) (*Run, error) {
 			return run, nil
 		}
 	}
+}
+
+// maxExtensions bounds how often Wait extends a busy guest's deadline (by
+// half the timeout each time).
+const maxExtensions = 2
+
+// Busy reports whether a vCPU of the guest was running (not halted) in
+// most of five looks 200 ms apart, from QEMU's "info registers -a".
+func (vm *VM) Busy() bool {
+	if vm.qmpPath == "" {
+		return false
+	}
+	q, err := DialQMP(vm.qmpPath, 5*time.Second)
+	if err != nil {
+		return false
+	}
+	defer q.Close()
+	running := 0
+	for i := 0; i < 5; i++ {
+		if i > 0 {
+			time.Sleep(200 * time.Millisecond)
+		}
+		out, err := q.Execute("human-monitor-command", map[string]any{"command-line": "info registers -a"}, 5*time.Second)
+		if err != nil {
+			return false
+		}
+		var text string
+		json.Unmarshal(out, &text)
+		if strings.Contains(text, "HLT=0") {
+			running++
+		}
+	}
+	return running >= 3
 }
 
 // Failed describes the failed steps of a run, or returns "".
@@ -514,6 +565,49 @@ func (vm *VM) VirtioState() string {
 	}
 	defer q.Close()
 	var b strings.Builder
+	// The vCPUs: halted or running, where, interrupts enabled (EFL bit
+	// 9), and the local APIC's timer and pending vectors: a guest whose
+	// timer no longer fires sleeps forever like one that lost an I/O
+	// interrupt.
+	idle := true // every vCPU halted: the guest waits, it is not just slow
+	for _, cmd := range []string{"info registers -a", "info lapic"} {
+		out, err := q.Execute("human-monitor-command", map[string]any{"command-line": cmd}, 5*time.Second)
+		if err != nil {
+			continue
+		}
+		var text string
+		json.Unmarshal(out, &text)
+		for _, l := range strings.Split(text, "\n") {
+			if strings.Contains(l, "HLT=0") {
+				idle = false
+			}
+			if strings.HasPrefix(l, "RIP=") || strings.Contains(l, "HLT=") || strings.HasPrefix(l, "CPU#") ||
+				strings.HasPrefix(l, "dumping") || strings.HasPrefix(l, "LVT0") || strings.HasPrefix(l, "LVTT") ||
+				strings.HasPrefix(l, "Timer") || strings.HasPrefix(l, "ISR") || strings.HasPrefix(l, "IRR") || strings.HasPrefix(l, "SPIV") {
+				fmt.Fprintf(&b, "%s: %s\n", cmd, strings.TrimSpace(l))
+			}
+		}
+	}
+	// Each vCPU's next instructions and the top of its stack (return
+	// addresses into kernel text, with nokaslr at fixed addresses): where a
+	// guest spins with interrupts disabled.
+	hmp := func(cmd string) string {
+		out, err := q.Execute("human-monitor-command", map[string]any{"command-line": cmd}, 5*time.Second)
+		if err != nil {
+			return err.Error()
+		}
+		var text string
+		json.Unmarshal(out, &text)
+		return strings.TrimSpace(text)
+	}
+	for cpu := 0; cpu < 8; cpu++ {
+		if out := hmp(fmt.Sprintf("cpu %d", cpu)); out != "" {
+			break // no such CPU
+		}
+		for _, cmd := range []string{"x/5i $pc", "x/12gx $sp"} {
+			fmt.Fprintf(&b, "cpu %d %s:\n  %s\n", cpu, cmd, strings.ReplaceAll(hmp(cmd), "\n", "\n  "))
+		}
+	}
 	raw, err := q.Execute("x-query-virtio", nil, 5*time.Second)
 	if err != nil {
 		return fmt.Sprintf("(x-query-virtio: %v)", err)
@@ -554,7 +648,7 @@ func (vm *VM) VirtioState() string {
 				}
 				fmt.Fprintf(&b, "  queue %d %s: %s\n", i, strings.TrimPrefix(cmd, "x-query-virtio-"), compactJSON(r))
 				if cmd == "x-query-virtio-vhost-queue-status" {
-					fmt.Fprintf(&b, "  queue %d ring: %s\n", i, ringState(q, r))
+					fmt.Fprintf(&b, "  queue %d ring: %s\n", i, ringState(q, r, idle))
 				}
 			}
 		}
@@ -576,9 +670,12 @@ func (vm *VM) VirtioState() string {
 //     used.idx, so the driver was owed an interrupt it never acted on (a
 //     lost interrupt).
 //
-// status is the device's x-query-virtio-vhost-queue-status answer, which
-// gives the rings' guest physical addresses.
-func ringState(q *QMP, status json.RawMessage) string {
+// Both verdicts need an idle guest (every vCPU halted): a guest whose CPU
+// is busy, e.g. starved on a loaded host and still booting, has simply not
+// got to its ring yet. status is the device's
+// x-query-virtio-vhost-queue-status answer, which gives the rings' guest
+// physical addresses.
+func ringState(q *QMP, status json.RawMessage, idle bool) string {
 	var st struct {
 		Num       uint64 `json:"num"`
 		AvailPhys uint64 `json:"avail-phys"`
@@ -615,6 +712,9 @@ func ringState(q *QMP, status json.RawMessage) string {
 	availIdx, usedEvent, usedIdx, availEvent := vals[1], vals[2], vals[4], vals[5]
 	verdict := "no request outstanding"
 	switch {
+	case !idle && (availIdx != usedIdx || usedIdx != usedEvent):
+		verdict = fmt.Sprintf("%d requests at the device, %d completions not consumed yet; a vCPU is running (HLT=0), so the guest is busy or starved, not waiting",
+			availIdx-usedIdx, usedIdx-usedEvent)
 	case availIdx != usedIdx && availEvent == usedIdx:
 		verdict = fmt.Sprintf("LOST KICK: %d requests available past avail_event, none consumed", availIdx-availEvent)
 	case availIdx != usedIdx:
@@ -624,6 +724,41 @@ func ringState(q *QMP, status json.RawMessage) string {
 	}
 	return fmt.Sprintf("avail.flags=%#x avail.idx=%d used_event=%d used.flags=%#x used.idx=%d avail_event=%d: %s",
 		vals[0], availIdx, usedEvent, vals[3], usedIdx, availEvent, verdict)
+}
+
+// ThreadStacks returns the stack of every thread of a process, from gdb
+// if it is installed (a diagnostic only: a hung guest's vCPU and main-loop
+// threads show whether QEMU waits on the back end, on a lock, or for an
+// interrupt), or why not.
+func ThreadStacks(pid int) string {
+	gdb, err := exec.LookPath("gdb")
+	if err != nil {
+		return "(gdb not installed)"
+	}
+	cmd := exec.Command(gdb, "-p", strconv.Itoa(pid), "-batch", "-nx", "-ex", "thread apply all bt 12")
+	done := make(chan struct{})
+	timer := time.AfterFunc(60*time.Second, func() {
+		select {
+		case <-done:
+		default:
+			if cmd.Process != nil {
+				cmd.Process.Kill()
+			}
+		}
+	})
+	out, err := cmd.CombinedOutput()
+	close(done)
+	timer.Stop()
+	var keep []string
+	for _, l := range strings.Split(string(out), "\n") {
+		if strings.HasPrefix(l, "Thread ") || strings.HasPrefix(l, "#") {
+			keep = append(keep, l)
+		}
+	}
+	if len(keep) == 0 {
+		return fmt.Sprintf("(gdb: %v: %s)", err, strings.TrimSpace(string(out)))
+	}
+	return strings.Join(keep, "\n")
 }
 
 func compactJSON(raw json.RawMessage) string {
