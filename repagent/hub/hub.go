@@ -166,6 +166,9 @@ type hubVM struct {
 	// j is the VM's write journal (opened when the hub starts or the VM
 	// first attaches); the replica images are its base images.
 	j *journal.Journal
+	// reprobe: the last reopen after a store error failed its probe (j
+	// is nil): the next open probes the store again (h.mu).
+	reprobe bool
 	// resync: a resync set is open in j (owned by the connection's
 	// engine while connected).
 	resync bool
@@ -362,7 +365,7 @@ func New(cfg Config) (*Hub, error) {
 // openJournal opens vm's journal, or reopens it after a sticky store
 // error (the store is tried again); h.mu held or the hub not yet shared.
 func (h *Hub) openJournal(vm *hubVM) error {
-	reopen := false
+	reopen := vm.reprobe // a reopen whose probe failed left vm.j nil
 	if vm.j != nil {
 		if vm.j.Err() == nil && vm.j.ApplyErr() == nil {
 			return nil
@@ -385,9 +388,11 @@ func (h *Hub) openJournal(vm *hubVM) error {
 		// reported as such and not as syncing.
 		if err := j.Probe(); err != nil {
 			j.Close()
+			vm.reprobe = true
 			return err
 		}
 	}
+	vm.reprobe = false
 	vm.j = j
 	vm.resync = j.InResync()
 	return nil
