@@ -140,6 +140,7 @@ type Agent struct {
 	cond       *sync.Cond // queue, acknowledgements, connection state
 	vols       map[string]*agentVolume
 	order      []string                // attach order, for reports
+	nProtect   int64                   // attached volumes with Protect: the queue's shares
 	byID       map[uint64]*agentVolume // ids of the current connection
 	conn       *agentConn              // nil while disconnected
 	hub        string                  // the hub's address (Reconnect changes it)
@@ -543,6 +544,9 @@ func (a *Agent) Attach(name string, dev Device, o VolumeOptions) (Device, error)
 		a.mu.Unlock()
 	})
 	a.vols[name] = v
+	if o.Protect {
+		a.nProtect++
+	}
 	a.order = append(a.order, name)
 	a.reported = false
 	if a.cfg.Group {
@@ -570,6 +574,9 @@ func (a *Agent) Detach(name string) {
 		delete(a.byID, v.id)
 	}
 	delete(a.vols, name)
+	if v.opts.Protect {
+		a.nProtect--
+	}
 	for i, n := range a.order {
 		if n == name {
 			a.order = append(a.order[:i], a.order[i+1:]...)
@@ -799,13 +806,7 @@ func (v *agentVolume) tooOld(now time.Time) bool {
 // share is the part of the mirror queue one protected volume may fill, so
 // that one busy disk cannot starve the others; a.mu held.
 func (a *Agent) share() int64 {
-	n := int64(0)
-	for _, v := range a.vols {
-		if v.opts.Protect {
-			n++
-		}
-	}
-	return a.cfg.QueueBytes / max(n, 1)
+	return a.cfg.QueueBytes / max(a.nProtect, 1)
 }
 
 // overflow records a write that found the queue (or the volume's share)
