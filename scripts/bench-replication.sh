@@ -15,6 +15,12 @@
 #                                protected volume the largest RPO that
 #                                query-repagent reported (sampled every 100 ms)
 #   1M sequential write QD8:     MiB/s, CPU per write, RPO
+#   1M sequential write QD8, a FLUSH after every write (vhostdm bench
+#                                --fsync 1): the same with both sides
+#                                flushing to the disk. Without flushes the
+#                                unprotected writes only fill the page
+#                                cache, while every protected write waits
+#                                (paced) for the hub's fdatasync'd journal.
 #
 # The last column is the hub process's CPU per protected write (it shares
 # the cores: what it costs shows in the protected IOPS).
@@ -40,7 +46,7 @@ while [ $# -gt 0 ]; do
 	--runs) runs=$2; shift 2 ;;
 	--duration) duration=$2; shift 2 ;;
 	--keep) keep=1; shift ;;
-	-h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	-h|--help) sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "bench-replication.sh: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
@@ -139,9 +145,9 @@ wait_protecting() {
 cpu() { awk '{print $14 + $15}' "/proc/${1:-$vpid}/stat"; }
 tck=$(getconf CLK_TCK)
 
-# one EXPORT RW BS QD: prints "iops bytes_per_sec cpu_per_op_us max_rpo_s hub_cpu_per_op_us"
+# one EXPORT RW BS QD [FSYNC]: prints "iops bytes_per_sec cpu_per_op_us max_rpo_s hub_cpu_per_op_us"
 one() {
-	local exp=$1 rw=$2 bs=$3 qd=$4 rpo=0 c0 c1 h0 h1 out sampler
+	local exp=$1 rw=$2 bs=$3 qd=$4 fsync=${5:-0} rpo=0 c0 c1 h0 h1 out sampler
 	[ "$exp" = p ] && wait_protecting
 	: >"$dir/rpo"
 	if [ "$exp" = p ]; then
@@ -149,7 +155,7 @@ one() {
 		sampler=$!
 	fi
 	c0=$(cpu); h0=$(cpu "$hpid")
-	out=$("$dir/vhostdm" bench --socket "$dir/$exp.sock" --rw "$rw" --bs "$bs" --iodepth "$qd" --duration "$duration" --json)
+	out=$("$dir/vhostdm" bench --socket "$dir/$exp.sock" --rw "$rw" --bs "$bs" --iodepth "$qd" --fsync "$fsync" --duration "$duration" --json)
 	c1=$(cpu); h1=$(cpu "$hpid")
 	if [ "$exp" = p ]; then
 		kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true
@@ -168,13 +174,13 @@ div() { awk -v a="$1" -v b="$2" 'BEGIN { print (b == 0 ? 0 : a / b) }'; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 row() {
-	local name=$1 rw=$2 bs=$3 qd=$4
+	local name=$1 rw=$2 bs=$3 qd=$4 fsync=${5:-0}
 	: >"$dir/p.txt"; : >"$dir/u.txt"
 	for i in $(seq "$runs"); do
 		if [ $((i % 2)) = 1 ]; then order="u p"; else order="p u"; fi
 		for e in $order; do
 			log "$name run $i: $e"
-			one "$e" "$rw" "$bs" "$qd" >>"$dir/$e.txt"
+			one "$e" "$rw" "$bs" "$qd" "$fsync" >>"$dir/$e.txt"
 		done
 	done
 	local pi ui pb ub pc uc pr ph
@@ -193,5 +199,6 @@ echo "| workload | unprotected IOPS | protected IOPS | IOPS ratio | unprotected 
 echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 row "4k randwrite QD32" randwrite 4096 32
 row "1M seq write QD8" write 1048576 8
+row "1M seq write QD8, flush every write" write 1048576 8 1
 echo
 echo "load average before: $load0; after: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) cores; runs=$runs duration=$duration"

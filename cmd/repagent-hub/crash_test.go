@@ -54,7 +54,7 @@ func startHubProc(t *testing.T, dir, addr string, n int, extra ...string) *hubPr
 		// A failed test shows what the hub said (a panic, a store error).
 		if t.Failed() {
 			if b, err := os.ReadFile(lf.Name()); err == nil {
-				t.Logf("%s:\n%s", filepath.Base(lf.Name()), tail(b, 8<<10))
+				t.Logf("%s:\n%s", filepath.Base(lf.Name()), tail(b, 64<<10))
 			}
 		}
 	})

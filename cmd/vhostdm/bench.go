@@ -38,6 +38,10 @@ type benchResult struct {
 	LatUS       benchLatUS `json:"lat_us"`
 	Errors      uint64     `json:"errors"`
 	Verify      string     `json:"verify"`
+	// Fsync and Flushes: with --fsync N, a FLUSH after every N writes of
+	// each request slot, and how many were sent (not counted in ops).
+	Fsync   int    `json:"fsync,omitempty"`
+	Flushes uint64 `json:"flushes,omitempty"`
 }
 
 type benchLatUS struct {
@@ -61,12 +65,13 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 	duration := fs.Duration("duration", 10*time.Second, "how long to run")
 	size := fs.Uint64("size", 0, "bytes of the device to use, from offset 0 (default: the whole device)")
 	verify := fs.Bool("verify", false, "write self-identifying blocks (after a prefill pass) and check every read")
+	fsync := fs.Int("fsync", 0, "send a FLUSH after every N writes of each request slot and wait for it, as fio's --fsync (0: never)")
 	jsonOut := fs.Bool("json", false, "print one JSON object")
 	report := fs.String("report", "", "print the comparison table of a `FILE` of tagged results (scripts/bench-vs-qsd.sh)")
 	note := fs.String("note", "", "with --report: a line describing the machine and run")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: vhostdm bench --socket PATH [--rw read|write|randread|randwrite|randrw] [--bs BYTES]\n"+
-			"       [--iodepth N] [--queues N] [--duration D] [--size BYTES] [--verify] [--json]\n"+
+			"       [--iodepth N] [--queues N] [--duration D] [--size BYTES] [--verify] [--fsync N] [--json]\n"+
 			"       vhostdm bench --report FILE [--note TEXT] [--json]")
 		fs.PrintDefaults()
 	}
@@ -100,8 +105,10 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 		return fail("--queues %d: want 1 to %d", *queues, vhost.MaxQueues)
 	case *duration <= 0:
 		return fail("--duration %v: want a positive duration", *duration)
+	case *fsync < 0:
+		return fail("--fsync %d: want 0 (never) or a positive number of writes", *fsync)
 	}
-	b := &bench{rw: *rw, bs: *bs, iodepth: *iodepth, queues: *queues, verify: *verify}
+	b := &bench{rw: *rw, bs: *bs, iodepth: *iodepth, queues: *queues, verify: *verify, fsync: *fsync}
 	res, err := b.run(*socket, *duration, *size, stderr)
 	if err != nil {
 		return fail("%v", err)
@@ -129,6 +136,8 @@ type bench struct {
 	bs, iodepth int
 	queues      int
 	verify      bool
+	fsync       int // a FLUSH after every fsync writes of a slot; 0 never
+	flushes     atomic.Uint64
 	c           *frontend.Client
 	blocks      uint64
 	gens        []uint32      // verify: generation of each block's last completed write
@@ -154,6 +163,10 @@ type slot struct {
 	write bool
 	gen   uint32
 	start time.Time
+	// writes counts the slot's writes for --fsync; flushing: its
+	// request in flight is a FLUSH.
+	writes   int
+	flushing bool
 }
 
 func (b *bench) run(socket string, d time.Duration, size uint64, stderr io.Writer) (*benchResult, error) {
@@ -252,7 +265,7 @@ func (b *bench) run(socket string, d time.Duration, size uint64, stderr io.Write
 	}
 	res := &benchResult{RW: b.rw, BS: b.bs, IODepth: b.iodepth, Queues: b.queues, DurationS: round3(elapsed),
 		Ops: ops, IOPS: round3(float64(ops) / elapsed), BytesPerSec: round3(float64(ops) * float64(b.bs) / elapsed),
-		Errors: b.errors.Load(), Verify: "off"}
+		Errors: b.errors.Load(), Verify: "off", Fsync: b.fsync, Flushes: b.flushes.Load()}
 	res.LatUS = benchLatUS{P50: all.quantileUS(0.5), P99: all.quantileUS(0.99), P999: all.quantileUS(0.999), Max: round3(float64(all.max) / 1e3)}
 	if b.verify {
 		res.Verify = "ok"
@@ -352,6 +365,18 @@ func (b *bench) release(s *slot) {
 func (b *bench) done(s *slot, r frontend.Result) {
 	lat := time.Since(s.start)
 	ok := r.Err == nil && r.Status == frontend.BlkStatusOK
+	if s.flushing {
+		s.flushing = false
+		if !ok {
+			b.noteErr("flush: status %d err %v", r.Status, r.Err)
+		}
+		if r.Err != nil {
+			b.wg.Done()
+			return
+		}
+		b.next(s)
+		return
+	}
 	if !ok {
 		b.noteErr("block %d: status %d err %v", s.block, r.Status, r.Err)
 	} else if b.verify {
@@ -373,7 +398,26 @@ func (b *bench) done(s *slot, r frontend.Result) {
 		b.wg.Done()
 		return
 	}
+	if b.fsync > 0 && s.write && !b.prefilling.Load() {
+		if s.writes++; s.writes%b.fsync == 0 {
+			b.flush(s)
+			return
+		}
+	}
 	b.next(s)
+}
+
+// flush sends a FLUSH from slot s (--fsync); its completion submits the
+// slot's next request.
+func (b *bench) flush(s *slot) {
+	s.flushing = true
+	b.flushes.Add(1)
+	err := b.c.Submit(s.q, &frontend.BlkRequest{Type: frontend.BlkTypeFlush}, func(r frontend.Result) { b.done(s, r) })
+	if err != nil {
+		s.flushing = false
+		b.noteErr("submit flush: %v", err)
+		b.wg.Done()
+	}
 }
 
 // fillBlock writes the self-identifying content of block blk at generation

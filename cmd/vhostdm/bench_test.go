@@ -77,6 +77,32 @@ func TestBenchBackendKilled(t *testing.T) {
 	}
 }
 
+// TestBenchFsync: with --fsync N every request slot sends a FLUSH after
+// each N of its writes and waits for it; flushes complete without error
+// and are not counted as operations.
+func TestBenchFsync(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "zero.sock")
+	cfg := writeConfig(t, dir, fmt.Sprintf(benchConfig, sock)+"writable = true\n")
+	startChild(t, cfg, sock)
+	var out, errb bytes.Buffer
+	if code := run([]string{"bench", "--socket", sock, "--rw", "write", "--duration", "300ms", "--iodepth", "4", "--fsync", "2", "--json"}, &out, &errb); code != 0 {
+		t.Fatalf("bench --fsync 2: exit %d: %s", code, errb.String())
+	}
+	var res benchResult
+	if err := json.Unmarshal(out.Bytes(), &res); err != nil {
+		t.Fatalf("bench result %q: %v", out.String(), err)
+	}
+	// Each of the 4 slots flushed after every second write: ops/2 in
+	// all, less at most one unflushed write per slot.
+	if res.Ops < 8 || res.Fsync != 2 || res.Flushes > res.Ops/2 || res.Flushes+4 < res.Ops/2 || res.Errors != 0 {
+		t.Fatalf("%d writes, %d flushes (fsync %d), %d errors: want a flush per 2 writes of each slot", res.Ops, res.Flushes, res.Fsync, res.Errors)
+	}
+	if code := run([]string{"bench", "--socket", sock, "--fsync", "-1"}, &out, &errb); code == 0 {
+		t.Fatalf("bench --fsync -1 accepted")
+	}
+}
+
 // TestBenchReportBestQSD: the report compares vhostdm with the best QSD
 // configuration of each row, per run and over the medians, and gives the
 // CPU seconds per million requests of every server and their ratio.

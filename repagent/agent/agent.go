@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/rand"
@@ -139,6 +140,7 @@ type Agent struct {
 	cond       *sync.Cond // queue, acknowledgements, connection state
 	vols       map[string]*agentVolume
 	order      []string                // attach order, for reports
+	nProtect   int64                   // attached volumes with Protect: the queue's shares
 	byID       map[uint64]*agentVolume // ids of the current connection
 	conn       *agentConn              // nil while disconnected
 	hub        string                  // the hub's address (Reconnect changes it)
@@ -185,6 +187,14 @@ type Agent struct {
 	alSpan  uint64 // the most bytes one write may span in the log (half of al-extents)
 
 	bufs bufPool // mirrored data buffers
+
+	// ring holds the frames of mirrored writes, preallocated: the frame
+	// of sequence number s lives in ring[s&ringMask] (a.mu). Its length
+	// is the credit window: a write whose slot is still held by a frame
+	// the hub has not acknowledged waits for the hub (pacing), so the
+	// guest's path allocates nothing for its frame.
+	ring     []qitem
+	ringMask uint64
 }
 
 // bufPool keeps the buffers of mirrored data by power-of-two size class
@@ -201,6 +211,45 @@ type bufPool struct {
 
 // maxPoolClass is the largest pooled buffer, 2^maxPoolClass bytes.
 const maxPoolClass = 22
+
+// minRing and maxRing bound the ring of write frames (the credit window):
+// one slot per 4 KiB of the queue, a power of two.
+const (
+	minRing = 256
+	maxRing = 8192
+)
+
+// frames returns how many PROTECTED_WRITE frames a write of sectors takes.
+func frames(op mapper.Op, sectors uint64) uint64 {
+	per := uint64(^uint32(0))
+	if op == mapper.OpWrite {
+		per = wire.MaxIOSectors
+	}
+	return max((sectors+per-1)/per, 1)
+}
+
+// slotsFree reports whether the ring slots of the next n sequence numbers
+// are free; a.mu held.
+func (a *Agent) slotsFree(n uint64) bool {
+	for s := a.nextSeq; s < a.nextSeq+n; s++ {
+		if a.ring[s&a.ringMask].busy {
+			return false
+		}
+	}
+	return true
+}
+
+// writeItem returns the item for the write frame of sequence number seq:
+// its ring slot, or (a group agent's MirrorWrite, which does not wait for
+// credit) a new item when the slot is busy; a.mu held.
+func (a *Agent) writeItem(seq uint64) *qitem {
+	it := &a.ring[seq&a.ringMask]
+	if it.busy {
+		return &qitem{}
+	}
+	*it = qitem{inRing: true, busy: true}
+	return it
+}
 
 // getBuf returns a buffer of n bytes, pooled for sizes up to 4 MiB.
 func (a *Agent) getBuf(n int) []byte {
@@ -222,17 +271,22 @@ func (a *Agent) getBuf(n int) []byte {
 	return make([]byte, n, 1<<c)
 }
 
-// putBuf gives a buffer from getBuf back to the pool.
-func (a *Agent) putBuf(b []byte) {
-	c := bits.Len(uint(max(cap(b), 1) - 1))
-	if c > maxPoolClass || cap(b) != 1<<c {
+// putBufs gives buffers from getBuf back to the pool.
+func (a *Agent) putBufs(bs [][]byte) {
+	if len(bs) == 0 {
 		return
 	}
 	p := &a.bufs
 	p.mu.Lock()
-	if p.bytes+int64(cap(b)) <= max(p.limit, 1<<c) {
-		p.free[c] = append(p.free[c], b[:0])
-		p.bytes += int64(cap(b))
+	for _, b := range bs {
+		c := bits.Len(uint(max(cap(b), 1) - 1))
+		if c > maxPoolClass || cap(b) != 1<<c {
+			continue
+		}
+		if p.bytes+int64(cap(b)) <= max(p.limit, 1<<c) {
+			p.free[c] = append(p.free[c], b[:0])
+			p.bytes += int64(cap(b))
+		}
 	}
 	p.mu.Unlock()
 }
@@ -255,6 +309,9 @@ type qitem struct {
 	pw  wire.ProtectedWrite
 	one [1][]byte
 	buf []byte // the pooled data buffer, on the write's last frame
+	// inRing: the item is a slot of Agent.ring, busy while queued or
+	// unacknowledged.
+	inRing, busy bool
 }
 
 // agentVolume is an attached volume; it implements Device.
@@ -417,6 +474,11 @@ func New(cfg Config) (*Agent, error) {
 	a.holdTimer = time.AfterFunc(time.Hour, a.holdExpired)
 	a.holdTimer.Stop()
 	a.bufs.limit = cfg.QueueBytes
+	n := uint64(minRing)
+	for n < maxRing && int64(n)*4096 < cfg.QueueBytes {
+		n *= 2
+	}
+	a.ring, a.ringMask = make([]qitem, n), n-1
 	if cfg.ActivityLog.Path != "" && !cfg.Group {
 		if err := a.openActivityLog(cfg.ActivityLog); err != nil {
 			return nil, fmt.Errorf("repagent: %w", err)
@@ -482,6 +544,9 @@ func (a *Agent) Attach(name string, dev Device, o VolumeOptions) (Device, error)
 		a.mu.Unlock()
 	})
 	a.vols[name] = v
+	if o.Protect {
+		a.nProtect++
+	}
 	a.order = append(a.order, name)
 	a.reported = false
 	if a.cfg.Group {
@@ -509,6 +574,9 @@ func (a *Agent) Detach(name string) {
 		delete(a.byID, v.id)
 	}
 	delete(a.vols, name)
+	if v.opts.Protect {
+		a.nProtect--
+	}
 	for i, n := range a.order {
 		if n == name {
 			a.order = append(a.order[:i], a.order[i+1:]...)
@@ -629,7 +697,10 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 	bytes := int64(len(data))
 	for !a.canMirror(v) {
 		now := time.Now()
-		if v.opts.OnHubLoss != OnHubLossSuspend || a.stopped || v.detached || !v.behindAway(now) {
+		// A connection closing (a.conn still set) is not waited for:
+		// its end waits for what it serves, which may wait for this
+		// write's range lock.
+		if v.opts.OnHubLoss != OnHubLossSuspend || a.stopped || v.detached || (a.conn != nil && a.conn.closing.Load()) || !v.behindAway(now) {
 			if !v.awayWarned && v.opts.OnHubLoss == OnHubLossContinue && !v.opts.FallBehind.IsZero() && v.behindAway(now) {
 				v.awayWarned = true
 				v.log.Warn("hub away and past the fall-behind threshold: writes go to the dirty map (on-hub-loss = continue)",
@@ -651,13 +722,31 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 		}
 	}
 	share := a.share()
-	for a.queueBytes > 0 && (a.queueBytes+bytes > a.cfg.QueueBytes || v.pendB+bytes > share) {
-		if !v.sync {
-			a.overflow(v, r.Sector, r.Sectors, bytes, share)
-			return 0, true, nil
+	for {
+		for a.queueBytes > 0 && (a.queueBytes+bytes > a.cfg.QueueBytes || v.pendB+bytes > share) {
+			if !v.sync {
+				a.overflow(v, r.Sector, r.Sectors, bytes, share)
+				return 0, true, nil
+			}
+			a.cond.Wait() // synchronous: wait for room
+			if !a.canMirror(v) {
+				v.markDirty(r.Sector, r.Sectors, "writes while the hub was away")
+				return 0, true, nil
+			}
 		}
-		a.cond.Wait() // synchronous: wait for room
-		if !a.canMirror(v) {
+		if a.slotsFree(frames(r.Op, r.Sectors)) {
+			break
+		}
+		// The credit window is used up: the ring slot of this write's
+		// sequence number still holds a frame the hub has not
+		// acknowledged. The guest waits for the hub, as when paced.
+		v.stats.Paced++
+		if !a.urgent {
+			a.urgent = true
+			a.cond.Broadcast()
+		}
+		a.cond.Wait()
+		if !a.canMirror(v) || a.stopped {
 			v.markDirty(r.Sector, r.Sectors, "writes while the hub was away")
 			return 0, true, nil
 		}
@@ -717,13 +806,7 @@ func (v *agentVolume) tooOld(now time.Time) bool {
 // share is the part of the mirror queue one protected volume may fill, so
 // that one busy disk cannot starve the others; a.mu held.
 func (a *Agent) share() int64 {
-	n := int64(0)
-	for _, v := range a.vols {
-		if v.opts.Protect {
-			n++
-		}
-	}
-	return a.cfg.QueueBytes / max(n, 1)
+	return a.cfg.QueueBytes / max(a.nProtect, 1)
 }
 
 // overflow records a write that found the queue (or the volume's share)
@@ -813,7 +896,8 @@ func (a *Agent) queueWrite(v *agentVolume, op mapper.Op, sector, sectors uint64,
 	// up to 2^32-1 sectors go in one frame).
 	for sec, left, off := sector, sectors, 0; left > 0; {
 		n := min(left, uint64(^uint32(0)))
-		it := &qitem{vol: v, write: true, t: now, sector: sec}
+		it := a.writeItem(a.nextSeq)
+		it.vol, it.write, it.t, it.sector = v, true, now, sec
 		pw := &it.pw
 		*pw = wire.ProtectedWrite{Volume: v.id, Sector: sec, Status: wire.StatusOK}
 		switch {
@@ -905,9 +989,12 @@ func (a *Agent) holdExpired() {
 	a.mu.Unlock()
 }
 
-// canMirror reports whether v's writes can be queued now; a.mu held.
+// canMirror reports whether v's writes can be queued now: the connection
+// is up and not closing (a write waiting for the hub holds its range lock,
+// which a CSUM_REQ being served may wait for, and the connection's end
+// waits for that), the hub mirrors the volume; a.mu held.
 func (a *Agent) canMirror(v *agentVolume) bool {
-	return a.conn != nil && v.mirror && v.id != 0 && !v.detached
+	return a.conn != nil && !a.conn.closing.Load() && v.mirror && v.id != 0 && !v.detached
 }
 
 // markDirty records a sector range in the dirty bitmap, and why; a.mu
@@ -999,6 +1086,11 @@ func (a *Agent) release(v *agentVolume, it *qitem) {
 	}
 	if it.done != nil {
 		close(it.done)
+		it.done = nil
+	}
+	if it.inRing {
+		it.busy = false
+		it.vol, it.msg, it.buf, it.one[0], it.pw.Data = nil, nil, nil, nil, nil
 	}
 }
 
@@ -1291,15 +1383,32 @@ type agentConn struct {
 	bye   chan struct{} // closed when AGENT_SHUTDOWN is answered
 	done  chan struct{} // closed when the connection ends
 	close sync.Once
+	// closing is set by shut: writes stop waiting for this connection.
+	closing atomic.Bool
+
+	// The sender's batch, reused (sendLoop). The other writers (c.w)
+	// flush under wmu: the socket has nothing of theirs buffered.
+	vectored bool          // nc takes writev: a TCP or Unix socket
+	bw       *bufio.Writer // otherwise (TLS), written under wmu
+	pooled   [][]byte
+	spare    []*qitem // the other queue slice, swapped with Agent.queue
+	hdr      []byte
+	pieces   []piece
+	iov      net.Buffers
 }
 
 func (c *agentConn) shut() {
 	c.close.Do(func() {
+		c.closing.Store(true)
 		close(c.done)
 		c.nc.Close()
-		c.a.mu.Lock()
-		c.a.cond.Broadcast()
-		c.a.mu.Unlock()
+		a := c.a
+		a.mu.Lock()
+		a.cond.Broadcast()
+		for _, v := range a.vols {
+			v.room.Broadcast() // paced writers stop waiting
+		}
+		a.mu.Unlock()
 	})
 }
 
@@ -1359,6 +1468,10 @@ func (a *Agent) runConn(ctx context.Context) error {
 	}
 	c := &agentConn{a: a, nc: nc, log: a.log, w: wire.NewWriter(nc), r: wire.NewReader(nc, wire.MaxHelloPayload),
 		sem: make(chan struct{}, 32), bye: make(chan struct{}), done: make(chan struct{})}
+	switch nc.(type) {
+	case *net.TCPConn, *net.UnixConn:
+		c.vectored = true
+	}
 	stop := context.AfterFunc(ctx, c.shut)
 	defer stop()
 	defer c.shut()
@@ -1455,7 +1568,9 @@ func (c *agentConn) readLoop() error {
 			}
 		case *wire.WriteAck:
 			a.mu.Lock()
-			ok := m.Seq < a.nextSeq
+			// Only what was handed to the socket can be acknowledged:
+			// an acknowledged frame's ring slot is reused.
+			ok := m.Seq <= a.sentSeq || m.Seq <= a.acked
 			if ok {
 				a.ack(m.Seq)
 			}
@@ -1671,43 +1786,116 @@ func (c *agentConn) sendLoop() {
 			}
 		}
 		items := a.queue
-		a.queue = nil
+		a.queue, c.spare = c.spare[:0], nil
 		a.queuedB, a.urgent = 0, false
-		if len(items) > 0 {
-			a.sentSeq = items[len(items)-1].seq
-		}
-		a.mu.Unlock()
-
-		c.wmu.Lock()
-		c.nc.SetWriteDeadline(time.Now().Add(wire.PeerTimeout(a.cfg.Heartbeat)))
-		var err error
-		if report != nil {
-			err = c.w.WriteMessage(report)
-		}
-		for _, it := range items {
-			if err != nil {
+		for i := len(items) - 1; i >= 0; i-- {
+			if items[i].seq != 0 { // a CSUM_RES has none
+				a.sentSeq = items[i].seq
 				break
 			}
-			err = c.w.WriteMessage(it.msg)
-			if pw, ok := it.msg.(*wire.ProtectedWrite); ok {
-				pw.Data = nil // sent: the hub has it or it will be dirty again
-				it.one[0] = nil
-				if it.buf != nil {
-					// WriteMessage copied or wrote the data.
-					a.putBuf(it.buf)
-					it.buf = nil
-				}
+		}
+		// The batch is encoded under a.mu: its items may be
+		// acknowledged, and their ring slots reused, as soon as their
+		// frames are on the socket. The sender owns their data buffers
+		// from here.
+		var msgs []wire.Message
+		if report != nil {
+			msgs = []wire.Message{report}
+		}
+		c.encode(msgs, items)
+		pooled := c.pooled[:0]
+		for _, it := range items {
+			if it.buf != nil {
+				pooled = append(pooled, it.buf)
+				it.buf = nil
 			}
 		}
-		if err == nil {
-			err = c.w.Flush()
-		}
-		c.wmu.Unlock()
+		clear(items)
+		a.mu.Unlock()
+
+		err := c.writeBatch()
+		a.putBufs(pooled) // written: the kernel has the bytes
+		clear(pooled)
+		c.pooled, c.spare = pooled[:0], items[:0]
 		if err != nil {
 			c.log.Warn("send failed", "err", err)
 			return
 		}
 	}
+}
+
+// piece is a run of frame headers in the sender's header buffer,
+// [start, end), and the data that follows them.
+type piece struct {
+	start, end int
+	data       [][]byte
+}
+
+// encode puts the frames of msgs, then of items, into the sender's batch:
+// their headers into one buffer, their data referenced where it lies.
+func (c *agentConn) encode(msgs []wire.Message, items []*qitem) {
+	hdr, pieces := c.hdr[:0], c.pieces[:0]
+	add := func(m wire.Message) {
+		start := len(hdr)
+		var data [][]byte
+		hdr, data = wire.AppendHead(hdr, m)
+		if n := len(pieces); n > 0 && pieces[n-1].data == nil && pieces[n-1].end == start {
+			pieces[n-1].end, pieces[n-1].data = len(hdr), data // adjacent headers: one piece
+			return
+		}
+		pieces = append(pieces, piece{start, len(hdr), data})
+	}
+	for _, m := range msgs {
+		add(m)
+	}
+	for _, it := range items {
+		add(it.msg)
+	}
+	bufs := c.iov[:0]
+	for _, p := range pieces {
+		bufs = append(bufs, hdr[p.start:p.end])
+		for _, d := range p.data {
+			if len(d) > 0 {
+				bufs = append(bufs, d)
+			}
+		}
+	}
+	clear(pieces)
+	c.hdr, c.pieces, c.iov = hdr, pieces[:0], bufs
+}
+
+// writeBatch writes the encoded batch: on a TCP or Unix socket with
+// vectored writes (writev: the data is not copied again), otherwise (TLS)
+// through a buffer.
+func (c *agentConn) writeBatch() error {
+	bufs := c.iov
+	defer func() {
+		clear(bufs)
+		c.iov = bufs[:0]
+		if cap(c.hdr) > 4<<20 {
+			c.hdr = nil // a huge dirty map's: not kept
+		}
+	}()
+	if len(bufs) == 0 {
+		return nil
+	}
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.nc.SetWriteDeadline(time.Now().Add(wire.PeerTimeout(c.a.cfg.Heartbeat)))
+	if c.vectored {
+		v := bufs // WriteTo consumes its receiver
+		_, err := v.WriteTo(c.nc)
+		return err
+	}
+	if c.bw == nil {
+		c.bw = bufio.NewWriterSize(c.nc, 256<<10)
+	}
+	for _, b := range bufs {
+		if _, err := c.bw.Write(b); err != nil {
+			return err
+		}
+	}
+	return c.bw.Flush()
 }
 
 // reportLocked builds REPORT_VM_VOLUMES; a.mu held.

@@ -18,6 +18,20 @@
 // queued behind every frame before that point (csum.go). [Agent.Close] drains the queue
 // and sends AGENT_SHUTDOWN.
 //
+// # The write path
+//
+// A mirrored write is copied once, from guest memory into a pooled data
+// buffer; its frame is the slot of a preallocated ring whose position is
+// its sequence number, so the guest's path allocates nothing. The ring's
+// size is the credit window: a write whose slot still holds a frame the
+// hub has not acknowledged waits for the hub. Above three quarters of the
+// volume's share of the queue, or with a backlog older than
+// Config.PaceAge, completions wait for the hub too (pacing). The sender
+// writes a batch of frames with one vectored write (writev: headers from
+// one buffer, data where it lies; TLS connections go through a buffer),
+// batching on the hub's acknowledgements (Nagle's algorithm clocked by
+// WRITE_ACK; the hub acknowledges a group commit with one WRITE_ACK).
+//
 // # Consistency groups
 //
 // An agent with Config.Group (the replicator target's repagent site link)

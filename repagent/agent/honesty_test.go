@@ -246,6 +246,61 @@ func TestPacingBoundsLag(t *testing.T) {
 	r.CheckIdentical(v)
 }
 
+// TestCreditWindow: many small writes (512 bytes: far under the queue's
+// byte limits) to a slow hub. The ring of write frames is the credit
+// window: the backlog never holds more frames than the ring has slots
+// (256 for a 1 MiB queue), the guest waits for the hub past it instead of
+// overflowing into the dirty map, and the replica ends identical.
+func TestCreditWindow(t *testing.T) {
+	const slots = 256 // the ring of a 1 MiB queue: one slot per 4 KiB, at least 256
+	r := reptest.New(t)
+	r.HubCfg.ApplyDelay = time.Millisecond
+	r.AgentCfg.QueueBytes = 1 << 20
+	r.AgentCfg.PaceAge = time.Minute // the window, not the age, bounds the backlog
+	r.StartHub()
+	v := r.AddVolume("d0", 4<<20)
+	r.StartAgent(reptest.ProtectAll(v))
+	r.WaitProtected(30*time.Second, v)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	var writes int
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := uint64(0); ctx.Err() == nil; i++ {
+			s := (i * 2654435761) % uint64(v.Size/512)
+			data := reptest.Pattern(i+1, 512)
+			if err := v.Client.WriteAt(context.Background(), 0, data, s); err != nil {
+				t.Errorf("guest write: %v", err)
+				return
+			}
+			v.Mu.Lock()
+			copy(v.Model[s*512:], data)
+			v.Mu.Unlock()
+			writes++
+		}
+	}()
+	var maxIOs int
+	for ctx.Err() == nil {
+		maxIOs = max(maxIOs, r.Agent.Status().Volumes[0].BacklogIOs)
+		time.Sleep(2 * time.Millisecond)
+	}
+	<-done
+	st := r.Agent.Status().Volumes[0].Stats
+	t.Logf("%d writes of 512 bytes, %d waited for credit or pacing, max backlog %d frames", writes, st.Paced, maxIOs)
+	if st.Paced == 0 {
+		t.Errorf("no write waited: the hub kept up, the test did not test anything")
+	}
+	if maxIOs > slots {
+		t.Errorf("backlog of %d frames, beyond the credit window of %d", maxIOs, slots)
+	}
+	if st.Overflows != 0 || st.Dirtied != 0 {
+		t.Errorf("%d overflows, %d writes dirtied: the window should have held the guest", st.Overflows, st.Dirtied)
+	}
+	r.WaitProtected(60*time.Second, v)
+	r.CheckIdentical(v)
+}
+
 // TestActivityLogLongRequests: a discard and a write spanning more extents
 // than the activity log holds are split, not a reason to abandon the log;
 // the replica ends identical.

@@ -651,14 +651,26 @@ func (m *Heartbeat) encode(b []byte) ([]byte, uint16, uint64, [][]byte) {
 
 // AppendFrame appends m's whole frame, header included, to b.
 func AppendFrame(b []byte, m Message) []byte {
-	start := len(b)
-	b = append(b, make([]byte, HeaderSize)...)
-	b, flags, seq, data := m.encode(b)
+	b, data := AppendHead(b, m)
 	for _, d := range data {
 		b = append(b, d...)
 	}
-	Header{Version: Version, Cmd: m.Cmd(), Flags: flags, Seq: seq, Len: uint32(len(b) - start - HeaderSize)}.put(b[start:])
 	return b
+}
+
+// AppendHead appends m's frame up to its data (the header and the fixed
+// fields) to b and returns the data slices that complete the frame, not
+// copied: a writer with vectored I/O sends them from where they are.
+func AppendHead(b []byte, m Message) ([]byte, [][]byte) {
+	start := len(b)
+	b = append(b, make([]byte, HeaderSize)...)
+	b, flags, seq, data := m.encode(b)
+	n := len(b) - start - HeaderSize
+	for _, d := range data {
+		n += len(d)
+	}
+	Header{Version: Version, Cmd: m.Cmd(), Flags: flags, Seq: seq, Len: uint32(n)}.put(b[start:])
+	return b, data
 }
 
 // Writer writes frames to a buffered stream. It is not safe for concurrent
@@ -675,13 +687,7 @@ func NewWriter(w io.Writer) *Writer {
 
 // WriteMessage writes m; data slices are copied to the stream, not kept.
 func (w *Writer) WriteMessage(m Message) error {
-	b := append(w.scratch[:0], make([]byte, HeaderSize)...)
-	b, flags, seq, data := m.encode(b)
-	n := len(b) - HeaderSize
-	for _, d := range data {
-		n += len(d)
-	}
-	Header{Version: Version, Cmd: m.Cmd(), Flags: flags, Seq: seq, Len: uint32(n)}.put(b)
+	b, data := AppendHead(w.scratch[:0], m)
 	w.scratch = b[:0]
 	if _, err := w.bw.Write(b); err != nil {
 		return err
