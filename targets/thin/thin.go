@@ -183,10 +183,10 @@ func (t *thinTarget) write(vb, in, n uint64, bufs [][]byte, unmap bool) error {
 	unlock := p.lockBlock(blockKey{t.id, vb})
 	defer unlock()
 	p.mu.Lock()
+	// A read-only pool still takes writes to blocks mapped and not
+	// shared, as the kernel's process_bio_read_only; alloc refuses new
+	// blocks.
 	pb, ok, shared, err := t.lookup(vb)
-	if err == nil && p.readOnly() {
-		err = mapper.Errorf(mapper.ErrIO, "pool is read-only")
-	}
 	data := p.data
 	if err != nil {
 		p.mu.Unlock()
