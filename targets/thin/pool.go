@@ -436,7 +436,7 @@ func (p *pool) commitHeld() (bool, error) {
 	if p.failed == nil {
 		pc.landed()
 		p.checkMetaSpace()
-		if p.noSpace && p.md.data.NrFree() > p.md.data.NrReserved() {
+		if p.noSpace && !p.metaOOS && p.md.data.NrFree() > p.md.data.NrReserved() {
 			p.setWrite() // the kernel's check_for_data_space
 		}
 	}
