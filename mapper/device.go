@@ -287,8 +287,10 @@ func (d *Device) Resume() error {
 	if oldSize != 0 || !swapped {
 		d.log.Info("resumed", "new_table", swapped)
 	}
+	// A resize is no dm event: the kernel's event counter stays (a
+	// thin-pool grown out of out_of_data_space counts only its mode
+	// change on 6.1); QMP still reports it.
 	if swapped && oldSize != newSize && oldSize != 0 {
-		d.eventNr.Add(1)
 		for _, w := range d.watchers {
 			w(oldSize, newSize)
 		}

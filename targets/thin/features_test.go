@@ -13,7 +13,8 @@ import (
 )
 
 // TestNoSpace fills a pool of 8 blocks: the low water mark event comes
-// once, error_if_no_space fails the write that needs a ninth block and the
+// once, when an allocation finds 2 blocks free (the kernel checks before
+// allocating), error_if_no_space fails the write that needs a ninth block and the
 // pool reports out_of_data_space; a reload over a larger data device grows
 // it, and the write goes through.
 func TestNoSpace(t *testing.T) {
@@ -27,7 +28,7 @@ func TestNoSpace(t *testing.T) {
 		blk[0] = byte(i + 1)
 		e.write(1, i*128, blk)
 		want := 0
-		if i >= 5 {
+		if i >= 6 {
 			want = 1
 		}
 		if n := countKind(e.eventKinds(), "pool:low_water_mark"); n != want {
@@ -199,4 +200,42 @@ func TestConstructor(t *testing.T) {
 	if got := e.pool.Status(mapper.StatusInfo, false)[0].Params; !slices.Contains(strings.Fields(got), "skip_block_zeroing") && !strings.HasSuffix(got, " 64") {
 		t.Errorf("pool status %q: want metadata low water mark 64 (a quarter of 256 blocks)", got)
 	}
+}
+
+// TestReadOnly: a pool reloaded read_only, as the kernel's read-only
+// mode, takes writes to blocks already mapped, fails writes that need a
+// new block and messages, and completes discards without unmapping.
+func TestReadOnly(t *testing.T) {
+	e := newEnv(t, 128, 16, 1<<20, "")
+	e.mustMsg("create_thin", "1")
+	e.model.devs[1] = map[uint64][]byte{}
+	d := e.activate(1)
+	blk := make([]byte, 128*512)
+	blk[9] = 1
+	e.write(1, 0, blk)
+	e.features = " 1 read_only"
+	if err := e.pool.Reload(e.poolTable()); err != nil {
+		t.Fatal(err)
+	}
+	if st := e.pool.Status(mapper.StatusInfo, false)[0].Params; !strings.Contains(st, " 1/16 - ro ") {
+		t.Fatalf("read-only pool status %q", st)
+	}
+	blk[9] = 2
+	e.write(1, 0, blk) // mapped: goes through
+	if err := d.Submit(&mapper.Request{Op: mapper.OpWrite, Sector: 128, Sectors: 1, Data: [][]byte{blk[:512]}}); !errors.Is(err, mapper.ErrIO) {
+		t.Fatalf("write needing a block in a read-only pool: %v, want an I/O error", err)
+	}
+	if err := d.Submit(&mapper.Request{Op: mapper.OpDiscard, Sector: 0, Sectors: 128}); err != nil {
+		t.Fatalf("discard in a read-only pool: %v, want success (nothing unmapped)", err)
+	}
+	if err := e.msg("create_thin", "2"); err == nil {
+		t.Fatal("create_thin in a read-only pool succeeded")
+	}
+	e.verify()
+	e.features = ""
+	if err := e.pool.Reload(e.poolTable()); err != nil {
+		t.Fatal(err)
+	}
+	e.stop()
+	judge(t, e.meta, e.data, e.bs, e.model)
 }

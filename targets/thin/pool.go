@@ -34,11 +34,28 @@
 //
 // Metadata is committed when a thin device or the pool is flushed (after
 // the data device is flushed), on suspend, every second when changed, and
-// after each message; an acknowledged flush survives a crash. Writes that
-// need a new block when none is free wait up to 60 s for the pool to grow
-// (queue_if_no_space) or fail at once (error_if_no_space); the pool then
-// reports out_of_data_space. Reaching the low water mark raises the pool
-// device's "low_water_mark" event once per resume.
+// after each message; an acknowledged flush survives a crash. A commit
+// closes the transaction under the pool's lock and writes it without:
+// guest reads and writes, and the next transaction, go on meanwhile.
+//
+// Space, as kernel 6.1 (each case compared with its status line and
+// event count in TestNoSpaceKernel): an allocation that finds the free
+// data blocks at the low water mark raises "low_water_mark" once per
+// resume. A write that needs a block when none is free (after a commit
+// to reclaim freed ones) puts the pool in out_of_data_space ("out_of_data_space"
+// event) and fails at once with error_if_no_space, or waits
+// (queue_if_no_space) up to the no-space timeout of 60 s, after which
+// the pool turns to error_if_no_space ("error_if_no_space" event) and
+// the waiting writes fail. Writes to mapped blocks go on. When the free
+// metadata blocks fall to the reserve (a tenth, at most 4096) the pool is
+// out of metadata space: status ro, messages and new blocks refused
+// ("out_of_metadata_space"); falling to the metadata low water mark
+// (the last status field) raises "metadata_low_water_mark". A resume
+// returns the pool to write mode ("write" event on a change), as the
+// kernel's; reloading a longer table over a larger data device grows the
+// data, a reload over a larger metadata device grows the metadata space
+// map (the superblock's metadata_nr_blocks stays, as the kernel's). A
+// pool whose metadata has needs_check set is read-only and does not grow.
 //
 // Sharing follows the kernel: a block mapped before the device's last
 // snapshot is treated as shared and copied on its first write.
@@ -67,11 +84,16 @@ func init() {
 
 // Limits of the kernel's pool_ctr.
 const (
-	minBlockSize   = 128
-	maxBlockSize   = 2097152
-	commitPeriod   = time.Second
-	noSpaceTimeout = 60 * time.Second
+	minBlockSize = 128
+	maxBlockSize = 2097152
+	commitPeriod = time.Second
 )
+
+// noSpaceTimeout is how long a write that needs a block waits in a full
+// pool without error_if_no_space, as the kernel's no_space_timeout module
+// parameter (default 60 s). Pools read it when they are made; tests
+// shorten it.
+var noSpaceTimeout = 60 * time.Second
 
 // features are the pool's optional behaviours, as in the table.
 type features struct {
@@ -169,6 +191,10 @@ type pool struct {
 	log        *slog.Logger
 	failed     error // metadata failure: the pool is down
 	noSpace    bool  // out_of_data_space
+	errNoSpace bool  // error_if_no_space: the table's, or set by the no-space timeout
+	metaOOS    bool  // out of metadata space: read-only until the metadata grows
+	spaceTimer *time.Timer
+	timeout    time.Duration // noSpaceTimeout when the pool was made
 	lowRaised  bool
 	grown      *sync.Cond // broadcast when space may have appeared
 	pending    []uint64   // data blocks freed, to pass discards down
@@ -278,9 +304,12 @@ func newPool(c *mapper.Ctx, args []string) (mapper.Target, error) {
 		size, _ := meta.Size()
 		p = &pool{reg: reg, metaKey: key, blockSize: bs, md: md, data: data, feat: feat, lowWater: lw,
 			event: t.event, log: c.Logger(), locks: map[blockKey]*blockLock{}, metaTotal: metaBlocksOf(size),
+			errNoSpace: feat.errorIfNoSpace, timeout: noSpaceTimeout,
 			stop: make(chan struct{}), done: make(chan struct{})}
 		p.grown = sync.NewCond(&p.mu)
 		md.data.OnFree = p.freed
+		md.tm.SM.OnLow = p.metaLow
+		md.tm.SM.LowThreshold = p.metaThreshold()
 		if md.flags&flagNeedsCheck != 0 {
 			p.log.Warn("pool metadata needs checking: read-only until thin_check repairs it")
 		}
@@ -406,6 +435,10 @@ func (p *pool) commitHeld() (bool, error) {
 	}
 	if p.failed == nil {
 		pc.landed()
+		p.checkMetaSpace()
+		if p.noSpace && !p.metaOOS && p.md.data.NrFree() > p.md.data.NrReserved() {
+			p.setWrite() // the kernel's check_for_data_space
+		}
 	}
 	p.grown.Broadcast() // blocks freed in the transaction are free now
 	return true, p.failed
@@ -420,7 +453,81 @@ func (p *pool) fail(err error) {
 }
 
 func (p *pool) readOnly() bool {
-	return p.feat.readOnly || p.md.flags&flagNeedsCheck != 0
+	return p.feat.readOnly || p.metaOOS || p.md.flags&flagNeedsCheck != 0
+}
+
+// metaReserve is the kernel's metadata reserve: a tenth of the metadata
+// blocks, at most 4096. When no more than the reserve is free, the pool
+// is out of metadata space.
+func (p *pool) metaReserve() uint64 {
+	return min(p.md.tm.SM.NrBlocks()/10, 4096)
+}
+
+// checkMetaSpace puts the pool in out-of-metadata-space mode (read-only)
+// when the free metadata blocks are down to the reserve, as the kernel
+// checks after each commit and each data block allocation.
+func (p *pool) checkMetaSpace() {
+	if p.metaOOS || p.readOnly() || p.failed != nil {
+		return
+	}
+	if p.md.tm.SM.NrFree() <= p.metaReserve() {
+		p.metaOOS = true
+		p.log.Error("no free metadata blocks: switching the pool to read-only mode until its metadata device grows")
+		p.event("out_of_metadata_space", nil)
+	}
+}
+
+// setNoSpace enters out_of_data_space mode: writes that need a block
+// wait (queue_if_no_space) for the pool to grow, at most the no-space
+// timeout, after which the pool turns to error_if_no_space.
+func (p *pool) setNoSpace() {
+	if p.noSpace {
+		return
+	}
+	p.noSpace = true
+	p.log.Warn("thin-pool is out of data space")
+	p.event("out_of_data_space", nil)
+	if !p.errNoSpace && p.timeout > 0 {
+		p.spaceTimer = time.AfterFunc(p.timeout, func() {
+			p.mu.Lock()
+			defer p.mu.Unlock()
+			if p.noSpace && !p.errNoSpace {
+				p.errNoSpace = true
+				p.log.Warn("thin-pool out of data space for the no-space timeout: failing writes that need a block (error_if_no_space)", "timeout", p.timeout)
+				p.event("error_if_no_space", nil)
+				p.grown.Broadcast()
+			}
+		})
+	}
+}
+
+// metaThreshold is the metadata low water mark: a quarter of the
+// metadata device, at most 1024 blocks (4 MiB), as the kernel's.
+func (p *pool) metaThreshold() uint64 { return min(uint64(1024), p.metaTotal/4) }
+
+// metaLow is the metadata space map's OnLow: the kernel raises an event
+// when free metadata blocks fall to the metadata low water mark.
+func (p *pool) metaLow(free uint64) {
+	p.log.Warn("reached low water mark for metadata device: sending event", "free", free)
+	p.event("metadata_low_water_mark", map[string]any{"free": free})
+}
+
+// setWrite leaves out_of_data_space and out-of-metadata-space modes, as
+// the kernel's resume does (they come back at the next allocation if the
+// space is still short); error_if_no_space returns to the table's. A
+// change of mode raises the "write" event, as the kernel's.
+func (p *pool) setWrite() {
+	if p.spaceTimer != nil {
+		p.spaceTimer.Stop()
+		p.spaceTimer = nil
+	}
+	if p.noSpace || p.metaOOS {
+		p.log.Info("switching the pool to write mode")
+		p.event("write", nil)
+	}
+	p.noSpace, p.metaOOS = false, false
+	p.errNoSpace = p.feat.errorIfNoSpace
+	p.grown.Broadcast()
 }
 
 // flush makes every acknowledged write and mapping durable: it waits for
@@ -443,7 +550,6 @@ func (p *pool) flush() error {
 // this transaction and then, when none is left, failing or waiting for the
 // pool to grow. Called with p.mu held, which it may drop while it waits.
 func (p *pool) alloc() (uint64, error) {
-	var deadline time.Time
 	for {
 		if p.failed != nil {
 			return 0, p.failed
@@ -451,10 +557,17 @@ func (p *pool) alloc() (uint64, error) {
 		if p.readOnly() {
 			return 0, mapper.Errorf(mapper.ErrIO, "pool is read-only: cannot provision")
 		}
+		if !p.noSpace {
+			p.checkLowWater()
+		}
 		b, err := p.md.data.Reserve()
 		if err == nil {
 			p.noSpace = false
-			p.checkLowWater()
+			p.checkMetaSpace()
+			if p.metaOOS {
+				p.md.data.Release(b)
+				return 0, mapper.Errorf(mapper.ErrIO, "pool is out of metadata space")
+			}
 			return b, nil
 		}
 		if !errors.Is(err, pdata.ErrNoSpace) {
@@ -469,33 +582,17 @@ func (p *pool) alloc() (uint64, error) {
 			}
 			continue // blocks freed in the transaction are free now
 		}
-		if !p.noSpace {
-			p.noSpace = true
-			p.log.Warn("thin-pool is out of data space")
-			p.event("out_of_data_space", nil)
-		}
-		if p.feat.errorIfNoSpace {
+		p.setNoSpace()
+		if p.errNoSpace {
 			return 0, mapper.Errorf(mapper.ErrIO, "pool is out of data space")
 		}
-		if deadline.IsZero() {
-			deadline = time.Now().Add(noSpaceTimeout)
-		}
-		if !time.Now().Before(deadline) {
-			return 0, mapper.Errorf(mapper.ErrIO, "pool out of data space for %v", noSpaceTimeout)
-		}
-		tm := time.AfterFunc(time.Until(deadline), func() {
-			p.mu.Lock()
-			p.grown.Broadcast()
-			p.mu.Unlock()
-		})
 		p.grown.Wait()
-		tm.Stop()
 	}
 }
 
 // checkLowWater raises the low water mark event, once per resume, when
-// the free data blocks (after the reservations in flight) fall to the
-// mark.
+// the free data blocks (after the reservations in flight) are at the
+// mark before an allocation, as the kernel's alloc_data_block checks.
 func (p *pool) checkLowWater() {
 	free := p.md.data.NrFree() - p.md.data.NrReserved()
 	if !p.lowRaised && free <= p.lowWater {
@@ -571,7 +668,7 @@ func (t *poolTarget) Status(kind mapper.StatusKind) string {
 		disc = "no_discard_passdown"
 	}
 	space := "queue_if_no_space"
-	if t.feat.errorIfNoSpace {
+	if p.errNoSpace {
 		space = "error_if_no_space"
 	}
 	check := "-"
@@ -584,7 +681,7 @@ func (t *poolTarget) Status(kind mapper.StatusKind) string {
 	used := min(md.tm.SM.NrAllocated()+min(metaTotal/10, 4096), metaTotal)
 	return fmt.Sprintf("%d %d/%d %d/%d %s %s %s %s %s %d", md.transID,
 		used, metaTotal, md.data.NrAllocated(), md.data.NrBlocks(),
-		held, mode, disc, space, check, min(uint64(1024), p.metaTotal/4))
+		held, mode, disc, space, check, p.metaThreshold())
 }
 
 // Message handles the pool's messages; each success commits.
@@ -698,6 +795,8 @@ func (t *poolTarget) Resume() error {
 	p.data, p.feat, p.lowWater, p.event = t.data, t.feat, t.lowWater, t.event
 	p.lowRaised = false
 	p.metaTotal = metaBlocks
+	p.md.tm.SM.LowThreshold = p.metaThreshold()
+	p.setWrite()
 	if p.failed != nil {
 		p.mu.Unlock()
 		return nil
@@ -730,9 +829,7 @@ func (t *poolTarget) Resume() error {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if grow {
-		p.noSpace = false
-	}
+	p.checkMetaSpace()
 	p.grown.Broadcast()
 	return nil
 }

@@ -183,10 +183,10 @@ func (t *thinTarget) write(vb, in, n uint64, bufs [][]byte, unmap bool) error {
 	unlock := p.lockBlock(blockKey{t.id, vb})
 	defer unlock()
 	p.mu.Lock()
+	// A read-only pool still takes writes to blocks mapped and not
+	// shared, as the kernel's process_bio_read_only; alloc refuses new
+	// blocks.
 	pb, ok, shared, err := t.lookup(vb)
-	if err == nil && p.readOnly() {
-		err = mapper.Errorf(mapper.ErrIO, "pool is read-only")
-	}
 	data := p.data
 	if err != nil {
 		p.mu.Unlock()
@@ -196,7 +196,7 @@ func (t *thinTarget) write(vb, in, n uint64, bufs [][]byte, unmap bool) error {
 		p.mu.Unlock()
 		return nil // an unmapped block already reads as zeros
 	}
-	if bufs == nil && unmap && in == 0 && n == p.blockSize {
+	if bufs == nil && unmap && in == 0 && n == p.blockSize && !p.readOnly() {
 		p.mu.Unlock()
 		return t.discardLocked(vb)
 	}
@@ -289,8 +289,10 @@ func (t *thinTarget) discardLocked(vb uint64) error {
 		return p.failed
 	}
 	if p.readOnly() {
+		// The kernel completes discards to a read-only pool without
+		// unmapping anything (process_cell_success).
 		p.mu.Unlock()
-		return mapper.Errorf(mapper.ErrIO, "pool is read-only")
+		return nil
 	}
 	if _, err := p.md.remove(t.id, t.dev, vb); err != nil {
 		p.fail(err)

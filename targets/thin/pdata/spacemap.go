@@ -49,6 +49,14 @@ type SpaceMap struct {
 
 	// OnFree, if set, is called when a block's count falls to zero.
 	OnFree func(b uint64)
+
+	// OnLow, if set, is called when an Alloc leaves LowThreshold or fewer
+	// blocks free and the Alloc before it left more: edge triggered, as
+	// the kernel's metadata space map threshold.
+	OnLow        func(free uint64)
+	LowThreshold uint64
+	lowSeen      bool
+	lowLast      uint64
 }
 
 // NewSpaceMap returns a space map of nr blocks, all free, whose on-disk
@@ -189,6 +197,13 @@ func (sm *SpaceMap) Alloc() (uint64, error) {
 		return 0, err
 	}
 	sm.set(b, 1)
+	if sm.OnLow != nil {
+		free := sm.NrFree()
+		if free <= sm.LowThreshold && !(sm.lowSeen && sm.lowLast <= sm.LowThreshold) {
+			sm.OnLow(free)
+		}
+		sm.lowSeen, sm.lowLast = true, free
+	}
 	return b, nil
 }
 
