@@ -73,7 +73,7 @@ func runModel(t *testing.T, seed uint64) {
 				t.Fatalf("TABLE %q, want %q", got, table())
 			}
 		case k >= 94 && len(imgs) > 1:
-			message(t, d, "merge")
+			merge(t, d)
 			imgs = append(imgs[:len(imgs)-2], imgs[len(imgs)-1])
 		}
 		if step%25 == 0 {
@@ -82,7 +82,7 @@ func runModel(t *testing.T, seed uint64) {
 	}
 	check(300, "end")
 	for len(imgs) > 1 {
-		message(t, d, "merge")
+		merge(t, d)
 		imgs = append(imgs[:len(imgs)-2], imgs[len(imgs)-1])
 	}
 	if err := m.Remove("m", false); err != nil {
