@@ -288,7 +288,8 @@ func (d *Device) Resume() error {
 		d.log.Info("resumed", "new_table", swapped)
 	}
 	if swapped && oldSize != newSize && oldSize != 0 {
-		d.eventNr.Add(1)
+		// The event counter stays: the kernel counts target events
+		// (dm_table_event), not resizes, in dmsetup info's number.
 		for _, w := range d.watchers {
 			w(oldSize, newSize)
 		}
