@@ -110,6 +110,25 @@ type TableOptions struct {
 	Shared func(key any, mk func() any) any
 }
 
+// tableOpener opens one table's backends. A mapper device the table names
+// more than once counts as one open of it, as the kernel's dm_get_device
+// shares one reference per table: `info` shows the kernel's open count.
+type tableOpener struct {
+	inner Opener
+	held  map[*Device]bool
+}
+
+func (o *tableOpener) OpenBackend(name string, readOnly bool) (Backend, error) {
+	b, err := o.inner.OpenBackend(name, readOnly)
+	if db, ok := b.(*deviceBackend); ok && err == nil {
+		if o.held[db.d] {
+			db.once.Do(db.d.Close) // the table's first open holds it
+		}
+		o.held[db.d] = true
+	}
+	return b, err
+}
+
 // BuildTable parses text and constructs every target. Nothing is kept if any
 // line fails: targets already built are closed and their backends released.
 // Errors name the line: "line 2: striped: chunk size "7": must be ...".
@@ -119,9 +138,13 @@ func BuildTable(text string, o TableOptions) (*Table, error) {
 		return nil, err
 	}
 	t := &Table{lines: lines, readOnly: o.ReadOnly}
+	opener := o.Opener
+	if opener != nil {
+		opener = &tableOpener{inner: opener, held: map[*Device]bool{}}
+	}
 	for _, l := range lines {
 		tt, _ := LookupTarget(l.Type)
-		c := &Ctx{Device: o.Device, Start: l.Start, Length: l.Length, ReadOnly: o.ReadOnly, opener: o.Opener,
+		c := &Ctx{Device: o.Device, Start: l.Start, Length: l.Length, ReadOnly: o.ReadOnly, opener: opener,
 			log: o.Logger, shared: o.Shared}
 		if o.Event != nil {
 			typ := tt.Name

@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vhostdm/vhostdm/mapper"
 )
@@ -24,6 +25,8 @@ var rewrite = flag.Bool("rewrite", false, "rewrite testdata/ploop from the resul
 //	message <words...>              print the reply or the error
 //	write <sector> <count> <byte>   fill sectors with a byte
 //	read <sector> <count>           print the distinct bytes read
+//	discard <sector> <count>        discard sectors
+//	wait-merge                      wait for a background merge to end
 //	remove                          remove the device
 //
 // There is no kernel to record from (dm-ploop is not in mainline): the
@@ -111,6 +114,18 @@ func TestGolden(t *testing.T) {
 			if err != nil {
 				res = "error: " + err.Error()
 			}
+		case "discard":
+			s, _ := strconv.ParseUint(w[1], 10, 64)
+			n, _ := strconv.ParseUint(w[2], 10, 64)
+			res = "ok"
+			if err := d.Submit(&mapper.Request{Op: mapper.OpDiscard, Sector: s, Sectors: n}); err != nil {
+				res = "error: " + err.Error()
+			}
+		case "wait-merge":
+			for strings.Contains(strings.Fields(status(d, mapper.StatusInfo))[3], "m") {
+				time.Sleep(time.Millisecond)
+			}
+			res = "ok"
 		case "remove":
 			res = "ok"
 			if err := m.Remove("g", false); err != nil {

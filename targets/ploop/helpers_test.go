@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vhostdm/vhostdm/mapper"
 	_ "github.com/vhostdm/vhostdm/targets/ploop"
@@ -122,6 +123,34 @@ func message(t *testing.T, d *mapper.Device, words ...string) string {
 		t.Fatalf("message %s: %v", strings.Join(words, " "), err)
 	}
 	return reply
+}
+
+// merge sends the merge message and waits for the background merge to
+// end: the INFO flag m gone and one delta fewer.
+func merge(t *testing.T, d *mapper.Device) {
+	t.Helper()
+	before := strings.Fields(status(d, mapper.StatusInfo))[0]
+	message(t, d, "merge")
+	waitMerged(t, d, before)
+}
+
+// waitMerged waits until the merge a stack of before deltas runs ends.
+func waitMerged(t *testing.T, d *mapper.Device, before string) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		f := strings.Fields(status(d, mapper.StatusInfo))
+		if !strings.Contains(f[3], "m") {
+			if f[0] == before {
+				t.Fatalf("merge ended with the delta still there: INFO %q", strings.Join(f, " "))
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("merge still running after 2 minutes: INFO %q", strings.Join(f, " "))
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
 }
 
 func status(d *mapper.Device, kind mapper.StatusKind) string {

@@ -179,6 +179,9 @@ func (s *stack) changeable() error {
 	if s.pb != nil {
 		return mapper.Errorf(mapper.ErrBusy, "push backup %s is running", s.pb.uuid)
 	}
+	if s.merging {
+		return mapper.Errorf(mapper.ErrBusy, "a merge is running")
+	}
 	return nil
 }
 
@@ -265,46 +268,157 @@ func (s *stack) snapshot(name string) error {
 	old.writable = false
 	s.deltas = append(s.deltas, d)
 	s.dataEnd = d.dataEnd()
+	s.resetFreeLocked()
 	s.mu.Unlock()
 	s.rekey()
 	return nil
 }
 
-// merge copies the clusters of the newest delta that the top lacks into
-// the top, makes them durable, and drops that delta from the stack.
+// merge starts merging the newest delta into the top in the background,
+// as dm-ploop merges while the guest's I/O goes on: each cluster the delta
+// has and the top lacks is copied into the top the way a guest write
+// allocates it (a guest write to the cluster waits for the copy, or the
+// copy finds the cluster already written and skips it). Once all are
+// copied and durable, the delta leaves the stack and the event "merged"
+// is raised; a failure raises "merge-failed" and leaves the stack as it
+// was. Unlike dm-ploop, whose message returns when the merge is done, the
+// message returns at once: the INFO flag m shows the merge running. A
+// suspend pauses it, resume continues it.
 func (s *stack) merge() error {
 	if err := s.changeable(); err != nil {
 		return err
 	}
-	s.io.Lock()
-	defer s.io.Unlock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	if len(s.deltas) < 2 {
 		return mapper.Errorf(mapper.ErrNotFound, "merge: no delta under the top")
 	}
-	top, src := s.top(), s.deltas[len(s.deltas)-2]
-	buf := make([]byte, s.clu)
-	for c := range top.bat {
-		off, ok := src.loc(uint64(c))
-		if !ok || top.bat[c] != 0 {
-			continue
-		}
-		if err := src.b.ReadAt([][]byte{buf}, int64(off)); err != nil {
-			return err
-		}
-		if err := top.b.WriteAt([][]byte{buf}, int64(s.dataEnd)); err != nil {
-			return err
-		}
-		s.mu.Lock()
-		top.bat[c] = uint32(s.dataEnd / top.unit)
-		s.dirty[uint64(c)] = struct{}{}
-		s.dataEnd += s.clu
-		s.mu.Unlock()
+	s.merging = true
+	if !s.suspended {
+		s.startMergeLocked()
 	}
-	if err := s.flush(); err != nil {
+	return nil
+}
+
+// startMergeLocked starts the merge goroutine if a merge is wanted and
+// none runs. s.mu must be held.
+func (s *stack) startMergeLocked() {
+	if !s.merging || s.mergeStop != nil {
+		return
+	}
+	stop, done := make(chan struct{}), make(chan struct{})
+	s.mergeStop, s.mergeDone = stop, done
+	go s.runMerge(stop, done)
+}
+
+// stopMerge stops the merge goroutine and waits for it; the merge stays
+// wanted (a resume continues it) unless forget.
+func (s *stack) stopMerge(forget bool) {
+	s.mu.Lock()
+	stop, done := s.mergeStop, s.mergeDone
+	if forget {
+		s.merging = false
+	}
+	s.mergeStop, s.mergeDone = nil, nil
+	s.mu.Unlock()
+	if stop != nil {
+		close(stop)
+		<-done
+	}
+}
+
+// runMerge copies the newest delta's clusters into the top, then drops the
+// delta. It returns early when stop is closed.
+func (s *stack) runMerge(stop, done chan struct{}) {
+	defer close(done)
+	defer func() {
+		s.mu.Lock()
+		if s.mergeStop == stop {
+			s.mergeStop, s.mergeDone = nil, nil
+		}
+		s.mu.Unlock()
+	}()
+	s.mu.Lock()
+	src := s.deltas[len(s.deltas)-2]
+	n := uint64(len(src.bat))
+	s.mu.Unlock()
+	err := func() error {
+		for c := range n {
+			select {
+			case <-stop:
+				return nil
+			default:
+			}
+			s.io.RLock()
+			err := s.mergeCluster(src, c)
+			s.io.RUnlock()
+			if err != nil {
+				return err
+			}
+		}
+		if err := s.flush(); err != nil {
+			return err
+		}
+		s.io.Lock()
+		defer s.io.Unlock()
+		select {
+		case <-stop: // a suspend came first: the drop waits for the resume
+			return nil
+		default:
+		}
+		s.drop(len(s.deltas) - 2)
+		s.mu.Lock()
+		s.merging = false
+		s.mu.Unlock()
+		s.event("merged", map[string]any{"delta": src.name()})
+		return nil
+	}()
+	if err != nil {
+		s.mu.Lock()
+		s.merging = false
+		s.mu.Unlock()
+		s.event("merge-failed", map[string]any{"delta": src.name(), "error": err.Error()})
+	}
+}
+
+// mergeCluster copies virtual cluster c of src (the delta under the top)
+// into a new cluster of the top, unless the top has it already.
+func (s *stack) mergeCluster(src *delta, c uint64) error {
+	top := s.top()
+	s.mu.Lock()
+	for s.pending[c] != nil {
+		ch := s.pending[c]
+		s.mu.Unlock()
+		<-ch
+		s.mu.Lock()
+	}
+	srcOff, ok := src.loc(c)
+	if _, has := top.loc(c); has || !ok || c >= uint64(len(top.bat)) {
+		s.mu.Unlock()
+		return nil
+	}
+	ch := make(chan struct{})
+	s.pending[c] = ch
+	dst := s.allocLocked()
+	s.mu.Unlock()
+
+	buf := make([]byte, s.clu)
+	err := src.b.ReadAt([][]byte{buf}, int64(srcOff))
+	if err == nil {
+		err = top.b.WriteAt([][]byte{buf}, int64(dst))
+	}
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.pending, c)
+	close(ch)
+	if err != nil {
+		s.releaseLocked(dst)
 		return err
 	}
-	s.drop(len(s.deltas) - 2)
-	s.event("merged", map[string]any{"delta": src.name()})
+	top.bat[c] = uint32(dst / top.unit)
+	s.dirty[c] = struct{}{}
+	s.track(dst / s.clu)
 	return nil
 }
 
@@ -365,6 +479,12 @@ func (s *stack) notifyMerged(level int, forward bool) error {
 func (s *stack) updateDeltaIndex(level int, m string) error {
 	s.io.Lock()
 	defer s.io.Unlock()
+	s.mu.Lock()
+	merging := s.merging
+	s.mu.Unlock()
+	if merging {
+		return mapper.Errorf(mapper.ErrBusy, "a merge is running")
+	}
 	if level >= len(s.deltas)-1 {
 		return mapper.Errorf(mapper.ErrNotFound, "level %d: not a delta under the top", level)
 	}
@@ -428,6 +548,7 @@ func (s *stack) flip() error {
 	old.writable = false
 	s.deltas[n-2], s.deltas[n-1] = old, d
 	s.dataEnd = d.dataEnd()
+	s.resetFreeLocked()
 	s.mu.Unlock()
 	s.rekey()
 	return nil
@@ -451,6 +572,9 @@ func (s *stack) trackingCmd(sub string) (string, error) {
 		}
 		if s.pb != nil {
 			return "", mapper.Errorf(mapper.ErrBusy, "push backup %s is running", s.pb.uuid)
+		}
+		if s.merging {
+			return "", mapper.Errorf(mapper.ErrBusy, "a merge is running")
 		}
 		b := &bitmap{}
 		top := s.top()
@@ -560,6 +684,7 @@ func (s *stack) resize(sectors uint64) error {
 	top.h.dataOff = max(nh.dataOff, top.h.dataOff)
 	top.bat = append(top.bat, make([]uint32, int(nh.batEntries)-len(top.bat))...)
 	s.dataEnd = max(s.dataEnd, uint64(top.h.dataOff)*mapper.SectorSize)
+	s.resetFreeLocked()
 	s.mu.Unlock()
 	if err := top.writeBATSectors([]uint64{0}); err != nil {
 		return err
@@ -655,6 +780,9 @@ func (s *stack) pushBackupStart(uuid string, timeout time.Duration) error {
 	}
 	if s.tracking != nil {
 		return mapper.Errorf(mapper.ErrBusy, "tracking is running")
+	}
+	if s.merging {
+		return mapper.Errorf(mapper.ErrBusy, "a merge is running")
 	}
 	pb := &pushBackup{uuid: uuid, timeout: timeout, mask: &bitmap{}, held: map[uint64]chan struct{}{}, alive: true}
 	for c := range uint64(len(s.top().bat)) {

@@ -15,7 +15,8 @@ import (
 )
 
 // TestModel runs seeded random writes, write-zeroes, flushes, reloads,
-// snapshots (up to three images) and merges against a byte-slice model,
+// snapshots (up to three images), discards and background merges against
+// a byte-slice model (and the top's allocated clusters against INFO),
 // then has qemu-img check every image and read the merged top.
 func TestModel(t *testing.T) {
 	for seed := uint64(1); seed <= 3; seed++ {
@@ -35,20 +36,57 @@ func runModel(t *testing.T, seed uint64) {
 	m := newManager(t)
 	d := create(t, m, "m", table())
 	model := make([]byte, sectors*512)
+	// levels[i] holds the clusters image i has (the last is the top), for
+	// discards, which act on whole clusters the top has.
+	const cs = 64
+	levels := []map[uint64]bool{{}}
+	clusters := func(s, l uint64) (uint64, uint64) { return s / cs, (s + l + cs - 1) / cs }
+	anyHas := func(c uint64) bool {
+		for _, lv := range levels {
+			if lv[c] {
+				return true
+			}
+		}
+		return false
+	}
 	check := func(step int, what string) {
 		if s := diff(readAll(t, d), model); s != "" {
 			t.Fatalf("seed %d step %d (%s): %s", seed, step, what, s)
+		}
+		want := fmt.Sprintf("%d/%d", len(levels[len(levels)-1]), sectors/cs)
+		if f := strings.Fields(status(d, mapper.StatusInfo)); f[4] != want {
+			t.Fatalf("seed %d step %d (%s): INFO %v, want %s clusters in the top", seed, step, what, f, want)
 		}
 	}
 	n := 0
 	for step := range 300 {
 		switch k := rng.IntN(100); {
-		case k < 70:
+		case k < 65:
 			s := rng.Uint64N(sectors)
 			l := 1 + rng.Uint64N(min(sectors-s, 200))
 			data := pattern(rng.Uint64(), int(l*512))
 			submit(t, d, mapper.OpWrite, s, data)
 			copy(model[s*512:], data)
+			for c, e := clusters(s, l); c < e; c++ {
+				levels[len(levels)-1][c] = true
+			}
+		case k < 70:
+			// Discard: whole clusters the top has read zeros after;
+			// alone, the top frees them.
+			s := rng.Uint64N(sectors)
+			l := 1 + rng.Uint64N(min(sectors-s, 300))
+			if err := d.Submit(&mapper.Request{Op: mapper.OpDiscard, Sector: s, Sectors: l}); err != nil {
+				t.Fatal(err)
+			}
+			top := levels[len(levels)-1]
+			for c := (s + cs - 1) / cs; c < (s+l)/cs; c++ {
+				if top[c] {
+					clear(model[c*cs*512 : (c+1)*cs*512])
+					if len(levels) == 1 {
+						delete(top, c)
+					}
+				}
+			}
 		case k < 75:
 			s := rng.Uint64N(sectors)
 			l := 1 + rng.Uint64N(min(sectors-s, 200))
@@ -56,6 +94,11 @@ func runModel(t *testing.T, seed uint64) {
 				t.Fatal(err)
 			}
 			clear(model[s*512 : (s+l)*512])
+			for c, e := clusters(s, l); c < e; c++ {
+				if anyHas(c) {
+					levels[len(levels)-1][c] = true
+				}
+			}
 		case k < 82:
 			submit(t, d, mapper.OpFlush, 0, nil)
 		case k < 88:
@@ -69,12 +112,14 @@ func runModel(t *testing.T, seed uint64) {
 			p := emptyFile(t, dir, fmt.Sprintf("s%d.hds", n))
 			message(t, d, "snapshot", p)
 			imgs = append(imgs, p)
+			levels = append(levels, map[uint64]bool{})
 			if got := status(d, mapper.StatusTable); got != strings.Join(strings.Fields(table())[3:], " ") {
 				t.Fatalf("TABLE %q, want %q", got, table())
 			}
 		case k >= 94 && len(imgs) > 1:
-			message(t, d, "merge")
+			merge(t, d)
 			imgs = append(imgs[:len(imgs)-2], imgs[len(imgs)-1])
+			levels = mergeLevels(levels)
 		}
 		if step%25 == 0 {
 			check(step, "periodic")
@@ -82,9 +127,11 @@ func runModel(t *testing.T, seed uint64) {
 	}
 	check(300, "end")
 	for len(imgs) > 1 {
-		message(t, d, "merge")
+		merge(t, d)
 		imgs = append(imgs[:len(imgs)-2], imgs[len(imgs)-1])
+		levels = mergeLevels(levels)
 	}
+	check(301, "merged")
 	if err := m.Remove("m", false); err != nil {
 		t.Fatal(err)
 	}
@@ -94,6 +141,16 @@ func runModel(t *testing.T, seed uint64) {
 	if s := diff(qemuRaw(t, top), model); s != "" {
 		t.Fatalf("qemu-img reads the merged image %s: %s", filepath.Base(top), s)
 	}
+}
+
+// mergeLevels is the model of merge: the top takes the clusters of the
+// image under it, which leaves the stack.
+func mergeLevels(levels []map[uint64]bool) []map[uint64]bool {
+	n := len(levels)
+	for c := range levels[n-2] {
+		levels[n-1][c] = true
+	}
+	return append(levels[:n-2:n-2], levels[n-1])
 }
 
 // TestPushBackup backs up a device while the guest keeps writing: the

@@ -23,12 +23,22 @@
 // cluster to the top image, with the old data copied in from a lower image
 // when the write is partial. The data is written before its BAT entry: new
 // entries go to disk on the next flush, after the data is durable, and the
-// flush is acknowledged only when they are durable too. Discard is not
-// supported; write-zeroes writes zeros to clusters some image has.
+// flush is acknowledged only when they are durable too. Write-zeroes
+// writes zeros to clusters some image has.
+//
+// Discard acts, as dm-ploop's, on whole clusters the top image has and
+// ignores the rest. With the top image alone the cluster's BAT entry is
+// cleared and the cluster is reused for new data once the cleared entry
+// is durable (a flush); a reopened image reuses clusters no entry points
+// to. Over lower images the entry stays (it hides their data) and the
+// cluster is zeroed. dm-ploop punches a hole in the file instead, which
+// ploop check refuses as a sparse image; so the file does not shrink.
+// Discards are ignored while tracking or a push backup runs.
 //
 // INFO: "<deltas> v2 <cluster sectors> <flags> <allocated>/<clusters>",
 // e.g. "3 v2 2048 t 12/1024": the number of images, the cluster size,
-// dm-ploop's flags (t tracking, n noresume, b push backup running, o none)
+// dm-ploop's flags (t tracking, n noresume, b push backup running, o none;
+// and m, a vhostdm addition, a merge running or paused by a suspend)
 // and, a vhostdm addition, the clusters allocated in the top image out of
 // its BAT entries. TABLE: "11 /var/lib/vm/top.hds /var/lib/vm/base.hds",
 // the current stack, which messages change.
@@ -37,7 +47,7 @@
 //
 //	add_delta <path>                 put an image under the top, above the other deltas
 //	snapshot <path>                  make <path> (empty, or an image with no clusters) the new top; the old top becomes read-only
-//	merge                            copy the newest delta's clusters the top lacks into the top, then drop that delta
+//	merge                            start copying the newest delta's clusters the top lacks into the top, then drop that delta
 //	notify_merged_forward <level>    delta <level> was copied into <level>+1: reread that, drop <level>
 //	notify_merged_backward <level>   delta <level> was copied into <level>-1: reread that, drop <level>
 //	update_delta_index <level> <map> set BAT entries of delta <level>; map is "clu:dst;clu:dst;"
@@ -60,8 +70,15 @@
 // the timeout (60 s by default); then the backup is abandoned and its
 // messages fail with ESTALE. A suspend waits for writes held by a backup
 // too. Messages that change the stack wait for I/O
-// in flight, are refused while tracking or a backup runs, and merge copies
-// with I/O held.
+// in flight and are refused while tracking, a backup or a merge runs.
+//
+// A merge runs in the background while the guest's I/O goes on, as
+// dm-ploop's does: each cluster is copied the way a guest write allocates
+// it, and a guest write to a cluster being copied waits for that cluster
+// only. Unlike dm-ploop, whose message returns when the merge is done, the
+// message returns at once; the event "merged" (data: delta) ends the merge
+// and "merge-failed" (delta, error) reports a failure that leaves the
+// stack as it was. A suspend pauses the merge; resume continues it.
 package ploop
 
 import (
@@ -124,11 +141,18 @@ type stack struct {
 	deltas   []*delta                 // oldest first; the last is the top
 	pending  map[uint64]chan struct{} // virtual clusters being allocated
 	dataEnd  uint64                   // byte offset of the next cluster of the top
+	free     bitmap                   // clusters of the top below dataEnd no BAT entry uses
+	nfree    int                      // bits set in free
+	freeing  []uint64                 // clusters discarded, reusable once their cleared entries are durable
 	dirty    map[uint64]struct{}      // BAT entries of the top not yet on disk
 	tracking *bitmap                  // physical clusters of the top written
 	trackCur uint64
 	noresume bool
 	pb       *pushBackup
+	merging  bool // a merge is wanted: running, or paused by a suspend
+	// The merge goroutine's stop and done channels while it runs.
+	mergeStop, mergeDone chan struct{}
+	suspended            bool // between Presuspend and Resume
 }
 
 // target is one table line over a stack.
@@ -219,6 +243,7 @@ func newPloop(c *mapper.Ctx, args []string) (mapper.Target, error) {
 	}
 	if topD := s.top(); topD.writable {
 		s.dataEnd = topD.dataEnd()
+		s.resetFreeLocked()
 		if err := topD.densify(); err != nil {
 			return nil, err
 		}
@@ -257,20 +282,20 @@ func (s *stack) top() *delta { return s.deltas[len(s.deltas)-1] }
 // size returns the virtual size in sectors: the top image's.
 func (s *stack) size() uint64 { return s.top().h.sectors }
 
-// Map serves reads and writes cluster by cluster.
-// Discards implements mapper.Discarder: ploop images do not free clusters.
-func (*target) Discards() bool { return false }
+// Discards implements mapper.Discarder.
+func (*target) Discards() bool { return true }
 
 // WritesZeroes implements mapper.Discarder.
 func (*target) WritesZeroes() bool { return true }
 
+// Map serves reads and writes cluster by cluster.
 func (t *target) Map(r *mapper.Request) error {
 	s := t.s
 	switch r.Op {
 	case mapper.OpFlush:
 		return s.flush()
 	case mapper.OpDiscard:
-		return mapper.Errorf(mapper.ErrUnsupported, "discard: not supported")
+		return s.discard(r.Sector, r.Sectors)
 	case mapper.OpRead, mapper.OpWrite, mapper.OpWriteZeroes:
 	default:
 		return mapper.Errorf(mapper.ErrUnsupported, "%s: not supported", r.Op)
@@ -366,8 +391,7 @@ func (s *stack) write(c, in uint64, bufs [][]byte, n int) error {
 	}
 	ch := make(chan struct{})
 	s.pending[c] = ch
-	dst := s.dataEnd
-	s.dataEnd += s.clu
+	dst := s.allocLocked()
 	src, srcOff, hasOld := s.find(c)
 	s.mu.Unlock()
 
@@ -380,9 +404,68 @@ func (s *stack) write(c, in uint64, bufs [][]byte, n int) error {
 		top.bat[c] = uint32(dst / top.unit)
 		s.dirty[c] = struct{}{}
 		s.track(dst / s.clu)
+	} else {
+		s.releaseLocked(dst)
 	}
 	s.mu.Unlock()
 	return err
+}
+
+// allocLocked returns the byte offset of a cluster of the top image for
+// new data: the lowest free one, else one at the end. s.mu must be held.
+func (s *stack) allocLocked() uint64 {
+	if s.nfree > 0 {
+		if p, ok := s.free.next(0); ok {
+			s.free.clear(p)
+			s.nfree--
+			return p * s.clu
+		}
+	}
+	dst := s.dataEnd
+	s.dataEnd += s.clu
+	return dst
+}
+
+// releaseLocked gives back a cluster allocLocked returned that no BAT
+// entry points to. s.mu must be held.
+func (s *stack) releaseLocked(off uint64) {
+	if off+s.clu == s.dataEnd {
+		s.dataEnd = off
+		return
+	}
+	s.free.set(off / s.clu)
+	s.nfree++
+}
+
+// resetFreeLocked finds the free clusters of the top image: those between
+// its header area and dataEnd that no BAT entry uses (holes qemu-img left,
+// clusters discarded before a clean close). An image whose entries are
+// not cluster-aligned (version 1) gets none. Nothing may be in s.freeing
+// (a flush moved it), and s.mu must be held.
+func (s *stack) resetFreeLocked() {
+	s.free, s.nfree, s.freeing = bitmap{}, 0, nil
+	top := s.top()
+	if !top.writable {
+		return
+	}
+	used := &bitmap{}
+	for c := range top.bat {
+		off, ok := top.loc(uint64(c))
+		if !ok {
+			continue
+		}
+		if off%s.clu != 0 {
+			return
+		}
+		used.set(off / s.clu)
+	}
+	first := (uint64(top.h.dataOff)*mapper.SectorSize + s.clu - 1) / s.clu
+	for p := first; p < s.dataEnd/s.clu; p++ {
+		if !used.has(p) {
+			s.free.set(p)
+			s.nfree++
+		}
+	}
 }
 
 // fill writes the whole new cluster at byte dst of the top image: the
@@ -421,6 +504,63 @@ func (s *stack) writeZeroes(c, in uint64, n int) error {
 	return s.write(c, in, nil, n)
 }
 
+// discard serves a discard as dm-ploop does: it acts on whole clusters
+// the top image has and ignores the rest (parts of clusters, clusters only
+// lower images have). With the top image alone, the cluster's BAT entry
+// is cleared (the range reads zeros) and, once that is durable, the
+// cluster is reused for new data; with lower images the entry must stay
+// (it hides the older data), so the cluster is zeroed. dm-ploop punches a
+// hole instead, which ploop check refuses as a sparse image. While
+// tracking or a push backup runs, whose copies follow the top image's
+// clusters, discards are ignored.
+func (s *stack) discard(sector, sectors uint64) error {
+	if s.readOnly {
+		return mapper.ErrReadOnly
+	}
+	first := (sector + s.cluSectors - 1) / s.cluSectors
+	end := (sector + sectors) / s.cluSectors
+	for c := first; c < end; c++ {
+		if err := s.discardCluster(c); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (s *stack) discardCluster(c uint64) error {
+	s.mu.Lock()
+	busy := s.tracking != nil || s.pb != nil
+	_, has := s.top().loc(c)
+	s.mu.Unlock()
+	if busy || !has {
+		return nil
+	}
+	// No I/O may be in flight to the cluster when its entry is cleared:
+	// a late write would land in the cluster after its reuse.
+	s.io.Lock()
+	s.mu.Lock()
+	top := s.top()
+	off, has := top.loc(c)
+	if !has || s.tracking != nil || s.pb != nil {
+		s.mu.Unlock()
+		s.io.Unlock()
+		return nil
+	}
+	if len(s.deltas) == 1 && off%s.clu == 0 {
+		top.bat[c] = 0
+		s.dirty[c] = struct{}{}
+		s.freeing = append(s.freeing, off)
+		s.mu.Unlock()
+		s.io.Unlock()
+		return nil
+	}
+	s.mu.Unlock()
+	s.io.Unlock()
+	s.io.RLock()
+	defer s.io.RUnlock()
+	return s.write(c, 0, nil, int(s.clu))
+}
+
 // flush makes every completed write durable: the data first, then the
 // BAT entries that point at new data, then those.
 func (s *stack) flush() error {
@@ -436,9 +576,11 @@ func (s *stack) flush() error {
 		entries = append(entries, c)
 	}
 	clear(s.dirty)
+	freed := s.freeing
+	s.freeing = nil
 	s.mu.Unlock()
 	if err := top.b.Flush(); err != nil {
-		s.redirty(entries)
+		s.redirty(entries, freed)
 		return err
 	}
 	if len(entries) == 0 {
@@ -458,16 +600,29 @@ func (s *stack) flush() error {
 		err = top.b.Flush()
 	}
 	if err != nil {
-		s.redirty(entries)
+		s.redirty(entries, freed)
+		return err
 	}
-	return err
+	// The entries that pointed at discarded clusters are durably clear:
+	// the clusters can hold new data.
+	s.mu.Lock()
+	if s.top() == top {
+		for _, off := range freed {
+			s.releaseLocked(off)
+		}
+	}
+	s.mu.Unlock()
+	return nil
 }
 
-func (s *stack) redirty(entries []uint64) {
+// redirty puts back what a failed flush took: the BAT entries still to
+// write and the discarded clusters waiting for them.
+func (s *stack) redirty(entries, freed []uint64) {
 	s.mu.Lock()
 	for _, c := range entries {
 		s.dirty[c] = struct{}{}
 	}
+	s.freeing = append(s.freeing, freed...)
 	s.mu.Unlock()
 }
 
@@ -491,6 +646,9 @@ func (t *target) Status(kind mapper.StatusKind) string {
 	}
 	if s.pb != nil {
 		flags += "b"
+	}
+	if s.merging {
+		flags += "m"
 	}
 	if flags == "" {
 		flags = "o"
@@ -518,8 +676,16 @@ func (s *stack) tableLocked() string {
 	return strings.Join(w, " ")
 }
 
-// Presuspend implements mapper.Suspender; the device flushes after it.
-func (t *target) Presuspend(noflush bool) error { return nil }
+// Presuspend implements mapper.Suspender: it pauses a running merge; the
+// device flushes after it.
+func (t *target) Presuspend(noflush bool) error {
+	s := t.s
+	s.mu.Lock()
+	s.suspended = true
+	s.mu.Unlock()
+	s.stopMerge(false)
+	return nil
+}
 
 // Resume implements mapper.Suspender: it refuses while set_noresume is on,
 // and makes this table's backends the ones the stack uses.
@@ -532,6 +698,8 @@ func (t *target) Resume() error {
 	if s.noresume {
 		return mapper.Errorf(mapper.ErrBusy, "resume refused: set_noresume is on")
 	}
+	s.suspended = false
+	defer s.startMergeLocked()
 	if len(t.backs) == len(s.deltas) {
 		for i, b := range t.backs {
 			if mapper.Identity(b) == mapper.Identity(s.deltas[i].b) && !s.deltas[i].own {
@@ -559,6 +727,7 @@ func (t *target) Close() error {
 			return
 		}
 		s.stopBackup()
+		s.stopMerge(true)
 		var errs []error
 		if !s.readOnly {
 			errs = append(errs, s.flush())
@@ -606,6 +775,10 @@ func (b *bitmap) set(i uint64) {
 		b.w = append(b.w, 0)
 	}
 	b.w[i/64] |= 1 << (i % 64)
+}
+
+func (b *bitmap) has(i uint64) bool {
+	return i/64 < uint64(len(b.w)) && b.w[i/64]&(1<<(i%64)) != 0
 }
 
 func (b *bitmap) clear(i uint64) {
