@@ -1868,10 +1868,11 @@ func (c *agentConn) encode(msgs []wire.Message, items []*qitem) {
 // vectored writes (writev: the data is not copied again), otherwise (TLS)
 // through a buffer.
 func (c *agentConn) writeBatch() error {
-	bufs := c.iov
+	all := c.iov
+	bufs := all
 	defer func() {
-		clear(bufs)
-		c.iov = bufs[:0]
+		clear(all)
+		c.iov = all[:0]
 		if cap(c.hdr) > 4<<20 {
 			c.hdr = nil // a huge dirty map's: not kept
 		}
@@ -1881,22 +1882,42 @@ func (c *agentConn) writeBatch() error {
 	}
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	c.nc.SetWriteDeadline(time.Now().Add(wire.PeerTimeout(c.a.cfg.Heartbeat)))
+	// The deadline bounds a stall, not the whole batch: a large backlog
+	// over a slow link is written in pieces of about writePiece bytes,
+	// each with a fresh deadline.
+	timeout := wire.PeerTimeout(c.a.cfg.Heartbeat)
 	if c.vectored {
-		v := bufs // WriteTo consumes its receiver
-		_, err := v.WriteTo(c.nc)
-		return err
+		for len(bufs) > 0 {
+			n, size := 0, 0
+			for n < len(bufs) && (n == 0 || size+len(bufs[n]) <= writePiece) {
+				size += len(bufs[n])
+				n++
+			}
+			c.nc.SetWriteDeadline(time.Now().Add(timeout))
+			v := bufs[:n:n] // WriteTo consumes its receiver
+			if _, err := v.WriteTo(c.nc); err != nil {
+				return err
+			}
+			bufs = bufs[n:]
+		}
+		return nil
 	}
 	if c.bw == nil {
 		c.bw = bufio.NewWriterSize(c.nc, 256<<10)
 	}
 	for _, b := range bufs {
+		c.nc.SetWriteDeadline(time.Now().Add(timeout))
 		if _, err := c.bw.Write(b); err != nil {
 			return err
 		}
 	}
+	c.nc.SetWriteDeadline(time.Now().Add(timeout))
 	return c.bw.Flush()
 }
+
+// writePiece is the most a batch writes under one write deadline (more
+// when one frame's data is larger).
+const writePiece = 1 << 20
 
 // reportLocked builds REPORT_VM_VOLUMES; a.mu held.
 func (a *Agent) reportLocked() *wire.ReportVolumes {
