@@ -190,6 +190,8 @@ type blkQueue struct {
 	work     chan *blkReq
 	reqs     []blkReq // by head descriptor index
 	nworkers int
+	ioq      *mapper.IOQueue // the io_uring engine, nil: workers only (nowait.go)
+	engMu    sync.Mutex      // held by the engine's completion goroutine during a batch
 	// pool holds the chain buffers (translated segments, data slices) of
 	// the requests in flight: at most maxChainBufs per queue, reused, so
 	// that the queue's memory does not depend on the chains' shape.
@@ -349,6 +351,7 @@ func (q *blkQueue) start(mem *Mem, features uint64, dlog *dirtyLog, inf *infligh
 	q.idle.Store(0)
 	q.broken.Store(false)
 	q.wake = make(chan struct{}, 1)
+	q.startEngine()
 	q.state = queueRunning
 	q.runLoop()
 	return nil
@@ -370,6 +373,7 @@ func (q *blkQueue) halt() {
 		q.kick.SetReadDeadline(time.Time{})
 	}
 	q.active.Wait()
+	q.engineIdle()
 }
 
 // pause stops a running queue and waits for its requests, keeping its
@@ -405,6 +409,7 @@ func (q *blkQueue) stop() uint16 {
 	}
 	close(q.work)
 	q.workers.Wait()
+	q.stopEngine()
 	q.state = queueStopped
 	q.base = q.ring.lastAvail
 	q.inflight, q.resubmit = nil, nil
@@ -462,6 +467,7 @@ func (q *blkQueue) run(done chan struct{}) {
 				q.dispatch(h)
 				q.curSet = false
 			}
+			q.flushEngine()
 			if err := q.drain(); err != nil {
 				q.fail(err)
 			}
@@ -791,6 +797,7 @@ func (q *blkQueue) release() {
 	if !q.held {
 		return
 	}
+	q.flushEngine()
 	q.held = false
 	if q.finishing.Add(-1) != 0 || q.dev.dead.Load() {
 		return
@@ -854,7 +861,7 @@ func (q *blkQueue) dispatch(head uint16) {
 		q.finish(r, status, usedLen)
 		return
 	}
-	if q.try(r) {
+	if q.try(r) || q.async(r) {
 		return
 	}
 	q.submitWork(r)
