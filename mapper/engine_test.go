@@ -1,3 +1,10 @@
+//go:build !vhostdm_nouring
+
+// The engine's tests. Built with the vhostdm_nouring tag (go test -tags
+// vhostdm_nouring ./...), which only tests use, NewIOQueue always fails,
+// so that every suite (mapper, targets, vhost, cmd/vhostdm) runs on the
+// worker-pool fallback; engine_off_test.go then checks that it does.
+
 package mapper_test
 
 import (
@@ -5,65 +12,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
-	"sync"
 	"testing"
 
 	"github.com/vhostdm/vhostdm/mapper"
-	_ "github.com/vhostdm/vhostdm/targets"
 )
-
-// engineDevice makes a device of one linear line over a fresh file of
-// size bytes, with cache mode cache, in dir.
-func engineDevice(t testing.TB, dir string, size int64, cache mapper.CacheMode) (*mapper.Device, string) {
-	t.Helper()
-	path := filepath.Join(dir, "disk.img")
-	if err := os.WriteFile(path, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(path, size); err != nil {
-		t.Fatal(err)
-	}
-	m := mapper.NewManager(mapper.ManagerOptions{Logger: discard()})
-	t.Cleanup(func() { m.Close() })
-	d, err := m.CreateTableWith("e", "", mapper.DeviceOptions{Cache: cache}, fmt.Sprintf("0 %d linear %s 0\n", size/512, path))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return d, path
-}
-
-// results collects an IOQueue's completions by tag.
-type results struct {
-	mu   sync.Mutex
-	got  map[uint64]error
-	cond *sync.Cond
-}
-
-func newResults() *results {
-	r := &results{got: map[uint64]error{}}
-	r.cond = sync.NewCond(&r.mu)
-	return r
-}
-
-func (r *results) complete(tag uint64, err error) {
-	r.mu.Lock()
-	r.got[tag] = err
-	r.mu.Unlock()
-	r.cond.Broadcast()
-}
-
-func (r *results) wait(tag uint64) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	for {
-		if err, ok := r.got[tag]; ok {
-			delete(r.got, tag)
-			return err
-		}
-		r.cond.Wait()
-	}
-}
 
 // newQueue returns an io_uring queue or fails the test naming why.
 func newQueue(t testing.TB, res *results) *mapper.IOQueue {
@@ -258,5 +210,39 @@ func BenchmarkIOQueue(b *testing.B) {
 				}
 			})
 		})
+	}
+}
+
+// TestIOQueueDirect sends O_DIRECT reads and writes of a cache = "none"
+// device through the engine: aligned buffers go to io_uring, unaligned
+// ones are left to the blocking path (ErrWouldBlock), which bounces them.
+func TestIOQueueDirect(t *testing.T) {
+	d, _ := engineDevice(t, t.TempDir(), 1<<20, mapper.CacheNone)
+	res := newResults()
+	q := newQueue(t, res)
+	r := mapper.Request{Op: mapper.OpRead, Sectors: 8, Data: [][]byte{misaligned(4096, 1, 0)}}
+	if err := d.SubmitAsync(q, &r, 1); !errors.Is(err, mapper.ErrWouldBlock) {
+		t.Fatalf("unaligned buffer to the engine: %v, want ErrWouldBlock", err)
+	}
+	want := misaligned(4096, 0, 9)
+	r = mapper.Request{Op: mapper.OpWrite, Sector: 64, Sectors: 8, Data: [][]byte{want}}
+	if err := d.SubmitAsync(q, &r, 2); err != nil {
+		t.Fatal(err)
+	}
+	q.Flush()
+	if err := res.wait(2); err != nil {
+		t.Fatal(err)
+	}
+	got := misaligned(4096, 0, 0)
+	r = mapper.Request{Op: mapper.OpRead, Sector: 64, Sectors: 8, Data: [][]byte{got}}
+	if err := d.SubmitAsync(q, &r, 3); err != nil {
+		t.Fatal(err)
+	}
+	q.Flush()
+	if err := res.wait(3); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("O_DIRECT through io_uring: read is not what was written")
 	}
 }
