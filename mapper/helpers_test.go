@@ -68,4 +68,3 @@ func (r *results) wait(tag uint64) error {
 		r.cond.Wait()
 	}
 }
-

@@ -271,4 +271,6 @@ func (e *SQE) PrepRW(op uint8, fd int, iov *unix.Iovec, n int, off int64, userDa
 
 // Unconsumed returns the entries submitted that the kernel has not
 // consumed yet (left by a short submission).
-func (r *Ring) Unconsumed() int { return int(atomic.LoadUint32(r.sqTail) - atomic.LoadUint32(r.sqHead)) }
+func (r *Ring) Unconsumed() int {
+	return int(atomic.LoadUint32(r.sqTail) - atomic.LoadUint32(r.sqHead))
+}
