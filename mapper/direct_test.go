@@ -115,12 +115,7 @@ func TestDirect4KLogicalBlocks(t *testing.T) {
 	if err := os.Truncate(img, 4<<20); err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command("losetup", "-f", "--show", "--sector-size", "4096", img).CombinedOutput()
-	if err != nil {
-		t.Fatalf("losetup --sector-size 4096 (util-linux; run as root with loop devices): %v: %s", err, out)
-	}
-	dev := strings.TrimSpace(string(out))
-	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
+	dev := loopDevice(t, img, 4096)
 	m := mapper.NewManager(mapper.ManagerOptions{Logger: discard()})
 	t.Cleanup(func() { m.Close() })
 	d, err := m.CreateTableWith("d4k", "", mapper.DeviceOptions{Cache: mapper.CacheNone}, fmt.Sprintf("0 8192 linear %s 0", dev))

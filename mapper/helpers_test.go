@@ -4,7 +4,9 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 
@@ -67,4 +69,39 @@ func (r *results) wait(tag uint64) error {
 		}
 		r.cond.Wait()
 	}
+}
+
+// loopDevice attaches the file at path to a loop device with the given
+// logical block size and returns its node. It needs root and losetup
+// (util-linux).
+func loopDevice(t testing.TB, path string, sectorSize int) string {
+	t.Helper()
+	out, err := exec.Command("losetup", "-f", "--show", "--sector-size", fmt.Sprint(sectorSize), path).CombinedOutput()
+	if err != nil {
+		t.Fatalf("losetup (util-linux; run as root with loop devices): %v: %s", err, out)
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
+	return dev
+}
+
+// blockDevice makes a device of one linear line over a loop device on a
+// fresh file of size bytes, with cache mode cache.
+func blockDevice(t testing.TB, size int64, cache mapper.CacheMode) *mapper.Device {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "loop.img")
+	if err := os.WriteFile(path, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(path, size); err != nil {
+		t.Fatal(err)
+	}
+	dev := loopDevice(t, path, 512)
+	m := mapper.NewManager(mapper.ManagerOptions{Logger: discard()})
+	t.Cleanup(func() { m.Close() })
+	d, err := m.CreateTableWith("b", "", mapper.DeviceOptions{Cache: cache}, fmt.Sprintf("0 %d linear %s 0\n", size/512, dev))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
 }

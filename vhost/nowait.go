@@ -81,6 +81,9 @@ type AsyncDevice interface {
 func (q *blkQueue) startEngine() {
 	q.ioq = nil
 	if _, ok := q.dev.exp.dev.(AsyncDevice); !ok {
+		if q.index == 0 {
+			q.log.Info("I/O engine", "engine", "threads", "reason", "the device takes no asynchronous requests (wrapped for metrics or replication)")
+		}
 		return
 	}
 	ioq, err := mapper.NewIOQueue(mapper.IOQueueConfig{
