@@ -222,8 +222,7 @@ func (q *IOQueue) reap() {
 		// mu before their submission: taking it orders those writes
 		// before the reads here for the race detector too (the kernel's
 		// ring is an ordering the detector cannot see).
-		q.mu.Lock()
-		q.mu.Unlock() //nolint:staticcheck // an ordering point, not a critical section
+		q.sync()
 		started := false
 		q.ring.Reap(func(c uring.CQE) {
 			if c.UserData == closeTag {
@@ -241,6 +240,12 @@ func (q *IOQueue) reap() {
 		}
 		q.retry()
 	}
+}
+
+// sync takes and releases mu: an ordering point, not a critical section.
+func (q *IOQueue) sync() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
 }
 
 // retry submits again entries a deferred submission left published.

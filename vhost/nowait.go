@@ -195,5 +195,5 @@ func (q *blkQueue) engineBatchEnd() {
 // be published.
 func (q *blkQueue) engineIdle() {
 	q.engMu.Lock()
-	defer q.engMu.Unlock() //nolint:staticcheck // waits for the holder
+	defer q.engMu.Unlock()
 }
