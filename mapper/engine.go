@@ -111,6 +111,9 @@ func NewIOQueue(c IOQueueConfig) (*IOQueue, error) {
 	if log == nil {
 		log = slog.Default()
 	}
+	if err := r.SetMaxWorkers(uint32(depth)); err != nil {
+		log.Debug("io_uring: io-wq worker limit unchanged", "err", err)
+	}
 	q := &IOQueue{ring: r, complete: c.Complete, batchStart: c.BatchStart, batchEnd: c.BatchEnd, log: log, done: make(chan struct{})}
 	q.slots = make([]ioSlot, depth)
 	q.free = make([]uint32, depth)

@@ -274,3 +274,20 @@ func (e *SQE) PrepRW(op uint8, fd int, iov *unix.Iovec, n int, off int64, userDa
 func (r *Ring) Unconsumed() int {
 	return int(atomic.LoadUint32(r.sqTail) - atomic.LoadUint32(r.sqHead))
 }
+
+// registerIOWQMaxWorkers is IORING_REGISTER_IOWQ_MAX_WORKERS (Linux 5.15).
+const registerIOWQMaxWorkers = 19
+
+// SetMaxWorkers raises the io-wq thread limit for I/O the kernel cannot
+// issue without blocking (reads of regular files and block devices not in
+// the page cache, for example) to bounded; the kernel's default is four
+// per CPU, fewer than the requests a queue keeps in flight. Kernels before
+// 5.15 keep their default and return an error.
+func (r *Ring) SetMaxWorkers(bounded uint32) error {
+	v := [2]uint32{bounded, 0} // 0: leave the unbounded limit
+	_, _, errno := unix.Syscall6(unix.SYS_IO_URING_REGISTER, uintptr(r.fd), registerIOWQMaxWorkers, uintptr(unsafe.Pointer(&v[0])), 2, 0, 0)
+	if errno != 0 {
+		return fmt.Errorf("io_uring_register(IOWQ_MAX_WORKERS): %w", errno)
+	}
+	return nil
+}
