@@ -8,6 +8,7 @@
 //
 //	[[device]]
 //	name = "root"
+//	cache = "writeback"             # or "none": backends opened with O_DIRECT
 //	table = """
 //	0 2097152 linear /var/lib/vm1/root.img 0
 //	2097152 2097152 zero
@@ -155,6 +156,16 @@ type Device struct {
 	UUID     string `toml:"uuid"`
 	Table    string `toml:"table"`
 	ReadOnly bool   `toml:"readonly"`
+	// Cache is "writeback" (default: through the page cache) or "none"
+	// (file and block-device backends opened with O_DIRECT).
+	Cache string `toml:"cache"`
+
+	CacheMode mapper.CacheMode `toml:"-"` // Cache, parsed
+}
+
+// Options returns the device's creation options.
+func (d *Device) Options() mapper.DeviceOptions {
+	return mapper.DeviceOptions{ReadOnly: d.ReadOnly, Cache: d.CacheMode}
 }
 
 // Export is one export of a device: vhost-user-blk (the default type) or
@@ -444,6 +455,11 @@ func (c *Config) validate(v *validator) {
 		}
 		if len(d.UUID) > 128 {
 			v.errAt(key+".uuid", "longer than 128 characters")
+		}
+		if m, err := mapper.ParseCacheMode(d.Cache); err != nil {
+			v.errAt(key+".cache", "%q: want \"writeback\" or \"none\"", d.Cache)
+		} else {
+			d.CacheMode = m
 		}
 		if strings.TrimSpace(d.Table) == "" {
 			v.errAt(key+".table", "missing table")

@@ -51,6 +51,8 @@ func TestConfigErrors(t *testing.T) {
 		{"negotiation timeout", "[[device]]\nname = \"a\"\ntable = \"0 8 zero\"\n[[export]]\nid = \"e\"\ndevice = \"a\"\nsocket = \"s\"\nnegotiation-timeout = \"10\"\n",
 			[]string{`vm.toml:8: export[0].negotiation-timeout: "10": want a duration such as "10s", or "0s" for none`}},
 		{"missing table", "[[device]]\nname = \"a\"\n", []string{"vm.toml:1: device[0].table: missing table"}},
+		{"bad cache mode", "[[device]]\nname = \"a\"\ncache = \"directsync\"\ntable = \"0 8 zero\"",
+			[]string{`vm.toml:3: device[0].cache: "directsync": want "writeback" or "none"`}},
 		{"bad name", "[[device]]\nname = \"a/b\"\ntable = \"0 8 zero\"", []string{`vm.toml:2: device[0].name: device name "a/b": must not contain '/' or be . or ..`}},
 		{"duplicate device", "[[device]]\nname = \"a\"\ntable = \"0 8 zero\"\n[[device]]\nname = \"a\"\ntable = \"0 8 zero\"",
 			[]string{`vm.toml:5: device[1].name: device "a" already defined as device[0]`}},

@@ -106,19 +106,37 @@ type fileBackend struct {
 	// non-blocking buffered writes only on some file systems): the Try
 	// methods then return ErrWouldBlock at once.
 	noNowaitRead, noNowaitWrite atomic.Bool
+
+	// direct: opened with O_DIRECT (cache = "none"); I/O whose buffers
+	// are not aligned to memAlign goes through a bounce buffer, and
+	// offsets and lengths must be multiples of offAlign.
+	direct             bool
+	memAlign, offAlign int
 }
 
 // OpenFile opens a regular file or block device as a Backend.
 func OpenFile(path string, readOnly bool) (Backend, error) {
-	return openFile(path, readOnly)
+	return openFile(path, readOnly, CacheWriteback)
 }
 
-func openFile(path string, readOnly bool) (*fileBackend, error) {
+// OpenFileCache is OpenFile with a cache mode: CacheNone opens with
+// O_DIRECT and fails with a clear error where the file system refuses it.
+func OpenFileCache(path string, readOnly bool, cache CacheMode) (Backend, error) {
+	return openFile(path, readOnly, cache)
+}
+
+func openFile(path string, readOnly bool, cache CacheMode) (*fileBackend, error) {
 	flag := os.O_RDWR
 	if readOnly {
 		flag = os.O_RDONLY
 	}
-	f, err := os.OpenFile(path, flag|unix.O_CLOEXEC, 0)
+	var f *os.File
+	var err error
+	if cache == CacheNone {
+		f, err = openDirect(path, flag|unix.O_CLOEXEC)
+	} else {
+		f, err = os.OpenFile(path, flag|unix.O_CLOEXEC, 0)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -136,6 +154,13 @@ func openFile(path string, readOnly bool) (*fileBackend, error) {
 		f.Close()
 		return nil, fmt.Errorf("%s: not a regular file or block device", path)
 	}
+	if cache == CacheNone {
+		b.direct = true
+		if err := b.directAlign(); err != nil {
+			f.Close()
+			return nil, err
+		}
+	}
 	return b, nil
 }
 
@@ -149,6 +174,9 @@ func (b *fileBackend) WriteAt(bufs [][]byte, off int64) error { return b.writev(
 // what the page cache cannot serve at once ends it with ErrWouldBlock
 // (and a file system that refuses RWF_NOWAIT is remembered).
 func (b *fileBackend) readv(bufs [][]byte, off int64, nowait bool) error {
+	if b.direct && !b.aligned(bufs, off) {
+		return b.bounce(false, bufs, off)
+	}
 	flags := 0
 	if nowait {
 		flags = unix.RWF_NOWAIT
@@ -187,6 +215,9 @@ func (b *fileBackend) readv(bufs [][]byte, off int64, nowait bool) error {
 // writev writes bufs at off; with nowait as pwritev2(RWF_NOWAIT), see
 // readv.
 func (b *fileBackend) writev(bufs [][]byte, off int64, nowait bool) error {
+	if b.direct && !b.aligned(bufs, off) {
+		return b.bounce(true, bufs, off)
+	}
 	flags := 0
 	if nowait {
 		flags = unix.RWF_NOWAIT
@@ -372,8 +403,11 @@ func (b *fileBackend) Truncate(size int64) error {
 
 // TryReadAt implements NowaitBackend with preadv2(RWF_NOWAIT): the page
 // cache serves the read or it returns ErrWouldBlock.
+//
+// An O_DIRECT backend always returns ErrWouldBlock: its reads go to the
+// disk, and a synchronous one waits for it whatever RWF_NOWAIT says.
 func (b *fileBackend) TryReadAt(bufs [][]byte, off int64) error {
-	if b.noNowaitRead.Load() {
+	if b.direct || b.noNowaitRead.Load() {
 		return ErrWouldBlock
 	}
 	return b.readv(bufs, off, true)
@@ -383,7 +417,7 @@ func (b *fileBackend) TryReadAt(bufs [][]byte, off int64) error {
 // file system has no non-blocking buffered writes (ext4 before 6.x) every
 // write returns ErrWouldBlock after the first.
 func (b *fileBackend) TryWriteAt(bufs [][]byte, off int64) error {
-	if b.noNowaitWrite.Load() {
+	if b.direct || b.noNowaitWrite.Load() {
 		return ErrWouldBlock
 	}
 	return b.writev(bufs, off, true)

@@ -19,8 +19,13 @@ type Device struct {
 	name     string
 	uuid     string
 	readOnly bool
+	cache    CacheMode
 	m        *Manager
 	log      *slog.Logger
+
+	// blockSize is the largest logical block size of the O_DIRECT
+	// backends its tables have opened (512 without any).
+	blockSize atomic.Int32
 
 	// I/O admission, lock-free on the fast path: Submit adds itself to
 	// inflight, then checks suspended; suspend sets suspended, then waits
@@ -49,6 +54,25 @@ func newDevice(m *Manager, name, uuid string, readOnly bool) *Device {
 		log: m.log.With("device", name), watchers: map[int]func(uint64, uint64){}, reloads: map[int]func(){}}
 	d.gateCond = sync.NewCond(&d.gateMu)
 	return d
+}
+
+// Cache returns the device's cache mode.
+func (d *Device) Cache() CacheMode { return d.cache }
+
+// BlockSize returns the smallest logical block size the device can be
+// exported with: the largest of its O_DIRECT backends' (the tables loaded
+// so far), 512 for a device without any.
+func (d *Device) BlockSize() int {
+	return max(int(d.blockSize.Load()), 1<<SectorShift)
+}
+
+func (d *Device) noteBlockSize(n int) {
+	for {
+		old := d.blockSize.Load()
+		if int32(n) <= old || d.blockSize.CompareAndSwap(old, int32(n)) {
+			return
+		}
+	}
 }
 
 // Name returns the device's name.

@@ -21,6 +21,9 @@
 //     load, suspend, resume, message, status, remove.
 //   - [Manager] holds the devices of one daemon by name and resolves the
 //     backend names that tables use.
+//   - [IOQueue] is an asynchronous I/O engine (io_uring) a submitter
+//     owns; [Device.SubmitAsync] queues on it the reads and writes a table
+//     passes unchanged ([Remapper]) to a file or block device.
 //
 // # Concurrency
 //

@@ -1,11 +1,107 @@
 package mapper_test
 
 import (
+	"fmt"
 	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
 
+	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/mapper/mappertest"
+	_ "github.com/vhostdm/vhostdm/targets"
 )
 
 func discard() *slog.Logger { return slog.New(slog.DiscardHandler) }
 
 func newFuzzSet() *mappertest.Set { return mappertest.NewSet(1<<20, "a", "b", "c") }
+
+// engineDevice makes a device of one linear line over a fresh file of
+// size bytes, with cache mode cache, in dir.
+func engineDevice(t testing.TB, dir string, size int64, cache mapper.CacheMode) (*mapper.Device, string) {
+	t.Helper()
+	path := filepath.Join(dir, "disk.img")
+	if err := os.WriteFile(path, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(path, size); err != nil {
+		t.Fatal(err)
+	}
+	m := mapper.NewManager(mapper.ManagerOptions{Logger: discard()})
+	t.Cleanup(func() { m.Close() })
+	d, err := m.CreateTableWith("e", "", mapper.DeviceOptions{Cache: cache}, fmt.Sprintf("0 %d linear %s 0\n", size/512, path))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d, path
+}
+
+// results collects an IOQueue's completions by tag.
+type results struct {
+	mu   sync.Mutex
+	got  map[uint64]error
+	cond *sync.Cond
+}
+
+func newResults() *results {
+	r := &results{got: map[uint64]error{}}
+	r.cond = sync.NewCond(&r.mu)
+	return r
+}
+
+func (r *results) complete(tag uint64, err error) {
+	r.mu.Lock()
+	r.got[tag] = err
+	r.mu.Unlock()
+	r.cond.Broadcast()
+}
+
+func (r *results) wait(tag uint64) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for {
+		if err, ok := r.got[tag]; ok {
+			delete(r.got, tag)
+			return err
+		}
+		r.cond.Wait()
+	}
+}
+
+// loopDevice attaches the file at path to a loop device with the given
+// logical block size and returns its node. It needs root and losetup
+// (util-linux).
+func loopDevice(t testing.TB, path string, sectorSize int) string {
+	t.Helper()
+	out, err := exec.Command("losetup", "-f", "--show", "--sector-size", fmt.Sprint(sectorSize), path).CombinedOutput()
+	if err != nil {
+		t.Fatalf("losetup (util-linux; run as root with loop devices): %v: %s", err, out)
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
+	return dev
+}
+
+// blockDevice makes a device of one linear line over a loop device on a
+// fresh file of size bytes, with cache mode cache.
+func blockDevice(t testing.TB, size int64, cache mapper.CacheMode) *mapper.Device {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "loop.img")
+	if err := os.WriteFile(path, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(path, size); err != nil {
+		t.Fatal(err)
+	}
+	dev := loopDevice(t, path, 512)
+	m := mapper.NewManager(mapper.ManagerOptions{Logger: discard()})
+	t.Cleanup(func() { m.Close() })
+	d, err := m.CreateTableWith("b", "", mapper.DeviceOptions{Cache: cache}, fmt.Sprintf("0 %d linear %s 0\n", size/512, dev))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
+}

@@ -117,8 +117,22 @@ func ValidateName(name string) error {
 	return nil
 }
 
+// DeviceOptions are the settings of a device fixed at creation.
+type DeviceOptions struct {
+	ReadOnly bool
+	// Cache is how the file and block-device backends its tables name
+	// are opened: through the page cache, or with O_DIRECT.
+	Cache CacheMode
+}
+
 // Create makes a device with no table (dmsetup create without a table).
 func (m *Manager) Create(name, uuid string, readOnly bool) (*Device, error) {
+	return m.CreateWith(name, uuid, DeviceOptions{ReadOnly: readOnly})
+}
+
+// CreateWith is Create with options.
+func (m *Manager) CreateWith(name, uuid string, o DeviceOptions) (*Device, error) {
+	readOnly := o.ReadOnly
 	if err := ValidateName(name); err != nil {
 		return nil, err
 	}
@@ -138,15 +152,21 @@ func (m *Manager) Create(name, uuid string, readOnly bool) (*Device, error) {
 		}
 	}
 	d := newDevice(m, name, uuid, readOnly)
+	d.cache = o.Cache
 	m.devices[name] = d
-	m.log.Info("device created", "device", name, "uuid", uuid, "readonly", readOnly)
+	m.log.Info("device created", "device", name, "uuid", uuid, "readonly", readOnly, "cache", o.Cache.String())
 	return d, nil
 }
 
 // CreateTable makes a device and makes table text live (dmsetup create
 // with a table). Nothing is left behind if the table is invalid.
 func (m *Manager) CreateTable(name, uuid string, readOnly bool, table string) (*Device, error) {
-	d, err := m.Create(name, uuid, readOnly)
+	return m.CreateTableWith(name, uuid, DeviceOptions{ReadOnly: readOnly}, table)
+}
+
+// CreateTableWith is CreateTable with options.
+func (m *Manager) CreateTableWith(name, uuid string, o DeviceOptions, table string) (*Device, error) {
+	d, err := m.CreateWith(name, uuid, o)
 	if err != nil {
 		return nil, err
 	}
@@ -265,7 +285,15 @@ func (m *Manager) openBackend(user *Device, name string, readOnly bool) (Backend
 		}
 		path = p
 	}
-	return m.openShared(name, path, readOnly)
+	cache := CacheWriteback
+	if user != nil {
+		cache = user.cache
+	}
+	b, err := m.openShared(name, path, readOnly, cache)
+	if err == nil && user != nil {
+		user.noteBlockSize(fileOf(b).BlockSize())
+	}
+	return b, err
 }
 
 // blockDevPath finds the device node of a block device given as
@@ -336,6 +364,7 @@ func (d *Device) uses() []*Device {
 type fileKey struct {
 	path     string
 	readOnly bool
+	cache    CacheMode // an O_DIRECT and a cached descriptor are distinct
 }
 
 // sharedFile is one open file shared by every table line that names it, so
@@ -365,7 +394,7 @@ func (h *fileHandle) Close() error {
 	return err
 }
 
-func (m *Manager) openShared(name, path string, readOnly bool) (Backend, error) {
+func (m *Manager) openShared(name, path string, readOnly bool, cache CacheMode) (Backend, error) {
 	if !filepath.IsAbs(path) && m.dir != "" {
 		path = filepath.Join(m.dir, path)
 	}
@@ -373,12 +402,12 @@ func (m *Manager) openShared(name, path string, readOnly bool) (Backend, error) 
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
-	key := fileKey{abs, readOnly}
+	key := fileKey{abs, readOnly, cache}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	sf := m.files[key]
 	if sf == nil {
-		fb, err := openFile(abs, readOnly)
+		fb, err := openFile(abs, readOnly, cache)
 		if err != nil {
 			return nil, WithClass(err, ErrNotFound)
 		}

@@ -3,7 +3,7 @@
 # machine, in one run, with the same client (`vhostdm bench`, the vhost
 # front-end client in package vhost) and the same workloads.
 #
-#   scripts/bench-vs-qsd.sh [--json] [--runs N] [--duration D] [--rows "1 2 3 4 5"]
+#   scripts/bench-vs-qsd.sh [--json] [--runs N] [--duration D] [--rows "1 2 3 4 5 6 7"]
 #                           [--env K=V]... [--serve-bin PATH] [--keep]
 #
 # --env sets an environment variable of `vhostdm serve`, e.g.
@@ -26,6 +26,10 @@
 #   4w  1M sequential write QD8:    same files
 #   5   4k randread QD32, 1 queue:  vhostdm linear (1 line) and a 1000-line
 #       table of linear segments over the same image vs QSD file
+#   6   4k randwrite QD32, 1 queue, O_DIRECT: vhostdm linear with
+#       cache = "none" vs QSD file with cache.direct=on, aio=native and
+#       aio=io_uring (each on its own copy of the image)
+#   7   4k randread QD32, 1 queue, O_DIRECT: same back ends
 #
 # Both servers use the page cache in writeback mode: vhostdm's file backend
 # does buffered preadv/pwritev and the export offers a writeback cache; QSD
@@ -33,8 +37,11 @@
 # defaults), on one IOThread as recommended for performance, in both of its
 # asynchronous modes: aio=threads (server "qsd", its default) and
 # aio=io_uring ("qsd-uring", each on its own copy of the image). Ratios are
-# against the faster of the two in each row. (There are no O_DIRECT rows:
-# vhostdm has no cache=none mode yet.)
+# against the faster of the two in each row. Rows 6 and 7 bypass the page
+# cache on both sides: vhostdm's device has cache = "none" (O_DIRECT, the
+# io_uring engine), QSD's file driver cache.direct=on with aio=native
+# ("qsd-direct-native") and aio=io_uring ("qsd-direct-uring"); the ratio is
+# against the faster of them.
 #
 # For every measurement it records the server process's CPU time (user +
 # system, from /proc/PID/stat) and the load average; the report gives each
@@ -51,7 +58,7 @@ duration=5s
 json=0
 keep=0
 venv=()
-rows="1 2 3 4 5"
+rows="1 2 3 4 5 6 7"
 serve_bin=
 while [ $# -gt 0 ]; do
 	case "$1" in
@@ -67,7 +74,7 @@ while [ $# -gt 0 ]; do
 	--serve-bin=*) serve_bin=${1#*=}; shift ;;
 	--env) venv+=("$2"); shift 2 ;;
 	--env=*) venv+=("${1#*=}"); shift ;;
-	-h|--help) sed -n '2,48p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	-h|--help) sed -n '2,56p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "bench-vs-qsd.sh: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
@@ -131,6 +138,11 @@ head -c $((seg_sectors * 512)) /dev/urandom >"$dir/seg"
 for _ in $(seq "$nseg"); do cat "$dir/seg"; done >"$dir/vm.img"
 cp "$dir/vm.img" "$dir/qsd.img"
 cp "$dir/vm.img" "$dir/qsdu.img"
+direct=0
+case " $rows " in *" 6 "* | *" 7 "*) direct=1 ;; esac
+if [ "$direct" = 1 ]; then
+	for c in vmd qsdn qsdd; do cp "$dir/vm.img" "$dir/$c.img"; done
+fi
 sync
 
 # The 1000-line table maps segment i to segment (i*389)%1000 of the image
@@ -178,6 +190,22 @@ socket = "$dir/v-lin1000.sock"
 num-queues = 1
 writable = true
 EOF
+if [ "$direct" = 1 ]; then
+	cat >>"$dir/vhostdm.toml" <<EOF
+
+[[device]]
+name = "lin1d"
+cache = "none"
+table = "0 $img_sectors linear $dir/vmd.img 0"
+
+[[export]]
+id = "lin1d"
+device = "lin1d"
+socket = "$dir/v-lin1d.sock"
+num-queues = 1
+writable = true
+EOF
+fi
 
 wait_socket() {
 	local s=$1 i
@@ -195,6 +223,13 @@ env "${venv[@]}" "$sbin" serve -c "$dir/vhostdm.toml" -log-level warn >"$dir/vho
 vpid=$!
 pids+=($vpid)
 log "starting qemu-storage-daemon"
+qdirect=()
+if [ "$direct" = 1 ]; then
+	qdirect=(--blockdev driver=file,node-name=filen,filename="$dir/qsdn.img",cache.direct=on,aio=native
+		--blockdev driver=file,node-name=filed,filename="$dir/qsdd.img",cache.direct=on,aio=io_uring
+		--export type=vhost-user-blk,id=filen,node-name=filen,addr.type=unix,addr.path="$dir/q-filen.sock",num-queues=1,writable=on,iothread=io0
+		--export type=vhost-user-blk,id=filed,node-name=filed,addr.type=unix,addr.path="$dir/q-filed.sock",num-queues=1,writable=on,iothread=io0)
+fi
 "$QSD" \
 	--object iothread,id=io0 \
 	--blockdev driver=null-co,node-name=null0,size=$((2097152 * 512)),read-zeroes=on \
@@ -203,10 +238,14 @@ log "starting qemu-storage-daemon"
 	--export type=vhost-user-blk,id=null,node-name=null0,addr.type=unix,addr.path="$dir/q-null.sock",num-queues=2,iothread=io0 \
 	--export type=vhost-user-blk,id=file,node-name=file0,addr.type=unix,addr.path="$dir/q-file.sock",num-queues=1,writable=on,iothread=io0 \
 	--export type=vhost-user-blk,id=fileu,node-name=file1,addr.type=unix,addr.path="$dir/q-fileu.sock",num-queues=1,writable=on,iothread=io0 \
-	>"$dir/qsd.log" 2>&1 &
+	"${qdirect[@]}" >"$dir/qsd.log" 2>&1 &
 qpid=$!
 pids+=($qpid)
-for s in v-zero v-lin1 v-lin1000 q-null q-file q-fileu; do
+socks="v-zero v-lin1 v-lin1000 q-null q-file q-fileu"
+if [ "$direct" = 1 ]; then
+	socks="$socks v-lin1d q-filen q-filed"
+fi
+for s in $socks; do
 	wait_socket "$dir/$s.sock"
 done
 
@@ -268,6 +307,8 @@ for ((run = 1; run <= runs; run++)); do
 	row 4w vhostdm:v-lin1 qsd:q-file qsd-uring:q-fileu -- --rw write --bs 1048576 --iodepth 8 --queues 1
 	# Row 5: the one-line and the 1000-line tables and QSD, in turn.
 	row 5 vhostdm:v-lin1 vhostdm-1000:v-lin1000 qsd:q-file qsd-uring:q-fileu -- --rw randread --bs 4096 --iodepth 32 --queues 1
+	row 6 vhostdm-direct:v-lin1d qsd-direct-native:q-filen qsd-direct-uring:q-filed -- --rw randwrite --bs 4096 --iodepth 32 --queues 1
+	row 7 vhostdm-direct:v-lin1d qsd-direct-native:q-filen qsd-direct-uring:q-filed -- --rw randread --bs 4096 --iodepth 32 --queues 1
 done
 load=$(cut -d' ' -f1-3 /proc/loadavg)
 log "load average after: $load"

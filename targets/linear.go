@@ -51,6 +51,12 @@ func (t *linear) TryMap(r *mapper.Request) error {
 	return mapper.TryMapBackend(t.dev, t.offset+r.Sector, r)
 }
 
+// Remap implements mapper.Remapper: the asynchronous engine sends linear's
+// reads and writes to the backend directly.
+func (t *linear) Remap(sector, _ uint64) (mapper.Backend, uint64, bool) {
+	return t.dev, t.offset + sector, true
+}
+
 func (t *linear) Status(kind mapper.StatusKind) string {
 	if kind == mapper.StatusTable {
 		return fmt.Sprintf("%s %d", t.dev.Name(), t.offset)

@@ -54,3 +54,36 @@ func (d *blkDev) tryIO(q *queue, rq *request) (status byte, usedLen uint32, done
 	status, usedLen = d.result(q, rq, err)
 	return status, usedLen, true
 }
+
+// asyncIO queues a prepared read or write on the queue's engine. Writes
+// of a writethrough device need a flush and go to a worker.
+func (d *blkDev) asyncIO(q *queue, rq *request) (status byte, usedLen uint32, queued, done bool) {
+	r := &rq.blk
+	switch r.typ {
+	case virtio.BlkTypeIn:
+	case virtio.BlkTypeOut:
+		if !d.writebackOn() {
+			return 0, 0, false, false
+		}
+	default:
+		return 0, 0, false, false
+	}
+	ad, ok := d.exp.dev.(AsyncDevice)
+	if !ok {
+		return 0, 0, false, false
+	}
+	err := ad.SubmitAsync(q.ioq, &r.mreq, uint64(rq.chain.head))
+	if err == nil {
+		return 0, 0, true, false
+	}
+	if errors.Is(err, mapper.ErrWouldBlock) {
+		return 0, 0, false, false
+	}
+	status, usedLen = d.result(q, rq, err)
+	return status, usedLen, false, true
+}
+
+// complete gives the status of a read or write the engine performed.
+func (d *blkDev) complete(q *queue, rq *request, err error) (status byte, usedLen uint32) {
+	return d.result(q, rq, err)
+}

@@ -12,6 +12,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/vhostdm/vhostdm/mapper"
+
 	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
 	"github.com/vhostdm/vhostdm/vhost/internal/wire"
 )
@@ -39,6 +41,14 @@ type requestHandler interface {
 	tryIO(q *queue, r *request) (status byte, usedLen uint32, done bool)
 	// io performs a prepared request's I/O; it may block.
 	io(q *queue, r *request) (status byte, usedLen uint32)
+	// asyncIO queues a prepared request's I/O on the queue's engine
+	// (q.ioq, not nil) without blocking: queued=true, and the engine
+	// completes it through complete; or done=true with the status to
+	// complete it with now (a bad request); or neither, and r goes to a
+	// worker.
+	asyncIO(q *queue, r *request) (status byte, usedLen uint32, queued, done bool)
+	// complete gives the status of a request the engine performed.
+	complete(q *queue, r *request, err error) (status byte, usedLen uint32)
 }
 
 // maxWorkersPerRing bounds the worker goroutines of one queue.
@@ -128,6 +138,8 @@ type queue struct {
 	work     chan *request
 	reqs     []request // by head descriptor index
 	nworkers int
+	ioq      *mapper.IOQueue // the io_uring engine, nil: workers only (engine.go)
+	engMu    sync.Mutex      // held by the engine's completion goroutine during a batch
 	// pool holds the chain buffers (translated segments, data slices) of
 	// the requests in flight: at most maxChainBufs per queue, reused, so
 	// that the queue's memory does not depend on the chains' shape.
@@ -266,6 +278,7 @@ func (q *queue) start(env ringEnv) error {
 	q.idle.Store(0)
 	q.broken.Store(false)
 	q.wake = make(chan struct{}, 1)
+	q.startEngine()
 	q.state = queueRunning
 	q.runLoop()
 	return nil
@@ -287,6 +300,7 @@ func (q *queue) halt() {
 		q.kick.SetReadDeadline(time.Time{})
 	}
 	q.active.Wait()
+	q.engineIdle()
 }
 
 // pause stops a running queue and waits for its requests, keeping its
@@ -324,6 +338,7 @@ func (q *queue) stop() uint16 {
 	}
 	close(q.work)
 	q.workers.Wait()
+	q.stopEngine()
 	q.state = queueStopped
 	q.base = q.ring.lastAvail
 	q.inflight, q.resubmit = nil, nil
@@ -381,6 +396,7 @@ func (q *queue) run(done chan struct{}) {
 				q.dispatch(h)
 				q.curSet = false
 			}
+			q.flushEngine()
 			if err := q.drain(); err != nil {
 				q.fail(err)
 			}
@@ -710,6 +726,7 @@ func (q *queue) release() {
 	if !q.held {
 		return
 	}
+	q.flushEngine()
 	q.held = false
 	if q.finishing.Add(-1) != 0 || q.dev.dead.Load() {
 		return
@@ -773,7 +790,7 @@ func (q *queue) dispatch(head uint16) {
 		q.finish(r, status, usedLen)
 		return
 	}
-	if q.try(r) {
+	if q.try(r) || q.async(r) {
 		return
 	}
 	q.submitWork(r)

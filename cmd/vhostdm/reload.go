@@ -79,11 +79,15 @@ func (d *daemon) reloadConfig(path string) error {
 		o, existed := oldDev[dc.Name]
 		switch {
 		case !existed:
-			if _, err := d.m.CreateTable(dc.Name, dc.UUID, dc.ReadOnly, dc.Table); err != nil {
+			if _, err := d.m.CreateTableWith(dc.Name, dc.UUID, dc.Options(), dc.Table); err != nil {
 				errs = append(errs, fmt.Errorf("device %q: %w", dc.Name, err))
 				continue
 			}
 			d.log.Info("device created by reload", "device", dc.Name)
+		case o.CacheMode != dc.CacheMode:
+			errs = append(errs, fmt.Errorf("device %q: cache %s -> %s: a device's cache mode is fixed at creation (remove the device, reload, add it again)",
+				dc.Name, o.CacheMode, dc.CacheMode))
+			continue
 		case normalizeTable(o.Table) != normalizeTable(dc.Table):
 			dev, err := d.m.Get(dc.Name)
 			if err == nil {

@@ -169,7 +169,7 @@ func startDaemon(ctx context.Context, c *config.Config, log *slog.Logger) (*daem
 	replicator.SetRepagentSettings(d.m, replicator.RepagentSettings{VM: c.RepAgent.VM, UUID: c.RepAgent.UUID,
 		TLS: tc, Insecure: c.RepAgent.Insecure, Logger: log})
 	for _, dc := range order {
-		if _, err := d.m.CreateTable(dc.Name, dc.UUID, dc.ReadOnly, dc.Table); err != nil {
+		if _, err := d.m.CreateTableWith(dc.Name, dc.UUID, dc.Options(), dc.Table); err != nil {
 			return fail(c.TableError(c.DeviceIndex(dc.Name), errors.Unwrap(err)))
 		}
 	}
@@ -334,6 +334,10 @@ func (s *exportSet) Add(o qmp.ExportOptions) error {
 	}
 	if o.Writable && dev.ReadOnly() {
 		return fmt.Errorf("device %s is read-only", o.NodeName)
+	}
+	if lbs := max(int(o.LogicalBlockSize), mapper.SectorSize); lbs < dev.BlockSize() {
+		return fmt.Errorf("logical-block-size %d is smaller than the %d-byte logical block of device %s's O_DIRECT backends (cache = \"none\")",
+			lbs, dev.BlockSize(), o.NodeName)
 	}
 	if o.Type == config.TypeNBD {
 		return s.addNBD(o, dev)

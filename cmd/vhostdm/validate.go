@@ -72,7 +72,7 @@ outer:
 				continue outer
 			}
 		}
-		dev, err := m.CreateTable(d.Name, d.UUID, true, d.Table)
+		dev, err := m.CreateTableWith(d.Name, d.UUID, mapper.DeviceOptions{ReadOnly: true, Cache: d.CacheMode}, d.Table)
 		if err != nil {
 			failed[d.Name] = true
 			errs = append(errs, c.TableError(c.DeviceIndex(d.Name), errors.Unwrap(err)))

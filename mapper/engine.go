@@ -1,0 +1,435 @@
+package mapper
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vhostdm/vhostdm/internal/uring"
+)
+
+// IOQueue is the asynchronous I/O engine of one submitter (a vhost queue's
+// ring goroutine): an io_uring on which [Device.SubmitAsync] queues reads
+// and writes that a device's table sends, unchanged, to a file or block
+// device backend, and a completion goroutine that reaps them in batches
+// and reports each to the queue's complete function.
+//
+// Submission is batched per queue: SubmitAsync only fills submission
+// entries; [IOQueue.Flush] hands all of them to the kernel with one
+// io_uring_enter (the submitter calls it once per batch of requests it
+// popped). Completion reaping is per queue too: one goroutine per IOQueue
+// waits in io_uring_enter for the next completions, delivers every ready
+// one, then calls the batch-end function once, so that a vhost queue
+// publishes a batch of completions with one used-index store and at most
+// one eventfd write.
+//
+// SubmitAsync and Flush are called by one goroutine at a time (the
+// submitter); complete and batchEnd run on the completion goroutine, or
+// for the rare short transfer on a goroutine that finishes it with a
+// blocking call, so they must be safe to call concurrently with the
+// submitter and with each other.
+type IOQueue struct {
+	ring       *uring.Ring
+	complete   func(tag uint64, err error)
+	batchStart func()
+	batchEnd   func()
+	log        *slog.Logger
+
+	mu      sync.Mutex // the submission side, and closing
+	free    []uint32   // free slots, guarded by freeMu
+	freeMu  sync.Mutex
+	slots   []ioSlot
+	pending atomic.Int32 // slots in use
+	closing bool
+	done    chan struct{}
+}
+
+// ioSlot is one request in flight on an IOQueue; the slot index is the
+// submission's user data.
+type ioSlot struct {
+	tag     uint64
+	dev     *Device
+	fb      *fileBackend
+	op      Op
+	bufs    [][]byte
+	off     int64
+	want    int
+	sector  uint64
+	sectors uint64
+	iov     []unix.Iovec
+}
+
+// closeTag is the user data of the no-op Close submits to wake the
+// completion goroutine.
+const closeTag = ^uint64(0)
+
+// ErrNoEngine wraps the reason NewIOQueue cannot set up an io_uring; the
+// caller then performs blocking requests on worker goroutines.
+var ErrNoEngine = errors.New("io_uring engine unavailable")
+
+// IOQueueConfig configures NewIOQueue.
+type IOQueueConfig struct {
+	// Depth is the most requests in flight, 1 to 4096.
+	Depth int
+	// Complete is called once per request SubmitAsync accepted, with the
+	// tag it was given and the request's result. It runs with
+	// debug.SetPanicOnFault on and must recover from its own panics.
+	Complete func(tag uint64, err error)
+	// BatchStart and BatchEnd, if not nil, are called by the completion
+	// goroutine before and after each batch of completions it delivers
+	// (a short transfer finished on another goroutine is delivered
+	// outside any batch).
+	BatchStart, BatchEnd func()
+	// Log defaults to slog.Default().
+	Log *slog.Logger
+}
+
+// NewIOQueue sets up an engine and starts its completion goroutine.
+//
+// It fails with an error wrapping ErrNoEngine when io_uring is
+// unavailable: an old kernel, seccomp or kernel.io_uring_disabled, the
+// locked-memory limit, or a build with the vhostdm_nouring tag.
+func NewIOQueue(c IOQueueConfig) (*IOQueue, error) {
+	if uringDisabled {
+		return nil, fmt.Errorf("%w: built with the vhostdm_nouring tag", ErrNoEngine)
+	}
+	depth := c.Depth
+	if depth <= 0 || depth > 4096 {
+		return nil, fmt.Errorf("io queue depth %d: want 1 to 4096", depth)
+	}
+	r, err := uring.New(uint32(depth) + 1) // one more for Close's no-op
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrNoEngine, err)
+	}
+	log := c.Log
+	if log == nil {
+		log = slog.Default()
+	}
+	if err := r.SetMaxWorkers(uint32(depth)); err != nil {
+		log.Debug("io_uring: io-wq worker limit unchanged", "err", err)
+	}
+	q := &IOQueue{ring: r, complete: c.Complete, batchStart: c.BatchStart, batchEnd: c.BatchEnd, log: log, done: make(chan struct{})}
+	q.slots = make([]ioSlot, depth)
+	q.free = make([]uint32, depth)
+	for i := range q.free {
+		q.free[i] = uint32(depth - 1 - i)
+	}
+	go q.reap()
+	return q, nil
+}
+
+// Engine names the engine for logs: "io_uring".
+func (q *IOQueue) Engine() string { return "io_uring" }
+
+func (q *IOQueue) getSlot() (uint32, bool) {
+	q.freeMu.Lock()
+	defer q.freeMu.Unlock()
+	if len(q.free) == 0 {
+		return 0, false
+	}
+	i := q.free[len(q.free)-1]
+	q.free = q.free[:len(q.free)-1]
+	return i, true
+}
+
+func (q *IOQueue) putSlot(i uint32) {
+	q.freeMu.Lock()
+	q.free = append(q.free, i)
+	q.freeMu.Unlock()
+}
+
+// queue fills a submission entry for a read or write of bufs at byte off
+// of fb, on behalf of dev's request at sector. ErrWouldBlock: no room.
+func (q *IOQueue) queue(dev *Device, fb *fileBackend, op Op, bufs [][]byte, off int64, sector, sectors, tag uint64) error {
+	if len(bufs) > maxIOV {
+		return ErrWouldBlock
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closing {
+		return ErrWouldBlock
+	}
+	idx, ok := q.getSlot()
+	if !ok {
+		return ErrWouldBlock
+	}
+	e := q.ring.GetSQE()
+	if e == nil {
+		q.submitLocked()
+		if e = q.ring.GetSQE(); e == nil {
+			q.putSlot(idx)
+			return ErrWouldBlock
+		}
+	}
+	s := &q.slots[idx]
+	*s = ioSlot{tag: tag, dev: dev, fb: fb, op: op, bufs: bufs, off: off, sector: sector, sectors: sectors, iov: s.iov[:0]}
+	for _, b := range bufs {
+		v := unix.Iovec{}
+		if len(b) > 0 {
+			v.Base = &b[0]
+			v.SetLen(len(b))
+		}
+		s.iov = append(s.iov, v)
+		s.want += len(b)
+	}
+	opcode := uint8(uring.OpReadv)
+	if op == OpWrite {
+		opcode = uring.OpWritev
+	}
+	var iov *unix.Iovec
+	if len(s.iov) > 0 {
+		iov = &s.iov[0]
+	}
+	e.PrepRW(opcode, fb.fd, iov, len(s.iov), off, uint64(idx))
+	q.pending.Add(1)
+	return nil
+}
+
+// Flush hands every request queued since the last Flush to the kernel
+// with one io_uring_enter.
+func (q *IOQueue) Flush() {
+	q.mu.Lock()
+	q.submitLocked()
+	q.mu.Unlock()
+}
+
+func (q *IOQueue) submitLocked() {
+	if q.ring.Pending() == 0 && q.ring.Unconsumed() == 0 {
+		return
+	}
+	if _, err := q.ring.Submit(); err != nil {
+		// EAGAIN or EBUSY: the kernel is short of memory or completion
+		// slots. The entries stay published; the completion goroutine
+		// submits them again after it has reaped.
+		q.log.Debug("io_uring submit deferred", "err", err)
+	}
+}
+
+// reap is the completion goroutine.
+func (q *IOQueue) reap() {
+	defer close(q.done)
+	debug.SetPanicOnFault(true)
+	closed := false
+	for !closed || q.pending.Load() > 0 {
+		if err := q.ring.Wait(); err != nil {
+			q.log.Error("io_uring wait", "err", err)
+			time.Sleep(time.Millisecond)
+		}
+		// The slots of the completions about to be read were filled under
+		// mu before their submission: taking it orders those writes
+		// before the reads here for the race detector too (the kernel's
+		// ring is an ordering the detector cannot see).
+		q.sync()
+		started := false
+		q.ring.Reap(func(c uring.CQE) {
+			if c.UserData == closeTag {
+				closed = true
+				return
+			}
+			if !started && q.batchStart != nil {
+				q.batchStart()
+			}
+			started = true
+			q.completed(uint32(c.UserData), c.Res)
+		})
+		if started && q.batchEnd != nil {
+			q.batchEnd()
+		}
+		q.retry()
+	}
+}
+
+// sync takes and releases mu: an ordering point, not a critical section.
+func (q *IOQueue) sync() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+}
+
+// retry submits again entries a deferred submission left published.
+func (q *IOQueue) retry() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.ring.Unconsumed() > 0 {
+		q.submitLocked()
+	}
+}
+
+// completed finishes the request in slot idx with the kernel's result.
+func (q *IOQueue) completed(idx uint32, res int32) {
+	s := &q.slots[idx]
+	switch {
+	case int(res) == s.want:
+		q.finish(idx, nil)
+	case res >= 0 || res == -int32(unix.EAGAIN) || res == -int32(unix.EINTR):
+		// A short transfer (end of file, a signal): the rest with a
+		// blocking call, off the completion goroutine.
+		done := max(int(res), 0)
+		go q.finishShort(idx, done)
+	default:
+		what := "read"
+		if s.op == OpWrite {
+			what = "write"
+		}
+		q.finish(idx, fmt.Errorf("%s %s at %d: %w", what, s.fb.name, s.off, unix.Errno(-res)))
+	}
+}
+
+// finishShort completes a short transfer of which done bytes went through.
+func (q *IOQueue) finishShort(idx uint32, done int) {
+	s := &q.slots[idx]
+	rest := advance(s.bufs, done)
+	var err error
+	if s.op == OpWrite {
+		err = s.fb.writev(rest, s.off+int64(done), false)
+	} else {
+		err = s.fb.readv(rest, s.off+int64(done), false)
+	}
+	q.finish(idx, err)
+}
+
+// finish records a write, releases the device and the slot and reports
+// the result.
+func (q *IOQueue) finish(idx uint32, err error) {
+	s := &q.slots[idx]
+	tag, dev := s.tag, s.dev
+	if s.op == OpWrite {
+		if err == nil {
+			s.fb.writeGen.Add(1)
+		}
+		// Recorded before the completion is reported, as Submit does.
+		dev.recordWrite(s.sector, s.sectors)
+	}
+	s.bufs, s.dev, s.fb = nil, nil, nil
+	clear(s.iov)
+	q.putSlot(idx)
+	q.pending.Add(-1)
+	dev.exit()
+	q.complete(tag, err)
+}
+
+// Close stops the completion goroutine and releases the ring. The caller
+// must have seen the completion of every request it submitted.
+func (q *IOQueue) Close() error {
+	q.mu.Lock()
+	if q.closing {
+		q.mu.Unlock()
+		return nil
+	}
+	q.closing = true
+	e := q.ring.GetSQE()
+	if e == nil {
+		q.submitLocked()
+		e = q.ring.GetSQE()
+	}
+	if e != nil {
+		e.Opcode = uring.OpNop
+		e.UserData = closeTag
+	}
+	q.submitLocked()
+	q.mu.Unlock()
+	if e == nil {
+		return errors.New("io_uring close: no submission entry free")
+	}
+	<-q.done
+	return q.ring.Close()
+}
+
+// Remapper is a target that sends reads and writes unchanged to one
+// range of one backend (linear): the engine then performs them on the
+// backend directly.
+type Remapper interface {
+	// Remap returns the backend and its sector that a read or write of
+	// sectors at sector (relative to the target) goes to, or ok false
+	// when the request is not such a pass-through.
+	Remap(sector, sectors uint64) (b Backend, bsector uint64, ok bool)
+}
+
+// fileOf returns the file backend behind b, if it is one.
+func fileOf(b Backend) *fileBackend {
+	switch fb := b.(type) {
+	case *fileBackend:
+		return fb
+	case *fileHandle:
+		return fb.fileBackend
+	}
+	return nil
+}
+
+// SubmitAsync queues r on q when the live table sends it, unchanged, to a
+// file or block device backend: a read, or a write without FUA to a block
+// device, within one target that is a Remapper. It returns nil when r was queued (q's
+// complete function then reports its result, with tag, after q.Flush has
+// submitted it), ErrWouldBlock when r does not qualify or q is full (the
+// caller performs it with Submit), or the error of a bad request, as
+// Submit does. r.Data must stay valid until r completes; r itself may be
+// reused at once.
+func (d *Device) SubmitAsync(q *IOQueue, r *Request, tag uint64) error {
+	d.inflight.Add(1)
+	if d.suspended.Load() {
+		d.exit()
+		return ErrWouldBlock
+	}
+	err := d.submitAsync(q, r, tag)
+	if err != nil {
+		d.exit()
+	}
+	return err
+}
+
+func (d *Device) submitAsync(q *IOQueue, r *Request, tag uint64) error {
+	t := d.live.Load()
+	if t == nil {
+		return fmt.Errorf("%s: %w", d.name, ErrNoTable)
+	}
+	if r.Op != OpRead && (r.Op != OpWrite || r.FUA) {
+		return ErrWouldBlock
+	}
+	if err := d.check(t, r); err != nil {
+		return err
+	}
+	if r.Op == OpWrite && t.readOnly {
+		return ErrReadOnly
+	}
+	i := t.Find(r.Sector)
+	var start uint64
+	if i > 0 {
+		start = t.ends[i-1]
+	}
+	if r.Sector+r.Sectors > t.ends[i] {
+		return ErrWouldBlock
+	}
+	rm, ok := t.targets[i].(Remapper)
+	if !ok {
+		return ErrWouldBlock
+	}
+	b, bsector, ok := rm.Remap(r.Sector-start, r.Sectors)
+	if !ok {
+		return ErrWouldBlock
+	}
+	fb := fileOf(b)
+	if fb == nil {
+		return ErrWouldBlock
+	}
+	if r.Op == OpWrite && !fb.block {
+		// Writes to a regular file stay on the worker pool: io_uring
+		// runs the writes it cannot issue without blocking (every
+		// buffered write on ext4, O_DIRECT writes that update the
+		// file's times) on its io-wq threads, serialised per file,
+		// which halved the IOPS of 4k random writes at QD32 against
+		// the workers' parallel pwritev for the same CPU per write
+		// (docs/PERFORMANCE.md). Block devices have no such
+		// serialisation.
+		return ErrWouldBlock
+	}
+	off := int64(bsector << SectorShift)
+	if fb.direct && !fb.aligned(r.Data, off) {
+		return ErrWouldBlock // a worker bounces it
+	}
+	return q.queue(d, fb, r.Op, r.Data, off, r.Sector, r.Sectors, tag)
+}
