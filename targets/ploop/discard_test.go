@@ -156,14 +156,13 @@ func TestDiscardUnflushedCrash(t *testing.T) {
 // TestMergeUnderWrites merges a delta in the background while writers keep
 // writing: writes complete during the merge (none waits for all of it),
 // the merge ends with the delta dropped, and the merged image holds what
-// was written, as qemu-img and ploop check judge it. A suspend in the
-// middle pauses the merge and a resume continues it.
+// was written, as qemu-img and ploop check judge it.
 func TestMergeUnderWrites(t *testing.T) {
 	dir := t.TempDir()
 	base := emptyFile(t, dir, "base.hds")
 	top := emptyFile(t, dir, "top.hds")
 	const cs = 128 // 64 KiB clusters (ploop check takes no smaller)
-	const sectors = 256 * cs
+	const sectors = 512 * cs
 	events := make(chan mapper.Event, 16)
 	m := mapper.NewManager(mapper.ManagerOptions{Logger: slog.New(slog.DiscardHandler), Events: func(e mapper.Event) {
 		if strings.HasPrefix(e.Kind, "merge") {
@@ -199,6 +198,7 @@ func TestMergeUnderWrites(t *testing.T) {
 				buf := pattern(rng.Uint64(), int(n*512))
 				mu.Lock() // one write at a time per range keeps the model exact
 				start := time.Now()
+				inMerge := merging.Load()
 				err := d.Submit(&mapper.Request{Op: mapper.OpWrite, Sector: s, Sectors: n, Data: [][]byte{buf}})
 				took := time.Since(start)
 				if err == nil {
@@ -210,7 +210,7 @@ func TestMergeUnderWrites(t *testing.T) {
 					return
 				}
 				writes.Add(1)
-				if merging.Load() {
+				if inMerge && merging.Load() {
 					during.Add(1)
 					for {
 						cur := slowest.Load()
@@ -226,22 +226,25 @@ func TestMergeUnderWrites(t *testing.T) {
 	merging.Store(true)
 	began := time.Now()
 	message(t, d, "merge")
+	// The copy phase ends when the top has every cluster; the flush and
+	// the drop of the delta follow.
+	copied := make(chan time.Duration, 1)
+	go func() {
+		for {
+			f := strings.Fields(status(d, mapper.StatusInfo))
+			if f[4] == "512/512" || !strings.Contains(f[3], "m") {
+				copied <- time.Since(began)
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}()
 	if got := strings.Fields(status(d, mapper.StatusInfo)); got[0] != "2" || !strings.Contains(got[3], "m") {
 		t.Fatalf("INFO right after merge %v, want 2 deltas and flag m", got)
 	}
 	// Other stack changes wait for the merge.
 	if _, err := d.Message(0, []string{"snapshot", emptyFile(t, dir, "x.hds")}); err == nil || !strings.Contains(err.Error(), "merge is running") {
 		t.Fatalf("snapshot during a merge: %v", err)
-	}
-	time.Sleep(5 * time.Millisecond)
-	if err := d.Suspend(false); err != nil {
-		t.Fatal(err)
-	}
-	if got := strings.Fields(status(d, mapper.StatusInfo)); !strings.Contains(got[3], "m") && got[0] == "2" {
-		t.Fatalf("INFO while suspended mid-merge %v", got)
-	}
-	if err := d.Resume(); err != nil {
-		t.Fatal(err)
 	}
 	var ev mapper.Event
 	select {
@@ -250,6 +253,7 @@ func TestMergeUnderWrites(t *testing.T) {
 		t.Fatalf("no merge event; INFO %q", status(d, mapper.StatusInfo))
 	}
 	took := time.Since(began)
+	copyPhase := <-copied
 	merging.Store(false)
 	close(stop)
 	wg.Wait()
@@ -260,10 +264,13 @@ func TestMergeUnderWrites(t *testing.T) {
 	if ev.Kind != "merged" {
 		t.Fatalf("event %s %v, want merged", ev.Kind, ev.Data)
 	}
-	t.Logf("merge of 256 clusters took %v; %d writes during it (of %d), slowest %v",
-		took.Round(time.Millisecond), during.Load(), writes.Load(), time.Duration(slowest.Load()).Round(time.Microsecond))
+	t.Logf("merge of 512 clusters took %v (copying %v); %d writes during it (of %d), slowest %v",
+		took.Round(time.Millisecond), copyPhase.Round(time.Millisecond), during.Load(), writes.Load(), time.Duration(slowest.Load()).Round(time.Microsecond))
 	if during.Load() < 10 {
 		t.Fatalf("only %d writes completed during a merge of %v: the merge holds guest I/O", during.Load(), took)
+	}
+	if slow := time.Duration(slowest.Load()); slow > copyPhase/2 {
+		t.Fatalf("a write during the merge took %v of the %v the merge copied for: the merge holds guest I/O", slow, copyPhase)
 	}
 	if got := status(d, mapper.StatusInfo); !strings.HasPrefix(got, "1 v2 128 o ") {
 		t.Fatalf("INFO after the merge %q", got)
@@ -278,5 +285,40 @@ func TestMergeUnderWrites(t *testing.T) {
 	ploopCheck(t, top)
 	if s := diff(qemuRaw(t, top), model); s != "" {
 		t.Fatalf("qemu-img reads the merged top: %s", s)
+	}
+}
+
+// TestMergeSuspendResume suspends a device mid-merge: the merge stops
+// copying (the top's allocation stays while suspended) and goes on after
+// the resume, to the end.
+func TestMergeSuspendResume(t *testing.T) {
+	dir := t.TempDir()
+	base := emptyFile(t, dir, "base.hds")
+	top := emptyFile(t, dir, "top.hds")
+	const cs = 128
+	const sectors = 512 * cs
+	m := newManager(t)
+	d := create(t, m, "d", fmt.Sprintf("0 %d ploop 7 %s", sectors, base))
+	model := pattern(6, sectors*512)
+	submit(t, d, mapper.OpWrite, 0, model)
+	message(t, d, "snapshot", top)
+	message(t, d, "merge")
+	if err := d.Suspend(false); err != nil {
+		t.Fatal(err)
+	}
+	first := status(d, mapper.StatusInfo)
+	time.Sleep(100 * time.Millisecond)
+	if got := status(d, mapper.StatusInfo); got != first || !strings.HasPrefix(got, "2 v2 128 m ") {
+		t.Fatalf("INFO while suspended mid-merge %q then %q: want the merge paused (2 deltas, flag m, allocation unchanged)", first, got)
+	}
+	if err := d.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	waitMerged(t, d, "2")
+	if got := status(d, mapper.StatusInfo); got != "1 v2 128 o 512/512" {
+		t.Fatalf("INFO after the merge %q", got)
+	}
+	if s := diff(readAll(t, d), model); s != "" {
+		t.Fatalf("after the merge: %s", s)
 	}
 }
