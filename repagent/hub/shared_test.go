@@ -2,13 +2,17 @@ package hub_test
 
 import (
 	"context"
+	"errors"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/vhostdm/vhostdm/internal/reptest"
 	"github.com/vhostdm/vhostdm/repagent/agent"
 	"github.com/vhostdm/vhostdm/repagent/hub"
+	"github.com/vhostdm/vhostdm/repagent/hub/journal"
 	"github.com/vhostdm/vhostdm/repagent/wire"
 )
 
@@ -97,5 +101,78 @@ func TestSharedStoreTwoHubs(t *testing.T) {
 	t.Logf("%d writes; the second hub read %d bytes by remote IO (%.1f%% of the volume)", n, got, 100*float64(got)/float64(a.Size))
 	if got >= uint64(a.Size)/4 {
 		t.Errorf("the second hub read %d bytes of %d: a full resync", got, a.Size)
+	}
+}
+
+// leasedBackend is a directory backend whose journal stores can lose
+// their hold (hub.LeaseHolder), as the Ceph store's lease can.
+type leasedBackend struct {
+	hub.Backend
+	mu     sync.Mutex
+	latest map[string]*leasedStore
+}
+
+type leasedStore struct {
+	journal.Store
+	lost atomic.Bool
+}
+
+func (s *leasedStore) LeaseErr() error {
+	if s.lost.Load() {
+		return errors.New("lease lost (test)")
+	}
+	return nil
+}
+
+func (b *leasedBackend) Journal(vm string) journal.Store {
+	s := &leasedStore{Store: b.Backend.Journal(vm)}
+	b.mu.Lock()
+	b.latest[vm] = s
+	b.mu.Unlock()
+	return s
+}
+
+// lose makes the store of vm's journal opened last lose its hold.
+func (b *leasedBackend) lose(vm string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.latest[vm].lost.Store(true)
+}
+
+// TestSharedLeaseLost: a hub on a shared store whose hold on a VM is lost
+// drops the VM's agent connection, says it no longer holds the VM and
+// closes its journal; when the agent comes back and the hold can be taken
+// again, the hub reads the VM's state from the store and protection
+// resumes without a full resync, the replica identical.
+func TestSharedLeaseLost(t *testing.T) {
+	r := reptest.New(t)
+	b := &leasedBackend{Backend: hub.DirBackend(r.HubCfg.Store), latest: map[string]*leasedStore{}}
+	r.HubCfg.Shared, r.HubCfg.Backend = true, b
+	r.StartHub()
+	a := r.AddVolume("root", 32<<20)
+	r.StartAgent(reptest.ProtectAll(a))
+	r.WaitProtected(30*time.Second, a)
+	connects := r.Agent.Status().Connects
+	stop := make(chan struct{})
+	wait := r.RunWritersPaced(stop, 5*time.Millisecond, a)
+	time.Sleep(300 * time.Millisecond)
+	b.lose("vm1")
+	lost := time.Now()
+	// Dropped: the agent reconnects (a new connection) and the hub takes
+	// the VM again with a new hold.
+	for r.Agent.Status().Connects == connects || !heldBy(r.Hub, "vm1") {
+		if time.Since(lost) > 20*time.Second {
+			t.Fatalf("the hub did not drop and retake vm1 after its lease was lost: %+v", r.Hub.Status())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Logf("vm1 dropped and taken again %v after the lease was lost", time.Since(lost).Round(time.Millisecond))
+	time.Sleep(300 * time.Millisecond)
+	close(stop)
+	wait()
+	r.WaitProtected(30*time.Second, a)
+	r.CheckIdentical(a)
+	if got := r.RemoteBytes(a); got >= uint64(a.Size)/4 {
+		t.Errorf("read %d bytes of %d after the lease was lost: a full resync", got, a.Size)
 	}
 }
