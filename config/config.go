@@ -235,7 +235,7 @@ type Metrics struct {
 // RepAgent configures the replication agent. Without a hub there is none.
 //
 //	[repagent]
-//	hub = "127.0.0.1:7070"
+//	hub = "127.0.0.1:7070"    # or a list: ["hub-a:7070", "hub-b:7070"]
 //	vm = "vm1"
 //	tls-cert = "vm1.crt"
 //	tls-key = "vm1.key"
@@ -245,7 +245,12 @@ type Metrics struct {
 //	al-extents = 1237
 //	al-extent-size = "4m"
 type RepAgent struct {
-	Hub       string `toml:"hub"`        // host:port
+	// Hubs is `hub`: one host:port, or a list of them tried in turn
+	// (hubs sharing one Ceph pool: the agent moves to the next on a
+	// connection failure or when another hub holds the VM).
+	Hubs HubList `toml:"hub"`
+	// Hub is the first of Hubs ("": no agent), set by validation.
+	Hub       string `toml:"-"`
 	VM        string `toml:"vm"`         // the VM's name at the hub
 	UUID      string `toml:"uuid"`       // 8-4-4-4-12 hex digits; optional
 	TLSCert   string `toml:"tls-cert"`   // PEM files; all three or none
@@ -431,6 +436,7 @@ func (v *validator) errAt(key, format string, args ...any) {
 }
 
 func (c *Config) validate(v *validator) {
+	c.RepAgent.resolveHubs()
 	if c.Version > Version {
 		v.errAt("version", "version %d is newer than this vhostdm understands (%d)", c.Version, Version)
 	}
@@ -674,7 +680,62 @@ func (c *Config) validateFallBehind(v *validator) {
 	}
 }
 
+// HubList is a TOML string or array of strings (`[repagent] hub`).
+type HubList struct {
+	// Addrs are the addresses in order.
+	Addrs []string
+	// bad: the TOML value was neither (reported by validation).
+	bad string
+}
+
+// UnmarshalTOML implements toml.Unmarshaler.
+func (l *HubList) UnmarshalTOML(v any) error {
+	switch v := v.(type) {
+	case string:
+		l.Addrs = []string{v}
+		return nil
+	case []any:
+		for _, e := range v {
+			s, ok := e.(string)
+			if !ok {
+				l.bad = fmt.Sprintf("%v is not a string", e)
+				return nil
+			}
+			l.Addrs = append(l.Addrs, s)
+		}
+		if len(l.Addrs) == 0 {
+			l.bad = "an empty list"
+		}
+		return nil
+	}
+	l.bad = fmt.Sprintf("%v is not a string or a list of strings", v)
+	return nil
+}
+
+// HubAddrs returns the hubs' addresses: Hubs, or Hub alone when Hubs is
+// empty (a configuration built in code).
+func (r *RepAgent) HubAddrs() []string {
+	if len(r.Hubs.Addrs) > 0 {
+		return r.Hubs.Addrs
+	}
+	if r.Hub != "" {
+		return []string{r.Hub}
+	}
+	return nil
+}
+
+// resolveHubs sets Hub from Hubs.
+func (r *RepAgent) resolveHubs() {
+	if len(r.Hubs.Addrs) > 0 {
+		r.Hub = r.Hubs.Addrs[0]
+	}
+}
+
 func (r *RepAgent) validate(c *Config, v *validator) {
+	if r.Hubs.bad != "" {
+		v.errAt("repagent.hub", "%s: want \"host:port\" or a list of them", r.Hubs.bad)
+		return
+	}
 	if r.Hub == "" {
 		if r.VM != "" || r.TLSCert != "" || r.TLSKey != "" || r.TLSCA != "" || r.QueueSize != "" || r.UUID != "" || r.Insecure ||
 			r.ActivityLog != "" || r.ALExtents != 0 || r.ALExtentSize != "" {
@@ -682,8 +743,14 @@ func (r *RepAgent) validate(c *Config, v *validator) {
 		}
 		return
 	}
-	if _, _, err := net.SplitHostPort(r.Hub); err != nil {
-		v.errAt("repagent.hub", "%q: want host:port", r.Hub)
+	seen := map[string]bool{}
+	for _, h := range r.HubAddrs() {
+		if _, _, err := net.SplitHostPort(h); err != nil {
+			v.errAt("repagent.hub", "%q: want host:port", h)
+		} else if seen[h] {
+			v.errAt("repagent.hub", "%q: listed twice", h)
+		}
+		seen[h] = true
 	}
 	if r.VM == "" {
 		v.errAt("repagent.vm", "missing vm name")

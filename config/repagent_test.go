@@ -63,6 +63,22 @@ allow-remote-write = true
 	}
 }
 
+// TestRepAgentHubList: `hub` is one address or a list of them, in order;
+// Hub is the first.
+func TestRepAgentHubList(t *testing.T) {
+	c, err := config.Parse([]byte(repagentBase+"[repagent]\nhub = [\"10.0.0.1:7070\", \"10.0.0.2:7070\"]\nvm = \"v\"\ninsecure = true\n"), "vm.toml", "/tmp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.RepAgent.HubAddrs(); len(got) != 2 || got[0] != "10.0.0.1:7070" || got[1] != "10.0.0.2:7070" || c.RepAgent.Hub != "10.0.0.1:7070" {
+		t.Errorf("hubs %q, hub %q", got, c.RepAgent.Hub)
+	}
+	c, err = config.Parse([]byte(repagentBase+"[repagent]\nhub = \"127.0.0.1:7\"\nvm = \"v\"\n"), "vm.toml", "/tmp")
+	if err != nil || len(c.RepAgent.HubAddrs()) != 1 || c.RepAgent.Hub != "127.0.0.1:7" {
+		t.Errorf("one hub: %v %+v", err, c.RepAgent)
+	}
+}
+
 func TestRepAgentConfigErrors(t *testing.T) {
 	exp := func(extra string) string {
 		return "\n[[export]]\nid = \"e\"\ndevice = \"root\"\nsocket = \"e.sock\"\n" + extra
@@ -88,6 +104,11 @@ func TestRepAgentConfigErrors(t *testing.T) {
 		{"al-extents", hub + "al-extents = 70000\n", "vm.toml:9: repagent.al-extents: 70000: want 1 to 65534"},
 		{"al-extent-size", hub + "al-extent-size = \"3m\"\n", `repagent.al-extent-size: "3m": want a power of two from 4k to 1g`},
 		{"activity log without hub", "\n[repagent]\nactivity-log = \"x\"\n", "repagent.hub: missing hub address"},
+		{"hub list bad address", "\n[repagent]\nhub = [\"127.0.0.1:1\", \"nohost\"]\nvm = \"vm1\"\n", `vm.toml:7: repagent.hub: "nohost": want host:port`},
+		{"hub list twice", "\n[repagent]\nhub = [\"127.0.0.1:1\", \"127.0.0.1:1\"]\nvm = \"vm1\"\n", `vm.toml:7: repagent.hub: "127.0.0.1:1": listed twice`},
+		{"hub list empty", "\n[repagent]\nhub = []\nvm = \"vm1\"\n", `vm.toml:7: repagent.hub: an empty list: want "host:port" or a list of them`},
+		{"hub list not strings", "\n[repagent]\nhub = [\"127.0.0.1:1\", 7]\nvm = \"vm1\"\n", `vm.toml:7: repagent.hub: 7 is not a string`},
+		{"hub a number", "\n[repagent]\nhub = 7070\nvm = \"vm1\"\n", `vm.toml:7: repagent.hub: 7070 is not a string or a list of strings`},
 		{"protect and remote write", hub + exp("protect = true\nallow-remote-write = true\n"), "vm.toml:15: export[0].allow-remote-write: not with protect = true"},
 	}
 	for _, tc := range tests {

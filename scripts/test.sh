@@ -38,5 +38,6 @@ CGO_ENABLED=1 go test -race -timeout 20m -tags ceph "${CEPH_TEST[@]}" "$@"
 # The guest test of the rbd: backend: vhostdm built with -tags ceph.
 CGO_ENABLED=1 go test -race -timeout 20m -tags ceph -run '^TestRBD' ./test/e2e/
 # repagent-hub with --store ceph:POOL: a hub process killed and restarted,
-# recovery as RBD clones served through rbd:.
+# recovery as RBD clones served through rbd:; two hub processes on one pool,
+# the one holding a VM killed (TestCephTwoHubsKill).
 CGO_ENABLED=1 go test -race -timeout 20m -tags ceph -run '^TestCeph' ./cmd/repagent-hub/

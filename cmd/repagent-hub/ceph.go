@@ -20,7 +20,7 @@ type cephFlags struct {
 func (c *cephFlags) add(fs *flag.FlagSet) {
 	fs.StringVar(&c.conf, "ceph-conf", "", "with --store ceph:POOL: the ceph.conf `FILE` (monitors, keyring; default: librados's search)")
 	fs.StringVar(&c.id, "ceph-id", "", "with --store ceph:POOL: the Ceph client `NAME` without \"client.\" (default admin)")
-	fs.DurationVar(&c.lease, "ceph-lease", 15*time.Second, "with --store ceph:POOL: how long a VM stays this hub's after its last renewal (`DURATION`); a restarted hub waits for the old lease to end")
+	fs.DurationVar(&c.lease, "ceph-lease", 15*time.Second, "with --store ceph:POOL: how long a VM stays this hub's after its last renewal (`DURATION`); a dead hub's VMs are taken by the hub their agents attach to once it ends")
 }
 
 // unused refuses the Ceph flags without a Ceph store.

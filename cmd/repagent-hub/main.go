@@ -158,13 +158,16 @@ func runServe(args []string, stderr io.Writer) int {
 	cfg := hub.Config{Store: *store, Name: *name, Logger: log, AllowAnyIdentity: *anyIdentity,
 		MaxConns: *maxConns, MaxConnsPerPeer: *maxPerPeer, Retain: *retain, RetainBytes: int64(rb), CsumResync: *csumResync}
 	if cephstore.IsStore(*store) {
-		// A hub restarted after a crash waits for its old lease to end.
-		be, err := cf.open(*store, log, true)
+		// Hubs share the pool: each VM is opened, and its lease taken,
+		// when its agent attaches; a HELLO for a VM another hub holds
+		// (or a crashed hub held, until its lease ends) is refused at
+		// once and the agent tries its next hub.
+		be, err := cf.open(*store, log, false)
 		if err != nil {
 			fmt.Fprintf(stderr, "repagent-hub: --store %s: %v\n", *store, err)
 			return 1
 		}
-		cfg.Store, cfg.Backend = "", be
+		cfg.Store, cfg.Backend, cfg.Shared = "", be, true
 	} else if err := cf.unused(); err != nil {
 		fmt.Fprintf(stderr, "repagent-hub: %v\n", err)
 		return 2

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 
 	"github.com/vhostdm/vhostdm/config"
 	"github.com/vhostdm/vhostdm/repagent/agent"
@@ -39,14 +40,16 @@ func (d *daemon) prepareRepagent(old, c *config.Config) (apply func(), err error
 	if err != nil {
 		return nil, err
 	}
-	link := o.Hub != n.Hub || o.Insecure != n.Insecure || sum != d.repTLSSum
+	link := !slices.Equal(o.HubAddrs(), n.HubAddrs()) || o.Insecure != n.Insecure || sum != d.repTLSSum
 	tc, err := repagentTLS(c)
 	if err != nil {
 		return nil, err
 	}
 	if link && tc == nil {
-		if err := wire.CheckPlain(n.Hub, n.Insecure); err != nil {
-			return nil, fmt.Errorf("%s: repagent: hub %w", c.File, err)
+		for _, h := range n.HubAddrs() {
+			if err := wire.CheckPlain(h, n.Insecure); err != nil {
+				return nil, fmt.Errorf("%s: repagent: hub %w", c.File, err)
+			}
 		}
 	}
 	return func() {
@@ -56,7 +59,7 @@ func (d *daemon) prepareRepagent(old, c *config.Config) (apply func(), err error
 		if !link {
 			return
 		}
-		if err := d.agent.Reconnect(n.Hub, tc, n.Insecure); err != nil {
+		if err := d.agent.Reconnect(n.HubAddrs(), tc, n.Insecure); err != nil {
 			d.log.Error("repagent: hub settings not applied", "err", err) // checked above
 			return
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -258,4 +259,38 @@ func (l *syncBuffer) has(want ...string) bool {
 		}
 	}
 	return false
+}
+
+// TestRepagentHubList: `hub` as a list: the agent skips an address where
+// nothing listens and replicates to the next; query-repagent shows the
+// hub in use.
+func TestRepagentHubList(t *testing.T) {
+	dir := t.TempDir()
+	store := filepath.Join(dir, "store")
+	h, addr := startTestHub(t, store)
+	dead := freeTCPAddr(t)
+	os.WriteFile(filepath.Join(dir, "root.img"), reptest.Pattern(1, 4<<20), 0o600)
+	text := strings.Replace(fmt.Sprintf(reloadRepConfig, addr, "protect = true\n"),
+		`hub = "`+addr+`"`, `hub = ["`+dead+`", "`+addr+`"]`, 1)
+	path := writeConfig(t, dir, text)
+	d, _ := serveInProcess(t, path)
+	waitReplicated(t, d, h, store, map[string]string{"root0": filepath.Join(dir, "root.img")})
+	got, err := d.qmpQueryRepagent(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := got.(agentStatus); !st.Connected || st.Hub != addr {
+		t.Errorf("query-repagent: connected %v to %q, want %q (after %q)", st.Connected, st.Hub, addr, dead)
+	}
+}
+
+// freeTCPAddr returns a loopback address where nothing listens.
+func freeTCPAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
 }

@@ -14,6 +14,7 @@ type agentStatus struct {
 	Acked       uint64              `json:"acked-seq"`
 	Session     string              `json:"session"`
 	Refused     string              `json:"refused,omitempty"`
+	Hub         string              `json:"hub"`
 	RPO         float64             `json:"rpo"`
 	ActivityLog *activityLogStatus  `json:"activity-log,omitempty"`
 	Volumes     []agentVolumeStatus `json:"volumes"`
@@ -58,7 +59,7 @@ func (d *daemon) qmpQueryRepagent(map[string]string) (any, error) {
 	}
 	s := d.agent.Status()
 	out := agentStatus{VM: d.repVM, Connected: s.Connected, Connects: s.Connects, Acked: s.Acked,
-		Session: fmt.Sprintf("%016x", s.Session), Refused: s.Refused, RPO: s.RPO.Seconds(), Volumes: []agentVolumeStatus{}}
+		Session: fmt.Sprintf("%016x", s.Session), Refused: s.Refused, Hub: s.Hub, RPO: s.RPO.Seconds(), Volumes: []agentVolumeStatus{}}
 	if al := s.ActivityLog; al != nil {
 		out.ActivityLog = &activityLogStatus{Path: al.Path, Lost: al.Lost, Hot: al.Hot, Capacity: al.Capacity,
 			Transactions: al.Transactions, Evictions: al.Evictions, Waits: al.Waits}

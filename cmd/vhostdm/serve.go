@@ -274,7 +274,7 @@ func repagentTLS(c *config.Config) (*tls.Config, error) {
 // replication options of its exports.
 func newAgent(c *config.Config, m *mapper.Manager, log *slog.Logger) (*agent.Agent, map[string]agent.VolumeOptions, error) {
 	r := c.RepAgent
-	cfg := agent.Config{Hub: r.Hub, VM: r.VM, UUID: r.UUID, Insecure: r.Insecure, QueueBytes: r.QueueBytes, Logger: log}
+	cfg := agent.Config{Hubs: r.HubAddrs(), VM: r.VM, UUID: r.UUID, Insecure: r.Insecure, QueueBytes: r.QueueBytes, Logger: log}
 	if r.ALPath != "" {
 		// The log covers the exports protected at start, at their
 		// devices' sizes now; exports added by a reload are resynced in

@@ -187,13 +187,18 @@ func (r *Rig) StartAgent(vols map[*Vol]agent.VolumeOptions) {
 	r.T.Helper()
 	cfg := r.AgentCfg
 	r.mu.Lock()
-	cfg.Hub = r.Addr
+	if len(cfg.Hubs) == 0 {
+		cfg.Hub = r.Addr
+	}
 	r.mu.Unlock()
-	cfg.Dial = func(ctx context.Context, _ string) (net.Conn, error) {
+	cfg.Dial = func(ctx context.Context, to string) (net.Conn, error) {
 		r.mu.Lock()
 		block := r.block
 		addr := r.Addr
 		r.mu.Unlock()
+		if len(cfg.Hubs) > 0 {
+			addr = to // the agent's choice among its hubs
+		}
 		if block {
 			return nil, fmt.Errorf("link down (test)")
 		}

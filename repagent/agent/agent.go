@@ -13,6 +13,8 @@ import (
 	"log/slog"
 	"math/bits"
 	"net"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -35,7 +37,14 @@ type Device interface {
 
 // Config configures an Agent.
 type Config struct {
-	Hub  string // host:port of the hub
+	Hub string // host:port of the hub
+	// Hubs, when set, are the hubs to try in turn (host:port each; Hub
+	// is then ignored): several hubs sharing one store, each VM held by
+	// one of them at a time. The agent stays with a hub while it can and
+	// moves to the next on a connection failure or a refusal (another
+	// hub holds the VM: the hub's REFUSED names wire.ReasonHeldElsewhere),
+	// backing off from MinBackoff to MaxBackoff once per round of the list.
+	Hubs []string
 	VM   string // the VM's name (CheckName)
 	UUID string // the VM's UUID, 8-4-4-4-12 hex digits; empty: all zero
 	// TLS, when set, is used to dial (see TLSFiles.TLSConfig). Without it
@@ -143,7 +152,8 @@ type Agent struct {
 	nProtect   int64                   // attached volumes with Protect: the queue's shares
 	byID       map[uint64]*agentVolume // ids of the current connection
 	conn       *agentConn              // nil while disconnected
-	hub        string                  // the hub's address (Reconnect changes it)
+	hubs       []string                // the hubs' addresses (Reconnect changes them)
+	hubAt      int                     // the one connected or tried next
 	tls        *tls.Config             // and its TLS configuration
 	queue      []*qitem                // to send, in sequence order
 	queueBytes int64                   // data of unacknowledged writes
@@ -410,6 +420,8 @@ type Status struct {
 	// Refused says why the hub refused the last connection attempt
 	// (REFUSED), "" once connected.
 	Refused string
+	// Hub is the address of the hub connected, or tried next.
+	Hub string
 }
 
 // ActivityLogStatus is the activity log in Status.
@@ -425,14 +437,14 @@ func New(cfg Config) (*Agent, error) {
 	if err := wire.CheckName(cfg.VM); err != nil {
 		return nil, fmt.Errorf("repagent: vm name %q: %w", cfg.VM, err)
 	}
-	if cfg.Hub == "" {
-		return nil, errors.New("repagent: no hub address")
+	if len(cfg.Hubs) == 0 && cfg.Hub != "" {
+		cfg.Hubs = []string{cfg.Hub}
 	}
-	if cfg.TLS == nil {
-		if err := wire.CheckPlain(cfg.Hub, cfg.Insecure); err != nil {
-			return nil, fmt.Errorf("repagent: hub %w", err)
-		}
+	if err := checkHubs(cfg.Hubs, cfg.TLS, cfg.Insecure); err != nil {
+		return nil, err
 	}
+	cfg.Hubs = slices.Clone(cfg.Hubs)
+	cfg.Hub = cfg.Hubs[0]
 	uuid, err := wire.ParseUUID(cfg.UUID)
 	if err != nil {
 		return nil, fmt.Errorf("repagent: uuid %q: %w", cfg.UUID, err)
@@ -469,7 +481,7 @@ func New(cfg Config) (*Agent, error) {
 	a := &Agent{cfg: cfg, uuid: uuid, session: binary.LittleEndian.Uint64(sb[:]) | 1,
 		log:  cfg.Logger.With("component", "repagent", "vm", cfg.VM, "peer", cfg.Hub),
 		vols: map[string]*agentVolume{}, byID: map[uint64]*agentVolume{}, nextSeq: 1,
-		hub: cfg.Hub, tls: cfg.TLS}
+		hubs: cfg.Hubs, tls: cfg.TLS}
 	a.cond = sync.NewCond(&a.mu)
 	a.holdTimer = time.AfterFunc(time.Hour, a.holdExpired)
 	a.holdTimer.Stop()
@@ -497,22 +509,35 @@ func New(cfg Config) (*Agent, error) {
 // settings (a rotated certificate, a moved hub). Mirrored writes that
 // were not acknowledged are resynchronised as after a link cut. The VM's
 // identity and the queue stay as configured.
-func (a *Agent) Reconnect(hub string, tlsConf *tls.Config, insecure bool) error {
-	if hub == "" {
-		return errors.New("repagent: no hub address")
-	}
-	if tlsConf == nil {
-		if err := wire.CheckPlain(hub, insecure); err != nil {
-			return fmt.Errorf("repagent: hub %w", err)
-		}
+func (a *Agent) Reconnect(hubs []string, tlsConf *tls.Config, insecure bool) error {
+	if err := checkHubs(hubs, tlsConf, insecure); err != nil {
+		return err
 	}
 	a.mu.Lock()
-	a.hub, a.tls = hub, tlsConf
+	a.hubs, a.hubAt, a.tls = slices.Clone(hubs), 0, tlsConf
 	c := a.conn
 	a.mu.Unlock()
-	a.log.Info("hub settings changed: reconnecting", "hub", hub, "tls", tlsConf != nil)
+	a.log.Info("hub settings changed: reconnecting", "hubs", strings.Join(hubs, ","), "tls", tlsConf != nil)
 	if c != nil {
 		c.shut()
+	}
+	return nil
+}
+
+// checkHubs checks a list of hub addresses.
+func checkHubs(hubs []string, tlsConf *tls.Config, insecure bool) error {
+	if len(hubs) == 0 {
+		return errors.New("repagent: no hub address")
+	}
+	for _, h := range hubs {
+		if h == "" {
+			return errors.New("repagent: an empty hub address")
+		}
+		if tlsConf == nil {
+			if err := wire.CheckPlain(h, insecure); err != nil {
+				return fmt.Errorf("repagent: hub %w", err)
+			}
+		}
 	}
 	return nil
 }
@@ -594,7 +619,7 @@ func (a *Agent) Detach(name string) {
 func (a *Agent) Status() Status {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	s := Status{Connected: a.conn != nil, Connects: a.connects, Acked: a.acked, Session: a.session, Refused: a.refusal}
+	s := Status{Connected: a.conn != nil, Connects: a.connects, Acked: a.acked, Session: a.session, Refused: a.refusal, Hub: a.hubs[a.hubAt]}
 	if a.al != nil {
 		s.ActivityLog = &ActivityLogStatus{Path: a.alPath, Lost: a.alLost.Load(), Stats: a.al.Stats()}
 	}
@@ -1356,17 +1381,29 @@ func (a *Agent) Run(ctx context.Context) error {
 		if time.Since(start) > 5*time.Second {
 			backoff = a.cfg.MinBackoff
 		}
-		if errors.Is(err, ErrRefused) {
-			a.log.Error("the hub refused this agent; nothing is replicated until that changes", "err", err, "retry_in", backoff)
-		} else {
-			a.log.Warn("hub connection ended", "err", err, "retry_in", backoff)
+		// Next time the next hub of the list: after a round, back off
+		// further.
+		a.mu.Lock()
+		hub := a.hubs[a.hubAt]
+		a.hubAt = (a.hubAt + 1) % len(a.hubs)
+		next, round := a.hubs[a.hubAt], a.hubAt == 0
+		a.mu.Unlock()
+		switch {
+		case errors.Is(err, ErrRefused) && strings.Contains(err.Error(), wire.ReasonHeldElsewhere):
+			a.log.Info("the hub refused this agent: another hub holds the VM", "hub", hub, "err", err, "next", next, "retry_in", backoff)
+		case errors.Is(err, ErrRefused):
+			a.log.Error("the hub refused this agent; nothing is replicated until that changes", "hub", hub, "err", err, "next", next, "retry_in", backoff)
+		default:
+			a.log.Warn("hub connection ended", "hub", hub, "err", err, "next", next, "retry_in", backoff)
 		}
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-time.After(backoff):
 		}
-		backoff = min(2*backoff, a.cfg.MaxBackoff)
+		if round {
+			backoff = min(2*backoff, a.cfg.MaxBackoff)
+		}
 	}
 }
 
@@ -1429,7 +1466,7 @@ func (a *Agent) dial(ctx context.Context) (net.Conn, error) {
 	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	a.mu.Lock()
-	hub, tlsConf := a.hub, a.tls
+	hub, tlsConf := a.hubs[a.hubAt], a.tls
 	a.mu.Unlock()
 	var nc net.Conn
 	var err error

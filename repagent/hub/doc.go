@@ -60,6 +60,17 @@
 // test VM (the hub's command builds mapper devices and vhost-user
 // exports); the live replicas are never served and protection goes on.
 //
+// # Several hubs, one store
+//
+// With Config.Shared (repagent-hub on a Ceph pool) several hubs serve one
+// store: a hub opens a VM's journal, taking the store's hold on it (the
+// Ceph lease), only when the VM's agent attaches, and reads the VM's
+// state from the store then; a HELLO for a VM another hub holds is
+// refused naming wire.ReasonHeldElsewhere (the agent tries its next hub).
+// A hold that is lost ([LeaseHolder]) drops the VM: its connection is
+// cut, nothing more is saved for it and its journal is closed.
+// [VMStatus].Held says which VMs a hub holds.
+//
 // # Concurrency
 //
 // Hub methods may be called from any goroutine.

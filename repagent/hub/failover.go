@@ -63,7 +63,7 @@ func (h *Hub) Recover(ctx context.Context, vmName string, sel journal.Selector, 
 	}
 	h.mu.Unlock()
 	if vm == nil || j == nil {
-		return journal.Recovered{}, fmt.Errorf("vm %q not found", vmName)
+		return journal.Recovered{}, h.noJournal(vmName, vm)
 	}
 	return j.Materialize(ctx, sel, outDir)
 }
@@ -79,7 +79,7 @@ func (h *Hub) Points(vmName string) (oldest, newest journal.Point, cps []journal
 	}
 	h.mu.Unlock()
 	if j == nil {
-		return oldest, newest, nil, fmt.Errorf("vm %q not found", vmName)
+		return oldest, newest, nil, h.noJournal(vmName, vm)
 	}
 	return j.Oldest(), j.Newest(), j.Checkpoints(), nil
 }
@@ -174,7 +174,7 @@ func (h *Hub) ApplyNow(vmName string) error {
 	}
 	h.mu.Unlock()
 	if j == nil {
-		return fmt.Errorf("vm %q not found", vmName)
+		return h.noJournal(vmName, vm)
 	}
 	return j.ApplyNow()
 }
@@ -194,7 +194,7 @@ func (h *Hub) Promote(ctx context.Context, vmName string, sel journal.Selector, 
 	}
 	if vm == nil || vm.j == nil {
 		h.mu.Unlock()
-		return journal.Recovered{}, fmt.Errorf("vm %q not found", vmName)
+		return journal.Recovered{}, h.noJournal(vmName, vm)
 	}
 	vm.promoted = true
 	conn := vm.conn
@@ -230,4 +230,14 @@ func (h *Hub) Promote(ctx context.Context, vmName string, sel journal.Selector, 
 	}
 	h.log.Warn("promoted", "vm", vmName, "seq", rec.Point.Seq, "time", rec.Point.Time, "dir", outDir)
 	return rec, nil
+}
+
+// noJournal is the error of a request for vmName's journal when the hub
+// has none open: an unknown VM, or with a shared store one this hub does
+// not hold.
+func (h *Hub) noJournal(vmName string, vm *hubVM) error {
+	if vm != nil && h.cfg.Shared {
+		return fmt.Errorf("vm %q is not held by this hub: the hub its agent is attached to holds it (or, with no agent attached, none does: use recover --store)", vmName)
+	}
+	return fmt.Errorf("vm %q not found", vmName)
 }

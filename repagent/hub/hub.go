@@ -119,6 +119,15 @@ type Config struct {
 	// those that differ are read (DRBD's csums-alg). A seeded replica is
 	// always resynchronised by checksums.
 	CsumResync bool
+	// Shared says the store is shared with other hubs (several
+	// repagent-hub processes on one Ceph pool): a VM's journal is opened,
+	// and the store's hold on the VM (its lease) taken, only when its
+	// agent attaches; a HELLO for a VM that another hub holds is refused
+	// (REFUSED naming wire.ReasonHeldElsewhere: the agent tries its next hub);
+	// the VM's state is read from the store again when the hold is
+	// taken; and a VM whose hold is lost (LeaseHolder) is dropped: its
+	// connection cut, its journal closed, nothing more saved for it.
+	Shared bool
 
 	// openReplica opens a recovery volume's image (tests inject faults).
 	openReplica func(path string) (replicaFile, error)
@@ -173,6 +182,9 @@ type hubVM struct {
 	// jBroken: j was closed after a store error and no reopen has
 	// passed its probe yet.
 	jBroken bool
+	// lease is j's store when it can lose its hold on the VM (nil
+	// otherwise); set with j.
+	lease LeaseHolder
 	// resync: a resync set is open in j (owned by the connection's
 	// engine while connected).
 	resync bool
@@ -335,9 +347,11 @@ func New(cfg Config) (*Hub, error) {
 				vm.uuid = meta.UUID
 			}
 		}
-		if err := h.openJournal(vm); err != nil {
-			h.Close()
-			return nil, fmt.Errorf("repagent hub: vm %s: %w", name, err)
+		if !cfg.Shared {
+			if err := h.openJournal(vm); err != nil {
+				h.Close()
+				return nil, fmt.Errorf("repagent hub: vm %s: %w", name, err)
+			}
 		}
 		for _, vn := range vols {
 			v := h.newVolume(vm, vn)
@@ -360,8 +374,107 @@ func New(cfg Config) (*Hub, error) {
 			vm.vols[vn] = v
 		}
 	}
-	h.log.Info("store opened", "store", cfg.Backend.String(), "vms", len(h.vms))
+	h.log.Info("store opened", "store", cfg.Backend.String(), "vms", len(h.vms), "shared", cfg.Shared)
+	if cfg.Shared {
+		go h.watchLeases()
+	}
 	return h, nil
+}
+
+// LeaseHolder is implemented by a journal.Store whose hold on its VM can
+// be lost (the Ceph store's lease, when its renewal fails): LeaseErr is
+// non-nil from then on.
+type LeaseHolder interface {
+	LeaseErr() error
+}
+
+// leaseErrLocked is why the hub no longer holds vm's store, or nil; h.mu
+// held.
+func (vm *hubVM) leaseErrLocked() error {
+	if vm == nil || vm.lease == nil {
+		return nil
+	}
+	return vm.lease.LeaseErr()
+}
+
+// watchLeases drops the VMs whose hold on the shared store was lost:
+// their connection is cut (the agent goes to the hub that holds them
+// now) and their journal closed once it is gone.
+func (h *Hub) watchLeases() {
+	t := time.NewTicker(250 * time.Millisecond)
+	defer t.Stop()
+	for range t.C {
+		h.mu.Lock()
+		if h.closed {
+			h.mu.Unlock()
+			return
+		}
+		for _, vm := range h.vms {
+			err := vm.leaseErrLocked()
+			if err == nil || vm.j == nil {
+				continue
+			}
+			if c := vm.conn; c != nil {
+				h.log.Error("lease lost: dropping the VM's agent connection", "vm", vm.name, "err", err)
+				c.graceful = false
+				c.shut()
+				continue // detach releases the journal
+			}
+			h.releaseLocked(vm)
+		}
+		h.mu.Unlock()
+	}
+}
+
+// releaseLocked closes vm's journal after its hold on the shared store
+// was lost, so that a later attach takes it again; h.mu held.
+func (h *Hub) releaseLocked(vm *hubVM) {
+	if vm.j == nil {
+		return
+	}
+	h.log.Warn("vm released: this hub does not hold it any more", "vm", vm.name)
+	vm.j.Close()
+	vm.j, vm.lease, vm.jBroken = nil, nil, false
+}
+
+// reloadLocked reads vm's identity and volume states from the shared
+// store again, after this hub took its hold (another hub may have
+// changed them); h.mu held, vm not connected.
+func (h *Hub) reloadLocked(vm *hubVM) error {
+	b, err := h.cfg.Backend.GetVM(vm.name)
+	if err != nil {
+		return err
+	}
+	if b != nil {
+		var meta vmMeta
+		if json.Unmarshal(b, &meta) == nil {
+			vm.uuid = meta.UUID
+		}
+	}
+	listing, err := h.cfg.Backend.VMs()
+	if err != nil {
+		return err
+	}
+	vols := map[string]*hubVolume{}
+	for _, vn := range listing[vm.name] {
+		st, err := loadState(h.cfg.Backend, vm.name, vn)
+		if err != nil {
+			return err
+		}
+		v := h.newVolume(vm, vn)
+		if st.FailoverTest {
+			st.Need = []wire.Extent{{Start: 0, Count: wire.RegionCount(st.Sectors, st.RegionSectors)}}
+			st.FailoverTest = false
+			st.Synced = false
+		}
+		v.st = *st
+		wire.AddExtents(v.need, st.Need, st.RegionSectors, h.cfg.RegionSectors, wire.RegionCount(st.Sectors, h.cfg.RegionSectors))
+		v.sectors = st.Sectors
+		v.applied = st.AppliedSeq
+		vols[vn] = v
+	}
+	vm.vols = vols
+	return nil
 }
 
 // openJournal opens vm's journal, or reopens it after a sticky store
@@ -378,11 +491,20 @@ func (h *Hub) openJournal(vm *hubVM) error {
 	// A journal closed after a store error is probed at every reopen
 	// until one works (a failed reopen leaves vm.j nil).
 	reopen := vm.jBroken
+	store := h.cfg.Backend.Journal(vm.name)
 	j, err := journal.Open(vm.dir, journal.Options{Retain: h.cfg.Retain, MaxBytes: h.cfg.RetainBytes,
 		ApplyInterval: h.cfg.ApplyInterval, Logger: h.log.With("vm", vm.name), FaultHook: h.cfg.faultHook,
-		Store: h.cfg.Backend.Journal(vm.name)})
+		Store: store})
 	if err != nil {
 		return err
+	}
+	if h.cfg.Shared {
+		// Taken the hold just now: what the store says wins over what
+		// this hub last knew.
+		if err := h.reloadLocked(vm); err != nil {
+			j.Close()
+			return fmt.Errorf("read the vm's state: %w", err)
+		}
 	}
 	if reopen {
 		// Opening only read the journal: try a write before the volumes
@@ -395,6 +517,7 @@ func (h *Hub) openJournal(vm *hubVM) error {
 	}
 	vm.jBroken = false
 	vm.j = j
+	vm.lease, _ = store.(LeaseHolder)
 	vm.resync = j.InResync()
 	return nil
 }
@@ -934,6 +1057,21 @@ func (c *hubConn) attach(hello *wire.Hello) error {
 			h.mu.Unlock()
 			return fmt.Errorf("vm %q was promoted on this hub: its recovery volumes are the sources now", hello.Name)
 		}
+		if h.cfg.Shared && vm.conn == nil {
+			if err := vm.leaseErrLocked(); err != nil {
+				h.releaseLocked(vm)
+			}
+			if vm.j == nil {
+				if err := h.openJournal(vm); err != nil {
+					h.mu.Unlock()
+					if errors.Is(err, journal.ErrInUse) {
+						return fmt.Errorf("vm %q is %s: %w", hello.Name, wire.ReasonHeldElsewhere, err)
+					}
+					return fmt.Errorf("open journal: %w", err)
+				}
+				h.log.Info("vm taken: this hub holds it now", "vm", vm.name)
+			}
+		}
 		if vm.uuid != "" && vm.uuid != uuid {
 			h.mu.Unlock()
 			return fmt.Errorf("vm %q is registered with uuid %s, agent says %s", hello.Name, vm.uuid, uuid)
@@ -1031,6 +1169,9 @@ func (c *hubConn) detach(err error) {
 	}
 	if c.vm != nil && c.vm.conn == c {
 		c.vm.conn = nil
+		if c.vm.leaseErrLocked() != nil {
+			h.releaseLocked(c.vm)
+		}
 	}
 	h.mu.Unlock()
 }
@@ -2025,6 +2166,11 @@ func (c *hubConn) checkpoint(ack bool) error {
 	}
 	var saves []save
 	h.mu.Lock()
+	if err := c.vm.leaseErrLocked(); err != nil {
+		// Another hub may hold the VM now: nothing of it is saved here.
+		h.mu.Unlock()
+		return err
+	}
 	for _, v := range c.byID {
 		if v.storeErr != nil || !v.changed {
 			continue
@@ -2147,11 +2293,15 @@ type VolumeStatus struct {
 
 // VMStatus is one VM in the hub's status.
 type VMStatus struct {
-	VM        string         `json:"vm"`
-	UUID      string         `json:"uuid"`
-	Connected bool           `json:"connected"`
-	Peer      string         `json:"peer,omitempty"`
-	Volumes   []VolumeStatus `json:"volumes"`
+	VM        string `json:"vm"`
+	UUID      string `json:"uuid"`
+	Connected bool   `json:"connected"`
+	// Held: this hub holds the VM's journal (with a shared store, its
+	// lease: it is the one hub that may write it); a hub on its own
+	// store holds every VM.
+	Held    bool           `json:"held"`
+	Peer    string         `json:"peer,omitempty"`
+	Volumes []VolumeStatus `json:"volumes"`
 	// Group: the volumes are a consistency group (a group agent);
 	// GroupConsistent: their replicas hold a prefix of its write order.
 	Group           bool `json:"group,omitempty"`
@@ -2237,7 +2387,8 @@ func (h *Hub) Status() []VMStatus {
 	defer h.mu.Unlock()
 	out := []VMStatus{}
 	for _, vm := range h.vms {
-		s := VMStatus{VM: vm.name, UUID: formatUUID(vm.uuid), Connected: vm.conn != nil, Volumes: []VolumeStatus{}}
+		s := VMStatus{VM: vm.name, UUID: formatUUID(vm.uuid), Connected: vm.conn != nil, Volumes: []VolumeStatus{},
+			Held: !h.cfg.Shared || vm.j != nil && vm.leaseErrLocked() == nil}
 		if s.Group = vm.isGroup(); s.Group {
 			s.GroupConsistent = !vm.groupInconsistent()
 		}

@@ -477,6 +477,11 @@ func (m *Refused) encode(b []byte) ([]byte, uint16, uint64, [][]byte) {
 	return appendName(b, m.Reason), 0, 0, nil
 }
 
+// ReasonHeldElsewhere is in the REFUSED reason of a HELLO for a VM that
+// another hub sharing the store holds (its lease): an agent with several
+// hubs tries the next.
+const ReasonHeldElsewhere = "held by another hub"
+
 // Reason fits s into a REFUSED reason: bytes that are not printable
 // ASCII become '?', and it is cut at MaxReasonLen bytes.
 func Reason(s string) string {

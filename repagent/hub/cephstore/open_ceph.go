@@ -805,3 +805,7 @@ func (t *target) CreateImage(vol string) (journal.Image, error) {
 }
 
 func (t *target) Sync() error { return nil }
+
+// LeaseErr implements hub.LeaseHolder: why the hub's lease on the VM was
+// lost, or nil.
+func (s *vmStore) LeaseErr() error { return s.check() }
