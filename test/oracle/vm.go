@@ -140,7 +140,11 @@ func (g *Guest) Run(ctx context.Context, script string, disks []string) (string,
 	if err := os.WriteFile(blank, make([]byte, 1<<20), 0o644); err != nil {
 		return "", err
 	}
-	args := []string{"-accel", "tcg", "-cpu", "max", "-m", "512", "-smp", "1", "-nographic", "-no-reboot",
+	// maxcpus=2: with max_cpus 1 TCG translates the guest's LOCK-prefixed
+	// barriers (smp_mb in virtio_ring) without host barriers, and QEMU's
+	// own virtio-blk, on the main loop thread, can then miss a kick or the
+	// guest an interrupt (see harness.Env.QEMUArgs in test/e2e).
+	args := []string{"-accel", "tcg", "-cpu", "max", "-m", "512", "-smp", "cpus=1,maxcpus=2", "-nographic", "-no-reboot",
 		"-kernel", g.Kernel, "-initrd", filepath.Join(t, "initrd.gz"),
 		// no_timer_check: a TCG guest on a loaded host can miss the
 		// kernel's IO-APIC timer check and panic at boot.
