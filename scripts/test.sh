@@ -32,6 +32,8 @@ go tool staticcheck -tags ceph "${CEPH_CHECK[@]}"
 
 echo "== go test -race"
 go test -race -timeout 20m ./... "$@"
+echo "== go test -race -tags vhostdm_nouring (the worker-pool I/O engine, as without io_uring)"
+go test -race -timeout 20m -tags vhostdm_nouring ./mapper/ ./vhost/ "$@"
 
 echo "== go test -race -tags ceph (the Ceph build, on throwaway clusters)"
 CGO_ENABLED=1 go test -race -timeout 20m -tags ceph "${CEPH_TEST[@]}" "$@"
