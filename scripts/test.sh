@@ -37,7 +37,8 @@ go test -race -timeout 20m -tags vhostdm_nouring ./mapper/ ./vhost/ "$@"
 
 echo "== go test -race -tags ceph (the Ceph build, on throwaway clusters)"
 CGO_ENABLED=1 go test -race -timeout 20m -tags ceph "${CEPH_TEST[@]}" "$@"
-# The guest test of the rbd: backend: vhostdm built with -tags ceph.
+# The guest tests of the rbd: backend (vhostdm built with -tags ceph): linear
+# over RBD, and a checkpoint recovered from a hub's Ceph store as RBD clones.
 CGO_ENABLED=1 go test -race -timeout 20m -tags ceph -run '^TestRBD' ./test/e2e/
 # repagent-hub with --store ceph:POOL: a hub process killed and restarted,
 # recovery as RBD clones served through rbd:; two hub processes on one pool,

@@ -66,14 +66,15 @@ func freeLoopbackAddr(t *testing.T) string {
 	return l.Addr().String()
 }
 
-// startHub builds and starts repagent-hub and stops it at the end.
-func startHub(t *testing.T, e *harness.Env, listen, store, qmp string) *harness.Process {
+// startHub builds and starts repagent-hub (extra: more serve flags) and
+// stops it at the end.
+func startHub(t *testing.T, e *harness.Env, listen, store, qmp string, extra ...string) *harness.Process {
 	t.Helper()
 	bin, err := e.GoBuild("./cmd/repagent-hub", "repagent-hub", false)
 	if err != nil {
 		t.Fatalf("cannot build the hub: %v", err)
 	}
-	p, err := harness.StartProcess("repagent-hub", bin, []string{"serve", "--listen", listen, "--store", store, "--qmp", qmp, "--retain", "0"}, []string{qmp}, 15*time.Second)
+	p, err := harness.StartProcess("repagent-hub", bin, append([]string{"serve", "--listen", listen, "--store", store, "--qmp", qmp, "--retain", "0"}, extra...), []string{qmp}, 15*time.Second)
 	if err != nil {
 		t.Fatalf("repagent-hub serve: %v", err)
 	}
