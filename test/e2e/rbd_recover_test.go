@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -25,10 +26,11 @@ import (
 // protects two volumes. Phase 1 writes the verify plan of seed1 into both,
 // a named checkpoint follows, then phase 2 overwrites part of every plan
 // extent and adds a second plan. `repagent-hub recover --checkpoint` makes
-// RBD clones and writes a vm.toml; `vhostdm serve -c` of that file as
-// written serves them through the rbd: backend to a QEMU guest, which
-// reads and verifies phase 1's plan on both disks. The host then checks
-// the clones byte for byte: phase 1 exactly, none of phase 2.
+// RBD clones and writes a vm.toml, and so does `recover --at` a time
+// between the checkpoint and phase 2; `vhostdm serve -c` of each file as
+// written serves its clones through the rbd: backend to one QEMU guest,
+// which reads and verifies phase 1's plan on all four disks. The host then
+// checks the clones byte for byte: phase 1 exactly, none of phase 2.
 func TestRBDRecoverCheckpointGuest(t *testing.T) {
 	e := needEnv(t)
 	c := needCeph(t)
@@ -103,6 +105,11 @@ func TestRBDRecoverCheckpointGuest(t *testing.T) {
 	if err != nil {
 		t.Fatalf("checkpoint %q: %v", ckpt, err)
 	}
+	// A wall-clock point after the checkpoint and before phase 2, whose
+	// writes are issued after it: the same state, found by time.
+	time.Sleep(20 * time.Millisecond)
+	at := time.Now()
+	time.Sleep(20 * time.Millisecond)
 	// Phase 2: the first 4 KiB of every plan extent, then seed2's plan.
 	for _, v := range vols {
 		for _, x := range pattern.Plan(seed1, v.Size, coverage, maxBlocks) {
@@ -123,96 +130,115 @@ func TestRBDRecoverCheckpointGuest(t *testing.T) {
 		}
 	}
 
-	// Recovery at the checkpoint through the running hub: RBD clones.
+	// Recovery through the running hub, by checkpoint and by time: RBD
+	// clones and a vm.toml each, served as written (the user's path) by
+	// one vhostdm each.
 	bin, err := e.GoBuild("./cmd/repagent-hub", "repagent-hub", false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	out := filepath.Join(sd, "rec") // sockets live here: keep it short
-	start = time.Now()
-	rctx, rcancel := context.WithTimeout(ctx, recTimeout)
-	defer rcancel()
-	var stdout, stderr bytes.Buffer
-	cmd := exec.CommandContext(rctx, bin, "recover", "--qmp", hubQMP, "--vm", vmName, "--out", out,
-		"--checkpoint", ckpt, "--ceph-conf", c.Conf)
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("repagent-hub recover: %v\n%s", err, stderr.String())
-	}
-	recTime := time.Since(start)
-	var rec struct {
-		Seq     uint64 `json:"seq"`
-		Config  string `json:"config"`
-		Volumes []struct {
-			Name string `json:"name"`
-			Size int64  `json:"size"`
-			Path string `json:"path"`
-		} `json:"volumes"`
-	}
-	if err := json.Unmarshal(stdout.Bytes(), &rec); err != nil || len(rec.Volumes) != len(vols) {
-		t.Fatalf("recover output %q (%v): want %d volumes", stdout.String(), err, len(vols))
-	}
-	t.Logf("recovered checkpoint %q (seq %d) in %v: %s", ckpt, rec.Seq, recTime.Round(time.Millisecond), stdout.String())
-	toml, err := os.ReadFile(rec.Config)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := harness.LoadConfig(rec.Config)
-	if err != nil {
-		t.Fatalf("%v\n%s", err, toml)
-	}
-	// The guest's disks in the order of vols, by the export serving each.
-	disks := make([]harness.Disk, len(vols))
-	clones := make([]string, len(vols))
-	for i, v := range vols {
-		for _, rv := range rec.Volumes {
-			if rv.Name == v.Name {
-				clones[i] = rv.Path
+	var disks []harness.Disk
+	var clones []string // in the order of disks
+	var procs []*harness.Process
+	for _, pt := range []struct{ dir, flag, value string }{
+		{"ckpt", "--checkpoint", ckpt},
+		{"at", "--at", at.UTC().Format(time.RFC3339Nano)},
+	} {
+		out := filepath.Join(sd, pt.dir) // sockets live here: keep it short
+		start := time.Now()
+		rctx, rcancel := context.WithTimeout(ctx, recTimeout)
+		var stdout, stderr bytes.Buffer
+		cmd := exec.CommandContext(rctx, bin, "recover", "--qmp", hubQMP, "--vm", vmName, "--out", out,
+			pt.flag, pt.value, "--ceph-conf", c.Conf)
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		err := cmd.Run()
+		rcancel()
+		if err != nil {
+			t.Fatalf("repagent-hub recover %s %s: %v\n%s", pt.flag, pt.value, err, stderr.String())
+		}
+		recTime := time.Since(start)
+		var rec struct {
+			Seq     uint64 `json:"seq"`
+			Config  string `json:"config"`
+			Volumes []struct {
+				Name string `json:"name"`
+				Path string `json:"path"`
+			} `json:"volumes"`
+		}
+		if err := json.Unmarshal(stdout.Bytes(), &rec); err != nil || len(rec.Volumes) != len(vols) {
+			t.Fatalf("recover output %q (%v): want %d volumes", stdout.String(), err, len(vols))
+		}
+		toml, err := os.ReadFile(rec.Config)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("recover %s %s: seq %d in %v; %s:\n%s", pt.flag, pt.value, rec.Seq, recTime.Round(time.Millisecond), rec.Config, toml)
+		cfg, err := harness.LoadConfig(rec.Config)
+		if err != nil {
+			t.Fatalf("%v\n%s", err, toml)
+		}
+		// The guest's disks in the order of vols, by the export serving each.
+		for _, v := range vols {
+			clone := ""
+			for _, rv := range rec.Volumes {
+				if rv.Name == v.Name {
+					clone = rv.Path
+				}
 			}
-		}
-		if !strings.HasPrefix(clones[i], "rbd:"+pool+"/") {
-			t.Fatalf("volume %s recovered as %q, not an RBD image of pool %s:\n%s", v.Name, clones[i], pool, toml)
-		}
-		for _, x := range cfg.Exports {
-			if d, err := cfg.Device(x.Device); err == nil && strings.Contains(d.Table, " "+clones[i]+" ") {
-				disks[i] = harness.Disk{Socket: x.Socket, NumQueues: max(x.NumQueues, 1)}
+			if !strings.HasPrefix(clone, "rbd:"+pool+"/") {
+				t.Fatalf("volume %s recovered as %q, not an RBD image of pool %s", v.Name, clone, pool)
 			}
+			var disk harness.Disk
+			for _, x := range cfg.Exports {
+				if d, err := cfg.Device(x.Device); err == nil && strings.Contains(d.Table, " "+clone+" ") {
+					disk = harness.Disk{Socket: x.Socket, NumQueues: max(x.NumQueues, 1)}
+				}
+			}
+			if disk.Socket == "" {
+				t.Fatalf("no export of %s serves %s (%s)", rec.Config, v.Name, clone)
+			}
+			disks, clones = append(disks, disk), append(clones, clone)
 		}
-		if disks[i].Socket == "" {
-			t.Fatalf("no export of the recovered configuration serves %s (%s):\n%s", v.Name, clones[i], toml)
-		}
+		procs = append(procs, startVhostdm(t, e, rec.Config))
 	}
 
-	// The user's path: vhostdm serve -c the file as written.
-	p := startVhostdm(t, e, rec.Config)
+	// One guest reads both recoveries: vda, vdb at the checkpoint, vdc,
+	// vdd at the time; each must hold phase 1's plan.
 	params := seedParams(seed1, coverage, maxBlocks)
-	params[proto.ParamDisks] = "2"
-	run := runGuest(t, e, harness.VMConfig{
-		Disks:  disks,
-		Steps:  []string{proto.StepInfo, proto.StepReadVerify + "@vda", proto.StepReadVerify + "@vdb"},
-		Params: params,
-	})
-	for i, d := range []string{"vda", "vdb"} {
-		if di := info(t, run, d); di.Sectors != vols[i].Size/512 {
-			t.Errorf("guest %s: %d sectors, want %d", d, di.Sectors, vols[i].Size/512)
+	params[proto.ParamDisks] = strconv.Itoa(len(disks))
+	steps := []string{proto.StepInfo}
+	for i := range disks {
+		steps = append(steps, proto.StepReadVerify+"@"+vdName(i))
+	}
+	run := runGuest(t, e, harness.VMConfig{Disks: disks, Steps: steps, Params: params})
+	for i := range disks {
+		v := vols[i%len(vols)]
+		if di := info(t, run, vdName(i)); di.Sectors != v.Size/512 {
+			t.Errorf("guest %s: %d sectors, want %d", vdName(i), di.Sectors, v.Size/512)
 		}
 	}
-	p.Stop()
-	if err := p.ExitErr(); err != nil {
-		t.Errorf("vhostdm did not stop cleanly: %v\n%s", err, tail(p.Log(), 30))
+	for _, p := range procs {
+		p.Stop()
+		if err := p.ExitErr(); err != nil {
+			t.Errorf("vhostdm did not stop cleanly: %v\n%s", err, tail(p.Log(), 30))
+		}
 	}
 	// Byte for byte: the clones hold phase 1 and nothing of phase 2.
-	for i, v := range vols {
-		data := c.Export(t, clones[i])
+	for i, clone := range clones {
+		v := vols[i%len(vols)]
+		data := c.Export(t, clone)
 		if int64(len(data)) != v.Size {
-			t.Errorf("rbd export of %s: %d bytes, want %d", clones[i], len(data), v.Size)
+			t.Errorf("rbd export of %s: %d bytes, want %d", clone, len(data), v.Size)
 			continue
 		}
-		if !bytes.Equal(data, model[i]) {
+		if !bytes.Equal(data, model[i%len(vols)]) {
 			for _, err := range harness.CheckPlan(data, harness.PlanCheck{Seed: seed1, Coverage: coverage, MaxBlocks: maxBlocks, ZeroElsewhere: true}) {
-				t.Errorf("recovered %s (%s): %v", v.Name, clones[i], err)
+				t.Errorf("recovered %s (%s): %v", v.Name, clone, err)
 			}
-			t.Errorf("recovered %s (%s) differs from the state at checkpoint %q", v.Name, clones[i], ckpt)
+			t.Errorf("recovered %s (%s) differs from the state at checkpoint %q", v.Name, clone, ckpt)
 		}
 	}
 }
+
+// vdName is the guest's name of its i-th virtio disk (up to 26).
+func vdName(i int) string { return "vd" + string(rune('a'+i)) }
