@@ -466,7 +466,10 @@ func (b *bitmap) writeLocked(r *raid, sb bool) error {
 			}
 			if err != nil {
 				last = fmt.Errorf("metadata device %d: %w", i, err)
-				if b.noBitmap { // raid0 has no redundancy to fail over to
+				if b.noBitmap {
+					// raid0: no member to take out of service, and the
+					// superblock holds no state the data depends on.
+					r.log.Warn("raid0 superblock write failed", "err", last)
 					continue
 				}
 				r.markFailed(i, last)
@@ -475,11 +478,11 @@ func (b *bitmap) writeLocked(r *raid, sb bool) error {
 			}
 			ok++
 		}
+		if b.noBitmap {
+			return nil
+		}
 		if ok == 0 {
 			return mapper.Errorf(mapper.ErrIO, "raid metadata: no metadata device written: %v", last)
-		}
-		if b.noBitmap && last != nil {
-			return mapper.Errorf(mapper.ErrIO, "raid metadata: %v", last)
 		}
 		if !again {
 			return nil

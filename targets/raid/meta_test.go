@@ -233,6 +233,27 @@ func TestMetadataRaid0(t *testing.T) {
 	if sb, _ := decodeSuperblock(set.Get("g0").Bytes()); sb.events <= events {
 		t.Errorf("reload: events %d, before %d", sb.events, events)
 	}
+	// A metadata device that fails a write takes nothing out of service:
+	// raid0 has no redundancy and its superblock no state for the data.
+	g1, _ := decodeSuperblock(set.Get("g1").Bytes())
+	set.Get("g1").FailNth(mapper.OpWrite, 1)
+	if err := a.d.Suspend(false); err != nil {
+		t.Fatalf("suspend with a failing metadata device: %v", err)
+	}
+	if sb, _ := decodeSuperblock(set.Get("g1").Bytes()); sb.events != g1.events {
+		t.Fatalf("g1: events %d after its write failed, want %d", sb.events, g1.events)
+	}
+	if err := a.d.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	sb0, _ := decodeSuperblock(set.Get("g0").Bytes())
+	if sb, _ := decodeSuperblock(set.Get("g1").Bytes()); sb.events != g1.events+2 || sb0.events != sb.events {
+		t.Errorf("g1: events %d after a failed then a good write (g0 %d), want %d", sb.events, sb0.events, g1.events+2)
+	}
+	a.io(mapper.OpRead, 0, got)
+	if st := a.status(); st != fmt.Sprintf("raid0 3 AAA %d/%d idle 0 0 -", member/512, member/512) || !bytes.Equal(got, data) {
+		t.Errorf("after a metadata write failed: status %q, data equal %v", st, bytes.Equal(got, data))
+	}
 	if err := a.m.Remove("r", false); err != nil {
 		t.Fatal(err)
 	}

@@ -52,7 +52,8 @@ import (
 // it takes no optional parameter (dm-raid: "Invalid flags combination")
 // and no missing device, and has no sync action; its metadata devices,
 // when given, hold dm-raid's superblock only (no bitmap, as the kernel's
-// raid0_meta arrays). The
+// raid0_meta arrays; a failed superblock write is logged and takes no
+// device out of service). The
 // target length must divide by the devices, and the per-device size by
 // the chunk size.
 //
