@@ -57,6 +57,9 @@ type bitmap struct {
 	count  uint64
 	sleep  time.Duration
 	fresh  bool // no metadata was found: a new array
+	// noBitmap: the metadata devices hold the superblock only (raid0, as
+	// dm-raid, which sets up no bitmap for raid0).
+	noBitmap bool
 
 	mu            sync.Mutex
 	events        uint64
@@ -79,6 +82,9 @@ func roundSector(n int) int {
 }
 
 func (b *bitmap) sectors() uint64 {
+	if b.noBitmap {
+		return bitmapSBOffset / mapper.SectorSize
+	}
 	return (bitsOffset + (b.count+7)/8 + mapper.SectorSize - 1) / mapper.SectorSize
 }
 
@@ -127,14 +133,18 @@ func openBitmap(r *raid) (*bitmap, error) {
 	sbs := make([]*superblock, n)
 	legacy := -1
 	var blank []int
+	minSize, head, what := int64(bitsOffset+512), bitmapSBOffset+mapper.SectorSize, "the superblock and bitmap"
+	if r.typ.level == 0 {
+		minSize, head, what = bitmapSBOffset, bitmapSBOffset, "the superblock"
+	}
 	for i, m := range r.devs {
 		if m.meta == nil {
 			continue
 		}
-		if size, err := m.meta.Size(); err == nil && size < bitsOffset+512 {
-			return nil, fmt.Errorf("metadata device %d: %d bytes, too small for the superblock and bitmap (at least %d)", i, size, bitsOffset+512)
+		if size, err := m.meta.Size(); err == nil && size < minSize {
+			return nil, fmt.Errorf("metadata device %d: %d bytes, too small for %s (at least %d)", i, size, what, minSize)
 		}
-		buf := make([]byte, bitmapSBOffset+mapper.SectorSize)
+		buf := make([]byte, head)
 		if err := m.meta.ReadAt([][]byte{buf}, 0); err != nil {
 			return nil, fmt.Errorf("metadata device %d: %w", i, err)
 		}
@@ -155,6 +165,9 @@ func openBitmap(r *raid) (*bitmap, error) {
 		if s != nil && (freshest < 0 || s.events > sbs[freshest].events) {
 			freshest = i
 		}
+	}
+	if r.typ.level == 0 {
+		return b, openRaid0(r, b, sbs, freshest)
 	}
 	if r.p.sync || (freshest < 0 && legacy < 0) {
 		// A new array (or "sync": made anew, as the kernel skips the
@@ -282,6 +295,29 @@ func openBitmap(r *raid) (*bitmap, error) {
 	return b, nil
 }
 
+// openRaid0 sets up the superblocks of a raid0 array: dm-raid keeps no
+// bitmap, recovery or resync for raid0 and, unlike vhostdm, validates none
+// of its superblock on load (it rewrites them); vhostdm still refuses a
+// superblock of another array. Blank metadata devices get a superblock.
+func openRaid0(r *raid, b *bitmap, sbs []*superblock, freshest int) error {
+	b.noBitmap = true
+	b.fresh = freshest < 0
+	if freshest < 0 {
+		return nil
+	}
+	fs := sbs[freshest]
+	if err := r.checkSuperblock(freshest, fs); err != nil {
+		return err
+	}
+	for i, s := range sbs {
+		if s != nil && s.position != uint32(i) {
+			return mapper.Errorf(mapper.ErrCorrupt, "metadata device %d: superblock of device %d: cannot change device positions in raid set", i, s.position)
+		}
+	}
+	b.events = fs.events
+	return nil
+}
+
 // checkSuperblock refuses a superblock that does not describe the array
 // of the table, or that vhostdm cannot take over.
 func (r *raid) checkSuperblock(i int, s *superblock) error {
@@ -390,11 +426,17 @@ func openLegacy(r *raid, b *bitmap, i int) error {
 // it.
 func (b *bitmap) writeLocked(r *raid, sb bool) error {
 	var last error
+	if b.noBitmap && !sb {
+		return nil
+	}
 	for range len(r.devs) + 1 {
 		if sb {
 			b.events++
 		}
-		bm := b.encodeBitmapLocked(r)
+		var bm []byte
+		if !b.noBitmap {
+			bm = b.encodeBitmapLocked(r)
+		}
 		var sbt superblock
 		if sb {
 			sbt = r.superblockTemplate(b.events)
@@ -424,11 +466,20 @@ func (b *bitmap) writeLocked(r *raid, sb bool) error {
 			}
 			if err != nil {
 				last = fmt.Errorf("metadata device %d: %w", i, err)
+				if b.noBitmap {
+					// raid0: no member to take out of service, and the
+					// superblock holds no state the data depends on.
+					r.log.Warn("raid0 superblock write failed", "err", last)
+					continue
+				}
 				r.markFailed(i, last)
 				again = true
 				continue
 			}
 			ok++
+		}
+		if b.noBitmap {
+			return nil
 		}
 		if ok == 0 {
 			return mapper.Errorf(mapper.ErrIO, "raid metadata: no metadata device written: %v", last)
@@ -590,7 +641,7 @@ func (b *bitmap) start(r *raid) {
 	if err := b.writeLocked(r, true); err != nil {
 		r.log.Warn("raid metadata write failed", "err", err)
 	}
-	if b.stop == nil {
+	if b.stop == nil && !b.noBitmap {
 		b.stop, b.done = make(chan struct{}), make(chan struct{})
 		go b.daemon(r, b.stop, b.done)
 	}

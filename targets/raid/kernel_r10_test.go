@@ -31,6 +31,7 @@ type stripedArray struct {
 // to the next row; far and offset with a larger last far set).
 var stripedArrays = []stripedArray{
 	{"r0", "raid0", 3, "", 0, false},
+	{"m0", "raid0", 3, "", -1, false}, // with metadata devices (LVM's raid0_meta)
 	{"n4", "raid10", 4, "", 1, false},
 	{"n3", "raid10", 3, "raid10_copies 2 raid10_format near", 2, false},
 	{"f4", "raid10", 4, "raid10_copies 2 raid10_format far", 0, false},
@@ -41,6 +42,10 @@ var stripedArrays = []stripedArray{
 	{"cf", "raid10", 4, "raid10_format far", -1, true},
 	{"c1", "raid1", 2, "", -1, true},
 }
+
+// hasMeta reports whether the array has metadata devices: all but the
+// raid0 without ("r0").
+func (a stripedArray) hasMeta() bool { return a.key != "r0" }
 
 func (a stripedArray) copies() int {
 	if a.typ == "raid0" {
@@ -69,7 +74,7 @@ func (a stripedArray) table(prefix string, first, missing int) string {
 		switch {
 		case j == missing:
 			b.WriteString(" - -")
-		case a.typ == "raid0":
+		case !a.hasMeta():
 			fmt.Fprintf(&b, " - /dev/mapper/%sd%d", prefix, first+j)
 		default:
 			fmt.Fprintf(&b, " /dev/mapper/%sm%d /dev/mapper/%sd%d", prefix, first+j, prefix, first+j)
@@ -96,6 +101,10 @@ func (a stripedArray) table(prefix string, first, missing int) string {
 //     over the kernel's superblocks (same level, layout word, chunk and
 //     sizes) and bitmaps, reads the same bytes, finds no mismatch, and
 //     reads the same again with one leg missing.
+//   - raid0 runs twice, without and with metadata devices ("m0", LVM's
+//     raid0_meta): with them, each side loads the other's array, and the
+//     superblocks the kernel writes (on its array and on vhostdm's) equal
+//     vhostdm's field for field but the event count, with no bitmap.
 func TestKernelStriped(t *testing.T) {
 	oracle.Modules = append(oracle.Modules, "dm-raid", "raid0", "raid1", "raid10")
 	dir := t.TempDir()
@@ -153,11 +162,19 @@ func TestKernelStriped(t *testing.T) {
 	// vhostdm's superblocks carry md's level and layout word; the
 	// kernel's must be the same (K below).
 	ourLevel, ourLayout, ourSyncSize := map[string]uint32{}, map[string]uint32{}, map[string]uint64{}
+	ourSB := map[string]superblock{}
 	for _, a := range stripedArrays {
-		if a.typ == "raid0" {
+		if !a.hasMeta() {
 			continue
 		}
 		sb, bs, _ := readMeta(t, disk["v"], firsts[a.key])
+		if a.typ == "raid0" { // dm-raid's superblock, no bitmap
+			if sb == nil || bs != nil {
+				t.Fatalf("V %s: superblock %+v, bitmap %+v: want a superblock and no bitmap", a.key, sb, bs)
+			}
+			ourSB[a.key] = *sb
+			continue
+		}
 		if sb == nil || bs == nil {
 			t.Fatalf("V %s: no superblock or bitmap written", a.key)
 		}
@@ -210,6 +227,9 @@ func TestKernelStriped(t *testing.T) {
 		fmt.Fprintf(&sc, "echo \"KSTATUS %s $(dmsetup status zk_%s)\"\n", a.key, a.key)
 		fmt.Fprintf(&sc, "echo \"KTABLE %s $(dmsetup table zk_%s)\"\n", a.key, a.key)
 	}
+	// raid0 has no md thread: the kernel writes its superblocks when the
+	// array stops (md_stop_writes), so stop them as a user would.
+	sc.WriteString("dmsetup remove zv_m0 zk_m0 || echo REMOVE m0 FAILED\n")
 	sc.WriteString("sync\ndmesg | grep -i 'raid\\|md/\\|bitmap' | grep -iv 'raid6: \\|xor\\|avx\\|sse' | tail -30 | sed 's/^/DMESG /'\n")
 	got := parseGuest(t, runGuest(t, sc.String(), []string{disk["v"], disk["d"], disk["k"]}))
 
@@ -264,7 +284,24 @@ func TestKernelStriped(t *testing.T) {
 		}
 
 		// K: vhostdm takes over the kernel's arrays.
-		if a.typ != "raid0" {
+		if a.typ == "raid0" && a.hasMeta() {
+			// The kernel writes raid0's superblock as vhostdm does, field
+			// for field but the event count, and no bitmap: on its own
+			// array and on vhostdm's, which it loaded.
+			for _, side := range []string{"k", "v"} {
+				sb, bs, _ := readMeta(t, disk[side], firsts[a.key])
+				if sb == nil || bs != nil {
+					t.Fatalf("%s %s: kernel's superblock %+v, bitmap %+v: want a superblock and no bitmap", strings.ToUpper(side), a.key, sb, bs)
+				}
+				ours := ourSB[a.key]
+				t.Logf("%s %s: kernel's raid0 superblock events %d (vhostdm wrote %d): %+v", strings.ToUpper(side), a.key, sb.events, ours.events, *sb)
+				ours.events = sb.events
+				if *sb != ours {
+					t.Errorf("%s %s: kernel's raid0 superblock %+v, vhostdm's %+v", strings.ToUpper(side), a.key, *sb, ours)
+				}
+			}
+		}
+		if a.hasMeta() && a.typ != "raid0" {
 			sb, bs, _ := readMeta(t, disk["k"], firsts[a.key])
 			if sb == nil || bs == nil {
 				t.Fatalf("K %s: no kernel superblock or bitmap", a.key)

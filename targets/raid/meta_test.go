@@ -187,3 +187,79 @@ func TestMetadataRefused(t *testing.T) {
 		t.Errorf("rebuild of the blank device: %q", st)
 	}
 }
+
+// TestMetadataRaid0: raid0 with metadata devices keeps dm-raid's
+// superblock only (level 0, the table's chunk, no bitmap), one more event
+// per activation; a reload reads the data back and a table of another
+// geometry is refused.
+func TestMetadataRaid0(t *testing.T) {
+	const member = 256 << 10
+	set, devs := metaSet(3, member)
+	tbl := table("raid0", 3, 3*member/512, 64, "", devs)
+	a := newArray(t, set, 3, tbl)
+	data := make([]byte, 3*member)
+	for i := range data {
+		data[i] = byte(i*7 + i/4096)
+	}
+	a.io(mapper.OpWrite, 0, data)
+	if err := a.m.Remove("r", false); err != nil {
+		t.Fatal(err)
+	}
+	var events uint64
+	for i := range 3 {
+		b := set.Get(fmt.Sprintf("g%d", i)).Bytes()
+		sb, ok := decodeSuperblock(b)
+		want := superblock{compat: sbFeatureV190, numDevices: 3, position: uint32(i), events: sb.events,
+			diskRecovery: maxSector, arrayResync: maxSector, stripe: 64, newStripe: 64, reshapePos: maxSector,
+			arraySectors: 3 * member / 512, sectors: member / 512}
+		if !ok || sb != want {
+			t.Fatalf("g%d: superblock %+v, want %+v", i, sb, want)
+		}
+		if _, ok := decodeBitmapSuper(b[bitmapSBOffset:]); ok || !bytes.Equal(b[sbSize:bitsOffset], make([]byte, bitsOffset-sbSize)) {
+			t.Fatalf("g%d: raid0 wrote more than the superblock", i)
+		}
+		events = sb.events
+	}
+
+	a = newArray(t, set, 3, tbl)
+	got := make([]byte, len(data))
+	a.io(mapper.OpRead, 0, got)
+	if !bytes.Equal(got, data) {
+		t.Fatal("reload: data differs")
+	}
+	if st := a.status(); st != fmt.Sprintf("raid0 3 AAA %d/%d idle 0 0 -", member/512, member/512) {
+		t.Errorf("status %q", st)
+	}
+	if sb, _ := decodeSuperblock(set.Get("g0").Bytes()); sb.events <= events {
+		t.Errorf("reload: events %d, before %d", sb.events, events)
+	}
+	// A metadata device that fails a write takes nothing out of service:
+	// raid0 has no redundancy and its superblock no state for the data.
+	g1, _ := decodeSuperblock(set.Get("g1").Bytes())
+	set.Get("g1").FailNth(mapper.OpWrite, 1)
+	if err := a.d.Suspend(false); err != nil {
+		t.Fatalf("suspend with a failing metadata device: %v", err)
+	}
+	if sb, _ := decodeSuperblock(set.Get("g1").Bytes()); sb.events != g1.events {
+		t.Fatalf("g1: events %d after its write failed, want %d", sb.events, g1.events)
+	}
+	if err := a.d.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	sb0, _ := decodeSuperblock(set.Get("g0").Bytes())
+	if sb, _ := decodeSuperblock(set.Get("g1").Bytes()); sb.events != g1.events+2 || sb0.events != sb.events {
+		t.Errorf("g1: events %d after a failed then a good write (g0 %d), want %d", sb.events, sb0.events, g1.events+2)
+	}
+	a.io(mapper.OpRead, 0, got)
+	if st := a.status(); st != fmt.Sprintf("raid0 3 AAA %d/%d idle 0 0 -", member/512, member/512) || !bytes.Equal(got, data) {
+		t.Errorf("after a metadata write failed: status %q, data equal %v", st, bytes.Equal(got, data))
+	}
+	if err := a.m.Remove("r", false); err != nil {
+		t.Fatal(err)
+	}
+	m := mapper.NewManager(mapper.ManagerOptions{Open: set.Open, Logger: slog.New(slog.DiscardHandler)})
+	defer m.Close()
+	if _, err := m.CreateTable("r", "", false, table("raid0", 3, 3*member/512, 128, "", devs)); err == nil || !strings.Contains(err.Error(), "chunks of 64 sectors") {
+		t.Errorf("reload with another chunk size: %v, want refused", err)
+	}
+}

@@ -49,8 +49,11 @@ import (
 // raid6_ls_6 or raid6_rs_6.
 //
 // raid0 stripes chunks over its devices (md's raid0 with one strip zone);
-// it takes no optional parameter (dm-raid: "Invalid flags combination"),
-// no metadata device and no missing device, and has no sync action. The
+// it takes no optional parameter (dm-raid: "Invalid flags combination")
+// and no missing device, and has no sync action; its metadata devices,
+// when given, hold dm-raid's superblock only (no bitmap, as the kernel's
+// raid0_meta arrays; a failed superblock write is logged and takes no
+// device out of service). The
 // target length must divide by the devices, and the per-device size by
 // the chunk size.
 //
@@ -308,9 +311,6 @@ func newRaid(c *mapper.Ctx, args []string) (mapper.Target, error) {
 		}
 		if typ.level == 0 && dev == "-" {
 			return nil, fmt.Errorf("device %d: missing, and raid0 has no redundancy", i)
-		}
-		if typ.level == 0 && meta != "-" {
-			return nil, fmt.Errorf("metadata device %d: vhostdm's raid0 takes no metadata devices", i)
 		}
 		pairs = append(pairs, pair{meta, dev})
 	}

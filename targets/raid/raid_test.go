@@ -193,7 +193,6 @@ func TestConstructorErrors(t *testing.T) {
 		{"0 2048 raid raid0 2 64 nosync " + devs(4), `raid parameter "nosync": raid0 takes none`},
 		{"0 2048 raid raid0 1 64 4 - m0 - - - m2 - m3", "device 1: missing, and raid0 has no redundancy"},
 		{"0 2050 raid raid0 1 64 " + devs(4), "target length 2050 not divisible by 4 devices"},
-		{"0 2048 raid raid0 1 64 4 m1 m0 - m1 - m2 - m3", "vhostdm's raid0 takes no metadata devices"},
 		{"0 2048 raid raid10 1 64 " + devs(4), ""},
 		{"0 1536 raid raid10 3 64 raid10_copies 3 " + devs(4), ""},
 		{"0 2048 raid raid10 3 64 raid10_copies 5 " + devs(4), "raid10_copies 5: must be 2..4"},
