@@ -92,16 +92,19 @@ func (s *dirStore) GetState() ([]byte, error) {
 	return b, err
 }
 
-// PutState replaces the state file durably: write a temporary file,
-// fsync, rename, fsync the directory.
-func (s *dirStore) PutState(b []byte) error {
-	path := s.StateName()
+// PutState replaces the state file durably (ReplaceFile).
+func (s *dirStore) PutState(b []byte) error { return ReplaceFile(s.StateName(), b) }
+
+// ReplaceFile replaces path with data durably: write a temporary file,
+// fsync, rename, fsync the directory. The hub's own state files use it
+// too.
+func ReplaceFile(path string, data []byte) error {
 	tmp := path + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return err
 	}
-	if _, err := f.Write(b); err != nil {
+	if _, err := f.Write(data); err != nil {
 		f.Close()
 		return err
 	}
@@ -115,7 +118,7 @@ func (s *dirStore) PutState(b []byte) error {
 	if err := os.Rename(tmp, path); err != nil {
 		return err
 	}
-	return syncDir(s.dir)
+	return syncDir(filepath.Dir(path))
 }
 
 func (s *dirStore) OpenImage(vol string, create bool) (Image, error) {
