@@ -1,7 +1,8 @@
 // Package cephtest runs a throwaway single-node Ceph cluster for tests:
 // one monitor, one manager and one bluestore OSD on a sparse file, on
 // 127.0.0.1 only, in a temporary directory, bootstrapped by cluster.sh
-// (also scripts/ceph-test-cluster.sh). A test package shares one cluster:
+// (also scripts/ceph-test-cluster.sh), or the one ClusterEnv names (one
+// cluster for many test processes). A test package shares one cluster:
 //
 //	var cluster *cephtest.Cluster
 //
@@ -18,7 +19,9 @@
 package cephtest
 
 import (
+	"crypto/rand"
 	_ "embed"
+	"encoding/hex"
 	"fmt"
 	"net"
 	"os"
@@ -57,9 +60,39 @@ type Cluster struct {
 	seq      atomic.Int64
 }
 
-// Start bootstraps a cluster in a new temporary directory. The cluster
-// lives until Stop or until this process exits.
+// ClusterEnv names, when set, the directory of a running cluster
+// (scripts/ceph-test-cluster.sh start DIR) that Start uses instead of
+// bootstrapping one: scripts/test.sh starts one cluster for its whole Ceph
+// stage and stops it at the end. The tests keep apart by name: each
+// creates its own pools and images (Name).
+const ClusterEnv = "VHOSTDM_CEPH_CLUSTER"
+
+// Start returns the cluster ClusterEnv names, or else bootstraps one in a
+// new temporary directory (StartOwn). A cluster of its own lives until
+// Stop or until this process exits; Stop leaves one ClusterEnv names
+// running.
 func Start() (*Cluster, error) {
+	if dir := os.Getenv(ClusterEnv); dir != "" {
+		return Attach(dir)
+	}
+	return StartOwn()
+}
+
+// Attach returns the running cluster in dir (made by cluster.sh start).
+func Attach(dir string) (*Cluster, error) {
+	c := &Cluster{Dir: dir, ID: "admin", Conf: filepath.Join(dir, "ceph.conf"), Keyring: filepath.Join(dir, "client.admin.keyring")}
+	for _, f := range []string{c.Conf, c.Keyring} {
+		if _, err := os.Stat(f); err != nil {
+			return nil, fmt.Errorf("cephtest: %s=%s: not a running test cluster's directory: %w", ClusterEnv, dir, err)
+		}
+	}
+	return c, nil
+}
+
+// StartOwn bootstraps a cluster in a new temporary directory, whatever
+// ClusterEnv says. The cluster lives until Stop or until this process
+// exits.
+func StartOwn() (*Cluster, error) {
 	if _, err := exec.LookPath("bash"); err != nil {
 		return nil, fmt.Errorf("cephtest: bash not found: install the Debian package bash")
 	}
@@ -159,7 +192,12 @@ func Main(m *testing.M, c **Cluster) int {
 		fmt.Fprintln(os.Stderr, "FAIL: the Ceph tests need a throwaway cluster (scripts/setup.sh installs the packages)")
 		return 1
 	}
-	fmt.Fprintf(os.Stderr, "cephtest: cluster up in %.1fs (%s)\n", cl.Bootstrap.Seconds(), cl.Dir)
+	if cl.pipe != nil {
+		fmt.Fprintf(os.Stderr, "cephtest: cluster up in %.1fs (%s)\n", cl.Bootstrap.Seconds(), cl.Dir)
+	}
+	if cl.pipe == nil {
+		fmt.Fprintf(os.Stderr, "cephtest: using the cluster in %s (%s)\n", cl.Dir, ClusterEnv)
+	}
 	*c = cl
 	code := m.Run()
 	if err := cl.Stop(); err != nil {
@@ -200,10 +238,20 @@ func (c *Cluster) Must(t testing.TB, tool string, args ...string) string {
 	return out
 }
 
-// Name returns a name unique in this cluster, for images and pools.
+// Name returns a name unique in this cluster, for images and pools: test
+// processes that share a cluster (ClusterEnv) never meet, even when a pid
+// is reused.
 func (c *Cluster) Name(prefix string) string {
-	return fmt.Sprintf("%s-%d-%d", prefix, os.Getpid(), c.seq.Add(1))
+	return fmt.Sprintf("%s-%d-%s-%d", prefix, os.Getpid(), procToken, c.seq.Add(1))
 }
+
+// procToken tells this process's names from those of an earlier process
+// with the same pid.
+var procToken = func() string {
+	var b [3]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}()
 
 // CreatePool creates a replicated pool of one copy for application app
 // ("rbd": initialised for RBD images; "rados" for plain objects) and

@@ -22,7 +22,7 @@ const helperEnv = "CEPHTEST_HELPER"
 
 func TestMain(m *testing.M) {
 	if os.Getenv(helperEnv) == "1" {
-		c, err := Start()
+		c, err := StartOwn()
 		if err != nil {
 			os.Stderr.WriteString(err.Error() + "\n")
 			os.Exit(1)

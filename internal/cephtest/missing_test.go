@@ -8,7 +8,7 @@ import (
 	"testing"
 )
 
-// TestMissingToolNamesPackage: without the Ceph daemons Start fails,
+// TestMissingToolNamesPackage: without the Ceph daemons StartOwn fails,
 // naming the Debian package to install.
 func TestMissingToolNamesPackage(t *testing.T) {
 	bin := t.TempDir()
@@ -22,7 +22,7 @@ func TestMissingToolNamesPackage(t *testing.T) {
 		}
 	}
 	t.Setenv("PATH", bin)
-	c, err := Start()
+	c, err := StartOwn()
 	if err == nil {
 		c.Stop()
 		t.Fatal("a cluster started without ceph-mon on PATH")
