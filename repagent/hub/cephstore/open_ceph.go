@@ -83,19 +83,19 @@ func OpenBackend(c Config, log *slog.Logger) (*Backend, error) {
 
 // explain adds what a permission error means.
 func explain(err error) error {
-	var ce interface{ ErrorCode() int }
-	if errors.As(err, &ce) {
-		switch unix.Errno(-ce.ErrorCode()) {
-		case unix.EPERM, unix.EACCES:
-			return fmt.Errorf("permission denied (the hub's key needs mon 'profile rbd' and osd 'profile rbd pool=POOL'): %w", err)
-		}
+	if isErrno(err, unix.EPERM) || isErrno(err, unix.EACCES) {
+		return fmt.Errorf("permission denied (the hub's key needs mon 'profile rbd' and osd 'profile rbd pool=POOL'): %w", err)
 	}
 	return err
 }
 
 func isErrno(err error, e unix.Errno) bool {
 	var ce interface{ ErrorCode() int }
-	return errors.As(err, &ce) && unix.Errno(-ce.ErrorCode()) == e
+	if errors.As(err, &ce) {
+		return unix.Errno(-ce.ErrorCode()) == e
+	}
+	var en unix.Errno
+	return errors.As(err, &en) && en == e
 }
 
 func notFound(err error) bool {
@@ -648,6 +648,10 @@ func (m *image) ReadAt(p []byte, off int64) (int, error) {
 	return got, err
 }
 
+// WriteAt implements io.WriterAt. A write past the image's end grows the
+// image first, as a file grows: an apply pass redone after a crash writes
+// where a later resize of the same pass had already shrunk the image
+// (librbd clips a write at the end and refuses one beyond it).
 func (m *image) WriteAt(p []byte, off int64) (int, error) {
 	if err := m.vm.check(); err != nil {
 		return 0, err
@@ -655,7 +659,33 @@ func (m *image) WriteAt(p []byte, off int64) (int, error) {
 	if m.img == nil {
 		return 0, fmt.Errorf("%s: not created", m.Name())
 	}
-	return m.img.WriteAt(p, off)
+	if len(p) == 0 {
+		return 0, nil
+	}
+	size, err := m.Size()
+	if err != nil {
+		return 0, fmt.Errorf("%s: size: %w", m.Name(), explain(err))
+	}
+	if end := off + int64(len(p)); end > size {
+		if err := m.img.Resize(uint64(end)); err != nil {
+			return 0, fmt.Errorf("%s: grow from %d to %d for a write: %w", m.Name(), size, end, explain(err))
+		}
+	}
+	return rbdWrite(m.img, p, off)
+}
+
+// rbdWrite is Image.WriteAt with librbd's own error: go-ceph reports every
+// failed or short write as EPERM and returns librbd's result as the count.
+func rbdWrite(img *rbd.Image, p []byte, off int64) (int, error) {
+	n, err := img.WriteAt(p, off)
+	switch {
+	case err == nil:
+		return n, nil
+	case n < 0:
+		return 0, fmt.Errorf("rbd_write of %d bytes at %d: %w", len(p), off, explain(unix.Errno(-n)))
+	default:
+		return n, fmt.Errorf("rbd_write of %d bytes at %d: %d written: %w", len(p), off, n, io.ErrShortWrite)
+	}
 }
 
 func (m *image) Size() (int64, error) {
@@ -678,7 +708,11 @@ func (m *image) Resize(size int64) error {
 		if err := opts.SetUint64(rbd.ImageOptionFeatures, rbd.FeatureLayering); err != nil {
 			return err
 		}
-		if err := rbd.CreateImage(m.b.io, m.name, uint64(size), opts); err != nil {
+		err := rbd.CreateImage(m.b.io, m.name, uint64(size), opts)
+		if isErrno(err, unix.EEXIST) {
+			err = m.recreate(uint64(size), opts)
+		}
+		if err != nil {
 			return fmt.Errorf("create %s: %w", m.Name(), explain(err))
 		}
 		img, err := rbd.OpenImage(m.b.io, m.name, rbd.NoSnapshot)
@@ -686,9 +720,32 @@ func (m *image) Resize(size int64) error {
 			return fmt.Errorf("open %s: %w", m.Name(), explain(err))
 		}
 		m.img = img
-		return nil
+		if cur, err := img.GetSize(); err == nil && cur == uint64(size) {
+			return nil
+		}
 	}
 	return m.img.Resize(uint64(size))
+}
+
+// recreate handles an image name that exists but did not open: librbd
+// creates an image in steps (directory entry, id object, header), and a
+// hub killed between them leaves a name that neither opens nor can be
+// created again. Nothing was ever written to such an image: remove what
+// there is (rbd rm copes with a missing header) and create it anew. A
+// whole image (created since) is kept.
+func (m *image) recreate(size uint64, opts *rbd.ImageOptions) error {
+	img, err := rbd.OpenImage(m.b.io, m.name, rbd.NoSnapshot)
+	if err == nil {
+		return img.Close()
+	}
+	if !notFound(err) {
+		return fmt.Errorf("exists but does not open: %w", err)
+	}
+	m.b.log.Warn("ceph store: removing a half-created replica image (a creation cut short) to create it again", "image", m.Name())
+	if err := rbd.RemoveImage(m.b.io, m.name); err != nil && !notFound(err) {
+		return fmt.Errorf("remove the half-created image: %w", err)
+	}
+	return rbd.CreateImage(m.b.io, m.name, size, opts)
 }
 
 var zeroSector [512]byte
@@ -702,10 +759,20 @@ func (m *image) Zero(off, n int64) error {
 	if m.img == nil {
 		return fmt.Errorf("%s: not created", m.Name())
 	}
+	// Past the end there is nothing to zero (a file's fallocate keeps its
+	// size too): a later growth reads as zeroes.
+	size, err := m.Size()
+	if err != nil {
+		return fmt.Errorf("%s: size: %w", m.Name(), explain(err))
+	}
+	if off >= size {
+		return nil
+	}
+	n = min(n, size-off)
 	for n > 0 {
 		if off%512 != 0 || n < 512 {
 			c := min(n, 512-off%512)
-			if _, err := m.img.WriteAt(zeroSector[:c], off); err != nil {
+			if _, err := rbdWrite(m.img, zeroSector[:c], off); err != nil {
 				return err
 			}
 			off, n = off+c, n-c
@@ -717,7 +784,7 @@ func (m *image) Zero(off, n int64) error {
 			err = io.ErrShortWrite
 		}
 		if err != nil {
-			return err
+			return fmt.Errorf("%s: zero %d bytes at %d: %w", m.Name(), c, off, explain(err))
 		}
 		off, n = off+c, n-c
 	}

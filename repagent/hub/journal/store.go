@@ -89,7 +89,9 @@ type cacheDropper interface {
 }
 
 // Image is a volume's image: a base image in a Store, or a recovered one
-// in a Target.
+// in a Target. A write past its end grows it, as a file grows: an apply
+// pass redone after a crash writes where a later resize of that pass may
+// already have shrunk the image.
 type Image interface {
 	io.ReaderAt
 	io.WriterAt
