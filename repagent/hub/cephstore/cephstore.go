@@ -8,7 +8,9 @@
 //	                           replaced with one write_full: atomic);
 //	                           omap: "vol.NAME" → a volume's hub state,
 //	                           "seg.%016x" → the journal's segment index;
-//	                           lock "vhostdm-hub": the owning hub's lease
+//	                           lock "vhostdm-hub": the owning hub's lease;
+//	                           every write of this object asserts it
+//	                           (cls lock assert_locked, same operation)
 //	vhostdm-hub.vm.VM.seg.%016x  a journal segment (FORMAT.md's bytes):
 //	                           one RADOS write per group commit, at the
 //	                           segment's end, guarded by the object's
@@ -73,3 +75,8 @@ func ParseStore(s string) (pool string, err error) {
 
 // ErrNotBuilt is Open's error in a binary built without the "ceph" tag.
 var ErrNotBuilt = errors.New("this repagent-hub was built without Ceph support: build it with -tags ceph (cgo, Debian's librados-dev and librbd-dev) to use --store ceph:POOL")
+
+// ErrNotHeld: a write of a VM's state was refused because this hub does
+// not hold the VM's lease (it was lost, or another hub holds the VM);
+// nothing was written.
+var ErrNotHeld = errors.New("ceph store: this hub does not hold the VM's lease")

@@ -42,7 +42,8 @@ type Backend struct {
 	ops, segAppends atomic.Uint64
 
 	mu    sync.Mutex
-	known map[string]bool // VMs in the index
+	known map[string]bool   // VMs in the index
+	held  map[string]string // VM → the cookie of the lease this hub holds on it
 }
 
 // Open connects to the cluster and opens the pool. The pool must exist.
@@ -71,7 +72,7 @@ func OpenBackend(c Config, log *slog.Logger) (*Backend, error) {
 		}
 		return nil, fmt.Errorf("ceph store: pool %q: %w", c.Pool, err)
 	}
-	b := &Backend{cfg: c, log: log, conn: conn, io: io, known: map[string]bool{}}
+	b := &Backend{cfg: c, log: log, conn: conn, io: io, known: map[string]bool{}, held: map[string]string{}}
 	// A first read proves the key's caps on the pool now, not at the
 	// first agent.
 	if _, err := b.omapAll(indexObj, vmKey); err != nil {
@@ -225,15 +226,54 @@ func (b *Backend) GetVolume(vm, vol string) ([]byte, error) {
 }
 
 // PutVolume implements hub.Backend: one omap key of the VM's object,
-// replaced atomically.
+// replaced atomically by an operation that asserts this hub's lease on
+// the VM (writeState); without it, it fails wrapping ErrNotHeld.
 func (b *Backend) PutVolume(vm, vol string, data []byte) error {
 	if err := b.ensureVM(vm); err != nil {
 		return fmt.Errorf("%s: vm %s: %w", b, vm, explain(err))
 	}
-	if err := b.omapSet(vmObject(vm), volKey+vol, data); err != nil {
-		return fmt.Errorf("%s: vm %s volume %s: %w", b, vm, vol, explain(err))
+	if len(data) == 0 {
+		data = []byte("{}")
+	}
+	if err := b.writeState(vm, "", stateWrite{set: map[string][]byte{volKey + vol: data}}); err != nil {
+		return fmt.Errorf("%s: vm %s volume %s: write state: %w", b, vm, vol, explain(err))
 	}
 	return nil
+}
+
+// writeState applies w to VM vm's object in one operation that asserts,
+// in the OSD, that this hub holds the VM's lock: with cookie (the lease of
+// the VM's journal store), else the lease this hub holds on the VM, else
+// a lock taken for this write alone (refused while another hub holds the
+// VM). A hub that lost the VM's lease changes nothing: ErrNotHeld.
+func (b *Backend) writeState(vm, cookie string, w stateWrite) error {
+	oid := vmObject(vm)
+	if cookie == "" {
+		b.mu.Lock()
+		cookie = b.held[vm]
+		b.mu.Unlock()
+	}
+	if cookie != "" {
+		b.ops.Add(1)
+		return operateLocked(b.io, oid, cookie, w)
+	}
+	var c [8]byte
+	rand.Read(c[:])
+	cookie = "w" + hex.EncodeToString(c[:])
+	b.ops.Add(1)
+	ret, err := b.io.LockExclusive(oid, lockName, cookie, "repagent-hub state write", b.cfg.Lease, nil)
+	if err != nil {
+		return fmt.Errorf("lock %s: %w", oid, err)
+	}
+	if ret != 0 {
+		return fmt.Errorf("%w: %s is held by another hub", ErrNotHeld, oid)
+	}
+	b.ops.Add(2)
+	err = operateLocked(b.io, oid, cookie, w)
+	if _, uerr := b.io.Unlock(oid, lockName, cookie); err == nil && uerr != nil {
+		err = fmt.Errorf("unlock %s: %w", oid, uerr)
+	}
+	return err
 }
 
 // Replica implements hub.Backend.
@@ -252,8 +292,9 @@ type vmStore struct {
 	vm  string
 	obj string
 
-	mu   sync.Mutex
-	lost error // the lease was lost: nothing more is written
+	mu     sync.Mutex
+	lost   error  // the lease was lost: nothing more is written
+	cookie string // of the held lease; its writes of state assert it
 }
 
 func (s *vmStore) String() string { return s.b.String() + "/" + s.obj }
@@ -262,6 +303,17 @@ func (s *vmStore) check() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.lost
+}
+
+// write changes the VM object under the store's lease (writeState).
+func (s *vmStore) write(w stateWrite) error {
+	s.mu.Lock()
+	lost, cookie := s.lost, s.cookie
+	s.mu.Unlock()
+	if lost != nil {
+		return lost
+	}
+	return s.b.writeState(s.vm, cookie, w)
 }
 
 // lease is a held RADOS lock on the VM's object, renewed in the
@@ -305,6 +357,12 @@ func (s *vmStore) Lock() (io.Closer, error) {
 		}
 		time.Sleep(250 * time.Millisecond)
 	}
+	s.mu.Lock()
+	s.cookie = l.cookie
+	s.mu.Unlock()
+	s.b.mu.Lock()
+	s.b.held[s.vm] = l.cookie
+	s.b.mu.Unlock()
 	go l.renew()
 	return l, nil
 }
@@ -314,7 +372,10 @@ func (l *lease) renew() {
 	b := l.s.b
 	t := time.NewTicker(b.cfg.Lease / 3)
 	defer t.Stop()
-	renew := byte(1) // LIBRADOS_LOCK_FLAG_RENEW
+	// LIBRADOS_LOCK_FLAG_MUST_RENEW: a lease that ended (expired, or
+	// broken) is lost, never silently taken again: another hub may have
+	// held the VM meanwhile.
+	renew := byte(2)
 	for {
 		select {
 		case <-l.stop:
@@ -340,6 +401,17 @@ func (l *lease) renew() {
 func (l *lease) Close() error {
 	close(l.stop)
 	<-l.done
+	b := l.s.b
+	b.mu.Lock()
+	if b.held[l.s.vm] == l.cookie {
+		delete(b.held, l.s.vm)
+	}
+	b.mu.Unlock()
+	l.s.mu.Lock()
+	if l.s.cookie == l.cookie {
+		l.s.cookie = ""
+	}
+	l.s.mu.Unlock()
 	l.s.b.ops.Add(1)
 	_, err := l.s.b.io.Unlock(l.s.obj, lockName, l.cookie)
 	return err
@@ -369,10 +441,7 @@ func (s *vmStore) SegmentName(start int64) string { return s.b.String() + "/" + 
 // object, so that an object is never left outside the index (an indexed
 // segment whose object is missing reads as empty: a creation cut short).
 func (s *vmStore) CreateSegment(start int64) (journal.Segment, error) {
-	if err := s.check(); err != nil {
-		return nil, err
-	}
-	if err := s.b.omapSet(s.obj, fmt.Sprintf("%s%016x", segKey, start), []byte("1")); err != nil {
+	if err := s.write(stateWrite{set: map[string][]byte{fmt.Sprintf("%s%016x", segKey, start): []byte("1")}}); err != nil {
 		return nil, explain(err)
 	}
 	seg, err := s.openSegment(start)
@@ -432,11 +501,11 @@ func (s *vmStore) RemoveSegment(start int64) error {
 	if err := s.check(); err != nil {
 		return err
 	}
-	s.b.ops.Add(2)
+	s.b.ops.Add(1)
 	if err := s.b.io.Delete(segObject(s.vm, start)); err != nil && !notFound(err) {
 		return explain(err)
 	}
-	if err := s.b.io.RmOmapKeys(s.obj, []string{fmt.Sprintf("%s%016x", segKey, start)}); err != nil && !notFound(err) {
+	if err := s.write(stateWrite{rm: []string{fmt.Sprintf("%s%016x", segKey, start)}}); err != nil {
 		return explain(err)
 	}
 	return nil
@@ -470,13 +539,9 @@ func (s *vmStore) GetState() ([]byte, error) {
 }
 
 // PutState implements journal.Store: write_full replaces the object's
-// data in one atomic operation.
+// data in one atomic operation, which asserts the store's lease.
 func (s *vmStore) PutState(data []byte) error {
-	if err := s.check(); err != nil {
-		return err
-	}
-	s.b.ops.Add(1)
-	if err := s.b.io.WriteFull(s.obj, data); err != nil {
+	if err := s.write(stateWrite{full: data}); err != nil {
 		return explain(err)
 	}
 	return nil

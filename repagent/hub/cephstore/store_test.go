@@ -8,6 +8,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -730,4 +731,123 @@ func TestHalfCreatedReplica(t *testing.T) {
 // length, then the bytes.
 func cephString(s string) []byte {
 	return append(binary.LittleEndian.AppendUint32(nil, uint32(len(s))), s...)
+}
+
+// TestStateFenced: two hubs on one pool. Hub A holds vm1 with a long
+// lease; its lock is broken (as an operator fences a hub that hangs) and
+// hub B takes vm1 and writes its state. A, which has not noticed yet (its
+// next renewal is far off), can no longer write vm1's state: a volume
+// state (PutVolume), the journal's applied state (PutState) and the
+// segment index (CreateSegment) fail with ErrNotHeld and change nothing,
+// because each is one RADOS operation that asserts A's lock. A hub that
+// holds no lease on vm1 cannot write its state while B holds it either,
+// and can once B lets go. A's renewal then reports the lease lost.
+func TestStateFenced(t *testing.T) {
+	pool := cluster.CreatePool(t, "rbd")
+	a, err := cephstore.OpenBackend(cephstore.Config{Pool: pool, Conf: cluster.Conf, Lease: 30 * time.Second}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	jsA := a.Journal("vm1")
+	ja, err := journal.Open("a", journal.Options{Store: jsA, NoApplier: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ja.Close()
+	ctx := context.Background()
+	if _, err := ja.Append(ctx, journal.Record{Kind: journal.KindVolume, Volume: "d", Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	if err := ja.ApplyNow(); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.PutVolume("vm1", "d", []byte(`{"by":"a"}`)); err != nil {
+		t.Fatalf("the holder's state write: %v", err)
+	}
+
+	// Break A's lock.
+	obj := "vhostdm-hub.vm.vm1"
+	var info struct {
+		Lockers []struct{ Name, Cookie string }
+	}
+	if err := json.Unmarshal([]byte(cluster.Must(t, "rados", "-p", pool, "lock", "info", obj, "vhostdm-hub", "--format=json")), &info); err != nil || len(info.Lockers) != 1 {
+		t.Fatalf("lock info of %s: %v %+v", obj, err, info)
+	}
+	cluster.Must(t, "rados", "-p", pool, "lock", "break", obj, "vhostdm-hub", info.Lockers[0].Name, "--lock-cookie", info.Lockers[0].Cookie)
+	brk := time.Now()
+
+	b := openBackend(t, pool)
+	defer b.Close()
+	jsB := b.Journal("vm1")
+	jb, err := journal.Open("b", journal.Options{Store: jsB, NoApplier: true})
+	if err != nil {
+		t.Fatalf("hub B takes vm1 after A's lock was broken: %v", err)
+	}
+	if err := b.PutVolume("vm1", "d", []byte(`{"by":"b"}`)); err != nil {
+		t.Fatalf("the new holder's state write: %v", err)
+	}
+	stateB, err := jsB.GetState()
+	if err != nil {
+		t.Fatal(err)
+	}
+	segsB, err := jsB.Segments()
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// A still believes it holds vm1.
+	if err := jsA.(interface{ LeaseErr() error }).LeaseErr(); err != nil {
+		t.Fatalf("A noticed too early for this test (%v after the break): %v", time.Since(brk), err)
+	}
+	if err := a.PutVolume("vm1", "d", []byte(`{"by":"a, stale"}`)); !errors.Is(err, cephstore.ErrNotHeld) {
+		t.Errorf("stale hub's volume state write: %v, want ErrNotHeld", err)
+	} else {
+		t.Logf("stale hub's volume state write: %v", err)
+	}
+	if err := jsA.PutState([]byte(`{"stale":true}`)); !errors.Is(err, cephstore.ErrNotHeld) {
+		t.Errorf("stale hub's journal state write: %v, want ErrNotHeld", err)
+	}
+	if seg, err := jsA.CreateSegment(1 << 40); !errors.Is(err, cephstore.ErrNotHeld) {
+		if seg != nil {
+			seg.Close()
+		}
+		t.Errorf("stale hub's segment creation: %v, want ErrNotHeld", err)
+	}
+	// A hub holding nothing on vm1.
+	c := openBackend(t, pool)
+	defer c.Close()
+	if err := c.PutVolume("vm1", "d", []byte(`{"by":"c"}`)); !errors.Is(err, cephstore.ErrNotHeld) {
+		t.Errorf("a state write of a hub not holding vm1, while B holds it: %v, want ErrNotHeld", err)
+	}
+	if got, err := b.GetVolume("vm1", "d"); err != nil || string(got) != `{"by":"b"}` {
+		t.Errorf("volume state after the refused writes: %q %v, want B's", got, err)
+	}
+	if got, err := jsB.GetState(); err != nil || !bytes.Equal(got, stateB) {
+		t.Errorf("journal state after the refused write: %q %v, want B's", got, err)
+	}
+	if got, err := jsB.Segments(); err != nil || len(got) != len(segsB) {
+		t.Errorf("segment index after the refused creation: %v %v, want %v", got, err, segsB)
+	}
+	if err := jb.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.PutVolume("vm1", "d", []byte(`{"by":"c"}`)); err != nil {
+		t.Errorf("a state write of a hub not holding vm1, nobody holding it: %v", err)
+	}
+	// A's renewal (every 10 s) finds its lease gone and does not take vm1
+	// again although nobody holds it.
+	deadline := brk.Add(25 * time.Second)
+	for jsA.(interface{ LeaseErr() error }).LeaseErr() == nil {
+		if time.Now().After(deadline) {
+			t.Fatal("A's renewal did not report the broken lease")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err := a.PutVolume("vm1", "d", []byte(`{"by":"a, stale"}`)); !errors.Is(err, cephstore.ErrNotHeld) {
+		t.Errorf("stale hub's volume state write after its renewal failed: %v, want ErrNotHeld", err)
+	}
+	if got, err := c.GetVolume("vm1", "d"); err != nil || string(got) != `{"by":"c"}` {
+		t.Errorf("volume state: %q %v, want C's", got, err)
+	}
 }
