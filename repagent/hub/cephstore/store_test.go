@@ -146,6 +146,9 @@ func crashChild(pool, conf string) {
 // consistent points (by position, seq, time and checkpoint) recovered as
 // RBD clones read back, through the rbd: backend, as the model's state of
 // all 3 volumes; recovering changes no segment, state or replica byte.
+// VHOSTDM_CEPHSTORE_CRASH_ROUNDS sets the number of kill rounds: 3 by
+// default, 2 in scripts/test.sh (a fresh journal, then one resumed after
+// a kill: every check still runs), more for a longer run by hand.
 func TestJournalCrashModel(t *testing.T) {
 	rounds := 3
 	if s := os.Getenv(roundsEnv); s != "" {
