@@ -377,6 +377,15 @@ func TestCephFailoverTestPromoteClones(t *testing.T) {
 	if cl := listClones(t, store, c.Conf); len(cl) != 2 {
 		t.Errorf("--remove-all removed promoted volumes: %+v", cl)
 	}
+	// Promote closed the VM's journal: recover --store opens it offline,
+	// its clones labelled recover.
+	offline := recoverCLI(t, "--store", store, "--ceph-conf", c.Conf, "--vm", "vm1", "--out", filepath.Join(dir, "offline"), "--checkpoint", "cp1")
+	if rl := listClones(t, store, c.Conf, "--purpose", hub.PurposeRecover); len(rl) != 2 || offline.Mode != "offline" {
+		t.Errorf("offline recovery's clones: %+v (%s)", rl, offline.Mode)
+	}
+	if code, out, errs := clonesCLI(store, c.Conf, "--purpose", hub.PurposeRecover, "--remove-all"); code != 0 || strings.Count(out, "removed ") != 2 {
+		t.Errorf("clones --purpose recover --remove-all: exit %d:\n%s%s", code, out, errs)
+	}
 	if code, _, errs := clonesCLI(store, c.Conf, "--remove", cl[0].Name, "--remove", strings.TrimPrefix(cl[1].Name, "rbd:"+pool+"/")); code != 0 {
 		t.Errorf("clones --remove of the promoted volumes: exit %d: %s", code, errs)
 	}
