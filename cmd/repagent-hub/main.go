@@ -6,13 +6,14 @@
 //	repagent-hub recover --vm NAME --out DIR (--qmp SOCK | --store DIR|ceph:POOL) [--at TIME | --seq N | --checkpoint NAME]
 //	repagent-hub promote --vm NAME --out DIR --qmp SOCK [--at TIME | --seq N | --checkpoint NAME]
 //	repagent-hub verify --vm NAME --qmp SOCK [--volume V] [--rate SIZE]
-//	repagent-hub seed --store DIR --vm NAME [--uuid U] --volume NAME=PATH...
+//	repagent-hub seed --store DIR|ceph:POOL --vm NAME [--uuid U] --volume NAME=PATH...
+//	repagent-hub clones --store ceph:POOL [--vm NAME] [--purpose WHAT] [--older-than D] [--remove IMAGE... | --remove-all] [--json]
 //
 // QMP commands (besides vhostdm's query-version, query-commands, quit):
 //
 //	query-repagent                                  → [{"vm", "uuid", "connected", "peer", "volumes": [VolumeStatus], "journal"}]
 //	repagent-failover-test {vm, dir, [at|seq|checkpoint]} → [{"volume", "device", "socket", "sectors"}]
-//	repagent-failover-test-stop {vm}                → {}
+//	repagent-failover-test-stop {vm, [keep]}        → {} (with keep: {"kept": [IMAGE]}, the copies left in place)
 //	repagent-recover {vm, out, [at|seq|checkpoint]} → {"vm", "seq", "time", "pos", "volumes"}
 //	repagent-promote {vm, out, [at|seq|checkpoint]} → as repagent-recover; the VM's replication stops
 //	repagent-verify {vm, [volume], [rate]}          → {"vm", "volumes": [VolumeVerify]}
@@ -42,6 +43,7 @@ import (
 
 	"github.com/vhostdm/vhostdm/internal/qmpclient"
 
+	"github.com/vhostdm/vhostdm/ceph"
 	"github.com/vhostdm/vhostdm/cmd/repagent-hub/internal/failover"
 	"github.com/vhostdm/vhostdm/config"
 	"github.com/vhostdm/vhostdm/internal/logging"
@@ -76,6 +78,7 @@ var commands = map[string]command{
 	"promote": {"make a VM's volumes at a consistent point the new sources (stops its replication), with a vhostdm TOML", runPromote},
 	"verify":  {"compare a VM's sources with their replicas by per-region checksums (online verify)", runVerify},
 	"seed":    {"create a VM in a store from existing images, resynchronised by checksums when its agent connects (failback)", runSeed},
+	"clones":  {"list and remove the recovered volumes (RBD clones) recover, promote and failover tests made in a Ceph store", runClones},
 }
 
 func run(args []string, stdout, stderr io.Writer) int {
@@ -232,7 +235,12 @@ func runServe(args []string, stderr io.Writer) int {
 			return 1
 		}
 		m = mapper.NewManager(mapper.ManagerOptions{Logger: log})
-		s := qmp.NewServer(qmp.Config{Manager: m, Logger: log, Version: Version, OnQuit: cancel, Extra: Commands(h, log)})
+		fo := failover.Options{Log: log}
+		if cfg.Shared {
+			// The failover tests' volumes are RBD clones in the pool.
+			fo.Ceph = &ceph.Config{Conf: cf.conf, ID: cf.id}
+		}
+		s := qmp.NewServer(qmp.Config{Manager: m, Logger: log, Version: Version, OnQuit: cancel, Extra: commandsWith(h, fo)})
 		srv.Store(s)
 		go func() {
 			if err := s.Serve(ctx, ql); err != nil && !errors.Is(err, qmp.ErrServerClosed) {
@@ -276,6 +284,13 @@ func runServe(args []string, stderr io.Writer) int {
 
 // Commands returns the hub's QMP commands.
 func Commands(h *hub.Hub, log *slog.Logger) []qmp.ExtraCommand {
+	return commandsWith(h, failover.Options{Log: log})
+}
+
+// commandsWith returns the hub's QMP commands; fo are the failover
+// tests' options (with a Ceph store, the cluster its clones are served
+// from).
+func commandsWith(h *hub.Hub, fo failover.Options) []qmp.ExtraCommand {
 	return []qmp.ExtraCommand{
 		{Name: "query-repagent", Run: func(map[string]string) (any, error) { return h.Status(), nil }},
 		{Name: "repagent-failover-test", Required: []string{"vm", "dir"}, Optional: []string{"at", "seq", "checkpoint"}, Mutates: true,
@@ -284,7 +299,7 @@ func Commands(h *hub.Hub, log *slog.Logger) []qmp.ExtraCommand {
 				if err != nil {
 					return nil, err
 				}
-				return failover.Start(h, a["vm"], a["dir"], sel, log)
+				return failover.StartWith(h, a["vm"], a["dir"], sel, fo)
 			}},
 		{Name: "repagent-promote", Required: []string{"vm", "out"}, Optional: []string{"at", "seq", "checkpoint"}, Mutates: true,
 			Run: materializeCommand(h, h.Promote)},
@@ -302,8 +317,17 @@ func Commands(h *hub.Hub, log *slog.Logger) []qmp.ExtraCommand {
 				}
 				return h.Verify(context.Background(), o)
 			}},
-		{Name: "repagent-failover-test-stop", Required: []string{"vm"}, Mutates: true,
-			Run: func(a map[string]string) (any, error) { return struct{}{}, failover.Stop(h, a["vm"]) }},
+		{Name: "repagent-failover-test-stop", Required: []string{"vm"}, OptionalBool: []string{"keep"}, Mutates: true,
+			Run: func(a map[string]string) (any, error) {
+				if a["keep"] != "true" {
+					return struct{}{}, failover.Stop(h, a["vm"])
+				}
+				kept, err := failover.End(h, a["vm"], true)
+				if kept == nil {
+					kept = []string{}
+				}
+				return map[string][]string{"kept": kept}, err
+			}},
 	}
 }
 

@@ -214,6 +214,13 @@ func recoverOffline(store string, cf *cephFlags, vm, dir string, sel journal.Sel
 		return Recovered{}, err
 	}
 	rec := toRecovered(vm, r)
+	if rs, ok := be.(hub.RecoveryStore); ok {
+		for _, v := range r.Volumes {
+			if err := rs.LabelRecovered(v.Path, vm, hub.PurposeRecover); err != nil {
+				return Recovered{}, fmt.Errorf("label %s (remove it with repagent-hub clones --remove): %w", v.Path, err)
+			}
+		}
+	}
 	if b, err := be.GetVM(vm); err == nil && b != nil {
 		var meta struct {
 			UUID string `json:"uuid"`

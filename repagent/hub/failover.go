@@ -17,8 +17,11 @@ import (
 // TestVolume is a recovery volume handed to a failover test's
 // [TestRunner].
 type TestVolume struct {
-	Name    string // the volume's name
-	Path    string // the image to serve: a copy materialised at the test's point
+	Name string // the volume's name
+	// Path is the image to serve: a copy materialised at the test's point
+	// (a file in the test's directory, or with the Ceph store an RBD
+	// clone of a replica snapshot, rbd:POOL/IMAGE).
+	Path    string
 	Sectors uint64
 	// Written is nil: the test VM writes a copy, never the replica, so
 	// nothing it writes needs reading again. (Kept for runners that
@@ -36,18 +39,44 @@ type failoverTest struct {
 	dir    string // the materialised images, removed at the end
 	point  journal.Point
 	served io.Closer // the runner's exports
+	// images are the materialised volumes' names; with a RecoveryStore
+	// (rs) they live in the store and are removed through it.
+	images []string
+	rs     RecoveryStore
 	once   sync.Once
+	kept   []string
+	err    error
 }
 
-func (t *failoverTest) close() {
+// close ends the test and removes its volumes.
+func (t *failoverTest) close() { t.end(false) }
+
+// end stops serving the test's volumes and, unless keep, removes them;
+// it returns the volumes kept (keep) and the first removal error. Only
+// the first call acts.
+func (t *failoverTest) end(keep bool) ([]string, error) {
 	t.once.Do(func() {
 		if t.served != nil {
 			t.served.Close()
 		}
+		if keep {
+			t.kept = t.images
+			return
+		}
 		if t.dir != "" {
-			os.RemoveAll(t.dir)
+			if err := os.RemoveAll(t.dir); err != nil {
+				t.err = err
+			}
+		}
+		if t.rs != nil {
+			for _, n := range t.images {
+				if err := t.rs.RemoveRecovered(n); err != nil && t.err == nil {
+					t.err = fmt.Errorf("remove the test volume %s: %w", n, err)
+				}
+			}
 		}
 	})
+	return t.kept, t.err
 }
 
 // Recover materialises every volume of vm at the consistent point sel
@@ -65,7 +94,20 @@ func (h *Hub) Recover(ctx context.Context, vmName string, sel journal.Selector, 
 	if vm == nil || j == nil {
 		return journal.Recovered{}, h.noJournal(vmName, vm)
 	}
-	return j.Materialize(ctx, sel, outDir)
+	rec, err := j.Materialize(ctx, sel, outDir)
+	if err == nil {
+		h.label(vmName, recoveredNames(rec), PurposeRecover)
+	}
+	return rec, err
+}
+
+// recoveredNames are the names of rec's volumes.
+func recoveredNames(rec journal.Recovered) []string {
+	var out []string
+	for _, v := range rec.Volumes {
+		out = append(out, v.Path)
+	}
+	return out
 }
 
 // Points returns vm's recoverable window: the oldest and newest consistent
@@ -91,8 +133,10 @@ func (h *Hub) FailoverTest(vmName, dir string, run TestRunner) error {
 
 // FailoverTestAt materialises every volume of vm at the consistent point
 // sel selects into dir/point (a copy: the live replica images are never
-// served nor written) and hands the copies to run, which serves them
-// writable to a test VM. Mirroring and journaling go on meanwhile.
+// served nor written; with the Ceph store RBD clones of replica
+// snapshots, labelled PurposeFailoverTest) and hands the copies to run,
+// which serves them writable to a test VM. Mirroring and journaling go on
+// meanwhile.
 func (h *Hub) FailoverTestAt(vmName, dir string, sel journal.Selector, run TestRunner) error {
 	h.mu.Lock()
 	vm := h.vms[vmName]
@@ -105,6 +149,7 @@ func (h *Hub) FailoverTestAt(vmName, dir string, sel journal.Selector, run TestR
 		return fmt.Errorf("vm %q: a failover test is already running", vmName)
 	}
 	t := &failoverTest{dir: filepath.Join(dir, "point")}
+	t.rs, _ = h.cfg.Backend.(RecoveryStore)
 	vm.failover = t
 	j := vm.j
 	h.mu.Unlock()
@@ -124,8 +169,12 @@ func (h *Hub) FailoverTestAt(vmName, dir string, sel journal.Selector, run TestR
 	}
 	rec, err := j.Materialize(context.Background(), sel, t.dir)
 	if err != nil {
+		// A store's volumes made before the error stay: `repagent-hub
+		// clones` lists them, unlabelled.
 		return fail(err)
 	}
+	t.images = recoveredNames(rec)
+	h.label(vmName, t.images, PurposeFailoverTest)
 	if len(rec.Volumes) == 0 {
 		return fail(fmt.Errorf("vm %q has no recovery volumes at %s", vmName, sel))
 	}
@@ -146,20 +195,34 @@ func (h *Hub) FailoverTestAt(vmName, dir string, sel journal.Selector, run TestR
 // FailoverTestStop ends vm's failover test: the runner stops serving and
 // the materialised copies are removed.
 func (h *Hub) FailoverTestStop(vmName string) error {
+	_, err := h.FailoverTestEnd(vmName, false)
+	return err
+}
+
+// FailoverTestEnd ends vm's failover test: the runner stops serving and,
+// unless keep, the materialised copies are removed (files, or the Ceph
+// store's clones). With keep it returns the copies kept (paths or
+// rbd:POOL/IMAGE), left for the user to inspect and remove.
+func (h *Hub) FailoverTestEnd(vmName string, keep bool) ([]string, error) {
 	h.mu.Lock()
 	vm := h.vms[vmName]
 	if vm == nil {
 		h.mu.Unlock()
-		return fmt.Errorf("vm %q not found", vmName)
+		return nil, fmt.Errorf("vm %q not found", vmName)
 	}
 	t := vm.failover
 	vm.failover = nil
 	h.mu.Unlock()
 	if t == nil {
-		return fmt.Errorf("vm %q: no failover test is running", vmName)
+		return nil, fmt.Errorf("vm %q: no failover test is running", vmName)
 	}
-	t.close()
-	return nil
+	kept, err := t.end(keep)
+	if err != nil {
+		h.log.Warn("failover test ended; removing its volumes failed", "vm", vmName, "err", err)
+		return kept, fmt.Errorf("failover test of vm %q ended; %w", vmName, err)
+	}
+	h.log.Info("failover test ended", "vm", vmName, "kept", kept)
+	return kept, nil
 }
 
 // ApplyNow has the applier write every journaled record that left the
@@ -220,6 +283,7 @@ func (h *Hub) Promote(ctx context.Context, vmName string, sel journal.Selector, 
 		h.mu.Unlock()
 		return journal.Recovered{}, fmt.Errorf("promote: %w", err)
 	}
+	h.label(vmName, recoveredNames(rec), PurposePromote)
 	h.mu.Lock()
 	if vm.j == j {
 		vm.j = nil

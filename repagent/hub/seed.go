@@ -76,11 +76,64 @@ func Seed(store, vm, uuid string, regionSectors uint32, vols []SeedVolume) error
 		if err != nil {
 			return fmt.Errorf("seed: %w", err)
 		}
-		sectors := uint64(fi.Size()) / wire.SectorSize
-		st := volState{Sectors: sectors, RegionSectors: regionSectors, Synced: true, Seeded: true,
-			CsumNeed: []wire.Extent{{Start: 0, Count: wire.RegionCount(sectors, regionSectors)}}}
-		if err := saveState(DirBackend(store), vm, v.Name, &st); err != nil {
-			return fmt.Errorf("seed: %w", err)
+		if err := saveSeeded(DirBackend(store), vm, v.Name, fi.Size(), regionSectors); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// saveSeeded writes a seeded volume's state: in sync once every region
+// was compared by checksum.
+func saveSeeded(be Backend, vm, vol string, size int64, regionSectors uint32) error {
+	sectors := uint64(size) / wire.SectorSize
+	st := volState{Sectors: sectors, RegionSectors: regionSectors, Synced: true, Seeded: true,
+		CsumNeed: []wire.Extent{{Start: 0, Count: wire.RegionCount(sectors, regionSectors)}}}
+	if err := saveState(be, vm, vol, &st); err != nil {
+		return fmt.Errorf("seed: %w", err)
+	}
+	return nil
+}
+
+// SeedBackend is Seed into any Backend (the Ceph store: each source is
+// written into the volume's new RBD replica image, zero chunks skipped,
+// no hub may hold the VM meanwhile): the VM must not be in it.
+func SeedBackend(be Backend, vm, uuid string, regionSectors uint32, vols []journal.SeedSource) error {
+	if err := wire.CheckName(vm); err != nil {
+		return fmt.Errorf("seed: vm %q: %w", vm, err)
+	}
+	if len(vols) == 0 {
+		return errors.New("seed: no volumes")
+	}
+	if regionSectors == 0 {
+		regionSectors = wire.DefaultRegionSectors
+	}
+	meta := vmMeta{Name: vm}
+	if uuid != "" {
+		u, err := wire.ParseUUID(uuid)
+		if err != nil {
+			return fmt.Errorf("seed: uuid %q: %w", uuid, err)
+		}
+		meta.UUID = hex.EncodeToString(u[:])
+	}
+	if b, err := be.GetVM(vm); err != nil {
+		return fmt.Errorf("seed: %w", err)
+	} else if b != nil {
+		var cur vmMeta
+		if json.Unmarshal(b, &cur) != nil || cur.Name != "" {
+			return fmt.Errorf("seed: %s already holds vm %q", be, vm)
+		}
+	}
+	if err := journal.SeedStore(be.Journal(vm), vols); err != nil {
+		return err
+	}
+	b, _ := json.Marshal(meta)
+	if err := be.PutVM(vm, b); err != nil {
+		return fmt.Errorf("seed: %w", err)
+	}
+	for _, v := range vols {
+		if err := saveSeeded(be, vm, v.Name, v.Size, regionSectors); err != nil {
+			return err
 		}
 	}
 	return nil

@@ -28,9 +28,11 @@ import (
 // extent and adds a second plan. `repagent-hub recover --checkpoint` makes
 // RBD clones and writes a vm.toml, and so does `recover --at` a time
 // between the checkpoint and phase 2; `vhostdm serve -c` of each file as
-// written serves its clones through the rbd: backend to one QEMU guest,
-// which reads and verifies phase 1's plan on all four disks. The host then
-// checks the clones byte for byte: phase 1 exactly, none of phase 2.
+// written serves its clones through the rbd: backend, and a failover
+// test at the checkpoint serves the hub's own clones; one QEMU guest reads
+// and verifies phase 1's plan on all six disks. The host then
+// checks the clones byte for byte: phase 1 exactly, none of phase 2; and
+// stopping the failover test removes its clones and only those.
 func TestRBDRecoverCheckpointGuest(t *testing.T) {
 	e := needEnv(t)
 	c := needCeph(t)
@@ -81,7 +83,10 @@ func TestRBDRecoverCheckpointGuest(t *testing.T) {
 	settled("initial sync")
 	t.Logf("initial sync to ceph:%s in %v", pool, time.Since(start).Round(time.Millisecond))
 
-	ctx := reptest.Context(t)
+	// The writes and recoveries share one deadline, generous for a
+	// loaded machine (reptest.Context's 30 s ran out under load).
+	ctx, cancelAll := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancelAll()
 	write := func(v *reptest.Vol, seed uint64, off int64, n int64) {
 		t.Helper()
 		p := make([]byte, n)
@@ -202,8 +207,39 @@ func TestRBDRecoverCheckpointGuest(t *testing.T) {
 		procs = append(procs, startVhostdm(t, e, rec.Config))
 	}
 
-	// One guest reads both recoveries: vda, vdb at the checkpoint, vdc,
-	// vdd at the time; each must hold phase 1's plan.
+	// A failover test at the checkpoint: the hub serves RBD clones of its
+	// own (the live replicas never) over vhost-user-blk.
+	fdir := sockDir(t)
+	start = time.Now()
+	raw := qmpDo(t, hq, "repagent-failover-test", map[string]any{"vm": vmName, "dir": fdir, "checkpoint": ckpt})
+	var fx []struct {
+		Volume, Socket, Image string
+	}
+	if err := json.Unmarshal(raw, &fx); err != nil || len(fx) != len(vols) {
+		t.Fatalf("repagent-failover-test reply %s (%v): want %d exports", raw, err, len(vols))
+	}
+	t.Logf("failover test at %q started in %v", ckpt, time.Since(start).Round(time.Millisecond))
+	testClones := map[string]bool{}
+	for _, v := range vols {
+		found := false
+		for _, x := range fx {
+			if x.Volume == v.Name {
+				if !strings.HasPrefix(x.Image, "rbd:"+pool+"/vhostdm-hub."+vmName+"."+v.Name+".rec-") {
+					t.Fatalf("failover test serves %s from %q, not a recovery clone", v.Name, x.Image)
+				}
+				disks, clones = append(disks, harness.Disk{Socket: x.Socket, NumQueues: 1}), append(clones, x.Image)
+				testClones[x.Image] = true
+				found = true
+			}
+		}
+		if !found {
+			t.Fatalf("repagent-failover-test serves no volume %q: %s", v.Name, raw)
+		}
+	}
+
+	// One guest reads both recoveries and the failover test: vda, vdb at
+	// the checkpoint, vdc, vdd at the time, vde, vdf the failover test's;
+	// each must hold phase 1's plan.
 	params := seedParams(seed1, coverage, maxBlocks)
 	params[proto.ParamDisks] = strconv.Itoa(len(disks))
 	steps := []string{proto.StepInfo}
@@ -236,6 +272,15 @@ func TestRBDRecoverCheckpointGuest(t *testing.T) {
 				t.Errorf("recovered %s (%s): %v", v.Name, clone, err)
 			}
 			t.Errorf("recovered %s (%s) differs from the state at checkpoint %q", v.Name, clone, ckpt)
+		}
+	}
+	// Stopping the failover test removes its clones, not the recoveries'.
+	qmpDo(t, hq, "repagent-failover-test-stop", map[string]any{"vm": vmName})
+	ls := c.Must(t, "rbd", "ls", pool)
+	for _, clone := range clones {
+		name := strings.TrimPrefix(clone, "rbd:"+pool+"/")
+		if gone := !strings.Contains(ls, name); gone != testClones[clone] {
+			t.Errorf("after the failover test stopped, %s is there: %v (a failover test's clone: %v)\n%s", clone, !gone, testClones[clone], ls)
 		}
 	}
 }

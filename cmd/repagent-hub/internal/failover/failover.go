@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"sync"
 
+	"github.com/vhostdm/vhostdm/ceph"
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/repagent/hub"
 	"github.com/vhostdm/vhostdm/repagent/hub/journal"
@@ -29,6 +30,18 @@ type Export struct {
 	Device  string `json:"device"` // the mapper device's name
 	Socket  string `json:"socket"` // vhost-user-blk socket
 	Sectors uint64 `json:"sectors"`
+	// Image is the materialised copy served: a file, or with the Ceph
+	// store the RBD clone rbd:POOL/IMAGE.
+	Image string `json:"image"`
+}
+
+// Options are a failover test's settings.
+type Options struct {
+	Log *slog.Logger
+	// Ceph, when set, is the cluster the test's rbd: volumes (the Ceph
+	// store's clones) are opened in; the test opens and closes its own
+	// connection.
+	Ceph *ceph.Config
 }
 
 // Start serves the recovery volumes of vm, materialised at the consistent
@@ -36,9 +49,15 @@ type Export struct {
 // served), as writable vhost-user-blk exports with sockets in dir
 // (VOLUME.sock); see [hub.Hub.FailoverTestAt].
 func Start(h *hub.Hub, vm, dir string, sel journal.Selector, log *slog.Logger) ([]Export, error) {
+	return StartWith(h, vm, dir, sel, Options{Log: log})
+}
+
+// StartWith is Start with options: with the Ceph store, o.Ceph names the
+// cluster its clones are served from.
+func StartWith(h *hub.Hub, vm, dir string, sel journal.Selector, o Options) ([]Export, error) {
 	var out []Export
 	err := h.FailoverTestAt(vm, dir, sel, func(vm string, vols []hub.TestVolume) (io.Closer, error) {
-		s, exps, err := serve(vm, vols, dir, log)
+		s, exps, err := serve(vm, vols, dir, o)
 		out = exps
 		return s, err
 	})
@@ -48,12 +67,17 @@ func Start(h *hub.Hub, vm, dir string, sel journal.Selector, log *slog.Logger) (
 	return out, nil
 }
 
-// Stop ends vm's failover test.
+// Stop ends vm's failover test and removes its copies.
 func Stop(h *hub.Hub, vm string) error { return h.FailoverTestStop(vm) }
+
+// End ends vm's failover test; with keep its copies stay and are
+// returned (see [hub.Hub.FailoverTestEnd]).
+func End(h *hub.Hub, vm string, keep bool) ([]string, error) { return h.FailoverTestEnd(vm, keep) }
 
 // session is a running failover test's devices and exports.
 type session struct {
 	m       *mapper.Manager
+	ceph    *ceph.Opener // nil without the Ceph store
 	exports []*vhost.Export
 	cancel  context.CancelFunc
 	wg      sync.WaitGroup
@@ -66,7 +90,11 @@ func (s *session) Close() error {
 		x.Close()
 	}
 	s.wg.Wait()
-	return s.m.Close()
+	err := s.m.Close()
+	if s.ceph != nil {
+		err = errors.Join(err, s.ceph.Close())
+	}
+	return err
 }
 
 // tracked reports what the test VM writes to the hub, so that it is read
@@ -86,12 +114,18 @@ func (d *tracked) Submit(r *mapper.Request) error {
 
 // serve creates the test devices and exports; on error, what was made is
 // undone.
-func serve(vm string, vols []hub.TestVolume, dir string, log *slog.Logger) (*session, []Export, error) {
+func serve(vm string, vols []hub.TestVolume, dir string, o Options) (*session, []Export, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, nil, err
 	}
-	log = log.With("vm", vm, "failover_test", dir)
-	s := &session{m: mapper.NewManager(mapper.ManagerOptions{Logger: log})}
+	log := o.Log.With("vm", vm, "failover_test", dir)
+	s := &session{}
+	mo := mapper.ManagerOptions{Logger: log}
+	if o.Ceph != nil {
+		s.ceph = ceph.NewOpener(*o.Ceph, log)
+		mo.Schemes = map[string]mapper.OpenFunc{ceph.Scheme: s.ceph.Open}
+	}
+	s.m = mapper.NewManager(mo)
 	var ctx context.Context
 	ctx, s.cancel = context.WithCancel(context.Background())
 	var out []Export
@@ -125,7 +159,7 @@ func serve(vm string, vols []hub.TestVolume, dir string, log *slog.Logger) (*ses
 				log.Error("failover export stopped", "volume", v.Name, "err", err)
 			}
 		}()
-		out = append(out, Export{Volume: v.Name, Device: name, Socket: sock, Sectors: v.Sectors})
+		out = append(out, Export{Volume: v.Name, Device: name, Socket: sock, Sectors: v.Sectors, Image: v.Path})
 	}
 	return s, out, nil
 }

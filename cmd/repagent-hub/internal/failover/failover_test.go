@@ -87,3 +87,41 @@ func TestFailoverTest(t *testing.T) {
 	r.WaitProtected(20*time.Second, a)
 	r.CheckIdentical(a)
 }
+
+// TestFailoverTestKeep: a failover test stopped with keep leaves its
+// materialised copies (and says which); stopped without, they are
+// removed.
+func TestFailoverTestKeep(t *testing.T) {
+	r := reptest.New(t)
+	r.StartHub()
+	a := r.AddVolume("root", 4<<20)
+	r.StartAgent(reptest.ProtectAll(a))
+	stop := make(chan struct{})
+	wait := r.RunWriters(stop, a)
+	time.Sleep(100 * time.Millisecond)
+	close(stop)
+	wait()
+	r.WaitProtected(20*time.Second, a)
+	for _, keep := range []bool{false, true} {
+		dir := t.TempDir()
+		exps, err := failover.Start(r.Hub, "vm1", dir, journal.Newest(), reptest.Logger())
+		if err != nil {
+			t.Fatal(err)
+		}
+		img := exps[0].Image
+		if img != filepath.Join(dir, "point", "root.img") {
+			t.Fatalf("export image %q", img)
+		}
+		kept, err := failover.End(r.Hub, "vm1", keep)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, serr := os.Stat(img)
+		switch {
+		case keep && (len(kept) != 1 || kept[0] != img || serr != nil):
+			t.Errorf("keep: kept %v, %s: %v", kept, img, serr)
+		case !keep && (len(kept) != 0 || serr == nil):
+			t.Errorf("without keep: kept %v, %s still there", kept, img)
+		}
+	}
+}
