@@ -20,8 +20,8 @@ func (d *Device) MetadataCache() int64 { return d.metaCache.Load() }
 // SetMetadataCache changes the device's metadata cache option to bytes (0:
 // the targets' defaults) and applies it at once to the targets of its
 // live and inactive tables that keep a metadata cache; tables loaded later
-// are built with it. A device whose tables have no such target refuses it
-// and keeps its option.
+// are built with it. A device whose tables have no such target refuses a
+// bound and keeps its option (0 is always accepted).
 func (d *Device) SetMetadataCache(bytes int64) error {
 	if bytes < 0 {
 		return Errorf(ErrInvalid, "%s: metadata cache %d bytes: must not be negative", d.name, bytes)
@@ -39,7 +39,7 @@ func (d *Device) SetMetadataCache(bytes int64) error {
 			}
 		}
 	}
-	if len(cachers) == 0 && (d.live.Load() != nil || d.inactive != nil) {
+	if bytes != 0 && len(cachers) == 0 && (d.live.Load() != nil || d.inactive != nil) {
 		return Errorf(ErrInvalid, "%s: no target of its table keeps a metadata cache (thin-pool does)", d.name)
 	}
 	d.metaCache.Store(bytes)
