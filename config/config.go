@@ -9,6 +9,7 @@
 //	[[device]]
 //	name = "root"
 //	cache = "writeback"             # or "none": backends opened with O_DIRECT
+//	metadata-cache = "64m"          # thin-pool tables only; default sized for the pool
 //	table = """
 //	0 2097152 linear /var/lib/vm1/root.img 0
 //	2097152 2097152 zero
@@ -159,13 +160,51 @@ type Device struct {
 	// Cache is "writeback" (default: through the page cache) or "none"
 	// (file and block-device backends opened with O_DIRECT).
 	Cache string `toml:"cache"`
+	// MetadataCache bounds the in-memory cache of a thin-pool's metadata
+	// blocks: a size from 64k to 16g in whole 4 KiB blocks ("64m"); ""
+	// leaves the default, sized for the pool. Only a device whose table
+	// has a thin-pool line takes it; a reload applies a change at once.
+	MetadataCache string `toml:"metadata-cache"`
 
-	CacheMode mapper.CacheMode `toml:"-"` // Cache, parsed
+	CacheMode          mapper.CacheMode `toml:"-"` // Cache, parsed
+	MetadataCacheBytes int64            `toml:"-"` // MetadataCache, parsed; 0: the default
 }
+
+// Metadata cache limits: no less than 16 blocks, no more than the largest
+// thin-pool metadata device (the kernel's 16 GiB).
+const (
+	MinMetadataCache = 64 << 10
+	MaxMetadataCache = 16 << 30
+)
 
 // Options returns the device's creation options.
 func (d *Device) Options() mapper.DeviceOptions {
-	return mapper.DeviceOptions{ReadOnly: d.ReadOnly, Cache: d.CacheMode}
+	return mapper.DeviceOptions{ReadOnly: d.ReadOnly, Cache: d.CacheMode, MetadataCache: d.MetadataCacheBytes}
+}
+
+// validateMetadataCache parses metadata-cache and checks the table has a
+// thin-pool line (lines: the parsed table, nil when it did not parse).
+func (d *Device) validateMetadataCache(v *validator, key string, lines []mapper.Line) {
+	d.MetadataCacheBytes = 0
+	if d.MetadataCache == "" {
+		return
+	}
+	key += ".metadata-cache"
+	n, err := ParseSize(d.MetadataCache)
+	if err != nil || n < MinMetadataCache || n > MaxMetadataCache || n%4096 != 0 {
+		v.errAt(key, "%q: want a size from 64k to 16g in whole 4k blocks, such as \"64m\"", d.MetadataCache)
+		return
+	}
+	d.MetadataCacheBytes = int64(n)
+	if lines == nil {
+		return
+	}
+	for _, l := range lines {
+		if l.Type == "thin-pool" {
+			return
+		}
+	}
+	v.errAt(key, "only a device whose table has a thin-pool line has a metadata cache")
 }
 
 // Export is one export of a device: vhost-user-blk (the default type) or
@@ -469,11 +508,14 @@ func (c *Config) validate(v *validator) {
 		}
 		if strings.TrimSpace(d.Table) == "" {
 			v.errAt(key+".table", "missing table")
+			d.validateMetadataCache(v, key, nil)
 			continue
 		}
-		if _, err := mapper.ParseTable(d.Table); err != nil {
+		lines, err := mapper.ParseTable(d.Table)
+		if err != nil {
 			v.tableErr(key+".table", d.Table, err)
 		}
+		d.validateMetadataCache(v, key, lines)
 	}
 	if _, err := c.DeviceOrder(); err != nil {
 		v.errAt("device", "%v", err)

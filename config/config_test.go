@@ -8,6 +8,7 @@ import (
 
 	"github.com/vhostdm/vhostdm/config"
 	_ "github.com/vhostdm/vhostdm/targets"
+	_ "github.com/vhostdm/vhostdm/targets/thin"
 )
 
 func TestGoodConfig(t *testing.T) {
@@ -36,6 +37,7 @@ func TestGoodConfig(t *testing.T) {
 }
 
 func TestConfigErrors(t *testing.T) {
+	pool := "[[device]]\nname = \"pool\"\ntable = \"0 2048 thin-pool m.img d.img 128 0\"\n"
 	tests := []struct {
 		name, text string
 		want       []string
@@ -53,6 +55,20 @@ func TestConfigErrors(t *testing.T) {
 		{"missing table", "[[device]]\nname = \"a\"\n", []string{"vm.toml:1: device[0].table: missing table"}},
 		{"bad cache mode", "[[device]]\nname = \"a\"\ncache = \"directsync\"\ntable = \"0 8 zero\"",
 			[]string{`vm.toml:3: device[0].cache: "directsync": want "writeback" or "none"`}},
+		{"metadata cache zero", pool + "metadata-cache = \"0\"\n",
+			[]string{`vm.toml:4: device[0].metadata-cache: "0": want a size from 64k to 16g in whole 4k blocks, such as "64m"`}},
+		{"metadata cache negative", pool + "metadata-cache = \"-64m\"\n",
+			[]string{`vm.toml:4: device[0].metadata-cache: "-64m": want a size from 64k to 16g`}},
+		{"metadata cache absurd", pool + "metadata-cache = \"1t\"\n",
+			[]string{`vm.toml:4: device[0].metadata-cache: "1t": want a size from 64k to 16g`}},
+		{"metadata cache too small", pool + "metadata-cache = \"4k\"\n",
+			[]string{`vm.toml:4: device[0].metadata-cache: "4k": want a size from 64k to 16g`}},
+		{"metadata cache not a size", pool + "metadata-cache = \"lots\"\n",
+			[]string{`vm.toml:4: device[0].metadata-cache: "lots": want a size from 64k to 16g`}},
+		{"metadata cache not whole blocks", pool + "metadata-cache = \"1000000\"\n",
+			[]string{`vm.toml:4: device[0].metadata-cache: "1000000": want a size from 64k to 16g in whole 4k blocks`}},
+		{"metadata cache without a pool", "[[device]]\nname = \"a\"\nmetadata-cache = \"64m\"\ntable = \"0 8 zero\"\n",
+			[]string{"vm.toml:3: device[0].metadata-cache: only a device whose table has a thin-pool line has a metadata cache"}},
 		{"bad name", "[[device]]\nname = \"a/b\"\ntable = \"0 8 zero\"", []string{`vm.toml:2: device[0].name: device name "a/b": must not contain '/' or be . or ..`}},
 		{"duplicate device", "[[device]]\nname = \"a\"\ntable = \"0 8 zero\"\n[[device]]\nname = \"a\"\ntable = \"0 8 zero\"",
 			[]string{`vm.toml:5: device[1].name: device "a" already defined as device[0]`}},
@@ -210,5 +226,26 @@ listen = "127.0.0.1:1"`, "export[1].tls-creds: exports sharing an address need t
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: %v, want %q", tc.name, err, tc.want)
 		}
+	}
+}
+
+// TestMetadataCacheConfig: device.metadata-cache is a size that reaches
+// the device's options; absent, the options leave the default.
+func TestMetadataCacheConfig(t *testing.T) {
+	text := "[[device]]\nname = \"pool\"\nmetadata-cache = \"64m\"\ntable = \"0 2048 thin-pool m.img d.img 128 0\"\n" +
+		"[[device]]\nname = \"p2\"\ntable = \"0 2048 thin-pool m2.img d2.img 128 0\"\n"
+	c, err := config.Parse([]byte(text), "vm.toml", "/etc/vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.Devices[0].Options().MetadataCache; got != 64<<20 {
+		t.Errorf("metadata-cache 64m: options carry %d bytes", got)
+	}
+	if got := c.Devices[1].Options().MetadataCache; got != 0 {
+		t.Errorf("no metadata-cache: options carry %d bytes, want 0 (the default)", got)
+	}
+	_, err = config.Parse([]byte(strings.Replace(text, `"64m"`, "65536", 1)), "vm.toml", "/etc/vm")
+	if err == nil || !strings.Contains(err.Error(), "metadata-cache") {
+		t.Errorf("an integer metadata-cache: %v, want an error naming the key", err)
 	}
 }

@@ -26,6 +26,9 @@ type Device struct {
 	// blockSize is the largest logical block size of the O_DIRECT
 	// backends its tables have opened (512 without any).
 	blockSize atomic.Int32
+	// metaCache is the metadata cache option in bytes (0: the targets'
+	// defaults), given to the tables it builds.
+	metaCache atomic.Int64
 
 	// I/O admission, lock-free on the fast path: Submit adds itself to
 	// inflight, then checks suspended; suspend sets suspended, then waits
@@ -177,7 +180,7 @@ func (d *Device) Load(text string) error {
 		return fmt.Errorf("%s: %w", d.name, ErrNotFound)
 	}
 	t, err := BuildTable(text, TableOptions{Device: d.name, ReadOnly: d.readOnly, Opener: deviceOpener{d}, Event: d.targetEvent,
-		Logger: d.log, Shared: d.m.Shared})
+		Logger: d.log, Shared: d.m.Shared, MetadataCache: d.metaCache.Load()})
 	if err != nil {
 		return err
 	}

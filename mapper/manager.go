@@ -123,6 +123,10 @@ type DeviceOptions struct {
 	// Cache is how the file and block-device backends its tables name
 	// are opened: through the page cache, or with O_DIRECT.
 	Cache CacheMode
+	// MetadataCache bounds the metadata cache of its targets that keep
+	// one ([MetadataCacher]), in bytes; 0: their defaults. Unlike the
+	// others it can change later (Device.SetMetadataCache).
+	MetadataCache int64
 }
 
 // Create makes a device with no table (dmsetup create without a table).
@@ -139,6 +143,9 @@ func (m *Manager) CreateWith(name, uuid string, o DeviceOptions) (*Device, error
 	if len(uuid) > 128 {
 		return nil, Errorf(ErrInvalid, "uuid %q: longer than 128 characters", uuid)
 	}
+	if o.MetadataCache < 0 {
+		return nil, Errorf(ErrInvalid, "metadata cache %d bytes: must not be negative", o.MetadataCache)
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if _, ok := m.devices[name]; ok {
@@ -153,6 +160,7 @@ func (m *Manager) CreateWith(name, uuid string, o DeviceOptions) (*Device, error
 	}
 	d := newDevice(m, name, uuid, readOnly)
 	d.cache = o.Cache
+	d.metaCache.Store(o.MetadataCache)
 	m.devices[name] = d
 	m.log.Info("device created", "device", name, "uuid", uuid, "readonly", readOnly, "cache", o.Cache.String())
 	return d, nil

@@ -108,6 +108,9 @@ type TableOptions struct {
 	Logger   *slog.Logger                                   // for targets' own warnings
 	// Shared holds state shared between tables (Manager.Shared).
 	Shared func(key any, mk func() any) any
+	// MetadataCache is the device's metadata cache option in bytes (0:
+	// the targets' defaults), see [MetadataCacher].
+	MetadataCache int64
 }
 
 // tableOpener opens one table's backends. A mapper device the table names
@@ -145,7 +148,7 @@ func BuildTable(text string, o TableOptions) (*Table, error) {
 	for _, l := range lines {
 		tt, _ := LookupTarget(l.Type)
 		c := &Ctx{Device: o.Device, Start: l.Start, Length: l.Length, ReadOnly: o.ReadOnly, opener: opener,
-			log: o.Logger, shared: o.Shared}
+			log: o.Logger, shared: o.Shared, MetadataCache: o.MetadataCache}
 		if o.Event != nil {
 			typ := tt.Name
 			c.event = func(kind string, data map[string]any) { o.Event(typ, kind, data) }

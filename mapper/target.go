@@ -142,6 +142,10 @@ type Ctx struct {
 	Start    uint64 // first sector of the target in the device
 	Length   uint64 // length of the target in sectors
 	ReadOnly bool   // the table is loaded read-only
+	// MetadataCache is the device's metadata cache option in bytes; 0
+	// leaves the bound of a target's metadata cache to its default (see
+	// [MetadataCacher]).
+	MetadataCache int64
 
 	opener Opener
 	opened []Backend

@@ -1,7 +1,7 @@
 // Package metrics exports vhostdm's and repagent-hub's state to Prometheus:
 // per export request counts, bytes, errors, latency histograms and requests
 // in flight; per device suspended state, size, open count, events and table
-// swaps; vhost-user connects and disconnects; per protected volume the
+// swaps (and a thin-pool's metadata cache and its bound); vhost-user connects and disconnects; per protected volume the
 // replication agent's mirror backlog and dirty map; and, for the hub, sync
 // progress, resync bytes, backlog and applied bytes per volume.
 //
@@ -173,7 +173,8 @@ func (c *renotifyCollector) Collect(ch chan<- prometheus.Metric) {
 }
 
 // Devices registers a collector of every device of mgr: suspended state,
-// size, open count, event counter and table swaps.
+// size, open count, event counter and table swaps, and for thin-pools the
+// metadata cache and its bound.
 func (m *Metrics) Devices(mgr *mapper.Manager) {
 	m.reg.MustRegister(&deviceCollector{mgr: mgr})
 }
@@ -185,12 +186,16 @@ var (
 	devEvents    = prometheus.NewDesc("vhostdm_device_events_total", "Device events (the dmsetup event counter).", []string{"device"}, nil)
 	devSwaps     = prometheus.NewDesc("vhostdm_device_table_swaps_total", "Tables made live by resume (create, reload).", []string{"device"}, nil)
 	devInactive  = prometheus.NewDesc("vhostdm_device_inactive_table", "1 while a loaded table waits for resume.", []string{"device"}, nil)
+	devMetaCache = prometheus.NewDesc("vhostdm_device_metadata_cache_bytes",
+		"Clean metadata blocks a thin-pool keeps in memory, in bytes.", []string{"device"}, nil)
+	devMetaLimit = prometheus.NewDesc("vhostdm_device_metadata_cache_limit_bytes",
+		"Bound of the thin-pool's metadata cache: device.metadata-cache, or the default sized for the pool.", []string{"device"}, nil)
 )
 
 type deviceCollector struct{ mgr *mapper.Manager }
 
 func (c *deviceCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{devSuspended, devSize, devOpen, devEvents, devSwaps, devInactive} {
+	for _, d := range []*prometheus.Desc{devSuspended, devSize, devOpen, devEvents, devSwaps, devInactive, devMetaCache, devMetaLimit} {
 		ch <- d
 	}
 }
@@ -204,6 +209,10 @@ func (c *deviceCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(devEvents, prometheus.CounterValue, float64(i.EventNr), i.Name)
 		ch <- prometheus.MustNewConstMetric(devSwaps, prometheus.CounterValue, float64(i.Swaps), i.Name)
 		ch <- prometheus.MustNewConstMetric(devInactive, prometheus.GaugeValue, b2f(i.InactiveTable), i.Name)
+		if cached, limit, ok := d.MetadataCacheStats(); ok {
+			ch <- prometheus.MustNewConstMetric(devMetaCache, prometheus.GaugeValue, float64(cached), i.Name)
+			ch <- prometheus.MustNewConstMetric(devMetaLimit, prometheus.GaugeValue, float64(limit), i.Name)
+		}
 	}
 }
 

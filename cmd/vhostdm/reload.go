@@ -19,7 +19,8 @@ func (d *daemon) summary() string {
 // reloadConfig re-reads the configuration file and applies what changed:
 // new devices are created, changed tables reloaded (suspend, load, resume:
 // the guest's I/O waits, it does not fail), removed devices and exports
-// deleted, new or changed exports added. The whole file is validated first
+// deleted, new or changed exports added, a changed metadata-cache applied
+// to the live thin-pool at once. The whole file is validated first
 // — schema, every table line and every backing file — so an invalid file
 // changes nothing.
 func (d *daemon) reloadConfig(path string) error {
@@ -88,16 +89,28 @@ func (d *daemon) reloadConfig(path string) error {
 			errs = append(errs, fmt.Errorf("device %q: cache %s -> %s: a device's cache mode is fixed at creation (remove the device, reload, add it again)",
 				dc.Name, o.CacheMode, dc.CacheMode))
 			continue
-		case normalizeTable(o.Table) != normalizeTable(dc.Table):
+		default:
 			dev, err := d.m.Get(dc.Name)
-			if err == nil {
-				err = dev.Reload(dc.Table)
-			}
 			if err != nil {
 				errs = append(errs, fmt.Errorf("device %q: %w", dc.Name, err))
 				continue
 			}
-			d.log.Info("table reloaded", "device", dc.Name)
+			if normalizeTable(o.Table) != normalizeTable(dc.Table) {
+				if err := dev.Reload(dc.Table); err != nil {
+					errs = append(errs, fmt.Errorf("device %q: %w", dc.Name, err))
+					continue
+				}
+				d.log.Info("table reloaded", "device", dc.Name)
+			}
+			// Applied at once to the live pool (after a table reload, to
+			// the new table: it was built with the option in force).
+			if dev.MetadataCache() != dc.MetadataCacheBytes {
+				if err := dev.SetMetadataCache(dc.MetadataCacheBytes); err != nil {
+					errs = append(errs, fmt.Errorf("device %q: metadata-cache: %w", dc.Name, err))
+					continue
+				}
+				d.log.Info("metadata cache changed by reload", "device", dc.Name, "bytes", dc.MetadataCacheBytes)
+			}
 		}
 	}
 	// Devices that went away, users before what they use.

@@ -205,3 +205,72 @@ func TestServeNotifyAndQuit(t *testing.T) {
 		t.Fatal("serve did not stop after quit")
 	}
 }
+
+const poolConfig = `
+[metrics]
+listen = "127.0.0.1:0"
+
+[[device]]
+name = "pool"
+metadata-cache = "64k"
+table = "0 262144 thin-pool meta.img data.img 128 0"
+`
+
+// TestReloadMetadataCache serves a thin-pool with device.metadata-cache
+// and changes it by reloading the file: each change is in force on the
+// live pool at once (the bound MetadataCacheStats reports, as the
+// vhostdm_device_metadata_cache_limit_bytes metric), removing the key
+// restores the default sized for the pool, and an invalid value is
+// refused with file:line:key and changes nothing.
+func TestReloadMetadataCache(t *testing.T) {
+	dir := t.TempDir()
+	sparse(t, filepath.Join(dir, "meta.img"), 4<<20)
+	sparse(t, filepath.Join(dir, "data.img"), 128<<20)
+	path := writeConfig(t, dir, poolConfig)
+	d, _ := serveInProcess(t, path)
+	pool, err := d.m.Get("pool")
+	if err != nil {
+		t.Fatal(err)
+	}
+	limit := func() int64 {
+		t.Helper()
+		cached, l, ok := pool.MetadataCacheStats()
+		if !ok {
+			t.Fatal("the pool reports no metadata cache")
+		}
+		get := scrape(t, d.metricsAddr)
+		if m := get(`vhostdm_device_metadata_cache_limit_bytes\{device="pool"\}`); m != float64(l) {
+			t.Fatalf("metric vhostdm_device_metadata_cache_limit_bytes %v, the pool's bound %d", m, l)
+		}
+		if m := get(`vhostdm_device_metadata_cache_bytes\{device="pool"\}`); m < 0 || m > float64(l) || cached > l {
+			t.Fatalf("metric vhostdm_device_metadata_cache_bytes %v (pool: %d), bound %d", m, cached, l)
+		}
+		return l
+	}
+	if got := limit(); got != 64<<10 {
+		t.Fatalf("metadata-cache 64k: bound %d", got)
+	}
+	writeConfig(t, dir, strings.Replace(poolConfig, `"64k"`, `"256k"`, 1))
+	if err := d.reloadConfig(path); err != nil {
+		t.Fatal(err)
+	}
+	if got := limit(); got != 256<<10 {
+		t.Fatalf("after a reload to 256k: bound %d", got)
+	}
+	writeConfig(t, dir, strings.Replace(poolConfig, `"64k"`, `"0"`, 1))
+	err = d.reloadConfig(path)
+	if err == nil || !strings.Contains(err.Error(), `vm.toml:7: device[0].metadata-cache: "0": want a size from 64k to 16g`) {
+		t.Fatalf("reload with metadata-cache 0: %v", err)
+	}
+	if got := limit(); got != 256<<10 {
+		t.Fatalf("an invalid reload changed the bound to %d", got)
+	}
+	// 2048 data blocks want 96 KiB: the floor, 1 MiB.
+	writeConfig(t, dir, strings.Replace(poolConfig, "metadata-cache = \"64k\"\n", "", 1))
+	if err := d.reloadConfig(path); err != nil {
+		t.Fatal(err)
+	}
+	if got := limit(); got != 1<<20 {
+		t.Fatalf("after removing metadata-cache: bound %d, want the default, 1 MiB", got)
+	}
+}

@@ -72,7 +72,7 @@ outer:
 				continue outer
 			}
 		}
-		dev, err := m.CreateTableWith(d.Name, d.UUID, mapper.DeviceOptions{ReadOnly: true, Cache: d.CacheMode}, d.Table)
+		dev, err := m.CreateTableWith(d.Name, d.UUID, mapper.DeviceOptions{ReadOnly: true, Cache: d.CacheMode, MetadataCache: d.MetadataCacheBytes}, d.Table)
 		if err != nil {
 			failed[d.Name] = true
 			errs = append(errs, c.TableError(c.DeviceIndex(d.Name), errors.Unwrap(err)))

@@ -38,6 +38,21 @@
 // closes the transaction under the pool's lock and writes it without:
 // guest reads and writes, and the next transaction, go on meanwhile.
 //
+// Metadata blocks read are kept in a least-recently-used cache of clean
+// blocks, bounded per pool by the device's metadata cache option
+// (mapper.DeviceOptions.MetadataCache, the TOML device.metadata-cache;
+// it can change while the pool runs) or, without it, by a default sized
+// for the pool: 48 bytes per data block (the kernel's sizing guide for
+// the metadata device: a fully provisioned pool's mapping and space
+// maps) in 4 KiB blocks, at least 1 MiB, at most 128 MiB, never more
+// than the metadata device; it is computed again when the pool grows.
+// The kernel bounds its dm-bufio caches differently: one budget for all
+// clients of the host (the dm_bufio_cache_size module parameter, by
+// default 2% of memory or 25% of vmalloc space, whichever is lower),
+// buffers unused for 300 s released down to 256 KiB per client, and a
+// shrinker under memory pressure; dm-thin-metadata sets no per-pool
+// bound. The table grammar stays the kernel's: the option is not in it.
+//
 // Space, as kernel 6.1 (each case compared with its status line and
 // event count in TestNoSpaceKernel): an allocation that finds the free
 // data blocks at the low water mark raises "low_water_mark" once per
@@ -199,6 +214,9 @@ type pool struct {
 	grown      *sync.Cond // broadcast when space may have appeared
 	pending    []uint64   // data blocks freed, to pass discards down
 	metaTotal  uint64
+	live       *poolTarget // the table whose settings are the pool's
+	cacheBytes int64       // the live table's metadata cache option; 0: default
+	cacheLimit int         // metadata cache bound in force, in blocks
 
 	locksMu sync.Mutex
 	locks   map[blockKey]*blockLock
@@ -245,6 +263,10 @@ type poolTarget struct {
 	lowWater uint64 // data blocks
 	length   uint64 // sectors
 	event    mapper.EventRaiser
+	// cacheBytes is the device's metadata cache option (0: the
+	// default sized for the pool), applied when the table is live.
+	// Guarded by p.mu.
+	cacheBytes int64
 }
 
 func newPool(c *mapper.Ctx, args []string) (mapper.Target, error) {
@@ -287,7 +309,8 @@ func newPool(c *mapper.Ctx, args []string) (mapper.Target, error) {
 	if err != nil {
 		return nil, err
 	}
-	t := &poolTarget{device: c.Device, meta: meta, data: data, feat: feat, lowWater: lw, length: c.Length, event: c.Event()}
+	t := &poolTarget{device: c.Device, meta: meta, data: data, feat: feat, lowWater: lw, length: c.Length, event: c.Event(),
+		cacheBytes: c.MetadataCache}
 	reg := registryOf(c)
 	reg.mu.Lock()
 	defer reg.mu.Unlock()
@@ -304,8 +327,9 @@ func newPool(c *mapper.Ctx, args []string) (mapper.Target, error) {
 		size, _ := meta.Size()
 		p = &pool{reg: reg, metaKey: key, blockSize: bs, md: md, data: data, feat: feat, lowWater: lw,
 			event: t.event, log: c.Logger(), locks: map[blockKey]*blockLock{}, metaTotal: metaBlocksOf(size),
-			errNoSpace: feat.errorIfNoSpace, timeout: noSpaceTimeout,
+			errNoSpace: feat.errorIfNoSpace, timeout: noSpaceTimeout, cacheBytes: t.cacheBytes,
 			stop: make(chan struct{}), done: make(chan struct{})}
+		p.applyCache()
 		p.grown = sync.NewCond(&p.mu)
 		md.data.OnFree = p.freed
 		md.tm.SM.OnLow = p.metaLow
@@ -793,6 +817,7 @@ func (t *poolTarget) Resume() error {
 	metaBlocks := metaBlocksOf(metaSize)
 	p.mu.Lock()
 	p.data, p.feat, p.lowWater, p.event = t.data, t.feat, t.lowWater, t.event
+	p.live, p.cacheBytes = t, t.cacheBytes
 	p.lowRaised = false
 	p.metaTotal = metaBlocks
 	p.md.tm.SM.LowThreshold = p.metaThreshold()
@@ -829,6 +854,7 @@ func (t *poolTarget) Resume() error {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	p.applyCache() // the option of this table, for the pool's size now
 	p.checkMetaSpace()
 	p.grown.Broadcast()
 	return nil

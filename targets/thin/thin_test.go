@@ -27,6 +27,7 @@ type env struct {
 	nrBlocks   int    // data blocks
 	virt       uint64 // sectors of each thin device
 	features   string
+	poolOpts   mapper.DeviceOptions // the pool device's options
 	m          *mapper.Manager
 	pool       *mapper.Device
 	thins      map[uint64]*mapper.Device
@@ -47,9 +48,14 @@ func (e *env) eventKinds() []string {
 }
 
 func newEnv(t testing.TB, bs, nrBlocks int, metaBytes int64, features string) *env {
+	return newEnvOpts(t, bs, nrBlocks, metaBytes, features, mapper.DeviceOptions{})
+}
+
+// newEnvOpts is newEnv with the pool device's options.
+func newEnvOpts(t testing.TB, bs, nrBlocks int, metaBytes int64, features string, opts mapper.DeviceOptions) *env {
 	dir := t.TempDir()
 	e := &env{t: t, meta: filepath.Join(dir, "meta.img"), data: filepath.Join(dir, "data.img"), bs: bs, nrBlocks: nrBlocks,
-		virt: uint64(bs) * 256, features: features, thins: map[uint64]*mapper.Device{},
+		virt: uint64(bs) * 256, features: features, poolOpts: opts, thins: map[uint64]*mapper.Device{},
 		model: &model{devs: map[uint64]map[uint64][]byte{}}}
 	mkfile(t, e.meta, metaBytes)
 	mkfile(t, e.data, int64(bs)*512*int64(nrBlocks))
@@ -86,7 +92,7 @@ func (e *env) start() {
 			e.evMu.Unlock()
 		}})
 	var err error
-	if e.pool, err = e.m.CreateTable("pool", "", false, e.poolTable()); err != nil {
+	if e.pool, err = e.m.CreateTableWith("pool", "", e.poolOpts, e.poolTable()); err != nil {
 		e.t.Fatal(err)
 	}
 	e.thins = map[uint64]*mapper.Device{}

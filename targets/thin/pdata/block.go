@@ -66,10 +66,11 @@ func Checksum(b []byte, salt uint32) uint32 {
 // location (the superblock's is at 8 too).
 const blocknrOffset = 8
 
-// DefaultCacheBlocks bounds the clean blocks a BM keeps: 4096 blocks,
-// 16 MiB. The kernel's dm-bufio cache is bounded too (a share of memory);
-// a thin pool's metadata can be 16 GiB, so an unbounded cache grows with
-// every block the pool ever reads.
+// DefaultCacheBlocks bounds the clean blocks a new BM keeps: 4096 blocks,
+// 16 MiB, until its user sets its own bound with [BM.SetCacheBlocks]
+// (thin's pools size it for the pool). A thin pool's metadata can be
+// 16 GiB, so an unbounded cache would grow with every block the pool
+// ever reads.
 const DefaultCacheBlocks = 4096
 
 // BM is a block manager: a cache of metadata blocks over a backend.
