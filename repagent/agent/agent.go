@@ -52,7 +52,8 @@ type Config struct {
 	TLS      *tls.Config
 	Insecure bool
 	// QueueBytes bounds the mirrored data not yet acknowledged by the hub;
-	// past it writes are recorded in the dirty bitmap. Default 64 MiB.
+	// past it writes wait for the hub to make room (RoomWait), and are
+	// recorded in the dirty bitmap only if it does not. Default 64 MiB.
 	QueueBytes int64
 	// RegionSectors is the dirty bitmap's granularity, a power of two from
 	// 8 to 1<<21. Default DefaultRegionSectors.
@@ -63,6 +64,13 @@ type Config struct {
 	// MinBackoff and MaxBackoff bound the delay between connection
 	// attempts, doubling from one to the other. Defaults 100 ms and 10 s.
 	MinBackoff, MaxBackoff time.Duration
+	// RoomWait bounds how long a write that finds the queue (or its
+	// volume's share of it) full waits for the connected hub to make
+	// room before it goes to the dirty bitmap instead, for a resync to
+	// re-read. Default wire.PeerTimeout(Heartbeat), the silence after
+	// which the hub is taken as gone: the dirty bitmap holds writes only
+	// while the hub is away or stalled.
+	RoomWait time.Duration
 	// PaceAge is the backlog age past which the completions of a
 	// volume's writes wait for the hub (pacing), as past three quarters
 	// of its share of the queue. Default 500 ms.
@@ -132,8 +140,10 @@ const (
 // A volume is wrapped with Attach before it is exported; the wrapper's
 // Submit performs the local I/O, then queues a copy of written data
 // (asynchronous mirroring: the guest's write completes with the local
-// one). When the queue is full or the hub away, the written regions go
-// into the volume's dirty bitmap instead and reach the hub as DIRTY_MAP.
+// one). When the queue is full the write waits for the hub to make room;
+// while the hub is away (or makes no room for Config.RoomWait), the
+// written regions go into the volume's dirty bitmap instead and reach the
+// hub as DIRTY_MAP.
 // Past the volume's fall-behind threshold, writes complete only once the
 // hub has acknowledged them.
 //
@@ -467,6 +477,9 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.MaxBackoff < cfg.MinBackoff {
 		cfg.MaxBackoff = max(10*time.Second, cfg.MinBackoff)
 	}
+	if cfg.RoomWait <= 0 {
+		cfg.RoomWait = wire.PeerTimeout(cfg.Heartbeat)
+	}
 	if cfg.PaceAge <= 0 {
 		cfg.PaceAge = 500 * time.Millisecond
 	}
@@ -747,14 +760,30 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 		}
 	}
 	share := a.share()
+	var roomBy time.Time // when a write waiting for room gives up
 	for {
 		for a.queueBytes > 0 && (a.queueBytes+bytes > a.cfg.QueueBytes || v.pendB+bytes > share) {
-			if !v.sync {
+			// The queue (or the volume's share) is full while the hub
+			// is connected: the write waits for the hub to make room
+			// (pacing), up to RoomWait; only a hub that makes no room
+			// for that long (or goes away) sends it to the dirty map,
+			// to be re-read by a resync. Synchronous writes wait as
+			// long as the hub is connected.
+			now := time.Now()
+			if roomBy.IsZero() {
+				roomBy = now.Add(a.cfg.RoomWait)
+				v.stats.Paced++
+			}
+			if !v.sync && !now.Before(roomBy) {
 				a.overflow(v, r.Sector, r.Sectors, bytes, share)
 				return 0, true, nil
 			}
-			a.cond.Wait() // synchronous: wait for room
-			if !a.canMirror(v) {
+			if !a.urgent {
+				a.urgent = true // the guest waits: what is queued goes now
+				a.cond.Broadcast()
+			}
+			a.waitUntil(roomBy)
+			if !a.canMirror(v) || a.stopped {
 				v.markDirty(r.Sector, r.Sectors, "writes while the hub was away")
 				return 0, true, nil
 			}
@@ -821,6 +850,23 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 	return last.seq, false, nil
 }
 
+// waitUntil waits on a.cond, at most until t (for a synchronous write,
+// whose t has passed, until woken); a.mu held.
+func (a *Agent) waitUntil(t time.Time) {
+	d := time.Until(t)
+	if d <= 0 {
+		a.cond.Wait()
+		return
+	}
+	tm := time.AfterFunc(d, func() {
+		a.mu.Lock()
+		a.cond.Broadcast()
+		a.mu.Unlock()
+	})
+	a.cond.Wait()
+	tm.Stop()
+}
+
 // tooOld reports whether v's oldest unacknowledged write is older than
 // the pacing age; a.mu held.
 func (v *agentVolume) tooOld(now time.Time) bool {
@@ -835,15 +881,16 @@ func (a *Agent) share() int64 {
 }
 
 // overflow records a write that found the queue (or the volume's share)
-// full in the dirty bitmap, and has a DIRTY_MAP sent at once, so that the
+// full, and the hub making no room for RoomWait, in the dirty bitmap, and has a DIRTY_MAP sent at once, so that the
 // hub knows before it could call the volume protected; a.mu held.
 func (a *Agent) overflow(v *agentVolume, sector, sectors uint64, bytes, share int64) {
 	if !v.overflowing {
 		v.overflowing = true
 		v.ovWrites, v.ovBytes = 0, 0
 		v.stats.Overflows++
-		v.log.Warn("mirror queue full: writes go to the dirty map and the hub resyncs them",
-			"queue_bytes", a.queueBytes, "queue_size", a.cfg.QueueBytes, "volume_backlog_bytes", v.pendB, "volume_share", share)
+		v.log.Warn("mirror queue full and the hub made no room: writes go to the dirty map and the hub resyncs them",
+			"queue_bytes", a.queueBytes, "queue_size", a.cfg.QueueBytes, "volume_backlog_bytes", v.pendB, "volume_share", share,
+			"room_wait", a.cfg.RoomWait)
 	}
 	v.ovWrites++
 	v.ovBytes += uint64(sectors) * wire.SectorSize
