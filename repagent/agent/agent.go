@@ -155,8 +155,12 @@ type Agent struct {
 	session uint64
 	uuid    [16]byte
 
-	mu         sync.Mutex
-	cond       *sync.Cond // queue, acknowledgements, connection state
+	mu   sync.Mutex
+	cond *sync.Cond // queue, acknowledgements, connection state
+	// sendCond is where the sender sleeps (senderIdle counts it): a
+	// write wakes only the sender, never the writers waiting on cond.
+	sendCond   *sync.Cond
+	senderIdle int
 	vols       map[string]*agentVolume
 	order      []string                // attach order, for reports
 	nProtect   int64                   // attached volumes with Protect: the queue's shares
@@ -496,6 +500,7 @@ func New(cfg Config) (*Agent, error) {
 		vols: map[string]*agentVolume{}, byID: map[uint64]*agentVolume{}, nextSeq: 1,
 		hubs: cfg.Hubs, tls: cfg.TLS}
 	a.cond = sync.NewCond(&a.mu)
+	a.sendCond = sync.NewCond(&a.mu)
 	a.holdTimer = time.AfterFunc(time.Hour, a.holdExpired)
 	a.holdTimer.Stop()
 	a.bufs.limit = cfg.QueueBytes
@@ -578,7 +583,7 @@ func (a *Agent) Attach(name string, dev Device, o VolumeOptions) (Device, error)
 	v.cancel = dev.OnResize(func(_, _ uint64) {
 		a.mu.Lock()
 		a.reported = false
-		a.cond.Broadcast()
+		a.broadcast()
 		a.mu.Unlock()
 	})
 	a.vols[name] = v
@@ -592,7 +597,7 @@ func (a *Agent) Attach(name string, dev Device, o VolumeOptions) (Device, error)
 		// so (after it has copied the volume).
 		a.consistent = false
 	}
-	a.cond.Broadcast()
+	a.broadcast()
 	return v, nil
 }
 
@@ -625,7 +630,7 @@ func (a *Agent) Detach(name string) {
 		v.cancel()
 	}
 	a.reported = false
-	a.cond.Broadcast()
+	a.broadcast()
 }
 
 // Status returns a snapshot of the agent and its volumes.
@@ -780,7 +785,7 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 			}
 			if !a.urgent {
 				a.urgent = true // the guest waits: what is queued goes now
-				a.cond.Broadcast()
+				a.wakeSender()
 			}
 			a.waitUntil(roomBy)
 			if !a.canMirror(v) || a.stopped {
@@ -797,7 +802,7 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 		v.stats.Paced++
 		if !a.urgent {
 			a.urgent = true
-			a.cond.Broadcast()
+			a.wakeSender()
 		}
 		a.cond.Wait()
 		if !a.canMirror(v) || a.stopped {
@@ -837,7 +842,7 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 		if !a.urgent {
 			// The guest waits for the hub: what is queued goes now.
 			a.urgent = true
-			a.cond.Broadcast()
+			a.wakeSender()
 		}
 		v.stats.Paced++
 		v.hw = hw
@@ -860,7 +865,7 @@ func (a *Agent) waitUntil(t time.Time) {
 	}
 	tm := time.AfterFunc(d, func() {
 		a.mu.Lock()
-		a.cond.Broadcast()
+		a.broadcast()
 		a.mu.Unlock()
 	})
 	a.cond.Wait()
@@ -906,7 +911,7 @@ func (a *Agent) overflow(v *agentVolume, sector, sectors uint64, bytes, share in
 		return
 	}
 	a.dmWanted = true
-	a.cond.Broadcast()
+	a.broadcast()
 }
 
 // behindAway reports whether a volume whose hub is away is past its
@@ -1043,7 +1048,7 @@ func (a *Agent) sendReady(now time.Time) bool {
 // it reports whether the queue is ready. a.mu held.
 func (a *Agent) kickSender(now time.Time) bool {
 	if a.sendReady(now) {
-		a.cond.Broadcast()
+		a.wakeSender()
 		return true
 	}
 	if len(a.queue) > 0 && !a.holdArmed {
@@ -1053,11 +1058,25 @@ func (a *Agent) kickSender(now time.Time) bool {
 	return false
 }
 
+// broadcast wakes everything waiting on a.mu's conditions but the paced
+// writers (v.room); a.mu held.
+func (a *Agent) broadcast() {
+	a.cond.Broadcast()
+	a.wakeSender()
+}
+
+// wakeSender wakes the sender if it sleeps; a.mu held.
+func (a *Agent) wakeSender() {
+	if a.senderIdle > 0 {
+		a.sendCond.Broadcast()
+	}
+}
+
 // holdExpired wakes the sender when a held batch is maxHold old.
 func (a *Agent) holdExpired() {
 	a.mu.Lock()
 	a.holdArmed = false
-	a.cond.Broadcast()
+	a.wakeSender()
 	a.mu.Unlock()
 }
 
@@ -1146,7 +1165,7 @@ func (a *Agent) ack(seq uint64) {
 			v.log.Info("backlog under the fall-behind threshold: mirroring asynchronously")
 		}
 	}
-	a.cond.Broadcast()
+	a.broadcast()
 }
 
 // release accounts for an item leaving the pending list; a.mu held.
@@ -1201,7 +1220,7 @@ func (a *Agent) disconnected() {
 	a.queueBytes = 0
 	a.byID = map[uint64]*agentVolume{}
 	a.reported = false
-	a.cond.Broadcast()
+	a.broadcast()
 }
 
 // queueDirtyMap moves v's dirty bitmap into a DIRTY_MAP frame; a.mu held.
@@ -1241,7 +1260,7 @@ func (a *Agent) queueDirtyMap(v *agentVolume, initial bool) {
 			it.alFull, v.alFull = v.alFull, false
 		}
 	}
-	a.cond.Broadcast()
+	a.broadcast()
 }
 
 // ErrNotMirrored is returned by MirrorWrite and Sync when the hub does not
@@ -1294,7 +1313,7 @@ func (a *Agent) MirrorWrite(name string, op mapper.Op, sector, sectors uint64, d
 	}
 	a.queueWrite(v, op, sector, sectors, data, false, nil, time.Now())
 	v.stats.Mirrored++
-	a.cond.Broadcast()
+	a.broadcast()
 	return nil
 }
 
@@ -1310,7 +1329,7 @@ func (a *Agent) Sync() error {
 	target, conn := a.nextSeq-1, a.conn
 	if len(a.queue) > 0 && !a.urgent {
 		a.urgent = true // waited for: no batching delay
-		a.cond.Broadcast()
+		a.broadcast()
 	}
 	for !a.lost && a.acked < target && a.conn == conn && conn != nil {
 		a.cond.Wait()
@@ -1367,10 +1386,10 @@ func (a *Agent) Checkpoint(ctx context.Context, name string) error {
 		a.ckpts = map[uint64]bool{}
 	}
 	a.ckpts[it.seq] = false
-	a.cond.Broadcast()
+	a.broadcast()
 	stop := context.AfterFunc(ctx, func() {
 		a.mu.Lock()
-		a.cond.Broadcast()
+		a.broadcast()
 		a.mu.Unlock()
 	})
 	defer stop()
@@ -1400,7 +1419,7 @@ func (a *Agent) queueGroupState() {
 	it.msg = &wire.GroupState{Seq: it.seq, Consistent: a.consistent && !a.lost}
 	a.nextSeq++
 	a.enqueue(it, true)
-	a.cond.Broadcast()
+	a.broadcast()
 }
 
 // Run connects to the hub and keeps reconnecting with backoff until ctx is
@@ -1488,7 +1507,7 @@ func (c *agentConn) shut() {
 		c.nc.Close()
 		a := c.a
 		a.mu.Lock()
-		a.cond.Broadcast()
+		a.broadcast()
 		for _, v := range a.vols {
 			v.room.Broadcast() // paced writers stop waiting
 		}
@@ -1670,7 +1689,7 @@ func (c *agentConn) readLoop() error {
 			_, waiting := a.ckpts[m.Seq]
 			if ok && waiting {
 				a.ckpts[m.Seq] = true
-				a.cond.Broadcast()
+				a.broadcast()
 			}
 			a.mu.Unlock()
 			if !ok {
@@ -1788,7 +1807,10 @@ func (c *agentConn) remoteIO(m *wire.RemoteIOReq) error {
 			// volume is mirrored like any other.
 			err = v.Submit(&mapper.Request{Op: mapper.OpWrite, Sector: m.Sector, Sectors: uint64(m.Sectors), Data: [][]byte{data}})
 		} else {
-			data = make([]byte, int(m.Sectors)*wire.SectorSize)
+			// A pooled buffer: a resync reads megabytes; send writes
+			// it out before returning, so it goes back to the pool.
+			data = a.getBuf(int(m.Sectors) * wire.SectorSize)
+			defer a.putBufs([][]byte{data})
 			err = v.dev.Submit(&mapper.Request{Op: mapper.OpRead, Sector: m.Sector, Sectors: uint64(m.Sectors), Data: [][]byte{data}})
 			if err == nil {
 				if allZero(data) {
@@ -1848,7 +1870,9 @@ func (c *agentConn) sendLoop() {
 			if a.kickSender(time.Now()) {
 				break
 			}
-			a.cond.Wait()
+			a.senderIdle++
+			a.sendCond.Wait()
+			a.senderIdle--
 		}
 		if a.conn != c {
 			a.mu.Unlock()
@@ -2061,7 +2085,7 @@ func (a *Agent) Close() error {
 	deadline := time.Now().Add(a.cfg.DrainTimeout)
 	timer := time.AfterFunc(a.cfg.DrainTimeout, func() {
 		a.mu.Lock()
-		a.cond.Broadcast()
+		a.broadcast()
 		a.mu.Unlock()
 	})
 	defer timer.Stop()
@@ -2076,7 +2100,7 @@ func (a *Agent) Close() error {
 		}
 		if len(a.queue) > 0 {
 			a.urgent = true // draining: no batching delay
-			a.cond.Broadcast()
+			a.broadcast()
 		}
 		for a.conn == c && time.Now().Before(deadline) && !a.drainedLocked() {
 			a.cond.Wait()
@@ -2136,7 +2160,7 @@ func (a *Agent) drainedLocked() bool {
 func (a *Agent) Abort() {
 	a.mu.Lock()
 	a.stopped = true
-	a.cond.Broadcast()
+	a.broadcast()
 	for _, v := range a.vols {
 		v.room.Broadcast()
 	}
