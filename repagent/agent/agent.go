@@ -161,6 +161,7 @@ type Agent struct {
 	// write wakes only the sender, never the writers waiting on cond.
 	sendCond   *sync.Cond
 	senderIdle int
+	lastQueued time.Time // when the last guest write was queued
 	vols       map[string]*agentVolume
 	order      []string                // attach order, for reports
 	nProtect   int64                   // attached volumes with Protect: the queue's shares
@@ -225,13 +226,25 @@ type Agent struct {
 // for reuse, up to limit bytes of free buffers: unlike a sync.Pool it is
 // not emptied by the garbage collector, so the steady state allocates
 // nothing and the buffers' memory stays mapped (on some hypervisors the
-// first touch of fresh memory costs more than the copy itself).
+// first touch of fresh memory costs more than the copy itself). It is
+// split into shards, each with its own lock, taken in turn: the guest's
+// writers (many at once) and the sender do not queue on one lock.
 type bufPool struct {
-	mu    sync.Mutex
-	free  [maxPoolClass + 1][][]byte
-	bytes int64
-	limit int64
+	shards [poolShards]poolShard
+	next   atomic.Uint32 // the shard tried first, round robin
+	bytes  atomic.Int64  // free bytes in all shards
+	limit  int64
 }
+
+// poolShard is one shard of a bufPool.
+type poolShard struct {
+	mu   sync.Mutex
+	free [maxPoolClass + 1][][]byte
+	_    [64]byte // a cache line of its own
+}
+
+// poolShards is the number of shards of a bufPool.
+const poolShards = 8
 
 // maxPoolClass is the largest pooled buffer, 2^maxPoolClass bytes.
 const maxPoolClass = 22
@@ -282,16 +295,22 @@ func (a *Agent) getBuf(n int) []byte {
 		return make([]byte, n)
 	}
 	p := &a.bufs
-	p.mu.Lock()
-	if k := len(p.free[c]); k > 0 {
-		b := p.free[c][k-1]
-		p.free[c][k-1] = nil
-		p.free[c] = p.free[c][:k-1]
-		p.bytes -= int64(cap(b))
-		p.mu.Unlock()
-		return b[:n]
+	if p.bytes.Load() > 0 {
+		first := p.next.Add(1)
+		for i := range uint32(poolShards) {
+			sh := &p.shards[(first+i)%poolShards]
+			sh.mu.Lock()
+			if k := len(sh.free[c]); k > 0 {
+				b := sh.free[c][k-1]
+				sh.free[c][k-1] = nil
+				sh.free[c] = sh.free[c][:k-1]
+				sh.mu.Unlock()
+				p.bytes.Add(-int64(cap(b)))
+				return b[:n]
+			}
+			sh.mu.Unlock()
+		}
 	}
-	p.mu.Unlock()
 	return make([]byte, n, 1<<c)
 }
 
@@ -301,18 +320,20 @@ func (a *Agent) putBufs(bs [][]byte) {
 		return
 	}
 	p := &a.bufs
-	p.mu.Lock()
+	sh := &p.shards[p.next.Add(1)%poolShards]
+	sh.mu.Lock()
 	for _, b := range bs {
 		c := bits.Len(uint(max(cap(b), 1) - 1))
 		if c > maxPoolClass || cap(b) != 1<<c {
 			continue
 		}
-		if p.bytes+int64(cap(b)) <= max(p.limit, 1<<c) {
-			p.free[c] = append(p.free[c], b[:0])
-			p.bytes += int64(cap(b))
+		if p.bytes.Add(int64(cap(b))) <= max(p.limit, 1<<c) {
+			sh.free[c] = append(sh.free[c], b[:0])
+		} else {
+			p.bytes.Add(-int64(cap(b)))
 		}
 	}
-	p.mu.Unlock()
+	sh.mu.Unlock()
 }
 
 // qitem is a queued frame: a mirrored write or a dirty map.
@@ -735,9 +756,11 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 			data = append(data, b...)
 		}
 	}
+	pre := time.Now() // read before a.mu: the clock is slow on some hypervisors
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	bytes := int64(len(data))
+	waited := false
 	for !a.canMirror(v) {
 		now := time.Now()
 		// A connection closing (a.conn still set) is not waited for:
@@ -759,6 +782,7 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 				"dirty_bytes", v.dirtyBytes(), "dirty_age", v.dirtyAge(now))
 		}
 		v.stats.Suspended++
+		waited = true
 		a.cond.Wait()
 		if a.canMirror(v) {
 			v.sync = true // past the threshold: the held write waits for the hub's ack
@@ -787,6 +811,7 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 				a.urgent = true // the guest waits: what is queued goes now
 				a.wakeSender()
 			}
+			waited = true
 			a.waitUntil(roomBy)
 			if !a.canMirror(v) || a.stopped {
 				v.markDirty(r.Sector, r.Sectors, "writes while the hub was away")
@@ -804,6 +829,7 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 			a.urgent = true
 			a.wakeSender()
 		}
+		waited = true
 		a.cond.Wait()
 		if !a.canMirror(v) || a.stopped {
 			v.markDirty(r.Sector, r.Sectors, "writes while the hub was away")
@@ -814,7 +840,17 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 		v.overflowing = false
 		v.log.Warn("mirror queue has room again: writes are mirrored", "dirtied_writes", v.ovWrites, "dirtied_bytes", v.ovBytes)
 	}
-	now := time.Now()
+	now := pre
+	if waited {
+		now = time.Now()
+	}
+	// Queued writes stay in time order (the oldest is the first, for
+	// the RPO): a writer that read the clock earlier but took a.mu later
+	// is stamped with the time of the write queued before it.
+	if now.Before(a.lastQueued) {
+		now = a.lastQueued
+	}
+	a.lastQueued = now
 	last := a.queueWrite(v, r.Op, r.Sector, r.Sectors, data, true, ioErr, now)
 	v.stats.Mirrored++
 	if !v.sync && v.behind(now) {
@@ -1896,21 +1932,14 @@ func (c *agentConn) sendLoop() {
 		items := a.queue
 		a.queue, c.spare = c.spare[:0], nil
 		a.queuedB, a.urgent = 0, false
+		last := a.sentSeq
 		for i := len(items) - 1; i >= 0; i-- {
 			if items[i].seq != 0 { // a CSUM_RES has none
-				a.sentSeq = items[i].seq
+				last = items[i].seq
 				break
 			}
 		}
-		// The batch is encoded under a.mu: its items may be
-		// acknowledged, and their ring slots reused, as soon as their
-		// frames are on the socket. The sender owns their data buffers
-		// from here.
-		var msgs []wire.Message
-		if report != nil {
-			msgs = []wire.Message{report}
-		}
-		c.encode(msgs, items)
+		// The sender owns the batch's data buffers from here.
 		pooled := c.pooled[:0]
 		for _, it := range items {
 			if it.buf != nil {
@@ -1918,7 +1947,22 @@ func (c *agentConn) sendLoop() {
 				it.buf = nil
 			}
 		}
+		a.mu.Unlock()
+
+		// The batch is encoded without a.mu, so the guest's writes do
+		// not wait for it. Nothing changes its items meanwhile: they
+		// are off the queue, the hub may acknowledge (and so free the
+		// ring slots of) only frames up to sentSeq, which moves past
+		// them only once they are encoded, and they are released on a
+		// disconnect only once this goroutine has ended.
+		var msgs []wire.Message
+		if report != nil {
+			msgs = []wire.Message{report}
+		}
+		c.encode(msgs, items)
 		clear(items)
+		a.mu.Lock()
+		a.sentSeq = max(a.sentSeq, last)
 		a.mu.Unlock()
 
 		err := c.writeBatch()
