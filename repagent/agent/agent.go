@@ -52,7 +52,8 @@ type Config struct {
 	TLS      *tls.Config
 	Insecure bool
 	// QueueBytes bounds the mirrored data not yet acknowledged by the hub;
-	// past it writes are recorded in the dirty bitmap. Default 64 MiB.
+	// past it writes wait for the hub to make room (RoomWait), and are
+	// recorded in the dirty bitmap only if it does not. Default 64 MiB.
 	QueueBytes int64
 	// RegionSectors is the dirty bitmap's granularity, a power of two from
 	// 8 to 1<<21. Default DefaultRegionSectors.
@@ -63,6 +64,13 @@ type Config struct {
 	// MinBackoff and MaxBackoff bound the delay between connection
 	// attempts, doubling from one to the other. Defaults 100 ms and 10 s.
 	MinBackoff, MaxBackoff time.Duration
+	// RoomWait bounds how long a write that finds the queue (or its
+	// volume's share of it) full waits for the connected hub to make
+	// room before it goes to the dirty bitmap instead, for a resync to
+	// re-read. Default wire.PeerTimeout(Heartbeat), the silence after
+	// which the hub is taken as gone: the dirty bitmap holds writes only
+	// while the hub is away or stalled.
+	RoomWait time.Duration
 	// PaceAge is the backlog age past which the completions of a
 	// volume's writes wait for the hub (pacing), as past three quarters
 	// of its share of the queue. Default 500 ms.
@@ -132,8 +140,10 @@ const (
 // A volume is wrapped with Attach before it is exported; the wrapper's
 // Submit performs the local I/O, then queues a copy of written data
 // (asynchronous mirroring: the guest's write completes with the local
-// one). When the queue is full or the hub away, the written regions go
-// into the volume's dirty bitmap instead and reach the hub as DIRTY_MAP.
+// one). When the queue is full the write waits for the hub to make room;
+// while the hub is away (or makes no room for Config.RoomWait), the
+// written regions go into the volume's dirty bitmap instead and reach the
+// hub as DIRTY_MAP.
 // Past the volume's fall-behind threshold, writes complete only once the
 // hub has acknowledged them.
 //
@@ -145,8 +155,13 @@ type Agent struct {
 	session uint64
 	uuid    [16]byte
 
-	mu         sync.Mutex
-	cond       *sync.Cond // queue, acknowledgements, connection state
+	mu   sync.Mutex
+	cond *sync.Cond // queue, acknowledgements, connection state
+	// sendCond is where the sender sleeps (senderIdle counts it): a
+	// write wakes only the sender, never the writers waiting on cond.
+	sendCond   *sync.Cond
+	senderIdle int
+	lastQueued time.Time // when the last guest write was queued
 	vols       map[string]*agentVolume
 	order      []string                // attach order, for reports
 	nProtect   int64                   // attached volumes with Protect: the queue's shares
@@ -211,13 +226,25 @@ type Agent struct {
 // for reuse, up to limit bytes of free buffers: unlike a sync.Pool it is
 // not emptied by the garbage collector, so the steady state allocates
 // nothing and the buffers' memory stays mapped (on some hypervisors the
-// first touch of fresh memory costs more than the copy itself).
+// first touch of fresh memory costs more than the copy itself). It is
+// split into shards, each with its own lock, taken in turn: the guest's
+// writers (many at once) and the sender do not queue on one lock.
 type bufPool struct {
-	mu    sync.Mutex
-	free  [maxPoolClass + 1][][]byte
-	bytes int64
-	limit int64
+	shards [poolShards]poolShard
+	next   atomic.Uint32 // the shard tried first, round robin
+	bytes  atomic.Int64  // free bytes in all shards
+	limit  int64
 }
+
+// poolShard is one shard of a bufPool.
+type poolShard struct {
+	mu   sync.Mutex
+	free [maxPoolClass + 1][][]byte
+	_    [64]byte // a cache line of its own
+}
+
+// poolShards is the number of shards of a bufPool.
+const poolShards = 8
 
 // maxPoolClass is the largest pooled buffer, 2^maxPoolClass bytes.
 const maxPoolClass = 22
@@ -268,16 +295,22 @@ func (a *Agent) getBuf(n int) []byte {
 		return make([]byte, n)
 	}
 	p := &a.bufs
-	p.mu.Lock()
-	if k := len(p.free[c]); k > 0 {
-		b := p.free[c][k-1]
-		p.free[c][k-1] = nil
-		p.free[c] = p.free[c][:k-1]
-		p.bytes -= int64(cap(b))
-		p.mu.Unlock()
-		return b[:n]
+	if p.bytes.Load() > 0 {
+		first := p.next.Add(1)
+		for i := range uint32(poolShards) {
+			sh := &p.shards[(first+i)%poolShards]
+			sh.mu.Lock()
+			if k := len(sh.free[c]); k > 0 {
+				b := sh.free[c][k-1]
+				sh.free[c][k-1] = nil
+				sh.free[c] = sh.free[c][:k-1]
+				sh.mu.Unlock()
+				p.bytes.Add(-int64(cap(b)))
+				return b[:n]
+			}
+			sh.mu.Unlock()
+		}
 	}
-	p.mu.Unlock()
 	return make([]byte, n, 1<<c)
 }
 
@@ -287,18 +320,20 @@ func (a *Agent) putBufs(bs [][]byte) {
 		return
 	}
 	p := &a.bufs
-	p.mu.Lock()
+	sh := &p.shards[p.next.Add(1)%poolShards]
+	sh.mu.Lock()
 	for _, b := range bs {
 		c := bits.Len(uint(max(cap(b), 1) - 1))
 		if c > maxPoolClass || cap(b) != 1<<c {
 			continue
 		}
-		if p.bytes+int64(cap(b)) <= max(p.limit, 1<<c) {
-			p.free[c] = append(p.free[c], b[:0])
-			p.bytes += int64(cap(b))
+		if p.bytes.Add(int64(cap(b))) <= max(p.limit, 1<<c) {
+			sh.free[c] = append(sh.free[c], b[:0])
+		} else {
+			p.bytes.Add(-int64(cap(b)))
 		}
 	}
-	p.mu.Unlock()
+	sh.mu.Unlock()
 }
 
 // qitem is a queued frame: a mirrored write or a dirty map.
@@ -467,6 +502,9 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.MaxBackoff < cfg.MinBackoff {
 		cfg.MaxBackoff = max(10*time.Second, cfg.MinBackoff)
 	}
+	if cfg.RoomWait <= 0 {
+		cfg.RoomWait = wire.PeerTimeout(cfg.Heartbeat)
+	}
 	if cfg.PaceAge <= 0 {
 		cfg.PaceAge = 500 * time.Millisecond
 	}
@@ -483,6 +521,7 @@ func New(cfg Config) (*Agent, error) {
 		vols: map[string]*agentVolume{}, byID: map[uint64]*agentVolume{}, nextSeq: 1,
 		hubs: cfg.Hubs, tls: cfg.TLS}
 	a.cond = sync.NewCond(&a.mu)
+	a.sendCond = sync.NewCond(&a.mu)
 	a.holdTimer = time.AfterFunc(time.Hour, a.holdExpired)
 	a.holdTimer.Stop()
 	a.bufs.limit = cfg.QueueBytes
@@ -565,7 +604,7 @@ func (a *Agent) Attach(name string, dev Device, o VolumeOptions) (Device, error)
 	v.cancel = dev.OnResize(func(_, _ uint64) {
 		a.mu.Lock()
 		a.reported = false
-		a.cond.Broadcast()
+		a.broadcast()
 		a.mu.Unlock()
 	})
 	a.vols[name] = v
@@ -579,7 +618,7 @@ func (a *Agent) Attach(name string, dev Device, o VolumeOptions) (Device, error)
 		// so (after it has copied the volume).
 		a.consistent = false
 	}
-	a.cond.Broadcast()
+	a.broadcast()
 	return v, nil
 }
 
@@ -612,7 +651,7 @@ func (a *Agent) Detach(name string) {
 		v.cancel()
 	}
 	a.reported = false
-	a.cond.Broadcast()
+	a.broadcast()
 }
 
 // Status returns a snapshot of the agent and its volumes.
@@ -717,9 +756,11 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 			data = append(data, b...)
 		}
 	}
+	pre := time.Now() // read before a.mu: the clock is slow on some hypervisors
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	bytes := int64(len(data))
+	waited := false
 	for !a.canMirror(v) {
 		now := time.Now()
 		// A connection closing (a.conn still set) is not waited for:
@@ -741,20 +782,38 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 				"dirty_bytes", v.dirtyBytes(), "dirty_age", v.dirtyAge(now))
 		}
 		v.stats.Suspended++
+		waited = true
 		a.cond.Wait()
 		if a.canMirror(v) {
 			v.sync = true // past the threshold: the held write waits for the hub's ack
 		}
 	}
 	share := a.share()
+	var roomBy time.Time // when a write waiting for room gives up
 	for {
 		for a.queueBytes > 0 && (a.queueBytes+bytes > a.cfg.QueueBytes || v.pendB+bytes > share) {
-			if !v.sync {
+			// The queue (or the volume's share) is full while the hub
+			// is connected: the write waits for the hub to make room
+			// (pacing), up to RoomWait; only a hub that makes no room
+			// for that long (or goes away) sends it to the dirty map,
+			// to be re-read by a resync. Synchronous writes wait as
+			// long as the hub is connected.
+			now := time.Now()
+			if roomBy.IsZero() {
+				roomBy = now.Add(a.cfg.RoomWait)
+				v.stats.Paced++
+			}
+			if !v.sync && !now.Before(roomBy) {
 				a.overflow(v, r.Sector, r.Sectors, bytes, share)
 				return 0, true, nil
 			}
-			a.cond.Wait() // synchronous: wait for room
-			if !a.canMirror(v) {
+			if !a.urgent {
+				a.urgent = true // the guest waits: what is queued goes now
+				a.wakeSender()
+			}
+			waited = true
+			a.waitUntil(roomBy)
+			if !a.canMirror(v) || a.stopped {
 				v.markDirty(r.Sector, r.Sectors, "writes while the hub was away")
 				return 0, true, nil
 			}
@@ -768,8 +827,9 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 		v.stats.Paced++
 		if !a.urgent {
 			a.urgent = true
-			a.cond.Broadcast()
+			a.wakeSender()
 		}
+		waited = true
 		a.cond.Wait()
 		if !a.canMirror(v) || a.stopped {
 			v.markDirty(r.Sector, r.Sectors, "writes while the hub was away")
@@ -780,7 +840,17 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 		v.overflowing = false
 		v.log.Warn("mirror queue has room again: writes are mirrored", "dirtied_writes", v.ovWrites, "dirtied_bytes", v.ovBytes)
 	}
-	now := time.Now()
+	now := pre
+	if waited {
+		now = time.Now()
+	}
+	// Queued writes stay in time order (the oldest is the first, for
+	// the RPO): a writer that read the clock earlier but took a.mu later
+	// is stamped with the time of the write queued before it.
+	if now.Before(a.lastQueued) {
+		now = a.lastQueued
+	}
+	a.lastQueued = now
 	last := a.queueWrite(v, r.Op, r.Sector, r.Sectors, data, true, ioErr, now)
 	v.stats.Mirrored++
 	if !v.sync && v.behind(now) {
@@ -808,7 +878,7 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 		if !a.urgent {
 			// The guest waits for the hub: what is queued goes now.
 			a.urgent = true
-			a.cond.Broadcast()
+			a.wakeSender()
 		}
 		v.stats.Paced++
 		v.hw = hw
@@ -819,6 +889,23 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 		v.paced--
 	}
 	return last.seq, false, nil
+}
+
+// waitUntil waits on a.cond, at most until t (for a synchronous write,
+// whose t has passed, until woken); a.mu held.
+func (a *Agent) waitUntil(t time.Time) {
+	d := time.Until(t)
+	if d <= 0 {
+		a.cond.Wait()
+		return
+	}
+	tm := time.AfterFunc(d, func() {
+		a.mu.Lock()
+		a.broadcast()
+		a.mu.Unlock()
+	})
+	a.cond.Wait()
+	tm.Stop()
 }
 
 // tooOld reports whether v's oldest unacknowledged write is older than
@@ -835,15 +922,16 @@ func (a *Agent) share() int64 {
 }
 
 // overflow records a write that found the queue (or the volume's share)
-// full in the dirty bitmap, and has a DIRTY_MAP sent at once, so that the
+// full, and the hub making no room for RoomWait, in the dirty bitmap, and has a DIRTY_MAP sent at once, so that the
 // hub knows before it could call the volume protected; a.mu held.
 func (a *Agent) overflow(v *agentVolume, sector, sectors uint64, bytes, share int64) {
 	if !v.overflowing {
 		v.overflowing = true
 		v.ovWrites, v.ovBytes = 0, 0
 		v.stats.Overflows++
-		v.log.Warn("mirror queue full: writes go to the dirty map and the hub resyncs them",
-			"queue_bytes", a.queueBytes, "queue_size", a.cfg.QueueBytes, "volume_backlog_bytes", v.pendB, "volume_share", share)
+		v.log.Warn("mirror queue full and the hub made no room: writes go to the dirty map and the hub resyncs them",
+			"queue_bytes", a.queueBytes, "queue_size", a.cfg.QueueBytes, "volume_backlog_bytes", v.pendB, "volume_share", share,
+			"room_wait", a.cfg.RoomWait)
 	}
 	v.ovWrites++
 	v.ovBytes += uint64(sectors) * wire.SectorSize
@@ -859,7 +947,7 @@ func (a *Agent) overflow(v *agentVolume, sector, sectors uint64, bytes, share in
 		return
 	}
 	a.dmWanted = true
-	a.cond.Broadcast()
+	a.broadcast()
 }
 
 // behindAway reports whether a volume whose hub is away is past its
@@ -996,7 +1084,7 @@ func (a *Agent) sendReady(now time.Time) bool {
 // it reports whether the queue is ready. a.mu held.
 func (a *Agent) kickSender(now time.Time) bool {
 	if a.sendReady(now) {
-		a.cond.Broadcast()
+		a.wakeSender()
 		return true
 	}
 	if len(a.queue) > 0 && !a.holdArmed {
@@ -1006,11 +1094,25 @@ func (a *Agent) kickSender(now time.Time) bool {
 	return false
 }
 
+// broadcast wakes everything waiting on a.mu's conditions but the paced
+// writers (v.room); a.mu held.
+func (a *Agent) broadcast() {
+	a.cond.Broadcast()
+	a.wakeSender()
+}
+
+// wakeSender wakes the sender if it sleeps; a.mu held.
+func (a *Agent) wakeSender() {
+	if a.senderIdle > 0 {
+		a.sendCond.Broadcast()
+	}
+}
+
 // holdExpired wakes the sender when a held batch is maxHold old.
 func (a *Agent) holdExpired() {
 	a.mu.Lock()
 	a.holdArmed = false
-	a.cond.Broadcast()
+	a.wakeSender()
 	a.mu.Unlock()
 }
 
@@ -1099,7 +1201,7 @@ func (a *Agent) ack(seq uint64) {
 			v.log.Info("backlog under the fall-behind threshold: mirroring asynchronously")
 		}
 	}
-	a.cond.Broadcast()
+	a.broadcast()
 }
 
 // release accounts for an item leaving the pending list; a.mu held.
@@ -1154,7 +1256,7 @@ func (a *Agent) disconnected() {
 	a.queueBytes = 0
 	a.byID = map[uint64]*agentVolume{}
 	a.reported = false
-	a.cond.Broadcast()
+	a.broadcast()
 }
 
 // queueDirtyMap moves v's dirty bitmap into a DIRTY_MAP frame; a.mu held.
@@ -1194,7 +1296,7 @@ func (a *Agent) queueDirtyMap(v *agentVolume, initial bool) {
 			it.alFull, v.alFull = v.alFull, false
 		}
 	}
-	a.cond.Broadcast()
+	a.broadcast()
 }
 
 // ErrNotMirrored is returned by MirrorWrite and Sync when the hub does not
@@ -1247,7 +1349,7 @@ func (a *Agent) MirrorWrite(name string, op mapper.Op, sector, sectors uint64, d
 	}
 	a.queueWrite(v, op, sector, sectors, data, false, nil, time.Now())
 	v.stats.Mirrored++
-	a.cond.Broadcast()
+	a.broadcast()
 	return nil
 }
 
@@ -1263,7 +1365,7 @@ func (a *Agent) Sync() error {
 	target, conn := a.nextSeq-1, a.conn
 	if len(a.queue) > 0 && !a.urgent {
 		a.urgent = true // waited for: no batching delay
-		a.cond.Broadcast()
+		a.broadcast()
 	}
 	for !a.lost && a.acked < target && a.conn == conn && conn != nil {
 		a.cond.Wait()
@@ -1320,10 +1422,10 @@ func (a *Agent) Checkpoint(ctx context.Context, name string) error {
 		a.ckpts = map[uint64]bool{}
 	}
 	a.ckpts[it.seq] = false
-	a.cond.Broadcast()
+	a.broadcast()
 	stop := context.AfterFunc(ctx, func() {
 		a.mu.Lock()
-		a.cond.Broadcast()
+		a.broadcast()
 		a.mu.Unlock()
 	})
 	defer stop()
@@ -1353,7 +1455,7 @@ func (a *Agent) queueGroupState() {
 	it.msg = &wire.GroupState{Seq: it.seq, Consistent: a.consistent && !a.lost}
 	a.nextSeq++
 	a.enqueue(it, true)
-	a.cond.Broadcast()
+	a.broadcast()
 }
 
 // Run connects to the hub and keeps reconnecting with backoff until ctx is
@@ -1441,7 +1543,7 @@ func (c *agentConn) shut() {
 		c.nc.Close()
 		a := c.a
 		a.mu.Lock()
-		a.cond.Broadcast()
+		a.broadcast()
 		for _, v := range a.vols {
 			v.room.Broadcast() // paced writers stop waiting
 		}
@@ -1623,7 +1725,7 @@ func (c *agentConn) readLoop() error {
 			_, waiting := a.ckpts[m.Seq]
 			if ok && waiting {
 				a.ckpts[m.Seq] = true
-				a.cond.Broadcast()
+				a.broadcast()
 			}
 			a.mu.Unlock()
 			if !ok {
@@ -1741,7 +1843,10 @@ func (c *agentConn) remoteIO(m *wire.RemoteIOReq) error {
 			// volume is mirrored like any other.
 			err = v.Submit(&mapper.Request{Op: mapper.OpWrite, Sector: m.Sector, Sectors: uint64(m.Sectors), Data: [][]byte{data}})
 		} else {
-			data = make([]byte, int(m.Sectors)*wire.SectorSize)
+			// A pooled buffer: a resync reads megabytes; send writes
+			// it out before returning, so it goes back to the pool.
+			data = a.getBuf(int(m.Sectors) * wire.SectorSize)
+			defer a.putBufs([][]byte{data})
 			err = v.dev.Submit(&mapper.Request{Op: mapper.OpRead, Sector: m.Sector, Sectors: uint64(m.Sectors), Data: [][]byte{data}})
 			if err == nil {
 				if allZero(data) {
@@ -1801,7 +1906,9 @@ func (c *agentConn) sendLoop() {
 			if a.kickSender(time.Now()) {
 				break
 			}
-			a.cond.Wait()
+			a.senderIdle++
+			a.sendCond.Wait()
+			a.senderIdle--
 		}
 		if a.conn != c {
 			a.mu.Unlock()
@@ -1825,21 +1932,14 @@ func (c *agentConn) sendLoop() {
 		items := a.queue
 		a.queue, c.spare = c.spare[:0], nil
 		a.queuedB, a.urgent = 0, false
+		last := a.sentSeq
 		for i := len(items) - 1; i >= 0; i-- {
 			if items[i].seq != 0 { // a CSUM_RES has none
-				a.sentSeq = items[i].seq
+				last = items[i].seq
 				break
 			}
 		}
-		// The batch is encoded under a.mu: its items may be
-		// acknowledged, and their ring slots reused, as soon as their
-		// frames are on the socket. The sender owns their data buffers
-		// from here.
-		var msgs []wire.Message
-		if report != nil {
-			msgs = []wire.Message{report}
-		}
-		c.encode(msgs, items)
+		// The sender owns the batch's data buffers from here.
 		pooled := c.pooled[:0]
 		for _, it := range items {
 			if it.buf != nil {
@@ -1847,7 +1947,22 @@ func (c *agentConn) sendLoop() {
 				it.buf = nil
 			}
 		}
+		a.mu.Unlock()
+
+		// The batch is encoded without a.mu, so the guest's writes do
+		// not wait for it. Nothing changes its items meanwhile: they
+		// are off the queue, the hub may acknowledge (and so free the
+		// ring slots of) only frames up to sentSeq, which moves past
+		// them only once they are encoded, and they are released on a
+		// disconnect only once this goroutine has ended.
+		var msgs []wire.Message
+		if report != nil {
+			msgs = []wire.Message{report}
+		}
+		c.encode(msgs, items)
 		clear(items)
+		a.mu.Lock()
+		a.sentSeq = max(a.sentSeq, last)
 		a.mu.Unlock()
 
 		err := c.writeBatch()
@@ -2014,7 +2129,7 @@ func (a *Agent) Close() error {
 	deadline := time.Now().Add(a.cfg.DrainTimeout)
 	timer := time.AfterFunc(a.cfg.DrainTimeout, func() {
 		a.mu.Lock()
-		a.cond.Broadcast()
+		a.broadcast()
 		a.mu.Unlock()
 	})
 	defer timer.Stop()
@@ -2029,7 +2144,7 @@ func (a *Agent) Close() error {
 		}
 		if len(a.queue) > 0 {
 			a.urgent = true // draining: no batching delay
-			a.cond.Broadcast()
+			a.broadcast()
 		}
 		for a.conn == c && time.Now().Before(deadline) && !a.drainedLocked() {
 			a.cond.Wait()
@@ -2089,7 +2204,7 @@ func (a *Agent) drainedLocked() bool {
 func (a *Agent) Abort() {
 	a.mu.Lock()
 	a.stopped = true
-	a.cond.Broadcast()
+	a.broadcast()
 	for _, v := range a.vols {
 		v.room.Broadcast()
 	}

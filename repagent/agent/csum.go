@@ -89,7 +89,7 @@ func (c *agentConn) serveCsum(v *agentVolume, m *wire.CsumReq, res *wire.CsumRes
 	if a.conn == c {
 		// Behind every frame numbered below the point.
 		a.enqueue(&qitem{msg: res, t: time.Now()}, true)
-		a.cond.Broadcast()
+		a.broadcast()
 	}
 	a.mu.Unlock()
 }

@@ -5,9 +5,10 @@
 //
 // [Agent.Attach] wraps a volume's device. Writes to a protected volume
 // complete locally, then a copy is queued (bounded by Config.QueueBytes)
-// toward the hub; when the queue is full or the hub away, the written
-// regions go into the volume's dirty bitmap (64 KiB regions by default)
-// and reach the hub as DIRTY_MAP. Past the volume's [FallBehind]
+// toward the hub; when the queue is full the write waits for the hub to
+// make room. While the hub is away (or makes no room for
+// Config.RoomWait), the written regions go into the volume's dirty bitmap
+// (64 KiB regions by default) and reach the hub as DIRTY_MAP. Past the volume's [FallBehind]
 // threshold writes wait for the hub's WRITE_ACK. Overlapping writes are
 // ordered so that the mirror order is the local order. The hub's
 // REMOTE_IO_REQ reads only protected volumes (and those it may write) and

@@ -14,7 +14,9 @@ import (
 	"github.com/vhostdm/vhostdm/repagent/hub"
 )
 
-// TestOverflowHonesty: a slow hub and a small queue. Sampled every 10 ms,
+// TestOverflowHonesty: a slow hub, a small queue, and writes that wait for
+// room only 1 ms (RoomWait: the hub counts as making no room), so that the
+// queue overflows into the dirty map. Sampled every 10 ms,
 // the hub never says protecting while the agent has held a region unsent
 // (in its dirty bitmap) for longer than unsentBound: an overflow's
 // DIRTY_MAP goes out with the sender's next batch (before the fix it waited
@@ -28,6 +30,7 @@ func TestOverflowHonesty(t *testing.T) {
 	r := reptest.New(t)
 	r.HubCfg.ApplyDelay = 2 * time.Millisecond
 	r.AgentCfg.QueueBytes = 96 << 10 // two writers of up to 64 KiB overflow it, pacing or not
+	r.AgentCfg.RoomWait = time.Millisecond
 	r.StartHub()
 	v := r.AddVolume("d0", 16<<20)
 	r.StartAgent(reptest.ProtectAll(v))
@@ -77,6 +80,59 @@ func TestOverflowHonesty(t *testing.T) {
 	}
 }
 
+// TestFullQueueWaits: the same slow hub and small queue as
+// TestOverflowHonesty, with the default RoomWait. While the hub is
+// connected a write that finds the queue full waits for room (the guest
+// runs at the hub's pace): nothing goes to the dirty map, so nothing is
+// re-read, the hub never says protecting while the agent holds anything
+// it lacks beyond its backlog, the RPO stays under a second, and the replica
+// ends identical.
+func TestFullQueueWaits(t *testing.T) {
+	r := reptest.New(t)
+	r.HubCfg.ApplyDelay = 2 * time.Millisecond
+	r.AgentCfg.QueueBytes = 96 << 10
+	r.StartHub()
+	v := r.AddVolume("d0", 16<<20)
+	r.StartAgent(reptest.ProtectAll(v))
+	r.WaitProtected(30*time.Second, v)
+	remote0 := r.RemoteBytes(v)
+
+	stop := make(chan struct{})
+	wait := r.RunWriters(stop, v)
+	var maxRPO time.Duration
+	var maxB int64
+	for end := time.Now().Add(2 * time.Second); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
+		av := r.Agent.Status().Volumes[0]
+		if av.DirtyRegions > 0 {
+			t.Errorf("%d regions in the dirty map with the hub connected", av.DirtyRegions)
+		}
+		maxRPO = max(maxRPO, av.RPO)
+		maxB = max(maxB, av.BacklogBytes)
+	}
+	close(stop)
+	n := wait()
+	st := r.Agent.Status().Volumes[0].Stats
+	t.Logf("%d writes, %d paced, max backlog %d bytes, max RPO %v", n, st.Paced, maxB, maxRPO)
+	if st.Paced == 0 {
+		t.Errorf("no write waited: the hub kept up, the test did not test anything")
+	}
+	if st.Overflows != 0 || st.Dirtied != 0 || st.ResyncRequests != 0 {
+		t.Errorf("%d overflows, %d writes dirtied, %d resync requests: a full queue should hold the guest while the hub is connected",
+			st.Overflows, st.Dirtied, st.ResyncRequests)
+	}
+	if maxB > r.AgentCfg.QueueBytes {
+		t.Errorf("backlog %d bytes beyond the queue's %d", maxB, r.AgentCfg.QueueBytes)
+	}
+	if maxRPO > time.Second {
+		t.Errorf("RPO reached %v", maxRPO)
+	}
+	r.WaitProtected(60*time.Second, v)
+	if b := r.RemoteBytes(v) - remote0; b != 0 {
+		t.Errorf("the hub re-read %d bytes", b)
+	}
+	r.CheckIdentical(v)
+}
+
 // TestFallBehindBounds: with a slow hub, a size and a timeout threshold
 // bound the backlog (the largest seen), and the volumes end identical.
 func TestFallBehindBounds(t *testing.T) {
@@ -119,10 +175,11 @@ func TestFallBehindBounds(t *testing.T) {
 			if st.SyncEntered == 0 {
 				t.Errorf("the threshold never triggered")
 			}
-			if tc.fb.Bytes > 0 && st.Overflows != 0 {
-				// (An age threshold does not bound bytes: a full
-				// queue still overflows into the dirty map.)
-				t.Errorf("%d overflows: the size threshold should have held the backlog under the queue", st.Overflows)
+			if st.Overflows != 0 || st.Dirtied != 0 {
+				// The size threshold holds the backlog under the
+				// queue; past an age threshold a full queue holds
+				// the guest while the hub is connected.
+				t.Errorf("%d overflows, %d writes dirtied with the hub connected", st.Overflows, st.Dirtied)
 			}
 			// Two writers of at most 64 KiB each may be queued past
 			// the threshold before they wait.
@@ -261,8 +318,11 @@ func TestCreditWindow(t *testing.T) {
 	v := r.AddVolume("d0", 4<<20)
 	r.StartAgent(reptest.ProtectAll(v))
 	r.WaitProtected(30*time.Second, v)
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	// At least 2 s, and until the window has held the guest (on a loaded
+	// machine the one writer may take longer to get ahead of the hub).
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
+	start := time.Now()
 	var writes int
 	done := make(chan struct{})
 	go func() {
@@ -282,7 +342,11 @@ func TestCreditWindow(t *testing.T) {
 	}()
 	var maxIOs int
 	for ctx.Err() == nil {
-		maxIOs = max(maxIOs, r.Agent.Status().Volumes[0].BacklogIOs)
+		av := r.Agent.Status().Volumes[0]
+		maxIOs = max(maxIOs, av.BacklogIOs)
+		if av.Stats.Paced > 0 && time.Since(start) > 2*time.Second {
+			cancel()
+		}
 		time.Sleep(2 * time.Millisecond)
 	}
 	<-done
