@@ -103,6 +103,12 @@ type applier struct {
 		depth int
 		seq   uint64
 		last  Point
+		// waitPos, waitTime: the record at waitPos (the cursor), of
+		// waitTime, was too young to apply at the last pass: until
+		// the cutoff passes it (or MaxBytes forces it), passes need
+		// not read the journal (waitPos -1: no such record).
+		waitPos  int64
+		waitTime time.Time
 	}
 	imgs *imageSet
 }
@@ -118,6 +124,7 @@ func (a *applier) init(j *Journal, st state) {
 	a.cursor.pos = st.Target.Pos
 	a.cursor.seq = st.Target.Seq
 	a.cursor.last = st.Target
+	a.cursor.waitPos = -1
 	vols := map[string]int64{}
 	for _, v := range st.Volumes {
 		vols[v.Name] = v.Size
@@ -236,8 +243,9 @@ func (a *applier) once() (more bool, err error) {
 		need = durable - j.opts.MaxBytes
 	}
 	c := &a.cursor
-	if c.pos < durable {
-		r, err := newReader(j.segments(), c.pos, durable)
+	idle := c.waitPos == c.pos && c.waitTime.After(cutoff) && c.pos >= need
+	if c.pos < durable && !idle {
+		r, err := newReader(j.segments(), c.pos, durable, &j.readers)
 		if err != nil {
 			return false, a.fail(err)
 		}
@@ -251,6 +259,7 @@ func (a *applier) once() (more bool, err error) {
 				return false, a.fail(err)
 			}
 			if rec.Time.After(cutoff) && c.pos >= need || hold >= 0 && end > hold {
+				c.waitPos, c.waitTime = c.pos, rec.Time
 				break
 			}
 			if c.last.Pos > base.Pos && c.pos-base.Pos >= a.passBytes {
@@ -299,7 +308,7 @@ func (a *applier) pass(target Point) error {
 		a.st.Target = target
 		a.mu.Unlock()
 	}
-	r, err := newReader(j.segments(), st.Base.Pos, target.Pos)
+	r, err := newReader(j.segments(), st.Base.Pos, target.Pos, &j.readers)
 	if err != nil {
 		return err
 	}

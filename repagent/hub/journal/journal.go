@@ -147,6 +147,9 @@ type Journal struct {
 	full        []*batch // closed batches waiting for the writer, oldest first
 	spare       [][]byte // written batches' buffers, for reuse
 
+	// readers lends the applier's readers their buffers.
+	readers sync.Pool
+
 	segMu sync.Mutex // guards segs
 	segs  []segment
 
@@ -310,7 +313,7 @@ func (j *Journal) recover() error {
 		}
 		j.wf, j.wfName, j.wfSize, j.wfDrop = f, last.path, size, size
 	}
-	j.cur = newBatch(end, nil)
+	j.cur = newBatch(end, j.takeSpare())
 	if st.Target.Pos > st.Base.Pos {
 		j.log.Warn("journal: redoing an interrupted apply pass", "from", st.Base.Pos, "to", st.Target.Pos)
 		if err := j.applier.pass(st.Target); err != nil {
@@ -324,7 +327,7 @@ func (j *Journal) recover() error {
 // state, and truncates a torn tail of the last segment. It returns the end
 // position and the (possibly shortened) segment list.
 func (j *Journal) scan(segs []segment, base int64) (int64, []segment, error) {
-	r, err := newReader(segs, base, -1)
+	r, err := newReader(segs, base, -1, nil)
 	end := base
 	for err == nil {
 		var rec Record
@@ -508,11 +511,7 @@ func (j *Journal) Submit(recs ...Record) (*Pending, error) {
 	if len(j.cur.buf) >= maxBatchBytes {
 		// Close the batch: one write stays bounded, its buffer reusable.
 		j.full = append(j.full, j.cur)
-		buf := j.takeSpare()
-		if buf == nil {
-			buf = make([]byte, 0, maxBatchBytes+1<<20)
-		}
-		j.cur = newBatch(j.cur.end, buf)
+		j.cur = newBatch(j.cur.end, j.takeSpare())
 	}
 	b := j.cur
 	for i := range recs {
@@ -636,14 +635,23 @@ func (j *Journal) Append(ctx context.Context, recs ...Record) (Point, error) {
 // most (plus one record).
 const maxBatchBytes = 2 << 20
 
-// takeSpare returns a reusable buffer, or nil; under mu.
+// batchCap is the capacity of a batch buffer: a closing batch and one
+// more write of up to 1 MiB fit without growing it.
+const batchCap = maxBatchBytes + 1<<20 + 4<<10
+
+// maxSpares bounds the batch buffers kept for reuse.
+const maxSpares = 4
+
+// takeSpare returns an empty batch buffer, a written batch's when there
+// is one; under mu. Buffers are reused, never grown from nothing: fresh
+// memory costs a page fault per page, more than the copy into it.
 func (j *Journal) takeSpare() []byte {
 	if n := len(j.spare); n > 0 {
 		b := j.spare[n-1]
 		j.spare = j.spare[:n-1]
 		return b
 	}
-	return nil
+	return make([]byte, 0, batchCap)
 }
 
 // writer is the group-commit goroutine: it takes every closed batch and
@@ -706,7 +714,7 @@ func (j *Journal) publish(b *batch, err error) {
 		}
 		j.appends += uint64(b.recs)
 	}
-	if cap(b.buf) <= 2*maxBatchBytes && len(j.spare) < 8 {
+	if cap(b.buf) >= batchCap && cap(b.buf) <= 2*batchCap && len(j.spare) < maxSpares {
 		j.spare = append(j.spare, b.buf[:0])
 	}
 	b.buf = nil
