@@ -181,4 +181,3 @@ func threadCPU() time.Duration {
 	syscall.Getrusage(1 /* RUSAGE_THREAD */, &ru)
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
-
