@@ -733,14 +733,11 @@ func (h *Hub) stop(graceful bool) error {
 // hubConn is one agent connection. Its engine goroutine owns the writer,
 // the volumes' files and the outstanding requests.
 type hubConn struct {
-	h      *Hub
-	nc     net.Conn
-	log    *slog.Logger
-	w      *wire.Writer
-	frames chan []wire.Frame // batches of frames, in order
-	// payloads are large PROTECTED_WRITE payloads given back to the
-	// reader once journaled (the journal copies them).
-	payloads chan []byte
+	h        *Hub
+	nc       net.Conn
+	log      *slog.Logger
+	w        *wire.Writer
+	frames   chan *frameBatch // batches of frames, in order
 	readErr  chan error
 	kick     chan struct{}
 	done     chan struct{}
@@ -820,10 +817,9 @@ type readReq struct {
 
 func newHubConn(h *Hub, nc net.Conn) *hubConn {
 	return &hubConn{h: h, nc: nc, log: h.log.With("peer", nc.RemoteAddr().String()),
-		frames: make(chan []wire.Frame, 64), readErr: make(chan error, 1), kick: make(chan struct{}, 1),
+		frames: make(chan *frameBatch, 64), readErr: make(chan error, 1), kick: make(chan struct{}, 1),
 		done: make(chan struct{}), byID: map[uint64]*hubVolume{}, reqs: map[uint64]*readReq{}, graceful: true,
-		acks: make(chan ackItem, 4096), ackDone: make(chan struct{}),
-		payloads: make(chan []byte, 16)}
+		acks: make(chan ackItem, 4096), ackDone: make(chan struct{})}
 }
 
 func (c *hubConn) shut() {
@@ -873,9 +869,7 @@ func (c *hubConn) serve() {
 		c.nc = tc
 	}
 	// Nothing larger than a HELLO is read before the peer said who it is.
-	r := wire.NewReader(c.nc, wire.MaxHelloPayload)
-	r.KeepPayloads()
-	r.RecyclePayloads(c.payloads)
+	r := newFrameReader(c.nc, wire.MaxHelloPayload, c.done)
 	c.w = wire.NewWriter(c.nc)
 	c.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
 	f, err := r.ReadFrame()
@@ -1178,7 +1172,7 @@ func (c *hubConn) detach(err error) {
 
 // readLoop feeds frames to the engine, in batches of what one read of
 // the socket brought: one hand-off per batch, not per frame.
-func (c *hubConn) readLoop(r *wire.Reader) {
+func (c *hubConn) readLoop(r *frameReader) {
 	for {
 		c.nc.SetReadDeadline(time.Now().Add(wire.PeerTimeout(c.h.cfg.Heartbeat)))
 		f, err := r.ReadFrame()
@@ -1186,16 +1180,20 @@ func (c *hubConn) readLoop(r *wire.Reader) {
 			c.readErr <- err
 			return
 		}
-		batch := []wire.Frame{f}
-		for len(batch) < maxFrameBatch && r.Buffered() > 0 {
+		fs := make([]wire.Frame, 1, 16)
+		fs[0] = f
+		// Only frames already in the arena: a batch holds one arena.
+		for len(fs) < maxFrameBatch && r.complete() {
 			if f, err = r.ReadFrame(); err != nil {
 				break
 			}
-			batch = append(batch, f)
+			fs = append(fs, f)
 		}
+		b := r.take(fs)
 		select {
-		case c.frames <- batch:
+		case c.frames <- b:
 		case <-c.done:
+			b.release()
 			return
 		}
 		if err != nil {
@@ -1346,18 +1344,14 @@ func (c *hubConn) retryStore() error {
 // arriving one by one are fsynced and acknowledged in small batches.
 const minCheckpointGap = 5 * time.Millisecond
 
-// handleAll processes a batch of frames in order.
-func (c *hubConn) handleAll(fs []wire.Frame) error {
-	for _, f := range fs {
+// handleAll processes a batch of frames in order, then gives their
+// buffer back: what handling keeps of a payload it copies (the journal
+// copies a write's data; a deferred write is cloned).
+func (c *hubConn) handleAll(b *frameBatch) error {
+	defer b.release()
+	for _, f := range b.frames {
 		if err := c.handle(f); err != nil {
 			return err
-		}
-		if f.Cmd == wire.CmdProtectedWrite && len(f.Payload) > 64<<10 {
-			// Journaled (copied) or deferred (cloned): free.
-			select {
-			case c.payloads <- f.Payload[:0]:
-			default:
-			}
 		}
 	}
 	return nil

@@ -183,7 +183,8 @@ func (j *Journal) applyLoop() {
 		select {
 		case <-j.stop:
 			return
-		case <-t.C:
+		case now := <-t.C:
+			j.trimSpares(now)
 		}
 		for {
 			more, err := j.applier.once()

@@ -146,6 +146,7 @@ type Journal struct {
 	fsyncs      uint64
 	full        []*batch // closed batches waiting for the writer, oldest first
 	spare       [][]byte // written batches' buffers, for reuse
+	lastSubmit  time.Time
 
 	// readers lends the applier's readers their buffers.
 	readers sync.Pool
@@ -503,6 +504,7 @@ func (j *Journal) Submit(recs ...Record) (*Pending, error) {
 	if err := j.validate(recs); err != nil {
 		return nil, err
 	}
+	j.lastSubmit = now
 	if len(recs) == 0 {
 		b := &batch{done: make(chan struct{})}
 		close(b.done)
@@ -639,8 +641,13 @@ const maxBatchBytes = 2 << 20
 // more write of up to 1 MiB fit without growing it.
 const batchCap = maxBatchBytes + 1<<20 + 4<<10
 
-// maxSpares bounds the batch buffers kept for reuse.
-const maxSpares = 4
+// maxSpares bounds the batch buffers kept for reuse: a group commit that
+// waited for a slow fdatasync holds many (32 MiB of writes in flight are
+// 16 batches); idleSpares are kept when the journal is idle.
+const (
+	maxSpares  = 24
+	idleSpares = 2
+)
 
 // takeSpare returns an empty batch buffer, a written batch's when there
 // is one; under mu. Buffers are reused, never grown from nothing: fresh
@@ -653,6 +660,20 @@ func (j *Journal) takeSpare() []byte {
 	}
 	return make([]byte, 0, batchCap)
 }
+
+// trimSpares lets the batch buffers beyond idleSpares go once nothing
+// was submitted for idleAfter: the memory of a burst goes back.
+func (j *Journal) trimSpares(now time.Time) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if len(j.spare) > idleSpares && now.Sub(j.lastSubmit) > idleAfter {
+		clear(j.spare[idleSpares:])
+		j.spare = j.spare[:idleSpares]
+	}
+}
+
+// idleAfter: see trimSpares.
+const idleAfter = 2 * time.Second
 
 // writer is the group-commit goroutine: it takes every closed batch and
 // the open one, writes them in order (one write each) and makes them
