@@ -36,7 +36,19 @@ type arena struct {
 	buf    []byte
 	refs   int // fr.mu
 	pooled bool
+	fr     *frameReader
 }
+
+// hold takes one more reference on a, for the journal (SubmitRef): the
+// journal writes a write's data from the arena and calls Release.
+func (a *arena) hold() {
+	a.fr.mu.Lock()
+	a.refs++
+	a.fr.mu.Unlock()
+}
+
+// Release drops a reference taken with hold.
+func (a *arena) Release() { a.fr.release(a) }
 
 const (
 	// arenaSize is the size of the pooled arenas; a larger frame gets an
@@ -44,7 +56,7 @@ const (
 	arenaSize = 8 << 20
 	// maxArenas bounds the pooled arenas of a connection: the reader
 	// waits for the engine when all are in use.
-	maxArenas = 8
+	maxArenas = 12
 	// helloArena is the buffer before HELLO.
 	helloArena = wire.HeaderSize + wire.MaxHelloPayload
 )
@@ -52,8 +64,9 @@ const (
 // newFrameReader returns a reader of frames of up to maxPayload bytes
 // from r; it stops waiting for a free arena when done is closed.
 func newFrameReader(r io.Reader, maxPayload uint32, done <-chan struct{}) *frameReader {
-	return &frameReader{r: r, max: maxPayload, done: done, free: make(chan *arena, maxArenas),
-		cur: &arena{buf: make([]byte, helloArena), refs: 1}}
+	fr := &frameReader{r: r, max: maxPayload, done: done, free: make(chan *arena, maxArenas)}
+	fr.cur = &arena{buf: make([]byte, helloArena), refs: 1, fr: fr}
+	return fr
 }
 
 // SetMaxPayload changes the bound of later frames' payloads
@@ -129,7 +142,7 @@ func (fr *frameReader) move(n int) error {
 	var next *arena
 	if fr.max <= wire.MaxHelloPayload && n <= helloArena {
 		// Before HELLO: nothing large.
-		next = &arena{buf: make([]byte, helloArena)}
+		next = &arena{buf: make([]byte, helloArena), fr: fr}
 	} else {
 		var err error
 		if next, err = fr.get(n); err != nil {
@@ -148,7 +161,7 @@ func (fr *frameReader) move(n int) error {
 // of the connection's are in use.
 func (fr *frameReader) get(n int) (*arena, error) {
 	if n > arenaSize {
-		return &arena{buf: make([]byte, n)}, nil
+		return &arena{buf: make([]byte, n), fr: fr}, nil
 	}
 	select {
 	case a := <-fr.free:
@@ -157,7 +170,7 @@ func (fr *frameReader) get(n int) (*arena, error) {
 	}
 	if fr.count < maxArenas {
 		fr.count++
-		return &arena{buf: make([]byte, arenaSize), pooled: true}, nil
+		return &arena{buf: make([]byte, arenaSize), pooled: true, fr: fr}, nil
 	}
 	select {
 	case a := <-fr.free:

@@ -733,11 +733,13 @@ func (h *Hub) stop(graceful bool) error {
 // hubConn is one agent connection. Its engine goroutine owns the writer,
 // the volumes' files and the outstanding requests.
 type hubConn struct {
-	h        *Hub
-	nc       net.Conn
-	log      *slog.Logger
-	w        *wire.Writer
-	frames   chan *frameBatch // batches of frames, in order
+	h      *Hub
+	nc     net.Conn
+	log    *slog.Logger
+	w      *wire.Writer
+	frames chan *frameBatch // batches of frames, in order
+	// arena holds the payloads of the frames being handled (engine).
+	arena    *arena
 	readErr  chan error
 	kick     chan struct{}
 	done     chan struct{}
@@ -1349,6 +1351,8 @@ const minCheckpointGap = 5 * time.Millisecond
 // copies a write's data; a deferred write is cloned).
 func (c *hubConn) handleAll(b *frameBatch) error {
 	defer b.release()
+	c.arena = b.arena
+	defer func() { c.arena = nil }()
 	for _, f := range b.frames {
 		if err := c.handle(f); err != nil {
 			return err
@@ -1756,6 +1760,20 @@ func (c *hubConn) protectedWrite(m *wire.ProtectedWrite) error {
 	h.mu.Unlock()
 	if d := h.cfg.ApplyDelay; d > 0 {
 		time.Sleep(d)
+	}
+	if c.arena != nil && rec.Kind == journal.KindWrite {
+		// The journal writes the data from the frame's buffer.
+		c.arena.hold()
+		p, err := c.vm.j.SubmitRef(c.arena, rec)
+		if err != nil {
+			c.arena.Release()
+			if !errors.Is(err, journal.ErrInvalid) {
+				c.failStore(err)
+			}
+			return err
+		}
+		c.lastPending = p
+		return nil
 	}
 	return c.submit(rec)
 }

@@ -159,6 +159,8 @@ type Journal struct {
 	wfName string
 	wfSize int64
 	wfDrop int64 // synced and dropped from the page cache up to here
+	iov    [][]byte
+	gather []byte // a batch for a store without vectored writes
 
 	applier applier
 
@@ -170,10 +172,15 @@ type Journal struct {
 
 // batch is a group of submissions written with one write and one fsync.
 type batch struct {
-	buf   []byte
-	recs  int
-	start int64
-	end   int64
+	// buf holds the records, but for the data of writes submitted by
+	// reference (ext), which belongs at its offsets.
+	buf      []byte
+	ext      []extData
+	extBytes int
+	refs     []Releaser // released once the batch was written
+	recs     int
+	start    int64
+	end      int64
 	// state to publish once durable
 	seq       uint64
 	time      time.Time
@@ -183,6 +190,42 @@ type batch struct {
 	cps       []Checkpoint
 	done      chan struct{}
 	err       error
+}
+
+// extData is a write's data that follows buf[:at] (SubmitRef).
+type extData struct {
+	at   int
+	data []byte
+}
+
+// size returns the batch's length in the journal.
+func (b *batch) size() int { return len(b.buf) + b.extBytes }
+
+// pieces appends the batch's bytes, in order, as slices.
+func (b *batch) pieces(out [][]byte) [][]byte {
+	at := 0
+	for _, e := range b.ext {
+		if e.at > at {
+			out = append(out, b.buf[at:e.at])
+		}
+		out = append(out, e.data)
+		at = e.at
+	}
+	if at < len(b.buf) {
+		out = append(out, b.buf[at:])
+	}
+	return out
+}
+
+// release gives back the memory the batch references.
+func (b *batch) release() {
+	for _, r := range b.refs {
+		r.Release()
+	}
+	clear(b.refs)
+	b.refs = nil
+	clear(b.ext)
+	b.ext = nil
 }
 
 func newBatch(start int64, buf []byte) *batch {
@@ -492,6 +535,31 @@ func (p *Pending) Wait(ctx context.Context) (Point, error) {
 // journaled, in order and contiguous, or (on error) none. Use Wait on the
 // result before acknowledging the records to anyone.
 func (j *Journal) Submit(recs ...Record) (*Pending, error) {
+	return j.submit(nil, recs)
+}
+
+// Releaser is a reference on memory lent to the journal (SubmitRef).
+type Releaser interface {
+	// Release gives the memory back.
+	Release()
+}
+
+// SubmitRef is Submit without copying the data of write records: the
+// journal writes it to the store from where it is (one vectored write per
+// group commit, where the store can), so the caller leaves recs' Data
+// untouched until the journal calls ref.Release, once, when the records
+// were written to the store or failed (before they are durable: wait for
+// that with the Pending). When SubmitRef returns an error, the journal did
+// not take ref.
+func (j *Journal) SubmitRef(ref Releaser, recs ...Record) (*Pending, error) {
+	return j.submit(ref, recs)
+}
+
+// minRefData is the smallest write SubmitRef journals by reference; a
+// smaller one is copied, cheaper than an iovec of its own.
+const minRefData = 2 << 10
+
+func (j *Journal) submit(ref Releaser, recs []Record) (*Pending, error) {
 	now := time.Now()
 	j.mu.Lock()
 	defer j.mu.Unlock()
@@ -510,7 +578,7 @@ func (j *Journal) Submit(recs ...Record) (*Pending, error) {
 		close(b.done)
 		return &Pending{b: b, point: Point{Pos: j.pEnd, Seq: j.pSeq, Time: j.pTime}}, nil
 	}
-	if len(j.cur.buf) >= maxBatchBytes {
+	if j.cur.size() >= maxBatchBytes {
 		// Close the batch: one write stays bounded, its buffer reusable.
 		j.full = append(j.full, j.cur)
 		j.cur = newBatch(j.cur.end, j.takeSpare())
@@ -528,7 +596,17 @@ func (j *Journal) Submit(recs ...Record) (*Pending, error) {
 		if !r.HasSeq {
 			r.Seq = 0
 		}
-		b.buf = appendRecord(b.buf, &r)
+		if ref != nil && r.Kind == KindWrite && len(r.Data) >= minRefData {
+			b.buf = appendRecordHead(b.buf, &r, false)
+			b.ext = append(b.ext, extData{at: len(b.buf), data: r.Data})
+			b.extBytes += len(r.Data)
+			if ref != nil {
+				b.refs = append(b.refs, ref)
+				ref = nil
+			}
+		} else {
+			b.buf = appendRecord(b.buf, &r)
+		}
 		j.track(&r)
 		j.pEnd += int64(r.encodedLen())
 		b.recs++
@@ -541,6 +619,9 @@ func (j *Journal) Submit(recs ...Record) (*Pending, error) {
 		}
 	}
 	b.end, b.seq, b.time, b.depth = j.pEnd, j.pSeq, j.pTime, j.pDepth
+	if ref != nil {
+		ref.Release() // nothing of it was referenced
+	}
 	j.work.Signal()
 	return &Pending{b: b, point: Point{Pos: j.pEnd, Seq: j.pSeq, Time: j.pTime}}, nil
 }
@@ -735,6 +816,7 @@ func (j *Journal) publish(b *batch, err error) {
 		}
 		j.appends += uint64(b.recs)
 	}
+	b.release()
 	if cap(b.buf) >= batchCap && cap(b.buf) <= 2*batchCap && len(j.spare) < maxSpares {
 		j.spare = append(j.spare, b.buf[:0])
 	}
@@ -764,18 +846,38 @@ func (j *Journal) writeBatches(bs []*batch) error {
 		path := j.wfName
 		err := j.inject("segment-write", path)
 		if err == nil {
-			err = j.wf.Append(b.buf)
+			err = j.appendBatch(b)
 		}
+		b.release() // written (or failed): the data is the store's now
 		if err != nil {
 			return fmt.Errorf("%w: write %s: %w", ErrStore, path, err)
 		}
-		j.wfSize += int64(len(b.buf))
+		j.wfSize += int64(b.size())
 		unsynced = true
 		j.mu.Lock()
 		j.batches++
 		j.mu.Unlock()
 	}
 	return j.syncSegment()
+}
+
+// appendBatch writes a batch to the segment: the records and the data
+// they reference with one vectored write where the store can, else
+// gathered into one buffer; writer only.
+func (j *Journal) appendBatch(b *batch) error {
+	if len(b.ext) == 0 {
+		return j.wf.Append(b.buf)
+	}
+	j.iov = b.pieces(j.iov[:0])
+	defer clear(j.iov)
+	if v, ok := j.wf.(vectorAppender); ok {
+		return v.AppendV(j.iov)
+	}
+	j.gather = j.gather[:0]
+	for _, p := range j.iov {
+		j.gather = append(j.gather, p...)
+	}
+	return j.wf.Append(j.gather)
 }
 
 // syncSegment fdatasyncs the segment file being written; writer only.
