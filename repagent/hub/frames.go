@@ -1,6 +1,7 @@
 package hub
 
 import (
+	"encoding/binary"
 	"errors"
 	"io"
 	"sync"
@@ -28,6 +29,8 @@ type frameReader struct {
 	count int             // pooled arenas allocated (reader only)
 
 	mu sync.Mutex // guards arena.refs
+
+	batches sync.Pool // *frameBatch, released
 }
 
 // arena is a buffer frames are read into; refs counts the batches (and
@@ -84,8 +87,9 @@ func (fr *frameReader) complete() bool {
 	if n < wire.HeaderSize {
 		return false
 	}
-	h, err := wire.ParseHeader(fr.cur.buf[fr.rpos:fr.rpos+wire.HeaderSize], fr.max)
-	return err != nil || n >= wire.HeaderSize+int(h.Len)
+	// The payload length (ReadFrame checks the whole header).
+	l := binary.LittleEndian.Uint32(fr.cur.buf[fr.rpos+16:])
+	return l > fr.max || n >= wire.HeaderSize+int(l)
 }
 
 // ReadFrame reads the next frame; its payload stays valid until the batch
@@ -180,14 +184,23 @@ func (fr *frameReader) get(n int) (*arena, error) {
 	}
 }
 
-// take hands the frames read since the last take to the caller, as a
-// batch holding a reference on the current arena (frames of earlier
-// arenas were handed over before the reader moved on).
-func (fr *frameReader) take(fs []wire.Frame) *frameBatch {
+// batch returns an empty batch to read frames into.
+func (fr *frameReader) batch() *frameBatch {
+	if b, ok := fr.batches.Get().(*frameBatch); ok {
+		return b
+	}
+	return &frameBatch{fr: fr}
+}
+
+// seal hands the frames read since the last seal over as batch b, which
+// takes a reference on the current arena (frames of earlier arenas were
+// handed over before the reader moved on).
+func (fr *frameReader) seal(b *frameBatch) *frameBatch {
 	fr.mu.Lock()
 	fr.cur.refs++
 	fr.mu.Unlock()
-	return &frameBatch{frames: fs, arena: fr.cur, fr: fr}
+	b.arena = fr.cur
+	return b
 }
 
 // release drops one reference on a.
@@ -215,4 +228,7 @@ func (b *frameBatch) release() {
 		b.fr.release(b.arena)
 		b.arena = nil
 	}
+	clear(b.frames)
+	b.frames = b.frames[:0]
+	b.fr.batches.Put(b)
 }

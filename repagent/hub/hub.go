@@ -1182,16 +1182,16 @@ func (c *hubConn) readLoop(r *frameReader) {
 			c.readErr <- err
 			return
 		}
-		fs := make([]wire.Frame, 1, 16)
-		fs[0] = f
+		b := r.batch()
+		b.frames = append(b.frames, f)
 		// Only frames already in the arena: a batch holds one arena.
-		for len(fs) < maxFrameBatch && r.complete() {
+		for len(b.frames) < maxFrameBatch && r.complete() {
 			if f, err = r.ReadFrame(); err != nil {
 				break
 			}
-			fs = append(fs, f)
+			b.frames = append(b.frames, f)
 		}
-		b := r.take(fs)
+		r.seal(b)
 		select {
 		case c.frames <- b:
 		case <-c.done:

@@ -450,6 +450,10 @@ func (s *imageSet) apply(r *Record) error {
 		if err := s.flush(); err != nil {
 			return err
 		}
+		if len(r.Data) >= maxRun/2 {
+			// Large: written from where it is, not copied.
+			return s.write(r.Volume, r.Offset, r.Data)
+		}
 		s.run.vol, s.run.off = r.Volume, r.Offset
 		s.run.buf = append(s.run.buf[:0], r.Data...)
 		return nil
@@ -506,21 +510,29 @@ func (s *imageSet) flush() error {
 	if len(s.run.buf) == 0 {
 		return nil
 	}
-	f, err := s.file(s.run.vol)
+	if err := s.write(s.run.vol, s.run.off, s.run.buf); err != nil {
+		return err
+	}
+	s.run.buf = s.run.buf[:0]
+	s.run.vol = ""
+	return nil
+}
+
+// write writes data at off of vol's image.
+func (s *imageSet) write(vol string, off int64, data []byte) error {
+	f, err := s.file(vol)
 	if err != nil {
 		return err
 	}
 	err = s.do("image-write", f.Name())
 	if err == nil {
-		_, err = f.WriteAt(s.run.buf, s.run.off)
+		_, err = f.WriteAt(data, off)
 	}
 	if err != nil {
 		return fmt.Errorf("%w: write %s: %w", ErrStore, f.Name(), err)
 	}
-	s.bytes += int64(len(s.run.buf))
+	s.bytes += int64(len(data))
 	s.writes++
-	s.run.buf = s.run.buf[:0]
-	s.run.vol = ""
 	return nil
 }
 
