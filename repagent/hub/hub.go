@@ -738,6 +738,8 @@ type hubConn struct {
 	log    *slog.Logger
 	w      *wire.Writer
 	frames chan *frameBatch // batches of frames, in order
+	// sorted is byID's volumes by id, nil when byID changed (h.mu).
+	sorted []*hubVolume
 	// arena holds the payloads of the frames being handled (engine).
 	arena    *arena
 	readErr  chan error
@@ -1443,6 +1445,7 @@ func (c *hubConn) report(m *wire.ReportVolumes) error {
 			v.id = c.nextID
 			v.conn = c
 			c.byID[v.id] = v
+			c.sorted = nil
 		}
 		v.mirror = vi.Protect
 		v.wantMirror = vi.Protect
@@ -1463,6 +1466,7 @@ func (c *hubConn) report(m *wire.ReportVolumes) error {
 	for id, v := range c.byID {
 		if !reported[v.name] {
 			delete(c.byID, id)
+			c.sorted = nil
 			v.conn, v.id, v.mirror = nil, 0, false
 			v.need.Or(v.inRead)
 			v.inRead.Clear()
@@ -1975,11 +1979,15 @@ const maxReadsPerConn = 16
 
 // sortedVolumes returns the connection's volumes by id; h.mu held.
 func (c *hubConn) sortedVolumes() []*hubVolume {
+	if c.sorted != nil {
+		return c.sorted
+	}
 	vols := make([]*hubVolume, 0, len(c.byID))
 	for _, v := range c.byID {
 		vols = append(vols, v)
 	}
 	slices.SortFunc(vols, func(a, b *hubVolume) int { return int(a.id) - int(b.id) })
+	c.sorted = vols
 	return vols
 }
 
