@@ -737,10 +737,11 @@ type hubConn struct {
 	nc     net.Conn
 	log    *slog.Logger
 	w      *wire.Writer
-	frames chan []wire.Frame // batches of frames, in order
-	// payloads are large PROTECTED_WRITE payloads given back to the
-	// reader once journaled (the journal copies them).
-	payloads chan []byte
+	frames chan *frameBatch // batches of frames, in order
+	// sorted is byID's volumes by id, nil when byID changed (h.mu).
+	sorted []*hubVolume
+	// arena holds the payloads of the frames being handled (engine).
+	arena    *arena
 	readErr  chan error
 	kick     chan struct{}
 	done     chan struct{}
@@ -820,10 +821,9 @@ type readReq struct {
 
 func newHubConn(h *Hub, nc net.Conn) *hubConn {
 	return &hubConn{h: h, nc: nc, log: h.log.With("peer", nc.RemoteAddr().String()),
-		frames: make(chan []wire.Frame, 64), readErr: make(chan error, 1), kick: make(chan struct{}, 1),
+		frames: make(chan *frameBatch, 64), readErr: make(chan error, 1), kick: make(chan struct{}, 1),
 		done: make(chan struct{}), byID: map[uint64]*hubVolume{}, reqs: map[uint64]*readReq{}, graceful: true,
-		acks: make(chan ackItem, 4096), ackDone: make(chan struct{}),
-		payloads: make(chan []byte, 16)}
+		acks: make(chan ackItem, 4096), ackDone: make(chan struct{})}
 }
 
 func (c *hubConn) shut() {
@@ -873,9 +873,7 @@ func (c *hubConn) serve() {
 		c.nc = tc
 	}
 	// Nothing larger than a HELLO is read before the peer said who it is.
-	r := wire.NewReader(c.nc, wire.MaxHelloPayload)
-	r.KeepPayloads()
-	r.RecyclePayloads(c.payloads)
+	r := newFrameReader(c.nc, wire.MaxHelloPayload, c.done)
 	c.w = wire.NewWriter(c.nc)
 	c.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
 	f, err := r.ReadFrame()
@@ -1178,7 +1176,7 @@ func (c *hubConn) detach(err error) {
 
 // readLoop feeds frames to the engine, in batches of what one read of
 // the socket brought: one hand-off per batch, not per frame.
-func (c *hubConn) readLoop(r *wire.Reader) {
+func (c *hubConn) readLoop(r *frameReader) {
 	for {
 		c.nc.SetReadDeadline(time.Now().Add(wire.PeerTimeout(c.h.cfg.Heartbeat)))
 		f, err := r.ReadFrame()
@@ -1186,16 +1184,20 @@ func (c *hubConn) readLoop(r *wire.Reader) {
 			c.readErr <- err
 			return
 		}
-		batch := []wire.Frame{f}
-		for len(batch) < maxFrameBatch && r.Buffered() > 0 {
+		b := r.batch()
+		b.frames = append(b.frames, f)
+		// Only frames already in the arena: a batch holds one arena.
+		for len(b.frames) < maxFrameBatch && r.complete() {
 			if f, err = r.ReadFrame(); err != nil {
 				break
 			}
-			batch = append(batch, f)
+			b.frames = append(b.frames, f)
 		}
+		r.seal(b)
 		select {
-		case c.frames <- batch:
+		case c.frames <- b:
 		case <-c.done:
+			b.release()
 			return
 		}
 		if err != nil {
@@ -1346,18 +1348,16 @@ func (c *hubConn) retryStore() error {
 // arriving one by one are fsynced and acknowledged in small batches.
 const minCheckpointGap = 5 * time.Millisecond
 
-// handleAll processes a batch of frames in order.
-func (c *hubConn) handleAll(fs []wire.Frame) error {
-	for _, f := range fs {
+// handleAll processes a batch of frames in order, then gives their
+// buffer back: what handling keeps of a payload it copies (the journal
+// copies a write's data; a deferred write is cloned).
+func (c *hubConn) handleAll(b *frameBatch) error {
+	defer b.release()
+	c.arena = b.arena
+	defer func() { c.arena = nil }()
+	for _, f := range b.frames {
 		if err := c.handle(f); err != nil {
 			return err
-		}
-		if f.Cmd == wire.CmdProtectedWrite && len(f.Payload) > 64<<10 {
-			// Journaled (copied) or deferred (cloned): free.
-			select {
-			case c.payloads <- f.Payload[:0]:
-			default:
-			}
 		}
 	}
 	return nil
@@ -1445,6 +1445,7 @@ func (c *hubConn) report(m *wire.ReportVolumes) error {
 			v.id = c.nextID
 			v.conn = c
 			c.byID[v.id] = v
+			c.sorted = nil
 		}
 		v.mirror = vi.Protect
 		v.wantMirror = vi.Protect
@@ -1465,6 +1466,7 @@ func (c *hubConn) report(m *wire.ReportVolumes) error {
 	for id, v := range c.byID {
 		if !reported[v.name] {
 			delete(c.byID, id)
+			c.sorted = nil
 			v.conn, v.id, v.mirror = nil, 0, false
 			v.need.Or(v.inRead)
 			v.inRead.Clear()
@@ -1763,6 +1765,20 @@ func (c *hubConn) protectedWrite(m *wire.ProtectedWrite) error {
 	if d := h.cfg.ApplyDelay; d > 0 {
 		time.Sleep(d)
 	}
+	if c.arena != nil && rec.Kind == journal.KindWrite {
+		// The journal writes the data from the frame's buffer.
+		c.arena.hold()
+		p, err := c.vm.j.SubmitRef(c.arena, rec)
+		if err != nil {
+			c.arena.Release()
+			if !errors.Is(err, journal.ErrInvalid) {
+				c.failStore(err)
+			}
+			return err
+		}
+		c.lastPending = p
+		return nil
+	}
 	return c.submit(rec)
 }
 
@@ -1963,11 +1979,15 @@ const maxReadsPerConn = 16
 
 // sortedVolumes returns the connection's volumes by id; h.mu held.
 func (c *hubConn) sortedVolumes() []*hubVolume {
+	if c.sorted != nil {
+		return c.sorted
+	}
 	vols := make([]*hubVolume, 0, len(c.byID))
 	for _, v := range c.byID {
 		vols = append(vols, v)
 	}
 	slices.SortFunc(vols, func(a, b *hubVolume) int { return int(a.id) - int(b.id) })
+	c.sorted = vols
 	return vols
 }
 

@@ -103,6 +103,12 @@ type applier struct {
 		depth int
 		seq   uint64
 		last  Point
+		// waitPos, waitTime: the record at waitPos (the cursor), of
+		// waitTime, was too young to apply at the last pass: until
+		// the cutoff passes it (or MaxBytes forces it), passes need
+		// not read the journal (waitPos -1: no such record).
+		waitPos  int64
+		waitTime time.Time
 	}
 	imgs *imageSet
 }
@@ -118,6 +124,7 @@ func (a *applier) init(j *Journal, st state) {
 	a.cursor.pos = st.Target.Pos
 	a.cursor.seq = st.Target.Seq
 	a.cursor.last = st.Target
+	a.cursor.waitPos = -1
 	vols := map[string]int64{}
 	for _, v := range st.Volumes {
 		vols[v.Name] = v.Size
@@ -176,7 +183,8 @@ func (j *Journal) applyLoop() {
 		select {
 		case <-j.stop:
 			return
-		case <-t.C:
+		case now := <-t.C:
+			j.trimSpares(now)
 		}
 		for {
 			more, err := j.applier.once()
@@ -236,8 +244,9 @@ func (a *applier) once() (more bool, err error) {
 		need = durable - j.opts.MaxBytes
 	}
 	c := &a.cursor
-	if c.pos < durable {
-		r, err := newReader(j.segments(), c.pos, durable)
+	idle := c.waitPos == c.pos && c.waitTime.After(cutoff) && c.pos >= need
+	if c.pos < durable && !idle {
+		r, err := newReader(j.segments(), c.pos, durable, &j.readers)
 		if err != nil {
 			return false, a.fail(err)
 		}
@@ -251,6 +260,7 @@ func (a *applier) once() (more bool, err error) {
 				return false, a.fail(err)
 			}
 			if rec.Time.After(cutoff) && c.pos >= need || hold >= 0 && end > hold {
+				c.waitPos, c.waitTime = c.pos, rec.Time
 				break
 			}
 			if c.last.Pos > base.Pos && c.pos-base.Pos >= a.passBytes {
@@ -299,7 +309,7 @@ func (a *applier) pass(target Point) error {
 		a.st.Target = target
 		a.mu.Unlock()
 	}
-	r, err := newReader(j.segments(), st.Base.Pos, target.Pos)
+	r, err := newReader(j.segments(), st.Base.Pos, target.Pos, &j.readers)
 	if err != nil {
 		return err
 	}
@@ -440,6 +450,10 @@ func (s *imageSet) apply(r *Record) error {
 		if err := s.flush(); err != nil {
 			return err
 		}
+		if len(r.Data) >= maxRun/2 {
+			// Large: written from where it is, not copied.
+			return s.write(r.Volume, r.Offset, r.Data)
+		}
 		s.run.vol, s.run.off = r.Volume, r.Offset
 		s.run.buf = append(s.run.buf[:0], r.Data...)
 		return nil
@@ -496,21 +510,29 @@ func (s *imageSet) flush() error {
 	if len(s.run.buf) == 0 {
 		return nil
 	}
-	f, err := s.file(s.run.vol)
+	if err := s.write(s.run.vol, s.run.off, s.run.buf); err != nil {
+		return err
+	}
+	s.run.buf = s.run.buf[:0]
+	s.run.vol = ""
+	return nil
+}
+
+// write writes data at off of vol's image.
+func (s *imageSet) write(vol string, off int64, data []byte) error {
+	f, err := s.file(vol)
 	if err != nil {
 		return err
 	}
 	err = s.do("image-write", f.Name())
 	if err == nil {
-		_, err = f.WriteAt(s.run.buf, s.run.off)
+		_, err = f.WriteAt(data, off)
 	}
 	if err != nil {
 		return fmt.Errorf("%w: write %s: %w", ErrStore, f.Name(), err)
 	}
-	s.bytes += int64(len(s.run.buf))
+	s.bytes += int64(len(data))
 	s.writes++
-	s.run.buf = s.run.buf[:0]
-	s.run.vol = ""
 	return nil
 }
 

@@ -33,7 +33,13 @@
 // while one fdatasync runs, the next commit gathers everything that
 // arrives. Pending.Wait
 // returns once the records are durable; the hub sends WRITE_ACK only then.
-// Append is Submit plus Wait. A failed write or fdatasync (ENOSPC, EIO) is
+// Append is Submit plus Wait. SubmitRef does not copy the data of writes:
+// the writer writes it from the caller's memory with the batch (one
+// writev) and then releases the caller's reference, so a write's bytes
+// are copied once on their way from the network to the journal (the hub
+// reads frames straight into buffers it lends the journal this way).
+// Batch buffers are reused, never grown from nothing: on a virtual
+// machine a fresh page costs a fault, more than the copy into it. A failed write or fdatasync (ENOSPC, EIO) is
 // sticky: Err reports it, every later Submit fails with it, and the fsync is
 // never retried (after a failed fsync the kernel may have dropped the dirty
 // pages).

@@ -146,6 +146,10 @@ type Journal struct {
 	fsyncs      uint64
 	full        []*batch // closed batches waiting for the writer, oldest first
 	spare       [][]byte // written batches' buffers, for reuse
+	lastSubmit  time.Time
+
+	// readers lends the applier's readers their buffers.
+	readers sync.Pool
 
 	segMu sync.Mutex // guards segs
 	segs  []segment
@@ -155,6 +159,8 @@ type Journal struct {
 	wfName string
 	wfSize int64
 	wfDrop int64 // synced and dropped from the page cache up to here
+	iov    [][]byte
+	gather []byte // a batch for a store without vectored writes
 
 	applier applier
 
@@ -166,10 +172,15 @@ type Journal struct {
 
 // batch is a group of submissions written with one write and one fsync.
 type batch struct {
-	buf   []byte
-	recs  int
-	start int64
-	end   int64
+	// buf holds the records, but for the data of writes submitted by
+	// reference (ext), which belongs at its offsets.
+	buf      []byte
+	ext      []extData
+	extBytes int
+	refs     []Releaser // released once the batch was written
+	recs     int
+	start    int64
+	end      int64
 	// state to publish once durable
 	seq       uint64
 	time      time.Time
@@ -179,6 +190,42 @@ type batch struct {
 	cps       []Checkpoint
 	done      chan struct{}
 	err       error
+}
+
+// extData is a write's data that follows buf[:at] (SubmitRef).
+type extData struct {
+	at   int
+	data []byte
+}
+
+// size returns the batch's length in the journal.
+func (b *batch) size() int { return len(b.buf) + b.extBytes }
+
+// pieces appends the batch's bytes, in order, as slices.
+func (b *batch) pieces(out [][]byte) [][]byte {
+	at := 0
+	for _, e := range b.ext {
+		if e.at > at {
+			out = append(out, b.buf[at:e.at])
+		}
+		out = append(out, e.data)
+		at = e.at
+	}
+	if at < len(b.buf) {
+		out = append(out, b.buf[at:])
+	}
+	return out
+}
+
+// release gives back the memory the batch references.
+func (b *batch) release() {
+	for _, r := range b.refs {
+		r.Release()
+	}
+	clear(b.refs)
+	b.refs = nil
+	clear(b.ext)
+	b.ext = nil
 }
 
 func newBatch(start int64, buf []byte) *batch {
@@ -310,7 +357,7 @@ func (j *Journal) recover() error {
 		}
 		j.wf, j.wfName, j.wfSize, j.wfDrop = f, last.path, size, size
 	}
-	j.cur = newBatch(end, nil)
+	j.cur = newBatch(end, j.takeSpare())
 	if st.Target.Pos > st.Base.Pos {
 		j.log.Warn("journal: redoing an interrupted apply pass", "from", st.Base.Pos, "to", st.Target.Pos)
 		if err := j.applier.pass(st.Target); err != nil {
@@ -324,7 +371,7 @@ func (j *Journal) recover() error {
 // state, and truncates a torn tail of the last segment. It returns the end
 // position and the (possibly shortened) segment list.
 func (j *Journal) scan(segs []segment, base int64) (int64, []segment, error) {
-	r, err := newReader(segs, base, -1)
+	r, err := newReader(segs, base, -1, nil)
 	end := base
 	for err == nil {
 		var rec Record
@@ -488,6 +535,31 @@ func (p *Pending) Wait(ctx context.Context) (Point, error) {
 // journaled, in order and contiguous, or (on error) none. Use Wait on the
 // result before acknowledging the records to anyone.
 func (j *Journal) Submit(recs ...Record) (*Pending, error) {
+	return j.submit(nil, recs)
+}
+
+// Releaser is a reference on memory lent to the journal (SubmitRef).
+type Releaser interface {
+	// Release gives the memory back.
+	Release()
+}
+
+// SubmitRef is Submit without copying the data of write records: the
+// journal writes it to the store from where it is (one vectored write per
+// group commit, where the store can), so the caller leaves recs' Data
+// untouched until the journal calls ref.Release, once, when the records
+// were written to the store or failed (before they are durable: wait for
+// that with the Pending). When SubmitRef returns an error, the journal did
+// not take ref.
+func (j *Journal) SubmitRef(ref Releaser, recs ...Record) (*Pending, error) {
+	return j.submit(ref, recs)
+}
+
+// minRefData is the smallest write SubmitRef journals by reference; a
+// smaller one is copied, cheaper than an iovec of its own.
+const minRefData = 2 << 10
+
+func (j *Journal) submit(ref Releaser, recs []Record) (*Pending, error) {
 	now := time.Now()
 	j.mu.Lock()
 	defer j.mu.Unlock()
@@ -500,19 +572,16 @@ func (j *Journal) Submit(recs ...Record) (*Pending, error) {
 	if err := j.validate(recs); err != nil {
 		return nil, err
 	}
+	j.lastSubmit = now
 	if len(recs) == 0 {
 		b := &batch{done: make(chan struct{})}
 		close(b.done)
 		return &Pending{b: b, point: Point{Pos: j.pEnd, Seq: j.pSeq, Time: j.pTime}}, nil
 	}
-	if len(j.cur.buf) >= maxBatchBytes {
+	if j.cur.size() >= maxBatchBytes {
 		// Close the batch: one write stays bounded, its buffer reusable.
 		j.full = append(j.full, j.cur)
-		buf := j.takeSpare()
-		if buf == nil {
-			buf = make([]byte, 0, maxBatchBytes+1<<20)
-		}
-		j.cur = newBatch(j.cur.end, buf)
+		j.cur = newBatch(j.cur.end, j.takeSpare())
 	}
 	b := j.cur
 	for i := range recs {
@@ -527,7 +596,17 @@ func (j *Journal) Submit(recs ...Record) (*Pending, error) {
 		if !r.HasSeq {
 			r.Seq = 0
 		}
-		b.buf = appendRecord(b.buf, &r)
+		if ref != nil && r.Kind == KindWrite && len(r.Data) >= minRefData {
+			b.buf = appendRecordHead(b.buf, &r, false)
+			b.ext = append(b.ext, extData{at: len(b.buf), data: r.Data})
+			b.extBytes += len(r.Data)
+			if ref != nil {
+				b.refs = append(b.refs, ref)
+				ref = nil
+			}
+		} else {
+			b.buf = appendRecord(b.buf, &r)
+		}
 		j.track(&r)
 		j.pEnd += int64(r.encodedLen())
 		b.recs++
@@ -540,6 +619,9 @@ func (j *Journal) Submit(recs ...Record) (*Pending, error) {
 		}
 	}
 	b.end, b.seq, b.time, b.depth = j.pEnd, j.pSeq, j.pTime, j.pDepth
+	if ref != nil {
+		ref.Release() // nothing of it was referenced
+	}
 	j.work.Signal()
 	return &Pending{b: b, point: Point{Pos: j.pEnd, Seq: j.pSeq, Time: j.pTime}}, nil
 }
@@ -636,15 +718,43 @@ func (j *Journal) Append(ctx context.Context, recs ...Record) (Point, error) {
 // most (plus one record).
 const maxBatchBytes = 2 << 20
 
-// takeSpare returns a reusable buffer, or nil; under mu.
+// batchCap is the capacity of a batch buffer: a closing batch and one
+// more write of up to 1 MiB fit without growing it.
+const batchCap = maxBatchBytes + 1<<20 + 4<<10
+
+// maxSpares bounds the batch buffers kept for reuse: a group commit that
+// waited for a slow fdatasync holds many (32 MiB of writes in flight are
+// 16 batches); idleSpares are kept when the journal is idle.
+const (
+	maxSpares  = 24
+	idleSpares = 2
+)
+
+// takeSpare returns an empty batch buffer, a written batch's when there
+// is one; under mu. Buffers are reused, never grown from nothing: fresh
+// memory costs a page fault per page, more than the copy into it.
 func (j *Journal) takeSpare() []byte {
 	if n := len(j.spare); n > 0 {
 		b := j.spare[n-1]
 		j.spare = j.spare[:n-1]
 		return b
 	}
-	return nil
+	return make([]byte, 0, batchCap)
 }
+
+// trimSpares lets the batch buffers beyond idleSpares go once nothing
+// was submitted for idleAfter: the memory of a burst goes back.
+func (j *Journal) trimSpares(now time.Time) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if len(j.spare) > idleSpares && now.Sub(j.lastSubmit) > idleAfter {
+		clear(j.spare[idleSpares:])
+		j.spare = j.spare[:idleSpares]
+	}
+}
+
+// idleAfter: see trimSpares.
+const idleAfter = 2 * time.Second
 
 // writer is the group-commit goroutine: it takes every closed batch and
 // the open one, writes them in order (one write each) and makes them
@@ -706,7 +816,8 @@ func (j *Journal) publish(b *batch, err error) {
 		}
 		j.appends += uint64(b.recs)
 	}
-	if cap(b.buf) <= 2*maxBatchBytes && len(j.spare) < 8 {
+	b.release()
+	if cap(b.buf) >= batchCap && cap(b.buf) <= 2*batchCap && len(j.spare) < maxSpares {
 		j.spare = append(j.spare, b.buf[:0])
 	}
 	b.buf = nil
@@ -735,18 +846,38 @@ func (j *Journal) writeBatches(bs []*batch) error {
 		path := j.wfName
 		err := j.inject("segment-write", path)
 		if err == nil {
-			err = j.wf.Append(b.buf)
+			err = j.appendBatch(b)
 		}
+		b.release() // written (or failed): the data is the store's now
 		if err != nil {
 			return fmt.Errorf("%w: write %s: %w", ErrStore, path, err)
 		}
-		j.wfSize += int64(len(b.buf))
+		j.wfSize += int64(b.size())
 		unsynced = true
 		j.mu.Lock()
 		j.batches++
 		j.mu.Unlock()
 	}
 	return j.syncSegment()
+}
+
+// appendBatch writes a batch to the segment: the records and the data
+// they reference with one vectored write where the store can, else
+// gathered into one buffer; writer only.
+func (j *Journal) appendBatch(b *batch) error {
+	if len(b.ext) == 0 {
+		return j.wf.Append(b.buf)
+	}
+	j.iov = b.pieces(j.iov[:0])
+	defer clear(j.iov)
+	if v, ok := j.wf.(vectorAppender); ok {
+		return v.AppendV(j.iov)
+	}
+	j.gather = j.gather[:0]
+	for _, p := range j.iov {
+		j.gather = append(j.gather, p...)
+	}
+	return j.wf.Append(j.gather)
 }
 
 // syncSegment fdatasyncs the segment file being written; writer only.

@@ -157,7 +157,7 @@ func (j *Journal) walk(ctx context.Context, floor Point, end int64, fn func(Poin
 	if end <= floor.Pos {
 		return nil
 	}
-	r, err := newReader(j.segments(), floor.Pos, end)
+	r, err := newReader(j.segments(), floor.Pos, end, nil)
 	if err != nil {
 		return err
 	}
@@ -223,7 +223,7 @@ func (j *Journal) Scan(ctx context.Context, fn func(rec Record, start, end int64
 	if end <= floor.Pos {
 		return nil
 	}
-	r, err := newReader(j.segments(), floor.Pos, end)
+	r, err := newReader(j.segments(), floor.Pos, end, nil)
 	if err != nil {
 		return err
 	}
@@ -312,7 +312,7 @@ func (j *Journal) Materialize(ctx context.Context, sel Selector, outDir string) 
 	}
 	unlock() // the pin keeps the segments; the base images are copied
 	if p.Pos > st.Base.Pos {
-		r, err := newReader(j.segments(), st.Base.Pos, p.Pos)
+		r, err := newReader(j.segments(), st.Base.Pos, p.Pos, nil)
 		if err != nil {
 			return Recovered{}, fmt.Errorf("materialize: %w", err)
 		}

@@ -100,7 +100,7 @@ func (j *Journal) ReadVolume(ctx context.Context, vol string, ranges []Range, su
 	if end <= st.Base.Pos {
 		return nil
 	}
-	r, err := newReader(j.segments(), st.Base.Pos, end)
+	r, err := newReader(j.segments(), st.Base.Pos, end, nil)
 	if err != nil {
 		return fmt.Errorf("read %s: %w", vol, err)
 	}

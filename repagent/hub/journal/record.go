@@ -121,6 +121,13 @@ func (r *Record) encodedLen() int {
 
 // appendRecord appends r's encoding to buf; r must be valid.
 func appendRecord(buf []byte, r *Record) []byte {
+	return appendRecordHead(buf, r, true)
+}
+
+// appendRecordHead appends r's encoding to buf, without a write's data
+// unless withData: the caller writes the data right after what it
+// appended (the checksum covers it).
+func appendRecordHead(buf []byte, r *Record, withData bool) []byte {
 	n := r.encodedLen()
 	start := len(buf)
 	buf = append(buf, make([]byte, recHeaderLen)...)
@@ -138,14 +145,20 @@ func appendRecord(buf []byte, r *Record) []byte {
 	switch r.Kind {
 	case KindWrite:
 		buf = le.AppendUint64(buf, uint64(r.Offset))
-		buf = append(buf, r.Data...)
+		if withData {
+			buf = append(buf, r.Data...)
+		}
 	case KindZero, KindDiscard:
 		buf = le.AppendUint64(buf, uint64(r.Offset))
 		buf = le.AppendUint64(buf, uint64(r.Length))
 	case KindVolume:
 		buf = le.AppendUint64(buf, uint64(r.Size))
 	}
-	le.PutUint32(buf[start+4:], crc32.Checksum(buf[start+8:], castagnoli))
+	crc := crc32.Checksum(buf[start+8:], castagnoli)
+	if r.Kind == KindWrite && !withData {
+		crc = crc32.Update(crc, castagnoli, r.Data)
+	}
+	le.PutUint32(buf[start+4:], crc)
 	return buf
 }
 

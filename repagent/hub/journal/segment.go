@@ -13,6 +13,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 )
 
 // Segment file header: part of the on-disk format (see FORMAT.md).
@@ -111,10 +112,30 @@ type reader struct {
 	br   *bufio.Reader
 	hdr  [recHeaderLen]byte
 	buf  []byte
+	// bufs, when set, lends br and buf and takes them back at close:
+	// fresh megabytes for every pass cost a page fault per page.
+	bufs *sync.Pool
 }
 
-func newReader(segs []segment, from, to int64) (*reader, error) {
-	r := &reader{segs: segs, pos: from, to: to, idx: -1}
+// readerBufs are a reader's buffers, kept between readers in a pool.
+type readerBufs struct {
+	br  *bufio.Reader
+	buf []byte
+}
+
+// readerBufSize is a reader's buffer: records up to this size are
+// returned from it without a copy.
+const readerBufSize = 4 << 20
+
+// newReader returns a reader from position from to position to (the end
+// of the last segment when to < 0); bufs (may be nil) lends it buffers.
+func newReader(segs []segment, from, to int64, bufs *sync.Pool) (*reader, error) {
+	r := &reader{segs: segs, pos: from, to: to, idx: -1, bufs: bufs}
+	if bufs != nil {
+		if b, ok := bufs.Get().(*readerBufs); ok {
+			r.br, r.buf = b.br, b.buf
+		}
+	}
 	if len(segs) == 0 || from < segs[0].start {
 		return nil, fmt.Errorf("%w: position %d is not in the journal", ErrCorrupt, from)
 	}
@@ -163,7 +184,7 @@ func (r *reader) open() error {
 	r.f = f
 	sr := io.NewSectionReader(f, segHeaderLen+r.pos-s.start, math.MaxInt64-segHeaderLen-r.pos)
 	if r.br == nil {
-		r.br = bufio.NewReaderSize(sr, 1<<20)
+		r.br = bufio.NewReaderSize(sr, readerBufSize)
 	} else {
 		r.br.Reset(sr)
 	}
@@ -174,6 +195,11 @@ func (r *reader) close() {
 	if r.f != nil {
 		r.f.Close()
 		r.f = nil
+	}
+	if r.bufs != nil && r.br != nil {
+		r.br.Reset(nil)
+		r.bufs.Put(&readerBufs{br: r.br, buf: r.buf[:0]})
+		r.br, r.buf, r.bufs = nil, nil, nil
 	}
 }
 
@@ -197,8 +223,12 @@ func (r *reader) next() (rec Record, start, end int64, err error) {
 	torn := func(format string, a ...any) error {
 		return &tornError{pos: r.pos, seg: r.idx, reason: fmt.Errorf(format, a...)}
 	}
-	n, err := io.ReadFull(r.br, r.hdr[:])
+	hb, err := r.br.Peek(recHeaderLen)
+	n := copy(r.hdr[:], hb)
 	if err != nil {
+		if errors.Is(err, io.EOF) && n > 0 {
+			err = io.ErrUnexpectedEOF
+		}
 		if errors.Is(err, io.EOF) && n == 0 {
 			if r.segEnd() < 0 && r.to < 0 {
 				return Record{}, 0, 0, io.EOF
@@ -220,16 +250,30 @@ func (r *reader) next() (rec Record, start, end int64, err error) {
 	if r.to >= 0 && r.pos+int64(size) > r.to {
 		return Record{}, 0, 0, torn("record of %d bytes crosses end %d", size, r.to)
 	}
-	if cap(r.buf) < size {
-		r.buf = make([]byte, size, size+size/4)
-	}
-	b := r.buf[:size]
-	copy(b, r.hdr[:])
-	if n, err := io.ReadFull(r.br, b[recHeaderLen:]); err != nil {
-		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-			return Record{}, 0, 0, torn("short record (%d of %d bytes)", recHeaderLen+n, size)
+	var b []byte
+	if size <= r.br.Size() {
+		// The record in the reader's buffer, not copied.
+		b, err = r.br.Peek(size)
+		if err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+				return Record{}, 0, 0, torn("short record (%d of %d bytes)", len(b), size)
+			}
+			return Record{}, 0, 0, fmt.Errorf("read segment: %w", err)
 		}
-		return Record{}, 0, 0, fmt.Errorf("read segment: %w", err)
+		r.br.Discard(size)
+	} else {
+		r.br.Discard(recHeaderLen)
+		if cap(r.buf) < size {
+			r.buf = make([]byte, size, size+size/4)
+		}
+		b = r.buf[:size]
+		copy(b, r.hdr[:])
+		if n, err := io.ReadFull(r.br, b[recHeaderLen:]); err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+				return Record{}, 0, 0, torn("short record (%d of %d bytes)", recHeaderLen+n, size)
+			}
+			return Record{}, 0, 0, fmt.Errorf("read segment: %w", err)
+		}
 	}
 	rec, err = decodeRecord(b)
 	if err != nil {

@@ -83,6 +83,12 @@ type Segment interface {
 	Close() error
 }
 
+// vectorAppender is a Segment that appends many slices with one write
+// (all of them or, on error, possibly a prefix, as Append).
+type vectorAppender interface {
+	AppendV(bufs [][]byte) error
+}
+
 // cacheDropper is a Segment whose synced bytes can leave the page cache.
 type cacheDropper interface {
 	DropCache(off, n int64)

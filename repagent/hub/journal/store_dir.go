@@ -162,6 +162,38 @@ func (f fileSegment) Append(b []byte) error {
 	return err
 }
 
+// AppendV appends bufs with writev (IOV_MAX slices at a time).
+func (f fileSegment) AppendV(bufs [][]byte) error {
+	fd := int(f.Fd())
+	for len(bufs) > 0 {
+		k := min(len(bufs), iovMax)
+		n, err := unix.Writev(fd, bufs[:k])
+		if err != nil {
+			if errors.Is(err, unix.EINTR) {
+				continue
+			}
+			return err
+		}
+		if n == 0 {
+			return io.ErrShortWrite
+		}
+		// Skip what was written; a partial slice stays, shortened.
+		for n > 0 {
+			if n >= len(bufs[0]) {
+				n -= len(bufs[0])
+				bufs = bufs[1:]
+			} else {
+				bufs[0] = bufs[0][n:]
+				n = 0
+			}
+		}
+	}
+	return nil
+}
+
+// iovMax is Linux's IOV_MAX.
+const iovMax = 1024
+
 func (f fileSegment) Sync() error { return unix.Fdatasync(int(f.Fd())) }
 
 // DropCache gives the synced bytes [off, off+n) back to the kernel's page
