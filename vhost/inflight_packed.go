@@ -63,12 +63,12 @@ type inflightPacked struct {
 
 // packedRecovery is what a region left by an earlier back end gives back.
 type packedRecovery struct {
-	recovered  bool
-	avail      PackedPos
-	used       PackedPos
-	held       uint16
-	resubmit   []uint16 // buffer ids, in pop order
-	published  int      // used elements of an unfinished batch found published
+	recovered bool
+	avail     PackedPos
+	used      PackedPos
+	held      uint16
+	resubmit  []uint16 // buffer ids, in pop order
+	published int      // used elements of an unfinished batch found published
 }
 
 // packedQueue returns the packed tracking state of queue i, whose ring has

@@ -68,7 +68,7 @@ type clientQueue struct {
 
 	pk       *packedDriver // non-nil: packed ring (packed.go)
 	dead     bool          // the client is closed; guarded by mu
-	lastUsed uint16 // completion goroutine only
+	lastUsed uint16        // completion goroutine only
 	strays   atomic.Uint64
 }
 
