@@ -409,6 +409,8 @@ func (q *queue) startPacked(inf *inflightRegion) error {
 		}
 	}
 	pr.restart(avail, used, held)
+	q.log.Info("packed virtqueue started", "size", q.num, "event_idx", pr.eventIdx, "indirect", pr.indirect,
+		"avail", avail.Encode(), "used", used.Encode(), "inflight_tracking", pr.inf != nil)
 	return nil
 }
 
