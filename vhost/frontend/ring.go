@@ -332,6 +332,10 @@ func (c *Client) Strays() uint64 {
 // UsedRingGPA returns the guest address of queue q's used ring.
 func (c *Client) UsedRingGPA(q int) uint64 { return c.queues[q].uGPA }
 
+// DescRingGPA returns the guest address of queue q's descriptor table (a
+// packed ring's used elements are written there).
+func (c *Client) DescRingGPA(q int) uint64 { return c.queues[q].dGPA }
+
 // AvailRingGPA returns the guest address of queue q's available ring (for
 // tests that play a driver misbehaving).
 func (c *Client) AvailRingGPA(q int) uint64 { return c.queues[q].aGPA }
