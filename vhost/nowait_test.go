@@ -16,7 +16,9 @@ import (
 // fast ones (a linear target over a page-cached file, served on the ring
 // goroutine) complete within a few milliseconds while the slow one waits
 // in a worker, and both return the right data.
-func TestSlowRequestDoesNotStallQueue(t *testing.T) { forEachLayout(t, testSlowRequestDoesNotStallQueue) }
+func TestSlowRequestDoesNotStallQueue(t *testing.T) {
+	forEachLayout(t, testSlowRequestDoesNotStallQueue)
+}
 
 func testSlowRequestDoesNotStallQueue(t *testing.T, packed bool) {
 	const size = 16 << 20
