@@ -23,8 +23,8 @@ import (
 // guest in order: vda, vdb, ...
 type Disk struct {
 	Socket    string
-	NumQueues int // default 1
-	QueueSize int // default: QEMU's
+	NumQueues int  // default 1
+	QueueSize int  // default: QEMU's
 	Packed    bool // packed virtqueues (packed=on)
 }
 
