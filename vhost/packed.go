@@ -517,6 +517,23 @@ func (q *queue) putUsedPacked(id uint16, usedLen uint32) {
 	}
 }
 
+// pubAndEvent returns the used position last published and the one the
+// driver expects to be told about (renotify); usedMu is held. A packed
+// driver that does not ask for interrupts by position (flags ENABLE or
+// DISABLE) is never owed one by this test.
+func (q *queue) pubAndEvent() (pub, event uint16) {
+	pr := q.packed
+	if pr == nil {
+		return q.ring.pubIdx, q.ring.usedEvent()
+	}
+	pub = pr.pub.Encode()
+	offWrap, flags := virtio.LoadEvent(pr.driver)
+	if flags != virtio.PackedEventDesc {
+		return pub, pub
+	}
+	return pub, offWrap
+}
+
 // baseFull returns the vring base the front end set, all 32 bits.
 func (q *queue) baseFull() uint32 { return uint32(q.base) | uint32(q.baseHi)<<16 }
 

@@ -544,7 +544,7 @@ func (q *queue) waitKick() {
 		t.Stop()
 		return
 	}
-	watch := q.ring.eventIdx
+	watch := q.ring.eventIdx || q.packed != nil && q.packed.eventIdx
 	var armed time.Time
 	if watch {
 		armed = time.Now()
@@ -591,7 +591,7 @@ const lostInterruptAfter = time.Second
 // harmless (the driver finds nothing new and returns).
 func (q *queue) renotify() {
 	q.usedMu.Lock()
-	pub, event := q.ring.pubIdx, q.ring.usedEvent()
+	pub, event := q.pubAndEvent()
 	q.usedMu.Unlock()
 	if pub == event || q.broken.Load() {
 		q.renotified = false
