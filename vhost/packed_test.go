@@ -222,15 +222,23 @@ func TestHostilePackedChains(t *testing.T) {
 // next front end.
 func TestHostilePackedRing(t *testing.T) {
 	env := newTestEnv(t, 1<<20, ExportConfig{Writable: true, NumQueues: 2})
+	// Sectors 0-7 go through a 500 ms delay: a read there stays in flight.
+	if err := env.dev.Reload(fmt.Sprintf("0 8 delay %s 0 500\n8 2040 linear %s 8", env.backing, env.backing)); err != nil {
+		t.Fatal(err)
+	}
 	ctx := testCtx(t)
 	for _, tc := range []struct {
 		name  string
+		slow  bool // a slow read is in flight first; the chain reuses its id
 		build func(id uint16, sg uint64) []virtio.PackedDesc
 	}{
-		{"buffer id beyond the queue size", func(id uint16, sg uint64) []virtio.PackedDesc {
+		{"buffer id already in flight", true, func(id uint16, sg uint64) []virtio.PackedDesc {
+			return []virtio.PackedDesc{{Addr: sg, Len: 16, ID: id, Flags: virtio.DescFlagNext}, {Addr: sg + 16, Len: 1, ID: id, Flags: virtio.DescFlagWrite}}
+		}},
+		{"buffer id beyond the queue size", false, func(id uint16, sg uint64) []virtio.PackedDesc {
 			return []virtio.PackedDesc{{Addr: sg, Len: 16, ID: 9, Flags: virtio.DescFlagNext}, {Addr: sg + 16, Len: 1, ID: 500, Flags: virtio.DescFlagWrite}}
 		}},
-		{"chain longer than the ring", func(id uint16, sg uint64) []virtio.PackedDesc {
+		{"chain longer than the ring", false, func(id uint16, sg uint64) []virtio.PackedDesc {
 			ds := make([]virtio.PackedDesc, 8)
 			for i := range ds {
 				ds[i] = virtio.PackedDesc{Addr: sg, Len: 16, ID: id, Flags: virtio.DescFlagNext}
@@ -240,15 +248,32 @@ func TestHostilePackedRing(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := env.dial(t, frontend.Config{NumQueues: 2, QueueSize: 8, Packed: true})
+			slowID := -1
+			if tc.slow {
+				// The slow read, well formed, on a buffer id of its own.
+				if err := c.SubmitPacked(0, func(id uint16, slot []byte, sg uint64) []virtio.PackedDesc {
+					slowID = int(id)
+					le.PutUint32(slot, virtio.BlkTypeIn)
+					return []virtio.PackedDesc{{Addr: sg, Len: 16, ID: id, Flags: virtio.DescFlagNext},
+						{Addr: sg + 1024, Len: 512, ID: id, Flags: virtio.DescFlagWrite | virtio.DescFlagNext},
+						{Addr: sg + 16, Len: 1, ID: id, Flags: virtio.DescFlagWrite}}
+				}, nil); err != nil {
+					t.Fatal(err)
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
 			done := make(chan frontend.Result, 1)
 			if err := c.SubmitPacked(0, func(id uint16, slot []byte, sg uint64) []virtio.PackedDesc {
 				le.PutUint32(slot, virtio.BlkTypeIn)
+				if slowID >= 0 {
+					id = uint16(slowID)
+				}
 				return tc.build(id, sg)
 			}, func(r frontend.Result) { done <- r }); err != nil {
 				t.Fatal(err)
 			}
 			// The other queue still serves this front end.
-			if err := c.WriteAt(ctx, 1, pattern(1, 4096), 0); err != nil {
+			if err := c.WriteAt(ctx, 1, pattern(1, 4096), 64); err != nil {
 				t.Fatal(err)
 			}
 			select {
@@ -261,7 +286,7 @@ func TestHostilePackedRing(t *testing.T) {
 			c.Close()
 			c2 := env.dial(t, frontend.Config{NumQueues: 2, QueueSize: 8, Packed: true})
 			got := make([]byte, 4096)
-			if err := c2.ReadAt(ctx, 0, got, 0); err != nil || !bytes.Equal(got, pattern(1, 4096)) {
+			if err := c2.ReadAt(ctx, 0, got, 64); err != nil || !bytes.Equal(got, pattern(1, 4096)) {
 				t.Fatalf("next front end: %v", err)
 			}
 			c2.Close()
