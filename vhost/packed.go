@@ -382,10 +382,11 @@ func (q *queue) setupPacked(mem *Mem, features uint64) error {
 // state, and queues that back end's requests for resubmission.
 func (q *queue) startPacked(inf *inflightRegion) error {
 	pr := q.packed
-	avail, used, held, err := decodePackedBase(q.baseFull(), q.num)
-	if err != nil {
-		return err
-	}
+	// The inflight region, when it holds an earlier back end's state,
+	// overrides the base: QEMU sends the base it had when that back end
+	// started (a packed ring has no index in guest memory to resync from).
+	avail, used, held, baseErr := decodePackedBase(q.baseFull(), q.num)
+	recovered := false
 	q.inflight, q.resubmit, pr.inf = nil, nil, nil
 	if inf != nil {
 		iq, err := inf.packedQueue(q.index, q.num)
@@ -398,6 +399,7 @@ func (q *queue) startPacked(inf *inflightRegion) error {
 			}
 			pr.inf = iq
 			if rec.recovered {
+				recovered = true
 				avail, used, held = rec.avail, rec.used, rec.held
 				for _, id := range rec.resubmit {
 					pr.lens[id] = iq.count(id)
@@ -407,6 +409,9 @@ func (q *queue) startPacked(inf *inflightRegion) error {
 					"used", used.Encode(), "avail", avail.Encode(), "published", rec.published)
 			}
 		}
+	}
+	if baseErr != nil && !recovered {
+		return baseErr
 	}
 	pr.restart(avail, used, held)
 	q.log.Info("packed virtqueue started", "size", q.num, "event_idx", pr.eventIdx, "indirect", pr.indirect,
