@@ -93,7 +93,12 @@ func (zeroDevice) OnResize(func(uint64, uint64)) (cancel func()) { return func()
 
 // BenchmarkExportRead4K reads 4 KiB at queue depth 32 through a real socket
 // and eventfds from an export of a zero device: the whole data path.
-func BenchmarkExportRead4K(b *testing.B) {
+func BenchmarkExportRead4K(b *testing.B) { benchmarkExportRead4K(b, false) }
+
+// BenchmarkExportRead4KPacked is BenchmarkExportRead4K on a packed ring.
+func BenchmarkExportRead4KPacked(b *testing.B) { benchmarkExportRead4K(b, true) }
+
+func benchmarkExportRead4K(b *testing.B, packed bool) {
 	dir := b.TempDir()
 	e, err := NewExport(ExportConfig{ID: "bench", Socket: dir + "/s", Writable: true, Logger: testLogger()}, zeroDevice{})
 	if err != nil {
@@ -101,7 +106,7 @@ func BenchmarkExportRead4K(b *testing.B) {
 	}
 	go e.Serve(context.Background())
 	defer e.Close()
-	c, err := frontend.Dial(context.Background(), frontend.Config{Socket: dir + "/s", QueueSize: 128, Indirect: true})
+	c, err := frontend.Dial(context.Background(), frontend.Config{Socket: dir + "/s", QueueSize: 128, Indirect: true, Packed: packed})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -28,7 +28,7 @@ const (
 
 // blkFeatures returns the virtio and vhost feature bits the export offers.
 func (e *Export) blkFeatures() uint64 {
-	f := uint64(virtio.FeatureVersion1 | virtio.FeatureEventIdx | virtio.FeatureIndirectDesc | virtio.FeatureLogAll | virtio.FeatureProtocolFeatures |
+	f := uint64(virtio.FeatureVersion1 | virtio.FeatureEventIdx | virtio.FeatureIndirectDesc | virtio.FeatureRingPacked | virtio.FeatureLogAll | virtio.FeatureProtocolFeatures |
 		virtio.BlkFeatureSizeMax | virtio.BlkFeatureSegMax | virtio.BlkFeatureBlkSize | virtio.BlkFeatureTopology | virtio.BlkFeatureFlush |
 		virtio.BlkFeatureConfigWCE | virtio.BlkFeatureMQ)
 	if e.readOnly {

@@ -48,9 +48,11 @@ func TestResize(t *testing.T) {
 
 // TestDirtyLog turns on dirty logging as QEMU does for migration and checks
 // that data read into guest memory and the used ring are logged.
-func TestDirtyLog(t *testing.T) {
+func TestDirtyLog(t *testing.T) { forEachLayout(t, testDirtyLog) }
+
+func testDirtyLog(t *testing.T, packed bool) {
 	env := newTestEnv(t, 1<<20, ExportConfig{Writable: true, NumQueues: 2})
-	c := env.dial(t, frontend.Config{NumQueues: 2})
+	c := env.dial(t, frontend.Config{NumQueues: 2, Packed: packed})
 	ctx := testCtx(t)
 	if err := c.WriteAt(ctx, 1, pattern(1, 8192), 0); err != nil {
 		t.Fatal(err)
@@ -63,7 +65,13 @@ func TestDirtyLog(t *testing.T) {
 		t.Fatal(err)
 	}
 	g, _ := c.GuestAddr(buf)
-	if c.Dirty(g) || c.Dirty(c.UsedRingGPA(1)) {
+	// The device writes used elements into the used ring, or into the
+	// descriptor ring of a packed one.
+	usedGPA := c.UsedRingGPA
+	if packed {
+		usedGPA = c.DescRingGPA
+	}
+	if c.Dirty(g) || c.Dirty(usedGPA(1)) {
 		t.Fatal("pages dirty before any write")
 	}
 	if err := c.ReadAt(ctx, 1, buf[:8192], 0); err != nil {
@@ -78,10 +86,10 @@ func TestDirtyLog(t *testing.T) {
 	if c.Dirty(g + 8192) {
 		t.Fatal("page beyond the data logged")
 	}
-	if !c.Dirty(c.UsedRingGPA(1)) {
+	if !c.Dirty(usedGPA(1)) {
 		t.Fatal("used ring not logged")
 	}
-	if c.Dirty(c.UsedRingGPA(0)) {
+	if c.Dirty(usedGPA(0)) {
 		t.Fatal("idle queue's used ring logged")
 	}
 	// Writes to the device do not dirty their (device-readable) data.
@@ -92,7 +100,7 @@ func TestDirtyLog(t *testing.T) {
 	if c.Dirty(g) {
 		t.Fatal("device-readable buffer logged")
 	}
-	if !c.Dirty(c.UsedRingGPA(1)) {
+	if !c.Dirty(usedGPA(1)) {
 		t.Fatal("used ring not logged after a write")
 	}
 }
@@ -124,9 +132,11 @@ func TestWritethrough(t *testing.T) {
 
 // TestMemoryHotplug adds and removes a memory region while the rings run
 // (ADD_MEM_REG / REM_MEM_REG): the queues pause, switch tables and go on.
-func TestMemoryHotplug(t *testing.T) {
+func TestMemoryHotplug(t *testing.T) { forEachLayout(t, testMemoryHotplug) }
+
+func testMemoryHotplug(t *testing.T, packed bool) {
 	env := newTestEnv(t, 1<<20, ExportConfig{Writable: true, NumQueues: 2})
-	c := env.dial(t, frontend.Config{NumQueues: 2})
+	c := env.dial(t, frontend.Config{NumQueues: 2, Packed: packed})
 	ctx := testCtx(t)
 	if c.ProtocolFeatures()&wire.ProtocolConfigureMemSlots == 0 {
 		t.Fatal("CONFIGURE_MEM_SLOTS not negotiated")

@@ -1,6 +1,6 @@
 // Package vhost serves mapper devices to QEMU over vhost-user-blk: the
 // back-end side of the vhost-user protocol (QEMU docs/interop/vhost-user.rst),
-// guest memory, split virtqueues, the queue runtime and the virtio-blk
+// guest memory, split and packed virtqueues, the queue runtime and the virtio-blk
 // device (virtio 1.x, block device section). The front end that drives any
 // vhost-user-blk back end (this one or qemu-storage-daemon) for tests and
 // `vhostdm bench` is package vhost/frontend; both sides share the wire
@@ -32,6 +32,26 @@
 // reaches guest memory only through [Mem]; vring.go walks descriptor chains
 // and moves ring indices; inflight.go keeps the shared inflight region that
 // lets a restarted back end resubmit what was in flight.
+//
+// # Packed virtqueues
+//
+// DESIGN: packed.go is the packed ring (VIRTIO_F_RING_PACKED) behind a
+// narrow seam in the runtime: a queue has q.packed set while the packed
+// layout is negotiated, and the runtime asks it to drain (drainPacked),
+// walk and salvage a chain (queue.walk, queue.salvage), put a used element
+// and publish; request table, hand-off, batching, engine and completion
+// are shared with the split ring. Requests are kept by buffer id, which
+// must be below the queue size. A packed chain is walked when it is popped,
+// from a copy of its ring descriptors, because later used elements may
+// overwrite its slots. Both positions (with their wrap counters) live in
+// the device: the vring base carries them (avail in bits 0-15, used in
+// 16-31, as QEMU encodes them), and inflight_packed.go keeps them, with a
+// copy of every chain in flight, in the inflight region, so that a back
+// end that died is replaced without loss even though QEMU then sends the
+// base it had when the dead one started. Event suppression: the device
+// structure asks for kicks past the avail position (event idx) or on every
+// buffer; the driver's says when to interrupt, checked once per published
+// batch as the split ring's used_event is.
 //
 // # Concurrency
 //

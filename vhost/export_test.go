@@ -24,11 +24,17 @@ func TestExportRequests(t *testing.T) {
 		{"1q", frontend.Config{NumQueues: 1}},
 		{"4q-indirect-2regions", frontend.Config{NumQueues: 4, Indirect: true, Regions: 2}},
 		{"1q-memtable-noeventidx", frontend.Config{NumQueues: 1, MemTable: true, NoEventIdx: true, QueueSize: 64}},
+		{"packed-1q-size100", frontend.Config{NumQueues: 1, Packed: true, QueueSize: 100}},
+		{"packed-4q-indirect-2regions", frontend.Config{NumQueues: 4, Packed: true, Indirect: true, Regions: 2}},
+		{"packed-1q-memtable-noeventidx", frontend.Config{NumQueues: 1, Packed: true, MemTable: true, NoEventIdx: true, QueueSize: 64}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			const size = 16 << 20
 			env := newTestEnv(t, size, ExportConfig{Writable: true, NumQueues: 4, Serial: "serial-0123"})
 			c := env.dial(t, tc.cc)
+			if c.Packed() != tc.cc.Packed {
+				t.Fatalf("packed ring negotiated: %v, want %v", c.Packed(), tc.cc.Packed)
+			}
 			ctx := testCtx(t)
 			cfg := c.Config()
 			if cfg.Capacity != size/512 || cfg.BlkSize != 512 || cfg.NumQueues != 4 || cfg.SegMax != blkSegMax {
@@ -142,9 +148,11 @@ func TestExportRequests(t *testing.T) {
 
 // TestExportQueueDepth keeps many requests in flight on every queue and
 // checks that each completes exactly once with the right data.
-func TestExportQueueDepth(t *testing.T) {
+func TestExportQueueDepth(t *testing.T) { forEachLayout(t, testExportQueueDepth) }
+
+func testExportQueueDepth(t *testing.T, packed bool) {
 	env := newTestEnv(t, 64<<20, ExportConfig{Writable: true, NumQueues: 4})
-	c := env.dial(t, frontend.Config{NumQueues: 4, QueueSize: 256, Indirect: true})
+	c := env.dial(t, frontend.Config{NumQueues: 4, QueueSize: 256, Indirect: true, Packed: packed})
 	ctx := testCtx(t)
 	const perQueue = 200
 	var wg sync.WaitGroup
@@ -299,7 +307,9 @@ func TestExportConfigValidation(t *testing.T) {
 
 // TestExportReconnect checks that the export accepts a new front end after
 // one goes away, and that GET_VRING_BASE returns after requests complete.
-func TestExportReconnect(t *testing.T) {
+func TestExportReconnect(t *testing.T) { forEachLayout(t, testExportReconnect) }
+
+func testExportReconnect(t *testing.T, packed bool) {
 	var events []string
 	var mu sync.Mutex
 	env := newTestEnv(t, 1<<20, ExportConfig{Writable: true, NumQueues: 2,
@@ -307,7 +317,7 @@ func TestExportReconnect(t *testing.T) {
 		OnDisconnect: func() { mu.Lock(); events = append(events, "disconnect"); mu.Unlock() },
 	})
 	ctx := testCtx(t)
-	c := env.dial(t, frontend.Config{NumQueues: 2})
+	c := env.dial(t, frontend.Config{NumQueues: 2, Packed: packed})
 	if err := c.WriteAt(ctx, 1, pattern(7, 4096), 0); err != nil {
 		t.Fatal(err)
 	}
@@ -325,7 +335,7 @@ func TestExportReconnect(t *testing.T) {
 		t.Fatal("data lost across reconnect")
 	}
 	c.Close()
-	c2 := env.dial(t, frontend.Config{NumQueues: 1})
+	c2 := env.dial(t, frontend.Config{NumQueues: 1, Packed: packed})
 	if err := c2.ReadAt(ctx, 0, got, 0); err != nil {
 		t.Fatal(err)
 	}

@@ -211,7 +211,7 @@ func (c *conn) setVringNum(m *message) (wire.Payload, error) {
 	if err != nil {
 		return nil, err
 	}
-	return nil, q.setNum(s.Num)
+	return nil, q.setNum(s.Num, c.features&virtio.FeatureRingPacked != 0)
 }
 
 func (c *conn) setVringAddr(m *message) (wire.Payload, error) {
@@ -229,7 +229,7 @@ func (c *conn) setVringBase(m *message) (wire.Payload, error) {
 	if err != nil {
 		return nil, err
 	}
-	return nil, q.setBase(s.Num)
+	return nil, q.setBase(s.Num, c.features&virtio.FeatureRingPacked != 0)
 }
 
 func (c *conn) getVringBase(m *message) (wire.Payload, error) {
@@ -238,7 +238,7 @@ func (c *conn) getVringBase(m *message) (wire.Payload, error) {
 	if err != nil {
 		return nil, connError{err}
 	}
-	return wire.VringState{Index: s.Index, Num: uint32(q.takeBase())}, nil
+	return wire.VringState{Index: s.Index, Num: q.takeBase()}, nil
 }
 
 func (c *conn) setVringKick(m *message) (wire.Payload, error) {

@@ -34,9 +34,12 @@ const (
 	inflightAlign      = 64
 )
 
-// inflightQueueBytes is the size of one queue's region.
+// inflightQueueBytes is the size of one queue's region: room for the split
+// layout or the packed one (inflight_packed.go), as GET_INFLIGHT_FD comes
+// before the features that choose between them.
 func inflightQueueBytes(queueSize uint16) uint64 {
 	n := uint64(inflightHeaderSize) + uint64(inflightDescSize)*uint64(queueSize)
+	n = max(n, inflightPackedBytes(queueSize))
 	return (n + inflightAlign - 1) &^ (inflightAlign - 1)
 }
 
@@ -51,7 +54,7 @@ type inflightRegion struct {
 // createInflight makes a new, zeroed region in a sealed memfd for
 // GET_INFLIGHT_FD. The caller sends and then closes fd.
 func createInflight(numQueues, queueSize uint16) (r *inflightRegion, fd int, d wire.InflightDesc, err error) {
-	if numQueues == 0 || queueSize == 0 || queueSize > virtio.MaxQueueSize || queueSize&(queueSize-1) != 0 {
+	if numQueues == 0 || queueSize == 0 || queueSize > virtio.MaxQueueSize {
 		return nil, -1, d, fmt.Errorf("inflight region for %d queues of %d: bad geometry", numQueues, queueSize)
 	}
 	size := uint64(numQueues) * inflightQueueBytes(queueSize)
@@ -79,7 +82,7 @@ func createInflight(numQueues, queueSize uint16) (r *inflightRegion, fd int, d w
 
 // mapInflight maps the region d describes from fd (SET_INFLIGHT_FD).
 func mapInflight(fd int, d wire.InflightDesc) (*inflightRegion, error) {
-	if d.NumQueues == 0 || d.QueueSize == 0 || d.QueueSize > virtio.MaxQueueSize || d.QueueSize&(d.QueueSize-1) != 0 {
+	if d.NumQueues == 0 || d.QueueSize == 0 || d.QueueSize > virtio.MaxQueueSize {
 		return nil, fmt.Errorf("inflight region for %d queues of %d: bad geometry", d.NumQueues, d.QueueSize)
 	}
 	need := uint64(d.NumQueues) * inflightQueueBytes(d.QueueSize)

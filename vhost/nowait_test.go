@@ -17,6 +17,10 @@ import (
 // goroutine) complete within a few milliseconds while the slow one waits
 // in a worker, and both return the right data.
 func TestSlowRequestDoesNotStallQueue(t *testing.T) {
+	forEachLayout(t, testSlowRequestDoesNotStallQueue)
+}
+
+func testSlowRequestDoesNotStallQueue(t *testing.T, packed bool) {
 	const size = 16 << 20
 	env := newTestEnv(t, size, ExportConfig{Writable: true})
 	// The first MiB goes through a 200 ms delay, the rest straight to
@@ -25,7 +29,7 @@ func TestSlowRequestDoesNotStallQueue(t *testing.T) {
 	if err := env.dev.Reload(table); err != nil {
 		t.Fatal(err)
 	}
-	c := env.dial(t, frontend.Config{NumQueues: 1, QueueSize: 128, Indirect: true})
+	c := env.dial(t, frontend.Config{NumQueues: 1, QueueSize: 128, Indirect: true, Packed: packed})
 	ctx := testCtx(t)
 
 	// Put known data in both areas and read it once so that it is in the
@@ -108,12 +112,14 @@ func TestSlowRequestDoesNotStallQueue(t *testing.T) {
 // one kick completes on the ring goroutine (a zero table) with one
 // used-index publication and one call-eventfd write, as event-idx asks:
 // the driver's used_event names the first completion it waits for.
-func TestOneNotificationPerBatch(t *testing.T) {
+func TestOneNotificationPerBatch(t *testing.T) { forEachLayout(t, testOneNotificationPerBatch) }
+
+func testOneNotificationPerBatch(t *testing.T, packed bool) {
 	env := newTestEnv(t, 16<<20, ExportConfig{Poll: -1})
 	if err := env.dev.Reload(fmt.Sprintf("0 %d zero", (16<<20)/512)); err != nil {
 		t.Fatal(err)
 	}
-	c := env.dial(t, frontend.Config{NumQueues: 1, QueueSize: 128, Indirect: true})
+	c := env.dial(t, frontend.Config{NumQueues: 1, QueueSize: 128, Indirect: true, Packed: packed})
 	if c.Features()&virtio.FeatureEventIdx == 0 {
 		t.Fatal("event-idx not negotiated")
 	}

@@ -125,7 +125,9 @@ type queue struct {
 	addr     wire.VringAddr
 	addrSet  bool
 	base     uint16
+	baseHi   uint16 // bits 16-31 of SET_VRING_BASE (a packed ring's used position)
 	ring     splitRing
+	packed   *packedRing // non-nil: VIRTIO_F_RING_PACKED (packed.go), ring unused
 	mem      *Mem
 	dlog     *dirtyLog // non-nil while VHOST_F_LOG_ALL is on
 	logUsed  bool      // VHOST_VRING_F_LOG: log used-ring writes at addr.Log
@@ -222,11 +224,21 @@ func (q *queue) setupRing(env ringEnv) error {
 	if mem == nil {
 		return errors.New("no guest memory table")
 	}
-	if _, err := q.ring.setup(mem, q.num, q.addr); err != nil {
-		return err
+	if features&virtio.FeatureRingPacked != 0 {
+		if err := q.setupPacked(mem, features); err != nil {
+			return err
+		}
+	} else {
+		q.packed = nil
+		if q.num&(q.num-1) != 0 {
+			return fmt.Errorf("split ring of %d entries: not a power of 2", q.num)
+		}
+		if _, err := q.ring.setup(mem, q.num, q.addr); err != nil {
+			return err
+		}
 	}
 	q.mem = mem
-	q.ring.eventIdx = features&virtio.FeatureEventIdx != 0
+	q.ring.eventIdx = features&virtio.FeatureEventIdx != 0 && q.packed == nil
 	q.ring.indirect = features&virtio.FeatureIndirectDesc != 0
 	q.dlog = nil
 	if features&virtio.FeatureLogAll != 0 {
@@ -244,6 +256,20 @@ func (q *queue) start(env ringEnv) error {
 	if err := q.setupRing(env); err != nil {
 		return err
 	}
+	if q.packed != nil {
+		if err := q.startPacked(inf); err != nil {
+			return err
+		}
+	} else {
+		q.startSplit(inf)
+	}
+	q.startRuntime()
+	return nil
+}
+
+// startSplit sets the indices of a starting split ring and recovers the
+// requests an earlier back end left in the inflight region.
+func (q *queue) startSplit(inf *inflightRegion) {
 	q.ring.lastAvail = q.base
 	used := q.ring.usedRingIdx()
 	q.ring.restart(used)
@@ -261,6 +287,10 @@ func (q *queue) start(env ringEnv) error {
 			}
 		}
 	}
+}
+
+// startRuntime starts the ring goroutine of a queue whose ring is set up.
+func (q *queue) startRuntime() {
 	if len(q.reqs) != int(q.num) {
 		q.reqs = make([]request, q.num)
 	}
@@ -281,7 +311,6 @@ func (q *queue) start(env ringEnv) error {
 	q.startEngine()
 	q.state = queueRunning
 	q.runLoop()
-	return nil
 }
 
 // runLoop starts the ring goroutine.
@@ -340,7 +369,8 @@ func (q *queue) stop() uint16 {
 	q.workers.Wait()
 	q.stopEngine()
 	q.state = queueStopped
-	q.base = q.ring.lastAvail
+	b := q.availBase()
+	q.base, q.baseHi = uint16(b), uint16(b>>16)
 	q.inflight, q.resubmit = nil, nil
 	// Every request has completed: drop the chain buffers.
 	q.pool, q.nbufs = nil, 0
@@ -514,7 +544,7 @@ func (q *queue) waitKick() {
 		t.Stop()
 		return
 	}
-	watch := q.ring.eventIdx
+	watch := q.ring.eventIdx || q.packed != nil && q.packed.eventIdx
 	var armed time.Time
 	if watch {
 		armed = time.Now()
@@ -561,7 +591,7 @@ const lostInterruptAfter = time.Second
 // harmless (the driver finds nothing new and returns).
 func (q *queue) renotify() {
 	q.usedMu.Lock()
-	pub, event := q.ring.pubIdx, q.ring.usedEvent()
+	pub, event := q.pubAndEvent()
 	q.usedMu.Unlock()
 	if pub == event || q.broken.Load() {
 		q.renotified = false
@@ -609,6 +639,9 @@ func (q *queue) readKick() error {
 // kick and pops again if the driver added more meanwhile. It looks at the
 // stop request between requests.
 func (q *queue) drain() error {
+	if q.packed != nil {
+		return q.drainPacked()
+	}
 	poll := q.dev.exp.cfg.Poll
 	polled := false
 	for !q.stopReq.Load() && !q.dev.dead.Load() {
@@ -756,14 +789,14 @@ func (q *queue) badRequest(head uint16, err error) {
 // blocking (try); other I/O goes to a worker.
 func (q *queue) dispatch(head uint16) {
 	r := &q.reqs[head]
-	err := walkChain(q.mem, q.ring.desc, q.num, head, q.ring.indirect, &r.chain)
+	err := q.walk(head, r)
 	r.status = nil
 	if err != nil {
 		q.badRequest(head, err)
 		// Find where the status goes: the chain's last descriptor, or for
 		// a chain without one (a loop) the last device-writable byte
 		// walked, which the driver offered for writing anyway.
-		s, gpa, ok := salvageStatus(q.mem, q.ring.desc, q.num, head, q.ring.indirect)
+		s, gpa, ok := q.salvage(head)
 		if !ok {
 			s, gpa, ok = r.chain.lastWritable()
 		}
@@ -917,8 +950,9 @@ func (q *queue) putUsed(r *request, usedLen uint32) bool {
 	head := r.chain.head
 	q.usedMu.Lock()
 	defer q.usedMu.Unlock()
-	off := q.ring.putUsed(head, usedLen)
-	if q.logUsed {
+	if q.packed != nil {
+		q.putUsedPacked(head, usedLen)
+	} else if off := q.ring.putUsed(head, usedLen); q.logUsed {
 		q.dlog.mark(q.addr.Log+uint64(off), 8)
 	}
 	if q.inflight != nil {
@@ -935,6 +969,9 @@ func (q *queue) putUsed(r *request, usedLen uint32) bool {
 // publishLocked publishes the used elements put so far and reports
 // whether the driver wants a notification; usedMu is held.
 func (q *queue) publishLocked() bool {
+	if q.packed != nil {
+		return q.packed.publish()
+	}
 	notify := q.ring.publish()
 	if q.logUsed {
 		q.dlog.mark(q.addr.Log+2, 2)

@@ -35,12 +35,16 @@ func (q *queue) mustBeStopped() error {
 }
 
 // setNum sets the ring size (SET_VRING_NUM); the queue is stopped.
-func (q *queue) setNum(n uint32) error {
+func (q *queue) setNum(n uint32, packed bool) error {
 	if err := q.mustBeStopped(); err != nil {
 		return err
 	}
+	// Virtio 1.x 2.8: packed queue sizes are anything up to 32768.
+	if packed && (n == 0 || n > virtio.MaxQueueSize) {
+		return fmt.Errorf("queue %d: size %d: must be from 1 to %d", q.index, n, virtio.MaxQueueSize)
+	}
 	// Virtio 1.x 2.7: split queue sizes are powers of 2 up to 32768.
-	if n == 0 || n > virtio.MaxQueueSize || n&(n-1) != 0 {
+	if !packed && (n == 0 || n > virtio.MaxQueueSize || n&(n-1) != 0) {
 		return fmt.Errorf("queue %d: size %d: must be a power of 2 from 1 to %d", q.index, n, virtio.MaxQueueSize)
 	}
 	q.num = uint16(n)
@@ -48,14 +52,16 @@ func (q *queue) setNum(n uint32) error {
 }
 
 // setBase sets the next avail index (SET_VRING_BASE); the queue is stopped.
-func (q *queue) setBase(n uint32) error {
+// A packed ring's base carries the avail and used positions (packed.go),
+// checked when the ring starts.
+func (q *queue) setBase(n uint32, packed bool) error {
 	if err := q.mustBeStopped(); err != nil {
 		return err
 	}
-	if n > 0xffff {
-		return fmt.Errorf("queue %d: base %d beyond 16 bits (packed rings are not supported)", q.index, n)
+	if !packed && n > 0xffff {
+		return fmt.Errorf("queue %d: base %d beyond 16 bits (a split ring's index)", q.index, n)
 	}
-	q.base = uint16(n)
+	q.base, q.baseHi = uint16(n), uint16(n>>16)
 	return nil
 }
 
@@ -82,13 +88,14 @@ func (q *queue) setAddr(a wire.VringAddr, env ringEnv) error {
 }
 
 // takeBase stops the queue for GET_VRING_BASE and returns the next avail
-// index; the kick fd is closed and must be set again before a restart.
-func (q *queue) takeBase() uint16 {
+// index (a packed ring's avail and used positions); the kick fd is closed
+// and must be set again before a restart.
+func (q *queue) takeBase() uint32 {
 	// "stop ring upon receiving VHOST_USER_GET_VRING_BASE": wait for
 	// the requests in flight so that none completes after the reply.
-	base := q.stop()
+	q.stop()
 	q.closeKick()
-	return base
+	return q.baseFull()
 }
 
 // setKick replaces the kick eventfd (nil: poll). A running queue keeps
@@ -171,7 +178,7 @@ func (q *queue) reset() {
 	q.stop()
 	q.closeKick()
 	q.addrSet = false
-	q.num, q.base = 0, 0
+	q.num, q.base, q.baseHi = 0, 0, 0
 	q.enabled.Store(false)
 }
 

@@ -120,7 +120,9 @@ func startChild(t testing.TB, socket, table string, queues int, delayMS int) *ex
 // TestRestartNoLoss kills the back-end process with requests in flight,
 // restarts it on the same socket, and checks that the client, handing its
 // inflight region back, sees every request complete once with its data.
-func TestRestartNoLoss(t *testing.T) {
+func TestRestartNoLoss(t *testing.T) { forEachLayout(t, testRestartNoLoss) }
+
+func testRestartNoLoss(t *testing.T, packed bool) {
 	dir := t.TempDir()
 	img := dir + "/disk.img"
 	sock := dir + "/vhost.sock"
@@ -134,13 +136,16 @@ func TestRestartNoLoss(t *testing.T) {
 	table := fmt.Sprintf("0 %d linear %s 0", size/512, img)
 	child := startChild(t, sock, table, 2, 3000)
 	ctx := testCtx(t)
-	c, err := frontend.Dial(ctx, frontend.Config{Socket: sock, NumQueues: 2, QueueSize: 128, Inflight: true})
+	c, err := frontend.Dial(ctx, frontend.Config{Socket: sock, NumQueues: 2, QueueSize: 128, Inflight: true, Packed: packed})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
 	if c.ProtocolFeatures()&wire.ProtocolInflightSHMFD == 0 {
 		t.Fatal("INFLIGHT_SHMFD not negotiated")
+	}
+	if c.Packed() != packed {
+		t.Fatalf("packed ring negotiated: %v, want %v", c.Packed(), packed)
 	}
 	const perQueue = 24
 	var wg sync.WaitGroup

@@ -65,13 +65,14 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 	duration := fs.Duration("duration", 10*time.Second, "how long to run")
 	size := fs.Uint64("size", 0, "bytes of the device to use, from offset 0 (default: the whole device)")
 	verify := fs.Bool("verify", false, "write self-identifying blocks (after a prefill pass) and check every read")
+	packed := fs.Bool("packed", false, "use packed virtqueues (VIRTIO_F_RING_PACKED); fails if the back end does not offer them")
 	fsync := fs.Int("fsync", 0, "send a FLUSH after every N writes of each request slot and wait for it, as fio's --fsync (0: never)")
 	jsonOut := fs.Bool("json", false, "print one JSON object")
 	report := fs.String("report", "", "print the comparison table of a `FILE` of tagged results (scripts/bench-vs-qsd.sh)")
 	note := fs.String("note", "", "with --report: a line describing the machine and run")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: vhostdm bench --socket PATH [--rw read|write|randread|randwrite|randrw] [--bs BYTES]\n"+
-			"       [--iodepth N] [--queues N] [--duration D] [--size BYTES] [--verify] [--fsync N] [--json]\n"+
+			"       [--iodepth N] [--queues N] [--duration D] [--size BYTES] [--verify] [--packed] [--fsync N] [--json]\n"+
 			"       vhostdm bench --report FILE [--note TEXT] [--json]")
 		fs.PrintDefaults()
 	}
@@ -108,7 +109,7 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 	case *fsync < 0:
 		return fail("--fsync %d: want 0 (never) or a positive number of writes", *fsync)
 	}
-	b := &bench{rw: *rw, bs: *bs, iodepth: *iodepth, queues: *queues, verify: *verify, fsync: *fsync}
+	b := &bench{rw: *rw, bs: *bs, iodepth: *iodepth, queues: *queues, verify: *verify, fsync: *fsync, packed: *packed}
 	res, err := b.run(*socket, *duration, *size, stderr)
 	if err != nil {
 		return fail("%v", err)
@@ -136,7 +137,8 @@ type bench struct {
 	bs, iodepth int
 	queues      int
 	verify      bool
-	fsync       int // a FLUSH after every fsync writes of a slot; 0 never
+	packed      bool // packed virtqueues
+	fsync       int  // a FLUSH after every fsync writes of a slot; 0 never
 	flushes     atomic.Uint64
 	c           *frontend.Client
 	blocks      uint64
@@ -177,7 +179,7 @@ func (b *bench) run(socket string, d time.Duration, size uint64, stderr io.Write
 	mem := uint64(b.queues*b.iodepth*b.bs) + 16<<20
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := frontend.Dial(ctx, frontend.Config{Socket: socket, NumQueues: b.queues, QueueSize: qs, Indirect: true, MemSize: mem})
+	c, err := frontend.Dial(ctx, frontend.Config{Socket: socket, NumQueues: b.queues, QueueSize: qs, Indirect: true, MemSize: mem, Packed: b.packed})
 	if err != nil {
 		return nil, err
 	}

@@ -137,6 +137,9 @@ func (c *Client) Submit(q int, r *BlkRequest, done func(Result)) error {
 	descs[n] = virtio.Desc{Len: 1, Flags: virtio.DescFlagWrite}
 	n++
 	indirect := c.cfg.Indirect && c.features&virtio.FeatureIndirectDesc != 0
+	if cq.pk != nil {
+		return cq.submitPacked(descs[:n], indirect, func(slot []byte, sg uint64) { fillSlot(slot, sg, r, descs[:n]) }, done)
+	}
 	ring := n
 	if indirect {
 		ring = 1
@@ -155,21 +158,7 @@ func (c *Client) Submit(q int, r *BlkRequest, done func(Result)) error {
 	head := idx[len(idx)-1]
 	slot := cq.slots[int(head)*slotSize : (int(head)+1)*slotSize]
 	sg := cq.sGPA + uint64(head)*slotSize
-	le.PutUint32(slot[0:], r.Type)
-	le.PutUint32(slot[4:], 0)
-	le.PutUint64(slot[8:], r.Sector)
-	slot[slotStatusOff] = 0xff
-	descs[0].Addr = sg
-	descs[n-1].Addr = sg + slotStatusOff
-	if len(r.Ranges) > 0 {
-		for i, rg := range r.Ranges {
-			o := slotRangesOff + i*virtio.BlkDiscardSize
-			le.PutUint64(slot[o:], rg.Sector)
-			le.PutUint32(slot[o+8:], rg.Sectors)
-			le.PutUint32(slot[o+12:], rg.Flags)
-		}
-		descs[n-2].Addr = sg + slotRangesOff
-	}
+	fillSlot(slot, sg, r, descs[:n])
 	used := make([]uint16, ring)
 	copy(used, idx)
 	if indirect {
@@ -201,6 +190,27 @@ func (c *Client) Submit(q int, r *BlkRequest, done func(Result)) error {
 	cq.pend[head] = clientPending{inUse: true, descs: used, done: done}
 	cq.publishLocked(head)
 	return nil
+}
+
+// fillSlot writes r's header, status and ranges into its slot (guest
+// address sg) and points descs at them.
+func fillSlot(slot []byte, sg uint64, r *BlkRequest, descs []virtio.Desc) {
+	n := len(descs)
+	le.PutUint32(slot[0:], r.Type)
+	le.PutUint32(slot[4:], 0)
+	le.PutUint64(slot[8:], r.Sector)
+	slot[slotStatusOff] = 0xff
+	descs[0].Addr = sg
+	descs[n-1].Addr = sg + slotStatusOff
+	if len(r.Ranges) > 0 {
+		for i, rg := range r.Ranges {
+			o := slotRangesOff + i*virtio.BlkDiscardSize
+			le.PutUint64(slot[o:], rg.Sector)
+			le.PutUint32(slot[o+8:], rg.Sectors)
+			le.PutUint32(slot[o+12:], rg.Flags)
+		}
+		descs[n-2].Addr = sg + slotRangesOff
+	}
 }
 
 // Do submits r on queue q and waits for its result, waiting for ring space

@@ -33,6 +33,9 @@ type Config struct {
 	Indirect bool
 	// NoEventIdx declines VIRTIO_F_RING_EVENT_IDX.
 	NoEventIdx bool
+	// Packed negotiates VIRTIO_F_RING_PACKED (Dial fails if the back end
+	// does not offer it); QueueSize then need not be a power of two.
+	Packed bool
 	// MemTable sends SET_MEM_TABLE even when the back end offers
 	// CONFIGURE_MEM_SLOTS (then ADD_MEM_REG is used, as QEMU does).
 	MemTable bool
@@ -104,7 +107,7 @@ func Dial(ctx context.Context, cfg Config) (*Client, error) {
 	if cfg.NumQueues < 1 || cfg.NumQueues > 256 {
 		return nil, fmt.Errorf("vhost client: %d queues", cfg.NumQueues)
 	}
-	if qs := cfg.QueueSize; qs < 2 || qs > virtio.MaxQueueSize || qs&(qs-1) != 0 {
+	if qs := cfg.QueueSize; qs < 2 || qs > virtio.MaxQueueSize || (qs&(qs-1) != 0 && !cfg.Packed) {
 		return nil, fmt.Errorf("vhost client: queue size %d: must be a power of two from 2 to %d", qs, virtio.MaxQueueSize)
 	}
 	if cfg.Regions < 1 || cfg.Regions > wire.MaxFDs {
@@ -197,6 +200,12 @@ func (c *Client) setup() error {
 	}
 	if !c.cfg.NoEventIdx {
 		want |= virtio.FeatureEventIdx
+	}
+	if c.cfg.Packed {
+		if f&virtio.FeatureRingPacked == 0 {
+			return fmt.Errorf("vhost client: back end does not offer VIRTIO_F_RING_PACKED (features %#x)", f)
+		}
+		want |= virtio.FeatureRingPacked
 	}
 	c.features = f & want
 	c.protocol = 0
@@ -512,6 +521,9 @@ func (c *Client) Stop() error {
 		}
 		q.mu.Lock()
 		q.base, q.baseSet = uint16(le.Uint32(p[4:])), true
+		if q.pk != nil {
+			q.pk.base = le.Uint32(p[4:])
+		}
 		q.mu.Unlock()
 	}
 	return nil

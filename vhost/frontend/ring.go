@@ -66,8 +66,9 @@ type clientQueue struct {
 	base        uint16 // next SET_VRING_BASE; valid if baseSet
 	baseSet     bool
 
-	dead     bool   // the client is closed; guarded by mu
-	lastUsed uint16 // completion goroutine only
+	pk       *packedDriver // non-nil: packed ring (packed.go)
+	dead     bool          // the client is closed; guarded by mu
+	lastUsed uint16        // completion goroutine only
 	strays   atomic.Uint64
 }
 
@@ -75,6 +76,7 @@ type clientPending struct {
 	inUse bool
 	raw   bool
 	descs []uint16
+	slots uint16 // ring slots taken (packed)
 	done  func(Result)
 }
 
@@ -83,12 +85,21 @@ func (c *Client) setupQueue(q *clientQueue) error {
 	i := uint32(q.idx)
 	q.mu.Lock()
 	q.eventIdx = c.features&virtio.FeatureEventIdx != 0
-	base := q.base
-	if !q.baseSet {
+	if c.features&virtio.FeatureRingPacked != 0 && q.pk == nil {
+		q.pk = newPackedDriver(q.num)
+	}
+	base := uint32(q.base)
+	if q.pk != nil {
+		// A packed ring has no index in guest memory: after a back end
+		// went away without GET_VRING_BASE, QEMU sends the base it has,
+		// and a back end with the inflight region knows better.
+		base = q.pk.base
+	} else if !q.baseSet {
 		// After a back end went away without GET_VRING_BASE, QEMU restarts
 		// from the used index (virtio_queue_restore_last_avail_idx); a back
 		// end with the inflight region knows better.
-		_, base = virtio.LoadWord(q.used)
+		_, b := virtio.LoadWord(q.used)
+		base = uint32(b)
 	}
 	q.baseSet = false
 	q.mu.Unlock()
@@ -98,7 +109,7 @@ func (c *Client) setupQueue(q *clientQueue) error {
 	if err := c.send(wire.ReqSetVringNum, wire.VringState{Index: i, Num: uint32(q.num)}, nil); err != nil {
 		return err
 	}
-	if err := c.send(wire.ReqSetVringBase, wire.VringState{Index: i, Num: uint32(base)}, nil); err != nil {
+	if err := c.send(wire.ReqSetVringBase, wire.VringState{Index: i, Num: base}, nil); err != nil {
 		return err
 	}
 	if err := c.send(wire.ReqSetVringAddr, q.addr(0), nil); err != nil {
@@ -206,6 +217,9 @@ func (c *Client) ReleaseKicks(q int) bool {
 // needKickLocked decides whether the device must be kicked for the entries
 // published since the last decision (virtio 1.x 2.7.13.4).
 func (q *clientQueue) needKickLocked() bool {
+	if q.pk != nil {
+		return q.needKickPacked()
+	}
 	old, new := q.kickedIdx, q.availIdx
 	q.kickedIdx = new
 	if old == new {
@@ -246,7 +260,10 @@ func (q *clientQueue) drainUsed() {
 	q.mu.Lock()
 	q.deferKick = true
 	q.mu.Unlock()
-	for {
+	if q.pk != nil {
+		q.drainUsedPacked()
+	}
+	for q.pk == nil {
 		_, usedIdx := virtio.LoadWord(q.used)
 		if usedIdx-q.lastUsed > q.num {
 			q.strays.Add(1) // a broken device; wait for a sane index
@@ -290,6 +307,9 @@ func (q *clientQueue) finish(id, n uint32) {
 	q.pend[id] = clientPending{}
 	status := q.slots[int(id)*slotSize+slotStatusOff]
 	q.free = append(q.free, p.descs...)
+	if q.pk != nil {
+		q.pk.room += int(p.slots)
+	}
 	q.mu.Unlock()
 	select {
 	case q.space <- struct{}{}:
@@ -311,6 +331,10 @@ func (c *Client) Strays() uint64 {
 
 // UsedRingGPA returns the guest address of queue q's used ring.
 func (c *Client) UsedRingGPA(q int) uint64 { return c.queues[q].uGPA }
+
+// DescRingGPA returns the guest address of queue q's descriptor table (a
+// packed ring's used elements are written there).
+func (c *Client) DescRingGPA(q int) uint64 { return c.queues[q].dGPA }
 
 // AvailRingGPA returns the guest address of queue q's available ring (for
 // tests that play a driver misbehaving).

@@ -23,8 +23,9 @@ import (
 // guest in order: vda, vdb, ...
 type Disk struct {
 	Socket    string
-	NumQueues int // default 1
-	QueueSize int // default: QEMU's
+	NumQueues int  // default 1
+	QueueSize int  // default: QEMU's
+	Packed    bool // packed virtqueues (packed=on)
 }
 
 // VMConfig describes a guest.
@@ -144,6 +145,9 @@ func (e *Env) QEMUArgs(cfg VMConfig, initrd string) []string {
 		dev := fmt.Sprintf("vhost-user-blk-pci,chardev=c%d,num-queues=%d,id=disk%d", i, nq, i)
 		if d.QueueSize > 0 {
 			dev += fmt.Sprintf(",queue-size=%d", d.QueueSize)
+		}
+		if d.Packed {
+			dev += ",packed=on"
 		}
 		args = append(args, "-device", dev)
 	}
