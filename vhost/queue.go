@@ -295,12 +295,32 @@ func (q *queue) runLoop() {
 func (q *queue) halt() {
 	q.stopReq.Store(true)
 	q.nudge()
+	stop := make(chan struct{})
+	defer close(stop)
+	go q.unstickNotifiers(stop)
 	<-q.done
 	if q.kick != nil {
 		q.kick.SetReadDeadline(time.Time{})
 	}
 	q.active.Wait()
 	q.engineIdle()
+}
+
+// unstickNotifiers releases, until stop is closed, a completion's
+// eventfd write that the front end blocks (notifier.unstick), so that
+// halt does not wait for the front end.
+func (q *queue) unstickNotifiers(stop chan struct{}) {
+	t := time.NewTicker(10 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+			q.call.Load().unstick()
+			q.errf.Load().unstick()
+		}
+	}
 }
 
 // pause stops a running queue and waits for its requests, keeping its
