@@ -104,8 +104,10 @@ func (n *notifier) writeDirect() bool {
 	}
 	ok := false
 	n.rc.Write(func(fd uintptr) bool {
-		fl, err := unix.FcntlInt(fd, unix.F_GETFL, 0)
-		if err != nil || fl&unix.O_NONBLOCK == 0 {
+		// F_GETFL never blocks: a raw system call, without the
+		// scheduler's bookkeeping.
+		fl, _, errno := unix.RawSyscall(unix.SYS_FCNTL, fd, unix.F_GETFL, 0)
+		if errno != 0 || fl&unix.O_NONBLOCK == 0 {
 			return true
 		}
 		ok = true

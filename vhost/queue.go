@@ -145,7 +145,8 @@ type queue struct {
 	// that the queue's memory does not depend on the chains' shape.
 	pool   chan *chainBuf
 	nbufs  int
-	cur    uint16 // head being dispatched by the ring goroutine, if curSet
+	local  []*chainBuf // buffers of requests the ring goroutine completed, its own
+	cur    uint16      // head being dispatched by the ring goroutine, if curSet
 	curSet bool
 
 	call    atomic.Pointer[notifier]
@@ -270,6 +271,7 @@ func (q *queue) start(env ringEnv) error {
 	}
 	q.pool = make(chan *chainBuf, maxChainBufs)
 	q.nbufs = 0
+	q.local = q.local[:0]
 	q.curSet = false
 	q.work = make(chan *request, q.num)
 	q.nworkers = 0
@@ -364,6 +366,8 @@ func (q *queue) stop() uint16 {
 	q.inflight, q.resubmit = nil, nil
 	// Every request has completed: drop the chain buffers.
 	q.pool, q.nbufs = nil, 0
+	clear(q.local)
+	q.local = q.local[:0]
 	return q.base
 }
 
@@ -459,7 +463,7 @@ func (q *queue) admit(h uint16, b *chainBuf) {
 func (q *queue) account(r *request) {
 	if r.owed.Swap(false) {
 		q.dev.dropped.Add(1)
-		q.putBuf(r)
+		q.putBuf(r, false)
 		q.depth.Add(-1)
 		q.active.Done()
 	}
@@ -470,6 +474,12 @@ func (q *queue) account(r *request) {
 // returns nil when the queue is asked to stop (or the device died) first.
 // The ring goroutine calls it.
 func (q *queue) getBuf() *chainBuf {
+	if n := len(q.local); n > 0 {
+		b := q.local[n-1]
+		q.local[n-1] = nil
+		q.local = q.local[:n-1]
+		return b
+	}
 	select {
 	case b := <-q.pool:
 		return b
@@ -499,8 +509,10 @@ func (q *queue) getBuf() *chainBuf {
 	}
 }
 
-// putBuf returns r's chain buffer to the pool.
-func (q *queue) putBuf(r *request) {
+// putBuf returns r's chain buffer to the pool, or with ring set (the
+// caller is the ring goroutine) to the ring goroutine's own list: no
+// channel operation for a request run to completion.
+func (q *queue) putBuf(r *request, ring bool) {
 	b := r.buf
 	if b == nil {
 		return
@@ -509,6 +521,10 @@ func (q *queue) putBuf(r *request) {
 	b.segs = r.chain.segs[:0]
 	r.chain.segs = nil
 	r.blk.release(&b.blk)
+	if ring {
+		q.local = append(q.local, b)
+		return
+	}
 	q.pool <- b // never blocks: at most maxChainBufs exist
 }
 
@@ -789,9 +805,9 @@ func (q *queue) dispatch(head uint16) {
 		}
 		if ok {
 			r.status, r.statusGPA = s, gpa
-			q.finish(r, virtio.BlkStatusIOErr, 1)
+			q.finishOn(r, virtio.BlkStatusIOErr, 1, true)
 		} else {
-			q.finish(r, 0, 0)
+			q.finishOn(r, 0, 0, true)
 		}
 		return
 	}
@@ -802,12 +818,12 @@ func (q *queue) dispatch(head uint16) {
 		// Virtio 1.x 5.2.6: the status byte is the last device-writable
 		// byte; without one the request cannot be answered.
 		q.badRequest(head, errors.New("no device-writable status byte"))
-		q.finish(r, 0, 0)
+		q.finishOn(r, 0, 0, true)
 		return
 	}
 	status, usedLen, async := q.h.prepare(q, r)
 	if !async {
-		q.finish(r, status, usedLen)
+		q.finishOn(r, status, usedLen, true)
 		return
 	}
 	if q.try(r) || q.async(r) {
@@ -830,7 +846,7 @@ func (q *queue) try(r *request) (done bool) {
 	if !ok {
 		return false
 	}
-	q.finish(r, status, usedLen)
+	q.finishOn(r, status, usedLen, true)
 	return true
 }
 
@@ -909,13 +925,18 @@ func (q *queue) finishSafe(r *request, status byte, usedLen uint32) {
 // A fault on shared memory escapes as a panic after r is accounted; no
 // lock stays held.
 func (q *queue) finish(r *request, status byte, usedLen uint32) {
+	q.finishOn(r, status, usedLen, false)
+}
+
+// finishOn is finish; ring says that the caller is the ring goroutine.
+func (q *queue) finishOn(r *request, status byte, usedLen uint32, ring bool) {
 	if !r.owed.Swap(false) {
 		return // accounted already after a fault
 	}
 	q.depth.Add(-1) // before the driver can see the completion
 	defer q.active.Done()
 	// The buffer goes back before the head can be popped again.
-	q.putBuf(r)
+	q.putBuf(r, ring)
 	if q.dev.dead.Load() {
 		q.dev.dropped.Add(1)
 		r.busy.Store(false)
