@@ -9,6 +9,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -177,7 +178,7 @@ type queue struct {
 	batch     []uint16
 	one       [8]byte
 	kbuf      [8]byte
-	kiov      [1][]byte // kbuf, for preadv2
+	kvec      unix.Iovec // kbuf, for the raw preadv2
 }
 
 type queueState int
@@ -406,7 +407,7 @@ func (q *queue) run(done chan struct{}) {
 		}
 	}()
 	le.PutUint64(q.one[:], 1)
-	q.kiov[0] = q.kbuf[:]
+	q.kvec = unix.Iovec{Base: &q.kbuf[0], Len: uint64(len(q.kbuf))}
 	for !q.stopReq.Load() && !q.dev.dead.Load() {
 		if q.enabled.Load() && !q.broken.Load() {
 			for len(q.resubmit) > 0 && !q.stopReq.Load() && !q.dev.dead.Load() {
@@ -626,7 +627,13 @@ func (q *queue) readKick() error {
 	var rerr error
 	err = rc.Read(func(fd uintptr) bool {
 		for {
-			_, rerr = unix.Preadv2(int(fd), q.kiov[:], -1, unix.RWF_NOWAIT)
+			// RWF_NOWAIT never blocks: a raw system call, without
+			// the scheduler's bookkeeping (nor the wake-up of its
+			// monitor thread that a system call may cost).
+			rerr = nil
+			if _, _, e := unix.RawSyscall6(unix.SYS_PREADV2, fd, uintptr(unsafe.Pointer(&q.kvec)), 1, ^uintptr(0), 0, unix.RWF_NOWAIT); e != 0 {
+				rerr = e
+			}
 			if rerr == unix.EOPNOTSUPP { // kernels before 5.12: eventfd without RWF_NOWAIT
 				_, rerr = unix.Read(int(fd), q.kbuf[:])
 			}
