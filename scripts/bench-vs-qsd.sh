@@ -326,7 +326,7 @@ served=""
 if [ -n "$serve_bin" ]; then
 	served=", vhostdm served by $serve_bin"
 fi
-report_args=(--report "$results" --note "$ncpu CPUs, $cpu_model, load average $load at the end, runs $runs x $duration$served${venv[*]:+, vhostdm env ${venv[*]}}$([ "$poll_us" != 0 ] && echo ", poll-us $poll_us")")
+report_args=(--report "$results" --note "$ncpu CPUs, $cpu_model, load average $load at the end, runs $runs x $duration$served${venv[*]:+, vhostdm env ${venv[*]}}$(if [ "$poll_us" != 0 ]; then echo ", poll-us $poll_us"; fi)")
 if [ "$json" = 1 ]; then
 	report_args+=(--json)
 fi
