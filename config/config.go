@@ -218,6 +218,10 @@ type Export struct {
 	Writable         bool   `toml:"writable"`
 	LogicalBlockSize uint32 `toml:"logical-block-size"`
 	Serial           string `toml:"serial"`
+	// PollUS is how long, in microseconds, each queue busy-polls its
+	// available ring after it runs dry before it sleeps on the kick
+	// eventfd: 0 (the default) for never, up to MaxPollUS.
+	PollUS int `toml:"poll-us"`
 	SocketPerm
 	// NegotiationTimeout is how long a connecting front end has to
 	// complete negotiation before it is disconnected: a Go duration
@@ -386,6 +390,7 @@ func splitUnit(s string) (string, string) {
 const (
 	DefaultNumQueues        = 1
 	MaxNumQueues            = 64
+	MaxPollUS               = 1000
 	DefaultLogicalBlockSize = 512
 	MaxLogicalBlockSize     = 2 << 20
 	MaxSerialLen            = 20
@@ -607,6 +612,9 @@ func (c *Config) validate(v *validator) {
 		if len(e.Serial) > MaxSerialLen {
 			v.errAt(key+".serial", "%q: longer than %d bytes", e.Serial, MaxSerialLen)
 		}
+		if e.PollUS < 0 || e.PollUS > MaxPollUS {
+			v.errAt(key+".poll-us", "%d: must be 0 (off) to %d microseconds", e.PollUS, MaxPollUS)
+		}
 		e.NegotiationWait = 0
 		if e.NegotiationTimeout != "" {
 			d, err := time.ParseDuration(e.NegotiationTimeout)
@@ -642,8 +650,8 @@ func (c *Config) validateNBD(v *validator, key string, e *Export, i int, addrs m
 	if e.Device == "" {
 		v.errAt(key+".device", "missing device")
 	}
-	if e.NumQueues != 0 || e.LogicalBlockSize != 0 || e.Serial != "" || e.Protect || e.FallBehind != "" || e.AllowRemoteWrite {
-		v.errAt(key+".type", "nbd exports take none of num-queues, logical-block-size, serial, protect, fall-behind, allow-remote-write")
+	if e.NumQueues != 0 || e.LogicalBlockSize != 0 || e.Serial != "" || e.PollUS != 0 || e.Protect || e.FallBehind != "" || e.AllowRemoteWrite {
+		v.errAt(key+".type", "nbd exports take none of num-queues, logical-block-size, serial, poll-us, protect, fall-behind, allow-remote-write")
 	}
 	switch {
 	case (e.Socket == "") == (e.Listen == ""):

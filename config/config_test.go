@@ -24,10 +24,10 @@ func TestGoodConfig(t *testing.T) {
 		t.Fatalf("decoded %+v", c)
 	}
 	e := c.Exports[1]
-	if e.NumQueues != 1 || e.LogicalBlockSize != 512 || e.Writable || e.Serial != "ro" {
+	if e.NumQueues != 1 || e.LogicalBlockSize != 512 || e.Writable || e.Serial != "ro" || e.PollUS != 0 {
 		t.Errorf("defaults not applied: %+v", e)
 	}
-	if c.Exports[0].NumQueues != 2 || c.Exports[0].LogicalBlockSize != 4096 || !c.Exports[0].Writable {
+	if c.Exports[0].NumQueues != 2 || c.Exports[0].LogicalBlockSize != 4096 || !c.Exports[0].Writable || c.Exports[0].PollUS != 50 {
 		t.Errorf("export[0] %+v", c.Exports[0])
 	}
 	order, err := c.DeviceOrder()
@@ -88,6 +88,7 @@ writable = true
 num-queues = 65
 logical-block-size = 1000
 serial = "123456789012345678901"
+poll-us = 1001
 [[export]]
 id = "e"
 device = "nope"
@@ -98,12 +99,13 @@ socket = "s"
 			"vm.toml:10: export[0].num-queues: 65: must be 1 to 64",
 			"vm.toml:11: export[0].logical-block-size: 1000: must be a power of two from 512 to 2097152",
 			`vm.toml:12: export[0].serial: "123456789012345678901": longer than 20 bytes`,
-			`vm.toml:14: export[1].id: export id "e" already used by export[0]`,
-			`vm.toml:15: export[1].device: no device named "nope"`,
-			"vm.toml:16: export[1].socket: socket s already used by export[0]",
-			"vm.toml:17: export[2].id: missing export id",
-			"vm.toml:17: export[2].device: missing device",
-			"vm.toml:17: export[2].socket: missing socket path",
+			"vm.toml:13: export[0].poll-us: 1001: must be 0 (off) to 1000 microseconds",
+			`vm.toml:15: export[1].id: export id "e" already used by export[0]`,
+			`vm.toml:16: export[1].device: no device named "nope"`,
+			"vm.toml:17: export[1].socket: socket s already used by export[0]",
+			"vm.toml:18: export[2].id: missing export id",
+			"vm.toml:18: export[2].device: missing device",
+			"vm.toml:18: export[2].socket: missing socket path",
 		}},
 	}
 	for _, tc := range tests {

@@ -40,6 +40,9 @@ type ExportOptions struct {
 	// NegotiationTimeout is vhost.ExportConfig's (zero: the default); set
 	// from the configuration file only.
 	NegotiationTimeout time.Duration
+	// Poll is vhost.ExportConfig's (zero: off); set from the
+	// configuration file only.
+	Poll time.Duration
 }
 
 // ExportInfo is one entry of query-block-exports.

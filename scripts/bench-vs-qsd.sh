@@ -4,10 +4,11 @@
 # front-end client in package vhost) and the same workloads.
 #
 #   scripts/bench-vs-qsd.sh [--json] [--runs N] [--duration D] [--rows "1 2 3 4 5 6 7"]
-#                           [--env K=V]... [--serve-bin PATH] [--keep]
+#                           [--poll-us N] [--env K=V]... [--serve-bin PATH] [--keep]
 #
-# --env sets an environment variable of `vhostdm serve`, e.g.
-# --env VHOSTDM_POLL=20us to measure busy-polling (docs/PERFORMANCE.md);
+# --poll-us sets export.poll-us of every vhostdm export (busy-polling,
+# default off; docs/PERFORMANCE.md); --env sets an environment variable of
+# `vhostdm serve`;
 # --rows picks the rows to run (default all); --serve-bin serves with another
 # vhostdm binary (an older build, for before/after comparisons in one run)
 # while the tree's build drives and reports; --keep keeps the temporary
@@ -60,6 +61,7 @@ keep=0
 venv=()
 rows="1 2 3 4 5 6 7"
 serve_bin=
+poll_us=0
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--runs) runs=$2; shift 2 ;;
@@ -72,9 +74,11 @@ while [ $# -gt 0 ]; do
 	--rows=*) rows=${1#*=}; shift ;;
 	--serve-bin) serve_bin=$2; shift 2 ;;
 	--serve-bin=*) serve_bin=${1#*=}; shift ;;
+	--poll-us) poll_us=$2; shift 2 ;;
+	--poll-us=*) poll_us=${1#*=}; shift ;;
 	--env) venv+=("$2"); shift 2 ;;
 	--env=*) venv+=("${1#*=}"); shift ;;
-	-h|--help) sed -n '2,56p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	-h|--help) sed -n '2,57p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "bench-vs-qsd.sh: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
@@ -175,6 +179,7 @@ id = "zero"
 device = "zero"
 socket = "$dir/v-zero.sock"
 num-queues = 2
+poll-us = $poll_us
 
 [[export]]
 id = "lin1"
@@ -182,6 +187,7 @@ device = "lin1"
 socket = "$dir/v-lin1.sock"
 num-queues = 1
 writable = true
+poll-us = $poll_us
 
 [[export]]
 id = "lin1000"
@@ -189,6 +195,7 @@ device = "lin1000"
 socket = "$dir/v-lin1000.sock"
 num-queues = 1
 writable = true
+poll-us = $poll_us
 EOF
 if [ "$direct" = 1 ]; then
 	cat >>"$dir/vhostdm.toml" <<EOF
@@ -204,6 +211,7 @@ device = "lin1d"
 socket = "$dir/v-lin1d.sock"
 num-queues = 1
 writable = true
+poll-us = $poll_us
 EOF
 fi
 
@@ -318,7 +326,7 @@ served=""
 if [ -n "$serve_bin" ]; then
 	served=", vhostdm served by $serve_bin"
 fi
-report_args=(--report "$results" --note "$ncpu CPUs, $cpu_model, load average $load at the end, runs $runs x $duration$served${venv[*]:+, vhostdm env ${venv[*]}}")
+report_args=(--report "$results" --note "$ncpu CPUs, $cpu_model, load average $load at the end, runs $runs x $duration$served${venv[*]:+, vhostdm env ${venv[*]}}$(if [ "$poll_us" != 0 ]; then echo ", poll-us $poll_us"; fi)")
 if [ "$json" = 1 ]; then
 	report_args+=(--json)
 fi

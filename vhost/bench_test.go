@@ -4,6 +4,9 @@ import (
 	"context"
 	"sync"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/vhostdm/vhostdm/mapper"
 
@@ -91,16 +94,29 @@ func (zeroDevice) Size() uint64                                  { return 1 << 2
 func (zeroDevice) ReadOnly() bool                                { return false }
 func (zeroDevice) OnResize(func(uint64, uint64)) (cancel func()) { return func() {} }
 
+// nowaitZeroDevice is a zeroDevice that completes without blocking
+// (NowaitDevice), as the mapper's zero and linear-on-page-cache targets
+// do: its requests run to completion on the ring goroutine.
+type nowaitZeroDevice struct{ zeroDevice }
+
+func (d nowaitZeroDevice) TrySubmit(r *mapper.Request) error { return d.Submit(r) }
+
 // BenchmarkExportRead4K reads 4 KiB at queue depth 32 through a real socket
-// and eventfds from an export of a zero device: the whole data path.
-func BenchmarkExportRead4K(b *testing.B) { benchmarkExportRead4K(b, false) }
+// and eventfds from an export of a zero device: the whole data path, with
+// every request handed to a worker goroutine.
+func BenchmarkExportRead4K(b *testing.B) { benchExportRead4K(b, zeroDevice{}, false) }
 
 // BenchmarkExportRead4KPacked is BenchmarkExportRead4K on a packed ring.
-func BenchmarkExportRead4KPacked(b *testing.B) { benchmarkExportRead4K(b, true) }
+func BenchmarkExportRead4KPacked(b *testing.B) { benchExportRead4K(b, zeroDevice{}, true) }
 
-func benchmarkExportRead4K(b *testing.B, packed bool) {
+// BenchmarkExportRead4KNowait is BenchmarkExportRead4K with requests run
+// to completion on the ring goroutine (the null path of
+// scripts/bench-vs-qsd.sh rows 1 and 2).
+func BenchmarkExportRead4KNowait(b *testing.B) { benchExportRead4K(b, nowaitZeroDevice{}, false) }
+
+func benchExportRead4K(b *testing.B, dev Device, packed bool) {
 	dir := b.TempDir()
-	e, err := NewExport(ExportConfig{ID: "bench", Socket: dir + "/s", Writable: true, Logger: testLogger()}, zeroDevice{})
+	e, err := NewExport(ExportConfig{ID: "bench", Socket: dir + "/s", Writable: true, Logger: testLogger()}, dev)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -142,9 +158,20 @@ func benchmarkExportRead4K(b *testing.B, packed bool) {
 	}
 	b.ReportAllocs()
 	b.ResetTimer()
+	cpu0 := processCPU()
 	for i := range qd {
 		wg.Add(1)
 		submit(i)
 	}
 	wg.Wait()
+	// The CPU time of the whole process (back end and client) per
+	// request: on a shared machine, a steadier figure than ns/op.
+	b.ReportMetric(float64(processCPU()-cpu0)/float64(b.N), "cpu-ns/op")
+}
+
+// processCPU returns the process's user and system CPU time.
+func processCPU() time.Duration {
+	var ru unix.Rusage
+	unix.Getrusage(unix.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

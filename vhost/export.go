@@ -7,8 +7,6 @@ import (
 	"io/fs"
 	"log/slog"
 	"net"
-	"os"
-	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -47,18 +45,16 @@ type ExportConfig struct {
 	// goes away (for QMP events). They may be nil and must not block.
 	OnConnect, OnDisconnect func()
 
-	// Performance tunable (docs/PERFORMANCE.md). Zero takes the default,
-	// which the environment variable VHOSTDM_POLL (a Go duration)
-	// overrides; a negative value turns the feature off.
+	// Poll is how long a queue busy-polls its available ring after it
+	// runs dry before it sleeps on the kick eventfd (the configuration's
+	// export.poll-us; docs/PERFORMANCE.md). Zero or negative: off, the
+	// default: a spinning queue takes the CPU that the guest, the other
+	// queues and the other exports need, which on a machine with few
+	// CPUs costs more than the sleep it saves.
 	//
 	// Reads and writes that the device can serve without blocking
 	// (NowaitDevice) run on the queue's ring goroutine; there is no
 	// setting for it.
-	//
-	// Poll is how long a queue busy-polls its available ring after it
-	// runs dry before it sleeps on the kick eventfd. Default: off with
-	// fewer than 4 CPUs, where a spinning queue takes the CPU the guest
-	// (or the other queue) needs; 20µs otherwise.
 	Poll time.Duration
 
 	// Table, when set, tells which of discard and write-zeroes the
@@ -163,7 +159,7 @@ func NewExport(cfg ExportConfig, dev Device) (*Export, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	cfg.Poll = tunable(cfg.Poll, "VHOSTDM_POLL", defaultPoll())
+	cfg.Poll = max(cfg.Poll, 0)
 	if cfg.NegotiationTimeout == 0 {
 		cfg.NegotiationTimeout = DefaultNegotiationTimeout
 	}
@@ -178,32 +174,6 @@ func NewExport(cfg ExportConfig, dev Device) (*Export, error) {
 	e.log.Info("export listening", "socket", cfg.Socket, "queues", cfg.NumQueues,
 		"logical_block_size", cfg.LogicalBlockSize, "readonly", e.readOnly)
 	return e, nil
-}
-
-// defaultPoll is ExportConfig.Poll's default.
-func defaultPoll() time.Duration {
-	if runtime.NumCPU() < 4 {
-		return -1
-	}
-	return 20 * time.Microsecond
-}
-
-// tunable returns v, or when v is zero the duration in the environment
-// variable env, or def. Zero or negative results mean off and are returned
-// as -1.
-func tunable(v time.Duration, env string, def time.Duration) time.Duration {
-	if v == 0 {
-		v = def
-		if s := os.Getenv(env); s != "" {
-			if d, err := time.ParseDuration(s); err == nil {
-				v = d
-			}
-		}
-	}
-	if v <= 0 {
-		return -1
-	}
-	return v
 }
 
 // Config returns the export's configuration with defaults filled in.

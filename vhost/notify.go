@@ -19,24 +19,36 @@ import (
 // Nothing makes a single write safe against that: eventfd rejects
 // RWF_NOWAIT writes (EOPNOTSUPP, Linux 6.18), an eventfd cannot be reopened
 // through /proc/self/fd for a description of our own (ENXIO), and a flag
-// checked before the write can be cleared before it. So the writes happen
-// on a goroutine of the notifier's own: signal only sets a flag and wakes
-// it, and never waits. That goroutine may park in the kernel for as long as
-// the front end keeps the counter full, which costs a thread but no
-// completion (a full counter is an interrupt already pending). Closing the
-// notifier does not wait for it either; a reaper reads the counter
-// (RWF_NOWAIT reads work on eventfds whatever the flags) until the blocked
-// write completes and the goroutine exits, closing the fd.
+// checked before the write can be cleared before it.
+//
+// So signal writes on the caller's goroutine only while the file is
+// non-blocking (direct): one system call per completion batch, and no
+// goroutine to wake, which on a two-CPU machine cost more than the rest of
+// a 4 KiB request. Once the front end has cleared the flag, the writes
+// happen on a goroutine of the notifier's own: signal only sets a flag and
+// wakes it, and never waits. That goroutine may park in the kernel for as
+// long as the front end keeps the counter full, which costs a thread but no
+// completion (a full counter is an interrupt already pending). A front end
+// that clears the flag between the check and a direct write, with the
+// counter full, blocks that writer until the counter is read: only its own
+// queue waits, and halting the queue (unstick) or closing the notifier
+// (reap) empties a full counter, so that the connection and the daemon
+// never wait for it. Closing the notifier does not wait either; a reaper
+// reads the counter (RWF_NOWAIT reads work on eventfds whatever the flags)
+// until the blocked writes complete, then closes the fd.
 type notifier struct {
 	f       *os.File
 	rc      syscall.RawConn
 	log     *slog.Logger
 	what    string
-	pending atomic.Bool   // a signal not yet written
+	pending atomic.Bool   // a signal not yet written by the goroutine
 	writing atomic.Bool   // the goroutine is in write(2)
 	closing atomic.Bool   // close was called
+	direct  atomic.Int32  // callers of signal in a direct write(2)
+	logged  atomic.Bool   // the blocked-write warning was logged
 	wake    chan struct{} // cap 1
-	done    chan struct{} // closed when the goroutine has closed the fd
+	exited  chan struct{} // closed when the goroutine returns
+	done    chan struct{} // closed when the fd is closed
 }
 
 // eventfdOne is the 8-byte counter increment written to an eventfd.
@@ -47,10 +59,11 @@ var eventfdOne = [8]byte{1}
 func newNotifier(fd int, what string, log *slog.Logger) *notifier {
 	unix.SetNonblock(fd, true) // the common case: EAGAIN instead of parking
 	n := &notifier{f: os.NewFile(uintptr(fd), what), log: log, what: what,
-		wake: make(chan struct{}, 1), done: make(chan struct{})}
+		wake: make(chan struct{}, 1), exited: make(chan struct{}), done: make(chan struct{})}
 	rc, err := n.f.SyscallConn()
 	if err != nil { // not for an *os.File that wraps a valid fd
 		n.f.Close()
+		close(n.exited)
 		close(n.done)
 		return n
 	}
@@ -59,9 +72,19 @@ func newNotifier(fd int, what string, log *slog.Logger) *notifier {
 	return n
 }
 
-// signal asks for one write of 1 to the eventfd, coalescing with a write
-// not yet made. It never waits; a nil notifier does nothing.
+// signal writes 1 to the eventfd, on the caller's goroutine while the
+// file is non-blocking, else through the notifier's goroutine, coalescing
+// with a write it has not made yet. A nil notifier does nothing.
 func (n *notifier) signal() {
+	if n == nil || n.writeDirect() {
+		return
+	}
+	n.signalAsync()
+}
+
+// signalAsync asks the notifier's goroutine for one write of 1, coalescing
+// with a write not yet made. It never waits.
+func (n *notifier) signalAsync() {
 	if n == nil || n.pending.Swap(true) {
 		return
 	}
@@ -71,16 +94,44 @@ func (n *notifier) signal() {
 	}
 }
 
+// writeDirect writes 1 to the eventfd on the calling goroutine if the file
+// is non-blocking and the notifier's goroutine has no write pending or in
+// progress (whose signal then covers this one), and reports whether it
+// did.
+func (n *notifier) writeDirect() bool {
+	if n.rc == nil || n.closing.Load() || n.pending.Load() || n.writing.Load() {
+		return false
+	}
+	ok := false
+	n.rc.Write(func(fd uintptr) bool {
+		// F_GETFL never blocks: a raw system call, without the
+		// scheduler's bookkeeping.
+		fl, _, errno := unix.RawSyscall(unix.SYS_FCNTL, fd, unix.F_GETFL, 0)
+		if errno != 0 || fl&unix.O_NONBLOCK == 0 {
+			return true
+		}
+		ok = true
+		n.direct.Add(1)
+		for {
+			// EAGAIN: the counter is far from zero, the front end
+			// will wake anyway.
+			if _, err := unix.Write(int(fd), eventfdOne[:]); err != unix.EINTR {
+				break
+			}
+		}
+		n.direct.Add(-1)
+		return true
+	})
+	return ok
+}
+
 func (n *notifier) run() {
-	defer close(n.done)
-	defer n.f.Close()
+	defer close(n.exited)
 	for {
 		<-n.wake
 		if n.pending.Swap(false) {
 			n.writing.Store(true)
 			n.rc.Write(func(fd uintptr) bool {
-				// EAGAIN: the counter is far from zero, the
-				// front end will wake anyway.
 				for {
 					if _, err := unix.Write(int(fd), eventfdOne[:]); err != unix.EINTR {
 						return true
@@ -95,9 +146,43 @@ func (n *notifier) run() {
 	}
 }
 
+// blocked reports whether a write to the notifier may be blocked: one is
+// in progress.
+func (n *notifier) blocked() bool {
+	return n.writing.Load() || n.direct.Load() > 0
+}
+
+// drainFull empties the counter of the eventfd fd if it is full (poll
+// reports it not writable), which releases the writes blocked on it;
+// a counter that is not full is left alone, so that no interrupt the
+// front end is owed goes missing.
+func (n *notifier) drainFull(fd int) {
+	pfd := [1]unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
+	if k, err := unix.Poll(pfd[:], 0); err != nil || k != 0 && pfd[0].Revents&unix.POLLOUT != 0 {
+		return
+	}
+	if !n.logged.Swap(true) {
+		n.log.Warn("front end keeps an eventfd full with O_NONBLOCK cleared: emptying it to release the blocked write", "fd", n.what)
+	}
+	var b [8]byte
+	unix.Preadv2(fd, [][]byte{b[:]}, -1, unix.RWF_NOWAIT)
+}
+
+// unstick releases a write blocked on a full counter of a notifier in use
+// (see drainFull); the queue calls it while it halts.
+func (n *notifier) unstick() {
+	if n == nil || n.rc == nil || !n.blocked() {
+		return
+	}
+	n.rc.Read(func(fd uintptr) bool {
+		n.drainFull(int(fd))
+		return true
+	})
+}
+
 // close ends the notifier: the goroutine exits after a write in progress,
-// and closes the fd. close never waits; if the write is blocked, a reaper
-// releases it.
+// and the fd is closed once no write uses it. close never waits; if a
+// write is blocked, a reaper releases it.
 func (n *notifier) close() {
 	if n == nil || n.closing.Swap(true) {
 		return
@@ -106,46 +191,50 @@ func (n *notifier) close() {
 	case n.wake <- struct{}{}:
 	default:
 	}
-	select {
-	case <-n.done:
+	if n.rc == nil {
 		return
-	default:
 	}
-	go n.reap()
+	// A duplicate of the fd (the same file description, the same
+	// counter) lets the reaper read the counter while Close waits for
+	// the writes in progress.
+	dup := -1
+	n.rc.Control(func(fd uintptr) {
+		if d, err := unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0); err == nil {
+			dup = d
+		}
+	})
+	closed := make(chan struct{})
+	go func() {
+		<-n.exited
+		n.f.Close() // waits for the direct writes in progress
+		close(closed)
+	}()
+	go n.reap(dup, closed)
 }
 
 // reapFirst is how long reap waits before it looks for a blocked write.
 const reapFirst = 20 * time.Millisecond
 
-// reap waits for the goroutine of a closed notifier; while that goroutine
-// is blocked in its write, it empties the counter so that the write
-// completes. It gives up only when the goroutine has exited: a front end
+// reap waits for the fd of a closed notifier to be closed; while a write
+// is blocked on it, it empties the full counter through dup so that the
+// write completes. It gives up only when the fd is closed: a front end
 // that keeps refilling the counter keeps one thread of ours, no more.
-func (n *notifier) reap() {
+func (n *notifier) reap(dup int, closed chan struct{}) {
+	defer close(n.done)
+	if dup >= 0 {
+		defer unix.Close(dup)
+	}
 	delay := reapFirst
 	t := time.NewTimer(delay)
 	defer t.Stop()
-	logged := false
-	var b [8]byte
-	iov := [][]byte{b[:]}
 	for {
 		select {
-		case <-n.done:
+		case <-closed:
 			return
 		case <-t.C:
 		}
-		if n.writing.Load() {
-			if !logged {
-				n.log.Warn("front end keeps an eventfd full with O_NONBLOCK cleared: emptying it to release the blocked write", "fd", n.what)
-				logged = true
-			}
-			// The fd stays open while the goroutine runs; after
-			// it closed the fd, rc.Read fails instead of reading
-			// another file.
-			n.rc.Read(func(fd uintptr) bool {
-				unix.Preadv2(int(fd), iov, -1, unix.RWF_NOWAIT)
-				return true
-			})
+		if dup >= 0 && n.blocked() {
+			n.drainFull(dup)
 		}
 		delay = min(2*delay, time.Second)
 		t.Reset(delay)

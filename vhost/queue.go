@@ -9,6 +9,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -147,7 +148,8 @@ type queue struct {
 	// that the queue's memory does not depend on the chains' shape.
 	pool   chan *chainBuf
 	nbufs  int
-	cur    uint16 // head being dispatched by the ring goroutine, if curSet
+	local  []*chainBuf // buffers of requests the ring goroutine completed, its own
+	cur    uint16      // head being dispatched by the ring goroutine, if curSet
 	curSet bool
 
 	call    atomic.Pointer[notifier]
@@ -178,7 +180,7 @@ type queue struct {
 	batch     []uint16
 	one       [8]byte
 	kbuf      [8]byte
-	kiov      [1][]byte // kbuf, for preadv2
+	kvec      unix.Iovec // kbuf, for the raw preadv2
 }
 
 type queueState int
@@ -300,6 +302,7 @@ func (q *queue) startRuntime() {
 	}
 	q.pool = make(chan *chainBuf, maxChainBufs)
 	q.nbufs = 0
+	q.local = q.local[:0]
 	q.curSet = false
 	q.work = make(chan *request, q.num)
 	q.nworkers = 0
@@ -324,12 +327,32 @@ func (q *queue) runLoop() {
 func (q *queue) halt() {
 	q.stopReq.Store(true)
 	q.nudge()
+	stop := make(chan struct{})
+	defer close(stop)
+	go q.unstickNotifiers(stop)
 	<-q.done
 	if q.kick != nil {
 		q.kick.SetReadDeadline(time.Time{})
 	}
 	q.active.Wait()
 	q.engineIdle()
+}
+
+// unstickNotifiers releases, until stop is closed, a completion's
+// eventfd write that the front end blocks (notifier.unstick), so that
+// halt does not wait for the front end.
+func (q *queue) unstickNotifiers(stop chan struct{}) {
+	t := time.NewTicker(10 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+			q.call.Load().unstick()
+			q.errf.Load().unstick()
+		}
+	}
 }
 
 // pause stops a running queue and waits for its requests, keeping its
@@ -374,6 +397,8 @@ func (q *queue) stop() uint16 {
 	q.inflight, q.resubmit = nil, nil
 	// Every request has completed: drop the chain buffers.
 	q.pool, q.nbufs = nil, 0
+	clear(q.local)
+	q.local = q.local[:0]
 	return q.base
 }
 
@@ -412,7 +437,7 @@ func (q *queue) run(done chan struct{}) {
 		}
 	}()
 	le.PutUint64(q.one[:], 1)
-	q.kiov[0] = q.kbuf[:]
+	q.kvec = unix.Iovec{Base: &q.kbuf[0], Len: uint64(len(q.kbuf))}
 	for !q.stopReq.Load() && !q.dev.dead.Load() {
 		if q.enabled.Load() && !q.broken.Load() {
 			for len(q.resubmit) > 0 && !q.stopReq.Load() && !q.dev.dead.Load() {
@@ -469,7 +494,7 @@ func (q *queue) admit(h uint16, b *chainBuf) {
 func (q *queue) account(r *request) {
 	if r.owed.Swap(false) {
 		q.dev.dropped.Add(1)
-		q.putBuf(r)
+		q.putBuf(r, false)
 		q.depth.Add(-1)
 		q.active.Done()
 	}
@@ -480,6 +505,12 @@ func (q *queue) account(r *request) {
 // returns nil when the queue is asked to stop (or the device died) first.
 // The ring goroutine calls it.
 func (q *queue) getBuf() *chainBuf {
+	if n := len(q.local); n > 0 {
+		b := q.local[n-1]
+		q.local[n-1] = nil
+		q.local = q.local[:n-1]
+		return b
+	}
 	select {
 	case b := <-q.pool:
 		return b
@@ -509,8 +540,10 @@ func (q *queue) getBuf() *chainBuf {
 	}
 }
 
-// putBuf returns r's chain buffer to the pool.
-func (q *queue) putBuf(r *request) {
+// putBuf returns r's chain buffer to the pool, or with ring set (the
+// caller is the ring goroutine) to the ring goroutine's own list: no
+// channel operation for a request run to completion.
+func (q *queue) putBuf(r *request, ring bool) {
 	b := r.buf
 	if b == nil {
 		return
@@ -519,6 +552,10 @@ func (q *queue) putBuf(r *request) {
 	b.segs = r.chain.segs[:0]
 	r.chain.segs = nil
 	r.blk.release(&b.blk)
+	if ring {
+		q.local = append(q.local, b)
+		return
+	}
 	q.pool <- b // never blocks: at most maxChainBufs exist
 }
 
@@ -620,7 +657,13 @@ func (q *queue) readKick() error {
 	var rerr error
 	err = rc.Read(func(fd uintptr) bool {
 		for {
-			_, rerr = unix.Preadv2(int(fd), q.kiov[:], -1, unix.RWF_NOWAIT)
+			// RWF_NOWAIT never blocks: a raw system call, without
+			// the scheduler's bookkeeping (nor the wake-up of its
+			// monitor thread that a system call may cost).
+			rerr = nil
+			if _, _, e := unix.RawSyscall6(unix.SYS_PREADV2, fd, uintptr(unsafe.Pointer(&q.kvec)), 1, ^uintptr(0), 0, unix.RWF_NOWAIT); e != 0 {
+				rerr = e
+			}
 			if rerr == unix.EOPNOTSUPP { // kernels before 5.12: eventfd without RWF_NOWAIT
 				_, rerr = unix.Read(int(fd), q.kbuf[:])
 			}
@@ -802,9 +845,9 @@ func (q *queue) dispatch(head uint16) {
 		}
 		if ok {
 			r.status, r.statusGPA = s, gpa
-			q.finish(r, virtio.BlkStatusIOErr, 1)
+			q.finishOn(r, virtio.BlkStatusIOErr, 1, true)
 		} else {
-			q.finish(r, 0, 0)
+			q.finishOn(r, 0, 0, true)
 		}
 		return
 	}
@@ -815,12 +858,12 @@ func (q *queue) dispatch(head uint16) {
 		// Virtio 1.x 5.2.6: the status byte is the last device-writable
 		// byte; without one the request cannot be answered.
 		q.badRequest(head, errors.New("no device-writable status byte"))
-		q.finish(r, 0, 0)
+		q.finishOn(r, 0, 0, true)
 		return
 	}
 	status, usedLen, async := q.h.prepare(q, r)
 	if !async {
-		q.finish(r, status, usedLen)
+		q.finishOn(r, status, usedLen, true)
 		return
 	}
 	if q.try(r) || q.async(r) {
@@ -843,7 +886,7 @@ func (q *queue) try(r *request) (done bool) {
 	if !ok {
 		return false
 	}
-	q.finish(r, status, usedLen)
+	q.finishOn(r, status, usedLen, true)
 	return true
 }
 
@@ -922,13 +965,18 @@ func (q *queue) finishSafe(r *request, status byte, usedLen uint32) {
 // A fault on shared memory escapes as a panic after r is accounted; no
 // lock stays held.
 func (q *queue) finish(r *request, status byte, usedLen uint32) {
+	q.finishOn(r, status, usedLen, false)
+}
+
+// finishOn is finish; ring says that the caller is the ring goroutine.
+func (q *queue) finishOn(r *request, status byte, usedLen uint32, ring bool) {
 	if !r.owed.Swap(false) {
 		return // accounted already after a fault
 	}
 	q.depth.Add(-1) // before the driver can see the completion
 	defer q.active.Done()
 	// The buffer goes back before the head can be popped again.
-	q.putBuf(r)
+	q.putBuf(r, ring)
 	if q.dev.dead.Load() {
 		q.dev.dropped.Add(1)
 		r.busy.Store(false)

@@ -146,7 +146,9 @@ func (q *queue) setCall(n *notifier) {
 		// read the message (virtio_pci_one_vector_unmask). Signal the new
 		// one so that no completion waits for an interrupt that was lost;
 		// a spurious interrupt costs the driver one look at the used ring.
-		n.signal()
+		// The notifier's goroutine writes: this goroutine must not wait
+		// for the front end.
+		n.signalAsync()
 	}
 }
 

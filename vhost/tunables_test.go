@@ -14,8 +14,8 @@ import (
 
 // TestExportTunables runs a deep mixed workload (writes, flushes, reads
 // checked against what was written) by default (reads and writes run on
-// the ring goroutine when they do not block) and with polling. Results
-// must not depend on them.
+// the ring goroutine when they do not block, no polling) and with polling
+// (export.poll-us). Results must not depend on it.
 func TestExportTunables(t *testing.T) {
 	for _, tc := range []struct {
 		name string
@@ -95,24 +95,5 @@ func TestExportTunables(t *testing.T) {
 				}
 			})
 		})
-	}
-}
-
-func TestTunable(t *testing.T) {
-	t.Setenv("VHOSTDM_TEST_TUNABLE", "7us")
-	for _, tc := range []struct {
-		v, def, want time.Duration
-		env          string
-	}{
-		{0, time.Second, time.Second, "VHOSTDM_TEST_UNSET"},
-		{0, time.Second, 7 * time.Microsecond, "VHOSTDM_TEST_TUNABLE"},
-		{3, time.Second, 3, "VHOSTDM_TEST_TUNABLE"},
-		{-5, time.Second, -1, "VHOSTDM_TEST_TUNABLE"},
-		{0, -1, 7 * time.Microsecond, "VHOSTDM_TEST_TUNABLE"},
-		{0, -1, -1, "VHOSTDM_TEST_UNSET"},
-	} {
-		if got := tunable(tc.v, tc.env, tc.def); got != tc.want {
-			t.Errorf("tunable(%v, %s, %v) = %v, want %v", tc.v, tc.env, tc.def, got, tc.want)
-		}
 	}
 }

@@ -20,6 +20,7 @@ func exportOptions(c *config.Config, e config.Export) qmp.ExportOptions {
 	p := e.Perm()
 	o.SocketOwner, o.SocketGroup, o.SocketMode = p.Owner, p.Group, p.Mode
 	o.NegotiationTimeout = e.NegotiationWait
+	o.Poll = time.Duration(e.PollUS) * time.Microsecond
 	if e.Type == config.TypeNBD {
 		o.Listen, o.Name, o.Description, o.Bitmaps = e.Listen, e.Name, e.Description, e.Bitmaps
 		o.TLSCreds, o.TLSNoVerifyPeer = c.Path(e.TLSCreds), !e.VerifyPeer()

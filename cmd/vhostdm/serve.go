@@ -377,6 +377,7 @@ func (s *exportSet) Add(o qmp.ExportOptions) error {
 		LogicalBlockSize: o.LogicalBlockSize, Serial: o.Serial,
 		SocketOwner: o.SocketOwner, SocketGroup: o.SocketGroup, SocketMode: o.SocketMode,
 		NegotiationTimeout: o.NegotiationTimeout,
+		Poll:               o.Poll,
 		Table:              dev,
 		Logger:             s.d.log,
 		OnConnect:          connection(true), OnDisconnect: connection(false),
