@@ -187,9 +187,20 @@ func (q *IOQueue) queue(dev *Device, fb *fileBackend, op Op, bufs [][]byte, off 
 		iov = &s.iov[0]
 	}
 	e.PrepRW(opcode, fb.fd, iov, len(s.iov), off, uint64(idx))
+	if op == OpRead && !fb.direct && s.want >= asyncReadBytes {
+		e.Flags |= uring.SQEAsync
+	}
 	q.pending.Add(1)
 	return nil
 }
+
+// asyncReadBytes is the size from which a buffered read goes to an io-wq
+// thread at once (IOSQE_ASYNC) instead of being tried inline in
+// io_uring_enter: a read the page cache serves is a memory copy of tens
+// of µs per 128 KiB, which inline would run on the submitting ring
+// goroutine's thread, one after another, while io-wq threads copy in
+// parallel on every CPU.
+const asyncReadBytes = 256 << 10
 
 // Flush hands every request queued since the last Flush to the kernel
 // with one io_uring_enter.
@@ -363,7 +374,8 @@ func fileOf(b Backend) *fileBackend {
 
 // SubmitAsync queues r on q when the live table sends it, unchanged, to a
 // file or block device backend: a read, or a write without FUA to a block
-// device, within one target that is a Remapper. It returns nil when r was queued (q's
+// device or to an O_DIRECT (cache = "none") regular file, within one
+// target that is a Remapper. It returns nil when r was queued (q's
 // complete function then reports its result, with tag, after q.Flush has
 // submitted it), ErrWouldBlock when r does not qualify or q is full (the
 // caller performs it with Submit), or the error of a bad request, as
@@ -416,15 +428,19 @@ func (d *Device) submitAsync(q *IOQueue, r *Request, tag uint64) error {
 	if fb == nil {
 		return ErrWouldBlock
 	}
-	if r.Op == OpWrite && !fb.block {
-		// Writes to a regular file stay on the worker pool: io_uring
-		// runs the writes it cannot issue without blocking (every
-		// buffered write on ext4, O_DIRECT writes that update the
-		// file's times) on its io-wq threads, serialised per file,
-		// which halved the IOPS of 4k random writes at QD32 against
-		// the workers' parallel pwritev for the same CPU per write
-		// (docs/PERFORMANCE.md). Block devices have no such
-		// serialisation.
+	if r.Op == OpWrite && !fb.block && !fb.direct {
+		// Buffered writes to a regular file stay off io_uring: ext4
+		// has no non-blocking buffered writes, so io_uring runs every
+		// one on its io-wq threads, which serialise buffered writes per
+		// file (hashed work): 4k random writes at QD32 ran one at a
+		// time, at about half the IOPS of parallel pwritev for the same
+		// CPU per write (docs/PERFORMANCE.md). O_DIRECT writes (cache =
+		// "none") do go to io_uring: the kernel issues an overwrite of
+		// allocated blocks without blocking, and the ones it punts
+		// (extending writes, writes into unwritten extents, timestamp
+		// updates) are not serialised on file systems with parallel
+		// direct writes (ext4, xfs: FOP_DIO_PARALLEL_WRITE, Linux 6.3).
+		// Block devices have no such serialisation either.
 		return ErrWouldBlock
 	}
 	off := int64(bsector << SectorShift)
