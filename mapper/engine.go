@@ -29,11 +29,16 @@ import (
 // publishes a batch of completions with one used-index store and at most
 // one eventfd write.
 //
+// Buffered writes to regular files, which io_uring would serialise per
+// file, go to the IOQueue's lane instead: a few goroutines of its own that
+// perform them with blocking pwritev and deliver their completions in
+// batches too (lane.go).
+//
 // SubmitAsync and Flush are called by one goroutine at a time (the
-// submitter); complete and batchEnd run on the completion goroutine, or
-// for the rare short transfer on a goroutine that finishes it with a
-// blocking call, so they must be safe to call concurrently with the
-// submitter and with each other.
+// submitter); complete, batchStart and batchEnd run on the completion
+// goroutine, on lane goroutines, or for the rare short transfer on a
+// goroutine that finishes it with a blocking call, so they must be safe
+// to call concurrently with the submitter and with each other.
 type IOQueue struct {
 	ring       *uring.Ring
 	complete   func(tag uint64, err error)
@@ -48,6 +53,8 @@ type IOQueue struct {
 	pending atomic.Int32 // slots in use
 	closing bool
 	done    chan struct{}
+
+	lane lane // buffered writes to regular files (lane.go)
 }
 
 // ioSlot is one request in flight on an IOQueue; the slot index is the
@@ -115,6 +122,7 @@ func NewIOQueue(c IOQueueConfig) (*IOQueue, error) {
 		log.Debug("io_uring: io-wq worker limit unchanged", "err", err)
 	}
 	q := &IOQueue{ring: r, complete: c.Complete, batchStart: c.BatchStart, batchEnd: c.BatchEnd, log: log, done: make(chan struct{})}
+	q.lane.cond.L = &q.lane.mu
 	q.slots = make([]ioSlot, depth)
 	q.free = make([]uint32, depth)
 	for i := range q.free {
@@ -146,8 +154,8 @@ func (q *IOQueue) putSlot(i uint32) {
 
 // queue fills a submission entry for a read or write of bufs at byte off
 // of fb, on behalf of dev's request at sector. ErrWouldBlock: no room.
-func (q *IOQueue) queue(dev *Device, fb *fileBackend, op Op, bufs [][]byte, off int64, sector, sectors, tag uint64) error {
-	if len(bufs) > maxIOV {
+func (q *IOQueue) queue(dev *Device, fb *fileBackend, op Op, bufs [][]byte, off int64, sector, sectors, tag uint64, toLane bool) error {
+	if len(bufs) > maxIOV && !toLane {
 		return ErrWouldBlock
 	}
 	q.mu.Lock()
@@ -158,6 +166,13 @@ func (q *IOQueue) queue(dev *Device, fb *fileBackend, op Op, bufs [][]byte, off 
 	idx, ok := q.getSlot()
 	if !ok {
 		return ErrWouldBlock
+	}
+	if toLane {
+		s := &q.slots[idx]
+		*s = ioSlot{tag: tag, dev: dev, fb: fb, op: op, bufs: bufs, off: off, sector: sector, sectors: sectors, iov: s.iov[:0]}
+		q.pending.Add(1)
+		q.pushLane(idx)
+		return nil
 	}
 	e := q.ring.GetSQE()
 	if e == nil {
@@ -187,9 +202,20 @@ func (q *IOQueue) queue(dev *Device, fb *fileBackend, op Op, bufs [][]byte, off 
 		iov = &s.iov[0]
 	}
 	e.PrepRW(opcode, fb.fd, iov, len(s.iov), off, uint64(idx))
+	if op == OpRead && !fb.direct && s.want >= asyncReadBytes {
+		e.Flags |= uring.SQEAsync
+	}
 	q.pending.Add(1)
 	return nil
 }
+
+// asyncReadBytes is the size from which a buffered read goes to an io-wq
+// thread at once (IOSQE_ASYNC) instead of being tried inline in
+// io_uring_enter: a read the page cache serves is a memory copy of tens
+// of µs per 128 KiB, which inline would run on the submitting ring
+// goroutine's thread, one after another, while io-wq threads copy in
+// parallel on every CPU.
+const asyncReadBytes = 256 << 10
 
 // Flush hands every request queued since the last Flush to the kernel
 // with one io_uring_enter.
@@ -197,6 +223,7 @@ func (q *IOQueue) Flush() {
 	q.mu.Lock()
 	q.submitLocked()
 	q.mu.Unlock()
+	q.kickLane()
 }
 
 func (q *IOQueue) submitLocked() {
@@ -337,6 +364,7 @@ func (q *IOQueue) Close() error {
 		return errors.New("io_uring close: no submission entry free")
 	}
 	<-q.done
+	q.stopLane()
 	return q.ring.Close()
 }
 
@@ -363,7 +391,9 @@ func fileOf(b Backend) *fileBackend {
 
 // SubmitAsync queues r on q when the live table sends it, unchanged, to a
 // file or block device backend: a read, or a write without FUA to a block
-// device, within one target that is a Remapper. It returns nil when r was queued (q's
+// device or to any regular file (buffered writes to a regular file go to
+// q's lane of blocking goroutines, lane.go), within one target that is a
+// Remapper. It returns nil when r was queued (q's
 // complete function then reports its result, with tag, after q.Flush has
 // submitted it), ErrWouldBlock when r does not qualify or q is full (the
 // caller performs it with Submit), or the error of a bad request, as
@@ -416,20 +446,22 @@ func (d *Device) submitAsync(q *IOQueue, r *Request, tag uint64) error {
 	if fb == nil {
 		return ErrWouldBlock
 	}
-	if r.Op == OpWrite && !fb.block {
-		// Writes to a regular file stay on the worker pool: io_uring
-		// runs the writes it cannot issue without blocking (every
-		// buffered write on ext4, O_DIRECT writes that update the
-		// file's times) on its io-wq threads, serialised per file,
-		// which halved the IOPS of 4k random writes at QD32 against
-		// the workers' parallel pwritev for the same CPU per write
-		// (docs/PERFORMANCE.md). Block devices have no such
-		// serialisation.
-		return ErrWouldBlock
-	}
+	// Buffered writes to a regular file go to the lane (lane.go), not
+	// to io_uring: ext4 has no non-blocking buffered writes, so io_uring
+	// runs every one on its io-wq threads, which serialise buffered
+	// writes per file (hashed work): 4k random writes at QD32 ran one at
+	// a time, at about half the IOPS of parallel pwritev for the same CPU
+	// per write (docs/PERFORMANCE.md). O_DIRECT writes (cache = "none")
+	// do go to io_uring: the kernel issues an overwrite of allocated
+	// blocks without blocking, and the ones it punts (extending writes,
+	// writes into unwritten extents, timestamp updates) are not
+	// serialised on file systems with parallel direct writes (ext4, xfs:
+	// FOP_DIO_PARALLEL_WRITE, Linux 6.3). Block devices have no such
+	// serialisation either.
+	toLane := r.Op == OpWrite && !fb.block && !fb.direct
 	off := int64(bsector << SectorShift)
 	if fb.direct && !fb.aligned(r.Data, off) {
 		return ErrWouldBlock // a worker bounces it
 	}
-	return q.queue(d, fb, r.Op, r.Data, off, r.Sector, r.Sectors, tag)
+	return q.queue(d, fb, r.Op, r.Data, off, r.Sector, r.Sectors, tag, toLane)
 }

@@ -100,7 +100,7 @@ func TestIOQueueReadWrite(t *testing.T) {
 
 // TestIOQueueFile reads a regular file through the engine, across the
 // end of the file (which shrank under the device): the data, then zeros,
-// as ReadAt gives. Writes to a regular file are left to Submit.
+// as ReadAt gives; and writes one through the engine's lane.
 func TestIOQueueFile(t *testing.T) {
 	d, path := engineDevice(t, t.TempDir(), 1<<20, mapper.CacheWriteback)
 	res := newResults()
@@ -124,9 +124,22 @@ func TestIOQueueFile(t *testing.T) {
 	if !bytes.Equal(got[:4096], want) || !bytes.Equal(got[4096:], make([]byte, 4096)) {
 		t.Fatal("a read across the end of the file: want the data, then zeros")
 	}
-	r = mapper.Request{Op: mapper.OpWrite, Sectors: 8, Data: [][]byte{want}}
-	if err := d.SubmitAsync(q, &r, 8); !errors.Is(err, mapper.ErrWouldBlock) {
-		t.Fatalf("write to a regular file: %v, want ErrWouldBlock", err)
+	// A buffered write to a regular file goes to the engine's lane.
+	want2 := bytes.Repeat([]byte{9}, 8192)
+	r = mapper.Request{Op: mapper.OpWrite, Sector: 8, Sectors: 16, Data: [][]byte{want2[:512], want2[512:]}}
+	if err := d.SubmitAsync(q, &r, 8); err != nil {
+		t.Fatalf("write to a regular file: %v, want it queued", err)
+	}
+	q.Flush()
+	if err := res.wait(8); err != nil {
+		t.Fatal(err)
+	}
+	onDisk, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(onDisk[4096:4096+8192], want2) {
+		t.Fatal("a buffered write through the engine's lane: the file does not hold it")
 	}
 }
 
@@ -170,77 +183,96 @@ func warm(b *testing.B, d *mapper.Device) {
 	}
 }
 
-// BenchmarkIOQueue measures 4 KiB random reads and writes of a loop
-// device (over a file, all in the page cache) through the engine, 32 at a time (one
-// io_uring_enter per batch of completions), and the same through Submit
-// from 32 goroutines for comparison.
+// BenchmarkIOQueue measures 4 KiB random reads and writes through the
+// engine, 32 at a time (one io_uring_enter per batch), and the same
+// through Submit from 32 goroutines for comparison, on a loop device over
+// a file and on a regular file (all in the page cache): the engine sends
+// the file's writes to its lane (lane.go), everything else to io_uring.
 func BenchmarkIOQueue(b *testing.B) {
 	const qd = 32
-	for _, op := range []mapper.Op{mapper.OpRead, mapper.OpWrite} {
-		b.Run(fmt.Sprintf("%v/io_uring", op), func(b *testing.B) {
-			d := blockDevice(b, 64<<20, mapper.CacheWriteback)
-			warm(b, d)
-			done := make(chan uint64, qd)
-			q, err := mapper.NewIOQueue(mapper.IOQueueConfig{Depth: qd, Log: discard(),
-				Complete: func(tag uint64, err error) {
-					if err != nil {
-						panic(err)
-					}
-					done <- tag
-				}})
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer q.Close()
-			bufs := make([][]byte, qd)
-			reqs := make([]mapper.Request, qd)
-			for i := range bufs {
-				bufs[i] = make([]byte, 4096)
-			}
-			sector := uint64(0)
-			next := func(i int) {
-				sector = (sector + 7919*8) % (64 << 20 / 512)
-				reqs[i] = mapper.Request{Op: op, Sector: sector &^ 7, Sectors: 8, Data: bufs[i : i+1]}
-				if err := d.SubmitAsync(q, &reqs[i], uint64(i)); err != nil {
+	devs := []struct {
+		name string
+		open func(b *testing.B) *mapper.Device
+	}{
+		{"loop", func(b *testing.B) *mapper.Device { return blockDevice(b, 64<<20, mapper.CacheWriteback) }},
+		{"file", func(b *testing.B) *mapper.Device {
+			d, _ := engineDevice(b, b.TempDir(), 64<<20, mapper.CacheWriteback)
+			buf := make([]byte, 1<<20) // allocate the file: no holes
+			for s := uint64(0); s < d.Size(); s += 2048 {
+				if err := d.Submit(&mapper.Request{Op: mapper.OpWrite, Sector: s, Sectors: 2048, Data: [][]byte{buf}}); err != nil {
 					b.Fatal(err)
 				}
 			}
-			for i := range qd {
-				next(i)
-			}
-			q.Flush()
-			b.ResetTimer()
-			for n := 0; n < b.N; {
-				tag := <-done
-				n++
-				next(int(tag))
-				for k := len(done); k > 0; k-- {
-					next(int(<-done))
-					n++
+			return d
+		}},
+	}
+	for _, dv := range devs {
+		for _, op := range []mapper.Op{mapper.OpRead, mapper.OpWrite} {
+			b.Run(fmt.Sprintf("%s/%v/engine", dv.name, op), func(b *testing.B) {
+				d := dv.open(b)
+				warm(b, d)
+				done := make(chan uint64, qd)
+				q, err := mapper.NewIOQueue(mapper.IOQueueConfig{Depth: qd, Log: discard(),
+					Complete: func(tag uint64, err error) {
+						if err != nil {
+							panic(err)
+						}
+						done <- tag
+					}})
+				if err != nil {
+					b.Fatal(err)
 				}
-				q.Flush()
-			}
-			b.StopTimer()
-			for range qd {
-				<-done
-			}
-		})
-		b.Run(fmt.Sprintf("%v/submit", op), func(b *testing.B) {
-			d := blockDevice(b, 64<<20, mapper.CacheWriteback)
-			warm(b, d)
-			b.SetParallelism(qd)
-			b.RunParallel(func(pb *testing.PB) {
-				buf := make([]byte, 4096)
+				defer q.Close()
+				bufs := make([][]byte, qd)
+				reqs := make([]mapper.Request, qd)
+				for i := range bufs {
+					bufs[i] = make([]byte, 4096)
+				}
 				sector := uint64(0)
-				for pb.Next() {
+				next := func(i int) {
 					sector = (sector + 7919*8) % (64 << 20 / 512)
-					r := mapper.Request{Op: op, Sector: sector &^ 7, Sectors: 8, Data: [][]byte{buf}}
-					if err := d.Submit(&r); err != nil {
+					reqs[i] = mapper.Request{Op: op, Sector: sector &^ 7, Sectors: 8, Data: bufs[i : i+1]}
+					if err := d.SubmitAsync(q, &reqs[i], uint64(i)); err != nil {
 						b.Fatal(err)
 					}
 				}
+				for i := range qd {
+					next(i)
+				}
+				q.Flush()
+				b.ResetTimer()
+				for n := 0; n < b.N; {
+					tag := <-done
+					n++
+					next(int(tag))
+					for k := len(done); k > 0; k-- {
+						next(int(<-done))
+						n++
+					}
+					q.Flush()
+				}
+				b.StopTimer()
+				for range qd {
+					<-done
+				}
 			})
-		})
+			b.Run(fmt.Sprintf("%s/%v/submit", dv.name, op), func(b *testing.B) {
+				d := dv.open(b)
+				warm(b, d)
+				b.SetParallelism(qd)
+				b.RunParallel(func(pb *testing.PB) {
+					buf := make([]byte, 4096)
+					sector := uint64(0)
+					for pb.Next() {
+						sector = (sector + 7919*8) % (64 << 20 / 512)
+						r := mapper.Request{Op: op, Sector: sector &^ 7, Sectors: 8, Data: [][]byte{buf}}
+						if err := d.Submit(&r); err != nil {
+							b.Fatal(err)
+						}
+					}
+				})
+			})
+		}
 	}
 }
 
@@ -276,5 +308,76 @@ func TestIOQueueDirect(t *testing.T) {
 	}
 	if !bytes.Equal(got, want) {
 		t.Fatal("O_DIRECT through io_uring: read is not what was written")
+	}
+}
+
+// TestIOQueueDirectFile writes and reads an O_DIRECT (cache = "none")
+// regular file through the engine: unlike buffered writes to a regular
+// file, O_DIRECT ones go to io_uring, and what was written reads back,
+// through the engine and through the page cache after close.
+func TestIOQueueDirectFile(t *testing.T) {
+	d, path := engineDevice(t, t.TempDir(), 1<<20, mapper.CacheNone)
+	res := newResults()
+	q := newQueue(t, res)
+	want := misaligned(8192, 0, 5)
+	r := mapper.Request{Op: mapper.OpWrite, Sector: 16, Sectors: 16, Data: [][]byte{want[:4096], want[4096:]}}
+	if err := d.SubmitAsync(q, &r, 1); err != nil {
+		t.Fatalf("O_DIRECT write to a regular file: %v, want it queued", err)
+	}
+	q.Flush()
+	if err := res.wait(1); err != nil {
+		t.Fatal(err)
+	}
+	got := misaligned(8192, 0, 0)
+	r = mapper.Request{Op: mapper.OpRead, Sector: 16, Sectors: 16, Data: [][]byte{got}}
+	if err := d.SubmitAsync(q, &r, 2); err != nil {
+		t.Fatal(err)
+	}
+	q.Flush()
+	if err := res.wait(2); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("O_DIRECT file through io_uring: read is not what was written")
+	}
+	if err := d.Submit(&mapper.Request{Op: mapper.OpFlush}); err != nil {
+		t.Fatal(err)
+	}
+	onDisk, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(onDisk[16*512:16*512+8192], want) {
+		t.Fatal("O_DIRECT write through io_uring: the file does not hold it")
+	}
+	// An unaligned buffer is left to the blocking path, which bounces it.
+	r = mapper.Request{Op: mapper.OpWrite, Sector: 16, Sectors: 8, Data: [][]byte{misaligned(4096, 1, 3)}}
+	if err := d.SubmitAsync(q, &r, 3); !errors.Is(err, mapper.ErrWouldBlock) {
+		t.Fatalf("unaligned O_DIRECT write: %v, want ErrWouldBlock", err)
+	}
+}
+
+// TestIOQueueLargeRead reads 1 MiB of a regular file through the engine
+// in three unequal buffers: a buffered read that large goes to an io-wq
+// thread at once (IOSQE_ASYNC) and must return the same bytes as ReadAt.
+func TestIOQueueLargeRead(t *testing.T) {
+	d, _ := engineDevice(t, t.TempDir(), 4<<20, mapper.CacheWriteback)
+	res := newResults()
+	q := newQueue(t, res)
+	want := misaligned(1<<20, 0, 11)
+	if err := d.Submit(&mapper.Request{Op: mapper.OpWrite, Sector: 2048, Sectors: 2048, Data: [][]byte{want}}); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 1<<20)
+	r := mapper.Request{Op: mapper.OpRead, Sector: 2048, Sectors: 2048, Data: [][]byte{got[:4096], got[4096 : 300<<10], got[300<<10:]}}
+	if err := d.SubmitAsync(q, &r, 4); err != nil {
+		t.Fatal(err)
+	}
+	q.Flush()
+	if err := res.wait(4); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("1 MiB read through the engine: not the data written")
 	}
 }

@@ -29,6 +29,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// SQEAsync is IOSQE_ASYNC: the kernel runs the request on an io-wq
+// thread instead of trying it inline in io_uring_enter first.
+const SQEAsync = 1 << 4
+
 // Opcodes (enum io_uring_op).
 const (
 	OpNop    = 0
