@@ -31,8 +31,10 @@ import (
 // written serves its clones through the rbd: backend, and a failover
 // test at the checkpoint serves the hub's own clones; one QEMU guest reads
 // and verifies phase 1's plan on all six disks. The host then
-// checks the clones byte for byte: phase 1 exactly, none of phase 2; and
-// stopping the failover test removes its clones and only those.
+// checks the clones byte for byte: phase 1 exactly, none of phase 2.
+// `repagent-hub clones` refuses to remove a clone vhostdm serves; stopping
+// the failover test removes its clones and only those, and `clones
+// --remove-all` the recoveries' once vhostdm has stopped.
 func TestRBDRecoverCheckpointGuest(t *testing.T) {
 	e := needEnv(t)
 	c := needCeph(t)
@@ -253,6 +255,15 @@ func TestRBDRecoverCheckpointGuest(t *testing.T) {
 			t.Errorf("guest %s: %d sectors, want %d", vdName(i), di.Sectors, v.Size/512)
 		}
 	}
+	// `repagent-hub clones` refuses a clone a running vhostdm serves.
+	clonesCmd := func(args ...string) (string, error) {
+		cmd := exec.Command(bin, append([]string{"clones", "--store", "ceph:" + pool, "--ceph-conf", c.Conf}, args...)...)
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	if out, err := clonesCmd("--remove", clones[0]); err == nil || !strings.Contains(out, "open by a client") {
+		t.Errorf("repagent-hub clones --remove of a clone vhostdm serves: %v\n%s", err, out)
+	}
 	for _, p := range procs {
 		p.Stop()
 		if err := p.ExitErr(); err != nil {
@@ -274,7 +285,8 @@ func TestRBDRecoverCheckpointGuest(t *testing.T) {
 			t.Errorf("recovered %s (%s) differs from the state at checkpoint %q", v.Name, clone, ckpt)
 		}
 	}
-	// Stopping the failover test removes its clones, not the recoveries'.
+	// Stopping the failover test removes its clones, not the recoveries';
+	// those go with `repagent-hub clones --remove-all` once vhostdm is done.
 	qmpDo(t, hq, "repagent-failover-test-stop", map[string]any{"vm": vmName})
 	ls := c.Must(t, "rbd", "ls", pool)
 	for _, clone := range clones {
@@ -282,6 +294,12 @@ func TestRBDRecoverCheckpointGuest(t *testing.T) {
 		if gone := !strings.Contains(ls, name); gone != testClones[clone] {
 			t.Errorf("after the failover test stopped, %s is there: %v (a failover test's clone: %v)\n%s", clone, !gone, testClones[clone], ls)
 		}
+	}
+	if out, err := clonesCmd("--vm", vmName, "--purpose", "recover", "--remove-all"); err != nil || strings.Count(out, "removed ") != 2*len(vols) {
+		t.Errorf("repagent-hub clones --remove-all: %v\n%s", err, out)
+	}
+	if ls := c.Must(t, "rbd", "ls", pool); strings.Contains(ls, ".rec-") {
+		t.Errorf("recovery clones left after clones --remove-all:\n%s", ls)
 	}
 }
 
