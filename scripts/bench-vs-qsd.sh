@@ -134,6 +134,12 @@ cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
 # The image: 1000 segments of 512 KiB (1024 sectors) of random data, and a
 # copy for QSD. Both are written through the page cache and synced, so that
 # background writeback of the set-up does not run during the measurements.
+# pollkey is the exports' poll-us line (none by default: an older
+# --serve-bin build may not know the key).
+pollkey=
+if [ "$poll_us" != 0 ]; then
+	pollkey="poll-us = $poll_us"
+fi
 seg_sectors=1024
 nseg=1000
 img_sectors=$((seg_sectors * nseg))
@@ -179,7 +185,7 @@ id = "zero"
 device = "zero"
 socket = "$dir/v-zero.sock"
 num-queues = 2
-poll-us = $poll_us
+$pollkey
 
 [[export]]
 id = "lin1"
@@ -187,7 +193,7 @@ device = "lin1"
 socket = "$dir/v-lin1.sock"
 num-queues = 1
 writable = true
-poll-us = $poll_us
+$pollkey
 
 [[export]]
 id = "lin1000"
@@ -195,7 +201,7 @@ device = "lin1000"
 socket = "$dir/v-lin1000.sock"
 num-queues = 1
 writable = true
-poll-us = $poll_us
+$pollkey
 EOF
 if [ "$direct" = 1 ]; then
 	cat >>"$dir/vhostdm.toml" <<EOF
@@ -211,7 +217,7 @@ device = "lin1d"
 socket = "$dir/v-lin1d.sock"
 num-queues = 1
 writable = true
-poll-us = $poll_us
+$pollkey
 EOF
 fi
 
