@@ -12,7 +12,11 @@ import (
 	"github.com/vhostdm/vhostdm/mapper"
 )
 
-// benchTable builds a device of n linear lines of 8 sectors over one file.
+// benchDevice builds a device of n linear lines of 8 sectors over one
+// file, each line at its own offset in it: sequential device reads read
+// the file forward, as the one-line device's do, so that the benchmarks
+// compare the mapper and not the order of the file's reads (reversed, the
+// kernel took about 550 ns more per 4 KiB read on a quiet machine).
 func benchDevice(b *testing.B, lines int) *mapper.Device {
 	b.Helper()
 	path := filepath.Join(b.TempDir(), "disk.img")
@@ -24,7 +28,7 @@ func benchDevice(b *testing.B, lines int) *mapper.Device {
 	f.Close()
 	var t strings.Builder
 	for i := 0; i < lines; i++ {
-		fmt.Fprintf(&t, "%d 8 linear %s %d\n", i*8, path, (lines-1-i)*8)
+		fmt.Fprintf(&t, "%d 8 linear %s %d\n", i*8, path, i*8)
 	}
 	m := mapper.NewManager(mapper.ManagerOptions{Logger: discard()})
 	b.Cleanup(func() { m.Close() })
