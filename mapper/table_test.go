@@ -2,7 +2,9 @@ package mapper_test
 
 import (
 	"errors"
+	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"strings"
 	"testing"
 
@@ -139,4 +141,55 @@ func TestSingletonAndSelfReference(t *testing.T) {
 	if err := m.Remove("base", false); err != nil {
 		t.Fatalf("remove after its user went: %v", err)
 	}
+}
+
+// TestFind checks the lookup against a scan of the lines, for tables of 1
+// to 70 lines and of 1000, of random lengths, at the first and last
+// sector of every line and at random sectors, and on a table that reaches
+// the largest device.
+func TestFind(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 9))
+	check := func(text string) {
+		t.Helper()
+		tab, err := mapper.BuildTable(text, mapper.TableOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		lines := tab.Lines()
+		want := func(s uint64) int {
+			for i, l := range lines {
+				if s < l.Start+l.Length {
+					return i
+				}
+			}
+			return -1
+		}
+		probe := func(s uint64) {
+			if got, w := tab.Find(s), want(s); got != w {
+				t.Fatalf("%d lines: Find(%d) = %d, want %d", len(lines), s, got, w)
+			}
+		}
+		for _, l := range lines {
+			probe(l.Start)
+			probe(l.Start + l.Length - 1)
+		}
+		for range 200 {
+			probe(rng.Uint64N(tab.Size()))
+		}
+	}
+	sizes := []int{1000}
+	for i := 1; i <= 70; i++ {
+		sizes = append(sizes, i)
+	}
+	for _, n := range sizes {
+		var b strings.Builder
+		var start uint64
+		for range n {
+			l := 1 + rng.Uint64N(100)
+			fmt.Fprintf(&b, "%d %d zero\n", start, l)
+			start += l
+		}
+		check(b.String())
+	}
+	check(fmt.Sprintf("0 8 zero\n8 %d zero\n%d 1 zero\n", mapper.MaxSector-9, mapper.MaxSector-1))
 }
