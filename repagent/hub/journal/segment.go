@@ -125,7 +125,7 @@ type readerBufs struct {
 
 // readerBufSize is a reader's buffer: records up to this size are
 // returned from it without a copy.
-const readerBufSize = 4 << 20
+const readerBufSize = 1<<20 + 64<<10
 
 // newReader returns a reader from position from to position to (the end
 // of the last segment when to < 0); bufs (may be nil) lends it buffers.
