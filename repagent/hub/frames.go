@@ -26,9 +26,13 @@ type frameReader struct {
 
 	done  <-chan struct{} // the connection ended: stop waiting for arenas
 	free  chan *arena     // pooled arenas no batch uses
-	count int             // pooled arenas allocated (reader only)
+	count int             // pooled arenas taken (reader only)
+	// spare holds the arenas of ended connections, for the next ones
+	// (shared by a hub's connections; may be nil).
+	spare chan *arena
 
-	mu sync.Mutex // guards arena.refs
+	mu     sync.Mutex // guards arena.refs and closed
+	closed bool       // the reader is done: freed arenas go to spare
 
 	batches sync.Pool // *frameBatch, released
 }
@@ -59,15 +63,20 @@ const (
 	arenaSize = 8 << 20
 	// maxArenas bounds the pooled arenas of a connection: the reader
 	// waits for the engine when all are in use.
-	maxArenas = 12
+	maxArenas = 8
+	// maxSpareArenas bounds the arenas a hub keeps for connections to
+	// come.
+	maxSpareArenas = 16
 	// helloArena is the buffer before HELLO.
 	helloArena = wire.HeaderSize + wire.MaxHelloPayload
 )
 
 // newFrameReader returns a reader of frames of up to maxPayload bytes
-// from r; it stops waiting for a free arena when done is closed.
-func newFrameReader(r io.Reader, maxPayload uint32, done <-chan struct{}) *frameReader {
-	fr := &frameReader{r: r, max: maxPayload, done: done, free: make(chan *arena, maxArenas)}
+// from r; it stops waiting for a free arena when done is closed. spare
+// (may be nil) lends it the arenas of ended connections and takes its own
+// back after close.
+func newFrameReader(r io.Reader, maxPayload uint32, done <-chan struct{}, spare chan *arena) *frameReader {
+	fr := &frameReader{r: r, max: maxPayload, done: done, free: make(chan *arena, maxArenas), spare: spare}
 	fr.cur = &arena{buf: make([]byte, helloArena), refs: 1, fr: fr}
 	return fr
 }
@@ -174,6 +183,12 @@ func (fr *frameReader) get(n int) (*arena, error) {
 	}
 	if fr.count < maxArenas {
 		fr.count++
+		select {
+		case a := <-fr.spare: // nil: never
+			a.fr = fr
+			return a, nil
+		default:
+		}
 		return &arena{buf: make([]byte, arenaSize), pooled: true, fr: fr}, nil
 	}
 	select {
@@ -207,10 +222,40 @@ func (fr *frameReader) seal(b *frameBatch) *frameBatch {
 func (fr *frameReader) release(a *arena) {
 	fr.mu.Lock()
 	a.refs--
-	last := a.refs == 0
+	last, closed := a.refs == 0, fr.closed
 	fr.mu.Unlock()
 	if last && a.pooled {
-		fr.free <- a // never blocks: it has room for every pooled arena
+		if closed {
+			fr.giveBack(a)
+		} else {
+			fr.free <- a // never blocks: it has room for every pooled arena
+		}
+	}
+}
+
+// giveBack hands an arena to the hub's spares, or to the garbage
+// collector when they are full.
+func (fr *frameReader) giveBack(a *arena) {
+	select {
+	case fr.spare <- a: // nil: never
+	default:
+	}
+}
+
+// close ends the reader: its free arenas, and those freed from now on,
+// go to the hub's spares.
+func (fr *frameReader) close() {
+	fr.mu.Lock()
+	fr.closed = true
+	fr.mu.Unlock()
+	fr.release(fr.cur)
+	for {
+		select {
+		case a := <-fr.free:
+			fr.giveBack(a)
+		default:
+			return
+		}
 	}
 }
 

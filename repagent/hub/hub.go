@@ -165,6 +165,8 @@ type Hub struct {
 	wg        sync.WaitGroup
 
 	events chan Event
+	// arenas are frame buffers of ended connections (frames.go).
+	arenas chan *arena
 	evDone chan struct{}
 }
 
@@ -332,7 +334,7 @@ func New(cfg Config) (*Hub, error) {
 	rand.Read(sb[:])
 	h := &Hub{cfg: cfg, log: cfg.Logger.With("component", "repagent-hub"), session: binary.LittleEndian.Uint64(sb[:]),
 		vms: map[string]*hubVM{}, conns: map[*hubConn]struct{}{}, peers: map[string]int{}, lns: map[net.Listener]struct{}{},
-		events: make(chan Event, 1024), evDone: make(chan struct{})}
+		events: make(chan Event, 1024), evDone: make(chan struct{}), arenas: make(chan *arena, maxSpareArenas)}
 	go h.deliverEvents()
 	listing, err := cfg.Backend.VMs()
 	if err != nil {
@@ -873,7 +875,7 @@ func (c *hubConn) serve() {
 		c.nc = tc
 	}
 	// Nothing larger than a HELLO is read before the peer said who it is.
-	r := newFrameReader(c.nc, wire.MaxHelloPayload, c.done)
+	r := newFrameReader(c.nc, wire.MaxHelloPayload, c.done, h.arenas)
 	c.w = wire.NewWriter(c.nc)
 	c.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
 	f, err := r.ReadFrame()
@@ -1177,6 +1179,7 @@ func (c *hubConn) detach(err error) {
 // readLoop feeds frames to the engine, in batches of what one read of
 // the socket brought: one hand-off per batch, not per frame.
 func (c *hubConn) readLoop(r *frameReader) {
+	defer r.close()
 	for {
 		c.nc.SetReadDeadline(time.Now().Add(wire.PeerTimeout(c.h.cfg.Heartbeat)))
 		f, err := r.ReadFrame()

@@ -250,6 +250,7 @@ func (a *applier) once() (more bool, err error) {
 		if err != nil {
 			return false, a.fail(err)
 		}
+		r.headersOnly = true // the pass reads and checks them
 		for {
 			rec, _, end, err := r.next()
 			if errors.Is(err, io.EOF) {

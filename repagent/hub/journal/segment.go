@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 )
 
 // Segment file header: part of the on-disk format (see FORMAT.md).
@@ -112,6 +113,11 @@ type reader struct {
 	br   *bufio.Reader
 	hdr  [recHeaderLen]byte
 	buf  []byte
+	// headersOnly: next returns the header's fields (kind, sequence
+	// number, time) of records it skips without reading or checking
+	// them; the applier's scan for its target, whose records the pass
+	// then reads and checks.
+	headersOnly bool
 	// bufs, when set, lends br and buf and takes them back at close:
 	// fresh megabytes for every pass cost a page fault per page.
 	bufs *sync.Pool
@@ -125,7 +131,7 @@ type readerBufs struct {
 
 // readerBufSize is a reader's buffer: records up to this size are
 // returned from it without a copy.
-const readerBufSize = 4 << 20
+const readerBufSize = 1<<20 + 64<<10
 
 // newReader returns a reader from position from to position to (the end
 // of the last segment when to < 0); bufs (may be nil) lends it buffers.
@@ -249,6 +255,20 @@ func (r *reader) next() (rec Record, start, end int64, err error) {
 	}
 	if r.to >= 0 && r.pos+int64(size) > r.to {
 		return Record{}, 0, 0, torn("record of %d bytes crosses end %d", size, r.to)
+	}
+	if r.headersOnly {
+		// Skipped unread: the header's fields only, unchecked.
+		if k, err := r.br.Discard(size); err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+				return Record{}, 0, 0, torn("short record (%d of %d bytes)", k, size)
+			}
+			return Record{}, 0, 0, fmt.Errorf("read segment: %w", err)
+		}
+		rec = Record{Kind: Kind(r.hdr[8]), HasSeq: r.hdr[9]&flagHasSeq != 0, Seq: le.Uint64(r.hdr[16:]),
+			Time: time.Unix(0, int64(le.Uint64(r.hdr[24:]))).UTC()}
+		start = r.pos
+		r.pos += int64(size)
+		return rec, start, r.pos, nil
 	}
 	var b []byte
 	if size <= r.br.Size() {
