@@ -171,10 +171,10 @@ type Device struct {
 }
 
 // Metadata cache limits: no less than 16 blocks, no more than the largest
-// thin-pool metadata device (the kernel's 16 GiB).
+// thin-pool metadata device (the kernel's 16 GiB); the mapper's.
 const (
-	MinMetadataCache = 64 << 10
-	MaxMetadataCache = 16 << 30
+	MinMetadataCache = mapper.MinMetadataCache
+	MaxMetadataCache = mapper.MaxMetadataCache
 )
 
 // Options returns the device's creation options.

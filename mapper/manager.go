@@ -143,8 +143,8 @@ func (m *Manager) CreateWith(name, uuid string, o DeviceOptions) (*Device, error
 	if len(uuid) > 128 {
 		return nil, Errorf(ErrInvalid, "uuid %q: longer than 128 characters", uuid)
 	}
-	if o.MetadataCache < 0 {
-		return nil, Errorf(ErrInvalid, "metadata cache %d bytes: must not be negative", o.MetadataCache)
+	if err := CheckMetadataCache(o.MetadataCache); err != nil {
+		return nil, err
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()

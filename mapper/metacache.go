@@ -1,5 +1,7 @@
 package mapper
 
+import "fmt"
+
 // MetadataCacher is a target that keeps blocks of its on-disk metadata in
 // memory (thin-pool: its mapping and device btrees) in a cache whose bound
 // is the device's metadata cache option ([DeviceOptions.MetadataCache]).
@@ -13,6 +15,23 @@ type MetadataCacher interface {
 	MetadataCache() (cached, limit int64)
 }
 
+// Bounds of a metadata cache option: no less than 16 blocks of 4 KiB, no
+// more than the largest thin-pool metadata device (the kernel's 16 GiB).
+const (
+	MinMetadataCache = 64 << 10
+	MaxMetadataCache = 16 << 30
+)
+
+// CheckMetadataCache reports whether bytes is a valid metadata cache
+// option: 0 (the targets' defaults), or whole 4 KiB blocks from
+// MinMetadataCache to MaxMetadataCache.
+func CheckMetadataCache(bytes int64) error {
+	if bytes == 0 || bytes >= MinMetadataCache && bytes <= MaxMetadataCache && bytes%4096 == 0 {
+		return nil
+	}
+	return Errorf(ErrInvalid, "metadata cache %d bytes: want 0 or whole 4 KiB blocks from %d to %d", bytes, MinMetadataCache, MaxMetadataCache)
+}
+
 // MetadataCache returns the device's metadata cache option in bytes; 0
 // leaves the bound to its targets' defaults.
 func (d *Device) MetadataCache() int64 { return d.metaCache.Load() }
@@ -23,8 +42,8 @@ func (d *Device) MetadataCache() int64 { return d.metaCache.Load() }
 // are built with it. A device whose tables have no such target refuses a
 // bound and keeps its option (0 is always accepted).
 func (d *Device) SetMetadataCache(bytes int64) error {
-	if bytes < 0 {
-		return Errorf(ErrInvalid, "%s: metadata cache %d bytes: must not be negative", d.name, bytes)
+	if err := CheckMetadataCache(bytes); err != nil {
+		return fmt.Errorf("%s: %w", d.name, err)
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()

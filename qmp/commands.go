@@ -30,7 +30,7 @@ func (s *Server) commands() map[string]*command {
 		{name: "query-version", run: cmdQueryVersion},
 		{name: "query-commands", run: cmdQueryCommands},
 		{name: "quit", mutates: true, run: nil}, // handled in handle: it acts after its reply
-		{name: "dm-create", mutates: true, params: []param{req("name", kString), opt("table", kString), opt("uuid", kString), opt("readonly", kBool)}, run: cmdCreate},
+		{name: "dm-create", mutates: true, params: []param{req("name", kString), opt("table", kString), opt("uuid", kString), opt("readonly", kBool), opt("metadata-cache", kUint64)}, run: cmdCreate},
 		{name: "dm-load", mutates: true, params: []param{req("name", kString), req("table", kString)}, run: cmdLoad},
 		{name: "dm-suspend", mutates: true, params: []param{req("name", kString), opt("noflush", kBool)}, run: cmdSuspend},
 		{name: "dm-resume", mutates: true, params: []param{req("name", kString)}, run: cmdResume},
@@ -215,12 +215,41 @@ func (c *client) device(name string) (*mapper.Device, error) {
 func cmdCreate(c *client, a args) (any, error) {
 	m := c.s.cfg.Manager
 	var err error
+	if a.has("metadata-cache") {
+		return empty, createWithMetadataCache(m, a)
+	}
 	if a.has("table") {
 		_, err = m.CreateTable(a.str("name"), a.str("uuid"), a.flag("readonly"), a.str("table"))
 	} else {
 		_, err = m.Create(a.str("name"), a.str("uuid"), a.flag("readonly"))
 	}
 	return empty, err
+}
+
+// createWithMetadataCache is dm-create with a metadata cache bound: the
+// table must have a target that keeps one (thin-pool); otherwise nothing
+// is left behind.
+func createWithMetadataCache(m *mapper.Manager, a args) error {
+	n := a.uint("metadata-cache")
+	if n > mapper.MaxMetadataCache {
+		return mapper.Errorf(mapper.ErrInvalid, "metadata-cache %d bytes: more than %d", n, int64(mapper.MaxMetadataCache))
+	}
+	if err := mapper.CheckMetadataCache(int64(n)); err != nil {
+		return err
+	}
+	if !a.has("table") {
+		return mapper.Errorf(mapper.ErrInvalid, "metadata-cache needs a table with a thin-pool line")
+	}
+	name := a.str("name")
+	d, err := m.CreateTableWith(name, a.str("uuid"), mapper.DeviceOptions{ReadOnly: a.flag("readonly")}, a.str("table"))
+	if err != nil {
+		return err
+	}
+	if err := d.SetMetadataCache(int64(n)); err != nil {
+		m.Remove(name, true)
+		return fmt.Errorf("create %s: %w", name, err)
+	}
+	return nil
 }
 
 func cmdLoad(c *client, a args) (any, error) {

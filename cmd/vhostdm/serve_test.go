@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -12,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vhostdm/vhostdm/internal/qmpclient"
 	"github.com/vhostdm/vhostdm/internal/sdnotify/sdnotifytest"
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/vhost/frontend"
@@ -272,5 +274,56 @@ func TestReloadMetadataCache(t *testing.T) {
 	}
 	if got := limit(); got != 1<<20 {
 		t.Fatalf("after removing metadata-cache: bound %d, want the default, 1 MiB", got)
+	}
+}
+
+// TestQMPCreateMetadataCache creates a thin-pool over QMP with dm-create's
+// metadata-cache: the pool is created with that bound; a bound that is not
+// whole 4 KiB blocks, out of range, given without a table, or given for a
+// table with no thin-pool is refused with ErrInvalid's class and leaves
+// no device behind.
+func TestQMPCreateMetadataCache(t *testing.T) {
+	dir := t.TempDir()
+	sparse(t, filepath.Join(dir, "meta.img"), 4<<20)
+	sparse(t, filepath.Join(dir, "data.img"), 128<<20)
+	sock := filepath.Join(dir, "qmp.sock")
+	path := writeConfig(t, dir, "[qmp]\nsocket = \"qmp.sock\"\n")
+	d, ctx := serveInProcess(t, path)
+	mon, err := qmpclient.Dial(ctx, "unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mon.Close()
+	pool := fmt.Sprintf("0 262144 thin-pool %s %s 128 0", filepath.Join(dir, "meta.img"), filepath.Join(dir, "data.img"))
+	run := func(args string) error {
+		_, err := mon.Run([]byte(`{"execute":"dm-create","arguments":` + args + `}`))
+		return err
+	}
+	for _, bad := range []struct{ args, want string }{
+		{`{"name":"p1","table":"` + pool + `","metadata-cache":4097}`, "whole 4 KiB blocks"},
+		{`{"name":"p1","table":"` + pool + `","metadata-cache":4096}`, "whole 4 KiB blocks"},
+		{`{"name":"p1","table":"` + pool + `","metadata-cache":17179869185000}`, "more than"},
+		{`{"name":"p1","metadata-cache":65536}`, "needs a table"},
+		{`{"name":"p1","table":"0 8 zero","metadata-cache":65536}`, "keeps a metadata cache"},
+		{`{"name":"p1","table":"` + pool + `","metadata-cache":-1}`, "metadata-cache"},
+	} {
+		err := run(bad.args)
+		var qe *qmpclient.Error
+		if !errors.As(err, &qe) || !strings.Contains(qe.Desc, bad.want) {
+			t.Errorf("dm-create %s: %v, want an error containing %q", bad.args, err, bad.want)
+		}
+		if _, err := d.m.Get("p1"); err == nil {
+			t.Fatalf("dm-create %s was refused but left device p1", bad.args)
+		}
+	}
+	if err := run(`{"name":"p1","table":"` + pool + `","metadata-cache":131072}`); err != nil {
+		t.Fatal(err)
+	}
+	dev, err := d.m.Get("p1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, limit, ok := dev.MetadataCacheStats(); !ok || limit != 128<<10 {
+		t.Fatalf("pool created with metadata-cache 128 KiB: bound %d (reported %v)", limit, ok)
 	}
 }
