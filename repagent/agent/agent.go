@@ -191,9 +191,13 @@ type Agent struct {
 	// it holds a frame that must go out at once, the last sequence number
 	// handed to the socket, and the timer that bounds how long a small
 	// batch is held.
-	queuedB   int64
-	urgent    bool
-	sentSeq   uint64
+	queuedB int64
+	urgent  bool
+	sentSeq uint64
+	// takenSeq is the last sequence number the sender took off the queue
+	// (sentSeq follows once it is encoded): batching waits while frames
+	// up to it are unacknowledged.
+	takenSeq  uint64
 	holdTimer *time.Timer
 	holdArmed bool
 
@@ -1075,7 +1079,7 @@ func (a *Agent) sendReady(now time.Time) bool {
 	if len(a.queue) == 0 {
 		return false
 	}
-	return a.urgent || a.queuedB >= sendBatchBytes || a.sentSeq <= a.acked || now.Sub(a.queue[0].t) >= maxHold ||
+	return a.urgent || a.queuedB >= sendBatchBytes || a.takenSeq <= a.acked || now.Sub(a.queue[0].t) >= maxHold ||
 		(a.al != nil && a.al.Waiting())
 }
 
@@ -1226,7 +1230,7 @@ func (a *Agent) release(v *agentVolume, it *qitem) {
 func (a *Agent) disconnected() {
 	a.conn = nil
 	a.queue = nil
-	a.queuedB, a.urgent, a.sentSeq = 0, false, a.acked
+	a.queuedB, a.urgent, a.sentSeq, a.takenSeq = 0, false, a.acked, a.acked
 	for _, v := range a.vols {
 		for _, it := range v.pending {
 			if a.cfg.Group {
@@ -1939,6 +1943,7 @@ func (c *agentConn) sendLoop() {
 				break
 			}
 		}
+		a.takenSeq = max(a.takenSeq, last)
 		// The sender owns the batch's data buffers from here.
 		pooled := c.pooled[:0]
 		for _, it := range items {
