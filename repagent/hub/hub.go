@@ -994,22 +994,37 @@ func (c *hubConn) acker() {
 // failStore puts the connection's protected volumes into StateStoreError
 // for a journal error.
 func (c *hubConn) failStore(err error) {
-	h := c.h
-	h.mu.Lock()
-	defer h.mu.Unlock()
+	c.h.mu.Lock()
+	defer c.h.mu.Unlock()
+	c.failStoreLocked(err)
+}
+
+// failStoreLocked is failStore with h.mu held.
+func (c *hubConn) failStoreLocked(err error) {
 	for _, v := range c.byID {
 		if v.mirror || v.wantMirror {
-			h.storeFailed(v, fmt.Errorf("journal: %w", err))
+			c.h.storeFailed(v, fmt.Errorf("journal: %w", err))
 		}
 	}
 }
 
-// submit journals recs in order after everything submitted before.
+// submit journals recs in order after everything submitted before; h.mu
+// not held.
 func (c *hubConn) submit(recs ...journal.Record) error {
+	return c.submitWith(c.failStore, recs)
+}
+
+// submitLocked is submit with h.mu held (a journal error must not take it
+// again).
+func (c *hubConn) submitLocked(recs ...journal.Record) error {
+	return c.submitWith(c.failStoreLocked, recs)
+}
+
+func (c *hubConn) submitWith(fail func(error), recs []journal.Record) error {
 	p, err := c.vm.j.Submit(recs...)
 	if err != nil {
 		if !errors.Is(err, journal.ErrInvalid) {
-			c.failStore(err)
+			fail(err)
 		}
 		return err
 	}
@@ -1526,7 +1541,7 @@ func (c *hubConn) protect(v *hubVolume, sectors uint64) error {
 	}
 	if size != 0 {
 		// The applier creates (preallocated) or resizes the base image.
-		if err := c.submit(journal.Record{Kind: journal.KindVolume, Volume: v.name, Size: size}); err != nil {
+		if err := c.submitLocked(journal.Record{Kind: journal.KindVolume, Volume: v.name, Size: size}); err != nil {
 			return err
 		}
 	}
@@ -1605,7 +1620,7 @@ func (c *hubConn) protect(v *hubVolume, sectors uint64) error {
 func (c *hubConn) resize(v *hubVolume, sectors uint64) error {
 	v.log.Warn("volume resized: full resync", "old_sectors", v.sectors, "new_sectors", sectors,
 		"resync_bytes", sectors*wire.SectorSize)
-	if err := c.submit(journal.Record{Kind: journal.KindVolume, Volume: v.name, Size: int64(sectors) * wire.SectorSize}); err != nil {
+	if err := c.submitLocked(journal.Record{Kind: journal.KindVolume, Volume: v.name, Size: int64(sectors) * wire.SectorSize}); err != nil {
 		c.h.storeFailed(v, fmt.Errorf("resize: %w", err))
 		return fmt.Errorf("volume %s: resize: %w", v.name, err)
 	}
@@ -2019,7 +2034,7 @@ func (c *hubConn) resyncWork() (work, waiting bool) {
 // that nothing is journaled between the decision and the record (Submit
 // does not block on the store).
 func (c *hubConn) openResyncSet() error {
-	if err := c.submit(journal.Record{Kind: journal.KindResyncBegin}); err != nil {
+	if err := c.submitLocked(journal.Record{Kind: journal.KindResyncBegin}); err != nil {
 		return fmt.Errorf("journal resync mark: %w", err)
 	}
 	c.vm.resync = true
@@ -2061,13 +2076,13 @@ func (c *hubConn) pump() error {
 	if mark != nil {
 		// Submitted under h.mu: nothing may slip between the decision
 		// and the record. Submit does not block on the store.
-		if err := c.submit(*mark); err != nil {
+		if err := c.submitLocked(*mark); err != nil {
 			h.mu.Unlock()
 			return fmt.Errorf("journal resync mark: %w", err)
 		}
 		if mark.Kind == journal.KindResyncEnd && len(c.ckpts) > 0 {
 			for _, n := range c.ckpts {
-				err := c.submit(journal.Record{Kind: journal.KindCheckpoint, Checkpoint: n})
+				err := c.submitLocked(journal.Record{Kind: journal.KindCheckpoint, Checkpoint: n})
 				if errors.Is(err, journal.ErrInvalid) {
 					c.log.Warn("checkpoint refused", "checkpoint", n, "err", err)
 				} else if err != nil {
