@@ -84,7 +84,10 @@ func TestMetadataFailedLeg(t *testing.T) {
 	a.m.Close()
 
 	set.Get("m1").WriteAt([][]byte{bytes.Repeat([]byte{0xEE}, 64*512)}, 7*64*512)
-	a = newArray(t, set, 2, tbl)
+	// Reloaded with a recovery rate of 128 kB/s, so that the 64 KiB to
+	// recover take a moment and the status can be read while it runs
+	// (unthrottled, memory devices recover before the first look).
+	a = newArray(t, set, 2, table("raid1", 2, member/512, 0, "daemon_sleep 3600000 region_size 64 max_recovery_rate 128", devs))
 	if f := strings.Fields(a.status()); f[2] != "Aa" {
 		t.Errorf("reload with leg 1 back: %q, want it recovering", a.status())
 	}
