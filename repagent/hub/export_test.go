@@ -4,6 +4,8 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+
+	"github.com/vhostdm/vhostdm/repagent/hub/journal"
 )
 
 // FaultyStore makes the recovery volumes of a hub fail on demand, as a
@@ -65,6 +67,17 @@ func (s *FaultyStore) Install(cfg *Config) {
 func load(p *atomic.Pointer[error]) error {
 	if e := p.Load(); e != nil {
 		return *e
+	}
+	return nil
+}
+
+// Journal returns vm's open journal (nil if none), for tests that put a
+// record in it past the hub.
+func (h *Hub) Journal(vm string) *journal.Journal {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if v := h.vms[vm]; v != nil {
+		return v.j
 	}
 	return nil
 }
