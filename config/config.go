@@ -170,13 +170,6 @@ type Device struct {
 	MetadataCacheBytes int64            `toml:"-"` // MetadataCache, parsed; 0: the default
 }
 
-// Metadata cache limits: no less than 16 blocks, no more than the largest
-// thin-pool metadata device (the kernel's 16 GiB); the mapper's.
-const (
-	MinMetadataCache = mapper.MinMetadataCache
-	MaxMetadataCache = mapper.MaxMetadataCache
-)
-
 // Options returns the device's creation options.
 func (d *Device) Options() mapper.DeviceOptions {
 	return mapper.DeviceOptions{ReadOnly: d.ReadOnly, Cache: d.CacheMode, MetadataCache: d.MetadataCacheBytes}
@@ -191,7 +184,9 @@ func (d *Device) validateMetadataCache(v *validator, key string, lines []mapper.
 	}
 	key += ".metadata-cache"
 	n, err := ParseSize(d.MetadataCache)
-	if err != nil || n < MinMetadataCache || n > MaxMetadataCache || n%4096 != 0 {
+	// The mapper's bounds (mapper.CheckMetadataCache); 0, the default
+	// there, is not a size to write here.
+	if err != nil || n == 0 || n > mapper.MaxMetadataCache || mapper.CheckMetadataCache(int64(n)) != nil {
 		v.errAt(key, "%q: want a size from 64k to 16g in whole 4k blocks, such as \"64m\"", d.MetadataCache)
 		return
 	}
