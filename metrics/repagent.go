@@ -67,6 +67,7 @@ var (
 	hubResyncing = prometheus.NewDesc("repagent_hub_resync_open", "1 while a resync set is open in the VM's journal (the consistent point stays the one before it).", []string{"vm"}, nil)
 	hubJBytes    = prometheus.NewDesc("repagent_hub_journal_bytes", "The VM's journaled bytes not yet applied to the replica images.", []string{"vm"}, nil)
 	hubStoreErs  = prometheus.NewDesc("repagent_hub_store_errors_total", "Store failures of the volume (fsync, write, preallocation, state save) since the hub started.", []string{"vm", "volume"}, nil)
+	hubStoreTry  = prometheus.NewDesc("repagent_hub_store_retries_total", "Failed attempts to leave store-error (reopen the journal, start protection again) since the hub started; the hub retries with backoff while the agent stays connected.", []string{"vm", "volume"}, nil)
 	hubVerifyN   = prometheus.NewDesc("repagent_hub_verify_runs_total", "Online verifies of the volume (repagent-verify) since the hub started.", []string{"vm", "volume"}, nil)
 	hubVerifyBad = prometheus.NewDesc("repagent_hub_verify_mismatch_regions_total", "Regions online verifies found different between source and replica since the hub started.", []string{"vm", "volume"}, nil)
 	hubVerifyNow = prometheus.NewDesc("repagent_hub_verify_last_mismatch_regions", "Regions the volume's last online verify found different (0 before the first).", []string{"vm", "volume"}, nil)
@@ -84,7 +85,7 @@ func Hub(h *hub.Hub) *prometheus.Registry {
 type hubCollector struct{ h *hub.Hub }
 
 func (c *hubCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{hubSync, hubResync, hubBacklog, hubBackIOs, hubLag, hubApplied, hubRemote, hubVMConn, hubAppliedN, hubStoreErr, hubStoreErs, hubCPAge, hubCPSeq, hubResyncing, hubJBytes, hubVerifyN, hubVerifyBad, hubVerifyNow, hubCsumSame, hubCsumDiff} {
+	for _, d := range []*prometheus.Desc{hubSync, hubResync, hubBacklog, hubBackIOs, hubLag, hubApplied, hubRemote, hubVMConn, hubAppliedN, hubStoreErr, hubStoreErs, hubStoreTry, hubCPAge, hubCPSeq, hubResyncing, hubJBytes, hubVerifyN, hubVerifyBad, hubVerifyNow, hubCsumSame, hubCsumDiff} {
 		ch <- d
 	}
 }
@@ -109,6 +110,7 @@ func (c *hubCollector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(hubAppliedN, prometheus.GaugeValue, float64(v.AppliedSeq), vm.VM, v.Volume)
 			ch <- prometheus.MustNewConstMetric(hubStoreErr, prometheus.GaugeValue, b2f(v.State == hub.StateStoreError), vm.VM, v.Volume)
 			ch <- prometheus.MustNewConstMetric(hubStoreErs, prometheus.CounterValue, float64(v.StoreErrors), vm.VM, v.Volume)
+			ch <- prometheus.MustNewConstMetric(hubStoreTry, prometheus.CounterValue, float64(v.StoreRetries), vm.VM, v.Volume)
 			ch <- prometheus.MustNewConstMetric(hubVerifyN, prometheus.CounterValue, float64(v.VerifyRuns), vm.VM, v.Volume)
 			ch <- prometheus.MustNewConstMetric(hubVerifyBad, prometheus.CounterValue, float64(v.VerifyMismatches), vm.VM, v.Volume)
 			last := 0.0

@@ -406,6 +406,9 @@ func FormatStatus(st []hub.VMStatus, bars bool) string {
 				v.BacklogSeconds, v.AppliedSeq)
 			if v.StoreError != "" {
 				fmt.Fprintf(&b, "    store error: %s\n", v.StoreError)
+				if v.StoreRetries > 0 {
+					fmt.Fprintf(&b, "    store retries: %d failed (the hub keeps retrying with backoff)\n", v.StoreRetries)
+				}
 			}
 			if v.CsumPendingBytes > 0 || v.CsumMatchedBytes > 0 || v.CsumDifferBytes > 0 {
 				fmt.Fprintf(&b, "    checksum resync: %s to compare, %s equal (not read), %s different (read)\n",

@@ -1263,6 +1263,37 @@ func (a *Agent) disconnected() {
 	a.broadcast()
 }
 
+// stopMirror handles STOP_PROTECT: the hub journals nothing more of v (its
+// store failed) and drops what it has not made durable, so everything of
+// v it has not acknowledged goes back into the dirty bitmap, as at the end
+// of a connection, and is sent as the initial DIRTY_MAP when the hub
+// starts protection again. The items stay queued until acknowledged (a
+// later WRITE_ACK covers them); a.mu held.
+func (a *Agent) stopMirror(v *agentVolume) {
+	v.mirror = false
+	v.sync = false
+	for _, it := range v.pending {
+		switch {
+		case a.cfg.Group:
+			a.lost = a.lost || it.write
+		case it.write:
+			v.noteDirty(it.t, "writes unacknowledged when the hub's store failed")
+			wire.AddSectors(v.dirty, it.sector, it.sectors, a.cfg.RegionSectors)
+			a.alHold(v, it.sector, it.sectors)
+		case len(it.extents) > 0:
+			v.noteDirty(it.t, "a dirty map unacknowledged when the hub's store failed")
+			wire.AddExtents(v.dirty, it.extents, a.cfg.RegionSectors, a.cfg.RegionSectors, wire.MaxTrackedRegions)
+			v.alFull = v.alFull || it.alFull
+			it.alFull = false // its acknowledgement no longer ends a full resync
+		default:
+			v.alFull = v.alFull || it.alFull
+			it.alFull = false
+		}
+	}
+	v.room.Broadcast()
+	a.broadcast()
+}
+
 // queueDirtyMap moves v's dirty bitmap into a DIRTY_MAP frame; a.mu held.
 func (a *Agent) queueDirtyMap(v *agentVolume, initial bool) {
 	exts := wire.ExtentsOf(v.dirty)
@@ -1692,15 +1723,13 @@ func (c *agentConn) readLoop() error {
 			a.mu.Lock()
 			v := a.byID[m.Volume]
 			if v != nil {
-				v.mirror = false
-				v.sync = false
-				v.room.Broadcast()
+				a.stopMirror(v)
 			}
 			a.mu.Unlock()
 			if v == nil {
 				return c.fail(wire.Malformed("%s: unknown volume id %d", m.Cmd(), m.Volume))
 			}
-			v.log.Info("hub stopped protection")
+			v.log.Warn("hub stopped protection (its store failed): writes go to the dirty map until it starts protection again")
 		case *wire.RemoteIOReq:
 			if err := c.remoteIO(m); err != nil {
 				return c.fail(err)

@@ -22,8 +22,12 @@
 // [StateProtecting] only once the close is durable. A region leaves the
 // saved list of regions to read only once its data is durable. A journal
 // or applier store error (fsync, ENOSPC) puts the VM's volumes in
-// [StateStoreError]: nothing more is acknowledged, the connection ends, and
-// the journal is reopened when the agent reconnects. After AGENT_SHUTDOWN
+// [StateStoreError]: nothing more is acknowledged, the agent is told to stop
+// mirroring them (STOP_PROTECT: it keeps what was not acknowledged as dirty
+// regions) and the connection stays up; the hub reopens the journal with
+// backoff (up to Config.StoreRetry) and, once it works, starts protection
+// again: the dirty regions are resynced before the volumes are protecting
+// (and the journal is reopened when the agent reconnects). After AGENT_SHUTDOWN
 // the next connection resumes without resync; after an unclean disconnect
 // of the same agent session the hub reads the agent's DIRTY_MAP and what
 // was in flight; a new agent session after an unclean end is a full

@@ -18,6 +18,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/RoaringBitmap/roaring/v2"
@@ -35,8 +36,11 @@ const (
 	// StateStoreError: writing, preallocating or syncing the volume's
 	// store failed (an fsync error, ENOSPC). Its durable state stays as
 	// last saved before the failure: nothing more is marked synced. The
-	// agent keeps its changes as dirty regions; the hub tries again when
-	// the agent next connects.
+	// hub stops the agent's mirroring (STOP_PROTECT): the agent keeps
+	// every change the hub did not acknowledge as dirty regions. The hub
+	// tries the store again with backoff while the agent stays connected
+	// (and when it reconnects); once it works, the volume resyncs those
+	// regions (StateSyncing) before it is protecting again.
 	StateStoreError = "store-error"
 )
 
@@ -96,9 +100,12 @@ type Config struct {
 	// changes state. May be nil.
 	OnEvent func(Event)
 
-	// StoreRetry is how long a volume stays in StateStoreError before
-	// the hub tries its store again on a live connection (it also tries
-	// when the agent reconnects). Default 30 s.
+	// StoreRetry bounds the backoff between the hub's attempts to leave
+	// StateStoreError on a live connection: it reopens the VM's journal
+	// (with a write probe) and starts protection again. The first attempt
+	// comes min(1 s, StoreRetry) after the failure, each failed attempt
+	// doubles the wait up to StoreRetry; attempts run at heartbeats. The
+	// hub also tries when the agent reconnects. Default 30 s.
 	StoreRetry time.Duration
 
 	// ApplyDelay pauses before each journaled mirrored write: tests use
@@ -262,8 +269,24 @@ type hubVolume struct {
 	storeErrAt  time.Time // when storeErr was last set
 	wantMirror  bool      // the connection's agent reported it protected
 	storeErrors uint64    // store failures since the hub started
-	testDirty   *roaring.Bitmap
-	csum        csumVolume // checksum resync (csum.go)
+	// storeRetries counts the failed attempts to leave StateStoreError
+	// since the hub started.
+	storeRetries uint64
+	// epoch counts the volume's entries into StateStoreError: remote
+	// reads and deferred writes of an older epoch are dropped.
+	epoch uint64
+	// agentMirror: a START_PROTECT with mirroring was queued for this
+	// connection's agent and no STOP_PROTECT since.
+	agentMirror bool
+	// stopped: STOP_PROTECT was queued; the volume's writes and dirty
+	// maps in flight are dropped (the agent puts them back into its
+	// dirty bitmap) until the initial DIRTY_MAP that answers the next
+	// START_PROTECT. initialsOwed counts START_PROTECTs with mirroring
+	// whose initial DIRTY_MAP has not arrived.
+	stopped      bool
+	initialsOwed int
+	testDirty    *roaring.Bitmap
+	csum         csumVolume // checksum resync (csum.go)
 	// lastVerify is the last online verify's result; verifyRuns and
 	// verifyMismatches count verifies and mismatching regions found.
 	lastVerify       *VolumeVerify
@@ -493,10 +516,7 @@ func (h *Hub) openJournal(vm *hubVM) error {
 	// A journal closed after a store error is probed at every reopen
 	// until one works (a failed reopen leaves vm.j nil).
 	reopen := vm.jBroken
-	store := h.cfg.Backend.Journal(vm.name)
-	j, err := journal.Open(vm.dir, journal.Options{Retain: h.cfg.Retain, MaxBytes: h.cfg.RetainBytes,
-		ApplyInterval: h.cfg.ApplyInterval, Logger: h.log.With("vm", vm.name), FaultHook: h.cfg.faultHook,
-		Store: store})
+	j, store, err := h.dialJournal(vm)
 	if err != nil {
 		return err
 	}
@@ -522,6 +542,15 @@ func (h *Hub) openJournal(vm *hubVM) error {
 	vm.lease, _ = store.(LeaseHolder)
 	vm.resync = j.InResync()
 	return nil
+}
+
+// dialJournal opens vm's journal on its store; it changes nothing of vm.
+func (h *Hub) dialJournal(vm *hubVM) (*journal.Journal, journal.Store, error) {
+	store := h.cfg.Backend.Journal(vm.name)
+	j, err := journal.Open(vm.dir, journal.Options{Retain: h.cfg.Retain, MaxBytes: h.cfg.RetainBytes,
+		ApplyInterval: h.cfg.ApplyInterval, Logger: h.log.With("vm", vm.name), FaultHook: h.cfg.faultHook,
+		Store: store})
+	return j, store, err
 }
 
 // vmLocked returns the VM named name, creating its record.
@@ -570,15 +599,24 @@ func (h *Hub) setState(v *hubVolume, state, reason string) {
 
 // storeFailed puts v into StateStoreError for err; h.mu held. Its
 // durable state is not written again until protection restarts from it.
+// An agent that mirrors v is told to stop (STOP_PROTECT, queued before
+// any later frame): it keeps what the hub did not acknowledge as dirty.
 func (h *Hub) storeFailed(v *hubVolume, err error) {
 	v.storeErrors++
 	if v.storeErr == nil {
-		v.log.Error("store error: the recovery volume is not protected until the agent reconnects and the store works", "err", err)
+		v.epoch++
+		v.log.Error("store error: the recovery volume is not protected until the store works again (the hub retries)", "err", err)
 	}
 	v.storeErr = err
 	v.storeErrAt = time.Now()
 	v.mirror = false
 	v.wrote, v.changed = false, false
+	if c := v.conn; c != nil && v.agentMirror {
+		v.agentMirror = false
+		v.stopped = true
+		c.queueCtl(&wire.StopProtect{Volume: v.id})
+		c.poke()
+	}
 	h.setState(v, StateStoreError, err.Error())
 }
 
@@ -796,6 +834,53 @@ type hubConn struct {
 	wmu     sync.Mutex // serialises the writer between engine and acker
 	acks    chan ackItem
 	ackDone chan struct{}
+
+	// ctl are control frames (START_PROTECT, STOP_PROTECT) queued under
+	// h.mu in the order decided; every write sends them first, so a
+	// STOP_PROTECT precedes any WRITE_ACK sent after the decision.
+	ctlMu sync.Mutex
+	ctl   []wire.Message
+	// storeGen counts the journal reopens of this connection: a journal
+	// error of an older generation is not the current store's.
+	storeGen atomic.Uint64
+	// retryAt and retryWait schedule the next attempt to leave
+	// StateStoreError (engine).
+	retryAt   time.Time
+	retryWait time.Duration
+}
+
+// queueCtl queues a control frame; h.mu held where the decision is.
+func (c *hubConn) queueCtl(m wire.Message) {
+	c.ctlMu.Lock()
+	c.ctl = append(c.ctl, m)
+	c.ctlMu.Unlock()
+}
+
+// writeCtl writes the queued control frames; wmu held.
+func (c *hubConn) writeCtl() error {
+	c.ctlMu.Lock()
+	msgs := c.ctl
+	c.ctl = nil
+	c.ctlMu.Unlock()
+	for _, m := range msgs {
+		if err := c.w.WriteMessage(m); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// storeFault is a journal or state error that put volumes into
+// StateStoreError: the connection goes on (the hub retries the store).
+type storeFault struct{ err error }
+
+func (e storeFault) Error() string { return e.err.Error() }
+func (e storeFault) Unwrap() error { return e.err }
+
+// fatal reports whether err ends the connection: a store fault does not.
+func fatal(err error) bool {
+	var sf storeFault
+	return err != nil && !errors.As(err, &sf)
 }
 
 // deferredWrite is a mirrored write held until the remote reads of its
@@ -805,12 +890,14 @@ type deferredWrite struct {
 	regions *roaring.Bitmap
 	rec     journal.Record
 	seq     uint64
+	epoch   uint64 // v.epoch when deferred
 }
 
 // ackItem asks the acker to acknowledge seq once p is durable.
 type ackItem struct {
 	p   *journal.Pending
 	seq uint64
+	gen uint64 // the connection's storeGen when p was submitted
 }
 
 // readReq is an outstanding remote read.
@@ -819,6 +906,7 @@ type readReq struct {
 	first, count uint64 // regions
 	sector       uint64
 	sectors      uint32
+	epoch        uint64 // v.epoch when sent
 }
 
 func newHubConn(h *Hub, nc net.Conn) *hubConn {
@@ -922,7 +1010,10 @@ func (c *hubConn) serve() {
 
 // acker sends WRITE_ACK for what the engine queued, once the journal
 // made it durable: one acknowledgement per group commit, however many
-// writes it held. A journal error ends the connection unacknowledged.
+// writes it held. A journal error is not acknowledged: the volumes go to
+// StateStoreError (their STOP_PROTECT precedes any later WRITE_ACK, so
+// the agent keeps what was lost as dirty) and the engine retries the
+// store.
 func (c *hubConn) acker() {
 	defer close(c.ackDone)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -949,11 +1040,11 @@ func (c *hubConn) acker() {
 		}
 		if it.p != nil {
 			if _, err := it.p.Wait(ctx); err != nil {
-				if ctx.Err() == nil {
-					c.failStore(err)
-					c.shut()
+				if ctx.Err() != nil {
+					return
 				}
-				return
+				c.ackFailed(it, err)
+				continue
 			}
 		}
 		seq := it.seq
@@ -969,11 +1060,11 @@ func (c *hubConn) acker() {
 						continue
 					}
 					if _, err := x.p.Wait(ctx); err != nil {
-						if ctx.Err() == nil {
-							c.failStore(err)
-							c.shut()
+						if ctx.Err() != nil {
+							return
 						}
-						return
+						c.ackFailed(&x, err)
+						break coalesce
 					}
 				}
 				seq = max(seq, x.seq)
@@ -991,6 +1082,14 @@ func (c *hubConn) acker() {
 	}
 }
 
+// ackFailed handles a journal submission that failed: unless it was made
+// to a journal since reopened, the store failed now.
+func (c *hubConn) ackFailed(it *ackItem, err error) {
+	if it.gen == c.storeGen.Load() {
+		c.failStore(err)
+	}
+}
+
 // failStore puts the connection's protected volumes into StateStoreError
 // for a journal error.
 func (c *hubConn) failStore(err error) {
@@ -1002,6 +1101,9 @@ func (c *hubConn) failStore(err error) {
 // failStoreLocked is failStore with h.mu held.
 func (c *hubConn) failStoreLocked(err error) {
 	for _, v := range c.byID {
+		if v.storeErr != nil && !v.mirror {
+			continue // stopped already, by this failure or an earlier one
+		}
 		if v.mirror || v.wantMirror {
 			c.h.storeFailed(v, fmt.Errorf("journal: %w", err))
 		}
@@ -1025,6 +1127,7 @@ func (c *hubConn) submitWith(fail func(error), recs []journal.Record) error {
 	if err != nil {
 		if !errors.Is(err, journal.ErrInvalid) {
 			fail(err)
+			return storeFault{err}
 		}
 		return err
 	}
@@ -1048,7 +1151,7 @@ func (c *hubConn) queueAck() error {
 	}
 	c.ackQueued = ackable
 	select {
-	case c.acks <- ackItem{p: c.lastPending, seq: ackable}:
+	case c.acks <- ackItem{p: c.lastPending, seq: ackable, gen: c.storeGen.Load()}:
 		return nil
 	case <-c.done:
 		return errors.New("connection closed")
@@ -1173,6 +1276,7 @@ func (c *hubConn) detach(err error) {
 		v.conn = nil
 		v.id = 0
 		v.mirror = false
+		v.agentMirror, v.stopped, v.initialsOwed = false, false, 0
 		v.backlog = wire.Backlog{}
 		if v.state != StateFailoverTest && v.storeErr == nil {
 			reason := "agent disconnected"
@@ -1233,6 +1337,9 @@ func (c *hubConn) send(m wire.Message) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	c.nc.SetWriteDeadline(time.Now().Add(wire.PeerTimeout(c.h.cfg.Heartbeat)))
+	if err := c.writeCtl(); err != nil {
+		return err
+	}
 	if err := c.w.WriteMessage(m); err != nil {
 		return err
 	}
@@ -1243,12 +1350,20 @@ func (c *hubConn) write(m wire.Message) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	c.nc.SetWriteDeadline(time.Now().Add(wire.PeerTimeout(c.h.cfg.Heartbeat)))
+	if err := c.writeCtl(); err != nil {
+		return err
+	}
 	return c.w.WriteMessage(m)
 }
 
+// flush sends the queued control frames and what is buffered.
 func (c *hubConn) flush() error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	c.nc.SetWriteDeadline(time.Now().Add(wire.PeerTimeout(c.h.cfg.Heartbeat)))
+	if err := c.writeCtl(); err != nil {
+		return err
+	}
 	return c.w.Flush()
 }
 
@@ -1275,7 +1390,7 @@ func (c *hubConn) engine() error {
 			}
 			return err
 		case fs := <-c.frames:
-			if err := c.handleAll(fs); err != nil {
+			if err := c.handleAll(fs); fatal(err) {
 				return err
 			}
 			// Handle what is already here before deciding to
@@ -1284,7 +1399,7 @@ func (c *hubConn) engine() error {
 			for time.Since(c.lastCkpt) < h.cfg.CheckpointInterval {
 				select {
 				case fs := <-c.frames:
-					if err := c.handleAll(fs); err != nil {
+					if err := c.handleAll(fs); fatal(err) {
 						return err
 					}
 				default:
@@ -1299,21 +1414,18 @@ func (c *hubConn) engine() error {
 			if err := c.write(&wire.Heartbeat{}); err != nil {
 				return err
 			}
-			if err := c.vm.j.ApplyErr(); err != nil {
+			if err := c.vm.j.ApplyErr(); err != nil && c.mirroring() {
 				// The applier could not advance the replica images: the
 				// store is failing; nothing more is acknowledged.
-				c.failStore(err)
-				return fmt.Errorf("applier: %w", err)
+				c.failStore(fmt.Errorf("applier: %w", err))
 			}
-			if err := c.retryStore(); err != nil {
-				return err
-			}
+			c.retryStore()
 		}
-		if err := c.pump(); err != nil {
+		if err := c.pump(); fatal(err) {
 			return err
 		}
 		if c.mustSave {
-			if err := c.checkpoint(true); err != nil {
+			if err := c.checkpoint(true); fatal(err) {
 				return err
 			}
 		}
@@ -1326,7 +1438,7 @@ func (c *hubConn) engine() error {
 					ckpt.Reset(wait)
 					armed = true
 				}
-			} else if err := c.checkpoint(true); err != nil {
+			} else if err := c.checkpoint(true); fatal(err) {
 				return err
 			}
 		}
@@ -1336,29 +1448,135 @@ func (c *hubConn) engine() error {
 	}
 }
 
-// retryStore starts protecting again the volumes of this connection whose
-// store failed at least StoreRetry ago, if their store works now.
-func (c *hubConn) retryStore() error {
-	h := c.h
-	var starts []*wire.StartProtect
-	h.mu.Lock()
+// mirroring reports whether a volume of the connection is mirrored.
+func (c *hubConn) mirroring() bool {
+	c.h.mu.Lock()
+	defer c.h.mu.Unlock()
 	for _, v := range c.byID {
-		if v.storeErr == nil || !v.wantMirror || time.Since(v.storeErrAt) < h.cfg.StoreRetry {
-			continue
+		if v.mirror {
+			return true
 		}
-		if err := c.protect(v, v.sectors); err != nil {
-			h.storeFailed(v, fmt.Errorf("protect: %w", err))
-			continue
+	}
+	return false
+}
+
+// firstStoreRetry is the wait before the first attempt to leave
+// StateStoreError (at most Config.StoreRetry).
+const firstStoreRetry = time.Second
+
+// retryStore tries the store again for the connection's volumes in
+// StateStoreError, with backoff: it reopens the VM's journal if it is
+// broken (with a write probe) and starts protection again (a resync of
+// what the durable state and the agent's dirty regions name; the volumes
+// are syncing until it completes). A failed attempt is logged with its
+// cause, counted, and doubles the wait up to StoreRetry. It runs on the
+// engine, at heartbeats; the store is opened without h.mu, so other VMs
+// go on while it hangs or fails.
+func (c *hubConn) retryStore() {
+	h := c.h
+	now := time.Now()
+	h.mu.Lock()
+	var vols []*hubVolume
+	var since time.Time
+	for _, v := range c.sortedVolumes() {
+		if v.storeErr != nil && v.wantMirror {
+			vols = append(vols, v)
+			if v.storeErrAt.After(since) {
+				since = v.storeErrAt
+			}
 		}
-		v.mirror = true
-		starts = append(starts, &wire.StartProtect{Volume: v.id, Name: v.name, Mirror: true})
+	}
+	if len(vols) == 0 {
+		c.retryAt, c.retryWait = time.Time{}, 0
+		h.mu.Unlock()
+		return
+	}
+	if c.retryAt.IsZero() {
+		c.retryWait = min(firstStoreRetry, h.cfg.StoreRetry)
+		c.retryAt = since.Add(c.retryWait)
+	}
+	if now.Before(c.retryAt) {
+		h.mu.Unlock()
+		return
+	}
+	j := c.vm.j
+	broken := j == nil || j.Err() != nil || j.ApplyErr() != nil
+	h.mu.Unlock()
+	var err error
+	if broken {
+		err = c.reopenJournal()
+	}
+	h.mu.Lock()
+	if err == nil {
+		for _, v := range vols {
+			if v.storeErr == nil || v.conn != c {
+				continue
+			}
+			if err = c.protect(v, v.sectors); err != nil {
+				h.storeFailed(v, fmt.Errorf("protect: %w", err))
+				break
+			}
+			c.startMirror(v)
+			v.log.Warn("store works again: protection restarting; the regions changed meanwhile are resynchronised before the volume is protecting")
+		}
+	}
+	if err != nil {
+		for _, v := range vols {
+			if v.storeErr != nil {
+				v.storeRetries++
+				v.storeErr = err
+				v.reason = err.Error()
+			}
+		}
+		c.retryWait = min(2*c.retryWait, h.cfg.StoreRetry)
+		c.retryAt = time.Now().Add(c.retryWait)
+		c.log.Warn("store still failing: the VM's volumes stay in store-error", "err", err, "next_retry_in", c.retryWait)
+	} else {
+		c.retryAt, c.retryWait = time.Time{}, 0
 	}
 	h.mu.Unlock()
-	for _, m := range starts {
-		if err := c.write(m); err != nil {
-			return err
+	c.poke()
+}
+
+// reopenJournal closes the VM's broken journal and opens it again with a
+// write probe, without h.mu (a hung store holds up only this VM); engine.
+// A journal that does not open stays the closed one (its methods fail).
+func (c *hubConn) reopenJournal() error {
+	h := c.h
+	vm := c.vm
+	h.mu.Lock()
+	old := vm.j
+	vm.jBroken = true
+	h.mu.Unlock()
+	if old != nil {
+		old.Close() // its sticky error is the one being retried
+	}
+	j, store, err := h.dialJournal(vm)
+	if err == nil {
+		if err = j.Probe(); err != nil {
+			j.Close()
 		}
 	}
+	if err != nil {
+		return fmt.Errorf("reopen journal: %w", err)
+	}
+	h.mu.Lock()
+	if h.closed {
+		h.mu.Unlock()
+		j.Close()
+		return errors.New("hub closing")
+	}
+	vm.j = j
+	vm.jBroken = false
+	vm.lease, _ = store.(LeaseHolder)
+	vm.resync = j.InResync()
+	h.mu.Unlock()
+	// Submissions to the old journal are over: their errors are not the
+	// new one's.
+	c.storeGen.Add(1)
+	c.lastPending = nil
+	c.endPending = nil
+	c.log.Warn("journal reopened after a store error")
 	return nil
 }
 
@@ -1374,7 +1592,9 @@ func (c *hubConn) handleAll(b *frameBatch) error {
 	c.arena = b.arena
 	defer func() { c.arena = nil }()
 	for _, f := range b.frames {
-		if err := c.handle(f); err != nil {
+		// A store fault stopped volumes: the frames after it are
+		// handled (they may concern other volumes or the connection).
+		if err := c.handle(f); fatal(err) {
 			return err
 		}
 	}
@@ -1428,10 +1648,6 @@ func (c *hubConn) handle(f wire.Frame) error {
 // agent asks for protection, the decision of what to resync.
 func (c *hubConn) report(m *wire.ReportVolumes) error {
 	h := c.h
-	type start struct {
-		msg *wire.StartProtect
-	}
-	var starts []start
 	h.mu.Lock()
 	reported := map[string]bool{}
 	for _, vi := range m.Volumes {
@@ -1462,6 +1678,7 @@ func (c *hubConn) report(m *wire.ReportVolumes) error {
 			c.nextID++
 			v.id = c.nextID
 			v.conn = c
+			v.agentMirror, v.stopped, v.initialsOwed = false, false, 0
 			c.byID[v.id] = v
 			c.sorted = nil
 		}
@@ -1469,17 +1686,21 @@ func (c *hubConn) report(m *wire.ReportVolumes) error {
 		v.wantMirror = vi.Protect
 		if !vi.Protect {
 			v.sectors = vi.Sectors
-			starts = append(starts, start{&wire.StartProtect{Volume: v.id, Name: v.name}})
+			if v.agentMirror {
+				// No longer protected here: the agent stopped on its own.
+				v.agentMirror = false
+			}
+			c.queueCtl(&wire.StartProtect{Volume: v.id, Name: v.name})
 			continue
 		}
 		if err := c.protect(v, vi.Sectors); err != nil {
-			// Not protected for now (retried after StoreRetry); the
+			// Not protected for now (the store is retried); the
 			// others go on.
 			v.sectors = vi.Sectors
 			h.storeFailed(v, fmt.Errorf("protect: %w", err))
 			continue
 		}
-		starts = append(starts, start{&wire.StartProtect{Volume: v.id, Name: v.name, Mirror: true}})
+		c.startMirror(v)
 	}
 	for id, v := range c.byID {
 		if !reported[v.name] {
@@ -1494,21 +1715,31 @@ func (c *hubConn) report(m *wire.ReportVolumes) error {
 		}
 	}
 	h.mu.Unlock()
-	for _, s := range starts {
-		if err := c.write(s.msg); err != nil {
-			return err
-		}
-	}
-	return nil
+	return c.flush()
+}
+
+// startMirror queues the START_PROTECT that has the agent mirror v (its
+// initial DIRTY_MAP answers it); h.mu held.
+func (c *hubConn) startMirror(v *hubVolume) {
+	v.mirror = true
+	v.agentMirror = true
+	v.initialsOwed++
+	c.queueCtl(&wire.StartProtect{Volume: v.id, Name: v.name, Mirror: true})
 }
 
 // protect opens a volume's recovery file and decides what to resync;
 // h.mu held.
 func (c *hubConn) protect(v *hubVolume, sectors uint64) error {
 	h := c.h
+	if err := errors.Join(v.vm.j.Err(), v.vm.j.ApplyErr()); err != nil {
+		// The journal is broken until it is reopened.
+		return fmt.Errorf("journal: %w", err)
+	}
 	if v.storeErr != nil {
 		// Start again from what the store last made durable: the
-		// in-memory state may have moved past it.
+		// in-memory state may have moved past it. Remote reads of the
+		// failed epoch are dropped when they arrive.
+		v.reads = 0
 		st, err := loadState(h.cfg.Backend, v.vm.name, v.name)
 		if err != nil {
 			return err
@@ -1666,6 +1897,19 @@ func (c *hubConn) dirtyMap(m *wire.DirtyMap) error {
 	h := c.h
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if v := c.byID[m.Volume]; v != nil {
+		if m.Initial && v.initialsOwed > 0 {
+			v.initialsOwed--
+		}
+		if v.stopped {
+			if !m.Initial || v.initialsOwed > 0 || !v.mirror || !v.waitingInitial {
+				// Sent before the agent saw STOP_PROTECT: it is back
+				// in its dirty bitmap.
+				return c.nextSeqOK(m.Cmd(), m.Seq)
+			}
+			v.stopped = false // the answer to the latest START_PROTECT
+		}
+	}
 	v, err := c.mirrored(m.Cmd(), m.Volume)
 	if err != nil {
 		return err
@@ -1720,6 +1964,13 @@ func (c *hubConn) markNeed(v *hubVolume, add *roaring.Bitmap) {
 func (c *hubConn) protectedWrite(m *wire.ProtectedWrite) error {
 	h := c.h
 	h.mu.Lock()
+	if v := c.byID[m.Volume]; v != nil && v.stopped {
+		// Sent before the agent saw STOP_PROTECT: it is back in its
+		// dirty bitmap.
+		err := c.nextSeqOK(m.Cmd(), m.Seq)
+		h.mu.Unlock()
+		return err
+	}
 	v, err := c.mirrored(m.Cmd(), m.Volume)
 	if err == nil {
 		err = c.nextSeqOK(m.Cmd(), m.Seq)
@@ -1762,7 +2013,7 @@ func (c *hubConn) protectedWrite(m *wire.ProtectedWrite) error {
 		// resync set, where no consistent point is).
 		rec.HasSeq = false
 		rec.Data = bytes.Clone(rec.Data) // the frame's payload is reused
-		c.deferred = append(c.deferred, deferredWrite{v: v, regions: regions, rec: rec, seq: m.Seq})
+		c.deferred = append(c.deferred, deferredWrite{v: v, regions: regions, rec: rec, seq: m.Seq, epoch: v.epoch})
 		v.held.Or(regions)
 		h.mu.Unlock()
 		return nil
@@ -1791,6 +2042,7 @@ func (c *hubConn) protectedWrite(m *wire.ProtectedWrite) error {
 			c.arena.Release()
 			if !errors.Is(err, journal.ErrInvalid) {
 				c.failStore(err)
+				return storeFault{err}
 			}
 			return err
 		}
@@ -1830,6 +2082,7 @@ func joinData(d [][]byte) []byte {
 // releaseDeferred journals the deferred writes, oldest first, whose
 // regions are no longer being read; h.mu held. It returns them.
 func (c *hubConn) releaseDeferred() []journal.Record {
+	c.dropStaleDeferred()
 	n := 0
 	for n < len(c.deferred) && !c.deferred[n].regions.Intersects(c.deferred[n].v.inRead) {
 		n++
@@ -1851,6 +2104,25 @@ func (c *hubConn) releaseDeferred() []journal.Record {
 	return recs
 }
 
+// dropStaleDeferred drops the deferred writes of volumes that entered
+// StateStoreError since (the agent keeps them as dirty); h.mu held.
+func (c *hubConn) dropStaleDeferred() {
+	stale := false
+	for _, d := range c.deferred {
+		stale = stale || d.epoch != d.v.epoch
+	}
+	if !stale {
+		return
+	}
+	c.deferred = slices.DeleteFunc(c.deferred, func(d deferredWrite) bool { return d.epoch != d.v.epoch })
+	for _, v := range c.byID {
+		v.held.Clear()
+	}
+	for _, d := range c.deferred {
+		d.v.held.Or(d.regions)
+	}
+}
+
 // checkpointFrame journals a named checkpoint at this point of the write
 // stream; inside an open resync set it waits for the set's end.
 func (c *hubConn) checkpointFrame(m *wire.Checkpoint) error {
@@ -1865,7 +2137,8 @@ func (c *hubConn) checkpointFrame(m *wire.Checkpoint) error {
 		c.h.mu.Unlock()
 		return c.refuseCheckpoint(m, "the name is already used in the VM's journal")
 	}
-	open := c.vm.resync || len(c.deferred) > 0 || len(c.ckpts) > 0
+	open := c.vm.resync || len(c.deferred) > 0 || len(c.ckpts) > 0 ||
+		slices.ContainsFunc(c.sortedVolumes(), func(v *hubVolume) bool { return v.storeErr != nil && v.wantMirror })
 	if open {
 		c.ckpts = append(c.ckpts, m.Name)
 		c.log.Warn("checkpoint during a resync: journaled when the resync set completes", "checkpoint", m.Name, "seq", m.Seq)
@@ -1949,6 +2222,14 @@ func (c *hubConn) remoteIORes(m *wire.RemoteIORes) error {
 	}
 	delete(c.reqs, m.ID)
 	v := rq.v
+	h.mu.Lock()
+	stale := rq.epoch != v.epoch
+	h.mu.Unlock()
+	if stale {
+		// Sent before the volume's store failed: protection restarts
+		// from the durable state, which still lists these regions.
+		return nil
+	}
 	var recs []journal.Record
 	if m.Status == wire.StatusOK {
 		rec := journal.Record{Kind: journal.KindWrite, Volume: v.name, Offset: int64(rq.sector) * wire.SectorSize}
@@ -2017,6 +2298,12 @@ func (c *hubConn) resyncWork() (work, waiting bool) {
 	work = len(c.deferred) > 0
 	mirrored := false
 	for _, v := range c.byID {
+		if v.storeErr != nil && v.wantMirror {
+			// Its writes since the failure are missing from the
+			// journal until it is resynchronised: no consistent point.
+			work = true
+			continue
+		}
 		if !v.mirror {
 			continue
 		}
@@ -2059,10 +2346,14 @@ func (c *hubConn) pump() error {
 	// the first write journaled after it was planned), closed when every
 	// region is journaled; until then the newest consistent point stays
 	// the one before it.
+	c.dropStaleDeferred()
 	work, waiting := c.resyncWork()
 	mirrored := slices.ContainsFunc(vols, func(v *hubVolume) bool { return v.mirror })
+	// A broken journal takes no mark until it is reopened.
+	broken := c.vm.j.Err() != nil || c.vm.j.ApplyErr() != nil
 	var mark *journal.Record
 	switch {
+	case broken:
 	case work && !c.vm.resync:
 		if err := c.openResyncSet(); err != nil {
 			h.mu.Unlock()
@@ -2143,7 +2434,7 @@ func (c *hubConn) pump() error {
 			sector := first * uint64(h.cfg.RegionSectors)
 			sectors := min(count*uint64(h.cfg.RegionSectors), v.sectors-sector)
 			c.nextReq++
-			rq := &readReq{v: v, first: first, count: count, sector: sector, sectors: uint32(sectors)}
+			rq := &readReq{v: v, first: first, count: count, sector: sector, sectors: uint32(sectors), epoch: v.epoch}
 			c.reqs[c.nextReq] = rq
 			reqs = append(reqs, &wire.RemoteIOReq{ID: c.nextReq, Volume: v.id, Sector: sector, Sectors: uint32(sectors)})
 		}
@@ -2231,8 +2522,10 @@ func (c *hubConn) checkpoint(ack bool) error {
 	h.mu.Unlock()
 	if len(saves) > 0 && c.lastPending != nil {
 		if _, err := c.lastPending.Wait(context.Background()); err != nil {
+			// Nothing of this checkpoint is saved; the volumes stop
+			// and the next checkpoint has none of them.
 			c.failStore(err)
-			return fmt.Errorf("journal: %w", err)
+			return storeFault{fmt.Errorf("journal: %w", err)}
 		}
 	}
 	var errs []error
@@ -2248,7 +2541,7 @@ func (c *hubConn) checkpoint(ack bool) error {
 		}
 	}
 	if len(errs) > 0 {
-		return errors.Join(errs...)
+		return storeFault{errors.Join(errs...)}
 	}
 	c.pending = false
 	c.mustSave = false
@@ -2317,6 +2610,7 @@ type VolumeStatus struct {
 	Replica         string  `json:"replica"`
 	StoreError      string  `json:"store-error,omitempty"` // why the volume is in store-error
 	StoreErrors     uint64  `json:"store-errors"`          // store failures since the hub started
+	StoreRetries    uint64  `json:"store-retries"`         // failed attempts to leave store-error since the hub started
 	// Checksum resync: bytes still to compare, and regions found equal
 	// (not read) and different (read) since the hub started.
 	CsumPendingBytes uint64 `json:"csum-pending-bytes"`
@@ -2445,7 +2739,7 @@ func (h *Hub) Status() []VMStatus {
 				ResyncBytes: (v.need.GetCardinality() + v.inRead.GetCardinality()) * rs,
 				BacklogIOs:  v.backlog.IOs, BacklogBytes: v.backlog.Bytes, BacklogSeconds: float64(v.backlog.AgeMillis) / 1000,
 				SyncMirroring: v.backlog.Sync, AppliedSeq: v.applied, AppliedBytes: v.appliedBytes,
-				StoreErrors:     v.storeErrors,
+				StoreErrors: v.storeErrors, StoreRetries: v.storeRetries,
 				RemoteReadBytes: v.remoteBytes, Replica: h.cfg.Backend.Replica(vm.name, v.name)}
 			if v.storeErr != nil {
 				vs.StoreError = v.storeErr.Error()

@@ -123,8 +123,8 @@ func TestStoreFsyncError(t *testing.T) {
 // them all) in store-error with the reason, nothing more is acknowledged,
 // and once there is room again protection resumes and the replicas end
 // identical. (Before the journal, only the volume whose image could not
-// be allocated was affected and the link stayed up; the journal is per
-// VM, so now the VM's connection ends and the agent reconnects.)
+// be allocated was affected; the journal is per VM, so now all of the
+// VM's volumes stop, and resume on the same connection.)
 func TestStoreNoSpace(t *testing.T) {
 	var store hub.FaultyStore
 	r := reptest.New(t)
