@@ -4,10 +4,8 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -20,8 +18,6 @@ import (
 	"github.com/vhostdm/vhostdm/internal/cephtest"
 	"github.com/vhostdm/vhostdm/internal/reptest"
 	"github.com/vhostdm/vhostdm/mapper"
-	"github.com/vhostdm/vhostdm/repagent/hub"
-	"github.com/vhostdm/vhostdm/repagent/wire"
 )
 
 // One throwaway cluster for the Ceph tests of this package, started by
@@ -78,12 +74,7 @@ func TestCephHubKillAndRecover(t *testing.T) {
 	c := cephCluster(t)
 	pool := c.CreatePool(t, "rbd")
 	dir := t.TempDir()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	hubAddr := l.Addr().String()
-	l.Close()
+	hubAddr := freeAddr(t)
 	const lease = 3 * time.Second
 	extra := []string{"--store", "ceph:" + pool, "--ceph-conf", c.Conf, "--ceph-lease", lease.String()}
 	hp := startHubProc(t, dir, hubAddr, 0, extra...)
@@ -97,43 +88,11 @@ func TestCephHubKillAndRecover(t *testing.T) {
 	for _, v := range vols {
 		total += uint64(v.Size)
 	}
-	dirtyMapped := func() uint64 {
-		var n uint64
-		for _, v := range r.Agent.Status().Volumes {
-			n += v.Stats.DirtyMapRegions
-		}
-		return n * wire.DefaultRegionSectors * wire.SectorSize
-	}
-	agentRemote := func() uint64 {
-		var n uint64
-		for _, v := range r.Agent.Status().Volumes {
-			n += v.Stats.RemoteBytes
-		}
-		return n
-	}
+	dirtyMapped := func() uint64 { return dirtyMappedBytes(r) }
+	agentRemote := func() uint64 { return remoteReadBytes(r) }
 	waitProtected := func(why string) {
 		t.Helper()
-		deadline := time.Now().Add(90 * time.Second)
-		for {
-			st, err := hp.status()
-			ok := err == nil && len(st) == 1 && st[0].Connected && len(st[0].Volumes) == len(vols) &&
-				st[0].Journal != nil && !st[0].Journal.Resyncing
-			if ok {
-				for _, v := range st[0].Volumes {
-					ok = ok && v.State == hub.StateProtecting
-				}
-				for _, v := range r.Agent.Status().Volumes {
-					ok = ok && v.Mirroring && v.DirtyRegions == 0
-				}
-			}
-			if ok {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s: not protected: %+v %v", why, st, err)
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
+		waitHubProtected(t, hp, r, len(vols), 90*time.Second, why)
 	}
 	start := time.Now()
 	waitProtected("initial sync")
@@ -143,11 +102,8 @@ func TestCephHubKillAndRecover(t *testing.T) {
 	}
 
 	var h history
-	ctx, stop := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() { defer wg.Done(); h.writer(ctx, t, vols, 2*time.Millisecond) }()
-	defer func() { stop(); wg.Wait() }()
+	stop := startWriter(t, &h, vols, 2*time.Millisecond)
+	defer stop()
 
 	time.Sleep(1500 * time.Millisecond)
 	hp.kill()
@@ -155,18 +111,12 @@ func TestCephHubKillAndRecover(t *testing.T) {
 	// The writer pauses while the hub is away (its restart waits for
 	// the lease): the resync is then the writes the kill left
 	// unacknowledged, not a growing outage.
-	h.gate.Lock()
-	paused := true
-	defer func() {
-		if paused {
-			h.gate.Unlock()
-		}
-	}()
+	resume := h.pause()
+	defer resume()
 	before, dirtyBefore := agentRemote(), dirtyMapped()
 	hp = startHubProc(t, dir, hubAddr, 1, extra...)
 	waitProtected("after hub kill -9")
-	paused = false
-	h.gate.Unlock()
+	resume()
 	moved, planned := agentRemote()-before, dirtyMapped()-dirtyBefore
 	t.Logf("hub kill -9: protecting again %v after the kill (lease %v); resync moved %d bytes for %d bytes of dirty regions (volumes: %d bytes); %d writes so far",
 		time.Since(killed).Round(time.Millisecond), lease, moved, planned, total, h.len())
@@ -175,20 +125,12 @@ func TestCephHubKillAndRecover(t *testing.T) {
 	}
 	time.Sleep(500 * time.Millisecond)
 	stop()
-	wg.Wait()
 	waitProtected("after the writer stopped")
 
 	// The applier (retain 0) brings the RBD replicas to the sources.
 	o := ceph.NewOpener(ceph.Config{Conf: c.Conf}, slog.New(slog.DiscardHandler))
 	defer o.Close()
-	st, err := hp.status()
-	if err != nil {
-		t.Fatal(err)
-	}
-	replica := map[string]string{}
-	for _, v := range st[0].Volumes {
-		replica[v.Volume] = v.Replica
-	}
+	replica := replicasOf(t, hp)
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		var bad []string

@@ -19,7 +19,6 @@ import (
 
 	"github.com/vhostdm/vhostdm/internal/reptest"
 	"github.com/vhostdm/vhostdm/repagent/hub"
-	"github.com/vhostdm/vhostdm/repagent/wire"
 )
 
 // TestMain runs the hub's main when re-executed as the test's child hub
@@ -332,12 +331,7 @@ func recoverCLI(t *testing.T, args ...string) Recovered {
 // sources byte for byte.
 func TestHubKillAndLinkCut(t *testing.T) {
 	dir := t.TempDir()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	hubAddr := l.Addr().String()
-	l.Close()
+	hubAddr := freeAddr(t)
 	hp := startHubProc(t, dir, hubAddr, 0)
 	defer func() { hp.kill() }()
 	px := newProxy(t, hubAddr)
@@ -346,52 +340,17 @@ func TestHubKillAndLinkCut(t *testing.T) {
 	r.Addr = px.ln.Addr().String()
 	vols := []*reptest.Vol{r.AddVolume("root", 4<<20), r.AddVolume("data", 4<<20), r.AddVolume("logs", 2<<20)}
 	r.StartAgent(reptest.ProtectAll(vols...))
-	dirtyMapped := func() uint64 {
-		var n uint64
-		for _, v := range r.Agent.Status().Volumes {
-			n += v.Stats.DirtyMapRegions
-		}
-		return n * wire.DefaultRegionSectors * wire.SectorSize
-	}
-	agentRemote := func() uint64 {
-		var n uint64
-		for _, v := range r.Agent.Status().Volumes {
-			n += v.Stats.RemoteBytes
-		}
-		return n
-	}
+	dirtyMapped := func() uint64 { return dirtyMappedBytes(r) }
+	agentRemote := func() uint64 { return remoteReadBytes(r) }
 	waitProtected := func(why string) {
 		t.Helper()
-		deadline := time.Now().Add(60 * time.Second)
-		for {
-			st, err := hp.status()
-			ok := err == nil && len(st) == 1 && st[0].Connected && len(st[0].Volumes) == len(vols) &&
-				st[0].Journal != nil && !st[0].Journal.Resyncing
-			if ok {
-				for _, v := range st[0].Volumes {
-					ok = ok && v.State == hub.StateProtecting
-				}
-				for _, v := range r.Agent.Status().Volumes {
-					ok = ok && v.Mirroring && v.DirtyRegions == 0
-				}
-			}
-			if ok {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s: not protected: %+v %v", why, st, err)
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
+		waitHubProtected(t, hp, r, len(vols), 60*time.Second, why)
 	}
 	waitProtected("initial sync")
 
 	var h history
-	ctx, stop := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() { defer wg.Done(); h.writer(ctx, t, vols, 2*time.Millisecond) }()
-	defer func() { stop(); wg.Wait() }()
+	stop := startWriter(t, &h, vols, 2*time.Millisecond)
+	defer stop()
 
 	for i := 1; i <= 3; i++ {
 		time.Sleep(400 * time.Millisecond)
@@ -455,7 +414,6 @@ func TestHubKillAndLinkCut(t *testing.T) {
 	px.rate.Store(0)
 
 	stop()
-	wg.Wait()
 	waitProtected("after the link cut")
 	moved, planned := agentRemote()-before, dirtyMapped()-dirtyBefore
 	t.Logf("link cut of 10 s: resync moved %d bytes for %d bytes of dirty regions; %d writes in all", moved, planned, h.len())

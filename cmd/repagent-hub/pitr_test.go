@@ -6,11 +6,9 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -28,12 +26,7 @@ import (
 // moment exactly. The live replica images are untouched by recovery.
 func TestPointInTimeRecovery(t *testing.T) {
 	dir := t.TempDir()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	hubAddr := l.Addr().String()
-	l.Close()
+	hubAddr := freeAddr(t)
 	// The initial sync is applied at once (the replica images exist),
 	// then the hub restarts with a recovery window of an hour.
 	hp := startHubProc(t, dir, hubAddr, 0)
@@ -86,11 +79,8 @@ func TestPointInTimeRecovery(t *testing.T) {
 	acked()
 
 	var h history
-	ctx, stop := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() { defer wg.Done(); h.writer(ctx, t, vols, time.Millisecond) }()
-	defer func() { stop(); wg.Wait() }()
+	stop := startWriter(t, &h, vols, time.Millisecond)
+	defer stop()
 	count := func() int {
 		h.mu.Lock()
 		defer h.mu.Unlock()
@@ -116,7 +106,7 @@ func TestPointInTimeRecovery(t *testing.T) {
 	time.Sleep(300 * time.Millisecond)
 	h.gate.Lock()
 	cctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	err = r.Agent.Checkpoint(cctx, "before-upgrade")
+	err := r.Agent.Checkpoint(cctx, "before-upgrade")
 	cancel()
 	kCkpt := count()
 	h.gate.Unlock()
@@ -135,7 +125,6 @@ func TestPointInTimeRecovery(t *testing.T) {
 	t.Logf("a second checkpoint of the same name: %v", err)
 	time.Sleep(300 * time.Millisecond)
 	stop()
-	wg.Wait()
 	acked()
 	t.Logf("points: seq %d after %d writes, time %s after %d, checkpoint after %d; %d writes in all",
 		seq, kSeq, at.Format(time.RFC3339Nano), kTime, kCkpt, h.len())

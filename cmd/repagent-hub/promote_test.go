@@ -2,12 +2,9 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
-	"net"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -25,12 +22,7 @@ import (
 // second promote is refused.
 func TestPromote(t *testing.T) {
 	dir := t.TempDir()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	hubAddr := l.Addr().String()
-	l.Close()
+	hubAddr := freeAddr(t)
 	// A retention window: the checkpoint stays recoverable.
 	hp := startHubProc(t, dir, hubAddr, 0, "--retain", "1h")
 	defer hp.kill()
@@ -55,29 +47,7 @@ func TestPromote(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 
-	var h history
-	ctx, stop := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() { defer wg.Done(); h.writer(ctx, t, vols, 2*time.Millisecond) }()
-	time.Sleep(600 * time.Millisecond)
-	h.gate.Lock()
-	cctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	err = r.Agent.Checkpoint(cctx, "before-promote")
-	cancel()
-	kCkpt := h.len()
-	h.gate.Unlock()
-	if err != nil {
-		stop()
-		wg.Wait()
-		t.Fatalf("checkpoint: %v", err)
-	}
-	time.Sleep(400 * time.Millisecond)
-	stop()
-	wg.Wait()
-	if kCkpt == 0 || kCkpt == h.len() {
-		t.Fatalf("the checkpoint is not inside the history: after %d of %d writes", kCkpt, h.len())
-	}
+	h, kCkpt := writeAroundCheckpoint(t, r, vols, "before-promote")
 
 	out := filepath.Join(dir, "promoted")
 	var stdout, stderr bytes.Buffer

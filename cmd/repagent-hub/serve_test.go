@@ -23,12 +23,7 @@ func TestServeNotifyMetricsQuit(t *testing.T) {
 	dir := t.TempDir()
 	ns := sdnotifytest.Listen(t)
 	// A free port for the metrics endpoint.
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	maddr := l.Addr().String()
-	l.Close()
+	maddr := freeAddr(t)
 	sock := filepath.Join(dir, "hub.qmp")
 	exit := make(chan int, 1)
 	go func() {

@@ -4,14 +4,11 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"log/slog"
-	"net"
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -107,12 +104,7 @@ func TestCephFailoverTestPromoteClones(t *testing.T) {
 	pool := c.CreatePool(t, "rbd")
 	store := "ceph:" + pool
 	dir := t.TempDir()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	hubAddr := l.Addr().String()
-	l.Close()
+	hubAddr := freeAddr(t)
 	// The initial sync is applied to the replicas (--retain 0), then the
 	// hub restarts with a retention window: the failover tests' volumes
 	// are clones of replica snapshots with the journal replayed into them.
@@ -149,30 +141,8 @@ func TestCephFailoverTestPromoteClones(t *testing.T) {
 	hp = startHubProc(t, dir, hubAddr, 1, "--store", store, "--ceph-conf", c.Conf, "--retain", "1h")
 	waitProtected(false)
 
-	var h history
-	ctx, stop := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() { defer wg.Done(); h.writer(ctx, t, vols, 2*time.Millisecond) }()
-	time.Sleep(600 * time.Millisecond)
-	h.gate.Lock()
-	cctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	err = r.Agent.Checkpoint(cctx, "cp1")
-	cancel()
-	kCkpt := h.len()
-	h.gate.Unlock()
-	if err != nil {
-		stop()
-		wg.Wait()
-		t.Fatalf("checkpoint: %v", err)
-	}
-	time.Sleep(400 * time.Millisecond)
-	stop()
-	wg.Wait()
+	h, kCkpt := writeAroundCheckpoint(t, r, vols, "cp1")
 	kEnd := h.len()
-	if kCkpt == 0 || kCkpt == kEnd {
-		t.Fatalf("the checkpoint is not inside the history: after %d of %d writes", kCkpt, kEnd)
-	}
 	// The newest consistent point holds every write once the agent has
 	// no backlog.
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
@@ -190,14 +160,7 @@ func TestCephFailoverTestPromoteClones(t *testing.T) {
 
 	o := ceph.NewOpener(ceph.Config{Conf: c.Conf}, slog.New(slog.DiscardHandler))
 	defer o.Close()
-	st, err := hp.status()
-	if err != nil {
-		t.Fatal(err)
-	}
-	replica := map[string]string{}
-	for _, v := range st[0].Volumes {
-		replica[v.Volume] = v.Replica
-	}
+	replica := replicasOf(t, hp)
 	startTest := func(testDir string, args map[string]any) []failover.Export {
 		t.Helper()
 		args["vm"], args["dir"] = "vm1", testDir

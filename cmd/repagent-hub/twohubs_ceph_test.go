@@ -4,12 +4,10 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
-	"sync"
 	"testing"
 	"time"
 
@@ -113,12 +111,10 @@ func TestCephTwoHubsKill(t *testing.T) {
 	}
 
 	var h1, h2 history
-	ctx, stop := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go func() { defer wg.Done(); h1.writer(ctx, t, v1, 2*time.Millisecond) }()
-	go func() { defer wg.Done(); h2.writer(ctx, t, v2, 2*time.Millisecond) }()
-	defer func() { stop(); wg.Wait() }()
+	stop1 := startWriter(t, &h1, v1, 2*time.Millisecond)
+	stop2 := startWriter(t, &h2, v2, 2*time.Millisecond)
+	stop := func() { stop1(); stop2() }
+	defer stop()
 	time.Sleep(1500 * time.Millisecond)
 
 	// agentBytes: what the hub read from vm1's agent, and the bytes of
@@ -143,13 +139,8 @@ func TestCephTwoHubsKill(t *testing.T) {
 	// vm1's writer pauses while its agent has no hub (vm2's goes on):
 	// the resync is then what the kill left unacknowledged, not a
 	// growing outage.
-	h1.gate.Lock()
-	paused := true
-	defer func() {
-		if paused {
-			h1.gate.Unlock()
-		}
-	}()
+	resume := h1.pause()
+	defer resume()
 	for {
 		st, err := hb.status()
 		s, _ := vmOf(st, "vm1")
@@ -192,8 +183,7 @@ func TestCephTwoHubsKill(t *testing.T) {
 	}
 
 	waitProtected(hb, r1, "vm1", 1, "after the move")
-	paused = false
-	h1.gate.Unlock()
+	resume()
 	remote, dirty := agentBytes()
 	remote, dirty = remote-remoteBefore, dirty-dirtyBefore
 	t.Logf("vm1's resync on the second hub moved %d bytes for %d bytes of dirty regions (volume %d bytes)", remote, dirty, v1[0].Size)
@@ -202,7 +192,6 @@ func TestCephTwoHubsKill(t *testing.T) {
 	}
 	time.Sleep(1 * time.Second)
 	stop()
-	wg.Wait()
 	waitProtected(hb, r1, "vm1", 1, "after the move")
 	waitProtected(hb, r2, "vm2", 1, "after the move")
 	t.Logf("vm1 %d writes, vm2 %d", h1.len(), h2.len())
