@@ -1,7 +1,8 @@
-package journal
+package journal_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"fmt"
 	"io"
@@ -13,6 +14,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/vhostdm/vhostdm/repagent/hub/journal"
+	"github.com/vhostdm/vhostdm/repagent/hub/journal/journaltest"
 )
 
 // The crash test's child process is this test binary, re-executed with
@@ -51,7 +55,7 @@ func crashChild(dir string) {
 	if err != nil {
 		fail(err)
 	}
-	j, err := Open(dir, Options{Retain: 20 * time.Millisecond, SegmentBytes: 64 << 10, ApplyInterval: 5 * time.Millisecond})
+	j, err := journal.Open(dir, journal.Options{Retain: 20 * time.Millisecond, SegmentBytes: 64 << 10, ApplyInterval: 5 * time.Millisecond})
 	if err != nil {
 		fail(err)
 	}
@@ -67,9 +71,9 @@ func crashChild(dir string) {
 		}
 	}
 	last := j.Stats().LastSeq
-	g := newGen(seed, crashVols...)
-	for g.next <= last {
-		g.op()
+	g := journaltest.NewGen(seed, crashVols...)
+	for g.Next() <= last {
+		g.Op()
 	}
 	report(last)
 	sem := make(chan struct{}, 48)
@@ -78,7 +82,7 @@ func crashChild(dir string) {
 		// Submit a burst of ops, each waited for by its own goroutine so
 		// that group commits batch them.
 		for range 1 + rng.IntN(24) {
-			rec := g.op()
+			rec := g.Op()
 			p, err := j.Submit(rec)
 			if err != nil {
 				fail(fmt.Errorf("submit seq %d: %w", rec.Seq, err))
@@ -86,7 +90,7 @@ func crashChild(dir string) {
 			sem <- struct{}{}
 			go func() {
 				defer func() { <-sem }()
-				if _, err := p.Wait(bgCtx); err != nil {
+				if _, err := p.Wait(context.Background()); err != nil {
 					fail(err)
 				}
 				report(rec.Seq)
@@ -133,7 +137,7 @@ func TestCrashModel(t *testing.T) {
 	var maxOps uint64
 	for round := range rounds {
 		acked, resumed, stderr := runCrashChild(t, dir, seed, time.Duration(30+rng.IntN(200))*time.Millisecond)
-		j, err := Open(dir, Options{Retain: time.Hour, NoApplier: true})
+		j, err := journal.Open(dir, journal.Options{Retain: time.Hour, NoApplier: true})
 		if err != nil {
 			t.Fatalf("round %d: reopen after kill: %v (child stderr: %s)", round, err, stderr)
 		}
@@ -144,7 +148,7 @@ func TestCrashModel(t *testing.T) {
 		if st.LastSeq < resumed {
 			t.Fatalf("round %d: journal ends at seq %d, the child resumed after %d", round, st.LastSeq, resumed)
 		}
-		st = verifyJournal(t, j, dir, seed, rng, crashVols...)
+		st = journaltest.Verify(t, j, journaltest.DirEnv(dir), seed, rng, crashVols...)
 		t.Logf("round %d: resumed after %d, acked %d, journal to seq %d, applied seq %d, newest seq %d, %d segments, %d bytes",
 			round, resumed, acked, st.LastSeq, st.Applied.Seq, st.Newest.Seq, st.Segments, st.Bytes)
 		if err := j.Close(); err != nil {
