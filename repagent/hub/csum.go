@@ -60,6 +60,7 @@ type csumReq struct {
 	first, count uint64 // regions, in the hub's region size
 	verify       bool
 	epoch        uint64 // the VM's resync epoch when sent (verify)
+	volEpoch     uint64 // v.epoch when sent: its store failed since if not current
 	// sure is the journal's end when the request was sent: every record
 	// before it is before the agent's point. The applier is held there
 	// until release.
@@ -185,6 +186,13 @@ func (c *hubConn) csumRes(m *wire.CsumRes) error {
 	}
 	h := c.h
 	h.mu.Lock()
+	if !rq.verify && rq.volEpoch != rq.v.epoch {
+		// Asked before the volume's store failed: protection restarts
+		// from the durable state and the agent's dirty regions.
+		h.mu.Unlock()
+		fail(errConnEnded)
+		return nil
+	}
 	// A frame before this one may have asked for a resync that pump has
 	// not opened yet: the volume is then no longer protecting.
 	stale := rq.verify && (c.vm.resync || c.vm.resyncEpoch != rq.epoch || len(c.deferred) > 0 ||
@@ -309,7 +317,7 @@ func (c *hubConn) csumPump(v *hubVolume) []*csumReq {
 		cv.out++
 		sector := first * rs
 		sectors := min(count*rs, v.sectors-sector)
-		out = append(out, &csumReq{v: v, first: first, count: count, done: c.csumResynced,
+		out = append(out, &csumReq{v: v, first: first, count: count, done: c.csumResynced, volEpoch: v.epoch,
 			msg: wire.CsumReq{Volume: v.id, Sector: sector, Sectors: uint32(sectors), RegionSectors: uint32(rs), Alg: wire.AlgSHA256}})
 	}
 	return out

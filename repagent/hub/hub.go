@@ -1686,10 +1686,7 @@ func (c *hubConn) report(m *wire.ReportVolumes) error {
 		v.wantMirror = vi.Protect
 		if !vi.Protect {
 			v.sectors = vi.Sectors
-			if v.agentMirror {
-				// No longer protected here: the agent stopped on its own.
-				v.agentMirror = false
-			}
+			v.agentMirror = false // not protected at the agent
 			c.queueCtl(&wire.StartProtect{Volume: v.id, Name: v.name})
 			continue
 		}
