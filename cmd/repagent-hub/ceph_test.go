@@ -9,57 +9,14 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/vhostdm/vhostdm/ceph"
 	"github.com/vhostdm/vhostdm/config"
-	"github.com/vhostdm/vhostdm/internal/cephtest"
 	"github.com/vhostdm/vhostdm/internal/reptest"
 	"github.com/vhostdm/vhostdm/mapper"
 )
-
-// One throwaway cluster for the Ceph tests of this package, started by
-// the first; its watchdog removes it when the test process ends.
-var (
-	clusterOnce sync.Once
-	cluster     *cephtest.Cluster
-	clusterErr  error
-)
-
-func cephCluster(t *testing.T) *cephtest.Cluster {
-	t.Helper()
-	clusterOnce.Do(func() {
-		cluster, clusterErr = cephtest.Start()
-		if clusterErr == nil {
-			t.Logf("cluster up in %.1fs", cluster.Bootstrap.Seconds())
-		}
-	})
-	if clusterErr != nil {
-		t.Fatalf("the Ceph tests need a throwaway cluster (scripts/setup.sh installs the packages): %v", clusterErr)
-	}
-	return cluster
-}
-
-// readRBD reads a whole image through the rbd: backend.
-func readRBD(t *testing.T, o *ceph.Opener, name string) []byte {
-	t.Helper()
-	b, err := o.Open(name, true)
-	if err != nil {
-		t.Fatalf("open %s: %v", name, err)
-	}
-	defer b.Close()
-	size, err := b.Size()
-	if err != nil {
-		t.Fatal(err)
-	}
-	buf := make([]byte, size)
-	if err := b.ReadAt([][]byte{buf}, 0); err != nil {
-		t.Fatal(err)
-	}
-	return buf
-}
 
 // TestCephHubKillAndRecover: a repagent-hub child process with --store
 // ceph:POOL replicates two protected volumes under a writer; it is killed

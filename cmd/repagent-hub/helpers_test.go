@@ -109,20 +109,6 @@ func writeAroundCheckpoint(t *testing.T, r *reptest.Rig, vols []*reptest.Vol, na
 	return h, kCkpt
 }
 
-// replicasOf returns the replica of each volume of hp's first VM.
-func replicasOf(t *testing.T, hp *hubProc) map[string]string {
-	t.Helper()
-	st, err := hp.status()
-	if err != nil {
-		t.Fatal(err)
-	}
-	replica := map[string]string{}
-	for _, v := range volumesIn(st) {
-		replica[v.Volume] = v.Replica
-	}
-	return replica
-}
-
 // startWriter runs h's writer on vols, one write every pause, until the
 // returned stop is called; stop waits for the writer to end and may be
 // called again.
@@ -132,13 +118,4 @@ func startWriter(t *testing.T, h *history, vols []*reptest.Vol, pause time.Durat
 	wg.Add(1)
 	go func() { defer wg.Done(); h.writer(ctx, t, vols, pause) }()
 	return func() { cancel(); wg.Wait() }
-}
-
-// pause holds h's writer (between two writes) until the returned resume
-// is called; resume may be called again (defer it so that a failing test
-// lets the writer end).
-func (h *history) pause() (resume func()) {
-	h.gate.Lock()
-	var once sync.Once
-	return func() { once.Do(h.gate.Unlock) }
 }

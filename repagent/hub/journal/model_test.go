@@ -2,7 +2,6 @@ package journal
 
 import (
 	"bytes"
-	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
@@ -201,12 +200,3 @@ func modelsAt(ops []Record, seqs []uint64) map[uint64]model {
 	}
 	return out
 }
-
-// sameRecord compares a journaled record with the op that produced it.
-func sameRecord(got, want *Record) bool {
-	return got.Kind == want.Kind && got.Volume == want.Volume && got.Checkpoint == want.Checkpoint &&
-		got.Offset == want.Offset && got.Length == want.Length && got.Size == want.Size &&
-		bytes.Equal(got.Data, want.Data) && got.HasSeq == want.HasSeq && got.Seq == want.Seq
-}
-
-var bgCtx = context.Background()
