@@ -79,6 +79,7 @@ type fioRun struct {
 type cpuWindow struct {
 	p       *harness.Process
 	backend string
+	disk    string // the guest's name of the back end's disk (vda, ...)
 	perfDir string // "": no profiles
 
 	mu    sync.Mutex
@@ -96,7 +97,8 @@ type sample struct {
 
 // onEvent is the VM's OnEvent hook; it runs on the console reader.
 func (w *cpuWindow) onEvent(ev harness.Event) {
-	if ev.Kind != harness.EventResult || ev.Result == nil || ev.Result.Step != proto.StepFio || ev.Result.Fio == nil {
+	if ev.Kind != harness.EventResult || ev.Result == nil || ev.Result.Step != proto.StepFio || ev.Result.Fio == nil ||
+		ev.Result.Disk != w.disk {
 		return
 	}
 	cpu, err := w.p.CPUTime()
@@ -167,30 +169,76 @@ func (w *cpuWindow) waitPerf(t *testing.T) {
 // each fio job there (which perturbs the CPU figures it reports).
 const fioPerfEnv = "VHOSTDM_E2E_FIO_PERF"
 
-// runFio boots a guest that runs the fio jobs and then the verify step
-// (seed) on one disk served by p, and returns the jobs with p's CPU time
-// over each.
-func runFio(t *testing.T, e *harness.Env, name string, p *harness.Process, disk harness.Disk, seed uint64) fioRun {
+// newCPUWindow returns the CPU window of back end p serving the guest's
+// disk.
+func newCPUWindow(p *harness.Process, backend, disk string) *cpuWindow {
+	return &cpuWindow{p: p, backend: backend, disk: disk, perfDir: os.Getenv(fioPerfEnv),
+		start: map[string]sample{}, span: map[string][2]sample{}}
+}
+
+// fioSteps returns the guest steps that run each fio job on every disk in
+// turn, the order of the disks alternating from job to job (ABBA), so that
+// drift in the machine's load falls on every back end alike; then the
+// verify step on each disk.
+func fioSteps(disks []string) []string {
+	var steps []string
+	for i, spec := range proto.FioJobs {
+		for k := range disks {
+			d := disks[k]
+			if i%2 == 1 {
+				d = disks[len(disks)-1-k]
+			}
+			steps = append(steps, proto.StepFio+"/"+spec.Name+"@"+d)
+		}
+	}
+	for _, d := range disks {
+		steps = append(steps, proto.StepVerify+"@"+d)
+	}
+	return steps
+}
+
+// runFio boots one guest with a disk per back end (the windows' disks, in
+// order), runs the fio jobs interleaved and the verify step (seed) on each
+// disk, and returns every back end's jobs with its CPU time over each.
+func runFio(t *testing.T, e *harness.Env, ws []*cpuWindow, disks []harness.Disk, seed uint64) []fioRun {
 	t.Helper()
-	w := &cpuWindow{p: p, backend: name, perfDir: os.Getenv(fioPerfEnv), start: map[string]sample{}, span: map[string][2]sample{}}
+	var names []string
+	for _, w := range ws {
+		names = append(names, w.disk)
+	}
 	params := seedParams(seed, fioCoverage, fioMaxBlocks)
 	params[proto.ParamFioRuntime] = fmt.Sprint(fioRuntime)
 	run := runGuest(t, e, harness.VMConfig{
-		Disks:   []harness.Disk{disk},
-		Steps:   []string{proto.StepFio, proto.StepVerify},
-		Fio:     true,
-		Params:  params,
-		OnEvent: w.onEvent,
+		Disks:  disks,
+		Steps:  fioSteps(names),
+		Fio:    true,
+		Params: params,
+		OnEvent: func(ev harness.Event) {
+			for _, w := range ws {
+				w.onEvent(ev)
+			}
+		},
 	})
+	var runs []fioRun
+	for _, w := range ws {
+		runs = append(runs, w.collect(t, run))
+	}
+	return runs
+}
+
+// collect returns the back end's jobs from the guest's results with its
+// CPU time over each, and checks them (checkFioJob).
+func (w *cpuWindow) collect(t *testing.T, run *harness.Run) fioRun {
+	t.Helper()
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.waitPerf(t)
 	for _, err := range w.errs {
-		t.Errorf("%s: CPU time of %s: %v", name, p.Name, err)
+		t.Errorf("%s: CPU time of %s: %v", w.backend, w.p.Name, err)
 	}
-	fr := fioRun{Backend: name, Boot: run.BootTime.Round(time.Millisecond).String()}
+	fr := fioRun{Backend: w.backend, Boot: run.BootTime.Round(time.Millisecond).String()}
 	for _, r := range run.Results {
-		if r.Step != proto.StepFio || r.Fio == nil {
+		if r.Step != proto.StepFio || r.Fio == nil || r.Disk != w.disk {
 			continue
 		}
 		j := &fioResult{FioJob: r.Fio}
@@ -198,13 +246,13 @@ func runFio(t *testing.T, e *harness.Env, name string, p *harness.Process, disk 
 			j.CPUSeconds = (s[1].cpu - s[0].cpu).Seconds()
 			j.WindowSeconds = (s[1].at - s[0].at).Seconds()
 		} else {
-			t.Errorf("%s: job %s: no CPU window (start and end lines)", name, j.Name)
+			t.Errorf("%s: job %s: no CPU window (start and end lines)", w.backend, j.Name)
 		}
-		checkFioJob(t, name, j, time.Duration(r.MS)*time.Millisecond)
+		checkFioJob(t, w.backend, j, time.Duration(r.MS)*time.Millisecond)
 		fr.Jobs = append(fr.Jobs, j)
 	}
 	if len(fr.Jobs) != len(proto.FioJobs) {
-		t.Fatalf("%s: %d fio jobs reported, want %d", name, len(fr.Jobs), len(proto.FioJobs))
+		t.Errorf("%s: %d fio jobs reported on %s, want %d", w.backend, len(fr.Jobs), w.disk, len(proto.FioJobs))
 	}
 	return fr
 }
@@ -240,14 +288,15 @@ func checkFioJob(t *testing.T, backend string, j *fioResult, wall time.Duration)
 const fioCoverage, fioMaxBlocks = 5, 64
 
 // TestFioVhostdmVsQSD runs the same fio jobs (4k random read and write at
-// QD16, 1 MiB sequential read and write at QD4, direct=1) in a guest
+// QD16, 1 MiB sequential read and write at QD4, direct=1) in one guest
 // through qemu-storage-daemon (aio=io_uring, its fastest buffered file
-// mode) and through vhostdm, one after the other on the same image in the
-// same run, with each back end's host CPU time over each job, and logs
-// both sets of figures and their ratios with the machine's load (and
+// mode; disk vda) and through vhostdm (vdb), each job on one disk and then
+// the other (the order alternating from job to job), over two identical
+// pre-filled images, with each back end's host CPU time over each job. It
+// logs both sets of figures and their ratios with the machine's load (and
 // writes them as JSON to $VHOSTDM_E2E_FIO_JSON or
 // $TMPDIR/vhostdm-e2e-fio.json). After the jobs the guest writes a verify
-// plan through each back end, which the host checks in the image.
+// plan through each back end, which the host checks in the images.
 //
 // It asserts that every job ran without error, that both back ends were
 // measured (CPU time and requests in every job's window) and that the
@@ -258,55 +307,49 @@ func TestFioVhostdmVsQSD(t *testing.T) {
 	if e.Fio == "" {
 		t.Fatalf("fio not found in PATH: %s", harness.SetupHint)
 	}
-	const size = 128 << 20
-	const qsdSeed, vdmSeed = 2201, 2202
+	const size, seed = 128 << 20, 2201
 	loadBefore, err := harness.LoadAvg()
 	if err != nil {
 		t.Fatal(err)
 	}
 	dir, sd := t.TempDir(), sockDir(t)
-	// Fill the image first so both back ends read allocated (and, on
-	// this host, cached) data, not holes; fio's writes then allocate
-	// nothing for the second run.
-	img := filepath.Join(dir, "fio.img")
+	// Fill the images first so both back ends read allocated (and, on
+	// this host, cached) data, not holes, and overwrite allocated blocks.
+	// Each back end has its own copy (QSD locks its image).
 	fill := make([]byte, size)
 	pattern.Fill(fill, 77, 0)
-	if err := os.WriteFile(img, fill, 0o644); err != nil {
-		t.Fatal(err)
+	qsdImg, vdmImg := filepath.Join(dir, "qsd.img"), filepath.Join(dir, "vhostdm.img")
+	for _, img := range []string{qsdImg, vdmImg} {
+		if err := os.WriteFile(img, fill, 0o644); err != nil {
+			t.Fatal(err)
+		}
 	}
-	checkImage := func(t *testing.T, seed uint64) {
-		t.Helper()
+	qsdSock := filepath.Join(sd, "qsd.sock")
+	qsd := startQSD(t, e, []harness.QSDExport{{ID: "e0", Image: qsdImg, Socket: qsdSock, NumQueues: 1, Writable: true, AIO: "io_uring"}}, "")
+	cfg := &harness.Config{
+		Devices: []harness.DeviceConfig{{Name: "fio", Table: fmt.Sprintf("0 %d linear %s 0", size/512, vdmImg)}},
+		Exports: []harness.ExportConfig{{ID: "fio0", Device: "fio", Socket: filepath.Join(sd, "vdm.sock"),
+			NumQueues: 1, Writable: true, LogicalBlockSize: 512, Serial: "fio"}},
+	}
+	vdm := startVhostdm(t, e, writeConfig(t, dir, cfg))
+	runs := runFio(t, e,
+		[]*cpuWindow{newCPUWindow(qsd, "qemu-storage-daemon", "vda"), newCPUWindow(vdm, "vhostdm", "vdb")},
+		[]harness.Disk{{Socket: qsdSock, NumQueues: 1}, {Socket: cfg.Exports[0].Socket, NumQueues: 1}}, seed)
+	checkNoRenotify(t, vdm)
+	qsd.Stop()
+	vdm.Stop()
+	for _, img := range []string{qsdImg, vdmImg} {
 		data, err := os.ReadFile(img)
 		if err != nil {
 			t.Fatal(err)
 		}
 		if len(data) != size {
-			t.Errorf("image is %d bytes after the run, want %d", len(data), size)
+			t.Errorf("%s is %d bytes after the run, want %d", img, len(data), size)
 		}
 		for _, err := range harness.CheckPlan(data, harness.PlanCheck{Seed: seed, Coverage: fioCoverage, MaxBlocks: fioMaxBlocks}) {
-			t.Errorf("host check of the verify plan written after fio: %v", err)
+			t.Errorf("host check of the verify plan written after fio in %s: %v", filepath.Base(img), err)
 		}
 	}
-	var runs []fioRun
-	t.Run("qemu-storage-daemon", func(t *testing.T) {
-		sock := filepath.Join(sd, "qsd.sock")
-		p := startQSD(t, e, []harness.QSDExport{{ID: "e0", Image: img, Socket: sock, NumQueues: 1, Writable: true, AIO: "io_uring"}}, "")
-		runs = append(runs, runFio(t, e, "qemu-storage-daemon", p, harness.Disk{Socket: sock, NumQueues: 1}, qsdSeed))
-		p.Stop() // release the image's lock before vhostdm opens it
-		checkImage(t, qsdSeed)
-	})
-	t.Run("vhostdm", func(t *testing.T) {
-		cfg := &harness.Config{
-			Devices: []harness.DeviceConfig{{Name: "fio", Table: fmt.Sprintf("0 %d linear %s 0", size/512, img)}},
-			Exports: []harness.ExportConfig{{ID: "fio0", Device: "fio", Socket: filepath.Join(sd, "vdm.sock"),
-				NumQueues: 1, Writable: true, LogicalBlockSize: 512, Serial: "fio"}},
-		}
-		p := startVhostdm(t, e, writeConfig(t, dir, cfg))
-		runs = append(runs, runFio(t, e, "vhostdm", p, harness.Disk{Socket: cfg.Exports[0].Socket, NumQueues: 1}, vdmSeed))
-		checkNoRenotify(t, p)
-		p.Stop()
-		checkImage(t, vdmSeed)
-	})
 	loadAfter, err := harness.LoadAvg()
 	if err != nil {
 		t.Fatal(err)
@@ -330,7 +373,8 @@ func TestFioVhostdmVsQSD(t *testing.T) {
 // the ratios vhostdm / QSD per job.
 func fioReport(runs []fioRun, before, after [3]float64) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "fio in a TCG guest (1 vCPU, direct=1, %d s per job after 1 s ramp), same pre-filled image, same run; QSD with aio=io_uring.\n", fioRuntime)
+	fmt.Fprintf(&b, "fio in one TCG guest (1 vCPU, direct=1, %d s per job after 1 s ramp), a disk per back end over identical pre-filled images,\n", fioRuntime)
+	fmt.Fprintf(&b, "each job on one back end then the other (order alternating); QSD with aio=io_uring.\n")
 	fmt.Fprintf(&b, "Host load average %.2f %.2f %.2f before, %.2f %.2f %.2f after", before[0], before[1], before[2], after[0], after[1], after[2])
 	if n := float64(runtime.NumCPU()); max(before[0], after[0]) > n {
 		fmt.Fprintf(&b, " (LOADED: above the %d CPUs)", int(n))

@@ -24,9 +24,10 @@ const (
 	fioLibPath = "/etc/vhostdm/fio-ld-path"
 )
 
-// stepFio runs the fio jobs named by the fiojobs parameter (default all of
-// proto.FioJobs) on the disk, one result per job.
-func stepFio(disk string, p params, start time.Time) []proto.Result {
+// stepFio runs the fio job named job, or if job is empty those named by
+// the fiojobs parameter (default all of proto.FioJobs), on the disk, one
+// result per job.
+func stepFio(disk string, p params, job string, start time.Time) []proto.Result {
 	fail := func(err error) []proto.Result {
 		return []proto.Result{{Step: proto.StepFio, Disk: disk, Error: err.Error(), MS: since(start)}}
 	}
@@ -40,6 +41,9 @@ func stepFio(disk string, p params, start time.Time) []proto.Result {
 	}
 	runtime := p.int(proto.ParamFioRuntime, 5)
 	wanted := splitList(p.str(proto.ParamFioJobs, ""))
+	if job != "" {
+		wanted = []string{job}
+	}
 	var rs []proto.Result
 	if ms := p.int(proto.ParamIRQChurn, 0); ms > 0 {
 		stop := make(chan struct{})

@@ -89,7 +89,7 @@ const (
 	StepWriter      = "writer"      // long-running verified writer, events "flush" and "ioerror"
 	StepWriterCheck = "writercheck" // check the writer's blocks after a fault (acked/issued)
 	StepResize      = "resize"      // wait for the capacity to change, then use the new space
-	StepFio         = "fio"         // fio jobs: per job events "start" (Fio names it) and "end" (as its result), one result each
+	StepFio         = "fio"         // fio jobs (fio/JOB: that one only): per job events "start" (Fio names it) and "end" (as its result), one result each
 	StepShell       = "shell"       // exec /bin/sh (busybox) on the console
 	StepSleep       = "sleep"       // sleep for the duration parameter
 	// StepDiscardWatch discards a range, reports event "ready", then
