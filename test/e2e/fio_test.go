@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -9,6 +10,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -155,7 +157,14 @@ func (w *cpuWindow) stopPerf() {
 func (w *cpuWindow) waitPerf(t *testing.T) {
 	w.stopPerf()
 	for _, c := range w.perfs {
-		if err := c.Wait(); err != nil {
+		err := c.Wait()
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() && ws.Signal() == syscall.SIGINT {
+				err = nil // how perf record ends when told to
+			}
+		}
+		if err != nil {
 			t.Logf("%s: %v", c, err)
 		}
 	}
