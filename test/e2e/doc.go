@@ -17,6 +17,10 @@
 // Environment:
 //   - VHOSTDM_E2E_FIO_JSON=path: where to write the fio figures as JSON
 //     (default $TMPDIR/vhostdm-e2e-fio.json).
+//   - VHOSTDM_E2E_FIO_PERF=dir: TestFioVhostdmVsQSD records a perf profile
+//     of each back end over each fio job (CPU samples with call graphs,
+//     system call entries) in dir/BACKEND-JOB.perf.data; profiling
+//     perturbs the CPU figures it reports.
 //   - VHOSTDM_E2E_BACKEND=qsd: serve the vhostdm tests' configs with
 //     qemu-storage-daemon instead (single-line linear tables only), to tell
 //     a test's mistake from the daemon's: what fails there too is the

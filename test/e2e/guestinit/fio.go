@@ -5,6 +5,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -23,9 +24,10 @@ const (
 	fioLibPath = "/etc/vhostdm/fio-ld-path"
 )
 
-// stepFio runs the fio jobs named by the fiojobs parameter (default all of
-// proto.FioJobs) on the disk, one result per job.
-func stepFio(disk string, p params, start time.Time) []proto.Result {
+// stepFio runs the fio job named job, or if job is empty those named by
+// the fiojobs parameter (default all of proto.FioJobs), on the disk, one
+// result per job.
+func stepFio(disk string, p params, job string, start time.Time) []proto.Result {
 	fail := func(err error) []proto.Result {
 		return []proto.Result{{Step: proto.StepFio, Disk: disk, Error: err.Error(), MS: since(start)}}
 	}
@@ -39,6 +41,9 @@ func stepFio(disk string, p params, start time.Time) []proto.Result {
 	}
 	runtime := p.int(proto.ParamFioRuntime, 5)
 	wanted := splitList(p.str(proto.ParamFioJobs, ""))
+	if job != "" {
+		wanted = []string{job}
+	}
 	var rs []proto.Result
 	if ms := p.int(proto.ParamIRQChurn, 0); ms > 0 {
 		stop := make(chan struct{})
@@ -57,17 +62,61 @@ func stepFio(disk string, p params, start time.Time) []proto.Result {
 			continue
 		}
 		t := time.Now()
+		// The start and end events and the block statistics bracket the
+		// job, so the host's view of the back end (CPU time from the
+		// start line to the end line) and the requests counted here
+		// cover the same run. (The results are printed after the step.)
+		before, serr := blockStat(disk)
+		printLine(proto.ResultMarker, proto.Result{Step: proto.StepFio, Disk: disk, Event: "start", OK: true,
+			Fio: &proto.FioJob{Name: spec.Name, Engine: engine, RW: spec.RW, BS: spec.BS, IODepth: spec.IODepth}})
 		job, err := runFio(env, disk, engine, spec, runtime)
+		after, aerr := blockStat(disk)
+		if err == nil {
+			err = errors.Join(serr, aerr)
+		}
+		if job != nil && serr == nil && aerr == nil {
+			job.Block = after.Sub(before)
+		}
 		r := proto.Result{Step: proto.StepFio, Disk: disk, Fio: job, MS: since(t), OK: err == nil}
 		if err != nil {
 			r.Error = err.Error()
 		}
+		ev := r
+		ev.Event = "end"
+		printLine(proto.ResultMarker, ev)
 		rs = append(rs, r)
 	}
 	if len(rs) == 0 {
 		return fail(fmt.Errorf("no fio job among %v", wanted))
 	}
 	return rs
+}
+
+// blockStat reads the request counts of a disk from /sys/block/DISK/stat
+// (Documentation/block/stat.rst: reads, read merges, read sectors, read
+// ticks, writes, write merges, write sectors, ..., flushes in field 16).
+func blockStat(disk string) (proto.BlockStat, error) {
+	var b proto.BlockStat
+	raw, err := os.ReadFile("/sys/block/" + disk + "/stat")
+	if err != nil {
+		return b, fmt.Errorf("block statistics: %w", err)
+	}
+	f := strings.Fields(string(raw))
+	if len(f) < 11 {
+		return b, fmt.Errorf("block statistics of %s: %d fields, want at least 11", disk, len(f))
+	}
+	n := func(i int) int64 {
+		if i >= len(f) {
+			return 0 // kernels before 5.5 count no flushes
+		}
+		v, perr := strconv.ParseInt(f[i], 10, 64)
+		if perr != nil && err == nil {
+			err = fmt.Errorf("block statistics of %s: field %d: %w", disk, i+1, perr)
+		}
+		return v
+	}
+	b = proto.BlockStat{Reads: n(0), ReadSectors: n(2), Writes: n(4), WriteSectors: n(6), Flushes: n(15)}
+	return b, err
 }
 
 func contains(list []string, s string) bool {

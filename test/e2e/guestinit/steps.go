@@ -36,6 +36,9 @@ func runStep(name, diskArg string, p params) (rs []proto.Result) {
 	if err != nil {
 		return []proto.Result{{Step: name, Disk: diskArg, Error: err.Error(), MS: since(start)}}
 	}
+	if base, job, ok := strings.Cut(name, "/"); ok && base == proto.StepFio {
+		return stepFio(disk, p, job, start)
+	}
 	var r proto.Result
 	switch name {
 	case proto.StepVerify:
@@ -59,7 +62,7 @@ func runStep(name, diskArg string, p params) (rs []proto.Result) {
 	case proto.StepDiscardWatch:
 		r = stepDiscardWatch(disk, p)
 	case proto.StepFio:
-		return stepFio(disk, p, start)
+		return stepFio(disk, p, "", start)
 	default:
 		r.Error = fmt.Sprintf("unknown step %q", name)
 	}

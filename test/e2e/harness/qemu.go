@@ -50,6 +50,11 @@ type VMConfig struct {
 	Console io.Writer
 	// ExtraArgs are appended to QEMU's command line.
 	ExtraArgs []string
+	// OnEvent, if set, is called with each guest line (and QEMU's exit)
+	// as the console reader parses it, before Next or Wait return it: a
+	// test samples host state (a back end's CPU time) at the moment the
+	// guest reports. It runs on the reader goroutine and must be quick.
+	OnEvent func(Event)
 }
 
 // EventKind says what a guest event is.
@@ -89,6 +94,7 @@ type VM struct {
 	exitErr error
 	boot    time.Duration // QEMU start to the begin line, 0 before
 	qmpPath string        // QEMU's QMP socket, for VirtioState; "" if none
+	onEvent func(Event)   // VMConfig.OnEvent; set before the reader starts
 }
 
 // QEMUArgs returns QEMU's arguments for cfg with the given initrd.
@@ -197,7 +203,7 @@ func (e *Env) StartVM(cfg VMConfig) (*VM, error) {
 		return nil, err
 	}
 	args := e.QEMUArgs(cfg, initrd)
-	vm := &VM{notify: make(chan struct{}), exited: make(chan struct{})}
+	vm := &VM{notify: make(chan struct{}), exited: make(chan struct{}), onEvent: cfg.OnEvent}
 	if !cfg.Interactive {
 		// A QMP monitor, so that a hung guest's virtqueues can be
 		// inspected from QEMU's side (VirtioState).
@@ -302,9 +308,12 @@ func parseLine(line string) (Event, bool) {
 }
 
 func (vm *VM) push(ev Event) {
+	ev.At = time.Since(vm.Started)
+	if vm.onEvent != nil {
+		vm.onEvent(ev)
+	}
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
-	ev.At = time.Since(vm.Started)
 	if ev.Kind == EventBegin && vm.boot == 0 {
 		vm.boot = ev.At
 	}

@@ -89,7 +89,7 @@ const (
 	StepWriter      = "writer"      // long-running verified writer, events "flush" and "ioerror"
 	StepWriterCheck = "writercheck" // check the writer's blocks after a fault (acked/issued)
 	StepResize      = "resize"      // wait for the capacity to change, then use the new space
-	StepFio         = "fio"         // fio jobs, one result each
+	StepFio         = "fio"         // fio jobs (fio/JOB: that one only): per job events "start" (Fio names it) and "end" (as its result), one result each
 	StepShell       = "shell"       // exec /bin/sh (busybox) on the console
 	StepSleep       = "sleep"       // sleep for the duration parameter
 	// StepDiscardWatch discards a range, reports event "ready", then
@@ -129,7 +129,7 @@ type Begin struct {
 type Result struct {
 	Step  string `json:"step"`
 	Disk  string `json:"disk,omitempty"`
-	Event string `json:"event,omitempty"` // "", "ready", "flush", "ioerror", "progress"
+	Event string `json:"event,omitempty"` // "", "ready", "flush", "ioerror", "progress", "start", "end"
 	OK    bool   `json:"ok"`
 	Error string `json:"error,omitempty"`
 	MS    int64  `json:"ms"` // wall time of the step (final result) or since its start (event)
@@ -188,4 +188,28 @@ type FioJob struct {
 	LatP99U  float64 `json:"lat_p99_us"`
 	Errors   int     `json:"errors"`
 	RuntimeS float64 `json:"runtime_s"`
+	// Block is what the guest's block layer sent to the disk between the
+	// job's events "start" and "end" (fio's ramp time included): the
+	// requests the back end served in that window.
+	Block BlockStat `json:"block"`
+}
+
+// BlockStat counts completed requests and sectors of a guest disk, from
+// /sys/block/DISK/stat (after merging and splitting: one count per
+// virtio request).
+type BlockStat struct {
+	Reads        int64 `json:"reads"`
+	ReadSectors  int64 `json:"read_sectors"`
+	Writes       int64 `json:"writes"`
+	WriteSectors int64 `json:"write_sectors"`
+	Flushes      int64 `json:"flushes"`
+}
+
+// Requests returns the number of requests of all kinds.
+func (b BlockStat) Requests() int64 { return b.Reads + b.Writes + b.Flushes }
+
+// Sub returns b minus a.
+func (b BlockStat) Sub(a BlockStat) BlockStat {
+	return BlockStat{Reads: b.Reads - a.Reads, ReadSectors: b.ReadSectors - a.ReadSectors,
+		Writes: b.Writes - a.Writes, WriteSectors: b.WriteSectors - a.WriteSectors, Flushes: b.Flushes - a.Flushes}
 }
