@@ -166,6 +166,11 @@ type queue struct {
 
 	renotifies atomic.Uint64 // call eventfd signalled again by renotify
 	notified   atomic.Uint64 // call eventfd writes
+	kicks      atomic.Uint64 // kick eventfd reads that found a kick
+	parks      atomic.Uint64 // times the ring goroutine waited for a kick in the poller
+	// unstickTicks counts the wake-ups of halt's unstick timer, armed
+	// only while a call or error eventfd write is in progress.
+	unstickTicks atomic.Uint64
 
 	// Owned by the ring goroutine.
 	held       bool // the ring goroutine holds finishing for a batch
@@ -329,30 +334,13 @@ func (q *queue) halt() {
 	q.nudge()
 	stop := make(chan struct{})
 	defer close(stop)
-	go q.unstickNotifiers(stop)
+	go unstickWhileBlocked(stop, &q.unstickTicks, q.call.Load(), q.errf.Load())
 	<-q.done
 	if q.kick != nil {
 		q.kick.SetReadDeadline(time.Time{})
 	}
 	q.active.Wait()
 	q.engineIdle()
-}
-
-// unstickNotifiers releases, until stop is closed, a completion's
-// eventfd write that the front end blocks (notifier.unstick), so that
-// halt does not wait for the front end.
-func (q *queue) unstickNotifiers(stop chan struct{}) {
-	t := time.NewTicker(10 * time.Millisecond)
-	defer t.Stop()
-	for {
-		select {
-		case <-stop:
-			return
-		case <-t.C:
-			q.call.Load().unstick()
-			q.errf.Load().unstick()
-		}
-	}
 }
 
 // pause stops a running queue and waits for its requests, keeping its
@@ -599,6 +587,7 @@ func (q *queue) waitKick() {
 	}
 	err := q.readKick()
 	if err == nil {
+		q.kicks.Add(1)
 		return
 	}
 	if errors.Is(err, os.ErrDeadlineExceeded) {
@@ -667,8 +656,12 @@ func (q *queue) readKick() error {
 			if rerr == unix.EOPNOTSUPP { // kernels before 5.12: eventfd without RWF_NOWAIT
 				_, rerr = unix.Read(int(fd), q.kbuf[:])
 			}
+			if rerr == unix.EAGAIN {
+				q.parks.Add(1)
+				return false
+			}
 			if rerr != unix.EINTR {
-				return rerr != unix.EAGAIN
+				return true
 			}
 		}
 	})
