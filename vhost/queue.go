@@ -710,7 +710,7 @@ func (q *queue) drain() error {
 		q.hold()
 		var bad error
 		// Publish early, once half the batch is done, if the driver has
-		// caught up (earlyPublish).
+		// caught up (minEarlyPublish).
 		half := max(int(min(n, publishBatch))/2, minEarlyPublish)
 		for i := 0; i < int(n); i++ {
 			if q.stopReq.Load() || q.dev.dead.Load() {
