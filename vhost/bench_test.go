@@ -104,30 +104,39 @@ func (d nowaitZeroDevice) TrySubmit(r *mapper.Request) error { return d.Submit(r
 // BenchmarkExportRead4K reads 4 KiB at queue depth 32 through a real socket
 // and eventfds from an export of a zero device: the whole data path, with
 // every request handed to a worker goroutine.
-func BenchmarkExportRead4K(b *testing.B) { benchExportRead4K(b, zeroDevice{}, false) }
+func BenchmarkExportRead4K(b *testing.B) { benchExportRead4K(b, zeroDevice{}, false, 1) }
 
 // BenchmarkExportRead4KPacked is BenchmarkExportRead4K on a packed ring.
-func BenchmarkExportRead4KPacked(b *testing.B) { benchExportRead4K(b, zeroDevice{}, true) }
+func BenchmarkExportRead4KPacked(b *testing.B) { benchExportRead4K(b, zeroDevice{}, true, 1) }
 
 // BenchmarkExportRead4KNowait is BenchmarkExportRead4K with requests run
 // to completion on the ring goroutine (the null path of
 // scripts/bench-vs-qsd.sh rows 1 and 2).
-func BenchmarkExportRead4KNowait(b *testing.B) { benchExportRead4K(b, nowaitZeroDevice{}, false) }
+func BenchmarkExportRead4KNowait(b *testing.B) { benchExportRead4K(b, nowaitZeroDevice{}, false, 1) }
 
-func benchExportRead4K(b *testing.B, dev Device, packed bool) {
+// BenchmarkExportRead4KNowait2Q is BenchmarkExportRead4KNowait on two
+// queues, queue depth 32 each (row 1 of scripts/bench-vs-qsd.sh).
+func BenchmarkExportRead4KNowait2Q(b *testing.B) { benchExportRead4K(b, nowaitZeroDevice{}, false, 2) }
+
+// benchExportRead4K reads 4 KiB at queue depth 32 on each of queues
+// queues. Besides ns/op and cpu-ns/op it reports the wake-ups per
+// request: calls/op (call eventfd writes, each a wake-up of the client),
+// kicks/op (kicks read) and parks/op (the ring goroutines' waits in the
+// poller).
+func benchExportRead4K(b *testing.B, dev Device, packed bool, queues int) {
 	dir := b.TempDir()
-	e, err := NewExport(ExportConfig{ID: "bench", Socket: dir + "/s", Writable: true, Logger: testLogger()}, dev)
+	e, err := NewExport(ExportConfig{ID: "bench", Socket: dir + "/s", Writable: true, NumQueues: queues, Logger: testLogger()}, dev)
 	if err != nil {
 		b.Fatal(err)
 	}
 	go e.Serve(context.Background())
 	defer e.Close()
-	c, err := frontend.Dial(context.Background(), frontend.Config{Socket: dir + "/s", QueueSize: 128, Indirect: true, Packed: packed})
+	c, err := frontend.Dial(context.Background(), frontend.Config{Socket: dir + "/s", NumQueues: queues, QueueSize: 128, Indirect: true, Packed: packed})
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer c.Close()
-	const qd = 32
+	qd := 32 * queues
 	bufs := make([][]byte, qd)
 	for i := range bufs {
 		bufs[i], _ = c.Buf(4096)
@@ -145,7 +154,7 @@ func benchExportRead4K(b *testing.B, dev Device, packed bool) {
 		}
 		left--
 		mu.Unlock()
-		err := c.Submit(0, &frontend.BlkRequest{Type: virtio.BlkTypeIn, Sector: uint64(i * 8), Data: [][]byte{bufs[i]}}, func(r frontend.Result) {
+		err := c.Submit(i%queues, &frontend.BlkRequest{Type: virtio.BlkTypeIn, Sector: uint64(i * 8), Data: [][]byte{bufs[i]}}, func(r frontend.Result) {
 			if r.Status != virtio.BlkStatusOK {
 				b.Error("status", r.Status)
 			}
@@ -167,6 +176,19 @@ func benchExportRead4K(b *testing.B, dev Device, packed bool) {
 	// The CPU time of the whole process (back end and client) per
 	// request: on a shared machine, a steadier figure than ns/op.
 	b.ReportMetric(float64(processCPU()-cpu0)/float64(b.N), "cpu-ns/op")
+	e.mu.Lock()
+	var calls, kicks, parks uint64
+	if e.conn != nil {
+		for _, q := range e.conn.dev.queues {
+			calls += q.notified.Load()
+			kicks += q.kicks.Load()
+			parks += q.parks.Load()
+		}
+	}
+	e.mu.Unlock()
+	b.ReportMetric(float64(calls)/float64(b.N), "calls/op")
+	b.ReportMetric(float64(kicks)/float64(b.N), "kicks/op")
+	b.ReportMetric(float64(parks)/float64(b.N), "parks/op")
 }
 
 // processCPU returns the process's user and system CPU time.

@@ -46,6 +46,8 @@ type notifier struct {
 	closing atomic.Bool   // close was called
 	direct  atomic.Int32  // callers of signal in a direct write(2)
 	logged  atomic.Bool   // the blocked-write warning was logged
+	watched atomic.Bool   // a halting queue watches for writes (unstickWhileBlocked)
+	started chan struct{} // cap 1: a write started while watched
 	wake    chan struct{} // cap 1
 	exited  chan struct{} // closed when the goroutine returns
 	done    chan struct{} // closed when the fd is closed
@@ -59,7 +61,7 @@ var eventfdOne = [8]byte{1}
 func newNotifier(fd int, what string, log *slog.Logger) *notifier {
 	unix.SetNonblock(fd, true) // the common case: EAGAIN instead of parking
 	n := &notifier{f: os.NewFile(uintptr(fd), what), log: log, what: what,
-		wake: make(chan struct{}, 1), exited: make(chan struct{}), done: make(chan struct{})}
+		started: make(chan struct{}, 1), wake: make(chan struct{}, 1), exited: make(chan struct{}), done: make(chan struct{})}
 	rc, err := n.f.SyscallConn()
 	if err != nil { // not for an *os.File that wraps a valid fd
 		n.f.Close()
@@ -111,7 +113,9 @@ func (n *notifier) writeDirect() bool {
 			return true
 		}
 		ok = true
-		n.direct.Add(1)
+		if n.direct.Add(1) == 1 {
+			n.noteWrite()
+		}
 		for {
 			// EAGAIN: the counter is far from zero, the front end
 			// will wake anyway.
@@ -131,6 +135,7 @@ func (n *notifier) run() {
 		<-n.wake
 		if n.pending.Swap(false) {
 			n.writing.Store(true)
+			n.noteWrite()
 			n.rc.Write(func(fd uintptr) bool {
 				for {
 					if _, err := unix.Write(int(fd), eventfdOne[:]); err != unix.EINTR {
@@ -145,6 +150,79 @@ func (n *notifier) run() {
 		}
 	}
 }
+
+// noteWrite tells a watcher (unstickWhileBlocked) that a write started.
+func (n *notifier) noteWrite() {
+	if n.watched.Load() {
+		select {
+		case n.started <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// watch starts or ends the watching of writes (unstickWhileBlocked); it
+// returns the channel a write starting while watched sends on, nil for a
+// nil notifier (which never sends).
+func (n *notifier) watch(on bool) chan struct{} {
+	if n == nil {
+		return nil
+	}
+	n.watched.Store(on)
+	return n.started
+}
+
+// unstickPeriod is how long a write may stay in progress while a queue
+// halts before the counter it may be blocked on is looked at (unstick).
+const unstickPeriod = 10 * time.Millisecond
+
+// unstickWhileBlocked releases, until stop is closed, writes of a or b
+// (either may be nil) that the front end blocks on a full counter
+// (notifier.unstick), so that a halting queue does not wait for the front
+// end. It arms a timer only while a write is in progress: otherwise it
+// waits for a write to start, so that a halt waiting for slow requests,
+// with no signal blocked, costs no periodic wake-ups. ticks counts the
+// timer's expiries.
+func unstickWhileBlocked(stop <-chan struct{}, ticks *atomic.Uint64, a, b *notifier) {
+	sa, sb := a.watch(true), b.watch(true)
+	defer a.watch(false)
+	defer b.watch(false)
+	var t *time.Timer
+	defer func() {
+		if t != nil {
+			t.Stop()
+		}
+	}()
+	for {
+		// watch(true) came before this look, so a write that starts
+		// after it sends on sa or sb.
+		if a.busy() || b.busy() {
+			if t == nil {
+				t = time.NewTimer(unstickPeriod)
+			} else {
+				t.Reset(unstickPeriod)
+			}
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+				ticks.Add(1)
+				a.unstick()
+				b.unstick()
+			}
+			continue
+		}
+		select {
+		case <-stop:
+			return
+		case <-sa:
+		case <-sb:
+		}
+	}
+}
+
+// busy is blocked for a notifier that may be nil.
+func (n *notifier) busy() bool { return n != nil && n.rc != nil && n.blocked() }
 
 // blocked reports whether a write to the notifier may be blocked: one is
 // in progress.

@@ -1,10 +1,15 @@
 package vhost
 
 import (
+	"context"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhostdm/vhostdm/vhost/frontend"
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
 )
 
 // TestNotifierDirectAndUnstick: while the call eventfd is non-blocking,
@@ -81,5 +86,123 @@ func TestNotifierDirectAndUnstick(t *testing.T) {
 			t.Fatal("signal on a blocking eventfd never written")
 		}
 		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestUnstickWhileBlocked: a halting queue's unstick timer is armed only
+// while a write is in progress. Watching an idle notifier for 150 ms
+// costs no timer wake-up (a 10 ms ticker would have fired about 15
+// times); a write the front end blocks (O_NONBLOCK cleared, counter full)
+// arms it, and the unstick releases the write.
+func TestUnstickWhileBlocked(t *testing.T) {
+	fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer, err := unix.Dup(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(peer)
+	n := newNotifier(fd, "call", testLogger())
+	defer n.close()
+	var ticks atomic.Uint64
+	stop := make(chan struct{})
+	exited := make(chan struct{})
+	go func() {
+		defer close(exited)
+		unstickWhileBlocked(stop, &ticks, n, nil)
+	}()
+	defer func() {
+		close(stop)
+		select {
+		case <-exited:
+		case <-time.After(5 * time.Second):
+			t.Error("unstickWhileBlocked did not return after stop")
+		}
+	}()
+	time.Sleep(150 * time.Millisecond)
+	if k := ticks.Load(); k != 0 {
+		t.Fatalf("%d timer wake-ups while no write was in progress, want 0", k)
+	}
+
+	// Block the front end's way: counter full, O_NONBLOCK cleared; the
+	// signal goes to the notifier's goroutine, whose write blocks.
+	if _, err := unix.Write(peer, le.AppendUint64(nil, 0xfffffffffffffffe)); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.SetNonblock(peer, false); err != nil {
+		t.Fatal(err)
+	}
+	n.signal()
+	// Leave the counter alone (reading it would release the write) until
+	// the timer has fired and the write is done.
+	deadline := time.Now().Add(5 * time.Second)
+	for ticks.Load() == 0 || n.blocked() {
+		if time.Now().After(deadline) {
+			t.Fatalf("blocked write not released (ticks %d)", ticks.Load())
+		}
+		time.Sleep(time.Millisecond)
+	}
+	var b [8]byte
+	if k, err := unix.Preadv2(peer, [][]byte{b[:]}, -1, unix.RWF_NOWAIT); err != nil || k != 8 || le.Uint64(b[:]) != 1 {
+		t.Fatalf("counter %d (%v) after the released write, want 1", le.Uint64(b[:]), err)
+	}
+	// Idle again: the timer is not re-armed.
+	time.Sleep(30 * time.Millisecond) // a timer armed during the write may fire once
+	k := ticks.Load()
+	time.Sleep(100 * time.Millisecond)
+	if k2 := ticks.Load(); k2 != k {
+		t.Fatalf("%d timer wake-ups after the write was released, want 0", k2-k)
+	}
+}
+
+// TestHaltSlowRequestNoTicks: GET_VRING_BASE on a queue whose request is
+// in a slow device (300 ms) waits for it without the unstick timer firing:
+// no signal is blocked, so the halt costs no periodic wake-ups.
+func TestHaltSlowRequestNoTicks(t *testing.T) {
+	dir := t.TempDir()
+	e, err := NewExport(ExportConfig{ID: "slow", Socket: dir + "/s", Writable: true, Logger: testLogger()},
+		slowDevice{Device: zeroDevice{}, delay: 300 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go e.Serve(context.Background())
+	defer e.Close()
+	c, err := frontend.Dial(testCtx(t), frontend.Config{Socket: dir + "/s", QueueSize: 128})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	buf, err := c.Buf(4096)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan frontend.Result, 1)
+	// Sector 16: an odd 16-sector block, which slowDevice delays.
+	if err := c.Submit(0, &frontend.BlkRequest{Type: virtio.BlkTypeOut, Sector: 16, Data: [][]byte{buf}}, func(r frontend.Result) { done <- r }); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(20 * time.Millisecond) // popped and in the device
+	start := time.Now()
+	if err := c.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if el := time.Since(start); el < 200*time.Millisecond {
+		t.Fatalf("GET_VRING_BASE answered after %v, before the slow request completed (the test's premise is broken)", el)
+	}
+	select {
+	case r := <-done:
+		if r.Status != virtio.BlkStatusOK {
+			t.Fatalf("status %d", r.Status)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("slow request not completed")
+	}
+	e.mu.Lock()
+	q := e.conn.dev.queues[0]
+	e.mu.Unlock()
+	if k := q.unstickTicks.Load(); k != 0 {
+		t.Fatalf("%d unstick timer wake-ups during a halt with no blocked signal, want 0", k)
 	}
 }

@@ -166,9 +166,15 @@ type queue struct {
 
 	renotifies atomic.Uint64 // call eventfd signalled again by renotify
 	notified   atomic.Uint64 // call eventfd writes
+	kicks      atomic.Uint64 // kick eventfd reads that found a kick
+	parks      atomic.Uint64 // times the ring goroutine waited for a kick in the poller
+	// unstickTicks counts the wake-ups of halt's unstick timer, armed
+	// only while a call or error eventfd write is in progress.
+	unstickTicks atomic.Uint64
 
 	// Owned by the ring goroutine.
 	held       bool // the ring goroutine holds finishing for a batch
+	ringPut    int  // used elements the ring goroutine put since its hold began
 	renotified bool // renotify has warned for the current stall
 
 	// Used side, guarded by usedMu.
@@ -329,30 +335,13 @@ func (q *queue) halt() {
 	q.nudge()
 	stop := make(chan struct{})
 	defer close(stop)
-	go q.unstickNotifiers(stop)
+	go unstickWhileBlocked(stop, &q.unstickTicks, q.call.Load(), q.errf.Load())
 	<-q.done
 	if q.kick != nil {
 		q.kick.SetReadDeadline(time.Time{})
 	}
 	q.active.Wait()
 	q.engineIdle()
-}
-
-// unstickNotifiers releases, until stop is closed, a completion's
-// eventfd write that the front end blocks (notifier.unstick), so that
-// halt does not wait for the front end.
-func (q *queue) unstickNotifiers(stop chan struct{}) {
-	t := time.NewTicker(10 * time.Millisecond)
-	defer t.Stop()
-	for {
-		select {
-		case <-stop:
-			return
-		case <-t.C:
-			q.call.Load().unstick()
-			q.errf.Load().unstick()
-		}
-	}
 }
 
 // pause stops a running queue and waits for its requests, keeping its
@@ -599,6 +588,7 @@ func (q *queue) waitKick() {
 	}
 	err := q.readKick()
 	if err == nil {
+		q.kicks.Add(1)
 		return
 	}
 	if errors.Is(err, os.ErrDeadlineExceeded) {
@@ -667,8 +657,12 @@ func (q *queue) readKick() error {
 			if rerr == unix.EOPNOTSUPP { // kernels before 5.12: eventfd without RWF_NOWAIT
 				_, rerr = unix.Read(int(fd), q.kbuf[:])
 			}
+			if rerr == unix.EAGAIN {
+				q.parks.Add(1)
+				return false
+			}
 			if rerr != unix.EINTR {
-				return rerr != unix.EAGAIN
+				return true
 			}
 		}
 	})
@@ -715,6 +709,9 @@ func (q *queue) drain() error {
 		// and at the end.
 		q.hold()
 		var bad error
+		// Publish early, once half the batch is done, if the driver has
+		// caught up (minEarlyPublish).
+		half := max(int(min(n, publishBatch))/2, minEarlyPublish)
 		for i := 0; i < int(n); i++ {
 			if q.stopReq.Load() || q.dev.dead.Load() {
 				break
@@ -740,7 +737,7 @@ func (q *queue) drain() error {
 			}
 			q.dispatch(h)
 			q.curSet = false
-			if i%publishBatch == publishBatch-1 && i != int(n)-1 {
+			if i != int(n)-1 && (i%publishBatch == publishBatch-1 || q.ringPut >= half && q.ring.driverWaits()) {
 				q.release()
 				q.hold()
 			}
@@ -761,6 +758,22 @@ func (q *queue) drain() error {
 // deeper batch still publishes every 64 so that its first completions are
 // not held back long (64 page-cache reads take about 100 µs).
 const publishBatch = 64
+
+// minEarlyPublish is the fewest requests run on the ring goroutine that
+// it publishes before the end of a batch. Within a batch, once half of it
+// (at least minEarlyPublish) has completed on the ring goroutine and the
+// driver has consumed every completion published before (used_event ==
+// used->idx: it has nothing to do and waits for an interrupt), the ring
+// goroutine publishes and notifies at once, so that the driver works on
+// the first half while the device runs the second, instead of the two
+// taking turns, each asleep while the other works (docs/PERFORMANCE.md,
+// "Rows 1 and 2"). Half a batch bounds the cost to one more notification
+// per batch; earlier or repeated publications (QEMU's libvhost-user
+// notifies after every request once the driver has caught up) gained more
+// on an otherwise idle machine but cost up to 40% more CPU per request on
+// a loaded one, where the driver then wakes for a few completions at a
+// time.
+const minEarlyPublish = 4
 
 // monoBase is the origin of mono.
 var monoBase = time.Now()
@@ -804,6 +817,7 @@ func (q *queue) release() {
 	}
 	q.flushEngine()
 	q.held = false
+	q.ringPut = 0
 	if q.finishing.Add(-1) != 0 || q.dev.dead.Load() {
 		return
 	}
@@ -987,6 +1001,9 @@ func (q *queue) finishOn(r *request, status byte, usedLen uint32, ring bool) {
 		q.dlog.mark(r.statusGPA, 1)
 	}
 	q.finishing.Add(1)
+	if ring {
+		q.ringPut++
+	}
 	if q.putUsed(r, usedLen) {
 		q.notify()
 	}

@@ -120,3 +120,40 @@ func TestRestartSignalsFirstCompletion(t *testing.T) {
 	}
 	t.Logf("signalled %v after the kick", time.Since(start).Round(time.Millisecond))
 }
+
+// TestDriverWaits: the early publication of a batch happens only when the
+// driver has consumed every published completion and waits for the next
+// (used_event == used->idx), and never without event idx.
+func TestDriverWaits(t *testing.T) {
+	gm := make([]byte, 1<<20)
+	m := NewMemFromBytes(0, gm)
+	r := &splitRing{}
+	if _, err := r.setup(m, 16, wire.VringAddr{Desc: 0, Avail: 0x1000, Used: 0x2000}); err != nil {
+		t.Fatal(err)
+	}
+	var fence uint32
+	setUsedEvent := func(v uint16) { virtio.Store16(r.avail, 4+2*16, v, &fence) }
+	r.eventIdx = true
+	r.restart(5)
+	virtio.StoreWord(r.used, 0, 5)
+	setUsedEvent(5)
+	if !r.driverWaits() {
+		t.Fatal("used_event == used idx: the driver waits")
+	}
+	r.putUsed(1, 1)
+	if !r.driverWaits() {
+		t.Fatal("an element put but not published changes nothing for the driver")
+	}
+	r.publish()
+	if r.driverWaits() {
+		t.Fatal("the driver has a published completion to consume")
+	}
+	setUsedEvent(6)
+	if !r.driverWaits() {
+		t.Fatal("the driver consumed it: it waits again")
+	}
+	r.eventIdx = false
+	if r.driverWaits() {
+		t.Fatal("without event idx the driver's state is unknown: never early")
+	}
+}
