@@ -30,16 +30,15 @@ type NowaitDevice interface {
 // 256 KiB or more were, every 1 MiB read also cost the wake-up of an io-wq
 // thread and of the engine's completion goroutine: on a quiet machine
 // (idle CPUs to wake) 1.7x qemu-storage-daemon's CPU per read, where QSD
-// copies inline in io_uring_enter. So reads up to 1 MiB (a Linux guest's
-// largest by default, max_sectors_kb) are tried inline with RWF_NOWAIT
-// like small ones, and the completions of inline reads are published every
+// copies inline in io_uring_enter. So reads up to 1 MiB are tried inline
+// with RWF_NOWAIT like small ones, and the completions of inline reads are published every
 // publishBytes (drain), so that the driver has the first ones back while
 // the ring goroutine copies the next. Measured on a loaded 2-CPU machine
-// against QSD on the same image: the CPU per 1 MiB read went from about
-// 1.17x QSD's to 1.0x, with 1.2 context switches per read instead of 1.8.
-// Sending every other large read to io-wq instead, so that two CPUs copy,
-// cost 1.2 to 1.45x QSD's CPU and 2.2 to 2.5 context switches per read,
-// for no more reads per second. A read the page cache cannot serve whole
+// against QSD on the same image (docs/PERFORMANCE.md): 1.1 to 1.45
+// context switches per read instead of 1.8 to 2.1, CPU per read (median)
+// 1.07x QSD's instead of 1.14x. Sending every other large read to io-wq
+// instead, so that two CPUs copy, cost 1.45x QSD's CPU and 2.2 to 2.5
+// context switches per read. A read the page cache cannot serve whole
 // goes to the engine (io-wq), so a slow read never holds up its queue.
 const (
 	tryMaxBytes     = 128 << 10
