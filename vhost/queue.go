@@ -173,9 +173,10 @@ type queue struct {
 	unstickTicks atomic.Uint64
 
 	// Owned by the ring goroutine.
-	held       bool // the ring goroutine holds finishing for a batch
-	ringPut    int  // used elements the ring goroutine put since its hold began
-	renotified bool // renotify has warned for the current stall
+	held       bool   // the ring goroutine holds finishing for a batch
+	heldBytes  uint32 // bytes the held batch's inline completions returned
+	ringPut    int    // used elements the ring goroutine put since its hold began
+	renotified bool   // renotify has warned for the current stall
 
 	// Used side, guarded by usedMu.
 	usedMu sync.Mutex
@@ -737,7 +738,8 @@ func (q *queue) drain() error {
 			}
 			q.dispatch(h)
 			q.curSet = false
-			if i != int(n)-1 && (i%publishBatch == publishBatch-1 || q.ringPut >= half && q.ring.driverWaits()) {
+			if i != int(n)-1 && (i%publishBatch == publishBatch-1 || q.heldBytes >= publishBytes ||
+				q.ringPut >= half && q.ring.driverWaits()) {
 				q.release()
 				q.hold()
 			}
@@ -775,6 +777,14 @@ const publishBatch = 64
 // time.
 const minEarlyPublish = 4
 
+// publishBytes is how many bytes of reads completed on the ring goroutine
+// a batch holds before publishing them: a 1 MiB read the page cache serves
+// takes tens of µs to copy, so a batch of them published at its end kept
+// the driver waiting for the first while the last were copied; published
+// as they come, the driver resubmits meanwhile (and, measured, the server
+// spent about a fifth less CPU per 1 MiB read, with fewer wake-ups).
+const publishBytes = 256 << 10
+
 // monoBase is the origin of mono.
 var monoBase = time.Now()
 
@@ -807,6 +817,7 @@ func (q *queue) markPopped(h uint16) {
 func (q *queue) hold() {
 	q.finishing.Add(1)
 	q.held = true
+	q.heldBytes = 0
 }
 
 // release ends a hold; if no completer is between its I/O and the used
@@ -900,6 +911,7 @@ func (q *queue) try(r *request) (done bool) {
 	if !ok {
 		return false
 	}
+	q.heldBytes += usedLen
 	q.finishOn(r, status, usedLen, true)
 	return true
 }
