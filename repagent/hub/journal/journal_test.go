@@ -1091,6 +1091,9 @@ func TestCommitOverlapsWrite(t *testing.T) {
 			}
 			w := newWriter(t, j, map[string]int64{"a": 4 << 20})
 			in, rel := make(chan struct{}), make(chan struct{})
+			var relOnce sync.Once
+			unblock := func() { relOnce.Do(func() { close(rel) }) }
+			t.Cleanup(unblock) // a failure leaves no writer blocked for the journal's Close
 			mu.Lock()
 			entered, release = in, rel
 			mu.Unlock()
@@ -1138,7 +1141,7 @@ func TestCommitOverlapsWrite(t *testing.T) {
 			mu.Lock()
 			syncsBefore := syncs
 			mu.Unlock()
-			close(rel)
+			unblock()
 			if _, err := p0.Wait(context.Background()); err != nil {
 				t.Fatalf("the commit being synced: %v", err)
 			}
