@@ -254,10 +254,13 @@ const poolShards = 8
 const maxPoolClass = 22
 
 // minRing and maxRing bound the ring of write frames (the credit window):
-// one slot per 4 KiB of the queue, a power of two.
+// one slot per 4 KiB of the queue, a power of two. With the default 64 MiB
+// queue the window holds as many 4 KiB writes as the queue: below that
+// (8192 slots, 32 MiB) random 4 KiB writes waited for credit during the
+// hub's slower fdatasyncs with the queue half empty (248 bytes a slot).
 const (
 	minRing = 256
-	maxRing = 8192
+	maxRing = 16384
 )
 
 // frames returns how many PROTECTED_WRITE frames a write of sectors takes.

@@ -31,7 +31,11 @@
 // since its last commit (one write each, a batch closes at 2 MiB) and makes
 // them durable with one fdatasync, then completes every Pending of them:
 // while one fdatasync runs, the next commit gathers everything that
-// arrives. Pending.Wait
+// arrives. On the directory store the fdatasync runs in a goroutine of its
+// own and the writer writes what arrives meanwhile (closed batches, and the
+// open one past 256 KiB), so that a commit waits for one fdatasync and the
+// write of at most the rest of the open batch; a record is completed only
+// after an fdatasync that began after its write, in order. Pending.Wait
 // returns once the records are durable; the hub sends WRITE_ACK only then.
 // Append is Submit plus Wait. SubmitRef does not copy the data of writes:
 // the writer writes it from the caller's memory with the batch (one

@@ -162,6 +162,16 @@ type Journal struct {
 	iov    [][]byte
 	gather []byte // a batch for a store without vectored writes
 
+	// The overlapping writer's hand-off to its syncer (see writer), under
+	// mu: the written batches to sync, whether a sync is pending, the
+	// writer's end. syncDrop is the syncer's: dropped from the page cache
+	// up to here in the current segment.
+	syncWake *sync.Cond
+	syncQ    []syncJob
+	syncBusy bool
+	syncStop bool
+	syncDrop int64
+
 	applier applier
 
 	lock     io.Closer // the store's lock
@@ -492,6 +502,7 @@ func (j *Journal) rotate(start int64) error {
 		j.wf.Close()
 	}
 	j.wf, j.wfName, j.wfSize, j.wfDrop = f, path, segHeaderLen, segHeaderLen
+	j.syncDrop = segHeaderLen // the syncer is idle (writeOverlapped)
 	j.segMu.Lock()
 	j.segs = append(j.segs, segment{start: start, path: path, st: j.store})
 	j.segMu.Unlock()
@@ -760,8 +771,19 @@ const idleAfter = 2 * time.Second
 // the open one, writes them in order (one write each) and makes them
 // durable with one fdatasync, then publishes them. While one fdatasync
 // runs, the next commit gathers everything that arrives.
+//
+// On a store whose segments can be synced while more is appended
+// (overlapSyncer: the directory store's files), the fdatasync runs in its
+// own goroutine (syncer) and the writer goes on writing the batches that
+// fill meanwhile: a commit then costs the fdatasync plus the write of at
+// most the open batch, not of everything that arrived during the last
+// one.
 func (j *Journal) writer() {
 	defer j.writerWG.Done()
+	if _, ok := j.wf.(overlapSyncer); ok {
+		j.overlapWriter()
+		return
+	}
 	var bs []*batch
 	for {
 		bs = bs[:0]
@@ -794,6 +816,195 @@ func (j *Journal) writer() {
 		j.mu.Unlock()
 		clear(bs)
 	}
+}
+
+// syncJob is batches the overlapping writer wrote (or failed to write:
+// err) to seg, up to size bytes, for the syncer to make durable and
+// publish.
+type syncJob struct {
+	bs   []*batch
+	err  error
+	seg  Segment
+	name string
+	size int64
+}
+
+// overlapWriteBytes is how much the open batch holds before the
+// overlapping writer writes it while an fdatasync runs.
+const overlapWriteBytes = 256 << 10
+
+// overlapSyncer is a Segment whose Sync may run while Append or AppendV
+// add more (see writer).
+type overlapSyncer interface {
+	overlapSync()
+}
+
+// overlapWriter is the writer of a store that syncs while appending: it
+// writes a closed batch at once, the open one when no fdatasync is
+// pending, and hands what it wrote to syncer in order.
+func (j *Journal) overlapWriter() {
+	j.syncWake = sync.NewCond(&j.mu)
+	j.syncDrop = j.wfDrop
+	syncDone := make(chan struct{})
+	go j.syncer(syncDone)
+	defer func() {
+		j.mu.Lock()
+		j.syncStop = true
+		j.syncWake.Signal()
+		j.mu.Unlock()
+		<-syncDone
+	}()
+	for {
+		var bs []*batch
+		j.mu.Lock()
+		for len(j.full) == 0 && (j.cur.recs == 0 || j.syncBusy && j.cur.size() < overlapWriteBytes) && !j.closed {
+			j.work.Wait()
+		}
+		bs = append(bs, j.full...)
+		clear(j.full)
+		j.full = j.full[:0]
+		if j.cur.recs > 0 && (!j.syncBusy || j.closed || len(bs) > 0 || j.cur.size() >= overlapWriteBytes) {
+			// The open batch goes when the syncer waits for it, with
+			// closed ones (in order, one write after the other), or
+			// once it holds overlapWriteBytes: written while the
+			// fdatasync runs, it is not written after it.
+			bs = append(bs, j.cur)
+			j.cur = newBatch(j.cur.end, j.takeSpare())
+		}
+		if len(bs) == 0 { // closed, nothing left
+			j.mu.Unlock()
+			return
+		}
+		err := j.err
+		j.mu.Unlock()
+
+		if err == nil {
+			err = j.writeOverlapped(bs)
+		}
+		j.mu.Lock()
+		j.syncQ = append(j.syncQ, syncJob{bs: bs, err: err, seg: j.wf, name: j.wfName, size: j.wfSize})
+		j.syncBusy = true
+		j.syncWake.Signal()
+		j.mu.Unlock()
+	}
+}
+
+// writeOverlapped writes batches in order without syncing them, but for
+// a segment that fills: that one is synced (after everything the syncer
+// holds) before the next is started, as a new segment must not hold
+// records while its predecessor's tail may be lost.
+func (j *Journal) writeOverlapped(bs []*batch) error {
+	unsynced := false
+	for _, b := range bs {
+		if j.wfSize-segHeaderLen >= j.opts.SegmentBytes {
+			j.mu.Lock()
+			for j.syncBusy && j.err == nil {
+				j.work.Wait()
+			}
+			err := j.err
+			j.mu.Unlock()
+			if err == nil && unsynced {
+				err = j.syncSegment()
+			}
+			if err != nil {
+				return err
+			}
+			unsynced = false
+			if err := j.rotate(b.start); err != nil {
+				return err
+			}
+		}
+		path := j.wfName
+		err := j.inject("segment-write", path)
+		if err == nil {
+			err = j.appendBatch(b)
+		}
+		b.release() // written (or failed): the data is the store's now
+		if err != nil {
+			return fmt.Errorf("%w: write %s: %w", ErrStore, path, err)
+		}
+		j.wfSize += int64(b.size())
+		unsynced = true
+		j.mu.Lock()
+		j.batches++
+		j.mu.Unlock()
+	}
+	return nil
+}
+
+// syncer makes what the overlapping writer wrote durable, one fdatasync
+// for everything written when it starts, and publishes it in order. After
+// a store error nothing is synced again (an fdatasync that follows a
+// failed one may succeed with the data lost): what follows fails.
+func (j *Journal) syncer(done chan struct{}) {
+	defer close(done)
+	var jobs []syncJob
+	for {
+		j.mu.Lock()
+		for len(j.syncQ) == 0 && !j.syncStop {
+			j.syncWake.Wait()
+		}
+		if len(j.syncQ) == 0 {
+			j.mu.Unlock()
+			return
+		}
+		jobs = append(jobs[:0], j.syncQ...)
+		clear(j.syncQ)
+		j.syncQ = j.syncQ[:0]
+		sticky := j.err
+		j.mu.Unlock()
+
+		// Jobs before the first failed write are synced; that one and
+		// what follows fail with its error.
+		k := 0
+		for k < len(jobs) && jobs[k].err == nil {
+			k++
+		}
+		var err error
+		if sticky != nil {
+			err = sticky
+		} else if k > 0 {
+			err = j.syncOverlapped(jobs[k-1])
+		}
+		j.mu.Lock()
+		for i, jb := range jobs {
+			e := err
+			if i >= k {
+				e = jb.err
+			}
+			for _, b := range jb.bs {
+				j.publish(b, e)
+			}
+		}
+		if len(j.syncQ) == 0 {
+			j.syncBusy = false
+			j.work.Broadcast()
+		}
+		j.mu.Unlock()
+		clear(jobs)
+	}
+}
+
+// syncOverlapped fdatasyncs the segment of jb, written up to jb.size;
+// syncer only.
+func (j *Journal) syncOverlapped(jb syncJob) error {
+	err := j.inject("segment-sync", jb.name)
+	if err == nil {
+		err = jb.seg.Sync()
+	}
+	j.mu.Lock()
+	j.fsyncs++
+	j.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("%w: fdatasync %s: %w", ErrStore, jb.name, err)
+	}
+	if j.opts.Retain >= dropCacheRetain && jb.size > j.syncDrop {
+		if d, ok := jb.seg.(cacheDropper); ok {
+			d.DropCache(j.syncDrop, jb.size-j.syncDrop)
+		}
+		j.syncDrop = jb.size
+	}
+	return nil
 }
 
 // publish completes a written batch: its records are durable (err nil)

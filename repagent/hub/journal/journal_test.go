@@ -1054,3 +1054,131 @@ func TestSubmitRef(t *testing.T) {
 	}
 	checkBase(t, dir, want)
 }
+
+// TestCommitOverlapsWrite: on the directory store the next commit's
+// records are written while an fdatasync runs (not after it), yet none of
+// them completes before an fdatasync that began after its write; a write
+// that fails meanwhile fails its records and every later one, never the
+// commit being synced, and nothing is synced after it.
+func TestCommitOverlapsWrite(t *testing.T) {
+	for _, failWrite := range []bool{false, true} {
+		t.Run(fmt.Sprintf("failWrite=%v", failWrite), func(t *testing.T) {
+			dir := t.TempDir()
+			var mu sync.Mutex
+			var entered, release chan struct{} // the next segment-sync blocks
+			var writeErr error
+			syncs := 0
+			hook := func(op, _ string) error {
+				mu.Lock()
+				defer mu.Unlock()
+				if op == "segment-write" {
+					return writeErr
+				}
+				syncs++
+				in, rel := entered, release
+				entered, release = nil, nil
+				if in != nil {
+					mu.Unlock()
+					close(in)
+					<-rel
+					mu.Lock()
+				}
+				return nil
+			}
+			j := mustOpen(t, dir, Options{NoApplier: true, Retain: time.Hour, inject: hook})
+			if _, ok := j.wf.(overlapSyncer); !ok {
+				t.Fatal("the directory store's segments do not overlap syncs")
+			}
+			w := newWriter(t, j, map[string]int64{"a": 4 << 20})
+			in, rel := make(chan struct{}), make(chan struct{})
+			var relOnce sync.Once
+			unblock := func() { relOnce.Do(func() { close(rel) }) }
+			t.Cleanup(unblock) // a failure leaves no writer blocked for the journal's Close
+			mu.Lock()
+			entered, release = in, rel
+			mu.Unlock()
+			rec := func(i int) Record {
+				w.seq++
+				return Record{Kind: KindWrite, Volume: "a", Offset: int64(i%60) * (64 << 10), Data: bytes.Repeat([]byte{byte(i)}, 64<<10), Seq: w.seq, HasSeq: true}
+			}
+			first := rec(0)
+			p0, err := j.Submit(first)
+			if err != nil {
+				t.Fatal(err)
+			}
+			<-in // inside the fdatasync of the first record
+			before := j.Stats()
+			if failWrite {
+				mu.Lock()
+				writeErr = syscall.ENOSPC
+				mu.Unlock()
+			}
+			var ps []*Pending
+			var recs []Record
+			for i := 1; i <= 8; i++ { // 512 KiB: past overlapWriteBytes
+				r := rec(i)
+				p, err := j.Submit(r)
+				if err != nil {
+					t.Fatal(err)
+				}
+				ps, recs = append(ps, p), append(recs, r)
+			}
+			deadline := time.Now().Add(10 * time.Second)
+			for !failWrite && j.Stats().Batches == before.Batches {
+				if time.Now().After(deadline) {
+					t.Fatal("nothing written while the fdatasync ran")
+				}
+				time.Sleep(time.Millisecond)
+			}
+			time.Sleep(20 * time.Millisecond)
+			for i, p := range append([]*Pending{p0}, ps...) {
+				select {
+				case <-p.Done():
+					t.Fatalf("submission %d completed before its fdatasync", i)
+				default:
+				}
+			}
+			mu.Lock()
+			syncsBefore := syncs
+			mu.Unlock()
+			unblock()
+			if _, err := p0.Wait(context.Background()); err != nil {
+				t.Fatalf("the commit being synced: %v", err)
+			}
+			w.m.apply(&first)
+			for i, p := range ps {
+				_, err := p.Wait(context.Background())
+				if failWrite {
+					if !errors.Is(err, syscall.ENOSPC) {
+						t.Fatalf("submission %d after the failed write: %v, want ENOSPC", i+1, err)
+					}
+					continue
+				}
+				if err != nil {
+					t.Fatalf("submission %d: %v", i+1, err)
+				}
+				w.m.apply(&recs[i])
+			}
+			mu.Lock()
+			after := syncs
+			mu.Unlock()
+			if failWrite && after != syncsBefore {
+				t.Fatalf("%d fdatasyncs after the failed write", after-syncsBefore)
+			}
+			if !failWrite && after == syncsBefore {
+				t.Fatal("the overlapped records were acknowledged without an fdatasync of their own")
+			}
+			want := first.Seq
+			if !failWrite {
+				want = recs[len(recs)-1].Seq
+			}
+			j.Close()
+			j2 := mustOpen(t, dir, Options{NoApplier: true, Retain: time.Hour})
+			defer j2.Close()
+			if got := j2.Stats().LastSeq; got < want {
+				t.Fatalf("after reopen last seq %d, want at least %d", got, want)
+			}
+			checkRecovered(t, "acknowledged", materialize(t, j2, AtSeq(want)), w.m)
+		})
+	}
+}

@@ -196,6 +196,10 @@ const iovMax = 1024
 
 func (f fileSegment) Sync() error { return unix.Fdatasync(int(f.Fd())) }
 
+// overlapSync marks a file as one that may be synced while appended to:
+// fdatasync and writev on one descriptor, from two goroutines.
+func (fileSegment) overlapSync() {}
+
 // DropCache gives the synced bytes [off, off+n) back to the kernel's page
 // cache. Advice only: an error changes nothing.
 func (f fileSegment) DropCache(off, n int64) {
