@@ -48,6 +48,8 @@ type benchResult struct {
 	Socket     string  `json:"socket,omitempty"`
 	Slices     int     `json:"slices,omitempty"`
 	ServerCPUS float64 `json:"server_cpu_s,omitempty"`
+	// SliceIOPS are the IOPS of each slice, in order.
+	SliceIOPS []float64 `json:"slice_iops,omitempty"`
 }
 
 type benchLatUS struct {
@@ -189,6 +191,8 @@ type bench struct {
 	slots       [][]*slot
 	elapsed     time.Duration // measured time of the slices since reset
 	slices      int
+	sliceIOPS   []float64 // of each slice since reset
+	sliceOps    uint64    // ops at the end of the last slice
 	blocks      uint64
 	gens        []uint32      // verify: generation of each block's last completed write
 	busy        []atomic.Bool // verify: one request per block at a time
@@ -315,7 +319,7 @@ func (b *bench) reset() {
 	for q := range b.hists {
 		b.hists[q] = &latHist{}
 	}
-	b.elapsed, b.slices = 0, 0
+	b.elapsed, b.slices, b.sliceIOPS, b.sliceOps = 0, 0, nil, 0
 }
 
 // wait waits for every slot to finish, for the back end to go (an error),
@@ -342,8 +346,15 @@ func (b *bench) slice(d time.Duration) error {
 	if err := b.wait(d+30*time.Second, "run"); err != nil {
 		return err
 	}
-	b.elapsed += time.Since(start)
+	took := time.Since(start)
+	b.elapsed += took
 	b.slices++
+	var ops uint64
+	for _, n := range b.ops {
+		ops += n
+	}
+	b.sliceIOPS = append(b.sliceIOPS, round3(float64(ops-b.sliceOps)/took.Seconds()))
+	b.sliceOps = ops
 	return nil
 }
 
@@ -420,7 +431,7 @@ func runPaired(benches [2]*bench, sockets [2]string, d, slice time.Duration, siz
 	}
 	for i, b := range benches {
 		res[i] = b.result(stderr)
-		res[i].Socket, res[i].Slices = sockets[i], b.slices
+		res[i].Socket, res[i].Slices, res[i].SliceIOPS = sockets[i], b.slices, b.sliceIOPS
 		res[i].ServerCPUS = round3(cpu[i])
 	}
 	return res, nil

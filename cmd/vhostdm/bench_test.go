@@ -226,7 +226,7 @@ socket = %q
 		}
 		// 600 ms in turns of 100 ms: 6 slices each (a slice lasts at
 		// least its 100 ms, so none more).
-		if res.Socket != sock || res.Slices != 6 || res.DurationS < 0.6 || res.DurationS > 3 || res.Ops == 0 || res.Errors != 0 {
+		if res.Socket != sock || res.Slices != 6 || len(res.SliceIOPS) != 6 || res.DurationS < 0.6 || res.DurationS > 3 || res.Ops == 0 || res.Errors != 0 {
 			t.Errorf("%s: socket %q, %d slices, %.3f s, %d ops, %d errors; want 6 slices of 600 ms in all", sock, res.Socket, res.Slices, res.DurationS, res.Ops, res.Errors)
 		}
 		cpu += res.ServerCPUS
