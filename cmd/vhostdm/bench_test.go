@@ -224,10 +224,11 @@ socket = %q
 		if err := json.Unmarshal([]byte(lines[i]), &res); err != nil {
 			t.Fatalf("line %d %q: %v", i+1, lines[i], err)
 		}
-		// 600 ms in turns of 100 ms: 6 slices each (a slice lasts at
-		// least its 100 ms, so none more).
-		if res.Socket != sock || res.Slices != 6 || len(res.SliceIOPS) != 6 || res.DurationS < 0.6 || res.DurationS > 3 || res.Ops == 0 || res.Errors != 0 {
-			t.Errorf("%s: socket %q, %d slices, %.3f s, %d ops, %d errors; want 6 slices of 600 ms in all", sock, res.Socket, res.Slices, res.DurationS, res.Ops, res.Errors)
+		// 600 ms in turns of 100 ms: at most 6 slices each (a slice
+		// lasts at least its 100 ms), fewer if slices overran on a
+		// loaded machine, but never one turn for all.
+		if res.Socket != sock || res.Slices < 2 || res.Slices > 6 || len(res.SliceIOPS) != res.Slices || res.DurationS < 0.6 || res.DurationS > 3 || res.Ops == 0 || res.Errors != 0 {
+			t.Errorf("%s: socket %q, %d slices (%d IOPS figures), %.3f s, %d ops, %d errors; want 2 to 6 slices, 600 ms in all", sock, res.Socket, res.Slices, len(res.SliceIOPS), res.DurationS, res.Ops, res.Errors)
 		}
 		cpu += res.ServerCPUS
 	}
