@@ -6,8 +6,12 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/vhostdm/vhostdm/mapper"
 )
@@ -253,4 +257,122 @@ func BenchmarkFileBackend(b *testing.B) {
 			})
 		}
 	}
+}
+
+// BenchmarkTableCost measures what a 1000-line table costs a request
+// against a one-line table over the same range, paired: the two devices
+// take turns in blocks of 256 requests (in the order one, 1000, 1000, one,
+// ...), so that drift in the machine's load falls on both alike, and each
+// block is timed by the wall clock and by the thread's CPU clock (which
+// time taken by other processes does not count). It reports, per request,
+// "1line-ns" and "1000line-ns" (wall), "1line-cpu-ns" and
+// "1000line-cpu-ns", and "cpu-ratio" (1000 lines over one); ns/op is the
+// mean of both devices.
+//
+//   - zero: 4 KiB writes through Device.Submit onto zero targets, which
+//     drop them: the mapper alone (admission, checks, lookup, Map).
+//   - linear: 4 KiB reads through Device.TrySubmit (preadv2 with
+//     RWF_NOWAIT, the ring goroutine's path) onto a page-cached 64 MiB
+//     file, the 1000-line table a permutation of its 64 KiB segments as
+//     scripts/bench-vs-qsd.sh's row 5 is of 512 KiB ones.
+//
+// Both at random 4 KiB positions, the same sequence on both devices.
+func BenchmarkTableCost(b *testing.B) {
+	for _, kind := range []string{"zero", "linear"} {
+		b.Run(kind, func(b *testing.B) {
+			m := mapper.NewManager(mapper.ManagerOptions{Logger: discard()})
+			b.Cleanup(func() { m.Close() })
+			const segs, segSectors = 1000, 128 // 1000 x 64 KiB
+			var one, thousand strings.Builder
+			op := mapper.OpWrite
+			submit := (*mapper.Device).Submit
+			if kind == "zero" {
+				fmt.Fprintf(&one, "0 %d zero", segs*segSectors)
+				for i := range segs {
+					fmt.Fprintf(&thousand, "%d %d zero\n", i*segSectors, segSectors)
+				}
+			} else {
+				path := filepath.Join(b.TempDir(), "disk.img")
+				data := make([]byte, segs*segSectors*512)
+				rand.NewChaCha8([32]byte{5}).Read(data)
+				if err := os.WriteFile(path, data, 0o600); err != nil {
+					b.Fatal(err)
+				}
+				fmt.Fprintf(&one, "0 %d linear %s 0", segs*segSectors, path)
+				for i := range segs {
+					fmt.Fprintf(&thousand, "%d %d linear %s %d\n", i*segSectors, segSectors, path, (i*389%segs)*segSectors)
+				}
+				op = mapper.OpRead
+				submit = func(d *mapper.Device, r *mapper.Request) error {
+					err := d.TrySubmit(r)
+					if errors.Is(err, mapper.ErrWouldBlock) {
+						err = d.Submit(r)
+					}
+					return err
+				}
+			}
+			var devs [2]*mapper.Device
+			for i, text := range []string{one.String(), thousand.String()} {
+				d, err := m.CreateTable(fmt.Sprintf("cost%d", i), "", false, text)
+				if err != nil {
+					b.Fatal(err)
+				}
+				devs[i] = d
+			}
+			if n := len(devs[1].Status(mapper.StatusTable, false)); n != segs {
+				b.Fatalf("1000-line device has %d lines", n)
+			}
+			r := &mapper.Request{Op: op, Sectors: 8, Data: [][]byte{make([]byte, 4096)}}
+			if op == mapper.OpRead { // into the page cache
+				for s := uint64(0); s < segs*segSectors; s += 8 {
+					r.Sector = s
+					if err := devs[0].Submit(r); err != nil {
+						b.Fatal(err)
+					}
+				}
+			}
+			secs := lookupSectors("random", segs*segSectors/8)
+			const block = 256
+			var next [2]int
+			var wall, cpu [2]time.Duration
+			var reqs [2]int
+			runtime.LockOSThread()
+			defer runtime.UnlockOSThread()
+			b.ReportAllocs()
+			for i := 0; b.Loop(); i++ {
+				dev := (i ^ i>>1) & 1
+				d := devs[dev]
+				c0, w0 := threadCPU(b), time.Now()
+				for range block {
+					r.Sector = secs[next[dev]%len(secs)] * 8
+					next[dev]++
+					if err := submit(d, r); err != nil {
+						b.Fatal(err)
+					}
+				}
+				wall[dev] += time.Since(w0)
+				cpu[dev] += threadCPU(b) - c0
+				reqs[dev] += block
+			}
+			per := func(t time.Duration, n int) float64 { return float64(t.Nanoseconds()) / float64(max(n, 1)) }
+			b.ReportMetric(per(wall[0]+wall[1], reqs[0]+reqs[1]), "ns/op")
+			b.ReportMetric(per(wall[0], reqs[0]), "1line-ns")
+			b.ReportMetric(per(wall[1], reqs[1]), "1000line-ns")
+			b.ReportMetric(per(cpu[0], reqs[0]), "1line-cpu-ns")
+			b.ReportMetric(per(cpu[1], reqs[1]), "1000line-cpu-ns")
+			if cpu[0] > 0 && reqs[1] > 0 {
+				b.ReportMetric(per(cpu[1], reqs[1])/per(cpu[0], reqs[0]), "cpu-ratio")
+			}
+		})
+	}
+}
+
+// threadCPU returns the CPU time of the calling thread (the caller locks
+// its goroutine to the thread).
+func threadCPU(b *testing.B) time.Duration {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_THREAD_CPUTIME_ID, &ts); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ts.Nano())
 }

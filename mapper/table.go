@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"strconv"
 	"strings"
 )
@@ -92,9 +93,15 @@ func lineErr(num int, format string, args ...any) error {
 // Table is a validated, constructed table: targets tiling [0, Size()).
 // A Table is immutable once built; its targets serve I/O concurrently.
 type Table struct {
-	lines    []Line
-	targets  []Target
-	ends     []uint64 // ends[i] = lines[i].Start + lines[i].Length
+	lines   []Line
+	targets []Target
+	ends    []uint64 // ends[i] = lines[i].Start + lines[i].Length
+	// index narrows Find: index[b] is the line covering sector
+	// b<<shift, the first sector of bucket b, and index[len-1] is the
+	// last line. The line of a sector in bucket b is between index[b]
+	// and index[b+1]. See buildIndex.
+	index    []uint32
+	shift    uint
 	readOnly bool
 	opened   []Backend
 }
@@ -116,20 +123,46 @@ type TableOptions struct {
 // tableOpener opens one table's backends. A mapper device the table names
 // more than once counts as one open of it, as the kernel's dm_get_device
 // shares one reference per table: `info` shows the kernel's open count.
+// A file the table names more than once by the same name is one handle:
+// the lines of a 1000-line table over one image share one backend object,
+// so that their requests touch the same memory (the open file is shared
+// between tables anyway, see Manager.openShared).
 type tableOpener struct {
 	inner Opener
 	held  map[*Device]bool
+	files map[fileUse]*fileHandle
+	built bool // construction is over: no more sharing of files
+}
+
+// fileUse is how a line names a file: the name and the mode.
+type fileUse struct {
+	name     string
+	readOnly bool
 }
 
 func (o *tableOpener) OpenBackend(name string, readOnly bool) (Backend, error) {
 	b, err := o.inner.OpenBackend(name, readOnly)
-	if db, ok := b.(*deviceBackend); ok && err == nil {
-		if o.held[db.d] {
-			db.once.Do(db.d.Close) // the table's first open holds it
-		}
-		o.held[db.d] = true
+	if err != nil {
+		return b, err
 	}
-	return b, err
+	switch h := b.(type) {
+	case *deviceBackend:
+		if o.held[h.d] {
+			h.once.Do(h.d.Close) // the table's first open holds it
+		}
+		o.held[h.d] = true
+	case *fileHandle:
+		if o.built {
+			break
+		}
+		u := fileUse{name, readOnly}
+		if first := o.files[u]; first != nil && first.key == h.key {
+			h.Close() // the first handle holds the file
+			return first, nil
+		}
+		o.files[u] = h
+	}
+	return b, nil
 }
 
 // BuildTable parses text and constructs every target. Nothing is kept if any
@@ -143,7 +176,11 @@ func BuildTable(text string, o TableOptions) (*Table, error) {
 	t := &Table{lines: lines, readOnly: o.ReadOnly}
 	opener := o.Opener
 	if opener != nil {
-		opener = &tableOpener{inner: opener, held: map[*Device]bool{}}
+		to := &tableOpener{inner: opener, held: map[*Device]bool{}, files: map[fileUse]*fileHandle{}}
+		// Backends opened later (a ploop message adding an image) are
+		// the target's own to close: they are never shared.
+		defer func() { to.built = true }()
+		opener = to
 	}
 	for _, l := range lines {
 		tt, _ := LookupTarget(l.Type)
@@ -168,7 +205,41 @@ func BuildTable(text string, o TableOptions) (*Table, error) {
 		}
 		t.ends = append(t.ends, l.Start+l.Length)
 	}
+	t.buildIndex()
 	return t, nil
+}
+
+// buildIndex makes the lookup index of Find: the device cut into buckets
+// of 2^shift sectors, the smallest power of two that makes at most two
+// buckets per line (so the index takes 4 to 8 bytes per line), each bucket
+// naming the line that covers its first sector. On a
+// table of equal lines, the common case, every bucket then falls inside
+// one line or across two, and Find ends with at most one comparison,
+// whatever the number of lines: a 1000-line table costs a request the same
+// loads as a one-line table. Lines of very different lengths put many
+// short lines in one bucket, and Find searches them in halves, as it would
+// the whole table, only fewer.
+func (t *Table) buildIndex() {
+	n := uint64(len(t.ends))
+	if n > math.MaxUint32 {
+		return // Find searches the whole table
+	}
+	size := t.Size()
+	shift := uint(0)
+	for (size-1)>>shift >= 2*n { // buckets: ((size-1)>>shift)+1 <= 2n
+		shift++
+	}
+	buckets := (size-1)>>shift + 1
+	index := make([]uint32, buckets+1)
+	i := 0
+	for b := range buckets {
+		for t.ends[i] <= b<<shift {
+			i++
+		}
+		index[b] = uint32(i)
+	}
+	index[buckets] = uint32(n - 1)
+	t.index, t.shift = index, shift
 }
 
 // newTarget runs a constructor, turning a panic into an error: a table is
@@ -232,13 +303,18 @@ func (t *Table) Targets() []Target { return t.targets }
 func (t *Table) ReadOnly() bool { return t.readOnly }
 
 // Find returns the index of the target covering sector, which must be
-// below Size. It is a binary search over the targets' ends without a
-// branch on the comparison: on a big table, with requests all over the
-// device, a mispredicted branch at each of its log2(lines) steps costs
-// more than the loads (BenchmarkTableLookup).
+// below Size. The index (buildIndex) gives the first and the last line the
+// sector's bucket touches, usually the same line or two neighbours; the
+// search between them is a binary search without a branch on the
+// comparison: with requests all over the device, a mispredicted branch at
+// each step would cost more than the loads (BenchmarkTableLookup).
 func (t *Table) Find(sector uint64) int {
 	ends := t.ends
 	base, n := 0, len(ends)
+	if b := sector >> t.shift; b+1 < uint64(len(t.index)) {
+		base = int(t.index[b])
+		n = int(t.index[b+1]) - base + 1
+	}
 	// The answer, the first line ending after sector, is in
 	// [base, base+n). Sectors are below 2^54 (MaxSector), so the
 	// difference below cannot overflow: its sign bit says whether

@@ -3,7 +3,7 @@
 # machine, in one run, with the same client (`vhostdm bench`, the vhost
 # front-end client in package vhost) and the same workloads.
 #
-#   scripts/bench-vs-qsd.sh [--json] [--runs N] [--duration D] [--rows "1 2 3 4 5 6 7"]
+#   scripts/bench-vs-qsd.sh [--json] [--runs N] [--duration D] [--slice D] [--rows "1 2 3 4 5 6 7"]
 #                           [--poll-us N] [--env K=V]... [--serve-bin PATH] [--keep]
 #
 # --poll-us sets export.poll-us of every vhostdm export (busy-polling,
@@ -26,7 +26,16 @@
 #   4r  1M sequential read QD8:     same files
 #   4w  1M sequential write QD8:    same files
 #   5   4k randread QD32, 1 queue:  vhostdm linear (1 line) and a 1000-line
-#       table of linear segments over the same image vs QSD file
+#       table of linear segments over the same image vs QSD file. The two
+#       vhostdm devices are measured paired: one `vhostdm bench --pair` run
+#       alternates them in slices of --slice (default 250ms; order A B B A
+#       ...) until each has run --duration, after one warm-up slice each,
+#       and reads the server's CPU time around every slice; the report
+#       prints, for each run, the 1000-line/one-line ratio of IOPS (the
+#       sums of each one's slices) and of CPU-seconds per request, and
+#       whether every run is within 3%. A control pair, two one-line
+#       devices over the image ("vhostdm-ctl", "vhostdm-ctl2"), is measured
+#       the same way in every run: its ratio is the measurement's noise
 #   6   4k randwrite QD32, 1 queue, O_DIRECT: vhostdm linear with
 #       cache = "none" vs QSD file with cache.direct=on, aio=native and
 #       aio=io_uring (each on its own copy of the image)
@@ -56,6 +65,7 @@ cd "$(dirname "$0")/.."
 
 runs=3
 duration=5s
+slice=250ms
 json=0
 keep=0
 venv=()
@@ -68,6 +78,8 @@ while [ $# -gt 0 ]; do
 	--runs=*) runs=${1#*=}; shift ;;
 	--duration) duration=$2; shift 2 ;;
 	--duration=*) duration=${1#*=}; shift ;;
+	--slice) slice=$2; shift 2 ;;
+	--slice=*) slice=${1#*=}; shift ;;
 	--json) json=1; shift ;;
 	--keep) keep=1; shift ;;
 	--rows) rows=$2; shift 2 ;;
@@ -78,7 +90,7 @@ while [ $# -gt 0 ]; do
 	--poll-us=*) poll_us=${1#*=}; shift ;;
 	--env) venv+=("$2"); shift 2 ;;
 	--env=*) venv+=("${1#*=}"); shift ;;
-	-h|--help) sed -n '2,57p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	-h|--help) sed -n '2,62p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "bench-vs-qsd.sh: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
@@ -175,6 +187,10 @@ name = "lin1"
 table = "0 $img_sectors linear $dir/vm.img 0"
 
 [[device]]
+name = "lin1b"
+table = "0 $img_sectors linear $dir/vm.img 0"
+
+[[device]]
 name = "lin1000"
 table = """
 $(cat "$dir/table1000")
@@ -191,6 +207,14 @@ $pollkey
 id = "lin1"
 device = "lin1"
 socket = "$dir/v-lin1.sock"
+num-queues = 1
+writable = true
+$pollkey
+
+[[export]]
+id = "lin1b"
+device = "lin1b"
+socket = "$dir/v-lin1b.sock"
 num-queues = 1
 writable = true
 $pollkey
@@ -255,7 +279,7 @@ fi
 	"${qdirect[@]}" >"$dir/qsd.log" 2>&1 &
 qpid=$!
 pids+=($qpid)
-socks="v-zero v-lin1 v-lin1000 q-null q-file q-fileu"
+socks="v-zero v-lin1 v-lin1b v-lin1000 q-null q-file q-fileu"
 if [ "$direct" = 1 ]; then
 	socks="$socks v-lin1d q-filen q-filed"
 fi
@@ -285,6 +309,36 @@ measure() {
 	l=$(load1)
 	echo "{\"row\":\"$row\",\"server\":\"$server\",\"run\":$run,\"cpu_s\":$cpu,\"load1\":$l,\"result\":$out}" >>"$results"
 	log "run $run row $row $server: $(echo "$out" | sed -E 's/.*"iops":([0-9.]+).*/\1/') IOPS, ${cpu} CPU-s, load $l"
+	loaded
+}
+
+# pair ROW SERVER:SOCKET SERVER:SOCKET -- BENCH-ARGS... measures two vhostdm
+# devices in one `vhostdm bench --pair` run, alternated in slices (the
+# first given starts in odd runs, the second in even ones), each for
+# --duration; the server's CPU time over each one's slices is in its result
+# (server_cpu_s).
+pair() {
+	local r=$1 a=$2 b=$3
+	shift 4
+	case " $rows " in *" ${r%[rw]} "*) ;; *) return 0 ;; esac
+	if [ $((run % 2)) = 0 ]; then
+		local x=$a
+		a=$b
+		b=$x
+	fi
+	local out l s
+	if ! out=$("$bin" bench --socket "$dir/${a#*:}.sock" --pair "$dir/${b#*:}.sock" --slice "$slice" --cpu-pid "$vpid" \
+		--duration "$duration" --json "$@" 2>"$dir/bench.err"); then
+		log "row $r ${a%%:*} / ${b%%:*} failed: $(cat "$dir/bench.err")"
+		exit 1
+	fi
+	l=$(load1)
+	for s in "${a%%:*}" "${b%%:*}"; do
+		local res
+		if [ "$s" = "${a%%:*}" ]; then res=$(sed -n 1p <<<"$out"); else res=$(sed -n 2p <<<"$out"); fi
+		echo "{\"row\":\"$r\",\"server\":\"$s\",\"run\":$run,\"load1\":$l,\"result\":$res}" >>"$results"
+		log "run $run row $r $s (paired): $(echo "$res" | sed -E 's/.*"iops":([0-9.]+).*/\1/') IOPS, $(echo "$res" | sed -E 's/.*"server_cpu_s":([0-9.]+).*/\1/') CPU-s, load $l"
+	done
 	loaded
 }
 
@@ -319,8 +373,11 @@ for ((run = 1; run <= runs; run++)); do
 	row 3 vhostdm:v-lin1 qsd:q-file qsd-uring:q-fileu -- --rw randwrite --bs 4096 --iodepth 32 --queues 1
 	row 4r vhostdm:v-lin1 qsd:q-file qsd-uring:q-fileu -- --rw read --bs 1048576 --iodepth 8 --queues 1
 	row 4w vhostdm:v-lin1 qsd:q-file qsd-uring:q-fileu -- --rw write --bs 1048576 --iodepth 8 --queues 1
-	# Row 5: the one-line and the 1000-line tables and QSD, in turn.
-	row 5 vhostdm:v-lin1 vhostdm-1000:v-lin1000 qsd:q-file qsd-uring:q-fileu -- --rw randread --bs 4096 --iodepth 32 --queues 1
+	# Row 5: the one-line and the 1000-line tables paired, the control
+	# pair of two one-line tables, then QSD.
+	pair 5 vhostdm:v-lin1 vhostdm-1000:v-lin1000 -- --rw randread --bs 4096 --iodepth 32 --queues 1
+	pair 5 vhostdm-ctl:v-lin1 vhostdm-ctl2:v-lin1b -- --rw randread --bs 4096 --iodepth 32 --queues 1
+	row 5 qsd:q-file qsd-uring:q-fileu -- --rw randread --bs 4096 --iodepth 32 --queues 1
 	row 6 vhostdm-direct:v-lin1d qsd-direct-native:q-filen qsd-direct-uring:q-filed -- --rw randwrite --bs 4096 --iodepth 32 --queues 1
 	row 7 vhostdm-direct:v-lin1d qsd-direct-native:q-filen qsd-direct-uring:q-filed -- --rw randread --bs 4096 --iodepth 32 --queues 1
 done
@@ -332,7 +389,7 @@ served=""
 if [ -n "$serve_bin" ]; then
 	served=", vhostdm served by $serve_bin"
 fi
-report_args=(--report "$results" --note "$ncpu CPUs, $cpu_model, load average $load at the end, runs $runs x $duration$served${venv[*]:+, vhostdm env ${venv[*]}}$(if [ "$poll_us" != 0 ]; then echo ", poll-us $poll_us"; fi)")
+report_args=(--report "$results" --note "$ncpu CPUs, $cpu_model, load average $load at the end, runs $runs x $duration (row 5's vhostdm devices paired in slices of $slice)$served${venv[*]:+, vhostdm env ${venv[*]}}$(if [ "$poll_us" != 0 ]; then echo ", poll-us $poll_us"; fi)")
 if [ "$json" = 1 ]; then
 	report_args+=(--json)
 fi

@@ -42,6 +42,14 @@ type benchResult struct {
 	// each request slot, and how many were sent (not counted in ops).
 	Fsync   int    `json:"fsync,omitempty"`
 	Flushes uint64 `json:"flushes,omitempty"`
+	// With --pair: the back end's socket, the number of slices its
+	// figures sum, and (with --cpu-pid) the server's CPU seconds during
+	// them.
+	Socket     string  `json:"socket,omitempty"`
+	Slices     int     `json:"slices,omitempty"`
+	ServerCPUS float64 `json:"server_cpu_s,omitempty"`
+	// SliceIOPS are the IOPS of each slice, in order.
+	SliceIOPS []float64 `json:"slice_iops,omitempty"`
 }
 
 type benchLatUS struct {
@@ -67,12 +75,16 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 	verify := fs.Bool("verify", false, "write self-identifying blocks (after a prefill pass) and check every read")
 	packed := fs.Bool("packed", false, "use packed virtqueues (VIRTIO_F_RING_PACKED); fails if the back end does not offer them")
 	fsync := fs.Int("fsync", 0, "send a FLUSH after every N writes of each request slot and wait for it, as fio's --fsync (0: never)")
-	jsonOut := fs.Bool("json", false, "print one JSON object")
+	pair := fs.String("pair", "", "a second back end's `socket`, driven with the same workload in turns with --socket (slices of --slice, --duration each)")
+	sliceD := fs.Duration("slice", 250*time.Millisecond, "with --pair: the length of each turn")
+	cpuPID := fs.Int("cpu-pid", 0, "with --pair: the `pid` of the server process, whose CPU time during each turn counts to the turn's back end")
+	jsonOut := fs.Bool("json", false, "print one JSON object (with --pair: one per back end, one a line)")
 	report := fs.String("report", "", "print the comparison table of a `FILE` of tagged results (scripts/bench-vs-qsd.sh)")
 	note := fs.String("note", "", "with --report: a line describing the machine and run")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: vhostdm bench --socket PATH [--rw read|write|randread|randwrite|randrw] [--bs BYTES]\n"+
 			"       [--iodepth N] [--queues N] [--duration D] [--size BYTES] [--verify] [--packed] [--fsync N] [--json]\n"+
+			"       [--pair PATH [--slice D] [--cpu-pid PID]]\n"+
 			"       vhostdm bench --report FILE [--note TEXT] [--json]")
 		fs.PrintDefaults()
 	}
@@ -108,27 +120,59 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 		return fail("--duration %v: want a positive duration", *duration)
 	case *fsync < 0:
 		return fail("--fsync %d: want 0 (never) or a positive number of writes", *fsync)
+	case *pair == "" && (*cpuPID != 0 || *sliceD != 250*time.Millisecond):
+		return fail("--slice and --cpu-pid go with --pair")
+	case *pair != "" && (*sliceD <= 0 || *sliceD > *duration):
+		return fail("--slice %v: want a positive duration up to --duration", *sliceD)
+	case *cpuPID < 0:
+		return fail("--cpu-pid %d: want a process id", *cpuPID)
 	}
-	b := &bench{rw: *rw, bs: *bs, iodepth: *iodepth, queues: *queues, verify: *verify, fsync: *fsync, packed: *packed}
-	res, err := b.run(*socket, *duration, *size, stderr)
-	if err != nil {
-		return fail("%v", err)
+	newBench := func() *bench {
+		return &bench{rw: *rw, bs: *bs, iodepth: *iodepth, queues: *queues, verify: *verify, fsync: *fsync, packed: *packed}
 	}
-	if *jsonOut {
-		enc := json.NewEncoder(stdout)
-		if err := enc.Encode(res); err != nil {
+	var results []*benchResult
+	if *pair != "" {
+		if *cpuPID > 0 {
+			if _, err := processCPU(*cpuPID); err != nil {
+				return fail("--cpu-pid %d: %v", *cpuPID, err)
+			}
+		}
+		res, err := runPaired([2]*bench{newBench(), newBench()}, [2]string{*socket, *pair}, *duration, *sliceD, *size, *cpuPID, stderr)
+		if err != nil {
 			return fail("%v", err)
 		}
+		results = res[:]
 	} else {
-		fmt.Fprintf(stdout, "%s bs=%d iodepth=%d queues=%d: %d ops in %.2fs\n", res.RW, res.BS, res.IODepth, res.Queues, res.Ops, res.DurationS)
-		fmt.Fprintf(stdout, "  iops %.0f  bandwidth %.1f MiB/s\n", res.IOPS, res.BytesPerSec/(1<<20))
-		fmt.Fprintf(stdout, "  latency us: p50 %.1f  p99 %.1f  p99.9 %.1f  max %.1f\n", res.LatUS.P50, res.LatUS.P99, res.LatUS.P999, res.LatUS.Max)
-		fmt.Fprintf(stdout, "  errors %d  verify %s\n", res.Errors, res.Verify)
+		res, err := newBench().run(*socket, *duration, *size, stderr)
+		if err != nil {
+			return fail("%v", err)
+		}
+		results = []*benchResult{res}
 	}
-	if res.Errors > 0 || res.Verify == "failed" {
-		return 1
+	code := 0
+	for _, res := range results {
+		if *jsonOut {
+			enc := json.NewEncoder(stdout)
+			if err := enc.Encode(res); err != nil {
+				return fail("%v", err)
+			}
+		} else {
+			if res.Socket != "" {
+				fmt.Fprintf(stdout, "%s: %d slices\n", res.Socket, res.Slices)
+			}
+			fmt.Fprintf(stdout, "%s bs=%d iodepth=%d queues=%d: %d ops in %.2fs\n", res.RW, res.BS, res.IODepth, res.Queues, res.Ops, res.DurationS)
+			fmt.Fprintf(stdout, "  iops %.0f  bandwidth %.1f MiB/s\n", res.IOPS, res.BytesPerSec/(1<<20))
+			fmt.Fprintf(stdout, "  latency us: p50 %.1f  p99 %.1f  p99.9 %.1f  max %.1f\n", res.LatUS.P50, res.LatUS.P99, res.LatUS.P999, res.LatUS.Max)
+			fmt.Fprintf(stdout, "  errors %d  verify %s\n", res.Errors, res.Verify)
+			if *cpuPID > 0 {
+				fmt.Fprintf(stdout, "  server CPU %.2fs, %.2f CPU-s per million requests\n", res.ServerCPUS, res.ServerCPUS/float64(max(res.Ops, 1))*1e6)
+			}
+		}
+		if res.Errors > 0 || res.Verify == "failed" {
+			code = 1
+		}
 	}
-	return 0
+	return code
 }
 
 // bench is one run's state.
@@ -141,6 +185,14 @@ type bench struct {
 	fsync       int  // a FLUSH after every fsync writes of a slot; 0 never
 	flushes     atomic.Uint64
 	c           *frontend.Client
+	close       func() // ends the connection
+	gone        chan error
+	runStart    time.Time
+	slots       [][]*slot
+	elapsed     time.Duration // measured time of the slices since reset
+	slices      int
+	sliceIOPS   []float64 // of each slice since reset
+	sliceOps    uint64    // ops at the end of the last slice
 	blocks      uint64
 	gens        []uint32      // verify: generation of each block's last completed write
 	busy        []atomic.Bool // verify: one request per block at a time
@@ -172,6 +224,19 @@ type slot struct {
 }
 
 func (b *bench) run(socket string, d time.Duration, size uint64, stderr io.Writer) (*benchResult, error) {
+	if err := b.open(socket, size, stderr); err != nil {
+		return nil, err
+	}
+	defer b.close()
+	if err := b.slice(d); err != nil {
+		return nil, err
+	}
+	return b.result(stderr), nil
+}
+
+// open connects to the back end and prepares the request slots (and,
+// with --verify, prefills the device).
+func (b *bench) open(socket string, size uint64, stderr io.Writer) error {
 	qs := 128
 	for qs < 3*b.iodepth {
 		qs *= 2
@@ -181,13 +246,28 @@ func (b *bench) run(socket string, d time.Duration, size uint64, stderr io.Write
 	defer cancel()
 	c, err := frontend.Dial(ctx, frontend.Config{Socket: socket, NumQueues: b.queues, QueueSize: qs, Indirect: true, MemSize: mem, Packed: b.packed})
 	if err != nil {
-		return nil, err
+		return err
 	}
-	defer c.Close()
 	b.c = c
+	// A back end that dies or drops the connection mid-run fails the run
+	// at once: its requests in flight would never complete.
+	wctx, wcancel := context.WithCancel(context.Background())
+	b.gone = make(chan error, 1)
+	go func() { b.gone <- c.WaitPeerGone(wctx) }()
+	b.close = func() { wcancel(); c.Close() }
+	b.runStart = time.Now()
+	if err := b.setup(size, stderr); err != nil {
+		b.close()
+		return err
+	}
+	return nil
+}
+
+func (b *bench) setup(size uint64, stderr io.Writer) error {
+	c := b.c
 	cfg := c.Config()
 	if cfg.BlkSize != 0 && b.bs%int(cfg.BlkSize) != 0 {
-		return nil, fmt.Errorf("--bs %d is not a multiple of the device's block size %d", b.bs, cfg.BlkSize)
+		return fmt.Errorf("--bs %d is not a multiple of the device's block size %d", b.bs, cfg.BlkSize)
 	}
 	devBytes := cfg.Capacity * 512
 	if size == 0 || size > devBytes {
@@ -195,38 +275,19 @@ func (b *bench) run(socket string, d time.Duration, size uint64, stderr io.Write
 	}
 	b.blocks = size / uint64(b.bs)
 	if b.blocks == 0 {
-		return nil, fmt.Errorf("device of %d bytes is smaller than --bs %d", size, b.bs)
+		return fmt.Errorf("device of %d bytes is smaller than --bs %d", size, b.bs)
 	}
 	if (b.rw != "read" && b.rw != "randread" || b.verify) && c.Features()&frontend.BlkFeatureRO != 0 {
-		return nil, errors.New("the device is read-only")
+		return errors.New("the device is read-only")
 	}
-	// A back end that dies or drops the connection mid-run fails the run
-	// at once: its requests in flight would never complete.
-	wctx, wcancel := context.WithCancel(context.Background())
-	defer wcancel()
-	gone := make(chan error, 1)
-	go func() { gone <- c.WaitPeerGone(wctx) }()
-	runStart := time.Now()
-	wait := func(limit time.Duration, what string) error {
-		done := make(chan struct{})
-		go func() { b.wg.Wait(); close(done) }()
-		select {
-		case <-done:
-			return nil
-		case err := <-gone:
-			return fmt.Errorf("%s: after %.1fs: %w", what, time.Since(runStart).Seconds(), err)
-		case <-time.After(limit):
-			return fmt.Errorf("%s: requests did not complete within 30s of the end of the run", what)
-		}
-	}
-	slots := make([][]*slot, b.queues)
+	b.slots = make([][]*slot, b.queues)
 	for q := range b.queues {
 		for i := range b.iodepth {
 			buf, err := c.Buf(b.bs)
 			if err != nil {
-				return nil, err
+				return err
 			}
-			slots[q] = append(slots[q], &slot{q: q, buf: buf, rng: rand.New(rand.NewPCG(uint64(q), uint64(i)))})
+			b.slots[q] = append(b.slots[q], &slot{q: q, buf: buf, rng: rand.New(rand.NewPCG(uint64(q), uint64(i)))})
 		}
 	}
 	b.seq = make([]atomic.Uint64, b.queues)
@@ -238,27 +299,68 @@ func (b *bench) run(socket string, d time.Duration, size uint64, stderr io.Write
 		b.busy = make([]atomic.Bool, b.blocks)
 		fmt.Fprintf(stderr, "vhostdm bench: prefilling %d blocks for --verify\n", b.blocks)
 		b.prefilling.Store(true)
-		b.start(slots)
-		if err := wait(24*time.Hour, "prefill"); err != nil {
-			return nil, err
+		b.start(b.slots)
+		if err := b.wait(24*time.Hour, "prefill"); err != nil {
+			return err
 		}
 		b.prefilling.Store(false)
 		if b.errors.Load() > 0 {
-			return nil, fmt.Errorf("prefill failed: %s", *b.firstErr.Load())
+			return fmt.Errorf("prefill failed: %s", *b.firstErr.Load())
 		}
 	}
+	b.reset()
+	return nil
+}
+
+// reset forgets what the slices so far measured (a warm-up's).
+func (b *bench) reset() {
 	b.hists = make([]*latHist, b.queues)
 	b.ops = make([]uint64, b.queues)
 	for q := range b.hists {
 		b.hists[q] = &latHist{}
 	}
+	b.elapsed, b.slices, b.sliceIOPS, b.sliceOps = 0, 0, nil, 0
+}
+
+// wait waits for every slot to finish, for the back end to go (an error),
+// or for limit.
+func (b *bench) wait(limit time.Duration, what string) error {
+	done := make(chan struct{})
+	go func() { b.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case err := <-b.gone:
+		return fmt.Errorf("%s: after %.1fs: %w", what, time.Since(b.runStart).Seconds(), err)
+	case <-time.After(limit):
+		return fmt.Errorf("%s: requests did not complete within 30s of the end of the run", what)
+	}
+}
+
+// slice runs the workload for d (and until the requests in flight
+// complete) and adds what it measured to the result.
+func (b *bench) slice(d time.Duration) error {
 	start := time.Now()
 	b.stopAt = start.Add(d)
-	b.start(slots)
-	if err := wait(d+30*time.Second, "run"); err != nil {
-		return nil, err
+	b.start(b.slots)
+	if err := b.wait(d+30*time.Second, "run"); err != nil {
+		return err
 	}
-	elapsed := time.Since(start).Seconds()
+	took := time.Since(start)
+	b.elapsed += took
+	b.slices++
+	var ops uint64
+	for _, n := range b.ops {
+		ops += n
+	}
+	b.sliceIOPS = append(b.sliceIOPS, round3(float64(ops-b.sliceOps)/took.Seconds()))
+	b.sliceOps = ops
+	return nil
+}
+
+// result sums up the slices measured since the last reset.
+func (b *bench) result(stderr io.Writer) *benchResult {
+	elapsed := b.elapsed.Seconds()
 	var all latHist
 	var ops uint64
 	for q := range b.hists {
@@ -278,8 +380,92 @@ func (b *bench) run(socket string, d time.Duration, size uint64, stderr io.Write
 	if p := b.firstErr.Load(); p != nil {
 		fmt.Fprintf(stderr, "vhostdm bench: first error: %s\n", *p)
 	}
+	return res
+}
+
+// runPaired drives two back ends with the same workload, in turns: one
+// warm-up slice each (not counted), then slices of length slice in the
+// order A B B A A B B A ..., until each has run for d. The result of each
+// is the sum of its slices; with cpuPID, the server process's CPU time
+// (/proc/PID/stat) during each slice counts to the back end of the slice.
+// Drift in the machine's load over the run then falls on both alike,
+// where two runs one after the other would read it as a difference
+// between the two.
+func runPaired(benches [2]*bench, sockets [2]string, d, slice time.Duration, size uint64, cpuPID int, stderr io.Writer) ([2]*benchResult, error) {
+	var res [2]*benchResult
+	for i, b := range benches {
+		if err := b.open(sockets[i], size, stderr); err != nil {
+			return res, fmt.Errorf("%s: %w", sockets[i], err)
+		}
+		defer b.close()
+	}
+	for i, b := range benches {
+		if err := b.slice(slice); err != nil {
+			return res, fmt.Errorf("%s: warm-up: %w", sockets[i], err)
+		}
+		b.reset()
+	}
+	var cpu [2]float64
+	for i := 0; benches[0].elapsed < d || benches[1].elapsed < d; i++ {
+		k := (i ^ i>>1) & 1
+		if benches[k].elapsed >= d {
+			k ^= 1
+		}
+		var t0 float64
+		if cpuPID > 0 {
+			var err error
+			if t0, err = processCPU(cpuPID); err != nil {
+				return res, err
+			}
+		}
+		if err := benches[k].slice(slice); err != nil {
+			return res, fmt.Errorf("%s: %w", sockets[k], err)
+		}
+		if cpuPID > 0 {
+			t1, err := processCPU(cpuPID)
+			if err != nil {
+				return res, err
+			}
+			cpu[k] += t1 - t0
+		}
+	}
+	for i, b := range benches {
+		res[i] = b.result(stderr)
+		res[i].Socket, res[i].Slices, res[i].SliceIOPS = sockets[i], b.slices, b.sliceIOPS
+		res[i].ServerCPUS = round3(cpu[i])
+	}
 	return res, nil
 }
+
+// processCPU returns the CPU time (user and system, every thread, the
+// exited ones too) of process pid in seconds, from /proc/PID/stat: clock
+// ticks of 10 ms.
+func processCPU(pid int) (float64, error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, fmt.Errorf("server CPU time: %w", err)
+	}
+	// The command name, in parentheses, may hold spaces: the fields
+	// counted are those after its closing parenthesis, utime and stime
+	// the 12th and 13th of them (14 and 15 of proc(5)).
+	i := bytes.LastIndexByte(data, ')')
+	var f []string
+	if i >= 0 {
+		f = strings.Fields(string(data[i+1:]))
+	}
+	if len(f) < 13 {
+		return 0, fmt.Errorf("server CPU time: /proc/%d/stat: unexpected format", pid)
+	}
+	var ut, st uint64
+	if _, err := fmt.Sscan(f[11]+" "+f[12], &ut, &st); err != nil {
+		return 0, fmt.Errorf("server CPU time: /proc/%d/stat: %w", pid, err)
+	}
+	return float64(ut+st) / clockTicks, nil
+}
+
+// clockTicks is USER_HZ, the unit of /proc/PID/stat's times: 100 on
+// every Linux architecture Go runs on.
+const clockTicks = 100
 
 func round3(v float64) float64 { return math.Round(v*1000) / 1000 }
 
@@ -567,9 +753,135 @@ type benchReportOut struct {
 	CPUs   int         `json:"cpus"`
 	Loaded bool        `json:"loaded"`
 	Rows   []reportRow `json:"rows"`
-	// Table1000 is row 5's 1000-line table IOPS over the one-line table's.
-	Table1000 float64 `json:"table1000_vs_1line,omitempty"`
+	// Table1000 compares row 5's 1000-line table with its one-line
+	// table; Control two identical one-line tables, measured the same
+	// way, which shows the noise of the measurement in the same run.
+	Table1000 *pairComparison `json:"table1000_vs_1line,omitempty"`
+	Control   *pairComparison `json:"control_1line_vs_1line,omitempty"`
 }
+
+// table1000Pairs are the pairs of row-5 servers the report compares: the
+// first of each is the reference.
+var table1000Pairs = []struct {
+	name    string
+	servers [2]string
+}{
+	{"table1000", [2]string{"vhostdm", "vhostdm-1000"}},
+	{"control", [2]string{"vhostdm-ctl", "vhostdm-ctl2"}},
+}
+
+// pairSums are the sums of one run's results of a pair of servers.
+type pairSums struct {
+	ops, secs, cpu [2]float64
+	paired         [2]bool
+}
+
+func (ps *pairSums) add(j int, r benchResult, cpu float64) {
+	ps.ops[j] += float64(r.Ops)
+	ps.secs[j] += r.DurationS
+	ps.cpu[j] += cpu
+	ps.paired[j] = r.Slices > 0
+}
+
+// pairComparison is the comparison of two servers of row 5: the second's
+// IOPS and CPU per request over the first's.
+type pairComparison struct {
+	// IOPS is the ratio of the sums over every run (ops over measured
+	// time of each); CPU the same of CPU seconds per request.
+	IOPS float64 `json:"iops"`
+	CPU  float64 `json:"cpu_per_req,omitempty"`
+	// Runs are the ratios of each run.
+	Runs []pairRun `json:"runs,omitempty"`
+	// Within says whether every run's IOPS ratio is within 3% of 1
+	// (issue 22's goal for the 1000-line table: 0.97 to 1.03).
+	Within *bool `json:"within_3pct,omitempty"`
+}
+
+// pairRun is one run's comparison of two servers of row 5.
+type pairRun struct {
+	Run int `json:"run"`
+	// Paired is set when the two were measured in alternating slices of
+	// one `vhostdm bench --pair` (else one after the other).
+	Paired bool    `json:"paired"`
+	IOPS   float64 `json:"iops"`
+	CPU    float64 `json:"cpu_per_req,omitempty"`
+	// CPUPerMReq are the two servers' CPU-seconds per million requests,
+	// the reference first.
+	CPUPerMReq [2]float64 `json:"cpu_s_per_m_req,omitempty"`
+}
+
+// comparePair computes the ratios of each run and of the sums over all
+// runs; nil without a run that measured both.
+func comparePair(byRun map[int]*pairSums) *pairComparison {
+	var runs []int
+	for run := range byRun {
+		runs = append(runs, run)
+	}
+	slices.Sort(runs)
+	var all pairSums
+	c := &pairComparison{}
+	within := true
+	for _, run := range runs {
+		ps := byRun[run]
+		if ps.secs[0] == 0 || ps.secs[1] == 0 || ps.ops[0] == 0 || ps.ops[1] == 0 {
+			continue
+		}
+		pr := pairRun{Run: run, Paired: ps.paired[0] && ps.paired[1], IOPS: ratio(ps.ops[1]/ps.secs[1], ps.ops[0]/ps.secs[0])}
+		if ps.cpu[0] > 0 && ps.cpu[1] > 0 {
+			pr.CPUPerMReq = [2]float64{round3(ps.cpu[0] / ps.ops[0] * 1e6), round3(ps.cpu[1] / ps.ops[1] * 1e6)}
+			pr.CPU = ratio(ps.cpu[1]/ps.ops[1], ps.cpu[0]/ps.ops[0])
+		}
+		within = within && math.Abs(pr.IOPS-1) <= table1000Tolerance+1e-9
+		c.Runs = append(c.Runs, pr)
+		for j := range 2 {
+			all.ops[j] += ps.ops[j]
+			all.secs[j] += ps.secs[j]
+			all.cpu[j] += ps.cpu[j]
+		}
+	}
+	if len(c.Runs) == 0 {
+		return nil
+	}
+	c.IOPS = ratio(all.ops[1]/all.secs[1], all.ops[0]/all.secs[0])
+	if all.cpu[0] > 0 && all.cpu[1] > 0 {
+		c.CPU = ratio(all.cpu[1]/all.ops[1], all.cpu[0]/all.ops[0])
+	}
+	c.Within = &within
+	return c
+}
+
+// print writes the comparison's lines, each starting with what.
+func (c *pairComparison) print(w io.Writer, what string) {
+	if c == nil {
+		return
+	}
+	for _, pr := range c.Runs {
+		how := "one after the other"
+		if pr.Paired {
+			how = "paired"
+		}
+		fmt.Fprintf(w, "%s IOPS = %.3f (run %d, %s)", what, pr.IOPS, pr.Run, how)
+		if pr.CPU > 0 {
+			fmt.Fprintf(w, ", CPU per request = %.3f (%.2f / %.2f CPU-s/M req)", pr.CPU, pr.CPUPerMReq[1], pr.CPUPerMReq[0])
+		}
+		fmt.Fprintln(w)
+	}
+	fmt.Fprintf(w, "%s IOPS = %.3f (", what, c.IOPS)
+	if len(c.Runs) > 0 {
+		fmt.Fprint(w, "all runs, ratio of the sums")
+	} else {
+		fmt.Fprint(w, "medians")
+	}
+	fmt.Fprint(w, ")")
+	if c.CPU > 0 {
+		fmt.Fprintf(w, ", CPU per request = %.3f", c.CPU)
+	}
+	fmt.Fprintln(w)
+}
+
+// table1000Tolerance is how far from 1 row 5's ratio of a 1000-line table
+// to a one-line table may be in any run (issue 22: within 3%).
+const table1000Tolerance = 0.03
 
 // benchReport reads a results file and prints, per row and server, the
 // median of every figure over the runs, and the ratios to QSD.
@@ -586,6 +898,8 @@ func benchReport(path, note string, jsonOut bool, w io.Writer) error {
 	runIOPS := map[key]map[int]float64{}
 	cpuPerM := map[key][]float64{}
 	load := map[key]float64{}
+	// Row 5's compared pairs, per run.
+	pairs := map[string]map[int]*pairSums{}
 	for i, line := range bytes.Split(data, []byte("\n")) {
 		if len(bytes.TrimSpace(line)) == 0 {
 			continue
@@ -608,8 +922,28 @@ func benchReport(path, note string, jsonOut bool, w io.Writer) error {
 			runIOPS[k] = map[int]float64{}
 		}
 		runIOPS[k][t.Run] = t.Result.IOPS
-		if t.CPUS > 0 && t.Result.Ops > 0 {
-			cpuPerM[k] = append(cpuPerM[k], t.CPUS/float64(t.Result.Ops)*1e6)
+		cpu := t.CPUS
+		if cpu == 0 {
+			cpu = t.Result.ServerCPUS // measured by bench --pair --cpu-pid
+		}
+		if cpu > 0 && t.Result.Ops > 0 {
+			cpuPerM[k] = append(cpuPerM[k], cpu/float64(t.Result.Ops)*1e6)
+		}
+		for _, c := range table1000Pairs {
+			for j, name := range c.servers {
+				if t.Row != "5" || t.Server != name {
+					continue
+				}
+				if pairs[c.name] == nil {
+					pairs[c.name] = map[int]*pairSums{}
+				}
+				ps := pairs[c.name][t.Run]
+				if ps == nil {
+					ps = &pairSums{}
+					pairs[c.name][t.Run] = ps
+				}
+				ps.add(j, t.Result, cpu)
+			}
 		}
 		load[k] = max(load[k], t.Load1)
 	}
@@ -669,8 +1003,17 @@ func benchReport(path, note string, jsonOut bool, w io.Writer) error {
 		}
 		out.Rows = append(out.Rows, rr)
 	}
-	if one > 0 && thousand > 0 {
-		out.Table1000 = ratio(thousand, one)
+	// Row 5: the ratios of the sums, in each run and over all runs.
+	for _, c := range table1000Pairs {
+		cmp := comparePair(pairs[c.name])
+		if c.name == "control" {
+			out.Control = cmp
+			continue
+		}
+		if cmp == nil && one > 0 && thousand > 0 {
+			cmp = &pairComparison{IOPS: ratio(thousand, one)} // medians of runs one after the other
+		}
+		out.Table1000 = cmp
 	}
 	if jsonOut {
 		enc := json.NewEncoder(w)
@@ -702,8 +1045,21 @@ func benchReport(path, note string, jsonOut bool, w io.Writer) error {
 				s.IOPS, s.BytesPerSec/(1<<20), s.LatUS.P50, s.LatUS.P99, s.LatUS.P999, cpu, s.Load1, vs, ir, pair, pr, cr)
 		}
 	}
-	if out.Table1000 > 0 {
-		fmt.Fprintf(w, "\nrow 5: 1000-line table / one-line table IOPS = %.3f\n", out.Table1000)
+	if out.Table1000 != nil || out.Control != nil {
+		fmt.Fprintln(w)
+	}
+	out.Control.print(w, "row 5 control: a second one-line table / one-line table")
+	out.Table1000.print(w, "row 5: 1000-line table / one-line table")
+	if out.Table1000 != nil && out.Table1000.Within != nil {
+		verdict := "met"
+		if !*out.Table1000.Within {
+			verdict = "MISSED"
+		}
+		fmt.Fprintf(w, "row 5: goal, every run's IOPS ratio within %.0f%% of 1 (%.2f to %.2f): %s", table1000Tolerance*100, 1-table1000Tolerance, 1+table1000Tolerance, verdict)
+		if out.Control != nil && out.Control.Within != nil && !*out.Control.Within {
+			fmt.Fprint(w, " (the control pair of two identical tables is not within it either: the machine's noise exceeds what the goal asks)")
+		}
+		fmt.Fprintln(w)
 	}
 	return nil
 }

@@ -189,3 +189,139 @@ writable = true
 		t.Fatalf("the back end started no packed virtqueue:\n%s", ch.log.String())
 	}
 }
+
+// TestBenchPair: `vhostdm bench --pair` drives two exports of one back end
+// (a real child process) in turns: each gets its share of slices and of
+// measured time, and the server's CPU time during its slices. Options that
+// only make sense with --pair are refused without it.
+func TestBenchPair(t *testing.T) {
+	dir := t.TempDir()
+	a, b := filepath.Join(dir, "a.sock"), filepath.Join(dir, "b.sock")
+	cfg := writeConfig(t, dir, fmt.Sprintf(benchConfig, a)+fmt.Sprintf(`
+[[device]]
+name = "zero2"
+table = "0 2097152 zero"
+
+[[export]]
+id = "zero2"
+device = "zero2"
+socket = %q
+`, b))
+	ch := startChild(t, cfg, a, b)
+	var out, errb bytes.Buffer
+	args := []string{"bench", "--socket", a, "--pair", b, "--duration", "600ms", "--slice", "100ms", "--iodepth", "8",
+		"--cpu-pid", fmt.Sprint(ch.cmd.Process.Pid), "--json"}
+	if code := run(args, &out, &errb); code != 0 {
+		t.Fatalf("bench --pair: exit %d: %s", code, errb.String())
+	}
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	if len(lines) != 2 {
+		t.Fatalf("bench --pair printed %d lines, want one per back end:\n%s", len(lines), out.String())
+	}
+	var cpu float64
+	for i, sock := range []string{a, b} {
+		var res benchResult
+		if err := json.Unmarshal([]byte(lines[i]), &res); err != nil {
+			t.Fatalf("line %d %q: %v", i+1, lines[i], err)
+		}
+		// 600 ms in turns of 100 ms: at most 6 slices each (a slice
+		// lasts at least its 100 ms), fewer if slices overran on a
+		// loaded machine, but never one turn for all.
+		if res.Socket != sock || res.Slices < 2 || res.Slices > 6 || len(res.SliceIOPS) != res.Slices || res.DurationS < 0.6 || res.DurationS > 3 || res.Ops == 0 || res.Errors != 0 {
+			t.Errorf("%s: socket %q, %d slices (%d IOPS figures), %.3f s, %d ops, %d errors; want 2 to 6 slices, 600 ms in all", sock, res.Socket, res.Slices, len(res.SliceIOPS), res.DurationS, res.Ops, res.Errors)
+		}
+		cpu += res.ServerCPUS
+	}
+	if cpu <= 0 {
+		t.Errorf("no server CPU time measured over the slices")
+	}
+	for _, bad := range [][]string{
+		{"bench", "--socket", a, "--slice", "100ms"},
+		{"bench", "--socket", a, "--cpu-pid", "1"},
+		{"bench", "--socket", a, "--pair", b, "--slice", "0s"},
+		{"bench", "--socket", a, "--pair", b, "--duration", "1s", "--slice", "2s"},
+	} {
+		if code := run(bad, &out, &errb); code == 0 {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}
+
+// TestBenchReportTable1000: the report compares row 5's 1000-line and
+// one-line tables in every run (the ratio of the sums of each one's
+// slices, IOPS and CPU per request) and over all runs, says whether every
+// run is within 3%, and fails the goal when one run is not; the control
+// pair of two one-line tables is compared the same way.
+func TestBenchReportTable1000(t *testing.T) {
+	report := func(thousand, control []float64) (benchReportOut, string) {
+		t.Helper()
+		var lines []string
+		add := func(run int, server string, iops, cpu float64) {
+			// 5 s of slices: ops = iops*5, server CPU over them.
+			r := benchResult{RW: "randread", BS: 4096, IODepth: 32, Queues: 1, DurationS: 5, Ops: uint64(iops * 5), IOPS: iops,
+				Slices: 20, ServerCPUS: cpu * 5}
+			b, _ := json.Marshal(taggedResult{Row: "5", Server: server, Run: run, Result: r, Load1: 1})
+			lines = append(lines, string(b))
+		}
+		for i, iops := range thousand {
+			add(i+1, "vhostdm", 100000, 0.6)
+			add(i+1, "vhostdm-1000", iops, 0.6*iops/100000*1.01)
+		}
+		for i, iops := range control {
+			add(i+1, "vhostdm-ctl", 100000, 0.6)
+			add(i+1, "vhostdm-ctl2", iops, 0.6*iops/100000)
+		}
+		path := filepath.Join(t.TempDir(), "results.jsonl")
+		if err := os.WriteFile(path, []byte(strings.Join(lines, "\n")+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		var js, text bytes.Buffer
+		if err := benchReport(path, "", true, &js); err != nil {
+			t.Fatal(err)
+		}
+		if err := benchReport(path, "", false, &text); err != nil {
+			t.Fatal(err)
+		}
+		var rep benchReportOut
+		if err := json.Unmarshal(js.Bytes(), &rep); err != nil {
+			t.Fatal(err)
+		}
+		return rep, text.String()
+	}
+	rep, text := report([]float64{99000, 101000, 98000}, []float64{100000, 100500, 99000})
+	c := rep.Table1000
+	if c == nil || len(c.Runs) != 3 || c.Within == nil || !*c.Within {
+		t.Fatalf("three runs within 3%%: %+v", c)
+	}
+	for i, want := range []float64{0.99, 1.01, 0.98} {
+		pr := c.Runs[i]
+		if pr.Run != i+1 || !pr.Paired || pr.IOPS != want || pr.CPU != 1.01 {
+			t.Errorf("run %d: %+v, want IOPS ratio %.2f, CPU ratio 1.01, paired", i+1, pr, want)
+		}
+	}
+	// The ratio of the sums: (99000+101000+98000)/3 over 100000.
+	if c.IOPS != 0.993 || c.CPU != 1.01 {
+		t.Errorf("all runs: IOPS ratio %v, CPU ratio %v; want 0.993 and 1.01", c.IOPS, c.CPU)
+	}
+	if rep.Control == nil || rep.Control.IOPS != 0.998 || len(rep.Control.Runs) != 3 {
+		t.Errorf("control: %+v, want 3 runs, IOPS ratio 0.998", rep.Control)
+	}
+	for _, want := range []string{
+		"row 5: 1000-line table / one-line table IOPS = 0.990 (run 1, paired), CPU per request = 1.010 (6.06 / 6.00 CPU-s/M req)",
+		"row 5: 1000-line table / one-line table IOPS = 0.993 (all runs, ratio of the sums), CPU per request = 1.010",
+		"row 5 control: a second one-line table / one-line table IOPS = 1.005 (run 2, paired)",
+		"within 3% of 1 (0.97 to 1.03): met\n",
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("report lacks %q:\n%s", want, text)
+		}
+	}
+	// One run below 0.97 (or above 1.03) misses the goal, whatever the
+	// others and the sums say; a control outside 3% is pointed out.
+	for _, runs := range [][]float64{{100000, 96000, 100000}, {100000, 104000, 100000}} {
+		rep, text = report(runs, []float64{100000, 95000})
+		if rep.Table1000.Within == nil || *rep.Table1000.Within || !strings.Contains(text, "(0.97 to 1.03): MISSED (the control pair") {
+			t.Errorf("runs %v: the goal is not missed, or the control not pointed out:\n%s", runs, text)
+		}
+	}
+}
