@@ -175,7 +175,6 @@ type queue struct {
 	// Owned by the ring goroutine.
 	held       bool   // the ring goroutine holds finishing for a batch
 	heldBytes  uint32 // bytes the held batch's inline completions returned
-	ringPut    int    // used elements the ring goroutine put since its hold began
 	renotified bool   // renotify has warned for the current stall
 
 	// Used side, guarded by usedMu.
@@ -710,9 +709,6 @@ func (q *queue) drain() error {
 		// and at the end.
 		q.hold()
 		var bad error
-		// Publish early, once half the batch is done, if the driver has
-		// caught up (minEarlyPublish).
-		half := max(int(min(n, publishBatch))/2, minEarlyPublish)
 		for i := 0; i < int(n); i++ {
 			if q.stopReq.Load() || q.dev.dead.Load() {
 				break
@@ -738,8 +734,7 @@ func (q *queue) drain() error {
 			}
 			q.dispatch(h)
 			q.curSet = false
-			if i != int(n)-1 && (i%publishBatch == publishBatch-1 || q.heldBytes >= publishBytes ||
-				q.ringPut >= half && q.ring.driverWaits()) {
+			if (i%publishBatch == publishBatch-1 || q.heldBytes >= publishBytes) && i != int(n)-1 {
 				q.release()
 				q.hold()
 			}
@@ -760,22 +755,6 @@ func (q *queue) drain() error {
 // deeper batch still publishes every 64 so that its first completions are
 // not held back long (64 page-cache reads take about 100 µs).
 const publishBatch = 64
-
-// minEarlyPublish is the fewest requests run on the ring goroutine that
-// it publishes before the end of a batch. Within a batch, once half of it
-// (at least minEarlyPublish) has completed on the ring goroutine and the
-// driver has consumed every completion published before (used_event ==
-// used->idx: it has nothing to do and waits for an interrupt), the ring
-// goroutine publishes and notifies at once, so that the driver works on
-// the first half while the device runs the second, instead of the two
-// taking turns, each asleep while the other works (docs/PERFORMANCE.md,
-// "Rows 1 and 2"). Half a batch bounds the cost to one more notification
-// per batch; earlier or repeated publications (QEMU's libvhost-user
-// notifies after every request once the driver has caught up) gained more
-// on an otherwise idle machine but cost up to 40% more CPU per request on
-// a loaded one, where the driver then wakes for a few completions at a
-// time.
-const minEarlyPublish = 4
 
 // publishBytes is how many bytes of reads completed on the ring goroutine
 // a batch holds before publishing them: a 1 MiB read the page cache serves
@@ -828,7 +807,6 @@ func (q *queue) release() {
 	}
 	q.flushEngine()
 	q.held = false
-	q.ringPut = 0
 	if q.finishing.Add(-1) != 0 || q.dev.dead.Load() {
 		return
 	}
@@ -1013,9 +991,6 @@ func (q *queue) finishOn(r *request, status byte, usedLen uint32, ring bool) {
 		q.dlog.mark(r.statusGPA, 1)
 	}
 	q.finishing.Add(1)
-	if ring {
-		q.ringPut++
-	}
 	if q.putUsed(r, usedLen) {
 		q.notify()
 	}

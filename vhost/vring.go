@@ -261,18 +261,6 @@ func (r *splitRing) armKick() bool {
 	return r.availIdx() != r.lastAvail
 }
 
-// driverWaits reports whether, with event idx, the driver has consumed
-// every published used element and asked to be told of the next one
-// (used_event == used->idx): it has nothing to do until the device
-// publishes again (the early publication of drain).
-func (r *splitRing) driverWaits() bool {
-	if !r.eventIdx {
-		return false
-	}
-	_, used := virtio.LoadWord(r.used)
-	return r.usedEvent() == used
-}
-
 // putUsed writes one used element at usedIdx and advances it; the element
 // becomes visible to the driver at the next publish. It returns the offset
 // of the element in the used ring, for dirty logging.
