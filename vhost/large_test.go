@@ -15,8 +15,9 @@ import (
 
 // TestLargeReadWrite reads and writes a file-backed linear device in
 // 1 MiB requests, eight in flight, the guest's largest default request:
-// reads the page cache holds (run on the ring goroutine), reads it does
-// not (the clean pages dropped with posix_fadvise: io_uring), and writes
+// reads the page cache holds (io_uring's io-wq threads copy them), reads
+// it does not (the clean pages dropped with posix_fadvise: read from the
+// disk), and writes
 // (the engine's lane) must all return the file's data, and what was
 // written must read back through the export and from the file.
 func TestLargeReadWrite(t *testing.T) { forEachLayout(t, testLargeReadWrite) }

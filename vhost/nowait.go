@@ -22,28 +22,16 @@ type NowaitDevice interface {
 	TrySubmit(r *mapper.Request) error
 }
 
-// tryMaxBytes bounds the writes a ring goroutine runs itself, and
-// tryMaxReadBytes the reads.
-//
-// A read the page cache serves costs about one memory copy wherever it
-// runs. Handed to io_uring's io-wq threads (IOSQE_ASYNC), as reads of
-// 256 KiB or more were, every 1 MiB read also cost the wake-up of an io-wq
-// thread and of the engine's completion goroutine: on a quiet machine
-// (idle CPUs to wake) 1.7x qemu-storage-daemon's CPU per read, where QSD
-// copies inline in io_uring_enter. So reads up to 1 MiB are tried inline
-// with RWF_NOWAIT like small ones, and the completions of inline reads are published every
-// publishBytes (drain), so that the driver has the first ones back while
-// the ring goroutine copies the next. Measured on a loaded 2-CPU machine
-// against QSD on the same image (docs/PERFORMANCE.md): 1.1 to 1.45
-// context switches per read instead of 1.8 to 2.1, CPU per read (median)
-// 1.07x QSD's instead of 1.14x. Sending every other large read to io-wq
-// instead, so that two CPUs copy, cost 1.45x QSD's CPU and 2.2 to 2.5
-// context switches per read. A read the page cache cannot serve whole
-// goes to the engine (io-wq), so a slow read never holds up its queue.
-const (
-	tryMaxBytes     = 128 << 10
-	tryMaxReadBytes = 1 << 20
-)
+// tryMaxBytes bounds the reads and writes a ring goroutine runs itself:
+// a larger page-cache copy takes long enough (tens of µs per 128 KiB)
+// that io-wq threads or a worker, on another CPU, do it better while the
+// ring goroutine pops the next requests. Reads up to 1 MiB on the ring
+// goroutine (RWF_NOWAIT, published every 256 KiB) were measured too: on a
+// quiet 2-CPU machine, same run, they cost about half the CPU per 1 MiB
+// read (0.87x qemu-storage-daemon's instead of 1.62x) but served 15%
+// fewer of them (0.77x QSD's IOPS instead of 0.90x), and also fewer at
+// load 8-21 (docs/PERFORMANCE.md, "1 MiB reads on the ring goroutine").
+const tryMaxBytes = 128 << 10
 
 // tryIO runs a prepared read or write on the ring goroutine when the
 // device can do it without blocking (done); otherwise the runtime hands r
@@ -52,16 +40,13 @@ const (
 func (d *blkDev) tryIO(q *queue, rq *request) (status byte, usedLen uint32, done bool) {
 	r := &rq.blk
 	nd := d.nowait
-	if nd == nil {
+	if nd == nil || r.dataLen > tryMaxBytes {
 		return 0, 0, false
 	}
 	switch r.typ {
 	case virtio.BlkTypeIn:
-		if r.dataLen > tryMaxReadBytes {
-			return 0, 0, false
-		}
 	case virtio.BlkTypeOut:
-		if r.dataLen > tryMaxBytes || !d.writebackOn() {
+		if !d.writebackOn() {
 			return 0, 0, false
 		}
 	default:

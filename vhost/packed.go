@@ -471,7 +471,7 @@ func (q *queue) drainPacked() error {
 			q.dispatch(id)
 			q.curSet = false
 			pr.curID = -1
-			if i%publishBatch == publishBatch-1 || q.heldBytes >= publishBytes {
+			if i%publishBatch == publishBatch-1 {
 				q.release()
 				q.hold()
 			}
