@@ -914,20 +914,10 @@ func (j *Journal) writeOverlapped(bs []*batch) error {
 				return err
 			}
 		}
-		path := j.wfName
-		err := j.inject("segment-write", path)
-		if err == nil {
-			err = j.appendBatch(b)
+		if err := j.writeBatch(b); err != nil {
+			return err
 		}
-		b.release() // written (or failed): the data is the store's now
-		if err != nil {
-			return fmt.Errorf("%w: write %s: %w", ErrStore, path, err)
-		}
-		j.wfSize += int64(b.size())
 		unsynced = true
-		j.mu.Lock()
-		j.batches++
-		j.mu.Unlock()
 	}
 	return nil
 }
@@ -1054,22 +1044,31 @@ func (j *Journal) writeBatches(bs []*batch) error {
 				return err
 			}
 		}
-		path := j.wfName
-		err := j.inject("segment-write", path)
-		if err == nil {
-			err = j.appendBatch(b)
+		if err := j.writeBatch(b); err != nil {
+			return err
 		}
-		b.release() // written (or failed): the data is the store's now
-		if err != nil {
-			return fmt.Errorf("%w: write %s: %w", ErrStore, path, err)
-		}
-		j.wfSize += int64(b.size())
 		unsynced = true
-		j.mu.Lock()
-		j.batches++
-		j.mu.Unlock()
 	}
 	return j.syncSegment()
+}
+
+// writeBatch writes b at the end of the open segment and releases its
+// data; the writer only.
+func (j *Journal) writeBatch(b *batch) error {
+	path := j.wfName
+	err := j.inject("segment-write", path)
+	if err == nil {
+		err = j.appendBatch(b)
+	}
+	b.release() // written (or failed): the data is the store's now
+	if err != nil {
+		return fmt.Errorf("%w: write %s: %w", ErrStore, path, err)
+	}
+	j.wfSize += int64(b.size())
+	j.mu.Lock()
+	j.batches++
+	j.mu.Unlock()
+	return nil
 }
 
 // appendBatch writes a batch to the segment: the records and the data
