@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"math/rand/v2"
 	"os"
-	"sync"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -142,39 +141,8 @@ func benchExport(b *testing.B, typ uint32, bs, qd int, size int64) {
 		}
 	}
 	blocks := int(size) / bs
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	left, next := b.N, 0
-	var submit func(i int)
-	submit = func(i int) {
-		mu.Lock()
-		if left == 0 {
-			mu.Unlock()
-			wg.Done()
-			return
-		}
-		left--
-		blk := next % blocks
-		next++
-		mu.Unlock()
-		err := c.Submit(0, &frontend.BlkRequest{Type: typ, Sector: uint64(blk * bs / 512), Data: [][]byte{bufs[i]}}, func(r frontend.Result) {
-			if r.Err != nil || r.Status != virtio.BlkStatusOK {
-				b.Error("result", r)
-			}
-			submit(i)
-		})
-		if err != nil {
-			b.Error(err)
-			wg.Done()
-		}
-	}
 	b.SetBytes(int64(bs))
-	b.ResetTimer()
-	cpu0 := processCPU()
-	for i := range qd {
-		wg.Add(1)
-		submit(i)
-	}
-	wg.Wait()
-	b.ReportMetric(float64(processCPU()-cpu0)/float64(b.N), "cpu-ns/op")
+	driveClosedLoop(b, c, qd, func(slot, k int) (int, *frontend.BlkRequest) {
+		return 0, &frontend.BlkRequest{Type: typ, Sector: uint64(k % blocks * bs / 512), Data: [][]byte{bufs[slot]}}
+	})
 }

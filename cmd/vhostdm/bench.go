@@ -19,6 +19,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/vhostdm/vhostdm/internal/procstat"
 	"github.com/vhostdm/vhostdm/vhost"
 	"github.com/vhostdm/vhostdm/vhost/frontend"
 )
@@ -437,35 +438,13 @@ func runPaired(benches [2]*bench, sockets [2]string, d, slice time.Duration, siz
 	return res, nil
 }
 
-// processCPU returns the CPU time (user and system, every thread, the
-// exited ones too) of process pid in seconds, from /proc/PID/stat: clock
-// ticks of 10 ms.
 func processCPU(pid int) (float64, error) {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	d, err := procstat.CPUTime(pid)
 	if err != nil {
-		return 0, fmt.Errorf("server CPU time: %w", err)
+		return 0, fmt.Errorf("server %w", err)
 	}
-	// The command name, in parentheses, may hold spaces: the fields
-	// counted are those after its closing parenthesis, utime and stime
-	// the 12th and 13th of them (14 and 15 of proc(5)).
-	i := bytes.LastIndexByte(data, ')')
-	var f []string
-	if i >= 0 {
-		f = strings.Fields(string(data[i+1:]))
-	}
-	if len(f) < 13 {
-		return 0, fmt.Errorf("server CPU time: /proc/%d/stat: unexpected format", pid)
-	}
-	var ut, st uint64
-	if _, err := fmt.Sscan(f[11]+" "+f[12], &ut, &st); err != nil {
-		return 0, fmt.Errorf("server CPU time: /proc/%d/stat: %w", pid, err)
-	}
-	return float64(ut+st) / clockTicks, nil
+	return d.Seconds(), nil
 }
-
-// clockTicks is USER_HZ, the unit of /proc/PID/stat's times: 100 on
-// every Linux architecture Go runs on.
-const clockTicks = 100
 
 func round3(v float64) float64 { return math.Round(v*1000) / 1000 }
 

@@ -762,24 +762,10 @@ func TestCommitGathersBatches(t *testing.T) {
 				t.Fatal(err)
 			}
 			<-in // the writer is inside the fdatasync of the first record
-			var ps []*Pending
-			var recs []Record
-			for i := 1; i <= 100; i++ { // 6.25 MiB: 3 closed batches and an open one
-				r := rec(i)
-				p, err := j.Submit(r)
-				if err != nil {
-					t.Fatal(err)
-				}
-				ps, recs = append(ps, p), append(recs, r)
-			}
+			// 6.25 MiB: 3 closed batches and an open one.
+			ps, recs := submitEach(t, j, 100, rec)
 			time.Sleep(20 * time.Millisecond)
-			for i, p := range append([]*Pending{p0}, ps...) {
-				select {
-				case <-p.Done():
-					t.Fatalf("submission %d completed before its fdatasync", i)
-				default:
-				}
-			}
+			checkNotDone(t, append([]*Pending{p0}, ps...))
 			if fail {
 				mu.Lock()
 				syncErr = syscall.EIO
@@ -790,19 +776,11 @@ func TestCommitGathersBatches(t *testing.T) {
 				t.Fatalf("first submission: %v", err)
 			}
 			w.m.apply(&first)
-			for i, p := range ps {
-				_, err := p.Wait(context.Background())
-				if fail {
-					if !errors.Is(err, syscall.EIO) {
-						t.Fatalf("submission %d of a commit whose fdatasync failed: %v, want EIO", i+1, err)
-					}
-					continue
-				}
-				if err != nil {
-					t.Fatalf("submission %d: %v", i+1, err)
-				}
-				w.m.apply(&recs[i])
+			var wantErr error
+			if fail {
+				wantErr = syscall.EIO
 			}
+			waitApplied(t, w.m, ps, recs, wantErr, "of a commit whose fdatasync failed")
 			st := j.Stats()
 			if fail {
 				if _, err := j.Submit(rec(101)); !errors.Is(err, syscall.EIO) {
@@ -1113,16 +1091,7 @@ func TestCommitOverlapsWrite(t *testing.T) {
 				writeErr = syscall.ENOSPC
 				mu.Unlock()
 			}
-			var ps []*Pending
-			var recs []Record
-			for i := 1; i <= 8; i++ { // 512 KiB: past overlapWriteBytes
-				r := rec(i)
-				p, err := j.Submit(r)
-				if err != nil {
-					t.Fatal(err)
-				}
-				ps, recs = append(ps, p), append(recs, r)
-			}
+			ps, recs := submitEach(t, j, 8, rec) // 512 KiB: past overlapWriteBytes
 			deadline := time.Now().Add(10 * time.Second)
 			for !failWrite && j.Stats().Batches == before.Batches {
 				if time.Now().After(deadline) {
@@ -1131,13 +1100,7 @@ func TestCommitOverlapsWrite(t *testing.T) {
 				time.Sleep(time.Millisecond)
 			}
 			time.Sleep(20 * time.Millisecond)
-			for i, p := range append([]*Pending{p0}, ps...) {
-				select {
-				case <-p.Done():
-					t.Fatalf("submission %d completed before its fdatasync", i)
-				default:
-				}
-			}
+			checkNotDone(t, append([]*Pending{p0}, ps...))
 			mu.Lock()
 			syncsBefore := syncs
 			mu.Unlock()
@@ -1146,19 +1109,11 @@ func TestCommitOverlapsWrite(t *testing.T) {
 				t.Fatalf("the commit being synced: %v", err)
 			}
 			w.m.apply(&first)
-			for i, p := range ps {
-				_, err := p.Wait(context.Background())
-				if failWrite {
-					if !errors.Is(err, syscall.ENOSPC) {
-						t.Fatalf("submission %d after the failed write: %v, want ENOSPC", i+1, err)
-					}
-					continue
-				}
-				if err != nil {
-					t.Fatalf("submission %d: %v", i+1, err)
-				}
-				w.m.apply(&recs[i])
+			var wantErr error
+			if failWrite {
+				wantErr = syscall.ENOSPC
 			}
+			waitApplied(t, w.m, ps, recs, wantErr, "after the failed write")
 			mu.Lock()
 			after := syncs
 			mu.Unlock()
@@ -1180,5 +1135,55 @@ func TestCommitOverlapsWrite(t *testing.T) {
 			}
 			checkRecovered(t, "acknowledged", materialize(t, j2, AtSeq(want)), w.m)
 		})
+	}
+}
+
+// submitEach journals rec(1) to rec(n), one submission each, and returns
+// their pendings and records in order.
+func submitEach(t *testing.T, j *Journal, n int, rec func(int) Record) ([]*Pending, []Record) {
+	t.Helper()
+	var ps []*Pending
+	var recs []Record
+	for i := 1; i <= n; i++ {
+		r := rec(i)
+		p, err := j.Submit(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ps, recs = append(ps, p), append(recs, r)
+	}
+	return ps, recs
+}
+
+// checkNotDone fails the test if any of ps completed (before the
+// fdatasync that must complete it).
+func checkNotDone(t *testing.T, ps []*Pending) {
+	t.Helper()
+	for i, p := range ps {
+		select {
+		case <-p.Done():
+			t.Fatalf("submission %d completed before its fdatasync", i)
+		default:
+		}
+	}
+}
+
+// waitApplied waits for ps, the submissions of recs: with want nil each
+// must succeed and is applied to m; otherwise each must fail with want
+// (what says when, for the message).
+func waitApplied(t *testing.T, m model, ps []*Pending, recs []Record, want error, what string) {
+	t.Helper()
+	for i, p := range ps {
+		_, err := p.Wait(context.Background())
+		if want != nil {
+			if !errors.Is(err, want) {
+				t.Fatalf("submission %d %s: %v, want %v", i+1, what, err, want)
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatalf("submission %d: %v", i+1, err)
+		}
+		m.apply(&recs[i])
 	}
 }

@@ -10,6 +10,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/vhostdm/vhostdm/internal/procstat"
 )
 
 // Process is a back-end daemon (vhostdm serve or qemu-storage-daemon).
@@ -301,10 +303,6 @@ func (p *Process) Pid() int {
 	return p.cmd.Process.Pid
 }
 
-// clockTicks is USER_HZ, the unit of /proc/PID/stat's times: 100 on every
-// Linux architecture Go supports.
-const clockTicks = 100
-
 // CPUTime returns the host CPU time (user plus system) the current
 // incarnation has used so far, all its threads together (those that have
 // exited included, and io_uring's io-wq workers, which are threads of the
@@ -314,40 +312,7 @@ func (p *Process) CPUTime() (time.Duration, error) {
 	if pid == 0 {
 		return 0, fmt.Errorf("%s is not running", p.Name)
 	}
-	return ProcCPUTime(pid)
-}
-
-// ProcCPUTime returns utime+stime of process pid from /proc/PID/stat.
-func ProcCPUTime(pid int) (time.Duration, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, fmt.Errorf("cpu time: %w", err)
-	}
-	return parseStatCPU(string(b))
-}
-
-// parseStatCPU reads utime and stime (fields 14 and 15) of a
-// /proc/PID/stat line. The command name (field 2) is in parentheses and
-// may itself hold spaces and parentheses, so fields count from the last
-// ')'.
-func parseStatCPU(s string) (time.Duration, error) {
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 {
-		return 0, fmt.Errorf("cpu time: malformed stat line %q", s)
-	}
-	f := strings.Fields(s[i+1:]) // f[0] is field 3, the state
-	if len(f) < 13 {
-		return 0, fmt.Errorf("cpu time: stat line has %d fields after the name, want at least 13", len(f))
-	}
-	var ticks int64
-	for _, x := range f[11:13] {
-		n, err := strconv.ParseInt(x, 10, 64)
-		if err != nil || n < 0 {
-			return 0, fmt.Errorf("cpu time: bad field %q in stat line", x)
-		}
-		ticks += n
-	}
-	return time.Duration(ticks) * time.Second / clockTicks, nil
+	return procstat.CPUTime(pid)
 }
 
 // LoadAvg returns the host's 1-, 5- and 15-minute load averages from
