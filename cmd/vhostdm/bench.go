@@ -51,6 +51,10 @@ type benchResult struct {
 	ServerCPUS float64 `json:"server_cpu_s,omitempty"`
 	// SliceIOPS are the IOPS of each slice, in order.
 	SliceIOPS []float64 `json:"slice_iops,omitempty"`
+	// With --rpo-qmp: the largest RPO query-repagent reported during the
+	// run, in seconds, and how many samples it is the largest of.
+	MaxRPOS    *float64 `json:"max_rpo_s,omitempty"`
+	RPOSamples int      `json:"rpo_samples,omitempty"`
 }
 
 type benchLatUS struct {
@@ -79,13 +83,15 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 	pair := fs.String("pair", "", "a second back end's `socket`, driven with the same workload in turns with --socket (slices of --slice, --duration each)")
 	sliceD := fs.Duration("slice", 250*time.Millisecond, "with --pair: the length of each turn")
 	cpuPID := fs.Int("cpu-pid", 0, "with --pair: the `pid` of the server process, whose CPU time during each turn counts to the turn's back end")
+	rpoQMP := fs.String("rpo-qmp", "", "sample the RPO that query-repagent reports on this vhostdm QMP `socket` during the run, over one connection, and report the largest")
+	rpoEvery := fs.Duration("rpo-interval", 100*time.Millisecond, "with --rpo-qmp: the sampling interval")
 	jsonOut := fs.Bool("json", false, "print one JSON object (with --pair: one per back end, one a line)")
 	report := fs.String("report", "", "print the comparison table of a `FILE` of tagged results (scripts/bench-vs-qsd.sh)")
 	note := fs.String("note", "", "with --report: a line describing the machine and run")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: vhostdm bench --socket PATH [--rw read|write|randread|randwrite|randrw] [--bs BYTES]\n"+
 			"       [--iodepth N] [--queues N] [--duration D] [--size BYTES] [--verify] [--packed] [--fsync N] [--json]\n"+
-			"       [--pair PATH [--slice D] [--cpu-pid PID]]\n"+
+			"       [--pair PATH [--slice D] [--cpu-pid PID]] [--rpo-qmp PATH [--rpo-interval D]]\n"+
 			"       vhostdm bench --report FILE [--note TEXT] [--json]")
 		fs.PrintDefaults()
 	}
@@ -127,6 +133,12 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 		return fail("--slice %v: want a positive duration up to --duration", *sliceD)
 	case *cpuPID < 0:
 		return fail("--cpu-pid %d: want a process id", *cpuPID)
+	case *rpoQMP != "" && *pair != "":
+		return fail("--rpo-qmp does not go with --pair")
+	case *rpoQMP == "" && *rpoEvery != 100*time.Millisecond:
+		return fail("--rpo-interval goes with --rpo-qmp")
+	case *rpoEvery < time.Millisecond || *rpoEvery > *duration:
+		return fail("--rpo-interval %v: want 1ms up to --duration", *rpoEvery)
 	}
 	newBench := func() *bench {
 		return &bench{rw: *rw, bs: *bs, iodepth: *iodepth, queues: *queues, verify: *verify, fsync: *fsync, packed: *packed}
@@ -144,7 +156,23 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 		}
 		results = res[:]
 	} else {
+		var sampler *rpoSampler
+		if *rpoQMP != "" {
+			var err error
+			if sampler, err = startRPOSampler(*rpoQMP, *rpoEvery); err != nil {
+				return fail("%v", err)
+			}
+		}
 		res, err := newBench().run(*socket, *duration, *size, stderr)
+		if sampler != nil {
+			maxRPO, n, serr := sampler.Stop()
+			if err == nil && serr != nil {
+				err = fmt.Errorf("--rpo-qmp: %w", serr)
+			}
+			if err == nil {
+				res.MaxRPOS, res.RPOSamples = &maxRPO, n
+			}
+		}
 		if err != nil {
 			return fail("%v", err)
 		}
@@ -165,6 +193,9 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stdout, "  iops %.0f  bandwidth %.1f MiB/s\n", res.IOPS, res.BytesPerSec/(1<<20))
 			fmt.Fprintf(stdout, "  latency us: p50 %.1f  p99 %.1f  p99.9 %.1f  max %.1f\n", res.LatUS.P50, res.LatUS.P99, res.LatUS.P999, res.LatUS.Max)
 			fmt.Fprintf(stdout, "  errors %d  verify %s\n", res.Errors, res.Verify)
+			if res.MaxRPOS != nil {
+				fmt.Fprintf(stdout, "  max rpo %.3fs (%d samples)\n", *res.MaxRPOS, res.RPOSamples)
+			}
 			if *cpuPID > 0 {
 				fmt.Fprintf(stdout, "  server CPU %.2fs, %.2f CPU-s per million requests\n", res.ServerCPUS, res.ServerCPUS/float64(max(res.Ops, 1))*1e6)
 			}

@@ -4,11 +4,14 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/vhostdm/vhostdm/internal/reptest"
 )
 
 const benchConfig = `
@@ -322,6 +325,69 @@ func TestBenchReportTable1000(t *testing.T) {
 		rep, text = report(runs, []float64{100000, 95000})
 		if rep.Table1000.Within == nil || *rep.Table1000.Within || !strings.Contains(text, "(0.97 to 1.03): MISSED (the control pair") {
 			t.Errorf("runs %v: the goal is not missed, or the control not pointed out:\n%s", runs, text)
+		}
+	}
+}
+
+// TestBenchRPOSample: --rpo-qmp samples query-repagent over one QMP
+// connection during the run and reports the largest RPO; a socket that
+// does not answer query-repagent with an RPO fails the run before it
+// starts, and the flags are checked.
+func TestBenchRPOSample(t *testing.T) {
+	dir := t.TempDir()
+	_, addr := startTestHub(t, filepath.Join(dir, "store"))
+	os.WriteFile(filepath.Join(dir, "root.img"), reptest.Pattern(1, 4<<20), 0o600)
+	path := writeConfig(t, dir, fmt.Sprintf(reloadRepConfig, addr, "protect = true\n"))
+	serveInProcess(t, path)
+	sock, qmpSock := filepath.Join(dir, "root.sock"), filepath.Join(dir, "qmp.sock")
+
+	var out, errb bytes.Buffer
+	start := time.Now()
+	if code := run([]string{"bench", "--socket", sock, "--rw", "randwrite", "--iodepth", "8", "--duration", "600ms",
+		"--rpo-qmp", qmpSock, "--rpo-interval", "50ms", "--json"}, &out, &errb); code != 0 {
+		t.Fatalf("bench --rpo-qmp: exit %d: %s", code, errb.String())
+	}
+	elapsed := time.Since(start)
+	var res benchResult
+	if err := json.Unmarshal(out.Bytes(), &res); err != nil {
+		t.Fatalf("bench result %q: %v", out.String(), err)
+	}
+	// One sample at the start and one per 50 ms until the run ends (its
+	// 600 ms and the connection's set-up); a loaded machine may delay
+	// ticks (a late tick is not repeated).
+	if res.MaxRPOS == nil {
+		t.Fatalf("no max_rpo_s in %s", out.String())
+	}
+	if most := int(elapsed/(50*time.Millisecond)) + 1; res.RPOSamples < 4 || res.RPOSamples > most {
+		t.Fatalf("max_rpo_s %v from %d samples in %v: want 4 to %d samples", *res.MaxRPOS, res.RPOSamples, elapsed, most)
+	}
+	if r := *res.MaxRPOS; r < 0 || r > 5 || math.IsNaN(r) {
+		t.Fatalf("max_rpo_s %v with the hub on loopback", r)
+	}
+	if res.Ops == 0 || res.Errors != 0 {
+		t.Fatalf("%d writes, %d errors", res.Ops, res.Errors)
+	}
+
+	// A socket that is not vhostdm's QMP fails the run, and so do flags
+	// that do not go together.
+	for name, args := range map[string][]string{
+		"not qmp":             {"--rpo-qmp", sock},
+		"no socket":           {"--rpo-qmp", filepath.Join(dir, "none.sock")},
+		"interval alone":      {"--rpo-interval", "1s"},
+		"interval too short":  {"--rpo-qmp", qmpSock, "--rpo-interval", "1us"},
+		"with --pair":         {"--rpo-qmp", qmpSock, "--pair", sock},
+		"interval > duration": {"--rpo-qmp", qmpSock, "--rpo-interval", "2s"},
+	} {
+		out.Reset()
+		errb.Reset()
+		args = append([]string{"bench", "--socket", sock, "--rw", "randwrite", "--duration", "1s"}, args...)
+		if code := run(args, &out, &errb); code == 0 {
+			t.Errorf("%s: bench %q succeeded", name, args)
+		} else if !strings.Contains(errb.String(), "--rpo") && !strings.Contains(errb.String(), "--pair") {
+			t.Errorf("%s: error %q does not name the flag", name, errb.String())
+		}
+		if out.Len() != 0 {
+			t.Errorf("%s: a failed run printed a result: %s", name, out.String())
 		}
 	}
 }
