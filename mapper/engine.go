@@ -170,8 +170,11 @@ func (q *IOQueue) queue(dev *Device, fb *fileBackend, op Op, bufs [][]byte, off 
 	if toLane {
 		s := &q.slots[idx]
 		*s = ioSlot{tag: tag, dev: dev, fb: fb, op: op, bufs: bufs, off: off, sector: sector, sectors: sectors, iov: s.iov[:0]}
+		for _, b := range bufs {
+			s.want += len(b)
+		}
 		q.pending.Add(1)
-		q.pushLane(idx)
+		q.pushLane(idx, s.want)
 		return nil
 	}
 	e := q.ring.GetSQE()
