@@ -146,6 +146,7 @@ type Journal struct {
 	fsyncs      uint64
 	full        []*batch   // closed batches waiting for the writer, oldest first
 	spare       []batchMem // written batches' memory, for reuse
+	spareBytes  int        // the capacity of spare's buffers
 	lastSubmit  time.Time
 
 	// readers lends the applier's readers their buffers.
@@ -745,29 +746,52 @@ func (j *Journal) Append(ctx context.Context, recs ...Record) (Point, error) {
 // most (plus one record).
 const maxBatchBytes = 2 << 20
 
-// batchCap is the capacity of a batch buffer: a closing batch and one
-// more write of up to 1 MiB fit without growing it.
-const batchCap = maxBatchBytes + 1<<20 + 4<<10
+// batchCap is the largest batch buffer kept for reuse: twice what a
+// closing batch and one more copied write of up to 1 MiB need.
+const batchCap = 2 * (maxBatchBytes + 1<<20 + 4<<10)
 
-// maxSpares bounds the batch buffers kept for reuse: a group commit that
-// waited for a slow fdatasync holds many (32 MiB of writes in flight are
-// 16 batches); idleSpares are kept when the journal is idle.
+// newBatchBuf is the capacity of a new batch buffer, which appends grow
+// as copied records need. A batch of writes journaled by reference holds
+// only their record heads (about 50 bytes for 4 KiB of data), and while
+// an fdatasync runs the overlapping writer starts a batch every 256 KiB
+// of data: with buffers sized for 2 MiB of copied records, a slow
+// fdatasync made the hub fault in and zero megabytes of fresh memory per
+// 256 KiB of writes.
+const newBatchBuf = 64 << 10
+
+// maxSpares and maxSpareBytes bound the batch buffers kept for reuse: a
+// group commit that waited for a slow fdatasync holds many; idleSpares
+// are kept when the journal is idle.
 const (
-	maxSpares  = 24
-	idleSpares = 2
+	maxSpares     = 64
+	maxSpareBytes = 48 << 20
+	idleSpares    = 2
 )
 
 // takeSpare returns an empty batch buffer, a written batch's when there
-// is one; under mu. Buffers are reused, never grown from nothing: fresh
-// memory costs a page fault per page, more than the copy into it.
+// is one; under mu. Buffers are reused, not grown from nothing each
+// time: fresh memory costs a page fault per page, more than the copy
+// into it.
 func (j *Journal) takeSpare() batchMem {
 	if n := len(j.spare); n > 0 {
 		m := j.spare[n-1]
 		j.spare[n-1] = batchMem{}
 		j.spare = j.spare[:n-1]
+		j.spareBytes -= cap(m.buf)
 		return m
 	}
-	return batchMem{buf: make([]byte, 0, batchCap)}
+	return batchMem{buf: make([]byte, 0, newBatchBuf)}
+}
+
+// putSpare keeps a written batch's memory for reuse, within the bounds;
+// under mu.
+func (j *Journal) putSpare(m batchMem) {
+	c := cap(m.buf)
+	if c > batchCap || len(j.spare) >= maxSpares || j.spareBytes+c > maxSpareBytes {
+		return
+	}
+	j.spare = append(j.spare, batchMem{buf: m.buf[:0], ext: m.ext[:0], refs: m.refs[:0]})
+	j.spareBytes += c
 }
 
 // trimSpares lets the batch buffers beyond idleSpares go once nothing
@@ -778,6 +802,10 @@ func (j *Journal) trimSpares(now time.Time) {
 	if len(j.spare) > idleSpares && now.Sub(j.lastSubmit) > idleAfter {
 		clear(j.spare[idleSpares:])
 		j.spare = j.spare[:idleSpares]
+		j.spareBytes = 0
+		for _, m := range j.spare {
+			j.spareBytes += cap(m.buf)
+		}
 	}
 }
 
@@ -1037,9 +1065,7 @@ func (j *Journal) publish(b *batch, err error) {
 		j.appends += uint64(b.recs)
 	}
 	b.release()
-	if cap(b.buf) >= batchCap && cap(b.buf) <= 2*batchCap && len(j.spare) < maxSpares {
-		j.spare = append(j.spare, batchMem{buf: b.buf[:0], ext: b.ext[:0], refs: b.refs[:0]})
-	}
+	j.putSpare(batchMem{buf: b.buf, ext: b.ext, refs: b.refs})
 	b.buf, b.ext, b.refs = nil, nil, nil
 	close(b.done)
 }
