@@ -120,6 +120,7 @@ func benchHubWrite(b *testing.B, bs int, retain time.Duration, perSec int) {
 	b.ReportAllocs()
 	done := make(chan struct{})
 	start := processCPU()
+	ru0 := rusage()
 	b.ResetTimer()
 	go func() {
 		defer close(done)
@@ -173,11 +174,17 @@ func benchHubWrite(b *testing.B, bs int, retain time.Duration, perSec int) {
 	}
 	b.StopTimer()
 	total := processCPU() - start
+	ru1 := rusage()
 	nc.Close()
 	<-ackErr
 	hubCPU := total - time.Duration(clientCPU.Load())
 	b.ReportMetric(float64(hubCPU.Microseconds())/float64(b.N), "hub-cpu-µs/write")
 	b.ReportMetric(float64(time.Duration(clientCPU.Load()).Microseconds())/float64(b.N), "client-cpu-µs/write")
+	// Counts, less at the mercy of a shared machine than CPU time: page
+	// faults (fresh memory) and context switches per write, the
+	// client's included.
+	b.ReportMetric(float64(ru1.Minflt-ru0.Minflt)/float64(b.N), "faults/write")
+	b.ReportMetric(float64(ru1.Nvcsw+ru1.Nivcsw-ru0.Nvcsw-ru0.Nivcsw)/float64(b.N), "switches/write")
 	if j := h.Status()[0].Journal; j != nil && j.Commits > 0 {
 		b.ReportMetric(float64(j.Records)/float64(j.Commits), "records/commit")
 	}
@@ -188,6 +195,13 @@ func processCPU() time.Duration {
 	var ru syscall.Rusage
 	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// rusage returns the process's resource usage.
+func rusage() syscall.Rusage {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return ru
 }
 
 // threadCPU returns the calling OS thread's user plus system CPU time.
