@@ -42,8 +42,10 @@
 // writev) and then releases the caller's reference, so a write's bytes
 // are copied once on their way from the network to the journal (the hub
 // reads frames straight into buffers it lends the journal this way).
-// Batch buffers are reused, never grown from nothing: on a virtual
-// machine a fresh page costs a fault, more than the copy into it. A failed write or fdatasync (ENOSPC, EIO) is
+// Batch buffers start small (a batch of writes by reference holds only
+// their record heads), grow as copied records need, and are reused within
+// a bound, not allocated per commit: on a virtual machine a fresh page
+// costs a fault, more than the copy into it. A failed write or fdatasync (ENOSPC, EIO) is
 // sticky: Err reports it, every later Submit fails with it, and the fsync is
 // never retried (after a failed fsync the kernel may have dropped the dirty
 // pages).

@@ -144,8 +144,9 @@ type Journal struct {
 	appends     uint64
 	batches     uint64
 	fsyncs      uint64
-	full        []*batch // closed batches waiting for the writer, oldest first
-	spare       [][]byte // written batches' buffers, for reuse
+	full        []*batch   // closed batches waiting for the writer, oldest first
+	spare       []batchMem // written batches' memory, for reuse
+	spareBytes  int        // the capacity of spare's buffers
 	lastSubmit  time.Time
 
 	// readers lends the applier's readers their buffers.
@@ -227,19 +228,28 @@ func (b *batch) pieces(out [][]byte) [][]byte {
 	return out
 }
 
-// release gives back the memory the batch references.
+// release gives back the memory the batch references (its slices stay,
+// empty, for reuse).
 func (b *batch) release() {
 	for _, r := range b.refs {
 		r.Release()
 	}
 	clear(b.refs)
-	b.refs = nil
+	b.refs = b.refs[:0]
 	clear(b.ext)
-	b.ext = nil
+	b.ext = b.ext[:0]
 }
 
-func newBatch(start int64, buf []byte) *batch {
-	return &batch{buf: buf[:0], start: start, end: start, done: make(chan struct{})}
+// batchMem is the reusable memory of a batch: its buffer and the slices
+// of its writes by reference (grown once, not per group commit).
+type batchMem struct {
+	buf  []byte
+	ext  []extData
+	refs []Releaser
+}
+
+func newBatch(start int64, m batchMem) *batch {
+	return &batch{buf: m.buf[:0], ext: m.ext[:0], refs: m.refs[:0], start: start, end: start, done: make(chan struct{})}
 }
 
 // Open opens (creating if needed) the journal of one VM in dir: segment
@@ -499,6 +509,7 @@ func (j *Journal) rotate(start int64) error {
 		return fmt.Errorf("%w: new segment %s: %w", ErrStore, path, err)
 	}
 	if j.wf != nil {
+		j.dropTail()
 		j.wf.Close()
 	}
 	j.wf, j.wfName, j.wfSize, j.wfDrop = f, path, segHeaderLen, segHeaderLen
@@ -633,7 +644,13 @@ func (j *Journal) submit(ref Releaser, recs []Record) (*Pending, error) {
 	if ref != nil {
 		ref.Release() // nothing of it was referenced
 	}
-	j.work.Signal()
+	if len(j.full) > 0 || !j.syncBusy || b.size() >= overlapWriteBytes {
+		// Only when the writer can go on (see overlapWriter's wait): a
+		// wake-up per submission that finds an fdatasync running and
+		// the open batch small is a goroutine switch per write for
+		// nothing.
+		j.work.Signal()
+	}
 	return &Pending{b: b, point: Point{Pos: j.pEnd, Seq: j.pSeq, Time: j.pTime}}, nil
 }
 
@@ -729,28 +746,52 @@ func (j *Journal) Append(ctx context.Context, recs ...Record) (Point, error) {
 // most (plus one record).
 const maxBatchBytes = 2 << 20
 
-// batchCap is the capacity of a batch buffer: a closing batch and one
-// more write of up to 1 MiB fit without growing it.
-const batchCap = maxBatchBytes + 1<<20 + 4<<10
+// batchCap is the largest batch buffer kept for reuse: twice what a
+// closing batch and one more copied write of up to 1 MiB need.
+const batchCap = 2 * (maxBatchBytes + 1<<20 + 4<<10)
 
-// maxSpares bounds the batch buffers kept for reuse: a group commit that
-// waited for a slow fdatasync holds many (32 MiB of writes in flight are
-// 16 batches); idleSpares are kept when the journal is idle.
+// newBatchBuf is the capacity of a new batch buffer, which appends grow
+// as copied records need. A batch of writes journaled by reference holds
+// only their record heads (about 50 bytes for 4 KiB of data), and while
+// an fdatasync runs the overlapping writer starts a batch every 256 KiB
+// of data: with buffers sized for 2 MiB of copied records, a slow
+// fdatasync made the hub fault in and zero megabytes of fresh memory per
+// 256 KiB of writes.
+const newBatchBuf = 64 << 10
+
+// maxSpares and maxSpareBytes bound the batch buffers kept for reuse: a
+// group commit that waited for a slow fdatasync holds many; idleSpares
+// are kept when the journal is idle.
 const (
-	maxSpares  = 24
-	idleSpares = 2
+	maxSpares     = 64
+	maxSpareBytes = 48 << 20
+	idleSpares    = 2
 )
 
 // takeSpare returns an empty batch buffer, a written batch's when there
-// is one; under mu. Buffers are reused, never grown from nothing: fresh
-// memory costs a page fault per page, more than the copy into it.
-func (j *Journal) takeSpare() []byte {
+// is one; under mu. Buffers are reused, not grown from nothing each
+// time: fresh memory costs a page fault per page, more than the copy
+// into it.
+func (j *Journal) takeSpare() batchMem {
 	if n := len(j.spare); n > 0 {
-		b := j.spare[n-1]
+		m := j.spare[n-1]
+		j.spare[n-1] = batchMem{}
 		j.spare = j.spare[:n-1]
-		return b
+		j.spareBytes -= cap(m.buf)
+		return m
 	}
-	return make([]byte, 0, batchCap)
+	return batchMem{buf: make([]byte, 0, newBatchBuf)}
+}
+
+// putSpare keeps a written batch's memory for reuse, within the bounds;
+// under mu.
+func (j *Journal) putSpare(m batchMem) {
+	c := cap(m.buf)
+	if c > batchCap || len(j.spare) >= maxSpares || j.spareBytes+c > maxSpareBytes {
+		return
+	}
+	j.spare = append(j.spare, batchMem{buf: m.buf[:0], ext: m.ext[:0], refs: m.refs[:0]})
+	j.spareBytes += c
 }
 
 // trimSpares lets the batch buffers beyond idleSpares go once nothing
@@ -761,6 +802,10 @@ func (j *Journal) trimSpares(now time.Time) {
 	if len(j.spare) > idleSpares && now.Sub(j.lastSubmit) > idleAfter {
 		clear(j.spare[idleSpares:])
 		j.spare = j.spare[:idleSpares]
+		j.spareBytes = 0
+		for _, m := range j.spare {
+			j.spareBytes += cap(m.buf)
+		}
 	}
 }
 
@@ -903,6 +948,8 @@ func (j *Journal) writeOverlapped(bs []*batch) error {
 			}
 			err := j.err
 			j.mu.Unlock()
+			// The syncer is idle: its page-cache mark is the writer's.
+			j.wfDrop = max(j.wfDrop, j.syncDrop)
 			if err == nil && unsynced {
 				err = j.syncSegment()
 			}
@@ -988,7 +1035,7 @@ func (j *Journal) syncOverlapped(jb syncJob) error {
 	if err != nil {
 		return fmt.Errorf("%w: fdatasync %s: %w", ErrStore, jb.name, err)
 	}
-	if j.opts.Retain >= dropCacheRetain && jb.size > j.syncDrop {
+	if j.opts.Retain >= dropCacheRetain && jb.size-j.syncDrop >= dropCacheBytes {
 		if d, ok := jb.seg.(cacheDropper); ok {
 			d.DropCache(j.syncDrop, jb.size-j.syncDrop)
 		}
@@ -1018,10 +1065,8 @@ func (j *Journal) publish(b *batch, err error) {
 		j.appends += uint64(b.recs)
 	}
 	b.release()
-	if cap(b.buf) >= batchCap && cap(b.buf) <= 2*batchCap && len(j.spare) < maxSpares {
-		j.spare = append(j.spare, b.buf[:0])
-	}
-	b.buf = nil
+	j.putSpare(batchMem{buf: b.buf, ext: b.ext, refs: b.refs})
+	b.buf, b.ext, b.refs = nil, nil, nil
 	close(b.done)
 }
 
@@ -1105,7 +1150,7 @@ func (j *Journal) syncSegment() error {
 		// dropped the data (fsyncgate).
 		return fmt.Errorf("%w: fdatasync %s: %w", ErrStore, path, err)
 	}
-	if j.opts.Retain >= dropCacheRetain && j.wfSize > j.wfDrop {
+	if j.opts.Retain >= dropCacheRetain && j.wfSize-j.wfDrop >= dropCacheBytes {
 		// Nothing reads these records before the retention window
 		// ends: their pages go back to the kernel now, warm for the
 		// next writes, instead of filling the page cache with a day
@@ -1122,6 +1167,24 @@ func (j *Journal) syncSegment() error {
 // records are dropped from the page cache: with a shorter one the applier
 // reads them soon.
 const dropCacheRetain = time.Minute
+
+// dropCacheBytes is how much synced journal is dropped from the page cache
+// at once (the rest of a segment when the next one starts): one
+// posix_fadvise per group commit of a few writes cost more than the
+// commit's fdatasync's share of small writes.
+const dropCacheBytes = 8 << 20
+
+// dropTail drops the synced rest of the segment being left from the page
+// cache; writer only, with everything written synced.
+func (j *Journal) dropTail() {
+	if j.opts.Retain < dropCacheRetain || j.wfSize <= j.wfDrop {
+		return
+	}
+	if d, ok := j.wf.(cacheDropper); ok {
+		d.DropCache(j.wfDrop, j.wfSize-j.wfDrop)
+	}
+	j.wfDrop = j.wfSize
+}
 
 // Err returns the journal's sticky store error, or nil. Once set, every
 // Submit and Append fails with it.
