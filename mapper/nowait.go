@@ -82,6 +82,15 @@ func (t *Table) TryMap(r *Request) error {
 	if r.Op.IsWrite() && t.readOnly {
 		return ErrReadOnly
 	}
+	if t.whole != nil {
+		// A request inside one bucket that one Passthrough line
+		// covers: the bucket's entry has all that it needs.
+		if b := r.Sector >> t.shift; b < uint64(len(t.whole)) && (r.Sector+r.Sectors-1)>>t.shift == b {
+			if p := &t.whole[b]; p.b != nil {
+				return TryMapBackend(p.b, r.Sector+p.delta, r)
+			}
+		}
+	}
 	i := t.Find(r.Sector)
 	if t.pass != nil {
 		if p := &t.pass[i]; p.b != nil && r.Sector+r.Sectors <= p.end {

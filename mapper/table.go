@@ -105,7 +105,12 @@ type Table struct {
 	// backend and the difference between backend and device sectors:
 	// TryMap's reads and writes go to the backend from this compact
 	// array, without loading the target (nil if no line is one).
-	pass     []passLine
+	pass []passLine
+	// whole holds, for each bucket of the index that one Passthrough
+	// line covers whole, that line's backend and difference (nil if no
+	// bucket is): a request inside such a bucket costs TryMap one
+	// cache line, this entry.
+	whole    []passLine
 	readOnly bool
 	opened   []Backend
 }
@@ -224,14 +229,16 @@ func BuildTable(text string, o TableOptions) (*Table, error) {
 	return t, nil
 }
 
-// buildPass fills t.pass from the targets that are Passthroughs. A
-// request to a table of many linear lines then costs two cache lines, one
-// of the index (Find reads no ends when its bucket lies within one line,
-// the common case) and one of pass, where the ends search and the call of
-// the line's target added its entries of ends and targets and its target
-// object, one after the other: lines that the page-cache copy of every
-// request evicts, so a 1000-line table paid for them and a one-line table
-// did not (docs/PERFORMANCE.md, row 5).
+// buildPass fills t.pass from the targets that are Passthroughs, and
+// t.whole for the index's buckets that one of them covers whole. A
+// request inside such a bucket (on a table of linear lines that are
+// multiples of the bucket size, the common case) then costs TryMap one
+// cache line, its bucket's entry of whole; a request elsewhere costs the
+// index's and pass's, where the ends search and the call of the line's
+// target added entries of ends and targets and the target object, one
+// after the other: lines that the page-cache copy of every request
+// evicts, so a 1000-line table paid for them and a one-line table did not
+// (docs/PERFORMANCE.md, row 5).
 func (t *Table) buildPass() {
 	var pass []passLine
 	for i, tg := range t.targets {
@@ -249,6 +256,20 @@ func (t *Table) buildPass() {
 		pass[i] = passLine{end: t.ends[i], delta: bsector - t.lines[i].Start, b: b}
 	}
 	t.pass = pass
+	if pass == nil || t.index == nil {
+		return
+	}
+	var whole []passLine
+	for b, v := range t.index[:len(t.index)-1] {
+		if v&indexWhole == 0 || pass[v&^indexWhole].b == nil {
+			continue
+		}
+		if whole == nil {
+			whole = make([]passLine, len(t.index)-1)
+		}
+		whole[b] = pass[v&^indexWhole]
+	}
+	t.whole = whole
 }
 
 // buildIndex makes the lookup index of Find: the device cut into buckets
