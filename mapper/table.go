@@ -96,9 +96,10 @@ type Table struct {
 	targets []Target
 	ends    []uint64 // ends[i] = lines[i].Start + lines[i].Length
 	// index narrows Find: index[b] is the line covering sector
-	// b<<shift, the first sector of bucket b, and index[len-1] is the
-	// last line. The line of a sector in bucket b is between index[b]
-	// and index[b+1]. See buildIndex.
+	// b<<shift, the first sector of bucket b (with indexWhole set when
+	// that line covers the whole bucket), and index[len-1] is the last
+	// line. The line of a sector in bucket b is between index[b] and
+	// index[b+1]. See buildIndex.
 	index []uint32
 	shift uint
 	// pass holds, for each line whose target is a Passthrough, its
@@ -272,6 +273,10 @@ func (t *Table) buildPass() {
 	t.whole = whole
 }
 
+// indexWhole marks an entry of the index whose line covers the whole
+// bucket.
+const indexWhole = 1 << 31
+
 // buildIndex makes the lookup index of Find: the device cut into buckets
 // of 2^shift sectors, the smallest power of two that makes at most two
 // buckets per line (so the index takes 4 to 8 bytes per line), each bucket
@@ -285,10 +290,6 @@ func (t *Table) buildPass() {
 // ends adds another (the page-cache copy of each request evicts both).
 // Lines of very different lengths put many short lines in one bucket, and
 // Find searches them in halves, as it would the whole table, only fewer.
-// indexWhole marks an entry of the index whose line covers the whole
-// bucket.
-const indexWhole = 1 << 31
-
 func (t *Table) buildIndex() {
 	n := uint64(len(t.ends))
 	if n >= indexWhole {
