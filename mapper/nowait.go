@@ -30,6 +30,18 @@ type TryMapper interface {
 	TryMap(r *Request) error
 }
 
+// Passthrough is a target that maps its whole range onto one range of one
+// backend, sector for sector, for every request and whatever its state
+// (linear): Table.TryMap then performs its reads and writes on the
+// backend itself, as TryMapBackend, from a compact per-line entry of the
+// table, without calling the target. It must be a TryMapper whose TryMap
+// is exactly that.
+type Passthrough interface {
+	// Passthrough returns the backend and the backend sector that the
+	// target's first sector maps to.
+	Passthrough() (b Backend, bsector uint64)
+}
+
 // NowaitBackend is a Backend that can try reads and writes without
 // blocking: the page cache serves them or they fail with ErrWouldBlock.
 type NowaitBackend interface {
@@ -70,7 +82,21 @@ func (t *Table) TryMap(r *Request) error {
 	if r.Op.IsWrite() && t.readOnly {
 		return ErrReadOnly
 	}
+	if t.whole != nil {
+		// A request inside one bucket that one Passthrough line
+		// covers: the bucket's entry has all that it needs.
+		if b := r.Sector >> t.shift; b < uint64(len(t.whole)) && (r.Sector+r.Sectors-1)>>t.shift == b {
+			if p := &t.whole[b]; p.b != nil {
+				return TryMapBackend(p.b, r.Sector+p.delta, r)
+			}
+		}
+	}
 	i := t.Find(r.Sector)
+	if t.pass != nil {
+		if p := &t.pass[i]; p.b != nil && r.Sector+r.Sectors <= p.end {
+			return TryMapBackend(p.b, r.Sector+p.delta, r)
+		}
+	}
 	var start uint64
 	if i > 0 {
 		start = t.ends[i-1]

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math"
 	"strconv"
 	"strings"
 )
@@ -97,13 +96,34 @@ type Table struct {
 	targets []Target
 	ends    []uint64 // ends[i] = lines[i].Start + lines[i].Length
 	// index narrows Find: index[b] is the line covering sector
-	// b<<shift, the first sector of bucket b, and index[len-1] is the
-	// last line. The line of a sector in bucket b is between index[b]
-	// and index[b+1]. See buildIndex.
-	index    []uint32
-	shift    uint
+	// b<<shift, the first sector of bucket b (with indexWhole set when
+	// that line covers the whole bucket), and index[len-1] is the last
+	// line. The line of a sector in bucket b is between index[b] and
+	// index[b+1]. See buildIndex.
+	index []uint32
+	shift uint
+	// pass holds, for each line whose target is a Passthrough, its
+	// backend and the difference between backend and device sectors:
+	// TryMap's reads and writes go to the backend from this compact
+	// array, without loading the target (nil if no line is one).
+	pass []passLine
+	// whole holds, for each bucket of the index that one Passthrough
+	// line covers whole, that line's backend and difference (nil if no
+	// bucket is): a request inside such a bucket costs TryMap one
+	// cache line, this entry.
+	whole    []passLine
 	readOnly bool
 	opened   []Backend
+}
+
+// passLine is a line of a Table whose target is a Passthrough: a device
+// sector s of the line, below end (as ends[i]), is backend sector s+delta
+// (modulo 2^64) of b; b is nil for a line of another target. 32 bytes:
+// one cache line holds all that TryMap reads of a line.
+type passLine struct {
+	end   uint64
+	delta uint64
+	b     Backend
 }
 
 // TableOptions are the settings of BuildTable.
@@ -206,22 +226,73 @@ func BuildTable(text string, o TableOptions) (*Table, error) {
 		t.ends = append(t.ends, l.Start+l.Length)
 	}
 	t.buildIndex()
+	t.buildPass()
 	return t, nil
 }
+
+// buildPass fills t.pass from the targets that are Passthroughs, and
+// t.whole for the index's buckets that one of them covers whole. A
+// request inside such a bucket (on a table of linear lines that are
+// multiples of the bucket size, the common case) then costs TryMap one
+// cache line, its bucket's entry of whole; a request elsewhere costs the
+// index's and pass's, where the ends search and the call of the line's
+// target added entries of ends and targets and the target object, one
+// after the other: lines that the page-cache copy of every request
+// evicts, so a 1000-line table paid for them and a one-line table did not
+// (docs/PERFORMANCE.md, row 5).
+func (t *Table) buildPass() {
+	var pass []passLine
+	for i, tg := range t.targets {
+		p, ok := tg.(Passthrough)
+		if !ok {
+			continue
+		}
+		b, bsector := p.Passthrough()
+		if b == nil {
+			continue
+		}
+		if pass == nil {
+			pass = make([]passLine, len(t.targets))
+		}
+		pass[i] = passLine{end: t.ends[i], delta: bsector - t.lines[i].Start, b: b}
+	}
+	t.pass = pass
+	if pass == nil || t.index == nil {
+		return
+	}
+	var whole []passLine
+	for b, v := range t.index[:len(t.index)-1] {
+		if v&indexWhole == 0 || pass[v&^indexWhole].b == nil {
+			continue
+		}
+		if whole == nil {
+			whole = make([]passLine, len(t.index)-1)
+		}
+		whole[b] = pass[v&^indexWhole]
+	}
+	t.whole = whole
+}
+
+// indexWhole marks an entry of the index whose line covers the whole
+// bucket.
+const indexWhole = 1 << 31
 
 // buildIndex makes the lookup index of Find: the device cut into buckets
 // of 2^shift sectors, the smallest power of two that makes at most two
 // buckets per line (so the index takes 4 to 8 bytes per line), each bucket
-// naming the line that covers its first sector. On a
-// table of equal lines, the common case, every bucket then falls inside
-// one line or across two, and Find ends with at most one comparison,
-// whatever the number of lines: a 1000-line table costs a request the same
-// loads as a one-line table. Lines of very different lengths put many
-// short lines in one bucket, and Find searches them in halves, as it would
-// the whole table, only fewer.
+// naming the line that covers its first sector, with indexWhole set when
+// that line covers the whole bucket. On a table of equal lines, the
+// common case, every bucket then falls inside one line or across two, and
+// Find ends with at most one comparison, whatever the number of lines;
+// with lines a multiple of the bucket size long and aligned to it (a
+// table of equal power-of-two lines) every bucket is whole and Find reads
+// nothing but the bucket's index entry, one cache line where a search of
+// ends adds another (the page-cache copy of each request evicts both).
+// Lines of very different lengths put many short lines in one bucket, and
+// Find searches them in halves, as it would the whole table, only fewer.
 func (t *Table) buildIndex() {
 	n := uint64(len(t.ends))
-	if n > math.MaxUint32 {
+	if n >= indexWhole {
 		return // Find searches the whole table
 	}
 	size := t.Size()
@@ -237,6 +308,9 @@ func (t *Table) buildIndex() {
 			i++
 		}
 		index[b] = uint32(i)
+		if t.ends[i] >= (b+1)<<shift {
+			index[b] |= indexWhole
+		}
 	}
 	index[buckets] = uint32(n - 1)
 	t.index, t.shift = index, shift
@@ -312,8 +386,12 @@ func (t *Table) Find(sector uint64) int {
 	ends := t.ends
 	base, n := 0, len(ends)
 	if b := sector >> t.shift; b+1 < uint64(len(t.index)) {
-		base = int(t.index[b])
-		n = int(t.index[b+1]) - base + 1
+		v := t.index[b]
+		if v&indexWhole != 0 {
+			return int(v &^ indexWhole)
+		}
+		base = int(v)
+		n = int(t.index[b+1]&^indexWhole) - base + 1
 	}
 	// The answer, the first line ending after sector, is in
 	// [base, base+n). Sectors are below 2^54 (MaxSector), so the

@@ -28,14 +28,16 @@
 #   5   4k randread QD32, 1 queue:  vhostdm linear (1 line) and a 1000-line
 #       table of linear segments over the same image vs QSD file. The two
 #       vhostdm devices are measured paired: one `vhostdm bench --pair` run
-#       alternates them in slices of --slice (default 250ms; order A B B A
-#       ...) until each has run --duration, after one warm-up slice each,
-#       and reads the server's CPU time around every slice; the report
-#       prints, for each run, the 1000-line/one-line ratio of IOPS (the
-#       sums of each one's slices) and of CPU-seconds per request, and
-#       whether every run is within 3%. A control pair, two one-line
-#       devices over the image ("vhostdm-ctl", "vhostdm-ctl2"), is measured
-#       the same way in every run: its ratio is the measurement's noise
+#       alternates them in slices of --slice (default 10ms; order A B B A
+#       ..., --duration/--slice slices each, after a warm-up of each; the
+#       two slices of a turn A B or B A read the same blocks) and reads the
+#       server's CPU time between slices; the report prints, for each run,
+#       the 1000-line/one-line IOPS ratio (the median over the quartets
+#       A B B A of the ratio within each, and the ratio of the sums) and
+#       the ratio of CPU-seconds per request, and whether every run is
+#       within 3%. A control pair, two one-line devices over the image
+#       ("vhostdm-ctl", "vhostdm-ctl2"), is measured the same way in every
+#       run: its ratio is the measurement's noise
 #   6   4k randwrite QD32, 1 queue, O_DIRECT: vhostdm linear with
 #       cache = "none" vs QSD file with cache.direct=on, aio=native and
 #       aio=io_uring (each on its own copy of the image)
@@ -65,7 +67,7 @@ cd "$(dirname "$0")/.."
 
 runs=3
 duration=5s
-slice=250ms
+slice=10ms
 json=0
 keep=0
 venv=()
@@ -90,7 +92,7 @@ while [ $# -gt 0 ]; do
 	--poll-us=*) poll_us=${1#*=}; shift ;;
 	--env) venv+=("$2"); shift 2 ;;
 	--env=*) venv+=("${1#*=}"); shift ;;
-	-h|--help) sed -n '2,62p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	-h|--help) sed -n '2,64p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "bench-vs-qsd.sh: unknown argument $1" >&2; exit 2 ;;
 	esac
 done

@@ -51,6 +51,10 @@ func (t *linear) TryMap(r *mapper.Request) error {
 	return mapper.TryMapBackend(t.dev, t.offset+r.Sector, r)
 }
 
+// Passthrough implements mapper.Passthrough: Table.TryMap sends linear's
+// reads and writes to the backend without calling TryMap.
+func (t *linear) Passthrough() (mapper.Backend, uint64) { return t.dev, t.offset }
+
 // Remap implements mapper.Remapper: the asynchronous engine sends linear's
 // reads and writes to the backend directly.
 func (t *linear) Remap(sector, _ uint64) (mapper.Backend, uint64, bool) {

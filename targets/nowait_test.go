@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -165,5 +167,99 @@ func TestTrySubmitPageCache(t *testing.T) {
 	}
 	if !bytes.Equal(buf, data[512*512:512*512+len(buf)]) {
 		t.Fatal("wrong data")
+	}
+}
+
+// TestTrySubmitManyLinear: a table of many linear lines over one file in
+// a permuted order (scripts/bench-vs-qsd.sh's 1000-line table), with a
+// zero line among them and lines of a length that fits the lookup index's
+// buckets and of one that does not: TrySubmit reads, inside a line and
+// across two, find what the blocking path reads, and its writes land
+// where the table says.
+func TestTrySubmitManyLinear(t *testing.T) {
+	for _, seg := range []uint64{1024, 1000} {
+		const nseg = 200
+		fs := files(t, 1, int64(nseg*seg*512))
+		img := pattern(seg, int(nseg*seg*512))
+		if err := os.WriteFile(fs[0], img, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		var table strings.Builder
+		model := func(s uint64) (off uint64, zero bool) { // byte offset of device sector s in img
+			i := s / seg
+			if i == 7 {
+				return 0, true
+			}
+			return ((i*89%nseg)*seg + s%seg) * 512, false
+		}
+		for i := range uint64(nseg) {
+			if i == 7 {
+				fmt.Fprintf(&table, "%d %d zero\n", i*seg, seg)
+				continue
+			}
+			fmt.Fprintf(&table, "%d %d linear %s %d\n", i*seg, seg, fs[0], (i*89%nseg)*seg)
+		}
+		m := manager(t)
+		dev, err := m.CreateTable(fmt.Sprintf("many%d", seg), "", false, table.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := func(s, n uint64) []byte {
+			var b []byte
+			for x := s; x < s+n; x++ {
+				off, zero := model(x)
+				if zero {
+					b = append(b, make([]byte, 512)...)
+				} else {
+					b = append(b, img[off:off+512]...)
+				}
+			}
+			return b
+		}
+		rng := rand.New(rand.NewPCG(seg, 1))
+		var sectors []uint64
+		for range 300 {
+			sectors = append(sectors, rng.Uint64N(nseg*seg-8))
+		}
+		for i := range uint64(nseg - 1) {
+			sectors = append(sectors, (i+1)*seg-4, i*seg) // across two lines, a line's first
+		}
+		for _, s := range sectors {
+			buf := make([]byte, 4096)
+			r := mapper.Request{Op: mapper.OpRead, Sector: s, Sectors: 8, Data: [][]byte{buf[:1536], buf[1536:]}}
+			err := dev.TrySubmit(&r)
+			if errors.Is(err, mapper.ErrWouldBlock) { // not in the page cache
+				err = dev.Submit(&r)
+			}
+			if err != nil {
+				t.Fatalf("lines of %d: read at %d: %v", seg, s, err)
+			}
+			if r.Sector != s || !bytes.Equal(buf, want(s, 8)) {
+				t.Fatalf("lines of %d: read at %d: wrong data (request sector now %d)", seg, s, r.Sector)
+			}
+		}
+		// A write inside line 3 lands at its place in the file.
+		w := pattern(seg+1, 4096)
+		s := 3*seg + 16
+		r := mapper.Request{Op: mapper.OpWrite, Sector: s, Sectors: 8, Data: [][]byte{w}}
+		if err := dev.TrySubmit(&r); errors.Is(err, mapper.ErrWouldBlock) {
+			err = dev.Submit(&r)
+			if err != nil {
+				t.Fatal(err)
+			}
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		if err := dev.Submit(&mapper.Request{Op: mapper.OpFlush}); err != nil {
+			t.Fatal(err)
+		}
+		got, err := os.ReadFile(fs[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		off, _ := model(s)
+		if !bytes.Equal(got[off:off+4096], w) {
+			t.Errorf("lines of %d: the write at %d is not at byte %d of the file", seg, s, off)
+		}
 	}
 }

@@ -49,8 +49,10 @@ type benchResult struct {
 	Socket     string  `json:"socket,omitempty"`
 	Slices     int     `json:"slices,omitempty"`
 	ServerCPUS float64 `json:"server_cpu_s,omitempty"`
-	// SliceIOPS are the IOPS of each slice, in order.
+	// SliceIOPS are the IOPS of each slice, in order; SliceS the
+	// seconds each lasted.
 	SliceIOPS []float64 `json:"slice_iops,omitempty"`
+	SliceS    []float64 `json:"slice_s,omitempty"`
 	// With --rpo-qmp: the largest RPO query-repagent reported during the
 	// run, in seconds, and how many samples it is the largest of.
 	MaxRPOS    *float64 `json:"max_rpo_s,omitempty"`
@@ -81,7 +83,7 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 	packed := fs.Bool("packed", false, "use packed virtqueues (VIRTIO_F_RING_PACKED); fails if the back end does not offer them")
 	fsync := fs.Int("fsync", 0, "send a FLUSH after every N writes of each request slot and wait for it, as fio's --fsync (0: never)")
 	pair := fs.String("pair", "", "a second back end's `socket`, driven with the same workload in turns with --socket (slices of --slice, --duration each)")
-	sliceD := fs.Duration("slice", 250*time.Millisecond, "with --pair: the length of each turn")
+	sliceD := fs.Duration("slice", 10*time.Millisecond, "with --pair: the length of each turn")
 	cpuPID := fs.Int("cpu-pid", 0, "with --pair: the `pid` of the server process, whose CPU time during each turn counts to the turn's back end")
 	rpoQMP := fs.String("rpo-qmp", "", "sample the RPO that query-repagent reports on this vhostdm QMP `socket` during the run, over one connection, and report the largest")
 	rpoEvery := fs.Duration("rpo-interval", 100*time.Millisecond, "with --rpo-qmp: the sampling interval")
@@ -127,7 +129,7 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 		return fail("--duration %v: want a positive duration", *duration)
 	case *fsync < 0:
 		return fail("--fsync %d: want 0 (never) or a positive number of writes", *fsync)
-	case *pair == "" && (*cpuPID != 0 || *sliceD != 250*time.Millisecond):
+	case *pair == "" && (*cpuPID != 0 || flagSet(fs, "slice")):
 		return fail("--slice and --cpu-pid go with --pair")
 	case *pair != "" && (*sliceD <= 0 || *sliceD > *duration):
 		return fail("--slice %v: want a positive duration up to --duration", *sliceD)
@@ -146,7 +148,7 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 	var results []*benchResult
 	if *pair != "" {
 		if *cpuPID > 0 {
-			if _, err := processCPU(*cpuPID); err != nil {
+			if _, err := processThreads(*cpuPID); err != nil {
 				return fail("--cpu-pid %d: %v", *cpuPID, err)
 			}
 		}
@@ -207,6 +209,13 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 	return code
 }
 
+// flagSet reports whether the command line set flag name.
+func flagSet(fs *flag.FlagSet, name string) bool {
+	set := false
+	fs.Visit(func(f *flag.Flag) { set = set || f.Name == name })
+	return set
+}
+
 // bench is one run's state.
 type bench struct {
 	rw          string
@@ -224,6 +233,7 @@ type bench struct {
 	elapsed     time.Duration // measured time of the slices since reset
 	slices      int
 	sliceIOPS   []float64 // of each slice since reset
+	sliceS      []float64 // seconds of each slice since reset
 	sliceOps    uint64    // ops at the end of the last slice
 	blocks      uint64
 	gens        []uint32      // verify: generation of each block's last completed write
@@ -244,6 +254,7 @@ type bench struct {
 type slot struct {
 	q     int
 	buf   []byte
+	pcg   *rand.PCG // rng's source, reseeded by reseed
 	rng   *rand.Rand
 	block uint64
 	write bool
@@ -312,15 +323,8 @@ func (b *bench) setup(size uint64, stderr io.Writer) error {
 	if (b.rw != "read" && b.rw != "randread" || b.verify) && c.Features()&frontend.BlkFeatureRO != 0 {
 		return errors.New("the device is read-only")
 	}
-	b.slots = make([][]*slot, b.queues)
-	for q := range b.queues {
-		for i := range b.iodepth {
-			buf, err := c.Buf(b.bs)
-			if err != nil {
-				return err
-			}
-			b.slots[q] = append(b.slots[q], &slot{q: q, buf: buf, rng: rand.New(rand.NewPCG(uint64(q), uint64(i)))})
-		}
+	if err := b.makeSlots(c.Buf); err != nil {
+		return err
 	}
 	b.seq = make([]atomic.Uint64, b.queues)
 	for q := range b.seq {
@@ -344,6 +348,23 @@ func (b *bench) setup(size uint64, stderr io.Writer) error {
 	return nil
 }
 
+// makeSlots makes the request slots, iodepth per queue, with buffers
+// from buf.
+func (b *bench) makeSlots(buf func(n int) ([]byte, error)) error {
+	b.slots = make([][]*slot, b.queues)
+	for q := range b.queues {
+		for i := range b.iodepth {
+			bb, err := buf(b.bs)
+			if err != nil {
+				return err
+			}
+			pcg := rand.NewPCG(uint64(q), uint64(i))
+			b.slots[q] = append(b.slots[q], &slot{q: q, buf: bb, pcg: pcg, rng: rand.New(pcg)})
+		}
+	}
+	return nil
+}
+
 // reset forgets what the slices so far measured (a warm-up's).
 func (b *bench) reset() {
 	b.hists = make([]*latHist, b.queues)
@@ -351,7 +372,17 @@ func (b *bench) reset() {
 	for q := range b.hists {
 		b.hists[q] = &latHist{}
 	}
-	b.elapsed, b.slices, b.sliceIOPS, b.sliceOps = 0, 0, nil, 0
+	b.elapsed, b.slices, b.sliceIOPS, b.sliceS, b.sliceOps = 0, 0, nil, nil, 0
+}
+
+// reseed restarts every slot's random offsets from seed: two benches
+// reseeded alike pick the same blocks, slot by slot.
+func (b *bench) reseed(seed uint64) {
+	for _, qs := range b.slots {
+		for i, s := range qs {
+			s.pcg.Seed(seed, uint64(s.q)<<32|uint64(i))
+		}
+	}
 }
 
 // wait waits for every slot to finish, for the back end to go (an error),
@@ -386,6 +417,7 @@ func (b *bench) slice(d time.Duration) error {
 		ops += n
 	}
 	b.sliceIOPS = append(b.sliceIOPS, round3(float64(ops-b.sliceOps)/took.Seconds()))
+	b.sliceS = append(b.sliceS, took.Seconds())
 	b.sliceOps = ops
 	return nil
 }
@@ -416,13 +448,20 @@ func (b *bench) result(stderr io.Writer) *benchResult {
 }
 
 // runPaired drives two back ends with the same workload, in turns: one
-// warm-up slice each (not counted), then slices of length slice in the
-// order A B B A A B B A ..., until each has run for d. The result of each
-// is the sum of its slices; with cpuPID, the server process's CPU time
-// (/proc/PID/stat) during each slice counts to the back end of the slice.
-// Drift in the machine's load over the run then falls on both alike,
-// where two runs one after the other would read it as a difference
-// between the two.
+// warm-up slice each (not counted, at least pairWarmUp), then n slices each of length slice,
+// n = d/slice rounded up to an even number, in the order A B B A A B B A
+// ...: n/2 quartets, each of which both back ends start in turn. Each
+// pair of consecutive slices (A B, then B A) reads the same blocks: the
+// slots of both are reseeded alike, so neither back end gets luckier
+// offsets, and which of the two reads a block second (from warmer CPU
+// caches) alternates. The result of each is the sum of its slices, with
+// each slice's IOPS and length (the report's per-quartet ratios); with
+// cpuPID, the server process's CPU time during each slice (the sum over
+// its threads, to the nanosecond: procstat.Threads; /proc/PID/stat's
+// 10 ms ticks are as long as a slice) counts to the back end of the
+// slice, read once between two slices. Drift in the machine's load
+// over the run then falls on both alike, where two runs one after the
+// other would read it as a difference between the two.
 func runPaired(benches [2]*bench, sockets [2]string, d, slice time.Duration, size uint64, cpuPID int, stderr io.Writer) ([2]*benchResult, error) {
 	var res [2]*benchResult
 	for i, b := range benches {
@@ -431,53 +470,65 @@ func runPaired(benches [2]*bench, sockets [2]string, d, slice time.Duration, siz
 		}
 		defer b.close()
 	}
+	warm := min(d, max(slice, pairWarmUp))
 	for i, b := range benches {
-		if err := b.slice(slice); err != nil {
+		if err := b.slice(warm); err != nil {
 			return res, fmt.Errorf("%s: warm-up: %w", sockets[i], err)
 		}
 		b.reset()
 	}
-	var cpu [2]float64
-	for i := 0; benches[0].elapsed < d || benches[1].elapsed < d; i++ {
+	var cpu [2]time.Duration
+	var t0 procstat.Threads
+	if cpuPID > 0 {
+		var err error
+		if t0, err = processThreads(cpuPID); err != nil {
+			return res, err
+		}
+	}
+	n := int((d + slice - 1) / slice)
+	n += n % 2
+	for i := range 2 * n {
 		k := (i ^ i>>1) & 1
-		if benches[k].elapsed >= d {
-			k ^= 1
-		}
-		var t0 float64
-		if cpuPID > 0 {
-			var err error
-			if t0, err = processCPU(cpuPID); err != nil {
-				return res, err
-			}
-		}
+		benches[k].reseed(uint64(i>>1) + 1)
 		if err := benches[k].slice(slice); err != nil {
 			return res, fmt.Errorf("%s: %w", sockets[k], err)
 		}
 		if cpuPID > 0 {
-			t1, err := processCPU(cpuPID)
+			t1, err := processThreads(cpuPID)
 			if err != nil {
 				return res, err
 			}
-			cpu[k] += t1 - t0
+			cpu[k] += t1.Since(t0)
+			t0 = t1
 		}
 	}
 	for i, b := range benches {
 		res[i] = b.result(stderr)
-		res[i].Socket, res[i].Slices, res[i].SliceIOPS = sockets[i], b.slices, b.sliceIOPS
-		res[i].ServerCPUS = round3(cpu[i])
+		res[i].Socket, res[i].Slices, res[i].SliceIOPS, res[i].SliceS = sockets[i], b.slices, b.sliceIOPS, b.sliceS
+		for j := range res[i].SliceS {
+			res[i].SliceS[j] = round6(res[i].SliceS[j])
+		}
+		res[i].ServerCPUS = round6(cpu[i].Seconds())
 	}
 	return res, nil
 }
 
-func processCPU(pid int) (float64, error) {
-	d, err := procstat.CPUTime(pid)
+// pairWarmUp is the least length of the warm-up slice of each back end
+// of a --pair run.
+const pairWarmUp = 250 * time.Millisecond
+
+// processThreads reads the CPU time of each thread of the server process.
+func processThreads(pid int) (procstat.Threads, error) {
+	t, err := procstat.ReadThreads(pid)
 	if err != nil {
-		return 0, fmt.Errorf("server %w", err)
+		return nil, fmt.Errorf("server %w", err)
 	}
-	return d.Seconds(), nil
+	return t, nil
 }
 
 func round3(v float64) float64 { return math.Round(v*1000) / 1000 }
+
+func round6(v float64) float64 { return math.Round(v*1e6) / 1e6 }
 
 func (b *bench) start(slots [][]*slot) {
 	for _, qs := range slots {
@@ -780,10 +831,13 @@ var table1000Pairs = []struct {
 	{"control", [2]string{"vhostdm-ctl", "vhostdm-ctl2"}},
 }
 
-// pairSums are the sums of one run's results of a pair of servers.
+// pairSums are the sums of one run's results of a pair of servers, and
+// the IOPS and length of each one's slices.
 type pairSums struct {
 	ops, secs, cpu [2]float64
 	paired         [2]bool
+	sliceIOPS      [2][]float64
+	sliceS         [2][]float64
 }
 
 func (ps *pairSums) add(j int, r benchResult, cpu float64) {
@@ -791,15 +845,52 @@ func (ps *pairSums) add(j int, r benchResult, cpu float64) {
 	ps.secs[j] += r.DurationS
 	ps.cpu[j] += cpu
 	ps.paired[j] = r.Slices > 0
+	ps.sliceIOPS[j], ps.sliceS[j] = r.SliceIOPS, r.SliceS
+}
+
+// quartetLogRatios returns, for each quartet of slices of a paired run
+// (A B B A or B A A B: slices 2k and 2k+1 of each server), the log of
+// the second server's IOPS over the first's in it (each one's ops over
+// its time in the quartet); nil if the slices do not form whole quartets.
+func (ps *pairSums) quartetLogRatios() []float64 {
+	n := len(ps.sliceIOPS[0])
+	if n < 2 || n%2 != 0 {
+		return nil
+	}
+	for j := range 2 {
+		if len(ps.sliceIOPS[j]) != n || len(ps.sliceS[j]) != n {
+			return nil
+		}
+	}
+	var lr []float64
+	for k := 0; k < n; k += 2 {
+		var iops [2]float64
+		for j := range 2 {
+			io, sec := ps.sliceIOPS[j], ps.sliceS[j]
+			if t := sec[k] + sec[k+1]; t > 0 {
+				iops[j] = (io[k]*sec[k] + io[k+1]*sec[k+1]) / t
+			}
+		}
+		if iops[0] <= 0 || iops[1] <= 0 {
+			return nil // a quartet without requests: no ratio to take
+		}
+		lr = append(lr, math.Log(iops[1]/iops[0]))
+	}
+	return lr
 }
 
 // pairComparison is the comparison of two servers of row 5: the second's
 // IOPS and CPU per request over the first's.
 type pairComparison struct {
-	// IOPS is the ratio of the sums over every run (ops over measured
-	// time of each); CPU the same of CPU seconds per request.
-	IOPS float64 `json:"iops"`
-	CPU  float64 `json:"cpu_per_req,omitempty"`
+	// IOPS is the median over the quartets of slices of every run of
+	// the quartet's IOPS ratio (see pairRun); without slices, the ratio
+	// of the sums. IOPSSums is the ratio of the sums over every run (ops
+	// over measured time of each); CPU the same of CPU seconds per
+	// request.
+	IOPS     float64 `json:"iops"`
+	IOPSSums float64 `json:"iops_sums,omitempty"`
+	Quartets int     `json:"quartets,omitempty"`
+	CPU      float64 `json:"cpu_per_req,omitempty"`
 	// Runs are the ratios of each run.
 	Runs []pairRun `json:"runs,omitempty"`
 	// Within says whether every run's IOPS ratio is within 3% of 1
@@ -812,9 +903,17 @@ type pairRun struct {
 	Run int `json:"run"`
 	// Paired is set when the two were measured in alternating slices of
 	// one `vhostdm bench --pair` (else one after the other).
-	Paired bool    `json:"paired"`
-	IOPS   float64 `json:"iops"`
-	CPU    float64 `json:"cpu_per_req,omitempty"`
+	Paired bool `json:"paired"`
+	// IOPS is, for a paired run, the median over its quartets of slices
+	// (A B B A) of the second server's IOPS over the first's within the
+	// quartet (the geometric middle for an even count): a slice that
+	// other tenants of the machine slowed moves it by one rank, not by
+	// its weight, and both servers' quartets count alike. Otherwise it is
+	// IOPSSums, the ratio of the sums (ops over measured time).
+	IOPS     float64 `json:"iops"`
+	IOPSSums float64 `json:"iops_sums,omitempty"`
+	Quartets int     `json:"quartets,omitempty"`
+	CPU      float64 `json:"cpu_per_req,omitempty"`
 	// CPUPerMReq are the two servers' CPU-seconds per million requests,
 	// the reference first.
 	CPUPerMReq [2]float64 `json:"cpu_s_per_m_req,omitempty"`
@@ -829,6 +928,8 @@ func comparePair(byRun map[int]*pairSums) *pairComparison {
 	}
 	slices.Sort(runs)
 	var all pairSums
+	var allLR []float64
+	quartets := true
 	c := &pairComparison{}
 	within := true
 	for _, run := range runs {
@@ -836,7 +937,14 @@ func comparePair(byRun map[int]*pairSums) *pairComparison {
 		if ps.secs[0] == 0 || ps.secs[1] == 0 || ps.ops[0] == 0 || ps.ops[1] == 0 {
 			continue
 		}
-		pr := pairRun{Run: run, Paired: ps.paired[0] && ps.paired[1], IOPS: ratio(ps.ops[1]/ps.secs[1], ps.ops[0]/ps.secs[0])}
+		pr := pairRun{Run: run, Paired: ps.paired[0] && ps.paired[1], IOPSSums: ratio(ps.ops[1]/ps.secs[1], ps.ops[0]/ps.secs[0])}
+		pr.IOPS = pr.IOPSSums
+		if lr := ps.quartetLogRatios(); pr.Paired && lr != nil {
+			pr.IOPS, pr.Quartets = round3(math.Exp(median(lr))), len(lr)
+			allLR = append(allLR, lr...)
+		} else {
+			quartets = false
+		}
 		if ps.cpu[0] > 0 && ps.cpu[1] > 0 {
 			pr.CPUPerMReq = [2]float64{round3(ps.cpu[0] / ps.ops[0] * 1e6), round3(ps.cpu[1] / ps.ops[1] * 1e6)}
 			pr.CPU = ratio(ps.cpu[1]/ps.ops[1], ps.cpu[0]/ps.ops[0])
@@ -852,7 +960,11 @@ func comparePair(byRun map[int]*pairSums) *pairComparison {
 	if len(c.Runs) == 0 {
 		return nil
 	}
-	c.IOPS = ratio(all.ops[1]/all.secs[1], all.ops[0]/all.secs[0])
+	c.IOPSSums = ratio(all.ops[1]/all.secs[1], all.ops[0]/all.secs[0])
+	c.IOPS = c.IOPSSums
+	if quartets {
+		c.IOPS, c.Quartets = round3(math.Exp(median(allLR))), len(allLR)
+	}
 	if all.cpu[0] > 0 && all.cpu[1] > 0 {
 		c.CPU = ratio(all.cpu[1]/all.ops[1], all.cpu[0]/all.ops[0])
 	}
@@ -867,7 +979,10 @@ func (c *pairComparison) print(w io.Writer, what string) {
 	}
 	for _, pr := range c.Runs {
 		how := "one after the other"
-		if pr.Paired {
+		switch {
+		case pr.Quartets > 0:
+			how = fmt.Sprintf("paired, median of %d quartets; ratio of the sums %.3f", pr.Quartets, pr.IOPSSums)
+		case pr.Paired:
 			how = "paired"
 		}
 		fmt.Fprintf(w, "%s IOPS = %.3f (run %d, %s)", what, pr.IOPS, pr.Run, how)
@@ -877,9 +992,12 @@ func (c *pairComparison) print(w io.Writer, what string) {
 		fmt.Fprintln(w)
 	}
 	fmt.Fprintf(w, "%s IOPS = %.3f (", what, c.IOPS)
-	if len(c.Runs) > 0 {
+	switch {
+	case c.Quartets > 0:
+		fmt.Fprintf(w, "all runs, median of %d quartets; ratio of the sums %.3f", c.Quartets, c.IOPSSums)
+	case len(c.Runs) > 0:
 		fmt.Fprint(w, "all runs, ratio of the sums")
-	} else {
+	default:
 		fmt.Fprint(w, "medians")
 	}
 	fmt.Fprint(w, ")")

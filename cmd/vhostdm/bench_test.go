@@ -227,11 +227,21 @@ socket = %q
 		if err := json.Unmarshal([]byte(lines[i]), &res); err != nil {
 			t.Fatalf("line %d %q: %v", i+1, lines[i], err)
 		}
-		// 600 ms in turns of 100 ms: at most 6 slices each (a slice
-		// lasts at least its 100 ms), fewer if slices overran on a
-		// loaded machine, but never one turn for all.
-		if res.Socket != sock || res.Slices < 2 || res.Slices > 6 || len(res.SliceIOPS) != res.Slices || res.DurationS < 0.6 || res.DurationS > 3 || res.Ops == 0 || res.Errors != 0 {
-			t.Errorf("%s: socket %q, %d slices (%d IOPS figures), %.3f s, %d ops, %d errors; want 2 to 6 slices, 600 ms in all", sock, res.Socket, res.Slices, len(res.SliceIOPS), res.DurationS, res.Ops, res.Errors)
+		// 600 ms in turns of 100 ms: 6 slices each, each lasting at
+		// least its 100 ms (more on a loaded machine, and while the
+		// requests in flight complete).
+		if res.Socket != sock || res.Slices != 6 || len(res.SliceIOPS) != 6 || len(res.SliceS) != 6 || res.DurationS < 0.6 || res.DurationS > 3 || res.Ops == 0 || res.Errors != 0 {
+			t.Errorf("%s: socket %q, %d slices (%d IOPS figures, %d lengths), %.3f s, %d ops, %d errors; want 6 slices, 600 ms in all", sock, res.Socket, res.Slices, len(res.SliceIOPS), len(res.SliceS), res.DurationS, res.Ops, res.Errors)
+		}
+		var sum float64
+		for j, sec := range res.SliceS {
+			if sec < 0.1 || res.SliceIOPS[j] <= 0 {
+				t.Errorf("%s: slice %d: %.6f s at %.0f IOPS; want at least 100 ms with requests", sock, j, sec, res.SliceIOPS[j])
+			}
+			sum += sec
+		}
+		if math.Abs(sum-res.DurationS) > 0.002 {
+			t.Errorf("%s: slices last %.6f s in all, the result says %.3f s", sock, sum, res.DurationS)
 		}
 		cpu += res.ServerCPUS
 	}
@@ -389,5 +399,102 @@ func TestBenchRPOSample(t *testing.T) {
 		if out.Len() != 0 {
 			t.Errorf("%s: a failed run printed a result: %s", name, out.String())
 		}
+	}
+}
+
+// TestBenchPairSameBlocks: reseeded alike, the request slots of two
+// benches pick the same blocks, slot by slot, so that the two back ends of
+// a --pair run read the same offsets in consecutive slices; another seed
+// picks others.
+func TestBenchPairSameBlocks(t *testing.T) {
+	picks := func(seed uint64) [][]uint64 {
+		b := &bench{rw: "randread", bs: 4096, iodepth: 4, queues: 2, blocks: 1 << 20}
+		b.makeSlots(func(int) ([]byte, error) { return nil, nil })
+		b.reseed(seed)
+		var out [][]uint64
+		for _, qs := range b.slots {
+			for _, s := range qs {
+				var blks []uint64
+				for range 16 {
+					blks = append(blks, b.pick(s))
+				}
+				out = append(out, blks)
+			}
+		}
+		return out
+	}
+	a, b, other := picks(7), picks(7), picks(8)
+	if len(a) != 8 || fmt.Sprint(a) != fmt.Sprint(b) {
+		t.Errorf("two benches reseeded alike picked different blocks:\n%v\n%v", a, b)
+	}
+	if fmt.Sprint(a[0]) == fmt.Sprint(a[1]) || fmt.Sprint(a[0]) == fmt.Sprint(a[4]) {
+		t.Errorf("two slots picked the same blocks: %v", a)
+	}
+	if fmt.Sprint(a) == fmt.Sprint(other) {
+		t.Errorf("seeds 7 and 8 picked the same blocks")
+	}
+}
+
+// TestBenchReportQuartets: with each slice's IOPS and length, a paired
+// run's ratio is the median over its quartets of slices (A B B A) of the
+// quartet's IOPS ratio, so that a quartet that other tenants of the
+// machine disturbed does not move it, while the ratio of the sums is still
+// reported; the comparison is symmetric (swapping the two servers inverts
+// it).
+func TestBenchReportQuartets(t *testing.T) {
+	report := func(first, second string, a, b []float64) pairComparison {
+		t.Helper()
+		var lines []string
+		add := func(server string, iops []float64) {
+			r := benchResult{RW: "randread", BS: 4096, IODepth: 32, Queues: 1, Slices: len(iops)}
+			for _, v := range iops {
+				r.SliceIOPS = append(r.SliceIOPS, v)
+				r.SliceS = append(r.SliceS, 0.01)
+				r.Ops += uint64(v * 0.01)
+				r.DurationS += 0.01
+			}
+			r.IOPS = float64(r.Ops) / r.DurationS
+			js, _ := json.Marshal(taggedResult{Row: "5", Server: server, Run: 1, Result: r, Load1: 1})
+			lines = append(lines, string(js))
+		}
+		add(first, a)
+		add(second, b)
+		path := filepath.Join(t.TempDir(), "results.jsonl")
+		if err := os.WriteFile(path, []byte(strings.Join(lines, "\n")+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		var js bytes.Buffer
+		if err := benchReport(path, "", true, &js); err != nil {
+			t.Fatal(err)
+		}
+		var rep benchReportOut
+		if err := json.Unmarshal(js.Bytes(), &rep); err != nil {
+			t.Fatal(err)
+		}
+		if rep.Control == nil || len(rep.Control.Runs) != 1 {
+			t.Fatalf("no control comparison: %+v", rep.Control)
+		}
+		return *rep.Control
+	}
+	// Five quartets (10 slices each): the second server at 1.01 of the
+	// first in four, the third quartet's second half hit by another
+	// tenant (the first server's slice at a fifth of its rate).
+	a := []float64{100000, 100000, 100000, 100000, 100000, 20000, 100000, 100000, 100000, 100000}
+	b := []float64{101000, 101000, 101000, 101000, 101000, 101000, 101000, 101000, 101000, 101000}
+	c := report("vhostdm-ctl", "vhostdm-ctl2", a, b)
+	pr := c.Runs[0]
+	if pr.Quartets != 5 || pr.IOPS != 1.01 || !pr.Paired || c.IOPS != 1.01 || c.Quartets != 5 {
+		t.Errorf("run %+v, all runs %+v; want the median of 5 quartets, 1.01", pr, c)
+	}
+	if want := ratio(1010000/10, 920000/10); pr.IOPSSums != want || c.IOPSSums != want {
+		t.Errorf("ratio of the sums %v (all runs %v), want %v", pr.IOPSSums, c.IOPSSums, want)
+	}
+	if inv := report("vhostdm-ctl2", "vhostdm-ctl", a, b).Runs[0]; inv.IOPS != ratio(1, 1.01) {
+		t.Errorf("swapped: %+v, want IOPS %v", inv, ratio(1, 1.01))
+	}
+	// Slices that do not form whole quartets (odd, or unequal counts):
+	// the ratio of the sums.
+	if pr := report("vhostdm-ctl", "vhostdm-ctl2", a[:9], b[:9]).Runs[0]; pr.Quartets != 0 || pr.IOPS != pr.IOPSSums {
+		t.Errorf("odd slices: %+v, want the ratio of the sums", pr)
 	}
 }
