@@ -1,13 +1,18 @@
 package vhost
 
 import (
+	"errors"
 	"log/slog"
 	"os"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhostdm/vhostdm/internal/uring"
 )
 
 // A notifier signals one call or error eventfd of a front end.
@@ -51,6 +56,13 @@ type notifier struct {
 	wake    chan struct{} // cap 1
 	exited  chan struct{} // closed when the goroutine returns
 	done    chan struct{} // closed when the fd is closed
+
+	// The io_uring a direct signal is submitted on (writeRing), made at
+	// the first signal; ringOff once it cannot be used.
+	ringMu  sync.Mutex
+	ring    *uring.Ring
+	ringOff bool
+	ringErr atomic.Bool // a failed write was logged
 }
 
 // eventfdOne is the 8-byte counter increment written to an eventfd.
@@ -113,6 +125,9 @@ func (n *notifier) writeDirect() bool {
 			return true
 		}
 		ok = true
+		if n.writeRing(fd) {
+			return true
+		}
 		if n.direct.Add(1) == 1 {
 			n.noteWrite()
 		}
@@ -127,6 +142,80 @@ func (n *notifier) writeDirect() bool {
 		return true
 	})
 	return ok
+}
+
+// writeRing submits the write of 1 to the eventfd fd on the notifier's
+// io_uring, with a raw system call, and reports whether it did. io_uring
+// issues the write without blocking: on a non-blocking file it is done (or
+// fails with EAGAIN on a full counter, which means an interrupt is
+// pending anyway) inside io_uring_enter; on a file whose O_NONBLOCK the
+// front end cleared after writeDirect looked, it waits in the kernel (a
+// poll, then a kernel worker), not on this thread. A system call the Go
+// scheduler does not see costs the ring goroutine less than write(2),
+// which, in a process that was idle, also wakes the runtime's monitor
+// thread (docs/PERFORMANCE.md). It returns false when io_uring or
+// IOSQE_CQE_SKIP_SUCCESS (Linux 5.17) is unavailable: the caller then
+// writes itself. Completion entries come only for failed writes; they
+// are reaped at the next signal.
+func (n *notifier) writeRing(fd uintptr) bool {
+	n.ringMu.Lock()
+	defer n.ringMu.Unlock()
+	if n.ring == nil {
+		if n.ringOff {
+			return false
+		}
+		r, err := uring.New(4)
+		if err == nil && !r.SkipsSuccess() {
+			r.Close()
+			err = errors.New("the kernel lacks IOSQE_CQE_SKIP_SUCCESS (Linux 5.17)")
+		}
+		if err != nil {
+			n.ringOff = true
+			n.log.Debug("eventfd writes with write(2)", "fd", n.what, "reason", err)
+			return false
+		}
+		n.ring = r
+	}
+	n.ring.Reap(n.ringResult)
+	e := n.ring.GetSQE()
+	if e == nil { // every entry is submitted at once: not reached
+		return false
+	}
+	e.Opcode = uring.OpWrite
+	e.Flags = uring.SQECQESkipSuccess
+	e.FD = int32(fd)
+	e.Addr = uint64(uintptr(unsafe.Pointer(&eventfdOne[0]))) // a global: never moves
+	e.Len = uint32(len(eventfdOne))
+	if k, err := n.ring.SubmitRaw(); k != 1 || err != nil {
+		// The entry may still be in the ring: the ring is never
+		// submitted again.
+		n.log.Warn("eventfd write on io_uring failed: writing with write(2) from now on", "fd", n.what, "err", err)
+		n.ring.Close()
+		n.ring, n.ringOff = nil, true
+		return false
+	}
+	return true
+}
+
+// ringResult handles the completion entry of a failed ring write: EAGAIN
+// is a full counter (an interrupt already pending); anything else is
+// logged once.
+func (n *notifier) ringResult(c uring.CQE) {
+	if c.Res == -int32(unix.EAGAIN) || n.ringErr.Swap(true) {
+		return
+	}
+	n.log.Warn("eventfd write on io_uring failed", "fd", n.what, "err", unix.Errno(-c.Res))
+}
+
+// closeRing releases the notifier's io_uring once no signal uses it.
+func (n *notifier) closeRing() {
+	n.ringMu.Lock()
+	defer n.ringMu.Unlock()
+	if n.ring != nil {
+		n.ring.Close()
+		n.ring = nil
+	}
+	n.ringOff = true
 }
 
 func (n *notifier) run() {
@@ -285,6 +374,7 @@ func (n *notifier) close() {
 	go func() {
 		<-n.exited
 		n.f.Close() // waits for the direct writes in progress
+		n.closeRing()
 		close(closed)
 	}()
 	go n.reap(dup, closed)
