@@ -29,13 +29,22 @@ import (
 // So signal writes on the caller's goroutine only while the file is
 // non-blocking (direct): one system call per completion batch, and no
 // goroutine to wake, which on a two-CPU machine cost more than the rest of
-// a 4 KiB request. Once the front end has cleared the flag, the writes
-// happen on a goroutine of the notifier's own: signal only sets a flag and
-// wakes it, and never waits. That goroutine may park in the kernel for as
-// long as the front end keeps the counter full, which costs a thread but no
-// completion (a full counter is an interrupt already pending). A front end
-// that clears the flag between the check and a direct write, with the
-// counter full, blocks that writer until the counter is read: only its own
+// a 4 KiB request. The direct write goes through an io_uring of the
+// notifier's own (writeRing), submitted with a raw system call: io_uring
+// never blocks the submitter, even if the front end clears the flag after
+// the check, and the Go scheduler, which a write(2) enters, would wake its
+// monitor thread at the first system call after the process went idle,
+// which was most of the ring goroutine's batches. Without io_uring (or
+// IOSQE_CQE_SKIP_SUCCESS) the direct write is a write(2).
+//
+// Once the front end has cleared the flag, the writes happen on a
+// goroutine of the notifier's own: signal only sets a flag and wakes it,
+// and never waits. That goroutine may park in the kernel for as long as
+// the front end keeps the counter full, which costs a thread but no
+// completion (a full counter is an interrupt already pending). Without
+// io_uring, a front end that clears the flag between the check and a
+// direct write, with the counter full, blocks that writer until the
+// counter is read: only its own
 // queue waits, and halting the queue (unstick) or closing the notifier
 // (reap) empties a full counter, so that the connection and the daemon
 // never wait for it. Closing the notifier does not wait either; a reaper
