@@ -170,7 +170,7 @@ func (n *notifier) writeRing(fd uintptr) bool {
 	n.ringMu.Lock()
 	defer n.ringMu.Unlock()
 	if n.ring == nil {
-		if n.ringOff {
+		if n.ringOff || notifyUringOff {
 			return false
 		}
 		r, err := uring.New(4)
