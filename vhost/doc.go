@@ -85,10 +85,12 @@
 // queues stop and the export serves the next front end. Locks around
 // shared-memory accesses are released by defer. The inflight region must
 // be a sealed memfd, so it cannot shrink. Call and error eventfds are
-// written by a goroutine of their own (a front end can clear O_NONBLOCK on
-// the file description it shares and keep the counter full, and no write
-// is safe from that), the kick eventfd is read with RWF_NOWAIT: nothing the
-// front end does to its fds parks a goroutine the connection waits for.
+// written through an io_uring of their own, which never blocks the
+// submitter, or, once the front end has cleared O_NONBLOCK on the file
+// description it shares (it can then keep the counter full, and no
+// write(2) is safe from that), by a goroutine of their own (notify.go);
+// the kick eventfd is read with RWF_NOWAIT: nothing the front end does to
+// its fds parks a goroutine the connection waits for.
 //
 // # Units
 //

@@ -1,13 +1,18 @@
 package vhost
 
 import (
+	"errors"
 	"log/slog"
 	"os"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhostdm/vhostdm/internal/uring"
 )
 
 // A notifier signals one call or error eventfd of a front end.
@@ -24,13 +29,22 @@ import (
 // So signal writes on the caller's goroutine only while the file is
 // non-blocking (direct): one system call per completion batch, and no
 // goroutine to wake, which on a two-CPU machine cost more than the rest of
-// a 4 KiB request. Once the front end has cleared the flag, the writes
-// happen on a goroutine of the notifier's own: signal only sets a flag and
-// wakes it, and never waits. That goroutine may park in the kernel for as
-// long as the front end keeps the counter full, which costs a thread but no
-// completion (a full counter is an interrupt already pending). A front end
-// that clears the flag between the check and a direct write, with the
-// counter full, blocks that writer until the counter is read: only its own
+// a 4 KiB request. The direct write goes through an io_uring of the
+// notifier's own (writeRing), submitted with a raw system call: io_uring
+// never blocks the submitter, even if the front end clears the flag after
+// the check, and the Go scheduler, which a write(2) enters, would wake its
+// monitor thread at the first system call after the process went idle,
+// which was most of the ring goroutine's batches. Without io_uring (or
+// IOSQE_CQE_SKIP_SUCCESS) the direct write is a write(2).
+//
+// Once the front end has cleared the flag, the writes happen on a
+// goroutine of the notifier's own: signal only sets a flag and wakes it,
+// and never waits. That goroutine may park in the kernel for as long as
+// the front end keeps the counter full, which costs a thread but no
+// completion (a full counter is an interrupt already pending). Without
+// io_uring, a front end that clears the flag between the check and a
+// direct write, with the counter full, blocks that writer until the
+// counter is read: only its own
 // queue waits, and halting the queue (unstick) or closing the notifier
 // (reap) empties a full counter, so that the connection and the daemon
 // never wait for it. Closing the notifier does not wait either; a reaper
@@ -51,6 +65,13 @@ type notifier struct {
 	wake    chan struct{} // cap 1
 	exited  chan struct{} // closed when the goroutine returns
 	done    chan struct{} // closed when the fd is closed
+
+	// The io_uring a direct signal is submitted on (writeRing), made at
+	// the first signal; ringOff once it cannot be used.
+	ringMu  sync.Mutex
+	ring    *uring.Ring
+	ringOff bool
+	ringErr atomic.Bool // a failed write was logged
 }
 
 // eventfdOne is the 8-byte counter increment written to an eventfd.
@@ -113,6 +134,9 @@ func (n *notifier) writeDirect() bool {
 			return true
 		}
 		ok = true
+		if n.writeRing(fd) {
+			return true
+		}
 		if n.direct.Add(1) == 1 {
 			n.noteWrite()
 		}
@@ -127,6 +151,80 @@ func (n *notifier) writeDirect() bool {
 		return true
 	})
 	return ok
+}
+
+// writeRing submits the write of 1 to the eventfd fd on the notifier's
+// io_uring, with a raw system call, and reports whether it did. io_uring
+// issues the write without blocking: on a non-blocking file it is done (or
+// fails with EAGAIN on a full counter, which means an interrupt is
+// pending anyway) inside io_uring_enter; on a file whose O_NONBLOCK the
+// front end cleared after writeDirect looked, it waits in the kernel (a
+// poll, then a kernel worker), not on this thread. A system call the Go
+// scheduler does not see costs the ring goroutine less than write(2),
+// which, in a process that was idle, also wakes the runtime's monitor
+// thread (docs/PERFORMANCE.md). It returns false when io_uring or
+// IOSQE_CQE_SKIP_SUCCESS (Linux 5.17) is unavailable: the caller then
+// writes itself. Completion entries come only for failed writes; they
+// are reaped at the next signal.
+func (n *notifier) writeRing(fd uintptr) bool {
+	n.ringMu.Lock()
+	defer n.ringMu.Unlock()
+	if n.ring == nil {
+		if n.ringOff || notifyUringOff {
+			return false
+		}
+		r, err := uring.New(4)
+		if err == nil && !r.SkipsSuccess() {
+			r.Close()
+			err = errors.New("the kernel lacks IOSQE_CQE_SKIP_SUCCESS (Linux 5.17)")
+		}
+		if err != nil {
+			n.ringOff = true
+			n.log.Debug("eventfd writes with write(2)", "fd", n.what, "reason", err)
+			return false
+		}
+		n.ring = r
+	}
+	n.ring.Reap(n.ringResult)
+	e := n.ring.GetSQE()
+	if e == nil { // every entry is submitted at once: not reached
+		return false
+	}
+	e.Opcode = uring.OpWrite
+	e.Flags = uring.SQECQESkipSuccess
+	e.FD = int32(fd)
+	e.Addr = uint64(uintptr(unsafe.Pointer(&eventfdOne[0]))) // a global: never moves
+	e.Len = uint32(len(eventfdOne))
+	if k, err := n.ring.SubmitRaw(); k != 1 || err != nil {
+		// The entry may still be in the ring: the ring is never
+		// submitted again.
+		n.log.Warn("eventfd write on io_uring failed: writing with write(2) from now on", "fd", n.what, "err", err)
+		n.ring.Close()
+		n.ring, n.ringOff = nil, true
+		return false
+	}
+	return true
+}
+
+// ringResult handles the completion entry of a failed ring write: EAGAIN
+// is a full counter (an interrupt already pending); anything else is
+// logged once.
+func (n *notifier) ringResult(c uring.CQE) {
+	if c.Res == -int32(unix.EAGAIN) || n.ringErr.Swap(true) {
+		return
+	}
+	n.log.Warn("eventfd write on io_uring failed", "fd", n.what, "err", unix.Errno(-c.Res))
+}
+
+// closeRing releases the notifier's io_uring once no signal uses it.
+func (n *notifier) closeRing() {
+	n.ringMu.Lock()
+	defer n.ringMu.Unlock()
+	if n.ring != nil {
+		n.ring.Close()
+		n.ring = nil
+	}
+	n.ringOff = true
 }
 
 func (n *notifier) run() {
@@ -285,6 +383,7 @@ func (n *notifier) close() {
 	go func() {
 		<-n.exited
 		n.f.Close() // waits for the direct writes in progress
+		n.closeRing()
 		close(closed)
 	}()
 	go n.reap(dup, closed)

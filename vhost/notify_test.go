@@ -89,6 +89,99 @@ func TestNotifierDirectAndUnstick(t *testing.T) {
 	}
 }
 
+// TestNotifierRingNeverBlocks: a signal submitted on the notifier's
+// io_uring (the direct path) never blocks its caller, even when the front
+// end has cleared O_NONBLOCK after the check and keeps the counter full
+// (the race writeDirect cannot rule out): the write waits in the kernel,
+// and lands once the front end reads the counter. Closing the notifier
+// with such a write pending does not wait for it.
+func TestNotifierRingNeverBlocks(t *testing.T) {
+	fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer, err := unix.Dup(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(peer)
+	n := newNotifier(fd, "call", testLogger())
+	n.signal()
+	var b [8]byte
+	if _, err := unix.Read(peer, b[:]); err != nil || le.Uint64(b[:]) != 1 {
+		t.Fatalf("counter %d (%v) after a signal, want 1", le.Uint64(b[:]), err)
+	}
+	n.ringMu.Lock()
+	onRing := n.ring != nil
+	n.ringMu.Unlock()
+	if notifyUringOff {
+		// The vhostdm_nouring tag: the write(2) path, checked above.
+		if onRing {
+			t.Fatal("the signal went through io_uring under the vhostdm_nouring tag")
+		}
+		n.close()
+		return
+	}
+	if !onRing {
+		t.Fatal("the signal did not go through io_uring (kernel before 5.17, or io_uring forbidden)")
+	}
+
+	// The race: O_NONBLOCK cleared and the counter full at the write.
+	if _, err := unix.Write(peer, le.AppendUint64(nil, 0xfffffffffffffffe)); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.SetNonblock(peer, false); err != nil {
+		t.Fatal(err)
+	}
+	ok := make(chan bool, 1)
+	go n.rc.Write(func(fd uintptr) bool {
+		ok <- n.writeRing(fd)
+		return true
+	})
+	select {
+	case r := <-ok:
+		if !r {
+			t.Fatal("writeRing refused the write")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a ring write to a full blocking eventfd blocked its caller")
+	}
+	if _, err := unix.Preadv2(peer, [][]byte{b[:]}, -1, unix.RWF_NOWAIT); err != nil || le.Uint64(b[:]) != 0xfffffffffffffffe {
+		t.Fatalf("counter %#x (%v), want the front end's own value", le.Uint64(b[:]), err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if _, err := unix.Preadv2(peer, [][]byte{b[:]}, -1, unix.RWF_NOWAIT); err == nil {
+			if le.Uint64(b[:]) != 1 {
+				t.Fatalf("counter %d after the pending write landed, want 1", le.Uint64(b[:]))
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the ring write never landed after the counter was read")
+		}
+		time.Sleep(time.Millisecond)
+	}
+
+	// Another write left pending on a full counter; close does not wait.
+	if _, err := unix.Write(peer, le.AppendUint64(nil, 0xfffffffffffffffe)); err != nil {
+		t.Fatal(err)
+	}
+	go n.rc.Write(func(fd uintptr) bool {
+		ok <- n.writeRing(fd)
+		return true
+	})
+	if !<-ok {
+		t.Fatal("writeRing refused the write")
+	}
+	n.close()
+	select {
+	case <-n.done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("close waited for a ring write the front end keeps pending")
+	}
+}
+
 // TestUnstickWhileBlocked: a halting queue's unstick timer is armed only
 // while a write is in progress. Watching an idle notifier for 150 ms
 // costs no timer wake-up (a 10 ms ticker would have fired about 15

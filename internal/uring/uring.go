@@ -33,11 +33,17 @@ import (
 // thread instead of trying it inline in io_uring_enter first.
 const SQEAsync = 1 << 4
 
+// SQECQESkipSuccess is IOSQE_CQE_SKIP_SUCCESS (Linux 5.17): no
+// completion entry unless the request fails. [Ring.SkipsSuccess] reports
+// whether the kernel honours it.
+const SQECQESkipSuccess = 1 << 6
+
 // Opcodes (enum io_uring_op).
 const (
 	OpNop    = 0
 	OpReadv  = 1
 	OpWritev = 2
+	OpWrite  = 23 // IORING_OP_WRITE (Linux 5.6)
 )
 
 const (
@@ -50,6 +56,7 @@ const (
 	featSingleMmap   = 1 << 0
 	featNoDrop       = 1 << 1
 	featSubmitStable = 1 << 2
+	featCQESkip      = 1 << 11
 
 	setupCQSize = 1 << 3
 	setupClamp  = 1 << 4
@@ -111,6 +118,7 @@ type Ring struct {
 	cqMask         uint32
 	cqes           []CQE
 	tail           uint32 // SQEs handed out by GetSQE, published by Submit
+	features       uint32
 	closed         bool
 }
 
@@ -169,8 +177,13 @@ func (r *Ring) mmap(p *params) error {
 		r.sqArray[i] = uint32(i)
 	}
 	r.tail = atomic.LoadUint32(r.sqTail)
+	r.features = p.Features
 	return nil
 }
+
+// SkipsSuccess reports whether the kernel honours [SQECQESkipSuccess]
+// (IORING_FEAT_CQE_SKIP, Linux 5.17).
+func (r *Ring) SkipsSuccess() bool { return r.features&featCQESkip != 0 }
 
 // Entries returns the number of submission entries.
 func (r *Ring) Entries() int { return int(r.sqEntries) }
@@ -204,6 +217,32 @@ func (r *Ring) Submit() (int, error) {
 		return 0, nil
 	}
 	return r.enter(n, 0, 0)
+}
+
+// SubmitRaw is Submit with a raw system call: the calling goroutine's
+// thread enters io_uring_enter without telling the Go scheduler (which
+// would wake its monitor thread if the process was idle). It is only for
+// entries the kernel issues without blocking the submitter, which is what
+// io_uring does with every request (one that would block goes to a
+// kernel worker or waits on a poll), on a ring whose submitter is never
+// a second thread at the same time (no wait on the ring's submission
+// lock).
+func (r *Ring) SubmitRaw() (int, error) {
+	atomic.StoreUint32(r.sqTail, r.tail)
+	n := r.tail - atomic.LoadUint32(r.sqHead)
+	if n == 0 {
+		return 0, nil
+	}
+	for {
+		k, _, errno := unix.RawSyscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd), uintptr(n), 0, 0, 0, 0)
+		switch errno {
+		case 0:
+			return int(k), nil
+		case unix.EINTR:
+			continue
+		}
+		return int(k), fmt.Errorf("io_uring_enter: %w", errno)
+	}
 }
 
 // Wait blocks until at least one completion is ready.
