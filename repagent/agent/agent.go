@@ -2077,11 +2077,7 @@ func (c *agentConn) writeBatch() error {
 	timeout := wire.PeerTimeout(c.a.cfg.Heartbeat)
 	if c.vectored {
 		for len(bufs) > 0 {
-			n, size := 0, 0
-			for n < len(bufs) && (n == 0 || size+len(bufs[n]) <= writePiece) {
-				size += len(bufs[n])
-				n++
-			}
+			n := pieceLen(bufs)
 			c.nc.SetWriteDeadline(time.Now().Add(timeout))
 			v := bufs[:n:n] // WriteTo consumes its receiver
 			if _, err := v.WriteTo(c.nc); err != nil {
@@ -2104,9 +2100,23 @@ func (c *agentConn) writeBatch() error {
 	return c.bw.Flush()
 }
 
-// writePiece is the most a batch writes under one write deadline (more
-// when one frame's data is larger).
+// writePiece is about the most a batch writes under one write deadline:
+// a piece ends with the buffer that brings it to writePiece bytes.
 const writePiece = 1 << 20
+
+// pieceLen returns how many of bufs (at least one) the next vectored write
+// takes: buffers until they hold writePiece bytes. A frame's header goes
+// in the same writev as its data: a piece that stopped short of a 1 MiB
+// write's data would send the header alone, one more syscall and one more
+// small segment (and wake-up of the hub) per write.
+func pieceLen(bufs [][]byte) int {
+	n, size := 0, 0
+	for n < len(bufs) && size < writePiece {
+		size += len(bufs[n])
+		n++
+	}
+	return max(n, min(len(bufs), 1))
+}
 
 // reportLocked builds REPORT_VM_VOLUMES; a.mu held.
 func (a *Agent) reportLocked() *wire.ReportVolumes {
