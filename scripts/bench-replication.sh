@@ -189,6 +189,7 @@ row() {
 		for e in $order; do
 			log "$name run $i: $e"
 			one "$e" "$rw" "$bs" "$qd" "$fsync" >>"$dir/$e.txt"
+			log "$name run $i: $e: iops B/s cpu_us rpo_s hub_cpu_us = $(tail -1 "$dir/$e.txt")"
 		done
 	done
 	local pi ui pb ub pc uc pr ph
