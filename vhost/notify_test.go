@@ -19,16 +19,7 @@ import (
 // counter full) is released by unstick, which empties only a full
 // counter.
 func TestNotifierDirectAndUnstick(t *testing.T) {
-	fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
-	if err != nil {
-		t.Fatal(err)
-	}
-	peer, err := unix.Dup(fd) // the front end's end of the description
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(peer)
-	n := newNotifier(fd, "call", testLogger())
+	n, peer := newTestNotifier(t)
 	defer n.close()
 	for range 3 {
 		n.signal()
@@ -96,16 +87,7 @@ func TestNotifierDirectAndUnstick(t *testing.T) {
 // and lands once the front end reads the counter. Closing the notifier
 // with such a write pending does not wait for it.
 func TestNotifierRingNeverBlocks(t *testing.T) {
-	fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
-	if err != nil {
-		t.Fatal(err)
-	}
-	peer, err := unix.Dup(fd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(peer)
-	n := newNotifier(fd, "call", testLogger())
+	n, peer := newTestNotifier(t)
 	n.signal()
 	var b [8]byte
 	if _, err := unix.Read(peer, b[:]); err != nil || le.Uint64(b[:]) != 1 {
@@ -188,16 +170,7 @@ func TestNotifierRingNeverBlocks(t *testing.T) {
 // times); a write the front end blocks (O_NONBLOCK cleared, counter full)
 // arms it, and the unstick releases the write.
 func TestUnstickWhileBlocked(t *testing.T) {
-	fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
-	if err != nil {
-		t.Fatal(err)
-	}
-	peer, err := unix.Dup(fd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(peer)
-	n := newNotifier(fd, "call", testLogger())
+	n, peer := newTestNotifier(t)
 	defer n.close()
 	var ticks atomic.Uint64
 	stop := make(chan struct{})
@@ -298,4 +271,22 @@ func TestHaltSlowRequestNoTicks(t *testing.T) {
 	if k := q.unstickTicks.Load(); k != 0 {
 		t.Fatalf("%d unstick timer wake-ups during a halt with no blocked signal, want 0", k)
 	}
+}
+
+// newTestNotifier returns a notifier of a new non-blocking call eventfd
+// and the front end's end of the same file description (a dup, closed
+// when the test ends).
+func newTestNotifier(t *testing.T) (*notifier, int) {
+	t.Helper()
+	fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer, err := unix.Dup(fd)
+	if err != nil {
+		unix.Close(fd)
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(peer) })
+	return newNotifier(fd, "call", testLogger()), peer
 }
