@@ -76,6 +76,10 @@ func TestConfigErrors(t *testing.T) {
 			[]string{"device: dependency cycle: a -> b -> a"}},
 		{"unknown dependency", "[[device]]\nname = \"a\"\ntable = \"0 8 linear /dev/mapper/zz 0\"",
 			[]string{`device: device "a" uses /dev/mapper/zz, which is not a configured device`}},
+		{"adaptive-poll with poll-us", "[[device]]\nname = \"a\"\ntable = \"0 8 zero\"\n[[export]]\nid = \"e\"\ndevice = \"a\"\nsocket = \"s\"\npoll-us = 20\nadaptive-poll = true\n",
+			[]string{"vm.toml:9: export[0].adaptive-poll: true with poll-us = 20: choose one"}},
+		{"adaptive-poll on nbd", "[[device]]\nname = \"a\"\ntable = \"0 8 zero\"\n[[export]]\ntype = \"nbd\"\nid = \"e\"\ndevice = \"a\"\nsocket = \"s\"\nadaptive-poll = true\n",
+			[]string{"vm.toml:5: export[0].type: nbd exports take none of num-queues, logical-block-size, serial, poll-us, adaptive-poll, protect, fall-behind, allow-remote-write"}},
 		{"export errors", `[[device]]
 name = "a"
 readonly = true

@@ -165,6 +165,7 @@ type queue struct {
 	badLogs atomic.Uint32
 
 	renotifies atomic.Uint64 // call eventfd signalled again by renotify
+	polls      atomic.Uint64 // adaptive polls run (adjustPoll)
 	notified   atomic.Uint64 // call eventfd writes
 	kicks      atomic.Uint64 // kick eventfd reads that found a kick
 	parks      atomic.Uint64 // times the ring goroutine waited for a kick in the poller
@@ -173,8 +174,10 @@ type queue struct {
 	unstickTicks atomic.Uint64
 
 	// Owned by the ring goroutine.
-	held       bool // the ring goroutine holds finishing for a batch
-	renotified bool // renotify has warned for the current stall
+	held       bool  // the ring goroutine holds finishing for a batch
+	pollNs     int64 // adaptive poll time (ns), 0: none (adjustPoll)
+	waitFrom   int64 // mono() when the ring ran dry, 0: not waiting
+	renotified bool  // renotify has warned for the current stall
 
 	// Used side, guarded by usedMu.
 	usedMu sync.Mutex
@@ -323,6 +326,7 @@ func (q *queue) startRuntime() {
 
 // runLoop starts the ring goroutine.
 func (q *queue) runLoop() {
+	q.pollNs, q.waitFrom = 0, 0
 	q.stopReq.Store(false)
 	q.done = make(chan struct{})
 	go q.run(q.done)
@@ -693,11 +697,25 @@ func (q *queue) drain() error {
 				if q.pollAvail(poll) {
 					continue
 				}
+			} else if q.dev.exp.cfg.AdaptivePoll && !polled {
+				// Adaptive: poll for as long as recent waits for
+				// the driver were short (adjustPoll).
+				polled = true
+				q.waitFrom = mono()
+				if q.pollNs > 0 && q.countPoll() && q.pollAvail(time.Duration(q.pollNs)) {
+					q.adjustPoll(mono() - q.waitFrom)
+					q.waitFrom = 0
+					continue
+				}
 			}
 			if !q.ring.armKick() {
 				return nil
 			}
 			continue
+		}
+		if q.waitFrom != 0 {
+			q.adjustPoll(mono() - q.waitFrom)
+			q.waitFrom = 0
 		}
 		polled = false
 		// Hold the used index while the batch is dispatched, so that
@@ -772,6 +790,37 @@ func (q *queue) pollAvail(d time.Duration) bool {
 		if i%64 == 63 && (mono() > end || q.stopReq.Load()) {
 			return false
 		}
+	}
+}
+
+// countPoll counts an adaptive poll; it returns true.
+func (q *queue) countPoll() bool {
+	q.polls.Add(1)
+	return true
+}
+
+// adaptivePollMax bounds the adaptive poll (export.adaptive-poll): QEMU's
+// IOThreads poll up to 32 µs by default too.
+const adaptivePollMax = int64(32 * time.Microsecond)
+
+// adaptivePollStart is the first poll time once waits are short.
+const adaptivePollStart = int64(4 * time.Microsecond)
+
+// adjustPoll adapts the queue's poll time to how long the ring goroutine
+// waited for its last batch (block, ns), as QEMU's adaptive polling does
+// (util/aio-posix.c): a wait within the poll time is the sweet spot; one
+// longer than adaptivePollMax stops polling (an idle or slow driver costs
+// one poll after its last batch, then none); a shorter one doubles the
+// poll time, from adaptivePollStart up to adaptivePollMax.
+func (q *queue) adjustPoll(block int64) {
+	switch {
+	case block <= q.pollNs:
+	case block > adaptivePollMax:
+		q.pollNs = 0
+	case q.pollNs == 0:
+		q.pollNs = adaptivePollStart
+	default:
+		q.pollNs = min(2*q.pollNs, adaptivePollMax)
 	}
 }
 

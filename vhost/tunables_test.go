@@ -15,7 +15,7 @@ import (
 // TestExportTunables runs a deep mixed workload (writes, flushes, reads
 // checked against what was written) by default (reads and writes run on
 // the ring goroutine when they do not block, no polling) and with polling
-// (export.poll-us). Results must not depend on it.
+// (export.poll-us, export.adaptive-poll). Results must not depend on it.
 func TestExportTunables(t *testing.T) {
 	for _, tc := range []struct {
 		name string
@@ -24,6 +24,7 @@ func TestExportTunables(t *testing.T) {
 		{"default", ExportConfig{}},
 		{"poll", ExportConfig{Poll: 20 * time.Microsecond}},
 		{"poll-short", ExportConfig{Poll: 5 * time.Microsecond}},
+		{"adaptive-poll", ExportConfig{AdaptivePoll: true}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			forEachLayout(t, func(t *testing.T, packed bool) {
