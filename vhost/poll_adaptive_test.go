@@ -82,3 +82,28 @@ func testAdaptivePoll(t *testing.T, adaptive bool) {
 		}
 	}
 }
+
+// TestCheapBatch: a queue polls after a batch only when its requests took
+// the ring goroutine at most 2 µs each (adaptivePollReqMax): a batch of
+// null requests does, a batch of page-cache copies does not.
+func TestCheapBatch(t *testing.T) {
+	us := func(n int64) int64 { return n * int64(time.Microsecond) }
+	for _, c := range []struct {
+		ns, n int64
+		want  bool
+	}{
+		{0, 0, true},         // no batch yet
+		{us(25), 32, true},   // 32 null requests
+		{us(64), 32, true},   // 2 µs each: the bound
+		{us(65), 32, false},  // just above it
+		{us(150), 32, false}, // 32 page-cache reads
+		{us(3), 1, false},    // one costly request
+		{us(3), 7, true},     // seven cheap ones
+		{us(1000), 0, false}, // a stop between requests dispatched none
+	} {
+		q := &queue{batchNs: c.ns, batchN: c.n}
+		if got := q.cheapBatch(); got != c.want {
+			t.Errorf("%d requests in %v: cheap %v, want %v", c.n, time.Duration(c.ns), got, c.want)
+		}
+	}
+}

@@ -176,6 +176,8 @@ type queue struct {
 	// Owned by the ring goroutine.
 	held       bool  // the ring goroutine holds finishing for a batch
 	pollNs     int64 // adaptive poll time (ns), 0: none (adjustPoll)
+	batchNs    int64 // how long the last batch's dispatch took (ns)
+	batchN     int64 // how many requests it dispatched
 	waitFrom   int64 // mono() when the ring ran dry, 0: not waiting
 	renotified bool  // renotify has warned for the current stall
 
@@ -702,7 +704,7 @@ func (q *queue) drain() error {
 				// the driver were short (adjustPoll).
 				polled = true
 				q.waitFrom = mono()
-				if q.pollNs > 0 && q.countPoll() && q.pollAvail(time.Duration(q.pollNs)) {
+				if q.pollNs > 0 && q.cheapBatch() && q.countPoll() && q.pollAvail(time.Duration(q.pollNs)) {
 					q.adjustPoll(mono() - q.waitFrom)
 					q.waitFrom = 0
 					continue
@@ -718,6 +720,7 @@ func (q *queue) drain() error {
 			q.waitFrom = 0
 		}
 		polled = false
+		batchFrom := mono()
 		// Hold the used index while the batch is dispatched, so that
 		// requests completed on the ring goroutine, and workers'
 		// completions meanwhile, are published together: one used-index
@@ -757,6 +760,7 @@ func (q *queue) drain() error {
 			}
 		}
 		q.release()
+		q.batchNs, q.batchN = mono()-batchFrom, int64(n)
 		if bad != nil {
 			return bad
 		}
@@ -791,6 +795,22 @@ func (q *queue) pollAvail(d time.Duration) bool {
 			return false
 		}
 	}
+}
+
+// adaptivePollReqMax is the dispatch time per request above which a
+// queue does not poll after its batch (cheapBatch).
+const adaptivePollReqMax = int64(2 * time.Microsecond)
+
+// cheapBatch reports whether the last batch's requests took the ring
+// goroutine at most adaptivePollReqMax each to dispatch. Polling pays
+// where a request costs less than the wake-up it saves (the null path,
+// requests handed to the engine or a worker); where each one is real work
+// on the ring goroutine (a 4 KiB page-cache copy takes 3-5 µs), the ring
+// is busy for most of the driver's turn anyway, and a poll only takes the
+// CPU from the driver, which shares the host's CPUs (docs/PERFORMANCE.md,
+// session 8).
+func (q *queue) cheapBatch() bool {
+	return q.batchNs <= q.batchN*adaptivePollReqMax
 }
 
 // countPoll counts an adaptive poll; it returns true.
