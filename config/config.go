@@ -217,11 +217,12 @@ type Export struct {
 	// available ring after it runs dry before it sleeps on the kick
 	// eventfd: 0 (the default) for never, up to MaxPollUS.
 	PollUS int `toml:"poll-us"`
-	// AdaptivePoll makes each queue poll its available ring after a batch
-	// for as long as the driver's recent batches came back within 32 µs,
-	// as QEMU's IOThreads poll (docs/REFERENCE.md, export.adaptive-poll);
-	// off by default, not with PollUS.
-	AdaptivePoll bool `toml:"adaptive-poll"`
+	// AdaptivePoll, when false, turns off adaptive polling: by default
+	// (nil) each queue polls its available ring after a cheap batch for
+	// as long as the driver's recent batches came back within 32 µs, as
+	// QEMU's IOThreads poll (docs/REFERENCE.md, export.adaptive-poll).
+	// PollUS > 0 replaces it with a fixed poll; true with it is an error.
+	AdaptivePoll *bool `toml:"adaptive-poll"`
 	SocketPerm
 	// NegotiationTimeout is how long a connecting front end has to
 	// complete negotiation before it is disconnected: a Go duration
@@ -615,7 +616,7 @@ func (c *Config) validate(v *validator) {
 		if e.PollUS < 0 || e.PollUS > MaxPollUS {
 			v.errAt(key+".poll-us", "%d: must be 0 (off) to %d microseconds", e.PollUS, MaxPollUS)
 		}
-		if e.AdaptivePoll && e.PollUS > 0 {
+		if e.AdaptivePoll != nil && *e.AdaptivePoll && e.PollUS > 0 {
 			v.errAt(key+".adaptive-poll", "true with poll-us = %d: choose one (adaptive polling, or a fixed poll after every batch)", e.PollUS)
 		}
 		e.NegotiationWait = 0
@@ -653,7 +654,7 @@ func (c *Config) validateNBD(v *validator, key string, e *Export, i int, addrs m
 	if e.Device == "" {
 		v.errAt(key+".device", "missing device")
 	}
-	if e.NumQueues != 0 || e.LogicalBlockSize != 0 || e.Serial != "" || e.PollUS != 0 || e.AdaptivePoll || e.Protect || e.FallBehind != "" || e.AllowRemoteWrite {
+	if e.NumQueues != 0 || e.LogicalBlockSize != 0 || e.Serial != "" || e.PollUS != 0 || e.AdaptivePoll != nil || e.Protect || e.FallBehind != "" || e.AllowRemoteWrite {
 		v.errAt(key+".type", "nbd exports take none of num-queues, logical-block-size, serial, poll-us, adaptive-poll, protect, fall-behind, allow-remote-write")
 	}
 	switch {

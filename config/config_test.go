@@ -80,6 +80,8 @@ func TestConfigErrors(t *testing.T) {
 			[]string{"vm.toml:9: export[0].adaptive-poll: true with poll-us = 20: choose one"}},
 		{"adaptive-poll on nbd", "[[device]]\nname = \"a\"\ntable = \"0 8 zero\"\n[[export]]\ntype = \"nbd\"\nid = \"e\"\ndevice = \"a\"\nsocket = \"s\"\nadaptive-poll = true\n",
 			[]string{"vm.toml:5: export[0].type: nbd exports take none of num-queues, logical-block-size, serial, poll-us, adaptive-poll, protect, fall-behind, allow-remote-write"}},
+		{"adaptive-poll = false on nbd", "[[device]]\nname = \"a\"\ntable = \"0 8 zero\"\n[[export]]\ntype = \"nbd\"\nid = \"e\"\ndevice = \"a\"\nsocket = \"s\"\nadaptive-poll = false\n",
+			[]string{"vm.toml:5: export[0].type: nbd exports take none of num-queues, logical-block-size, serial, poll-us, adaptive-poll, protect, fall-behind, allow-remote-write"}},
 		{"export errors", `[[device]]
 name = "a"
 readonly = true

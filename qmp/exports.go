@@ -43,9 +43,9 @@ type ExportOptions struct {
 	// Poll is vhost.ExportConfig's (zero: off); set from the
 	// configuration file only.
 	Poll time.Duration
-	// AdaptivePoll is vhost.ExportConfig's; set from the configuration
-	// file only.
-	AdaptivePoll bool
+	// NoAdaptivePoll is vhost.ExportConfig's (adaptive-poll = false); set
+	// from the configuration file only.
+	NoAdaptivePoll bool
 }
 
 // ExportInfo is one entry of query-block-exports.

@@ -4,11 +4,14 @@
 # front-end client in package vhost) and the same workloads.
 #
 #   scripts/bench-vs-qsd.sh [--json] [--runs N] [--duration D] [--slice D] [--rows "1 2 3 4 5 6 7"]
-#                           [--poll-us N | --adaptive-poll] [--env K=V]... [--serve-bin PATH] [--keep]
+#                           [--poll-us N | --adaptive-poll | --no-adaptive-poll] [--env K=V]...
+#                           [--serve-bin PATH] [--keep]
 #
 # --poll-us sets export.poll-us of every vhostdm export (busy-polling,
-# default off; docs/PERFORMANCE.md), --adaptive-poll their adaptive-poll
-# (QEMU-style adaptive polling, default off); --env sets an environment variable of
+# default off; docs/PERFORMANCE.md), --adaptive-poll and --no-adaptive-poll
+# their adaptive-poll to true or false (QEMU-style adaptive polling; without
+# either the exports keep the build's default, which is on since session 8
+# and off before, for --serve-bin comparisons); --env sets an environment variable of
 # `vhostdm serve`;
 # --rows picks the rows to run (default all); --serve-bin serves with another
 # vhostdm binary (an older build, for before/after comparisons in one run)
@@ -92,6 +95,7 @@ while [ $# -gt 0 ]; do
 	--serve-bin=*) serve_bin=${1#*=}; shift ;;
 	--poll-us) poll_us=$2; shift 2 ;;
 	--adaptive-poll) adaptive_poll=1; shift ;;
+	--no-adaptive-poll) adaptive_poll=-1; shift ;;
 	--poll-us=*) poll_us=${1#*=}; shift ;;
 	--env) venv+=("$2"); shift 2 ;;
 	--env=*) venv+=("${1#*=}"); shift ;;
@@ -99,8 +103,8 @@ while [ $# -gt 0 ]; do
 	*) echo "bench-vs-qsd.sh: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
-if [ "$poll_us" != 0 ] && [ "$adaptive_poll" = 1 ]; then
-	echo "bench-vs-qsd.sh: --poll-us and --adaptive-poll: choose one" >&2
+if [ "$poll_us" != 0 ] && [ "$adaptive_poll" != 0 ]; then
+	echo "bench-vs-qsd.sh: --poll-us and --adaptive-poll or --no-adaptive-poll: choose one" >&2
 	exit 2
 fi
 if ! [[ "$runs" =~ ^[0-9]+$ ]] || [ "$runs" -lt 1 ]; then
@@ -162,6 +166,8 @@ if [ "$poll_us" != 0 ]; then
 	pollkey="poll-us = $poll_us"
 elif [ "$adaptive_poll" = 1 ]; then
 	pollkey="adaptive-poll = true"
+elif [ "$adaptive_poll" = -1 ]; then
+	pollkey="adaptive-poll = false"
 fi
 seg_sectors=1024
 nseg=1000
@@ -400,7 +406,7 @@ served=""
 if [ -n "$serve_bin" ]; then
 	served=", vhostdm served by $serve_bin"
 fi
-report_args=(--report "$results" --note "$ncpu CPUs, $cpu_model, load average $load at the end, runs $runs x $duration (row 5's vhostdm devices paired in slices of $slice)$served${venv[*]:+, vhostdm env ${venv[*]}}$(if [ "$poll_us" != 0 ]; then echo ", poll-us $poll_us"; fi)$(if [ "$adaptive_poll" = 1 ]; then echo ", adaptive-poll"; fi)")
+report_args=(--report "$results" --note "$ncpu CPUs, $cpu_model, load average $load at the end, runs $runs x $duration (row 5's vhostdm devices paired in slices of $slice)$served${venv[*]:+, vhostdm env ${venv[*]}}$(if [ "$poll_us" != 0 ]; then echo ", poll-us $poll_us"; fi)$(if [ "$adaptive_poll" = 1 ]; then echo ", adaptive-poll"; elif [ "$adaptive_poll" = -1 ]; then echo ", no adaptive-poll"; fi)")
 if [ "$json" = 1 ]; then
 	report_args+=(--json)
 fi

@@ -57,14 +57,13 @@ type ExportConfig struct {
 	// setting for it.
 	Poll time.Duration
 
-	// AdaptivePoll makes each split-ring queue poll its available ring
-	// after a batch only while the driver's recent batches came back
-	// quickly, as QEMU's IOThreads poll (queue.adjustPoll): up to 32 µs,
-	// and not at all for an idle or slow driver. It is ignored when Poll
-	// is set. Off by default: on two CPUs it doubled the null path's
-	// throughput at two queues but cost 4 KiB page-cache reads 10-17%
-	// more CPU per request (docs/PERFORMANCE.md, session 7).
-	AdaptivePoll bool
+	// NoAdaptivePoll turns off adaptive polling. By default (and unless
+	// Poll is set) each split-ring queue polls its available ring after
+	// a batch while the driver's recent batches came back quickly, as
+	// QEMU's IOThreads poll (queue.adjustPoll): up to 32 µs, and only
+	// after a batch whose requests were cheap to dispatch
+	// (queue.cheapBatch); never for an idle or slow driver.
+	NoAdaptivePoll bool
 
 	// Table, when set, tells which of discard and write-zeroes the
 	// device's table serves, and when a reload may have changed that;

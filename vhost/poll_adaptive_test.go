@@ -45,7 +45,7 @@ func TestAdaptivePoll(t *testing.T) {
 }
 
 func testAdaptivePoll(t *testing.T, adaptive bool) {
-	env := newTestEnv(t, 16<<20, ExportConfig{NumQueues: 1, AdaptivePoll: adaptive})
+	env := newTestEnv(t, 16<<20, ExportConfig{NumQueues: 1, NoAdaptivePoll: !adaptive})
 	c := env.dial(t, frontend.Config{NumQueues: 1, QueueSize: 128, Indirect: true})
 	ctx := testCtx(t)
 	env.exp.mu.Lock()

@@ -699,7 +699,7 @@ func (q *queue) drain() error {
 				if q.pollAvail(poll) {
 					continue
 				}
-			} else if q.dev.exp.cfg.AdaptivePoll && !polled {
+			} else if !q.dev.exp.cfg.NoAdaptivePoll && !polled {
 				// Adaptive: poll for as long as recent waits for
 				// the driver were short (adjustPoll).
 				polled = true

@@ -24,7 +24,7 @@ func TestExportTunables(t *testing.T) {
 		{"default", ExportConfig{}},
 		{"poll", ExportConfig{Poll: 20 * time.Microsecond}},
 		{"poll-short", ExportConfig{Poll: 5 * time.Microsecond}},
-		{"adaptive-poll", ExportConfig{AdaptivePoll: true}},
+		{"no-adaptive-poll", ExportConfig{NoAdaptivePoll: true}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			forEachLayout(t, func(t *testing.T, packed bool) {

@@ -21,7 +21,7 @@ func exportOptions(c *config.Config, e config.Export) qmp.ExportOptions {
 	o.SocketOwner, o.SocketGroup, o.SocketMode = p.Owner, p.Group, p.Mode
 	o.NegotiationTimeout = e.NegotiationWait
 	o.Poll = time.Duration(e.PollUS) * time.Microsecond
-	o.AdaptivePoll = e.AdaptivePoll
+	o.NoAdaptivePoll = e.AdaptivePoll != nil && !*e.AdaptivePoll
 	if e.Type == config.TypeNBD {
 		o.Listen, o.Name, o.Description, o.Bitmaps = e.Listen, e.Name, e.Description, e.Bitmaps
 		o.TLSCreds, o.TLSNoVerifyPeer = c.Path(e.TLSCreds), !e.VerifyPeer()

@@ -34,3 +34,42 @@ socket = "b.sock"
 		t.Errorf("no poll-us: Poll %v, want 0 (off)", got)
 	}
 }
+
+// TestExportAdaptivePoll: adaptive polling is on unless the export says
+// adaptive-poll = false; adaptive-poll = false with poll-us is accepted
+// (the fixed poll replaces it anyway).
+func TestExportAdaptivePoll(t *testing.T) {
+	c, err := config.Parse([]byte(`version = 1
+[[device]]
+name = "z"
+table = "0 8 zero"
+[[export]]
+id = "a"
+device = "z"
+socket = "a.sock"
+[[export]]
+id = "b"
+device = "z"
+socket = "b.sock"
+adaptive-poll = false
+[[export]]
+id = "c"
+device = "z"
+socket = "c.sock"
+adaptive-poll = true
+[[export]]
+id = "d"
+device = "z"
+socket = "d.sock"
+adaptive-poll = false
+poll-us = 20
+`), "vm.toml", t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, want := range []bool{false, true, false, true} {
+		if got := exportOptions(c, c.Exports[i]).NoAdaptivePoll; got != want {
+			t.Errorf("export %s: NoAdaptivePoll %v, want %v", c.Exports[i].ID, got, want)
+		}
+	}
+}

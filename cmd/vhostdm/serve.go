@@ -378,7 +378,7 @@ func (s *exportSet) Add(o qmp.ExportOptions) error {
 		SocketOwner: o.SocketOwner, SocketGroup: o.SocketGroup, SocketMode: o.SocketMode,
 		NegotiationTimeout: o.NegotiationTimeout,
 		Poll:               o.Poll,
-		AdaptivePoll:       o.AdaptivePoll,
+		NoAdaptivePoll:     o.NoAdaptivePoll,
 		Table:              dev,
 		Logger:             s.d.log,
 		OnConnect:          connection(true), OnDisconnect: connection(false),
