@@ -243,24 +243,7 @@ func (r *raid) writeStripeCached(s uint64, m *stripeMap, segs []seg) error {
 	if rmw {
 		need = needR
 	}
-	// Sequential writes: when the row before is cached with the members
-	// this write reads, read those members to the end of the chunk at
-	// once, so that the next writes in the stripe read nothing.
-	fill, fillNeed := rows, need
-	if j0 > 0 && j1 < rpc {
-		if prev := r.cache.peek(s*rpc + j0 - 1); prev != nil {
-			last := need[len(need)-1]
-			seq := true
-			for i, x := range last {
-				seq = seq && (!x || prev.valid[i])
-			}
-			for j := j1; seq && j < rpc; j++ {
-				fill = append(fill, r.cache.get(s*rpc+j))
-				fillNeed = append(fillNeed, last)
-			}
-		}
-	}
-	if !r.fillRows(s, j0, fill, fillNeed) {
+	if !r.fillRowsAhead(s, j0, j1, rows, need) {
 		// A member is out of service or failed: fill every row of
 		// every member, reconstructing the missing ones.
 		rmw = false
@@ -269,24 +252,7 @@ func (r *raid) writeStripeCached(s uint64, m *stripeMap, segs []seg) error {
 				need[j][i] = true
 			}
 		}
-		// Sequential writes: when the row before is cached with the members
-		// this write reads, read those members to the end of the chunk at
-		// once, so that the next writes in the stripe read nothing.
-		fill, fillNeed := rows, need
-		if j0 > 0 && j1 < rpc {
-			if prev := r.cache.peek(s*rpc + j0 - 1); prev != nil {
-				last := need[len(need)-1]
-				seq := true
-				for i, x := range last {
-					seq = seq && (!x || prev.valid[i])
-				}
-				for j := j1; seq && j < rpc; j++ {
-					fill = append(fill, r.cache.get(s*rpc+j))
-					fillNeed = append(fillNeed, last)
-				}
-			}
-		}
-		if !r.fillRows(s, j0, fill, fillNeed) {
+		if !r.fillRowsAhead(s, j0, j1, rows, need) {
 			if err := r.reconstructRows(s, m, rows); err != nil {
 				return err
 			}
@@ -345,21 +311,9 @@ func (r *raid) writeStripeCached(s uint64, m *stripeMap, segs []seg) error {
 		}
 	}
 	// Data goes out from the request's buffers, P/Q from the entries.
-	var wg sync.WaitGroup
-	write := func(dev int, bufs [][]byte, off int64) {
-		if r.devs[dev].faulty.Load() {
-			return
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := r.devs[dev].dev.WriteAt(bufs, off); err != nil {
-				r.fail(dev, err)
-			}
-		}()
-	}
+	var mw memberWrites
 	for _, sg := range segs {
-		write(m.data[sg.k], sg.bufs, r.devOffset(s, sg.lo))
+		mw.write(r, m.data[sg.k], sg.bufs, r.devOffset(s, sg.lo))
 	}
 	for _, p := range []int{m.pd, m.qd} {
 		if p < 0 {
@@ -369,9 +323,9 @@ func (r *raid) writeStripeCached(s uint64, m *stripeMap, segs []seg) error {
 		for j, row := range rows {
 			bufs[j] = row.data[p]
 		}
-		write(p, bufs, r.devOffset(s, j0*rowSectors))
+		mw.write(r, p, bufs, r.devOffset(s, j0*rowSectors))
 	}
-	wg.Wait()
+	mw.wait()
 	return r.survives()
 }
 
@@ -387,6 +341,30 @@ func copyFromBufs(dst []byte, bufs *[][]byte) {
 			(*bufs)[0] = b[c:]
 		}
 	}
+}
+
+// fillRowsAhead is fillRows for the rows [j0, j1) of stripe s, plus, for
+// sequential writes, the rest of the chunk: when the row before j0 is
+// cached with the members this write reads, those members are read to the
+// end of the chunk at once, so that the next writes in the stripe read
+// nothing.
+func (r *raid) fillRowsAhead(s, j0, j1 uint64, rows []*cacheRow, need [][]bool) bool {
+	rpc := r.chunk / rowSectors
+	fill, fillNeed := rows, need
+	if j0 > 0 && j1 < rpc {
+		if prev := r.cache.peek(s*rpc + j0 - 1); prev != nil {
+			last := need[len(need)-1]
+			seq := true
+			for i, x := range last {
+				seq = seq && (!x || prev.valid[i])
+			}
+			for j := j1; seq && j < rpc; j++ {
+				fill = append(fill, r.cache.get(s*rpc+j))
+				fillNeed = append(fillNeed, last)
+			}
+		}
+	}
+	return r.fillRows(s, j0, fill, fillNeed)
 }
 
 // fillRows reads into the entries rows (rows j0.. of stripe s) the member

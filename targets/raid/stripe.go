@@ -205,29 +205,36 @@ func (r *raid) writeStripe(s uint64, segs []seg) error {
 		g.parity(m, rows)
 	}
 	// Data goes out from the request's buffers, parity from rows.
-	var wg sync.WaitGroup
-	write := func(dev int, bufs [][]byte, off int64) {
-		if r.devs[dev].faulty.Load() {
-			return
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := r.devs[dev].dev.WriteAt(bufs, off); err != nil {
-				r.fail(dev, err)
-			}
-		}()
-	}
+	var mw memberWrites
 	for _, sg := range segs {
-		write(m.data[sg.k], sg.bufs, r.devOffset(s, sg.lo))
+		mw.write(r, m.data[sg.k], sg.bufs, r.devOffset(s, sg.lo))
 	}
-	write(m.pd, [][]byte{rows[m.pd]}, r.devOffset(s, lo))
+	mw.write(r, m.pd, [][]byte{rows[m.pd]}, r.devOffset(s, lo))
 	if m.qd >= 0 {
-		write(m.qd, [][]byte{rows[m.qd]}, r.devOffset(s, lo))
+		mw.write(r, m.qd, [][]byte{rows[m.qd]}, r.devOffset(s, lo))
 	}
-	wg.Wait()
+	mw.wait()
 	return r.survives()
 }
+
+// memberWrites writes to members in parallel, skipping those out of
+// service; a failed write takes its member out of service (raid.fail).
+type memberWrites struct{ wg sync.WaitGroup }
+
+// write starts writing bufs at off of member dev.
+func (w *memberWrites) write(r *raid, dev int, bufs [][]byte, off int64) {
+	if r.devs[dev].faulty.Load() {
+		return
+	}
+	w.wg.Go(func() {
+		if err := r.devs[dev].dev.WriteAt(bufs, off); err != nil {
+			r.fail(dev, err)
+		}
+	})
+}
+
+// wait waits for every write started.
+func (w *memberWrites) wait() { w.wg.Wait() }
 
 // readModify computes new parity rows [lo, hi) of stripe s from the old
 // parity and the old and new data of segs. It returns nil if a read
