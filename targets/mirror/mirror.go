@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 
 	"github.com/vhostdm/vhostdm/copier"
+	"github.com/vhostdm/vhostdm/internal/bgtask"
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/targets/dirtylog"
 )
@@ -134,10 +135,7 @@ type mirror struct {
 
 	rr atomic.Uint32 // read balancing
 
-	// Recovery control, guarded by rmu.
-	rmu     sync.Mutex
-	stop    chan struct{}
-	stopped chan struct{}
+	recovery bgtask.Task // runs recover
 }
 
 func newMirror(c *mapper.Ctx, args []string) (mapper.Target, error) {
@@ -569,33 +567,14 @@ func (m *mirror) Areas(fn func(b mapper.Backend, start, length uint64) error) er
 	return nil
 }
 
-func (m *mirror) startRecovery() {
-	m.rmu.Lock()
-	defer m.rmu.Unlock()
-	if m.stop != nil {
-		return
-	}
-	m.stop = make(chan struct{})
-	m.stopped = make(chan struct{})
-	go m.recover(m.stop, m.stopped)
-}
+func (m *mirror) startRecovery() { m.recovery.Start(m.recover) }
 
-func (m *mirror) stopRecovery() {
-	m.rmu.Lock()
-	stop, stopped := m.stop, m.stopped
-	m.stop, m.stopped = nil, nil
-	m.rmu.Unlock()
-	if stop != nil {
-		close(stop)
-		<-stopped
-	}
-}
+func (m *mirror) stopRecovery() { m.recovery.Stop() }
 
 // recover resynchronises the regions the log reports out of sync, one at a
 // time: the region is quiesced (new writes wait), copied from the default
 // leg to the others, and marked in sync.
-func (m *mirror) recover(stop, stopped chan struct{}) {
-	defer close(stopped)
+func (m *mirror) recover(stop <-chan struct{}) {
 	worked := false
 	for {
 		select {

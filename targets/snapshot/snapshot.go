@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 
 	"github.com/vhostdm/vhostdm/copier"
+	"github.com/vhostdm/vhostdm/internal/bgtask"
 	"github.com/vhostdm/vhostdm/mapper"
 )
 
@@ -209,11 +210,7 @@ type snapTarget struct {
 	// origin device beneath, without copying out.
 	discardZeroes, discardPassdown bool
 
-	// Merge control, guarded by mmu.
-	mmu     sync.Mutex
-	stop    chan struct{}
-	stopped chan struct{}
-	closed  bool
+	merger bgtask.Task // runs mergeLoop
 }
 
 func newSnapshot(c *mapper.Ctx, args []string) (mapper.Target, error) {
@@ -666,10 +663,7 @@ func (t *snapTarget) Resume() error {
 // Close stops a merge and leaves the COW device; the last table to leave
 // it unregisters the snapshot from its origin.
 func (t *snapTarget) Close() error {
-	t.mmu.Lock()
-	t.closed = true
-	t.mmu.Unlock()
-	t.stopMerge()
+	t.merger.Close()
 	cs := t.cs
 	// No origin write may be copying out to us while we leave.
 	unlock := t.o.locks.lock(0, ^uint64(0), true)
@@ -724,32 +718,13 @@ func (t *snapTarget) Message(args []string) (string, error) {
 	return "", fmt.Errorf("unrecognised message %q", strings.Join(args, " "))
 }
 
-func (t *snapTarget) startMerge() {
-	t.mmu.Lock()
-	defer t.mmu.Unlock()
-	if t.closed || t.stop != nil {
-		return
-	}
-	t.stop = make(chan struct{})
-	t.stopped = make(chan struct{})
-	go t.mergeLoop(t.stop, t.stopped)
-}
+func (t *snapTarget) startMerge() { t.merger.Start(t.mergeLoop) }
 
-func (t *snapTarget) stopMerge() {
-	t.mmu.Lock()
-	stop, stopped := t.stop, t.stopped
-	t.stop, t.stopped = nil, nil
-	t.mmu.Unlock()
-	if stop != nil {
-		close(stop)
-		<-stopped
-	}
-}
+func (t *snapTarget) stopMerge() { t.merger.Stop() }
 
 // mergeLoop copies exceptions back to the origin, newest first, a run of
 // consecutive chunks at a time, until none is left or it is stopped.
-func (t *snapTarget) mergeLoop(stop, stopped chan struct{}) {
-	defer close(stopped)
+func (t *snapTarget) mergeLoop(stop <-chan struct{}) {
 	cs := t.cs
 	fail := func(err error) {
 		cs.mu.Lock()
