@@ -17,6 +17,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/RoaringBitmap/roaring/v2"
@@ -24,6 +25,7 @@ import (
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/repagent/agent/actlog"
 	"github.com/vhostdm/vhostdm/repagent/wire"
+	"golang.org/x/sys/unix"
 )
 
 // Device is what the agent wraps: vhost.Device, implemented by
@@ -381,7 +383,8 @@ type agentVolume struct {
 	mirror   bool   // the hub asked for mirroring on this connection
 	detached bool
 	dirty    *roaring.Bitmap
-	pending  []*qitem // unacknowledged, in sequence order
+	pending  []*qitem // unacknowledged, in sequence order (pend)
+	pendArr  []*qitem // pending's array, whose head ack frees
 	pendIOs  int
 	pendB    int64
 	sync     bool
@@ -1097,7 +1100,7 @@ func (a *Agent) queueWrite(v *agentVolume, op mapper.Op, sector, sectors uint64,
 		pw.Seq = it.seq
 		a.nextSeq++
 		a.enqueue(it, false)
-		v.pending = append(v.pending, it)
+		v.pend(it)
 		v.pendIOs++
 		v.pendB += it.bytes
 		a.queueBytes += it.bytes
@@ -1264,6 +1267,29 @@ func (a *Agent) ack(seq uint64) {
 	a.broadcast()
 }
 
+// pend appends it to v.pending. ack drops acknowledged items from the
+// front: when the array is full and at least half of it is free at the
+// head, the items move back to its start instead of into a new array (a
+// growing array per few thousand writes, garbage to collect).
+func (v *agentVolume) pend(it *qitem) {
+	// pending is the tail of pendArr: ack takes from its front, append
+	// adds at its end.
+	n := len(v.pending)
+	if n == cap(v.pending) && cap(v.pendArr)-n >= n && cap(v.pendArr) > 0 {
+		copy(v.pendArr, v.pending)
+		clear(v.pendArr[n:])
+		v.pending = v.pendArr[:n]
+	}
+	if len(v.pending) == cap(v.pending) {
+		// Twice the items: at a steady backlog the array is then at
+		// least half free when the items reach its end (append would
+		// grow a large slice by a quarter).
+		v.pendArr = make([]*qitem, max(2*n, 64))
+		v.pending = v.pendArr[:copy(v.pendArr, v.pending)]
+	}
+	v.pending = append(v.pending, it)
+}
+
 // release accounts for an item leaving the pending list; a.mu held.
 func (a *Agent) release(v *agentVolume, it *qitem) {
 	if it.write {
@@ -1306,7 +1332,7 @@ func (a *Agent) disconnected() {
 			}
 			a.release(v, it)
 		}
-		v.pending = nil
+		v.pending, v.pendArr = nil, nil
 		v.id = 0
 		v.mirror = false
 		v.sync = false
@@ -1382,7 +1408,7 @@ func (a *Agent) queueDirtyMap(v *agentVolume, initial bool) {
 		it.msg = &wire.DirtyMap{Seq: it.seq, Volume: v.id, Initial: initial && first, RegionSectors: a.cfg.RegionSectors, Extents: chunk}
 		a.nextSeq++
 		a.enqueue(it, true)
-		v.pending = append(v.pending, it)
+		v.pend(it)
 		if len(exts) == 0 {
 			it.alFull, v.alFull = v.alFull, false
 		}
@@ -1618,8 +1644,10 @@ type agentConn struct {
 
 	// The sender's batch, reused (sendLoop). The other writers (c.w)
 	// flush under wmu: the socket has nothing of theirs buffered.
-	vectored bool          // nc takes writev: a TCP or Unix socket
-	bw       *bufio.Writer // otherwise (TLS), written under wmu
+	vectored bool            // nc takes writev: a TCP or Unix socket
+	rc       syscall.RawConn // nc's socket, for writevRaw
+	rawIov   []unix.Iovec    // writevRaw's vector, reused
+	bw       *bufio.Writer   // otherwise (TLS), written under wmu
 	pooled   [][]byte
 	spare    []*qitem // the other queue slice, swapped with Agent.queue
 	hdr      []byte
@@ -1700,7 +1728,8 @@ func (a *Agent) runConn(ctx context.Context) error {
 		sem: make(chan struct{}, 32), bye: make(chan struct{}), done: make(chan struct{})}
 	switch nc.(type) {
 	case *net.TCPConn, *net.UnixConn:
-		c.vectored = true
+		c.rc = rawConn(nc)
+		c.vectored = c.rc != nil
 	}
 	stop := context.AfterFunc(ctx, c.shut)
 	defer stop()
@@ -2132,8 +2161,7 @@ func (c *agentConn) writeBatch() error {
 		for len(bufs) > 0 {
 			n := pieceLen(bufs)
 			c.nc.SetWriteDeadline(time.Now().Add(timeout))
-			v := bufs[:n:n] // WriteTo consumes its receiver
-			if _, err := v.WriteTo(c.nc); err != nil {
+			if err := c.writevRaw(bufs[:n:n]); err != nil {
 				return err
 			}
 			bufs = bufs[n:]
