@@ -1118,10 +1118,12 @@ func (a *Agent) queueWrite(v *agentVolume, op mapper.Op, sector, sectors uint64,
 // One write and one hub commit then carry many guest writes; frames that
 // something waits for (a synchronous write, a paced guest, a dirty map, a
 // checkpoint, Sync, Close, a write waiting for room in the activity log)
-// go at once.
+// go at once. At 2 ms and 512 KiB (1 ms and 256 KiB before) a 4 KiB
+// random write run at QD32 made 30% fewer writev calls (and hub reads),
+// at under 1 ms more RPO.
 const (
-	sendBatchBytes = 256 << 10
-	maxHold        = time.Millisecond
+	sendBatchBytes = 512 << 10
+	maxHold        = 2 * time.Millisecond
 )
 
 // enqueue appends a frame to the send queue; urgent frames are sent
