@@ -4,7 +4,10 @@
 # protected (mirrored to a `repagent-hub serve` on loopback) and one not,
 # driven in turn by `vhostdm bench` (the vhost front-end client).
 #
-#   scripts/bench-replication.sh [--runs N] [--duration D] [--keep]
+#   scripts/bench-replication.sh [--runs N] [--duration D] [--bin DIR] [--keep]
+#
+# --bin DIR uses DIR/vhostdm and DIR/repagent-hub as built (for A/B runs of
+# two trees alternated on one machine) instead of building this tree's.
 #
 # Rows, each --runs times (default 3), protected and unprotected alternating
 # which goes first; the medians are printed:
@@ -15,6 +18,9 @@
 #                                protected volume the largest RPO that
 #                                query-repagent reported (sampled every 100 ms
 #                                by the client, vhostdm bench --rpo-qmp)
+#                                and context switches per write of the
+#                                vhostdm process (all its threads, from
+#                                /proc/PID/task/*/status; in the log line)
 #   1M sequential write QD8:     MiB/s, CPU per write, RPO
 #   1M sequential write QD8, a FLUSH after every write (vhostdm bench
 #                                --fsync 1): the same with both sides
@@ -42,12 +48,14 @@ cd "$(dirname "$0")/.."
 runs=3
 duration=5s
 keep=0
+bin=
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--runs) runs=$2; shift 2 ;;
 	--duration) duration=$2; shift 2 ;;
 	--keep) keep=1; shift ;;
-	-h|--help) sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	--bin) bin=$2; shift 2 ;;
+	-h|--help) sed -n '2,44p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "bench-replication.sh: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
@@ -64,9 +72,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-log "building"
-"$GO" build -o "$dir/vhostdm" ./cmd/vhostdm
-"$GO" build -o "$dir/repagent-hub" ./cmd/repagent-hub
+if [ -n "$bin" ]; then
+	log "using $bin/vhostdm and $bin/repagent-hub"
+	cp "$bin/vhostdm" "$bin/repagent-hub" "$dir/"
+else
+	log "building"
+	"$GO" build -o "$dir/vhostdm" ./cmd/vhostdm
+	"$GO" build -o "$dir/repagent-hub" ./cmd/repagent-hub
+fi
 # Equal images of random data, both read once: the hub's initial sync reads
 # the protected one, and ext4 writes into cached pages over holes (a sparse
 # image read once) several times slower than into allocated blocks, which
@@ -151,20 +164,22 @@ wait_protecting() {
 }
 
 cpu() { awk '{print $14 + $15}' "/proc/${1:-$vpid}/stat"; }
+# csw: the context switches (voluntary and not) of all of vhostdm's threads
+csw() { cat /proc/"$vpid"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n}'; }
 tck=$(getconf CLK_TCK)
 
-# one EXPORT RW BS QD [FSYNC]: prints "iops bytes_per_sec cpu_per_op_us max_rpo_s hub_cpu_per_op_us"
+# one EXPORT RW BS QD [FSYNC]: prints "iops bytes_per_sec cpu_per_op_us max_rpo_s hub_cpu_per_op_us csw_per_op"
 one() {
-	local exp=$1 rw=$2 bs=$3 qd=$4 fsync=${5:-0} rpo=0 c0 c1 h0 h1 out sample=()
+	local exp=$1 rw=$2 bs=$3 qd=$4 fsync=${5:-0} rpo=0 c0 c1 h0 h1 s0 s1 out sample=()
 	[ "$exp" = p ] && wait_protecting
 	: >"$dir/rpo"
 	# The RPO is sampled every 100 ms by the client itself, over one QMP
 	# connection: a sampler process per sample (a QMP client and jq) took
 	# about a third of the two CPUs during the protected runs only.
 	[ "$exp" = p ] && sample=(--rpo-qmp "$dir/qmp.sock" --rpo-interval 100ms)
-	c0=$(cpu); h0=$(cpu "$hpid")
+	c0=$(cpu); h0=$(cpu "$hpid"); s0=$(csw)
 	out=$("$dir/vhostdm" bench --socket "$dir/$exp.sock" --rw "$rw" --bs "$bs" --iodepth "$qd" --fsync "$fsync" --duration "$duration" --json "${sample[@]}")
-	c1=$(cpu); h1=$(cpu "$hpid")
+	c1=$(cpu); h1=$(cpu "$hpid"); s1=$(csw)
 	if [ "$exp" = p ]; then
 		echo "$out" | jq -r '.max_rpo_s' >>"$dir/rpo"
 		# and until the hub has caught up: the RPO of the run's tail
@@ -174,8 +189,8 @@ one() {
 		done
 		rpo=$(sort -g "$dir/rpo" | tail -1)
 	fi
-	echo "$out" | jq -r --arg c "$(( c1 - c0 ))" --arg h "$(( h1 - h0 ))" --arg t "$tck" --arg r "$rpo" \
-		'"\(.iops) \(.bytes_per_sec) \((($c|tonumber) / ($t|tonumber)) / .ops * 1e6) \($r) \((($h|tonumber) / ($t|tonumber)) / .ops * 1e6)"'
+	echo "$out" | jq -r --arg c "$(( c1 - c0 ))" --arg h "$(( h1 - h0 ))" --arg t "$tck" --arg r "$rpo" --arg s "$(( s1 - s0 ))" \
+		'"\(.iops) \(.bytes_per_sec) \((($c|tonumber) / ($t|tonumber)) / .ops * 1e6) \($r) \((($h|tonumber) / ($t|tonumber)) / .ops * 1e6) \(($s|tonumber) / .ops)"'
 }
 
 div() { awk -v a="$1" -v b="$2" 'BEGIN { print (b == 0 ? 0 : a / b) }'; }
@@ -189,7 +204,7 @@ row() {
 		for e in $order; do
 			log "$name run $i: $e"
 			one "$e" "$rw" "$bs" "$qd" "$fsync" >>"$dir/$e.txt"
-			log "$name run $i: $e: iops B/s cpu_us rpo_s hub_cpu_us = $(tail -1 "$dir/$e.txt")"
+			log "$name run $i: $e: iops B/s cpu_us rpo_s hub_cpu_us csw = $(tail -1 "$dir/$e.txt")"
 		done
 	done
 	local pi ui pb ub pc uc pr ph

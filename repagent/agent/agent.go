@@ -17,6 +17,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/RoaringBitmap/roaring/v2"
@@ -24,6 +25,7 @@ import (
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/repagent/agent/actlog"
 	"github.com/vhostdm/vhostdm/repagent/wire"
+	"golang.org/x/sys/unix"
 )
 
 // Device is what the agent wraps: vhost.Device, implemented by
@@ -381,7 +383,8 @@ type agentVolume struct {
 	mirror   bool   // the hub asked for mirroring on this connection
 	detached bool
 	dirty    *roaring.Bitmap
-	pending  []*qitem // unacknowledged, in sequence order
+	pending  []*qitem // unacknowledged, in sequence order (pend)
+	pendArr  []*qitem // pending's array, whose head ack frees
 	pendIOs  int
 	pendB    int64
 	sync     bool
@@ -397,11 +400,18 @@ type agentVolume struct {
 	overflowing bool   // writes overflow the queue (logged once per episode)
 	ovWrites    uint64 // written to the dirty bitmap in this episode
 	ovBytes     uint64
-	awayIOs     uint64     // writes dirtied since mirroring last stopped
-	awayWarned  bool       // the on-hub-loss policy was logged for this outage
-	room        *sync.Cond // on a.mu: paced writers wait here
-	paced       int        // writers waiting on room
-	hw          int64      // the high-water mark they wait to go under
+	awayIOs     uint64 // writes dirtied since mirroring last stopped
+	awayWarned  bool   // the on-hub-loss policy was logged for this outage
+	// Pacing (see pace): an episode starts when the backlog passes the
+	// high-water mark (or PaceAge) and ends, releasing every writer
+	// it holds at once, when an acknowledgement brings the backlog
+	// down to the low-water mark lw (and under PaceAge).
+	room      *sync.Cond // on a.mu: paced writers wait here
+	pacing    bool       // an episode is on: every write's completion waits
+	paceGen   uint64     // episodes ended: a paced writer waits for it to change
+	paced     int        // writers waiting on room
+	lw        int64      // the low-water mark that ends the episode
+	paceWakes uint64     // times a paced writer woke (tests: no spurious wake-ups)
 }
 
 // VolumeStats counts what the agent did for a volume.
@@ -640,7 +650,7 @@ func (a *Agent) Detach(name string) {
 	}
 	v.detached = true
 	v.mirror = false
-	v.room.Broadcast()
+	a.endPacing(v)
 	if v.id != 0 {
 		delete(a.byID, v.id)
 	}
@@ -875,27 +885,73 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 		last.done = make(chan struct{})
 		return last.seq, false, last.done
 	}
-	// Above the high-water mark (three quarters of the volume's share of
-	// the queue) the guest's completion waits for the hub to catch up:
-	// the guest runs at the hub's pace instead of overflowing into the
-	// dirty map and having the hub re-read what it wrote.
-	// So does a backlog older than PaceAge: the RPO stays bounded when
-	// the hub acknowledges slowly.
-	if hw := share / 4 * 3; v.pendB > hw || v.tooOld(now) {
-		if !a.urgent {
-			// The guest waits for the hub: what is queued goes now.
-			a.urgent = true
-			a.wakeSender()
-		}
-		v.stats.Paced++
-		v.hw = hw
-		v.paced++
-		for (v.pendB > hw || v.tooOld(time.Now())) && a.canMirror(v) && !a.stopped {
-			v.room.Wait()
-		}
-		v.paced--
-	}
+	// Past the high-water mark or PaceAge, the completion waits for the
+	// hub to catch up.
+	a.pace(v, share, now)
 	return last.seq, false, nil
+}
+
+// pace holds the completion of a write just queued while v is paced: above
+// the high-water mark (three quarters of the volume's share of the queue)
+// the guest runs at the hub's pace instead of overflowing into the dirty
+// map and having the hub re-read what it wrote; so does a backlog older
+// than PaceAge, so the RPO stays bounded when the hub acknowledges slowly.
+//
+// Pacing goes by episodes, with hysteresis: one starts when the backlog
+// passes the high-water mark (or PaceAge), every write completed meanwhile
+// joins it, and the acknowledgement that brings the backlog down to the
+// low-water mark (an eighth of the share lower, and under PaceAge) ends it
+// and releases all its writers with one broadcast (endPacing). A released
+// writer returns without checking the backlog again: before, every
+// acknowledgement under the high-water mark woke every paced writer, and
+// those that found the mark passed again by the writes of those woken
+// first went back to sleep (10 context switches per 1 MiB write, against
+// 3 unprotected). The connection's end, STOP_PROTECT, Detach and Abort end
+// the episode too. a.mu held.
+func (a *Agent) pace(v *agentVolume, share int64, now time.Time) {
+	hw, lw := paceMarks(share)
+	if !v.pacing {
+		if v.pendB <= hw && !v.tooOld(now) {
+			return
+		}
+		v.pacing = true
+	} else if v.pendB <= lw && !v.tooOld(now) {
+		// Not reached (only an acknowledgement lowers the backlog or
+		// its age, and ack ends the episode), but never wait for what
+		// has come.
+		a.endPacing(v)
+		return
+	}
+	v.lw = lw
+	if !a.urgent {
+		// The guest waits for the hub: what is queued goes now.
+		a.urgent = true
+		a.wakeSender()
+	}
+	v.stats.Paced++
+	gen := v.paceGen
+	v.paced++
+	for v.paceGen == gen && a.canMirror(v) && !a.stopped {
+		v.room.Wait()
+		v.paceWakes++
+	}
+	v.paced--
+}
+
+// paceMarks returns the high- and low-water marks of pacing for a volume's
+// share of the queue.
+func paceMarks(share int64) (hw, lw int64) {
+	return share / 4 * 3, share / 8 * 5
+}
+
+// endPacing ends v's pacing episode, if any, and releases its writers; a.mu
+// held.
+func (a *Agent) endPacing(v *agentVolume) {
+	v.pacing = false
+	v.paceGen++
+	if v.paced > 0 {
+		v.room.Broadcast()
+	}
 }
 
 // waitUntil waits on a.cond, at most until t (for a synchronous write,
@@ -1044,7 +1100,7 @@ func (a *Agent) queueWrite(v *agentVolume, op mapper.Op, sector, sectors uint64,
 		pw.Seq = it.seq
 		a.nextSeq++
 		a.enqueue(it, false)
-		v.pending = append(v.pending, it)
+		v.pend(it)
 		v.pendIOs++
 		v.pendB += it.bytes
 		a.queueBytes += it.bytes
@@ -1062,10 +1118,12 @@ func (a *Agent) queueWrite(v *agentVolume, op mapper.Op, sector, sectors uint64,
 // One write and one hub commit then carry many guest writes; frames that
 // something waits for (a synchronous write, a paced guest, a dirty map, a
 // checkpoint, Sync, Close, a write waiting for room in the activity log)
-// go at once.
+// go at once. At 2 ms and 512 KiB (1 ms and 256 KiB before) a 4 KiB
+// random write run at QD32 made 30% fewer writev calls (and hub reads),
+// at under 1 ms more RPO.
 const (
-	sendBatchBytes = 256 << 10
-	maxHold        = time.Millisecond
+	sendBatchBytes = 512 << 10
+	maxHold        = 2 * time.Millisecond
 )
 
 // enqueue appends a frame to the send queue; urgent frames are sent
@@ -1200,8 +1258,8 @@ func (a *Agent) ack(seq uint64) {
 			clear(v.pending[:k])
 			v.pending = v.pending[k:]
 		}
-		if v.paced > 0 && v.pendB <= v.hw && !v.tooOld(now) {
-			v.room.Broadcast()
+		if v.pacing && v.pendB <= v.lw && !v.tooOld(now) {
+			a.endPacing(v)
 		}
 		if v.sync && !v.behind(now) {
 			v.sync = false
@@ -1209,6 +1267,29 @@ func (a *Agent) ack(seq uint64) {
 		}
 	}
 	a.broadcast()
+}
+
+// pend appends it to v.pending. ack drops acknowledged items from the
+// front: when the array is full and at least half of it is free at the
+// head, the items move back to its start instead of into a new array (a
+// growing array per few thousand writes, garbage to collect).
+func (v *agentVolume) pend(it *qitem) {
+	// pending is the tail of pendArr: ack takes from its front, append
+	// adds at its end.
+	n := len(v.pending)
+	if n == cap(v.pending) && cap(v.pendArr)-n >= n && cap(v.pendArr) > 0 {
+		copy(v.pendArr, v.pending)
+		clear(v.pendArr[n:])
+		v.pending = v.pendArr[:n]
+	}
+	if len(v.pending) == cap(v.pending) {
+		// Twice the items: at a steady backlog the array is then at
+		// least half free when the items reach its end (append would
+		// grow a large slice by a quarter).
+		v.pendArr = make([]*qitem, max(2*n, 64))
+		v.pending = v.pendArr[:copy(v.pendArr, v.pending)]
+	}
+	v.pending = append(v.pending, it)
 }
 
 // release accounts for an item leaving the pending list; a.mu held.
@@ -1253,12 +1334,12 @@ func (a *Agent) disconnected() {
 			}
 			a.release(v, it)
 		}
-		v.pending = nil
+		v.pending, v.pendArr = nil, nil
 		v.id = 0
 		v.mirror = false
 		v.sync = false
 		v.overflowing = false
-		v.room.Broadcast()
+		a.endPacing(v)
 	}
 	a.queueBytes = 0
 	a.byID = map[uint64]*agentVolume{}
@@ -1293,7 +1374,7 @@ func (a *Agent) stopMirror(v *agentVolume) {
 			it.alFull = false
 		}
 	}
-	v.room.Broadcast()
+	a.endPacing(v)
 	a.broadcast()
 }
 
@@ -1329,7 +1410,7 @@ func (a *Agent) queueDirtyMap(v *agentVolume, initial bool) {
 		it.msg = &wire.DirtyMap{Seq: it.seq, Volume: v.id, Initial: initial && first, RegionSectors: a.cfg.RegionSectors, Extents: chunk}
 		a.nextSeq++
 		a.enqueue(it, true)
-		v.pending = append(v.pending, it)
+		v.pend(it)
 		if len(exts) == 0 {
 			it.alFull, v.alFull = v.alFull, false
 		}
@@ -1565,8 +1646,10 @@ type agentConn struct {
 
 	// The sender's batch, reused (sendLoop). The other writers (c.w)
 	// flush under wmu: the socket has nothing of theirs buffered.
-	vectored bool          // nc takes writev: a TCP or Unix socket
-	bw       *bufio.Writer // otherwise (TLS), written under wmu
+	vectored bool            // nc takes writev: a TCP or Unix socket
+	rc       syscall.RawConn // nc's socket, for writevRaw
+	rawIov   []unix.Iovec    // writevRaw's vector, reused
+	bw       *bufio.Writer   // otherwise (TLS), written under wmu
 	pooled   [][]byte
 	spare    []*qitem // the other queue slice, swapped with Agent.queue
 	hdr      []byte
@@ -1583,7 +1666,7 @@ func (c *agentConn) shut() {
 		a.mu.Lock()
 		a.broadcast()
 		for _, v := range a.vols {
-			v.room.Broadcast() // paced writers stop waiting
+			a.endPacing(v) // paced writers stop waiting
 		}
 		a.mu.Unlock()
 	})
@@ -1647,7 +1730,8 @@ func (a *Agent) runConn(ctx context.Context) error {
 		sem: make(chan struct{}, 32), bye: make(chan struct{}), done: make(chan struct{})}
 	switch nc.(type) {
 	case *net.TCPConn, *net.UnixConn:
-		c.vectored = true
+		c.rc = rawConn(nc)
+		c.vectored = c.rc != nil
 	}
 	stop := context.AfterFunc(ctx, c.shut)
 	defer stop()
@@ -2079,8 +2163,7 @@ func (c *agentConn) writeBatch() error {
 		for len(bufs) > 0 {
 			n := pieceLen(bufs)
 			c.nc.SetWriteDeadline(time.Now().Add(timeout))
-			v := bufs[:n:n] // WriteTo consumes its receiver
-			if _, err := v.WriteTo(c.nc); err != nil {
+			if err := c.writevRaw(bufs[:n:n]); err != nil {
 				return err
 			}
 			bufs = bufs[n:]
@@ -2253,7 +2336,7 @@ func (a *Agent) Abort() {
 	a.stopped = true
 	a.broadcast()
 	for _, v := range a.vols {
-		v.room.Broadcast()
+		a.endPacing(v)
 	}
 	a.mu.Unlock()
 	a.runMu.Lock()

@@ -27,9 +27,12 @@
 // size is the credit window: a write whose slot still holds a frame the
 // hub has not acknowledged waits for the hub. Above three quarters of the
 // volume's share of the queue, or with a backlog older than
-// Config.PaceAge, completions wait for the hub too (pacing). The sender
+// Config.PaceAge, completions wait for the hub too (pacing), until an
+// acknowledgement brings the backlog under five eighths of the share (and
+// PaceAge), which releases them all with one wake-up each. The sender
 // writes a batch of frames with one vectored write (writev: headers from
-// one buffer, data where it lies; TLS connections go through a buffer),
+// one buffer, data where it lies, made as a raw system call on the
+// non-blocking socket; TLS connections go through a buffer),
 // batching on the hub's acknowledgements (Nagle's algorithm clocked by
 // WRITE_ACK; the hub acknowledges a group commit with one WRITE_ACK).
 //
