@@ -316,9 +316,9 @@ func (q *IOQueue) finishShort(idx uint32, done int) {
 	rest := advance(s.bufs, done)
 	var err error
 	if s.op == OpWrite {
-		err = s.fb.writev(rest, s.off+int64(done), false)
+		err = s.fb.writev(rest, s.off+int64(done), ioBlocking)
 	} else {
-		err = s.fb.readv(rest, s.off+int64(done), false)
+		err = s.fb.readv(rest, s.off+int64(done), ioBlocking)
 	}
 	q.finish(idx, err)
 }
