@@ -279,11 +279,13 @@ func (q *IOQueue) submitLocked() {
 	if q.ring.Pending() == 0 && q.ring.Unconsumed() == 0 {
 		return
 	}
-	submit := q.ring.SubmitRaw
+	var err error
 	if q.mixed {
-		submit = q.ring.Submit
+		_, err = q.ring.Submit()
+	} else {
+		_, err = q.ring.SubmitRaw()
 	}
-	if _, err := submit(); err != nil {
+	if err != nil {
 		// EAGAIN or EBUSY: the kernel is short of memory or completion
 		// slots. The entries stay published; the completion goroutine
 		// submits them again after it has reaped.
