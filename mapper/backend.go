@@ -112,6 +112,10 @@ type fileBackend struct {
 	// offsets and lengths must be multiples of offAlign.
 	direct             bool
 	memAlign, offAlign int
+
+	// onRaw, if set (by tests only), is called when a read or write
+	// takes the raw system call path (ioNowaitRaw).
+	onRaw func()
 }
 
 // OpenFile opens a regular file or block device as a Backend.
@@ -166,27 +170,32 @@ func openFile(path string, readOnly bool, cache CacheMode) (*fileBackend, error)
 
 func (b *fileBackend) Name() string { return b.name }
 
-func (b *fileBackend) ReadAt(bufs [][]byte, off int64) error { return b.readv(bufs, off, false) }
+func (b *fileBackend) ReadAt(bufs [][]byte, off int64) error { return b.readv(bufs, off, ioBlocking) }
 
-func (b *fileBackend) WriteAt(bufs [][]byte, off int64) error { return b.writev(bufs, off, false) }
+func (b *fileBackend) WriteAt(bufs [][]byte, off int64) error { return b.writev(bufs, off, ioBlocking) }
 
-// readv reads bufs at off. With nowait the read is preadv2(RWF_NOWAIT):
-// what the page cache cannot serve at once ends it with ErrWouldBlock
-// (and a file system that refuses RWF_NOWAIT is remembered).
-func (b *fileBackend) readv(bufs [][]byte, off int64, nowait bool) error {
+// readv reads bufs at off. In the non-blocking modes the read is
+// preadv2(RWF_NOWAIT): what the page cache cannot serve at once ends it
+// with ErrWouldBlock (and a file system that refuses RWF_NOWAIT is
+// remembered); ioNowaitRaw makes it a raw system call.
+func (b *fileBackend) readv(bufs [][]byte, off int64, mode ioMode) error {
 	if b.direct && !b.aligned(bufs, off) {
 		return b.bounce(false, bufs, off)
 	}
+	nowait, raw := mode != ioBlocking, mode == ioNowaitRaw
 	flags := 0
 	if nowait {
 		flags = unix.RWF_NOWAIT
+	}
+	if raw && b.onRaw != nil {
+		b.onRaw()
 	}
 	for len(bufs) > 0 {
 		n := min(len(bufs), maxIOV)
 		vec := bufs[:n]
 		want := BufsLen(vec)
 		for want > 0 {
-			got, err := unix.Preadv2(b.fd, vec, off, flags)
+			got, err := rw2(unix.SYS_PREADV2, b.fd, vec, off, flags, raw)
 			if err == unix.EINTR {
 				continue
 			}
@@ -212,22 +221,26 @@ func (b *fileBackend) readv(bufs [][]byte, off int64, nowait bool) error {
 	return nil
 }
 
-// writev writes bufs at off; with nowait as pwritev2(RWF_NOWAIT), see
-// readv.
-func (b *fileBackend) writev(bufs [][]byte, off int64, nowait bool) error {
+// writev writes bufs at off; in the non-blocking modes as
+// pwritev2(RWF_NOWAIT), see readv.
+func (b *fileBackend) writev(bufs [][]byte, off int64, mode ioMode) error {
 	if b.direct && !b.aligned(bufs, off) {
 		return b.bounce(true, bufs, off)
 	}
+	nowait, raw := mode != ioBlocking, mode == ioNowaitRaw
 	flags := 0
 	if nowait {
 		flags = unix.RWF_NOWAIT
+	}
+	if raw && b.onRaw != nil {
+		b.onRaw()
 	}
 	for len(bufs) > 0 {
 		n := min(len(bufs), maxIOV)
 		vec := bufs[:n]
 		want := BufsLen(vec)
 		for want > 0 {
-			got, err := unix.Pwritev2(b.fd, vec, off, flags)
+			got, err := rw2(unix.SYS_PWRITEV2, b.fd, vec, off, flags, raw)
 			if err == unix.EINTR {
 				continue
 			}
@@ -402,23 +415,25 @@ func (b *fileBackend) Truncate(size int64) error {
 }
 
 // TryReadAt implements NowaitBackend with preadv2(RWF_NOWAIT): the page
-// cache serves the read or it returns ErrWouldBlock.
+// cache serves the read or it returns ErrWouldBlock. With resident the
+// preadv2 is a raw system call (Request.Resident).
 //
 // An O_DIRECT backend always returns ErrWouldBlock: its reads go to the
 // disk, and a synchronous one waits for it whatever RWF_NOWAIT says.
-func (b *fileBackend) TryReadAt(bufs [][]byte, off int64) error {
+func (b *fileBackend) TryReadAt(bufs [][]byte, off int64, resident bool) error {
 	if b.direct || b.noNowaitRead.Load() {
 		return ErrWouldBlock
 	}
-	return b.readv(bufs, off, true)
+	return b.readv(bufs, off, nowaitMode(resident))
 }
 
-// TryWriteAt implements NowaitBackend with pwritev2(RWF_NOWAIT). Where the
+// TryWriteAt implements NowaitBackend with pwritev2(RWF_NOWAIT), raw with
+// resident as TryReadAt. Where the
 // file system has no non-blocking buffered writes (ext4 before 6.x) every
 // write returns ErrWouldBlock after the first.
-func (b *fileBackend) TryWriteAt(bufs [][]byte, off int64) error {
+func (b *fileBackend) TryWriteAt(bufs [][]byte, off int64, resident bool) error {
 	if b.direct || b.noNowaitWrite.Load() {
 		return ErrWouldBlock
 	}
-	return b.writev(bufs, off, true)
+	return b.writev(bufs, off, nowaitMode(resident))
 }

@@ -146,11 +146,11 @@ func (b *fileBackend) bounce(write bool, bufs [][]byte, off int64) error {
 		chunk := [][]byte{(*bp)[:n]}
 		if write {
 			gatherBufs(chunk[0], part)
-			if err := b.writev(chunk, off+int64(done), false); err != nil {
+			if err := b.writev(chunk, off+int64(done), ioBlocking); err != nil {
 				return err
 			}
 		} else {
-			if err := b.readv(chunk, off+int64(done), false); err != nil {
+			if err := b.readv(chunk, off+int64(done), ioBlocking); err != nil {
 				return err
 			}
 			scatterBufs(part, chunk[0])

@@ -4,10 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -24,10 +26,24 @@ import (
 // entries; [IOQueue.Flush] hands all of them to the kernel with one
 // io_uring_enter (the submitter calls it once per batch of requests it
 // popped). Completion reaping is per queue too: one goroutine per IOQueue
-// waits in io_uring_enter for the next completions, delivers every ready
-// one, then calls the batch-end function once, so that a vhost queue
-// publishes a batch of completions with one used-index store and at most
-// one eventfd write.
+// waits for the next completions, delivers every ready one, then calls the
+// batch-end function once, so that a vhost queue publishes a batch of
+// completions with one used-index store and at most one eventfd write.
+//
+// Neither side enters a system call through the Go scheduler on its usual
+// path (one that does wakes the runtime's monitor thread whenever the
+// process was idle, which then polls for about a millisecond: a cost per
+// batch for a client that sends a few requests at a time). The
+// completion goroutine waits on an eventfd registered with the ring, in
+// Go's poller, and reads the completions from the shared ring without a
+// system call; Flush submits with a raw io_uring_enter when every request
+// in the batch has resident buffers (Request.Resident): io_uring never
+// blocks its submitter (a request that would block goes to a kernel
+// worker or waits on a poll; the submitters of a ring are serialised by
+// mu, so there is no wait for its lock), and only a page fault on a
+// buffer could, which for resident memory does no file I/O. Where the
+// eventfd cannot be registered the completion goroutine waits in
+// io_uring_enter, as a blocking system call.
 //
 // Buffered writes to regular files, which io_uring would serialise per
 // file, go to the IOQueue's lane instead: a few goroutines of its own that
@@ -46,8 +62,16 @@ type IOQueue struct {
 	batchEnd   func()
 	log        *slog.Logger
 
-	mu      sync.Mutex // the submission side, and closing
-	free    []uint32   // free slots, guarded by freeMu
+	// efd is the eventfd registered with ring, in Go's poller, which the
+	// completion goroutine waits on; nil: it waits in io_uring_enter.
+	efd *os.File
+
+	mu sync.Mutex // the submission side, and closing
+	// mixed: an entry queued and not yet consumed by the kernel has
+	// buffers that are not resident, so the next submission goes
+	// through the Go scheduler (guarded by mu).
+	mixed   bool
+	free    []uint32 // free slots, guarded by freeMu
 	freeMu  sync.Mutex
 	slots   []ioSlot
 	pending atomic.Int32 // slots in use
@@ -122,6 +146,9 @@ func NewIOQueue(c IOQueueConfig) (*IOQueue, error) {
 		log.Debug("io_uring: io-wq worker limit unchanged", "err", err)
 	}
 	q := &IOQueue{ring: r, complete: c.Complete, batchStart: c.BatchStart, batchEnd: c.BatchEnd, log: log, done: make(chan struct{})}
+	if q.efd, err = registerEventfd(r); err != nil {
+		log.Debug("io_uring: completions waited for in io_uring_enter", "err", err)
+	}
 	q.lane.cond.L = &q.lane.mu
 	q.slots = make([]ioSlot, depth)
 	q.free = make([]uint32, depth)
@@ -130,6 +157,21 @@ func NewIOQueue(c IOQueueConfig) (*IOQueue, error) {
 	}
 	go q.reap()
 	return q, nil
+}
+
+// registerEventfd returns a non-blocking eventfd, in Go's poller, that r
+// signals for every completion it posts.
+func registerEventfd(r *uring.Ring) (*os.File, error) {
+	fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		return nil, fmt.Errorf("eventfd: %w", err)
+	}
+	if err := r.RegisterEventfd(fd); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	// A non-blocking fd: os.NewFile adds it to the poller.
+	return os.NewFile(uintptr(fd), "io_uring-eventfd"), nil
 }
 
 // Engine names the engine for logs: "io_uring".
@@ -154,7 +196,8 @@ func (q *IOQueue) putSlot(i uint32) {
 
 // queue fills a submission entry for a read or write of bufs at byte off
 // of fb, on behalf of dev's request at sector. ErrWouldBlock: no room.
-func (q *IOQueue) queue(dev *Device, fb *fileBackend, op Op, bufs [][]byte, off int64, sector, sectors, tag uint64, toLane bool) error {
+// resident: bufs are resident memory (Request.Resident).
+func (q *IOQueue) queue(dev *Device, fb *fileBackend, op Op, bufs [][]byte, off int64, sector, sectors, tag uint64, toLane, resident bool) error {
 	if len(bufs) > maxIOV && !toLane {
 		return ErrWouldBlock
 	}
@@ -208,6 +251,9 @@ func (q *IOQueue) queue(dev *Device, fb *fileBackend, op Op, bufs [][]byte, off 
 	if op == OpRead && !fb.direct && s.want >= asyncReadBytes {
 		e.Flags |= uring.SQEAsync
 	}
+	if !resident {
+		q.mixed = true
+	}
 	q.pending.Add(1)
 	return nil
 }
@@ -233,11 +279,20 @@ func (q *IOQueue) submitLocked() {
 	if q.ring.Pending() == 0 && q.ring.Unconsumed() == 0 {
 		return
 	}
-	if _, err := q.ring.Submit(); err != nil {
+	var err error
+	if q.mixed {
+		_, err = q.ring.Submit()
+	} else {
+		_, err = q.ring.SubmitRaw()
+	}
+	if err != nil {
 		// EAGAIN or EBUSY: the kernel is short of memory or completion
 		// slots. The entries stay published; the completion goroutine
 		// submits them again after it has reaped.
 		q.log.Debug("io_uring submit deferred", "err", err)
+	}
+	if q.ring.Unconsumed() == 0 {
+		q.mixed = false
 	}
 }
 
@@ -247,7 +302,7 @@ func (q *IOQueue) reap() {
 	debug.SetPanicOnFault(true)
 	closed := false
 	for !closed || q.pending.Load() > 0 {
-		if err := q.ring.Wait(); err != nil {
+		if err := q.wait(); err != nil {
 			q.log.Error("io_uring wait", "err", err)
 			time.Sleep(time.Millisecond)
 		}
@@ -273,6 +328,63 @@ func (q *IOQueue) reap() {
 		}
 		q.retry()
 	}
+}
+
+// wait blocks until a completion is ready: on the eventfd in Go's poller,
+// or without one in io_uring_enter.
+func (q *IOQueue) wait() error {
+	if q.efd == nil {
+		return q.ring.Wait()
+	}
+	for q.ring.Ready() == 0 {
+		if q.ring.Overflowed() {
+			// Cannot happen while the completion ring has room for
+			// every slot; moved in by a system call if it does.
+			if err := q.ring.FlushOverflow(); err != nil {
+				return err
+			}
+			continue
+		}
+		if err := q.readEventfd(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// readEventfd waits in Go's poller until the eventfd's counter is not
+// zero, and resets it. The kernel adds to it after it posts completions,
+// so a completion posted after the caller saw the ring empty ends the
+// wait; one posted before leaves a count that ends the next wait at once.
+func (q *IOQueue) readEventfd() error {
+	rc, err := q.efd.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var buf [8]byte
+	var rerr error
+	err = rc.Read(func(fd uintptr) bool {
+		for {
+			// The eventfd is this queue's own and non-blocking: a raw
+			// read never blocks.
+			_, _, e := unix.RawSyscall(unix.SYS_READ, fd, uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)))
+			switch e {
+			case 0:
+				rerr = nil
+				return true
+			case unix.EINTR:
+				continue
+			case unix.EAGAIN:
+				return false
+			}
+			rerr = fmt.Errorf("io_uring eventfd: %w", e)
+			return true
+		}
+	})
+	if err != nil {
+		return err
+	}
+	return rerr
 }
 
 // sync takes and releases mu: an ordering point, not a critical section.
@@ -316,9 +428,9 @@ func (q *IOQueue) finishShort(idx uint32, done int) {
 	rest := advance(s.bufs, done)
 	var err error
 	if s.op == OpWrite {
-		err = s.fb.writev(rest, s.off+int64(done), false)
+		err = s.fb.writev(rest, s.off+int64(done), ioBlocking)
 	} else {
-		err = s.fb.readv(rest, s.off+int64(done), false)
+		err = s.fb.readv(rest, s.off+int64(done), ioBlocking)
 	}
 	q.finish(idx, err)
 }
@@ -368,7 +480,11 @@ func (q *IOQueue) Close() error {
 	}
 	<-q.done
 	q.stopLane()
-	return q.ring.Close()
+	err := q.ring.Close()
+	if q.efd != nil {
+		q.efd.Close()
+	}
+	return err
 }
 
 // Remapper is a target that sends reads and writes unchanged to one
@@ -466,5 +582,5 @@ func (d *Device) submitAsync(q *IOQueue, r *Request, tag uint64) error {
 	if fb.direct && !fb.aligned(r.Data, off) {
 		return ErrWouldBlock // a worker bounces it
 	}
-	return q.queue(d, fb, r.Op, r.Data, off, r.Sector, r.Sectors, tag, toLane)
+	return q.queue(d, fb, r.Op, r.Data, off, r.Sector, r.Sectors, tag, toLane, r.Resident)
 }

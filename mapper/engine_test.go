@@ -12,7 +12,11 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/vhostdm/vhostdm/mapper"
 )
@@ -379,5 +383,76 @@ func TestIOQueueLargeRead(t *testing.T) {
 	}
 	if !bytes.Equal(got, want) {
 		t.Fatal("1 MiB read through the engine: not the data written")
+	}
+}
+
+// inIOURingEnter returns the threads of this process that are in
+// io_uring_enter (/proc/self/task/TID/syscall), leaving out the kernel's
+// io-wq workers (named iou-wrk-*), which show the io_uring_enter they
+// were started from for good.
+func inIOURingEnter(t *testing.T) []string {
+	t.Helper()
+	tasks, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var in []string
+	for _, task := range tasks {
+		comm, err := os.ReadFile("/proc/self/task/" + task.Name() + "/comm")
+		if err != nil || strings.HasPrefix(string(comm), "iou-") {
+			continue // exited, or an io-wq worker
+		}
+		b, err := os.ReadFile("/proc/self/task/" + task.Name() + "/syscall")
+		if err != nil {
+			continue // the thread exited
+		}
+		if f := strings.Fields(string(b)); len(f) > 0 && f[0] == fmt.Sprint(unix.SYS_IO_URING_ENTER) {
+			in = append(in, task.Name())
+		}
+	}
+	return in
+}
+
+// TestIOQueueWaitsInPoller: between batches the completion goroutine waits
+// in Go's poller (on the ring's eventfd), not in a thread blocked in
+// io_uring_enter; reads with resident buffers (submitted with a raw
+// io_uring_enter) and without complete with the right data, one batch
+// after another.
+func TestIOQueueWaitsInPoller(t *testing.T) {
+	d, _ := engineDevice(t, t.TempDir(), 1<<20, mapper.CacheWriteback)
+	res := newResults()
+	q := newQueue(t, res)
+	want := make([]byte, 1<<20)
+	for i := range want {
+		want[i] = byte(i/4096 + i)
+	}
+	if err := d.Submit(&mapper.Request{Op: mapper.OpWrite, Sectors: 2048, Data: [][]byte{want}}); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 64 {
+		got := make([]byte, 4096)
+		r := mapper.Request{Op: mapper.OpRead, Sector: uint64(i * 8), Sectors: 8, Data: [][]byte{got}, Resident: i%2 == 0}
+		if err := d.SubmitAsync(q, &r, uint64(i)); err != nil {
+			t.Fatal(err)
+		}
+		q.Flush()
+		if err := res.wait(uint64(i)); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want[i*4096:(i+1)*4096]) {
+			t.Fatalf("read %d (resident %v): wrong data", i, i%2 == 0)
+		}
+	}
+	// The completion goroutine is idle now; give it time to park.
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		in := inIOURingEnter(t)
+		if len(in) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("threads %v wait in io_uring_enter while the engine is idle", in)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }

@@ -170,9 +170,9 @@ func (q *IOQueue) runLane() {
 func (q *IOQueue) laneIO(idx uint32) error {
 	s := &q.slots[idx]
 	if s.op == OpWrite {
-		return s.fb.writev(s.bufs, s.off, false)
+		return s.fb.writev(s.bufs, s.off, ioBlocking)
 	}
-	return s.fb.readv(s.bufs, s.off, false)
+	return s.fb.readv(s.bufs, s.off, ioBlocking)
 }
 
 // deliver reports a lane goroutine's completions as one batch.

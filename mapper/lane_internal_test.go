@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 )
@@ -51,7 +52,7 @@ func TestLaneStall(t *testing.T) {
 	pipe := &fileBackend{name: "pipe", fd: int(pw.Fd())}
 	big := make([]byte, 1<<20)
 	d.inflight.Add(1)
-	if err := q.queue(d, pipe, OpWrite, [][]byte{big}, -1, 0, 0, 1, true); err != nil {
+	if err := q.queue(d, pipe, OpWrite, [][]byte{big}, -1, 0, 0, 1, true, false); err != nil {
 		t.Fatal(err)
 	}
 	q.Flush()
@@ -177,5 +178,59 @@ func TestLaneRefill(t *testing.T) {
 	// Eight 4 KiB writes add up to far less: one batch.
 	if got := run(8, 4096); len(got) != 1 || got[0] != 8 {
 		t.Errorf("eight 4 KiB writes delivered in batches %v, want [8]", got)
+	}
+}
+
+// TestIOQueueRawSubmit: a batch whose requests all have resident buffers
+// is submitted with a raw io_uring_enter; one with any other request goes
+// through the Go scheduler, and the next batch is judged afresh.
+func TestIOQueueRawSubmit(t *testing.T) {
+	done := make(chan error, 8)
+	q, err := NewIOQueue(IOQueueConfig{Depth: 8, Complete: func(_ uint64, err error) { done <- err }})
+	if err != nil {
+		t.Fatalf("io_uring engine: %v (this test needs Linux >= 5.5 with io_uring allowed)", err)
+	}
+	defer q.Close()
+	path := filepath.Join(t.TempDir(), "disk.img")
+	if err := os.WriteFile(path, make([]byte, 64<<10), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	fb, err := openFile(path, true, CacheWriteback)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fb.Close()
+	m := NewManager(ManagerOptions{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	t.Cleanup(func() { m.Close() })
+	d, err := m.CreateTableWith("raw", "", DeviceOptions{}, fmt.Sprintf("0 128 linear %s 0\n", path))
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 4096)
+	for _, batch := range [][]bool{{true, true}, {true, false}, {true}} {
+		for _, resident := range batch {
+			d.inflight.Add(1)
+			if err := q.queue(d, fb, OpRead, [][]byte{buf}, 0, 0, 8, 1, false, resident); err != nil {
+				t.Fatal(err)
+			}
+		}
+		q.mu.Lock()
+		mixed := q.mixed
+		q.mu.Unlock()
+		if want := slices.Contains(batch, false); mixed != want {
+			t.Errorf("batch %v: submitted through the scheduler %v, want %v", batch, mixed, want)
+		}
+		q.Flush()
+		for range batch {
+			if err := <-done; err != nil {
+				t.Fatal(err)
+			}
+		}
+		q.mu.Lock()
+		mixed = q.mixed
+		q.mu.Unlock()
+		if mixed {
+			t.Errorf("batch %v: still marked after its submission", batch)
+		}
 	}
 }

@@ -470,21 +470,21 @@ func (b *deviceBackend) WriteAt(bufs [][]byte, off int64) error {
 }
 
 // TryReadAt implements NowaitBackend: the device's TrySubmit.
-func (b *deviceBackend) TryReadAt(bufs [][]byte, off int64) error {
-	return b.trySubmit(OpRead, bufs, off)
+func (b *deviceBackend) TryReadAt(bufs [][]byte, off int64, resident bool) error {
+	return b.trySubmit(OpRead, bufs, off, resident)
 }
 
 // TryWriteAt implements NowaitBackend: the device's TrySubmit.
-func (b *deviceBackend) TryWriteAt(bufs [][]byte, off int64) error {
-	return b.trySubmit(OpWrite, bufs, off)
+func (b *deviceBackend) TryWriteAt(bufs [][]byte, off int64, resident bool) error {
+	return b.trySubmit(OpWrite, bufs, off, resident)
 }
 
-func (b *deviceBackend) trySubmit(op Op, bufs [][]byte, off int64) error {
+func (b *deviceBackend) trySubmit(op Op, bufs [][]byte, off int64, resident bool) error {
 	n := int64(BufsLen(bufs))
 	if off%SectorSize != 0 || n%SectorSize != 0 {
 		return Errorf(ErrInvalid, "%s: %s at byte %d+%d: not sector aligned", b.name, op, off, n)
 	}
-	return b.d.TrySubmit(&Request{Op: op, Sector: uint64(off) >> SectorShift, Sectors: uint64(n) >> SectorShift, Data: bufs})
+	return b.d.TrySubmit(&Request{Op: op, Sector: uint64(off) >> SectorShift, Sectors: uint64(n) >> SectorShift, Data: bufs, Resident: resident})
 }
 
 func (b *deviceBackend) Flush() error { return b.d.Submit(&Request{Op: OpFlush}) }

@@ -44,19 +44,23 @@ type Passthrough interface {
 
 // NowaitBackend is a Backend that can try reads and writes without
 // blocking: the page cache serves them or they fail with ErrWouldBlock.
+// resident is the request's Request.Resident: bufs are memory that faults
+// in without disk I/O, so the backend may make its non-blocking system
+// calls raw.
 type NowaitBackend interface {
 	// TryReadAt is ReadAt, or ErrWouldBlock when the data is not all
 	// in memory.
-	TryReadAt(bufs [][]byte, off int64) error
+	TryReadAt(bufs [][]byte, off int64, resident bool) error
 	// TryWriteAt is WriteAt, or ErrWouldBlock when the write would wait
 	// (for memory, for writeback throttling, for a lock) or the storage
 	// has no non-blocking writes.
-	TryWriteAt(bufs [][]byte, off int64) error
+	TryWriteAt(bufs [][]byte, off int64, resident bool) error
 }
 
 // TryMapBackend is MapBackend without blocking: reads and writes go to
-// a NowaitBackend's Try methods; a FUA write, a flush, a discard, a
-// write-zeroes and any request to another Backend return ErrWouldBlock.
+// a NowaitBackend's Try methods (with r.Resident); a FUA write, a flush, a
+// discard, a write-zeroes and any request to another Backend return
+// ErrWouldBlock.
 func TryMapBackend(b Backend, sector uint64, r *Request) error {
 	nb, ok := b.(NowaitBackend)
 	if !ok {
@@ -65,9 +69,9 @@ func TryMapBackend(b Backend, sector uint64, r *Request) error {
 	off := int64(sector << SectorShift)
 	switch {
 	case r.Op == OpRead:
-		return nb.TryReadAt(r.Data, off)
+		return nb.TryReadAt(r.Data, off, r.Resident)
 	case r.Op == OpWrite && !r.FUA:
-		return nb.TryWriteAt(r.Data, off)
+		return nb.TryWriteAt(r.Data, off, r.Resident)
 	}
 	return ErrWouldBlock
 }
@@ -124,7 +128,7 @@ func (t *Table) TryMap(r *Request) error {
 			return ErrWouldBlock
 		}
 		n := min(left, t.ends[i]-sector)
-		part := Request{Op: r.Op, Sector: sector - t.lines[i].Start, Sectors: n, Unmap: r.Unmap, FUA: r.FUA}
+		part := Request{Op: r.Op, Sector: sector - t.lines[i].Start, Sectors: n, Unmap: r.Unmap, FUA: r.FUA, Resident: r.Resident}
 		if r.Data != nil {
 			part.Data = SliceBufs(vec[:0], r.Data, off, int(n<<SectorShift))
 		}

@@ -50,6 +50,20 @@ type Request struct {
 	Data    [][]byte // read destination or write source; nil for other ops
 	Unmap   bool     // write-zeroes may deallocate (virtio-blk's unmap flag)
 	FUA     bool     // write must be durable before completion
+	// Resident says that Data lies in memory whose pages never wait for
+	// disk I/O to be faulted in: anonymous memory, tmpfs and shmem
+	// (memfd, /dev/shm), hugetlbfs. The non-blocking paths
+	// (TrySubmit, SubmitAsync and IOQueue.Flush) then make their system
+	// calls raw, without telling the Go scheduler: a call that cannot
+	// block needs no hand-off of its thread's P, and an idle process
+	// that enters one through the scheduler wakes the runtime's monitor
+	// thread (sysmon), which then polls for a millisecond. A raw call
+	// still copies to or from Data, and a page fault there that waits
+	// for a disk (memory mapped from a regular file on a disk file
+	// system) would hold the P for that long, so the submitter sets
+	// Resident only for memory it knows to be resident. The blocking
+	// paths ignore it.
+	Resident bool
 }
 
 // Bytes returns the length of the request in bytes.

@@ -113,7 +113,7 @@ func (t *striped) Map(r *mapper.Request) error {
 	for left > 0 {
 		n := min(left, t.chunk-sector&(t.chunk-1))
 		i, dsec := t.locate(sector)
-		part := mapper.Request{Op: r.Op, Sector: sector, Sectors: n, FUA: r.FUA,
+		part := mapper.Request{Op: r.Op, Sector: sector, Sectors: n, FUA: r.FUA, Resident: r.Resident,
 			Data: mapper.SliceBufs(vec[:0], r.Data, off, int(n<<mapper.SectorShift))}
 		if err := t.note(i, mapper.MapBackend(t.stripes[i].dev, t.stripes[i].offset+dsec, &part)); err != nil {
 			errs = append(errs, err)
@@ -142,7 +142,7 @@ func (t *striped) TryMap(r *mapper.Request) error {
 	for left > 0 {
 		n := min(left, t.chunk-sector&(t.chunk-1))
 		i, dsec := t.locate(sector)
-		part := mapper.Request{Op: r.Op, Sector: sector, Sectors: n, FUA: r.FUA,
+		part := mapper.Request{Op: r.Op, Sector: sector, Sectors: n, FUA: r.FUA, Resident: r.Resident,
 			Data: mapper.SliceBufs(vec[:0], r.Data, off, int(n<<mapper.SectorShift))}
 		if err := t.noteTry(i, mapper.TryMapBackend(t.stripes[i].dev, t.stripes[i].offset+dsec, &part)); err != nil {
 			if errors.Is(err, mapper.ErrWouldBlock) {

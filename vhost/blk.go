@@ -163,7 +163,7 @@ func (d *blkDev) prepare(q *queue, rq *request) (status byte, usedLen uint32, as
 		if r.dataLen == 0 {
 			return virtio.BlkStatusOK, 1, false
 		}
-		r.mreq = mapper.Request{Op: mapper.OpRead, Sector: r.sector, Sectors: r.dataLen >> mapper.SectorShift, Data: r.data}
+		r.mreq = mapper.Request{Op: mapper.OpRead, Sector: r.sector, Sectors: r.dataLen >> mapper.SectorShift, Data: r.data, Resident: q.mem.resident}
 		return 0, 0, true
 	case virtio.BlkTypeOut:
 		if ro {
@@ -178,7 +178,7 @@ func (d *blkDev) prepare(q *queue, rq *request) (status byte, usedLen uint32, as
 		if r.dataLen == 0 {
 			return virtio.BlkStatusOK, 1, false
 		}
-		r.mreq = mapper.Request{Op: mapper.OpWrite, Sector: r.sector, Sectors: r.dataLen >> mapper.SectorShift, Data: r.data}
+		r.mreq = mapper.Request{Op: mapper.OpWrite, Sector: r.sector, Sectors: r.dataLen >> mapper.SectorShift, Data: r.data, Resident: q.mem.resident}
 		return 0, 0, true
 	case virtio.BlkTypeFlush:
 		r.mreq = mapper.Request{Op: mapper.OpFlush}

@@ -68,6 +68,25 @@
 // address pauses the queues and waits for their requests first, so that
 // guest memory is never touched after it is unmapped.
 //
+// Raw system calls. A system call the ring goroutine makes through the Go
+// scheduler (syscall.Syscall) wakes the runtime's monitor thread when the
+// process was idle, which then polls for about a millisecond: with a guest
+// that sends one or two requests at a time that is most of the back end's
+// CPU (docs/PERFORMANCE.md). So the ring goroutine's calls that cannot
+// block are raw (unix.RawSyscall): the kick read (RWF_NOWAIT), the call
+// eventfd's io_uring submission, and the RWF_NOWAIT reads and writes of
+// requests whose guest memory is resident. A raw call that blocked would
+// hold its P for that long; RWF_NOWAIT I/O never waits for a disk, but the
+// kernel's copy to or from guest memory can fault, and for memory mapped
+// from a regular file on a disk file system the fault may read or write
+// that file. At SET_MEM_TABLE and ADD_MEM_REG every region's fd is checked
+// with fstatfs: a table is resident when every region is on tmpfs or
+// shmem (memfd, /dev/shm) or hugetlbfs, the file systems whose faults do
+// no file I/O (Mem.resident, memRegion.resident), and only then are the
+// requests' data calls raw (mapper.Request.Resident); otherwise they go
+// through the scheduler as before. Descriptors and rings are read in
+// place either way.
+//
 // # Errors
 //
 // Errors have a blast radius. A bad descriptor chain or request fails that

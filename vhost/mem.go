@@ -22,6 +22,10 @@ import (
 // stopped and every request using them has completed.
 type Mem struct {
 	regions []*memRegion // sorted by GPA, not overlapping
+	// resident: every region is resident (memRegion.resident), so the
+	// ring goroutine may make the RWF_NOWAIT reads and writes of its
+	// requests raw system calls (mapper.Request.Resident).
+	resident bool
 }
 
 // memRegion is one mapped region.
@@ -29,6 +33,10 @@ type memRegion struct {
 	wire.MemRegion
 	data    []byte // Size bytes; data[0] is guest address GPA
 	mapping []byte // what to munmap; nil for memory this package did not map
+	// resident: the region's pages never wait for a disk to be faulted
+	// in: the fd is on tmpfs or shmem (memfd, /dev/shm) or hugetlbfs.
+	// Memory mapped from a regular file on a disk file system is not.
+	resident bool
 }
 
 // maxMemSlots is what GET_MAX_MEM_SLOTS answers (rust-vmm's MAX_MEM_SLOTS).
@@ -46,11 +54,29 @@ func mapRegion(r wire.MemRegion, fd int) (*memRegion, error) {
 	if err := checkFileSize(fd, r.Offset, r.Size); err != nil {
 		return nil, fmt.Errorf("memory region at %#x size %#x offset %#x: %w", r.GPA, r.Size, r.Offset, err)
 	}
+	resident, err := residentFD(fd)
+	if err != nil {
+		return nil, fmt.Errorf("memory region at %#x size %#x offset %#x: %w", r.GPA, r.Size, r.Offset, err)
+	}
 	m, err := unix.Mmap(fd, int64(start), int(length), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_NORESERVE)
 	if err != nil {
 		return nil, fmt.Errorf("map memory region at %#x size %#x: %w", r.GPA, r.Size, err)
 	}
-	return &memRegion{MemRegion: r, data: m[delta : delta+r.Size : delta+r.Size], mapping: m}, nil
+	return &memRegion{MemRegion: r, data: m[delta : delta+r.Size : delta+r.Size], mapping: m, resident: resident}, nil
+}
+
+// residentFD reports whether the file fd is on a file system whose pages
+// are faulted in without disk I/O: tmpfs and shmem, which memfd_create
+// and /dev/shm use (TMPFS_MAGIC), and hugetlbfs, which memfd_create with
+// MFD_HUGETLB and QEMU's -mem-path on a hugetlbfs mount use
+// (HUGETLBFS_MAGIC). Pages of those may still be swapped out, as any
+// memory of the process may, but a fault never reads or writes a file.
+func residentFD(fd int) (bool, error) {
+	var s unix.Statfs_t
+	if err := unix.Fstatfs(fd, &s); err != nil {
+		return false, fmt.Errorf("fstatfs: %w", err)
+	}
+	return s.Type == unix.TMPFS_MAGIC || s.Type == unix.HUGETLBFS_MAGIC, nil
 }
 
 // checkFileSize checks that fd is a regular file (memfd, tmpfs, hugetlbfs)
@@ -107,15 +133,21 @@ func newMem(regs []*memRegion) (*Mem, error) {
 			}
 		}
 	}
-	return &Mem{regions: rs}, nil
+	resident := true
+	for _, r := range rs {
+		resident = resident && r.resident
+	}
+	return &Mem{regions: rs, resident: resident}, nil
 }
 
 // NewMemFromBytes returns a table of one region backed by b at guest address
 // gpa, with user address equal to gpa. It serves tests, fuzzing and
-// benchmarks of the ring code without a front end.
+// benchmarks of the ring code without a front end. b must be memory that
+// faults in without disk I/O (the Go heap, anonymous or shared memory, not
+// a mapping of a file on disk): the table is resident.
 func NewMemFromBytes(gpa uint64, b []byte) *Mem {
-	r := &memRegion{MemRegion: wire.MemRegion{GPA: gpa, Size: uint64(len(b)), UserAddr: gpa}, data: b}
-	return &Mem{regions: []*memRegion{r}}
+	r := &memRegion{MemRegion: wire.MemRegion{GPA: gpa, Size: uint64(len(b)), UserAddr: gpa}, data: b, resident: true}
+	return &Mem{regions: []*memRegion{r}, resident: true}
 }
 
 // find returns the region holding gpa, or nil.

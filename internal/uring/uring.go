@@ -16,8 +16,9 @@
 // cgo and no extra goroutine or allocation per request.
 //
 // A Ring has one submitter at a time (its owner serialises GetSQE and
-// Submit) and one reaper at a time (Reap and Wait); the two may run
-// concurrently. The kernel ABI is include/uapi/linux/io_uring.h.
+// Submit) and one reaper at a time (Reap and Wait, or Ready and Reap after
+// a registered eventfd fired); the two may run concurrently. The kernel ABI
+// is include/uapi/linux/io_uring.h.
 package uring
 
 import (
@@ -60,6 +61,10 @@ const (
 
 	setupCQSize = 1 << 3
 	setupClamp  = 1 << 4
+
+	sqCQOverflow = 1 << 1 // IORING_SQ_CQ_OVERFLOW
+
+	registerEventfd = 4 // IORING_REGISTER_EVENTFD (Linux 5.2)
 )
 
 // SQE is struct io_uring_sqe (64 bytes).
@@ -110,6 +115,7 @@ type Ring struct {
 	sqMem, cqMem   []byte
 	sqeMem         []byte
 	sqHead, sqTail *uint32
+	sqFlags        *uint32
 	sqMask         uint32
 	sqEntries      uint32
 	sqArray        []uint32
@@ -164,6 +170,7 @@ func (r *Ring) mmap(p *params) error {
 	}
 	r.sqHead = (*uint32)(unsafe.Pointer(&mem[p.SQOff.Head]))
 	r.sqTail = (*uint32)(unsafe.Pointer(&mem[p.SQOff.Tail]))
+	r.sqFlags = (*uint32)(unsafe.Pointer(&mem[p.SQOff.Flags]))
 	r.sqMask = *(*uint32)(unsafe.Pointer(&mem[p.SQOff.RingMask]))
 	r.sqEntries = p.SQEntries
 	r.sqArray = unsafe.Slice((*uint32)(unsafe.Pointer(&mem[p.SQOff.Array])), p.SQEntries)
@@ -205,14 +212,19 @@ func (r *Ring) GetSQE() *SQE {
 // Pending returns the entries got and not yet submitted.
 func (r *Ring) Pending() int { return int(r.tail - atomic.LoadUint32(r.sqTail)) }
 
+// publish makes the entries got since the last submission visible to the
+// kernel and returns how many published entries it has not consumed yet,
+// including any a short submission left behind.
+func (r *Ring) publish() uint32 {
+	atomic.StoreUint32(r.sqTail, r.tail)
+	return r.tail - atomic.LoadUint32(r.sqHead)
+}
+
 // Submit publishes the entries got since the last Submit and hands every
 // published entry the kernel has not consumed yet to it with one
 // io_uring_enter; it returns how many the kernel took.
 func (r *Ring) Submit() (int, error) {
-	atomic.StoreUint32(r.sqTail, r.tail)
-	// Entries published and not yet consumed, including any a short
-	// submission left behind.
-	n := r.tail - atomic.LoadUint32(r.sqHead)
+	n := r.publish()
 	if n == 0 {
 		return 0, nil
 	}
@@ -228,8 +240,7 @@ func (r *Ring) Submit() (int, error) {
 // a second thread at the same time (no wait on the ring's submission
 // lock).
 func (r *Ring) SubmitRaw() (int, error) {
-	atomic.StoreUint32(r.sqTail, r.tail)
-	n := r.tail - atomic.LoadUint32(r.sqHead)
+	n := r.publish()
 	if n == 0 {
 		return 0, nil
 	}
@@ -243,6 +254,39 @@ func (r *Ring) SubmitRaw() (int, error) {
 		}
 		return int(k), fmt.Errorf("io_uring_enter: %w", errno)
 	}
+}
+
+// RegisterEventfd makes the kernel signal the eventfd fd (add to its
+// counter) whenever it posts completions, so that a reaper can wait for
+// them in a poller instead of in io_uring_enter (Linux 5.2). The ring
+// does not own fd: close it after the ring.
+func (r *Ring) RegisterEventfd(fd int) error {
+	v := int32(fd)
+	_, _, errno := unix.Syscall6(unix.SYS_IO_URING_REGISTER, uintptr(r.fd), registerEventfd, uintptr(unsafe.Pointer(&v)), 1, 0, 0)
+	if errno != 0 {
+		return fmt.Errorf("io_uring_register(EVENTFD): %w", errno)
+	}
+	return nil
+}
+
+// Ready returns the number of completions ready to reap.
+func (r *Ring) Ready() int {
+	return int(atomic.LoadUint32(r.cqTail) - atomic.LoadUint32(r.cqHead))
+}
+
+// Overflowed reports whether the kernel holds completions that did not
+// fit in the completion ring (IORING_SQ_CQ_OVERFLOW): FlushOverflow moves
+// them in once Reap has made room.
+func (r *Ring) Overflowed() bool {
+	return atomic.LoadUint32(r.sqFlags)&sqCQOverflow != 0
+}
+
+// FlushOverflow asks the kernel to move completions it holds back
+// (Overflowed) into the completion ring, as far as they fit; it does not
+// wait.
+func (r *Ring) FlushOverflow() error {
+	_, err := r.enter(0, 0, enterGetEvents)
+	return err
 }
 
 // Wait blocks until at least one completion is ready.

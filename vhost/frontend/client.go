@@ -43,6 +43,10 @@ type Config struct {
 	// inflight region with GET_INFLIGHT_FD and hands it back on Reconnect,
 	// so that a restarted back end resubmits what was in flight.
 	Inflight bool
+	// MemDir, if set, backs guest memory with an unnamed regular file
+	// (O_TMPFILE) in that directory instead of a memfd, as QEMU's
+	// memory-backend-file on a disk file system does.
+	MemDir string
 	// NoReplyAck declines REPLY_ACK; by default every request that has no
 	// reply of its own is sent with NEED_REPLY and its result checked.
 	NoReplyAck bool

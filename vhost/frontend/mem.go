@@ -25,6 +25,9 @@ func (c *Client) allocMemory() error {
 		size = alignUp(fixed+1<<20, uint64(pageSize*c.cfg.Regions))
 	}
 	fd, err := unix.MemfdCreate("vhostdm-guest", unix.MFD_CLOEXEC)
+	if c.cfg.MemDir != "" {
+		fd, err = unix.Open(c.cfg.MemDir, unix.O_TMPFILE|unix.O_RDWR|unix.O_CLOEXEC, 0o600)
+	}
 	if err != nil {
 		return fmt.Errorf("guest memory: %w", err)
 	}
