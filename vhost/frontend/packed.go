@@ -129,7 +129,7 @@ func (q *clientQueue) needKickPacked() bool {
 	switch {
 	case flags == virtio.PackedEventDisable:
 		return false
-	case flags == virtio.PackedEventDesc && q.eventIdx:
+	case flags == virtio.PackedEventDesc && q.eventIdx.Load():
 		return virtio.PackedNeedEvent(virtio.DecodePackedPos(offWrap), new, old, q.num)
 	}
 	return true
@@ -161,7 +161,7 @@ func (q *clientQueue) drainUsedPacked() {
 			pk.used = pk.used.Advance(k, q.num)
 			q.finish(uint32(id), n)
 		}
-		if q.eventIdx {
+		if q.eventIdx.Load() {
 			virtio.StoreEvent(q.avail, pk.used.Encode(), virtio.PackedEventDesc)
 		} else {
 			atomic.AddUint32(&q.fence, 1)

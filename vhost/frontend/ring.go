@@ -61,7 +61,7 @@ type clientQueue struct {
 	kickedIdx   uint16
 	deferKick   bool
 	kickPending bool
-	eventIdx    bool
+	eventIdx    atomic.Bool // set by setupQueue under mu, read by the completion goroutine too
 	space       chan struct{}
 	base        uint16 // next SET_VRING_BASE; valid if baseSet
 	baseSet     bool
@@ -84,7 +84,7 @@ type clientPending struct {
 func (c *Client) setupQueue(q *clientQueue) error {
 	i := uint32(q.idx)
 	q.mu.Lock()
-	q.eventIdx = c.features&virtio.FeatureEventIdx != 0
+	q.eventIdx.Store(c.features&virtio.FeatureEventIdx != 0)
 	if c.features&virtio.FeatureRingPacked != 0 && q.pk == nil {
 		q.pk = newPackedDriver(q.num)
 	}
@@ -226,7 +226,7 @@ func (q *clientQueue) needKickLocked() bool {
 		return false
 	}
 	atomic.AddUint32(&q.fence, 1)
-	if q.eventIdx {
+	if q.eventIdx.Load() {
 		return virtio.NeedEvent(virtio.Load16(q.used, 4+8*int(q.num), &q.fence), new, old)
 	}
 	flags, _ := virtio.LoadWord(q.used)
@@ -276,7 +276,7 @@ func (q *clientQueue) drainUsed() {
 			q.lastUsed++
 			q.finish(id, n)
 		}
-		if q.eventIdx {
+		if q.eventIdx.Load() {
 			virtio.Store16(q.avail, 4+2*int(q.num), q.lastUsed, &q.fence)
 		} else {
 			atomic.AddUint32(&q.fence, 1)
