@@ -35,7 +35,11 @@
 # Environment: GO (default go), SIZE (image bytes, default 256m), STORE (the
 # hub's store directory, default inside the temporary directory: the same file
 # system as the source images, so the hub's fsyncs also flush the sources'
-# ordered data; STORE=/dev/shm/x separates them).
+# ordered data; STORE=/dev/shm/x separates them), BIN (a directory holding
+# prebuilt vhostdm and repagent-hub binaries to run instead of building
+# this tree's: A/B runs of two trees without a build between them), ROWS
+# (the rows to run, a space-separated subset of "4k 1m 1m-flush"; default
+# all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,7 +51,7 @@ while [ $# -gt 0 ]; do
 	--runs) runs=$2; shift 2 ;;
 	--duration) duration=$2; shift 2 ;;
 	--keep) keep=1; shift ;;
-	-h|--help) sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	-h|--help) sed -n '2,42p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "bench-replication.sh: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
@@ -64,9 +68,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
-log "building"
-"$GO" build -o "$dir/vhostdm" ./cmd/vhostdm
-"$GO" build -o "$dir/repagent-hub" ./cmd/repagent-hub
+if [ -n "${BIN:-}" ]; then
+	log "binaries from $BIN"
+	cp "$BIN/vhostdm" "$BIN/repagent-hub" "$dir/"
+else
+	log "building"
+	"$GO" build -o "$dir/vhostdm" ./cmd/vhostdm
+	"$GO" build -o "$dir/repagent-hub" ./cmd/repagent-hub
+fi
+ROWS=${ROWS:-4k 1m 1m-flush}
 # Equal images of random data, both read once: the hub's initial sync reads
 # the protected one, and ext4 writes into cached pages over holes (a sparse
 # image read once) several times slower than into allocated blocks, which
@@ -206,8 +216,8 @@ row() {
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "| workload | unprotected IOPS | protected IOPS | IOPS ratio | unprotected MiB/s | protected MiB/s | CPU µs/write unprot. | CPU µs/write prot. | CPU ratio | MiB/s ratio | max RPO s (median of runs) | hub CPU µs/write |"
 echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-row "4k randwrite QD32" randwrite 4096 32
-row "1M seq write QD8" write 1048576 8
-row "1M seq write QD8, flush every write" write 1048576 8 1
+case " $ROWS " in *" 4k "*) row "4k randwrite QD32" randwrite 4096 32 ;; esac
+case " $ROWS " in *" 1m "*) row "1M seq write QD8" write 1048576 8 ;; esac
+case " $ROWS " in *" 1m-flush "*) row "1M seq write QD8, flush every write" write 1048576 8 1 ;; esac
 echo
 echo "load average before: $load0; after: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) cores; runs=$runs duration=$duration"

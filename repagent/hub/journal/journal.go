@@ -606,6 +606,7 @@ func (j *Journal) submit(ref Releaser, recs []Record) (*Pending, error) {
 		j.cur = newBatch(j.cur.end, j.takeSpare())
 	}
 	b := j.cur
+	took := false // ref is the batch's
 	for i := range recs {
 		r := recs[i] // a copy: the stamped time stays ours
 		if r.Time.IsZero() {
@@ -622,9 +623,10 @@ func (j *Journal) submit(ref Releaser, recs []Record) (*Pending, error) {
 			b.buf = appendRecordHead(b.buf, &r, false)
 			b.ext = append(b.ext, extData{at: len(b.buf), data: r.Data})
 			b.extBytes += len(r.Data)
-			if ref != nil {
+			if !took {
+				// One reference for all of recs' data.
 				b.refs = append(b.refs, ref)
-				ref = nil
+				took = true
 			}
 		} else {
 			b.buf = appendRecord(b.buf, &r)
@@ -641,7 +643,7 @@ func (j *Journal) submit(ref Releaser, recs []Record) (*Pending, error) {
 		}
 	}
 	b.end, b.seq, b.time, b.depth = j.pEnd, j.pSeq, j.pTime, j.pDepth
-	if ref != nil {
+	if ref != nil && !took {
 		ref.Release() // nothing of it was referenced
 	}
 	if len(j.full) > 0 || !j.syncBusy || b.size() >= overlapWriteBytes {
