@@ -972,7 +972,7 @@ func (c *hubConn) serve() {
 		c.nc = tc
 	}
 	// Nothing larger than a HELLO is read before the peer said who it is.
-	r := newFrameReader(c.nc, wire.MaxHelloPayload, c.done, h.arenas)
+	r := newFrameReader(newRawReader(c.nc), wire.MaxHelloPayload, c.done, h.arenas)
 	c.w = wire.NewWriter(c.nc)
 	c.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
 	f, err := r.ReadFrame()
@@ -1136,6 +1136,13 @@ func (c *hubConn) submitWith(fail func(error), recs []journal.Record) error {
 		return err
 	}
 	p, err := c.vm.j.Submit(recs...)
+	return c.submitted(p, err, fail)
+}
+
+// submitted records what a journal submission of the connection
+// returned: p becomes the last submission; a store error is handled by
+// fail and returned as a storeFault, the journal's refusal as it is.
+func (c *hubConn) submitted(p *journal.Pending, err error, fail func(error)) error {
 	if err != nil {
 		if !errors.Is(err, journal.ErrInvalid) {
 			fail(err)
@@ -1166,15 +1173,9 @@ func (c *hubConn) flushRefs(fail func(error)) error {
 	c.arena.hold()
 	p, err := c.vm.j.SubmitRef(c.arena, recs...)
 	if err != nil {
-		c.arena.Release()
-		if !errors.Is(err, journal.ErrInvalid) {
-			fail(err)
-			return storeFault{err}
-		}
-		return err
+		c.arena.Release() // not taken
 	}
-	c.lastPending = p
-	return nil
+	return c.submitted(p, err, fail)
 }
 
 // queueAck hands the acker the highest sequence that may be acknowledged
