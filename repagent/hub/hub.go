@@ -972,8 +972,9 @@ func (c *hubConn) serve() {
 		c.nc = tc
 	}
 	// Nothing larger than a HELLO is read before the peer said who it is.
-	r := newFrameReader(newRawReader(c.nc), wire.MaxHelloPayload, c.done, h.arenas)
-	c.w = wire.NewWriter(c.nc)
+	rw := newRawConn(c.nc)
+	r := newFrameReader(rw, wire.MaxHelloPayload, c.done, h.arenas)
+	c.w = wire.NewWriter(rw)
 	c.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
 	f, err := r.ReadFrame()
 	if err != nil {
