@@ -69,11 +69,7 @@ func waitState(t *testing.T, r *reptest.Rig, volume, state string) hub.VolumeSta
 func TestStoreFsyncError(t *testing.T) {
 	var store hub.FaultyStore
 	var events eventLog
-	r := reptest.New(t)
-	store.Install(&r.HubCfg)
-	r.HubCfg.OnEvent = events.add
-	r.HubCfg.StoreRetry = 300 * time.Millisecond
-	r.StartHub()
+	r := faultyRig(t, &store, &events)
 	a := r.AddVolume("root", 8<<20)
 	r.StartAgent(reptest.ProtectAll(a))
 	r.WaitProtected(20*time.Second, a)
@@ -251,11 +247,7 @@ func TestStoreFaultHealsLive(t *testing.T) {
 	var store hub.FaultyStore
 	var events eventLog
 	store.Match = string(filepath.Separator) + "vm1" + string(filepath.Separator)
-	r := reptest.New(t)
-	store.Install(&r.HubCfg)
-	r.HubCfg.OnEvent = events.add
-	r.HubCfg.StoreRetry = 300 * time.Millisecond
-	r.StartHub()
+	r := faultyRig(t, &store, &events)
 	a := r.AddVolume("root", 8<<20)
 	b := r.AddVolume("data", 4<<20)
 	r.StartAgent(reptest.ProtectAll(a, b))
@@ -344,4 +336,15 @@ func TestStoreFaultHealsLive(t *testing.T) {
 	t.Logf("vm1 events: %v", seq)
 	r.CheckIdentical(a, b)
 	checkVM2(t, r2, c)
+}
+
+// faultyRig starts a rig's hub on store, its events into events,
+// retrying a failed store every 300 ms.
+func faultyRig(t *testing.T, store *hub.FaultyStore, events *eventLog) *reptest.Rig {
+	r := reptest.New(t)
+	store.Install(&r.HubCfg)
+	r.HubCfg.OnEvent = events.add
+	r.HubCfg.StoreRetry = 300 * time.Millisecond
+	r.StartHub()
+	return r
 }
