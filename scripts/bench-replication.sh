@@ -41,21 +41,23 @@
 # Environment: GO (default go), SIZE (image bytes, default 256m), STORE (the
 # hub's store directory, default inside the temporary directory: the same file
 # system as the source images, so the hub's fsyncs also flush the sources'
-# ordered data; STORE=/dev/shm/x separates them).
+# ordered data; STORE=/dev/shm/x separates them), BIN (the default of
+# --bin), ROWS (the rows to run, a space-separated subset of
+# "4k 1m 1m-flush"; default all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 runs=3
 duration=5s
 keep=0
-bin=
+bin=${BIN:-}
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--runs) runs=$2; shift 2 ;;
 	--duration) duration=$2; shift 2 ;;
 	--keep) keep=1; shift ;;
 	--bin) bin=$2; shift 2 ;;
-	-h|--help) sed -n '2,44p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	-h|--help) sed -n '2,46p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "bench-replication.sh: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
@@ -80,6 +82,7 @@ else
 	"$GO" build -o "$dir/vhostdm" ./cmd/vhostdm
 	"$GO" build -o "$dir/repagent-hub" ./cmd/repagent-hub
 fi
+ROWS=${ROWS:-4k 1m 1m-flush}
 # Equal images of random data, both read once: the hub's initial sync reads
 # the protected one, and ext4 writes into cached pages over holes (a sparse
 # image read once) several times slower than into allocated blocks, which
@@ -221,8 +224,8 @@ row() {
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "| workload | unprotected IOPS | protected IOPS | IOPS ratio | unprotected MiB/s | protected MiB/s | CPU µs/write unprot. | CPU µs/write prot. | CPU ratio | MiB/s ratio | max RPO s (median of runs) | hub CPU µs/write |"
 echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-row "4k randwrite QD32" randwrite 4096 32
-row "1M seq write QD8" write 1048576 8
-row "1M seq write QD8, flush every write" write 1048576 8 1
+case " $ROWS " in *" 4k "*) row "4k randwrite QD32" randwrite 4096 32 ;; esac
+case " $ROWS " in *" 1m "*) row "1M seq write QD8" write 1048576 8 ;; esac
+case " $ROWS " in *" 1m-flush "*) row "1M seq write QD8, flush every write" write 1048576 8 1 ;; esac
 echo
 echo "load average before: $load0; after: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) cores; runs=$runs duration=$duration"

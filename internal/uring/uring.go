@@ -45,7 +45,12 @@ const (
 	OpReadv  = 1
 	OpWritev = 2
 	OpWrite  = 23 // IORING_OP_WRITE (Linux 5.6)
+	OpFsync  = 3  // IORING_OP_FSYNC: the whole file with Len 0
 )
+
+// FsyncDatasync (in an OpFsync entry's RWFlags, the kernel's fsync_flags)
+// makes it an fdatasync.
+const FsyncDatasync = 1
 
 const (
 	offSQRing = 0
@@ -191,6 +196,10 @@ func (r *Ring) mmap(p *params) error {
 // SkipsSuccess reports whether the kernel honours [SQECQESkipSuccess]
 // (IORING_FEAT_CQE_SKIP, Linux 5.17).
 func (r *Ring) SkipsSuccess() bool { return r.features&featCQESkip != 0 }
+
+// FD returns the ring's descriptor, for waiting on it with poll or epoll:
+// it is readable while the completion ring holds entries.
+func (r *Ring) FD() int { return r.fd }
 
 // Entries returns the number of submission entries.
 func (r *Ring) Entries() int { return int(r.sqEntries) }

@@ -11,6 +11,12 @@
 // is sent once its group commit is durable (one acknowledgement per
 // commit). The replica images are the journal's base images, advanced by
 // its applier once records leave Config.Retain / Config.RetainBytes.
+// The connection reads frames into large reused buffers and writes with
+// raw read(2) and write(2) calls (rawconn.go: a non-blocking socket,
+// waited for in the Go poller, without waking the runtime's monitor
+// thread); the engine
+// decodes mirrored writes in place and journals those of one read as one
+// submission whose data the journal writes from those buffers.
 //
 // A resync (remote reads: the initial sync, the agent's DIRTY_MAP, failed
 // or discarded writes, a resize) is one resync set in the journal: opened

@@ -815,6 +815,15 @@ type hubConn struct {
 	mustSave bool
 	// lastPending is the journal submission of the last records.
 	lastPending *journal.Pending
+	// refRecs are mirrored writes of the frame batch being handled whose
+	// data stays in its arena, journaled together (one submission, one
+	// reference on the arena) at the end of the batch, before any other
+	// record, or once they hold refFlushBytes (flushRefs); refBytes is
+	// their data.
+	refRecs  []journal.Record
+	refBytes int
+	// pw is the PROTECTED_WRITE being handled, decoded in place.
+	pw wire.ProtectedWrite
 	// deferred are mirrored writes into regions being read, journaled
 	// after the read's data, in arrival order.
 	deferred []deferredWrite
@@ -963,8 +972,9 @@ func (c *hubConn) serve() {
 		c.nc = tc
 	}
 	// Nothing larger than a HELLO is read before the peer said who it is.
-	r := newFrameReader(c.nc, wire.MaxHelloPayload, c.done, h.arenas)
-	c.w = wire.NewWriter(c.nc)
+	rw := newRawConn(c.nc)
+	r := newFrameReader(rw, wire.MaxHelloPayload, c.done, h.arenas)
+	c.w = wire.NewWriter(rw)
 	c.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
 	f, err := r.ReadFrame()
 	if err != nil {
@@ -1123,7 +1133,17 @@ func (c *hubConn) submitLocked(recs ...journal.Record) error {
 }
 
 func (c *hubConn) submitWith(fail func(error), recs []journal.Record) error {
+	if err := c.flushRefs(fail); err != nil {
+		return err
+	}
 	p, err := c.vm.j.Submit(recs...)
+	return c.submitted(p, err, fail)
+}
+
+// submitted records what a journal submission of the connection
+// returned: p becomes the last submission; a store error is handled by
+// fail and returned as a storeFault, the journal's refusal as it is.
+func (c *hubConn) submitted(p *journal.Pending, err error, fail func(error)) error {
 	if err != nil {
 		if !errors.Is(err, journal.ErrInvalid) {
 			fail(err)
@@ -1133,6 +1153,30 @@ func (c *hubConn) submitWith(fail func(error), recs []journal.Record) error {
 	}
 	c.lastPending = p
 	return nil
+}
+
+// refFlushBytes bounds the data of the mirrored writes journaled as one
+// submission (refRecs): a journal batch stays near its usual size.
+const refFlushBytes = 1 << 20
+
+// flushRefs journals the mirrored writes gathered from the current frame
+// batch (refRecs), in order, as one submission holding one reference on
+// the arena their data is in: one lock, one Pending and one arena
+// reference per batch of frames instead of per write. fail handles a
+// store error (h.mu held or not, as the caller's).
+func (c *hubConn) flushRefs(fail func(error)) error {
+	if len(c.refRecs) == 0 {
+		return nil
+	}
+	recs := c.refRecs
+	c.refRecs, c.refBytes = c.refRecs[:0], 0
+	defer clear(recs) // no references to the arena stay
+	c.arena.hold()
+	p, err := c.vm.j.SubmitRef(c.arena, recs...)
+	if err != nil {
+		c.arena.Release() // not taken
+	}
+	return c.submitted(p, err, fail)
 }
 
 // queueAck hands the acker the highest sequence that may be acknowledged
@@ -1590,7 +1634,11 @@ const minCheckpointGap = 5 * time.Millisecond
 func (c *hubConn) handleAll(b *frameBatch) error {
 	defer b.release()
 	c.arena = b.arena
-	defer func() { c.arena = nil }()
+	defer func() {
+		clear(c.refRecs) // after a fatal error: never journaled
+		c.refRecs, c.refBytes = c.refRecs[:0], 0
+		c.arena = nil
+	}()
 	for _, f := range b.frames {
 		// A store fault stopped volumes: the frames after it are
 		// handled (they may concern other volumes or the connection).
@@ -1598,11 +1646,29 @@ func (c *hubConn) handleAll(b *frameBatch) error {
 			return err
 		}
 	}
+	if err := c.flushRefs(c.failStore); fatal(err) {
+		return err
+	}
 	return nil
 }
 
 // handle processes one frame.
 func (c *hubConn) handle(f wire.Frame) error {
+	if f.Cmd == wire.CmdProtectedWrite {
+		// The hot path: decoded into the connection's message, no
+		// allocation per write.
+		if err := wire.DecodeProtectedWrite(f, &c.pw); err != nil {
+			return protoErr{err}
+		}
+		if c.shutdown {
+			return c.bad("%s after AGENT_SHUTDOWN", f.Cmd)
+		}
+		return c.protectedWrite(&c.pw)
+	}
+	// Every other frame sees the mirrored writes before it journaled.
+	if err := c.flushRefs(c.failStore); fatal(err) {
+		return err
+	}
 	m, err := wire.Decode(f)
 	if err != nil {
 		return protoErr{err}
@@ -1615,8 +1681,6 @@ func (c *hubConn) handle(f wire.Frame) error {
 		return c.report(m)
 	case *wire.DirtyMap:
 		return c.dirtyMap(m)
-	case *wire.ProtectedWrite:
-		return c.protectedWrite(m)
 	case *wire.RemoteIORes:
 		return c.remoteIORes(m)
 	case *wire.Heartbeat:
@@ -2032,18 +2096,12 @@ func (c *hubConn) protectedWrite(m *wire.ProtectedWrite) error {
 		time.Sleep(d)
 	}
 	if c.arena != nil && rec.Kind == journal.KindWrite {
-		// The journal writes the data from the frame's buffer.
-		c.arena.hold()
-		p, err := c.vm.j.SubmitRef(c.arena, rec)
-		if err != nil {
-			c.arena.Release()
-			if !errors.Is(err, journal.ErrInvalid) {
-				c.failStore(err)
-				return storeFault{err}
-			}
-			return err
+		// The journal writes the data from the frame's buffer, with
+		// the batch's other writes (flushRefs).
+		c.refRecs = append(c.refRecs, rec)
+		if c.refBytes += len(rec.Data); c.refBytes >= refFlushBytes {
+			return c.flushRefs(c.failStore)
 		}
-		c.lastPending = p
 		return nil
 	}
 	return c.submit(rec)

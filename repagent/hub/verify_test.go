@@ -33,13 +33,18 @@ func TestOnlineVerify(t *testing.T) {
 	// the regions left).
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
+	// The cut starts early: a verify of 16 MiB takes 0.2 s here, and a
+	// cut after it ended would still be going on at the next verify.
+	cut := make(chan struct{})
 	go func() {
-		time.Sleep(300 * time.Millisecond)
+		defer close(cut)
+		time.Sleep(50 * time.Millisecond)
 		r.CutLink(500 * time.Millisecond)
 	}()
 	rep, err := r.Hub.Verify(ctx, hub.VerifyOptions{VM: "vm1"})
 	close(stop)
 	n := wait()
+	<-cut
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -834,22 +834,8 @@ var allowedFlags = [maxCmd + 1]uint16{
 // Whether a volume id was assigned or a range fits the volume is the
 // receiver's check. Data slices of the result alias f.Payload.
 func Decode(f Frame) (Message, error) {
-	if f.Cmd < 1 || f.Cmd > maxCmd {
-		return nil, Malformed("unknown command %d", uint8(f.Cmd))
-	}
-	if bad := f.Flags &^ allowedFlags[f.Cmd]; bad != 0 {
-		return nil, Malformed("%s: unknown flags %#x", f.Cmd, bad)
-	}
-	switch f.Cmd {
-	case CmdProtectedWrite, CmdRemoteIOReq, CmdRemoteIORes, CmdDirtyMap, CmdGroupState, CmdCheckpoint, CmdCsumReq, CmdCsumRes:
-		if f.Seq == 0 {
-			return nil, Malformed("%s: sequence number 0", f.Cmd)
-		}
-	case CmdWriteAck:
-	default:
-		if f.Seq != 0 {
-			return nil, Malformed("%s: sequence number %d, want 0", f.Cmd, f.Seq)
-		}
+	if err := checkFrame(f); err != nil {
+		return nil, err
 	}
 	d := &dec{p: f.Payload, cmd: f.Cmd}
 	switch f.Cmd {
@@ -866,24 +852,11 @@ func Decode(f Frame) (Message, error) {
 		}
 		return m, d.end()
 	case CmdProtectedWrite:
-		m := &ProtectedWrite{Seq: f.Seq, Volume: d.u64("volume"), Sector: d.u64("sector"), Sectors: d.u32("sectors"),
-			Status: int32(d.u32("status")), Zeroes: f.Flags&FlagZeroes != 0, Discard: f.Flags&FlagDiscard != 0}
-		if d.err != nil {
-			return nil, d.err
-		}
-		if m.Zeroes && m.Discard {
-			return nil, Malformed("%s: both zeroes and discard", f.Cmd)
-		}
-		if err := checkRange(f.Cmd, m.Volume, m.Sector, uint64(m.Sectors)); err != nil {
+		m := &ProtectedWrite{}
+		if err := m.decode(f, d); err != nil {
 			return nil, err
 		}
-		if m.Status == StatusOK && !m.Zeroes && !m.Discard {
-			if m.Sectors > MaxIOSectors {
-				return nil, Malformed("%s: %d sectors of data, more than %d", f.Cmd, m.Sectors, MaxIOSectors)
-			}
-			m.Data = [][]byte{d.bytes(int(m.Sectors)*SectorSize, "data")}
-		}
-		return m, d.end()
+		return m, nil
 	case CmdReportVolumes:
 		n := d.u32("count")
 		if d.err == nil && n > MaxVolumes {
@@ -1070,4 +1043,66 @@ func checkRange(cmd Cmd, vol, sector, sectors uint64) error {
 		return Malformed("%s: %d sectors at %d out of range", cmd, sectors, sector)
 	}
 	return nil
+}
+
+// checkFrame checks what Decode checks of every frame before its payload:
+// the command, its flags and whether it carries a sequence number.
+func checkFrame(f Frame) error {
+	if f.Cmd < 1 || f.Cmd > maxCmd {
+		return Malformed("unknown command %d", uint8(f.Cmd))
+	}
+	if bad := f.Flags &^ allowedFlags[f.Cmd]; bad != 0 {
+		return Malformed("%s: unknown flags %#x", f.Cmd, bad)
+	}
+	switch f.Cmd {
+	case CmdProtectedWrite, CmdRemoteIOReq, CmdRemoteIORes, CmdDirtyMap, CmdGroupState, CmdCheckpoint, CmdCsumReq, CmdCsumRes:
+		if f.Seq == 0 {
+			return Malformed("%s: sequence number 0", f.Cmd)
+		}
+	case CmdWriteAck:
+	default:
+		if f.Seq != 0 {
+			return Malformed("%s: sequence number %d, want 0", f.Cmd, f.Seq)
+		}
+	}
+	return nil
+}
+
+// DecodeProtectedWrite is Decode of a PROTECTED_WRITE frame into m,
+// reusing m.Data's slice: a receiver that handles one frame at a time
+// decodes its mirrored writes without an allocation per frame. Any other
+// command is an error. m's Data slices alias f.Payload.
+func DecodeProtectedWrite(f Frame, m *ProtectedWrite) error {
+	if f.Cmd != CmdProtectedWrite {
+		return Malformed("%s where %s was expected", f.Cmd, CmdProtectedWrite)
+	}
+	if err := checkFrame(f); err != nil {
+		return err
+	}
+	d := dec{p: f.Payload, cmd: f.Cmd}
+	return m.decode(f, &d)
+}
+
+// decode decodes a checked PROTECTED_WRITE frame's payload into m.
+func (m *ProtectedWrite) decode(f Frame, d *dec) error {
+	data := m.Data[:0]
+	clear(m.Data)
+	*m = ProtectedWrite{Seq: f.Seq, Volume: d.u64("volume"), Sector: d.u64("sector"), Sectors: d.u32("sectors"),
+		Status: int32(d.u32("status")), Zeroes: f.Flags&FlagZeroes != 0, Discard: f.Flags&FlagDiscard != 0, Data: data}
+	if d.err != nil {
+		return d.err
+	}
+	if m.Zeroes && m.Discard {
+		return Malformed("%s: both zeroes and discard", f.Cmd)
+	}
+	if err := checkRange(f.Cmd, m.Volume, m.Sector, uint64(m.Sectors)); err != nil {
+		return err
+	}
+	if m.Status == StatusOK && !m.Zeroes && !m.Discard {
+		if m.Sectors > MaxIOSectors {
+			return Malformed("%s: %d sectors of data, more than %d", f.Cmd, m.Sectors, MaxIOSectors)
+		}
+		m.Data = append(m.Data, d.bytes(int(m.Sectors)*SectorSize, "data"))
+	}
+	return d.end()
 }

@@ -113,6 +113,46 @@ func TestFrameRoundTrip(t *testing.T) {
 	}
 }
 
+// TestDecodeProtectedWrite: decoding every PROTECTED_WRITE sample into
+// one reused message gives what Decode gives, without an allocation, and
+// other commands are refused.
+func TestDecodeProtectedWrite(t *testing.T) {
+	var m ProtectedWrite
+	for _, want := range sampleMessages() {
+		f := frameOf(t, want)
+		if want.Cmd() != CmdProtectedWrite {
+			if err := DecodeProtectedWrite(f, &m); err == nil || !errors.Is(err, ErrMalformed) {
+				t.Errorf("%s: %v, want ErrMalformed", want.Cmd(), err)
+			}
+			continue
+		}
+		if err := DecodeProtectedWrite(f, &m); err != nil {
+			t.Fatalf("%#v: %v", want, err)
+		}
+		got := m
+		if len(got.Data) == 0 {
+			got.Data = nil // the reused slice, empty
+		}
+		if !reflect.DeepEqual(flat(&got), flat(want)) {
+			t.Errorf("got %#v\nwant %#v", got, flat(want))
+		}
+	}
+	f := frameOf(t, sampleMessages()[2])
+	if n := testing.AllocsPerRun(100, func() { DecodeProtectedWrite(f, &m) }); n != 0 {
+		t.Errorf("%.1f allocations per frame, want 0", n)
+	}
+}
+
+// frameOf encodes m and reads it back as a frame.
+func frameOf(t *testing.T, m Message) Frame {
+	t.Helper()
+	f, err := NewReader(bytes.NewReader(AppendFrame(nil, m)), 0).ReadFrame()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
 func TestCmdString(t *testing.T) {
 	if CmdRemoteIOReq.String() != "REMOTE_IO_REQ" || Cmd(99).String() != "CMD(99)" {
 		t.Errorf("String: %s %s", CmdRemoteIOReq, Cmd(99))
@@ -243,6 +283,13 @@ func TestFrameValidation(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			r := NewReader(bytes.NewReader(tc.frame), 0)
 			f, err := r.ReadFrame()
+			if err == nil && f.Cmd == CmdProtectedWrite {
+				// The receiver's allocation-free decoder checks as much.
+				var m ProtectedWrite
+				if err := DecodeProtectedWrite(f, &m); err == nil || !strings.Contains(err.Error(), tc.want) || !errors.Is(err, ErrMalformed) {
+					t.Errorf("DecodeProtectedWrite: %v, want an ErrMalformed containing %q", err, tc.want)
+				}
+			}
 			if err == nil {
 				_, err = Decode(f)
 			}

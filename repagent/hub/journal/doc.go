@@ -35,13 +35,19 @@
 // own and the writer writes what arrives meanwhile (closed batches, and the
 // open one past 256 KiB), so that a commit waits for one fdatasync and the
 // write of at most the rest of the open batch; a record is completed only
-// after an fdatasync that began after its write, in order. Pending.Wait
+// after an fdatasync that began after its write, in order. The directory
+// store runs each fdatasync on an io_uring worker while the syncer waits
+// in the Go poller (fdatasync(2) where io_uring is unavailable): a
+// goroutine blocked in a system call for milliseconds keeps the Go
+// runtime's monitor thread polling every 20 µs, a cost the hub pays on
+// the cores it shares with the source. Pending.Wait
 // returns once the records are durable; the hub sends WRITE_ACK only then.
 // Append is Submit plus Wait. SubmitRef does not copy the data of writes:
 // the writer writes it from the caller's memory with the batch (one
 // writev) and then releases the caller's reference, so a write's bytes
 // are copied once on their way from the network to the journal (the hub
-// reads frames straight into buffers it lends the journal this way).
+// reads frames straight into buffers it lends the journal this way, one
+// submission and one reference for all the writes of a read's frames).
 // Batch buffers start small (a batch of writes by reference holds only
 // their record heads), grow as copied records need, and are reused within
 // a bound, not allocated per commit: on a virtual machine a fresh page

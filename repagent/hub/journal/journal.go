@@ -606,6 +606,7 @@ func (j *Journal) submit(ref Releaser, recs []Record) (*Pending, error) {
 		j.cur = newBatch(j.cur.end, j.takeSpare())
 	}
 	b := j.cur
+	took := false // ref is the batch's
 	for i := range recs {
 		r := recs[i] // a copy: the stamped time stays ours
 		if r.Time.IsZero() {
@@ -622,9 +623,10 @@ func (j *Journal) submit(ref Releaser, recs []Record) (*Pending, error) {
 			b.buf = appendRecordHead(b.buf, &r, false)
 			b.ext = append(b.ext, extData{at: len(b.buf), data: r.Data})
 			b.extBytes += len(r.Data)
-			if ref != nil {
+			if !took {
+				// One reference for all of recs' data.
 				b.refs = append(b.refs, ref)
-				ref = nil
+				took = true
 			}
 		} else {
 			b.buf = appendRecord(b.buf, &r)
@@ -641,7 +643,7 @@ func (j *Journal) submit(ref Releaser, recs []Record) (*Pending, error) {
 		}
 	}
 	b.end, b.seq, b.time, b.depth = j.pEnd, j.pSeq, j.pTime, j.pDepth
-	if ref != nil {
+	if ref != nil && !took {
 		ref.Release() // nothing of it was referenced
 	}
 	if len(j.full) > 0 || !j.syncBusy || b.size() >= overlapWriteBytes {
@@ -831,25 +833,11 @@ func (j *Journal) writer() {
 	}
 	var bs []*batch
 	for {
-		bs = bs[:0]
-		j.mu.Lock()
-		for len(j.full) == 0 && j.cur.recs == 0 && !j.closed {
-			j.work.Wait()
-		}
-		bs = append(bs, j.full...)
-		clear(j.full)
-		j.full = j.full[:0]
-		if j.cur.recs > 0 {
-			bs = append(bs, j.cur)
-			j.cur = newBatch(j.cur.end, j.takeSpare())
-		}
+		var err error
+		bs, err = j.takeBatches(bs[:0], false)
 		if len(bs) == 0 { // closed, nothing left
-			j.mu.Unlock()
 			return
 		}
-		err := j.err
-		j.mu.Unlock()
-
 		if err == nil {
 			err = j.writeBatches(bs)
 		}
@@ -861,6 +849,33 @@ func (j *Journal) writer() {
 		j.mu.Unlock()
 		clear(bs)
 	}
+}
+
+// takeBatches waits until there is something to write (or the journal
+// is closed) and appends to bs the closed batches and the open one, which
+// a fresh batch replaces, with the journal's sticky error; none when
+// closed with nothing left. overlap: for the overlapping writer, which
+// leaves the open batch to grow while an fdatasync runs unless it goes
+// with closed ones (in order, one write after the other) or holds
+// overlapWriteBytes: written while the fdatasync runs, it is not written
+// after it.
+func (j *Journal) takeBatches(bs []*batch, overlap bool) ([]*batch, error) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	grow := func() bool { // the open batch may wait
+		return overlap && j.syncBusy && j.cur.size() < overlapWriteBytes
+	}
+	for len(j.full) == 0 && (j.cur.recs == 0 || grow()) && !j.closed {
+		j.work.Wait()
+	}
+	bs = append(bs, j.full...)
+	clear(j.full)
+	j.full = j.full[:0]
+	if j.cur.recs > 0 && (j.closed || len(bs) > 0 || !grow()) {
+		bs = append(bs, j.cur)
+		j.cur = newBatch(j.cur.end, j.takeSpare())
+	}
+	return bs, j.err
 }
 
 // syncJob is batches the overlapping writer wrote (or failed to write:
@@ -900,29 +915,10 @@ func (j *Journal) overlapWriter() {
 		<-syncDone
 	}()
 	for {
-		var bs []*batch
-		j.mu.Lock()
-		for len(j.full) == 0 && (j.cur.recs == 0 || j.syncBusy && j.cur.size() < overlapWriteBytes) && !j.closed {
-			j.work.Wait()
-		}
-		bs = append(bs, j.full...)
-		clear(j.full)
-		j.full = j.full[:0]
-		if j.cur.recs > 0 && (!j.syncBusy || j.closed || len(bs) > 0 || j.cur.size() >= overlapWriteBytes) {
-			// The open batch goes when the syncer waits for it, with
-			// closed ones (in order, one write after the other), or
-			// once it holds overlapWriteBytes: written while the
-			// fdatasync runs, it is not written after it.
-			bs = append(bs, j.cur)
-			j.cur = newBatch(j.cur.end, j.takeSpare())
-		}
-		if len(bs) == 0 { // closed, nothing left
-			j.mu.Unlock()
+		bs, err := j.takeBatches(nil, true) // the syncer keeps bs
+		if len(bs) == 0 {                   // closed, nothing left
 			return
 		}
-		err := j.err
-		j.mu.Unlock()
-
 		if err == nil {
 			err = j.writeOverlapped(bs)
 		}
@@ -939,24 +935,38 @@ func (j *Journal) overlapWriter() {
 // holds) before the next is started, as a new segment must not hold
 // records while its predecessor's tail may be lost.
 func (j *Journal) writeOverlapped(bs []*batch) error {
+	return j.writeInOrder(bs, func() error {
+		j.mu.Lock()
+		for j.syncBusy && j.err == nil {
+			j.work.Wait()
+		}
+		err := j.err
+		j.mu.Unlock()
+		// The syncer is idle: its page-cache mark is the writer's.
+		j.wfDrop = max(j.wfDrop, j.syncDrop)
+		return err
+	})
+}
+
+// writeInOrder writes batches in order, one write each, starting the
+// next segment where one is full: settle (may be nil) is called first,
+// then the full segment is synced if it was written to. The batches
+// written to the last segment are not synced.
+func (j *Journal) writeInOrder(bs []*batch, settle func() error) error {
 	unsynced := false
 	for _, b := range bs {
 		if j.wfSize-segHeaderLen >= j.opts.SegmentBytes {
-			j.mu.Lock()
-			for j.syncBusy && j.err == nil {
-				j.work.Wait()
+			if settle != nil {
+				if err := settle(); err != nil {
+					return err
+				}
 			}
-			err := j.err
-			j.mu.Unlock()
-			// The syncer is idle: its page-cache mark is the writer's.
-			j.wfDrop = max(j.wfDrop, j.syncDrop)
-			if err == nil && unsynced {
-				err = j.syncSegment()
+			if unsynced {
+				if err := j.syncSegment(); err != nil {
+					return err
+				}
+				unsynced = false
 			}
-			if err != nil {
-				return err
-			}
-			unsynced = false
 			if err := j.rotate(b.start); err != nil {
 				return err
 			}
@@ -1076,23 +1086,8 @@ func (j *Journal) publish(b *batch, err error) {
 // records while a slow fdatasync runs is so written with one, not one per
 // batch.
 func (j *Journal) writeBatches(bs []*batch) error {
-	unsynced := false
-	for _, b := range bs {
-		if j.wfSize-segHeaderLen >= j.opts.SegmentBytes {
-			if unsynced {
-				if err := j.syncSegment(); err != nil {
-					return err
-				}
-				unsynced = false
-			}
-			if err := j.rotate(b.start); err != nil {
-				return err
-			}
-		}
-		if err := j.writeBatch(b); err != nil {
-			return err
-		}
-		unsynced = true
+	if err := j.writeInOrder(bs, nil); err != nil {
+		return err
 	}
 	return j.syncSegment()
 }

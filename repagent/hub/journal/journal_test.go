@@ -1002,6 +1002,26 @@ func TestSubmitRef(t *testing.T) {
 	if j.Stats().Segments < 2 {
 		t.Fatalf("%d segments: the test wants rotations", j.Stats().Segments)
 	}
+	// Several writes in one submission share one reference and are all
+	// journaled by reference (the hub submits a batch of frames so).
+	ref := &countRef{}
+	var recs []Record
+	for k := range 3 {
+		w.seq++
+		rec := Record{Kind: KindWrite, Volume: "a", Offset: int64(k) * 8192, Data: bytes.Repeat([]byte{byte(k + 1)}, 8192), Seq: w.seq, HasSeq: true}
+		recs = append(recs, rec)
+		w.m.apply(&rec)
+	}
+	p, err := j.SubmitRef(ref, recs...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Wait(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if n := ref.n.Load(); n != 1 || p.b.extBytes != 3*8192 {
+		t.Fatalf("three writes in one submission: released %d times, %d bytes by reference, want 1 and %d", n, p.b.extBytes, 3*8192)
+	}
 	want := w.m.clone()
 	seq := w.seq
 	checkRecovered(t, "by reference", materialize(t, j, AtSeq(seq)), want)
@@ -1009,8 +1029,8 @@ func TestSubmitRef(t *testing.T) {
 	// A failed write releases the reference too, and none is taken for
 	// a refused record.
 	f.set("segment-write", 0, syscall.EIO)
-	ref := &countRef{}
-	p, err := j.SubmitRef(ref, Record{Kind: KindWrite, Volume: "a", Data: make([]byte, 8192)})
+	ref = &countRef{}
+	p, err = j.SubmitRef(ref, Record{Kind: KindWrite, Volume: "a", Data: make([]byte, 8192)})
 	if err == nil {
 		_, err = p.Wait(context.Background())
 	}

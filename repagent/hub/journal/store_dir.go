@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -60,7 +61,7 @@ func (s *dirStore) CreateSegment(start int64) (Segment, error) {
 	if err != nil {
 		return nil, err
 	}
-	return fileSegment{f}, nil
+	return newFileSegment(f), nil
 }
 
 func (s *dirStore) OpenSegment(start int64) (Segment, error) {
@@ -68,7 +69,7 @@ func (s *dirStore) OpenSegment(start int64) (Segment, error) {
 	if err != nil {
 		return nil, err
 	}
-	return fileSegment{f}, nil
+	return newFileSegment(f), nil
 }
 
 func (s *dirStore) RemoveSegment(start int64) error {
@@ -154,26 +155,52 @@ func (s *dirStore) Target(out string, _ Point) (Target, error) {
 	return dirTarget(out), nil
 }
 
-// fileSegment is a segment file opened with O_APPEND.
-type fileSegment struct{ *os.File }
+// fileSegment is a segment file opened with O_APPEND. iov is AppendV's
+// reused vector (the writer's only: one appender at a time); rs runs
+// Sync's fdatasync (ringSync: on an io_uring worker while the caller
+// waits in the poller).
+type fileSegment struct {
+	*os.File
+	iov *[]unix.Iovec
+	rs  *ringSync
+}
+
+func newFileSegment(f *os.File) fileSegment {
+	return fileSegment{File: f, iov: new([]unix.Iovec), rs: new(ringSync)}
+}
+
+func (f fileSegment) Close() error {
+	f.rs.close()
+	return f.File.Close()
+}
 
 func (f fileSegment) Append(b []byte) error {
 	_, err := f.Write(b)
 	return err
 }
 
-// AppendV appends bufs with writev (IOV_MAX slices at a time).
+// AppendV appends bufs with writev (IOV_MAX slices at a time), from a
+// vector reused across calls (unix.Writev allocates one per call).
 func (f fileSegment) AppendV(bufs [][]byte) error {
-	fd := int(f.Fd())
+	fd := f.Fd()
 	for len(bufs) > 0 {
 		k := min(len(bufs), iovMax)
-		n, err := unix.Writev(fd, bufs[:k])
-		if err != nil {
-			if errors.Is(err, unix.EINTR) {
-				continue
-			}
-			return err
+		iov := (*f.iov)[:0]
+		for _, b := range bufs[:k] {
+			v := unix.Iovec{Base: unsafe.SliceData(b)}
+			v.SetLen(len(b))
+			iov = append(iov, v)
 		}
+		*f.iov = iov
+		r, _, e := unix.Syscall(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(unsafe.SliceData(iov))), uintptr(len(iov)))
+		clear(iov) // no references to written buffers stay
+		if e == unix.EINTR {
+			continue
+		}
+		if e != 0 {
+			return e
+		}
+		n := int(r)
 		if n == 0 {
 			return io.ErrShortWrite
 		}
@@ -194,7 +221,7 @@ func (f fileSegment) AppendV(bufs [][]byte) error {
 // iovMax is Linux's IOV_MAX.
 const iovMax = 1024
 
-func (f fileSegment) Sync() error { return unix.Fdatasync(int(f.Fd())) }
+func (f fileSegment) Sync() error { return f.rs.datasync(int(f.Fd())) }
 
 // overlapSync marks a file as one that may be synced while appended to:
 // fdatasync and writev on one descriptor, from two goroutines.
