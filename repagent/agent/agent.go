@@ -17,15 +17,14 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/RoaringBitmap/roaring/v2"
 
+	"github.com/vhostdm/vhostdm/internal/rawsock"
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/repagent/agent/actlog"
 	"github.com/vhostdm/vhostdm/repagent/wire"
-	"golang.org/x/sys/unix"
 )
 
 // Device is what the agent wraps: vhost.Device, implemented by
@@ -1646,10 +1645,9 @@ type agentConn struct {
 
 	// The sender's batch, reused (sendLoop). The other writers (c.w)
 	// flush under wmu: the socket has nothing of theirs buffered.
-	vectored bool            // nc takes writev: a TCP or Unix socket
-	rc       syscall.RawConn // nc's socket, for writevRaw
-	rawIov   []unix.Iovec    // writevRaw's vector, reused
-	bw       *bufio.Writer   // otherwise (TLS), written under wmu
+	vectored bool          // nc takes writev: a TCP or Unix socket
+	rc       *rawsock.Conn // nc's socket, written with raw writev calls
+	bw       *bufio.Writer // otherwise (TLS), written under wmu
 	pooled   [][]byte
 	spare    []*qitem // the other queue slice, swapped with Agent.queue
 	hdr      []byte
@@ -1730,7 +1728,7 @@ func (a *Agent) runConn(ctx context.Context) error {
 		sem: make(chan struct{}, 32), bye: make(chan struct{}), done: make(chan struct{})}
 	switch nc.(type) {
 	case *net.TCPConn, *net.UnixConn:
-		c.rc = rawConn(nc)
+		c.rc = rawsock.New(nc)
 		c.vectored = c.rc != nil
 	}
 	stop := context.AfterFunc(ctx, c.shut)
@@ -2163,7 +2161,7 @@ func (c *agentConn) writeBatch() error {
 		for len(bufs) > 0 {
 			n := pieceLen(bufs)
 			c.nc.SetWriteDeadline(time.Now().Add(timeout))
-			if err := c.writevRaw(bufs[:n:n]); err != nil {
+			if err := c.rc.Writev(bufs[:n:n]); err != nil {
 				return err
 			}
 			bufs = bufs[n:]

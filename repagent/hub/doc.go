@@ -12,7 +12,7 @@
 // commit). The replica images are the journal's base images, advanced by
 // its applier once records leave Config.Retain / Config.RetainBytes.
 // The connection reads frames into large reused buffers and writes with
-// raw read(2) and write(2) calls (rawconn.go: a non-blocking socket,
+// raw read(2) and write(2) calls (internal/rawsock: a non-blocking socket,
 // waited for in the Go poller, without waking the runtime's monitor
 // thread); the engine
 // decodes mirrored writes in place and journals those of one read as one

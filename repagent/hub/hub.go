@@ -23,6 +23,7 @@ import (
 
 	"github.com/RoaringBitmap/roaring/v2"
 
+	"github.com/vhostdm/vhostdm/internal/rawsock"
 	"github.com/vhostdm/vhostdm/repagent/hub/journal"
 	"github.com/vhostdm/vhostdm/repagent/wire"
 )
@@ -972,7 +973,10 @@ func (c *hubConn) serve() {
 		c.nc = tc
 	}
 	// Nothing larger than a HELLO is read before the peer said who it is.
-	rw := newRawConn(c.nc)
+	var rw io.ReadWriter = c.nc
+	if rc := rawsock.New(c.nc); rc != nil {
+		rw = rc // a plain socket: raw calls (internal/rawsock)
+	}
 	r := newFrameReader(rw, wire.MaxHelloPayload, c.done, h.arenas)
 	c.w = wire.NewWriter(rw)
 	c.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
