@@ -33,8 +33,7 @@ const maxIov = 1024
 type Conn struct {
 	rc   syscall.RawConn
 	addr net.Addr
-	iov  []unix.Iovec // writev's vector, reused
-	one  [1][]byte    // Write's buffer as writev's, reused
+	iov  []unix.Iovec // Writev's vector, reused
 }
 
 // New returns a Conn for nc's socket, or nil when nc is not a socket
@@ -81,26 +80,32 @@ func (c *Conn) Read(p []byte) (int, error) {
 	return int(n), nil
 }
 
-// Write writes all of p (or fails), and returns how much it wrote.
+// Write writes all of p (or fails).
 func (c *Conn) Write(p []byte) (int, error) {
-	c.one[0] = p
-	n, err := c.writev("write", c.one[:])
-	c.one[0] = nil
-	return n, err
+	done := 0
+	var errno syscall.Errno
+	err := c.rc.Write(func(fd uintptr) bool {
+		for done < len(p) {
+			n, _, e := unix.RawSyscall(unix.SYS_WRITE, fd, uintptr(unsafe.Pointer(&p[done])), uintptr(len(p)-done))
+			switch e {
+			case 0:
+				done += int(n)
+			case unix.EINTR:
+			case unix.EAGAIN:
+				return false // wait in the poller
+			default:
+				errno = e
+				return true
+			}
+		}
+		return true
+	})
+	return done, c.opErr("write", err, errno)
 }
 
 // Writev writes all of bufs (or fails), up to maxIov buffers per writev;
 // it may change bufs' elements.
 func (c *Conn) Writev(bufs [][]byte) error {
-	_, err := c.writev("writev", bufs)
-	return err
-}
-
-// writev is Write and Writev: it writes bufs with writev calls, waiting
-// in the poller while the socket is full, and returns the bytes written;
-// op names the call in an error.
-func (c *Conn) writev(op string, bufs [][]byte) (int, error) {
-	done := 0
 	var errno syscall.Errno
 	err := c.rc.Write(func(fd uintptr) bool {
 		for len(bufs) > 0 {
@@ -123,7 +128,6 @@ func (c *Conn) writev(op string, bufs [][]byte) (int, error) {
 			clear(iov) // no references to the data kept
 			switch e {
 			case 0:
-				done += int(n)
 				bufs = consume(bufs, int(n))
 			case unix.EINTR:
 			case unix.EAGAIN:
@@ -135,7 +139,7 @@ func (c *Conn) writev(op string, bufs [][]byte) (int, error) {
 		}
 		return true
 	})
-	return done, c.opErr(op, err, errno)
+	return c.opErr("writev", err, errno)
 }
 
 // consume returns bufs without their first n bytes.
