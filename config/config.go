@@ -218,10 +218,10 @@ type Export struct {
 	// eventfd: 0 (the default) for never, up to MaxPollUS.
 	PollUS int `toml:"poll-us"`
 	// AdaptivePoll, when false, turns off adaptive polling: by default
-	// (nil) each queue polls its available ring after a cheap batch for
-	// as long as the driver's recent batches came back within 32 µs, as
-	// QEMU's IOThreads poll (docs/REFERENCE.md, export.adaptive-poll).
-	// PollUS > 0 replaces it with a fixed poll; true with it is an error.
+	// (nil) each queue that runs dry polls its available ring for 1 µs
+	// per request it served since it last ran dry, up to 256 µs
+	// (docs/REFERENCE.md, export.adaptive-poll). PollUS > 0 replaces it
+	// with a fixed poll; true with it is an error.
 	AdaptivePoll *bool `toml:"adaptive-poll"`
 	SocketPerm
 	// NegotiationTimeout is how long a connecting front end has to

@@ -47,10 +47,9 @@ type ExportConfig struct {
 
 	// Poll is how long a queue busy-polls its available ring after it
 	// runs dry before it sleeps on the kick eventfd (the configuration's
-	// export.poll-us; docs/PERFORMANCE.md). Zero or negative: off, the
-	// default: a spinning queue takes the CPU that the guest, the other
-	// queues and the other exports need, which on a machine with few
-	// CPUs costs more than the sleep it saves.
+	// export.poll-us; docs/PERFORMANCE.md), whatever the queue served
+	// before. Zero or negative: no fixed poll (the default), adaptive
+	// polling instead unless NoAdaptivePoll.
 	//
 	// Reads and writes that the device can serve without blocking
 	// (NowaitDevice) run on the queue's ring goroutine; there is no
@@ -58,11 +57,10 @@ type ExportConfig struct {
 	Poll time.Duration
 
 	// NoAdaptivePoll turns off adaptive polling. By default (and unless
-	// Poll is set) each split-ring queue polls its available ring after
-	// a batch while the driver's recent batches came back quickly, as
-	// QEMU's IOThreads poll (queue.adjustPoll): up to 32 µs, and only
-	// after a batch whose requests were cheap to dispatch
-	// (queue.cheapBatch); never for an idle or slow driver.
+	// Poll is set) each queue that runs dry polls its available ring for
+	// as long as the run it served was deep (queue.pollFor): 1 µs per
+	// request, up to 256 µs, so that an idle queue never spins and a
+	// poll that finds nothing costs at most 1 µs per request served.
 	NoAdaptivePoll bool
 
 	// Table, when set, tells which of discard and write-zeroes the

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"sync/atomic"
-	"time"
 	"unsafe"
 
 	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
@@ -422,13 +421,12 @@ func (q *queue) startPacked(inf *inflightRegion) error {
 // drainPacked is drain for a packed ring.
 func (q *queue) drainPacked() error {
 	pr := q.packed
-	poll := q.dev.exp.cfg.Poll
 	polled := false
 	for !q.stopReq.Load() && !q.dev.dead.Load() {
 		if !pr.availNow() {
-			if poll > 0 && !polled {
+			if !polled {
 				polled = true
-				if q.pollPacked(poll) {
+				if q.pollDry() {
 					continue
 				}
 			}
@@ -440,7 +438,8 @@ func (q *queue) drainPacked() error {
 		polled = false
 		q.hold()
 		var bad error
-		for i := 0; pr.availNow(); i++ {
+		i := 0
+		for ; pr.availNow(); i++ {
 			if q.stopReq.Load() || q.dev.dead.Load() {
 				break
 			}
@@ -477,25 +476,12 @@ func (q *queue) drainPacked() error {
 			}
 		}
 		q.release()
+		q.served += int64(i)
 		if bad != nil {
 			return bad
 		}
 	}
 	return nil
-}
-
-// pollPacked spins for up to d waiting for the driver to make a chain
-// available; it reports whether one is.
-func (q *queue) pollPacked(d time.Duration) bool {
-	end := mono() + int64(d)
-	for i := 0; ; i++ {
-		if q.packed.availNow() {
-			return true
-		}
-		if i%64 == 63 && (mono() > end || q.stopReq.Load()) {
-			return false
-		}
-	}
 }
 
 // walk walks the chain of request head into r.chain.

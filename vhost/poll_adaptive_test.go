@@ -8,36 +8,38 @@ import (
 	"github.com/vhostdm/vhostdm/vhost/frontend"
 )
 
-// TestAdjustPoll: the adaptive poll time starts at 4 µs after a short
-// wait for the driver, doubles after each wait longer than it up to
-// 32 µs, stays after a wait within it, and drops to 0 after a wait longer
-// than 32 µs.
-func TestAdjustPoll(t *testing.T) {
-	q := &queue{}
-	us := func(n int64) int64 { return n * int64(time.Microsecond) }
-	for i, step := range []struct{ block, want int64 }{
-		{us(100), 0},     // a slow driver: no polling
-		{us(10), us(4)},  // a short wait: start
-		{us(3), us(4)},   // within the poll time: keep
-		{us(10), us(8)},  // longer than it: double
-		{us(10), us(16)}, // again
-		{us(20), us(32)}, // up to the bound
-		{us(31), us(32)}, // within it
-		{us(33), 0},      // past the bound: stop
-		{us(40), 0},
+// TestPollFor: a queue that runs dry polls for export.poll-us when it is
+// set; otherwise, with adaptive polling, 1 µs per request it served since
+// it last ran dry, up to 256 µs; without, not at all.
+func TestPollFor(t *testing.T) {
+	us := func(n int64) time.Duration { return time.Duration(n) * time.Microsecond }
+	for _, c := range []struct {
+		cfg    ExportConfig
+		served int64
+		want   time.Duration
+	}{
+		{ExportConfig{}, 0, 0},            // woken with nothing to do: no poll
+		{ExportConfig{}, 1, us(1)},        // one request now and then
+		{ExportConfig{}, 32, us(32)},      // a batch of queue depth 32
+		{ExportConfig{}, 110, us(110)},    // overlapping with the driver
+		{ExportConfig{}, 256, us(256)},    // the bound
+		{ExportConfig{}, 100000, us(256)}, // never longer
+		{ExportConfig{NoAdaptivePoll: true}, 32, 0},
+		{ExportConfig{Poll: us(50)}, 0, us(50)}, // fixed: whatever was served
+		{ExportConfig{Poll: us(50)}, 1000, us(50)},
+		{ExportConfig{Poll: us(50), NoAdaptivePoll: true}, 3, us(50)},
 	} {
-		q.adjustPoll(step.block)
-		if q.pollNs != step.want {
-			t.Fatalf("step %d: wait %v: poll %v, want %v", i, time.Duration(step.block), time.Duration(q.pollNs), time.Duration(step.want))
+		q := &queue{dev: &queueRuntime{exp: &Export{cfg: c.cfg}}}
+		if got := q.pollFor(c.served); got != c.want {
+			t.Errorf("poll %v, adaptive %v, %d served: poll for %v, want %v", c.cfg.Poll, !c.cfg.NoAdaptivePoll, c.served, got, c.want)
 		}
 	}
 }
 
-// TestAdaptivePoll: with adaptive polling (export.adaptive-poll), a queue
-// does not poll for a driver that sends a request now and then: a slow
-// guest costs no spinning. Without it, a queue never polls. (Whether a
-// busy driver comes back within 32 µs depends on the machine:
-// scripts/bench-vs-qsd.sh rows 1 and 2 measure what polling gives then.)
+// TestAdaptivePoll: with adaptive polling (export.adaptive-poll), a
+// driver that sends a request now and then costs about 1 µs of spinning
+// per request, and a driver that makes a deep batch available gets a
+// poll as long as the batch; without it, a queue never polls.
 func TestAdaptivePoll(t *testing.T) {
 	for _, adaptive := range []bool{true, false} {
 		t.Run(fmt.Sprint("adaptive=", adaptive), func(t *testing.T) { testAdaptivePoll(t, adaptive) })
@@ -57,53 +59,72 @@ func testAdaptivePoll(t *testing.T, adaptive bool) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for i := range 100 {
+	const slow = 100
+	for i := range slow {
 		if err := c.ReadAt(ctx, 0, buf, uint64(i*8)); err != nil {
 			t.Fatal(err)
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
-	// The driver's next request comes 2 ms after the ring ran dry: a
-	// poll could only start after a wait under 32 µs, which a loaded
-	// machine may give a few times (the read's own completion racing
-	// the re-arm of the kick), never per request.
-	if n := q.polls.Load(); n > 20 || !adaptive && n != 0 {
-		t.Fatalf("%d adaptive polls for 100 reads 2 ms apart (adaptive-poll %v)", n, adaptive)
-	}
-	// Back to back, without it: still none.
+	polls, spin := q.polls.Load(), time.Duration(q.pollSpin.Load())
 	if !adaptive {
-		for i := range 300 {
-			if err := c.ReadAt(ctx, 0, buf, uint64(i*8)); err != nil {
-				t.Fatal(err)
-			}
+		if polls != 0 {
+			t.Fatalf("%d polls with adaptive-poll off", polls)
 		}
-		if n := q.polls.Load(); n != 0 {
-			t.Fatalf("%d adaptive polls with adaptive-poll off", n)
+	} else {
+		// One poll of 1 µs after each read. The bound leaves room for
+		// a spinning thread preempted on a loaded machine; a poll that
+		// did not scale with the requests served (a fixed 32 µs, say)
+		// spins 3.2 ms here.
+		if polls < slow/2 || polls > slow+10 {
+			t.Errorf("%d polls for %d reads 2 ms apart, want one after each", polls, slow)
+		}
+		if spin > 2*time.Millisecond {
+			t.Errorf("%v spent polling for %d reads 2 ms apart, want about 1 µs each", spin, slow)
 		}
 	}
-}
 
-// TestCheapBatch: a queue polls after a batch only when its requests took
-// the ring goroutine at most 2 µs each (adaptivePollReqMax): a batch of
-// null requests does, a batch of page-cache copies does not.
-func TestCheapBatch(t *testing.T) {
-	us := func(n int64) int64 { return n * int64(time.Microsecond) }
-	for _, c := range []struct {
-		ns, n int64
-		want  bool
-	}{
-		{0, 0, true},         // no batch yet
-		{us(25), 32, true},   // 32 null requests
-		{us(64), 32, true},   // 2 µs each: the bound
-		{us(65), 32, false},  // just above it
-		{us(150), 32, false}, // 32 page-cache reads
-		{us(3), 1, false},    // one costly request
-		{us(3), 7, true},     // seven cheap ones
-		{us(1000), 0, false}, // a stop between requests dispatched none
-	} {
-		q := &queue{batchNs: c.ns, batchN: c.n}
-		if got := q.cheapBatch(); got != c.want {
-			t.Errorf("%d requests in %v: cheap %v, want %v", c.n, time.Duration(c.ns), got, c.want)
+	// Deep: 32 reads made available at once, then none for 10 ms. The
+	// queue serves them and polls about 32 µs for more before it sleeps.
+	bufs := make([][]byte, 32)
+	for i := range bufs {
+		if bufs[i], err = c.Buf(4096); err != nil {
+			t.Fatal(err)
 		}
+	}
+	polls0, spin0 := q.polls.Load(), q.pollSpin.Load()
+	done := make(chan frontend.Result, len(bufs))
+	c.HoldKicks(0)
+	for i, b := range bufs {
+		r := &frontend.BlkRequest{Type: frontend.BlkTypeIn, Sector: uint64(i * 8), Data: [][]byte{b}}
+		if err := c.Submit(0, r, func(r frontend.Result) { done <- r }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.ReleaseKicks(0)
+	for range bufs {
+		select {
+		case r := <-done:
+			if r.Err != nil || r.Status != frontend.BlkStatusOK {
+				t.Fatalf("read: %+v", r)
+			}
+		case <-ctx.Done():
+			t.Fatal(ctx.Err())
+		}
+	}
+	time.Sleep(10 * time.Millisecond)
+	polls, spin = q.polls.Load()-polls0, time.Duration(q.pollSpin.Load()-spin0)
+	if !adaptive {
+		if polls != 0 {
+			t.Fatalf("%d polls with adaptive-poll off", polls)
+		}
+		return
+	}
+	if polls == 0 {
+		t.Fatal("no poll after a batch of 32 requests")
+	}
+	// 32 served in one or more runs: about 32 µs of polling in all.
+	if spin < 20*time.Microsecond {
+		t.Errorf("%v spent polling after a batch of 32, want about 32 µs", spin)
 	}
 }

@@ -165,7 +165,8 @@ type queue struct {
 	badLogs atomic.Uint32
 
 	renotifies atomic.Uint64 // call eventfd signalled again by renotify
-	polls      atomic.Uint64 // adaptive polls run (adjustPoll)
+	polls      atomic.Uint64 // polls of the available ring (pollDry)
+	pollSpin   atomic.Int64  // nanoseconds spent in them
 	notified   atomic.Uint64 // call eventfd writes
 	kicks      atomic.Uint64 // kick eventfd reads that found a kick
 	parks      atomic.Uint64 // times the ring goroutine waited for a kick in the poller
@@ -175,10 +176,7 @@ type queue struct {
 
 	// Owned by the ring goroutine.
 	held       bool  // the ring goroutine holds finishing for a batch
-	pollNs     int64 // adaptive poll time (ns), 0: none (adjustPoll)
-	batchNs    int64 // how long the last batch's dispatch took (ns)
-	batchN     int64 // how many requests it dispatched
-	waitFrom   int64 // mono() when the ring ran dry, 0: not waiting
+	served     int64 // requests dispatched since the ring last ran dry (pollFor)
 	renotified bool  // renotify has warned for the current stall
 
 	// Used side, guarded by usedMu.
@@ -328,7 +326,7 @@ func (q *queue) startRuntime() {
 
 // runLoop starts the ring goroutine.
 func (q *queue) runLoop() {
-	q.pollNs, q.waitFrom = 0, 0
+	q.served = 0
 	q.stopReq.Store(false)
 	q.done = make(chan struct{})
 	go q.run(q.done)
@@ -684,7 +682,6 @@ func (q *queue) drain() error {
 	if q.packed != nil {
 		return q.drainPacked()
 	}
-	poll := q.dev.exp.cfg.Poll
 	polled := false
 	for !q.stopReq.Load() && !q.dev.dead.Load() {
 		n, err := q.ring.pending()
@@ -692,21 +689,11 @@ func (q *queue) drain() error {
 			return err
 		}
 		if n == 0 {
-			// Busy-poll before arming the kick: while avail_event lags,
+			// Poll before arming the kick: while avail_event lags,
 			// the driver does not kick (virtio 1.x 2.7.10).
-			if poll > 0 && !polled {
+			if !polled {
 				polled = true
-				if q.pollAvail(poll) {
-					continue
-				}
-			} else if !q.dev.exp.cfg.NoAdaptivePoll && !polled {
-				// Adaptive: poll for as long as recent waits for
-				// the driver were short (adjustPoll).
-				polled = true
-				q.waitFrom = mono()
-				if q.pollNs > 0 && q.cheapBatch() && q.countPoll() && q.pollAvail(time.Duration(q.pollNs)) {
-					q.adjustPoll(mono() - q.waitFrom)
-					q.waitFrom = 0
+				if q.pollDry() {
 					continue
 				}
 			}
@@ -715,12 +702,7 @@ func (q *queue) drain() error {
 			}
 			continue
 		}
-		if q.waitFrom != 0 {
-			q.adjustPoll(mono() - q.waitFrom)
-			q.waitFrom = 0
-		}
 		polled = false
-		batchFrom := mono()
 		// Hold the used index while the batch is dispatched, so that
 		// requests completed on the ring goroutine, and workers'
 		// completions meanwhile, are published together: one used-index
@@ -729,7 +711,8 @@ func (q *queue) drain() error {
 		// and at the end.
 		q.hold()
 		var bad error
-		for i := 0; i < int(n); i++ {
+		i := 0
+		for ; i < int(n); i++ {
 			if q.stopReq.Load() || q.dev.dead.Load() {
 				break
 			}
@@ -760,7 +743,7 @@ func (q *queue) drain() error {
 			}
 		}
 		q.release()
-		q.batchNs, q.batchN = mono()-batchFrom, int64(n)
+		q.served += int64(i)
 		if bad != nil {
 			return bad
 		}
@@ -783,12 +766,68 @@ var monoBase = time.Now()
 // mono returns monotonic nanoseconds.
 func mono() int64 { return int64(time.Since(monoBase)) }
 
-// pollAvail spins for up to d waiting for the driver to make a chain
-// available; it reports whether one is.
-func (q *queue) pollAvail(d time.Duration) bool {
-	end := mono() + int64(d)
+// adaptivePollPerReq is how long a queue with adaptive polling
+// (export.adaptive-poll) may poll, once its ring runs dry, for each
+// request it dispatched since it last ran dry (pollFor): a poll that
+// finds nothing costs at most this much CPU per request served, less
+// than the wake-ups it saves when it does find the driver's next request
+// (a park and a kick: a kick eventfd write, an eventfd read and the
+// return from idle of the ring goroutine's thread, several µs of CPU on
+// the two sides together).
+const adaptivePollPerReq = int64(time.Microsecond)
+
+// adaptivePollMax bounds one adaptive poll.
+const adaptivePollMax = int64(256 * time.Microsecond)
+
+// pollFor returns how long the queue polls its available ring once it
+// runs dry after dispatching run requests: export.poll-us when set;
+// otherwise, with adaptive polling, run × adaptivePollPerReq up to
+// adaptivePollMax; 0 to arm the kick at once.
+//
+// Why the poll scales with the requests served, not with how long the
+// driver took to come back, as QEMU's IOThreads adapt theirs
+// (util/aio-posix.c: grow while the waits stay under poll-max-ns, 32 µs
+// by default, drop to 0 after a longer one): on a virtual machine whose
+// idle CPUs are slow to wake, a driver with 32 requests in flight comes
+// back 16-128 µs after a batch, and the two sides fall into lock-step
+// (the ring sleeps while the driver drains and resubmits, the driver
+// sleeps while the ring serves), each waiting for the other's wake-up,
+// so that the waits themselves stay too long for a wait-based poll to
+// start. Polling for as long as the batch was deep lets the ring see the
+// driver's first resubmission while the driver is still draining, and
+// the two then overlap (docs/PERFORMANCE.md, session 9); a driver that
+// sends a request now and then gets a poll of 1 µs per request.
+func (q *queue) pollFor(run int64) time.Duration {
+	cfg := &q.dev.exp.cfg
+	switch {
+	case cfg.Poll > 0:
+		return cfg.Poll
+	case cfg.NoAdaptivePoll:
+		return 0
+	}
+	return time.Duration(min(run*adaptivePollPerReq, adaptivePollMax))
+}
+
+// pollDry polls the available ring for pollFor(q.served) and starts a new
+// run; it reports whether the driver made a chain available.
+func (q *queue) pollDry() bool {
+	d := q.pollFor(q.served)
+	q.served = 0
+	if d <= 0 {
+		return false
+	}
+	q.polls.Add(1)
+	start := mono()
+	found := q.pollAvail(start + int64(d))
+	q.pollSpin.Add(mono() - start)
+	return found
+}
+
+// pollAvail spins until the driver makes a chain available or mono()
+// passes end; it reports whether one is.
+func (q *queue) pollAvail(end int64) bool {
 	for i := 0; ; i++ {
-		if q.ring.availIdx() != q.ring.lastAvail {
+		if q.availNow() {
 			return true
 		}
 		if i%64 == 63 && (mono() > end || q.stopReq.Load()) {
@@ -797,51 +836,13 @@ func (q *queue) pollAvail(d time.Duration) bool {
 	}
 }
 
-// adaptivePollReqMax is the dispatch time per request above which a
-// queue does not poll after its batch (cheapBatch).
-const adaptivePollReqMax = int64(2 * time.Microsecond)
-
-// cheapBatch reports whether the last batch's requests took the ring
-// goroutine at most adaptivePollReqMax each to dispatch. Polling pays
-// where a request costs less than the wake-up it saves (the null path,
-// requests handed to the engine or a worker); where each one is real work
-// on the ring goroutine (a 4 KiB page-cache copy takes 3-5 µs), the ring
-// is busy for most of the driver's turn anyway, and a poll only takes the
-// CPU from the driver, which shares the host's CPUs (docs/PERFORMANCE.md,
-// session 8).
-func (q *queue) cheapBatch() bool {
-	return q.batchNs <= q.batchN*adaptivePollReqMax
-}
-
-// countPoll counts an adaptive poll; it returns true.
-func (q *queue) countPoll() bool {
-	q.polls.Add(1)
-	return true
-}
-
-// adaptivePollMax bounds the adaptive poll (export.adaptive-poll): QEMU's
-// IOThreads poll up to 32 µs by default too.
-const adaptivePollMax = int64(32 * time.Microsecond)
-
-// adaptivePollStart is the first poll time once waits are short.
-const adaptivePollStart = int64(4 * time.Microsecond)
-
-// adjustPoll adapts the queue's poll time to how long the ring goroutine
-// waited for its last batch (block, ns), as QEMU's adaptive polling does
-// (util/aio-posix.c): a wait within the poll time is the sweet spot; one
-// longer than adaptivePollMax stops polling (an idle or slow driver costs
-// one poll after its last batch, then none); a shorter one doubles the
-// poll time, from adaptivePollStart up to adaptivePollMax.
-func (q *queue) adjustPoll(block int64) {
-	switch {
-	case block <= q.pollNs:
-	case block > adaptivePollMax:
-		q.pollNs = 0
-	case q.pollNs == 0:
-		q.pollNs = adaptivePollStart
-	default:
-		q.pollNs = min(2*q.pollNs, adaptivePollMax)
+// availNow reports whether the driver has made a chain available that
+// the queue has not popped.
+func (q *queue) availNow() bool {
+	if q.packed != nil {
+		return q.packed.availNow()
 	}
+	return q.ring.availIdx() != q.ring.lastAvail
 }
 
 // markPopped records h as in flight in the inflight region.
