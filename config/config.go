@@ -219,7 +219,7 @@ type Export struct {
 	PollUS int `toml:"poll-us"`
 	// AdaptivePoll, when false, turns off adaptive polling: by default
 	// (nil) each queue that runs dry polls its available ring for 1 µs
-	// per request it served since it last ran dry, up to 256 µs
+	// per request it completed itself since it last ran dry, up to 256 µs
 	// (docs/REFERENCE.md, export.adaptive-poll). PollUS > 0 replaces it
 	// with a fixed poll; true with it is an error.
 	AdaptivePoll *bool `toml:"adaptive-poll"`

@@ -80,7 +80,7 @@ func (q *queue) async(r *request) (done bool) {
 	case queued:
 		return true
 	case now:
-		q.finish(r, status, usedLen)
+		q.finishOn(r, status, usedLen, true)
 		return true
 	}
 	return false

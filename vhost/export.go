@@ -58,8 +58,8 @@ type ExportConfig struct {
 
 	// NoAdaptivePoll turns off adaptive polling. By default (and unless
 	// Poll is set) each queue that runs dry polls its available ring for
-	// as long as the run it served was deep (queue.pollFor): 1 µs per
-	// request, up to 256 µs, so that an idle queue never spins and a
+	// as long as the run it served itself was deep (queue.pollFor): 1 µs
+	// per request, up to 256 µs, so that an idle queue never spins and a
 	// poll that finds nothing costs at most 1 µs per request served.
 	NoAdaptivePoll bool
 

@@ -438,8 +438,7 @@ func (q *queue) drainPacked() error {
 		polled = false
 		q.hold()
 		var bad error
-		i := 0
-		for ; pr.availNow(); i++ {
+		for i := 0; pr.availNow(); i++ {
 			if q.stopReq.Load() || q.dev.dead.Load() {
 				break
 			}
@@ -476,7 +475,6 @@ func (q *queue) drainPacked() error {
 			}
 		}
 		q.release()
-		q.served += int64(i)
 		if bad != nil {
 			return bad
 		}

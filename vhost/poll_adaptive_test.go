@@ -1,16 +1,19 @@
 package vhost
 
 import (
+	"context"
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/vhostdm/vhostdm/vhost/frontend"
+	"github.com/vhostdm/vhostdm/vhost/internal/virtio"
 )
 
 // TestPollFor: a queue that runs dry polls for export.poll-us when it is
-// set; otherwise, with adaptive polling, 1 µs per request it served since
-// it last ran dry, up to 256 µs; without, not at all.
+// set; otherwise, with adaptive polling, 1 µs per request it completed
+// itself since it last ran dry, up to 256 µs; without, not at all.
 func TestPollFor(t *testing.T) {
 	us := func(n int64) time.Duration { return time.Duration(n) * time.Microsecond }
 	for _, c := range []struct {
@@ -39,7 +42,8 @@ func TestPollFor(t *testing.T) {
 // TestAdaptivePoll: with adaptive polling (export.adaptive-poll), a
 // driver that sends a request now and then costs about 1 µs of spinning
 // per request, and a driver that makes a deep batch available gets a
-// poll as long as the batch; without it, a queue never polls.
+// poll as long as the batch; without it, a queue never polls. The reads
+// (of a file in the page cache) complete on the ring goroutine.
 func TestAdaptivePoll(t *testing.T) {
 	for _, adaptive := range []bool{true, false} {
 		t.Run(fmt.Sprint("adaptive=", adaptive), func(t *testing.T) { testAdaptivePoll(t, adaptive) })
@@ -126,5 +130,59 @@ func testAdaptivePoll(t *testing.T, adaptive bool) {
 	// 32 served in one or more runs: about 32 µs of polling in all.
 	if spin < 20*time.Microsecond {
 		t.Errorf("%v spent polling after a batch of 32, want about 32 µs", spin)
+	}
+}
+
+// TestAdaptivePollHandedOff: requests the ring goroutine hands to a
+// worker or the I/O engine earn no poll: their completions come from
+// elsewhere, and a poll would take the CPU that the worker, the engine
+// and the driver need (scripts/bench-vs-qsd.sh row 3).
+func TestAdaptivePollHandedOff(t *testing.T) {
+	dir := t.TempDir()
+	e, err := NewExport(ExportConfig{ID: "handoff", Socket: dir + "/s", NumQueues: 1, Logger: testLogger()}, zeroDevice{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go e.Serve(context.Background())
+	defer e.Close()
+	c, err := frontend.Dial(testCtx(t), frontend.Config{Socket: dir + "/s", NumQueues: 1, QueueSize: 128, Indirect: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var wg sync.WaitGroup
+	for slot := range 32 {
+		buf, err := c.Buf(4096)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wg.Add(1)
+		left := 100
+		var next func(frontend.Result)
+		next = func(r frontend.Result) {
+			if r.Err != nil || r.Status != virtio.BlkStatusOK {
+				t.Errorf("read: %+v", r)
+				wg.Done()
+				return
+			}
+			if left--; left == 0 {
+				wg.Done()
+				return
+			}
+			if err := c.Submit(0, &frontend.BlkRequest{Type: virtio.BlkTypeIn, Sector: uint64(slot * 8), Data: [][]byte{buf}}, next); err != nil {
+				t.Error(err)
+				wg.Done()
+			}
+		}
+		if err := c.Submit(0, &frontend.BlkRequest{Type: virtio.BlkTypeIn, Sector: uint64(slot * 8), Data: [][]byte{buf}}, next); err != nil {
+			t.Fatal(err)
+		}
+	}
+	wg.Wait()
+	e.mu.Lock()
+	q := e.conn.dev.queues[0]
+	e.mu.Unlock()
+	if n := q.polls.Load(); n != 0 {
+		t.Fatalf("%d polls for 3200 reads handed to workers", n)
 	}
 }

@@ -176,7 +176,7 @@ type queue struct {
 
 	// Owned by the ring goroutine.
 	held       bool  // the ring goroutine holds finishing for a batch
-	served     int64 // requests dispatched since the ring last ran dry (pollFor)
+	served     int64 // requests completed on the ring goroutine since it last ran dry (pollFor)
 	renotified bool  // renotify has warned for the current stall
 
 	// Used side, guarded by usedMu.
@@ -711,8 +711,7 @@ func (q *queue) drain() error {
 		// and at the end.
 		q.hold()
 		var bad error
-		i := 0
-		for ; i < int(n); i++ {
+		for i := 0; i < int(n); i++ {
 			if q.stopReq.Load() || q.dev.dead.Load() {
 				break
 			}
@@ -743,7 +742,6 @@ func (q *queue) drain() error {
 			}
 		}
 		q.release()
-		q.served += int64(i)
 		if bad != nil {
 			return bad
 		}
@@ -768,21 +766,22 @@ func mono() int64 { return int64(time.Since(monoBase)) }
 
 // adaptivePollPerReq is how long a queue with adaptive polling
 // (export.adaptive-poll) may poll, once its ring runs dry, for each
-// request it dispatched since it last ran dry (pollFor): a poll that
-// finds nothing costs at most this much CPU per request served, less
-// than the wake-ups it saves when it does find the driver's next request
-// (a park and a kick: a kick eventfd write, an eventfd read and the
-// return from idle of the ring goroutine's thread, several µs of CPU on
-// the two sides together).
+// request the ring goroutine completed itself since it last ran dry
+// (pollFor): a poll that finds nothing costs at most this much CPU per
+// request served, less than the wake-ups it saves when it does find the
+// driver's next request (a park and a kick: a kick eventfd write, an
+// eventfd read and the return from idle of the ring goroutine's thread,
+// several µs of CPU on the two sides together).
 const adaptivePollPerReq = int64(time.Microsecond)
 
 // adaptivePollMax bounds one adaptive poll.
 const adaptivePollMax = int64(256 * time.Microsecond)
 
 // pollFor returns how long the queue polls its available ring once it
-// runs dry after dispatching run requests: export.poll-us when set;
-// otherwise, with adaptive polling, run × adaptivePollPerReq up to
-// adaptivePollMax; 0 to arm the kick at once.
+// runs dry, the ring goroutine having completed served requests itself
+// since it last ran dry: export.poll-us when set; otherwise, with
+// adaptive polling, served × adaptivePollPerReq up to adaptivePollMax; 0
+// to arm the kick at once.
 //
 // Why the poll scales with the requests served, not with how long the
 // driver took to come back, as QEMU's IOThreads adapt theirs
@@ -797,6 +796,10 @@ const adaptivePollMax = int64(256 * time.Microsecond)
 // driver's first resubmission while the driver is still draining, and
 // the two then overlap (docs/PERFORMANCE.md, session 9); a driver that
 // sends a request now and then gets a poll of 1 µs per request.
+//
+// Requests handed to a worker or the I/O engine do not count: their
+// completions wake the driver from another goroutine, and a poll
+// meanwhile would take the CPU that goroutine and the driver need.
 func (q *queue) pollFor(run int64) time.Duration {
 	cfg := &q.dev.exp.cfg
 	switch {
@@ -1035,6 +1038,9 @@ func (q *queue) finish(r *request, status byte, usedLen uint32) {
 func (q *queue) finishOn(r *request, status byte, usedLen uint32, ring bool) {
 	if !r.owed.Swap(false) {
 		return // accounted already after a fault
+	}
+	if ring {
+		q.served++
 	}
 	q.depth.Add(-1) // before the driver can see the completion
 	defer q.active.Done()
