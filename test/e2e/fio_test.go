@@ -287,6 +287,8 @@ func checkFioJob(t *testing.T, backend string, j *fioResult, wall time.Duration)
 	case j.WindowSeconds < j.RuntimeS || j.WindowSeconds > (wall+5*time.Second).Seconds():
 		t.Errorf("%s: job %s: CPU window %.2f s does not match the job (%.2f s of fio, %v in the guest)",
 			backend, j.Name, j.WindowSeconds, j.RuntimeS, wall)
+	case j.Block.Interrupts <= 0:
+		t.Errorf("%s: job %s: the guest counted no interrupts from the disk for %d requests", backend, j.Name, j.Block.Requests())
 	case j.CPUSeconds <= 0:
 		t.Errorf("%s: job %s: the back end used no CPU time (%.2f s) for %d requests", backend, j.Name, j.CPUSeconds, j.Block.Requests())
 	}
@@ -391,8 +393,9 @@ func fioReport(runs []fioRun, before, after [3]float64) string {
 	fmt.Fprintf(&b, "; the CPUs are shared, so compare within one run only.\n")
 	fmt.Fprintf(&b, "CPU s: the back end's utime+stime over the job (ramp included); requests: the guest's block-layer (virtio) requests in that window;\n")
 	fmt.Fprintf(&b, "CPU s/M I/O: per million I/Os of the job's size in that window (the guest splits 1 MiB I/Os by the back end's limits).\n")
-	fmt.Fprintf(&b, "%-20s %-13s %-7s %8s %8s %8s %8s %9s %7s %6s %6s %10s %11s\n", "back end", "job", "engine", "IOPS", "MiB/s",
-		"lat us", "p99 us", "requests", "KiB/req", "CPU s", "CPU %", "CPU s/Mreq", "CPU s/M I/O")
+	fmt.Fprintf(&b, "irq/req: the guest's interrupts from the disk's virtio device per request in the job (the back end's calls that reached it).\n")
+	fmt.Fprintf(&b, "%-20s %-13s %-7s %8s %8s %8s %8s %9s %7s %6s %6s %10s %11s %7s\n", "back end", "job", "engine", "IOPS", "MiB/s",
+		"lat us", "p99 us", "requests", "KiB/req", "CPU s", "CPU %", "CPU s/Mreq", "CPU s/M I/O", "irq/req")
 	for _, r := range runs {
 		for _, j := range r.Jobs {
 			kib := 0.0
@@ -403,8 +406,12 @@ func fioReport(runs []fioRun, before, after [3]float64) string {
 			if j.WindowSeconds > 0 {
 				pct = 100 * j.CPUSeconds / j.WindowSeconds
 			}
-			fmt.Fprintf(&b, "%-20s %-13s %-7s %8.0f %8.1f %8.0f %8.0f %9d %7.1f %6.2f %6.1f %10.1f %11.1f\n", r.Backend, j.Name, j.Engine,
-				j.IOPS, float64(j.BWKiBps)/1024, j.LatMeanU, j.LatP99U, j.Block.Requests(), kib, j.CPUSeconds, pct, j.cpuPerMReq(), j.cpuPerMIO())
+			irq := 0.0
+			if n := j.Block.Requests(); n > 0 {
+				irq = float64(j.Block.Interrupts) / float64(n)
+			}
+			fmt.Fprintf(&b, "%-20s %-13s %-7s %8.0f %8.1f %8.0f %8.0f %9d %7.1f %6.2f %6.1f %10.1f %11.1f %7.2f\n", r.Backend, j.Name, j.Engine,
+				j.IOPS, float64(j.BWKiBps)/1024, j.LatMeanU, j.LatP99U, j.Block.Requests(), kib, j.CPUSeconds, pct, j.cpuPerMReq(), j.cpuPerMIO(), irq)
 		}
 	}
 	var qsd, vdm *fioRun

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -116,7 +117,46 @@ func blockStat(disk string) (proto.BlockStat, error) {
 		return v
 	}
 	b = proto.BlockStat{Reads: n(0), ReadSectors: n(2), Writes: n(4), WriteSectors: n(6), Flushes: n(15)}
+	if err != nil {
+		return b, err
+	}
+	b.Interrupts, err = diskInterrupts(disk)
 	return b, err
+}
+
+// diskInterrupts sums, over the CPUs, the interrupts of the virtio
+// device under disk (/sys/block/DISK/device is its virtioN) in
+// /proc/interrupts: its request queues' lines ("virtioN-req.0", ...).
+func diskInterrupts(disk string) (int64, error) {
+	dev, err := os.Readlink("/sys/block/" + disk + "/device")
+	if err != nil {
+		return 0, fmt.Errorf("interrupts of %s: %w", disk, err)
+	}
+	prefix := filepath.Base(dev) + "-"
+	b, err := os.ReadFile("/proc/interrupts")
+	if err != nil {
+		return 0, fmt.Errorf("interrupts of %s: %w", disk, err)
+	}
+	var n int64
+	found := false
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) < 2 || !strings.HasSuffix(f[0], ":") || !strings.HasPrefix(f[len(f)-1], prefix) {
+			continue
+		}
+		found = true
+		for _, c := range f[1:] {
+			v, err := strconv.ParseInt(c, 10, 64)
+			if err != nil {
+				break // the counts end where the chip's name begins
+			}
+			n += v
+		}
+	}
+	if !found {
+		return 0, fmt.Errorf("interrupts of %s: no line for %s* in /proc/interrupts", disk, prefix)
+	}
+	return n, nil
 }
 
 func contains(list []string, s string) bool {

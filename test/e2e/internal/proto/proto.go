@@ -196,13 +196,15 @@ type FioJob struct {
 
 // BlockStat counts completed requests and sectors of a guest disk, from
 // /sys/block/DISK/stat (after merging and splitting: one count per
-// virtio request).
+// virtio request), and the interrupts of its virtio device's queues,
+// from /proc/interrupts (the back end's calls that reached the guest).
 type BlockStat struct {
 	Reads        int64 `json:"reads"`
 	ReadSectors  int64 `json:"read_sectors"`
 	Writes       int64 `json:"writes"`
 	WriteSectors int64 `json:"write_sectors"`
 	Flushes      int64 `json:"flushes"`
+	Interrupts   int64 `json:"interrupts"`
 }
 
 // Requests returns the number of requests of all kinds.
@@ -211,5 +213,6 @@ func (b BlockStat) Requests() int64 { return b.Reads + b.Writes + b.Flushes }
 // Sub returns b minus a.
 func (b BlockStat) Sub(a BlockStat) BlockStat {
 	return BlockStat{Reads: b.Reads - a.Reads, ReadSectors: b.ReadSectors - a.ReadSectors,
-		Writes: b.Writes - a.Writes, WriteSectors: b.WriteSectors - a.WriteSectors, Flushes: b.Flushes - a.Flushes}
+		Writes: b.Writes - a.Writes, WriteSectors: b.WriteSectors - a.WriteSectors, Flushes: b.Flushes - a.Flushes,
+		Interrupts: b.Interrupts - a.Interrupts}
 }
