@@ -119,8 +119,8 @@ const closeTag = ^uint64(0)
 // submits every 8 requests. Measured on a 2-CPU KVM guest whose virtual
 // disk completes a burst of 32 4 KiB O_DIRECT reads with one interrupt,
 // paired against submitting at Flush only (loaded, docs/PERFORMANCE.md):
-// 8 served 1.01-1.23x the IOPS (1.10x median) for about the same CPU
-// per request; 16 served 0.95-1.16x; 4 served 0.99-1.10x for 1-2.5 µs
+// 8 served 1.01-1.23x the IOPS (1.10x median) for 0.3-1.1 µs more CPU
+// per request; 16 served 0.95-1.16x; 4 served 0.99-1.10x for 1-2.6 µs
 // more CPU per request; 1 (a system call per request, as
 // qemu-storage-daemon makes) served 0.89x for 1.8x the CPU per request.
 const DefaultSubmitBatch = 8
