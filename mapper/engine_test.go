@@ -456,3 +456,61 @@ func TestIOQueueWaitsInPoller(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestIOQueueSubmitsInChunks: SubmitAsync submits every SubmitBatch
+// requests by itself, so that a long batch of requests reaches the device
+// in chunks instead of all at Flush: the first chunk's reads complete, with
+// the right data, although the submitter never calls Flush nor submits
+// anything after them (their completions are reaped without waiting for
+// another submission); the requests of an unfinished chunk go with Flush.
+// Both with the default batch and with SubmitBatch 1.
+func TestIOQueueSubmitsInChunks(t *testing.T) {
+	for _, batch := range []int{0, 1} {
+		t.Run(fmt.Sprintf("batch=%d", batch), func(t *testing.T) {
+			d, _ := engineDevice(t, t.TempDir(), 1<<20, mapper.CacheNone)
+			want := misaligned(1<<20, 0, 7)
+			if err := d.Submit(&mapper.Request{Op: mapper.OpWrite, Sectors: 2048, Data: [][]byte{want}}); err != nil {
+				t.Fatal(err)
+			}
+			res := newResults()
+			q, err := mapper.NewIOQueue(mapper.IOQueueConfig{Depth: 64, SubmitBatch: batch, Complete: res.complete, Log: discard()})
+			if err != nil {
+				t.Fatalf("io_uring engine: %v", err)
+			}
+			t.Cleanup(func() {
+				if err := q.Close(); err != nil {
+					t.Error(err)
+				}
+			})
+			chunk := batch
+			if chunk == 0 {
+				chunk = mapper.DefaultSubmitBatch
+			}
+			n := chunk + chunk/2 // a whole chunk and part of the next
+			got := make([][]byte, n)
+			for i := range n {
+				got[i] = misaligned(4096, 0, 0)
+				r := mapper.Request{Op: mapper.OpRead, Sector: uint64(i * 8), Sectors: 8, Data: [][]byte{got[i]}}
+				if err := d.SubmitAsync(q, &r, uint64(i)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for i := range chunk {
+				if err := res.waitWithin(t, uint64(i), 10*time.Second); err != nil {
+					t.Fatalf("read %d of the first chunk: %v", i, err)
+				}
+			}
+			q.Flush()
+			for i := chunk; i < n; i++ {
+				if err := res.waitWithin(t, uint64(i), 10*time.Second); err != nil {
+					t.Fatalf("read %d, submitted by Flush: %v", i, err)
+				}
+			}
+			for i := range n {
+				if !bytes.Equal(got[i], want[i*4096:(i+1)*4096]) {
+					t.Fatalf("read %d: not the data written", i)
+				}
+			}
+		})
+	}
+}

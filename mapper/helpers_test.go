@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/mapper/mappertest"
@@ -66,6 +67,31 @@ func (r *results) wait(tag uint64) error {
 		if err, ok := r.got[tag]; ok {
 			delete(r.got, tag)
 			return err
+		}
+		r.cond.Wait()
+	}
+}
+
+// waitWithin is wait that fails the test when tag has not completed
+// within d: a request the engine never submitted would hang wait.
+func (r *results) waitWithin(t testing.TB, tag uint64, d time.Duration) error {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	timer := time.AfterFunc(d, func() {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		r.cond.Broadcast()
+	})
+	defer timer.Stop()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for {
+		if err, ok := r.got[tag]; ok {
+			delete(r.got, tag)
+			return err
+		}
+		if !time.Now().Before(deadline) {
+			t.Fatalf("request %d: not completed within %v", tag, d)
 		}
 		r.cond.Wait()
 	}

@@ -10,7 +10,8 @@ import (
 // asynchronous I/O engine; *mapper.Device implements it. An export over
 // one gives each queue a mapper.IOQueue (io_uring): the ring goroutine
 // queues the requests the engine takes, submits them with one system call
-// per batch, and the engine's completion goroutine completes them, so
+// per chunk of mapper.DefaultSubmitBatch and one for the rest of its batch,
+// and the engine's completion goroutine completes them, so
 // that no worker goroutine is involved. Requests the engine does not take
 // (targets that do more than remap, flushes, FUA writes) go to workers as
 // before; so does everything when io_uring is unavailable.
