@@ -163,7 +163,6 @@ type Agent struct {
 	sendCond   *sync.Cond
 	senderIdle int
 	lastQueued time.Time // when the last guest write was queued
-	stampReuse int       // writes in a row stamped with lastQueued (stamp)
 	vols       map[string]*agentVolume
 	order      []string                // attach order, for reports
 	nProtect   int64                   // attached volumes with Protect: the queue's shares
@@ -784,6 +783,7 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 			data = append(data, b...)
 		}
 	}
+	pre := time.Now() // read before a.mu: the clock is slow on some hypervisors
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	bytes := int64(len(data))
@@ -867,7 +867,17 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 		v.overflowing = false
 		v.log.Warn("mirror queue has room again: writes are mirrored", "dirtied_writes", v.ovWrites, "dirtied_bytes", v.ovBytes)
 	}
-	now := a.stamp(waited)
+	now := pre
+	if waited {
+		now = time.Now()
+	}
+	// Queued writes stay in time order (the oldest is the first, for
+	// the RPO): a writer that read the clock earlier but took a.mu later
+	// is stamped with the time of the write queued before it.
+	if now.Before(a.lastQueued) {
+		now = a.lastQueued
+	}
+	a.lastQueued = now
 	last := a.queueWrite(v, r.Op, r.Sector, r.Sectors, data, true, ioErr, now)
 	v.stats.Mirrored++
 	if !v.sync && v.behind(now) {
@@ -889,40 +899,6 @@ func (a *Agent) mirror(v *agentVolume, r *mapper.Request, ioErr error) (uint64, 
 	// hub to catch up.
 	a.pace(v, share, now)
 	return last.seq, false, nil
-}
-
-// maxStampReuse is how many writes in a row stamp may stamp with the time
-// of the write queued before them instead of reading the clock.
-const maxStampReuse = 32
-
-// stamp returns the time a write queued now is stamped with, for the RPO,
-// pacing by age and maxHold. Reading the clock costs about 90 ns on some
-// hypervisors (a tenth of the agent's own CPU per 4 KiB write, measured
-// on a 2-vCPU Xeon guest), so a write that joins a batch still on the
-// queue takes the time of the write queued before it, up to
-// maxStampReuse writes in a row: only the first write of a batch (or the
-// first after another frame), and one in maxStampReuse, reads the clock. A stamp is never later than the
-// write (the RPO is never understated); it is earlier by at most the span
-// of maxStampReuse writes, and of the batch (maxHold while the sender
-// keeps up). Queued writes stay in time order (the oldest is the first,
-// for the RPO). waited: the write waited (for room, credit or the hub),
-// the clock is read. a.mu held.
-func (a *Agent) stamp(waited bool) time.Time {
-	if n := len(a.queue); !waited && n > 0 && a.stampReuse < maxStampReuse {
-		// The queue's last frame is the write stamped last (not a
-		// dirty map or checksum queued alone long after it).
-		if it := a.queue[n-1]; it.write && it.t.Equal(a.lastQueued) {
-			a.stampReuse++
-			return a.lastQueued
-		}
-	}
-	a.stampReuse = 0
-	now := time.Now()
-	if now.Before(a.lastQueued) {
-		now = a.lastQueued
-	}
-	a.lastQueued = now
-	return now
 }
 
 // pace holds the completion of a write just queued while v is paced: above
