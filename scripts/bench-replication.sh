@@ -30,7 +30,9 @@
 #                                (paced) for the hub's fdatasync'd journal.
 #
 # The last column is the hub process's CPU per protected write (it shares
-# the cores: what it costs shows in the protected IOPS).
+# the cores: what it costs shows in the protected IOPS). The log line of a
+# protected run also gives the hub's journal records per group commit
+# (one fdatasync each) over the run.
 #
 # Before each protected run the hub must report the volume protecting with
 # nothing to resync. The hub shares the machine's cores with vhostdm and the
@@ -166,6 +168,8 @@ wait_protecting() {
 	log "the hub did not reach protecting"; return 1
 }
 
+# journal: the hub's journal records and group commits so far
+journal() { qmp "$dir/hub.sock" query-repagent | jq -r '[.[].journal // empty] | "\([.[].records] | add // 0) \([.[].commits] | add // 0)"'; }
 cpu() { awk '{print $14 + $15}' "/proc/${1:-$vpid}/stat"; }
 # csw: the context switches (voluntary and not) of all of vhostdm's threads
 csw() { cat /proc/"$vpid"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n}'; }
@@ -173,13 +177,14 @@ tck=$(getconf CLK_TCK)
 
 # one EXPORT RW BS QD [FSYNC]: prints "iops bytes_per_sec cpu_per_op_us max_rpo_s hub_cpu_per_op_us csw_per_op"
 one() {
-	local exp=$1 rw=$2 bs=$3 qd=$4 fsync=${5:-0} rpo=0 c0 c1 h0 h1 s0 s1 out sample=()
+	local exp=$1 rw=$2 bs=$3 qd=$4 fsync=${5:-0} rpo=0 c0 c1 h0 h1 s0 s1 j0 r0 r1 k0 k1 out sample=()
 	[ "$exp" = p ] && wait_protecting
 	: >"$dir/rpo"
 	# The RPO is sampled every 100 ms by the client itself, over one QMP
 	# connection: a sampler process per sample (a QMP client and jq) took
 	# about a third of the two CPUs during the protected runs only.
 	[ "$exp" = p ] && sample=(--rpo-qmp "$dir/qmp.sock" --rpo-interval 100ms)
+	[ "$exp" = p ] && j0=$(journal)
 	c0=$(cpu); h0=$(cpu "$hpid"); s0=$(csw)
 	out=$("$dir/vhostdm" bench --socket "$dir/$exp.sock" --rw "$rw" --bs "$bs" --iodepth "$qd" --fsync "$fsync" --duration "$duration" --json "${sample[@]}")
 	c1=$(cpu); h1=$(cpu "$hpid"); s1=$(csw)
@@ -191,6 +196,8 @@ one() {
 			[ "$r" = 0 ] && break; sleep 0.1
 		done
 		rpo=$(sort -g "$dir/rpo" | tail -1)
+		read -r r0 k0 <<<"$j0"; read -r r1 k1 <<<"$(journal)"
+		log "hub journal: $(( r1 - r0 )) records in $(( k1 - k0 )) group commits: $(div $(( r1 - r0 )) $(( k1 - k0 ))) records/commit"
 	fi
 	echo "$out" | jq -r --arg c "$(( c1 - c0 ))" --arg h "$(( h1 - h0 ))" --arg t "$tck" --arg r "$rpo" --arg s "$(( s1 - s0 ))" \
 		'"\(.iops) \(.bytes_per_sec) \((($c|tonumber) / ($t|tonumber)) / .ops * 1e6) \($r) \((($h|tonumber) / ($t|tonumber)) / .ops * 1e6) \(($s|tonumber) / .ops)"'

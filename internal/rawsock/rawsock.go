@@ -28,12 +28,12 @@ import (
 const maxIov = 1024
 
 // Conn is a socket read and written with raw system calls. Read may run
-// at the same time as Write or Writev; Write and Writev are for one
-// writer at a time.
+// at the same time as Write or Writev; Writev is for one writer at a
+// time.
 type Conn struct {
 	rc   syscall.RawConn
 	addr net.Addr
-	iov  []unix.Iovec // Writev's vector, reused
+	iov  []unix.Iovec // Writev's vector, reused (Write has its own)
 }
 
 // New returns a Conn for nc's socket, or nil when nc is not a socket
@@ -80,36 +80,33 @@ func (c *Conn) Read(p []byte) (int, error) {
 	return int(n), nil
 }
 
-// Write writes all of p (or fails).
+// Write writes all of p (or fails), and returns how much it wrote. It
+// shares no state with Writev (its vector is its own), so the two may
+// run at once as the separate loops they replaced could.
 func (c *Conn) Write(p []byte) (int, error) {
-	done := 0
-	var errno syscall.Errno
-	err := c.rc.Write(func(fd uintptr) bool {
-		for done < len(p) {
-			n, _, e := unix.RawSyscall(unix.SYS_WRITE, fd, uintptr(unsafe.Pointer(&p[done])), uintptr(len(p)-done))
-			switch e {
-			case 0:
-				done += int(n)
-			case unix.EINTR:
-			case unix.EAGAIN:
-				return false // wait in the poller
-			default:
-				errno = e
-				return true
-			}
-		}
-		return true
-	})
-	return done, c.opErr("write", err, errno)
+	one := [1][]byte{p}
+	var iov [1]unix.Iovec
+	vec := iov[:0]
+	return c.writev("write", one[:], &vec)
 }
 
 // Writev writes all of bufs (or fails), up to maxIov buffers per writev;
 // it may change bufs' elements.
 func (c *Conn) Writev(bufs [][]byte) error {
+	_, err := c.writev("writev", bufs, &c.iov)
+	return err
+}
+
+// writev is Write and Writev: it writes bufs with writev calls, waiting
+// in the poller while the socket is full, and returns the bytes written;
+// *vec is the iovec array to use (kept, grown, for the next call); op
+// names the call in an error.
+func (c *Conn) writev(op string, bufs [][]byte, vec *[]unix.Iovec) (int, error) {
+	done := 0
 	var errno syscall.Errno
 	err := c.rc.Write(func(fd uintptr) bool {
 		for len(bufs) > 0 {
-			iov := c.iov[:0]
+			iov := (*vec)[:0]
 			for _, b := range bufs {
 				if len(iov) == maxIov {
 					break
@@ -120,7 +117,7 @@ func (c *Conn) Writev(bufs [][]byte) error {
 					iov = append(iov, v)
 				}
 			}
-			c.iov = iov
+			*vec = iov
 			if len(iov) == 0 {
 				return true
 			}
@@ -128,6 +125,7 @@ func (c *Conn) Writev(bufs [][]byte) error {
 			clear(iov) // no references to the data kept
 			switch e {
 			case 0:
+				done += int(n)
 				bufs = consume(bufs, int(n))
 			case unix.EINTR:
 			case unix.EAGAIN:
@@ -139,7 +137,7 @@ func (c *Conn) Writev(bufs [][]byte) error {
 		}
 		return true
 	})
-	return c.opErr("writev", err, errno)
+	return done, c.opErr(op, err, errno)
 }
 
 // consume returns bufs without their first n bytes.

@@ -38,7 +38,12 @@ func TestBufPoolReuse(t *testing.T) {
 	}
 	var held int64
 	for i := range a.bufs.shards {
-		for _, l := range a.bufs.shards[i].free {
+		sh := &a.bufs.shards[i]
+		for c, l := range sh.free {
+			// A getter skips a shard whose count says it is empty.
+			if n := sh.n[c].Load(); int(n) != len(l) {
+				t.Errorf("shard %d holds %d buffers of class %d, its count says %d", i, len(l), c, n)
+			}
 			for _, x := range l {
 				held += int64(cap(x))
 			}

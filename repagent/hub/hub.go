@@ -889,8 +889,11 @@ func (e storeFault) Unwrap() error { return e.err }
 
 // fatal reports whether err ends the connection: a store fault does not.
 func fatal(err error) bool {
+	if err == nil {
+		return false // before sf: errors.As moves it to the heap, an allocation per frame
+	}
 	var sf storeFault
-	return err != nil && !errors.As(err, &sf)
+	return !errors.As(err, &sf)
 }
 
 // deferredWrite is a mirrored write held until the remote reads of its
