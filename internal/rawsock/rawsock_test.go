@@ -71,6 +71,11 @@ func TestRead(t *testing.T) {
 // write deadlines and fails once the peer is gone.
 func TestWrite(t *testing.T) {
 	nc, peer := tcpPair(t)
+	// Fixed buffers: loopback's autotuned ones grow to tens of MiB,
+	// which the 8 MiB below would fit in without the writer ever
+	// waiting (nor timing out).
+	nc.(*net.TCPConn).SetWriteBuffer(64 << 10)
+	peer.(*net.TCPConn).SetReadBuffer(64 << 10)
 	w := New(nc)
 	big := bytes.Repeat([]byte("fedcba9876543210"), 512<<10) // 8 MiB
 	recv := make(chan []byte)

@@ -104,9 +104,17 @@ type Config struct {
 // links have: past any non-zero limit the volume mirrors synchronously
 // until its backlog is back under all of them.
 type FallBehind struct {
-	IOs     uint64        // unacknowledged mirrored writes
-	Bytes   uint64        // their bytes
-	Timeout time.Duration // age of the oldest
+	IOs   uint64 // unacknowledged mirrored writes
+	Bytes uint64 // their bytes
+	// Timeout bounds the age of the oldest unacknowledged write, the
+	// RPO: past it, or once that age plus the time the hub needs to
+	// acknowledge the backlog (its bytes at the hub's recent rate)
+	// would pass it, the volume mirrors synchronously, until the two
+	// add up to at most half of it. (The writes queued before the
+	// switch still drain at the hub's pace: a switch on age alone lets
+	// the RPO grow past the threshold by the whole backlog's drain
+	// time.)
+	Timeout time.Duration
 }
 
 // IsZero reports whether no threshold is set: mirroring stays asynchronous.
@@ -399,6 +407,12 @@ type agentVolume struct {
 	pendB    int64
 	sync     bool
 	stats    VolumeStats
+	// The hub's recent acknowledgement rate of this volume's bytes
+	// (drainTime): bytes acknowledged since rateFrom, and the rate of
+	// the last full window (0: none measured yet).
+	ackedB   int64
+	rateFrom time.Time
+	ackRate  float64 // bytes per second
 	cancel   func()
 	alVol    int        // index in the activity log; -1: not logged
 	alFull   bool       // the activity log asks for a full resync, not yet sent
@@ -1227,10 +1241,63 @@ func (v *agentVolume) behind(now time.Time) bool {
 		return true
 	case fb.Bytes > 0 && uint64(v.pendB) > fb.Bytes:
 		return true
-	case fb.Timeout > 0 && v.pendIOs > 0 && now.Sub(v.oldest()) > fb.Timeout:
+	case fb.Timeout > 0 && v.pendIOs > 0 && v.rpoAhead(now) > fb.Timeout:
 		return true
 	}
 	return false
+}
+
+// caughtUp reports whether a volume mirroring synchronously may go back
+// to asynchronous mirroring: the backlog is under every threshold, and
+// under half of the timeout (so that it does not switch back and forth
+// at the threshold's edge); a.mu held.
+func (v *agentVolume) caughtUp(now time.Time) bool {
+	if v.behind(now) {
+		return false
+	}
+	to := v.opts.FallBehind.Timeout
+	return to <= 0 || v.pendIOs == 0 || v.rpoAhead(now) <= to/2
+}
+
+// rpoAhead returns the RPO the backlog is heading for: the age of the
+// oldest unacknowledged write plus the time the hub needs, at its recent
+// rate, to acknowledge every byte queued now (the newest write's wait);
+// a.mu held.
+func (v *agentVolume) rpoAhead(now time.Time) time.Duration {
+	age := now.Sub(v.oldest())
+	if v.ackRate <= 0 {
+		return age
+	}
+	return age + time.Duration(float64(v.pendB)/v.ackRate*float64(time.Second))
+}
+
+// ackRateWindow is the window over which the hub's acknowledgement rate
+// of a volume is measured (rpoAhead).
+const ackRateWindow = 20 * time.Millisecond
+
+// noteAcked counts n bytes of v acknowledged at now towards the hub's
+// acknowledgement rate; a.mu held. A window counts only if a backlog
+// remains at its end: the hub was busy throughout, so the window shows
+// what it can acknowledge, not how little an idle guest wrote. The first
+// window is a tenth as long, so that a volume's first burst is measured
+// before it has queued much.
+func (v *agentVolume) noteAcked(n int64, now time.Time) {
+	if v.rateFrom.IsZero() {
+		v.rateFrom = now
+	}
+	v.ackedB += n
+	d := now.Sub(v.rateFrom)
+	if d < ackRateWindow && (v.ackRate > 0 || d < ackRateWindow/10) {
+		return // the first estimate comes from a short window
+	}
+	if v.pendIOs > 0 && v.ackedB > 0 {
+		r := float64(v.ackedB) / d.Seconds()
+		if v.ackRate > 0 {
+			r = (r + v.ackRate) / 2
+		}
+		v.ackRate = r
+	}
+	v.ackedB, v.rateFrom = 0, now
 }
 
 // oldest returns when the oldest unacknowledged write was queued; a.mu
@@ -1256,6 +1323,7 @@ func (a *Agent) ack(seq uint64) {
 	now := time.Now()
 	for _, v := range a.vols {
 		k := 0
+		b0 := v.pendB
 		for k < len(v.pending) && v.pending[k].seq <= seq {
 			it := v.pending[k]
 			if !it.write && it.msg != nil && a.al != nil {
@@ -1268,10 +1336,11 @@ func (a *Agent) ack(seq uint64) {
 			clear(v.pending[:k])
 			v.pending = v.pending[k:]
 		}
+		v.noteAcked(b0-v.pendB, now)
 		if v.pacing && v.pendB <= v.lw && !v.tooOld(now) {
 			a.endPacing(v)
 		}
-		if v.sync && !v.behind(now) {
+		if v.sync && v.caughtUp(now) {
 			v.sync = false
 			v.log.Info("backlog under the fall-behind threshold: mirroring asynchronously")
 		}
