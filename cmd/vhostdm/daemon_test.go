@@ -243,7 +243,7 @@ func serveInProcess(t *testing.T, path string) (*daemon, context.Context) {
 	}
 	// The daemon's warnings and errors are shown if the test fails (a
 	// front end sees only that a request failed, not why).
-	logs := new(lockedBuffer)
+	logs := new(syncBuffer)
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("daemon log (warnings and errors):\n%s", logs.String())
@@ -257,22 +257,4 @@ func serveInProcess(t *testing.T, path string) (*daemon, context.Context) {
 	}
 	t.Cleanup(func() { d.Close(); cancel() })
 	return d, ctx
-}
-
-// lockedBuffer is a bytes.Buffer safe for concurrent writers.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
