@@ -7,6 +7,8 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -178,6 +180,10 @@ func (h *Hub) FailoverTestAt(vmName, dir string, sel journal.Selector, run TestR
 	if len(rec.Volumes) == 0 {
 		return fail(fmt.Errorf("vm %q has no recovery volumes at %s", vmName, sel))
 	}
+	if missing := h.missingVolumes(vm, rec); len(missing) > 0 {
+		return fail(fmt.Errorf("vm %q: the point %s holds no data of volume %s yet (its first synchronisation has not completed): a test VM would miss that disk",
+			vmName, sel, strings.Join(missing, ", ")))
+	}
 	t.point = rec.Point
 	tv := make([]TestVolume, len(rec.Volumes))
 	for i, v := range rec.Volumes {
@@ -304,4 +310,24 @@ func (h *Hub) noJournal(vmName string, vm *hubVM) error {
 		return fmt.Errorf("vm %q is not held by this hub: the hub its agent is attached to holds it (or, with no agent attached, none does: use recover --store)", vmName)
 	}
 	return fmt.Errorf("vm %q not found", vmName)
+}
+
+// missingVolumes returns the volumes of vm that are protected (or were)
+// and absent from rec, a point materialised before their first
+// synchronisation completed: such a point is not the VM, only some of its
+// disks.
+func (h *Hub) missingVolumes(vm *hubVM, rec journal.Recovered) []string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var missing []string
+	for name, v := range vm.vols {
+		if !v.mirror && v.st.Version == 0 {
+			continue // reported, never protected
+		}
+		if !slices.ContainsFunc(rec.Volumes, func(r journal.RecoveredVolume) bool { return r.Name == name }) {
+			missing = append(missing, name)
+		}
+	}
+	slices.Sort(missing)
+	return missing
 }
