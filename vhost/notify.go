@@ -334,14 +334,25 @@ func (n *notifier) blocked() bool {
 // front end is owed goes missing.
 func (n *notifier) drainFull(fd int) {
 	pfd := [1]unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
-	if k, err := unix.Poll(pfd[:], 0); err != nil || k != 0 && pfd[0].Revents&unix.POLLOUT != 0 {
+	k, err := unix.Poll(pfd[:], 0)
+	for err == unix.EINTR {
+		// A poll that finds nothing ready returns EINTR when a signal
+		// is pending (the Go runtime's preemption signals are
+		// frequent): exactly when the counter is full.
+		k, err = unix.Poll(pfd[:], 0)
+	}
+	if err != nil || k != 0 && pfd[0].Revents&unix.POLLOUT != 0 {
 		return
 	}
 	if !n.logged.Swap(true) {
 		n.log.Warn("front end keeps an eventfd full with O_NONBLOCK cleared: emptying it to release the blocked write", "fd", n.what)
 	}
 	var b [8]byte
-	unix.Preadv2(fd, [][]byte{b[:]}, -1, unix.RWF_NOWAIT)
+	for {
+		if _, err := unix.Preadv2(fd, [][]byte{b[:]}, -1, unix.RWF_NOWAIT); err != unix.EINTR {
+			return
+		}
+	}
 }
 
 // unstick releases a write blocked on a full counter of a notifier in use
