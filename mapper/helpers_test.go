@@ -61,37 +61,40 @@ func (r *results) complete(tag uint64, err error) {
 }
 
 func (r *results) wait(tag uint64) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	for {
-		if err, ok := r.got[tag]; ok {
-			delete(r.got, tag)
-			return err
-		}
-		r.cond.Wait()
-	}
+	_, err := r.waitUntil(tag, time.Time{})
+	return err
 }
 
 // waitWithin is wait that fails the test when tag has not completed
 // within d: a request the engine never submitted would hang wait.
 func (r *results) waitWithin(t testing.TB, tag uint64, d time.Duration) error {
 	t.Helper()
-	deadline := time.Now().Add(d)
 	timer := time.AfterFunc(d, func() {
 		r.mu.Lock()
 		defer r.mu.Unlock()
 		r.cond.Broadcast()
 	})
 	defer timer.Stop()
+	ok, err := r.waitUntil(tag, time.Now().Add(d))
+	if !ok {
+		t.Fatalf("request %d: not completed within %v", tag, d)
+	}
+	return err
+}
+
+// waitUntil waits for tag's completion and takes its result; with a
+// non-zero deadline it gives up (ok false) once the deadline has passed
+// and cond is broadcast.
+func (r *results) waitUntil(tag uint64, deadline time.Time) (ok bool, err error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for {
 		if err, ok := r.got[tag]; ok {
 			delete(r.got, tag)
-			return err
+			return true, err
 		}
-		if !time.Now().Before(deadline) {
-			t.Fatalf("request %d: not completed within %v", tag, d)
+		if !deadline.IsZero() && !time.Now().Before(deadline) {
+			return false, nil
 		}
 		r.cond.Wait()
 	}

@@ -27,13 +27,16 @@ import (
 // maxIov is the most buffers one writev takes (IOV_MAX).
 const maxIov = 1024
 
-// Conn is a socket read and written with raw system calls. Read may run
-// at the same time as Write or Writev; Writev is for one writer at a
-// time.
+// Conn is a socket read and written with raw system calls. Read, Write
+// and Writev may run at the same time as each other; Write and Writev
+// are each for one writer at a time.
 type Conn struct {
 	rc   syscall.RawConn
 	addr net.Addr
-	iov  []unix.Iovec // Writev's vector, reused (Write has its own)
+	iov  []unix.Iovec // Writev's vector, reused
+	// Write's buffer list and vector, its own (no allocation per call).
+	one  [1][]byte
+	wiov []unix.Iovec
 }
 
 // New returns a Conn for nc's socket, or nil when nc is not a socket
@@ -81,13 +84,13 @@ func (c *Conn) Read(p []byte) (int, error) {
 }
 
 // Write writes all of p (or fails), and returns how much it wrote. It
-// shares no state with Writev (its vector is its own), so the two may
-// run at once as the separate loops they replaced could.
+// shares no state with Writev (its buffer list and vector are its own),
+// so the two may run at once.
 func (c *Conn) Write(p []byte) (int, error) {
-	one := [1][]byte{p}
-	var iov [1]unix.Iovec
-	vec := iov[:0]
-	return c.writev("write", one[:], &vec)
+	c.one[0] = p
+	n, err := c.writev("write", c.one[:], &c.wiov)
+	c.one[0] = nil // no reference to the caller's data kept
+	return n, err
 }
 
 // Writev writes all of bufs (or fails), up to maxIov buffers per writev;
