@@ -1263,12 +1263,25 @@ func (v *agentVolume) caughtUp(now time.Time) bool {
 // oldest unacknowledged write plus the time the hub needs, at its recent
 // rate, to acknowledge every byte queued now (the newest write's wait);
 // a.mu held.
+//
+// Before a rate is measured (a volume's first burst) the hub has shown
+// only that it has not acknowledged the oldest write in all that age: the
+// backlog counts as draining at one write of the oldest's size per age.
+// That is pessimistic on purpose. A hub that acknowledges its first batch
+// late (a group commit of everything sent) would otherwise let the guest
+// queue tens of MiB on the age alone, and they drain at the hub's pace
+// long after the threshold; the price is a first burst that mirrors
+// synchronously until the first window measures the rate.
 func (v *agentVolume) rpoAhead(now time.Time) time.Duration {
-	age := now.Sub(v.oldest())
-	if v.ackRate <= 0 {
-		return age
+	first := v.oldestWrite()
+	if first == nil {
+		return 0
 	}
-	return age + time.Duration(float64(v.pendB)/v.ackRate*float64(time.Second))
+	age := now.Sub(first.t)
+	if v.ackRate > 0 {
+		return age + time.Duration(float64(v.pendB)/v.ackRate*float64(time.Second))
+	}
+	return age + time.Duration(float64(age)*float64(v.pendB)/float64(max(first.bytes, 1)))
 }
 
 // ackRateWindow is the window over which the hub's acknowledgement rate
@@ -1303,12 +1316,20 @@ func (v *agentVolume) noteAcked(n int64, now time.Time) {
 // oldest returns when the oldest unacknowledged write was queued; a.mu
 // held.
 func (v *agentVolume) oldest() time.Time {
-	for _, it := range v.pending {
-		if it.write {
-			return it.t
-		}
+	if it := v.oldestWrite(); it != nil {
+		return it.t
 	}
 	return time.Time{}
+}
+
+// oldestWrite returns the oldest unacknowledged write, or nil; a.mu held.
+func (v *agentVolume) oldestWrite() *qitem {
+	for _, it := range v.pending {
+		if it.write {
+			return it
+		}
+	}
+	return nil
 }
 
 // ack releases everything up to seq; a.mu held.

@@ -9,8 +9,9 @@ import (
 // the oldest write's age plus the time the hub needs to acknowledge the
 // backlog at its measured rate would pass it, not only once the age
 // does; the volume goes back to asynchronous mirroring only under half of
-// it; and the rate is measured only over windows that end with a backlog
-// (an idle guest's trickle is not the hub's rate).
+// it; the rate is measured only over windows that end with a backlog
+// (an idle guest's trickle is not the hub's rate); and before it is
+// measured, a first burst counts as draining one write per age.
 func TestTimeoutCountsTheDrain(t *testing.T) {
 	t0 := time.Now()
 	v := &agentVolume{opts: VolumeOptions{FallBehind: FallBehind{Timeout: 300 * time.Millisecond}}}
@@ -20,13 +21,26 @@ func TestTimeoutCountsTheDrain(t *testing.T) {
 		v.pendB += n
 	}
 
-	// No rate measured yet: the age alone counts.
-	queue(t0, 8<<20)
-	if v.behind(t0.Add(100 * time.Millisecond)) {
-		t.Fatal("behind at 100 ms of age with no rate measured")
+	// No rate measured yet (a first burst): the backlog counts as
+	// draining one write of the oldest's size per age. One write alone
+	// is behind once its age passes half the threshold.
+	queue(t0, 64<<10)
+	if v.behind(t0.Add(140 * time.Millisecond)) {
+		t.Fatal("behind at 140 ms of age, one write queued, no rate measured")
 	}
-	if !v.behind(t0.Add(301 * time.Millisecond)) {
-		t.Fatal("not behind past the timeout")
+	if !v.behind(t0.Add(151 * time.Millisecond)) {
+		t.Fatal("not behind at 151 ms of age, one write queued, no rate measured (heading for 302 ms)")
+	}
+	// Sixteen writes queued: behind at a tenth of that age, where the
+	// age alone would have let the guest queue on for 300 ms.
+	for range 15 {
+		queue(t0, 64<<10)
+	}
+	if v.behind(t0.Add(10 * time.Millisecond)) {
+		t.Fatal("behind at 10 ms of age, 16 writes queued (heading for 170 ms)")
+	}
+	if !v.behind(t0.Add(20 * time.Millisecond)) {
+		t.Fatal("not behind at 20 ms of age, 16 writes queued (heading for 340 ms)")
 	}
 
 	// An idle window (the backlog emptied) measures nothing.
