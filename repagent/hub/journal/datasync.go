@@ -7,6 +7,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -43,6 +44,32 @@ type ringSync struct {
 
 // datasync makes fd's data durable (fdatasync).
 func (s *ringSync) datasync(fd int) error {
+	_, err := s.run("fsync", func(e *uring.SQE) {
+		e.Opcode, e.FD, e.RWFlags = uring.OpFsync, int32(fd), uring.FsyncDatasync
+	}, func() (int, error) { return 0, unix.Fdatasync(fd) })
+	return err
+}
+
+// pwrite writes b at off of fd (pwrite(2)), returning the bytes written.
+// The journal's O_DIRECT appends wait for the disk: on the ring, in the
+// poller, for the reason above.
+func (s *ringSync) pwrite(fd int, b []byte, off int64) (int, error) {
+	return s.run("write", func(e *uring.SQE) {
+		e.Opcode, e.FD = uring.OpWrite, int32(fd)
+		e.Addr, e.Len, e.Off = uint64(uintptr(unsafe.Pointer(unsafe.SliceData(b)))), uint32(len(b)), uint64(off)
+	}, func() (int, error) {
+		for {
+			n, err := unix.Pwrite(fd, b, off)
+			if err != unix.EINTR {
+				return n, err
+			}
+		}
+	})
+}
+
+// run submits one operation that prep fills and waits for its result,
+// or runs fallback where there is no ring; what names it in errors.
+func (s *ringSync) run(what string, prep func(*uring.SQE), fallback func() (int, error)) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if !s.tried {
@@ -50,15 +77,15 @@ func (s *ringSync) datasync(fd int) error {
 		s.setup()
 	}
 	if s.ring == nil {
-		return unix.Fdatasync(fd)
+		return fallback()
 	}
 	e := s.ring.GetSQE()
 	if e == nil {
-		return errors.New("io_uring: no submission entry") // one at a time: never
+		return 0, errors.New("io_uring: no submission entry") // one at a time: never
 	}
-	e.Opcode, e.FD, e.RWFlags = uring.OpFsync, int32(fd), uring.FsyncDatasync
+	prep(e)
 	if _, err := s.ring.SubmitRaw(); err != nil {
-		return err
+		return 0, err
 	}
 	var res int32
 	done := false
@@ -67,14 +94,14 @@ func (s *ringSync) datasync(fd int) error {
 		return done
 	})
 	if err != nil {
-		// The poller failed (the descriptor was closed): the fsync's
-		// fate is unknown; the caller's error is sticky.
-		return fmt.Errorf("io_uring fsync: waiting for the completion: %w", err)
+		// The poller failed (the descriptor was closed): the
+		// operation's fate is unknown; the caller's error is sticky.
+		return 0, fmt.Errorf("io_uring %s: waiting for the completion: %w", what, err)
 	}
 	if res < 0 {
-		return syscall.Errno(-res)
+		return 0, syscall.Errno(-res)
 	}
-	return nil
+	return int(res), nil
 }
 
 // setup creates the ring and registers it with the poller; on failure

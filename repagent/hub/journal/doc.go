@@ -51,7 +51,14 @@
 // Batch buffers start small (a batch of writes by reference holds only
 // their record heads), grow as copied records need, and are reused within
 // a bound, not allocated per commit: on a virtual machine a fresh page
-// costs a fault, more than the copy into it. A failed write or fdatasync (ENOSPC, EIO) is
+// costs a fault, more than the copy into it. The directory store appends
+// with O_DIRECT (where the file system takes it; tmpfs does not), through
+// the fsync's io_uring: the batch is copied once into an aligned buffer
+// behind the segment's last partial block, which each append rewrites
+// with the bytes it held, and the new last block is padded with zeroes.
+// No page-cache folio is allocated, written back or dropped per 4 KiB of
+// journal, which was half of the hub's CPU under small protected writes.
+// A failed write or fdatasync (ENOSPC, EIO) is
 // sticky: Err reports it, every later Submit fails with it, and the fsync is
 // never retried (after a failed fsync the kernel may have dropped the dirty
 // pages).
@@ -119,7 +126,11 @@
 // short or fails its CRC in the last segment marks a torn tail, which is
 // truncated there (nothing after it was acknowledged: group commits are
 // sequential and each is synced before it completes); damage anywhere else
-// is ErrCorrupt. FORMAT.md in this directory repeats the format.
+// is ErrCorrupt. A segment file may end with fewer than 4096 zero bytes
+// after its last record, the padding of an O_DIRECT append: in the last
+// segment Open cuts it as it cuts a torn tail; in an earlier one it lies
+// past the next segment's start, where readers do not go. FORMAT.md in
+// this directory repeats the format.
 //
 // # Use by the hub
 //

@@ -455,8 +455,14 @@ func (j *Journal) scan(segs []segment, base int64) (int64, []segment, error) {
 		return 0, nil, err
 	}
 	keep := segHeaderLen + te.pos - s.start
-	j.log.Warn("journal: truncating a torn or corrupt tail", "segment", s.path, "position", te.pos,
-		"dropped-bytes", size-keep, "reason", te.reason)
+	if pad := size - keep; pad > 0 && pad < directAlign && zeroFrom(f, keep, pad) {
+		// The padding of an O_DIRECT append's last block (the
+		// journal stopped without closing the segment): no record.
+		j.log.Info("journal: cutting the zero padding after the last record", "segment", s.path, "position", te.pos, "bytes", pad)
+	} else {
+		j.log.Warn("journal: truncating a torn or corrupt tail", "segment", s.path, "position", te.pos,
+			"dropped-bytes", size-keep, "reason", te.reason)
+	}
 	if err := f.Truncate(keep); err != nil {
 		return 0, nil, err
 	}
@@ -1367,6 +1373,13 @@ func syncDir(dir string) error {
 	}
 	defer d.Close()
 	return d.Sync()
+}
+
+// zeroFrom reports whether the n bytes of f at off read as zeroes.
+func zeroFrom(f io.ReaderAt, off, n int64) bool {
+	b := make([]byte, n)
+	k, _ := f.ReadAt(b, off)
+	return int64(k) == n && allZero(b)
 }
 
 func allZero(b []byte) bool {
