@@ -181,7 +181,6 @@ func startDaemon(ctx context.Context, c *config.Config, log *slog.Logger) (*daem
 		if d.repTLSSum, err = tlsSum(c); err != nil {
 			return fail(err)
 		}
-		go d.agent.Run(context.Background()) // Close stops it after draining
 	}
 	if c.Metrics.Listen != "" {
 		ln, err := metrics.Listen(c.Metrics.Listen)
@@ -229,6 +228,12 @@ func startDaemon(ctx context.Context, c *config.Config, log *slog.Logger) (*daem
 		if err := d.ex.Add(exportOptions(c, e)); err != nil {
 			return fail(fmt.Errorf("%s: export %q: %w", c.File, e.ID, err))
 		}
+	}
+	if d.agent != nil {
+		// Started once every export is attached: its first report
+		// names all of the VM's protected disks, so the hub never
+		// takes a point that holds some of them for the whole VM.
+		go d.agent.Run(context.Background()) // Close stops it after draining
 	}
 	log.Info("ready", "devices", len(order), "exports", len(c.Exports))
 	return d, nil
