@@ -3,6 +3,7 @@ package journal
 import (
 	"bytes"
 	"errors"
+	"io"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -146,5 +147,39 @@ func TestDirectAppend(t *testing.T) {
 	}
 	if rs.ring == nil {
 		t.Error("pwrite did not use io_uring")
+	}
+}
+
+// TestBufferedFallback: where the file cannot be opened with O_DIRECT
+// (tmpfs before Linux 6.6 refuses it; here, a file already unlinked) a
+// segment appends through the page cache, exactly, with no padding.
+func TestBufferedFallback(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "seg")
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL|os.O_APPEND, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(path); err != nil { // openDirect's open fails
+		t.Fatal(err)
+	}
+	seg := newFileSegment(f)
+	defer seg.Close()
+	want := bytes.Repeat([]byte("journal"), 1000)
+	if err := seg.AppendV([][]byte{want[:10], want[10:]}); err != nil {
+		t.Fatal(err)
+	}
+	if d := *seg.d; d == nil || d.fd >= 0 {
+		t.Fatal("the segment appended with O_DIRECT, want buffered")
+	}
+	if err := seg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 2*len(want))
+	n, err := seg.ReadAt(got, 0)
+	if !errors.Is(err, io.EOF) || !bytes.Equal(got[:n], want) {
+		t.Fatalf("segment holds %d bytes (%v), want %d", n, err, len(want))
+	}
+	if size, err := seg.Size(); err != nil || size != int64(len(want)) {
+		t.Fatalf("Size %d (%v), want %d", size, err, len(want))
 	}
 }

@@ -52,7 +52,8 @@
 // their record heads), grow as copied records need, and are reused within
 // a bound, not allocated per commit: on a virtual machine a fresh page
 // costs a fault, more than the copy into it. The directory store appends
-// with O_DIRECT (where the file system takes it; tmpfs does not), through
+// with O_DIRECT (where the file system takes it; tmpfs before Linux 6.6
+// does not), through
 // the fsync's io_uring: the batch is copied once into an aligned buffer
 // behind the segment's last partial block, which each append rewrites
 // with the bytes it held, and the new last block is padded with zeroes.

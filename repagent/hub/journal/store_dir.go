@@ -227,7 +227,8 @@ func (f fileSegment) AppendV(bufs [][]byte) error {
 }
 
 // direct returns the segment's O_DIRECT appender, opening it at the first
-// append; nil where the file system refuses O_DIRECT (tmpfs).
+// append; nil where the file system refuses O_DIRECT (tmpfs before Linux
+// 6.6).
 func (f fileSegment) direct() *directAppender {
 	if *f.d == nil {
 		*f.d = openDirect(f.File)
@@ -327,7 +328,7 @@ func openDirect(f *os.File) *directAppender {
 	}
 	fd, err := unix.Open(f.Name(), unix.O_WRONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return d // EINVAL: tmpfs and other file systems without O_DIRECT
+		return d // EINVAL: file systems without O_DIRECT (tmpfs before Linux 6.6)
 	}
 	d.size = fi.Size()
 	tail := int(d.size % directAlign)
