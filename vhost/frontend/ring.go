@@ -50,7 +50,7 @@ type clientQueue struct {
 	sGPA   uint64
 	kickFD int
 	call   *os.File
-	callFD int
+	callFD int // call's fd, closed only through call
 	done   chan struct{}
 	fence  uint32
 
