@@ -145,9 +145,12 @@ func (c *Client) release() {
 		if q.call != nil {
 			q.call.Close() // callFD is its fd; a second Close does nothing
 		}
+		q.kickMu.Lock()
 		if q.kickFD >= 0 {
 			unix.Close(q.kickFD)
+			q.kickFD = -1
 		}
+		q.kickMu.Unlock()
 	}
 	if c.mem != nil {
 		unix.Munmap(c.mem)

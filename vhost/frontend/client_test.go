@@ -70,3 +70,37 @@ func TestCloseReleasesEachFDOnce(t *testing.T) {
 		unix.Close(pipes[i][1])
 	}
 }
+
+// TestKickAfterCloseWritesNothing: a submission that made its request
+// available before Close marked the queue dead kicks after the lock is
+// released, maybe after Close: that kick must not write to the file that
+// took the kick eventfd's number since.
+func TestKickAfterCloseWritesNothing(t *testing.T) {
+	c := &Client{cfg: Config{NumQueues: 1, QueueSize: 8, MemSize: 1 << 20, Regions: 1}, memfd: -1, inflightFD: -1, logFD: -1}
+	if err := c.allocMemory(); err != nil {
+		c.release()
+		t.Fatal(err)
+	}
+	q := c.queues[0]
+	close(q.done) // no completion goroutine
+	kickFD := q.kickFD
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(p[0])
+	defer unix.Close(p[1])
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// The number is free: the pipe's write end takes it.
+	if err := unix.Dup3(p[1], kickFD, unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(kickFD)
+	q.kick()
+	var b [8]byte
+	if n, err := unix.Read(p[0], b[:]); err != unix.EAGAIN {
+		t.Errorf("a kick after Close wrote %d bytes to the file that took fd %d (read: %v)", n, kickFD, err)
+	}
+}
