@@ -1744,9 +1744,12 @@ type agentConn struct {
 	// closing is set by shut: writes stop waiting for this connection.
 	closing atomic.Bool
 	// named holds every volume name a report on this connection
-	// carried, last the volumes of the latest report; guarded by a.mu.
-	named map[string]bool
-	last  map[string]*agentVolume
+	// carried, last the volumes of the latest report, and reattached
+	// the volumes first reported under a name an earlier volume had on
+	// this connection; guarded by a.mu.
+	named      map[string]bool
+	last       map[string]*agentVolume
+	reattached map[*agentVolume]bool
 
 	// The sender's batch, reused (sendLoop). The other writers (c.w)
 	// flush under wmu: the socket has nothing of theirs buffered.
@@ -1831,7 +1834,7 @@ func (a *Agent) runConn(ctx context.Context) error {
 	}
 	c := &agentConn{a: a, nc: nc, log: a.log, w: wire.NewWriter(nc), r: wire.NewReader(nc, wire.MaxHelloPayload),
 		sem: make(chan struct{}, 32), bye: make(chan struct{}), done: make(chan struct{}),
-		named: map[string]bool{}, last: map[string]*agentVolume{}}
+		named: map[string]bool{}, last: map[string]*agentVolume{}, reattached: map[*agentVolume]bool{}}
 	switch nc.(type) {
 	case *net.TCPConn, *net.UnixConn:
 		c.rc = rawsock.New(nc)
@@ -2006,10 +2009,25 @@ func (c *agentConn) startProtect(m *wire.StartProtect) error {
 	if o, used := a.byID[m.Volume]; used && o != v {
 		return wire.Malformed("%s: volume id %d already names %q", m.Cmd(), m.Volume, o.name)
 	}
+	// A volume attached under the name of one this connection reported
+	// before may first get START_PROTECTs the hub sent for that one,
+	// before it read the report that dropped it (reportsLocked); the
+	// hub's frames come in order, so the last one is the volume's own.
+	// Until it mirrors, a later id replaces the earlier one.
 	if v.id != 0 && v.id != m.Volume {
-		return wire.Malformed("%s: volume %q already has id %d", m.Cmd(), m.Name, v.id)
+		if !c.reattached[v] || v.mirror {
+			return wire.Malformed("%s: volume %q already has id %d", m.Cmd(), m.Name, v.id)
+		}
+		v.log.Debug("START_PROTECT: an id meant for the volume's predecessor replaced", "old", v.id, "id", m.Volume)
+		delete(a.byID, v.id)
+		v.id = 0
 	}
 	if m.Mirror && !v.opts.Protect {
+		if c.reattached[v] {
+			// Meant for a protected predecessor.
+			v.log.Debug("START_PROTECT with MIRROR for the volume's predecessor ignored", "id", m.Volume)
+			return nil
+		}
 		return wire.Malformed("%s: volume %q is not protected here", m.Cmd(), m.Name)
 	}
 	v.id = m.Volume
@@ -2339,6 +2357,16 @@ func (c *agentConn) reportsLocked() (drop, report *wire.ReportVolumes) {
 		drop = a.reportLocked(replaced)
 	}
 	report = a.reportLocked(nil)
+	for v := range c.reattached {
+		if a.vols[v.name] != v {
+			delete(c.reattached, v) // detached
+		}
+	}
+	for _, n := range a.order {
+		if v := a.vols[n]; c.last[n] != v && c.named[n] {
+			c.reattached[v] = true
+		}
+	}
 	clear(c.last)
 	for _, n := range a.order {
 		c.last[n] = a.vols[n]

@@ -15,7 +15,9 @@ import (
 // TestStartProtectCrossesDetach: a START_PROTECT for a volume detached
 // since a report named it crossed the report that drops it (a reload
 // replaced or removed the export): the agent ignores it and keeps the
-// connection. One naming a volume no report carried still closes it.
+// connection; a volume attached again under that name takes the id of
+// the last START_PROTECT. One naming a volume no report carried still
+// closes the connection.
 func TestStartProtectCrossesDetach(t *testing.T) {
 	r := reptest.New(t)
 	gone := r.AddVolume("gone", 1<<20)
@@ -41,6 +43,22 @@ func TestStartProtectCrossesDetach(t *testing.T) {
 	send(&wire.RemoteIOReq{ID: 1, Volume: 2, Sector: 8, Sectors: 16})
 	if res, ok := next(t, rd).(*wire.RemoteIORes); !ok || res.ID != 1 || res.Status != wire.StatusOK {
 		t.Fatalf("remote read after the crossing START_PROTECT: %+v", res)
+	}
+
+	// The export comes back (unprotected now): the START_PROTECTs meant
+	// for its predecessor may still come first; the last one is its own.
+	if _, err := r.Agent.Attach("gone", gone.Dev, agent.VolumeOptions{AllowRemoteWrite: true}); err != nil {
+		t.Fatal(err)
+	}
+	if rep, ok := next(t, rd).(*wire.ReportVolumes); !ok || len(rep.Volumes) != 2 {
+		t.Fatalf("after the attach: %+v, want a report of both", rep)
+	}
+	send(&wire.StartProtect{Volume: 1, Name: "gone", Mirror: true})
+	send(&wire.StartProtect{Volume: 1, Name: "gone"})
+	send(&wire.StartProtect{Volume: 4, Name: "gone"})
+	send(&wire.RemoteIOReq{ID: 2, Volume: 4, Sector: 0, Sectors: 8})
+	if res, ok := next(t, rd).(*wire.RemoteIORes); !ok || res.ID != 2 || res.Status != wire.StatusOK {
+		t.Fatalf("remote read of the attached volume under its own id: %+v", res)
 	}
 
 	// A name no report carried breaks the protocol.
