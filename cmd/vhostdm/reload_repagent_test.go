@@ -167,6 +167,43 @@ func TestReloadKeepsProtection(t *testing.T) {
 	}
 }
 
+// TestReloadReplacesProtectedExport: a reload that replaces a protected
+// export (here its serial changes) leaves it protected: the guest's
+// writes after the reload reach the replica. (The agent detached and
+// attached the volume between two reports: the hub took the new volume
+// for the old one, "protecting, in sync", and never started it.)
+func TestReloadReplacesProtectedExport(t *testing.T) {
+	dir := t.TempDir()
+	store := filepath.Join(dir, "store")
+	h, addr := startTestHub(t, store)
+	os.WriteFile(filepath.Join(dir, "root.img"), reptest.Pattern(1, 4<<20), 0o600)
+	path := writeConfig(t, dir, fmt.Sprintf(reloadRepConfig, addr, "protect = true\n"))
+	d, ctx := serveInProcess(t, path)
+	images := map[string]string{"root0": filepath.Join(dir, "root.img")}
+	waitReplicated(t, d, h, store, images)
+
+	writeConfig(t, dir, fmt.Sprintf(reloadRepConfig, addr, "protect = true\nserial = \"replaced\"\n"))
+	if err := d.reloadConfig(path); err != nil {
+		t.Fatal(err)
+	}
+	cl, err := frontend.Dial(ctx, frontend.Config{Socket: filepath.Join(dir, "root.sock")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf, _ := cl.Buf(64 << 10)
+	copy(buf, reptest.Pattern(5, len(buf)))
+	for s := uint64(0); s < 2048; s += 512 {
+		if err := cl.WriteAt(ctx, 0, buf, s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cl.Close()
+	waitReplicated(t, d, h, store, images)
+	if c := d.agent.Status().Connects; c != 1 {
+		t.Errorf("the agent connected %d times, want 1", c)
+	}
+}
+
 // TestReloadRotatesCertificate: new contents of the same [repagent] TLS
 // files (a renewed certificate) make the agent reconnect with them on
 // reload; the hub sees the new identity and protection goes on.

@@ -1743,6 +1743,13 @@ type agentConn struct {
 	close sync.Once
 	// closing is set by shut: writes stop waiting for this connection.
 	closing atomic.Bool
+	// named holds every volume name a report on this connection
+	// carried, last the volumes of the latest report, and reattached
+	// the volumes first reported under a name an earlier volume had on
+	// this connection; guarded by a.mu.
+	named      map[string]bool
+	last       map[string]*agentVolume
+	reattached map[*agentVolume]bool
 
 	// The sender's batch, reused (sendLoop). The other writers (c.w)
 	// flush under wmu: the socket has nothing of theirs buffered.
@@ -1826,7 +1833,8 @@ func (a *Agent) runConn(ctx context.Context) error {
 		}
 	}
 	c := &agentConn{a: a, nc: nc, log: a.log, w: wire.NewWriter(nc), r: wire.NewReader(nc, wire.MaxHelloPayload),
-		sem: make(chan struct{}, 32), bye: make(chan struct{}), done: make(chan struct{})}
+		sem: make(chan struct{}, 32), bye: make(chan struct{}), done: make(chan struct{}),
+		named: map[string]bool{}, last: map[string]*agentVolume{}, reattached: map[*agentVolume]bool{}}
 	switch nc.(type) {
 	case *net.TCPConn, *net.UnixConn:
 		c.rc = rawsock.New(nc)
@@ -1988,16 +1996,38 @@ func (c *agentConn) startProtect(m *wire.StartProtect) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	v := a.vols[m.Name]
+	if v == nil && c.named[m.Name] {
+		// Detached since a report named it (a reload replaced or
+		// removed its export): the hub answered that report before
+		// it read the one that drops the volume, which Detach queued.
+		c.log.Debug("START_PROTECT of a detached volume ignored", "volume", m.Name, "id", m.Volume)
+		return nil
+	}
 	if v == nil {
 		return wire.Malformed("%s: volume %q was not reported", m.Cmd(), m.Name)
 	}
 	if o, used := a.byID[m.Volume]; used && o != v {
 		return wire.Malformed("%s: volume id %d already names %q", m.Cmd(), m.Volume, o.name)
 	}
+	// A volume attached under the name of one this connection reported
+	// before may first get START_PROTECTs the hub sent for that one,
+	// before it read the report that dropped it (reportsLocked); the
+	// hub's frames come in order, so the last one is the volume's own.
+	// Until it mirrors, a later id replaces the earlier one.
 	if v.id != 0 && v.id != m.Volume {
-		return wire.Malformed("%s: volume %q already has id %d", m.Cmd(), m.Name, v.id)
+		if !c.reattached[v] || v.mirror {
+			return wire.Malformed("%s: volume %q already has id %d", m.Cmd(), m.Name, v.id)
+		}
+		v.log.Debug("START_PROTECT: an id meant for the volume's predecessor replaced", "old", v.id, "id", m.Volume)
+		delete(a.byID, v.id)
+		v.id = 0
 	}
 	if m.Mirror && !v.opts.Protect {
+		if c.reattached[v] {
+			// Meant for a protected predecessor.
+			v.log.Debug("START_PROTECT with MIRROR for the volume's predecessor ignored", "id", m.Volume)
+			return nil
+		}
 		return wire.Malformed("%s: volume %q is not protected here", m.Cmd(), m.Name)
 	}
 	v.id = m.Volume
@@ -2133,9 +2163,9 @@ func (c *agentConn) sendLoop() {
 			a.mu.Unlock()
 			return
 		}
-		var report *wire.ReportVolumes
+		var drop, report *wire.ReportVolumes
 		if !a.reported {
-			report = a.reportLocked()
+			drop, report = c.reportsLocked()
 			a.reported = true
 		}
 		if a.dmWanted {
@@ -2175,11 +2205,16 @@ func (c *agentConn) sendLoop() {
 		// ring slots of) only frames up to sentSeq, which moves past
 		// them only once they are encoded, and they are released on a
 		// disconnect only once this goroutine has ended.
-		var msgs []wire.Message
-		if report != nil {
-			msgs = []wire.Message{report}
+		var before, after []wire.Message
+		switch {
+		case drop != nil:
+			// The queued writes of a replaced volume go before the
+			// report that drops it.
+			after = []wire.Message{drop, report}
+		case report != nil:
+			before = []wire.Message{report}
 		}
-		c.encode(msgs, items)
+		c.encode(before, items, after)
 		clear(items)
 		a.mu.Lock()
 		a.sentSeq = max(a.sentSeq, last)
@@ -2203,9 +2238,10 @@ type piece struct {
 	data       [][]byte
 }
 
-// encode puts the frames of msgs, then of items, into the sender's batch:
-// their headers into one buffer, their data referenced where it lies.
-func (c *agentConn) encode(msgs []wire.Message, items []*qitem) {
+// encode puts the frames of before, items and after, in that order, into
+// the sender's batch: their headers into one buffer, their data referenced
+// where it lies.
+func (c *agentConn) encode(before []wire.Message, items []*qitem, after []wire.Message) {
 	hdr, pieces := c.hdr[:0], c.pieces[:0]
 	add := func(m wire.Message) {
 		start := len(hdr)
@@ -2217,11 +2253,14 @@ func (c *agentConn) encode(msgs []wire.Message, items []*qitem) {
 		}
 		pieces = append(pieces, piece{start, len(hdr), data})
 	}
-	for _, m := range msgs {
+	for _, m := range before {
 		add(m)
 	}
 	for _, it := range items {
 		add(it.msg)
+	}
+	for _, m := range after {
+		add(m)
 	}
 	bufs := c.iov[:0]
 	for _, p := range pieces {
@@ -2300,10 +2339,50 @@ func pieceLen(bufs [][]byte) int {
 	return max(n, min(len(bufs), 1))
 }
 
-// reportLocked builds REPORT_VM_VOLUMES; a.mu held.
-func (a *Agent) reportLocked() *wire.ReportVolumes {
+// reportsLocked builds the REPORT_VM_VOLUMES of the current volumes and
+// notes them as reported on c. If a volume of the last report was
+// detached and attached again since (a reload replaced its export), drop
+// is a report without it, to send before report: the hub must see it go,
+// or it would take the new volume for the old one, mirrored under the old
+// id, and never start it. a.mu held.
+func (c *agentConn) reportsLocked() (drop, report *wire.ReportVolumes) {
+	a := c.a
+	replaced := map[string]bool{}
+	for _, n := range a.order {
+		if old, ok := c.last[n]; ok && old != a.vols[n] {
+			replaced[n] = true
+		}
+	}
+	if len(replaced) > 0 {
+		drop = a.reportLocked(replaced)
+	}
+	report = a.reportLocked(nil)
+	for v := range c.reattached {
+		if a.vols[v.name] != v {
+			delete(c.reattached, v) // detached
+		}
+	}
+	for _, n := range a.order {
+		if v := a.vols[n]; c.last[n] != v && c.named[n] {
+			c.reattached[v] = true
+		}
+	}
+	clear(c.last)
+	for _, n := range a.order {
+		c.last[n] = a.vols[n]
+		c.named[n] = true
+	}
+	return drop, report
+}
+
+// reportLocked builds REPORT_VM_VOLUMES of the volumes not in skip; a.mu
+// held.
+func (a *Agent) reportLocked(skip map[string]bool) *wire.ReportVolumes {
 	r := &wire.ReportVolumes{}
 	for _, n := range a.order {
+		if skip[n] {
+			continue
+		}
 		v := a.vols[n]
 		r.Volumes = append(r.Volumes, wire.VolumeInfo{Name: n, Sectors: v.dev.Size(), ReadOnly: v.dev.ReadOnly(),
 			Protect: v.opts.Protect, RemoteWrite: v.opts.AllowRemoteWrite})

@@ -137,17 +137,20 @@ func Dial(ctx context.Context, cfg Config) (*Client, error) {
 	return c, nil
 }
 
-// release frees what allocMemory made.
+// release frees what allocMemory made. Each fd is closed once: the test
+// suites run the back end in this process, where a number closed twice
+// may by then be one of the back end's fds.
 func (c *Client) release() {
 	for _, q := range c.queues {
 		if q.call != nil {
-			q.call.Close()
-		} else if q.callFD >= 0 {
-			unix.Close(q.callFD)
+			q.call.Close() // callFD is its fd; a second Close does nothing
 		}
+		q.kickMu.Lock()
 		if q.kickFD >= 0 {
 			unix.Close(q.kickFD)
+			q.kickFD = -1
 		}
+		q.kickMu.Unlock()
 	}
 	if c.mem != nil {
 		unix.Munmap(c.mem)
@@ -587,9 +590,10 @@ func (c *Client) Close() error {
 	}
 	c.mu.Unlock()
 	for _, q := range c.queues {
+		// release closes the file again, which does nothing: q.call
+		// stays, as the owner of callFD.
 		q.call.Close()
 		<-q.done
-		q.call = nil
 	}
 	for _, q := range c.queues {
 		q.mu.Lock()

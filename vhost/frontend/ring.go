@@ -48,11 +48,12 @@ type clientQueue struct {
 	uGPA   uint64
 	slots  []byte
 	sGPA   uint64
-	kickFD int
+	kickFD int // -1 once released; written under kickMu (a kick may race Close)
 	call   *os.File
-	callFD int
+	callFD int // call's fd, closed only through call
 	done   chan struct{}
 	fence  uint32
+	kickMu sync.RWMutex // kicks (read) against the close of kickFD (write)
 
 	mu          sync.Mutex // submission side and pend
 	free        []uint16
@@ -233,10 +234,17 @@ func (q *clientQueue) needKickLocked() bool {
 	return flags&virtio.UsedFlagNoNotify == 0
 }
 
+// kick signals the kick eventfd. A submission kicks after it released
+// q.mu, so Close may have released the client meanwhile: the kick then
+// does nothing, rather than write to whatever file took the number.
 func (q *clientQueue) kick() {
 	var one [8]byte
 	le.PutUint64(one[:], 1)
-	unix.Write(q.kickFD, one[:])
+	q.kickMu.RLock()
+	if q.kickFD >= 0 {
+		unix.Write(q.kickFD, one[:])
+	}
+	q.kickMu.RUnlock()
 }
 
 // complete is the queue's completion goroutine: it waits for the call

@@ -1,0 +1,112 @@
+package agent_test
+
+import (
+	"errors"
+	"net"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/vhostdm/vhostdm/internal/reptest"
+	"github.com/vhostdm/vhostdm/repagent/agent"
+	"github.com/vhostdm/vhostdm/repagent/wire"
+)
+
+// TestStartProtectCrossesDetach: a START_PROTECT for a volume detached
+// since a report named it crossed the report that drops it (a reload
+// replaced or removed the export): the agent ignores it and keeps the
+// connection; a volume attached again under that name takes the id of
+// the last START_PROTECT. One naming a volume no report carried still
+// closes the connection.
+func TestStartProtectCrossesDetach(t *testing.T) {
+	r := reptest.New(t)
+	gone := r.AddVolume("gone", 1<<20)
+	kept := r.AddVolume("kept", 1<<20)
+	os.WriteFile(kept.Backing, reptest.Pattern(5, 1<<20), 0o600)
+	ln, accept := fakeHub(t)
+	r.Addr = ln.Addr().String()
+	r.StartAgent(map[*reptest.Vol]agent.VolumeOptions{gone: {}, kept: {Protect: true}})
+	nc, rd, rep := accept()
+	if len(rep.Volumes) != 2 {
+		t.Fatalf("report %+v", rep.Volumes)
+	}
+	send := func(m wire.Message) { nc.Write(wire.AppendFrame(nil, m)) }
+
+	// The export goes while the hub answers the report that named it.
+	r.Agent.Detach("gone")
+	send(&wire.StartProtect{Volume: 1, Name: "gone"})
+	if rep, ok := next(t, rd).(*wire.ReportVolumes); !ok || len(rep.Volumes) != 1 || rep.Volumes[0].Name != "kept" {
+		t.Fatalf("after the detach: %+v, want a report of kept alone", rep)
+	}
+	// The connection goes on: the other volume is served.
+	send(&wire.StartProtect{Volume: 2, Name: "kept"})
+	send(&wire.RemoteIOReq{ID: 1, Volume: 2, Sector: 8, Sectors: 16})
+	if res, ok := next(t, rd).(*wire.RemoteIORes); !ok || res.ID != 1 || res.Status != wire.StatusOK {
+		t.Fatalf("remote read after the crossing START_PROTECT: %+v", res)
+	}
+
+	// The export comes back (unprotected now): the START_PROTECTs meant
+	// for its predecessor may still come first; the last one is its own.
+	if _, err := r.Agent.Attach("gone", gone.Dev, agent.VolumeOptions{AllowRemoteWrite: true}); err != nil {
+		t.Fatal(err)
+	}
+	if rep, ok := next(t, rd).(*wire.ReportVolumes); !ok || len(rep.Volumes) != 2 {
+		t.Fatalf("after the attach: %+v, want a report of both", rep)
+	}
+	send(&wire.StartProtect{Volume: 1, Name: "gone", Mirror: true})
+	send(&wire.StartProtect{Volume: 1, Name: "gone"})
+	send(&wire.StartProtect{Volume: 4, Name: "gone"})
+	send(&wire.RemoteIOReq{ID: 2, Volume: 4, Sector: 0, Sectors: 8})
+	if res, ok := next(t, rd).(*wire.RemoteIORes); !ok || res.ID != 2 || res.Status != wire.StatusOK {
+		t.Fatalf("remote read of the attached volume under its own id: %+v", res)
+	}
+
+	// A name no report carried breaks the protocol.
+	send(&wire.StartProtect{Volume: 3, Name: "never"})
+	nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	for {
+		_, err := rd.ReadFrame()
+		if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
+			t.Fatal("START_PROTECT of a volume never reported: the agent kept the connection")
+		}
+		if err != nil {
+			break
+		}
+	}
+	nc2, _, _ := accept()
+	nc2.Close()
+}
+
+// TestReattachStartsProtection: a protected volume detached and attached
+// again before the next report (a reload replaced its export) is dropped
+// and reported anew, so that the hub starts protecting the new one under
+// a new id; it took it for the old one and never started it.
+func TestReattachStartsProtection(t *testing.T) {
+	r := reptest.New(t)
+	v := r.AddVolume("a", 1<<20)
+	r.StartHub()
+	r.StartAgent(reptest.ProtectAll(v))
+	r.WaitProtected(20*time.Second, v)
+	id := r.Agent.Status().Volumes[0].ID
+	for round := range 5 {
+		r.Agent.Detach("a")
+		if _, err := r.Agent.Attach("a", v.Dev, agent.VolumeOptions{Protect: true}); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			st := r.Agent.Status()
+			if len(st.Volumes) == 1 && st.Volumes[0].Mirroring && st.Volumes[0].ID != id {
+				id = st.Volumes[0].ID
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("round %d: the re-attached volume is not mirrored under a new id (was %d): agent %+v\nhub %+v", round, id, st, r.Hub.Status())
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	if c := r.Agent.Status().Connects; c != 1 {
+		t.Errorf("the agent connected %d times, want 1", c)
+	}
+}
