@@ -334,11 +334,10 @@ func openDirect(f *os.File) *directAppender {
 	tail := int(d.size % directAlign)
 	d.buf = alignedBuf(max(64<<10, directAlign))
 	if tail > 0 {
-		if n, err := f.ReadAt(d.buf[:tail], d.size-int64(tail)); n < tail {
+		if n, _ := f.ReadAt(d.buf[:tail], d.size-int64(tail)); n < tail {
+			// The last block cannot be read back to rewrite it:
+			// appends stay buffered.
 			unix.Close(fd)
-			if err == nil {
-				err = io.ErrUnexpectedEOF
-			}
 			return d
 		}
 	}
