@@ -2164,6 +2164,9 @@ func (c *agentConn) sendLoop() {
 			return
 		}
 		var drop, report *wire.ReportVolumes
+		// later: a report on this connection came before; the queued
+		// frames were made under it.
+		later := len(c.named) > 0
 		if !a.reported {
 			drop, report = c.reportsLocked()
 			a.reported = true
@@ -2211,6 +2214,11 @@ func (c *agentConn) sendLoop() {
 			// The queued writes of a replaced volume go before the
 			// report that drops it.
 			after = []wire.Message{drop, report}
+		case report != nil && later:
+			// So do those of a deleted one. (A volume the report
+			// adds has nothing queued: it mirrors only once the
+			// hub answered the report with its id.)
+			after = []wire.Message{report}
 		case report != nil:
 			before = []wire.Message{report}
 		}

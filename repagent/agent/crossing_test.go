@@ -110,3 +110,62 @@ func TestReattachStartsProtection(t *testing.T) {
 		t.Errorf("the agent connected %d times, want 1", c)
 	}
 }
+
+// TestDetachSendsQueuedWritesFirst: a protected export deleted while its
+// writes are queued (a reload that removes it) is reported gone only
+// after them: the hub answered writes for a volume id it had dropped with
+// "unknown volume" and the connection was lost, the other volumes' queue
+// with it.
+func TestDetachSendsQueuedWritesFirst(t *testing.T) {
+	r := reptest.New(t)
+	gone := r.AddVolume("gone", 4<<20)
+	r.AddVolume("kept", 1<<20)
+	ln, accept := fakeHub(t)
+	r.Addr = ln.Addr().String()
+	r.StartAgent(map[*reptest.Vol]agent.VolumeOptions{gone: {Protect: true}, r.Vols[1]: {}})
+	nc, rd, _ := accept()
+	nc.Write(wire.AppendFrame(nil, &wire.StartProtect{Volume: 7, Name: "gone", Mirror: true}))
+	nc.Write(wire.AppendFrame(nil, &wire.StartProtect{Volume: 8, Name: "kept"}))
+	stop := make(chan struct{})
+	wait := r.RunWriters(stop, gone)
+	defer func() { close(stop); wait() }()
+	// Mirrored writes flow; the hub acknowledges none, so some are
+	// queued behind the ones sent when the export goes.
+	for n := 0; n < 50; {
+		if pw, ok := next(t, rd).(*wire.ProtectedWrite); ok && pw.Volume == 7 {
+			n++
+		}
+	}
+	r.Agent.Detach("gone")
+	reported := false
+	// The agent gives a hub that never answers a heartbeat up after
+	// about a second; what follows the report comes well before.
+	nc.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+	for {
+		f, err := rd.ReadFrame()
+		if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		m, err := wire.Decode(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch m := m.(type) {
+		case *wire.ReportVolumes:
+			if len(m.Volumes) != 1 || m.Volumes[0].Name != "kept" {
+				t.Fatalf("report %+v, want kept alone", m.Volumes)
+			}
+			reported = true
+		case *wire.ProtectedWrite:
+			if reported && m.Volume == 7 {
+				t.Fatalf("a write of the deleted volume (seq %d) came after the report that drops it", m.Seq)
+			}
+		}
+	}
+	if !reported {
+		t.Fatal("no report after the detach")
+	}
+}
