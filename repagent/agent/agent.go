@@ -1746,10 +1746,12 @@ type agentConn struct {
 	// named holds every volume name a report on this connection
 	// carried, last the volumes of the latest report, and reattached
 	// the volumes first reported under a name an earlier volume had on
-	// this connection; guarded by a.mu.
+	// this connection; ids the volume ids the hub gave on it; guarded
+	// by a.mu.
 	named      map[string]bool
 	last       map[string]*agentVolume
 	reattached map[*agentVolume]bool
+	ids        map[uint64]bool
 
 	// The sender's batch, reused (sendLoop). The other writers (c.w)
 	// flush under wmu: the socket has nothing of theirs buffered.
@@ -1834,7 +1836,7 @@ func (a *Agent) runConn(ctx context.Context) error {
 	}
 	c := &agentConn{a: a, nc: nc, log: a.log, w: wire.NewWriter(nc), r: wire.NewReader(nc, wire.MaxHelloPayload),
 		sem: make(chan struct{}, 32), bye: make(chan struct{}), done: make(chan struct{}),
-		named: map[string]bool{}, last: map[string]*agentVolume{}, reattached: map[*agentVolume]bool{}}
+		named: map[string]bool{}, last: map[string]*agentVolume{}, reattached: map[*agentVolume]bool{}, ids: map[uint64]bool{}}
 	switch nc.(type) {
 	case *net.TCPConn, *net.UnixConn:
 		c.rc = rawsock.New(nc)
@@ -1996,6 +1998,9 @@ func (c *agentConn) startProtect(m *wire.StartProtect) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	v := a.vols[m.Name]
+	if c.named[m.Name] {
+		c.ids[m.Volume] = true
+	}
 	if v == nil && c.named[m.Name] {
 		// Detached since a report named it (a reload replaced or
 		// removed its export): the hub answered that report before
@@ -2048,7 +2053,11 @@ func (c *agentConn) requestVolume(cmd wire.Cmd, id, sector, sectors uint64) (*ag
 	a := c.a
 	a.mu.Lock()
 	v := a.byID[id]
+	gone := v == nil && c.ids[id]
 	a.mu.Unlock()
+	if gone {
+		return nil, errVolumeGone
+	}
 	if v == nil {
 		return nil, wire.Malformed("%s: unknown volume id %d", cmd, id)
 	}
@@ -2059,14 +2068,25 @@ func (c *agentConn) requestVolume(cmd wire.Cmd, id, sector, sectors uint64) (*ag
 	return v, nil
 }
 
+// errVolumeGone is requestVolume's answer for a volume id the hub gave
+// on this connection whose volume was detached since (a reload removed
+// or replaced its export): the request crossed the report that drops it,
+// so it fails, and the connection goes on.
+var errVolumeGone = errors.New("the volume was detached")
+
 // remoteIO validates a REMOTE_IO_REQ and serves it in the background.
 func (c *agentConn) remoteIO(m *wire.RemoteIOReq) error {
 	a := c.a
+	res := &wire.RemoteIORes{ID: m.ID, Volume: m.Volume, Sectors: m.Sectors, Written: m.Write}
 	v, err := c.requestVolume(m.Cmd(), m.Volume, m.Sector, uint64(m.Sectors))
+	if errors.Is(err, errVolumeGone) {
+		c.log.Info("remote IO for a detached volume failed", "id", m.Volume, "sector", m.Sector, "sectors", m.Sectors)
+		res.Status = wire.StatusIOError
+		return c.send(res)
+	}
 	if err != nil {
 		return err
 	}
-	res := &wire.RemoteIORes{ID: m.ID, Volume: m.Volume, Sectors: m.Sectors, Written: m.Write}
 	var data []byte
 	if !m.Write && !v.opts.Protect && !v.opts.AllowRemoteWrite {
 		v.log.Warn("remote read refused: the volume is not protected", "sector", m.Sector, "sectors", m.Sectors)

@@ -16,8 +16,9 @@ import (
 // since a report named it crossed the report that drops it (a reload
 // replaced or removed the export): the agent ignores it and keeps the
 // connection; a volume attached again under that name takes the id of
-// the last START_PROTECT. One naming a volume no report carried still
-// closes the connection.
+// the last START_PROTECT; remote IO and checksums for the id of a
+// detached volume fail without ending the connection. One naming a
+// volume no report carried still closes the connection.
 func TestStartProtectCrossesDetach(t *testing.T) {
 	r := reptest.New(t)
 	gone := r.AddVolume("gone", 1<<20)
@@ -38,7 +39,17 @@ func TestStartProtectCrossesDetach(t *testing.T) {
 	if rep, ok := next(t, rd).(*wire.ReportVolumes); !ok || len(rep.Volumes) != 1 || rep.Volumes[0].Name != "kept" {
 		t.Fatalf("after the detach: %+v, want a report of kept alone", rep)
 	}
-	// The connection goes on: the other volume is served.
+	// Remote IO and checksums for it, sent before the hub read the
+	// report, fail; the connection goes on.
+	send(&wire.RemoteIOReq{ID: 9, Volume: 1, Sector: 0, Sectors: 8})
+	if res, ok := next(t, rd).(*wire.RemoteIORes); !ok || res.ID != 9 || res.Status != wire.StatusIOError {
+		t.Fatalf("remote read of the detached volume: %+v, want an I/O error", res)
+	}
+	send(&wire.CsumReq{ID: 10, Volume: 1, Sector: 0, Sectors: 8, RegionSectors: 8, Alg: wire.AlgSHA256})
+	if res, ok := next(t, rd).(*wire.CsumRes); !ok || res.ID != 10 || res.Status != wire.StatusIOError {
+		t.Fatalf("checksums of the detached volume: %+v, want an I/O error", res)
+	}
+	// The other volume is served.
 	send(&wire.StartProtect{Volume: 2, Name: "kept"})
 	send(&wire.RemoteIOReq{ID: 1, Volume: 2, Sector: 8, Sectors: 16})
 	if res, ok := next(t, rd).(*wire.RemoteIORes); !ok || res.ID != 1 || res.Status != wire.StatusOK {

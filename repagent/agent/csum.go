@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"errors"
 	"time"
 
 	"github.com/vhostdm/vhostdm/mapper"
@@ -26,13 +27,18 @@ import (
 // csumReq checks a CSUM_REQ and serves it in the background. A request
 // for an unknown volume or a range outside it breaks the protocol and
 // ends the connection; one for an unprotected volume is answered
-// "denied".
+// "denied", one for a volume detached since the hub gave its id failed.
 func (c *agentConn) csumReq(m *wire.CsumReq) error {
+	res := &wire.CsumRes{ID: m.ID, Volume: m.Volume, Alg: m.Alg, Sums: [][wire.CsumSize]byte{}, Dirty: []bool{}}
 	v, err := c.requestVolume(m.Cmd(), m.Volume, m.Sector, uint64(m.Sectors))
+	if errors.Is(err, errVolumeGone) {
+		c.log.Info("checksums for a detached volume failed", "id", m.Volume, "sector", m.Sector, "sectors", m.Sectors)
+		res.Status = wire.StatusIOError
+		return c.send(res)
+	}
 	if err != nil {
 		return err
 	}
-	res := &wire.CsumRes{ID: m.ID, Volume: m.Volume, Alg: m.Alg, Sums: [][wire.CsumSize]byte{}, Dirty: []bool{}}
 	if !v.opts.Protect {
 		v.log.Warn("checksums refused: the volume is not protected", "sector", m.Sector, "sectors", m.Sectors)
 		res.Status = wire.StatusDenied
