@@ -954,13 +954,14 @@ func (j *Journal) writeOverlapped(bs []*batch) error {
 	})
 }
 
-// writeInOrder writes batches in order, one write each, starting the
-// next segment where one is full: settle (may be nil) is called first,
-// then the full segment is synced if it was written to. The batches
-// written to the last segment are not synced.
+// writeInOrder writes batches in order, as few writes as it can (the
+// batches bound for one segment together, up to maxWriteBytes), starting
+// the next segment where one is full: settle (may be nil) is called
+// first, then the full segment is synced if it was written to. The
+// batches written to the last segment are not synced.
 func (j *Journal) writeInOrder(bs []*batch, settle func() error) error {
 	unsynced := false
-	for _, b := range bs {
+	for len(bs) > 0 {
 		if j.wfSize-segHeaderLen >= j.opts.SegmentBytes {
 			if settle != nil {
 				if err := settle(); err != nil {
@@ -973,17 +974,33 @@ func (j *Journal) writeInOrder(bs []*batch, settle func() error) error {
 				}
 				unsynced = false
 			}
-			if err := j.rotate(b.start); err != nil {
+			if err := j.rotate(bs[0].start); err != nil {
 				return err
 			}
 		}
-		if err := j.writeBatch(b); err != nil {
+		// A batch goes to this segment if the segment is not full
+		// before it.
+		n, size, group := 0, j.wfSize-segHeaderLen, 0
+		for n < len(bs) && size < j.opts.SegmentBytes && (n == 0 || group+bs[n].size() <= maxWriteBytes) {
+			size += int64(bs[n].size())
+			group += bs[n].size()
+			n++
+		}
+		if err := j.writeGroup(bs[:n]); err != nil {
 			return err
 		}
 		unsynced = true
+		bs = bs[n:]
 	}
 	return nil
 }
+
+// maxWriteBytes bounds what one write of the writer gathers from several
+// batches. One O_DIRECT write of many megabytes keeps the device busy with
+// all of them at once; a write per 2 MiB batch, each waited for, left it
+// idle between them (1 MiB protected writes went from 0.19x to 0.14x of
+// unprotected).
+const maxWriteBytes = 16 << 20
 
 // syncer makes what the overlapping writer wrote durable, one fdatasync
 // for everything written when it starts, and publishes it in order. After
@@ -1098,33 +1115,40 @@ func (j *Journal) writeBatches(bs []*batch) error {
 	return j.syncSegment()
 }
 
-// writeBatch writes b at the end of the open segment and releases its
-// data; the writer only.
-func (j *Journal) writeBatch(b *batch) error {
+// writeGroup writes batches at the end of the open segment, with one
+// write, and releases their data; the writer only.
+func (j *Journal) writeGroup(bs []*batch) error {
 	path := j.wfName
 	err := j.inject("segment-write", path)
 	if err == nil {
-		err = j.appendBatch(b)
+		err = j.appendBatches(bs)
 	}
-	b.release() // written (or failed): the data is the store's now
+	size := 0
+	for _, b := range bs {
+		b.release() // written (or failed): the data is the store's now
+		size += b.size()
+	}
 	if err != nil {
 		return fmt.Errorf("%w: write %s: %w", ErrStore, path, err)
 	}
-	j.wfSize += int64(b.size())
+	j.wfSize += int64(size)
 	j.mu.Lock()
-	j.batches++
+	j.batches += uint64(len(bs))
 	j.mu.Unlock()
 	return nil
 }
 
-// appendBatch writes a batch to the segment: the records and the data
+// appendBatches writes batches to the segment: the records and the data
 // they reference with one vectored write where the store can, else
 // gathered into one buffer; writer only.
-func (j *Journal) appendBatch(b *batch) error {
-	if len(b.ext) == 0 {
-		return j.wf.Append(b.buf)
+func (j *Journal) appendBatches(bs []*batch) error {
+	if len(bs) == 1 && len(bs[0].ext) == 0 {
+		return j.wf.Append(bs[0].buf)
 	}
-	j.iov = b.pieces(j.iov[:0])
+	j.iov = j.iov[:0]
+	for _, b := range bs {
+		j.iov = b.pieces(j.iov)
+	}
 	defer clear(j.iov)
 	if v, ok := j.wf.(vectorAppender); ok {
 		return v.AppendV(j.iov)
