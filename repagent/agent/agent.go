@@ -2000,13 +2000,14 @@ func (c *agentConn) startProtect(m *wire.StartProtect) error {
 	v := a.vols[m.Name]
 	if c.named[m.Name] {
 		c.ids[m.Volume] = true
-	}
-	if v == nil && c.named[m.Name] {
-		// Detached since a report named it (a reload replaced or
-		// removed its export): the hub answered that report before
-		// it read the one that drops the volume, which Detach queued.
-		c.log.Debug("START_PROTECT of a detached volume ignored", "volume", m.Name, "id", m.Volume)
-		return nil
+		if v == nil {
+			// Detached since a report named it (a reload replaced or
+			// removed its export): the hub answered that report
+			// before it read the one that drops the volume, which
+			// Detach queued.
+			c.log.Debug("START_PROTECT of a detached volume ignored", "volume", m.Name, "id", m.Volume)
+			return nil
+		}
 	}
 	if v == nil {
 		return wire.Malformed("%s: volume %q was not reported", m.Cmd(), m.Name)
@@ -2228,19 +2229,21 @@ func (c *agentConn) sendLoop() {
 		// ring slots of) only frames up to sentSeq, which moves past
 		// them only once they are encoded, and they are released on a
 		// disconnect only once this goroutine has ended.
-		var before, after []wire.Message
+		var reports, before, after []wire.Message
 		switch {
 		case drop != nil:
-			// The queued writes of a replaced volume go before the
-			// report that drops it.
-			after = []wire.Message{drop, report}
-		case report != nil && later:
-			// So do those of a deleted one. (A volume the report
-			// adds has nothing queued: it mirrors only once the
-			// hub answered the report with its id.)
-			after = []wire.Message{report}
+			reports = []wire.Message{drop, report}
 		case report != nil:
-			before = []wire.Message{report}
+			reports = []wire.Message{report}
+		}
+		if later {
+			// The queued frames of a replaced or deleted volume go
+			// before the report that drops it. (A volume the report
+			// adds has nothing queued: it mirrors only once the hub
+			// answered the report with its id.)
+			after = reports
+		} else {
+			before = reports
 		}
 		c.encode(before, items, after)
 		clear(items)

@@ -980,9 +980,8 @@ func (j *Journal) writeInOrder(bs []*batch, settle func() error) error {
 		}
 		// A batch goes to this segment if the segment is not full
 		// before it.
-		n, size, group := 0, j.wfSize-segHeaderLen, 0
-		for n < len(bs) && size < j.opts.SegmentBytes && (n == 0 || group+bs[n].size() <= maxWriteBytes) {
-			size += int64(bs[n].size())
+		n, group := 0, 0
+		for n < len(bs) && j.wfSize-segHeaderLen+int64(group) < j.opts.SegmentBytes && (n == 0 || group+bs[n].size() <= maxWriteBytes) {
 			group += bs[n].size()
 			n++
 		}
@@ -1125,8 +1124,8 @@ func (j *Journal) writeGroup(bs []*batch) error {
 	}
 	size := 0
 	for _, b := range bs {
-		b.release() // written (or failed): the data is the store's now
 		size += b.size()
+		b.release() // written (or failed): the data is the store's now
 	}
 	if err != nil {
 		return fmt.Errorf("%w: write %s: %w", ErrStore, path, err)

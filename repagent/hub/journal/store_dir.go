@@ -233,7 +233,13 @@ func (f fileSegment) direct() *directAppender {
 	if *f.d == nil {
 		*f.d = openDirect(f.File)
 	}
-	if d := *f.d; d.fd >= 0 {
+	return f.appending()
+}
+
+// appending returns the segment's O_DIRECT appender if it is open, else
+// nil (not appended to yet, or buffered appends).
+func (f fileSegment) appending() *directAppender {
+	if d := *f.d; d != nil && d.fd >= 0 {
 		return d
 	}
 	return nil
@@ -252,14 +258,14 @@ func (fileSegment) overlapSync() {}
 // cache. Advice only: an error changes nothing. O_DIRECT appends leave
 // nothing there.
 func (f fileSegment) DropCache(off, n int64) {
-	if d := *f.d; d != nil && d.fd >= 0 {
+	if f.appending() != nil {
 		return
 	}
 	unix.Fadvise(int(f.Fd()), off, n, unix.FADV_DONTNEED)
 }
 
 func (f fileSegment) Size() (int64, error) {
-	if d := *f.d; d != nil && d.fd >= 0 {
+	if d := f.appending(); d != nil {
 		return d.size, nil
 	}
 	fi, err := f.Stat()
@@ -270,7 +276,7 @@ func (f fileSegment) Size() (int64, error) {
 }
 
 func (f fileSegment) Truncate(size int64) error {
-	if d := *f.d; d != nil && d.fd >= 0 {
+	if f.appending() != nil {
 		return errors.New("journal: truncating a segment being appended to")
 	}
 	if err := f.File.Truncate(size); err != nil {
@@ -308,7 +314,6 @@ func (f fileSegment) Truncate(size int64) error {
 // cache, not the device's volatile cache nor the file's metadata.
 type directAppender struct {
 	fd   int      // O_DIRECT, write only; -1: O_DIRECT refused, buffered appends
-	file *os.File // the segment (reads, the tail block at open)
 	size int64    // bytes appended: the segment's logical size
 	buf  []byte   // aligned; buf[:size%directAlign] holds the last partial block
 	rs   ringSync // the writes, on a ring of their own (Sync runs meanwhile)
@@ -321,7 +326,7 @@ const directAlign = 4096
 // openDirect opens f's file again with O_DIRECT; where that fails the
 // appender has fd -1 (buffered appends for good).
 func openDirect(f *os.File) *directAppender {
-	d := &directAppender{fd: -1, file: f}
+	d := &directAppender{fd: -1}
 	fi, err := f.Stat()
 	if err != nil {
 		return d
