@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -171,22 +170,10 @@ func TestCrashResyncsActivityLogOnly(t *testing.T) {
 	checkReplicas(t, h, store, images, volBytes)
 
 	// A clean stop marks the log clean: the next start resyncs nothing.
-	child.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-child.done:
-	case <-time.After(30 * time.Second):
-		t.Fatalf("serve did not stop on SIGTERM:\n%s", child.log)
-	}
+	child.stop(t)
 	child = startChild(t, cfg)
 	waitHubProtecting(t, h, images, child)
-	if st, err = queryAgent(qmpSock); err != nil {
-		t.Fatal(err)
-	}
-	for _, v := range st.Volumes {
-		if v.RemoteBytes != 0 || v.ResyncBytes != 0 {
-			t.Errorf("%s: after a clean stop the restart resynced %d bytes (planned %d, %q)", v.Volume, v.RemoteBytes, v.ResyncBytes, v.ResyncReason)
-		}
-	}
+	wantNoResync(t, qmpSock, "after a clean stop")
 	checkReplicas(t, h, store, images, volBytes)
 
 	// A log that cannot be trusted means a full resync, with the reason.
@@ -304,6 +291,21 @@ func waitHubProtecting(t *testing.T, h *hub.Hub, images map[string]string, child
 			t.Fatalf("not protecting: hub %+v\nchild log:\n%s", got, child.log)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// wantNoResync checks that no volume of the child on sock was
+// resynchronised (planned or read) since it started.
+func wantNoResync(t *testing.T, sock, when string) {
+	t.Helper()
+	st, err := queryAgent(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range st.Volumes {
+		if v.RemoteBytes != 0 || v.ResyncBytes != 0 {
+			t.Errorf("%s: %s the restart resynced %d bytes (planned %d, %q)", v.Volume, when, v.RemoteBytes, v.ResyncBytes, v.ResyncReason)
+		}
 	}
 }
 

@@ -168,13 +168,19 @@ func startDaemon(ctx context.Context, c *config.Config, log *slog.Logger) (*daem
 	}
 	replicator.SetRepagentSettings(d.m, replicator.RepagentSettings{VM: c.RepAgent.VM, UUID: c.RepAgent.UUID,
 		TLS: tc, Insecure: c.RepAgent.Insecure, Logger: log})
+	var backing *agent.BackingCheck
+	if c.RepAgent.Hub != "" && c.RepAgent.ALPath != "" {
+		// Before the tables open (and may write) the files: were the
+		// protected volumes' files written since the last stop?
+		backing = agent.CheckBacking(c.RepAgent.ALPath)
+	}
 	for _, dc := range order {
 		if _, err := d.m.CreateTableWith(dc.Name, dc.UUID, dc.Options(), dc.Table); err != nil {
 			return fail(c.TableError(c.DeviceIndex(dc.Name), errors.Unwrap(err)))
 		}
 	}
 	if c.RepAgent.Hub != "" {
-		if d.agent, d.repOpts, err = newAgent(c, d.m, log); err != nil {
+		if d.agent, d.repOpts, err = newAgent(c, d.m, backing, log); err != nil {
 			return fail(err)
 		}
 		d.repVM = c.RepAgent.VM
@@ -258,6 +264,11 @@ func (d *daemon) Close() error {
 	d.wg.Wait()
 	errs = append(errs, d.m.Close())
 	errs = append(errs, d.ceph.Close()) // after the devices: they flushed through it
+	if d.agent != nil {
+		// Nothing writes the protected volumes' files any more: the
+		// next start compares them with what they are now.
+		d.agent.RecordStop()
+	}
 	return errors.Join(errs...)
 }
 
@@ -277,14 +288,14 @@ func repagentTLS(c *config.Config) (*tls.Config, error) {
 
 // newAgent makes the replication agent of c's [repagent] table and the
 // replication options of its exports.
-func newAgent(c *config.Config, m *mapper.Manager, log *slog.Logger) (*agent.Agent, map[string]agent.VolumeOptions, error) {
+func newAgent(c *config.Config, m *mapper.Manager, backing *agent.BackingCheck, log *slog.Logger) (*agent.Agent, map[string]agent.VolumeOptions, error) {
 	r := c.RepAgent
 	cfg := agent.Config{Hubs: r.HubAddrs(), VM: r.VM, UUID: r.UUID, Insecure: r.Insecure, QueueBytes: r.QueueBytes, Logger: log}
 	if r.ALPath != "" {
 		// The log covers the exports protected at start, at their
 		// devices' sizes now; exports added by a reload are resynced in
 		// full after a crash.
-		cfg.ActivityLog = agent.ActivityLog{Path: r.ALPath, Extents: r.ALExtents, ExtentSize: r.ALExtentBytes}
+		cfg.ActivityLog = agent.ActivityLog{Path: r.ALPath, Extents: r.ALExtents, ExtentSize: r.ALExtentBytes, Backing: backing}
 		for _, e := range c.Exports {
 			if !e.Protect {
 				continue
@@ -373,7 +384,11 @@ func (s *exportSet) Add(o qmp.ExportOptions) error {
 	}
 	if s.d.agent != nil {
 		// Reported to the hub; protected exports mirror their writes.
-		if vdev, err = s.d.agent.Attach(o.ID, vdev, s.d.repOpts[o.ID]); err != nil {
+		ro := s.d.repOpts[o.ID]
+		if ro.Protect {
+			ro.Backing = dev.Backing // what the hub's replica must be a copy of
+		}
+		if vdev, err = s.d.agent.Attach(o.ID, vdev, ro); err != nil {
 			return err
 		}
 	}

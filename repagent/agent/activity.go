@@ -30,6 +30,9 @@ type ActivityLog struct {
 	// or with another size, is not covered: after a crash it is
 	// resynchronised in full.
 	Volumes []actlog.Volume
+	// Backing is the look at the volumes' backing files taken before
+	// the daemon's tables opened them (CheckBacking); nil: New takes it.
+	Backing *BackingCheck
 }
 
 // sessionFile returns the file that keeps the agent's session number

@@ -131,6 +131,12 @@ type VolumeOptions struct {
 	// the dirty map, OnHubLossSuspend holds their completion until the
 	// hub is back and has acknowledged them. Either is logged at WARN.
 	OnHubLoss OnHubLoss
+	// Backing, when set, says what a protected volume maps (its
+	// mapper device's Backing). With an activity log the agent keeps it
+	// across restarts and reports a volume whose backing changed behind
+	// its back to the hub as changed: the hub resynchronises it by
+	// checksums (see backing.go).
+	Backing func() (mapper.Backing, error)
 }
 
 // OnHubLoss is a volume's policy for writes past its fall-behind
@@ -185,10 +191,11 @@ type Agent struct {
 	acked      uint64
 	reported   bool // the current connection has the current volume list
 	connects   int
-	consistent bool // Group: the source's last SetConsistent
-	lost       bool // Group: unacknowledged writes died with a connection
-	dmWanted   bool // a mirrored volume overflowed: send its dirty map now
-	stopped    bool // Abort: held writes stop waiting
+	hubLevel   uint16 // the protocol level of the connected hub's HELLO
+	consistent bool   // Group: the source's last SetConsistent
+	lost       bool   // Group: unacknowledged writes died with a connection
+	dmWanted   bool   // a mirrored volume overflowed: send its dirty map now
+	stopped    bool   // Abort: held writes stop waiting
 	// ckpts: the sequence numbers of checkpoints whose Checkpoint call
 	// waits, true once the hub refused it.
 	ckpts map[uint64]bool
@@ -223,6 +230,16 @@ type Agent struct {
 	alRec   map[string]actlog.VolumeRecovery // not yet given to an Attach
 	alLost  atomic.Bool
 	alSpan  uint64 // the most bytes one write may span in the log (half of al-extents)
+
+	// The protected volumes' backings (backing.go), tracked with the
+	// activity log; guarded by backMu, which is never held while taking
+	// a.mu. backPath is "" when not tracked and immutable after New.
+	backMu    sync.Mutex
+	backPath  string
+	backCheck *BackingCheck
+	backNow   map[string]*backingVolume // what the next start compares with
+	backSeen  map[string]bool           // attached in this run
+	backDone  bool                      // RecordStop saved the last record
 
 	bufs bufPool // mirrored data buffers
 
@@ -376,6 +393,7 @@ type qitem struct {
 	extents         []wire.Extent
 	done            chan struct{} // closed on ack or disconnect; sync mode only
 	alFull          bool          // the DIRTY_MAP that ends a full resync the activity log asked for
+	changed         bool          // the initial DIRTY_MAP answering a report that said the volume changed
 	// A PROTECTED_WRITE's frame lives in its item (msg points at pw):
 	// one allocation per write besides the pooled data buffer.
 	pw  wire.ProtectedWrite
@@ -417,6 +435,12 @@ type agentVolume struct {
 	alVol    int        // index in the activity log; -1: not logged
 	alFull   bool       // the activity log asks for a full resync, not yet sent
 	resync   ResyncInfo // why the agent last asked for a resync
+	// changed is why the volume's backing changed behind the agent's
+	// back ("" if not): reported to the hub (CHANGED) until it has
+	// acknowledged the initial DIRTY_MAP that answers such a report;
+	// changedMap marks the next initial DIRTY_MAP as that one.
+	changed    string
+	changedMap bool
 	// dirtySince is when the oldest region of the dirty bitmap became
 	// dirty (zero when empty), dirtyReason why the first one did.
 	dirtySince  time.Time
@@ -579,6 +603,7 @@ func New(cfg Config) (*Agent, error) {
 			a.alSizes = append(a.alSizes, v.Size)
 		}
 		a.alSpan = uint64(max(a.al.Stats().Capacity/2, 1)) * a.al.ExtentSize()
+		a.openBacking(cfg.ActivityLog.Path, cfg.ActivityLog.Backing)
 	}
 	return a, nil
 }
@@ -629,16 +654,31 @@ func (a *Agent) Attach(name string, dev Device, o VolumeOptions) (Device, error)
 	if err := wire.CheckName(name); err != nil {
 		return nil, fmt.Errorf("repagent: volume name %q: %w", name, err)
 	}
+	if wire.RegionCount(dev.Size(), a.cfg.RegionSectors) > wire.MaxTrackedRegions {
+		return nil, fmt.Errorf("repagent: volume %q: %d sectors is too large to track", name, dev.Size())
+	}
+	a.mu.Lock()
+	_, dup := a.vols[name]
+	a.mu.Unlock()
+	if dup {
+		return nil, fmt.Errorf("repagent: volume %q already attached", name)
+	}
+	// Before the volume's first write: what it maps now, compared with
+	// what the agent served under this name before.
+	changed, err := a.backingAttach(name, o)
+	if err != nil {
+		return nil, err
+	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if _, dup := a.vols[name]; dup {
 		return nil, fmt.Errorf("repagent: volume %q already attached", name)
 	}
-	if wire.RegionCount(dev.Size(), a.cfg.RegionSectors) > wire.MaxTrackedRegions {
-		return nil, fmt.Errorf("repagent: volume %q: %d sectors is too large to track", name, dev.Size())
-	}
 	v := &agentVolume{a: a, name: name, dev: dev, opts: o, dirty: roaring.New(),
-		log: a.log.With("volume", name)}
+		log: a.log.With("volume", name), changed: changed}
+	if changed != "" {
+		v.log.Warn("the volume's backing changed behind the agent's back: the hub will resynchronise it", "why", changed)
+	}
 	v.rl.init()
 	v.room = sync.NewCond(&a.mu)
 	a.attachActivity(v)
@@ -666,11 +706,20 @@ func (a *Agent) Attach(name string, dev Device, o VolumeOptions) (Device, error)
 // Detach forgets volume name (its export is gone); the hub hears of it
 // with the next report.
 func (a *Agent) Detach(name string) {
+	if a.detach(name) {
+		// Nothing of this agent writes the volume's files any more.
+		a.backingStopped(name)
+	}
+}
+
+// detach is Detach but for the backing record; it reports whether a
+// protected volume went.
+func (a *Agent) detach(name string) bool {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	v, ok := a.vols[name]
 	if !ok {
-		return
+		return false
 	}
 	v.detached = true
 	v.mirror = false
@@ -693,6 +742,7 @@ func (a *Agent) Detach(name string) {
 	}
 	a.reported = false
 	a.broadcast()
+	return v.opts.Protect
 }
 
 // Status returns a snapshot of the agent and its volumes.
@@ -1350,6 +1400,12 @@ func (a *Agent) ack(seq uint64) {
 			if !it.write && it.msg != nil && a.al != nil {
 				a.alDirtyMapAcked(v, it)
 			}
+			if it.changed && v.changed != "" {
+				// The hub has recorded the resync durably.
+				v.log.Info("the hub took the changed volume's resync", "why", v.changed)
+				v.changed = ""
+				a.backingTold(v.name)
+			}
 			a.release(v, it)
 			k++
 		}
@@ -1513,6 +1569,7 @@ func (a *Agent) queueDirtyMap(v *agentVolume, initial bool) {
 		v.pend(it)
 		if len(exts) == 0 {
 			it.alFull, v.alFull = v.alFull, false
+			it.changed, v.changedMap = v.changedMap && initial, false
 		}
 	}
 	a.broadcast()
@@ -1873,6 +1930,7 @@ func (a *Agent) runConn(ctx context.Context) error {
 	c.log = a.log.With("hub", h.Name)
 	a.mu.Lock()
 	a.conn = c
+	a.hubLevel = h.MaxVersion
 	a.connects++
 	a.reported = false
 	a.refusal = ""
@@ -2041,6 +2099,7 @@ func (c *agentConn) startProtect(m *wire.StartProtect) error {
 	if m.Mirror && !v.mirror {
 		v.mirror = true
 		v.awayIOs, v.awayWarned = 0, false
+		c.changedResync(v)
 		a.queueDirtyMap(v, true)
 		v.log.Info("protection started", "id", v.id)
 	}
@@ -2416,7 +2475,8 @@ func (a *Agent) reportLocked(skip map[string]bool) *wire.ReportVolumes {
 		}
 		v := a.vols[n]
 		r.Volumes = append(r.Volumes, wire.VolumeInfo{Name: n, Sectors: v.dev.Size(), ReadOnly: v.dev.ReadOnly(),
-			Protect: v.opts.Protect, RemoteWrite: v.opts.AllowRemoteWrite})
+			Protect: v.opts.Protect, RemoteWrite: v.opts.AllowRemoteWrite,
+			Changed: v.opts.Protect && v.changed != "" && a.hubLevel >= 3})
 	}
 	return r
 }

@@ -19,6 +19,12 @@
 // queued behind every frame before that point (csum.go). [Agent.Close] drains the queue
 // and sends AGENT_SHUTDOWN.
 //
+// With an activity log the agent also keeps what each protected volume
+// maps (VolumeOptions.Backing, beside the log): a volume whose files were
+// written or replaced while the daemon did not serve them, or whose table
+// maps other storage, is reported changed and resynchronised by checksums
+// (backing.go; [CheckBacking], [Agent.RecordStop]).
+//
 // # The write path
 //
 // A mirrored write is copied once, from guest memory into a pooled data

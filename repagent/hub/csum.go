@@ -271,14 +271,16 @@ func (c *hubConn) compare(rq *csumReq, m *wire.CsumRes, before uint64, j *journa
 
 // csumPlan decides whether a resync that protect planned is done by
 // checksums: a seeded replica always (when the agent can), a full resync
-// of a replica that holds data when Config.CsumResync is set. It returns
-// whether the resync is still a full read, and why. h.mu held.
-func (c *hubConn) csumPlan(v *hubVolume, full, fresh bool, reason string, sectors, regions uint64) (bool, string) {
+// of a replica that holds data when Config.CsumResync is set or the agent
+// reported the volume changed (most of a restored backup is what the
+// replica holds). It returns whether the resync is still a full read, and
+// why. h.mu held.
+func (c *hubConn) csumPlan(v *hubVolume, full, fresh, changed bool, reason string, sectors, regions uint64) (bool, string) {
 	v.csum.init()
 	v.csum.need.Clear()
 	v.csum.in.Clear()
 	seeded := v.st.Seeded && !fresh && v.st.Sectors == sectors && v.st.RegionSectors == c.h.cfg.RegionSectors
-	want := seeded || full && !fresh && c.h.cfg.CsumResync && v.st.Synced
+	want := seeded || full && !fresh && (c.h.cfg.CsumResync || changed) && v.st.Synced
 	if !want || c.group {
 		return full, reason
 	}
@@ -291,7 +293,11 @@ func (c *hubConn) csumPlan(v *hubVolume, full, fresh bool, reason string, sector
 		return false, "checksum resync of a seeded replica: only regions whose checksums differ are read"
 	}
 	v.csum.need.AddRange(0, regions)
-	v.st.Seeded = true // the replica holds data to compare with until the resync completes
+	// The replica holds data to compare with until the resync
+	// completes; saved with every region still to compare, so that a
+	// hub that restarts before its first checkpoint compares them all.
+	v.st.Seeded = true
+	v.st.CsumNeed = []wire.Extent{{Start: 0, Count: regions}}
 	return false, reason + " (by checksums: only regions whose checksums differ are read)"
 }
 

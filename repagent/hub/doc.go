@@ -50,11 +50,15 @@
 // its protected writes and names the point of its write order; the hub
 // hashes the replica at the same point (journal.ReadVolume), so racing
 // writes are on both sides or neither. A replica seeded from existing
-// images ([Seed]: the old source's disks at a failback), and with
+// images ([Seed]: the old source's disks at a failback), a replica in
+// sync whose volume the agent reports changed (REPORT_VM_VOLUMES' CHANGED:
+// its backing was written or replaced behind the agent), and with
 // Config.CsumResync any replica that would be read in full although it
 // holds data, is resynchronised by checksums inside the resync set: only
-// regions whose checksums differ are read (DRBD's csums-alg). See
-// csum.go.
+// regions whose checksums differ are read (DRBD's csums-alg). The plan is
+// saved with the regions still to compare before START_PROTECT goes out,
+// so a hub that dies before comparing any compares them all when the agent
+// comes back. See csum.go.
 //
 // # Consistency groups
 //

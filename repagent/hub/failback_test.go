@@ -130,16 +130,7 @@ func TestCsumResyncAfterAgentCrash(t *testing.T) {
 	r.CheckIdentical(v)
 	before := r.RemoteBytes(v)
 	r.Agent.Abort() // a crash: a new session next, nothing tells what changed
-	f, err := os.OpenFile(v.Backing, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i, off := range []int64{3 * rb, 77*rb + 1024, 200 * rb} {
-		b := reptest.Pattern(uint64(500+i), 4096)
-		f.WriteAt(b, off)
-		copy(v.Model[off:], b)
-	}
-	f.Close()
+	writeBehind(t, v, 500, 3*rb, 77*rb+1024, 200*rb)
 	r.StartAgent(reptest.ProtectAll(v))
 	r.WaitProtected(30*time.Second, v)
 	st := r.HubVolumes()["root"]
@@ -147,4 +138,59 @@ func TestCsumResyncAfterAgentCrash(t *testing.T) {
 		t.Errorf("the resync after the agent's crash read %d bytes, want the 3 changed regions (%d bytes)", moved, 3*rb)
 	}
 	r.CheckIdentical(v)
+}
+
+// TestCsumResyncSurvivesHubCrash: a hub killed while a checksum resync
+// has compared nothing yet (before any checkpoint) must compare every
+// region after its restart: the plan is saved with the regions still to
+// compare, not only the mark that the replica holds data.
+func TestCsumResyncSurvivesHubCrash(t *testing.T) {
+	const rb = 64 << 10
+	r := reptest.New(t)
+	r.HubCfg.CsumResync = true
+	r.StartHub()
+	v := r.AddVolume("root", 64<<20)
+	r.StartAgent(reptest.ProtectAll(v))
+	stop := make(chan struct{})
+	wait := r.RunWriters(stop, v)
+	time.Sleep(500 * time.Millisecond)
+	close(stop)
+	wait()
+	r.WaitProtected(20*time.Second, v)
+	r.CheckIdentical(v)
+	r.Agent.Abort() // a new session next: a full resync, by checksums
+	writeBehind(t, v, 700, 3*rb, 500*rb+512, 1000*rb)
+	r.StartAgent(reptest.ProtectAll(v))
+	// Kill the hub as soon as the checksum resync is planned.
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		if st := r.HubVolumes()["root"]; st.CsumPendingBytes > 0 || st.CsumMatchedBytes > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no checksum resync started")
+		}
+		time.Sleep(100 * time.Microsecond)
+	}
+	r.KillHub()
+	r.StartHub()
+	r.WaitProtected(30*time.Second, v)
+	r.CheckIdentical(v)
+}
+
+// writeBehind writes 4 KiB of pattern at each of offs into v's backing
+// file (and its model), as something other than the agent would.
+func writeBehind(t *testing.T, v *reptest.Vol, seed uint64, offs ...int64) {
+	t.Helper()
+	f, err := os.OpenFile(v.Backing, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for i, off := range offs {
+		b := reptest.Pattern(seed+uint64(i), 4096)
+		if _, err := f.WriteAt(b, off); err != nil {
+			t.Fatal(err)
+		}
+		copy(v.Model[off:], b)
+	}
 }

@@ -242,28 +242,32 @@ type hubVolume struct {
 	file replicaFile // owned by the connection's engine while connected
 	st   volState    // durable state as last saved, updated at checkpoints
 	// Runtime.
-	state          string
-	reason         string
-	conn           *hubConn
-	id             uint64
-	mirror         bool
-	sectors        uint64
-	need           *roaring.Bitmap // regions to read from the source
-	inRead         *roaring.Bitmap // regions of outstanding remote reads
-	stale          *roaring.Bitmap // regions of inRead discarded or failed meanwhile: read again
-	held           *roaring.Bitmap // regions of deferred writes (engine-owned)
-	reads          int             // outstanding remote reads
-	cursor         uint64          // where the next read starts
-	waitingInitial bool            // START_PROTECT sent, initial DIRTY_MAP not yet in
-	readErrors     int
-	syncTotal      uint64 // regions queued for reading in this sync
-	syncDone       uint64 // regions read in this sync
-	remoteBytes    uint64 // bytes read with remote IO since the hub started
-	appliedBytes   uint64 // mirrored bytes applied since the hub started
-	applied        uint64 // last applied sequence
-	backlog        wire.Backlog
-	changed        bool // state to save at the next checkpoint
-	wrote          bool // data to fsync at the next checkpoint
+	state  string
+	reason string
+	// reportedChanged: the agent's report said the volume's data
+	// changed behind it (CHANGED); protect resynchronises it in full and
+	// clears this once that plan is saved.
+	reportedChanged bool
+	conn            *hubConn
+	id              uint64
+	mirror          bool
+	sectors         uint64
+	need            *roaring.Bitmap // regions to read from the source
+	inRead          *roaring.Bitmap // regions of outstanding remote reads
+	stale           *roaring.Bitmap // regions of inRead discarded or failed meanwhile: read again
+	held            *roaring.Bitmap // regions of deferred writes (engine-owned)
+	reads           int             // outstanding remote reads
+	cursor          uint64          // where the next read starts
+	waitingInitial  bool            // START_PROTECT sent, initial DIRTY_MAP not yet in
+	readErrors      int
+	syncTotal       uint64 // regions queued for reading in this sync
+	syncDone        uint64 // regions read in this sync
+	remoteBytes     uint64 // bytes read with remote IO since the hub started
+	appliedBytes    uint64 // mirrored bytes applied since the hub started
+	applied         uint64 // last applied sequence
+	backlog         wire.Backlog
+	changed         bool // state to save at the next checkpoint
+	wrote           bool // data to fsync at the next checkpoint
 	// storeErr is the store failure that put the volume in
 	// StateStoreError; while set, nothing of the volume is saved.
 	storeErr    error
@@ -1755,6 +1759,7 @@ func (c *hubConn) report(m *wire.ReportVolumes) error {
 		}
 		v.mirror = vi.Protect
 		v.wantMirror = vi.Protect
+		v.reportedChanged = vi.Changed
 		if !vi.Protect {
 			v.sectors = vi.Sectors
 			v.agentMirror = false // not protected at the agent
@@ -1858,6 +1863,8 @@ func (c *hubConn) protect(v *hubVolume, sectors uint64) error {
 		full, reason = true, "initial sync"
 	case v.st.Sectors != sectors || v.st.RegionSectors != h.cfg.RegionSectors:
 		full, reason = true, fmt.Sprintf("full resync: size changed from %d to %d sectors", v.st.Sectors, sectors)
+	case v.reportedChanged && !c.group:
+		full, reason = true, "full resync: the agent reports that the volume's data changed behind it (its backing was written while it was not served, or is another one)"
 	case !v.st.Synced:
 		wire.AddExtents(v.need, v.st.Need, v.st.RegionSectors, h.cfg.RegionSectors, regions)
 		reason = "resuming the initial sync"
@@ -1881,7 +1888,7 @@ func (c *hubConn) protect(v *hubVolume, sectors uint64) error {
 		v.st.GroupInconsistent = !c.groupConsistent || fresh
 	}
 	v.st.Group = c.group
-	full, reason = c.csumPlan(v, full, fresh, reason, sectors, regions)
+	full, reason = c.csumPlan(v, full, fresh, v.reportedChanged, reason, sectors, regions)
 	if full {
 		v.need.AddRange(0, regions)
 	}
@@ -1902,6 +1909,7 @@ func (c *hubConn) protect(v *hubVolume, sectors uint64) error {
 	if err := saveState(h.cfg.Backend, v.vm.name, v.name, &v.st); err != nil {
 		return err
 	}
+	v.reportedChanged = false // the resync is planned durably
 	if v.storeErr != nil {
 		v.log.Info("store error cleared", "was", v.storeErr)
 		v.storeErr = nil

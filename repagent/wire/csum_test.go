@@ -57,11 +57,11 @@ func TestCsumFrameValidation(t *testing.T) {
 }
 
 // TestOldPeerRefusesCsum: a peer of protocol level 1 knows commands up to
-// 13 only; the frame header keeps version 1 so that it reads everything
+// 13 only (and level 2 no CHANGED flag: level 3); the frame header keeps version 1 so that it reads everything
 // else, and a level-2 side never sends it CSUM_REQ (the hub checks the
 // agent's HELLO first). This pins the numbers an old reader refuses.
 func TestOldPeerRefusesCsum(t *testing.T) {
-	if Version != 1 || MaxVersion != 2 || CmdCsumReq != 14 || CmdCsumRes != 15 {
+	if Version != 1 || MaxVersion != 3 || CmdCsumReq != 14 || CmdCsumRes != 15 {
 		t.Fatalf("frame version %d, level %d, commands %d %d: PROTOCOL.md's numbers changed", Version, MaxVersion, CmdCsumReq, CmdCsumRes)
 	}
 	if CmdCsumReq.String() != "CSUM_REQ" || CmdCsumRes.String() != "CSUM_RES" {

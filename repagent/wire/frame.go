@@ -23,9 +23,10 @@ const (
 	Version uint8 = 1
 	// MaxVersion is the protocol level this package speaks, sent in
 	// HELLO: 1 is commands 1 to 13; 2 adds CSUM_REQ and CSUM_RES (online
-	// verify and checksum resync). A side sends a level-2 command only to
-	// a peer whose HELLO said 2 or more.
-	MaxVersion uint16 = 2
+	// verify and checksum resync); 3 adds REPORT_VM_VOLUMES' CHANGED
+	// flag (VolumeInfo.Changed). A side sends what a level adds only to
+	// a peer whose HELLO said that level or more.
+	MaxVersion uint16 = 3
 	// HeaderSize is the size of the fixed frame header in bytes.
 	HeaderSize = 24
 	// DefaultMaxPayload bounds a frame's payload unless configured otherwise.
@@ -326,6 +327,13 @@ type VolumeInfo struct {
 	ReadOnly    bool
 	Protect     bool // the agent asks the hub to protect (mirror) it
 	RemoteWrite bool // REMOTE_IO_REQ writes are allowed
+	// Changed (level 3, protected volumes only): the volume's data may
+	// have changed without mirrored writes — its backing was modified
+	// while the agent did not serve it, or is another one than the
+	// agent last served under this name — so the hub's replica must not
+	// be trusted: the hub resynchronises the volume in full, comparing
+	// checksums where the replica holds data.
+	Changed bool
 }
 
 // Volume flags on the wire.
@@ -333,7 +341,8 @@ const (
 	volReadOnly    = 1 << 0
 	volProtect     = 1 << 1
 	volRemoteWrite = 1 << 2
-	volFlags       = volReadOnly | volProtect | volRemoteWrite
+	volChanged     = 1 << 3
+	volFlags       = volReadOnly | volProtect | volRemoteWrite | volChanged
 )
 
 // ReportVolumes lists every volume the agent serves.
@@ -590,6 +599,9 @@ func (m *ReportVolumes) encode(b []byte) ([]byte, uint16, uint64, [][]byte) {
 		}
 		if v.RemoteWrite {
 			f |= volRemoteWrite
+		}
+		if v.Changed {
+			f |= volChanged
 		}
 		b = le.AppendUint32(b, f)
 		b = appendName(b, v.Name)
@@ -877,11 +889,15 @@ func Decode(f Frame) (Message, error) {
 			if v.Sectors == 0 || v.Sectors > maxVolumeSectors {
 				return nil, Malformed("%s: volume %q: size %d sectors out of range", f.Cmd, v.Name, v.Sectors)
 			}
+			if fl&volChanged != 0 && fl&volProtect == 0 {
+				return nil, Malformed("%s: volume %q: changed without protect", f.Cmd, v.Name)
+			}
 			if seen[v.Name] {
 				return nil, Malformed("%s: volume %q reported twice", f.Cmd, v.Name)
 			}
 			seen[v.Name] = true
 			v.ReadOnly, v.Protect, v.RemoteWrite = fl&volReadOnly != 0, fl&volProtect != 0, fl&volRemoteWrite != 0
+			v.Changed = fl&volChanged != 0
 			m.Volumes = append(m.Volumes, v)
 		}
 		return m, d.end()

@@ -1,0 +1,92 @@
+package mapper_test
+
+import (
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/vhostdm/vhostdm/mapper"
+	"github.com/vhostdm/vhostdm/mapper/mappertest"
+)
+
+// TestBacking: a device's backing names each file its tables (and the
+// devices they stack on) open once, with the identity and times stat
+// gives; the table digest follows what the tables map; other backends are
+// named as opaque.
+func TestBacking(t *testing.T) {
+	dir := t.TempDir()
+	for _, n := range []string{"a.img", "b.img"} {
+		if err := os.WriteFile(filepath.Join(dir, n), make([]byte, 1<<20), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mem := mappertest.NewMem("x", 1<<20)
+	m := mapper.NewManager(mapper.ManagerOptions{Dir: dir, Schemes: map[string]mapper.OpenFunc{
+		"mem": func(string, bool) (mapper.Backend, error) { return mem, nil },
+	}})
+	defer m.Close()
+	low, err := m.CreateTable("low", "", false, "0 1024 linear b.img 0\n1024 1024 linear a.img 0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	top, err := m.CreateTable("top", "", false, "0 1024 linear a.img 1024\n1024 2048 linear /dev/mapper/low 0\n3072 8 linear mem:x 0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := top.Backing()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var paths []string
+	for _, f := range b.Files {
+		paths = append(paths, filepath.Base(f.Path))
+		want, err := mapper.StatBacking(f.Path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !f.Unchanged(want) || f.Block || f.Ino == 0 || f.Size != 1<<20 {
+			t.Errorf("%s: backing %+v, stat says %+v", f.Path, f, want)
+		}
+	}
+	if !slices.Equal(paths, []string{"a.img", "b.img"}) {
+		t.Errorf("files %q, want a.img (named twice, once through low) then b.img", paths)
+	}
+	if !slices.Equal(b.Opaque, []string{"x"}) { // the backend's Name
+		t.Errorf("opaque backends %q, want x", b.Opaque)
+	}
+
+	// The digest covers the stacked device's table.
+	lb, err := low.Backing()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := low.Reload("0 1024 linear a.img 0\n1024 1024 linear b.img 0"); err != nil {
+		t.Fatal(err)
+	}
+	b2, err := top.Backing()
+	if err != nil {
+		t.Fatal(err)
+	}
+	lb2, err := low.Backing()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b2.Table == b.Table || lb2.Table == lb.Table {
+		t.Error("the table digest did not change with the stacked device's table")
+	}
+
+	// A write moves the times; the identity stays.
+	time.Sleep(10 * time.Millisecond)
+	if err := os.WriteFile(filepath.Join(dir, "a.img"), []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	now, err := mapper.StatBacking(filepath.Join(dir, "a.img"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !now.SameStorage(b.Files[0]) || now.Unchanged(b.Files[0]) {
+		t.Errorf("after a write: %+v against %+v: want the same storage, changed", now, b.Files[0])
+	}
+}

@@ -1,0 +1,353 @@
+package agent
+
+import (
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"maps"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/vhostdm/vhostdm/mapper"
+	"github.com/vhostdm/vhostdm/repagent/wire"
+)
+
+// Backing tracking. The hub trusts that a protected volume holds, when the
+// agent comes back, what it held when the agent left plus the writes the
+// agent tells of (mirrored, or in its dirty map and activity log). Data
+// written by anything else meanwhile — a backup restored into the image
+// while the VM was down, an export re-pointed at another image — breaks
+// that trust silently: the hub would report a replica "protecting" that
+// is not a copy of the source. DRBD detects this with generation
+// identifiers kept in its metadata beside the data; vhostdm keeps, beside
+// the activity log (PATH.backing), what each protected volume maps (a
+// digest of its tables) and the identity, size and times of every file
+// it opens, taken after the daemon's last write to them. A volume whose
+// backing changed is reported to the hub as changed (REPORT_VM_VOLUMES'
+// CHANGED, protocol level 3), and the hub resynchronises it in full,
+// reading only the regions whose checksums differ. The mark stays in the
+// record until the hub has acknowledged the DIRTY_MAP that answers it, so
+// a crash in between loses nothing.
+//
+// What is not seen: a write to a block device (its node's times do not
+// move), a write made while the daemon ran or after a crash of it (its
+// own writes move the times too; only a change of file or table shows
+// then), and backends of other kinds (rbd:). `repagent-hub verify` finds
+// those differences.
+
+// backingVolume is what the agent keeps of one protected volume's
+// backing.
+type backingVolume struct {
+	Table  string               `json:"table"` // hex mapper.Backing.Table
+	Files  []mapper.BackingFile `json:"files"`
+	Opaque []string             `json:"opaque,omitempty"`
+	// Stopped: the files' sizes and times were taken after the
+	// daemon's last write to them (a clean stop, or the volume's export
+	// was removed); otherwise only their identities count.
+	Stopped bool `json:"stopped,omitempty"`
+	// Changed, when set, is why the hub has still to be told that the
+	// volume's data changed.
+	Changed string `json:"changed,omitempty"`
+}
+
+// backingRecord is the content of the backing file.
+type backingRecord struct {
+	Version int                       `json:"version"`
+	Volumes map[string]*backingVolume `json:"volumes"`
+}
+
+const backingVersion = 1
+
+// backingPath returns the file beside the activity log at logPath that
+// keeps the protected volumes' backings.
+func backingPath(logPath string) string { return logPath + ".backing" }
+
+// BackingCheck is a look at the protected volumes' backing files taken at
+// a daemon's start, before its tables open (and may write) them: what
+// changed since the daemon last stopped writing them. CheckBacking takes
+// it; ActivityLog.Backing hands it to New.
+type BackingCheck struct {
+	rec      *backingRecord    // nil: no record could be read
+	why      string            // why rec is nil
+	modified map[string]string // volume name → how its files changed
+}
+
+// CheckBacking reads the backing record kept beside the activity log at
+// logPath and compares the files of every volume that was stopped with
+// what they are now.
+func CheckBacking(logPath string) *BackingCheck {
+	path := backingPath(logPath)
+	b, err := os.ReadFile(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return &BackingCheck{why: fmt.Sprintf("no record of the volumes' backings (%s does not exist)", path)}
+	case err != nil:
+		return &BackingCheck{why: fmt.Sprintf("the record of the volumes' backings cannot be read: %v", err)}
+	}
+	var rec backingRecord
+	if err := json.Unmarshal(b, &rec); err != nil {
+		return &BackingCheck{why: fmt.Sprintf("the record of the volumes' backings %s is corrupt: %v", path, err)}
+	}
+	if rec.Version != backingVersion {
+		return &BackingCheck{why: fmt.Sprintf("the record of the volumes' backings %s has version %d, not %d", path, rec.Version, backingVersion)}
+	}
+	if rec.Volumes == nil {
+		rec.Volumes = map[string]*backingVolume{}
+	}
+	c := &BackingCheck{rec: &rec, modified: map[string]string{}}
+	for name, bv := range rec.Volumes {
+		if bv == nil {
+			delete(rec.Volumes, name)
+			continue
+		}
+		if !bv.Stopped {
+			continue
+		}
+		for _, f := range bv.Files {
+			if f.Block {
+				continue
+			}
+			now, err := mapper.StatBacking(f.Path)
+			if err != nil {
+				c.modified[name] = err.Error()
+				break
+			}
+			if why := fileChange(f, now); why != "" {
+				c.modified[name] = why
+				break
+			}
+		}
+	}
+	return c
+}
+
+// fileChange says how now differs from was, the same file looked at after
+// the daemon's last write to it; "" if it does not.
+func fileChange(was, now mapper.BackingFile) string {
+	switch {
+	case !was.SameStorage(now):
+		return fmt.Sprintf("%s is another file than the one served before (device %d inode %d, was %d %d)", now.Path, now.Dev, now.Ino, was.Dev, was.Ino)
+	case was.Unchanged(now):
+		return ""
+	default:
+		return fmt.Sprintf("%s was written while vhostdm did not serve it (size %d, modified %s; at the stop: %d, %s)",
+			now.Path, now.Size, now.Mtime.UTC().Format(time.RFC3339Nano), was.Size, was.Mtime.UTC().Format(time.RFC3339Nano))
+	}
+}
+
+// backingChange says how the backing cur differs in what it maps from
+// was; "" if it maps the same storage the same way.
+func backingChange(was *backingVolume, cur mapper.Backing) string {
+	if was.Table != hex.EncodeToString(cur.Table[:]) {
+		return "its table maps other storage or maps it otherwise than the one served before"
+	}
+	if len(was.Files) != len(cur.Files) {
+		return fmt.Sprintf("it opens %d files, not %d as before", len(cur.Files), len(was.Files))
+	}
+	for i, f := range cur.Files {
+		if !f.SameStorage(was.Files[i]) {
+			return fmt.Sprintf("%s is another file than the one served before (device %d inode %d, was %d %d)", f.Path, f.Dev, f.Ino, was.Files[i].Dev, was.Files[i].Ino)
+		}
+	}
+	if !slices.Equal(was.Opaque, cur.Opaque) {
+		return fmt.Sprintf("it uses %s, not %s as before", strings.Join(cur.Opaque, ","), strings.Join(was.Opaque, ","))
+	}
+	return ""
+}
+
+// openBacking starts tracking backings beside the activity log at logPath
+// with the start's check (taken now if nil). Called by New.
+func (a *Agent) openBacking(logPath string, c *BackingCheck) {
+	if c == nil {
+		c = CheckBacking(logPath)
+	}
+	a.backPath = backingPath(logPath)
+	a.backCheck = c
+	a.backNow = map[string]*backingVolume{}
+	if c.rec != nil {
+		// Volumes not attached in this run keep what they had.
+		maps.Copy(a.backNow, c.rec.Volumes)
+	}
+}
+
+// backingAttach decides whether a protected volume being attached as name
+// changed behind the agent's back, records its backing and returns why it
+// changed ("" if not). It must run before the volume's first write.
+func (a *Agent) backingAttach(name string, o VolumeOptions) (string, error) {
+	if a.backPath == "" || !o.Protect || o.Backing == nil {
+		return "", nil
+	}
+	cur, err := o.Backing()
+	if err != nil {
+		return "", fmt.Errorf("repagent: volume %q: its backing: %w", name, err)
+	}
+	a.backMu.Lock()
+	defer a.backMu.Unlock()
+	was := a.backNow[name]
+	seen := a.backSeen[name] // attached before in this run
+	var why string
+	switch {
+	case was == nil && !seen && a.backCheck.rec == nil:
+		why = a.backCheck.why
+	case was == nil:
+		why = "no record of the volume's backing: it was not served as a protected volume here before"
+	case was.Changed != "":
+		why = was.Changed
+	case !seen && a.backCheck.modified[name] != "":
+		why = a.backCheck.modified[name]
+	default:
+		why = backingChange(was, cur)
+		if why == "" && was.Stopped && seen {
+			// Detached and attached again in this run: was holds
+			// the files as the daemon left them.
+			for i, f := range cur.Files {
+				if why = fileChange(was.Files[i], f); why != "" {
+					break
+				}
+			}
+		}
+	}
+	now := &backingVolume{Table: hex.EncodeToString(cur.Table[:]), Files: cur.Files, Opaque: cur.Opaque, Changed: why}
+	if a.backSeen == nil {
+		a.backSeen = map[string]bool{}
+	}
+	a.backSeen[name] = true
+	a.backNow[name] = now
+	if err := a.saveBackingLocked(); err != nil {
+		// Without the record a crash could forget the change.
+		if was == nil {
+			delete(a.backNow, name)
+		} else {
+			a.backNow[name] = was
+		}
+		return "", fmt.Errorf("repagent: volume %q: saving its backing record: %w", name, err)
+	}
+	return why, nil
+}
+
+// backingStopped records that the daemon wrote name's files for the last
+// time (its export went, or the daemon is stopping): their sizes and
+// times now are what the next attach compares with. A file that is no
+// longer the one served marks the volume changed.
+func (a *Agent) backingStopped(name string) {
+	if a.backPath == "" {
+		return
+	}
+	a.backMu.Lock()
+	defer a.backMu.Unlock()
+	a.stopBackingLocked(name)
+	if err := a.saveBackingLocked(); err != nil {
+		a.log.Warn("saving the backing record", "path", a.backPath, "err", err)
+	}
+}
+
+// stopBackingLocked is backingStopped without the save; backMu held.
+func (a *Agent) stopBackingLocked(name string) {
+	bv := a.backNow[name]
+	if bv == nil || bv.Stopped || !a.backSeen[name] {
+		return
+	}
+	nv := *bv
+	nv.Files = slices.Clone(bv.Files)
+	nv.Stopped = true
+	for i, f := range nv.Files {
+		now, err := mapper.StatBacking(f.Path)
+		switch {
+		case err != nil:
+			nv.Changed = err.Error()
+		case !f.SameStorage(now):
+			nv.Changed = fmt.Sprintf("%s was replaced by another file while vhostdm served it", f.Path)
+		default:
+			nv.Files[i] = now
+		}
+	}
+	a.backNow[name] = &nv
+}
+
+// RecordStop records, for the next start, the backing files of every
+// protected volume as the daemon leaves them: call it once the daemon's
+// devices are closed (nothing writes them any more). A start after a stop
+// without it (a crash) can tell only a change of file or table, not a
+// write. Errors are logged.
+func (a *Agent) RecordStop() {
+	if a.backPath == "" {
+		return
+	}
+	a.backMu.Lock()
+	defer a.backMu.Unlock()
+	for _, name := range slices.Sorted(maps.Keys(a.backNow)) {
+		a.stopBackingLocked(name)
+	}
+	if err := a.saveBackingLocked(); err != nil {
+		a.log.Warn("saving the backing record", "path", a.backPath, "err", err)
+		return
+	}
+	a.backDone = true
+}
+
+// backingTold records that the hub acknowledged the DIRTY_MAP answering
+// the report that said name's data changed: the hub resynchronises it
+// from now on whatever happens to the agent. The record is saved in the
+// background (a.mu is held by the caller).
+func (a *Agent) backingTold(name string) {
+	if a.backPath == "" {
+		return
+	}
+	go a.clearChanged(name)
+}
+
+// clearChanged drops name's changed mark from the record and saves it.
+func (a *Agent) clearChanged(name string) {
+	a.backMu.Lock()
+	defer a.backMu.Unlock()
+	if bv := a.backNow[name]; bv != nil && bv.Changed != "" {
+		nv := *bv
+		nv.Changed = ""
+		a.backNow[name] = &nv
+		if err := a.saveBackingLocked(); err != nil {
+			a.log.Warn("saving the backing record", "path", a.backPath, "err", err)
+		}
+	}
+}
+
+// saveBackingLocked writes the record durably; backMu held. After
+// RecordStop nothing more is written.
+func (a *Agent) saveBackingLocked() error {
+	if a.backDone {
+		return nil
+	}
+	b, err := json.MarshalIndent(backingRecord{Version: backingVersion, Volumes: a.backNow}, "", "\t")
+	if err != nil {
+		return err
+	}
+	return writeFileSync(a.backPath, append(b, '\n'))
+}
+
+// changedResync is the resync the agent asks for a volume whose backing
+// changed (v.changed): the hub compares every region by checksum, or,
+// a hub below protocol level 3 that cannot be told, reads the whole
+// volume. a.mu held, from startProtect.
+func (c *agentConn) changedResync(v *agentVolume) {
+	a := c.a
+	if v.changed == "" {
+		return
+	}
+	size := v.dev.Size() * wire.SectorSize
+	if a.hubLevel < 3 {
+		v.log.Warn("the volume's backing changed and the hub speaks protocol level 2 or less: resyncing it by reading it in full",
+			"why", v.changed, "hub_level", a.hubLevel, "bytes", size)
+		v.dirty.AddRange(0, wire.RegionCount(v.dev.Size(), a.cfg.RegionSectors))
+		v.noteDirty(time.Now(), "backing changed: "+v.changed)
+	} else {
+		v.log.Warn("the volume's backing changed: the hub compares every region by checksum and copies those that differ",
+			"why", v.changed, "bytes", size)
+		v.resync = ResyncInfo{Reason: "checksum resync: backing changed: " + v.changed, Bytes: size}
+		v.stats.ResyncRequests++
+		v.stats.ResyncBytes += size
+	}
+	v.changedMap = true
+}

@@ -1,0 +1,181 @@
+package agent
+
+import (
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/vhostdm/vhostdm/mapper"
+	"github.com/vhostdm/vhostdm/repagent/agent/actlog"
+)
+
+// backingRig is a daemon's life as the backing record sees it: devices
+// over files in dir, and agents started and stopped over one activity log.
+type backingRig struct {
+	t   *testing.T
+	dir string
+	m   *mapper.Manager
+	dev *mapper.Device
+}
+
+const backingSize = 1 << 20
+
+func newBackingRig(t *testing.T) *backingRig {
+	dir := t.TempDir()
+	r := &backingRig{t: t, dir: dir, m: mapper.NewManager(mapper.ManagerOptions{Dir: dir})}
+	t.Cleanup(func() { r.m.Close() })
+	if err := os.WriteFile(filepath.Join(dir, "v.img"), make([]byte, backingSize), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r.table("0 2048 linear v.img 0")
+	return r
+}
+
+// table (re)creates the device with text: the files are opened anew.
+func (r *backingRig) table(text string) {
+	r.t.Helper()
+	if r.dev != nil {
+		if err := r.m.Remove("d", true); err != nil {
+			r.t.Fatal(err)
+		}
+	}
+	d, err := r.m.CreateTable("d", "", false, text)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	r.dev = d
+}
+
+// start is a daemon's start: the check before the tables (CheckBacking;
+// the rig's tables are built already, as by a daemon that writes
+// nothing when it builds them), then the agent and the attach of volume
+// v. It returns the agent and why v's backing changed.
+func (r *backingRig) start() (*Agent, string) {
+	r.t.Helper()
+	al := filepath.Join(r.dir, "vm1.actlog")
+	a, err := New(Config{Hub: "127.0.0.1:1", VM: "vm1", Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		ActivityLog: ActivityLog{Path: al, Volumes: []actlog.Volume{{Name: "v", Size: backingSize}}, Backing: CheckBacking(al)}})
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	return a, r.attach(a)
+}
+
+func (r *backingRig) attach(a *Agent) string {
+	r.t.Helper()
+	if _, err := a.Attach("v", r.dev, VolumeOptions{Protect: true, Backing: r.dev.Backing}); err != nil {
+		r.t.Fatal(err)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.vols["v"].changed
+}
+
+// stop is a clean stop: the agent closes, the devices are done writing,
+// the record takes the files as they are.
+func (r *backingRig) stop(a *Agent) {
+	a.Close()
+	a.RecordStop()
+}
+
+// write writes b into v.img at off, as a tool would while no daemon runs.
+func (r *backingRig) write(off int64, b string) {
+	r.t.Helper()
+	f, err := os.OpenFile(filepath.Join(r.dir, "v.img"), os.O_WRONLY, 0)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt([]byte(b), off); err != nil {
+		r.t.Fatal(err)
+	}
+}
+
+func wantChanged(t *testing.T, step, got, want string) {
+	t.Helper()
+	switch {
+	case want == "" && got != "":
+		t.Fatalf("%s: the volume is reported changed (%q), want unchanged", step, got)
+	case want != "" && !strings.Contains(got, want):
+		t.Fatalf("%s: changed %q, want it to say %q", step, got, want)
+	}
+}
+
+// TestBackingChanges: the agent reports a protected volume changed exactly
+// when its data may differ from what the hub was told: no record of it, a
+// file written or replaced while no daemon served it, another table, a
+// file written while its export was removed; and the mark survives
+// crashes until the hub has taken the resync.
+func TestBackingChanges(t *testing.T) {
+	r := newBackingRig(t)
+
+	a, why := r.start()
+	wantChanged(t, "first start", why, "no record of the volumes' backings")
+	a.clearChanged("v") // the hub acknowledged the resync
+	r.stop(a)
+
+	a, why = r.start()
+	wantChanged(t, "restart after a clean stop", why, "")
+	r.stop(a)
+
+	r.write(4096, "restored from a backup")
+	a, why = r.start()
+	wantChanged(t, "restart after a write to the stopped image", why, "v.img was written while vhostdm did not serve it")
+	a.Abort() // crash before the hub took the resync: no RecordStop
+
+	a, why = r.start()
+	wantChanged(t, "restart after a crash with the change untold", why, "v.img was written while vhostdm did not serve it")
+	a.clearChanged("v")
+	a.Abort() // crash after the hub took it
+
+	a, why = r.start()
+	wantChanged(t, "restart after a crash, the change told", why, "")
+	r.write(8192, "written by the daemon, then a crash") // the daemon's own writes: only identity counts
+	a.Abort()
+	a, why = r.start()
+	wantChanged(t, "restart after a crash with the daemon's own writes", why, "")
+	r.stop(a)
+
+	// Another file at the path: a copy put in place while stopped.
+	img := filepath.Join(r.dir, "v.img")
+	b, err := os.ReadFile(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(img+".new", b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(img+".new", img); err != nil {
+		t.Fatal(err)
+	}
+	r.table("0 2048 linear v.img 0")
+	a, why = r.start()
+	wantChanged(t, "restart over a replaced image", why, "another file")
+	a.clearChanged("v")
+	r.stop(a)
+
+	// The same file mapped otherwise.
+	r.table("0 1024 linear v.img 1024\n1024 1024 linear v.img 0")
+	a, why = r.start()
+	wantChanged(t, "restart with another table", why, "its table maps")
+	a.clearChanged("v")
+
+	// In one run: the export removed, the file written, the export back.
+	a.Detach("v")
+	wantChanged(t, "attach again, nothing written", r.attach(a), "")
+	a.Detach("v")
+	r.write(0, "written while the export was gone")
+	wantChanged(t, "attach again after a write", r.attach(a), "v.img was written while vhostdm did not serve it")
+	r.stop(a)
+
+	// A record that cannot be read: every volume is taken as changed.
+	if err := os.WriteFile(filepath.Join(r.dir, "vm1.actlog.backing"), []byte("{garbage"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a, why = r.start()
+	wantChanged(t, "restart with a corrupt record", why, "is corrupt")
+	r.stop(a)
+}
