@@ -331,3 +331,100 @@ func freeTCPAddr(t *testing.T) string {
 	defer l.Close()
 	return l.Addr().String()
 }
+
+// TestReloadRepointsProtectedExport: a reload that re-points a protected
+// export at other data — the device's table reloaded over another image
+// while the export stays, then the export moved to another device by the
+// configuration — is seen by the agent (the backing changed) and the hub
+// resynchronises the volume by checksums: the replica ends a copy of the
+// new image, not of the old one with the new writes on top. A table that
+// maps the same data otherwise costs a comparison and no transfer.
+func TestReloadRepointsProtectedExport(t *testing.T) {
+	dir := t.TempDir()
+	store := filepath.Join(dir, "store")
+	h, addr := startTestHub(t, store)
+	for i, n := range []string{"root.img", "other.img", "alt.img"} {
+		os.WriteFile(filepath.Join(dir, n), reptest.Pattern(uint64(10+i), 4<<20), 0o600)
+	}
+	path := writeConfig(t, dir, fmt.Sprintf(reloadRepConfig, addr, "protect = true\n"))
+	d, _ := serveInProcess(t, path)
+	waitReplicated(t, d, h, store, map[string]string{"root0": filepath.Join(dir, "root.img")})
+	reason := func() string {
+		for _, v := range d.agent.Status().Volumes {
+			if v.Name == "root0" {
+				return v.Resync.Reason
+			}
+		}
+		return ""
+	}
+	// hubRoot: the hub's view of root0 (what it read and compared so
+	// far); compared: the bytes it read or compared by checksum. A
+	// reload returns before the hub hears of it.
+	hubRoot := func() hub.VolumeStatus {
+		for _, vm := range h.Status() {
+			for _, v := range vm.Volumes {
+				if v.Volume == "root0" {
+					return v
+				}
+			}
+		}
+		return hub.VolumeStatus{}
+	}
+	compared := func() uint64 {
+		v := hubRoot()
+		return v.RemoteReadBytes + v.CsumMatchedBytes + v.CsumDifferBytes
+	}
+	waitCompared := func(from uint64, what string) {
+		t.Helper()
+		for deadline := time.Now().Add(20 * time.Second); compared() < from+4<<20; time.Sleep(10 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: the hub compared %d bytes of root0, want the whole volume again (reason %q)", what, compared()-from, reason())
+			}
+		}
+	}
+	dev, err := d.m.Get("root")
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// Another table over the same data: compared by checksum, nothing
+	// read.
+	h0 := hubRoot()
+	if err := dev.Reload("0 4096 linear root.img 0\n4096 4096 linear root.img 4096"); err != nil {
+		t.Fatal(err)
+	}
+	waitCompared(h0.RemoteReadBytes+h0.CsumMatchedBytes+h0.CsumDifferBytes, "after a table reload over the same data")
+	waitReplicated(t, d, h, store, map[string]string{"root0": filepath.Join(dir, "root.img")})
+	if h1 := hubRoot(); h1.RemoteReadBytes != h0.RemoteReadBytes || h1.CsumMatchedBytes-h0.CsumMatchedBytes != 4<<20 {
+		t.Errorf("a table reload over the same data: the hub read %d bytes and found %d bytes equal by checksum; want 0 and the whole volume",
+			h1.RemoteReadBytes-h0.RemoteReadBytes, h1.CsumMatchedBytes-h0.CsumMatchedBytes)
+	}
+
+	// The device's table, over another image, reloaded under the export
+	// (as dmsetup reload and resume do; the export stays).
+	before := compared()
+	if err := dev.Reload("0 8192 linear other.img 0"); err != nil {
+		t.Fatal(err)
+	}
+	waitCompared(before, "after the table reload")
+	waitReplicated(t, d, h, store, map[string]string{"root0": filepath.Join(dir, "other.img")})
+	if r := reason(); !strings.Contains(r, "a table reload") {
+		t.Errorf("resync reason after the table reload: %q", r)
+	}
+
+	// The export, at another device.
+	writeConfig(t, dir, strings.Replace(fmt.Sprintf(reloadRepConfig, addr, "protect = true\n"), `device = "root"`, `device = "alt"`, 1)+
+		"\n[[device]]\nname = \"alt\"\ntable = \"0 8192 linear alt.img 0\"\n")
+	before = compared()
+	if err := d.reloadConfig(path); err != nil {
+		t.Fatal(err)
+	}
+	waitCompared(before, "after the export moved to another device")
+	waitReplicated(t, d, h, store, map[string]string{"root0": filepath.Join(dir, "alt.img")})
+	if r := reason(); !strings.Contains(r, "backing changed") {
+		t.Errorf("resync reason after the export moved to another device: %q", r)
+	}
+	if c := d.agent.Status().Connects; c != 1 {
+		t.Errorf("the agent connected %d times, want 1", c)
+	}
+}

@@ -387,6 +387,7 @@ func (s *exportSet) Add(o qmp.ExportOptions) error {
 		ro := s.d.repOpts[o.ID]
 		if ro.Protect {
 			ro.Backing = dev.Backing // what the hub's replica must be a copy of
+			ro.Reloads = dev.OnReload
 		}
 		if vdev, err = s.d.agent.Attach(o.ID, vdev, ro); err != nil {
 			return err

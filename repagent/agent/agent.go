@@ -137,6 +137,12 @@ type VolumeOptions struct {
 	// its back to the hub as changed: the hub resynchronises it by
 	// checksums (see backing.go).
 	Backing func() (mapper.Backing, error)
+	// Reloads, when set with Backing, registers fn to be called when
+	// the volume's device makes a new table live (its mapper device's
+	// OnReload; fn may be called with the device's locks held and only
+	// starts work of its own). A table that maps other storage, or maps
+	// it otherwise, marks the volume changed: the hub re-reads it.
+	Reloads func(fn func()) (cancel func())
 }
 
 // OnHubLoss is a volume's policy for writes past its fall-behind
@@ -439,8 +445,14 @@ type agentVolume struct {
 	// back ("" if not): reported to the hub (CHANGED) until it has
 	// acknowledged the initial DIRTY_MAP that answers such a report;
 	// changedMap marks the next initial DIRTY_MAP as that one.
-	changed    string
-	changedMap bool
+	changed      string
+	changedMap   bool
+	cancelReload func() // stops Reloads' calls; nil without
+	// changedAgain: v changed again (a table reload) while mirroring:
+	// the next report says so; changedMark: that report is out, and a
+	// DIRTY_MAP after it (whose acknowledgement says the hub saved its
+	// plan) is to be queued.
+	changedAgain, changedMark bool
 	// dirtySince is when the oldest region of the dirty bitmap became
 	// dirty (zero when empty), dirtyReason why the first one did.
 	dirtySince  time.Time
@@ -682,6 +694,9 @@ func (a *Agent) Attach(name string, dev Device, o VolumeOptions) (Device, error)
 	v.rl.init()
 	v.room = sync.NewCond(&a.mu)
 	a.attachActivity(v)
+	if a.backPath != "" && o.Protect && o.Backing != nil && o.Reloads != nil {
+		v.cancelReload = o.Reloads(func() { go a.backingReloaded(v) })
+	}
 	v.cancel = dev.OnResize(func(_, _ uint64) {
 		a.mu.Lock()
 		a.reported = false
@@ -739,6 +754,9 @@ func (a *Agent) detach(name string) bool {
 	}
 	if v.cancel != nil {
 		v.cancel()
+	}
+	if v.cancelReload != nil {
+		v.cancelReload()
 	}
 	a.reported = false
 	a.broadcast()
@@ -1400,8 +1418,9 @@ func (a *Agent) ack(seq uint64) {
 			if !it.write && it.msg != nil && a.al != nil {
 				a.alDirtyMapAcked(v, it)
 			}
-			if it.changed && v.changed != "" {
-				// The hub has recorded the resync durably.
+			if it.changed && v.changed != "" && !v.changedAgain && !v.changedMark {
+				// The hub has recorded the resync durably (and
+				// no later change waits for a report).
 				v.log.Info("the hub took the changed volume's resync", "why", v.changed)
 				v.changed = ""
 				a.backingTold(v.name)
@@ -1495,6 +1514,7 @@ func (a *Agent) disconnected() {
 		v.mirror = false
 		v.sync = false
 		v.overflowing = false
+		v.changedAgain, v.changedMark = false, false // the next connection's first report says it
 		a.endPacing(v)
 	}
 	a.queueBytes = 0
@@ -1569,7 +1589,7 @@ func (a *Agent) queueDirtyMap(v *agentVolume, initial bool) {
 		v.pend(it)
 		if len(exts) == 0 {
 			it.alFull, v.alFull = v.alFull, false
-			it.changed, v.changedMap = v.changedMap && initial, false
+			it.changed, v.changedMap = v.changedMap, false
 		}
 	}
 	a.broadcast()
@@ -1809,6 +1829,9 @@ type agentConn struct {
 	last       map[string]*agentVolume
 	reattached map[*agentVolume]bool
 	ids        map[uint64]bool
+	// told holds the volumes a report on this connection said changed
+	// (CHANGED) since they last changed; guarded by a.mu.
+	told map[*agentVolume]bool
 
 	// The sender's batch, reused (sendLoop). The other writers (c.w)
 	// flush under wmu: the socket has nothing of theirs buffered.
@@ -1893,7 +1916,8 @@ func (a *Agent) runConn(ctx context.Context) error {
 	}
 	c := &agentConn{a: a, nc: nc, log: a.log, w: wire.NewWriter(nc), r: wire.NewReader(nc, wire.MaxHelloPayload),
 		sem: make(chan struct{}, 32), bye: make(chan struct{}), done: make(chan struct{}),
-		named: map[string]bool{}, last: map[string]*agentVolume{}, reattached: map[*agentVolume]bool{}, ids: map[uint64]bool{}}
+		named: map[string]bool{}, last: map[string]*agentVolume{}, reattached: map[*agentVolume]bool{}, ids: map[uint64]bool{},
+		told: map[*agentVolume]bool{}}
 	switch nc.(type) {
 	case *net.TCPConn, *net.UnixConn:
 		c.rc = rawsock.New(nc)
@@ -2311,6 +2335,11 @@ func (c *agentConn) sendLoop() {
 		a.mu.Unlock()
 
 		err := c.writeBatch()
+		if report != nil && err == nil {
+			a.mu.Lock()
+			c.queueChangedMarks()
+			a.mu.Unlock()
+		}
 		a.putBufs(pooled) // written: the kernel has the bytes
 		clear(pooled)
 		c.pooled, c.spare = pooled[:0], items[:0]
@@ -2447,6 +2476,7 @@ func (c *agentConn) reportsLocked() (drop, report *wire.ReportVolumes) {
 		drop = a.reportLocked(replaced)
 	}
 	report = a.reportLocked(nil)
+	c.markChanged(report)
 	for v := range c.reattached {
 		if a.vols[v.name] != v {
 			delete(c.reattached, v) // detached
@@ -2475,8 +2505,7 @@ func (a *Agent) reportLocked(skip map[string]bool) *wire.ReportVolumes {
 		}
 		v := a.vols[n]
 		r.Volumes = append(r.Volumes, wire.VolumeInfo{Name: n, Sectors: v.dev.Size(), ReadOnly: v.dev.ReadOnly(),
-			Protect: v.opts.Protect, RemoteWrite: v.opts.AllowRemoteWrite,
-			Changed: v.opts.Protect && v.changed != "" && a.hubLevel >= 3})
+			Protect: v.opts.Protect, RemoteWrite: v.opts.AllowRemoteWrite})
 	}
 	return r
 }

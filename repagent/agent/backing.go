@@ -229,6 +229,123 @@ func (a *Agent) backingAttach(name string, o VolumeOptions) (string, error) {
 	return why, nil
 }
 
+// backingReloaded compares what v maps after its device made a new table
+// live with what it mapped: a table over other storage, or over the same
+// otherwise, marks v changed, and the whole volume goes to the hub as
+// dirty (it re-reads it; sequenced with the writes, so none is lost). The
+// mark is saved first: a crash before the hub has the dirty map resyncs
+// the volume at the next start.
+func (a *Agent) backingReloaded(v *agentVolume) {
+	cur, err := v.opts.Backing()
+	a.backMu.Lock()
+	was := a.backNow[v.name]
+	var why string
+	switch {
+	case err != nil:
+		why = fmt.Sprintf("a table reload: its backing cannot be told: %v", err)
+	case was == nil:
+		why = "a table reload: no record of its backing"
+	default:
+		if c := backingChange(was, cur); c != "" {
+			why = "a table reload: " + c
+		}
+	}
+	if why == "" {
+		a.backMu.Unlock()
+		return
+	}
+	nv := &backingVolume{Changed: why}
+	switch {
+	case err == nil:
+		nv.Table, nv.Files, nv.Opaque = hex.EncodeToString(cur.Table[:]), cur.Files, cur.Opaque
+	case was != nil:
+		nv.Table, nv.Files, nv.Opaque = was.Table, was.Files, was.Opaque
+	}
+	a.backNow[v.name] = nv
+	if err := a.saveBackingLocked(); err != nil {
+		a.log.Error("saving the backing record: a crash before the hub has re-read the volume may leave its replica stale", "path", a.backPath, "volume", v.name, "err", err)
+	}
+	a.backMu.Unlock()
+
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.vols[v.name] != v {
+		return // detached meanwhile
+	}
+	v.changed = why
+	v.log.Warn("a table reload changed what the protected volume maps: the hub re-reads it in full", "why", why,
+		"bytes", v.dev.Size()*wire.SectorSize)
+	switch {
+	case a.conn == nil:
+		// The next connection's first report says CHANGED.
+	case a.hubLevel >= 3:
+		// The next report says CHANGED (again, if one said it
+		// before the reload): the hub compares by checksum.
+		v.changedAgain = true
+		a.reported = false
+		a.broadcast()
+	case !v.mirror:
+		// The START_PROTECT with MIRROR to come resyncs it in full
+		// (changedResync).
+	default:
+		v.log.Warn("the hub speaks protocol level 2 or less: the changed volume is read again in full", "hub_level", a.hubLevel)
+		v.dirty.AddRange(0, wire.RegionCount(v.dev.Size(), a.cfg.RegionSectors))
+		v.noteDirty(time.Now(), "backing changed: "+why)
+		v.changedMap = true // its acknowledgement ends the change
+		a.queueDirtyMap(v, false)
+	}
+}
+
+// markChanged sets CHANGED in the report for the protected volumes whose
+// backing changed and that no report on this connection has said so for
+// since: the first report naming the volume, or the first after a table
+// reload changed it while it mirrored. a.mu held.
+func (c *agentConn) markChanged(r *wire.ReportVolumes) {
+	a := c.a
+	if a.hubLevel < 3 {
+		return
+	}
+	for i := range r.Volumes {
+		vi := &r.Volumes[i]
+		v := a.vols[vi.Name]
+		if v == nil || !vi.Protect || v.changed == "" || c.told[v] && !v.changedAgain {
+			continue
+		}
+		vi.Changed = true
+		c.told[v] = true
+		if v.changedAgain {
+			v.changedAgain = false
+			v.changedMark = true
+		}
+	}
+}
+
+// queueChangedMarks queues, after a report that said CHANGED for volumes
+// that mirror, a DIRTY_MAP for each: the hub read the report before it, so
+// its acknowledgement says that the hub has saved the resync the report
+// asked for. a.mu held.
+func (c *agentConn) queueChangedMarks() {
+	a := c.a
+	if a.conn != c {
+		return
+	}
+	for _, n := range a.order {
+		v := a.vols[n]
+		if !v.changedMark {
+			continue
+		}
+		v.changedMark = false
+		if !v.mirror {
+			continue // START_PROTECT will answer it (changedResync)
+		}
+		v.resync = ResyncInfo{Reason: "checksum resync: backing changed: " + v.changed, Bytes: v.dev.Size() * wire.SectorSize}
+		v.stats.ResyncRequests++
+		v.stats.ResyncBytes += v.resync.Bytes
+		v.changedMap = true
+		a.queueDirtyMap(v, false)
+	}
+}
+
 // backingStopped records that the daemon wrote name's files for the last
 // time (its export went, or the daemon is stopping): their sizes and
 // times now are what the next attach compares with. A file that is no

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/repagent/agent/actlog"
@@ -66,7 +67,7 @@ func (r *backingRig) start() (*Agent, string) {
 
 func (r *backingRig) attach(a *Agent) string {
 	r.t.Helper()
-	if _, err := a.Attach("v", r.dev, VolumeOptions{Protect: true, Backing: r.dev.Backing}); err != nil {
+	if _, err := a.Attach("v", r.dev, VolumeOptions{Protect: true, Backing: r.dev.Backing, Reloads: r.dev.OnReload}); err != nil {
 		r.t.Fatal(err)
 	}
 	a.mu.Lock()
@@ -169,6 +170,35 @@ func TestBackingChanges(t *testing.T) {
 	a.Detach("v")
 	r.write(0, "written while the export was gone")
 	wantChanged(t, "attach again after a write", r.attach(a), "v.img was written while vhostdm did not serve it")
+	r.stop(a) // the hub was not told: still changed at the next start
+	a, why = r.start()
+	wantChanged(t, "restart with the change untold", why, "v.img was written while vhostdm did not serve it")
+	a.clearChanged("v")
+	r.stop(a)
+
+	// A table reloaded under the attached volume, over another file:
+	// changed at once (and saved), whatever happens next.
+	a, why = r.start()
+	wantChanged(t, "restart after a clean stop", why, "")
+	if err := os.WriteFile(filepath.Join(r.dir, "w.img"), make([]byte, backingSize), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.dev.Reload("0 2048 linear w.img 0"); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		a.mu.Lock()
+		why = a.vols["v"].changed
+		a.mu.Unlock()
+		if why != "" || time.Now().After(deadline) {
+			break
+		}
+	}
+	wantChanged(t, "a table reload over another file", why, "a table reload: its table maps")
+	a.Abort()
+	a, why = r.start()
+	wantChanged(t, "restart after a crash that followed the reload", why, "a table reload: its table maps")
+	a.clearChanged("v")
 	r.stop(a)
 
 	// A record that cannot be read: every volume is taken as changed.

@@ -1733,6 +1733,11 @@ func (c *hubConn) report(m *wire.ReportVolumes) error {
 		}
 		v := c.vm.vols[vi.Name]
 		if v != nil && v.conn == c {
+			if v.mirror && vi.Protect && vi.Changed && v.sectors == vi.Sectors {
+				// A table reload re-pointed the mirrored volume.
+				c.changedInPlace(v)
+				continue
+			}
 			if v.sectors == vi.Sectors && v.mirror == vi.Protect {
 				continue
 			}
@@ -1945,6 +1950,36 @@ func (c *hubConn) resize(v *hubVolume, sectors uint64) error {
 		c.h.setState(v, StateSyncing, "full resync: size changed")
 	}
 	return nil
+}
+
+// changedInPlace resynchronises a mirrored volume whose data the agent
+// reports changed on this connection (a table reload re-pointed it): by
+// checksums when the replica is in sync and no other comparison is under
+// way, by reading every region otherwise. Regions being read are read
+// again: their data may predate the change. h.mu held.
+func (c *hubConn) changedInPlace(v *hubVolume) {
+	h := c.h
+	regions := wire.RegionCount(v.sectors, h.cfg.RegionSectors)
+	all := roaring.New()
+	all.AddRange(0, regions)
+	if !v.st.Synced || c.group || c.peerVersion < 2 || v.csum.busy() || !v.need.IsEmpty() {
+		v.log.Warn("the agent reports the volume's data changed (a table reload): reading it in full", "bytes", v.sectors*wire.SectorSize)
+		c.markNeed(v, all)
+		return
+	}
+	v.csum.init()
+	v.csum.need.Or(all)
+	v.stale.Or(v.inRead)
+	v.st.Seeded = true
+	v.st.CsumNeed = []wire.Extent{{Start: 0, Count: regions}}
+	v.syncTotal += regions
+	v.changed = true
+	c.mustSave = true
+	c.pending = true
+	v.log.Warn("the agent reports the volume's data changed (a table reload): comparing every region by checksum", "bytes", v.sectors*wire.SectorSize)
+	if v.state == StateProtecting {
+		h.setState(v, StateSyncing, "resync by checksums: the agent reports the volume's data changed (a table reload)")
+	}
 }
 
 // mirrored returns the mirrored volume of id or a protocol error.
