@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
@@ -36,6 +37,28 @@ func waitVolume(t *testing.T, p *hubProc, vol string, d time.Duration, fn func(h
 	}
 	t.Fatalf("volume %s: condition not met after %v: %+v", vol, d, last)
 	return last
+}
+
+// waitApplied polls a hub child's status until the replica images of vm
+// hold the VM's newest consistent point: the journal is applied.
+func waitApplied(t *testing.T, p *hubProc, vm string, d time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		st, err := p.status()
+		if err == nil {
+			for _, s := range st {
+				if j := s.Journal; s.VM == vm && j != nil && j.AppliedSeq >= j.ConsistentSeq && j.Bytes == 0 {
+					return
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			js, _ := json.Marshal(st)
+			t.Fatalf("vm %s: journal not applied after %v: %s %v", vm, d, js, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // cli runs a repagent-hub command in-process and returns its exit status
@@ -73,7 +96,9 @@ func TestFailbackCommands(t *testing.T) {
 		t.Fatalf("verify at B: exit %d: %s", code, out)
 	}
 	// A bit flipped in B's replica behind the hub's back: verify names
-	// the region and exits 3.
+	// the region and exits 3. (Once the journal is applied: the applier
+	// would otherwise write the initial sync's data over the flip.)
+	waitApplied(t, hubB, "vm1", 30*time.Second)
 	f, _ := os.OpenFile(filepath.Join(hubB.store, "vm1", "root.img"), os.O_RDWR, 0)
 	f.WriteAt([]byte{0xff}, 3*rb+77)
 	f.Close()
