@@ -399,7 +399,7 @@ type qitem struct {
 	extents         []wire.Extent
 	done            chan struct{} // closed on ack or disconnect; sync mode only
 	alFull          bool          // the DIRTY_MAP that ends a full resync the activity log asked for
-	changed         bool          // the initial DIRTY_MAP answering a report that said the volume changed
+	changed         bool          // a DIRTY_MAP whose acknowledgement ends the volume's change (agentVolume.changed)
 	// A PROTECTED_WRITE's frame lives in its item (msg points at pw):
 	// one allocation per write besides the pooled data buffer.
 	pw  wire.ProtectedWrite
@@ -443,15 +443,16 @@ type agentVolume struct {
 	resync   ResyncInfo // why the agent last asked for a resync
 	// changed is why the volume's backing changed behind the agent's
 	// back ("" if not): reported to the hub (CHANGED) until it has
-	// acknowledged the initial DIRTY_MAP that answers such a report;
-	// changedMap marks the next initial DIRTY_MAP as that one.
+	// acknowledged a DIRTY_MAP queued after such a report (sequence
+	// number changedAfter or later; see backing.go); changedMap marks
+	// the next DIRTY_MAP as one.
 	changed      string
 	changedMap   bool
+	changedAfter uint64
 	cancelReload func() // stops Reloads' calls; nil without
-	// changedAgain: v changed again (a table reload) while mirroring:
-	// the next report says so; changedMark: that report is out, and a
-	// DIRTY_MAP after it (whose acknowledgement says the hub saved its
-	// plan) is to be queued.
+	// changedAgain: v changed again (a table reload) since a report
+	// said so: the next report says it again; changedMark: that report
+	// is out while v mirrors, and a DIRTY_MAP after it is to be queued.
 	changedAgain, changedMark bool
 	// dirtySince is when the oldest region of the dirty bitmap became
 	// dirty (zero when empty), dirtyReason why the first one did.
@@ -1418,9 +1419,10 @@ func (a *Agent) ack(seq uint64) {
 			if !it.write && it.msg != nil && a.al != nil {
 				a.alDirtyMapAcked(v, it)
 			}
-			if it.changed && v.changed != "" && !v.changedAgain && !v.changedMark {
-				// The hub has recorded the resync durably (and
-				// no later change waits for a report).
+			if it.changed && v.changed != "" && !v.changedAgain && it.seq >= v.changedAfter {
+				// The hub read the report that said so before this
+				// frame and has recorded the resync durably; no
+				// later change waits for a report.
 				v.log.Info("the hub took the changed volume's resync", "why", v.changed)
 				v.changed = ""
 				a.backingTold(v.name)

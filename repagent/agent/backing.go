@@ -313,6 +313,7 @@ func (c *agentConn) markChanged(r *wire.ReportVolumes) {
 		}
 		vi.Changed = true
 		c.told[v] = true
+		v.changedAfter = a.nextSeq // frames queued from now on follow the report
 		if v.changedAgain {
 			v.changedAgain = false
 			v.changedMark = true
