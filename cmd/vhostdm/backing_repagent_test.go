@@ -53,6 +53,7 @@ func TestBackingWrittenWhileStopped(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	stop()
+	quiesceMirrored(t, qmpSock)
 	waitHubProtecting(t, h, images, child)
 	checkReplicas(t, h, store, images, volBytes)
 	child.stop(t)

@@ -139,6 +139,7 @@ func TestCrashResyncsActivityLogOnly(t *testing.T) {
 	if after := count(); after == 0 {
 		t.Fatalf("no write after the restart:\n%s", child.log)
 	}
+	quiesceMirrored(t, qmpSock)
 	// Only the activity log's extents are read back.
 	waitHubProtecting(t, h, images, child)
 	st, err := queryAgent(qmpSock)
@@ -291,6 +292,27 @@ func waitHubProtecting(t *testing.T, h *hub.Hub, images map[string]string, child
 			t.Fatalf("not protecting: hub %+v\nchild log:\n%s", got, child.log)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// quiesceMirrored waits until the agent on sock has mirrored the same
+// number of writes for 200 ms: writers stopped by startCrashWriters gave
+// up waiting for their last writes, which still land and are mirrored.
+func quiesceMirrored(t *testing.T, sock string) {
+	t.Helper()
+	for last := -1; ; time.Sleep(200 * time.Millisecond) {
+		st, err := queryAgent(sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := 0
+		for _, v := range st.Volumes {
+			n += int(v.Mirrored)
+		}
+		if n == last {
+			return
+		}
+		last = n
 	}
 }
 
