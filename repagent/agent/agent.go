@@ -1834,6 +1834,11 @@ type agentConn struct {
 	// told holds the volumes a report on this connection said changed
 	// (CHANGED) since they last changed; guarded by a.mu.
 	told map[*agentVolume]bool
+	// gen numbers the reports (level 3), firstGen is the report that
+	// first carried each volume: a START_PROTECT answering an earlier
+	// report was meant for a volume it replaced; guarded by a.mu.
+	gen      uint64
+	firstGen map[*agentVolume]uint64
 
 	// The sender's batch, reused (sendLoop). The other writers (c.w)
 	// flush under wmu: the socket has nothing of theirs buffered.
@@ -1919,7 +1924,7 @@ func (a *Agent) runConn(ctx context.Context) error {
 	c := &agentConn{a: a, nc: nc, log: a.log, w: wire.NewWriter(nc), r: wire.NewReader(nc, wire.MaxHelloPayload),
 		sem: make(chan struct{}, 32), bye: make(chan struct{}), done: make(chan struct{}),
 		named: map[string]bool{}, last: map[string]*agentVolume{}, reattached: map[*agentVolume]bool{}, ids: map[uint64]bool{},
-		told: map[*agentVolume]bool{}}
+		told: map[*agentVolume]bool{}, firstGen: map[*agentVolume]uint64{}}
 	switch nc.(type) {
 	case *net.TCPConn, *net.UnixConn:
 		c.rc = rawsock.New(nc)
@@ -2082,6 +2087,16 @@ func (c *agentConn) startProtect(m *wire.StartProtect) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	v := a.vols[m.Name]
+	if m.Gen > c.gen {
+		return wire.Malformed("%s: answers report %d, but %d were sent", m.Cmd(), m.Gen, c.gen)
+	}
+	if v != nil && m.Gen != 0 && m.Gen < c.firstGen[v] {
+		// It answers a report sent before this volume was attached:
+		// it was meant for the one this volume replaced.
+		c.ids[m.Volume] = true
+		c.log.Debug("START_PROTECT for the volume's predecessor ignored", "volume", m.Name, "id", m.Volume, "gen", m.Gen, "first_gen", c.firstGen[v])
+		return nil
+	}
 	if c.named[m.Name] {
 		c.ids[m.Volume] = true
 		if v == nil {
@@ -2478,6 +2493,19 @@ func (c *agentConn) reportsLocked() (drop, report *wire.ReportVolumes) {
 		drop = a.reportLocked(replaced)
 	}
 	report = a.reportLocked(nil)
+	if a.hubLevel >= 3 {
+		if drop != nil {
+			c.gen++
+			drop.Gen = c.gen
+		}
+		c.gen++
+		report.Gen = c.gen
+		for _, n := range a.order {
+			if v := a.vols[n]; c.firstGen[v] == 0 {
+				c.firstGen[v] = c.gen
+			}
+		}
+	}
 	c.markChanged(report)
 	for v := range c.reattached {
 		if a.vols[v.name] != v {

@@ -74,16 +74,7 @@ func TestStartProtectCrossesDetach(t *testing.T) {
 
 	// A name no report carried breaks the protocol.
 	send(&wire.StartProtect{Volume: 3, Name: "never"})
-	nc.SetReadDeadline(time.Now().Add(10 * time.Second))
-	for {
-		_, err := rd.ReadFrame()
-		if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
-			t.Fatal("START_PROTECT of a volume never reported: the agent kept the connection")
-		}
-		if err != nil {
-			break
-		}
-	}
+	waitClosed(t, nc, rd, "START_PROTECT of a volume never reported")
 	nc2, _, _ := accept()
 	nc2.Close()
 }
@@ -178,5 +169,82 @@ func TestDetachSendsQueuedWritesFirst(t *testing.T) {
 	}
 	if !reported {
 		t.Fatal("no report after the detach")
+	}
+}
+
+// TestStartProtectForPredecessor: with report generations (protocol level
+// 3) the agent tells which report a START_PROTECT answers. A protected
+// volume replaced (detached and attached again) while the hub was
+// answering the report that carried its predecessor gets that answer
+// first — with MIRROR — then its own: the first is ignored and the
+// volume mirrors under its own id. (Without generations the first made
+// it mirror under the predecessor's id, and its own then broke the
+// connection.)
+func TestStartProtectForPredecessor(t *testing.T) {
+	r := reptest.New(t)
+	a := r.AddVolume("a", 1<<20)
+	ln, accept := fakeHubLevel(t, wire.MaxVersion)
+	r.Addr = ln.Addr().String()
+	r.StartAgent(map[*reptest.Vol]agent.VolumeOptions{a: {Protect: true}})
+	nc, rd, rep := accept()
+	if rep.Gen == 0 || len(rep.Volumes) != 1 {
+		t.Fatalf("first report %+v: want a generation and volume a", rep)
+	}
+	first := rep.Gen
+	send := func(m wire.Message) { nc.Write(wire.AppendFrame(nil, m)) }
+
+	// The export is replaced before the hub answers the first report.
+	r.Agent.Detach("a")
+	if _, err := r.Agent.Attach("a", a.Dev, agent.VolumeOptions{Protect: true}); err != nil {
+		t.Fatal(err)
+	}
+	drop, ok := next(t, rd).(*wire.ReportVolumes)
+	if !ok || len(drop.Volumes) != 0 || drop.Gen <= first {
+		t.Fatalf("after the replacement: %+v, want a report without a, a later generation", drop)
+	}
+	again, ok := next(t, rd).(*wire.ReportVolumes)
+	if !ok || len(again.Volumes) != 1 || again.Gen <= drop.Gen {
+		t.Fatalf("then: %+v, want a report of a, a later generation", again)
+	}
+	// The hub's answers, in its order: the first report's, then the last's.
+	send(&wire.StartProtect{Volume: 1, Name: "a", Mirror: true, Gen: first})
+	send(&wire.StartProtect{Volume: 2, Name: "a", Mirror: true, Gen: again.Gen})
+	dm, ok := next(t, rd).(*wire.DirtyMap)
+	if !ok || !dm.Initial || dm.Volume != 2 {
+		t.Fatalf("first frame after the answers: %+v, want the initial DIRTY_MAP of volume id 2", dm)
+	}
+	// A remote read for the predecessor's id fails alone; the volume's
+	// own id is served.
+	send(&wire.RemoteIOReq{ID: 1, Volume: 1, Sector: 0, Sectors: 8})
+	if res, ok := next(t, rd).(*wire.RemoteIORes); !ok || res.ID != 1 || res.Status != wire.StatusIOError {
+		t.Fatalf("remote read under the predecessor's id: %+v, want an I/O error", res)
+	}
+	send(&wire.RemoteIOReq{ID: 2, Volume: 2, Sector: 0, Sectors: 8})
+	if res, ok := next(t, rd).(*wire.RemoteIORes); !ok || res.ID != 2 || res.Status != wire.StatusOK {
+		t.Fatalf("remote read under the volume's id: %+v", res)
+	}
+	// An answer to a report never sent breaks the protocol.
+	send(&wire.StartProtect{Volume: 3, Name: "a", Gen: again.Gen + 5})
+	waitClosed(t, nc, rd, "START_PROTECT answering a report never sent")
+	nc2, _, _ := accept()
+	nc2.Close()
+	if c := r.Agent.Status().Connects; c != 2 {
+		t.Errorf("the agent connected %d times, want 2 (the broken one, then again)", c)
+	}
+}
+
+// waitClosed reads the agent's frames until it closes the connection,
+// failing if it keeps it open for 10 s after what.
+func waitClosed(t *testing.T, nc net.Conn, rd *wire.Reader, what string) {
+	t.Helper()
+	nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	for {
+		_, err := rd.ReadFrame()
+		if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
+			t.Fatalf("%s: the agent kept the connection", what)
+		}
+		if err != nil {
+			return
+		}
 	}
 }

@@ -14,6 +14,11 @@ import (
 
 // fakeHub accepts one agent connection and answers its HELLO.
 func fakeHub(t *testing.T) (net.Listener, func() (net.Conn, *wire.Reader, *wire.ReportVolumes)) {
+	return fakeHubLevel(t, 1)
+}
+
+// fakeHubLevel is fakeHub answering HELLO with protocol level level.
+func fakeHubLevel(t *testing.T, level uint16) (net.Listener, func() (net.Conn, *wire.Reader, *wire.ReportVolumes)) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -30,7 +35,7 @@ func fakeHub(t *testing.T) (net.Listener, func() (net.Conn, *wire.Reader, *wire.
 		if m := next(t, r); m.Cmd() != wire.CmdHello {
 			t.Fatalf("first frame %s", m.Cmd())
 		}
-		nc.Write(wire.AppendFrame(nil, &wire.Hello{Reply: true, MaxVersion: 1, Name: "fake"}))
+		nc.Write(wire.AppendFrame(nil, &wire.Hello{Reply: true, MaxVersion: level, Name: "fake"}))
 		rep, ok := next(t, r).(*wire.ReportVolumes)
 		if !ok {
 			t.Fatalf("no volume report")

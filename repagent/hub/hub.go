@@ -842,6 +842,10 @@ type hubConn struct {
 
 	// peerVersion is the protocol level of the agent's HELLO.
 	peerVersion uint16
+	// reportGen is the generation of the agent's last report (level 3;
+	// 0 below), echoed in START_PROTECT so the agent can tell which
+	// report it answers (h.mu).
+	reportGen uint64
 	// csum holds outstanding CSUM_REQs (csum.go).
 	csum csumConn
 
@@ -1724,6 +1728,13 @@ func (c *hubConn) handle(f wire.Frame) error {
 func (c *hubConn) report(m *wire.ReportVolumes) error {
 	h := c.h
 	h.mu.Lock()
+	if m.Gen != 0 || c.reportGen != 0 {
+		if c.peerVersion < 3 || m.Gen <= c.reportGen {
+			h.mu.Unlock()
+			return c.bad("%s: generation %d after %d (agent level %d)", m.Cmd(), m.Gen, c.reportGen, c.peerVersion)
+		}
+	}
+	c.reportGen = m.Gen // what its START_PROTECTs answer
 	reported := map[string]bool{}
 	for _, vi := range m.Volumes {
 		reported[vi.Name] = true
@@ -1768,7 +1779,7 @@ func (c *hubConn) report(m *wire.ReportVolumes) error {
 		if !vi.Protect {
 			v.sectors = vi.Sectors
 			v.agentMirror = false // not protected at the agent
-			c.queueCtl(&wire.StartProtect{Volume: v.id, Name: v.name})
+			c.queueCtl(&wire.StartProtect{Volume: v.id, Name: v.name, Gen: c.reportGen})
 			continue
 		}
 		if err := c.protect(v, vi.Sectors); err != nil {
@@ -1802,7 +1813,7 @@ func (c *hubConn) startMirror(v *hubVolume) {
 	v.mirror = true
 	v.agentMirror = true
 	v.initialsOwed++
-	c.queueCtl(&wire.StartProtect{Volume: v.id, Name: v.name, Mirror: true})
+	c.queueCtl(&wire.StartProtect{Volume: v.id, Name: v.name, Mirror: true, Gen: c.reportGen})
 }
 
 // protect opens a volume's recovery file and decides what to resync;

@@ -54,3 +54,64 @@ func TestHubRefusesBadFrames(t *testing.T) {
 		t.Errorf("write past the end: connection kept")
 	}
 }
+
+// TestReportGenerations: an agent of protocol level 3 numbers its reports;
+// the hub's START_PROTECT names the report it answers, and a report whose
+// generation does not increase (or any generation from an agent below
+// level 3) closes the connection.
+func TestReportGenerations(t *testing.T) {
+	r := reptest.New(t)
+	r.StartHub()
+	dial := func(level uint16) (net.Conn, *wire.Reader, func(wire.Message)) {
+		nc, err := net.Dial("tcp", r.Addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { nc.Close() })
+		nc.SetDeadline(time.Now().Add(20 * time.Second))
+		send := func(m wire.Message) { nc.Write(wire.AppendFrame(nil, m)) }
+		send(&wire.Hello{MaxVersion: level, Session: 1, Name: "vm-gen"})
+		return nc, wire.NewReader(nc, 0), send
+	}
+	// nextCmd returns the next frame of the hub that is not HELLO or a
+	// heartbeat, or nil once the connection is closed.
+	nextCmd := func(rd *wire.Reader) wire.Message {
+		for {
+			f, err := rd.ReadFrame()
+			if err != nil {
+				return nil
+			}
+			m, err := wire.Decode(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c := m.Cmd(); c != wire.CmdHello && c != wire.CmdHeartbeat {
+				return m
+			}
+		}
+	}
+	_, rd, send := dial(3)
+	send(&wire.ReportVolumes{Gen: 4, Volumes: []wire.VolumeInfo{{Name: "disk", Sectors: 64}}})
+	if sp, ok := nextCmd(rd).(*wire.StartProtect); !ok || sp.Gen != 4 || sp.Name != "disk" {
+		t.Fatalf("answer to report 4: %+v", sp)
+	}
+	send(&wire.ReportVolumes{Gen: 9, Volumes: []wire.VolumeInfo{{Name: "disk", Sectors: 64}, {Name: "more", Sectors: 64}}})
+	if sp, ok := nextCmd(rd).(*wire.StartProtect); !ok || sp.Gen != 9 || sp.Name != "more" {
+		t.Fatalf("answer to report 9: %+v", sp)
+	}
+	send(&wire.ReportVolumes{Gen: 9, Volumes: []wire.VolumeInfo{{Name: "disk", Sectors: 64}}})
+	if m := nextCmd(rd); m != nil {
+		t.Fatalf("a report repeating generation 9: the hub answered %+v, want the connection closed", m)
+	}
+
+	_, rd, send = dial(2)
+	send(&wire.ReportVolumes{Gen: 1, Volumes: []wire.VolumeInfo{{Name: "disk", Sectors: 64}}})
+	if m := nextCmd(rd); m != nil {
+		t.Fatalf("a generation from a level-2 agent: the hub answered %+v, want the connection closed", m)
+	}
+	_, rd, send = dial(2)
+	send(&wire.ReportVolumes{Volumes: []wire.VolumeInfo{{Name: "disk", Sectors: 64}}})
+	if sp, ok := nextCmd(rd).(*wire.StartProtect); !ok || sp.Gen != 0 {
+		t.Fatalf("answer to a level-2 report: %+v, want generation 0", sp)
+	}
+}

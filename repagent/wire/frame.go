@@ -347,6 +347,9 @@ const (
 
 // ReportVolumes lists every volume the agent serves.
 type ReportVolumes struct {
+	// Gen (level 3, the header's seq) numbers the agent's reports on a
+	// connection, increasing; 0 to a hub below level 3.
+	Gen     uint64
 	Volumes []VolumeInfo
 }
 
@@ -356,6 +359,9 @@ type StartProtect struct {
 	Volume uint64 // > 0
 	Name   string
 	Mirror bool
+	// Gen (level 3, the header's seq) is the Gen of the report this
+	// answers; 0 when the hub does not say (a peer below level 3).
+	Gen uint64
 }
 
 // RemoteIOReq asks the agent to read or write a volume.
@@ -606,12 +612,12 @@ func (m *ReportVolumes) encode(b []byte) ([]byte, uint16, uint64, [][]byte) {
 		b = le.AppendUint32(b, f)
 		b = appendName(b, v.Name)
 	}
-	return b, 0, 0, nil
+	return b, 0, m.Gen, nil
 }
 
 func (m *StartProtect) encode(b []byte) ([]byte, uint16, uint64, [][]byte) {
 	b = le.AppendUint64(b, m.Volume)
-	return appendName(b, m.Name), flagIf(m.Mirror, FlagMirror), 0, nil
+	return appendName(b, m.Name), flagIf(m.Mirror, FlagMirror), m.Gen, nil
 }
 
 func (m *RemoteIOReq) encode(b []byte) ([]byte, uint16, uint64, [][]byte) {
@@ -874,7 +880,7 @@ func Decode(f Frame) (Message, error) {
 		if d.err == nil && n > MaxVolumes {
 			return nil, Malformed("%s: %d volumes, more than %d", f.Cmd, n, MaxVolumes)
 		}
-		m := &ReportVolumes{}
+		m := &ReportVolumes{Gen: f.Seq}
 		seen := map[string]bool{}
 		for i := uint32(0); i < n && d.err == nil; i++ {
 			v := VolumeInfo{Sectors: d.u64("sectors")}
@@ -902,7 +908,7 @@ func Decode(f Frame) (Message, error) {
 		}
 		return m, d.end()
 	case CmdStartProtect:
-		m := &StartProtect{Volume: d.u64("volume"), Mirror: f.Flags&FlagMirror != 0}
+		m := &StartProtect{Volume: d.u64("volume"), Mirror: f.Flags&FlagMirror != 0, Gen: f.Seq}
 		m.Name = d.name("volume name")
 		if d.err == nil && m.Volume == 0 {
 			return nil, Malformed("%s: volume id 0", f.Cmd)
@@ -1075,7 +1081,8 @@ func checkFrame(f Frame) error {
 		if f.Seq == 0 {
 			return Malformed("%s: sequence number 0", f.Cmd)
 		}
-	case CmdWriteAck:
+	case CmdWriteAck, CmdReportVolumes, CmdStartProtect:
+		// Any: an ack may be 0; a report generation 0 is "none".
 	default:
 		if f.Seq != 0 {
 			return Malformed("%s: sequence number %d, want 0", f.Cmd, f.Seq)
