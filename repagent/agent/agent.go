@@ -2090,12 +2090,16 @@ func (c *agentConn) startProtect(m *wire.StartProtect) error {
 	if m.Gen > c.gen {
 		return wire.Malformed("%s: answers report %d, but %d were sent", m.Cmd(), m.Gen, c.gen)
 	}
-	if v != nil && m.Gen != 0 && m.Gen < c.firstGen[v] {
-		// It answers a report sent before this volume was attached:
-		// it was meant for the one this volume replaced.
+	if g := c.firstGen[v]; v != nil && m.Gen != 0 && (g == 0 || m.Gen < g) && c.named[m.Name] {
+		// It answers a report sent before this volume was first
+		// reported (or it has not been yet): it was meant for the one
+		// this volume replaced.
 		c.ids[m.Volume] = true
 		c.log.Debug("START_PROTECT for the volume's predecessor ignored", "volume", m.Name, "id", m.Volume, "gen", m.Gen, "first_gen", c.firstGen[v])
 		return nil
+	}
+	if m.Gen != 0 && c.firstGen[v] == 0 {
+		return wire.Malformed("%s: volume %q was not reported", m.Cmd(), m.Name)
 	}
 	if c.named[m.Name] {
 		c.ids[m.Volume] = true
