@@ -130,13 +130,24 @@ func CheckBacking(logPath string) *BackingCheck {
 func fileChange(was, now mapper.BackingFile) string {
 	switch {
 	case !was.SameStorage(now):
-		return fmt.Sprintf("%s is another file than the one served before (device %d inode %d, was %d %d)", now.Path, now.Dev, now.Ino, was.Dev, was.Ino)
+		return otherFile(was, now)
 	case was.Unchanged(now):
 		return ""
 	default:
 		return fmt.Sprintf("%s was written while vhostdm did not serve it (size %d, modified %s; at the stop: %d, %s)",
 			now.Path, now.Size, now.Mtime.UTC().Format(time.RFC3339Nano), was.Size, was.Mtime.UTC().Format(time.RFC3339Nano))
 	}
+}
+
+// otherFile says that now is not the file was.
+func otherFile(was, now mapper.BackingFile) string {
+	return fmt.Sprintf("%s is another file than the one served before (device %d inode %d, was %d %d)", now.Path, now.Dev, now.Ino, was.Dev, was.Ino)
+}
+
+// newBackingVolume is the record of the backing b, changed for why ("" if
+// not).
+func newBackingVolume(b mapper.Backing, why string) *backingVolume {
+	return &backingVolume{Table: hex.EncodeToString(b.Table[:]), Files: b.Files, Opaque: b.Opaque, Changed: why}
 }
 
 // backingChange says how the backing cur differs in what it maps from
@@ -150,7 +161,7 @@ func backingChange(was *backingVolume, cur mapper.Backing) string {
 	}
 	for i, f := range cur.Files {
 		if !f.SameStorage(was.Files[i]) {
-			return fmt.Sprintf("%s is another file than the one served before (device %d inode %d, was %d %d)", f.Path, f.Dev, f.Ino, was.Files[i].Dev, was.Files[i].Ino)
+			return otherFile(was.Files[i], f)
 		}
 	}
 	if !slices.Equal(was.Opaque, cur.Opaque) {
@@ -211,7 +222,7 @@ func (a *Agent) backingAttach(name string, o VolumeOptions) (string, error) {
 			}
 		}
 	}
-	now := &backingVolume{Table: hex.EncodeToString(cur.Table[:]), Files: cur.Files, Opaque: cur.Opaque, Changed: why}
+	now := newBackingVolume(cur, why)
 	if a.backSeen == nil {
 		a.backSeen = map[string]bool{}
 	}
@@ -254,12 +265,13 @@ func (a *Agent) backingReloaded(v *agentVolume) {
 		a.backMu.Unlock()
 		return
 	}
-	nv := &backingVolume{Changed: why}
-	switch {
-	case err == nil:
-		nv.Table, nv.Files, nv.Opaque = hex.EncodeToString(cur.Table[:]), cur.Files, cur.Opaque
-	case was != nil:
-		nv.Table, nv.Files, nv.Opaque = was.Table, was.Files, was.Opaque
+	nv := newBackingVolume(cur, why)
+	if err != nil {
+		// Keep what was known of it.
+		nv = &backingVolume{Changed: why}
+		if was != nil {
+			nv.Table, nv.Files, nv.Opaque = was.Table, was.Files, was.Opaque
+		}
 	}
 	a.backNow[v.name] = nv
 	if err := a.saveBackingLocked(); err != nil {
@@ -339,9 +351,7 @@ func (c *agentConn) queueChangedMarks() {
 		if !v.mirror {
 			continue // START_PROTECT will answer it (changedResync)
 		}
-		v.resync = ResyncInfo{Reason: "checksum resync: backing changed: " + v.changed, Bytes: v.dev.Size() * wire.SectorSize}
-		v.stats.ResyncRequests++
-		v.stats.ResyncBytes += v.resync.Bytes
+		v.noteChecksumResync()
 		v.changedMap = true
 		a.queueDirtyMap(v, false)
 	}
@@ -463,9 +473,15 @@ func (c *agentConn) changedResync(v *agentVolume) {
 	} else {
 		v.log.Warn("the volume's backing changed: the hub compares every region by checksum and copies those that differ",
 			"why", v.changed, "bytes", size)
-		v.resync = ResyncInfo{Reason: "checksum resync: backing changed: " + v.changed, Bytes: size}
-		v.stats.ResyncRequests++
-		v.stats.ResyncBytes += size
+		v.noteChecksumResync()
 	}
 	v.changedMap = true
+}
+
+// noteChecksumResync records that the hub compares the whole of v, whose
+// backing changed, by checksum; a.mu held.
+func (v *agentVolume) noteChecksumResync() {
+	v.resync = ResyncInfo{Reason: "checksum resync: backing changed: " + v.changed, Bytes: v.dev.Size() * wire.SectorSize}
+	v.stats.ResyncRequests++
+	v.stats.ResyncBytes += v.resync.Bytes
 }

@@ -292,13 +292,19 @@ func (c *hubConn) csumPlan(v *hubVolume, full, fresh, changed bool, reason strin
 		wire.AddExtents(v.csum.need, v.st.CsumNeed, v.st.RegionSectors, c.h.cfg.RegionSectors, regions)
 		return false, "checksum resync of a seeded replica: only regions whose checksums differ are read"
 	}
+	csumAll(v, regions)
+	return false, reason + " (by checksums: only regions whose checksums differ are read)"
+}
+
+// csumAll plans the comparison of every one of v's regions by checksum.
+// The replica holds data to compare with until the resync completes; the
+// state is saved with every region still to compare, so that a hub that
+// restarts before its first checkpoint compares them all. h.mu held.
+func csumAll(v *hubVolume, regions uint64) {
+	v.csum.init()
 	v.csum.need.AddRange(0, regions)
-	// The replica holds data to compare with until the resync
-	// completes; saved with every region still to compare, so that a
-	// hub that restarts before its first checkpoint compares them all.
 	v.st.Seeded = true
 	v.st.CsumNeed = []wire.Extent{{Start: 0, Count: regions}}
-	return false, reason + " (by checksums: only regions whose checksums differ are read)"
 }
 
 // csumPump issues checksum requests of v's checksum resync; h.mu held,

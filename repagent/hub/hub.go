@@ -1971,18 +1971,15 @@ func (c *hubConn) resize(v *hubVolume, sectors uint64) error {
 func (c *hubConn) changedInPlace(v *hubVolume) {
 	h := c.h
 	regions := wire.RegionCount(v.sectors, h.cfg.RegionSectors)
-	all := roaring.New()
-	all.AddRange(0, regions)
 	if !v.st.Synced || c.group || c.peerVersion < 2 || v.csum.busy() || !v.need.IsEmpty() {
 		v.log.Warn("the agent reports the volume's data changed (a table reload): reading it in full", "bytes", v.sectors*wire.SectorSize)
+		all := roaring.New()
+		all.AddRange(0, regions)
 		c.markNeed(v, all)
 		return
 	}
-	v.csum.init()
-	v.csum.need.Or(all)
+	csumAll(v, regions)
 	v.stale.Or(v.inRead)
-	v.st.Seeded = true
-	v.st.CsumNeed = []wire.Extent{{Start: 0, Count: regions}}
 	v.syncTotal += regions
 	v.changed = true
 	c.mustSave = true
