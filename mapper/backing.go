@@ -5,7 +5,10 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io/fs"
+	"os"
 	"slices"
+	"strconv"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -38,13 +41,22 @@ type BackingFile struct {
 	// device has Block set, Dev its device number (st_rdev) and Ino 0.
 	Dev, Ino uint64
 	Block    bool
-	// Size is a regular file's size in bytes; Mtime and Ctime its last
-	// modification and status change. A write to the file moves both;
-	// only Ctime cannot be set back from user space. A block device's
-	// node does not change when the device is written: for one, only a
-	// change of device shows.
-	Size         int64
+	// Size is the file's or block device's size in bytes.
+	Size int64
+	// Mtime and Ctime are a regular file's last modification and
+	// status change. A write to the file moves both; only Ctime cannot
+	// be set back from user space.
 	Mtime, Ctime time.Time
+	// Written is a block device's count of 512-byte sectors written and
+	// discarded since the host started, as the kernel's I/O statistics
+	// give it (/sys/dev/block/MAJ:MIN/stat), and Boot the host's boot
+	// identifier (/proc/sys/kernel/random/boot_id) when it was read.
+	// Every write to the device moves the count, whoever makes it and
+	// through whichever node, but a restart of the host starts it again;
+	// a block device's node keeps its times when the device is written.
+	// Boot is empty where the count cannot be read.
+	Written uint64 `json:",omitempty"`
+	Boot    string `json:",omitempty"`
 }
 
 // SameStorage reports whether f and g are the same file or block device.
@@ -52,10 +64,21 @@ func (f BackingFile) SameStorage(g BackingFile) bool {
 	return f.Dev == g.Dev && f.Ino == g.Ino && f.Block == g.Block
 }
 
+// Comparable reports whether f and g, two looks at the same storage, can
+// tell whether it was written in between: always for a regular file; for
+// a block device only within one run of the host, whose write count they
+// both hold.
+func (f BackingFile) Comparable(g BackingFile) bool {
+	return !f.Block || f.Boot != "" && f.Boot == g.Boot
+}
+
 // Unchanged reports whether f and g are the same storage with the same
-// size and times: nothing wrote a regular file between the two looks.
+// size and, for a regular file, the same times, for a block device the
+// same write count: nothing wrote it between the two looks (which must be
+// Comparable).
 func (f BackingFile) Unchanged(g BackingFile) bool {
-	return f.SameStorage(g) && f.Size == g.Size && f.Mtime.Equal(g.Mtime) && f.Ctime.Equal(g.Ctime)
+	return f.SameStorage(g) && f.Size == g.Size && f.Mtime.Equal(g.Mtime) && f.Ctime.Equal(g.Ctime) &&
+		f.Written == g.Written && f.Boot == g.Boot
 }
 
 // Backing returns what d's live table maps now; the files are looked at
@@ -142,10 +165,59 @@ func backingFileOf(path string, st *unix.Stat_t) BackingFile {
 	f := BackingFile{Path: path, Dev: uint64(st.Dev), Ino: st.Ino}
 	if st.Mode&unix.S_IFMT == unix.S_IFBLK {
 		f.Block, f.Dev, f.Ino = true, uint64(st.Rdev), 0
+		f.Size, f.Written, f.Boot = blockCounts(st.Rdev)
 		return f
 	}
 	f.Size = st.Size
 	f.Mtime = time.Unix(st.Mtim.Unix())
 	f.Ctime = time.Unix(st.Ctim.Unix())
 	return f
+}
+
+// Where blockCounts reads.
+const (
+	sysBlock = "/sys/dev/block"
+	bootID   = "/proc/sys/kernel/random/boot_id"
+)
+
+// blockCounts returns the size in bytes of the block device rdev, the
+// sectors written to and discarded from it since the host started, and
+// the host's boot identifier; boot is "" when the counts cannot be read
+// (no sysfs, a kernel without the statistics).
+func blockCounts(rdev uint64) (size int64, written uint64, boot string) {
+	dir := fmt.Sprintf("%s/%d:%d", sysBlock, unix.Major(rdev), unix.Minor(rdev))
+	b, err := os.ReadFile(dir + "/stat")
+	if err != nil {
+		return 0, 0, ""
+	}
+	// Documentation/block/stat.rst: field 7 is the sectors written, 14
+	// (Linux 4.18 and later) the sectors discarded. Write-zeroes count
+	// as writes.
+	fields := strings.Fields(string(b))
+	if len(fields) < 7 {
+		return 0, 0, ""
+	}
+	for _, i := range []int{6, 13} {
+		if i >= len(fields) {
+			break
+		}
+		n, err := strconv.ParseUint(fields[i], 10, 64)
+		if err != nil {
+			return 0, 0, ""
+		}
+		written += n
+	}
+	sb, err := os.ReadFile(dir + "/size")
+	if err != nil {
+		return 0, 0, ""
+	}
+	sectors, err := strconv.ParseInt(strings.TrimSpace(string(sb)), 10, 64)
+	if err != nil {
+		return 0, 0, ""
+	}
+	id, err := os.ReadFile(bootID)
+	if err != nil {
+		return 0, 0, ""
+	}
+	return sectors * 512, written, strings.TrimSpace(string(id))
 }

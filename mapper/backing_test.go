@@ -1,11 +1,14 @@
 package mapper_test
 
 import (
+	"bytes"
 	"os"
 	"path/filepath"
 	"slices"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/mapper/mappertest"
@@ -88,5 +91,76 @@ func TestBacking(t *testing.T) {
 	}
 	if !now.SameStorage(b.Files[0]) || now.Unchanged(b.Files[0]) {
 		t.Errorf("after a write: %+v against %+v: want the same storage, changed", now, b.Files[0])
+	}
+}
+
+// TestBackingBlockDevice: a block device's backing holds its size and the
+// kernel's count of the sectors written to it; a write by another program
+// through another node of the device moves the count, a read does not, and the same host's boot identifier
+// makes two looks comparable.
+func TestBackingBlockDevice(t *testing.T) {
+	const size = 4 << 20
+	d := blockDevice(t, size, mapper.CacheWriteback)
+	b, err := d.Backing()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(b.Files) != 1 {
+		t.Fatalf("files %+v, want the loop device", b.Files)
+	}
+	was := b.Files[0]
+	if !was.Block || was.Size != size || was.Boot == "" || was.Ino != 0 {
+		t.Fatalf("backing of the loop device: %+v, want a block device of %d bytes with a boot identifier", was, size)
+	}
+	look := func() mapper.BackingFile {
+		t.Helper()
+		f, err := mapper.StatBacking(was.Path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !f.SameStorage(was) || !f.Comparable(was) {
+			t.Fatalf("a second look %+v is not comparable with %+v", f, was)
+		}
+		return f
+	}
+	if now := look(); !now.Unchanged(was) {
+		t.Fatalf("nothing written, yet the device changed: %+v, was %+v", now, was)
+	}
+
+	// A read leaves the count.
+	buf := make([]byte, 64<<10)
+	if err := d.Submit(&mapper.Request{Op: mapper.OpRead, Sector: 0, Sectors: 128, Data: [][]byte{buf}}); err != nil {
+		t.Fatal(err)
+	}
+	if now := look(); !now.Unchanged(was) {
+		t.Errorf("a read changed the device: %+v, was %+v", now, was)
+	}
+
+	// Another program writes 64 KiB through a node of its own.
+	node := filepath.Join(t.TempDir(), "node")
+	if err := unix.Mknod(node, unix.S_IFBLK|0o600, int(was.Dev)); err != nil {
+		t.Fatalf("mknod (needs root): %v", err)
+	}
+	f, err := os.OpenFile(node, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(bytes.Repeat([]byte{7}, 64<<10), 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	now := look()
+	if now.Unchanged(was) || now.Written-was.Written < 128 {
+		t.Errorf("after 128 sectors written the count moved from %d to %d", was.Written, now.Written)
+	}
+
+	// Another host run: not comparable.
+	other := was
+	other.Boot = "another boot"
+	if other.Comparable(now) || now.Comparable(other) {
+		t.Error("looks from two runs of the host are comparable")
 	}
 }

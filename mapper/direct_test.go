@@ -13,6 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/vhostdm/vhostdm/internal/looptest"
 	"github.com/vhostdm/vhostdm/mapper"
 )
 
@@ -115,7 +116,7 @@ func TestDirect4KLogicalBlocks(t *testing.T) {
 	if err := os.Truncate(img, 4<<20); err != nil {
 		t.Fatal(err)
 	}
-	dev := loopDevice(t, img, 4096)
+	dev := looptest.Attach(t, img, 4096)
 	m := mapper.NewManager(mapper.ManagerOptions{Logger: discard()})
 	t.Cleanup(func() { m.Close() })
 	d, err := m.CreateTableWith("d4k", "", mapper.DeviceOptions{Cache: mapper.CacheNone}, fmt.Sprintf("0 8192 linear %s 0", dev))

@@ -4,13 +4,12 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/vhostdm/vhostdm/internal/looptest"
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/mapper/mappertest"
 	_ "github.com/vhostdm/vhostdm/targets"
@@ -100,20 +99,6 @@ func (r *results) waitUntil(tag uint64, deadline time.Time) (ok bool, err error)
 	}
 }
 
-// loopDevice attaches the file at path to a loop device with the given
-// logical block size and returns its node. It needs root and losetup
-// (util-linux).
-func loopDevice(t testing.TB, path string, sectorSize int) string {
-	t.Helper()
-	out, err := exec.Command("losetup", "-f", "--show", "--sector-size", fmt.Sprint(sectorSize), path).CombinedOutput()
-	if err != nil {
-		t.Fatalf("losetup (util-linux; run as root with loop devices): %v: %s", err, out)
-	}
-	dev := strings.TrimSpace(string(out))
-	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
-	return dev
-}
-
 // blockDevice makes a device of one linear line over a loop device on a
 // fresh file of size bytes, with cache mode cache.
 func blockDevice(t testing.TB, size int64, cache mapper.CacheMode) *mapper.Device {
@@ -125,7 +110,7 @@ func blockDevice(t testing.TB, size int64, cache mapper.CacheMode) *mapper.Devic
 	if err := os.Truncate(path, size); err != nil {
 		t.Fatal(err)
 	}
-	dev := loopDevice(t, path, 512)
+	dev := looptest.Attach(t, path, 512)
 	m := mapper.NewManager(mapper.ManagerOptions{Logger: discard()})
 	t.Cleanup(func() { m.Close() })
 	d, err := m.CreateTableWith("b", "", mapper.DeviceOptions{Cache: cache}, fmt.Sprintf("0 %d linear %s 0\n", size/512, dev))

@@ -4,13 +4,13 @@ import (
 	"bytes"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/vhostdm/vhostdm/internal/looptest"
 	"github.com/vhostdm/vhostdm/mapper"
 )
 
@@ -24,12 +24,7 @@ func loopDevice(t *testing.T, size int64) (string, string) {
 	if err := os.Rename(sparse, img); err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command("losetup", "-f", "--show", img).CombinedOutput()
-	if err != nil {
-		t.Fatalf("losetup (run as root on a machine with loop devices): %v: %s", err, out)
-	}
-	dev := strings.TrimSpace(string(out))
-	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
+	dev := looptest.Attach(t, img, 512)
 	var st unix.Stat_t
 	if err := unix.Stat(dev, &st); err != nil {
 		t.Fatal(err)

@@ -6,12 +6,12 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 
+	"github.com/vhostdm/vhostdm/internal/looptest"
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/vhost/frontend"
 )
@@ -49,12 +49,7 @@ func TestEngineDirectBlockDevice(t *testing.T) {
 	if err := os.Truncate(img, 8<<20); err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command("losetup", "-f", "--show", img).CombinedOutput()
-	if err != nil {
-		t.Fatalf("losetup (util-linux; run as root with loop devices): %v: %s", err, out)
-	}
-	loop := strings.TrimSpace(string(out))
-	t.Cleanup(func() { exec.Command("losetup", "-d", loop).Run() })
+	loop := looptest.Attach(t, img, 512)
 
 	var logs logBuffer
 	log := slog.New(slog.NewTextHandler(&logs, nil))

@@ -9,6 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
+	"github.com/vhostdm/vhostdm/internal/looptest"
 	"github.com/vhostdm/vhostdm/internal/reptest"
 	"github.com/vhostdm/vhostdm/repagent/hub"
 )
@@ -22,7 +25,17 @@ import (
 // compares every region by checksum and reads exactly those that differ;
 // the untouched volume moves nothing, and replicas end identical. A
 // restart with nothing written moves nothing.
-func TestBackingWrittenWhileStopped(t *testing.T) {
+func TestBackingWrittenWhileStopped(t *testing.T) { testBackingWrittenWhileStopped(t, false) }
+
+// TestBackingBlockDeviceWrittenWhileStopped is TestBackingWrittenWhileStopped
+// with the volumes on block devices (loop devices), whose nodes keep their
+// times when written: the agent counts the device's writes as the kernel
+// does. The restart with nothing written shows that the daemon's own
+// buffered writes, written back after it closed the devices, are not taken
+// for another program's.
+func TestBackingBlockDeviceWrittenWhileStopped(t *testing.T) { testBackingWrittenWhileStopped(t, true) }
+
+func testBackingWrittenWhileStopped(t *testing.T, block bool) {
 	const (
 		volBytes = 16 << 20
 		region   = 64 << 10 // the default dirty-map region
@@ -30,12 +43,38 @@ func TestBackingWrittenWhileStopped(t *testing.T) {
 	dir := t.TempDir()
 	store := filepath.Join(dir, "store")
 	h, addr := startTestHub(t, store)
-	for _, n := range []string{"a.img", "b.img"} {
-		sparse(t, filepath.Join(dir, n), volBytes)
+	// files: the images, in dir; images: where the volumes are written
+	// and read (the files, or the loop devices over them).
+	files, images := map[string]string{}, map[string]string{}
+	text := fmt.Sprintf(crashRepConfig, addr, 6, volBytes/512, volBytes/512)
+	for vol, n := range map[string]string{"a0": "a.img", "b0": "b.img"} {
+		path := filepath.Join(dir, n)
+		sparse(t, path, volBytes)
+		files[vol], images[vol] = path, path
+		if block {
+			// The tables name the loop devices; the images are read
+			// back through them (their page cache is the device's).
+			images[vol] = looptest.Attach(t, path, 512)
+			text = strings.Replace(text, "linear "+n, "linear "+images[vol], 1)
+			// Another program holds the device open: the daemon's
+			// close is not the last one, which would write the
+			// device's page cache back by itself.
+			f, err := os.Open(images[vol])
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { f.Close() })
+		}
 	}
-	cfg := writeConfig(t, dir, fmt.Sprintf(crashRepConfig, addr, 6, volBytes/512, volBytes/512))
+	// flusher writes back what a stopped daemon left in the page cache,
+	// as the kernel's flusher threads would before the next start.
+	flusher := func() {
+		if block {
+			unix.Sync()
+		}
+	}
+	cfg := writeConfig(t, dir, text)
 	qmpSock := filepath.Join(dir, "qmp.sock")
-	images := map[string]string{"a0": filepath.Join(dir, "a.img"), "b0": filepath.Join(dir, "b.img")}
 	volume := func(st agentStatus, name string) agentVolumeStatus {
 		for _, v := range st.Volumes {
 			if v.Volume == name {
@@ -47,14 +86,14 @@ func TestBackingWrittenWhileStopped(t *testing.T) {
 	}
 
 	child := startChild(t, cfg)
-	waitHubProtecting(t, h, images, child)
+	waitHubProtecting(t, h, files, child)
 	stop, count := startCrashWriters(t, dir, volBytes, 7)
 	for deadline := time.Now().Add(15 * time.Second); count() < 100 && time.Now().Before(deadline); {
 		time.Sleep(20 * time.Millisecond)
 	}
 	stop()
 	quiesceMirrored(t, qmpSock)
-	waitHubProtecting(t, h, images, child)
+	waitHubProtecting(t, h, files, child)
 	checkReplicas(t, h, store, images, volBytes)
 	child.stop(t)
 
@@ -78,7 +117,7 @@ func TestBackingWrittenWhileStopped(t *testing.T) {
 		}
 	}
 
-	// Another program writes three regions of a.img.
+	// Another program writes three regions of a0's image or device.
 	f, err := os.OpenFile(images["a0"], os.O_WRONLY, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -89,20 +128,24 @@ func TestBackingWrittenWhileStopped(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
 	if err := f.Close(); err != nil {
 		t.Fatal(err)
 	}
 
+	flusher()
 	child = startChild(t, cfg)
-	waitHubProtecting(t, h, images, child)
+	waitHubProtecting(t, h, files, child)
 	st, err := queryAgent(qmpSock)
 	if err != nil {
 		t.Fatal(err)
 	}
 	a, bv := volume(st, "a0"), volume(st, "b0")
 	t.Logf("a0: resync %q, %d bytes planned, hub read %d bytes; b0: %q, %d, %d", a.ResyncReason, a.ResyncBytes, a.RemoteBytes, bv.ResyncReason, bv.ResyncBytes, bv.RemoteBytes)
-	if !strings.Contains(a.ResyncReason, "backing changed") || !strings.Contains(a.ResyncReason, "a.img was written while vhostdm did not serve it") {
-		t.Errorf("a0's resync reason %q does not say that a.img was written while stopped", a.ResyncReason)
+	if written := images["a0"] + " was written while vhostdm did not serve it"; !strings.Contains(a.ResyncReason, "backing changed") || !strings.Contains(a.ResyncReason, written) {
+		t.Errorf("a0's resync reason %q does not say that %s was written while stopped", a.ResyncReason, images["a0"])
 	}
 	if want := uint64(len(offs) * region); a.RemoteBytes != want {
 		t.Errorf("the hub read %d bytes of a0, want exactly the %d written behind the agent's back", a.RemoteBytes, want)
@@ -122,11 +165,21 @@ func TestBackingWrittenWhileStopped(t *testing.T) {
 		t.Errorf("the hub's checksum resync of a0: %d bytes differ, %d match; want %d and %d", hv.CsumDifferBytes, hv.CsumMatchedBytes, want, volBytes-want)
 	}
 	checkReplicas(t, h, store, images, volBytes)
+	// The daemon's own writes, the last of them still in the page cache
+	// when it stops, are not another program's.
+	stop, count = startCrashWriters(t, dir, volBytes, 8)
+	for deadline := time.Now().Add(15 * time.Second); count() < 100 && time.Now().Before(deadline); {
+		time.Sleep(20 * time.Millisecond)
+	}
+	stop()
+	quiesceMirrored(t, qmpSock)
+	waitHubProtecting(t, h, files, child)
 	child.stop(t)
 
 	// Nothing written while stopped: nothing moves.
+	flusher()
 	child = startChild(t, cfg)
-	waitHubProtecting(t, h, images, child)
+	waitHubProtecting(t, h, files, child)
 	wantNoResync(t, qmpSock, "with nothing written while stopped")
 	checkReplicas(t, h, store, images, volBytes)
 }

@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/vhostdm/vhostdm/config"
+	"github.com/vhostdm/vhostdm/internal/looptest"
 )
 
 // TestValidateDirectRefused: a cache = "none" device over a file on
@@ -48,12 +49,7 @@ func TestServeDirectBlockSize(t *testing.T) {
 	dir := t.TempDir()
 	img := filepath.Join(dir, "disk.img")
 	sparse(t, img, 4<<20)
-	out, err := exec.Command("losetup", "-f", "--show", "--sector-size", "4096", img).CombinedOutput()
-	if err != nil {
-		t.Fatalf("losetup --sector-size 4096 (util-linux; run as root with loop devices): %v: %s", err, out)
-	}
-	loop := strings.TrimSpace(string(out))
-	t.Cleanup(func() { exec.Command("losetup", "-d", loop).Run() })
+	loop := looptest.Attach(t, img, 4096)
 	text := fmt.Sprintf("[[device]]\nname = \"d\"\ncache = \"none\"\ntable = \"0 8192 linear %s 0\"\n[[export]]\nid = \"e\"\ndevice = \"d\"\nsocket = \"e.sock\"\nwritable = true\n", loop)
 	c, err := config.Load(writeConfig(t, dir, text))
 	if err != nil {

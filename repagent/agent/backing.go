@@ -33,11 +33,18 @@ import (
 // record until the hub has acknowledged the DIRTY_MAP that answers it, so
 // a crash in between loses nothing.
 //
-// What is not seen: a write to a block device (its node's times do not
-// move), a write made while the daemon ran or after a crash of it (its
-// own writes move the times too; only a change of file or table shows
-// then), and backends of other kinds (rbd:). `repagent-hub verify` finds
-// those differences.
+// A block device's node keeps its times when the device is written; for
+// one the record holds the kernel's count of sectors written to it and
+// discarded (mapper.BackingFile.Written), taken once the daemon's writes
+// to it are on the device (settleBlock).
+//
+// What is not seen: a block device written while the host was restarted
+// in between (the kernel's count starts again), a partition or logical
+// volume written through the disk beneath it (the count is the node's
+// own), a write made while the daemon ran or after a crash of it (its
+// own writes move the times and counts too; only a change of file or
+// table shows then), and backends of other kinds (rbd:). `repagent-hub
+// verify` finds those differences.
 
 // backingVolume is what the agent keeps of one protected volume's
 // backing.
@@ -74,6 +81,7 @@ type BackingCheck struct {
 	rec      *backingRecord    // nil: no record could be read
 	why      string            // why rec is nil
 	modified map[string]string // volume name → how its files changed
+	unknown  map[string]string // volume name → why writes to its block devices cannot be told
 }
 
 // CheckBacking reads the backing record kept beside the activity log at
@@ -98,7 +106,7 @@ func CheckBacking(logPath string) *BackingCheck {
 	if rec.Volumes == nil {
 		rec.Volumes = map[string]*backingVolume{}
 	}
-	c := &BackingCheck{rec: &rec, modified: map[string]string{}}
+	c := &BackingCheck{rec: &rec, modified: map[string]string{}, unknown: map[string]string{}}
 	for name, bv := range rec.Volumes {
 		if bv == nil {
 			delete(rec.Volumes, name)
@@ -108,9 +116,6 @@ func CheckBacking(logPath string) *BackingCheck {
 			continue
 		}
 		for _, f := range bv.Files {
-			if f.Block {
-				continue
-			}
 			now, err := mapper.StatBacking(f.Path)
 			if err != nil {
 				c.modified[name] = err.Error()
@@ -120,19 +125,38 @@ func CheckBacking(logPath string) *BackingCheck {
 				c.modified[name] = why
 				break
 			}
+			if f.SameStorage(now) && !f.Comparable(now) && c.unknown[name] == "" {
+				c.unknown[name] = uncountable(f, now)
+			}
 		}
 	}
 	return c
 }
 
+// uncountable says why the writes to the block device now, the one was
+// describes, cannot be told.
+func uncountable(was, now mapper.BackingFile) string {
+	switch {
+	case now.Boot == "":
+		return fmt.Sprintf("the kernel's count of the writes to block device %s cannot be read (/sys/dev/block)", now.Path)
+	case was.Boot == "":
+		return fmt.Sprintf("the record holds no count of the writes to block device %s (an older vhostdm made it, or /sys/dev/block could not be read)", now.Path)
+	}
+	return fmt.Sprintf("the host restarted since vhostdm stopped writing block device %s: the kernel's count of its writes started again", now.Path)
+}
+
 // fileChange says how now differs from was, the same file looked at after
-// the daemon's last write to it; "" if it does not.
+// the daemon's last write to it; "" if it does not, or if that cannot be
+// told (a block device across a restart of the host).
 func fileChange(was, now mapper.BackingFile) string {
 	switch {
 	case !was.SameStorage(now):
 		return otherFile(was, now)
-	case was.Unchanged(now):
+	case !was.Comparable(now), was.Unchanged(now):
 		return ""
+	case was.Block:
+		return fmt.Sprintf("block device %s was written while vhostdm did not serve it (the kernel counts %d sectors written or discarded since; size %d bytes, at the stop %d)",
+			now.Path, now.Written-was.Written, now.Size, was.Size)
 	default:
 		return fmt.Sprintf("%s was written while vhostdm did not serve it (size %d, modified %s; at the stop: %d, %s)",
 			now.Path, now.Size, now.Mtime.UTC().Format(time.RFC3339Nano), was.Size, was.Mtime.UTC().Format(time.RFC3339Nano))
@@ -221,6 +245,10 @@ func (a *Agent) backingAttach(name string, o VolumeOptions) (string, error) {
 				}
 			}
 		}
+	}
+	if why == "" && !seen && a.backCheck.unknown[name] != "" {
+		a.log.Info("whether the protected volume's block device was written while vhostdm was stopped cannot be told: taken as unchanged (repagent-hub verify compares it)",
+			"volume", name, "why", a.backCheck.unknown[name])
 	}
 	now := newBackingVolume(cur, why)
 	if a.backSeen == nil {
@@ -383,6 +411,9 @@ func (a *Agent) stopBackingLocked(name string) {
 	nv.Files = slices.Clone(bv.Files)
 	nv.Stopped = true
 	for i, f := range nv.Files {
+		if f.Block {
+			a.settleBlock(f.Path)
+		}
 		now, err := mapper.StatBacking(f.Path)
 		switch {
 		case err != nil:
@@ -394,6 +425,25 @@ func (a *Agent) stopBackingLocked(name string) {
 		}
 	}
 	a.backNow[name] = &nv
+}
+
+// settleBlock makes the writes to the block device at path, which the
+// daemon no longer serves, reach the device, so that the kernel's count
+// taken next holds them: the daemon's buffered writes would otherwise be
+// written back, and counted, after the stop, as if another program had
+// written the device. (The last close of a block device writes its dirty
+// pages back; the daemon may not be the last to hold it open.) A failure
+// is logged: at worst a later count differs and the next start compares
+// the volume by checksum.
+func (a *Agent) settleBlock(path string) {
+	f, err := os.Open(path)
+	if err == nil {
+		err = f.Sync()
+		f.Close()
+	}
+	if err != nil {
+		a.log.Warn("writing a block device's cached writes back before counting them", "path", path, "err", err)
+	}
 }
 
 // RecordStop records, for the next start, the backing files of every

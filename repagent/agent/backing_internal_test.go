@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -9,6 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
+	"github.com/vhostdm/vhostdm/internal/looptest"
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/repagent/agent/actlog"
 )
@@ -207,5 +212,98 @@ func TestBackingChanges(t *testing.T) {
 	}
 	a, why = r.start()
 	wantChanged(t, "restart with a corrupt record", why, "is corrupt")
+	r.stop(a)
+}
+
+// TestBackingBlockDevice: on a block device, whose node keeps its times,
+// the agent tells a write by another program (through a node of its own)
+// from the daemon's own writes by the kernel's count of the device's
+// writes, taken once the daemon's cached writes are on the device: at a
+// stop, and when the export goes while the device stays open. Across a
+// restart of the host the counts cannot be compared: unchanged.
+func TestBackingBlockDevice(t *testing.T) {
+	r := newBackingRig(t)
+	loop := looptest.Attach(t, filepath.Join(r.dir, "v.img"), 512)
+	r.table(fmt.Sprintf("0 2048 linear %s 0", loop))
+	var st unix.Stat_t
+	if err := unix.Stat(loop, &st); err != nil {
+		t.Fatal(err)
+	}
+	node := filepath.Join(r.dir, "node") // another program's way in
+	if err := unix.Mknod(node, unix.S_IFBLK|0o600, int(st.Rdev)); err != nil {
+		t.Fatalf("mknod (needs root): %v", err)
+	}
+	other := func(off int64, b string) {
+		t.Helper()
+		f, err := os.OpenFile(node, os.O_WRONLY, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if _, err := f.WriteAt([]byte(b), off); err != nil {
+			t.Fatal(err)
+		}
+		if err := f.Sync(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// own writes through the daemon's device, left in the page cache.
+	own := func(sector uint64) {
+		t.Helper()
+		if err := r.dev.Submit(&mapper.Request{Op: mapper.OpWrite, Sector: sector, Sectors: 8, Data: [][]byte{make([]byte, 4096)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	a, why := r.start()
+	wantChanged(t, "first start", why, "no record of the volumes' backings")
+	a.clearChanged("v")
+	own(16)
+	r.stop(a)
+	unix.Sync() // the kernel's flusher, after the stop
+	a, why = r.start()
+	wantChanged(t, "restart after a clean stop that left writes in the page cache", why, "")
+	r.stop(a)
+
+	other(4096, "restored from a backup")
+	a, why = r.start()
+	wantChanged(t, "restart after a write to the stopped device", why, "block device "+loop+" was written while vhostdm did not serve it")
+	a.clearChanged("v")
+	r.stop(a)
+
+	// In one run: the export removed with writes in the page cache, then
+	// back; then removed, written by another program, and back.
+	a, why = r.start()
+	wantChanged(t, "restart after a clean stop", why, "")
+	own(32)
+	a.Detach("v")
+	unix.Sync()
+	wantChanged(t, "attach again, nothing written meanwhile", r.attach(a), "")
+	a.Detach("v")
+	other(0, "written while the export was gone")
+	wantChanged(t, "attach again after another program's write", r.attach(a), "was written while vhostdm did not serve it")
+	a.clearChanged("v")
+	r.stop(a)
+
+	// A record from another run of the host: the counts started again.
+	path := filepath.Join(r.dir, "vm1.actlog.backing")
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rec backingRecord
+	if err := json.Unmarshal(b, &rec); err != nil {
+		t.Fatal(err)
+	}
+	rec.Volumes["v"].Files[0].Boot = "another run of the host"
+	rec.Volumes["v"].Files[0].Written = 0
+	if b, err = json.Marshal(rec); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a, why = r.start()
+	wantChanged(t, "restart after a restart of the host", why, "")
 	r.stop(a)
 }

@@ -20,8 +20,9 @@
 // and sends AGENT_SHUTDOWN.
 //
 // With an activity log the agent also keeps what each protected volume
-// maps (VolumeOptions.Backing, beside the log): a volume whose files were
-// written or replaced while the daemon did not serve them, or whose table
+// maps (VolumeOptions.Backing, beside the log): a volume whose files or
+// block devices were written, or files replaced, while the daemon did not
+// serve them (a block device's writes as the kernel counts them), or whose table
 // maps other storage, is reported changed and resynchronised by checksums
 // (backing.go; [CheckBacking], [Agent.RecordStop]).
 //
