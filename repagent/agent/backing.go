@@ -36,7 +36,7 @@ import (
 // A block device's node keeps its times when the device is written; for
 // one the record holds the kernel's count of sectors written to it and
 // discarded (mapper.BackingFile.Written), taken once the daemon's writes
-// to it are on the device (settleBlock).
+// to it are on the device (settleBlocks).
 //
 // What is not seen: a block device written while the host was restarted
 // in between (the kernel's count starts again), a partition or logical
@@ -393,6 +393,7 @@ func (a *Agent) backingStopped(name string) {
 	if a.backPath == "" {
 		return
 	}
+	a.settleBlocks(name)
 	a.backMu.Lock()
 	defer a.backMu.Unlock()
 	a.stopBackingLocked(name)
@@ -401,7 +402,8 @@ func (a *Agent) backingStopped(name string) {
 	}
 }
 
-// stopBackingLocked is backingStopped without the save; backMu held.
+// stopBackingLocked is backingStopped without the settling and the save;
+// backMu held.
 func (a *Agent) stopBackingLocked(name string) {
 	bv := a.backNow[name]
 	if bv == nil || bv.Stopped || !a.backSeen[name] {
@@ -411,9 +413,6 @@ func (a *Agent) stopBackingLocked(name string) {
 	nv.Files = slices.Clone(bv.Files)
 	nv.Stopped = true
 	for i, f := range nv.Files {
-		if f.Block {
-			a.settleBlock(f.Path)
-		}
 		now, err := mapper.StatBacking(f.Path)
 		switch {
 		case err != nil:
@@ -427,22 +426,35 @@ func (a *Agent) stopBackingLocked(name string) {
 	a.backNow[name] = &nv
 }
 
-// settleBlock makes the writes to the block device at path, which the
-// daemon no longer serves, reach the device, so that the kernel's count
-// taken next holds them: the daemon's buffered writes would otherwise be
+// settleBlocks makes the writes to the block devices of name, which the
+// daemon no longer serves, reach the devices, so that the kernel's counts
+// taken next hold them: the daemon's buffered writes would otherwise be
 // written back, and counted, after the stop, as if another program had
 // written the device. (The last close of a block device writes its dirty
-// pages back; the daemon may not be the last to hold it open.) A failure
-// is logged: at worst a later count differs and the next start compares
-// the volume by checksum.
-func (a *Agent) settleBlock(path string) {
-	f, err := os.Open(path)
-	if err == nil {
-		err = f.Sync()
-		f.Close()
+// pages back, but the daemon may not be the last to hold it open, and a
+// removed export's device stays open.) It runs without backMu: a device
+// that hangs holds up only this. A failure is logged: at worst a later
+// count differs and the volume is compared by checksum.
+func (a *Agent) settleBlocks(name string) {
+	a.backMu.Lock()
+	var paths []string
+	if bv := a.backNow[name]; bv != nil && !bv.Stopped {
+		for _, f := range bv.Files {
+			if f.Block {
+				paths = append(paths, f.Path)
+			}
+		}
 	}
-	if err != nil {
-		a.log.Warn("writing a block device's cached writes back before counting them", "path", path, "err", err)
+	a.backMu.Unlock()
+	for _, path := range paths {
+		f, err := os.Open(path)
+		if err == nil {
+			err = f.Sync()
+			f.Close()
+		}
+		if err != nil {
+			a.log.Warn("writing a block device's cached writes back before counting them", "path", path, "err", err)
+		}
 	}
 }
 
@@ -456,8 +468,14 @@ func (a *Agent) RecordStop() {
 		return
 	}
 	a.backMu.Lock()
+	names := slices.Sorted(maps.Keys(a.backNow))
+	a.backMu.Unlock()
+	for _, name := range names {
+		a.settleBlocks(name)
+	}
+	a.backMu.Lock()
 	defer a.backMu.Unlock()
-	for _, name := range slices.Sorted(maps.Keys(a.backNow)) {
+	for _, name := range names {
 		a.stopBackingLocked(name)
 	}
 	if err := a.saveBackingLocked(); err != nil {
