@@ -43,6 +43,8 @@ type benchResult struct {
 	// each request slot, and how many were sent (not counted in ops).
 	Fsync   int    `json:"fsync,omitempty"`
 	Flushes uint64 `json:"flushes,omitempty"`
+	// ThinkUS: with --think, each slot's wait after a completion, µs.
+	ThinkUS int64 `json:"think_us,omitempty"`
 	// With --pair: the back end's socket, the number of slices its
 	// figures sum, and (with --cpu-pid) the server's CPU seconds during
 	// them.
@@ -81,6 +83,7 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 	size := fs.Uint64("size", 0, "bytes of the device to use, from offset 0 (default: the whole device)")
 	verify := fs.Bool("verify", false, "write self-identifying blocks (after a prefill pass) and check every read")
 	packed := fs.Bool("packed", false, "use packed virtqueues (VIRTIO_F_RING_PACKED); fails if the back end does not offer them")
+	think := fs.Duration("think", 0, "wait this long after each completion before the slot's next request, as fio's --thinktime: a guest that sends a request now and then (0: none)")
 	fsync := fs.Int("fsync", 0, "send a FLUSH after every N writes of each request slot and wait for it, as fio's --fsync (0: never)")
 	pair := fs.String("pair", "", "a second back end's `socket`, driven with the same workload in turns with --socket (slices of --slice, --duration each)")
 	sliceD := fs.Duration("slice", 10*time.Millisecond, "with --pair: the length of each turn")
@@ -92,7 +95,7 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 	note := fs.String("note", "", "with --report: a line describing the machine and run")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: vhostdm bench --socket PATH [--rw read|write|randread|randwrite|randrw] [--bs BYTES]\n"+
-			"       [--iodepth N] [--queues N] [--duration D] [--size BYTES] [--verify] [--packed] [--fsync N] [--json]\n"+
+			"       [--iodepth N] [--queues N] [--duration D] [--size BYTES] [--verify] [--packed] [--fsync N] [--think D] [--json]\n"+
 			"       [--pair PATH [--slice D] [--cpu-pid PID]] [--rpo-qmp PATH [--rpo-interval D]]\n"+
 			"       vhostdm bench --report FILE [--note TEXT] [--json]")
 		fs.PrintDefaults()
@@ -129,6 +132,8 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 		return fail("--duration %v: want a positive duration", *duration)
 	case *fsync < 0:
 		return fail("--fsync %d: want 0 (never) or a positive number of writes", *fsync)
+	case *think < 0 || *think >= *duration:
+		return fail("--think %v: want 0 (none) or a positive duration below --duration", *think)
 	case *pair == "" && (*cpuPID != 0 || flagSet(fs, "slice")):
 		return fail("--slice and --cpu-pid go with --pair")
 	case *pair != "" && (*sliceD <= 0 || *sliceD > *duration):
@@ -143,7 +148,7 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 		return fail("--rpo-interval %v: want 1ms up to --duration", *rpoEvery)
 	}
 	newBench := func() *bench {
-		return &bench{rw: *rw, bs: *bs, iodepth: *iodepth, queues: *queues, verify: *verify, fsync: *fsync, packed: *packed}
+		return &bench{rw: *rw, bs: *bs, iodepth: *iodepth, queues: *queues, verify: *verify, fsync: *fsync, packed: *packed, think: *think}
 	}
 	var results []*benchResult
 	if *pair != "" {
@@ -224,6 +229,9 @@ type bench struct {
 	verify      bool
 	packed      bool // packed virtqueues
 	fsync       int  // a FLUSH after every fsync writes of a slot; 0 never
+	// think: a slot waits this long after a completion before its next
+	// request (on a timer's goroutine); 0 none.
+	think       time.Duration
 	flushes     atomic.Uint64
 	c           *frontend.Client
 	close       func() // ends the connection
@@ -433,7 +441,7 @@ func (b *bench) result(stderr io.Writer) *benchResult {
 	}
 	res := &benchResult{RW: b.rw, BS: b.bs, IODepth: b.iodepth, Queues: b.queues, DurationS: round3(elapsed),
 		Ops: ops, IOPS: round3(float64(ops) / elapsed), BytesPerSec: round3(float64(ops) * float64(b.bs) / elapsed),
-		Errors: b.errors.Load(), Verify: "off", Fsync: b.fsync, Flushes: b.flushes.Load()}
+		Errors: b.errors.Load(), Verify: "off", Fsync: b.fsync, Flushes: b.flushes.Load(), ThinkUS: b.think.Microseconds()}
 	res.LatUS = benchLatUS{P50: all.quantileUS(0.5), P99: all.quantileUS(0.99), P999: all.quantileUS(0.999), Max: round3(float64(all.max) / 1e3)}
 	if b.verify {
 		res.Verify = "ok"
@@ -652,6 +660,10 @@ func (b *bench) done(s *slot, r frontend.Result) {
 			b.flush(s)
 			return
 		}
+	}
+	if b.think > 0 && !b.prefilling.Load() {
+		time.AfterFunc(b.think, func() { b.next(s) })
+		return
 	}
 	b.next(s)
 }

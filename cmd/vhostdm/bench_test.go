@@ -106,6 +106,35 @@ func TestBenchFsync(t *testing.T) {
 	}
 }
 
+// TestBenchThink: with --think each request slot waits after every
+// completion, so the run makes at most iodepth requests per think time
+// (and, against a zero device, about that many); a negative or too long
+// think time is refused.
+func TestBenchThink(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "zero.sock")
+	cfg := writeConfig(t, dir, fmt.Sprintf(benchConfig, sock))
+	startChild(t, cfg, sock)
+	var out, errb bytes.Buffer
+	if code := run([]string{"bench", "--socket", sock, "--duration", "1s", "--iodepth", "2", "--think", "20ms", "--json"}, &out, &errb); code != 0 {
+		t.Fatalf("bench --think 20ms: exit %d: %s", code, errb.String())
+	}
+	var res benchResult
+	if err := json.Unmarshal(out.Bytes(), &res); err != nil {
+		t.Fatalf("bench result %q: %v", out.String(), err)
+	}
+	// 2 slots, each at most one request per 20 ms: 100 a second at most
+	// (and the first request of each without a wait).
+	if res.ThinkUS != 20000 || res.Ops < 20 || res.Ops > 102 || res.Errors != 0 {
+		t.Fatalf("%d requests in %.2f s with think %d µs, %d errors: want 20 to 102", res.Ops, res.DurationS, res.ThinkUS, res.Errors)
+	}
+	for _, bad := range []string{"-1ms", "1s"} {
+		if code := run([]string{"bench", "--socket", sock, "--duration", "1s", "--think", bad}, &out, &errb); code == 0 {
+			t.Errorf("bench --think %s --duration 1s accepted", bad)
+		}
+	}
+}
+
 // TestBenchReportBestQSD: the report compares vhostdm with the best QSD
 // configuration of each row, per run and over the medians, and gives the
 // CPU seconds per million requests of every server and their ratio.
