@@ -16,9 +16,12 @@ import (
 // the device is detached when the test ends.
 func Attach(t testing.TB, path string, sectorSize int) string {
 	t.Helper()
-	out, err := exec.Command("losetup", "-f", "--show", "--sector-size", fmt.Sprint(sectorSize), path).CombinedOutput()
+	var stderr strings.Builder
+	cmd := exec.Command("losetup", "-f", "--show", "--sector-size", fmt.Sprint(sectorSize), path)
+	cmd.Stderr = &stderr // warnings, as for a file smaller than a block
+	out, err := cmd.Output()
 	if err != nil {
-		t.Fatalf("losetup --sector-size %d (util-linux; run as root with loop devices): %v: %s", sectorSize, err, out)
+		t.Fatalf("losetup --sector-size %d (util-linux; run as root with loop devices): %v: %s", sectorSize, err, stderr.String())
 	}
 	dev := strings.TrimSpace(string(out))
 	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })

@@ -12,6 +12,8 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/vhostdm/vhostdm/mapper"
 	"github.com/vhostdm/vhostdm/repagent/wire"
 )
@@ -438,7 +440,7 @@ func (a *Agent) stopBackingLocked(name string) {
 func (a *Agent) settleBlocks(name string) {
 	a.backMu.Lock()
 	var paths []string
-	if bv := a.backNow[name]; bv != nil && !bv.Stopped {
+	if bv := a.backNow[name]; bv != nil && !bv.Stopped && a.backSeen[name] {
 		for _, f := range bv.Files {
 			if f.Block {
 				paths = append(paths, f.Path)
@@ -447,15 +449,32 @@ func (a *Agent) settleBlocks(name string) {
 	}
 	a.backMu.Unlock()
 	for _, path := range paths {
-		f, err := os.Open(path)
-		if err == nil {
-			err = f.Sync()
-			f.Close()
-		}
-		if err != nil {
+		if err := syncBlock(path); err != nil {
 			a.log.Warn("writing a block device's cached writes back before counting them", "path", path, "err", err)
 		}
 	}
+}
+
+// syncBlock writes back the page cache of the block device at path. It
+// opens without blocking and syncs only a block device: what is at the
+// path now may be something else.
+func syncBlock(path string) error {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return &fs.PathError{Op: "open", Path: path, Err: err}
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return &fs.PathError{Op: "stat", Path: path, Err: err}
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFBLK {
+		return nil // not the device any more: the count is not taken from it
+	}
+	if err := unix.Fsync(fd); err != nil {
+		return &fs.PathError{Op: "fsync", Path: path, Err: err}
+	}
+	return nil
 }
 
 // RecordStop records, for the next start, the backing files of every

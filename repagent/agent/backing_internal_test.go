@@ -307,3 +307,35 @@ func TestBackingBlockDevice(t *testing.T) {
 	wantChanged(t, "restart after a restart of the host", why, "")
 	r.stop(a)
 }
+
+// TestSyncBlockOtherFiles: the write-back before a block device's count
+// is taken opens the path without blocking and syncs only a block
+// device: a FIFO put at the path (whose open would wait for a writer) or
+// a regular file is left alone at once.
+func TestSyncBlockOtherFiles(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "fifo")
+	if err := unix.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(dir, "file")
+	if err := os.WriteFile(file, make([]byte, 4096), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	loop := looptest.Attach(t, file, 512)
+	for _, path := range []string{fifo, file, loop} {
+		done := make(chan error, 1)
+		go func() { done <- syncBlock(path) }()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("%s: %v", path, err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s: the write-back blocks", path)
+		}
+	}
+	if err := syncBlock(filepath.Join(dir, "missing")); err == nil {
+		t.Error("a missing path gave no error")
+	}
+}
