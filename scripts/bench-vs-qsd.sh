@@ -3,7 +3,7 @@
 # machine, in one run, with the same client (`vhostdm bench`, the vhost
 # front-end client in package vhost) and the same workloads.
 #
-#   scripts/bench-vs-qsd.sh [--json] [--runs N] [--duration D] [--slice D] [--rows "1 2 3 4 5 6 7"]
+#   scripts/bench-vs-qsd.sh [--json] [--runs N] [--duration D] [--slice D] [--rows "1 2 3 4 5 6 7 8 9"]
 #                           [--poll-us N | --adaptive-poll | --no-adaptive-poll] [--env K=V]...
 #                           [--serve-bin PATH] [--keep]
 #
@@ -46,6 +46,13 @@
 #       cache = "none" vs QSD file with cache.direct=on, aio=native and
 #       aio=io_uring (each on its own copy of the image)
 #   7   4k randread QD32, 1 queue, O_DIRECT: same back ends
+#   8   4k randwrite QD4, 1 queue, 300 µs think time (vhostdm bench
+#       --think): a guest's trickle of requests, the back end idle between
+#       them; vhostdm linear vs QSD file with aio=io_uring (page cache; the
+#       configuration issue 22's guest goal names, and QSD's cheaper one
+#       here). The IOPS follow the client's timers: compare the
+#       CPU-seconds per million requests
+#   9   4k randread, the same trickle
 #
 # Both servers use the page cache in writeback mode: vhostdm's file backend
 # does buffered preadv/pwritev and the export offers a writeback cache; QSD
@@ -75,7 +82,7 @@ slice=10ms
 json=0
 keep=0
 venv=()
-rows="1 2 3 4 5 6 7"
+rows="1 2 3 4 5 6 7 8 9"
 serve_bin=
 poll_us=0
 adaptive_poll=0
@@ -397,6 +404,8 @@ for ((run = 1; run <= runs; run++)); do
 	row 5 qsd:q-file qsd-uring:q-fileu -- --rw randread --bs 4096 --iodepth 32 --queues 1
 	row 6 vhostdm-direct:v-lin1d qsd-direct-native:q-filen qsd-direct-uring:q-filed -- --rw randwrite --bs 4096 --iodepth 32 --queues 1
 	row 7 vhostdm-direct:v-lin1d qsd-direct-native:q-filen qsd-direct-uring:q-filed -- --rw randread --bs 4096 --iodepth 32 --queues 1
+	row 8 vhostdm:v-lin1 qsd-uring:q-fileu -- --rw randwrite --bs 4096 --iodepth 4 --queues 1 --think 300us
+	row 9 vhostdm:v-lin1 qsd-uring:q-fileu -- --rw randread --bs 4096 --iodepth 4 --queues 1 --think 300us
 done
 load=$(cut -d' ' -f1-3 /proc/loadavg)
 log "load average after: $load"
