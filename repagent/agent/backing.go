@@ -395,7 +395,7 @@ func (a *Agent) backingStopped(name string) {
 	if a.backPath == "" {
 		return
 	}
-	a.settleBlocks(name)
+	a.settleBlocks([]string{name})
 	a.backMu.Lock()
 	defer a.backMu.Unlock()
 	a.stopBackingLocked(name)
@@ -407,8 +407,8 @@ func (a *Agent) backingStopped(name string) {
 // stopBackingLocked is backingStopped without the settling and the save;
 // backMu held.
 func (a *Agent) stopBackingLocked(name string) {
-	bv := a.backNow[name]
-	if bv == nil || bv.Stopped || !a.backSeen[name] {
+	bv := a.servingLocked(name)
+	if bv == nil {
 		return
 	}
 	nv := *bv
@@ -428,7 +428,16 @@ func (a *Agent) stopBackingLocked(name string) {
 	a.backNow[name] = &nv
 }
 
-// settleBlocks makes the writes to the block devices of name, which the
+// servingLocked returns the record of name if the daemon has served the
+// volume in this run and not yet stopped; nil otherwise. backMu held.
+func (a *Agent) servingLocked(name string) *backingVolume {
+	if bv := a.backNow[name]; bv != nil && !bv.Stopped && a.backSeen[name] {
+		return bv
+	}
+	return nil
+}
+
+// settleBlocks makes the writes to the block devices of names, which the
 // daemon no longer serves, reach the devices, so that the kernel's counts
 // taken next hold them: the daemon's buffered writes would otherwise be
 // written back, and counted, after the stop, as if another program had
@@ -437,13 +446,15 @@ func (a *Agent) stopBackingLocked(name string) {
 // removed export's device stays open.) It runs without backMu: a device
 // that hangs holds up only this. A failure is logged: at worst a later
 // count differs and the volume is compared by checksum.
-func (a *Agent) settleBlocks(name string) {
+func (a *Agent) settleBlocks(names []string) {
 	a.backMu.Lock()
 	var paths []string
-	if bv := a.backNow[name]; bv != nil && !bv.Stopped && a.backSeen[name] {
-		for _, f := range bv.Files {
-			if f.Block {
-				paths = append(paths, f.Path)
+	for _, name := range names {
+		if bv := a.servingLocked(name); bv != nil {
+			for _, f := range bv.Files {
+				if f.Block {
+					paths = append(paths, f.Path)
+				}
 			}
 		}
 	}
@@ -489,9 +500,7 @@ func (a *Agent) RecordStop() {
 	a.backMu.Lock()
 	names := slices.Sorted(maps.Keys(a.backNow))
 	a.backMu.Unlock()
-	for _, name := range names {
-		a.settleBlocks(name)
-	}
+	a.settleBlocks(names)
 	a.backMu.Lock()
 	defer a.backMu.Unlock()
 	for _, name := range names {
