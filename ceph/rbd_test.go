@@ -224,3 +224,93 @@ func TestBadSpecs(t *testing.T) {
 		c.o.Close()
 	}
 }
+
+// TestMark: a device over an RBD image marks it with a snapshot
+// (vhostdm-stopped.TAG) after flushing; ChangedSince tells a write made
+// since by another client (`rbd bench`) from
+// none, and removes the snapshot either way. A snapshot removed or
+// replaced behind the device's back is a change that cannot be told; a
+// read-only open marks nothing.
+func TestMark(t *testing.T) {
+	const size = 16 << 20
+	name := cluster.CreateImage(t, cephtest.Pool, size)
+	spec := strings.TrimPrefix(name, "rbd:")
+	m := manager(t, opener(t))
+	d, err := m.CreateTable("d", "", false, fmt.Sprintf("0 %d linear %s 0", size/512, name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	snaps := func() string { return strings.TrimSpace(cluster.Must(t, "rbd", "snap", "ls", spec)) }
+	write := func(r *mapper.Request) {
+		t.Helper()
+		if err := d.Submit(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// The daemon's own write, unflushed, then the mark: not a change.
+	write(&mapper.Request{Op: mapper.OpWrite, Sector: 2048, Sectors: 8, Data: [][]byte{bytes.Repeat([]byte{7}, 4096)}})
+	marks, err := d.MarkBacking("vm1.v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(marks) != 1 || marks[0].Backend != name || !strings.HasPrefix(marks[0].Token, "vhostdm-stopped.vm1.v@") {
+		t.Fatalf("marks %+v", marks)
+	}
+	if s := snaps(); !strings.Contains(s, "vhostdm-stopped.vm1.v") {
+		t.Fatalf("no snapshot after the mark:\n%s", s)
+	}
+	if why, err := d.ChangedSince(marks); err != nil || why != "" {
+		t.Fatalf("nothing written since the mark: %q, %v", why, err)
+	}
+	if s := snaps(); s != "" {
+		t.Fatalf("the snapshot stays after the comparison:\n%s", s)
+	}
+
+	// Another client writes 64 KiB at 0: one 4 MiB object changed.
+	if marks, err = d.MarkBacking("vm1.v"); err != nil {
+		t.Fatal(err)
+	}
+	cluster.Must(t, "rbd", "bench", "--io-type", "write", "--io-size", "65536", "--io-total", "65536",
+		"--io-pattern", "seq", "--io-threads", "1", spec)
+	why, err := d.ChangedSince(marks)
+	if err != nil || !strings.Contains(why, name+" was written while vhostdm did not serve it (4194304 bytes in 1 changed extents") {
+		t.Errorf("written by rbd bench: %q, %v", why, err)
+	}
+
+	// A mark made twice under one tag replaces the first snapshot.
+	if _, err = d.MarkBacking("vm1.v"); err != nil {
+		t.Fatal(err)
+	}
+	if marks, err = d.MarkBacking("vm1.v"); err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(snaps(), "vhostdm-stopped.vm1.v"); n != 1 {
+		t.Errorf("%d snapshots after two marks under one tag, want 1", n)
+	}
+	// Removed behind the device's back, then made again by someone.
+	cluster.Must(t, "rbd", "snap", "rm", "--no-progress", spec+"@vhostdm-stopped.vm1.v")
+	if why, err := d.ChangedSince(marks); err != nil || !strings.Contains(why, "is gone") {
+		t.Errorf("snapshot removed: %q, %v", why, err)
+	}
+	cluster.Must(t, "rbd", "snap", "create", spec+"@vhostdm-stopped.vm1.v")
+	if why, err := d.ChangedSince(marks); err != nil || !strings.Contains(why, "was replaced") {
+		t.Errorf("snapshot replaced: %q, %v", why, err)
+	}
+	cluster.Must(t, "rbd", "snap", "rm", "--no-progress", spec+"@vhostdm-stopped.vm1.v")
+
+	// A read-only open cannot change: nothing to mark or compare.
+	ro, err := m.CreateTable("ro", "", true, fmt.Sprintf("0 %d linear %s 0", size/512, name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if marks, err = ro.MarkBacking("vm1.ro"); err != nil || len(marks) != 1 || marks[0].Token != "" {
+		t.Errorf("read-only marks %+v, %v; want one without a token", marks, err)
+	}
+	if why, err := ro.ChangedSince(marks); err != nil || why != "" {
+		t.Errorf("read-only: %q, %v", why, err)
+	}
+	if s := snaps(); s != "" {
+		t.Errorf("snapshots left:\n%s", s)
+	}
+}

@@ -106,6 +106,12 @@ type Config struct {
 	Keyring string `toml:"keyring"`
 }
 
+// MarkSnapPrefix begins the names of the snapshots that mark a protected
+// image when vhostdm stops writing it (mapper.Marker): MarkSnapPrefix
+// and the mark's tag. The next start compares the image with one and
+// removes it; a tool that removes an image may remove these with it.
+const MarkSnapPrefix = "vhostdm-stopped."
+
 // DefaultID is the client id used when Config.ID is empty.
 const DefaultID = "admin"
 

@@ -86,18 +86,8 @@ func (f BackingFile) Unchanged(g BackingFile) bool {
 func (d *Device) Backing() (Backing, error) {
 	var out Backing
 	h := sha256.New()
-	seen := map[*Device]bool{}
 	files := map[*fileBackend]bool{}
-	var walk func(x *Device) error
-	walk = func(x *Device) error {
-		if seen[x] {
-			return nil
-		}
-		seen[x] = true
-		t := x.live.Load()
-		if t == nil {
-			return fmt.Errorf("%s: %w", x.name, ErrNoTable)
-		}
+	err := d.walkBackends(func(t *Table) {
 		var n [8]byte
 		binary.LittleEndian.PutUint64(n[:], uint64(len(t.lines)))
 		h.Write(n[:])
@@ -108,38 +98,146 @@ func (d *Device) Backing() (Backing, error) {
 			}
 			h.Write([]byte{'\n'})
 		}
-		for _, b := range t.opened {
-			switch b := b.(type) {
-			case *deviceBackend:
-				if err := walk(b.d); err != nil {
-					return err
-				}
-			case *fileHandle:
-				if files[b.fileBackend] {
-					continue
-				}
-				files[b.fileBackend] = true
-				f, err := b.fileBackend.backingFile()
-				if err != nil {
-					return err
-				}
-				out.Files = append(out.Files, f)
-			default:
-				if !slices.Contains(out.Opaque, b.Name()) {
-					out.Opaque = append(out.Opaque, b.Name())
-				}
+	}, func(b Backend) error {
+		switch b := b.(type) {
+		case *fileHandle:
+			if files[b.fileBackend] {
+				return nil
+			}
+			files[b.fileBackend] = true
+			f, err := b.fileBackend.backingFile()
+			if err != nil {
+				return err
+			}
+			out.Files = append(out.Files, f)
+		default:
+			if !slices.Contains(out.Opaque, b.Name()) {
+				out.Opaque = append(out.Opaque, b.Name())
 			}
 		}
 		return nil
-	}
-	d.mu.Lock()
-	err := walk(d)
-	d.mu.Unlock()
+	})
 	if err != nil {
 		return Backing{}, err
 	}
 	h.Sum(out.Table[:0])
 	return out, nil
+}
+
+// walkBackends calls tab with the live table of d and, depth first, of
+// every device it stacks on (each once), and leaf with each backend they
+// open that is not a device; d.mu is held throughout.
+func (d *Device) walkBackends(tab func(*Table), leaf func(Backend) error) error {
+	seen := map[*Device]bool{}
+	var walk func(x *Device) error
+	walk = func(x *Device) error {
+		if seen[x] {
+			return nil
+		}
+		seen[x] = true
+		t := x.live.Load()
+		if t == nil {
+			return fmt.Errorf("%s: %w", x.name, ErrNoTable)
+		}
+		if tab != nil {
+			tab(t)
+		}
+		for _, b := range t.opened {
+			if db, ok := b.(*deviceBackend); ok {
+				if err := walk(db.d); err != nil {
+					return err
+				}
+				continue
+			}
+			if err := leaf(b); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return walk(d)
+}
+
+// Marker is a Backend over storage that cannot be looked at as a file (an
+// rbd: image) but can keep a mark of its contents: a later look tells
+// whether anything wrote the storage since, whoever did. The replication
+// agent marks a protected volume's storage when the daemon stops writing
+// it and compares at the next start (see Device.MarkBacking).
+type Marker interface {
+	Backend
+	// Mark makes every write completed so far durable and marks the
+	// storage's contents as they are now, under tag (a mark with the
+	// same tag is replaced). The token names the mark; "" when the
+	// storage cannot change (a snapshot, a read-only open) and there
+	// is nothing to compare.
+	Mark(tag string) (token string, err error)
+	// ChangedSince says how the storage changed since the mark token
+	// ("" if it did not) and drops the mark. A mark that is gone
+	// cannot be compared: that is said as a change.
+	ChangedSince(token string) (string, error)
+}
+
+// BackingMark is the mark a Marker backend keeps of its storage.
+type BackingMark struct {
+	Backend string `json:"backend"` // the backend's Name
+	Token   string `json:"token,omitempty"`
+}
+
+// MarkBacking marks, under tag, the storage of every Marker backend that
+// d's live table (and the devices it stacks on) opens, each once by name:
+// call it after the last write. Marks made before an error are returned
+// with it. The device's lock is held meanwhile: a reload waits.
+func (d *Device) MarkBacking(tag string) ([]BackingMark, error) {
+	var marks []BackingMark
+	err := d.walkBackends(nil, func(b Backend) error {
+		m, ok := b.(Marker)
+		if !ok || slices.ContainsFunc(marks, func(x BackingMark) bool { return x.Backend == b.Name() }) {
+			return nil
+		}
+		tok, err := m.Mark(tag)
+		if err != nil {
+			return fmt.Errorf("mark %s: %w", b.Name(), err)
+		}
+		marks = append(marks, BackingMark{Backend: b.Name(), Token: tok})
+		return nil
+	})
+	return marks, err
+}
+
+// ChangedSince compares the storage of d's Marker backends with marks
+// (MarkBacking's) and drops them: it says how the storage changed, ""
+// if it did not. A Marker backend without a mark cannot be compared and
+// is said to have changed; a mark of a backend the table no longer opens
+// is ignored (the table's digest tells that change).
+func (d *Device) ChangedSince(marks []BackingMark) (string, error) {
+	var why []string
+	done := map[string]bool{}
+	err := d.walkBackends(nil, func(b Backend) error {
+		m, ok := b.(Marker)
+		if !ok || done[b.Name()] {
+			return nil
+		}
+		done[b.Name()] = true
+		i := slices.IndexFunc(marks, func(x BackingMark) bool { return x.Backend == b.Name() })
+		if i < 0 {
+			why = append(why, fmt.Sprintf("vhostdm holds no mark of %s from when it stopped writing it: whether it was written since cannot be told", b.Name()))
+			return nil
+		}
+		if marks[i].Token == "" {
+			return nil // it cannot change
+		}
+		w, err := m.ChangedSince(marks[i].Token)
+		if err != nil {
+			return fmt.Errorf("compare %s with its mark: %w", b.Name(), err)
+		}
+		if w != "" {
+			why = append(why, w)
+		}
+		return nil
+	})
+	return strings.Join(why, "; "), err
 }
 
 // backingFile describes the open file b.

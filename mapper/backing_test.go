@@ -2,9 +2,11 @@ package mapper_test
 
 import (
 	"bytes"
+	"errors"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -162,5 +164,70 @@ func TestBackingBlockDevice(t *testing.T) {
 	other.Boot = "another boot"
 	if other.Comparable(now) || now.Comparable(other) {
 		t.Error("looks from two runs of the host are comparable")
+	}
+}
+
+// TestMarkBacking: MarkBacking marks each Marker backend of a device and
+// the devices it stacks on once, and ChangedSince tells, backend by
+// backend, whether the storage was written since, drops the marks, and
+// takes a backend without a mark as changed.
+func TestMarkBacking(t *testing.T) {
+	x, y := mappertest.NewMarked("x", 1<<20), mappertest.NewMarked("y", 1<<20)
+	m := mapper.NewManager(mapper.ManagerOptions{Dir: t.TempDir(), Schemes: map[string]mapper.OpenFunc{
+		"mem": func(name string, _ bool) (mapper.Backend, error) {
+			if name == "mem:x" {
+				return x, nil
+			}
+			return y, nil
+		},
+	}})
+	defer m.Close()
+	if _, err := m.CreateTable("low", "", false, "0 8 linear mem:y 0"); err != nil {
+		t.Fatal(err)
+	}
+	top, err := m.CreateTable("top", "", false, "0 8 linear mem:x 0\n8 8 linear mem:x 8\n16 8 linear /dev/mapper/low 0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	marks, err := top.MarkBacking("vm1.a0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(marks) != 2 || marks[0].Backend != "x" || marks[1].Backend != "y" || marks[0].Token == "" || x.Marked != 1 || y.Marked != 1 {
+		t.Fatalf("marks %+v (x marked %d times, y %d), want one each of x and y", marks, x.Marked, y.Marked)
+	}
+	if why, err := top.ChangedSince(marks); err != nil || why != "" {
+		t.Fatalf("nothing written: ChangedSince says %q, %v", why, err)
+	}
+	if x.Held() != 0 || y.Held() != 0 {
+		t.Errorf("ChangedSince left %d and %d marks", x.Held(), y.Held())
+	}
+
+	// Written behind the device's back, through the backend.
+	if marks, err = top.MarkBacking("vm1.a0"); err != nil {
+		t.Fatal(err)
+	}
+	if err := y.WriteAt([][]byte{{1, 2, 3}}, 4096); err != nil {
+		t.Fatal(err)
+	}
+	why, err := top.ChangedSince(marks)
+	if err != nil || !strings.Contains(why, "y: 3 bytes differ") || strings.Contains(why, "x:") {
+		t.Errorf("y written: ChangedSince says %q, %v", why, err)
+	}
+
+	// No mark (a record without one), a mark gone, a failed mark.
+	if why, _ := top.ChangedSince(nil); !strings.Contains(why, "no mark of x") || !strings.Contains(why, "no mark of y") {
+		t.Errorf("without marks: %q", why)
+	}
+	if marks, err = top.MarkBacking("vm1.a0"); err != nil {
+		t.Fatal(err)
+	}
+	x.ForgetMarks()
+	if why, _ := top.ChangedSince(marks); !strings.Contains(why, "the mark") || !strings.Contains(why, "is gone") {
+		t.Errorf("x's mark gone: %q", why)
+	}
+	x.MarkErr = errors.New("cluster away")
+	if _, err := top.MarkBacking("vm1.a0"); err == nil || !strings.Contains(err.Error(), "mark x: cluster away") {
+		t.Errorf("a failed mark: %v", err)
 	}
 }

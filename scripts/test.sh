@@ -57,6 +57,9 @@ CGO_ENABLED=1 go test -race -timeout 20m -tags ceph "${CEPH_TEST[@]}" "$@"
 # The guest tests of the rbd: backend (vhostdm built with -tags ceph): linear
 # over RBD, and a checkpoint recovered from a hub's Ceph store as RBD clones.
 CGO_ENABLED=1 go test -race -timeout 20m -tags ceph -run '^TestRBD' ./test/e2e/
+# A protected rbd: volume written by another client while `vhostdm serve` was
+# stopped: the snapshot taken at the stop, compared at the next start.
+CGO_ENABLED=1 go test -race -timeout 20m -tags ceph -run '^TestRBD' ./cmd/vhostdm/
 # repagent-hub with --store ceph:POOL: a hub process killed and restarted,
 # recovery as RBD clones served through rbd:; two hub processes on one pool,
 # the one holding a VM killed (TestCephTwoHubsKill).

@@ -75,15 +75,6 @@ func testBackingWrittenWhileStopped(t *testing.T, block bool) {
 	}
 	cfg := writeConfig(t, dir, text)
 	qmpSock := filepath.Join(dir, "qmp.sock")
-	volume := func(st agentStatus, name string) agentVolumeStatus {
-		for _, v := range st.Volumes {
-			if v.Volume == name {
-				return v
-			}
-		}
-		t.Fatalf("no volume %s in %+v", name, st)
-		return agentVolumeStatus{}
-	}
 
 	child := startChild(t, cfg)
 	waitHubProtecting(t, h, files, child)
@@ -138,32 +129,7 @@ func testBackingWrittenWhileStopped(t *testing.T, block bool) {
 	flusher()
 	child = startChild(t, cfg)
 	waitHubProtecting(t, h, files, child)
-	st, err := queryAgent(qmpSock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	a, bv := volume(st, "a0"), volume(st, "b0")
-	t.Logf("a0: resync %q, %d bytes planned, hub read %d bytes; b0: %q, %d, %d", a.ResyncReason, a.ResyncBytes, a.RemoteBytes, bv.ResyncReason, bv.ResyncBytes, bv.RemoteBytes)
-	if written := images["a0"] + " was written while vhostdm did not serve it"; !strings.Contains(a.ResyncReason, "backing changed") || !strings.Contains(a.ResyncReason, written) {
-		t.Errorf("a0's resync reason %q does not say that %s was written while stopped", a.ResyncReason, images["a0"])
-	}
-	if want := uint64(len(offs) * region); a.RemoteBytes != want {
-		t.Errorf("the hub read %d bytes of a0, want exactly the %d written behind the agent's back", a.RemoteBytes, want)
-	}
-	if bv.ResyncBytes != 0 || bv.RemoteBytes != 0 {
-		t.Errorf("b0, untouched, was resynchronised: %q, %d bytes planned, %d read", bv.ResyncReason, bv.ResyncBytes, bv.RemoteBytes)
-	}
-	var hv hub.VolumeStatus
-	for _, vm := range h.Status() {
-		for _, v := range vm.Volumes {
-			if v.Volume == "a0" {
-				hv = v
-			}
-		}
-	}
-	if want := uint64(len(offs) * region); hv.CsumDifferBytes != want || hv.CsumMatchedBytes != volBytes-want {
-		t.Errorf("the hub's checksum resync of a0: %d bytes differ, %d match; want %d and %d", hv.CsumDifferBytes, hv.CsumMatchedBytes, want, volBytes-want)
-	}
+	wantWrittenResync(t, h, qmpSock, images["a0"], uint64(len(offs)*region), volBytes)
 	checkReplicas(t, h, store, images, volBytes)
 	// The daemon's own writes, the last of them still in the page cache
 	// when it stops, are not another program's.
@@ -182,4 +148,47 @@ func testBackingWrittenWhileStopped(t *testing.T, block bool) {
 	waitHubProtecting(t, h, files, child)
 	wantNoResync(t, qmpSock, "with nothing written while stopped")
 	checkReplicas(t, h, store, images, volBytes)
+}
+
+// wantWrittenResync checks, after a restart of the daemon whose agent
+// answers on qmpSock, that volume a0, whose image was written by another
+// program while the daemon was stopped, was resynchronised by checksums
+// for that reason, the hub reading exactly written bytes of its volBytes,
+// and that b0 moved nothing.
+func wantWrittenResync(t *testing.T, h *hub.Hub, qmpSock, image string, written uint64, volBytes int64) {
+	t.Helper()
+	st, err := queryAgent(qmpSock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var a, bv agentVolumeStatus
+	for _, v := range st.Volumes {
+		switch v.Volume {
+		case "a0":
+			a = v
+		case "b0":
+			bv = v
+		}
+	}
+	t.Logf("a0: resync %q, %d bytes planned, hub read %d bytes; b0: %q, %d, %d", a.ResyncReason, a.ResyncBytes, a.RemoteBytes, bv.ResyncReason, bv.ResyncBytes, bv.RemoteBytes)
+	if !strings.Contains(a.ResyncReason, "backing changed") || !strings.Contains(a.ResyncReason, image+" was written while vhostdm did not serve it") {
+		t.Errorf("a0's resync reason %q does not say that %s was written while stopped", a.ResyncReason, image)
+	}
+	if a.RemoteBytes != written {
+		t.Errorf("the hub read %d bytes of a0, want exactly the %d written behind the agent's back", a.RemoteBytes, written)
+	}
+	if bv.ResyncBytes != 0 || bv.RemoteBytes != 0 {
+		t.Errorf("b0, untouched, was resynchronised: %q, %d bytes planned, %d read", bv.ResyncReason, bv.ResyncBytes, bv.RemoteBytes)
+	}
+	var hv hub.VolumeStatus
+	for _, vm := range h.Status() {
+		for _, v := range vm.Volumes {
+			if v.Volume == "a0" {
+				hv = v
+			}
+		}
+	}
+	if hv.CsumDifferBytes != written || hv.CsumMatchedBytes != uint64(volBytes)-written {
+		t.Errorf("the hub's checksum resync of a0: %d bytes differ, %d match; want %d and %d", hv.CsumDifferBytes, hv.CsumMatchedBytes, written, uint64(volBytes)-written)
+	}
 }

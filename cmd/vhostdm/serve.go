@@ -262,6 +262,12 @@ func (d *daemon) Close() error {
 		}
 	}
 	d.wg.Wait()
+	if d.agent != nil {
+		// Nothing writes the protected volumes any more and their
+		// devices are still open: storage that is not files (rbd:)
+		// is marked for the next start to compare.
+		d.agent.MarkBackings()
+	}
 	errs = append(errs, d.m.Close())
 	errs = append(errs, d.ceph.Close()) // after the devices: they flushed through it
 	if d.agent != nil {
@@ -388,6 +394,7 @@ func (s *exportSet) Add(o qmp.ExportOptions) error {
 		if ro.Protect {
 			ro.Backing = dev.Backing // what the hub's replica must be a copy of
 			ro.Reloads = dev.OnReload
+			ro.MarkBacking, ro.ChangedSince = dev.MarkBacking, dev.ChangedSince // rbd: snapshots
 		}
 		if vdev, err = s.d.agent.Attach(o.ID, vdev, ro); err != nil {
 			return err

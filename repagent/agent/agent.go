@@ -143,6 +143,13 @@ type VolumeOptions struct {
 	// starts work of its own). A table that maps other storage, or maps
 	// it otherwise, marks the volume changed: the hub re-reads it.
 	Reloads func(fn func()) (cancel func())
+	// MarkBacking and ChangedSince, when set with Backing, mark the
+	// storage of the volume's backends that the agent cannot look at as
+	// files (rbd: images: a snapshot) when the daemon stops writing it,
+	// and compare it with the mark at the next attach (its mapper
+	// device's MarkBacking and ChangedSince).
+	MarkBacking  func(tag string) ([]mapper.BackingMark, error)
+	ChangedSince func([]mapper.BackingMark) (string, error)
 }
 
 // OnHubLoss is a volume's policy for writes past its fall-behind
@@ -245,6 +252,7 @@ type Agent struct {
 	backCheck *BackingCheck
 	backNow   map[string]*backingVolume // what the next start compares with
 	backSeen  map[string]bool           // attached in this run
+	backMark  map[string]VolumeOptions  // the options of volumes attached in this run, for their marks
 	backDone  bool                      // RecordStop saved the last record
 
 	bufs bufPool // mirrored data buffers

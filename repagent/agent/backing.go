@@ -40,13 +40,18 @@ import (
 // discarded (mapper.BackingFile.Written), taken once the daemon's writes
 // to it are on the device (settleBlocks).
 //
+// Storage that is not a file (an rbd: image) is marked instead
+// (mapper.Marker: a snapshot) after the daemon's last write to it, and
+// compared with the mark at the next attach, which drops the mark; a
+// volume stopped without a mark of such storage counts as changed.
+//
 // What is not seen: a block device written while the host was restarted
 // in between (the kernel's count starts again), a partition or logical
 // volume written through the disk beneath it (the count is the node's
 // own), a write made while the daemon ran or after a crash of it (its
 // own writes move the times and counts too; only a change of file or
-// table shows then), and backends of other kinds (rbd:). `repagent-hub
-// verify` finds those differences.
+// table shows then, or of an rbd: image marked before the crash).
+// `repagent-hub verify` finds those differences.
 
 // backingVolume is what the agent keeps of one protected volume's
 // backing.
@@ -61,6 +66,9 @@ type backingVolume struct {
 	// Changed, when set, is why the hub has still to be told that the
 	// volume's data changed.
 	Changed string `json:"changed,omitempty"`
+	// Marks are the marks of the storage that is not files (rbd:
+	// snapshots), made after the daemon's last write to it.
+	Marks []mapper.BackingMark `json:"marks,omitempty"`
 }
 
 // backingRecord is the content of the backing file.
@@ -223,6 +231,10 @@ func (a *Agent) backingAttach(name string, o VolumeOptions) (string, error) {
 		return "", fmt.Errorf("repagent: volume %q: its backing: %w", name, err)
 	}
 	a.backMu.Lock()
+	marked := a.backNow[name]
+	a.backMu.Unlock()
+	markWhy := a.compareMarks(name, marked, o)
+	a.backMu.Lock()
 	defer a.backMu.Unlock()
 	was := a.backNow[name]
 	seen := a.backSeen[name] // attached before in this run
@@ -248,6 +260,9 @@ func (a *Agent) backingAttach(name string, o VolumeOptions) (string, error) {
 			}
 		}
 	}
+	if why == "" {
+		why = markWhy
+	}
 	if why == "" && !seen && a.backCheck.unknown[name] != "" {
 		a.log.Info("whether the protected volume's block device was written while vhostdm was stopped cannot be told: taken as unchanged (repagent-hub verify compares it)",
 			"volume", name, "why", a.backCheck.unknown[name])
@@ -257,6 +272,10 @@ func (a *Agent) backingAttach(name string, o VolumeOptions) (string, error) {
 		a.backSeen = map[string]bool{}
 	}
 	a.backSeen[name] = true
+	if a.backMark == nil {
+		a.backMark = map[string]VolumeOptions{}
+	}
+	a.backMark[name] = o
 	a.backNow[name] = now
 	if err := a.saveBackingLocked(); err != nil {
 		// Without the record a crash could forget the change.
@@ -269,6 +288,70 @@ func (a *Agent) backingAttach(name string, o VolumeOptions) (string, error) {
 	}
 	return why, nil
 }
+
+// compareMarks compares the storage of a volume being attached as name
+// whose record was is with the marks the daemon left when it stopped
+// writing it, and drops them: it says how the storage changed ("" if
+// not). A volume stopped without a mark of storage that takes one (the
+// mark failed, or an older vhostdm stopped it) cannot be compared: that
+// is a change. Without marks after a crash, nothing is compared. Called
+// without backMu: the comparison asks the storage (a Ceph cluster).
+func (a *Agent) compareMarks(name string, was *backingVolume, o VolumeOptions) string {
+	if was == nil || o.ChangedSince == nil || !was.Stopped && len(was.Marks) == 0 {
+		return ""
+	}
+	why, err := o.ChangedSince(was.Marks)
+	if err != nil {
+		return fmt.Sprintf("its storage cannot be compared with the mark vhostdm left when it stopped writing it: %v", err)
+	}
+	return why
+}
+
+// markStopped marks the storage of names that is not files (rbd:
+// images), which the daemon no longer writes, for the next attach to
+// compare, and saves the marks at once: a crash before the stop is
+// recorded must not leave a mark (a snapshot, which costs a copy of
+// every object the guest writes next) that nothing drops. It runs
+// without backMu: a cluster that hangs holds up only this. A failure is
+// logged; the next start then compares the volume by checksum.
+func (a *Agent) markStopped(names []string) {
+	type job struct {
+		name string
+		mark func(string) ([]mapper.BackingMark, error)
+	}
+	a.backMu.Lock()
+	var jobs []job
+	for _, name := range names {
+		if o := a.backMark[name]; a.servingLocked(name) != nil && o.MarkBacking != nil {
+			jobs = append(jobs, job{name, o.MarkBacking})
+		}
+	}
+	a.backMu.Unlock()
+	for _, j := range jobs {
+		marks, err := j.mark(a.markTag(j.name))
+		if err != nil {
+			a.log.Warn("marking a protected volume's storage for the next start failed: the next start compares it with the hub's replica by checksum",
+				"volume", j.name, "err", err)
+		}
+		if len(marks) == 0 {
+			continue
+		}
+		a.backMu.Lock()
+		if bv := a.servingLocked(j.name); bv != nil {
+			nv := *bv
+			nv.Marks = marks
+			a.backNow[j.name] = &nv
+			if err := a.saveBackingLocked(); err != nil {
+				a.log.Warn("saving the backing record", "path", a.backPath, "err", err)
+			}
+		}
+		a.backMu.Unlock()
+	}
+}
+
+// markTag is the tag of volume name's marks (in an rbd: snapshot's
+// name: vhostdm-stopped.VM.VOLUME).
+func (a *Agent) markTag(name string) string { return a.cfg.VM + "." + name }
 
 // backingReloaded compares what v maps after its device made a new table
 // live with what it mapped: a table over other storage, or over the same
@@ -396,6 +479,7 @@ func (a *Agent) backingStopped(name string) {
 		return
 	}
 	a.settleBlocks([]string{name})
+	a.markStopped([]string{name})
 	a.backMu.Lock()
 	defer a.backMu.Unlock()
 	a.stopBackingLocked(name)
@@ -488,6 +572,25 @@ func syncBlock(path string) error {
 	return nil
 }
 
+// MarkBackings marks the storage of every protected volume served in this
+// run that is not files (rbd: images, with a snapshot), for the next
+// start to compare: call it once nothing writes the volumes any more and
+// before their devices close. RecordStop follows, after the close.
+// Errors are logged.
+func (a *Agent) MarkBackings() {
+	if a.backPath == "" {
+		return
+	}
+	a.markStopped(a.backNames())
+}
+
+// backNames returns the names of the volumes in the record, sorted.
+func (a *Agent) backNames() []string {
+	a.backMu.Lock()
+	defer a.backMu.Unlock()
+	return slices.Sorted(maps.Keys(a.backNow))
+}
+
 // RecordStop records, for the next start, the backing files of every
 // protected volume as the daemon leaves them: call it once the daemon's
 // devices are closed (nothing writes them any more). A start after a stop
@@ -497,9 +600,7 @@ func (a *Agent) RecordStop() {
 	if a.backPath == "" {
 		return
 	}
-	a.backMu.Lock()
-	names := slices.Sorted(maps.Keys(a.backNow))
-	a.backMu.Unlock()
+	names := a.backNames()
 	a.settleBlocks(names)
 	a.backMu.Lock()
 	defer a.backMu.Unlock()

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/vhostdm/vhostdm/internal/looptest"
 	"github.com/vhostdm/vhostdm/mapper"
+	"github.com/vhostdm/vhostdm/mapper/mappertest"
 	"github.com/vhostdm/vhostdm/repagent/agent/actlog"
 )
 
@@ -72,7 +74,8 @@ func (r *backingRig) start() (*Agent, string) {
 
 func (r *backingRig) attach(a *Agent) string {
 	r.t.Helper()
-	if _, err := a.Attach("v", r.dev, VolumeOptions{Protect: true, Backing: r.dev.Backing, Reloads: r.dev.OnReload}); err != nil {
+	if _, err := a.Attach("v", r.dev, VolumeOptions{Protect: true, Backing: r.dev.Backing, Reloads: r.dev.OnReload,
+		MarkBacking: r.dev.MarkBacking, ChangedSince: r.dev.ChangedSince}); err != nil {
 		r.t.Fatal(err)
 	}
 	a.mu.Lock()
@@ -80,10 +83,12 @@ func (r *backingRig) attach(a *Agent) string {
 	return a.vols["v"].changed
 }
 
-// stop is a clean stop: the agent closes, the devices are done writing,
-// the record takes the files as they are.
+// stop is a clean stop, in a daemon's order: the agent closes, the
+// storage that is not files is marked, the devices are done writing, the
+// record takes the files as they are.
 func (r *backingRig) stop(a *Agent) {
 	a.Close()
+	a.MarkBackings()
 	a.RecordStop()
 }
 
@@ -212,6 +217,88 @@ func TestBackingChanges(t *testing.T) {
 	}
 	a, why = r.start()
 	wantChanged(t, "restart with a corrupt record", why, "is corrupt")
+	r.stop(a)
+}
+
+// TestBackingMarks: storage that is not files (an rbd: image; here a
+// memory backend that keeps marks as an image keeps snapshots) is marked
+// when the daemon stops writing it and compared with the mark at the next
+// attach, which drops the mark: a write by another program while stopped
+// marks the volume changed, the daemon's own writes do not. A mark that is
+// gone, or one that could not be made, cannot be compared: changed. A
+// crash after the mark keeps it (saved at once) and the next start still
+// compares and drops it.
+func TestBackingMarks(t *testing.T) {
+	dir := t.TempDir()
+	x := mappertest.NewMarked("x", backingSize)
+	r := &backingRig{t: t, dir: dir, m: mapper.NewManager(mapper.ManagerOptions{Dir: dir, Schemes: map[string]mapper.OpenFunc{
+		"mem": func(string, bool) (mapper.Backend, error) { return x, nil },
+	}})}
+	t.Cleanup(func() { r.m.Close() })
+	r.table("0 2048 linear mem:x 0")
+	held := func(step string, want int) {
+		t.Helper()
+		if n := x.Held(); n != want {
+			t.Fatalf("%s: %d marks held, want %d", step, n, want)
+		}
+	}
+
+	a, why := r.start()
+	wantChanged(t, "first start", why, "no record of the volumes' backings")
+	a.clearChanged("v")
+	if err := r.dev.Submit(&mapper.Request{Op: mapper.OpWrite, Sector: 8, Sectors: 1, Data: [][]byte{make([]byte, 512)}}); err != nil {
+		t.Fatal(err)
+	}
+	r.stop(a)
+	held("after a clean stop", 1)
+
+	a, why = r.start()
+	wantChanged(t, "restart after a clean stop", why, "")
+	held("after the attach", 0)
+	if err := r.dev.Submit(&mapper.Request{Op: mapper.OpWrite, Sector: 16, Sectors: 1, Data: [][]byte{[]byte(strings.Repeat("d", 512))}}); err != nil {
+		t.Fatal(err)
+	}
+	r.stop(a)
+
+	if err := x.WriteAt([][]byte{[]byte("written while stopped")}, 4096); err != nil {
+		t.Fatal(err)
+	}
+	a, why = r.start()
+	wantChanged(t, "restart after another program's write", why, "x: 21 bytes differ from the mark")
+	a.clearChanged("v")
+	r.stop(a)
+
+	x.ForgetMarks()
+	a, why = r.start()
+	wantChanged(t, "restart with the mark gone", why, "is gone")
+	a.clearChanged("v")
+	x.MarkErr = errors.New("cluster away")
+	r.stop(a)
+	x.MarkErr = nil
+	held("after a stop whose mark failed", 0)
+	a, why = r.start()
+	wantChanged(t, "restart after a failed mark", why, "holds no mark of x")
+	a.clearChanged("v")
+
+	// A crash after the mark, before the stop was recorded.
+	a.Close()
+	a.MarkBackings()
+	a.Abort()
+	held("after a crash that followed the mark", 1)
+	a, why = r.start()
+	wantChanged(t, "restart after the crash", why, "")
+	held("after the attach", 0)
+
+	// In one run: the export removed (its device stays), written, back.
+	a.Detach("v")
+	held("after the detach", 1)
+	wantChanged(t, "attach again, nothing written", r.attach(a), "")
+	a.Detach("v")
+	if err := x.WriteAt([][]byte{{1}}, 0); err != nil {
+		t.Fatal(err)
+	}
+	wantChanged(t, "attach again after a write", r.attach(a), "x: 1 bytes differ from the mark")
+	held("at the end", 0)
 	r.stop(a)
 }
 

@@ -20,11 +20,13 @@
 // and sends AGENT_SHUTDOWN.
 //
 // With an activity log the agent also keeps what each protected volume
-// maps (VolumeOptions.Backing, beside the log): a volume whose files or
-// block devices were written, or files replaced, while the daemon did not
-// serve them (a block device's writes as the kernel counts them), or whose table
-// maps other storage, is reported changed and resynchronised by checksums
-// (backing.go; [CheckBacking], [Agent.RecordStop]).
+// maps (VolumeOptions.Backing, beside the log): a volume whose files,
+// block devices or rbd: images were written, or files replaced, while the
+// daemon did not serve them (a block device's writes as the kernel counts
+// them, an image's against the snapshot taken at the stop:
+// VolumeOptions.MarkBacking), or whose table maps other storage, is
+// reported changed and resynchronised by checksums (backing.go;
+// [CheckBacking], [Agent.MarkBackings], [Agent.RecordStop]).
 //
 // # The write path
 //

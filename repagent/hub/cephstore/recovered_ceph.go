@@ -12,6 +12,7 @@ import (
 	"github.com/ceph/go-ceph/rbd"
 	"golang.org/x/sys/unix"
 
+	"github.com/vhostdm/vhostdm/ceph"
 	"github.com/vhostdm/vhostdm/repagent/hub"
 )
 
@@ -189,6 +190,9 @@ func (b *Backend) RemoveRecovered(name string) error {
 	if len(ri.Watchers) > 0 {
 		return fmt.Errorf("%s: %w (watchers: %s)", name, hub.ErrRecoveredInUse, strings.Join(ri.Watchers, ", "))
 	}
+	if err := b.dropMarks(img); err != nil {
+		return fmt.Errorf("remove %s: %w", name, err)
+	}
 	if err := rbd.RemoveImage(b.io, img); err != nil {
 		if isErrno(err, unix.EBUSY) {
 			return fmt.Errorf("%s: %w: %w", name, hub.ErrRecoveredInUse, err)
@@ -201,6 +205,30 @@ func (b *Backend) RemoveRecovered(name string) error {
 	parent, snap, _ := strings.Cut(strings.TrimPrefix(ri.Parent, "rbd:"+b.cfg.Pool+"/"), "@")
 	if err := b.dropSnapshot(parent, snap); err != nil {
 		b.log.Warn("ceph store: the recovery snapshot stays", "snapshot", ri.Parent, "err", err)
+	}
+	return nil
+}
+
+// dropMarks removes the snapshots with which a vhostdm that served the
+// clone as a protected volume marked it at its stop (ceph.MarkSnapPrefix):
+// they would keep the clone from being removed. Other snapshots stay, and
+// the removal fails naming them.
+func (b *Backend) dropMarks(img string) error {
+	im, err := rbd.OpenImage(b.io, img, rbd.NoSnapshot)
+	if err != nil {
+		return explain(err)
+	}
+	defer im.Close()
+	snaps, err := im.GetSnapshotNames()
+	if err != nil {
+		return explain(err)
+	}
+	for _, s := range snaps {
+		if strings.HasPrefix(s.Name, ceph.MarkSnapPrefix) {
+			if err := im.GetSnapshot(s.Name).Remove(); err != nil {
+				return fmt.Errorf("remove vhostdm's snapshot %q: %w", s.Name, explain(err))
+			}
+		}
 	}
 	return nil
 }
