@@ -165,14 +165,19 @@ type Device struct {
 	// leaves the default, sized for the pool. Only a device whose table
 	// has a thin-pool line takes it; a reload applies a change at once.
 	MetadataCache string `toml:"metadata-cache"`
+	// Locking is "auto" (default), "on" or "off": whether the files and
+	// block devices the table opens carry QEMU's image locks, as
+	// QEMU's file driver's locking option.
+	Locking string `toml:"locking"`
 
 	CacheMode          mapper.CacheMode `toml:"-"` // Cache, parsed
 	MetadataCacheBytes int64            `toml:"-"` // MetadataCache, parsed; 0: the default
+	LockMode           mapper.LockMode  `toml:"-"` // Locking, parsed
 }
 
 // Options returns the device's creation options.
 func (d *Device) Options() mapper.DeviceOptions {
-	return mapper.DeviceOptions{ReadOnly: d.ReadOnly, Cache: d.CacheMode, MetadataCache: d.MetadataCacheBytes}
+	return mapper.DeviceOptions{ReadOnly: d.ReadOnly, Cache: d.CacheMode, MetadataCache: d.MetadataCacheBytes, Locking: d.LockMode}
 }
 
 // validateMetadataCache parses metadata-cache and checks the table has a
@@ -511,6 +516,11 @@ func (c *Config) validate(v *validator) {
 			v.errAt(key+".cache", "%q: want \"writeback\" or \"none\"", d.Cache)
 		} else {
 			d.CacheMode = m
+		}
+		if m, err := mapper.ParseLockMode(d.Locking); err != nil {
+			v.errAt(key+".locking", "%q: want \"auto\", \"on\" or \"off\"", d.Locking)
+		} else {
+			d.LockMode = m
 		}
 		if strings.TrimSpace(d.Table) == "" {
 			v.errAt(key+".table", "missing table")

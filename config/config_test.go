@@ -55,6 +55,8 @@ func TestConfigErrors(t *testing.T) {
 		{"missing table", "[[device]]\nname = \"a\"\n", []string{"vm.toml:1: device[0].table: missing table"}},
 		{"bad cache mode", "[[device]]\nname = \"a\"\ncache = \"directsync\"\ntable = \"0 8 zero\"",
 			[]string{`vm.toml:3: device[0].cache: "directsync": want "writeback" or "none"`}},
+		{"bad locking", "[[device]]\nname = \"a\"\nlocking = \"yes\"\ntable = \"0 8 zero\"",
+			[]string{`vm.toml:3: device[0].locking: "yes": want "auto", "on" or "off"`}},
 		{"metadata cache zero", pool + "metadata-cache = \"0\"\n",
 			[]string{`vm.toml:4: device[0].metadata-cache: "0": want a size from 64k to 16g in whole 4k blocks, such as "64m"`}},
 		{"metadata cache negative", pool + "metadata-cache = \"-64m\"\n",

@@ -20,6 +20,7 @@ type Device struct {
 	uuid     string
 	readOnly bool
 	cache    CacheMode
+	locking  LockMode
 	m        *Manager
 	log      *slog.Logger
 

@@ -127,6 +127,9 @@ type DeviceOptions struct {
 	// one ([MetadataCacher]), in bytes; 0: their defaults. Unlike the
 	// others it can change later (Device.SetMetadataCache).
 	MetadataCache int64
+	// Locking is whether the files and block devices its tables open
+	// carry QEMU's image locks (imagelock.go): LockAuto by default.
+	Locking LockMode
 }
 
 // Create makes a device with no table (dmsetup create without a table).
@@ -160,6 +163,7 @@ func (m *Manager) CreateWith(name, uuid string, o DeviceOptions) (*Device, error
 	}
 	d := newDevice(m, name, uuid, readOnly)
 	d.cache = o.Cache
+	d.locking = o.Locking
 	d.metaCache.Store(o.MetadataCache)
 	m.devices[name] = d
 	m.log.Info("device created", "device", name, "uuid", uuid, "readonly", readOnly, "cache", o.Cache.String())
@@ -293,11 +297,11 @@ func (m *Manager) openBackend(user *Device, name string, readOnly bool) (Backend
 		}
 		path = p
 	}
-	cache := CacheWriteback
+	cache, locking := CacheWriteback, LockAuto
 	if user != nil {
-		cache = user.cache
+		cache, locking = user.cache, user.locking
 	}
-	b, err := m.openShared(name, path, readOnly, cache)
+	b, err := m.openShared(name, path, readOnly, cache, locking)
 	if err == nil && user != nil {
 		user.noteBlockSize(fileOf(b).BlockSize())
 	}
@@ -373,13 +377,15 @@ type fileKey struct {
 	path     string
 	readOnly bool
 	cache    CacheMode // an O_DIRECT and a cached descriptor are distinct
+	locking  LockMode
 }
 
 // sharedFile is one open file shared by every table line that names it, so
 // that flushes of a many-line table coalesce into one fdatasync.
 type sharedFile struct {
 	*fileBackend
-	refs int
+	refs   int
+	unlock func() // releases its image locks; nil without
 }
 
 // fileHandle is one table's use of a sharedFile.
@@ -402,7 +408,7 @@ func (h *fileHandle) Close() error {
 	return err
 }
 
-func (m *Manager) openShared(name, path string, readOnly bool, cache CacheMode) (Backend, error) {
+func (m *Manager) openShared(name, path string, readOnly bool, cache CacheMode, locking LockMode) (Backend, error) {
 	if !filepath.IsAbs(path) && m.dir != "" {
 		path = filepath.Join(m.dir, path)
 	}
@@ -410,7 +416,7 @@ func (m *Manager) openShared(name, path string, readOnly bool, cache CacheMode) 
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
-	key := fileKey{abs, readOnly, cache}
+	key := fileKey{abs, readOnly, cache, locking}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	sf := m.files[key]
@@ -420,7 +426,12 @@ func (m *Manager) openShared(name, path string, readOnly bool, cache CacheMode) 
 			return nil, WithClass(err, ErrNotFound)
 		}
 		fb.name = name
-		sf = &sharedFile{fileBackend: fb}
+		unlock, err := lockImage(fb, readOnly, locking, m.log)
+		if err != nil {
+			fb.Close()
+			return nil, err
+		}
+		sf = &sharedFile{fileBackend: fb, unlock: unlock}
 		m.files[key] = sf
 	}
 	sf.refs++
@@ -439,7 +450,11 @@ func (m *Manager) releaseShared(key fileKey) error {
 		return nil
 	}
 	delete(m.files, key)
-	return sf.fileBackend.Close()
+	err := sf.fileBackend.Close()
+	if sf.unlock != nil {
+		sf.unlock() // after the last write
+	}
+	return err
 }
 
 // deviceBackend is another mapper device used as a backend (stacking).

@@ -89,6 +89,10 @@ func (d *daemon) reloadConfig(path string) error {
 			errs = append(errs, fmt.Errorf("device %q: cache %s -> %s: a device's cache mode is fixed at creation (remove the device, reload, add it again)",
 				dc.Name, o.CacheMode, dc.CacheMode))
 			continue
+		case o.LockMode != dc.LockMode:
+			errs = append(errs, fmt.Errorf("device %q: locking %s -> %s: a device's image locking is fixed at creation (remove the device, reload, add it again)",
+				dc.Name, o.LockMode, dc.LockMode))
+			continue
 		default:
 			dev, err := d.m.Get(dc.Name)
 			if err != nil {

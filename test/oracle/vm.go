@@ -151,7 +151,10 @@ func (g *Guest) Run(ctx context.Context, script string, disks []string) (string,
 		"-append", "console=ttyS0 quiet panic=-1 loglevel=4 no_timer_check",
 		"-drive", "file=" + blank + ",format=raw,if=virtio,cache=unsafe"}
 	for _, d := range disks {
-		args = append(args, "-drive", "file="+d+",format=raw,if=virtio,cache=unsafe")
+		// file.locking=off: the test's own mapper devices may hold
+		// the images open, with QEMU's image locks, while the kernel
+		// looks at them.
+		args = append(args, "-drive", "file="+d+",format=raw,if=virtio,cache=unsafe,file.locking=off")
 	}
 	cmd := exec.CommandContext(ctx, qemu, args...)
 	cmd.WaitDelay = 5 * time.Second
