@@ -279,8 +279,8 @@ func TestLinesShareBackend(t *testing.T) {
 	if got := tab.Status(mapper.StatusTable)[3].String(); got != "24 8 linear "+abs+" 16" {
 		t.Errorf("TABLE of line 4: %q", got)
 	}
-	if got := fds() - before; got != 2 {
-		t.Errorf("the table holds %d files open, want 2 (one.img and two.img, once each)", got)
+	if got := fds() - before; got != 4 {
+		t.Errorf("the table holds %d descriptors open, want 4 (one.img and two.img, once each, and the descriptor of each one's image locks)", got)
 	}
 	if err := tab.Close(); err != nil {
 		t.Fatal(err)

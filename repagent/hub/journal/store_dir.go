@@ -11,6 +11,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vhostdm/vhostdm/internal/imagelock"
 )
 
 // DirStore returns the Store of a VM's directory (FORMAT.md): segment
@@ -411,10 +413,14 @@ func (d *directAppender) close() {
 }
 
 // fileImage is an image file; prealloc: Resize grows it with fallocate
-// and Zero keeps the blocks.
+// and Zero keeps the blocks. It holds QEMU's image locks as a writer
+// (internal/imagelock) while open: a QEMU, qemu-img or vhostdm that would
+// write the replica the hub keeps, or read it as it changes, is refused
+// ("Failed to get "write" lock"), as for a running VM's disk.
 type fileImage struct {
 	*os.File
 	prealloc bool
+	unlock   func()
 }
 
 // openFileImage opens (with create, creating; with excl, only creating)
@@ -431,7 +437,22 @@ func openFileImage(path string, create, excl, prealloc bool) (Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &fileImage{File: f, prealloc: prealloc}, nil
+	unlock, err := imagelock.Lock(int(f.Fd()), path, true, imagelock.Auto, nil)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%w (a QEMU, qemu-img or vhostdm writing the hub's image? read it with -U, or recover a copy with repagent-hub recover)", err)
+	}
+	return &fileImage{File: f, prealloc: prealloc, unlock: unlock}, nil
+}
+
+// Close closes the file and releases its image locks.
+func (f *fileImage) Close() error {
+	err := f.File.Close()
+	if f.unlock != nil {
+		f.unlock()
+		f.unlock = nil
+	}
+	return err
 }
 
 func (f *fileImage) Size() (int64, error) {
