@@ -59,3 +59,47 @@ writable = true
 	}
 	unlocked.stop(t)
 }
+
+// TestReloadLocking: a device's locking is fixed at creation, as its
+// cache mode: a reload that changes it is refused naming both values and
+// leaves the device as it was (still holding the locks, which the real
+// qemu-img sees), and the configuration the daemon records keeps the
+// device's own value, so that the next reload, back to it, is not refused
+// too; a device added by that reload with locking = "off" holds none.
+func TestReloadLocking(t *testing.T) {
+	qemuImg, err := exec.LookPath("qemu-img")
+	if err != nil {
+		t.Fatal("qemu-img not found: install the Debian package qemu-utils (scripts/setup.sh does)")
+	}
+	dir := t.TempDir()
+	for _, n := range []string{"a.img", "b.img", "src.img"} {
+		sparse(t, filepath.Join(dir, n), 1<<20)
+	}
+	const one = "[[device]]\nname = \"a\"\ntable = \"0 2048 linear a.img 0\"\n%s\n"
+	path := writeConfig(t, dir, fmt.Sprintf(one, ""))
+	d, _ := serveInProcess(t, path)
+	writeInto := func(img string) error {
+		return exec.Command(qemuImg, "convert", "-n", "-f", "raw", "-O", "raw", filepath.Join(dir, "src.img"), filepath.Join(dir, img)).Run()
+	}
+	if writeInto("a.img") == nil {
+		t.Fatal("qemu-img wrote into a.img while device a serves it")
+	}
+	writeConfig(t, dir, fmt.Sprintf(one, `locking = "off"`))
+	err = d.reloadConfig(path)
+	if err == nil || !strings.Contains(err.Error(), `device "a": locking auto -> off: a device's image locking is fixed at creation`) {
+		t.Fatalf("reload changing locking: %v", err)
+	}
+	if writeInto("a.img") == nil {
+		t.Fatal("after the refused reload qemu-img wrote into a.img")
+	}
+	writeConfig(t, dir, fmt.Sprintf(one, "")+"[[device]]\nname = \"b\"\ntable = \"0 2048 linear b.img 0\"\nlocking = \"off\"\n")
+	if err := d.reloadConfig(path); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.m.Get("b"); err != nil {
+		t.Fatal(err)
+	}
+	if err := writeInto("b.img"); err != nil {
+		t.Errorf("qemu-img into b.img, served with locking = \"off\": %v", err)
+	}
+}

@@ -75,6 +75,9 @@ func (d *daemon) reloadConfig(path string) error {
 			}
 		}
 	}
+	// kept: devices whose change was refused as a whole; the configuration
+	// recorded keeps what they are, so the next reload compares with it.
+	kept := map[string]config.Device{}
 	order, _ := c.DeviceOrder()
 	for _, dc := range order {
 		o, existed := oldDev[dc.Name]
@@ -88,10 +91,12 @@ func (d *daemon) reloadConfig(path string) error {
 		case o.CacheMode != dc.CacheMode:
 			errs = append(errs, fmt.Errorf("device %q: cache %s -> %s: a device's cache mode is fixed at creation (remove the device, reload, add it again)",
 				dc.Name, o.CacheMode, dc.CacheMode))
+			kept[dc.Name] = o
 			continue
 		case o.LockMode != dc.LockMode:
 			errs = append(errs, fmt.Errorf("device %q: locking %s -> %s: a device's image locking is fixed at creation (remove the device, reload, add it again)",
 				dc.Name, o.LockMode, dc.LockMode))
+			kept[dc.Name] = o
 			continue
 		default:
 			dev, err := d.m.Get(dc.Name)
@@ -135,6 +140,11 @@ func (d *daemon) reloadConfig(path string) error {
 		}
 		if err := d.ex.Add(exportOptions(c, e)); err != nil {
 			errs = append(errs, fmt.Errorf("export %q: %w", e.ID, err))
+		}
+	}
+	for i, dc := range c.Devices {
+		if o, ok := kept[dc.Name]; ok {
+			c.Devices[i] = o
 		}
 	}
 	d.cfg = c
