@@ -1,14 +1,16 @@
 package mapper_test
 
 import (
+	"bytes"
 	"errors"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/vhostdm/vhostdm/mapper"
 )
@@ -91,25 +93,41 @@ func TestImageLockQEMU(t *testing.T) {
 	}
 	want("no table", "", qemuImg, writeInto...)
 
-	// qemu-io holds the image open for writing (and waits for commands).
-	cmd := exec.Command(qemuIO, "-f", "raw", img)
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
+	// qemu-io holds the image open for writing while its sleep command
+	// runs (10 minutes; it is killed at the end).
+	cmd := exec.Command(qemuIO, "-f", "raw", "-c", "sleep 600000", img)
+	var ioOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &ioOut, &ioOut
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
 	defer func() {
-		stdin.Close()
 		cmd.Process.Kill()
-		cmd.Wait()
+		<-exited
 	}()
-	// Until qemu-io has taken its bytes, reading the image works.
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		if exec.Command(qemuImg, readFrom...).Run() != nil {
+	// Wait until qemu-io holds the write byte (101), looking as QEMU
+	// does (F_OFD_GETLK); a qemu-img probe would itself take bytes and
+	// could make qemu-io's open fail.
+	probe, err := os.Open(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer probe.Close()
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		fl := unix.Flock_t{Type: unix.F_WRLCK, Start: 101, Len: 1}
+		if err := unix.FcntlFlock(probe.Fd(), unix.F_OFD_GETLK, &fl); err != nil {
+			t.Fatal(err)
+		}
+		if fl.Type != unix.F_UNLCK {
 			break
+		}
+		select {
+		case err := <-exited:
+			exited <- err
+			t.Fatalf("qemu-io exited (%v) before it locked the image:\n%s", err, ioOut.String())
+		default:
 		}
 		if time.Now().After(deadline) {
 			t.Fatal("qemu-io did not lock the image")

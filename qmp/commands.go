@@ -30,7 +30,7 @@ func (s *Server) commands() map[string]*command {
 		{name: "query-version", run: cmdQueryVersion},
 		{name: "query-commands", run: cmdQueryCommands},
 		{name: "quit", mutates: true, run: nil}, // handled in handle: it acts after its reply
-		{name: "dm-create", mutates: true, params: []param{req("name", kString), opt("table", kString), opt("uuid", kString), opt("readonly", kBool), opt("metadata-cache", kUint64)}, run: cmdCreate},
+		{name: "dm-create", mutates: true, params: []param{req("name", kString), opt("table", kString), opt("uuid", kString), opt("readonly", kBool), opt("metadata-cache", kUint64), opt("locking", kString)}, run: cmdCreate},
 		{name: "dm-load", mutates: true, params: []param{req("name", kString), req("table", kString)}, run: cmdLoad},
 		{name: "dm-suspend", mutates: true, params: []param{req("name", kString), opt("noflush", kBool)}, run: cmdSuspend},
 		{name: "dm-resume", mutates: true, params: []param{req("name", kString)}, run: cmdResume},
@@ -214,22 +214,26 @@ func (c *client) device(name string) (*mapper.Device, error) {
 
 func cmdCreate(c *client, a args) (any, error) {
 	m := c.s.cfg.Manager
+	o := mapper.DeviceOptions{ReadOnly: a.flag("readonly")}
 	var err error
+	if o.Locking, err = mapper.ParseLockMode(a.str("locking")); err != nil {
+		return nil, err
+	}
 	if a.has("metadata-cache") {
-		return empty, createWithMetadataCache(m, a)
+		return empty, createWithMetadataCache(m, a, o)
 	}
 	if a.has("table") {
-		_, err = m.CreateTable(a.str("name"), a.str("uuid"), a.flag("readonly"), a.str("table"))
+		_, err = m.CreateTableWith(a.str("name"), a.str("uuid"), o, a.str("table"))
 	} else {
-		_, err = m.Create(a.str("name"), a.str("uuid"), a.flag("readonly"))
+		_, err = m.CreateWith(a.str("name"), a.str("uuid"), o)
 	}
 	return empty, err
 }
 
-// createWithMetadataCache is dm-create with a metadata cache bound: the
-// table must have a target that keeps one (thin-pool); otherwise nothing
-// is left behind.
-func createWithMetadataCache(m *mapper.Manager, a args) error {
+// createWithMetadataCache is dm-create with a metadata cache bound (and
+// the options o): the table must have a target that keeps one
+// (thin-pool); otherwise nothing is left behind.
+func createWithMetadataCache(m *mapper.Manager, a args, o mapper.DeviceOptions) error {
 	n := a.uint("metadata-cache")
 	if n > mapper.MaxMetadataCache {
 		return mapper.Errorf(mapper.ErrInvalid, "metadata-cache %d bytes: more than %d", n, int64(mapper.MaxMetadataCache))
@@ -241,7 +245,7 @@ func createWithMetadataCache(m *mapper.Manager, a args) error {
 		return mapper.Errorf(mapper.ErrInvalid, "metadata-cache needs a table with a thin-pool line")
 	}
 	name := a.str("name")
-	d, err := m.CreateTableWith(name, a.str("uuid"), mapper.DeviceOptions{ReadOnly: a.flag("readonly")}, a.str("table"))
+	d, err := m.CreateTableWith(name, a.str("uuid"), o, a.str("table"))
 	if err != nil {
 		return err
 	}

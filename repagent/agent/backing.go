@@ -233,7 +233,7 @@ func (a *Agent) backingAttach(name string, o VolumeOptions) (string, error) {
 	a.backMu.Lock()
 	marked := a.backNow[name]
 	a.backMu.Unlock()
-	markWhy := a.compareMarks(name, marked, o)
+	markWhy := compareMarks(marked, o)
 	a.backMu.Lock()
 	defer a.backMu.Unlock()
 	was := a.backNow[name]
@@ -289,14 +289,14 @@ func (a *Agent) backingAttach(name string, o VolumeOptions) (string, error) {
 	return why, nil
 }
 
-// compareMarks compares the storage of a volume being attached as name
-// whose record was is with the marks the daemon left when it stopped
+// compareMarks compares the storage of a volume being attached (options
+// o) whose record was is with the marks the daemon left when it stopped
 // writing it, and drops them: it says how the storage changed ("" if
 // not). A volume stopped without a mark of storage that takes one (the
 // mark failed, or an older vhostdm stopped it) cannot be compared: that
 // is a change. Without marks after a crash, nothing is compared. Called
 // without backMu: the comparison asks the storage (a Ceph cluster).
-func (a *Agent) compareMarks(name string, was *backingVolume, o VolumeOptions) string {
+func compareMarks(was *backingVolume, o VolumeOptions) string {
 	if was == nil || o.ChangedSince == nil || !was.Stopped && len(was.Marks) == 0 {
 		return ""
 	}
