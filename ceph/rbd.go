@@ -333,29 +333,35 @@ func (h *handle) ChangedSince(token string) (string, error) {
 	case id != want:
 		return fmt.Sprintf("the snapshot %q that marked %s when vhostdm stopped writing it was replaced (id %d, not %d): whether it was written since cannot be told", name, h.name, id, want), nil
 	}
-	size, err := h.img.GetSize()
-	if err != nil {
-		return "", fmt.Errorf("size of %s: %w", h.name, explain(err))
-	}
 	var changed, extents uint64
-	err = h.img.DiffIterate(rbd.DiffIterateConfig{
-		SnapName: name, Offset: 0, Length: size,
-		IncludeParent: rbd.ExcludeParent, WholeObject: rbd.EnableWholeObject,
-		Callback: func(_, n uint64, _ int, _ any) int {
-			changed += n
-			extents++
-			return 0
-		},
-	})
+	size, err := h.img.GetSize()
+	if err == nil {
+		err = h.diff(name, size, &changed, &extents)
+	}
+	// Removed whether or not the comparison worked: left in place it
+	// would cost a copy of every object the guest writes next.
+	if rerr := h.img.GetSnapshot(name).Remove(); rerr != nil {
+		h.o.log.Warn("removing the snapshot that marked an rbd image failed; remove it by hand (rbd snap rm)", "image", h.name, "snapshot", name, "err", explain(rerr))
+	}
 	if err != nil {
 		return "", fmt.Errorf("%s: compare with snapshot %q: %w", h.name, name, explain(err))
-	}
-	if err := h.img.GetSnapshot(name).Remove(); err != nil {
-		// Left in place it only costs copies: say so, compare anyway.
-		h.o.log.Warn("removing the snapshot that marked an rbd image failed; remove it by hand (rbd snap rm)", "image", h.name, "snapshot", name, "err", explain(err))
 	}
 	if changed == 0 {
 		return "", nil
 	}
 	return fmt.Sprintf("%s was written while vhostdm did not serve it (%d bytes in %d changed extents of whole objects since snapshot %q)", h.name, changed, extents, name), nil
+}
+
+// diff adds up the extents that changed since snapshot name over the
+// first size bytes of the image (whole objects).
+func (h *handle) diff(name string, size uint64, changed, extents *uint64) error {
+	return h.img.DiffIterate(rbd.DiffIterateConfig{
+		SnapName: name, Offset: 0, Length: size,
+		IncludeParent: rbd.ExcludeParent, WholeObject: rbd.EnableWholeObject,
+		Callback: func(_, n uint64, _ int, _ any) int {
+			*changed += n
+			*extents++
+			return 0
+		},
+	})
 }
