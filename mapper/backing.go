@@ -191,19 +191,29 @@ type BackingMark struct {
 // with it. The device's lock is held meanwhile: a reload waits.
 func (d *Device) MarkBacking(tag string) ([]BackingMark, error) {
 	var marks []BackingMark
-	err := d.walkBackends(nil, func(b Backend) error {
-		m, ok := b.(Marker)
-		if !ok || slices.ContainsFunc(marks, func(x BackingMark) bool { return x.Backend == b.Name() }) {
-			return nil
-		}
+	err := d.walkMarkers(func(m Marker) error {
 		tok, err := m.Mark(tag)
 		if err != nil {
-			return fmt.Errorf("mark %s: %w", b.Name(), err)
+			return fmt.Errorf("mark %s: %w", m.Name(), err)
 		}
-		marks = append(marks, BackingMark{Backend: b.Name(), Token: tok})
+		marks = append(marks, BackingMark{Backend: m.Name(), Token: tok})
 		return nil
 	})
 	return marks, err
+}
+
+// walkMarkers calls fn with each Marker backend of d's live table and the
+// devices it stacks on, once per name; d.mu is held throughout.
+func (d *Device) walkMarkers(fn func(Marker) error) error {
+	seen := map[string]bool{}
+	return d.walkBackends(nil, func(b Backend) error {
+		m, ok := b.(Marker)
+		if !ok || seen[b.Name()] {
+			return nil
+		}
+		seen[b.Name()] = true
+		return fn(m)
+	})
 }
 
 // ChangedSince compares the storage of d's Marker backends with marks
@@ -213,16 +223,10 @@ func (d *Device) MarkBacking(tag string) ([]BackingMark, error) {
 // is ignored (the table's digest tells that change).
 func (d *Device) ChangedSince(marks []BackingMark) (string, error) {
 	var why []string
-	done := map[string]bool{}
-	err := d.walkBackends(nil, func(b Backend) error {
-		m, ok := b.(Marker)
-		if !ok || done[b.Name()] {
-			return nil
-		}
-		done[b.Name()] = true
-		i := slices.IndexFunc(marks, func(x BackingMark) bool { return x.Backend == b.Name() })
+	err := d.walkMarkers(func(m Marker) error {
+		i := slices.IndexFunc(marks, func(x BackingMark) bool { return x.Backend == m.Name() })
 		if i < 0 {
-			why = append(why, fmt.Sprintf("vhostdm holds no mark of %s from when it stopped writing it: whether it was written since cannot be told", b.Name()))
+			why = append(why, fmt.Sprintf("vhostdm holds no mark of %s from when it stopped writing it: whether it was written since cannot be told", m.Name()))
 			return nil
 		}
 		if marks[i].Token == "" {
@@ -230,7 +234,7 @@ func (d *Device) ChangedSince(marks []BackingMark) (string, error) {
 		}
 		w, err := m.ChangedSince(marks[i].Token)
 		if err != nil {
-			return fmt.Errorf("compare %s with its mark: %w", b.Name(), err)
+			return fmt.Errorf("compare %s with its mark: %w", m.Name(), err)
 		}
 		if w != "" {
 			why = append(why, w)

@@ -125,17 +125,21 @@ func Lock(fd int, name string, write bool, mode Mode, log *slog.Logger) (release
 	registry.mu.Lock()
 	defer registry.mu.Unlock()
 	l := registry.byID[id]
-	if l == nil {
+	fresh := l == nil
+	if fresh {
 		if l, err = newLock(fd, name, mode, log); err != nil {
 			return nil, err
 		}
 		registry.byID[id] = l
 	}
+	// The bytes are checked when they are taken: a later user of what
+	// the process already holds has nothing new to check (another
+	// process checks against these bytes when it comes).
 	firstWriter := write && l.writers == 0 && l.fd >= 0
 	if firstWriter {
 		err = l.setWrite(true)
 	}
-	if err == nil {
+	if err == nil && (fresh || firstWriter) {
 		err = l.check(write || l.writers > 0)
 		if err != nil && firstWriter {
 			l.setWrite(false)

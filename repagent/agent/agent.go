@@ -252,7 +252,7 @@ type Agent struct {
 	backCheck *BackingCheck
 	backNow   map[string]*backingVolume // what the next start compares with
 	backSeen  map[string]bool           // attached in this run
-	backMark  map[string]VolumeOptions  // the options of volumes attached in this run, for their marks
+	backMark  map[string]markFunc       // VolumeOptions.MarkBacking of the volumes attached in this run
 	backDone  bool                      // RecordStop saved the last record
 
 	bufs bufPool // mirrored data buffers

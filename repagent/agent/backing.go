@@ -273,9 +273,9 @@ func (a *Agent) backingAttach(name string, o VolumeOptions) (string, error) {
 	}
 	a.backSeen[name] = true
 	if a.backMark == nil {
-		a.backMark = map[string]VolumeOptions{}
+		a.backMark = map[string]markFunc{}
 	}
-	a.backMark[name] = o
+	a.backMark[name] = o.MarkBacking
 	a.backNow[name] = now
 	if err := a.saveBackingLocked(); err != nil {
 		// Without the record a crash could forget the change.
@@ -317,13 +317,13 @@ func compareMarks(was *backingVolume, o VolumeOptions) string {
 func (a *Agent) markStopped(names []string) {
 	type job struct {
 		name string
-		mark func(string) ([]mapper.BackingMark, error)
+		mark markFunc
 	}
 	a.backMu.Lock()
 	var jobs []job
 	for _, name := range names {
-		if o := a.backMark[name]; a.servingLocked(name) != nil && o.MarkBacking != nil {
-			jobs = append(jobs, job{name, o.MarkBacking})
+		if mark := a.backMark[name]; a.servingLocked(name) != nil && mark != nil {
+			jobs = append(jobs, job{name, mark})
 		}
 	}
 	a.backMu.Unlock()
@@ -348,6 +348,9 @@ func (a *Agent) markStopped(names []string) {
 		a.backMu.Unlock()
 	}
 }
+
+// markFunc marks a volume's storage under a tag (VolumeOptions.MarkBacking).
+type markFunc = func(tag string) ([]mapper.BackingMark, error)
 
 // markTag is the tag of volume name's marks (in an rbd: snapshot's
 // name: vhostdm-stopped.VM.VOLUME).
